@@ -1,0 +1,1 @@
+//! DNS authority for hosted zone domains (hickory-server) and zone-config bootstrap over DNS.

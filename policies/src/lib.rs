@@ -1,0 +1,1 @@
+//! The policy language: schema, parser, compiler, evaluator, limiters and hot reload.

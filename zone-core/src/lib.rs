@@ -1,0 +1,1 @@
+//! Zone identities and the signed zone config. Pure: no tokio, no sockets.
