@@ -1,0 +1,134 @@
+//! Every command and flag of `zonegate`. Values that have a type (device names, domains,
+//! roles, addresses) are parsed here, so a bad one is a usage error (exit code 2).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use zone_core::{DeviceName, Domain, Role};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "zonegate",
+    version,
+    about = "Your devices behind NATs, one network with a public face"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create and inspect a zone (run on the owner's machine, where the zone key lives)
+    #[command(subcommand)]
+    Zone(ZoneCmd),
+    /// Add, list, revoke and renew devices of a zone
+    #[command(subcommand)]
+    Device(DeviceCmd),
+}
+
+#[derive(Debug, Args)]
+pub struct ZoneArg {
+    /// The zone directory (made by `zonegate zone init`)
+    #[arg(long, value_name = "DIR")]
+    pub zone: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ZoneCmd {
+    /// Create a zone: zone key (0600), zone-ca.crt and a signed zone.json (serial 1)
+    Init {
+        /// The zone's domain, e.g. alice.example
+        #[arg(long)]
+        domain: Domain,
+        /// Where to create the zone (must not hold a zone already)
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Show devices, roles, serial and expiries; warns about what expires within 30 days
+    Show(ZoneArg),
+    /// Print the TXT strings for _zonegate.DOMAIN, one per line, in order
+    DumpText(ZoneArg),
+    /// Re-sign zone.json with a fresh validity period (serial + 1)
+    Resign {
+        #[command(flatten)]
+        zone: ZoneArg,
+        /// Validity of the signed config in days
+        #[arg(long, default_value_t = zone_core::config::DEFAULT_VALID_DAYS)]
+        valid_days: i64,
+    },
+    /// Verify a zone config against the pinned zone CA; exits non-zero with the reason
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+#[group(id = "source", required = true, multiple = false)]
+pub struct VerifySource {
+    /// A zone.json file
+    #[arg(long, value_name = "FILE", group = "source")]
+    pub file: Option<PathBuf>,
+    /// A file of TXT strings (as printed by `zone dump-text`), one per line, any order
+    #[arg(long, value_name = "FILE", group = "source")]
+    pub text: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub source: VerifySource,
+    /// The zone CA certificate you trust (zone-ca.crt)
+    #[arg(long, value_name = "FILE")]
+    pub ca: PathBuf,
+    /// Refuse a config older than this serial (the newest you already know)
+    #[arg(long, value_name = "SERIAL")]
+    pub known_serial: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCmd {
+    /// Add a device: derived key, certificate and a ready-to-run bundle
+    Add {
+        name: DeviceName,
+        #[command(flatten)]
+        zone: ZoneArg,
+        /// Role of the device (repeat for several): gateway or node
+        #[arg(long = "role", required = true, value_name = "ROLE")]
+        roles: Vec<Role>,
+        /// Public IP:PORT agents dial (gateways only; repeat for several)
+        #[arg(long = "public-addr", value_name = "IP:PORT")]
+        public_addrs: Vec<SocketAddr>,
+        /// Where to write the bundle (default: ZONE/devices/NAME)
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Certificate validity in days
+        #[arg(long, default_value_t = zone_core::cert::DEVICE_CERT_DAYS)]
+        days: i64,
+    },
+    /// List the zone's devices
+    List(ZoneArg),
+    /// Revoke a device: its certificate is refused wherever this zone.json is known
+    Revoke {
+        name: DeviceName,
+        #[command(flatten)]
+        zone: ZoneArg,
+    },
+    /// Re-issue a device's certificate (same derived key) and rewrite its bundle
+    Renew {
+        name: DeviceName,
+        #[command(flatten)]
+        zone: ZoneArg,
+        /// Where to write the bundle (default: ZONE/devices/NAME)
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Certificate validity in days
+        #[arg(long, default_value_t = zone_core::cert::DEVICE_CERT_DAYS)]
+        days: i64,
+    },
+    /// Print a device's derived public key (writes nothing)
+    Pubkey {
+        name: DeviceName,
+        #[command(flatten)]
+        zone: ZoneArg,
+    },
+}

@@ -1,0 +1,119 @@
+//! `zonegate device …`: add, list, revoke, renew devices and print derived public keys.
+
+use std::path::{Path, PathBuf};
+
+use time::OffsetDateTime;
+use zone_core::zonedir::ZoneDir;
+use zone_core::DeviceName;
+
+use super::{check_days, expiry_note, fmt_time, UsageError};
+use crate::cli::DeviceCmd;
+
+fn bundle_dir(zone: &Path, out: Option<PathBuf>, name: &DeviceName) -> PathBuf {
+    out.unwrap_or_else(|| zone.join("devices").join(name.as_str()))
+}
+
+pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
+    let now = OffsetDateTime::now_utc();
+    match cmd {
+        DeviceCmd::Add {
+            name,
+            zone,
+            mut roles,
+            public_addrs,
+            out,
+            days,
+        } => {
+            check_days(days)?;
+            roles.sort();
+            roles.dedup();
+            let mut z = ZoneDir::open(&zone.zone)?;
+            let out = bundle_dir(&zone.zone, out, &name);
+            // Refuse before touching zone.json, so a bad --out never leaves a half-added device.
+            if out.exists() && !out.is_dir() {
+                return Err(UsageError(format!(
+                    "--out {}: exists and is not a directory",
+                    out.display()
+                ))
+                .into());
+            }
+            let (key, cert) = z.add_device(&name, &roles, &public_addrs, now, days)?;
+            let cfg = z.write_bundle(&out, &name, &key, &cert)?;
+            println!(
+                "added {} ({}) to zone {}: serial {}",
+                name,
+                roles
+                    .iter()
+                    .map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                z.domain(),
+                z.zone.config.serial
+            );
+            println!("  public key  {}", key.public_text());
+            println!("  certificate until {}", fmt_time(cert.not_after));
+            println!("  bundle      {}", out.display());
+            println!(
+                "run it there with: zonegate {} --config {}",
+                if cfg.ends_with("gateway.toml") {
+                    "gateway"
+                } else {
+                    "node"
+                },
+                cfg.display()
+            );
+            if !z.zone.config.gateways.is_empty() {
+                println!("note: other bundles hold an older zone.json; copy {} to them (or let agents pass it on)", zone.zone.join("zone.json").display());
+            }
+            Ok(())
+        }
+        DeviceCmd::List(a) => {
+            let z = ZoneDir::open(&a.zone)?;
+            let c = &z.zone.config;
+            for d in &c.devices {
+                let roles: Vec<&str> = d.roles.iter().map(|r| r.as_str()).collect();
+                println!(
+                    "{:<16} {:<14} {}  cert until {} ({})",
+                    d.name,
+                    roles.join(","),
+                    d.public_key,
+                    fmt_time(d.cert_expires_at),
+                    expiry_note(d.cert_expires_at, now)
+                );
+            }
+            for r in &c.revoked {
+                println!("{:<16} REVOKED since {}", r.device, fmt_time(r.revoked_at));
+            }
+            Ok(())
+        }
+        DeviceCmd::Revoke { name, zone } => {
+            let mut z = ZoneDir::open(&zone.zone)?;
+            z.revoke(&name, now)?;
+            println!("revoked {name}: zone.json serial {}. Copy zone.json to your gateways (or publish it with `zone dump-text`) so they refuse it.", z.zone.config.serial);
+            Ok(())
+        }
+        DeviceCmd::Renew {
+            name,
+            zone,
+            out,
+            days,
+        } => {
+            check_days(days)?;
+            let mut z = ZoneDir::open(&zone.zone)?;
+            let out = bundle_dir(&zone.zone, out, &name);
+            let (key, cert) = z.renew(&name, now, days)?;
+            z.write_bundle(&out, &name, &key, &cert)?;
+            println!(
+                "renewed {name}: certificate until {}, bundle {}",
+                fmt_time(cert.not_after),
+                out.display()
+            );
+            Ok(())
+        }
+        DeviceCmd::Pubkey { name, zone } => {
+            let z = ZoneDir::open(&zone.zone)?;
+            println!("{}", z.key.derive_device(z.domain(), &name).public_text());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! Command dispatch and the CLI's exit codes.
+
+use crate::cli::{Cli, Command};
+
+pub mod device;
+pub mod zone;
+
+/// Exit code of a command line that was wrong (as clap uses for unknown flags).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code of a command that ran and failed.
+pub const EXIT_FAILURE: u8 = 1;
+
+/// A mistake in how the command was called, found after parsing (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Zone(c) => zone::run(c),
+        Command::Device(c) => device::run(c),
+    }
+}
+
+/// Usage mistakes exit 2, everything else 1.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if cause.is::<UsageError>() {
+            return EXIT_USAGE;
+        }
+        if let Some(zone_core::ZoneError::Usage(_)) = cause.downcast_ref() {
+            return EXIT_USAGE;
+        }
+    }
+    EXIT_FAILURE
+}
+
+pub(crate) fn check_days(days: i64) -> Result<(), UsageError> {
+    if !(1..=3650).contains(&days) {
+        return Err(UsageError(format!(
+            "--days/--valid-days {days}: use 1 to 3650"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn fmt_time(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+/// "in 12 days" / "EXPIRED 3 days ago", with a warning mark under 30 days.
+pub(crate) fn expiry_note(t: time::OffsetDateTime, now: time::OffsetDateTime) -> String {
+    let days = (t - now).whole_days();
+    if t <= now {
+        format!("EXPIRED {} days ago", -days)
+    } else if days < 30 {
+        format!("WARNING: expires in {days} days")
+    } else {
+        format!("in {days} days")
+    }
+}

@@ -1,0 +1,136 @@
+//! `zonegate zone …`: create, show, publish (TXT) and verify a zone config.
+
+use std::path::Path;
+
+use anyhow::Context;
+use time::OffsetDateTime;
+use zone_core::zonedir::{read_cert_der, read_zone_json, ZoneDir};
+use zone_core::{cert, txt, SignedZone};
+
+use super::{check_days, expiry_note, fmt_time};
+use crate::cli::{VerifyArgs, ZoneCmd};
+
+pub fn run(cmd: ZoneCmd) -> anyhow::Result<()> {
+    match cmd {
+        ZoneCmd::Init { domain, dir } => {
+            let z = ZoneDir::init(&dir, domain, OffsetDateTime::now_utc())?;
+            println!("created zone {} in {}", z.domain(), dir.display());
+            println!("  zone key   {}  (0600: keep it private and backed up; every device key derives from it)", dir.join("zone.key").display());
+            println!("  zone CA    {}", dir.join("zone-ca.crt").display());
+            println!("  zone.json  serial {}", z.zone.config.serial);
+            println!(
+                "next: zonegate device add gw --zone {} --role gateway --public-addr IP:PORT",
+                dir.display()
+            );
+            Ok(())
+        }
+        ZoneCmd::Show(a) => show(&ZoneDir::open(&a.zone)?),
+        ZoneCmd::DumpText(a) => {
+            let z = ZoneDir::open(&a.zone)?;
+            for s in txt::to_txt(&z.zone) {
+                println!("{s}");
+            }
+            Ok(())
+        }
+        ZoneCmd::Resign { zone, valid_days } => {
+            check_days(valid_days)?;
+            let mut z = ZoneDir::open(&zone.zone)?;
+            z.resign(OffsetDateTime::now_utc(), valid_days)?;
+            println!(
+                "re-signed zone.json: serial {}, expires {}",
+                z.zone.config.serial,
+                fmt_time(z.zone.config.expires_at)
+            );
+            Ok(())
+        }
+        ZoneCmd::Verify(a) => verify(&a),
+    }
+}
+
+fn show(z: &ZoneDir) -> anyhow::Result<()> {
+    let c = &z.zone.config;
+    let now = OffsetDateTime::now_utc();
+    println!("zone     {}", c.domain);
+    println!("key      {}", c.zone_key);
+    println!("serial   {}", c.serial);
+    println!("signed   {}", fmt_time(c.issued_at));
+    println!(
+        "expires  {} ({})",
+        fmt_time(c.expires_at),
+        expiry_note(c.expires_at, now)
+    );
+    println!("gateways");
+    if c.gateways.is_empty() {
+        println!("  (none: add one with `zonegate device add NAME --role gateway --public-addr IP:PORT`)");
+    }
+    for g in &c.gateways {
+        let addrs: Vec<String> = g.addrs.iter().map(|a| a.to_string()).collect();
+        println!("  {:<16} {}", g.device, addrs.join(", "));
+    }
+    println!("devices");
+    if c.devices.is_empty() {
+        println!("  (none)");
+    }
+    for d in &c.devices {
+        let roles: Vec<&str> = d.roles.iter().map(|r| r.as_str()).collect();
+        println!(
+            "  {:<16} {:<14} cert until {} ({})",
+            d.name,
+            roles.join(","),
+            fmt_time(d.cert_expires_at),
+            expiry_note(d.cert_expires_at, now)
+        );
+    }
+    if !c.revoked.is_empty() {
+        println!("revoked");
+        for r in &c.revoked {
+            println!("  {:<16} since {}", r.device, fmt_time(r.revoked_at));
+        }
+    }
+    Ok(())
+}
+
+fn read_text_file(path: &Path) -> anyhow::Result<SignedZone> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    // Accept the strings as dig prints them too: quoted, possibly several on one line.
+    let strings: Vec<String> = lines
+        .iter()
+        .flat_map(|l| l.split_whitespace())
+        .map(|s| s.trim_matches('"').to_owned())
+        .collect();
+    Ok(txt::from_txt(&strings).with_context(|| format!("{}", path.display()))?)
+}
+
+fn verify(a: &VerifyArgs) -> anyhow::Result<()> {
+    let ca = read_cert_der(&a.ca)?;
+    let pinned = cert::ca_public_key(&ca).with_context(|| format!("{}", a.ca.display()))?;
+    let (zone, from) = match (&a.source.file, &a.source.text) {
+        (Some(f), _) => (read_zone_json(f)?, f),
+        (None, Some(t)) => (read_text_file(t)?, t),
+        (None, None) => unreachable!("clap requires one source"),
+    };
+    let v = zone
+        .verify_newer_than(&pinned, OffsetDateTime::now_utc(), a.known_serial)
+        .with_context(|| format!("{}: refused", from.display()))?;
+    let c = v.config;
+    println!(
+        "valid: zone {} serial {}, {} devices, {} gateways, expires {}",
+        c.domain,
+        c.serial,
+        c.devices.len(),
+        c.gateways.len(),
+        fmt_time(c.expires_at)
+    );
+    for g in c.gateway_addrs() {
+        println!("  gateway {} at {}", g.0, g.1);
+    }
+    for r in &c.revoked {
+        println!("  revoked {} since {}", r.device, fmt_time(r.revoked_at));
+    }
+    Ok(())
+}

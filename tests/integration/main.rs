@@ -1,0 +1,6 @@
+//! zonegate's integration tests, one binary (faster to build and link), one module per area.
+//!
+//! Tests that need root and network namespaces say so loudly and return when they cannot run.
+
+mod cli;
+mod common;

@@ -1,0 +1,69 @@
+//! Typed errors of zone-core: each says what is wrong and, where it helps, what to do.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong with identities, zone configs and zone directories.
+#[derive(Debug, thiserror::Error)]
+pub enum ZoneError {
+    #[error("invalid device name {name:?}: {why} (use 1-63 characters a-z, 0-9 and '-', not starting or ending with '-')")]
+    BadName { name: String, why: &'static str },
+    #[error("invalid zone domain {domain:?}: {why}")]
+    BadDomain { domain: String, why: &'static str },
+    #[error("unknown role {0:?} (roles are: gateway, node)")]
+    BadRole(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid {what}: {why}")]
+    BadFile {
+        path: PathBuf,
+        what: &'static str,
+        why: String,
+    },
+    #[error("key: {0}")]
+    Key(String),
+    #[error("certificate: {0}")]
+    Cert(String),
+    #[error("zone config: {0}")]
+    Config(String),
+    #[error("zone config signature does not verify: the file was changed after signing or was signed by another zone key")]
+    BadSignature,
+    #[error("zone config is for zone key {found}, but the pinned zone CA has key {expected}: this is another zone's config")]
+    ForeignZone { expected: String, found: String },
+    #[error("zone config expired at {0}: re-sign it with `zonegate zone resign --zone DIR`")]
+    Expired(String),
+    #[error(
+        "zone config serial {offered} is older than the known serial {known}: refusing to go back"
+    )]
+    StaleSerial { offered: u64, known: u64 },
+    #[error("TXT record: {0}")]
+    Txt(String),
+    #[error("zone directory {0}: no zone here (create one with `zonegate zone init --domain DOMAIN --dir DIR`)")]
+    NoZone(PathBuf),
+    #[error(
+        "zone directory {0} already holds a zone: refusing to overwrite it (choose another --dir)"
+    )]
+    ZoneExists(PathBuf),
+    #[error("device {0:?} already exists in this zone (see `zonegate device list`; `renew` re-issues its certificate)")]
+    DeviceExists(String),
+    #[error("device {0:?} is not in this zone (see `zonegate device list`)")]
+    NoSuchDevice(String),
+    #[error("device {0:?} is revoked: a revoked name cannot come back, choose a new name")]
+    DeviceRevoked(String),
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl ZoneError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        ZoneError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = ZoneError> = std::result::Result<T, E>;

@@ -1,0 +1,404 @@
+//! The owner's zone directory (zone key, CA, zone.json) and the device bundles made from it.
+//!
+//! Every file is written to a temporary file in the same directory and renamed into place, so
+//! an interrupted command never leaves a half-written key or config behind.
+
+use std::fs;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use time::OffsetDateTime;
+
+use crate::cert::{self, DeviceCert, IssueRequest};
+use crate::config::{trunc_now, DeviceEntry, GatewayEntry, Revocation, SignedZone, ZoneConfig};
+use crate::error::ZoneError;
+use crate::keys::{DeviceKey, ZoneKey};
+use crate::names::{DeviceName, Domain, Role};
+
+pub const ZONE_KEY_FILE: &str = "zone.key";
+pub const ZONE_CA_FILE: &str = "zone-ca.crt";
+pub const ZONE_JSON_FILE: &str = "zone.json";
+pub const DEVICE_KEY_FILE: &str = "device.key";
+pub const DEVICE_CERT_FILE: &str = "device.crt";
+/// Default admin address of a node agent (the gateway uses 9090; both can run on one machine).
+pub const NODE_ADMIN_DEFAULT: &str = "127.0.0.1:9091";
+pub const GATEWAY_ADMIN_DEFAULT: &str = "127.0.0.1:9090";
+
+/// Writes `data` to `path` atomically (temp file + fsync + rename) with Unix `mode`.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), ZoneError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        ZoneError::io(path, e)
+    })
+}
+
+fn read(path: &Path) -> Result<String, ZoneError> {
+    fs::read_to_string(path).map_err(|e| ZoneError::io(path, e))
+}
+
+/// Reads and parses a zone.json file.
+pub fn read_zone_json(path: &Path) -> Result<SignedZone, ZoneError> {
+    let bytes = fs::read(path).map_err(|e| ZoneError::io(path, e))?;
+    SignedZone::from_json(&bytes).map_err(|e| ZoneError::BadFile {
+        path: path.to_owned(),
+        what: "zone.json",
+        why: e.to_string(),
+    })
+}
+
+/// Reads the (single) certificate of a PEM file as DER.
+pub fn read_cert_der(path: &Path) -> Result<rustls_pki_types::CertificateDer<'static>, ZoneError> {
+    let pem = read(path)?;
+    let mut certs = cert::parse_pem_certs(&pem).map_err(|e| ZoneError::BadFile {
+        path: path.to_owned(),
+        what: "PEM certificate",
+        why: e.to_string(),
+    })?;
+    Ok(certs.remove(0))
+}
+
+/// An opened zone directory.
+#[derive(Debug)]
+pub struct ZoneDir {
+    pub dir: PathBuf,
+    pub key: ZoneKey,
+    pub ca_pem: String,
+    pub zone: SignedZone,
+}
+
+impl ZoneDir {
+    /// Creates a new zone in `dir`; refuses if a zone is already there.
+    pub fn init(dir: &Path, domain: Domain, now: OffsetDateTime) -> Result<Self, ZoneError> {
+        for f in [ZONE_KEY_FILE, ZONE_JSON_FILE, ZONE_CA_FILE] {
+            if dir.join(f).exists() {
+                return Err(ZoneError::ZoneExists(dir.to_owned()));
+            }
+        }
+        fs::create_dir_all(dir).map_err(|e| ZoneError::io(dir, e))?;
+        let key = ZoneKey::generate();
+        let ca_pem = cert::make_ca(&key, &domain, now)?;
+        let zone = ZoneConfig::new(domain, &key, now).sign(&key)?;
+        // Key first: if anything after fails, re-running init says "exists" rather than
+        // silently making a second, different zone key.
+        write_atomic(&dir.join(ZONE_KEY_FILE), key.to_pem()?.as_bytes(), 0o600)?;
+        write_atomic(&dir.join(ZONE_CA_FILE), ca_pem.as_bytes(), 0o644)?;
+        write_atomic(
+            &dir.join(ZONE_JSON_FILE),
+            zone.to_json_pretty().as_bytes(),
+            0o644,
+        )?;
+        Ok(ZoneDir {
+            dir: dir.to_owned(),
+            key,
+            ca_pem,
+            zone,
+        })
+    }
+
+    /// Opens an existing zone directory and checks that its three files belong together.
+    pub fn open(dir: &Path) -> Result<Self, ZoneError> {
+        if !dir.join(ZONE_KEY_FILE).exists() || !dir.join(ZONE_JSON_FILE).exists() {
+            return Err(ZoneError::NoZone(dir.to_owned()));
+        }
+        let kp = dir.join(ZONE_KEY_FILE);
+        let key = ZoneKey::from_pem(&read(&kp)?).map_err(|e| ZoneError::BadFile {
+            path: kp.clone(),
+            what: "zone key",
+            why: format!("{e}; restore it from your backup"),
+        })?;
+        let cp = dir.join(ZONE_CA_FILE);
+        let ca_pem = read(&cp)?;
+        let ca_der = read_cert_der(&cp)?;
+        let ca_key = cert::ca_public_key(&ca_der)?;
+        if ca_key != key.verifying_key() {
+            return Err(ZoneError::BadFile {
+                path: cp,
+                what: "zone CA of this zone key",
+                why: "it was made from another zone key".into(),
+            });
+        }
+        let zp = dir.join(ZONE_JSON_FILE);
+        let zone = read_zone_json(&zp)?;
+        // The owner's own copy must verify too (but may be expired: re-signing renews it).
+        match zone.verify(&key.verifying_key(), OffsetDateTime::now_utc()) {
+            Ok(_) | Err(ZoneError::Expired(_)) => {}
+            Err(e) => {
+                return Err(ZoneError::BadFile {
+                    path: zp,
+                    what: "zone.json of this zone key",
+                    why: e.to_string(),
+                })
+            }
+        }
+        Ok(ZoneDir {
+            dir: dir.to_owned(),
+            key,
+            ca_pem,
+            zone,
+        })
+    }
+
+    pub fn domain(&self) -> &Domain {
+        &self.zone.config.domain
+    }
+
+    /// Bumps the serial, re-signs (renewing expiry) and saves zone.json.
+    fn commit(&mut self, mut config: ZoneConfig, now: OffsetDateTime) -> Result<(), ZoneError> {
+        let now = trunc_now(now);
+        config.serial = self.zone.config.serial + 1;
+        let valid = self.zone.config.expires_at - self.zone.config.issued_at;
+        config.issued_at = now;
+        config.expires_at = now + valid;
+        let signed = config.sign(&self.key)?;
+        write_atomic(
+            &self.dir.join(ZONE_JSON_FILE),
+            signed.to_json_pretty().as_bytes(),
+            0o644,
+        )?;
+        self.zone = signed;
+        Ok(())
+    }
+
+    /// Re-signs the config with a new validity period (serial + 1).
+    pub fn resign(&mut self, now: OffsetDateTime, valid_days: i64) -> Result<(), ZoneError> {
+        let mut c = self.zone.config.clone();
+        c.issued_at = trunc_now(now);
+        c.expires_at = c.issued_at + time::Duration::days(valid_days);
+        self.zone.config.issued_at = c.issued_at;
+        self.zone.config.expires_at = c.expires_at;
+        self.commit(c, now)
+    }
+
+    fn issue(
+        &self,
+        name: &DeviceName,
+        roles: &[Role],
+        now: OffsetDateTime,
+        days: i64,
+    ) -> Result<(DeviceKey, DeviceCert), ZoneError> {
+        let key = self.key.derive_device(self.domain(), name);
+        let now = trunc_now(now);
+        let cert = cert::issue_device(
+            &self.key,
+            &self.ca_pem,
+            &key,
+            &IssueRequest {
+                domain: self.domain(),
+                name,
+                roles,
+                // A little slack for clocks of devices that run slightly behind.
+                not_before: now - time::Duration::hours(1),
+                not_after: now + time::Duration::days(days),
+            },
+        )?;
+        Ok((key, cert))
+    }
+
+    /// Adds a device: derives its key, issues its certificate, records it (serial + 1).
+    pub fn add_device(
+        &mut self,
+        name: &DeviceName,
+        roles: &[Role],
+        public_addrs: &[SocketAddr],
+        now: OffsetDateTime,
+        days: i64,
+    ) -> Result<(DeviceKey, DeviceCert), ZoneError> {
+        if self.zone.config.is_revoked(name) {
+            return Err(ZoneError::DeviceRevoked(name.to_string()));
+        }
+        if self.zone.config.device(name).is_some() {
+            return Err(ZoneError::DeviceExists(name.to_string()));
+        }
+        let is_gw = roles.contains(&Role::Gateway);
+        if is_gw && public_addrs.is_empty() {
+            return Err(ZoneError::Usage(
+                "a gateway needs --public-addr IP:PORT (the address agents dial)".into(),
+            ));
+        }
+        if !is_gw && !public_addrs.is_empty() {
+            return Err(ZoneError::Usage(
+                "--public-addr is only for --role gateway".into(),
+            ));
+        }
+        let (key, cert) = self.issue(name, roles, now, days)?;
+        let mut c = self.zone.config.clone();
+        c.devices.push(DeviceEntry {
+            name: name.clone(),
+            public_key: key.public_text(),
+            roles: roles.to_vec(),
+            cert_serial: cert.serial_hex.clone(),
+            cert_expires_at: cert.not_after,
+        });
+        if is_gw {
+            c.gateways.push(GatewayEntry {
+                device: name.clone(),
+                addrs: public_addrs.to_vec(),
+            });
+        }
+        self.commit(c, now)?;
+        Ok((key, cert))
+    }
+
+    /// Re-issues a device certificate (same derived key) with a new validity period.
+    pub fn renew(
+        &mut self,
+        name: &DeviceName,
+        now: OffsetDateTime,
+        days: i64,
+    ) -> Result<(DeviceKey, DeviceCert), ZoneError> {
+        if self.zone.config.is_revoked(name) {
+            return Err(ZoneError::DeviceRevoked(name.to_string()));
+        }
+        let entry = self
+            .zone
+            .config
+            .device(name)
+            .ok_or_else(|| ZoneError::NoSuchDevice(name.to_string()))?
+            .clone();
+        let (key, cert) = self.issue(name, &entry.roles, now, days)?;
+        let mut c = self.zone.config.clone();
+        if let Some(d) = c.devices.iter_mut().find(|d| &d.name == name) {
+            d.cert_serial = cert.serial_hex.clone();
+            d.cert_expires_at = cert.not_after;
+        }
+        self.commit(c, now)?;
+        Ok((key, cert))
+    }
+
+    /// Revokes a device: its certificates are refused wherever this zone.json (or a newer one) is known.
+    pub fn revoke(&mut self, name: &DeviceName, now: OffsetDateTime) -> Result<(), ZoneError> {
+        if self.zone.config.is_revoked(name) {
+            return Err(ZoneError::DeviceRevoked(name.to_string()));
+        }
+        let entry = self
+            .zone
+            .config
+            .device(name)
+            .ok_or_else(|| ZoneError::NoSuchDevice(name.to_string()))?
+            .clone();
+        let mut c = self.zone.config.clone();
+        c.devices.retain(|d| &d.name != name);
+        c.gateways.retain(|g| &g.device != name);
+        c.revoked.push(Revocation {
+            device: name.clone(),
+            revoked_at: trunc_now(now),
+            cert_serials: vec![entry.cert_serial],
+        });
+        self.commit(c, now)
+    }
+
+    /// Writes a self-contained, ready-to-run bundle for `name` into `out`.
+    pub fn write_bundle(
+        &self,
+        out: &Path,
+        name: &DeviceName,
+        key: &DeviceKey,
+        cert: &DeviceCert,
+    ) -> Result<PathBuf, ZoneError> {
+        fs::create_dir_all(out).map_err(|e| ZoneError::io(out, e))?;
+        let entry = self
+            .zone
+            .config
+            .device(name)
+            .ok_or_else(|| ZoneError::NoSuchDevice(name.to_string()))?;
+        write_atomic(&out.join(DEVICE_KEY_FILE), key.to_pem()?.as_bytes(), 0o600)?;
+        write_atomic(&out.join(DEVICE_CERT_FILE), cert.pem.as_bytes(), 0o644)?;
+        write_atomic(&out.join(ZONE_CA_FILE), self.ca_pem.as_bytes(), 0o644)?;
+        write_atomic(
+            &out.join(ZONE_JSON_FILE),
+            self.zone.to_json_pretty().as_bytes(),
+            0o644,
+        )?;
+        let (file, text) = if entry.roles.contains(&Role::Gateway) {
+            ("gateway.toml", gateway_toml(&self.zone.config, name))
+        } else {
+            ("node.toml", node_toml(&self.zone.config, name))
+        };
+        let path = out.join(file);
+        write_atomic(&path, text.as_bytes(), 0o644)?;
+        Ok(path)
+    }
+}
+
+fn gateways_comment(c: &ZoneConfig) -> String {
+    let gws = c.gateway_addrs();
+    if gws.is_empty() {
+        "# No gateway in zone.json yet: add one with `zonegate device add NAME --role gateway --public-addr IP:PORT`,\n# then copy the new zone.json here.\n".into()
+    } else {
+        let list: Vec<String> = gws.iter().map(|(n, a)| format!("{n} at {a}")).collect();
+        format!(
+            "# Gateways (from zone.json serial {}): {}\n",
+            c.serial,
+            list.join(", ")
+        )
+    }
+}
+
+const COMMON_TAIL: &str = r#"
+# Services this device offers to the zone. Nothing else on this device's network is reachable
+# through zonegate. `proto` is "tcp" (default) or "udp".
+# [services.web]
+# local = "127.0.0.1:8000"
+
+# Local ports that reach another device's service over the mesh. A policy app with
+# `mesh = true` must allow this device, or the gateway refuses the stream.
+# [[forward]]
+# listen = "127.0.0.1:9000"
+# to = "home2/etcd-peer"
+"#;
+
+fn header(c: &ZoneConfig, name: &DeviceName, what: &str, cmd: &str) -> String {
+    format!(
+        "# zonegate {what} for {host}\n# Start it with:  zonegate {cmd} --config THIS_FILE\n# Paths are relative to this file. Keep device.key private (mode 0600).\n\ndevice = \"{name}\"\ndomain = \"{domain}\"\nkey = \"{DEVICE_KEY_FILE}\"\ncert = \"{DEVICE_CERT_FILE}\"\nca = \"{ZONE_CA_FILE}\"\nzone_config = \"{ZONE_JSON_FILE}\"\n",
+        host = c.domain.host_of(name),
+        domain = c.domain,
+    )
+}
+
+/// The node agent config of a bundle; `zonegate node --config` runs it as is.
+pub fn node_toml(c: &ZoneConfig, name: &DeviceName) -> String {
+    let mut s = header(c, name, "node agent", "node");
+    s.push_str(&gateways_comment(c));
+    s.push_str(&format!(
+        "# Status JSON on loopback.\nadmin = \"{NODE_ADMIN_DEFAULT}\"\n"
+    ));
+    s.push_str(COMMON_TAIL);
+    s
+}
+
+/// The gateway config of a bundle; `zonegate gateway --config` runs it as is.
+pub fn gateway_toml(c: &ZoneConfig, name: &DeviceName) -> String {
+    let mut s = header(c, name, "gateway", "gateway");
+    let port = c
+        .gateways
+        .iter()
+        .find(|g| &g.device == name)
+        .and_then(|g| g.addrs.first())
+        .map(|a| a.port())
+        .unwrap_or(4433);
+    s.push_str(&gateways_comment(c));
+    s.push_str(&format!(
+        "# QUIC for node agents: the port of this gateway's public address, on all interfaces.\nlisten = \"0.0.0.0:{port}\"\n# Traffic policy files (TOML); edits are picked up while running.\npolicies = \"policies\"\n# Admin API and status page, loopback only.\nadmin = \"{GATEWAY_ADMIN_DEFAULT}\"\n"
+    ));
+    s.push_str(COMMON_TAIL);
+    s
+}

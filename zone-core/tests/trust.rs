@@ -1,0 +1,158 @@
+//! Device certificates checked through rustls' WebPKI verifiers, as handshakes will check them.
+
+use std::sync::Arc;
+
+use rustls::pki_types::{ServerName, UnixTime};
+use time::OffsetDateTime;
+use zone_core::cert::{issue_device, IssueRequest};
+use zone_core::names::{DeviceName, Role};
+use zone_core::zonedir::{read_cert_der, ZoneDir};
+use zone_core::{DeviceIdentity, Domain, ZoneTrust};
+
+fn zone(dir: &std::path::Path, domain: &str) -> ZoneDir {
+    ZoneDir::init(dir, Domain::new(domain).unwrap(), OffsetDateTime::now_utc()).unwrap()
+}
+
+fn trust_of(z: &ZoneDir) -> Arc<ZoneTrust> {
+    let ca = read_cert_der(&z.dir.join("zone-ca.crt")).unwrap();
+    ZoneTrust::new(z.domain().clone(), ca).unwrap()
+}
+
+fn der(pem: &str) -> rustls::pki_types::CertificateDer<'static> {
+    zone_core::cert::parse_pem_certs(pem).unwrap().remove(0)
+}
+
+#[test]
+fn own_device_accepted_with_identity() {
+    let t = tempfile::tempdir().unwrap();
+    let mut z = zone(t.path(), "alice.example");
+    let name = DeviceName::new("home1").unwrap();
+    let (_k, c) = z
+        .add_device(&name, &[Role::Node], &[], OffsetDateTime::now_utc(), 365)
+        .unwrap();
+    let trust = trust_of(&z);
+    let id = trust.verify_device(&der(&c.pem), UnixTime::now()).unwrap();
+    assert_eq!(id.name, name);
+    assert_eq!(id.roles, vec![Role::Node]);
+    assert_eq!(id.serial_hex, c.serial_hex);
+    // And as a server certificate for its host name (the direct-mesh and agent→gateway case).
+    let sv = trust.server_verifier();
+    sv.verify_server_cert(
+        &der(&c.pem),
+        &[],
+        &ServerName::try_from("home1.alice.example").unwrap(),
+        &[],
+        UnixTime::now(),
+    )
+    .unwrap();
+    let wrong = sv.verify_server_cert(
+        &der(&c.pem),
+        &[],
+        &ServerName::try_from("gw.alice.example").unwrap(),
+        &[],
+        UnixTime::now(),
+    );
+    assert!(
+        wrong.is_err(),
+        "certificate accepted for another device's name"
+    );
+}
+
+#[test]
+fn other_zone_refused() {
+    let t1 = tempfile::tempdir().unwrap();
+    let t2 = tempfile::tempdir().unwrap();
+    let z1 = zone(t1.path(), "alice.example");
+    // Same domain, different zone key: still another zone.
+    let mut z2 = zone(t2.path(), "alice.example");
+    let (_k, c) = z2
+        .add_device(
+            &DeviceName::new("home1").unwrap(),
+            &[Role::Node],
+            &[],
+            OffsetDateTime::now_utc(),
+            365,
+        )
+        .unwrap();
+    let err = trust_of(&z1)
+        .verify_device(&der(&c.pem), UnixTime::now())
+        .unwrap_err();
+    assert!(
+        zone_core::trust::describe_refusal(&err).contains("another zone"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn expired_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let z = zone(t.path(), "alice.example");
+    let name = DeviceName::new("old").unwrap();
+    let key = z.key.derive_device(z.domain(), &name);
+    let now = OffsetDateTime::now_utc();
+    let c = issue_device(
+        &z.key,
+        &z.ca_pem,
+        &key,
+        &IssueRequest {
+            domain: z.domain(),
+            name: &name,
+            roles: &[Role::Node],
+            not_before: now - time::Duration::days(30),
+            not_after: now - time::Duration::days(1),
+        },
+    )
+    .unwrap();
+    let err = trust_of(&z)
+        .verify_device(&der(&c.pem), UnixTime::now())
+        .unwrap_err();
+    assert!(
+        zone_core::trust::describe_refusal(&err).contains("expired"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn revoked_refused_once_config_known() {
+    let t = tempfile::tempdir().unwrap();
+    let mut z = zone(t.path(), "alice.example");
+    let name = DeviceName::new("laptop").unwrap();
+    let (_k, c) = z
+        .add_device(&name, &[Role::Node], &[], OffsetDateTime::now_utc(), 365)
+        .unwrap();
+    let trust = trust_of(&z);
+    trust.verify_device(&der(&c.pem), UnixTime::now()).unwrap();
+    z.revoke(&name, OffsetDateTime::now_utc()).unwrap();
+    trust.set_revocations(&z.zone.config);
+    let err = trust
+        .verify_device(&der(&c.pem), UnixTime::now())
+        .unwrap_err();
+    assert!(
+        zone_core::trust::describe_refusal(&err).contains("revoked"),
+        "{err:?}"
+    );
+    // The client-side verifier used in handshakes refuses it too.
+    assert!(trust
+        .client_verifier()
+        .verify_client_cert(&der(&c.pem), &[], UnixTime::now())
+        .is_err());
+}
+
+#[test]
+fn identity_reads_roles_and_key() {
+    let t = tempfile::tempdir().unwrap();
+    let mut z = zone(t.path(), "alice.example");
+    let name = DeviceName::new("gw").unwrap();
+    let (k, c) = z
+        .add_device(
+            &name,
+            &[Role::Gateway, Role::Node],
+            &["203.0.113.10:4433".parse().unwrap()],
+            OffsetDateTime::now_utc(),
+            365,
+        )
+        .unwrap();
+    let id = DeviceIdentity::from_der(&der(&c.pem)).unwrap();
+    assert!(id.has_role(Role::Gateway) && id.has_role(Role::Node));
+    assert_eq!(&id.public_key, k.verifying_key().as_bytes());
+}
