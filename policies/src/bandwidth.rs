@@ -1,0 +1,165 @@
+//! Bandwidth shaping: a token bucket that async copy loops consult before sending a chunk.
+//!
+//! Time comes from tokio's clock, so tests can pause and advance it.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Smallest bucket, in bytes. Copy loops move chunks of up to 16 KiB; a smaller bucket would
+/// make every chunk wait even far below the rate.
+pub const MIN_BURST: u64 = 16 * 1024;
+
+/// A bytes-per-second token bucket. Callers *reserve* bytes and then wait out the debt, so a
+/// chunk larger than the bucket is still allowed, just delayed in proportion.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    capacity: f64,
+    state: Mutex<BucketState>,
+}
+
+#[derive(Debug)]
+struct BucketState {
+    /// May go negative: bytes already promised beyond what has been earned.
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A bucket refilling at `bytes_per_sec` that holds a tenth of a second (at least
+    /// [`MIN_BURST`]): small enough that the long-run rate is what the user wrote.
+    pub fn new(bytes_per_sec: u64) -> Self {
+        let rate = bytes_per_sec.max(1) as f64;
+        let capacity = (rate / 10.0).max(MIN_BURST as f64);
+        TokenBucket {
+            rate,
+            capacity,
+            state: Mutex::new(BucketState {
+                tokens: capacity,
+                last: Instant::now(),
+            }),
+        }
+    }
+
+    pub fn bytes_per_sec(&self) -> u64 {
+        self.rate as u64
+    }
+
+    /// Takes `n` bytes now and returns how long the caller must wait before sending them.
+    pub fn reserve(&self, n: u64) -> Duration {
+        let now = Instant::now();
+        // A poisoned lock only means another task panicked mid-update of two floats; the
+        // state is still usable.
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let earned = now.saturating_duration_since(s.last).as_secs_f64() * self.rate;
+        s.tokens = (s.tokens + earned).min(self.capacity);
+        s.last = now;
+        s.tokens -= n as f64;
+        if s.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-s.tokens / self.rate)
+        }
+    }
+
+    /// Waits until `n` bytes may be sent. Cancel-safe in the sense that dropping the future
+    /// keeps the reservation: the bucket errs on the slow side, never the fast one.
+    pub async fn consume(&self, n: u64) {
+        let wait = self.reserve(n);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// The shaping of one connection in one direction: the app-wide bucket (shared by all its
+/// connections) and the connection's own bucket, whichever is slower.
+#[derive(Debug, Default)]
+pub struct Shaper {
+    app: Option<Arc<TokenBucket>>,
+    conn: Option<TokenBucket>,
+}
+
+impl Shaper {
+    pub fn new(app: Option<Arc<TokenBucket>>, per_connection: Option<u64>) -> Self {
+        Shaper {
+            app,
+            conn: per_connection.map(TokenBucket::new),
+        }
+    }
+
+    /// No limit at all: copy loops can skip the call.
+    pub fn is_unlimited(&self) -> bool {
+        self.app.is_none() && self.conn.is_none()
+    }
+
+    /// Waits until `n` bytes may be sent on this connection.
+    pub async fn consume(&self, n: u64) {
+        let a = self.app.as_ref().map_or(Duration::ZERO, |b| b.reserve(n));
+        let c = self.conn.as_ref().map_or(Duration::ZERO, |b| b.reserve(n));
+        let wait = a.max(c);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1024 * 1024;
+
+    /// Sends `chunk`-byte pieces through `shaper` for `secs` of (paused) time; returns bytes.
+    async fn pump(shaper: &Shaper, chunk: u64, secs: u64) -> u64 {
+        let start = Instant::now();
+        let mut sent = 0;
+        loop {
+            shaper.consume(chunk).await;
+            if start.elapsed() >= Duration::from_secs(secs) {
+                return sent;
+            }
+            sent += chunk;
+        }
+    }
+
+    fn within(actual: u64, expected: u64, pct: f64) -> bool {
+        (actual as f64 - expected as f64).abs() <= expected as f64 * pct
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_connection_rate_within_ten_percent_over_5s() {
+        let s = Shaper::new(None, Some(MIB));
+        let sent = pump(&s, 16 * 1024, 5).await;
+        assert!(within(sent, 5 * MIB, 0.10), "sent {sent}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn big_chunks_are_delayed_not_refused() {
+        let s = Shaper::new(None, Some(2 * MIB));
+        let sent = pump(&s, 3 * MIB, 5).await;
+        assert!(within(sent, 10 * MIB, 0.35), "sent {sent}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn app_bucket_is_shared_by_connections() {
+        let app = Arc::new(TokenBucket::new(MIB));
+        let a = Shaper::new(Some(app.clone()), None);
+        let b = Shaper::new(Some(app), Some(10 * MIB));
+        let (x, y) = tokio::join!(pump(&a, 8 * 1024, 5), pump(&b, 8 * 1024, 5));
+        assert!(within(x + y, 5 * MIB, 0.10), "sent {x} + {y}");
+        assert!(x > MIB && y > MIB, "both progress: {x} {y}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unlimited_never_waits() {
+        let s = Shaper::default();
+        assert!(s.is_unlimited());
+        let start = Instant::now();
+        for _ in 0..1000 {
+            s.consume(MIB).await;
+        }
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+}

@@ -1,0 +1,171 @@
+//! Human explanations of decisions, for `zonegate policy explain`: which app, which rule,
+//! and why each rule did or did not allow.
+
+use crate::eval::{check_rule, Decision, Requester, Timestamp};
+use crate::model::{App, ListenKind, Rule};
+use crate::policy::CompiledPolicy;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+
+fn describe_rule(rule: &Rule) -> String {
+    let mut s = format!("from {}", rule.from);
+    if !rule.methods.is_empty() {
+        let _ = write!(s, ", methods [{}]", rule.methods.join(", "));
+    }
+    if !rule.paths.is_empty() {
+        let _ = write!(s, ", paths [{}]", rule.paths.join(", "));
+    }
+    if let Some(w) = &rule.window {
+        if let Some(h) = w.hours {
+            let _ = write!(
+                s,
+                ", hours {:02}:{:02}-{:02}:{:02}",
+                h.start / 60,
+                h.start % 60,
+                h.end / 60,
+                h.end % 60
+            );
+        }
+        if w.days != crate::model::ALL_DAYS {
+            const NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+            let days: Vec<&str> = (0..7)
+                .filter(|d| w.days & (1 << d) != 0)
+                .map(|d| NAMES[d])
+                .collect();
+            let _ = write!(s, ", days [{}]", days.join(", "));
+        }
+        let o = w.offset_secs;
+        let _ = write!(
+            s,
+            ", tz {}{:02}:{:02}",
+            if o < 0 { '-' } else { '+' },
+            o.abs() / 3600,
+            o.abs() % 3600 / 60
+        );
+    }
+    s
+}
+
+/// Appends one line per rule and the verdict; returns the decision.
+fn explain_app(
+    out: &mut String,
+    app: &App,
+    who: &Requester<'_>,
+    method: Option<&str>,
+    path: Option<&str>,
+    now: Timestamp,
+) -> Decision {
+    let _ = writeln!(
+        out,
+        "app `{}` ({}) at {}",
+        app.name,
+        app.summary(),
+        app.source
+    );
+    if app.rules.is_empty() {
+        let _ = writeln!(out, "  no allow rule: everything is denied by default");
+    }
+    for (i, rule) in app.rules.iter().enumerate() {
+        let verdict = match check_rule(rule, who, method, path, now) {
+            Ok(()) => "matches".to_string(),
+            Err(r) => format!("does not match: {r}"),
+        };
+        let _ = writeln!(
+            out,
+            "  rule {}: {} -> {verdict}",
+            i + 1,
+            describe_rule(rule)
+        );
+    }
+    let decision = crate::eval::decide_app(app, who, method, path, now);
+    let _ = writeln!(
+        out,
+        "result: {} {}",
+        if decision.is_allow() { "ALLOW" } else { "DENY" },
+        decision
+    );
+    decision
+}
+
+impl CompiledPolicy {
+    /// Explains an HTTP request by `who` to `host` + `path` with `method`.
+    pub fn explain_http(
+        &self,
+        who: &Requester<'_>,
+        host: &str,
+        method: Option<&str>,
+        path: &str,
+        now: Timestamp,
+    ) -> String {
+        let mut out = format!(
+            "request: {who} -> {} {host}{path}\n",
+            method.unwrap_or("(any method)")
+        );
+        match self.route_http(host, path) {
+            Some(app) => {
+                explain_app(&mut out, app, who, method, Some(path), now);
+            }
+            None => {
+                out.push_str("no http app serves this host and path\nresult: DENY (no route)\n")
+            }
+        }
+        out
+    }
+
+    /// Explains a tcp/udp connection by `who` to `addr`.
+    pub fn explain_listen(
+        &self,
+        who: &Requester<'_>,
+        kind: ListenKind,
+        addr: SocketAddr,
+        now: Timestamp,
+    ) -> String {
+        let mut out = format!("connection: {who} -> {kind:?} {addr}\n");
+        match self.app_by_listen(kind, addr) {
+            Some(app) => {
+                explain_app(&mut out, app, who, None, None, now);
+            }
+            None => out.push_str("no app listens there\nresult: DENY (no route)\n"),
+        }
+        out
+    }
+
+    /// Explains a mesh stream from device `from` to `to_device/to_service`.
+    pub fn explain_mesh(
+        &self,
+        from: &str,
+        roles: &[&str],
+        to_device: &str,
+        to_service: &str,
+        now: Timestamp,
+    ) -> String {
+        let who = Requester::Device {
+            name: from,
+            roles,
+            ip: None,
+        };
+        let mut out = format!("mesh: {who} -> {to_device}/{to_service}\n");
+        let mut any = false;
+        for app in self.mesh_apps_for_target(to_device, to_service) {
+            any = true;
+            explain_app(&mut out, app, &who, None, None, now);
+        }
+        if !any {
+            out.push_str("no mesh app targets this service\n");
+        }
+        let d = self.decide_mesh(from, roles, to_device, to_service, now);
+        let _ = writeln!(
+            out,
+            "overall: {}{}",
+            if d.decision.is_allow() {
+                "ALLOW"
+            } else {
+                "DENY"
+            },
+            d.app
+                .map(|a| format!(" (app `{}`)", a.name))
+                .unwrap_or_default()
+        );
+        out
+    }
+}

@@ -1,0 +1,375 @@
+//! Runtime limiters of one app: keyed rate limits (governor), connection counts with RAII
+//! guards, bandwidth buckets and the body size limit.
+//!
+//! Memory is bounded: the rate limiter forgets keys whose state is back to "fresh"
+//! ([`RateLimiter::maintain`], also run when the table is full) and never holds more than
+//! `max_keys` keys; past that, new clients share one overflow bucket. Connection counters
+//! only hold entries for open connections.
+
+use crate::bandwidth::{Shaper, TokenBucket};
+use crate::eval::Requester;
+use crate::model::{LimitsConfig, RateLimit};
+use crate::schema::Per;
+use dashmap::DashMap;
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::keyed::ShrinkableKeyedStateStore;
+use governor::state::{InMemoryState, StateStore};
+use governor::Quota;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Default bound on keys per rate limiter. About 100 bytes per key, so ~6.5 MB at most per
+/// app: enough for every real client of a personal cloud, small enough for a cheap VPS.
+pub const DEFAULT_MAX_KEYS: usize = 65_536;
+
+/// How often a full table may be swept on the request path; sweeping is O(keys).
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// governor clock on top of tokio's clock, so tests can pause time.
+#[derive(Debug, Clone)]
+pub struct TokioClock {
+    start: tokio::time::Instant,
+}
+
+impl Default for TokioClock {
+    fn default() -> Self {
+        TokioClock {
+            start: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    type Instant = Nanos;
+    fn now(&self) -> Nanos {
+        self.start.elapsed().into()
+    }
+}
+
+/// What a rate limit counts against. Cheap to copy and hash; no allocation per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LimitKey {
+    Ip(IpAddr),
+    /// A device, by a fixed hash of its name (device names come from the zone, not from
+    /// attackers, so collisions are not a concern).
+    Device(u64),
+    App,
+    /// Shared by new clients while the table is full.
+    Overflow,
+}
+
+impl LimitKey {
+    /// The key `per` selects for `who`. IPv6 clients count per /64: one subscriber usually
+    /// holds a whole /64, so per-address keys would be trivially evaded.
+    pub fn for_requester(per: Per, who: &Requester<'_>) -> Self {
+        match (per, who) {
+            (Per::App, _) => LimitKey::App,
+            (Per::Device, Requester::Device { name, .. }) => LimitKey::Device(name_hash(name)),
+            (_, w) => match w.ip() {
+                Some(ip) => LimitKey::client_ip(ip),
+                None => match w {
+                    Requester::Device { name, .. } => LimitKey::Device(name_hash(name)),
+                    Requester::Public { .. } => LimitKey::App,
+                },
+            },
+        }
+    }
+
+    pub fn client_ip(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => LimitKey::Ip(IpAddr::V4(v4)),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => LimitKey::Ip(IpAddr::V4(v4)),
+                None => {
+                    let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                    LimitKey::Ip(IpAddr::V6(bits.into()))
+                }
+            },
+        }
+    }
+}
+
+fn name_hash(name: &str) -> u64 {
+    // SipHash with fixed keys: stable across the process, no allocation.
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new();
+    name.hash(&mut h);
+    h.finish()
+}
+
+/// governor state store that shares its map with us, so we can count and probe keys.
+#[derive(Debug, Clone, Default)]
+struct SharedStore(Arc<DashMap<LimitKey, InMemoryState>>);
+
+impl StateStore for SharedStore {
+    type Key = LimitKey;
+    fn measure_and_replace<T, F, E>(&self, key: &LimitKey, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        self.0.measure_and_replace(key, f)
+    }
+}
+
+impl ShrinkableKeyedStateStore<LimitKey> for SharedStore {
+    fn retain_recent(&self, drop_below: Nanos) {
+        self.0.retain_recent(drop_below)
+    }
+    fn shrink_to_fit(&self) {
+        ShrinkableKeyedStateStore::shrink_to_fit(&*self.0)
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Refused by a rate limit; retry after this long (the HTTP front sends it as `Retry-After`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("rate limited; retry after {0:?}")]
+pub struct RetryAfter(pub Duration);
+
+/// A keyed GCRA rate limiter with a bounded number of keys.
+#[derive(Debug)]
+pub struct RateLimiter {
+    inner: governor::RateLimiter<LimitKey, SharedStore, TokioClock, NoOpMiddleware<Nanos>>,
+    store: SharedStore,
+    clock: TokioClock,
+    max_keys: usize,
+    last_sweep: AtomicU64,
+    pub config: RateLimit,
+}
+
+impl RateLimiter {
+    pub fn new(config: RateLimit) -> Self {
+        Self::with_max_keys(config, DEFAULT_MAX_KEYS)
+    }
+
+    pub fn with_max_keys(config: RateLimit, max_keys: usize) -> Self {
+        let one = NonZeroU32::MIN;
+        let period = config.rate.period / config.rate.count.max(1);
+        let quota = Quota::with_period(period)
+            .unwrap_or_else(|| Quota::per_second(one))
+            .allow_burst(NonZeroU32::new(config.burst).unwrap_or(one));
+        let store = SharedStore::default();
+        let clock = TokioClock::default();
+        RateLimiter {
+            inner: governor::RateLimiter::new(quota, store.clone(), clock.clone()),
+            store,
+            clock,
+            max_keys: max_keys.max(2),
+            last_sweep: AtomicU64::new(0),
+            config,
+        }
+    }
+
+    /// Counts one request for `key`.
+    pub fn check(&self, key: LimitKey) -> Result<(), RetryAfter> {
+        let mut key = key;
+        // One slot stays free for the overflow key itself, so `len() <= max_keys` holds.
+        let full = |s: &Self| s.store.0.len() >= s.max_keys.saturating_sub(1);
+        if !self.store.0.contains_key(&key) && full(self) {
+            self.sweep_if_due();
+            if full(self) {
+                key = LimitKey::Overflow;
+            }
+        }
+        self.inner
+            .check_key(&key)
+            .map_err(|nu| RetryAfter(nu.wait_time_from(self.clock.now())))
+    }
+
+    fn sweep_if_due(&self) {
+        let now = self.clock.now().as_u64();
+        let last = self.last_sweep.load(Ordering::Relaxed);
+        let due = now.saturating_sub(last) >= SWEEP_INTERVAL.as_nanos() as u64 || last == 0;
+        if due
+            && self
+                .last_sweep
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.maintain();
+        }
+    }
+
+    /// Forgets keys whose limit has fully recovered (they behave exactly like unknown keys)
+    /// and releases memory. Call periodically; also called when the table is full.
+    pub fn maintain(&self) {
+        self.inner.retain_recent();
+        self.inner.shrink_to_fit();
+    }
+
+    /// Keys currently tracked.
+    pub fn len(&self) -> usize {
+        self.store.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.store.0.is_empty()
+    }
+}
+
+/// Refused by a connection limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConnLimitExceeded {
+    #[error("the app has reached its max_connections")]
+    App,
+    #[error("the client has reached max_connections_per_client")]
+    Client,
+}
+
+/// Open-connection counts of an app, total and per client.
+#[derive(Debug, Default)]
+pub struct ConnLimiter {
+    max_total: Option<u32>,
+    max_per_client: Option<u32>,
+    total: AtomicU32,
+    per_client: Mutex<HashMap<LimitKey, u32>>,
+}
+
+impl ConnLimiter {
+    pub fn new(max_total: Option<u32>, max_per_client: Option<u32>) -> Self {
+        ConnLimiter {
+            max_total,
+            max_per_client,
+            ..Default::default()
+        }
+    }
+
+    /// Admits one connection from `client` (use [`LimitKey::client_ip`] or
+    /// [`LimitKey::for_requester`]). The guard releases it on drop.
+    pub fn try_acquire(self: &Arc<Self>, client: LimitKey) -> Result<ConnGuard, ConnLimitExceeded> {
+        let max = self.max_total.unwrap_or(u32::MAX);
+        self.total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map_err(|_| ConnLimitExceeded::App)?;
+        let mut guard = ConnGuard {
+            limiter: self.clone(),
+            client: None,
+        };
+        if let Some(per) = self.max_per_client {
+            let mut map = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
+            let n = map.entry(client).or_insert(0);
+            if *n >= per {
+                drop(map);
+                return Err(ConnLimitExceeded::Client); // guard drop releases the total
+            }
+            *n += 1;
+            guard.client = Some(client);
+        }
+        Ok(guard)
+    }
+
+    pub fn open(&self) -> u32 {
+        self.total.load(Ordering::Acquire)
+    }
+
+    /// Clients with open connections (entries are removed at zero, so this is bounded by
+    /// the number of open connections).
+    pub fn tracked_clients(&self) -> usize {
+        self.per_client
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+}
+
+/// One admitted connection; dropping it frees its slots.
+#[derive(Debug)]
+pub struct ConnGuard {
+    limiter: Arc<ConnLimiter>,
+    client: Option<LimitKey>,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if let Some(c) = self.client {
+            let mut map = self
+                .limiter
+                .per_client
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = map.get_mut(&c) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&c);
+                }
+            }
+        }
+        self.limiter.total.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// All runtime limits of one app, built from its [`LimitsConfig`].
+#[derive(Debug)]
+pub struct AppLimits {
+    pub config: LimitsConfig,
+    pub rate: Option<RateLimiter>,
+    pub connections: Arc<ConnLimiter>,
+    /// App-wide buckets, client→service and service→client.
+    bandwidth_in: Option<Arc<TokenBucket>>,
+    bandwidth_out: Option<Arc<TokenBucket>>,
+}
+
+impl AppLimits {
+    pub fn new(config: &LimitsConfig) -> Self {
+        let bucket = || config.bandwidth.map(|b| Arc::new(TokenBucket::new(b)));
+        AppLimits {
+            config: config.clone(),
+            rate: config.rate.map(RateLimiter::new),
+            connections: Arc::new(ConnLimiter::new(
+                config.max_connections,
+                config.max_connections_per_client,
+            )),
+            bandwidth_in: bucket(),
+            bandwidth_out: bucket(),
+        }
+    }
+
+    /// Counts one request by `who` against the rate limit, if any.
+    pub fn check_rate(&self, who: &Requester<'_>) -> Result<(), RetryAfter> {
+        match &self.rate {
+            Some(r) => r.check(LimitKey::for_requester(r.config.per, who)),
+            None => Ok(()),
+        }
+    }
+
+    /// Admits one connection by `who` (counted per client address, or per device).
+    pub fn connect(&self, who: &Requester<'_>) -> Result<ConnGuard, ConnLimitExceeded> {
+        self.connections
+            .try_acquire(LimitKey::for_requester(Per::ClientIp, who))
+    }
+
+    /// Shapers for a new connection: (client→service, service→client).
+    pub fn shapers(&self) -> (Shaper, Shaper) {
+        let per = self.config.bandwidth_per_connection;
+        (
+            Shaper::new(self.bandwidth_in.clone(), per),
+            Shaper::new(self.bandwidth_out.clone(), per),
+        )
+    }
+
+    /// Largest request body, if limited.
+    pub fn max_body(&self) -> Option<u64> {
+        self.config.max_body
+    }
+
+    /// Periodic housekeeping (forget recovered rate-limit keys).
+    pub fn maintain(&self) {
+        if let Some(r) = &self.rate {
+            r.maintain();
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Reading policy files: TOML syntax, the schema, then validation, collecting every error of
+//! every file (one bad app or file never hides the problems of the others).
+
+use crate::compile::compile_app;
+use crate::error::{PolicyError, Position};
+use crate::model::Source;
+use crate::policy::{assemble, CompiledPolicy, PendingApp};
+use crate::schema::AppSpec;
+use crate::units;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+
+/// Largest policy file read. Policy files are hand-written and small; the bound keeps a stray
+/// large file in the directory from costing memory on every reload.
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// Parses, validates and compiles every `*.toml` file directly in `dir` (sorted by name;
+/// sub-directories and hidden files are ignored). An empty directory is a valid policy that
+/// denies everything.
+pub fn check_dir(dir: &Path) -> Result<CompiledPolicy, Vec<PolicyError>> {
+    let files = policy_files(dir).map_err(|e| vec![e])?;
+    let mut sources = Vec::with_capacity(files.len());
+    let mut errs = Vec::new();
+    for path in files {
+        match read_file(&path) {
+            Ok(src) => sources.push((path, src)),
+            Err(e) => errs.push(e),
+        }
+    }
+    match check_sources(&sources) {
+        Ok(p) if errs.is_empty() => Ok(p),
+        Ok(_) => Err(errs),
+        Err(mut more) => {
+            errs.append(&mut more);
+            Err(errs)
+        }
+    }
+}
+
+/// Checks one file's text as if it were the whole policy (tests, `policy check FILE`).
+pub fn check_str(path: &Path, src: &str) -> Result<CompiledPolicy, Vec<PolicyError>> {
+    check_sources(&[(path.to_path_buf(), src.to_string())])
+}
+
+/// Checks several `(path, text)` files together (app names and routes must not collide).
+pub fn check_sources(sources: &[(PathBuf, String)]) -> Result<CompiledPolicy, Vec<PolicyError>> {
+    let mut errs = Vec::new();
+    let mut pending = Vec::new();
+    for (path, src) in sources {
+        parse_file(path, src, &mut pending, &mut errs);
+    }
+    let files = sources.iter().map(|(p, _)| p.clone()).collect();
+    match assemble(pending, files) {
+        Ok(p) if errs.is_empty() => Ok(p),
+        Ok(_) => Err(sorted(errs)),
+        Err(mut more) => {
+            errs.append(&mut more);
+            Err(sorted(errs))
+        }
+    }
+}
+
+/// File order, then position: the order a person fixes them in.
+fn sorted(mut errs: Vec<PolicyError>) -> Vec<PolicyError> {
+    errs.sort_by_key(|e| (e.path.clone(), e.position.map(|p| (p.line, p.column))));
+    errs
+}
+
+/// serde names our Rust types in messages ("expected struct AppSpec"); say what the user
+/// writes instead.
+fn friendly(msg: &str) -> String {
+    msg.replace("struct AppSpec", "an app table such as `[app.NAME]`")
+        .replace(
+            "struct HttpSpec",
+            "a table such as `{ host = \"alice.example\", path = \"/dfs\" }`",
+        )
+        .replace(
+            "struct ListenSpec",
+            "a table such as `{ listen = \"0.0.0.0:2222\" }`",
+        )
+        .replace(
+            "struct RuleSpec",
+            "a rule table such as `{ from = [\"public\"] }`",
+        )
+        .replace(
+            "struct LimitsSpec",
+            "a limits table such as `{ rate = \"50/s\" }`",
+        )
+}
+
+/// The `*.toml` files of `dir`, sorted. Also used by the watcher to fingerprint the directory.
+pub fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
+    let rd = std::fs::read_dir(dir)
+        .map_err(|e| PolicyError::whole(dir, format!("cannot read policy directory: {e}")))?;
+    let mut files = Vec::new();
+    for entry in rd {
+        let entry = entry
+            .map_err(|e| PolicyError::whole(dir, format!("cannot list policy directory: {e}")))?;
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        // Hidden files are editor droppings (".#x.toml" locks); only regular *.toml count.
+        if name.starts_with('.') || path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            continue;
+        }
+        files.push(path);
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn read_file(path: &Path) -> Result<String, PolicyError> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| PolicyError::whole(path, format!("cannot read: {e}")))?;
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(PolicyError::whole(
+            path,
+            format!("file is larger than {MAX_FILE_BYTES} bytes"),
+        ));
+    }
+    std::fs::read_to_string(path).map_err(|e| PolicyError::whole(path, format!("cannot read: {e}")))
+}
+
+fn toml_error(path: &Path, src: &str, e: &toml::de::Error) -> PolicyError {
+    let message = e.message().trim().to_string();
+    match e.span() {
+        Some(span) => PolicyError::at(path, src, span, message),
+        None => PolicyError::whole(path, message),
+    }
+}
+
+fn parse_file(path: &Path, src: &str, pending: &mut Vec<PendingApp>, errs: &mut Vec<PolicyError>) {
+    let first = pending.len();
+    parse_tables(path, src, pending, errs);
+    // The TOML table is a sorted map; keep apps in the order they are written.
+    pending[first..].sort_by_key(|p| (p.source.position.line, p.source.position.column));
+}
+
+fn parse_tables(
+    path: &Path,
+    src: &str,
+    pending: &mut Vec<PendingApp>,
+    errs: &mut Vec<PolicyError>,
+) {
+    let (root, syntax) = DeTable::parse_recoverable(src);
+    if !syntax.is_empty() {
+        // The recovered table is a guess; checking its meaning would add confusing errors.
+        errs.extend(syntax.iter().map(|e| toml_error(path, src, e)));
+        return;
+    }
+    for (key, value) in root.into_inner() {
+        if key.get_ref() != "app" {
+            errs.push(PolicyError::at(
+                path,
+                src,
+                key.span(),
+                format!("unknown key `{}`, expected `app`", key.get_ref()),
+            ));
+            continue;
+        }
+        let value_span = value.span();
+        let DeValue::Table(apps) = value.into_inner() else {
+            errs.push(PolicyError::at(
+                path,
+                src,
+                value_span,
+                "expected a table of apps: `[app.NAME]`",
+            ));
+            continue;
+        };
+        for (name, spec) in apps {
+            let name_span = name.span();
+            let name = name.into_inner().into_owned();
+            if let Err(m) = units::check_label(&name, "app") {
+                errs.push(PolicyError::at(path, src, name_span.clone(), m));
+                continue;
+            }
+            // One app at a time, so a schema error in one app does not hide the others.
+            let spec = match AppSpec::deserialize(ValueDeserializer::from(spec)) {
+                Ok(s) => s,
+                Err(e) => {
+                    let mut err = toml_error(path, src, &e);
+                    if err.position.is_none() {
+                        err.position = Some(Position::from_offset(src, name_span.start));
+                    }
+                    err.message = format!("app `{name}`: {}", friendly(&err.message));
+                    errs.push(err);
+                    continue;
+                }
+            };
+            let listener_span = [
+                spec.http.as_ref().map(|h| h.span()),
+                spec.tcp.as_ref().map(|t| t.span()),
+                spec.udp.as_ref().map(|u| u.span()),
+            ]
+            .into_iter()
+            .flatten()
+            .next()
+            .unwrap_or_else(|| name_span.clone());
+            match compile_app(spec, name_span.clone()) {
+                Ok(parts) => pending.push(PendingApp {
+                    name,
+                    parts,
+                    source: Source {
+                        path: path.to_path_buf(),
+                        position: Position::from_offset(src, name_span.start),
+                    },
+                    listener_pos: Position::from_offset(src, listener_span.start),
+                }),
+                Err(list) => errs.extend(list.into_iter().map(|e| {
+                    PolicyError::at(path, src, e.span, format!("app `{name}`: {}", e.message))
+                })),
+            }
+        }
+    }
+}

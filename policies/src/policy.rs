@@ -1,0 +1,138 @@
+//! Assembly of checked apps into a [`CompiledPolicy`]: cross-app checks (unique names, routes
+//! and listen addresses) and the lookup tables evaluation uses (host → path prefixes, listen
+//! address → app, mesh target → apps), so that a decision does no parsing or allocation.
+
+use crate::compile::AppParts;
+use crate::error::{PolicyError, Position};
+use crate::model::*;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// A checked app with the spans needed for cross-app errors.
+pub(crate) struct PendingApp {
+    pub name: String,
+    pub parts: AppParts,
+    pub source: Source,
+    /// Where the conflicting parts are, for "also defined at" messages.
+    pub listener_pos: Position,
+}
+
+/// A compiled, immutable policy: all apps of a directory plus lookup tables.
+#[derive(Debug, Default)]
+pub struct CompiledPolicy {
+    pub(crate) apps: Vec<App>,
+    pub(crate) by_name: HashMap<String, usize>,
+    /// host → (path prefix, app index), longest prefix first.
+    pub(crate) http: HashMap<String, Vec<(String, usize)>>,
+    pub(crate) listeners: HashMap<(ListenKind, SocketAddr), usize>,
+    /// device → service → mesh apps.
+    pub(crate) mesh: HashMap<String, HashMap<String, Vec<usize>>>,
+    pub(crate) files: Vec<PathBuf>,
+}
+
+pub(crate) fn assemble(
+    pending: Vec<PendingApp>,
+    files: Vec<PathBuf>,
+) -> Result<CompiledPolicy, Vec<PolicyError>> {
+    let mut errs = Vec::new();
+    let mut policy = CompiledPolicy {
+        files,
+        ..Default::default()
+    };
+    let mut http_seen: HashMap<(String, String), usize> = HashMap::new();
+    for p in pending {
+        let err_at = |msg: String| PolicyError {
+            path: p.source.path.clone(),
+            position: Some(p.listener_pos),
+            message: msg,
+        };
+        if let Some(&other) = policy.by_name.get(&p.name) {
+            errs.push(PolicyError {
+                path: p.source.path.clone(),
+                position: Some(p.source.position),
+                message: format!(
+                    "duplicate app `{}`: already defined at {}",
+                    p.name, policy.apps[other].source
+                ),
+            });
+            continue;
+        }
+        let index = policy.apps.len();
+        let mut conflict = None;
+        match &p.parts.listener {
+            Listener::Http(h) => {
+                if let Some(&other) = http_seen.get(&(h.host.clone(), h.path.clone())) {
+                    conflict = Some(format!(
+                        "http route {}{} is already used by app `{}` at {}",
+                        h.host, h.path, policy.apps[other].name, policy.apps[other].source
+                    ));
+                }
+            }
+            Listener::Tcp(a) | Listener::Udp(a) => {
+                let kind = if matches!(p.parts.listener, Listener::Tcp(_)) {
+                    ListenKind::Tcp
+                } else {
+                    ListenKind::Udp
+                };
+                // Same port with equal or wildcard addresses cannot both be bound.
+                if let Some((_, &other)) = policy.listeners.iter().find(|((k, b), _)| {
+                    *k == kind
+                        && b.port() == a.port()
+                        && (b.ip() == a.ip() || b.ip().is_unspecified() || a.ip().is_unspecified())
+                }) {
+                    conflict = Some(format!(
+                        "listen address {a} overlaps app `{}` at {}",
+                        policy.apps[other].name, policy.apps[other].source
+                    ));
+                }
+            }
+            Listener::Mesh => {}
+        }
+        if let Some(c) = conflict {
+            errs.push(err_at(format!("app `{}`: {c}", p.name)));
+            continue;
+        }
+        match &p.parts.listener {
+            Listener::Http(h) => {
+                http_seen.insert((h.host.clone(), h.path.clone()), index);
+                policy
+                    .http
+                    .entry(h.host.clone())
+                    .or_default()
+                    .push((h.path.clone(), index));
+            }
+            Listener::Tcp(a) => {
+                policy.listeners.insert((ListenKind::Tcp, *a), index);
+            }
+            Listener::Udp(a) => {
+                policy.listeners.insert((ListenKind::Udp, *a), index);
+            }
+            Listener::Mesh => policy
+                .mesh
+                .entry(p.parts.target.device.clone())
+                .or_default()
+                .entry(p.parts.target.service.clone())
+                .or_default()
+                .push(index),
+        }
+        policy.by_name.insert(p.name.clone(), index);
+        policy.apps.push(App {
+            name: p.name,
+            index,
+            listener: p.parts.listener,
+            target: p.parts.target,
+            rules: p.parts.rules,
+            limits: p.parts.limits,
+            source: p.source,
+        });
+    }
+    for routes in policy.http.values_mut() {
+        routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
+    }
+    if errs.is_empty() {
+        Ok(policy)
+    } else {
+        Err(errs)
+    }
+}

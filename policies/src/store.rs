@@ -1,0 +1,236 @@
+//! Hot reload: the live policy behind an atomic swap, the result of the last reload, and a
+//! polling directory watcher.
+//!
+//! A reload parses and compiles every file; on any error the old policy keeps serving and the
+//! errors are recorded. Runtime state (counters always, limiters when the app's limits did not
+//! change) is carried over by app name, so a reload does not reset accounting or hand every
+//! client a fresh burst.
+
+use crate::accounting::{AppCounters, CountersSnapshot};
+use crate::diff::{diff, summarize, Change};
+use crate::error::PolicyError;
+use crate::eval::Timestamp;
+use crate::limits::AppLimits;
+use crate::model::App;
+use crate::policy::CompiledPolicy;
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+/// Runtime state of one app.
+#[derive(Debug)]
+pub struct AppState {
+    pub counters: Arc<AppCounters>,
+    pub limits: Arc<AppLimits>,
+}
+
+/// A compiled policy with the runtime state of each of its apps.
+#[derive(Debug)]
+pub struct Active {
+    pub policy: CompiledPolicy,
+    /// Indexed by [`App::index`].
+    states: Vec<AppState>,
+}
+
+impl Active {
+    /// Builds state for `policy`, reusing what `previous` had for apps of the same name.
+    pub fn new(policy: CompiledPolicy, previous: Option<&Active>) -> Self {
+        let states = policy
+            .apps()
+            .iter()
+            .map(|app| {
+                let old =
+                    previous.and_then(|p| p.policy.app(&app.name).map(|o| &p.states[o.index]));
+                let counters = old.map_or_else(Default::default, |o| o.counters.clone());
+                let limits = match old {
+                    Some(o) if o.limits.config == app.limits => o.limits.clone(),
+                    _ => Arc::new(AppLimits::new(&app.limits)),
+                };
+                AppState { counters, limits }
+            })
+            .collect();
+        Active { policy, states }
+    }
+
+    /// State of an app of this policy (`app` must come from `self.policy`).
+    pub fn state(&self, app: &App) -> &AppState {
+        &self.states[app.index]
+    }
+
+    /// Counters of every app, by name, for `/status` and `/metrics`.
+    pub fn snapshot(&self) -> Vec<(String, CountersSnapshot)> {
+        self.policy
+            .apps()
+            .iter()
+            .map(|a| (a.name.clone(), self.states[a.index].counters.snapshot()))
+            .collect()
+    }
+
+    /// Housekeeping for every app's limiters.
+    pub fn maintain(&self) {
+        for s in &self.states {
+            s.limits.maintain();
+        }
+    }
+}
+
+/// The outcome of the last load or reload, as shown in `/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReloadStatus {
+    pub ok: bool,
+    /// Unix seconds.
+    pub at: i64,
+    /// Files read by the attempt.
+    pub files: usize,
+    /// Apps of the policy now serving.
+    pub apps: usize,
+    /// `path:line:col: message` of each error (empty when ok).
+    pub errors: Vec<String>,
+    /// Changes applied (`+added ~changed -removed`), empty when refused.
+    pub changes: Vec<String>,
+}
+
+/// The live policy of a gateway.
+#[derive(Debug)]
+pub struct PolicyStore {
+    dir: PathBuf,
+    current: ArcSwap<Active>,
+    last: Mutex<ReloadStatus>,
+}
+
+impl PolicyStore {
+    /// Loads `dir`; at startup a bad policy is fatal, so errors are returned.
+    pub fn load(dir: &Path) -> Result<Self, Vec<PolicyError>> {
+        let policy = crate::check_dir(dir)?;
+        let status = ReloadStatus {
+            ok: true,
+            at: Timestamp::now().0,
+            files: policy.files().len(),
+            apps: policy.apps().len(),
+            errors: Vec::new(),
+            changes: policy
+                .apps()
+                .iter()
+                .map(|a| format!("+{}", a.name))
+                .collect(),
+        };
+        Ok(PolicyStore {
+            dir: dir.to_path_buf(),
+            current: ArcSwap::from_pointee(Active::new(policy, None)),
+            last: Mutex::new(status),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The policy serving now. Cheap (an atomic load and a reference count); hold it for the
+    /// duration of one request or connection setup.
+    pub fn current(&self) -> Arc<Active> {
+        self.current.load_full()
+    }
+
+    pub fn last_reload(&self) -> ReloadStatus {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Re-reads the directory. On success swaps the new policy in and returns the changes; on
+    /// any error keeps the old one and returns every error. Both are recorded and logged.
+    pub fn reload(&self) -> Result<Vec<Change>, Vec<PolicyError>> {
+        let files = crate::policy_files(&self.dir).map(|f| f.len()).unwrap_or(0);
+        let at = Timestamp::from(SystemTime::now()).0;
+        match crate::check_dir(&self.dir) {
+            Ok(policy) => {
+                let old = self.current.load_full();
+                let changes = diff(&old.policy, &policy);
+                let apps = policy.apps().len();
+                self.current
+                    .store(Arc::new(Active::new(policy, Some(&old))));
+                tracing::info!(dir = %self.dir.display(), files, apps, changes = %summarize(&changes), "policy reloaded");
+                self.set_status(ReloadStatus {
+                    ok: true,
+                    at,
+                    files,
+                    apps,
+                    errors: Vec::new(),
+                    changes: changes.iter().map(|c| c.to_string()).collect(),
+                });
+                Ok(changes)
+            }
+            Err(errs) => {
+                for e in &errs {
+                    tracing::warn!(error = %e, "policy reload refused; previous policy keeps serving");
+                }
+                self.set_status(ReloadStatus {
+                    ok: false,
+                    at,
+                    files,
+                    apps: self.current.load().policy.apps().len(),
+                    errors: errs.iter().map(|e| e.to_string()).collect(),
+                    changes: Vec::new(),
+                });
+                Err(errs)
+            }
+        }
+    }
+
+    fn set_status(&self, s: ReloadStatus) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+}
+
+/// What the watcher compares between polls: names, sizes and modification times of the
+/// policy files, or the listing error.
+type Fingerprint = Result<Vec<(PathBuf, u64, Option<SystemTime>)>, String>;
+
+fn fingerprint(dir: &Path) -> Fingerprint {
+    let files = crate::policy_files(dir).map_err(|e| e.to_string())?;
+    Ok(files
+        .into_iter()
+        .map(|p| {
+            let meta = std::fs::metadata(&p).ok();
+            let len = meta.as_ref().map_or(0, |m| m.len());
+            let modified = meta.and_then(|m| m.modified().ok());
+            (p, len, modified)
+        })
+        .collect())
+}
+
+/// Polls the store's directory every `interval` and reloads when anything changed. Polling
+/// (rather than inotify) is simple and works the same on every filesystem and editor's way
+/// of saving. Runs until dropped: cancel-safe, as a reload is synchronous between awaits.
+pub async fn watch(store: Arc<PolicyStore>, interval: Duration) {
+    let dir = store.dir().to_path_buf();
+    let mut seen = fingerprint(&dir);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await; // the first tick is immediate
+    loop {
+        ticker.tick().await;
+        let now = fingerprint(&dir);
+        if now != seen {
+            seen = now;
+            // Errors are logged and recorded by reload itself.
+            let _ = store.reload();
+        }
+        store.current().maintain();
+    }
+}
+
+/// Stops the watcher task when dropped.
+#[derive(Debug)]
+pub struct WatcherGuard(tokio::task::JoinHandle<()>);
+
+impl Drop for WatcherGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Spawns [`watch`] on the current tokio runtime.
+pub fn spawn_watcher(store: Arc<PolicyStore>, interval: Duration) -> WatcherGuard {
+    WatcherGuard(tokio::spawn(watch(store, interval)))
+}

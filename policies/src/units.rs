@@ -1,0 +1,329 @@
+//! Small value syntaxes of the policy language: rates, sizes, hours, offsets, names, paths.
+//!
+//! Each parser returns a typed value or a message saying what was expected; the caller adds
+//! the position.
+
+use std::time::Duration;
+
+/// `N/s`, `N/min`, `N/h`: `count` events per `period`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub period: Duration,
+}
+
+impl Rate {
+    /// Events per second, for display and default bursts.
+    pub fn per_second(&self) -> f64 {
+        f64::from(self.count) / self.period.as_secs_f64()
+    }
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let unit = match self.period.as_secs() {
+            1 => "s",
+            60 => "min",
+            _ => "h",
+        };
+        write!(f, "{}/{}", self.count, unit)
+    }
+}
+
+pub fn parse_rate(s: &str) -> Result<Rate, String> {
+    let expected =
+        || format!("expected a rate such as \"50/s\", \"600/min\" or \"3/h\", found {s:?}");
+    let (n, unit) = s.split_once('/').ok_or_else(expected)?;
+    let count: u32 = n.trim().parse().map_err(|_| expected())?;
+    if count == 0 {
+        return Err(
+            "a rate of 0 would refuse everything; remove the app or its allow rule instead".into(),
+        );
+    }
+    let period = match unit.trim() {
+        "s" | "sec" => Duration::from_secs(1),
+        "min" | "m" => Duration::from_secs(60),
+        "h" | "hour" => Duration::from_secs(3600),
+        _ => return Err(expected()),
+    };
+    Ok(Rate { count, period })
+}
+
+/// `512KiB`, `10MiB`, `1GB`, `100B`: SI units are powers of 1000, IEC units (`KiB` ...) powers
+/// of 1024. A fraction is allowed (`1.5MiB`).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let expected = || {
+        format!("expected a size such as \"512KiB\", \"10MiB\" or \"1GB\" (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), found {s:?}")
+    };
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(expected)?;
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim() {
+        "B" => 1,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        _ => return Err(expected()),
+    };
+    let value = parse_decimal(num).ok_or_else(expected)?;
+    let bytes = value * mult as f64;
+    if bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!("size {s:?} is out of range (at least 1 byte)"));
+    }
+    Ok(bytes.round() as u64)
+}
+
+fn parse_decimal(num: &str) -> Option<f64> {
+    // Only plain decimals: f64::from_str would also accept "inf" and exponents.
+    if num.is_empty() || num.starts_with('.') || num.ends_with('.') || num.matches('.').count() > 1
+    {
+        return None;
+    }
+    num.parse().ok()
+}
+
+/// `20MiB/s`: bytes per second.
+pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
+    let size = s.trim().strip_suffix("/s").ok_or_else(|| {
+        format!("expected a bandwidth such as \"20MiB/s\" or \"1MB/s\", found {s:?}")
+    })?;
+    parse_size(size)
+}
+
+/// A daily window in minutes since midnight, `end` exclusive. `start > end` wraps midnight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hours {
+    pub start: u16,
+    pub end: u16,
+}
+
+pub fn parse_hours(s: &str) -> Result<Hours, String> {
+    let expected =
+        || format!("expected hours as \"HH:MM-HH:MM\" (e.g. \"07:00-21:00\"), found {s:?}");
+    let (a, b) = s.split_once('-').ok_or_else(expected)?;
+    let start = parse_hhmm(a.trim(), false).ok_or_else(expected)?;
+    let end = parse_hhmm(b.trim(), true).ok_or_else(expected)?;
+    if start == end || (start == 0 && end == 24 * 60) {
+        return Err(format!(
+            "hours {s:?} cover the whole day or nothing; leave `hours` out for all day"
+        ));
+    }
+    Ok(Hours { start, end })
+}
+
+fn parse_hhmm(s: &str, allow_24: bool) -> Option<u16> {
+    let (h, m) = s.split_once(':')?;
+    if h.len() != 2 || m.len() != 2 {
+        return None;
+    }
+    let h: u16 = h.parse().ok()?;
+    let m: u16 = m.parse().ok()?;
+    if m >= 60 || h > 24 || (h == 24 && (m != 0 || !allow_24)) {
+        return None;
+    }
+    Some(h * 60 + m)
+}
+
+/// `UTC`, `Z`, `+01:00`, `-05:30`: a fixed offset from UTC in seconds. Named zones with
+/// daylight-saving rules are deliberately not supported: a fixed offset is predictable.
+pub fn parse_tz(s: &str) -> Result<i32, String> {
+    let expected = || {
+        format!(
+            "expected a fixed UTC offset such as \"UTC\", \"+01:00\" or \"-05:30\", found {s:?}"
+        )
+    };
+    if s == "UTC" || s == "Z" {
+        return Ok(0);
+    }
+    let (sign, rest) = match s.as_bytes().first() {
+        Some(b'+') => (1, &s[1..]),
+        Some(b'-') => (-1, &s[1..]),
+        _ => return Err(expected()),
+    };
+    let minutes = parse_hhmm(rest, false).ok_or_else(expected)?;
+    if minutes > 18 * 60 {
+        return Err(format!("offset {s:?} is beyond ±18:00"));
+    }
+    Ok(sign * i32::from(minutes) * 60)
+}
+
+/// A device, service or role name: one DNS label in lowercase (it becomes part of DNS names).
+pub fn check_label(s: &str, what: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid {what} name {s:?}: expected a DNS label (lowercase letters, digits and '-', 1 to 63 characters, not starting or ending with '-')"
+        ))
+    }
+}
+
+/// An HTTP host name; returned lowercase without a trailing dot.
+pub fn parse_host(s: &str) -> Result<String, String> {
+    let h = s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase();
+    let ok = !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        });
+    if ok {
+        Ok(h)
+    } else {
+        Err(format!(
+            "invalid host {s:?}: expected a DNS name such as \"alice.example\" (no scheme, port or path)"
+        ))
+    }
+}
+
+/// A URL path prefix: starts with '/', no query or fragment. A trailing '/' is dropped
+/// (except for "/") so that "/dfs" and "/dfs/" name the same prefix.
+pub fn parse_path_prefix(s: &str) -> Result<String, String> {
+    if !s.starts_with('/') || s.contains(['?', '#']) || s.contains(char::is_whitespace) {
+        return Err(format!(
+            "invalid path {s:?}: expected a path prefix starting with '/' without '?', '#' or spaces"
+        ));
+    }
+    let trimmed = s.trim_end_matches('/');
+    Ok(if trimmed.is_empty() {
+        "/".to_string()
+    } else {
+        trimmed.to_string()
+    })
+}
+
+/// Does `path` fall under `prefix` (as made by [`parse_path_prefix`])? Matches whole path
+/// segments only: "/dfs" covers "/dfs" and "/dfs/x" but not "/dfsx".
+pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// An HTTP method token. Methods are case-sensitive in HTTP, so "get" is refused rather than
+/// silently never matching.
+pub fn check_method(s: &str) -> Result<(), String> {
+    if !s.is_empty() && s.len() <= 32 && s.bytes().all(|b| b.is_ascii_uppercase() || b == b'-') {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid method {s:?}: expected an uppercase HTTP method such as \"GET\" or \"POST\""
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates() {
+        assert_eq!(
+            parse_rate("50/s").unwrap(),
+            Rate {
+                count: 50,
+                period: Duration::from_secs(1)
+            }
+        );
+        assert_eq!(
+            parse_rate("600/min").unwrap().period,
+            Duration::from_secs(60)
+        );
+        assert_eq!(parse_rate("3/h").unwrap().period, Duration::from_secs(3600));
+        assert!((parse_rate("600/min").unwrap().per_second() - 10.0).abs() < 1e-9);
+        for bad in ["50", "50/d", "/s", "-1/s", "0/s", "1.5/s"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sizes_distinguish_si_and_iec() {
+        assert_eq!(parse_size("512KiB").unwrap(), 512 * 1024);
+        assert_eq!(parse_size("1GB").unwrap(), 1_000_000_000);
+        assert_eq!(parse_size("10MiB").unwrap(), 10 * 1024 * 1024);
+        assert_eq!(parse_size("1.5MiB").unwrap(), 1_572_864);
+        assert_eq!(parse_size("100B").unwrap(), 100);
+        for bad in [
+            "", "10", "10mb", "MiB", "1e3B", "inf B", "0B", "1.B", "10 XB",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_bandwidth("20MiB/s").unwrap(), 20 * 1024 * 1024);
+        assert!(parse_bandwidth("20MiB").is_err());
+    }
+
+    #[test]
+    fn hours_and_offsets() {
+        assert_eq!(
+            parse_hours("07:00-21:00").unwrap(),
+            Hours {
+                start: 420,
+                end: 1260
+            }
+        );
+        assert_eq!(
+            parse_hours("22:00-02:30").unwrap(),
+            Hours {
+                start: 1320,
+                end: 150
+            }
+        );
+        assert_eq!(parse_hours("18:00-24:00").unwrap().end, 1440);
+        for bad in [
+            "7:00-21:00",
+            "07:00",
+            "07:60-08:00",
+            "24:00-01:00",
+            "08:00-08:00",
+            "00:00-24:00",
+        ] {
+            assert!(parse_hours(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_tz("UTC").unwrap(), 0);
+        assert_eq!(parse_tz("+01:00").unwrap(), 3600);
+        assert_eq!(parse_tz("-05:30").unwrap(), -19800);
+        for bad in ["Europe/Paris", "+1", "+19:00", "01:00"] {
+            assert!(parse_tz(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn names_hosts_paths() {
+        assert!(check_label("home1", "device").is_ok());
+        for bad in ["", "Home1", "-a", "a-", "a.b", "a_b"] {
+            assert!(check_label(bad, "device").is_err(), "{bad}");
+        }
+        assert_eq!(parse_host("Alice.Example.").unwrap(), "alice.example");
+        assert!(parse_host("http://x").is_err());
+        assert!(parse_host("x:80").is_err());
+        assert_eq!(parse_path_prefix("/dfs/").unwrap(), "/dfs");
+        assert_eq!(parse_path_prefix("/").unwrap(), "/");
+        assert!(parse_path_prefix("dfs").is_err());
+        assert!(path_has_prefix("/dfs/a", "/dfs"));
+        assert!(path_has_prefix("/dfs", "/dfs"));
+        assert!(!path_has_prefix("/dfsx", "/dfs"));
+        assert!(path_has_prefix("/anything", "/"));
+        assert!(check_method("GET").is_ok());
+        assert!(check_method("get").is_err());
+    }
+}

@@ -1,0 +1,485 @@
+//! Evaluation, limiters and reload through the public API, with injected time.
+
+use policies::{
+    check_dir, check_sources, check_str, Decision, DenyReason, LimitKey, ListenKind, PolicyStore,
+    Requester, Timestamp,
+};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn ts(s: &str) -> Timestamp {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .expect("time")
+        .into()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
+}
+
+// A Friday afternoon in +01:00.
+const FRI_1600: &str = "2024-06-07T15:00:00Z";
+
+#[test]
+fn examples_load() {
+    let files = policies::policy_files(&examples()).expect("list");
+    assert_eq!(files.len(), 4, "{files:?}");
+    let p = check_dir(&examples()).unwrap_or_else(|e| panic!("{e:?}"));
+    let names: Vec<&str> = p.apps().iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "dfs",
+            "dfs-rw",
+            "etcd-peers",
+            "etcd-clients",
+            "games",
+            "ssh"
+        ]
+    );
+}
+
+#[test]
+fn http_routing_longest_prefix_and_host_normalization() {
+    let p = check_dir(&examples()).expect("examples");
+    let name = |h: &str, path: &str| p.route_http(h, path).map(|a| a.name.as_str());
+    assert_eq!(name("alice.example", "/dfs/x"), Some("dfs"));
+    assert_eq!(
+        name("ALICE.example:443", "/dfs/rw/file?x=1"),
+        Some("dfs-rw")
+    );
+    assert_eq!(name("alice.example.", "/dfs"), Some("dfs"));
+    assert_eq!(name("alice.example", "/dfsx"), None);
+    assert_eq!(name("bob.example", "/dfs"), None);
+}
+
+#[test]
+fn http_decisions_and_reasons() {
+    let p = check_dir(&examples()).expect("examples");
+    let now = ts(FRI_1600);
+    let public = Requester::Public {
+        ip: ip("198.51.100.7"),
+    };
+    let dfs = p.route_http("alice.example", "/dfs/a").expect("dfs");
+    assert_eq!(
+        p.decide(dfs, &public, Some("GET"), Some("/dfs/a"), now),
+        Decision::Allow { rule: 0 }
+    );
+    let d = p.decide(dfs, &public, Some("POST"), Some("/dfs/a"), now);
+    assert_eq!(
+        d,
+        Decision::Deny {
+            reason: DenyReason::Method
+        }
+    );
+    assert_eq!(d.to_string(), "denied: the method is not allowed");
+    let rw = p.app("dfs-rw").expect("rw");
+    assert_eq!(
+        p.decide(rw, &public, Some("PUT"), Some("/dfs/rw"), now),
+        Decision::Deny {
+            reason: DenyReason::NotInFrom
+        }
+    );
+    let laptop = Requester::Device {
+        name: "laptop",
+        roles: &["node"],
+        ip: None,
+    };
+    assert!(p
+        .decide(rw, &laptop, Some("PUT"), Some("/dfs/rw"), now)
+        .is_allow());
+}
+
+#[test]
+fn tcp_listen_lookup_and_cidrs() {
+    let p = check_dir(&examples()).expect("examples");
+    let addr: SocketAddr = "192.0.2.1:2222".parse().expect("addr");
+    let ssh = p
+        .app_by_listen(ListenKind::Tcp, addr)
+        .expect("wildcard owns the port");
+    assert_eq!(ssh.name, "ssh");
+    assert!(p.app_by_listen(ListenKind::Udp, addr).is_none());
+    let now = ts(FRI_1600);
+    let office = Requester::Public {
+        ip: ip("203.0.113.9"),
+    };
+    let office6 = Requester::Public {
+        ip: ip("2001:db8:42::1"),
+    };
+    let other = Requester::Public {
+        ip: ip("198.51.100.7"),
+    };
+    assert!(p.decide(ssh, &office, None, None, now).is_allow());
+    assert!(p.decide(ssh, &office6, None, None, now).is_allow());
+    assert_eq!(
+        p.decide(ssh, &other, None, None, now),
+        Decision::Deny {
+            reason: DenyReason::NotInFrom
+        }
+    );
+}
+
+#[test]
+fn kids_tablet_time_window() {
+    let p = check_dir(&examples()).expect("examples");
+    let check = |when: &str| {
+        p.decide_mesh("kids-tablet", &[], "home1", "game-server", ts(when))
+            .decision
+    };
+    // 15:00-19:00 at +01:00 on weekdays = 14:00-18:00 UTC.
+    assert!(
+        check("2024-06-07T14:00:00Z").is_allow(),
+        "friday 15:00 local"
+    );
+    assert!(
+        check("2024-06-07T17:59:00Z").is_allow(),
+        "friday 18:59 local"
+    );
+    assert_eq!(
+        check("2024-06-07T18:00:00Z"),
+        Decision::Deny {
+            reason: DenyReason::OutsideHours
+        }
+    );
+    assert_eq!(
+        check("2024-06-07T08:00:00Z"),
+        Decision::Deny {
+            reason: DenyReason::OutsideHours
+        }
+    );
+    assert_eq!(
+        check("2024-06-08T09:30:00Z"),
+        Decision::Allow { rule: 1 },
+        "saturday 10:30 local"
+    );
+    let parents = p.decide_mesh(
+        "parents-laptop",
+        &[],
+        "home1",
+        "game-server",
+        ts("2024-06-07T02:00:00Z"),
+    );
+    assert_eq!(parents.decision, Decision::Allow { rule: 2 });
+    let explained = p.explain_mesh(
+        "kids-tablet",
+        &[],
+        "home1",
+        "game-server",
+        ts("2024-06-07T20:00:00Z"),
+    );
+    assert!(
+        explained.contains("rule 1: from [device:kids-tablet], hours 15:00-19:00"),
+        "{explained}"
+    );
+    assert!(
+        explained.contains("outside the allowed hours"),
+        "{explained}"
+    );
+    assert!(
+        explained.contains("overall: DENY (app `games`)"),
+        "{explained}"
+    );
+}
+
+#[test]
+fn mesh_roles_and_default_deny() {
+    let p = check_dir(&examples()).expect("examples");
+    let now = ts(FRI_1600);
+    assert!(p
+        .decide_mesh("gw1", &["gateway"], "home2", "etcd-peer", now)
+        .decision
+        .is_allow());
+    let d = p.decide_mesh("laptop", &["node"], "home2", "etcd-peer", now);
+    assert_eq!(
+        d.decision,
+        Decision::Deny {
+            reason: DenyReason::NotInFrom
+        }
+    );
+    assert_eq!(d.app.map(|a| a.name.as_str()), Some("etcd-peers"));
+    let none = p.decide_mesh("home1", &[], "home2", "secret", now);
+    assert_eq!(
+        (none.app.is_none(), none.decision),
+        (
+            true,
+            Decision::Deny {
+                reason: DenyReason::NoMeshApp
+            }
+        )
+    );
+    let q = check_str(Path::new("q.toml"), "[app.b]\nmesh = true\nto = \"h/b\"\n").expect("valid");
+    assert_eq!(
+        q.decide_mesh("home1", &[], "h", "b", now).decision,
+        Decision::Deny {
+            reason: DenyReason::NoAllowRule
+        }
+    );
+}
+
+#[test]
+fn explain_http_names_app_and_rule() {
+    let p = check_dir(&examples()).expect("examples");
+    let who = Requester::Public {
+        ip: ip("198.51.100.7"),
+    };
+    let text = p.explain_http(
+        &who,
+        "alice.example",
+        Some("DELETE"),
+        "/dfs/a",
+        ts(FRI_1600),
+    );
+    assert!(text.contains("app `dfs`"), "{text}");
+    assert!(text.contains("rule 1: from [public], methods [GET, HEAD] -> does not match: the method is not allowed"), "{text}");
+    assert!(text.contains("result: DENY"), "{text}");
+    let none = p.explain_http(&who, "nobody.example", None, "/", ts(FRI_1600));
+    assert!(none.contains("no http app serves this host"), "{none}");
+}
+
+#[test]
+fn every_error_of_every_file_and_duplicates_across_files() {
+    let a = (PathBuf::from("a.toml"), "[app.x]\nmesh = true\nto = \"d/s\"\n[app.y]\nhttp = { host = \"bad host\" }\nto = \"d/s\"\n".to_string());
+    let b = (
+        PathBuf::from("b.toml"),
+        "[app.x]\nmesh = true\nto = \"d/t\"\n[app.z]\ntcp = { listen = \"nope\" }\nto = \"D/s\"\n"
+            .to_string(),
+    );
+    let errs: Vec<String> = check_sources(&[a, b])
+        .expect_err("invalid")
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(errs.len(), 4, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("a.toml:5:17: app `y`: invalid host"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[1].starts_with("b.toml:1:6: duplicate app `x`: already defined at a.toml:1:6"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[2].starts_with("b.toml:5:18: app `z`: invalid listen address"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[3].starts_with("b.toml:6:6: app `z`: invalid device name \"D\""),
+        "{errs:#?}"
+    );
+}
+
+fn rate_policy(rate: &str, extra: &str) -> policies::CompiledPolicy {
+    let src = format!("[app.a]\nhttp = {{ host = \"a.example\" }}\nto = \"d/s\"\nallow = {{ from = [\"public\"] }}\nlimits = {{ rate = \"{rate}\"{extra} }}\n");
+    check_str(Path::new("r.toml"), &src).expect("valid")
+}
+
+#[tokio::test(start_paused = true)]
+async fn rate_limit_with_paused_clock() {
+    let p = rate_policy("5/s", "");
+    let limits = policies::AppLimits::new(&p.apps()[0].limits);
+    let a = Requester::Public {
+        ip: ip("198.51.100.1"),
+    };
+    let b = Requester::Public {
+        ip: ip("198.51.100.2"),
+    };
+    for i in 0..5 {
+        assert!(limits.check_rate(&a).is_ok(), "request {i} within burst");
+    }
+    let retry = limits.check_rate(&a).expect_err("6th refused").0;
+    assert!(
+        retry > Duration::from_millis(150) && retry <= Duration::from_millis(200),
+        "{retry:?}"
+    );
+    assert!(
+        limits.check_rate(&b).is_ok(),
+        "other clients are not affected"
+    );
+    tokio::time::advance(Duration::from_millis(200)).await;
+    assert!(limits.check_rate(&a).is_ok(), "one more after 1/5 s");
+    assert!(limits.check_rate(&a).is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn ipv6_clients_share_their_64() {
+    let p = rate_policy("1/min", ", burst = 1");
+    let limits = policies::AppLimits::new(&p.apps()[0].limits);
+    assert!(limits
+        .check_rate(&Requester::Public {
+            ip: ip("2001:db8:1:2::1")
+        })
+        .is_ok());
+    assert!(limits
+        .check_rate(&Requester::Public {
+            ip: ip("2001:db8:1:2::ffff")
+        })
+        .is_err());
+    assert!(limits
+        .check_rate(&Requester::Public {
+            ip: ip("2001:db8:1:3::1")
+        })
+        .is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn limiter_memory_bounded_under_100k_clients() {
+    let p = rate_policy("50/s", "");
+    let cfg = p.apps()[0].limits.rate.expect("rate");
+    let limiter = policies::limits::RateLimiter::with_max_keys(cfg, 10_000);
+    let mut refused = 0;
+    for i in 0..100_000u32 {
+        let addr = IpAddr::V4((0x0a00_0000 + i).into());
+        if limiter.check(LimitKey::client_ip(addr)).is_err() {
+            refused += 1;
+        }
+    }
+    assert!(limiter.len() <= 10_000, "len {}", limiter.len());
+    // Past the cap new clients share one overflow bucket of burst 50.
+    assert!(refused >= 100_000 - 10_000 - 50, "refused {refused}");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    limiter.maintain();
+    assert_eq!(limiter.len(), 0, "recovered keys are forgotten");
+    assert!(limiter.check(LimitKey::client_ip(ip("10.9.9.9"))).is_ok());
+}
+
+#[test]
+fn connection_limits_release_on_drop() {
+    let p = rate_policy(
+        "5/s",
+        ", max_connections = 3, max_connections_per_client = 2",
+    );
+    let limits = policies::AppLimits::new(&p.apps()[0].limits);
+    let a = Requester::Public {
+        ip: ip("198.51.100.1"),
+    };
+    let b = Requester::Public {
+        ip: ip("198.51.100.2"),
+    };
+    let g1 = limits.connect(&a).expect("1");
+    let _g2 = limits.connect(&a).expect("2");
+    assert_eq!(
+        limits.connect(&a).expect_err("per client").to_string(),
+        "the client has reached max_connections_per_client"
+    );
+    let _g3 = limits.connect(&b).expect("3");
+    assert!(matches!(
+        limits.connect(&b),
+        Err(policies::limits::ConnLimitExceeded::App)
+    ));
+    assert_eq!(limits.connections.open(), 3);
+    drop(g1);
+    assert_eq!(limits.connections.open(), 2);
+    let _g4 = limits.connect(&b).expect("slot freed");
+    assert_eq!(limits.connections.tracked_clients(), 2);
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).expect("write");
+}
+
+const APP_A: &str = "[app.a]\nhttp = { host = \"a.example\" }\nto = \"d/s\"\nallow = { from = [\"public\"] }\nlimits = { rate = \"1/min\", burst = 1 }\n";
+
+#[tokio::test(start_paused = true)]
+async fn reload_keeps_old_policy_on_error_and_state_across_reloads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "a.toml", APP_A);
+    let store = PolicyStore::load(dir.path()).expect("load");
+    let who = Requester::Public {
+        ip: ip("198.51.100.1"),
+    };
+    {
+        let cur = store.current();
+        let app = cur.policy.app("a").expect("a");
+        cur.state(app).counters.request();
+        assert!(cur.state(app).limits.check_rate(&who).is_ok());
+    }
+    write(dir.path(), "b.toml", "[app.b]\nmesh = true\nto = \"d/t\"\n");
+    let changes = store.reload().expect("reload");
+    assert_eq!(changes, vec![policies::Change::Added("b".into())]);
+    let cur = store.current();
+    let app = cur.policy.app("a").expect("a survives");
+    assert_eq!(
+        cur.state(app).counters.snapshot().requests,
+        1,
+        "counters kept"
+    );
+    assert!(
+        cur.state(app).limits.check_rate(&who).is_err(),
+        "limiter state kept"
+    );
+
+    write(
+        dir.path(),
+        "b.toml",
+        "[app.b]\nmesh = true\nto = \"d/t\"\nbroken = \n",
+    );
+    let errs = store.reload().expect_err("broken");
+    assert!(errs[0].to_string().contains("b.toml:4:"), "{errs:?}");
+    let status = store.last_reload();
+    assert!(
+        !status.ok && status.errors.len() == errs.len() && status.apps == 2,
+        "{status:?}"
+    );
+    assert!(
+        store.current().policy.app("b").is_some(),
+        "old policy still serving"
+    );
+    let json = serde_json::to_string(&status).expect("json");
+    assert!(json.contains("\"ok\":false"), "{json}");
+
+    std::fs::remove_file(dir.path().join("b.toml")).expect("rm");
+    assert_eq!(
+        store.reload().expect("ok"),
+        vec![policies::Change::Removed("b".into())]
+    );
+    assert!(store.last_reload().ok);
+}
+
+#[tokio::test(start_paused = true)]
+async fn watcher_picks_up_changes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "a.toml", APP_A);
+    let store = Arc::new(PolicyStore::load(dir.path()).expect("load"));
+    let _guard = policies::spawn_watcher(store.clone(), Duration::from_millis(100));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    write(dir.path(), "b.toml", "[app.b]\nmesh = true\nto = \"d/t\"\n");
+    // Wait on the observable result, polling in paused time: bounded, no wall-clock sleep.
+    let mut seen = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if store.current().policy.app("b").is_some() {
+            seen = true;
+            break;
+        }
+    }
+    assert!(seen, "watcher did not reload: {:?}", store.last_reload());
+    assert_eq!(store.last_reload().changes, vec!["+b".to_string()]);
+}
+
+proptest::proptest! {
+    /// Policy text is user input: any string is an Ok or a list of positioned errors, never a
+    /// panic.
+    #[test]
+    fn arbitrary_text_never_panics(s in "(\\[app\\.[a-z]{1,3}\\]\n|[a-z_]{1,8} = |\"[^\"\n]{0,12}\"|\\{|\\}|\\[|\\]|, |\n|[0-9:/.-]{1,6}){0,30}") {
+        if let Err(errs) = check_str(Path::new("p.toml"), &s) {
+            proptest::prop_assert!(!errs.is_empty());
+        }
+    }
+
+    #[test]
+    fn value_parsers_never_panic(s in "\\PC{0,16}") {
+        let _ = policies::units::parse_rate(&s);
+        let _ = policies::units::parse_size(&s);
+        let _ = policies::units::parse_hours(&s);
+        let _ = policies::units::parse_tz(&s);
+        let _ = policies::units::parse_host(&s);
+        let p = check_dir(&examples()).expect("examples");
+        let _ = p.route_http(&s, &s);
+    }
+}
