@@ -4,3 +4,5 @@
 
 mod cli;
 mod common;
+mod netlab;
+mod netlab_smoke;
