@@ -26,6 +26,75 @@ pub enum Command {
     /// Add, list, revoke and renew devices of a zone
     #[command(subcommand)]
     Device(DeviceCmd),
+    /// Run the public gateway (on the VPS)
+    Gateway(GatewayArgs),
+    /// Run the node agent (on a device, usually behind NAT)
+    Node(NodeArgs),
+    /// Check and explain traffic policy files
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+}
+
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// gateway.toml from the device bundle
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Policy directory (overrides `policies` in the config)
+    #[arg(long, value_name = "DIR")]
+    pub policies: Option<PathBuf>,
+    /// A service this device offers: NAME=HOST:PORT[/udp] (repeatable)
+    #[arg(long = "service", value_name = "NAME=HOST:PORT")]
+    pub services: Vec<String>,
+    /// A local port into the mesh: LISTEN=DEVICE/SERVICE (repeatable)
+    #[arg(long = "forward", value_name = "LISTEN=DEVICE/SERVICE")]
+    pub forwards: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// node.toml from the device bundle
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// A service this device offers: NAME=HOST:PORT[/udp] (repeatable)
+    #[arg(long = "service", value_name = "NAME=HOST:PORT")]
+    pub services: Vec<String>,
+    /// A local port into the mesh: LISTEN=DEVICE/SERVICE (repeatable)
+    #[arg(long = "forward", value_name = "LISTEN=DEVICE/SERVICE")]
+    pub forwards: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCmd {
+    /// Print every error of every policy file (file:line:column); exit 1 if any
+    Check {
+        /// The policy directory
+        dir: PathBuf,
+    },
+    /// Say which app and rule decide a request, and why
+    Explain {
+        /// The policy directory
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Who asks: an IP address (public client) or device:NAME
+        #[arg(long)]
+        from: String,
+        /// Roles of the asking device (with --from device:NAME)
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        /// HTTP host
+        #[arg(long, requires = "path")]
+        host: Option<String>,
+        /// HTTP path
+        #[arg(long)]
+        path: Option<String>,
+        /// HTTP method
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// Mesh target DEVICE/SERVICE (instead of --host/--path)
+        #[arg(long, conflicts_with_all = ["host", "path"])]
+        to: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -3,6 +3,8 @@
 use crate::cli::{Cli, Command};
 
 pub mod device;
+pub mod policy;
+pub mod serve;
 pub mod zone;
 
 /// Exit code of a command line that was wrong (as clap uses for unknown flags).
@@ -19,6 +21,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Zone(c) => zone::run(c),
         Command::Device(c) => device::run(c),
+        Command::Gateway(a) => serve::gateway(a),
+        Command::Node(a) => serve::node(a),
+        Command::Policy(c) => policy::run(c),
     }
 }
 

@@ -1,1 +1,29 @@
 //! Wire protocol (sans-IO `proto`), QUIC transport, node agent, gateway hub, relay and mesh.
+//!
+//! # Layout
+//! - [`proto`]: the wire protocol without I/O: stream headers, control messages, datagrams,
+//!   the control session state machine.
+//! - [`creds`]: a device's bundle loaded and cross-checked; the newest verified zone config.
+//! - [`tls`], [`transport`]: rustls (mutual TLS, ALPN `zonegate/1`) and quinn endpoints.
+//! - [`control`]: I/O around the control session.
+//! - [`stream`], [`splice`], [`upstream`]: one proxied connection per QUIC stream.
+//! - [`hub`]: the gateway side (agents table, streams to devices, mesh relay, UDP flows, drain).
+//! - [`agent`]: the node side (dial, reconnect, serve services, forwards).
+//! - [`services`]: the services a device offers; [`status`]: `/status` snapshots.
+
+pub mod agent;
+pub mod backoff;
+pub mod control;
+pub mod creds;
+pub mod error;
+pub mod hub;
+pub mod proto;
+pub mod services;
+pub mod splice;
+pub mod status;
+pub mod stream;
+pub mod tls;
+pub mod transport;
+pub mod upstream;
+
+pub use error::{OpenError, TunnelError};

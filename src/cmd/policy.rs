@@ -1,0 +1,90 @@
+//! `zonegate policy check|explain`: the policy files as the gateway will read them.
+
+use std::net::IpAddr;
+
+use policies::{Requester, Timestamp};
+
+use super::UsageError;
+use crate::cli::PolicyCmd;
+
+/// Failure of `policy check`: the errors were printed; exit 1.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} error(s) in policy files; the gateway would refuse this policy (and keep the old one while running)")]
+pub struct PolicyErrors(pub usize);
+
+pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
+    match cmd {
+        PolicyCmd::Check { dir } => {
+            if !dir.is_dir() {
+                return Err(UsageError(format!("{}: not a directory", dir.display())).into());
+            }
+            match policies::check_dir(&dir) {
+                Ok(p) => {
+                    println!("ok: {} files, {} apps", p.files().len(), p.apps().len());
+                    for a in p.apps() {
+                        println!("  {:<20} {}", a.name, a.summary());
+                    }
+                    Ok(())
+                }
+                Err(errs) => {
+                    for e in &errs {
+                        println!("{e}");
+                    }
+                    Err(PolicyErrors(errs.len()).into())
+                }
+            }
+        }
+        PolicyCmd::Explain {
+            dir,
+            from,
+            roles,
+            host,
+            path,
+            method,
+            to,
+        } => {
+            let policy = policies::check_dir(&dir).map_err(|errs| {
+                let list: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+                anyhow::anyhow!(
+                    "policy has errors (run `zonegate policy check`):\n  {}",
+                    list.join("\n  ")
+                )
+            })?;
+            let role_refs: Vec<&str> = roles.iter().map(String::as_str).collect();
+            let now = Timestamp::now();
+            if let Some(to) = to {
+                let name = from
+                    .strip_prefix("device:")
+                    .ok_or_else(|| UsageError("--to (mesh) needs --from device:NAME".into()))?;
+                let (d, s) = to
+                    .split_once('/')
+                    .ok_or_else(|| UsageError("--to must be DEVICE/SERVICE".into()))?;
+                println!("{}", policy.explain_mesh(name, &role_refs, d, s, now));
+                return Ok(());
+            }
+            let (Some(host), Some(path)) = (host, path) else {
+                return Err(UsageError(
+                    "give --host and --path (HTTP) or --to DEVICE/SERVICE (mesh)".into(),
+                )
+                .into());
+            };
+            let who = match from.strip_prefix("device:") {
+                Some(name) => Requester::Device {
+                    name,
+                    roles: &role_refs,
+                    ip: None,
+                },
+                None => Requester::Public {
+                    ip: from.parse::<IpAddr>().map_err(|_| {
+                        UsageError(format!("--from {from:?}: an IP address or device:NAME"))
+                    })?,
+                },
+            };
+            println!(
+                "{}",
+                policy.explain_http(&who, &host, Some(&method), &path, now)
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! `zonegate gateway` and `zonegate node`: load and check everything, bind every socket, then
+//! serve until SIGTERM/Ctrl-C (the gateway drains first).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use tunnel::creds::DeviceCreds;
+
+use super::UsageError;
+use crate::cli::{GatewayArgs, NodeArgs};
+use crate::config::{self, GatewayFile, NodeFile};
+
+/// Default grace period of a drain.
+const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+async fn on_signal(token: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => info!("interrupt: shutting down"),
+    }
+    token.cancel();
+}
+
+pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
+    let mut f: GatewayFile = config::read(&a.config)?;
+    for s in &a.services {
+        let (n, e) = config::parse_service_flag(s)?;
+        f.services.insert(n, e);
+    }
+    for s in &a.forwards {
+        f.forward.push(config::parse_forward_flag(s)?);
+    }
+    let services = Arc::new(config::services(&f.services)?);
+    let forwards = config::forwards(&f.forward, &f.device)?;
+    let tuning = config::tuning(&f.tunnel)?;
+    let creds = DeviceCreds::load(
+        &config::bundle(&a.config, &f.key, &f.cert, &f.ca, &f.zone_config),
+        Some(&f.device),
+    )?;
+    if !creds.identity.has_role(zone_core::Role::Gateway) {
+        return Err(UsageError(format!(
+            "{} is not a gateway device (its certificate has roles {:?}); use `zonegate node`",
+            f.device,
+            creds.roles()
+        ))
+        .into());
+    }
+    let dir = a
+        .policies
+        .clone()
+        .unwrap_or_else(|| config::resolve(&a.config, &f.policies));
+    if !dir.is_dir() {
+        return Err(UsageError(format!("policy directory {} does not exist: create it (it may be empty) or pass --policies DIR", dir.display())).into());
+    }
+    let policy = policies::PolicyStore::load(&dir).map_err(|errs| {
+        let list: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        UsageError(format!(
+            "policy refused ({} errors):\n  {}",
+            list.len(),
+            list.join("\n  ")
+        ))
+    })?;
+    let opts = gateway::GatewayOptions {
+        creds,
+        policy: Arc::new(policy),
+        services,
+        forwards,
+        listen: f.listen,
+        admin: f.admin.unwrap_or_else(|| {
+            zone_core::zonedir::GATEWAY_ADMIN_DEFAULT
+                .parse()
+                .expect("valid default")
+        }),
+        tuning,
+        grace: f
+            .grace_secs
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_GRACE),
+    };
+    runtime()?.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let gw = gateway::Gateway::bind(opts, shutdown.clone()).await?;
+        tokio::spawn(on_signal(shutdown.clone()));
+        gw.run().await;
+        Ok(())
+    })
+}
+
+pub fn node(a: NodeArgs) -> anyhow::Result<()> {
+    let mut f: NodeFile = config::read(&a.config)?;
+    for s in &a.services {
+        let (n, e) = config::parse_service_flag(s)?;
+        f.services.insert(n, e);
+    }
+    for s in &a.forwards {
+        f.forward.push(config::parse_forward_flag(s)?);
+    }
+    let services = Arc::new(config::services(&f.services)?);
+    let forwards = config::forwards(&f.forward, &f.device)?;
+    let tuning = config::tuning(&f.tunnel)?;
+    let creds = DeviceCreds::load(
+        &config::bundle(&a.config, &f.key, &f.cert, &f.ca, &f.zone_config),
+        Some(&f.device),
+    )?;
+    let admin_addr = f.admin.unwrap_or_else(|| {
+        zone_core::zonedir::NODE_ADMIN_DEFAULT
+            .parse()
+            .expect("valid default")
+    });
+    runtime()?.block_on(async move {
+        let endpoint = tunnel::transport::client_endpoint(
+            "0.0.0.0:0".parse().expect("valid"),
+            &creds,
+            &tuning,
+        )?;
+        let agent = tunnel::agent::Agent::bind(
+            tunnel::agent::AgentConfig {
+                creds: creds.clone(),
+                services,
+                forwards,
+                gateways: Vec::new(),
+                tuning,
+            },
+            endpoint,
+        )
+        .await?;
+        let admin = gateway::admin::bind(admin_addr)
+            .await
+            .with_context(|| format!("admin API: cannot listen on {admin_addr}"))?;
+        let shutdown = CancellationToken::new();
+        let a2 = agent.clone();
+        let c2 = creds.clone();
+        let status: gateway::admin::StatusFn = Arc::new(move || {
+            serde_json::json!({
+                "device": c2.name(),
+                "zone": c2.domain().to_string(),
+                "zone_serial": c2.zone_serial(),
+                "gateways": a2.links().iter().map(|l| l.status()).collect::<Vec<_>>(),
+            })
+        });
+        tokio::spawn(gateway::admin::serve(admin, status, shutdown.clone()));
+        tokio::spawn(on_signal(shutdown.clone()));
+        agent.run(shutdown).await;
+        Ok(())
+    })
+}

@@ -1,0 +1,224 @@
+//! The files `zonegate node --config` and `zonegate gateway --config` read (as written by
+//! `zonegate device add`), and the `--service`/`--forward` flags that add to them.
+//! Unknown keys are errors; relative paths are relative to the config file.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tunnel::agent::Forward;
+use tunnel::creds::BundlePaths;
+use tunnel::proto::ServiceProto;
+use tunnel::services::{LocalService, LocalServices};
+use tunnel::transport::Tuning;
+use zone_core::DeviceName;
+
+use crate::cmd::UsageError;
+
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceEntry {
+    pub local: SocketAddr,
+    #[serde(default)]
+    pub proto: Proto,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardEntry {
+    pub listen: SocketAddr,
+    pub to: String,
+}
+
+/// Optional transport timing (milliseconds); defaults suit home NATs.
+#[derive(Debug, Clone, Copy, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelSection {
+    pub keepalive_ms: Option<u64>,
+    pub idle_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFile {
+    pub device: DeviceName,
+    pub domain: zone_core::Domain,
+    pub key: PathBuf,
+    pub cert: PathBuf,
+    pub ca: PathBuf,
+    pub zone_config: PathBuf,
+    pub admin: Option<SocketAddr>,
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceEntry>,
+    #[serde(default)]
+    pub forward: Vec<ForwardEntry>,
+    #[serde(default)]
+    pub tunnel: TunnelSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayFile {
+    pub device: DeviceName,
+    pub domain: zone_core::Domain,
+    pub key: PathBuf,
+    pub cert: PathBuf,
+    pub ca: PathBuf,
+    pub zone_config: PathBuf,
+    pub listen: SocketAddr,
+    pub policies: PathBuf,
+    pub admin: Option<SocketAddr>,
+    /// Seconds a drain waits for proxied connections on shutdown.
+    pub grace_secs: Option<u64>,
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceEntry>,
+    #[serde(default)]
+    pub forward: Vec<ForwardEntry>,
+    #[serde(default)]
+    pub tunnel: TunnelSection,
+}
+
+/// Reads and parses a TOML config file; errors name the file, line and column.
+pub fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, UsageError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| UsageError(format!("{}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| {
+        let pos = e.span().map(|s| {
+            let before = &text[..s.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+            format!("{line}:{col}: ")
+        });
+        UsageError(format!(
+            "{}:{}{}",
+            path.display(),
+            pos.unwrap_or_default(),
+            e.message()
+        ))
+    })
+}
+
+pub fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        base.parent().unwrap_or(Path::new(".")).join(p)
+    }
+}
+
+pub fn bundle(base: &Path, key: &Path, cert: &Path, ca: &Path, zone: &Path) -> BundlePaths {
+    BundlePaths {
+        key: resolve(base, key),
+        cert: resolve(base, cert),
+        ca: resolve(base, ca),
+        zone_config: resolve(base, zone),
+    }
+}
+
+fn check_name(what: &str, s: &str) -> Result<(), UsageError> {
+    tunnel::proto::validate_name("name", s).map_err(|e| UsageError(format!("{what} {s:?}: {e}")))
+}
+
+/// `NAME=HOST:PORT` or `NAME=HOST:PORT/udp`.
+pub fn parse_service_flag(s: &str) -> Result<(String, ServiceEntry), UsageError> {
+    let bad = || {
+        UsageError(format!(
+            "--service {s:?}: expected NAME=HOST:PORT or NAME=HOST:PORT/udp"
+        ))
+    };
+    let (name, rest) = s.split_once('=').ok_or_else(bad)?;
+    let (addr, proto) = match rest.strip_suffix("/udp") {
+        Some(a) => (a, Proto::Udp),
+        None => (rest.strip_suffix("/tcp").unwrap_or(rest), Proto::Tcp),
+    };
+    check_name("service", name)?;
+    Ok((
+        name.to_owned(),
+        ServiceEntry {
+            local: addr.parse().map_err(|_| bad())?,
+            proto,
+        },
+    ))
+}
+
+/// `LISTEN=DEVICE/SERVICE`.
+pub fn parse_forward_flag(s: &str) -> Result<ForwardEntry, UsageError> {
+    let bad = || {
+        UsageError(format!(
+            "--forward {s:?}: expected LISTEN_IP:PORT=DEVICE/SERVICE"
+        ))
+    };
+    let (listen, to) = s.split_once('=').ok_or_else(bad)?;
+    Ok(ForwardEntry {
+        listen: listen.parse().map_err(|_| bad())?,
+        to: to.to_owned(),
+    })
+}
+
+pub fn services(map: &BTreeMap<String, ServiceEntry>) -> Result<LocalServices, UsageError> {
+    let mut out = BTreeMap::new();
+    for (name, e) in map {
+        check_name("service", name)?;
+        let proto = match e.proto {
+            Proto::Tcp => ServiceProto::Tcp,
+            Proto::Udp => ServiceProto::Udp,
+        };
+        out.insert(
+            name.clone(),
+            LocalService {
+                addr: e.local,
+                proto,
+            },
+        );
+    }
+    Ok(LocalServices::new(out))
+}
+
+pub fn forwards(list: &[ForwardEntry], me: &DeviceName) -> Result<Vec<Forward>, UsageError> {
+    let mut seen = std::collections::HashSet::new();
+    list.iter()
+        .map(|f| {
+            let (device, service) = f
+                .to
+                .split_once('/')
+                .ok_or_else(|| UsageError(format!("forward {} -> {:?}: `to` must be DEVICE/SERVICE", f.listen, f.to)))?;
+            check_name("forward device", device)?;
+            check_name("forward service", service)?;
+            if device == me.as_str() {
+                return Err(UsageError(format!("forward {} -> {}: a forward to this device itself makes no sense; connect to the service directly", f.listen, f.to)));
+            }
+            if !seen.insert(f.listen) {
+                return Err(UsageError(format!("two forwards listen on {}", f.listen)));
+            }
+            Ok(Forward { listen: f.listen, device: device.into(), service: service.into() })
+        })
+        .collect()
+}
+
+pub fn tuning(t: &TunnelSection) -> Result<Tuning, UsageError> {
+    let mut out = Tuning::default();
+    if let Some(k) = t.keepalive_ms {
+        out.keepalive = Duration::from_millis(k);
+    }
+    if let Some(i) = t.idle_timeout_ms {
+        out.idle_timeout = Duration::from_millis(i);
+    }
+    if out.keepalive.is_zero() || out.keepalive >= out.idle_timeout {
+        return Err(UsageError(format!(
+            "[tunnel] keepalive_ms ({}) must be above 0 and below idle_timeout_ms ({})",
+            out.keepalive.as_millis(),
+            out.idle_timeout.as_millis()
+        )));
+    }
+    Ok(out)
+}

@@ -1,0 +1,152 @@
+//! A device's credentials as loaded from its bundle: key, certificate, zone CA, and the newest
+//! verified zone config it knows (which can be replaced at run time by a newer one).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use time::OffsetDateTime;
+use zone_core::zonedir::{read_cert_der, read_zone_json};
+use zone_core::{cert, DeviceIdentity, DeviceKey, DeviceName, Domain, SignedZone, ZoneTrust};
+
+use crate::error::TunnelError;
+
+/// Where a device's bundle files are.
+#[derive(Debug, Clone)]
+pub struct BundlePaths {
+    pub key: PathBuf,
+    pub cert: PathBuf,
+    pub ca: PathBuf,
+    pub zone_config: PathBuf,
+}
+
+/// Loaded, cross-checked credentials of this device.
+#[derive(Debug)]
+pub struct DeviceCreds {
+    pub identity: DeviceIdentity,
+    pub cert_der: CertificateDer<'static>,
+    key_pkcs8: zeroize::Zeroizing<Vec<u8>>,
+    pub trust: Arc<ZoneTrust>,
+    zone_key: ed25519_dalek::VerifyingKey,
+    zone: RwLock<Arc<SignedZone>>,
+    zone_path: Option<PathBuf>,
+}
+
+fn bad(path: &Path, what: &str, e: impl std::fmt::Display) -> TunnelError {
+    TunnelError::Config(format!("{}: {what}: {e}", path.display()))
+}
+
+impl DeviceCreds {
+    /// Loads and checks a bundle: the key matches the certificate, the certificate is the
+    /// zone CA's, and zone.json is signed by that zone key. Any mismatch is an error here, so
+    /// a wrong bundle never half-starts a process.
+    pub fn load(
+        p: &BundlePaths,
+        expect_device: Option<&DeviceName>,
+    ) -> Result<Arc<Self>, TunnelError> {
+        let key_pem = std::fs::read_to_string(&p.key)
+            .map_err(|e| bad(&p.key, "cannot read device key", e))?;
+        let key = DeviceKey::from_pem(&key_pem).map_err(|e| bad(&p.key, "not a device key", e))?;
+        let cert_der = read_cert_der(&p.cert)?;
+        let identity = DeviceIdentity::from_der(&cert_der)
+            .map_err(|e| bad(&p.cert, "not a zonegate device certificate", e))?;
+        if &identity.public_key != key.verifying_key().as_bytes() {
+            return Err(bad(
+                &p.key,
+                "key does not belong to the certificate",
+                p.cert.display(),
+            ));
+        }
+        if let Some(d) = expect_device {
+            if &identity.name != d {
+                return Err(bad(
+                    &p.cert,
+                    "certificate is for another device",
+                    format!("{} (config says {d})", identity.name),
+                ));
+            }
+        }
+        let ca_der = read_cert_der(&p.ca)?;
+        let zone_key = cert::ca_public_key(&ca_der)?;
+        let trust = ZoneTrust::new(identity.domain.clone(), ca_der)?;
+        // Our own certificate must pass our own trust: catches a bundle mixed from two zones
+        // and an expired certificate before any peer refuses it with a vaguer message.
+        trust
+            .verify_device(&cert_der, rustls::pki_types::UnixTime::now())
+            .map_err(|e| {
+                bad(
+                    &p.cert,
+                    "own certificate refused",
+                    zone_core::trust::describe_refusal(&e),
+                )
+            })?;
+        let zone = read_zone_json(&p.zone_config)?;
+        zone.verify(&zone_key, OffsetDateTime::now_utc())
+            .map_err(|e| bad(&p.zone_config, "refused", e))?;
+        if zone.config.domain != identity.domain {
+            return Err(bad(
+                &p.zone_config,
+                "zone.json is for another domain",
+                &zone.config.domain,
+            ));
+        }
+        trust.set_revocations(&zone.config);
+        let key_pkcs8 = key.to_pkcs8_der()?;
+        Ok(Arc::new(DeviceCreds {
+            identity,
+            cert_der,
+            key_pkcs8,
+            trust,
+            zone_key,
+            zone: RwLock::new(Arc::new(zone)),
+            zone_path: Some(p.zone_config.clone()),
+        }))
+    }
+
+    pub fn name(&self) -> &str {
+        self.identity.name.as_str()
+    }
+    pub fn domain(&self) -> &Domain {
+        &self.identity.domain
+    }
+    pub fn roles(&self) -> Vec<&'static str> {
+        self.identity.roles.iter().map(|r| r.as_str()).collect()
+    }
+
+    pub fn private_key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_pkcs8.to_vec()))
+    }
+
+    /// The newest verified zone config.
+    pub fn zone(&self) -> Arc<SignedZone> {
+        self.zone.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn zone_serial(&self) -> u64 {
+        self.zone().config.serial
+    }
+
+    /// Offers zone.json bytes from a peer. Adopted (and written back to the bundle, so a
+    /// restart keeps it) only if it verifies against the pinned zone key and is newer.
+    /// Returns the new serial when adopted.
+    pub fn offer_zone(&self, bytes: &[u8]) -> Result<Option<u64>, TunnelError> {
+        let offered = SignedZone::from_json(bytes)?;
+        let mut cur = self.zone.write().unwrap_or_else(|p| p.into_inner());
+        if offered.config.serial <= cur.config.serial {
+            return Ok(None);
+        }
+        offered.verify(&self.zone_key, OffsetDateTime::now_utc())?;
+        if offered.config.domain != self.identity.domain {
+            return Err(TunnelError::Config(
+                "offered zone.json is for another domain".into(),
+            ));
+        }
+        self.trust.set_revocations(&offered.config);
+        let serial = offered.config.serial;
+        if let Some(p) = &self.zone_path {
+            zone_core::zonedir::write_atomic(p, offered.to_json_pretty().as_bytes(), 0o644)?;
+        }
+        *cur = Arc::new(offered);
+        Ok(Some(serial))
+    }
+}

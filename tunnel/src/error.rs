@@ -1,0 +1,51 @@
+//! Typed errors of the tunnel crate.
+
+use crate::proto::{ProtoError, RefuseCode};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Zone(#[from] zone_core::ZoneError),
+    #[error("TLS set-up: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("protocol: {0}")]
+    Proto(#[from] ProtoError),
+    #[error("QUIC connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("QUIC connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("stream write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("stream read: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("peer closed the stream before its header/reply was complete")]
+    Truncated,
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+}
+
+/// Why a stream could not be opened to a device's service. Carries the refusal code so the
+/// HTTP front can map it to a status (502 offline, 403 denied, 429 rate, 504 timeout).
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("device {0} is not connected")]
+    Offline(String),
+    #[error("refused by {device}: {code}: {reason}")]
+    Refused {
+        device: String,
+        code: RefuseCode,
+        reason: String,
+    },
+    #[error("device {0} did not answer in time")]
+    Timeout(String),
+    #[error("tunnel to {device}: {source}")]
+    Tunnel {
+        device: String,
+        #[source]
+        source: TunnelError,
+    },
+}

@@ -1,0 +1,742 @@
+//! The gateway's side of the tunnel: accepts agents, keeps the table of connected devices,
+//! opens streams to their services, relays mesh streams between devices, carries UDP flows,
+//! and drains on shutdown.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use policies::{PolicyStore, Timestamp};
+use quinn::{Connection, Endpoint};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+use zone_core::DeviceIdentity;
+
+use crate::control::{self, ControlHandle, ControlIo};
+use crate::creds::DeviceCreds;
+use crate::error::{OpenError, TunnelError};
+use crate::proto::{
+    self, ControlSession, ErrorCode, Event, Origin, RefuseCode, ServiceInfo, StreamHeader,
+    StreamReply, Welcome,
+};
+use crate::services::LocalServices;
+use crate::splice::splice;
+use crate::status::{AgentStatus, ServiceStatus};
+use crate::stream::{self, QuicStream};
+use crate::transport::Tuning;
+use crate::upstream::Upstream;
+
+/// Handshakes in progress at once. Beyond this new connection attempts are refused, so a
+/// handshake flood costs bounded CPU and memory and connected agents keep working.
+pub const MAX_HANDSHAKES: usize = 256;
+/// Above this many handshakes in flight, unvalidated clients must first prove their address
+/// (QUIC Retry), which stops spoofed-source floods from costing a TLS handshake each.
+const RETRY_ABOVE: usize = 32;
+/// Datagrams queued towards one UDP flow's public client before dropping (UDP semantics).
+pub const UDP_FLOW_QUEUE: usize = 256;
+/// Application close codes on the QUIC connection.
+pub const CLOSE_SHUTDOWN: u32 = 1;
+pub const CLOSE_REPLACED: u32 = 2;
+pub const CLOSE_REVOKED: u32 = 3;
+pub const CLOSE_PROTOCOL: u32 = 4;
+
+/// Everything the hub needs.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub creds: Arc<DeviceCreds>,
+    pub policy: Arc<PolicyStore>,
+    /// The gateway's own services (it is a zone device too).
+    pub local: Arc<LocalServices>,
+    pub tuning: Tuning,
+}
+
+/// One connected agent.
+#[derive(Debug)]
+pub struct AgentLink {
+    pub device: String,
+    pub roles: Vec<&'static str>,
+    pub session_id: u64,
+    pub conn: Connection,
+    pub services: RwLock<Vec<ServiceInfo>>,
+    pub since: SystemTime,
+    started: Instant,
+    ctl: ControlHandle,
+    flows: Mutex<HashMap<u32, mpsc::Sender<Bytes>>>,
+    pub streams: AtomicU64,
+    /// Payload bytes sent to / received from the device over streams.
+    pub bytes_to: AtomicU64,
+    pub bytes_from: AtomicU64,
+}
+
+impl AgentLink {
+    fn offers(&self, service: &str) -> bool {
+        self.services
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|s| s.name == service)
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    cfg: HubConfig,
+    agents: RwLock<HashMap<String, Arc<AgentLink>>>,
+    next_session: AtomicU64,
+    draining: AtomicBool,
+    /// Proxied connections and relays in flight: drain waits for them.
+    work: TaskTracker,
+    handshakes: Arc<Semaphore>,
+}
+
+/// The gateway's hub. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Hub(Arc<Inner>);
+
+fn identity_of(conn: &Connection) -> Result<DeviceIdentity, TunnelError> {
+    let any = conn
+        .peer_identity()
+        .ok_or_else(|| TunnelError::Config("peer sent no certificate".into()))?;
+    let certs = any
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .map_err(|_| TunnelError::Config("unexpected peer identity type".into()))?;
+    let first = certs
+        .first()
+        .ok_or_else(|| TunnelError::Config("peer sent no certificate".into()))?;
+    Ok(DeviceIdentity::from_der(first)?)
+}
+
+impl Hub {
+    pub fn new(cfg: HubConfig) -> Self {
+        Hub(Arc::new(Inner {
+            cfg,
+            agents: RwLock::new(HashMap::new()),
+            next_session: AtomicU64::new(rand::random::<u32>() as u64),
+            draining: AtomicBool::new(false),
+            work: TaskTracker::new(),
+            handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+        }))
+    }
+
+    pub fn creds(&self) -> &Arc<DeviceCreds> {
+        &self.0.cfg.creds
+    }
+    pub fn policy(&self) -> &Arc<PolicyStore> {
+        &self.0.cfg.policy
+    }
+    pub fn tuning(&self) -> &Tuning {
+        &self.0.cfg.tuning
+    }
+    pub fn is_draining(&self) -> bool {
+        self.0.draining.load(Ordering::Relaxed)
+    }
+    /// Tracker for proxied work, so drain waits for it.
+    pub fn work(&self) -> &TaskTracker {
+        &self.0.work
+    }
+
+    pub fn agent(&self, device: &str) -> Option<Arc<AgentLink>> {
+        self.0
+            .agents
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(device)
+            .cloned()
+    }
+
+    pub fn agents(&self) -> Vec<Arc<AgentLink>> {
+        let mut v: Vec<_> = self
+            .0
+            .agents
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.device.cmp(&b.device));
+        v
+    }
+
+    /// Accepts agents until `shutdown`; then drains (see [`Hub::drain`]).
+    pub async fn serve(&self, endpoint: Endpoint, shutdown: CancellationToken, grace: Duration) {
+        info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "tunnel hub listening (QUIC, ALPN zonegate/1)");
+        loop {
+            let incoming = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                i = endpoint.accept() => match i { Some(i) => i, None => break },
+            };
+            let in_flight = MAX_HANDSHAKES - self.0.handshakes.available_permits();
+            let Ok(permit) = self.0.handshakes.clone().try_acquire_owned() else {
+                debug!(remote = %incoming.remote_address(), "handshake refused: too many in flight");
+                incoming.refuse();
+                continue;
+            };
+            if in_flight > RETRY_ABOVE
+                && !incoming.remote_address_validated()
+                && incoming.may_retry()
+            {
+                let _ = incoming.retry();
+                continue;
+            }
+            let hub = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                if let Err(e) = hub.handle_incoming(incoming, permit).await {
+                    warn!(%remote, error = %e, "agent connection refused");
+                }
+            });
+        }
+        self.drain(&endpoint, grace).await;
+    }
+
+    /// Graceful stop: no new agents or streams, tell agents, let proxied work finish within
+    /// `grace`, then close every connection.
+    pub async fn drain(&self, endpoint: &Endpoint, grace: Duration) {
+        self.0.draining.store(true, Ordering::Relaxed);
+        let agents = self.agents();
+        info!(
+            agents = agents.len(),
+            grace_ms = grace.as_millis() as u64,
+            "draining: telling agents, waiting for proxied connections"
+        );
+        let grace_ms = grace.as_millis().min(u32::MAX as u128) as u32;
+        for a in &agents {
+            a.ctl
+                .try_apply(move |s| s.drain(grace_ms, "gateway shutting down"));
+        }
+        self.0.work.close();
+        if tokio::time::timeout(grace, self.0.work.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                left = self.0.work.len(),
+                "grace period over: closing proxied connections still open"
+            );
+        }
+        endpoint.close(CLOSE_SHUTDOWN.into(), b"gateway shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        info!("drained");
+    }
+
+    async fn handle_incoming(
+        &self,
+        incoming: quinn::Incoming,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<(), TunnelError> {
+        let remote = incoming.remote_address();
+        let t = self.0.cfg.tuning;
+        let setup = async {
+            let conn = incoming.await?;
+            let id = identity_of(&conn)?;
+            let (send, mut recv) = conn.accept_bi().await?;
+            let (header, rest) = stream::read_header(&mut recv).await?;
+            if header != StreamHeader::Control {
+                conn.close(
+                    CLOSE_PROTOCOL.into(),
+                    b"first stream must be the control stream",
+                );
+                return Err(TunnelError::Config(format!(
+                    "{}: first stream was not the control stream",
+                    id.name
+                )));
+            }
+            let mut io = ControlIo::with_prefix(send, recv, ControlSession::gateway(), &rest)?;
+            let hello = loop {
+                match io.next_event().await? {
+                    Some(Event::Hello(h)) => break h,
+                    Some(_) => continue,
+                    None => return Err(TunnelError::Truncated),
+                }
+            };
+            Ok::<_, TunnelError>((conn, id, io, hello))
+        };
+        let (conn, id, mut io, hello) = match tokio::time::timeout(t.handshake_timeout, setup).await
+        {
+            Ok(r) => r?,
+            Err(_) => return Err(TunnelError::Timeout("handshake and hello")),
+        };
+        drop(permit);
+        let device = id.name.to_string();
+        if hello.device != device {
+            io.session.reject(
+                ErrorCode::ProtocolViolation,
+                "hello names another device than the certificate",
+            );
+            let _ = io.flush().await;
+            conn.close(CLOSE_PROTOCOL.into(), b"hello device mismatch");
+            return Err(TunnelError::Config(format!(
+                "{device}: hello claims to be {}",
+                hello.device
+            )));
+        }
+        let creds = &self.0.cfg.creds;
+        if let Some(z) = &hello.zone_config {
+            self.adopt_zone(z, &device);
+        }
+        let ours = creds.zone();
+        let zone_config = (hello.zone_serial < ours.config.serial).then(|| ours.to_json_compact());
+        let session_id = self.0.next_session.fetch_add(1, Ordering::Relaxed);
+        io.session
+            .welcome(Welcome {
+                session_id,
+                observed_addr: conn.remote_address(),
+                zone_serial: ours.config.serial,
+                zone_config,
+                keepalive_ms: t.keepalive.as_millis() as u32,
+            })
+            .map_err(|e| TunnelError::Config(e.to_string()))?;
+        io.flush().await?;
+
+        let (ctl, cmds) = control::channel();
+        let link = Arc::new(AgentLink {
+            device: device.clone(),
+            roles: id.roles.iter().map(|r| r.as_str()).collect(),
+            session_id,
+            conn: conn.clone(),
+            services: RwLock::new(hello.services.clone()),
+            since: SystemTime::now(),
+            started: Instant::now(),
+            ctl,
+            flows: Mutex::new(HashMap::new()),
+            streams: AtomicU64::new(0),
+            bytes_to: AtomicU64::new(0),
+            bytes_from: AtomicU64::new(0),
+        });
+        if let Some(old) = self
+            .0
+            .agents
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(device.clone(), link.clone())
+        {
+            // A device reconnecting (new NAT mapping, restart) replaces its stale connection.
+            old.conn
+                .close(CLOSE_REPLACED.into(), b"replaced by a newer connection");
+        }
+        let services: Vec<&str> = hello.services.iter().map(|s| s.name.as_str()).collect();
+        info!(device = %device, addr = %remote, session = session_id, services = ?services, agent = %hello.agent_version, "tunnel up");
+
+        tokio::spawn(self.clone().accept_streams(link.clone()));
+        tokio::spawn(self.clone().read_datagrams(link.clone()));
+        let reason = self.run_control(&link, io, cmds).await;
+
+        let removed = {
+            let mut agents = self.0.agents.write().unwrap_or_else(|p| p.into_inner());
+            match agents.get(&device) {
+                Some(l) if l.session_id == session_id => agents.remove(&device).is_some(),
+                _ => false,
+            }
+        };
+        conn.close(0u32.into(), b"");
+        info!(
+            device = %device,
+            session = session_id,
+            reason = %reason,
+            up_secs = link.started.elapsed().as_secs(),
+            bytes_to = link.bytes_to.load(Ordering::Relaxed),
+            bytes_from = link.bytes_from.load(Ordering::Relaxed),
+            replaced = !removed,
+            "tunnel down"
+        );
+        Ok(())
+    }
+
+    /// Runs the control session until the connection or the stream ends; returns why.
+    async fn run_control(
+        &self,
+        link: &Arc<AgentLink>,
+        mut io: ControlIo,
+        mut cmds: mpsc::Receiver<control::SessionCmd>,
+    ) -> String {
+        loop {
+            if let Err(e) = io.flush().await {
+                return format!("control stream: {e}");
+            }
+            tokio::select! {
+                ev = io.next_event() => match ev {
+                    Ok(Some(ev)) => self.on_event(link, ev),
+                    Ok(None) => return "agent closed the control stream".into(),
+                    Err(e) => return format!("control stream: {e}"),
+                },
+                cmd = cmds.recv() => match cmd {
+                    Some(cmd) => if let Err(e) = cmd(&mut io.session) {
+                        debug!(device = %link.device, error = %e, "control command not applied");
+                    },
+                    None => return "hub dropped the session".into(),
+                },
+                e = link.conn.closed() => return format!("connection closed: {e}"),
+            }
+        }
+    }
+
+    fn on_event(&self, link: &Arc<AgentLink>, ev: Event) {
+        match ev {
+            Event::ServicesUpdate { services } => {
+                info!(device = %link.device, services = ?services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), "services changed");
+                *link.services.write().unwrap_or_else(|p| p.into_inner()) = services;
+            }
+            Event::ConfigUpdate { zone_config, .. } => self.adopt_zone(&zone_config, &link.device),
+            Event::UdpFlowClose { flow_id } => {
+                link.flows
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&flow_id);
+            }
+            Event::PunchRequest { device } => {
+                debug!(device = %link.device, peer = %device, "punch request (direct paths are not enabled on this gateway)");
+            }
+            Event::PeerError { code, message } => {
+                warn!(device = %link.device, ?code, %message, "agent reported a control error");
+            }
+            other => debug!(device = %link.device, event = ?other, "control event ignored"),
+        }
+    }
+
+    /// A peer offered a zone.json: adopt it if newer and valid, push it to every agent, and
+    /// drop connections of devices it revokes.
+    fn adopt_zone(&self, bytes: &[u8], from: &str) {
+        let creds = &self.0.cfg.creds;
+        match creds.offer_zone(bytes) {
+            Ok(Some(serial)) => {
+                info!(serial, from = %from, "adopted newer zone config");
+                let json = creds.zone().to_json_compact();
+                for a in self.agents() {
+                    let revoked = zone_core::DeviceName::new(&a.device)
+                        .is_ok_and(|n| creds.trust.is_revoked(&n));
+                    if revoked {
+                        warn!(device = %a.device, "device revoked by the new zone config: disconnecting");
+                        a.conn.close(CLOSE_REVOKED.into(), b"device revoked");
+                        continue;
+                    }
+                    let json = json.clone();
+                    a.ctl.try_apply(move |s| s.send_config_update(serial, json));
+                }
+            }
+            Ok(None) => {}
+            Err(e) => warn!(from = %from, error = %e, "refused zone config offered by a device"),
+        }
+    }
+
+    /// Streams opened by an agent: mesh relays, or streams to the gateway's own services.
+    async fn accept_streams(self, link: Arc<AgentLink>) {
+        loop {
+            let (send, recv) = match link.conn.accept_bi().await {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+            if self.is_draining() {
+                let mut send = send;
+                stream::refuse(&mut send, RefuseCode::Draining, "gateway is shutting down").await;
+                continue;
+            }
+            let hub = self.clone();
+            let link = link.clone();
+            self.0
+                .work
+                .spawn(async move { hub.serve_agent_stream(link, send, recv).await });
+        }
+    }
+
+    async fn serve_agent_stream(
+        &self,
+        link: Arc<AgentLink>,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let header = match tokio::time::timeout(
+            self.0.cfg.tuning.open_timeout,
+            stream::read_header(&mut recv),
+        )
+        .await
+        {
+            Ok(Ok((h, rest))) => (h, rest),
+            Ok(Err(e)) => {
+                warn!(device = %link.device, error = %e, "bad stream header from agent");
+                stream::refuse(&mut send, RefuseCode::BadRequest, &e.to_string()).await;
+                return;
+            }
+            Err(_) => {
+                stream::refuse(&mut send, RefuseCode::BadRequest, "stream header timed out").await;
+                return;
+            }
+        };
+        let (to_device, service, rest) = match header {
+            (
+                StreamHeader::Relay {
+                    to_device, service, ..
+                },
+                rest,
+            ) => (to_device, service, rest),
+            (StreamHeader::Open { service, .. }, rest) => {
+                (self.0.cfg.creds.name().to_owned(), service, rest)
+            }
+            (StreamHeader::Control, _) => {
+                stream::refuse(
+                    &mut send,
+                    RefuseCode::BadRequest,
+                    "only one control stream per connection",
+                )
+                .await;
+                return;
+            }
+        };
+        let started = Instant::now();
+        let active = self.0.cfg.policy.current();
+        let decision = active.policy.decide_mesh(
+            &link.device,
+            &link.roles,
+            &to_device,
+            &service,
+            Timestamp::now(),
+        );
+        let app = match (decision.app, decision.decision.is_allow()) {
+            (Some(app), true) => app,
+            (app, _) => {
+                let why = match app {
+                    None => format!("no mesh app allows {to_device}/{service}"),
+                    Some(a) => format!("app {}: {}", a.name, decision.decision),
+                };
+                if let (Some(a), policies::Decision::Deny { reason }) = (app, decision.decision) {
+                    active
+                        .state(a)
+                        .counters
+                        .refused(policies::accounting::Refusal::Denied(reason));
+                }
+                info!(from = %link.device, to = %format!("{to_device}/{service}"), reason = %why, "mesh stream refused");
+                stream::refuse(&mut send, RefuseCode::PolicyDenied, &why).await;
+                return;
+            }
+        };
+        let counters = active.state(app).counters.clone();
+        let app_name = app.name.clone();
+        drop(active);
+        let origin = Origin::Device {
+            name: link.device.clone(),
+            addr: Some(link.conn.remote_address()),
+        };
+        let mut upstream = match self.connect(&to_device, &service, &app_name, origin).await {
+            Ok(u) => u,
+            Err(e) => {
+                let (code, reason) = refusal_of(&e);
+                info!(from = %link.device, to = %format!("{to_device}/{service}"), app = %app_name, reason = %reason, "mesh stream failed");
+                stream::refuse(&mut send, code, &reason).await;
+                return;
+            }
+        };
+        if stream::write_reply(&mut send, &StreamReply::Accepted)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        counters.connection();
+        let mut down = QuicStream::new(send, recv, rest);
+        let moved = splice(&mut down, &mut upstream).await;
+        let (up, dn) = moved.map(|m| (m.a_to_b, m.b_to_a)).unwrap_or((0, 0));
+        counters.bytes_in(up);
+        counters.bytes_out(dn);
+        link.bytes_from.fetch_add(up, Ordering::Relaxed);
+        link.bytes_to.fetch_add(dn, Ordering::Relaxed);
+        info!(app = %app_name, from = %link.device, to = %format!("{to_device}/{service}"), bytes_up = up, bytes_down = dn, ms = started.elapsed().as_millis() as u64, "mesh connection done");
+    }
+
+    /// Connects to `service` on `device`: through its tunnel, or locally when `device` is this
+    /// gateway. `app` and `origin` travel in the stream header for the device's logs.
+    pub async fn connect(
+        &self,
+        device: &str,
+        service: &str,
+        app: &str,
+        origin: Origin,
+    ) -> Result<Upstream, OpenError> {
+        if device == self.0.cfg.creds.name() {
+            return match self.0.cfg.local.connect_tcp(service).await {
+                Ok(s) => Ok(Upstream::Tcp(s)),
+                Err((code, reason)) => Err(OpenError::Refused {
+                    device: device.to_owned(),
+                    code,
+                    reason,
+                }),
+            };
+        }
+        let link = self
+            .agent(device)
+            .ok_or_else(|| OpenError::Offline(device.to_owned()))?;
+        if !link.offers(service) {
+            return Err(OpenError::Refused {
+                device: device.to_owned(),
+                code: RefuseCode::NoSuchService,
+                reason: format!("{device} does not offer {service}"),
+            });
+        }
+        let header = StreamHeader::Open {
+            app: app.to_owned(),
+            service: service.to_owned(),
+            origin,
+        };
+        let s = stream::open(&link.conn, device, &header, self.0.cfg.tuning.open_timeout).await?;
+        link.streams.fetch_add(1, Ordering::Relaxed);
+        Ok(Upstream::Quic(Box::new(s)))
+    }
+
+    /// Opens a UDP flow to `service` on `device`; datagrams from the service arrive on the
+    /// returned receiver. Dropping the [`UdpFlow`] closes it.
+    pub async fn open_udp_flow(
+        &self,
+        device: &str,
+        service: &str,
+        app: &str,
+        origin: Origin,
+    ) -> Result<(UdpFlow, mpsc::Receiver<Bytes>), OpenError> {
+        let link = self
+            .agent(device)
+            .ok_or_else(|| OpenError::Offline(device.to_owned()))?;
+        if !link.offers(service) {
+            return Err(OpenError::Refused {
+                device: device.to_owned(),
+                code: RefuseCode::NoSuchService,
+                reason: format!("{device} does not offer {service}"),
+            });
+        }
+        let (id_tx, id_rx) = oneshot::channel();
+        let (app, service2) = (app.to_owned(), service.to_owned());
+        link.ctl
+            .apply(move |s| {
+                let id = s.open_udp_flow(app, service2, origin)?;
+                let _ = id_tx.send(id);
+                Ok(())
+            })
+            .await;
+        let flow_id = id_rx.await.map_err(|_| OpenError::Refused {
+            device: device.to_owned(),
+            code: RefuseCode::Overloaded,
+            reason: "no UDP flow available on this tunnel".into(),
+        })?;
+        let (tx, rx) = mpsc::channel(UDP_FLOW_QUEUE);
+        link.flows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(flow_id, tx);
+        Ok((UdpFlow { link, flow_id }, rx))
+    }
+
+    async fn read_datagrams(self, link: Arc<AgentLink>) {
+        while let Ok(d) = link.conn.read_datagram().await {
+            let Ok((flow, payload)) = proto::decode_datagram_bytes(d) else {
+                debug!(device = %link.device, "undecodable datagram dropped");
+                continue;
+            };
+            let tx = link
+                .flows
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&flow)
+                .cloned();
+            if let Some(tx) = tx {
+                link.bytes_from
+                    .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                let _ = tx.try_send(payload);
+            }
+        }
+    }
+
+    /// Snapshot of connected agents for `/status`.
+    pub fn status(&self) -> Vec<AgentStatus> {
+        self.agents()
+            .iter()
+            .map(|a| {
+                let st = a.conn.stats();
+                AgentStatus {
+                    device: a.device.clone(),
+                    roles: a.roles.iter().map(|r| r.to_string()).collect(),
+                    addr: a.conn.remote_address().to_string(),
+                    session: a.session_id,
+                    rtt_ms: a.conn.rtt().as_secs_f64() * 1000.0,
+                    uptime_secs: a.started.elapsed().as_secs(),
+                    since_unix: a
+                        .since
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0),
+                    streams: a.streams.load(Ordering::Relaxed),
+                    bytes_to: a.bytes_to.load(Ordering::Relaxed),
+                    bytes_from: a.bytes_from.load(Ordering::Relaxed),
+                    udp_tx: st.udp_tx.bytes,
+                    udp_rx: st.udp_rx.bytes,
+                    services: a
+                        .services
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .iter()
+                        .map(|s| ServiceStatus {
+                            name: s.name.clone(),
+                            proto: format!("{:?}", s.proto).to_lowercase(),
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// A UDP flow through an agent's tunnel.
+#[derive(Debug)]
+pub struct UdpFlow {
+    link: Arc<AgentLink>,
+    flow_id: u32,
+}
+
+impl UdpFlow {
+    /// Sends one datagram to the service. Fails if the connection is gone or the datagram is
+    /// larger than the path allows.
+    pub fn send(&self, payload: &[u8]) -> Result<(), TunnelError> {
+        let mut b = BytesMut::with_capacity(payload.len() + 8);
+        proto::encode_datagram(self.flow_id, payload, &mut b)?;
+        self.link
+            .bytes_to
+            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+        self.link
+            .conn
+            .send_datagram(b.freeze())
+            .map_err(|e| TunnelError::Config(format!("datagram: {e}")))
+    }
+    pub fn device(&self) -> &str {
+        &self.link.device
+    }
+    pub fn is_alive(&self) -> bool {
+        self.link.conn.close_reason().is_none()
+    }
+}
+
+impl Drop for UdpFlow {
+    fn drop(&mut self) {
+        self.link
+            .flows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.flow_id);
+        let id = self.flow_id;
+        self.link.ctl.try_apply(move |s| s.close_udp_flow(id));
+    }
+}
+
+/// Refusal code and words for an [`OpenError`], to pass on to whoever asked.
+pub fn refusal_of(e: &OpenError) -> (RefuseCode, String) {
+    match e {
+        OpenError::Offline(d) => (RefuseCode::DeviceOffline, format!("device {d} is offline")),
+        OpenError::Refused { code, reason, .. } => (*code, reason.clone()),
+        OpenError::Timeout(d) => (
+            RefuseCode::ServiceUnreachable,
+            format!("device {d} did not answer in time"),
+        ),
+        OpenError::Tunnel { device, source } => (
+            RefuseCode::DeviceOffline,
+            format!("tunnel to {device}: {source}"),
+        ),
+    }
+}

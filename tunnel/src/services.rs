@@ -1,0 +1,83 @@
+//! The services a device offers: name → local address. A device serves only these; nothing
+//! else on its network is reachable through zonegate.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use crate::proto::{RefuseCode, ServiceInfo, ServiceProto};
+
+/// Time to connect to a local service before the stream is refused as unreachable.
+pub const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalService {
+    pub addr: SocketAddr,
+    pub proto: ServiceProto,
+}
+
+/// This device's services.
+#[derive(Debug, Clone, Default)]
+pub struct LocalServices {
+    map: BTreeMap<String, LocalService>,
+}
+
+impl LocalServices {
+    pub fn new(map: BTreeMap<String, LocalService>) -> Self {
+        LocalServices { map }
+    }
+    pub fn get(&self, name: &str) -> Option<&LocalService> {
+        self.map.get(name)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &LocalService)> {
+        self.map.iter()
+    }
+    /// What the hello advertises.
+    pub fn infos(&self) -> Vec<ServiceInfo> {
+        self.map
+            .iter()
+            .map(|(n, s)| ServiceInfo {
+                name: n.clone(),
+                proto: s.proto,
+            })
+            .collect()
+    }
+
+    /// Connects to TCP service `name`, or says why not in stream-refusal terms.
+    pub async fn connect_tcp(&self, name: &str) -> Result<TcpStream, (RefuseCode, String)> {
+        let svc = match self.map.get(name) {
+            Some(s) if s.proto == ServiceProto::Tcp => s,
+            Some(_) => {
+                return Err((
+                    RefuseCode::NoSuchService,
+                    format!("service {name} is UDP, not TCP"),
+                ))
+            }
+            None => {
+                return Err((
+                    RefuseCode::NoSuchService,
+                    format!("no service {name} on this device"),
+                ))
+            }
+        };
+        match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, TcpStream::connect(svc.addr)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                Ok(s)
+            }
+            Ok(Err(e)) => Err((
+                RefuseCode::ServiceUnreachable,
+                format!("service {name} at {}: {e}", svc.addr),
+            )),
+            Err(_) => Err((
+                RefuseCode::ServiceUnreachable,
+                format!("service {name} at {}: connect timed out", svc.addr),
+            )),
+        }
+    }
+}

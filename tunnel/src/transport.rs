@@ -1,0 +1,96 @@
+//! QUIC endpoints and transport tuning shared by the gateway and the agents.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{ClientConfig, Endpoint, IdleTimeout, ServerConfig, TransportConfig, VarInt};
+
+use crate::creds::DeviceCreds;
+use crate::error::TunnelError;
+use crate::tls;
+
+/// Transport timing. Defaults suit home NATs; tests shorten them.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    /// QUIC PING interval: below the 30 s idle UDP timeout of common NATs (and the NAT lab),
+    /// with room for a lost ping.
+    pub keepalive: Duration,
+    /// A connection with no packets for this long is dead (then the agent reconnects).
+    pub idle_timeout: Duration,
+    /// Time allowed for the QUIC + TLS handshake and the hello exchange.
+    pub handshake_timeout: Duration,
+    /// Time a peer has to answer a stream header.
+    pub open_timeout: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            keepalive: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            open_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Concurrent streams a peer may open on one connection: each is one proxied TCP connection;
+/// bounded so one agent cannot make the gateway hold unbounded stream state.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 4096;
+/// Flow-control windows: a stream may have 4 MiB in flight (enough for ~300 Mbit/s at 100 ms
+/// RTT), a connection 32 MiB across its streams.
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+/// Datagram receive buffer for UDP flows (bytes): about a second of a modest UDP service.
+const DATAGRAM_BUFFER: usize = 1024 * 1024;
+
+pub fn transport_config(t: &Tuning) -> Arc<TransportConfig> {
+    let mut c = TransportConfig::default();
+    c.keep_alive_interval(Some(t.keepalive));
+    c.max_idle_timeout(Some(
+        IdleTimeout::try_from(t.idle_timeout)
+            .unwrap_or(IdleTimeout::from(VarInt::from_u32(30_000))),
+    ));
+    c.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS_PER_CONNECTION));
+    c.max_concurrent_uni_streams(VarInt::from_u32(0));
+    c.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
+    c.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
+    c.send_window(CONNECTION_WINDOW as u64);
+    c.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
+    Arc::new(c)
+}
+
+/// An endpoint that accepts zone devices (the gateway; also any device for direct mesh).
+pub fn server_endpoint(
+    bind: SocketAddr,
+    creds: &DeviceCreds,
+    t: &Tuning,
+) -> Result<Endpoint, TunnelError> {
+    let mut sc = ServerConfig::with_crypto(tls::server_crypto(creds)?);
+    sc.transport_config(transport_config(t));
+    // NAT rebinding: let an agent's connection move to a new address/port.
+    sc.migration(true);
+    let mut ep = Endpoint::server(sc, bind)
+        .map_err(|e| TunnelError::Config(format!("cannot listen on UDP {bind}: {e}")))?;
+    ep.set_default_client_config(client_config(creds, t)?);
+    Ok(ep)
+}
+
+/// A dial-only endpoint (node agents).
+pub fn client_endpoint(
+    bind: SocketAddr,
+    creds: &DeviceCreds,
+    t: &Tuning,
+) -> Result<Endpoint, TunnelError> {
+    let mut ep = Endpoint::client(bind)
+        .map_err(|e| TunnelError::Config(format!("cannot bind UDP {bind}: {e}")))?;
+    ep.set_default_client_config(client_config(creds, t)?);
+    Ok(ep)
+}
+
+pub fn client_config(creds: &DeviceCreds, t: &Tuning) -> Result<ClientConfig, TunnelError> {
+    let mut cc = ClientConfig::new(tls::client_crypto(creds)?);
+    cc.transport_config(transport_config(t));
+    Ok(cc)
+}

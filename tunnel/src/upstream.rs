@@ -1,0 +1,55 @@
+//! Where a proxied connection goes: a tunnel stream to a device, or a local TCP service when
+//! the target is this device itself.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::stream::QuicStream;
+
+#[derive(Debug)]
+pub enum Upstream {
+    Quic(Box<QuicStream>),
+    Tcp(TcpStream),
+}
+
+impl AsyncRead for Upstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Quic(q) => Pin::new(q.as_mut()).poll_read(cx, buf),
+            Upstream::Tcp(t) => Pin::new(t).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Upstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Quic(q) => Pin::new(q.as_mut()).poll_write(cx, buf),
+            Upstream::Tcp(t) => Pin::new(t).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Quic(q) => Pin::new(q.as_mut()).poll_flush(cx),
+            Upstream::Tcp(t) => Pin::new(t).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Quic(q) => Pin::new(q.as_mut()).poll_shutdown(cx),
+            Upstream::Tcp(t) => Pin::new(t).poll_shutdown(cx),
+        }
+    }
+}
