@@ -4,5 +4,7 @@
 
 mod cli;
 mod common;
+mod inproc;
 mod netlab;
 mod netlab_smoke;
+mod tunnel;

@@ -114,6 +114,7 @@ pub struct Agent {
     endpoint: Endpoint,
     links: Vec<Arc<GatewayLink>>,
     forward_listeners: Mutex<Vec<(Forward, TcpListener)>>,
+    forward_bound: Vec<SocketAddr>,
 }
 
 impl Agent {
@@ -158,11 +159,13 @@ impl Agent {
                 })
             })
             .collect();
+        let forward_bound = fl.iter().filter_map(|(_, l)| l.local_addr().ok()).collect();
         Ok(Arc::new(Agent {
             cfg,
             endpoint,
             links,
             forward_listeners: Mutex::new(fl),
+            forward_bound,
         }))
     }
 
@@ -171,13 +174,8 @@ impl Agent {
     }
 
     /// Bound forward addresses (useful when configured with port 0).
-    pub fn forward_addrs(&self) -> Vec<SocketAddr> {
-        self.forward_listeners
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter_map(|(_, l)| l.local_addr().ok())
-            .collect()
+    pub fn forward_addrs(&self) -> &[SocketAddr] {
+        &self.forward_bound
     }
 
     /// Runs until `shutdown`.

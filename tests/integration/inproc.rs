@@ -1,0 +1,269 @@
+//! In-process zones on loopback: a zone made with the zone-core API, a gateway and agents run
+//! as tasks in the test's runtime, and small echo services. No root needed.
+#![allow(dead_code)] // each test module uses a different part
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use time::OffsetDateTime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio_util::sync::CancellationToken;
+use tunnel::agent::{Agent, AgentConfig, Forward};
+use tunnel::creds::{BundlePaths, DeviceCreds};
+use tunnel::proto::ServiceProto;
+use tunnel::services::{LocalService, LocalServices};
+use tunnel::transport::Tuning;
+use zone_core::zonedir::ZoneDir;
+use zone_core::{DeviceName, Domain, Role};
+
+/// Short timings so loss is noticed within seconds in tests.
+pub fn fast_tuning() -> Tuning {
+    Tuning {
+        keepalive: Duration::from_millis(300),
+        idle_timeout: Duration::from_millis(1500),
+        handshake_timeout: Duration::from_secs(5),
+        open_timeout: Duration::from_secs(5),
+    }
+}
+
+/// A free UDP port on 127.0.0.1 (bound and released; the gateway binds it right after).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A zone "alice.example" with gateway `gw` at 127.0.0.1:PORT and the given nodes.
+pub struct TestZone {
+    pub tmp: tempfile::TempDir,
+    pub gw_addr: SocketAddr,
+}
+
+impl TestZone {
+    pub fn new(nodes: &[&str]) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let gw_addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+        let zdir = tmp.path().join("zone");
+        let mut z = ZoneDir::init(
+            &zdir,
+            Domain::new("alice.example").unwrap(),
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+        let now = OffsetDateTime::now_utc();
+        let gw = DeviceName::new("gw").unwrap();
+        let (k, c) = z
+            .add_device(&gw, &[Role::Gateway], &[gw_addr], now, 30)
+            .unwrap();
+        let mut issued = vec![(gw, k, c)];
+        for n in nodes {
+            let name = DeviceName::new(n).unwrap();
+            let (k, c) = z.add_device(&name, &[Role::Node], &[], now, 30).unwrap();
+            issued.push((name, k, c));
+        }
+        // Bundles written last, so each holds the final zone.json.
+        for (name, k, c) in &issued {
+            z.write_bundle(&zdir.join("devices").join(name.as_str()), name, k, c)
+                .unwrap();
+        }
+        std::fs::create_dir_all(tmp.path().join("policies")).unwrap();
+        TestZone { tmp, gw_addr }
+    }
+
+    pub fn zone_dir(&self) -> PathBuf {
+        self.tmp.path().join("zone")
+    }
+    pub fn bundle(&self, name: &str) -> BundlePaths {
+        let b = self.zone_dir().join("devices").join(name);
+        BundlePaths {
+            key: b.join("device.key"),
+            cert: b.join("device.crt"),
+            ca: b.join("zone-ca.crt"),
+            zone_config: b.join("zone.json"),
+        }
+    }
+    pub fn creds(&self, name: &str) -> Arc<DeviceCreds> {
+        DeviceCreds::load(&self.bundle(name), None).unwrap()
+    }
+    pub fn policy_dir(&self) -> PathBuf {
+        self.tmp.path().join("policies")
+    }
+    pub fn write_policy(&self, file: &str, text: &str) {
+        std::fs::write(self.policy_dir().join(file), text).unwrap();
+    }
+}
+
+pub fn services(list: &[(&str, SocketAddr, ServiceProto)]) -> Arc<LocalServices> {
+    Arc::new(LocalServices::new(
+        list.iter()
+            .map(|(n, a, p)| {
+                (
+                    n.to_string(),
+                    LocalService {
+                        addr: *a,
+                        proto: *p,
+                    },
+                )
+            })
+            .collect(),
+    ))
+}
+
+/// A running in-process gateway.
+pub struct RunningGateway {
+    pub shutdown: CancellationToken,
+    pub apps: std::collections::HashMap<String, SocketAddr>,
+    pub admin: SocketAddr,
+    pub hub: tunnel::hub::Hub,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+pub async fn start_gateway(z: &TestZone, tuning: Tuning, grace: Duration) -> RunningGateway {
+    let creds = z.creds("gw");
+    let policy = Arc::new(policies::PolicyStore::load(&z.policy_dir()).expect("policy loads"));
+    let shutdown = CancellationToken::new();
+    let opts = gateway::GatewayOptions {
+        creds,
+        policy,
+        services: Arc::new(LocalServices::default()),
+        forwards: Vec::new(),
+        listen: z.gw_addr,
+        admin: "127.0.0.1:0".parse().unwrap(),
+        tuning,
+        grace,
+    };
+    let gw = gateway::Gateway::bind(opts, shutdown.clone())
+        .await
+        .expect("gateway binds");
+    let apps = gw.app_addrs();
+    let admin = gw.admin_addr();
+    let hub = gw.hub().clone();
+    let task = tokio::spawn(gw.run());
+    RunningGateway {
+        shutdown,
+        apps,
+        admin,
+        hub,
+        task,
+    }
+}
+
+pub struct RunningAgent {
+    pub agent: Arc<Agent>,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+pub async fn start_agent(
+    z: &TestZone,
+    name: &str,
+    svcs: Arc<LocalServices>,
+    forwards: Vec<Forward>,
+    tuning: Tuning,
+) -> RunningAgent {
+    let creds = z.creds(name);
+    let endpoint =
+        tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), &creds, &tuning)
+            .unwrap();
+    let agent = Agent::bind(
+        AgentConfig {
+            creds,
+            services: svcs,
+            forwards,
+            gateways: Vec::new(),
+            tuning,
+        },
+        endpoint,
+    )
+    .await
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(agent.clone().run(shutdown.clone()));
+    RunningAgent {
+        agent,
+        shutdown,
+        task,
+    }
+}
+
+pub fn forward(listen: &str, to: &str) -> Forward {
+    let (d, s) = to.split_once('/').unwrap();
+    Forward {
+        listen: listen.parse().unwrap(),
+        device: d.into(),
+        service: s.into(),
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// TCP echo server; returns its address.
+pub async fn tcp_echo() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// UDP echo server; returns its address.
+pub async fn udp_echo() -> SocketAddr {
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = s.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = s.recv_from(&mut buf).await {
+            let _ = s.send_to(&buf[..n], from).await;
+        }
+    });
+    addr
+}
+
+/// Sends `data` through a TCP connection to `addr` and returns everything read back.
+pub async fn roundtrip(addr: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let (mut r, mut w) = s.split();
+    let write = async {
+        w.write_all(data).await?;
+        w.shutdown().await
+    };
+    let mut out = Vec::new();
+    let read = r.read_to_end(&mut out);
+    let (a, b) = tokio::join!(write, read);
+    // A refused stream closes without data; a write error then is part of that outcome.
+    b?;
+    if out.is_empty() {
+        a?;
+    }
+    Ok(out)
+}
+
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    (0..n).map(|_| rand::random::<u8>()).collect()
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}

@@ -1,0 +1,330 @@
+//! The QUIC tunnel on loopback, in process: public TCP/UDP exposure, mesh forwards (allowed and
+//! denied), refusal of foreign/expired/revoked devices, reconnect after a gateway restart, drain.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tunnel::proto::ServiceProto;
+use zone_core::cert::{issue_device, IssueRequest};
+use zone_core::{DeviceName, Role};
+
+use crate::inproc::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn policy_tcp_udp_mesh() -> &'static str {
+    r#"
+[app.echo]
+tcp = { listen = "127.0.0.1:0" }
+to = "home1/echo"
+allow = { from = ["public"] }
+
+[app.uecho]
+udp = { listen = "127.0.0.1:0" }
+to = "home1/uecho"
+allow = { from = ["public"] }
+
+[app.echo-mesh]
+mesh = true
+to = "home1/echo"
+allow = { from = ["device:home2"] }
+"#
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_udp_and_mesh_through_the_gateway() {
+    let z = TestZone::new(&["home1", "home2"]);
+    z.write_policy("apps.toml", policy_tcp_udp_mesh());
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_secs(1)).await;
+    let echo = tcp_echo().await;
+    let uecho = udp_echo().await;
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[
+            ("echo", echo, ServiceProto::Tcp),
+            ("uecho", uecho, ServiceProto::Udp),
+        ]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    let h2 = start_agent(
+        &z,
+        "home2",
+        services(&[]),
+        vec![
+            forward("127.0.0.1:0", "home1/echo"),
+            forward("127.0.0.1:0", "home1/secret"),
+        ],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("both agents connected", WAIT, || gw.hub.agents().len() == 2).await;
+
+    // Public TCP: 1 MiB of random bytes comes back intact.
+    let data = random_bytes(1 << 20);
+    let back = roundtrip(gw.apps["echo"], &data).await.unwrap();
+    assert!(
+        back == data,
+        "echo through the tunnel corrupted data ({} of {} bytes)",
+        back.len(),
+        data.len()
+    );
+
+    // Public UDP.
+    let u = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    u.connect(gw.apps["uecho"]).await.unwrap();
+    let mut buf = [0u8; 64];
+    let mut got = None;
+    for _ in 0..50 {
+        u.send(b"ping-udp").await.unwrap();
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(200), u.recv(&mut buf)).await
+        {
+            got = Some(buf[..n].to_vec());
+            break;
+        }
+    }
+    assert_eq!(got.as_deref(), Some(&b"ping-udp"[..]));
+
+    // Mesh forward allowed by echo-mesh.
+    let fwd = h2.agent.forward_addrs().to_vec();
+    let back = roundtrip(fwd[0], b"hello mesh").await.unwrap();
+    assert_eq!(back, b"hello mesh");
+
+    // Mesh forward to a service no mesh app allows: closed without data.
+    let back = roundtrip(fwd[1], b"let me in").await.unwrap_or_default();
+    assert!(back.is_empty(), "denied mesh stream carried data");
+
+    // Status shows both devices with their services, and the app counters moved.
+    let st = gw.hub.status();
+    let h1 = st.iter().find(|a| a.device == "home1").unwrap();
+    assert_eq!(h1.services.len(), 2);
+    let active = gw.hub.policy().current();
+    let snap = active.snapshot();
+    let echo_c = &snap.iter().find(|(n, _)| n == "echo").unwrap().1;
+    assert!(
+        echo_c.connections >= 1 && echo_c.bytes_in >= 1 << 20,
+        "{echo_c:?}"
+    );
+    gw.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_serves_only_named_services_and_offline_devices_fail_fast() {
+    let z = TestZone::new(&["home1"]);
+    z.write_policy(
+        "apps.toml",
+        r#"
+[app.ghost]
+tcp = { listen = "127.0.0.1:0" }
+to = "home1/ghost"
+allow = { from = ["public"] }
+
+[app.offline]
+tcp = { listen = "127.0.0.2:0" }
+to = "nobody/web"
+allow = { from = ["public"] }
+"#,
+    );
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_secs(1)).await;
+    let echo = tcp_echo().await;
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("echo", echo, ServiceProto::Tcp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agents().len() == 1).await;
+    // home1 does not offer "ghost": the stream is refused, the client sees a closed connection.
+    assert!(roundtrip(gw.apps["ghost"], b"x")
+        .await
+        .unwrap_or_default()
+        .is_empty());
+    assert!(roundtrip(gw.apps["offline"], b"x")
+        .await
+        .unwrap_or_default()
+        .is_empty());
+    // The hub refuses with typed reasons.
+    let e = gw
+        .hub
+        .connect(
+            "home1",
+            "ghost",
+            "ghost",
+            tunnel::proto::Origin::Public("127.0.0.1:1".parse().unwrap()),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            tunnel::OpenError::Refused {
+                code: tunnel::proto::RefuseCode::NoSuchService,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = gw
+        .hub
+        .connect(
+            "nobody",
+            "web",
+            "offline",
+            tunnel::proto::Origin::Public("127.0.0.1:1".parse().unwrap()),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, tunnel::OpenError::Offline(_)), "{e}");
+    gw.shutdown.cancel();
+}
+
+/// Dials the gateway with a raw certificate/key pair and reports whether the tunnel handshake
+/// (QUIC + mutual TLS + first stream round trip) is accepted.
+async fn handshake_with(z: &TestZone, cert_pem: &str, key_pem: &str) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    let gw_creds = z.creds("gw");
+    let certs =
+        vec![rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()];
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(gw_creds.trust.crypto())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(gw_creds.trust.server_verifier())
+        .with_client_auth_cert(certs, key)
+        .unwrap();
+    cfg.alpn_protocols = vec![tunnel::tls::ALPN.to_vec()];
+    let qc = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(qc)));
+    let conn = ep
+        .connect(z.gw_addr, "gw.alice.example")
+        .unwrap()
+        .await
+        .map_err(|e| e.to_string())?;
+    // With TLS 1.3 the server's verdict on our certificate arrives after the client finishes:
+    // a stream round trip (the control header and an answer or a close) settles it.
+    let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let _ = s.write_all(b"ZG").await;
+    match tokio::time::timeout(Duration::from_secs(3), r.read_chunk(16, true)).await {
+        Ok(Err(e)) => Err(e.to_string()),
+        _ => match conn.close_reason() {
+            Some(e) => Err(e.to_string()),
+            None => Ok(()),
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_expired_and_revoked_devices_are_refused() {
+    let z = TestZone::new(&["home1", "laptop"]);
+    let other = TestZone::new(&["home1"]);
+    // Revoke laptop in the zone.json the gateway will load.
+    let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
+    zd.revoke(
+        &DeviceName::new("laptop").unwrap(),
+        OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    std::fs::copy(
+        z.zone_dir().join("zone.json"),
+        z.zone_dir().join("devices/gw/zone.json"),
+    )
+    .unwrap();
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_secs(1)).await;
+
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap();
+    let b = |zz: &TestZone, n: &str| zz.zone_dir().join("devices").join(n);
+    // Own device: accepted (sanity check of the probe itself).
+    handshake_with(
+        &z,
+        &read(b(&z, "home1").join("device.crt")),
+        &read(b(&z, "home1").join("device.key")),
+    )
+    .await
+    .expect("own device accepted");
+    // Another zone's device with the same name and domain.
+    let e = handshake_with(
+        &other,
+        &read(b(&other, "home1").join("device.crt")),
+        &read(b(&other, "home1").join("device.key")),
+    )
+    .await;
+    assert!(e.is_err(), "foreign device accepted");
+    // Revoked.
+    let e = handshake_with(
+        &z,
+        &read(b(&z, "laptop").join("device.crt")),
+        &read(b(&z, "laptop").join("device.key")),
+    )
+    .await;
+    assert!(e.is_err(), "revoked device accepted");
+    // Expired: a certificate of this zone whose validity ended yesterday.
+    let name = DeviceName::new("home1").unwrap();
+    let key = zd.key.derive_device(zd.domain(), &name);
+    let now = OffsetDateTime::now_utc();
+    let cert = issue_device(
+        &zd.key,
+        &zd.ca_pem,
+        &key,
+        &IssueRequest {
+            domain: zd.domain(),
+            name: &name,
+            roles: &[Role::Node],
+            not_before: now - time::Duration::days(10),
+            not_after: now - time::Duration::days(1),
+        },
+    )
+    .unwrap();
+    let e = handshake_with(&z, &cert.pem, &key.to_pem().unwrap()).await;
+    assert!(e.is_err(), "expired certificate accepted");
+    assert!(
+        gw.hub.agents().is_empty(),
+        "a refused device got registered"
+    );
+    gw.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_reconnects_after_gateway_restart_and_drain_tells_agents() {
+    let z = TestZone::new(&["home1"]);
+    z.write_policy("apps.toml", "[app.echo]\ntcp = { listen = \"127.0.0.1:0\" }\nto = \"home1/echo\"\nallow = { from = [\"public\"] }\n");
+    let echo = tcp_echo().await;
+    let h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("echo", echo, ServiceProto::Tcp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    wait_until("home1 connected", WAIT, || gw.hub.agents().len() == 1).await;
+    let link = h1.agent.links()[0].clone();
+    assert_eq!(link.status().state, "up");
+    assert_eq!(roundtrip(gw.apps["echo"], b"one").await.unwrap(), b"one");
+
+    // Drain: the agent hears about it before the gateway goes away.
+    gw.shutdown.cancel();
+    wait_until("agent sees drain or loss", WAIT, || {
+        link.status().state != "up"
+    })
+    .await;
+    gw.task.await.unwrap();
+
+    // A new gateway on the same address: the agent comes back by itself.
+    let gw2 = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    wait_until("home1 reconnected", Duration::from_secs(20), || {
+        gw2.hub.agents().len() == 1
+    })
+    .await;
+    assert_eq!(roundtrip(gw2.apps["echo"], b"two").await.unwrap(), b"two");
+    assert!(link.status().connects >= 2);
+    gw2.shutdown.cancel();
+    h1.shutdown.cancel();
+}
