@@ -1,0 +1,181 @@
+//! Zone-config bootstrap over DNS: fetch the TXT strings at `_zonegate.DOMAIN` from one server,
+//! reassemble them and verify them against the pinned zone key.
+//!
+//! Nothing in the answer is trusted before verification: the DNS server (or anybody on the path)
+//! may forge, cut or replay it. The signature decides authenticity, the chunk headers decide
+//! completeness, and `known_serial` refuses a replay of an older config.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ed25519_dalek::VerifyingKey;
+use hickory_client::client::{Client, ClientHandle};
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
+use hickory_proto::runtime::TokioRuntimeProvider;
+use hickory_proto::tcp::TcpClientStream;
+use hickory_proto::udp::UdpClientStream;
+use hickory_proto::xfer::DnsResponse;
+use time::OffsetDateTime;
+use tracing::{debug, info};
+use zone_core::{Domain, SignedZone, ZoneError};
+
+use crate::error::BootstrapError;
+use crate::records::TXT_LABEL;
+
+/// Time for one UDP query. A gateway on the other side of the world answers in well under a
+/// second; the rest covers a lost datagram being noticed.
+pub const UDP_TIMEOUT: Duration = Duration::from_secs(3);
+/// Time for connecting and querying over TCP.
+pub const TCP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Fetches, reassembles and verifies the zone config of `domain` from the DNS server `server`.
+///
+/// Asks over UDP first and over TCP when the answer is truncated (the config is usually larger
+/// than a UDP answer may be) or UDP gets no answer. Refuses a config that does not verify
+/// against `zone_key`, is incomplete, is for another domain, has expired, or has a serial below
+/// `known_serial`.
+pub async fn fetch_zone(
+    domain: &Domain,
+    server: SocketAddr,
+    zone_key: &VerifyingKey,
+    known_serial: Option<u64>,
+) -> Result<SignedZone, BootstrapError> {
+    let strings = fetch_txt(domain, server).await?;
+    let zone = zone_core::txt::from_txt(&strings)
+        .map_err(|source| BootstrapError::Malformed { server, source })?;
+    zone.verify_newer_than(zone_key, OffsetDateTime::now_utc(), known_serial)
+        .map_err(|source| match source {
+            ZoneError::BadSignature | ZoneError::ForeignZone { .. } => {
+                BootstrapError::Forged { server, source }
+            }
+            ZoneError::StaleSerial { .. } => BootstrapError::Stale { server, source },
+            ZoneError::Expired(_) => BootstrapError::Expired { server, source },
+            // Signed by the zone key but inconsistent: the owner's problem, still unusable.
+            source => BootstrapError::Malformed { server, source },
+        })?;
+    if &zone.config.domain != domain {
+        // The same zone key may sign configs of several domains; a config is only good for its own.
+        return Err(BootstrapError::WrongDomain {
+            server,
+            asked: domain.to_string(),
+            found: zone.config.domain.to_string(),
+        });
+    }
+    info!(%domain, %server, serial = zone.config.serial, "zone config fetched over DNS and verified");
+    Ok(zone)
+}
+
+/// The TXT strings at `_zonegate.DOMAIN`, in the order the server sent them (the chunk headers
+/// make order irrelevant anyway).
+pub async fn fetch_txt(domain: &Domain, server: SocketAddr) -> Result<Vec<String>, BootstrapError> {
+    let qname = Name::from_ascii(format!("{TXT_LABEL}.{domain}.")).map_err(|e| {
+        BootstrapError::Unreachable {
+            server,
+            name: format!("{TXT_LABEL}.{domain}"),
+            proto: "-",
+            why: format!("not a DNS name: {e}"),
+        }
+    })?;
+    let name = qname.to_ascii();
+    let response = match query_udp(server, qname.clone()).await {
+        Ok(r) if !r.truncated() => r,
+        Ok(_) => {
+            debug!(%server, %name, "truncated over UDP, asking over TCP");
+            query_tcp(server, qname.clone()).await?
+        }
+        // Some networks drop UDP to port 53 but let TCP through: one more chance before failing.
+        Err(udp_err) => query_tcp(server, qname.clone())
+            .await
+            .map_err(|_| udp_err)?,
+    };
+    if response.truncated() {
+        return Err(BootstrapError::Truncated { server, name });
+    }
+    let rcode = response.response_code();
+    if rcode != ResponseCode::NoError {
+        let hint = match rcode {
+            ResponseCode::Refused => "the server is not authoritative for this domain (wrong server, or the gateway serves another zone)",
+            ResponseCode::NXDomain => "no such name: the server does not publish a zonegate config for this domain",
+            ResponseCode::ServFail => "the server failed: see its logs",
+            _ => "unexpected answer",
+        };
+        return Err(BootstrapError::Rcode {
+            server,
+            name,
+            rcode: rcode.to_string(),
+            hint,
+        });
+    }
+    let mut strings = Vec::new();
+    for record in response.answers() {
+        // Name equality is case-insensitive, as DNS is.
+        if record.name() != &qname {
+            continue;
+        }
+        if let RData::TXT(txt) = record.data() {
+            for s in txt.iter() {
+                // zonegate chunks are ASCII; anything else is not ours and is left to
+                // reassembly, which ignores strings without the zg1: prefix.
+                strings.push(String::from_utf8_lossy(s).into_owned());
+            }
+        }
+    }
+    if strings.is_empty() {
+        return Err(BootstrapError::NoRecord { server, name });
+    }
+    Ok(strings)
+}
+
+async fn query_udp(server: SocketAddr, qname: Name) -> Result<DnsResponse, BootstrapError> {
+    let unreachable = |why: String| BootstrapError::Unreachable {
+        server,
+        name: qname.to_ascii(),
+        proto: "UDP",
+        why,
+    };
+    let conn = UdpClientStream::builder(server, TokioRuntimeProvider::new())
+        .with_timeout(Some(UDP_TIMEOUT))
+        .build();
+    let (mut client, bg) = Client::connect(conn)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let bg = tokio::spawn(bg);
+    let r = tokio::time::timeout(
+        UDP_TIMEOUT,
+        client.query(qname.clone(), DNSClass::IN, RecordType::TXT),
+    )
+    .await;
+    bg.abort();
+    match r {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) => Err(unreachable(e.to_string())),
+        Err(_) => Err(unreachable(format!("no answer within {UDP_TIMEOUT:?}"))),
+    }
+}
+
+async fn query_tcp(server: SocketAddr, qname: Name) -> Result<DnsResponse, BootstrapError> {
+    let unreachable = |why: String| BootstrapError::Unreachable {
+        server,
+        name: qname.to_ascii(),
+        proto: "TCP",
+        why,
+    };
+    let (conn, handle) =
+        TcpClientStream::new(server, None, Some(TCP_TIMEOUT), TokioRuntimeProvider::new());
+    let fut = async {
+        let (mut client, bg) = Client::new(conn, handle, None)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let bg = tokio::spawn(bg);
+        let r = client
+            .query(qname.clone(), DNSClass::IN, RecordType::TXT)
+            .await
+            .map_err(|e| unreachable(e.to_string()));
+        bg.abort();
+        r
+    };
+    tokio::time::timeout(TCP_TIMEOUT, fut)
+        .await
+        .map_err(|_| unreachable(format!("no answer within {TCP_TIMEOUT:?}")))?
+}

@@ -1,0 +1,118 @@
+//! Typed errors: building records, running the server, bootstrapping from DNS.
+//!
+//! Each says who caused it (the local config, the operating system, the DNS server asked, or the
+//! answer itself) and what to do.
+
+use std::net::SocketAddr;
+
+use zone_core::ZoneError;
+
+/// The zone cannot be turned into DNS records (a problem of the local zone.json).
+#[derive(Debug, thiserror::Error)]
+pub enum RecordsError {
+    #[error("{0:?} is not a valid DNS name: {1}")]
+    Name(String, String),
+    #[error("zone config is too large for DNS: its TXT record would be {bytes} bytes, the limit is {max} (a DNS message holds at most 64 KiB)")]
+    TxtTooLarge { bytes: usize, max: usize },
+    #[error("a TXT string is {0} bytes; one TXT character-string holds at most 255")]
+    TxtString(usize),
+}
+
+/// The DNS server cannot start or stopped unexpectedly.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("DNS: cannot listen on {proto} {addr}: {source}{hint}")]
+    Bind {
+        proto: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+        /// What to do about it, with a leading "; ".
+        hint: String,
+    },
+    #[error("DNS: cannot build the zone's records: {0}")]
+    Records(#[from] RecordsError),
+    #[error("DNS: the {0} listener stopped unexpectedly: {1}")]
+    Stopped(&'static str, String),
+}
+
+/// Who is to blame for a failed bootstrap: decides whether trying another server can help.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Blame {
+    /// The server could not be reached or did not answer.
+    Network,
+    /// The server answered, but not with the zone config (not authoritative, no record).
+    Server,
+    /// The answer came but is not acceptable: forged, incomplete or stale.
+    Answer,
+}
+
+/// Fetching the zone config over DNS failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error("DNS server {server} did not answer for {name} over {proto}: {why}")]
+    Unreachable {
+        server: SocketAddr,
+        name: String,
+        proto: &'static str,
+        why: String,
+    },
+    #[error("DNS server {server} answered {rcode} for {name}: {hint}")]
+    Rcode {
+        server: SocketAddr,
+        name: String,
+        rcode: String,
+        hint: &'static str,
+    },
+    #[error("DNS server {server} has no TXT record at {name}: is it the gateway of this zone?")]
+    NoRecord { server: SocketAddr, name: String },
+    #[error("DNS server {server}: the answer for {name} was still truncated over TCP")]
+    Truncated { server: SocketAddr, name: String },
+    #[error(
+        "zone config from DNS server {server} is incomplete or malformed, refusing it: {source}"
+    )]
+    Malformed {
+        server: SocketAddr,
+        #[source]
+        source: ZoneError,
+    },
+    #[error("zone config from DNS server {server} does not verify against the pinned zone CA, refusing it (forged or tampered answer): {source}")]
+    Forged {
+        server: SocketAddr,
+        #[source]
+        source: ZoneError,
+    },
+    #[error("zone config from DNS server {server} is older than the one already known, refusing it: {source}")]
+    Stale {
+        server: SocketAddr,
+        #[source]
+        source: ZoneError,
+    },
+    #[error("zone config from DNS server {server} has expired: {source}")]
+    Expired {
+        server: SocketAddr,
+        #[source]
+        source: ZoneError,
+    },
+    #[error(
+        "zone config from DNS server {server} is for domain {found}, not {asked}: refusing it"
+    )]
+    WrongDomain {
+        server: SocketAddr,
+        asked: String,
+        found: String,
+    },
+}
+
+impl BootstrapError {
+    /// Who caused the failure.
+    pub fn blame(&self) -> Blame {
+        match self {
+            BootstrapError::Unreachable { .. } => Blame::Network,
+            BootstrapError::Rcode { .. }
+            | BootstrapError::NoRecord { .. }
+            | BootstrapError::Truncated { .. } => Blame::Server,
+            _ => Blame::Answer,
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! The hickory-server request handler: turns one query into one response from the current
+//! [`ZoneRecords`], which can be swapped at any time without disturbing queries in flight.
+//!
+//! Not an open resolver: a query for a name outside the zone is REFUSED, recursion is never
+//! offered (RA stays clear), and every answer inside the zone is authoritative (AA).
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use hickory_proto::op::{Edns, Header, OpCode, ResponseCode};
+use hickory_proto::rr::{DNSClass, Record};
+use hickory_proto::xfer::Protocol;
+use hickory_server::authority::MessageResponseBuilder;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use tracing::debug;
+
+use crate::records::{name_wire_len, Lookup, ZoneRecords};
+
+/// Largest UDP response we send, whatever the client offers: 1232 bytes fits the IPv6 minimum
+/// MTU without fragmentation (DNS Flag Day 2020) and caps the amplification a spoofed query can
+/// get out of the zone config TXT. Larger answers are truncated (TC) and fetched over TCP.
+pub const UDP_PAYLOAD_MAX: u16 = 1232;
+/// Size every DNS client accepts over UDP (RFC 1035), used when the query has no EDNS.
+const UDP_PAYLOAD_MIN: u16 = 512;
+/// Header (12) plus the OPT record of our EDNS (11).
+const FIXED_OVERHEAD: usize = 12 + 11;
+
+/// Answers queries for one zone from swappable precomputed records.
+#[derive(Clone)]
+pub struct ZoneHandler {
+    current: Arc<ArcSwap<ZoneRecords>>,
+}
+
+impl ZoneHandler {
+    pub fn new(records: Arc<ZoneRecords>) -> Self {
+        ZoneHandler {
+            current: Arc::new(ArcSwap::new(records)),
+        }
+    }
+
+    /// The records being served.
+    pub fn records(&self) -> Arc<ZoneRecords> {
+        self.current.load_full()
+    }
+
+    /// Serves `records` from the next query on; returns the ones replaced.
+    pub fn replace(&self, records: Arc<ZoneRecords>) -> Arc<ZoneRecords> {
+        self.current.swap(records)
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for ZoneHandler {
+    async fn handle_request<R: ResponseHandler>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        // A cheap Arc clone: one query sees one consistent zone even if a swap happens meanwhile.
+        let records = self.current.load_full();
+        let mut builder = MessageResponseBuilder::from_message_request(request);
+        let mut header = Header::response_from_request(request.header());
+
+        let udp_limit = match request.edns() {
+            Some(req_edns) => {
+                let mut edns = Edns::new();
+                edns.set_max_payload(UDP_PAYLOAD_MAX);
+                edns.set_version(0);
+                if req_edns.version() > 0 {
+                    // RFC 6891 §6.1.3: we speak EDNS version 0 only.
+                    header.set_response_code(ResponseCode::BADVERS);
+                    edns.set_rcode_high(ResponseCode::BADVERS.high());
+                    builder.edns(edns);
+                    return send(&mut response_handle, builder.build_no_records(header)).await;
+                }
+                builder.edns(edns);
+                req_edns
+                    .max_payload()
+                    .clamp(UDP_PAYLOAD_MIN, UDP_PAYLOAD_MAX)
+            }
+            None => UDP_PAYLOAD_MIN,
+        };
+
+        if request.op_code() != OpCode::Query {
+            // No UPDATE, NOTIFY or anything else: the zone changes only through zone.json.
+            header.set_response_code(ResponseCode::NotImp);
+            return send(&mut response_handle, builder.build_no_records(header)).await;
+        }
+        let Ok(info) = request.request_info() else {
+            // Not exactly one question.
+            header.set_response_code(ResponseCode::FormErr);
+            return send(&mut response_handle, builder.build_no_records(header)).await;
+        };
+        let query = info.query;
+        let lookup = if query.query_class() == DNSClass::IN {
+            records.lookup(query.name(), query.query_type())
+        } else {
+            Lookup::Refused
+        };
+
+        let soa = std::slice::from_ref(records.soa());
+        match lookup {
+            Lookup::Refused => {
+                header.set_response_code(ResponseCode::Refused);
+                send(&mut response_handle, builder.build_no_records(header)).await
+            }
+            Lookup::NxDomain | Lookup::NoData => {
+                header.set_authoritative(true);
+                if lookup == Lookup::NxDomain {
+                    header.set_response_code(ResponseCode::NXDomain);
+                }
+                let none: &[Record] = &[];
+                let response = builder.build(header, none, none, soa, none);
+                send(&mut response_handle, response).await
+            }
+            Lookup::Found {
+                answers,
+                additionals,
+                wire_len,
+            } => {
+                header.set_authoritative(true);
+                let question = name_wire_len(query.name()) + 4;
+                let bound = FIXED_OVERHEAD + question + wire_len;
+                if request.protocol() == Protocol::Udp && bound > usize::from(udp_limit) {
+                    // Whole RRsets or nothing: a partial TXT set would only be refused by the
+                    // client, so send none and let it retry over TCP.
+                    debug!(src = %request.src(), bound, udp_limit, "truncating UDP answer");
+                    header.set_truncated(true);
+                    return send(&mut response_handle, builder.build_no_records(header)).await;
+                }
+                let none: &[Record] = &[];
+                let response =
+                    builder.build(header, answers.iter(), none, none, additionals.iter());
+                send(&mut response_handle, response).await
+            }
+        }
+    }
+}
+
+async fn send<'a, R: ResponseHandler>(
+    handle: &mut R,
+    response: hickory_server::authority::MessageResponse<
+        '_,
+        'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+    >,
+) -> ResponseInfo {
+    let id = response.header().id();
+    match handle.send_response(response).await {
+        Ok(info) => info,
+        Err(error) => {
+            // The client went away (TCP reset) or the socket failed: nothing to answer to.
+            debug!(%error, "DNS response not sent");
+            let mut h = Header::new();
+            h.set_id(id);
+            h.set_response_code(ResponseCode::ServFail);
+            h.into()
+        }
+    }
+}

@@ -1,0 +1,541 @@
+//! The answers of one zone, computed once from a [`SignedZone`] and then only looked up.
+//!
+//! Pure data: no sockets, no clock. [`ZoneRecords::new`] runs when the zone serial changes;
+//! [`ZoneRecords::lookup`] runs per query and only reads maps and clones a few records.
+//!
+//! Names served for zone `DOMAIN`:
+//! - `DOMAIN`: SOA, NS `ns1.DOMAIN`, A/AAAA of every gateway;
+//! - `ns1.DOMAIN`: A/AAAA of every gateway (the NS target, also sent as glue);
+//! - `*.DOMAIN`: A/AAAA of every gateway (app hostnames such as `dfs.DOMAIN` reach the HTTP front);
+//! - `NAME.DOMAIN` per device not revoked: a gateway's own addresses for a gateway device, every
+//!   gateway's for the others (devices are reached through a gateway);
+//! - `_zonegate.DOMAIN`: one TXT record whose character-strings are exactly
+//!   [`zone_core::txt::to_txt`], in order.
+//!
+//! The wildcard follows RFC 4592: it answers any name whose closest existing ancestor is the apex,
+//! so `x.y.DOMAIN` gets the gateways but `x.home1.DOMAIN` (below a device) and `x._zonegate.DOMAIN`
+//! are NXDOMAIN.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use hickory_proto::rr::rdata::{A, AAAA, NS, SOA, TXT};
+use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::BinEncodable;
+use zone_core::SignedZone;
+
+use crate::error::RecordsError;
+
+/// TTL of address and NS records: gateways move rarely, and five minutes bounds how long a resolver
+/// keeps sending users to an address the owner has just removed.
+pub const TTL_ADDR: u32 = 300;
+/// TTL of the zone config TXT: a node re-fetching after an update sees it within a minute.
+pub const TTL_TXT: u32 = 60;
+/// TTL of the SOA record itself.
+pub const TTL_SOA: u32 = 3600;
+/// SOA MINIMUM, i.e. how long NXDOMAIN/NODATA is cached (RFC 2308): a device added to the zone
+/// becomes resolvable everywhere within a minute.
+pub const NEGATIVE_TTL: u32 = 60;
+/// SOA REFRESH/RETRY/EXPIRE only matter to secondaries, which zonegate does not have; these are
+/// the usual RFC 1912 values so that a secondary someone adds behaves sanely.
+const SOA_REFRESH: i32 = 3600;
+const SOA_RETRY: i32 = 600;
+const SOA_EXPIRE: i32 = 1_209_600;
+/// Largest TXT RDATA we publish. A DNS message is at most 65,535 bytes (the TCP length prefix);
+/// this leaves room for the header, question and other sections. A zone.json above it (hundreds
+/// of devices) cannot be published as one TXT record and is refused with a clear error.
+pub const MAX_TXT_RDATA: usize = 60_000;
+
+/// Label of the zone config TXT record.
+pub const TXT_LABEL: &str = "_zonegate";
+/// Label of the name server (the gateway itself).
+pub const NS_LABEL: &str = "ns1";
+
+/// Records of one type at one name, with what goes in the additional section when they are asked.
+#[derive(Clone, Debug)]
+struct RrSet {
+    rtype: RecordType,
+    records: Vec<Record>,
+    /// Glue for NS answers; empty otherwise.
+    additionals: Vec<Record>,
+    /// Sum of the RDATA wire lengths, for the size bound of a response.
+    rdata_len: usize,
+}
+
+impl RrSet {
+    fn new(rtype: RecordType, records: Vec<Record>) -> Self {
+        let rdata_len = records.iter().map(rdata_wire_len).sum();
+        RrSet {
+            rtype,
+            records,
+            additionals: Vec::new(),
+            rdata_len,
+        }
+    }
+
+    /// Upper bound of the answer section's size with owner names written in full (compression
+    /// only makes the real message smaller).
+    fn wire_len(&self, owner: &LowerName) -> usize {
+        self.records.len() * (name_wire_len(owner) + 10)
+            + self.rdata_len
+            + self
+                .additionals
+                .iter()
+                .map(|r| name_wire_len(&LowerName::new(r.name())) + 10 + rdata_wire_len(r))
+                .sum::<usize>()
+    }
+}
+
+/// What a query finds.
+#[derive(Debug, PartialEq)]
+pub enum Lookup<'a> {
+    /// Not a name of this zone, or a query we never answer (zone transfer): REFUSED.
+    Refused,
+    /// The name does not exist in the zone: NXDOMAIN (authoritative, with the SOA).
+    NxDomain,
+    /// The name exists but has no record of that type: NOERROR, no answer, with the SOA.
+    NoData,
+    /// Records to answer with.
+    Found {
+        answers: Cow<'a, [Record]>,
+        additionals: Cow<'a, [Record]>,
+        /// Upper bound of answers + additionals on the wire, to decide truncation up front.
+        wire_len: usize,
+    },
+}
+
+/// Precomputed records of one zone at one serial.
+#[derive(Clone, Debug)]
+pub struct ZoneRecords {
+    origin: LowerName,
+    wildcard: LowerName,
+    serial: u64,
+    soa: Record,
+    nodes: HashMap<LowerName, Vec<RrSet>>,
+}
+
+impl ZoneRecords {
+    /// Builds the records of `zone`, publishing its own TXT strings.
+    pub fn new(zone: &SignedZone) -> Result<Self, RecordsError> {
+        Self::with_txt(zone, &zone_core::txt::to_txt(zone))
+    }
+
+    /// Builds the records of `zone` but publishes `txt` at `_zonegate.DOMAIN`. The gateway never
+    /// needs this; tests use it to serve a truncated or foreign TXT set.
+    pub fn with_txt(zone: &SignedZone, txt: &[String]) -> Result<Self, RecordsError> {
+        let c = &zone.config;
+        let origin = Name::from_ascii(format!("{}.", c.domain))
+            .map_err(|e| RecordsError::Name(c.domain.to_string(), e.to_string()))?;
+        let child = |label: &str| -> Result<Name, RecordsError> {
+            Name::from_ascii(label)
+                .and_then(|l| l.append_domain(&origin))
+                .map_err(|e| RecordsError::Name(format!("{label}.{}", c.domain), e.to_string()))
+        };
+        let ns1 = child(NS_LABEL)?;
+        let all_gw = dedup_ips(
+            c.gateways
+                .iter()
+                .flat_map(|g| g.addrs.iter().map(|a| a.ip())),
+        );
+
+        let mut nodes: HashMap<LowerName, Vec<RrSet>> = HashMap::new();
+
+        // SOA serial is 32 bits; zone serials grow by one per change, so taking it modulo 2^32
+        // keeps it growing in RFC 1982 serial arithmetic even past the (theoretical) wrap.
+        let soa_serial = (c.serial % (1u64 << 32)) as u32;
+        let soa = Record::from_rdata(
+            origin.clone(),
+            TTL_SOA,
+            RData::SOA(SOA::new(
+                ns1.clone(),
+                child("hostmaster")?,
+                soa_serial,
+                SOA_REFRESH,
+                SOA_RETRY,
+                SOA_EXPIRE,
+                NEGATIVE_TTL,
+            )),
+        );
+        let ns_glue = addr_records(&ns1, &all_gw);
+        let mut ns = RrSet::new(
+            RecordType::NS,
+            vec![Record::from_rdata(
+                origin.clone(),
+                TTL_ADDR,
+                RData::NS(NS(ns1.clone())),
+            )],
+        );
+        ns.additionals = ns_glue;
+        let mut apex = vec![RrSet::new(RecordType::SOA, vec![soa.clone()]), ns];
+        apex.extend(addr_sets(&origin, &all_gw));
+        nodes.insert(LowerName::new(&origin), apex);
+
+        let wildcard = child("*")?;
+        nodes.insert(LowerName::new(&wildcard), addr_sets(&wildcard, &all_gw));
+        nodes.insert(LowerName::new(&ns1), addr_sets(&ns1, &all_gw));
+
+        for d in c.devices.iter().filter(|d| !c.is_revoked(&d.name)) {
+            let name = child(d.name.as_str())?;
+            let own = dedup_ips(
+                c.gateways
+                    .iter()
+                    .filter(|g| g.device == d.name)
+                    .flat_map(|g| g.addrs.iter().map(|a| a.ip())),
+            );
+            let ips = if own.is_empty() { &all_gw } else { &own };
+            nodes.insert(LowerName::new(&name), addr_sets(&name, ips));
+        }
+
+        let txt_name = child(TXT_LABEL)?;
+        let txt_len: usize = txt.iter().map(|s| s.len() + 1).sum();
+        if txt_len > MAX_TXT_RDATA {
+            return Err(RecordsError::TxtTooLarge {
+                bytes: txt_len,
+                max: MAX_TXT_RDATA,
+            });
+        }
+        if let Some(s) = txt.iter().find(|s| s.len() > 255) {
+            return Err(RecordsError::TxtString(s.len()));
+        }
+        let txt_rec = Record::from_rdata(
+            txt_name.clone(),
+            TTL_TXT,
+            RData::TXT(TXT::new(txt.to_vec())),
+        );
+        nodes.insert(
+            LowerName::new(&txt_name),
+            vec![RrSet::new(RecordType::TXT, vec![txt_rec])],
+        );
+
+        Ok(ZoneRecords {
+            origin: LowerName::new(&origin),
+            wildcard: LowerName::new(&wildcard),
+            serial: c.serial,
+            soa,
+            nodes,
+        })
+    }
+
+    /// The zone serial these records were built from.
+    pub fn serial(&self) -> u64 {
+        self.serial
+    }
+
+    /// The zone apex (`DOMAIN.`).
+    pub fn origin(&self) -> &LowerName {
+        &self.origin
+    }
+
+    /// The SOA record, for the authority section of negative answers.
+    pub fn soa(&self) -> &Record {
+        &self.soa
+    }
+
+    /// Finds the answer to a query of class IN.
+    pub fn lookup(&self, qname: &LowerName, qtype: RecordType) -> Lookup<'_> {
+        if !self.origin.zone_of(qname) {
+            return Lookup::Refused;
+        }
+        // Zone transfers are never offered: the zone config is public through TXT anyway, and a
+        // transfer is a cheap amplification vector.
+        if matches!(qtype, RecordType::AXFR | RecordType::IXFR) {
+            return Lookup::Refused;
+        }
+        if let Some(sets) = self.nodes.get(qname) {
+            return answer(sets, qtype, qname, None);
+        }
+        // RFC 4592: the closest encloser is the longest existing ancestor. The wildcard applies
+        // only when that is the apex (the only name with a `*` child).
+        let mut up = qname.base_name();
+        while up != self.origin {
+            if self.nodes.contains_key(&up) {
+                return Lookup::NxDomain;
+            }
+            up = up.base_name();
+        }
+        match self.nodes.get(&self.wildcard) {
+            Some(sets) => answer(sets, qtype, qname, Some(qname)),
+            None => Lookup::NxDomain,
+        }
+    }
+}
+
+/// The answer from the RRsets of a node; `synth` renames records to the query name (wildcard).
+fn answer<'a>(
+    sets: &'a [RrSet],
+    qtype: RecordType,
+    qname: &LowerName,
+    synth: Option<&LowerName>,
+) -> Lookup<'a> {
+    let rename = |recs: &[Record]| -> Vec<Record> {
+        let owner = Name::from(synth.unwrap_or(qname));
+        recs.iter()
+            .map(|r| {
+                let mut r = r.clone();
+                r.set_name(owner.clone());
+                r
+            })
+            .collect()
+    };
+    if qtype == RecordType::ANY {
+        // Every RRset of the node (a handful at most); no glue.
+        let all: Vec<Record> = sets
+            .iter()
+            .flat_map(|s| s.records.iter().cloned())
+            .collect();
+        if all.is_empty() {
+            return Lookup::NoData;
+        }
+        let wire_len = sets.iter().map(|s| s.wire_len(qname)).sum();
+        let answers = if synth.is_some() { rename(&all) } else { all };
+        return Lookup::Found {
+            answers: Cow::Owned(answers),
+            additionals: Cow::Borrowed(&[]),
+            wire_len,
+        };
+    }
+    let Some(set) = sets.iter().find(|s| s.rtype == qtype) else {
+        return Lookup::NoData;
+    };
+    let answers = match synth {
+        Some(_) => Cow::Owned(rename(&set.records)),
+        None => Cow::Borrowed(set.records.as_slice()),
+    };
+    Lookup::Found {
+        answers,
+        additionals: Cow::Borrowed(set.additionals.as_slice()),
+        wire_len: set.wire_len(qname),
+    }
+}
+
+/// Wire length of a name written without compression.
+pub(crate) fn name_wire_len(name: &LowerName) -> usize {
+    Name::from(name).iter().map(|l| l.len() + 1).sum::<usize>() + 1
+}
+
+fn rdata_wire_len(r: &Record) -> usize {
+    // Encoding records we built ourselves does not fail; if it ever did, assume the worst.
+    r.data()
+        .to_bytes()
+        .map(|b| b.len())
+        .unwrap_or(u16::MAX as usize)
+}
+
+fn dedup_ips(ips: impl Iterator<Item = IpAddr>) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = Vec::new();
+    for ip in ips {
+        // An unspecified address (0.0.0.0) is a listen address, not one anybody can dial.
+        if !ip.is_unspecified() && !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    out
+}
+
+fn addr_records(name: &Name, ips: &[IpAddr]) -> Vec<Record> {
+    ips.iter()
+        .map(|ip| {
+            let rdata = match ip {
+                IpAddr::V4(v4) => RData::A(A(*v4)),
+                IpAddr::V6(v6) => RData::AAAA(AAAA(*v6)),
+            };
+            Record::from_rdata(name.clone(), TTL_ADDR, rdata)
+        })
+        .collect()
+}
+
+fn addr_sets(name: &Name, ips: &[IpAddr]) -> Vec<RrSet> {
+    let recs = addr_records(name, ips);
+    let (v4, v6): (Vec<Record>, Vec<Record>) = recs
+        .into_iter()
+        .partition(|r| r.record_type() == RecordType::A);
+    let mut sets = Vec::new();
+    if !v4.is_empty() {
+        sets.push(RrSet::new(RecordType::A, v4));
+    }
+    if !v6.is_empty() {
+        sets.push(RrSet::new(RecordType::AAAA, v6));
+    }
+    sets
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testzone::{zone, zone_with};
+
+    fn lname(s: &str) -> LowerName {
+        LowerName::new(&Name::from_ascii(s).unwrap())
+    }
+
+    fn found(l: Lookup<'_>) -> Vec<Record> {
+        match l {
+            Lookup::Found { answers, .. } => answers.into_owned(),
+            other => panic!("expected records, got {other:?}"),
+        }
+    }
+
+    fn ips(recs: &[Record]) -> Vec<String> {
+        recs.iter().map(|r| r.data().to_string()).collect()
+    }
+
+    #[test]
+    fn apex_and_wildcard_and_devices_point_at_gateways() {
+        let (_, z) = zone();
+        let r = ZoneRecords::new(&z).unwrap();
+        let a = found(r.lookup(&lname("alice.example."), RecordType::A));
+        assert_eq!(ips(&a), ["203.0.113.10", "203.0.113.11"]);
+        let aaaa = found(r.lookup(&lname("alice.example."), RecordType::AAAA));
+        assert_eq!(ips(&aaaa), ["2001:db8::10"]);
+        // Wildcard: owner renamed to the query name, one or more labels deep.
+        for q in ["dfs.alice.example.", "a.b.alice.example."] {
+            let recs = found(r.lookup(&lname(q), RecordType::A));
+            assert_eq!(ips(&recs), ["203.0.113.10", "203.0.113.11"]);
+            assert!(recs.iter().all(|x| x.name().to_ascii() == q));
+        }
+        // A node device: every gateway. A gateway device: its own addresses.
+        let home = found(r.lookup(&lname("home1.alice.example."), RecordType::A));
+        assert_eq!(ips(&home), ["203.0.113.10", "203.0.113.11"]);
+        let gw2 = found(r.lookup(&lname("gw2.alice.example."), RecordType::A));
+        assert_eq!(ips(&gw2), ["203.0.113.11"]);
+        // Case does not matter.
+        assert!(matches!(
+            r.lookup(&lname("HOME1.Alice.Example."), RecordType::A),
+            Lookup::Found { .. }
+        ));
+    }
+
+    #[test]
+    fn txt_is_exactly_the_dump_text_strings_in_order() {
+        let (_, z) = zone();
+        let r = ZoneRecords::new(&z).unwrap();
+        let recs = found(r.lookup(&lname("_zonegate.alice.example."), RecordType::TXT));
+        assert_eq!(recs.len(), 1);
+        let RData::TXT(t) = recs[0].data() else {
+            panic!("not TXT")
+        };
+        let got: Vec<String> = t
+            .iter()
+            .map(|b| String::from_utf8(b.to_vec()).unwrap())
+            .collect();
+        assert_eq!(got, zone_core::txt::to_txt(&z));
+        assert!(got.len() > 1, "the test zone should need several chunks");
+        assert_eq!(zone_core::txt::from_txt(&got).unwrap(), z);
+    }
+
+    #[test]
+    fn soa_ns_and_glue() {
+        let (_, z) = zone();
+        let r = ZoneRecords::new(&z).unwrap();
+        let soa = found(r.lookup(&lname("alice.example."), RecordType::SOA));
+        let RData::SOA(s) = soa[0].data() else {
+            panic!("not SOA")
+        };
+        assert_eq!(u64::from(s.serial()), z.config.serial);
+        assert_eq!(s.mname().to_ascii(), "ns1.alice.example.");
+        assert_eq!(s.minimum(), NEGATIVE_TTL);
+        let Lookup::Found {
+            answers,
+            additionals,
+            ..
+        } = r.lookup(&lname("alice.example."), RecordType::NS)
+        else {
+            panic!("no NS")
+        };
+        assert_eq!(ips(&answers), ["ns1.alice.example."]);
+        assert_eq!(
+            ips(&additionals),
+            ["203.0.113.10", "2001:db8::10", "203.0.113.11"]
+        );
+        let ns1 = found(r.lookup(&lname("ns1.alice.example."), RecordType::A));
+        assert_eq!(ips(&ns1), ["203.0.113.10", "203.0.113.11"]);
+    }
+
+    #[test]
+    fn negative_answers_and_refusals() {
+        let (_, z) = zone();
+        let r = ZoneRecords::new(&z).unwrap();
+        // Below an existing name: the wildcard does not apply (RFC 4592).
+        for q in ["x.home1.alice.example.", "x._zonegate.alice.example."] {
+            assert_eq!(r.lookup(&lname(q), RecordType::A), Lookup::NxDomain, "{q}");
+        }
+        // Existing names without that type.
+        assert_eq!(
+            r.lookup(&lname("home1.alice.example."), RecordType::TXT),
+            Lookup::NoData
+        );
+        assert_eq!(
+            r.lookup(&lname("dfs.alice.example."), RecordType::MX),
+            Lookup::NoData
+        );
+        // Other domains, including a suffix look-alike, and zone transfers.
+        for q in ["example.", "bob.example.", "xalice.example.", "."] {
+            assert_eq!(r.lookup(&lname(q), RecordType::A), Lookup::Refused, "{q}");
+        }
+        assert_eq!(
+            r.lookup(&lname("alice.example."), RecordType::AXFR),
+            Lookup::Refused
+        );
+    }
+
+    #[test]
+    fn revoked_devices_have_no_own_name_and_serial_follows() {
+        let (_, z) = zone_with(7, |c| {
+            c.revoked.push(zone_core::Revocation {
+                device: "home1".parse().unwrap(),
+                revoked_at: c.issued_at,
+                cert_serials: vec![],
+            })
+        });
+        let r = ZoneRecords::new(&z).unwrap();
+        assert_eq!(r.serial(), 7);
+        // home1 no longer exists as a name, so names below it fall to the wildcard.
+        assert!(matches!(
+            r.lookup(&lname("x.home1.alice.example."), RecordType::A),
+            Lookup::Found { .. }
+        ));
+    }
+
+    #[test]
+    fn oversized_txt_is_refused_clearly() {
+        let (_, z) = zone();
+        let big = vec!["x".repeat(255); 300];
+        let e = ZoneRecords::with_txt(&z, &big).unwrap_err().to_string();
+        assert!(e.contains("too large"), "{e}");
+        let e = ZoneRecords::with_txt(&z, &["y".repeat(256)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("255"), "{e}");
+    }
+
+    #[test]
+    fn wire_len_bounds_the_real_encoding() {
+        let (_, z) = zone();
+        let r = ZoneRecords::new(&z).unwrap();
+        for (q, t) in [
+            ("_zonegate.alice.example.", RecordType::TXT),
+            ("alice.example.", RecordType::NS),
+            ("a.b.alice.example.", RecordType::A),
+        ] {
+            let Lookup::Found {
+                answers,
+                additionals,
+                wire_len,
+            } = r.lookup(&lname(q), t)
+            else {
+                panic!("{q}")
+            };
+            let real: usize = answers
+                .iter()
+                .chain(additionals.iter())
+                .map(|r| r.to_bytes().unwrap().len())
+                .sum();
+            // An upper bound (no name compression), and not a loose one.
+            assert!(
+                wire_len >= real && wire_len <= real + 64,
+                "{q}: {wire_len} vs {real}"
+            );
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! The DNS server the gateway runs: UDP through hickory-server's `ServerFuture`, TCP through a
+//! small accept loop of our own (hickory's has no bound on open connections) that reuses
+//! hickory's framing and response path. Follows the zone the gateway holds without a restart.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use hickory_proto::op::MessageType;
+use hickory_proto::runtime::iocompat::AsyncIoTokioAsStd;
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+use hickory_proto::xfer::Protocol;
+use hickory_server::authority::MessageRequest;
+use hickory_server::server::{Request, RequestHandler, ResponseHandle, TimeoutStream};
+use hickory_server::ServerFuture;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+use zone_core::SignedZone;
+
+use crate::error::DnsError;
+use crate::handler::ZoneHandler;
+use crate::records::ZoneRecords;
+
+/// Open TCP connections at once. Resolvers use TCP only after a truncated answer, so a few
+/// hundred covers a busy zone while a flood of idle connections cannot exhaust file descriptors.
+pub const MAX_TCP_CONNECTIONS: usize = 256;
+/// A TCP connection that sends no complete query for this long is closed (RFC 7766 §6.2.3
+/// recommends seconds, not minutes, for servers).
+pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the zone source is asked for its serial. Cheap (an Arc clone and a compare), and
+/// a second is well below any TTL, so answers follow zone.json changes without notice.
+pub const ZONE_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How long shutdown waits for queries in flight before abandoning them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// Attempts to find a port free for both UDP and TCP when binding port 0.
+const SAME_PORT_ATTEMPTS: usize = 16;
+
+/// Bound UDP and TCP sockets, ready to [`run`](DnsServer::run).
+#[derive(Debug)]
+pub struct DnsServer {
+    udp: UdpSocket,
+    tcp: TcpListener,
+}
+
+fn bind_error(proto: &'static str, addr: SocketAddr, source: std::io::Error) -> DnsError {
+    let hint = match source.kind() {
+        std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => format!(
+            "; port {} needs root or CAP_NET_BIND_SERVICE; set dns = \"127.0.0.1:5353\" or dns = \"off\" in gateway.toml",
+            addr.port()
+        ),
+        std::io::ErrorKind::AddrInUse => "; another DNS server is using it (systemd-resolved holds 127.0.0.53:53; on a VPS, stop it or set DNSStubListener=no); or set another dns = \"IP:PORT\", or dns = \"off\" in gateway.toml".into(),
+        std::io::ErrorKind::AddrNotAvailable => "; this machine has no such address: use 0.0.0.0 or one of its own addresses in dns = \"IP:PORT\" in gateway.toml".into(),
+        _ => String::new(),
+    };
+    DnsError::Bind {
+        proto,
+        addr,
+        source,
+        hint,
+    }
+}
+
+impl DnsServer {
+    /// Binds UDP and TCP on the given addresses.
+    pub async fn bind(udp: SocketAddr, tcp: SocketAddr) -> Result<Self, DnsError> {
+        let udp = UdpSocket::bind(udp)
+            .await
+            .map_err(|e| bind_error("UDP", udp, e))?;
+        let tcp = TcpListener::bind(tcp)
+            .await
+            .map_err(|e| bind_error("TCP", tcp, e))?;
+        Ok(DnsServer { udp, tcp })
+    }
+
+    /// Binds UDP and TCP on the same address and port, as DNS clients expect. With port 0, picks
+    /// a port free for both.
+    pub async fn bind_same_port(addr: SocketAddr) -> Result<Self, DnsError> {
+        let mut last = None;
+        for _ in 0..SAME_PORT_ATTEMPTS {
+            let udp = UdpSocket::bind(addr)
+                .await
+                .map_err(|e| bind_error("UDP", addr, e))?;
+            let port = udp
+                .local_addr()
+                .map_err(|e| bind_error("UDP", addr, e))?
+                .port();
+            let tcp_addr = SocketAddr::new(addr.ip(), port);
+            match TcpListener::bind(tcp_addr).await {
+                Ok(tcp) => return Ok(DnsServer { udp, tcp }),
+                // Only a port we picked ourselves may be retried.
+                Err(e) if addr.port() == 0 && e.kind() == std::io::ErrorKind::AddrInUse => {
+                    last = Some(bind_error("TCP", tcp_addr, e));
+                }
+                Err(e) => return Err(bind_error("TCP", tcp_addr, e)),
+            }
+        }
+        Err(last.unwrap_or_else(|| bind_error("TCP", addr, std::io::ErrorKind::AddrInUse.into())))
+    }
+
+    /// The bound UDP address (with the real port when 0 was asked).
+    pub fn udp_addr(&self) -> SocketAddr {
+        self.udp
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The bound TCP address.
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.tcp
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Serves the zone `zone_source` returns until `shutdown`. The source is asked every
+    /// [`ZONE_POLL_INTERVAL`]; records are rebuilt only when the serial changes. Pass the
+    /// gateway's `move || creds.zone()`.
+    pub async fn run(
+        self,
+        zone_source: impl Fn() -> Arc<SignedZone> + Send + Sync + 'static,
+        shutdown: CancellationToken,
+    ) -> Result<(), DnsError> {
+        let first = Arc::new(ZoneRecords::new(&zone_source())?);
+        let mut current = first.clone();
+        let records_source = move || {
+            let zone = zone_source();
+            if zone.config.serial != current.serial() {
+                match ZoneRecords::new(&zone) {
+                    Ok(r) => current = Arc::new(r),
+                    // The gateway accepted this zone, so it verified; only a zone too large
+                    // for DNS gets here. Keep answering with the previous records.
+                    Err(error) => {
+                        error!(%error, serial = zone.config.serial, "DNS keeps serving the previous zone serial")
+                    }
+                }
+            }
+            current.clone()
+        };
+        self.run_records(first, records_source, shutdown).await
+    }
+
+    /// Like [`run`](DnsServer::run), with records built by the caller (tests serve hand-made
+    /// TXT sets this way). A new serial or a new `Arc` from the source is served from then on.
+    pub async fn run_records(
+        self,
+        first: Arc<ZoneRecords>,
+        mut records_source: impl FnMut() -> Arc<ZoneRecords> + Send + 'static,
+        shutdown: CancellationToken,
+    ) -> Result<(), DnsError> {
+        let (udp_addr, tcp_addr) = (self.udp_addr(), self.tcp_addr());
+        let handler = ZoneHandler::new(first.clone());
+        info!(
+            udp = %udp_addr,
+            tcp = %tcp_addr,
+            zone = %first.origin(),
+            serial = first.serial(),
+            "DNS server listening"
+        );
+
+        let mut udp_server = ServerFuture::new(handler.clone());
+        udp_server.register_socket(self.udp);
+        // Its own token, not a child of `shutdown`: the loop below must see the shutdown first,
+        // so that the accept loop ending is always unexpected there.
+        let tcp_stop = CancellationToken::new();
+        let mut tcp_task =
+            tokio::spawn(tcp_accept_loop(self.tcp, handler.clone(), tcp_stop.clone()));
+
+        let mut poll = tokio::time::interval(ZONE_POLL_INTERVAL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let result = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Ok(()),
+                _ = poll.tick() => {
+                    let next = records_source();
+                    let served = handler.records();
+                    if !Arc::ptr_eq(&next, &served) {
+                        let (old, new) = (served.serial(), next.serial());
+                        handler.replace(next);
+                        if old != new {
+                            info!(zone = %served.origin(), serial = new, previous = old, "DNS serving new zone serial");
+                        }
+                    }
+                }
+                // Both are cancel-safe: they only wait on a JoinSet / JoinHandle.
+                r = udp_server.block_until_done() => {
+                    break Err(DnsError::Stopped("UDP", r.err().map(|e| e.to_string()).unwrap_or_else(|| "no error".into())));
+                }
+                r = &mut tcp_task => {
+                    break Err(DnsError::Stopped("TCP", match r { Ok(()) => "accept loop ended".into(), Err(e) => e.to_string() }));
+                }
+            }
+        };
+
+        tcp_stop.cancel();
+        let graceful = async {
+            if let Err(error) = udp_server.shutdown_gracefully().await {
+                debug!(%error, "UDP server shutdown");
+            }
+            if !tcp_task.is_finished() {
+                let _ = (&mut tcp_task).await;
+            }
+        };
+        if tokio::time::timeout(SHUTDOWN_GRACE, graceful)
+            .await
+            .is_err()
+        {
+            warn!("DNS server: queries still in flight after the shutdown grace period, abandoning them");
+            tcp_task.abort();
+        }
+        info!(udp = %udp_addr, tcp = %tcp_addr, "DNS server stopped");
+        result
+    }
+}
+
+/// Accepts TCP connections up to [`MAX_TCP_CONNECTIONS`], each served in its own task.
+async fn tcp_accept_loop(listener: TcpListener, handler: ZoneHandler, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => match slots.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        conns.spawn(serve_tcp(stream, peer, handler.clone(), permit));
+                    }
+                    // Closing at once tells the client to go elsewhere, instead of queueing it.
+                    Err(_) => debug!(%peer, "DNS over TCP: connection limit reached, closing"),
+                },
+                Err(error) => {
+                    // Usually out of file descriptors: back off instead of spinning on accept.
+                    warn!(%error, "DNS over TCP: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    // Let connections finish the query they are on; run() bounds how long with its grace period.
+    while conns.join_next().await.is_some() {}
+}
+
+/// One TCP connection: length-prefixed queries (hickory's framing), answered in order.
+async fn serve_tcp(
+    stream: TcpStream,
+    peer: SocketAddr,
+    handler: ZoneHandler,
+    _permit: OwnedSemaphorePermit,
+) {
+    // Answers are small and clients pipeline queries: without this, Nagle holds each small
+    // answer back waiting for the client's delayed ACK (dnsperf over TCP: 15k -> 21k queries/s).
+    if let Err(error) = stream.set_nodelay(true) {
+        debug!(%peer, %error, "DNS over TCP: cannot set TCP_NODELAY");
+    }
+    let (frames, response_stream) =
+        hickory_proto::tcp::TcpStream::from_stream(AsyncIoTokioAsStd(stream), peer);
+    let mut frames = TimeoutStream::new(frames, TCP_IDLE_TIMEOUT);
+    // Polling `frames` also writes the responses queued on `response_stream`, so keep polling
+    // until the client closes or idles out.
+    while let Some(frame) = frames.next().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(error) => {
+                debug!(%peer, %error, "DNS over TCP: connection closed");
+                return;
+            }
+        };
+        let mut decoder = BinDecoder::new(frame.bytes());
+        let message = match MessageRequest::read(&mut decoder) {
+            Ok(m) => m,
+            Err(error) => {
+                // Not DNS: drop the connection rather than guess at framing.
+                debug!(%peer, %error, "DNS over TCP: undecodable query, closing");
+                return;
+            }
+        };
+        if message.message_type() == MessageType::Response {
+            // Never answer a response: that is how reflection loops start.
+            continue;
+        }
+        let request = Request::new(message, peer, Protocol::Tcp);
+        let respond = ResponseHandle::new(peer, response_stream.clone(), Protocol::Tcp);
+        handler.handle_request(&request, respond).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn privileged_port_error_says_what_to_do() {
+        let e = bind_error(
+            "UDP",
+            "0.0.0.0:53".parse().unwrap(),
+            std::io::ErrorKind::PermissionDenied.into(),
+        )
+        .to_string();
+        assert!(
+            e.contains("port 53 needs root or CAP_NET_BIND_SERVICE"),
+            "{e}"
+        );
+        assert!(
+            e.contains(r#"dns = "127.0.0.1:5353" or dns = "off" in gateway.toml"#),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn port_in_use_error_names_the_culprit() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = taken.local_addr().unwrap();
+        let e = DnsServer::bind("127.0.0.1:0".parse().unwrap(), addr)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("TCP {addr}")), "{e}");
+        assert!(e.contains("another DNS server"), "{e}");
+    }
+}

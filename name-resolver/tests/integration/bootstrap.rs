@@ -1,0 +1,125 @@
+//! Zone-config bootstrap over DNS: success, and every refusal a node must make.
+
+use name_resolver::{fetch_zone, testzone, Blame, BootstrapError, ZoneRecords};
+use zone_core::{Domain, ZoneKey};
+
+use crate::common::Running;
+
+fn domain() -> Domain {
+    Domain::new(testzone::DOMAIN).unwrap()
+}
+
+#[tokio::test]
+async fn bootstrap_fetches_and_verifies_through_the_pinned_ca() {
+    let (key, zone) = testzone::zone_with(5, |_| {});
+    let s = Running::start(zone.clone()).await;
+    // The node pins the zone CA certificate, as `--ca zone-ca.crt` does.
+    let ca_pem =
+        zone_core::cert::make_ca(&key, &domain(), time::OffsetDateTime::now_utc()).unwrap();
+    let ca_der = zone_core::cert::parse_pem_certs(&ca_pem).unwrap().remove(0);
+    let pinned = zone_core::cert::ca_public_key(&ca_der).unwrap();
+    // The TXT set is larger than a UDP answer: this goes UDP, TC, then TCP.
+    let got = fetch_zone(&domain(), s.addr, &pinned, None).await.unwrap();
+    assert_eq!(got, zone);
+    let gateways: Vec<String> = got
+        .config
+        .gateway_addrs()
+        .iter()
+        .map(|(_, a)| a.to_string())
+        .collect();
+    assert_eq!(
+        gateways,
+        [
+            "203.0.113.10:4433",
+            "[2001:db8::10]:4433",
+            "203.0.113.11:4433"
+        ]
+    );
+    // Same serial as known is fine (a restart re-fetching).
+    fetch_zone(&domain(), s.addr, &pinned, Some(5))
+        .await
+        .unwrap();
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn forged_txt_is_refused() {
+    let (key, zone) = testzone::zone();
+    // A server that rewrites a gateway address but cannot re-sign.
+    let mut forged = zone.clone();
+    forged.config.gateways[0].addrs[0] = "198.51.100.66:4433".parse().unwrap();
+    let s = Running::start(forged).await;
+    let e = fetch_zone(&domain(), s.addr, &key.verifying_key(), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, BootstrapError::Forged { .. }), "{e}");
+    assert_eq!(e.blame(), Blame::Answer);
+    assert!(e.to_string().contains("does not verify"), "{e}");
+    s.stop().await;
+
+    // A zone signed by someone else's key for the same domain.
+    let (_, other) = testzone::zone();
+    let s = Running::start(other).await;
+    let e = fetch_zone(&domain(), s.addr, &key.verifying_key(), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, BootstrapError::Forged { .. }), "{e}");
+    assert!(e.to_string().contains("another zone"), "{e}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn truncated_txt_is_refused() {
+    let (key, zone) = testzone::zone();
+    let mut txt = zone_core::txt::to_txt(&zone);
+    assert!(txt.len() > 2);
+    txt.remove(1);
+    let s = Running::start_records(ZoneRecords::with_txt(&zone, &txt).unwrap()).await;
+    let e = fetch_zone(&domain(), s.addr, &key.verifying_key(), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, BootstrapError::Malformed { .. }), "{e}");
+    assert!(e.to_string().contains("truncated"), "{e}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn stale_serial_is_refused() {
+    let key = ZoneKey::generate();
+    let old = testzone::config(&key, 3, 3).sign(&key).unwrap();
+    let s = Running::start(old).await;
+    let e = fetch_zone(&domain(), s.addr, &key.verifying_key(), Some(5))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, BootstrapError::Stale { .. }), "{e}");
+    assert!(e.to_string().contains("older than"), "{e}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_domain_and_wrong_server_are_refused() {
+    let (key, zone) = testzone::zone();
+    let s = Running::start(zone).await;
+    let bob = Domain::new("bob.example").unwrap();
+    let e = fetch_zone(&bob, s.addr, &key.verifying_key(), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, BootstrapError::Rcode { .. }), "{e}");
+    assert_eq!(e.blame(), Blame::Server);
+    assert!(e.to_string().contains("not authoritative"), "{e}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn unreachable_server_is_a_network_error() {
+    // A port nobody listens on (bound then released).
+    let addr = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (key, _) = testzone::zone();
+    let e = fetch_zone(&domain(), addr, &key.verifying_key(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.blame(), Blame::Network, "{e}");
+}
