@@ -1,0 +1,214 @@
+//! Bodies as they cross the gateway: streamed frame by frame (never collected), counted,
+//! optionally shaped to the app's bandwidth and capped at its `max_body`, with a guard that
+//! fires when the body is finished or dropped (used for the per-request log line).
+
+use std::any::Any;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+use policies::bandwidth::Shaper;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type on both sides of the proxy.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A request body grew past the app's `max_body` while streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("request body larger than {0} bytes")]
+pub struct TooLarge(pub u64);
+
+type Wait = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A body that counts its data bytes into a shared counter.
+pub struct Metered<B> {
+    inner: B,
+    bytes: Arc<AtomicU64>,
+    limit: Option<u64>,
+    shaper: Option<Arc<Shaper>>,
+    wait: Option<Wait>,
+    guard: Option<Box<dyn Any + Send>>,
+}
+
+impl<B> Metered<B> {
+    pub fn new(inner: B, bytes: Arc<AtomicU64>) -> Self {
+        Metered {
+            inner,
+            bytes,
+            limit: None,
+            shaper: None,
+            wait: None,
+            guard: None,
+        }
+    }
+    /// Fails the body once more than `max` bytes went through.
+    pub fn limit(mut self, max: Option<u64>) -> Self {
+        self.limit = max;
+        self
+    }
+    /// Paces frames through `shaper` (skipped when it has no limit).
+    pub fn shape(mut self, shaper: Shaper) -> Self {
+        self.shaper = (!shaper.is_unlimited()).then(|| Arc::new(shaper));
+        self
+    }
+    /// Dropped when the body ends, fails, or is dropped.
+    pub fn guard(mut self, g: impl Any + Send) -> Self {
+        self.guard = Some(Box::new(g));
+        self
+    }
+}
+
+impl<B> Metered<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    pub fn boxed(self) -> ProxyBody {
+        BodyExt::boxed_unsync(self)
+    }
+}
+
+impl<B> Body for Metered<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(w) = this.wait.as_mut() {
+            ready!(w.as_mut().poll(cx));
+            this.wait = None;
+        }
+        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(d) = frame.data_ref() {
+                    let n = d.len() as u64;
+                    let total = this.bytes.fetch_add(n, Ordering::Relaxed) + n;
+                    if let Some(max) = this.limit.filter(|m| total > *m) {
+                        this.guard = None;
+                        return Poll::Ready(Some(Err(Box::new(TooLarge(max)))));
+                    }
+                    if let Some(s) = &this.shaper {
+                        let s = s.clone();
+                        this.wait = Some(Box::pin(async move { s.consume(n).await }));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                this.guard = None;
+                Poll::Ready(Some(Err(e.into())))
+            }
+            None => {
+                this.guard = None;
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A complete small body (error pages, 101 answers).
+pub fn full(b: impl Into<Bytes>) -> ProxyBody {
+    http_body_util::Full::new(b.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// A body of `n` equal chunks.
+    mod chunks {
+        use super::*;
+        pub struct Iter {
+            left: usize,
+            size: usize,
+        }
+        impl Iter {
+            pub fn new(left: usize, size: usize) -> Self {
+                Iter { left, size }
+            }
+        }
+        impl hyper::body::Body for Iter {
+            type Data = Bytes;
+            type Error = std::convert::Infallible;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+                if self.left == 0 {
+                    return Poll::Ready(None);
+                }
+                self.left -= 1;
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![7u8; self.size])))))
+            }
+        }
+    }
+
+    struct Flag(Arc<AtomicU64>);
+    impl Drop for Flag {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[tokio::test]
+    async fn counts_and_fires_guard_at_end() {
+        let bytes = Arc::new(AtomicU64::new(0));
+        let fired = Arc::new(AtomicU64::new(0));
+        let body = Metered::new(chunks::Iter::new(4, 1000), bytes.clone())
+            .guard(Flag(fired.clone()))
+            .boxed();
+        let all = body.collect().await.unwrap().to_bytes();
+        assert_eq!(all.len(), 4000);
+        assert_eq!(bytes.load(Ordering::Relaxed), 4000);
+        assert_eq!(fired.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn limit_fails_the_body() {
+        let bytes = Arc::new(AtomicU64::new(0));
+        let body = Metered::new(chunks::Iter::new(10, 1000), bytes.clone())
+            .limit(Some(2500))
+            .boxed();
+        let err = body.collect().await.unwrap_err();
+        assert!(err.to_string().contains("2500"), "{err}");
+        assert_eq!(bytes.load(Ordering::Relaxed), 3000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shaping_paces_frames() {
+        let bytes = Arc::new(AtomicU64::new(0));
+        let shaper = Shaper::new(None, Some(100_000));
+        let start = tokio::time::Instant::now();
+        let body = Metered::new(chunks::Iter::new(50, 10_000), bytes)
+            .shape(shaper)
+            .boxed();
+        body.collect().await.unwrap();
+        // 500 kB at 100 kB/s, less the initial 16 KiB burst.
+        let secs = start.elapsed().as_secs_f64();
+        assert!((4.0..5.5).contains(&secs), "{secs}");
+    }
+}

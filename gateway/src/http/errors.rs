@@ -1,0 +1,277 @@
+//! Why a request got no answer from a service, who caused it (client, policy, device,
+//! gateway), and the short plain-text answer the client gets: 404 no route, 403/405 refused by
+//! the app's rules, 429 rate limit, 502 device offline or broken upstream, 504 timeout.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+use policies::DenyReason;
+use tunnel::proto::RefuseCode;
+use tunnel::OpenError;
+
+/// Who a failure is down to (pingora's `ErrorSource`): decides the status class and the log
+/// level, and keeps a misbehaving device apart from a misbehaving client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Client,
+    Policy,
+    Upstream,
+    Gateway,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("the request names no host")]
+    NoHost,
+    #[error("no app serves {host}{path}")]
+    NoRoute { host: String, path: String },
+    #[error("app {app} does not allow {method}")]
+    MethodNotAllowed {
+        app: String,
+        method: String,
+        allow: Vec<String>,
+    },
+    #[error("app {app} refuses this request: {reason}")]
+    Denied { app: String, reason: DenyReason },
+    #[error("app {app}: too many requests")]
+    RateLimited { app: String, retry_after: Duration },
+    #[error("app {app}: too many connections")]
+    TooManyConnections { app: String },
+    #[error("app {app}: request body larger than {max} bytes")]
+    BodyTooLarge { app: String, max: u64 },
+    #[error("app {app}: {error}")]
+    Open {
+        app: String,
+        service: String,
+        error: OpenError,
+    },
+    #[error("app {app}: device {device} did not answer within {secs} s")]
+    UpstreamTimeout {
+        app: String,
+        device: String,
+        secs: u64,
+    },
+    #[error("app {app}: device {device}: {error}")]
+    Upstream {
+        app: String,
+        device: String,
+        error: hyper::Error,
+    },
+    #[error("the gateway is shutting down")]
+    Draining,
+}
+
+impl ProxyError {
+    pub fn source(&self) -> Source {
+        match self {
+            ProxyError::NoHost | ProxyError::NoRoute { .. } | ProxyError::BodyTooLarge { .. } => {
+                Source::Client
+            }
+            ProxyError::MethodNotAllowed { .. }
+            | ProxyError::Denied { .. }
+            | ProxyError::RateLimited { .. }
+            | ProxyError::TooManyConnections { .. } => Source::Policy,
+            ProxyError::Open { error, .. } => match error {
+                OpenError::Refused {
+                    code: RefuseCode::PolicyDenied | RefuseCode::RateLimited,
+                    ..
+                } => Source::Policy,
+                _ => Source::Upstream,
+            },
+            ProxyError::UpstreamTimeout { .. } | ProxyError::Upstream { .. } => Source::Upstream,
+            ProxyError::Draining => Source::Gateway,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoHost => StatusCode::BAD_REQUEST,
+            ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::Denied { .. } => StatusCode::FORBIDDEN,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::TooManyConnections { .. } | ProxyError::Draining => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::Open { error, .. } => match error {
+                OpenError::Offline(_) | OpenError::Tunnel { .. } => StatusCode::BAD_GATEWAY,
+                OpenError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+                OpenError::Refused { code, .. } => match code {
+                    RefuseCode::PolicyDenied => StatusCode::FORBIDDEN,
+                    RefuseCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+                    RefuseCode::Overloaded | RefuseCode::Draining => {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    }
+                    _ => StatusCode::BAD_GATEWAY,
+                },
+            },
+            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// One or two short lines for a person: what happened and, where it helps, what to do.
+    pub fn body(&self) -> String {
+        match self {
+            ProxyError::NoHost => "400 bad request: the request names no host\n".into(),
+            ProxyError::NoRoute { host, path } => {
+                format!("404 not found: no app serves {host}{path}\n")
+            }
+            ProxyError::MethodNotAllowed { app, method, allow } => format!(
+                "405 method not allowed: app {app} does not allow {method} (allowed: {})\n",
+                allow.join(", ")
+            ),
+            ProxyError::Denied { app, reason } => {
+                format!("403 forbidden: app {app} refuses this request: {reason}\n")
+            }
+            ProxyError::RateLimited { app, retry_after } => format!(
+                "429 too many requests: app {app} is rate limited; retry in {} s\n",
+                retry_secs(*retry_after)
+            ),
+            ProxyError::TooManyConnections { app } => {
+                format!("503 unavailable: app {app} has too many requests in progress\n")
+            }
+            ProxyError::BodyTooLarge { app, max } => {
+                format!("413 payload too large: app {app} accepts request bodies up to {max} bytes\n")
+            }
+            ProxyError::Open {
+                app,
+                service,
+                error,
+            } => match error {
+                OpenError::Offline(d) => format!(
+                    "502 bad gateway: app {app}: device {d} is offline (its node agent is not connected to the gateway)\n"
+                ),
+                OpenError::Timeout(d) => {
+                    format!("504 gateway timeout: app {app}: device {d} did not answer in time\n")
+                }
+                OpenError::Tunnel { device, .. } => {
+                    format!("502 bad gateway: app {app}: the tunnel to device {device} failed\n")
+                }
+                OpenError::Refused {
+                    device,
+                    code,
+                    reason,
+                } => match code {
+                    RefuseCode::NoSuchService => format!(
+                        "502 bad gateway: app {app}: device {device} does not offer service {service}\n"
+                    ),
+                    RefuseCode::ServiceUnreachable => format!(
+                        "502 bad gateway: app {app}: service {service} on device {device} is not answering (is it running?)\n"
+                    ),
+                    _ => format!("{}: app {app}: device {device} refused: {reason}\n", self.status()),
+                },
+            },
+            ProxyError::UpstreamTimeout { app, device, secs } => format!(
+                "504 gateway timeout: app {app}: device {device} did not answer within {secs} s\n"
+            ),
+            ProxyError::Upstream { app, device, .. } => format!(
+                "502 bad gateway: app {app}: device {device} sent no valid HTTP answer\n"
+            ),
+            ProxyError::Draining => "503 unavailable: the gateway is shutting down\n".into(),
+        }
+    }
+
+    /// The answer sent to the client.
+    pub fn response(&self) -> Response<Full<Bytes>> {
+        let mut r = Response::new(Full::new(Bytes::from(self.body())));
+        *r.status_mut() = self.status();
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        match self {
+            ProxyError::RateLimited { retry_after, .. } => {
+                h.insert(header::RETRY_AFTER, retry_secs(*retry_after).into());
+            }
+            ProxyError::TooManyConnections { .. } | ProxyError::Draining => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ProxyError::MethodNotAllowed { allow, .. } => {
+                if let Ok(v) = HeaderValue::from_str(&allow.join(", ")) {
+                    h.insert(header::ALLOW, v);
+                }
+            }
+            _ => {}
+        }
+        r
+    }
+}
+
+/// Whole seconds for `Retry-After`, rounded up and at least 1 (0 would invite a hot loop).
+pub fn retry_secs(d: Duration) -> u64 {
+    let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    s.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(error: OpenError) -> ProxyError {
+        ProxyError::Open {
+            app: "dfs".into(),
+            service: "dfs".into(),
+            error,
+        }
+    }
+
+    #[test]
+    fn statuses_and_bodies() {
+        let off = open(OpenError::Offline("home1".into()));
+        assert_eq!(off.status(), 502);
+        assert!(off.body().contains("app dfs") && off.body().contains("device home1"));
+        assert_eq!(off.source(), Source::Upstream);
+        assert_eq!(open(OpenError::Timeout("home1".into())).status(), 504);
+        let denied = open(OpenError::Refused {
+            device: "home1".into(),
+            code: RefuseCode::PolicyDenied,
+            reason: "no".into(),
+        });
+        assert_eq!(
+            (denied.status(), denied.source()),
+            (StatusCode::FORBIDDEN, Source::Policy)
+        );
+        let nosvc = open(OpenError::Refused {
+            device: "home1".into(),
+            code: RefuseCode::NoSuchService,
+            reason: "x".into(),
+        });
+        assert_eq!(nosvc.status(), 502);
+        assert!(nosvc.body().contains("does not offer service dfs"));
+        let nr = ProxyError::NoRoute {
+            host: "a.example".into(),
+            path: "/x".into(),
+        };
+        assert_eq!(
+            (nr.status(), nr.source()),
+            (StatusCode::NOT_FOUND, Source::Client)
+        );
+    }
+
+    #[test]
+    fn headers_of_refusals() {
+        let r = ProxyError::RateLimited {
+            app: "a".into(),
+            retry_after: Duration::from_millis(1200),
+        }
+        .response();
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["retry-after"], "2");
+        let r = ProxyError::MethodNotAllowed {
+            app: "a".into(),
+            method: "PUT".into(),
+            allow: vec!["GET".into(), "HEAD".into()],
+        }
+        .response();
+        assert_eq!(r.status(), 405);
+        assert_eq!(r.headers()["allow"], "GET, HEAD");
+        assert_eq!(retry_secs(Duration::ZERO), 1);
+        assert_eq!(retry_secs(Duration::from_secs(3)), 3);
+    }
+}

@@ -1,0 +1,147 @@
+//! Header rewriting at the edge: hop-by-hop headers are removed in both directions (RFC 9110
+//! §7.6.1), an upgrade handshake keeps exactly `Connection: upgrade` + `Upgrade`, and the
+//! `X-Forwarded-*` headers tell the service who asked.
+//!
+//! The gateway is the zone's edge, so `X-Forwarded-*` sent by a client are not trusted: they
+//! are replaced, never appended to, and a service can believe what it reads.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Headers that describe one hop, never forwarded.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
+const PROXY_AUTHENTICATE: HeaderName = header::PROXY_AUTHENTICATE;
+
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// The protocol a token asks to upgrade to, if `headers` ask for an upgrade (`Connection`
+/// lists `upgrade` and `Upgrade` is present).
+pub fn upgrade_requested(headers: &HeaderMap) -> Option<HeaderValue> {
+    let wants = connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"));
+    wants
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes hop-by-hop headers (the fixed list and every header `Connection` names). With
+/// `upgrade`, the handshake headers are put back as `Connection: upgrade` and `Upgrade`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<&HeaderValue>) {
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(n);
+    }
+    headers.remove(PROXY_AUTHENTICATE);
+    if let Some(proto) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, proto.clone());
+    }
+}
+
+/// Sets `X-Forwarded-For` (the client address), `-Proto` (`http`/`https`) and `-Host` (the
+/// host the client asked for), replacing whatever the client sent.
+pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, https: bool, host: &str) {
+    if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    headers.insert(
+        X_FORWARDED_PROTO,
+        HeaderValue::from_static(if https { "https" } else { "http" }),
+    );
+    match HeaderValue::from_str(host) {
+        Ok(v) => {
+            headers.insert(X_FORWARDED_HOST, v);
+        }
+        Err(_) => {
+            headers.remove(X_FORWARDED_HOST);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn strips_fixed_and_connection_named_headers() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Secret-Hop"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret-hop", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "Basic x"),
+            ("upgrade", "websocket"),
+            ("accept", "*/*"),
+        ]);
+        strip_hop_by_hop(&mut h, None);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("accept"));
+    }
+
+    #[test]
+    fn upgrade_keeps_only_the_handshake() {
+        let mut h = map(&[
+            ("connection", "Upgrade, keep-alive"),
+            ("upgrade", "websocket"),
+            ("keep-alive", "1"),
+            ("sec-websocket-key", "abc"),
+        ]);
+        let up = upgrade_requested(&h);
+        assert_eq!(up.as_ref().unwrap(), "websocket");
+        strip_hop_by_hop(&mut h, up.as_ref());
+        assert_eq!(h.get("connection").unwrap(), "upgrade");
+        assert_eq!(h.get("upgrade").unwrap(), "websocket");
+        assert!(h.contains_key("sec-websocket-key"));
+        assert!(!h.contains_key("keep-alive"));
+        // `Upgrade` without `Connection: upgrade` is no upgrade request.
+        assert!(upgrade_requested(&map(&[("upgrade", "websocket")])).is_none());
+    }
+
+    #[test]
+    fn forwarded_headers_replace_client_values() {
+        let mut h = map(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-proto", "gopher"),
+        ]);
+        set_forwarded(&mut h, "192.0.2.7".parse().unwrap(), true, "alice.example");
+        assert_eq!(h.get_all(X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(h.get(X_FORWARDED_FOR).unwrap(), "192.0.2.7");
+        assert_eq!(h.get(X_FORWARDED_PROTO).unwrap(), "https");
+        assert_eq!(h.get(X_FORWARDED_HOST).unwrap(), "alice.example");
+    }
+}

@@ -1,0 +1,218 @@
+//! Prometheus text for the admin `/metrics`: HTTP requests per app by status code, a latency
+//! histogram per app (time until the response headers), and tunnel gauges per device. App
+//! counters (bytes, refusals) come from [`policies::accounting::render_prometheus`].
+//!
+//! Label cardinality is bounded: apps come from the policy (plus `-` for requests no app
+//! serves) and status codes are the few the proxy produces or passes through.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tunnel::status::AgentStatus;
+
+/// The app label of requests that matched no app.
+pub const NO_APP: &str = "-";
+/// Histogram bucket bounds in seconds: from a cached page on a LAN to a slow home uplink.
+pub const BUCKETS: [f64; 12] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Debug, Default, Clone)]
+struct AppHttp {
+    by_status: BTreeMap<u16, u64>,
+    /// Non-cumulative counts per bucket; the last slot is `+Inf`.
+    buckets: [u64; BUCKETS.len() + 1],
+    count: u64,
+    sum: f64,
+}
+
+/// HTTP metrics of the front. A mutex is enough: one short critical section per request.
+#[derive(Debug, Default)]
+pub struct HttpMetrics {
+    apps: Mutex<BTreeMap<String, AppHttp>>,
+}
+
+impl HttpMetrics {
+    /// Records one request of `app` answered with `status` after `latency`.
+    pub fn observe(&self, app: &str, status: u16, latency: Duration) {
+        let mut apps = self.apps.lock().unwrap_or_else(|p| p.into_inner());
+        if !apps.contains_key(app) {
+            apps.insert(app.to_owned(), AppHttp::default());
+        }
+        let Some(a) = apps.get_mut(app) else { return };
+        *a.by_status.entry(status).or_default() += 1;
+        let secs = latency.as_secs_f64();
+        let i = BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BUCKETS.len());
+        a.buckets[i] += 1;
+        a.count += 1;
+        a.sum += secs;
+    }
+
+    /// Requests of `app` answered with `status` so far.
+    pub fn requests(&self, app: &str, status: u16) -> u64 {
+        let apps = self.apps.lock().unwrap_or_else(|p| p.into_inner());
+        apps.get(app)
+            .and_then(|a| a.by_status.get(&status).copied())
+            .unwrap_or(0)
+    }
+
+    pub fn render(&self, out: &mut String) {
+        let apps = self.apps.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let name = "zonegate_http_requests_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} HTTP requests answered, by app and status code\n# TYPE {name} counter"
+        );
+        for (app, a) in &apps {
+            for (code, n) in &a.by_status {
+                let _ = writeln!(out, "{name}{{app=\"{app}\",code=\"{code}\"}} {n}");
+            }
+        }
+        let name = "zonegate_http_request_duration_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time from request to response headers, by app\n# TYPE {name} histogram"
+        );
+        for (app, a) in &apps {
+            let mut cum = 0;
+            for (i, b) in BUCKETS.iter().enumerate() {
+                cum += a.buckets[i];
+                let _ = writeln!(out, "{name}_bucket{{app=\"{app}\",le=\"{b}\"}} {cum}");
+            }
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{app=\"{app}\",le=\"+Inf\"}} {}\n{name}_sum{{app=\"{app}\"}} {}\n{name}_count{{app=\"{app}\"}} {}",
+                a.count, a.sum, a.count
+            );
+        }
+    }
+}
+
+/// Tunnel gauges: connected agents, and per device RTT, streams and bytes.
+pub fn render_tunnel(agents: &[AgentStatus], health: &str, pool_idle: usize, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "# HELP zonegate_tunnel_agents Node agents connected\n# TYPE zonegate_tunnel_agents gauge\nzonegate_tunnel_agents {}",
+        agents.len()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP zonegate_zone_health Zone health colour (1 for the current one)\n# TYPE zonegate_zone_health gauge"
+    );
+    for c in ["green", "yellow", "orange", "red"] {
+        let _ = writeln!(
+            out,
+            "zonegate_zone_health{{colour=\"{c}\"}} {}",
+            u8::from(c == health)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP zonegate_http_pool_idle Idle upstream HTTP connections kept over tunnel streams\n# TYPE zonegate_http_pool_idle gauge\nzonegate_http_pool_idle {pool_idle}"
+    );
+    type Get = fn(&AgentStatus) -> f64;
+    let per_device: [(&str, &str, &str, Get); 5] = [
+        (
+            "zonegate_tunnel_rtt_seconds",
+            "gauge",
+            "Round-trip time to the device",
+            |a| a.rtt_ms / 1000.0,
+        ),
+        (
+            "zonegate_tunnel_uptime_seconds",
+            "gauge",
+            "Time the device's tunnel has been up",
+            |a| a.uptime_secs as f64,
+        ),
+        (
+            "zonegate_tunnel_streams_total",
+            "counter",
+            "Streams opened to the device (this session)",
+            |a| a.streams as f64,
+        ),
+        (
+            "zonegate_tunnel_bytes_to_device_total",
+            "counter",
+            "Payload bytes sent to the device (this session)",
+            |a| a.bytes_to as f64,
+        ),
+        (
+            "zonegate_tunnel_bytes_from_device_total",
+            "counter",
+            "Payload bytes received from the device (this session)",
+            |a| a.bytes_from as f64,
+        ),
+    ];
+    for (name, kind, help, get) in per_device {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for a in agents {
+            // Device names are DNS labels: no escaping needed.
+            let _ = writeln!(out, "{name}{{device=\"{}\"}} {}", a.device, get(a));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative_and_counts_by_status() {
+        let m = HttpMetrics::default();
+        m.observe("web", 200, Duration::from_millis(3));
+        m.observe("web", 200, Duration::from_millis(30));
+        m.observe("web", 502, Duration::from_secs(60));
+        m.observe(NO_APP, 404, Duration::ZERO);
+        assert_eq!(m.requests("web", 200), 2);
+        let mut s = String::new();
+        m.render(&mut s);
+        assert!(
+            s.contains("zonegate_http_requests_total{app=\"web\",code=\"200\"} 2\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains("zonegate_http_requests_total{app=\"-\",code=\"404\"} 1\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains(
+                "zonegate_http_request_duration_seconds_bucket{app=\"web\",le=\"0.005\"} 1\n"
+            ),
+            "{s}"
+        );
+        assert!(
+            s.contains(
+                "zonegate_http_request_duration_seconds_bucket{app=\"web\",le=\"0.05\"} 2\n"
+            ),
+            "{s}"
+        );
+        assert!(
+            s.contains("zonegate_http_request_duration_seconds_bucket{app=\"web\",le=\"10\"} 2\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains(
+                "zonegate_http_request_duration_seconds_bucket{app=\"web\",le=\"+Inf\"} 3\n"
+            ),
+            "{s}"
+        );
+        assert!(
+            s.contains("zonegate_http_request_duration_seconds_count{app=\"web\"} 3\n"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn tunnel_gauges() {
+        let mut s = String::new();
+        render_tunnel(&[], "red", 0, &mut s);
+        assert!(s.contains("zonegate_tunnel_agents 0\n"));
+        assert!(s.contains("zonegate_zone_health{colour=\"red\"} 1\n"));
+        assert!(s.contains("zonegate_zone_health{colour=\"green\"} 0\n"));
+    }
+}

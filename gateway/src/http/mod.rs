@@ -1,0 +1,212 @@
+//! The public HTTP(S) front: terminates HTTP/1.1 and HTTP/2 (TLS with SNI and ALPN, or
+//! plain), routes each request by host and path to an app of the policy, and proxies it to
+//! the app's device service through the tunnel.
+//!
+//! # Layout
+//! - [`Front`] (here): accept loops, one task per connection (TLS handshake with a timeout,
+//!   then hyper's auto HTTP/1.1-or-2 server), graceful drain.
+//! - [`proxy`]: one request: policy, limits, upstream, upgrades, the per-request log line.
+//! - [`route`]: the host a request names and the path the service sees.
+//! - [`headers`]: hop-by-hop stripping and `X-Forwarded-*`.
+//! - [`pool`]: upstream HTTP/1.1 connections kept over tunnel streams.
+//! - [`body`]: streamed, counted, shaped bodies.
+//! - [`errors`]: what went wrong, whose fault it was, and the short answer a client gets.
+//! - [`tls`]: rustls configuration: SNI certificate choice, self-signed fallback.
+//! - [`metrics`], [`status_page`]: the admin API's `/metrics` and `/`.
+
+pub mod body;
+pub mod errors;
+pub mod headers;
+pub mod metrics;
+pub mod pool;
+pub mod proxy;
+pub mod route;
+pub mod status_page;
+pub mod tls;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+use tunnel::hub::Hub;
+
+use self::metrics::HttpMetrics;
+use self::pool::Pool;
+
+/// Public HTTP connections open at once, both listeners together. Each costs a file
+/// descriptor and a task; beyond this new connections are closed at once, so a flood cannot
+/// exhaust descriptors the tunnel needs.
+pub const MAX_CONNECTIONS: usize = 16_384;
+/// Concurrent HTTP/2 streams per client connection: a browser needs far fewer; a bound keeps
+/// one connection from opening thousands of tunnel streams.
+pub const MAX_H2_STREAMS: u32 = 128;
+
+/// Timeouts of the front.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpTuning {
+    /// Time a client has to send a request's headers (slowloris defence; HTTP/1.1).
+    pub header_read_timeout: Duration,
+    /// Time a device's service has to start answering (response headers) → else 504.
+    pub response_timeout: Duration,
+    /// Time a client has to finish the TLS handshake.
+    pub tls_handshake_timeout: Duration,
+}
+
+impl Default for HttpTuning {
+    fn default() -> Self {
+        HttpTuning {
+            header_read_timeout: Duration::from_secs(10),
+            response_timeout: Duration::from_secs(60),
+            tls_handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+struct Inner {
+    hub: Hub,
+    pool: Arc<Pool>,
+    metrics: HttpMetrics,
+    tuning: HttpTuning,
+    connections: Arc<Semaphore>,
+}
+
+/// The HTTP front of a gateway. Cheap to clone.
+#[derive(Clone)]
+pub struct Front(Arc<Inner>);
+
+impl std::fmt::Debug for Front {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Front")
+            .field("pool", &self.0.pool)
+            .field("tuning", &self.0.tuning)
+            .finish()
+    }
+}
+
+impl Front {
+    pub fn new(hub: Hub, tuning: HttpTuning) -> Self {
+        Front(Arc::new(Inner {
+            hub,
+            pool: Pool::new(),
+            metrics: HttpMetrics::default(),
+            tuning,
+            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        }))
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.0.hub
+    }
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.0.pool
+    }
+    pub fn metrics(&self) -> &HttpMetrics {
+        &self.0.metrics
+    }
+    pub fn tuning(&self) -> &HttpTuning {
+        &self.0.tuning
+    }
+
+    /// Accepts on `listener` until `shutdown`, with TLS when `tls` is given. Connections run
+    /// as tracked work of the hub, so the gateway's drain waits for requests in flight; on
+    /// shutdown each connection finishes its current requests and closes.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        tls: Option<TlsAcceptor>,
+        shutdown: CancellationToken,
+    ) {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        if let Ok(a) = listener.local_addr() {
+            info!(addr = %a, scheme, "HTTP front listening");
+        }
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Typically out of file descriptors: back off instead of spinning.
+                        warn!(scheme, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = self.0.connections.clone().try_acquire_owned() else {
+                debug!(client = %peer, "connection refused: {MAX_CONNECTIONS} connections open");
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let front = self.clone();
+            let tls = tls.clone();
+            let shutdown = shutdown.clone();
+            let span = tracing::info_span!("http", client = %peer, scheme);
+            self.0.hub.work().spawn(
+                async move {
+                    match tls {
+                        None => front.serve_conn(tcp, peer, false, shutdown).await,
+                        Some(acc) => {
+                            let t = front.0.tuning.tls_handshake_timeout;
+                            match tokio::time::timeout(t, acc.accept(tcp)).await {
+                                Ok(Ok(s)) => front.serve_conn(s, peer, true, shutdown).await,
+                                Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
+                                Err(_) => debug!("TLS handshake timed out"),
+                            }
+                        }
+                    }
+                    drop(permit);
+                }
+                .instrument(span),
+            );
+        }
+        self.0.pool.close();
+    }
+
+    /// Serves HTTP/1.1 or HTTP/2 (by ALPN or preface) on one client connection.
+    pub async fn serve_conn<I>(
+        self,
+        io: I,
+        peer: SocketAddr,
+        https: bool,
+        shutdown: CancellationToken,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let front = self.clone();
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let front = front.clone();
+            async move { Ok::<_, Infallible>(proxy::handle(front, req, peer, https).await) }
+        });
+        let mut b = auto::Builder::new(TokioExecutor::new());
+        b.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.0.tuning.header_read_timeout);
+        b.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_H2_STREAMS);
+        let conn = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
+        tokio::pin!(conn);
+        let r = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = r {
+            debug!(error = %e, "connection ended with an error");
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! From a request to where it goes: the host a request names (HTTP/1.1 `Host` or HTTP/2
+//! `:authority`) and the path the device's service sees (with the app's prefix stripped when
+//! the app asks for it). Routing itself (host + longest prefix → app) is the policy's
+//! [`policies::CompiledPolicy::route_http`].
+
+use http::request::Parts;
+use http::uri::PathAndQuery;
+use policies::HttpRoute;
+
+/// The host a request is for, as the client wrote it (may carry a port). HTTP/2 and
+/// absolute-form requests carry it in the URI; HTTP/1.1 in `Host`.
+pub fn request_host(parts: &Parts) -> Option<&str> {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| parts.headers.get(http::header::HOST)?.to_str().ok())
+        .filter(|h| !h.is_empty())
+}
+
+/// The origin-form target (`/path?query`) to send upstream. With `strip_prefix`, the app's
+/// path prefix is removed (`/dfs/a` → `/a`, `/dfs` → `/`); routing guarantees the prefix
+/// matches on whole segments.
+pub fn upstream_target(pq: Option<&PathAndQuery>, route: &HttpRoute) -> String {
+    let path = pq.map(|p| p.path()).unwrap_or("/");
+    let query = pq.and_then(|p| p.query());
+    let path = if route.strip_prefix && route.path != "/" {
+        match path.strip_prefix(route.path.as_str()) {
+            Some("") => "/",
+            Some(rest) if rest.starts_with('/') => rest,
+            _ => path,
+        }
+    } else {
+        path
+    };
+    let path = if path.is_empty() { "/" } else { path };
+    match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(path: &str, strip: bool) -> HttpRoute {
+        HttpRoute {
+            host: "alice.example".into(),
+            path: path.into(),
+            strip_prefix: strip,
+        }
+    }
+
+    fn target(uri: &str, r: &HttpRoute) -> String {
+        let uri: http::Uri = uri.parse().unwrap();
+        upstream_target(uri.path_and_query(), r)
+    }
+
+    #[test]
+    fn strips_prefix_on_whole_segments() {
+        let r = route("/dfs", true);
+        assert_eq!(target("/dfs/a/b?x=1", &r), "/a/b?x=1");
+        assert_eq!(target("/dfs", &r), "/");
+        assert_eq!(target("/dfs?x", &r), "/?x");
+        assert_eq!(target("/dfs/", &r), "/");
+    }
+
+    #[test]
+    fn keeps_path_without_strip_or_at_root() {
+        assert_eq!(target("/dfs/a?q", &route("/dfs", false)), "/dfs/a?q");
+        assert_eq!(target("/x", &route("/", true)), "/x");
+        assert_eq!(
+            target("http://alice.example/a?b", &route("/", false)),
+            "/a?b"
+        );
+    }
+
+    #[test]
+    fn host_from_header_or_authority() {
+        let (p, _) = http::Request::builder()
+            .uri("/x")
+            .header("host", "Alice.Example:8443")
+            .body(())
+            .unwrap()
+            .into_parts();
+        assert_eq!(request_host(&p), Some("Alice.Example:8443"));
+        let (p, _) = http::Request::builder()
+            .uri("https://alice.example/x")
+            .header("host", "other")
+            .body(())
+            .unwrap()
+            .into_parts();
+        assert_eq!(request_host(&p), Some("alice.example"));
+        let (p, _) = http::Request::builder()
+            .uri("/x")
+            .body(())
+            .unwrap()
+            .into_parts();
+        assert_eq!(request_host(&p), None);
+    }
+}

@@ -1,0 +1,221 @@
+//! The admin status page (`/` on the admin address): devices and their tunnels, the zone
+//! health colour, and per-app counters — rendered on the server from the same JSON as
+//! `/status`, so it needs no script and shows the same truth.
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+/// Seconds between automatic reloads of the page.
+const REFRESH_SECS: u32 = 5;
+
+fn esc(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&#39;"),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => esc(s),
+        Value::Null => String::new(),
+        other => esc(&other.to_string()),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// What a colour means, in the product's words (DESIGN.md, "Zone health colours").
+fn health_words(c: &str) -> &'static str {
+    match c {
+        "green" => "every device of the zone is connected",
+        "yellow" => "a device is missing",
+        "orange" => "most devices are missing",
+        "red" => "no device is connected",
+        _ => "unknown",
+    }
+}
+
+/// Renders the page from the `/status` JSON of a gateway.
+pub fn render(status: &Value) -> String {
+    let health = status["health"].as_str().unwrap_or("unknown");
+    let colour = match health {
+        "green" => "#2e9d44",
+        "yellow" => "#d9b400",
+        "orange" => "#e2760b",
+        "red" => "#c8281e",
+        _ => "#777",
+    };
+    let mut h = String::new();
+    let _ = write!(
+        h,
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+<meta http-equiv=\"refresh\" content=\"{REFRESH_SECS}\">\
+<title>zonegate — {zone}</title>\
+<style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}\
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:.3em .7em;text-align:left}}\
+th{{background:#f3f3f3}}.badge{{display:inline-block;padding:.2em .8em;border-radius:1em;color:#fff;font-weight:bold}}\
+.up{{color:#2e9d44}}.down{{color:#c8281e}}</style></head><body>\n\
+<h1>zonegate gateway <code>{device}</code> for <code>{zone}</code></h1>\n\
+<p id=\"health\">Zone health: <span class=\"badge\" style=\"background:{colour}\" data-health=\"{health}\">{health}</span> — {words}. \
+Zone config serial {serial}; up {uptime} s{draining}.</p>\n",
+        zone = text(&status["zone"]),
+        device = text(&status["device"]),
+        health = esc(health),
+        words = health_words(health),
+        serial = text(&status["zone_serial"]),
+        uptime = text(&status["uptime_secs"]),
+        draining = if status["draining"].as_bool() == Some(true) {
+            "; <strong>draining</strong>"
+        } else {
+            ""
+        },
+    );
+
+    // Devices: every device of the zone config, connected or not, plus any connected extra.
+    let agents = status["agents"].as_array().cloned().unwrap_or_default();
+    let mut names: Vec<String> = status["devices_expected"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    for a in &agents {
+        if let Some(d) = a["device"].as_str() {
+            if !names.iter().any(|n| n == d) {
+                names.push(d.to_owned());
+            }
+        }
+    }
+    let _ = write!(
+        h,
+        "<h2>Devices</h2>\n<table id=\"devices\"><tr><th>device</th><th>state</th><th>address</th><th>RTT</th><th>up</th><th>services</th><th>streams</th><th>to device</th><th>from device</th></tr>\n"
+    );
+    for n in &names {
+        match agents.iter().find(|a| a["device"].as_str() == Some(n)) {
+            Some(a) => {
+                let services: Vec<String> = a["services"]
+                    .as_array()
+                    .map(|s| s.iter().map(|x| text(&x["name"])).collect())
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    h,
+                    "<tr class=\"device\" data-device=\"{d}\"><td>{d}</td><td class=\"up\">connected</td><td>{addr}</td><td>{rtt:.1} ms</td><td>{up} s</td><td>{svc}</td><td>{st}</td><td>{to}</td><td>{from}</td></tr>",
+                    d = esc(n),
+                    addr = text(&a["addr"]),
+                    rtt = a["rtt_ms"].as_f64().unwrap_or(0.0),
+                    up = text(&a["uptime_secs"]),
+                    svc = services.join(", "),
+                    st = text(&a["streams"]),
+                    to = bytes(a["bytes_to"].as_u64().unwrap_or(0)),
+                    from = bytes(a["bytes_from"].as_u64().unwrap_or(0)),
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    h,
+                    "<tr class=\"device\" data-device=\"{d}\"><td>{d}</td><td class=\"down\">not connected</td><td colspan=\"7\"></td></tr>",
+                    d = esc(n)
+                );
+            }
+        }
+    }
+    h.push_str("</table>\n");
+
+    let _ = write!(
+        h,
+        "<h2>Apps</h2>\n<table id=\"apps\"><tr><th>app</th><th>route</th><th>requests</th><th>connections</th><th>bytes in</th><th>bytes out</th><th>refused</th></tr>\n"
+    );
+    for a in status["apps"].as_array().cloned().unwrap_or_default() {
+        let c = &a["counters"];
+        let refusals: Vec<String> = c["refusals"]
+            .as_object()
+            .map(|m| m.iter().map(|(k, v)| format!("{} {}", esc(k), v)).collect())
+            .unwrap_or_default();
+        let _ = writeln!(
+            h,
+            "<tr class=\"app\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            text(&a["name"]),
+            text(&a["summary"]),
+            text(&c["requests"]),
+            text(&c["connections"]),
+            bytes(c["bytes_in"].as_u64().unwrap_or(0)),
+            bytes(c["bytes_out"].as_u64().unwrap_or(0)),
+            refusals.join(", "),
+        );
+    }
+    h.push_str("</table>\n");
+    let p = &status["policy"];
+    if p["ok"].as_bool() == Some(false) {
+        let errs: Vec<String> = p["errors"]
+            .as_array()
+            .map(|e| e.iter().map(text).collect())
+            .unwrap_or_default();
+        let _ = writeln!(
+            h,
+            "<h2>Policy</h2><p class=\"down\">The last policy edit was refused; the previous policy keeps serving:</p><pre>{}</pre>",
+            errs.join("\n")
+        );
+    }
+    h.push_str("<p><a href=\"/status\">/status</a> (JSON) · <a href=\"/metrics\">/metrics</a> (Prometheus)</p>\n</body></html>\n");
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn shows_devices_health_and_apps_escaped() {
+        let s = json!({
+            "device": "gw", "zone": "alice.example", "zone_serial": 4, "uptime_secs": 9,
+            "draining": false, "health": "yellow",
+            "devices_expected": ["home1", "home2"],
+            "agents": [{"device": "home1", "addr": "198.51.100.2:4000", "rtt_ms": 1.5,
+                        "uptime_secs": 3, "streams": 2, "bytes_to": 2048, "bytes_from": 10,
+                        "services": [{"name": "dfs", "proto": "tcp"}]}],
+            "apps": [{"name": "dfs", "summary": "http alice.example/dfs -> home1/dfs",
+                      "counters": {"requests": 7, "connections": 0, "bytes_in": 0,
+                                   "bytes_out": 1, "refusals": {"method": 2}}}],
+            "policy": {"ok": false, "errors": ["a.toml:1:1: <bad>"]},
+        });
+        let h = render(&s);
+        assert!(h.contains("data-health=\"yellow\""));
+        assert!(
+            h.contains("<td>home1</td><td class=\"up\">connected</td>"),
+            "{h}"
+        );
+        assert!(
+            h.contains("<td>home2</td><td class=\"down\">not connected</td>"),
+            "{h}"
+        );
+        assert!(h.contains("2.0 KiB"));
+        assert!(h.contains("method 2"));
+        assert!(h.contains("&lt;bad&gt;") && !h.contains("<bad>"));
+    }
+}

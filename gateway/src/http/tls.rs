@@ -1,0 +1,233 @@
+//! TLS for the public front: rustls with the certificate chosen by SNI among PEM files named
+//! in gateway.toml (`[[tls]] cert = … key = …`), ALPN `h2` and `http/1.1`.
+//!
+//! With no files configured, a self-signed certificate is made at start for the zone's names
+//! (`DOMAIN`, `*.DOMAIN`, and the hosts of the policy's http apps), so HTTPS works out of the
+//! box; browsers warn about it until real certificates are configured.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// ALPN protocols offered, preferred first.
+pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {why}")]
+    File { path: PathBuf, why: String },
+    #[error("TLS set-up: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("making a self-signed certificate: {0}")]
+    SelfSigned(#[from] rcgen::Error),
+}
+
+fn file_err(path: &Path, why: impl std::fmt::Display) -> TlsError {
+    TlsError::File {
+        path: path.to_owned(),
+        why: why.to_string(),
+    }
+}
+
+/// One certificate and the names it serves (DNS SANs, lowercase; may start with `*.`).
+#[derive(Debug)]
+struct Entry {
+    names: Vec<String>,
+    key: Arc<CertifiedKey>,
+}
+
+/// Picks a certificate by SNI: exact name first, then a one-label wildcard; without SNI or
+/// without a match, the first certificate (a client then sees a name mismatch, which is the
+/// honest answer).
+#[derive(Debug)]
+pub struct SniResolver {
+    entries: Vec<Entry>,
+}
+
+impl SniResolver {
+    /// Index of the entry for `sni`.
+    fn pick(&self, sni: Option<&str>) -> usize {
+        let Some(sni) = sni.map(|s| s.trim_end_matches('.').to_ascii_lowercase()) else {
+            return 0;
+        };
+        let exact = self.entries.iter().position(|e| e.names.contains(&sni));
+        let wildcard = || {
+            let (_, parent) = sni.split_once('.')?;
+            self.entries
+                .iter()
+                .position(|e| e.names.iter().any(|n| n.strip_prefix("*.") == Some(parent)))
+        };
+        exact.or_else(wildcard).unwrap_or(0)
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.entries
+            .get(self.pick(hello.server_name()))
+            .map(|e| e.key.clone())
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn dns_names(cert: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, x)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = x.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|g| match g {
+            GeneralName::DNSName(n) => Some(n.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn entry(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Entry, rustls::Error> {
+    let names = chain.first().map(dns_names).unwrap_or_default();
+    let signing = provider().key_provider.load_private_key(key)?;
+    let ck = CertifiedKey::new(chain, signing);
+    ck.keys_match()?;
+    Ok(Entry {
+        names,
+        key: Arc::new(ck),
+    })
+}
+
+fn load_pair(cert: &Path, key: &Path) -> Result<Entry, TlsError> {
+    let pem = std::fs::read(cert).map_err(|e| file_err(cert, e))?;
+    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_err(cert, format!("not a PEM certificate file: {e}")))?;
+    if chain.is_empty() {
+        return Err(file_err(cert, "no certificate in this PEM file"));
+    }
+    let pem = std::fs::read(key).map_err(|e| file_err(key, e))?;
+    let pk = rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| file_err(key, format!("not a PEM key file: {e}")))?
+        .ok_or_else(|| file_err(key, "no private key in this PEM file"))?;
+    let e = entry(chain, pk)
+        .map_err(|e| file_err(key, format!("{e} (is it the key of {}?)", cert.display())))?;
+    if e.names.is_empty() {
+        return Err(file_err(
+            cert,
+            "the certificate names no DNS host (subjectAltName)",
+        ));
+    }
+    Ok(e)
+}
+
+/// The server configuration and, when self-signed, that certificate in PEM (to show the
+/// operator and for tests to trust).
+#[derive(Debug)]
+pub struct Tls {
+    pub config: Arc<ServerConfig>,
+    pub self_signed_pem: Option<String>,
+    /// Names served, for the start-up log.
+    pub names: Vec<String>,
+}
+
+/// Builds the TLS configuration from `(cert, key)` PEM file pairs, or a self-signed
+/// certificate for `fallback_names` when there are none.
+pub fn configure(pairs: &[(PathBuf, PathBuf)], fallback_names: &[String]) -> Result<Tls, TlsError> {
+    let mut entries = Vec::new();
+    let mut self_signed_pem = None;
+    for (c, k) in pairs {
+        entries.push(load_pair(c, k)?);
+    }
+    if entries.is_empty() {
+        let ck = rcgen::generate_simple_self_signed(fallback_names.to_vec())?;
+        self_signed_pem = Some(ck.cert.pem());
+        let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der())
+            .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+        entries.push(entry(vec![ck.cert.der().clone()], key)?);
+    }
+    let names = entries.iter().flat_map(|e| e.names.clone()).collect();
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver { entries }));
+    config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    Ok(Tls {
+        config: Arc::new(config),
+        self_signed_pem,
+        names,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_pair(dir: &Path, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let ck = rcgen::generate_simple_self_signed(
+            names.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let c = dir.join(format!("{stem}.crt"));
+        let k = dir.join(format!("{stem}.key"));
+        std::fs::write(&c, ck.cert.pem()).unwrap();
+        std::fs::write(&k, ck.signing_key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    #[test]
+    fn sni_picks_exact_then_wildcard_then_first() {
+        let d = tempfile::tempdir().unwrap();
+        let a = write_pair(d.path(), "a", &["files.example", "www.files.example"]);
+        let b = write_pair(d.path(), "b", &["*.alice.example", "alice.example"]);
+        let a2 = load_pair(&a.0, &a.1).unwrap();
+        let b2 = load_pair(&b.0, &b.1).unwrap();
+        let r = SniResolver {
+            entries: vec![a2, b2],
+        };
+        assert_eq!(r.pick(Some("files.example")), 0);
+        assert_eq!(r.pick(Some("alice.example")), 1);
+        assert_eq!(r.pick(Some("Dfs.Alice.Example.")), 1);
+        assert_eq!(
+            r.pick(Some("a.b.alice.example")),
+            0,
+            "wildcards cover one label"
+        );
+        assert_eq!(r.pick(None), 0);
+        let tls = configure(&[a, b], &[]).unwrap();
+        assert!(tls.self_signed_pem.is_none());
+        assert_eq!(tls.config.alpn_protocols[0], b"h2");
+    }
+
+    #[test]
+    fn self_signed_when_no_files_and_clear_errors() {
+        let tls = configure(&[], &["alice.example".into(), "*.alice.example".into()]).unwrap();
+        assert!(tls.self_signed_pem.unwrap().contains("BEGIN CERTIFICATE"));
+        assert_eq!(tls.names, ["alice.example", "*.alice.example"]);
+
+        let d = tempfile::tempdir().unwrap();
+        let (c, _) = write_pair(d.path(), "a", &["a.example"]);
+        let (_, other_key) = write_pair(d.path(), "b", &["b.example"]);
+        let e = configure(&[(c.clone(), other_key)], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is it the key of"), "{e}");
+        let e = configure(&[(c.clone(), d.path().join("missing.key"))], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.key"), "{e}");
+        let e = configure(&[(c.clone(), c)], &[]).unwrap_err().to_string();
+        assert!(e.contains("no private key"), "{e}");
+    }
+}
