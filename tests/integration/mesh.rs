@@ -1,0 +1,240 @@
+//! Device↔device mesh on loopback, in process (issue 7): relayed streams are Noise-encrypted end
+//! to end (the relay's byte path never holds the plaintext), hole punching upgrades later
+//! streams to a direct QUIC connection that survives the gateway, and a Noise peer whose static
+//! key is not its zone.json key is refused.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tunnel::e2e;
+use tunnel::hub::RelayTap;
+use tunnel::proto::ServiceProto;
+
+use crate::inproc::*;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+const MESH_POLICY: &str = r#"
+[app.echo-mesh]
+mesh = true
+to = "home1/echo"
+allow = { from = ["device:home2"] }
+"#;
+
+/// A payload that marks plaintext: if the relay ever holds these bytes, encryption failed.
+const MARKER: &[u8] = b"PLAINTEXT-MARKER-7f3a9c-the-gateway-must-never-see-this";
+
+fn payload(n: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(n + MARKER.len() * 8);
+    while v.len() < n {
+        v.extend_from_slice(MARKER);
+        v.extend_from_slice(&random_bytes(200));
+    }
+    v
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_sees_only_ciphertext_then_streams_go_direct_and_survive_the_gateway() {
+    let z = TestZone::new(&["home1", "home2"]);
+    z.write_policy("mesh.toml", MESH_POLICY);
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(200)).await;
+    let tap = RelayTap::new(16 << 20);
+    gw.hub.set_relay_tap(Some(tap.clone()));
+    let echo = tcp_echo().await;
+    let h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("echo", echo, ServiceProto::Tcp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    let h2 = start_agent(
+        &z,
+        "home2",
+        services(&[]),
+        vec![forward("127.0.0.1:0", "home1/echo")],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("both agents connected", WAIT, || gw.hub.agents().len() == 2).await;
+    let fwd = h2.agent.forward_addrs()[0];
+
+    // 1. First stream: relayed by the gateway, Noise end to end.
+    let data = payload(256 * 1024);
+    let back = roundtrip(fwd, &data).await.unwrap();
+    assert!(back == data, "relayed echo corrupted data");
+    let seen = tap.seen();
+    assert!(
+        seen.len() >= 2 * data.len(),
+        "the tap recorded {} bytes, expected both directions of {} (is the tap wired in?)",
+        seen.len(),
+        data.len()
+    );
+    assert!(
+        !contains(&seen, MARKER),
+        "the relay saw plaintext: the marker is in its byte path"
+    );
+    let p2 = h2.agent.peers();
+    let to_h1 = p2.iter().find(|p| p.device == "home1").expect("peer home1");
+    assert_eq!(to_h1.streams_relay, 1, "{to_h1:?}");
+    assert!(to_h1.bytes_relay_out >= data.len() as u64, "{to_h1:?}");
+    let p1 = h1.agent.peers();
+    let from_h2 = p1.iter().find(|p| p.device == "home2").expect("peer home2");
+    assert_eq!(
+        from_h2.permits,
+        vec!["echo".to_string()],
+        "gateway-approved stream not remembered: {from_h2:?}"
+    );
+
+    // 2. Hole punching (trivial on loopback): a direct path comes up on both sides.
+    wait_until("direct path home2 -> home1", WAIT, || {
+        h2.agent
+            .peers()
+            .iter()
+            .any(|p| p.device == "home1" && p.path == "direct")
+    })
+    .await;
+    wait_until("direct path home1 -> home2", WAIT, || {
+        h1.agent
+            .peers()
+            .iter()
+            .any(|p| p.device == "home2" && p.path == "direct")
+    })
+    .await;
+    let gw_status = gw.hub.status();
+    let pair = gw_status
+        .iter()
+        .find(|a| a.device == "home2")
+        .and_then(|a| a.mesh.iter().find(|m| m.to == "home1"))
+        .expect("gateway lists the home2 -> home1 pair");
+    assert!(pair.punches >= 1 && pair.relayed_streams == 1, "{pair:?}");
+
+    // 3. Later streams go direct: the relay carries nothing more.
+    let relayed_before = tap.seen().len();
+    let data = payload(1 << 20);
+    let back = roundtrip(fwd, &data).await.unwrap();
+    assert!(back == data, "direct echo corrupted data");
+    assert_eq!(
+        tap.seen().len(),
+        relayed_before,
+        "second stream went through the relay"
+    );
+    let to_h1 = h2
+        .agent
+        .peers()
+        .into_iter()
+        .find(|p| p.device == "home1")
+        .unwrap();
+    assert_eq!(to_h1.streams_direct, 1, "{to_h1:?}");
+    assert!(to_h1.rtt_ms.is_some());
+
+    // 4. The gateway goes away; the direct path keeps working.
+    gw.shutdown.cancel();
+    let _ = tokio::time::timeout(WAIT, gw.task).await;
+    wait_until("agents notice the gateway is gone", WAIT, || {
+        h2.agent.links().iter().all(|l| l.status().state != "up")
+    })
+    .await;
+    for i in 0..3 {
+        let data = payload(64 * 1024);
+        let back = roundtrip(fwd, &data).await.unwrap();
+        assert!(
+            back == data,
+            "direct echo #{i} without gateway corrupted data"
+        );
+    }
+    h1.shutdown.cancel();
+    h2.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn noise_refuses_a_peer_whose_static_key_is_not_its_zone_key() {
+    let z = TestZone::new(&["home1", "home2", "home3"]);
+    let (c1, c2, c3) = (z.creds("home1"), z.creds("home2"), z.creds("home3"));
+    // home1 answers a stream the relay says comes from home2; home3 holds the other end and
+    // claims to be home2. zone.json's key for home2 is not home3's: refused.
+    let expected_home2 = c1.noise_public_of("home2").unwrap();
+    let home1_pub = c3.noise_public_of("home1").unwrap();
+    let (x, y) = tokio::io::duplex(4096);
+    let resp = tokio::spawn(async move {
+        e2e::respond(
+            y,
+            c1.noise_secret(),
+            &expected_home2,
+            "home2",
+            "home1",
+            "echo",
+        )
+        .await
+        .map(|_| ())
+    });
+    let init = tokio::spawn(async move {
+        e2e::initiate(x, c3.noise_secret(), &home1_pub, "home2", "home1", "echo")
+            .await
+            .map(|_| ())
+    });
+    let r = resp.await.unwrap();
+    assert!(
+        matches!(r, Err(e2e::E2eError::PeerKeyMismatch { ref device }) if device == "home2"),
+        "responder accepted a wrong static key: {r:?}"
+    );
+    // The initiator never gets a session: home1 closed instead of answering.
+    assert!(init.await.unwrap().is_err());
+
+    // The real home2 passes the same check, and data flows.
+    let c1 = z.creds("home1");
+    let expected_home2 = c1.noise_public_of("home2").unwrap();
+    let home1_pub = c2.noise_public_of("home1").unwrap();
+    let (x, y) = tokio::io::duplex(4096);
+    let resp = tokio::spawn(async move {
+        let mut s = e2e::respond(
+            y,
+            c1.noise_secret(),
+            &expected_home2,
+            "home2",
+            "home1",
+            "echo",
+        )
+        .await
+        .unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+        buf
+    });
+    let mut s = e2e::initiate(x, c2.noise_secret(), &home1_pub, "home2", "home1", "echo")
+        .await
+        .unwrap();
+    s.write_all(b"hello home1").await.unwrap();
+    s.shutdown().await.unwrap();
+    assert_eq!(resp.await.unwrap(), b"hello home1");
+
+    // And an initiator that expects home1's key but reaches another device fails too.
+    let c1 = z.creds("home1");
+    let home1_pub = c2.noise_public_of("home1").unwrap();
+    let expected_home2 = c1.noise_public_of("home2").unwrap();
+    let (x, y) = tokio::io::duplex(4096);
+    let c3 = z.creds("home3");
+    let resp = tokio::spawn(async move {
+        // home3 pretends to be home1 towards home2.
+        let _ = e2e::respond(
+            y,
+            c3.noise_secret(),
+            &expected_home2,
+            "home2",
+            "home1",
+            "echo",
+        )
+        .await;
+    });
+    let r = e2e::initiate(x, c2.noise_secret(), &home1_pub, "home2", "home1", "echo").await;
+    assert!(
+        r.is_err(),
+        "initiator accepted a responder without home1's key"
+    );
+    let _ = resp.await;
+}

@@ -1,0 +1,407 @@
+//! Direct device↔device paths of a node agent: the peer table, UDP hole punching and the rule
+//! that decides which streams may use a direct path (DESIGN.md, "Device↔device").
+//!
+//! # How a direct path comes to be
+//!
+//! 1. Device A's forward opens a relayed stream to B's service through the gateway (policy
+//!    decided there, Noise end to end: [`crate::e2e`]). Once B accepted it, A sends the gateway
+//!    `PunchRequest{B}` (at most once per [`PUNCH_INTERVAL`] per peer, never while a direct path
+//!    is up).
+//! 2. The gateway sends `PeerAddr` to both: each learns the other's address as the gateway sees
+//!    it (its NAT's public side) and a shared nonce.
+//! 3. Both dial each other from the agent's one QUIC endpoint, the same UDP socket that talks to
+//!    the gateway, so the NAT mapping the gateway saw is the one the peer aims at, and both
+//!    accept (simultaneous open). Mutual TLS with zone certificates, server name `B.DOMAIN`, as
+//!    with the gateway. Each outgoing Initial also opens our NAT for the peer's packets.
+//! 4. Both sides may end up with two connections. Both prefer the one dialed by the
+//!    lexicographically smaller device name, so they converge on the same one; the other is
+//!    retired (closed once no stream uses it).
+//!
+//! # Which streams may go direct
+//!
+//! Policy lives on the gateway. B remembers, per peer, the services for which the gateway
+//! delivered it a relayed stream from that peer whose Noise handshake proved the origin
+//! (a *permit*, valid [`PERMIT_TTL`]). A direct `Open` from a peer (identified by its TLS
+//! certificate, never by the header) is served only for a permitted service; B still serves only
+//! its named services. A refused or failed direct open falls back to the relay, which renews the
+//! permit. A direct path that dies is dropped and later streams use the relay again.
+//!
+//! Direct paths do not need the gateway once up: they keep working while it is down.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quinn::{Connection, Endpoint};
+use tracing::{debug, info};
+
+use crate::creds::DeviceCreds;
+use crate::error::TunnelError;
+use crate::proto::PeerAddr;
+use crate::status::PeerStatus;
+
+/// Minimum time between two punch requests for the same peer: a failed punch (symmetric NAT)
+/// is retried now and then, in case the NAT changed, without flooding the gateway.
+pub const PUNCH_INTERVAL: Duration = Duration::from_secs(30);
+/// Dial attempts per punching round, each bounded by [`PUNCH_ATTEMPT`]. Each attempt sends
+/// QUIC Initials (quinn retransmits them within the attempt); three cover the case where the
+/// peer's first packets arrive before our NAT opened for them.
+pub const PUNCH_ATTEMPTS: u32 = 3;
+pub const PUNCH_ATTEMPT: Duration = Duration::from_secs(2);
+/// How long a gateway-approved (peer, service) may be used directly without passing through
+/// the gateway again: a policy change on the gateway reaches direct paths within this time.
+pub const PERMIT_TTL: Duration = Duration::from_secs(15 * 60);
+/// Check interval of a retired duplicate connection that still carries streams.
+const RETIRE_POLL: Duration = Duration::from_millis(500);
+/// Close code of a duplicate direct connection.
+const CLOSE_DUPLICATE: u32 = 10;
+
+/// One direct QUIC connection to a peer.
+#[derive(Debug, Clone)]
+pub struct PeerConn {
+    pub conn: Connection,
+    /// Device that dialed it.
+    pub dialer: String,
+    /// Streams in use on it (ours and the peer's): a retired duplicate is closed at zero.
+    active: Arc<AtomicUsize>,
+}
+
+impl PeerConn {
+    pub fn new(conn: Connection, dialer: String) -> Self {
+        PeerConn {
+            conn,
+            dialer,
+            active: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+    fn live(&self) -> bool {
+        self.conn.close_reason().is_none()
+    }
+    /// Marks a stream in use until the guard drops.
+    pub fn stream_guard(&self) -> StreamGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        StreamGuard(self.active.clone())
+    }
+}
+
+/// See [`PeerConn::stream_guard`].
+#[derive(Debug)]
+pub struct StreamGuard(Arc<AtomicUsize>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Byte and stream counters of one peer.
+#[derive(Debug, Default)]
+pub struct PeerCounters {
+    pub streams_direct: AtomicU64,
+    pub streams_relay: AtomicU64,
+    pub bytes_direct_out: AtomicU64,
+    pub bytes_direct_in: AtomicU64,
+    pub bytes_relay_out: AtomicU64,
+    pub bytes_relay_in: AtomicU64,
+}
+
+impl PeerCounters {
+    /// Records a finished stream. `out`/`inn` are from this device's point of view.
+    pub fn record(&self, direct: bool, out: u64, inn: u64) {
+        let (s, o, i) = if direct {
+            (
+                &self.streams_direct,
+                &self.bytes_direct_out,
+                &self.bytes_direct_in,
+            )
+        } else {
+            (
+                &self.streams_relay,
+                &self.bytes_relay_out,
+                &self.bytes_relay_in,
+            )
+        };
+        s.fetch_add(1, Ordering::Relaxed);
+        o.fetch_add(out, Ordering::Relaxed);
+        i.fetch_add(inn, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, Default)]
+struct PeerState {
+    direct: Option<PeerConn>,
+    last_punch_request: Option<Instant>,
+    last_nonce: Option<u64>,
+    punches: u64,
+    direct_connects: u64,
+    /// service → (app the gateway decided, valid until)
+    permits: HashMap<String, (String, Instant)>,
+    counters: Arc<PeerCounters>,
+    last_error: Option<String>,
+}
+
+/// The agent's table of mesh peers.
+#[derive(Debug)]
+pub struct Peers {
+    creds: Arc<DeviceCreds>,
+    endpoint: Endpoint,
+    table: Mutex<HashMap<String, PeerState>>,
+}
+
+impl Peers {
+    pub fn new(creds: Arc<DeviceCreds>, endpoint: Endpoint) -> Self {
+        Peers {
+            creds,
+            endpoint,
+            table: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn with<R>(&self, peer: &str, f: impl FnOnce(&mut PeerState) -> R) -> R {
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        f(t.entry(peer.to_owned()).or_default())
+    }
+
+    pub fn counters(&self, peer: &str) -> Arc<PeerCounters> {
+        self.with(peer, |s| s.counters.clone())
+    }
+
+    /// The live direct connection to `peer`, if any.
+    pub fn direct(&self, peer: &str) -> Option<PeerConn> {
+        self.with(peer, |s| s.direct.clone().filter(PeerConn::live))
+    }
+
+    /// Drops `conn` as the direct path to `peer` (it failed a stream open).
+    pub fn forget_direct(&self, peer: &str, conn: &Connection, why: &str) {
+        let dropped = self.with(peer, |s| match &s.direct {
+            Some(c) if c.conn.stable_id() == conn.stable_id() => {
+                s.direct = None;
+                s.last_error = Some(why.to_owned());
+                true
+            }
+            _ => false,
+        });
+        if dropped {
+            info!(peer = %peer, reason = %why, "direct path lost: streams use the relay");
+        }
+    }
+
+    /// True if a punch request for `peer` should be sent now (and notes it as sent).
+    pub fn should_request_punch(&self, peer: &str) -> bool {
+        self.with(peer, |s| {
+            if s.direct.as_ref().is_some_and(PeerConn::live) {
+                return false;
+            }
+            match s.last_punch_request {
+                Some(t) if t.elapsed() < PUNCH_INTERVAL => false,
+                _ => {
+                    s.last_punch_request = Some(Instant::now());
+                    true
+                }
+            }
+        })
+    }
+
+    /// Notes that the gateway let `peer` open `service` here (relayed, origin proven by Noise).
+    pub fn grant(&self, peer: &str, service: &str, app: &str) {
+        self.with(peer, |s| {
+            s.permits.insert(
+                service.to_owned(),
+                (app.to_owned(), Instant::now() + PERMIT_TTL),
+            );
+        });
+    }
+
+    /// The app under which the gateway last allowed `peer` to reach `service`, if still valid.
+    pub fn permitted(&self, peer: &str, service: &str) -> Option<String> {
+        self.with(peer, |s| {
+            s.permits
+                .get(service)
+                .filter(|(_, until)| Instant::now() < *until)
+                .map(|(app, _)| app.clone())
+        })
+    }
+
+    /// A new direct connection to `peer` (dialed or accepted). Returns false if it is a
+    /// duplicate that was retired.
+    pub fn register(self: &Arc<Self>, peer: &str, pc: PeerConn) -> bool {
+        let me = self.creds.name();
+        let preferred_dialer = if me < peer { me } else { peer };
+        let (kept, retired) = self.with(peer, |s| {
+            s.direct_connects += 1;
+            match s.direct.take().filter(PeerConn::live) {
+                Some(cur) => {
+                    let new_wins = pc.dialer == preferred_dialer && cur.dialer != preferred_dialer;
+                    if new_wins {
+                        s.direct = Some(pc);
+                        (true, Some(cur))
+                    } else {
+                        s.direct = Some(cur);
+                        (false, Some(pc))
+                    }
+                }
+                None => {
+                    s.last_error = None;
+                    s.direct = Some(pc);
+                    (true, None)
+                }
+            }
+        });
+        if let Some(old) = retired {
+            tokio::spawn(retire(old));
+        }
+        if kept {
+            let c = self.direct(peer).map(|p| p.conn);
+            if let Some(c) = c {
+                info!(peer = %peer, addr = %c.remote_address(), rtt_ms = c.rtt().as_millis() as u64, "direct path up");
+                let me = self.clone();
+                let peer = peer.to_owned();
+                tokio::spawn(async move {
+                    let e = c.closed().await;
+                    me.forget_direct(&peer, &c, &format!("connection closed: {e}"));
+                });
+            }
+        }
+        kept
+    }
+
+    /// Handles the gateway's `PeerAddr`: returns the addresses to dial, or None if this round
+    /// was seen already or a direct path is up.
+    pub fn on_peer_addr(&self, pa: &PeerAddr) -> Option<Vec<SocketAddr>> {
+        self.with(&pa.device, |s| {
+            if s.last_nonce == Some(pa.punch_nonce) || s.direct.as_ref().is_some_and(PeerConn::live)
+            {
+                return None;
+            }
+            s.last_nonce = Some(pa.punch_nonce);
+            s.punches += 1;
+            Some(pa.addrs.clone())
+        })
+    }
+
+    /// Dials `peer` at `addrs` until a direct path exists or the attempts are spent.
+    pub async fn punch(
+        self: Arc<Self>,
+        peer: String,
+        addrs: Vec<SocketAddr>,
+    ) -> Option<Connection> {
+        let server_name = format!("{peer}.{}", self.creds.domain());
+        for attempt in 1..=PUNCH_ATTEMPTS {
+            if self.direct(&peer).is_some() {
+                return None;
+            }
+            for addr in &addrs {
+                let connecting = match self.endpoint.connect(*addr, &server_name) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        debug!(peer = %peer, %addr, error = %e, "cannot dial peer");
+                        continue;
+                    }
+                };
+                match tokio::time::timeout(PUNCH_ATTEMPT, connecting).await {
+                    Ok(Ok(conn)) => match peer_name(&conn) {
+                        Ok(name) if name == peer => return Some(conn),
+                        Ok(name) => {
+                            conn.close(0u32.into(), b"unexpected peer");
+                            debug!(peer = %peer, got = %name, "dialed peer presented another name");
+                        }
+                        Err(e) => debug!(peer = %peer, error = %e, "dialed peer without identity"),
+                    },
+                    Ok(Err(e)) => {
+                        debug!(peer = %peer, %addr, attempt, error = %e, "punch attempt failed");
+                    }
+                    Err(_) => debug!(peer = %peer, %addr, attempt, "punch attempt timed out"),
+                }
+            }
+        }
+        if self.direct(&peer).is_none() {
+            info!(peer = %peer, addrs = ?addrs, "hole punching failed: streams stay relayed");
+            self.with(&peer, |s| {
+                s.last_error = Some("hole punching failed (symmetric NAT?)".into())
+            });
+        }
+        None
+    }
+
+    /// Status of every peer this agent has dealt with.
+    pub fn status(&self, gateway_rtt_ms: Option<f64>) -> Vec<PeerStatus> {
+        let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let mut v: Vec<PeerStatus> = t
+            .iter()
+            .map(|(name, s)| {
+                let direct = s.direct.as_ref().filter(|c| c.live());
+                let c = &s.counters;
+                let mut permits: Vec<String> = s
+                    .permits
+                    .iter()
+                    .filter(|(_, (_, until))| now < *until)
+                    .map(|(svc, _)| svc.clone())
+                    .collect();
+                permits.sort();
+                PeerStatus {
+                    device: name.clone(),
+                    path: if direct.is_some() { "direct" } else { "relay" }.into(),
+                    direct_addr: direct.map(|d| d.conn.remote_address().to_string()),
+                    rtt_ms: match direct {
+                        Some(d) => Some(d.conn.rtt().as_secs_f64() * 1000.0),
+                        None => gateway_rtt_ms,
+                    },
+                    streams_direct: c.streams_direct.load(Ordering::Relaxed),
+                    streams_relay: c.streams_relay.load(Ordering::Relaxed),
+                    bytes_direct_out: c.bytes_direct_out.load(Ordering::Relaxed),
+                    bytes_direct_in: c.bytes_direct_in.load(Ordering::Relaxed),
+                    bytes_relay_out: c.bytes_relay_out.load(Ordering::Relaxed),
+                    bytes_relay_in: c.bytes_relay_in.load(Ordering::Relaxed),
+                    punches: s.punches,
+                    direct_connects: s.direct_connects,
+                    permits,
+                    last_error: s.last_error.clone(),
+                }
+            })
+            .collect();
+        v.sort_by(|a, b| a.device.cmp(&b.device));
+        v
+    }
+
+    /// Closes every direct connection (agent stopping).
+    pub fn close_all(&self) {
+        let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        for s in t.values() {
+            if let Some(d) = &s.direct {
+                d.conn.close(0u32.into(), b"agent stopping");
+            }
+        }
+    }
+}
+
+/// Closes a duplicate connection once no stream uses it.
+async fn retire(pc: PeerConn) {
+    loop {
+        if !pc.live() {
+            return;
+        }
+        if pc.active.load(Ordering::Relaxed) == 0 {
+            pc.conn
+                .close(CLOSE_DUPLICATE.into(), b"duplicate direct path");
+            return;
+        }
+        tokio::time::sleep(RETIRE_POLL).await;
+    }
+}
+
+/// The device name of a connection's verified peer certificate.
+pub fn peer_name(conn: &Connection) -> Result<String, TunnelError> {
+    let any = conn
+        .peer_identity()
+        .ok_or_else(|| TunnelError::Config("peer sent no certificate".into()))?;
+    let certs = any
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .map_err(|_| TunnelError::Config("unexpected peer identity type".into()))?;
+    let first = certs
+        .first()
+        .ok_or_else(|| TunnelError::Config("peer sent no certificate".into()))?;
+    Ok(zone_core::DeviceIdentity::from_der(first)?.name.to_string())
+}
