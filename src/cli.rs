@@ -33,6 +33,24 @@ pub enum Command {
     /// Check and explain traffic policy files
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Run a whole zone on this machine: a gateway and two nodes on loopback, with services
+    Demo {
+        /// Where to create the demo zone (default: a temporary directory, removed at exit)
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Check every path once and exit (non-zero on failure)
+        #[arg(long)]
+        check: bool,
+    },
+    /// Serve a directory read-only over HTTP (a file service for a node to offer)
+    Files {
+        /// Directory to serve
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Address to listen on (keep it on loopback: the node agent offers it to the zone)
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: SocketAddr,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -56,6 +74,9 @@ pub struct NodeArgs {
     /// node.toml from the device bundle
     #[arg(long, value_name = "FILE")]
     pub config: PathBuf,
+    /// Fetch the zone config from this DNS server (IP:PORT) at start, verified with the zone CA
+    #[arg(long, value_name = "IP:PORT")]
+    pub bootstrap_dns: Option<SocketAddr>,
     /// A service this device offers: NAME=HOST:PORT[/udp] (repeatable)
     #[arg(long = "service", value_name = "NAME=HOST:PORT")]
     pub services: Vec<String>,
@@ -140,6 +161,9 @@ pub struct VerifySource {
     /// A file of TXT strings (as printed by `zone dump-text`), one per line, any order
     #[arg(long, value_name = "FILE", group = "source")]
     pub text: Option<PathBuf>,
+    /// Fetch the TXT strings of _zonegate.DOMAIN from a DNS server (with --server)
+    #[arg(long, value_name = "DOMAIN", group = "source", requires = "server")]
+    pub dns: Option<Domain>,
 }
 
 #[derive(Debug, Args)]
@@ -152,6 +176,9 @@ pub struct VerifyArgs {
     /// Refuse a config older than this serial (the newest you already know)
     #[arg(long, value_name = "SERIAL")]
     pub known_serial: Option<u64>,
+    /// DNS server to ask with --dns, as IP:PORT
+    #[arg(long, value_name = "IP:PORT")]
+    pub server: Option<SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -58,12 +58,56 @@ pub struct NodeFile {
     pub ca: PathBuf,
     pub zone_config: PathBuf,
     pub admin: Option<SocketAddr>,
+    /// A DNS server (usually a gateway) to fetch and verify the zone config from at start;
+    /// the result replaces `zone_config` when newer (or creates it).
+    pub bootstrap_dns: Option<SocketAddr>,
     #[serde(default)]
     pub services: BTreeMap<String, ServiceEntry>,
     #[serde(default)]
     pub forward: Vec<ForwardEntry>,
     #[serde(default)]
     pub tunnel: TunnelSection,
+}
+
+/// A public listener setting: `"off"` or `"IP:PORT"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum ListenSetting {
+    Off,
+    At(SocketAddr),
+}
+
+impl TryFrom<String> for ListenSetting {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s == "off" {
+            return Ok(ListenSetting::Off);
+        }
+        s.parse()
+            .map(ListenSetting::At)
+            .map_err(|_| format!("expected \"off\" or an address like \"0.0.0.0:443\", got {s:?}"))
+    }
+}
+
+impl ListenSetting {
+    /// The address to bind: `default` when the key is absent, nothing when `"off"`.
+    pub fn resolve(setting: Option<ListenSetting>, default: &str) -> Option<SocketAddr> {
+        match setting {
+            None => Some(default.parse().expect("valid default address")),
+            Some(ListenSetting::Off) => None,
+            Some(ListenSetting::At(a)) => Some(a),
+        }
+    }
+}
+
+/// A certificate for the HTTPS front (`[[tls]]`); chosen by the name the client asks for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsEntry {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key of the leaf.
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -80,6 +124,15 @@ pub struct GatewayFile {
     pub admin: Option<SocketAddr>,
     /// Seconds a drain waits for proxied connections on shutdown.
     pub grace_secs: Option<u64>,
+    /// Public HTTP: `"off"` or `"IP:PORT"` (default `0.0.0.0:80`).
+    pub http: Option<ListenSetting>,
+    /// Public HTTPS: `"off"` or `"IP:PORT"` (default `0.0.0.0:443`).
+    pub https: Option<ListenSetting>,
+    /// Zone DNS (UDP and TCP): `"off"` or `"IP:PORT"` (default `0.0.0.0:53`).
+    pub dns: Option<ListenSetting>,
+    /// HTTPS certificates; none: a self-signed certificate for the zone's names.
+    #[serde(default)]
+    pub tls: Vec<TlsEntry>,
     #[serde(default)]
     pub services: BTreeMap<String, ServiceEntry>,
     #[serde(default)]

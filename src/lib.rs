@@ -9,4 +9,6 @@
 pub mod cli;
 pub mod cmd;
 pub mod config;
+pub mod demo;
+pub mod files;
 pub mod logging;

@@ -1,4 +1,5 @@
-//! The admin API on loopback: `/status` (JSON). Small on purpose: plain HTTP/1.1, GET only.
+//! The admin API on loopback: `/status` (JSON), and on a gateway `/metrics` (Prometheus text)
+//! and the HTML status page at `/`. Small on purpose: plain HTTP/1.1, GET only.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -13,6 +14,17 @@ use tracing::{debug, info};
 
 /// Produces the JSON body of `/status` on demand.
 pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+/// Produces a text body on demand (`/metrics`, the status page).
+pub type TextFn = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// What an admin API serves beyond `/status`.
+#[derive(Clone, Default)]
+pub struct Extras {
+    /// `/metrics`, Prometheus text format.
+    pub metrics: Option<TextFn>,
+    /// `/`, an HTML page.
+    pub page: Option<TextFn>,
+}
 
 fn reply(status: StatusCode, ctype: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     Response::builder()
@@ -23,10 +35,26 @@ fn reply(status: StatusCode, ctype: &str, body: impl Into<Bytes>) -> Response<Fu
         .expect("static response parts are valid")
 }
 
-/// Serves the admin API on `listener` until `shutdown`.
+/// Serves the admin API (`/status` only) on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, status: StatusFn, shutdown: CancellationToken) {
+    serve_with(listener, status, Extras::default(), shutdown).await
+}
+
+/// Serves the admin API with `extras` on `listener` until `shutdown`.
+pub async fn serve_with(
+    listener: TcpListener,
+    status: StatusFn,
+    extras: Extras,
+    shutdown: CancellationToken,
+) {
     if let Ok(a) = listener.local_addr() {
-        info!(addr = %a, "admin API listening (/status)");
+        let paths = match (&extras.metrics, &extras.page) {
+            (Some(_), Some(_)) => "/, /status, /metrics",
+            (Some(_), None) => "/status, /metrics",
+            (None, Some(_)) => "/, /status",
+            (None, None) => "/status",
+        };
+        info!(addr = %a, paths, "admin API listening");
     }
     loop {
         let (tcp, _) = tokio::select! {
@@ -34,11 +62,25 @@ pub async fn serve(listener: TcpListener, status: StatusFn, shutdown: Cancellati
             r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
         };
         let status = status.clone();
+        let extras = extras.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let status = status.clone();
+                let extras = extras.clone();
                 async move {
                     let resp = match (req.method(), req.uri().path()) {
+                        (&Method::GET, "/metrics") if extras.metrics.is_some() => {
+                            let m = extras.metrics.as_ref().map(|f| f()).unwrap_or_default();
+                            reply(
+                                StatusCode::OK,
+                                "text/plain; version=0.0.4; charset=utf-8",
+                                m,
+                            )
+                        }
+                        (&Method::GET, "/") if extras.page.is_some() => {
+                            let p = extras.page.as_ref().map(|f| f()).unwrap_or_default();
+                            reply(StatusCode::OK, "text/html; charset=utf-8", p)
+                        }
                         (&Method::GET, "/status") => {
                             let v = status();
                             reply(

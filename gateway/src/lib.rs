@@ -1,12 +1,15 @@
-//! The public edge: TCP/UDP listeners for policy apps, routing to devices through the tunnel
-//! hub, the admin API, and the gateway process that ties them together.
+//! The public edge: the HTTP(S) front and TCP/UDP listeners for policy apps, routing to
+//! devices through the tunnel hub, the admin API, and the gateway process that ties them
+//! together.
 //!
 //! # Layout
 //! - [`run`]: [`run::Gateway`] — starts the hub, listeners, forwards, admin; drains on stop.
+//! - [`http`]: the public HTTP(S) front (routing, proxy, TLS, pool, metrics, status page).
 //! - [`listeners`]: one TCP or UDP listener per `tcp`/`udp` policy app, reconciled on reload.
-//! - [`admin`]: loopback HTTP: `/status` JSON.
+//! - [`admin`]: loopback HTTP: `/status` JSON, `/metrics`, the HTML status page at `/`.
 
 pub mod admin;
+pub mod http;
 pub mod listeners;
 pub mod run;
 

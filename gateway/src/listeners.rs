@@ -172,7 +172,7 @@ async fn tcp_conn(hub: Hub, app_name: String, mut tcp: tokio::net::TcpStream, pe
         }
     };
     let m = splice(&mut tcp, &mut up).await;
-    let (bin, bout) = m.as_ref().map(|m| (m.a_to_b, m.b_to_a)).unwrap_or((0, 0));
+    let (bin, bout) = (m.a_to_b, m.b_to_a);
     counters.bytes_in(bin);
     counters.bytes_out(bout);
     info!(app = %app_name, device = %target.device, client = %peer, bytes_in = bin, bytes_out = bout, ms = started.elapsed().as_millis() as u64, "connection done");

@@ -1,8 +1,9 @@
-//! The gateway process: QUIC hub for agents, public listeners from the policy (reconciled on
-//! every reload), the gateway's own forwards into the mesh, the admin API, and a graceful drain
-//! on shutdown.
+//! The gateway process: QUIC hub for agents, the public HTTP(S) front, public listeners from
+//! the policy (reconciled on every reload), the gateway's own forwards into the mesh, the admin
+//! API, and a graceful drain on shutdown.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,7 @@ use tunnel::splice::splice;
 use tunnel::transport::{self, Tuning};
 
 use crate::admin;
+use crate::http::{self as front, Front, HttpTuning};
 use crate::listeners::Listeners;
 
 /// How often the policy directory is checked for edits.
@@ -37,6 +39,16 @@ pub struct GatewayOptions {
     pub tuning: Tuning,
     /// How long a drain waits for proxied connections.
     pub grace: Duration,
+    /// Public HTTP address; `None`: no plain HTTP.
+    pub http: Option<SocketAddr>,
+    /// Public HTTPS address; `None`: no HTTPS.
+    pub https: Option<SocketAddr>,
+    /// `(certificate chain, private key)` PEM files, chosen by SNI. Empty: a self-signed
+    /// certificate for the zone's names.
+    pub tls_certs: Vec<(PathBuf, PathBuf)>,
+    pub http_tuning: HttpTuning,
+    /// Authoritative DNS for the zone (UDP and TCP on this address); `None`: no DNS.
+    pub dns: Option<SocketAddr>,
 }
 
 /// A started gateway: everything is bound; [`Gateway::run`] serves until shutdown.
@@ -48,6 +60,11 @@ pub struct Gateway {
     admin: TcpListener,
     listeners: Listeners,
     forwards: Vec<(Forward, TcpListener)>,
+    front: Front,
+    http: Option<TcpListener>,
+    https: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
+    self_signed_pem: Option<String>,
+    dns: Option<name_resolver::DnsServer>,
     shutdown: CancellationToken,
 }
 
@@ -59,6 +76,39 @@ pub enum StartError {
     Admin(SocketAddr, std::io::Error),
     #[error("{0}")]
     Bind(String),
+    #[error("HTTPS: {0}")]
+    Tls(#[from] front::tls::TlsError),
+}
+
+/// Binds a public HTTP(S) port, with a message that says what to do when it fails.
+async fn bind_public(what: &str, key: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied && addr.port() < 1024 {
+            format!(
+                " (ports below 1024 need root or CAP_NET_BIND_SERVICE: `setcap cap_net_bind_service=+ep $(which zonegate)`, or set `{key} = \"0.0.0.0:PORT\"` or `{key} = \"off\"` in gateway.toml)"
+            )
+        } else if e.kind() == std::io::ErrorKind::AddrInUse {
+            format!(" (another program uses it; stop it, or set `{key} = \"IP:PORT\"` or `{key} = \"off\"` in gateway.toml)")
+        } else {
+            String::new()
+        };
+        StartError::Bind(format!("{what}: cannot listen on {addr}: {e}{hint}"))
+    })
+}
+
+/// Names of the self-signed certificate: the zone domain, its wildcard, and every host of
+/// the policy's http apps.
+fn self_signed_names(creds: &DeviceCreds, policy: &PolicyStore) -> Vec<String> {
+    let d = creds.domain().to_string();
+    let mut names = vec![d.clone(), format!("*.{d}")];
+    for a in policy.current().policy.apps() {
+        if let policies::Listener::Http(r) = &a.listener {
+            if !names.contains(&r.host) {
+                names.push(r.host.clone());
+            }
+        }
+    }
+    names
 }
 
 impl Gateway {
@@ -94,6 +144,33 @@ impl Gateway {
             })?;
             forwards.push((f.clone(), l));
         }
+        let http = match opts.http {
+            Some(a) => Some(bind_public("HTTP", "http", a).await?),
+            None => None,
+        };
+        let (https, self_signed_pem) = match opts.https {
+            Some(a) => {
+                let names = self_signed_names(&opts.creds, &opts.policy);
+                let tls = front::tls::configure(&opts.tls_certs, &names)?;
+                let l = bind_public("HTTPS", "https", a).await?;
+                if tls.self_signed_pem.is_some() {
+                    warn!(names = ?tls.names, "HTTPS uses a self-signed certificate (browsers will warn): add [[tls]] cert/key files to gateway.toml");
+                } else {
+                    info!(names = ?tls.names, "HTTPS certificates loaded");
+                }
+                (Some((l, tls.config)), tls.self_signed_pem)
+            }
+            None => (None, None),
+        };
+        let dns = match opts.dns {
+            Some(a) => Some(
+                name_resolver::DnsServer::bind_same_port(a)
+                    .await
+                    .map_err(|e| StartError::Bind(format!("DNS: {e}")))?,
+            ),
+            None => None,
+        };
+        let front = Front::new(hub.clone(), opts.http_tuning);
         Ok(Gateway {
             opts,
             hub,
@@ -101,6 +178,11 @@ impl Gateway {
             admin,
             listeners,
             forwards,
+            front,
+            http,
+            https,
+            self_signed_pem,
+            dns,
             shutdown,
         })
     }
@@ -118,6 +200,22 @@ impl Gateway {
     pub fn app_addrs(&self) -> std::collections::HashMap<String, SocketAddr> {
         self.listeners.bound()
     }
+    /// Bound public HTTP address, if serving plain HTTP.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+    /// Bound public HTTPS address, if serving HTTPS.
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+    /// The self-signed HTTPS certificate (PEM) when no certificate files are configured.
+    pub fn self_signed_pem(&self) -> Option<&str> {
+        self.self_signed_pem.as_deref()
+    }
+    /// Bound DNS address (UDP and TCP), if serving DNS.
+    pub fn dns_addr(&self) -> Option<SocketAddr> {
+        self.dns.as_ref().map(|d| d.udp_addr())
+    }
     pub fn forward_addrs(&self) -> Vec<SocketAddr> {
         self.forwards
             .iter()
@@ -134,8 +232,24 @@ impl Gateway {
             admin,
             mut listeners,
             forwards,
+            front,
+            http,
+            https,
+            self_signed_pem: _,
+            dns,
             shutdown,
         } = self;
+        if let Some(dns) = dns {
+            // Answers follow the gateway's current zone config: a newer zone.json adopted from
+            // an agent is served within a second, with its serial in the SOA.
+            let creds = opts.creds.clone();
+            let token = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(e) = dns.run(move || creds.zone(), token).await {
+                    tracing::error!(error = %e, "DNS server stopped");
+                }
+            });
+        }
         let started = Instant::now();
         info!(
             device = %opts.creds.name(),
@@ -149,13 +263,31 @@ impl Gateway {
         let _watcher = policies::spawn_watcher(hub.policy().clone(), POLICY_POLL);
         let status_hub = hub.clone();
         let status: admin::StatusFn = Arc::new(move || status_json(&status_hub, started));
-        tokio::spawn(admin::serve(admin, status, shutdown.clone()));
+        let extras = admin::Extras {
+            metrics: Some({
+                let front = front.clone();
+                Arc::new(move || metrics_text(&front))
+            }),
+            page: Some({
+                let status = status.clone();
+                Arc::new(move || front::status_page::render(&status()))
+            }),
+        };
+        tokio::spawn(admin::serve_with(admin, status, extras, shutdown.clone()));
+        if let Some(l) = http {
+            tokio::spawn(front.clone().serve(l, None, shutdown.clone()));
+        }
+        if let Some((l, tls)) = https {
+            let acc = tokio_rustls::TlsAcceptor::from(tls);
+            tokio::spawn(front.clone().serve(l, Some(acc), shutdown.clone()));
+        }
         for (f, l) in forwards {
             tokio::spawn(forward_loop(hub.clone(), f, l, shutdown.clone()));
         }
         // Keep listeners in step with the policy: compare the live policy by pointer.
         let reconcile = {
             let hub = hub.clone();
+            let front = front.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 let mut seen = hub.policy().current();
@@ -172,6 +304,7 @@ impl Gateway {
                         }
                     }
                     hub.policy().current().maintain();
+                    front.pool().sweep();
                 }
             })
         };
@@ -181,11 +314,32 @@ impl Gateway {
     }
 }
 
-fn status_json(hub: &Hub, started: Instant) -> serde_json::Value {
-    let creds = hub.creds();
-    let zone = creds.zone();
+/// `/metrics`: HTTP requests and latency, app counters, tunnel gauges.
+fn metrics_text(front: &Front) -> String {
+    let hub = front.hub();
+    let mut out = String::new();
+    front.metrics().render(&mut out);
+    let snap = hub.policy().current().snapshot();
+    let apps: Vec<(&str, policies::accounting::CountersSnapshot)> =
+        snap.iter().map(|(n, c)| (n.as_str(), c.clone())).collect();
+    policies::accounting::render_prometheus(&apps, &mut out);
     let agents = hub.status();
-    let expected: Vec<String> = zone
+    let (expected, connected) = expected_connected(hub);
+    front::metrics::render_tunnel(
+        &agents,
+        zone_health(expected.len(), connected),
+        front.pool().idle_count(),
+        &mut out,
+    );
+    out
+}
+
+/// Devices of the zone config other than this gateway, and how many of them are connected.
+fn expected_connected(hub: &Hub) -> (Vec<String>, usize) {
+    let creds = hub.creds();
+    let agents = hub.status();
+    let expected: Vec<String> = creds
+        .zone()
         .config
         .devices
         .iter()
@@ -196,6 +350,14 @@ fn status_json(hub: &Hub, started: Instant) -> serde_json::Value {
         .iter()
         .filter(|n| agents.iter().any(|a| &a.device == *n))
         .count();
+    (expected, connected)
+}
+
+fn status_json(hub: &Hub, started: Instant) -> serde_json::Value {
+    let creds = hub.creds();
+    let zone = creds.zone();
+    let agents = hub.status();
+    let (expected, connected) = expected_connected(hub);
     let health = zone_health(expected.len(), connected);
     let active = hub.policy().current();
     let apps: Vec<serde_json::Value> = active
@@ -278,7 +440,7 @@ async fn forward_loop(hub: Hub, f: Forward, l: TcpListener, shutdown: Cancellati
             {
                 Ok(mut up) => {
                     let m = splice(&mut tcp, &mut up).await;
-                    let (a, b) = m.map(|m| (m.a_to_b, m.b_to_a)).unwrap_or((0, 0));
+                    let (a, b) = (m.a_to_b, m.b_to_a);
                     info!(app = %app, to = %format!("{}/{}", f.device, f.service), client = %peer, bytes_up = a, bytes_down = b, ms = started.elapsed().as_millis() as u64, "forward connection done");
                 }
                 Err(e) => {

@@ -24,6 +24,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Gateway(a) => serve::gateway(a),
         Command::Node(a) => serve::node(a),
         Command::Policy(c) => policy::run(c),
+        Command::Files { dir, listen } => serve::files(dir, listen),
+        Command::Demo { dir, check } => crate::demo::run(dir, check),
     }
 }
 

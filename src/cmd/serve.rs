@@ -15,6 +15,10 @@ use crate::config::{self, GatewayFile, NodeFile};
 
 /// Default grace period of a drain.
 const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+/// Default public HTTP and HTTPS addresses of a gateway.
+const DEFAULT_HTTP: &str = "0.0.0.0:80";
+const DEFAULT_HTTPS: &str = "0.0.0.0:443";
+const DEFAULT_DNS: &str = "0.0.0.0:53";
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -92,6 +96,20 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
             .grace_secs
             .map(Duration::from_secs)
             .unwrap_or(DEFAULT_GRACE),
+        http: config::ListenSetting::resolve(f.http, DEFAULT_HTTP),
+        https: config::ListenSetting::resolve(f.https, DEFAULT_HTTPS),
+        tls_certs: f
+            .tls
+            .iter()
+            .map(|t| {
+                (
+                    config::resolve(&a.config, &t.cert),
+                    config::resolve(&a.config, &t.key),
+                )
+            })
+            .collect(),
+        http_tuning: Default::default(),
+        dns: config::ListenSetting::resolve(f.dns, DEFAULT_DNS),
     };
     runtime()?.block_on(async move {
         let shutdown = CancellationToken::new();
@@ -114,10 +132,11 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
     let services = Arc::new(config::services(&f.services)?);
     let forwards = config::forwards(&f.forward, &f.device)?;
     let tuning = config::tuning(&f.tunnel)?;
-    let creds = DeviceCreds::load(
-        &config::bundle(&a.config, &f.key, &f.cert, &f.ca, &f.zone_config),
-        Some(&f.device),
-    )?;
+    let paths = config::bundle(&a.config, &f.key, &f.cert, &f.ca, &f.zone_config);
+    if let Some(server) = a.bootstrap_dns.or(f.bootstrap_dns) {
+        bootstrap(&f.domain, server, &paths)?;
+    }
+    let creds = DeviceCreds::load(&paths, Some(&f.device))?;
     let admin_addr = f.admin.unwrap_or_else(|| {
         zone_core::zonedir::NODE_ADMIN_DEFAULT
             .parse()
@@ -152,6 +171,7 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
                 "zone": c2.domain().to_string(),
                 "zone_serial": c2.zone_serial(),
                 "gateways": a2.links().iter().map(|l| l.status()).collect::<Vec<_>>(),
+                "peers": a2.peers(),
             })
         });
         tokio::spawn(gateway::admin::serve(admin, status, shutdown.clone()));
@@ -159,4 +179,55 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
         agent.run(shutdown).await;
         Ok(())
     })
+}
+
+pub fn files(dir: std::path::PathBuf, listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    if !dir.is_dir() {
+        return Err(UsageError(format!("--dir {}: not a directory", dir.display())).into());
+    }
+    runtime()?.block_on(async move {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(on_signal(shutdown.clone()));
+        crate::files::run(dir, listen, shutdown)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))
+    })
+}
+
+/// Fetches `_zonegate.DOMAIN` from `server`, verifies it with the pinned zone CA and writes it
+/// as the bundle's zone.json when it is newer than what the bundle holds (or when it has none).
+/// A bundle that already has a zone.json starts with it if DNS fails; without one, it cannot.
+fn bootstrap(
+    domain: &zone_core::Domain,
+    server: std::net::SocketAddr,
+    paths: &tunnel::creds::BundlePaths,
+) -> anyhow::Result<()> {
+    let ca = zone_core::zonedir::read_cert_der(&paths.ca)?;
+    let key = zone_core::cert::ca_public_key(&ca)?;
+    let have = zone_core::zonedir::read_zone_json(&paths.zone_config).ok();
+    let known = have.as_ref().map(|z| z.config.serial);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match rt.block_on(name_resolver::fetch_zone(domain, server, &key, known)) {
+        Ok(z) => {
+            if known.is_none_or(|k| z.config.serial > k) {
+                zone_core::zonedir::write_atomic(
+                    &paths.zone_config,
+                    z.to_json_pretty().as_bytes(),
+                    0o644,
+                )?;
+            }
+            info!(server = %server, serial = z.config.serial, gateways = ?z.config.gateway_addrs().iter().map(|(n, a)| format!("{n} {a}")).collect::<Vec<_>>(), "zone config fetched over DNS and verified");
+            Ok(())
+        }
+        Err(name_resolver::BootstrapError::Stale { .. }) if have.is_some() => Ok(()),
+        Err(e) if have.is_some() => {
+            tracing::warn!(server = %server, error = %e, "zone config over DNS refused or unavailable; starting with the bundle's zone.json");
+            Ok(())
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!(
+            "no zone.json in the bundle and none over DNS from {server}"
+        ))),
+    }
 }

@@ -330,3 +330,333 @@ fn bad_input_is_clear_and_writes_nothing() {
     let e = fails(1, ["device", "list", "--zone", other.to_str().unwrap()]);
     assert!(e.contains("another zone key"), "{e}");
 }
+
+#[test]
+fn gateway_and_node_refuse_bad_configs_before_starting() {
+    let t = tempfile::tempdir().unwrap();
+    let z = zone_with_devices(t.path());
+    let gw = z.join("devices/gw/gateway.toml");
+    let node = z.join("devices/home1/node.toml");
+    let gws = gw.to_str().unwrap();
+    let nodes = node.to_str().unwrap();
+
+    // The policy directory named in gateway.toml does not exist yet.
+    let e = fails(2, ["gateway", "--config", gws]);
+    assert!(
+        e.contains("policy directory") && e.contains("does not exist"),
+        "{e}"
+    );
+
+    // A broken policy file: every error with file:line:column, nothing starts.
+    let pol = z.join("devices/gw/policies");
+    std::fs::create_dir_all(&pol).unwrap();
+    std::fs::write(
+        pol.join("bad.toml"),
+        "[app.web]\ntcp = { listen = \"nonsense\" }\nto = \"home1/web\"\n",
+    )
+    .unwrap();
+    let e = fails(2, ["gateway", "--config", gws]);
+    assert!(e.contains("bad.toml:2:") && e.contains("listen"), "{e}");
+    std::fs::remove_file(pol.join("bad.toml")).unwrap();
+
+    // Unknown key in the config file: named with its position.
+    let text = std::fs::read_to_string(&node).unwrap();
+    std::fs::write(&node, format!("{text}\nfrobnicate = true\n")).unwrap();
+    let e = fails(2, ["node", "--config", nodes]);
+    assert!(e.contains("node.toml:") && e.contains("frobnicate"), "{e}");
+    std::fs::write(&node, &text).unwrap();
+
+    // Bad flags.
+    let e = fails(2, ["node", "--config", nodes, "--service", "web=localhost"]);
+    assert!(e.contains("NAME=HOST:PORT"), "{e}");
+    let e = fails(
+        2,
+        [
+            "node",
+            "--config",
+            nodes,
+            "--forward",
+            "127.0.0.1:9000=home1/web",
+        ],
+    );
+    assert!(e.contains("this device itself"), "{e}");
+    let e = fails(
+        2,
+        [
+            "node",
+            "--config",
+            nodes,
+            "--forward",
+            "127.0.0.1:9000=home2",
+        ],
+    );
+    assert!(e.contains("DEVICE/SERVICE"), "{e}");
+
+    // A node bundle run as a gateway, and a key that is not the certificate's.
+    std::fs::create_dir_all(z.join("devices/home1/policies")).unwrap();
+    let g2 = z.join("devices/home1/gateway.toml");
+    std::fs::write(
+        &g2,
+        format!("{text}listen = \"127.0.0.1:0\"\npolicies = \"policies\"\n"),
+    )
+    .unwrap();
+    let e = fails(2, ["gateway", "--config", g2.to_str().unwrap()]);
+    assert!(e.contains("not a gateway"), "{e}");
+    std::fs::copy(
+        z.join("devices/gw/device.key"),
+        z.join("devices/home1/device.key"),
+    )
+    .unwrap();
+    let e = fails(1, ["node", "--config", nodes]);
+    assert!(e.contains("does not belong to the certificate"), "{e}");
+}
+
+#[test]
+fn policy_check_and_explain() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    std::fs::write(
+        dir.join("apps.toml"),
+        "[app.dfs]\nhttp = { host = \"alice.example\", path = \"/dfs\" }\nto = \"home1/dfs\"\nallow = { from = [\"public\"], methods = [\"GET\", \"HEAD\"] }\n\n[app.peers]\nmesh = true\nto = \"home2/etcd\"\nallow = { from = [\"device:home1\"] }\n",
+    )
+    .unwrap();
+    let d = dir.to_str().unwrap();
+    let out = ok(["policy", "check", d]);
+    assert!(out.contains("2 apps"), "{out}");
+    let out = ok([
+        "policy",
+        "explain",
+        "--dir",
+        d,
+        "--from",
+        "198.51.100.7",
+        "--host",
+        "alice.example",
+        "--path",
+        "/dfs/x",
+        "--method",
+        "PUT",
+    ]);
+    assert!(
+        out.contains("dfs") && out.to_lowercase().contains("method"),
+        "{out}"
+    );
+    let out = ok([
+        "policy",
+        "explain",
+        "--dir",
+        d,
+        "--from",
+        "device:home3",
+        "--to",
+        "home2/etcd",
+    ]);
+    assert!(out.contains("peers"), "{out}");
+    std::fs::write(
+        dir.join("broken.toml"),
+        "[app.x]\nmesh = true\nto = \"nowhere\"\nbogus = 1\n",
+    )
+    .unwrap();
+    let o = zg(["policy", "check", d]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
+    assert!(out.contains("broken.toml:"), "{out}");
+}
+
+#[test]
+fn demo_check_runs_a_whole_zone() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("demo");
+    let o = zg(["demo", "--dir", dir.to_str().unwrap(), "--check"]);
+    let out = stdout(&o);
+    assert!(o.status.success(), "demo failed:\n{out}\n{}", stderr(&o));
+    assert!(out.contains("demo check passed"), "{out}");
+    assert!(out.contains("/dfs/"), "{out}");
+    // It left a usable zone behind in --dir, and refuses to overwrite it.
+    assert!(dir.join("zone/zone.key").exists());
+    let e = fails(1, ["demo", "--dir", dir.to_str().unwrap(), "--check"]);
+    assert!(e.contains("refusing to overwrite"), "{e}");
+}
+
+/// Kills the child (by its PID) when dropped, so a failing test leaves no process behind.
+struct Killed(std::process::Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    // Free for UDP and TCP at the moment of asking (the DNS server binds both).
+    loop {
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let p = u.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+}
+
+#[test]
+fn zone_config_over_the_gateways_dns_verify_and_node_bootstrap() {
+    let t = tempfile::tempdir().unwrap();
+    let z = t.path().join("zone");
+    let zs = z.to_str().unwrap();
+    let quic = free_port();
+    let dns = free_port();
+    ok(["zone", "init", "--domain", "alice.example", "--dir", zs]);
+    ok([
+        "device",
+        "add",
+        "gw",
+        "--zone",
+        zs,
+        "--role",
+        "gateway",
+        "--public-addr",
+        &format!("127.0.0.1:{quic}"),
+    ]);
+    ok(["device", "add", "home1", "--zone", zs, "--role", "node"]);
+    let gwdir = z.join("devices/gw");
+    std::fs::copy(z.join("zone.json"), gwdir.join("zone.json")).unwrap();
+    std::fs::create_dir_all(gwdir.join("policies")).unwrap();
+    let cfg = gwdir.join("gateway.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let admin = free_port();
+    let text = text
+        .replace(
+            &format!("listen = \"0.0.0.0:{quic}\""),
+            &format!("listen = \"127.0.0.1:{quic}\""),
+        )
+        .replace(
+            "admin = \"127.0.0.1:9090\"",
+            &format!("admin = \"127.0.0.1:{admin}\""),
+        );
+    std::fs::write(
+        &cfg,
+        format!("{text}\nhttp = \"off\"\nhttps = \"off\"\ndns = \"127.0.0.1:{dns}\"\n"),
+    )
+    .unwrap();
+    let _gw = Killed(
+        Command::new(bin())
+            .args(["gateway", "--config", cfg.to_str().unwrap()])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let server = format!("127.0.0.1:{dns}");
+    let ca = z.join("zone-ca.crt");
+    // Verify over DNS (retry while the gateway starts).
+    let start = std::time::Instant::now();
+    let out = loop {
+        let o = zg([
+            "zone",
+            "verify",
+            "--dns",
+            "alice.example",
+            "--server",
+            &server,
+            "--ca",
+            ca.to_str().unwrap(),
+        ]);
+        if o.status.success() {
+            break stdout(&o);
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "DNS never answered: {}",
+            stderr(&o)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(
+        out.contains("serial 3") && out.contains(&format!("gw at 127.0.0.1:{quic}")),
+        "{out}"
+    );
+    // Another zone's CA refuses it.
+    let t2 = tempfile::tempdir().unwrap();
+    let other = zone_with_devices(t2.path());
+    let e = fails(
+        1,
+        [
+            "zone",
+            "verify",
+            "--dns",
+            "alice.example",
+            "--server",
+            &server,
+            "--ca",
+            other.join("zone-ca.crt").to_str().unwrap(),
+        ],
+    );
+    assert!(e.contains("refused"), "{e}");
+    // A stale answer is refused.
+    let e = fails(
+        1,
+        [
+            "zone",
+            "verify",
+            "--dns",
+            "alice.example",
+            "--server",
+            &server,
+            "--ca",
+            ca.to_str().unwrap(),
+            "--known-serial",
+            "9",
+        ],
+    );
+    assert!(e.contains("refused"), "{e}");
+
+    // A node bundle without zone.json bootstraps from DNS and connects.
+    let nodedir = z.join("devices/home1");
+    std::fs::remove_file(nodedir.join("zone.json")).unwrap();
+    let ncfg = nodedir.join("node.toml");
+    let ntext = std::fs::read_to_string(&ncfg)
+        .unwrap()
+        .replace("127.0.0.1:9091", &format!("127.0.0.1:{}", free_port()));
+    std::fs::write(&ncfg, ntext).unwrap();
+    let _node = Killed(
+        Command::new(bin())
+            .args([
+                "node",
+                "--config",
+                ncfg.to_str().unwrap(),
+                "--bootstrap-dns",
+                &server,
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let start = std::time::Instant::now();
+    loop {
+        let st = std::net::TcpStream::connect(("127.0.0.1", admin)).and_then(|mut s| {
+            use std::io::{Read, Write};
+            s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            let mut b = String::new();
+            s.read_to_string(&mut b)?;
+            Ok(b)
+        });
+        if st
+            .as_deref()
+            .is_ok_and(|b| b.contains("\"device\": \"home1\""))
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "node never connected: {st:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        nodedir.join("zone.json").exists(),
+        "bootstrap did not write zone.json"
+    );
+}

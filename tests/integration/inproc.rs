@@ -136,6 +136,11 @@ pub async fn start_gateway(z: &TestZone, tuning: Tuning, grace: Duration) -> Run
         admin: "127.0.0.1:0".parse().unwrap(),
         tuning,
         grace,
+        http: None,
+        https: None,
+        tls_certs: Vec::new(),
+        http_tuning: Default::default(),
+        dns: None,
     };
     let gw = gateway::Gateway::bind(opts, shutdown.clone())
         .await

@@ -4,7 +4,13 @@
 
 mod cli;
 mod common;
+mod http_front;
 mod inproc;
+mod mesh;
+mod mesh_lab;
 mod netlab;
 mod netlab_smoke;
+mod quickstart_lab;
 mod tunnel;
+mod tunnel_lab;
+mod zonefix;

@@ -306,7 +306,11 @@ async fn agent_reconnects_after_gateway_restart_and_drain_tells_agents() {
     let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
     wait_until("home1 connected", WAIT, || gw.hub.agents().len() == 1).await;
     let link = h1.agent.links()[0].clone();
-    assert_eq!(link.status().state, "up");
+    // The hub registers the agent when it sends Welcome; the agent marks the link up on receipt.
+    wait_until("agent sees the link up", WAIT, || {
+        link.status().state == "up"
+    })
+    .await;
     assert_eq!(roundtrip(gw.apps["echo"], b"one").await.unwrap(), b"one");
 
     // Drain: the agent hears about it before the gateway goes away.

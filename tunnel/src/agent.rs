@@ -1,6 +1,11 @@
 //! The node agent: dials every gateway of the zone, keeps each connection up (keep-alives,
 //! jittered backoff, migration), serves the device's named services on streams the gateway
 //! opens, carries UDP flows, and runs local forwards into the mesh.
+//!
+//! Mesh forwards go direct when a hole-punched QUIC connection to the peer is up and the peer
+//! has a gateway-approved permit for the service ([`crate::peers`]); otherwise they are relayed
+//! by a gateway and encrypted end to end with Noise ([`crate::e2e`]), so the gateway only
+//! forwards ciphertext. The agent's one endpoint dials the gateways and also accepts peers.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,16 +22,18 @@ use tracing::{debug, info, warn};
 use crate::backoff::Backoff;
 use crate::control::{self, ControlHandle, ControlIo};
 use crate::creds::DeviceCreds;
-use crate::error::TunnelError;
+use crate::e2e;
+use crate::error::{OpenError, TunnelError};
+use crate::peers::{peer_name, PeerConn, Peers};
 use crate::proto::{
-    self, ControlSession, Event, Hello, Origin, RefuseCode, ServiceProto, StreamHeader,
+    self, ControlSession, Event, Hello, Origin, PeerAddr, RefuseCode, ServiceProto, StreamHeader,
     StreamReply, UdpFlowOpen,
 };
 use crate::services::LocalServices;
 use crate::splice::splice;
-use crate::status::LinkStatus;
+use crate::status::{LinkStatus, PeerStatus};
 use crate::stream::{self, QuicStream};
-use crate::transport::Tuning;
+use crate::transport::{self, Tuning};
 
 /// First reconnect delay and its cap: quick recovery from a blip, no hammering of a gateway
 /// that is down.
@@ -65,6 +72,8 @@ struct LinkState {
     draining: bool,
     observed: Option<SocketAddr>,
     last_error: Option<String>,
+    /// Control session of the current connection (punch requests go through it).
+    ctl: Option<ControlHandle>,
 }
 
 /// One gateway as this agent sees it.
@@ -83,6 +92,13 @@ impl GatewayLink {
             Some(c) if !s.draining && c.close_reason().is_none() => Some(c.clone()),
             _ => None,
         }
+    }
+    fn ctl(&self) -> Option<ControlHandle> {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ctl
+            .clone()
     }
     fn set(&self, f: impl FnOnce(&mut LinkState)) {
         f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()))
@@ -115,12 +131,35 @@ pub struct Agent {
     links: Vec<Arc<GatewayLink>>,
     forward_listeners: Mutex<Vec<(Forward, TcpListener)>>,
     forward_bound: Vec<SocketAddr>,
+    peers: Arc<Peers>,
+}
+
+/// Who delivered a stream to this agent.
+#[derive(Debug)]
+enum Via {
+    /// A gateway, by name: a public client, the gateway itself, or a relayed mesh stream.
+    Gateway(String),
+    /// A peer device over a direct connection.
+    Direct { peer: String, pc: PeerConn },
+}
+
+/// How a stream's bytes are carried, decided before accepting it.
+#[derive(Debug)]
+enum Carry {
+    /// As is: from the gateway (public traffic, the gateway's own forwards).
+    Plain,
+    /// Relayed from device `peer`: Noise end to end, initiator must hold `key`.
+    E2e { peer: String, key: [u8; 32] },
+    /// Direct from `peer` (TLS-authenticated), under a permit of app `app`.
+    Direct { peer: String, app: String },
 }
 
 impl Agent {
     /// Binds everything up front (UDP socket, forward ports), so a bad config fails here and
     /// never half-starts.
     pub async fn bind(cfg: AgentConfig, endpoint: Endpoint) -> Result<Arc<Self>, TunnelError> {
+        // Peers dial us on the socket the gateway sees, so accept on it too.
+        endpoint.set_server_config(Some(transport::server_config(&cfg.creds, &cfg.tuning)?));
         let gateways = if cfg.gateways.is_empty() {
             cfg.creds
                 .zone()
@@ -160,7 +199,9 @@ impl Agent {
             })
             .collect();
         let forward_bound = fl.iter().filter_map(|(_, l)| l.local_addr().ok()).collect();
+        let peers = Arc::new(Peers::new(cfg.creds.clone(), endpoint.clone()));
         Ok(Arc::new(Agent {
+            peers,
             cfg,
             endpoint,
             links,
@@ -171,6 +212,20 @@ impl Agent {
 
     pub fn links(&self) -> &[Arc<GatewayLink>] {
         &self.links
+    }
+
+    /// Mesh peers: path (direct or relay), RTT, bytes.
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        let gw_rtt = self
+            .links
+            .iter()
+            .find_map(|l| l.usable().map(|c| c.rtt().as_secs_f64() * 1000.0));
+        self.peers.status(gw_rtt)
+    }
+
+    /// The agent's UDP address (gateways and peers reach it there, through its NAT).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
     }
 
     /// Bound forward addresses (useful when configured with port 0).
@@ -197,11 +252,13 @@ impl Agent {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()),
         );
+        tasks.spawn(self.clone().accept_peers(shutdown.clone()));
         for (f, l) in listeners {
             info!(listen = %f.listen, to = %format!("{}/{}", f.device, f.service), "mesh forward listening");
             tasks.spawn(self.clone().forward_loop(f, l, shutdown.clone()));
         }
         shutdown.cancelled().await;
+        self.peers.close_all();
         for link in &self.links {
             if let Some(c) = &link.state.lock().unwrap_or_else(|p| p.into_inner()).conn {
                 c.close(0u32.into(), b"agent stopping");
@@ -228,6 +285,7 @@ impl Agent {
                 s.conn = None;
                 s.draining = false;
                 s.last_error = Some(err.clone());
+                s.ctl = None;
             });
             if started.elapsed() >= HEALTHY_AFTER {
                 backoff.reset();
@@ -308,6 +366,7 @@ impl Agent {
             "tunnel up"
         );
         let (ctl, cmds) = control::channel();
+        link.set(|s| s.ctl = Some(ctl.clone()));
         let flows: Flows = Arc::new(Mutex::new(HashMap::new()));
         let streams = tokio::spawn(self.clone().accept_streams(conn.clone(), link.name.clone()));
         let dgrams = tokio::spawn(read_datagrams(conn.clone(), flows.clone()));
@@ -319,7 +378,7 @@ impl Agent {
     }
 
     async fn run_control(
-        &self,
+        self: &Arc<Self>,
         link: &GatewayLink,
         conn: &Connection,
         mut io: ControlIo,
@@ -361,7 +420,7 @@ impl Agent {
     }
 
     fn on_event(
-        &self,
+        self: &Arc<Self>,
         link: &GatewayLink,
         conn: &Connection,
         ctl: &ControlHandle,
@@ -391,6 +450,7 @@ impl Agent {
             Event::PeerError { code, message } => {
                 warn!(gateway = %link.name, ?code, %message, "gateway reported a control error")
             }
+            Event::PeerAddr(pa) => self.on_peer_addr(pa),
             other => debug!(event = ?other, "control event ignored"),
         }
     }
@@ -466,30 +526,93 @@ impl Agent {
     async fn accept_streams(self: Arc<Self>, conn: Connection, gateway: String) {
         while let Ok((send, recv)) = conn.accept_bi().await {
             let me = self.clone();
-            let gw = gateway.clone();
-            tokio::spawn(async move { me.serve_stream(send, recv, gw).await });
+            let via = Via::Gateway(gateway.clone());
+            tokio::spawn(async move { me.serve_stream(send, recv, via).await });
         }
     }
 
+    /// Streams a peer opens on a direct connection.
+    async fn accept_direct_streams(self: Arc<Self>, peer: String, pc: PeerConn) {
+        while let Ok((send, recv)) = pc.conn.accept_bi().await {
+            let me = self.clone();
+            let via = Via::Direct {
+                peer: peer.clone(),
+                pc: pc.clone(),
+            };
+            tokio::spawn(async move { me.serve_stream(send, recv, via).await });
+        }
+    }
+
+    /// Accepts direct connections from peers (hole punching: see [`crate::peers`]). The TLS
+    /// handshake runs in its own task, bounded by the handshake timeout.
+    async fn accept_peers(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let incoming = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                i = self.endpoint.accept() => match i { Some(i) => i, None => return },
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                let conn =
+                    match tokio::time::timeout(me.cfg.tuning.handshake_timeout, incoming).await {
+                        Ok(Ok(c)) => c,
+                        Ok(Err(e)) => {
+                            debug!(%remote, error = %e, "peer connection refused");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                match peer_name(&conn) {
+                    Ok(name) if name != me.cfg.creds.name() => me.add_direct(name, conn, false),
+                    Ok(_) | Err(_) => conn.close(0u32.into(), b"not a peer"),
+                }
+            });
+        }
+    }
+
+    /// A direct connection to `peer` is up (dialed by us or accepted): serve its streams and
+    /// make it the direct path unless it is a duplicate.
+    fn add_direct(self: &Arc<Self>, peer: String, conn: Connection, dialed: bool) {
+        let dialer = if dialed {
+            self.cfg.creds.name().to_owned()
+        } else {
+            peer.clone()
+        };
+        let pc = PeerConn::new(conn, dialer);
+        self.peers.register(&peer, pc.clone());
+        tokio::spawn(self.clone().accept_direct_streams(peer, pc));
+    }
+
+    fn on_peer_addr(self: &Arc<Self>, pa: PeerAddr) {
+        let Some(addrs) = self.peers.on_peer_addr(&pa) else {
+            return;
+        };
+        info!(peer = %pa.device, addrs = ?addrs, "hole punching towards peer");
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Some(conn) = me.peers.clone().punch(pa.device.clone(), addrs).await {
+                me.add_direct(pa.device, conn, true);
+            }
+        });
+    }
+
     async fn serve_stream(
-        &self,
+        self: Arc<Self>,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
-        gateway: String,
+        via: Via,
     ) {
-        let (header, rest) = match tokio::time::timeout(
-            self.cfg.tuning.open_timeout,
-            stream::read_header(&mut recv),
-        )
-        .await
-        {
-            Ok(Ok(h)) => h,
-            Ok(Err(e)) => {
-                stream::refuse(&mut send, RefuseCode::BadRequest, &e.to_string()).await;
-                return;
-            }
-            Err(_) => return,
-        };
+        let t = self.cfg.tuning;
+        let (header, rest) =
+            match tokio::time::timeout(t.open_timeout, stream::read_header(&mut recv)).await {
+                Ok(Ok(h)) => h,
+                Ok(Err(e)) => {
+                    stream::refuse(&mut send, RefuseCode::BadRequest, &e.to_string()).await;
+                    return;
+                }
+                Err(_) => return,
+            };
         let StreamHeader::Open {
             app,
             service,
@@ -504,11 +627,59 @@ impl Agent {
             .await;
             return;
         };
+        let me = self.cfg.creds.name();
+        let (carry, via_text, _guard) = match &via {
+            Via::Direct { peer, pc } => match self.peers.permitted(peer, &service) {
+                Some(app) => (
+                    Carry::Direct {
+                        peer: peer.clone(),
+                        app,
+                    },
+                    "direct".to_owned(),
+                    Some(pc.stream_guard()),
+                ),
+                None => {
+                    info!(peer = %peer, service = %service, "direct stream refused: no gateway-approved stream from this peer yet");
+                    stream::refuse(
+                        &mut send,
+                        RefuseCode::PolicyDenied,
+                        "not approved by a gateway yet: use the relay",
+                    )
+                    .await;
+                    return;
+                }
+            },
+            Via::Gateway(gw) => match &origin {
+                // A device other than the gateway itself: relayed, so end to end encrypted.
+                Origin::Device { name, .. } if name != gw && name != me => {
+                    match self.cfg.creds.noise_public_of(name) {
+                        Ok(key) => (
+                            Carry::E2e {
+                                peer: name.clone(),
+                                key,
+                            },
+                            gw.clone(),
+                            None,
+                        ),
+                        Err(e) => {
+                            warn!(origin = %name, service = %service, error = %e, "relayed stream refused");
+                            stream::refuse(&mut send, RefuseCode::BadRequest, &e.to_string()).await;
+                            return;
+                        }
+                    }
+                }
+                _ => (Carry::Plain, gw.clone(), None),
+            },
+        };
+        let origin = match &carry {
+            Carry::Direct { peer, .. } => format!("device {peer} (direct)"),
+            _ => origin_text(&origin),
+        };
         let started = Instant::now();
         let mut tcp: TcpStream = match self.cfg.services.connect_tcp(&service).await {
             Ok(t) => t,
             Err((code, reason)) => {
-                info!(app = %app, service = %service, origin = %origin_text(&origin), reason = %reason, "stream refused");
+                info!(app = %app, service = %service, origin = %origin, reason = %reason, "stream refused");
                 stream::refuse(&mut send, code, &reason).await;
                 return;
             }
@@ -520,25 +691,55 @@ impl Agent {
             return;
         }
         let mut q = QuicStream::new(send, recv, rest);
-        let m = splice(&mut q, &mut tcp).await;
-        let (up, down) = m.as_ref().map(|m| (m.a_to_b, m.b_to_a)).unwrap_or((0, 0));
+        let (m, app) = match carry {
+            Carry::Plain => (splice(&mut q, &mut tcp).await, app),
+            Carry::Direct { peer, app } => {
+                let m = splice(&mut q, &mut tcp).await;
+                let (inn, out) = (m.a_to_b, m.b_to_a);
+                self.peers.counters(&peer).record(true, out, inn);
+                (m, app)
+            }
+            Carry::E2e { peer, key } => {
+                let secret = self.cfg.creds.noise_secret();
+                let hs = e2e::respond(q, secret, &key, &peer, me, &service);
+                let mut s = match tokio::time::timeout(t.open_timeout, hs).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        warn!(origin = %origin, service = %service, error = %e, "end-to-end handshake failed: stream closed");
+                        return;
+                    }
+                    Err(_) => {
+                        warn!(origin = %origin, service = %service, "end-to-end handshake timed out");
+                        return;
+                    }
+                };
+                // The gateway allowed this peer this service, and Noise proved the peer:
+                // it may use it over a direct path too.
+                self.peers.grant(&peer, &service, &app);
+                let m = splice(&mut s, &mut tcp).await;
+                let (inn, out) = (m.a_to_b, m.b_to_a);
+                self.peers.counters(&peer).record(false, out, inn);
+                (m, app)
+            }
+        };
+        let (up, down) = (m.a_to_b, m.b_to_a);
         info!(
             app = %app,
             service = %service,
-            origin = %origin_text(&origin),
-            via = %gateway,
+            origin = %origin,
+            via = %via_text,
             bytes_in = up,
             bytes_out = down,
             ms = started.elapsed().as_millis() as u64,
-            error = m.err().map(|e| e.to_string()).unwrap_or_default(),
+            error = m.error.map(|e| e.to_string()).unwrap_or_default(),
             "connection done"
         );
     }
 
-    fn pick_link(&self) -> Option<(String, Connection)> {
+    fn pick_link(&self) -> Option<(Arc<GatewayLink>, Connection)> {
         self.links
             .iter()
-            .find_map(|l| l.usable().map(|c| (l.name.clone(), c)))
+            .find_map(|l| l.usable().map(|c| (l.clone(), c)))
     }
 
     async fn forward_loop(
@@ -548,7 +749,7 @@ impl Agent {
         shutdown: CancellationToken,
     ) {
         loop {
-            let (mut tcp, peer) = tokio::select! {
+            let (tcp, peer) = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = listener.accept() => match r {
                     Ok(x) => x,
@@ -556,34 +757,109 @@ impl Agent {
                 },
             };
             let _ = tcp.set_nodelay(true);
-            let me = self.clone();
-            let f = f.clone();
-            tokio::spawn(async move {
-                let to = format!("{}/{}", f.device, f.service);
-                let Some((gw, conn)) = me.pick_link() else {
-                    warn!(listen = %f.listen, to = %to, "forward refused: no gateway connected");
-                    return;
-                };
-                let started = Instant::now();
-                let header = StreamHeader::Relay {
+            tokio::spawn(self.clone().forward_one(f.clone(), tcp, peer));
+        }
+    }
+
+    /// One local connection of a forward: direct to the peer when possible, else relayed.
+    async fn forward_one(self: Arc<Self>, f: Forward, mut tcp: TcpStream, client: SocketAddr) {
+        let to = format!("{}/{}", f.device, f.service);
+        let me = self.cfg.creds.name();
+        let t = self.cfg.tuning;
+        let started = Instant::now();
+        // A zone device other than us and the gateways: a mesh peer.
+        let mesh_peer = f.device != me && !self.links.iter().any(|l| l.name == f.device);
+        if mesh_peer {
+            if let Some(pc) = self.peers.direct(&f.device) {
+                let _guard = pc.stream_guard();
+                let header = StreamHeader::Open {
                     app: RELAY_APP.into(),
-                    to_device: f.device.clone(),
                     service: f.service.clone(),
+                    origin: Origin::Device {
+                        name: me.to_owned(),
+                        addr: None,
+                    },
                 };
-                let mut q = match stream::open(&conn, &gw, &header, me.cfg.tuning.open_timeout)
-                    .await
-                {
-                    Ok(q) => q,
+                match stream::open(&pc.conn, &f.device, &header, t.open_timeout).await {
+                    Ok(mut q) => {
+                        let m = splice(&mut tcp, &mut q).await;
+                        let (up, down) = (m.a_to_b, m.b_to_a);
+                        self.peers.counters(&f.device).record(true, up, down);
+                        info!(to = %to, via = "direct", client = %client, bytes_up = up, bytes_down = down, ms = started.elapsed().as_millis() as u64, "forward connection done");
+                        return;
+                    }
+                    Err(OpenError::Refused { code, reason, .. }) => {
+                        debug!(to = %to, %code, reason = %reason, "direct stream refused: using the relay");
+                    }
                     Err(e) => {
-                        info!(listen = %f.listen, to = %to, client = %peer, reason = %e, "forward refused");
+                        self.peers
+                            .forget_direct(&f.device, &pc.conn, &e.to_string());
+                    }
+                }
+            }
+        }
+        let Some((link, conn)) = self.pick_link() else {
+            warn!(listen = %f.listen, to = %to, "forward refused: no gateway connected and no direct path");
+            return;
+        };
+        let peer_key = if mesh_peer {
+            match self.cfg.creds.noise_public_of(&f.device) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    warn!(to = %to, error = %e, "forward refused");
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        let header = StreamHeader::Relay {
+            app: RELAY_APP.into(),
+            to_device: f.device.clone(),
+            service: f.service.clone(),
+        };
+        let q = match stream::open(&conn, &link.name, &header, t.open_timeout).await {
+            Ok(q) => q,
+            Err(e) => {
+                info!(listen = %f.listen, to = %to, client = %client, reason = %e, "forward refused");
+                return;
+            }
+        };
+        let (m, via) = match peer_key {
+            None => {
+                let mut q = q;
+                (splice(&mut tcp, &mut q).await, link.name.clone())
+            }
+            Some(key) => {
+                let secret = self.cfg.creds.noise_secret();
+                let hs = e2e::initiate(q, secret, &key, me, &f.device, &f.service);
+                let mut s = match tokio::time::timeout(t.open_timeout, hs).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        warn!(to = %to, via = %link.name, error = %e, "end-to-end handshake failed: connection closed");
+                        return;
+                    }
+                    Err(_) => {
+                        warn!(to = %to, via = %link.name, "end-to-end handshake timed out");
                         return;
                     }
                 };
-                let m = splice(&mut tcp, &mut q).await;
-                let (up, down) = m.as_ref().map(|m| (m.a_to_b, m.b_to_a)).unwrap_or((0, 0));
-                info!(to = %to, via = %gw, client = %peer, bytes_up = up, bytes_down = down, ms = started.elapsed().as_millis() as u64, "forward connection done");
-            });
-        }
+                // The relayed stream works, so the gateway allows us there: try to go direct
+                // for the next ones.
+                if self.peers.should_request_punch(&f.device) {
+                    if let Some(ctl) = link.ctl() {
+                        let d = f.device.clone();
+                        ctl.try_apply(move |s| s.request_punch(d));
+                    }
+                }
+                let m = splice(&mut tcp, &mut s).await;
+                let (up, down) = (m.a_to_b, m.b_to_a);
+                self.peers.counters(&f.device).record(false, up, down);
+                (m, format!("{} (e2e)", link.name))
+            }
+        };
+        let (up, down) = (m.a_to_b, m.b_to_a);
+        info!(to = %to, via = %via, client = %client, bytes_up = up, bytes_down = down, ms = started.elapsed().as_millis() as u64, "forward connection done");
     }
 }
 

@@ -26,6 +26,8 @@ pub struct DeviceCreds {
     pub identity: DeviceIdentity,
     pub cert_der: CertificateDer<'static>,
     key_pkcs8: zeroize::Zeroizing<Vec<u8>>,
+    /// X25519 form of the device key: the Noise static key of the mesh (see [`crate::e2e`]).
+    noise_secret: zeroize::Zeroizing<[u8; 32]>,
     pub trust: Arc<ZoneTrust>,
     zone_key: ed25519_dalek::VerifyingKey,
     zone: RwLock<Arc<SignedZone>>,
@@ -92,10 +94,13 @@ impl DeviceCreds {
         }
         trust.set_revocations(&zone.config);
         let key_pkcs8 = key.to_pkcs8_der()?;
+        let noise_secret =
+            crate::e2e::static_secret(&ed25519_dalek::SigningKey::from_bytes(&key.secret_bytes()));
         Ok(Arc::new(DeviceCreds {
             identity,
             cert_der,
             key_pkcs8,
+            noise_secret,
             trust,
             zone_key,
             zone: RwLock::new(Arc::new(zone)),
@@ -113,8 +118,26 @@ impl DeviceCreds {
         self.identity.roles.iter().map(|r| r.as_str()).collect()
     }
 
+    /// A secret for `purpose` derived from the device key (HKDF-SHA256), so per-purpose
+    /// secrets never reuse the signing key itself.
+    pub fn derive_secret(&self, purpose: &[u8], out: &mut [u8]) {
+        let hk = hkdf::Hkdf::<sha2::Sha256>::new(Some(purpose), &self.key_pkcs8);
+        // Callers ask for at most a few dozen bytes, far below HKDF's 8160-byte limit.
+        hk.expand(b"", out).expect("short HKDF output");
+    }
+
     pub fn private_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_pkcs8.to_vec()))
+    }
+
+    /// This device's Noise static secret (X25519).
+    pub fn noise_secret(&self) -> &[u8; 32] {
+        &self.noise_secret
+    }
+
+    /// The Noise static public key zone.json implies for `device`.
+    pub fn noise_public_of(&self, device: &str) -> Result<[u8; 32], crate::e2e::E2eError> {
+        crate::e2e::peer_public(&self.zone().config, device)
     }
 
     /// The newest verified zone config.

@@ -25,7 +25,7 @@ use crate::proto::{
 };
 use crate::services::LocalServices;
 use crate::splice::splice;
-use crate::status::{AgentStatus, ServiceStatus};
+use crate::status::{AgentStatus, MeshPairStatus, ServiceStatus};
 use crate::stream::{self, QuicStream};
 use crate::transport::Tuning;
 use crate::upstream::Upstream;
@@ -43,6 +43,11 @@ pub const CLOSE_SHUTDOWN: u32 = 1;
 pub const CLOSE_REPLACED: u32 = 2;
 pub const CLOSE_REVOKED: u32 = 3;
 pub const CLOSE_PROTOCOL: u32 = 4;
+/// Least time between two hole-punching rounds the hub coordinates for one device pair: agents
+/// rate-limit themselves too; this bounds what a misbehaving one can make the hub send.
+pub const PUNCH_MIN_INTERVAL: Duration = Duration::from_secs(5);
+/// A pair whose last relayed stream is younger than this shows as `relay` in `/status`.
+const RELAY_RECENT: Duration = Duration::from_secs(60);
 
 /// Everything the hub needs.
 #[derive(Debug, Clone)]
@@ -91,6 +96,89 @@ struct Inner {
     /// Proxied connections and relays in flight: drain waits for them.
     work: TaskTracker,
     handshakes: Arc<Semaphore>,
+    /// (from, to) device pairs of mesh traffic: relayed streams and punching rounds.
+    mesh: Mutex<HashMap<(String, String), MeshPair>>,
+    tap: RwLock<Option<Arc<RelayTap>>>,
+}
+
+#[derive(Debug, Default)]
+struct MeshPair {
+    streams: u64,
+    bytes_up: u64,
+    bytes_down: u64,
+    punches: u64,
+    last_relay: Option<Instant>,
+    last_punch: Option<Instant>,
+}
+
+/// Records the bytes the relay forwards between devices, for tests that check what the
+/// gateway can see (it must be ciphertext only). Bounded: recording stops at `cap` bytes.
+#[derive(Debug)]
+pub struct RelayTap {
+    cap: usize,
+    seen: Mutex<Vec<u8>>,
+}
+
+impl RelayTap {
+    pub fn new(cap: usize) -> Arc<Self> {
+        Arc::new(RelayTap {
+            cap,
+            seen: Mutex::new(Vec::new()),
+        })
+    }
+    fn record(&self, b: &[u8]) {
+        let mut v = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let room = self.cap.saturating_sub(v.len());
+        v.extend_from_slice(&b[..b.len().min(room)]);
+    }
+    /// Everything recorded so far (both directions, interleaved as read).
+    pub fn seen(&self) -> Vec<u8> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// A stream end whose reads are copied into a [`RelayTap`].
+struct Tapped<'a, T: ?Sized> {
+    inner: &'a mut T,
+    tap: Option<Arc<RelayTap>>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin + ?Sized> tokio::io::AsyncRead for Tapped<'_, T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let r = std::pin::Pin::new(&mut *this.inner).poll_read(cx, buf);
+        if let Some(t) = &this.tap {
+            t.record(&buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin + ?Sized> tokio::io::AsyncWrite for Tapped<'_, T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut *self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
 }
 
 /// The gateway's hub. Cheap to clone.
@@ -119,6 +207,8 @@ impl Hub {
             draining: AtomicBool::new(false),
             work: TaskTracker::new(),
             handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+            mesh: Mutex::new(HashMap::new()),
+            tap: RwLock::new(None),
         }))
     }
 
@@ -137,6 +227,97 @@ impl Hub {
     /// Tracker for proxied work, so drain waits for it.
     pub fn work(&self) -> &TaskTracker {
         &self.0.work
+    }
+
+    /// Starts (or with None stops) recording the bytes of relayed device↔device streams.
+    pub fn set_relay_tap(&self, tap: Option<Arc<RelayTap>>) {
+        *self.0.tap.write().unwrap_or_else(|p| p.into_inner()) = tap;
+    }
+
+    fn mesh_pair<R>(&self, from: &str, to: &str, f: impl FnOnce(&mut MeshPair) -> R) -> R {
+        let mut m = self.0.mesh.lock().unwrap_or_else(|p| p.into_inner());
+        f(m.entry((from.to_owned(), to.to_owned())).or_default())
+    }
+
+    /// `link` asks to reach `peer` directly: send both each other's observed address.
+    /// Only for a pair whose relayed stream the policy already allowed, so punching never
+    /// tells a device the address of a peer it may not reach at all.
+    fn coordinate_punch(&self, link: &Arc<AgentLink>, peer: &str) {
+        let relayed = {
+            let m = self.0.mesh.lock().unwrap_or_else(|p| p.into_inner());
+            m.get(&(link.device.clone(), peer.to_owned()))
+                .is_some_and(|p| p.streams > 0)
+        };
+        let Some(other) = self.agent(peer).filter(|_| relayed && peer != link.device) else {
+            debug!(device = %link.device, peer = %peer, "punch request ignored: peer offline or no relayed stream to it yet");
+            return;
+        };
+        let due = self.mesh_pair(&link.device, peer, |p| {
+            if p.last_punch
+                .is_some_and(|t| t.elapsed() < PUNCH_MIN_INTERVAL)
+            {
+                return false;
+            }
+            p.last_punch = Some(Instant::now());
+            p.punches += 1;
+            true
+        });
+        if !due {
+            return;
+        }
+        let nonce = rand::random::<u64>();
+        let (a_addr, b_addr) = (link.conn.remote_address(), other.conn.remote_address());
+        let to_a = proto::PeerAddr {
+            device: other.device.clone(),
+            addrs: vec![b_addr],
+            punch_nonce: nonce,
+        };
+        let to_b = proto::PeerAddr {
+            device: link.device.clone(),
+            addrs: vec![a_addr],
+            punch_nonce: nonce,
+        };
+        link.ctl.try_apply(move |s| s.send_peer_addr(to_a));
+        other.ctl.try_apply(move |s| s.send_peer_addr(to_b));
+        info!(a = %link.device, a_addr = %a_addr, b = %other.device, b_addr = %b_addr, "hole punching coordinated");
+    }
+
+    /// Mesh pairs with `from` as the opening side, for `/status`.
+    fn mesh_status(&self, from: &str) -> Vec<MeshPairStatus> {
+        let m = self.0.mesh.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<MeshPairStatus> = m
+            .iter()
+            .filter(|((f, _), _)| f == from)
+            .map(|((_, to), p)| {
+                let recent = p.last_relay.is_some_and(|t| t.elapsed() < RELAY_RECENT);
+                // Nothing relayed since the last punching round: the pair went direct (or
+                // went quiet; the agents' own `/status` knows).
+                let punched = match (p.last_punch, p.last_relay) {
+                    (Some(pu), Some(r)) => pu >= r,
+                    (Some(_), None) => true,
+                    (None, _) => false,
+                };
+                MeshPairStatus {
+                    to: to.clone(),
+                    path: if punched {
+                        "direct"
+                    } else if recent {
+                        "relay"
+                    } else {
+                        "idle"
+                    }
+                    .into(),
+                    relayed_streams: p.streams,
+                    relayed_bytes_up: p.bytes_up,
+                    relayed_bytes_down: p.bytes_down,
+                    punches: p.punches,
+                    secs_since_relay: p.last_relay.map(|t| t.elapsed().as_secs()),
+                    secs_since_punch: p.last_punch.map(|t| t.elapsed().as_secs()),
+                }
+            })
+            .collect();
+        v.sort_by(|a, b| a.to.cmp(&b.to));
+        v
     }
 
     pub fn agent(&self, device: &str) -> Option<Arc<AgentLink>> {
@@ -387,9 +568,7 @@ impl Hub {
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&flow_id);
             }
-            Event::PunchRequest { device } => {
-                debug!(device = %link.device, peer = %device, "punch request (direct paths are not enabled on this gateway)");
-            }
+            Event::PunchRequest { device } => self.coordinate_punch(link, &device),
             Event::PeerError { code, message } => {
                 warn!(device = %link.device, ?code, %message, "agent reported a control error");
             }
@@ -536,8 +715,35 @@ impl Hub {
         }
         counters.connection();
         let mut down = QuicStream::new(send, recv, rest);
-        let moved = splice(&mut down, &mut upstream).await;
-        let (up, dn) = moved.map(|m| (m.a_to_b, m.b_to_a)).unwrap_or((0, 0));
+        let relayed = to_device != self.0.cfg.creds.name();
+        if relayed {
+            self.mesh_pair(&link.device, &to_device, |p| {
+                p.streams += 1;
+                p.last_relay = Some(Instant::now());
+            });
+        }
+        // Test hook: what a relay forwards between devices (end to end encrypted).
+        let tap = relayed
+            .then(|| self.0.tap.read().unwrap_or_else(|p| p.into_inner()).clone())
+            .flatten();
+        let moved = splice(
+            &mut Tapped {
+                inner: &mut down,
+                tap: tap.clone(),
+            },
+            &mut Tapped {
+                inner: &mut upstream,
+                tap,
+            },
+        )
+        .await;
+        let (up, dn) = (moved.a_to_b, moved.b_to_a);
+        if relayed {
+            self.mesh_pair(&link.device, &to_device, |p| {
+                p.bytes_up += up;
+                p.bytes_down += dn;
+            });
+        }
         counters.bytes_in(up);
         counters.bytes_out(dn);
         link.bytes_from.fetch_add(up, Ordering::Relaxed);
@@ -678,6 +884,7 @@ impl Hub {
                             proto: format!("{:?}", s.proto).to_lowercase(),
                         })
                         .collect(),
+                    mesh: self.mesh_status(&a.device),
                 }
             })
             .collect()

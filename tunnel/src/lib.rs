@@ -7,7 +7,9 @@
 //! - [`tls`], [`transport`]: rustls (mutual TLS, ALPN `zonegate/1`) and quinn endpoints.
 //! - [`control`]: I/O around the control session.
 //! - [`stream`], [`splice`], [`upstream`]: one proxied connection per QUIC stream.
+//! - [`e2e`]: Noise IK end to end on relayed mesh streams (sans-IO framer + stream wrapper).
 //! - [`hub`]: the gateway side (agents table, streams to devices, mesh relay, UDP flows, drain).
+//! - [`peers`]: direct device↔device paths: peer table, hole punching, direct-use permits.
 //! - [`agent`]: the node side (dial, reconnect, serve services, forwards).
 //! - [`services`]: the services a device offers; [`status`]: `/status` snapshots.
 
@@ -15,8 +17,10 @@ pub mod agent;
 pub mod backoff;
 pub mod control;
 pub mod creds;
+pub mod e2e;
 pub mod error;
 pub mod hub;
+pub mod peers;
 pub mod proto;
 pub mod services;
 pub mod splice;

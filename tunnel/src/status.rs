@@ -25,6 +25,8 @@ pub struct AgentStatus {
     pub udp_tx: u64,
     pub udp_rx: u64,
     pub services: Vec<ServiceStatus>,
+    /// Mesh streams from this device to others: relayed here or (after punching) direct.
+    pub mesh: Vec<MeshPairStatus>,
 }
 
 /// One gateway link as an agent sees it.
@@ -37,4 +39,48 @@ pub struct LinkStatus {
     pub rtt_ms: Option<f64>,
     pub connects: u64,
     pub last_error: Option<String>,
+}
+
+/// A mesh peer as an agent sees it: how streams to it travel and what they carried.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    pub device: String,
+    /// `direct` (a QUIC connection of our own to the peer is up), else `relay` (streams go
+    /// through a gateway, Noise end to end).
+    pub path: String,
+    /// The peer's address on the direct connection.
+    pub direct_addr: Option<String>,
+    /// RTT of the direct connection; for `relay`, the RTT to the gateway (a lower bound).
+    pub rtt_ms: Option<f64>,
+    pub streams_direct: u64,
+    pub streams_relay: u64,
+    /// Payload bytes sent to / received from the peer, per path (both directions of streams
+    /// we opened and of streams the peer opened to us).
+    pub bytes_direct_out: u64,
+    pub bytes_direct_in: u64,
+    pub bytes_relay_out: u64,
+    pub bytes_relay_in: u64,
+    /// Hole-punching rounds the gateway coordinated with this peer, and direct connections made.
+    pub punches: u64,
+    pub direct_connects: u64,
+    /// Services the gateway allowed this peer to reach here (so it may use them directly).
+    pub permits: Vec<String>,
+    pub last_error: Option<String>,
+}
+
+/// A device pair whose mesh traffic this gateway relayed or whose hole punching it coordinated.
+#[derive(Debug, Clone, Serialize)]
+pub struct MeshPairStatus {
+    pub to: String,
+    /// The gateway's view: `relay` while it relays streams of this pair (one within the last
+    /// minute), `direct` when it coordinated punching and has relayed nothing since (the agents'
+    /// own `/status` says for sure), else `idle`.
+    pub path: String,
+    pub relayed_streams: u64,
+    /// Ciphertext bytes relayed from / to the `from` device (Noise end to end: never readable here).
+    pub relayed_bytes_up: u64,
+    pub relayed_bytes_down: u64,
+    pub punches: u64,
+    pub secs_since_relay: Option<u64>,
+    pub secs_since_punch: Option<u64>,
 }

@@ -67,17 +67,42 @@ pub fn server_endpoint(
     creds: &DeviceCreds,
     t: &Tuning,
 ) -> Result<Endpoint, TunnelError> {
-    let mut sc = ServerConfig::with_crypto(tls::server_crypto(creds)?);
-    sc.transport_config(transport_config(t));
-    // NAT rebinding: let an agent's connection move to a new address/port.
-    sc.migration(true);
-    let mut ep = Endpoint::server(sc, bind)
+    let sc = server_config(creds, t)?;
+    let socket = std::net::UdpSocket::bind(bind)
         .map_err(|e| TunnelError::Config(format!("cannot listen on UDP {bind}: {e}")))?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| TunnelError::Config("no async runtime for the QUIC endpoint".into()))?;
+    let mut ep = Endpoint::new(
+        quinn::EndpointConfig::new(reset_key(creds)),
+        Some(sc),
+        socket,
+        runtime,
+    )
+    .map_err(|e| TunnelError::Config(format!("cannot listen on UDP {bind}: {e}")))?;
     ep.set_default_client_config(client_config(creds, t)?);
     Ok(ep)
 }
 
-/// A dial-only endpoint (node agents).
+/// Key for QUIC stateless resets, derived from the device key. A restarted gateway then
+/// answers packets of connections it no longer knows with resets the agents recognise, so they
+/// reconnect at once instead of waiting out the idle timeout.
+fn reset_key(creds: &DeviceCreds) -> Arc<dyn quinn::crypto::HmacKey> {
+    let mut k = [0u8; 32];
+    creds.derive_secret(b"zonegate/stateless-reset/v1", &mut k);
+    Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &k))
+}
+
+/// Accepting side of a device: the gateway's, and a node agent's for direct mesh paths (set on
+/// the agent's one endpoint, so peers reach it through the NAT mapping the gateway observed).
+pub fn server_config(creds: &DeviceCreds, t: &Tuning) -> Result<ServerConfig, TunnelError> {
+    let mut sc = ServerConfig::with_crypto(tls::server_crypto(creds)?);
+    sc.transport_config(transport_config(t));
+    // NAT rebinding: let an agent's connection move to a new address/port.
+    sc.migration(true);
+    Ok(sc)
+}
+
+/// A dial-only endpoint (node agents: [`crate::agent::Agent::bind`] adds the accepting side).
 pub fn client_endpoint(
     bind: SocketAddr,
     creds: &DeviceCreds,

@@ -395,9 +395,10 @@ pub fn gateway_toml(c: &ZoneConfig, name: &DeviceName) -> String {
         .and_then(|g| g.addrs.first())
         .map(|a| a.port())
         .unwrap_or(4433);
+    let domain = &c.domain;
     s.push_str(&gateways_comment(c));
     s.push_str(&format!(
-        "# QUIC for node agents: the port of this gateway's public address, on all interfaces.\nlisten = \"0.0.0.0:{port}\"\n# Traffic policy files (TOML); edits are picked up while running.\npolicies = \"policies\"\n# Admin API and status page, loopback only.\nadmin = \"{GATEWAY_ADMIN_DEFAULT}\"\n"
+        "# QUIC for node agents: the port of this gateway's public address, on all interfaces.\nlisten = \"0.0.0.0:{port}\"\n# Traffic policy files (TOML); edits are picked up while running.\npolicies = \"policies\"\n# Admin API and status page, loopback only.\nadmin = \"{GATEWAY_ADMIN_DEFAULT}\"\n# Public HTTP and HTTPS front (\"off\" to disable). Ports below 1024 need root or\n# CAP_NET_BIND_SERVICE. Without [[tls]] entries HTTPS uses a self-signed certificate.\n# http = \"0.0.0.0:80\"\n# https = \"0.0.0.0:443\"\n# [[tls]]\n# cert = \"/etc/letsencrypt/live/{domain}/fullchain.pem\"\n# key = \"/etc/letsencrypt/live/{domain}/privkey.pem\"\n"
     ));
     s.push_str(COMMON_TAIL);
     s

@@ -1,0 +1,367 @@
+//! `zonegate demo`: a whole zone on this machine, in one process. A zone is created in a
+//! temporary directory (or `--dir`), a gateway and two node agents start on loopback with free
+//! ports, home1 offers a read-only file service and home2 an echo service, and the demo prints
+//! what to try. With `--check` it verifies every path once and exits (used by the tests).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use time::OffsetDateTime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tunnel::agent::{Agent, AgentConfig, Forward};
+use tunnel::creds::{BundlePaths, DeviceCreds};
+use tunnel::proto::ServiceProto;
+use tunnel::services::{LocalService, LocalServices};
+use tunnel::transport::Tuning;
+use zone_core::zonedir::ZoneDir;
+use zone_core::{DeviceName, Domain, Role};
+
+/// The demo zone's domain (reserved for examples, never resolvable on the internet).
+pub const DEMO_DOMAIN: &str = "demo.example";
+/// Time everything has to come up before the demo says what failed.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Time Ctrl-C waits for tasks to stop.
+const STOP_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn free_tcp() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+fn free_udp() -> anyhow::Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn bundle(zone: &Path, name: &str) -> BundlePaths {
+    let b = zone.join("devices").join(name);
+    BundlePaths {
+        key: b.join("device.key"),
+        cert: b.join("device.crt"),
+        ca: b.join("zone-ca.crt"),
+        zone_config: b.join("zone.json"),
+    }
+}
+
+/// Creates the demo zone: gateway `gw` on 127.0.0.1:QUIC, nodes `home1` and `home2`.
+fn make_zone(dir: &Path, quic: SocketAddr) -> anyhow::Result<PathBuf> {
+    let zdir = dir.join("zone");
+    let now = OffsetDateTime::now_utc();
+    let mut z = ZoneDir::init(&zdir, Domain::new(DEMO_DOMAIN)?, now)?;
+    let mut issued = Vec::new();
+    for (name, role, addrs) in [
+        ("gw", Role::Gateway, vec![quic]),
+        ("home1", Role::Node, vec![]),
+        ("home2", Role::Node, vec![]),
+    ] {
+        let n = DeviceName::new(name)?;
+        let (k, c) = z.add_device(&n, &[role], &addrs, now, zone_core::cert::DEVICE_CERT_DAYS)?;
+        issued.push((n, k, c));
+    }
+    for (n, k, c) in &issued {
+        z.write_bundle(&zdir.join("devices").join(n.as_str()), n, k, c)?;
+    }
+    Ok(zdir)
+}
+
+fn write_share(dir: &Path) -> anyhow::Result<PathBuf> {
+    let share = dir.join("share");
+    std::fs::create_dir_all(share.join("photos"))?;
+    std::fs::write(
+        share.join("README.txt"),
+        "This file lives on home1, behind its NAT (in the demo: a task on loopback).\nYou are reading it through the gateway's HTTP front and a QUIC tunnel stream.\n",
+    )?;
+    std::fs::write(
+        share.join("photos").join("list.txt"),
+        "holiday-001.jpg\nholiday-002.jpg\n",
+    )?;
+    Ok(share)
+}
+
+fn policy_text(echo_port: u16) -> String {
+    format!(
+        r#"# The demo's traffic policy. Edit it while the demo runs: changes apply within a second,
+# and a broken edit is refused with file:line:column while the old policy keeps serving.
+
+# A read-only public view of home1's file service.
+[app.dfs]
+http = {{ host = "127.0.0.1", path = "/dfs", strip_prefix = true }}
+to = "home1/dfs"
+allow = {{ from = ["public"], methods = ["GET", "HEAD"] }}
+limits = {{ rate = "50/s", burst = 100 }}
+
+[app.dfs-localhost]
+http = {{ host = "localhost", path = "/dfs", strip_prefix = true }}
+to = "home1/dfs"
+allow = {{ from = ["public"], methods = ["GET", "HEAD"] }}
+
+# home2's echo service on a public TCP port of the gateway.
+[app.echo]
+tcp = {{ listen = "127.0.0.1:{echo_port}" }}
+to = "home2/echo"
+allow = {{ from = ["public"] }}
+
+# home2 may reach home1's files over the mesh (everything else between devices is denied).
+[app.dfs-mesh]
+mesh = true
+to = "home1/dfs"
+allow = {{ from = ["device:home2"] }}
+"#
+    )
+}
+
+async fn echo_service() -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let a = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    Ok(a)
+}
+
+/// One HTTP/1.1 GET over a plain TCP connection; returns (status, body).
+async fn http_get(addr: SocketAddr, host: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+async fn echo_check(addr: SocketAddr) -> anyhow::Result<()> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(b"zonegate").await?;
+    let mut b = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b)).await??;
+    if &b != b"zonegate" {
+        bail!("echo answered {:?}", String::from_utf8_lossy(&b));
+    }
+    Ok(())
+}
+
+/// Runs the demo. `dir`: where to create the zone (must not hold one); default a temporary
+/// directory removed at exit. `check`: verify every path once, then stop.
+pub fn run(dir: Option<PathBuf>, check: bool) -> anyhow::Result<()> {
+    let tmp;
+    let dir = match dir {
+        Some(d) => d,
+        None => {
+            tmp = tempfile::Builder::new()
+                .prefix("zonegate-demo-")
+                .tempdir()?;
+            tmp.path().to_owned()
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(dir, check))
+}
+
+async fn run_async(dir: PathBuf, check: bool) -> anyhow::Result<()> {
+    let quic: SocketAddr = format!("127.0.0.1:{}", free_udp()?).parse()?;
+    let http: SocketAddr = format!("127.0.0.1:{}", free_tcp()?).parse()?;
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp()?).parse()?;
+    // A port free for both UDP and TCP, for the zone's DNS.
+    let dns: SocketAddr = format!("127.0.0.1:{}", free_udp()?).parse()?;
+    let echo_port = free_tcp()?;
+    let zdir = make_zone(&dir, quic)
+        .with_context(|| format!("creating the demo zone in {}", dir.display()))?;
+    let share = write_share(&dir)?;
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies)?;
+    std::fs::write(policies.join("demo.toml"), policy_text(echo_port))?;
+
+    let shutdown = CancellationToken::new();
+    let tuning = Tuning::default();
+
+    // Services of the two homes.
+    let files = TcpListener::bind("127.0.0.1:0").await?;
+    let files_addr = files.local_addr()?;
+    tokio::spawn(crate::files::serve(files, share.clone(), shutdown.clone()));
+    let echo_addr = echo_service().await?;
+
+    // The gateway.
+    let gw_creds = DeviceCreds::load(&bundle(&zdir, "gw"), None)?;
+    let policy = policies::PolicyStore::load(&policies)
+        .map_err(|e| anyhow::anyhow!("demo policy: {e:?}"))?;
+    let gw = gateway::Gateway::bind(
+        gateway::GatewayOptions {
+            creds: gw_creds,
+            policy: Arc::new(policy),
+            services: Arc::new(LocalServices::default()),
+            forwards: Vec::new(),
+            listen: quic,
+            admin,
+            tuning,
+            grace: Duration::from_secs(1),
+            http: Some(http),
+            https: None,
+            tls_certs: Vec::new(),
+            http_tuning: Default::default(),
+            dns: Some(dns),
+        },
+        shutdown.clone(),
+    )
+    .await?;
+    let hub = gw.hub().clone();
+    let dns_addr = gw.dns_addr();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(gw.run());
+
+    // The two node agents.
+    let fwd: SocketAddr = format!("127.0.0.1:{}", free_tcp()?).parse()?;
+    let start_agent =
+        |name: &str, svcs: Vec<(&str, SocketAddr)>, forwards: Vec<Forward>| -> anyhow::Result<_> {
+            let creds = DeviceCreds::load(&bundle(&zdir, name), None)?;
+            let services = Arc::new(LocalServices::new(
+                svcs.into_iter()
+                    .map(|(n, a)| {
+                        (
+                            n.to_string(),
+                            LocalService {
+                                addr: a,
+                                proto: ServiceProto::Tcp,
+                            },
+                        )
+                    })
+                    .collect(),
+            ));
+            let endpoint =
+                tunnel::transport::client_endpoint("127.0.0.1:0".parse()?, &creds, &tuning)?;
+            Ok((
+                AgentConfig {
+                    creds,
+                    services,
+                    forwards,
+                    gateways: Vec::new(),
+                    tuning,
+                },
+                endpoint,
+            ))
+        };
+    let (c1, e1) = start_agent("home1", vec![("dfs", files_addr)], vec![])?;
+    let (c2, e2) = start_agent(
+        "home2",
+        vec![("echo", echo_addr)],
+        vec![Forward {
+            listen: fwd,
+            device: "home1".into(),
+            service: "dfs".into(),
+        }],
+    )?;
+    tasks.spawn(Agent::bind(c1, e1).await?.run(shutdown.clone()));
+    tasks.spawn(Agent::bind(c2, e2).await?.run(shutdown.clone()));
+
+    // Ready when both agents are connected and every path answers.
+    let start = Instant::now();
+    while hub.agents().len() < 2 {
+        if start.elapsed() > READY_TIMEOUT {
+            shutdown.cancel();
+            bail!("the node agents did not connect to the gateway within {READY_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = http_get(http, "127.0.0.1", "/dfs/README.txt").await?;
+    if status != 200 || !body.contains("lives on home1") {
+        shutdown.cancel();
+        bail!("GET http://{http}/dfs/README.txt answered {status}: {body}");
+    }
+    let (put_status, _) = {
+        let mut s = TcpStream::connect(http).await?;
+        s.write_all(b"PUT /dfs/x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx").await?;
+        let mut b = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut b)).await??;
+        let t = String::from_utf8_lossy(&b).into_owned();
+        (
+            t.split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse::<u16>().ok())
+                .unwrap_or(0),
+            t,
+        )
+    };
+    if put_status < 400 {
+        shutdown.cancel();
+        bail!("a write through the read-only view was not refused (status {put_status})");
+    }
+    let (mstatus, mbody) = http_get(fwd, "127.0.0.1", "/README.txt").await?;
+    if mstatus != 200 || !mbody.contains("lives on home1") {
+        shutdown.cancel();
+        bail!("the mesh forward on home2 answered {mstatus}");
+    }
+    let echo_pub: SocketAddr = format!("127.0.0.1:{echo_port}").parse()?;
+    echo_check(echo_pub)
+        .await
+        .context("echo through the gateway")?;
+    if let Some(d) = dns_addr {
+        // The bootstrap path a node uses: fetch _zonegate TXT, reassemble, verify with the CA.
+        let ca = zone_core::zonedir::read_cert_der(&zdir.join("zone-ca.crt"))?;
+        let key = zone_core::cert::ca_public_key(&ca)?;
+        name_resolver::fetch_zone(&Domain::new(DEMO_DOMAIN)?, d, &key, None)
+            .await
+            .context("zone config over the gateway's DNS")?;
+    }
+
+    println!();
+    println!(
+        "zonegate demo: zone {DEMO_DOMAIN} with a gateway and two homes, running in {}",
+        dir.display()
+    );
+    println!();
+    println!("  read-only files on home1, through the gateway:  http://{http}/dfs/");
+    println!("  (writes are refused:  curl -X PUT http://{http}/dfs/x  → {put_status})");
+    println!("  the same files from home2, over the mesh:      http://{fwd}/");
+    println!("  home2's echo service on a gateway TCP port:    {echo_pub}  (e.g. `nc 127.0.0.1 {echo_port}`)");
+    println!("  gateway status page / JSON / metrics:          http://{admin}/  /status  /metrics");
+    if let Some(d) = dns_addr {
+        println!("  the zone's DNS (signed zone config as TXT):    dig @{} -p {} +tcp TXT _zonegate.{DEMO_DOMAIN}", d.ip(), d.port());
+        println!("                                                 zonegate zone verify --dns {DEMO_DOMAIN} --server {d} --ca {}", zdir.join("zone-ca.crt").display());
+    }
+    println!(
+        "  traffic policy (edit it live):                 {}",
+        policies.join("demo.toml").display()
+    );
+    println!(
+        "  zone files (zone key, CA, bundles):            {}",
+        zdir.display()
+    );
+    println!();
+    if check {
+        println!("demo check passed: files (GET 200, PUT {put_status}), mesh forward, echo, DNS bootstrap");
+        shutdown.cancel();
+    } else {
+        println!("Press Ctrl-C to stop.");
+        let _ = tokio::signal::ctrl_c().await;
+        shutdown.cancel();
+    }
+    let stop = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(STOP_TIMEOUT, stop).await.is_err() {
+        tracing::warn!("some tasks did not stop within {STOP_TIMEOUT:?}; exiting anyway");
+    }
+    Ok(())
+}
