@@ -152,6 +152,7 @@ async fn tcp_conn(hub: Hub, app_name: String, mut tcp: tokio::net::TcpStream, pe
         }
     };
     let counters = state.counters.clone();
+    let (shape_in, shape_out) = state.limits.shapers();
     let target = app.target.clone();
     drop(active);
     counters.connection();
@@ -171,7 +172,11 @@ async fn tcp_conn(hub: Hub, app_name: String, mut tcp: tokio::net::TcpStream, pe
             return;
         }
     };
-    let m = splice(&mut tcp, &mut up).await;
+    let m = if shape_in.is_unlimited() && shape_out.is_unlimited() {
+        splice(&mut tcp, &mut up).await
+    } else {
+        tunnel::splice::splice_shaped(tcp, up, &shape_in, &shape_out).await
+    };
     let (bin, bout) = (m.a_to_b, m.b_to_a);
     counters.bytes_in(bin);
     counters.bytes_out(bout);

@@ -597,7 +597,36 @@ fn lab_quickstart_etcd_and_dfs_across_nats() {
     let mut gw = w.gateway();
     let dfs = format!("dfs=127.0.0.1:{FILES_PORT}");
     let mut home1 = w.node(1, &["--service", &dfs]);
-    let mut home2 = w.node(2, &[]);
+    // home2 ships without zone.json: it learns its gateway from the gateway's DNS (issue 6's
+    // bootstrap), verified against its pinned zone CA, before it dials.
+    let home2_zone = w.zone.node_toml("home2").with_file_name("zone.json");
+    std::fs::remove_file(&home2_zone).unwrap();
+    eventually(
+        READY,
+        "the gateway's DNS serves _zonegate TXT to home2",
+        || {
+            alive(&mut gw, "gateway")?;
+            let out = w
+                .lab
+                .cmd("home2", "dig")
+                .args([
+                    "@203.0.113.10",
+                    "+tcp",
+                    "+short",
+                    "TXT",
+                    "_zonegate.alice.example",
+                ])
+                .output()
+                .map_err(|e| format!("dig: {e}"))?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if text.contains("zg1:") {
+                Ok(())
+            } else {
+                Err(format!("no zone TXT yet: {text}"))
+            }
+        },
+    );
+    let mut home2 = w.node(2, &["--bootstrap-dns", "203.0.113.10:53"]);
     eventually(
         READY,
         "gateway /status lists both agents and their services",
@@ -705,6 +734,10 @@ fn lab_quickstart_etcd_and_dfs_across_nats() {
     eprintln!("etcd members:\n{members}");
     w.step("etcd cluster of 3 healthy");
 
+    assert!(
+        home2_zone.exists(),
+        "home2's DNS bootstrap did not write its zone.json"
+    );
     // a put on e1 (home1) is read back on e0 (vps) and e2 (home2)
     let v1 = marker("v1");
     // puts are retried under a deadline: a leader change just after the bootstrap is legal

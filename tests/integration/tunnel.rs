@@ -332,3 +332,113 @@ async fn agent_reconnects_after_gateway_restart_and_drain_tells_agents() {
     gw2.shutdown.cancel();
     h1.shutdown.cancel();
 }
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn tcp_app(name: &str, port: u16) -> String {
+    format!("[app.{name}]\ntcp = {{ listen = \"127.0.0.1:{port}\" }}\nto = \"home1/echo\"\nallow = {{ from = [\"public\"] }}\n")
+}
+
+/// Polls an async check until it holds or the deadline passes.
+async fn eventually_async<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < WAIT, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_edits_apply_live_and_a_broken_edit_keeps_the_old_policy() {
+    let z = TestZone::new(&["home1"]);
+    let (pa, pb) = (free_tcp_port(), free_tcp_port());
+    z.write_policy("a.toml", &tcp_app("a", pa));
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let echo = tcp_echo().await;
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("echo", echo, ServiceProto::Tcp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agents().len() == 1).await;
+    let a: std::net::SocketAddr = ([127, 0, 0, 1], pa).into();
+    let b: std::net::SocketAddr = ([127, 0, 0, 1], pb).into();
+    assert_eq!(roundtrip(a, b"a").await.unwrap(), b"a");
+
+    // A new file: its app becomes reachable without a restart.
+    z.write_policy("b.toml", &tcp_app("b", pb));
+    eventually_async("app b reachable", || async {
+        roundtrip(b, b"b").await.ok().as_deref() == Some(&b"b"[..])
+    })
+    .await;
+
+    // A removed file: its app goes away (the listener closes).
+    std::fs::remove_file(z.policy_dir().join("a.toml")).unwrap();
+    eventually_async("app a gone", || async {
+        tokio::net::TcpStream::connect(a).await.is_err()
+    })
+    .await;
+
+    // A broken edit: refused with file:line:column, the old policy keeps serving.
+    z.write_policy(
+        "c.toml",
+        "[app.c]\ntcp = { listen = \"not-an-address\" }\nto = \"home1/echo\"\n",
+    );
+    wait_until("reload refused", WAIT, || !gw.hub.policy().last_reload().ok).await;
+    let status = gw.hub.policy().last_reload();
+    assert!(
+        status.errors.iter().any(|e| e.contains("c.toml:2:")),
+        "{status:?}"
+    );
+    assert_eq!(roundtrip(b, b"still").await.unwrap(), b"still");
+    assert!(gw.hub.policy().current().policy.app("b").is_some());
+    gw.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_app_bandwidth_limit_paces_the_transfer() {
+    let z = TestZone::new(&["home1"]);
+    let port = free_tcp_port();
+    // 256 KiB/s per connection: 1 MiB each way cannot take less than ~3 s even with a full
+    // initial bucket (a lower bound only: a slow machine makes it slower, never faster).
+    z.write_policy(
+        "a.toml",
+        &format!("[app.slow]\ntcp = {{ listen = \"127.0.0.1:{port}\" }}\nto = \"home1/echo\"\nallow = {{ from = [\"public\"] }}\nlimits = {{ bandwidth_per_connection = \"256KiB/s\" }}\n"),
+    );
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let echo = tcp_echo().await;
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("echo", echo, ServiceProto::Tcp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agents().len() == 1).await;
+    let data = random_bytes(1 << 20);
+    let start = std::time::Instant::now();
+    let back = roundtrip(([127, 0, 0, 1], port).into(), &data)
+        .await
+        .unwrap();
+    let took = start.elapsed();
+    assert!(back == data, "shaped transfer corrupted data");
+    assert!(
+        took >= Duration::from_millis(2500),
+        "1 MiB at 256 KiB/s took only {took:?}: not shaped"
+    );
+    gw.shutdown.cancel();
+}

@@ -72,6 +72,60 @@ where
     }
 }
 
+/// Chunk size of shaped copies: small enough that a slow rate is paced smoothly rather than
+/// in bursts of 64 KiB.
+const SHAPED_CHUNK: usize = 16 * 1024;
+
+async fn pump<R, W>(
+    r: &mut R,
+    w: &mut W,
+    shaper: &policies::bandwidth::Shaper,
+) -> (u64, Option<io::Error>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; SHAPED_CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) => return (total, w.shutdown().await.err()),
+            Ok(n) => n,
+            Err(e) => return (total, Some(e)),
+        };
+        shaper.consume(n as u64).await;
+        if let Err(e) = w.write_all(&buf[..n]).await {
+            return (total, Some(e));
+        }
+        total += n as u64;
+    }
+}
+
+/// Like [`splice`], with each direction paced by a bandwidth shaper (policy `bandwidth`).
+pub async fn splice_shaped<A, B>(
+    a: A,
+    b: B,
+    a_to_b: &policies::bandwidth::Shaper,
+    b_to_a: &policies::bandwidth::Shaper,
+) -> Moved
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let ((up, e1), (down, e2)) = tokio::join!(
+        pump(&mut ar, &mut bw, a_to_b),
+        pump(&mut br, &mut aw, b_to_a)
+    );
+    Moved {
+        a_to_b: up,
+        b_to_a: down,
+        error: e1.or(e2),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
