@@ -124,6 +124,16 @@ pub struct RunningGateway {
 }
 
 pub async fn start_gateway(z: &TestZone, tuning: Tuning, grace: Duration) -> RunningGateway {
+    start_gateway_with_dns(z, tuning, grace, None).await
+}
+
+/// Like [`start_gateway`], also serving the zone's DNS on `dns` (UDP and TCP).
+pub async fn start_gateway_with_dns(
+    z: &TestZone,
+    tuning: Tuning,
+    grace: Duration,
+    dns: Option<SocketAddr>,
+) -> RunningGateway {
     let creds = z.creds("gw");
     let policy = Arc::new(policies::PolicyStore::load(&z.policy_dir()).expect("policy loads"));
     let shutdown = CancellationToken::new();
@@ -140,7 +150,7 @@ pub async fn start_gateway(z: &TestZone, tuning: Tuning, grace: Duration) -> Run
         https: None,
         tls_certs: Vec::new(),
         http_tuning: Default::default(),
-        dns: None,
+        dns,
     };
     let gw = gateway::Gateway::bind(opts, shutdown.clone())
         .await

@@ -1,0 +1,120 @@
+//! Hostile input on the gateway's public ports: garbage on the QUIC and DNS ports, and an
+//! authenticated device that speaks garbage. Connected agents must keep working throughout.
+
+use std::time::Duration;
+
+use tunnel::proto::ServiceProto;
+
+use crate::inproc::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn echo_policy() -> &'static str {
+    "[app.echo]\ntcp = { listen = \"127.0.0.1:0\" }\nto = \"home1/echo\"\nallow = { from = [\"public\"] }\n"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_datagrams_on_quic_and_dns_ports_change_nothing() {
+    let z = TestZone::new(&["home1"]);
+    z.write_policy("apps.toml", echo_policy());
+    let dns_port = {
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        u.local_addr().unwrap().port()
+    };
+    let dns: std::net::SocketAddr = ([127, 0, 0, 1], dns_port).into();
+    let gw = start_gateway_with_dns(&z, fast_tuning(), Duration::from_millis(500), Some(dns)).await;
+    let echo = tcp_echo().await;
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("echo", echo, ServiceProto::Tcp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agents().len() == 1).await;
+
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for i in 0..2000u32 {
+        let len = 1 + (i as usize * 37) % 1400;
+        let junk = random_bytes(len);
+        let _ = sock.send_to(&junk, z.gw_addr).await;
+        let _ = sock.send_to(&junk, dns).await;
+    }
+    // A garbage TCP connection to the DNS port, too.
+    if let Ok(mut t) = tokio::net::TcpStream::connect(dns).await {
+        use tokio::io::AsyncWriteExt;
+        let _ = t.write_all(&random_bytes(4096)).await;
+    }
+
+    // The tunnel still carries traffic and the agent was never dropped.
+    assert_eq!(
+        roundtrip(gw.apps["echo"], b"after the storm")
+            .await
+            .unwrap(),
+        b"after the storm"
+    );
+    assert_eq!(gw.hub.agents().len(), 1);
+    // DNS still answers with a zone config that verifies.
+    let domain = zone_core::Domain::new("alice.example").unwrap();
+    let ca = zone_core::zonedir::read_cert_der(&z.zone_dir().join("zone-ca.crt")).unwrap();
+    let zone_key = zone_core::cert::ca_public_key(&ca).unwrap();
+    let fetched = name_resolver::fetch_zone(&domain, dns, &zone_key, None)
+        .await
+        .unwrap();
+    assert_eq!(fetched.config.domain.as_str(), "alice.example");
+    gw.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticated_device_sending_garbage_is_cut_off_alone() {
+    let z = TestZone::new(&["home1", "home2"]);
+    z.write_policy("apps.toml", echo_policy());
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let echo = tcp_echo().await;
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("echo", echo, ServiceProto::Tcp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agents().len() == 1).await;
+
+    // home2's real credentials, but instead of a control stream: an oversized garbage header.
+    let creds = z.creds("home2");
+    let ep =
+        tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), &creds, &fast_tuning())
+            .unwrap();
+    let conn = ep
+        .connect(z.gw_addr, "gw.alice.example")
+        .unwrap()
+        .await
+        .expect("mutual TLS succeeds");
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let mut junk = b"ZG\x01\xff\xff".to_vec();
+    junk.extend(random_bytes(8192));
+    let _ = send.write_all(&junk).await;
+    let r = tokio::time::timeout(WAIT, recv.read_to_end(1 << 16))
+        .await
+        .expect("the gateway answers or closes in time");
+    assert!(
+        r.is_err() || r.as_ref().is_ok_and(|b| b.len() < 1024),
+        "garbage got a real answer: {r:?}"
+    );
+    tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .expect("the gateway closes the connection");
+    assert!(
+        gw.hub.agent("home2").is_none(),
+        "a device that never said hello was registered"
+    );
+
+    // Everyone else is unaffected.
+    assert_eq!(
+        roundtrip(gw.apps["echo"], b"still here").await.unwrap(),
+        b"still here"
+    );
+    gw.shutdown.cancel();
+}
