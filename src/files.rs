@@ -116,10 +116,20 @@ async fn handle(root: Arc<PathBuf>, req: Request<hyper::body::Incoming>) -> Resp
     let Some(path) = resolve(&root, &url_path) else {
         return text(StatusCode::BAD_REQUEST, "bad path");
     };
+    // `resolve` stops `..`; a symlink inside the directory could still point anywhere (a home
+    // directory, /dev/zero): serve only what really lies under the root.
+    match tokio::fs::canonicalize(&path).await {
+        Ok(real) if real.starts_with(root.as_path()) => {}
+        Ok(_) => return text(StatusCode::FORBIDDEN, "outside the shared directory"),
+        Err(_) => return text(StatusCode::NOT_FOUND, "not found"),
+    }
     let meta = match tokio::fs::metadata(&path).await {
         Ok(m) => m,
         Err(_) => return text(StatusCode::NOT_FOUND, "not found"),
     };
+    if !meta.is_dir() && !meta.is_file() {
+        return text(StatusCode::FORBIDDEN, "not a regular file");
+    }
     if meta.is_dir() {
         let index = path.join("index.html");
         if tokio::fs::metadata(&index)
@@ -180,14 +190,19 @@ async fn file(path: &Path, head: bool) -> Response<Body> {
 
 /// Serves `root` read-only on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, root: PathBuf, shutdown: CancellationToken) {
-    let root = Arc::new(root);
+    // Canonical root, so the containment check in `handle` compares like with like.
+    let root = Arc::new(std::fs::canonicalize(&root).unwrap_or(root));
     if let Ok(a) = listener.local_addr() {
         info!(addr = %a, dir = %root.display(), "read-only file service listening");
     }
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                // Typically out of file descriptors: back off instead of spinning.
+                Err(_) => { tokio::time::sleep(std::time::Duration::from_millis(50)).await; continue }
+            },
         };
         let root = root.clone();
         tokio::spawn(async move {

@@ -59,7 +59,11 @@ pub async fn serve_with(
     loop {
         let (tcp, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                // Typically out of file descriptors: back off instead of spinning.
+                Err(_) => { tokio::time::sleep(std::time::Duration::from_millis(50)).await; continue }
+            },
         };
         let status = status.clone();
         let extras = extras.clone();

@@ -405,7 +405,10 @@ async fn forward_loop(hub: Hub, f: Forward, l: TcpListener, shutdown: Cancellati
     loop {
         let (mut tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = l.accept() => match r { Ok(x) => x, Err(_) => continue },
+            r = l.accept() => match r {
+                Ok(x) => x,
+                Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue }
+            },
         };
         let hub = hub.clone();
         let f = f.clone();

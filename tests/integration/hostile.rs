@@ -118,3 +118,98 @@ async fn authenticated_device_sending_garbage_is_cut_off_alone() {
     );
     gw.shutdown.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_streams_from_one_agent_leave_others_served() {
+    use tunnel::control::ControlIo;
+    use tunnel::proto::{ControlSession, Event, Hello, StreamHeader};
+    let z = TestZone::new(&["home1", "home2"]);
+    z.write_policy("apps.toml", echo_policy());
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let echo = tcp_echo().await;
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("echo", echo, ServiceProto::Tcp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agents().len() == 1).await;
+
+    // home2 says a proper hello, then opens 10,000 streams that never finish their header.
+    let creds = z.creds("home2");
+    let ep =
+        tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), &creds, &fast_tuning())
+            .unwrap();
+    let conn = ep
+        .connect(z.gw_addr, "gw.alice.example")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    tunnel::stream::write_header(&mut send, &StreamHeader::Control)
+        .await
+        .unwrap();
+    let hello = Hello {
+        proto_version: tunnel::proto::CONTROL_VERSION,
+        device: "home2".into(),
+        services: vec![],
+        zone_serial: creds.zone_serial(),
+        zone_config: None,
+        agent_version: "hostile".into(),
+    };
+    let mut io = ControlIo::new(send, recv, ControlSession::agent(hello));
+    io.flush().await.unwrap();
+    let ev = tokio::time::timeout(WAIT, io.next_event())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(ev, Some(Event::Welcome(_))), "{ev:?}");
+    wait_until("home2 registered", WAIT, || gw.hub.agents().len() == 2).await;
+
+    let flood = {
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            let mut opened = 0u32;
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..10_000 {
+                // open_bi waits when the gateway's stream limit is reached: that is the bound.
+                let Ok(Ok((mut s, _r))) =
+                    tokio::time::timeout(Duration::from_millis(200), conn.open_bi()).await
+                else {
+                    break;
+                };
+                opened += 1;
+                tasks.spawn(async move {
+                    let _ = s.write_all(b"Z").await; // first byte of a header, never the rest
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                });
+            }
+            (opened, tasks)
+        })
+    };
+    // While the flood runs, public traffic through the gateway to home1 still flows.
+    for i in 0..5 {
+        let msg = format!("served during the flood {i}");
+        assert_eq!(
+            roundtrip(gw.apps["echo"], msg.as_bytes()).await.unwrap(),
+            msg.as_bytes()
+        );
+    }
+    let (opened, _tasks) = flood.await.unwrap();
+    assert!(
+        opened <= tunnel::transport::MAX_STREAMS_PER_CONNECTION + 100,
+        "the gateway let {opened} streams open at once"
+    );
+    eprintln!("hostile agent opened {opened} streams before the gateway's limit held it");
+    assert!(
+        opened >= 1000,
+        "the flood never really started ({opened} streams)"
+    );
+    assert_eq!(
+        roundtrip(gw.apps["echo"], b"after").await.unwrap(),
+        b"after"
+    );
+    gw.shutdown.cancel();
+}

@@ -585,6 +585,15 @@ async fn errors_are_distinct_and_short() {
     assert!(n == 0 || answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(t.elapsed() >= HEADER_TIMEOUT / 2, "{:?}", t.elapsed());
 
+    // A silent client (connects, sends nothing, not even a preface) is dropped too, so idle
+    // sockets cannot hold the front's connection slots.
+    let mut idle = tokio::net::TcpStream::connect(h.http).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut buf))
+        .await
+        .expect("silent client still connected after 10 s")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the gateway answered a client that said nothing");
+
     // Rate limit: a burst of 2, then 429 with Retry-After.
     for _ in 0..2 {
         let c = h.curl(&h.http_args("limited.alice.example", "/")).await;

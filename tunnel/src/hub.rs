@@ -499,6 +499,12 @@ impl Hub {
             old.conn
                 .close(CLOSE_REPLACED.into(), b"replaced by a newer connection");
         }
+        // A newer zone.json adopted between this device's handshake and now may revoke it:
+        // adopt_zone only walks the table, so check again once the link is in it.
+        if creds.trust.is_revoked(&id.name) {
+            warn!(device = %device, "device revoked by a zone config adopted during its handshake: disconnecting");
+            conn.close(CLOSE_REVOKED.into(), b"device revoked");
+        }
         let services: Vec<&str> = hello.services.iter().map(|s| s.name.as_str()).collect();
         info!(device = %device, addr = %remote, session = session_id, services = ?services, agent = %hello.agent_version, "tunnel up");
 
@@ -811,18 +817,26 @@ impl Hub {
         }
         let (id_tx, id_rx) = oneshot::channel();
         let (app, service2) = (app.to_owned(), service.to_owned());
-        link.ctl
-            .apply(move |s| {
-                let id = s.open_udp_flow(app, service2, origin)?;
-                let _ = id_tx.send(id);
-                Ok(())
-            })
-            .await;
-        let flow_id = id_rx.await.map_err(|_| OpenError::Refused {
+        // Never wait on a stuck control stream: the caller is a UDP listener serving every
+        // client of the app, so a full queue is "overloaded", not a reason to stop reading.
+        let queued = link.ctl.try_apply(move |s| {
+            let id = s.open_udp_flow(app, service2, origin)?;
+            let _ = id_tx.send(id);
+            Ok(())
+        });
+        let overloaded = || OpenError::Refused {
             device: device.to_owned(),
             code: RefuseCode::Overloaded,
             reason: "no UDP flow available on this tunnel".into(),
-        })?;
+        };
+        if !queued {
+            return Err(overloaded());
+        }
+        let flow_id = match tokio::time::timeout(self.0.cfg.tuning.open_timeout, id_rx).await {
+            Ok(Ok(id)) => id,
+            Ok(Err(_)) => return Err(overloaded()),
+            Err(_) => return Err(OpenError::Timeout(device.to_owned())),
+        };
         let (tx, rx) = mpsc::channel(UDP_FLOW_QUEUE);
         link.flows
             .lock()

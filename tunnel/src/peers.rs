@@ -168,8 +168,28 @@ impl Peers {
         self.with(peer, |s| s.counters.clone())
     }
 
+    /// True when the newest zone config revokes `peer`. A revoked peer loses its direct path
+    /// and its permits at once: the direct path bypasses the gateway, so this device must
+    /// enforce the revocation itself.
+    fn cut_if_revoked(&self, peer: &str) -> bool {
+        let revoked =
+            zone_core::DeviceName::new(peer).is_ok_and(|n| self.creds.trust.is_revoked(&n));
+        if revoked {
+            self.with(peer, |s| {
+                if let Some(c) = s.direct.take() {
+                    c.conn.close(0u32.into(), b"device revoked");
+                }
+                s.permits.clear();
+            });
+        }
+        revoked
+    }
+
     /// The live direct connection to `peer`, if any.
     pub fn direct(&self, peer: &str) -> Option<PeerConn> {
+        if self.cut_if_revoked(peer) {
+            return None;
+        }
         self.with(peer, |s| s.direct.clone().filter(PeerConn::live))
     }
 
@@ -216,6 +236,9 @@ impl Peers {
 
     /// The app under which the gateway last allowed `peer` to reach `service`, if still valid.
     pub fn permitted(&self, peer: &str, service: &str) -> Option<String> {
+        if self.cut_if_revoked(peer) {
+            return None;
+        }
         self.with(peer, |s| {
             s.permits
                 .get(service)

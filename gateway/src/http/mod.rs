@@ -196,6 +196,13 @@ impl Front {
         b.http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(MAX_H2_STREAMS);
+        // Dead HTTP/2 peers are found by pings; an idle client that never sends its first
+        // bytes is dropped by FirstReadDeadline (hyper's header timeout starts only once it
+        // has picked HTTP/1, so a silent connection would otherwise hold a slot forever).
+        b.http2()
+            .keep_alive_interval(Some(Duration::from_secs(20)))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let io = FirstReadDeadline::new(io, self.0.tuning.header_read_timeout);
         let conn = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
         tokio::pin!(conn);
         let r = tokio::select! {
@@ -208,5 +215,73 @@ impl Front {
         if let Err(e) = r {
             debug!(error = %e, "connection ended with an error");
         }
+    }
+}
+
+/// Fails the first read of a connection if no byte arrives within the deadline; later reads
+/// are untouched (long uploads and idle keep-alive are governed by hyper's own timeouts).
+struct FirstReadDeadline<I> {
+    inner: I,
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> FirstReadDeadline<I> {
+    fn new(inner: I, after: Duration) -> Self {
+        FirstReadDeadline {
+            inner,
+            deadline: Some(Box::pin(tokio::time::sleep(after))),
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for FirstReadDeadline<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if self.deadline.is_some() {
+            match &r {
+                std::task::Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                    self.deadline = None
+                }
+                std::task::Poll::Pending => {
+                    if let Some(d) = self.deadline.as_mut() {
+                        if std::future::Future::poll(d.as_mut(), cx).is_ready() {
+                            return std::task::Poll::Ready(Err(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "client sent nothing",
+                            )));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        r
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for FirstReadDeadline<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        b: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, b)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
