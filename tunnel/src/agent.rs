@@ -370,9 +370,16 @@ impl Agent {
         let flows: Flows = Arc::new(Mutex::new(HashMap::new()));
         let streams = tokio::spawn(self.clone().accept_streams(conn.clone(), link.name.clone()));
         let dgrams = tokio::spawn(read_datagrams(conn.clone(), flows.clone()));
-        let reason = self.run_control(&link, &conn, io, cmds, ctl, flows).await;
+        let reason = self
+            .run_control(&link, &conn, io, cmds, ctl, flows.clone())
+            .await;
         streams.abort();
         dgrams.abort();
+        // UDP flows belong to this session: stop their tasks and close their sockets now, or a
+        // chatty local UDP service would keep them alive after the tunnel is gone.
+        for (_, f) in flows.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            f.stop.cancel();
+        }
         conn.close(0u32.into(), b"");
         Ok(reason)
     }
