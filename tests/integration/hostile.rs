@@ -3,8 +3,6 @@
 
 use std::time::Duration;
 
-use tunnel::proto::ServiceProto;
-
 use crate::inproc::*;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -23,16 +21,7 @@ async fn garbage_datagrams_on_quic_and_dns_ports_change_nothing() {
     };
     let dns: std::net::SocketAddr = ([127, 0, 0, 1], dns_port).into();
     let gw = start_gateway_with_dns(&z, fast_tuning(), Duration::from_millis(500), Some(dns)).await;
-    let echo = tcp_echo().await;
-    let _h1 = start_agent(
-        &z,
-        "home1",
-        services(&[("echo", echo, ServiceProto::Tcp)]),
-        vec![],
-        fast_tuning(),
-    )
-    .await;
-    wait_until("home1 connected", WAIT, || gw.hub.agents().len() == 1).await;
+    let _h1 = start_echo_node(&z, &gw, "home1").await;
 
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     for i in 0..2000u32 {
@@ -71,16 +60,7 @@ async fn authenticated_device_sending_garbage_is_cut_off_alone() {
     let z = TestZone::new(&["home1", "home2"]);
     z.write_policy("apps.toml", echo_policy());
     let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
-    let echo = tcp_echo().await;
-    let _h1 = start_agent(
-        &z,
-        "home1",
-        services(&[("echo", echo, ServiceProto::Tcp)]),
-        vec![],
-        fast_tuning(),
-    )
-    .await;
-    wait_until("home1 connected", WAIT, || gw.hub.agents().len() == 1).await;
+    let _h1 = start_echo_node(&z, &gw, "home1").await;
 
     // home2's real credentials, but instead of a control stream: an oversized garbage header.
     let creds = z.creds("home2");
@@ -126,16 +106,7 @@ async fn ten_thousand_streams_from_one_agent_leave_others_served() {
     let z = TestZone::new(&["home1", "home2"]);
     z.write_policy("apps.toml", echo_policy());
     let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
-    let echo = tcp_echo().await;
-    let _h1 = start_agent(
-        &z,
-        "home1",
-        services(&[("echo", echo, ServiceProto::Tcp)]),
-        vec![],
-        fast_tuning(),
-    )
-    .await;
-    wait_until("home1 connected", WAIT, || gw.hub.agents().len() == 1).await;
+    let _h1 = start_echo_node(&z, &gw, "home1").await;
 
     // home2 says a proper hello, then opens 10,000 streams that never finish their header.
     let creds = z.creds("home2");

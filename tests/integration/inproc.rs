@@ -206,6 +206,26 @@ pub async fn start_agent(
     }
 }
 
+/// Starts node `name` offering a TCP echo service as `echo`, and waits until the gateway has it.
+pub async fn start_echo_node(z: &TestZone, gw: &RunningGateway, name: &str) -> RunningAgent {
+    let echo = tcp_echo().await;
+    let agent = start_agent(
+        z,
+        name,
+        services(&[("echo", echo, ServiceProto::Tcp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until(
+        &format!("{name} connected"),
+        Duration::from_secs(10),
+        || gw.hub.agent(name).is_some(),
+    )
+    .await;
+    agent
+}
+
 pub fn forward(listen: &str, to: &str) -> Forward {
     let (d, s) = to.split_once('/').unwrap();
     Forward {

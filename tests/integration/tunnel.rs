@@ -129,16 +129,7 @@ allow = { from = ["public"] }
 "#,
     );
     let gw = start_gateway(&z, fast_tuning(), Duration::from_secs(1)).await;
-    let echo = tcp_echo().await;
-    let _h1 = start_agent(
-        &z,
-        "home1",
-        services(&[("echo", echo, ServiceProto::Tcp)]),
-        vec![],
-        fast_tuning(),
-    )
-    .await;
-    wait_until("home1 connected", WAIT, || gw.hub.agents().len() == 1).await;
+    let _h1 = start_echo_node(&z, &gw, "home1").await;
     // home1 does not offer "ghost": the stream is refused, the client sees a closed connection.
     assert!(roundtrip(gw.apps["ghost"], b"x")
         .await
@@ -364,16 +355,7 @@ async fn policy_edits_apply_live_and_a_broken_edit_keeps_the_old_policy() {
     let (pa, pb) = (free_tcp_port(), free_tcp_port());
     z.write_policy("a.toml", &tcp_app("a", pa));
     let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
-    let echo = tcp_echo().await;
-    let _h1 = start_agent(
-        &z,
-        "home1",
-        services(&[("echo", echo, ServiceProto::Tcp)]),
-        vec![],
-        fast_tuning(),
-    )
-    .await;
-    wait_until("home1 connected", WAIT, || gw.hub.agents().len() == 1).await;
+    let _h1 = start_echo_node(&z, &gw, "home1").await;
     let a: std::net::SocketAddr = ([127, 0, 0, 1], pa).into();
     let b: std::net::SocketAddr = ([127, 0, 0, 1], pb).into();
     assert_eq!(roundtrip(a, b"a").await.unwrap(), b"a");
@@ -419,16 +401,7 @@ async fn tcp_app_bandwidth_limit_paces_the_transfer() {
         &format!("[app.slow]\ntcp = {{ listen = \"127.0.0.1:{port}\" }}\nto = \"home1/echo\"\nallow = {{ from = [\"public\"] }}\nlimits = {{ bandwidth_per_connection = \"256KiB/s\" }}\n"),
     );
     let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
-    let echo = tcp_echo().await;
-    let _h1 = start_agent(
-        &z,
-        "home1",
-        services(&[("echo", echo, ServiceProto::Tcp)]),
-        vec![],
-        fast_tuning(),
-    )
-    .await;
-    wait_until("home1 connected", WAIT, || gw.hub.agents().len() == 1).await;
+    let _h1 = start_echo_node(&z, &gw, "home1").await;
     let data = random_bytes(1 << 20);
     let start = std::time::Instant::now();
     let back = roundtrip(([127, 0, 0, 1], port).into(), &data)
