@@ -37,13 +37,12 @@ use serde_json::Value;
 
 use crate::common::bin;
 use crate::netlab::{self, python, wait_tcp, Lab, LabProcess, VPS};
-use crate::zonefix::{self, Zone};
+use crate::zonefix::{self, alive, eventually, find_agent, Zone};
 
 /// Bound for anything that should succeed soon (successes return at once).
 const READY: Duration = Duration::from_secs(20);
 /// Bound for the etcd cluster to bootstrap across the lab.
 const ETCD_BOOT: Duration = Duration::from_secs(30);
-const POLL: Duration = Duration::from_millis(100);
 
 /// The zone's domain (zonefix creates it).
 const DOMAIN: &str = "alice.example";
@@ -523,30 +522,6 @@ fn require_etcd(test: &str) -> bool {
     false
 }
 
-/// Err when the process has exited (so a readiness loop fails fast with the reason in the logs).
-fn alive(p: &mut LabProcess, what: &str) -> Result<(), String> {
-    match p.try_wait() {
-        Ok(None) => Ok(()),
-        Ok(Some(st)) => Err(format!("{what} exited: {st} (see its log below)")),
-        Err(e) => Err(format!("{what}: {e}")),
-    }
-}
-
-/// Polls `f` until it returns Ok or `timeout` passes; then panics with the last error.
-#[track_caller]
-fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(e) if e.contains(" exited: ") || Instant::now() >= deadline => {
-                panic!("{what}: not within {timeout:?}: {e}")
-            }
-            Err(_) => thread::sleep(POLL),
-        }
-    }
-}
-
 fn marker(tag: &str) -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -557,13 +532,6 @@ fn marker(tag: &str) -> String {
             .unwrap_or(0),
     );
     format!("zg-{tag}-{:016x}", h.finish())
-}
-
-fn find_agent<'a>(status: &'a Value, device: &str) -> Option<&'a Value> {
-    status["agents"]
-        .as_array()?
-        .iter()
-        .find(|a| a["device"] == device)
 }
 
 #[test]

@@ -24,15 +24,13 @@ use crate::common::bin;
 use crate::netlab::{
     self, python, tcp_connects, wait_tcp, Lab, LabProcess, HOME1, NAT1_WAN, NAT2_WAN, VPS,
 };
-use crate::zonefix::{self, Zone};
+use crate::zonefix::{self, alive, eventually, find_agent, Zone};
 
 /// Bound for anything that should succeed soon: generous, successes return at once.
 const READY: Duration = Duration::from_secs(15);
 /// How long a negative check waits for something that must not happen (a SYN crosses the lab
 /// in microseconds).
 const NOT_WITHIN: Duration = Duration::from_secs(1);
-/// Poll interval of the readiness loops.
-const POLL: Duration = Duration::from_millis(100);
 
 /// Service and app ports.
 const WEB_LOCAL: u16 = 8000; // python http.server in home1
@@ -219,37 +217,6 @@ fn s(v: &[&str]) -> Vec<String> {
 
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 temp path")
-}
-
-fn find_agent<'a>(status: &'a Value, device: &str) -> Option<&'a Value> {
-    status["agents"]
-        .as_array()?
-        .iter()
-        .find(|a| a["device"] == device)
-}
-
-/// Err when the process has exited (so a readiness loop fails fast with the reason in the logs).
-fn alive(p: &mut LabProcess, what: &str) -> Result<(), String> {
-    match p.try_wait() {
-        Ok(None) => Ok(()),
-        Ok(Some(st)) => Err(format!("{what} exited: {st} (see its log below)")),
-        Err(e) => Err(format!("{what}: {e}")),
-    }
-}
-
-/// Polls `f` until it returns Ok or `timeout` passes; then panics with the last error.
-#[track_caller]
-fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(e) if e.contains(" exited: ") || Instant::now() >= deadline => {
-                panic!("{what}: not within {timeout:?}: {e}")
-            }
-            Err(_) => thread::sleep(POLL),
-        }
-    }
 }
 
 fn marker(tag: &str) -> String {

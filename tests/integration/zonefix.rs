@@ -178,3 +178,45 @@ except SystemExit:
 except Exception as e:
     sys.exit("%s: %s" % (type(e).__name__, e))
 "#;
+
+/// Interval of the readiness loops of the lab tests.
+const POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Err when the process has exited (so a readiness loop fails fast with the reason in the logs).
+pub fn alive(p: &mut crate::netlab::LabProcess, what: &str) -> Result<(), String> {
+    match p.try_wait() {
+        Ok(None) => Ok(()),
+        Ok(Some(st)) => Err(format!("{what} exited: {st} (see its log below)")),
+        Err(e) => Err(format!("{what}: {e}")),
+    }
+}
+
+/// Polls `f` until it returns Ok or `timeout` passes; then panics with the last error.
+#[track_caller]
+pub fn eventually<T>(
+    timeout: std::time::Duration,
+    what: &str,
+    mut f: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) if e.contains(" exited: ") || std::time::Instant::now() >= deadline => {
+                panic!("{what}: not within {timeout:?}: {e}")
+            }
+            Err(_) => std::thread::sleep(POLL),
+        }
+    }
+}
+
+/// The entry of `device` in a gateway `/status` document.
+pub fn find_agent<'a>(
+    status: &'a serde_json::Value,
+    device: &str,
+) -> Option<&'a serde_json::Value> {
+    status["agents"]
+        .as_array()?
+        .iter()
+        .find(|a| a["device"] == device)
+}
