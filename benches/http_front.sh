@@ -9,6 +9,7 @@
 #   2. h2load -c$H2CONNS -m$H2STREAMS, HTTP/2 over TLS: requests/s, p50, p99 (from its log)
 # Both proxies log one line per request (nginx access log, zonegate info log) to files.
 # Runs in a private network namespace (`unshare --net`, needs root); everything is killed on exit.
+# (run.sh measures the HTTP/1.1 part together with rathole; this one keeps the TLS/HTTP/2 part.)
 #
 # Usage: benches/http_front.sh           (builds `cargo build --release` first)
 #   ZONEGATE=path/to/zonegate  use that binary;  SECS=10 CONNS=32 H2CONNS=8 H2STREAMS=8
@@ -19,39 +20,21 @@ SECS=${SECS:-10}
 CONNS=${CONNS:-32}
 H2CONNS=${H2CONNS:-8}
 H2STREAMS=${H2STREAMS:-8}
-here=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=benches/lib.sh
+source "$(dirname "$0")/lib.sh"
 
-if [[ ${1:-} != --inside ]]; then
-  for t in wrk nginx h2load openssl python3 unshare; do
-    command -v "$t" >/dev/null || { echo "needs $t (apt-get install -y wrk nginx-light nghttp2-client openssl python3)" >&2; exit 1; }
-  done
-  if [[ -z ${ZONEGATE:-} ]]; then
-    (cd "$here" && cargo build --release -q --bin zonegate)
-    ZONEGATE=${CARGO_TARGET_DIR:-$here/target}/release/zonegate
-  fi
-  [[ -x $ZONEGATE ]] || { echo "no zonegate binary at $ZONEGATE" >&2; exit 1; }
-  export ZONEGATE SECS CONNS H2CONNS H2STREAMS
-  exec unshare --net -- bash "$0" --inside
+if ! in_netns "$@"; then
+  need_tools wrk nginx h2load openssl \
+    python3 unshare
+  build_zonegate
+  export SECS CONNS H2CONNS H2STREAMS
+  enter_netns "$0"
 fi
 
 # ---- inside the private namespace ----
-ip link set lo up
-tmp=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
-
-zg() { "$ZONEGATE" "$@" >/dev/null; }
+netns_init
 Z=$tmp/zone
-zg zone init --domain bench.example --dir "$Z"
-zg device add gw --zone "$Z" --role gateway --public-addr 127.0.0.1:4433
-zg device add n1 --zone "$Z" --role node
-for d in gw n1; do cp "$Z/zone.json" "$Z/devices/$d/zone.json"; done
-mkdir -p "$Z/devices/gw/policies"
+zone_create "$Z" bench.example gw=127.0.0.1:4433 n1
 cat >"$Z/devices/gw/policies/bench.toml" <<'EOF'
 [app.web]
 http = { host = "bench.example" }
@@ -61,25 +44,20 @@ EOF
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
   -subj /CN=bench.example -addext subjectAltName=DNS:bench.example \
   -keyout "$tmp/tls.key" -out "$tmp/tls.crt" 2>/dev/null
-cat >>"$Z/devices/gw/gateway.toml" <<EOF
-http = "127.0.0.1:18080"
-https = "127.0.0.1:18443"
+gw_conf=$Z/devices/gw/gateway.toml
+conf_set "$gw_conf" http '"127.0.0.1:18080"'
+conf_set "$gw_conf" https '"127.0.0.1:18443"'
+conf_set "$gw_conf" dns '"off"'
+cat >>"$gw_conf" <<EOF
 [[tls]]
 cert = "$tmp/tls.crt"
 key = "$tmp/tls.key"
 EOF
 
-cat >"$tmp/nginx.conf" <<EOF
-worker_processes auto;
-pid $tmp/nginx.pid;
-error_log $tmp/nginx-error.log;
-daemon off;
-events { worker_connections 4096; }
-http {
+nginx_start nginx "
   access_log $tmp/nginx-access.log;
-  keepalive_requests 1000000;  # the default (1000) would end h2load's connections mid-run
   upstream backend { server 127.0.0.1:8000; keepalive 64; }
-  server { listen 127.0.0.1:8000; access_log off; location / { return 200 "hello from the backend\n"; } }
+  server { listen 127.0.0.1:8000; access_log off; location / { return 200 \"hello from the backend\n\"; } }
   server {
     listen 127.0.0.1:8080;
     listen 127.0.0.1:8443 ssl http2;
@@ -88,36 +66,19 @@ http {
     location / {
       proxy_pass http://backend;
       proxy_http_version 1.1;
-      proxy_set_header Connection "";
+      proxy_set_header Connection \"\";
       proxy_set_header Host \$host;
       proxy_set_header X-Forwarded-For \$remote_addr;
       proxy_set_header X-Forwarded-Proto \$scheme;
     }
-  }
-}
-EOF
-nginx -c "$tmp/nginx.conf" -e "$tmp/nginx-error.log" &
-pids+=($!)
-"$ZONEGATE" gateway --config "$Z/devices/gw/gateway.toml" >"$tmp/gateway.log" 2>&1 &
-pids+=($!)
-"$ZONEGATE" node --config "$Z/devices/n1/node.toml" --service web=127.0.0.1:8000 >"$tmp/node.log" 2>&1 &
-pids+=($!)
+  }"
+start gateway "$ZONEGATE" gateway --config "$gw_conf"
+start node "$ZONEGATE" node --config "$Z/devices/n1/node.toml" --service web=127.0.0.1:8000
 
-python3 - <<'EOF' || { cat "$tmp/gateway.log" "$tmp/node.log" "$tmp/nginx-error.log" >&2; exit 1; }
-import json, sys, time, urllib.request
-end = time.time() + 20
-while time.time() < end:
-    try:
-        st = json.load(urllib.request.urlopen("http://127.0.0.1:9090/status", timeout=1))
-        if any(a["device"] == "n1" for a in st["agents"]):
-            r = urllib.request.urlopen(urllib.request.Request("http://127.0.0.1:8080/"), timeout=1)
-            if r.status == 200:
-                sys.exit(0)
-    except Exception:
-        pass
-    time.sleep(0.1)
-sys.exit("agent n1 or nginx not ready within 20 s")
-EOF
+if ! wait_agents 127.0.0.1:9090 1 20 || ! http_ready http://127.0.0.1:8080/; then
+  cat "$tmp/gateway.log" "$tmp/node.log" "$tmp/nginx/error.log" >&2
+  exit 1
+fi
 
 wrk_run() { # port -> "RPS p50 p99"
   wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -H 'Host: bench.example' "http://127.0.0.1:$1/" >"$tmp/wrk.out"
@@ -146,5 +107,5 @@ echo "wrk HTTP/1.1 -c$CONNS   zonegate + tunnel    : $(wrk_run 18080)"
 echo "h2load TLS h2 -c$H2CONNS -m$H2STREAMS nginx reverse proxy : $(h2_run 8443)"
 echo "h2load TLS h2 -c$H2CONNS -m$H2STREAMS zonegate + tunnel   : $(h2_run 18443)"
 echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)"
-errors=$(grep -c -E ' (WARN|ERROR) ' "$tmp/gateway.log" "$tmp/node.log" | paste -sd' ' || true)
-echo "# warnings/errors logged: $errors; gateway request lines: $(grep -c 'http request' "$tmp/gateway.log" || true)"
+read -r warns errs < <(log_problems "$tmp/gateway.log" "$tmp/node.log")
+echo "# warnings/errors logged: $warns/$errs; gateway request lines: $(grep -c 'http request' "$tmp/gateway.log" || true)"

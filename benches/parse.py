@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""Parses benchmark tool output into records for run.sh and soak.sh (standard library only).
+
+Each measurement is one JSON line appended to a runs file:
+  {"test": "bulk-up", "contender": "zonegate", "rep": 1, "metrics": {"gbps": 3.1}}
+and one human line is printed. Sub-commands:
+
+  iperf3 RUNS TEST CONTENDER REP JSON_OUT         receiver Gbit/s of `iperf3 -J`
+  wrk    RUNS TEST CONTENDER REP OUT              req/s, p50/p99 (with --latency), errors
+  h2load RUNS TEST CONTENDER REP OUT LOG TARGET   achieved req/s, p50/p99 from --log-file
+  dnsperf RUNS TEST CONTENDER REP OUT             queries/s, lost, non-NOERROR answers
+  put    RUNS TEST CONTENDER REP KEY=VALUE...     anything else (numbers, true/false, text)
+  get    RUNS TEST CONTENDER METRIC               median of METRIC over reps (for the shell)
+  assemble RUNS OUT.json                          runs + machine/params (from the environment)
+"""
+
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+
+def append(runs, test, contender, rep, metrics):
+    rec = {"test": test, "contender": contender, "rep": int(rep), "metrics": metrics}
+    with open(runs, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    return rec
+
+
+def fmt(metrics):
+    parts = []
+    for k, v in metrics.items():
+        if isinstance(v, float):
+            v = f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}"
+        parts.append(f"{k}={v}")
+    return " ".join(parts)
+
+
+def iperf3(runs, test, contender, rep, path):
+    metrics = {"gbps": None, "errors": 0}
+    try:
+        d = json.load(open(path))
+        if d.get("error"):
+            raise ValueError(d["error"])
+        metrics["gbps"] = round(d["end"]["sum_received"]["bits_per_second"] / 1e9, 3)
+        metrics["retransmits"] = d["end"].get("sum_sent", {}).get("retransmits")
+    except Exception as e:  # a failed run is recorded, not fatal
+        metrics["errors"] = 1
+        metrics["error"] = str(e)[:200]
+    append(runs, test, contender, rep, metrics)
+    print(f"  {test:<10} {contender:<15} rep {rep}: {fmt(metrics)}", flush=True)
+
+
+def to_ms(s):
+    m = re.match(r"([\d.]+)(us|ms|s|m)$", s)
+    if not m:
+        return None
+    v, u = float(m.group(1)), m.group(2)
+    return round(v * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[u], 3)
+
+
+def wrk(runs, test, contender, rep, path):
+    out = open(path).read()
+    metrics = {"rps": None, "errors": 0}
+    m = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
+    if m:
+        metrics["rps"] = round(float(m.group(1)), 1)
+    for pct, key in (("50", "p50_ms"), ("99", "p99_ms")):
+        m = re.search(rf"^\s+{pct}(?:\.000)?%\s+(\S+)", out, re.M)
+        if m:
+            metrics[key] = to_ms(m.group(1))
+    m = re.search(r"(\d+) requests in ([\d.]+)(ms|s|m)", out)
+    metrics["requests"] = int(m.group(1)) if m else 0
+    if m:
+        metrics["secs"] = round(float(m.group(2)) * {"ms": 0.001, "s": 1, "m": 60}[m.group(3)], 2)
+    errors = 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+        metrics["socket_errors"] = m.group(0).split(": ", 1)[1]
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        errors += int(m.group(1))
+        metrics["non2xx"] = int(m.group(1))
+    if metrics["rps"] is None or metrics["requests"] == 0:
+        errors += 1
+        metrics["error"] = out.strip().splitlines()[-1][:200] if out.strip() else "no output"
+    metrics["errors"] = errors
+    append(runs, test, contender, rep, metrics)
+    print(f"  {test:<10} {contender:<15} rep {rep}: {fmt(metrics)}", flush=True)
+
+
+def latencies(log):
+    """h2load --log-file rows: start µs, status, µs to end of response."""
+    lat, bad = [], 0
+    for line in open(log):
+        f = line.split()
+        if len(f) < 3:
+            continue
+        if not f[1].startswith("2"):
+            bad += 1
+        lat.append(int(f[2]) / 1000.0)
+    return sorted(lat), bad
+
+
+def pct(sorted_values, p):
+    if not sorted_values:
+        return None
+    return round(sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * p))], 3)
+
+
+def h2load(runs, test, contender, rep, out_path, log_path, target):
+    out = open(out_path).read()
+    metrics = {"target_rps": float(target), "rps": None, "errors": 0}
+    m = re.search(r"finished in ([\d.]+)(ms|s), ([\d.]+) req/s", out)
+    if m:
+        metrics["rps"] = round(float(m.group(3)), 1)
+    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                  r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
+    errors = 0
+    if m:
+        total, _, done, ok, failed, errored, timeout = (int(x) for x in m.groups())
+        metrics["requests"] = done
+        errors += failed + errored + timeout
+    else:
+        errors += 1
+        metrics["error"] = out.strip()[-200:]
+    lat, bad = latencies(log_path) if os.path.exists(log_path) else ([], 0)
+    errors += bad
+    metrics["p50_ms"] = pct(lat, 0.50)
+    metrics["p99_ms"] = pct(lat, 0.99)
+    metrics["p999_ms"] = pct(lat, 0.999)
+    metrics["errors"] = errors
+    append(runs, test, contender, rep, metrics)
+    print(f"  {test:<10} {contender:<15} rep {rep}: {fmt(metrics)}", flush=True)
+
+
+def dnsperf(runs, test, contender, rep, path):
+    out = open(path).read()
+    metrics = {"qps": None, "errors": 0}
+    m = re.search(r"Queries per second:\s+([\d.]+)", out)
+    if m:
+        metrics["qps"] = round(float(m.group(1)), 1)
+    m = re.search(r"Queries sent:\s+(\d+)", out)
+    metrics["sent"] = int(m.group(1)) if m else 0
+    m = re.search(r"Queries lost:\s+(\d+)", out)
+    metrics["lost"] = int(m.group(1)) if m else None
+    codes = dict((c, int(n)) for c, n in re.findall(r"([A-Z]+) (\d+) \([\d.]+%\)", out.split("Response codes:", 1)[-1].splitlines()[0])) if "Response codes:" in out else {}
+    metrics["noerror"] = codes.get("NOERROR", 0)
+    other = sum(n for c, n in codes.items() if c != "NOERROR")
+    errors = other + (metrics["lost"] or 0)
+    if metrics["sent"] == 0 or metrics["lost"] is None:
+        errors += 1
+        metrics["error"] = out.strip()[-200:] or "no output"
+    metrics["errors"] = errors
+    append(runs, test, contender, rep, metrics)
+    print(f"  {test:<10} {contender:<15} rep {rep}: {fmt(metrics)}", flush=True)
+
+
+def value(s):
+    if s in ("true", "false"):
+        return s == "true"
+    if s in ("null", ""):
+        return None
+    try:
+        return int(s)
+    except ValueError:
+        pass
+    try:
+        return float(s)
+    except ValueError:
+        return s
+
+
+def put(runs, test, contender, rep, *kvs):
+    metrics = {}
+    for kv in kvs:
+        k, _, v = kv.partition("=")
+        metrics[k] = value(v)
+    append(runs, test, contender, rep, metrics)
+    print(f"  {test:<10} {contender:<15}: {fmt(metrics)}", flush=True)
+
+
+def get(runs, test, contender, metric):
+    vals = []
+    for line in open(runs):
+        r = json.loads(line)
+        v = r["metrics"].get(metric)
+        if r["test"] == test and r["contender"] == contender and isinstance(v, (int, float)):
+            vals.append(v)
+    print(statistics.median(vals) if vals else "")
+
+
+def sh(cmd):
+    try:
+        out = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=10)
+        return (out.stdout + out.stderr).strip().splitlines()[0].strip()
+    except Exception:
+        return None
+
+
+def assemble(runs, out_path):
+    recs = [json.loads(l) for l in open(runs)] if os.path.exists(runs) else []
+    cpu = None
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    env = os.environ
+    repo = env.get("REPO_DIR", ".")
+    doc = {
+        "date": env.get("BENCH_DATE") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {
+            "nproc": os.cpu_count(),
+            "cpu": cpu,
+            "kernel": platform.release(),
+            "load_before": env.get("LOAD_BEFORE"),
+            "load_after": open("/proc/loadavg").read().split()[:3],
+        },
+        "zonegate": {
+            "binary": env.get("ZONEGATE"),
+            "commit": sh(f"git -C {repo} rev-parse --short HEAD"),
+            "dirty": bool(sh(f"git -C {repo} status --porcelain --untracked-files=no")),
+        },
+        "tools": {
+            "iperf3": sh("iperf3 --version"),
+            "wrk": sh("wrk -v"),
+            "h2load": sh("h2load --version"),
+            "nginx": sh("nginx -v"),
+            "rathole": sh("rathole --version | awk '/Build Version/ { print \"rathole \" $3 }'"),
+            "bore": sh("bore --version"),
+        },
+        "params": json.loads(env.get("BENCH_PARAMS", "{}")),
+        "sections": env.get("SECTIONS", "").split(),
+        "runs": recs,
+    }
+    with open(out_path, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    print(f"# raw data: {out_path}")
+
+
+def main(argv):
+    cmds = {"iperf3": iperf3, "wrk": wrk, "h2load": h2load, "dnsperf": dnsperf, "put": put, "get": get,
+            "assemble": assemble}
+    if len(argv) < 2 or argv[1] not in cmds:
+        sys.exit(__doc__)
+    cmds[argv[1]](*argv[2:])
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,397 @@
+#!/usr/bin/env bash
+# run.sh - issue 8's end-to-end benchmark: zonegate side by side with the direct path, rathole
+# (tcp and noise transports), bore and nginx, in ONE run on loopback, contenders interleaved
+# (round-robin repetitions, the order rotated each repetition; the report takes medians).
+#
+#   bulk  bulk TCP throughput, iperf3 upload and download (-R), one stream:
+#         direct, zonegate (public tcp app), rathole-tcp, rathole-noise, bore
+#   conn  new connections/s: wrk -H 'Connection: close' against nginx (tiny static answer),
+#         one TCP connection per request, through each of the above
+#   http  keep-alive HTTP/1.1 req/s and p50/p99 (wrk --latency): direct to nginx, nginx as a
+#         plain reverse proxy (no tunnel), zonegate's HTTP front (plain HTTP), zonegate tcp
+#         app, rathole-tcp, rathole-noise; then latency at half of the front's maximum
+#         (h2load --h1 --rps, rate-limited) for direct, nginx reverse proxy and the front
+#   mem   RSS: idle node agent; gateway per connected idle agent (AGENTS simulated agents,
+#         examples/sim_agents.rs); gateway and agent with IDLE_CONNS concurrent idle proxied
+#         connections (examples/idle_conns.rs), none may fail
+#
+# Usage: benches/run.sh [bulk] [conn] [http] [mem]     (no argument: all four)
+#   SECS=10 REPS=3        seconds per measurement, repetitions per contender
+#   CONNS=32 THREADS=1    wrk connections and threads (conn and http)
+#   HALF_CLIENTS=16       h2load clients for the half-load latency run
+#   AGENTS=1000 IDLE_CONNS=10000 SETTLE=5    mem section sizes; seconds to settle before RSS
+#   ZONEGATE=path         zonegate binary (default: cargo build --release)
+#   EXAMPLES_DIR=path     directory with sim_agents and idle_conns (default: cargo build --release --example …)
+#   OUT=dir               raw results directory (default benches/results); REPORT=0 skips
+#                         rewriting benches/RESULTS.md and benches/results.svg
+#   KEEP_TMP=1            keep logs and configs (path printed at exit)
+# Writes OUT/<date>.json, then benches/report.py -> benches/RESULTS.md + benches/results.svg.
+# Everything runs in a private network namespace (`unshare --net`, needs root); every process
+# it starts is killed (by PID) on exit.
+set -euo pipefail
+
+SECS=${SECS:-10}
+REPS=${REPS:-3}
+CONNS=${CONNS:-32}
+THREADS=${THREADS:-1}
+HALF_CLIENTS=${HALF_CLIENTS:-16}
+AGENTS=${AGENTS:-1000}
+IDLE_CONNS=${IDLE_CONNS:-10000}
+SETTLE=${SETTLE:-5}
+REPORT=${REPORT:-1}
+# shellcheck source=benches/lib.sh
+source "$(dirname "$0")/lib.sh"
+OUT=${OUT:-$bench_dir/results}
+
+if ! in_netns "$@"; then
+  sections=("$@")
+  ((${#sections[@]})) || sections=(bulk conn http mem)
+  tools=(python3 unshare)
+  for s in "${sections[@]}"; do
+    case $s in
+      bulk) tools+=(iperf3 nginx rathole bore) ;;
+      conn) tools+=(wrk nginx rathole bore) ;;
+      http) tools+=(wrk h2load nginx rathole) ;;
+      mem) ;;
+      *) echo "unknown section '$s' (bulk conn http mem)" >&2; exit 2 ;;
+    esac
+  done
+  mapfile -t tools < <(printf '%s\n' "${tools[@]}" | sort -u)
+  need_tools "${tools[@]}"
+  build_zonegate
+  if [[ " ${sections[*]} " == *" mem "* ]]; then build_examples sim_agents idle_conns; fi
+  mkdir -p "$OUT"
+  OUT=$(realpath "$OUT")
+  export SECS REPS CONNS THREADS HALF_CLIENTS AGENTS IDLE_CONNS SETTLE REPORT OUT
+  enter_netns "$0" "${sections[@]}"
+fi
+
+# ---- inside the private namespace ----
+shift
+sections=("$@")
+has() { [[ " ${sections[*]} " == *" $1 "* ]]; }
+netns_init
+runs=$tmp/runs.jsonl
+: >"$runs"
+parse() { python3 "$bench_dir/parse.py" "$@"; }
+export BENCH_DATE REPO_DIR=$repo_dir LOAD_BEFORE SECTIONS="${sections[*]}"
+BENCH_DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+export BENCH_PARAMS
+BENCH_PARAMS=$(printf '{"secs":%s,"reps":%s,"conns":%s,"threads":%s,"half_clients":%s,"agents":%s,"idle_conns":%s,"settle":%s}' \
+  "$SECS" "$REPS" "$CONNS" "$THREADS" "$HALF_CLIENTS" "$AGENTS" "$IDLE_CONNS" "$SETTLE")
+
+echo "# zonegate benchmark: $BENCH_DATE, $(machine_line)"
+echo "# sections: ${sections[*]}; SECS=$SECS REPS=$REPS CONNS=$CONNS THREADS=$THREADS; load before: $LOAD_BEFORE"
+
+# Ports. Services: iperf3 5201, nginx 8000 (backend), nginx reverse proxy 8080.
+# zonegate: QUIC 4433, admin 9090/9091, tcp apps 15201 (iperf) and 18001 (http), front 18080.
+# rathole: control 2333 (tcp) / 2334 (noise); services 25201/28000 (tcp), 26201/28001 (noise).
+# bore: control 7835; tunnels 35201 (iperf), 38000 (http).
+declare -A IPERF_PORT=([direct]=5201 [zonegate]=15201 [rathole-tcp]=25201 [rathole-noise]=26201 [bore]=35201)
+declare -A HTTP_PORT=([direct]=8000 [zonegate]=18001 [rathole-tcp]=28000 [rathole-noise]=28001 [bore]=38000
+  [nginx-rp]=8080 [zonegate-front]=18080 [zonegate-tcp]=18001)
+TUNNELS=(direct zonegate rathole-tcp rathole-noise bore)
+HTTP_PATHS=(direct nginx-rp zonegate-front zonegate-tcp rathole-tcp rathole-noise)
+HALF_PATHS=(direct nginx-rp zonegate-front)
+
+# rotated REP NAME... - NAME... rotated left by REP-1, so no contender always runs first.
+rotated() {
+  local rep=$1
+  shift
+  local n=$# i
+  local a=("$@")
+  for ((i = 0; i < n; i++)); do echo "${a[(i + rep - 1) % n]}"; done
+}
+
+# ---------------------------------------------------------------------------------------------
+# contenders for bulk / conn / http
+setup_contenders() {
+  start iperf3-server iperf3 -s -p 5201
+  nginx_start nginx-backend "
+  access_log off;
+  server { listen 127.0.0.1:8000 backlog=4096; location / { return 200 \"ok\n\"; } }"
+  if has http; then
+    nginx_start nginx-rp "
+  access_log $tmp/nginx-rp/access.log;
+  upstream backend { server 127.0.0.1:8000; keepalive 64; }
+  server {
+    listen 127.0.0.1:8080 backlog=4096;
+    location / {
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$remote_addr;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+    }
+  }"
+  fi
+
+  # zonegate: one gateway, one node agent, default settings (info log: a line per connection
+  # and per HTTP request, to a file, as nginx's access log).
+  Z=$tmp/zone
+  zone_create "$Z" bench.example gw=127.0.0.1:4433 n1
+  cat >"$Z/devices/gw/policies/bench.toml" <<'EOF'
+[app.iperf]
+tcp = { listen = "127.0.0.1:15201" }
+to = "n1/iperf"
+allow = { from = ["public"] }
+
+[app.http]
+tcp = { listen = "127.0.0.1:18001" }
+to = "n1/http"
+allow = { from = ["public"] }
+
+[app.web]
+http = { host = "bench.example" }
+to = "n1/http"
+allow = { from = ["public"] }
+EOF
+  local gw_conf=$Z/devices/gw/gateway.toml
+  conf_set "$gw_conf" http '"127.0.0.1:18080"'
+  conf_set "$gw_conf" https '"off"'
+  conf_set "$gw_conf" dns '"off"'
+  start zg-gateway "$ZONEGATE" gateway --config "$gw_conf"
+  start zg-node "$ZONEGATE" node --config "$Z/devices/n1/node.toml" \
+    --service iperf=127.0.0.1:5201 --service http=127.0.0.1:8000
+
+  # rathole, both transports, default settings otherwise
+  local keys priv pub
+  keys=$(rathole --genkey)
+  priv=$(awk '/Private Key:/ { getline; print; exit }' <<<"$keys")
+  pub=$(awk '/Public Key:/ { getline; print; exit }' <<<"$keys")
+  local t ctl ip hp
+  for t in tcp noise; do
+    if [[ $t == tcp ]]; then ctl=2333 ip=25201 hp=28000; else ctl=2334 ip=26201 hp=28001; fi
+    {
+      printf '[server]\nbind_addr = "127.0.0.1:%s"\n[server.transport]\ntype = "%s"\n' "$ctl" "$t"
+      [[ $t == noise ]] && printf '[server.transport.noise]\nlocal_private_key = "%s"\n' "$priv"
+      printf '[server.services.iperf]\ntoken = "bench"\nbind_addr = "127.0.0.1:%s"\n' "$ip"
+      printf '[server.services.http]\ntoken = "bench"\nbind_addr = "127.0.0.1:%s"\n' "$hp"
+    } >"$tmp/rathole-$t-server.toml"
+    {
+      printf '[client]\nremote_addr = "127.0.0.1:%s"\n[client.transport]\ntype = "%s"\n' "$ctl" "$t"
+      [[ $t == noise ]] && printf '[client.transport.noise]\nremote_public_key = "%s"\n' "$pub"
+      printf '[client.services.iperf]\ntoken = "bench"\nlocal_addr = "127.0.0.1:5201"\n'
+      printf '[client.services.http]\ntoken = "bench"\nlocal_addr = "127.0.0.1:8000"\n'
+    } >"$tmp/rathole-$t-client.toml"
+    start "rathole-$t-server" rathole --server "$tmp/rathole-$t-server.toml"
+    start "rathole-$t-client" rathole --client "$tmp/rathole-$t-client.toml"
+  done
+
+  # bore: server and one `bore local` per exposed port
+  start bore-server bore server --bind-addr 127.0.0.1 --min-port 35000 --max-port 39000
+  port_ready 7835
+  start bore-iperf bore local 5201 --local-host 127.0.0.1 --to 127.0.0.1 --port 35201
+  start bore-http bore local 8000 --local-host 127.0.0.1 --to 127.0.0.1 --port 38000
+
+  # ready: every contender answers HTTP through its tunnel
+  local c
+  wait_agents 127.0.0.1:9090 1 20 || { cat "$tmp/zg-gateway.log" "$tmp/zg-node.log" >&2; exit 1; }
+  for c in direct zonegate rathole-tcp rathole-noise bore; do
+    http_ready "http://127.0.0.1:${HTTP_PORT[$c]}/" "" 30 || { tail -n 20 "$tmp"/*.log >&2; exit 1; }
+  done
+  if has http; then
+    http_ready http://127.0.0.1:8080/ || exit 1
+    http_ready http://127.0.0.1:18080/ bench.example || exit 1
+  fi
+  port_ready 5201
+}
+
+# ---------------------------------------------------------------------------------------------
+run_bulk() {
+  echo "## bulk TCP throughput: iperf3 -t $SECS, upload and download (-R), Gbit/s"
+  local rep c f
+  for ((rep = 1; rep <= REPS; rep++)); do
+    for c in $(rotated "$rep" "${TUNNELS[@]}"); do
+      f=$tmp/iperf.json
+      timeout $((SECS + 30)) iperf3 -c 127.0.0.1 -p "${IPERF_PORT[$c]}" -t "$SECS" -J >"$f" 2>&1 || true
+      parse iperf3 "$runs" bulk-up "$c" "$rep" "$f"
+      timeout $((SECS + 30)) iperf3 -c 127.0.0.1 -p "${IPERF_PORT[$c]}" -t "$SECS" -J -R >"$f" 2>&1 || true
+      parse iperf3 "$runs" bulk-down "$c" "$rep" "$f"
+    done
+  done
+}
+
+run_conn() {
+  echo "## new connections/s: wrk -t$THREADS -c$CONNS -d${SECS}s -H 'Connection: close' -> nginx"
+  local rep c
+  for ((rep = 1; rep <= REPS; rep++)); do
+    for c in $(rotated "$rep" "${TUNNELS[@]}"); do
+      timeout $((SECS + 30)) wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --timeout 10s \
+        -H 'Connection: close' "http://127.0.0.1:${HTTP_PORT[$c]}/" >"$tmp/wrk.out" 2>&1 || true
+      parse wrk "$runs" conn "$c" "$rep" "$tmp/wrk.out"
+    done
+  done
+}
+
+run_http() {
+  echo "## keep-alive HTTP/1.1: wrk -t$THREADS -c$CONNS -d${SECS}s --latency"
+  local rep c
+  for ((rep = 1; rep <= REPS; rep++)); do
+    for c in $(rotated "$rep" "${HTTP_PATHS[@]}"); do
+      timeout $((SECS + 30)) wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --timeout 10s --latency \
+        -H 'Host: bench.example' "http://127.0.0.1:${HTTP_PORT[$c]}/" >"$tmp/wrk.out" 2>&1 || true
+      parse wrk "$runs" http "$c" "$rep" "$tmp/wrk.out"
+    done
+  done
+
+  local max rate per
+  max=$(parse get "$runs" http zonegate-front rps)
+  if [[ -z $max ]]; then
+    echo "## half-load latency: skipped (no maximum measured for the front)"
+    return
+  fi
+  max=$(python3 -c "print(round($max))")
+  rate=$(python3 -c "print(round($max / 2))")
+  per=$(python3 -c "print(round($max / 2 / $HALF_CLIENTS, 1))")
+  echo "## latency at half of the front's maximum ($max req/s): h2load --h1 -c$HALF_CLIENTS --rps $per (= $rate req/s) -D $SECS"
+  for ((rep = 1; rep <= REPS; rep++)); do
+    for c in $(rotated "$rep" "${HALF_PATHS[@]}"); do
+      rm -f "$tmp/h2.log"
+      timeout $((SECS + 30)) h2load --h1 -c"$HALF_CLIENTS" --rps="$per" -D "$SECS" \
+        -H ':authority: bench.example' --log-file="$tmp/h2.log" \
+        "http://127.0.0.1:${HTTP_PORT[$c]}/" >"$tmp/h2.out" 2>&1 || true
+      parse h2load "$runs" http-half "$c" "$rep" "$tmp/h2.out" "$tmp/h2.log" "$rate"
+    done
+  done
+}
+
+# ---------------------------------------------------------------------------------------------
+# mem: a zone of its own (mem.example), so the gateway measured has served nothing else.
+run_mem() {
+  echo "## memory (RSS): idle agent; gateway with $AGENTS idle agents; $IDLE_CONNS idle proxied connections"
+  local ZM=$tmp/memzone
+  zone_create "$ZM" mem.example gwm=127.0.0.1:4434 m1
+  cat >"$ZM/devices/gwm/policies/mem.toml" <<'EOF'
+[app.echo]
+tcp = { listen = "127.0.0.1:19000" }
+to = "m1/echo"
+allow = { from = ["public"] }
+EOF
+  local gw_conf=$ZM/devices/gwm/gateway.toml node_conf=$ZM/devices/m1/node.toml
+  conf_set "$gw_conf" admin '"127.0.0.1:9190"'
+  conf_set "$gw_conf" http '"off"'
+  conf_set "$gw_conf" https '"off"'
+  conf_set "$gw_conf" dns '"off"'
+  conf_set "$node_conf" admin '"127.0.0.1:9191"'
+
+  start echo "$EXAMPLES_DIR/idle_conns" echo --listen 127.0.0.1:7007
+  start gwm "$ZONEGATE" gateway --config "$gw_conf"
+  wait_agents 127.0.0.1:9190 0 20
+  sleep "$SETTLE"
+  local gw_empty gw_one agent_idle
+  gw_empty=$(rss_kib "${PID[gwm]}")
+  start m1 "$ZONEGATE" node --config "$node_conf" --service echo=127.0.0.1:7007
+  wait_agents 127.0.0.1:9190 1 20 || { cat "$tmp/gwm.log" "$tmp/m1.log" >&2; exit 1; }
+  sleep "$SETTLE"
+  agent_idle=$(rss_kib "${PID[m1]}")
+  gw_one=$(rss_kib "${PID[gwm]}")
+  parse put "$runs" mem-agent node 1 idle_rss_kib="$agent_idle"
+
+  # AGENTS simulated agents (real handshake, hello and keep-alives; one UDP socket each)
+  local line n gw_n sim_rss rc=0 i
+  start sim "$EXAMPLES_DIR/sim_agents" --zone "$ZM" --gateway gwm=127.0.0.1:4434 \
+    --count "$AGENTS" --out "$tmp/sim-bundles" --timeout 300
+  for ((i = 0; i < 3000; i++)); do
+    line=$(grep -m1 '^{' "$tmp/sim.log" || true)
+    [[ -n $line ]] && break
+    alive sim || break
+    sleep 0.1
+  done
+  if [[ -z ${line:-} ]]; then
+    echo "sim_agents did not bring its agents up:" >&2
+    tail -n 20 "$tmp/sim.log" >&2
+    parse put "$runs" mem-gateway agents 1 agents="$AGENTS" connected=0 error=sim_agents_failed
+  else
+    wait_agents 127.0.0.1:9190 $((AGENTS + 1)) 60 || true
+    sleep "$SETTLE"
+    gw_n=$(rss_kib "${PID[gwm]}")
+    sim_rss=$(rss_kib "${PID[sim]}")
+    n=$(agent_count 127.0.0.1:9190)
+    stop sim || rc=$?
+    read -r warns errs < <(log_problems "$tmp/gwm.log")
+    parse put "$runs" mem-gateway agents 1 agents="$AGENTS" connected=$((n - 1)) \
+      log_warnings="$warns" log_errors="$errs" \
+      gw_empty_kib="$gw_empty" gw_one_agent_kib="$gw_one" gw_with_agents_kib="$gw_n" \
+      per_agent_kib="$(python3 -c "print(round(($gw_n - $gw_one) / $AGENTS, 2))")" \
+      sim_rss_kib="$sim_rss" sim_exit="$rc" \
+      connect_secs="$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['connect_secs'])" "$line")"
+  fi
+  # the simulated agents said goodbye: back to one agent
+  for ((i = 0; i < 300; i++)); do
+    [[ $(agent_count 127.0.0.1:9190) -le 1 ]] && break
+    sleep 0.1
+  done
+
+  # IDLE_CONNS concurrent idle connections through the tcp app -> m1 -> echo, on a restarted
+  # gateway (the agents' test leaves memory in the allocator); m1 reconnects by itself.
+  local gw_before ag_before gw_after ag_after open_json after_json
+  mv "$tmp/gwm.log" "$tmp/gwm-agents.log"
+  stop gwm || true
+  start gwm "$ZONEGATE" gateway --config "$gw_conf"
+  wait_agents 127.0.0.1:9190 1 60 || { tail -n 20 "$tmp/gwm.log" "$tmp/m1.log" >&2; exit 1; }
+  sleep "$SETTLE"
+  gw_before=$(rss_kib "${PID[gwm]}")
+  ag_before=$(rss_kib "${PID[m1]}")
+  rm -f "$tmp/hold.ready"
+  start hold "$EXAMPLES_DIR/idle_conns" hold --connect 127.0.0.1:19000 --count "$IDLE_CONNS" \
+    --ready-file "$tmp/hold.ready" --hold $((SETTLE + 5))
+  for ((i = 0; i < 6000; i++)); do
+    [[ -e $tmp/hold.ready ]] && break
+    alive hold || break
+    sleep 0.1
+  done
+  sleep "$SETTLE"
+  gw_after=$(rss_kib "${PID[gwm]}")
+  ag_after=$(rss_kib "${PID[m1]}")
+  rc=0
+  wait "${PID[hold]}" || rc=$?
+  unset "PID[hold]"
+  open_json=$(grep -m1 '"phase":"open"' "$tmp/hold.log" || echo '{}')
+  after_json=$(grep -m1 '"phase":"after_hold"' "$tmp/hold.log" || echo '{}')
+  read -r warns errs < <(log_problems "$tmp/gwm.log" "$tmp/m1.log")
+  python3 - "$runs" "$open_json" "$after_json" <<EOF
+import json, sys
+o, a = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+ok = o.get("ok", 0)
+m = {"requested": $IDLE_CONNS, "ok": ok, "failed": o.get("failed"),
+     "not_tried": $IDLE_CONNS - o.get("tried", 0), "open_errors": o.get("errors"),
+     "open_secs": o.get("open_secs"), "still_ok_after_hold": a.get("still_ok"),
+     "hold_errors": a.get("errors"), "exit": $rc,
+     "gw_before_kib": $gw_before, "gw_after_kib": $gw_after,
+     "agent_before_kib": $ag_before, "agent_after_kib": $ag_after,
+     "gw_per_conn_kib": round(($gw_after - $gw_before) / ok, 2) if ok else None,
+     "agent_per_conn_kib": round(($ag_after - $ag_before) / ok, 2) if ok else None,
+     "log_warnings": $warns, "log_errors": $errs}
+with open(sys.argv[1], "a") as f:
+    f.write(json.dumps({"test": "mem-conns", "contender": "idle", "rep": 1, "metrics": m}) + "\n")
+print("  mem-conns  " + " ".join(f"{k}={v}" for k, v in m.items()), flush=True)
+EOF
+  if ((rc != 0)); then
+    echo "  idle connections: not all opened and held (see above)" >&2
+    grep -h -E ' (WARN|ERROR) ' "$tmp/gwm.log" "$tmp/m1.log" | tail -n 5 >&2 || true
+  fi
+  stop m1 || true
+  stop gwm || true
+  stop echo || true
+}
+
+# ---------------------------------------------------------------------------------------------
+if has bulk || has conn || has http; then setup_contenders; fi
+if has bulk; then run_bulk; fi
+if has conn; then run_conn; fi
+if has http; then run_http; fi
+if has mem; then run_mem; fi
+
+if [[ -n ${PID[zg-gateway]:-} ]]; then
+  read -r warns errs < <(log_problems "$tmp/zg-gateway.log" "$tmp/zg-node.log")
+  parse put "$runs" logs zonegate 1 warnings="$warns" errors="$errs"
+fi
+echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+stamp=$(date -u -d "$BENCH_DATE" +%Y-%m-%dT%H%MZ)
+parse assemble "$runs" "$OUT/$stamp.json"
+if [[ $REPORT != 0 ]]; then
+  python3 "$bench_dir/report.py" "$OUT/$stamp.json"
+fi
