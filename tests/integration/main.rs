@@ -4,6 +4,7 @@
 
 mod cli;
 mod common;
+mod faults_lab;
 mod hostile;
 mod http_front;
 mod inproc;

@@ -220,3 +220,203 @@ pub fn find_agent<'a>(
         .iter()
         .find(|a| a["device"] == device)
 }
+
+/// Appends the short test timers (a `[tunnel]` table) to a bundle's config file.
+fn append_test_timers(cfg: &Path) {
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(cfg)
+        .expect("open bundle config");
+    writeln!(
+        f,
+        "\n# tests: notice a dead peer within seconds\n[tunnel]\nkeepalive_ms = {TEST_KEEPALIVE_MS}\nidle_timeout_ms = {TEST_IDLE_MS}"
+    )
+    .expect("append tunnel timers");
+}
+
+/// `zonegate device add NAME --role node` on a zone made by [`three_device_zone`] (e.g. `home3`,
+/// the lab's third home): the bundle gets the zone's newest zone.json (`device add` writes it)
+/// and the short test timers. Returns the bundle's `node.toml`. The other bundles keep their
+/// older zone.json until the test copies the new one.
+pub fn add_node(zone: &Zone, name: &str) -> PathBuf {
+    let z = zone.dir.to_str().expect("utf-8 temp path");
+    ok(["device", "add", name, "--zone", z, "--role", "node"]);
+    let cfg = zone.node_toml(name);
+    append_test_timers(&cfg);
+    cfg
+}
+
+/// Copies the zone's current `zone.json` (after `device add`/`revoke`) into the gateway's bundle.
+pub fn publish_to_gateway(zone: &Zone) {
+    fs::copy(zone.dir.join("zone.json"), zone.gw.join("zone.json")).expect("copy zone.json");
+}
+
+/// Logs of the processes a lab test started, printed when the test panics (or always with
+/// `ZG_LAB_LOGS=1`).
+#[derive(Default)]
+pub struct LabLogs(std::sync::Mutex<Vec<(String, PathBuf)>>);
+
+impl LabLogs {
+    /// Registers `path` under `tag` (once).
+    pub fn add(&self, tag: &str, path: &Path) {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if v.iter().all(|(_, p)| p != path) {
+            v.push((tag.to_owned(), path.to_owned()));
+        }
+    }
+}
+
+impl Drop for LabLogs {
+    fn drop(&mut self) {
+        if !std::thread::panicking() && std::env::var("ZG_LAB_LOGS").as_deref() != Ok("1") {
+            return;
+        }
+        for (tag, path) in self.0.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let text = fs::read_to_string(path).unwrap_or_else(|e| format!("<unreadable: {e}>"));
+            eprintln!("===== {tag} ({}) =====\n{text}", path.display());
+        }
+    }
+}
+
+/// A lab test's world: a NAT lab, the zone of [`three_device_zone`] (no policy yet) and
+/// `zgtool.py` in a temporary directory, and the logs of every process started through it
+/// (`TMP/TAG.log`). Field order is drop order: the logs are printed before the lab goes down.
+pub struct LabWorld {
+    pub logs: LabLogs,
+    pub lab: crate::netlab::Lab,
+    pub zone: Zone,
+    pub tool: PathBuf,
+    pub tmp: tempfile::TempDir,
+}
+
+impl LabWorld {
+    pub fn new(name: &str) -> LabWorld {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let zone = three_device_zone(tmp.path());
+        let tool = write_tool(tmp.path());
+        let lab = crate::netlab::Lab::up(name).expect("lab up");
+        LabWorld {
+            logs: LabLogs::default(),
+            lab,
+            zone,
+            tool,
+            tmp,
+        }
+    }
+
+    /// `TMP/TAG.log`, registered for printing.
+    pub fn log_path(&self, tag: &str) -> PathBuf {
+        let path = self.tmp.path().join(format!("{tag}.log"));
+        self.logs.add(tag, &path);
+        path
+    }
+
+    /// The text of `TMP/TAG.log` so far (empty when there is none).
+    pub fn log_text(&self, tag: &str) -> String {
+        fs::read_to_string(self.tmp.path().join(format!("{tag}.log"))).unwrap_or_default()
+    }
+
+    /// Spawns `program args` in `host` with `RUST_LOG=info`; stdout (unless `piped_stdout`) and
+    /// stderr are appended to `TMP/TAG.log`, so a restarted process adds to its earlier log.
+    pub fn spawn_in(
+        &self,
+        host: &str,
+        tag: &str,
+        program: &Path,
+        args: &[&str],
+        piped_stdout: bool,
+    ) -> crate::netlab::LabProcess {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(tag))
+            .expect("log file");
+        let out = if piped_stdout {
+            std::process::Stdio::piped()
+        } else {
+            file.try_clone().expect("dup log fd").into()
+        };
+        let mut cmd = self.lab.cmd(host, program);
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(out)
+            .stderr(file);
+        self.lab
+            .spawn(&mut cmd)
+            .unwrap_or_else(|e| panic!("spawn {tag} in {host}: {e}"))
+    }
+
+    /// `zonegate gateway` in `vps` (log tag `gateway`).
+    pub fn gateway(&self) -> crate::netlab::LabProcess {
+        let cfg = self.zone.gateway_toml();
+        let cfg = cfg.to_str().expect("utf-8 temp path");
+        let bin = crate::common::bin();
+        self.spawn_in("vps", "gateway", &bin, &["gateway", "--config", cfg], false)
+    }
+
+    /// `zonegate node` of the bundle named like lab host `host` (log tag = host), with `flags`.
+    pub fn node(&self, host: &str, flags: &[&str]) -> crate::netlab::LabProcess {
+        let cfg = self.zone.node_toml(host);
+        let mut args = vec!["node", "--config", cfg.to_str().expect("utf-8 temp path")];
+        args.extend_from_slice(flags);
+        self.spawn_in(host, host, &crate::common::bin(), &args, false)
+    }
+
+    /// Runs `zgtool.py ARGS` in `host`: Ok(stdout) or Err(why).
+    pub fn tool(
+        &self,
+        host: &str,
+        args: &[&str],
+        timeout: std::time::Duration,
+    ) -> Result<String, String> {
+        let mut cmd = self.lab.cmd(host, crate::netlab::python());
+        cmd.arg(&self.tool).args(args);
+        let out = self
+            .lab
+            .run(&mut cmd, timeout + std::time::Duration::from_secs(3))
+            .map_err(|e| format!("zgtool {args:?} in {host}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "zgtool {args:?} in {host}: {} {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `/status` of the admin API on `host`'s loopback (gateway 9090, node 9091).
+    pub fn status(&self, host: &str, port: u16) -> Result<serde_json::Value, String> {
+        let url = format!("http://127.0.0.1:{port}/status");
+        let body = self.tool(host, &["get", &url, "3"], std::time::Duration::from_secs(3))?;
+        serde_json::from_str(&body).map_err(|e| format!("status JSON: {e}: {body}"))
+    }
+
+    /// Waits until the gateway's `/status` lists every device of `want` offering its services;
+    /// fails fast if the gateway exits.
+    pub fn wait_agents(
+        &self,
+        gw: &mut crate::netlab::LabProcess,
+        want: &[(&str, &[&str])],
+        within: std::time::Duration,
+    ) -> serde_json::Value {
+        eventually(within, "gateway /status lists the agents", || {
+            alive(gw, "gateway")?;
+            let st = self.status("vps", 9090)?;
+            for (device, services) in want {
+                let agent = find_agent(&st, device)
+                    .ok_or_else(|| format!("{device} not connected: {st}"))?;
+                let offered = |svc: &str| {
+                    agent["services"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|x| x["name"] == svc))
+                };
+                if let Some(svc) = services.iter().find(|s| !offered(s)) {
+                    return Err(format!("{device} does not offer {svc} yet: {agent}"));
+                }
+            }
+            Ok(st)
+        })
+    }
+}

@@ -54,14 +54,24 @@
 #                          via tbf; anything else (delay, duplicate, reorder, corrupt) exits with
 #                          status 3 = unsupported on this kernel.
 #   netem-clear NS IFACE   remove what `netem` installed on IFACE
+#   divert-udp NAT IP:PORT LPORT
+#                          on router NAT (nat1|nat2|nat3), DNAT new UDP flows from its LAN to IP:PORT
+#                          to the router's own LAN address (192.168.N.1) port LPORT, where a
+#                          userspace relay can run (e.g. tests/netlab/udpdelay.py: delay without
+#                          sch_netem).  Conntrack un-DNATs the relay's replies, so the home sees
+#                          answers from IP:PORT.  Flows already in conntrack keep their path until
+#                          they expire or `flush-conntrack NAT`.  Table `ip natlab_divert`.
+#   divert-clear NAT       remove every divert-udp rule of NAT (existing flows keep their NAT
+#                          binding until flushed)
 #   gc                     tear down labs whose owner process is gone: for each
 #                          /run/natlab/PFX.owner holding a dead PID, `down` that prefix
 #
 # Differences from shared/netlab/natlab.sh: the name prefix (flag or NATLAB_PREFIX) and its
 # validation; fewer `ip netns exec` calls (sysctls batched), so `up` is about twice as fast;
 # `down` polls instead of a fixed 0.3 s sleep and tolerates a concurrent `down`; new commands
-# flush-conntrack, netem, netem-clear and gc; `up` writes nothing outside /run/netns (the
-# /run/natlab/*.owner files are written by the Rust harness, which reserves a prefix there).
+# flush-conntrack, netem, netem-clear, divert-udp, divert-clear and gc; `up` writes nothing
+# outside /run/netns (the /run/natlab/*.owner files are written by the Rust harness, which
+# reserves a prefix there).
 set -euo pipefail
 
 PREFIX=${NATLAB_PREFIX:-}
@@ -376,8 +386,9 @@ table netdev natlab_netem_$ifc {
     # the netdev egress hook sits where a qdisc would: after routing and NAT, for local and
     # forwarded packets alike, and a drop there is silent (an ip-family output rule would make
     # the sender's sendto() fail with EPERM instead)
+    # (the counter lets a test check that the loss really happened)
     type filter hook egress device "$ifc" priority 0; policy accept;
-    $match drop
+    $match counter drop
   }
 }
 EOF
@@ -395,6 +406,33 @@ netem_clear() {
   # deleting the root qdisc of a veth restores its default (noqueue); "no such qdisc" is fine
   nsx "$ns" tc qdisc del dev "$ifc" root 2>/dev/null || true
   nsx "$ns" nft delete table netdev "natlab_netem_$ifc" 2>/dev/null || true
+}
+
+divert_udp() {
+  local host=${1:?usage: divert-udp NAT IP:PORT LPORT} dst=${2:?usage: divert-udp NAT IP:PORT LPORT} \
+    lport=${3:?usage: divert-udp NAT IP:PORT LPORT} ns n
+  [[ $host =~ ^nat([123])$ ]] || { log "divert-udp: '$host' is not a NAT router (nat1|nat2|nat3)"; return 2; }
+  n=${BASH_REMATCH[1]}
+  [[ $dst =~ ^([0-9]{1,3}\.){3}[0-9]{1,3}:[0-9]{1,5}$ ]] || { log "divert-udp: bad destination '$dst' (want IP:PORT)"; return 2; }
+  [[ $lport =~ ^[0-9]{1,5}$ ]] || { log "divert-udp: bad local port '$lport'"; return 2; }
+  ns=$(full_ns "$host")
+  ns_exists "$ns" || { log "$ns does not exist"; return 1; }
+  nsx "$ns" nft -f - <<EOF
+table ip natlab_divert {
+  chain prerouting {
+    # before the router's own dstnat rules; the DNATed packet is then local (input, from lan0)
+    type nat hook prerouting priority dstnat - 10; policy accept;
+  }
+}
+add rule ip natlab_divert prerouting iifname "lan0" ip daddr ${dst%:*} udp dport ${dst##*:} dnat to 192.168.$n.1:$lport
+EOF
+  log "divert-udp on $ns: LAN udp to $dst -> 192.168.$n.1:$lport"
+}
+
+divert_clear() {
+  local host=${1:?usage: divert-clear NAT} ns
+  ns=$(full_ns "$host")
+  nsx "$ns" nft delete table ip natlab_divert 2>/dev/null || true
 }
 
 gc() {
@@ -421,6 +459,8 @@ case "${1:-}" in
   flush-conntrack) flush_conntrack "${2:-}" ;;
   netem) netem "${2:-}" "${3:-}" "${4:-}" ;;
   netem-clear) netem_clear "${2:-}" "${3:-}" ;;
+  divert-udp) divert_udp "${2:-}" "${3:-}" "${4:-}" ;;
+  divert-clear) divert_clear "${2:-}" ;;
   gc) gc ;;
-  *) echo "usage: $0 [-p PREFIX] up [--force]|reset|down|status|flush-conntrack NAT|netem NS IFACE SPEC|netem-clear NS IFACE|gc" >&2; exit 2 ;;
+  *) echo "usage: $0 [-p PREFIX] up [--force]|reset|down|status|flush-conntrack NAT|netem NS IFACE SPEC|netem-clear NS IFACE|divert-udp NAT IP:PORT LPORT|divert-clear NAT|gc" >&2; exit 2 ;;
 esac
