@@ -180,7 +180,7 @@ async fn tcp_conn(hub: Hub, app_name: String, mut tcp: tokio::net::TcpStream, pe
     let (bin, bout) = (m.a_to_b, m.b_to_a);
     counters.bytes_in(bin);
     counters.bytes_out(bout);
-    info!(app = %app_name, device = %target.device, client = %peer, bytes_in = bin, bytes_out = bout, ms = started.elapsed().as_millis() as u64, "connection done");
+    info!(app = %app_name, device = %target.device, client = %peer, bytes_in = bin, bytes_out = bout, ms = started.elapsed().as_millis() as u64, end = %m.end(), "connection done");
 }
 
 struct ClientFlow {

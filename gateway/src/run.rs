@@ -444,7 +444,7 @@ async fn forward_loop(hub: Hub, f: Forward, l: TcpListener, shutdown: Cancellati
                 Ok(mut up) => {
                     let m = splice(&mut tcp, &mut up).await;
                     let (a, b) = (m.a_to_b, m.b_to_a);
-                    info!(app = %app, to = %format!("{}/{}", f.device, f.service), client = %peer, bytes_up = a, bytes_down = b, ms = started.elapsed().as_millis() as u64, "forward connection done");
+                    info!(app = %app, to = %format!("{}/{}", f.device, f.service), client = %peer, bytes_up = a, bytes_down = b, ms = started.elapsed().as_millis() as u64, end = %m.end(), "forward connection done");
                 }
                 Err(e) => {
                     warn!(to = %format!("{}/{}", f.device, f.service), reason = %refusal_of(&e).1, "forward failed")

@@ -6,7 +6,7 @@
 
 use crate::model::*;
 use crate::policy::CompiledPolicy;
-use crate::units::path_has_prefix;
+use crate::units::{normalize_path, path_has_prefix};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
@@ -210,8 +210,9 @@ pub(crate) fn check_rule(
         return Err(DenyReason::Method);
     }
     if !rule.paths.is_empty() {
-        let p = path.map(strip_query);
-        if !p.is_some_and(|p| rule.paths.iter().any(|x| path_has_prefix(p, x))) {
+        // Compared in normal form, as routing does: `/pub/../private` is `/private`.
+        let p = path.and_then(|p| normalize_path(strip_query(p)).ok());
+        if !p.is_some_and(|p| rule.paths.iter().any(|x| path_has_prefix(&p, x))) {
             return Err(DenyReason::Path);
         }
     }
@@ -263,15 +264,17 @@ impl CompiledPolicy {
     }
 
     /// The http app for a request: host compared case-insensitively without port, then the
-    /// longest path prefix (whole segments).
+    /// longest path prefix (whole segments) of the path in normal form ([`normalize_path`]:
+    /// the form the gateway forwards, so the service serves what was routed). A path with no
+    /// normal form matches no app.
     pub fn route_http(&self, host: &str, path: &str) -> Option<&App> {
         let mut buf = [0u8; MAX_HOST];
         let host = normalize_host(host, &mut buf)?;
-        let path = strip_query(path);
+        let path = normalize_path(strip_query(path)).ok()?;
         let routes = self.http.get(host)?;
         routes
             .iter()
-            .find(|(prefix, _)| path_has_prefix(path, prefix))
+            .find(|(prefix, _)| path_has_prefix(&path, prefix))
             .map(|&(_, i)| &self.apps[i])
     }
 

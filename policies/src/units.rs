@@ -193,7 +193,8 @@ pub fn parse_host(s: &str) -> Result<String, String> {
 }
 
 /// A URL path prefix: starts with '/', no query or fragment. A trailing '/' is dropped
-/// (except for "/") so that "/dfs" and "/dfs/" name the same prefix.
+/// (except for "/") so that "/dfs" and "/dfs/" name the same prefix. It must be in the form
+/// request paths are compared in ([`normalize_path`]), or it could never match.
 pub fn parse_path_prefix(s: &str) -> Result<String, String> {
     if !s.starts_with('/') || s.contains(['?', '#']) || s.contains(char::is_whitespace) {
         return Err(format!(
@@ -201,11 +202,102 @@ pub fn parse_path_prefix(s: &str) -> Result<String, String> {
         ));
     }
     let trimmed = s.trim_end_matches('/');
-    Ok(if trimmed.is_empty() {
-        "/".to_string()
-    } else {
-        trimmed.to_string()
-    })
+    let prefix = if trimmed.is_empty() { "/" } else { trimmed };
+    match normalize_path(prefix) {
+        Ok(n) if n == prefix => Ok(prefix.to_string()),
+        Ok(n) => Err(format!(
+            "invalid path {s:?}: request paths are compared in normal form, write it as {:?}",
+            n.trim_end_matches('/')
+        )),
+        Err(e) => Err(format!("invalid path {s:?}: {e}")),
+    }
+}
+
+/// Why a request path cannot be routed (see [`normalize_path`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("the path does not start with '/'")]
+    NotAbsolute,
+    #[error("the path has a '%' not followed by two hex digits")]
+    BadEscape,
+    #[error("the path has a '\\' or an encoded '/' or '\\'")]
+    AmbiguousSeparator,
+    #[error("a path segment is '.' or '..' with ';' parameters")]
+    DotSegmentWithParams,
+}
+
+/// The form of a request path that routing, path rules and the service all use (RFC 3986
+/// §6.2.2): escapes of unreserved characters decoded (`%61` → `a`, `%2E` → `.`), other escapes
+/// in upper case, `.` and `..` segments resolved, empty segments merged (`//` → `/`), and an
+/// empty path taken as `/`. A service resolving the path it gets then lands where the gateway
+/// routed: no `..`, escape or doubled slash moves a request out of the app that allowed it.
+///
+/// Paths a service may split otherwise than we do are refused: a `\` or an encoded `/` or `\`
+/// (some servers take them as separators), and `.`/`..` followed by `;` parameters (Java
+/// servers drop those, then resolve the dots). Borrowed when already normal, the common case.
+pub fn normalize_path(path: &str) -> Result<std::borrow::Cow<'_, str>, PathError> {
+    use std::borrow::Cow;
+    if path.is_empty() {
+        return Ok(Cow::Borrowed("/"));
+    }
+    let rest = path.strip_prefix('/').ok_or(PathError::NotAbsolute)?;
+    if path.contains('\\') {
+        return Err(PathError::AmbiguousSeparator);
+    }
+    let dotted = |s: &str| matches!(s.split(';').next(), Some("." | ".."));
+    if !path.contains(['%']) && !path.contains("//") && !rest.split('/').any(dotted) {
+        return Ok(Cow::Borrowed(path));
+    }
+    let mut segs: Vec<String> = Vec::new();
+    let mut trailing = false;
+    let raw: Vec<&str> = rest.split('/').collect();
+    for (i, s) in raw.iter().enumerate() {
+        let s = decode_unreserved(s)?;
+        trailing = i + 1 == raw.len() && matches!(s.as_str(), "" | "." | "..");
+        match s.as_str() {
+            "" | "." => {}
+            ".." => {
+                segs.pop();
+            }
+            s if dotted(s) => return Err(PathError::DotSegmentWithParams),
+            _ => segs.push(s),
+        }
+    }
+    let mut out = String::with_capacity(path.len());
+    for s in &segs {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() || trailing {
+        out.push('/');
+    }
+    Ok(Cow::Owned(out))
+}
+
+/// One path segment with escapes of unreserved characters decoded and other escapes in upper
+/// case; an escaped `/` or `\` is refused.
+fn decode_unreserved(seg: &str) -> Result<String, PathError> {
+    let mut out = String::with_capacity(seg.len());
+    let mut rest = seg;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let hex = rest
+            .get(at + 1..at + 3)
+            .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or(PathError::BadEscape)?;
+        let byte = u8::from_str_radix(hex, 16).map_err(|_| PathError::BadEscape)?;
+        match byte {
+            b'/' | b'\\' => return Err(PathError::AmbiguousSeparator),
+            b if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => out.push(b as char),
+            _ => {
+                out.push('%');
+                out.push_str(&hex.to_ascii_uppercase());
+            }
+        }
+        rest = &rest[at + 3..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// Does `path` fall under `prefix` (as made by [`parse_path_prefix`])? Matches whole path
@@ -323,6 +415,45 @@ mod tests {
         assert!(path_has_prefix("/dfs", "/dfs"));
         assert!(!path_has_prefix("/dfsx", "/dfs"));
         assert!(path_has_prefix("/anything", "/"));
+        assert_eq!(
+            parse_path_prefix("/a/../b").unwrap_err(),
+            "invalid path \"/a/../b\": request paths are compared in normal form, write it as \"/b\""
+        );
+        assert!(parse_path_prefix("/%61dmin").is_err());
+        assert!(parse_path_prefix("/a%2fb").is_err());
+        assert_eq!(parse_path_prefix("/caf%C3%A9/").unwrap(), "/caf%C3%A9");
+    }
+
+    #[test]
+    fn paths_normalize_like_a_service_resolves_them() {
+        let n = |p: &str| normalize_path(p).map(|c| c.into_owned());
+        // Already normal: borrowed, unchanged.
+        assert!(matches!(
+            normalize_path("/dfs/a.txt"),
+            Ok(std::borrow::Cow::Borrowed(_))
+        ));
+        assert_eq!(n("/a/./b/../c").unwrap(), "/a/c");
+        assert_eq!(n("/dfs/../admin").unwrap(), "/admin");
+        assert_eq!(n("/../../x").unwrap(), "/x");
+        assert_eq!(n("/a/b/..").unwrap(), "/a/");
+        assert_eq!(n("/a/.").unwrap(), "/a/");
+        assert_eq!(n("//admin//x/").unwrap(), "/admin/x/");
+        assert_eq!(n("/%61dmin/%2e%2E/%7euser").unwrap(), "/~user");
+        assert_eq!(n("/a%3bb%c3%a9").unwrap(), "/a%3Bb%C3%A9");
+        assert_eq!(n("").unwrap(), "/");
+        assert_eq!(n("*"), Err(PathError::NotAbsolute));
+        assert_eq!(n("/a\\..\\admin"), Err(PathError::AmbiguousSeparator));
+        assert_eq!(n("/a%2F..%2fadmin"), Err(PathError::AmbiguousSeparator));
+        assert_eq!(n("/a%5c"), Err(PathError::AmbiguousSeparator));
+        assert_eq!(n("/pub/..;/admin"), Err(PathError::DotSegmentWithParams));
+        assert_eq!(n("/pub/%2e;x/admin"), Err(PathError::DotSegmentWithParams));
+        assert_eq!(n("/a%zz"), Err(PathError::BadEscape));
+        assert_eq!(n("/a%+1"), Err(PathError::BadEscape));
+        assert_eq!(n("/a%4"), Err(PathError::BadEscape));
+        // Normal form is a fixed point.
+        for p in ["/a/c", "/admin/x/", "/~user", "/a%3Bb%C3%A9", "/"] {
+            assert_eq!(n(p).unwrap(), p);
+        }
         assert!(check_method("GET").is_ok());
         assert!(check_method("get").is_err());
     }

@@ -1,7 +1,20 @@
-//! Hostile input on the gateway's public ports: garbage on the QUIC and DNS ports, and an
-//! authenticated device that speaks garbage. Connected agents must keep working throughout.
+//! Hostile peers against the gateway and the agents: garbage on the QUIC and DNS ports, QUIC
+//! handshake floods (the hub's and an agent's peer side), authenticated devices that speak
+//! garbage, lie in their hello, ask for streams they may not have or get revoked while
+//! connected. Connected agents must keep working throughout.
+//!
+//! Devices of another zone and expired certificates are refused at the handshake: see
+//! `tunnel::foreign_expired_and_revoked_devices_are_refused`; public clients asking a device
+//! for a service it does not offer: `tunnel::node_serves_only_named_services_…`.
 
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use tunnel::control::ControlIo;
+use tunnel::proto::{ControlSession, Event, Hello, Origin, RefuseCode, StreamHeader, StreamReply};
+use tunnel::transport::Tuning;
 
 use crate::inproc::*;
 
@@ -9,6 +22,25 @@ const WAIT: Duration = Duration::from_secs(10);
 
 fn echo_policy() -> &'static str {
     "[app.echo]\ntcp = { listen = \"127.0.0.1:0\" }\nto = \"home1/echo\"\nallow = { from = [\"public\"] }\n"
+}
+
+/// A zone of `nodes` whose policy is the public `echo` app on home1 plus `more_apps`, its
+/// gateway, and home1 serving echo; all with timings `t`.
+async fn echo_zone(
+    nodes: &[&str],
+    more_apps: &str,
+    t: Tuning,
+) -> (TestZone, RunningGateway, RunningAgent) {
+    let z = TestZone::new(nodes);
+    z.write_policy("apps.toml", &format!("{}{more_apps}", echo_policy()));
+    let gw = start_gateway(&z, t, Duration::from_millis(500)).await;
+    let h1 = echo_node(&z, &gw, "home1", t).await;
+    (z, gw, h1)
+}
+
+/// `msg` goes through the public app listening on `app` and comes back unchanged.
+async fn assert_echoes(app: SocketAddr, msg: &[u8]) {
+    assert_eq!(roundtrip(app, msg).await.unwrap(), msg);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,12 +69,7 @@ async fn garbage_datagrams_on_quic_and_dns_ports_change_nothing() {
     }
 
     // The tunnel still carries traffic and the agent was never dropped.
-    assert_eq!(
-        roundtrip(gw.apps["echo"], b"after the storm")
-            .await
-            .unwrap(),
-        b"after the storm"
-    );
+    assert_echoes(gw.apps["echo"], b"after the storm").await;
     assert_eq!(gw.hub.agents().len(), 1);
     // DNS still answers with a zone config that verifies.
     let domain = zone_core::Domain::new("alice.example").unwrap();
@@ -57,10 +84,7 @@ async fn garbage_datagrams_on_quic_and_dns_ports_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authenticated_device_sending_garbage_is_cut_off_alone() {
-    let z = TestZone::new(&["home1", "home2"]);
-    z.write_policy("apps.toml", echo_policy());
-    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
-    let _h1 = start_echo_node(&z, &gw, "home1").await;
+    let (z, gw, _h1) = echo_zone(&["home1", "home2"], "", fast_tuning()).await;
 
     // home2's real credentials, but instead of a control stream: an oversized garbage header.
     let creds = z.creds("home2");
@@ -92,51 +116,16 @@ async fn authenticated_device_sending_garbage_is_cut_off_alone() {
     );
 
     // Everyone else is unaffected.
-    assert_eq!(
-        roundtrip(gw.apps["echo"], b"still here").await.unwrap(),
-        b"still here"
-    );
+    assert_echoes(gw.apps["echo"], b"still here").await;
     gw.shutdown.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_streams_from_one_agent_leave_others_served() {
-    use tunnel::control::ControlIo;
-    use tunnel::proto::{ControlSession, Event, Hello, StreamHeader};
-    let z = TestZone::new(&["home1", "home2"]);
-    z.write_policy("apps.toml", echo_policy());
-    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
-    let _h1 = start_echo_node(&z, &gw, "home1").await;
+    let (z, gw, _h1) = echo_zone(&["home1", "home2"], "", fast_tuning()).await;
 
     // home2 says a proper hello, then opens 10,000 streams that never finish their header.
-    let creds = z.creds("home2");
-    let ep =
-        tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), &creds, &fast_tuning())
-            .unwrap();
-    let conn = ep
-        .connect(z.gw_addr, "gw.alice.example")
-        .unwrap()
-        .await
-        .unwrap();
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    tunnel::stream::write_header(&mut send, &StreamHeader::Control)
-        .await
-        .unwrap();
-    let hello = Hello {
-        proto_version: tunnel::proto::CONTROL_VERSION,
-        device: "home2".into(),
-        services: vec![],
-        zone_serial: creds.zone_serial(),
-        zone_config: None,
-        agent_version: "hostile".into(),
-    };
-    let mut io = ControlIo::new(send, recv, ControlSession::agent(hello));
-    io.flush().await.unwrap();
-    let ev = tokio::time::timeout(WAIT, io.next_event())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(matches!(ev, Some(Event::Welcome(_))), "{ev:?}");
+    let (_ep, conn, _io) = raw_session(&z, "home2", "home2").await;
     wait_until("home2 registered", WAIT, || gw.hub.agents().len() == 2).await;
 
     let flood = {
@@ -178,9 +167,545 @@ async fn ten_thousand_streams_from_one_agent_leave_others_served() {
         opened >= 1000,
         "the flood never really started ({opened} streams)"
     );
+    assert_echoes(gw.apps["echo"], b"after").await;
+    gw.shutdown.cancel();
+}
+
+/// Connects with `device`'s real credentials and says a hello naming `claims`; returns the
+/// endpoint (keep it alive), the connection and the control stream after the gateway's first
+/// answer, which must be a `Welcome` when `claims == device`.
+async fn raw_session(
+    z: &TestZone,
+    device: &str,
+    claims: &str,
+) -> (quinn::Endpoint, quinn::Connection, ControlIo) {
+    let creds = z.creds(device);
+    let ep =
+        tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), &creds, &fast_tuning())
+            .unwrap();
+    let conn = ep
+        .connect(z.gw_addr, "gw.alice.example")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    tunnel::stream::write_header(&mut send, &StreamHeader::Control)
+        .await
+        .unwrap();
+    let hello = Hello {
+        proto_version: tunnel::proto::CONTROL_VERSION,
+        device: claims.into(),
+        services: vec![],
+        zone_serial: creds.zone_serial(),
+        zone_config: None,
+        agent_version: "hostile".into(),
+    };
+    let mut io = ControlIo::new(send, recv, ControlSession::agent(hello));
+    io.flush().await.unwrap();
+    if device == claims {
+        let ev = tokio::time::timeout(WAIT, io.next_event())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(ev, Some(Event::Welcome(_))), "{ev:?}");
+    }
+    (ep, conn, io)
+}
+
+/// Accepts whatever certificate a server shows: a flood's clients want their handshake to run
+/// until the server decides about them.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.verify_tls13_signature(m, c, d)
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A QUIC client speaking our ALPN with `cert` (another zone's device) or no certificate.
+fn stranger_config(cert: Option<&tunnel::creds::DeviceCreds>) -> quinn::ClientConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
+    let mut cfg = match cert {
+        Some(c) => builder
+            .with_client_auth_cert(vec![c.cert_der.clone()], c.private_key())
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![tunnel::tls::ALPN.to_vec()];
+    let qc = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).unwrap();
+    quinn::ClientConfig::new(Arc::new(qc))
+}
+
+/// First flights (QUIC Initials) of `n` distinct connection attempts, captured on a socket that
+/// never answers: replayed at a server, they are clients that never complete a handshake, as
+/// from spoofed source addresses.
+async fn silent_first_flights(n: usize) -> Vec<Vec<u8>> {
+    let hole = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let hole_addr = hole.local_addr().unwrap();
+    let collect = tokio::spawn(async move {
+        let (mut seen, mut flights) = (HashSet::new(), Vec::new());
+        let mut buf = vec![0u8; 2048];
+        while flights.len() < n {
+            let got = tokio::time::timeout(Duration::from_secs(10), hole.recv(&mut buf)).await;
+            let len = got.expect("quinn keeps sending Initials").unwrap();
+            let d = &buf[..len];
+            // Long header (0x80), Initial (type bits 0x30 == 0), then the destination
+            // connection id: one flight per connection attempt.
+            if len < 7 || d[0] & 0xb0 != 0x80 || len < 6 + d[5] as usize {
+                continue;
+            }
+            if seen.insert(d[6..6 + d[5] as usize].to_vec()) {
+                flights.push(d.to_vec());
+            }
+        }
+        flights
+    });
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(stranger_config(None));
+    let attempts: Vec<_> = (0..n)
+        .map(|_| ep.connect(hole_addr, "gw.alice.example").unwrap())
+        .collect();
+    let flights = collect.await.unwrap();
+    drop(attempts);
+    ep.close(0u32.into(), b"");
+    flights
+}
+
+/// What a flood achieved.
+#[derive(Debug)]
+struct Flood {
+    /// Strangers (no or foreign certificate) that ended up with a connection still open.
+    let_in: usize,
+    /// Strangers whose attempt got through to the server's verdict or a refusal.
+    strangers: usize,
+}
+
+/// Floods `target` with `silent` first flights that are never followed up and `strangers`
+/// concurrent full handshakes by clients holding another zone's certificate or none.
+async fn handshake_flood(target: SocketAddr, silent: usize, strangers: usize) -> Flood {
+    let flights = silent_first_flights(silent).await;
+    let other = TestZone::new(&["home1"]);
+    let foreign = other.creds("home1");
+    let configs = [stranger_config(Some(&foreign)), stranger_config(None)];
+    let endpoints: Vec<quinn::Endpoint> = (0..4)
+        .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap())
+        .collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..strangers {
+        let (ep, cfg) = (endpoints[i % 4].clone(), configs[i % 2].clone());
+        tasks.spawn(async move {
+            let Ok(connecting) = ep.connect_with(cfg, target, "gw.alice.example") else {
+                return false;
+            };
+            match tokio::time::timeout(Duration::from_secs(30), connecting).await {
+                // TLS 1.3: the server judges our certificate after we finished, so a
+                // connection can come up and be closed right after.
+                Ok(Ok(conn)) => tokio::time::timeout(Duration::from_secs(5), conn.closed())
+                    .await
+                    .is_err(),
+                _ => false,
+            }
+        });
+    }
+    // The silent flights go out while the strangers' handshakes run, paced a little so the
+    // target's socket buffer takes most of them.
+    let spoofer = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for batch in flights.chunks(50) {
+        for f in batch {
+            let _ = spoofer.send_to(f, target).await;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut let_in = 0;
+    let mut done = 0;
+    while let Some(r) = tasks.join_next().await {
+        done += 1;
+        let_in += r.unwrap() as usize;
+    }
+    Flood {
+        let_in,
+        strangers: done,
+    }
+}
+
+/// Timings for the flood tests: a 2-core machine busy with thousands of handshakes can delay
+/// keep-alives by more than [`fast_tuning`]'s 1.5 s idle timeout; the point is that the
+/// gateway serves connected agents, not how fast a starved test process runs.
+fn flood_tuning() -> Tuning {
+    Tuning {
+        keepalive: Duration::from_millis(500),
+        idle_timeout: Duration::from_secs(5),
+        ..fast_tuning()
+    }
+}
+
+async fn echo_node(z: &TestZone, gw: &RunningGateway, name: &str, t: Tuning) -> RunningAgent {
+    let echo = tcp_echo().await;
+    let svcs = services(&[("echo", echo, tunnel::proto::ServiceProto::Tcp)]);
+    let a = start_agent(z, name, svcs, vec![], t).await;
+    wait_until(&format!("{name} connected"), WAIT, || {
+        gw.hub.agent(name).is_some()
+    })
+    .await;
+    a
+}
+
+/// Roundtrips through `app` until `stop` (at least one); returns how many, failing on the
+/// first error.
+async fn keep_echoing(app: SocketAddr, stop: tokio_util::sync::CancellationToken) -> usize {
+    let mut n = 0;
+    while n == 0 || !stop.is_cancelled() {
+        let msg = format!("during the flood {n}");
+        let back = tokio::time::timeout(WAIT, roundtrip(app, msg.as_bytes()))
+            .await
+            .expect("a connected agent answers within 10 s during the flood")
+            .unwrap();
+        assert_eq!(back, msg.as_bytes());
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    n
+}
+
+const SILENT: usize = 2000;
+const STRANGERS: usize = 400;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_handshake_flood_is_bounded_and_agents_keep_working() {
+    use tunnel::hub::{MAX_HANDSHAKES, RETRY_ABOVE};
+    let echo2 = "[app.echo2]\ntcp = { listen = \"127.0.0.2:0\" }\nto = \"home2/echo\"\nallow = { from = [\"public\"] }\n";
+    let (z, gw, h1) = echo_zone(&["home1", "home2"], echo2, flood_tuning()).await;
+    let before = gw.hub.handshake_stats();
+    let session = gw.hub.agent("home1").unwrap().session_id;
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let echoing = tokio::spawn(keep_echoing(gw.apps["echo"], stop.clone()));
+    let flood = handshake_flood(z.gw_addr, SILENT, STRANGERS).await;
+    stop.cancel();
+    let served = echoing.await.unwrap();
+    let st = gw.hub.handshake_stats();
+    eprintln!("flood: {flood:?}; hub gate {st:?}; {served} roundtrips served during it");
+
+    assert_eq!(flood.strangers, STRANGERS);
     assert_eq!(
-        roundtrip(gw.apps["echo"], b"after").await.unwrap(),
-        b"after"
+        flood.let_in, 0,
+        "a client without a zone certificate got in"
     );
+    // Bounded: never more handshakes at once than the cap, and the flood did reach the point
+    // where address validation starts.
+    assert!(st.peak <= MAX_HANDSHAKES, "{st:?}");
+    assert!(st.retried > before.retried, "no Retry was sent: {st:?}");
+    // The silent clients cannot answer a Retry, so they got handshakes only while fewer than
+    // RETRY_ABOVE were in flight; each stranger got at most one.
+    let admitted = (st.admitted - before.admitted) as usize;
+    assert!(
+        admitted <= STRANGERS + 2 * RETRY_ABOVE,
+        "{admitted} handshakes for {STRANGERS} strangers: the silent flood got through"
+    );
+    // Every slot comes back once the flood's handshakes are over.
+    wait_until("handshake slots released", Duration::from_secs(20), || {
+        gw.hub.handshake_stats().in_flight == 0
+    })
+    .await;
+
+    // The connected agent kept its tunnel, and a new device can still join.
+    assert_eq!(gw.hub.agent("home1").unwrap().session_id, session);
+    assert_echoes(gw.apps["echo"], b"after").await;
+    let _h2 = echo_node(&z, &gw, "home2", flood_tuning()).await;
+    assert_echoes(gw.apps["echo2"], b"newcomer").await;
+    drop(h1);
+    gw.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_flood_on_an_agents_peer_side_is_bounded() {
+    use tunnel::agent::{MAX_PEER_HANDSHAKES, PEER_RETRY_ABOVE};
+    let (_z, gw, h1) = echo_zone(&["home1"], "", flood_tuning()).await;
+    let target = h1.agent.local_addr().unwrap();
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let echoing = tokio::spawn(keep_echoing(gw.apps["echo"], stop.clone()));
+    let strangers = 100;
+    let flood = handshake_flood(target, 500, strangers).await;
+    stop.cancel();
+    let served = echoing.await.unwrap();
+    let st = h1.agent.peer_handshake_stats();
+    eprintln!("flood: {flood:?}; agent peer gate {st:?}; {served} roundtrips served");
+
+    assert_eq!(
+        flood.let_in, 0,
+        "a client without a zone certificate got in"
+    );
+    assert!(st.peak <= MAX_PEER_HANDSHAKES, "{st:?}");
+    assert!(st.retried > 0, "no Retry was sent: {st:?}");
+    assert!(
+        st.admitted as usize <= strangers + 2 * PEER_RETRY_ABOVE,
+        "the silent flood got handshakes: {st:?}"
+    );
+    wait_until(
+        "peer handshake slots released",
+        Duration::from_secs(20),
+        || h1.agent.peer_handshake_stats().in_flight == 0,
+    )
+    .await;
+    // The agent's tunnel to the gateway never noticed.
+    assert!(h1.agent.peers().is_empty(), "a stranger became a peer");
+    assert_echoes(gw.apps["echo"], b"after").await;
+    gw.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_naming_another_device_is_refused_and_that_device_keeps_its_tunnel() {
+    let (z, gw, _h1) = echo_zone(&["home1", "home2"], "", fast_tuning()).await;
+    let session = gw.hub.agent("home1").unwrap().session_id;
+
+    // home2's certificate, a hello claiming to be home1.
+    let (_ep, conn, mut io) = raw_session(&z, "home2", "home1").await;
+    let ev = tokio::time::timeout(WAIT, io.next_event())
+        .await
+        .expect("the gateway answers the lie in time");
+    assert!(
+        !matches!(ev, Ok(Some(Event::Welcome(_)))),
+        "a hello naming another device was welcomed"
+    );
+    tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .expect("the gateway closes the liar's connection");
+    assert!(gw.hub.agent("home2").is_none());
+    assert_eq!(
+        gw.hub.agent("home1").map(|l| l.session_id),
+        Some(session),
+        "the impersonated device lost its tunnel"
+    );
+    assert_echoes(gw.apps["echo"], b"mine").await;
+    gw.shutdown.cancel();
+}
+
+/// Writes `bytes` as a stream's first bytes and returns the gateway's reply.
+async fn raw_stream_reply(conn: &quinn::Connection, bytes: &[u8]) -> StreamReply {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let _ = send.write_all(bytes).await;
+    let _ = send.finish();
+    let (reply, _) = tokio::time::timeout(WAIT, tunnel::stream::read_reply(&mut recv))
+        .await
+        .expect("the gateway answers a bad header in time")
+        .expect("the gateway answers a bad header with a refusal");
+    reply
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_a_device_may_not_open_are_refused_and_others_are_unaffected() {
+    let mesh_apps = r#"
+[app.echo-mesh]
+mesh = true
+to = "home1/echo"
+allow = { from = ["device:home3"] }
+
+[app.ghost-mesh]
+mesh = true
+to = "home1/ghost"
+allow = { from = ["device:home2"] }
+
+[app.away-mesh]
+mesh = true
+to = "home9/echo"
+allow = { from = ["device:home2"] }
+"#;
+    let (z, gw, _h1) = echo_zone(&["home1", "home2", "home3"], mesh_apps, fast_tuning()).await;
+    let (_ep, conn, _io) = raw_session(&z, "home2", "home2").await;
+    wait_until("home2 registered", WAIT, || gw.hub.agent("home2").is_some()).await;
+    let session = gw.hub.agent("home2").unwrap().session_id;
+
+    let relay = |to_device: &str, service: &str| StreamHeader::Relay {
+        app: "mesh".into(),
+        to_device: to_device.into(),
+        service: service.into(),
+    };
+    let open_own = StreamHeader::Open {
+        app: "mesh".into(),
+        service: "admin".into(),
+        origin: Origin::Device {
+            name: "home2".into(),
+            addr: None,
+        },
+    };
+    let cases = [
+        // A service policy lets another device reach, not this one.
+        (relay("home1", "echo"), RefuseCode::PolicyDenied),
+        // Allowed by policy, but the device does not offer it.
+        (relay("home1", "ghost"), RefuseCode::NoSuchService),
+        // Allowed, but the device is not connected.
+        (relay("home9", "echo"), RefuseCode::DeviceOffline),
+        // A service of the gateway itself that no app allows.
+        (open_own, RefuseCode::PolicyDenied),
+        // A second control stream.
+        (StreamHeader::Control, RefuseCode::BadRequest),
+    ];
+    for (header, want) in cases {
+        let e = tunnel::stream::open(&conn, "gw", &header, WAIT)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{header:?} was accepted"));
+        assert!(
+            matches!(&e, tunnel::OpenError::Refused { code, .. } if *code == want),
+            "{header:?}: want {want}, got {e}"
+        );
+    }
+    // Bytes that are no header at all: announced longer than any header, not ours, cut short.
+    let mut oversized = b"ZG\x01\xff\xff".to_vec();
+    oversized.extend(random_bytes(8192));
+    let mut garbage = random_bytes(600);
+    garbage[0] = b'X';
+    for bytes in [oversized, garbage, b"ZG\x01\x00\x10\x01".to_vec()] {
+        let reply = raw_stream_reply(&conn, &bytes).await;
+        assert!(
+            matches!(
+                reply,
+                StreamReply::Refused {
+                    code: RefuseCode::BadRequest,
+                    ..
+                }
+            ),
+            "{reply:?}"
+        );
+    }
+    // Refused streams cost the device nothing else: its tunnel is the same, and everyone
+    // else is served.
+    assert!(conn.close_reason().is_none());
+    assert_eq!(gw.hub.agent("home2").unwrap().session_id, session);
+    assert_echoes(gw.apps["echo"], b"unaffected").await;
+    gw.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_revoked_while_connected_is_cut_off_and_stays_out() {
+    let (z, gw, h1) = echo_zone(&["home1", "laptop"], "", fast_tuning()).await;
+    let laptop = start_echo_node(&z, &gw, "laptop").await;
+
+    // The owner revokes the laptop; only home1's bundle gets the new zone.json. home1 passes it
+    // on in its hello when it reconnects, and the gateway must act on it.
+    let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
+    zd.revoke(
+        &zone_core::DeviceName::new("laptop").unwrap(),
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    std::fs::copy(
+        z.zone_dir().join("zone.json"),
+        z.zone_dir().join("devices/home1/zone.json"),
+    )
+    .unwrap();
+    h1.shutdown.cancel();
+    let _ = h1.task.await;
+    let _h1 = start_echo_node(&z, &gw, "home1").await;
+
+    wait_until("laptop disconnected", WAIT, || {
+        gw.hub.agent("laptop").is_none()
+    })
+    .await;
+    assert!(gw
+        .hub
+        .creds()
+        .trust
+        .is_revoked(&zone_core::DeviceName::new("laptop").unwrap()));
+    // The laptop's agent keeps trying (backoff from 250 ms); every attempt is refused.
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        assert!(
+            gw.hub.agent("laptop").is_none(),
+            "a revoked device registered again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let st = laptop.agent.links()[0].status();
+    assert!(st.connects >= 1 && st.state == "connecting", "{st:?}");
+    assert_echoes(gw.apps["echo"], b"still mine").await;
+    laptop.shutdown.cancel();
+    gw.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_flows_closed_as_they_open_are_not_left_on_the_agent() {
+    let z = TestZone::new(&["home1"]);
+    let uecho = udp_echo().await;
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("uecho", uecho, tunnel::proto::ServiceProto::Udp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let origin = || Origin::Public("192.0.2.7:5000".parse().unwrap());
+
+    // One flow that stays, and works.
+    let (kept, mut rx) = gw
+        .hub
+        .open_udp_flow("home1", "uecho", "uecho", origin())
+        .await
+        .unwrap();
+    let mut echoed = None;
+    for _ in 0..50 {
+        kept.send(b"ping").unwrap();
+        if let Ok(Some(b)) = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {
+            echoed = Some(b);
+            break;
+        }
+    }
+    assert_eq!(echoed.as_deref(), Some(&b"ping"[..]));
+    // Flows closed right after they open: the close reaches the agent right behind the open.
+    for _ in 0..200 {
+        let (flow, _rx) = gw
+            .hub
+            .open_udp_flow("home1", "uecho", "uecho", origin())
+            .await
+            .unwrap();
+        drop(flow);
+    }
+    wait_until(
+        "only the kept flow is open on the agent",
+        Duration::from_secs(5),
+        || h1.agent.udp_flows() == 1,
+    )
+    .await;
+    drop(kept);
+    wait_until("no flow left on the agent", Duration::from_secs(5), || {
+        h1.agent.udp_flows() == 0
+    })
+    .await;
     gw.shutdown.cancel();
 }

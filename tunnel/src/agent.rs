@@ -19,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::admit::{GateStats, HandshakeGate};
 use crate::backoff::Backoff;
 use crate::control::{self, ControlHandle, ControlIo};
 use crate::creds::DeviceCreds;
@@ -33,7 +34,9 @@ use crate::services::LocalServices;
 use crate::splice::splice;
 use crate::status::{LinkStatus, PeerStatus};
 use crate::stream::{self, QuicStream};
-use crate::transport::{self, Tuning};
+use crate::transport::{
+    self, StreamBudget, Tuning, MAX_STREAMS_PER_CONNECTION, MAX_STREAMS_TO_AGENT,
+};
 
 /// First reconnect delay and its cap: quick recovery from a blip, no hammering of a gateway
 /// that is down.
@@ -47,6 +50,11 @@ const UDP_FLOW_IDLE: Duration = Duration::from_secs(120);
 const UDP_READ: usize = 65_535;
 /// App name an agent puts in a Relay header: the gateway decides the real app by policy.
 const RELAY_APP: &str = "mesh";
+/// Peer handshakes in flight at once, and the count above which unvalidated peers get a
+/// Retry first. A zone has a handful of devices, and each punching round dials a peer a few
+/// times at most, so these leave ample room for every legitimate peer.
+pub const MAX_PEER_HANDSHAKES: usize = 64;
+pub const PEER_RETRY_ABOVE: usize = 8;
 
 /// A local port that reaches `device/service` through the mesh.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +82,8 @@ struct LinkState {
     last_error: Option<String>,
     /// Control session of the current connection (punch requests go through it).
     ctl: Option<ControlHandle>,
+    /// UDP flows of the current connection.
+    flows: Option<Flows>,
 }
 
 /// One gateway as this agent sees it.
@@ -132,6 +142,9 @@ pub struct Agent {
     forward_listeners: Mutex<Vec<(Forward, TcpListener)>>,
     forward_bound: Vec<SocketAddr>,
     peers: Arc<Peers>,
+    /// Bounds handshakes of peers dialing us: the endpoint is reachable by anyone who learns
+    /// its address (a hole-punched NAT mapping, a public IP), so it gets the hub's defence.
+    peer_gate: HandshakeGate,
 }
 
 /// Who delivered a stream to this agent.
@@ -202,6 +215,7 @@ impl Agent {
         let peers = Arc::new(Peers::new(cfg.creds.clone(), endpoint.clone()));
         Ok(Arc::new(Agent {
             peers,
+            peer_gate: HandshakeGate::new("mesh peers", MAX_PEER_HANDSHAKES, PEER_RETRY_ABOVE),
             cfg,
             endpoint,
             links,
@@ -221,6 +235,26 @@ impl Agent {
             .iter()
             .find_map(|l| l.usable().map(|c| c.rtt().as_secs_f64() * 1000.0));
         self.peers.status(gw_rtt)
+    }
+
+    /// UDP flows open now, over every gateway.
+    pub fn udp_flows(&self) -> usize {
+        self.links
+            .iter()
+            .filter_map(|l| {
+                l.state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .flows
+                    .clone()
+            })
+            .map(|f| f.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
+    }
+
+    /// Admission counters of the accepting side (direct mesh peers).
+    pub fn peer_handshake_stats(&self) -> GateStats {
+        self.peer_gate.stats()
     }
 
     /// The agent's UDP address (gateways and peers reach it there, through its NAT).
@@ -286,6 +320,7 @@ impl Agent {
                 s.draining = false;
                 s.last_error = Some(err.clone());
                 s.ctl = None;
+                s.flows = None;
             });
             if started.elapsed() >= HEALTHY_AFTER {
                 backoff.reset();
@@ -368,6 +403,7 @@ impl Agent {
         let (ctl, cmds) = control::channel();
         link.set(|s| s.ctl = Some(ctl.clone()));
         let flows: Flows = Arc::new(Mutex::new(HashMap::new()));
+        link.set(|s| s.flows = Some(flows.clone()));
         let streams = tokio::spawn(self.clone().accept_streams(conn.clone(), link.name.clone()));
         let dgrams = tokio::spawn(read_datagrams(conn.clone(), flows.clone()));
         let reason = self
@@ -389,7 +425,7 @@ impl Agent {
         link: &GatewayLink,
         conn: &Connection,
         mut io: ControlIo,
-        mut cmds: tokio::sync::mpsc::Receiver<control::SessionCmd>,
+        mut cmds: control::ControlCmds,
         ctl: ControlHandle,
         flows: Flows,
     ) -> String {
@@ -462,47 +498,40 @@ impl Agent {
         }
     }
 
+    /// Opens the local end of a UDP flow. The flow is in the table before this returns, on the
+    /// control loop, so a `UdpFlowClose` right behind the open always finds it.
     fn open_flow(&self, conn: &Connection, ctl: &ControlHandle, flows: &Flows, f: UdpFlowOpen) {
         let id = f.flow_id;
-        let svc = match self.cfg.services.get(&f.service) {
-            Some(s) if s.proto == ServiceProto::Udp => *s,
-            _ => {
-                info!(service = %f.service, app = %f.app, "UDP flow refused: no such UDP service here");
-                ctl.try_apply(move |s| s.close_udp_flow(id));
+        let sock = match self.cfg.services.get(&f.service) {
+            Some(s) if s.proto == ServiceProto::Udp => flow_socket(s.addr)
+                .map_err(|e| format!("cannot open a UDP socket to {}: {e}", s.addr)),
+            _ => Err("no such UDP service here".to_owned()),
+        };
+        let sock = match sock {
+            Ok(s) => Arc::new(s),
+            Err(reason) => {
+                info!(service = %f.service, app = %f.app, reason = %reason, "UDP flow refused");
+                ctl.close_udp_flow(id);
                 return;
             }
         };
         let stop = CancellationToken::new();
-        let (conn, ctl, flows2) = (conn.clone(), ctl.clone(), flows.clone());
-        let (stop2, app, service, origin) = (
-            stop.clone(),
-            f.app.clone(),
-            f.service.clone(),
-            origin_text(&f.origin),
+        flows.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            id,
+            FlowEnd {
+                sock: sock.clone(),
+                stop: stop.clone(),
+            },
         );
-        let (sock_tx, sock_rx) = tokio::sync::oneshot::channel::<Arc<UdpSocket>>();
+        let (conn, ctl, flows) = (conn.clone(), ctl.clone(), flows.clone());
+        let (app, service, origin) = (f.app, f.service, origin_text(&f.origin));
         tokio::spawn(async move {
-            let bind: SocketAddr = if svc.addr.is_ipv4() {
-                "0.0.0.0:0"
-            } else {
-                "[::]:0"
-            }
-            .parse()
-            .expect("valid");
-            let sock = match UdpSocket::bind(bind).await {
-                Ok(s) if s.connect(svc.addr).await.is_ok() => Arc::new(s),
-                _ => {
-                    ctl.try_apply(move |s| s.close_udp_flow(id));
-                    return;
-                }
-            };
-            let _ = sock_tx.send(sock.clone());
             let started = Instant::now();
             let mut down = 0u64;
             let mut buf = vec![0u8; UDP_READ];
             loop {
                 tokio::select! {
-                    _ = stop2.cancelled() => break,
+                    _ = stop.cancelled() => break,
                     r = tokio::time::timeout(UDP_FLOW_IDLE, sock.recv(&mut buf)) => match r {
                         Ok(Ok(n)) => {
                             down += n as u64;
@@ -515,61 +544,79 @@ impl Agent {
                     }
                 }
             }
-            flows2.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-            ctl.try_apply(move |s| s.close_udp_flow(id));
-            info!(app = %app, service = %service, origin = %origin, bytes_down = down, secs = started.elapsed().as_secs(), "UDP flow done");
-        });
-        let flows = flows.clone();
-        tokio::spawn(async move {
-            if let Ok(sock) = sock_rx.await {
-                flows
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(id, FlowEnd { sock, stop });
+            {
+                // Only our own entry: after a close the gateway may reuse the id for a new flow.
+                let mut table = flows.lock().unwrap_or_else(|p| p.into_inner());
+                if table.get(&id).is_some_and(|e| Arc::ptr_eq(&e.sock, &sock)) {
+                    table.remove(&id);
+                }
             }
+            if !stop.is_cancelled() {
+                // Ended here (idle, socket error): tell the gateway. A flow the gateway closed
+                // needs no close back.
+                ctl.close_udp_flow(id);
+            }
+            info!(app = %app, service = %service, origin = %origin, bytes_down = down, secs = started.elapsed().as_secs(), "UDP flow done");
         });
     }
 
     async fn accept_streams(self: Arc<Self>, conn: Connection, gateway: String) {
+        // Each stream is one public connection to a service here: the allowance starts small
+        // (memory of an idle agent) and grows with the load, up to MAX_STREAMS_TO_AGENT.
+        let budget = StreamBudget::new(conn.clone(), MAX_STREAMS_TO_AGENT);
         while let Ok((send, recv)) = conn.accept_bi().await {
             let me = self.clone();
             let via = Via::Gateway(gateway.clone());
-            tokio::spawn(async move { me.serve_stream(send, recv, via).await });
+            let slot = budget.admit();
+            tokio::spawn(async move {
+                me.serve_stream(send, recv, via).await;
+                drop(slot);
+            });
         }
     }
 
     /// Streams a peer opens on a direct connection.
     async fn accept_direct_streams(self: Arc<Self>, peer: String, pc: PeerConn) {
+        let budget = StreamBudget::new(pc.conn.clone(), MAX_STREAMS_PER_CONNECTION);
         while let Ok((send, recv)) = pc.conn.accept_bi().await {
             let me = self.clone();
             let via = Via::Direct {
                 peer: peer.clone(),
                 pc: pc.clone(),
             };
-            tokio::spawn(async move { me.serve_stream(send, recv, via).await });
+            let slot = budget.admit();
+            tokio::spawn(async move {
+                me.serve_stream(send, recv, via).await;
+                drop(slot);
+            });
         }
     }
 
     /// Accepts direct connections from peers (hole punching: see [`crate::peers`]). The TLS
-    /// handshake runs in its own task, bounded by the handshake timeout.
+    /// handshake runs in its own task, bounded by the handshake timeout and, in number, by the
+    /// peer gate.
     async fn accept_peers(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 i = self.endpoint.accept() => match i { Some(i) => i, None => return },
             };
+            let Some((incoming, permit)) = self.peer_gate.admit(incoming) else {
+                continue;
+            };
             let me = self.clone();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
-                let conn =
-                    match tokio::time::timeout(me.cfg.tuning.handshake_timeout, incoming).await {
-                        Ok(Ok(c)) => c,
-                        Ok(Err(e)) => {
-                            debug!(%remote, error = %e, "peer connection refused");
-                            return;
-                        }
-                        Err(_) => return,
-                    };
+                let handshake = tokio::time::timeout(me.cfg.tuning.handshake_timeout, incoming);
+                let conn = match handshake.await {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        debug!(%remote, error = %e, "peer connection refused");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                drop(permit);
                 match peer_name(&conn) {
                     Ok(name) if name != me.cfg.creds.name() => me.add_direct(name, conn, false),
                     Ok(_) | Err(_) => conn.close(0u32.into(), b"not a peer"),
@@ -876,6 +923,20 @@ type Flows = Arc<Mutex<HashMap<u32, FlowEnd>>>;
 struct FlowEnd {
     sock: Arc<UdpSocket>,
     stop: CancellationToken,
+}
+
+/// A UDP socket connected to a local service. Binding and connecting a UDP socket do no network
+/// I/O, so this runs synchronously on the control loop (see [`Agent::open_flow`]).
+fn flow_socket(service: SocketAddr) -> std::io::Result<UdpSocket> {
+    let bind: SocketAddr = if service.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = std::net::UdpSocket::bind(bind)?;
+    sock.connect(service)?;
+    sock.set_nonblocking(true)?;
+    UdpSocket::from_std(sock)
 }
 
 async fn read_datagrams(conn: Connection, flows: Flows) {

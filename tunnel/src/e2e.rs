@@ -378,6 +378,12 @@ impl<S> E2eStream<S> {
     }
 }
 
+impl<S: crate::splice::Abort> crate::splice::Abort for E2eStream<S> {
+    fn abort(&mut self) {
+        self.inner.abort()
+    }
+}
+
 impl<S: AsyncWrite + Unpin> E2eStream<S> {
     /// Writes out `wbuf` completely (or returns Pending).
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -10,12 +10,13 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::{Bytes, BytesMut};
 use policies::{PolicyStore, Timestamp};
 use quinn::{Connection, Endpoint};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use zone_core::DeviceIdentity;
 
+use crate::admit::{GateStats, HandshakeGate, HandshakePermit};
 use crate::control::{self, ControlHandle, ControlIo};
 use crate::creds::DeviceCreds;
 use crate::error::{OpenError, TunnelError};
@@ -27,7 +28,7 @@ use crate::services::LocalServices;
 use crate::splice::splice;
 use crate::status::{AgentStatus, MeshPairStatus, ServiceStatus};
 use crate::stream::{self, QuicStream};
-use crate::transport::Tuning;
+use crate::transport::{StreamBudget, Tuning, MAX_STREAMS_PER_CONNECTION};
 use crate::upstream::Upstream;
 
 /// Handshakes in progress at once. Beyond this new connection attempts are refused, so a
@@ -35,7 +36,7 @@ use crate::upstream::Upstream;
 pub const MAX_HANDSHAKES: usize = 256;
 /// Above this many handshakes in flight, unvalidated clients must first prove their address
 /// (QUIC Retry), which stops spoofed-source floods from costing a TLS handshake each.
-const RETRY_ABOVE: usize = 32;
+pub const RETRY_ABOVE: usize = 32;
 /// Datagrams queued towards one UDP flow's public client before dropping (UDP semantics).
 pub const UDP_FLOW_QUEUE: usize = 256;
 /// Application close codes on the QUIC connection.
@@ -95,7 +96,7 @@ struct Inner {
     draining: AtomicBool,
     /// Proxied connections and relays in flight: drain waits for them.
     work: TaskTracker,
-    handshakes: Arc<Semaphore>,
+    handshakes: HandshakeGate,
     /// (from, to) device pairs of mesh traffic: relayed streams and punching rounds.
     mesh: Mutex<HashMap<(String, String), MeshPair>>,
     tap: RwLock<Option<Arc<RelayTap>>>,
@@ -141,6 +142,12 @@ impl RelayTap {
 struct Tapped<'a, T: ?Sized> {
     inner: &'a mut T,
     tap: Option<Arc<RelayTap>>,
+}
+
+impl<T: crate::splice::Abort + ?Sized> crate::splice::Abort for Tapped<'_, T> {
+    fn abort(&mut self) {
+        self.inner.abort()
+    }
 }
 
 impl<T: tokio::io::AsyncRead + Unpin + ?Sized> tokio::io::AsyncRead for Tapped<'_, T> {
@@ -206,7 +213,7 @@ impl Hub {
             next_session: AtomicU64::new(rand::random::<u32>() as u64),
             draining: AtomicBool::new(false),
             work: TaskTracker::new(),
-            handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+            handshakes: HandshakeGate::new("tunnel hub", MAX_HANDSHAKES, RETRY_ABOVE),
             mesh: Mutex::new(HashMap::new()),
             tap: RwLock::new(None),
         }))
@@ -223,6 +230,10 @@ impl Hub {
     }
     pub fn is_draining(&self) -> bool {
         self.0.draining.load(Ordering::Relaxed)
+    }
+    /// Handshake admission counters (flood defence: cap and Retry).
+    pub fn handshake_stats(&self) -> GateStats {
+        self.0.handshakes.stats()
     }
     /// Tracker for proxied work, so drain waits for it.
     pub fn work(&self) -> &TaskTracker {
@@ -350,19 +361,9 @@ impl Hub {
                 _ = shutdown.cancelled() => break,
                 i = endpoint.accept() => match i { Some(i) => i, None => break },
             };
-            let in_flight = MAX_HANDSHAKES - self.0.handshakes.available_permits();
-            let Ok(permit) = self.0.handshakes.clone().try_acquire_owned() else {
-                debug!(remote = %incoming.remote_address(), "handshake refused: too many in flight");
-                incoming.refuse();
+            let Some((incoming, permit)) = self.0.handshakes.admit(incoming) else {
                 continue;
             };
-            if in_flight > RETRY_ABOVE
-                && !incoming.remote_address_validated()
-                && incoming.may_retry()
-            {
-                let _ = incoming.retry();
-                continue;
-            }
             let hub = self.clone();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
@@ -407,7 +408,7 @@ impl Hub {
     async fn handle_incoming(
         &self,
         incoming: quinn::Incoming,
-        permit: tokio::sync::OwnedSemaphorePermit,
+        permit: HandshakePermit,
     ) -> Result<(), TunnelError> {
         let remote = incoming.remote_address();
         let t = self.0.cfg.tuning;
@@ -538,7 +539,7 @@ impl Hub {
         &self,
         link: &Arc<AgentLink>,
         mut io: ControlIo,
-        mut cmds: mpsc::Receiver<control::SessionCmd>,
+        mut cmds: control::ControlCmds,
     ) -> String {
         loop {
             if let Err(e) = io.flush().await {
@@ -609,6 +610,9 @@ impl Hub {
 
     /// Streams opened by an agent: mesh relays, or streams to the gateway's own services.
     async fn accept_streams(self, link: Arc<AgentLink>) {
+        // Agents start with a small stream allowance (memory per idle agent) that grows while
+        // they relay and forward, up to MAX_STREAMS_PER_CONNECTION.
+        let budget = StreamBudget::new(link.conn.clone(), MAX_STREAMS_PER_CONNECTION);
         loop {
             let (send, recv) = match link.conn.accept_bi().await {
                 Ok(s) => s,
@@ -621,9 +625,11 @@ impl Hub {
             }
             let hub = self.clone();
             let link = link.clone();
-            self.0
-                .work
-                .spawn(async move { hub.serve_agent_stream(link, send, recv).await });
+            let slot = budget.admit();
+            self.0.work.spawn(async move {
+                hub.serve_agent_stream(link, send, recv).await;
+                drop(slot);
+            });
         }
     }
 
@@ -815,13 +821,30 @@ impl Hub {
                 reason: format!("{device} does not offer {service}"),
             });
         }
-        let (id_tx, id_rx) = oneshot::channel();
-        let (app, service2) = (app.to_owned(), service.to_owned());
+        let (id_tx, mut id_rx) = oneshot::channel();
+        let (tx, rx) = mpsc::channel(UDP_FLOW_QUEUE);
+        let (app, service2, link2) = (app.to_owned(), service.to_owned(), link.clone());
         // Never wait on a stuck control stream: the caller is a UDP listener serving every
         // client of the app, so a full queue is "overloaded", not a reason to stop reading.
+        // The flow enters the table as its id is taken, on the session loop: a close the agent
+        // sends back at once (no such UDP service) is handled on that loop too, so it always
+        // finds the flow.
         let queued = link.ctl.try_apply(move |s| {
             let id = s.open_udp_flow(app, service2, origin)?;
-            let _ = id_tx.send(id);
+            link2
+                .flows
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, tx);
+            if id_tx.send(id).is_err() {
+                // The caller gave up waiting: nobody will hold this flow, close it now.
+                link2
+                    .flows
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                s.close_udp_flow(id)?;
+            }
             Ok(())
         });
         let overloaded = || OpenError::Refused {
@@ -832,16 +855,18 @@ impl Hub {
         if !queued {
             return Err(overloaded());
         }
-        let flow_id = match tokio::time::timeout(self.0.cfg.tuning.open_timeout, id_rx).await {
+        let flow_id = match tokio::time::timeout(self.0.cfg.tuning.open_timeout, &mut id_rx).await {
             Ok(Ok(id)) => id,
             Ok(Err(_)) => return Err(overloaded()),
-            Err(_) => return Err(OpenError::Timeout(device.to_owned())),
+            Err(_) => {
+                // The id may have arrived just as the timeout fired: close that flow.
+                id_rx.close();
+                if let Ok(flow_id) = id_rx.try_recv() {
+                    drop(UdpFlow { link, flow_id });
+                }
+                return Err(OpenError::Timeout(device.to_owned()));
+            }
         };
-        let (tx, rx) = mpsc::channel(UDP_FLOW_QUEUE);
-        link.flows
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(flow_id, tx);
         Ok((UdpFlow { link, flow_id }, rx))
     }
 
@@ -941,8 +966,9 @@ impl Drop for UdpFlow {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.flow_id);
-        let id = self.flow_id;
-        self.link.ctl.try_apply(move |s| s.close_udp_flow(id));
+        // Not through the bounded command queue: a close lost there would leave the agent's
+        // socket open and the id taken for the rest of the session.
+        self.link.ctl.close_udp_flow(self.flow_id);
     }
 }
 

@@ -8,11 +8,13 @@
 //! - [`control`]: I/O around the control session.
 //! - [`stream`], [`splice`], [`upstream`]: one proxied connection per QUIC stream.
 //! - [`e2e`]: Noise IK end to end on relayed mesh streams (sans-IO framer + stream wrapper).
+//! - [`admit`]: handshake cap and QUIC Retry for incoming connections (hub and peers).
 //! - [`hub`]: the gateway side (agents table, streams to devices, mesh relay, UDP flows, drain).
 //! - [`peers`]: direct device↔device paths: peer table, hole punching, direct-use permits.
 //! - [`agent`]: the node side (dial, reconnect, serve services, forwards).
 //! - [`services`]: the services a device offers; [`status`]: `/status` snapshots.
 
+pub mod admit;
 pub mod agent;
 pub mod backoff;
 pub mod control;

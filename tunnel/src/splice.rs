@@ -1,10 +1,33 @@
-//! Copying bytes both ways between two ends of a proxied connection, counting them.
+//! Copying bytes both ways between two ends of a proxied connection, counting them, and
+//! tearing both ends down abortively when the copy fails.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// One end of a proxied connection that can be ended abortively. A copy that failed part way
+/// must not look like one that finished: a plain close (TCP FIN, QUIC FIN) after a truncated
+/// transfer tells the reader "that was all of it". Aborting makes the next hop see an error
+/// (TCP RST, QUIC RESET_STREAM), which it passes on the same way, end to end.
+pub trait Abort {
+    /// Called once the copy has failed; the end is dropped soon after.
+    fn abort(&mut self);
+}
+
+impl Abort for tokio::net::TcpStream {
+    fn abort(&mut self) {
+        // SO_LINGER 0: closing sends RST instead of FIN, and never blocks.
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl<T: Abort + ?Sized> Abort for &mut T {
+    fn abort(&mut self) {
+        (**self).abort()
+    }
+}
 
 /// Per-direction copy buffer: 64 KiB keeps syscalls and QUIC frames large without holding much
 /// memory per idle connection (buffers are only allocated while copying).
@@ -19,6 +42,17 @@ pub struct Moved {
     /// From `b` to `a`.
     pub b_to_a: u64,
     pub error: Option<io::Error>,
+}
+
+impl Moved {
+    /// How the connection ended, for logs: `closed` (both directions finished) or
+    /// `aborted: ERROR` (the copy failed and both ends were reset).
+    pub fn end(&self) -> String {
+        match &self.error {
+            None => "closed".to_owned(),
+            Some(e) => format!("aborted: {e}"),
+        }
+    }
 }
 
 /// Counts the bytes read through it.
@@ -56,15 +90,20 @@ impl<T: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counted<'_, T> {
     }
 }
 
-/// Copies until both directions are done (each EOF is passed on as a half-close) or one fails.
+/// Copies until both directions are done (each EOF is passed on as a half-close) or one fails;
+/// on failure both ends are aborted (see [`Abort`]).
 pub async fn splice<A, B>(a: &mut A, b: &mut B) -> Moved
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: AsyncRead + AsyncWrite + Abort + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Abort + Unpin + ?Sized,
 {
     let mut ca = Counted { inner: a, read: 0 };
     let mut cb = Counted { inner: b, read: 0 };
     let r = tokio::io::copy_bidirectional_with_sizes(&mut ca, &mut cb, COPY_BUF, COPY_BUF).await;
+    if r.is_err() {
+        ca.inner.abort();
+        cb.inner.abort();
+    }
     Moved {
         a_to_b: ca.read,
         b_to_a: cb.read,
@@ -110,8 +149,8 @@ pub async fn splice_shaped<A, B>(
     b_to_a: &policies::bandwidth::Shaper,
 ) -> Moved
 where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    A: AsyncRead + AsyncWrite + Abort + Unpin,
+    B: AsyncRead + AsyncWrite + Abort + Unpin,
 {
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
@@ -119,6 +158,10 @@ where
         pump(&mut ar, &mut bw, a_to_b),
         pump(&mut br, &mut aw, b_to_a)
     );
+    if e1.is_some() || e2.is_some() {
+        ar.unsplit(aw).abort();
+        br.unsplit(bw).abort();
+    }
     Moved {
         a_to_b: up,
         b_to_a: down,
@@ -131,10 +174,70 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// A duplex pipe end; aborting it is a no-op (in-memory pipes have no reset).
+    struct Pipe(tokio::io::DuplexStream);
+    impl Abort for Pipe {
+        fn abort(&mut self) {}
+    }
+    impl AsyncRead for Pipe {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+    impl AsyncWrite for Pipe {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.0).poll_write(cx, b)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    /// A connected pair of loopback TCP streams.
+    async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap());
+        let (c, a) = tokio::join!(c, l.accept());
+        (c.unwrap(), a.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn a_reset_on_one_side_reaches_the_other_as_a_reset_not_an_end() {
+        let (mut client, mut a) = tcp_pair().await;
+        let (mut b, mut service) = tcp_pair().await;
+        let t = tokio::spawn(async move { splice(&mut a, &mut b).await });
+        client.write_all(b"part of a request").await.unwrap();
+        let mut got = [0u8; 17];
+        service.read_exact(&mut got).await.unwrap();
+        // The client dies abortively mid-transfer.
+        client.set_zero_linger().unwrap();
+        drop(client);
+        let m = t.await.unwrap();
+        assert!(m.error.is_some(), "the copy saw the reset: {m:?}");
+        assert_eq!(m.a_to_b, 17);
+        // The service must not see a clean end of stream (it would take the truncated request
+        // as complete); it sees a reset.
+        let mut rest = Vec::new();
+        let e = service.read_to_end(&mut rest).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+    }
+
     #[tokio::test]
     async fn counts_both_ways_with_half_close() {
-        let (mut a, mut a_peer) = tokio::io::duplex(1024);
-        let (mut b, mut b_peer) = tokio::io::duplex(1024);
+        let (a, mut a_peer) = tokio::io::duplex(1024);
+        let (b, mut b_peer) = tokio::io::duplex(1024);
+        let (mut a, mut b) = (Pipe(a), Pipe(b));
         let t = tokio::spawn(async move { splice(&mut a, &mut b).await });
         a_peer.write_all(b"hello").await.unwrap();
         a_peer.shutdown().await.unwrap();

@@ -63,6 +63,18 @@ impl AsyncWrite for QuicStream {
     }
 }
 
+/// Application error code of a stream torn down because the connection it carried failed
+/// part way (the other end sees `RESET_STREAM`/`STOP_SENDING` with it, not a clean end).
+pub const ABORTED: quinn::VarInt = quinn::VarInt::from_u32(1);
+
+impl crate::splice::Abort for QuicStream {
+    fn abort(&mut self) {
+        // Either may already be finished or stopped; then there is nothing left to tear down.
+        let _ = self.send.reset(ABORTED);
+        let _ = self.recv.stop(ABORTED);
+    }
+}
+
 /// Reads until `decode` yields a value; returns it with the bytes that followed it.
 async fn read_framed<T>(
     recv: &mut RecvStream,

@@ -35,9 +35,18 @@ impl Default for Tuning {
     }
 }
 
-/// Concurrent streams a peer may open on one connection: each is one proxied TCP connection;
-/// bounded so one agent cannot make the gateway hold unbounded stream state.
+/// Concurrent streams an agent (or a mesh peer) may open on one connection: each is one
+/// relayed or forwarded TCP connection; bounded so one device cannot make the gateway hold
+/// unbounded stream state.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 4096;
+/// Concurrent streams the gateway may open to an agent: each is one public connection to a
+/// service on the device (10,000 idle proxied connections to one device is a benchmark case).
+pub const MAX_STREAMS_TO_AGENT: u32 = 32 * 1024;
+/// Concurrent streams a connection starts with. quinn allocates bookkeeping for every stream
+/// the peer may open, up front (~70 bytes each, both directions): 4,096 would cost ~280 KiB per
+/// idle agent on the gateway. Connections start small and [`StreamBudget`] grows them while
+/// they are busy.
+pub const INITIAL_STREAMS: u32 = 128;
 /// Flow-control windows: a stream may have 4 MiB in flight (enough for ~300 Mbit/s at 100 ms
 /// RTT), a connection 32 MiB across its streams.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
@@ -52,13 +61,73 @@ pub fn transport_config(t: &Tuning) -> Arc<TransportConfig> {
         IdleTimeout::try_from(t.idle_timeout)
             .unwrap_or(IdleTimeout::from(VarInt::from_u32(30_000))),
     ));
-    c.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS_PER_CONNECTION));
+    c.max_concurrent_bidi_streams(VarInt::from_u32(INITIAL_STREAMS));
     c.max_concurrent_uni_streams(VarInt::from_u32(0));
     c.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
     c.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
     c.send_window(CONNECTION_WINDOW as u64);
     c.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
     Arc::new(c)
+}
+
+/// Grows the number of concurrent streams a peer may open on a connection, from
+/// [`INITIAL_STREAMS`] up to a cap, while they are in use: whoever accepts streams calls
+/// [`StreamBudget::admit`] for each and holds the slot while the stream lives. Once three
+/// quarters of the allowance is open it doubles (quinn then sends MAX_STREAMS); it never
+/// shrinks, so a connection that was busy once keeps its larger allowance.
+#[derive(Debug)]
+pub struct StreamBudget {
+    conn: quinn::Connection,
+    cap: u32,
+    state: std::sync::Mutex<BudgetState>,
+}
+
+#[derive(Debug)]
+struct BudgetState {
+    open: u32,
+    limit: u32,
+}
+
+/// One admitted stream: dropping it frees its place in the budget.
+#[derive(Debug)]
+pub struct StreamSlot(Arc<StreamBudget>);
+
+impl StreamBudget {
+    pub fn new(conn: quinn::Connection, cap: u32) -> Arc<Self> {
+        Arc::new(StreamBudget {
+            conn,
+            cap: cap.max(INITIAL_STREAMS),
+            state: std::sync::Mutex::new(BudgetState {
+                open: 0,
+                limit: INITIAL_STREAMS,
+            }),
+        })
+    }
+
+    /// Counts a newly accepted stream, raising the peer's allowance when it runs short.
+    pub fn admit(self: &Arc<Self>) -> StreamSlot {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.open += 1;
+        if st.open.saturating_mul(4) >= st.limit.saturating_mul(3) && st.limit < self.cap {
+            st.limit = st.limit.saturating_mul(2).min(self.cap);
+            self.conn
+                .set_max_concurrent_bi_streams(VarInt::from_u32(st.limit));
+            tracing::debug!(open = st.open, limit = st.limit, "stream allowance raised");
+        }
+        StreamSlot(self.clone())
+    }
+
+    /// The current allowance (for status and tests).
+    pub fn limit(&self) -> u32 {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).limit
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut st = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.open = st.open.saturating_sub(1);
+    }
 }
 
 /// An endpoint that accepts zone devices (the gateway; also any device for direct mesh).

@@ -16,6 +16,15 @@ pub enum Upstream {
     Tcp(TcpStream),
 }
 
+impl crate::splice::Abort for Upstream {
+    fn abort(&mut self) {
+        match self {
+            Upstream::Quic(q) => q.abort(),
+            Upstream::Tcp(t) => t.abort(),
+        }
+    }
+}
+
 impl AsyncRead for Upstream {
     fn poll_read(
         self: Pin<&mut Self>,

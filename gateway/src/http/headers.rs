@@ -9,8 +9,9 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-/// Headers that describe one hop, never forwarded.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Headers that describe one hop, never forwarded (with `Proxy-Authenticate` on answers, and
+/// whatever `Connection` names).
+pub const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -20,7 +21,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
     header::PROXY_AUTHORIZATION,
 ];
-const PROXY_AUTHENTICATE: HeaderName = header::PROXY_AUTHENTICATE;
+pub const PROXY_AUTHENTICATE: HeaderName = header::PROXY_AUTHENTICATE;
 
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -62,7 +63,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<&HeaderValue>) 
 }
 
 /// Sets `X-Forwarded-For` (the client address), `-Proto` (`http`/`https`) and `-Host` (the
-/// host the client asked for), replacing whatever the client sent.
+/// host the client asked for), replacing whatever the client sent. `Host` becomes `host`
+/// too, the one the request was routed by: an absolute-form or HTTP/2 request may carry a
+/// `Host` that says otherwise (RFC 9112 §3.2.2: a proxy replaces it), and a service choosing
+/// its virtual host by that would serve an app the policy never decided on.
 pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, https: bool, host: &str) {
     if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
         headers.insert(X_FORWARDED_FOR, v);
@@ -73,6 +77,7 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, https: bool, host:
     );
     match HeaderValue::from_str(host) {
         Ok(v) => {
+            headers.insert(header::HOST, v.clone());
             headers.insert(X_FORWARDED_HOST, v);
         }
         Err(_) => {
@@ -143,5 +148,16 @@ mod tests {
         assert_eq!(h.get(X_FORWARDED_FOR).unwrap(), "192.0.2.7");
         assert_eq!(h.get(X_FORWARDED_PROTO).unwrap(), "https");
         assert_eq!(h.get(X_FORWARDED_HOST).unwrap(), "alice.example");
+        assert_eq!(h.get(header::HOST).unwrap(), "alice.example");
+    }
+
+    #[test]
+    fn host_is_the_routed_one() {
+        // `GET http://alice.example/ HTTP/1.1` with `Host: admin.alice.example`: routed by
+        // the URI, so the service must not see the other host.
+        let mut h = map(&[("host", "admin.alice.example"), ("host", "alice.example")]);
+        set_forwarded(&mut h, "192.0.2.7".parse().unwrap(), false, "alice.example");
+        assert_eq!(h.get_all(header::HOST).iter().count(), 1);
+        assert_eq!(h.get(header::HOST).unwrap(), "alice.example");
     }
 }

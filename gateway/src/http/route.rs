@@ -3,26 +3,43 @@
 //! the app asks for it). Routing itself (host + longest prefix → app) is the policy's
 //! [`policies::CompiledPolicy::route_http`].
 
+use std::borrow::Cow;
+
 use http::request::Parts;
 use http::uri::PathAndQuery;
+use policies::units::normalize_path;
 use policies::HttpRoute;
 
 /// The host a request is for, as the client wrote it (may carry a port). HTTP/2 and
-/// absolute-form requests carry it in the URI; HTTP/1.1 in `Host`.
+/// absolute-form requests carry it in the URI (which then wins over `Host`, RFC 9112 §3.2.2);
+/// HTTP/1.1 in `Host`. Several `Host` lines name no host: which one a service would believe
+/// is anyone's guess (RFC 9112 §3.2 answers them 400).
 pub fn request_host(parts: &Parts) -> Option<&str> {
+    let header = || {
+        let mut all = parts.headers.get_all(http::header::HOST).iter();
+        match (all.next(), all.next()) {
+            (Some(h), None) => h.to_str().ok(),
+            _ => None,
+        }
+    };
     parts
         .uri
         .authority()
         .map(|a| a.as_str())
-        .or_else(|| parts.headers.get(http::header::HOST)?.to_str().ok())
+        .or_else(header)
         .filter(|h| !h.is_empty())
 }
 
-/// The origin-form target (`/path?query`) to send upstream. With `strip_prefix`, the app's
-/// path prefix is removed (`/dfs/a` → `/a`, `/dfs` → `/`); routing guarantees the prefix
-/// matches on whole segments.
+/// The origin-form target (`/path?query`) to send upstream: the path in the normal form it was
+/// routed by ([`policies::units::normalize_path`]), so the service serves what the app allowed.
+/// With `strip_prefix`, the app's path prefix is removed (`/dfs/a` → `/a`, `/dfs` → `/`);
+/// routing guarantees the prefix matches on whole segments.
 pub fn upstream_target(pq: Option<&PathAndQuery>, route: &HttpRoute) -> String {
-    let path = pq.map(|p| p.path()).unwrap_or("/");
+    let raw = pq.map(|p| p.path()).unwrap_or("/");
+    // Routing refused paths without a normal form, so the fallback is never taken for a
+    // routed request.
+    let normal = normalize_path(raw).unwrap_or(Cow::Borrowed(raw));
+    let path: &str = &normal;
     let query = pq.and_then(|p| p.query());
     let path = if route.strip_prefix && route.path != "/" {
         match path.strip_prefix(route.path.as_str()) {
@@ -77,6 +94,14 @@ mod tests {
     }
 
     #[test]
+    fn forwards_the_path_it_routed_by() {
+        let r = route("/dfs", true);
+        assert_eq!(target("/dfs/a/../b?x=1", &r), "/b?x=1");
+        assert_eq!(target("//dfs//%61?q", &r), "/a?q");
+        assert_eq!(target("/x/../admin", &route("/", false)), "/admin");
+    }
+
+    #[test]
     fn host_from_header_or_authority() {
         let (p, _) = http::Request::builder()
             .uri("/x")
@@ -98,5 +123,13 @@ mod tests {
             .unwrap()
             .into_parts();
         assert_eq!(request_host(&p), None);
+        let (p, _) = http::Request::builder()
+            .uri("/x")
+            .header("host", "alice.example")
+            .header("host", "admin.alice.example")
+            .body(())
+            .unwrap()
+            .into_parts();
+        assert_eq!(request_host(&p), None, "two Host lines name no host");
     }
 }
