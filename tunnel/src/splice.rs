@@ -115,29 +115,28 @@ where
 /// in bursts of 64 KiB.
 const SHAPED_CHUNK: usize = 16 * 1024;
 
+/// Copies `r` to `w` paced by `shaper`, adding what it wrote to `total` as it goes (so the
+/// count survives the copy being cancelled), until EOF (passed on as a shutdown) or an error.
 async fn pump<R, W>(
     r: &mut R,
     w: &mut W,
     shaper: &policies::bandwidth::Shaper,
-) -> (u64, Option<io::Error>)
+    total: &mut u64,
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; SHAPED_CHUNK];
-    let mut total = 0u64;
     loop {
-        let n = match r.read(&mut buf).await {
-            Ok(0) => return (total, w.shutdown().await.err()),
-            Ok(n) => n,
-            Err(e) => return (total, Some(e)),
-        };
-        shaper.consume(n as u64).await;
-        if let Err(e) = w.write_all(&buf[..n]).await {
-            return (total, Some(e));
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return w.shutdown().await;
         }
-        total += n as u64;
+        shaper.consume(n as u64).await;
+        w.write_all(&buf[..n]).await?;
+        *total += n as u64;
     }
 }
 
@@ -154,18 +153,35 @@ where
 {
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
-    let ((up, e1), (down, e2)) = tokio::join!(
-        pump(&mut ar, &mut bw, a_to_b),
-        pump(&mut br, &mut aw, b_to_a)
-    );
-    if e1.is_some() || e2.is_some() {
+    let (mut up, mut down) = (0u64, 0u64);
+    let error = {
+        let a_b = pump(&mut ar, &mut bw, a_to_b, &mut up);
+        let b_a = pump(&mut br, &mut aw, b_to_a, &mut down);
+        tokio::pin!(a_b, b_a);
+        let (mut a_b_done, mut b_a_done) = (false, false);
+        // Like `splice`: both directions run until both are done, but the first error ends
+        // the other direction too (it could otherwise wait on an idle peer indefinitely).
+        loop {
+            let r = tokio::select! {
+                r = &mut a_b, if !a_b_done => { a_b_done = true; r }
+                r = &mut b_a, if !b_a_done => { b_a_done = true; r }
+            };
+            if let Err(e) = r {
+                break Some(e);
+            }
+            if a_b_done && b_a_done {
+                break None;
+            }
+        }
+    };
+    if error.is_some() {
         ar.unsplit(aw).abort();
         br.unsplit(bw).abort();
     }
     Moved {
         a_to_b: up,
         b_to_a: down,
-        error: e1.or(e2),
+        error,
     }
 }
 
@@ -228,6 +244,29 @@ mod tests {
         assert_eq!(m.a_to_b, 17);
         // The service must not see a clean end of stream (it would take the truncated request
         // as complete); it sees a reset.
+        let mut rest = Vec::new();
+        let e = service.read_to_end(&mut rest).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_shaped_copy_ends_at_the_first_error_even_with_the_other_side_idle() {
+        let (mut client, a) = tcp_pair().await;
+        let (b, mut service) = tcp_pair().await;
+        let shaper = || policies::bandwidth::Shaper::new(None, Some(1 << 20));
+        let t = tokio::spawn(async move { splice_shaped(a, b, &shaper(), &shaper()).await });
+        client.write_all(b"hello").await.unwrap();
+        let mut got = [0u8; 5];
+        service.read_exact(&mut got).await.unwrap();
+        // The client resets; the service stays silent and open. The copy must still end.
+        client.set_zero_linger().unwrap();
+        drop(client);
+        let m = tokio::time::timeout(std::time::Duration::from_secs(10), t)
+            .await
+            .expect("the shaped copy ended although the service is idle")
+            .unwrap();
+        assert!(m.error.is_some(), "{m:?}");
+        assert_eq!(m.a_to_b, 5);
         let mut rest = Vec::new();
         let e = service.read_to_end(&mut rest).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
