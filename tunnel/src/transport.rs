@@ -116,11 +116,6 @@ impl StreamBudget {
         }
         StreamSlot(self.clone())
     }
-
-    /// The current allowance (for status and tests).
-    pub fn limit(&self) -> u32 {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).limit
-    }
 }
 
 impl Drop for StreamSlot {
