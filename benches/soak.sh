@@ -21,7 +21,8 @@
 # Usage: benches/soak.sh       (SOAK_SECS=60 for a short check)
 #   SOAK_SECS=600 WARMUP_SECS=60 SAMPLE=10 CHUNK=30 HTTP_CONNS=16 CONN_CONNS=8
 #   IPERF_EVERY=30 IPERF_SECS=5 IPERF_RATE=500M UDP_RATE=50 DNS_QPS=200
-#   ZONEGATE=path (default: cargo build --release); OUT=dir (default benches/results);
+#   ZONEGATE=path (default: cargo build --release); N1_WRAP='heaptrack -o FILE' (profile n1);
+#   OUT=dir (default benches/results);
 #   REPORT=0 skips rewriting benches/SOAK.md; KEEP_TMP=1 keeps logs
 # Writes OUT/soak-<date>.json (samples and every load run), then benches/soak_report.py ->
 # benches/SOAK.md and benches/soak.svg. Exit status 1 if the soak failed.
@@ -52,7 +53,7 @@ if ! in_netns "$@"; then
   build_zonegate
   mkdir -p "$OUT"
   OUT=$(realpath "$OUT")
-  export SOAK_SECS WARMUP_SECS SAMPLE CHUNK HTTP_CONNS CONN_CONNS IPERF_EVERY IPERF_SECS \
+  export N1_WRAP SOAK_SECS WARMUP_SECS SAMPLE CHUNK HTTP_CONNS CONN_CONNS IPERF_EVERY IPERF_SECS \
     IPERF_RATE UDP_RATE DNS_QPS REPORT OUT
   enter_netns "$0"
 fi
@@ -109,7 +110,10 @@ nginx_start nginx-backend "
   server { listen 127.0.0.1:8000 backlog=4096; location / { return 200 \"ok\n\"; } }"
 start udp-echo python3 "$bench_dir/soak_tools.py" udp-echo 127.0.0.1:7001
 start gw "$ZONEGATE" gateway --config "$gw_conf"
-start n1 "$ZONEGATE" node --config "$Z/devices/n1/node.toml" \
+# N1_WRAP (a command prefix, e.g. `heaptrack -o /tmp/n1`) runs agent n1 under a profiler; its
+# RSS then includes the profiler's, so such a run is for the profile, not for pass/fail.
+# shellcheck disable=SC2086 # N1_WRAP is a command and its arguments
+start n1 ${N1_WRAP:-} "$ZONEGATE" node --config "$Z/devices/n1/node.toml" \
   --service http=127.0.0.1:8000 --service iperf=127.0.0.1:5201 --service echo=127.0.0.1:7001/udp
 start n2 "$ZONEGATE" node --config "$Z/devices/n2/node.toml" --forward 127.0.0.1:9100=n1/http
 if ! wait_agents 127.0.0.1:9090 2 30 || ! http_ready http://127.0.0.1:18080/ soak.example ||

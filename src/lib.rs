@@ -12,3 +12,4 @@ pub mod config;
 pub mod demo;
 pub mod files;
 pub mod logging;
+pub mod memory;

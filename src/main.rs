@@ -6,8 +6,11 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = zonegate::cli::Cli::parse();
-    zonegate::logging::init();
-    match zonegate::cmd::run(cli) {
+    let log = zonegate::logging::init();
+    let result = zonegate::cmd::run(cli);
+    // Every queued log line is out before the final error line below.
+    drop(log);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

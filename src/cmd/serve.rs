@@ -115,6 +115,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
         let gw = gateway::Gateway::bind(opts, shutdown.clone()).await?;
         tokio::spawn(on_signal(shutdown.clone()));
+        tokio::spawn(crate::memory::release_freed_memory());
         gw.run().await;
         Ok(())
     })
@@ -176,6 +177,7 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
         });
         tokio::spawn(gateway::admin::serve(admin, status, shutdown.clone()));
         tokio::spawn(on_signal(shutdown.clone()));
+        tokio::spawn(crate::memory::release_freed_memory());
         agent.run(shutdown).await;
         Ok(())
     })
