@@ -5,8 +5,7 @@
 //! each heap. After a burst (a bulk transfer's stream buffers), the pages stay resident: in the
 //! 10-minute soak an agent's RSS grew 14% while its live heap, traced with heaptrack, stayed at
 //! a median of 8.0 MiB from the first minute to the last (benches/SOAK.md). `malloc_trim(0)`
-//! releases the free pages of every arena; called every [`INTERVAL`], it costs well under a
-//! millisecond on these heaps.
+//! releases the free pages of every arena; it runs every [`INTERVAL`] on a blocking thread.
 
 use std::time::{Duration, Instant};
 
@@ -22,8 +21,13 @@ pub async fn release_freed_memory() {
     tick.tick().await;
     loop {
         tick.tick().await;
+        // On its own thread: trimming a large heap walks every arena and can take
+        // milliseconds, which must not stall a runtime worker (with two workers, packets
+        // queue up behind it; an in-process test moving 2 x 256 MiB saw its peak RSS double).
         let started = Instant::now();
-        let released = trim();
+        let Ok(released) = tokio::task::spawn_blocking(trim).await else {
+            return;
+        };
         debug!(
             released,
             us = started.elapsed().as_micros() as u64,
