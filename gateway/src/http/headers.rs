@@ -49,17 +49,26 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// Removes hop-by-hop headers (the fixed list and every header `Connection` names). With
 /// `upgrade`, the handshake headers are put back as `Connection: upgrade` and `Upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<&HeaderValue>) {
-    let named: Vec<HeaderName> = connection_tokens(headers)
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    for n in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(n);
+    // Most requests carry none of them: one pass over the few names present is cheaper than
+    // ten hashed removals (~3% of the gateway's instructions per proxied request, callgrind).
+    // Headers that `Connection` names only count when `Connection` is there, which is listed.
+    if headers.keys().any(is_hop_by_hop) {
+        let named: Vec<HeaderName> = connection_tokens(headers)
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for n in named.iter().chain(HOP_BY_HOP.iter()) {
+            headers.remove(n);
+        }
+        headers.remove(PROXY_AUTHENTICATE);
     }
-    headers.remove(PROXY_AUTHENTICATE);
     if let Some(proto) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, proto.clone());
     }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == PROXY_AUTHENTICATE || HOP_BY_HOP.contains(name)
 }
 
 /// Sets `X-Forwarded-For` (the client address), `-Proto` (`http`/`https`) and `-Host` (the
@@ -116,6 +125,21 @@ mod tests {
         strip_hop_by_hop(&mut h, None);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("accept"));
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_alone_is_stripped() {
+        let mut names = HOP_BY_HOP.to_vec();
+        names.push(PROXY_AUTHENTICATE);
+        for name in &names {
+            let mut h = map(&[("accept", "*/*"), (name.as_str(), "x")]);
+            strip_hop_by_hop(&mut h, None);
+            assert!(!h.contains_key(name), "{name} kept");
+            assert_eq!(h.len(), 1, "{h:?}");
+        }
+        let mut h = map(&[("accept", "*/*"), ("x-custom", "1")]);
+        strip_hop_by_hop(&mut h, None);
+        assert_eq!(h.len(), 2, "end-to-end headers stay");
     }
 
     #[test]

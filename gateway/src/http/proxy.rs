@@ -10,7 +10,6 @@ use std::time::Instant;
 use http::request::Parts;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body as _, Incoming};
-use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use policies::accounting::{AppCounters, Refusal};
 use policies::{ConnGuard, Decision, DenyReason, Listener, Requester, Timestamp};
@@ -21,7 +20,7 @@ use super::body::{self, Metered, ProxyBody, TooLarge};
 use super::errors::ProxyError;
 use super::headers;
 use super::metrics::NO_APP;
-use super::pool::{self, PoolKey};
+use super::pool::{self, Driven, PoolKey, Upstream};
 use super::route;
 use super::Front;
 
@@ -122,12 +121,13 @@ pub(crate) async fn handle(
     let (parts, body) = req.into_parts();
     let mut body = Some(body);
     let result = forward(&front, parts, &mut body, peer, https, upgrade, &mut log).await;
-    if let (Err(_), Some(b)) = (&result, body) {
+    // Tested before the await: a `&result` held across it would need `Upstream: Sync`.
+    if let (true, Some(b)) = (result.is_err(), body) {
         drain(b).await;
     }
     let latency = log.started.elapsed();
     match result {
-        Ok((answer, conn)) => {
+        Ok((answer, (key, up))) => {
             let Answer {
                 mut resp,
                 shape_out,
@@ -140,7 +140,10 @@ pub(crate) async fn handle(
             match (switching, client_upgrade) {
                 (true, Some(client_on)) => {
                     let up_on = hyper::upgrade::on(&mut resp);
-                    drop(conn);
+                    // The upgraded stream is handed over by the connection future itself.
+                    if let Some(drive) = up.into_conn() {
+                        front.hub().work().spawn(drive);
+                    }
                     front
                         .hub()
                         .work()
@@ -149,12 +152,10 @@ pub(crate) async fn handle(
                     Response::from_parts(parts, body::full(""))
                 }
                 _ => {
-                    if let Some((key, tx)) = conn {
-                        front.pool().recycle(key, tx);
-                    }
                     let out = log.bytes_out.clone();
                     let (parts, incoming) = resp.into_parts();
-                    let b = Metered::new(incoming, out)
+                    let driven = Driven::new(incoming, front.pool().clone(), key, up);
+                    let b = Metered::new(driven, out)
                         .shape(shape_out)
                         .guard(log)
                         .boxed();
@@ -173,7 +174,8 @@ pub(crate) async fn handle(
     }
 }
 
-type Conn = Option<(PoolKey, SendRequest<ProxyBody>)>;
+/// The upstream connection an answer came on, and its pool key.
+type Conn = (PoolKey, Upstream);
 
 async fn forward(
     front: &Front,
@@ -293,7 +295,7 @@ async fn forward(
         .shape(shape_in)
         .guard(sent_tx)
         .boxed();
-    let (tx, resp) = send(front, &key, peer, Request::from_parts(parts, body), sent_rx)
+    let (up, resp) = send(front, &key, peer, Request::from_parts(parts, body), sent_rx)
         .await
         .map_err(|e| match e {
             ProxyError::Upstream { ref error, .. } if is_too_large(error) => {
@@ -305,7 +307,7 @@ async fn forward(
             }
             e => e,
         })?;
-    Ok((Answer { resp, shape_out }, Some((key, tx))))
+    Ok((Answer { resp, shape_out }, (key, up)))
 }
 
 /// Reads and drops a small request body (see [`DRAIN_MAX`]).
@@ -346,20 +348,20 @@ async fn send(
     peer: SocketAddr,
     mut req: Request<ProxyBody>,
     body_sent: tokio::sync::oneshot::Receiver<()>,
-) -> Result<(SendRequest<ProxyBody>, Response<Incoming>), ProxyError> {
+) -> Result<(Upstream, Response<Incoming>), ProxyError> {
     let timeout = front.tuning().response_timeout;
     let deadline = async move {
         let _ = body_sent.await;
         tokio::time::sleep(timeout).await;
     };
     tokio::pin!(deadline);
-    let (mut tx, mut reused) = match front.pool().take(key) {
-        Some(tx) => (tx, true),
+    let (mut up, mut reused) = match front.pool().take(key) {
+        Some(up) => (up, true),
         None => (connect(front, key, peer).await?, false),
     };
     loop {
         let r = tokio::select! {
-            r = tx.try_send_request(req) => Ok(r),
+            r = up.send(req) => Ok(r),
             _ = &mut deadline => Err(()),
         };
         match r {
@@ -370,12 +372,12 @@ async fn send(
                     secs: timeout.as_secs(),
                 })
             }
-            Ok(Ok(resp)) => return Ok((tx, resp)),
+            Ok(Ok(resp)) => return Ok((up, resp)),
             Ok(Err(mut e)) => match e.take_message() {
                 Some(r) if reused => {
                     req = r;
                     reused = false;
-                    tx = connect(front, key, peer).await?;
+                    up = connect(front, key, peer).await?;
                 }
                 _ => {
                     return Err(ProxyError::Upstream {
@@ -392,11 +394,7 @@ async fn send(
 /// A new upstream connection: a tunnel stream to the service, then an HTTP/1.1 handshake.
 /// The stream header names the first client; later clients of a pooled connection are told
 /// to the service by `X-Forwarded-For`.
-async fn connect(
-    front: &Front,
-    key: &PoolKey,
-    peer: SocketAddr,
-) -> Result<SendRequest<ProxyBody>, ProxyError> {
+async fn connect(front: &Front, key: &PoolKey, peer: SocketAddr) -> Result<Upstream, ProxyError> {
     let up = front
         .hub()
         .connect(&key.device, &key.service, &key.app, Origin::Public(peer))
