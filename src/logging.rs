@@ -1,26 +1,62 @@
 //! Log set-up: human-readable lines on stderr, `RUST_LOG` to filter (default `info`).
 //!
-//! Lines are formatted by the thread that logs and written by a dedicated writer thread, which
-//! takes every line queued so far and writes them with one system call. A busy gateway logs a
-//! line per request: written one by one, the `write(2)` calls alone cost ~5% of its CPU
-//! (`perf` on the HTTP front under `wrk`, benches/RESULTS.md). Nothing is dropped: when the
-//! queue is full, logging waits for the writer instead of losing lines.
+//! Lines are formatted by the thread that logs and appended to a shared buffer; a dedicated
+//! writer thread takes everything buffered and writes it with one system call. A busy gateway
+//! logs a line per request: written one by one, the `write(2)` calls alone cost ~5% of its CPU
+//! (`perf` on the HTTP front under `wrk`, benches/RESULTS.md).
+//!
+//! The writer is ours rather than `tracing_appender::non_blocking`: that one sends each line
+//! through a channel and wakes its writer per line, and under ~20k requests/s the per-line send,
+//! the writer's spinning (`sched_yield`) and a futex wake per line cost ~8% of the gateway's CPU
+//! on a 2-core machine. Here a logger wakes the writer only when the buffer goes from empty to
+//! non-empty, and the writer then waits [`BATCH_DELAY`] so a batch gathers: one wake-up and one
+//! `write(2)` per batch. An idle process causes no wake-ups at all (no timer).
+//!
+//! Nothing is dropped: when the buffer is full ([`BUFFER_CAP`]), logging waits for the writer
+//! instead of losing lines or growing without bound. Dropping [`LogGuard`] writes out what is
+//! buffered; lines logged after that go straight to stderr.
+//!
+//! Without colour (journald, log files: the production case) lines are formatted by
+//! [`PlainFormat`] rather than tracing-subscriber's default `Format`: the same bytes, at a
+//! fraction of the cost. The default formats a request's line through `core::fmt` and an ANSI
+//! `Style::paint` wrapper for every field name and `=` even with colour off: ~17k instructions,
+//! ~20% of the gateway's instructions under load (callgrind, one `info!` line per request).
 
-use std::io::BufWriter;
+use std::cell::RefCell;
+use std::fmt::{self, Write as _};
+use std::io::{self, Write};
+use std::mem;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::Writer as FmtWriter;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields, MakeWriter};
+use tracing_subscriber::registry::{LookupSpan, SpanRef};
 use tracing_subscriber::EnvFilter;
 
-/// Lines queued for the writer before logging waits for it. The queue's slots are allocated
-/// up front (32 bytes each), so it stays small for an idle home agent; the writer empties
-/// it with one `write(2)` per turn, so 1,024 absorbs a burst.
-const QUEUED_LINES: usize = 1_024;
+/// How long the writer lets lines gather after the first one of a batch wakes it. At 20k
+/// lines/s, 3 ms is ~60 lines per wake-up and `write(2)` instead of one; a person watching the
+/// log (or journald's timestamps) does not notice 3 ms.
+const BATCH_DELAY: Duration = Duration::from_millis(3);
 
-/// Keeps the writer thread alive; dropping it writes out every queued line. Hold it until
+/// Buffered bytes beyond which a logger waits for the writer (a single line longer than this
+/// is still taken, alone). ~7,000 lines of ~150 bytes: a batch at the load above is ~10 KiB, so
+/// only a stalled stderr (a full pipe, a suspended terminal) makes logging wait.
+const BUFFER_CAP: usize = 1 << 20;
+
+/// Capacity the writer keeps in its spare buffer between batches, to reuse the allocation
+/// under steady load. A burst can grow it towards [`BUFFER_CAP`]; past this it is freed, since
+/// an idle home agent must stay small in RSS.
+const KEEP_CAPACITY: usize = 256 << 10;
+
+/// Keeps the writer thread alive; dropping it writes out every buffered line. Hold it until
 /// the process is done logging (see `main`).
 #[must_use = "dropping the guard stops the log writer"]
 pub struct LogGuard {
-    _worker: Option<WorkerGuard>,
+    _writer: Option<WriterThread>,
 }
 
 pub fn init() -> LogGuard {
@@ -30,21 +66,1202 @@ pub fn init() -> LogGuard {
     // Colour only on a terminal: journald and log files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none();
-    let (writer, worker) = NonBlockingBuilder::default()
-        .lossy(false)
-        .buffered_lines_limit(QUEUED_LINES)
-        .thread_name("zonegate-log")
-        .finish(BufWriter::new(std::io::stderr()));
+    let (writer, thread) = start(Box::new(io::stderr()), BUFFER_CAP);
     // A second init (tests calling run() twice) is harmless: keep the first subscriber, and
-    // its writer; this call's writer then has no subscriber and its guard is dropped at once.
-    let installed = tracing_subscriber::fmt()
+    // its writer; this call's writer then has no subscriber and its thread is stopped at once.
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
         .with_ansi(ansi)
-        .with_target(false)
-        .try_init()
-        .is_ok();
+        .with_target(false);
+    // Colour keeps tracing-subscriber's own format; plain text gets the same lines, cheaper.
+    let installed = if ansi {
+        builder.try_init()
+    } else {
+        builder.event_format(PlainFormat::new()).try_init()
+    }
+    .is_ok();
     LogGuard {
-        _worker: installed.then_some(worker),
+        _writer: installed.then_some(thread),
+    }
+}
+
+/// Formats an event exactly as tracing-subscriber 0.3's default `Format<Full, SystemTime>` does
+/// with `.with_ansi(false)` and `.with_target(false)`, byte for byte:
+///
+/// `2026-12-01T23:23:13.702430Z  INFO http{client=127.0.0.1:33680}: http request status=200`
+///
+/// The timestamp (UTC, microseconds), the level padded to 5, each span of the event's scope from
+/// the root as `name{fields}:` (its fields as the fmt layer already formatted them, or just
+/// `name:`), then the message and `name=value` fields as the default `DefaultVisitor` writes
+/// them: strings `Debug`-quoted, `log.*` fields (from the `log` crate bridge) skipped, an `r#`
+/// prefix dropped, ANSI control characters in the message escaped. Only for a writer without
+/// ANSI colours: with colours, keep the default format (see [`init`]).
+///
+/// The cost is in what it avoids: the line is built in a thread-local `String` with plain
+/// appends (one call into the fmt layer's writer at the end), integers go through `itoa`, the
+/// date and time of day are formatted once a second, plain strings skip `core::fmt`. Only
+/// `Debug` and `Display` values (`?x`, `%x`, and the message's `format_args!`) still go through
+/// `core::fmt`, which is how they format themselves.
+pub(crate) struct PlainFormat {
+    /// The clock: `SystemTime::now`, except in tests.
+    now: fn() -> SystemTime,
+}
+
+impl PlainFormat {
+    pub(crate) fn new() -> Self {
+        Self {
+            now: SystemTime::now,
+        }
+    }
+
+    /// Appends the event's line, newline and all, to `scratch.line`.
+    fn format<S, N>(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        event: &Event<'_>,
+        sanitize: bool,
+        scratch: &mut Scratch,
+    ) -> fmt::Result
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+        N: for<'a> FormatFields<'a> + 'static,
+    {
+        scratch.timestamp((self.now)());
+        let line = &mut scratch.line;
+        // The level padded to 5, and a space. (Events from the `log` crate carry their level in
+        // their metadata too.)
+        line.push_str(match *event.metadata().level() {
+            Level::TRACE => "TRACE ",
+            Level::DEBUG => "DEBUG ",
+            Level::INFO => " INFO ",
+            Level::WARN => " WARN ",
+            Level::ERROR => "ERROR ",
+        });
+        // The event's span and its parents, as `event_scope().from_root()` gives them (both skip
+        // spans that per-layer filters disable), without collecting them first.
+        if let Some(span) = ctx.parent_span() {
+            write_scope::<S, N>(line, &span);
+            line.push(' ');
+        }
+        let mut fields = FieldWriter {
+            line,
+            sanitize,
+            first: true,
+            result: Ok(()),
+        };
+        event.record(&mut fields);
+        fields.result?;
+        line.push('\n');
+        Ok(())
+    }
+}
+
+/// Appends `name{fields}:` (or `name:`) for `span`'s parents from the root, then for `span`.
+fn write_scope<S, N>(line: &mut String, span: &SpanRef<'_, S>)
+where
+    S: for<'a> LookupSpan<'a>,
+    N: 'static,
+{
+    if let Some(parent) = span.parent() {
+        write_scope::<S, N>(line, &parent);
+    }
+    line.push_str(span.metadata().name());
+    if let Some(fields) = span.extensions().get::<FormattedFields<N>>() {
+        if !fields.is_empty() {
+            line.push('{');
+            line.push_str(fields);
+            line.push('}');
+        }
+    }
+    line.push(':');
+}
+
+impl<S, N> FormatEvent<S, N> for PlainFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: FmtWriter<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        thread_local! {
+            static SCRATCH: RefCell<Scratch> = const { RefCell::new(Scratch::new()) };
+        }
+        let sanitize = writer.sanitizes_ansi_escapes();
+        SCRATCH.with(|scratch| {
+            // Taken already only if formatting a value logged an event: that one gets its own.
+            let mut own;
+            let mut borrowed;
+            let scratch = match scratch.try_borrow_mut() {
+                Ok(s) => {
+                    borrowed = s;
+                    &mut *borrowed
+                }
+                Err(_) => {
+                    own = Scratch::new();
+                    &mut own
+                }
+            };
+            scratch.line.clear();
+            let result = self
+                .format(ctx, event, sanitize, scratch)
+                .and_then(|()| writer.write_str(&scratch.line));
+            if scratch.line.capacity() > KEEP_LINE_CAPACITY {
+                scratch.line = String::new();
+            }
+            result
+        })
+    }
+}
+
+/// The line buffer a thread keeps between events (beyond this, a long line's is freed).
+const KEEP_LINE_CAPACITY: usize = 4 << 10;
+
+/// A thread's line buffer, and its date and time of day to the second.
+struct Scratch {
+    line: String,
+    /// `prefix` is for this second since the Unix epoch (`i64::MIN`: none yet).
+    second: i64,
+    /// `2026-12-01T23:23:13.`: the timestamp up to its microseconds.
+    prefix: String,
+}
+
+impl Scratch {
+    const fn new() -> Self {
+        Self {
+            line: String::new(),
+            second: i64::MIN,
+            prefix: String::new(),
+        }
+    }
+
+    /// Appends `now` as [`write_timestamp`] does; the date and time of day are formatted once a
+    /// second, only the microseconds each time.
+    fn timestamp(&mut self, now: SystemTime) {
+        let (second, nanos) = unix_time(now);
+        if second != self.second {
+            self.prefix.clear();
+            if write_timestamp(&mut self.prefix, now).is_ok() {
+                // Keep `…:SS.`: drop `123456Z `.
+                self.prefix.truncate(self.prefix.len() - 8);
+                self.second = second;
+            } else {
+                self.second = i64::MIN; // cannot happen: writing to a `String`
+            }
+        }
+        self.line.push_str(&self.prefix);
+        // Six digits with their leading zeros: those of 1xxxxxx after the 1.
+        let mut digits = itoa::Buffer::new();
+        self.line
+            .push_str(&digits.format(1_000_000 + nanos / 1_000)[1..]);
+        self.line.push_str("Z ");
+    }
+}
+
+/// Whole seconds since the Unix epoch rounded down, and the nanoseconds since then (before
+/// 1970 too).
+fn unix_time(t: SystemTime) -> (i64, u32) {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
+        Err(e) => {
+            let d = e.duration();
+            match d.subsec_nanos() {
+                0 => (-(d.as_secs() as i64), 0),
+                n => (-(d.as_secs() as i64) - 1, 1_000_000_000 - n),
+            }
+        }
+    }
+}
+
+/// Writes `t` as the default `SystemTime` timer does (RFC 3339, UTC, microseconds, `Z`),
+/// followed by the space the default puts after it.
+fn write_timestamp(w: &mut impl fmt::Write, t: SystemTime) -> fmt::Result {
+    let (secs, nanos) = unix_time(t);
+    let micros = nanos / 1_000;
+    let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
+    let sod = secs.rem_euclid(86_400) as u32;
+    let (hour, minute, second) = (sod / 3600, sod / 60 % 60, sod % 60);
+    if !(0..=9999).contains(&year) {
+        // Never the case for "now"; the default's own notation, the slow way.
+        return if year > 9999 {
+            write!(w, "+{year}")
+        } else {
+            write!(w, "{year:05}")
+        }
+        .and_then(|()| {
+            write!(
+                w,
+                "-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{micros:06}Z "
+            )
+        });
+    }
+    let mut buf = *b"0000-00-00T00:00:00.000000Z ";
+    put_digits(&mut buf[0..4], year as u32);
+    put_digits(&mut buf[5..7], month);
+    put_digits(&mut buf[8..10], day);
+    put_digits(&mut buf[11..13], hour);
+    put_digits(&mut buf[14..16], minute);
+    put_digits(&mut buf[17..19], second);
+    put_digits(&mut buf[20..26], micros);
+    w.write_str(std::str::from_utf8(&buf).map_err(|_| fmt::Error)?)
+}
+
+/// Writes `n`'s last `out.len()` decimal digits into `out`, zero-padded.
+fn put_digits(out: &mut [u8], mut n: u32) {
+    for d in out.iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+}
+
+/// The proleptic Gregorian (year, month, day) of a day counted from 1970-01-01 (Howard
+/// Hinnant's `civil_from_days`: a few multiplications, no loops or tables).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468; // from 0000-03-01
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097); // day of the 400-year era, [0, 146096]
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365; // [0, 399]
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // from March 1st, [0, 365]
+    let mp = (5 * doy + 2) / 153; // month from March, [0, 11]
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Writes an event's fields as tracing-subscriber's `DefaultVisitor` does: separated by
+/// spaces, the message bare, the others as `name=value`.
+struct FieldWriter<'a> {
+    line: &'a mut String,
+    /// Escape terminal control characters in the message (the fmt layer's
+    /// `with_ansi_sanitization`, on by default), as the default does.
+    sanitize: bool,
+    first: bool,
+    /// Only `Debug`/`Display` implementations can fail.
+    result: fmt::Result,
+}
+
+impl FieldWriter<'_> {
+    /// Starts a field: the separating space, and `name=` unless it is the message. False if
+    /// the field is not to be written: a `log.*` field (the `log` crate's target, file and
+    /// line, which the default skips), or after an error.
+    fn start(&mut self, name: &str) -> bool {
+        if self.result.is_err() || name.starts_with("log.") {
+            return false;
+        }
+        if self.first {
+            self.first = false;
+        } else {
+            self.line.push(' ');
+        }
+        if name != "message" {
+            self.line.push_str(name.strip_prefix("r#").unwrap_or(name));
+            self.line.push('=');
+        }
+        true
+    }
+
+    fn write_int(&mut self, field: &Field, value: impl itoa::Integer) {
+        if self.start(field.name()) {
+            self.line.push_str(itoa::Buffer::new().format(value));
+        }
+    }
+}
+
+impl Visit for FieldWriter<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        let name = field.name();
+        if !self.start(name) {
+            return;
+        }
+        if name == "message" {
+            // The default writes a string message with `Display`, escaping control characters.
+            self.result = Sanitize {
+                inner: &mut *self.line,
+                on: self.sanitize,
+            }
+            .write_str(value);
+        } else if value
+            .bytes()
+            .all(|b| matches!(b, b' '..=b'~') && b != b'"' && b != b'\\')
+        {
+            // `{:?}` of a string that has nothing to escape: the string, quoted.
+            self.line.push('"');
+            self.line.push_str(value);
+            self.line.push('"');
+        } else {
+            self.result = write!(self.line, "{value:?}");
+        }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.write_int(field, value);
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.write_int(field, value);
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if self.start(field.name()) {
+            self.line.push_str(if value { "true" } else { "false" });
+        }
+    }
+
+    // f64, i128, u128 and bytes: `Visit`'s own defaults, which go to `record_debug` as the
+    // default formatter's do.
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        // As the default: the error, then its sources as `name.sources=[a, b]` (the field's
+        // name as declared, `r#` and all), every message escaped.
+        let sanitize = self.sanitize;
+        if let Some(source) = value.source() {
+            self.record_debug(
+                field,
+                &format_args!(
+                    "{} {}.sources={}",
+                    Escaped(value, sanitize),
+                    field.name(),
+                    Sources(source, sanitize)
+                ),
+            );
+        } else {
+            self.record_debug(field, &format_args!("{}", Escaped(value, sanitize)));
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let name = field.name();
+        if !self.start(name) {
+            return;
+        }
+        self.result = if name == "message" {
+            let mut w = Sanitize {
+                inner: &mut *self.line,
+                on: self.sanitize,
+            };
+            write!(w, "{value:?}")
+        } else {
+            write!(self.line, "{value:?}")
+        };
+    }
+}
+
+/// Passes text through, escaping (when `on`) the control characters a terminal could act on,
+/// exactly as tracing-subscriber's `EscapeGuard` does: ESC, BEL, BS, FF, DEL and C1 controls.
+struct Sanitize<'a, W: fmt::Write + ?Sized> {
+    inner: &'a mut W,
+    on: bool,
+}
+
+impl<W: fmt::Write + ?Sized> fmt::Write for Sanitize<'_, W> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        // C1 controls (U+0080..U+009F) are 0xC2 0x80..0x9F in UTF-8: any 0xC2 takes the slow way.
+        if !self.on
+            || !s
+                .bytes()
+                .any(|b| matches!(b, 0x07 | 0x08 | 0x0c | 0x1b | 0x7f | 0xc2))
+        {
+            return self.inner.write_str(s);
+        }
+        for c in s.chars() {
+            match c {
+                '\x1b' => self.inner.write_str("\\x1b")?,
+                '\x07' => self.inner.write_str("\\x07")?,
+                '\x08' => self.inner.write_str("\\x08")?,
+                '\x0c' => self.inner.write_str("\\x0c")?,
+                '\x7f' => self.inner.write_str("\\x7f")?,
+                '\u{80}'..='\u{9f}' => write!(self.inner, "\\u{{{:x}}}", c as u32)?,
+                c => self.inner.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An error's `Display`, sanitized; as `Debug` too (the default's source list entries).
+struct Escaped<'a>(&'a (dyn std::error::Error + 'static), bool);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut w = Sanitize {
+            inner: f,
+            on: self.1,
+        };
+        write!(w, "{}", self.0)
+    }
+}
+
+impl fmt::Debug for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// An error and its sources as `[a, b]`.
+struct Sources<'a>(&'a (dyn std::error::Error + 'static), bool);
+
+impl fmt::Display for Sources<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut list = f.debug_list();
+        let mut next = Some(self.0);
+        while let Some(e) = next {
+            list.entry(&Escaped(e, self.1));
+            next = e.source();
+        }
+        list.finish()
+    }
+}
+
+/// Starts the writer thread writing to `sink`, with loggers waiting beyond `cap` buffered
+/// bytes. `sink` is a parameter so tests can capture the output.
+fn start(sink: Box<dyn Write + Send>, cap: usize) -> (BatchWriter, WriterThread) {
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            buf: Vec::new(),
+            shutdown: false,
+            blocked: 0,
+            closed: None,
+        }),
+        wake_writer: Condvar::new(),
+        taken: Condvar::new(),
+        cap,
+    });
+    let mut writer = Writer {
+        shared: Arc::clone(&shared),
+        sink,
+    };
+    // If the thread cannot be created, the closure (and `writer` in it) is dropped, which closes
+    // the buffer: loggers then write straight to the sink, unbatched but not lost.
+    let thread = thread::Builder::new()
+        .name("zonegate-log".into())
+        .spawn(move || writer.run())
+        .ok();
+    (
+        BatchWriter {
+            shared: Arc::clone(&shared),
+        },
+        WriterThread { shared, thread },
+    )
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// The writer waits here: for a first line when idle, and during the batching delay.
+    wake_writer: Condvar,
+    /// Loggers blocked on a full buffer wait here until the writer takes it.
+    taken: Condvar,
+    cap: usize,
+}
+
+struct State {
+    /// Formatted lines not yet taken by the writer.
+    buf: Vec<u8>,
+    /// Set by dropping the guard: the writer writes what is left and exits.
+    shutdown: bool,
+    /// Loggers waiting on `taken`: the writer skips the delay, and the notify, on this count.
+    blocked: usize,
+    /// Once the writer is gone, its sink: loggers write to it directly, under the lock.
+    closed: Option<Box<dyn Write + Send>>,
+}
+
+impl Shared {
+    /// Logging must not panic because some other thread did: a poisoned lock's state is still
+    /// consistent (every update to it is a single step).
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues whole lines for the writer.
+    fn push(&self, lines: &[u8]) {
+        if lines.is_empty() {
+            return;
+        }
+        let mut state = self.lock();
+        loop {
+            if let Some(sink) = state.closed.as_mut() {
+                // Errors ignored, as the writer does: stderr is where errors would go.
+                let _ = sink.write_all(lines);
+                let _ = sink.flush();
+                return;
+            }
+            if state.buf.is_empty() || state.buf.len() + lines.len() <= self.cap {
+                break;
+            }
+            state.blocked += 1;
+            // The writer may be in its batching delay: a full buffer should go out now.
+            self.wake_writer.notify_one();
+            state = self
+                .taken
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+            state.blocked -= 1;
+        }
+        let was_empty = state.buf.is_empty();
+        state.buf.extend_from_slice(lines);
+        drop(state);
+        // One wake-up per batch: a non-empty buffer means the writer is already awake (or about
+        // to take it), and it looks again before it sleeps.
+        if was_empty {
+            self.wake_writer.notify_one();
+        }
+    }
+}
+
+/// The fmt layer's `MakeWriter`: each event gets a [`LineWriter`] onto the shared buffer.
+#[derive(Clone)]
+struct BatchWriter {
+    shared: Arc<Shared>,
+}
+
+impl<'a> MakeWriter<'a> for BatchWriter {
+    type Writer = LineWriter<'a>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        LineWriter {
+            shared: &self.shared,
+            partial: Vec::new(),
+        }
+    }
+}
+
+/// Writes one event. The fmt layer writes each event as one whole line with one `write`, which
+/// goes to the shared buffer without a copy here; a line arriving in pieces is gathered in
+/// `partial` first, so that lines from other threads never land inside it.
+struct LineWriter<'a> {
+    shared: &'a Shared,
+    partial: Vec<u8>,
+}
+
+impl Write for LineWriter<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.partial.is_empty() && data.ends_with(b"\n") {
+            self.shared.push(data);
+        } else {
+            self.partial.extend_from_slice(data);
+            if self.partial.ends_with(b"\n") {
+                self.shared.push(&mem::take(&mut self.partial));
+            }
+        }
+        Ok(data.len())
+    }
+
+    /// Nothing to do: whole lines are already with the writer thread, which writes them within
+    /// [`BATCH_DELAY`]; an unfinished line goes when it is finished or this writer is dropped.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LineWriter<'_> {
+    fn drop(&mut self) {
+        // An event that did not end with a newline: still the event's own piece of output.
+        self.shared.push(&mem::take(&mut self.partial));
+    }
+}
+
+/// The writer thread's side. Dropping it (at the thread's end, or by unwinding) closes the
+/// buffer, so that no logger ever waits for a writer that is gone.
+struct Writer {
+    shared: Arc<Shared>,
+    sink: Box<dyn Write + Send>,
+}
+
+impl Writer {
+    fn run(&mut self) {
+        let shared = &*self.shared;
+        let mut spare = Vec::new();
+        let mut state = shared.lock();
+        loop {
+            while state.buf.is_empty() && !state.shutdown {
+                state = shared
+                    .wake_writer
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            if state.buf.is_empty() {
+                return; // shut down, and everything written
+            }
+            // Let the batch gather, unless the process is exiting or loggers are waiting.
+            state = shared
+                .wake_writer
+                .wait_timeout_while(state, BATCH_DELAY, |s| !s.shutdown && s.blocked == 0)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            mem::swap(&mut state.buf, &mut spare);
+            let last = state.shutdown;
+            let wake_loggers = state.blocked > 0;
+            drop(state);
+            if wake_loggers {
+                shared.taken.notify_all();
+            }
+            // Errors ignored: there is nowhere else to report them, and the lines are gone
+            // either way; the next write happens only when there are new lines, so no spinning.
+            let _ = self.sink.write_all(&spare);
+            let _ = self.sink.flush();
+            if last {
+                // Whatever came meanwhile is written by `drop`, under the lock: the guard's
+                // drop waits for at most two writes, however busy the loggers are.
+                return;
+            }
+            spare.clear();
+            if spare.capacity() > KEEP_CAPACITY {
+                spare = Vec::new();
+            }
+            state = shared.lock();
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let mut sink = mem::replace(&mut self.sink, Box::new(io::sink()));
+        let mut state = self.shared.lock();
+        // Lines pushed after `run`'s last swap (or left by a panic).
+        let _ = sink.write_all(&state.buf);
+        let _ = sink.flush();
+        state.buf = Vec::new();
+        state.closed = Some(sink);
+        drop(state);
+        self.shared.taken.notify_all();
+    }
+}
+
+/// Owns the writer thread: dropping it writes out every buffered line and joins the thread.
+struct WriterThread {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for WriterThread {
+    fn drop(&mut self) {
+        self.shared.lock().shutdown = true;
+        self.shared.wake_writer.notify_one();
+        if let Some(thread) = self.thread.take() {
+            // A panicked writer has closed the buffer on its way out (`Writer`'s drop).
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod format_tests {
+    use super::*;
+    use std::error::Error;
+    use std::time::Instant;
+    use tracing::{debug, error, info, info_span, trace, warn};
+    use tracing_subscriber::fmt::time::FormatTime;
+
+    /// The instant both formatters are given: 2026-12-01T23:23:13.702430Z (and some nanos,
+    /// which are cut, not rounded).
+    fn fixed_now() -> SystemTime {
+        UNIX_EPOCH + Duration::new(1_796_167_393, 702_430_999)
+    }
+
+    /// The default formatter's timer, at [`fixed_now`] (which `write_timestamp` is tested on).
+    struct FixedTimer;
+
+    impl FormatTime for FixedTimer {
+        fn format_time(&self, w: &mut FmtWriter<'_>) -> fmt::Result {
+            w.write_str("2026-12-01T23:23:13.702430Z")
+        }
+    }
+
+    /// Captures whole output in memory.
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Buf {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(data);
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Buf {
+        type Writer = Buf;
+        fn make_writer(&'a self) -> Buf {
+            self.clone()
+        }
+    }
+
+    /// The output of `emit` through the default format (`plain == false`) or [`PlainFormat`],
+    /// both configured as `init` does without colour.
+    fn render(plain: bool, emit: impl FnOnce()) -> String {
+        let buf = Buf::default();
+        let builder = tracing_subscriber::fmt()
+            .with_writer(buf.clone())
+            .with_max_level(Level::TRACE)
+            .with_ansi(false)
+            .with_target(false);
+        if plain {
+            let format = PlainFormat { now: fixed_now };
+            tracing::subscriber::with_default(builder.event_format(format).finish(), emit);
+        } else {
+            tracing::subscriber::with_default(builder.with_timer(FixedTimer).finish(), emit);
+        }
+        let out = buf.0.lock().unwrap().clone();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[derive(Debug)]
+    struct Failure {
+        what: &'static str,
+        source: Option<Box<Failure>>,
+    }
+
+    impl fmt::Display for Failure {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.what)
+        }
+    }
+
+    impl Error for Failure {
+        fn source(&self) -> Option<&(dyn Error + 'static)> {
+            self.source.as_deref().map(|e| e as &(dyn Error + 'static))
+        }
+    }
+
+    #[derive(Debug)]
+    #[allow(dead_code)] // read by Debug only
+    struct Point {
+        x: i32,
+        label: &'static str,
+    }
+
+    fn emit_all() {
+        // No span, message only; all levels.
+        trace!("trace line");
+        debug!("debug line");
+        info!("info line");
+        warn!("warn line");
+        error!("error line");
+        info!("formatted {} and {:?}", 5, "quoted");
+        // Message and fields of every kind.
+        let addr: std::net::SocketAddr = "127.0.0.1:33680".parse().unwrap();
+        info!(
+            s = "web",
+            d = %addr,
+            dq = %"with \"quotes\"",
+            g = ?Point { x: -3, label: "p\"q" },
+            u = 200u64,
+            small = 7u16,
+            i = -42i64,
+            imin = i64::MIN,
+            umax = u64::MAX,
+            b = true,
+            nb = false,
+            f = 1.5f64,
+            f1 = 1.0f64,
+            fbig = 1e21f64,
+            fnan = f64::NAN,
+            finf = f64::NEG_INFINITY,
+            big = u128::MAX,
+            neg = i128::MIN,
+            c = ?'\'',
+            opt = ?Some("x"),
+            "message + fields"
+        );
+        // Strings that need escaping, and one that is empty.
+        info!(
+            quote = "say \"hi\"",
+            backslash = "a\\b",
+            newline = "line\nbreak\r\t",
+            unicode = "héllo wörld ☃ 日本",
+            combining = "e\u{301} \u{301}x",
+            control = "\u{1b}[31mred\u{7}\u{0}\u{7f}\u{85}",
+            single = "it's",
+            error = "",
+            "escapes"
+        );
+        // The production line.
+        info!(
+            app = %"web",
+            device = %"n1",
+            client = %addr,
+            method = %"GET",
+            path = %"/",
+            status = 200u16,
+            bytes_in = 0u64,
+            bytes_out = 3u64,
+            ms = 2u64,
+            error = "",
+            "http request"
+        );
+        // No message; an empty one; a message given as a string value or a number.
+        info!(a = 1, b = "x");
+        info!("");
+        info!(a = 1, "");
+        info!(message = "as a str \u{1b}[1m bold");
+        info!(message = 17u64, other = 1);
+        info!(message = ?"debug str");
+        // Terminal control characters in messages are escaped.
+        info!("esc \u{1b}[31m bel \u{7} bs \u{8} ff \u{c} del \u{7f} c1 \u{85}\u{9f} é ° ok");
+        info!("{}", "formatted \u{1b} esc");
+        // Raw identifiers, and `log` crate metadata fields (skipped).
+        info!(
+            r#type = "web",
+            r#loop = 3,
+            "r#quoted" = 4,
+            "r#" = 5,
+            "raw names"
+        );
+        info!(
+            log.target = "quinn::conn",
+            log.module_path = "quinn::conn",
+            log.file = "conn.rs",
+            log.line = 12u64,
+            "from the log crate"
+        );
+        info!(log.line = 1u64, a = 2);
+        // Errors, with and without sources, and with a control character.
+        let inner = Failure {
+            what: "out of space",
+            source: Some(Box::new(Failure {
+                what: "disk \u{1b} gone",
+                source: None,
+            })),
+        };
+        let outer = Failure {
+            what: "write failed",
+            source: Some(Box::new(inner)),
+        };
+        let lone = Failure {
+            what: "lonely \u{7}",
+            source: None,
+        };
+        info!(err = &outer as &(dyn Error + 'static), "with sources");
+        info!(err = &lone as &(dyn Error + 'static), "without");
+        info!(r#err = &outer as &(dyn Error + 'static), "raw error");
+        info!(message = &outer as &(dyn Error + 'static), x = 1);
+        // Bytes.
+        info!(bytes = &b"ab\x00\xff"[..], "bytes");
+
+        // Spans: with fields, without, with fields not yet recorded, nested.
+        let http = info_span!("http", client = %addr, scheme = "http");
+        let _h = http.enter();
+        info!(status = 200u64, "in one span");
+        let bare = info_span!("bare");
+        let _b = bare.enter();
+        info!("in two spans");
+        let empty = info_span!("empty", later = tracing::field::Empty);
+        let _e = empty.enter();
+        info!("field not recorded");
+        empty.record("later", 5);
+        warn!(x = "y", "field recorded later");
+        let inner = info_span!("inner", n = 3, q = "a\"b", msg = %"esc\u{1b}");
+        let _i = inner.enter();
+        error!("deep");
+        info!(a = 1);
+    }
+
+    #[test]
+    fn plain_format_is_byte_identical_to_the_default() {
+        let default = render(false, emit_all);
+        let plain = render(true, emit_all);
+        assert!(default.lines().count() > 30, "{default}");
+        for (d, p) in default.lines().zip(plain.lines()) {
+            assert_eq!(p, d);
+        }
+        assert_eq!(plain, default);
+        // Spot checks that the test sees what it means to (span fields are as the fmt layer
+        // formatted them: it escapes control characters in messages only).
+        assert!(default.contains(
+            "2026-12-01T23:23:13.702430Z  INFO http request app=web device=n1 \
+             client=127.0.0.1:33680 method=GET path=/ status=200 bytes_in=0 bytes_out=3 ms=2 \
+             error=\"\"\n"
+        ));
+        assert!(default.contains(" INFO raw names type=\"web\" loop=3 quoted=4 =5\n"));
+        assert!(default.contains(
+            "Z ERROR http{client=127.0.0.1:33680 scheme=\"http\"}:bare:empty{later=5}:\
+             inner{n=3 q=\"a\\\"b\" msg=esc\u{1b}}: deep\n"
+        ));
+    }
+
+    fn timestamp(t: SystemTime) -> String {
+        let mut s = String::new();
+        write_timestamp(&mut s, t).unwrap();
+        s
+    }
+
+    #[test]
+    fn timestamps_at_known_instants() {
+        let at = |secs: i64, nanos: u32| {
+            if secs >= 0 {
+                UNIX_EPOCH + Duration::new(secs as u64, nanos)
+            } else {
+                UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::new(0, nanos)
+            }
+        };
+        for (t, want) in [
+            (at(0, 0), "1970-01-01T00:00:00.000000Z "),
+            (at(951_868_799, 999_999_999), "2000-02-29T23:59:59.999999Z "),
+            (at(951_868_800, 0), "2000-03-01T00:00:00.000000Z "),
+            (
+                at(1_796_167_393, 702_430_000),
+                "2026-12-01T23:23:13.702430Z ",
+            ),
+            (at(4_107_542_399, 1_000), "2100-02-28T23:59:59.000001Z "),
+            (at(4_107_542_400, 0), "2100-03-01T00:00:00.000000Z "),
+            (at(253_402_300_799, 0), "9999-12-31T23:59:59.000000Z "),
+            (at(253_402_300_800, 0), "+10000-01-01T00:00:00.000000Z "),
+            (at(-1, 500_000_000), "1969-12-31T23:59:59.500000Z "),
+            (at(-62_135_596_800, 0), "0001-01-01T00:00:00.000000Z "),
+            (at(-62_167_219_200, 0), "0000-01-01T00:00:00.000000Z "),
+            (at(-62_167_219_201, 0), "-0001-12-31T23:59:59.000000Z "),
+        ] {
+            assert_eq!(timestamp(t), want);
+        }
+    }
+
+    #[test]
+    fn cached_timestamps_are_the_same() {
+        let mut scratch = Scratch::new();
+        let base = fixed_now();
+        for t in [
+            base,
+            base + Duration::from_micros(1),
+            base + Duration::from_nanos(297_568_999), // the last microsecond of that second
+            base + Duration::from_nanos(297_570_000), // the next second
+            base,                                     // back again
+            UNIX_EPOCH - Duration::from_nanos(1),
+            UNIX_EPOCH + Duration::from_secs(253_402_300_800), // year 10000
+            UNIX_EPOCH + Duration::from_secs(253_402_300_800) + Duration::from_micros(7),
+        ] {
+            scratch.line.clear();
+            scratch.timestamp(t);
+            assert_eq!(scratch.line, timestamp(t));
+        }
+    }
+
+    #[test]
+    fn timestamps_agree_with_the_time_crate() {
+        // Every ~3.3 days (an odd step: all times of day, months, leap days) over 1900-2400.
+        let mut secs: i64 = -2_208_988_800;
+        while secs < 13_569_465_600 {
+            let nanos = (secs.unsigned_abs() % 1_000_000_000) as u32;
+            let t = if secs >= 0 {
+                UNIX_EPOCH + Duration::new(secs as u64, nanos)
+            } else {
+                UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::new(0, nanos)
+            };
+            let d = time::OffsetDateTime::from(t);
+            let want = format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z ",
+                d.year(),
+                u8::from(d.month()),
+                d.day(),
+                d.hour(),
+                d.minute(),
+                d.second(),
+                d.microsecond()
+            );
+            assert_eq!(timestamp(t), want, "at {secs}");
+            secs += 287_777;
+        }
+    }
+
+    /// Prints the time each formatter takes for the production line, in a span as in the
+    /// gateway. Meaningful only optimized:
+    /// `CARGO_PROFILE_TEST_OPT_LEVEL=3 cargo test -p zonegate --lib format_speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn format_speed() {
+        const N: u32 = 100_000;
+        fn run(plain: bool) -> Duration {
+            let builder = tracing_subscriber::fmt()
+                .with_writer(io::sink)
+                .with_ansi(false)
+                .with_target(false);
+            let emit = || {
+                let addr: std::net::SocketAddr = "127.0.0.1:33680".parse().unwrap();
+                let span = info_span!("http", client = %addr, scheme = "http");
+                let _s = span.enter();
+                let start = Instant::now();
+                for n in 0..N {
+                    info!(
+                        app = %"web",
+                        device = %"n1",
+                        client = %addr,
+                        method = %"GET",
+                        path = %"/",
+                        status = 200u16,
+                        bytes_in = 0u64,
+                        bytes_out = u64::from(n),
+                        ms = 2u64,
+                        error = "",
+                        "http request"
+                    );
+                }
+                start.elapsed()
+            };
+            if plain {
+                tracing::subscriber::with_default(
+                    builder.event_format(PlainFormat::new()).finish(),
+                    emit,
+                )
+            } else {
+                tracing::subscriber::with_default(builder.finish(), emit)
+            }
+        }
+        for _ in 0..2 {
+            let default = run(false);
+            let plain = run(true);
+            println!(
+                "{N} lines: default format {:?} ({} ns/line), PlainFormat {:?} ({} ns/line)",
+                default,
+                default.as_nanos() / u128::from(N),
+                plain,
+                plain.as_nanos() / u128::from(N)
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// A sink the test can read: everything written, and the size of each `write` call.
+    #[derive(Clone, Default)]
+    struct Capture {
+        out: Arc<Mutex<Vec<u8>>>,
+        writes: Arc<Mutex<Vec<usize>>>,
+    }
+
+    impl Write for Capture {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            self.out.lock().unwrap().extend_from_slice(data);
+            self.writes.lock().unwrap().push(data.len());
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Capture {
+        fn text(&self) -> String {
+            String::from_utf8(self.out.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    /// A slow sink: each write waits until the test drops the sender (a stalled stderr).
+    struct Gated {
+        gate: mpsc::Receiver<()>,
+        inner: Capture,
+    }
+
+    impl Write for Gated {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            let _ = self.gate.recv();
+            self.inner.write(data)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lines_from_many_threads_arrive_whole_and_in_order() {
+        const THREADS: usize = 8;
+        const LINES: usize = 2_000;
+        let capture = Capture::default();
+        let (make, thread) = start(Box::new(capture.clone()), BUFFER_CAP);
+        thread::scope(|s| {
+            for t in 0..THREADS {
+                let make = &make;
+                s.spawn(move || {
+                    for n in 0..LINES {
+                        let line = format!("thread {t} line {n} {}\n", "x".repeat(n % 50));
+                        let mut w = make.make_writer();
+                        if n % 3 == 0 {
+                            // In pieces, as a writer other than the fmt layer might.
+                            let (a, b) = line.as_bytes().split_at(line.len() / 2);
+                            w.write_all(a).unwrap();
+                            w.write_all(b).unwrap();
+                        } else {
+                            w.write_all(line.as_bytes()).unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        drop(thread);
+        let text = capture.text();
+        let mut next = [0; THREADS];
+        for line in text.lines() {
+            let words: Vec<&str> = line.split(' ').collect();
+            assert_eq!(words.len(), 5, "split or merged line: {line:?}");
+            let t: usize = words[1].parse().unwrap();
+            let n: usize = words[3].parse().unwrap();
+            assert_eq!(n, next[t], "thread {t} out of order");
+            assert_eq!(words[4], "x".repeat(n % 50), "damaged line: {line:?}");
+            next[t] += 1;
+        }
+        assert_eq!(next, [LINES; THREADS]);
+    }
+
+    #[test]
+    fn dropping_the_guard_writes_everything_and_later_lines_go_direct() {
+        let capture = Capture::default();
+        let (make, thread) = start(Box::new(capture.clone()), BUFFER_CAP);
+        let mut expected = String::new();
+        for n in 0..100 {
+            let line = format!("line {n}\n");
+            make.make_writer().write_all(line.as_bytes()).unwrap();
+            expected.push_str(&line);
+        }
+        // Within the batching delay: the drop must not wait for it to be of any use.
+        drop(thread);
+        assert_eq!(capture.text(), expected);
+
+        make.make_writer().write_all(b"after the guard\n").unwrap();
+        expected.push_str("after the guard\n");
+        assert_eq!(capture.text(), expected);
+    }
+
+    #[test]
+    fn a_full_buffer_blocks_the_logger_instead_of_losing_lines() {
+        const CAP: usize = 100;
+        let capture = Capture::default();
+        let (open, gate) = mpsc::channel();
+        let sink = Gated {
+            gate,
+            inner: capture.clone(),
+        };
+        let (make, thread) = start(Box::new(sink), CAP);
+        let lines: Vec<String> = (0..50).map(|n| format!("line {n:04}\n")).collect();
+        thread::scope(|s| {
+            let logger = s.spawn(|| {
+                for line in &lines {
+                    make.make_writer().write_all(line.as_bytes()).unwrap();
+                }
+            });
+            // 500 bytes against a 100-byte cap and a sink that takes nothing: the logger must
+            // end up waiting, with the buffer within the cap.
+            loop {
+                let state = make.shared.lock();
+                assert!(state.buf.len() <= CAP);
+                if state.blocked == 1 {
+                    break;
+                }
+                drop(state);
+                assert!(!logger.is_finished(), "logger never blocked");
+                thread::yield_now();
+            }
+            drop(open);
+        });
+        drop(thread);
+        assert_eq!(capture.text(), lines.concat());
+        assert!(capture.writes.lock().unwrap().iter().all(|&n| n <= CAP));
     }
 }
