@@ -1,20 +1,4 @@
-//! Log set-up: human-readable lines on stderr, `RUST_LOG` to filter (default `info`).
-//!
-//! Lines are formatted by the thread that logs and appended to a shared buffer; a dedicated
-//! writer thread takes everything buffered and writes it with one system call. A busy gateway
-//! logs a line per request: written one by one, the `write(2)` calls alone cost ~5% of its CPU
-//! (`perf` on the HTTP front under `wrk`, benches/RESULTS.md).
-//!
-//! The writer is ours rather than `tracing_appender::non_blocking`: that one sends each line
-//! through a channel and wakes its writer per line, and under ~20k requests/s the per-line send,
-//! the writer's spinning (`sched_yield`) and a futex wake per line cost ~8% of the gateway's CPU
-//! on a 2-core machine. Here a logger wakes the writer only when the buffer goes from empty to
-//! non-empty, and the writer then waits [`BATCH_DELAY`] so a batch gathers: one wake-up and one
-//! `write(2)` per batch. An idle process causes no wake-ups at all (no timer).
-//!
-//! Nothing is dropped: when the buffer is full ([`BUFFER_CAP`]), logging waits for the writer
-//! instead of losing lines or growing without bound. Dropping [`LogGuard`] writes out what is
-//! buffered; lines logged after that go straight to stderr.
+//! The plain-text event format: the default format's lines, byte for byte, built cheaply.
 //!
 //! Without colour (journald, log files: the production case) lines are formatted by
 //! [`PlainFormat`] rather than tracing-subscriber's default `Format`: the same bytes, at a
@@ -24,67 +8,13 @@
 
 use std::cell::RefCell;
 use std::fmt::{self, Write as _};
-use std::io::{self, Write};
-use std::mem;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::thread::{self, JoinHandle};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::fmt::format::Writer as FmtWriter;
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields, MakeWriter};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::{LookupSpan, SpanRef};
-use tracing_subscriber::EnvFilter;
-
-/// How long the writer lets lines gather after the first one of a batch wakes it. At 20k
-/// lines/s, 3 ms is ~60 lines per wake-up and `write(2)` instead of one; a person watching the
-/// log (or journald's timestamps) does not notice 3 ms.
-const BATCH_DELAY: Duration = Duration::from_millis(3);
-
-/// Buffered bytes beyond which a logger waits for the writer (a single line longer than this
-/// is still taken, alone). ~7,000 lines of ~150 bytes: a batch at the load above is ~10 KiB, so
-/// only a stalled stderr (a full pipe, a suspended terminal) makes logging wait.
-const BUFFER_CAP: usize = 1 << 20;
-
-/// Capacity the writer keeps in its spare buffer between batches, to reuse the allocation
-/// under steady load. A burst can grow it towards [`BUFFER_CAP`]; past this it is freed, since
-/// an idle home agent must stay small in RSS.
-const KEEP_CAPACITY: usize = 256 << 10;
-
-/// Keeps the writer thread alive; dropping it writes out every buffered line. Hold it until
-/// the process is done logging (see `main`).
-#[must_use = "dropping the guard stops the log writer"]
-pub struct LogGuard {
-    _writer: Option<WriterThread>,
-}
-
-pub fn init() -> LogGuard {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("info,hickory_server=warn,hickory_proto=warn,quinn=warn")
-    });
-    // Colour only on a terminal: journald and log files get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
-        && std::env::var_os("NO_COLOR").is_none();
-    let (writer, thread) = start(Box::new(io::stderr()), BUFFER_CAP);
-    // A second init (tests calling run() twice) is harmless: keep the first subscriber, and
-    // its writer; this call's writer then has no subscriber and its thread is stopped at once.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(ansi)
-        .with_target(false);
-    // Colour keeps tracing-subscriber's own format; plain text gets the same lines, cheaper.
-    let installed = if ansi {
-        builder.try_init()
-    } else {
-        builder.event_format(PlainFormat::new()).try_init()
-    }
-    .is_ok();
-    LogGuard {
-        _writer: installed.then_some(thread),
-    }
-}
 
 /// Formats an event exactly as tracing-subscriber 0.3's default `Format<Full, SystemTime>` does
 /// with `.with_ansi(false)` and `.with_target(false)`, byte for byte:
@@ -96,20 +26,20 @@ pub fn init() -> LogGuard {
 /// `name:`), then the message and `name=value` fields as the default `DefaultVisitor` writes
 /// them: strings `Debug`-quoted, `log.*` fields (from the `log` crate bridge) skipped, an `r#`
 /// prefix dropped, ANSI control characters in the message escaped. Only for a writer without
-/// ANSI colours: with colours, keep the default format (see [`init`]).
+/// ANSI colours: with colours, keep the default format (see [`init`](super::init)).
 ///
 /// The cost is in what it avoids: the line is built in a thread-local `String` with plain
 /// appends (one call into the fmt layer's writer at the end), integers go through `itoa`, the
 /// date and time of day are formatted once a second, plain strings skip `core::fmt`. Only
 /// `Debug` and `Display` values (`?x`, `%x`, and the message's `format_args!`) still go through
 /// `core::fmt`, which is how they format themselves.
-pub(crate) struct PlainFormat {
+pub(super) struct PlainFormat {
     /// The clock: `SystemTime::now`, except in tests.
     now: fn() -> SystemTime,
 }
 
 impl PlainFormat {
-    pub(crate) fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self {
             now: SystemTime::now,
         }
@@ -517,244 +447,16 @@ impl fmt::Display for Sources<'_> {
     }
 }
 
-/// Starts the writer thread writing to `sink`, with loggers waiting beyond `cap` buffered
-/// bytes. `sink` is a parameter so tests can capture the output.
-fn start(sink: Box<dyn Write + Send>, cap: usize) -> (BatchWriter, WriterThread) {
-    let shared = Arc::new(Shared {
-        state: Mutex::new(State {
-            buf: Vec::new(),
-            shutdown: false,
-            blocked: 0,
-            closed: None,
-        }),
-        wake_writer: Condvar::new(),
-        taken: Condvar::new(),
-        cap,
-    });
-    let mut writer = Writer {
-        shared: Arc::clone(&shared),
-        sink,
-    };
-    // If the thread cannot be created, the closure (and `writer` in it) is dropped, which closes
-    // the buffer: loggers then write straight to the sink, unbatched but not lost.
-    let thread = thread::Builder::new()
-        .name("zonegate-log".into())
-        .spawn(move || writer.run())
-        .ok();
-    (
-        BatchWriter {
-            shared: Arc::clone(&shared),
-        },
-        WriterThread { shared, thread },
-    )
-}
-
-struct Shared {
-    state: Mutex<State>,
-    /// The writer waits here: for a first line when idle, and during the batching delay.
-    wake_writer: Condvar,
-    /// Loggers blocked on a full buffer wait here until the writer takes it.
-    taken: Condvar,
-    cap: usize,
-}
-
-struct State {
-    /// Formatted lines not yet taken by the writer.
-    buf: Vec<u8>,
-    /// Set by dropping the guard: the writer writes what is left and exits.
-    shutdown: bool,
-    /// Loggers waiting on `taken`: the writer skips the delay, and the notify, on this count.
-    blocked: usize,
-    /// Once the writer is gone, its sink: loggers write to it directly, under the lock.
-    closed: Option<Box<dyn Write + Send>>,
-}
-
-impl Shared {
-    /// Logging must not panic because some other thread did: a poisoned lock's state is still
-    /// consistent (every update to it is a single step).
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Queues whole lines for the writer.
-    fn push(&self, lines: &[u8]) {
-        if lines.is_empty() {
-            return;
-        }
-        let mut state = self.lock();
-        loop {
-            if let Some(sink) = state.closed.as_mut() {
-                // Errors ignored, as the writer does: stderr is where errors would go.
-                let _ = sink.write_all(lines);
-                let _ = sink.flush();
-                return;
-            }
-            if state.buf.is_empty() || state.buf.len() + lines.len() <= self.cap {
-                break;
-            }
-            state.blocked += 1;
-            // The writer may be in its batching delay: a full buffer should go out now.
-            self.wake_writer.notify_one();
-            state = self
-                .taken
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
-            state.blocked -= 1;
-        }
-        let was_empty = state.buf.is_empty();
-        state.buf.extend_from_slice(lines);
-        drop(state);
-        // One wake-up per batch: a non-empty buffer means the writer is already awake (or about
-        // to take it), and it looks again before it sleeps.
-        if was_empty {
-            self.wake_writer.notify_one();
-        }
-    }
-}
-
-/// The fmt layer's `MakeWriter`: each event gets a [`LineWriter`] onto the shared buffer.
-#[derive(Clone)]
-struct BatchWriter {
-    shared: Arc<Shared>,
-}
-
-impl<'a> MakeWriter<'a> for BatchWriter {
-    type Writer = LineWriter<'a>;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        LineWriter {
-            shared: &self.shared,
-            partial: Vec::new(),
-        }
-    }
-}
-
-/// Writes one event. The fmt layer writes each event as one whole line with one `write`, which
-/// goes to the shared buffer without a copy here; a line arriving in pieces is gathered in
-/// `partial` first, so that lines from other threads never land inside it.
-struct LineWriter<'a> {
-    shared: &'a Shared,
-    partial: Vec<u8>,
-}
-
-impl Write for LineWriter<'_> {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        if self.partial.is_empty() && data.ends_with(b"\n") {
-            self.shared.push(data);
-        } else {
-            self.partial.extend_from_slice(data);
-            if self.partial.ends_with(b"\n") {
-                self.shared.push(&mem::take(&mut self.partial));
-            }
-        }
-        Ok(data.len())
-    }
-
-    /// Nothing to do: whole lines are already with the writer thread, which writes them within
-    /// [`BATCH_DELAY`]; an unfinished line goes when it is finished or this writer is dropped.
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Drop for LineWriter<'_> {
-    fn drop(&mut self) {
-        // An event that did not end with a newline: still the event's own piece of output.
-        self.shared.push(&mem::take(&mut self.partial));
-    }
-}
-
-/// The writer thread's side. Dropping it (at the thread's end, or by unwinding) closes the
-/// buffer, so that no logger ever waits for a writer that is gone.
-struct Writer {
-    shared: Arc<Shared>,
-    sink: Box<dyn Write + Send>,
-}
-
-impl Writer {
-    fn run(&mut self) {
-        let shared = &*self.shared;
-        let mut spare = Vec::new();
-        let mut state = shared.lock();
-        loop {
-            while state.buf.is_empty() && !state.shutdown {
-                state = shared
-                    .wake_writer
-                    .wait(state)
-                    .unwrap_or_else(PoisonError::into_inner);
-            }
-            if state.buf.is_empty() {
-                return; // shut down, and everything written
-            }
-            // Let the batch gather, unless the process is exiting or loggers are waiting.
-            state = shared
-                .wake_writer
-                .wait_timeout_while(state, BATCH_DELAY, |s| !s.shutdown && s.blocked == 0)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-            mem::swap(&mut state.buf, &mut spare);
-            let last = state.shutdown;
-            let wake_loggers = state.blocked > 0;
-            drop(state);
-            if wake_loggers {
-                shared.taken.notify_all();
-            }
-            // Errors ignored: there is nowhere else to report them, and the lines are gone
-            // either way; the next write happens only when there are new lines, so no spinning.
-            let _ = self.sink.write_all(&spare);
-            let _ = self.sink.flush();
-            if last {
-                // Whatever came meanwhile is written by `drop`, under the lock: the guard's
-                // drop waits for at most two writes, however busy the loggers are.
-                return;
-            }
-            spare.clear();
-            if spare.capacity() > KEEP_CAPACITY {
-                spare = Vec::new();
-            }
-            state = shared.lock();
-        }
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        let mut sink = mem::replace(&mut self.sink, Box::new(io::sink()));
-        let mut state = self.shared.lock();
-        // Lines pushed after `run`'s last swap (or left by a panic).
-        let _ = sink.write_all(&state.buf);
-        let _ = sink.flush();
-        state.buf = Vec::new();
-        state.closed = Some(sink);
-        drop(state);
-        self.shared.taken.notify_all();
-    }
-}
-
-/// Owns the writer thread: dropping it writes out every buffered line and joins the thread.
-struct WriterThread {
-    shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Drop for WriterThread {
-    fn drop(&mut self) {
-        self.shared.lock().shutdown = true;
-        self.shared.wake_writer.notify_one();
-        if let Some(thread) = self.thread.take() {
-            // A panicked writer has closed the buffer on its way out (`Writer`'s drop).
-            let _ = thread.join();
-        }
-    }
-}
-
 #[cfg(test)]
-mod format_tests {
+mod tests {
     use super::*;
     use std::error::Error;
-    use std::time::Instant;
+    use std::io::{self, Write};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
     use tracing::{debug, error, info, info_span, trace, warn};
     use tracing_subscriber::fmt::time::FormatTime;
+    use tracing_subscriber::fmt::MakeWriter;
 
     /// The instant both formatters are given: 2026-12-01T23:23:13.702430Z (and some nanos,
     /// which are cut, not rounded).
@@ -1122,146 +824,5 @@ mod format_tests {
                 plain.as_nanos() / u128::from(N)
             );
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::mpsc;
-
-    /// A sink the test can read: everything written, and the size of each `write` call.
-    #[derive(Clone, Default)]
-    struct Capture {
-        out: Arc<Mutex<Vec<u8>>>,
-        writes: Arc<Mutex<Vec<usize>>>,
-    }
-
-    impl Write for Capture {
-        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-            self.out.lock().unwrap().extend_from_slice(data);
-            self.writes.lock().unwrap().push(data.len());
-            Ok(data.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Capture {
-        fn text(&self) -> String {
-            String::from_utf8(self.out.lock().unwrap().clone()).unwrap()
-        }
-    }
-
-    /// A slow sink: each write waits until the test drops the sender (a stalled stderr).
-    struct Gated {
-        gate: mpsc::Receiver<()>,
-        inner: Capture,
-    }
-
-    impl Write for Gated {
-        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-            let _ = self.gate.recv();
-            self.inner.write(data)
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn lines_from_many_threads_arrive_whole_and_in_order() {
-        const THREADS: usize = 8;
-        const LINES: usize = 2_000;
-        let capture = Capture::default();
-        let (make, thread) = start(Box::new(capture.clone()), BUFFER_CAP);
-        thread::scope(|s| {
-            for t in 0..THREADS {
-                let make = &make;
-                s.spawn(move || {
-                    for n in 0..LINES {
-                        let line = format!("thread {t} line {n} {}\n", "x".repeat(n % 50));
-                        let mut w = make.make_writer();
-                        if n % 3 == 0 {
-                            // In pieces, as a writer other than the fmt layer might.
-                            let (a, b) = line.as_bytes().split_at(line.len() / 2);
-                            w.write_all(a).unwrap();
-                            w.write_all(b).unwrap();
-                        } else {
-                            w.write_all(line.as_bytes()).unwrap();
-                        }
-                    }
-                });
-            }
-        });
-        drop(thread);
-        let text = capture.text();
-        let mut next = [0; THREADS];
-        for line in text.lines() {
-            let words: Vec<&str> = line.split(' ').collect();
-            assert_eq!(words.len(), 5, "split or merged line: {line:?}");
-            let t: usize = words[1].parse().unwrap();
-            let n: usize = words[3].parse().unwrap();
-            assert_eq!(n, next[t], "thread {t} out of order");
-            assert_eq!(words[4], "x".repeat(n % 50), "damaged line: {line:?}");
-            next[t] += 1;
-        }
-        assert_eq!(next, [LINES; THREADS]);
-    }
-
-    #[test]
-    fn dropping_the_guard_writes_everything_and_later_lines_go_direct() {
-        let capture = Capture::default();
-        let (make, thread) = start(Box::new(capture.clone()), BUFFER_CAP);
-        let mut expected = String::new();
-        for n in 0..100 {
-            let line = format!("line {n}\n");
-            make.make_writer().write_all(line.as_bytes()).unwrap();
-            expected.push_str(&line);
-        }
-        // Within the batching delay: the drop must not wait for it to be of any use.
-        drop(thread);
-        assert_eq!(capture.text(), expected);
-
-        make.make_writer().write_all(b"after the guard\n").unwrap();
-        expected.push_str("after the guard\n");
-        assert_eq!(capture.text(), expected);
-    }
-
-    #[test]
-    fn a_full_buffer_blocks_the_logger_instead_of_losing_lines() {
-        const CAP: usize = 100;
-        let capture = Capture::default();
-        let (open, gate) = mpsc::channel();
-        let sink = Gated {
-            gate,
-            inner: capture.clone(),
-        };
-        let (make, thread) = start(Box::new(sink), CAP);
-        let lines: Vec<String> = (0..50).map(|n| format!("line {n:04}\n")).collect();
-        thread::scope(|s| {
-            let logger = s.spawn(|| {
-                for line in &lines {
-                    make.make_writer().write_all(line.as_bytes()).unwrap();
-                }
-            });
-            // 500 bytes against a 100-byte cap and a sink that takes nothing: the logger must
-            // end up waiting, with the buffer within the cap.
-            loop {
-                let state = make.shared.lock();
-                assert!(state.buf.len() <= CAP);
-                if state.blocked == 1 {
-                    break;
-                }
-                drop(state);
-                assert!(!logger.is_finished(), "logger never blocked");
-                thread::yield_now();
-            }
-            drop(open);
-        });
-        drop(thread);
-        assert_eq!(capture.text(), lines.concat());
-        assert!(capture.writes.lock().unwrap().iter().all(|&n| n <= CAP));
     }
 }
