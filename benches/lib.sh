@@ -30,6 +30,7 @@ tool_hint() {
     dig) echo "apt-get install -y bind9-dnsutils" ;;
     openssl) echo "apt-get install -y openssl" ;;
     unshare) echo "apt-get install -y util-linux" ;;
+    valgrind) echo "apt-get install -y valgrind" ;;
     *) echo "install $1" ;;
   esac
 }
