@@ -77,7 +77,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// `Host` that says otherwise (RFC 9112 §3.2.2: a proxy replaces it), and a service choosing
 /// its virtual host by that would serve an app the policy never decided on.
 pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, https: bool, host: &str) {
-    if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
+    if let Some(v) = ip_value(client) {
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(
@@ -92,6 +92,36 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, https: bool, host:
         Err(_) => {
             headers.remove(X_FORWARDED_HOST);
         }
+    }
+}
+
+/// `ip` as a header value. IPv4 (most clients) is written digit by digit: through `core::fmt`
+/// it was ~40 % of `set_forwarded`'s cost and ~1.7 % of the gateway's instructions per proxied
+/// request (callgrind, `benches/front_cost.sh`).
+fn ip_value(ip: IpAddr) -> Option<HeaderValue> {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut buf = [0u8; 15];
+            let mut n = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[n] = b'.';
+                    n += 1;
+                }
+                if octet >= 100 {
+                    buf[n] = b'0' + octet / 100;
+                    n += 1;
+                }
+                if octet >= 10 {
+                    buf[n] = b'0' + octet / 10 % 10;
+                    n += 1;
+                }
+                buf[n] = b'0' + octet % 10;
+                n += 1;
+            }
+            HeaderValue::from_bytes(&buf[..n]).ok()
+        }
+        IpAddr::V6(_) => HeaderValue::from_str(&ip.to_string()).ok(),
     }
 }
 
@@ -173,6 +203,24 @@ mod tests {
         assert_eq!(h.get(X_FORWARDED_PROTO).unwrap(), "https");
         assert_eq!(h.get(X_FORWARDED_HOST).unwrap(), "alice.example");
         assert_eq!(h.get(header::HOST).unwrap(), "alice.example");
+    }
+
+    #[test]
+    fn client_addresses_are_written_as_std_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.0.0.1",
+            "192.0.2.7",
+            "100.64.9.99",
+            "1.20.100.0",
+            "::1",
+            "2001:db8::7",
+            "::ffff:192.0.2.7",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_value(ip).unwrap(), ip.to_string().as_str());
+        }
     }
 
     #[test]
