@@ -453,7 +453,7 @@ mod tests {
     use std::error::Error;
     use std::io::{self, Write};
     use std::sync::{Arc, Mutex};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     use tracing::{debug, error, info, info_span, trace, warn};
     use tracing_subscriber::fmt::time::FormatTime;
     use tracing_subscriber::fmt::MakeWriter;
@@ -767,62 +767,6 @@ mod tests {
             );
             assert_eq!(timestamp(t), want, "at {secs}");
             secs += 287_777;
-        }
-    }
-
-    /// Prints the time each formatter takes for the production line, in a span as in the
-    /// gateway. Meaningful only optimized:
-    /// `CARGO_PROFILE_TEST_OPT_LEVEL=3 cargo test -p zonegate --lib format_speed -- --ignored --nocapture`
-    #[test]
-    #[ignore]
-    fn format_speed() {
-        const N: u32 = 100_000;
-        fn run(plain: bool) -> Duration {
-            let builder = tracing_subscriber::fmt()
-                .with_writer(io::sink)
-                .with_ansi(false)
-                .with_target(false);
-            let emit = || {
-                let addr: std::net::SocketAddr = "127.0.0.1:33680".parse().unwrap();
-                let span = info_span!("http", client = %addr, scheme = "http");
-                let _s = span.enter();
-                let start = Instant::now();
-                for n in 0..N {
-                    info!(
-                        app = %"web",
-                        device = %"n1",
-                        client = %addr,
-                        method = %"GET",
-                        path = %"/",
-                        status = 200u16,
-                        bytes_in = 0u64,
-                        bytes_out = u64::from(n),
-                        ms = 2u64,
-                        error = "",
-                        "http request"
-                    );
-                }
-                start.elapsed()
-            };
-            if plain {
-                tracing::subscriber::with_default(
-                    builder.event_format(PlainFormat::new()).finish(),
-                    emit,
-                )
-            } else {
-                tracing::subscriber::with_default(builder.finish(), emit)
-            }
-        }
-        for _ in 0..2 {
-            let default = run(false);
-            let plain = run(true);
-            println!(
-                "{N} lines: default format {:?} ({} ns/line), PlainFormat {:?} ({} ns/line)",
-                default,
-                default.as_nanos() / u128::from(N),
-                plain,
-                plain.as_nanos() / u128::from(N)
-            );
         }
     }
 }

@@ -162,10 +162,10 @@ impl Body for Driven {
         let r = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
         match &r {
             Some(Err(_)) => this.up = None,
+            None => this.finish(cx),
             // A body of known length is over with its last frame, and hyper's server then
             // drops it without polling for the end: pool the connection now.
-            _ if this.inner.is_end_stream() => this.finish(cx),
-            None => this.finish(cx),
+            Some(Ok(_)) if this.inner.is_end_stream() => this.finish(cx),
             Some(Ok(_)) => {}
         }
         Poll::Ready(r)
