@@ -84,3 +84,32 @@ pub fn zone_with_devices(dir: &Path) -> PathBuf {
     ok(["device", "add", "home1", "--zone", zs, "--role", "node"]);
     z
 }
+
+/// Environment variable naming the one test a child process of this test binary runs.
+const ISOLATED: &str = "ZONEGATE_TEST_ISOLATED";
+
+/// For tests that measure this process (peak RSS): `cargo test` runs every test of the binary
+/// as threads of one process, so what the others allocate at the same time would count
+/// against the measuring test. Returns `true` in a child process that runs only test `name`
+/// (the caller then runs its body); otherwise starts that child, asserts it passed (its output
+/// is passed through) and returns `false`.
+pub fn in_isolated_process(name: &str) -> bool {
+    if std::env::var(ISOLATED).as_deref() == Ok(name) {
+        return true;
+    }
+    let exe = std::env::current_exe().expect("path of the test binary");
+    let o = Command::new(exe)
+        .args([name, "--exact", "--test-threads=1", "--nocapture"])
+        .env(ISOLATED, name)
+        .output()
+        .expect("run the test binary again for one test");
+    let out = String::from_utf8_lossy(&o.stdout);
+    eprintln!("{}{}", out, String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "isolated run of {name} failed");
+    // A filter that matched nothing would "pass" without running the body.
+    assert!(
+        out.contains("1 passed"),
+        "isolated run of {name} did not run exactly that test"
+    );
+    false
+}

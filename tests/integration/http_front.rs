@@ -691,6 +691,12 @@ async fn large_bodies_stream_both_ways_with_flat_memory() {
     /// Growth allowed: buffers and flow-control windows (QUIC allows 32 MiB in flight per
     /// connection), far below the 256 MiB a buffering proxy would hold.
     const MAX_GROWTH_KB: u64 = 96 * 1024;
+    // Peak RSS is per process: measured in a process of its own, not next to other tests.
+    if !crate::common::in_isolated_process(
+        "http_front::large_bodies_stream_both_ways_with_flat_memory",
+    ) {
+        return;
+    }
     let h = start().await;
     let (rss0, _) = mem_kb();
 
