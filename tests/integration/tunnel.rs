@@ -415,3 +415,123 @@ async fn tcp_app_bandwidth_limit_paces_the_transfer() {
     );
     gw.shutdown.cancel();
 }
+
+/// A TCP service that echoes until its connection ends, then reports how it ended: `Ok(())`
+/// for a clean end of stream, the error kind otherwise. Also hands out each accepted stream's
+/// write half owner (the test may reset it).
+async fn reporting_echo() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Result<(), std::io::ErrorKind>>,
+    tokio::sync::mpsc::UnboundedReceiver<tokio::net::TcpStream>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (ended_tx, ended) = tokio::sync::mpsc::unbounded_channel();
+    let (conn_tx, conns) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let ended_tx = ended_tx.clone();
+            let conn_tx = conn_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => {
+                            let _ = ended_tx.send(Ok(()));
+                            return;
+                        }
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                let _ = ended_tx.send(Err(std::io::ErrorKind::BrokenPipe));
+                                return;
+                            }
+                            if &buf[..n] == b"now reset me" {
+                                let _ = conn_tx.send(s);
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = ended_tx.send(Err(e.kind()));
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, ended, conns)
+}
+
+/// How the reporting echo's next connection ended.
+async fn next_end(
+    ended: &mut tokio::sync::mpsc::UnboundedReceiver<Result<(), std::io::ErrorKind>>,
+) -> Result<(), std::io::ErrorKind> {
+    tokio::time::timeout(WAIT, ended.recv())
+        .await
+        .expect("the service saw its connection end")
+        .expect("the service runs")
+}
+
+/// A connection that ends abortively on one side must end abortively on the other, across
+/// gateway and agent (TCP RST → QUIC RESET_STREAM/STOP_SENDING → TCP RST), never as a clean
+/// end of stream that would make a truncated transfer look complete; a clean half-close must
+/// stay a half-close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_and_half_closes_cross_the_tunnel_as_they_are() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let z = TestZone::new(&["home1"]);
+    z.write_policy("apps.toml", policy_tcp_udp_mesh());
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_secs(1)).await;
+    let (echo, mut ended, mut conns) = reporting_echo().await;
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("echo", echo, ServiceProto::Tcp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("agent connected", WAIT, || gw.hub.agents().len() == 1).await;
+    let app = gw.apps["echo"];
+
+    // Client half-closes: the service sees a clean end, and its echo still comes back.
+    let mut c = tokio::net::TcpStream::connect(app).await.unwrap();
+    c.write_all(b"all of it").await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"all of it");
+    assert_eq!(next_end(&mut ended).await, Ok(()));
+
+    // Client resets mid-connection: the service sees a reset, not an end of stream.
+    let mut c = tokio::net::TcpStream::connect(app).await.unwrap();
+    c.write_all(b"part of a request").await.unwrap();
+    let mut got = [0u8; 17];
+    c.read_exact(&mut got).await.unwrap();
+    c.set_zero_linger().unwrap();
+    drop(c);
+    assert_eq!(
+        next_end(&mut ended).await,
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
+
+    // The service resets: the client sees a reset too.
+    let mut c = tokio::net::TcpStream::connect(app).await.unwrap();
+    c.write_all(b"now reset me").await.unwrap();
+    let mut got = [0u8; 12];
+    c.read_exact(&mut got).await.unwrap();
+    let s = tokio::time::timeout(WAIT, conns.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    s.set_zero_linger().unwrap();
+    drop(s);
+    let mut rest = Vec::new();
+    let e = tokio::time::timeout(WAIT, c.read_to_end(&mut rest))
+        .await
+        .expect("the client saw its connection end")
+        .expect_err("a reset, not an end of stream");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    gw.shutdown.cancel();
+}
