@@ -20,11 +20,13 @@ const DEFAULT_HTTP: &str = "0.0.0.0:80";
 const DEFAULT_HTTPS: &str = "0.0.0.0:443";
 const DEFAULT_DNS: &str = "0.0.0.0:53";
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
+/// The async runtime: `threads` workers, or one per CPU core.
+fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        b.worker_threads(n);
+    }
+    b.enable_all().build().context("starting the async runtime")
 }
 
 /// Cancels `token` on SIGTERM or SIGINT.
@@ -53,6 +55,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     let services = Arc::new(config::services(&f.services)?);
     let forwards = config::forwards(&f.forward, &f.device)?;
     let tuning = config::tuning(&f.tunnel)?;
+    let threads = config::threads(&a.config, f.threads)?;
     let creds = DeviceCreds::load(
         &config::bundle(&a.config, &f.key, &f.cert, &f.ca, &f.zone_config),
         Some(&f.device),
@@ -111,7 +114,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         http_tuning: Default::default(),
         dns: config::ListenSetting::resolve(f.dns, DEFAULT_DNS),
     };
-    runtime()?.block_on(async move {
+    runtime(threads)?.block_on(async move {
         let shutdown = CancellationToken::new();
         let gw = gateway::Gateway::bind(opts, shutdown.clone()).await?;
         tokio::spawn(on_signal(shutdown.clone()));
@@ -133,6 +136,7 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
     let services = Arc::new(config::services(&f.services)?);
     let forwards = config::forwards(&f.forward, &f.device)?;
     let tuning = config::tuning(&f.tunnel)?;
+    let threads = config::threads(&a.config, f.threads)?.unwrap_or(config::NODE_THREADS);
     let paths = config::bundle(&a.config, &f.key, &f.cert, &f.ca, &f.zone_config);
     if let Some(server) = a.bootstrap_dns.or(f.bootstrap_dns) {
         bootstrap(&f.domain, server, &paths)?;
@@ -143,7 +147,7 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
             .parse()
             .expect("valid default")
     });
-    runtime()?.block_on(async move {
+    runtime(Some(threads))?.block_on(async move {
         let endpoint = tunnel::transport::client_endpoint(
             "0.0.0.0:0".parse().expect("valid"),
             &creds,
@@ -187,7 +191,7 @@ pub fn files(dir: std::path::PathBuf, listen: std::net::SocketAddr) -> anyhow::R
     if !dir.is_dir() {
         return Err(UsageError(format!("--dir {}: not a directory", dir.display())).into());
     }
-    runtime()?.block_on(async move {
+    runtime(None)?.block_on(async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signal(shutdown.clone()));
         crate::files::run(dir, listen, shutdown)

@@ -366,6 +366,12 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
     assert!(e.contains("node.toml:") && e.contains("frobnicate"), "{e}");
     std::fs::write(&node, &text).unwrap();
 
+    // A worker thread count of 0 would start a runtime that runs nothing.
+    std::fs::write(&node, format!("threads = 0\n{text}")).unwrap();
+    let e = fails(2, ["node", "--config", nodes]);
+    assert!(e.contains("threads = 0") && e.contains("1 to 1024"), "{e}");
+    std::fs::write(&node, &text).unwrap();
+
     // Bad flags.
     let e = fails(2, ["node", "--config", nodes, "--service", "web=localhost"]);
     assert!(e.contains("NAME=HOST:PORT"), "{e}");
