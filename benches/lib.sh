@@ -31,6 +31,7 @@ tool_hint() {
     openssl) echo "apt-get install -y openssl" ;;
     unshare) echo "apt-get install -y util-linux" ;;
     valgrind) echo "apt-get install -y valgrind" ;;
+    nstat) echo "apt-get install -y iproute2" ;;
     *) echo "install $1" ;;
   esac
 }

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# ab.sh - interleaved A/B of zonegate variants on one workload, with the CPU each process
+# spent: on this 2-core VM req/s and Gbit/s move ±15 % from run to run, CPU per unit of work
+# much less, so a change is judged by both.
+#
+# Usage: benches/ab.sh front|bulk VARIANT...
+#   VARIANT: a zonegate binary, optionally @N for N node worker threads (`threads = N` in
+#            node.toml), e.g. `benches/ab.sh front target/release/zonegate@2 target/release/zonegate@1`
+#   front: wrk -t1 -c32 -d$SECS through the gateway's HTTP front to nginx on the node's side;
+#          prints req/s, p99 and gateway/node CPU µs per request
+#   bulk:  iperf3 -t$SECS through a public tcp app, upload then download (-R); prints Gbit/s,
+#          gateway/node CPU seconds per GB moved and the namespace's UDP receive-buffer overflows
+#   ROUNDS=4 rounds; each round starts every variant afresh (gateway + node), order as given.
+# Runs as root in a private network namespace like the other scripts (benches/lib.sh).
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-4}
+# shellcheck source=benches/lib.sh
+source "$(dirname "$0")/lib.sh"
+
+if ! in_netns "$@"; then
+  if [[ $# -lt 2 || ($1 != front && $1 != bulk) ]]; then
+    echo "usage: $0 front|bulk ZONEGATE_BINARY[@NODE_THREADS]..." >&2
+    exit 2
+  fi
+  for v in "${@:2}"; do
+    [[ -x ${v%@*} ]] || { echo "not an executable: ${v%@*}" >&2; exit 2; }
+  done
+  if [[ $1 == front ]]; then need_tools wrk nginx python3 unshare; else need_tools iperf3 python3 nstat unshare; fi
+  export ROUNDS SECS="${SECS:-}"
+  enter_netns "$0" "$@"
+fi
+
+# ---- inside the private namespace ----
+shift # --inside
+MODE=$1
+shift
+SECS=${SECS:-$([[ $MODE == front ]] && echo 5 || echo 8)}
+ZONEGATE=${1%@*} # lib.sh's zone helpers run the first variant's binary
+netns_init
+
+Z=$tmp/zone
+zone_create "$Z" bench.example gw=127.0.0.1:4433 n1
+cat >"$Z/devices/gw/policies/bench.toml" <<'EOF'
+[app.iperf]
+tcp = { listen = "127.0.0.1:15201" }
+to = "n1/iperf"
+allow = { from = ["public"] }
+
+[app.web]
+http = { host = "bench.example" }
+to = "n1/http"
+allow = { from = ["public"] }
+EOF
+gw_conf=$Z/devices/gw/gateway.toml
+conf_set "$gw_conf" http '"127.0.0.1:18080"'
+conf_set "$gw_conf" https '"off"'
+conf_set "$gw_conf" dns '"off"'
+node_conf=$Z/devices/n1/node.toml
+cp "$node_conf" "$tmp/node.base.toml"
+
+if [[ $MODE == front ]]; then
+  nginx_start nginx-backend "
+  access_log off;
+  server { listen 127.0.0.1:8000 backlog=4096; location / { return 200 \"ok\n\"; } }"
+else
+  start iperf3-server iperf3 -s -p 5201
+fi
+
+ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; } # utime + stime, clock ticks
+hz=$(getconf CLK_TCK)
+export NSTAT_HISTORY=$tmp/nstat.history # nstat keeps its history per user, not per namespace
+
+for ((round = 1; round <= ROUNDS; round++)); do
+  for v in "$@"; do
+    bin=${v%@*}
+    threads=
+    [[ $v == *@* ]] && threads=${v##*@}
+    # `threads` is a top-level key: it goes before the file's first table.
+    { [[ -n $threads ]] && echo "threads = $threads"; cat "$tmp/node.base.toml"; } >"$node_conf"
+    start gw "$bin" gateway --config "$gw_conf"
+    start node "$bin" node --config "$node_conf" --service http=127.0.0.1:8000 \
+      --service iperf=127.0.0.1:5201
+    wait_agents 127.0.0.1:9090 1 20 >/dev/null || { tail -n 20 "$tmp"/gw.log "$tmp"/node.log >&2; exit 1; }
+    if [[ $MODE == front ]]; then
+      http_ready http://127.0.0.1:18080/ bench.example 30
+      g0=$(ticks "${PID[gw]}") n0=$(ticks "${PID[node]}")
+      out=$(wrk -t1 -c32 -d"${SECS}s" --latency -H 'Host: bench.example' http://127.0.0.1:18080/)
+      g1=$(ticks "${PID[gw]}") n1=$(ticks "${PID[node]}")
+      reqs=$(awk '/requests in/ { print $1 }' <<<"$out")
+      rps=$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")
+      p99=$(awk '$1 == "99%" { print $2 }' <<<"$out")
+      python3 -c "import sys; g, n, r, hz = map(float, sys.argv[1:5]); print('%-40s round %d: req/s %8.0f  p99 %-7s gateway %5.1f us/req  node %5.1f us/req' % (sys.argv[5], $round, float(sys.argv[6]), sys.argv[7], g * 1e6 / hz / r, n * 1e6 / hz / r))" \
+        "$((g1 - g0))" "$((n1 - n0))" "$reqs" "$hz" "$v" "$rps" "$p99"
+    else
+      for dir in up down; do
+        flag=
+        [[ $dir == down ]] && flag=-R
+        nstat -n >/dev/null # reset nstat's history: the next call prints the delta
+        g0=$(ticks "${PID[gw]}") n0=$(ticks "${PID[node]}")
+        json=$(iperf3 -c 127.0.0.1 -p 15201 -t "$SECS" -J $flag)
+        g1=$(ticks "${PID[gw]}") n1=$(ticks "${PID[node]}")
+        overflows=$(nstat -z UdpRcvbufErrors | awk '$1 == "UdpRcvbufErrors" { print $2 }')
+        python3 -c "
+import json, sys
+d = json.loads(sys.argv[1])['end']['sum_received']
+g, n, hz = map(float, sys.argv[2:5])
+gb = d['bytes'] / 1e9
+print('%-40s round %d: %-4s %5.2f Gbit/s  gateway %5.2f s/GB  node %5.2f s/GB  UDP overflows %s' % (sys.argv[5], $round, sys.argv[6], d['bits_per_second'] / 1e9, g / hz / gb, n / hz / gb, sys.argv[7]))" \
+          "$json" "$((g1 - g0))" "$((n1 - n0))" "$hz" "$v" "$dir" "${overflows:-?}"
+      done
+    fi
+    stop gw || true
+    stop node || true
+  done
+done
