@@ -101,6 +101,14 @@ async fn tcp_udp_and_mesh_through_the_gateway() {
     let st = gw.hub.status();
     let h1 = st.iter().find(|a| a.device == "home1").unwrap();
     assert_eq!(h1.services.len(), 2);
+    // The device's byte totals include the public TCP connection's 1 MiB each way (and the
+    // mesh stream relayed to it), not only UDP and mesh traffic.
+    assert!(
+        h1.bytes_to > 1 << 20 && h1.bytes_from > 1 << 20,
+        "home1 bytes to {} from {}",
+        h1.bytes_to,
+        h1.bytes_from
+    );
     let active = gw.hub.policy().current();
     let snap = active.snapshot();
     let echo_c = &snap.iter().find(|(n, _)| n == "echo").unwrap().1;

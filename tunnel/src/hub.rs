@@ -73,9 +73,11 @@ pub struct AgentLink {
     ctl: ControlHandle,
     flows: Mutex<HashMap<u32, mpsc::Sender<Bytes>>>,
     pub streams: AtomicU64,
-    /// Payload bytes sent to / received from the device over streams.
-    pub bytes_to: AtomicU64,
-    pub bytes_from: AtomicU64,
+    /// Payload bytes sent to / received from the device over its connection: streams the
+    /// gateway opens to it (public TCP, HTTP front, mesh relay's far side), mesh streams it
+    /// opens, and UDP flows. Shared with the metered streams ([`QuicStream::metered`]).
+    pub bytes_to: Arc<AtomicU64>,
+    pub bytes_from: Arc<AtomicU64>,
 }
 
 impl AgentLink {
@@ -486,8 +488,8 @@ impl Hub {
             ctl,
             flows: Mutex::new(HashMap::new()),
             streams: AtomicU64::new(0),
-            bytes_to: AtomicU64::new(0),
-            bytes_from: AtomicU64::new(0),
+            bytes_to: Arc::default(),
+            bytes_from: Arc::default(),
         });
         if let Some(old) = self
             .0
@@ -799,7 +801,11 @@ impl Hub {
         };
         let s = stream::open(&link.conn, device, &header, self.0.cfg.tuning.open_timeout).await?;
         link.streams.fetch_add(1, Ordering::Relaxed);
-        Ok(Upstream::Quic(Box::new(s)))
+        let meter = stream::StreamMeter {
+            sent: link.bytes_to.clone(),
+            received: link.bytes_from.clone(),
+        };
+        Ok(Upstream::Quic(Box::new(s.metered(meter))))
     }
 
     /// Opens a UDP flow to `service` on `device`; datagrams from the service arrive on the

@@ -3,6 +3,8 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,11 +25,31 @@ pub struct QuicStream {
     pub send: SendStream,
     pub recv: RecvStream,
     prefix: Bytes,
+    meter: Option<StreamMeter>,
+}
+
+/// Totals a stream adds the payload it moves to (on the gateway: the device's, for `/status`
+/// and `/metrics`). Added per read or write call, not per byte.
+#[derive(Debug, Clone)]
+pub struct StreamMeter {
+    pub sent: Arc<AtomicU64>,
+    pub received: Arc<AtomicU64>,
 }
 
 impl QuicStream {
     pub fn new(send: SendStream, recv: RecvStream, prefix: Bytes) -> Self {
-        QuicStream { send, recv, prefix }
+        QuicStream {
+            send,
+            recv,
+            prefix,
+            meter: None,
+        }
+    }
+
+    /// Counts the payload written to and read from this stream into `meter`.
+    pub fn metered(mut self, meter: StreamMeter) -> Self {
+        self.meter = Some(meter);
+        self
     }
 }
 
@@ -37,13 +59,22 @@ impl AsyncRead for QuicStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
+        let before = buf.filled().len();
+        let r = if !self.prefix.is_empty() {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
+            Poll::Ready(Ok(()))
+        } else {
+            Pin::new(&mut self.recv).poll_read(cx, buf)
+        };
+        if let Some(m) = &self.meter {
+            let n = buf.filled().len() - before;
+            if n > 0 {
+                m.received.fetch_add(n as u64, Ordering::Relaxed);
+            }
         }
-        Pin::new(&mut self.recv).poll_read(cx, buf)
+        r
     }
 }
 
@@ -53,7 +84,11 @@ impl AsyncWrite for QuicStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf).map_err(io::Error::other)
+        let r = AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf).map_err(io::Error::other);
+        if let (Some(m), Poll::Ready(Ok(n))) = (&self.meter, &r) {
+            m.sent.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.send).poll_flush(cx)
