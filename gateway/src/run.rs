@@ -314,7 +314,7 @@ impl Gateway {
     }
 }
 
-/// `/metrics`: HTTP requests and latency, app counters, tunnel gauges.
+/// `/metrics`: HTTP requests and latency, app counters, tunnel gauges, agent handshakes.
 fn metrics_text(front: &Front) -> String {
     let hub = front.hub();
     let mut out = String::new();
@@ -331,6 +331,7 @@ fn metrics_text(front: &Front) -> String {
         front.pool().idle_count(),
         &mut out,
     );
+    front::metrics::render_handshakes(&hub.handshake_stats(), &mut out);
     out
 }
 

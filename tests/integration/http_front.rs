@@ -616,9 +616,19 @@ async fn errors_are_distinct_and_short() {
         "zonegate_http_requests_total{app=\"web\",code=\"504\"} 1",
         "zonegate_http_requests_total{app=\"limited\",code=\"429\"} 1",
         "zonegate_app_refusals_total{app=\"limited\",reason=\"rate_limited\"} 1",
+        // The agent's connection went through the handshake gate; nothing was refused.
+        "zonegate_tunnel_handshake_attempts_total{outcome=\"refused\"} 0",
     ] {
         assert!(m.contains(line), "missing {line}:\n{m}");
     }
+    let admitted: u64 = m
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("zonegate_tunnel_handshake_attempts_total{outcome=\"admitted\"} ")
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no admitted handshakes line:\n{m}"));
+    assert!(admitted >= 1, "{admitted}");
 }
 
 /// The product's quick start: `policies/examples/dfs.toml` makes `/dfs` a read-only public

@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use tunnel::admit::GateStats;
 use tunnel::status::AgentStatus;
 
 /// The app label of requests that matched no app.
@@ -90,6 +91,39 @@ impl HttpMetrics {
                 a.count, a.sum, a.count
             );
         }
+    }
+}
+
+/// Agent handshakes at the gateway's QUIC endpoint ([`tunnel::admit::HandshakeGate`]): how a
+/// flood of connection attempts is being absorbed (Retry, refusals), which otherwise shows
+/// only as one log line when it starts and one when it ends.
+pub fn render_handshakes(g: &GateStats, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "# HELP zonegate_tunnel_handshakes_in_flight Agent handshakes in progress
+# TYPE zonegate_tunnel_handshakes_in_flight gauge
+zonegate_tunnel_handshakes_in_flight {}",
+        g.in_flight
+    );
+    let _ = writeln!(
+        out,
+        "# HELP zonegate_tunnel_handshakes_peak Most agent handshakes in progress at once
+# TYPE zonegate_tunnel_handshakes_peak gauge
+zonegate_tunnel_handshakes_peak {}",
+        g.peak
+    );
+    let name = "zonegate_tunnel_handshake_attempts_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} QUIC connection attempts at the tunnel endpoint, by outcome: admitted to a handshake, answered with a Retry (address validation under load), refused (too many in progress)
+# TYPE {name} counter"
+    );
+    for (outcome, n) in [
+        ("admitted", g.admitted),
+        ("retried", g.retried),
+        ("refused", g.refused),
+    ] {
+        let _ = writeln!(out, "{name}{{outcome=\"{outcome}\"}} {n}");
     }
 }
 
@@ -214,5 +248,28 @@ mod tests {
         assert!(s.contains("zonegate_tunnel_agents 0\n"));
         assert!(s.contains("zonegate_zone_health{colour=\"red\"} 1\n"));
         assert!(s.contains("zonegate_zone_health{colour=\"green\"} 0\n"));
+    }
+
+    #[test]
+    fn handshake_counters() {
+        let mut s = String::new();
+        let g = GateStats {
+            in_flight: 3,
+            peak: 40,
+            admitted: 1000,
+            retried: 25,
+            refused: 7,
+        };
+        render_handshakes(&g, &mut s);
+        for line in [
+            "zonegate_tunnel_handshakes_in_flight 3\n",
+            "zonegate_tunnel_handshakes_peak 40\n",
+            "zonegate_tunnel_handshake_attempts_total{outcome=\"admitted\"} 1000\n",
+            "zonegate_tunnel_handshake_attempts_total{outcome=\"retried\"} 25\n",
+            "zonegate_tunnel_handshake_attempts_total{outcome=\"refused\"} 7\n",
+            "# TYPE zonegate_tunnel_handshake_attempts_total counter\n",
+        ] {
+            assert!(s.contains(line), "{line} missing in:\n{s}");
+        }
     }
 }
