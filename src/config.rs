@@ -73,7 +73,7 @@ pub struct NodeFile {
 
 /// Worker threads of a node agent by default. One: the agent shares its device with the
 /// services it exposes, and one thread carries far more than a home uplink (on the 2-core
-/// bench machine ~5 Gbit/s of tunnel traffic); measured against two threads, it also spends
+/// bench machine 4-5 Gbit/s of tunnel traffic); measured against two threads, it also spends
 /// less CPU per request and per byte (fewer cross-thread wake-ups; benches/RESULTS.md).
 pub const NODE_THREADS: usize = 1;
 /// Upper bound of the `threads` key: a typo (`threads = 10000`) is an error, not 10,000 threads.
