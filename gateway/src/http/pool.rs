@@ -102,14 +102,25 @@ impl Upstream {
         .await
     }
 
+    /// Ready(true) once the connection can take another request, Ready(false) if it ended.
+    fn poll_reusable(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        if !self.poll_conn(cx) {
+            return Poll::Ready(false);
+        }
+        self.tx.poll_ready(cx).map(|r| r.is_ok())
+    }
+
     /// The connection future, for a task of its own: after a `101 Switching Protocols` it
     /// must run on to hand over the upgraded stream, whoever reads the response.
-    pub fn into_conn(self) -> Option<impl Future<Output = ()> + Send + 'static> {
-        let conn = self.conn?;
-        Some(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "upstream connection ended with an error");
-            }
+    pub fn into_conn(mut self) -> Option<impl Future<Output = ()> + Send + 'static> {
+        self.conn.is_some().then(|| {
+            std::future::poll_fn(move |cx| {
+                if self.poll_conn(cx) {
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            })
         })
     }
 }
@@ -135,12 +146,9 @@ impl Driven {
         let Some((pool, key, mut up)) = self.up.take() else {
             return;
         };
-        if !up.poll_conn(cx) {
-            return;
-        }
-        match up.tx.poll_ready(cx) {
-            Poll::Ready(Ok(())) => pool.put(key, up),
-            Poll::Ready(Err(_)) => {}
+        match up.poll_reusable(cx) {
+            Poll::Ready(true) => pool.put(key, up),
+            Poll::Ready(false) => {}
             Poll::Pending => pool.recycle(key, up),
         }
     }
@@ -240,14 +248,7 @@ impl Pool {
         };
         let pool = self.clone();
         rt.spawn(async move {
-            let ready = std::future::poll_fn(|cx| {
-                if !up.poll_conn(cx) {
-                    return Poll::Ready(false);
-                }
-                up.tx.poll_ready(cx).map(|r| r.is_ok())
-            })
-            .await;
-            if ready {
+            if std::future::poll_fn(|cx| up.poll_reusable(cx)).await {
                 pool.put(key, up);
             }
         });
