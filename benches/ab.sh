@@ -53,16 +53,12 @@ to = "n1/http"
 allow = { from = ["public"] }
 EOF
 gw_conf=$Z/devices/gw/gateway.toml
-conf_set "$gw_conf" http '"127.0.0.1:18080"'
-conf_set "$gw_conf" https '"off"'
-conf_set "$gw_conf" dns '"off"'
+front_only "$gw_conf"
 node_conf=$Z/devices/n1/node.toml
 cp "$node_conf" "$tmp/node.base.toml"
 
 if [[ $MODE == front ]]; then
-  nginx_start nginx-backend "
-  access_log off;
-  server { listen 127.0.0.1:8000 backlog=4096; location / { return 200 \"ok\n\"; } }"
+  nginx_backend
 else
   start iperf3-server iperf3 -s -p 5201
 fi

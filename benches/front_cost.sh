@@ -36,9 +36,7 @@ fi
 # ---- inside the private namespace ----
 shift
 netns_init
-nginx_start nginx-backend "
-  access_log off;
-  server { listen 127.0.0.1:8000 backlog=4096; location / { return 200 \"ok\n\"; } }"
+nginx_backend
 port_ready 8000
 
 # run BINARY N - total instructions of a gateway that served N requests through the front.
@@ -53,9 +51,7 @@ to = "n1/http"
 allow = { from = ["public"] }
 EOF
   local conf=$dir/devices/gw/gateway.toml
-  conf_set "$conf" http '"127.0.0.1:18080"'
-  conf_set "$conf" https '"off"'
-  conf_set "$conf" dns '"off"'
+  front_only "$conf"
   out=$dir/callgrind.out
   start cg-gateway valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" gateway --config "$conf"
   start cg-node "$bin" node --config "$dir/devices/n1/node.toml" --service http=127.0.0.1:8000

@@ -269,3 +269,18 @@ http {
 EOF
   start "$name" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log"
 }
+
+# nginx_backend - the service every HTTP benchmark proxies to: nginx on 127.0.0.1:8000 answering
+# every request with 200 "ok", no access log.
+nginx_backend() {
+  nginx_start nginx-backend "
+  access_log off;
+  server { listen 127.0.0.1:8000 backlog=4096; location / { return 200 \"ok\n\"; } }"
+}
+
+# front_only GATEWAY_TOML - the gateway serves plain HTTP on 127.0.0.1:18080, no HTTPS, no DNS.
+front_only() {
+  conf_set "$1" http '"127.0.0.1:18080"'
+  conf_set "$1" https '"off"'
+  conf_set "$1" dns '"off"'
+}

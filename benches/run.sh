@@ -108,9 +108,7 @@ rotated() {
 # contenders for bulk / conn / http
 setup_contenders() {
   start iperf3-server iperf3 -s -p 5201
-  nginx_start nginx-backend "
-  access_log off;
-  server { listen 127.0.0.1:8000 backlog=4096; location / { return 200 \"ok\n\"; } }"
+  nginx_backend
   if has http; then
     nginx_start nginx-rp "
   access_log $tmp/nginx-rp/access.log;
@@ -149,9 +147,7 @@ to = "n1/http"
 allow = { from = ["public"] }
 EOF
   local gw_conf=$Z/devices/gw/gateway.toml
-  conf_set "$gw_conf" http '"127.0.0.1:18080"'
-  conf_set "$gw_conf" https '"off"'
-  conf_set "$gw_conf" dns '"off"'
+  front_only "$gw_conf"
   start zg-gateway "$ZONEGATE" gateway --config "$gw_conf"
   start zg-node "$ZONEGATE" node --config "$Z/devices/n1/node.toml" \
     --service iperf=127.0.0.1:5201 --service http=127.0.0.1:8000

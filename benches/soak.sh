@@ -105,9 +105,7 @@ conf_set "$gw_conf" dns '"127.0.0.1:5353"'
 conf_set "$Z/devices/n2/node.toml" admin '"127.0.0.1:9092"'
 
 start iperf3-server iperf3 -s -p 5201
-nginx_start nginx-backend "
-  access_log off;
-  server { listen 127.0.0.1:8000 backlog=4096; location / { return 200 \"ok\n\"; } }"
+nginx_backend
 start udp-echo python3 "$bench_dir/soak_tools.py" udp-echo 127.0.0.1:7001
 start gw "$ZONEGATE" gateway --config "$gw_conf"
 # N1_WRAP (a command prefix, e.g. `heaptrack -o /tmp/n1`) runs agent n1 under a profiler; its
