@@ -79,6 +79,15 @@ async fn relay_sees_only_ciphertext_then_streams_go_direct_and_survive_the_gatew
         !contains(&seen, MARKER),
         "the relay saw plaintext: the marker is in its byte path"
     );
+    // A forward's counters are recorded when its connection has ended, which can be just
+    // after the client read the end of the echo.
+    wait_until("the relayed stream is counted", WAIT, || {
+        h2.agent
+            .peers()
+            .iter()
+            .any(|p| p.device == "home1" && p.streams_relay + p.streams_direct > 0)
+    })
+    .await;
     let p2 = h2.agent.peers();
     let to_h1 = p2.iter().find(|p| p.device == "home1").expect("peer home1");
     assert_eq!(to_h1.streams_relay, 1, "{to_h1:?}");
@@ -124,6 +133,13 @@ async fn relay_sees_only_ciphertext_then_streams_go_direct_and_survive_the_gatew
         relayed_before,
         "second stream went through the relay"
     );
+    wait_until("the direct stream is counted", WAIT, || {
+        h2.agent
+            .peers()
+            .iter()
+            .any(|p| p.device == "home1" && p.streams_relay + p.streams_direct > 1)
+    })
+    .await;
     let to_h1 = h2
         .agent
         .peers()
