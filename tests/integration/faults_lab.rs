@@ -8,7 +8,8 @@
 //!   that `natlab.sh divert-udp` puts on the tunnel's UDP path): transfers both ways complete
 //!   with identical bytes.
 //! - the gateway SIGKILLed mid-transfer: the clients see a short or failed transfer, never wrong
-//!   bytes; agents come back to the restarted gateway; then a restart with a changed zone.json
+//!   bytes; agents come back to the restarted gateway; SIGKILLed idle and restarted at once, its
+//!   stateless resets (not the agents' idle timeout) tell them their connections are gone; then a restart with a changed zone.json
 //!   (a device revoked, one added): the others reconnect and work, the revoked one is refused,
 //!   the new one connects.
 //! - the node agent SIGKILLed mid-transfer and restarted; the NAT routers' mappings flushed
@@ -567,6 +568,36 @@ fn lab_faults_gateway_sigkill_mid_transfer_then_restart_with_changed_zone() {
         assert_transfer(&w, host, &Xfer::new(op, port, 8 * MIB));
     }
 
+    // An idle gateway SIGKILLed and restarted at once (as a service manager does): the agents'
+    // next packets on their old connections reach the new gateway, which answers with a
+    // stateless reset (same reset key and CID key, derived from its device key). Without that
+    // they would wait out the idle timeout (30 s by default) before reconnecting.
+    let seen: Vec<usize> = ["home1", "home2"]
+        .iter()
+        .map(|d| tunnel_downs(&w, d).len())
+        .collect();
+    sigkill(&mut p.gw, "gateway (idle)");
+    let t2 = Instant::now();
+    p.gw = w.gateway();
+    w.wait_agents(
+        &mut p.gw,
+        &[("home1", &["xfer"]), ("home2", &["xfer"])],
+        READY,
+    );
+    eprintln!(
+        "[faults] idle agents back {} ms after an immediate restart",
+        t2.elapsed().as_millis()
+    );
+    for (dev, seen) in ["home1", "home2"].into_iter().zip(seen) {
+        let downs = tunnel_downs(&w, dev);
+        assert!(
+            downs[seen..].iter().any(|l| l.contains("reset by peer")),
+            "{dev}: expected its old connection ended by the new gateway's stateless reset, \
+             not its idle timeout; its tunnel-down lines since the kill: {:#?}",
+            &downs[seen..]
+        );
+    }
+
     // a changed zone.json: home2 revoked, home3 added; the gateway restarts with it (SIGTERM,
     // i.e. a drain, as a service manager restarts it)
     let z = path_str(&w.zone.dir);
@@ -623,6 +654,15 @@ fn lab_faults_gateway_sigkill_mid_transfer_then_restart_with_changed_zone() {
         "home1 kept the old zone: {n1}"
     );
     eprintln!("[faults] test took {} ms", t0.elapsed().as_millis());
+}
+
+/// The "tunnel down; reconnecting" lines of a node agent's log.
+fn tunnel_downs(w: &LabWorld, dev: &str) -> Vec<String> {
+    w.log_text(dev)
+        .lines()
+        .filter(|l| l.contains("tunnel down"))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Lines of the gateway's log that refuse a revoked device's connection from `from` (the log

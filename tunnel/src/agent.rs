@@ -432,7 +432,7 @@ impl Agent {
         let mut drain_deadline: Option<tokio::time::Instant> = None;
         loop {
             if let Err(e) = io.flush().await {
-                return format!("control stream: {e}");
+                return transport::stream_end(conn, &e);
             }
             let drain_sleep = async {
                 match drain_deadline {
@@ -449,7 +449,7 @@ impl Agent {
                     }
                     Ok(Some(ev)) => self.on_event(link, conn, &ctl, &flows, ev),
                     Ok(None) => return "gateway closed the control stream".into(),
-                    Err(e) => return format!("control stream: {e}"),
+                    Err(e) => return transport::stream_end(conn, &e),
                 },
                 cmd = cmds.recv() => if let Some(cmd) = cmd {
                     if let Err(e) = cmd(&mut io.session) {

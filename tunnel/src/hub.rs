@@ -28,7 +28,7 @@ use crate::services::LocalServices;
 use crate::splice::splice;
 use crate::status::{AgentStatus, MeshPairStatus, ServiceStatus};
 use crate::stream::{self, QuicStream};
-use crate::transport::{StreamBudget, Tuning, MAX_STREAMS_PER_CONNECTION};
+use crate::transport::{self, StreamBudget, Tuning, MAX_STREAMS_PER_CONNECTION};
 use crate::upstream::Upstream;
 
 /// Handshakes in progress at once. Beyond this new connection attempts are refused, so a
@@ -545,13 +545,13 @@ impl Hub {
     ) -> String {
         loop {
             if let Err(e) = io.flush().await {
-                return format!("control stream: {e}");
+                return transport::stream_end(&link.conn, &e);
             }
             tokio::select! {
                 ev = io.next_event() => match ev {
                     Ok(Some(ev)) => self.on_event(link, ev),
                     Ok(None) => return "agent closed the control stream".into(),
-                    Err(e) => return format!("control stream: {e}"),
+                    Err(e) => return transport::stream_end(&link.conn, &e),
                 },
                 cmd = cmds.recv() => match cmd {
                     Some(cmd) => if let Err(e) = cmd(&mut io.session) {
