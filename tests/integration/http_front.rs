@@ -11,7 +11,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -58,6 +58,11 @@ allow = { from = ["public"] }
 [app.offline]
 http = { host = "offline.alice.example" }
 to = "home2/web"
+allow = { from = ["public"] }
+
+[app.stale]
+http = { host = "stale.alice.example" }
+to = "home1/stale"
 allow = { from = ["public"] }
 
 [app.limited]
@@ -229,6 +234,71 @@ async fn start_backend(shutdown: CancellationToken) -> SocketAddr {
     addr
 }
 
+/// What [`start_stale_backend`] read: (connection number, request line), in order.
+type SeenRequests = Arc<Mutex<Vec<(u32, String)>>>;
+
+/// A service that answers the first request on each connection and keeps it open, then reads
+/// the second request and closes the connection without an answer (a reset on odd-numbered
+/// connections, a FIN on even ones): a service whose idle timeout fires just as the gateway
+/// reuses the connection, made to happen every time.
+async fn start_stale_backend(shutdown: CancellationToken) -> (SocketAddr, SeenRequests) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = SeenRequests::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        for conn in 1u32.. {
+            let (tcp, _) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = l.accept() => r.unwrap(),
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut tcp = BufReader::new(tcp);
+                for nth in 1.. {
+                    let mut head = String::new();
+                    let mut len = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        if tcp.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some((k, v)) = line.split_once(':') {
+                            if k.eq_ignore_ascii_case("content-length") {
+                                len = v.trim().parse().unwrap();
+                            }
+                        }
+                        if head.is_empty() {
+                            head = line.trim_end().to_owned();
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    tcp.read_exact(&mut body).await.unwrap();
+                    log.lock().unwrap().push((conn, head));
+                    if nth == 2 {
+                        // Unanswered: odd connections end with a reset, even ones with a FIN.
+                        if conn % 2 == 1 {
+                            tcp.get_ref().set_zero_linger().unwrap();
+                        }
+                        return;
+                    }
+                    let text = format!("connection {conn}, request {nth}");
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{text}",
+                        text.len()
+                    );
+                    tcp.get_mut().write_all(answer.as_bytes()).await.unwrap();
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Zone, gateway and agent.
 
@@ -240,6 +310,8 @@ struct Harness {
     /// The gateway's self-signed certificate, for `curl --cacert`.
     ca: PathBuf,
     hub: Hub,
+    /// Requests [`start_stale_backend`] (service `stale` on home1) read.
+    stale_seen: SeenRequests,
     shutdown: CancellationToken,
 }
 
@@ -297,6 +369,7 @@ async fn start() -> Harness {
     let policy = Arc::new(policies::PolicyStore::load(&pdir).expect("test policy loads"));
 
     let backend = start_backend(shutdown.clone()).await;
+    let (stale, stale_seen) = start_stale_backend(shutdown.clone()).await;
     let tuning = Tuning::default();
     let gw_creds = DeviceCreds::load(
         &bundle(&z, "gw", &zone_json),
@@ -354,6 +427,13 @@ async fn start() -> Harness {
     let services = LocalServices::new(BTreeMap::from([
         ("web".to_string(), svc),
         ("dfs".to_string(), svc),
+        (
+            "stale".to_string(),
+            LocalService {
+                addr: stale,
+                proto: ServiceProto::Tcp,
+            },
+        ),
     ]));
     let ep = tunnel::transport::client_endpoint(any, &creds, &tuning).unwrap();
     let agent = Agent::bind(
@@ -381,6 +461,7 @@ async fn start() -> Harness {
         admin,
         ca,
         hub,
+        stale_seen,
         shutdown,
     }
 }
@@ -629,6 +710,52 @@ async fn errors_are_distinct_and_short() {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no admitted handshakes line:\n{m}"));
     assert!(admitted >= 1, "{admitted}");
+}
+
+/// A pooled connection the service closes as the next request arrives on it: a request that
+/// may be repeated (GET, no body) goes once more on a new connection and the client never sees
+/// the race; one that may not (POST with a body) is not sent twice and gets a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_lost_to_a_closing_pooled_connection_is_repeated_only_if_idempotent() {
+    let h = start().await;
+    let host = "stale.alice.example";
+    let c = h.curl(&h.http_args(host, "/first")).await;
+    assert_eq!(c.code, 200, "{c:?}");
+    assert_eq!(c.body, "connection 1, request 1");
+    // Services time out idle connections; the gateway keeps a request's head for a second try
+    // only on a connection that was idle a while (100 ms), not on one reused back to back.
+    let idle = Duration::from_millis(200);
+    tokio::time::sleep(idle).await;
+    // Reuses connection 1, which the service resets unanswered; sent again on connection 2.
+    let c = h.curl(&h.http_args(host, "/again")).await;
+    assert_eq!(c.code, 200, "{c:?}");
+    assert_eq!(c.body, "connection 2, request 1");
+    tokio::time::sleep(idle).await;
+    // Reuses connection 2, which the service closes (FIN) unanswered: a POST is not repeated.
+    let c = h
+        .curl(&args(
+            &["--data-binary", "once"],
+            h.http_args(host, "/post"),
+        ))
+        .await;
+    assert_eq!(c.code, 502, "{c:?}");
+    assert!(
+        c.body
+            .contains("the service on device home1 closed the connection without answering"),
+        "{}",
+        c.body
+    );
+    let seen = h.stale_seen.lock().unwrap().clone();
+    let want: Vec<(u32, String)> = [
+        (1, "GET /first HTTP/1.1"),
+        (1, "GET /again HTTP/1.1"),
+        (2, "GET /again HTTP/1.1"),
+        (2, "POST /post HTTP/1.1"),
+    ]
+    .into_iter()
+    .map(|(c, l)| (c, l.to_owned()))
+    .collect();
+    assert_eq!(seen, want, "what the service read");
 }
 
 /// The product's quick start: `policies/examples/dfs.toml` makes `/dfs` a read-only public

@@ -168,6 +168,9 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { app, device, secs } => format!(
                 "504 gateway timeout: app {app}: device {device} did not answer within {secs} s\n"
             ),
+            ProxyError::Upstream { app, device, error } if super::proxy::ended_unanswered(error) => format!(
+                "502 bad gateway: app {app}: the service on device {device} closed the connection without answering\n"
+            ),
             ProxyError::Upstream { app, device, .. } => format!(
                 "502 bad gateway: app {app}: device {device} sent no valid HTTP answer\n"
             ),

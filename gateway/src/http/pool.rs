@@ -223,14 +223,16 @@ impl Pool {
         Arc::new(Pool::default())
     }
 
-    /// An idle connection ready for a request, if one is fresh enough and still open.
-    pub fn take(&self, key: &PoolKey) -> Option<Upstream> {
+    /// An idle connection ready for a request, if one is fresh enough and still open, and how
+    /// long it sat idle.
+    pub fn take(&self, key: &PoolKey) -> Option<(Upstream, Duration)> {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(key)?;
         while let Some(mut c) = list.pop() {
-            if now - c.since < IDLE_TIMEOUT && c.up.still_open() && c.up.tx.is_ready() {
-                return Some(c.up);
+            let idle_for = now - c.since;
+            if idle_for < IDLE_TIMEOUT && c.up.still_open() && c.up.tx.is_ready() {
+                return Some((c.up, idle_for));
             }
         }
         None
@@ -361,7 +363,7 @@ mod tests {
 
     async fn pooled(pool: &Pool, key: &PoolKey) -> Upstream {
         loop {
-            if let Some(up) = pool.take(key) {
+            if let Some((up, _)) = pool.take(key) {
                 return up;
             }
             tokio::task::yield_now().await;

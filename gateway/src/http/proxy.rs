@@ -13,7 +13,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 use policies::accounting::{AppCounters, Refusal};
 use policies::{ConnGuard, Decision, DenyReason, Listener, Requester, Timestamp};
-use tracing::info;
+use tracing::{debug, info};
 use tunnel::proto::Origin;
 
 use super::body::{self, Metered, ProxyBody, TooLarge};
@@ -340,8 +340,11 @@ fn is_too_large(e: &hyper::Error) -> bool {
 }
 
 /// Sends `req` on a pooled connection, or a new one over a new tunnel stream. A pooled
-/// connection can turn out closed just as it is used (the service timed it out); then the
-/// request, not yet sent, goes once more on a fresh connection.
+/// connection can turn out closed just as it is used (the service timed it out): a request not
+/// yet sent goes once more on a fresh connection; so does one that was sent but the connection
+/// ended before any answer, if it may be repeated ([`Replay`]), as nginx does for idempotent
+/// requests. The service's close and the request cross in flight, most often with services
+/// whose keep-alive timeout is shorter than the pool's (a few seconds is common).
 async fn send(
     front: &Front,
     key: &PoolKey,
@@ -355,9 +358,14 @@ async fn send(
         tokio::time::sleep(timeout).await;
     };
     tokio::pin!(deadline);
-    let (mut up, mut reused) = match front.pool().take(key) {
-        Some(up) => (up, true),
-        None => (connect(front, key, peer).await?, false),
+    let (mut up, mut reused, mut replay) = match front.pool().take(key) {
+        Some((up, idle)) => {
+            let replay = (idle >= REPLAY_AFTER_IDLE)
+                .then(|| Replay::of(&req))
+                .flatten();
+            (up, true, replay)
+        }
+        None => (connect(front, key, peer).await?, false, None),
     };
     loop {
         let r = tokio::select! {
@@ -379,6 +387,16 @@ async fn send(
                     reused = false;
                     up = connect(front, key, peer).await?;
                 }
+                None if reused && ended_unanswered(e.error()) && replay.is_some() => {
+                    debug!(app = %key.app, device = %key.device, error = %e.error(),
+                        "pooled connection ended before answering; request sent again on a new one");
+                    req = replay
+                        .take()
+                        .map(Replay::request)
+                        .ok_or(ProxyError::NoHost)?;
+                    reused = false;
+                    up = connect(front, key, peer).await?;
+                }
                 _ => {
                     return Err(ProxyError::Upstream {
                         app: key.app.clone(),
@@ -389,6 +407,67 @@ async fn send(
             },
         }
     }
+}
+
+/// A pooled connection idle at least this long may have been closed by the service's
+/// keep-alive timeout as the request goes out, so the request's head is kept to send it again
+/// ([`Replay`]). Services close idle connections after a second or more (gunicorn 2 s, Node.js
+/// and uvicorn 5 s, nginx 75 s); one used a moment ago is not timed out, and one the service
+/// meant to close after its last answer said so (`Connection: close`) and was not pooled.
+/// Copying the head costs ~2,600 instructions, 3.6 % of a front request (benches/front_cost.sh),
+/// so connections reused back to back under load skip it.
+const REPLAY_AFTER_IDLE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The head of a request that may be sent a second time: an idempotent method (RFC 9110
+/// §9.2.2) and no body, so nothing of the client's is consumed by the first attempt.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    headers: http::HeaderMap,
+}
+
+impl Replay {
+    fn of(req: &Request<ProxyBody>) -> Option<Replay> {
+        let idempotent = matches!(
+            *req.method(),
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        );
+        (idempotent && req.body().is_end_stream()).then(|| Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            headers: req.headers().clone(),
+        })
+    }
+
+    fn request(self) -> Request<ProxyBody> {
+        let mut r = Request::new(body::full(bytes::Bytes::new()));
+        *r.method_mut() = self.method;
+        *r.uri_mut() = self.uri;
+        *r.headers_mut() = self.headers;
+        r
+    }
+}
+
+/// True if a sent request's connection ended before any of the answer came: closed (hyper's
+/// "incomplete message") or reset by the service. Not for timeouts or malformed answers.
+pub(super) fn ended_unanswered(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() {
+        return true;
+    }
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return matches!(io.kind(), ConnectionReset | ConnectionAborted | BrokenPipe);
+        }
+        src = s.source();
+    }
+    false
 }
 
 /// A new upstream connection: a tunnel stream to the service, then an HTTP/1.1 handshake.
