@@ -25,7 +25,43 @@ use crate::names::{DeviceName, Domain};
 
 /// The crypto provider zonegate uses everywhere (ring: no C toolchain surprises, ed25519 support).
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = preferred_suites(hardware_aes());
+    Arc::new(p)
+}
+
+/// Cipher suites in the order this machine prefers them. With AES instructions, ring's default
+/// order (AES-GCM first): on this benchmark VM sealing a 1,400-byte tunnel packet takes 331 ns
+/// with AES-128-GCM, 337 ns with AES-256-GCM and 1,425 ns with ChaCha20-Poly1305
+/// (`cargo bench -p tunnel --bench aead`). Without them (a Raspberry Pi 4's Cortex-A72, say)
+/// AES runs in software and ChaCha20-Poly1305 goes first, as Go's crypto/tls and BoringSSL
+/// order it. A server follows its client's order, so an agent's own hardware picks its
+/// tunnel's cipher. Every suite stays enabled: only the preference changes.
+fn preferred_suites(aes: bool) -> Vec<rustls::SupportedCipherSuite> {
+    let mut suites = rustls::crypto::ring::DEFAULT_CIPHER_SUITES.to_vec();
+    if !aes {
+        // Stable: TLS 1.3 ChaCha first, the rest in ring's order.
+        suites.sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256);
+    }
+    suites
+}
+
+/// Whether the CPU has AES instructions (AES-NI, or ARMv8's crypto extension).
+fn hardware_aes() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+            && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
 }
 
 /// Why a peer certificate was refused, in words for the log.
@@ -233,5 +269,45 @@ impl ClientCertVerifier for ClientSide {
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.client.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::CipherSuite;
+
+    #[test]
+    fn chacha_goes_first_only_without_hardware_aes() {
+        let default: Vec<_> = rustls::crypto::ring::DEFAULT_CIPHER_SUITES
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        let with_aes: Vec<_> = preferred_suites(true).iter().map(|s| s.suite()).collect();
+        assert_eq!(with_aes, default);
+        let without: Vec<_> = preferred_suites(false).iter().map(|s| s.suite()).collect();
+        assert_eq!(without[0], CipherSuite::TLS13_CHACHA20_POLY1305_SHA256);
+        let mut a = without.clone();
+        let mut b = default.clone();
+        a.sort_by_key(|s| u16::from(*s));
+        b.sort_by_key(|s| u16::from(*s));
+        assert_eq!(a, b, "the same suites, reordered");
+        // The TLS 1.3 AES suites keep their relative order behind it.
+        let aes: Vec<_> = without
+            .iter()
+            .filter(|s| {
+                matches!(
+                    s,
+                    CipherSuite::TLS13_AES_256_GCM_SHA384 | CipherSuite::TLS13_AES_128_GCM_SHA256
+                )
+            })
+            .collect();
+        assert_eq!(
+            aes,
+            [
+                &CipherSuite::TLS13_AES_256_GCM_SHA384,
+                &CipherSuite::TLS13_AES_128_GCM_SHA256
+            ]
+        );
     }
 }
