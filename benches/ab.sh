@@ -3,11 +3,13 @@
 # spent: on this 2-core VM req/s and Gbit/s move ±15 % from run to run, CPU per unit of work
 # much less, so a change is judged by both.
 #
-# Usage: benches/ab.sh front|bulk VARIANT...
+# Usage: benches/ab.sh front|conn|bulk VARIANT...
 #   VARIANT: a zonegate binary, optionally @N for N node worker threads (`threads = N` in
 #            node.toml), e.g. `benches/ab.sh front target/release/zonegate@2 target/release/zonegate@1`
 #   front: wrk -t1 -c32 -d$SECS through the gateway's HTTP front to nginx on the node's side;
 #          prints req/s, p99 and gateway/node CPU µs per request
+#   conn:  wrk -t1 -c32 -d$SECS -H 'Connection: close' through a public tcp app to the same nginx
+#          (one new connection and tunnel stream per request); same figures per connection
 #   bulk:  iperf3 -t$SECS through a public tcp app, upload then download (-R); prints Gbit/s,
 #          gateway/node CPU seconds per GB moved and the namespace's UDP receive-buffer overflows
 #   ROUNDS=4 rounds; each round starts every variant afresh (gateway + node), order as given.
@@ -19,14 +21,14 @@ ROUNDS=${ROUNDS:-4}
 source "$(dirname "$0")/lib.sh"
 
 if ! in_netns "$@"; then
-  if [[ $# -lt 2 || ($1 != front && $1 != bulk) ]]; then
-    echo "usage: $0 front|bulk ZONEGATE_BINARY[@NODE_THREADS]..." >&2
+  if [[ $# -lt 2 || ($1 != front && $1 != conn && $1 != bulk) ]]; then
+    echo "usage: $0 front|conn|bulk ZONEGATE_BINARY[@NODE_THREADS]..." >&2
     exit 2
   fi
   for v in "${@:2}"; do
     [[ -x ${v%@*} ]] || { echo "not an executable: ${v%@*}" >&2; exit 2; }
   done
-  if [[ $1 == front ]]; then need_tools wrk nginx python3 unshare; else need_tools iperf3 python3 nstat unshare; fi
+  if [[ $1 != bulk ]]; then need_tools wrk nginx python3 unshare; else need_tools iperf3 python3 nstat unshare; fi
   export ROUNDS SECS="${SECS:-}"
   enter_netns "$0" "$@"
 fi
@@ -35,7 +37,7 @@ fi
 shift # --inside
 MODE=$1
 shift
-SECS=${SECS:-$([[ $MODE == front ]] && echo 5 || echo 8)}
+SECS=${SECS:-$([[ $MODE != bulk ]] && echo 5 || echo 8)}
 ZONEGATE=${1%@*} # lib.sh's zone helpers run the first variant's binary
 netns_init
 
@@ -45,6 +47,11 @@ cat >"$Z/devices/gw/policies/bench.toml" <<'EOF'
 [app.iperf]
 tcp = { listen = "127.0.0.1:15201" }
 to = "n1/iperf"
+allow = { from = ["public"] }
+
+[app.tcphttp]
+tcp = { listen = "127.0.0.1:18001" }
+to = "n1/http"
 allow = { from = ["public"] }
 
 [app.web]
@@ -57,7 +64,7 @@ front_only "$gw_conf"
 node_conf=$Z/devices/n1/node.toml
 cp "$node_conf" "$tmp/node.base.toml"
 
-if [[ $MODE == front ]]; then
+if [[ $MODE != bulk ]]; then
   nginx_backend
 else
   start iperf3-server iperf3 -s -p 5201
@@ -78,16 +85,20 @@ for ((round = 1; round <= ROUNDS; round++)); do
     start node "$bin" node --config "$node_conf" --service http=127.0.0.1:8000 \
       --service iperf=127.0.0.1:5201
     wait_agents 127.0.0.1:9090 1 20 >/dev/null || { tail -n 20 "$tmp"/gw.log "$tmp"/node.log >&2; exit 1; }
-    if [[ $MODE == front ]]; then
-      http_ready http://127.0.0.1:18080/ bench.example 30
+    if [[ $MODE != bulk ]]; then
+      url=http://127.0.0.1:18080/ close=()
+      [[ $MODE == conn ]] && url=http://127.0.0.1:18001/ close=(-H 'Connection: close')
+      http_ready "$url" bench.example 30
       g0=$(ticks "${PID[gw]}") n0=$(ticks "${PID[node]}")
-      out=$(wrk -t1 -c32 -d"${SECS}s" --latency -H 'Host: bench.example' http://127.0.0.1:18080/)
+      out=$(wrk -t1 -c32 -d"${SECS}s" --latency -H 'Host: bench.example' "${close[@]}" "$url")
       g1=$(ticks "${PID[gw]}") n1=$(ticks "${PID[node]}")
       reqs=$(awk '/requests in/ { print $1 }' <<<"$out")
       rps=$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")
       p99=$(awk '$1 == "99%" { print $2 }' <<<"$out")
-      python3 -c "import sys; g, n, r, hz = map(float, sys.argv[1:5]); print('%-40s round %d: req/s %8.0f  p99 %-7s gateway %5.1f us/req  node %5.1f us/req' % (sys.argv[5], $round, float(sys.argv[6]), sys.argv[7], g * 1e6 / hz / r, n * 1e6 / hz / r))" \
-        "$((g1 - g0))" "$((n1 - n0))" "$reqs" "$hz" "$v" "$rps" "$p99"
+      unit=req
+      [[ $MODE == conn ]] && unit=conn
+      python3 -c "import sys; g, n, r, hz = map(float, sys.argv[1:5]); u = sys.argv[8]; print('%-40s round %d: %s/s %8.0f  p99 %-7s gateway %5.1f us/%s  node %5.1f us/%s' % (sys.argv[5], $round, u, float(sys.argv[6]), sys.argv[7], g * 1e6 / hz / r, u, n * 1e6 / hz / r, u))" \
+        "$((g1 - g0))" "$((n1 - n0))" "$reqs" "$hz" "$v" "$rps" "$p99" "$unit"
     else
       for dir in up down; do
         flag=

@@ -29,8 +29,15 @@ impl<T: Abort + ?Sized> Abort for &mut T {
     }
 }
 
-/// Per-direction copy buffer: 64 KiB keeps syscalls and QUIC frames large without holding much
-/// memory per idle connection (buffers are only allocated while copying).
+/// Per-direction copy buffer of a new splice: most proxied connections carry a request and an
+/// answer of a few KiB. It doubles each time a read fills it, up to [`COPY_BUF`].
+pub const COPY_BUF_START: usize = 8 * 1024;
+/// Largest per-direction copy buffer: 64 KiB keeps syscalls and QUIC frames large in bulk
+/// transfers (16 KiB lost ~15 % of bulk throughput, 256 KiB lost too: benches/RESULTS.md).
+///
+/// Starting every connection at 64 KiB, as tokio's `copy_bidirectional` did here, cost each
+/// new connection two zeroed 64 KiB allocations on the gateway and two on the node (memset and
+/// the page faults behind it were ~12 % of the gateway's CPU under `Connection: close` load).
 pub const COPY_BUF: usize = 64 * 1024;
 
 /// Bytes moved by a finished splice, and the error that ended it early, if any. Counts are
@@ -99,7 +106,18 @@ where
 {
     let mut ca = Counted { inner: a, read: 0 };
     let mut cb = Counted { inner: b, read: 0 };
-    let r = tokio::io::copy_bidirectional_with_sizes(&mut ca, &mut cb, COPY_BUF, COPY_BUF).await;
+    let (mut a_b, mut b_a) = (Pump::default(), Pump::default());
+    let r = std::future::poll_fn(|cx| {
+        // Both directions run until both are done; the first error ends the splice.
+        let a_b = a_b.poll(cx, &mut ca, &mut cb)?;
+        let b_a = b_a.poll(cx, &mut cb, &mut ca)?;
+        if a_b.is_ready() && b_a.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
     if r.is_err() {
         ca.inner.abort();
         cb.inner.abort();
@@ -108,6 +126,82 @@ where
         a_to_b: ca.read,
         b_to_a: cb.read,
         error: r.err(),
+    }
+}
+
+/// One direction of a [`splice`]: read into the buffer, write it all out, repeat; at the
+/// reader's end, flush and shut the writer down (a half-close).
+#[derive(Default)]
+struct Pump {
+    /// Allocated at the first read; replaced by one twice the size (while below [`COPY_BUF`])
+    /// after a read filled it, once its bytes are written.
+    buf: Vec<u8>,
+    grow: bool,
+    /// Bytes `buf[pos..end]` are read and not yet written.
+    pos: usize,
+    end: usize,
+    read_done: bool,
+    /// Written since the last flush (flushed before waiting on the reader).
+    unflushed: bool,
+    done: bool,
+}
+
+impl Pump {
+    fn poll<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if self.pos == self.end && !self.read_done {
+                if self.buf.is_empty() || self.grow {
+                    let size = (self.buf.len() * 2).clamp(COPY_BUF_START, COPY_BUF);
+                    self.buf = vec![0; size];
+                    self.grow = false;
+                }
+                let mut rb = ReadBuf::new(&mut self.buf);
+                match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        if n == 0 {
+                            self.read_done = true;
+                        } else {
+                            self.grow = n == self.buf.len() && n < COPY_BUF;
+                            (self.pos, self.end) = (0, n);
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        if self.unflushed {
+                            std::task::ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                            self.unflushed = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            while self.pos < self.end {
+                let n = std::task::ready!(
+                    Pin::new(&mut *w).poll_write(cx, &self.buf[self.pos..self.end])
+                )?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pos += n;
+                self.unflushed = true;
+            }
+            if self.read_done {
+                std::task::ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                std::task::ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+                self.done = true;
+                // The buffer is not needed while the other direction goes on.
+                self.buf = Vec::new();
+                return Poll::Ready(Ok(()));
+            }
+        }
     }
 }
 
@@ -270,6 +364,36 @@ mod tests {
         let mut rest = Vec::new();
         let e = service.read_to_end(&mut rest).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+    }
+
+    /// Bulk both ways at once, through buffers that grow from 8 to 64 KiB on the way: every
+    /// byte arrives, in order, and is counted.
+    #[tokio::test]
+    async fn bulk_both_ways_arrives_intact_while_buffers_grow() {
+        const LEN: usize = 3 << 20;
+        let data = |seed: u8| -> Vec<u8> { (0..LEN).map(|i| (i % 251) as u8 ^ seed).collect() };
+        let (a, a_peer) = tokio::io::duplex(256 * 1024);
+        let (b, b_peer) = tokio::io::duplex(256 * 1024);
+        let (mut a, mut b) = (Pipe(a), Pipe(b));
+        let t = tokio::spawn(async move { splice(&mut a, &mut b).await });
+        let side = |mut peer: tokio::io::DuplexStream, out: Vec<u8>| async move {
+            let (mut r, mut w) = tokio::io::split(&mut peer);
+            let send = async {
+                w.write_all(&out).await.unwrap();
+                w.shutdown().await.unwrap();
+            };
+            let mut got = Vec::new();
+            let recv = r.read_to_end(&mut got);
+            let (_, n) = tokio::join!(send, recv);
+            n.unwrap();
+            got
+        };
+        let (at_a, at_b) = tokio::join!(side(a_peer, data(1)), side(b_peer, data(2)));
+        assert!(at_b == data(1), "a to b arrived changed");
+        assert!(at_a == data(2), "b to a arrived changed");
+        let m = t.await.unwrap();
+        assert_eq!((m.a_to_b, m.b_to_a), (LEN as u64, LEN as u64));
+        assert!(m.error.is_none(), "{m:?}");
     }
 
     #[tokio::test]
