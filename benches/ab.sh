@@ -5,7 +5,8 @@
 #
 # Usage: benches/ab.sh front|conn|bulk VARIANT...
 #   VARIANT: a zonegate binary, optionally @N for N node worker threads (`threads = N` in
-#            node.toml), e.g. `benches/ab.sh front target/release/zonegate@2 target/release/zonegate@1`
+#            node.toml) or @N,G for N node and G gateway threads, e.g.
+#            `benches/ab.sh front target/release/zonegate@2 target/release/zonegate@1`
 #   front: wrk -t1 -c32 -d$SECS through the gateway's HTTP front to nginx on the node's side;
 #          prints req/s, p99 and gateway/node CPU µs per request
 #   conn:  wrk -t1 -c32 -d$SECS -H 'Connection: close' through a public tcp app to the same nginx
@@ -63,6 +64,7 @@ gw_conf=$Z/devices/gw/gateway.toml
 front_only "$gw_conf"
 node_conf=$Z/devices/n1/node.toml
 cp "$node_conf" "$tmp/node.base.toml"
+cp "$gw_conf" "$tmp/gw.base.toml"
 
 if [[ $MODE != bulk ]]; then
   nginx_backend
@@ -77,10 +79,12 @@ export NSTAT_HISTORY=$tmp/nstat.history # nstat keeps its history per user, not 
 for ((round = 1; round <= ROUNDS; round++)); do
   for v in "$@"; do
     bin=${v%@*}
-    threads=
+    threads= gw_threads=
     [[ $v == *@* ]] && threads=${v##*@}
+    [[ $threads == *,* ]] && { gw_threads=${threads#*,}; threads=${threads%,*}; }
     # `threads` is a top-level key: it goes before the file's first table.
     { [[ -n $threads ]] && echo "threads = $threads"; cat "$tmp/node.base.toml"; } >"$node_conf"
+    { [[ -n $gw_threads ]] && echo "threads = $gw_threads"; cat "$tmp/gw.base.toml"; } >"$gw_conf"
     start gw "$bin" gateway --config "$gw_conf"
     start node "$bin" node --config "$node_conf" --service http=127.0.0.1:8000 \
       --service iperf=127.0.0.1:5201
