@@ -156,8 +156,9 @@ async fn tcp_conn(hub: Hub, app_name: String, mut tcp: tokio::net::TcpStream, pe
     let target = app.target.clone();
     drop(active);
     counters.connection();
+    // Early: the client's first bytes go with the stream header, no tunnel round trip first.
     let mut up = match hub
-        .connect(
+        .connect_early(
             &target.device,
             &target.service,
             &app_name,
@@ -175,11 +176,21 @@ async fn tcp_conn(hub: Hub, app_name: String, mut tcp: tokio::net::TcpStream, pe
     let m = if shape_in.is_unlimited() && shape_out.is_unlimited() {
         splice(&mut tcp, &mut up).await
     } else {
-        tunnel::splice::splice_shaped(tcp, up, &shape_in, &shape_out).await
+        tunnel::splice::splice_shaped(tcp, &mut up, &shape_in, &shape_out).await
     };
     let (bin, bout) = (m.a_to_b, m.b_to_a);
     counters.bytes_in(bin);
     counters.bytes_out(bout);
+    if let Some((code, reason)) = up.refused() {
+        let e = tunnel::OpenError::Refused {
+            device: target.device.clone(),
+            code,
+            reason: reason.to_owned(),
+        };
+        let (_, reason) = refusal_of(&e);
+        info!(app = %app_name, device = %target.device, client = %peer, reason = %reason, "connection failed");
+        return;
+    }
     info!(app = %app_name, device = %target.device, client = %peer, bytes_in = bin, bytes_out = bout, ms = started.elapsed().as_millis() as u64, end = %m.end(), "connection done");
 }
 

@@ -543,3 +543,70 @@ async fn resets_and_half_closes_cross_the_tunnel_as_they_are() {
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
     gw.shutdown.cancel();
 }
+
+/// A public TCP app's stream is opened early: the client's first bytes go out with the stream
+/// header, before the device has answered. Accepted, they reach the service; refused (the
+/// service is down), the client's connection is reset, and the refusal is readable with its
+/// reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_opened_streams_carry_data_or_the_refusal() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let z = TestZone::new(&["home1"]);
+    z.write_policy(
+        "apps.toml",
+        "[app.echo]\ntcp = { listen = \"127.0.0.1:0\" }\nto = \"home1/echo\"\nallow = { from = [\"public\"] }\n\n[app.down]\ntcp = { listen = \"127.0.0.2:0\" }\nto = \"home1/down\"\nallow = { from = [\"public\"] }\n",
+    );
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_secs(1)).await;
+    let echo = tcp_echo().await;
+    let down: std::net::SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[
+            ("echo", echo, ServiceProto::Tcp),
+            ("down", down, ServiceProto::Tcp),
+        ]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let origin = || tunnel::proto::Origin::Public("127.0.0.1:1".parse().unwrap());
+
+    // Written before anything was read: the bytes follow the header; the echo comes back.
+    let mut up = gw
+        .hub
+        .connect_early("home1", "echo", "echo", origin())
+        .await
+        .unwrap();
+    up.write_all(b"early bytes").await.unwrap();
+    let mut got = [0u8; 11];
+    up.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"early bytes");
+    assert!(up.refused().is_none());
+
+    // The service is down: connect_early returns at once; the first read brings the refusal.
+    let mut up = gw
+        .hub
+        .connect_early("home1", "down", "down", origin())
+        .await
+        .unwrap();
+    up.write_all(b"lost").await.unwrap();
+    let e = up.read(&mut got).await.unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    let (code, reason) = up.refused().expect("the refusal is kept");
+    assert_eq!(
+        code,
+        tunnel::proto::RefuseCode::ServiceUnreachable,
+        "{reason}"
+    );
+
+    // Through the public apps, as a client sees it.
+    assert_eq!(roundtrip(gw.apps["echo"], b"hi").await.unwrap(), b"hi");
+    let r = roundtrip(gw.apps["down"], b"hi").await;
+    assert!(
+        r.as_ref().map_or(true, |b| b.is_empty()),
+        "a client of a down service got data: {r:?}"
+    );
+    gw.shutdown.cancel();
+}

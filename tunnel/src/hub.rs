@@ -774,6 +774,31 @@ impl Hub {
         app: &str,
         origin: Origin,
     ) -> Result<Upstream, OpenError> {
+        self.connect_with(device, service, app, origin, false).await
+    }
+
+    /// Like [`Hub::connect`], without waiting for the device's reply to the tunnel stream
+    /// ([`stream::open_early`]): the caller's first bytes go out with the stream header. A
+    /// refusal by the device then shows as a read error, with the reason in
+    /// [`Upstream::refused`]. For splices, whose client gets a reset either way.
+    pub async fn connect_early(
+        &self,
+        device: &str,
+        service: &str,
+        app: &str,
+        origin: Origin,
+    ) -> Result<Upstream, OpenError> {
+        self.connect_with(device, service, app, origin, true).await
+    }
+
+    async fn connect_with(
+        &self,
+        device: &str,
+        service: &str,
+        app: &str,
+        origin: Origin,
+        early: bool,
+    ) -> Result<Upstream, OpenError> {
         if device == self.0.cfg.creds.name() {
             return match self.0.cfg.local.connect_tcp(service).await {
                 Ok(s) => Ok(Upstream::Tcp(s)),
@@ -799,7 +824,12 @@ impl Hub {
             service: service.to_owned(),
             origin,
         };
-        let s = stream::open(&link.conn, device, &header, self.0.cfg.tuning.open_timeout).await?;
+        let timeout = self.0.cfg.tuning.open_timeout;
+        let s = if early {
+            stream::open_early(&link.conn, device, &header, timeout).await?
+        } else {
+            stream::open(&link.conn, device, &header, timeout).await?
+        };
         link.streams.fetch_add(1, Ordering::Relaxed);
         let meter = stream::StreamMeter {
             sent: link.bytes_to.clone(),

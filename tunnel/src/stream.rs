@@ -26,6 +26,11 @@ pub struct QuicStream {
     pub recv: RecvStream,
     prefix: Bytes,
     meter: Option<StreamMeter>,
+    /// Opened with [`open_early`]: the acceptor's reply is still to be read (bytes so far),
+    /// before any payload.
+    reply: Option<BytesMut>,
+    /// The acceptor refused the stream (read in place of the reply of an early open).
+    refused: Option<(proto::RefuseCode, String)>,
 }
 
 /// Totals a stream adds the payload it moves to (on the gateway: the device's, for `/status`
@@ -43,6 +48,8 @@ impl QuicStream {
             recv,
             prefix,
             meter: None,
+            reply: None,
+            refused: None,
         }
     }
 
@@ -50,6 +57,58 @@ impl QuicStream {
     pub fn metered(mut self, meter: StreamMeter) -> Self {
         self.meter = Some(meter);
         self
+    }
+
+    /// The refusal an early-opened stream got instead of its payload (see [`open_early`]).
+    pub fn refused(&self) -> Option<(proto::RefuseCode, &str)> {
+        self.refused.as_ref().map(|(c, r)| (*c, r.as_str()))
+    }
+
+    /// Reads the acceptor's reply of an early-opened stream: Ready(Ok) once accepted (what
+    /// followed the reply becomes the prefix), an error if refused or cut short.
+    fn poll_reply(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let Some(got) = self.reply.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            match proto::decode_stream_reply(got) {
+                Ok(Some((reply, used))) => {
+                    got.advance(used);
+                    let rest = got.split().freeze();
+                    self.reply = None;
+                    return Poll::Ready(match reply {
+                        StreamReply::Accepted => {
+                            self.prefix = rest;
+                            Ok(())
+                        }
+                        StreamReply::Refused { code, reason } => {
+                            let e = io::Error::new(
+                                io::ErrorKind::ConnectionRefused,
+                                format!("stream refused: {reason}"),
+                            );
+                            self.refused = Some((code, reason));
+                            Err(e)
+                        }
+                    });
+                }
+                // decode bounds lengths itself; this is a second fence against a decoder bug.
+                Ok(None) if got.len() <= proto::limits::MAX_HEADER_LEN + 16 => {}
+                Ok(None) => return Poll::Ready(Err(io::Error::other("stream reply too long"))),
+                Err(e) => return Poll::Ready(Err(io::Error::other(e))),
+            }
+            let mut chunk = [0u8; 256];
+            let mut rb = ReadBuf::new(&mut chunk);
+            std::task::ready!(Pin::new(&mut self.recv).poll_read(cx, &mut rb))?;
+            if rb.filled().is_empty() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "stream ended before its reply",
+                )));
+            }
+            if let Some(got) = self.reply.as_mut() {
+                got.extend_from_slice(rb.filled());
+            }
+        }
     }
 }
 
@@ -59,6 +118,7 @@ impl AsyncRead for QuicStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_reply(cx))?;
         let before = buf.filled().len();
         let r = if !self.prefix.is_empty() {
             let n = self.prefix.len().min(buf.remaining());
@@ -188,6 +248,37 @@ pub async fn open(
                 reason,
             }),
         }
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(OpenError::Timeout(device.to_owned())),
+    }
+}
+
+/// Opens a stream on `conn` with `header` and returns without waiting for the acceptor's
+/// reply: the first payload bytes can follow the header at once, so a new proxied TCP
+/// connection costs no tunnel round trip before its data moves (a waiting open adds one RTT
+/// between gateway and device to every new connection). The reply is read before the first
+/// payload byte; a refusal then surfaces as a `ConnectionRefused` read error, and
+/// [`QuicStream::refused`] tells the code and reason. The payload sent meanwhile is
+/// discarded by the refusing side.
+pub async fn open_early(
+    conn: &quinn::Connection,
+    device: &str,
+    header: &StreamHeader,
+    timeout: Duration,
+) -> Result<QuicStream, OpenError> {
+    let tunnel = |source| OpenError::Tunnel {
+        device: device.to_owned(),
+        source,
+    };
+    // The timeout covers waiting for stream credit (the peer's concurrent-stream limit).
+    let fut = async {
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| tunnel(e.into()))?;
+        write_header(&mut send, header).await.map_err(tunnel)?;
+        let mut s = QuicStream::new(send, recv, Bytes::new());
+        s.reply = Some(BytesMut::new());
+        Ok(s)
     };
     match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r,

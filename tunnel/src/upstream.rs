@@ -16,6 +16,17 @@ pub enum Upstream {
     Tcp(TcpStream),
 }
 
+impl Upstream {
+    /// The device's refusal of an early-opened stream ([`crate::hub::Hub::connect_early`]),
+    /// once it was read.
+    pub fn refused(&self) -> Option<(crate::proto::RefuseCode, &str)> {
+        match self {
+            Upstream::Quic(q) => q.refused(),
+            Upstream::Tcp(_) => None,
+        }
+    }
+}
+
 impl crate::splice::Abort for Upstream {
     fn abort(&mut self) {
         match self {

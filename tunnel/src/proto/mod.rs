@@ -43,7 +43,10 @@
 //! services  = varint count (<= 256) | count × service   (names unique)
 //! ```
 //!
-//! **Stream header**, the first bytes on every bidirectional stream, written by the opener:
+//! **Stream header**, the first bytes on every bidirectional stream, written by the opener. An
+//! `Open` opener may send payload right after the header without waiting for the reply (the
+//! gateway's public TCP apps do: no tunnel round trip before the first byte); an acceptor that
+//! refuses discards it:
 //!
 //! ```text
 //! 0x5A 0x47 ("ZG") | u8 version = 0x01 | u16 body_len (1..=1024) | body
