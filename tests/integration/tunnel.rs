@@ -546,8 +546,8 @@ async fn resets_and_half_closes_cross_the_tunnel_as_they_are() {
 
 /// A public TCP app's stream is opened early: the client's first bytes go out with the stream
 /// header, before the device has answered. Accepted, they reach the service; refused (the
-/// service is down), the client's connection is reset, and the refusal is readable with its
-/// reason.
+/// service is down), reads and writes fail with the refusal, which is kept with its reason,
+/// and the client's connection is reset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn early_opened_streams_carry_data_or_the_refusal() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -592,7 +592,17 @@ async fn early_opened_streams_carry_data_or_the_refusal() {
         .await
         .unwrap();
     up.write_all(b"lost").await.unwrap();
-    let e = up.read(&mut got).await.unwrap_err();
+    // The device replies "refused" and stops our sending: a later write fails with the
+    // refusal (not "stopped"), also before anything was read.
+    let mut e = None;
+    for _ in 0..100 {
+        if let Err(w) = up.write_all(b"more").await {
+            e = Some(w);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let e = e.expect("writes to a refused stream fail");
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
     let (code, reason) = up.refused().expect("the refusal is kept");
     assert_eq!(
@@ -600,6 +610,16 @@ async fn early_opened_streams_carry_data_or_the_refusal() {
         tunnel::proto::RefuseCode::ServiceUnreachable,
         "{reason}"
     );
+
+    // Read first: the same refusal.
+    let mut up = gw
+        .hub
+        .connect_early("home1", "down", "down", origin())
+        .await
+        .unwrap();
+    let e = up.read(&mut got).await.unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    assert!(up.refused().is_some());
 
     // Through the public apps, as a client sees it.
     assert_eq!(roundtrip(gw.apps["echo"], b"hi").await.unwrap(), b"hi");

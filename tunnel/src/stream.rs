@@ -145,6 +145,16 @@ impl AsyncWrite for QuicStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf).map_err(io::Error::other);
+        if self.reply.is_some() && matches!(r, Poll::Ready(Err(_))) {
+            // A refusing acceptor stops our sending right after its reply: a write can fail
+            // on that before the reply was read. Report the refusal, not "stopped".
+            match self.poll_reply(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                // Woken when the reply arrives; the write then fails again and reads it.
+                Poll::Pending => return Poll::Pending,
+            }
+        }
         if let (Some(m), Poll::Ready(Ok(n))) = (&self.meter, &r) {
             m.sent.fetch_add(*n as u64, Ordering::Relaxed);
         }
