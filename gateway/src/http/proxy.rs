@@ -381,30 +381,31 @@ async fn send(
                 })
             }
             Ok(Ok(resp)) => return Ok((up, resp)),
-            Ok(Err(mut e)) => match e.take_message() {
-                Some(r) if reused => {
-                    req = r;
-                    reused = false;
-                    up = connect(front, key, peer).await?;
-                }
-                None if reused && ended_unanswered(e.error()) && replay.is_some() => {
-                    debug!(app = %key.app, device = %key.device, error = %e.error(),
-                        "pooled connection ended before answering; request sent again on a new one");
-                    req = replay
-                        .take()
-                        .map(Replay::request)
-                        .ok_or(ProxyError::NoHost)?;
-                    reused = false;
-                    up = connect(front, key, peer).await?;
-                }
-                _ => {
+            Ok(Err(mut e)) => {
+                let again = match e.take_message() {
+                    // Not sent at all: the connection had closed.
+                    Some(unsent) if reused => Some(unsent),
+                    // Sent, and the connection ended before any answer: again if repeatable.
+                    None if reused && ended_unanswered(e.error()) => {
+                        replay.take().map(|r| {
+                            debug!(app = %key.app, device = %key.device, error = %e.error(),
+                                "pooled connection ended before answering; request sent again on a new one");
+                            r.request()
+                        })
+                    }
+                    _ => None,
+                };
+                let Some(r) = again else {
                     return Err(ProxyError::Upstream {
                         app: key.app.clone(),
                         device: key.device.clone(),
                         error: e.into_error(),
-                    })
-                }
-            },
+                    });
+                };
+                req = r;
+                reused = false;
+                up = connect(front, key, peer).await?;
+            }
         }
     }
 }
