@@ -9,9 +9,9 @@
 //!   with identical bytes.
 //! - the gateway SIGKILLed mid-transfer: the clients see a short or failed transfer, never wrong
 //!   bytes; agents come back to the restarted gateway; SIGKILLed idle and restarted at once, its
-//!   stateless resets (not the agents' idle timeout) tell them their connections are gone; then a restart with a changed zone.json
-//!   (a device revoked, one added): the others reconnect and work, the revoked one is refused,
-//!   the new one connects.
+//!   stateless resets (not the agents' idle timeout) tell them their connections are gone; then
+//!   a restart with a changed zone.json (a device revoked, one added): the others reconnect and
+//!   work, the revoked one is refused, the new one connects.
 //! - the node agent SIGKILLed mid-transfer and restarted; the NAT routers' mappings flushed
 //!   mid-transfer (cone nat1: same port; symmetric nat2: a new port, so QUIC migration): the
 //!   in-flight transfers complete intact.
