@@ -23,7 +23,7 @@ source "$(dirname "$0")/lib.sh"
 
 if ! in_netns "$@"; then
   if [[ $# -lt 2 || ($1 != front && $1 != conn && $1 != bulk) ]]; then
-    echo "usage: $0 front|conn|bulk ZONEGATE_BINARY[@NODE_THREADS]..." >&2
+    echo "usage: $0 front|conn|bulk ZONEGATE_BINARY[@NODE_THREADS[,GATEWAY_THREADS]]..." >&2
     exit 2
   fi
   for v in "${@:2}"; do
