@@ -60,6 +60,11 @@ http = { host = "offline.alice.example" }
 to = "home2/web"
 allow = { from = ["public"] }
 
+[app.down]
+http = { host = "down.alice.example" }
+to = "home1/down"
+allow = { from = ["public"] }
+
 [app.stale]
 http = { host = "stale.alice.example" }
 to = "home1/stale"
@@ -434,6 +439,17 @@ async fn start() -> Harness {
                 proto: ServiceProto::Tcp,
             },
         ),
+        (
+            // Nothing listens there: the service is down.
+            "down".to_string(),
+            LocalService {
+                addr: std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap(),
+                proto: ServiceProto::Tcp,
+            },
+        ),
     ]));
     let ep = tunnel::transport::client_endpoint(any, &creds, &tuning).unwrap();
     let agent = Agent::bind(
@@ -640,6 +656,17 @@ async fn errors_are_distinct_and_short() {
     assert_eq!(c.code, 502, "{c:?}");
     assert!(
         c.body.contains("app offline") && c.body.contains("device home2 is offline"),
+        "{}",
+        c.body
+    );
+
+    // The device is there, its service is not: the device refuses the (early-opened) stream
+    // and the 502 names the service, as when the gateway waited for the device's reply.
+    let c = h.curl(&h.http_args("down.alice.example", "/")).await;
+    assert_eq!(c.code, 502, "{c:?}");
+    assert!(
+        c.body
+            .contains("app down: service down on device home1 is not answering"),
         "{}",
         c.body
     );

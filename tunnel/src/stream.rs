@@ -19,6 +19,38 @@ use crate::proto::{self, StreamHeader, StreamReply};
 /// no more than that keeps what spills past it (the start of the payload) small.
 const HEADER_READ: usize = 1024;
 
+/// The acceptor's refusal of an early-opened stream, as the error inside the `io::Error` its
+/// reads (and writes) then fail with: code and reason survive layers that only pass
+/// `io::Error`s on (hyper's client, say). Find it with [`StreamRefused::find`].
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("stream refused: {reason}")]
+pub struct StreamRefused {
+    pub code: proto::RefuseCode,
+    pub reason: String,
+}
+
+impl StreamRefused {
+    /// The refusal somewhere in `e`'s chain of sources, if any.
+    pub fn find<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a StreamRefused> {
+        let mut cur = Some(e);
+        while let Some(err) = cur {
+            if let Some(r) = err.downcast_ref::<StreamRefused>() {
+                return Some(r);
+            }
+            // io::Error::source() skips the error it wraps: look inside it explicitly.
+            if let Some(r) = err
+                .downcast_ref::<io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<StreamRefused>())
+            {
+                return Some(r);
+            }
+            cur = err.source();
+        }
+        None
+    }
+}
+
 /// Both halves of a stream, plus payload bytes that arrived with the header.
 #[derive(Debug)]
 pub struct QuicStream {
@@ -84,7 +116,10 @@ impl QuicStream {
                         StreamReply::Refused { code, reason } => {
                             let e = io::Error::new(
                                 io::ErrorKind::ConnectionRefused,
-                                format!("stream refused: {reason}"),
+                                StreamRefused {
+                                    code,
+                                    reason: reason.clone(),
+                                },
                             );
                             self.refused = Some((code, reason));
                             Err(e)
