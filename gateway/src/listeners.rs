@@ -181,13 +181,8 @@ async fn tcp_conn(hub: Hub, app_name: String, mut tcp: tokio::net::TcpStream, pe
     let (bin, bout) = (m.a_to_b, m.b_to_a);
     counters.bytes_in(bin);
     counters.bytes_out(bout);
-    if let Some((code, reason)) = up.refused() {
-        let e = tunnel::OpenError::Refused {
-            device: target.device.clone(),
-            code,
-            reason: reason.to_owned(),
-        };
-        let (_, reason) = refusal_of(&e);
+    if let Some(refused) = up.refused() {
+        let (_, reason) = refusal_of(&refused.open_error(&target.device));
         info!(app = %app_name, device = %target.device, client = %peer, reason = %reason, "connection failed");
         return;
     }

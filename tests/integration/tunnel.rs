@@ -604,7 +604,8 @@ async fn early_opened_streams_carry_data_or_the_refusal() {
     }
     let e = e.expect("writes to a refused stream fail");
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
-    let (code, reason) = up.refused().expect("the refusal is kept");
+    let tunnel::stream::StreamRefused { code, reason } =
+        up.refused().cloned().expect("the refusal is kept");
     assert_eq!(
         code,
         tunnel::proto::RefuseCode::ServiceUnreachable,

@@ -825,11 +825,7 @@ impl Hub {
             origin,
         };
         let timeout = self.0.cfg.tuning.open_timeout;
-        let s = if early {
-            stream::open_early(&link.conn, device, &header, timeout).await?
-        } else {
-            stream::open(&link.conn, device, &header, timeout).await?
-        };
+        let s = stream::open_with(&link.conn, device, &header, timeout, early).await?;
         link.streams.fetch_add(1, Ordering::Relaxed);
         let meter = stream::StreamMeter {
             sent: link.bytes_to.clone(),

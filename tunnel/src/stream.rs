@@ -30,6 +30,15 @@ pub struct StreamRefused {
 }
 
 impl StreamRefused {
+    /// The same error a waiting open ([`open`]) returns for this refusal by `device`.
+    pub fn open_error(&self, device: &str) -> OpenError {
+        OpenError::Refused {
+            device: device.to_owned(),
+            code: self.code,
+            reason: self.reason.clone(),
+        }
+    }
+
     /// The refusal somewhere in `e`'s chain of sources, if any.
     pub fn find<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a StreamRefused> {
         let mut cur = Some(e);
@@ -62,7 +71,7 @@ pub struct QuicStream {
     /// before any payload.
     reply: Option<BytesMut>,
     /// The acceptor refused the stream (read in place of the reply of an early open).
-    refused: Option<(proto::RefuseCode, String)>,
+    refused: Option<StreamRefused>,
 }
 
 /// Totals a stream adds the payload it moves to (on the gateway: the device's, for `/status`
@@ -92,8 +101,8 @@ impl QuicStream {
     }
 
     /// The refusal an early-opened stream got instead of its payload (see [`open_early`]).
-    pub fn refused(&self) -> Option<(proto::RefuseCode, &str)> {
-        self.refused.as_ref().map(|(c, r)| (*c, r.as_str()))
+    pub fn refused(&self) -> Option<&StreamRefused> {
+        self.refused.as_ref()
     }
 
     /// Reads the acceptor's reply of an early-opened stream: Ready(Ok) once accepted (what
@@ -114,15 +123,9 @@ impl QuicStream {
                             Ok(())
                         }
                         StreamReply::Refused { code, reason } => {
-                            let e = io::Error::new(
-                                io::ErrorKind::ConnectionRefused,
-                                StreamRefused {
-                                    code,
-                                    reason: reason.clone(),
-                                },
-                            );
-                            self.refused = Some((code, reason));
-                            Err(e)
+                            let refused = StreamRefused { code, reason };
+                            self.refused = Some(refused.clone());
+                            Err(io::Error::new(io::ErrorKind::ConnectionRefused, refused))
                         }
                     });
                 }
@@ -277,27 +280,7 @@ pub async fn open(
     header: &StreamHeader,
     timeout: Duration,
 ) -> Result<QuicStream, OpenError> {
-    let tunnel = |source| OpenError::Tunnel {
-        device: device.to_owned(),
-        source,
-    };
-    let fut = async {
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| tunnel(e.into()))?;
-        write_header(&mut send, header).await.map_err(tunnel)?;
-        let (reply, rest) = read_reply(&mut recv).await.map_err(tunnel)?;
-        match reply {
-            StreamReply::Accepted => Ok(QuicStream::new(send, recv, rest)),
-            StreamReply::Refused { code, reason } => Err(OpenError::Refused {
-                device: device.to_owned(),
-                code,
-                reason,
-            }),
-        }
-    };
-    match tokio::time::timeout(timeout, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(OpenError::Timeout(device.to_owned())),
-    }
+    open_with(conn, device, header, timeout, false).await
 }
 
 /// Opens a stream on `conn` with `header` and returns without waiting for the acceptor's
@@ -313,17 +296,39 @@ pub async fn open_early(
     header: &StreamHeader,
     timeout: Duration,
 ) -> Result<QuicStream, OpenError> {
+    open_with(conn, device, header, timeout, true).await
+}
+
+/// [`open`] (`early` false) or [`open_early`]. The timeout covers waiting for stream credit
+/// (the peer's concurrent-stream limit) and, for a waiting open, the reply.
+pub async fn open_with(
+    conn: &quinn::Connection,
+    device: &str,
+    header: &StreamHeader,
+    timeout: Duration,
+    early: bool,
+) -> Result<QuicStream, OpenError> {
     let tunnel = |source| OpenError::Tunnel {
         device: device.to_owned(),
         source,
     };
-    // The timeout covers waiting for stream credit (the peer's concurrent-stream limit).
     let fut = async {
-        let (mut send, recv) = conn.open_bi().await.map_err(|e| tunnel(e.into()))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| tunnel(e.into()))?;
         write_header(&mut send, header).await.map_err(tunnel)?;
-        let mut s = QuicStream::new(send, recv, Bytes::new());
-        s.reply = Some(BytesMut::new());
-        Ok(s)
+        if early {
+            let mut s = QuicStream::new(send, recv, Bytes::new());
+            s.reply = Some(BytesMut::new());
+            return Ok(s);
+        }
+        let (reply, rest) = read_reply(&mut recv).await.map_err(tunnel)?;
+        match reply {
+            StreamReply::Accepted => Ok(QuicStream::new(send, recv, rest)),
+            StreamReply::Refused { code, reason } => Err(OpenError::Refused {
+                device: device.to_owned(),
+                code,
+                reason,
+            }),
+        }
     };
     match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r,

@@ -19,7 +19,7 @@ pub enum Upstream {
 impl Upstream {
     /// The device's refusal of an early-opened stream ([`crate::hub::Hub::connect_early`]),
     /// once it was read.
-    pub fn refused(&self) -> Option<(crate::proto::RefuseCode, &str)> {
+    pub fn refused(&self) -> Option<&crate::stream::StreamRefused> {
         match self {
             Upstream::Quic(q) => q.refused(),
             Upstream::Tcp(_) => None,

@@ -382,11 +382,11 @@ async fn send(
             }
             Ok(Ok(resp)) => return Ok((up, resp)),
             Ok(Err(mut e)) => {
-                if let Some(error) = refused_in(key, e.error()) {
+                if let Some(r) = tunnel::stream::StreamRefused::find(e.error()) {
                     return Err(ProxyError::Open {
                         app: key.app.clone(),
                         service: key.service.clone(),
-                        error,
+                        error: r.open_error(&key.device),
                     });
                 }
                 let again = match e.take_message() {
@@ -461,17 +461,6 @@ impl Replay {
     }
 }
 
-/// The device's refusal of the (early-opened) stream a request went on, if that is what
-/// ended it: the same error as when a waiting open is refused, so the 502 page names it.
-fn refused_in(key: &PoolKey, e: &hyper::Error) -> Option<tunnel::OpenError> {
-    let r = tunnel::stream::StreamRefused::find(e)?;
-    Some(tunnel::OpenError::Refused {
-        device: key.device.clone(),
-        code: r.code,
-        reason: r.reason.clone(),
-    })
-}
-
 /// True if a sent request's connection ended before any of the answer came: closed (hyper's
 /// "incomplete message") or reset by the service. Not for timeouts or malformed answers.
 pub(super) fn ended_unanswered(e: &hyper::Error) -> bool {
@@ -493,7 +482,8 @@ pub(super) fn ended_unanswered(e: &hyper::Error) -> bool {
 /// The stream header names the first client; later clients of a pooled connection are told
 /// to the service by `X-Forwarded-For`. The stream is opened early: the request follows its
 /// header without waiting for the device's reply (one tunnel round trip less for the first
-/// request to a service); a refusal then arrives as the request's error ([`refused_in`]).
+/// request to a service); a refusal then arrives inside the request's error
+/// ([`tunnel::stream::StreamRefused`]).
 async fn connect(front: &Front, key: &PoolKey, peer: SocketAddr) -> Result<Upstream, ProxyError> {
     let up = front
         .hub()
