@@ -3,12 +3,14 @@
 # spent: on this 2-core VM req/s and Gbit/s move ±15 % from run to run, CPU per unit of work
 # much less, so a change is judged by both.
 #
-# Usage: benches/ab.sh front|conn|bulk VARIANT...
+# Usage: benches/ab.sh front|half|conn|bulk VARIANT...
 #   VARIANT: a zonegate binary, optionally @N for N node worker threads (`threads = N` in
 #            node.toml) or @N,G for N node and G gateway threads, e.g.
 #            `benches/ab.sh front target/release/zonegate@2 target/release/zonegate@1`
 #   front: wrk -t1 -c32 -d$SECS through the gateway's HTTP front to nginx on the node's side;
 #          prints req/s, p99 and gateway/node CPU µs per request
+#   half:  the same path at a fixed rate, RATE req/s (default 10000, about half of the front's
+#          maximum here) from h2load --h1 -c16 --rps: p50/p99/p99.9 latency and CPU per request
 #   conn:  wrk -t1 -c32 -d$SECS -H 'Connection: close' through a public tcp app to the same nginx
 #          (one new connection and tunnel stream per request); same figures per connection
 #   bulk:  iperf3 -t$SECS through a public tcp app, upload then download (-R); prints Gbit/s,
@@ -22,15 +24,19 @@ ROUNDS=${ROUNDS:-4}
 source "$(dirname "$0")/lib.sh"
 
 if ! in_netns "$@"; then
-  if [[ $# -lt 2 || ($1 != front && $1 != conn && $1 != bulk) ]]; then
-    echo "usage: $0 front|conn|bulk ZONEGATE_BINARY[@NODE_THREADS[,GATEWAY_THREADS]]..." >&2
+  if [[ $# -lt 2 || ($1 != front && $1 != half && $1 != conn && $1 != bulk) ]]; then
+    echo "usage: $0 front|half|conn|bulk ZONEGATE_BINARY[@NODE_THREADS[,GATEWAY_THREADS]]..." >&2
     exit 2
   fi
   for v in "${@:2}"; do
     [[ -x ${v%@*} ]] || { echo "not an executable: ${v%@*}" >&2; exit 2; }
   done
-  if [[ $1 != bulk ]]; then need_tools wrk nginx python3 unshare; else need_tools iperf3 python3 nstat unshare; fi
-  export ROUNDS SECS="${SECS:-}"
+  case $1 in
+    bulk) need_tools iperf3 python3 nstat unshare ;;
+    half) need_tools h2load nginx python3 unshare ;;
+    *) need_tools wrk nginx python3 unshare ;;
+  esac
+  export ROUNDS SECS="${SECS:-}" RATE="${RATE:-10000}"
   enter_netns "$0" "$@"
 fi
 
@@ -38,7 +44,9 @@ fi
 shift # --inside
 MODE=$1
 shift
-SECS=${SECS:-$([[ $MODE != bulk ]] && echo 5 || echo 8)}
+if [[ -z $SECS ]]; then
+  case $MODE in bulk) SECS=8 ;; half) SECS=10 ;; *) SECS=5 ;; esac
+fi
 ZONEGATE=${1%@*} # lib.sh's zone helpers run the first variant's binary
 netns_init
 
@@ -89,7 +97,25 @@ for ((round = 1; round <= ROUNDS; round++)); do
     start node "$bin" node --config "$node_conf" --service http=127.0.0.1:8000 \
       --service iperf=127.0.0.1:5201
     wait_agents 127.0.0.1:9090 1 20 >/dev/null || { tail -n 20 "$tmp"/gw.log "$tmp"/node.log >&2; exit 1; }
-    if [[ $MODE != bulk ]]; then
+    if [[ $MODE == half ]]; then
+      http_ready http://127.0.0.1:18080/ bench.example 30
+      rm -f "$tmp/h2.log"
+      g0=$(ticks "${PID[gw]}") n0=$(ticks "${PID[node]}")
+      timeout $((SECS + 30)) h2load --h1 -c16 --rps="$(python3 -c "print($RATE / 16)")" -D "$SECS" \
+        -H ':authority: bench.example' --log-file="$tmp/h2.log" http://127.0.0.1:18080/ >"$tmp/h2.out" 2>&1 || true
+      g1=$(ticks "${PID[gw]}") n1=$(ticks "${PID[node]}")
+      python3 -c "
+import sys
+sys.path.insert(0, sys.argv[1])
+import parse
+lat, bad = parse.latencies(sys.argv[2])
+g, n, hz = map(float, sys.argv[3:6])
+r = max(len(lat), 1)
+print('%-40s round %s: req/s %8.0f  p50 %.2f  p99 %.2f  p99.9 %.2f ms  non-2xx %d  gateway %5.1f us/req  node %5.1f us/req' % (
+    sys.argv[6], sys.argv[7], len(lat) / float(sys.argv[8]), parse.pct(lat, .5), parse.pct(lat, .99), parse.pct(lat, .999), bad,
+    g * 1e6 / hz / r, n * 1e6 / hz / r))" \
+        "$bench_dir" "$tmp/h2.log" "$((g1 - g0))" "$((n1 - n0))" "$hz" "$v" "$round" "$SECS"
+    elif [[ $MODE != bulk ]]; then
       url=http://127.0.0.1:18080/ close=()
       [[ $MODE == conn ]] && url=http://127.0.0.1:18001/ close=(-H 'Connection: close')
       http_ready "$url" bench.example 30
