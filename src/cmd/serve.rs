@@ -20,13 +20,18 @@ const DEFAULT_HTTP: &str = "0.0.0.0:80";
 const DEFAULT_HTTPS: &str = "0.0.0.0:443";
 const DEFAULT_DNS: &str = "0.0.0.0:53";
 
-/// The async runtime: `threads` workers, or one per CPU core.
-fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = threads {
-        b.worker_threads(n);
-    }
-    b.enable_all().build().context("starting the async runtime")
+/// CPU cores this process may use (affinity and cgroup quota included).
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The async runtime, with `threads` workers.
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 /// Cancels `token` on SIGTERM or SIGINT.
@@ -55,7 +60,8 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     let services = Arc::new(config::services(&f.services)?);
     let forwards = config::forwards(&f.forward, &f.device)?;
     let tuning = config::tuning(&f.tunnel)?;
-    let threads = config::threads(&a.config, f.threads)?;
+    let threads =
+        config::threads(&a.config, f.threads)?.unwrap_or_else(|| config::gateway_threads(cores()));
     let creds = DeviceCreds::load(
         &config::bundle(&a.config, &f.key, &f.cert, &f.ca, &f.zone_config),
         Some(&f.device),
@@ -147,7 +153,7 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
             .parse()
             .expect("valid default")
     });
-    runtime(Some(threads))?.block_on(async move {
+    runtime(threads)?.block_on(async move {
         let endpoint = tunnel::transport::client_endpoint(
             "0.0.0.0:0".parse().expect("valid"),
             &creds,
@@ -191,7 +197,7 @@ pub fn files(dir: std::path::PathBuf, listen: std::net::SocketAddr) -> anyhow::R
     if !dir.is_dir() {
         return Err(UsageError(format!("--dir {}: not a directory", dir.display())).into());
     }
-    runtime(None)?.block_on(async move {
+    runtime(cores())?.block_on(async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signal(shutdown.clone()));
         crate::files::run(dir, listen, shutdown)
