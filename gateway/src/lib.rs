@@ -8,6 +8,7 @@
 //! - [`listeners`]: one TCP or UDP listener per `tcp`/`udp` policy app, reconciled on reload.
 //! - [`admin`]: loopback HTTP: `/status` JSON, `/metrics`, the HTML status page at `/`.
 
+pub mod addr_text;
 pub mod admin;
 pub mod http;
 pub mod listeners;

@@ -16,6 +16,8 @@ use tunnel::hub::{refusal_of, Hub};
 use tunnel::proto::Origin;
 use tunnel::splice::splice;
 
+use crate::addr_text::Client;
+
 /// A UDP flow with no datagram either way for this long is forgotten.
 const UDP_IDLE: Duration = Duration::from_secs(120);
 /// Distinct public clients of one UDP app tracked at once; beyond, new clients are dropped
@@ -135,19 +137,19 @@ async fn tcp_conn(hub: Hub, app_name: String, mut tcp: tokio::net::TcpStream, pe
         .decide(app, &who, None, None, Timestamp::now());
     if let policies::Decision::Deny { reason } = decision {
         state.counters.refused(Refusal::Denied(reason));
-        info!(app = %app_name, client = %peer, reason = %reason, "connection refused by policy");
+        info!(app = %app_name, client = %Client(peer), reason = %reason, "connection refused by policy");
         return;
     }
     if state.limits.check_rate(&who).is_err() {
         state.counters.refused(Refusal::RateLimited);
-        info!(app = %app_name, client = %peer, "connection refused: rate limit");
+        info!(app = %app_name, client = %Client(peer), "connection refused: rate limit");
         return;
     }
     let _guard = match state.limits.connect(&who) {
         Ok(g) => g,
         Err(e) => {
             state.counters.refused(Refusal::ConnectionLimit);
-            info!(app = %app_name, client = %peer, reason = %e, "connection refused: connection limit");
+            info!(app = %app_name, client = %Client(peer), reason = %e, "connection refused: connection limit");
             return;
         }
     };
@@ -169,7 +171,7 @@ async fn tcp_conn(hub: Hub, app_name: String, mut tcp: tokio::net::TcpStream, pe
         Ok(u) => u,
         Err(e) => {
             let (_, reason) = refusal_of(&e);
-            info!(app = %app_name, device = %target.device, client = %peer, reason = %reason, "connection failed");
+            info!(app = %app_name, device = %target.device, client = %Client(peer), reason = %reason, "connection failed");
             return;
         }
     };
@@ -183,10 +185,10 @@ async fn tcp_conn(hub: Hub, app_name: String, mut tcp: tokio::net::TcpStream, pe
     counters.bytes_out(bout);
     if let Some(refused) = up.refused() {
         let (_, reason) = refusal_of(&refused.open_error(&target.device));
-        info!(app = %app_name, device = %target.device, client = %peer, reason = %reason, "connection failed");
+        info!(app = %app_name, device = %target.device, client = %Client(peer), reason = %reason, "connection failed");
         return;
     }
-    info!(app = %app_name, device = %target.device, client = %peer, bytes_in = bin, bytes_out = bout, ms = started.elapsed().as_millis() as u64, end = %m.end(), "connection done");
+    info!(app = %app_name, device = %target.device, client = %Client(peer), bytes_in = bin, bytes_out = bout, ms = started.elapsed().as_millis() as u64, end = %m.end(), "connection done");
 }
 
 struct ClientFlow {
@@ -236,7 +238,7 @@ async fn udp_loop(hub: Hub, app_name: String, sock: Arc<UdpSocket>, stop: Cancel
                 .decide(app, &who, None, None, Timestamp::now())
         {
             state.counters.refused(Refusal::Denied(reason));
-            info!(app = %app_name, client = %peer, reason = %reason, "UDP flow refused by policy");
+            info!(app = %app_name, client = %Client(peer), reason = %reason, "UDP flow refused by policy");
             continue;
         }
         if state.limits.check_rate(&who).is_err() {
@@ -273,7 +275,7 @@ async fn udp_loop(hub: Hub, app_name: String, sock: Arc<UdpSocket>, stop: Cancel
                         }
                     }
                     counters.bytes_out(out);
-                    info!(app = %app2, client = %peer, bytes_out = out, "UDP flow done");
+                    info!(app = %app2, client = %Client(peer), bytes_out = out, "UDP flow done");
                 });
                 clients.insert(
                     peer,
@@ -286,7 +288,7 @@ async fn udp_loop(hub: Hub, app_name: String, sock: Arc<UdpSocket>, stop: Cancel
             }
             Err(e) => {
                 let (_, reason) = refusal_of(&e);
-                info!(app = %app_name, client = %peer, reason = %reason, "UDP flow failed");
+                info!(app = %app_name, client = %Client(peer), reason = %reason, "UDP flow failed");
             }
         }
     }

@@ -20,6 +20,7 @@ use tunnel::services::LocalServices;
 use tunnel::splice::splice;
 use tunnel::transport::{self, Tuning};
 
+use crate::addr_text::Client;
 use crate::admin;
 use crate::http::{self as front, Front, HttpTuning};
 use crate::listeners::Listeners;
@@ -445,7 +446,7 @@ async fn forward_loop(hub: Hub, f: Forward, l: TcpListener, shutdown: Cancellati
                 Ok(mut up) => {
                     let m = splice(&mut tcp, &mut up).await;
                     let (a, b) = (m.a_to_b, m.b_to_a);
-                    info!(app = %app, to = %format!("{}/{}", f.device, f.service), client = %peer, bytes_up = a, bytes_down = b, ms = started.elapsed().as_millis() as u64, end = %m.end(), "forward connection done");
+                    info!(app = %app, to = %format!("{}/{}", f.device, f.service), client = %Client(peer), bytes_up = a, bytes_down = b, ms = started.elapsed().as_millis() as u64, end = %m.end(), "forward connection done");
                 }
                 Err(e) => {
                     warn!(to = %format!("{}/{}", f.device, f.service), reason = %refusal_of(&e).1, "forward failed")

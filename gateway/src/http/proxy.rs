@@ -16,6 +16,8 @@ use policies::{ConnGuard, Decision, DenyReason, Listener, Requester, Timestamp};
 use tracing::{debug, info};
 use tunnel::proto::Origin;
 
+use crate::addr_text::Client;
+
 use super::body::{self, Metered, ProxyBody, TooLarge};
 use super::errors::ProxyError;
 use super::headers;
@@ -73,7 +75,7 @@ impl Drop for RequestLog {
         info!(
             app = %self.app,
             device = %self.device,
-            client = %self.client,
+            client = %Client(self.client),
             method = %self.method,
             path = %self.path,
             status = self.status,
