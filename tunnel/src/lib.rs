@@ -24,6 +24,7 @@ pub mod error;
 pub mod hub;
 pub mod peers;
 pub mod proto;
+mod read_gate;
 pub mod services;
 pub mod splice;
 pub mod status;

@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::error::{OpenError, TunnelError};
 use crate::proto::{self, StreamHeader, StreamReply};
+use crate::read_gate::ReadGate;
 
 /// Bytes read per chunk while looking for a header: a header is at most 1 KiB, and reading
 /// no more than that keeps what spills past it (the start of the payload) small.
@@ -64,7 +65,7 @@ impl StreamRefused {
 #[derive(Debug)]
 pub struct QuicStream {
     pub send: SendStream,
-    pub recv: RecvStream,
+    recv: RecvStream,
     prefix: Bytes,
     meter: Option<StreamMeter>,
     /// Opened with [`open_early`]: the acceptor's reply is still to be read (bytes so far),
@@ -72,6 +73,8 @@ pub struct QuicStream {
     reply: Option<BytesMut>,
     /// The acceptor refused the stream (read in place of the reply of an early open).
     refused: Option<StreamRefused>,
+    /// Every read of `recv` goes through it.
+    gate: ReadGate,
 }
 
 /// Totals a stream adds the payload it moves to (on the gateway: the device's, for `/status`
@@ -91,6 +94,7 @@ impl QuicStream {
             meter: None,
             reply: None,
             refused: None,
+            gate: ReadGate::new(),
         }
     }
 
@@ -136,7 +140,10 @@ impl QuicStream {
             }
             let mut chunk = [0u8; 256];
             let mut rb = ReadBuf::new(&mut chunk);
-            std::task::ready!(Pin::new(&mut self.recv).poll_read(cx, &mut rb))?;
+            let recv = &mut self.recv;
+            std::task::ready!(self
+                .gate
+                .poll(cx, |cx| Pin::new(recv).poll_read(cx, &mut rb)))?;
             if rb.filled().is_empty() {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -164,7 +171,9 @@ impl AsyncRead for QuicStream {
             self.prefix.advance(n);
             Poll::Ready(Ok(()))
         } else {
-            Pin::new(&mut self.recv).poll_read(cx, buf)
+            let this = &mut *self;
+            let recv = &mut this.recv;
+            this.gate.poll(cx, |cx| Pin::new(recv).poll_read(cx, buf))
         };
         if let Some(m) = &self.meter {
             let n = buf.filled().len() - before;
