@@ -73,7 +73,7 @@ pub struct QuicStream {
     reply: Option<BytesMut>,
     /// The acceptor refused the stream (read in place of the reply of an early open).
     refused: Option<StreamRefused>,
-    /// Every read of `recv` goes through it.
+    /// Every read of `recv` goes through it ([`QuicStream::poll_recv`]).
     gate: ReadGate,
 }
 
@@ -109,6 +109,12 @@ impl QuicStream {
         self.refused.as_ref()
     }
 
+    /// Reads from quinn's stream, through the gate (every read of `recv` goes here).
+    fn poll_recv(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let recv = &mut self.recv;
+        self.gate.poll(cx, |cx| Pin::new(recv).poll_read(cx, buf))
+    }
+
     /// Reads the acceptor's reply of an early-opened stream: Ready(Ok) once accepted (what
     /// followed the reply becomes the prefix), an error if refused or cut short.
     fn poll_reply(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -140,10 +146,7 @@ impl QuicStream {
             }
             let mut chunk = [0u8; 256];
             let mut rb = ReadBuf::new(&mut chunk);
-            let recv = &mut self.recv;
-            std::task::ready!(self
-                .gate
-                .poll(cx, |cx| Pin::new(recv).poll_read(cx, &mut rb)))?;
+            std::task::ready!(self.poll_recv(cx, &mut rb))?;
             if rb.filled().is_empty() {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -171,9 +174,7 @@ impl AsyncRead for QuicStream {
             self.prefix.advance(n);
             Poll::Ready(Ok(()))
         } else {
-            let this = &mut *self;
-            let recv = &mut this.recv;
-            this.gate.poll(cx, |cx| Pin::new(recv).poll_read(cx, buf))
+            self.poll_recv(cx, buf)
         };
         if let Some(m) = &self.meter {
             let n = buf.filled().len() - before;
