@@ -57,7 +57,7 @@ pub enum ProxyError {
     Upstream {
         app: String,
         device: String,
-        error: hyper::Error,
+        error: super::upstream::UpstreamError,
     },
     #[error("the gateway is shutting down")]
     Draining,
@@ -168,7 +168,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { app, device, secs } => format!(
                 "504 gateway timeout: app {app}: device {device} did not answer within {secs} s\n"
             ),
-            ProxyError::Upstream { app, device, error } if super::proxy::ended_unanswered(error) => format!(
+            ProxyError::Upstream { app, device, error } if error.ended_unanswered() => format!(
                 "502 bad gateway: app {app}: the service on device {device} closed the connection without answering\n"
             ),
             ProxyError::Upstream { app, device, .. } => format!(

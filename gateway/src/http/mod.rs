@@ -8,7 +8,8 @@
 //! - [`proxy`]: one request: policy, limits, upstream, upgrades, the per-request log line.
 //! - [`route`]: the host a request names and the path the service sees.
 //! - [`headers`]: hop-by-hop stripping and `X-Forwarded-*`.
-//! - [`pool`]: upstream HTTP/1.1 connections kept over tunnel streams.
+//! - [`upstream`]: the HTTP/1.1 client toward device services, over tunnel streams;
+//!   [`h1`]: its wire format (sans-IO, fuzzed); [`pool`]: its idle connections.
 //! - [`body`]: streamed, counted, shaped bodies.
 //! - [`errors`]: what went wrong, whose fault it was, and the short answer a client gets.
 //! - [`tls`]: rustls configuration: SNI certificate choice, self-signed fallback.
@@ -16,6 +17,7 @@
 
 pub mod body;
 pub mod errors;
+pub mod h1;
 pub mod headers;
 pub mod metrics;
 pub mod pool;
@@ -23,6 +25,7 @@ pub mod proxy;
 pub mod route;
 pub mod status_page;
 pub mod tls;
+pub mod upstream;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::request::Parts;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 use policies::accounting::{AppCounters, Refusal};
@@ -18,12 +18,13 @@ use tunnel::proto::Origin;
 
 use crate::addr_text::Client;
 
-use super::body::{self, Metered, ProxyBody, TooLarge};
+use super::body::{self, Metered, ProxyBody};
 use super::errors::ProxyError;
 use super::headers;
 use super::metrics::NO_APP;
-use super::pool::{self, Driven, PoolKey, Upstream};
+use super::pool::PoolKey;
 use super::route;
+use super::upstream::{Outgoing, SendError, UpBody, Upgraded, Upstream};
 use super::Front;
 
 /// Methods tried when telling a client which ones an app allows (`Allow` of a 405).
@@ -90,7 +91,7 @@ impl Drop for RequestLog {
 
 /// What the proxy got back from the device, ready to be streamed to the client.
 struct Answer {
-    resp: Response<Incoming>,
+    resp: Response<UpBody>,
     shape_out: policies::bandwidth::Shaper,
 }
 
@@ -129,7 +130,7 @@ pub(crate) async fn handle(
     }
     let latency = log.started.elapsed();
     match result {
-        Ok((answer, (key, up))) => {
+        Ok((answer, key)) => {
             let Answer {
                 mut resp,
                 shape_out,
@@ -141,26 +142,17 @@ pub(crate) async fn handle(
             headers::strip_hop_by_hop(resp.headers_mut(), up_proto.as_ref().filter(|_| switching));
             match (switching, client_upgrade) {
                 (true, Some(client_on)) => {
-                    let up_on = hyper::upgrade::on(&mut resp);
-                    // The upgraded stream is handed over by the connection future itself.
-                    if let Some(drive) = up.into_conn() {
-                        front.hub().work().spawn(drive);
+                    let (parts, up) = resp.into_parts();
+                    if let Some(up) = up.into_upgraded() {
+                        front.hub().work().spawn(splice_upgrade(client_on, up, log));
                     }
-                    front
-                        .hub()
-                        .work()
-                        .spawn(splice_upgrade(client_on, up_on, log));
-                    let (parts, _) = resp.into_parts();
                     Response::from_parts(parts, body::full(""))
                 }
                 _ => {
                     let out = log.bytes_out.clone();
-                    let (parts, incoming) = resp.into_parts();
-                    let driven = Driven::new(incoming, front.pool().clone(), key, up);
-                    let b = Metered::new(driven, out)
-                        .shape(shape_out)
-                        .guard(log)
-                        .boxed();
+                    let (parts, up) = resp.into_parts();
+                    let home = up.home(front.pool().clone(), key);
+                    let b = Metered::new(home, out).shape(shape_out).guard(log).boxed();
                     Response::from_parts(parts, b)
                 }
             }
@@ -176,9 +168,6 @@ pub(crate) async fn handle(
     }
 }
 
-/// The upstream connection an answer came on, and its pool key.
-type Conn = (PoolKey, Upstream);
-
 async fn forward(
     front: &Front,
     mut parts: Parts,
@@ -187,7 +176,7 @@ async fn forward(
     https: bool,
     upgrade: Option<HeaderValue>,
     log: &mut RequestLog,
-) -> Result<(Answer, Conn), ProxyError> {
+) -> Result<(Answer, PoolKey), ProxyError> {
     let host = route::request_host(&parts)
         .ok_or(ProxyError::NoHost)?
         .to_owned();
@@ -286,8 +275,11 @@ async fn forward(
             parts.headers.insert(header::HOST, v);
         }
     }
-    parts.uri = Uri::try_from(target).map_err(|_| ProxyError::NoHost)?;
-    parts.version = Version::HTTP_11;
+    // The request line is written as it is: built from a URI hyper parsed, the target
+    // holds no space or control byte, and must not.
+    if !target.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ProxyError::NoHost);
+    }
     let body = body.take().ok_or(ProxyError::NoHost)?;
     // Fires when the request body is over (sent, failed or dropped): the response timeout
     // counts from then, so a long upload is not cut off as a slow service.
@@ -297,10 +289,11 @@ async fn forward(
         .shape(shape_in)
         .guard(sent_tx)
         .boxed();
-    let (up, resp) = send(front, &key, peer, Request::from_parts(parts, body), sent_rx)
+    let out = Outgoing::new(&parts.method, &target, &mut parts.headers, body);
+    let resp = send(front, &key, peer, out, sent_rx)
         .await
         .map_err(|e| match e {
-            ProxyError::Upstream { ref error, .. } if is_too_large(error) => {
+            ProxyError::Upstream { ref error, .. } if error.too_large() => {
                 counters.refused(Refusal::BodyTooLarge);
                 ProxyError::BodyTooLarge {
                     app: key.app.clone(),
@@ -309,7 +302,7 @@ async fn forward(
             }
             e => e,
         })?;
-    Ok((Answer { resp, shape_out }, (key, up)))
+    Ok((Answer { resp, shape_out }, key))
 }
 
 /// Reads and drops a small request body (see [`DRAIN_MAX`]).
@@ -330,48 +323,33 @@ async fn drain(mut body: Incoming) {
     .await;
 }
 
-fn is_too_large(e: &hyper::Error) -> bool {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = src {
-        if s.is::<TooLarge>() {
-            return true;
-        }
-        src = s.source();
-    }
-    false
-}
-
-/// Sends `req` on a pooled connection, or a new one over a new tunnel stream. A pooled
-/// connection can turn out closed just as it is used (the service timed it out): a request not
-/// yet sent goes once more on a fresh connection; so does one that was sent but the connection
-/// ended before any answer, if it may be repeated ([`Replay`]), as nginx does for idempotent
-/// requests. The service's close and the request cross in flight, most often with services
-/// whose keep-alive timeout is shorter than the pool's (a few seconds is common).
+/// Sends `out` on a pooled connection, or a new one over a new tunnel stream. A pooled
+/// connection can turn out closed just as it is used (the service timed it out): a request
+/// not yet sent goes once more on a fresh connection; so does one that was sent but the
+/// connection ended before any answer, if it may be repeated ([`SendError::again`]), as nginx
+/// does for idempotent requests. The service's close and the request cross in flight, most
+/// often with services whose keep-alive timeout is shorter than the pool's (a few seconds is
+/// common).
 async fn send(
     front: &Front,
     key: &PoolKey,
     peer: SocketAddr,
-    mut req: Request<ProxyBody>,
+    mut out: Outgoing,
     body_sent: tokio::sync::oneshot::Receiver<()>,
-) -> Result<(Upstream, Response<Incoming>), ProxyError> {
+) -> Result<Response<UpBody>, ProxyError> {
     let timeout = front.tuning().response_timeout;
     let deadline = async move {
         let _ = body_sent.await;
         tokio::time::sleep(timeout).await;
     };
     tokio::pin!(deadline);
-    let (mut up, mut reused, mut replay) = match front.pool().take(key) {
-        Some((up, idle)) => {
-            let replay = (idle >= REPLAY_AFTER_IDLE)
-                .then(|| Replay::of(&req))
-                .flatten();
-            (up, true, replay)
-        }
-        None => (connect(front, key, peer).await?, false, None),
+    let (mut up, mut reused) = match front.pool().take(key) {
+        Some(up) => (up, true),
+        None => (connect(front, key, peer).await?, false),
     };
     loop {
         let r = tokio::select! {
-            r = up.send(req) => Ok(r),
+            r = up.send(out) => Ok(r),
             _ = &mut deadline => Err(()),
         };
         match r {
@@ -382,106 +360,37 @@ async fn send(
                     secs: timeout.as_secs(),
                 })
             }
-            Ok(Ok(resp)) => return Ok((up, resp)),
-            Ok(Err(mut e)) => {
-                if let Some(r) = tunnel::stream::StreamRefused::find(e.error()) {
+            Ok(Ok(resp)) => return Ok(resp),
+            Ok(Err(SendError { error, again })) => {
+                if let Some(r) = error.refused() {
                     return Err(ProxyError::Open {
                         app: key.app.clone(),
                         service: key.service.clone(),
                         error: r.open_error(&key.device),
                     });
                 }
-                let again = match e.take_message() {
-                    // Not sent at all: the connection had closed.
-                    Some(unsent) if reused => Some(unsent),
-                    // Sent, and the connection ended before any answer: again if repeatable.
-                    None if reused && ended_unanswered(e.error()) => {
-                        replay.take().map(|r| {
-                            debug!(app = %key.app, device = %key.device, error = %e.error(),
-                                "pooled connection ended before answering; request sent again on a new one");
-                            r.request()
+                match again {
+                    Some(o) if reused => {
+                        debug!(app = %key.app, device = %key.device, %error,
+                            "pooled connection ended before answering; request sent again on a new one");
+                        out = o;
+                        reused = false;
+                        up = connect(front, key, peer).await?;
+                    }
+                    _ => {
+                        return Err(ProxyError::Upstream {
+                            app: key.app.clone(),
+                            device: key.device.clone(),
+                            error,
                         })
                     }
-                    _ => None,
-                };
-                let Some(r) = again else {
-                    return Err(ProxyError::Upstream {
-                        app: key.app.clone(),
-                        device: key.device.clone(),
-                        error: e.into_error(),
-                    });
-                };
-                req = r;
-                reused = false;
-                up = connect(front, key, peer).await?;
+                }
             }
         }
     }
 }
 
-/// A pooled connection idle at least this long may have been closed by the service's
-/// keep-alive timeout as the request goes out, so the request's head is kept to send it again
-/// ([`Replay`]). Services close idle connections after a second or more (gunicorn 2 s, Node.js
-/// and uvicorn 5 s, nginx 75 s); one used a moment ago is not timed out, and one the service
-/// meant to close after its last answer said so (`Connection: close`) and was not pooled.
-/// Copying the head costs ~2,600 instructions, 3.6 % of a front request (benches/front_cost.sh),
-/// so connections reused back to back under load skip it.
-const REPLAY_AFTER_IDLE: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// The head of a request that may be sent a second time: an idempotent method (RFC 9110
-/// §9.2.2) and no body, so nothing of the client's is consumed by the first attempt.
-struct Replay {
-    method: Method,
-    uri: Uri,
-    headers: http::HeaderMap,
-}
-
-impl Replay {
-    fn of(req: &Request<ProxyBody>) -> Option<Replay> {
-        let idempotent = matches!(
-            *req.method(),
-            Method::GET
-                | Method::HEAD
-                | Method::OPTIONS
-                | Method::TRACE
-                | Method::PUT
-                | Method::DELETE
-        );
-        (idempotent && req.body().is_end_stream()).then(|| Replay {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            headers: req.headers().clone(),
-        })
-    }
-
-    fn request(self) -> Request<ProxyBody> {
-        let mut r = Request::new(body::full(bytes::Bytes::new()));
-        *r.method_mut() = self.method;
-        *r.uri_mut() = self.uri;
-        *r.headers_mut() = self.headers;
-        r
-    }
-}
-
-/// True if a sent request's connection ended before any of the answer came: closed (hyper's
-/// "incomplete message") or reset by the service. Not for timeouts or malformed answers.
-pub(super) fn ended_unanswered(e: &hyper::Error) -> bool {
-    if e.is_incomplete_message() {
-        return true;
-    }
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = src {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind::*;
-            return matches!(io.kind(), ConnectionReset | ConnectionAborted | BrokenPipe);
-        }
-        src = s.source();
-    }
-    false
-}
-
-/// A new upstream connection: a tunnel stream to the service, then an HTTP/1.1 handshake.
-/// The stream header names the first client; later clients of a pooled connection are told
+/// A new upstream connection: a tunnel stream to the service. The stream header names the first client; later clients of a pooled connection are told
 /// to the service by `X-Forwarded-For`. The stream is opened early: the request follows its
 /// header without waiting for the device's reply (one tunnel round trip less for the first
 /// request to a service); a refusal then arrives inside the request's error
@@ -496,25 +405,14 @@ async fn connect(front: &Front, key: &PoolKey, peer: SocketAddr) -> Result<Upstr
             service: key.service.clone(),
             error,
         })?;
-    pool::handshake(TokioIo::new(up))
-        .await
-        .map_err(|error| ProxyError::Upstream {
-            app: key.app.clone(),
-            device: key.device.clone(),
-            error,
-        })
+    Ok(Upstream::new(up))
 }
 
 /// After a `101 Switching Protocols`, joins the client's and the service's connections.
-async fn splice_upgrade(
-    client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-    mut log: RequestLog,
-) {
-    match tokio::join!(client, upstream) {
-        (Ok(c), Ok(u)) => {
+async fn splice_upgrade(client: hyper::upgrade::OnUpgrade, mut u: Upgraded, mut log: RequestLog) {
+    match client.await {
+        Ok(c) => {
             let mut c = TokioIo::new(c);
-            let mut u = TokioIo::new(u);
             match tokio::io::copy_bidirectional(&mut c, &mut u).await {
                 Ok((to_up, to_client)) => {
                     log.bytes_in.fetch_add(to_up, Ordering::Relaxed);
@@ -523,7 +421,7 @@ async fn splice_upgrade(
                 Err(e) => log.error = Some(format!("upgraded connection: {e}")),
             }
         }
-        (Err(e), _) | (_, Err(e)) => log.error = Some(format!("upgrade failed: {e}")),
+        Err(e) => log.error = Some(format!("upgrade failed: {e}")),
     }
     // Dropping `log` writes the request's line, now that the upgraded connection is over.
     drop(log);

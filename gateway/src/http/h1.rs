@@ -1,0 +1,713 @@
+//! HTTP/1.1 toward device services, sans-IO: request heads written into a buffer, response
+//! heads parsed (httparse) into `http` types, response body framing (RFC 9112 §6.3) and a
+//! chunked decoder. What a service answers is untrusted input: everything here is bounded,
+//! never panics on it, and is fuzzed (`fuzz/fuzz_targets/upstream_response.rs`).
+//!
+//! The gateway's own client ([`super::upstream`]) drives these over a tunnel stream. It
+//! replaced a hyper client connection per pooled stream, whose dispatch (channels, a
+//! callback per request, a connection state machine polled from both ends) was ~20k of the
+//! gateway's ~58k instructions per proxied request (benches/front_cost.sh).
+
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Version};
+
+/// A response head larger than this is refused (hyper's client allowed ~400 KiB; nginx's
+/// default proxy buffer is 4–8 KiB). 64 KiB holds any sane set of cookies.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Header lines in a response head (hyper's limit too).
+pub const MAX_HEADERS: usize = 100;
+/// Bytes of chunk extensions per chunk, and of trailer fields in all, before the body is
+/// called malformed: neither is forwarded, so neither may make the gateway buffer.
+pub const MAX_CHUNK_EXT: usize = 4 * 1024;
+pub const MAX_TRAILERS: usize = 16 * 1024;
+
+/// A service's answer that is no valid HTTP/1.1.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum H1Error {
+    #[error("response head larger than {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    #[error("malformed response head: {0}")]
+    Head(String),
+    #[error("Content-Length is not a single number")]
+    BadLength,
+    #[error("malformed chunked body: {0}")]
+    Chunk(&'static str),
+}
+
+/// How a request body is sent: decided from the client's request (see [`request_framing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReqFraming {
+    /// No body.
+    Empty,
+    /// `Content-Length`: exactly this many bytes follow.
+    Length(u64),
+    /// `Transfer-Encoding: chunked` (a body of unknown length: an HTTP/1.1 client's chunked
+    /// upload, an HTTP/2 request without `Content-Length`).
+    Chunked,
+}
+
+/// How a request body of the client's goes up. `declared` is its valid `Content-Length`, if
+/// any (hyper's server checked it against the body); `empty` and `exact` are what the body
+/// says of itself. The caller keeps the `Content-Length` header exactly when this is
+/// [`ReqFraming::Length`] and adds what [`encode_request_head`] needs.
+pub fn request_framing(declared: Option<u64>, empty: bool, exact: Option<u64>) -> ReqFraming {
+    match (declared, exact) {
+        (Some(n), _) | (None, Some(n)) if n > 0 || !empty => ReqFraming::Length(n),
+        _ if empty => ReqFraming::Empty,
+        _ => ReqFraming::Chunked,
+    }
+}
+
+/// Writes `METHOD target HTTP/1.1`, the headers, and the framing header of `framing` (a
+/// `Content-Length` already among `headers` is left as it is; one that disagrees with
+/// `framing` must have been removed by the caller). Methods that carry a body get
+/// `Content-Length: 0` when empty, as hyper's client did, so a service never waits for one.
+pub fn encode_request_head(
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    framing: ReqFraming,
+    out: &mut Vec<u8>,
+) {
+    out.reserve(64 + target.len() + headers.len() * 48);
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let has_length = headers.contains_key(header::CONTENT_LENGTH);
+    match framing {
+        ReqFraming::Length(n) if !has_length => {
+            out.extend_from_slice(b"content-length: ");
+            push_decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        ReqFraming::Empty if !has_length && expects_body(method) => {
+            out.extend_from_slice(b"content-length: 0\r\n");
+        }
+        ReqFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        _ => {}
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn expects_body(m: &Method) -> bool {
+    matches!(*m, Method::POST | Method::PUT | Method::PATCH)
+}
+
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// The size line of one chunk of a chunked request body (`1a2b\r\n`).
+pub fn chunk_size_line(len: usize) -> Bytes {
+    let mut b = Vec::with_capacity(18);
+    b.extend_from_slice(format!("{len:x}").as_bytes());
+    b.extend_from_slice(b"\r\n");
+    Bytes::from(b)
+}
+
+/// The end of a chunked body: the last chunk and an empty trailer section.
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// How a response's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// None at all (`HEAD`, `1xx`, `204`, `304`).
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the service closes the connection (no length, or a transfer coding other than
+    /// chunked last): the connection cannot be reused.
+    UntilClose,
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub framing: BodyFraming,
+    /// The connection may carry another request once this response is over.
+    pub keep_alive: bool,
+}
+
+/// Parses a response head at the start of `buf` (to a `HEAD` request when `head_request`)
+/// and takes it off `buf`, which then starts with the body. `Ok(None)`: incomplete, read
+/// more (unless `buf` already holds [`MAX_HEAD`] bytes: then it is
+/// [`H1Error::HeadTooLarge`]); `buf` is left as it was. Header values are slices of the
+/// head's bytes (no copies). The headers a transfer coding or length was read from stay for
+/// the caller's hop-by-hop stripping, except a `Content-Length` a transfer coding overrides.
+pub fn parse_response(
+    buf: &mut BytesMut,
+    head_request: bool,
+) -> Result<Option<ResponseHead>, H1Error> {
+    // Where each header's name and value lie in `buf`: the head is split off `buf` before
+    // the values are cut from it, and httparse's slices borrow `buf`. (Arrays of
+    // MAX_HEADERS initialised on every call cost a 4 KiB memset per request: callgrind.)
+    let (n, code, minor, spans) = {
+        let mut raw =
+            [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut resp, buf, &mut raw);
+        let n = match parsed {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
+                return Err(H1Error::HeadTooLarge)
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(H1Error::Head(format!(
+                    "more than {MAX_HEADERS} header lines"
+                )))
+            }
+            Err(e) => return Err(H1Error::Head(e.to_string())),
+        };
+        let base = buf.as_ptr() as usize;
+        let spans: Vec<_> = resp
+            .headers
+            .iter()
+            .map(|h| {
+                let name = h.name.as_ptr() as usize - base;
+                let value = h.value.as_ptr() as usize - base;
+                (name..name + h.name.len(), value..value + h.value.len())
+            })
+            .collect();
+        (n, resp.code.unwrap_or(0), resp.version.unwrap_or(1), spans)
+    };
+    if n > MAX_HEAD {
+        return Err(H1Error::HeadTooLarge);
+    }
+    let status = StatusCode::from_u16(code)
+        .map_err(|_| H1Error::Head(format!("status code {code} out of range")))?;
+    let version = if minor == 0 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let raw = buf.split_to(n).freeze();
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut lengths: Option<Result<u64, ()>> = None;
+    let mut chunked_last = None;
+    let mut close = version == Version::HTTP_10;
+    let mut keep_alive_token = false;
+    for (name_span, value_span) in spans {
+        let name_bytes = &raw[name_span];
+        let value_bytes = &raw[value_span.clone()];
+        let name = HeaderName::from_bytes(name_bytes).map_err(|_| {
+            H1Error::Head(format!(
+                "invalid header name {:?}",
+                String::from_utf8_lossy(name_bytes)
+            ))
+        })?;
+        let value = HeaderValue::from_maybe_shared(raw.slice(value_span))
+            .map_err(|_| H1Error::Head(format!("invalid value of header {name}")))?;
+        if name == header::CONTENT_LENGTH {
+            let this = parse_length(value_bytes);
+            lengths = Some(match (lengths, this) {
+                (None, Ok(n)) => Ok(n),
+                (Some(Ok(a)), Ok(b)) if a == b => Ok(a),
+                _ => Err(()),
+            });
+        } else if name == header::TRANSFER_ENCODING {
+            // The last coding of the last header decides (RFC 9112 §6.3 item 4).
+            if let Some(last) = value_bytes
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .rfind(|t| !t.is_empty())
+            {
+                chunked_last = Some(last.eq_ignore_ascii_case(b"chunked"));
+            }
+        } else if name == header::CONNECTION {
+            for t in value_bytes.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                close |= t.eq_ignore_ascii_case(b"close");
+                keep_alive_token |= t.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+        headers.append(name, value);
+    }
+    if version == Version::HTTP_10 && keep_alive_token {
+        close = false;
+    }
+    let no_body = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = if no_body {
+        BodyFraming::Empty
+    } else if let Some(chunked) = chunked_last {
+        // A transfer coding overrides any length, which is then dropped: forwarded, it
+        // would frame the client's copy of a body it no longer describes (smuggling).
+        headers.remove(header::CONTENT_LENGTH);
+        if chunked && version == Version::HTTP_11 {
+            BodyFraming::Chunked
+        } else {
+            BodyFraming::UntilClose
+        }
+    } else {
+        match lengths {
+            Some(Ok(0)) => BodyFraming::Empty,
+            Some(Ok(n)) => BodyFraming::Length(n),
+            Some(Err(())) => return Err(H1Error::BadLength),
+            None => BodyFraming::UntilClose,
+        }
+    };
+    let keep_alive = !close && framing != BodyFraming::UntilClose;
+    Ok(Some(ResponseHead {
+        status,
+        version,
+        headers,
+        framing,
+        keep_alive,
+    }))
+}
+
+fn parse_length(v: &[u8]) -> Result<u64, ()> {
+    // Some services repeat the value in one header ("5, 5"): equal parts are one length.
+    let mut out = None;
+    for part in v.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return Err(());
+        }
+        let n = part.iter().fold(0u64, |a, &d| a * 10 + u64::from(d - b'0'));
+        match out {
+            Some(prev) if prev != n => return Err(()),
+            _ => out = Some(n),
+        }
+    }
+    out.ok_or(())
+}
+
+/// Decodes a chunked body (RFC 9112 §7.1) from whatever bytes are at hand: data ranges come
+/// out as they arrive (never buffered here), extensions and trailers are checked and dropped.
+#[derive(Debug, Clone)]
+pub struct ChunkedDecoder {
+    state: ChunkState,
+    /// Data bytes left in the current chunk (state `Data`).
+    left: u64,
+    /// Bytes of extensions in the current size line, or of the trailer section.
+    skipped: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// Hex digits of a size (none yet when `left == 0 && !digits`).
+    Size {
+        digits: u8,
+    },
+    /// Whitespace after the size, before `;` or CR.
+    SizeWs,
+    /// A chunk extension, up to CR.
+    Ext,
+    /// The LF of the size line.
+    SizeLf,
+    Data,
+    /// The CRLF after a chunk's data.
+    DataCr,
+    DataLf,
+    /// The start of a trailer line (or the final empty line).
+    TrailerStart,
+    /// Inside a trailer line, up to CR.
+    Trailer,
+    TrailerLf,
+    /// The LF of the final empty line.
+    EndLf,
+    Done,
+}
+
+/// One step of [`ChunkedDecoder::decode`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decoded {
+    /// Bytes of the input used (including `data`).
+    pub consumed: usize,
+    /// Body data found, as a range of the input.
+    pub data: Option<Range<usize>>,
+}
+
+impl Default for ChunkedDecoder {
+    fn default() -> Self {
+        ChunkedDecoder {
+            state: ChunkState::Size { digits: 0 },
+            left: 0,
+            skipped: 0,
+        }
+    }
+}
+
+impl ChunkedDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The body is over (the last chunk and the trailer section were read).
+    pub fn is_done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// Consumes control bytes of `input` up to the first data, and returns that data's
+    /// range (as much of the chunk as `input` holds). Stops at the end of `input`, at data, or
+    /// when the body is over ([`Self::is_done`]); bytes after the body are not consumed.
+    pub fn decode(&mut self, input: &[u8]) -> Result<Decoded, H1Error> {
+        use ChunkState::*;
+        let mut i = 0;
+        while i < input.len() {
+            let b = input[i];
+            match self.state {
+                Done => break,
+                Data => {
+                    let n = (input.len() - i).min(usize::try_from(self.left).unwrap_or(usize::MAX));
+                    self.left -= n as u64;
+                    if self.left == 0 {
+                        self.state = DataCr;
+                    }
+                    return Ok(Decoded {
+                        consumed: i + n,
+                        data: Some(i..i + n),
+                    });
+                }
+                Size { digits } => match hex(b) {
+                    Some(d) => {
+                        if digits >= 15 {
+                            return Err(H1Error::Chunk("chunk size too large"));
+                        }
+                        self.left = self.left * 16 + u64::from(d);
+                        self.state = Size { digits: digits + 1 };
+                    }
+                    None if digits == 0 => return Err(H1Error::Chunk("expected a chunk size")),
+                    None => {
+                        self.skipped = 0;
+                        self.state = SizeWs;
+                        continue;
+                    }
+                },
+                SizeWs => match b {
+                    b' ' | b'\t' => {}
+                    b';' => self.state = Ext,
+                    b'\r' => self.state = SizeLf,
+                    _ => return Err(H1Error::Chunk("invalid byte after chunk size")),
+                },
+                Ext => match b {
+                    b'\r' => self.state = SizeLf,
+                    b'\n' => return Err(H1Error::Chunk("bare LF in chunk extension")),
+                    _ => {
+                        self.skipped += 1;
+                        if self.skipped > MAX_CHUNK_EXT {
+                            return Err(H1Error::Chunk("chunk extension too long"));
+                        }
+                    }
+                },
+                SizeLf => {
+                    if b != b'\n' {
+                        return Err(H1Error::Chunk("expected LF after chunk size"));
+                    }
+                    if self.left == 0 {
+                        self.skipped = 0;
+                        self.state = TrailerStart;
+                    } else {
+                        self.state = Data;
+                    }
+                }
+                DataCr => {
+                    if b != b'\r' {
+                        return Err(H1Error::Chunk("expected CRLF after chunk data"));
+                    }
+                    self.state = DataLf;
+                }
+                DataLf => {
+                    if b != b'\n' {
+                        return Err(H1Error::Chunk("expected CRLF after chunk data"));
+                    }
+                    self.state = Size { digits: 0 };
+                }
+                TrailerStart => {
+                    self.state = match b {
+                        b'\r' => EndLf,
+                        b'\n' => return Err(H1Error::Chunk("bare LF in trailer section")),
+                        _ => {
+                            self.skipped += 1;
+                            Trailer
+                        }
+                    }
+                }
+                Trailer => match b {
+                    b'\r' => self.state = TrailerLf,
+                    b'\n' => return Err(H1Error::Chunk("bare LF in trailer section")),
+                    _ => {
+                        self.skipped += 1;
+                        if self.skipped > MAX_TRAILERS {
+                            return Err(H1Error::Chunk("trailer section too long"));
+                        }
+                    }
+                },
+                TrailerLf => {
+                    if b != b'\n' {
+                        return Err(H1Error::Chunk("expected LF after trailer line"));
+                    }
+                    self.state = TrailerStart;
+                }
+                EndLf => {
+                    if b != b'\n' {
+                        return Err(H1Error::Chunk("expected LF at the end of the body"));
+                    }
+                    self.state = Done;
+                    i += 1;
+                    break;
+                }
+            }
+            i += 1;
+        }
+        // Input ended inside a chunk's data: the next call returns it.
+        Ok(Decoded {
+            consumed: i,
+            data: None,
+        })
+    }
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The head parsed from `s`, and how many bytes it took.
+    fn head(s: &str) -> Result<Option<(ResponseHead, usize)>, H1Error> {
+        let mut b = BytesMut::from(s.as_bytes());
+        let r = parse_response(&mut b, false)?;
+        Ok(r.map(|h| (h, s.len() - b.len())))
+    }
+
+    #[test]
+    fn request_heads() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a.example"));
+        h.append("x-a", HeaderValue::from_static("1"));
+        h.append("x-a", HeaderValue::from_static("2"));
+        let mut out = Vec::new();
+        encode_request_head(&Method::GET, "/p?q=1", &h, ReqFraming::Empty, &mut out);
+        assert_eq!(
+            out,
+            b"GET /p?q=1 HTTP/1.1\r\nhost: a.example\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
+        );
+        out.clear();
+        encode_request_head(
+            &Method::POST,
+            "/",
+            &HeaderMap::new(),
+            ReqFraming::Empty,
+            &mut out,
+        );
+        assert_eq!(out, b"POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
+        out.clear();
+        encode_request_head(
+            &Method::PUT,
+            "/",
+            &HeaderMap::new(),
+            ReqFraming::Chunked,
+            &mut out,
+        );
+        assert_eq!(out, b"PUT / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n");
+        out.clear();
+        encode_request_head(
+            &Method::PUT,
+            "/",
+            &HeaderMap::new(),
+            ReqFraming::Length(1234567),
+            &mut out,
+        );
+        assert_eq!(out, b"PUT / HTTP/1.1\r\ncontent-length: 1234567\r\n\r\n");
+        let mut with = HeaderMap::new();
+        with.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        out.clear();
+        encode_request_head(&Method::PUT, "/", &with, ReqFraming::Length(5), &mut out);
+        assert_eq!(out, b"PUT / HTTP/1.1\r\ncontent-length: 5\r\n\r\n");
+    }
+
+    #[test]
+    fn framing_of_requests() {
+        assert_eq!(request_framing(None, true, Some(0)), ReqFraming::Empty);
+        assert_eq!(request_framing(Some(0), true, Some(0)), ReqFraming::Empty);
+        assert_eq!(
+            request_framing(Some(9), false, Some(9)),
+            ReqFraming::Length(9)
+        );
+        assert_eq!(request_framing(None, false, Some(9)), ReqFraming::Length(9));
+        assert_eq!(request_framing(None, false, None), ReqFraming::Chunked);
+    }
+
+    #[test]
+    fn response_heads_and_their_framing() {
+        let (h, n) = head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: b\r\n\r\nhello")
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 46);
+        assert_eq!(h.status, StatusCode::OK);
+        assert_eq!(h.framing, BodyFraming::Length(5));
+        assert!(h.keep_alive);
+        assert_eq!(h.headers["x-a"], "b");
+
+        let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Le"[..]);
+        assert!(parse_response(&mut partial, false).unwrap().is_none());
+        assert_eq!(
+            partial.len(),
+            27,
+            "an incomplete head is left in the buffer"
+        );
+        let chunked =
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n";
+        let (h, _) = head(chunked).unwrap().unwrap();
+        assert_eq!(h.framing, BodyFraming::Chunked);
+        assert!(
+            !h.headers.contains_key(header::CONTENT_LENGTH),
+            "length dropped"
+        );
+        let (h, _) = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, BodyFraming::UntilClose);
+        assert!(!h.keep_alive);
+        let (h, _) = head("HTTP/1.1 200 OK\r\n\r\n").unwrap().unwrap();
+        assert_eq!(h.framing, BodyFraming::UntilClose);
+        let (h, _) = head("HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, BodyFraming::Empty);
+        assert!(h.keep_alive);
+        let mut b = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n"[..]);
+        let h = parse_response(&mut b, true).unwrap().unwrap();
+        assert_eq!(h.framing, BodyFraming::Empty, "answer to HEAD");
+        let (h, _) = head("HTTP/1.1 200 OK\r\nConnection: Close\r\nContent-Length: 1\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!h.keep_alive);
+        let (h, _) = head("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!h.keep_alive);
+        let (h, _) = head("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(h.keep_alive);
+        assert_eq!(
+            head("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n")
+                .unwrap()
+                .unwrap()
+                .0
+                .framing,
+            BodyFraming::Length(5)
+        );
+    }
+
+    #[test]
+    fn bad_response_heads() {
+        for bad in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
+        ] {
+            assert_eq!(head(bad).unwrap_err(), H1Error::BadLength, "{bad:?}");
+        }
+        assert!(matches!(
+            head("SSH-2.0-OpenSSH\r\n\r\n"),
+            Err(H1Error::Head(_))
+        ));
+        assert!(matches!(
+            head("HTTP/1.1 2000 OK\r\n\r\n"),
+            Err(H1Error::Head(_))
+        ));
+        let big = format!("HTTP/1.1 200 OK\r\nX: {}", "a".repeat(MAX_HEAD));
+        assert_eq!(head(&big).unwrap_err(), H1Error::HeadTooLarge);
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: 1\r\n")).collect();
+        assert!(matches!(
+            head(&format!("HTTP/1.1 200 OK\r\n{many}\r\n")),
+            Err(H1Error::Head(_))
+        ));
+    }
+
+    /// Decodes `body` fed in pieces of `step` bytes (carrying unconsumed bytes over, as the
+    /// connection's buffer does); the data, and the bytes after the body.
+    fn dechunk(body: &[u8], step: usize) -> Result<(Vec<u8>, Vec<u8>), H1Error> {
+        let mut d = ChunkedDecoder::new();
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        let mut fed = 0;
+        loop {
+            if !d.is_done() && fed < body.len() {
+                let end = (fed + step).min(body.len());
+                buf.extend_from_slice(&body[fed..end]);
+                fed = end;
+            }
+            let r = d.decode(&buf)?;
+            if let Some(data) = r.data.clone() {
+                out.extend_from_slice(&buf[data]);
+            }
+            buf.drain(..r.consumed);
+            if d.is_done() {
+                buf.extend_from_slice(&body[fed..]);
+                return Ok((out, buf));
+            }
+            if fed == body.len() && r.consumed == 0 {
+                return Err(H1Error::Chunk("input ended"));
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies() {
+        let body =
+            b"5\r\nhello\r\n1A;ext=1 \r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-T: 1\r\n\r\nNEXT";
+        for step in [1, 2, 3, 7, 100] {
+            let (data, rest) = dechunk(body, step).unwrap();
+            assert_eq!(data, b"helloabcdefghijklmnopqrstuvwxyz", "step {step}");
+            assert_eq!(rest, b"NEXT", "step {step}");
+        }
+        assert_eq!(dechunk(b"0\r\n\r\n", 1).unwrap().0, b"");
+        assert_eq!(dechunk(b"3 \t\r\nabc\r\n0\r\n\r\n", 4).unwrap().0, b"abc");
+        for bad in [
+            &b"x\r\n"[..],
+            b"5\nhello\r\n0\r\n\r\n",
+            b"5\r\nhelloX\r\n0\r\n\r\n",
+            b"1000000000000000\r\n",
+            b"0\r\nX: 1\n\r\n",
+            b"3 4\r\nabc\r\n",
+        ] {
+            assert!(matches!(dechunk(bad, 1), Err(H1Error::Chunk(_))), "{bad:?}");
+        }
+        let long_ext = format!("1;{}\r\na\r\n0\r\n\r\n", "e".repeat(MAX_CHUNK_EXT + 1));
+        assert!(dechunk(long_ext.as_bytes(), 1000).is_err());
+        let long_trailer = format!("0\r\nX: {}\r\n\r\n", "t".repeat(MAX_TRAILERS));
+        assert!(dechunk(long_trailer.as_bytes(), 1000).is_err());
+        assert_eq!(
+            dechunk(b"fffffffffffffff\r\nab", 100),
+            Err(H1Error::Chunk("input ended"))
+        );
+    }
+}

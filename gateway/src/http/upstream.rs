@@ -1,0 +1,963 @@
+//! The gateway's HTTP/1.1 client toward device services, over tunnel streams: one request at
+//! a time per connection; the response body is read straight off the stream by whoever
+//! streams it to the client (no task, no channel, no callback), and at its end the
+//! connection goes back to the [`Pool`]. The wire format is [`super::h1`]'s.
+//!
+//! A request's head is encoded once ([`Outgoing`]); a bodiless idempotent request whose
+//! pooled connection turns out to have been closed by the service is sent again from those
+//! bytes on a new connection (see [`SendError::again`]).
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll, Waker};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap};
+use http::{Method, Response, StatusCode};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::io::poll_read_buf;
+use tracing::debug;
+
+use super::body::{BoxError, ProxyBody, TooLarge};
+use super::h1::{self, BodyFraming, ChunkedDecoder, H1Error, ReqFraming};
+use super::pool::{Pool, PoolKey};
+
+/// Read buffer reserved before each read of a response: a small answer (head and body)
+/// comes in one read; a large body is read in pieces of about this size.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// What an upstream connection runs on: a tunnel stream (a duplex pipe in tests).
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// An upstream connection between requests: the stream and bytes read but not yet used
+/// (always none between requests: a connection with stray bytes is not reused).
+pub struct Upstream {
+    io: Box<dyn Io>,
+    buf: BytesMut,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("buffered", &self.buf.len())
+            .finish()
+    }
+}
+
+/// Why an exchange with a service failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("the service closed the connection without answering")]
+    Closed,
+    #[error("tunnel stream failed: {error}")]
+    Io {
+        #[source]
+        error: io::Error,
+        /// Part of the answer had arrived.
+        answered: bool,
+    },
+    #[error(transparent)]
+    Malformed(#[from] H1Error),
+    #[error("the service closed the connection in the middle of its answer")]
+    Truncated,
+    #[error("request body: {0}")]
+    RequestBody(#[source] BoxError),
+}
+
+impl UpstreamError {
+    /// The connection ended before any of the answer came: closed, or reset by the service.
+    pub fn ended_unanswered(&self) -> bool {
+        match self {
+            UpstreamError::Closed => true,
+            UpstreamError::Io {
+                error,
+                answered: false,
+            } => {
+                use io::ErrorKind::*;
+                matches!(
+                    error.kind(),
+                    ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+                )
+            }
+            _ => false,
+        }
+    }
+
+    /// The device refused the stream (opened early, so the refusal came instead of data).
+    pub fn refused(&self) -> Option<&tunnel::stream::StreamRefused> {
+        match self {
+            UpstreamError::Io { error, .. } => tunnel::stream::StreamRefused::find(error),
+            _ => None,
+        }
+    }
+
+    /// The client's body grew past the app's `max_body` on the way up.
+    pub fn too_large(&self) -> bool {
+        let UpstreamError::RequestBody(e) = self else {
+            return false;
+        };
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
+        while let Some(c) = cur {
+            if c.is::<TooLarge>() {
+                return true;
+            }
+            cur = c.source();
+        }
+        false
+    }
+}
+
+/// A failed [`Upstream::send`]. `again` gives the request back when it can go once more on
+/// another connection: nothing of it was written, or it has no body, an idempotent method
+/// (RFC 9110 §9.2.2) and the connection ended before any answer (the service closed an idle
+/// keep-alive connection as the request crossed it, as nginx retries).
+#[derive(Debug)]
+pub struct SendError {
+    pub error: UpstreamError,
+    pub again: Option<Outgoing>,
+}
+
+/// A request ready to go up: its head encoded, its body still the client's.
+pub struct Outgoing {
+    head: Bytes,
+    head_request: bool,
+    idempotent: bool,
+    body: Option<ReqBody>,
+}
+
+impl std::fmt::Debug for Outgoing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outgoing")
+            .field("head", &self.head)
+            .field("body", &self.body.is_some())
+            .finish()
+    }
+}
+
+impl Outgoing {
+    /// `target` is the origin-form request target; `headers` are sent as they are, but for a
+    /// `Content-Length` that is not a number (dropped: the body is then chunked or empty).
+    pub fn new(method: &Method, target: &str, headers: &mut HeaderMap, body: ProxyBody) -> Self {
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_none() {
+            headers.remove(header::CONTENT_LENGTH);
+        }
+        let framing = h1::request_framing(declared, body.is_end_stream(), body.size_hint().exact());
+        let mut head = Vec::new();
+        h1::encode_request_head(method, target, headers, framing, &mut head);
+        let body = match framing {
+            ReqFraming::Empty => None,
+            ReqFraming::Length(n) => Some(ReqBody::new(body, Some(n))),
+            ReqFraming::Chunked => Some(ReqBody::new(body, None)),
+        };
+        let idempotent = matches!(
+            *method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        );
+        Outgoing {
+            head: Bytes::from(head),
+            head_request: *method == Method::HEAD,
+            idempotent,
+            body,
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        self.idempotent && self.body.is_none()
+    }
+}
+
+/// The rest of a request body on its way up, framed as its head said.
+struct ReqBody {
+    body: ProxyBody,
+    /// Bytes still due by `Content-Length`; None: chunked.
+    left: Option<u64>,
+    /// Encoded pieces not yet written (a chunk's size line, its data, its CRLF).
+    out: VecDeque<Bytes>,
+    ended: bool,
+}
+
+/// Why a request body stopped going up.
+enum WriteError {
+    /// The client's side: its body failed, or did not match its length.
+    Client(BoxError),
+    /// The stream's side.
+    Io(io::Error),
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriteError::Client(e) => write!(f, "client's body: {e}"),
+            WriteError::Io(e) => write!(f, "stream: {e}"),
+        }
+    }
+}
+
+impl ReqBody {
+    fn new(body: ProxyBody, left: Option<u64>) -> Self {
+        ReqBody {
+            body,
+            left,
+            out: VecDeque::with_capacity(3),
+            ended: false,
+        }
+    }
+
+    /// Writes the body as it comes; Ready(Ok) once all of it (and its framing) was written.
+    fn poll_write(
+        &mut self,
+        io: &mut dyn Io,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), WriteError>> {
+        loop {
+            while let Some(piece) = self.out.front_mut() {
+                let n = ready!(Pin::new(&mut *io).poll_write(cx, piece)).map_err(WriteError::Io)?;
+                if n == 0 {
+                    return Poll::Ready(Err(WriteError::Io(io::ErrorKind::WriteZero.into())));
+                }
+                piece.advance(n);
+                if piece.is_empty() {
+                    self.out.pop_front();
+                }
+            }
+            if self.ended {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    // Trailers of the client's are not forwarded (nor by nginx).
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    match self.left.as_mut() {
+                        None => {
+                            self.out.push_back(h1::chunk_size_line(data.len()));
+                            self.out.push_back(data);
+                            self.out.push_back(Bytes::from_static(b"\r\n"));
+                        }
+                        Some(left) => {
+                            let n = data.len() as u64;
+                            if n > *left {
+                                return Poll::Ready(Err(WriteError::Client(
+                                    "request body longer than its Content-Length".into(),
+                                )));
+                            }
+                            *left -= n;
+                            self.out.push_back(data);
+                        }
+                    }
+                }
+                Some(Err(e)) => return Poll::Ready(Err(WriteError::Client(e))),
+                None => {
+                    match self.left {
+                        None => self.out.push_back(Bytes::from_static(h1::LAST_CHUNK)),
+                        Some(0) => {}
+                        Some(_) => {
+                            return Poll::Ready(Err(WriteError::Client(
+                                "request body shorter than its Content-Length".into(),
+                            )))
+                        }
+                    }
+                    self.ended = true;
+                }
+            }
+        }
+    }
+}
+
+impl Upstream {
+    pub fn new(io: impl Io) -> Self {
+        Upstream {
+            io: Box::new(io),
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// For idle connections: false if the service closed the stream meanwhile (or sent
+    /// something nobody asked for). Registers no waker.
+    pub(crate) fn still_open(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut one = [0u8; 1];
+        let mut rb = ReadBuf::new(&mut one);
+        Pin::new(&mut *self.io)
+            .poll_read(&mut cx, &mut rb)
+            .is_pending()
+    }
+
+    /// Sends `out` and waits for the response head (skipping interim `1xx` answers but
+    /// `101`), writing the request body meanwhile. The response's body reads the rest of
+    /// the answer off this connection, and writes what is left of the request body.
+    pub async fn send(mut self, mut out: Outgoing) -> Result<Response<UpBody>, SendError> {
+        let mut written = 0;
+        let head = out.head.clone();
+        let wrote = std::future::poll_fn(|cx| {
+            while written < head.len() {
+                let n = ready!(Pin::new(&mut *self.io).poll_write(cx, &head[written..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                written += n;
+            }
+            Pin::new(&mut *self.io).poll_flush(cx)
+        })
+        .await;
+        if let Err(error) = wrote {
+            let again = (written == 0 || out.replayable()).then_some(out);
+            return Err(SendError {
+                error: UpstreamError::Io {
+                    error,
+                    answered: false,
+                },
+                again,
+            });
+        }
+        let mut writer = out.body.take();
+        let mut cut = false;
+        let mut answered = false;
+        let head_request = out.head_request;
+        let r = std::future::poll_fn(|cx| {
+            if let Some(w) = writer.as_mut() {
+                match w.poll_write(&mut *self.io, cx) {
+                    Poll::Ready(Ok(())) => writer = None,
+                    Poll::Ready(Err(WriteError::Client(e))) => {
+                        return Poll::Ready(Err(UpstreamError::RequestBody(e)))
+                    }
+                    // The service may have answered early and closed its side: read on.
+                    Poll::Ready(Err(WriteError::Io(e))) => {
+                        debug!(error = %e, "request body cut short by the stream; reading the answer");
+                        writer = None;
+                        cut = true;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            self.poll_head(cx, head_request, &mut answered)
+        })
+        .await;
+        match r {
+            Ok(mut head) => {
+                head.keep_alive &= !cut;
+                Ok(UpBody::response(self, head, writer))
+            }
+            Err(error) => {
+                let again = (out.replayable() && error.ended_unanswered()).then_some(out);
+                Err(SendError { error, again })
+            }
+        }
+    }
+
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        head_request: bool,
+        answered: &mut bool,
+    ) -> Poll<Result<h1::ResponseHead, UpstreamError>> {
+        loop {
+            if !self.buf.is_empty() {
+                if let Some(head) = h1::parse_response(&mut self.buf, head_request)? {
+                    // Interim answers (100 Continue, 103 Early Hints) are not forwarded.
+                    if head.status.is_informational()
+                        && head.status != StatusCode::SWITCHING_PROTOCOLS
+                    {
+                        continue;
+                    }
+                    return Poll::Ready(Ok(head));
+                }
+            }
+            self.buf.reserve(READ_CHUNK);
+            match ready!(poll_read_buf(Pin::new(&mut *self.io), cx, &mut self.buf)) {
+                Ok(0) if *answered => return Poll::Ready(Err(UpstreamError::Truncated)),
+                Ok(0) => return Poll::Ready(Err(UpstreamError::Closed)),
+                Ok(_) => *answered = true,
+                Err(error) => {
+                    return Poll::Ready(Err(UpstreamError::Io {
+                        error,
+                        answered: *answered,
+                    }))
+                }
+            }
+        }
+    }
+}
+
+/// How much of a response body is left.
+enum Remaining {
+    Empty,
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    UntilClose,
+}
+
+/// A response body read off its [`Upstream`] connection, which it returns to its pool
+/// ([`UpBody::home`]) once the body is over, if the connection can take another request.
+pub struct UpBody {
+    conn: Option<Upstream>,
+    left: Remaining,
+    /// The rest of the request body (the service answered before reading all of it).
+    writer: Option<ReqBody>,
+    keep_alive: bool,
+    home: Option<(Arc<Pool>, PoolKey)>,
+}
+
+impl std::fmt::Debug for UpBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpBody")
+            .field("open", &self.conn.is_some())
+            .finish()
+    }
+}
+
+impl UpBody {
+    fn response(
+        conn: Upstream,
+        head: h1::ResponseHead,
+        writer: Option<ReqBody>,
+    ) -> Response<UpBody> {
+        let upgrade = head.status == StatusCode::SWITCHING_PROTOCOLS;
+        let body = UpBody {
+            conn: Some(conn),
+            left: match head.framing {
+                BodyFraming::Empty => Remaining::Empty,
+                BodyFraming::Length(n) => Remaining::Length(n),
+                BodyFraming::Chunked => Remaining::Chunked(ChunkedDecoder::new()),
+                BodyFraming::UntilClose => Remaining::UntilClose,
+            },
+            writer,
+            keep_alive: head.keep_alive && !upgrade,
+            home: None,
+        };
+        let mut resp = Response::new(body);
+        *resp.status_mut() = head.status;
+        *resp.headers_mut() = head.headers;
+        resp
+    }
+
+    /// Where the connection goes at the end of the body.
+    pub fn home(mut self, pool: Arc<Pool>, key: PoolKey) -> Self {
+        self.home = Some((pool, key));
+        self
+    }
+
+    /// After a `101 Switching Protocols`: the connection as a byte stream, starting with
+    /// whatever the service sent after its answer's head.
+    pub fn into_upgraded(mut self) -> Option<Upgraded> {
+        let conn = self.conn.take()?;
+        Some(Upgraded {
+            pending: conn.buf.freeze(),
+            io: conn.io,
+        })
+    }
+
+    /// The body is over: pool the connection if it can serve again.
+    fn finish(&mut self) {
+        let Some(conn) = self.conn.take() else { return };
+        if let (true, None, true, Some((pool, key))) = (
+            self.keep_alive,
+            &self.writer,
+            conn.buf.is_empty(),
+            self.home.take(),
+        ) {
+            pool.put(key, conn);
+        }
+    }
+
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, UpstreamError>>> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if let Some(w) = self.writer.as_mut() {
+            if let Poll::Ready(r) = w.poll_write(&mut *conn.io, cx) {
+                self.writer = None;
+                // Whatever failed, the service has its answer going: finish reading it,
+                // but do not reuse a connection whose request was cut short.
+                if let Err(e) = r {
+                    debug!(error = %e, "request body cut short after the answer began");
+                    self.keep_alive = false;
+                }
+            }
+        }
+        loop {
+            let buf = &mut conn.buf;
+            match &mut self.left {
+                Remaining::Empty | Remaining::Length(0) => {
+                    self.finish();
+                    return Poll::Ready(None);
+                }
+                Remaining::Length(left) if !buf.is_empty() => {
+                    let n = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    *left -= n as u64;
+                    let data = buf.split_to(n).freeze();
+                    if *left == 0 {
+                        self.finish();
+                    }
+                    return Poll::Ready(Some(Ok(data)));
+                }
+                Remaining::Chunked(d) if !buf.is_empty() => {
+                    let step = d.decode(buf)?;
+                    if let Some(r) = step.data {
+                        buf.advance(r.start);
+                        return Poll::Ready(Some(Ok(buf.split_to(r.len()).freeze())));
+                    }
+                    buf.advance(step.consumed);
+                    if d.is_done() {
+                        self.finish();
+                        return Poll::Ready(None);
+                    }
+                }
+                Remaining::UntilClose if !buf.is_empty() => {
+                    return Poll::Ready(Some(Ok(buf.split().freeze())));
+                }
+                _ => {}
+            }
+            buf.reserve(READ_CHUNK);
+            match ready!(poll_read_buf(Pin::new(&mut *conn.io), cx, buf)) {
+                Ok(0) if matches!(self.left, Remaining::UntilClose) => {
+                    self.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(UpstreamError::Truncated)));
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(UpstreamError::Io {
+                        error,
+                        answered: true,
+                    })));
+                }
+            }
+        }
+    }
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = UpstreamError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+        let this = self.get_mut();
+        let r = ready!(this.poll_data(cx));
+        if let Some(Err(_)) = r {
+            this.conn = None;
+        }
+        Poll::Ready(r.map(|r| r.map(Frame::data)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.conn.is_none() || matches!(self.left, Remaining::Empty | Remaining::Length(0))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.left {
+            Remaining::Empty => SizeHint::with_exact(0),
+            Remaining::Length(n) => SizeHint::with_exact(n),
+            _ if self.conn.is_none() => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for UpBody {
+    /// Dropped unread: an empty body (`204`, `HEAD`, `Content-Length: 0`) is never polled,
+    /// and its connection is as good as after a finished one. Dropped mid-body, the
+    /// connection is dropped too: the rest of that answer is still on its way.
+    fn drop(&mut self) {
+        if matches!(self.left, Remaining::Empty | Remaining::Length(0)) {
+            self.finish();
+        }
+    }
+}
+
+/// An upgraded connection (WebSocket, …) to the service: bytes the service sent right
+/// after its `101` answer first, then the stream.
+pub struct Upgraded {
+    pending: Bytes,
+    io: Box<dyn Io>,
+}
+
+impl AsyncRead for Upgraded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.pending.is_empty() {
+            let n = self.pending.len().min(buf.remaining());
+            buf.put_slice(&self.pending[..n]);
+            self.pending.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut *self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Upgraded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.io).poll_write(cx, b)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::body;
+    use http_body_util::BodyExt;
+    use hyper_util::rt::TokioIo;
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn key() -> PoolKey {
+        PoolKey {
+            app: "web".into(),
+            device: "home1".into(),
+            service: "web".into(),
+        }
+    }
+
+    /// A hyper server on the far end of a duplex pipe: answers `METHOD path body-length` and
+    /// echoes the body after it; counts the connections it serves.
+    fn backend(conns: &Arc<AtomicUsize>) -> Upstream {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        conns.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(
+                |req: hyper::Request<hyper::body::Incoming>| async move {
+                    let head = format!("{} {} ", req.method(), req.uri());
+                    let chunked = req.headers().get(header::TRANSFER_ENCODING).is_some();
+                    let b = req.into_body().collect().await.unwrap().to_bytes();
+                    let text = format!("{head}{} chunked={chunked} ", b.len());
+                    let mut all = text.into_bytes();
+                    all.extend_from_slice(&b);
+                    Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(
+                        Bytes::from(all),
+                    )))
+                },
+            );
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(b), svc)
+                .await;
+        });
+        Upstream::new(a)
+    }
+
+    /// A far end that reads one request head, answers `script`, and closes unless `stay`.
+    fn scripted(script: &'static [u8], stay: bool) -> (Upstream, tokio::task::JoinHandle<Vec<u8>>) {
+        let (a, mut b) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = b.read(&mut chunk).await.unwrap();
+                if n == 0 {
+                    return got;
+                }
+                got.extend_from_slice(&chunk[..n]);
+            }
+            b.write_all(script).await.unwrap();
+            if stay {
+                // Keep reading (an upgraded or pooled connection) until the other end goes.
+                while let Ok(n) = b.read(&mut chunk).await {
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&chunk[..n]);
+                    b.write_all(&chunk[..n]).await.unwrap();
+                }
+            }
+            got
+        });
+        (Upstream::new(a), task)
+    }
+
+    fn get(path: &str) -> Outgoing {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, http::HeaderValue::from_static("a.example"));
+        Outgoing::new(&Method::GET, path, &mut h, body::full(""))
+    }
+
+    fn request(method: Method, headers: &[(&str, &str)], b: ProxyBody) -> Outgoing {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        Outgoing::new(&method, "/up", &mut h, b)
+    }
+
+    /// Sends `out` on `up`, reads the whole answer (pooling `up` into `pool` at its end).
+    async fn exchange(pool: &Arc<Pool>, up: Upstream, out: Outgoing) -> (StatusCode, String) {
+        let resp = up.send(out).await.unwrap();
+        let status = resp.status();
+        let b = resp
+            .into_body()
+            .home(pool.clone(), key())
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        (status, String::from_utf8(b.to_vec()).unwrap())
+    }
+
+    /// A body of `n` frames of `size` bytes, of unknown length.
+    struct Frames(usize, usize);
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            if self.0 == 0 {
+                return Poll::Ready(None);
+            }
+            self.0 -= 1;
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b'x'; self.1])))))
+        }
+    }
+
+    /// A body that sends one frame, then never another and never ends.
+    struct Stalls(bool);
+    impl Body for Stalls {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            if self.0 {
+                return Poll::Pending;
+            }
+            self.0 = true;
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"part")))))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_finished_connection_is_reused() {
+        let conns = Arc::new(AtomicUsize::new(0));
+        let pool = Pool::new();
+        let (s, b) = exchange(&pool, backend(&conns), get("/a")).await;
+        assert_eq!((s, b.as_str()), (StatusCode::OK, "GET /a 0 chunked=false "));
+        let up = pool.take(&key()).expect("pooled at the end of the body");
+        let (_, b) = exchange(&pool, up, get("/b?q=1")).await;
+        assert_eq!(b, "GET /b?q=1 0 chunked=false ");
+        assert_eq!(conns.load(Ordering::Relaxed), 1);
+        assert_eq!(pool.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn request_bodies_go_up_with_their_length_or_chunked() {
+        let conns = Arc::new(AtomicUsize::new(0));
+        let pool = Pool::new();
+        let known = request(
+            Method::POST,
+            &[("content-length", "5")],
+            body::full("hello"),
+        );
+        let (_, b) = exchange(&pool, backend(&conns), known).await;
+        assert_eq!(b, "POST /up 5 chunked=false hello");
+        let unknown = request(Method::PUT, &[], Frames(3, 4000).boxed_unsync());
+        let up = pool.take(&key()).unwrap();
+        let (_, b) = exchange(&pool, up, unknown).await;
+        assert_eq!(
+            b,
+            format!("PUT /up 12000 chunked=true {}", "x".repeat(12000))
+        );
+        let empty = request(Method::POST, &[], body::full(""));
+        let up = pool.take(&key()).unwrap();
+        let (_, b) = exchange(&pool, up, empty).await;
+        assert_eq!(b, "POST /up 0 chunked=false ");
+        assert_eq!(conns.load(Ordering::Relaxed), 1, "all on one connection");
+    }
+
+    #[tokio::test]
+    async fn a_body_longer_than_its_length_fails_the_request() {
+        let pool = Pool::new();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let lying = request(
+            Method::POST,
+            &[("content-length", "3")],
+            body::full("hello"),
+        );
+        let Err(e) = backend(&conns).send(lying).await else {
+            panic!("sent")
+        };
+        assert!(matches!(e.error, UpstreamError::RequestBody(_)), "{e:?}");
+        assert!(e.again.is_none());
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn answer_framings() {
+        let pool = Pool::new();
+        // Chunked, with an interim answer before it and a trailer: pooled at its end.
+        let (up, _t) = scripted(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nX-T: 1\r\n\r\n",
+            true,
+        );
+        assert_eq!(
+            exchange(&pool, up, get("/")).await,
+            (StatusCode::OK, "hello world".into())
+        );
+        assert_eq!(pool.idle_count(), 1);
+        // Delimited by the close: read to the end, not pooled.
+        let pool = Pool::new();
+        let (up, _t) = scripted(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", false);
+        assert_eq!(exchange(&pool, up, get("/")).await.1, "until the end");
+        assert_eq!(pool.idle_count(), 0);
+        // `Connection: close`: not pooled.
+        let (up, _t) = scripted(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+            true,
+        );
+        assert_eq!(exchange(&pool, up, get("/")).await.1, "ok");
+        assert_eq!(pool.idle_count(), 0);
+        // An answer to HEAD has no body, whatever its length says; never polled, still pooled.
+        let (up, _t) = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n", true);
+        let resp = up
+            .send(request(Method::HEAD, &[], body::full("")))
+            .await
+            .unwrap();
+        assert_eq!(resp.headers()[header::CONTENT_LENGTH], "20");
+        assert!(resp.body().is_end_stream());
+        drop(resp.into_body().home(pool.clone(), key()));
+        assert_eq!(pool.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn broken_answers_are_errors() {
+        let (up, _t) = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", false);
+        let resp = up.send(get("/")).await.unwrap();
+        let e = resp.into_body().collect().await.unwrap_err();
+        assert!(matches!(e, UpstreamError::Truncated), "{e}");
+        let (up, _t) = scripted(b"SSH-2.0-OpenSSH_9.2\r\n\r\n", false);
+        let e = up.send(get("/")).await.unwrap_err();
+        assert!(
+            matches!(e.error, UpstreamError::Malformed(_)),
+            "{:?}",
+            e.error
+        );
+        assert!(e.again.is_none(), "an answer came: not sent again");
+        let (up, _t) = scripted(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            false,
+        );
+        let resp = up.send(get("/")).await.unwrap();
+        let e = resp.into_body().collect().await.unwrap_err();
+        assert!(
+            matches!(e, UpstreamError::Malformed(H1Error::Chunk(_))),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_close_before_any_answer_gives_repeatable_requests_back() {
+        let (up, _t) = scripted(b"", false);
+        let e = up.send(get("/again")).await.unwrap_err();
+        assert!(e.error.ended_unanswered(), "{:?}", e.error);
+        let again = e.again.expect("a GET without a body goes again");
+        let conns = Arc::new(AtomicUsize::new(0));
+        let (_, b) = exchange(&Pool::new(), backend(&conns), again).await;
+        assert_eq!(b, "GET /again 0 chunked=false ");
+        let (up, _t) = scripted(b"", false);
+        let post = request(Method::POST, &[("content-length", "2")], body::full("hi"));
+        let e = up.send(post).await.unwrap_err();
+        assert!(e.error.ended_unanswered());
+        assert!(e.again.is_none(), "a POST is not repeated");
+    }
+
+    #[tokio::test]
+    async fn an_early_answer_ends_the_connection() {
+        let pool = Pool::new();
+        let (up, _t) = scripted(
+            b"HTTP/1.1 413 Too Large\r\nContent-Length: 3\r\n\r\nno!",
+            true,
+        );
+        let out = request(Method::POST, &[], Stalls(false).boxed_unsync());
+        let (s, b) = exchange(&pool, up, out).await;
+        assert_eq!((s, b.as_str()), (StatusCode::PAYLOAD_TOO_LARGE, "no!"));
+        assert_eq!(pool.idle_count(), 0, "its request was never finished");
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_midway_drops_its_connection() {
+        let pool = Pool::new();
+        let (up, _t) = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart", true);
+        let resp = up.send(get("/")).await.unwrap();
+        let mut body = resp.into_body().home(pool.clone(), key());
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"part");
+        drop(body);
+        assert_eq!(pool.idle_count(), 0, "half-read connection was pooled");
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_hands_over_the_stream_with_what_came_after_the_head() {
+        let (up, task) = scripted(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nfirst",
+            true,
+        );
+        let resp = up
+            .send(request(
+                Method::GET,
+                &[("connection", "upgrade"), ("upgrade", "websocket")],
+                body::full(""),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+        let mut io = resp.into_body().into_upgraded().unwrap();
+        let mut got = [0u8; 5];
+        io.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"first");
+        io.write_all(b"ping").await.unwrap();
+        let mut echo = [0u8; 4];
+        io.read_exact(&mut echo).await.unwrap();
+        assert_eq!(&echo, b"ping");
+        drop(io);
+        let seen = String::from_utf8(task.await.unwrap()).unwrap();
+        assert!(
+            seen.starts_with(
+                "GET /up HTTP/1.1\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
+            ),
+            "{seen:?}"
+        );
+        assert!(seen.ends_with("ping"));
+    }
+}
