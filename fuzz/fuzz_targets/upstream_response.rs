@@ -6,8 +6,9 @@
 //! then the service's bytes.
 //!
 //! Checked: no panic; a head parsed from pieces is the head parsed from all the bytes at
-//! once, taking the same bytes; an incomplete head leaves the buffer as it was; a transfer
-//! coding leaves no `Content-Length` behind; chunked framing only for HTTP/1.1; a reusable
+//! once, taking the same bytes; an incomplete head leaves the buffer as it was; no hop-by-hop
+//! header is kept (a `101` keeps exactly `Upgrade` and `Connection: upgrade`); a chunked body
+//! leaves no `Content-Length` behind; chunked framing only for HTTP/1.1; a reusable
 //! connection has a delimited body. The chunked decoder fed in pieces gives the same data,
 //! the same end and the same error as fed everything at once; its data ranges lie in its
 //! input and it never consumes past the body's end.
@@ -15,6 +16,7 @@
 
 use bytes::BytesMut;
 use gateway::http::h1::{parse_response, BodyFraming, ChunkedDecoder, H1Error, ResponseHead};
+use gateway::http::headers::is_hop_by_hop;
 use http::header;
 use libfuzzer_sys::fuzz_target;
 
@@ -91,8 +93,24 @@ fuzz_target!(|input: &[u8]| {
     let Ok(Some((head, used))) = at_once else {
         return;
     };
-    if head.headers.contains_key(header::TRANSFER_ENCODING) && head.framing != BodyFraming::Empty {
+    if head.framing == BodyFraming::Chunked {
         assert!(!head.headers.contains_key(header::CONTENT_LENGTH), "length kept beside a transfer coding");
+    }
+    // No hop-by-hop header is forwarded: a 101 keeps exactly `Upgrade` + `Connection: upgrade`.
+    let upgrade = head.status == http::StatusCode::SWITCHING_PROTOCOLS && head.headers.contains_key(header::UPGRADE);
+    for (name, value) in &head.headers {
+        if upgrade && name == header::CONNECTION {
+            assert_eq!(value, "upgrade");
+            continue;
+        }
+        if upgrade && name == header::UPGRADE {
+            assert_eq!(head.headers.get_all(header::UPGRADE).iter().count(), 1);
+            continue;
+        }
+        assert!(!is_hop_by_hop(name), "hop-by-hop {name} kept: {:?}", head.headers);
+    }
+    for listed in head.headers.get_all(header::CONNECTION) {
+        assert!(upgrade && listed == "upgrade", "Connection kept: {:?}", head.headers);
     }
     if head.framing == BodyFraming::Chunked {
         assert_eq!(head.version, http::Version::HTTP_11);

@@ -14,6 +14,8 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 
+use super::headers;
+
 /// A response head larger than this is refused (hyper's client allowed ~400 KiB; nginx's
 /// default proxy buffer is 4–8 KiB). 64 KiB holds any sane set of cookies.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -51,8 +53,7 @@ pub enum ReqFraming {
 
 /// How a request body of the client's goes up. `declared` is its valid `Content-Length`, if
 /// any (hyper's server checked it against the body); `empty` and `exact` are what the body
-/// says of itself. The caller keeps the `Content-Length` header exactly when this is
-/// [`ReqFraming::Length`] and adds what [`encode_request_head`] needs.
+/// says of itself.
 pub fn request_framing(declared: Option<u64>, empty: bool, exact: Option<u64>) -> ReqFraming {
     match (declared, exact) {
         (Some(n), _) | (None, Some(n)) if n > 0 || !empty => ReqFraming::Length(n),
@@ -61,40 +62,36 @@ pub fn request_framing(declared: Option<u64>, empty: bool, exact: Option<u64>) -
     }
 }
 
-/// Writes `METHOD target HTTP/1.1`, the headers, and the framing header of `framing` (a
-/// `Content-Length` already among `headers` is left as it is; one that disagrees with
-/// `framing` must have been removed by the caller). Methods that carry a body get
+/// Writes `METHOD target HTTP/1.1`, the headers as [`headers::write_request_headers`]
+/// rewrites them, and the framing header of `framing` (the client's `Content-Length` is not
+/// copied: this one is written from `framing`). Methods that carry a body get
 /// `Content-Length: 0` when empty, as hyper's client did, so a service never waits for one.
+/// `target` must be printable ASCII without spaces (the caller checks).
 pub fn encode_request_head(
     method: &Method,
     target: &str,
     headers: &HeaderMap,
+    fwd: &headers::Forwarded<'_>,
     framing: ReqFraming,
     out: &mut Vec<u8>,
 ) {
-    out.reserve(64 + target.len() + headers.len() * 48);
+    out.reserve(192 + target.len() + headers.len() * 48);
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    let has_length = headers.contains_key(header::CONTENT_LENGTH);
+    headers::write_request_headers(headers, fwd, out);
     match framing {
-        ReqFraming::Length(n) if !has_length => {
+        ReqFraming::Length(n) => {
             out.extend_from_slice(b"content-length: ");
             push_decimal(out, n);
             out.extend_from_slice(b"\r\n");
         }
-        ReqFraming::Empty if !has_length && expects_body(method) => {
+        ReqFraming::Empty if expects_body(method) => {
             out.extend_from_slice(b"content-length: 0\r\n");
         }
         ReqFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        _ => {}
+        ReqFraming::Empty => {}
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -155,8 +152,12 @@ pub struct ResponseHead {
 /// and takes it off `buf`, which then starts with the body. `Ok(None)`: incomplete, read
 /// more (unless `buf` already holds [`MAX_HEAD`] bytes: then it is
 /// [`H1Error::HeadTooLarge`]); `buf` is left as it was. Header values are slices of the
-/// head's bytes (no copies). The headers a transfer coding or length was read from stay for
-/// the caller's hop-by-hop stripping, except a `Content-Length` a transfer coding overrides.
+/// head's bytes (no copies).
+///
+/// Hop-by-hop headers are left out as they are read ([`headers::is_hop_by_hop`] and what
+/// `Connection` names, RFC 9110 §7.6.1), cheaper than inserting and then removing them: a
+/// `101` keeps its (first) `Upgrade` and says `Connection: upgrade`. A `Content-Length` that a
+/// transfer coding overrides is dropped too.
 pub fn parse_response(
     buf: &mut BytesMut,
     head_request: bool,
@@ -211,6 +212,15 @@ pub fn parse_response(
     let mut chunked_last = None;
     let mut close = version == Version::HTTP_10;
     let mut keep_alive_token = false;
+    let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
+    // Names listed by `Connection` (most often just `keep-alive` or `close`).
+    let listed: Vec<&[u8]> = spans
+        .iter()
+        .filter(|(n, _)| raw[n.clone()].eq_ignore_ascii_case(b"connection"))
+        .flat_map(|(_, v)| raw[v.clone()].split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+        .collect();
     for (name_span, value_span) in spans {
         let name_bytes = &raw[name_span];
         let value_bytes = &raw[value_span.clone()];
@@ -244,7 +254,17 @@ pub fn parse_response(
                 keep_alive_token |= t.eq_ignore_ascii_case(b"keep-alive");
             }
         }
+        let hop = headers::is_hop_by_hop(&name)
+            || listed
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(name.as_str().as_bytes()));
+        if hop && !(upgrade && name == header::UPGRADE && !headers.contains_key(header::UPGRADE)) {
+            continue;
+        }
         headers.append(name, value);
+    }
+    if upgrade && headers.contains_key(header::UPGRADE) {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     if version == Version::HTTP_10 && keep_alive_token {
         close = false;
@@ -506,48 +526,41 @@ mod tests {
 
     #[test]
     fn request_heads() {
+        let fwd = headers::Forwarded {
+            client: "192.0.2.7".parse().unwrap(),
+            https: false,
+            host: "a.example",
+            upgrade: None,
+        };
+        const OURS: &str = "host: a.example\r\nx-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: http\r\nx-forwarded-host: a.example\r\n";
+        let head = |m: Method, h: &HeaderMap, f: ReqFraming| {
+            let mut out = Vec::new();
+            encode_request_head(&m, "/p?q=1", h, &fwd, f, &mut out);
+            String::from_utf8(out).unwrap()
+        };
         let mut h = HeaderMap::new();
-        h.insert(header::HOST, HeaderValue::from_static("a.example"));
+        h.insert(header::HOST, HeaderValue::from_static("b.example"));
         h.append("x-a", HeaderValue::from_static("1"));
         h.append("x-a", HeaderValue::from_static("2"));
-        let mut out = Vec::new();
-        encode_request_head(&Method::GET, "/p?q=1", &h, ReqFraming::Empty, &mut out);
         assert_eq!(
-            out,
-            b"GET /p?q=1 HTTP/1.1\r\nhost: a.example\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
+            head(Method::GET, &h, ReqFraming::Empty),
+            format!("GET /p?q=1 HTTP/1.1\r\nx-a: 1\r\nx-a: 2\r\n{OURS}\r\n")
         );
-        out.clear();
-        encode_request_head(
-            &Method::POST,
-            "/",
-            &HeaderMap::new(),
-            ReqFraming::Empty,
-            &mut out,
+        let none = HeaderMap::new();
+        assert_eq!(
+            head(Method::POST, &none, ReqFraming::Empty),
+            format!("POST /p?q=1 HTTP/1.1\r\n{OURS}content-length: 0\r\n\r\n")
         );
-        assert_eq!(out, b"POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
-        out.clear();
-        encode_request_head(
-            &Method::PUT,
-            "/",
-            &HeaderMap::new(),
-            ReqFraming::Chunked,
-            &mut out,
+        assert_eq!(
+            head(Method::PUT, &none, ReqFraming::Chunked),
+            format!("PUT /p?q=1 HTTP/1.1\r\n{OURS}transfer-encoding: chunked\r\n\r\n")
         );
-        assert_eq!(out, b"PUT / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n");
-        out.clear();
-        encode_request_head(
-            &Method::PUT,
-            "/",
-            &HeaderMap::new(),
-            ReqFraming::Length(1234567),
-            &mut out,
-        );
-        assert_eq!(out, b"PUT / HTTP/1.1\r\ncontent-length: 1234567\r\n\r\n");
         let mut with = HeaderMap::new();
-        with.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
-        out.clear();
-        encode_request_head(&Method::PUT, "/", &with, ReqFraming::Length(5), &mut out);
-        assert_eq!(out, b"PUT / HTTP/1.1\r\ncontent-length: 5\r\n\r\n");
+        with.insert(header::CONTENT_LENGTH, HeaderValue::from_static("1234567"));
+        assert_eq!(
+            head(Method::PUT, &with, ReqFraming::Length(1234567)),
+            format!("PUT /p?q=1 HTTP/1.1\r\n{OURS}content-length: 1234567\r\n\r\n")
+        );
     }
 
     #[test]
@@ -572,6 +585,33 @@ mod tests {
         assert_eq!(h.framing, BodyFraming::Length(5));
         assert!(h.keep_alive);
         assert_eq!(h.headers["x-a"], "b");
+        let (h, _) = head("HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nKeep-Alive: timeout=5\r\nX-Hop: 1\r\nProxy-Authenticate: Basic\r\nTrailer: X-T\r\nUpgrade: h2c\r\nX-End: 2\r\nContent-Length: 1\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        let names: Vec<&str> = h.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["x-end", "content-length"],
+            "hop-by-hop headers left out"
+        );
+        assert!(h.keep_alive);
+        let (h, _) = head("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade, X-Hop\r\nX-Hop: 1\r\nUpgrade: websocket\r\nUpgrade: other\r\nSec-WebSocket-Accept: k\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        let all: Vec<(&str, &str)> = h
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            all,
+            [
+                ("upgrade", "websocket"),
+                ("sec-websocket-accept", "k"),
+                ("connection", "upgrade")
+            ],
+            "an upgrade keeps exactly its handshake"
+        );
 
         let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Le"[..]);
         assert!(parse_response(&mut partial, false).unwrap().is_none());

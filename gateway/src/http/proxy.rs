@@ -131,15 +131,11 @@ pub(crate) async fn handle(
     let latency = log.started.elapsed();
     match result {
         Ok((answer, key)) => {
-            let Answer {
-                mut resp,
-                shape_out,
-            } = answer;
+            let Answer { resp, shape_out } = answer;
             log.status = resp.status().as_u16();
             front.metrics().observe(&log.app, log.status, latency);
+            // The answer's hop-by-hop headers were left out as it was parsed (h1.rs).
             let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-            let up_proto = resp.headers().get(header::UPGRADE).cloned();
-            headers::strip_hop_by_hop(resp.headers_mut(), up_proto.as_ref().filter(|_| switching));
             match (switching, client_upgrade) {
                 (true, Some(client_on)) => {
                     let (parts, up) = resp.into_parts();
@@ -170,7 +166,7 @@ pub(crate) async fn handle(
 
 async fn forward(
     front: &Front,
-    mut parts: Parts,
+    parts: Parts,
     body: &mut Option<Incoming>,
     peer: SocketAddr,
     https: bool,
@@ -268,16 +264,9 @@ async fn forward(
     let counters = state.counters.clone();
     drop(active);
 
-    headers::strip_hop_by_hop(&mut parts.headers, upgrade.as_ref());
-    headers::set_forwarded(&mut parts.headers, peer.ip(), https, &host);
-    if !parts.headers.contains_key(header::HOST) {
-        if let Ok(v) = HeaderValue::from_str(&host) {
-            parts.headers.insert(header::HOST, v);
-        }
-    }
-    // The request line is written as it is: built from a URI hyper parsed, the target
-    // holds no space or control byte, and must not.
-    if !target.bytes().all(|b| b.is_ascii_graphic()) {
+    // The request line and `Host` are written as they are: built from what hyper parsed,
+    // the target holds no space or control byte and the host no control byte; and must not.
+    if !target.bytes().all(|b| b.is_ascii_graphic()) || host.bytes().any(|b| b.is_ascii_control()) {
         return Err(ProxyError::NoHost);
     }
     let body = body.take().ok_or(ProxyError::NoHost)?;
@@ -289,7 +278,13 @@ async fn forward(
         .shape(shape_in)
         .guard(sent_tx)
         .boxed();
-    let out = Outgoing::new(&parts.method, &target, &mut parts.headers, body);
+    let fwd = headers::Forwarded {
+        client: peer.ip(),
+        https,
+        host: &host,
+        upgrade: upgrade.as_ref(),
+    };
+    let out = Outgoing::new(&parts.method, &target, &parts.headers, &fwd, body);
     let resp = send(front, &key, peer, out, sent_rx)
         .await
         .map_err(|e| match e {

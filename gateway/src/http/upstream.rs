@@ -23,6 +23,7 @@ use tracing::debug;
 
 use super::body::{BoxError, ProxyBody, TooLarge};
 use super::h1::{self, BodyFraming, ChunkedDecoder, H1Error, ReqFraming};
+use super::headers::Forwarded;
 use super::pool::{Pool, PoolKey};
 
 /// Read buffer reserved before each read of a response: a small answer (head and body)
@@ -139,18 +140,21 @@ impl std::fmt::Debug for Outgoing {
 }
 
 impl Outgoing {
-    /// `target` is the origin-form request target; `headers` are sent as they are, but for a
-    /// `Content-Length` that is not a number (dropped: the body is then chunked or empty).
-    pub fn new(method: &Method, target: &str, headers: &mut HeaderMap, body: ProxyBody) -> Self {
+    /// `target` is the origin-form request target (printable ASCII, no spaces); `headers` the
+    /// client's, rewritten on the way as [`super::headers::write_request_headers`] says.
+    pub fn new(
+        method: &Method,
+        target: &str,
+        headers: &HeaderMap,
+        fwd: &Forwarded<'_>,
+        body: ProxyBody,
+    ) -> Self {
         let declared = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_none() {
-            headers.remove(header::CONTENT_LENGTH);
-        }
         let framing = h1::request_framing(declared, body.is_end_stream(), body.size_hint().exact());
         let mut head = Vec::new();
-        h1::encode_request_head(method, target, headers, framing, &mut head);
+        h1::encode_request_head(method, target, headers, fwd, framing, &mut head);
         let body = match framing {
             ReqFraming::Empty => None,
             ReqFraming::Length(n) => Some(ReqBody::new(body, Some(n))),
@@ -703,10 +707,15 @@ mod tests {
         (Upstream::new(a), task)
     }
 
+    const FWD: Forwarded<'static> = Forwarded {
+        client: std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 7)),
+        https: false,
+        host: "a.example",
+        upgrade: None,
+    };
+
     fn get(path: &str) -> Outgoing {
-        let mut h = HeaderMap::new();
-        h.insert(header::HOST, http::HeaderValue::from_static("a.example"));
-        Outgoing::new(&Method::GET, path, &mut h, body::full(""))
+        Outgoing::new(&Method::GET, path, &HeaderMap::new(), &FWD, body::full(""))
     }
 
     fn request(method: Method, headers: &[(&str, &str)], b: ProxyBody) -> Outgoing {
@@ -717,7 +726,12 @@ mod tests {
                 http::HeaderValue::from_str(v).unwrap(),
             );
         }
-        Outgoing::new(&method, "/up", &mut h, b)
+        let upgrade = h.get(header::UPGRADE).cloned();
+        let fwd = Forwarded {
+            upgrade: upgrade.as_ref(),
+            ..FWD
+        };
+        Outgoing::new(&method, "/up", &h, &fwd, b)
     }
 
     /// Sends `out` on `up`, reads the whole answer (pooling `up` into `pool` at its end).
@@ -954,7 +968,7 @@ mod tests {
         let seen = String::from_utf8(task.await.unwrap()).unwrap();
         assert!(
             seen.starts_with(
-                "GET /up HTTP/1.1\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
+                "GET /up HTTP/1.1\r\nconnection: upgrade\r\nupgrade: websocket\r\nhost: a.example\r\n"
             ),
             "{seen:?}"
         );
