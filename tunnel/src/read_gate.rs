@@ -1,9 +1,10 @@
 //! Skips polls of a QUIC receive stream that cannot have anything new to read.
 //!
-//! hyper's HTTP/1.1 client polls its connection's reader several times per request (after
-//! writing, after each state change, to notice a close), and every poll of a quinn
-//! `RecvStream` locks the connection and re-registers the task's waker: ~650 instructions,
-//! 8.5 polls per request through the gateway's HTTP front, most of them `Pending`. The gate
+//! Readers poll a stream whenever their task wakes, whatever woke it: hyper's HTTP/1.1 client
+//! (the gateway's until it got its own) polled its connection's reader 8.5 times per front
+//! request (after writing, after each state change, to notice a close), and every poll of a
+//! quinn `RecvStream` locks the connection and re-registers the task's waker: ~650
+//! instructions, most of them answering `Pending`. The gate
 //! hands quinn a waker of its own and remembers a `Pending` answer until that waker fires;
 //! meanwhile a poll only registers the task's waker (an atomic swap) and answers `Pending`.
 //! Any wake-up quinn sends (data, finish, reset, connection loss) opens the gate again.
