@@ -119,10 +119,10 @@ impl Pool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn key() -> PoolKey {
+    pub(in crate::http) fn key() -> PoolKey {
         PoolKey {
             app: "web".into(),
             device: "home1".into(),

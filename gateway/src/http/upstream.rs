@@ -644,13 +644,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    fn key() -> PoolKey {
-        PoolKey {
-            app: "web".into(),
-            device: "home1".into(),
-            service: "web".into(),
-        }
-    }
+    use crate::http::pool::tests::key;
 
     /// A hyper server on the far end of a duplex pipe: answers `METHOD path body-length` and
     /// echoes the body after it; counts the connections it serves.
@@ -748,8 +742,13 @@ mod tests {
         (status, String::from_utf8(b.to_vec()).unwrap())
     }
 
-    /// A body of `n` frames of `size` bytes, of unknown length.
-    struct Frames(usize, usize);
+    /// A request body of unknown length: `left` frames of `size` bytes, then the end, or
+    /// (`stall`) nothing more ever.
+    struct Frames {
+        left: usize,
+        size: usize,
+        stall: bool,
+    }
     impl Body for Frames {
         type Data = Bytes;
         type Error = BoxError;
@@ -757,28 +756,14 @@ mod tests {
             mut self: Pin<&mut Self>,
             _: &mut Context<'_>,
         ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            if self.0 == 0 {
-                return Poll::Ready(None);
+            match (self.left, self.stall) {
+                (0, true) => Poll::Pending,
+                (0, false) => Poll::Ready(None),
+                _ => {
+                    self.left -= 1;
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b'x'; self.size])))))
+                }
             }
-            self.0 -= 1;
-            Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b'x'; self.1])))))
-        }
-    }
-
-    /// A body that sends one frame, then never another and never ends.
-    struct Stalls(bool);
-    impl Body for Stalls {
-        type Data = Bytes;
-        type Error = BoxError;
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            if self.0 {
-                return Poll::Pending;
-            }
-            self.0 = true;
-            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"part")))))
         }
     }
 
@@ -806,7 +791,16 @@ mod tests {
         );
         let (_, b) = exchange(&pool, backend(&conns), known).await;
         assert_eq!(b, "POST /up 5 chunked=false hello");
-        let unknown = request(Method::PUT, &[], Frames(3, 4000).boxed_unsync());
+        let unknown = request(
+            Method::PUT,
+            &[],
+            Frames {
+                left: 3,
+                size: 4000,
+                stall: false,
+            }
+            .boxed_unsync(),
+        );
         let up = pool.take(&key()).unwrap();
         let (_, b) = exchange(&pool, up, unknown).await;
         assert_eq!(
@@ -923,7 +917,16 @@ mod tests {
             b"HTTP/1.1 413 Too Large\r\nContent-Length: 3\r\n\r\nno!",
             true,
         );
-        let out = request(Method::POST, &[], Stalls(false).boxed_unsync());
+        let out = request(
+            Method::POST,
+            &[],
+            Frames {
+                left: 1,
+                size: 4,
+                stall: true,
+            }
+            .boxed_unsync(),
+        );
         let (s, b) = exchange(&pool, up, out).await;
         assert_eq!((s, b.as_str()), (StatusCode::PAYLOAD_TOO_LARGE, "no!"));
         assert_eq!(pool.idle_count(), 0, "its request was never finished");
