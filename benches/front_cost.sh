@@ -11,10 +11,13 @@
 # Usage: benches/front_cost.sh [ZONEGATE_BINARY...]   (default: cargo build --release)
 #   N1=2000 N2=12000 CLIENTS=16    requests of the two runs; h2load clients
 #   KEEP_OUT=dir                   keep the callgrind.out files there (callgrind_annotate them)
-# Prints, per binary: "instructions/request <binary> <count>".
+#   WHO=node                       count the node agent's instructions instead (the gateway
+#                                  then runs natively)
+# Prints, per binary: "instructions/request <gateway|node> <binary> <count>".
 # Needs: valgrind, h2load, nginx, python3. Runs in a private network namespace (root).
 set -euo pipefail
 
+WHO=${WHO:-gateway}
 N1=${N1:-2000}
 N2=${N2:-12000}
 CLIENTS=${CLIENTS:-16}
@@ -29,7 +32,7 @@ if ! in_netns "$@"; then
   fi
   bins=()
   for b in "$@"; do bins+=("$(realpath "$b")"); done
-  export N1 N2 CLIENTS KEEP_OUT
+  export N1 N2 CLIENTS KEEP_OUT WHO
   enter_netns "$0" "${bins[@]}"
 fi
 
@@ -53,15 +56,17 @@ EOF
   local conf=$dir/devices/gw/gateway.toml
   front_only "$conf"
   out=$dir/callgrind.out
-  start cg-gateway valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" gateway --config "$conf"
-  start cg-node "$bin" node --config "$dir/devices/n1/node.toml" --service http=127.0.0.1:8000
+  local cg=(valgrind --tool=callgrind --callgrind-out-file="$out") gw=() node=()
+  if [[ $WHO == node ]]; then node=("${cg[@]}"); else gw=("${cg[@]}"); fi
+  start cg-gateway "${gw[@]}" "$bin" gateway --config "$conf"
+  start cg-node "${node[@]}" "$bin" node --config "$dir/devices/n1/node.toml" --service http=127.0.0.1:8000
   wait_agents 127.0.0.1:9090 1 120 >&2
   http_ready http://127.0.0.1:18080/ bench.example 60 >&2
   h2load --h1 -c"$CLIENTS" -n "$n" -H ':authority: bench.example' http://127.0.0.1:18080/ >"$dir/h2.out"
   grep -q "$n succeeded, 0 failed" "$dir/h2.out" || { cat "$dir/h2.out" >&2; exit 1; }
   stop cg-node || true
   stop cg-gateway || true
-  [[ -n ${KEEP_OUT:-} ]] && mkdir -p "$KEEP_OUT" && cp "$out" "$KEEP_OUT/callgrind.$(basename "$bin").$n.out"
+  [[ -n ${KEEP_OUT:-} ]] && mkdir -p "$KEEP_OUT" && cp "$out" "$KEEP_OUT/callgrind.$WHO.$(basename "$bin").$n.out"
   # the "totals:" line callgrind writes at the end of its output file
   awk '/^totals:/ { print $2 }' "$out"
 }
@@ -69,5 +74,5 @@ EOF
 for bin in "$@"; do
   a=$(run "$bin" "$N1")
   b=$(run "$bin" "$N2")
-  echo "instructions/request $bin $(((b - a) / (N2 - N1)))"
+  echo "instructions/request $WHO $bin $(((b - a) / (N2 - N1)))"
 done
