@@ -429,17 +429,10 @@ impl ChunkedDecoder {
                 Ext => match b {
                     b'\r' => self.state = SizeLf,
                     b'\n' => return Err(H1Error::Chunk("bare LF in chunk extension")),
-                    _ => {
-                        self.skipped += 1;
-                        if self.skipped > MAX_CHUNK_EXT {
-                            return Err(H1Error::Chunk("chunk extension too long"));
-                        }
-                    }
+                    _ => self.skip(MAX_CHUNK_EXT, "chunk extension too long")?,
                 },
                 SizeLf => {
-                    if b != b'\n' {
-                        return Err(H1Error::Chunk("expected LF after chunk size"));
-                    }
+                    expect(b, b'\n', "expected LF after chunk size")?;
                     if self.left == 0 {
                         self.skipped = 0;
                         self.state = TrailerStart;
@@ -448,15 +441,11 @@ impl ChunkedDecoder {
                     }
                 }
                 DataCr => {
-                    if b != b'\r' {
-                        return Err(H1Error::Chunk("expected CRLF after chunk data"));
-                    }
+                    expect(b, b'\r', "expected CRLF after chunk data")?;
                     self.state = DataLf;
                 }
                 DataLf => {
-                    if b != b'\n' {
-                        return Err(H1Error::Chunk("expected CRLF after chunk data"));
-                    }
+                    expect(b, b'\n', "expected CRLF after chunk data")?;
                     self.state = Size { digits: 0 };
                 }
                 TrailerStart => {
@@ -472,23 +461,14 @@ impl ChunkedDecoder {
                 Trailer => match b {
                     b'\r' => self.state = TrailerLf,
                     b'\n' => return Err(H1Error::Chunk("bare LF in trailer section")),
-                    _ => {
-                        self.skipped += 1;
-                        if self.skipped > MAX_TRAILERS {
-                            return Err(H1Error::Chunk("trailer section too long"));
-                        }
-                    }
+                    _ => self.skip(MAX_TRAILERS, "trailer section too long")?,
                 },
                 TrailerLf => {
-                    if b != b'\n' {
-                        return Err(H1Error::Chunk("expected LF after trailer line"));
-                    }
+                    expect(b, b'\n', "expected LF after trailer line")?;
                     self.state = TrailerStart;
                 }
                 EndLf => {
-                    if b != b'\n' {
-                        return Err(H1Error::Chunk("expected LF at the end of the body"));
-                    }
+                    expect(b, b'\n', "expected LF at the end of the body")?;
                     self.state = Done;
                     i += 1;
                     break;
@@ -501,6 +481,26 @@ impl ChunkedDecoder {
             consumed: i,
             data: None,
         })
+    }
+}
+
+impl ChunkedDecoder {
+    /// One more byte of an extension or trailer, which are dropped: at most `max` of them.
+    fn skip(&mut self, max: usize, too_long: &'static str) -> Result<(), H1Error> {
+        self.skipped += 1;
+        if self.skipped > max {
+            return Err(H1Error::Chunk(too_long));
+        }
+        Ok(())
+    }
+}
+
+/// `b` must be the framing byte `want`.
+fn expect(b: u8, want: u8, otherwise: &'static str) -> Result<(), H1Error> {
+    if b == want {
+        Ok(())
+    } else {
+        Err(H1Error::Chunk(otherwise))
     }
 }
 

@@ -537,13 +537,10 @@ impl UpBody {
                     self.conn = None;
                     return Poll::Ready(None);
                 }
-                Ok(0) => {
-                    self.conn = None;
-                    return Poll::Ready(Some(Err(UpstreamError::Truncated)));
-                }
+                // Errors drop the connection in `poll_frame`.
+                Ok(0) => return Poll::Ready(Some(Err(UpstreamError::Truncated))),
                 Ok(_) => {}
                 Err(error) => {
-                    self.conn = None;
                     return Poll::Ready(Some(Err(UpstreamError::Io {
                         error,
                         answered: true,
