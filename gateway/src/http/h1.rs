@@ -100,7 +100,7 @@ fn expects_body(m: &Method) -> bool {
     matches!(*m, Method::POST | Method::PUT | Method::PATCH)
 }
 
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {
@@ -302,7 +302,7 @@ pub fn parse_response(
     }))
 }
 
-fn parse_length(v: &[u8]) -> Result<u64, ()> {
+pub(crate) fn parse_length(v: &[u8]) -> Result<u64, ()> {
     // Some services repeat the value in one header ("5, 5"): equal parts are one length.
     let mut out = None;
     for part in v.split(|&b| b == b',').map(<[u8]>::trim_ascii) {

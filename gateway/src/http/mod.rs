@@ -4,7 +4,10 @@
 //!
 //! # Layout
 //! - [`Front`] (here): accept loops, one task per connection (TLS handshake with a timeout,
-//!   then hyper's auto HTTP/1.1-or-2 server), graceful drain.
+//!   then HTTP/1.x by [`server`], or HTTP/2 by hyper when ALPN or the preface says so),
+//!   graceful drain.
+//! - [`server`]: one client connection's HTTP/1.x; [`server_h1`]: its wire format (sans-IO,
+//!   fuzzed).
 //! - [`proxy`]: one request: policy, limits, upstream, upgrades, the per-request log line.
 //! - [`route`]: the host a request names and the path the service sees.
 //! - [`headers`]: hop-by-hop stripping and `X-Forwarded-*`.
@@ -23,6 +26,8 @@ pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod route;
+pub mod server;
+pub mod server_h1;
 pub mod status_page;
 pub mod tls;
 pub mod upstream;
@@ -32,10 +37,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -44,8 +49,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 use tunnel::hub::Hub;
 
+use self::body::BoxError;
 use self::metrics::HttpMetrics;
 use self::pool::Pool;
+use self::server::Served;
+use self::upstream::Io;
 
 /// Public HTTP connections open at once, both listeners together. Each costs a file
 /// descriptor and a task; beyond this new connections are closed at once, so a flood cannot
@@ -159,11 +167,21 @@ impl Front {
             self.0.hub.work().spawn(
                 async move {
                     match tls {
-                        None => front.serve_conn(tcp, peer, false, shutdown).await,
+                        None => front.serve_h1(Box::new(tcp), peer, false, shutdown).await,
                         Some(acc) => {
                             let t = front.0.tuning.tls_handshake_timeout;
                             match tokio::time::timeout(t, acc.accept(tcp)).await {
-                                Ok(Ok(s)) => front.serve_conn(s, peer, true, shutdown).await,
+                                Ok(Ok(s)) if s.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                                    // Dead HTTP/2 peers are found by pings; one that never
+                                    // sends a byte after its handshake is dropped by the
+                                    // deadline (HTTP/1's head timeout covers that case).
+                                    let t = front.0.tuning.header_read_timeout;
+                                    let s = FirstReadDeadline::new(s, t);
+                                    front.serve_h2(s, peer, true, shutdown).await
+                                }
+                                Ok(Ok(s)) => {
+                                    front.serve_h1(Box::new(s), peer, true, shutdown).await
+                                }
                                 Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
                                 Err(_) => debug!("TLS handshake timed out"),
                             }
@@ -177,36 +195,47 @@ impl Front {
         self.0.pool.close();
     }
 
-    /// Serves HTTP/1.1 or HTTP/2 (by ALPN or preface) on one client connection.
-    pub async fn serve_conn<I>(
+    /// Serves HTTP/1.x on one client connection (our own server: hyper's cost ~15k
+    /// instructions per request, benches/front_cost.sh); a plain one that opens with HTTP/2's
+    /// preface goes on as HTTP/2.
+    async fn serve_h1(
         self,
-        io: I,
+        io: Box<dyn Io>,
         peer: SocketAddr,
         https: bool,
         shutdown: CancellationToken,
-    ) where
+    ) {
+        let cfg = server::Config {
+            header_read_timeout: self.0.tuning.header_read_timeout,
+            sniff_h2: !https,
+        };
+        let front = self.clone();
+        let served = server::serve(io, cfg, shutdown.clone(), move |req, upgrade| {
+            proxy::handle(front.clone(), req, peer, https, upgrade)
+        })
+        .await;
+        if let Served::H2(io) = served {
+            self.serve_h2(io, peer, https, shutdown).await;
+        }
+    }
+
+    /// Serves HTTP/2 (hyper's) on one client connection.
+    async fn serve_h2<I>(self, io: I, peer: SocketAddr, https: bool, shutdown: CancellationToken)
+    where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let front = self.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let front = front.clone();
-            async move { Ok::<_, Infallible>(proxy::handle(front, req, peer, https).await) }
+            let req = req.map(|b| b.map_err(BoxError::from).boxed_unsync());
+            async move { Ok::<_, Infallible>(proxy::handle(front, req, peer, https, None).await) }
         });
-        let mut b = auto::Builder::new(TokioExecutor::new());
-        b.http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.0.tuning.header_read_timeout);
-        b.http2()
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(MAX_H2_STREAMS);
-        // Dead HTTP/2 peers are found by pings; an idle client that never sends its first
-        // bytes is dropped by FirstReadDeadline (hyper's header timeout starts only once it
-        // has picked HTTP/1, so a silent connection would otherwise hold a slot forever).
-        b.http2()
+        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_H2_STREAMS)
             .keep_alive_interval(Some(Duration::from_secs(20)))
             .keep_alive_timeout(Duration::from_secs(20));
-        let io = FirstReadDeadline::new(io, self.0.tuning.header_read_timeout);
-        let conn = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
+        let conn = b.serve_connection(TokioIo::new(io), svc);
         tokio::pin!(conn);
         let r = tokio::select! {
             r = conn.as_mut() => r,
@@ -222,7 +251,7 @@ impl Front {
 }
 
 /// Fails the first read of a connection if no byte arrives within the deadline; later reads
-/// are untouched (long uploads and idle keep-alive are governed by hyper's own timeouts).
+/// are untouched (HTTP/2's pings find dead peers after that).
 struct FirstReadDeadline<I> {
     inner: I,
     deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,

@@ -8,9 +8,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::request::Parts;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
-use hyper::body::{Body as _, Incoming};
-use hyper_util::rt::TokioIo;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Body as _;
 use policies::accounting::{AppCounters, Refusal};
 use policies::{ConnGuard, Decision, DenyReason, Listener, Requester, Timestamp};
 use tracing::{debug, info};
@@ -24,6 +23,7 @@ use super::headers;
 use super::metrics::NO_APP;
 use super::pool::PoolKey;
 use super::route;
+use super::server::ClientUpgrade;
 use super::upstream::{Outgoing, SendError, UpBody, Upgraded, Upstream};
 use super::Front;
 
@@ -96,11 +96,13 @@ struct Answer {
 }
 
 /// Serves one request. Never fails: every refusal and error becomes a short plain answer.
+/// `upgrade`: the client asked for one (HTTP/1.1 only; HTTP/2 forbids `Upgrade`).
 pub(crate) async fn handle(
     front: Front,
-    mut req: Request<Incoming>,
+    req: Request<ProxyBody>,
     peer: SocketAddr,
     https: bool,
+    upgrade: Option<ClientUpgrade>,
 ) -> Response<ProxyBody> {
     let mut log = RequestLog {
         app: NO_APP.into(),
@@ -116,11 +118,10 @@ pub(crate) async fn handle(
         error: None,
         _slot: None,
     };
-    // Only HTTP/1.1 has `Upgrade`; HTTP/2 forbids it.
-    let upgrade = (req.version() == Version::HTTP_11)
-        .then(|| headers::upgrade_requested(req.headers()))
-        .flatten();
-    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let (upgrade, client_upgrade) = match upgrade {
+        Some(u) => (Some(u.protocol), Some(u.conn)),
+        None => (None, None),
+    };
     let (parts, body) = req.into_parts();
     let mut body = Some(body);
     let result = forward(&front, parts, &mut body, peer, https, upgrade, &mut log).await;
@@ -167,7 +168,7 @@ pub(crate) async fn handle(
 async fn forward(
     front: &Front,
     parts: Parts,
-    body: &mut Option<Incoming>,
+    body: &mut Option<ProxyBody>,
     peer: SocketAddr,
     https: bool,
     upgrade: Option<HeaderValue>,
@@ -301,7 +302,7 @@ async fn forward(
 }
 
 /// Reads and drops a small request body (see [`DRAIN_MAX`]).
-async fn drain(mut body: Incoming) {
+async fn drain(mut body: ProxyBody) {
     use http_body_util::BodyExt;
     if body.is_end_stream() {
         return;
@@ -404,19 +405,20 @@ async fn connect(front: &Front, key: &PoolKey, peer: SocketAddr) -> Result<Upstr
 }
 
 /// After a `101 Switching Protocols`, joins the client's and the service's connections.
-async fn splice_upgrade(client: hyper::upgrade::OnUpgrade, mut u: Upgraded, mut log: RequestLog) {
+async fn splice_upgrade(
+    client: tokio::sync::oneshot::Receiver<Upgraded>,
+    mut u: Upgraded,
+    mut log: RequestLog,
+) {
     match client.await {
-        Ok(c) => {
-            let mut c = TokioIo::new(c);
-            match tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                Ok((to_up, to_client)) => {
-                    log.bytes_in.fetch_add(to_up, Ordering::Relaxed);
-                    log.bytes_out.fetch_add(to_client, Ordering::Relaxed);
-                }
-                Err(e) => log.error = Some(format!("upgraded connection: {e}")),
+        Ok(mut c) => match tokio::io::copy_bidirectional(&mut c, &mut u).await {
+            Ok((to_up, to_client)) => {
+                log.bytes_in.fetch_add(to_up, Ordering::Relaxed);
+                log.bytes_out.fetch_add(to_client, Ordering::Relaxed);
             }
-        }
-        Err(e) => log.error = Some(format!("upgrade failed: {e}")),
+            Err(e) => log.error = Some(format!("upgraded connection: {e}")),
+        },
+        Err(_) => log.error = Some("upgrade failed: the client's connection ended first".into()),
     }
     // Dropping `log` writes the request's line, now that the upgraded connection is over.
     drop(log);

@@ -593,10 +593,17 @@ impl Drop for UpBody {
 }
 
 /// An upgraded connection (WebSocket, …) to the service: bytes the service sent right
-/// after its `101` answer first, then the stream.
+/// after its `101` answer first, then the stream. The client's side of an upgrade (and a
+/// plain connection found to speak HTTP/2) is one too: what was read past the head first.
 pub struct Upgraded {
     pending: Bytes,
     io: Box<dyn Io>,
+}
+
+impl Upgraded {
+    pub fn new(pending: Bytes, io: Box<dyn Io>) -> Self {
+        Upgraded { pending, io }
+    }
 }
 
 impl AsyncRead for Upgraded {

@@ -1,0 +1,858 @@
+//! Serves the HTTP/1.x of one client connection: request heads read under a deadline, each
+//! request handed to a service with a body read straight off the connection, the response
+//! written back (head and a small body in one write), keep-alive and pipelining,
+//! `Expect: 100-continue`, upgrades handed over with the bytes already read, and a plain
+//! connection that opens with HTTP/2's preface handed back for HTTP/2. The wire format is
+//! [`super::server_h1`]'s.
+//!
+//! One task per connection polls everything: the service's future, the request body inside
+//! it (which reads the connection through a shared, uncontended lock) and the response. Unlike
+//! hyper's server, nothing is read ahead of the request being served, so the read buffer is
+//! reused in place between requests instead of reallocated.
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::{pin, Pin};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tokio_util::io::poll_read_buf;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use super::body::{BoxError, ProxyBody};
+use super::h1::{self, ChunkedDecoder};
+use super::headers;
+use super::server_h1::{self, BodyLen, ConnHeader, RequestError, RespBody, DATE_LEN};
+use super::upstream::{Io, Upgraded};
+
+/// Read buffer reserved before each read: a request head and a small body come in one.
+const READ_CHUNK: usize = 8 * 1024;
+/// Response bytes gathered before they are written (a body's frames are written as soon as
+/// the body has no more ready, so gathering never delays bytes).
+const WRITE_AT: usize = 16 * 1024;
+/// After answering a request whose body was not read to its end, the connection is closed;
+/// what the client still sends is read and dropped for this long first, so its kernel does
+/// not answer our close with a reset that could destroy the answer before it is read.
+const LINGER: Duration = Duration::from_secs(2);
+/// Time a close (TLS `close_notify`, FIN) may take.
+const CLOSE_TIME: Duration = Duration::from_secs(1);
+
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// How a connection is served.
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    /// Time a client has to send a request's head, counted from when the connection is
+    /// ready for it (so also the idle keep-alive timeout).
+    pub header_read_timeout: Duration,
+    /// A plain connection: one starting with HTTP/2's preface is handed back.
+    pub sniff_h2: bool,
+}
+
+/// The client's side of an upgrade, for the service: the protocol it asked for, and its
+/// connection once the `101` answer went out.
+pub struct ClientUpgrade {
+    pub protocol: HeaderValue,
+    pub conn: oneshot::Receiver<Upgraded>,
+}
+
+/// How a connection's HTTP/1 ended.
+pub enum Served {
+    Done,
+    /// It opened with HTTP/2's preface: serve it as HTTP/2 (the bytes read come first).
+    H2(Upgraded),
+}
+
+/// The connection and what was read from it, shared by the connection's loop and the body
+/// of the request being served.
+struct Wire {
+    /// None once handed over (upgrade, HTTP/2).
+    io: Option<Box<dyn Io>>,
+    buf: BytesMut,
+    body: BodyState,
+}
+
+type Shared = Arc<Mutex<Wire>>;
+
+fn lock(w: &Shared) -> MutexGuard<'_, Wire> {
+    // Nothing panics while holding it; if it ever did, the data is still consistent bytes.
+    w.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The body of the request being served.
+struct BodyState {
+    /// The request it belongs to: a body kept past its request reads nothing of the next.
+    request: u64,
+    left: Left,
+    /// `100 Continue` is due (Some(bytes of it written)) before the body is read.
+    continue_due: Option<usize>,
+    failed: bool,
+}
+
+enum Left {
+    Done,
+    Length(u64),
+    Chunked(ChunkedDecoder),
+}
+
+/// What waiting for the next request gave.
+enum Next {
+    Head(server_h1::RequestHead),
+    /// The client closed between requests.
+    Closed,
+    H2,
+    Shutdown,
+    TimedOut,
+    Bad(RequestError),
+    Failed(String),
+}
+
+/// Serves HTTP/1.x on `io` until the client closes, a request says so, `shutdown` (after the
+/// request in progress) or an error. `service` answers each request; it never fails.
+pub async fn serve<F, Fut>(
+    io: Box<dyn Io>,
+    cfg: Config,
+    shutdown: CancellationToken,
+    mut service: F,
+) -> Served
+where
+    F: FnMut(Request<ProxyBody>, Option<ClientUpgrade>) -> Fut + Send,
+    Fut: Future<Output = Response<ProxyBody>> + Send,
+{
+    let wire: Shared = Arc::new(Mutex::new(Wire {
+        io: Some(io),
+        buf: BytesMut::new(),
+        body: BodyState {
+            request: 0,
+            left: Left::Done,
+            continue_due: None,
+            failed: false,
+        },
+    }));
+    let mut cancelled = pin!(shutdown.cancelled());
+    // One timer for the connection's life, re-armed only when it fires early: resetting it
+    // for every request would cost a timer-wheel update per request.
+    let t = cfg.header_read_timeout;
+    let mut timer = pin!(tokio::time::sleep(t));
+    let mut sniff = cfg.sniff_h2;
+    let mut out: Vec<u8> = Vec::new();
+    let mut request = 0u64;
+    let mut linger = false;
+    loop {
+        let since = Instant::now();
+        let next = poll_fn(|cx| {
+            if let Poll::Ready(n) = lock(&wire).poll_head(cx, &mut sniff) {
+                return Poll::Ready(n);
+            }
+            if cancelled.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Next::Shutdown);
+            }
+            while timer.as_mut().poll(cx).is_ready() {
+                if Instant::now() >= since + t {
+                    return Poll::Ready(Next::TimedOut);
+                }
+                timer.as_mut().reset(since + t);
+            }
+            Poll::Pending
+        })
+        .await;
+        let head = match next {
+            Next::Head(h) => h,
+            Next::Closed | Next::Shutdown => break,
+            Next::H2 => {
+                let mut w = lock(&wire);
+                let pending = w.buf.split().freeze();
+                return match w.io.take() {
+                    Some(io) => Served::H2(Upgraded::new(pending, io)),
+                    None => Served::Done,
+                };
+            }
+            Next::TimedOut => {
+                debug!("no complete request head within {t:?}; closing");
+                break;
+            }
+            Next::Failed(e) => {
+                debug!(error = %e, "connection ended before a complete request head");
+                break;
+            }
+            Next::Bad(e) => {
+                info!(status = e.status().as_u16(), error = %e, "http request refused unread");
+                out.clear();
+                out.extend_from_slice(&server_h1::refusal(&e, &http_date()));
+                // What the client sent after its bad head is not read: linger.
+                linger = write_all(&wire, &out).await.is_ok();
+                break;
+            }
+        };
+        request += 1;
+        let version = head.version;
+        let keep_alive = head.keep_alive;
+        let head_request = head.method == Method::HEAD;
+        let upgrade = (version == Version::HTTP_11)
+            .then(|| headers::upgrade_requested(&head.headers))
+            .flatten();
+        let body: ProxyBody = {
+            let mut w = lock(&wire);
+            w.body = BodyState {
+                request,
+                left: match head.body {
+                    BodyLen::Empty => Left::Done,
+                    BodyLen::Length(n) => Left::Length(n),
+                    BodyLen::Chunked => Left::Chunked(ChunkedDecoder::new()),
+                },
+                continue_due: head.expect_continue.then_some(0),
+                failed: false,
+            };
+            match head.body {
+                BodyLen::Empty => empty_body(),
+                BodyLen::Length(n) => ReqBody::boxed(wire.clone(), request, Some(n)),
+                BodyLen::Chunked => ReqBody::boxed(wire.clone(), request, None),
+            }
+        };
+        let (up_tx, client_upgrade) = match upgrade {
+            Some(protocol) => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(ClientUpgrade { protocol, conn: rx }))
+            }
+            None => (None, None),
+        };
+        let resp = service(head.into_request(body), client_upgrade).await;
+
+        let (parts, mut body) = resp.into_parts();
+        let status = parts.status;
+        let switching = status == StatusCode::SWITCHING_PROTOCOLS && up_tx.is_some();
+        let framing = if switching
+            || head_request
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            RespBody::None
+        } else {
+            match body.size_hint().exact() {
+                Some(n) => RespBody::Length(n),
+                None if version == Version::HTTP_11 => RespBody::Chunked,
+                None => RespBody::UntilClose,
+            }
+        };
+        let close = !switching
+            && (!keep_alive || framing == RespBody::UntilClose || shutdown.is_cancelled());
+        let conn_header = match (close, version) {
+            (true, _) => ConnHeader::Close,
+            (false, Version::HTTP_10) if !switching => ConnHeader::KeepAlive,
+            _ => ConnHeader::Default,
+        };
+        out.clear();
+        {
+            // A final answer makes a `100 Continue` moot, unless it is half written.
+            let mut w = lock(&wire);
+            match w.body.continue_due {
+                Some(0) => w.body.continue_due = None,
+                Some(k) => {
+                    out.extend_from_slice(&CONTINUE[k..]);
+                    w.body.continue_due = None;
+                }
+                None => {}
+            }
+        }
+        server_h1::encode_response_head(
+            status,
+            &parts.headers,
+            framing,
+            conn_header,
+            &http_date(),
+            &mut out,
+        );
+        drop(parts);
+        let written = write_response(&wire, &mut out, &mut body, framing).await;
+        drop(body);
+        if let Err(e) = written {
+            debug!(error = %e, "response cut short; closing");
+            break;
+        }
+        if switching {
+            let mut w = lock(&wire);
+            let pending = w.buf.split().freeze();
+            if let (Some(io), Some(tx)) = (w.io.take(), up_tx) {
+                let _ = tx.send(Upgraded::new(pending, io));
+            }
+            return Served::Done;
+        }
+        let body_done = {
+            let w = lock(&wire);
+            matches!(w.body.left, Left::Done) && !w.body.failed
+        };
+        if !body_done {
+            // The rest of the body lies between here and the next request.
+            linger = true;
+            break;
+        }
+        if close {
+            break;
+        }
+    }
+    let io = lock(&wire).io.take();
+    if let Some(io) = io {
+        close_conn(io, linger).await;
+    }
+    Served::Done
+}
+
+impl Wire {
+    /// Reads until a request head is complete. Parse errors are answered by the caller.
+    fn poll_head(&mut self, cx: &mut Context<'_>, sniff: &mut bool) -> Poll<Next> {
+        let Some(io) = self.io.as_mut() else {
+            return Poll::Ready(Next::Closed);
+        };
+        loop {
+            if !self.buf.is_empty() {
+                if *sniff {
+                    match server_h1::sniff_h2(&self.buf) {
+                        Some(true) => return Poll::Ready(Next::H2),
+                        Some(false) => *sniff = false,
+                        None => {}
+                    }
+                }
+                if !*sniff {
+                    match server_h1::parse_request(&mut self.buf) {
+                        Ok(Some(h)) => return Poll::Ready(Next::Head(h)),
+                        Ok(None) => {}
+                        Err(e) => return Poll::Ready(Next::Bad(e)),
+                    }
+                }
+            }
+            // Reclaims the buffer in place when the previous request's bytes are gone.
+            self.buf.reserve(READ_CHUNK);
+            match ready!(poll_read_buf(Pin::new(&mut **io), cx, &mut self.buf)) {
+                Ok(0) if self.buf.is_empty() => return Poll::Ready(Next::Closed),
+                Ok(0) => {
+                    return Poll::Ready(Next::Failed(format!(
+                        "client closed with {} bytes of an incomplete head",
+                        self.buf.len()
+                    )))
+                }
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Next::Failed(e.to_string())),
+            }
+        }
+    }
+
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
+        if self.body.failed {
+            return Poll::Ready(Some(Err("the request body failed earlier".into())));
+        }
+        let r = self.poll_body_inner(cx);
+        if let Poll::Ready(Some(Err(_))) = &r {
+            self.body.failed = true;
+        }
+        r
+    }
+
+    fn poll_body_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
+        let Some(io) = self.io.as_mut() else {
+            return Poll::Ready(Some(Err("the connection was handed over".into())));
+        };
+        if let Some(written) = self.body.continue_due.as_mut() {
+            while *written < CONTINUE.len() {
+                let n = ready!(Pin::new(&mut **io).poll_write(cx, &CONTINUE[*written..]))?;
+                if n == 0 {
+                    return Poll::Ready(Some(
+                        Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                    ));
+                }
+                *written += n;
+            }
+            ready!(Pin::new(&mut **io).poll_flush(cx))?;
+            self.body.continue_due = None;
+        }
+        loop {
+            match &mut self.body.left {
+                Left::Done => return Poll::Ready(None),
+                Left::Length(left) if !self.buf.is_empty() => {
+                    let n = self
+                        .buf
+                        .len()
+                        .min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    *left -= n as u64;
+                    if *left == 0 {
+                        self.body.left = Left::Done;
+                    }
+                    return Poll::Ready(Some(Ok(self.buf.split_to(n).freeze())));
+                }
+                Left::Chunked(d) if !self.buf.is_empty() => {
+                    let step = d.decode(&self.buf)?;
+                    let done = d.is_done();
+                    let taken = self.buf.split_to(step.consumed);
+                    if done {
+                        self.body.left = Left::Done;
+                    }
+                    match step.data {
+                        Some(r) if !r.is_empty() => {
+                            return Poll::Ready(Some(Ok(taken.freeze().slice(r))))
+                        }
+                        _ if done => return Poll::Ready(None),
+                        _ => continue,
+                    }
+                }
+                _ => {}
+            }
+            self.buf.reserve(READ_CHUNK);
+            match ready!(poll_read_buf(Pin::new(&mut **io), cx, &mut self.buf)) {
+                Ok(0) => {
+                    return Poll::Ready(Some(Err(
+                        "the client closed its connection before its body ended".into(),
+                    )))
+                }
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Some(Err(e.into()))),
+            }
+        }
+    }
+}
+
+/// A request body read off the client's connection as the service asks for it.
+struct ReqBody {
+    wire: Shared,
+    request: u64,
+    /// Bytes still due by `Content-Length` (None: chunked).
+    left: Option<u64>,
+}
+
+impl ReqBody {
+    fn boxed(wire: Shared, request: u64, left: Option<u64>) -> ProxyBody {
+        ReqBody {
+            wire,
+            request,
+            left,
+        }
+        .boxed_unsync()
+    }
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let mut w = lock(&this.wire);
+        if w.body.request != this.request {
+            return Poll::Ready(Some(Err("the request is over".into())));
+        }
+        let r = ready!(w.poll_body(cx));
+        if let (Some(Ok(d)), Some(left)) = (&r, this.left.as_mut()) {
+            *left = left.saturating_sub(d.len() as u64);
+        }
+        Poll::Ready(r.map(|r| r.map(Frame::data)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == Some(0)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.left {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+fn empty_body() -> ProxyBody {
+    http_body_util::Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// Why a response did not go out whole.
+#[derive(Debug, thiserror::Error)]
+enum WriteError {
+    #[error("client connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("response body failed: {0}")]
+    Body(BoxError),
+    #[error("response body {0} its length")]
+    Length(&'static str),
+    #[error("the connection was handed over")]
+    Gone,
+}
+
+/// Writes the head in `out`, then the body as `framing` says. Body bytes are gathered with
+/// the head while the body has frames ready (one write for a small answer) and written as
+/// soon as it has none.
+async fn write_response(
+    wire: &Shared,
+    out: &mut Vec<u8>,
+    body: &mut ProxyBody,
+    framing: RespBody,
+) -> Result<(), WriteError> {
+    let mut at = 0;
+    let mut ended = false;
+    let mut sent = 0u64;
+    poll_fn(|cx| loop {
+        if !ended && out.len() < WRITE_AT {
+            match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    // Trailers are not forwarded (nor by nginx).
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    sent += data.len() as u64;
+                    match framing {
+                        RespBody::None => {}
+                        RespBody::Length(n) if sent > n => {
+                            return Poll::Ready(Err(WriteError::Length("longer than")))
+                        }
+                        RespBody::Length(_) | RespBody::UntilClose => out.extend_from_slice(&data),
+                        RespBody::Chunked => {
+                            out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                            out.extend_from_slice(&data);
+                            out.extend_from_slice(b"\r\n");
+                        }
+                    }
+                    continue;
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(WriteError::Body(e))),
+                Poll::Ready(None) => {
+                    ended = true;
+                    match framing {
+                        RespBody::Chunked => out.extend_from_slice(h1::LAST_CHUNK),
+                        RespBody::Length(n) if sent != n => {
+                            return Poll::Ready(Err(WriteError::Length("shorter than")))
+                        }
+                        _ => {}
+                    }
+                }
+                Poll::Pending if at == out.len() => return Poll::Pending,
+                Poll::Pending => {}
+            }
+        }
+        let mut w = lock(wire);
+        let Some(io) = w.io.as_mut() else {
+            return Poll::Ready(Err(WriteError::Gone));
+        };
+        if at < out.len() {
+            let n = ready!(Pin::new(&mut **io).poll_write(cx, &out[at..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
+            }
+            at += n;
+            if at == out.len() {
+                out.clear();
+                at = 0;
+            }
+        } else if ended {
+            ready!(Pin::new(&mut **io).poll_flush(cx))?;
+            return Poll::Ready(Ok(()));
+        }
+    })
+    .await
+}
+
+async fn write_all(wire: &Shared, bytes: &[u8]) -> Result<(), WriteError> {
+    let mut at = 0;
+    poll_fn(|cx| {
+        let mut w = lock(wire);
+        let Some(io) = w.io.as_mut() else {
+            return Poll::Ready(Err(WriteError::Gone));
+        };
+        while at < bytes.len() {
+            let n = ready!(Pin::new(&mut **io).poll_write(cx, &bytes[at..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
+            }
+            at += n;
+        }
+        Poll::Ready(Ok(ready!(Pin::new(&mut **io).poll_flush(cx))?))
+    })
+    .await
+}
+
+/// Closes the connection: our side first (FIN, or TLS `close_notify`), then, with `linger`,
+/// what the client still sends is read and dropped for a while (see [`LINGER`]).
+async fn close_conn(mut io: Box<dyn Io>, linger: bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(CLOSE_TIME, io.shutdown()).await;
+    if linger {
+        let _ = tokio::time::timeout(LINGER, async {
+            let mut sink = [0u8; 4096];
+            while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+    }
+}
+
+/// The `Date` value for this second (RFC 9110 §6.6.1), formatted once per second per thread.
+fn http_date() -> [u8; DATE_LEN] {
+    use std::cell::Cell;
+    thread_local! {
+        static CACHE: Cell<(u64, [u8; DATE_LEN])> = const { Cell::new((u64::MAX, [0; DATE_LEN])) };
+    }
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    CACHE.with(|c| {
+        let (at, date) = c.get();
+        if at == secs {
+            return date;
+        }
+        let mut fresh = [b' '; DATE_LEN];
+        let text = httpdate::fmt_http_date(now);
+        let n = text.len().min(DATE_LEN);
+        fresh[..n].copy_from_slice(&text.as_bytes()[..n]);
+        c.set((secs, fresh));
+        fresh
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::body;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    const CFG: Config = Config {
+        header_read_timeout: Duration::from_secs(10),
+        sniff_h2: true,
+    };
+
+    /// A service answering `<method> <path> <body bytes>`; a body of unknown length for
+    /// `/stream`; a 101 that echoes the upgraded connection for `/ws`.
+    async fn echo(req: Request<ProxyBody>, up: Option<ClientUpgrade>) -> Response<ProxyBody> {
+        let (parts, body) = req.into_parts();
+        if let Some(up) = up {
+            tokio::spawn(async move {
+                if let Ok(mut c) = up.conn.await {
+                    let mut b = [0u8; 64];
+                    while let Ok(n @ 1..) = c.read(&mut b).await {
+                        let _ = c.write_all(&b[..n]).await;
+                    }
+                }
+            });
+            let mut r = Response::new(body::full(""));
+            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            r.headers_mut()
+                .insert("connection", HeaderValue::from_static("upgrade"));
+            r.headers_mut().insert("upgrade", up_protocol());
+            return r;
+        }
+        let got = body.collect().await.map(|b| b.to_bytes().len());
+        let text = format!("{} {} {:?}", parts.method, parts.uri.path(), got.ok());
+        if parts.uri.path() == "/stream" {
+            return Response::new(Unsized(Some(Bytes::from(text))).boxed_unsync());
+        }
+        Response::new(body::full(text))
+    }
+
+    fn up_protocol() -> HeaderValue {
+        HeaderValue::from_static("echo")
+    }
+
+    /// One frame, of a length the body does not tell.
+    struct Unsized(Option<Bytes>);
+    impl Body for Unsized {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.0.take().map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    fn start(cfg: Config) -> (DuplexStream, tokio::task::JoinHandle<Served>) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let h = tokio::spawn(serve(Box::new(server), cfg, CancellationToken::new(), echo));
+        (client, h)
+    }
+
+    async fn read_all(c: &mut DuplexStream) -> String {
+        let mut s = Vec::new();
+        c.read_to_end(&mut s).await.unwrap();
+        String::from_utf8(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_are_answered_in_order_then_close() {
+        let (mut c, h) = start(CFG);
+        c.write_all(
+            b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nPOST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let all = read_all(&mut c).await;
+        let a = all.find("GET /a Some(0)").unwrap();
+        let b = all.find("POST /b Some(3)").unwrap();
+        let cc = all.find("GET /c Some(0)").unwrap();
+        assert!(a < b && b < cc, "{all}");
+        assert_eq!(all.matches("HTTP/1.1 200 OK\r\n").count(), 3, "{all}");
+        assert!(
+            all.contains("content-length: 14\r\n") && all.contains("connection: close\r\n"),
+            "{all}"
+        );
+        assert!(matches!(h.await.unwrap(), Served::Done));
+    }
+
+    #[tokio::test]
+    async fn chunked_upload_after_100_continue_and_chunked_answer() {
+        let (mut c, _h) = start(CFG);
+        c.write_all(b"POST /stream HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n")
+            .await
+            .unwrap();
+        let mut b = [0u8; 25];
+        c.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, CONTINUE);
+        c.write_all(b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = vec![0u8; 4096];
+        let n = c.read(&mut got).await.unwrap();
+        let s = String::from_utf8_lossy(&got[..n]);
+        assert!(
+            s.starts_with("HTTP/1.1 200 OK\r\n") && s.contains("transfer-encoding: chunked\r\n"),
+            "{s}"
+        );
+        assert!(
+            s.ends_with("\r\n\r\n15\r\nPOST /stream Some(11)\r\n0\r\n\r\n"),
+            "{s:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_a_status_and_the_connection_closes() {
+        for (req, status) in [
+            (
+                &b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..],
+                "400",
+            ),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", "501"),
+            (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", "400"),
+        ] {
+            let (mut c, h) = start(CFG);
+            c.write_all(req).await.unwrap();
+            let all = read_all(&mut c).await;
+            assert!(all.starts_with(&format!("HTTP/1.1 {status} ")), "{all}");
+            assert!(all.contains("connection: close\r\n"), "{all}");
+            drop(c);
+            h.await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn http_1_0_is_closed_unless_kept_alive_and_gets_close_delimited_bodies() {
+        let (mut c, _h) = start(CFG);
+        c.write_all(b"GET /stream HTTP/1.0\r\n\r\n").await.unwrap();
+        let all = read_all(&mut c).await;
+        assert!(
+            all.contains("connection: close\r\n") && !all.contains("chunked"),
+            "{all}"
+        );
+        assert!(all.ends_with("\r\n\r\nGET /stream Some(0)"), "{all}");
+
+        let (mut c, _h) = start(CFG);
+        c.write_all(b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = vec![0u8; 4096];
+        let n = c.read(&mut got).await.unwrap();
+        let s = String::from_utf8_lossy(&got[..n]);
+        assert!(
+            s.contains("connection: keep-alive\r\n") && s.ends_with("GET /a Some(0)"),
+            "{s}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_head_or_an_idle_connection_is_closed_at_the_deadline() {
+        let (mut c, h) = start(CFG);
+        c.write_all(b"GET / HTTP/1.1\r\nHost:").await.unwrap();
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert_eq!(read_all(&mut c).await, "");
+        h.await.unwrap();
+
+        // Keep-alive: the deadline counts from the end of the last answer.
+        let (mut c, h) = start(CFG);
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        c.write_all(b"GET /a HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut got = vec![0u8; 4096];
+        assert!(c.read(&mut got).await.unwrap() > 0);
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        c.write_all(b"GET /b HTTP/1.1\r\n\r\n").await.unwrap();
+        let n = c.read(&mut got).await.unwrap();
+        assert!(String::from_utf8_lossy(&got[..n]).contains("GET /b"));
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert_eq!(c.read(&mut got).await.unwrap(), 0);
+        h.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn upgrade_hands_over_the_connection_with_bytes_already_sent() {
+        let (mut c, h) = start(CFG);
+        c.write_all(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nearly",
+        )
+        .await
+        .unwrap();
+        let mut got = vec![0u8; 4096];
+        let mut s = String::new();
+        while !s.ends_with("early") {
+            let n = c.read(&mut got).await.unwrap();
+            assert!(n > 0, "{s}");
+            s.push_str(&String::from_utf8_lossy(&got[..n]));
+        }
+        assert!(
+            s.starts_with("HTTP/1.1 101 Switching Protocols\r\n")
+                && s.contains("upgrade: echo\r\n"),
+            "{s}"
+        );
+        c.write_all(b"later").await.unwrap();
+        let n = c.read(&mut got).await.unwrap();
+        assert_eq!(&got[..n], b"later");
+        assert!(matches!(h.await.unwrap(), Served::Done));
+    }
+
+    #[tokio::test]
+    async fn the_http2_preface_is_handed_back() {
+        let (mut c, h) = start(CFG);
+        c.write_all(&server_h1::H2_PREFACE[..10]).await.unwrap();
+        tokio::task::yield_now().await;
+        c.write_all(&server_h1::H2_PREFACE[10..]).await.unwrap();
+        c.write_all(b"frames").await.unwrap();
+        let Served::H2(mut io) = h.await.unwrap() else {
+            panic!("not handed back")
+        };
+        let mut got = vec![0u8; server_h1::H2_PREFACE.len() + 6];
+        io.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..24], server_h1::H2_PREFACE);
+        assert_eq!(&got[24..], b"frames");
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_idle_connections() {
+        let (mut c, server) = tokio::io::duplex(4096);
+        let stop = CancellationToken::new();
+        let h = tokio::spawn(serve(Box::new(server), CFG, stop.clone(), echo));
+        c.write_all(b"GET /a HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut got = vec![0u8; 4096];
+        assert!(c.read(&mut got).await.unwrap() > 0);
+        stop.cancel();
+        assert_eq!(c.read(&mut got).await.unwrap(), 0);
+        h.await.unwrap();
+    }
+}
