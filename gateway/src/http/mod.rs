@@ -72,6 +72,8 @@ pub struct HttpTuning {
     pub response_timeout: Duration,
     /// Time a client has to finish the TLS handshake.
     pub tls_handshake_timeout: Duration,
+    /// Time a client may leave a response unread before its connection is closed (HTTP/1).
+    pub send_timeout: Duration,
 }
 
 impl Default for HttpTuning {
@@ -80,6 +82,7 @@ impl Default for HttpTuning {
             header_read_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(60),
             tls_handshake_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -207,6 +210,7 @@ impl Front {
     ) {
         let cfg = server::Config {
             header_read_timeout: self.0.tuning.header_read_timeout,
+            send_timeout: self.0.tuning.send_timeout,
             sniff_h2: !https,
         };
         let front = self.clone();

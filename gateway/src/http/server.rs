@@ -53,6 +53,10 @@ pub struct Config {
     /// Time a client has to send a request's head, counted from when the connection is
     /// ready for it (so also the idle keep-alive timeout).
     pub header_read_timeout: Duration,
+    /// Time a client may leave a response unread (its connection accepts no byte) before
+    /// the connection is closed: a client that stops reading must not hold a connection
+    /// slot and a tunnel stream for ever (nginx's `send_timeout`, also 60 s by default).
+    pub send_timeout: Duration,
     /// A plain connection: one starting with HTTP/2's preface is handed back.
     pub sniff_h2: bool,
 }
@@ -138,8 +142,7 @@ where
         },
     }));
     let mut cancelled = pin!(shutdown.cancelled());
-    // One timer for the connection's life, re-armed only when it fires early: resetting it
-    // for every request would cost a timer-wheel update per request.
+    // One timer for all the connection's deadlines (see `poll_deadline`).
     let t = cfg.header_read_timeout;
     let mut timer = pin!(tokio::time::sleep(t));
     let mut sniff = cfg.sniff_h2;
@@ -155,13 +158,7 @@ where
             if cancelled.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Next::Shutdown);
             }
-            while timer.as_mut().poll(cx).is_ready() {
-                if Instant::now() >= since + t {
-                    return Poll::Ready(Next::TimedOut);
-                }
-                timer.as_mut().reset(since + t);
-            }
-            Poll::Pending
+            poll_deadline(timer.as_mut(), cx, since + t).map(|()| Next::TimedOut)
         })
         .await;
         let head = match next {
@@ -272,7 +269,8 @@ where
             &mut out,
         );
         drop(parts);
-        let written = write_response(&wire, &mut out, &mut body, framing).await;
+        let send = (timer.as_mut(), cfg.send_timeout);
+        let written = write_response(&wire, &mut out, &mut body, framing, send).await;
         drop(body);
         if let Err(e) = written {
             debug!(error = %e, "response cut short; closing");
@@ -486,20 +484,45 @@ enum WriteError {
     Length(&'static str),
     #[error("the connection was handed over")]
     Gone,
+    #[error("the client read nothing for {0:?}")]
+    Stalled(Duration),
+}
+
+/// Ready once `due` has passed. One timer serves all of a connection's deadlines, which are
+/// set often and rarely reached: it is re-armed only when it fires before the deadline in
+/// force, not for every request (a timer-wheel update per request, ~700 instructions).
+fn poll_deadline(
+    mut timer: Pin<&mut tokio::time::Sleep>,
+    cx: &mut Context<'_>,
+    due: Instant,
+) -> Poll<()> {
+    if timer.deadline() > due {
+        timer.as_mut().reset(due);
+    }
+    while timer.as_mut().poll(cx).is_ready() {
+        if Instant::now() >= due {
+            return Poll::Ready(());
+        }
+        timer.as_mut().reset(due);
+    }
+    Poll::Pending
 }
 
 /// Writes the head in `out`, then the body as `framing` says. Body bytes are gathered with
 /// the head while the body has frames ready (one write for a small answer) and written as
-/// soon as it has none.
+/// soon as it has none. Fails when the client accepts no byte for `send.1`.
 async fn write_response(
     wire: &Shared,
     out: &mut Vec<u8>,
     body: &mut ProxyBody,
     framing: RespBody,
+    send: (Pin<&mut tokio::time::Sleep>, Duration),
 ) -> Result<(), WriteError> {
+    let (mut timer, send_timeout) = send;
     let mut at = 0;
     let mut ended = false;
     let mut sent = 0u64;
+    let mut blocked_since: Option<Instant> = None;
     poll_fn(|cx| loop {
         if !ended && out.len() < WRITE_AT {
             match Pin::new(&mut *body).poll_frame(cx) {
@@ -546,7 +569,13 @@ async fn write_response(
             return Poll::Ready(Err(WriteError::Gone));
         };
         if at < out.len() {
-            let n = ready!(Pin::new(&mut **io).poll_write(cx, &out[at..]))?;
+            let Poll::Ready(n) = Pin::new(&mut **io).poll_write(cx, &out[at..]) else {
+                let since = *blocked_since.get_or_insert_with(Instant::now);
+                return poll_deadline(timer.as_mut(), cx, since + send_timeout)
+                    .map(|()| Err(WriteError::Stalled(send_timeout)));
+            };
+            blocked_since = None;
+            let n = n?;
             if n == 0 {
                 return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
             }
@@ -628,6 +657,7 @@ mod tests {
 
     const CFG: Config = Config {
         header_read_timeout: Duration::from_secs(10),
+        send_timeout: Duration::from_secs(60),
         sniff_h2: true,
     };
 
@@ -799,6 +829,24 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(11)).await;
         assert_eq!(c.read(&mut got).await.unwrap(), 0);
         h.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
+        let (mut c, server) = tokio::io::duplex(4096);
+        let big = |_, _| async { Response::new(body::full(vec![b'x'; 1 << 20])) };
+        let h = tokio::spawn(serve(Box::new(server), CFG, CancellationToken::new(), big));
+        c.write_all(b"GET /big HTTP/1.1\r\n\r\n").await.unwrap();
+        let t = Instant::now();
+        h.await.unwrap();
+        assert!(t.elapsed() >= CFG.send_timeout, "{:?}", t.elapsed());
+        // What was sent, then the end: no complete answer.
+        let got = read_all(&mut c).await;
+        assert!(
+            got.starts_with("HTTP/1.1 200 OK\r\n") && got.len() < 1 << 20,
+            "{}",
+            got.len()
+        );
     }
 
     #[tokio::test]
