@@ -240,8 +240,13 @@ where
                 None => RespBody::UntilClose,
             }
         };
+        // An interim answer nobody asked to switch on (a service's stray `101`) ends the
+        // exchange: the client cannot know what follows it.
         let close = !switching
-            && (!keep_alive || framing == RespBody::UntilClose || shutdown.is_cancelled());
+            && (!keep_alive
+                || framing == RespBody::UntilClose
+                || status.is_informational()
+                || shutdown.is_cancelled());
         let conn_header = match (close, version) {
             (true, _) => ConnHeader::Close,
             (false, Version::HTTP_10) if !switching => ConnHeader::KeepAlive,
@@ -873,6 +878,29 @@ mod tests {
         let n = c.read(&mut got).await.unwrap();
         assert_eq!(&got[..n], b"later");
         assert!(matches!(h.await.unwrap(), Served::Done));
+    }
+
+    #[tokio::test]
+    async fn a_101_nobody_asked_for_ends_the_connection() {
+        let (mut c, server) = tokio::io::duplex(4096);
+        let stray = |_, _| async {
+            let mut r = Response::new(body::full(""));
+            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            r
+        };
+        let h = tokio::spawn(serve(
+            Box::new(server),
+            CFG,
+            CancellationToken::new(),
+            stray,
+        ));
+        c.write_all(b"GET / HTTP/1.1\r\n\r\nGET /again HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let all = read_all(&mut c).await;
+        assert_eq!(all.matches("HTTP/1.1 101").count(), 1, "{all}");
+        assert!(all.contains("connection: close\r\n"), "{all}");
+        h.await.unwrap();
     }
 
     #[tokio::test]
