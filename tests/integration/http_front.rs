@@ -625,6 +625,24 @@ async fn tls_http1_and_http2_route_and_set_forwarded_headers() {
     assert!(c.body.contains("path=/v1/items"), "{}", c.body);
     assert!(c.body.contains("x-forwarded-proto: http\n"), "{}", c.body);
 
+    // Plain HTTP/2 with prior knowledge: the front's HTTP/1 server sees the preface and
+    // hands the connection to HTTP/2.
+    let c = h
+        .curl(&args(
+            &["--http2-prior-knowledge"],
+            h.http_args(DOMAIN, "/api/v1/h2c"),
+        ))
+        .await;
+    assert_eq!((c.code, c.version.as_str()), (200, "2"), "{c:?}");
+    assert!(c.body.contains("path=/v1/h2c"), "{}", c.body);
+
+    // HTTP/1.0 is answered (in HTTP/1.1, the version the server speaks).
+    let c = h
+        .curl(&args(&["--http1.0"], h.http_args(DOMAIN, "/api/v1/old")))
+        .await;
+    assert_eq!((c.code, c.version.as_str()), (200, "1.1"), "{c:?}");
+    assert!(c.body.contains("path=/v1/old"), "{}", c.body);
+
     // Upstream connections are pooled: sequential requests from new client connections
     // reuse tunnel streams instead of opening one each.
     let before = h.streams_to_home1();
