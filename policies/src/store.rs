@@ -24,6 +24,16 @@ use std::time::{Duration, SystemTime};
 pub struct AppState {
     pub counters: Arc<AppCounters>,
     pub limits: Arc<AppLimits>,
+    pub names: Arc<AppNames>,
+}
+
+/// An app's names as each of its requests needs them (in its log line, as the key of pooled
+/// upstream connections): shared, so a request clones one `Arc` instead of three strings.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AppNames {
+    pub app: String,
+    pub device: String,
+    pub service: String,
 }
 
 /// A compiled policy with the runtime state of each of its apps.
@@ -48,7 +58,16 @@ impl Active {
                     Some(o) if o.limits.config == app.limits => o.limits.clone(),
                     _ => Arc::new(AppLimits::new(&app.limits)),
                 };
-                AppState { counters, limits }
+                let names = Arc::new(AppNames {
+                    app: app.name.clone(),
+                    device: app.target.device.clone(),
+                    service: app.target.service.clone(),
+                });
+                AppState {
+                    counters,
+                    limits,
+                    names,
+                }
             })
             .collect();
         Active { policy, states }

@@ -28,14 +28,10 @@ pub const MAX_IDLE_PER_KEY: usize = 32;
 /// connections after 60 s or more, so 30 s rarely hands out one that is about to be closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Which pooled connections may serve a request. The app is part of the key because the
-/// tunnel stream header names the app for the device's logs and accounting.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct PoolKey {
-    pub app: String,
-    pub device: String,
-    pub service: String,
-}
+/// Which pooled connections may serve a request: the app's names (app, device, service),
+/// compared by value. The app is part of the key because the tunnel stream header names the
+/// app for the device's logs and accounting.
+pub type PoolKey = Arc<policies::AppNames>;
 
 struct Idle {
     up: Upstream,
@@ -123,11 +119,11 @@ pub(super) mod tests {
     use super::*;
 
     pub(in crate::http) fn key() -> PoolKey {
-        PoolKey {
+        Arc::new(policies::AppNames {
             app: "web".into(),
             device: "home1".into(),
             service: "web".into(),
-        }
+        })
     }
 
     /// A connection whose far end is open (`keep` holds it) or already closed.
@@ -155,10 +151,10 @@ pub(super) mod tests {
             pool.take(&key()).is_none(),
             "taken connections leave the pool"
         );
-        let other = PoolKey {
+        let other = Arc::new(policies::AppNames {
             app: "other".into(),
-            ..key()
-        };
+            ..(*key()).clone()
+        });
         let (up, _keep2) = conn(true);
         pool.put(other.clone(), up);
         assert!(pool.take(&key()).is_none(), "keys do not share");

@@ -49,8 +49,8 @@ const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(1);
 /// dropped; for an upgrade, when the spliced connection closes). Also settles the app's byte
 /// counters and holds the app's connection slot until then.
 struct RequestLog {
-    app: String,
-    device: String,
+    /// The app's names, once routed.
+    names: Option<PoolKey>,
     client: SocketAddr,
     method: Method,
     path: String,
@@ -61,6 +61,15 @@ struct RequestLog {
     counters: Option<Arc<AppCounters>>,
     error: Option<String>,
     _slot: Option<ConnGuard>,
+}
+
+impl RequestLog {
+    fn app(&self) -> &str {
+        self.names.as_deref().map_or(NO_APP, |n| &n.app)
+    }
+    fn device(&self) -> &str {
+        self.names.as_deref().map_or("", |n| &n.device)
+    }
 }
 
 impl Drop for RequestLog {
@@ -74,8 +83,8 @@ impl Drop for RequestLog {
         let ms = self.started.elapsed().as_millis() as u64;
         let error = self.error.as_deref().unwrap_or("");
         info!(
-            app = %self.app,
-            device = %self.device,
+            app = %self.app(),
+            device = %self.device(),
             client = %Client(self.client),
             method = %self.method,
             path = %self.path,
@@ -105,8 +114,7 @@ pub(crate) async fn handle(
     upgrade: Option<ClientUpgrade>,
 ) -> Response<ProxyBody> {
     let mut log = RequestLog {
-        app: NO_APP.into(),
-        device: String::new(),
+        names: None,
         client: peer,
         method: req.method().clone(),
         path: req.uri().path().to_owned(),
@@ -134,7 +142,7 @@ pub(crate) async fn handle(
         Ok((answer, key)) => {
             let Answer { resp, shape_out } = answer;
             log.status = resp.status().as_u16();
-            front.metrics().observe(&log.app, log.status, latency);
+            front.metrics().observe(log.app(), log.status, latency);
             // The answer's hop-by-hop headers were left out as it was parsed (h1.rs).
             let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
             match (switching, client_upgrade) {
@@ -157,7 +165,7 @@ pub(crate) async fn handle(
         Err(e) => {
             log.status = e.status().as_u16();
             log.error = Some(e.to_string());
-            front.metrics().observe(&log.app, log.status, latency);
+            front.metrics().observe(log.app(), log.status, latency);
             let (parts, full) = e.response().into_parts();
             let out = log.bytes_out.clone();
             Response::from_parts(parts, Metered::new(full, out).guard(log).boxed())
@@ -174,26 +182,23 @@ async fn forward(
     upgrade: Option<HeaderValue>,
     log: &mut RequestLog,
 ) -> Result<(Answer, PoolKey), ProxyError> {
-    let host = route::request_host(&parts)
-        .ok_or(ProxyError::NoHost)?
-        .to_owned();
+    let host = route::request_host(&parts).ok_or(ProxyError::NoHost)?;
     let active = front.hub().policy().current();
     let app = active
         .policy
-        .route_http(&host, &log.path)
+        .route_http(host, &log.path)
         .ok_or_else(|| ProxyError::NoRoute {
-            host: host.clone(),
+            host: host.to_owned(),
             path: log.path.clone(),
         })?;
     let Listener::Http(http_route) = &app.listener else {
         return Err(ProxyError::NoRoute {
-            host,
+            host: host.to_owned(),
             path: log.path.clone(),
         });
     };
-    log.app = app.name.clone();
-    log.device = app.target.device.clone();
     let state = active.state(app);
+    log.names = Some(state.names.clone());
     log.counters = Some(state.counters.clone());
     let who = Requester::Public { ip: peer.ip() };
     let now = Timestamp::now();
@@ -256,37 +261,39 @@ async fn forward(
     }
     state.counters.request();
     let (shape_in, shape_out) = state.limits.shapers();
-    let key = PoolKey {
-        app: app.name.clone(),
-        device: app.target.device.clone(),
-        service: app.target.service.clone(),
-    };
+    let key = state.names.clone();
     let target = route::upstream_target(parts.uri.path_and_query(), http_route);
     let counters = state.counters.clone();
     drop(active);
 
-    // The request line and `Host` are written as they are: built from what hyper parsed,
+    // The request line and `Host` are written as they are: built from what the server parsed,
     // the target holds no space or control byte and the host no control byte; and must not.
     if !target.bytes().all(|b| b.is_ascii_graphic()) || host.bytes().any(|b| b.is_ascii_control()) {
         return Err(ProxyError::NoHost);
     }
     let body = body.take().ok_or(ProxyError::NoHost)?;
-    // Fires when the request body is over (sent, failed or dropped): the response timeout
-    // counts from then, so a long upload is not cut off as a slow service.
-    let (sent_tx, sent_rx) = tokio::sync::oneshot::channel::<()>();
-    let body = Metered::new(body, log.bytes_in.clone())
-        .limit(max_body)
-        .shape(shape_in)
-        .guard(sent_tx)
-        .boxed();
+    // `sent` fires when the request body is over (sent, failed or dropped): the response
+    // timeout counts from then, so a long upload is not cut off as a slow service. A bodiless
+    // request (most) has nothing to count, cap or shape, and its timeout counts from now.
+    let (body, sent) = if body.is_end_stream() {
+        (body, None)
+    } else {
+        let (sent_tx, sent_rx) = tokio::sync::oneshot::channel::<()>();
+        let body = Metered::new(body, log.bytes_in.clone())
+            .limit(max_body)
+            .shape(shape_in)
+            .guard(sent_tx)
+            .boxed();
+        (body, Some(sent_rx))
+    };
     let fwd = headers::Forwarded {
         client: peer.ip(),
         https,
-        host: &host,
+        host,
         upgrade: upgrade.as_ref(),
     };
     let out = Outgoing::new(&parts.method, &target, &parts.headers, &fwd, body);
-    let resp = send(front, &key, peer, out, sent_rx)
+    let resp = send(front, &key, peer, out, sent)
         .await
         .map_err(|e| match e {
             ProxyError::Upstream { ref error, .. } if error.too_large() => {
@@ -331,11 +338,13 @@ async fn send(
     key: &PoolKey,
     peer: SocketAddr,
     mut out: Outgoing,
-    body_sent: tokio::sync::oneshot::Receiver<()>,
+    body_sent: Option<tokio::sync::oneshot::Receiver<()>>,
 ) -> Result<Response<UpBody>, ProxyError> {
     let timeout = front.tuning().response_timeout;
     let deadline = async move {
-        let _ = body_sent.await;
+        if let Some(sent) = body_sent {
+            let _ = sent.await;
+        }
         tokio::time::sleep(timeout).await;
     };
     tokio::pin!(deadline);
