@@ -2,7 +2,6 @@
 //! optionally shaped to the app's bandwidth and capped at its `max_body`, with a guard that
 //! fires when the body is finished or dropped (used for the per-request log line).
 
-use std::any::Any;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,14 +25,15 @@ pub struct TooLarge(pub u64);
 
 type Wait = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// A body that counts its data bytes into a shared counter.
-pub struct Metered<B> {
+/// A body that counts its data bytes into a shared counter. `G`: what [`Metered::guard`]
+/// holds, in place (a box per body was an allocation per request).
+pub struct Metered<B, G = ()> {
     inner: B,
     bytes: Arc<AtomicU64>,
     limit: Option<u64>,
     shaper: Option<Arc<Shaper>>,
     wait: Option<Wait>,
-    guard: Option<Box<dyn Any + Send>>,
+    guard: Option<G>,
 }
 
 impl<B> Metered<B> {
@@ -47,6 +47,9 @@ impl<B> Metered<B> {
             guard: None,
         }
     }
+}
+
+impl<B, G> Metered<B, G> {
     /// Fails the body once more than `max` bytes went through.
     pub fn limit(mut self, max: Option<u64>) -> Self {
         self.limit = max;
@@ -58,26 +61,34 @@ impl<B> Metered<B> {
         self
     }
     /// Dropped when the body ends, fails, or is dropped.
-    pub fn guard(mut self, g: impl Any + Send) -> Self {
-        self.guard = Some(Box::new(g));
-        self
+    pub fn guard<G2>(self, g: G2) -> Metered<B, G2> {
+        Metered {
+            inner: self.inner,
+            bytes: self.bytes,
+            limit: self.limit,
+            shaper: self.shaper,
+            wait: self.wait,
+            guard: Some(g),
+        }
     }
 }
 
-impl<B> Metered<B>
+impl<B, G> Metered<B, G>
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
+    G: Send + Unpin + 'static,
 {
     pub fn boxed(self) -> ProxyBody {
         BodyExt::boxed_unsync(self)
     }
 }
 
-impl<B> Body for Metered<B>
+impl<B, G> Body for Metered<B, G>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
+    G: Unpin,
 {
     type Data = Bytes;
     type Error = BoxError;

@@ -213,13 +213,14 @@ pub fn parse_response(
     let mut close = version == Version::HTTP_10;
     let mut keep_alive_token = false;
     let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
-    // Names listed by `Connection` (most often just `keep-alive` or `close`).
+    // Names listed by `Connection` but `keep-alive` and `upgrade`, hop-by-hop names anyway:
+    // most answers list no other, and then nothing is allocated.
     let listed: Vec<&[u8]> = spans
         .iter()
         .filter(|(n, _)| raw[n.clone()].eq_ignore_ascii_case(b"connection"))
         .flat_map(|(_, v)| raw[v.clone()].split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty())
+        .filter(|t| !t.is_empty() && !headers::is_connection_option(t))
         .collect();
     for (name_span, value_span) in spans {
         let name_bytes = &raw[name_span];

@@ -74,7 +74,9 @@ pub struct Forwarded<'a> {
 /// (~2,000 instructions per request, callgrind: benches/front_cost.sh).
 pub fn write_request_headers(headers: &HeaderMap, fwd: &Forwarded<'_>, out: &mut Vec<u8>) {
     let listed: Vec<&str> = if headers.contains_key(header::CONNECTION) {
-        connection_tokens(headers).collect()
+        connection_tokens(headers)
+            .filter(|t| !is_connection_option(t.as_bytes()))
+            .collect()
     } else {
         Vec::new()
     };
@@ -111,6 +113,12 @@ fn line(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
+}
+
+/// A `Connection` token that needs no listing: a name that is hop-by-hop anyway
+/// (`keep-alive`, `upgrade`).
+pub fn is_connection_option(token: &[u8]) -> bool {
+    token.eq_ignore_ascii_case(b"keep-alive") || token.eq_ignore_ascii_case(b"upgrade")
 }
 
 /// One of the fixed hop-by-hop names (not those a `Connection` header lists).
