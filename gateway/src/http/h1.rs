@@ -184,16 +184,7 @@ pub fn parse_response(
             }
             Err(e) => return Err(H1Error::Head(e.to_string())),
         };
-        let base = buf.as_ptr() as usize;
-        let spans: Vec<_> = resp
-            .headers
-            .iter()
-            .map(|h| {
-                let name = h.name.as_ptr() as usize - base;
-                let value = h.value.as_ptr() as usize - base;
-                (name..name + h.name.len(), value..value + h.value.len())
-            })
-            .collect();
+        let spans = header_spans(resp.headers, buf.as_ptr() as usize);
         (n, resp.code.unwrap_or(0), resp.version.unwrap_or(1), spans)
     };
     if n > MAX_HEAD {
@@ -301,6 +292,22 @@ pub fn parse_response(
         framing,
         keep_alive,
     }))
+}
+
+/// Where each of `headers`' names and values lie, as offsets from `base`, the start of the
+/// buffer httparse parsed (its slices borrow that buffer; the values are cut from it later).
+pub(crate) fn header_spans(
+    headers: &[httparse::Header<'_>],
+    base: usize,
+) -> Vec<(Range<usize>, Range<usize>)> {
+    headers
+        .iter()
+        .map(|h| {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            (name..name + h.name.len(), value..value + h.value.len())
+        })
+        .collect()
 }
 
 pub(crate) fn parse_length(v: &[u8]) -> Result<u64, ()> {

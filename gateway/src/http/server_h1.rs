@@ -115,15 +115,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, RequestE
         let (Some(m), Some(p)) = (req.method, req.path) else {
             return Err(RequestError::Malformed("no request line".into()));
         };
-        let spans: Vec<_> = req
-            .headers
-            .iter()
-            .map(|h| {
-                let name = h.name.as_ptr() as usize - base;
-                let value = h.value.as_ptr() as usize - base;
-                (name..name + h.name.len(), value..value + h.value.len())
-            })
-            .collect();
+        let spans = h1::header_spans(req.headers, base);
         (n, span(m), span(p), req.version.unwrap_or(1), spans)
     };
     if n > MAX_HEAD {
