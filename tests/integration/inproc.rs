@@ -30,12 +30,38 @@ pub fn fast_tuning() -> Tuning {
 }
 
 /// A free UDP port on 127.0.0.1 (bound and released; the gateway binds it right after).
+/// A UDP port on loopback that is free now, for a gateway's QUIC address (see [`free_port`]).
 pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_port(|p| std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok())
+}
+
+/// A TCP port on loopback that is free now (see [`free_port`]).
+pub fn free_tcp_port() -> u16 {
+    free_port(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+}
+
+/// A port `binds` finds free now, chosen below the kernel's ephemeral range
+/// (`ip_local_port_range`, 32768–60999 by default): a test that binds it later (a gateway
+/// restarted in place, a listener a policy edit opens) must not find it taken meanwhile by the
+/// ephemeral port of another test's socket — which happened once in CI ("Address already in
+/// use" restarting a gateway on its address).
+fn free_port(binds: impl Fn(u16) -> bool) -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if low > 11_000 {
+        for _ in 0..1000 {
+            let port = 10_000 + rand::random::<u16>() % (low - 10_000);
+            if binds(port) {
+                return port;
+            }
+        }
+    }
+    (1024..u16::MAX)
+        .map(|_| 10_000 + rand::random::<u16>() % 50_000)
+        .find(|&p| binds(p))
+        .expect("a free port on 127.0.0.1")
 }
 
 /// A zone "alice.example" with gateway `gw` at 127.0.0.1:PORT and the given nodes.

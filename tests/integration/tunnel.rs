@@ -332,14 +332,6 @@ async fn agent_reconnects_after_gateway_restart_and_drain_tells_agents() {
     h1.shutdown.cancel();
 }
 
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn tcp_app(name: &str, port: u16) -> String {
     format!("[app.{name}]\ntcp = {{ listen = \"127.0.0.1:{port}\" }}\nto = \"home1/echo\"\nallow = {{ from = [\"public\"] }}\n")
 }
