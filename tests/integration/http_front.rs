@@ -343,10 +343,7 @@ async fn start() -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
     // The zone config must name the address the gateway listens on for QUIC.
-    let quic = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let quic = std::net::SocketAddr::from(([127, 0, 0, 1], crate::inproc::free_udp_port()));
     let z = dir.path().join("zone");
     let zs = z.to_str().unwrap();
     ok(["zone", "init", "--domain", DOMAIN, "--dir", zs]);
@@ -443,10 +440,7 @@ async fn start() -> Harness {
             // Nothing listens there: the service is down.
             "down".to_string(),
             LocalService {
-                addr: std::net::TcpListener::bind("127.0.0.1:0")
-                    .unwrap()
-                    .local_addr()
-                    .unwrap(),
+                addr: ([127, 0, 0, 1], crate::inproc::free_tcp_port()).into(),
                 proto: ServiceProto::Tcp,
             },
         ),
