@@ -117,9 +117,25 @@ pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
 /// The size line of one chunk of a chunked request body (`1a2b\r\n`).
 pub fn chunk_size_line(len: usize) -> Bytes {
     let mut b = Vec::with_capacity(18);
-    b.extend_from_slice(format!("{len:x}").as_bytes());
-    b.extend_from_slice(b"\r\n");
+    push_chunk_size_line(&mut b, len);
     Bytes::from(b)
+}
+
+/// Appends the size line of a chunk of `len` bytes (hex, then CRLF), for a request going up
+/// or an answer going to a client.
+pub(crate) fn push_chunk_size_line(out: &mut Vec<u8>, mut len: usize) {
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b"0123456789abcdef"[len & 0xf];
+        len >>= 4;
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The end of a chunked body: the last chunk and an empty trailer section.

@@ -31,7 +31,7 @@ use super::body::{BoxError, ProxyBody};
 use super::h1::{self, ChunkedDecoder};
 use super::headers;
 use super::server_h1::{self, BodyLen, ConnHeader, RequestError, RespBody, DATE_LEN};
-use super::upstream::{Io, Upgraded};
+use super::upstream::{poll_write_all, Io, Upgraded};
 
 /// Read buffer reserved before each read: a request head and a small body come in one.
 const READ_CHUNK: usize = 8 * 1024;
@@ -364,16 +364,7 @@ impl Wire {
             return Poll::Ready(Some(Err("the connection was handed over".into())));
         };
         if let Some(written) = self.body.continue_due.as_mut() {
-            while *written < CONTINUE.len() {
-                let n = ready!(Pin::new(&mut **io).poll_write(cx, &CONTINUE[*written..]))?;
-                if n == 0 {
-                    return Poll::Ready(Some(
-                        Err(io::Error::from(io::ErrorKind::WriteZero).into()),
-                    ));
-                }
-                *written += n;
-            }
-            ready!(Pin::new(&mut **io).poll_flush(cx))?;
+            ready!(poll_write_all(&mut **io, cx, CONTINUE, written))?;
             self.body.continue_due = None;
         }
         loop {
@@ -547,7 +538,7 @@ async fn write_response(
                         }
                         RespBody::Length(_) | RespBody::UntilClose => out.extend_from_slice(&data),
                         RespBody::Chunked => {
-                            out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                            h1::push_chunk_size_line(out, data.len());
                             out.extend_from_slice(&data);
                             out.extend_from_slice(b"\r\n");
                         }
@@ -604,14 +595,7 @@ async fn write_all(wire: &Shared, bytes: &[u8]) -> Result<(), WriteError> {
         let Some(io) = w.io.as_mut() else {
             return Poll::Ready(Err(WriteError::Gone));
         };
-        while at < bytes.len() {
-            let n = ready!(Pin::new(&mut **io).poll_write(cx, &bytes[at..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
-            }
-            at += n;
-        }
-        Poll::Ready(Ok(ready!(Pin::new(&mut **io).poll_flush(cx))?))
+        poll_write_all(&mut **io, cx, bytes, &mut at).map_err(WriteError::Io)
     })
     .await
 }

@@ -34,6 +34,23 @@ const READ_CHUNK: usize = 16 * 1024;
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
+/// Writes what is left of `bytes` after `written` (kept across polls), then flushes.
+pub(crate) fn poll_write_all(
+    io: &mut dyn Io,
+    cx: &mut Context<'_>,
+    bytes: &[u8],
+    written: &mut usize,
+) -> Poll<io::Result<()>> {
+    while *written < bytes.len() {
+        let n = ready!(Pin::new(&mut *io).poll_write(cx, &bytes[*written..]))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        *written += n;
+    }
+    Pin::new(io).poll_flush(cx)
+}
+
 /// An upstream connection between requests: the stream and bytes read but not yet used
 /// (always none between requests: a connection with stray bytes is not reused).
 pub struct Upstream {
@@ -312,17 +329,8 @@ impl Upstream {
     pub async fn send(mut self, mut out: Outgoing) -> Result<Response<UpBody>, SendError> {
         let mut written = 0;
         let head = out.head.clone();
-        let wrote = std::future::poll_fn(|cx| {
-            while written < head.len() {
-                let n = ready!(Pin::new(&mut *self.io).poll_write(cx, &head[written..]))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                written += n;
-            }
-            Pin::new(&mut *self.io).poll_flush(cx)
-        })
-        .await;
+        let wrote =
+            std::future::poll_fn(|cx| poll_write_all(&mut *self.io, cx, &head, &mut written)).await;
         if let Err(error) = wrote {
             let again = (written == 0 || out.replayable()).then_some(out);
             return Err(SendError {
