@@ -5,7 +5,7 @@
 //! IPv6 keeps std's formatting and its `::` rules.
 
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 /// Longest IPv4 socket address text: `255.255.255.255:65535`.
 const V4_MAX: usize = 21;
@@ -65,16 +65,27 @@ pub struct Client(pub SocketAddr);
 impl fmt::Display for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0 {
-            SocketAddr::V4(a) => {
-                let mut buf = [0u8; V4_MAX];
-                let mut n = put_v4(&mut buf, *a.ip());
-                buf[n] = b':';
-                n = put_port(&mut buf, n + 1, a.port());
-                f.pad(std::str::from_utf8(&buf[..n]).expect("ASCII digits, dots and a colon"))
-            }
+            SocketAddr::V4(a) => with_v4_socket(a, |s| f.pad(s)),
             SocketAddr::V6(a) => fmt::Display::fmt(&a, f),
         }
     }
+}
+
+/// Writes `addr` as [`Client`] displays it, to any writer (no `Formatter` needed).
+pub fn write_client(w: &mut impl fmt::Write, addr: SocketAddr) -> fmt::Result {
+    match addr {
+        SocketAddr::V4(a) => with_v4_socket(a, |s| w.write_str(s)),
+        SocketAddr::V6(a) => write!(w, "{a}"),
+    }
+}
+
+/// Calls `f` with `a` as `ip:port` text.
+fn with_v4_socket<R>(a: SocketAddrV4, f: impl FnOnce(&str) -> R) -> R {
+    let mut buf = [0u8; V4_MAX];
+    let mut n = put_v4(&mut buf, *a.ip());
+    buf[n] = b':';
+    n = put_port(&mut buf, n + 1, a.port());
+    f(std::str::from_utf8(&buf[..n]).expect("ASCII digits, dots and a colon"))
 }
 
 #[cfg(test)]
@@ -96,6 +107,9 @@ mod tests {
             let addr: SocketAddr = a.parse().unwrap();
             assert_eq!(Client(addr).to_string(), addr.to_string());
             assert_eq!(format!("{:>25}", Client(addr)), format!("{addr:>25}"));
+            let mut written = String::new();
+            write_client(&mut written, addr).unwrap();
+            assert_eq!(written, addr.to_string());
             if let SocketAddr::V4(v4) = addr {
                 with_v4(*v4.ip(), |s| assert_eq!(s, v4.ip().to_string()));
             }
