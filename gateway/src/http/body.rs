@@ -1,6 +1,6 @@
 //! Bodies as they cross the gateway: streamed frame by frame (never collected), counted,
-//! optionally shaped to the app's bandwidth and capped at its `max_body`, with a guard that
-//! fires when the body is finished or dropped (used for the per-request log line).
+//! optionally shaped to the app's bandwidth and capped at its `max_body`; the counter and a
+//! guard hear when the body is over (the per-request log line is written then).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -25,19 +25,35 @@ pub struct TooLarge(pub u64);
 
 type Wait = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// A body that counts its data bytes into a shared counter. `G`: what [`Metered::guard`]
-/// holds, in place (a box per body was an allocation per request).
-pub struct Metered<B, G = ()> {
+/// Where a [`Metered`] body counts its data bytes.
+pub trait Count {
+    /// Adds `n` bytes; returns the total so far.
+    fn add(&mut self, n: u64) -> u64;
+    /// The body is over: ended, failed, or cut off at its limit (not called when the body is
+    /// dropped before its end: then the counter is dropped with it).
+    fn end(&mut self) {}
+}
+
+/// A counter shared with whoever reads it (the request's log line reads its body's count).
+impl Count for Arc<AtomicU64> {
+    fn add(&mut self, n: u64) -> u64 {
+        self.fetch_add(n, Ordering::Relaxed) + n
+    }
+}
+
+/// A body that counts its data bytes into `C`. `G`: what [`Metered::guard`] holds, in place
+/// (a box per body was an allocation per request), dropped when the body is over.
+pub struct Metered<B, C = Arc<AtomicU64>, G = ()> {
     inner: B,
-    bytes: Arc<AtomicU64>,
+    bytes: C,
     limit: Option<u64>,
     shaper: Option<Arc<Shaper>>,
     wait: Option<Wait>,
     guard: Option<G>,
 }
 
-impl<B> Metered<B> {
-    pub fn new(inner: B, bytes: Arc<AtomicU64>) -> Self {
+impl<B, C: Count> Metered<B, C> {
+    pub fn new(inner: B, bytes: C) -> Self {
         Metered {
             inner,
             bytes,
@@ -49,7 +65,7 @@ impl<B> Metered<B> {
     }
 }
 
-impl<B, G> Metered<B, G> {
+impl<B, C, G> Metered<B, C, G> {
     /// Fails the body once more than `max` bytes went through.
     pub fn limit(mut self, max: Option<u64>) -> Self {
         self.limit = max;
@@ -61,7 +77,7 @@ impl<B, G> Metered<B, G> {
         self
     }
     /// Dropped when the body ends, fails, or is dropped.
-    pub fn guard<G2>(self, g: G2) -> Metered<B, G2> {
+    pub fn guard<G2>(self, g: G2) -> Metered<B, C, G2> {
         Metered {
             inner: self.inner,
             bytes: self.bytes,
@@ -71,12 +87,22 @@ impl<B, G> Metered<B, G> {
             guard: Some(g),
         }
     }
+
+    /// The body is over: the counter hears it, the guard is dropped.
+    fn over(&mut self)
+    where
+        C: Count,
+    {
+        self.bytes.end();
+        self.guard = None;
+    }
 }
 
-impl<B, G> Metered<B, G>
+impl<B, C, G> Metered<B, C, G>
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
+    C: Count + Send + Unpin + 'static,
     G: Send + Unpin + 'static,
 {
     pub fn boxed(self) -> ProxyBody {
@@ -84,10 +110,11 @@ where
     }
 }
 
-impl<B, G> Body for Metered<B, G>
+impl<B, C, G> Body for Metered<B, C, G>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
+    C: Count + Unpin,
     G: Unpin,
 {
     type Data = Bytes;
@@ -106,9 +133,9 @@ where
             Some(Ok(frame)) => {
                 if let Some(d) = frame.data_ref() {
                     let n = d.len() as u64;
-                    let total = this.bytes.fetch_add(n, Ordering::Relaxed) + n;
+                    let total = this.bytes.add(n);
                     if let Some(max) = this.limit.filter(|m| total > *m) {
-                        this.guard = None;
+                        this.over();
                         return Poll::Ready(Some(Err(Box::new(TooLarge(max)))));
                     }
                     if let Some(s) = &this.shaper {
@@ -119,11 +146,11 @@ where
                 Poll::Ready(Some(Ok(frame)))
             }
             Some(Err(e)) => {
-                this.guard = None;
+                this.over();
                 Poll::Ready(Some(Err(e.into())))
             }
             None => {
-                this.guard = None;
+                this.over();
                 Poll::Ready(None)
             }
         }

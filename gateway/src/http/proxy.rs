@@ -51,11 +51,15 @@ struct RequestLog {
     names: Option<PoolKey>,
     client: SocketAddr,
     method: Method,
-    path: String,
+    /// The request's target (`path()` is logged): shares the request head's bytes.
+    uri: http::Uri,
     status: u16,
     started: Instant,
-    bytes_in: Arc<AtomicU64>,
-    bytes_out: Arc<AtomicU64>,
+    /// The request body's byte count, shared with its [`Metered`] body; `None` while the
+    /// request has none (most: no allocation for them).
+    bytes_in: Option<Arc<AtomicU64>>,
+    /// Counted by the response's [`Metered`] body, which holds this log ([`Logged`]).
+    bytes_out: u64,
     counters: Option<Arc<AppCounters>>,
     error: Option<String>,
     _slot: Option<ConnGuard>,
@@ -72,8 +76,11 @@ impl RequestLog {
 
 impl Drop for RequestLog {
     fn drop(&mut self) {
-        let bytes_in = self.bytes_in.load(Ordering::Relaxed);
-        let bytes_out = self.bytes_out.load(Ordering::Relaxed);
+        let bytes_in = self
+            .bytes_in
+            .as_ref()
+            .map_or(0, |b| b.load(Ordering::Relaxed));
+        let bytes_out = self.bytes_out;
         if let Some(c) = &self.counters {
             c.bytes_in(bytes_in);
             c.bytes_out(bytes_out);
@@ -118,7 +125,7 @@ impl LineFields<'_> {
         w.write_str(" method=")?;
         w.write_str(log.method.as_str())?;
         w.write_str(" path=")?;
-        w.write_str(&log.path)?;
+        w.write_str(log.uri.path())?;
         w.write_str(" status=")?;
         w.write_str(int.format(log.status))?;
         w.write_str(" bytes_in=")?;
@@ -174,6 +181,27 @@ impl std::fmt::Write for StackLine {
     }
 }
 
+/// A response body's counter: its bytes go into the request's log line, which is written when
+/// the body is over (or dropped unfinished). The log holds its own count: no shared counter
+/// to allocate per request.
+struct Logged(Option<RequestLog>);
+
+impl body::Count for Logged {
+    fn add(&mut self, n: u64) -> u64 {
+        match &mut self.0 {
+            Some(log) => {
+                log.bytes_out += n;
+                log.bytes_out
+            }
+            None => 0,
+        }
+    }
+
+    fn end(&mut self) {
+        self.0 = None;
+    }
+}
+
 /// What the proxy got back from the device, ready to be streamed to the client.
 struct Answer {
     resp: Response<UpBody>,
@@ -193,11 +221,11 @@ pub(crate) async fn handle(
         names: None,
         client: peer,
         method: req.method().clone(),
-        path: req.uri().path().to_owned(),
+        uri: req.uri().clone(),
         status: 0,
         started: Instant::now(),
-        bytes_in: Arc::default(),
-        bytes_out: Arc::default(),
+        bytes_in: None,
+        bytes_out: 0,
         counters: None,
         error: None,
         _slot: None,
@@ -230,10 +258,11 @@ pub(crate) async fn handle(
                     Response::from_parts(parts, body::full(""))
                 }
                 _ => {
-                    let out = log.bytes_out.clone();
                     let (parts, up) = resp.into_parts();
                     let home = up.home(front.pool().clone(), key);
-                    let b = Metered::new(home, out).shape(shape_out).guard(log).boxed();
+                    let b = Metered::new(home, Logged(Some(log)))
+                        .shape(shape_out)
+                        .boxed();
                     Response::from_parts(parts, b)
                 }
             }
@@ -243,8 +272,7 @@ pub(crate) async fn handle(
             log.error = Some(e.to_string());
             front.metrics().observe(log.app(), log.status, latency);
             let (parts, full) = e.response().into_parts();
-            let out = log.bytes_out.clone();
-            Response::from_parts(parts, Metered::new(full, out).guard(log).boxed())
+            Response::from_parts(parts, Metered::new(full, Logged(Some(log))).boxed())
         }
     }
 }
@@ -262,15 +290,15 @@ async fn forward(
     let active = front.hub().policy().current();
     let app = active
         .policy
-        .route_http(host, &log.path)
+        .route_http(host, log.uri.path())
         .ok_or_else(|| ProxyError::NoRoute {
             host: host.to_owned(),
-            path: log.path.clone(),
+            path: log.uri.path().to_owned(),
         })?;
     let Listener::Http(http_route) = &app.listener else {
         return Err(ProxyError::NoRoute {
             host: host.to_owned(),
-            path: log.path.clone(),
+            path: log.uri.path().to_owned(),
         });
     };
     let state = active.state(app);
@@ -282,7 +310,7 @@ async fn forward(
     if let Decision::Deny { reason } =
         active
             .policy
-            .decide(app, &who, Some(method), Some(&log.path), now)
+            .decide(app, &who, Some(method), Some(log.uri.path()), now)
     {
         state.counters.refused(Refusal::Denied(reason));
         return Err(if reason == DenyReason::Method {
@@ -291,7 +319,7 @@ async fn forward(
                 .filter(|m| {
                     active
                         .policy
-                        .decide(app, &who, Some(m.as_str()), Some(&log.path), now)
+                        .decide(app, &who, Some(m.as_str()), Some(log.uri.path()), now)
                         .is_allow()
                 })
                 .map(|m| m.to_string())
@@ -355,7 +383,8 @@ async fn forward(
         (body, None)
     } else {
         let (sent_tx, sent_rx) = tokio::sync::oneshot::channel::<()>();
-        let body = Metered::new(body, log.bytes_in.clone())
+        let bytes_in = log.bytes_in.get_or_insert_with(Arc::default).clone();
+        let body = Metered::new(body, bytes_in)
             .limit(max_body)
             .shape(shape_in)
             .guard(sent_tx)
@@ -498,8 +527,8 @@ async fn splice_upgrade(
     match client.await {
         Ok(mut c) => match tokio::io::copy_bidirectional(&mut c, &mut u).await {
             Ok((to_up, to_client)) => {
-                log.bytes_in.fetch_add(to_up, Ordering::Relaxed);
-                log.bytes_out.fetch_add(to_client, Ordering::Relaxed);
+                log.bytes_in = Some(Arc::new(AtomicU64::new(to_up)));
+                log.bytes_out = to_client;
             }
             Err(e) => log.error = Some(format!("upgraded connection: {e}")),
         },
@@ -522,11 +551,11 @@ mod tests {
             })),
             client: "127.0.0.1:33680".parse().unwrap(),
             method: Method::GET,
-            path: path.into(),
+            uri: path.parse().unwrap(),
             status: 200,
             started: Instant::now(),
-            bytes_in: Arc::default(),
-            bytes_out: Arc::default(),
+            bytes_in: None,
+            bytes_out: 0,
             counters: None,
             error: error.map(str::to_owned),
             _slot: None,
