@@ -33,15 +33,16 @@ pub fn request_host(parts: &Parts) -> Option<&str> {
 /// The origin-form target (`/path?query`) to send upstream: the path in the normal form it was
 /// routed by ([`policies::units::normalize_path`]), so the service serves what the app allowed.
 /// With `strip_prefix`, the app's path prefix is removed (`/dfs/a` → `/a`, `/dfs` → `/`);
-/// routing guarantees the prefix matches on whole segments.
-pub fn upstream_target(pq: Option<&PathAndQuery>, route: &HttpRoute) -> String {
+/// routing guarantees the prefix matches on whole segments. Borrowed from the request when it
+/// is sent as the client wrote it (the common case: no copy per request).
+pub fn upstream_target<'a>(pq: Option<&'a PathAndQuery>, route: &HttpRoute) -> Cow<'a, str> {
     let raw = pq.map(|p| p.path()).unwrap_or("/");
     // Routing refused paths without a normal form, so the fallback is never taken for a
     // routed request.
     let normal = normalize_path(raw).unwrap_or(Cow::Borrowed(raw));
-    let path: &str = &normal;
     let query = pq.and_then(|p| p.query());
-    let path = if route.strip_prefix && route.path != "/" {
+    let path: &str = &normal;
+    let stripped = if route.strip_prefix && route.path != "/" {
         match path.strip_prefix(route.path.as_str()) {
             Some("") => "/",
             Some(rest) if rest.starts_with('/') => rest,
@@ -50,10 +51,16 @@ pub fn upstream_target(pq: Option<&PathAndQuery>, route: &HttpRoute) -> String {
     } else {
         path
     };
-    let path = if path.is_empty() { "/" } else { path };
-    match query {
-        Some(q) => format!("{path}?{q}"),
-        None => path.to_owned(),
+    let unchanged = matches!(normal, Cow::Borrowed(_)) && stripped.len() == raw.len();
+    match (pq, unchanged && !raw.is_empty()) {
+        (Some(pq), true) => Cow::Borrowed(pq.as_str()),
+        _ => {
+            let path = if stripped.is_empty() { "/" } else { stripped };
+            Cow::Owned(match query {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_owned(),
+            })
+        }
     }
 }
 
@@ -71,7 +78,7 @@ mod tests {
 
     fn target(uri: &str, r: &HttpRoute) -> String {
         let uri: http::Uri = uri.parse().unwrap();
-        upstream_target(uri.path_and_query(), r)
+        upstream_target(uri.path_and_query(), r).into_owned()
     }
 
     #[test]
@@ -91,6 +98,27 @@ mod tests {
             target("http://alice.example/a?b", &route("/", false)),
             "/a?b"
         );
+    }
+
+    #[test]
+    fn a_target_sent_as_written_is_not_copied() {
+        let uri: http::Uri = "/a/b?x=1&y".parse().unwrap();
+        let pq = uri.path_and_query();
+        assert!(matches!(
+            upstream_target(pq, &route("/", false)),
+            Cow::Borrowed("/a/b?x=1&y")
+        ));
+        assert!(matches!(
+            upstream_target(pq, &route("/a", false)),
+            Cow::Borrowed(_)
+        ));
+        assert!(matches!(
+            upstream_target(pq, &route("/a", true)),
+            Cow::Owned(_)
+        ));
+        let odd: http::Uri = "/a//b".parse().unwrap();
+        let t = upstream_target(odd.path_and_query(), &route("/", false));
+        assert!(matches!(&t, Cow::Owned(s) if s == "/a/b"), "{t}");
     }
 
     #[test]
