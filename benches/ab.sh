@@ -7,11 +7,11 @@
 #   VARIANT: a zonegate binary, optionally @N for N node worker threads (`threads = N` in
 #            node.toml) or @N,G for N node and G gateway threads, e.g.
 #            `benches/ab.sh front target/release/zonegate@2 target/release/zonegate@1`
-#   front: wrk -t1 -c32 -d$SECS through the gateway's HTTP front to nginx on the node's side;
-#          prints req/s, p99 and gateway/node CPU µs per request
+#   front: wrk -t1 -c$CONNS -d$SECS (CONNS=32 unless set) through the gateway's HTTP front to
+#          nginx on the node's side; prints req/s, p99 and gateway/node CPU µs per request
 #   half:  the same path at a fixed rate, RATE req/s (default 10000, about half of the front's
 #          maximum here) from h2load --h1 -c16 --rps: p50/p99/p99.9 latency and CPU per request
-#   conn:  wrk -t1 -c32 -d$SECS -H 'Connection: close' through a public tcp app to the same nginx
+#   conn:  wrk -t1 -c$CONNS -d$SECS -H 'Connection: close' through a public tcp app to the same nginx
 #          (one new connection and tunnel stream per request); same figures per connection
 #   bulk:  iperf3 -t$SECS through a public tcp app, upload then download (-R); prints Gbit/s,
 #          gateway/node CPU seconds per GB moved and the namespace's UDP receive-buffer overflows
@@ -36,7 +36,7 @@ if ! in_netns "$@"; then
     half) need_tools h2load nginx python3 unshare ;;
     *) need_tools wrk nginx python3 unshare ;;
   esac
-  export ROUNDS SECS="${SECS:-}" RATE="${RATE:-10000}"
+  export ROUNDS SECS="${SECS:-}" RATE="${RATE:-10000}" CONNS="${CONNS:-32}"
   enter_netns "$0" "$@"
 fi
 
@@ -120,7 +120,7 @@ print('%-40s round %s: req/s %8.0f  p50 %.2f  p99 %.2f  p99.9 %.2f ms  non-2xx %
       [[ $MODE == conn ]] && url=http://127.0.0.1:18001/ close=(-H 'Connection: close')
       http_ready "$url" bench.example 30
       g0=$(ticks "${PID[gw]}") n0=$(ticks "${PID[node]}")
-      out=$(wrk -t1 -c32 -d"${SECS}s" --latency -H 'Host: bench.example' "${close[@]}" "$url")
+      out=$(wrk -t1 -c"${CONNS:-32}" -d"${SECS}s" --latency -H 'Host: bench.example' "${close[@]}" "$url")
       g1=$(ticks "${PID[gw]}") n1=$(ticks "${PID[node]}")
       reqs=$(awk '/requests in/ { print $1 }' <<<"$out")
       rps=$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")
