@@ -43,6 +43,8 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 const SLOW: Duration = Duration::from_secs(5);
 /// Time a client has to send its request headers (slowloris defence).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(1);
+/// The front's request body timeout in these tests.
+const BODY_TIMEOUT: Duration = Duration::from_secs(1);
 
 const POLICY: &str = r#"
 [app.web]
@@ -395,6 +397,7 @@ async fn start() -> Harness {
             http_tuning: HttpTuning {
                 response_timeout: RESPONSE_TIMEOUT,
                 header_read_timeout: HEADER_TIMEOUT,
+                body_timeout: BODY_TIMEOUT,
                 ..HttpTuning::default()
             },
             dns: None,
@@ -713,6 +716,28 @@ async fn errors_are_distinct_and_short() {
         .expect("silent client still connected after 10 s")
         .unwrap_or(0);
     assert_eq!(n, 0, "the gateway answered a client that said nothing");
+
+    // A client that stops sending its request body midway gets a 408 once the body has
+    // waited BODY_TIMEOUT, not a 502 that would blame the device, and the connection ends.
+    let mut slow = tokio::net::TcpStream::connect(h.http).await.unwrap();
+    slow.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: alice.example\r\nContent-Length: 100\r\n\r\n0123456789",
+    )
+    .await
+    .unwrap();
+    let t = Instant::now();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut answer))
+        .await
+        .expect("stalled upload still connected after 10 s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("no more of the request body arrived"),
+        "{answer}"
+    );
+    assert!(t.elapsed() >= BODY_TIMEOUT / 2, "{:?}", t.elapsed());
 
     // Rate limit: a burst of 2, then 429 with Retry-After.
     for _ in 0..2 {

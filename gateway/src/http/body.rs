@@ -23,6 +23,12 @@ pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 #[error("request body larger than {0} bytes")]
 pub struct TooLarge(pub u64);
 
+/// The client left its request body waiting longer than the front allows (HTTP/1.1; see
+/// `server::Config::body_timeout`).
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent no more of its request body for {} s", .0.as_secs())]
+pub struct BodyStalled(pub std::time::Duration);
+
 type Wait = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Where a [`Metered`] body counts its data bytes.

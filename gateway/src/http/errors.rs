@@ -1,6 +1,7 @@
 //! Why a request got no answer from a service, who caused it (client, policy, device,
 //! gateway), and the short plain-text answer the client gets: 404 no route, 403/405 refused by
-//! the app's rules, 429 rate limit, 502 device offline or broken upstream, 504 timeout.
+//! the app's rules, 408 stalled request body, 413 body too large, 429 rate limit, 502 device
+//! offline or broken upstream, 504 timeout.
 
 use std::time::Duration;
 
@@ -41,6 +42,8 @@ pub enum ProxyError {
     TooManyConnections { app: String },
     #[error("app {app}: request body larger than {max} bytes")]
     BodyTooLarge { app: String, max: u64 },
+    #[error("the client sent no more of its request body for {secs} s")]
+    BodyStalled { secs: u64 },
     #[error("app {app}: {error}")]
     Open {
         app: String,
@@ -66,9 +69,10 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn source(&self) -> Source {
         match self {
-            ProxyError::NoHost | ProxyError::NoRoute { .. } | ProxyError::BodyTooLarge { .. } => {
-                Source::Client
-            }
+            ProxyError::NoHost
+            | ProxyError::NoRoute { .. }
+            | ProxyError::BodyTooLarge { .. }
+            | ProxyError::BodyStalled { .. } => Source::Client,
             ProxyError::MethodNotAllowed { .. }
             | ProxyError::Denied { .. }
             | ProxyError::RateLimited { .. }
@@ -96,6 +100,7 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyStalled { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Open { error, .. } => match error {
                 OpenError::Offline(_) | OpenError::Tunnel { .. } => StatusCode::BAD_GATEWAY,
                 OpenError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -137,6 +142,9 @@ impl ProxyError {
             ProxyError::BodyTooLarge { app, max } => {
                 format!("413 payload too large: app {app} accepts request bodies up to {max} bytes\n")
             }
+            ProxyError::BodyStalled { secs } => format!(
+                "408 request timeout: no more of the request body arrived for {secs} s; send it again\n"
+            ),
             ProxyError::Open {
                 app,
                 service,
@@ -255,6 +263,14 @@ mod tests {
             (nr.status(), nr.source()),
             (StatusCode::NOT_FOUND, Source::Client)
         );
+        let slow = ProxyError::BodyStalled { secs: 60 };
+        assert_eq!(
+            (slow.status(), slow.source()),
+            (StatusCode::REQUEST_TIMEOUT, Source::Client)
+        );
+        assert!(slow
+            .body()
+            .starts_with("408 request timeout: no more of the request body arrived for 60 s"));
     }
 
     #[test]

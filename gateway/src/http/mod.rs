@@ -74,6 +74,9 @@ pub struct HttpTuning {
     pub tls_handshake_timeout: Duration,
     /// Time a client may leave a response unread before its connection is closed (HTTP/1).
     pub send_timeout: Duration,
+    /// Time a client may leave its request body stalled before the request is answered 408
+    /// and its connection closed (HTTP/1).
+    pub body_timeout: Duration,
 }
 
 impl Default for HttpTuning {
@@ -83,6 +86,7 @@ impl Default for HttpTuning {
             response_timeout: Duration::from_secs(60),
             tls_handshake_timeout: Duration::from_secs(10),
             send_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -211,6 +215,7 @@ impl Front {
         let cfg = server::Config {
             header_read_timeout: self.0.tuning.header_read_timeout,
             send_timeout: self.0.tuning.send_timeout,
+            body_timeout: self.0.tuning.body_timeout,
             sniff_h2: !https,
         };
         let front = self.clone();

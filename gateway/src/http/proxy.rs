@@ -409,6 +409,11 @@ async fn forward(
                     max: max_body.unwrap_or(0),
                 }
             }
+            ProxyError::Upstream { ref error, .. } if error.body_stalled().is_some() => {
+                ProxyError::BodyStalled {
+                    secs: error.body_stalled().map_or(0, |s| s.0.as_secs()),
+                }
+            }
             e => e,
         })?;
     Ok((Answer { resp, shape_out }, key))

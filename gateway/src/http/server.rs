@@ -27,7 +27,7 @@ use tokio_util::io::poll_read_buf;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::body::{BoxError, ProxyBody};
+use super::body::{BodyStalled, BoxError, ProxyBody};
 use super::h1::{self, ChunkedDecoder};
 use super::headers;
 use super::server_h1::{self, BodyLen, ConnHeader, RequestError, RespBody, DATE_LEN};
@@ -57,6 +57,10 @@ pub struct Config {
     /// the connection is closed: a client that stops reading must not hold a connection
     /// slot and a tunnel stream for ever (nginx's `send_timeout`, also 60 s by default).
     pub send_timeout: Duration,
+    /// Time a client may leave its request body stalled (no byte arrives while the service
+    /// is ready for more) before the body fails: the request is answered 408 and the
+    /// connection closed (nginx's `client_body_timeout`, also 60 s by default).
+    pub body_timeout: Duration,
     /// A plain connection: one starting with HTTP/2's preface is handed back.
     pub sniff_h2: bool,
 }
@@ -210,8 +214,10 @@ where
             };
             match head.body {
                 BodyLen::Empty => empty_body(),
-                BodyLen::Length(n) => ReqBody::boxed(wire.clone(), request, Some(n)),
-                BodyLen::Chunked => ReqBody::boxed(wire.clone(), request, None),
+                BodyLen::Length(n) => {
+                    ReqBody::boxed(wire.clone(), request, Some(n), cfg.body_timeout)
+                }
+                BodyLen::Chunked => ReqBody::boxed(wire.clone(), request, None, cfg.body_timeout),
             }
         };
         let (up_tx, client_upgrade) = match upgrade {
@@ -418,14 +424,48 @@ struct ReqBody {
     request: u64,
     /// Bytes still due by `Content-Length` (None: chunked).
     left: Option<u64>,
+    stall: Stall,
+}
+
+/// How long a request body has been waiting for its client.
+struct Stall {
+    /// How long the client may keep the body waiting ([`Config::body_timeout`]).
+    timeout: Duration,
+    /// Runs while the body waits for the client; made the first time it does (a body that
+    /// arrives with its head never needs one).
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The last poll was answered `Pending`: the wait goes on, the timer is not re-armed.
+    waiting: bool,
+}
+
+impl Stall {
+    /// The body is waiting for the client: true once it has waited `timeout` since its last
+    /// progress. Only a wait the service sees counts: the body is polled when the service is
+    /// ready for more, so a slow device is not blamed on the client.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let timeout = self.timeout;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if !self.waiting {
+            timer.as_mut().reset(tokio::time::Instant::now() + timeout);
+            self.waiting = true;
+        }
+        timer.as_mut().poll(cx).is_ready()
+    }
 }
 
 impl ReqBody {
-    fn boxed(wire: Shared, request: u64, left: Option<u64>) -> ProxyBody {
+    fn boxed(wire: Shared, request: u64, left: Option<u64>, timeout: Duration) -> ProxyBody {
         ReqBody {
             wire,
             request,
             left,
+            stall: Stall {
+                timeout,
+                timer: None,
+                waiting: false,
+            },
         }
         .boxed_unsync()
     }
@@ -444,7 +484,14 @@ impl Body for ReqBody {
         if w.body.request != this.request {
             return Poll::Ready(Some(Err("the request is over".into())));
         }
-        let r = ready!(w.poll_body(cx));
+        let Poll::Ready(r) = w.poll_body(cx) else {
+            if this.stall.expired(cx) {
+                w.body.failed = true;
+                return Poll::Ready(Some(Err(Box::new(BodyStalled(this.stall.timeout)))));
+            }
+            return Poll::Pending;
+        };
+        this.stall.waiting = false;
         if let (Some(Ok(d)), Some(left)) = (&r, this.left.as_mut()) {
             *left = left.saturating_sub(d.len() as u64);
         }
@@ -647,6 +694,7 @@ mod tests {
     const CFG: Config = Config {
         header_read_timeout: Duration::from_secs(10),
         send_timeout: Duration::from_secs(60),
+        body_timeout: Duration::from_secs(60),
         sniff_h2: true,
     };
 
@@ -839,6 +887,55 @@ mod tests {
             "{}",
             got.len()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_request_body_fails_after_the_body_timeout() {
+        let (mut c, server) = tokio::io::duplex(4096);
+        let svc = |req: Request<ProxyBody>, _| async move {
+            let got = req.into_body().collect().await;
+            Response::new(body::full(match got {
+                Ok(b) => format!("whole body: {} bytes", b.to_bytes().len()),
+                Err(e) => format!("body failed: {e}"),
+            }))
+        };
+        let h = tokio::spawn(serve(Box::new(server), CFG, CancellationToken::new(), svc));
+        let t = Instant::now();
+        c.write_all(b"POST /up HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
+            .await
+            .unwrap();
+        // A byte before the timeout is progress: the wait starts again from it.
+        tokio::time::sleep(CFG.body_timeout - Duration::from_secs(10)).await;
+        c.write_all(b"d").await.unwrap();
+        let got = read_all(&mut c).await;
+        let waited = t.elapsed();
+        assert!(
+            waited >= 2 * CFG.body_timeout - Duration::from_secs(10),
+            "{waited:?}"
+        );
+        assert!(
+            got.contains("body failed: the client sent no more of its request body for 60 s"),
+            "{got}"
+        );
+        // The body was not read to its end: the connection cannot carry another request.
+        h.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_request_body_that_keeps_coming_is_not_cut_off() {
+        let (mut c, h) = start(CFG);
+        c.write_all(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        c.write_all(b"cd").await.unwrap();
+        let s = read_once(&mut c).await;
+        assert!(
+            s.starts_with("HTTP/1.1 200 OK\r\n") && s.ends_with("POST /up Some(4)"),
+            "{s}"
+        );
+        drop(c);
+        h.await.unwrap();
     }
 
     #[tokio::test]

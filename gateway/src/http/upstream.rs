@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::io::poll_read_buf;
 use tracing::debug;
 
-use super::body::{BoxError, ProxyBody, TooLarge};
+use super::body::{BodyStalled, BoxError, ProxyBody, TooLarge};
 use super::h1::{self, BodyFraming, ChunkedDecoder, H1Error, ReqFraming};
 use super::headers::Forwarded;
 use super::pool::{Pool, PoolKey};
@@ -115,17 +115,27 @@ impl UpstreamError {
 
     /// The client's body grew past the app's `max_body` on the way up.
     pub fn too_large(&self) -> bool {
+        self.body_failure::<TooLarge>().is_some()
+    }
+
+    /// The client left its body stalled.
+    pub fn body_stalled(&self) -> Option<&BodyStalled> {
+        self.body_failure::<BodyStalled>()
+    }
+
+    /// The client's body failed on the way up, for the reason `T`.
+    fn body_failure<T: std::error::Error + 'static>(&self) -> Option<&T> {
         let UpstreamError::RequestBody(e) = self else {
-            return false;
+            return None;
         };
         let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
         while let Some(c) = cur {
-            if c.is::<TooLarge>() {
-                return true;
+            if let Some(t) = c.downcast_ref::<T>() {
+                return Some(t);
             }
             cur = c.source();
         }
-        false
+        None
     }
 }
 
