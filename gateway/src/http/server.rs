@@ -431,11 +431,11 @@ struct ReqBody {
 struct Stall {
     /// How long the client may keep the body waiting ([`Config::body_timeout`]).
     timeout: Duration,
-    /// Runs while the body waits for the client; made the first time it does (a body that
-    /// arrives with its head never needs one).
+    /// Made the first time the body waits (a body that arrives with its head never needs
+    /// one), then kept for its later waits ([`poll_deadline`] moves it).
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// The last poll was answered `Pending`: the wait goes on, the timer is not re-armed.
-    waiting: bool,
+    /// When the current wait began: the last poll was answered `Pending`.
+    since: Option<Instant>,
 }
 
 impl Stall {
@@ -443,15 +443,11 @@ impl Stall {
     /// progress. Only a wait the service sees counts: the body is polled when the service is
     /// ready for more, so a slow device is not blamed on the client.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        let timeout = self.timeout;
+        let due = *self.since.get_or_insert_with(Instant::now) + self.timeout;
         let timer = self
             .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        if !self.waiting {
-            timer.as_mut().reset(tokio::time::Instant::now() + timeout);
-            self.waiting = true;
-        }
-        timer.as_mut().poll(cx).is_ready()
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        poll_deadline(timer.as_mut(), cx, due).is_ready()
     }
 }
 
@@ -464,7 +460,7 @@ impl ReqBody {
             stall: Stall {
                 timeout,
                 timer: None,
-                waiting: false,
+                since: None,
             },
         }
         .boxed_unsync()
@@ -491,7 +487,7 @@ impl Body for ReqBody {
             }
             return Poll::Pending;
         };
-        this.stall.waiting = false;
+        this.stall.since = None;
         if let (Some(Ok(d)), Some(left)) = (&r, this.left.as_mut()) {
             *left = left.saturating_sub(d.len() as u64);
         }
