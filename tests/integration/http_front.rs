@@ -77,6 +77,12 @@ http = { host = "limited.alice.example" }
 to = "home1/web"
 allow = { from = ["public"] }
 limits = { rate = "1/h", burst = 2 }
+
+[app.small]
+http = { host = "small.alice.example" }
+to = "home1/web"
+allow = { from = ["public"] }
+limits = { max_body = "1KiB" }
 "#;
 
 // ---------------------------------------------------------------------------------------------
@@ -738,6 +744,17 @@ async fn errors_are_distinct_and_short() {
         "{answer}"
     );
     assert!(t.elapsed() >= BODY_TIMEOUT / 2, "{:?}", t.elapsed());
+
+    // A body declared larger than the app's max_body is refused before it goes anywhere; one
+    // within it goes through.
+    let mut big = h.http_args("small.alice.example", "/upload");
+    big.extend(["--data-binary".into(), "x".repeat(2000)]);
+    let c = h.curl(&big).await;
+    assert_eq!(c.code, 413, "{c:?}");
+    assert!(c.body.contains("up to 1024 bytes"), "{}", c.body);
+    let mut fits = h.http_args("small.alice.example", "/upload");
+    fits.extend(["--data-binary".into(), "x".repeat(100)]);
+    assert_eq!(h.curl(&fits).await.code, 200);
 
     // Rate limit: a burst of 2, then 429 with Retry-After.
     for _ in 0..2 {

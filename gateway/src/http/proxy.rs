@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::request::Parts;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Body as _;
 use policies::accounting::{AppCounters, Refusal};
 use policies::{ConnGuard, Decision, DenyReason, Listener, Requester, Timestamp};
@@ -351,10 +351,9 @@ async fn forward(
         }
     })?);
     let max_body = state.limits.max_body();
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    // A declared length is the body's exact size: the HTTP/1 server and hyper's HTTP/2 both
+    // parsed and checked `Content-Length` already.
+    let declared = body.as_ref().and_then(|b| b.size_hint().exact());
     if let (Some(max), Some(len)) = (max_body, declared) {
         if len > max {
             state.counters.refused(Refusal::BodyTooLarge);
@@ -399,23 +398,25 @@ async fn forward(
         upgrade: upgrade.as_ref(),
     };
     let out = Outgoing::new(&parts.method, &target, &parts.headers, &fwd, body);
-    let resp = send(front, &key, peer, out, sent)
-        .await
-        .map_err(|e| match e {
-            ProxyError::Upstream { ref error, .. } if error.too_large() => {
-                counters.refused(Refusal::BodyTooLarge);
-                ProxyError::BodyTooLarge {
-                    app: key.app.clone(),
-                    max: max_body.unwrap_or(0),
-                }
-            }
-            ProxyError::Upstream { ref error, .. } if error.body_stalled().is_some() => {
-                ProxyError::BodyStalled {
-                    secs: error.body_stalled().map_or(0, |s| s.0.as_secs()),
-                }
-            }
-            e => e,
-        })?;
+    let resp = send(front, &key, peer, out, sent).await.map_err(|e| {
+        // The client's body failing on the way up is the client's doing, not the device's.
+        let ProxyError::Upstream { error, .. } = &e else {
+            return e;
+        };
+        if error.too_large() {
+            counters.refused(Refusal::BodyTooLarge);
+            return ProxyError::BodyTooLarge {
+                app: key.app.clone(),
+                max: max_body.unwrap_or(0),
+            };
+        }
+        match error.body_stalled() {
+            Some(stalled) => ProxyError::BodyStalled {
+                secs: stalled.0.as_secs(),
+            },
+            None => e,
+        }
+    })?;
     Ok((Answer { resp, shape_out }, key))
 }
 
