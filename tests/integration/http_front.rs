@@ -745,6 +745,26 @@ async fn errors_are_distinct_and_short() {
     );
     assert!(t.elapsed() >= BODY_TIMEOUT / 2, "{:?}", t.elapsed());
 
+    // A body that fails on the client's side (here a malformed chunk size) is the client's
+    // error: 400 naming the body, not a 502 that would blame the device.
+    let mut bad = tokio::net::TcpStream::connect(h.http).await.unwrap();
+    bad.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: alice.example\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), bad.read_to_end(&mut answer))
+        .await
+        .expect("a malformed body left the connection open for 10 s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains("the request body could not be read"),
+        "{answer}"
+    );
+
     // A body declared larger than the app's max_body is refused before it goes anywhere; one
     // within it goes through.
     let mut big = h.http_args("small.alice.example", "/upload");

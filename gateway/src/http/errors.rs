@@ -44,6 +44,10 @@ pub enum ProxyError {
     BodyTooLarge { app: String, max: u64 },
     #[error("the client sent no more of its request body for {secs} s")]
     BodyStalled { secs: u64 },
+    /// The request body failed on the client's side: the client closed its connection (or
+    /// reset its HTTP/2 stream) before the body ended, or its chunked encoding was malformed.
+    #[error("the request body could not be read: {reason}")]
+    ClientBody { reason: String },
     #[error("app {app}: {error}")]
     Open {
         app: String,
@@ -72,7 +76,8 @@ impl ProxyError {
             ProxyError::NoHost
             | ProxyError::NoRoute { .. }
             | ProxyError::BodyTooLarge { .. }
-            | ProxyError::BodyStalled { .. } => Source::Client,
+            | ProxyError::BodyStalled { .. }
+            | ProxyError::ClientBody { .. } => Source::Client,
             ProxyError::MethodNotAllowed { .. }
             | ProxyError::Denied { .. }
             | ProxyError::RateLimited { .. }
@@ -91,7 +96,7 @@ impl ProxyError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoHost => StatusCode::BAD_REQUEST,
+            ProxyError::NoHost | ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Denied { .. } => StatusCode::FORBIDDEN,
@@ -145,6 +150,9 @@ impl ProxyError {
             ProxyError::BodyStalled { secs } => format!(
                 "408 request timeout: no more of the request body arrived for {secs} s; send it again\n"
             ),
+            ProxyError::ClientBody { reason } => {
+                format!("400 bad request: the request body could not be read: {reason}\n")
+            }
             ProxyError::Open {
                 app,
                 service,
@@ -271,6 +279,13 @@ mod tests {
         assert!(slow
             .body()
             .starts_with("408 request timeout: no more of the request body arrived for 60 s"));
+        let cut = ProxyError::ClientBody {
+            reason: "the client closed its connection before its body ended".into(),
+        };
+        assert_eq!(
+            (cut.status(), cut.source()),
+            (StatusCode::BAD_REQUEST, Source::Client)
+        );
     }
 
     #[test]

@@ -403,6 +403,9 @@ async fn forward(
         let ProxyError::Upstream { error, .. } = &e else {
             return e;
         };
+        let Some(body_error) = error.request_body() else {
+            return e;
+        };
         if error.too_large() {
             counters.refused(Refusal::BodyTooLarge);
             return ProxyError::BodyTooLarge {
@@ -414,7 +417,9 @@ async fn forward(
             Some(stalled) => ProxyError::BodyStalled {
                 secs: stalled.0.as_secs(),
             },
-            None => e,
+            None => ProxyError::ClientBody {
+                reason: body_error.to_string(),
+            },
         }
     })?;
     Ok((Answer { resp, shape_out }, key))

@@ -113,6 +113,15 @@ impl UpstreamError {
         }
     }
 
+    /// Why the client's request body failed on the way up, if that is what ended the request
+    /// (see [`UpstreamError::too_large`] and [`UpstreamError::body_stalled`] for two reasons).
+    pub fn request_body(&self) -> Option<&BoxError> {
+        match self {
+            UpstreamError::RequestBody(e) => Some(e),
+            _ => None,
+        }
+    }
+
     /// The client's body grew past the app's `max_body` on the way up.
     pub fn too_large(&self) -> bool {
         self.body_failure::<TooLarge>().is_some()
