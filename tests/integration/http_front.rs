@@ -790,10 +790,26 @@ async fn errors_are_distinct_and_short() {
         .unwrap();
     assert!((1..=3600).contains(&retry), "{retry}");
 
+    // A head that cannot be parsed is refused unread, and counted without an app.
+    let mut garbled = tokio::net::TcpStream::connect(h.http).await.unwrap();
+    garbled
+        .write_all(b"GET / HTTP/1.1\r\nHost alice.example\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), garbled.read_to_end(&mut answer))
+        .await
+        .expect("a garbled head left the connection open for 10 s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+
     // Every answer was counted by app and status.
     let m = h.admin_get("/metrics").await;
     for line in [
         "zonegate_http_requests_total{app=\"-\",code=\"404\"} 1",
+        "zonegate_http_requests_total{app=\"web\",code=\"400\"} 1",
+        "zonegate_http_unreadable_requests_total{code=\"400\"} 1",
         "zonegate_http_requests_total{app=\"offline\",code=\"502\"} 1",
         "zonegate_http_requests_total{app=\"web\",code=\"504\"} 1",
         "zonegate_http_requests_total{app=\"limited\",code=\"429\"} 1",

@@ -33,6 +33,9 @@ struct AppHttp {
 #[derive(Debug, Default)]
 pub struct HttpMetrics {
     apps: Mutex<BTreeMap<String, AppHttp>>,
+    /// Requests refused before they could be read (malformed or oversized heads), by status:
+    /// they have no app and no meaningful latency.
+    unread: Mutex<BTreeMap<u16, u64>>,
 }
 
 impl HttpMetrics {
@@ -54,6 +57,12 @@ impl HttpMetrics {
         a.sum += secs;
     }
 
+    /// Records a request refused with `status` because its head could not be read.
+    pub fn refused_unread(&self, status: u16) {
+        let mut unread = self.unread.lock().unwrap_or_else(|p| p.into_inner());
+        *unread.entry(status).or_default() += 1;
+    }
+
     /// Requests of `app` answered with `status` so far.
     pub fn requests(&self, app: &str, status: u16) -> u64 {
         let apps = self.apps.lock().unwrap_or_else(|p| p.into_inner());
@@ -73,6 +82,19 @@ impl HttpMetrics {
             for (code, n) in &a.by_status {
                 let _ = writeln!(out, "{name}{{app=\"{app}\",code=\"{code}\"}} {n}");
             }
+        }
+        let unread = self
+            .unread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let name = "zonegate_http_unreadable_requests_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Requests refused before they could be read (malformed or oversized head), by status code\n# TYPE {name} counter"
+        );
+        for (code, n) in &unread {
+            let _ = writeln!(out, "{name}{{code=\"{code}\"}} {n}");
         }
         let name = "zonegate_http_request_duration_seconds";
         let _ = writeln!(
@@ -202,9 +224,17 @@ mod tests {
         m.observe("web", 200, Duration::from_millis(30));
         m.observe("web", 502, Duration::from_secs(60));
         m.observe(NO_APP, 404, Duration::ZERO);
+        m.refused_unread(400);
+        m.refused_unread(400);
+        m.refused_unread(431);
         assert_eq!(m.requests("web", 200), 2);
         let mut s = String::new();
         m.render(&mut s);
+        assert!(
+            s.contains("zonegate_http_unreadable_requests_total{code=\"400\"} 2\n")
+                && s.contains("zonegate_http_unreadable_requests_total{code=\"431\"} 1\n"),
+            "{s}"
+        );
         assert!(
             s.contains("zonegate_http_requests_total{app=\"web\",code=\"200\"} 2\n"),
             "{s}"

@@ -219,9 +219,14 @@ impl Front {
             sniff_h2: !https,
         };
         let front = self.clone();
-        let served = server::serve(io, cfg, shutdown.clone(), move |req, upgrade| {
-            proxy::handle(front.clone(), req, peer, https, upgrade)
-        })
+        let counted = self.clone();
+        let served = server::serve(
+            io,
+            cfg,
+            shutdown.clone(),
+            move |req, upgrade| proxy::handle(front.clone(), req, peer, https, upgrade),
+            move |status| counted.0.metrics.refused_unread(status.as_u16()),
+        )
         .await;
         if let Served::H2(io) = served {
             self.serve_h2(io, peer, https, shutdown).await;

@@ -125,11 +125,14 @@ enum Next {
 
 /// Serves HTTP/1.x on `io` until the client closes, a request says so, `shutdown` (after the
 /// request in progress) or an error. `service` answers each request; it never fails.
+/// `refused` hears of a request refused unread (its head malformed or too large: it never
+/// reaches `service`), with the status it was answered, as soon as the answer is written.
 pub async fn serve<F, Fut>(
     io: Box<dyn Io>,
     cfg: Config,
     shutdown: CancellationToken,
     mut service: F,
+    refused: impl FnOnce(StatusCode) + Send,
 ) -> Served
 where
     F: FnMut(Request<ProxyBody>, Option<ClientUpgrade>) -> Fut + Send,
@@ -190,6 +193,7 @@ where
                 out.extend_from_slice(&server_h1::refusal(&e, &http_date()));
                 // What the client sent after its bad head is not read: linger.
                 linger = write_all(&wire, &out).await.is_ok();
+                refused(e.status());
                 break;
             }
         };
@@ -741,7 +745,13 @@ mod tests {
 
     fn start(cfg: Config) -> (DuplexStream, tokio::task::JoinHandle<Served>) {
         let (client, server) = tokio::io::duplex(64 * 1024);
-        let h = tokio::spawn(serve(Box::new(server), cfg, CancellationToken::new(), echo));
+        let h = tokio::spawn(serve(
+            Box::new(server),
+            cfg,
+            CancellationToken::new(),
+            echo,
+            |_| {},
+        ));
         (client, h)
     }
 
@@ -871,7 +881,13 @@ mod tests {
     async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
         let (mut c, server) = tokio::io::duplex(4096);
         let big = |_, _| async { Response::new(body::full(vec![b'x'; 1 << 20])) };
-        let h = tokio::spawn(serve(Box::new(server), CFG, CancellationToken::new(), big));
+        let h = tokio::spawn(serve(
+            Box::new(server),
+            CFG,
+            CancellationToken::new(),
+            big,
+            |_| {},
+        ));
         c.write_all(b"GET /big HTTP/1.1\r\n\r\n").await.unwrap();
         let t = Instant::now();
         h.await.unwrap();
@@ -895,7 +911,13 @@ mod tests {
                 Err(e) => format!("body failed: {e}"),
             }))
         };
-        let h = tokio::spawn(serve(Box::new(server), CFG, CancellationToken::new(), svc));
+        let h = tokio::spawn(serve(
+            Box::new(server),
+            CFG,
+            CancellationToken::new(),
+            svc,
+            |_| {},
+        ));
         let t = Instant::now();
         c.write_all(b"POST /up HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
             .await
@@ -973,6 +995,7 @@ mod tests {
             CFG,
             CancellationToken::new(),
             stray,
+            |_| {},
         ));
         c.write_all(b"GET / HTTP/1.1\r\n\r\nGET /again HTTP/1.1\r\n\r\n")
             .await
@@ -1003,7 +1026,7 @@ mod tests {
     async fn shutdown_closes_idle_connections() {
         let (mut c, server) = tokio::io::duplex(4096);
         let stop = CancellationToken::new();
-        let h = tokio::spawn(serve(Box::new(server), CFG, stop.clone(), echo));
+        let h = tokio::spawn(serve(Box::new(server), CFG, stop.clone(), echo, |_| {}));
         c.write_all(b"GET /a HTTP/1.1\r\n\r\n").await.unwrap();
         let mut got = vec![0u8; 4096];
         assert!(c.read(&mut got).await.unwrap() > 0);
