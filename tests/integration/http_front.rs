@@ -745,6 +745,48 @@ async fn errors_are_distinct_and_short() {
     );
     assert!(t.elapsed() >= BODY_TIMEOUT / 2, "{:?}", t.elapsed());
 
+    // The same over HTTP/2 (hyper's server), from a client whose body stops after 10 bytes.
+    // (curl cannot do this one: while its upload waits on stdin it reads no answer.)
+    struct Stuck(Option<Bytes>);
+    impl Body for Stuck {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            match self.0.take() {
+                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                None => Poll::Pending,
+            }
+        }
+    }
+    let tcp = tokio::net::TcpStream::connect(h.http).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = Request::put(format!("http://{DOMAIN}/upload"))
+        .body(Stuck(Some(Bytes::from_static(b"0123456789"))))
+        .unwrap();
+    let t = Instant::now();
+    let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
+        .await
+        .expect("stalled HTTP/2 upload unanswered after 10 s")
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains("no more of the request body arrived"),
+        "{body}"
+    );
+    assert!(t.elapsed() >= BODY_TIMEOUT / 2, "{:?}", t.elapsed());
+    conn.abort();
+
     // A body that fails on the client's side (here a malformed chunk size) is the client's
     // error: 400 naming the body, not a 502 that would blame the device.
     let mut bad = tokio::net::TcpStream::connect(h.http).await.unwrap();

@@ -14,6 +14,8 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use policies::bandwidth::Shaper;
 
+use super::deadline::Stall;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type on both sides of the proxy.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -23,7 +25,7 @@ pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 #[error("request body larger than {0} bytes")]
 pub struct TooLarge(pub u64);
 
-/// The client left its request body waiting longer than the front allows (HTTP/1.1; see
+/// The client left its request body waiting longer than the front allows (see
 /// `server::Config::body_timeout`).
 #[derive(Debug, thiserror::Error)]
 #[error("the client sent no more of its request body for {} s", .0.as_secs())]
@@ -171,6 +173,54 @@ where
     }
 }
 
+/// A request body that fails with [`BodyStalled`] once its client has kept it waiting for the
+/// timeout (see [`Stall`]); the HTTP/1 server's bodies track this themselves, HTTP/2's (hyper's)
+/// are wrapped in this.
+pub struct Stalling<B> {
+    inner: B,
+    stall: Stall,
+}
+
+impl<B> Stalling<B> {
+    pub fn new(inner: B, timeout: std::time::Duration) -> Self {
+        Stalling {
+            inner,
+            stall: Stall::new(timeout),
+        }
+    }
+}
+
+impl<B> Body for Stalling<B>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let Poll::Ready(r) = Pin::new(&mut this.inner).poll_frame(cx) else {
+            if this.stall.expired(cx) {
+                return Poll::Ready(Some(Err(Box::new(BodyStalled(this.stall.timeout())))));
+            }
+            return Poll::Pending;
+        };
+        this.stall.progress();
+        Poll::Ready(r)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A complete small body (error pages, 101 answers).
 pub fn full(b: impl Into<Bytes>) -> ProxyBody {
     http_body_util::Full::new(b.into())
@@ -182,6 +232,7 @@ pub fn full(b: impl Into<Bytes>) -> ProxyBody {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+    use std::time::Duration;
 
     /// A body of `n` equal chunks.
     mod chunks {
@@ -240,6 +291,43 @@ mod tests {
         let err = body.collect().await.unwrap_err();
         assert!(err.to_string().contains("2500"), "{err}");
         assert_eq!(bytes.load(Ordering::Relaxed), 3000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_fails_after_its_timeout_and_each_frame_rearms_it() {
+        /// Frames as they are sent; ends when the sender is dropped.
+        struct Fed(tokio::sync::mpsc::Receiver<Bytes>);
+        impl Body for Fed {
+            type Data = Bytes;
+            type Error = BoxError;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+                self.0.poll_recv(cx).map(|d| d.map(|d| Ok(Frame::data(d))))
+            }
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let mut body = Stalling::new(Fed(rx), Duration::from_secs(60));
+        let start = tokio::time::Instant::now();
+        let feed = tokio::spawn(async move {
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_secs(40)).await;
+                tx.send(Bytes::from_static(b"x")).await.unwrap();
+            }
+            // Then nothing more, without ending the body.
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            drop(tx);
+        });
+        for _ in 0..3 {
+            let f = body.frame().await.unwrap().unwrap();
+            assert_eq!(f.into_data().unwrap(), "x");
+        }
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.is::<BodyStalled>(), "{err}");
+        // 3 frames 40 s apart, each within the 60 s; then 60 s of nothing.
+        assert_eq!(start.elapsed().as_secs(), 180);
+        feed.abort();
     }
 
     #[tokio::test(start_paused = true)]

@@ -13,12 +13,13 @@
 //! - [`headers`]: hop-by-hop stripping and `X-Forwarded-*`.
 //! - [`upstream`]: the HTTP/1.1 client toward device services, over tunnel streams;
 //!   [`h1`]: its wire format (sans-IO, fuzzed); [`pool`]: its idle connections.
-//! - [`body`]: streamed, counted, shaped bodies.
+//! - [`body`]: streamed, counted, shaped bodies; [`deadline`]: one-timer deadlines.
 //! - [`errors`]: what went wrong, whose fault it was, and the short answer a client gets.
 //! - [`tls`]: rustls configuration: SNI certificate choice, self-signed fallback.
 //! - [`metrics`], [`status_page`]: the admin API's `/metrics` and `/`.
 
 pub mod body;
+pub mod deadline;
 pub mod errors;
 pub mod h1;
 pub mod headers;
@@ -75,7 +76,7 @@ pub struct HttpTuning {
     /// Time a client may leave a response unread before its connection is closed (HTTP/1).
     pub send_timeout: Duration,
     /// Time a client may leave its request body stalled before the request is answered 408
-    /// and its connection closed (HTTP/1).
+    /// (HTTP/1: and its connection closed; HTTP/2: its stream reset, the connection goes on).
     pub body_timeout: Duration,
 }
 
@@ -239,9 +240,12 @@ impl Front {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let front = self.clone();
+        let body_timeout = self.0.tuning.body_timeout;
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let front = front.clone();
-            let req = req.map(|b| b.map_err(BoxError::from).boxed_unsync());
+            let req = req.map(|b| {
+                body::Stalling::new(b.map_err(BoxError::from), body_timeout).boxed_unsync()
+            });
             async move { Ok::<_, Infallible>(proxy::handle(front, req, peer, https, None).await) }
         });
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());

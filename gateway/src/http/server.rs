@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::body::{BodyStalled, BoxError, ProxyBody};
+use super::deadline::{poll_deadline, Stall};
 use super::h1::{self, ChunkedDecoder};
 use super::headers;
 use super::server_h1::{self, BodyLen, ConnHeader, RequestError, RespBody, DATE_LEN};
@@ -431,41 +432,13 @@ struct ReqBody {
     stall: Stall,
 }
 
-/// How long a request body has been waiting for its client.
-struct Stall {
-    /// How long the client may keep the body waiting ([`Config::body_timeout`]).
-    timeout: Duration,
-    /// Made the first time the body waits (a body that arrives with its head never needs
-    /// one), then kept for its later waits ([`poll_deadline`] moves it).
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// When the current wait began: the last poll was answered `Pending`.
-    since: Option<Instant>,
-}
-
-impl Stall {
-    /// The body is waiting for the client: true once it has waited `timeout` since its last
-    /// progress. Only a wait the service sees counts: the body is polled when the service is
-    /// ready for more, so a slow device is not blamed on the client.
-    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        let due = *self.since.get_or_insert_with(Instant::now) + self.timeout;
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
-        poll_deadline(timer.as_mut(), cx, due).is_ready()
-    }
-}
-
 impl ReqBody {
     fn boxed(wire: Shared, request: u64, left: Option<u64>, timeout: Duration) -> ProxyBody {
         ReqBody {
             wire,
             request,
             left,
-            stall: Stall {
-                timeout,
-                timer: None,
-                since: None,
-            },
+            stall: Stall::new(timeout),
         }
         .boxed_unsync()
     }
@@ -487,11 +460,11 @@ impl Body for ReqBody {
         let Poll::Ready(r) = w.poll_body(cx) else {
             if this.stall.expired(cx) {
                 w.body.failed = true;
-                return Poll::Ready(Some(Err(Box::new(BodyStalled(this.stall.timeout)))));
+                return Poll::Ready(Some(Err(Box::new(BodyStalled(this.stall.timeout())))));
             }
             return Poll::Pending;
         };
-        this.stall.since = None;
+        this.stall.progress();
         if let (Some(Ok(d)), Some(left)) = (&r, this.left.as_mut()) {
             *left = left.saturating_sub(d.len() as u64);
         }
@@ -529,26 +502,6 @@ enum WriteError {
     Gone,
     #[error("the client read nothing for {0:?}")]
     Stalled(Duration),
-}
-
-/// Ready once `due` has passed. One timer serves all of a connection's deadlines, which are
-/// set often and rarely reached: it is re-armed only when it fires before the deadline in
-/// force, not for every request (a timer-wheel update per request, ~700 instructions).
-fn poll_deadline(
-    mut timer: Pin<&mut tokio::time::Sleep>,
-    cx: &mut Context<'_>,
-    due: Instant,
-) -> Poll<()> {
-    if timer.deadline() > due {
-        timer.as_mut().reset(due);
-    }
-    while timer.as_mut().poll(cx).is_ready() {
-        if Instant::now() >= due {
-            return Poll::Ready(());
-        }
-        timer.as_mut().reset(due);
-    }
-    Poll::Pending
 }
 
 /// Writes the head in `out`, then the body as `framing` says. Body bytes are gathered with
