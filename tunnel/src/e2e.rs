@@ -378,7 +378,7 @@ impl<S> E2eStream<S> {
     }
 }
 
-impl<S: crate::splice::Abort> crate::splice::Abort for E2eStream<S> {
+impl<S: crate::splice::End> crate::splice::End for E2eStream<S> {
     fn abort(&mut self) {
         self.inner.abort()
     }

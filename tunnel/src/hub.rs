@@ -146,9 +146,29 @@ struct Tapped<'a, T: ?Sized> {
     tap: Option<Arc<RelayTap>>,
 }
 
-impl<T: crate::splice::Abort + ?Sized> crate::splice::Abort for Tapped<'_, T> {
+impl<T: crate::splice::End + ?Sized> crate::splice::End for Tapped<'_, T> {
     fn abort(&mut self) {
         self.inner.abort()
+    }
+    fn poll_read_chunks(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        room: &mut crate::splice::ReadRoom,
+        out: &mut std::collections::VecDeque<bytes::Bytes>,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let before = out.len();
+        let r = self.inner.poll_read_chunks(cx, room, out);
+        if let Some(t) = &self.tap {
+            out.iter().skip(before).for_each(|c| t.record(c));
+        }
+        r
+    }
+    fn poll_write_chunks(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        chunks: &mut std::collections::VecDeque<bytes::Bytes>,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.inner.poll_write_chunks(cx, chunks)
     }
 }
 

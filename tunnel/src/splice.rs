@@ -1,44 +1,178 @@
 //! Copying bytes both ways between two ends of a proxied connection, counting them, and
 //! tearing both ends down abortively when the copy fails.
+//!
+//! Bytes move as [`Bytes`] chunks: a QUIC stream end hands over the chunks quinn received
+//! (slices of the decrypted datagrams) and takes ownership of the chunks it sends, so a byte
+//! crossing between TCP and a tunnel stream is copied by the kernel and by packet assembly,
+//! not also into and out of a copy buffer (that was ~a third of the memcpy in bulk
+//! transfers, benches/RESULTS.md).
 
-use std::io;
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
 
-/// One end of a proxied connection that can be ended abortively. A copy that failed part way
-/// must not look like one that finished: a plain close (TCP FIN, QUIC FIN) after a truncated
-/// transfer tells the reader "that was all of it". Aborting makes the next hop see an error
-/// (TCP RST, QUIC RESET_STREAM), which it passes on the same way, end to end.
-pub trait Abort {
+/// One end of a proxied connection, as [`splice`] moves bytes through it.
+///
+/// It can be ended abortively. A copy that failed part way must not look like one that
+/// finished: a plain close (TCP FIN, QUIC FIN) after a truncated transfer tells the reader
+/// "that was all of it". Aborting makes the next hop see an error (TCP RST, QUIC
+/// RESET_STREAM), which it passes on the same way, end to end.
+///
+/// Reads and writes go by chunks; the defaults copy through `AsyncRead`/`AsyncWrite` (a
+/// reused buffer, vectored writes), and ends that hold their bytes as [`Bytes`] anyway (a
+/// QUIC stream) pass them without copying.
+pub trait End: AsyncRead + AsyncWrite + Unpin {
     /// Called once the copy has failed; the end is dropped soon after.
     fn abort(&mut self);
+
+    /// Reads what is available, appending it to `out` as chunks: the number of bytes, 0 at the
+    /// end of the stream. `room` is the caller's buffer for ends that read by copying.
+    fn poll_read_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        room: &mut ReadRoom,
+        out: &mut VecDeque<Bytes>,
+    ) -> Poll<io::Result<usize>> {
+        room.poll_read(cx, self, out)
+    }
+
+    /// Writes from the front of `chunks`, removing what was written (a chunk written in part
+    /// keeps its rest): the number of bytes written.
+    fn poll_write_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunks: &mut VecDeque<Bytes>,
+    ) -> Poll<io::Result<usize>> {
+        let n = if chunks.len() > 1 && self.is_write_vectored() {
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let k = chunks.len().min(MAX_SLICES);
+            for (s, c) in slices.iter_mut().zip(chunks.iter()) {
+                *s = IoSlice::new(c);
+            }
+            ready!(Pin::new(&mut *self).poll_write_vectored(cx, &slices[..k]))?
+        } else {
+            let Some(first) = chunks.front() else {
+                return Poll::Ready(Ok(0));
+            };
+            ready!(Pin::new(&mut *self).poll_write(cx, first))?
+        };
+        consume(chunks, n);
+        Poll::Ready(Ok(n))
+    }
 }
 
-impl Abort for tokio::net::TcpStream {
+/// Chunks given to one vectored write: a QUIC read yields up to [`READ_CHUNKS`] chunks.
+const MAX_SLICES: usize = 64;
+/// Chunks taken from a QUIC stream per read (each one packet's STREAM frame, ~1.2 KB).
+pub const READ_CHUNKS: usize = 32;
+
+/// Drops the first `n` bytes of `chunks`.
+pub fn consume(chunks: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let Some(first) = chunks.front_mut() else {
+            return;
+        };
+        if first.len() > n {
+            first.advance(n);
+            return;
+        }
+        n -= first.len();
+        chunks.pop_front();
+    }
+    while chunks.front().is_some_and(|c| c.is_empty()) {
+        chunks.pop_front();
+    }
+}
+
+impl End for tokio::net::TcpStream {
     fn abort(&mut self) {
         // SO_LINGER 0: closing sends RST instead of FIN, and never blocks.
         let _ = self.set_zero_linger();
     }
 }
 
-impl<T: Abort + ?Sized> Abort for &mut T {
+impl<T: End + ?Sized> End for &mut T {
     fn abort(&mut self) {
         (**self).abort()
     }
+    fn poll_read_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        room: &mut ReadRoom,
+        out: &mut VecDeque<Bytes>,
+    ) -> Poll<io::Result<usize>> {
+        (**self).poll_read_chunks(cx, room, out)
+    }
+    fn poll_write_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunks: &mut VecDeque<Bytes>,
+    ) -> Poll<io::Result<usize>> {
+        (**self).poll_write_chunks(cx, chunks)
+    }
 }
 
-/// Per-direction copy buffer of a new splice: most proxied connections carry a request and an
-/// answer of a few KiB. It doubles each time a read fills it, up to [`COPY_BUF`].
+/// Per-direction read buffer of a new splice: most proxied connections carry a request and an
+/// answer of a few KiB. Its reservation doubles each time a read fills the room it had, up to
+/// [`COPY_BUF`].
 pub const COPY_BUF_START: usize = 8 * 1024;
-/// Largest per-direction copy buffer: 64 KiB keeps syscalls and QUIC frames large in bulk
+/// Largest per-direction read reservation: 64 KiB keeps syscalls and QUIC frames large in bulk
 /// transfers (16 KiB lost ~15 % of bulk throughput, 256 KiB lost too: benches/RESULTS.md).
 ///
 /// Starting every connection at 64 KiB, as tokio's `copy_bidirectional` did here, cost each
 /// new connection two zeroed 64 KiB allocations on the gateway and two on the node (memset and
 /// the page faults behind it were ~12 % of the gateway's CPU under `Connection: close` load).
 pub const COPY_BUF: usize = 64 * 1024;
+/// A read is given at least this much room; less left in the buffer, and it reserves more.
+const MIN_ROOM: usize = 4 * 1024;
+
+/// The buffer an [`End`] that reads by copying reads into. What a read fills is split off as
+/// a chunk; once the chunks are written and dropped the space is reused (or, while a writer
+/// still holds them, as a QUIC stream does until they are acknowledged, a new one is taken).
+/// Never zeroed: reads go into its spare capacity.
+#[derive(Debug, Default)]
+pub struct ReadRoom {
+    buf: BytesMut,
+    /// What the next reservation asks for.
+    size: usize,
+}
+
+impl ReadRoom {
+    /// One read from `r` into the buffer's spare room; what it read is appended to `out`.
+    pub fn poll_read<R: AsyncRead + Unpin + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        out: &mut VecDeque<Bytes>,
+    ) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < MIN_ROOM {
+            self.size = self.size.clamp(COPY_BUF_START, COPY_BUF);
+            self.buf.reserve(self.size);
+        }
+        let room = self.buf.capacity() - self.buf.len();
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(r),
+            cx,
+            &mut self.buf
+        ))?;
+        if n > 0 {
+            if n == room && self.size < COPY_BUF {
+                self.size *= 2;
+            }
+            out.push_back(self.buf.split().freeze());
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Gives the buffer back (a direction that is done).
+    fn release(&mut self) {
+        *self = ReadRoom::default();
+    }
+}
 
 /// Bytes moved by a finished splice, and the error that ended it early, if any. Counts are
 /// exact even on error, so logs never claim "0 bytes" for a connection that carried data.
@@ -62,55 +196,18 @@ impl Moved {
     }
 }
 
-/// Counts the bytes read through it.
-struct Counted<'a, T: ?Sized> {
-    inner: &'a mut T,
-    read: u64,
-}
-
-impl<T: AsyncRead + Unpin + ?Sized> AsyncRead for Counted<'_, T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut *self.inner).poll_read(cx, buf);
-        self.read += (buf.filled().len() - before) as u64;
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counted<'_, T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        b: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.inner).poll_write(cx, b)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_shutdown(cx)
-    }
-}
-
 /// Copies until both directions are done (each EOF is passed on as a half-close) or one fails;
-/// on failure both ends are aborted (see [`Abort`]).
+/// on failure both ends are aborted (see [`End`]).
 pub async fn splice<A, B>(a: &mut A, b: &mut B) -> Moved
 where
-    A: AsyncRead + AsyncWrite + Abort + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Abort + Unpin + ?Sized,
+    A: End + ?Sized,
+    B: End + ?Sized,
 {
-    let mut ca = Counted { inner: a, read: 0 };
-    let mut cb = Counted { inner: b, read: 0 };
     let (mut a_b, mut b_a) = (Pump::default(), Pump::default());
     let r = std::future::poll_fn(|cx| {
         // Both directions run until both are done; the first error ends the splice.
-        let a_b = a_b.poll(cx, &mut ca, &mut cb)?;
-        let b_a = b_a.poll(cx, &mut cb, &mut ca)?;
+        let a_b = a_b.poll(cx, &mut *a, &mut *b)?;
+        let b_a = b_a.poll(cx, &mut *b, &mut *a)?;
         if a_b.is_ready() && b_a.is_ready() {
             Poll::Ready(Ok(()))
         } else {
@@ -119,27 +216,25 @@ where
     })
     .await;
     if r.is_err() {
-        ca.inner.abort();
-        cb.inner.abort();
+        a.abort();
+        b.abort();
     }
     Moved {
-        a_to_b: ca.read,
-        b_to_a: cb.read,
+        a_to_b: a_b.read,
+        b_to_a: b_a.read,
         error: r.err(),
     }
 }
 
-/// One direction of a [`splice`]: read into the buffer, write it all out, repeat; at the
-/// reader's end, flush and shut the writer down (a half-close).
+/// One direction of a [`splice`]: read chunks, write them all out, repeat; at the reader's
+/// end, flush and shut the writer down (a half-close).
 #[derive(Default)]
 struct Pump {
-    /// Allocated at the first read; replaced by one twice the size (while below [`COPY_BUF`])
-    /// after a read filled it, once its bytes are written.
-    buf: Vec<u8>,
-    grow: bool,
-    /// Bytes `buf[pos..end]` are read and not yet written.
-    pos: usize,
-    end: usize,
+    room: ReadRoom,
+    /// Read and not yet written.
+    chunks: VecDeque<Bytes>,
+    /// Bytes read so far.
+    read: u64,
     read_done: bool,
     /// Written since the last flush (flushed before waiting on the reader).
     unflushed: bool,
@@ -149,56 +244,40 @@ struct Pump {
 impl Pump {
     fn poll<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<()>>
     where
-        R: AsyncRead + Unpin + ?Sized,
-        W: AsyncWrite + Unpin + ?Sized,
+        R: End + ?Sized,
+        W: End + ?Sized,
     {
         if self.done {
             return Poll::Ready(Ok(()));
         }
         loop {
-            if self.pos == self.end && !self.read_done {
-                if self.buf.is_empty() || self.grow {
-                    let size = (self.buf.len() * 2).clamp(COPY_BUF_START, COPY_BUF);
-                    self.buf = vec![0; size];
-                    self.grow = false;
-                }
-                let mut rb = ReadBuf::new(&mut self.buf);
-                match Pin::new(&mut *r).poll_read(cx, &mut rb) {
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        if n == 0 {
-                            self.read_done = true;
-                        } else {
-                            self.grow = n == self.buf.len() && n < COPY_BUF;
-                            (self.pos, self.end) = (0, n);
-                        }
-                    }
+            if self.chunks.is_empty() && !self.read_done {
+                match r.poll_read_chunks(cx, &mut self.room, &mut self.chunks) {
+                    Poll::Ready(Ok(0)) => self.read_done = true,
+                    Poll::Ready(Ok(n)) => self.read += n as u64,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
                         if self.unflushed {
-                            std::task::ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                            ready!(Pin::new(&mut *w).poll_flush(cx))?;
                             self.unflushed = false;
                         }
                         return Poll::Pending;
                     }
                 }
             }
-            while self.pos < self.end {
-                let n = std::task::ready!(
-                    Pin::new(&mut *w).poll_write(cx, &self.buf[self.pos..self.end])
-                )?;
+            while !self.chunks.is_empty() {
+                let n = ready!(w.poll_write_chunks(cx, &mut self.chunks))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
-                self.pos += n;
                 self.unflushed = true;
             }
             if self.read_done {
-                std::task::ready!(Pin::new(&mut *w).poll_flush(cx))?;
-                std::task::ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+                ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
                 self.done = true;
                 // The buffer is not needed while the other direction goes on.
-                self.buf = Vec::new();
+                self.room.release();
                 return Poll::Ready(Ok(()));
             }
         }
@@ -242,8 +321,8 @@ pub async fn splice_shaped<A, B>(
     b_to_a: &policies::bandwidth::Shaper,
 ) -> Moved
 where
-    A: AsyncRead + AsyncWrite + Abort + Unpin,
-    B: AsyncRead + AsyncWrite + Abort + Unpin,
+    A: End,
+    B: End,
 {
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
@@ -282,11 +361,11 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadBuf};
 
     /// A duplex pipe end; aborting it is a no-op (in-memory pipes have no reset).
     struct Pipe(tokio::io::DuplexStream);
-    impl Abort for Pipe {
+    impl End for Pipe {
         fn abort(&mut self) {}
     }
     impl AsyncRead for Pipe {
@@ -320,6 +399,96 @@ mod tests {
         let c = tokio::net::TcpStream::connect(l.local_addr().unwrap());
         let (c, a) = tokio::join!(c, l.accept());
         (c.unwrap(), a.unwrap().0)
+    }
+
+    #[test]
+    fn consume_drops_whole_chunks_and_splits_the_last() {
+        let mut q: VecDeque<Bytes> = ["abc", "de", "", "fgh"]
+            .into_iter()
+            .map(|s: &'static str| Bytes::from_static(s.as_bytes()))
+            .collect();
+        consume(&mut q, 4);
+        assert_eq!(q, ["e", "", "fgh"]);
+        consume(&mut q, 1);
+        assert_eq!(q, ["fgh"], "empty chunks left at the front are dropped");
+        consume(&mut q, 0);
+        assert_eq!(q, ["fgh"]);
+        consume(&mut q, 3);
+        assert!(q.is_empty());
+    }
+
+    /// Gives a byte pattern as many small chunks per read, as a QUIC stream does; takes and
+    /// drops what is written to it.
+    struct Chunky {
+        sent: usize,
+        len: usize,
+    }
+    impl End for Chunky {
+        fn abort(&mut self) {}
+        fn poll_read_chunks(
+            &mut self,
+            _: &mut Context<'_>,
+            _: &mut ReadRoom,
+            out: &mut VecDeque<Bytes>,
+        ) -> Poll<io::Result<usize>> {
+            let before = self.sent;
+            for _ in 0..40 {
+                let n = 997.min(self.len - self.sent);
+                if n == 0 {
+                    break;
+                }
+                out.push_back((self.sent..self.sent + n).map(|i| i as u8).collect());
+                self.sent += n;
+            }
+            Poll::Ready(Ok(self.sent - before))
+        }
+    }
+    impl AsyncRead for Chunky {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            unreachable!("splice reads by chunks")
+        }
+    }
+    impl AsyncWrite for Chunky {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn chunks_go_out_whole_through_partial_vectored_writes() {
+        const LEN: usize = 3 << 20;
+        // A small send buffer makes vectored writes stop part way through a chunk.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.set_send_buffer_size(4096).unwrap();
+        let (a, peer) = tokio::join!(s.connect(l.local_addr().unwrap()), l.accept());
+        let (mut a, mut peer) = (a.unwrap(), peer.unwrap().0);
+        let t = tokio::spawn(async move {
+            let mut c = Chunky { sent: 0, len: LEN };
+            splice(&mut c, &mut a).await
+        });
+        let mut got = Vec::new();
+        peer.shutdown().await.unwrap();
+        peer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), LEN);
+        assert!(got.iter().enumerate().all(|(i, b)| *b == i as u8));
+        let m = t.await.unwrap();
+        assert_eq!((m.a_to_b, m.b_to_a), (LEN as u64, 0));
+        assert!(m.error.is_none(), "{m:?}");
     }
 
     #[tokio::test]

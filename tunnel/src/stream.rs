@@ -1,11 +1,13 @@
 //! A proxied connection on one QUIC bidirectional stream: writing and reading the stream
 //! header and reply (bounded, incremental) and an `AsyncRead + AsyncWrite` view for splicing.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -176,23 +178,19 @@ impl AsyncRead for QuicStream {
         } else {
             self.poll_recv(cx, buf)
         };
-        if let Some(m) = &self.meter {
-            let n = buf.filled().len() - before;
-            if n > 0 {
-                m.received.fetch_add(n as u64, Ordering::Relaxed);
-            }
-        }
+        self.was_read(buf.filled().len() - before);
         r
     }
 }
 
-impl AsyncWrite for QuicStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
+impl QuicStream {
+    /// The outcome of a write: counted, or, when it failed before an early open's reply was
+    /// read, the refusal in its place.
+    fn wrote(
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &[u8],
+        r: Poll<io::Result<usize>>,
     ) -> Poll<io::Result<usize>> {
-        let r = AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf).map_err(io::Error::other);
         if self.reply.is_some() && matches!(r, Poll::Ready(Err(_))) {
             // A refusing acceptor stops our sending right after its reply: a write can fail
             // on that before the reply was read. Report the refusal, not "stopped".
@@ -208,6 +206,26 @@ impl AsyncWrite for QuicStream {
         }
         r
     }
+
+    /// Counts `n` bytes read.
+    fn was_read(&self, n: usize) {
+        if let Some(m) = &self.meter {
+            if n > 0 {
+                m.received.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl AsyncWrite for QuicStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf).map_err(io::Error::other);
+        self.wrote(cx, r)
+    }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.send).poll_flush(cx)
     }
@@ -220,11 +238,66 @@ impl AsyncWrite for QuicStream {
 /// part way (the other end sees `RESET_STREAM`/`STOP_SENDING` with it, not a clean end).
 pub const ABORTED: quinn::VarInt = quinn::VarInt::from_u32(1);
 
-impl crate::splice::Abort for QuicStream {
+impl crate::splice::End for QuicStream {
     fn abort(&mut self) {
         // Either may already be finished or stopped; then there is nothing left to tear down.
         let _ = self.send.reset(ABORTED);
         let _ = self.recv.stop(ABORTED);
+    }
+
+    /// The chunks quinn holds (slices of the received datagrams), not a copy of them.
+    fn poll_read_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        _room: &mut crate::splice::ReadRoom,
+        out: &mut VecDeque<Bytes>,
+    ) -> Poll<io::Result<usize>> {
+        ready!(self.poll_reply(cx))?;
+        if !self.prefix.is_empty() {
+            let prefix = std::mem::take(&mut self.prefix);
+            let n = prefix.len();
+            out.push_back(prefix);
+            self.was_read(n);
+            return Poll::Ready(Ok(n));
+        }
+        let mut got: [Bytes; crate::splice::READ_CHUNKS] = Default::default();
+        let recv = &mut self.recv;
+        let r = ready!(self
+            .gate
+            .poll(cx, |cx| pin!(recv.read_chunks(&mut got)).poll(cx)));
+        let n = match r {
+            Ok(Some(k)) => {
+                let n = got[..k].iter().map(Bytes::len).sum();
+                out.extend(got.into_iter().take(k).filter(|c| !c.is_empty()));
+                n
+            }
+            Ok(None) => 0,
+            Err(e) => return Poll::Ready(Err(e.into())),
+        };
+        self.was_read(n);
+        Poll::Ready(Ok(n))
+    }
+
+    /// Hands quinn the chunks themselves: it keeps them until they are acknowledged, where
+    /// `poll_write` would copy them into new buffers first.
+    fn poll_write_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunks: &mut VecDeque<Bytes>,
+    ) -> Poll<io::Result<usize>> {
+        let send = &mut self.send;
+        let r = pin!(send.write_chunks(chunks.make_contiguous()))
+            .poll(cx)
+            .map(|r| {
+                r.map(|w| w.bytes)
+                    .map_err(|e| io::Error::other(io::Error::from(e)))
+            });
+        let r = self.wrote(cx, r);
+        if let Poll::Ready(Ok(_)) = r {
+            // Fully written chunks were left empty.
+            crate::splice::consume(chunks, 0);
+        }
+        r
     }
 }
 

@@ -1,13 +1,16 @@
 //! Where a proxied connection goes: a tunnel stream to a device, or a local TCP service when
 //! the target is this device itself.
 
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::splice::{End, ReadRoom};
 use crate::stream::QuicStream;
 
 #[derive(Debug)]
@@ -27,11 +30,32 @@ impl Upstream {
     }
 }
 
-impl crate::splice::Abort for Upstream {
+impl End for Upstream {
     fn abort(&mut self) {
         match self {
             Upstream::Quic(q) => q.abort(),
             Upstream::Tcp(t) => t.abort(),
+        }
+    }
+    fn poll_read_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        room: &mut ReadRoom,
+        out: &mut VecDeque<Bytes>,
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            Upstream::Quic(q) => q.poll_read_chunks(cx, room, out),
+            Upstream::Tcp(t) => t.poll_read_chunks(cx, room, out),
+        }
+    }
+    fn poll_write_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunks: &mut VecDeque<Bytes>,
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            Upstream::Quic(q) => q.poll_write_chunks(cx, chunks),
+            Upstream::Tcp(t) => t.poll_write_chunks(cx, chunks),
         }
     }
 }
