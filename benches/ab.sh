@@ -3,7 +3,7 @@
 # spent: on this 2-core VM req/s and Gbit/s move ±15 % from run to run, CPU per unit of work
 # much less, so a change is judged by both.
 #
-# Usage: benches/ab.sh front|half|conn|bulk VARIANT...
+# Usage: benches/ab.sh front|half|conn|bulk|download VARIANT...
 #   VARIANT: a zonegate binary, optionally @N for N node worker threads (`threads = N` in
 #            node.toml) or @N,G for N node and G gateway threads, e.g.
 #            `benches/ab.sh front target/release/zonegate@2 target/release/zonegate@1`
@@ -15,6 +15,8 @@
 #          (one new connection and tunnel stream per request); same figures per connection
 #   bulk:  iperf3 -t$SECS through a public tcp app, upload then download (-R); prints Gbit/s,
 #          gateway/node CPU seconds per GB moved and the namespace's UDP receive-buffer overflows
+#   download: one HTTP GET of a 2 GiB file (curl, nginx serving it) through the HTTP front,
+#          through a public tcp app, and direct; Gbit/s and CPU seconds per GB as for bulk
 #   ROUNDS=4 rounds; each round starts every variant afresh (gateway + node), order as given.
 # Runs as root in a private network namespace like the other scripts (benches/lib.sh).
 set -euo pipefail
@@ -24,8 +26,8 @@ ROUNDS=${ROUNDS:-4}
 source "$(dirname "$0")/lib.sh"
 
 if ! in_netns "$@"; then
-  if [[ $# -lt 2 || ($1 != front && $1 != half && $1 != conn && $1 != bulk) ]]; then
-    echo "usage: $0 front|half|conn|bulk ZONEGATE_BINARY[@NODE_THREADS[,GATEWAY_THREADS]]..." >&2
+  if [[ $# -lt 2 || ($1 != front && $1 != half && $1 != conn && $1 != bulk && $1 != download) ]]; then
+    echo "usage: $0 front|half|conn|bulk|download ZONEGATE_BINARY[@NODE_THREADS[,GATEWAY_THREADS]]..." >&2
     exit 2
   fi
   for v in "${@:2}"; do
@@ -34,6 +36,7 @@ if ! in_netns "$@"; then
   case $1 in
     bulk) need_tools iperf3 python3 nstat unshare ;;
     half) need_tools h2load nginx python3 unshare ;;
+    download) need_tools curl nginx python3 unshare ;;
     *) need_tools wrk nginx python3 unshare ;;
   esac
   export ROUNDS SECS="${SECS:-}" RATE="${RATE:-10000}" CONNS="${CONNS:-32}"
@@ -74,7 +77,15 @@ node_conf=$Z/devices/n1/node.toml
 cp "$node_conf" "$tmp/node.base.toml"
 cp "$gw_conf" "$tmp/gw.base.toml"
 
-if [[ $MODE != bulk ]]; then
+if [[ $MODE == download ]]; then
+  mkdir -p "$tmp/www"
+  truncate -s 2G "$tmp/www/big" # sparse: nginx reads it from the page cache, no disk
+  chmod o+rx "$tmp" "$tmp/www" && chmod o+r "$tmp/www/big" # nginx's workers run as nobody
+  nginx_start nginx-backend "
+  access_log off;
+  sendfile on;
+  server { listen 127.0.0.1:8000 backlog=4096; root $tmp/www; }"
+elif [[ $MODE != bulk ]]; then
   nginx_backend
 else
   start iperf3-server iperf3 -s -p 5201
@@ -115,6 +126,23 @@ print('%-40s round %s: req/s %8.0f  p50 %.2f  p99 %.2f  p99.9 %.2f ms  non-2xx %
     sys.argv[6], sys.argv[7], len(lat) / float(sys.argv[8]), parse.pct(lat, .5), parse.pct(lat, .99), parse.pct(lat, .999), bad,
     g * 1e6 / hz / r, n * 1e6 / hz / r))" \
         "$bench_dir" "$tmp/h2.log" "$((g1 - g0))" "$((n1 - n0))" "$hz" "$v" "$round" "$SECS"
+    elif [[ $MODE == download ]]; then
+      http_ready http://127.0.0.1:18080/big bench.example 30
+      # The first read of the file fills the page cache: not part of any path's figure.
+      curl -sS -o /dev/null http://127.0.0.1:8000/big
+      for path in front:18080 tcp:18001 direct:8000; do
+        g0=$(ticks "${PID[gw]}") n0=$(ticks "${PID[node]}")
+        got=$(curl -sS -o /dev/null -H 'Host: bench.example' -w '%{size_download} %{time_total}' \
+          "http://127.0.0.1:${path#*:}/big")
+        g1=$(ticks "${PID[gw]}") n1=$(ticks "${PID[node]}")
+        python3 -c "
+import sys
+size, secs = map(float, sys.argv[1].split())
+g, n, hz = map(float, sys.argv[2:5])
+gb = size / 1e9
+print('%-40s round %d: %-5s %5.2f Gbit/s  gateway %5.2f s/GB  node %5.2f s/GB' % (sys.argv[5], $round, sys.argv[6], size * 8 / secs / 1e9, g / hz / gb, n / hz / gb))" \
+          "$got" "$((g1 - g0))" "$((n1 - n0))" "$hz" "$v" "${path%:*}"
+      done
     elif [[ $MODE != bulk ]]; then
       url=http://127.0.0.1:18080/ close=()
       [[ $MODE == conn ]] && url=http://127.0.0.1:18001/ close=(-H 'Connection: close')
