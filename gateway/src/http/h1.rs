@@ -51,12 +51,12 @@ pub enum ReqFraming {
     Chunked,
 }
 
-/// How a request body of the client's goes up. `declared` is its valid `Content-Length`, if
-/// any (hyper's server checked it against the body); `empty` and `exact` are what the body
-/// says of itself.
-pub fn request_framing(declared: Option<u64>, empty: bool, exact: Option<u64>) -> ReqFraming {
-    match (declared, exact) {
-        (Some(n), _) | (None, Some(n)) if n > 0 || !empty => ReqFraming::Length(n),
+/// How a request body of the client's goes up, from what the body says of itself: `empty`,
+/// and its `exact` size (both servers, ours for HTTP/1 and hyper's for HTTP/2, take it from a
+/// valid `Content-Length` and hold the body to it).
+pub fn request_framing(empty: bool, exact: Option<u64>) -> ReqFraming {
+    match exact {
+        Some(n) if n > 0 || !empty => ReqFraming::Length(n),
         _ if empty => ReqFraming::Empty,
         _ => ReqFraming::Chunked,
     }
@@ -589,14 +589,11 @@ mod tests {
 
     #[test]
     fn framing_of_requests() {
-        assert_eq!(request_framing(None, true, Some(0)), ReqFraming::Empty);
-        assert_eq!(request_framing(Some(0), true, Some(0)), ReqFraming::Empty);
-        assert_eq!(
-            request_framing(Some(9), false, Some(9)),
-            ReqFraming::Length(9)
-        );
-        assert_eq!(request_framing(None, false, Some(9)), ReqFraming::Length(9));
-        assert_eq!(request_framing(None, false, None), ReqFraming::Chunked);
+        assert_eq!(request_framing(true, Some(0)), ReqFraming::Empty);
+        assert_eq!(request_framing(true, None), ReqFraming::Empty);
+        assert_eq!(request_framing(false, Some(9)), ReqFraming::Length(9));
+        assert_eq!(request_framing(false, Some(0)), ReqFraming::Length(0));
+        assert_eq!(request_framing(false, None), ReqFraming::Chunked);
     }
 
     #[test]
