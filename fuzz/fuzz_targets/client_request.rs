@@ -17,8 +17,7 @@
 use bytes::BytesMut;
 use gateway::http::h1::{parse_response, BodyFraming, ChunkedDecoder};
 use gateway::http::server_h1::{
-    encode_response_head, parse_request, BodyLen, ConnHeader, RequestError, RequestHead,
-    RespBody,
+    encode_response_head, parse_request, BodyLen, ConnHeader, RequestError, RequestHead, RespBody,
 };
 use http::{header, Method, StatusCode, Version};
 use libfuzzer_sys::fuzz_target;
@@ -61,7 +60,10 @@ fuzz_target!(|input: &[u8]| {
     let pieces = head_in_pieces(data, step);
     let (head, used) = match (whole, pieces) {
         (Ok(Some(w)), Ok(Some(p))) => {
-            assert!(same(&w.0, &p.0) && w.1 == p.1, "pieces gave another head: {w:?} / {p:?}");
+            assert!(
+                same(&w.0, &p.0) && w.1 == p.1,
+                "pieces gave another head: {w:?} / {p:?}"
+            );
             w
         }
         (Err(a), Err(b)) => {
@@ -84,7 +86,10 @@ fuzz_target!(|input: &[u8]| {
     let has_te = h.headers.contains_key(header::TRANSFER_ENCODING);
     match h.body {
         BodyLen::Chunked => {
-            assert!(has_te && !has_length && h.version == Version::HTTP_11, "{h:?}")
+            assert!(
+                has_te && !has_length && h.version == Version::HTTP_11,
+                "{h:?}"
+            )
         }
         BodyLen::Length(n) => assert!(n > 0 && has_length && !has_te, "{h:?}"),
         BodyLen::Empty => assert!(!has_te, "{h:?}"),
@@ -109,15 +114,32 @@ fuzz_target!(|input: &[u8]| {
     if h.headers.len() <= 90 {
         let date = b"Wed, 02 Dec 2026 12:00:00 GMT";
         let mut out = Vec::new();
-        encode_response_head(StatusCode::OK, &h.headers, RespBody::Length(7), ConnHeader::Default, date, &mut out);
+        encode_response_head(
+            StatusCode::OK,
+            &h.headers,
+            RespBody::Length(7),
+            ConnHeader::Default,
+            date,
+            &mut out,
+        );
         if out.len() < gateway::http::h1::MAX_HEAD - 64 {
             out.extend_from_slice(b"1234567");
             let mut buf = BytesMut::from(&out[..]);
             let resp = parse_response(&mut buf, false)
-                .unwrap_or_else(|e| panic!("our response head does not parse: {e}\n{:?}", String::from_utf8_lossy(&out)))
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "our response head does not parse: {e}\n{:?}",
+                        String::from_utf8_lossy(&out)
+                    )
+                })
                 .expect("our response head is incomplete");
             assert_eq!(resp.status, StatusCode::OK);
-            assert_eq!(resp.framing, BodyFraming::Length(7), "{:?}", String::from_utf8_lossy(&out));
+            assert_eq!(
+                resp.framing,
+                BodyFraming::Length(7),
+                "{:?}",
+                String::from_utf8_lossy(&out)
+            );
             assert!(resp.keep_alive);
             assert_eq!(&buf[..], b"1234567");
         }

@@ -24,6 +24,7 @@ use gateway::http::headers::{
     X_FORWARDED_HOST, X_FORWARDED_PROTO,
 };
 use gateway::http::route::{request_host, upstream_target};
+use gateway::http::server_h1::MAX_HEADERS;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Uri, Version};
 use libfuzzer_sys::fuzz_target;
@@ -70,6 +71,9 @@ struct Input {
     client: IpAddr,
 }
 
+/// hyper's default `SETTINGS_MAX_HEADER_LIST_SIZE` (the gateway's HTTP/2 server keeps it).
+const H2_HEADER_LIST: usize = 16 * 1024;
+
 fn parse(data: &[u8]) -> Option<Input> {
     let mut lines = data.split(|&b| b == b'\n');
     let mut first = lines.next()?.splitn(3, |&b| b == b' ');
@@ -100,6 +104,19 @@ fn parse(data: &[u8]) -> Option<Input> {
             req.headers.append(n, v);
         }
     }
+    // Only what a server lets through: ours (HTTP/1) answers 431 past MAX_HEADERS header
+    // lines; hyper's HTTP/2 refuses a header list over 16 KiB as HTTP/2 counts it (name and
+    // value plus 32 bytes per field).
+    let listed: usize = req
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 32)
+        .sum();
+    if (req.version == Version::HTTP_11 && req.headers.len() > MAX_HEADERS)
+        || (req.version == Version::HTTP_2 && listed > H2_HEADER_LIST)
+    {
+        return None;
+    }
     let client = if flags.contains(&b'6') {
         "2001:db8::7".parse().unwrap()
     } else {
@@ -121,7 +138,11 @@ fn service_view(path: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         let hex = |c: u8| (c as char).to_digit(16);
-        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
             (b'%', Some(h), Some(l)) => {
                 decoded.push((h * 16 + l) as u8);
                 i += 3;
@@ -176,12 +197,7 @@ fn single<'a>(h: &'a HeaderMap, n: &HeaderName) -> &'a HeaderValue {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some(Input {
-        mut req,
-        https,
-        client,
-    }) = parse(data)
-    else {
+    let Some(Input { req, https, client }) = parse(data) else {
         return;
     };
     let policy = policy();
@@ -201,7 +217,7 @@ fuzz_target!(|data: &[u8]| {
     let verdict = policy.decide(app, &who, Some(method), Some(&path), Timestamp(0));
 
     let target = upstream_target(req.uri.path_and_query(), route);
-    let turi = Uri::try_from(target.as_str())
+    let turi = Uri::try_from(&*target)
         .unwrap_or_else(|e| panic!("upstream target {target:?} is no URI: {e}"));
     assert!(
         target.starts_with('/') && turi.scheme().is_none() && turi.authority().is_none(),
@@ -246,15 +262,30 @@ fuzz_target!(|data: &[u8]| {
         upgrade: upgrade.as_ref(),
     };
     let mut wire = Vec::new();
-    encode_request_head(&req.method, &target, &req.headers, &fwd, ReqFraming::Empty, &mut wire);
-    let mut raw = [httparse::EMPTY_HEADER; 256];
+    encode_request_head(
+        &req.method,
+        &target,
+        &req.headers,
+        &fwd,
+        ReqFraming::Empty,
+        &mut wire,
+    );
+    // Room for every field an HTTP/2 header list can hold, and the ones the gateway adds.
+    let mut raw = [httparse::EMPTY_HEADER; H2_HEADER_LIST / 32 + 16];
     let mut parsed = httparse::Request::new(&mut raw);
-    let status = parsed
-        .parse(&wire)
-        .unwrap_or_else(|e| panic!("the head sent up does not parse ({e}): {:?}", String::from_utf8_lossy(&wire)));
-    assert_eq!(status, httparse::Status::Complete(wire.len()), "one head, nothing after it");
+    let status = parsed.parse(&wire).unwrap_or_else(|e| {
+        panic!(
+            "the head sent up does not parse ({e}): {:?}",
+            String::from_utf8_lossy(&wire)
+        )
+    });
+    assert_eq!(
+        status,
+        httparse::Status::Complete(wire.len()),
+        "one head, nothing after it"
+    );
     assert_eq!(parsed.method, Some(req.method.as_str()));
-    assert_eq!(parsed.path, Some(target.as_str()));
+    assert_eq!(parsed.path, Some(&*target));
     let mut h = HeaderMap::new();
     for l in parsed.headers.iter() {
         h.append(
@@ -266,7 +297,12 @@ fuzz_target!(|data: &[u8]| {
     let handshake = [header::CONNECTION, header::UPGRADE];
     for n in named.iter().chain(&HOP_BY_HOP).chain([&PROXY_AUTHENTICATE]) {
         // Set again by the gateway, whatever `Connection` named.
-        let ours = [header::HOST, X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST];
+        let ours = [
+            header::HOST,
+            X_FORWARDED_FOR,
+            X_FORWARDED_PROTO,
+            X_FORWARDED_HOST,
+        ];
         if ours.contains(n) || (upgrade.is_some() && handshake.contains(n)) {
             continue;
         }
@@ -280,7 +316,11 @@ fuzz_target!(|data: &[u8]| {
     if matches!(req.method, Method::POST | Method::PUT | Method::PATCH) {
         assert_eq!(single(h, &header::CONTENT_LENGTH), "0");
     } else {
-        assert!(!h.contains_key(header::CONTENT_LENGTH), "a bodiless {} got a length: {h:?}", req.method);
+        assert!(
+            !h.contains_key(header::CONTENT_LENGTH),
+            "a bodiless {} got a length: {h:?}",
+            req.method
+        );
     }
     assert_eq!(single(h, &X_FORWARDED_FOR), client.to_string().as_str());
     assert_eq!(

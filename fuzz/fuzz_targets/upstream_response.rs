@@ -21,7 +21,11 @@ use http::header;
 use libfuzzer_sys::fuzz_target;
 
 /// Parses the head from `data` arriving `step` bytes at a time: the head and the bytes it took.
-fn head_in_pieces(data: &[u8], step: usize, head_request: bool) -> Result<Option<(ResponseHead, usize)>, H1Error> {
+fn head_in_pieces(
+    data: &[u8],
+    step: usize,
+    head_request: bool,
+) -> Result<Option<(ResponseHead, usize)>, H1Error> {
     let mut buf = BytesMut::new();
     let mut fed = 0;
     while fed < data.len() {
@@ -54,7 +58,11 @@ fn dechunk(data: &[u8], step: usize) -> Result<(Vec<u8>, usize, bool), H1Error> 
         let r = d.decode(&buf)?;
         assert!(r.consumed <= buf.len(), "consumed past its input");
         if let Some(range) = r.data.clone() {
-            assert!(range.start <= range.end && range.end == r.consumed, "data range {range:?} of {}", r.consumed);
+            assert!(
+                range.start <= range.end && range.end == r.consumed,
+                "data range {range:?} of {}",
+                r.consumed
+            );
             out.extend_from_slice(&buf[range]);
         }
         buf.drain(..r.consumed);
@@ -82,7 +90,10 @@ fuzz_target!(|input: &[u8]| {
     match (&at_once, &pieces) {
         (Ok(Some((a, an))), Ok(Some((b, bn)))) => {
             assert_eq!(an, bn, "heads took different lengths");
-            assert_eq!((a.status, a.version, a.framing, a.keep_alive), (b.status, b.version, b.framing, b.keep_alive));
+            assert_eq!(
+                (a.status, a.version, a.framing, a.keep_alive),
+                (b.status, b.version, b.framing, b.keep_alive)
+            );
             assert_eq!(a.headers, b.headers);
         }
         (Ok(None), Ok(None)) => {}
@@ -94,10 +105,14 @@ fuzz_target!(|input: &[u8]| {
         return;
     };
     if head.framing == BodyFraming::Chunked {
-        assert!(!head.headers.contains_key(header::CONTENT_LENGTH), "length kept beside a transfer coding");
+        assert!(
+            !head.headers.contains_key(header::CONTENT_LENGTH),
+            "length kept beside a transfer coding"
+        );
     }
     // No hop-by-hop header is forwarded: a 101 keeps exactly `Upgrade` + `Connection: upgrade`.
-    let upgrade = head.status == http::StatusCode::SWITCHING_PROTOCOLS && head.headers.contains_key(header::UPGRADE);
+    let upgrade = head.status == http::StatusCode::SWITCHING_PROTOCOLS
+        && head.headers.contains_key(header::UPGRADE);
     for (name, value) in &head.headers {
         if upgrade && name == header::CONNECTION {
             assert_eq!(value, "upgrade");
@@ -107,10 +122,18 @@ fuzz_target!(|input: &[u8]| {
             assert_eq!(head.headers.get_all(header::UPGRADE).iter().count(), 1);
             continue;
         }
-        assert!(!is_hop_by_hop(name), "hop-by-hop {name} kept: {:?}", head.headers);
+        assert!(
+            !is_hop_by_hop(name),
+            "hop-by-hop {name} kept: {:?}",
+            head.headers
+        );
     }
     for listed in head.headers.get_all(header::CONNECTION) {
-        assert!(upgrade && listed == "upgrade", "Connection kept: {:?}", head.headers);
+        assert!(
+            upgrade && listed == "upgrade",
+            "Connection kept: {:?}",
+            head.headers
+        );
     }
     if head.framing == BodyFraming::Chunked {
         assert_eq!(head.version, http::Version::HTTP_11);

@@ -19,7 +19,10 @@ fuzz_target!(|data: &[u8]| {
         let strings: Vec<&str> = text.lines().collect();
         if let Ok(payload) = txt::unchunk(&strings) {
             let rechunked = txt::chunk(&payload);
-            assert_eq!(txt::unchunk(&rechunked).expect("own chunks reassemble"), payload);
+            assert_eq!(
+                txt::unchunk(&rechunked).expect("own chunks reassemble"),
+                payload
+            );
         }
     }
 });

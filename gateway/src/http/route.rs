@@ -52,8 +52,10 @@ pub fn upstream_target<'a>(pq: Option<&'a PathAndQuery>, route: &HttpRoute) -> C
         path
     };
     let unchanged = matches!(normal, Cow::Borrowed(_)) && stripped.len() == raw.len();
-    match (pq, unchanged && !raw.is_empty()) {
-        (Some(pq), true) => Cow::Borrowed(pq.as_str()),
+    match pq {
+        // An absolute-form request with no path (`GET http://host?q`) has none written
+        // (`path()` says "/"): that one is built, or `?q` would be the request line's target.
+        Some(pq) if unchanged && pq.as_str().starts_with('/') => Cow::Borrowed(pq.as_str()),
         _ => {
             let path = if stripped.is_empty() { "/" } else { stripped };
             Cow::Owned(match query {
@@ -98,6 +100,9 @@ mod tests {
             target("http://alice.example/a?b", &route("/", false)),
             "/a?b"
         );
+        // No path written at all (found by fuzz/http_request): still origin-form.
+        assert_eq!(target("http://alice.example?a", &route("/", false)), "/?a");
+        assert_eq!(target("http://alice.example", &route("/", false)), "/");
     }
 
     #[test]
