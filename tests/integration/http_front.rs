@@ -567,6 +567,19 @@ impl Harness {
             .unwrap_or(0)
     }
 
+    /// Sends `request` as raw bytes on a new plain HTTP connection and reads until the
+    /// gateway closes it (within 10 s, or the test fails naming `what`).
+    async fn raw(&self, request: &[u8], what: &str) -> String {
+        let mut tcp = tokio::net::TcpStream::connect(self.http).await.unwrap();
+        tcp.write_all(request).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: connection still open after 10 s"))
+            .unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
     async fn admin_get(&self, path: &str) -> String {
         let c = self.curl(&[format!("http://{}{path}", self.admin)]).await;
         assert_eq!(c.code, 200, "{path}: {c:?}");
@@ -725,19 +738,13 @@ async fn errors_are_distinct_and_short() {
 
     // A client that stops sending its request body midway gets a 408 once the body has
     // waited BODY_TIMEOUT, not a 502 that would blame the device, and the connection ends.
-    let mut slow = tokio::net::TcpStream::connect(h.http).await.unwrap();
-    slow.write_all(
-        b"POST /upload HTTP/1.1\r\nHost: alice.example\r\nContent-Length: 100\r\n\r\n0123456789",
-    )
-    .await
-    .unwrap();
     let t = Instant::now();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut answer))
-        .await
-        .expect("stalled upload still connected after 10 s")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = h
+        .raw(
+            b"POST /upload HTTP/1.1\r\nHost: alice.example\r\nContent-Length: 100\r\n\r\n0123456789",
+            "stalled upload",
+        )
+        .await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(
         answer.contains("no more of the request body arrived"),
@@ -789,18 +796,12 @@ async fn errors_are_distinct_and_short() {
 
     // A body that fails on the client's side (here a malformed chunk size) is the client's
     // error: 400 naming the body, not a 502 that would blame the device.
-    let mut bad = tokio::net::TcpStream::connect(h.http).await.unwrap();
-    bad.write_all(
-        b"POST /upload HTTP/1.1\r\nHost: alice.example\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
-    )
-    .await
-    .unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), bad.read_to_end(&mut answer))
-        .await
-        .expect("a malformed body left the connection open for 10 s")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = h
+        .raw(
+            b"POST /upload HTTP/1.1\r\nHost: alice.example\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+            "malformed body",
+        )
+        .await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(
         answer.contains("the request body could not be read"),
@@ -833,17 +834,12 @@ async fn errors_are_distinct_and_short() {
     assert!((1..=3600).contains(&retry), "{retry}");
 
     // A head that cannot be parsed is refused unread, and counted without an app.
-    let mut garbled = tokio::net::TcpStream::connect(h.http).await.unwrap();
-    garbled
-        .write_all(b"GET / HTTP/1.1\r\nHost alice.example\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), garbled.read_to_end(&mut answer))
-        .await
-        .expect("a garbled head left the connection open for 10 s")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = h
+        .raw(
+            b"GET / HTTP/1.1\r\nHost alice.example\r\n\r\n",
+            "garbled head",
+        )
+        .await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
 
     // Every answer was counted by app and status.
