@@ -332,6 +332,42 @@ async fn agent_reconnects_after_gateway_restart_and_drain_tells_agents() {
     h1.shutdown.cancel();
 }
 
+/// Path MTU discovery on loopback climbs to the jumbo bound in both directions, and a bulk
+/// transfer then crosses in packets of that size intact (quinn batches ten of them per send:
+/// `tunnel::udp::GsoBounded` splits what one send cannot carry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_links_discover_jumbo_packets_and_carry_bulk_in_them() {
+    let z = TestZone::new(&["home1"]);
+    z.write_policy("apps.toml", &tcp_app("echo", 0));
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_secs(1)).await;
+    let echo = tcp_echo().await;
+    let h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("echo", echo, ServiceProto::Tcp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    let link = h1.agent.links()[0].clone();
+    let want = tunnel::transport::MAX_UDP_PAYLOAD;
+    wait_until("the path MTU discovered both ways", WAIT, || {
+        link.status().path_mtu == Some(want)
+            && gw.hub.status().first().map(|a| a.path_mtu) == Some(want)
+    })
+    .await;
+    let data = random_bytes(32 << 20);
+    let back = roundtrip(gw.apps["echo"], &data).await.unwrap();
+    assert!(
+        back == data,
+        "{} of {} bytes came back",
+        back.len(),
+        data.len()
+    );
+    gw.shutdown.cancel();
+    h1.shutdown.cancel();
+}
+
 fn tcp_app(name: &str, port: u16) -> String {
     format!("[app.{name}]\ntcp = {{ listen = \"127.0.0.1:{port}\" }}\nto = \"home1/echo\"\nallow = {{ from = [\"public\"] }}\n")
 }

@@ -127,6 +127,7 @@ impl GatewayLink {
             .into(),
             observed_addr: s.observed.map(|a| a.to_string()),
             rtt_ms: up.map(|c| c.rtt().as_secs_f64() * 1000.0),
+            path_mtu: up.map(|c| c.stats().path.current_mtu),
             connects: self.connects.load(Ordering::Relaxed),
             last_error: s.last_error.clone(),
         }

@@ -954,6 +954,7 @@ impl Hub {
                     addr: a.conn.remote_address().to_string(),
                     session: a.session_id,
                     rtt_ms: a.conn.rtt().as_secs_f64() * 1000.0,
+                    path_mtu: st.path.current_mtu,
                     uptime_secs: a.started.elapsed().as_secs(),
                     since_unix: a
                         .since

@@ -4,7 +4,8 @@
 //! - [`proto`]: the wire protocol without I/O: stream headers, control messages, datagrams,
 //!   the control session state machine.
 //! - [`creds`]: a device's bundle loaded and cross-checked; the newest verified zone config.
-//! - [`tls`], [`transport`]: rustls (mutual TLS, ALPN `zonegate/1`) and quinn endpoints.
+//! - [`tls`], [`transport`], [`udp`]: rustls (mutual TLS, ALPN `zonegate/1`), quinn endpoints
+//!   and the UDP socket under them.
 //! - [`control`]: I/O around the control session.
 //! - [`stream`], [`splice`], [`upstream`]: one proxied connection per QUIC stream.
 //! - [`e2e`]: Noise IK end to end on relayed mesh streams (sans-IO framer + stream wrapper).
@@ -31,6 +32,7 @@ pub mod status;
 pub mod stream;
 pub mod tls;
 pub mod transport;
+pub mod udp;
 pub mod upstream;
 
 pub use error::{OpenError, TunnelError};

@@ -372,6 +372,7 @@ impl Peers {
                         Some(d) => Some(d.conn.rtt().as_secs_f64() * 1000.0),
                         None => gateway_rtt_ms,
                     },
+                    path_mtu: direct.map(|d| d.conn.stats().path.current_mtu),
                     streams_direct: c.streams_direct.load(Ordering::Relaxed),
                     streams_relay: c.streams_relay.load(Ordering::Relaxed),
                     bytes_direct_out: c.bytes_direct_out.load(Ordering::Relaxed),

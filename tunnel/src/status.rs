@@ -17,6 +17,9 @@ pub struct AgentStatus {
     pub addr: String,
     pub session: u64,
     pub rtt_ms: f64,
+    /// Largest UDP payload the connection's packets carry now (path MTU discovery: ~1,450 over
+    /// the Internet, up to 8,952 on jumbo-frame links and loopback).
+    pub path_mtu: u16,
     pub uptime_secs: u64,
     pub since_unix: u64,
     pub streams: u64,
@@ -37,6 +40,9 @@ pub struct LinkStatus {
     pub state: String,
     pub observed_addr: Option<String>,
     pub rtt_ms: Option<f64>,
+    /// Largest UDP payload the link's packets carry now, while it is up (see
+    /// [`AgentStatus::path_mtu`]).
+    pub path_mtu: Option<u16>,
     pub connects: u64,
     pub last_error: Option<String>,
 }
@@ -52,6 +58,8 @@ pub struct PeerStatus {
     pub direct_addr: Option<String>,
     /// RTT of the direct connection; for `relay`, the RTT to the gateway (a lower bound).
     pub rtt_ms: Option<f64>,
+    /// Largest UDP payload the direct connection's packets carry now (none while relayed).
+    pub path_mtu: Option<u16>,
     pub streams_direct: u64,
     pub streams_relay: u64,
     /// Payload bytes sent to / received from the peer, per path (both directions of streams

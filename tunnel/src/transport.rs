@@ -9,6 +9,7 @@ use quinn::{ClientConfig, Endpoint, IdleTimeout, ServerConfig, TransportConfig, 
 use crate::creds::DeviceCreds;
 use crate::error::TunnelError;
 use crate::tls;
+use crate::udp;
 
 /// Transport timing. Defaults suit home NATs; tests shorten them.
 #[derive(Debug, Clone, Copy)]
@@ -53,6 +54,17 @@ const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 /// Datagram receive buffer for UDP flows (bytes): about a second of a modest UDP service.
 const DATAGRAM_BUFFER: usize = 1024 * 1024;
+/// Largest UDP payload path MTU discovery probes for, and the largest a peer may send us: what
+/// a jumbo-frame link (MTU 9,000) carries over IPv6, so packets grow to what the path takes —
+/// ~1,450 bytes over the Internet, 8,952 on a jumbo LAN or on loopback (a zone on one machine),
+/// as TCP segments follow the interface's MTU. quinn's default bound is 1,452. Probes are sent
+/// with "don't fragment" and one too big for the local interface fails at once, so over the
+/// Internet the higher bound costs only a longer search after the handshake (about six more
+/// lost probes). Higher bounds carry little more (`benches/ab.sh bulk`: 64 KiB datagrams on
+/// loopback ~5 % more than 8,952) and every connection keeps a send buffer as large as its
+/// biggest probe (~65 KiB more per idle agent on the gateway at 65,527). Needs
+/// [`udp::GsoBounded`] under the endpoint: quinn batches ten datagrams into one send.
+pub const MAX_UDP_PAYLOAD: u16 = 8_952;
 
 pub fn transport_config(t: &Tuning) -> Arc<TransportConfig> {
     let mut c = TransportConfig::default();
@@ -67,35 +79,10 @@ pub fn transport_config(t: &Tuning) -> Arc<TransportConfig> {
     c.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
     c.send_window(CONNECTION_WINDOW as u64);
     c.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    c.mtu_discovery_config(Some(mtu));
     Arc::new(c)
-}
-
-/// Kernel buffer asked for each QUIC UDP socket, both directions. The common default (208 KiB)
-/// overflows under a bulk transfer even on loopback (measured: ~4,700 `UdpRcvbufErrors` in
-/// 16 s of iperf3 through the tunnel, none with 4 MiB), and every overflow is a lost packet the
-/// congestion controller answers by slowing down. The kernel caps the request at
-/// `net.core.rmem_max`/`wmem_max`. Memory stays bounded by the flow-control windows, not by
-/// this: a sender may only have as much stream data in flight as the receiver granted.
-const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
-
-/// Binds a UDP socket for a QUIC endpoint, with [`SOCKET_BUFFER`]-sized kernel buffers where
-/// the system allows (best effort: a smaller buffer still works, only slower under load).
-fn bind_udp(bind: SocketAddr, what: &str) -> Result<std::net::UdpSocket, TunnelError> {
-    let socket = std::net::UdpSocket::bind(bind)
-        .map_err(|e| TunnelError::Config(format!("cannot {what} UDP {bind}: {e}")))?;
-    let sized = quinn::udp::UdpSocketState::new((&socket).into()).and_then(|st| {
-        st.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER)?;
-        st.set_send_buffer_size((&socket).into(), SOCKET_BUFFER)?;
-        Ok((
-            st.recv_buffer_size((&socket).into())?,
-            st.send_buffer_size((&socket).into())?,
-        ))
-    });
-    match sized {
-        Ok((recv, send)) => tracing::debug!(%bind, recv, send, "UDP socket buffers"),
-        Err(e) => tracing::debug!(%bind, error = %e, "UDP socket buffers left at the default"),
-    }
-    Ok(socket)
 }
 
 /// Grows the number of concurrent streams a peer may open on a connection, from
@@ -160,11 +147,12 @@ pub fn server_endpoint(
     t: &Tuning,
 ) -> Result<Endpoint, TunnelError> {
     let sc = server_config(creds, t)?;
-    let socket = bind_udp(bind, "listen on")?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| TunnelError::Config("no async runtime for the QUIC endpoint".into()))?;
-    let mut ep = Endpoint::new(endpoint_config(creds), Some(sc), socket, runtime)
-        .map_err(|e| TunnelError::Config(format!("cannot listen on UDP {bind}: {e}")))?;
+    let socket = udp::bind(bind, "listen on", &*runtime)?;
+    let mut ep =
+        Endpoint::new_with_abstract_socket(endpoint_config(creds), Some(sc), socket, runtime)
+            .map_err(|e| TunnelError::Config(format!("cannot listen on UDP {bind}: {e}")))?;
     ep.set_default_client_config(client_config(creds, t)?);
     Ok(ep)
 }
@@ -189,6 +177,8 @@ fn endpoint_config(creds: &DeviceCreds) -> quinn::EndpointConfig {
         ring::hmac::HMAC_SHA256,
         &reset,
     )));
+    // Within quinn's range (1,200..=65,527) by construction, so this cannot fail.
+    let _ = cfg.max_udp_payload_size(MAX_UDP_PAYLOAD);
     cfg.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
@@ -220,10 +210,10 @@ pub fn client_endpoint(
     creds: &DeviceCreds,
     t: &Tuning,
 ) -> Result<Endpoint, TunnelError> {
-    let socket = bind_udp(bind, "bind")?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| TunnelError::Config("no async runtime for the QUIC endpoint".into()))?;
-    let mut ep = Endpoint::new(endpoint_config(creds), None, socket, runtime)
+    let socket = udp::bind(bind, "bind", &*runtime)?;
+    let mut ep = Endpoint::new_with_abstract_socket(endpoint_config(creds), None, socket, runtime)
         .map_err(|e| TunnelError::Config(format!("cannot bind UDP {bind}: {e}")))?;
     ep.set_default_client_config(client_config(creds, t)?);
     Ok(ep)

@@ -172,12 +172,18 @@ pub fn render_tunnel(agents: &[AgentStatus], health: &str, pool_idle: usize, out
         "# HELP zonegate_http_pool_idle Idle upstream HTTP connections kept over tunnel streams\n# TYPE zonegate_http_pool_idle gauge\nzonegate_http_pool_idle {pool_idle}"
     );
     type Get = fn(&AgentStatus) -> f64;
-    let per_device: [(&str, &str, &str, Get); 5] = [
+    let per_device: [(&str, &str, &str, Get); 6] = [
         (
             "zonegate_tunnel_rtt_seconds",
             "gauge",
             "Round-trip time to the device",
             |a| a.rtt_ms / 1000.0,
+        ),
+        (
+            "zonegate_tunnel_path_mtu_bytes",
+            "gauge",
+            "Largest UDP payload the tunnel's packets carry (path MTU discovery)",
+            |a| f64::from(a.path_mtu),
         ),
         (
             "zonegate_tunnel_uptime_seconds",
