@@ -58,12 +58,14 @@ const DATAGRAM_BUFFER: usize = 1024 * 1024;
 /// a jumbo-frame link (MTU 9,000) carries over IPv6, so packets grow to what the path takes —
 /// ~1,450 bytes over the Internet, 8,952 on a jumbo LAN or on loopback (a zone on one machine),
 /// as TCP segments follow the interface's MTU. quinn's default bound is 1,452. Probes are sent
-/// with "don't fragment" and one too big for the local interface fails at once, so over the
-/// Internet the higher bound costs only a longer search after the handshake (about six more
-/// lost probes). Higher bounds carry little more (`benches/ab.sh bulk`: 64 KiB datagrams on
-/// loopback ~5 % more than 8,952) and every connection keeps a send buffer as large as its
-/// biggest probe (~65 KiB more per idle agent on the gateway at 65,527). Needs
-/// [`udp::GsoBounded`] under the endpoint: quinn batches ten datagrams into one send.
+/// with "don't fragment", and one too big for the local interface fails without leaving the
+/// host, so over an Ethernet path the higher bound costs a longer binary search after the
+/// handshake (a dozen probe round trips at 1,200 bytes before the first size that fits,
+/// instead of none) and a few lost probes when quinn searches again every ten minutes. Higher
+/// bounds carry little more (`benches/ab.sh bulk`: 64 KiB datagrams on loopback ~5 % more)
+/// while every connection keeps a send buffer as large as its biggest probe (~65 KiB more per
+/// idle agent on the gateway at 65,527). Needs [`udp::GsoBounded`] under the endpoint: quinn
+/// batches ten datagrams into one send.
 pub const MAX_UDP_PAYLOAD: u16 = 8_952;
 
 pub fn transport_config(t: &Tuning) -> Arc<TransportConfig> {
