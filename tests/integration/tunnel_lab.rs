@@ -313,6 +313,24 @@ fn lab_client_and_mesh_reach_home1_only_through_gateway() {
 
     // internet client -> gateway port -> QUIC stream -> home1's service
     client_sees(&w, &m, READY);
+
+    // Path MTU discovery over the lab's Ethernet-sized links (MTU 1,500) settles on what they
+    // carry — the probes toward the jumbo bound are lost, none is fragmented — on both ends, and
+    // no lower than quinn's default bound (1,452) would have left it (measured: 1,470 both ways).
+    let (from_home, from_gw) = eventually(READY, "path MTU discovered over the NAT", || {
+        let link = w.status("home1", 9091)?["gateways"][0]["path_mtu"].as_u64();
+        let agent =
+            find_agent(&w.status("vps", 9090)?, "home1").and_then(|a| a["path_mtu"].as_u64());
+        match (link, agent) {
+            (Some(l), Some(a)) if l >= 1_452 && a >= 1_452 => Ok((l, a)),
+            other => Err(format!("path_mtu home1 -> vps, vps -> home1: {other:?}")),
+        }
+    });
+    eprintln!("path MTU over the lab: home1 -> vps {from_home}, vps -> home1 {from_gw}");
+    assert!(
+        from_home <= 1_472 && from_gw <= 1_472,
+        "path MTU beyond a 1,500-byte link: {from_home} / {from_gw}"
+    );
     // home2 -> its local forward -> gateway relay -> home1's service
     let body = eventually(READY, "home2 GET through its mesh forward", || {
         w.http_get("home2", &format!("http://127.0.0.1:{MESH_WEB}/"))

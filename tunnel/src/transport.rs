@@ -56,8 +56,8 @@ const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 const DATAGRAM_BUFFER: usize = 1024 * 1024;
 /// Largest UDP payload path MTU discovery probes for, and the largest a peer may send us: what
 /// a jumbo-frame link (MTU 9,000) carries over IPv6, so packets grow to what the path takes —
-/// ~1,450 bytes over the Internet, 8,952 on a jumbo LAN or on loopback (a zone on one machine),
-/// as TCP segments follow the interface's MTU. quinn's default bound is 1,452. Probes are sent
+/// 1,470 bytes over Ethernet-sized links (the NAT lab's, `tunnel_lab` asserts it), 8,952 on a
+/// jumbo LAN or on loopback (a zone on one machine), as TCP segments follow the interface's MTU. quinn's default bound is 1,452. Probes are sent
 /// with "don't fragment", and one too big for the local interface fails without leaving the
 /// host, so over an Ethernet path the higher bound costs a longer binary search after the
 /// handshake (a dozen probe round trips at 1,200 bytes before the first size that fits,
