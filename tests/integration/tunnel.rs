@@ -340,15 +340,7 @@ async fn loopback_links_discover_jumbo_packets_and_carry_bulk_in_them() {
     let z = TestZone::new(&["home1"]);
     z.write_policy("apps.toml", &tcp_app("echo", 0));
     let gw = start_gateway(&z, fast_tuning(), Duration::from_secs(1)).await;
-    let echo = tcp_echo().await;
-    let h1 = start_agent(
-        &z,
-        "home1",
-        services(&[("echo", echo, ServiceProto::Tcp)]),
-        vec![],
-        fast_tuning(),
-    )
-    .await;
+    let h1 = start_echo_node(&z, &gw, "home1").await;
     let link = h1.agent.links()[0].clone();
     let want = tunnel::transport::MAX_UDP_PAYLOAD;
     wait_until("the path MTU discovered both ways", WAIT, || {
