@@ -46,8 +46,10 @@ pub const MAX_STREAMS_TO_AGENT: u32 = 32 * 1024;
 /// Concurrent streams a connection starts with. quinn allocates bookkeeping for every stream
 /// the peer may open, up front (~70 bytes each, both directions): 4,096 would cost ~280 KiB per
 /// idle agent on the gateway. Connections start small and [`StreamBudget`] grows them while
-/// they are busy.
-pub const INITIAL_STREAMS: u32 = 128;
+/// they are busy. 64 rather than 128 since the larger packets' send buffers (see
+/// [`MAX_UDP_PAYLOAD`]) took ~8 KiB per idle agent: `benches/run.sh mem` 61.5 → 56.3 KiB per
+/// agent, while 32 concurrent clients opening streams (`benches/ab.sh conn|front`) ran the same.
+pub const INITIAL_STREAMS: u32 = 64;
 /// Flow-control windows: a stream may have 4 MiB in flight (enough for ~300 Mbit/s at 100 ms
 /// RTT), a connection 32 MiB across its streams.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
