@@ -113,7 +113,7 @@ Zone config serial {serial}; up {uptime} s{draining}.</p>\n",
     }
     let _ = write!(
         h,
-        "<h2>Devices</h2>\n<table id=\"devices\"><tr><th>device</th><th>state</th><th>address</th><th>RTT</th><th>up</th><th>services</th><th>streams</th><th>to device</th><th>from device</th></tr>\n"
+        "<h2>Devices</h2>\n<table id=\"devices\"><tr><th>device</th><th>state</th><th>address</th><th>RTT</th><th>path MTU</th><th>up</th><th>services</th><th>streams</th><th>to device</th><th>from device</th></tr>\n"
     );
     for n in &names {
         match agents.iter().find(|a| a["device"].as_str() == Some(n)) {
@@ -124,10 +124,11 @@ Zone config serial {serial}; up {uptime} s{draining}.</p>\n",
                     .unwrap_or_default();
                 let _ = writeln!(
                     h,
-                    "<tr class=\"device\" data-device=\"{d}\"><td>{d}</td><td class=\"up\">connected</td><td>{addr}</td><td>{rtt:.1} ms</td><td>{up} s</td><td>{svc}</td><td>{st}</td><td>{to}</td><td>{from}</td></tr>",
+                    "<tr class=\"device\" data-device=\"{d}\"><td>{d}</td><td class=\"up\">connected</td><td>{addr}</td><td>{rtt:.1} ms</td><td>{mtu} B</td><td>{up} s</td><td>{svc}</td><td>{st}</td><td>{to}</td><td>{from}</td></tr>",
                     d = esc(n),
                     addr = text(&a["addr"]),
                     rtt = a["rtt_ms"].as_f64().unwrap_or(0.0),
+                    mtu = text(&a["path_mtu"]),
                     up = text(&a["uptime_secs"]),
                     svc = services.join(", "),
                     st = text(&a["streams"]),
@@ -138,7 +139,7 @@ Zone config serial {serial}; up {uptime} s{draining}.</p>\n",
             None => {
                 let _ = writeln!(
                     h,
-                    "<tr class=\"device\" data-device=\"{d}\"><td>{d}</td><td class=\"down\">not connected</td><td colspan=\"7\"></td></tr>",
+                    "<tr class=\"device\" data-device=\"{d}\"><td>{d}</td><td class=\"down\">not connected</td><td colspan=\"8\"></td></tr>",
                     d = esc(n)
                 );
             }
@@ -196,7 +197,7 @@ mod tests {
             "device": "gw", "zone": "alice.example", "zone_serial": 4, "uptime_secs": 9,
             "draining": false, "health": "yellow",
             "devices_expected": ["home1", "home2"],
-            "agents": [{"device": "home1", "addr": "198.51.100.2:4000", "rtt_ms": 1.5,
+            "agents": [{"device": "home1", "addr": "198.51.100.2:4000", "rtt_ms": 1.5, "path_mtu": 1470,
                         "uptime_secs": 3, "streams": 2, "bytes_to": 2048, "bytes_from": 10,
                         "services": [{"name": "dfs", "proto": "tcp"}]}],
             "apps": [{"name": "dfs", "summary": "http alice.example/dfs -> home1/dfs",
@@ -215,6 +216,7 @@ mod tests {
             "{h}"
         );
         assert!(h.contains("2.0 KiB"));
+        assert!(h.contains("<td>1.5 ms</td><td>1470 B</td>"), "{h}");
         assert!(h.contains("method 2"));
         assert!(h.contains("&lt;bad&gt;") && !h.contains("<bad>"));
     }
