@@ -107,6 +107,13 @@ def render(st, doc):
                                 st.median("conn", "rathole-noise", "rps")) if v] or [0])
         panels.append(("New connections/s (Connection: close)", "connections/s, higher is better",
                        rows("conn", "rps", TUNNELS), (best * 3, "target 3× rathole") if best else None))
+    if st.has("wan-conn"):
+        best = max([v for v in (st.median("wan-conn", "rathole-tcp", "rps"),
+                                st.median("wan-conn", "rathole-noise", "rps")) if v] or [0])
+        rtt = st.one("wan-link", "wire", "rtt_ms") or doc.get("params", {}).get("wan_rtt_ms")
+        panels.append((f"New connections/s over a {fmt(rtt or 0)} ms link",
+                       "connections/s, higher is better", rows("wan-conn", "rps", TUNNELS),
+                       (best * 3, "target 3× rathole") if best else None))
     if st.has("http"):
         n = st.median("http", "nginx-rp", "rps")
         panels.append(("Keep-alive HTTP/1.1 requests/s", "requests/s, higher is better",

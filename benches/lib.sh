@@ -30,6 +30,7 @@ tool_hint() {
     dig) echo "apt-get install -y bind9-dnsutils" ;;
     openssl) echo "apt-get install -y openssl" ;;
     unshare) echo "apt-get install -y util-linux" ;;
+    ip) echo "apt-get install -y iproute2" ;;
     valgrind) echo "apt-get install -y valgrind" ;;
     nstat) echo "apt-get install -y iproute2" ;;
     *) echo "install $1" ;;
@@ -246,9 +247,11 @@ machine_line() {
   echo "$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), kernel $(uname -r)"
 }
 
-# nginx_start NAME CONF_BODY - runs an nginx (daemon off) with its own prefix under $tmp.
+# nginx_start NAME CONF_BODY [WRAPPER...] - runs an nginx (daemon off) with its own prefix
+# under $tmp; WRAPPER (e.g. `ip netns exec NS`) runs it elsewhere.
 nginx_start() {
   local name=$1 body=$2 dir=$tmp/$1
+  shift 2
   mkdir -p "$dir/logs"
   cat >"$dir/nginx.conf" <<EOF
 worker_processes auto;
@@ -267,7 +270,7 @@ http {
   $body
 }
 EOF
-  start "$name" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log"
+  start "$name" "$@" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log"
 }
 
 # nginx_backend - the service every HTTP benchmark proxies to: nginx on 127.0.0.1:8000 answering

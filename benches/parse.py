@@ -9,6 +9,7 @@ and one human line is printed. Sub-commands:
   wrk    RUNS TEST CONTENDER REP OUT              req/s, p50/p99 (with --latency), errors
   h2load RUNS TEST CONTENDER REP OUT LOG TARGET   achieved req/s, p50/p99 from --log-file
   dnsperf RUNS TEST CONTENDER REP OUT             queries/s, lost, non-NOERROR answers
+  wire   RUNS RTT_MS CONNECT_MS LOG               delay_wire's packet counts (test wan-link)
   put    RUNS TEST CONTENDER REP KEY=VALUE...     anything else (numbers, true/false, text)
   get    RUNS TEST CONTENDER METRIC               median of METRIC over reps (for the shell)
   assemble RUNS OUT.json                          runs + machine/params (from the environment)
@@ -176,6 +177,25 @@ def value(s):
         return s
 
 
+def wire(runs, rtt_ms, connect_ms, log):
+    """The `wan` link: configured round trip, measured TCP connect time, and what
+    examples/delay_wire.rs says it carried and lost (its last `stopped:` line)."""
+    metrics = {"rtt_ms": float(rtt_ms), "connect_ms": float(connect_ms)}
+    last = ""
+    if os.path.exists(log):
+        for line in open(log):
+            if "stopped:" in line:
+                last = line
+    counts = [(k, int(v)) for k, v in re.findall(r"(carried|dropped_full|failed_writes) (\d+)", last)]
+    if len(counts) == 6:
+        metrics["packets"] = sum(v for k, v in counts if k == "carried")
+        metrics["dropped"] = sum(v for k, v in counts if k != "carried")
+    else:
+        metrics["error"] = "delay_wire printed no final counts"
+    append(runs, "wan-link", "wire", 1, metrics)
+    print(f"  wan-link   wire           : {fmt(metrics)}", flush=True)
+
+
 def put(runs, test, contender, rep, *kvs):
     metrics = {}
     for kv in kvs:
@@ -245,7 +265,7 @@ def assemble(runs, out_path):
 
 
 def main(argv):
-    cmds = {"iperf3": iperf3, "wrk": wrk, "h2load": h2load, "dnsperf": dnsperf, "put": put, "get": get,
+    cmds = {"iperf3": iperf3, "wrk": wrk, "h2load": h2load, "dnsperf": dnsperf, "put": put, "get": get, "wire": wire,
             "assemble": assemble}
     if len(argv) < 2 or argv[1] not in cmds:
         sys.exit(__doc__)

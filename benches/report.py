@@ -223,6 +223,45 @@ def build(paths):
                         "—" if added is None else f"{added:+.2f} ms",
                         None if added is None else added <= 1.0))
 
+    # ---- new connections over a WAN-like link
+    if st.has("wan-conn"):
+        link = {k: st.one("wan-link", "wire", k) for k in ("rtt_ms", "connect_ms", "packets",
+                                                            "dropped", "error")}
+        rtt = link["rtt_ms"] if link["rtt_ms"] is not None else p.get("wan_rtt_ms")
+        w(f"## New connections over a link with {num(rtt)} ms round trip (agents at home, gateway on a VPS)")
+        w("")
+        w("wrk `Connection: close` as in the loopback test, run on the VPS side; nginx and the "
+          "tunnel clients in a second namespace behind `examples/delay_wire.rs` "
+          f"(TCP connect across it: {num(link['connect_ms'])} ms; "
+          + (f"it carried {link['packets']:,} packets and lost {link['dropped']})."
+             if link["packets"] is not None else f"no packet counts: {link['error']}).")
+          + " Latency is wrk's, from the request's write to the answer's end (the connect before "
+            "it is not in it).")
+        w("")
+        w("| path | connections/s | p50 ms | p99 ms | p50 in round trips | zonegate / this | errors |")
+        w("|---|---:|---:|---:|---:|---:|---:|")
+        z = st.median("wan-conn", "zonegate", "rps")
+        for c in TUNNELS:
+            if not st.values("wan-conn", c, "rps"):
+                continue
+            p50 = st.median("wan-conn", c, "p50_ms")
+            trips = "—" if (p50 is None or not rtt) else f"{p50 / rtt:.2f}"
+            w(f"| {LABEL[c]} | {cell(st, 'wan-conn', c, 'rps', 0)} | {cell(st, 'wan-conn', c, 'p50_ms')} "
+              f"| {cell(st, 'wan-conn', c, 'p99_ms')} | {trips} "
+              f"| {'—' if c == 'zonegate' else rtxt(ratio(z, st.median('wan-conn', c, 'rps')))} "
+              f"| {st.total('wan-conn', c, 'errors')} |")
+        w("")
+        best = max([v for v in (st.median("wan-conn", "rathole-tcp", "rps"),
+                                st.median("wan-conn", "rathole-noise", "rps")) if v] or [0])
+        r = ratio(z, best)
+        targets.append((f"new connections/s ≥ 3× rathole (the faster transport), over the "
+                        f"{num(rtt)} ms link", rtxt(r), None if r is None else r >= 3.0))
+        wl = st.one("logs", "wan-zonegate", "warnings")
+        if wl is not None:
+            w(f"zonegate gateway + agent logged {wl} warnings and "
+              f"{st.one('logs', 'wan-zonegate', 'errors')} errors in this section.")
+            w("")
+
     # ---- memory
     if st.has("mem-agent") or st.has("mem-gateway") or st.has("mem-conns"):
         w("## Memory (RSS)")

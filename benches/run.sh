@@ -14,20 +14,25 @@
 #   mem   RSS: idle node agent; gateway per connected idle agent (AGENTS simulated agents,
 #         examples/sim_agents.rs); gateway and agent with IDLE_CONNS concurrent idle proxied
 #         connections (examples/idle_conns.rs), none may fail
+#   wan   new connections/s as in `conn`, but with the tunnel clients and nginx in a second
+#         namespace ("home") joined to this one ("VPS": wrk, gateway, tunnel servers) by a
+#         link with WAN_RTT_MS of round trip (examples/delay_wire.rs: this kernel has no
+#         netem); direct = wrk across the link to nginx
 #
-# Usage: benches/run.sh [bulk] [conn] [http] [mem]     (no argument: all four)
+# Usage: benches/run.sh [bulk] [conn] [http] [mem] [wan]     (no argument: all five)
 #   SECS=10 REPS=3        seconds per measurement, repetitions per contender
 #   CONNS=32 THREADS=1    wrk connections and threads (conn and http)
 #   HALF_CLIENTS=16       h2load clients for the half-load latency run
 #   AGENTS=1000 IDLE_CONNS=10000 SETTLE=5    mem section sizes; seconds to settle before RSS
+#   WAN_RTT_MS=20         wan section: round trip added between "home" and "VPS"
 #   ZONEGATE=path         zonegate binary (default: cargo build --release)
-#   EXAMPLES_DIR=path     directory with sim_agents and idle_conns (default: cargo build --release --example …)
+#   EXAMPLES_DIR=path     directory with sim_agents, idle_conns, delay_wire (default: cargo build --release --example …)
 #   OUT=dir               raw results directory (default benches/results); REPORT=0 skips
 #                         rewriting benches/RESULTS.md and benches/results.svg
 #   KEEP_TMP=1            keep logs and configs (path printed at exit)
 # Writes OUT/<date>.json, then benches/report.py -> benches/RESULTS.md + benches/results.svg.
-# Everything runs in a private network namespace (`unshare --net`, needs root); every process
-# it starts is killed (by PID) on exit.
+# Everything runs in a private network namespace (`unshare --net`, needs root; `wan` adds a
+# named one, deleted at exit); every process it starts is killed (by PID) on exit.
 set -euo pipefail
 
 SECS=${SECS:-10}
@@ -38,6 +43,7 @@ HALF_CLIENTS=${HALF_CLIENTS:-16}
 AGENTS=${AGENTS:-1000}
 IDLE_CONNS=${IDLE_CONNS:-10000}
 SETTLE=${SETTLE:-5}
+WAN_RTT_MS=${WAN_RTT_MS:-20}
 REPORT=${REPORT:-1}
 # shellcheck source=benches/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -45,7 +51,7 @@ OUT=${OUT:-$bench_dir/results}
 
 if ! in_netns "$@"; then
   sections=("$@")
-  ((${#sections[@]})) || sections=(bulk conn http mem)
+  ((${#sections[@]})) || sections=(bulk conn http mem wan)
   tools=(python3 unshare)
   for s in "${sections[@]}"; do
     case $s in
@@ -53,16 +59,26 @@ if ! in_netns "$@"; then
       conn) tools+=(wrk nginx rathole bore) ;;
       http) tools+=(wrk h2load nginx rathole) ;;
       mem) ;;
-      *) echo "unknown section '$s' (bulk conn http mem)" >&2; exit 2 ;;
+      wan) tools+=(wrk nginx rathole bore ip) ;;
+      *) echo "unknown section '$s' (bulk conn http mem wan)" >&2; exit 2 ;;
     esac
   done
   mapfile -t tools < <(printf '%s\n' "${tools[@]}" | sort -u)
   need_tools "${tools[@]}"
   build_zonegate
-  if [[ " ${sections[*]} " == *" mem "* ]]; then build_examples sim_agents idle_conns; fi
+  examples=()
+  if [[ " ${sections[*]} " == *" mem "* ]]; then examples+=(sim_agents idle_conns); fi
+  if [[ " ${sections[*]} " == *" wan "* ]]; then
+    if ! python3 -c "assert 0 < float('$WAN_RTT_MS') <= 2000" 2>/dev/null; then
+      echo "WAN_RTT_MS=$WAN_RTT_MS: give a round trip in milliseconds, above 0 and at most 2000" >&2
+      exit 2
+    fi
+    examples+=(delay_wire)
+  fi
+  if ((${#examples[@]})); then build_examples "${examples[@]}"; fi
   mkdir -p "$OUT"
   OUT=$(realpath "$OUT")
-  export SECS REPS CONNS THREADS HALF_CLIENTS AGENTS IDLE_CONNS SETTLE REPORT OUT
+  export SECS REPS CONNS THREADS HALF_CLIENTS AGENTS IDLE_CONNS SETTLE WAN_RTT_MS REPORT OUT
   enter_netns "$0" "${sections[@]}"
 fi
 
@@ -78,8 +94,8 @@ export BENCH_DATE REPO_DIR=$repo_dir LOAD_BEFORE SECTIONS="${sections[*]}"
 BENCH_DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 export BENCH_PARAMS
-BENCH_PARAMS=$(printf '{"secs":%s,"reps":%s,"conns":%s,"threads":%s,"half_clients":%s,"agents":%s,"idle_conns":%s,"settle":%s}' \
-  "$SECS" "$REPS" "$CONNS" "$THREADS" "$HALF_CLIENTS" "$AGENTS" "$IDLE_CONNS" "$SETTLE")
+BENCH_PARAMS=$(printf '{"secs":%s,"reps":%s,"conns":%s,"threads":%s,"half_clients":%s,"agents":%s,"idle_conns":%s,"settle":%s,"wan_rtt_ms":%s}' \
+  "$SECS" "$REPS" "$CONNS" "$THREADS" "$HALF_CLIENTS" "$AGENTS" "$IDLE_CONNS" "$SETTLE" "$WAN_RTT_MS")
 
 echo "# zonegate benchmark: $BENCH_DATE, $(machine_line)"
 echo "# sections: ${sections[*]}; SECS=$SECS REPS=$REPS CONNS=$CONNS THREADS=$THREADS; load before: $LOAD_BEFORE"
@@ -380,11 +396,140 @@ EOF
 }
 
 # ---------------------------------------------------------------------------------------------
+# wan: the agents live at home, the gateway on a VPS. A second namespace ("home": nginx, the
+# zonegate node agent, the rathole clients, bore's client) is joined to this one ("VPS": wrk,
+# the gateway, the rathole and bore servers) by delay_wire, WAN_RTT_MS of round trip. What
+# differs from `conn` is what each design pays in round trips per new connection: zonegate
+# opens a QUIC stream on its standing connection (the request rides with the stream's first
+# bytes), rathole hands the visitor a pooled data channel (8 made ahead; one more, a new TCP
+# connection from the client, requested per visitor), bore asks its client for a new TCP
+# connection per visitor.
+wan_ns=
+wan_down() { [[ -z $wan_ns ]] || ip netns del "$wan_ns" 2>/dev/null; }
+
+run_wan() {
+  local one_way
+  one_way=$(python3 -c "print($WAN_RTT_MS / 2)")
+  echo "## new connections/s over a link with ${WAN_RTT_MS} ms round trip: wrk -t$THREADS -c$CONNS -d${SECS}s -H 'Connection: close' -> nginx at \"home\""
+  wan_ns=zgbench-$$-home
+  cleanup_hooks+=(wan_down)
+  ip netns add "$wan_ns"
+  ip -n "$wan_ns" link set lo up
+  local H=(ip netns exec "$wan_ns")
+  start delay-wire "$EXAMPLES_DIR/delay_wire" --delay-ms "$one_way" --a wan0 --b wan0 \
+    --b-netns "/run/netns/$wan_ns"
+  local i
+  for ((i = 0; i < 100; i++)); do
+    ip link show wan0 >/dev/null 2>&1 && ip -n "$wan_ns" link show wan0 >/dev/null 2>&1 && break
+    alive delay-wire || break
+    sleep 0.1
+  done
+  ip -n "$wan_ns" link show wan0 >/dev/null 2>&1 || { cat "$tmp/delay-wire.log" >&2; exit 1; }
+  ip addr add 10.99.0.1 peer 10.99.0.2 dev wan0
+  ip link set wan0 up txqueuelen 10000
+  ip -n "$wan_ns" addr add 10.99.0.2 peer 10.99.0.1 dev wan0
+  ip -n "$wan_ns" link set wan0 up txqueuelen 10000
+
+  nginx_start wan-backend "
+  access_log off;
+  server { listen 8000 backlog=4096; location / { return 200 \"ok\n\"; } }" "${H[@]}"
+
+  # zonegate: a zone of its own; the gateway's QUIC on the VPS side of the link
+  local ZW=$tmp/wanzone
+  zone_create "$ZW" wan.example gww=10.99.0.1:4443 h1
+  printf '%s\n' '[app.http]' 'tcp = { listen = "127.0.0.1:19001" }' 'to = "h1/http"' \
+    'allow = { from = ["public"] }' >"$ZW/devices/gww/policies/wan.toml"
+  local gw_conf=$ZW/devices/gww/gateway.toml
+  conf_set "$gw_conf" listen '"10.99.0.1:4443"'
+  conf_set "$gw_conf" admin '"127.0.0.1:9290"'
+  conf_set "$gw_conf" http '"off"'
+  conf_set "$gw_conf" https '"off"'
+  conf_set "$gw_conf" dns '"off"'
+  start wan-zg-gateway "$ZONEGATE" gateway --config "$gw_conf"
+  start wan-zg-node "${H[@]}" "$ZONEGATE" node --config "$ZW/devices/h1/node.toml" \
+    --service http=127.0.0.1:8000
+
+  # rathole, both transports; servers on the VPS side, clients at home
+  local keys priv pub t ctl hp rdir
+  keys=$(rathole --genkey)
+  priv=$(awk '/Private Key:/ { getline; print; exit }' <<<"$keys")
+  pub=$(awk '/Public Key:/ { getline; print; exit }' <<<"$keys")
+  for t in tcp noise; do
+    rdir=$tmp/wan-rathole-$t # its own directory: rathole watches it (see setup_contenders)
+    mkdir -p "$rdir"
+    if [[ $t == tcp ]]; then ctl=2433 hp=29000; else ctl=2434 hp=29001; fi
+    {
+      printf '[server]\nbind_addr = "10.99.0.1:%s"\n[server.transport]\ntype = "%s"\n' "$ctl" "$t"
+      [[ $t == noise ]] && printf '[server.transport.noise]\nlocal_private_key = "%s"\n' "$priv"
+      printf '[server.services.http]\ntoken = "bench"\nbind_addr = "127.0.0.1:%s"\n' "$hp"
+    } >"$rdir/server.toml"
+    {
+      printf '[client]\nremote_addr = "10.99.0.1:%s"\n[client.transport]\ntype = "%s"\n' "$ctl" "$t"
+      [[ $t == noise ]] && printf '[client.transport.noise]\nremote_public_key = "%s"\n' "$pub"
+      printf '[client.services.http]\ntoken = "bench"\nlocal_addr = "127.0.0.1:8000"\n'
+    } >"$rdir/client.toml"
+    start "wan-rathole-$t-server" rathole --server "$rdir/server.toml"
+    start "wan-rathole-$t-client" "${H[@]}" rathole --client "$rdir/client.toml"
+  done
+
+  # bore: server on the VPS side (control 10.99.0.1:7835), its tunnel port 39000 there too
+  start wan-bore-server bore server --bind-addr 10.99.0.1 --min-port 39000 --max-port 39999
+  for ((i = 0; i < 100; i++)); do
+    (exec 3<>/dev/tcp/10.99.0.1/7835) 2>/dev/null && break
+    sleep 0.1
+  done
+  start wan-bore-http "${H[@]}" bore local 8000 --local-host 127.0.0.1 --to 10.99.0.1 --port 39000
+
+  local -A url=([direct]=http://10.99.0.2:8000/ [zonegate]=http://127.0.0.1:19001/
+    [rathole-tcp]=http://127.0.0.1:29000/ [rathole-noise]=http://127.0.0.1:29001/
+    [bore]=http://10.99.0.1:39000/)
+  wait_agents 127.0.0.1:9290 1 30 || { tail -n 20 "$tmp"/wan-zg-*.log >&2; exit 1; }
+  local c
+  for c in "${TUNNELS[@]}"; do
+    http_ready "${url[$c]}" "" 30 || { tail -n 20 "$tmp"/wan-*.log >&2; exit 1; }
+  done
+
+  # the link as measured: TCP connect time across it (one round trip), median of 20
+  local rtt
+  rtt=$(python3 -c '
+import socket, statistics, time
+ts = []
+for _ in range(20):
+    t = time.perf_counter()
+    socket.create_connection(("10.99.0.2", 8000), timeout=5).close()
+    ts.append((time.perf_counter() - t) * 1000)
+print(round(statistics.median(ts), 2))')
+  echo "  link: ${WAN_RTT_MS} ms round trip configured; a TCP connect across it takes ${rtt} ms (median of 20)"
+
+  local rep
+  for ((rep = 1; rep <= REPS; rep++)); do
+    for c in $(rotated "$rep" "${TUNNELS[@]}"); do
+      timeout $((SECS + 30)) wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --timeout 10s --latency \
+        -H 'Connection: close' "${url[$c]}" >"$tmp/wrk.out" 2>&1 || true
+      parse wrk "$runs" wan-conn "$c" "$rep" "$tmp/wrk.out"
+    done
+  done
+
+  for c in wan-zg-node wan-zg-gateway wan-bore-http wan-bore-server wan-backend \
+    wan-rathole-tcp-client wan-rathole-tcp-server wan-rathole-noise-client wan-rathole-noise-server; do
+    stop "$c" || true
+  done
+  read -r warns errs < <(log_problems "$tmp/wan-zg-gateway.log" "$tmp/wan-zg-node.log")
+  parse put "$runs" logs wan-zonegate 1 warnings="$warns" errors="$errs"
+  # what the link carried, and whether it lost anything (delay_wire prints its counts on exit)
+  stop delay-wire || true
+  parse wire "$runs" "$WAN_RTT_MS" "$rtt" "$tmp/delay-wire.log"
+  wan_down
+  wan_ns=
+}
+
+# ---------------------------------------------------------------------------------------------
 if has bulk || has conn || has http; then setup_contenders; fi
 if has bulk; then run_bulk; fi
 if has conn; then run_conn; fi
 if has http; then run_http; fi
 if has mem; then run_mem; fi
+if has wan; then run_wan; fi
 
 if [[ -n ${PID[zg-gateway]:-} ]]; then
   read -r warns errs < <(log_problems "$tmp/zg-gateway.log" "$tmp/zg-node.log")
