@@ -256,6 +256,27 @@ def build(paths):
         r = ratio(z, best)
         targets.append((f"new connections/s ≥ 3× rathole (the faster transport), over the "
                         f"{num(rtt)} ms link", rtxt(r), None if r is None else r >= 3.0))
+        if st.has("wan-bulk-up") or st.has("wan-bulk-down"):
+            w("Bulk TCP over the same link (iperf3, one stream, Gbit/s). The ceiling here is CPU: "
+              "`delay_wire` and every MTU-sized packet's processing share the two cores with the "
+              "contenders. So this shows whether a tunnel fills a path with this round trip up to "
+              "that ceiling (flow-control windows, congestion control), not which is fastest.")
+            w("")
+            w("| direction | " + " | ".join(LABEL[c] for c in TUNNELS) + " | zonegate / direct |")
+            w("|---|" + "---:|" * (len(TUNNELS) + 1))
+            for test, title in (("wan-bulk-up", "upload (VPS → home)"),
+                                ("wan-bulk-down", "download (-R)")):
+                if st.has(test):
+                    r = ratio(st.median(test, "zonegate", "gbps"), st.median(test, "direct", "gbps"))
+                    w(f"| {title} | " + " | ".join(cell(st, test, c, "gbps") for c in TUNNELS)
+                      + f" | {rtxt(r)} |")
+            w("")
+            bad = {c: sum(st.total(t, c, "errors") for t in ("wan-bulk-up", "wan-bulk-down"))
+                   for c in TUNNELS}
+            bad = {c: n for c, n in bad.items() if n}
+            w("Errors (failed iperf3 runs): "
+              + (", ".join(f"{LABEL[c]} {n}" for c, n in bad.items()) if bad else "none") + ".")
+            w("")
         wl = st.one("logs", "wan-zonegate", "warnings")
         if wl is not None:
             w(f"zonegate gateway + agent logged {wl} warnings and "

@@ -14,10 +14,10 @@
 #   mem   RSS: idle node agent; gateway per connected idle agent (AGENTS simulated agents,
 #         examples/sim_agents.rs); gateway and agent with IDLE_CONNS concurrent idle proxied
 #         connections (examples/idle_conns.rs), none may fail
-#   wan   new connections/s as in `conn`, but with the tunnel clients and nginx in a second
-#         namespace ("home") joined to this one ("VPS": wrk, gateway, tunnel servers) by a
-#         link with WAN_RTT_MS of round trip (examples/delay_wire.rs: this kernel has no
-#         netem); direct = wrk across the link to nginx
+#   wan   new connections/s as in `conn`, then bulk as in `bulk`, but with the tunnel clients,
+#         nginx and iperf3's server in a second namespace ("home") joined to this one ("VPS":
+#         wrk, gateway, tunnel servers) by a link with WAN_RTT_MS of round trip
+#         (examples/delay_wire.rs: this kernel has no netem); direct = across the link
 #
 # Usage: benches/run.sh [bulk] [conn] [http] [mem] [wan]     (no argument: all five)
 #   SECS=10 REPS=3        seconds per measurement, repetitions per contender
@@ -59,7 +59,7 @@ if ! in_netns "$@"; then
       conn) tools+=(wrk nginx rathole bore) ;;
       http) tools+=(wrk h2load nginx rathole) ;;
       mem) ;;
-      wan) tools+=(wrk nginx rathole bore ip) ;;
+      wan) tools+=(wrk iperf3 nginx rathole bore ip) ;;
       *) echo "unknown section '$s' (bulk conn http mem wan)" >&2; exit 2 ;;
     esac
   done
@@ -396,14 +396,14 @@ EOF
 }
 
 # ---------------------------------------------------------------------------------------------
-# wan: the agents live at home, the gateway on a VPS. A second namespace ("home": nginx, the
-# zonegate node agent, the rathole clients, bore's client) is joined to this one ("VPS": wrk,
-# the gateway, the rathole and bore servers) by delay_wire, WAN_RTT_MS of round trip. What
-# differs from `conn` is what each design pays in round trips per new connection: zonegate
-# opens a QUIC stream on its standing connection (the request rides with the stream's first
-# bytes), rathole hands the visitor a pooled data channel (8 made ahead; one more, a new TCP
-# connection from the client, requested per visitor), bore asks its client for a new TCP
-# connection per visitor.
+# wan: the agents live at home, the gateway on a VPS. A second namespace ("home": nginx,
+# iperf3's server, the zonegate node agent, the rathole clients, bore's clients) is joined to
+# this one ("VPS": wrk, the gateway, the rathole and bore servers) by delay_wire, WAN_RTT_MS of
+# round trip. What differs from `conn` is what each design pays in round trips per new
+# connection: zonegate opens a QUIC stream on its standing connection (the request rides with
+# the stream's first bytes), rathole hands the visitor a pooled data channel (8 made ahead; one
+# more, a new TCP connection from the client, requested per visitor), bore asks its client for
+# a new TCP connection per visitor. Bulk then shows whether each fills the path.
 wan_ns=
 wan_down() { [[ -z $wan_ns ]] || ip netns del "$wan_ns" 2>/dev/null; }
 
@@ -433,12 +433,14 @@ run_wan() {
   nginx_start wan-backend "
   access_log off;
   server { listen 8000 backlog=4096; location / { return 200 \"ok\n\"; } }" "${H[@]}"
+  start wan-iperf3 "${H[@]}" iperf3 -s -p 5201
 
   # zonegate: a zone of its own; the gateway's QUIC on the VPS side of the link
   local ZW=$tmp/wanzone
   zone_create "$ZW" wan.example gww=10.99.0.1:4443 h1
   printf '%s\n' '[app.http]' 'tcp = { listen = "127.0.0.1:19001" }' 'to = "h1/http"' \
-    'allow = { from = ["public"] }' >"$ZW/devices/gww/policies/wan.toml"
+    'allow = { from = ["public"] }' '[app.iperf]' 'tcp = { listen = "127.0.0.1:19002" }' \
+    'to = "h1/iperf"' 'allow = { from = ["public"] }' >"$ZW/devices/gww/policies/wan.toml"
   local gw_conf=$ZW/devices/gww/gateway.toml
   conf_set "$gw_conf" listen '"10.99.0.1:4443"'
   conf_set "$gw_conf" admin '"127.0.0.1:9290"'
@@ -447,26 +449,28 @@ run_wan() {
   conf_set "$gw_conf" dns '"off"'
   start wan-zg-gateway "$ZONEGATE" gateway --config "$gw_conf"
   start wan-zg-node "${H[@]}" "$ZONEGATE" node --config "$ZW/devices/h1/node.toml" \
-    --service http=127.0.0.1:8000
+    --service http=127.0.0.1:8000 --service iperf=127.0.0.1:5201
 
   # rathole, both transports; servers on the VPS side, clients at home
-  local keys priv pub t ctl hp rdir
+  local keys priv pub t ctl hp ip rdir
   keys=$(rathole --genkey)
   priv=$(awk '/Private Key:/ { getline; print; exit }' <<<"$keys")
   pub=$(awk '/Public Key:/ { getline; print; exit }' <<<"$keys")
   for t in tcp noise; do
     rdir=$tmp/wan-rathole-$t # its own directory: rathole watches it (see setup_contenders)
     mkdir -p "$rdir"
-    if [[ $t == tcp ]]; then ctl=2433 hp=29000; else ctl=2434 hp=29001; fi
+    if [[ $t == tcp ]]; then ctl=2433 hp=29000 ip=29100; else ctl=2434 hp=29001 ip=29101; fi
     {
       printf '[server]\nbind_addr = "10.99.0.1:%s"\n[server.transport]\ntype = "%s"\n' "$ctl" "$t"
       [[ $t == noise ]] && printf '[server.transport.noise]\nlocal_private_key = "%s"\n' "$priv"
       printf '[server.services.http]\ntoken = "bench"\nbind_addr = "127.0.0.1:%s"\n' "$hp"
+      printf '[server.services.iperf]\ntoken = "bench"\nbind_addr = "127.0.0.1:%s"\n' "$ip"
     } >"$rdir/server.toml"
     {
       printf '[client]\nremote_addr = "10.99.0.1:%s"\n[client.transport]\ntype = "%s"\n' "$ctl" "$t"
       [[ $t == noise ]] && printf '[client.transport.noise]\nremote_public_key = "%s"\n' "$pub"
       printf '[client.services.http]\ntoken = "bench"\nlocal_addr = "127.0.0.1:8000"\n'
+      printf '[client.services.iperf]\ntoken = "bench"\nlocal_addr = "127.0.0.1:5201"\n'
     } >"$rdir/client.toml"
     start "wan-rathole-$t-server" rathole --server "$rdir/server.toml"
     start "wan-rathole-$t-client" "${H[@]}" rathole --client "$rdir/client.toml"
@@ -479,10 +483,13 @@ run_wan() {
     sleep 0.1
   done
   start wan-bore-http "${H[@]}" bore local 8000 --local-host 127.0.0.1 --to 10.99.0.1 --port 39000
+  start wan-bore-iperf "${H[@]}" bore local 5201 --local-host 127.0.0.1 --to 10.99.0.1 --port 39001
 
   local -A url=([direct]=http://10.99.0.2:8000/ [zonegate]=http://127.0.0.1:19001/
     [rathole-tcp]=http://127.0.0.1:29000/ [rathole-noise]=http://127.0.0.1:29001/
     [bore]=http://10.99.0.1:39000/)
+  local -A iperf=([direct]=10.99.0.2:5201 [zonegate]=127.0.0.1:19002 [rathole-tcp]=127.0.0.1:29100
+    [rathole-noise]=127.0.0.1:29101 [bore]=10.99.0.1:39001)
   wait_agents 127.0.0.1:9290 1 30 || { tail -n 20 "$tmp"/wan-zg-*.log >&2; exit 1; }
   local c
   for c in "${TUNNELS[@]}"; do
@@ -509,8 +516,18 @@ print(round(statistics.median(ts), 2))')
       parse wrk "$runs" wan-conn "$c" "$rep" "$tmp/wrk.out"
     done
   done
+  echo "## bulk TCP throughput over the link: iperf3 -t $SECS, upload (VPS -> home) and download (-R)"
+  local f=$tmp/iperf.json
+  for ((rep = 1; rep <= REPS; rep++)); do
+    for c in $(rotated "$rep" "${TUNNELS[@]}"); do
+      timeout $((SECS + 30)) iperf3 -c "${iperf[$c]%:*}" -p "${iperf[$c]##*:}" -t "$SECS" -J >"$f" 2>&1 || true
+      parse iperf3 "$runs" wan-bulk-up "$c" "$rep" "$f"
+      timeout $((SECS + 30)) iperf3 -c "${iperf[$c]%:*}" -p "${iperf[$c]##*:}" -t "$SECS" -J -R >"$f" 2>&1 || true
+      parse iperf3 "$runs" wan-bulk-down "$c" "$rep" "$f"
+    done
+  done
 
-  for c in wan-zg-node wan-zg-gateway wan-bore-http wan-bore-server wan-backend \
+  for c in wan-zg-node wan-zg-gateway wan-bore-http wan-bore-iperf wan-bore-server wan-backend wan-iperf3 \
     wan-rathole-tcp-client wan-rathole-tcp-server wan-rathole-noise-client wan-rathole-noise-server; do
     stop "$c" || true
   done
