@@ -221,14 +221,14 @@ sys.exit(f"{url}: not ready after {limit:.0f} s: {err}")
 EOF
 }
 
-# port_ready PORT [TIMEOUT] - until something listens on 127.0.0.1:PORT.
+# port_ready PORT [TIMEOUT] [HOST] - until something listens on HOST:PORT (127.0.0.1).
 port_ready() {
-  local port=$1 limit=${2:-20} i
+  local port=$1 limit=${2:-20} host=${3:-127.0.0.1} i
   for ((i = 0; i < limit * 10; i++)); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    if (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; then return 0; fi
     sleep 0.1
   done
-  echo "nothing listens on 127.0.0.1:$port after ${limit} s" >&2
+  echo "nothing listens on $host:$port after ${limit} s" >&2
   return 1
 }
 
@@ -273,12 +273,15 @@ EOF
   start "$name" "$@" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log"
 }
 
-# nginx_backend - the service every HTTP benchmark proxies to: nginx on 127.0.0.1:8000 answering
-# every request with 200 "ok", no access log.
+# nginx_backend [NAME [LISTEN [WRAPPER...]]] - the service every HTTP benchmark proxies to:
+# nginx (NAME nginx-backend) on LISTEN (127.0.0.1:8000) answering every request with 200 "ok",
+# no access log.
 nginx_backend() {
-  nginx_start nginx-backend "
+  local name=${1:-nginx-backend} listen=${2:-127.0.0.1:8000}
+  shift $(($# < 2 ? $# : 2))
+  nginx_start "$name" "
   access_log off;
-  server { listen 127.0.0.1:8000 backlog=4096; location / { return 200 \"ok\n\"; } }"
+  server { listen $listen backlog=4096; location / { return 200 \"ok\n\"; } }" "$@"
 }
 
 # front_only GATEWAY_TOML - the gateway serves plain HTTP on 127.0.0.1:18080, no HTTPS, no DNS.

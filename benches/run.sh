@@ -120,6 +120,41 @@ rotated() {
   for ((i = 0; i < n; i++)); do echo "${a[(i + rep - 1) % n]}"; done
 }
 
+# rathole_start PREFIX SERVER_HOST TCP_PORTS NOISE_PORTS [WRAPPER...] - a rathole server and
+# client per transport (tcp, noise), each serving iperf3 (127.0.0.1:5201) and nginx
+# (127.0.0.1:8000); PORTS = CONTROL,IPERF,HTTP: the server's control port on SERVER_HOST and
+# its service ports on 127.0.0.1. WRAPPER (e.g. `ip netns exec NS`) runs the clients.
+rathole_start() {
+  local prefix=$1 host=$2 tcp_ports=$3 noise_ports=$4
+  shift 4
+  local keys priv pub t ctl ip hp rdir
+  keys=$(rathole --genkey)
+  priv=$(awk '/Private Key:/ { getline; print; exit }' <<<"$keys")
+  pub=$(awk '/Public Key:/ { getline; print; exit }' <<<"$keys")
+  for t in tcp noise; do
+    # rathole watches its config file's directory (hot reload) and wakes on every change in
+    # it: kept out of $tmp, where every contender's log is written, or each log line would
+    # cost four rathole processes a wake-up (seen: ~30% of a core during the HTTP runs).
+    rdir=$tmp/$prefix-$t
+    mkdir -p "$rdir"
+    if [[ $t == tcp ]]; then IFS=, read -r ctl ip hp <<<"$tcp_ports"; else IFS=, read -r ctl ip hp <<<"$noise_ports"; fi
+    {
+      printf '[server]\nbind_addr = "%s:%s"\n[server.transport]\ntype = "%s"\n' "$host" "$ctl" "$t"
+      [[ $t == noise ]] && printf '[server.transport.noise]\nlocal_private_key = "%s"\n' "$priv"
+      printf '[server.services.iperf]\ntoken = "bench"\nbind_addr = "127.0.0.1:%s"\n' "$ip"
+      printf '[server.services.http]\ntoken = "bench"\nbind_addr = "127.0.0.1:%s"\n' "$hp"
+    } >"$rdir/server.toml"
+    {
+      printf '[client]\nremote_addr = "%s:%s"\n[client.transport]\ntype = "%s"\n' "$host" "$ctl" "$t"
+      [[ $t == noise ]] && printf '[client.transport.noise]\nremote_public_key = "%s"\n' "$pub"
+      printf '[client.services.iperf]\ntoken = "bench"\nlocal_addr = "127.0.0.1:5201"\n'
+      printf '[client.services.http]\ntoken = "bench"\nlocal_addr = "127.0.0.1:8000"\n'
+    } >"$rdir/client.toml"
+    start "$prefix-$t-server" rathole --server "$rdir/server.toml"
+    start "$prefix-$t-client" "$@" rathole --client "$rdir/client.toml"
+  done
+}
+
 # ---------------------------------------------------------------------------------------------
 # contenders for bulk / conn / http
 setup_contenders() {
@@ -169,33 +204,7 @@ EOF
     --service iperf=127.0.0.1:5201 --service http=127.0.0.1:8000
 
   # rathole, both transports, default settings otherwise
-  local keys priv pub
-  keys=$(rathole --genkey)
-  priv=$(awk '/Private Key:/ { getline; print; exit }' <<<"$keys")
-  pub=$(awk '/Public Key:/ { getline; print; exit }' <<<"$keys")
-  local t ctl ip hp rdir
-  for t in tcp noise; do
-    # rathole watches its config file's directory (hot reload) and wakes on every change in
-    # it: kept out of $tmp, where every contender's log is written, or each log line would
-    # cost four rathole processes a wake-up (seen: ~30% of a core during the HTTP runs).
-    rdir=$tmp/rathole-$t
-    mkdir -p "$rdir"
-    if [[ $t == tcp ]]; then ctl=2333 ip=25201 hp=28000; else ctl=2334 ip=26201 hp=28001; fi
-    {
-      printf '[server]\nbind_addr = "127.0.0.1:%s"\n[server.transport]\ntype = "%s"\n' "$ctl" "$t"
-      [[ $t == noise ]] && printf '[server.transport.noise]\nlocal_private_key = "%s"\n' "$priv"
-      printf '[server.services.iperf]\ntoken = "bench"\nbind_addr = "127.0.0.1:%s"\n' "$ip"
-      printf '[server.services.http]\ntoken = "bench"\nbind_addr = "127.0.0.1:%s"\n' "$hp"
-    } >"$rdir/server.toml"
-    {
-      printf '[client]\nremote_addr = "127.0.0.1:%s"\n[client.transport]\ntype = "%s"\n' "$ctl" "$t"
-      [[ $t == noise ]] && printf '[client.transport.noise]\nremote_public_key = "%s"\n' "$pub"
-      printf '[client.services.iperf]\ntoken = "bench"\nlocal_addr = "127.0.0.1:5201"\n'
-      printf '[client.services.http]\ntoken = "bench"\nlocal_addr = "127.0.0.1:8000"\n'
-    } >"$rdir/client.toml"
-    start "rathole-$t-server" rathole --server "$rdir/server.toml"
-    start "rathole-$t-client" rathole --client "$rdir/client.toml"
-  done
+  rathole_start rathole 127.0.0.1 2333,25201,28000 2334,26201,28001
 
   # bore: server and one `bore local` per exposed port
   start bore-server bore server --bind-addr 127.0.0.1 --min-port 35000 --max-port 39000
@@ -430,9 +439,7 @@ run_wan() {
   ip -n "$wan_ns" addr add 10.99.0.2 peer 10.99.0.1 dev wan0
   ip -n "$wan_ns" link set wan0 up txqueuelen 10000
 
-  nginx_start wan-backend "
-  access_log off;
-  server { listen 8000 backlog=4096; location / { return 200 \"ok\n\"; } }" "${H[@]}"
+  nginx_backend wan-backend 8000 "${H[@]}"
   start wan-iperf3 "${H[@]}" iperf3 -s -p 5201
 
   # zonegate: a zone of its own; the gateway's QUIC on the VPS side of the link
@@ -452,36 +459,11 @@ run_wan() {
     --service http=127.0.0.1:8000 --service iperf=127.0.0.1:5201
 
   # rathole, both transports; servers on the VPS side, clients at home
-  local keys priv pub t ctl hp ip rdir
-  keys=$(rathole --genkey)
-  priv=$(awk '/Private Key:/ { getline; print; exit }' <<<"$keys")
-  pub=$(awk '/Public Key:/ { getline; print; exit }' <<<"$keys")
-  for t in tcp noise; do
-    rdir=$tmp/wan-rathole-$t # its own directory: rathole watches it (see setup_contenders)
-    mkdir -p "$rdir"
-    if [[ $t == tcp ]]; then ctl=2433 hp=29000 ip=29100; else ctl=2434 hp=29001 ip=29101; fi
-    {
-      printf '[server]\nbind_addr = "10.99.0.1:%s"\n[server.transport]\ntype = "%s"\n' "$ctl" "$t"
-      [[ $t == noise ]] && printf '[server.transport.noise]\nlocal_private_key = "%s"\n' "$priv"
-      printf '[server.services.http]\ntoken = "bench"\nbind_addr = "127.0.0.1:%s"\n' "$hp"
-      printf '[server.services.iperf]\ntoken = "bench"\nbind_addr = "127.0.0.1:%s"\n' "$ip"
-    } >"$rdir/server.toml"
-    {
-      printf '[client]\nremote_addr = "10.99.0.1:%s"\n[client.transport]\ntype = "%s"\n' "$ctl" "$t"
-      [[ $t == noise ]] && printf '[client.transport.noise]\nremote_public_key = "%s"\n' "$pub"
-      printf '[client.services.http]\ntoken = "bench"\nlocal_addr = "127.0.0.1:8000"\n'
-      printf '[client.services.iperf]\ntoken = "bench"\nlocal_addr = "127.0.0.1:5201"\n'
-    } >"$rdir/client.toml"
-    start "wan-rathole-$t-server" rathole --server "$rdir/server.toml"
-    start "wan-rathole-$t-client" "${H[@]}" rathole --client "$rdir/client.toml"
-  done
+  rathole_start wan-rathole 10.99.0.1 2433,29100,29000 2434,29101,29001 "${H[@]}"
 
   # bore: server on the VPS side (control 10.99.0.1:7835), its tunnel port 39000 there too
   start wan-bore-server bore server --bind-addr 10.99.0.1 --min-port 39000 --max-port 39999
-  for ((i = 0; i < 100; i++)); do
-    (exec 3<>/dev/tcp/10.99.0.1/7835) 2>/dev/null && break
-    sleep 0.1
-  done
+  port_ready 7835 10 10.99.0.1
   start wan-bore-http "${H[@]}" bore local 8000 --local-host 127.0.0.1 --to 10.99.0.1 --port 39000
   start wan-bore-iperf "${H[@]}" bore local 5201 --local-host 127.0.0.1 --to 10.99.0.1 --port 39001
 
