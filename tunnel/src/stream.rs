@@ -162,6 +162,35 @@ impl QuicStream {
     }
 }
 
+impl QuicStream {
+    /// The next chunk quinn holds (one packet's payload, as received: no copy), at most
+    /// `max` (> 0) bytes of it. `None` at the end of the stream.
+    pub fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+    ) -> Poll<io::Result<Option<Bytes>>> {
+        ready!(self.poll_reply(cx))?;
+        if !self.prefix.is_empty() {
+            let chunk = self.prefix.split_to(self.prefix.len().min(max));
+            self.was_read(chunk.len());
+            return Poll::Ready(Ok(Some(chunk)));
+        }
+        let recv = &mut self.recv;
+        let r = ready!(self
+            .gate
+            .poll(cx, |cx| pin!(recv.read_chunk(max, true)).poll(cx)));
+        match r {
+            Ok(Some(chunk)) => {
+                self.was_read(chunk.bytes.len());
+                Poll::Ready(Ok(Some(chunk.bytes)))
+            }
+            Ok(None) => Poll::Ready(Ok(None)),
+            Err(e) => Poll::Ready(Err(e.into())),
+        }
+    }
+}
+
 impl AsyncRead for QuicStream {
     fn poll_read(
         mut self: Pin<&mut Self>,

@@ -30,6 +30,35 @@ impl Upstream {
     }
 }
 
+impl Upstream {
+    /// The next bytes, at most `max` (> 0) of them: a tunnel stream's as quinn holds them (no
+    /// copy), a TCP connection's read into a new buffer. `None` at the end of the stream.
+    pub fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+    ) -> Poll<io::Result<Option<Bytes>>> {
+        match self {
+            Upstream::Quic(q) => q.poll_read_chunk(cx, max),
+            Upstream::Tcp(t) => {
+                // `take`: the buffer may have more room than asked, and bytes past `max` are
+                // not this caller's.
+                let mut buf = bytes::BytesMut::with_capacity(max.min(TCP_READ));
+                let mut limited = tokio::io::AsyncReadExt::take(t, max as u64);
+                let n = std::task::ready!(tokio_util::io::poll_read_buf(
+                    Pin::new(&mut limited),
+                    cx,
+                    &mut buf
+                ))?;
+                Poll::Ready(Ok((n > 0).then(|| buf.freeze())))
+            }
+        }
+    }
+}
+
+/// Most bytes one [`Upstream::poll_read_chunk`] of a TCP connection takes.
+const TCP_READ: usize = 64 * 1024;
+
 impl End for Upstream {
     fn abort(&mut self) {
         match self {

@@ -13,7 +13,8 @@
 //! - [`headers`]: hop-by-hop stripping and `X-Forwarded-*`.
 //! - [`upstream`]: the HTTP/1.1 client toward device services, over tunnel streams;
 //!   [`h1`]: its wire format (sans-IO, fuzzed); [`pool`]: its idle connections.
-//! - [`body`]: streamed, counted, shaped bodies; [`deadline`]: one-timer deadlines.
+//! - [`body`]: streamed, counted, shaped bodies; [`deadline`]: one-timer deadlines;
+//!   [`outbox`]: a response's bytes on their way out, large chunks not copied.
 //! - [`errors`]: what went wrong, whose fault it was, and the short answer a client gets.
 //! - [`tls`]: rustls configuration: SNI certificate choice, self-signed fallback.
 //! - [`metrics`], [`status_page`]: the admin API's `/metrics` and `/`.
@@ -24,6 +25,7 @@ pub mod errors;
 pub mod h1;
 pub mod headers;
 pub mod metrics;
+pub mod outbox;
 pub mod pool;
 pub mod proxy;
 pub mod route;

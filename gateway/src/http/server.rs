@@ -31,14 +31,20 @@ use super::body::{BodyStalled, BoxError, ProxyBody};
 use super::deadline::{poll_deadline, Stall};
 use super::h1::{self, ChunkedDecoder};
 use super::headers;
+use super::outbox::{self, Outbox};
 use super::server_h1::{self, BodyLen, ConnHeader, RequestError, RespBody, DATE_LEN};
 use super::upstream::{poll_write_all, Io, Upgraded};
 
 /// Read buffer reserved before each read: a request head and a small body come in one.
 const READ_CHUNK: usize = 8 * 1024;
-/// Response bytes gathered before they are written (a body's frames are written as soon as
-/// the body has no more ready, so gathering never delays bytes).
+/// Response bytes copied together before they are written (a body's frames are written as
+/// soon as the body has no more ready, so gathering never delays bytes).
 const WRITE_AT: usize = 16 * 1024;
+/// Bytes gathered, copied or held, for one write: a download goes out in writes of ~64 KiB,
+/// and a response held up by a slow client keeps at most about this much here.
+const GATHER_MAX: usize = 64 * 1024;
+/// Chunks held for one write (each may need two slices: see [`outbox::MAX_SLICES`]).
+const MAX_HELD: usize = outbox::MAX_SLICES / 2 - 1;
 /// After answering a request whose body was not read to its end, the connection is closed;
 /// what the client still sends is read and dropped for this long first, so its kernel does
 /// not answer our close with a reset that could destroy the answer before it is read.
@@ -154,7 +160,7 @@ where
     let t = cfg.header_read_timeout;
     let mut timer = pin!(tokio::time::sleep(t));
     let mut sniff = cfg.sniff_h2;
-    let mut out: Vec<u8> = Vec::new();
+    let mut out = Outbox::default();
     let mut request = 0u64;
     let mut linger = false;
     loop {
@@ -190,10 +196,10 @@ where
             }
             Next::Bad(e) => {
                 info!(status = e.status().as_u16(), error = %e, "http request refused unread");
-                out.clear();
-                out.extend_from_slice(&server_h1::refusal(&e, &http_date()));
                 // What the client sent after its bad head is not read: linger.
-                linger = write_all(&wire, &out).await.is_ok();
+                linger = write_all(&wire, &server_h1::refusal(&e, &http_date()))
+                    .await
+                    .is_ok();
                 refused(e.status());
                 break;
             }
@@ -270,7 +276,7 @@ where
             match w.body.continue_due {
                 Some(0) => w.body.continue_due = None,
                 Some(k) => {
-                    out.extend_from_slice(&CONTINUE[k..]);
+                    out.copy(&CONTINUE[k..]);
                     w.body.continue_due = None;
                 }
                 None => {}
@@ -282,7 +288,7 @@ where
             framing,
             conn_header,
             &http_date(),
-            &mut out,
+            out.buf_mut(),
         );
         drop(parts);
         let send = (timer.as_mut(), cfg.send_timeout);
@@ -506,21 +512,23 @@ enum WriteError {
 
 /// Writes the head in `out`, then the body as `framing` says. Body bytes are gathered with
 /// the head while the body has frames ready (one write for a small answer) and written as
-/// soon as it has none. Fails when the client accepts no byte for `send.1`.
+/// soon as it has none; large chunks are held, not copied ([`Outbox`]). Fails when the client
+/// accepts no byte for `send.1`.
 async fn write_response(
     wire: &Shared,
-    out: &mut Vec<u8>,
+    out: &mut Outbox,
     body: &mut ProxyBody,
     framing: RespBody,
     send: (Pin<&mut tokio::time::Sleep>, Duration),
 ) -> Result<(), WriteError> {
     let (mut timer, send_timeout) = send;
-    let mut at = 0;
+    // Asked once a chunk long enough to hold comes: most answers are small.
+    let mut vectored = None;
     let mut ended = false;
     let mut sent = 0u64;
     let mut blocked_since: Option<Instant> = None;
     poll_fn(|cx| loop {
-        if !ended && out.len() < WRITE_AT {
+        if !ended && out.copied() < WRITE_AT && out.len() < GATHER_MAX && out.held() < MAX_HELD {
             match Pin::new(&mut *body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     // Trailers are not forwarded (nor by nginx).
@@ -531,16 +539,23 @@ async fn write_response(
                         continue;
                     }
                     sent += data.len() as u64;
+                    let vectored = data.len() >= outbox::HOLD_MIN
+                        && *vectored.get_or_insert_with(|| {
+                            lock(wire)
+                                .io
+                                .as_ref()
+                                .is_some_and(|io| io.is_write_vectored())
+                        });
                     match framing {
                         RespBody::None => {}
                         RespBody::Length(n) if sent > n => {
                             return Poll::Ready(Err(WriteError::Length("longer than")))
                         }
-                        RespBody::Length(_) | RespBody::UntilClose => out.extend_from_slice(&data),
+                        RespBody::Length(_) | RespBody::UntilClose => out.push(data, vectored),
                         RespBody::Chunked => {
-                            h1::push_chunk_size_line(out, data.len());
-                            out.extend_from_slice(&data);
-                            out.extend_from_slice(b"\r\n");
+                            h1::push_chunk_size_line(out.buf_mut(), data.len());
+                            out.push(data, vectored);
+                            out.copy(b"\r\n");
                         }
                     }
                     continue;
@@ -549,14 +564,14 @@ async fn write_response(
                 Poll::Ready(None) => {
                     ended = true;
                     match framing {
-                        RespBody::Chunked => out.extend_from_slice(h1::LAST_CHUNK),
+                        RespBody::Chunked => out.copy(h1::LAST_CHUNK),
                         RespBody::Length(n) if sent != n => {
                             return Poll::Ready(Err(WriteError::Length("shorter than")))
                         }
                         _ => {}
                     }
                 }
-                Poll::Pending if at == out.len() => return Poll::Pending,
+                Poll::Pending if out.is_empty() => return Poll::Pending,
                 Poll::Pending => {}
             }
         }
@@ -564,8 +579,15 @@ async fn write_response(
         let Some(io) = w.io.as_mut() else {
             return Poll::Ready(Err(WriteError::Gone));
         };
-        if at < out.len() {
-            let Poll::Ready(n) = Pin::new(&mut **io).poll_write(cx, &out[at..]) else {
+        if !out.is_empty() {
+            let written = if out.held() > 0 {
+                let mut slices = [io::IoSlice::new(&[]); outbox::MAX_SLICES];
+                let k = out.slices(&mut slices);
+                Pin::new(&mut **io).poll_write_vectored(cx, &slices[..k])
+            } else {
+                Pin::new(&mut **io).poll_write(cx, out.first())
+            };
+            let Poll::Ready(n) = written else {
                 let since = *blocked_since.get_or_insert_with(Instant::now);
                 return poll_deadline(timer.as_mut(), cx, since + send_timeout)
                     .map(|()| Err(WriteError::Stalled(send_timeout)));
@@ -575,11 +597,7 @@ async fn write_response(
             if n == 0 {
                 return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
             }
-            at += n;
-            if at == out.len() {
-                out.clear();
-                at = 0;
-            }
+            out.advance(n);
         } else if ended {
             ready!(Pin::new(&mut **io).poll_flush(cx))?;
             return Poll::Ready(Ok(()));
@@ -673,10 +691,46 @@ mod tests {
         }
         let got = body.collect().await.map(|b| b.to_bytes().len());
         let text = format!("{} {} {:?}", parts.method, parts.uri.path(), got.ok());
-        if parts.uri.path() == "/stream" {
-            return Response::new(Unsized(Some(Bytes::from(text))).boxed_unsync());
+        match parts.uri.path() {
+            "/stream" => Response::new(Unsized(Some(Bytes::from(text))).boxed_unsync()),
+            "/pieces" => Response::new(Pieces(pieces().0, true).boxed_unsync()),
+            "/pieces-chunked" => Response::new(Pieces(pieces().0, false).boxed_unsync()),
+            _ => Response::new(body::full(text)),
         }
-        Response::new(body::full(text))
+    }
+
+    /// A long body: frames of 5,000 bytes (held, not copied, where the connection takes
+    /// vectored writes) between small ones, more of them and more bytes than one write takes;
+    /// and all its bytes in order.
+    fn pieces() -> (std::collections::VecDeque<Bytes>, Vec<u8>) {
+        let mut frames = std::collections::VecDeque::new();
+        let mut all = Vec::new();
+        for i in 0..90u8 {
+            let len = if i % 3 == 0 { 10 } else { 5000 };
+            let b = Bytes::from(vec![b'a' + i % 26; len]);
+            all.extend_from_slice(&b);
+            frames.push_back(b);
+        }
+        (frames, all)
+    }
+
+    /// Frames, with their total length told (`true`) or not.
+    struct Pieces(std::collections::VecDeque<Bytes>, bool);
+    impl Body for Pieces {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+        fn size_hint(&self) -> SizeHint {
+            match self.1 {
+                true => SizeHint::with_exact(self.0.iter().map(|b| b.len() as u64).sum()),
+                false => SizeHint::default(),
+            }
+        }
     }
 
     fn up_protocol() -> HeaderValue {
@@ -719,6 +773,76 @@ mod tests {
         let mut s = Vec::new();
         c.read_to_end(&mut s).await.unwrap();
         String::from_utf8(s).unwrap()
+    }
+
+    /// Splits one answer off the front of `all`: its head and its body (de-chunked).
+    fn take_answer(all: &mut &[u8]) -> (String, Vec<u8>) {
+        let end = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let head = String::from_utf8(all[..end].to_vec()).unwrap();
+        *all = &all[end..];
+        if let Some(l) = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+        {
+            let n: usize = l.parse().unwrap();
+            let body = all[..n].to_vec();
+            *all = &all[n..];
+            return (head, body);
+        }
+        assert!(head.contains("transfer-encoding: chunked\r\n"), "{head}");
+        let mut body = Vec::new();
+        loop {
+            let eol = all.windows(2).position(|w| w == b"\r\n").unwrap();
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&all[..eol]).unwrap(), 16).unwrap();
+            *all = &all[eol + 2..];
+            if size == 0 {
+                assert_eq!(&all[..2], b"\r\n");
+                *all = &all[2..];
+                return (head, body);
+            }
+            body.extend_from_slice(&all[..size]);
+            assert_eq!(&all[size..size + 2], b"\r\n");
+            *all = &all[size + 2..];
+        }
+    }
+
+    #[tokio::test]
+    async fn long_bodies_go_out_whole_and_in_order() {
+        // Over TCP (vectored writes: long frames held) and over a pipe (all copied).
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp_client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp_server, _) = l.accept().await.unwrap();
+        assert!(tokio::io::AsyncWrite::is_write_vectored(&tcp_server));
+        let (pipe_client, pipe_server) = tokio::io::duplex(16 * 1024);
+        let ends: [(Box<dyn Io>, Box<dyn Io>); 2] = [
+            (Box::new(tcp_client), Box::new(tcp_server)),
+            (Box::new(pipe_client), Box::new(pipe_server)),
+        ];
+        for (mut c, server) in ends {
+            let h = tokio::spawn(serve(server, CFG, CancellationToken::new(), echo, |_| {}));
+            c.write_all(
+                b"GET /pieces HTTP/1.1\r\nHost: x\r\n\r\nGET /pieces-chunked HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            .await
+            .unwrap();
+            let mut all = Vec::new();
+            c.read_to_end(&mut all).await.unwrap();
+            let want = pieces().1;
+            let mut rest = &all[..];
+            let (head, body) = take_answer(&mut rest);
+            assert!(
+                head.contains(&format!("content-length: {}\r\n", want.len())),
+                "{head}"
+            );
+            assert!(body == want, "length-framed body differs");
+            let (_, body) = take_answer(&mut rest);
+            assert!(body == want, "chunked body differs");
+            assert!(rest.is_empty(), "{} bytes after the answers", rest.len());
+            assert!(matches!(h.await.unwrap(), Served::Done));
+        }
     }
 
     #[tokio::test]

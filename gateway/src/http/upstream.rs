@@ -30,9 +30,41 @@ use super::pool::{Pool, PoolKey};
 /// comes in one read; a large body is read in pieces of about this size.
 const READ_CHUNK: usize = 16 * 1024;
 
-/// What an upstream connection runs on: a tunnel stream (a duplex pipe in tests).
+/// A connection of the front: the client's, or the service's (a tunnel stream; a duplex
+/// pipe in tests).
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// What an upstream connection runs on: bytes, and a response body's bytes as chunks, which
+/// a tunnel stream hands over as it holds them (slices of the decrypted packets), so they
+/// reach the client's connection without a copy on the way ([`super::outbox`]).
+pub trait UpIo: Io {
+    /// The next bytes, at most `max` of them: `None` at the end of the stream.
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+    ) -> Poll<io::Result<Option<Bytes>>> {
+        // `take`: the buffer may have more room than asked, and bytes past `max` are not ours.
+        let mut buf = BytesMut::with_capacity(max.min(READ_CHUNK));
+        let mut limited = tokio::io::AsyncReadExt::take(self, max as u64);
+        let n = ready!(poll_read_buf(Pin::new(&mut limited), cx, &mut buf))?;
+        Poll::Ready(Ok((n > 0).then(|| buf.freeze())))
+    }
+}
+
+impl UpIo for tunnel::upstream::Upstream {
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+    ) -> Poll<io::Result<Option<Bytes>>> {
+        tunnel::upstream::Upstream::poll_read_chunk(self, cx, max)
+    }
+}
+
+#[cfg(test)]
+impl UpIo for tokio::io::DuplexStream {}
 
 /// Writes what is left of `bytes` after `written` (kept across polls), then flushes.
 pub(crate) fn poll_write_all(
@@ -54,7 +86,7 @@ pub(crate) fn poll_write_all(
 /// An upstream connection between requests: the stream and bytes read but not yet used
 /// (always none between requests: a connection with stray bytes is not reused).
 pub struct Upstream {
-    io: Box<dyn Io>,
+    io: Box<dyn UpIo>,
     buf: BytesMut,
 }
 
@@ -318,7 +350,7 @@ impl ReqBody {
 }
 
 impl Upstream {
-    pub fn new(io: impl Io) -> Self {
+    pub fn new(io: impl UpIo) -> Self {
         Upstream {
             io: Box::new(io),
             buf: BytesMut::new(),
@@ -553,14 +585,43 @@ impl UpBody {
                 Remaining::UntilClose if !buf.is_empty() => {
                     return Poll::Ready(Some(Ok(buf.split().freeze())));
                 }
+                // The rest of a body that needs no parsing, as the stream holds it.
+                Remaining::Length(left) => {
+                    let max = usize::try_from(*left).unwrap_or(usize::MAX);
+                    return match ready!(conn.io.poll_read_chunk(cx, max)) {
+                        Ok(Some(data)) => {
+                            *left -= data.len() as u64;
+                            if *left == 0 {
+                                self.finish();
+                            }
+                            Poll::Ready(Some(Ok(data)))
+                        }
+                        // Errors drop the connection in `poll_frame`.
+                        Ok(None) => Poll::Ready(Some(Err(UpstreamError::Truncated))),
+                        Err(error) => Poll::Ready(Some(Err(UpstreamError::Io {
+                            error,
+                            answered: true,
+                        }))),
+                    };
+                }
+                Remaining::UntilClose => {
+                    return match ready!(conn.io.poll_read_chunk(cx, usize::MAX)) {
+                        Ok(Some(data)) => Poll::Ready(Some(Ok(data))),
+                        Ok(None) => {
+                            self.conn = None;
+                            Poll::Ready(None)
+                        }
+                        Err(error) => Poll::Ready(Some(Err(UpstreamError::Io {
+                            error,
+                            answered: true,
+                        }))),
+                    };
+                }
                 _ => {}
             }
+            // A chunked body: parsed, so read by copying.
             buf.reserve(READ_CHUNK);
             match ready!(poll_read_buf(Pin::new(&mut *conn.io), cx, buf)) {
-                Ok(0) if matches!(self.left, Remaining::UntilClose) => {
-                    self.conn = None;
-                    return Poll::Ready(None);
-                }
                 // Errors drop the connection in `poll_frame`.
                 Ok(0) => return Poll::Ready(Some(Err(UpstreamError::Truncated))),
                 Ok(_) => {}
@@ -794,6 +855,33 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_long_body_is_read_to_its_length_and_no_further() {
+        let (a, mut b) = tokio::io::duplex(16 * 1024);
+        let service = tokio::spawn(async move {
+            let mut req = [0u8; 1024];
+            let _ = b.read(&mut req).await.unwrap();
+            b.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                .await
+                .unwrap();
+            for i in 0..10u8 {
+                b.write_all(&[b'a' + i; 10_000]).await.unwrap();
+            }
+            // Bytes after the body that nobody asked for: the connection is not reused.
+            b.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
+            b
+        });
+        let pool = Pool::new();
+        let (status, body) = exchange(&pool, Upstream::new(a), get("/big")).await;
+        assert_eq!(status, StatusCode::OK);
+        let want: String = (0..10u8)
+            .map(|i| char::from(b'a' + i).to_string().repeat(10_000))
+            .collect();
+        assert!(body == want, "body of {} bytes differs", body.len());
+        let _b = service.await.unwrap();
+        assert!(pool.take(&key()).is_none(), "stray bytes: not handed out");
     }
 
     #[tokio::test]
