@@ -700,7 +700,8 @@ mod tests {
         let got = body.collect().await.map(|b| b.to_bytes().len());
         let text = format!("{} {} {:?}", parts.method, parts.uri.path(), got.ok());
         match parts.uri.path() {
-            "/stream" => Response::new(Unsized(Some(Bytes::from(text))).boxed_unsync()),
+            // One frame, of a length the body does not tell.
+            "/stream" => Response::new(Pieces([Bytes::from(text)].into(), false).boxed_unsync()),
             "/pieces" => Response::new(Pieces(pieces().0, true).boxed_unsync()),
             "/pieces-chunked" => Response::new(Pieces(pieces().0, false).boxed_unsync()),
             _ => Response::new(body::full(text)),
@@ -743,19 +744,6 @@ mod tests {
 
     fn up_protocol() -> HeaderValue {
         HeaderValue::from_static("echo")
-    }
-
-    /// One frame, of a length the body does not tell.
-    struct Unsized(Option<Bytes>);
-    impl Body for Unsized {
-        type Data = Bytes;
-        type Error = BoxError;
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            Poll::Ready(self.0.take().map(|b| Ok(Frame::data(b))))
-        }
     }
 
     fn start(cfg: Config) -> (DuplexStream, tokio::task::JoinHandle<Served>) {
