@@ -499,11 +499,19 @@ impl Upstream {
     }
 }
 
+/// A chunked body's decoder, and bytes read off the stream not yet decoded.
+#[derive(Default)]
+struct Dechunk {
+    decoder: ChunkedDecoder,
+    held: Bytes,
+}
+
 /// How much of a response body is left.
 enum Remaining {
     Empty,
     Length(u64),
-    Chunked(ChunkedDecoder),
+    /// Boxed: most answers are small and have a length, and the body moves with the answer.
+    Chunked(Box<Dechunk>),
     UntilClose,
 }
 
@@ -538,7 +546,7 @@ impl UpBody {
             left: match head.framing {
                 BodyFraming::Empty => Remaining::Empty,
                 BodyFraming::Length(n) => Remaining::Length(n),
-                BodyFraming::Chunked => Remaining::Chunked(ChunkedDecoder::new()),
+                BodyFraming::Chunked => Remaining::Chunked(Box::default()),
                 BodyFraming::UntilClose => Remaining::UntilClose,
             },
             writer,
@@ -611,7 +619,8 @@ impl UpBody {
                     }
                     return Poll::Ready(Some(Ok(data)));
                 }
-                Remaining::Chunked(d) if !buf.is_empty() => {
+                Remaining::Chunked(c) if !buf.is_empty() => {
+                    let d = &mut c.decoder;
                     let step = d.decode(buf)?;
                     if let Some(r) = step.data {
                         buf.advance(r.start);
@@ -623,6 +632,33 @@ impl UpBody {
                         return Poll::Ready(None);
                     }
                 }
+                // Past what came with the head: decoded in the chunks the stream holds, the
+                // data handed on as slices of them.
+                Remaining::Chunked(c) if !c.held.is_empty() => {
+                    let step = c.decoder.decode(&c.held)?;
+                    let data = step.data.map(|r| c.held.slice(r));
+                    c.held.advance(step.consumed);
+                    if let Some(data) = data {
+                        return Poll::Ready(Some(Ok(data)));
+                    }
+                    if c.decoder.is_done() {
+                        // Bytes after the body: kept, so the connection is not reused.
+                        buf.extend_from_slice(&c.held);
+                        self.finish();
+                        return Poll::Ready(None);
+                    }
+                }
+                Remaining::Chunked(c) => match ready!(conn.io.poll_read_chunk(cx, usize::MAX)) {
+                    Ok(Some(data)) => c.held = data,
+                    // Errors drop the connection in `poll_frame`.
+                    Ok(None) => return Poll::Ready(Some(Err(UpstreamError::Truncated))),
+                    Err(error) => {
+                        return Poll::Ready(Some(Err(UpstreamError::Io {
+                            error,
+                            answered: true,
+                        })))
+                    }
+                },
                 Remaining::UntilClose if !buf.is_empty() => {
                     return Poll::Ready(Some(Ok(buf.split().freeze())));
                 }
@@ -657,20 +693,6 @@ impl UpBody {
                             answered: true,
                         }))),
                     };
-                }
-                _ => {}
-            }
-            // A chunked body: parsed, so read by copying.
-            buf.reserve(READ_CHUNK);
-            match ready!(poll_read_buf(Pin::new(&mut *conn.io), cx, buf)) {
-                // Errors drop the connection in `poll_frame`.
-                Ok(0) => return Poll::Ready(Some(Err(UpstreamError::Truncated))),
-                Ok(_) => {}
-                Err(error) => {
-                    return Poll::Ready(Some(Err(UpstreamError::Io {
-                        error,
-                        answered: true,
-                    })));
                 }
             }
         }
@@ -923,6 +945,48 @@ mod tests {
         assert!(body == want, "body of {} bytes differs", body.len());
         let _b = service.await.unwrap();
         assert!(pool.take(&key()).is_none(), "stray bytes: not handed out");
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_split_anywhere_is_decoded_and_the_connection_reused() {
+        for stray in [&b""[..], b"HTTP/1.1 200 OK\r\n"] {
+            let (a, mut b) = tokio::io::duplex(16 * 1024);
+            let service = tokio::spawn(async move {
+                let mut req = [0u8; 1024];
+                let _ = b.read(&mut req).await.unwrap();
+                b.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut body = Vec::new();
+                for (i, len) in [5000usize, 1, 70_000].into_iter().enumerate() {
+                    body.extend_from_slice(format!("{len:x};ext=1\r\n").as_bytes());
+                    body.extend(std::iter::repeat_n(b'a' + i as u8, len));
+                    body.extend_from_slice(b"\r\n");
+                }
+                body.extend_from_slice(b"0\r\nX-Trailer: 1\r\n\r\n");
+                body.extend_from_slice(stray);
+                // Pieces of 7 bytes: size lines, CRLFs and the end split across reads. (The
+                // stray bytes may find the connection already dropped.)
+                for piece in body.chunks(7) {
+                    if b.write_all(piece).await.is_err() {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                b
+            });
+            let pool = Pool::new();
+            let (status, body) = exchange(&pool, Upstream::new(a), get("/chunked")).await;
+            assert_eq!(status, StatusCode::OK);
+            let want = "a".repeat(5000) + "b" + &"c".repeat(70_000);
+            assert!(body == want, "body of {} bytes differs", body.len());
+            let _b = service.await.unwrap();
+            assert_eq!(
+                pool.take(&key()).is_some(),
+                stray.is_empty(),
+                "reused only without bytes after the body"
+            );
+        }
     }
 
     #[tokio::test]
