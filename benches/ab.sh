@@ -15,8 +15,8 @@
 #          (one new connection and tunnel stream per request); same figures per connection
 #   bulk:  iperf3 -t$SECS through a public tcp app, upload then download (-R); prints Gbit/s,
 #          gateway/node CPU seconds per GB moved and the namespace's UDP receive-buffer overflows
-#   download: one HTTP GET of a 2 GiB file (curl, nginx serving it) through the HTTP front,
-#          through a public tcp app, and direct; then the same file PUT up each path (nginx's
+#   download: one HTTP GET of a 2 GiB file (curl, nginx serving it) through the HTTP front
+#          (HTTP/1.1, and HTTP/2 with prior knowledge), through a public tcp app, and direct; then the same file PUT up each path (nginx's
 #          WebDAV module stores it in memory, /dev/shm); Gbit/s and CPU seconds per GB as for bulk
 #   ROUNDS=4 rounds; each round starts every variant afresh (gateway + node), order as given.
 # Runs as root in a private network namespace like the other scripts (benches/lib.sh).
@@ -140,7 +140,7 @@ print('%-40s round %s: req/s %8.0f  p50 %.2f  p99 %.2f  p99.9 %.2f ms  non-2xx %
       http_ready http://127.0.0.1:18080/big bench.example 30
       # The first read of the file fills the page cache: not part of any path's figure.
       curl -sS -o /dev/null http://127.0.0.1:8000/big
-      for path in front:18080 tcp:18001 direct:8000 up-front:18080 up-tcp:18001 up-direct:8000; do
+      for path in front:18080 front-h2:18080 tcp:18001 direct:8000 up-front:18080 up-tcp:18001 up-direct:8000; do
         g0=$(ticks "${PID[gw]}") n0=$(ticks "${PID[node]}")
         if [[ $path == up-* ]]; then
           rm -f "$shm/up/big"
@@ -151,8 +151,10 @@ print('%-40s round %s: req/s %8.0f  p50 %.2f  p99 %.2f  p99.9 %.2f ms  non-2xx %
             { echo "upload via $path: stored $(stat -c %s "$shm/up/big") bytes" >&2; exit 1; }
           got=${got% *}
         else
-          got=$(curl -sS -o /dev/null -H 'Host: bench.example' -w '%{size_download} %{time_total}' \
-            "http://127.0.0.1:${path#*:}/big")
+          h2=()
+          [[ $path == *-h2:* ]] && h2=(--http2-prior-knowledge) # the front's HTTP/2 (hyper's)
+          got=$(curl -sS "${h2[@]}" -o /dev/null -H 'Host: bench.example' \
+            -w '%{size_download} %{time_total}' "http://127.0.0.1:${path#*:}/big")
         fi
         g1=$(ticks "${PID[gw]}") n1=$(ticks "${PID[node]}")
         python3 -c "

@@ -778,6 +778,18 @@ impl AsyncWrite for Upgraded {
     ) -> Poll<io::Result<usize>> {
         Pin::new(&mut *self.io).poll_write(cx, b)
     }
+    // Passed on: a plain connection that turned out to speak HTTP/2 is one of these, and
+    // HTTP/2 writes each frame's header and payload as two slices of one write.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut *self.io).poll_flush(cx)
     }
