@@ -16,8 +16,9 @@
 #   bulk:  iperf3 -t$SECS through a public tcp app, upload then download (-R); prints Gbit/s,
 #          gateway/node CPU seconds per GB moved and the namespace's UDP receive-buffer overflows
 #   download: one HTTP GET of a 2 GiB file (curl, nginx serving it) through the HTTP front
-#          (HTTP/1.1, and HTTP/2 with prior knowledge), through a public tcp app, and direct; then the same file PUT up each path (nginx's
-#          WebDAV module stores it in memory, /dev/shm); Gbit/s and CPU seconds per GB as for bulk
+#          (HTTP/1.1, and HTTP/2 with prior knowledge), through a public tcp app, and direct;
+#          then the same file PUT up each path (nginx's WebDAV module stores it in /dev/shm);
+#          Gbit/s and CPU seconds per GB as for bulk
 #   ROUNDS=4 rounds; each round starts every variant afresh (gateway + node), order as given.
 # Runs as root in a private network namespace like the other scripts (benches/lib.sh).
 set -euo pipefail
