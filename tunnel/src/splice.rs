@@ -70,6 +70,25 @@ const MAX_SLICES: usize = 64;
 /// Chunks taken from a QUIC stream per read (each one packet's STREAM frame, ~1.2 KB).
 pub const READ_CHUNKS: usize = 32;
 
+/// One read from `r` of at most `max` bytes into a new buffer of at most `cap` bytes: for
+/// ends that read by copying but whose caller wants the bytes as a chunk. `None` at the end.
+pub fn poll_read_owned<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    cx: &mut Context<'_>,
+    max: usize,
+    cap: usize,
+) -> Poll<io::Result<Option<Bytes>>> {
+    // `take`: the buffer may have more room than asked, and bytes past `max` are not ours.
+    let mut buf = BytesMut::with_capacity(max.min(cap));
+    let mut limited = tokio::io::AsyncReadExt::take(r, max as u64);
+    let n = ready!(tokio_util::io::poll_read_buf(
+        Pin::new(&mut limited),
+        cx,
+        &mut buf
+    ))?;
+    Poll::Ready(Ok((n > 0).then(|| buf.freeze())))
+}
+
 /// Drops the first `n` bytes of `chunks`.
 pub fn consume(chunks: &mut VecDeque<Bytes>, mut n: usize) {
     while n > 0 {

@@ -40,18 +40,7 @@ impl Upstream {
     ) -> Poll<io::Result<Option<Bytes>>> {
         match self {
             Upstream::Quic(q) => q.poll_read_chunk(cx, max),
-            Upstream::Tcp(t) => {
-                // `take`: the buffer may have more room than asked, and bytes past `max` are
-                // not this caller's.
-                let mut buf = bytes::BytesMut::with_capacity(max.min(TCP_READ));
-                let mut limited = tokio::io::AsyncReadExt::take(t, max as u64);
-                let n = std::task::ready!(tokio_util::io::poll_read_buf(
-                    Pin::new(&mut limited),
-                    cx,
-                    &mut buf
-                ))?;
-                Poll::Ready(Ok((n > 0).then(|| buf.freeze())))
-            }
+            Upstream::Tcp(t) => crate::splice::poll_read_owned(t, cx, max, TCP_READ),
         }
     }
 }

@@ -786,21 +786,17 @@ mod tests {
             return (head, body);
         }
         assert!(head.contains("transfer-encoding: chunked\r\n"), "{head}");
+        let mut d = ChunkedDecoder::new();
         let mut body = Vec::new();
-        loop {
-            let eol = all.windows(2).position(|w| w == b"\r\n").unwrap();
-            let size =
-                usize::from_str_radix(std::str::from_utf8(&all[..eol]).unwrap(), 16).unwrap();
-            *all = &all[eol + 2..];
-            if size == 0 {
-                assert_eq!(&all[..2], b"\r\n");
-                *all = &all[2..];
-                return (head, body);
+        while !d.is_done() {
+            let step = d.decode(all).unwrap();
+            if let Some(r) = step.data {
+                body.extend_from_slice(&all[r]);
             }
-            body.extend_from_slice(&all[..size]);
-            assert_eq!(&all[size..size + 2], b"\r\n");
-            *all = &all[size + 2..];
+            assert!(step.consumed > 0, "chunked body cut short");
+            *all = &all[step.consumed..];
         }
+        (head, body)
     }
 
     #[tokio::test]

@@ -45,11 +45,7 @@ pub trait UpIo: Io {
         cx: &mut Context<'_>,
         max: usize,
     ) -> Poll<io::Result<Option<Bytes>>> {
-        // `take`: the buffer may have more room than asked, and bytes past `max` are not ours.
-        let mut buf = BytesMut::with_capacity(max.min(READ_CHUNK));
-        let mut limited = tokio::io::AsyncReadExt::take(self, max as u64);
-        let n = ready!(poll_read_buf(Pin::new(&mut limited), cx, &mut buf))?;
-        Poll::Ready(Ok((n > 0).then(|| buf.freeze())))
+        tunnel::splice::poll_read_owned(self, cx, max, READ_CHUNK)
     }
 
     /// Writes from the front of `chunks`, removing what was written (a chunk written in part
@@ -648,51 +644,44 @@ impl UpBody {
                         return Poll::Ready(None);
                     }
                 }
-                Remaining::Chunked(c) => match ready!(conn.io.poll_read_chunk(cx, usize::MAX)) {
-                    Ok(Some(data)) => c.held = data,
-                    // Errors drop the connection in `poll_frame`.
-                    Ok(None) => return Poll::Ready(Some(Err(UpstreamError::Truncated))),
-                    Err(error) => {
-                        return Poll::Ready(Some(Err(UpstreamError::Io {
-                            error,
-                            answered: true,
-                        })))
-                    }
-                },
                 Remaining::UntilClose if !buf.is_empty() => {
                     return Poll::Ready(Some(Ok(buf.split().freeze())));
                 }
-                // The rest of a body that needs no parsing, as the stream holds it.
-                Remaining::Length(left) => {
-                    let max = usize::try_from(*left).unwrap_or(usize::MAX);
-                    return match ready!(conn.io.poll_read_chunk(cx, max)) {
-                        Ok(Some(data)) => {
-                            *left -= data.len() as u64;
-                            if *left == 0 {
-                                self.finish();
-                            }
-                            Poll::Ready(Some(Ok(data)))
-                        }
-                        // Errors drop the connection in `poll_frame`.
-                        Ok(None) => Poll::Ready(Some(Err(UpstreamError::Truncated))),
-                        Err(error) => Poll::Ready(Some(Err(UpstreamError::Io {
-                            error,
-                            answered: true,
-                        }))),
-                    };
+                Remaining::Length(_) | Remaining::Chunked(_) | Remaining::UntilClose => {}
+            }
+            // The rest of the body, as the stream holds it: handed on as it is (a length,
+            // or up to the close) or decoded in place (chunked, above).
+            let max = match &self.left {
+                Remaining::Length(left) => usize::try_from(*left).unwrap_or(usize::MAX),
+                _ => usize::MAX,
+            };
+            let read = match ready!(conn.io.poll_read_chunk(cx, max)) {
+                Ok(read) => read,
+                // Errors drop the connection in `poll_frame`.
+                Err(error) => {
+                    return Poll::Ready(Some(Err(UpstreamError::Io {
+                        error,
+                        answered: true,
+                    })))
                 }
-                Remaining::UntilClose => {
-                    return match ready!(conn.io.poll_read_chunk(cx, usize::MAX)) {
-                        Ok(Some(data)) => Poll::Ready(Some(Ok(data))),
-                        Ok(None) => {
-                            self.conn = None;
-                            Poll::Ready(None)
-                        }
-                        Err(error) => Poll::Ready(Some(Err(UpstreamError::Io {
-                            error,
-                            answered: true,
-                        }))),
-                    };
+            };
+            match (&mut self.left, read) {
+                (Remaining::Chunked(c), Some(data)) => c.held = data,
+                (Remaining::Length(left), Some(data)) => {
+                    *left -= data.len() as u64;
+                    if *left == 0 {
+                        self.finish();
+                    }
+                    return Poll::Ready(Some(Ok(data)));
+                }
+                (Remaining::UntilClose, Some(data)) => return Poll::Ready(Some(Ok(data))),
+                (Remaining::UntilClose, None) => {
+                    self.conn = None;
+                    return Poll::Ready(None);
+                }
+                // (An empty body returned above.)
+                (_, None) | (Remaining::Empty, Some(_)) => {
+                    return Poll::Ready(Some(Err(UpstreamError::Truncated)))
                 }
             }
         }
