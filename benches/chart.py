@@ -16,6 +16,8 @@ COLORS = {
     "rathole-noise": "#d62728",
     "bore": "#2ca02c",
     "nginx-rp": "#9467bd",
+    "zonegate-front-tls": "#0b4f8a",
+    "nginx-rp-tls": "#9467bd",
     "node": "#1f77b4",
     "gateway": "#0b4f8a",
 }
@@ -28,10 +30,13 @@ LABEL = {
     "rathole-noise": "rathole noise",
     "bore": "bore",
     "nginx-rp": "nginx proxy",
+    "zonegate-front-tls": "front, HTTPS",
+    "nginx-rp-tls": "nginx proxy, HTTPS",
 }
 TUNNELS = ["direct", "zonegate", "rathole-tcp", "rathole-noise", "bore"]
 HTTP_PATHS = ["direct", "nginx-rp", "zonegate-front", "zonegate-tcp", "rathole-tcp",
               "rathole-noise"]
+HTTPS_PATHS = ["nginx-rp-tls", "zonegate-front-tls"]
 HALF_PATHS = ["direct", "nginx-rp", "zonegate-front"]
 
 PANEL_W = 470
@@ -120,6 +125,9 @@ def render(st, doc):
                        rows("http", "rps", HTTP_PATHS), (n * 0.8, "target 0.8× nginx") if n else None))
         panels.append(("Keep-alive HTTP/1.1 p99 at full load", "ms, lower is better",
                        rows("http", "p99_ms", HTTP_PATHS), None))
+        if any(st.values("http", c, "rps") for c in HTTPS_PATHS):
+            panels.append(("Keep-alive HTTPS (TLS 1.3) requests/s", "requests/s, higher is better",
+                           rows("http", "rps", HTTPS_PATHS), None))
     if st.has("http-half"):
         d = st.median("http-half", "direct", "p99_ms")
         panels.append(("p99 at half of the front's maximum", "ms, lower is better",

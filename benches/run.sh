@@ -9,7 +9,8 @@
 #         one TCP connection per request, through each of the above
 #   http  keep-alive HTTP/1.1 req/s and p50/p99 (wrk --latency): direct to nginx, nginx as a
 #         plain reverse proxy (no tunnel), zonegate's HTTP front (plain HTTP), zonegate tcp
-#         app, rathole-tcp, rathole-noise; then latency at half of the front's maximum
+#         app, rathole-tcp, rathole-noise, and the nginx reverse proxy and the front over
+#         HTTPS (TLS 1.3, one certificate for both); then latency at half of the front's maximum
 #         (h2load --h1 --rps, rate-limited) for direct, nginx reverse proxy and the front
 #   mem   RSS: idle node agent; gateway per connected idle agent (AGENTS simulated agents,
 #         examples/sim_agents.rs); gateway and agent with IDLE_CONNS concurrent idle proxied
@@ -57,7 +58,7 @@ if ! in_netns "$@"; then
     case $s in
       bulk) tools+=(iperf3 nginx rathole bore) ;;
       conn) tools+=(wrk nginx rathole bore) ;;
-      http) tools+=(wrk h2load nginx rathole) ;;
+      http) tools+=(wrk h2load nginx rathole openssl) ;;
       mem) ;;
       wan) tools+=(wrk iperf3 nginx rathole bore ip) ;;
       *) echo "unknown section '$s' (bulk conn http mem wan)" >&2; exit 2 ;;
@@ -106,9 +107,9 @@ echo "# sections: ${sections[*]}; SECS=$SECS REPS=$REPS CONNS=$CONNS THREADS=$TH
 # bore: control 7835; tunnels 35201 (iperf), 38000 (http).
 declare -A IPERF_PORT=([direct]=5201 [zonegate]=15201 [rathole-tcp]=25201 [rathole-noise]=26201 [bore]=35201)
 declare -A HTTP_PORT=([direct]=8000 [zonegate]=18001 [rathole-tcp]=28000 [rathole-noise]=28001 [bore]=38000
-  [nginx-rp]=8080 [zonegate-front]=18080 [zonegate-tcp]=18001)
+  [nginx-rp]=8080 [zonegate-front]=18080 [zonegate-tcp]=18001 [nginx-rp-tls]=8443 [zonegate-front-tls]=18443)
 TUNNELS=(direct zonegate rathole-tcp rathole-noise bore)
-HTTP_PATHS=(direct nginx-rp zonegate-front zonegate-tcp rathole-tcp rathole-noise)
+HTTP_PATHS=(direct nginx-rp zonegate-front zonegate-tcp rathole-tcp rathole-noise nginx-rp-tls zonegate-front-tls)
 HALF_PATHS=(direct nginx-rp zonegate-front)
 
 # rotated REP NAME... - NAME... rotated left by REP-1, so no contender always runs first.
@@ -161,19 +162,25 @@ setup_contenders() {
   start iperf3-server iperf3 -s -p 5201
   nginx_backend
   if has http; then
-    nginx_start nginx-rp "
-  access_log $tmp/nginx-rp/access.log;
-  upstream backend { server 127.0.0.1:8000; keepalive 64; }
-  server {
-    listen 127.0.0.1:8080 backlog=4096;
-    location / {
+    # HTTPS: nginx and the gateway serve the same certificate (TLS 1.3; both pick
+    # AES-256-GCM for wrk's OpenSSL, nginx by the client's order, rustls by its own).
+    tls_cert "$tmp/tls" bench.example
+    local proxy="
       proxy_pass http://backend;
       proxy_http_version 1.1;
       proxy_set_header Connection \"\";
       proxy_set_header Host \$host;
       proxy_set_header X-Forwarded-For \$remote_addr;
-      proxy_set_header X-Forwarded-Proto \$scheme;
-    }
+      proxy_set_header X-Forwarded-Proto \$scheme;"
+    nginx_start nginx-rp "
+  access_log $tmp/nginx-rp/access.log;
+  upstream backend { server 127.0.0.1:8000; keepalive 64; }
+  server { listen 127.0.0.1:8080 backlog=4096; location / { $proxy } }
+  server {
+    listen 127.0.0.1:8443 ssl backlog=4096;
+    ssl_certificate $tmp/tls/cert.pem;
+    ssl_certificate_key $tmp/tls/key.pem;
+    location / { $proxy }
   }"
   fi
 
@@ -199,6 +206,10 @@ allow = { from = ["public"] }
 EOF
   local gw_conf=$Z/devices/gw/gateway.toml
   front_only "$gw_conf"
+  if has http; then
+    conf_set "$gw_conf" https '"127.0.0.1:18443"'
+    printf '[[tls]]\ncert = "%s"\nkey = "%s"\n' "$tmp/tls/cert.pem" "$tmp/tls/key.pem" >>"$gw_conf"
+  fi
   start zg-gateway "$ZONEGATE" gateway --config "$gw_conf"
   start zg-node "$ZONEGATE" node --config "$Z/devices/n1/node.toml" \
     --service iperf=127.0.0.1:5201 --service http=127.0.0.1:8000
@@ -221,6 +232,8 @@ EOF
   if has http; then
     http_ready http://127.0.0.1:8080/ || exit 1
     http_ready http://127.0.0.1:18080/ bench.example || exit 1
+    http_ready https://127.0.0.1:8443/ || exit 1
+    http_ready https://127.0.0.1:18443/ bench.example || exit 1
   fi
   port_ready 5201
 }
@@ -254,11 +267,13 @@ run_conn() {
 
 run_http() {
   echo "## keep-alive HTTP/1.1: wrk -t$THREADS -c$CONNS -d${SECS}s --latency"
-  local rep c
+  local rep c scheme
   for ((rep = 1; rep <= REPS; rep++)); do
     for c in $(rotated "$rep" "${HTTP_PATHS[@]}"); do
+      scheme=http
+      [[ $c == *-tls ]] && scheme=https
       timeout $((SECS + 30)) wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --timeout 10s --latency \
-        -H 'Host: bench.example' "http://127.0.0.1:${HTTP_PORT[$c]}/" >"$tmp/wrk.out" 2>&1 || true
+        -H 'Host: bench.example' "$scheme://127.0.0.1:${HTTP_PORT[$c]}/" >"$tmp/wrk.out" 2>&1 || true
       parse wrk "$runs" http "$c" "$rep" "$tmp/wrk.out"
     done
   done

@@ -23,8 +23,11 @@ pub struct LogGuard {
 }
 
 pub fn init() -> LogGuard {
+    // rustls warns (through `log`) about what TLS clients send, e.g. an IP address as SNI,
+    // which wrk and scanners do on every connection: a public server's log would fill with
+    // the peers' mistakes. Failed handshakes are logged by the front itself (at debug).
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("info,hickory_server=warn,hickory_proto=warn,quinn=warn")
+        EnvFilter::new("info,hickory_server=warn,hickory_proto=warn,quinn=warn,rustls=error")
     });
     // Colour only on a terminal: journald and log files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
