@@ -3,7 +3,7 @@
 # spent: on this 2-core VM req/s and Gbit/s move ±15 % from run to run, CPU per unit of work
 # much less, so a change is judged by both.
 #
-# Usage: benches/ab.sh front|half|conn|bulk|download VARIANT...
+# Usage: benches/ab.sh front|half|tcp|conn|bulk|download VARIANT...
 #   VARIANT: a zonegate binary, optionally @N for N node worker threads (`threads = N` in
 #            node.toml) or @N,G for N node and G gateway threads, e.g.
 #            `benches/ab.sh front target/release/zonegate@2 target/release/zonegate@1`
@@ -11,6 +11,8 @@
 #          nginx on the node's side; prints req/s, p99 and gateway/node CPU µs per request
 #   half:  the same path at a fixed rate, RATE req/s (default 10000, about half of the front's
 #          maximum here) from h2load --h1 -c16 --rps: p50/p99/p99.9 latency and CPU per request
+#   tcp:   as front, but through a public tcp app (the same tunnel, no HTTP work in zonegate):
+#          what the front would reach if its HTTP handling were free
 #   conn:  wrk -t1 -c$CONNS -d$SECS -H 'Connection: close' through a public tcp app to the same nginx
 #          (one new connection and tunnel stream per request); same figures per connection
 #   bulk:  iperf3 -t$SECS through a public tcp app, upload then download (-R); prints Gbit/s,
@@ -28,8 +30,8 @@ ROUNDS=${ROUNDS:-4}
 source "$(dirname "$0")/lib.sh"
 
 if ! in_netns "$@"; then
-  if [[ $# -lt 2 || ($1 != front && $1 != half && $1 != conn && $1 != bulk && $1 != download) ]]; then
-    echo "usage: $0 front|half|conn|bulk|download ZONEGATE_BINARY[@NODE_THREADS[,GATEWAY_THREADS]]..." >&2
+  if [[ $# -lt 2 || ! " front half tcp conn bulk download " == *" $1 "* ]]; then
+    echo "usage: $0 front|half|tcp|conn|bulk|download ZONEGATE_BINARY[@NODE_THREADS[,GATEWAY_THREADS]]..." >&2
     exit 2
   fi
   for v in "${@:2}"; do
@@ -168,6 +170,7 @@ print('%-40s round %d: %-9s %5.2f Gbit/s  gateway %5.2f s/GB  node %5.2f s/GB' %
       done
     elif [[ $MODE != bulk ]]; then
       url=http://127.0.0.1:18080/ close=()
+      [[ $MODE == tcp ]] && url=http://127.0.0.1:18001/
       [[ $MODE == conn ]] && url=http://127.0.0.1:18001/ close=(-H 'Connection: close')
       http_ready "$url" bench.example 30
       g0=$(ticks "${PID[gw]}") n0=$(ticks "${PID[node]}")
