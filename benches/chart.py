@@ -128,6 +128,10 @@ def render(st, doc):
         if any(st.values("http", c, "rps") for c in HTTPS_PATHS):
             panels.append(("Keep-alive HTTPS (TLS 1.3) requests/s", "requests/s, higher is better",
                            rows("http", "rps", HTTPS_PATHS), None))
+    if st.has("http-conn"):
+        panels.append(("New connections through the front (plain, HTTPS)",
+                       "connections/s, higher is better",
+                       rows("http-conn", "rps", ["nginx-rp", "zonegate-front"] + HTTPS_PATHS), None))
     if st.has("http-half"):
         d = st.median("http-half", "direct", "p99_ms")
         panels.append(("p99 at half of the front's maximum", "ms, lower is better",

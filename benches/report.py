@@ -210,6 +210,27 @@ def build(paths):
         w("")
         targets.append(("HTTP req/s through the front ≥ 0.8× nginx reverse proxy", rtxt(r),
                         None if r is None else r >= 0.8))
+    if st.has("http-conn"):
+        w("### New connections through the front (wrk `Connection: close`)")
+        w("")
+        w("One request per connection. Over HTTPS each connection makes a TLS 1.3 handshake; "
+          "wrk resumes its sessions, and each server runs with its defaults (zonegate: "
+          "rustls' session cache; nginx: session tickets, keys per worker process).")
+        w("")
+        w("| path | connections/s | p50 ms | p99 ms | errors |")
+        w("|---|---:|---:|---:|---:|")
+        for c in ["nginx-rp", "zonegate-front", "nginx-rp-tls", "zonegate-front-tls"]:
+            if not st.values("http-conn", c, "rps"):
+                continue
+            w(f"| {LABEL[c]} | {cell(st, 'http-conn', c, 'rps', 0)} "
+              f"| {cell(st, 'http-conn', c, 'p50_ms')} | {cell(st, 'http-conn', c, 'p99_ms')} "
+              f"| {st.total('http-conn', c, 'errors')} |")
+        w("")
+        ratios = [(label, ratio(st.median("http-conn", f, "rps"), st.median("http-conn", n, "rps")))
+                  for label, f, n in (("plain HTTP", "zonegate-front", "nginx-rp"),
+                                      ("HTTPS", "zonegate-front-tls", "nginx-rp-tls"))]
+        w("Front / nginx reverse proxy: " + "; ".join(f"{label} {rtxt(r)}" for label, r in ratios) + ".")
+        w("")
     if st.has("http-half"):
         target = st.one("http-half", "zonegate-front", "target_rps")
         w(f"### Latency at half of the front's maximum ({num(target, 0)} req/s offered, "

@@ -10,7 +10,9 @@
 #   http  keep-alive HTTP/1.1 req/s and p50/p99 (wrk --latency): direct to nginx, nginx as a
 #         plain reverse proxy (no tunnel), zonegate's HTTP front (plain HTTP), zonegate tcp
 #         app, rathole-tcp, rathole-noise, and the nginx reverse proxy and the front over
-#         HTTPS (TLS 1.3, one certificate for both); then latency at half of the front's maximum
+#         HTTPS (TLS 1.3, one certificate for both); new connections/s (Connection: close)
+#         through the front and nginx's reverse proxy, plain and HTTPS; then latency at half
+#         of the front's maximum
 #         (h2load --h1 --rps, rate-limited) for direct, nginx reverse proxy and the front
 #   mem   RSS: idle node agent; gateway per connected idle agent (AGENTS simulated agents,
 #         examples/sim_agents.rs); gateway and agent with IDLE_CONNS concurrent idle proxied
@@ -111,6 +113,7 @@ declare -A HTTP_PORT=([direct]=8000 [zonegate]=18001 [rathole-tcp]=28000 [rathol
 TUNNELS=(direct zonegate rathole-tcp rathole-noise bore)
 HTTP_PATHS=(direct nginx-rp zonegate-front zonegate-tcp rathole-tcp rathole-noise nginx-rp-tls zonegate-front-tls)
 HALF_PATHS=(direct nginx-rp zonegate-front)
+FRONT_CONN_PATHS=(nginx-rp zonegate-front nginx-rp-tls zonegate-front-tls)
 
 # rotated REP NAME... - NAME... rotated left by REP-1, so no contender always runs first.
 rotated() {
@@ -275,6 +278,17 @@ run_http() {
       timeout $((SECS + 30)) wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --timeout 10s --latency \
         -H 'Host: bench.example' "$scheme://127.0.0.1:${HTTP_PORT[$c]}/" >"$tmp/wrk.out" 2>&1 || true
       parse wrk "$runs" http "$c" "$rep" "$tmp/wrk.out"
+    done
+  done
+
+  echo "## new connections through the front and nginx's reverse proxy: wrk -t$THREADS -c$CONNS -d${SECS}s -H 'Connection: close'"
+  for ((rep = 1; rep <= REPS; rep++)); do
+    for c in $(rotated "$rep" "${FRONT_CONN_PATHS[@]}"); do
+      scheme=http
+      [[ $c == *-tls ]] && scheme=https
+      timeout $((SECS + 30)) wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --timeout 10s --latency \
+        -H 'Host: bench.example' -H 'Connection: close' "$scheme://127.0.0.1:${HTTP_PORT[$c]}/" >"$tmp/wrk.out" 2>&1 || true
+      parse wrk "$runs" http-conn "$c" "$rep" "$tmp/wrk.out"
     done
   done
 
