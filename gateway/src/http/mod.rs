@@ -248,7 +248,10 @@ impl Front {
             let req = req.map(|b| {
                 body::Stalling::new(b.map_err(BoxError::from), body_timeout).boxed_unsync()
             });
-            async move { Ok::<_, Infallible>(proxy::handle(front, req, peer, https, None).await) }
+            // Boxed: hyper moves each stream's future several times on its way into the task
+            // it spawns for it, and the proxy's future is ~4 KiB.
+            let answer = Box::pin(proxy::handle(front, req, peer, https, None));
+            async move { Ok::<_, Infallible>(answer.await) }
         });
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new())
