@@ -204,8 +204,8 @@ def build(paths):
         nt = st.median("http", "nginx-rp-tls", "rps")
         if ft is not None or nt is not None:
             w("")
-            w(f"Over HTTPS (TLS 1.3, the same certificate; the handshakes happen once, before "
-              f"the measured requests): front / nginx reverse proxy {rtxt(ratio(ft, nt))}; "
+            w(f"Over HTTPS (TLS 1.3, AES-128-GCM, the same certificate; the handshakes happen "
+              f"once, before the measured requests): front / nginx reverse proxy {rtxt(ratio(ft, nt))}; "
               f"HTTPS / plain HTTP: front {rtxt(ratio(ft, f))}, nginx {rtxt(ratio(nt, n))}.")
         w("")
         targets.append(("HTTP req/s through the front ≥ 0.8× nginx reverse proxy", rtxt(r),
@@ -214,8 +214,9 @@ def build(paths):
         w("### New connections through the front (wrk `Connection: close`)")
         w("")
         w("One request per connection. Over HTTPS each connection makes a TLS 1.3 handshake; "
-          "wrk resumes its sessions, and each server runs with its defaults (zonegate: "
-          "rustls' session cache; nginx: session tickets, keys per worker process).")
+          "wrk resumes its sessions; both servers pick AES-128-GCM and keep their default "
+          "session resumption (zonegate: rustls' session cache; nginx: session tickets, keys "
+          "per worker process).")
         w("")
         w("| path | connections/s | p50 ms | p99 ms | errors |")
         w("|---|---:|---:|---:|---:|")

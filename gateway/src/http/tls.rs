@@ -75,10 +75,6 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 /// ring's suites with AES-128-GCM ahead of AES-256-GCM (TLS 1.3 and 1.2), the rest in ring's
 /// order; the server picks ([`ServerConfig::ignore_client_order`]), since OpenSSL-based
 /// clients list AES-256-GCM first. TLS 1.3's key schedule runs on the suite's hash: SHA-256
@@ -130,7 +126,7 @@ fn entry(
     key: PrivateKeyDer<'static>,
 ) -> Result<Entry, rustls::Error> {
     let names = chain.first().map(dns_names).unwrap_or_default();
-    let signing = provider().key_provider.load_private_key(key)?;
+    let signing = front_provider().key_provider.load_private_key(key)?;
     let ck = CertifiedKey::new(chain, signing);
     ck.keys_match()?;
     Ok(Entry {
