@@ -38,6 +38,7 @@ HTTP_PATHS = ["direct", "nginx-rp", "zonegate-front", "zonegate-tcp", "rathole-t
               "rathole-noise"]
 HTTPS_PATHS = ["nginx-rp-tls", "zonegate-front-tls"]
 HALF_PATHS = ["direct", "nginx-rp", "zonegate-front"]
+FRONT_CONN_PATHS = ["nginx-rp", "zonegate-front"] + HTTPS_PATHS
 
 PANEL_W = 470
 LABEL_W = 120
@@ -131,7 +132,7 @@ def render(st, doc):
     if st.has("http-conn"):
         panels.append(("New connections through the front (plain, HTTPS)",
                        "connections/s, higher is better",
-                       rows("http-conn", "rps", ["nginx-rp", "zonegate-front"] + HTTPS_PATHS), None))
+                       rows("http-conn", "rps", FRONT_CONN_PATHS), None))
     if st.has("http-half"):
         d = st.median("http-half", "direct", "p99_ms")
         panels.append(("p99 at half of the front's maximum", "ms, lower is better",

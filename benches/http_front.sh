@@ -41,17 +41,15 @@ http = { host = "bench.example" }
 to = "n1/web"
 allow = { from = ["public"] }
 EOF
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-  -subj /CN=bench.example -addext subjectAltName=DNS:bench.example \
-  -keyout "$tmp/tls.key" -out "$tmp/tls.crt" 2>/dev/null
+tls_cert "$tmp/tls" bench.example
 gw_conf=$Z/devices/gw/gateway.toml
 conf_set "$gw_conf" http '"127.0.0.1:18080"'
 conf_set "$gw_conf" https '"127.0.0.1:18443"'
 conf_set "$gw_conf" dns '"off"'
 cat >>"$gw_conf" <<EOF
 [[tls]]
-cert = "$tmp/tls.crt"
-key = "$tmp/tls.key"
+cert = "$tmp/tls/cert.pem"
+key = "$tmp/tls/key.pem"
 EOF
 
 nginx_start nginx "
@@ -61,12 +59,7 @@ nginx_start nginx "
   server {
     listen 127.0.0.1:8080;
     listen 127.0.0.1:8443 ssl http2;
-    ssl_certificate $tmp/tls.crt;
-    ssl_certificate_key $tmp/tls.key;
-    # As the gateway: TLS 1.3 (nginx 1.22 stops at 1.2 unless told) with AES-128-GCM.
-    ssl_protocols TLSv1.2 TLSv1.3;
-    ssl_prefer_server_ciphers on;
-    ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256;
+    $(nginx_tls "$tmp/tls")
     location / {
       proxy_pass http://backend;
       proxy_http_version 1.1;

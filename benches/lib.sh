@@ -211,6 +211,18 @@ tls_cert() {
     2>/dev/null || { echo "openssl could not make a certificate for $2" >&2; exit 1; }
 }
 
+# nginx_tls DIR - nginx's TLS lines for the certificate of `tls_cert DIR`, set to what the
+# gateway does by default: TLS 1.3 (nginx 1.22 stops at 1.2 unless told) and AES-128-GCM
+# chosen by the server (nginx follows the client's order unless told, and wrk's OpenSSL lists
+# AES-256-GCM first), so a comparison measures implementations, not settings.
+nginx_tls() {
+  echo "ssl_certificate $1/cert.pem;
+    ssl_certificate_key $1/key.pem;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_prefer_server_ciphers on;
+    ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256;"
+}
+
 # http_ready URL [HOST] [TIMEOUT] - until URL answers 200.
 http_ready() {
   python3 - "$1" "${2:-}" "${3:-20}" <<'EOF'

@@ -23,6 +23,7 @@ TUNNELS = ["direct", "zonegate", "rathole-tcp", "rathole-noise", "bore"]
 HTTP_PATHS = ["direct", "nginx-rp", "zonegate-front", "zonegate-tcp", "rathole-tcp",
               "rathole-noise", "nginx-rp-tls", "zonegate-front-tls"]
 HALF_PATHS = ["direct", "nginx-rp", "zonegate-front"]
+FRONT_CONN_PATHS = ["nginx-rp", "zonegate-front", "nginx-rp-tls", "zonegate-front-tls"]
 LABEL = {
     "direct": "direct",
     "zonegate": "zonegate (tcp app)",
@@ -220,7 +221,7 @@ def build(paths):
         w("")
         w("| path | connections/s | p50 ms | p99 ms | errors |")
         w("|---|---:|---:|---:|---:|")
-        for c in ["nginx-rp", "zonegate-front", "nginx-rp-tls", "zonegate-front-tls"]:
+        for c in FRONT_CONN_PATHS:
             if not st.values("http-conn", c, "rps"):
                 continue
             w(f"| {LABEL[c]} | {cell(st, 'http-conn', c, 'rps', 0)} "

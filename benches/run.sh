@@ -165,10 +165,7 @@ setup_contenders() {
   start iperf3-server iperf3 -s -p 5201
   nginx_backend
   if has http; then
-    # HTTPS: nginx and the gateway serve the same certificate and pick the same suite,
-    # AES-128-GCM (the gateway's own choice; nginx follows the client's order unless told,
-    # and wrk's OpenSSL lists AES-256-GCM first), so the ratio compares implementations.
-    # This nginx (1.22) enables TLS 1.3 only when told (its default is TLS 1.0-1.2).
+    # HTTPS: nginx and the gateway serve the same certificate, TLS 1.3 and AES-128-GCM.
     tls_cert "$tmp/tls" bench.example
     local proxy="
       proxy_pass http://backend;
@@ -183,11 +180,7 @@ setup_contenders() {
   server { listen 127.0.0.1:8080 backlog=4096; location / { $proxy } }
   server {
     listen 127.0.0.1:8443 ssl backlog=4096;
-    ssl_certificate $tmp/tls/cert.pem;
-    ssl_certificate_key $tmp/tls/key.pem;
-    ssl_protocols TLSv1.2 TLSv1.3;
-    ssl_prefer_server_ciphers on;
-    ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256;
+    $(nginx_tls "$tmp/tls")
     location / { $proxy }
   }"
   fi
@@ -273,29 +266,29 @@ run_conn() {
   done
 }
 
+# wrk_paths TEST PATH... [-- WRK_ARG...] - REPS rounds of wrk --latency through each PATH
+# (HTTPS for the *-tls ones), recorded as TEST.
+wrk_paths() {
+  local test=$1 rep c scheme paths=() extra=()
+  shift
+  while (($#)) && [[ $1 != -- ]]; do paths+=("$1"); shift; done
+  (($#)) && { shift; extra=("$@"); }
+  for ((rep = 1; rep <= REPS; rep++)); do
+    for c in $(rotated "$rep" "${paths[@]}"); do
+      scheme=http
+      [[ $c == *-tls ]] && scheme=https
+      timeout $((SECS + 30)) wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --timeout 10s --latency \
+        -H 'Host: bench.example' "${extra[@]}" "$scheme://127.0.0.1:${HTTP_PORT[$c]}/" >"$tmp/wrk.out" 2>&1 || true
+      parse wrk "$runs" "$test" "$c" "$rep" "$tmp/wrk.out"
+    done
+  done
+}
+
 run_http() {
   echo "## keep-alive HTTP/1.1: wrk -t$THREADS -c$CONNS -d${SECS}s --latency"
-  local rep c scheme
-  for ((rep = 1; rep <= REPS; rep++)); do
-    for c in $(rotated "$rep" "${HTTP_PATHS[@]}"); do
-      scheme=http
-      [[ $c == *-tls ]] && scheme=https
-      timeout $((SECS + 30)) wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --timeout 10s --latency \
-        -H 'Host: bench.example' "$scheme://127.0.0.1:${HTTP_PORT[$c]}/" >"$tmp/wrk.out" 2>&1 || true
-      parse wrk "$runs" http "$c" "$rep" "$tmp/wrk.out"
-    done
-  done
-
+  wrk_paths http "${HTTP_PATHS[@]}"
   echo "## new connections through the front and nginx's reverse proxy: wrk -t$THREADS -c$CONNS -d${SECS}s -H 'Connection: close'"
-  for ((rep = 1; rep <= REPS; rep++)); do
-    for c in $(rotated "$rep" "${FRONT_CONN_PATHS[@]}"); do
-      scheme=http
-      [[ $c == *-tls ]] && scheme=https
-      timeout $((SECS + 30)) wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --timeout 10s --latency \
-        -H 'Host: bench.example' -H 'Connection: close' "$scheme://127.0.0.1:${HTTP_PORT[$c]}/" >"$tmp/wrk.out" 2>&1 || true
-      parse wrk "$runs" http-conn "$c" "$rep" "$tmp/wrk.out"
-    done
-  done
+  wrk_paths http-conn "${FRONT_CONN_PATHS[@]}" -- -H 'Connection: close'
 
   local max rate per
   max=$(parse get "$runs" http zonegate-front rps)
