@@ -13,6 +13,9 @@ and one human line is printed. Sub-commands:
   put    RUNS TEST CONTENDER REP KEY=VALUE...     anything else (numbers, true/false, text)
   get    RUNS TEST CONTENDER METRIC               median of METRIC over reps (for the shell)
   assemble RUNS OUT.json                          runs + machine/params (from the environment)
+
+With CPU_STAT="BEFORE|AFTER" (two /proc/stat `cpu` lines) in the environment, a measurement
+also gets the machine's CPU over it (machine_cpu).
 """
 
 import json
@@ -25,7 +28,39 @@ import sys
 import time
 
 
+def machine_cpu(metrics, stat):
+    """Adds the whole machine's CPU over one measurement, from two /proc/stat `cpu` lines
+    ("BEFORE|AFTER", run.sh's cpu_mark and parse): CPU seconds busy (user, nice, system, irq,
+    softirq: the client, the servers and whatever sits between them), the share of CPU time
+    idle, and the share stolen (time the hypervisor ran something else while this VM's CPUs
+    wanted to run: a host that steals makes req/s and Gbit/s lower and noisier). Per unit of
+    work: busy CPU µs per request, busy CPU seconds per GB received."""
+    before, _, after = stat.partition("|")
+    try:
+        a = [int(x) for x in before.split()[1:9]]
+        b = [int(x) for x in after.split()[1:9]]
+    except ValueError:
+        return
+    if len(a) < 8 or len(b) < 8:
+        return
+    user, nice, system, idle, iowait, irq, softirq, steal = (y - x for x, y in zip(a, b))
+    total = user + nice + system + idle + iowait + irq + softirq + steal
+    if total <= 0:
+        return
+    busy = (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+    metrics["cpu_busy_s"] = round(busy, 2)
+    metrics["idle_pct"] = round(100 * (idle + iowait) / total, 1)
+    metrics["steal_pct"] = round(100 * steal / total, 1)
+    if metrics.get("requests"):
+        metrics["cpu_us_per_req"] = round(busy * 1e6 / metrics["requests"], 2)
+    if metrics.get("gbytes"):
+        metrics["cpu_s_per_gb"] = round(busy / metrics["gbytes"], 3)
+
+
 def append(runs, test, contender, rep, metrics):
+    stat = os.environ.get("CPU_STAT", "")
+    if stat and not stat.startswith("|"):
+        machine_cpu(metrics, stat)
     rec = {"test": test, "contender": contender, "rep": int(rep), "metrics": metrics}
     with open(runs, "a") as f:
         f.write(json.dumps(rec) + "\n")
@@ -48,6 +83,7 @@ def iperf3(runs, test, contender, rep, path):
         if d.get("error"):
             raise ValueError(d["error"])
         metrics["gbps"] = round(d["end"]["sum_received"]["bits_per_second"] / 1e9, 3)
+        metrics["gbytes"] = round(d["end"]["sum_received"]["bytes"] / 1e9, 3)
         metrics["retransmits"] = d["end"].get("sum_sent", {}).get("retransmits")
     except Exception as e:  # a failed run is recorded, not fatal
         metrics["errors"] = 1

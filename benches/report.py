@@ -99,6 +99,16 @@ def cell(st, test, c, metric, digits=None):
     return num(m, digits)
 
 
+def cpu_cols(st, test, paths, unit):
+    """The machine-CPU columns of a per-path table (header, alignment, cells of one path), or
+    nothing for raw data recorded before run.sh measured the machine's CPU."""
+    if not any(st.values(test, c, "cpu_us_per_req") for c in paths):
+        return "", "", lambda c: ""
+    return (f" machine CPU µs/{unit} | stolen % |", "---:|---:|",
+            lambda c: f" {cell(st, test, c, 'cpu_us_per_req', 1)} | "
+                      f"{num(st.median(test, c, 'steal_pct'), 1)} |")
+
+
 def ratio(a, b):
     if a is None or b is None or b == 0:
         return None
@@ -137,6 +147,13 @@ def build(paths):
     w(f"- **Run**: {p.get('secs')} s per measurement, {p.get('reps')} repetitions per contender, "
       f"interleaved round-robin (order rotated each repetition); figures are medians, "
       f"<sub>(min–max)</sub> over repetitions; wrk -t{p.get('threads')} -c{p.get('conns')}")
+    steal = [r["metrics"]["steal_pct"] for r in runs if "steal_pct" in r["metrics"]]
+    if steal:
+        w(f"- **Host**: CPU time stolen by the hypervisor during the measurements: median "
+          f"{statistics.median(steal):.1f} %, max {max(steal):.1f} % ({len(steal)} measurements); "
+          f"each table's *machine CPU* column is the busy CPU of the whole machine (client, "
+          f"servers and the path between) per unit of work, steadier than the rates when the "
+          f"host is noisy")
     tools = d0.get("tools", {})
     w("- **Tools**: " + "; ".join(f"{v}" for v in tools.values() if v))
     w("")
@@ -153,6 +170,9 @@ def build(paths):
         rows = [("bulk-up", "gbps", "bulk TCP upload, Gbit/s"),
                 ("bulk-down", "gbps", "bulk TCP download (-R), Gbit/s"),
                 ("conn", "rps", "new connections/s (Connection: close)")]
+        cpu_rows = [("bulk-up", "cpu_s_per_gb", "upload: machine CPU s per GB (less is better)"),
+                    ("bulk-down", "cpu_s_per_gb", "download: machine CPU s per GB (less is better)"),
+                    ("conn", "cpu_us_per_req", "new connections: machine CPU µs per connection (less is better)")]
         for test, metric, title in rows:
             if not st.has(test):
                 continue
@@ -175,6 +195,14 @@ def build(paths):
                 r = ratio(z, best)
                 targets.append(("new connections/s ≥ 3× rathole (the faster transport)",
                                 rtxt(r), None if r is None else r >= 3.0))
+        for test, metric, title in cpu_rows:
+            if not any(st.values(test, c, metric) for c in TUNNELS):
+                continue
+            z = st.median(test, "zonegate", metric)
+            w(f"| {title} | " + " | ".join(cell(st, test, c, metric) for c in TUNNELS)
+              + f" | {rtxt(ratio(z, st.median(test, 'rathole-tcp', metric)))}"
+              + f" | {rtxt(ratio(z, st.median(test, 'rathole-noise', metric)))}"
+              + f" | {rtxt(ratio(z, st.median(test, 'direct', metric)))} |")
         errs = {c: st.total(t, c, "errors") for t in ("bulk-up", "bulk-down", "conn")
                 for c in TUNNELS if st.has(t)}
         bad = {c: n for c, n in errs.items() if n}
@@ -187,13 +215,14 @@ def build(paths):
     if st.has("http"):
         w("## Keep-alive HTTP/1.1 (wrk --latency; plain HTTP unless marked HTTPS)")
         w("")
-        w("| path | req/s | p50 ms | p99 ms | errors |")
-        w("|---|---:|---:|---:|---:|")
+        head, align, cpu = cpu_cols(st, "http", HTTP_PATHS, "req")
+        w(f"| path | req/s | p50 ms | p99 ms |{head} errors |")
+        w(f"|---|---:|---:|---:|{align}---:|")
         for c in HTTP_PATHS:
             if not st.values("http", c, "rps"):
                 continue
             w(f"| {LABEL[c]} | {cell(st, 'http', c, 'rps', 0)} | {cell(st, 'http', c, 'p50_ms')} "
-              f"| {cell(st, 'http', c, 'p99_ms')} | {st.total('http', c, 'errors')} |")
+              f"| {cell(st, 'http', c, 'p99_ms')} |{cpu(c)} {st.total('http', c, 'errors')} |")
         f = st.median("http", "zonegate-front", "rps")
         n = st.median("http", "nginx-rp", "rps")
         r = ratio(f, n)
@@ -201,6 +230,12 @@ def build(paths):
         w(f"Front / nginx reverse proxy: **{rtxt(r)}** req/s; front / rathole-tcp: "
           f"{rtxt(ratio(f, st.median('http', 'rathole-tcp', 'rps')))}; "
           f"front / direct: {rtxt(ratio(f, st.median('http', 'direct', 'rps')))}.")
+        fc = st.median("http", "zonegate-front", "cpu_us_per_req")
+        nc = st.median("http", "nginx-rp", "cpu_us_per_req")
+        if fc is not None and nc is not None:
+            w("")
+            w(f"Machine CPU per request: front {num(fc, 1)} µs, nginx reverse proxy {num(nc, 1)} µs: "
+              f"requests per CPU-second, front / nginx reverse proxy {rtxt(ratio(nc, fc))}.")
         ft = st.median("http", "zonegate-front-tls", "rps")
         nt = st.median("http", "nginx-rp-tls", "rps")
         if ft is not None or nt is not None:
@@ -219,14 +254,15 @@ def build(paths):
           "session resumption (zonegate: rustls' session cache; nginx: session tickets, keys "
           "per worker process).")
         w("")
-        w("| path | connections/s | p50 ms | p99 ms | errors |")
-        w("|---|---:|---:|---:|---:|")
+        head, align, cpu = cpu_cols(st, "http-conn", FRONT_CONN_PATHS, "conn")
+        w(f"| path | connections/s | p50 ms | p99 ms |{head} errors |")
+        w(f"|---|---:|---:|---:|{align}---:|")
         for c in FRONT_CONN_PATHS:
             if not st.values("http-conn", c, "rps"):
                 continue
             w(f"| {LABEL[c]} | {cell(st, 'http-conn', c, 'rps', 0)} "
               f"| {cell(st, 'http-conn', c, 'p50_ms')} | {cell(st, 'http-conn', c, 'p99_ms')} "
-              f"| {st.total('http-conn', c, 'errors')} |")
+              f"|{cpu(c)} {st.total('http-conn', c, 'errors')} |")
         w("")
         ratios = [(label, ratio(st.median("http-conn", f, "rps"), st.median("http-conn", n, "rps")))
                   for label, f, n in (("plain HTTP", "zonegate-front", "nginx-rp"),

@@ -92,7 +92,14 @@ has() { [[ " ${sections[*]} " == *" $1 "* ]]; }
 netns_init
 runs=$tmp/runs.jsonl
 : >"$runs"
-parse() { python3 "$bench_dir/parse.py" "$@"; }
+# parse ARGS... - records a measurement (parse.py); one that `cpu_mark` started also gets the
+# machine's CPU figures for the time since the mark (parse.py's machine_cpu).
+parse() {
+  local now
+  read -r now </proc/stat
+  CPU_STAT="${CPU_MARK:-}|$now" python3 "$bench_dir/parse.py" "$@"
+  CPU_MARK=
+}
 export BENCH_DATE REPO_DIR=$repo_dir LOAD_BEFORE SECTIONS="${sections[*]}"
 BENCH_DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -246,8 +253,12 @@ run_bulk() {
   for ((rep = 1; rep <= REPS; rep++)); do
     for c in $(rotated "$rep" "${TUNNELS[@]}"); do
       f=$tmp/iperf.json
+      cpu_mark
+
       timeout $((SECS + 30)) iperf3 -c 127.0.0.1 -p "${IPERF_PORT[$c]}" -t "$SECS" -J >"$f" 2>&1 || true
       parse iperf3 "$runs" bulk-up "$c" "$rep" "$f"
+      cpu_mark
+
       timeout $((SECS + 30)) iperf3 -c 127.0.0.1 -p "${IPERF_PORT[$c]}" -t "$SECS" -J -R >"$f" 2>&1 || true
       parse iperf3 "$runs" bulk-down "$c" "$rep" "$f"
     done
@@ -259,6 +270,8 @@ run_conn() {
   local rep c
   for ((rep = 1; rep <= REPS; rep++)); do
     for c in $(rotated "$rep" "${TUNNELS[@]}"); do
+      cpu_mark
+
       timeout $((SECS + 30)) wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --timeout 10s \
         -H 'Connection: close' "http://127.0.0.1:${HTTP_PORT[$c]}/" >"$tmp/wrk.out" 2>&1 || true
       parse wrk "$runs" conn "$c" "$rep" "$tmp/wrk.out"
@@ -277,6 +290,8 @@ wrk_paths() {
     for c in $(rotated "$rep" "${paths[@]}"); do
       scheme=http
       [[ $c == *-tls ]] && scheme=https
+      cpu_mark
+
       timeout $((SECS + 30)) wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --timeout 10s --latency \
         -H 'Host: bench.example' "${extra[@]}" "$scheme://127.0.0.1:${HTTP_PORT[$c]}/" >"$tmp/wrk.out" 2>&1 || true
       parse wrk "$runs" "$test" "$c" "$rep" "$tmp/wrk.out"
@@ -303,6 +318,8 @@ run_http() {
   for ((rep = 1; rep <= REPS; rep++)); do
     for c in $(rotated "$rep" "${HALF_PATHS[@]}"); do
       rm -f "$tmp/h2.log"
+      cpu_mark
+
       timeout $((SECS + 30)) h2load --h1 -c"$HALF_CLIENTS" --rps="$per" -D "$SECS" \
         -H ':authority: bench.example' --log-file="$tmp/h2.log" \
         "http://127.0.0.1:${HTTP_PORT[$c]}/" >"$tmp/h2.out" 2>&1 || true
@@ -520,6 +537,8 @@ print(round(statistics.median(ts), 2))')
   local rep
   for ((rep = 1; rep <= REPS; rep++)); do
     for c in $(rotated "$rep" "${TUNNELS[@]}"); do
+      cpu_mark
+
       timeout $((SECS + 30)) wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --timeout 10s --latency \
         -H 'Connection: close' "${url[$c]}" >"$tmp/wrk.out" 2>&1 || true
       parse wrk "$runs" wan-conn "$c" "$rep" "$tmp/wrk.out"
@@ -529,8 +548,12 @@ print(round(statistics.median(ts), 2))')
   local f=$tmp/iperf.json
   for ((rep = 1; rep <= REPS; rep++)); do
     for c in $(rotated "$rep" "${TUNNELS[@]}"); do
+      cpu_mark
+
       timeout $((SECS + 30)) iperf3 -c "${iperf[$c]%:*}" -p "${iperf[$c]##*:}" -t "$SECS" -J >"$f" 2>&1 || true
       parse iperf3 "$runs" wan-bulk-up "$c" "$rep" "$f"
+      cpu_mark
+
       timeout $((SECS + 30)) iperf3 -c "${iperf[$c]%:*}" -p "${iperf[$c]##*:}" -t "$SECS" -J -R >"$f" 2>&1 || true
       parse iperf3 "$runs" wan-bulk-down "$c" "$rep" "$f"
     done
