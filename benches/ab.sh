@@ -21,6 +21,8 @@
 #          (HTTP/1.1, and HTTP/2 with prior knowledge), through a public tcp app, and direct;
 #          then the same file PUT up each path (nginx's WebDAV module stores it in /dev/shm);
 #          Gbit/s and CPU seconds per GB as for bulk
+#   Every line ends with the whole machine's idle and stolen CPU shares over the measurement
+#   (/proc/stat): a round the hypervisor stole from is disturbed, not a property of the variant.
 #   ROUNDS=4 rounds; each round starts every variant afresh (gateway + node), order as given.
 # Runs as root in a private network namespace like the other scripts (benches/lib.sh).
 set -euo pipefail
@@ -105,6 +107,13 @@ else
 fi
 
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; } # utime + stime, clock ticks
+# The whole machine's idle and stolen CPU since `cpu_mark`: a round the hypervisor stole from
+# is slower for reasons of its own; idle CPU under a closed-loop load means latency-bound.
+machine_note() {
+  local now
+  read -r now </proc/stat
+  python3 "$bench_dir/parse.py" cpu "$CPU_MARK|$now"
+}
 hz=$(getconf CLK_TCK)
 export NSTAT_HISTORY=$tmp/nstat.history # nstat keeps its history per user, not per namespace
 
@@ -125,6 +134,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
       http_ready http://127.0.0.1:18080/ bench.example 30
       rm -f "$tmp/h2.log"
       g0=$(ticks "${PID[gw]}") n0=$(ticks "${PID[node]}")
+      cpu_mark
       timeout $((SECS + 30)) h2load --h1 -c16 --rps="$(python3 -c "print($RATE / 16)")" -D "$SECS" \
         -H ':authority: bench.example' --log-file="$tmp/h2.log" http://127.0.0.1:18080/ >"$tmp/h2.out" 2>&1 || true
       g1=$(ticks "${PID[gw]}") n1=$(ticks "${PID[node]}")
@@ -135,10 +145,10 @@ import parse
 lat, bad = parse.latencies(sys.argv[2])
 g, n, hz = map(float, sys.argv[3:6])
 r = max(len(lat), 1)
-print('%-40s round %s: req/s %8.0f  p50 %.2f  p99 %.2f  p99.9 %.2f ms  non-2xx %d  gateway %5.1f us/req  node %5.1f us/req' % (
+print('%-40s round %s: req/s %8.0f  p50 %.2f  p99 %.2f  p99.9 %.2f ms  non-2xx %d  gateway %5.1f us/req  node %5.1f us/req  %s' % (
     sys.argv[6], sys.argv[7], len(lat) / float(sys.argv[8]), parse.pct(lat, .5), parse.pct(lat, .99), parse.pct(lat, .999), bad,
-    g * 1e6 / hz / r, n * 1e6 / hz / r))" \
-        "$bench_dir" "$tmp/h2.log" "$((g1 - g0))" "$((n1 - n0))" "$hz" "$v" "$round" "$SECS"
+    g * 1e6 / hz / r, n * 1e6 / hz / r, sys.argv[9]))" \
+        "$bench_dir" "$tmp/h2.log" "$((g1 - g0))" "$((n1 - n0))" "$hz" "$v" "$round" "$SECS" "$(machine_note)"
     elif [[ $MODE == download ]]; then
       http_ready http://127.0.0.1:18080/big bench.example 30
       # The first read of the file fills the page cache: not part of any path's figure.
@@ -174,6 +184,7 @@ print('%-40s round %d: %-9s %5.2f Gbit/s  gateway %5.2f s/GB  node %5.2f s/GB' %
       [[ $MODE == conn ]] && url=http://127.0.0.1:18001/ close=(-H 'Connection: close')
       http_ready "$url" bench.example 30
       g0=$(ticks "${PID[gw]}") n0=$(ticks "${PID[node]}")
+      cpu_mark
       out=$(wrk -t1 -c"${CONNS:-32}" -d"${SECS}s" --latency -H 'Host: bench.example' "${close[@]}" "$url")
       g1=$(ticks "${PID[gw]}") n1=$(ticks "${PID[node]}")
       reqs=$(awk '/requests in/ { print $1 }' <<<"$out")
@@ -181,24 +192,26 @@ print('%-40s round %d: %-9s %5.2f Gbit/s  gateway %5.2f s/GB  node %5.2f s/GB' %
       p99=$(awk '$1 == "99%" { print $2 }' <<<"$out")
       unit=req
       [[ $MODE == conn ]] && unit=conn
-      python3 -c "import sys; g, n, r, hz = map(float, sys.argv[1:5]); u = sys.argv[8]; print('%-40s round %d: %s/s %8.0f  p99 %-7s gateway %5.1f us/%s  node %5.1f us/%s' % (sys.argv[5], $round, u, float(sys.argv[6]), sys.argv[7], g * 1e6 / hz / r, u, n * 1e6 / hz / r, u))" \
-        "$((g1 - g0))" "$((n1 - n0))" "$reqs" "$hz" "$v" "$rps" "$p99" "$unit"
+      python3 -c "import sys; g, n, r, hz = map(float, sys.argv[1:5]); u = sys.argv[8]; print('%-40s round %d: %s/s %8.0f  p99 %-7s gateway %5.1f us/%s  node %5.1f us/%s  %s' % (sys.argv[5], $round, u, float(sys.argv[6]), sys.argv[7], g * 1e6 / hz / r, u, n * 1e6 / hz / r, u, sys.argv[9]))" \
+        "$((g1 - g0))" "$((n1 - n0))" "$reqs" "$hz" "$v" "$rps" "$p99" "$unit" "$(machine_note)"
     else
       for dir in up down; do
         flag=
         [[ $dir == down ]] && flag=-R
         nstat -n >/dev/null # reset nstat's history: the next call prints the delta
         g0=$(ticks "${PID[gw]}") n0=$(ticks "${PID[node]}")
+        cpu_mark
         json=$(iperf3 -c 127.0.0.1 -p 15201 -t "$SECS" -J $flag)
         g1=$(ticks "${PID[gw]}") n1=$(ticks "${PID[node]}")
+        note=$(machine_note)
         overflows=$(nstat -z UdpRcvbufErrors | awk '$1 == "UdpRcvbufErrors" { print $2 }')
         python3 -c "
 import json, sys
 d = json.loads(sys.argv[1])['end']['sum_received']
 g, n, hz = map(float, sys.argv[2:5])
 gb = d['bytes'] / 1e9
-print('%-40s round %d: %-4s %5.2f Gbit/s  gateway %5.2f s/GB  node %5.2f s/GB  UDP overflows %s' % (sys.argv[5], $round, sys.argv[6], d['bits_per_second'] / 1e9, g / hz / gb, n / hz / gb, sys.argv[7]))" \
-          "$json" "$((g1 - g0))" "$((n1 - n0))" "$hz" "$v" "$dir" "${overflows:-?}"
+print('%-40s round %d: %-4s %5.2f Gbit/s  gateway %5.2f s/GB  node %5.2f s/GB  UDP overflows %s  %s' % (sys.argv[5], $round, sys.argv[6], d['bits_per_second'] / 1e9, g / hz / gb, n / hz / gb, sys.argv[7], sys.argv[8]))" \
+          "$json" "$((g1 - g0))" "$((n1 - n0))" "$hz" "$v" "$dir" "${overflows:-?}" "$note"
       done
     fi
     stop gw || true

@@ -13,6 +13,8 @@ and one human line is printed. Sub-commands:
   put    RUNS TEST CONTENDER REP KEY=VALUE...     anything else (numbers, true/false, text)
   get    RUNS TEST CONTENDER METRIC               median of METRIC over reps (for the shell)
   assemble RUNS OUT.json                          runs + machine/params (from the environment)
+  cpu    "BEFORE|AFTER"                           the machine's idle and stolen CPU shares between
+                                                  two /proc/stat `cpu` lines (for ab.sh)
 
 With CPU_STAT="BEFORE|AFTER" (two /proc/stat `cpu` lines) in the environment, a measurement
 also gets the machine's CPU over it (machine_cpu).
@@ -300,9 +302,16 @@ def assemble(runs, out_path):
     print(f"# raw data: {out_path}")
 
 
+def cpu(stat):
+    """Prints the machine's idle and stolen CPU shares between two /proc/stat lines."""
+    m = {}
+    machine_cpu(m, stat)
+    print(f"idle {m['idle_pct']:4.1f} %  stolen {m['steal_pct']:4.1f} %" if m else "idle ? stolen ?")
+
+
 def main(argv):
     cmds = {"iperf3": iperf3, "wrk": wrk, "h2load": h2load, "dnsperf": dnsperf, "put": put, "get": get, "wire": wire,
-            "assemble": assemble}
+            "assemble": assemble, "cpu": cpu}
     if len(argv) < 2 or argv[1] not in cmds:
         sys.exit(__doc__)
     cmds[argv[1]](*argv[2:])
