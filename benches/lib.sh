@@ -256,11 +256,11 @@ port_ready() {
   return 1
 }
 
-# rss_kib PID - resident set size in KiB (0 if gone).
 # cpu_mark - notes the machine's CPU counters (the first line of /proc/stat) in CPU_MARK, read
-# without forking so that marking costs nothing; run.sh's `parse` measures from there.
+# without forking so that marking costs nothing; run.sh's `parse` and ab.sh measure from there.
 cpu_mark() { read -r CPU_MARK </proc/stat; }
 
+# rss_kib PID - resident set size in KiB (0 if gone).
 rss_kib() { awk '/^VmRSS:/ { print $2; f = 1 } END { if (!f) print 0 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 
 # log_problems FILE... - "W warnings, E errors" logged at WARN/ERROR level.

@@ -254,11 +254,9 @@ run_bulk() {
     for c in $(rotated "$rep" "${TUNNELS[@]}"); do
       f=$tmp/iperf.json
       cpu_mark
-
       timeout $((SECS + 30)) iperf3 -c 127.0.0.1 -p "${IPERF_PORT[$c]}" -t "$SECS" -J >"$f" 2>&1 || true
       parse iperf3 "$runs" bulk-up "$c" "$rep" "$f"
       cpu_mark
-
       timeout $((SECS + 30)) iperf3 -c 127.0.0.1 -p "${IPERF_PORT[$c]}" -t "$SECS" -J -R >"$f" 2>&1 || true
       parse iperf3 "$runs" bulk-down "$c" "$rep" "$f"
     done
@@ -271,7 +269,6 @@ run_conn() {
   for ((rep = 1; rep <= REPS; rep++)); do
     for c in $(rotated "$rep" "${TUNNELS[@]}"); do
       cpu_mark
-
       timeout $((SECS + 30)) wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --timeout 10s \
         -H 'Connection: close' "http://127.0.0.1:${HTTP_PORT[$c]}/" >"$tmp/wrk.out" 2>&1 || true
       parse wrk "$runs" conn "$c" "$rep" "$tmp/wrk.out"
@@ -291,7 +288,6 @@ wrk_paths() {
       scheme=http
       [[ $c == *-tls ]] && scheme=https
       cpu_mark
-
       timeout $((SECS + 30)) wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --timeout 10s --latency \
         -H 'Host: bench.example' "${extra[@]}" "$scheme://127.0.0.1:${HTTP_PORT[$c]}/" >"$tmp/wrk.out" 2>&1 || true
       parse wrk "$runs" "$test" "$c" "$rep" "$tmp/wrk.out"
@@ -319,7 +315,6 @@ run_http() {
     for c in $(rotated "$rep" "${HALF_PATHS[@]}"); do
       rm -f "$tmp/h2.log"
       cpu_mark
-
       timeout $((SECS + 30)) h2load --h1 -c"$HALF_CLIENTS" --rps="$per" -D "$SECS" \
         -H ':authority: bench.example' --log-file="$tmp/h2.log" \
         "http://127.0.0.1:${HTTP_PORT[$c]}/" >"$tmp/h2.out" 2>&1 || true
@@ -538,7 +533,6 @@ print(round(statistics.median(ts), 2))')
   for ((rep = 1; rep <= REPS; rep++)); do
     for c in $(rotated "$rep" "${TUNNELS[@]}"); do
       cpu_mark
-
       timeout $((SECS + 30)) wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --timeout 10s --latency \
         -H 'Connection: close' "${url[$c]}" >"$tmp/wrk.out" 2>&1 || true
       parse wrk "$runs" wan-conn "$c" "$rep" "$tmp/wrk.out"
@@ -549,11 +543,9 @@ print(round(statistics.median(ts), 2))')
   for ((rep = 1; rep <= REPS; rep++)); do
     for c in $(rotated "$rep" "${TUNNELS[@]}"); do
       cpu_mark
-
       timeout $((SECS + 30)) iperf3 -c "${iperf[$c]%:*}" -p "${iperf[$c]##*:}" -t "$SECS" -J >"$f" 2>&1 || true
       parse iperf3 "$runs" wan-bulk-up "$c" "$rep" "$f"
       cpu_mark
-
       timeout $((SECS + 30)) iperf3 -c "${iperf[$c]%:*}" -p "${iperf[$c]##*:}" -t "$SECS" -J -R >"$f" 2>&1 || true
       parse iperf3 "$runs" wan-bulk-down "$c" "$rep" "$f"
     done
