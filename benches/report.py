@@ -99,14 +99,28 @@ def cell(st, test, c, metric, digits=None):
     return num(m, digits)
 
 
-def cpu_cols(st, test, paths, unit):
-    """The machine-CPU columns of a per-path table (header, alignment, cells of one path), or
-    nothing for raw data recorded before run.sh measured the machine's CPU."""
-    if not any(st.values(test, c, "cpu_us_per_req") for c in paths):
-        return "", "", lambda c: ""
-    return (f" machine CPU µs/{unit} | stolen % |", "---:|---:|",
-            lambda c: f" {cell(st, test, c, 'cpu_us_per_req', 1)} | "
-                      f"{num(st.median(test, c, 'steal_pct'), 1)} |")
+def path_table(st, test, paths, rate, unit):
+    """The lines of a per-path table of `test`: rate, p50, p99, then the machine's CPU per
+    `unit` and the stolen share (left out for raw data recorded before run.sh measured the
+    machine's CPU), errors. Paths without a rate are skipped."""
+    cpu = any(st.values(test, c, "cpu_us_per_req") for c in paths)
+    head = f" machine CPU µs/{unit} | stolen % |" if cpu else ""
+    lines = [f"| path | {rate} | p50 ms | p99 ms |{head} errors |",
+             f"|---|---:|---:|---:|{'---:|---:|' if cpu else ''}---:|"]
+    for c in paths:
+        if not st.values(test, c, "rps"):
+            continue
+        cpu_cells = (f" {cell(st, test, c, 'cpu_us_per_req', 1)} | "
+                     f"{num(st.median(test, c, 'steal_pct'), 1)} |") if cpu else ""
+        lines.append(f"| {LABEL[c]} | {cell(st, test, c, 'rps', 0)} | {cell(st, test, c, 'p50_ms')} "
+                     f"| {cell(st, test, c, 'p99_ms')} |{cpu_cells} {st.total(test, c, 'errors')} |")
+    return lines
+
+
+def tunnel_ratios(st, test, metric):
+    """zonegate's median of `metric` over rathole-tcp's, rathole-noise's and direct's."""
+    z = st.median(test, "zonegate", metric)
+    return [ratio(z, st.median(test, c, metric)) for c in ("rathole-tcp", "rathole-noise", "direct")]
 
 
 def ratio(a, b):
@@ -177,11 +191,8 @@ def build(paths):
             if not st.has(test):
                 continue
             z = st.median(test, "zonegate", metric)
-            cells = [cell(st, test, c, metric) for c in TUNNELS]
-            r_tcp = ratio(z, st.median(test, "rathole-tcp", metric))
-            r_noise = ratio(z, st.median(test, "rathole-noise", metric))
-            r_direct = ratio(z, st.median(test, "direct", metric))
-            w(f"| {title} | " + " | ".join(cells)
+            r_tcp, r_noise, r_direct = tunnel_ratios(st, test, metric)
+            w(f"| {title} | " + " | ".join(cell(st, test, c, metric) for c in TUNNELS)
               + f" | {rtxt(r_tcp)} | {rtxt(r_noise)} | {rtxt(r_direct)} |")
             if test.startswith("bulk"):
                 d = "upload" if test == "bulk-up" else "download"
@@ -198,11 +209,8 @@ def build(paths):
         for test, metric, title in cpu_rows:
             if not any(st.values(test, c, metric) for c in TUNNELS):
                 continue
-            z = st.median(test, "zonegate", metric)
             w(f"| {title} | " + " | ".join(cell(st, test, c, metric) for c in TUNNELS)
-              + f" | {rtxt(ratio(z, st.median(test, 'rathole-tcp', metric)))}"
-              + f" | {rtxt(ratio(z, st.median(test, 'rathole-noise', metric)))}"
-              + f" | {rtxt(ratio(z, st.median(test, 'direct', metric)))} |")
+              + "".join(f" | {rtxt(r)}" for r in tunnel_ratios(st, test, metric)) + " |")
         errs = {c: st.total(t, c, "errors") for t in ("bulk-up", "bulk-down", "conn")
                 for c in TUNNELS if st.has(t)}
         bad = {c: n for c, n in errs.items() if n}
@@ -215,14 +223,7 @@ def build(paths):
     if st.has("http"):
         w("## Keep-alive HTTP/1.1 (wrk --latency; plain HTTP unless marked HTTPS)")
         w("")
-        head, align, cpu = cpu_cols(st, "http", HTTP_PATHS, "req")
-        w(f"| path | req/s | p50 ms | p99 ms |{head} errors |")
-        w(f"|---|---:|---:|---:|{align}---:|")
-        for c in HTTP_PATHS:
-            if not st.values("http", c, "rps"):
-                continue
-            w(f"| {LABEL[c]} | {cell(st, 'http', c, 'rps', 0)} | {cell(st, 'http', c, 'p50_ms')} "
-              f"| {cell(st, 'http', c, 'p99_ms')} |{cpu(c)} {st.total('http', c, 'errors')} |")
+        out += path_table(st, "http", HTTP_PATHS, "req/s", "req")
         f = st.median("http", "zonegate-front", "rps")
         n = st.median("http", "nginx-rp", "rps")
         r = ratio(f, n)
@@ -254,15 +255,7 @@ def build(paths):
           "session resumption (zonegate: rustls' session cache; nginx: session tickets, keys "
           "per worker process).")
         w("")
-        head, align, cpu = cpu_cols(st, "http-conn", FRONT_CONN_PATHS, "conn")
-        w(f"| path | connections/s | p50 ms | p99 ms |{head} errors |")
-        w(f"|---|---:|---:|---:|{align}---:|")
-        for c in FRONT_CONN_PATHS:
-            if not st.values("http-conn", c, "rps"):
-                continue
-            w(f"| {LABEL[c]} | {cell(st, 'http-conn', c, 'rps', 0)} "
-              f"| {cell(st, 'http-conn', c, 'p50_ms')} | {cell(st, 'http-conn', c, 'p99_ms')} "
-              f"|{cpu(c)} {st.total('http-conn', c, 'errors')} |")
+        out += path_table(st, "http-conn", FRONT_CONN_PATHS, "connections/s", "conn")
         w("")
         ratios = [(label, ratio(st.median("http-conn", f, "rps"), st.median("http-conn", n, "rps")))
                   for label, f, n in (("plain HTTP", "zonegate-front", "nginx-rp"),
