@@ -8,7 +8,8 @@
 #            node.toml) or @N,G for N node and G gateway threads, e.g.
 #            `benches/ab.sh front target/release/zonegate@2 target/release/zonegate@1`
 #   front: wrk -t1 -c$CONNS -d$SECS (CONNS=32 unless set) through the gateway's HTTP front to
-#          nginx on the node's side; prints req/s, p99 and gateway/node CPU µs per request
+#          nginx on the node's side; prints req/s, p99, gateway/node CPU µs per request and the
+#          tunnel's UDP datagrams per request each way (the gateway's /status)
 #   half:  the same path at a fixed rate, RATE req/s (default 10000, about half of the front's
 #          maximum here) from h2load --h1 -c16 --rps: p50/p99/p99.9 latency and CPU per request
 #   tcp:   as front, but through a public tcp app (the same tunnel, no HTTP work in zonegate):
@@ -183,17 +184,26 @@ print('%-40s round %d: %-9s %5.2f Gbit/s  gateway %5.2f s/GB  node %5.2f s/GB' %
       [[ $MODE == tcp ]] && url=http://127.0.0.1:18001/
       [[ $MODE == conn ]] && url=http://127.0.0.1:18001/ close=(-H 'Connection: close')
       http_ready "$url" bench.example 30
+      d0=$(python3 "$bench_dir/parse.py" datagrams 127.0.0.1:9090)
       g0=$(ticks "${PID[gw]}") n0=$(ticks "${PID[node]}")
       cpu_mark
       out=$(wrk -t1 -c"${CONNS:-32}" -d"${SECS}s" --latency -H 'Host: bench.example' "${close[@]}" "$url")
       g1=$(ticks "${PID[gw]}") n1=$(ticks "${PID[node]}")
+      d1=$(python3 "$bench_dir/parse.py" datagrams 127.0.0.1:9090)
       reqs=$(awk '/requests in/ { print $1 }' <<<"$out")
       rps=$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")
       p99=$(awk '$1 == "99%" { print $2 }' <<<"$out")
       unit=req
       [[ $MODE == conn ]] && unit=conn
-      python3 -c "import sys; g, n, r, hz = map(float, sys.argv[1:5]); u = sys.argv[8]; print('%-40s round %d: %s/s %8.0f  p99 %-7s gateway %5.1f us/%s  node %5.1f us/%s  %s' % (sys.argv[5], $round, u, float(sys.argv[6]), sys.argv[7], g * 1e6 / hz / r, u, n * 1e6 / hz / r, u, sys.argv[9]))" \
-        "$((g1 - g0))" "$((n1 - n0))" "$reqs" "$hz" "$v" "$rps" "$p99" "$unit" "$(machine_note)"
+      python3 -c "
+import sys
+g, n, r, hz = map(float, sys.argv[1:5])
+u = sys.argv[8]
+d0, d1 = sys.argv[10].split(), sys.argv[11].split()
+per = ['%.2f' % ((int(b) - int(a)) / r) if a.isdigit() and b.isdigit() else '?' for a, b in zip(d0, d1)]
+print('%-40s round %d: %s/s %8.0f  p99 %-7s gateway %5.1f us/%s  node %5.1f us/%s  packets/%s to node %s back %s  %s' % (
+    sys.argv[5], $round, u, float(sys.argv[6]), sys.argv[7], g * 1e6 / hz / r, u, n * 1e6 / hz / r, u, u, per[0], per[1], sys.argv[9]))" \
+        "$((g1 - g0))" "$((n1 - n0))" "$reqs" "$hz" "$v" "$rps" "$p99" "$unit" "$(machine_note)" "$d0" "$d1"
     else
       for dir in up down; do
         flag=

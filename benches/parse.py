@@ -309,9 +309,22 @@ def cpu(stat):
     print(f"idle {m['idle_pct']:4.1f} %  stolen {m['steal_pct']:4.1f} %" if m else "idle ? stolen ?")
 
 
+def datagrams(admin):
+    """Prints the UDP datagrams the gateway has sent to and received from its one agent
+    (its /status): packets per request is what the tunnel's per-request cost follows."""
+    import urllib.request
+
+    agents = json.load(urllib.request.urlopen(f"http://{admin}/status", timeout=5))["agents"]
+    if len(agents) != 1:
+        sys.exit(f"datagrams: expected one agent at {admin}, found {len(agents)}")
+    a = agents[0]
+    # A binary from before these counters (an A/B against an old build) has none: "- -".
+    print(a.get("udp_tx_datagrams", "-"), a.get("udp_rx_datagrams", "-"))
+
+
 def main(argv):
     cmds = {"iperf3": iperf3, "wrk": wrk, "h2load": h2load, "dnsperf": dnsperf, "put": put, "get": get, "wire": wire,
-            "assemble": assemble, "cpu": cpu}
+            "assemble": assemble, "cpu": cpu, "datagrams": datagrams}
     if len(argv) < 2 or argv[1] not in cmds:
         sys.exit(__doc__)
     cmds[argv[1]](*argv[2:])

@@ -109,6 +109,21 @@ async fn tcp_udp_and_mesh_through_the_gateway() {
         h1.bytes_to,
         h1.bytes_from
     );
+    // The packet counters count packets: 1 MiB each way takes at least 1 MiB / the largest
+    // payload datagrams (and they average well over 100 bytes: not a byte count), data that
+    // came back was acknowledged, and so was data sent.
+    let min = (1u64 << 20) / u64::from(tunnel::transport::MAX_UDP_PAYLOAD);
+    assert!(
+        h1.udp_tx_datagrams > min
+            && h1.udp_rx_datagrams > min
+            && h1.udp_tx_datagrams * 100 < h1.udp_tx
+            && h1.udp_rx_datagrams * 100 < h1.udp_rx
+            && h1.stream_frames_tx > min
+            && h1.stream_frames_rx > min
+            && h1.ack_frames_tx > 0
+            && h1.ack_frames_rx > 0,
+        "home1 packet counters: {h1:?}"
+    );
     let active = gw.hub.policy().current();
     let snap = active.snapshot();
     let echo_c = &snap.iter().find(|(n, _)| n == "echo").unwrap().1;

@@ -966,6 +966,12 @@ impl Hub {
                     bytes_from: a.bytes_from.load(Ordering::Relaxed),
                     udp_tx: st.udp_tx.bytes,
                     udp_rx: st.udp_rx.bytes,
+                    udp_tx_datagrams: st.udp_tx.datagrams,
+                    udp_rx_datagrams: st.udp_rx.datagrams,
+                    ack_frames_tx: st.frame_tx.acks,
+                    ack_frames_rx: st.frame_rx.acks,
+                    stream_frames_tx: st.frame_tx.stream,
+                    stream_frames_rx: st.frame_rx.stream,
                     services: a
                         .services
                         .read()

@@ -27,6 +27,14 @@ pub struct AgentStatus {
     pub bytes_from: u64,
     pub udp_tx: u64,
     pub udp_rx: u64,
+    /// UDP datagrams sent and received on the connection, and how many of each direction's
+    /// frames were ACKs: packets per request is what a tunnel's per-request cost follows.
+    pub udp_tx_datagrams: u64,
+    pub udp_rx_datagrams: u64,
+    pub ack_frames_tx: u64,
+    pub ack_frames_rx: u64,
+    pub stream_frames_tx: u64,
+    pub stream_frames_rx: u64,
     pub services: Vec<ServiceStatus>,
     /// Mesh streams from this device to others: relayed here or (after punching) direct.
     pub mesh: Vec<MeshPairStatus>,
