@@ -8,8 +8,9 @@
 #            node.toml) or @N,G for N node and G gateway threads, e.g.
 #            `benches/ab.sh front target/release/zonegate@2 target/release/zonegate@1`
 #   front: wrk -t1 -c$CONNS -d$SECS (CONNS=32 unless set) through the gateway's HTTP front to
-#          nginx on the node's side; prints req/s, p99, gateway/node CPU µs per request and the
-#          tunnel's UDP datagrams per request each way (the gateway's /status)
+#          nginx on the node's side; prints req/s, p99, gateway/node CPU µs per request (and
+#          the µs each spent ready to run but waiting for a CPU) and the tunnel's UDP datagrams
+#          per request each way (the gateway's /status)
 #   half:  the same path at a fixed rate, RATE req/s (default 10000, about half of the front's
 #          maximum here) from h2load --h1 -c16 --rps: p50/p99/p99.9 latency and CPU per request
 #   tcp:   as front, but through a public tcp app (the same tunnel, no HTTP work in zonegate):
@@ -108,6 +109,10 @@ else
 fi
 
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; } # utime + stime, clock ticks
+# Nanoseconds the process's threads have spent ready to run but waiting for a CPU (the second
+# field of each thread's schedstat): set against the machine's idle share, whether the
+# process waited behind others while a CPU idled.
+ready_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ s += $2 } END { printf "%.0f\n", s }'; }
 # The whole machine's idle and stolen CPU since `cpu_mark`: a round the hypervisor stole from
 # is slower for reasons of its own; idle CPU under a closed-loop load means latency-bound.
 machine_note() {
@@ -185,10 +190,12 @@ print('%-40s round %d: %-9s %5.2f Gbit/s  gateway %5.2f s/GB  node %5.2f s/GB' %
       [[ $MODE == conn ]] && url=http://127.0.0.1:18001/ close=(-H 'Connection: close')
       http_ready "$url" bench.example 30
       d0=$(python3 "$bench_dir/parse.py" datagrams 127.0.0.1:9090)
+      w0="$(ready_ns "${PID[gw]}") $(ready_ns "${PID[node]}")"
       g0=$(ticks "${PID[gw]}") n0=$(ticks "${PID[node]}")
       cpu_mark
       out=$(wrk -t1 -c"${CONNS:-32}" -d"${SECS}s" --latency -H 'Host: bench.example' "${close[@]}" "$url")
       g1=$(ticks "${PID[gw]}") n1=$(ticks "${PID[node]}")
+      w1="$(ready_ns "${PID[gw]}") $(ready_ns "${PID[node]}")"
       d1=$(python3 "$bench_dir/parse.py" datagrams 127.0.0.1:9090)
       reqs=$(awk '/requests in/ { print $1 }' <<<"$out")
       rps=$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")
@@ -201,9 +208,10 @@ g, n, r, hz = map(float, sys.argv[1:5])
 u = sys.argv[8]
 d0, d1 = sys.argv[10].split(), sys.argv[11].split()
 per = ['%.2f' % ((int(b) - int(a)) / r) if a.isdigit() and b.isdigit() else '?' for a, b in zip(d0, d1)]
-print('%-40s round %d: %s/s %8.0f  p99 %-7s gateway %5.1f us/%s  node %5.1f us/%s  packets/%s to node %s back %s  %s' % (
-    sys.argv[5], $round, u, float(sys.argv[6]), sys.argv[7], g * 1e6 / hz / r, u, n * 1e6 / hz / r, u, u, per[0], per[1], sys.argv[9]))" \
-        "$((g1 - g0))" "$((n1 - n0))" "$reqs" "$hz" "$v" "$rps" "$p99" "$unit" "$(machine_note)" "$d0" "$d1"
+wg, wn = (int(b) - int(a) for a, b in zip(sys.argv[12].split(), sys.argv[13].split()))
+print('%-40s round %d: %s/s %8.0f  p99 %-7s gateway %5.1f us/%s (+%.1f waiting)  node %5.1f us/%s (+%.1f waiting)  packets/%s to node %s back %s  %s' % (
+    sys.argv[5], $round, u, float(sys.argv[6]), sys.argv[7], g * 1e6 / hz / r, u, wg / 1e3 / r, n * 1e6 / hz / r, u, wn / 1e3 / r, u, per[0], per[1], sys.argv[9]))" \
+        "$((g1 - g0))" "$((n1 - n0))" "$reqs" "$hz" "$v" "$rps" "$p99" "$unit" "$(machine_note)" "$d0" "$d1" "$w0" "$w1"
     else
       for dir in up down; do
         flag=

@@ -15,6 +15,8 @@ and one human line is printed. Sub-commands:
   assemble RUNS OUT.json                          runs + machine/params (from the environment)
   cpu    "BEFORE|AFTER"                           the machine's idle and stolen CPU shares between
                                                   two /proc/stat `cpu` lines (for ab.sh)
+  datagrams ADMIN                                 UDP datagrams the gateway (admin address) sent
+                                                  to and received from its one agent (for ab.sh)
 
 With CPU_STAT="BEFORE|AFTER" (two /proc/stat `cpu` lines) in the environment, a measurement
 also gets the machine's CPU over it (machine_cpu).
