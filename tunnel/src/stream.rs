@@ -160,9 +160,7 @@ impl QuicStream {
             }
         }
     }
-}
 
-impl QuicStream {
     /// The next chunk quinn holds (one packet's payload, as received: no copy), at most
     /// `max` (> 0) bytes of it. `None` at the end of the stream.
     pub fn poll_read_chunk(
@@ -189,30 +187,7 @@ impl QuicStream {
             Err(e) => Poll::Ready(Err(e.into())),
         }
     }
-}
 
-impl AsyncRead for QuicStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        std::task::ready!(self.poll_reply(cx))?;
-        let before = buf.filled().len();
-        let r = if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            Poll::Ready(Ok(()))
-        } else {
-            self.poll_recv(cx, buf)
-        };
-        self.was_read(buf.filled().len() - before);
-        r
-    }
-}
-
-impl QuicStream {
     /// The outcome of a write: counted, or, when it failed before an early open's reply was
     /// read, the refusal in its place.
     fn wrote(
@@ -243,6 +218,27 @@ impl QuicStream {
                 m.received.fetch_add(n as u64, Ordering::Relaxed);
             }
         }
+    }
+}
+
+impl AsyncRead for QuicStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_reply(cx))?;
+        let before = buf.filled().len();
+        let r = if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            Poll::Ready(Ok(()))
+        } else {
+            self.poll_recv(cx, buf)
+        };
+        self.was_read(buf.filled().len() - before);
+        r
     }
 }
 
