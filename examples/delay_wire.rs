@@ -302,3 +302,110 @@ fn run(mut d: Direction, delay: Duration, cap: usize) -> anyhow::Result<Directio
     }
     Ok(d)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connected pair of packet sockets standing in for the two TUN devices: each write is
+    /// one packet, each read returns one whole packet, reads never block.
+    fn packet_pair() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: `fds` is valid for two descriptors; on success both are ours to own.
+        let rc = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0, "socketpair: {}", io::Error::last_os_error());
+        // SAFETY: both descriptors were just created and are owned by nobody else.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    fn send(fd: &OwnedFd, packet: &[u8]) {
+        // SAFETY: `packet` is valid for reads of its length; `fd` is open.
+        let n = unsafe { libc::write(fd.as_raw_fd(), packet.as_ptr().cast(), packet.len()) };
+        assert_eq!(n, packet.len() as isize);
+    }
+
+    /// Every packet waiting on `fd`, in order.
+    fn received(fd: &OwnedFd) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 64];
+        loop {
+            // SAFETY: `buf` is valid for writes of its length; `fd` is open.
+            let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                return out;
+            }
+            out.push(buf[..n as usize].to_vec());
+        }
+    }
+
+    #[test]
+    fn holds_packets_until_due_then_delivers_them_in_order() {
+        let (peer_a, tun_a) = packet_pair();
+        let (tun_b, peer_b) = packet_pair();
+        let mut d = Direction::new("a->b", tun_a.as_raw_fd(), tun_b.as_raw_fd());
+        for p in [&b"one"[..], b"two", b"three"] {
+            send(&peer_a, p);
+        }
+        let start = Instant::now();
+        let due = start + Duration::from_millis(10);
+        let mut buf = vec![0u8; MAX_PACKET];
+        d.read(&mut buf, due, 16).unwrap();
+        assert_eq!(d.queue.len(), 3);
+
+        d.flush(start);
+        assert!(
+            received(&peer_b).is_empty(),
+            "a packet left before it was due"
+        );
+        d.flush(due);
+        assert_eq!(received(&peer_b), [&b"one"[..], b"two", b"three"]);
+        assert_eq!(
+            d.report(),
+            "a->b carried 3 dropped_full 0 failed_writes 0 queued 0"
+        );
+    }
+
+    #[test]
+    fn drops_what_a_full_queue_cannot_hold_and_counts_it() {
+        let (peer_a, tun_a) = packet_pair();
+        let (tun_b, peer_b) = packet_pair();
+        let mut d = Direction::new("b->a", tun_a.as_raw_fd(), tun_b.as_raw_fd());
+        for p in [&b"1"[..], b"2", b"3"] {
+            send(&peer_a, p);
+        }
+        let now = Instant::now();
+        let mut buf = vec![0u8; MAX_PACKET];
+        d.read(&mut buf, now, 2).unwrap();
+        d.flush(now);
+        assert_eq!(received(&peer_b), [&b"1"[..], b"2"]);
+        assert_eq!(
+            d.report(),
+            "b->a carried 2 dropped_full 1 failed_writes 0 queued 0"
+        );
+    }
+
+    #[test]
+    fn a_write_the_far_side_refuses_is_counted_not_fatal() {
+        let (peer_a, tun_a) = packet_pair();
+        let (tun_b, peer_b) = packet_pair();
+        drop(peer_b); // the far device is gone: its writes fail
+        let mut d = Direction::new("a->b", tun_a.as_raw_fd(), tun_b.as_raw_fd());
+        send(&peer_a, b"lost");
+        let now = Instant::now();
+        let mut buf = vec![0u8; MAX_PACKET];
+        d.read(&mut buf, now, 4).unwrap();
+        d.flush(now);
+        // (Rust programs ignore SIGPIPE: the write fails with EPIPE instead of killing us.)
+        assert_eq!(
+            d.report(),
+            "a->b carried 0 dropped_full 0 failed_writes 1 queued 0"
+        );
+    }
+}
