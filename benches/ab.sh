@@ -6,7 +6,9 @@
 # Usage: benches/ab.sh front|half|tcp|conn|bulk|download VARIANT...
 #   VARIANT: a zonegate binary, optionally @N for N node worker threads (`threads = N` in
 #            node.toml) or @N,G for N node and G gateway threads, e.g.
-#            `benches/ab.sh front target/release/zonegate@2 target/release/zonegate@1`
+#            `benches/ab.sh front target/release/zonegate@2 target/release/zonegate@1`;
+#            for front, also `nginx-rp`: nginx's reverse proxy to the same backend without a
+#            tunnel (run.sh's reference), its workers' CPU and waiting in the gateway's place
 #   front: wrk -t1 -c$CONNS -d$SECS (CONNS=32 unless set) through the gateway's HTTP front to
 #          nginx on the node's side; prints req/s, p99, gateway/node CPU µs per request (and
 #          the µs each spent ready to run but waiting for a CPU) and the tunnel's UDP datagrams
@@ -38,9 +40,16 @@ if ! in_netns "$@"; then
     echo "usage: $0 front|half|tcp|conn|bulk|download ZONEGATE_BINARY[@NODE_THREADS[,GATEWAY_THREADS]]..." >&2
     exit 2
   fi
+  bins=0
   for v in "${@:2}"; do
+    if [[ $v == nginx-rp ]]; then
+      [[ $1 == front ]] || { echo "nginx-rp is a reference for front only" >&2; exit 2; }
+      continue
+    fi
     [[ -x ${v%@*} ]] || { echo "not an executable: ${v%@*}" >&2; exit 2; }
+    bins=$((bins + 1))
   done
+  ((bins > 0)) || { echo "no zonegate binary among the variants" >&2; exit 2; }
   case $1 in
     bulk) need_tools iperf3 python3 nstat unshare ;;
     half) need_tools h2load nginx python3 unshare ;;
@@ -58,7 +67,9 @@ shift
 if [[ -z $SECS ]]; then
   case $MODE in bulk) SECS=8 ;; half) SECS=10 ;; *) SECS=5 ;; esac
 fi
-ZONEGATE=${1%@*} # lib.sh's zone helpers run the first variant's binary
+for v in "$@"; do # lib.sh's zone helpers run the first zonegate variant's binary
+  [[ $v != nginx-rp ]] && { ZONEGATE=${v%@*}; break; }
+done
 netns_init
 
 Z=$tmp/zone
@@ -108,11 +119,18 @@ else
   start iperf3-server iperf3 -s -p 5201
 fi
 
-ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; } # utime + stime, clock ticks
-# Nanoseconds the process's threads have spent ready to run but waiting for a CPU (the second
-# field of each thread's schedstat): set against the machine's idle share, whether the
-# process waited behind others while a CPU idled.
-ready_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ s += $2 } END { printf "%.0f\n", s }'; }
+# ticks PID... - CPU time of the processes: utime + stime, clock ticks.
+ticks() {
+  local p
+  for p; do cat "/proc/$p/stat"; done | awk '{ s += $14 + $15 } END { printf "%.0f\n", s }'
+}
+# ready_ns PID... - nanoseconds the processes' threads have spent ready to run but waiting for
+# a CPU (the second field of each thread's schedstat): set against the machine's idle share,
+# whether they waited behind others while a CPU idled.
+ready_ns() {
+  local p
+  for p; do cat /proc/"$p"/task/*/schedstat 2>/dev/null; done | awk '{ s += $2 } END { printf "%.0f\n", s }'
+}
 # The whole machine's idle and stolen CPU since `cpu_mark`: a round the hypervisor stole from
 # is slower for reasons of its own; idle CPU under a closed-loop load means latency-bound.
 machine_note() {
@@ -132,10 +150,19 @@ for ((round = 1; round <= ROUNDS; round++)); do
     # `threads` is a top-level key: it goes before the file's first table.
     { [[ -n $threads ]] && echo "threads = $threads"; cat "$tmp/node.base.toml"; } >"$node_conf"
     { [[ -n $gw_threads ]] && echo "threads = $gw_threads"; cat "$tmp/gw.base.toml"; } >"$gw_conf"
-    start gw "$bin" gateway --config "$gw_conf"
-    start node "$bin" node --config "$node_conf" --service http=127.0.0.1:8000 \
-      --service iperf=127.0.0.1:5201
-    wait_agents 127.0.0.1:9090 1 20 >/dev/null || { tail -n 20 "$tmp"/gw.log "$tmp"/node.log >&2; exit 1; }
+    if [[ $v == nginx-rp ]]; then
+      # The reference: nginx's reverse proxy to the same backend, no tunnel (as run.sh's).
+      nginx_rp
+      http_ready http://127.0.0.1:8080/ bench.example 30
+      mapfile -t measured < <(pgrep -P "${PID[nginx-rp]}") # its workers
+      second=() labels=(nginx-rp -)
+    else
+      start gw "$bin" gateway --config "$gw_conf"
+      start node "$bin" node --config "$node_conf" --service http=127.0.0.1:8000 \
+        --service iperf=127.0.0.1:5201
+      wait_agents 127.0.0.1:9090 1 20 >/dev/null || { tail -n 20 "$tmp"/gw.log "$tmp"/node.log >&2; exit 1; }
+      measured=("${PID[gw]}") second=("${PID[node]}") labels=(gateway node)
+    fi
     if [[ $MODE == half ]]; then
       http_ready http://127.0.0.1:18080/ bench.example 30
       rm -f "$tmp/h2.log"
@@ -188,15 +215,17 @@ print('%-40s round %d: %-9s %5.2f Gbit/s  gateway %5.2f s/GB  node %5.2f s/GB' %
       url=http://127.0.0.1:18080/ close=()
       [[ $MODE == tcp ]] && url=http://127.0.0.1:18001/
       [[ $MODE == conn ]] && url=http://127.0.0.1:18001/ close=(-H 'Connection: close')
+      [[ $v == nginx-rp ]] && url=http://127.0.0.1:8080/
       http_ready "$url" bench.example 30
-      d0=$(python3 "$bench_dir/parse.py" datagrams 127.0.0.1:9090)
-      w0="$(ready_ns "${PID[gw]}") $(ready_ns "${PID[node]}")"
-      g0=$(ticks "${PID[gw]}") n0=$(ticks "${PID[node]}")
+      d0="- -" d1="- -"
+      [[ $v != nginx-rp ]] && d0=$(python3 "$bench_dir/parse.py" datagrams 127.0.0.1:9090)
+      w0="$(ready_ns "${measured[@]}") $(ready_ns "${second[@]}")"
+      g0=$(ticks "${measured[@]}") n0=$(ticks "${second[@]}")
       cpu_mark
       out=$(wrk -t1 -c"${CONNS:-32}" -d"${SECS}s" --latency -H 'Host: bench.example' "${close[@]}" "$url")
-      g1=$(ticks "${PID[gw]}") n1=$(ticks "${PID[node]}")
-      w1="$(ready_ns "${PID[gw]}") $(ready_ns "${PID[node]}")"
-      d1=$(python3 "$bench_dir/parse.py" datagrams 127.0.0.1:9090)
+      g1=$(ticks "${measured[@]}") n1=$(ticks "${second[@]}")
+      w1="$(ready_ns "${measured[@]}") $(ready_ns "${second[@]}")"
+      [[ $v != nginx-rp ]] && d1=$(python3 "$bench_dir/parse.py" datagrams 127.0.0.1:9090)
       reqs=$(awk '/requests in/ { print $1 }' <<<"$out")
       rps=$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")
       p99=$(awk '$1 == "99%" { print $2 }' <<<"$out")
@@ -209,9 +238,12 @@ u = sys.argv[8]
 d0, d1 = sys.argv[10].split(), sys.argv[11].split()
 per = ['%.2f' % ((int(b) - int(a)) / r) if a.isdigit() and b.isdigit() else '?' for a, b in zip(d0, d1)]
 wg, wn = (int(b) - int(a) for a, b in zip(sys.argv[12].split(), sys.argv[13].split()))
-print('%-40s round %d: %s/s %8.0f  p99 %-7s gateway %5.1f us/%s (+%.1f waiting)  node %5.1f us/%s (+%.1f waiting)  packets/%s to node %s back %s  %s' % (
-    sys.argv[5], $round, u, float(sys.argv[6]), sys.argv[7], g * 1e6 / hz / r, u, wg / 1e3 / r, n * 1e6 / hz / r, u, wn / 1e3 / r, u, per[0], per[1], sys.argv[9]))" \
-        "$((g1 - g0))" "$((n1 - n0))" "$reqs" "$hz" "$v" "$rps" "$p99" "$unit" "$(machine_note)" "$d0" "$d1" "$w0" "$w1"
+la, lb = sys.argv[14:16]
+cost = '%s %5.1f us/%s (+%.1f waiting)' % (la, g * 1e6 / hz / r, u, wg / 1e3 / r)
+if lb != '-':
+    cost += '  %s %5.1f us/%s (+%.1f waiting)  packets/%s to node %s back %s' % (lb, n * 1e6 / hz / r, u, wn / 1e3 / r, u, per[0], per[1])
+print('%-40s round %d: %s/s %8.0f  p99 %-7s %s  %s' % (sys.argv[5], $round, u, float(sys.argv[6]), sys.argv[7], cost, sys.argv[9]))" \
+        "$((g1 - g0))" "$((n1 - n0))" "$reqs" "$hz" "$v" "$rps" "$p99" "$unit" "$(machine_note)" "$d0" "$d1" "$w0" "$w1" "${labels[@]}"
     else
       for dir in up down; do
         flag=
@@ -234,5 +266,6 @@ print('%-40s round %d: %-4s %5.2f Gbit/s  gateway %5.2f s/GB  node %5.2f s/GB  U
     fi
     stop gw || true
     stop node || true
+    stop nginx-rp || true
   done
 done

@@ -312,6 +312,31 @@ nginx_backend() {
   server { listen $listen backlog=4096; location / { return 200 \"ok\n\"; } }" "$@"
 }
 
+# nginx_rp [TLS_DIR] - nginx as a plain reverse proxy (NAME nginx-rp, no tunnel) to
+# nginx_backend's 127.0.0.1:8000: HTTP/1.1 upstream with a keep-alive pool of 64, access log on
+# as shipped, on 127.0.0.1:8080 and, given TLS_DIR (from tls_cert), HTTPS on 127.0.0.1:8443.
+nginx_rp() {
+  local proxy="
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$remote_addr;
+      proxy_set_header X-Forwarded-Proto \$scheme;" https=
+  if [[ -n ${1:-} ]]; then
+    https="server {
+    listen 127.0.0.1:8443 ssl backlog=4096;
+    $(nginx_tls "$1")
+    location / { $proxy }
+  }"
+  fi
+  nginx_start nginx-rp "
+  access_log $tmp/nginx-rp/access.log;
+  upstream backend { server 127.0.0.1:8000; keepalive 64; }
+  server { listen 127.0.0.1:8080 backlog=4096; location / { $proxy } }
+  $https"
+}
+
 # front_only GATEWAY_TOML - the gateway serves plain HTTP on 127.0.0.1:18080, no HTTPS, no DNS.
 front_only() {
   conf_set "$1" http '"127.0.0.1:18080"'

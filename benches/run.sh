@@ -174,22 +174,7 @@ setup_contenders() {
   if has http; then
     # HTTPS: nginx and the gateway serve the same certificate, TLS 1.3 and AES-128-GCM.
     tls_cert "$tmp/tls" bench.example
-    local proxy="
-      proxy_pass http://backend;
-      proxy_http_version 1.1;
-      proxy_set_header Connection \"\";
-      proxy_set_header Host \$host;
-      proxy_set_header X-Forwarded-For \$remote_addr;
-      proxy_set_header X-Forwarded-Proto \$scheme;"
-    nginx_start nginx-rp "
-  access_log $tmp/nginx-rp/access.log;
-  upstream backend { server 127.0.0.1:8000; keepalive 64; }
-  server { listen 127.0.0.1:8080 backlog=4096; location / { $proxy } }
-  server {
-    listen 127.0.0.1:8443 ssl backlog=4096;
-    $(nginx_tls "$tmp/tls")
-    location / { $proxy }
-  }"
+    nginx_rp "$tmp/tls"
   fi
 
   # zonegate: one gateway, one node agent, default settings (info log: a line per connection
