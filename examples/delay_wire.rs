@@ -345,18 +345,25 @@ mod tests {
         }
     }
 
-    #[test]
-    fn holds_packets_until_due_then_delivers_them_in_order() {
+    /// A direction between two packet socket pairs, with `packets` waiting at its input: the
+    /// direction, the far end its output reaches, and the descriptors it uses (keep them open:
+    /// it holds their numbers only).
+    fn loaded(name: &'static str, packets: &[&[u8]]) -> (Direction, OwnedFd, [OwnedFd; 3]) {
         let (peer_a, tun_a) = packet_pair();
         let (tun_b, peer_b) = packet_pair();
-        let mut d = Direction::new("a->b", tun_a.as_raw_fd(), tun_b.as_raw_fd());
-        for p in [&b"one"[..], b"two", b"three"] {
+        for p in packets {
             send(&peer_a, p);
         }
+        let d = Direction::new(name, tun_a.as_raw_fd(), tun_b.as_raw_fd());
+        (d, peer_b, [peer_a, tun_a, tun_b])
+    }
+
+    #[test]
+    fn holds_packets_until_due_then_delivers_them_in_order() {
+        let (mut d, peer_b, _open) = loaded("a->b", &[b"one", b"two", b"three"]);
         let start = Instant::now();
         let due = start + Duration::from_millis(10);
-        let mut buf = vec![0u8; MAX_PACKET];
-        d.read(&mut buf, due, 16).unwrap();
+        d.read(&mut vec![0u8; MAX_PACKET], due, 16).unwrap();
         assert_eq!(d.queue.len(), 3);
 
         d.flush(start);
@@ -374,15 +381,9 @@ mod tests {
 
     #[test]
     fn drops_what_a_full_queue_cannot_hold_and_counts_it() {
-        let (peer_a, tun_a) = packet_pair();
-        let (tun_b, peer_b) = packet_pair();
-        let mut d = Direction::new("b->a", tun_a.as_raw_fd(), tun_b.as_raw_fd());
-        for p in [&b"1"[..], b"2", b"3"] {
-            send(&peer_a, p);
-        }
+        let (mut d, peer_b, _open) = loaded("b->a", &[b"1", b"2", b"3"]);
         let now = Instant::now();
-        let mut buf = vec![0u8; MAX_PACKET];
-        d.read(&mut buf, now, 2).unwrap();
+        d.read(&mut vec![0u8; MAX_PACKET], now, 2).unwrap();
         d.flush(now);
         assert_eq!(received(&peer_b), [&b"1"[..], b"2"]);
         assert_eq!(
@@ -393,14 +394,10 @@ mod tests {
 
     #[test]
     fn a_write_the_far_side_refuses_is_counted_not_fatal() {
-        let (peer_a, tun_a) = packet_pair();
-        let (tun_b, peer_b) = packet_pair();
+        let (mut d, peer_b, _open) = loaded("a->b", &[b"lost"]);
         drop(peer_b); // the far device is gone: its writes fail
-        let mut d = Direction::new("a->b", tun_a.as_raw_fd(), tun_b.as_raw_fd());
-        send(&peer_a, b"lost");
         let now = Instant::now();
-        let mut buf = vec![0u8; MAX_PACKET];
-        d.read(&mut buf, now, 4).unwrap();
+        d.read(&mut vec![0u8; MAX_PACKET], now, 4).unwrap();
         d.flush(now);
         // (Rust programs ignore SIGPIPE: the write fails with EPIPE instead of killing us.)
         assert_eq!(
