@@ -23,12 +23,17 @@ use super::upstream::Upstream;
 
 /// Idle connections kept per (app, device, service). Each is a QUIC stream plus a TCP
 /// connection on the device (~20 KiB on each side, benches/RESULTS.md), kept at most
-/// [`IDLE_TIMEOUT`]. It must hold what one burst of answers hands back: answers to concurrent
-/// requests finish together, and each connection turned away is a new stream and a new TCP
-/// connection on the device for the next request. At 32, 64 keep-alive clients through the
-/// front (`CONNS=64 benches/ab.sh front`) ran at 38.7k req/s with the node spending 14.7 µs
-/// per request, against 59.3k and 6.4 µs at 128; 128 clients 30.6k against 63.3k.
-pub const MAX_IDLE_PER_KEY: usize = 128;
+/// [`IDLE_TIMEOUT`] (or until the service closes it). It must hold what one burst of answers
+/// hands back: answers to concurrent requests finish together, and each connection turned away
+/// is a new stream and a new TCP connection on the device for the next request. At 32, 64
+/// keep-alive clients through the front (`CONNS=64 benches/ab.sh front`) ran at 38.7k req/s
+/// with the node spending 14.7 µs per request, against 59.3k and 6.4 µs at 128; 128 clients
+/// 30.6k against 63.3k. At 128, 512 clients (`CONNS=512 ROUNDS=2 SECS=5 benches/ab.sh front
+/// OLD NEW nginx-rp`) ran at 16.0k/16.6k req/s against 22.2k/23.5k at 1,024 (nginx's reverse
+/// proxy, `keepalive 64`: 20.4k/21.8k), the node spending 34–39 µs per request on a TCP connect
+/// and shutdown for most requests against 16.4–18.8 µs (5 rounds). Only a burst that wide
+/// fills it, and the sweep empties it within [`IDLE_TIMEOUT`] after.
+pub const MAX_IDLE_PER_KEY: usize = 1024;
 /// Idle connections older than this are not reused: services commonly close idle keep-alive
 /// connections after 60 s or more, so 30 s rarely hands out one that is about to be closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
