@@ -27,8 +27,8 @@ pub struct AgentStatus {
     pub bytes_from: u64,
     pub udp_tx: u64,
     pub udp_rx: u64,
-    /// UDP datagrams sent and received on the connection, and how many of each direction's
-    /// frames were ACKs: packets per request is what a tunnel's per-request cost follows.
+    /// UDP datagrams sent and received on the connection, and the ACK and STREAM frames they
+    /// carried each way: packets per request is what a tunnel's per-request cost follows.
     pub udp_tx_datagrams: u64,
     pub udp_rx_datagrams: u64,
     pub ack_frames_tx: u64,

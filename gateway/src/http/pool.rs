@@ -28,8 +28,8 @@ use super::upstream::Upstream;
 /// is a new stream and a new TCP connection on the device for the next request. At 32, 64
 /// keep-alive clients through the front (`CONNS=64 benches/ab.sh front`) ran at 38.7k req/s
 /// with the node spending 14.7 µs per request, against 59.3k and 6.4 µs at 128; 128 clients
-/// 30.6k against 63.3k. At 128, 512 clients (`CONNS=512 ROUNDS=2 SECS=5 benches/ab.sh front
-/// OLD NEW nginx-rp`) ran at 16.0k/16.6k req/s against 22.2k/23.5k at 1,024 (nginx's reverse
+/// 30.6k against 63.3k. With 128 kept, 512 clients (`CONNS=512 ROUNDS=2 SECS=5 benches/ab.sh
+/// front OLD NEW nginx-rp`) ran at 16.0k/16.6k req/s against 22.2k/23.5k at 1,024 (nginx's reverse
 /// proxy, `keepalive 64`: 20.4k/21.8k), the node spending 34–39 µs per request on a TCP connect
 /// and shutdown for most requests against 16.4–18.8 µs (5 rounds). Only a burst that wide
 /// fills it, and the sweep empties it within [`IDLE_TIMEOUT`] after.
