@@ -91,10 +91,13 @@ impl Pool {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(key).or_default();
-        // Pruned only when full (one clock read per request, not one per idle connection);
-        // `sweep` prunes the rest every few seconds.
+        // Pruned only when full; `sweep` prunes the rest every few seconds. The list is oldest
+        // first (pushed as they come back, taken from the end, swept in order), so the stale
+        // ones are a prefix: found by binary search, not by a pass over up to
+        // MAX_IDLE_PER_KEY entries on every answer while a wide burst keeps it full.
         if list.len() >= MAX_IDLE_PER_KEY {
-            list.retain(|c| now - c.since < IDLE_TIMEOUT);
+            let stale = list.partition_point(|c| now - c.since >= IDLE_TIMEOUT);
+            list.drain(..stale);
         }
         if list.len() < MAX_IDLE_PER_KEY {
             list.push(Idle { up, since: now });
