@@ -131,13 +131,13 @@ ready_ns() {
   local p
   for p; do cat /proc/"$p"/task/*/schedstat 2>/dev/null; done | awk '{ s += $2 } END { printf "%.0f\n", s }'
 }
-# The whole machine's idle and stolen CPU since `cpu_mark`: a round the hypervisor stole from
-# is slower for reasons of its own; idle CPU under a closed-loop load means latency-bound.
-machine_note() {
-  local now
-  read -r now </proc/stat
-  python3 "$bench_dir/parse.py" cpu "$CPU_MARK|$now"
-}
+# cpu_end - notes the machine's CPU counters as the load stops (no fork, like cpu_mark), so
+# the reading of counters and /status that follows is not part of the measurement.
+cpu_end() { read -r CPU_END </proc/stat; }
+# The whole machine's idle and stolen CPU from `cpu_mark` to `cpu_end`: a round the hypervisor
+# stole from is slower for reasons of its own; idle CPU under a closed-loop load means
+# latency-bound.
+machine_note() { python3 "$bench_dir/parse.py" cpu "$CPU_MARK|$CPU_END"; }
 hz=$(getconf CLK_TCK)
 export NSTAT_HISTORY=$tmp/nstat.history # nstat keeps its history per user, not per namespace
 
@@ -170,6 +170,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
       cpu_mark
       timeout $((SECS + 30)) h2load --h1 -c16 --rps="$(python3 -c "print($RATE / 16)")" -D "$SECS" \
         -H ':authority: bench.example' --log-file="$tmp/h2.log" http://127.0.0.1:18080/ >"$tmp/h2.out" 2>&1 || true
+      cpu_end
       g1=$(ticks "${PID[gw]}") n1=$(ticks "${PID[node]}")
       python3 -c "
 import sys
@@ -223,6 +224,7 @@ print('%-40s round %d: %-9s %5.2f Gbit/s  gateway %5.2f s/GB  node %5.2f s/GB' %
       g0=$(ticks "${measured[@]}") n0=$(ticks "${second[@]}")
       cpu_mark
       out=$(wrk -t1 -c"${CONNS:-32}" -d"${SECS}s" --latency -H 'Host: bench.example' "${close[@]}" "$url")
+      cpu_end
       g1=$(ticks "${measured[@]}") n1=$(ticks "${second[@]}")
       w1="$(ready_ns "${measured[@]}") $(ready_ns "${second[@]}")"
       [[ $v != nginx-rp ]] && d1=$(python3 "$bench_dir/parse.py" datagrams 127.0.0.1:9090)
@@ -252,8 +254,8 @@ print('%-40s round %d: %s/s %8.0f  p99 %-7s %s  %s' % (sys.argv[5], $round, u, f
         g0=$(ticks "${PID[gw]}") n0=$(ticks "${PID[node]}")
         cpu_mark
         json=$(iperf3 -c 127.0.0.1 -p 15201 -t "$SECS" -J $flag)
+        cpu_end
         g1=$(ticks "${PID[gw]}") n1=$(ticks "${PID[node]}")
-        note=$(machine_note)
         overflows=$(nstat -z UdpRcvbufErrors | awk '$1 == "UdpRcvbufErrors" { print $2 }')
         python3 -c "
 import json, sys
@@ -261,7 +263,7 @@ d = json.loads(sys.argv[1])['end']['sum_received']
 g, n, hz = map(float, sys.argv[2:5])
 gb = d['bytes'] / 1e9
 print('%-40s round %d: %-4s %5.2f Gbit/s  gateway %5.2f s/GB  node %5.2f s/GB  UDP overflows %s  %s' % (sys.argv[5], $round, sys.argv[6], d['bits_per_second'] / 1e9, g / hz / gb, n / hz / gb, sys.argv[7], sys.argv[8]))" \
-          "$json" "$((g1 - g0))" "$((n1 - n0))" "$hz" "$v" "$dir" "${overflows:-?}" "$note"
+          "$json" "$((g1 - g0))" "$((n1 - n0))" "$hz" "$v" "$dir" "${overflows:-?}" "$(machine_note)"
       done
     fi
     stop gw || true
