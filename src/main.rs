@@ -13,7 +13,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", zonegate::cmd::error_text(&e));
             ExitCode::from(zonegate::cmd::exit_code(&e))
         }
     }

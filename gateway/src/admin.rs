@@ -114,11 +114,35 @@ pub async fn serve_with(
     }
 }
 
+/// The admin address could not be bound; the message says which setting to change. It embeds
+/// the I/O error, which is therefore not a `source` (error chains would print it twice).
+#[derive(Debug, thiserror::Error)]
+#[error("admin API: cannot listen on {addr}: {error}{}", bind_hint(.error))]
+pub struct BindError {
+    pub addr: SocketAddr,
+    pub error: std::io::Error,
+}
+
+/// Two agents on one machine both default to the same admin port; say which setting frees it.
+fn bind_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            " (another program uses it, e.g. another zonegate on this machine: set `admin = \"127.0.0.1:PORT\"` to a free port in the config file)"
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            " (no interface of this machine has that address: set `admin = \"127.0.0.1:PORT\"` in the config file)"
+        }
+        _ => "",
+    }
+}
+
 /// Binds the admin address. The admin API shows who is connected from where, so anything but
 /// loopback gets a loud warning.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
     if !addr.ip().is_loopback() {
         tracing::warn!(addr = %addr, "admin API bound to a non-loopback address: anyone who reaches it sees your devices");
     }
-    TcpListener::bind(addr).await
+    TcpListener::bind(addr)
+        .await
+        .map_err(|error| BindError { addr, error })
 }

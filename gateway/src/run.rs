@@ -73,12 +73,15 @@ pub struct Gateway {
 pub enum StartError {
     #[error(transparent)]
     Tunnel(#[from] tunnel::TunnelError),
-    #[error("admin API: cannot listen on {0}: {1}")]
-    Admin(SocketAddr, std::io::Error),
+    #[error(transparent)]
+    Admin(#[from] admin::BindError),
     #[error("{0}")]
     Bind(String),
     #[error("HTTPS: {0}")]
     Tls(#[from] front::tls::TlsError),
+    /// Its messages name DNS themselves.
+    #[error(transparent)]
+    Dns(#[from] name_resolver::DnsError),
 }
 
 /// Binds a public HTTP(S) port, with a message that says what to do when it fails.
@@ -120,9 +123,7 @@ impl Gateway {
         shutdown: CancellationToken,
     ) -> Result<Self, StartError> {
         let endpoint = transport::server_endpoint(opts.listen, &opts.creds, &opts.tuning)?;
-        let admin = admin::bind(opts.admin)
-            .await
-            .map_err(|e| StartError::Admin(opts.admin, e))?;
+        let admin = admin::bind(opts.admin).await?;
         let hub = Hub::new(HubConfig {
             creds: opts.creds.clone(),
             policy: opts.policy.clone(),
@@ -164,11 +165,7 @@ impl Gateway {
             None => (None, None),
         };
         let dns = match opts.dns {
-            Some(a) => Some(
-                name_resolver::DnsServer::bind_same_port(a)
-                    .await
-                    .map_err(|e| StartError::Bind(format!("DNS: {e}")))?,
-            ),
+            Some(a) => Some(name_resolver::DnsServer::bind_same_port(a).await?),
             None => None,
         };
         let front = Front::new(hub.clone(), opts.http_tuning);

@@ -21,12 +21,13 @@ pub enum RecordsError {
 /// The DNS server cannot start or stopped unexpectedly.
 #[derive(Debug, thiserror::Error)]
 pub enum DnsError {
-    #[error("DNS: cannot listen on {proto} {addr}: {source}{hint}")]
+    // The message embeds the I/O error, so it is not also a `source`: error chains (anyhow's
+    // `{:#}`) would print it twice.
+    #[error("DNS: cannot listen on {proto} {addr}: {error}{hint}")]
     Bind {
         proto: &'static str,
         addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
         /// What to do about it, with a leading "; ".
         hint: String,
     },

@@ -59,7 +59,7 @@ fn bind_error(proto: &'static str, addr: SocketAddr, source: std::io::Error) -> 
     DnsError::Bind {
         proto,
         addr,
-        source,
+        error: source,
         hint,
     }
 }

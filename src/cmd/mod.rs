@@ -29,6 +29,22 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The error line's text: the error and its causes joined by ": ", as anyhow's `{:#}` does,
+/// except that a cause whose text the line already holds is left out — many of our errors
+/// embed their cause in their own message to say what to do about it, and printing it again
+/// would say the same thing twice.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
 /// Usage mistakes exit 2, everything else 1.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     for cause in e.chain() {
@@ -65,5 +81,27 @@ pub(crate) fn expiry_note(t: time::OffsetDateTime, now: time::OffsetDateTime) ->
         format!("WARNING: expires in {days} days")
     } else {
         format!("in {days} days")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_text;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("HTTPS: {0}")]
+    struct Embeds(#[from] std::io::Error);
+
+    #[test]
+    fn error_text_prints_each_cause_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "cert.pem: no such file");
+        // A cause the message already embeds is not repeated.
+        let e = anyhow::Error::from(Embeds(io()));
+        assert_eq!(error_text(&e), "HTTPS: cert.pem: no such file");
+        // Context whose text does not hold the cause still gets it appended, in chain order.
+        let e = anyhow::Error::from(io()).context("reading the config");
+        assert_eq!(error_text(&e), "reading the config: cert.pem: no such file");
+        let e = anyhow::Error::from(Embeds(io())).context("gateway");
+        assert_eq!(error_text(&e), "gateway: HTTPS: cert.pem: no such file");
     }
 }

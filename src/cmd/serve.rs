@@ -182,9 +182,7 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
             endpoint,
         )
         .await?;
-        let admin = gateway::admin::bind(admin_addr)
-            .await
-            .with_context(|| format!("admin API: cannot listen on {admin_addr}"))?;
+        let admin = gateway::admin::bind(admin_addr).await?;
         let shutdown = CancellationToken::new();
         let a2 = agent.clone();
         let c2 = creds.clone();

@@ -417,6 +417,31 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
     assert!(e.contains("does not belong to the certificate"), "{e}");
 }
 
+/// Two agents on one machine both default to admin port 9091: the second one's error names
+/// the setting that frees it, and says the OS error once.
+#[test]
+fn busy_admin_port_names_the_setting() {
+    let t = tempfile::tempdir().unwrap();
+    let z = zone_with_devices(t.path());
+    let node = z.join("devices/home1/node.toml");
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap();
+    let text = std::fs::read_to_string(&node).unwrap();
+    let text: String = text
+        .lines()
+        .filter(|l| !l.starts_with("admin ="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&node, format!("admin = \"{addr}\"\n{text}")).unwrap();
+    let e = fails(1, ["node", "--config", node.to_str().unwrap()]);
+    assert!(
+        e.contains(&format!("admin API: cannot listen on {addr}"))
+            && e.contains("set `admin = \"127.0.0.1:PORT\"`"),
+        "{e}"
+    );
+    assert_eq!(e.matches("(os error").count(), 1, "{e}");
+}
+
 #[test]
 fn policy_check_and_explain() {
     let t = tempfile::tempdir().unwrap();
