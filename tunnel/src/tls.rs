@@ -20,6 +20,11 @@ pub fn server_crypto(creds: &DeviceCreds) -> Result<Arc<QuicServerConfig>, Tunne
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     // 0-RTT would let a replayed first flight open streams: not worth it for long-lived tunnels.
     cfg.max_early_data_size = 0;
+    // No session resumption: a resumed handshake carries the client certificate over without
+    // verifying it again, so a device revoked (or expired) since its last full handshake would
+    // get in by reconnecting. Agents reconnect rarely; a full handshake each time is cheap.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     QuicServerConfig::try_from(cfg)
         .map(Arc::new)
         .map_err(|e| TunnelError::Config(e.to_string()))
@@ -33,6 +38,9 @@ pub fn client_crypto(creds: &DeviceCreds) -> Result<Arc<QuicClientConfig>, Tunne
         .with_custom_certificate_verifier(creds.trust.server_verifier())
         .with_client_auth_cert(vec![creds.cert_der.clone()], creds.private_key())?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
+    // Every handshake verifies the peer's certificate against the current revocations (see
+    // `server_crypto`); the accepting side would refuse resumption anyway.
+    cfg.resumption = rustls::client::Resumption::disabled();
     QuicClientConfig::try_from(cfg)
         .map(Arc::new)
         .map_err(|e| TunnelError::Config(e.to_string()))
