@@ -259,6 +259,14 @@ impl Gateway {
             "gateway started"
         );
         let _watcher = policies::spawn_watcher(hub.policy().clone(), POLICY_POLL);
+        if let Some(p) = opts.creds.zone_path() {
+            tokio::spawn(crate::zone_watch::watch(
+                hub.clone(),
+                p.to_owned(),
+                POLICY_POLL,
+                shutdown.clone(),
+            ));
+        }
         let status_hub = hub.clone();
         let status: admin::StatusFn = Arc::new(move || status_json(&status_hub, started));
         let extras = admin::Extras {

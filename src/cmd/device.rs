@@ -89,7 +89,7 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
         DeviceCmd::Revoke { name, zone } => {
             let mut z = ZoneDir::open(&zone.zone)?;
             z.revoke(&name, now)?;
-            println!("revoked {name}: zone.json serial {}. Copy zone.json to your gateways (or publish it with `zone dump-text`) so they refuse it.", z.zone.config.serial);
+            println!("revoked {name}: zone.json serial {}. Copy {} into each gateway's bundle: a running gateway adopts it within about a second, disconnects {name} and passes the new config to every agent (its DNS serves it too).", z.zone.config.serial, zone.zone.join("zone.json").display());
             Ok(())
         }
         DeviceCmd::Renew {

@@ -656,6 +656,123 @@ async fn device_revoked_while_connected_is_cut_off_and_stays_out() {
     gw.shutdown.cancel();
 }
 
+/// What `device revoke` tells the owner to do: copy the new zone.json into the gateway's bundle.
+/// The running gateway adopts it (no restart, no agent passing it on) and cuts the device off;
+/// a damaged copy and an older one change nothing, and an older config a device offers later
+/// does not overwrite the newer file on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zone_json_copied_into_a_running_gateway_revokes() {
+    let (z, gw, _h1) = echo_zone(&["home1", "laptop"], "", fast_tuning()).await;
+    let laptop = start_echo_node(&z, &gw, "laptop").await;
+    let gw_zone = z.bundle("gw").zone_config;
+    let before = std::fs::read(&gw_zone).unwrap();
+    let serial0 = gw.hub.creds().zone_serial();
+
+    // A half-copied file: refused, nothing changes.
+    std::fs::write(&gw_zone, &before[..before.len() / 2]).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(gw.hub.creds().zone_serial(), serial0);
+    assert!(gw.hub.agent("laptop").is_some());
+
+    let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
+    zd.revoke(
+        &zone_core::DeviceName::new("laptop").unwrap(),
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    let revoking = std::fs::read(z.zone_dir().join("zone.json")).unwrap();
+    std::fs::write(&gw_zone, &revoking).unwrap();
+    wait_until("laptop disconnected", WAIT, || {
+        gw.hub.agent("laptop").is_none()
+    })
+    .await;
+    assert_eq!(gw.hub.creds().zone_serial(), serial0 + 1);
+    assert!(gw
+        .hub
+        .creds()
+        .trust
+        .is_revoked(&zone_core::DeviceName::new("laptop").unwrap()));
+    assert_echoes(gw.apps["echo"], b"home1 still served").await;
+
+    // The owner copies an older zone.json by mistake: ignored, the laptop stays out.
+    std::fs::write(&gw_zone, &before).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(gw.hub.creds().zone_serial(), serial0 + 1);
+    assert!(gw.hub.agent("laptop").is_none());
+    laptop.shutdown.cancel();
+    gw.shutdown.cancel();
+}
+
+/// Every tunnel handshake verifies the device's certificate against the revocations in force:
+/// a reconnect must not slip past them by resuming an earlier TLS session (a resumed handshake
+/// does not verify the client certificate again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_cannot_resume_past_a_revocation() {
+    let z = TestZone::new(&["laptop"]);
+    let gw = z.creds("gw");
+    let tuning = fast_tuning();
+    let server =
+        tunnel::transport::server_endpoint("127.0.0.1:0".parse().unwrap(), &gw, &tuning).unwrap();
+    let addr = server.local_addr().unwrap();
+    let accept = tokio::spawn({
+        let server = server.clone();
+        async move {
+            while let Some(inc) = server.accept().await {
+                tokio::spawn(async move {
+                    if let Ok(conn) = inc.await {
+                        conn.closed().await;
+                    }
+                });
+            }
+        }
+    });
+    let laptop = z.creds("laptop");
+    let client =
+        tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), &laptop, &tuning)
+            .unwrap();
+    let connect = || async {
+        let conn = client.connect(addr, "gw.alice.example").unwrap().await?;
+        // The accepting side verifies the client certificate after the client has finished
+        // its half of the handshake: a refusal arrives as a close right after.
+        match tokio::time::timeout(Duration::from_millis(800), conn.closed()).await {
+            Ok(e) => Err(e),
+            Err(_) => Ok(conn),
+        }
+    };
+    let first = connect().await.expect("laptop's first handshake");
+    first.close(0u32.into(), b"");
+
+    let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
+    zd.revoke(
+        &zone_core::DeviceName::new("laptop").unwrap(),
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    let revoking = std::fs::read(z.zone_dir().join("zone.json")).unwrap();
+    assert!(gw.offer_zone(&revoking).unwrap().is_some());
+    let again = connect().await;
+    assert!(again.is_err(), "a revoked device completed a handshake");
+    accept.abort();
+}
+
+/// A device offers a config newer than the one in use, but the owner has meanwhile copied an
+/// even newer one into the bundle (not read yet): the adoption must not overwrite that file.
+#[test]
+fn adopting_an_offer_keeps_a_newer_zone_json_on_disk() {
+    let z = TestZone::new(&["home1"]);
+    let creds = z.creds("gw");
+    let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    zd.resign(now, 30).unwrap();
+    let offered = std::fs::read(z.zone_dir().join("zone.json")).unwrap();
+    zd.resign(now, 30).unwrap();
+    let newest = std::fs::read(z.zone_dir().join("zone.json")).unwrap();
+    std::fs::write(&z.bundle("gw").zone_config, &newest).unwrap();
+    let adopted = creds.offer_zone(&offered).unwrap();
+    assert_eq!(adopted, Some(creds.zone_serial()));
+    assert_eq!(std::fs::read(&z.bundle("gw").zone_config).unwrap(), newest);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_flows_closed_as_they_open_are_not_left_on_the_agent() {
     let z = TestZone::new(&["home1"]);

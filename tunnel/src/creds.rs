@@ -140,6 +140,11 @@ impl DeviceCreds {
         crate::e2e::peer_public(&self.zone().config, device)
     }
 
+    /// The bundle's zone.json, when these credentials were loaded from one.
+    pub fn zone_path(&self) -> Option<&Path> {
+        self.zone_path.as_deref()
+    }
+
     /// The newest verified zone config.
     pub fn zone(&self) -> Arc<SignedZone> {
         self.zone.read().unwrap_or_else(|p| p.into_inner()).clone()
@@ -167,7 +172,15 @@ impl DeviceCreds {
         self.trust.set_revocations(&offered.config);
         let serial = offered.config.serial;
         if let Some(p) = &self.zone_path {
-            zone_core::zonedir::write_atomic(p, offered.to_json_pretty().as_bytes(), 0o644)?;
+            // The owner may have copied a newer zone.json into the bundle that this process
+            // has not read yet (the gateway polls it): never overwrite it with an older one.
+            let on_disk = std::fs::read(p)
+                .ok()
+                .and_then(|b| SignedZone::from_json(&b).ok())
+                .map(|z| z.config.serial);
+            if on_disk.is_none_or(|s| s < serial) {
+                zone_core::zonedir::write_atomic(p, offered.to_json_pretty().as_bytes(), 0o644)?;
+            }
         }
         *cur = Arc::new(offered);
         Ok(Some(serial))

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
-use zone_core::DeviceIdentity;
+use zone_core::{DeviceIdentity, SignedZone};
 
 use crate::admit::{GateStats, HandshakeGate, HandshakePermit};
 use crate::control::{self, ControlHandle, ControlIo};
@@ -608,9 +608,37 @@ impl Hub {
     /// A peer offered a zone.json: adopt it if newer and valid, push it to every agent, and
     /// drop connections of devices it revokes.
     fn adopt_zone(&self, bytes: &[u8], from: &str) {
+        if let Err(e) = self.adopt_zone_from(bytes, from) {
+            warn!(from = %from, error = %e, "refused zone config offered by a device");
+        }
+    }
+
+    /// The zone.json file in this gateway's bundle changed (the owner copied a new one in,
+    /// e.g. after `device revoke`): adopt it like one a device offers. A file that does not
+    /// verify changes nothing; one that is not newer than the config in use is ignored.
+    pub fn adopt_zone_file(&self, bytes: &[u8], path: &std::path::Path) {
+        let from = path.display().to_string();
+        let current = self.0.cfg.creds.zone_serial();
+        match self.adopt_zone_from(bytes, &from) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                let serial = SignedZone::from_json(bytes).map(|z| z.config.serial).ok();
+                if serial.is_some_and(|s| s < current) {
+                    warn!(file = %from, serial = ?serial, current, "zone.json file is older than the zone config in use: ignored (copy the newest zone.json from the zone directory)");
+                }
+            }
+            Err(e) => {
+                warn!(file = %from, error = %e, current, "zone.json file refused; the zone config in use stays (copy the zone directory's zone.json again)");
+            }
+        }
+    }
+
+    /// Adopts `bytes` if newer and valid: pushes it to every agent and drops the connections
+    /// of devices it revokes. The new serial when adopted.
+    fn adopt_zone_from(&self, bytes: &[u8], from: &str) -> Result<Option<u64>, TunnelError> {
         let creds = &self.0.cfg.creds;
-        match creds.offer_zone(bytes) {
-            Ok(Some(serial)) => {
+        match creds.offer_zone(bytes)? {
+            Some(serial) => {
                 info!(serial, from = %from, "adopted newer zone config");
                 let json = creds.zone().to_json_compact();
                 for a in self.agents() {
@@ -624,9 +652,9 @@ impl Hub {
                     let json = json.clone();
                     a.ctl.try_apply(move |s| s.send_config_update(serial, json));
                 }
+                Ok(Some(serial))
             }
-            Ok(None) => {}
-            Err(e) => warn!(from = %from, error = %e, "refused zone config offered by a device"),
+            None => Ok(None),
         }
     }
 

@@ -1,0 +1,51 @@
+//! Watches the zone.json in the gateway's bundle: a newer one the owner copies in while the
+//! gateway runs (after `device revoke` or `device add`) is adopted as if a device had passed it
+//! on — verified, pushed to every agent, revoked devices disconnected, served by the zone DNS.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+use tunnel::hub::Hub;
+
+/// What is compared between polls: the file's size and modification time, or nothing when it
+/// cannot be read.
+type Fingerprint = Option<(u64, Option<SystemTime>)>;
+
+fn fingerprint(path: &Path) -> Fingerprint {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.len(), meta.modified().ok()))
+}
+
+/// Polls `path` every `interval` until `shutdown`. A changed file is read once it has held
+/// still for one interval, so a copy in progress (`cp` truncates, then writes) is not read
+/// half-written. Polling, like the policy watcher: the same on every filesystem and way of
+/// copying.
+pub async fn watch(hub: Hub, path: PathBuf, interval: Duration, shutdown: CancellationToken) {
+    let mut seen = fingerprint(&path);
+    let mut settling: Option<Fingerprint> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let now = fingerprint(&path);
+        if now == seen {
+            settling = None;
+            continue;
+        }
+        if settling.as_ref() != Some(&now) {
+            settling = Some(now);
+            continue;
+        }
+        settling = None;
+        seen = now;
+        match std::fs::read(&path) {
+            Ok(bytes) => hub.adopt_zone_file(&bytes, &path),
+            Err(e) => {
+                warn!(file = %path.display(), error = %e, "cannot read zone.json; the zone config in use stays")
+            }
+        }
+    }
+}
