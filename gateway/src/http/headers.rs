@@ -4,7 +4,10 @@
 //! asked.
 //!
 //! The gateway is the zone's edge, so `X-Forwarded-*` sent by a client are not trusted: they
-//! are replaced, never appended to, and a service can believe what it reads.
+//! are replaced, never appended to, and a service can believe what it reads. Other headers
+//! through which frameworks learn the client's address, scheme or host (`Forwarded`,
+//! `X-Real-IP`, …: [`CLIENT_CLAIMS`]) are dropped, so a service that prefers them falls back
+//! to the gateway's `X-Forwarded-*` instead of believing the client.
 
 use std::net::IpAddr;
 
@@ -13,9 +16,11 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use crate::addr_text;
 
 /// Headers that describe one hop, never forwarded (with `Proxy-Authenticate` on answers, and
-/// whatever `Connection` names).
-pub const HOP_BY_HOP: [HeaderName; 8] = [
+/// whatever `Connection` names). `HTTP2-Settings` belongs to an `h2c` upgrade, which is never
+/// passed on ([`upgrade_requested`]).
+pub const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
+    HeaderName::from_static("http2-settings"),
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::TE,
@@ -30,13 +35,39 @@ pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// Request headers by which a client could claim another address, scheme, host or prefix to
+/// a service that reads them (chi's `RealIP`, Spring's and Quarkus' `Forwarded` support, …);
+/// dropped on the way up.
+pub const CLIENT_CLAIMS: [HeaderName; 9] = [
+    header::FORWARDED,
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("x-client-ip"),
+    HeaderName::from_static("cf-connecting-ip"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-ssl"),
+    HeaderName::from_static("x-forwarded-scheme"),
+];
+
 /// The protocol a token asks to upgrade to, if `headers` ask for an upgrade (`Connection`
 /// lists `upgrade` and `Upgrade` is present).
+///
+/// An upgrade to `h2c` (cleartext HTTP/2, RFC 7540 §3.2) is no upgrade here: after a `101`
+/// the connection carries HTTP/2 requests straight to the service, past the app's methods,
+/// paths, rate and body limits, which were checked for the upgrade request only. The request
+/// goes up as an ordinary one (`Upgrade` and `HTTP2-Settings` are hop-by-hop), as RFC 9113
+/// §3.1 lets a server ignore the offer.
 pub fn upgrade_requested(headers: &HeaderMap) -> Option<HeaderValue> {
     let wants = connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"));
-    wants
-        .then(|| headers.get(header::UPGRADE).cloned())
-        .flatten()
+    let proto = wants.then(|| headers.get(header::UPGRADE)).flatten()?;
+    let h2c = proto.to_str().map_or(true, |v| {
+        v.split(',').any(|p| {
+            let name = p.trim().split('/').next().unwrap_or("");
+            name.eq_ignore_ascii_case("h2c")
+        })
+    });
+    (!h2c).then(|| proto.clone())
 }
 
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
@@ -67,7 +98,7 @@ pub struct Forwarded<'a> {
 ///   carry a `Host` that says otherwise (RFC 9112 §3.2.2: a proxy replaces it), and a service
 ///   choosing its virtual host by that would serve an app the policy never decided on;
 /// - `X-Forwarded-For` (the client's address), `-Proto` (`http`/`https`) and `-Host` replace
-///   the client's own;
+///   the client's own; [`CLIENT_CLAIMS`] are left out;
 /// - `Content-Length` is left to the caller, who frames the body.
 ///
 /// Writing the head this way costs less than removing and inserting in the `HeaderMap`
@@ -88,6 +119,7 @@ pub fn write_request_headers(headers: &HeaderMap, fwd: &Forwarded<'_>, out: &mut
             || *name == X_FORWARDED_HOST;
         if replaced
             || is_hop_by_hop(name)
+            || CLIENT_CLAIMS.contains(name)
             || listed.iter().any(|t| t.eq_ignore_ascii_case(name.as_str()))
         {
             continue;
@@ -245,6 +277,41 @@ mod tests {
         assert!(!got.contains_key("keep-alive"));
         // `Upgrade` without `Connection: upgrade` is no upgrade request.
         assert!(upgrade_requested(&map(&[("upgrade", "websocket")])).is_none());
+    }
+
+    /// An `h2c` upgrade would tunnel HTTP/2 requests past the app's rules: it goes up as an
+    /// ordinary request, without `Upgrade` or its `HTTP2-Settings`.
+    #[test]
+    fn h2c_upgrade_is_not_passed_on() {
+        for proto in ["h2c", "H2C", "websocket, h2c", "h2c/1"] {
+            let h = map(&[
+                ("connection", "Upgrade, HTTP2-Settings"),
+                ("upgrade", proto),
+                ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+                ("accept", "*/*"),
+            ]);
+            let up = upgrade_requested(&h);
+            assert!(up.is_none(), "{proto}: {up:?}");
+            let got = sent(&h, &fwd(up.as_ref()), false);
+            assert_eq!(got.len(), 1, "{proto}: {got:?}");
+            assert!(got.contains_key("accept"));
+        }
+        // Not even when `Connection` forgets to list it.
+        let h = map(&[("http2-settings", "AAMA"), ("accept", "*/*")]);
+        assert_eq!(sent(&h, &fwd(None), false).len(), 1);
+    }
+
+    #[test]
+    fn client_claims_of_address_scheme_and_host_are_dropped() {
+        let mut pairs = vec![("accept", "*/*")];
+        let values: Vec<(String, &str)> = CLIENT_CLAIMS
+            .iter()
+            .map(|n| (n.as_str().to_owned(), "for=6.6.6.6;proto=https"))
+            .collect();
+        pairs.extend(values.iter().map(|(n, v)| (n.as_str(), *v)));
+        let got = sent(&map(&pairs), &fwd(None), false);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got.contains_key("accept"));
     }
 
     #[test]
