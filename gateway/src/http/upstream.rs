@@ -545,8 +545,11 @@ impl UpBody {
                 BodyFraming::Chunked => Remaining::Chunked(Box::default()),
                 BodyFraming::UntilClose => Remaining::UntilClose,
             },
+            // Answered before the whole request body was written: whatever the service makes
+            // of the rest (it may read it as the start of its next request — the CL.0 desync),
+            // this connection must not carry another client's request.
+            keep_alive: head.keep_alive && !upgrade && writer.is_none(),
             writer,
-            keep_alive: head.keep_alive && !upgrade,
             home: None,
         };
         let mut resp = Response::new(body);
@@ -1170,6 +1173,80 @@ mod tests {
         let (s, b) = exchange(&pool, up, out).await;
         assert_eq!((s, b.as_str()), (StatusCode::PAYLOAD_TOO_LARGE, "no!"));
         assert_eq!(pool.idle_count(), 0, "its request was never finished");
+    }
+
+    /// A request body that sends one frame once `go` fires, then ends.
+    struct Gated {
+        go: Option<tokio::sync::oneshot::Receiver<()>>,
+    }
+    impl Body for Gated {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            let Some(go) = self.go.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match std::future::Future::poll(Pin::new(go), cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(_) => {
+                    self.go = None;
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+                        b"GET /x HTTP/1.1\r\nX-Ignore: ",
+                    )))))
+                }
+            }
+        }
+    }
+
+    /// The service answers before the request body is over and keeps the connection open; the
+    /// rest of the body then goes out in full while the answer is read. The connection still
+    /// must not be pooled: the service may take those bytes for the start of its next request,
+    /// and the next client's request would be glued to them.
+    #[tokio::test]
+    async fn an_early_answer_is_not_pooled_even_when_the_body_then_completes() {
+        let pool = Pool::new();
+        let (a, mut b) = tokio::io::duplex(64 * 1024);
+        let service = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = b.read(&mut chunk).await.unwrap();
+                got.extend_from_slice(&chunk[..n]);
+            }
+            b.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+                .await
+                .unwrap();
+            // The body's rest arrives after the answer's head; then the answer's body.
+            while !got.ends_with(b"X-Ignore: \r\n0\r\n\r\n") {
+                let n = b.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "request body never came");
+                got.extend_from_slice(&chunk[..n]);
+            }
+            b.write_all(b"ok").await.unwrap();
+            b
+        });
+        let (go, gate) = tokio::sync::oneshot::channel();
+        let out = request(Method::POST, &[], Gated { go: Some(gate) }.boxed_unsync());
+        let resp = Upstream::new(a).send(out).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        go.send(()).unwrap();
+        let body = resp
+            .into_body()
+            .home(pool.clone(), key())
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&body[..], b"ok");
+        assert_eq!(
+            pool.idle_count(),
+            0,
+            "a connection answered early was pooled"
+        );
+        drop(service.await.unwrap());
     }
 
     #[tokio::test]
