@@ -116,6 +116,8 @@ async fn tcp_loop(hub: Hub, app: String, l: TcpListener, stop: CancellationToken
         if hub.is_draining() {
             return;
         }
+        // Dual-stack `[::]` listeners see IPv4 clients as `::ffff:a.b.c.d`.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let hub2 = hub.clone();
         let app = app.clone();
         hub.work()

@@ -172,7 +172,10 @@ fn from_matches(from: &FromSet, who: &Requester<'_>) -> bool {
             return true;
         }
     }
+    // A dual-stack `[::]` listener sees IPv4 clients as `::ffff:a.b.c.d`: an IPv4 network
+    // must still match them.
     who.ip()
+        .map(|ip| ip.to_canonical())
         .is_some_and(|ip| from.nets.iter().any(|n| n.contains(&ip)))
 }
 
@@ -232,14 +235,34 @@ fn strip_query(p: &str) -> &str {
 const MAX_HOST: usize = 256;
 
 /// `Host` header → lowercase host without port or trailing dot, in `buf` (no allocation).
+/// Only what RFC 3986 makes a host matches anything: a name of letters, digits, `-`, `.`
+/// (and `_`, which real names carry) or a bracketed IPv6 address, then at most `:PORT`.
+/// Anything else would be routed by a part of it while the service, which gets the `Host` as
+/// the client wrote it, builds links from all of it (`[alice.example]@evil.example` used to
+/// route to alice.example).
 fn normalize_host<'b>(host: &str, buf: &'b mut [u8; MAX_HOST]) -> Option<&'b str> {
+    // RFC 3986: `port = *DIGIT`, so `host:` is a host too.
+    let port_ok = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
     let h = if let Some(rest) = host.strip_prefix('[') {
-        rest.split_once(']').map(|(a, _)| a)?
-    } else {
-        match host.rsplit_once(':') {
-            Some((a, port)) if port.bytes().all(|b| b.is_ascii_digit()) => a,
-            _ => host,
+        let (a, after) = rest.split_once(']')?;
+        let tail_ok = after.is_empty() || after.strip_prefix(':').is_some_and(port_ok);
+        if !tail_ok || a.parse::<std::net::Ipv6Addr>().is_err() {
+            return None;
         }
+        a
+    } else {
+        let a = match host.rsplit_once(':') {
+            Some((a, port)) if port_ok(port) => a,
+            Some(_) => return None,
+            None => host,
+        };
+        if !a
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        {
+            return None;
+        }
+        a
     };
     let h = h.strip_suffix('.').unwrap_or(h);
     let out = buf.get_mut(..h.len())?;
@@ -460,6 +483,26 @@ mod tests {
             Some("alice.example")
         );
         assert_eq!(normalize_host("[::1]:80", &mut b), Some("::1"));
+        assert_eq!(normalize_host("[::1]", &mut b), Some("::1"));
+        assert_eq!(
+            normalize_host("alice.example:", &mut b),
+            Some("alice.example")
+        );
+        assert_eq!(normalize_host("192.0.2.1:80", &mut b), Some("192.0.2.1"));
         assert_eq!(normalize_host(&"a".repeat(300), &mut b), None);
+        // Not a host: nothing routes by a part of it.
+        for bad in [
+            "[alice.example]@evil.example",
+            "[alice.example]",
+            "[::1]@evil.example",
+            "[::1]:80x",
+            "alice.example:80:80",
+            "alice.example@evil.example",
+            "evil.example/alice.example",
+            "alice example",
+            "alice.example\\",
+        ] {
+            assert_eq!(normalize_host(bad, &mut b), None, "{bad}");
+        }
     }
 }

@@ -117,6 +117,15 @@ fn tcp_listen_lookup_and_cidrs() {
     };
     assert!(p.decide(ssh, &office, None, None, now).is_allow());
     assert!(p.decide(ssh, &office6, None, None, now).is_allow());
+    // The office as a dual-stack `[::]` listener sees it: an IPv4-mapped IPv6 address.
+    let office_mapped = Requester::Public {
+        ip: ip("::ffff:203.0.113.9"),
+    };
+    assert!(p.decide(ssh, &office_mapped, None, None, now).is_allow());
+    let other_mapped = Requester::Public {
+        ip: ip("::ffff:198.51.100.7"),
+    };
+    assert!(!p.decide(ssh, &other_mapped, None, None, now).is_allow());
     assert_eq!(
         p.decide(ssh, &other, None, None, now),
         Decision::Deny {

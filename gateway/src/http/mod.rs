@@ -165,6 +165,9 @@ impl Front {
                     }
                 },
             };
+            // On a dual-stack `[::]` listener IPv4 clients arrive as `::ffff:a.b.c.d`: logs,
+            // X-Forwarded-For and the policy see them as the IPv4 addresses they are.
+            let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
             let Ok(permit) = self.0.connections.clone().try_acquire_owned() else {
                 debug!(client = %peer, "connection refused: {MAX_CONNECTIONS} connections open");
                 continue;
