@@ -471,7 +471,8 @@ impl Hub {
                 ErrorCode::ProtocolViolation,
                 "hello names another device than the certificate",
             );
-            let _ = io.flush().await;
+            // Bounded: a peer that does not read (zero stream window) must not hold this.
+            let _ = tokio::time::timeout(t.handshake_timeout, io.flush()).await;
             conn.close(CLOSE_PROTOCOL.into(), b"hello device mismatch");
             return Err(TunnelError::Config(format!(
                 "{device}: hello claims to be {}",
@@ -494,7 +495,16 @@ impl Hub {
                 keepalive_ms: t.keepalive.as_millis() as u32,
             })
             .map_err(|e| TunnelError::Config(e.to_string()))?;
-        io.flush().await?;
+        // Bounded like the hello: a device whose control stream takes no data (a zero receive
+        // window) would otherwise hold this connection, unregistered — out of reach of
+        // replacement and revocation — with its streams unread.
+        match tokio::time::timeout(t.handshake_timeout, io.flush()).await {
+            Ok(r) => r?,
+            Err(_) => {
+                conn.close(CLOSE_PROTOCOL.into(), b"welcome not read");
+                return Err(TunnelError::Timeout("welcome"));
+            }
+        }
 
         let (ctl, cmds) = control::channel();
         let link = Arc::new(AgentLink {
@@ -527,6 +537,8 @@ impl Hub {
         if creds.trust.is_revoked(&id.name) {
             warn!(device = %device, "device revoked by a zone config adopted during its handshake: disconnecting");
             conn.close(CLOSE_REVOKED.into(), b"device revoked");
+            self.forget(&device, session_id);
+            return Ok(());
         }
         let services: Vec<&str> = hello.services.iter().map(|s| s.name.as_str()).collect();
         info!(device = %device, addr = %remote, session = session_id, services = ?services, agent = %hello.agent_version, "tunnel up");
@@ -535,13 +547,7 @@ impl Hub {
         tokio::spawn(self.clone().read_datagrams(link.clone()));
         let reason = self.run_control(&link, io, cmds).await;
 
-        let removed = {
-            let mut agents = self.0.agents.write().unwrap_or_else(|p| p.into_inner());
-            match agents.get(&device) {
-                Some(l) if l.session_id == session_id => agents.remove(&device).is_some(),
-                _ => false,
-            }
-        };
+        let removed = self.forget(&device, session_id);
         conn.close(0u32.into(), b"");
         info!(
             device = %device,
@@ -554,6 +560,16 @@ impl Hub {
             "tunnel down"
         );
         Ok(())
+    }
+
+    /// Removes `device`'s link if it is still this session's (a newer connection may have
+    /// replaced it); whether it was.
+    fn forget(&self, device: &str, session_id: u64) -> bool {
+        let mut agents = self.0.agents.write().unwrap_or_else(|p| p.into_inner());
+        match agents.get(device) {
+            Some(l) if l.session_id == session_id => agents.remove(device).is_some(),
+            _ => false,
+        }
     }
 
     /// Runs the control session until the connection or the stream ends; returns why.
