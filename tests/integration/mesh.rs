@@ -254,3 +254,86 @@ async fn noise_refuses_a_peer_whose_static_key_is_not_its_zone_key() {
     );
     let _ = resp.await;
 }
+
+/// The owner revokes home2 while it has a direct path to home1 carrying a long-lived stream.
+/// The gateway learns it (zone.json copied into its bundle), cuts home2 off and passes the
+/// config to home1, which must close the direct path — and the stream on it — at once: the
+/// direct path never touches the gateway, so only home1 can enforce the revocation there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_peer_loses_its_direct_path_and_open_streams() {
+    let z = TestZone::new(&["home1", "home2"]);
+    z.write_policy("mesh.toml", MESH_POLICY);
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(200)).await;
+    let echo = tcp_echo().await;
+    let h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("echo", echo, ServiceProto::Tcp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    let h2 = start_agent(
+        &z,
+        "home2",
+        services(&[]),
+        vec![forward("127.0.0.1:0", "home1/echo")],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("both agents connected", WAIT, || gw.hub.agents().len() == 2).await;
+    let fwd = h2.agent.forward_addrs()[0];
+    // A first (relayed) stream makes the gateway coordinate hole punching.
+    assert_eq!(roundtrip(fwd, b"first").await.unwrap(), b"first");
+    wait_until("direct path home1 <-> home2", WAIT, || {
+        let up = |a: &RunningAgent, peer: &str| {
+            a.agent
+                .peers()
+                .iter()
+                .any(|p| p.device == peer && p.path == "direct")
+        };
+        up(&h1, "home2") && up(&h2, "home1")
+    })
+    .await;
+
+    // A long-lived connection whose stream runs on the direct path (up before it opened; a
+    // forward's stream counters are only written when it ends).
+    let mut long = tokio::net::TcpStream::connect(fwd).await.unwrap();
+    long.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    long.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+
+    let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
+    zd.revoke(
+        &zone_core::DeviceName::new("home2").unwrap(),
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    std::fs::copy(z.zone_dir().join("zone.json"), z.bundle("gw").zone_config).unwrap();
+
+    // The stream ends (EOF or reset) instead of echoing on.
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            if long.write_all(b"more").await.is_err() {
+                return;
+            }
+            match long.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "a revoked peer's direct stream kept running");
+    wait_until("home1 has no direct path to home2", WAIT, || {
+        !h1.agent
+            .peers()
+            .iter()
+            .any(|p| p.device == "home2" && p.path == "direct")
+    })
+    .await;
+    h1.shutdown.cancel();
+    h2.shutdown.cancel();
+    gw.shutdown.cancel();
+}

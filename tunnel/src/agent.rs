@@ -229,6 +229,22 @@ impl Agent {
         &self.links
     }
 
+    /// A newer zone config was adopted from gateway `from`: cut the direct paths of peers it
+    /// revokes, and pass it on to every other connected gateway at once — each acts on its
+    /// revocations only when it learns of them, and an agent may stay connected for days.
+    fn zone_adopted(&self, from: &str) {
+        self.peers.cut_revoked();
+        let zone = self.cfg.creds.zone();
+        let serial = zone.config.serial;
+        let json = zone.to_json_compact();
+        for link in self.links.iter().filter(|l| l.name != from) {
+            if let Some(ctl) = link.ctl() {
+                let json = json.clone();
+                ctl.try_apply(move |s| s.send_config_update(serial, json));
+            }
+        }
+    }
+
     /// Mesh peers: path (direct or relay), RTT, bytes.
     pub fn peers(&self) -> Vec<PeerStatus> {
         let gw_rtt = self
@@ -378,7 +394,8 @@ impl Agent {
         if let Some(z) = &welcome.zone_config {
             match creds.offer_zone(z) {
                 Ok(Some(serial)) => {
-                    info!(serial, gateway = %link.name, "adopted newer zone config from gateway")
+                    info!(serial, gateway = %link.name, "adopted newer zone config from gateway");
+                    self.zone_adopted(&link.name);
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -475,7 +492,8 @@ impl Agent {
             Event::ConfigUpdate { zone_config, .. } => {
                 match self.cfg.creds.offer_zone(&zone_config) {
                     Ok(Some(serial)) => {
-                        info!(serial, gateway = %link.name, "adopted newer zone config")
+                        info!(serial, gateway = %link.name, "adopted newer zone config");
+                        self.zone_adopted(&link.name);
                     }
                     Ok(None) => {}
                     Err(e) => warn!(gateway = %link.name, error = %e, "refused zone config update"),

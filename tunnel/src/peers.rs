@@ -185,6 +185,24 @@ impl Peers {
         revoked
     }
 
+    /// A newer zone config was adopted: every peer it revokes loses its direct path and its
+    /// permits now, not at its next stream (a long-lived stream on the direct path would
+    /// otherwise outlive the revocation). Retired duplicates close at their next check.
+    pub fn cut_revoked(&self) {
+        let peers: Vec<String> = self
+            .table
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for peer in peers {
+            if self.cut_if_revoked(&peer) {
+                info!(peer = %peer, "peer revoked by the zone config: direct path closed");
+            }
+        }
+    }
+
     /// The live direct connection to `peer`, if any.
     pub fn direct(&self, peer: &str) -> Option<PeerConn> {
         if self.cut_if_revoked(peer) {
@@ -273,7 +291,7 @@ impl Peers {
             }
         });
         if let Some(old) = retired {
-            tokio::spawn(retire(old));
+            tokio::spawn(retire(old, self.creds.clone(), peer.to_owned()));
         }
         if kept {
             let c = self.direct(peer).map(|p| p.conn);
@@ -402,9 +420,14 @@ impl Peers {
 }
 
 /// Closes a duplicate connection once no stream uses it.
-async fn retire(pc: PeerConn) {
+async fn retire(pc: PeerConn, creds: Arc<DeviceCreds>, peer: String) {
+    let revoked = || zone_core::DeviceName::new(&peer).is_ok_and(|n| creds.trust.is_revoked(&n));
     loop {
         if !pc.live() {
+            return;
+        }
+        if revoked() {
+            pc.conn.close(0u32.into(), b"device revoked");
             return;
         }
         if pc.active.load(Ordering::Relaxed) == 0 {
