@@ -703,6 +703,52 @@ async fn zone_json_copied_into_a_running_gateway_revokes() {
     gw.shutdown.cancel();
 }
 
+/// A device (valid certificate) that sends its hello but never reads: the gateway's welcome
+/// cannot be written (zero receive window). The gateway must give up on the connection within
+/// its handshake timeout instead of holding it unregistered, out of reach of revocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_never_reads_its_welcome_is_dropped() {
+    let z = TestZone::new(&["home1"]);
+    let tuning = fast_tuning();
+    let gw = start_gateway(&z, tuning, Duration::from_millis(500)).await;
+    let creds = z.creds("home1");
+    let ep = tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), &creds, &tuning)
+        .unwrap();
+    let mut cc = tunnel::transport::client_config(&creds, &tuning).unwrap();
+    let mut tc = quinn::TransportConfig::default();
+    tc.stream_receive_window(0u32.into());
+    tc.receive_window(0u32.into());
+    tc.keep_alive_interval(Some(Duration::from_millis(300)));
+    cc.transport_config(Arc::new(tc));
+    let conn = ep
+        .connect_with(cc, z.gw_addr, "gw.alice.example")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    tunnel::stream::write_header(&mut send, &StreamHeader::Control)
+        .await
+        .unwrap();
+    let hello = Hello {
+        proto_version: tunnel::proto::CONTROL_VERSION,
+        device: "home1".into(),
+        services: vec![],
+        zone_serial: creds.zone_serial(),
+        zone_config: None,
+        agent_version: "hostile".into(),
+    };
+    let mut io = ControlIo::new(send, recv, ControlSession::agent(hello));
+    io.flush().await.unwrap();
+    let closed = tokio::time::timeout(
+        tuning.handshake_timeout + Duration::from_secs(3),
+        conn.closed(),
+    )
+    .await;
+    assert!(closed.is_ok(), "the gateway still holds the connection");
+    assert!(gw.hub.agent("home1").is_none());
+    gw.shutdown.cancel();
+}
+
 /// Every tunnel handshake verifies the device's certificate against the revocations in force:
 /// a reconnect must not slip past them by resuming an earlier TLS session (a resumed handshake
 /// does not verify the client certificate again).
@@ -753,6 +799,44 @@ async fn a_reconnect_cannot_resume_past_a_revocation() {
     let again = connect().await;
     assert!(again.is_err(), "a revoked device completed a handshake");
     accept.abort();
+}
+
+/// Two gateways; the owner copies the revoking zone.json into one of them only. Agents connected
+/// to both pass it on to the other at once (not just in their next hello, which may be days
+/// away), so the other gateway cuts the revoked device off too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_reaches_every_gateway_through_the_agents() {
+    let z = TestZone::with_gateways(&["gw", "gw2"], &["home1", "laptop"]);
+    let t = fast_tuning();
+    let gw = start_named_gateway(&z, "gw", t).await;
+    let gw2 = start_named_gateway(&z, "gw2", t).await;
+    let _h1 = start_agent(&z, "home1", services(&[]), vec![], t).await;
+    let laptop = start_agent(&z, "laptop", services(&[]), vec![], t).await;
+    wait_until("both agents on both gateways", WAIT, || {
+        gw.hub.agents().len() == 2 && gw2.hub.agents().len() == 2
+    })
+    .await;
+
+    let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
+    zd.revoke(
+        &zone_core::DeviceName::new("laptop").unwrap(),
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    std::fs::copy(z.zone_dir().join("zone.json"), z.bundle("gw").zone_config).unwrap();
+    wait_until("gw2 cut the laptop off too", WAIT, || {
+        gw2.hub.agent("laptop").is_none() && gw.hub.agent("laptop").is_none()
+    })
+    .await;
+    assert!(gw2
+        .hub
+        .creds()
+        .trust
+        .is_revoked(&zone_core::DeviceName::new("laptop").unwrap()));
+    assert!(gw2.hub.agent("home1").is_some());
+    laptop.shutdown.cancel();
+    gw.shutdown.cancel();
+    gw2.shutdown.cancel();
 }
 
 /// A device offers a config newer than the one in use, but the owner has meanwhile copied an

@@ -69,12 +69,18 @@ fn free_port(binds: impl Fn(u16) -> bool) -> u16 {
 pub struct TestZone {
     pub tmp: tempfile::TempDir,
     pub gw_addr: SocketAddr,
+    /// Every gateway's name and QUIC address (`gw` at `gw_addr` first).
+    pub gateways: Vec<(String, SocketAddr)>,
 }
 
 impl TestZone {
     pub fn new(nodes: &[&str]) -> Self {
+        Self::with_gateways(&["gw"], nodes)
+    }
+
+    /// A zone with several gateways, each at its own loopback port.
+    pub fn with_gateways(gateways: &[&str], nodes: &[&str]) -> Self {
         let tmp = tempfile::tempdir().unwrap();
-        let gw_addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
         let zdir = tmp.path().join("zone");
         let mut z = ZoneDir::init(
             &zdir,
@@ -83,11 +89,17 @@ impl TestZone {
         )
         .unwrap();
         let now = OffsetDateTime::now_utc();
-        let gw = DeviceName::new("gw").unwrap();
-        let (k, c) = z
-            .add_device(&gw, &[Role::Gateway], &[gw_addr], now, 30)
-            .unwrap();
-        let mut issued = vec![(gw, k, c)];
+        let mut issued = Vec::new();
+        let mut gws = Vec::new();
+        for g in gateways {
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+            let name = DeviceName::new(g).unwrap();
+            let (k, c) = z
+                .add_device(&name, &[Role::Gateway], &[addr], now, 30)
+                .unwrap();
+            issued.push((name, k, c));
+            gws.push((g.to_string(), addr));
+        }
         for n in nodes {
             let name = DeviceName::new(n).unwrap();
             let (k, c) = z.add_device(&name, &[Role::Node], &[], now, 30).unwrap();
@@ -99,7 +111,11 @@ impl TestZone {
                 .unwrap();
         }
         std::fs::create_dir_all(tmp.path().join("policies")).unwrap();
-        TestZone { tmp, gw_addr }
+        TestZone {
+            tmp,
+            gw_addr: gws[0].1,
+            gateways: gws,
+        }
     }
 
     pub fn zone_dir(&self) -> PathBuf {
@@ -154,6 +170,17 @@ pub async fn start_gateway(z: &TestZone, tuning: Tuning, grace: Duration) -> Run
     start_gateway_with_dns(z, tuning, grace, None).await
 }
 
+/// Starts gateway `name` of a [`TestZone::with_gateways`] zone at its address.
+pub async fn start_named_gateway(z: &TestZone, name: &str, tuning: Tuning) -> RunningGateway {
+    let addr = z
+        .gateways
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, a)| *a)
+        .expect("a gateway of the zone");
+    start_gateway_at(z, name, addr, tuning, Duration::from_millis(500), None).await
+}
+
 /// Like [`start_gateway`], also serving the zone's DNS on `dns` (UDP and TCP).
 pub async fn start_gateway_with_dns(
     z: &TestZone,
@@ -161,7 +188,18 @@ pub async fn start_gateway_with_dns(
     grace: Duration,
     dns: Option<SocketAddr>,
 ) -> RunningGateway {
-    let creds = z.creds("gw");
+    start_gateway_at(z, "gw", z.gw_addr, tuning, grace, dns).await
+}
+
+async fn start_gateway_at(
+    z: &TestZone,
+    name: &str,
+    listen: SocketAddr,
+    tuning: Tuning,
+    grace: Duration,
+    dns: Option<SocketAddr>,
+) -> RunningGateway {
+    let creds = z.creds(name);
     let policy = Arc::new(policies::PolicyStore::load(&z.policy_dir()).expect("policy loads"));
     let shutdown = CancellationToken::new();
     let opts = gateway::GatewayOptions {
@@ -169,7 +207,7 @@ pub async fn start_gateway_with_dns(
         policy,
         services: Arc::new(LocalServices::default()),
         forwards: Vec::new(),
-        listen: z.gw_addr,
+        listen,
         admin: "127.0.0.1:0".parse().unwrap(),
         tuning,
         grace,
