@@ -117,11 +117,15 @@ pub struct PolicyStore {
     dir: PathBuf,
     current: ArcSwap<Active>,
     last: Mutex<ReloadStatus>,
+    /// The directory as it was just before the serving policy (or the last refused one) was
+    /// read: the watcher's starting point, so an edit made while the gateway starts is seen.
+    read_at: Mutex<Fingerprint>,
 }
 
 impl PolicyStore {
     /// Loads `dir`; at startup a bad policy is fatal, so errors are returned.
     pub fn load(dir: &Path) -> Result<Self, Vec<PolicyError>> {
+        let read_at = fingerprint(dir);
         let policy = crate::check_dir(dir)?;
         let status = ReloadStatus {
             ok: true,
@@ -139,6 +143,7 @@ impl PolicyStore {
             dir: dir.to_path_buf(),
             current: ArcSwap::from_pointee(Active::new(policy, None)),
             last: Mutex::new(status),
+            read_at: Mutex::new(read_at),
         })
     }
 
@@ -159,6 +164,8 @@ impl PolicyStore {
     /// Re-reads the directory. On success swaps the new policy in and returns the changes; on
     /// any error keeps the old one and returns every error. Both are recorded and logged.
     pub fn reload(&self) -> Result<Vec<Change>, Vec<PolicyError>> {
+        // Taken before reading: an edit that lands during the read shows as a change later.
+        *self.read_at.lock().unwrap_or_else(|e| e.into_inner()) = fingerprint(&self.dir);
         let files = crate::policy_files(&self.dir).map(|f| f.len()).unwrap_or(0);
         let at = Timestamp::from(SystemTime::now()).0;
         match crate::check_dir(&self.dir) {
@@ -218,22 +225,36 @@ fn fingerprint(dir: &Path) -> Fingerprint {
         .collect())
 }
 
-/// Polls the store's directory every `interval` and reloads when anything changed. Polling
-/// (rather than inotify) is simple and works the same on every filesystem and editor's way
-/// of saving. Runs until dropped: cancel-safe, as a reload is synchronous between awaits.
+/// Polls the store's directory every `interval` and reloads once a change has held still for
+/// one interval. Polling (rather than inotify) is simple and works the same on every
+/// filesystem and editor's way of saving. Waiting for the directory to settle matters because
+/// a half-saved state is often a *valid* policy: an editor that truncates and then writes
+/// leaves an empty file (no apps: every app of that file would be dropped, its listeners
+/// closed, its counters and limiters lost), a `git checkout` or `cp -r` a directory with some
+/// files missing; a file cut at a line may even drop a restriction. Runs until dropped:
+/// cancel-safe, as a reload is synchronous between awaits.
 pub async fn watch(store: Arc<PolicyStore>, interval: Duration) {
     let dir = store.dir().to_path_buf();
-    let mut seen = fingerprint(&dir);
+    let mut settling: Option<Fingerprint> = None;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await; // the first tick is immediate
     loop {
         ticker.tick().await;
         let now = fingerprint(&dir);
-        if now != seen {
-            seen = now;
+        let read = store
+            .read_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if now == read {
+            settling = None;
+        } else if settling.as_ref() == Some(&now) {
+            settling = None;
             // Errors are logged and recorded by reload itself.
             let _ = store.reload();
+        } else {
+            settling = Some(now);
         }
         store.current().maintain();
     }

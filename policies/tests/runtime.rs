@@ -471,6 +471,65 @@ async fn watcher_picks_up_changes() {
     assert_eq!(store.last_reload().changes, vec!["+b".to_string()]);
 }
 
+/// An editor that truncates and then writes: the empty file is a valid policy (no apps), but
+/// a watcher that catches it must not adopt it — the app would vanish (listeners closed,
+/// counters and limiters reset) until the next poll. Only a state that holds still for one
+/// poll is read.
+#[tokio::test(start_paused = true)]
+async fn watcher_waits_for_a_save_to_finish() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "a.toml", APP_A);
+    let store = Arc::new(PolicyStore::load(dir.path()).expect("load"));
+    {
+        let cur = store.current();
+        cur.state(cur.policy.app("a").expect("a"))
+            .counters
+            .request();
+    }
+    let poll = Duration::from_millis(100);
+    let _guard = policies::spawn_watcher(store.clone(), poll);
+    tokio::time::sleep(poll / 2).await;
+    // Caught half-saved by one poll, complete by the next.
+    write(dir.path(), "a.toml", "");
+    tokio::time::sleep(poll).await;
+    assert!(
+        store.current().policy.app("a").is_some(),
+        "a half-saved file was adopted"
+    );
+    write(dir.path(), "a.toml", &format!("{APP_A}# edited\n"));
+    for _ in 0..10 {
+        tokio::time::sleep(poll).await;
+    }
+    let status = store.last_reload();
+    assert!(status.ok, "{status:?}");
+    let cur = store.current();
+    let app = cur.policy.app("a").expect("a serves");
+    assert_eq!(
+        cur.state(app).counters.snapshot().requests,
+        1,
+        "the app never went away, its counters stay"
+    );
+}
+
+/// An edit made between loading the policy and starting the watcher (the gateway's start-up)
+/// is picked up.
+#[tokio::test(start_paused = true)]
+async fn watcher_sees_an_edit_made_before_it_started() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "a.toml", APP_A);
+    let store = Arc::new(PolicyStore::load(dir.path()).expect("load"));
+    write(dir.path(), "b.toml", "[app.b]\nmesh = true\nto = \"d/t\"\n");
+    let _guard = policies::spawn_watcher(store.clone(), Duration::from_millis(100));
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        store.current().policy.app("b").is_some(),
+        "{:?}",
+        store.last_reload()
+    );
+}
+
 proptest::proptest! {
     /// Policy text is user input: any string is an Ok or a list of positioned errors, never a
     /// panic.
