@@ -1,6 +1,9 @@
 //! Public TCP and UDP listeners, one per `tcp`/`udp` app of the live policy. On every policy
-//! change the set is reconciled: new apps get a listener, removed ones lose it, and apps whose
-//! address did not change keep theirs (and their connections).
+//! change the set is reconciled: new addresses get a listener, removed ones lose it, and
+//! addresses the policy still names keep theirs (and their connections) — even when the app
+//! that names it was renamed or swapped ports with another, since a listener finds its app by
+//! its address for every new connection. A bind that fails is retried at every poll until it
+//! works or the policy stops asking for it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -8,8 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use policies::accounting::Refusal;
-use policies::{Listener, Requester, Timestamp};
+use policies::{ListenKind, Listener, Requester, Timestamp};
 use tokio::net::{TcpListener, UdpSocket};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use tunnel::hub::{refusal_of, Hub};
@@ -24,6 +28,9 @@ const UDP_IDLE: Duration = Duration::from_secs(120);
 /// (bounded memory under a spoofed-source flood).
 const MAX_UDP_CLIENTS: usize = 4096;
 const UDP_READ: usize = 65_535;
+/// How long a new bind waits for a listener it replaces to let go of the address (a `[::]`
+/// listener replacing `0.0.0.0` on the same port, a UDP socket whose flows are ending).
+const REBIND_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
@@ -31,10 +38,31 @@ pub enum Kind {
     Udp,
 }
 
+impl Kind {
+    fn listen_kind(self) -> ListenKind {
+        match self {
+            Kind::Tcp => ListenKind::Tcp,
+            Kind::Udp => ListenKind::Udp,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Running {
+    /// The app naming this address when last reconciled (for `bound` and logs only).
+    app: String,
+    stop: CancellationToken,
+    bound: SocketAddr,
+    task: JoinHandle<()>,
+}
+
 /// The running listeners, by (kind, address).
 #[derive(Debug, Default)]
 pub struct Listeners {
-    running: HashMap<(Kind, SocketAddr), (String, CancellationToken, SocketAddr)>,
+    running: HashMap<(Kind, SocketAddr), Running>,
+    /// Binds that failed, with their error: retried at every [`Listeners::reconcile`], and
+    /// reported again only when the error changes.
+    failed: HashMap<(Kind, SocketAddr), String>,
 }
 
 /// What a policy wants: (kind, address) → app name.
@@ -51,66 +79,133 @@ pub fn wanted(policy: &policies::CompiledPolicy) -> HashMap<(Kind, SocketAddr), 
 }
 
 impl Listeners {
-    /// Brings the running set to what the policy wants. Returns bind errors (as text); at
-    /// start-up the caller treats them as fatal, on reload they are logged.
+    /// Brings the running set to what the policy wants. Returns bind errors (as text) not
+    /// reported before; at start-up the caller treats them as fatal, on reload they are
+    /// logged. Listeners that stop are waited for before new ones bind, so an address they
+    /// held (or overlap, like `0.0.0.0:P` and `[::]:P`) is free again.
     pub async fn reconcile(&mut self, hub: &Hub, shutdown: &CancellationToken) -> Vec<String> {
         let want = wanted(&hub.policy().current().policy);
-        self.running.retain(|key, (app, tok, _)| {
-            let keep = want.get(key) == Some(app);
-            if !keep {
-                tok.cancel();
-                info!(app = %app, addr = %key.1, "listener stopped");
+        let gone: Vec<_> = self
+            .running
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .copied()
+            .collect();
+        let mut stopped = Vec::new();
+        for key in gone {
+            if let Some(r) = self.running.remove(&key) {
+                r.stop.cancel();
+                info!(app = %r.app, addr = %key.1, "listener stopped");
+                stopped.push(r.task);
             }
-            keep
-        });
+        }
+        for t in stopped {
+            let _ = t.await;
+        }
+        for (key, r) in self.running.iter_mut() {
+            if let Some(app) = want.get(key).filter(|a| **a != r.app) {
+                info!(app = %app, previous = %r.app, addr = %key.1, "listener now serves a renamed app");
+                r.app = app.clone();
+            }
+        }
+        self.failed.retain(|key, _| want.contains_key(key));
         let mut errors = Vec::new();
         for (key, app) in want {
             if self.running.contains_key(&key) {
                 continue;
             }
-            let tok = shutdown.child_token();
-            let r = match key.0 {
-                Kind::Tcp => TcpListener::bind(key.1).await.map(|l| {
-                    let bound = l.local_addr().unwrap_or(key.1);
-                    tokio::spawn(tcp_loop(hub.clone(), app.clone(), l, tok.clone()));
-                    bound
-                }),
-                Kind::Udp => UdpSocket::bind(key.1).await.map(|s| {
-                    let bound = s.local_addr().unwrap_or(key.1);
-                    tokio::spawn(udp_loop(hub.clone(), app.clone(), Arc::new(s), tok.clone()));
-                    bound
-                }),
-            };
-            match r {
-                Ok(bound) => {
+            match bind(hub, key, shutdown).await {
+                Ok((bound, stop, task)) => {
                     info!(app = %app, kind = ?key.0, addr = %bound, "listener started");
-                    self.running.insert(key, (app, tok, bound));
+                    self.failed.remove(&key);
+                    self.running.insert(
+                        key,
+                        Running {
+                            app,
+                            stop,
+                            bound,
+                            task,
+                        },
+                    );
                 }
-                Err(e) => errors.push(format!(
-                    "app {app}: cannot listen on {:?} {}: {e}",
-                    key.0, key.1
-                )),
+                Err(e) => {
+                    let msg = format!("app {app}: cannot listen on {:?} {}: {e}", key.0, key.1);
+                    if self.failed.get(&key) != Some(&msg) {
+                        errors.push(msg.clone());
+                    }
+                    self.failed.insert(key, msg);
+                }
             }
         }
         errors
+    }
+
+    /// Binds that failed and are retried at the next reconcile.
+    pub fn has_failures(&self) -> bool {
+        !self.failed.is_empty()
     }
 
     /// Bound addresses by app name (for tests and status).
     pub fn bound(&self) -> HashMap<String, SocketAddr> {
         self.running
             .values()
-            .map(|(a, _, b)| (a.clone(), *b))
+            .map(|r| (r.app.clone(), r.bound))
             .collect()
     }
 }
 
-async fn tcp_loop(hub: Hub, app: String, l: TcpListener, stop: CancellationToken) {
+/// Binds `key` and starts its loop; retries an address still in use for up to
+/// [`REBIND_WAIT`] (the listener it replaces may still be letting go of it).
+async fn bind(
+    hub: &Hub,
+    key: (Kind, SocketAddr),
+    shutdown: &CancellationToken,
+) -> std::io::Result<(SocketAddr, CancellationToken, JoinHandle<()>)> {
+    let deadline = Instant::now() + REBIND_WAIT;
+    loop {
+        let stop = shutdown.child_token();
+        let r = match key.0 {
+            Kind::Tcp => TcpListener::bind(key.1).await.map(|l| {
+                let bound = l.local_addr().unwrap_or(key.1);
+                let task = tokio::spawn(tcp_loop(hub.clone(), key.1, l, stop.clone()));
+                (bound, stop, task)
+            }),
+            Kind::Udp => UdpSocket::bind(key.1).await.map(|s| {
+                let bound = s.local_addr().unwrap_or(key.1);
+                let task = tokio::spawn(udp_loop(hub.clone(), key.1, Arc::new(s), stop.clone()));
+                (bound, stop, task)
+            }),
+        };
+        match r {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// The app that configured exactly `listen` in the live policy, with the policy.
+fn app_at(hub: &Hub, kind: Kind, listen: SocketAddr) -> Option<(Arc<policies::Active>, usize)> {
+    let active = hub.policy().current();
+    let i = active
+        .policy
+        .app_by_listen(kind.listen_kind(), listen)
+        .filter(|a| match a.listener {
+            Listener::Tcp(a) | Listener::Udp(a) => a == listen,
+            _ => false,
+        })?
+        .index;
+    Some((active, i))
+}
+
+async fn tcp_loop(hub: Hub, listen: SocketAddr, l: TcpListener, stop: CancellationToken) {
     loop {
         let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => return,
             r = l.accept() => match r {
                 Ok(x) => x,
-                Err(e) => { warn!(app = %app, error = %e, "accept failed"); tokio::time::sleep(Duration::from_millis(50)).await; continue; }
+                Err(e) => { warn!(addr = %listen, error = %e, "accept failed"); tokio::time::sleep(Duration::from_millis(50)).await; continue; }
             },
         };
         if hub.is_draining() {
@@ -119,19 +214,20 @@ async fn tcp_loop(hub: Hub, app: String, l: TcpListener, stop: CancellationToken
         // Dual-stack `[::]` listeners see IPv4 clients as `::ffff:a.b.c.d`.
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let hub2 = hub.clone();
-        let app = app.clone();
         hub.work()
-            .spawn(async move { tcp_conn(hub2, app, tcp, peer).await });
+            .spawn(async move { tcp_conn(hub2, listen, tcp, peer).await });
     }
 }
 
-async fn tcp_conn(hub: Hub, app_name: String, mut tcp: tokio::net::TcpStream, peer: SocketAddr) {
+async fn tcp_conn(hub: Hub, listen: SocketAddr, mut tcp: tokio::net::TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
     let started = Instant::now();
-    let active = hub.policy().current();
-    let Some(app) = active.policy.app(&app_name) else {
+    // The listener is being replaced or removed: the policy no longer names its address.
+    let Some((active, i)) = app_at(&hub, Kind::Tcp, listen) else {
         return;
     };
+    let app = &active.policy.apps()[i];
+    let app_name = app.name.clone();
     let state = active.state(app);
     let who = Requester::Public { ip: peer.ip() };
     let decision = active
@@ -199,7 +295,7 @@ struct ClientFlow {
     stop: CancellationToken,
 }
 
-async fn udp_loop(hub: Hub, app_name: String, sock: Arc<UdpSocket>, stop: CancellationToken) {
+async fn udp_loop(hub: Hub, listen: SocketAddr, sock: Arc<UdpSocket>, stop: CancellationToken) {
     let mut clients: HashMap<SocketAddr, ClientFlow> = HashMap::new();
     let mut buf = vec![0u8; UDP_READ];
     let mut sweep = tokio::time::interval(Duration::from_secs(10));
@@ -228,10 +324,12 @@ async fn udp_loop(hub: Hub, app_name: String, sock: Arc<UdpSocket>, stop: Cancel
         if clients.len() >= MAX_UDP_CLIENTS {
             continue;
         }
-        let active = hub.policy().current();
-        let Some(app) = active.policy.app(&app_name) else {
-            break;
+        // No app names this address any more: the listener is about to stop.
+        let Some((active, i)) = app_at(&hub, Kind::Udp, listen) else {
+            continue;
         };
+        let app = &active.policy.apps()[i];
+        let app_name = app.name.clone();
         let state = active.state(app);
         let who = Requester::Public { ip: peer.ip() };
         if let policies::Decision::Deny { reason } =

@@ -303,7 +303,8 @@ impl Gateway {
                         _ = tokio::time::sleep(POLICY_POLL) => {}
                     }
                     let now = hub.policy().current();
-                    if !Arc::ptr_eq(&now, &seen) {
+                    // Binds that failed (the port was taken) are retried at every poll.
+                    if !Arc::ptr_eq(&now, &seen) || listeners.has_failures() {
                         seen = now;
                         for e in listeners.reconcile(&hub, &shutdown).await {
                             error!(error = %e, "listener of a reloaded policy could not start");

@@ -433,6 +433,69 @@ async fn policy_edits_apply_live_and_a_broken_edit_keeps_the_old_policy() {
     gw.shutdown.cancel();
 }
 
+/// Listeners follow what the policy names, not app names: renaming an app, or two apps
+/// swapping ports, keeps every port serving (each used to be closed and rebound while the old
+/// socket still held it: EADDRINUSE, and the app stayed unreachable until the next edit). A
+/// port another program holds is retried until it is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_follow_renames_swaps_and_busy_ports() {
+    let z = TestZone::new(&["home1"]);
+    let (pa, pb) = (free_tcp_port(), free_tcp_port());
+    z.write_policy("a.toml", &tcp_app("a", pa));
+    z.write_policy("b.toml", &tcp_app("b", pb));
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let _h1 = start_echo_node(&z, &gw, "home1").await;
+    let a: std::net::SocketAddr = ([127, 0, 0, 1], pa).into();
+    let b: std::net::SocketAddr = ([127, 0, 0, 1], pb).into();
+    assert_eq!(roundtrip(a, b"a").await.unwrap(), b"a");
+    assert_eq!(roundtrip(b, b"b").await.unwrap(), b"b");
+    let listens = |name: &str| {
+        gw.hub
+            .policy()
+            .current()
+            .policy
+            .app(name)
+            .map(|a| a.listener.clone())
+    };
+
+    // Renamed: the port keeps serving, under the new name.
+    z.write_policy("a.toml", &tcp_app("a2", pa));
+    wait_until("a renamed a2", WAIT, || listens("a2").is_some()).await;
+    assert_eq!(roundtrip(a, b"renamed").await.unwrap(), b"renamed");
+    let counted = || {
+        let cur = gw.hub.policy().current();
+        let app = cur.policy.app("a2").expect("a2");
+        cur.state(app).counters.snapshot().connections
+    };
+    let before = counted();
+    assert_eq!(roundtrip(a, b"counted").await.unwrap(), b"counted");
+    wait_until("a2 counts its connections", WAIT, || counted() > before).await;
+
+    // Swapped ports: both keep serving.
+    z.write_policy("a.toml", &tcp_app("a2", pb));
+    z.write_policy("b.toml", &tcp_app("b", pa));
+    wait_until("ports swapped", WAIT, || {
+        listens("a2") == Some(policies::Listener::Tcp(b))
+            && listens("b") == Some(policies::Listener::Tcp(a))
+    })
+    .await;
+    assert_eq!(roundtrip(a, b"swap a").await.unwrap(), b"swap a");
+    assert_eq!(roundtrip(b, b"swap b").await.unwrap(), b"swap b");
+
+    // A port held by another program: the policy is valid, the bind waits for the port.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let c = held.local_addr().unwrap();
+    z.write_policy("c.toml", &tcp_app("c", c.port()));
+    wait_until("c in the policy", WAIT, || listens("c").is_some()).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(held);
+    eventually_async("c served once its port is free", || async {
+        roundtrip(c, b"c").await.ok().as_deref() == Some(&b"c"[..])
+    })
+    .await;
+    gw.shutdown.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_app_bandwidth_limit_paces_the_transfer() {
     let z = TestZone::new(&["home1"]);
