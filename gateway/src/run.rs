@@ -65,7 +65,7 @@ pub struct Gateway {
     http: Option<TcpListener>,
     https: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
     self_signed_pem: Option<String>,
-    dns: Option<name_resolver::DnsServer>,
+    dns: Option<(name_resolver::DnsServer, name_resolver::ZoneRecords)>,
     shutdown: CancellationToken,
 }
 
@@ -130,12 +130,6 @@ impl Gateway {
             local: opts.services.clone(),
             tuning: opts.tuning,
         });
-        let mut listeners = Listeners::default();
-        let errors = listeners.reconcile(&hub, &shutdown).await;
-        if !errors.is_empty() {
-            shutdown.cancel();
-            return Err(StartError::Bind(errors.join("; ")));
-        }
         let mut forwards = Vec::new();
         for f in &opts.forwards {
             let l = TcpListener::bind(f.listen).await.map_err(|e| {
@@ -165,9 +159,24 @@ impl Gateway {
             None => (None, None),
         };
         let dns = match opts.dns {
-            Some(a) => Some(name_resolver::DnsServer::bind_same_port(a).await?),
+            Some(a) => {
+                let server = name_resolver::DnsServer::bind_same_port(a).await?;
+                // A zone DNS cannot carry (too large for its TXT set) stops the start here,
+                // not a running gateway's DNS later.
+                let records = name_resolver::ZoneRecords::new(&opts.creds.zone())
+                    .map_err(name_resolver::DnsError::from)?;
+                Some((server, records))
+            }
             None => None,
         };
+        // Last, as app listeners start accepting at once: nothing serves before every other
+        // socket is bound and every check passed.
+        let mut listeners = Listeners::default();
+        let errors = listeners.reconcile(&hub, &shutdown).await;
+        if !errors.is_empty() {
+            shutdown.cancel();
+            return Err(StartError::Bind(errors.join("; ")));
+        }
         let front = Front::new(hub.clone(), opts.http_tuning);
         Ok(Gateway {
             opts,
@@ -212,7 +221,7 @@ impl Gateway {
     }
     /// Bound DNS address (UDP and TCP), if serving DNS.
     pub fn dns_addr(&self) -> Option<SocketAddr> {
-        self.dns.as_ref().map(|d| d.udp_addr())
+        self.dns.as_ref().map(|(d, _)| d.udp_addr())
     }
     pub fn forward_addrs(&self) -> Vec<SocketAddr> {
         self.forwards
@@ -237,13 +246,13 @@ impl Gateway {
             dns,
             shutdown,
         } = self;
-        if let Some(dns) = dns {
+        if let Some((dns, records)) = dns {
             // Answers follow the gateway's current zone config: a newer zone.json adopted from
             // an agent is served within a second, with its serial in the SOA.
             let creds = opts.creds.clone();
             let token = shutdown.clone();
             tokio::spawn(async move {
-                if let Err(e) = dns.run(move || creds.zone(), token).await {
+                if let Err(e) = dns.run_with(records, move || creds.zone(), token).await {
                     tracing::error!(error = %e, "DNS server stopped");
                 }
             });

@@ -123,23 +123,61 @@ impl DnsServer {
         zone_source: impl Fn() -> Arc<SignedZone> + Send + Sync + 'static,
         shutdown: CancellationToken,
     ) -> Result<(), DnsError> {
-        let first = Arc::new(ZoneRecords::new(&zone_source())?);
-        let mut current = first.clone();
-        let records_source = move || {
-            let zone = zone_source();
-            if zone.config.serial != current.serial() {
-                match ZoneRecords::new(&zone) {
-                    Ok(r) => current = Arc::new(r),
-                    // The gateway accepted this zone, so it verified; only a zone too large
-                    // for DNS gets here. Keep answering with the previous records.
-                    Err(error) => {
-                        error!(%error, serial = zone.config.serial, "DNS keeps serving the previous zone serial")
+        let first = ZoneRecords::new(&zone_source())?;
+        self.run_with(first, zone_source, shutdown).await
+    }
+
+    /// Like [`run`](DnsServer::run), starting with records the caller built already (the
+    /// gateway builds them before it starts serving anything, to refuse a zone DNS cannot
+    /// carry). A new serial's records are built on a blocking thread — base58 of a large zone
+    /// takes seconds (quadratic in its size) and would stall every task of the runtime — and
+    /// a serial that cannot be built is not tried again.
+    pub async fn run_with(
+        self,
+        first: ZoneRecords,
+        zone_source: impl Fn() -> Arc<SignedZone> + Send + Sync + 'static,
+        shutdown: CancellationToken,
+    ) -> Result<(), DnsError> {
+        let first = Arc::new(first);
+        let (tx, rx) = tokio::sync::watch::channel(first.clone());
+        let builder = {
+            let shutdown = shutdown.clone();
+            let mut tried = first.serial();
+            tokio::spawn(async move {
+                let mut poll = tokio::time::interval(ZONE_POLL_INTERVAL);
+                poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = poll.tick() => {}
+                    }
+                    let zone = zone_source();
+                    let serial = zone.config.serial;
+                    if serial == tried {
+                        continue;
+                    }
+                    tried = serial;
+                    match tokio::task::spawn_blocking(move || ZoneRecords::new(&zone)).await {
+                        Ok(Ok(r)) => {
+                            let _ = tx.send(Arc::new(r));
+                        }
+                        // The gateway accepted this zone, so it verified; only a zone too
+                        // large for DNS gets here. Keep answering with the previous records.
+                        Ok(Err(error)) => {
+                            error!(%error, serial, "DNS keeps serving the previous zone serial")
+                        }
+                        Err(error) => {
+                            error!(%error, serial, "DNS: building the zone's records failed")
+                        }
                     }
                 }
-            }
-            current.clone()
+            })
         };
-        self.run_records(first, records_source, shutdown).await
+        let r = self
+            .run_records(first, move || rx.borrow().clone(), shutdown)
+            .await;
+        builder.abort();
+        r
     }
 
     /// Like [`run`](DnsServer::run), with records built by the caller (tests serve hand-made

@@ -43,6 +43,55 @@ async fn assert_echoes(app: SocketAddr, msg: &[u8]) {
     assert_eq!(roundtrip(app, msg).await.unwrap(), msg);
 }
 
+/// A zone config too large for the DNS TXT set: the gateway refuses to start with a message
+/// that says so, and serves nothing — its app listeners (bound last) never opened. It used to
+/// start and log "DNS server stopped" while everything else ran without DNS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zone_too_large_for_dns_stops_the_start() {
+    let z = TestZone::new(&[]);
+    let app_port = free_tcp_port();
+    z.write_policy(
+        "apps.toml",
+        &format!("[app.echo]\ntcp = {{ listen = \"127.0.0.1:{app_port}\" }}\nto = \"home1/echo\"\nallow = {{ from = [\"public\"] }}\n"),
+    );
+    let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let template = zd.zone.config.devices[0].clone();
+    for i in 0..350 {
+        let name = zone_core::DeviceName::new(&format!("device{i}")).unwrap();
+        let public_key = zd.key.derive_device(zd.domain(), &name).public_text();
+        zd.zone.config.devices.push(zone_core::DeviceEntry {
+            name,
+            public_key,
+            roles: vec![zone_core::Role::Node],
+            ..template.clone()
+        });
+    }
+    zd.resign(now, 30).unwrap();
+    std::fs::copy(z.zone_dir().join("zone.json"), z.bundle("gw").zone_config).unwrap();
+
+    let dns: SocketAddr = ([127, 0, 0, 1], free_udp_port()).into();
+    let opts = gateway_options(
+        &z,
+        "gw",
+        z.gw_addr,
+        fast_tuning(),
+        Duration::from_millis(500),
+        Some(dns),
+    );
+    let e = match gateway::Gateway::bind(opts, tokio_util::sync::CancellationToken::new()).await {
+        Ok(_) => panic!("a gateway whose zone DNS cannot carry started"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("DNS") && e.contains("too large"), "{e}");
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", app_port))
+            .await
+            .is_err(),
+        "an app listener opened before the start failed"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_datagrams_on_quic_and_dns_ports_change_nothing() {
     let z = TestZone::new(&["home1"]);

@@ -199,24 +199,8 @@ async fn start_gateway_at(
     grace: Duration,
     dns: Option<SocketAddr>,
 ) -> RunningGateway {
-    let creds = z.creds(name);
-    let policy = Arc::new(policies::PolicyStore::load(&z.policy_dir()).expect("policy loads"));
+    let opts = gateway_options(z, name, listen, tuning, grace, dns);
     let shutdown = CancellationToken::new();
-    let opts = gateway::GatewayOptions {
-        creds,
-        policy,
-        services: Arc::new(LocalServices::default()),
-        forwards: Vec::new(),
-        listen,
-        admin: "127.0.0.1:0".parse().unwrap(),
-        tuning,
-        grace,
-        http: None,
-        https: None,
-        tls_certs: Vec::new(),
-        http_tuning: Default::default(),
-        dns,
-    };
     let gw = gateway::Gateway::bind(opts, shutdown.clone())
         .await
         .expect("gateway binds");
@@ -230,6 +214,35 @@ async fn start_gateway_at(
         admin,
         hub,
         task,
+    }
+}
+
+/// Options of gateway `name` of `z` listening for QUIC on `listen`: loopback admin, no HTTP
+/// front, the zone's policy directory.
+pub fn gateway_options(
+    z: &TestZone,
+    name: &str,
+    listen: SocketAddr,
+    tuning: Tuning,
+    grace: Duration,
+    dns: Option<SocketAddr>,
+) -> gateway::GatewayOptions {
+    let creds = z.creds(name);
+    let policy = Arc::new(policies::PolicyStore::load(&z.policy_dir()).expect("policy loads"));
+    gateway::GatewayOptions {
+        creds,
+        policy,
+        services: Arc::new(LocalServices::default()),
+        forwards: Vec::new(),
+        listen,
+        admin: "127.0.0.1:0".parse().unwrap(),
+        tuning,
+        grace,
+        http: None,
+        https: None,
+        tls_certs: Vec::new(),
+        http_tuning: Default::default(),
+        dns,
     }
 }
 
