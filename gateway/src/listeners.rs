@@ -63,6 +63,20 @@ pub struct Listeners {
     /// Binds that failed, with their error: retried at every [`Listeners::reconcile`], and
     /// reported again only when the error changes.
     failed: HashMap<(Kind, SocketAddr), String>,
+    /// The gateway's own sockets (kind, address, the gateway.toml key that sets it): an app
+    /// asking for one of them gets a message naming it instead of "address in use".
+    reserved: Vec<(Kind, SocketAddr, &'static str)>,
+    /// The current failures, as `/status` shows them.
+    published: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// Do two listen addresses of one kind take the same port (equal, or one a wildcard of the
+/// other's family, or `[::]` which is dual-stack)?
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && (a.ip() == b.ip()
+            || a.ip().is_unspecified() && (a.is_ipv6() || b.is_ipv4())
+            || b.ip().is_unspecified() && (b.is_ipv6() || a.is_ipv4()))
 }
 
 /// What a policy wants: (kind, address) → app name.
@@ -79,6 +93,19 @@ pub fn wanted(policy: &policies::CompiledPolicy) -> HashMap<(Kind, SocketAddr), 
 }
 
 impl Listeners {
+    /// No listeners yet; `reserved` are the gateway's own sockets (see [`Listeners::reserved`]).
+    pub fn new(reserved: Vec<(Kind, SocketAddr, &'static str)>) -> Self {
+        Listeners {
+            reserved,
+            ..Listeners::default()
+        }
+    }
+
+    /// The binds that are failing now (retried at every poll), for `/status`.
+    pub fn failures(&self) -> Arc<std::sync::Mutex<Vec<String>>> {
+        self.published.clone()
+    }
+
     /// Brings the running set to what the policy wants. Returns bind errors (as text) not
     /// reported before; at start-up the caller treats them as fatal, on reload they are
     /// logged. Listeners that stop are waited for before new ones bind, so an address they
@@ -114,7 +141,18 @@ impl Listeners {
             if self.running.contains_key(&key) {
                 continue;
             }
-            match bind(hub, key, shutdown).await {
+            let own = self
+                .reserved
+                .iter()
+                .find(|(k, a, _)| *k == key.0 && overlaps(*a, key.1));
+            let r = match own {
+                Some((_, addr, setting)) => Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("the gateway's own `{setting}` ({addr}, gateway.toml) uses that port: give the app another one"),
+                )),
+                None => bind(hub, key, shutdown).await,
+            };
+            match r {
                 Ok((bound, stop, task)) => {
                     info!(app = %app, kind = ?key.0, addr = %bound, "listener started");
                     self.failed.remove(&key);
@@ -137,6 +175,9 @@ impl Listeners {
                 }
             }
         }
+        let mut now: Vec<String> = self.failed.values().cloned().collect();
+        now.sort();
+        *self.published.lock().unwrap_or_else(|p| p.into_inner()) = now;
         errors
     }
 
@@ -394,5 +435,25 @@ async fn udp_loop(hub: Hub, listen: SocketAddr, sock: Arc<UdpSocket>, stop: Canc
     }
     for c in clients.values() {
         c.stop.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::overlaps;
+
+    #[test]
+    fn overlapping_listen_addresses() {
+        let a = |s: &str| s.parse().unwrap();
+        assert!(overlaps(a("127.0.0.1:80"), a("127.0.0.1:80")));
+        assert!(overlaps(a("0.0.0.0:80"), a("127.0.0.1:80")));
+        assert!(overlaps(a("127.0.0.1:80"), a("0.0.0.0:80")));
+        // `[::]` is dual-stack: it takes the port on IPv4 addresses too.
+        assert!(overlaps(a("[::]:80"), a("127.0.0.1:80")));
+        assert!(overlaps(a("0.0.0.0:80"), a("[::]:80")));
+        assert!(overlaps(a("[::]:80"), a("[::1]:80")));
+        assert!(!overlaps(a("0.0.0.0:80"), a("[::1]:80")));
+        assert!(!overlaps(a("127.0.0.1:80"), a("127.0.0.2:80")));
+        assert!(!overlaps(a("0.0.0.0:80"), a("0.0.0.0:81")));
     }
 }

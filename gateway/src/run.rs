@@ -23,7 +23,7 @@ use tunnel::transport::{self, Tuning};
 use crate::addr_text::Client;
 use crate::admin;
 use crate::http::{self as front, Front, HttpTuning};
-use crate::listeners::Listeners;
+use crate::listeners::{Kind, Listeners};
 
 /// How often the policy directory is checked for edits.
 pub const POLICY_POLL: Duration = Duration::from_millis(500);
@@ -171,7 +171,28 @@ impl Gateway {
         };
         // Last, as app listeners start accepting at once: nothing serves before every other
         // socket is bound and every check passed.
-        let mut listeners = Listeners::default();
+        let mut reserved = Vec::new();
+        let mut own = |kind, addr: std::io::Result<SocketAddr>, setting| {
+            if let Ok(a) = addr {
+                reserved.push((kind, a, setting));
+            }
+        };
+        own(Kind::Udp, endpoint.local_addr(), "listen");
+        own(Kind::Tcp, admin.local_addr(), "admin");
+        if let Some(l) = &http {
+            own(Kind::Tcp, l.local_addr(), "http");
+        }
+        if let Some((l, _)) = &https {
+            own(Kind::Tcp, l.local_addr(), "https");
+        }
+        if let Some((d, _)) = &dns {
+            own(Kind::Udp, Ok(d.udp_addr()), "dns");
+            own(Kind::Tcp, Ok(d.tcp_addr()), "dns");
+        }
+        for (_, l) in &forwards {
+            own(Kind::Tcp, l.local_addr(), "forward");
+        }
+        let mut listeners = Listeners::new(reserved);
         let errors = listeners.reconcile(&hub, &shutdown).await;
         if !errors.is_empty() {
             shutdown.cancel();
@@ -277,7 +298,11 @@ impl Gateway {
             ));
         }
         let status_hub = hub.clone();
-        let status: admin::StatusFn = Arc::new(move || status_json(&status_hub, started));
+        let failing = listeners.failures();
+        let status: admin::StatusFn = Arc::new(move || {
+            let failing = failing.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            status_json(&status_hub, started, failing)
+        });
         let extras = admin::Extras {
             metrics: Some({
                 let front = front.clone();
@@ -370,7 +395,7 @@ fn expected_connected(hub: &Hub) -> (Vec<String>, usize) {
     (expected, connected)
 }
 
-fn status_json(hub: &Hub, started: Instant) -> serde_json::Value {
+fn status_json(hub: &Hub, started: Instant, listener_errors: Vec<String>) -> serde_json::Value {
     let creds = hub.creds();
     let zone = creds.zone();
     let agents = hub.status();
@@ -400,6 +425,8 @@ fn status_json(hub: &Hub, started: Instant) -> serde_json::Value {
         "agents": agents,
         "apps": apps,
         "policy": hub.policy().last_reload(),
+        // Listeners of the policy that cannot bind (retried every poll).
+        "listener_errors": listener_errors,
     })
 }
 

@@ -493,7 +493,29 @@ async fn listeners_follow_renames_swaps_and_busy_ports() {
         roundtrip(c, b"c").await.ok().as_deref() == Some(&b"c"[..])
     })
     .await;
+
+    // An app on the gateway's own admin port: a message naming the setting, in /status.
+    z.write_policy("d.toml", &tcp_app("d", gw.admin.port()));
+    eventually_async("the clash shows in /status", || async {
+        let status = admin_status(gw.admin).await;
+        status.contains("app d: cannot listen") && status.contains("gateway's own `admin`")
+    })
+    .await;
     gw.shutdown.cancel();
+}
+
+/// The admin API's `/status` body (empty when it cannot be fetched).
+async fn admin_status(admin: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(admin).await else {
+        return String::new();
+    };
+    let _ = s
+        .write_all(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
