@@ -16,14 +16,13 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+use tunnel::flow_activity::FlowActivity;
 use tunnel::hub::{refusal_of, Hub};
 use tunnel::proto::Origin;
 use tunnel::splice::splice;
 
 use crate::addr_text::Client;
 
-/// A UDP flow with no datagram either way for this long is forgotten.
-const UDP_IDLE: Duration = Duration::from_secs(120);
 /// Distinct public clients of one UDP app tracked at once; beyond, new clients are dropped
 /// (bounded memory under a spoofed-source flood).
 const MAX_UDP_CLIENTS: usize = 4096;
@@ -332,7 +331,8 @@ async fn tcp_conn(hub: Hub, listen: SocketAddr, mut tcp: tokio::net::TcpStream, 
 
 struct ClientFlow {
     flow: tunnel::hub::UdpFlow,
-    last: Instant,
+    /// Datagrams either way: a client that only listens (or only sends) is still in use.
+    activity: Arc<FlowActivity>,
     stop: CancellationToken,
 }
 
@@ -340,12 +340,13 @@ async fn udp_loop(hub: Hub, listen: SocketAddr, sock: Arc<UdpSocket>, stop: Canc
     let mut clients: HashMap<SocketAddr, ClientFlow> = HashMap::new();
     let mut buf = vec![0u8; UDP_READ];
     let mut sweep = tokio::time::interval(Duration::from_secs(10));
+    let idle = hub.tuning().udp_flow_idle;
     loop {
         let (n, peer) = tokio::select! {
             _ = stop.cancelled() => break,
             _ = sweep.tick() => {
                 clients.retain(|_, c| {
-                    let keep = c.last.elapsed() < UDP_IDLE && c.flow.is_alive();
+                    let keep = c.activity.quiet_for() < idle && c.flow.is_alive();
                     if !keep { c.stop.cancel(); }
                     keep
                 });
@@ -355,7 +356,7 @@ async fn udp_loop(hub: Hub, listen: SocketAddr, sock: Arc<UdpSocket>, stop: Canc
         };
         if let Some(c) = clients.get_mut(&peer) {
             if c.flow.is_alive() {
-                c.last = Instant::now();
+                c.activity.touch();
                 let _ = c.flow.send(&buf[..n]);
                 continue;
             }
@@ -403,14 +404,16 @@ async fn udp_loop(hub: Hub, listen: SocketAddr, sock: Arc<UdpSocket>, stop: Canc
                 counters.bytes_in(n as u64);
                 let _ = flow.send(&buf[..n]);
                 let tok = stop.child_token();
+                let activity = Arc::new(FlowActivity::default());
                 let (sock2, tok2, app2) = (sock.clone(), tok.clone(), app_name.clone());
+                let activity2 = activity.clone();
                 tokio::spawn(async move {
                     let mut out = 0u64;
                     loop {
                         tokio::select! {
                             _ = tok2.cancelled() => break,
                             d = rx.recv() => match d {
-                                Some(d) => { out += d.len() as u64; let _ = sock2.send_to(&d, peer).await; }
+                                Some(d) => { activity2.touch(); out += d.len() as u64; let _ = sock2.send_to(&d, peer).await; }
                                 None => break,
                             }
                         }
@@ -422,7 +425,7 @@ async fn udp_loop(hub: Hub, listen: SocketAddr, sock: Arc<UdpSocket>, stop: Canc
                     peer,
                     ClientFlow {
                         flow,
-                        last: Instant::now(),
+                        activity,
                         stop: tok,
                     },
                 );

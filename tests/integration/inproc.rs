@@ -26,6 +26,7 @@ pub fn fast_tuning() -> Tuning {
         idle_timeout: Duration::from_millis(1500),
         handshake_timeout: Duration::from_secs(5),
         open_timeout: Duration::from_secs(5),
+        udp_flow_idle: Duration::from_secs(120),
     }
 }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 use tunnel::proto::ServiceProto;
+use tunnel::transport::Tuning;
 use zone_core::cert::{issue_device, IssueRequest};
 use zone_core::{DeviceName, Role};
 
@@ -753,5 +754,81 @@ async fn early_opened_streams_carry_data_or_the_refusal() {
         r.as_ref().map_or(true, |b| b.is_empty()),
         "a client of a down service got data: {r:?}"
     );
+    gw.shutdown.cancel();
+}
+
+/// One-way UDP (syslog, statsd, a client's keep-alives to a service that rarely answers): a
+/// flow stays open while the client sends, however long the service stays silent — the agent
+/// used to close it after the idle time of the service's direction alone, and the gateway kept
+/// sending into the closed flow for good. A flow that did go idle is replaced by a new one at
+/// the client's next datagram.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_way_udp_flows_stay_open_and_reopen_after_idle() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let z = TestZone::new(&["home1"]);
+    z.write_policy(
+        "apps.toml",
+        "[app.sink]\nudp = { listen = \"127.0.0.1:0\" }\nto = \"home1/sink\"\nallow = { from = [\"public\"] }\n",
+    );
+    let idle = Duration::from_millis(600);
+    let t = Tuning {
+        udp_flow_idle: idle,
+        ..fast_tuning()
+    };
+    let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let sink_addr = sink.local_addr().unwrap();
+    let got = Arc::new(AtomicUsize::new(0));
+    tokio::spawn({
+        let got = got.clone();
+        async move {
+            let mut buf = [0u8; 2048];
+            while sink.recv(&mut buf).await.is_ok() {
+                got.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    let gw = start_gateway(&z, t, Duration::from_millis(500)).await;
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("sink", sink_addr, ServiceProto::Udp)]),
+        vec![],
+        t,
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let app = gw.apps["sink"];
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(app).await.unwrap();
+
+    // Five idle times of client-only traffic, one datagram every 100 ms.
+    let sent = 30;
+    for _ in 0..sent {
+        client.send(b"log line").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_until("every datagram arrived", WAIT, || {
+        got.load(Ordering::Relaxed) == sent
+    })
+    .await;
+    let flows = || {
+        let cur = gw.hub.policy().current();
+        let app = cur.policy.app("sink").expect("sink");
+        cur.state(app).counters.snapshot().connections
+    };
+    assert_eq!(flows(), 1, "the one-way flow was closed and reopened");
+
+    // Quiet for three idle times: the flow closes. The next datagrams open a new one.
+    tokio::time::sleep(idle * 3).await;
+    let before = got.load(Ordering::Relaxed);
+    for _ in 0..5 {
+        client.send(b"after a pause").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_until("datagrams after the pause arrive", WAIT, || {
+        got.load(Ordering::Relaxed) >= before + 4
+    })
+    .await;
+    assert_eq!(flows(), 2, "a new flow after the idle one");
     gw.shutdown.cancel();
 }

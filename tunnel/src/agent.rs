@@ -25,6 +25,7 @@ use crate::control::{self, ControlHandle, ControlIo};
 use crate::creds::DeviceCreds;
 use crate::e2e;
 use crate::error::{OpenError, TunnelError};
+use crate::flow_activity::FlowActivity;
 use crate::peers::{peer_name, PeerConn, Peers};
 use crate::proto::{
     self, ControlSession, Event, Hello, Origin, PeerAddr, RefuseCode, ServiceProto, StreamHeader,
@@ -44,8 +45,6 @@ const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// A connection that lasted this long counts as healthy: the next failure starts backoff over.
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
-/// A UDP flow with no traffic either way for this long is closed.
-const UDP_FLOW_IDLE: Duration = Duration::from_secs(120);
 /// Largest UDP payload read from a local service.
 const UDP_READ: usize = 65_535;
 /// App name an agent puts in a Relay header: the gateway decides the real app by policy.
@@ -535,13 +534,16 @@ impl Agent {
             }
         };
         let stop = CancellationToken::new();
+        let activity = Arc::new(FlowActivity::default());
         flows.lock().unwrap_or_else(|p| p.into_inner()).insert(
             id,
             FlowEnd {
                 sock: sock.clone(),
                 stop: stop.clone(),
+                activity: activity.clone(),
             },
         );
+        let idle = self.cfg.tuning.udp_flow_idle;
         let (conn, ctl, flows) = (conn.clone(), ctl.clone(), flows.clone());
         let (app, service, origin) = (f.app, f.service, origin_text(&f.origin));
         tokio::spawn(async move {
@@ -551,15 +553,18 @@ impl Agent {
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
-                    r = tokio::time::timeout(UDP_FLOW_IDLE, sock.recv(&mut buf)) => match r {
-                        Ok(Ok(n)) => {
+                    // Quiet both ways (datagrams to the service touch it in `read_datagrams`).
+                    _ = activity.idle(idle) => break,
+                    r = sock.recv(&mut buf) => match r {
+                        Ok(n) => {
+                            activity.touch();
                             down += n as u64;
                             let mut b = BytesMut::with_capacity(n + 8);
                             if proto::encode_datagram(id, &buf[..n], &mut b).is_ok() {
                                 let _ = conn.send_datagram(b.freeze());
                             }
                         }
-                        Ok(Err(_)) | Err(_) => break,
+                        Err(_) => break,
                     }
                 }
             }
@@ -942,6 +947,7 @@ type Flows = Arc<Mutex<HashMap<u32, FlowEnd>>>;
 struct FlowEnd {
     sock: Arc<UdpSocket>,
     stop: CancellationToken,
+    activity: Arc<FlowActivity>,
 }
 
 /// A UDP socket connected to a local service. Binding and connecting a UDP socket do no network
@@ -967,8 +973,9 @@ async fn read_datagrams(conn: Connection, flows: Flows) {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
-            .map(|f| f.sock.clone());
-        if let Some(s) = sock {
+            .map(|f| (f.sock.clone(), f.activity.clone()));
+        if let Some((s, activity)) = sock {
+            activity.touch();
             let _ = s.send(&payload).await;
         }
     }

@@ -1057,8 +1057,17 @@ impl UdpFlow {
     pub fn device(&self) -> &str {
         &self.link.device
     }
+    /// False once the connection is gone or the agent closed the flow (its service socket
+    /// failed, or it was idle there): the caller opens a new flow for the next datagram
+    /// instead of sending into one nobody reads.
     pub fn is_alive(&self) -> bool {
         self.link.conn.close_reason().is_none()
+            && self
+                .link
+                .flows
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&self.flow_id)
     }
 }
 

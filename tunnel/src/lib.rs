@@ -14,6 +14,7 @@
 //! - [`peers`]: direct device↔device paths: peer table, hole punching, direct-use permits.
 //! - [`agent`]: the node side (dial, reconnect, serve services, forwards).
 //! - [`services`]: the services a device offers; [`status`]: `/status` snapshots.
+//! - [`flow_activity`]: when a UDP flow last carried a datagram, either way (its idle timer).
 
 pub mod admit;
 pub mod agent;
@@ -22,6 +23,7 @@ pub mod control;
 pub mod creds;
 pub mod e2e;
 pub mod error;
+pub mod flow_activity;
 pub mod hub;
 pub mod peers;
 pub mod proto;

@@ -23,6 +23,8 @@ pub struct Tuning {
     pub handshake_timeout: Duration,
     /// Time a peer has to answer a stream header.
     pub open_timeout: Duration,
+    /// A UDP flow with no datagram either way for this long is closed (agent and gateway).
+    pub udp_flow_idle: Duration,
 }
 
 impl Default for Tuning {
@@ -32,6 +34,7 @@ impl Default for Tuning {
             idle_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             open_timeout: Duration::from_secs(10),
+            udp_flow_idle: Duration::from_secs(120),
         }
     }
 }
