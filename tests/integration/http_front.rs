@@ -45,6 +45,8 @@ const SLOW: Duration = Duration::from_secs(5);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(1);
 /// The front's request body timeout in these tests.
 const BODY_TIMEOUT: Duration = Duration::from_secs(1);
+/// HTTP/2 connections without an open request close after this.
+const H2_IDLE: Duration = Duration::from_secs(2);
 
 const POLICY: &str = r#"
 [app.web]
@@ -413,6 +415,7 @@ async fn start() -> Harness {
                 response_timeout: RESPONSE_TIMEOUT,
                 header_read_timeout: HEADER_TIMEOUT,
                 body_timeout: BODY_TIMEOUT,
+                h2_idle_timeout: H2_IDLE,
                 ..HttpTuning::default()
             },
             dns: None,
@@ -926,6 +929,32 @@ async fn a_request_lost_to_a_closing_pooled_connection_is_repeated_only_if_idemp
 /// view of a file service that serves from its root (the prefix is stripped, as
 /// `zonegate files` needs): GET and HEAD pass, writes are refused with 405 naming what is allowed; the writable
 /// `/dfs/rw` is for zone devices only (403 for the public).
+/// An HTTP/2 client that keeps its connection but sends no request (it answers pings, as
+/// every HTTP/2 stack does) is closed with GOAWAY after the idle time; a connection with a
+/// request in progress is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_are_closed() {
+    let h = start().await;
+    let tcp = tokio::net::TcpStream::connect(h.http).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let mut conn = tokio::spawn(conn);
+    let req = Request::get(format!("http://{DOMAIN}/idle"))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let _ = resp.into_body().collect().await.unwrap();
+    let t = Instant::now();
+    let ended = tokio::time::timeout(H2_IDLE * 4, &mut conn).await;
+    assert!(ended.is_ok(), "an idle HTTP/2 connection stayed open");
+    assert!(t.elapsed() >= H2_IDLE / 2, "{:?}", t.elapsed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dfs_example_is_read_only_for_the_public() {
     let h = start().await;

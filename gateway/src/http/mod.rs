@@ -80,6 +80,11 @@ pub struct HttpTuning {
     /// Time a client may leave its request body stalled before the request is answered 408
     /// (HTTP/1: and its connection closed; HTTP/2: its stream reset, the connection goes on).
     pub body_timeout: Duration,
+    /// Time an HTTP/2 connection may go without an open request before it is closed (GOAWAY;
+    /// nginx's `keepalive_timeout` is 75 s). HTTP/1 connections wait `header_read_timeout` for
+    /// their next request. Without it an HTTP/2 client that only answers pings held a
+    /// connection slot for ever: 16,384 of them locked everyone out.
+    pub h2_idle_timeout: Duration,
 }
 
 impl Default for HttpTuning {
@@ -90,6 +95,7 @@ impl Default for HttpTuning {
             tls_handshake_timeout: Duration::from_secs(10),
             send_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(60),
+            h2_idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -246,15 +252,23 @@ impl Front {
     {
         let front = self.clone();
         let body_timeout = self.0.tuning.body_timeout;
+        let idle = self.0.tuning.h2_idle_timeout;
+        let busy = Arc::new(H2Busy::default());
+        let busy2 = busy.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let front = front.clone();
             let req = req.map(|b| {
                 body::Stalling::new(b.map_err(BoxError::from), body_timeout).boxed_unsync()
             });
+            let open = H2Busy::enter(&busy2);
             // Boxed: hyper moves each stream's future several times on its way into the task
             // it spawns for it, and the proxy's future is ~4 KiB.
             let answer = Box::pin(proxy::handle(front, req, peer, https, None));
-            async move { Ok::<_, Infallible>(answer.await) }
+            async move {
+                let r = answer.await;
+                drop(open);
+                Ok::<_, Infallible>(r)
+            }
         });
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new())
@@ -269,10 +283,55 @@ impl Front {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
+            // GOAWAY: answers still streaming finish, nothing new starts.
+            _ = busy.idle(idle) => {
+                debug!(idle_secs = idle.as_secs(), "HTTP/2 connection idle: closing");
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
         };
         if let Err(e) = r {
             debug!(error = %e, "connection ended with an error");
         }
+    }
+}
+
+/// Requests of one HTTP/2 connection being handled, and when the last one ended.
+#[derive(Debug, Default)]
+struct H2Busy {
+    open: std::sync::atomic::AtomicUsize,
+    last: tunnel::flow_activity::FlowActivity,
+}
+
+/// One request of an [`H2Busy`] connection, until dropped.
+struct H2Request(Arc<H2Busy>);
+
+impl H2Busy {
+    fn enter(this: &Arc<Self>) -> H2Request {
+        this.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        this.last.touch();
+        H2Request(this.clone())
+    }
+
+    /// Resolves once no request has been open for `idle`.
+    async fn idle(&self, idle: Duration) {
+        loop {
+            self.last.idle(idle).await;
+            if self.open.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+                return;
+            }
+            // Busy: look again an idle time after now.
+            self.last.touch();
+        }
+    }
+}
+
+impl Drop for H2Request {
+    fn drop(&mut self) {
+        self.0.last.touch();
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
