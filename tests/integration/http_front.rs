@@ -85,6 +85,12 @@ http = { host = "small.alice.example" }
 to = "home1/web"
 allow = { from = ["public"] }
 limits = { max_body = "1KiB" }
+
+[app.slow]
+http = { host = "slow.alice.example" }
+to = "home1/web"
+allow = { from = ["public"] }
+limits = { bandwidth_per_connection = "100KiB/s" }
 "#;
 
 // ---------------------------------------------------------------------------------------------
@@ -999,6 +1005,22 @@ async fn websocket_echo_through_the_tunnel() {
     ws.send(Message::binary(big.clone())).await.unwrap();
     let m = ws.next().await.unwrap().unwrap();
     assert_eq!(m.into_data().as_ref(), big.as_slice());
+    ws.close(None).await.unwrap();
+
+    // An app's bandwidth limit holds after the upgrade too: 300 kB each way at 100 KiB/s.
+    let tcp = tokio::net::TcpStream::connect(h.http).await.unwrap();
+    let url = format!("ws://slow.{DOMAIN}:{}/ws", h.http.port());
+    let (mut ws, resp) = tokio_tungstenite::client_async(url, tcp).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    let t = Instant::now();
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    let m = ws.next().await.unwrap().unwrap();
+    assert_eq!(m.into_data().as_ref(), big.as_slice());
+    assert!(
+        t.elapsed() >= Duration::from_millis(1500),
+        "an upgraded connection was not shaped: {:?}",
+        t.elapsed()
+    );
     ws.close(None).await.unwrap();
 }
 

@@ -207,6 +207,9 @@ impl body::Count for Logged {
 struct Answer {
     resp: Response<UpBody>,
     shape_out: policies::bandwidth::Shaper,
+    /// The client-to-service shaping a bodiless request did not use: an upgraded connection's
+    /// bytes that way are shaped by it.
+    shape_in: policies::bandwidth::Shaper,
 }
 
 /// Serves one request. Never fails: every refusal and error becomes a short plain answer.
@@ -245,7 +248,11 @@ pub(crate) async fn handle(
     let latency = log.started.elapsed();
     match result {
         Ok((answer, key)) => {
-            let Answer { resp, shape_out } = answer;
+            let Answer {
+                resp,
+                shape_out,
+                shape_in,
+            } = answer;
             log.status = resp.status().as_u16();
             front.metrics().observe(log.app(), log.status, latency);
             // The answer's hop-by-hop headers were left out as it was parsed (h1.rs).
@@ -254,7 +261,11 @@ pub(crate) async fn handle(
                 (true, Some(client_on)) => {
                     let (parts, up) = resp.into_parts();
                     if let Some(up) = up.into_upgraded() {
-                        front.hub().work().spawn(splice_upgrade(client_on, up, log));
+                        let shapers = (shape_in, shape_out);
+                        front
+                            .hub()
+                            .work()
+                            .spawn(splice_upgrade(client_on, up, log, shapers));
                     }
                     Response::from_parts(parts, body::full(""))
                 }
@@ -365,6 +376,7 @@ async fn forward(
     }
     state.counters.request();
     let (shape_in, shape_out) = state.limits.shapers();
+    let mut shape_in = Some(shape_in);
     let key = state.names.clone();
     let target = route::upstream_target(parts.uri.path_and_query(), http_route);
     let counters = state.counters.clone();
@@ -386,7 +398,7 @@ async fn forward(
         let bytes_in = log.bytes_in.get_or_insert_with(Arc::default).clone();
         let body = Metered::new(body, bytes_in)
             .limit(max_body)
-            .shape(shape_in)
+            .shape(shape_in.take().unwrap_or_default())
             .guard(sent_tx)
             .boxed();
         (body, Some(sent_rx))
@@ -422,7 +434,15 @@ async fn forward(
             },
         }
     })?;
-    Ok((Answer { resp, shape_out }, key))
+    let shape_in = shape_in.unwrap_or_default();
+    Ok((
+        Answer {
+            resp,
+            shape_out,
+            shape_in,
+        },
+        key,
+    ))
 }
 
 /// Reads and drops a small request body (see [`DRAIN_MAX`]).
@@ -531,19 +551,28 @@ async fn connect(front: &Front, key: &PoolKey, peer: SocketAddr) -> Result<Upstr
 }
 
 /// After a `101 Switching Protocols`, joins the client's and the service's connections.
+/// Joins an upgraded client connection (a WebSocket, …) to the service's, shaped like the
+/// app's other traffic (`bandwidth`, `bandwidth_per_connection`): (client → service,
+/// service → client).
 async fn splice_upgrade(
     client: tokio::sync::oneshot::Receiver<Upgraded>,
     mut u: Upgraded,
     mut log: RequestLog,
+    (shape_in, shape_out): (policies::bandwidth::Shaper, policies::bandwidth::Shaper),
 ) {
     match client.await {
-        Ok(mut c) => match tokio::io::copy_bidirectional(&mut c, &mut u).await {
-            Ok((to_up, to_client)) => {
-                log.bytes_in = Some(Arc::new(AtomicU64::new(to_up)));
-                log.bytes_out = to_client;
+        Ok(mut c) => {
+            let m = if shape_in.is_unlimited() && shape_out.is_unlimited() {
+                tunnel::splice::splice(&mut c, &mut u).await
+            } else {
+                tunnel::splice::splice_shaped(&mut c, &mut u, &shape_in, &shape_out).await
+            };
+            log.bytes_in = Some(Arc::new(AtomicU64::new(m.a_to_b)));
+            log.bytes_out = m.b_to_a;
+            if let Some(e) = m.error {
+                log.error = Some(format!("upgraded connection: {e}"));
             }
-            Err(e) => log.error = Some(format!("upgraded connection: {e}")),
-        },
+        }
         Err(_) => log.error = Some("upgrade failed: the client's connection ended first".into()),
     }
     // Dropping `log` writes the request's line, now that the upgraded connection is over.

@@ -740,6 +740,14 @@ pub struct Upgraded {
     io: Box<dyn Io>,
 }
 
+/// Spliced like any other connection end (an upgraded connection's bytes are shaped by the
+/// app's limits, see `proxy::splice_upgrade`).
+impl tunnel::splice::End for Upgraded {
+    fn abort(&mut self) {
+        // Dropped right after: the client's or the tunnel's end closes then.
+    }
+}
+
 impl Upgraded {
     pub fn new(pending: Bytes, io: Box<dyn Io>) -> Self {
         Upgraded { pending, io }
