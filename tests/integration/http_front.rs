@@ -228,6 +228,10 @@ async fn backend_handle(mut req: Request<Incoming>) -> Result<Response<BoxBody>,
         tokio::time::sleep(SLOW).await;
         return Ok(text(StatusCode::OK, "slow answer".into()));
     }
+    if path == "/wedged" {
+        // Reads nothing of the body and never answers: a service that hangs mid-upload.
+        std::future::pending::<()>().await;
+    }
     // Echo: method, path and headers as the backend saw them.
     let mut s = format!(
         "method={} path={} version={:?}\n",
@@ -935,6 +939,40 @@ async fn a_request_lost_to_a_closing_pooled_connection_is_repeated_only_if_idemp
 /// view of a file service that serves from its root (the prefix is stripped, as
 /// `zonegate files` needs): GET and HEAD pass, writes are refused with 405 naming what is allowed; the writable
 /// `/dfs/rw` is for zone devices only (403 for the public).
+/// A service that stops reading an upload (and never answers) gets the request answered 504
+/// once nothing of the body has moved for the response plus body timeouts; before, the
+/// answer's timer started only at the body's end, which never came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_that_stops_reading_an_upload_times_out() {
+    let h = start().await;
+    let tcp = tokio::net::TcpStream::connect(h.http).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    // 256 MiB, made as it is sent: far more than every buffer on the way holds.
+    let body = Pattern {
+        sent: 0,
+        len: 256 << 20,
+    };
+    let req = Request::post(format!("http://{DOMAIN}/wedged"))
+        .header("host", DOMAIN)
+        .body(body)
+        .unwrap();
+    let t = Instant::now();
+    let resp = tokio::time::timeout(Duration::from_secs(30), send.send_request(req))
+        .await
+        .expect("a wedged upload never answered")
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        t.elapsed() >= RESPONSE_TIMEOUT + BODY_TIMEOUT,
+        "{:?}",
+        t.elapsed()
+    );
+    conn.abort();
+}
+
 /// An HTTP/2 client that keeps its connection but sends no request (it answers pings, as
 /// every HTTP/2 stack does) is closed with GOAWAY after the idle time; a connection with a
 /// request in progress is not.

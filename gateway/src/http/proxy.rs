@@ -396,12 +396,13 @@ async fn forward(
     } else {
         let (sent_tx, sent_rx) = tokio::sync::oneshot::channel::<()>();
         let bytes_in = log.bytes_in.get_or_insert_with(Arc::default).clone();
+        let taken = bytes_in.clone();
         let body = Metered::new(body, bytes_in)
             .limit(max_body)
             .shape(shape_in.take().unwrap_or_default())
             .guard(sent_tx)
             .boxed();
-        (body, Some(sent_rx))
+        (body, Some((sent_rx, taken)))
     };
     let fwd = headers::Forwarded {
         client: peer.ip(),
@@ -475,12 +476,25 @@ async fn send(
     key: &PoolKey,
     peer: SocketAddr,
     mut out: Outgoing,
-    body_sent: Option<tokio::sync::oneshot::Receiver<()>>,
+    body_sent: Option<(tokio::sync::oneshot::Receiver<()>, Arc<AtomicU64>)>,
 ) -> Result<Response<UpBody>, ProxyError> {
     let timeout = front.tuning().response_timeout;
+    // A client that stops sending its body is answered 408 after `body_timeout` without
+    // progress; a service that stops taking it must not be blamed first.
+    let taking = timeout + front.tuning().body_timeout;
     let deadline = async move {
-        if let Some(sent) = body_sent {
-            let _ = sent.await;
+        if let Some((mut sent, taken)) = body_sent {
+            // While the body goes up, the service must take some of it every `taking` (like
+            // nginx's `proxy_send_timeout`): one that stopped reading would otherwise hold the
+            // request, its client and its stream for ever, the answer's timer never started.
+            loop {
+                let before = taken.load(Ordering::Relaxed);
+                match tokio::time::timeout(taking, &mut sent).await {
+                    Ok(_) => break,
+                    Err(_) if taken.load(Ordering::Relaxed) == before => return,
+                    Err(_) => {}
+                }
+            }
         }
         tokio::time::sleep(timeout).await;
     };
