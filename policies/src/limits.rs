@@ -156,7 +156,10 @@ impl RateLimiter {
 
     pub fn with_max_keys(config: RateLimit, max_keys: usize) -> Self {
         let one = NonZeroU32::MIN;
-        let period = config.rate.period / config.rate.count.max(1);
+        // Above 10^9 per second the period rounds to 0 ns, which governor refuses (the
+        // fallback below would have made it 1/s): 1 ns is as good as unlimited.
+        let period =
+            (config.rate.period / config.rate.count.max(1)).max(std::time::Duration::from_nanos(1));
         let quota = Quota::with_period(period)
             .unwrap_or_else(|| Quota::per_second(one))
             .allow_burst(NonZeroU32::new(config.burst).unwrap_or(one));

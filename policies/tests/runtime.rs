@@ -336,6 +336,18 @@ async fn ipv6_clients_share_their_64() {
         .is_ok());
 }
 
+/// A rate above 10^9/s is as good as unlimited, never the 1/s fallback of a zero period.
+#[tokio::test(start_paused = true)]
+async fn a_huge_rate_is_not_one_per_second() {
+    let p = rate_policy("4000000000/s", ", burst = 1");
+    let cfg = p.apps()[0].limits.rate.expect("rate");
+    let limiter = policies::limits::RateLimiter::new(cfg);
+    let key = || LimitKey::client_ip(ip("10.0.0.1"));
+    assert!(limiter.check(key()).is_ok());
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert!(limiter.check(key()).is_ok(), "limited to 1/s");
+}
+
 #[tokio::test(start_paused = true)]
 async fn limiter_memory_bounded_under_100k_clients() {
     let p = rate_policy("50/s", "");
