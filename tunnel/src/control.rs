@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use quinn::{RecvStream, SendStream};
 use tokio::sync::{mpsc, Notify};
 
@@ -130,6 +130,10 @@ pub struct ControlIo {
     recv: RecvStream,
     decoder: FrameDecoder,
     pub session: ControlSession,
+    /// Encoded messages not yet written: kept here, not in a local of [`ControlIo::flush`], so
+    /// a flush cancelled halfway (inside `next_event`, raced in a `select!`) resumes where it
+    /// stopped instead of losing the rest of a frame and breaking the stream's framing.
+    out: BytesMut,
 }
 
 impl ControlIo {
@@ -139,6 +143,7 @@ impl ControlIo {
             recv,
             decoder: FrameDecoder::new(),
             session,
+            out: BytesMut::new(),
         }
     }
 
@@ -154,14 +159,16 @@ impl ControlIo {
         Ok(io)
     }
 
-    /// Writes every message the session has queued.
+    /// Writes every message the session has queued. Cancel-safe: what is not written yet stays
+    /// queued for the next call.
     pub async fn flush(&mut self) -> Result<(), TunnelError> {
-        let mut buf = BytesMut::new();
         while let Some(msg) = self.session.poll_transmit() {
-            proto::encode_control(&msg, &mut buf)?;
+            proto::encode_control(&msg, &mut self.out)?;
         }
-        if !buf.is_empty() {
-            self.send.write_all(&buf).await?;
+        while !self.out.is_empty() {
+            // `write` writes nothing unless it completes, so each step is cancel-safe.
+            let n = self.send.write(&self.out).await?;
+            self.out.advance(n);
         }
         Ok(())
     }
