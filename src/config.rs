@@ -197,6 +197,24 @@ pub fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, UsageError
     })
 }
 
+/// A config that does not parse as this command's may be the other role's (`node.toml` given
+/// to `zonegate gateway`, or the reverse): if it parses as `Other`, say which command runs it.
+pub fn other_role_hint<Other: serde::de::DeserializeOwned>(
+    e: UsageError,
+    path: &Path,
+    whose: &str,
+    command: &str,
+) -> UsageError {
+    if read::<Other>(path).is_ok() {
+        UsageError(format!(
+            "{e}\n  this is {whose} config: run it with `zonegate {command} --config {}`",
+            path.display()
+        ))
+    } else {
+        e
+    }
+}
+
 pub fn resolve(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_owned()

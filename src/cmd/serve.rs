@@ -61,7 +61,8 @@ async fn on_signal(token: CancellationToken) {
 }
 
 pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
-    let mut f: GatewayFile = config::read(&a.config)?;
+    let mut f: GatewayFile = config::read(&a.config)
+        .map_err(|e| config::other_role_hint::<NodeFile>(e, &a.config, "a node agent's", "node"))?;
     for s in &a.services {
         let (n, e) = config::parse_service_flag(s)?;
         f.services.insert(n, e);
@@ -143,7 +144,9 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
 }
 
 pub fn node(a: NodeArgs) -> anyhow::Result<()> {
-    let mut f: NodeFile = config::read(&a.config)?;
+    let mut f: NodeFile = config::read(&a.config).map_err(|e| {
+        config::other_role_hint::<GatewayFile>(e, &a.config, "a gateway's", "gateway")
+    })?;
     for s in &a.services {
         let (n, e) = config::parse_service_flag(s)?;
         f.services.insert(n, e);
