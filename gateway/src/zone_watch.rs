@@ -23,7 +23,9 @@ fn fingerprint(path: &Path) -> Fingerprint {
 /// half-written. Polling, like the policy watcher: the same on every filesystem and way of
 /// copying.
 pub async fn watch(hub: Hub, path: PathBuf, interval: Duration, shutdown: CancellationToken) {
-    let mut seen = fingerprint(&path);
+    // Read once after start too: a copy made while the gateway was starting (after its
+    // credentials were loaded) is not missed. An unchanged file is the config in use: ignored.
+    let mut seen: Fingerprint = Some((u64::MAX, None));
     let mut settling: Option<Fingerprint> = None;
     loop {
         tokio::select! {

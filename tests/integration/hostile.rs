@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tunnel::control::ControlIo;
+use tunnel::creds::DeviceCreds;
 use tunnel::proto::{ControlSession, Event, Hello, Origin, RefuseCode, StreamHeader, StreamReply};
 use tunnel::transport::Tuning;
 
@@ -220,6 +221,25 @@ async fn ten_thousand_streams_from_one_agent_leave_others_served() {
     gw.shutdown.cancel();
 }
 
+/// Opens the control stream on `conn` and sends a hello naming `claims`.
+async fn send_hello(conn: &quinn::Connection, creds: &DeviceCreds, claims: &str) -> ControlIo {
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    tunnel::stream::write_header(&mut send, &StreamHeader::Control)
+        .await
+        .unwrap();
+    let hello = Hello {
+        proto_version: tunnel::proto::CONTROL_VERSION,
+        device: claims.into(),
+        services: vec![],
+        zone_serial: creds.zone_serial(),
+        zone_config: None,
+        agent_version: "hostile".into(),
+    };
+    let mut io = ControlIo::new(send, recv, ControlSession::agent(hello));
+    io.flush().await.unwrap();
+    io
+}
+
 /// Connects with `device`'s real credentials and says a hello naming `claims`; returns the
 /// endpoint (keep it alive), the connection and the control stream after the gateway's first
 /// answer, which must be a `Welcome` when `claims == device`.
@@ -237,20 +257,7 @@ async fn raw_session(
         .unwrap()
         .await
         .unwrap();
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    tunnel::stream::write_header(&mut send, &StreamHeader::Control)
-        .await
-        .unwrap();
-    let hello = Hello {
-        proto_version: tunnel::proto::CONTROL_VERSION,
-        device: claims.into(),
-        services: vec![],
-        zone_serial: creds.zone_serial(),
-        zone_config: None,
-        agent_version: "hostile".into(),
-    };
-    let mut io = ControlIo::new(send, recv, ControlSession::agent(hello));
-    io.flush().await.unwrap();
+    let mut io = send_hello(&conn, &creds, claims).await;
     if device == claims {
         let ev = tokio::time::timeout(WAIT, io.next_event())
             .await
@@ -774,20 +781,7 @@ async fn a_device_that_never_reads_its_welcome_is_dropped() {
         .unwrap()
         .await
         .unwrap();
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    tunnel::stream::write_header(&mut send, &StreamHeader::Control)
-        .await
-        .unwrap();
-    let hello = Hello {
-        proto_version: tunnel::proto::CONTROL_VERSION,
-        device: "home1".into(),
-        services: vec![],
-        zone_serial: creds.zone_serial(),
-        zone_config: None,
-        agent_version: "hostile".into(),
-    };
-    let mut io = ControlIo::new(send, recv, ControlSession::agent(hello));
-    io.flush().await.unwrap();
+    let _io = send_hello(&conn, &creds, "home1").await;
     let closed = tokio::time::timeout(
         tuning.handshake_timeout + Duration::from_secs(3),
         conn.closed(),

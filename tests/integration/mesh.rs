@@ -21,29 +21,20 @@ to = "home1/echo"
 allow = { from = ["device:home2"] }
 "#;
 
-/// A payload that marks plaintext: if the relay ever holds these bytes, encryption failed.
-const MARKER: &[u8] = b"PLAINTEXT-MARKER-7f3a9c-the-gateway-must-never-see-this";
-
-fn payload(n: usize) -> Vec<u8> {
-    let mut v = Vec::with_capacity(n + MARKER.len() * 8);
-    while v.len() < n {
-        v.extend_from_slice(MARKER);
-        v.extend_from_slice(&random_bytes(200));
-    }
-    v
+/// home1 offering `echo` (a TCP echo) and home2 forwarding a local port (`fwd`) to it, both
+/// connected to the gateway under [`MESH_POLICY`]; no stream opened yet.
+struct MeshZone {
+    z: TestZone,
+    gw: RunningGateway,
+    h1: RunningAgent,
+    h2: RunningAgent,
+    fwd: std::net::SocketAddr,
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_sees_only_ciphertext_then_streams_go_direct_and_survive_the_gateway() {
+async fn mesh_zone() -> MeshZone {
     let z = TestZone::new(&["home1", "home2"]);
     z.write_policy("mesh.toml", MESH_POLICY);
     let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(200)).await;
-    let tap = RelayTap::new(16 << 20);
-    gw.hub.set_relay_tap(Some(tap.clone()));
     let echo = tcp_echo().await;
     let h1 = start_agent(
         &z,
@@ -63,6 +54,36 @@ async fn relay_sees_only_ciphertext_then_streams_go_direct_and_survive_the_gatew
     .await;
     wait_until("both agents connected", WAIT, || gw.hub.agents().len() == 2).await;
     let fwd = h2.agent.forward_addrs()[0];
+    MeshZone { z, gw, h1, h2, fwd }
+}
+
+/// A payload that marks plaintext: if the relay ever holds these bytes, encryption failed.
+const MARKER: &[u8] = b"PLAINTEXT-MARKER-7f3a9c-the-gateway-must-never-see-this";
+
+fn payload(n: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(n + MARKER.len() * 8);
+    while v.len() < n {
+        v.extend_from_slice(MARKER);
+        v.extend_from_slice(&random_bytes(200));
+    }
+    v
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_sees_only_ciphertext_then_streams_go_direct_and_survive_the_gateway() {
+    let MeshZone {
+        z: _z,
+        gw,
+        h1,
+        h2,
+        fwd,
+    } = mesh_zone().await;
+    let tap = RelayTap::new(16 << 20);
+    gw.hub.set_relay_tap(Some(tap.clone()));
 
     // 1. First stream: relayed by the gateway, Noise end to end.
     let data = payload(256 * 1024);
@@ -261,28 +282,7 @@ async fn noise_refuses_a_peer_whose_static_key_is_not_its_zone_key() {
 /// direct path never touches the gateway, so only home1 can enforce the revocation there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_peer_loses_its_direct_path_and_open_streams() {
-    let z = TestZone::new(&["home1", "home2"]);
-    z.write_policy("mesh.toml", MESH_POLICY);
-    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(200)).await;
-    let echo = tcp_echo().await;
-    let h1 = start_agent(
-        &z,
-        "home1",
-        services(&[("echo", echo, ServiceProto::Tcp)]),
-        vec![],
-        fast_tuning(),
-    )
-    .await;
-    let h2 = start_agent(
-        &z,
-        "home2",
-        services(&[]),
-        vec![forward("127.0.0.1:0", "home1/echo")],
-        fast_tuning(),
-    )
-    .await;
-    wait_until("both agents connected", WAIT, || gw.hub.agents().len() == 2).await;
-    let fwd = h2.agent.forward_addrs()[0];
+    let MeshZone { z, gw, h1, h2, fwd } = mesh_zone().await;
     // A first (relayed) stream makes the gateway coordinate hole punching.
     assert_eq!(roundtrip(fwd, b"first").await.unwrap(), b"first");
     wait_until("direct path home1 <-> home2", WAIT, || {

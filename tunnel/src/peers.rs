@@ -197,7 +197,8 @@ impl Peers {
             .cloned()
             .collect();
         for peer in peers {
-            if self.cut_if_revoked(&peer) {
+            let had_direct = self.with(&peer, |s| s.direct.is_some());
+            if self.cut_if_revoked(&peer) && had_direct {
                 info!(peer = %peer, "peer revoked by the zone config: direct path closed");
             }
         }
