@@ -11,7 +11,8 @@
 //! path a service resolves (percent-decoding, `.`/`..` segments, `\`), seen through the app's
 //! prefix, routes to the same app under the same verdict (no path escapes its app); the head
 //! sent up parses as one HTTP/1.1 request head with the method and target; no
-//! hop-by-hop header survives (an upgrade keeps exactly `Connection: upgrade` + `Upgrade`);
+//! hop-by-hop header and no client claim (`Forwarded`, `X-Real-IP`, …) survives (an upgrade
+//! keeps exactly `Connection: upgrade` + `Upgrade`, and is never to `h2c`);
 //! `X-Forwarded-For/-Proto/-Host` and `Host` are single and say what the gateway routed by.
 #![no_main]
 
@@ -20,7 +21,7 @@ use std::sync::OnceLock;
 
 use gateway::http::h1::{encode_request_head, ReqFraming};
 use gateway::http::headers::{
-    upgrade_requested, Forwarded, HOP_BY_HOP, PROXY_AUTHENTICATE, X_FORWARDED_FOR,
+    upgrade_requested, Forwarded, CLIENT_CLAIMS, HOP_BY_HOP, PROXY_AUTHENTICATE, X_FORWARDED_FOR,
     X_FORWARDED_HOST, X_FORWARDED_PROTO,
 };
 use gateway::http::route::{request_host, upstream_target};
@@ -308,9 +309,19 @@ fuzz_target!(|data: &[u8]| {
         }
         assert!(!h.contains_key(n), "hop-by-hop {n} forwarded: {h:?}");
     }
+    for n in &CLIENT_CLAIMS {
+        assert!(!h.contains_key(n), "client claim {n} forwarded: {h:?}");
+    }
     if let Some(proto) = &upgrade {
         assert_eq!(single(h, &header::CONNECTION), "upgrade");
         assert_eq!(single(h, &header::UPGRADE), proto);
+        // Never h2c: its HTTP/2 requests would pass the app's rules unchecked.
+        let p = proto.to_str().unwrap_or("").to_ascii_lowercase();
+        assert!(
+            !p.split(',')
+                .any(|t| t.trim().split('/').next() == Some("h2c")),
+            "h2c upgrade passed on: {p:?}"
+        );
     }
     // A bodiless request says so where its method usually carries a body, and only there.
     if matches!(req.method, Method::POST | Method::PUT | Method::PATCH) {
