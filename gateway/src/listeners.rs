@@ -125,6 +125,8 @@ impl Listeners {
                 stopped.push(r.task);
             }
         }
+        // Only a bind that replaces a listener stopped just now waits for its address.
+        let replacing = !stopped.is_empty();
         for t in stopped {
             let _ = t.await;
         }
@@ -149,7 +151,7 @@ impl Listeners {
                     std::io::ErrorKind::AddrInUse,
                     format!("the gateway's own `{setting}` ({addr}, gateway.toml) uses that port: give the app another one"),
                 )),
-                None => bind(hub, key, shutdown).await,
+                None => bind(hub, key, shutdown, replacing).await,
             };
             match r {
                 Ok((bound, stop, task)) => {
@@ -194,14 +196,21 @@ impl Listeners {
     }
 }
 
-/// Binds `key` and starts its loop; retries an address still in use for up to
-/// [`REBIND_WAIT`] (the listener it replaces may still be letting go of it).
+/// Binds `key` and starts its loop; when `replacing` a listener that just stopped, retries an
+/// address still in use for up to [`REBIND_WAIT`] (it may still be letting go of it). A port
+/// another program holds is tried once per reconcile, i.e. per poll.
 async fn bind(
     hub: &Hub,
     key: (Kind, SocketAddr),
     shutdown: &CancellationToken,
+    replacing: bool,
 ) -> std::io::Result<(SocketAddr, CancellationToken, JoinHandle<()>)> {
-    let deadline = Instant::now() + REBIND_WAIT;
+    let deadline = Instant::now()
+        + if replacing {
+            REBIND_WAIT
+        } else {
+            Duration::ZERO
+        };
     loop {
         let stop = shutdown.child_token();
         let r = match key.0 {
