@@ -121,15 +121,16 @@ impl ZoneRecords {
         // Base58 is quadratic in its input (seconds for a zone near the limit): refuse a zone
         // that cannot fit before encoding it. Base58 of n bytes is at least n·log(256)/log(58)
         // ≈ 1.3657·n characters (one more per leading zero byte).
-        let json_len = zone.to_json_compact().len();
-        let at_least = json_len.saturating_mul(13_657) / 10_000;
+        let json = zone.to_json_compact();
+        let at_least = json.len().saturating_mul(13_657) / 10_000;
         if at_least > MAX_TXT_RDATA {
             return Err(RecordsError::TxtTooLarge {
                 bytes: at_least,
                 max: MAX_TXT_RDATA,
             });
         }
-        Self::with_txt(zone, &zone_core::txt::to_txt(zone))
+        // `to_txt` is `chunk` of this same JSON: serialized once.
+        Self::with_txt(zone, &zone_core::txt::chunk(&json))
     }
 
     /// Builds the records of `zone` but publishes `txt` at `_zonegate.DOMAIN`. The gateway never

@@ -672,17 +672,7 @@ async fn device_revoked_while_connected_is_cut_off_and_stays_out() {
 
     // The owner revokes the laptop; only home1's bundle gets the new zone.json. home1 passes it
     // on in its hello when it reconnects, and the gateway must act on it.
-    let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
-    zd.revoke(
-        &zone_core::DeviceName::new("laptop").unwrap(),
-        time::OffsetDateTime::now_utc(),
-    )
-    .unwrap();
-    std::fs::copy(
-        z.zone_dir().join("zone.json"),
-        z.zone_dir().join("devices/home1/zone.json"),
-    )
-    .unwrap();
+    std::fs::write(z.bundle("home1").zone_config, z.revoke("laptop")).unwrap();
     h1.shutdown.cancel();
     let _ = h1.task.await;
     let _h1 = start_echo_node(&z, &gw, "home1").await;
@@ -730,13 +720,7 @@ async fn zone_json_copied_into_a_running_gateway_revokes() {
     assert_eq!(gw.hub.creds().zone_serial(), serial0);
     assert!(gw.hub.agent("laptop").is_some());
 
-    let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
-    zd.revoke(
-        &zone_core::DeviceName::new("laptop").unwrap(),
-        time::OffsetDateTime::now_utc(),
-    )
-    .unwrap();
-    let revoking = std::fs::read(z.zone_dir().join("zone.json")).unwrap();
+    let revoking = z.revoke("laptop");
     std::fs::write(&gw_zone, &revoking).unwrap();
     wait_until("laptop disconnected", WAIT, || {
         gw.hub.agent("laptop").is_none()
@@ -831,13 +815,7 @@ async fn a_reconnect_cannot_resume_past_a_revocation() {
     let first = connect().await.expect("laptop's first handshake");
     first.close(0u32.into(), b"");
 
-    let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
-    zd.revoke(
-        &zone_core::DeviceName::new("laptop").unwrap(),
-        time::OffsetDateTime::now_utc(),
-    )
-    .unwrap();
-    let revoking = std::fs::read(z.zone_dir().join("zone.json")).unwrap();
+    let revoking = z.revoke("laptop");
     assert!(gw.offer_zone(&revoking).unwrap().is_some());
     let again = connect().await;
     assert!(again.is_err(), "a revoked device completed a handshake");
@@ -860,13 +838,7 @@ async fn a_revocation_reaches_every_gateway_through_the_agents() {
     })
     .await;
 
-    let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
-    zd.revoke(
-        &zone_core::DeviceName::new("laptop").unwrap(),
-        time::OffsetDateTime::now_utc(),
-    )
-    .unwrap();
-    std::fs::copy(z.zone_dir().join("zone.json"), z.bundle("gw").zone_config).unwrap();
+    std::fs::write(z.bundle("gw").zone_config, z.revoke("laptop")).unwrap();
     wait_until("gw2 cut the laptop off too", WAIT, || {
         gw2.hub.agent("laptop").is_none() && gw.hub.agent("laptop").is_none()
     })

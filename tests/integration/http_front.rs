@@ -790,14 +790,7 @@ async fn errors_are_distinct_and_short() {
             }
         }
     }
-    let tcp = tokio::net::TcpStream::connect(h.http).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut send, conn) = h2c_client(h.http).await;
     let req = Request::put(format!("http://{DOMAIN}/upload"))
         .body(Stuck(Some(Bytes::from_static(b"0123456789"))))
         .unwrap();
@@ -939,6 +932,29 @@ async fn a_request_lost_to_a_closing_pooled_connection_is_repeated_only_if_idemp
 /// view of a file service that serves from its root (the prefix is stripped, as
 /// `zonegate files` needs): GET and HEAD pass, writes are refused with 405 naming what is allowed; the writable
 /// `/dfs/rw` is for zone devices only (403 for the public).
+/// An HTTP/2 (prior knowledge, plain) client connection to `addr`; the connection runs in the
+/// returned task, which ends when the server closes it.
+async fn h2c_client<B>(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<B>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+)
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    (send, tokio::spawn(conn))
+}
+
 /// A service that stops reading an upload (and never answers) gets the request answered 504
 /// once nothing of the body has moved for the response plus body timeouts; before, the
 /// answer's timer started only at the body's end, which never came.
@@ -979,14 +995,7 @@ async fn a_service_that_stops_reading_an_upload_times_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_http2_connections_are_closed() {
     let h = start().await;
-    let tcp = tokio::net::TcpStream::connect(h.http).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    let mut conn = tokio::spawn(conn);
+    let (mut send, mut conn) = h2c_client(h.http).await;
     let req = Request::get(format!("http://{DOMAIN}/idle"))
         .body(http_body_util::Empty::<Bytes>::new())
         .unwrap();

@@ -119,6 +119,15 @@ impl TestZone {
         }
     }
 
+    /// Revokes `device` in the zone directory (as `zonegate device revoke` does) and returns the
+    /// new zone.json; no bundle gets it.
+    pub fn revoke(&self, device: &str) -> Vec<u8> {
+        let mut zd = ZoneDir::open(&self.zone_dir()).unwrap();
+        zd.revoke(&DeviceName::new(device).unwrap(), OffsetDateTime::now_utc())
+            .unwrap();
+        std::fs::read(self.zone_dir().join("zone.json")).unwrap()
+    }
+
     pub fn zone_dir(&self) -> PathBuf {
         self.tmp.path().join("zone")
     }
@@ -179,7 +188,15 @@ pub async fn start_named_gateway(z: &TestZone, name: &str, tuning: Tuning) -> Ru
         .find(|(n, _)| n == name)
         .map(|(_, a)| *a)
         .expect("a gateway of the zone");
-    start_gateway_at(z, name, addr, tuning, Duration::from_millis(500), None).await
+    run_gateway(gateway_options(
+        z,
+        name,
+        addr,
+        tuning,
+        Duration::from_millis(500),
+        None,
+    ))
+    .await
 }
 
 /// Like [`start_gateway`], also serving the zone's DNS on `dns` (UDP and TCP).
@@ -189,18 +206,11 @@ pub async fn start_gateway_with_dns(
     grace: Duration,
     dns: Option<SocketAddr>,
 ) -> RunningGateway {
-    start_gateway_at(z, "gw", z.gw_addr, tuning, grace, dns).await
+    run_gateway(gateway_options(z, "gw", z.gw_addr, tuning, grace, dns)).await
 }
 
-async fn start_gateway_at(
-    z: &TestZone,
-    name: &str,
-    listen: SocketAddr,
-    tuning: Tuning,
-    grace: Duration,
-    dns: Option<SocketAddr>,
-) -> RunningGateway {
-    let opts = gateway_options(z, name, listen, tuning, grace, dns);
+/// Binds a gateway with `opts` (it must bind) and runs it.
+async fn run_gateway(opts: gateway::GatewayOptions) -> RunningGateway {
     let shutdown = CancellationToken::new();
     let gw = gateway::Gateway::bind(opts, shutdown.clone())
         .await

@@ -304,13 +304,7 @@ async fn a_revoked_peer_loses_its_direct_path_and_open_streams() {
     long.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"ping");
 
-    let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
-    zd.revoke(
-        &zone_core::DeviceName::new("home2").unwrap(),
-        time::OffsetDateTime::now_utc(),
-    )
-    .unwrap();
-    std::fs::copy(z.zone_dir().join("zone.json"), z.bundle("gw").zone_config).unwrap();
+    std::fs::write(z.bundle("gw").zone_config, z.revoke("home2")).unwrap();
 
     // The stream ends (EOF or reset) instead of echoing on.
     let ended = tokio::time::timeout(WAIT, async {

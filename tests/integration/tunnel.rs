@@ -240,17 +240,8 @@ async fn foreign_expired_and_revoked_devices_are_refused() {
     let z = TestZone::new(&["home1", "laptop"]);
     let other = TestZone::new(&["home1"]);
     // Revoke laptop in the zone.json the gateway will load.
-    let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
-    zd.revoke(
-        &DeviceName::new("laptop").unwrap(),
-        OffsetDateTime::now_utc(),
-    )
-    .unwrap();
-    std::fs::copy(
-        z.zone_dir().join("zone.json"),
-        z.zone_dir().join("devices/gw/zone.json"),
-    )
-    .unwrap();
+    std::fs::write(z.bundle("gw").zone_config, z.revoke("laptop")).unwrap();
+    let zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
     let gw = start_gateway(&z, fast_tuning(), Duration::from_secs(1)).await;
 
     let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap();

@@ -1,6 +1,8 @@
-//! When a UDP flow last carried a datagram, in either direction: a flow is idle only when
-//! both directions are quiet. One-way protocols (syslog, statsd, a client that sends
-//! keep-alives to a service that rarely answers) would otherwise be closed while in use.
+//! When a flow last carried traffic, in either direction, and waiting until it has been quiet
+//! for a while. UDP flows use it so that they are idle only when both directions are quiet
+//! (one-way protocols — syslog, statsd, a client's keep-alives to a service that rarely
+//! answers — would otherwise be closed while in use); the HTTP front uses it for the idle
+//! timer of HTTP/2 connections.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
