@@ -47,6 +47,8 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(1);
 const BODY_TIMEOUT: Duration = Duration::from_secs(1);
 /// HTTP/2 connections without an open request close after this.
 const H2_IDLE: Duration = Duration::from_secs(2);
+/// A stream whose reader took nothing more for this long is held (`tunnel::holds`).
+const READER_STALL: Duration = Duration::from_secs(1);
 
 const POLICY: &str = r#"
 [app.web]
@@ -401,7 +403,11 @@ async fn start() -> Harness {
 
     let backend = start_backend(shutdown.clone()).await;
     let (stale, stale_seen) = start_stale_backend(shutdown.clone()).await;
-    let tuning = Tuning::default();
+    // A short stall time: clients that stop reading are dealt with within the tests' time.
+    let tuning = Tuning {
+        reader_stall: READER_STALL,
+        ..Tuning::default()
+    };
     let gw_creds = DeviceCreds::load(
         &bundle(&z, "gw", &zone_json),
         Some(&zone_core::DeviceName::new("gw").unwrap()),
@@ -1006,6 +1012,73 @@ async fn idle_http2_connections_are_closed() {
     let ended = tokio::time::timeout(H2_IDLE * 4, &mut conn).await;
     assert!(ended.is_ok(), "an idle HTTP/2 connection stayed open");
     assert!(t.elapsed() >= H2_IDLE / 2, "{:?}", t.elapsed());
+}
+
+/// Downloads whose clients stopped reading are cut once more of them are held than the
+/// device's connection window allows (they would stall its other streams); idle pooled
+/// upstream connections, whose last read was an answer's end, are not held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_nobody_reads_are_cut_and_idle_pooled_connections_are_not() {
+    let h = start().await;
+    let cut = || h.hub.agent("home1").map_or(0, |a| a.streams_cut());
+    // A burst of concurrent requests leaves a pool of idle upstream connections.
+    let burst = (0..16).map(|i| {
+        let h = &h;
+        async move { h.curl(&h.http_args(DOMAIN, &format!("/burst/{i}"))).await }
+    });
+    for c in futures_util::future::join_all(burst).await {
+        assert_eq!(c.code, 200, "{c:?}");
+    }
+    tokio::time::sleep(READER_STALL * 3).await;
+    assert_eq!(cut(), 0, "idle pooled connections were cut as held");
+    let before = h.streams_to_home1();
+    for i in 0..4 {
+        let c = h.curl(&h.http_args(DOMAIN, &format!("/again/{i}"))).await;
+        assert_eq!(c.code, 200, "{c:?}");
+    }
+    assert_eq!(
+        h.streams_to_home1(),
+        before,
+        "the pooled connections were not reused"
+    );
+
+    // Downloads of a gigabyte by clients that read nothing (a small receive buffer, so the
+    // gateway's copy stalls at once), a budget's worth at a time: the first wave is held and
+    // left alone; each later one pushes the held count over the budget and the oldest wave is
+    // cut. (All at once, the ones beyond the connection's window would wait for credit until
+    // the first cut, longer than these tests' 2 s response timeout.)
+    let budget = tunnel::holds::HELD_BUDGET;
+    let mut stalled = Vec::new();
+    for wave in 0..6 {
+        for _ in 0..budget {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.set_recv_buffer_size(4096).unwrap();
+            let mut c = s.connect(h.http).await.unwrap();
+            let get = format!("GET /bytes/1000000000 HTTP/1.1\r\nHost: {DOMAIN}\r\n\r\n");
+            c.write_all(get.as_bytes()).await.unwrap();
+            stalled.push(c);
+        }
+        let want = (wave * budget) as u64;
+        crate::inproc::wait_until(
+            "the oldest held downloads cut",
+            Duration::from_secs(20),
+            || cut() >= want,
+        )
+        .await;
+        assert_eq!(cut(), want, "more than the oldest wave cut");
+        // A request to the device meanwhile is answered.
+        let c = h
+            .curl(&h.http_args(DOMAIN, &format!("/meanwhile/{wave}")))
+            .await;
+        assert_eq!(c.code, 200, "{c:?}");
+    }
+    // Each client got its answer's head and the body's start: none was refused or timed out.
+    for (i, c) in stalled.iter_mut().enumerate() {
+        let mut head = [0u8; 17];
+        c.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200 OK\r\n", "download {i}");
+    }
+    drop(stalled);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,6 +27,7 @@ pub fn fast_tuning() -> Tuning {
         handshake_timeout: Duration::from_secs(5),
         open_timeout: Duration::from_secs(5),
         udp_flow_idle: Duration::from_secs(120),
+        reader_stall: Duration::from_secs(1),
     }
 }
 

@@ -823,3 +823,127 @@ async fn one_way_udp_flows_stay_open_and_reopen_after_idle() {
     assert_eq!(flows(), 2, "a new flow after the idle one");
     gw.shutdown.cancel();
 }
+
+/// A TCP service that writes without end to whoever connects (a download that never finishes).
+async fn tcp_flood() -> std::net::SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let chunk = vec![0x5au8; 64 * 1024];
+                while s.write_all(&chunk).await.is_ok() {}
+            });
+        }
+    });
+    addr
+}
+
+/// Public clients that stop reading a device's downloads must not stall the device's other
+/// streams: what they leave unread holds QUIC connection credit, and enough of them used to
+/// hold all of it (every other connection to the device, and new ones, waited for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_do_not_stall_the_device() {
+    use tokio::io::AsyncWriteExt;
+    let z = TestZone::new(&["home1"]);
+    let (flood_port, echo_port) = (free_tcp_port(), free_tcp_port());
+    z.write_policy(
+        "a.toml",
+        &format!(
+            "{}{}",
+            tcp_app("flood", flood_port).replace("home1/echo", "home1/flood"),
+            tcp_app("echo", echo_port)
+        ),
+    );
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let (echo, flood) = (tcp_echo().await, tcp_flood().await);
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[
+            ("echo", echo, ServiceProto::Tcp),
+            ("flood", flood, ServiceProto::Tcp),
+        ]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+
+    // Enough stalled downloads to pin the connection's whole receive window several times.
+    let mut stalled = Vec::new();
+    for _ in 0..24 {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.set_recv_buffer_size(4096).unwrap();
+        let mut c = s
+            .connect(([127, 0, 0, 1], flood_port).into())
+            .await
+            .unwrap();
+        c.write_all(b"go").await.unwrap();
+        stalled.push(c);
+    }
+    // Let their unread data pile up: until the device's byte count stops growing.
+    let from = || {
+        gw.hub
+            .status()
+            .iter()
+            .find(|a| a.device == "home1")
+            .map_or(0, |a| a.bytes_from)
+    };
+    let mut last = from();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = from();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let back = tokio::time::timeout(
+        Duration::from_secs(20),
+        roundtrip(([127, 0, 0, 1], echo_port).into(), b"still there?"),
+    )
+    .await;
+    assert!(
+        matches!(&back, Ok(Ok(b)) if b == b"still there?"),
+        "a connection to the device's other service stalled behind clients that stopped reading: {back:?}"
+    );
+    // Cutting frees credit, the device sends to the streams that had none, they are held in
+    // turn: within a few stall times all but the budget's worth are cut.
+    let cut = || {
+        gw.hub
+            .status()
+            .iter()
+            .find(|a| a.device == "home1")
+            .map_or(0, |a| a.streams_cut)
+    };
+    let budget = tunnel::holds::HELD_BUDGET as u64;
+    wait_until(
+        "all held streams but the budget cut",
+        Duration::from_secs(30),
+        || cut() >= 24 - budget,
+    )
+    .await;
+    let cut = cut();
+    assert_eq!(
+        cut,
+        24 - budget,
+        "the budget's worth of held streams is left alone"
+    );
+
+    // The cut clients' downloads end (once they read what the gateway had taken for them);
+    // the ones left within the budget flow again.
+    let reads = stalled.into_iter().map(|mut c| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 1 << 20];
+        let read_all = async { while let Ok(1..) = c.read(&mut buf).await {} };
+        tokio::time::timeout(Duration::from_secs(3), read_all)
+            .await
+            .is_ok()
+    });
+    let ended = futures_util::future::join_all(reads).await;
+    let ended = ended.iter().filter(|e| **e).count() as u64;
+    assert_eq!(ended, cut, "every cut download ends, the others go on");
+    gw.shutdown.cancel();
+}

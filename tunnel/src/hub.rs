@@ -20,6 +20,7 @@ use crate::admit::{GateStats, HandshakeGate, HandshakePermit};
 use crate::control::{self, ControlHandle, ControlIo};
 use crate::creds::DeviceCreds;
 use crate::error::{OpenError, TunnelError};
+use crate::holds::{HoldClock, Holds};
 use crate::proto::{
     self, ControlSession, ErrorCode, Event, Origin, RefuseCode, ServiceInfo, StreamHeader,
     StreamReply, Welcome,
@@ -78,9 +79,16 @@ pub struct AgentLink {
     /// opens, and UDP flows. Shared with the metered streams ([`QuicStream::metered`]).
     pub bytes_to: Arc<AtomicU64>,
     pub bytes_from: Arc<AtomicU64>,
+    /// The device's streams this gateway reads, watched for readers that stopped reading.
+    holds: Holds,
 }
 
 impl AgentLink {
+    /// Streams of this device cut because their readers stopped reading ([`crate::holds`]).
+    pub fn streams_cut(&self) -> u64 {
+        self.holds.cut_count()
+    }
+
     fn offers(&self, service: &str) -> bool {
         self.services
             .read()
@@ -102,6 +110,8 @@ struct Inner {
     /// (from, to) device pairs of mesh traffic: relayed streams and punching rounds.
     mesh: Mutex<HashMap<(String, String), MeshPair>>,
     tap: RwLock<Option<Arc<RelayTap>>>,
+    /// Ticks for every link's [`Holds`], advanced by [`Hub::sweep_holds`].
+    hold_clock: Arc<HoldClock>,
 }
 
 #[derive(Debug, Default)]
@@ -238,6 +248,7 @@ impl Hub {
             handshakes: HandshakeGate::new("tunnel hub", MAX_HANDSHAKES, RETRY_ABOVE),
             mesh: Mutex::new(HashMap::new()),
             tap: RwLock::new(None),
+            hold_clock: Arc::default(),
         }))
     }
 
@@ -378,6 +389,7 @@ impl Hub {
     /// Accepts agents until `shutdown`; then drains (see [`Hub::drain`]).
     pub async fn serve(&self, endpoint: Endpoint, shutdown: CancellationToken, grace: Duration) {
         info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "tunnel hub listening (QUIC, ALPN zonegate/1)");
+        tokio::spawn(self.clone().sweep_holds(shutdown.clone()));
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -395,6 +407,29 @@ impl Hub {
             });
         }
         self.drain(&endpoint, grace).await;
+    }
+
+    /// Cuts, on every link, the longest-held streams beyond what its window allows
+    /// ([`crate::holds`]): five ticks per [`Tuning::reader_stall`], at most one a second.
+    async fn sweep_holds(self, shutdown: CancellationToken) {
+        const STALL_TICKS: u32 = 5;
+        let stall = self.0.cfg.tuning.reader_stall;
+        let tick = (stall / STALL_TICKS).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let stall_ticks = u64::try_from(stall.as_nanos() / tick.as_nanos().max(1))
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let mut every = tokio::time::interval(tick);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            self.0.hold_clock.advance();
+            for link in self.agents() {
+                link.holds.sweep(stall_ticks, tick, &link.device);
+            }
+        }
     }
 
     /// Graceful stop: no new agents or streams, tell agents, let proxied work finish within
@@ -520,6 +555,7 @@ impl Hub {
             streams: AtomicU64::new(0),
             bytes_to: Arc::default(),
             bytes_from: Arc::default(),
+            holds: Holds::new(self.0.hold_clock.clone()),
         });
         if let Some(old) = self
             .0
@@ -792,7 +828,7 @@ impl Hub {
             return;
         }
         counters.connection();
-        let mut down = QuicStream::new(send, recv, rest);
+        let mut down = QuicStream::new(send, recv, rest).watched(&link.holds, &app_name, &service);
         let relayed = to_device != self.0.cfg.creds.name();
         if relayed {
             self.mesh_pair(&link.device, &to_device, |p| {
@@ -895,7 +931,11 @@ impl Hub {
             sent: link.bytes_to.clone(),
             received: link.bytes_from.clone(),
         };
-        Ok(Upstream::Quic(Box::new(s.metered(meter))))
+        Ok(Upstream::Quic(Box::new(s.metered(meter).watched(
+            &link.holds,
+            app,
+            service,
+        ))))
     }
 
     /// Opens a UDP flow to `service` on `device`; datagrams from the service arrive on the
@@ -1006,6 +1046,7 @@ impl Hub {
                         .map(|d| d.as_secs())
                         .unwrap_or(0),
                     streams: a.streams.load(Ordering::Relaxed),
+                    streams_cut: a.holds.cut_count(),
                     bytes_to: a.bytes_to.load(Ordering::Relaxed),
                     bytes_from: a.bytes_from.load(Ordering::Relaxed),
                     udp_tx: st.udp_tx.bytes,

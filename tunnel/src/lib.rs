@@ -7,7 +7,8 @@
 //! - [`tls`], [`transport`], [`udp`]: rustls (mutual TLS, ALPN `zonegate/1`), quinn endpoints
 //!   and the UDP socket under them.
 //! - [`control`]: I/O around the control session.
-//! - [`stream`], [`splice`], [`upstream`]: one proxied connection per QUIC stream.
+//! - [`stream`], [`splice`], [`upstream`]: one proxied connection per QUIC stream;
+//!   [`holds`]: cutting streams whose readers stopped reading before they stall the rest.
 //! - [`e2e`]: Noise IK end to end on relayed mesh streams (sans-IO framer + stream wrapper).
 //! - [`admit`]: handshake cap and QUIC Retry for incoming connections (hub and peers).
 //! - [`hub`]: the gateway side (agents table, streams to devices, mesh relay, UDP flows, drain).
@@ -24,6 +25,7 @@ pub mod creds;
 pub mod e2e;
 pub mod error;
 pub mod flow_activity;
+pub mod holds;
 pub mod hub;
 pub mod peers;
 pub mod proto;

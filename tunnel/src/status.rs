@@ -23,6 +23,9 @@ pub struct AgentStatus {
     pub uptime_secs: u64,
     pub since_unix: u64,
     pub streams: u64,
+    /// Streams cut because their readers stopped reading while more of the device's streams
+    /// were held than its connection's flow-control window allows ([`crate::holds`]).
+    pub streams_cut: u64,
     pub bytes_to: u64,
     pub bytes_from: u64,
     pub udp_tx: u64,

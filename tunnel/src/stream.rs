@@ -15,6 +15,7 @@ use quinn::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::error::{OpenError, TunnelError};
+use crate::holds::{Holds, Watched};
 use crate::proto::{self, StreamHeader, StreamReply};
 use crate::read_gate::ReadGate;
 
@@ -67,7 +68,7 @@ impl StreamRefused {
 #[derive(Debug)]
 pub struct QuicStream {
     pub send: SendStream,
-    recv: RecvStream,
+    recv: Recv,
     prefix: Bytes,
     meter: Option<StreamMeter>,
     /// Opened with [`open_early`]: the acceptor's reply is still to be read (bytes so far),
@@ -75,8 +76,24 @@ pub struct QuicStream {
     reply: Option<BytesMut>,
     /// The acceptor refused the stream (read in place of the reply of an early open).
     refused: Option<StreamRefused>,
-    /// Every read of `recv` goes through it ([`QuicStream::poll_recv`]).
+    /// Every read of `recv` goes through it ([`QuicStream::poll_quinn`]).
     gate: ReadGate,
+}
+
+/// A stream's receive side: the stream's alone, or shared with the sweep of held streams
+/// ([`crate::holds`]), which may cut it.
+#[derive(Debug)]
+enum Recv {
+    Own(RecvStream),
+    Watched(Arc<Watched>),
+}
+
+/// What reads of a stream the held-stream sweep cut fail with.
+fn cut_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "stream cut: its reader stopped reading while the device's connection needed the flow-control credit it held",
+    )
 }
 
 /// Totals a stream adds the payload it moves to (on the gateway: the device's, for `/status`
@@ -91,7 +108,7 @@ impl QuicStream {
     pub fn new(send: SendStream, recv: RecvStream, prefix: Bytes) -> Self {
         QuicStream {
             send,
-            recv,
+            recv: Recv::Own(recv),
             prefix,
             meter: None,
             reply: None,
@@ -106,15 +123,81 @@ impl QuicStream {
         self
     }
 
+    /// Puts the receive side under `holds`' watch ([`crate::holds`]): cut if its reader stops
+    /// reading while too many of the connection's streams are held. `app` and `service` name
+    /// it in the log.
+    pub fn watched(self, holds: &Holds, app: &str, service: &str) -> Self {
+        let QuicStream {
+            send,
+            recv,
+            prefix,
+            meter,
+            reply,
+            refused,
+            gate,
+        } = self;
+        let recv = match recv {
+            Recv::Own(r) => Recv::Watched(holds.watch(r, app, service)),
+            w @ Recv::Watched(_) => w,
+        };
+        QuicStream {
+            send,
+            recv,
+            prefix,
+            meter,
+            reply,
+            refused,
+            gate,
+        }
+    }
+
+    /// The reader is done for now (an idle pooled connection): the stream holds nothing,
+    /// whatever its last read handed over.
+    pub fn rest(&self) {
+        if let Recv::Watched(w) = &self.recv {
+            w.rest();
+        }
+    }
+
     /// The refusal an early-opened stream got instead of its payload (see [`open_early`]).
     pub fn refused(&self) -> Option<&StreamRefused> {
         self.refused.as_ref()
     }
 
-    /// Reads from quinn's stream, through the gate (every read of `recv` goes here).
+    /// Reads quinn's stream through the gate (every read of `recv` goes here). `got_data` tells
+    /// whether a read's answer handed data over: a watched stream then counts as held until
+    /// its reader reads again.
+    fn poll_quinn<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        read: impl FnOnce(&mut RecvStream, &mut Context<'_>) -> Poll<io::Result<T>>,
+        got_data: impl FnOnce(&T) -> bool,
+    ) -> Poll<io::Result<T>> {
+        let gate = &mut self.gate;
+        match &mut self.recv {
+            Recv::Own(r) => gate.poll(cx, |cx| read(r, cx)),
+            Recv::Watched(w) => w
+                .poll(
+                    |r| gate.poll(cx, |cx| read(r, cx)),
+                    |p| matches!(p, Poll::Ready(Ok(t)) if got_data(t)),
+                )
+                .unwrap_or_else(|| Poll::Ready(Err(cut_error()))),
+        }
+    }
+
+    /// Reads into `buf` from quinn's stream.
     fn poll_recv(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let recv = &mut self.recv;
-        self.gate.poll(cx, |cx| Pin::new(recv).poll_read(cx, buf))
+        self.poll_quinn(
+            cx,
+            |r, cx| {
+                let before = buf.filled().len();
+                Pin::new(r)
+                    .poll_read(cx, buf)
+                    .map_ok(|()| buf.filled().len() > before)
+            },
+            |data| *data,
+        )
+        .map_ok(|_| ())
     }
 
     /// Reads the acceptor's reply of an early-opened stream: Ready(Ok) once accepted (what
@@ -174,18 +257,15 @@ impl QuicStream {
             self.was_read(chunk.len());
             return Poll::Ready(Ok(Some(chunk)));
         }
-        let recv = &mut self.recv;
-        let r = ready!(self
-            .gate
-            .poll(cx, |cx| pin!(recv.read_chunk(max, true)).poll(cx)));
-        match r {
-            Ok(Some(chunk)) => {
-                self.was_read(chunk.bytes.len());
-                Poll::Ready(Ok(Some(chunk.bytes)))
-            }
-            Ok(None) => Poll::Ready(Ok(None)),
-            Err(e) => Poll::Ready(Err(e.into())),
-        }
+        let r = ready!(self.poll_quinn(
+            cx,
+            |r, cx| pin!(r.read_chunk(max, true)).poll(cx).map_err(Into::into),
+            Option::is_some,
+        ))?;
+        Poll::Ready(Ok(r.map(|chunk| {
+            self.was_read(chunk.bytes.len());
+            chunk.bytes
+        })))
     }
 
     /// The outcome of a write: counted, or, when it failed before an early open's reply was
@@ -267,7 +347,12 @@ impl crate::splice::End for QuicStream {
     fn abort(&mut self) {
         // Either may already be finished or stopped; then there is nothing left to tear down.
         let _ = self.send.reset(ABORTED);
-        let _ = self.recv.stop(ABORTED);
+        match &mut self.recv {
+            Recv::Own(r) => {
+                let _ = r.stop(ABORTED);
+            }
+            Recv::Watched(w) => w.stop(ABORTED),
+        }
     }
 
     /// The chunks quinn holds (slices of the received datagrams), not a copy of them.
@@ -286,18 +371,18 @@ impl crate::splice::End for QuicStream {
             return Poll::Ready(Ok(n));
         }
         let mut got: [Bytes; crate::splice::READ_CHUNKS] = Default::default();
-        let recv = &mut self.recv;
-        let r = ready!(self
-            .gate
-            .poll(cx, |cx| pin!(recv.read_chunks(&mut got)).poll(cx)));
+        let r = ready!(self.poll_quinn(
+            cx,
+            |r, cx| pin!(r.read_chunks(&mut got)).poll(cx).map_err(Into::into),
+            |k| k.is_some_and(|k| k > 0),
+        ))?;
         let n = match r {
-            Ok(Some(k)) => {
+            Some(k) => {
                 let n = got[..k].iter().map(Bytes::len).sum();
                 out.extend(got.into_iter().take(k).filter(|c| !c.is_empty()));
                 n
             }
-            Ok(None) => 0,
-            Err(e) => return Poll::Ready(Err(e.into())),
+            None => 0,
         };
         self.was_read(n);
         Poll::Ready(Ok(n))

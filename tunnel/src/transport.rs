@@ -25,6 +25,11 @@ pub struct Tuning {
     pub open_timeout: Duration,
     /// A UDP flow with no datagram either way for this long is closed (agent and gateway).
     pub udp_flow_idle: Duration,
+    /// A stream to a device whose reader took data and has not read again for this long is
+    /// held; beyond [`crate::holds::HELD_BUDGET`] held streams per device the gateway cuts the
+    /// longest-held. Long enough for a client's pause, short enough that a device is not
+    /// frozen for long by clients that stopped reading.
+    pub reader_stall: Duration,
 }
 
 impl Default for Tuning {
@@ -35,6 +40,7 @@ impl Default for Tuning {
             handshake_timeout: Duration::from_secs(10),
             open_timeout: Duration::from_secs(10),
             udp_flow_idle: Duration::from_secs(120),
+            reader_stall: Duration::from_secs(5),
         }
     }
 }
@@ -55,8 +61,10 @@ pub const MAX_STREAMS_TO_AGENT: u32 = 32 * 1024;
 pub const INITIAL_STREAMS: u32 = 64;
 /// Flow-control windows: a stream may have 4 MiB in flight (enough for ~300 Mbit/s at 100 ms
 /// RTT), a connection 32 MiB across its streams.
-const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+/// Streams whose readers stopped reading hold their unread data's share of the connection
+/// window; [`crate::holds`] keeps them from holding all of it.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 /// Datagram receive buffer for UDP flows (bytes): about a second of a modest UDP service.
 const DATAGRAM_BUFFER: usize = 1024 * 1024;
 /// Largest UDP payload path MTU discovery probes for, and the largest a peer may send us: what

@@ -28,6 +28,14 @@ impl Upstream {
             Upstream::Tcp(_) => None,
         }
     }
+
+    /// Done with for now (an idle pooled connection): a tunnel stream then holds nothing
+    /// ([`crate::holds`]), whatever its last read handed over.
+    pub fn rest(&self) {
+        if let Upstream::Quic(q) = self {
+            q.rest();
+        }
+    }
 }
 
 impl Upstream {

@@ -88,6 +88,7 @@ impl Pool {
         if self.closed.load(Ordering::Relaxed) {
             return;
         }
+        up.rest();
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(key).or_default();

@@ -58,6 +58,10 @@ pub trait UpIo: Io {
     ) -> Poll<io::Result<usize>> {
         poll_write_front(self, cx, chunks)
     }
+
+    /// The connection goes idle (back to the pool): a tunnel stream's last read no longer
+    /// counts as data its reader stopped taking ([`tunnel::holds`]).
+    fn rest(&self) {}
 }
 
 /// Writes (a copy of) the first of `chunks`, removing what was written.
@@ -84,6 +88,10 @@ impl UpIo for tunnel::upstream::Upstream {
         max: usize,
     ) -> Poll<io::Result<Option<Bytes>>> {
         tunnel::upstream::Upstream::poll_read_chunk(self, cx, max)
+    }
+
+    fn rest(&self) {
+        tunnel::upstream::Upstream::rest(self)
     }
 
     fn poll_write_chunks(
@@ -392,6 +400,11 @@ impl Upstream {
             io: Box::new(io),
             buf: BytesMut::new(),
         }
+    }
+
+    /// Goes idle: see [`UpIo::rest`].
+    pub(crate) fn rest(&self) {
+        self.io.rest();
     }
 
     /// For idle connections: false if the service closed the stream meanwhile (or sent

@@ -1,0 +1,190 @@
+//! Streams whose reader stopped reading, per connection, and cutting the longest-held of them
+//! when together they would hold the connection's shared receive credit from its other streams.
+//!
+//! quinn returns receive credit to the sender as the application reads. A stream the gateway
+//! stopped reading (because its public client stopped reading) keeps up to the stream window
+//! of the device's data unread, and that data counts against the connection's window too: 8
+//! such streams (4 MiB each of a 32 MiB window) stopped every other stream of the device —
+//! other clients, new connections, the control stream — for as long as their clients kept
+//! their sockets open. Anyone who could reach a download could freeze a device that way.
+//!
+//! A stream is *held* when its last read returned data and nobody has read it since, for at
+//! least the stall time ([`crate::transport::Tuning::reader_stall`]). A reader that waits for
+//! data (its last read was pending), reached the end, or put its connection back to rest
+//! ([`Watched::rest`]) holds nothing; so does one that keeps reading, however slowly. While at
+//! most [`HELD_BUDGET`] streams of a connection are held, nothing happens: clients may pause.
+//! Beyond that the longest-held are cut: their receive side is stopped (quinn drops the unread
+//! data and returns its credit; the device sees STOP_SENDING and ends its side) and their
+//! reader gets an error at its next read.
+//!
+//! Time is counted in ticks of one hub-wide [`HoldClock`], advanced by the sweep: a read that
+//! returned data stores the current tick (one relaxed store), not a clock reading.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use quinn::RecvStream;
+use tracing::info;
+
+use crate::transport::{CONNECTION_WINDOW, STREAM_WINDOW};
+
+/// Streams of one connection that may be held before the longest-held are cut: half the
+/// connection's window, so the held ones leave the other half to everything else.
+pub const HELD_BUDGET: usize = (CONNECTION_WINDOW / STREAM_WINDOW / 2) as usize;
+
+/// Application error code of a receive side stopped because its reader stopped reading.
+pub const CUT_HELD: quinn::VarInt = quinn::VarInt::from_u32(2);
+
+/// The sweep's tick count, shared by every stream it watches. Starts at 1: a stored 0 means
+/// "not held".
+#[derive(Debug)]
+pub struct HoldClock(AtomicU64);
+
+impl Default for HoldClock {
+    fn default() -> Self {
+        HoldClock(AtomicU64::new(1))
+    }
+}
+
+impl HoldClock {
+    pub fn now(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    pub fn advance(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// The watched streams of one connection.
+#[derive(Debug)]
+pub struct Holds {
+    clock: Arc<HoldClock>,
+    streams: Mutex<Vec<Weak<Watched>>>,
+    cut: AtomicU64,
+}
+
+/// A stream's receive side, shared between its reader and the sweep (which may stop it).
+#[derive(Debug)]
+pub struct Watched {
+    /// `None` once cut.
+    recv: Mutex<Option<RecvStream>>,
+    /// Tick of the last read that returned data, while no read followed it; 0 otherwise.
+    since: AtomicU64,
+    clock: Arc<HoldClock>,
+    /// For the log line of a cut: the app and the service the stream carries.
+    app: Box<str>,
+    service: Box<str>,
+}
+
+impl Holds {
+    pub fn new(clock: Arc<HoldClock>) -> Self {
+        Holds {
+            clock,
+            streams: Mutex::new(Vec::new()),
+            cut: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes `recv` into watch; its reader reads it through [`Watched::poll`].
+    pub fn watch(&self, recv: RecvStream, app: &str, service: &str) -> Arc<Watched> {
+        let w = Arc::new(Watched {
+            recv: Mutex::new(Some(recv)),
+            since: AtomicU64::new(0),
+            clock: self.clock.clone(),
+            app: app.into(),
+            service: service.into(),
+        });
+        self.streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Arc::downgrade(&w));
+        w
+    }
+
+    /// Streams cut so far.
+    pub fn cut_count(&self) -> u64 {
+        self.cut.load(Ordering::Relaxed)
+    }
+
+    /// Forgets streams that ended and cuts the longest-held beyond [`HELD_BUDGET`]: those held
+    /// for `stall_ticks` or more. Returns how many it cut.
+    /// `tick` is the clock's period, for the log.
+    pub fn sweep(&self, stall_ticks: u64, tick: std::time::Duration, device: &str) -> usize {
+        let now = self.clock.now();
+        let mut held: Vec<(u64, Arc<Watched>)> = Vec::new();
+        {
+            let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+            streams.retain(|w| {
+                let Some(w) = w.upgrade() else {
+                    return false;
+                };
+                let since = w.since.load(Ordering::Relaxed);
+                if since != 0 && now.saturating_sub(since) >= stall_ticks {
+                    held.push((since, w));
+                }
+                true
+            });
+        }
+        if held.len() <= HELD_BUDGET {
+            return 0;
+        }
+        held.sort_unstable_by_key(|(since, _)| *since);
+        let over = held.len() - HELD_BUDGET;
+        let mut cut = 0;
+        for (since, w) in held.into_iter().take(over) {
+            let taken = w.recv.lock().unwrap_or_else(PoisonError::into_inner).take();
+            // A cut stream holds nothing (its reads fail before they could mark it again).
+            w.since.store(0, Ordering::Relaxed);
+            if let Some(mut recv) = taken {
+                let _ = recv.stop(CUT_HELD);
+                cut += 1;
+                info!(
+                    device = %device,
+                    app = %w.app,
+                    service = %w.service,
+                    held_ms = (tick * u32::try_from(now - since).unwrap_or(u32::MAX)).as_millis() as u64,
+                    budget = HELD_BUDGET,
+                    "stream cut: its reader stopped reading while more of the device's streams were held than its flow-control window allows"
+                );
+            }
+        }
+        self.cut.fetch_add(cut as u64, Ordering::Relaxed);
+        cut
+    }
+}
+
+impl Watched {
+    /// Runs `read` on the receive side unless it was cut (then `None`). `got_data` tells
+    /// whether the answer handed the reader data: the stream then counts as held until its
+    /// reader reads again.
+    pub(crate) fn poll<T>(
+        &self,
+        read: impl FnOnce(&mut RecvStream) -> T,
+        got_data: impl FnOnce(&T) -> bool,
+    ) -> Option<T> {
+        let mut recv = self.recv.lock().unwrap_or_else(PoisonError::into_inner);
+        let r = read(recv.as_mut()?);
+        let since = if got_data(&r) { self.clock.now() } else { 0 };
+        self.since.store(since, Ordering::Relaxed);
+        Some(r)
+    }
+
+    /// Stops the receive side (a reader tearing its connection down), unless already cut.
+    pub(crate) fn stop(&self, code: quinn::VarInt) {
+        if let Some(r) = self
+            .recv
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_mut()
+        {
+            let _ = r.stop(code);
+        }
+    }
+
+    /// The reader is done with the stream for now (an idle pooled connection): it holds
+    /// nothing, whatever its last read returned.
+    pub fn rest(&self) {
+        self.since.store(0, Ordering::Relaxed);
+    }
+}
