@@ -176,12 +176,16 @@ impl QuicStream {
         let gate = &mut self.gate;
         match &mut self.recv {
             Recv::Own(r) => gate.poll(cx, |cx| read(r, cx)),
-            Recv::Watched(w) => w
-                .poll(
-                    |r| gate.poll(cx, |cx| read(r, cx)),
+            // The gate answers first: a stream it keeps from being polled answered `Pending`
+            // last, so it is not held (and was not cut: only held streams are), and its
+            // lock is not taken.
+            Recv::Watched(w) => gate.poll(cx, |cx| {
+                w.poll(
+                    |r| read(r, cx),
                     |p| matches!(p, Poll::Ready(Ok(t)) if got_data(t)),
                 )
-                .unwrap_or_else(|| Poll::Ready(Err(cut_error()))),
+                .unwrap_or_else(|| Poll::Ready(Err(cut_error())))
+            }),
         }
     }
 
