@@ -854,6 +854,38 @@ async fn a_revocation_reaches_every_gateway_through_the_agents() {
     gw2.shutdown.cancel();
 }
 
+/// Two gateways; the owner revokes one (say its VPS was compromised) and copies the revoking
+/// zone.json into the other. Agents learn it from there and drop their connection to the
+/// revoked gateway at once (it could open streams to any of their services), and it cannot
+/// get one back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_drop_a_gateway_the_zone_revokes() {
+    let z = TestZone::with_gateways(&["gw", "gw2"], &["home1"]);
+    let t = fast_tuning();
+    let gw = start_named_gateway(&z, "gw", t).await;
+    let gw2 = start_named_gateway(&z, "gw2", t).await;
+    let _h1 = start_agent(&z, "home1", services(&[]), vec![], t).await;
+    wait_until("home1 on both gateways", WAIT, || {
+        gw.hub.agent("home1").is_some() && gw2.hub.agent("home1").is_some()
+    })
+    .await;
+
+    std::fs::write(z.bundle("gw").zone_config, z.revoke("gw2")).unwrap();
+    wait_until("home1 left the revoked gateway", WAIT, || {
+        gw2.hub.agent("home1").is_none()
+    })
+    .await;
+    // Well past the agent's reconnect delay: it did not get back in.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        gw2.hub.agent("home1").is_none(),
+        "home1 reconnected to a revoked gateway"
+    );
+    assert!(gw.hub.agent("home1").is_some());
+    gw.shutdown.cancel();
+    gw2.shutdown.cancel();
+}
+
 /// A device offers a config newer than the one in use, but the owner has meanwhile copied an
 /// even newer one into the bundle (not read yet): the adoption must not overwrite that file.
 #[test]

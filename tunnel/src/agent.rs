@@ -83,6 +83,8 @@ struct LinkState {
     ctl: Option<ControlHandle>,
     /// UDP flows of the current connection.
     flows: Option<Flows>,
+    /// When the current connection's hello was answered.
+    up_since: Option<Instant>,
 }
 
 /// One gateway as this agent sees it.
@@ -229,10 +231,28 @@ impl Agent {
     }
 
     /// A newer zone config was adopted from gateway `from`: cut the direct paths of peers it
-    /// revokes, and pass it on to every other connected gateway at once — each acts on its
-    /// revocations only when it learns of them, and an agent may stay connected for days.
+    /// revokes and the connections to gateways it revokes (TLS checks revocation only at the
+    /// next handshake: a revoked gateway kept its way to every service of this device), and
+    /// pass it on to every other connected gateway at once — each acts on its revocations only
+    /// when it learns of them, and an agent may stay connected for days.
     fn zone_adopted(&self, from: &str) {
         self.peers.cut_revoked();
+        let trust = &self.cfg.creds.trust;
+        for link in &self.links {
+            if !zone_core::DeviceName::new(&link.name).is_ok_and(|n| trust.is_revoked(&n)) {
+                continue;
+            }
+            let conn = link
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .conn
+                .clone();
+            if let Some(c) = conn {
+                warn!(gateway = %link.name, addr = %link.addr, "gateway revoked by the adopted zone config: disconnecting");
+                c.close(crate::hub::CLOSE_REVOKED.into(), b"gateway revoked");
+            }
+        }
         let zone = self.cfg.creds.zone();
         let serial = zone.config.serial;
         let json = zone.to_json_compact();
@@ -322,7 +342,6 @@ impl Agent {
     async fn link_loop(self: Arc<Self>, link: Arc<GatewayLink>, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
         loop {
-            let started = Instant::now();
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = self.clone().session(link.clone()) => r,
@@ -331,14 +350,21 @@ impl Agent {
                 Ok(reason) => reason,
                 Err(e) => e.to_string(),
             };
+            // Healthy means up for a while, counted from the welcome: a dial that took the
+            // whole handshake timeout (a gateway dropping our packets) is no success.
+            let mut healthy = false;
             link.set(|s| {
+                healthy = s
+                    .up_since
+                    .take()
+                    .is_some_and(|t| t.elapsed() >= HEALTHY_AFTER);
                 s.conn = None;
                 s.draining = false;
                 s.last_error = Some(err.clone());
                 s.ctl = None;
                 s.flows = None;
             });
-            if started.elapsed() >= HEALTHY_AFTER {
+            if healthy {
                 backoff.reset();
             }
             let delay = backoff.next_delay(rand::random::<f64>());
@@ -408,6 +434,7 @@ impl Agent {
             s.draining = false;
             s.observed = Some(welcome.observed_addr);
             s.last_error = None;
+            s.up_since = Some(Instant::now());
         });
         info!(
             gateway = %link.name,

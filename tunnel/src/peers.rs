@@ -212,18 +212,26 @@ impl Peers {
         self.with(peer, |s| s.direct.clone().filter(PeerConn::live))
     }
 
-    /// Drops `conn` as the direct path to `peer` (it failed a stream open).
+    /// Drops `conn` as the direct path to `peer` (it failed a stream open), and closes it
+    /// once its streams are over: left open, the peer kept using it as its direct path (and
+    /// keep-alives kept it open), ignored our punch requests since it had a live direct path,
+    /// and retired our next direct connection as a duplicate — we stayed on the relay for good.
     pub fn forget_direct(&self, peer: &str, conn: &Connection, why: &str) {
         let dropped = self.with(peer, |s| match &s.direct {
             Some(c) if c.conn.stable_id() == conn.stable_id() => {
-                s.direct = None;
                 s.last_error = Some(why.to_owned());
-                true
+                s.direct.take()
             }
-            _ => false,
+            _ => None,
         });
-        if dropped {
+        if let Some(pc) = dropped {
             info!(peer = %peer, reason = %why, "direct path lost: streams use the relay");
+            tokio::spawn(retire(
+                pc,
+                self.creds.clone(),
+                peer.to_owned(),
+                b"direct path failed",
+            ));
         }
     }
 
@@ -292,7 +300,12 @@ impl Peers {
             }
         });
         if let Some(old) = retired {
-            tokio::spawn(retire(old, self.creds.clone(), peer.to_owned()));
+            tokio::spawn(retire(
+                old,
+                self.creds.clone(),
+                peer.to_owned(),
+                b"duplicate direct path",
+            ));
         }
         if kept {
             let c = self.direct(peer).map(|p| p.conn);
@@ -420,8 +433,9 @@ impl Peers {
     }
 }
 
-/// Closes a duplicate connection once no stream uses it.
-async fn retire(pc: PeerConn, creds: Arc<DeviceCreds>, peer: String) {
+/// Closes a connection no longer anyone's direct path (a duplicate, a failed one) once no
+/// stream uses it, saying `why`.
+async fn retire(pc: PeerConn, creds: Arc<DeviceCreds>, peer: String, why: &'static [u8]) {
     let revoked = || zone_core::DeviceName::new(&peer).is_ok_and(|n| creds.trust.is_revoked(&n));
     loop {
         if !pc.live() {
@@ -432,8 +446,7 @@ async fn retire(pc: PeerConn, creds: Arc<DeviceCreds>, peer: String) {
             return;
         }
         if pc.active.load(Ordering::Relaxed) == 0 {
-            pc.conn
-                .close(CLOSE_DUPLICATE.into(), b"duplicate direct path");
+            pc.conn.close(CLOSE_DUPLICATE.into(), why);
             return;
         }
         tokio::time::sleep(RETIRE_POLL).await;
