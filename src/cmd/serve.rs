@@ -133,6 +133,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         http_tuning: Default::default(),
         dns: config::ListenSetting::resolve(f.dns, DEFAULT_DNS),
     };
+    crate::fd_limit::raise_open_files();
     runtime(threads)?.block_on(async move {
         let shutdown = CancellationToken::new();
         let gw = gateway::Gateway::bind(opts, shutdown.clone()).await?;
@@ -168,6 +169,7 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
             .parse()
             .expect("valid default")
     });
+    crate::fd_limit::raise_open_files();
     runtime(threads)?.block_on(async move {
         let endpoint = tunnel::transport::client_endpoint(
             "0.0.0.0:0".parse().expect("valid"),

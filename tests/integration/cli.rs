@@ -703,3 +703,67 @@ fn zone_config_over_the_gateways_dns_verify_and_node_bootstrap() {
         "bootstrap did not write zone.json"
     );
 }
+
+/// `zonegate gateway` started under a low soft open-files limit (1,024 is the common default)
+/// raises it to the hard limit: past it every accept and connect fails.
+#[test]
+fn serving_raises_the_open_files_limit() {
+    let t = tempfile::tempdir().unwrap();
+    let z = zone_with_devices(t.path());
+    let gwdir = z.join("devices/gw");
+    std::fs::copy(z.join("zone.json"), gwdir.join("zone.json")).unwrap();
+    std::fs::create_dir_all(gwdir.join("policies")).unwrap();
+    let cfg = gwdir.join("gateway.toml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(
+            "listen = \"0.0.0.0:4433\"",
+            &format!("listen = \"127.0.0.1:{}\"", free_port()),
+        )
+        .replace(
+            "admin = \"127.0.0.1:9090\"",
+            &format!("admin = \"127.0.0.1:{}\"", free_port()),
+        );
+    std::fs::write(
+        &cfg,
+        format!("{text}\nhttp = \"off\"\nhttps = \"off\"\ndns = \"off\"\n"),
+    )
+    .unwrap();
+    let limits = |pid: u32| -> Option<(String, String)> {
+        let l = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+        let line = l.lines().find(|l| l.starts_with("Max open files"))?;
+        let mut f = line["Max open files".len()..].split_whitespace();
+        Some((f.next()?.to_owned(), f.next()?.to_owned()))
+    };
+    let (_, hard) = limits(std::process::id()).unwrap();
+    let gw = Killed(
+        Command::new("sh")
+            .args([
+                "-c",
+                "ulimit -Sn 256 && exec \"$0\" gateway --config \"$1\"",
+            ])
+            .arg(bin())
+            .arg(&cfg)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = gw.0.id();
+    let start = std::time::Instant::now();
+    loop {
+        // Once `sh` has lowered the limit and become the gateway (its soft limit was 256).
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+        let now = limits(pid);
+        let gateway = exe.is_some_and(|e| e.file_name() == bin().file_name());
+        if gateway && now.as_ref().is_some_and(|(soft, _)| *soft == hard) {
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "the gateway's open files limit stayed {now:?} (hard limit {hard})"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
