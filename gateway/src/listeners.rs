@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -343,6 +344,21 @@ struct ClientFlow {
     /// Datagrams either way: a client that only listens (or only sends) is still in use.
     activity: Arc<FlowActivity>,
     stop: CancellationToken,
+    app: String,
+    /// The client's datagrams dropped as too large for the tunnel (in the flow's done line).
+    dropped: Arc<AtomicU64>,
+}
+
+impl ClientFlow {
+    /// Sends a client's datagram up; one too large for the tunnel is counted, and the first
+    /// of a flow is said (it used to vanish without a trace).
+    fn send(&self, peer: SocketAddr, data: &[u8]) {
+        if let Err(e) = self.flow.send(data) {
+            if self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                warn!(app = %self.app, client = %Client(peer), error = %e, "UDP datagram from the client dropped (further drops of this flow are counted in its done line)");
+            }
+        }
+    }
 }
 
 async fn udp_loop(hub: Hub, listen: SocketAddr, sock: Arc<UdpSocket>, stop: CancellationToken) {
@@ -366,7 +382,7 @@ async fn udp_loop(hub: Hub, listen: SocketAddr, sock: Arc<UdpSocket>, stop: Canc
         if let Some(c) = clients.get_mut(&peer) {
             if c.flow.is_alive() {
                 c.activity.touch();
-                let _ = c.flow.send(&buf[..n]);
+                c.send(peer, &buf[..n]);
                 continue;
             }
             c.stop.cancel();
@@ -411,11 +427,11 @@ async fn udp_loop(hub: Hub, listen: SocketAddr, sock: Arc<UdpSocket>, stop: Canc
             Ok((flow, mut rx)) => {
                 counters.connection();
                 counters.bytes_in(n as u64);
-                let _ = flow.send(&buf[..n]);
                 let tok = stop.child_token();
                 let activity = Arc::new(FlowActivity::default());
+                let dropped = Arc::new(AtomicU64::new(0));
                 let (sock2, tok2, app2) = (sock.clone(), tok.clone(), app_name.clone());
-                let activity2 = activity.clone();
+                let (activity2, dropped2) = (activity.clone(), dropped.clone());
                 tokio::spawn(async move {
                     let mut out = 0u64;
                     loop {
@@ -428,16 +444,18 @@ async fn udp_loop(hub: Hub, listen: SocketAddr, sock: Arc<UdpSocket>, stop: Canc
                         }
                     }
                     counters.bytes_out(out);
-                    info!(app = %app2, client = %Client(peer), bytes_out = out, "UDP flow done");
+                    let dropped = dropped2.load(Ordering::Relaxed);
+                    info!(app = %app2, client = %Client(peer), bytes_out = out, dropped, "UDP flow done");
                 });
-                clients.insert(
-                    peer,
-                    ClientFlow {
-                        flow,
-                        activity,
-                        stop: tok,
-                    },
-                );
+                let c = ClientFlow {
+                    flow,
+                    activity,
+                    stop: tok,
+                    app: app_name,
+                    dropped,
+                };
+                c.send(peer, &buf[..n]);
+                clients.insert(peer, c);
             }
             Err(e) => {
                 let (_, reason) = refusal_of(&e);

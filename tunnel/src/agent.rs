@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use quinn::{Connection, Endpoint};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
@@ -36,7 +35,7 @@ use crate::splice::splice;
 use crate::status::{LinkStatus, PeerStatus};
 use crate::stream::{self, QuicStream};
 use crate::transport::{
-    self, StreamBudget, Tuning, MAX_STREAMS_PER_CONNECTION, MAX_STREAMS_TO_AGENT,
+    self, StreamBudget, Tuning, MAX_STREAMS_PER_CONNECTION, MAX_STREAMS_TO_AGENT, MAX_UDP_PAYLOAD,
 };
 
 /// First reconnect delay and its cap: quick recovery from a blip, no hammering of a gateway
@@ -45,8 +44,10 @@ const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// A connection that lasted this long counts as healthy: the next failure starts backoff over.
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
-/// Largest UDP payload read from a local service.
-const UDP_READ: usize = 65_535;
+/// Read buffer of a UDP flow's socket: one byte more than the largest datagram payload a
+/// tunnel carries ([`MAX_UDP_PAYLOAD`]), so a longer datagram shows as a full buffer. Each open
+/// flow keeps one; at 64 KiB the 4,096 flows a gateway may open took 256 MiB.
+const FLOW_READ: usize = MAX_UDP_PAYLOAD as usize + 1;
 /// App name an agent puts in a Relay header: the gateway decides the real app by policy.
 const RELAY_APP: &str = "mesh";
 /// Peer handshakes in flight at once, and the count above which unvalidated peers get a
@@ -576,7 +577,8 @@ impl Agent {
         tokio::spawn(async move {
             let started = Instant::now();
             let mut down = 0u64;
-            let mut buf = vec![0u8; UDP_READ];
+            let mut buf = vec![0u8; FLOW_READ];
+            let mut dropped = 0u64;
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
@@ -585,10 +587,21 @@ impl Agent {
                     r = sock.recv(&mut buf) => match r {
                         Ok(n) => {
                             activity.touch();
-                            down += n as u64;
-                            let mut b = BytesMut::with_capacity(n + 8);
-                            if proto::encode_datagram(id, &buf[..n], &mut b).is_ok() {
-                                let _ = conn.send_datagram(b.freeze());
+                            // A full buffer is a datagram cut short: larger than any the
+                            // tunnel carries, so it is dropped, like one the path refuses.
+                            let sent = if n == FLOW_READ {
+                                Err(TunnelError::DatagramTooLarge { len: n, max: MAX_UDP_PAYLOAD.into() })
+                            } else {
+                                crate::flow_datagram::send(&conn, id, &buf[..n])
+                            };
+                            match sent {
+                                Ok(()) => down += n as u64,
+                                Err(e) => {
+                                    dropped += 1;
+                                    if dropped == 1 {
+                                        warn!(app = %app, service = %service, origin = %origin, error = %e, "UDP datagram from the service dropped (further drops of this flow are counted in its done line)");
+                                    }
+                                }
                             }
                         }
                         Err(_) => break,
@@ -607,7 +620,7 @@ impl Agent {
                 // needs no close back.
                 ctl.close_udp_flow(id);
             }
-            info!(app = %app, service = %service, origin = %origin, bytes_down = down, secs = started.elapsed().as_secs(), "UDP flow done");
+            info!(app = %app, service = %service, origin = %origin, bytes_down = down, dropped, secs = started.elapsed().as_secs(), "UDP flow done");
         });
     }
 

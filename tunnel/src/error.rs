@@ -26,6 +26,11 @@ pub enum TunnelError {
     Truncated,
     #[error("timed out: {0}")]
     Timeout(&'static str),
+    /// Datagrams cannot be split: the service (or client) must send smaller ones.
+    #[error("a datagram of {len} bytes is larger than the tunnel carries on this path ({max} bytes): dropped")]
+    DatagramTooLarge { len: usize, max: usize },
+    #[error("datagram: {0}")]
+    Datagram(String),
 }
 
 /// Why a stream could not be opened to a device's service. Carries the refusal code so the

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use policies::{PolicyStore, Timestamp};
 use quinn::{Connection, Endpoint};
 use tokio::sync::{mpsc, oneshot};
@@ -1085,15 +1085,11 @@ impl UdpFlow {
     /// Sends one datagram to the service. Fails if the connection is gone or the datagram is
     /// larger than the path allows.
     pub fn send(&self, payload: &[u8]) -> Result<(), TunnelError> {
-        let mut b = BytesMut::with_capacity(payload.len() + 8);
-        proto::encode_datagram(self.flow_id, payload, &mut b)?;
+        crate::flow_datagram::send(&self.link.conn, self.flow_id, payload)?;
         self.link
             .bytes_to
             .fetch_add(payload.len() as u64, Ordering::Relaxed);
-        self.link
-            .conn
-            .send_datagram(b.freeze())
-            .map_err(|e| TunnelError::Config(format!("datagram: {e}")))
+        Ok(())
     }
     pub fn device(&self) -> &str {
         &self.link.device

@@ -15,7 +15,8 @@
 //! - [`peers`]: direct device↔device paths: peer table, hole punching, direct-use permits.
 //! - [`agent`]: the node side (dial, reconnect, serve services, forwards).
 //! - [`services`]: the services a device offers; [`status`]: `/status` snapshots.
-//! - [`flow_activity`]: when a UDP flow last carried a datagram, either way (its idle timer).
+//! - [`flow_activity`]: when a UDP flow last carried a datagram, either way (its idle timer);
+//!   [`flow_datagram`]: sending one, a too-large one reported.
 
 pub mod admit;
 pub mod agent;
@@ -25,6 +26,7 @@ pub mod creds;
 pub mod e2e;
 pub mod error;
 pub mod flow_activity;
+pub mod flow_datagram;
 pub mod holds;
 pub mod hub;
 pub mod peers;
