@@ -82,6 +82,15 @@ impl TestZone {
 
     /// A zone with several gateways, each at its own loopback port.
     pub fn with_gateways(gateways: &[&str], nodes: &[&str]) -> Self {
+        Self::build(gateways, &[], nodes)
+    }
+
+    /// A zone whose one gateway `gw` lists `first` before its own address (where it listens).
+    pub fn with_gateway_addrs_before(first: &[SocketAddr], nodes: &[&str]) -> Self {
+        Self::build(&["gw"], first, nodes)
+    }
+
+    fn build(gateways: &[&str], first: &[SocketAddr], nodes: &[&str]) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let zdir = tmp.path().join("zone");
         let mut z = ZoneDir::init(
@@ -96,8 +105,9 @@ impl TestZone {
         for g in gateways {
             let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
             let name = DeviceName::new(g).unwrap();
+            let addrs: Vec<SocketAddr> = first.iter().copied().chain([addr]).collect();
             let (k, c) = z
-                .add_device(&name, &[Role::Gateway], &[addr], now, 30)
+                .add_device(&name, &[Role::Gateway], &addrs, now, 30)
                 .unwrap();
             issued.push((name, k, c));
             gws.push((g.to_string(), addr));

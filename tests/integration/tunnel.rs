@@ -947,3 +947,41 @@ async fn clients_that_stop_reading_do_not_stall_the_device() {
     assert_eq!(ended, cut, "every cut download ends, the others go on");
     gw.shutdown.cancel();
 }
+
+/// A gateway listed with several addresses is one gateway: the agent keeps one connection to
+/// it, on the first address that answers (an IPv6 one its IPv4 socket cannot reach is
+/// skipped, one nothing answers at is given up after the handshake timeout). A link per
+/// address had two connections replace each other at the hub without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_with_several_addresses_gets_one_connection() {
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let first = ["[::1]:9".parse().unwrap(), silent.local_addr().unwrap()];
+    let z = TestZone::with_gateway_addrs_before(&first, &["home1"]);
+    let t = Tuning {
+        handshake_timeout: Duration::from_secs(2),
+        ..fast_tuning()
+    };
+    let gw = start_gateway(&z, t, Duration::from_millis(500)).await;
+    let h1 = start_agent(&z, "home1", services(&[]), vec![], t).await;
+    wait_until("home1 connected", Duration::from_secs(20), || {
+        gw.hub.agent("home1").is_some()
+    })
+    .await;
+    let session = gw.hub.agent("home1").unwrap().session_id;
+    let links = h1.agent.links();
+    assert_eq!(links.len(), 1, "one link per gateway");
+    assert_eq!(links[0].addrs.len(), 3);
+    assert_eq!(
+        links[0].addr(),
+        z.gw_addr,
+        "connected on the address that answers"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        gw.hub.agent("home1").map(|a| a.session_id),
+        Some(session),
+        "the connection was replaced"
+    );
+    drop(silent);
+    gw.shutdown.cancel();
+}

@@ -86,13 +86,18 @@ struct LinkState {
     flows: Option<Flows>,
     /// When the current connection's hello was answered.
     up_since: Option<Instant>,
+    /// The address of the current (or last good) connection: dialed first next time.
+    addr: Option<SocketAddr>,
 }
 
-/// One gateway as this agent sees it.
+/// One gateway as this agent sees it: one connection, whichever of its addresses answers
+/// (a gateway with an IPv4 and an IPv6 address, or two, is one device: a link per address
+/// had two connections replace each other at the hub, over and over).
 #[derive(Debug)]
 pub struct GatewayLink {
     pub name: String,
-    pub addr: SocketAddr,
+    /// The gateway's addresses from the zone config, in its order.
+    pub addrs: Vec<SocketAddr>,
     state: Mutex<LinkState>,
     connects: AtomicU64,
 }
@@ -115,12 +120,35 @@ impl GatewayLink {
     fn set(&self, f: impl FnOnce(&mut LinkState)) {
         f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()))
     }
+
+    /// The address in use (or last used), else the first listed: for logs and status.
+    pub fn addr(&self) -> SocketAddr {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.addr
+            .or(self.addrs.first().copied())
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Addresses to dial, in order: the last good one first, then the others as listed;
+    /// only those of the family `local` (the agent's socket) can reach.
+    fn dial_order(&self, local: Option<SocketAddr>) -> Vec<SocketAddr> {
+        let last = self.state.lock().unwrap_or_else(|p| p.into_inner()).addr;
+        let reachable = |a: &SocketAddr| local.is_none_or(|l| l.is_ipv6() || a.is_ipv4());
+        let mut v: Vec<SocketAddr> = last
+            .into_iter()
+            .filter(|a| self.addrs.contains(a))
+            .collect();
+        v.extend(self.addrs.iter().filter(|a| Some(**a) != last));
+        v.retain(reachable);
+        v
+    }
     pub fn status(&self) -> LinkStatus {
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let up = s.conn.as_ref().filter(|c| c.close_reason().is_none());
+        let addr = s.addr.or(self.addrs.first().copied());
         LinkStatus {
             gateway: self.name.clone(),
-            addr: self.addr.to_string(),
+            addr: addr.map(|a| a.to_string()).unwrap_or_default(),
             state: match (up, s.draining) {
                 (Some(_), false) => "up",
                 (Some(_), true) => "draining",
@@ -202,13 +230,24 @@ impl Agent {
             })?;
             fl.push((f.clone(), l));
         }
-        let links = gateways
+        // One link per gateway, with its addresses in the order listed.
+        let mut by_name: Vec<(String, Vec<SocketAddr>)> = Vec::new();
+        for (name, addr) in gateways {
+            if name == cfg.creds.name() {
+                continue;
+            }
+            match by_name.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, addrs)) if !addrs.contains(&addr) => addrs.push(addr),
+                Some(_) => {}
+                None => by_name.push((name, vec![addr])),
+            }
+        }
+        let links = by_name
             .into_iter()
-            .filter(|(n, _)| n != cfg.creds.name())
-            .map(|(name, addr)| {
+            .map(|(name, addrs)| {
                 Arc::new(GatewayLink {
                     name,
-                    addr,
+                    addrs,
                     state: Mutex::default(),
                     connects: AtomicU64::new(0),
                 })
@@ -250,7 +289,7 @@ impl Agent {
                 .conn
                 .clone();
             if let Some(c) = conn {
-                warn!(gateway = %link.name, addr = %link.addr, "gateway revoked by the adopted zone config: disconnecting");
+                warn!(gateway = %link.name, addr = %link.addr(), "gateway revoked by the adopted zone config: disconnecting");
                 c.close(crate::hub::CLOSE_REVOKED.into(), b"gateway revoked");
             }
         }
@@ -312,7 +351,7 @@ impl Agent {
             .iter()
             .map(|(n, s)| format!("{n}={}", s.addr))
             .collect();
-        info!(device = %self.cfg.creds.name(), gateways = ?self.links.iter().map(|l| format!("{} {}", l.name, l.addr)).collect::<Vec<_>>(), services = ?services, "node agent starting");
+        info!(device = %self.cfg.creds.name(), gateways = ?self.links.iter().map(|l| format!("{} {:?}", l.name, l.addrs)).collect::<Vec<_>>(), services = ?services, "node agent starting");
         let mut tasks = tokio::task::JoinSet::new();
         for link in &self.links {
             tasks.spawn(self.clone().link_loop(link.clone(), shutdown.clone()));
@@ -369,7 +408,7 @@ impl Agent {
                 backoff.reset();
             }
             let delay = backoff.next_delay(rand::random::<f64>());
-            info!(gateway = %link.name, addr = %link.addr, reason = %err, retry_ms = delay.as_millis() as u64, "tunnel down; reconnecting");
+            info!(gateway = %link.name, addrs = ?link.addrs, reason = %err, retry_ms = delay.as_millis() as u64, "tunnel down; reconnecting");
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
@@ -380,10 +419,43 @@ impl Agent {
     /// One connection to a gateway, from dial to loss. Returns why it ended.
     async fn session(self: Arc<Self>, link: Arc<GatewayLink>) -> Result<String, TunnelError> {
         let creds = &self.cfg.creds;
-        let t = self.cfg.tuning;
         let server_name = format!("{}.{}", link.name, creds.domain());
+        let candidates = link.dial_order(self.endpoint.local_addr().ok());
+        if candidates.is_empty() {
+            return Err(TunnelError::Config(format!(
+                "gateway {} has no IPv4 address in the zone config ({:?}), and this agent's socket is IPv4: give it one (`zonegate device add {} --role gateway --public-addr IP:PORT` again)",
+                link.name, link.addrs, link.name
+            )));
+        }
+        let mut last_error = None;
+        for addr in candidates {
+            match self.clone().dial(&link, addr, &server_name).await {
+                Ok(reason) => return Ok(reason),
+                Err(e) => {
+                    debug!(gateway = %link.name, %addr, error = %e, "gateway address failed");
+                    last_error = Some(if link.addrs.len() > 1 {
+                        TunnelError::Config(format!("{addr}: {e}"))
+                    } else {
+                        e
+                    });
+                }
+            }
+        }
+        Err(last_error.unwrap_or(TunnelError::Truncated))
+    }
+
+    /// One connection to `link` at `addr`: an error if it could not be set up, else why it
+    /// ended.
+    async fn dial(
+        self: Arc<Self>,
+        link: &Arc<GatewayLink>,
+        addr: SocketAddr,
+        server_name: &str,
+    ) -> Result<String, TunnelError> {
+        let creds = &self.cfg.creds;
+        let t = self.cfg.tuning;
         let setup = async {
-            let conn = self.endpoint.connect(link.addr, &server_name)?.await?;
+            let conn = self.endpoint.connect(addr, server_name)?.await?;
             let (mut send, recv) = conn.open_bi().await?;
             stream::write_header(&mut send, &StreamHeader::Control).await?;
             let zone = creds.zone();
@@ -436,10 +508,11 @@ impl Agent {
             s.observed = Some(welcome.observed_addr);
             s.last_error = None;
             s.up_since = Some(Instant::now());
+            s.addr = Some(addr);
         });
         info!(
             gateway = %link.name,
-            addr = %link.addr,
+            addr = %addr,
             observed = %welcome.observed_addr,
             session = welcome.session_id,
             services = ?self.cfg.services.infos().iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
@@ -452,7 +525,7 @@ impl Agent {
         let streams = tokio::spawn(self.clone().accept_streams(conn.clone(), link.name.clone()));
         let dgrams = tokio::spawn(read_datagrams(conn.clone(), flows.clone()));
         let reason = self
-            .run_control(&link, &conn, io, cmds, ctl, flows.clone())
+            .run_control(link, &conn, io, cmds, ctl, flows.clone())
             .await;
         streams.abort();
         dgrams.abort();
