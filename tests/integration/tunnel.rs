@@ -985,3 +985,39 @@ async fn a_gateway_with_several_addresses_gets_one_connection() {
     drop(silent);
     gw.shutdown.cancel();
 }
+
+/// The first datagram of a new UDP flow reaches the service: it can arrive at the agent
+/// before the control stream's flow open (two tasks; a datagram is not ordered with a stream),
+/// and was dropped then — a DNS query, a VPN's handshake packet lost, the client's retry
+/// seconds later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_datagram_of_every_new_flow_arrives() {
+    let z = TestZone::new(&["home1"]);
+    let uecho = udp_echo().await;
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("uecho", uecho, ServiceProto::Udp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let mut lost = 0;
+    for i in 0..100u16 {
+        let origin = tunnel::proto::Origin::Public(([192, 0, 2, 7], 5000 + i).into());
+        let (flow, mut rx) = gw
+            .hub
+            .open_udp_flow("home1", "uecho", "uecho", origin)
+            .await
+            .unwrap();
+        flow.send(b"first").unwrap();
+        match tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
+            Ok(Some(b)) => assert_eq!(&b[..], b"first"),
+            _ => lost += 1,
+        }
+    }
+    assert_eq!(lost, 0, "first datagrams of 100 new flows lost");
+    gw.shutdown.cancel();
+}

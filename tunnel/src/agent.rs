@@ -7,7 +7,6 @@
 //! by a gateway and encrypted end to end with Noise ([`crate::e2e`]), so the gateway only
 //! forwards ciphertext. The agent's one endpoint dials the gateways and also accepts peers.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +24,7 @@ use crate::creds::DeviceCreds;
 use crate::e2e;
 use crate::error::{OpenError, TunnelError};
 use crate::flow_activity::FlowActivity;
+use crate::flow_table::FlowTable;
 use crate::peers::{peer_name, PeerConn, Peers};
 use crate::proto::{
     self, ControlSession, Event, Hello, Origin, PeerAddr, RefuseCode, ServiceProto, StreamHeader,
@@ -520,7 +520,7 @@ impl Agent {
         );
         let (ctl, cmds) = control::channel();
         link.set(|s| s.ctl = Some(ctl.clone()));
-        let flows: Flows = Arc::new(Mutex::new(HashMap::new()));
+        let flows: Flows = Arc::default();
         link.set(|s| s.flows = Some(flows.clone()));
         let streams = tokio::spawn(self.clone().accept_streams(conn.clone(), link.name.clone()));
         let dgrams = tokio::spawn(read_datagrams(conn.clone(), flows.clone()));
@@ -604,7 +604,7 @@ impl Agent {
                 if let Some(f) = flows
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .remove(&flow_id)
+                    .remove(flow_id)
                 {
                     f.stop.cancel();
                 }
@@ -636,7 +636,7 @@ impl Agent {
         };
         let stop = CancellationToken::new();
         let activity = Arc::new(FlowActivity::default());
-        flows.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        let early = flows.lock().unwrap_or_else(|p| p.into_inner()).open(
             id,
             FlowEnd {
                 sock: sock.clone(),
@@ -652,6 +652,11 @@ impl Agent {
             let mut down = 0u64;
             let mut buf = vec![0u8; FLOW_READ];
             let mut dropped = 0u64;
+            // Datagrams that came before the open (see `flow_table`), first.
+            for d in early {
+                activity.touch();
+                let _ = sock.send(&d).await;
+            }
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
@@ -684,8 +689,8 @@ impl Agent {
             {
                 // Only our own entry: after a close the gateway may reuse the id for a new flow.
                 let mut table = flows.lock().unwrap_or_else(|p| p.into_inner());
-                if table.get(&id).is_some_and(|e| Arc::ptr_eq(&e.sock, &sock)) {
-                    table.remove(&id);
+                if table.get(id).is_some_and(|e| Arc::ptr_eq(&e.sock, &sock)) {
+                    table.remove(id);
                 }
             }
             if !stop.is_cancelled() {
@@ -1054,7 +1059,7 @@ impl Agent {
     }
 }
 
-type Flows = Arc<Mutex<HashMap<u32, FlowEnd>>>;
+type Flows = Arc<Mutex<FlowTable<FlowEnd>>>;
 
 #[derive(Debug)]
 struct FlowEnd {
@@ -1082,11 +1087,15 @@ async fn read_datagrams(conn: Connection, flows: Flows) {
         let Ok((id, payload)) = proto::decode_datagram_bytes(d) else {
             continue;
         };
-        let sock = flows
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .map(|f| (f.sock.clone(), f.activity.clone()));
+        let sock = {
+            let mut table = flows.lock().unwrap_or_else(|p| p.into_inner());
+            let open = table.get(id).map(|f| (f.sock.clone(), f.activity.clone()));
+            if open.is_none() {
+                // Its open may be right behind on the control stream.
+                table.hold_early(id, payload.clone(), Instant::now());
+            }
+            open
+        };
         if let Some((s, activity)) = sock {
             activity.touch();
             let _ = s.send(&payload).await;

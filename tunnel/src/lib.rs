@@ -16,7 +16,8 @@
 //! - [`agent`]: the node side (dial, reconnect, serve services, forwards).
 //! - [`services`]: the services a device offers; [`status`]: `/status` snapshots.
 //! - [`flow_activity`]: when a UDP flow last carried a datagram, either way (its idle timer);
-//!   [`flow_datagram`]: sending one, a too-large one reported.
+//!   [`flow_datagram`]: sending one, a too-large one reported; [`flow_table`]: an agent's
+//!   flows, and datagrams that came before their flow's open.
 
 pub mod admit;
 pub mod agent;
@@ -27,6 +28,7 @@ pub mod e2e;
 pub mod error;
 pub mod flow_activity;
 pub mod flow_datagram;
+pub mod flow_table;
 pub mod holds;
 pub mod hub;
 pub mod peers;
