@@ -281,6 +281,18 @@ pub async fn start_agent(
     forwards: Vec<Forward>,
     tuning: Tuning,
 ) -> RunningAgent {
+    start_agent_via(z, name, svcs, forwards, tuning, Vec::new()).await
+}
+
+/// [`start_agent`] connecting to `gateways` only (empty: every gateway of the zone).
+pub async fn start_agent_via(
+    z: &TestZone,
+    name: &str,
+    svcs: Arc<LocalServices>,
+    forwards: Vec<Forward>,
+    tuning: Tuning,
+    gateways: Vec<(String, SocketAddr)>,
+) -> RunningAgent {
     let creds = z.creds(name);
     let endpoint =
         tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), &creds, &tuning)
@@ -290,7 +302,7 @@ pub async fn start_agent(
             creds,
             services: svcs,
             forwards,
-            gateways: Vec::new(),
+            gateways,
             tuning,
         },
         endpoint,

@@ -331,3 +331,43 @@ async fn a_revoked_peer_loses_its_direct_path_and_open_streams() {
     h2.shutdown.cancel();
     gw.shutdown.cancel();
 }
+
+/// Two gateways; home1 is connected to the second only. laptop's forward to home1 goes
+/// through whichever gateway has it: the first one answers "offline", the forward tries the
+/// next (it used to fail on the first usable gateway, whatever the others could reach).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_goes_through_the_gateway_that_reaches_its_device() {
+    let z = TestZone::with_gateways(&["gw", "gw2"], &["home1", "laptop"]);
+    z.write_policy("mesh.toml", MESH_POLICY.replace("home2", "laptop").as_str());
+    let t = fast_tuning();
+    let gw = start_named_gateway(&z, "gw", t).await;
+    let gw2 = start_named_gateway(&z, "gw2", t).await;
+    let echo = tcp_echo().await;
+    let _h1 = start_agent_via(
+        &z,
+        "home1",
+        services(&[("echo", echo, ServiceProto::Tcp)]),
+        vec![],
+        t,
+        vec![z.gateways[1].clone()],
+    )
+    .await;
+    let laptop = start_agent(
+        &z,
+        "laptop",
+        services(&[]),
+        vec![forward("127.0.0.1:0", "home1/echo")],
+        t,
+    )
+    .await;
+    wait_until("home1 on gw2, laptop on both", WAIT, || {
+        gw2.hub.agents().len() == 2 && gw.hub.agent("laptop").is_some()
+    })
+    .await;
+    assert!(gw.hub.agent("home1").is_none());
+    let fwd = laptop.agent.forward_addrs()[0];
+    let back = roundtrip(fwd, b"via the other gateway").await.unwrap();
+    assert_eq!(back, b"via the other gateway");
+    gw.shutdown.cancel();
+    gw2.shutdown.cancel();
+}

@@ -932,10 +932,17 @@ impl Agent {
         );
     }
 
-    fn pick_link(&self) -> Option<(Arc<GatewayLink>, Connection)> {
-        self.links
+    /// Usable gateway links for a stream to `device`: its own link first when it is a
+    /// gateway (another gateway cannot reach it: gateways do not connect to each other), then
+    /// the others in the zone config's order.
+    fn links_for(&self, device: &str) -> Vec<(Arc<GatewayLink>, Connection)> {
+        let mut v: Vec<_> = self
+            .links
             .iter()
-            .find_map(|l| l.usable().map(|c| (l.clone(), c)))
+            .filter_map(|l| l.usable().map(|c| (l.clone(), c)))
+            .collect();
+        v.sort_by_key(|(l, _)| l.name != device);
+        v
     }
 
     async fn forward_loop(
@@ -994,10 +1001,11 @@ impl Agent {
                 }
             }
         }
-        let Some((link, conn)) = self.pick_link() else {
+        let links = self.links_for(&f.device);
+        if links.is_empty() {
             warn!(listen = %f.listen, to = %to, "forward refused: no gateway connected and no direct path");
             return;
-        };
+        }
         let peer_key = if mesh_peer {
             match self.cfg.creds.noise_public_of(&f.device) {
                 Ok(k) => Some(k),
@@ -1014,12 +1022,31 @@ impl Agent {
             to_device: f.device.clone(),
             service: f.service.clone(),
         };
-        let q = match stream::open(&conn, &link.name, &header, t.open_timeout).await {
-            Ok(q) => q,
-            Err(e) => {
-                info!(listen = %f.listen, to = %to, client = %client, reason = %e, "forward refused");
-                return;
+        // The first gateway that reaches the device: one that answers "offline" (the device
+        // is connected elsewhere), is draining or overloaded, or does not answer, leaves the
+        // next to try; a refusal by policy or by the device is the answer.
+        let mut opened = None;
+        let mut last_error = None;
+        for (link, conn) in links {
+            match stream::open(&conn, &link.name, &header, t.open_timeout).await {
+                Ok(q) => {
+                    opened = Some((link, q));
+                    break;
+                }
+                Err(e) if another_gateway_may_reach(&e) => {
+                    debug!(to = %to, via = %link.name, reason = %e, "forward: trying the next gateway");
+                    last_error = Some(e);
+                }
+                Err(e) => {
+                    last_error = Some(e);
+                    break;
+                }
             }
+        }
+        let Some((link, q)) = opened else {
+            let reason = last_error.map(|e| e.to_string()).unwrap_or_default();
+            info!(listen = %f.listen, to = %to, client = %client, reason = %reason, "forward refused");
+            return;
         };
         let (m, via) = match peer_key {
             None => {
@@ -1056,6 +1083,17 @@ impl Agent {
         };
         let (up, down) = (m.a_to_b, m.b_to_a);
         info!(to = %to, via = %via, client = %client, bytes_up = up, bytes_down = down, ms = started.elapsed().as_millis() as u64, "forward connection done");
+    }
+}
+
+/// Whether a stream another gateway refused this way may get through another gateway.
+fn another_gateway_may_reach(e: &OpenError) -> bool {
+    match e {
+        OpenError::Refused { code, .. } => matches!(
+            code,
+            RefuseCode::DeviceOffline | RefuseCode::Draining | RefuseCode::Overloaded
+        ),
+        OpenError::Offline(_) | OpenError::Timeout(_) | OpenError::Tunnel { .. } => true,
     }
 }
 
