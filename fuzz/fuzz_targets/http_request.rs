@@ -261,6 +261,7 @@ fuzz_target!(|data: &[u8]| {
         https,
         host: &host,
         upgrade: upgrade.as_ref(),
+        prefix: None,
     };
     let mut wire = Vec::new();
     encode_request_head(

@@ -652,6 +652,7 @@ async fn tls_http1_and_http2_route_and_set_forwarded_headers() {
         "{b}"
     );
     assert!(!b.contains("x-hop"), "hop-by-hop header forwarded: {b}");
+    assert!(!b.contains("x-forwarded-prefix"), "{b}");
 
     // HTTP/2 over TLS (ALPN), to the same service.
     let c = h
@@ -668,6 +669,7 @@ async fn tls_http1_and_http2_route_and_set_forwarded_headers() {
     assert_eq!(c.code, 200, "{c:?}");
     assert!(c.body.contains("path=/v1/items"), "{}", c.body);
     assert!(c.body.contains("x-forwarded-proto: http\n"), "{}", c.body);
+    assert!(c.body.contains("x-forwarded-prefix: /api\n"), "{}", c.body);
 
     // Plain HTTP/2 with prior knowledge: the front's HTTP/1 server sees the preface and
     // hands the connection to HTTP/2.

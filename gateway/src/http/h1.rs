@@ -555,6 +555,7 @@ mod tests {
             https: false,
             host: "a.example",
             upgrade: None,
+            prefix: None,
         };
         const OURS: &str = "host: a.example\r\nx-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: http\r\nx-forwarded-host: a.example\r\n";
         let head = |m: Method, h: &HeaderMap, f: ReqFraming| {

@@ -91,6 +91,10 @@ pub struct Forwarded<'a> {
     pub host: &'a str,
     /// The protocol the client asked to upgrade to ([`upgrade_requested`]).
     pub upgrade: Option<&'a HeaderValue>,
+    /// The path prefix the app strips (`strip_prefix`): sent as `X-Forwarded-Prefix`, so the
+    /// service can build links and redirects that work from outside (Spring, ASP.NET Core,
+    /// Traefik's StripPrefix do the same).
+    pub prefix: Option<&'a str>,
 }
 
 /// Writes the header lines of a request going up (`name: value\r\n` each), as HTTP/1.1:
@@ -100,7 +104,8 @@ pub struct Forwarded<'a> {
 ///   carry a `Host` that says otherwise (RFC 9112 §3.2.2: a proxy replaces it), and a service
 ///   choosing its virtual host by that would serve an app the policy never decided on;
 /// - `X-Forwarded-For` (the client's address), `-Proto` (`http`/`https`) and `-Host` replace
-///   the client's own; [`CLIENT_CLAIMS`] are left out;
+///   the client's own, and `-Prefix` says what a `strip_prefix` app removed; [`CLIENT_CLAIMS`]
+///   (the client's `X-Forwarded-Prefix` among them) are left out;
 /// - `Content-Length` is left to the caller, who frames the body.
 ///
 /// Writing the head this way costs less than removing and inserting in the `HeaderMap`
@@ -132,6 +137,9 @@ pub fn write_request_headers(headers: &HeaderMap, fwd: &Forwarded<'_>, out: &mut
     let proto: &[u8] = if fwd.https { b"https" } else { b"http" };
     line(out, "x-forwarded-proto", proto);
     line(out, "x-forwarded-host", fwd.host.as_bytes());
+    if let Some(prefix) = fwd.prefix {
+        line(out, "x-forwarded-prefix", prefix.as_bytes());
+    }
 }
 
 fn line(out: &mut Vec<u8>, name: &str, value: &[u8]) {
@@ -218,6 +226,7 @@ mod tests {
             https: true,
             host: "alice.example",
             upgrade,
+            prefix: None,
         }
     }
 
@@ -244,17 +253,35 @@ mod tests {
             if f.https { "https" } else { "http" }
         );
         assert_eq!(got[X_FORWARDED_HOST], f.host);
+        let prefixes: Vec<&str> = got
+            .get_all("x-forwarded-prefix")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(prefixes, f.prefix.into_iter().collect::<Vec<_>>());
         if !keep_ours {
             for n in [
                 header::HOST,
                 X_FORWARDED_FOR,
                 X_FORWARDED_PROTO,
                 X_FORWARDED_HOST,
+                HeaderName::from_static("x-forwarded-prefix"),
             ] {
                 got.remove(n);
             }
         }
         got
+    }
+
+    #[test]
+    fn the_stripped_prefix_is_ours_not_the_clients() {
+        let h = map(&[("x-forwarded-prefix", "/evil")]);
+        assert!(sent(&h, &fwd(None), false).is_empty());
+        let stripped = Forwarded {
+            prefix: Some("/api"),
+            ..fwd(None)
+        };
+        assert!(sent(&h, &stripped, false).is_empty());
     }
 
     #[test]

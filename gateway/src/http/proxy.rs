@@ -379,6 +379,9 @@ async fn forward(
     let mut shape_in = Some(shape_in);
     let key = state.names.clone();
     let target = route::upstream_target(parts.uri.path_and_query(), http_route);
+    // Only apps that strip a prefix have one to tell (an allocation for those only).
+    let prefix =
+        (http_route.strip_prefix && http_route.path != "/").then(|| http_route.path.clone());
     let counters = state.counters.clone();
     drop(active);
 
@@ -409,6 +412,7 @@ async fn forward(
         https,
         host,
         upgrade: upgrade.as_ref(),
+        prefix: prefix.as_deref(),
     };
     let out = Outgoing::new(&parts.method, &target, &parts.headers, &fwd, body);
     let resp = send(front, &key, peer, out, sent).await.map_err(|e| {

@@ -884,6 +884,7 @@ mod tests {
         https: false,
         host: "a.example",
         upgrade: None,
+        prefix: None,
     };
 
     fn get(path: &str) -> Outgoing {
