@@ -46,6 +46,12 @@ pub struct ForwardEntry {
 pub struct TunnelSection {
     pub keepalive_ms: Option<u64>,
     pub idle_timeout_ms: Option<u64>,
+    /// A UDP flow quiet both ways this long is closed (syslog or game clients that send
+    /// rarely may want more than the 120 s default).
+    pub udp_flow_idle_secs: Option<u64>,
+    /// Gateway: a stream whose public client took nothing for this long is held
+    /// (`tunnel::holds`); default 5 s.
+    pub reader_stall_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -327,12 +333,51 @@ pub fn tuning(t: &TunnelSection) -> Result<Tuning, UsageError> {
             out.idle_timeout.as_millis()
         )));
     }
+    // Bounded so that the durations stay far from overflowing the timers they feed.
+    let secs = |name: &str, v: u64| {
+        if (1..=86_400).contains(&v) {
+            Ok(Duration::from_secs(v))
+        } else {
+            Err(UsageError(format!(
+                "[tunnel] {name} = {v}: give a number of seconds from 1 to 86400"
+            )))
+        }
+    };
+    if let Some(v) = t.udp_flow_idle_secs {
+        out.udp_flow_idle = secs("udp_flow_idle_secs", v)?;
+    }
+    if let Some(v) = t.reader_stall_secs {
+        out.reader_stall = secs("reader_stall_secs", v)?;
+    }
     Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tunnel_timings_are_read_and_bounded() {
+        let t = TunnelSection {
+            udp_flow_idle_secs: Some(600),
+            reader_stall_secs: Some(30),
+            ..TunnelSection::default()
+        };
+        let got = tuning(&t).unwrap();
+        assert_eq!(got.udp_flow_idle, Duration::from_secs(600));
+        assert_eq!(got.reader_stall, Duration::from_secs(30));
+        for bad in [0, 86_401] {
+            let t = TunnelSection {
+                udp_flow_idle_secs: Some(bad),
+                ..TunnelSection::default()
+            };
+            let e = tuning(&t).unwrap_err().to_string();
+            assert!(
+                e.contains("udp_flow_idle_secs") && e.contains("1 to 86400"),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn a_gateway_leaves_one_core_but_always_has_a_worker() {
