@@ -825,7 +825,11 @@ impl Agent {
         };
         let me = self.cfg.creds.name();
         let (carry, via_text, _guard) = match &via {
-            Via::Direct { peer, pc } => match self.peers.permitted(peer, &service) {
+            Via::Direct { peer, pc } => match self.peers.permitted(
+                peer,
+                &service,
+                self.links.iter().all(|l| l.usable().is_none()),
+            ) {
                 Some(app) => (
                     Carry::Direct {
                         peer: peer.clone(),

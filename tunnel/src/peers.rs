@@ -261,15 +261,17 @@ impl Peers {
         });
     }
 
-    /// The app under which the gateway last allowed `peer` to reach `service`, if still valid.
-    pub fn permitted(&self, peer: &str, service: &str) -> Option<String> {
+    /// The app under which the gateway last allowed `peer` to reach `service`, if still valid
+    /// ([`permit_valid`]: `gateway_down` when this agent reaches no gateway).
+    pub fn permitted(&self, peer: &str, service: &str, gateway_down: bool) -> Option<String> {
         if self.cut_if_revoked(peer) {
             return None;
         }
+        let now = Instant::now();
         self.with(peer, |s| {
             s.permits
                 .get(service)
-                .filter(|(_, until)| Instant::now() < *until)
+                .filter(|(_, until)| permit_valid(*until, now, gateway_down))
                 .map(|(app, _)| app.clone())
         })
     }
@@ -433,6 +435,14 @@ impl Peers {
     }
 }
 
+/// A permit expires so that a policy change on the gateway reaches direct paths; while this
+/// agent reaches no gateway, no policy change can, and no relayed stream can renew the permit
+/// either: the gateway's last decision holds (revocations in the zone config still apply),
+/// so direct paths keep working through a gateway outage, as DESIGN.md promises.
+pub fn permit_valid(until: Instant, now: Instant, gateway_down: bool) -> bool {
+    now < until || gateway_down
+}
+
 /// Closes a connection no longer anyone's direct path (a duplicate, a failed one) once no
 /// stream uses it, saying `why`.
 async fn retire(pc: PeerConn, creds: Arc<DeviceCreds>, peer: String, why: &'static [u8]) {
@@ -465,4 +475,25 @@ pub fn peer_name(conn: &Connection) -> Result<String, TunnelError> {
         .first()
         .ok_or_else(|| TunnelError::Config("peer sent no certificate".into()))?;
     Ok(zone_core::DeviceIdentity::from_der(first)?.name.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_expired_permit_holds_only_while_no_gateway_is_reachable() {
+        let now = Instant::now();
+        let until = now + PERMIT_TTL;
+        assert!(permit_valid(until, now, false));
+        let later = until + Duration::from_secs(1);
+        assert!(
+            !permit_valid(until, later, false),
+            "expired with a gateway to renew it"
+        );
+        assert!(
+            permit_valid(until, later, true),
+            "expired during a gateway outage"
+        );
+    }
 }
