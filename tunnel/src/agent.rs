@@ -205,13 +205,7 @@ impl Agent {
         // Peers dial us on the socket the gateway sees, so accept on it too.
         endpoint.set_server_config(Some(transport::server_config(&cfg.creds, &cfg.tuning)?));
         let gateways = if cfg.gateways.is_empty() {
-            cfg.creds
-                .zone()
-                .config
-                .gateway_addrs()
-                .into_iter()
-                .map(|(n, a)| (n.to_string(), a))
-                .collect()
+            zone_gateways(&cfg.creds.zone())
         } else {
             cfg.gateways.clone()
         };
@@ -230,19 +224,7 @@ impl Agent {
             })?;
             fl.push((f.clone(), l));
         }
-        // One link per gateway, with its addresses in the order listed.
-        let mut by_name: Vec<(String, Vec<SocketAddr>)> = Vec::new();
-        for (name, addr) in gateways {
-            if name == cfg.creds.name() {
-                continue;
-            }
-            match by_name.iter_mut().find(|(n, _)| *n == name) {
-                Some((_, addrs)) if !addrs.contains(&addr) => addrs.push(addr),
-                Some(_) => {}
-                None => by_name.push((name, vec![addr])),
-            }
-        }
-        let links = by_name
+        let links = gateway_groups(gateways, cfg.creds.name())
             .into_iter()
             .map(|(name, addrs)| {
                 Arc::new(GatewayLink {
@@ -294,6 +276,19 @@ impl Agent {
             }
         }
         let zone = self.cfg.creds.zone();
+        if self.cfg.gateways.is_empty() {
+            // Links are made at start: a gateway added, moved or removed since takes a
+            // restart. Said, rather than dialing old addresses without a word.
+            let now = gateway_groups(zone_gateways(&zone), self.cfg.creds.name());
+            let ours: Vec<(String, Vec<SocketAddr>)> = self
+                .links
+                .iter()
+                .map(|l| (l.name.clone(), l.addrs.clone()))
+                .collect();
+            if now != ours {
+                warn!(serial = zone.config.serial, gateways = ?now, using = ?ours, "the zone config's gateways changed: restart this node agent to connect to them");
+            }
+        }
         let serial = zone.config.serial;
         let json = zone.to_json_compact();
         for link in self.links.iter().filter(|l| l.name != from) {
@@ -1088,6 +1083,31 @@ impl Agent {
         let (up, down) = (m.a_to_b, m.b_to_a);
         info!(to = %to, via = %via, client = %client, bytes_up = up, bytes_down = down, ms = started.elapsed().as_millis() as u64, "forward connection done");
     }
+}
+
+/// The gateways of a zone config as (name, address) pairs, in its order.
+fn zone_gateways(zone: &zone_core::SignedZone) -> Vec<(String, SocketAddr)> {
+    zone.config
+        .gateway_addrs()
+        .into_iter()
+        .map(|(n, a)| (n.to_string(), a))
+        .collect()
+}
+
+/// One entry per gateway (but `me`), with its addresses in the order listed.
+fn gateway_groups(list: Vec<(String, SocketAddr)>, me: &str) -> Vec<(String, Vec<SocketAddr>)> {
+    let mut by_name: Vec<(String, Vec<SocketAddr>)> = Vec::new();
+    for (name, addr) in list {
+        if name == me {
+            continue;
+        }
+        match by_name.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, addrs)) if !addrs.contains(&addr) => addrs.push(addr),
+            Some(_) => {}
+            None => by_name.push((name, vec![addr])),
+        }
+    }
+    by_name
 }
 
 /// Whether a stream another gateway refused this way may get through another gateway.
