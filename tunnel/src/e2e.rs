@@ -143,10 +143,11 @@ pub enum Opened {
     End,
 }
 
-/// Sans-IO transport framing of an established Noise session.
+/// Sans-IO transport framing of an established Noise session. Holds no buffer of its own:
+/// frames are sealed into the output and opened into a buffer of the plaintext's size (a
+/// 64 KiB scratch buffer per framer was half of an idle relayed mesh stream's ~128 KiB).
 pub struct NoiseFramer {
     noise: snow::TransportState,
-    scratch: Vec<u8>,
 }
 
 impl std::fmt::Debug for NoiseFramer {
@@ -157,10 +158,7 @@ impl std::fmt::Debug for NoiseFramer {
 
 impl NoiseFramer {
     fn new(noise: snow::TransportState) -> Self {
-        NoiseFramer {
-            noise,
-            scratch: vec![0u8; MAX_FRAME],
-        }
+        NoiseFramer { noise }
     }
 
     /// Encrypts `plaintext` (any length) into frames appended to `out`.
@@ -177,10 +175,18 @@ impl NoiseFramer {
     }
 
     fn seal_one(&mut self, chunk: &[u8], out: &mut BytesMut) -> Result<(), E2eError> {
-        let n = self.noise.write_message(chunk, &mut self.scratch)?;
-        out.reserve(LEN_PREFIX + n);
-        out.put_u16(n as u16);
-        out.put_slice(&self.scratch[..n]);
+        // Sealed in place: the length prefix, then the ciphertext written behind it.
+        let at = out.len();
+        out.resize(at + LEN_PREFIX + chunk.len() + TAG_LEN, 0);
+        let n = match self.noise.write_message(chunk, &mut out[at + LEN_PREFIX..]) {
+            Ok(n) => n,
+            Err(e) => {
+                out.truncate(at);
+                return Err(e.into());
+            }
+        };
+        out.truncate(at + LEN_PREFIX + n);
+        out[at..at + LEN_PREFIX].copy_from_slice(&(n as u16).to_be_bytes());
         Ok(())
     }
 
@@ -190,14 +196,17 @@ impl NoiseFramer {
         let Some((body, used)) = decode_frame(buf)? else {
             return Ok(None);
         };
+        // The plaintext is the body less the tag: opened straight into its own buffer.
+        let mut plain = vec![0u8; body.len().saturating_sub(TAG_LEN)];
         let n = self
             .noise
-            .read_message(body, &mut self.scratch)
+            .read_message(body, &mut plain)
             .map_err(|_| E2eError::Decrypt)?;
         let out = if n == 0 {
             Opened::End
         } else {
-            Opened::Data(Bytes::copy_from_slice(&self.scratch[..n]))
+            plain.truncate(n);
+            Opened::Data(Bytes::from(plain))
         };
         buf.advance(used);
         Ok(Some(out))
@@ -426,13 +435,22 @@ impl<S: AsyncRead + Unpin> AsyncRead for E2eStream<S> {
                 }
                 None => {}
             }
-            let start = this.rbuf.len();
-            this.rbuf.resize(start + READ_CHUNK, 0);
-            let mut rb = ReadBuf::new(&mut this.rbuf[start..]);
-            let res = Pin::new(&mut this.inner).poll_read(cx, &mut rb);
-            let got = rb.filled().len();
-            this.rbuf.truncate(start + got);
-            ready!(res)?;
+            // Read into the buffer's spare room (it was zero-filled, 64 KiB per read).
+            this.rbuf.reserve(READ_CHUNK);
+            let got = match tokio_util::io::poll_read_buf(
+                Pin::new(&mut this.inner),
+                cx,
+                &mut this.rbuf,
+            ) {
+                Poll::Ready(r) => r?,
+                Poll::Pending => {
+                    // Waiting with nothing buffered: an idle stream keeps no buffer.
+                    if this.rbuf.is_empty() {
+                        this.rbuf = BytesMut::new();
+                    }
+                    return Poll::Pending;
+                }
+            };
             if got == 0 {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -466,6 +484,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for E2eStream<S> {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         ready!(this.poll_drain(cx))?;
+        // Flushed (a splice flushes when its reader waits): an idle stream keeps no buffer.
+        this.wbuf = BytesMut::new();
         Pin::new(&mut this.inner).poll_flush(cx)
     }
 
