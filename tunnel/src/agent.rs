@@ -415,11 +415,18 @@ impl Agent {
     async fn session(self: Arc<Self>, link: Arc<GatewayLink>) -> Result<String, TunnelError> {
         let creds = &self.cfg.creds;
         let server_name = format!("{}.{}", link.name, creds.domain());
+        // A revoked gateway is not dialed (TLS would refuse it anyway): no packets to it.
+        if zone_core::DeviceName::new(&link.name).is_ok_and(|n| creds.trust.is_revoked(&n)) {
+            return Err(TunnelError::Config(format!(
+                "gateway {} is revoked in the zone config: not connecting to it",
+                link.name
+            )));
+        }
         let candidates = link.dial_order(self.endpoint.local_addr().ok());
         if candidates.is_empty() {
             return Err(TunnelError::Config(format!(
-                "gateway {} has no IPv4 address in the zone config ({:?}), and this agent's socket is IPv4: give it one (`zonegate device add {} --role gateway --public-addr IP:PORT` again)",
-                link.name, link.addrs, link.name
+                "gateway {} lists only IPv6 addresses ({:?}) and this agent dials over IPv4: the zone must list an IPv4 address (a --public-addr) for it",
+                link.name, link.addrs
             )));
         }
         let mut last_error = None;
