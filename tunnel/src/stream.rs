@@ -126,29 +126,12 @@ impl QuicStream {
     /// Puts the receive side under `holds`' watch ([`crate::holds`]): cut if its reader stops
     /// reading while too many of the connection's streams are held. `app` and `service` name
     /// it in the log.
-    pub fn watched(self, holds: &Holds, app: &str, service: &str) -> Self {
-        let QuicStream {
-            send,
-            recv,
-            prefix,
-            meter,
-            reply,
-            refused,
-            gate,
-        } = self;
-        let recv = match recv {
+    pub fn watched(mut self, holds: &Holds, app: &str, service: &str) -> Self {
+        self.recv = match self.recv {
             Recv::Own(r) => Recv::Watched(holds.watch(r, app, service)),
             w @ Recv::Watched(_) => w,
         };
-        QuicStream {
-            send,
-            recv,
-            prefix,
-            meter,
-            reply,
-            refused,
-            gate,
-        }
+        self
     }
 
     /// The reader is done for now (an idle pooled connection): the stream holds nothing,
