@@ -14,6 +14,10 @@ use tracing::{info, warn};
 /// stream), a node one per connection to a local service and one per UDP flow.
 pub const LOW: u64 = 8192;
 
+/// Above this the soft limit is not raised: Linux refuses more than `fs.nr_open` (1,048,576
+/// by default), macOS more than `OPEN_MAX`, and a hard limit of "unlimited" would fail.
+pub const MOST: u64 = 1 << 20;
+
 /// The soft and hard `RLIMIT_NOFILE` now.
 #[allow(unsafe_code)]
 pub fn open_files() -> std::io::Result<(u64, u64)> {
@@ -25,7 +29,9 @@ pub fn open_files() -> std::io::Result<(u64, u64)> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok((l.rlim_cur, l.rlim_max))
+    // rlim_t is 32 bits on some targets (32-bit ARM): widened, never narrowed here.
+    #[allow(clippy::unnecessary_cast)]
+    Ok((l.rlim_cur as u64, l.rlim_max as u64))
 }
 
 /// Raises the soft open-files limit to the hard one; logs what it did (one line), and warns
@@ -40,14 +46,15 @@ pub fn raise_open_files() {
         }
     };
     let mut now = soft;
-    if soft < hard {
-        match set_open_files(hard) {
+    let want = hard.min(MOST);
+    if soft < want {
+        match set_open_files(want) {
             Ok(()) => {
-                info!(from = soft, to = hard, "open files limit raised");
-                now = hard;
+                info!(from = soft, to = want, "open files limit raised");
+                now = want;
             }
             Err(e) => {
-                warn!(from = soft, to = hard, error = %e, "cannot raise the open files limit")
+                warn!(from = soft, to = want, error = %e, "cannot raise the open files limit")
             }
         }
     }
@@ -62,11 +69,16 @@ pub fn raise_open_files() {
 /// Sets the soft open-files limit (the hard one stays as it is: `limit` must not exceed it).
 #[allow(unsafe_code)]
 fn set_open_files(limit: u64) -> std::io::Result<()> {
-    let (_, hard) = open_files()?;
-    let l = libc::rlimit {
-        rlim_cur: limit,
-        rlim_max: hard,
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
+    // SAFETY: getrlimit only writes the `rlimit` struct we pass, which lives across the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // `limit` is at most the hard limit, which came from an rlim_t: it fits.
+    l.rlim_cur = libc::rlim_t::try_from(limit).unwrap_or(l.rlim_max);
     // SAFETY: setrlimit only reads the `rlimit` struct we pass, which lives across the call.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &l) } != 0 {
         return Err(std::io::Error::last_os_error());

@@ -891,13 +891,13 @@ async fn clients_that_stop_reading_do_not_stall_the_device() {
             .find(|a| a.device == "home1")
             .map_or(0, |a| a.bytes_from)
     };
-    let mut last = from();
-    loop {
+    // Stopped for two readings in a row (one pause could be a slow moment); 15 s at most.
+    let (mut last, mut still, mut polls) = (from(), 0, 0);
+    while still < 2 && polls < 30 {
+        polls += 1;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let now = from();
-        if now == last {
-            break;
-        }
+        still = if now == last { still + 1 } else { 0 };
         last = now;
     }
     let back = tokio::time::timeout(
@@ -967,8 +967,10 @@ async fn a_gateway_with_several_addresses_gets_one_connection() {
         gw.hub.agent("home1").is_some()
     })
     .await;
-    let session = gw.hub.agent("home1").unwrap().session_id;
     let links = h1.agent.links();
+    // The hub has the agent before the agent has the welcome.
+    wait_until("home1's link up", WAIT, || links[0].status().state == "up").await;
+    let session = gw.hub.agent("home1").unwrap().session_id;
     assert_eq!(links.len(), 1, "one link per gateway");
     assert_eq!(links[0].addrs.len(), 3);
     assert_eq!(

@@ -88,6 +88,8 @@ struct LinkState {
     up_since: Option<Instant>,
     /// The address of the current (or last good) connection: dialed first next time.
     addr: Option<SocketAddr>,
+    /// When the last connection ended (None while up, or before the first).
+    down_since: Option<Instant>,
 }
 
 /// One gateway as this agent sees it: one connection, whichever of its addresses answers
@@ -398,6 +400,7 @@ impl Agent {
                 s.last_error = Some(err.clone());
                 s.ctl = None;
                 s.flows = None;
+                s.down_since = Some(Instant::now());
             });
             if healthy {
                 backoff.reset();
@@ -511,7 +514,15 @@ impl Agent {
             s.last_error = None;
             s.up_since = Some(Instant::now());
             s.addr = Some(addr);
+            s.down_since = None;
         });
+        // A zone config revoking this gateway may have been adopted (from another gateway)
+        // while this handshake ran: `zone_adopted` found no connection to close then.
+        if zone_core::DeviceName::new(&link.name).is_ok_and(|n| creds.trust.is_revoked(&n)) {
+            warn!(gateway = %link.name, %addr, "gateway revoked by the adopted zone config: disconnecting");
+            conn.close(crate::hub::CLOSE_REVOKED.into(), b"gateway revoked");
+            return Ok("gateway revoked".into());
+        }
         info!(
             gateway = %link.name,
             addr = %addr,
@@ -645,6 +656,7 @@ impl Agent {
                 stop: stop.clone(),
                 activity: activity.clone(),
             },
+            Instant::now(),
         );
         let idle = self.cfg.tuning.udp_flow_idle;
         let (conn, ctl, flows) = (conn.clone(), ctl.clone(), flows.clone());
@@ -827,30 +839,31 @@ impl Agent {
         };
         let me = self.cfg.creds.name();
         let (carry, via_text, _guard) = match &via {
-            Via::Direct { peer, pc } => match self.peers.permitted(
-                peer,
-                &service,
-                self.links.iter().all(|l| l.usable().is_none()),
-            ) {
-                Some(app) => (
-                    Carry::Direct {
-                        peer: peer.clone(),
-                        app,
-                    },
-                    "direct".to_owned(),
-                    Some(pc.stream_guard()),
-                ),
-                None => {
-                    info!(peer = %peer, service = %service, "direct stream refused: no gateway-approved stream from this peer yet");
-                    stream::refuse(
-                        &mut send,
-                        RefuseCode::PolicyDenied,
-                        "not approved by a gateway yet: use the relay",
-                    )
-                    .await;
-                    return;
+            Via::Direct { peer, pc } => {
+                match self
+                    .peers
+                    .permitted(peer, &service, self.gateways_lost_at())
+                {
+                    Some(app) => (
+                        Carry::Direct {
+                            peer: peer.clone(),
+                            app,
+                        },
+                        "direct".to_owned(),
+                        Some(pc.stream_guard()),
+                    ),
+                    None => {
+                        info!(peer = %peer, service = %service, "direct stream refused: no gateway-approved stream from this peer yet");
+                        stream::refuse(
+                            &mut send,
+                            RefuseCode::PolicyDenied,
+                            "not approved by a gateway yet: use the relay",
+                        )
+                        .await;
+                        return;
+                    }
                 }
-            },
+            }
             Via::Gateway(gw) => match &origin {
                 // A device other than the gateway itself: relayed, so end to end encrypted.
                 Origin::Device { name, .. } if name != gw && name != me => {
@@ -936,6 +949,26 @@ impl Agent {
             error = m.error.map(|e| e.to_string()).unwrap_or_default(),
             "connection done"
         );
+    }
+
+    /// When this agent lost its last usable gateway link, if it has none now. A link that is
+    /// draining or was never up counts as lost just now.
+    fn gateways_lost_at(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut latest: Option<Instant> = None;
+        for l in &self.links {
+            if l.usable().is_some() {
+                return None;
+            }
+            let t = l
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .down_since
+                .unwrap_or(now);
+            latest = Some(latest.map_or(t, |x| x.max(t)));
+        }
+        latest
     }
 
     /// Usable gateway links for a stream to `device`: its own link first when it is a

@@ -63,10 +63,15 @@ impl<E> FlowTable<E> {
         self.open.drain()
     }
 
-    /// Opens flow `id` with `entry`; returns the datagrams that arrived for it before.
-    pub fn open(&mut self, id: u32, entry: E) -> Vec<Bytes> {
+    /// Opens flow `id` with `entry`; returns the datagrams that arrived for it before (within
+    /// [`EARLY_FOR`] of `now`).
+    pub fn open(&mut self, id: u32, entry: E, now: Instant) -> Vec<Bytes> {
         self.open.insert(id, entry);
-        self.early.remove(&id).map(|(_, d)| d).unwrap_or_default()
+        self.early
+            .remove(&id)
+            .filter(|(at, _)| now.saturating_duration_since(*at) < EARLY_FOR)
+            .map(|(_, d)| d)
+            .unwrap_or_default()
     }
 
     /// Keeps a datagram of flow `id`, which is not open (yet), unless there is no room: at most
@@ -99,12 +104,12 @@ mod tests {
         assert!(t.hold_early(7, Bytes::from_static(b"b"), now));
         assert!(t.hold_early(8, Bytes::from_static(b"x"), now));
         assert_eq!(
-            t.open(7, "seven"),
+            t.open(7, "seven", now),
             vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]
         );
         assert_eq!(t.get(7), Some(&"seven"));
-        assert!(t.open(9, "nine").is_empty());
-        assert_eq!(t.open(8, "eight"), vec![Bytes::from_static(b"x")]);
+        assert!(t.open(9, "nine", now).is_empty());
+        assert_eq!(t.open(8, "eight", now), vec![Bytes::from_static(b"x")]);
         assert_eq!(t.len(), 3);
     }
 
@@ -127,7 +132,10 @@ mod tests {
         // Later, the old ones are gone: room again, and an open finds nothing.
         let later = now + EARLY_FOR;
         assert!(t.hold_early(1000, d(), later));
-        assert!(t.open(1, ()).is_empty());
-        assert_eq!(t.open(1000, ()).len(), 1);
+        assert!(t.open(1, (), later).is_empty());
+        assert_eq!(t.open(1000, (), later).len(), 1);
+        // Kept, but opened too late: not handed over.
+        assert!(t.hold_early(2000, d(), later));
+        assert!(t.open(2000, (), later + EARLY_FOR).is_empty());
     }
 }

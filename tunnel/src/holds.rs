@@ -120,7 +120,9 @@ impl Holds {
                     return false;
                 };
                 let since = w.since.load(Ordering::Relaxed);
-                if since != 0 && now.saturating_sub(since) >= stall_ticks {
+                // `since` is the tick during which the read happened: held for the stall
+                // time once more than `stall_ticks` ticks have begun since.
+                if since != 0 && now.saturating_sub(since) > stall_ticks {
                     held.push((since, w));
                 }
                 true
@@ -133,9 +135,22 @@ impl Holds {
         let over = held.len() - HELD_BUDGET;
         let mut cut = 0;
         for (since, w) in held.into_iter().take(over) {
-            let taken = w.recv.lock().unwrap_or_else(PoisonError::into_inner).take();
-            // A cut stream holds nothing (its reads fail before they could mark it again).
-            w.since.store(0, Ordering::Relaxed);
+            // Gone meanwhile (only this list holds it): nothing to cut.
+            if Arc::strong_count(&w) == 1 {
+                continue;
+            }
+            let taken = {
+                let mut recv = w.recv.lock().unwrap_or_else(PoisonError::into_inner);
+                // Read again since the scan (reads run under this lock): not held any more.
+                // Cut now, a reader whose last poll answered Pending would never be woken (its
+                // waker goes with the stopped stream) and never see the cut.
+                if w.since.load(Ordering::Relaxed) != since {
+                    continue;
+                }
+                // A cut stream holds nothing (its reads fail before they could mark it again).
+                w.since.store(0, Ordering::Relaxed);
+                recv.take()
+            };
             if let Some(mut recv) = taken {
                 let _ = recv.stop(CUT_HELD);
                 cut += 1;

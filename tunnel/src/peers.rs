@@ -262,8 +262,14 @@ impl Peers {
     }
 
     /// The app under which the gateway last allowed `peer` to reach `service`, if still valid
-    /// ([`permit_valid`]: `gateway_down` when this agent reaches no gateway).
-    pub fn permitted(&self, peer: &str, service: &str, gateway_down: bool) -> Option<String> {
+    /// ([`permit_valid`]: `gateways_lost` is when this agent lost its last gateway, if it
+    /// reaches none now).
+    pub fn permitted(
+        &self,
+        peer: &str,
+        service: &str,
+        gateways_lost: Option<Instant>,
+    ) -> Option<String> {
         if self.cut_if_revoked(peer) {
             return None;
         }
@@ -271,7 +277,7 @@ impl Peers {
         self.with(peer, |s| {
             s.permits
                 .get(service)
-                .filter(|(_, until)| permit_valid(*until, now, gateway_down))
+                .filter(|(_, until)| permit_valid(*until, now, gateways_lost))
                 .map(|(app, _)| app.clone())
         })
     }
@@ -437,10 +443,12 @@ impl Peers {
 
 /// A permit expires so that a policy change on the gateway reaches direct paths; while this
 /// agent reaches no gateway, no policy change can, and no relayed stream can renew the permit
-/// either: the gateway's last decision holds (revocations in the zone config still apply),
-/// so direct paths keep working through a gateway outage, as DESIGN.md promises.
-pub fn permit_valid(until: Instant, now: Instant, gateway_down: bool) -> bool {
-    now < until || gateway_down
+/// either: a permit still valid when the last gateway was lost (`gateways_lost`) holds for the
+/// outage (revocations in the zone config still apply), so direct paths keep working through
+/// it, as DESIGN.md promises. One that had expired before stays expired: the gateway may have
+/// refused it since.
+pub fn permit_valid(until: Instant, now: Instant, gateways_lost: Option<Instant>) -> bool {
+    now < until || gateways_lost.is_some_and(|lost| lost < until)
 }
 
 /// Closes a connection no longer anyone's direct path (a duplicate, a failed one) once no
@@ -485,15 +493,21 @@ mod tests {
     fn an_expired_permit_holds_only_while_no_gateway_is_reachable() {
         let now = Instant::now();
         let until = now + PERMIT_TTL;
-        assert!(permit_valid(until, now, false));
+        assert!(permit_valid(until, now, None));
         let later = until + Duration::from_secs(1);
         assert!(
-            !permit_valid(until, later, false),
+            !permit_valid(until, later, None),
             "expired with a gateway to renew it"
         );
+        let lost = now + Duration::from_secs(60);
         assert!(
-            permit_valid(until, later, true),
+            permit_valid(until, later, Some(lost)),
             "expired during a gateway outage"
+        );
+        let lost_after = until + Duration::from_millis(500);
+        assert!(
+            !permit_valid(until, later, Some(lost_after)),
+            "expired before the outage: revived by it"
         );
     }
 }
