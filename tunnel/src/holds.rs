@@ -107,9 +107,8 @@ impl Holds {
         self.cut.load(Ordering::Relaxed)
     }
 
-    /// Forgets streams that ended and cuts the longest-held beyond [`HELD_BUDGET`]: those held
-    /// for `stall_ticks` or more. Returns how many it cut.
-    /// `tick` is the clock's period, for the log.
+    /// Forgets streams that ended and cuts the longest-held beyond [`HELD_BUDGET`] of those
+    /// held for the stall time (`stall_ticks` ticks of period `tick`). Returns how many it cut.
     pub fn sweep(&self, stall_ticks: u64, tick: std::time::Duration, device: &str) -> usize {
         let now = self.clock.now();
         let mut held: Vec<(u64, Arc<Watched>)> = Vec::new();
