@@ -136,13 +136,11 @@ impl GatewayLink {
     fn dial_order(&self, local: Option<SocketAddr>) -> Vec<SocketAddr> {
         let last = self.state.lock().unwrap_or_else(|p| p.into_inner()).addr;
         let reachable = |a: &SocketAddr| local.is_none_or(|l| l.is_ipv6() || a.is_ipv4());
-        let mut v: Vec<SocketAddr> = last
-            .into_iter()
-            .filter(|a| self.addrs.contains(a))
-            .collect();
-        v.extend(self.addrs.iter().filter(|a| Some(**a) != last));
-        v.retain(reachable);
-        v
+        // `last` is one of `addrs` (set from them in `dial`).
+        last.into_iter()
+            .chain(self.addrs.iter().copied().filter(|a| Some(*a) != last))
+            .filter(reachable)
+            .collect()
     }
     pub fn status(&self) -> LinkStatus {
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -261,9 +259,8 @@ impl Agent {
     /// when it learns of them, and an agent may stay connected for days.
     fn zone_adopted(&self, from: &str) {
         self.peers.cut_revoked();
-        let trust = &self.cfg.creds.trust;
         for link in &self.links {
-            if !zone_core::DeviceName::new(&link.name).is_ok_and(|n| trust.is_revoked(&n)) {
+            if !self.cfg.creds.is_revoked(&link.name) {
                 continue;
             }
             let conn = link
@@ -419,7 +416,7 @@ impl Agent {
         let creds = &self.cfg.creds;
         let server_name = format!("{}.{}", link.name, creds.domain());
         // A revoked gateway is not dialed (TLS would refuse it anyway): no packets to it.
-        if zone_core::DeviceName::new(&link.name).is_ok_and(|n| creds.trust.is_revoked(&n)) {
+        if creds.is_revoked(&link.name) {
             return Err(TunnelError::Config(format!(
                 "gateway {} is revoked in the zone config: not connecting to it",
                 link.name
@@ -518,7 +515,7 @@ impl Agent {
         });
         // A zone config revoking this gateway may have been adopted (from another gateway)
         // while this handshake ran: `zone_adopted` found no connection to close then.
-        if zone_core::DeviceName::new(&link.name).is_ok_and(|n| creds.trust.is_revoked(&n)) {
+        if creds.is_revoked(&link.name) {
             warn!(gateway = %link.name, %addr, "gateway revoked by the adopted zone config: disconnecting");
             conn.close(crate::hub::CLOSE_REVOKED.into(), b"gateway revoked");
             return Ok("gateway revoked".into());

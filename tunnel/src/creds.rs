@@ -111,6 +111,11 @@ impl DeviceCreds {
     pub fn name(&self) -> &str {
         self.identity.name.as_str()
     }
+    /// Whether the newest zone config revokes device `name` (a name that is no device name is
+    /// no revoked device).
+    pub fn is_revoked(&self, name: &str) -> bool {
+        zone_core::DeviceName::new(name).is_ok_and(|n| self.trust.is_revoked(&n))
+    }
     pub fn domain(&self) -> &Domain {
         &self.identity.domain
     }

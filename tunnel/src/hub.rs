@@ -694,9 +694,7 @@ impl Hub {
                 info!(serial, from = %from, "adopted newer zone config");
                 let json = creds.zone().to_json_compact();
                 for a in self.agents() {
-                    let revoked = zone_core::DeviceName::new(&a.device)
-                        .is_ok_and(|n| creds.trust.is_revoked(&n));
-                    if revoked {
+                    if creds.is_revoked(&a.device) {
                         warn!(device = %a.device, "device revoked by the new zone config: disconnecting");
                         a.conn.close(CLOSE_REVOKED.into(), b"device revoked");
                         continue;

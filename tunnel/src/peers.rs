@@ -172,8 +172,7 @@ impl Peers {
     /// and its permits at once: the direct path bypasses the gateway, so this device must
     /// enforce the revocation itself.
     fn cut_if_revoked(&self, peer: &str) -> bool {
-        let revoked =
-            zone_core::DeviceName::new(peer).is_ok_and(|n| self.creds.trust.is_revoked(&n));
+        let revoked = self.creds.is_revoked(peer);
         if revoked {
             self.with(peer, |s| {
                 if let Some(c) = s.direct.take() {
@@ -454,7 +453,7 @@ pub fn permit_valid(until: Instant, now: Instant, gateways_lost: Option<Instant>
 /// Closes a connection no longer anyone's direct path (a duplicate, a failed one) once no
 /// stream uses it, saying `why`.
 async fn retire(pc: PeerConn, creds: Arc<DeviceCreds>, peer: String, why: &'static [u8]) {
-    let revoked = || zone_core::DeviceName::new(&peer).is_ok_and(|n| creds.trust.is_revoked(&n));
+    let revoked = || creds.is_revoked(&peer);
     loop {
         if !pc.live() {
             return;
