@@ -23,7 +23,7 @@ pub enum Command {
     /// Create and inspect a zone (run on the owner's machine, where the zone key lives)
     #[command(subcommand)]
     Zone(ZoneCmd),
-    /// Add, list, revoke and renew devices of a zone
+    /// Add, list, revoke, renew and move devices of a zone
     #[command(subcommand)]
     Device(DeviceCmd),
     /// Run the public gateway (on the VPS)
@@ -220,6 +220,15 @@ pub enum DeviceCmd {
         /// Certificate validity in days
         #[arg(long, default_value_t = zone_core::cert::DEVICE_CERT_DAYS)]
         days: i64,
+    },
+    /// Give a gateway new public addresses (it moved; key and certificate stay)
+    Move {
+        name: DeviceName,
+        #[command(flatten)]
+        zone: ZoneArg,
+        /// The public IP:PORT agents dial from now on (repeat for several; replaces the old)
+        #[arg(long = "public-addr", value_name = "IP:PORT", required = true)]
+        public_addrs: Vec<SocketAddr>,
     },
     /// Print a device's derived public key (writes nothing)
     Pubkey {

@@ -1,4 +1,4 @@
-//! `zonegate device …`: add, list, revoke, renew devices and print derived public keys.
+//! `zonegate device …`: add, list, revoke, renew and move devices, print derived public keys.
 
 use std::path::{Path, PathBuf};
 
@@ -90,6 +90,22 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             let mut z = ZoneDir::open(&zone.zone)?;
             z.revoke(&name, now)?;
             println!("revoked {name}: zone.json serial {}. Copy {} into each gateway's bundle: a running gateway adopts it within about a second, disconnects {name} and passes the new config to every agent (its DNS serves it too).", z.zone.config.serial, zone.zone.join("zone.json").display());
+            Ok(())
+        }
+        DeviceCmd::Move {
+            name,
+            zone,
+            public_addrs,
+        } => {
+            let mut z = ZoneDir::open(&zone.zone)?;
+            z.move_gateway(&name, &public_addrs, now)?;
+            let addrs: Vec<String> = public_addrs.iter().map(|a| a.to_string()).collect();
+            println!(
+                "moved {name} to {}: zone.json serial {}.",
+                addrs.join(", "),
+                z.zone.config.serial
+            );
+            println!("Copy {} into {name}'s bundle while it still runs at its old address: it adopts it within about a second and passes it to every agent, which dial the new address from their next connection (its DNS answers with it too). If the QUIC port changed, set `listen` in its gateway.toml before starting it at the new address.", zone.zone.join("zone.json").display());
             Ok(())
         }
         DeviceCmd::Renew {

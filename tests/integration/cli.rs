@@ -41,6 +41,102 @@ fn init_add_bundle_and_show() {
     assert_eq!(list.lines().count(), 2, "{list}");
 }
 
+/// `device move` gives a gateway new addresses (serial + 1, same key and certificate) and
+/// refuses what it cannot do without touching zone.json.
+#[test]
+fn device_move_readdresses_a_gateway_and_refuses_the_rest() {
+    let t = tempfile::tempdir().unwrap();
+    let z = zone_with_devices(t.path());
+    let zs = z.to_str().unwrap();
+    let cert = std::fs::read(z.join("devices/gw/device.crt")).unwrap();
+    let out = ok([
+        "device",
+        "move",
+        "gw",
+        "--zone",
+        zs,
+        "--public-addr",
+        "198.51.100.7:4433",
+        "--public-addr",
+        "[2001:db8::7]:4433",
+    ]);
+    assert!(
+        out.contains("moved gw to 198.51.100.7:4433, [2001:db8::7]:4433"),
+        "{out}"
+    );
+    let json = std::fs::read_to_string(z.join("zone.json")).unwrap();
+    assert!(
+        json.contains("198.51.100.7:4433") && !json.contains("203.0.113.10"),
+        "{json}"
+    );
+    let show = ok(["zone", "show", "--zone", zs]);
+    assert!(show.contains("serial   4"), "{show}");
+    assert_eq!(
+        cert,
+        std::fs::read(z.join("devices/gw/device.crt")).unwrap()
+    );
+    ok([
+        "zone",
+        "verify",
+        "--file",
+        &format!("{zs}/zone.json"),
+        "--ca",
+        &format!("{zs}/zone-ca.crt"),
+    ]);
+
+    let before = std::fs::read(z.join("zone.json")).unwrap();
+    // A usage error (2) where the command line asks for what cannot be; 1 for a name the zone
+    // lacks, as `device revoke` does.
+    for (code, args, says) in [
+        (
+            2,
+            vec!["home1", "--public-addr", "198.51.100.8:4433"],
+            "not a gateway",
+        ),
+        (
+            1,
+            vec!["ghost", "--public-addr", "198.51.100.8:4433"],
+            "not in this zone",
+        ),
+        (
+            2,
+            vec![
+                "gw",
+                "--public-addr",
+                "198.51.100.7:4433",
+                "--public-addr",
+                "[2001:db8::7]:4433",
+            ],
+            "nothing to change",
+        ),
+    ] {
+        let e = fails(
+            code,
+            ["device", "move"]
+                .into_iter()
+                .chain(args)
+                .chain(["--zone", zs]),
+        );
+        assert!(e.contains(says), "{e}");
+    }
+    let e = fails(2, ["device", "move", "gw", "--zone", zs]);
+    assert!(e.contains("--public-addr"), "{e}");
+    let e = fails(
+        2,
+        [
+            "device",
+            "move",
+            "gw",
+            "--zone",
+            zs,
+            "--public-addr",
+            "nowhere",
+        ],
+    );
+    assert!(e.contains("nowhere"), "{e}");
+    assert_eq!(before, std::fs::read(z.join("zone.json")).unwrap());
+}
+
 #[test]
 fn pubkey_is_derived_and_stable() {
     let t = tempfile::tempdir().unwrap();

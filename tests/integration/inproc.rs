@@ -139,6 +139,51 @@ impl TestZone {
         std::fs::read(self.zone_dir().join("zone.json")).unwrap()
     }
 
+    /// Adds gateway `name` at a free loopback port to the zone directory (as `zonegate device
+    /// add NAME --role gateway` does), writes its bundle and returns the new zone.json; no
+    /// other bundle gets it.
+    pub fn add_gateway(&mut self, name: &str) -> Vec<u8> {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+        let mut zd = ZoneDir::open(&self.zone_dir()).unwrap();
+        let dn = DeviceName::new(name).unwrap();
+        let (k, c) = zd
+            .add_device(
+                &dn,
+                &[Role::Gateway],
+                &[addr],
+                OffsetDateTime::now_utc(),
+                30,
+            )
+            .unwrap();
+        zd.write_bundle(&self.zone_dir().join("devices").join(name), &dn, &k, &c)
+            .unwrap();
+        self.gateways.push((name.to_string(), addr));
+        std::fs::read(self.zone_dir().join("zone.json")).unwrap()
+    }
+
+    /// Moves gateway `name` to a free loopback port (as `zonegate device move` does) and returns
+    /// the new address and zone.json; no bundle gets it.
+    pub fn move_gateway(&mut self, name: &str) -> (SocketAddr, Vec<u8>) {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+        let mut zd = ZoneDir::open(&self.zone_dir()).unwrap();
+        zd.move_gateway(
+            &DeviceName::new(name).unwrap(),
+            &[addr],
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+        for g in self.gateways.iter_mut().filter(|(n, _)| n == name) {
+            g.1 = addr;
+        }
+        if name == "gw" {
+            self.gw_addr = addr;
+        }
+        (
+            addr,
+            std::fs::read(self.zone_dir().join("zone.json")).unwrap(),
+        )
+    }
+
     pub fn zone_dir(&self) -> PathBuf {
         self.tmp.path().join("zone")
     }

@@ -972,7 +972,7 @@ async fn a_gateway_with_several_addresses_gets_one_connection() {
     wait_until("home1's link up", WAIT, || links[0].status().state == "up").await;
     let session = gw.hub.agent("home1").unwrap().session_id;
     assert_eq!(links.len(), 1, "one link per gateway");
-    assert_eq!(links[0].addrs.len(), 3);
+    assert_eq!(links[0].addrs().len(), 3);
     assert_eq!(
         links[0].addr(),
         z.gw_addr,
@@ -986,6 +986,103 @@ async fn a_gateway_with_several_addresses_gets_one_connection() {
     );
     drop(silent);
     gw.shutdown.cancel();
+}
+
+/// Moving a zone to a new VPS needs no restart of its nodes: a gateway added to the zone
+/// config is dialed as soon as the agent adopts it (here from the old gateway), and the old
+/// one, revoked, loses its connection and its link. Agents made their links once at start and
+/// warned that a restart was needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_added_to_the_zone_is_dialed_and_a_revoked_one_dropped_without_restart() {
+    let mut z = TestZone::new(&["home1"]);
+    z.write_policy("apps.toml", "[app.echo]\ntcp = { listen = \"127.0.0.1:0\" }\nto = \"home1/echo\"\nallow = { from = [\"public\"] }\n");
+    let t = fast_tuning();
+    let gw = start_gateway(&z, t, Duration::from_millis(500)).await;
+    let h1 = start_echo_node(&z, &gw, "home1").await;
+    let names = |a: &tunnel::agent::Agent| -> Vec<String> {
+        a.links().iter().map(|l| l.name.clone()).collect()
+    };
+    assert_eq!(names(&h1.agent), ["gw"]);
+
+    let added = z.add_gateway("gw2");
+    let gw2 = start_named_gateway(&z, "gw2", t).await;
+    // The running gateway adopts the copied zone.json and passes it to its agents.
+    std::fs::write(z.bundle("gw").zone_config, added).unwrap();
+    wait_until("home1 on the added gateway", WAIT, || {
+        gw2.hub.agent("home1").is_some()
+    })
+    .await;
+    assert_eq!(names(&h1.agent), ["gw", "gw2"]);
+    assert_eq!(
+        roundtrip(gw2.apps["echo"], b"via gw2").await.unwrap(),
+        b"via gw2"
+    );
+
+    // Revoked at the new gateway: the agent hears it from there and leaves the old one.
+    std::fs::write(z.bundle("gw2").zone_config, z.revoke("gw")).unwrap();
+    wait_until("home1 left the revoked gateway", WAIT, || {
+        gw.hub.agent("home1").is_none() && names(&h1.agent) == ["gw2"]
+    })
+    .await;
+    // Well past the agent's reconnect delay: no link dials it again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        gw.hub.agent("home1").is_none(),
+        "home1 went back to the revoked gateway"
+    );
+    assert_eq!(names(&h1.agent), ["gw2"]);
+    assert_eq!(
+        roundtrip(gw2.apps["echo"], b"still").await.unwrap(),
+        b"still"
+    );
+    gw.shutdown.cancel();
+    gw2.shutdown.cancel();
+    h1.shutdown.cancel();
+}
+
+/// A gateway given a new address (`zonegate device move`) keeps its nodes: they adopt the
+/// config from it while it runs at the old address, and after it restarts at the new one they
+/// dial that — no node restart, no bundle copied to a node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_moves_keeps_its_nodes() {
+    let mut z = TestZone::new(&["home1"]);
+    z.write_policy("apps.toml", "[app.echo]\ntcp = { listen = \"127.0.0.1:0\" }\nto = \"home1/echo\"\nallow = { from = [\"public\"] }\n");
+    let t = fast_tuning();
+    let old_addr = z.gw_addr;
+    let gw = start_gateway(&z, t, Duration::from_millis(500)).await;
+    let h1 = start_echo_node(&z, &gw, "home1").await;
+    let link = h1.agent.links()[0].clone();
+    assert_eq!(link.addrs(), [old_addr]);
+
+    let (new_addr, moved) = z.move_gateway("gw");
+    std::fs::write(z.bundle("gw").zone_config, moved).unwrap();
+    wait_until("home1 knows the new address", WAIT, || {
+        link.addrs() == [new_addr]
+    })
+    .await;
+    // The connection at the old address stays until that gateway goes.
+    assert_eq!(link.status().state, "up");
+    assert_eq!(link.addr(), old_addr);
+    gw.shutdown.cancel();
+    gw.task.await.unwrap();
+
+    let gw = start_gateway(&z, t, Duration::from_millis(500)).await;
+    wait_until("home1 at the new address", Duration::from_secs(20), || {
+        gw.hub.agent("home1").is_some()
+    })
+    .await;
+    wait_until("home1's link up", WAIT, || link.status().state == "up").await;
+    assert_eq!(link.addr(), new_addr);
+    assert!(
+        Arc::ptr_eq(&link, &h1.agent.links()[0]),
+        "the link was kept, not replaced"
+    );
+    assert_eq!(
+        roundtrip(gw.apps["echo"], b"moved").await.unwrap(),
+        b"moved"
+    );
+    gw.shutdown.cancel();
+    h1.shutdown.cancel();
 }
 
 /// The first datagram of a new UDP flow reaches the service: it can arrive at the agent

@@ -90,6 +90,9 @@ struct LinkState {
     addr: Option<SocketAddr>,
     /// When the last connection ended (None while up, or before the first).
     down_since: Option<Instant>,
+    /// The gateway's addresses from the zone config, in its order (a newer config may change
+    /// them: the next dial uses the new ones).
+    addrs: Vec<SocketAddr>,
 }
 
 /// One gateway as this agent sees it: one connection, whichever of its addresses answers
@@ -98,13 +101,82 @@ struct LinkState {
 #[derive(Debug)]
 pub struct GatewayLink {
     pub name: String,
-    /// The gateway's addresses from the zone config, in its order.
-    pub addrs: Vec<SocketAddr>,
     state: Mutex<LinkState>,
     connects: AtomicU64,
+    /// Cancelled when a newer zone config no longer lists this gateway (or revokes it): its
+    /// loop ends and its connection closes.
+    stop: CancellationToken,
 }
 
 impl GatewayLink {
+    fn new(name: String, addrs: Vec<SocketAddr>) -> Self {
+        GatewayLink {
+            name,
+            state: Mutex::new(LinkState {
+                addrs,
+                ..LinkState::default()
+            }),
+            connects: AtomicU64::new(0),
+            stop: CancellationToken::new(),
+        }
+    }
+
+    /// The gateway's addresses, in the zone config's order.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .addrs
+            .clone()
+    }
+
+    /// Whether this link was retired (its gateway left the zone config or was revoked).
+    pub fn retired(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
+    /// Ends this link: its loop stops and its connection (if any) closes with `code`/`why`.
+    fn retire(&self, code: u32, why: &'static [u8]) {
+        self.stop.cancel();
+        self.close(code, why);
+    }
+
+    /// After the loop of a retired link ended mid-session: what the session would have done on
+    /// its way out (a connection set up after `retire` ran is closed here).
+    fn wind_up(&self) {
+        self.close(0, b"gateway left the zone");
+        let flows = self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flows
+            .take();
+        if let Some(flows) = flows {
+            for (_, f) in flows.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+                f.stop.cancel();
+            }
+        }
+        self.set(|s| {
+            s.conn = None;
+            s.ctl = None;
+            s.draining = false;
+            s.up_since = None;
+            s.down_since = Some(Instant::now());
+        });
+    }
+
+    /// Closes the current connection, if any (the loop dials again unless retired).
+    fn close(&self, code: u32, why: &[u8]) {
+        let conn = self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .conn
+            .clone();
+        if let Some(c) = conn {
+            c.close(code.into(), why);
+        }
+    }
     fn usable(&self) -> Option<Connection> {
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match &s.conn {
@@ -127,25 +199,26 @@ impl GatewayLink {
     pub fn addr(&self) -> SocketAddr {
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         s.addr
-            .or(self.addrs.first().copied())
+            .or(s.addrs.first().copied())
             .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     /// Addresses to dial, in order: the last good one first, then the others as listed;
     /// only those of the family `local` (the agent's socket) can reach.
     fn dial_order(&self, local: Option<SocketAddr>) -> Vec<SocketAddr> {
-        let last = self.state.lock().unwrap_or_else(|p| p.into_inner()).addr;
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let reachable = |a: &SocketAddr| local.is_none_or(|l| l.is_ipv6() || a.is_ipv4());
-        // `last` is one of `addrs` (set from them in `dial`).
+        // The last good address goes first only while the zone config still lists it.
+        let last = s.addr.filter(|a| s.addrs.contains(a));
         last.into_iter()
-            .chain(self.addrs.iter().copied().filter(|a| Some(*a) != last))
+            .chain(s.addrs.iter().copied().filter(|a| Some(*a) != last))
             .filter(reachable)
             .collect()
     }
     pub fn status(&self) -> LinkStatus {
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let up = s.conn.as_ref().filter(|c| c.close_reason().is_none());
-        let addr = s.addr.or(self.addrs.first().copied());
+        let addr = s.addr.or(s.addrs.first().copied());
         LinkStatus {
             gateway: self.name.clone(),
             addr: addr.map(|a| a.to_string()).unwrap_or_default(),
@@ -169,13 +242,23 @@ impl GatewayLink {
 pub struct Agent {
     cfg: AgentConfig,
     endpoint: Endpoint,
-    links: Vec<Arc<GatewayLink>>,
+    links: Mutex<Links>,
     forward_listeners: Mutex<Vec<(Forward, TcpListener)>>,
     forward_bound: Vec<SocketAddr>,
     peers: Arc<Peers>,
     /// Bounds handshakes of peers dialing us: the endpoint is reachable by anyone who learns
     /// its address (a hole-punched NAT mapping, a public IP), so it gets the hub's defence.
     peer_gate: HandshakeGate,
+}
+
+/// The agent's gateway links: one per gateway of the zone config (or of
+/// [`AgentConfig::gateways`]), revoked ones left out; a newer zone config adds and retires
+/// links at run time ([`Agent::relink`]).
+#[derive(Debug, Default)]
+struct Links {
+    list: Vec<Arc<GatewayLink>>,
+    /// Set when `run` starts: a link added after that gets its loop from `relink`.
+    running: Option<CancellationToken>,
 }
 
 /// Who delivered a stream to this agent.
@@ -204,15 +287,14 @@ impl Agent {
     pub async fn bind(cfg: AgentConfig, endpoint: Endpoint) -> Result<Arc<Self>, TunnelError> {
         // Peers dial us on the socket the gateway sees, so accept on it too.
         endpoint.set_server_config(Some(transport::server_config(&cfg.creds, &cfg.tuning)?));
-        let gateways = if cfg.gateways.is_empty() {
-            zone_gateways(&cfg.creds.zone())
-        } else {
-            cfg.gateways.clone()
-        };
-        if gateways.is_empty() {
-            return Err(TunnelError::Config(
-                "no gateway to connect to: zone.json lists none (add one with `zonegate device add NAME --role gateway --public-addr IP:PORT` and copy the new zone.json here)".into(),
-            ));
+        let wanted = wanted_gateways(&cfg);
+        if wanted.is_empty() {
+            let listed = cfg.gateways.is_empty() && !zone_gateways(&cfg.creds.zone()).is_empty();
+            return Err(TunnelError::Config(if listed {
+                "no gateway to connect to: zone.json revokes every gateway it lists (add a new one with `zonegate device add NAME --role gateway --public-addr IP:PORT` and copy the new zone.json here)".into()
+            } else {
+                "no gateway to connect to: zone.json lists none (add one with `zonegate device add NAME --role gateway --public-addr IP:PORT` and copy the new zone.json here)".into()
+            }));
         }
         let mut fl = Vec::new();
         for f in &cfg.forwards {
@@ -224,17 +306,13 @@ impl Agent {
             })?;
             fl.push((f.clone(), l));
         }
-        let links = gateway_groups(gateways, cfg.creds.name())
-            .into_iter()
-            .map(|(name, addrs)| {
-                Arc::new(GatewayLink {
-                    name,
-                    addrs,
-                    state: Mutex::default(),
-                    connects: AtomicU64::new(0),
-                })
-            })
-            .collect();
+        let links = Links {
+            list: wanted
+                .into_iter()
+                .map(|(name, addrs)| Arc::new(GatewayLink::new(name, addrs)))
+                .collect(),
+            running: None,
+        };
         let forward_bound = fl.iter().filter_map(|(_, l)| l.local_addr().ok()).collect();
         let peers = Arc::new(Peers::new(cfg.creds.clone(), endpoint.clone()));
         Ok(Arc::new(Agent {
@@ -242,55 +320,32 @@ impl Agent {
             peer_gate: HandshakeGate::new("mesh peers", MAX_PEER_HANDSHAKES, PEER_RETRY_ABOVE),
             cfg,
             endpoint,
-            links,
+            links: Mutex::new(links),
             forward_listeners: Mutex::new(fl),
             forward_bound,
         }))
     }
 
-    pub fn links(&self) -> &[Arc<GatewayLink>] {
-        &self.links
+    /// The gateway links now, in the zone config's order.
+    pub fn links(&self) -> Vec<Arc<GatewayLink>> {
+        self.links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .list
+            .clone()
     }
 
     /// A newer zone config was adopted from gateway `from`: cut the direct paths of peers it
-    /// revokes and the connections to gateways it revokes (TLS checks revocation only at the
-    /// next handshake: a revoked gateway kept its way to every service of this device), and
-    /// pass it on to every other connected gateway at once — each acts on its revocations only
-    /// when it learns of them, and an agent may stay connected for days.
-    fn zone_adopted(&self, from: &str) {
+    /// revokes, follow its gateway list, and pass it on to every other connected gateway at
+    /// once — each acts on its revocations only when it learns of them, and an agent may stay
+    /// connected for days.
+    fn zone_adopted(self: &Arc<Self>, from: &str) {
         self.peers.cut_revoked();
-        for link in &self.links {
-            if !self.cfg.creds.is_revoked(&link.name) {
-                continue;
-            }
-            let conn = link
-                .state
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .conn
-                .clone();
-            if let Some(c) = conn {
-                warn!(gateway = %link.name, addr = %link.addr(), "gateway revoked by the adopted zone config: disconnecting");
-                c.close(crate::hub::CLOSE_REVOKED.into(), b"gateway revoked");
-            }
-        }
+        self.relink();
         let zone = self.cfg.creds.zone();
-        if self.cfg.gateways.is_empty() {
-            // Links are made at start: a gateway added, moved or removed since takes a
-            // restart. Said, rather than dialing old addresses without a word.
-            let now = gateway_groups(zone_gateways(&zone), self.cfg.creds.name());
-            let ours: Vec<(String, Vec<SocketAddr>)> = self
-                .links
-                .iter()
-                .map(|l| (l.name.clone(), l.addrs.clone()))
-                .collect();
-            if now != ours {
-                warn!(serial = zone.config.serial, gateways = ?now, using = ?ours, "the zone config's gateways changed: restart this node agent to connect to them");
-            }
-        }
         let serial = zone.config.serial;
         let json = zone.to_json_compact();
-        for link in self.links.iter().filter(|l| l.name != from) {
+        for link in self.links().iter().filter(|l| l.name != from) {
             if let Some(ctl) = link.ctl() {
                 let json = json.clone();
                 ctl.try_apply(move |s| s.send_config_update(serial, json));
@@ -298,10 +353,59 @@ impl Agent {
         }
     }
 
+    /// Makes the links match the gateways the zone config lists now: a gateway added gets a
+    /// link (dialed at once when running), one removed or revoked loses its link and its
+    /// connection (TLS checks revocation only at the next handshake: a revoked gateway kept
+    /// its way to every service of this device), one with new addresses dials them next time.
+    /// Moving a zone to a new VPS thus needs no restart of its nodes.
+    fn relink(self: &Arc<Self>) {
+        let wanted = wanted_gateways(&self.cfg);
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        let running = links.running.clone();
+        links.list.retain(|link| {
+            if wanted.iter().any(|(n, _)| *n == link.name) {
+                return true;
+            }
+            if self.cfg.creds.is_revoked(&link.name) {
+                warn!(gateway = %link.name, addr = %link.addr(), "gateway revoked by the adopted zone config: disconnecting");
+                link.retire(crate::hub::CLOSE_REVOKED, b"gateway revoked");
+            } else {
+                info!(gateway = %link.name, addr = %link.addr(), "gateway no longer in the zone config: disconnecting");
+                link.retire(0, b"gateway left the zone");
+            }
+            false
+        });
+        let mut list = Vec::with_capacity(wanted.len());
+        for (name, addrs) in wanted {
+            match links.list.iter().find(|l| l.name == name) {
+                Some(link) => {
+                    let old = link.addrs();
+                    if old != addrs {
+                        info!(gateway = %name, from = ?old, to = ?addrs, "gateway addresses changed in the zone config: dialing the new ones from the next connection");
+                        link.set(|s| s.addrs = addrs);
+                    }
+                    list.push(link.clone());
+                }
+                None => {
+                    info!(gateway = %name, addrs = ?addrs, "gateway added to the zone config: connecting");
+                    let link = Arc::new(GatewayLink::new(name, addrs));
+                    if let Some(shutdown) = &running {
+                        tokio::spawn(self.clone().link_loop(link.clone(), shutdown.clone()));
+                    }
+                    list.push(link);
+                }
+            }
+        }
+        if list.is_empty() {
+            warn!(serial = self.cfg.creds.zone_serial(), "the zone config leaves no gateway to connect to: services and relayed forwards are unreachable until a newer one lists one");
+        }
+        links.list = list;
+    }
+
     /// Mesh peers: path (direct or relay), RTT, bytes.
     pub fn peers(&self) -> Vec<PeerStatus> {
         let gw_rtt = self
-            .links
+            .links()
             .iter()
             .find_map(|l| l.usable().map(|c| c.rtt().as_secs_f64() * 1000.0));
         self.peers.status(gw_rtt)
@@ -309,7 +413,7 @@ impl Agent {
 
     /// UDP flows open now, over every gateway.
     pub fn udp_flows(&self) -> usize {
-        self.links
+        self.links()
             .iter()
             .filter_map(|l| {
                 l.state
@@ -345,10 +449,16 @@ impl Agent {
             .iter()
             .map(|(n, s)| format!("{n}={}", s.addr))
             .collect();
-        info!(device = %self.cfg.creds.name(), gateways = ?self.links.iter().map(|l| format!("{} {:?}", l.name, l.addrs)).collect::<Vec<_>>(), services = ?services, "node agent starting");
+        let links = {
+            // `relink` spawns the loops of links added from here on.
+            let mut l = self.links.lock().unwrap_or_else(|p| p.into_inner());
+            l.running = Some(shutdown.clone());
+            l.list.clone()
+        };
+        info!(device = %self.cfg.creds.name(), gateways = ?links.iter().map(|l| format!("{} {:?}", l.name, l.addrs())).collect::<Vec<_>>(), services = ?services, "node agent starting");
         let mut tasks = tokio::task::JoinSet::new();
-        for link in &self.links {
-            tasks.spawn(self.clone().link_loop(link.clone(), shutdown.clone()));
+        for link in links {
+            tasks.spawn(self.clone().link_loop(link, shutdown.clone()));
         }
         let listeners = std::mem::take(
             &mut *self
@@ -363,10 +473,8 @@ impl Agent {
         }
         shutdown.cancelled().await;
         self.peers.close_all();
-        for link in &self.links {
-            if let Some(c) = &link.state.lock().unwrap_or_else(|p| p.into_inner()).conn {
-                c.close(0u32.into(), b"agent stopping");
-            }
+        for link in self.links() {
+            link.close(0, b"agent stopping");
         }
         tasks.abort_all();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
@@ -378,6 +486,7 @@ impl Agent {
         loop {
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = link.stop.cancelled() => return link.wind_up(),
                 r = self.clone().session(link.clone()) => r,
             };
             let err = match result {
@@ -403,9 +512,10 @@ impl Agent {
                 backoff.reset();
             }
             let delay = backoff.next_delay(rand::random::<f64>());
-            info!(gateway = %link.name, addrs = ?link.addrs, reason = %err, retry_ms = delay.as_millis() as u64, "tunnel down; reconnecting");
+            info!(gateway = %link.name, addrs = ?link.addrs(), reason = %err, retry_ms = delay.as_millis() as u64, "tunnel down; reconnecting");
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = link.stop.cancelled() => return link.wind_up(),
                 _ = tokio::time::sleep(delay) => {}
             }
         }
@@ -426,7 +536,7 @@ impl Agent {
         if candidates.is_empty() {
             return Err(TunnelError::Config(format!(
                 "gateway {} lists only IPv6 addresses ({:?}) and this agent dials over IPv4: the zone must list an IPv4 address (a --public-addr) for it",
-                link.name, link.addrs
+                link.name, link.addrs()
             )));
         }
         let mut last_error = None;
@@ -435,7 +545,7 @@ impl Agent {
                 Ok(reason) => return Ok(reason),
                 Err(e) => {
                     debug!(gateway = %link.name, %addr, error = %e, "gateway address failed");
-                    last_error = Some(if link.addrs.len() > 1 {
+                    last_error = Some(if link.addrs().len() > 1 {
                         TunnelError::Config(format!("{addr}: {e}"))
                     } else {
                         e
@@ -953,7 +1063,7 @@ impl Agent {
     fn gateways_lost_at(&self) -> Option<Instant> {
         let now = Instant::now();
         let mut latest: Option<Instant> = None;
-        for l in &self.links {
+        for l in self.links() {
             if l.usable().is_some() {
                 return None;
             }
@@ -973,7 +1083,7 @@ impl Agent {
     /// the others in the zone config's order.
     fn links_for(&self, device: &str) -> Vec<(Arc<GatewayLink>, Connection)> {
         let mut v: Vec<_> = self
-            .links
+            .links()
             .iter()
             .filter_map(|l| l.usable().map(|c| (l.clone(), c)))
             .collect();
@@ -1007,7 +1117,7 @@ impl Agent {
         let t = self.cfg.tuning;
         let started = Instant::now();
         // A zone device other than us and the gateways: a mesh peer.
-        let mesh_peer = f.device != me && !self.links.iter().any(|l| l.name == f.device);
+        let mesh_peer = f.device != me && !self.links().iter().any(|l| l.name == f.device);
         if mesh_peer {
             if let Some(pc) = self.peers.direct(&f.device) {
                 let _guard = pc.stream_guard();
@@ -1129,6 +1239,19 @@ fn zone_gateways(zone: &zone_core::SignedZone) -> Vec<(String, SocketAddr)> {
         .into_iter()
         .map(|(n, a)| (n.to_string(), a))
         .collect()
+}
+
+/// The gateways an agent with `cfg` links to — its own list, else the zone config's — one
+/// entry per gateway but itself, revoked ones left out.
+fn wanted_gateways(cfg: &AgentConfig) -> Vec<(String, Vec<SocketAddr>)> {
+    let list = if cfg.gateways.is_empty() {
+        zone_gateways(&cfg.creds.zone())
+    } else {
+        cfg.gateways.clone()
+    };
+    let mut groups = gateway_groups(list, cfg.creds.name());
+    groups.retain(|(name, _)| !cfg.creds.is_revoked(name));
+    groups
 }
 
 /// One entry per gateway (but `me`), with its addresses in the order listed.

@@ -284,6 +284,55 @@ impl ZoneDir {
         Ok((key, cert))
     }
 
+    /// Gives gateway `name` new public addresses (serial + 1): the gateway moved to another
+    /// VPS or its IP changed. Its key and certificate stay (they name the device, not an
+    /// address); agents that adopt this config dial the new addresses from their next
+    /// connection, and the zone's DNS answers with them.
+    pub fn move_gateway(
+        &mut self,
+        name: &DeviceName,
+        public_addrs: &[SocketAddr],
+        now: OffsetDateTime,
+    ) -> Result<(), ZoneError> {
+        if self.zone.config.is_revoked(name) {
+            return Err(ZoneError::DeviceRevoked(name.to_string()));
+        }
+        let entry = self
+            .zone
+            .config
+            .device(name)
+            .ok_or_else(|| ZoneError::NoSuchDevice(name.to_string()))?;
+        if !entry.roles.contains(&Role::Gateway) {
+            return Err(ZoneError::Usage(format!(
+                "{name} is not a gateway: only gateways have public addresses"
+            )));
+        }
+        let mut addrs: Vec<SocketAddr> = Vec::with_capacity(public_addrs.len());
+        for a in public_addrs {
+            if !addrs.contains(a) {
+                addrs.push(*a);
+            }
+        }
+        if addrs.is_empty() {
+            return Err(ZoneError::Usage(
+                "a gateway needs --public-addr IP:PORT (the address agents dial)".into(),
+            ));
+        }
+        let mut c = self.zone.config.clone();
+        let Some(g) = c.gateways.iter_mut().find(|g| &g.device == name) else {
+            return Err(ZoneError::Config(format!(
+                "{name} has the gateway role but no gateway entry: this zone.json is inconsistent"
+            )));
+        };
+        if g.addrs == addrs {
+            return Err(ZoneError::Usage(format!(
+                "{name} already has exactly these addresses: nothing to change"
+            )));
+        }
+        g.addrs = addrs;
+        self.commit(c, now)
+    }
+
     /// Revokes a device: its certificates are refused wherever this zone.json (or a newer one) is known.
     pub fn revoke(&mut self, name: &DeviceName, now: OffsetDateTime) -> Result<(), ZoneError> {
         if self.zone.config.is_revoked(name) {
