@@ -171,11 +171,7 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
     });
     crate::fd_limit::raise_open_files();
     runtime(threads)?.block_on(async move {
-        let endpoint = tunnel::transport::client_endpoint(
-            "0.0.0.0:0".parse().expect("valid"),
-            &creds,
-            &tuning,
-        )?;
+        let endpoint = tunnel::transport::agent_endpoint(&creds, &tuning)?;
         let agent = tunnel::agent::Agent::bind(
             tunnel::agent::AgentConfig {
                 creds: creds.clone(),

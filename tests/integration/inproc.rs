@@ -90,7 +90,23 @@ impl TestZone {
         Self::build(&["gw"], first, nodes)
     }
 
+    /// A zone whose gateways listen (and are listed) at the given addresses, the first as `gw`.
+    pub fn with_gateways_at(gateways: &[(&str, SocketAddr)], nodes: &[&str]) -> Self {
+        Self::build_at(gateways, &[], nodes)
+    }
+
     fn build(gateways: &[&str], first: &[SocketAddr], nodes: &[&str]) -> Self {
+        let at: Vec<(&str, SocketAddr)> = gateways
+            .iter()
+            .map(|g| {
+                let addr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+                (*g, addr)
+            })
+            .collect();
+        Self::build_at(&at, first, nodes)
+    }
+
+    fn build_at(gateways: &[(&str, SocketAddr)], first: &[SocketAddr], nodes: &[&str]) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let zdir = tmp.path().join("zone");
         let mut z = ZoneDir::init(
@@ -102,8 +118,7 @@ impl TestZone {
         let now = OffsetDateTime::now_utc();
         let mut issued = Vec::new();
         let mut gws = Vec::new();
-        for g in gateways {
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+        for &(g, addr) in gateways {
             let name = DeviceName::new(g).unwrap();
             let addrs: Vec<SocketAddr> = first.iter().copied().chain([addr]).collect();
             let (k, c) = z
@@ -248,6 +263,25 @@ pub async fn start_named_gateway(z: &TestZone, name: &str, tuning: Tuning) -> Ru
         z,
         name,
         addr,
+        tuning,
+        Duration::from_millis(500),
+        None,
+    ))
+    .await
+}
+
+/// Starts gateway `name` of `z` listening for QUIC on `listen` (not necessarily the address
+/// the zone lists, as behind a VPS's 1:1 NAT or on a dual-stack `[::]` socket).
+pub async fn start_gateway_listening(
+    z: &TestZone,
+    name: &str,
+    listen: SocketAddr,
+    tuning: Tuning,
+) -> RunningGateway {
+    run_gateway(gateway_options(
+        z,
+        name,
+        listen,
         tuning,
         Duration::from_millis(500),
         None,

@@ -1085,6 +1085,88 @@ async fn a_gateway_that_moves_keeps_its_nodes() {
     h1.shutdown.cancel();
 }
 
+/// One agent socket reaches IPv4 and IPv6 gateways: a node binds `[::]:0` with IPV6_V6ONLY
+/// off (`transport::agent_endpoint`), and a gateway on `[::]` takes IPv4 agents too and reports
+/// their address as written (`127.0.0.1:…`, not `[::ffff:127.0.0.1]:…`). The agent's socket
+/// was IPv4 only: a gateway listed with IPv6 addresses only (an IPv6-only VPS) was unreachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agent_socket_reaches_ipv4_and_ipv6_gateways() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("SKIPPED one_agent_socket_reaches_ipv4_and_ipv6_gateways: no IPv6 loopback (::1) on this machine");
+        return;
+    }
+    let p4 = free_udp_port();
+    let v4: std::net::SocketAddr = format!("127.0.0.1:{p4}").parse().unwrap();
+    let v6: std::net::SocketAddr = format!("[::1]:{}", free_udp_port()).parse().unwrap();
+    let z = TestZone::with_gateways_at(&[("gw", v4), ("gw6", v6)], &["home1"]);
+    z.write_policy("apps.toml", "[app.echo]\ntcp = { listen = \"127.0.0.1:0\" }\nto = \"home1/echo\"\nallow = { from = [\"public\"] }\n");
+    let t = fast_tuning();
+    // Listed at 127.0.0.1, listening dual-stack: IPv4 agents arrive on an IPv6 socket.
+    let gw = start_gateway_listening(&z, "gw", format!("[::]:{p4}").parse().unwrap(), t).await;
+    let gw6 = start_named_gateway(&z, "gw6", t).await;
+
+    let echo = tcp_echo().await;
+    let creds = z.creds("home1");
+    let endpoint = tunnel::transport::agent_endpoint(&creds, &t).unwrap();
+    assert!(
+        endpoint.local_addr().unwrap().is_ipv6(),
+        "a dual-stack socket"
+    );
+    let agent = tunnel::agent::Agent::bind(
+        tunnel::agent::AgentConfig {
+            creds,
+            services: services(&[("echo", echo, ServiceProto::Tcp)]),
+            forwards: vec![],
+            gateways: vec![],
+            tuning: t,
+        },
+        endpoint,
+    )
+    .await
+    .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(agent.clone().run(shutdown.clone()));
+    wait_until("home1 on both gateways", WAIT, || {
+        gw.hub.agent("home1").is_some() && gw6.hub.agent("home1").is_some()
+    })
+    .await;
+    let seen = |hub: &tunnel::hub::Hub| {
+        hub.status()[0]
+            .addr
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+    };
+    assert_eq!(seen(&gw.hub).ip().to_string(), "127.0.0.1");
+    assert_eq!(seen(&gw6.hub).ip().to_string(), "::1");
+    wait_until("both links up", WAIT, || {
+        agent.links().iter().all(|l| l.status().state == "up")
+    })
+    .await;
+    let observed: Vec<Option<String>> = agent
+        .links()
+        .iter()
+        .map(|l| l.status().observed_addr)
+        .collect();
+    assert_eq!(
+        observed,
+        [
+            Some(seen(&gw.hub).to_string()),
+            Some(seen(&gw6.hub).to_string())
+        ]
+    );
+    assert_eq!(
+        roundtrip(gw.apps["echo"], b"over v4").await.unwrap(),
+        b"over v4"
+    );
+    assert_eq!(
+        roundtrip(gw6.apps["echo"], b"over v6").await.unwrap(),
+        b"over v6"
+    );
+    shutdown.cancel();
+    gw.shutdown.cancel();
+    gw6.shutdown.cancel();
+}
+
 /// The first datagram of a new UDP flow reaches the service: it can arrive at the agent
 /// before the control stream's flow open (two tasks; a datagram is not ordered with a stream),
 /// and was dropped then — a DNS query, a VPN's handshake packet lost, the client's retry

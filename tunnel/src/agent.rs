@@ -535,7 +535,7 @@ impl Agent {
         let candidates = link.dial_order(self.endpoint.local_addr().ok());
         if candidates.is_empty() {
             return Err(TunnelError::Config(format!(
-                "gateway {} lists only IPv6 addresses ({:?}) and this agent dials over IPv4: the zone must list an IPv4 address (a --public-addr) for it",
+                "gateway {} lists only IPv6 addresses ({:?}) and this agent's socket is IPv4 only (IPv6 is off on this machine): enable IPv6 here, or give the gateway an IPv4 address too (`zonegate device move NAME --public-addr IPv4:PORT --public-addr [IPv6]:PORT`)",
                 link.name, link.addrs()
             )));
         }
@@ -869,7 +869,7 @@ impl Agent {
             };
             let me = self.clone();
             tokio::spawn(async move {
-                let remote = incoming.remote_address();
+                let remote = crate::udp::canonical(incoming.remote_address());
                 let handshake = tokio::time::timeout(me.cfg.tuning.handshake_timeout, incoming);
                 let conn = match handshake.await {
                     Ok(Ok(c)) => c,

@@ -30,6 +30,7 @@ use crate::splice::splice;
 use crate::status::{AgentStatus, MeshPairStatus, ServiceStatus};
 use crate::stream::{self, QuicStream};
 use crate::transport::{self, StreamBudget, Tuning, MAX_STREAMS_PER_CONNECTION};
+use crate::udp::canonical;
 use crate::upstream::Upstream;
 
 /// Handshakes in progress at once. Beyond this new connection attempts are refused, so a
@@ -310,7 +311,10 @@ impl Hub {
             return;
         }
         let nonce = rand::random::<u64>();
-        let (a_addr, b_addr) = (link.conn.remote_address(), other.conn.remote_address());
+        let (a_addr, b_addr) = (
+            canonical(link.conn.remote_address()),
+            canonical(other.conn.remote_address()),
+        );
         let to_a = proto::PeerAddr {
             device: other.device.clone(),
             addrs: vec![b_addr],
@@ -400,7 +404,7 @@ impl Hub {
             };
             let hub = self.clone();
             tokio::spawn(async move {
-                let remote = incoming.remote_address();
+                let remote = canonical(incoming.remote_address());
                 if let Err(e) = hub.handle_incoming(incoming, permit).await {
                     warn!(%remote, error = %e, "agent connection refused");
                 }
@@ -467,7 +471,7 @@ impl Hub {
         incoming: quinn::Incoming,
         permit: HandshakePermit,
     ) -> Result<(), TunnelError> {
-        let remote = incoming.remote_address();
+        let remote = canonical(incoming.remote_address());
         let t = self.0.cfg.tuning;
         let setup = async {
             let conn = incoming.await?;
@@ -524,7 +528,7 @@ impl Hub {
         io.session
             .welcome(Welcome {
                 session_id,
-                observed_addr: conn.remote_address(),
+                observed_addr: canonical(conn.remote_address()),
                 zone_serial: ours.config.serial,
                 zone_config,
                 keepalive_ms: t.keepalive.as_millis() as u32,
@@ -808,7 +812,7 @@ impl Hub {
         drop(active);
         let origin = Origin::Device {
             name: link.device.clone(),
-            addr: Some(link.conn.remote_address()),
+            addr: Some(canonical(link.conn.remote_address())),
         };
         let mut upstream = match self.connect(&to_device, &service, &app_name, origin).await {
             Ok(u) => u,
@@ -1033,7 +1037,7 @@ impl Hub {
                 AgentStatus {
                     device: a.device.clone(),
                     roles: a.roles.iter().map(|r| r.to_string()).collect(),
-                    addr: a.conn.remote_address().to_string(),
+                    addr: canonical(a.conn.remote_address()).to_string(),
                     session: a.session_id,
                     rtt_ms: a.conn.rtt().as_secs_f64() * 1000.0,
                     path_mtu: st.path.current_mtu,

@@ -437,17 +437,23 @@ pub fn node_toml(c: &ZoneConfig, name: &DeviceName) -> String {
 /// The gateway config of a bundle; `zonegate gateway --config` runs it as is.
 pub fn gateway_toml(c: &ZoneConfig, name: &DeviceName) -> String {
     let mut s = header(c, name, "gateway", "gateway");
-    let port = c
+    let addrs = c
         .gateways
         .iter()
         .find(|g| &g.device == name)
-        .and_then(|g| g.addrs.first())
-        .map(|a| a.port())
-        .unwrap_or(4433);
+        .map(|g| g.addrs.as_slice())
+        .unwrap_or_default();
+    let port = addrs.first().map(|a| a.port()).unwrap_or(4433);
+    // With an IPv6 public address, one dual-stack socket takes both families.
+    let (any, families) = if addrs.iter().any(|a| a.is_ipv6()) {
+        ("[::]", "IPv4 and IPv6")
+    } else {
+        ("0.0.0.0", "IPv4")
+    };
     let domain = &c.domain;
     s.push_str(&gateways_comment(c));
     s.push_str(&format!(
-        "# QUIC for node agents: the port of this gateway's public address, on all interfaces.\nlisten = \"0.0.0.0:{port}\"\n# Traffic policy files (TOML); edits are picked up while running.\npolicies = \"policies\"\n# Admin API and status page, loopback only.\nadmin = \"{GATEWAY_ADMIN_DEFAULT}\"\n# Public HTTP and HTTPS front (\"off\" to disable). Ports below 1024 need root or\n# CAP_NET_BIND_SERVICE. Without [[tls]] entries HTTPS uses a self-signed certificate.\n# http = \"0.0.0.0:80\"\n# https = \"0.0.0.0:443\"\n# [[tls]]\n# cert = \"/etc/letsencrypt/live/{domain}/fullchain.pem\"\n# key = \"/etc/letsencrypt/live/{domain}/privkey.pem\"\n"
+        "# QUIC for node agents: the port of this gateway's public address, on all interfaces ({families}).\nlisten = \"{any}:{port}\"\n# Traffic policy files (TOML); edits are picked up while running.\npolicies = \"policies\"\n# Admin API and status page, loopback only.\nadmin = \"{GATEWAY_ADMIN_DEFAULT}\"\n# Public HTTP and HTTPS front (\"off\" to disable). Ports below 1024 need root or\n# CAP_NET_BIND_SERVICE. Without [[tls]] entries HTTPS uses a self-signed certificate.\n# http = \"0.0.0.0:80\"\n# https = \"0.0.0.0:443\"\n# [[tls]]\n# cert = \"/etc/letsencrypt/live/{domain}/fullchain.pem\"\n# key = \"/etc/letsencrypt/live/{domain}/privkey.pem\"\n"
     ));
     s.push_str(COMMON_TAIL);
     s
