@@ -7,13 +7,11 @@
 //! - [`http`]: the public HTTP(S) front (routing, proxy, TLS, pool, metrics, status page).
 //! - [`listeners`]: one TCP or UDP listener per `tcp`/`udp` policy app, reconciled on reload.
 //! - [`admin`]: loopback HTTP: `/status` JSON, `/metrics`, the HTML status page at `/`.
-//! - [`zone_watch`]: adopts a newer zone.json copied into the bundle while running.
 
 pub mod addr_text;
 pub mod admin;
 pub mod http;
 pub mod listeners;
 pub mod run;
-pub mod zone_watch;
 
 pub use run::{Gateway, GatewayOptions};

@@ -290,8 +290,9 @@ impl Gateway {
         );
         let _watcher = policies::spawn_watcher(hub.policy().clone(), POLICY_POLL);
         if let Some(p) = opts.creds.zone_path() {
-            tokio::spawn(crate::zone_watch::watch(
-                hub.clone(),
+            let h = hub.clone();
+            tokio::spawn(tunnel::zone_watch::watch(
+                move |bytes, path| h.adopt_zone_file(bytes, path),
                 p.to_owned(),
                 POLICY_POLL,
                 shutdown.clone(),

@@ -1040,6 +1040,40 @@ async fn a_gateway_added_to_the_zone_is_dialed_and_a_revoked_one_dropped_without
     h1.shutdown.cancel();
 }
 
+/// A zone.json copied into a running node's bundle is adopted like one a gateway passed on:
+/// the node dials the gateway it adds and passes it to the gateways it knows (the way back for
+/// a node that missed a move while away). A damaged copy changes nothing. Nodes read their
+/// zone.json only at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_adopts_a_zone_json_copied_into_its_bundle() {
+    let mut z = TestZone::new(&["home1"]);
+    let t = fast_tuning();
+    let gw = start_gateway(&z, t, Duration::from_millis(500)).await;
+    let h1 = start_echo_node(&z, &gw, "home1").await;
+    let added = z.add_gateway("gw2");
+    let gw2 = start_named_gateway(&z, "gw2", t).await;
+    let serial = gw2.hub.creds().zone_serial();
+    assert!(gw.hub.creds().zone_serial() < serial);
+
+    std::fs::write(z.bundle("home1").zone_config, &added).unwrap();
+    wait_until("home1 on the gateway its new zone.json adds", WAIT, || {
+        gw2.hub.agent("home1").is_some()
+    })
+    .await;
+    wait_until("the old gateway got the config from home1", WAIT, || {
+        gw.hub.creds().zone_serial() == serial
+    })
+    .await;
+
+    std::fs::write(z.bundle("home1").zone_config, b"{\"config\": 1").unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(h1.agent.links().len(), 2);
+    assert!(gw.hub.agent("home1").is_some() && gw2.hub.agent("home1").is_some());
+    gw.shutdown.cancel();
+    gw2.shutdown.cancel();
+    h1.shutdown.cancel();
+}
+
 /// A gateway given a new address (`zonegate device move`) keeps its nodes: they adopt the
 /// config from it while it runs at the old address, and after it restarts at the new one they
 /// dial that — no node restart, no bundle copied to a node.

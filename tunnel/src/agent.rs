@@ -48,6 +48,8 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// tunnel carries ([`MAX_UDP_PAYLOAD`]), so a longer datagram shows as a full buffer. Each open
 /// flow keeps one; at 64 KiB the 4,096 flows a gateway may open took 256 MiB.
 const FLOW_READ: usize = MAX_UDP_PAYLOAD as usize + 1;
+/// How often the bundle's zone.json is checked for a newer copy (as the gateway does).
+const ZONE_POLL: Duration = Duration::from_millis(500);
 /// App name an agent puts in a Relay header: the gateway decides the real app by policy.
 const RELAY_APP: &str = "mesh";
 /// Peer handshakes in flight at once, and the count above which unvalidated peers get a
@@ -353,6 +355,30 @@ impl Agent {
         }
     }
 
+    /// A zone.json the owner copied into this node's bundle while it runs
+    /// ([`crate::zone_watch`]): adopted when newer and valid, as one a gateway passed on — the
+    /// way to reach a zone whose gateways all moved while this node was away.
+    pub fn adopt_zone_file(self: &Arc<Self>, bytes: &[u8], path: &std::path::Path) {
+        let current = self.cfg.creds.zone_serial();
+        match self.cfg.creds.offer_zone(bytes) {
+            Ok(Some(serial)) => {
+                info!(serial, file = %path.display(), "adopted newer zone config from the bundle");
+                self.zone_adopted("");
+            }
+            Ok(None) => {
+                let serial = zone_core::SignedZone::from_json(bytes)
+                    .map(|z| z.config.serial)
+                    .ok();
+                if serial.is_some_and(|s| s < current) {
+                    warn!(file = %path.display(), serial = ?serial, current, "zone.json file is older than the zone config in use: ignored (copy the newest zone.json from the zone directory)");
+                }
+            }
+            Err(e) => {
+                warn!(file = %path.display(), error = %e, current, "zone.json file refused; the zone config in use stays (copy the zone directory's zone.json again)");
+            }
+        }
+    }
+
     /// Makes the links match the gateways the zone config lists now: a gateway added gets a
     /// link (dialed at once when running), one removed or revoked loses its link and its
     /// connection (TLS checks revocation only at the next handshake: a revoked gateway kept
@@ -467,6 +493,15 @@ impl Agent {
                 .unwrap_or_else(|p| p.into_inner()),
         );
         tasks.spawn(self.clone().accept_peers(shutdown.clone()));
+        if let Some(path) = self.cfg.creds.zone_path() {
+            let me = self.clone();
+            tasks.spawn(crate::zone_watch::watch(
+                move |bytes, path| me.adopt_zone_file(bytes, path),
+                path.to_owned(),
+                ZONE_POLL,
+                shutdown.clone(),
+            ));
+        }
         for (f, l) in listeners {
             info!(listen = %f.listen, to = %format!("{}/{}", f.device, f.service), "mesh forward listening");
             tasks.spawn(self.clone().forward_loop(f, l, shutdown.clone()));

@@ -18,6 +18,7 @@
 //! - [`flow_activity`]: when a UDP flow last carried a datagram, either way (its idle timer);
 //!   [`flow_datagram`]: sending one, a too-large one reported; [`flow_table`]: an agent's
 //!   flows, and datagrams that came before their flow's open.
+//! - [`zone_watch`]: adopts a newer zone.json copied into a running device's bundle.
 
 pub mod admit;
 pub mod agent;
@@ -42,5 +43,6 @@ pub mod tls;
 pub mod transport;
 pub mod udp;
 pub mod upstream;
+pub mod zone_watch;
 
 pub use error::{OpenError, TunnelError};

@@ -1,13 +1,14 @@
-//! Watches the zone.json in the gateway's bundle: a newer one the owner copies in while the
-//! gateway runs (after `device revoke` or `device add`) is adopted as if a device had passed it
-//! on — verified, pushed to every agent, revoked devices disconnected, served by the zone DNS.
+//! Watches the zone.json in a device's bundle: a newer one the owner copies in while the
+//! gateway or node agent runs (after `device revoke`, `device add` or `device move`) is
+//! adopted as if a device had passed it on — on a gateway verified, pushed to every agent,
+//! revoked devices disconnected, served by the zone DNS; on a node verified, its gateway links
+//! made to match, passed to every gateway.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
-use tunnel::hub::Hub;
 
 /// What is compared between polls: the file's size and modification time, or nothing when it
 /// cannot be read.
@@ -18,12 +19,17 @@ fn fingerprint(path: &Path) -> Fingerprint {
     Some((meta.len(), meta.modified().ok()))
 }
 
-/// Polls `path` every `interval` until `shutdown`. A changed file is read once it has held
-/// still for one interval, so a copy in progress (`cp` truncates, then writes) is not read
-/// half-written. Polling, like the policy watcher: the same on every filesystem and way of
-/// copying.
-pub async fn watch(hub: Hub, path: PathBuf, interval: Duration, shutdown: CancellationToken) {
-    // Read once after start too: a copy made while the gateway was starting (after its
+/// Polls `path` every `interval` until `shutdown` and hands a changed file's bytes to `adopt`.
+/// A changed file is read once it has held still for one interval, so a copy in progress
+/// (`cp` truncates, then writes) is not read half-written. Polling, like the policy watcher:
+/// the same on every filesystem and way of copying.
+pub async fn watch(
+    adopt: impl Fn(&[u8], &Path),
+    path: PathBuf,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    // Read once after start too: a copy made while the device was starting (after its
     // credentials were loaded) is not missed. An unchanged file is the config in use: ignored.
     let mut seen: Fingerprint = Some((u64::MAX, None));
     let mut settling: Option<Fingerprint> = None;
@@ -44,7 +50,7 @@ pub async fn watch(hub: Hub, path: PathBuf, interval: Duration, shutdown: Cancel
         settling = None;
         seen = now;
         match std::fs::read(&path) {
-            Ok(bytes) => hub.adopt_zone_file(&bytes, &path),
+            Ok(bytes) => adopt(&bytes, &path),
             Err(e) => {
                 warn!(file = %path.display(), error = %e, "cannot read zone.json; the zone config in use stays")
             }
