@@ -131,9 +131,9 @@ impl TryFrom<String> for ListenSetting {
 
 impl ListenSetting {
     /// The address to bind: `default` when the key is absent, nothing when `"off"`.
-    pub fn resolve(setting: Option<ListenSetting>, default: &str) -> Option<SocketAddr> {
+    pub fn resolve(setting: Option<ListenSetting>, default: SocketAddr) -> Option<SocketAddr> {
         match setting {
-            None => Some(default.parse().expect("valid default address")),
+            None => Some(default),
             Some(ListenSetting::Off) => None,
             Some(ListenSetting::At(a)) => Some(a),
         }
@@ -164,11 +164,14 @@ pub struct GatewayFile {
     pub admin: Option<SocketAddr>,
     /// Seconds a drain waits for proxied connections on shutdown.
     pub grace_secs: Option<u64>,
-    /// Public HTTP: `"off"` or `"IP:PORT"` (default `0.0.0.0:80`).
+    /// Public HTTP: `"off"` or `"IP:PORT"` (default `[::]:80`, IPv4 and IPv6; `0.0.0.0:80`
+    /// where the machine has no IPv6).
     pub http: Option<ListenSetting>,
-    /// Public HTTPS: `"off"` or `"IP:PORT"` (default `0.0.0.0:443`).
+    /// Public HTTPS: `"off"` or `"IP:PORT"` (default `[::]:443`, IPv4 and IPv6; `0.0.0.0:443`
+    /// where the machine has no IPv6).
     pub https: Option<ListenSetting>,
-    /// Zone DNS (UDP and TCP): `"off"` or `"IP:PORT"` (default `0.0.0.0:53`).
+    /// Zone DNS (UDP and TCP): `"off"` or `"IP:PORT"` (default `[::]:53` or `0.0.0.0:53`, as
+    /// `http`).
     pub dns: Option<ListenSetting>,
     /// HTTPS certificates; none: a self-signed certificate for the zone's names.
     #[serde(default)]

@@ -215,12 +215,12 @@ async fn bind(
     loop {
         let stop = shutdown.child_token();
         let r = match key.0 {
-            Kind::Tcp => TcpListener::bind(key.1).await.map(|l| {
+            Kind::Tcp => tunnel::sockets::tcp(key.1).map(|l| {
                 let bound = l.local_addr().unwrap_or(key.1);
                 let task = tokio::spawn(tcp_loop(hub.clone(), key.1, l, stop.clone()));
                 (bound, stop, task)
             }),
-            Kind::Udp => UdpSocket::bind(key.1).await.map(|s| {
+            Kind::Udp => tunnel::sockets::udp(key.1).map(|s| {
                 let bound = s.local_addr().unwrap_or(key.1);
                 let task = tokio::spawn(udp_loop(hub.clone(), key.1, Arc::new(s), stop.clone()));
                 (bound, stop, task)

@@ -86,7 +86,7 @@ pub enum StartError {
 
 /// Binds a public HTTP(S) port, with a message that says what to do when it fails.
 async fn bind_public(what: &str, key: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).await.map_err(|e| {
+    tunnel::sockets::tcp(addr).map_err(|e| {
         let hint = if e.kind() == std::io::ErrorKind::PermissionDenied && addr.port() < 1024 {
             format!(
                 " (ports below 1024 need root or CAP_NET_BIND_SERVICE: `setcap cap_net_bind_service=+ep $(which zonegate)`, or set `{key} = \"0.0.0.0:PORT\"` or `{key} = \"off\"` in gateway.toml)"
@@ -160,7 +160,12 @@ impl Gateway {
         };
         let dns = match opts.dns {
             Some(a) => {
-                let server = name_resolver::DnsServer::bind_same_port(a).await?;
+                let server = name_resolver::DnsServer::bind_same_port_using(
+                    a,
+                    tunnel::sockets::udp,
+                    tunnel::sockets::tcp,
+                )
+                .await?;
                 // A zone DNS cannot carry (too large for its TXT set) stops the start here,
                 // not a running gateway's DNS later.
                 let records = name_resolver::ZoneRecords::new(&opts.creds.zone())

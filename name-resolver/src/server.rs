@@ -79,17 +79,43 @@ impl DnsServer {
     /// Binds UDP and TCP on the same address and port, as DNS clients expect. With port 0, picks
     /// a port free for both.
     pub async fn bind_same_port(addr: SocketAddr) -> Result<Self, DnsError> {
+        Self::bind_same_port_using(
+            addr,
+            |a| {
+                let s = std::net::UdpSocket::bind(a)?;
+                s.set_nonblocking(true)?;
+                UdpSocket::from_std(s)
+            },
+            |a| {
+                // As TcpListener::bind does it (SO_REUSEADDR, backlog 1024), but synchronous.
+                let s = match a {
+                    SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                    SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+                };
+                s.set_reuseaddr(true)?;
+                s.bind(a)?;
+                s.listen(1024)
+            },
+        )
+        .await
+    }
+
+    /// [`bind_same_port`](DnsServer::bind_same_port) with the caller's way of binding (the
+    /// gateway's makes `[::]` take IPv4 too).
+    pub async fn bind_same_port_using(
+        addr: SocketAddr,
+        bind_udp: impl Fn(SocketAddr) -> std::io::Result<UdpSocket>,
+        bind_tcp: impl Fn(SocketAddr) -> std::io::Result<TcpListener>,
+    ) -> Result<Self, DnsError> {
         let mut last = None;
         for _ in 0..SAME_PORT_ATTEMPTS {
-            let udp = UdpSocket::bind(addr)
-                .await
-                .map_err(|e| bind_error("UDP", addr, e))?;
+            let udp = bind_udp(addr).map_err(|e| bind_error("UDP", addr, e))?;
             let port = udp
                 .local_addr()
                 .map_err(|e| bind_error("UDP", addr, e))?
                 .port();
             let tcp_addr = SocketAddr::new(addr.ip(), port);
-            match TcpListener::bind(tcp_addr).await {
+            match bind_tcp(tcp_addr) {
                 Ok(tcp) => return Ok(DnsServer { udp, tcp }),
                 // Only a port we picked ourselves may be retried.
                 Err(e) if addr.port() == 0 && e.kind() == std::io::ErrorKind::AddrInUse => {

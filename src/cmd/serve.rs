@@ -8,6 +8,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 use tunnel::creds::DeviceCreds;
+use tunnel::sockets::any_addr;
 
 use super::UsageError;
 use crate::cli::{GatewayArgs, NodeArgs};
@@ -15,10 +16,12 @@ use crate::config::{self, GatewayFile, NodeFile};
 
 /// Default grace period of a drain.
 const DEFAULT_GRACE: Duration = Duration::from_secs(10);
-/// Default public HTTP and HTTPS addresses of a gateway.
-const DEFAULT_HTTP: &str = "0.0.0.0:80";
-const DEFAULT_HTTPS: &str = "0.0.0.0:443";
-const DEFAULT_DNS: &str = "0.0.0.0:53";
+/// Default public HTTP, HTTPS and DNS ports of a gateway, on every interface: `[::]` (IPv4
+/// and IPv6 on one socket: the zone's DNS answers AAAA for a gateway's IPv6 address, so its
+/// front must be there) or `0.0.0.0` where the machine has no IPv6.
+const DEFAULT_HTTP_PORT: u16 = 80;
+const DEFAULT_HTTPS_PORT: u16 = 443;
+const DEFAULT_DNS_PORT: u16 = 53;
 
 /// CPU cores this process may use (affinity and cgroup quota included).
 fn cores() -> usize {
@@ -118,8 +121,8 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
             .grace_secs
             .map(Duration::from_secs)
             .unwrap_or(DEFAULT_GRACE),
-        http: config::ListenSetting::resolve(f.http, DEFAULT_HTTP),
-        https: config::ListenSetting::resolve(f.https, DEFAULT_HTTPS),
+        http: config::ListenSetting::resolve(f.http, any_addr(DEFAULT_HTTP_PORT)),
+        https: config::ListenSetting::resolve(f.https, any_addr(DEFAULT_HTTPS_PORT)),
         tls_certs: f
             .tls
             .iter()
@@ -131,7 +134,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
             })
             .collect(),
         http_tuning: Default::default(),
-        dns: config::ListenSetting::resolve(f.dns, DEFAULT_DNS),
+        dns: config::ListenSetting::resolve(f.dns, any_addr(DEFAULT_DNS_PORT)),
     };
     crate::fd_limit::raise_open_files();
     runtime(threads)?.block_on(async move {

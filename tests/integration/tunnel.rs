@@ -1201,6 +1201,100 @@ async fn one_agent_socket_reaches_ipv4_and_ipv6_gateways() {
     gw6.shutdown.cancel();
 }
 
+/// The gateway's public sockets on `[::]` — its defaults for HTTP, HTTPS and DNS where the
+/// machine has IPv6, and what a tcp app may listen on — take IPv4 and IPv6 clients alike, as
+/// the zone's DNS answers AAAA for a gateway's IPv6 address. They were bound `0.0.0.0`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_public_sockets_on_any_take_ipv4_and_ipv6() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("SKIPPED the_gateways_public_sockets_on_any_take_ipv4_and_ipv6: no IPv6 loopback (::1) on this machine");
+        return;
+    }
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let z = TestZone::new(&["home1"]);
+    z.write_policy("apps.toml", "[app.echo]\ntcp = { listen = \"[::]:0\" }\nto = \"home1/echo\"\nallow = { from = [\"public\"] }\n");
+    let any: std::net::SocketAddr = "[::]:0".parse().unwrap();
+    let mut opts = gateway_options(
+        &z,
+        "gw",
+        z.gw_addr,
+        fast_tuning(),
+        Duration::from_millis(500),
+        Some(any),
+    );
+    opts.http = Some(any);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let gw = gateway::Gateway::bind(opts, shutdown.clone())
+        .await
+        .unwrap();
+    let (http, dns, app) = (
+        gw.http_addr().unwrap(),
+        gw.dns_addr().unwrap(),
+        gw.app_addrs()["echo"],
+    );
+    let hub = gw.hub().clone();
+    tokio::spawn(gw.run());
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("echo", tcp_echo().await, ServiceProto::Tcp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || hub.agent("home1").is_some()).await;
+
+    for host in ["127.0.0.1", "[::1]"] {
+        let at = |a: std::net::SocketAddr| -> std::net::SocketAddr {
+            format!("{host}:{}", a.port()).parse().unwrap()
+        };
+        // HTTP: the front answers (no app for this host).
+        let mut c = tokio::net::TcpStream::connect(at(http)).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: nowhere.example\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        c.read_to_end(&mut answer).await.unwrap();
+        assert!(
+            answer.starts_with(b"HTTP/1.1 404"),
+            "{host}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        // A tcp app on [::].
+        assert_eq!(
+            roundtrip(at(app), host.as_bytes()).await.unwrap(),
+            host.as_bytes()
+        );
+        // DNS over UDP: the zone's SOA.
+        let q = tokio::net::UdpSocket::bind(format!("{host}:0"))
+            .await
+            .unwrap();
+        let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in ["alice", "example"] {
+            query.push(label.len() as u8);
+            query.extend_from_slice(label.as_bytes());
+        }
+        query.extend_from_slice(&[0, 0, 6, 0, 1]);
+        q.send_to(&query, at(dns)).await.unwrap();
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(WAIT, q.recv(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            n > 12 && buf[..2] == [0x12, 0x34],
+            "{host}: {:?}",
+            &buf[..n]
+        );
+        assert_eq!(buf[3] & 0x0f, 0, "{host}: rcode");
+        assert!(
+            u16::from_be_bytes([buf[6], buf[7]]) >= 1,
+            "{host}: an answer"
+        );
+    }
+    shutdown.cancel();
+}
+
 /// The first datagram of a new UDP flow reaches the service: it can arrive at the agent
 /// before the control stream's flow open (two tasks; a datagram is not ordered with a stream),
 /// and was dropped then — a DNS query, a VPN's handshake packet lost, the client's retry

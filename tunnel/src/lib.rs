@@ -5,7 +5,7 @@
 //!   the control session state machine.
 //! - [`creds`]: a device's bundle loaded and cross-checked; the newest verified zone config.
 //! - [`tls`], [`transport`], [`udp`]: rustls (mutual TLS, ALPN `zonegate/1`), quinn endpoints
-//!   and the UDP socket under them.
+//!   and the UDP socket under them; [`sockets`]: binding, `[::]` for IPv4 and IPv6 at once.
 //! - [`control`]: I/O around the control session.
 //! - [`stream`], [`splice`], [`upstream`]: one proxied connection per QUIC stream;
 //!   [`holds`]: cutting streams whose readers stopped reading before they stall the rest.
@@ -36,6 +36,7 @@ pub mod peers;
 pub mod proto;
 mod read_gate;
 pub mod services;
+pub mod sockets;
 pub mod splice;
 pub mod status;
 pub mod stream;

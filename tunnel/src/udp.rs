@@ -42,7 +42,7 @@ pub fn bind(
     what: &str,
     runtime: &dyn Runtime,
 ) -> Result<Arc<dyn AsyncUdpSocket>, TunnelError> {
-    let socket = std_socket(bind)
+    let socket = crate::sockets::std_udp(bind)
         .map_err(|e| TunnelError::Config(format!("cannot {what} UDP {bind}: {e}")))?;
     let sized = quinn::udp::UdpSocketState::new((&socket).into()).and_then(|st| {
         st.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER)?;
@@ -60,23 +60,6 @@ pub fn bind(
         .wrap_udp_socket(socket)
         .map_err(|e| TunnelError::Config(format!("cannot {what} UDP {bind}: {e}")))?;
     Ok(Arc::new(GsoBounded { inner }))
-}
-
-/// A UDP socket bound to `bind`; on the IPv6 unspecified address (`[::]`) one that also
-/// takes IPv4 (IPV6_V6ONLY off, set rather than left to `net.ipv6.bindv6only`), so one
-/// socket reaches IPv4 and IPv6 gateways and peers alike.
-fn std_socket(bind: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    if bind.ip() != std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) {
-        return std::net::UdpSocket::bind(bind);
-    }
-    let s = socket2::Socket::new(
-        socket2::Domain::IPV6,
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )?;
-    s.set_only_v6(false)?;
-    s.bind(&bind.into())?;
-    Ok(s.into())
 }
 
 /// The address as the other side wrote it: an IPv4 peer seen on a dual-stack socket arrives

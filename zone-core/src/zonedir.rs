@@ -453,7 +453,7 @@ pub fn gateway_toml(c: &ZoneConfig, name: &DeviceName) -> String {
     let domain = &c.domain;
     s.push_str(&gateways_comment(c));
     s.push_str(&format!(
-        "# QUIC for node agents: the port of this gateway's public address, on all interfaces ({families}).\nlisten = \"{any}:{port}\"\n# Traffic policy files (TOML); edits are picked up while running.\npolicies = \"policies\"\n# Admin API and status page, loopback only.\nadmin = \"{GATEWAY_ADMIN_DEFAULT}\"\n# Public HTTP and HTTPS front (\"off\" to disable). Ports below 1024 need root or\n# CAP_NET_BIND_SERVICE. Without [[tls]] entries HTTPS uses a self-signed certificate.\n# http = \"0.0.0.0:80\"\n# https = \"0.0.0.0:443\"\n# [[tls]]\n# cert = \"/etc/letsencrypt/live/{domain}/fullchain.pem\"\n# key = \"/etc/letsencrypt/live/{domain}/privkey.pem\"\n"
+        "# QUIC for node agents: the port of this gateway's public address, on all interfaces ({families}).\nlisten = \"{any}:{port}\"\n# Traffic policy files (TOML); edits are picked up while running.\npolicies = \"policies\"\n# Admin API and status page, loopback only.\nadmin = \"{GATEWAY_ADMIN_DEFAULT}\"\n# Public HTTP and HTTPS front (\"off\" to disable). Ports below 1024 need root or\n# CAP_NET_BIND_SERVICE. Without [[tls]] entries HTTPS uses a self-signed certificate.\n# Defaults: [::] takes IPv4 and IPv6 (0.0.0.0 where the machine has no IPv6).\n# http = \"[::]:80\"\n# https = \"[::]:443\"\n# [[tls]]\n# cert = \"/etc/letsencrypt/live/{domain}/fullchain.pem\"\n# key = \"/etc/letsencrypt/live/{domain}/privkey.pem\"\n"
     ));
     s.push_str(COMMON_TAIL);
     s

@@ -1,0 +1,132 @@
+//! Binding the gateway's and agent's sockets: on the IPv6 unspecified address (`[::]`) one
+//! socket takes IPv4 too — IPV6_V6ONLY set off, not left to `net.ipv6.bindv6only` (1 on some
+//! systems, where `[::]` would quietly stop serving IPv4). Any other address binds as usual.
+
+use std::io;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Pending connections a listener queues before accepting: tokio's own default.
+const BACKLOG: i32 = 1024;
+
+fn dual_stack(addr: SocketAddr) -> bool {
+    addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+}
+
+fn v6_socket(ty: Type, proto: Protocol) -> io::Result<Socket> {
+    let s = Socket::new(Domain::IPV6, ty, Some(proto))?;
+    s.set_only_v6(false)?;
+    Ok(s)
+}
+
+/// A blocking UDP socket bound to `addr`.
+pub fn std_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    if !dual_stack(addr) {
+        return std::net::UdpSocket::bind(addr);
+    }
+    let s = v6_socket(Type::DGRAM, Protocol::UDP)?;
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+/// A UDP socket bound to `addr`, for tokio.
+pub fn udp(addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
+    let s = std_udp(addr)?;
+    s.set_nonblocking(true)?;
+    tokio::net::UdpSocket::from_std(s)
+}
+
+/// A TCP listener on `addr`, for tokio (SO_REUSEADDR and backlog as `TcpListener::bind`).
+pub fn tcp(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+    let s = if dual_stack(addr) {
+        v6_socket(Type::STREAM, Protocol::TCP)?
+    } else {
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?
+    };
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(BACKLOG)?;
+    tokio::net::TcpListener::from_std(s.into())
+}
+
+/// Whether this machine can open IPv6 sockets (the kernel may have IPv6 off entirely): then
+/// the gateway's public defaults are `[::]`, else `0.0.0.0`.
+pub fn ipv6_available() -> bool {
+    v6_socket(Type::DGRAM, Protocol::UDP).is_ok()
+}
+
+/// `[::]:port` where IPv6 is available (IPv4 and IPv6 on one socket), else `0.0.0.0:port`.
+pub fn any_addr(port: u16) -> SocketAddr {
+    if ipv6_available() {
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))
+    } else {
+        SocketAddr::from(([0, 0, 0, 0], port))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn has_v6_loopback() -> bool {
+        std::net::UdpSocket::bind("[::1]:0").is_ok()
+    }
+
+    /// A `[::]` listener takes connections to 127.0.0.1 and to ::1, whatever the sysctl says.
+    #[tokio::test]
+    async fn an_unspecified_v6_tcp_listener_takes_both_families() {
+        if !has_v6_loopback() {
+            eprintln!("SKIPPED an_unspecified_v6_tcp_listener_takes_both_families: no ::1 here");
+            return;
+        }
+        let l = tcp("[::]:0".parse().unwrap()).unwrap();
+        // Set, not inherited from net.ipv6.bindv6only.
+        assert!(!socket2::SockRef::from(&l).only_v6().unwrap());
+        let port = l.local_addr().unwrap().port();
+        for to in [format!("127.0.0.1:{port}"), format!("[::1]:{port}")] {
+            let mut c = tokio::net::TcpStream::connect(&to).await.unwrap();
+            let (mut s, from) = l.accept().await.unwrap();
+            c.write_all(b"x").await.unwrap();
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).await.unwrap();
+            assert_eq!(&b, b"x");
+            let from = crate::udp::canonical(from);
+            assert_eq!(
+                from.ip().is_ipv4(),
+                to.starts_with("127"),
+                "{to} came from {from}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unspecified_v6_udp_socket_takes_both_families() {
+        if !has_v6_loopback() {
+            eprintln!("SKIPPED an_unspecified_v6_udp_socket_takes_both_families: no ::1 here");
+            return;
+        }
+        let s = udp("[::]:0".parse().unwrap()).unwrap();
+        let port = s.local_addr().unwrap().port();
+        for (from, to) in [
+            ("127.0.0.1:0", format!("127.0.0.1:{port}")),
+            ("[::1]:0", format!("[::1]:{port}")),
+        ] {
+            let c = tokio::net::UdpSocket::bind(from).await.unwrap();
+            c.send_to(b"hi", &to).await.unwrap();
+            let mut b = [0u8; 8];
+            let (n, _) = s.recv_from(&mut b).await.unwrap();
+            assert_eq!(&b[..n], b"hi");
+        }
+    }
+
+    #[test]
+    fn other_addresses_bind_as_usual() {
+        let s = std_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert!(s.local_addr().unwrap().is_ipv4());
+        assert_eq!(any_addr(80).port(), 80);
+        assert_eq!(any_addr(80).is_ipv6(), ipv6_available());
+    }
+}
