@@ -355,7 +355,7 @@ impl ClientFlow {
     fn send(&self, peer: SocketAddr, data: &[u8]) {
         if let Err(e) = self.flow.send(data) {
             if self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
-                warn!(app = %self.app, client = %Client(peer), error = %e, "UDP datagram from the client dropped (further drops of this flow are counted in its done line)");
+                warn!(app = %self.app, client = %Client(tunnel::udp::canonical(peer)), error = %e, "UDP datagram from the client dropped (further drops of this flow are counted in its done line)");
             }
         }
     }
@@ -398,14 +398,17 @@ async fn udp_loop(hub: Hub, listen: SocketAddr, sock: Arc<UdpSocket>, stop: Canc
         let app = &active.policy.apps()[i];
         let app_name = app.name.clone();
         let state = active.state(app);
-        let who = Requester::Public { ip: peer.ip() };
+        // As written, for the device, logs and limits: an IPv4 client on a `[::]` socket
+        // arrives as `::ffff:a.b.c.d`. Replies go to `peer` as received.
+        let client = tunnel::udp::canonical(peer);
+        let who = Requester::Public { ip: client.ip() };
         if let policies::Decision::Deny { reason } =
             active
                 .policy
                 .decide(app, &who, None, None, Timestamp::now())
         {
             state.counters.refused(Refusal::Denied(reason));
-            info!(app = %app_name, client = %Client(peer), reason = %reason, "UDP flow refused by policy");
+            info!(app = %app_name, client = %Client(client), reason = %reason, "UDP flow refused by policy");
             continue;
         }
         if state.limits.check_rate(&who).is_err() {
@@ -420,7 +423,7 @@ async fn udp_loop(hub: Hub, listen: SocketAddr, sock: Arc<UdpSocket>, stop: Canc
                 &target.device,
                 &target.service,
                 &app_name,
-                Origin::Public(peer),
+                Origin::Public(client),
             )
             .await
         {
@@ -445,7 +448,7 @@ async fn udp_loop(hub: Hub, listen: SocketAddr, sock: Arc<UdpSocket>, stop: Canc
                     }
                     counters.bytes_out(out);
                     let dropped = dropped2.load(Ordering::Relaxed);
-                    info!(app = %app2, client = %Client(peer), bytes_out = out, dropped, "UDP flow done");
+                    info!(app = %app2, client = %Client(client), bytes_out = out, dropped, "UDP flow done");
                 });
                 let c = ClientFlow {
                     flow,
@@ -459,7 +462,7 @@ async fn udp_loop(hub: Hub, listen: SocketAddr, sock: Arc<UdpSocket>, stop: Canc
             }
             Err(e) => {
                 let (_, reason) = refusal_of(&e);
-                info!(app = %app_name, client = %Client(peer), reason = %reason, "UDP flow failed");
+                info!(app = %app_name, client = %Client(client), reason = %reason, "UDP flow failed");
             }
         }
     }

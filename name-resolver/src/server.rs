@@ -53,7 +53,7 @@ fn bind_error(proto: &'static str, addr: SocketAddr, source: std::io::Error) -> 
             addr.port()
         ),
         std::io::ErrorKind::AddrInUse => "; another DNS server is using it (systemd-resolved holds 127.0.0.53:53; on a VPS, stop it or set DNSStubListener=no); or set another dns = \"IP:PORT\", or dns = \"off\" in gateway.toml".into(),
-        std::io::ErrorKind::AddrNotAvailable => "; this machine has no such address: use 0.0.0.0 or one of its own addresses in dns = \"IP:PORT\" in gateway.toml".into(),
+        std::io::ErrorKind::AddrNotAvailable => "; this machine has no such address: use [::] (or 0.0.0.0 without IPv6) or one of its own addresses in dns = \"IP:PORT\" in gateway.toml".into(),
         _ => String::new(),
     };
     DnsError::Bind {
@@ -87,14 +87,15 @@ impl DnsServer {
                 UdpSocket::from_std(s)
             },
             |a| {
-                // As TcpListener::bind does it (SO_REUSEADDR, backlog 1024), but synchronous.
+                // As TcpListener::bind does it (SO_REUSEADDR, std's backlog of 128), but
+                // synchronous.
                 let s = match a {
                     SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
                     SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
                 };
                 s.set_reuseaddr(true)?;
                 s.bind(a)?;
-                s.listen(1024)
+                s.listen(128)
             },
         )
         .await

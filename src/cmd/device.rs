@@ -105,7 +105,11 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
                 addrs.join(", "),
                 z.zone.config.serial
             );
-            println!("Copy {} into {name}'s bundle while it still runs at its old address: it adopts it within about a second and passes it to every agent, which dial the new address from their next connection (its DNS answers with it too). If the QUIC port changed, set `listen` in its gateway.toml before starting it at the new address.", zone.zone.join("zone.json").display());
+            println!("Copy {} into {name}'s bundle while it still runs at its old address: it adopts it within about a second and passes it to every agent (its DNS answers with the new address too). Then stop it there and start the same bundle at the new address: agents stay on the old address while it answers and dial the new one when it goes.", zone.zone.join("zone.json").display());
+            if public_addrs.iter().any(|a| a.is_ipv6()) {
+                println!("The new addresses include IPv6: set `listen = \"[::]:PORT\"` in its gateway.toml (IPv4 and IPv6 on one socket) if it says 0.0.0.0.");
+            }
+            println!("If the QUIC port changed, set that port in `listen` in its gateway.toml before starting it.");
             Ok(())
         }
         DeviceCmd::Renew {

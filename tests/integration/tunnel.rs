@@ -1040,10 +1040,65 @@ async fn a_gateway_added_to_the_zone_is_dialed_and_a_revoked_one_dropped_without
     h1.shutdown.cancel();
 }
 
+/// A node whose gateway is gone learns the gateway's new address (here from a zone.json copied
+/// into its bundle) and dials it at once: not after its dial to the old address times out
+/// (here 10 s) and its backoff sleep ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnected_node_dials_a_new_gateway_address_at_once() {
+    let mut z = TestZone::new(&["home1"]);
+    let t = fast_tuning();
+    let gw = start_gateway(&z, t, Duration::from_millis(500)).await;
+    // Dials of an address nobody answers at last the handshake timeout (and the idle timeout,
+    // quinn's bound on a handshake).
+    let slow = Tuning {
+        handshake_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(10),
+        ..t
+    };
+    let echo = tcp_echo().await;
+    let h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("echo", echo, ServiceProto::Tcp)]),
+        vec![],
+        slow,
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let link = h1.agent.links()[0].clone();
+    let old_addr = z.gw_addr;
+    gw.shutdown.cancel();
+    gw.task.await.unwrap();
+    // The old address swallows packets, as a VPS that is gone does (on loopback a closed port
+    // answers with ICMP and the dial fails at once).
+    let silent = std::net::UdpSocket::bind(old_addr).unwrap();
+    wait_until("home1 lost its gateway", WAIT, || {
+        link.status().state != "up"
+    })
+    .await;
+    // Well into a dial of the old address.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let (new_addr, moved) = z.move_gateway("gw");
+    std::fs::write(z.bundle("gw").zone_config, &moved).unwrap();
+    let gw = start_gateway(&z, t, Duration::from_millis(500)).await;
+    std::fs::write(z.bundle("home1").zone_config, &moved).unwrap();
+    // Adopted within two file polls (1 s), then one handshake on loopback; the dial of the
+    // old address would end 8 s from now.
+    wait_until("home1 at the new address", Duration::from_secs(4), || {
+        gw.hub.agent("home1").is_some()
+    })
+    .await;
+    assert_eq!(link.addrs(), [new_addr]);
+    drop(silent);
+    gw.shutdown.cancel();
+    h1.shutdown.cancel();
+}
+
 /// A zone.json copied into a running node's bundle is adopted like one a gateway passed on:
 /// the node dials the gateway it adds and passes it to the gateways it knows (the way back for
 /// a node that missed a move while away). A damaged copy changes nothing. Nodes read their
-/// zone.json only at start.
+/// zone.json only at start before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_adopts_a_zone_json_copied_into_its_bundle() {
     let mut z = TestZone::new(&["home1"]);
@@ -1068,6 +1123,7 @@ async fn a_node_adopts_a_zone_json_copied_into_its_bundle() {
     std::fs::write(z.bundle("home1").zone_config, b"{\"config\": 1").unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(h1.agent.links().len(), 2);
+    assert_eq!(z.creds("gw2").zone_serial(), serial);
     assert!(gw.hub.agent("home1").is_some() && gw2.hub.agent("home1").is_some());
     gw.shutdown.cancel();
     gw2.shutdown.cancel();

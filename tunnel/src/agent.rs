@@ -108,6 +108,9 @@ pub struct GatewayLink {
     /// Cancelled when a newer zone config no longer lists this gateway (or revokes it): its
     /// loop ends and its connection closes.
     stop: CancellationToken,
+    /// Signalled when a newer zone config gives the gateway new addresses: a link that is
+    /// not connected dials them at once.
+    redial: tokio::sync::Notify,
 }
 
 impl GatewayLink {
@@ -120,6 +123,7 @@ impl GatewayLink {
             }),
             connects: AtomicU64::new(0),
             stop: CancellationToken::new(),
+            redial: tokio::sync::Notify::new(),
         }
     }
 
@@ -205,15 +209,25 @@ impl GatewayLink {
             .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
-    /// Addresses to dial, in order: the last good one first, then the others as listed;
-    /// only those of the family `local` (the agent's socket) can reach.
+    /// Addresses to dial, in order: the last good one first, then the IPv4 ones, then the
+    /// IPv6 ones, each as listed; only those the agent's socket (`local`) can reach. IPv4
+    /// before IPv6: a host with IPv6 but no IPv6 route loses a whole handshake timeout on each
+    /// IPv6 address tried first, and peers punch holes at the address their gateway saw, so
+    /// one family for every node of a zone keeps direct paths possible.
     fn dial_order(&self, local: Option<SocketAddr>) -> Vec<SocketAddr> {
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let reachable = |a: &SocketAddr| local.is_none_or(|l| l.is_ipv6() || a.is_ipv4());
         // The last good address goes first only while the zone config still lists it.
         let last = s.addr.filter(|a| s.addrs.contains(a));
+        let others = |v4: bool| {
+            s.addrs
+                .iter()
+                .copied()
+                .filter(move |a| a.is_ipv4() == v4 && Some(*a) != last)
+        };
         last.into_iter()
-            .chain(s.addrs.iter().copied().filter(|a| Some(*a) != last))
+            .chain(others(true))
+            .chain(others(false))
             .filter(reachable)
             .collect()
     }
@@ -261,6 +275,9 @@ struct Links {
     list: Vec<Arc<GatewayLink>>,
     /// Set when `run` starts: a link added after that gets its loop from `relink`.
     running: Option<CancellationToken>,
+    /// While the list is empty: when its last link stopped being usable (the zone config
+    /// dropped every gateway) — the start of the outage direct paths bridge.
+    emptied: Option<Instant>,
 }
 
 /// Who delivered a stream to this agent.
@@ -291,11 +308,12 @@ impl Agent {
         endpoint.set_server_config(Some(transport::server_config(&cfg.creds, &cfg.tuning)?));
         let wanted = wanted_gateways(&cfg);
         if wanted.is_empty() {
-            let listed = cfg.gateways.is_empty() && !zone_gateways(&cfg.creds.zone()).is_empty();
-            return Err(TunnelError::Config(if listed {
-                "no gateway to connect to: zone.json revokes every gateway it lists (add a new one with `zonegate device add NAME --role gateway --public-addr IP:PORT` and copy the new zone.json here)".into()
-            } else {
+            return Err(TunnelError::Config(if !cfg.gateways.is_empty() {
+                format!("no gateway to connect to: every gateway this agent was given ({:?}) is revoked in the zone config", cfg.gateways)
+            } else if zone_gateways(&cfg.creds.zone()).is_empty() {
                 "no gateway to connect to: zone.json lists none (add one with `zonegate device add NAME --role gateway --public-addr IP:PORT` and copy the new zone.json here)".into()
+            } else {
+                "no gateway to connect to: zone.json revokes every gateway it lists (add a new one with `zonegate device add NAME --role gateway --public-addr IP:PORT` and copy the new zone.json here)".into()
             }));
         }
         let mut fl = Vec::new();
@@ -314,6 +332,7 @@ impl Agent {
                 .map(|(name, addrs)| Arc::new(GatewayLink::new(name, addrs)))
                 .collect(),
             running: None,
+            emptied: None,
         };
         let forward_bound = fl.iter().filter_map(|(_, l)| l.local_addr().ok()).collect();
         let peers = Arc::new(Peers::new(cfg.creds.clone(), endpoint.clone()));
@@ -385,13 +404,23 @@ impl Agent {
     /// its way to every service of this device), one with new addresses dials them next time.
     /// Moving a zone to a new VPS thus needs no restart of its nodes.
     fn relink(self: &Arc<Self>) {
-        let wanted = wanted_gateways(&self.cfg);
         let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        // Read under the lock: of two adoptions racing here, the later one applies the newest
+        // config (credentials only ever move to a newer one), never an older list last.
+        let wanted = wanted_gateways(&self.cfg);
         let running = links.running.clone();
+        let now = Instant::now();
+        let mut retired_lost: Option<Instant> = None;
         links.list.retain(|link| {
             if wanted.iter().any(|(n, _)| *n == link.name) {
                 return true;
             }
+            // When this link stopped being usable, for `gateways_lost_at` should none remain.
+            let lost = match link.usable() {
+                Some(_) => now,
+                None => link.state.lock().unwrap_or_else(|p| p.into_inner()).down_since.unwrap_or(now),
+            };
+            retired_lost = Some(retired_lost.map_or(lost, |t| t.max(lost)));
             if self.cfg.creds.is_revoked(&link.name) {
                 warn!(gateway = %link.name, addr = %link.addr(), "gateway revoked by the adopted zone config: disconnecting");
                 link.retire(crate::hub::CLOSE_REVOKED, b"gateway revoked");
@@ -407,8 +436,9 @@ impl Agent {
                 Some(link) => {
                     let old = link.addrs();
                     if old != addrs {
-                        info!(gateway = %name, from = ?old, to = ?addrs, "gateway addresses changed in the zone config: dialing the new ones from the next connection");
+                        info!(gateway = %name, from = ?old, to = ?addrs, "gateway addresses changed in the zone config: a connection that is up stays, the next dials the new ones");
                         link.set(|s| s.addrs = addrs);
+                        link.redial.notify_one();
                     }
                     list.push(link.clone());
                 }
@@ -423,7 +453,12 @@ impl Agent {
             }
         }
         if list.is_empty() {
-            warn!(serial = self.cfg.creds.zone_serial(), "the zone config leaves no gateway to connect to: services and relayed forwards are unreachable until a newer one lists one");
+            if !links.list.is_empty() || retired_lost.is_some() {
+                warn!(serial = self.cfg.creds.zone_serial(), "the zone config leaves no gateway to connect to: services and relayed forwards are unreachable until a newer one lists one");
+            }
+            links.emptied = links.emptied.or(retired_lost).or(Some(now));
+        } else {
+            links.emptied = None;
         }
         links.list = list;
     }
@@ -519,10 +554,24 @@ impl Agent {
     async fn link_loop(self: Arc<Self>, link: Arc<GatewayLink>, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
         loop {
-            let result = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = link.stop.cancelled() => return link.wind_up(),
-                r = self.clone().session(link.clone()) => r,
+            let session = self.clone().session(link.clone());
+            tokio::pin!(session);
+            let result = loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = link.stop.cancelled() => return link.wind_up(),
+                    r = &mut session => break Some(r),
+                    // New addresses while still dialing the old ones (each may take the whole
+                    // handshake timeout): start over with the new. Not once a connection is
+                    // up — it works, and its tasks belong to the session.
+                    _ = link.redial.notified() => if link.state.lock().unwrap_or_else(|p| p.into_inner()).conn.is_none() {
+                        break None;
+                    },
+                }
+            };
+            let Some(result) = result else {
+                info!(gateway = %link.name, addrs = ?link.addrs(), "dialing the gateway's new addresses");
+                continue;
             };
             let err = match result {
                 Ok(reason) => reason,
@@ -552,6 +601,8 @@ impl Agent {
                 _ = shutdown.cancelled() => return,
                 _ = link.stop.cancelled() => return link.wind_up(),
                 _ = tokio::time::sleep(delay) => {}
+                // New addresses: no reason to wait out a backoff earned at the old ones.
+                _ = link.redial.notified() => backoff.reset(),
             }
         }
     }
@@ -570,8 +621,10 @@ impl Agent {
         let candidates = link.dial_order(self.endpoint.local_addr().ok());
         if candidates.is_empty() {
             return Err(TunnelError::Config(format!(
-                "gateway {} lists only IPv6 addresses ({:?}) and this agent's socket is IPv4 only (IPv6 is off on this machine): enable IPv6 here, or give the gateway an IPv4 address too (`zonegate device move NAME --public-addr IPv4:PORT --public-addr [IPv6]:PORT`)",
-                link.name, link.addrs()
+                "gateway {name} lists only IPv6 addresses ({:?}) and this agent's socket is IPv4 only (bound to {}; IPv6 is off on this machine when the node chose it): enable IPv6 here, or give the gateway an IPv4 address too (`zonegate device move {name} --public-addr IPv4:PORT --public-addr [IPv6]:PORT`)",
+                link.addrs(),
+                self.endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                name = link.name,
             )));
         }
         let mut last_error = None;
@@ -664,6 +717,12 @@ impl Agent {
             warn!(gateway = %link.name, %addr, "gateway revoked by the adopted zone config: disconnecting");
             conn.close(crate::hub::CLOSE_REVOKED.into(), b"gateway revoked");
             return Ok("gateway revoked".into());
+        }
+        // Or dropped from the zone config meanwhile (the loop winds the link up at its next
+        // wait; no "tunnel up" and no tasks for it in between).
+        if link.retired() {
+            conn.close(0u32.into(), b"gateway left the zone");
+            return Ok("gateway left the zone config".into());
         }
         info!(
             gateway = %link.name,
@@ -1097,8 +1156,15 @@ impl Agent {
     /// draining or was never up counts as lost just now.
     fn gateways_lost_at(&self) -> Option<Instant> {
         let now = Instant::now();
+        let (list, emptied) = {
+            let l = self.links.lock().unwrap_or_else(|p| p.into_inner());
+            (l.list.clone(), l.emptied)
+        };
+        if list.is_empty() {
+            return emptied.or(Some(now));
+        }
         let mut latest: Option<Instant> = None;
-        for l in self.links() {
+        for l in list {
             if l.usable().is_some() {
                 return None;
             }
@@ -1368,5 +1434,57 @@ pub fn origin_text(o: &Origin) -> String {
             addr: Some(a),
         } => format!("device {name} ({a})"),
         Origin::Device { name, addr: None } => format!("device {name}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn dial_order_is_last_good_then_ipv4_then_ipv6() {
+        let link = GatewayLink::new(
+            "gw".into(),
+            vec![
+                a("[2001:db8::1]:4433"),
+                a("198.51.100.1:4433"),
+                a("[2001:db8::2]:4433"),
+                a("198.51.100.2:4433"),
+            ],
+        );
+        let dual = Some(a("[::]:5000"));
+        assert_eq!(
+            link.dial_order(dual),
+            [
+                a("198.51.100.1:4433"),
+                a("198.51.100.2:4433"),
+                a("[2001:db8::1]:4433"),
+                a("[2001:db8::2]:4433")
+            ]
+        );
+        link.set(|s| s.addr = Some(a("[2001:db8::2]:4433")));
+        assert_eq!(
+            link.dial_order(dual),
+            [
+                a("[2001:db8::2]:4433"),
+                a("198.51.100.1:4433"),
+                a("198.51.100.2:4433"),
+                a("[2001:db8::1]:4433")
+            ]
+        );
+        // An IPv4 socket reaches the IPv4 ones only; a last address the zone config no longer
+        // lists is not dialed.
+        link.set(|s| {
+            s.addrs
+                .retain(|x| x.port() == 4433 && *x != a("[2001:db8::2]:4433"))
+        });
+        assert_eq!(
+            link.dial_order(Some(a("0.0.0.0:5000"))),
+            [a("198.51.100.1:4433"), a("198.51.100.2:4433")]
+        );
     }
 }

@@ -238,15 +238,10 @@ pub fn client_endpoint(
 /// dual-stack), so gateways and peers of either family are reachable; IPv4 only
 /// (`0.0.0.0:0`) where the machine has IPv6 disabled.
 pub fn agent_endpoint(creds: &DeviceCreds, t: &Tuning) -> Result<Endpoint, TunnelError> {
-    let dual = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
-    client_endpoint(dual, creds, t).or_else(|e| {
-        tracing::info!(error = %e, "no IPv6 on this machine: the agent dials over IPv4 only");
-        client_endpoint(
-            SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)),
-            creds,
-            t,
-        )
-    })
+    if !crate::sockets::ipv6_available() {
+        tracing::info!("no IPv6 on this machine: the agent dials over IPv4 only");
+    }
+    client_endpoint(crate::sockets::any_addr(0), creds, t)
 }
 
 pub fn client_config(creds: &DeviceCreds, t: &Tuning) -> Result<ClientConfig, TunnelError> {
