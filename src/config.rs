@@ -109,6 +109,20 @@ pub fn threads(file: &Path, threads: Option<usize>) -> Result<Option<usize>, Usa
     }
 }
 
+/// The front's per-client connection limit: 1 to the front's whole capacity.
+pub fn http_connections_per_ip(file: &Path, n: Option<usize>) -> Result<usize, UsageError> {
+    let max = gateway::http::MAX_CONNECTIONS;
+    match n {
+        None => Ok(gateway::http::MAX_CONNECTIONS_PER_IP),
+        Some(n) if (1..=max).contains(&n) => Ok(n),
+        Some(n) => Err(UsageError(format!(
+            "{}: http_connections_per_ip = {n}: expected 1 to {max} (the front's whole capacity), or leave it out for the default {}",
+            file.display(),
+            gateway::http::MAX_CONNECTIONS_PER_IP
+        ))),
+    }
+}
+
 /// A public listener setting: `"off"` or `"IP:PORT"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
@@ -184,6 +198,9 @@ pub struct GatewayFile {
     pub tunnel: TunnelSection,
     /// Worker threads of the async runtime (default [`gateway_threads`] of the CPU cores).
     pub threads: Option<usize>,
+    /// HTTP(S) front connections one client address (IPv6: its /64) may have open at once
+    /// (default [`gateway::http::MAX_CONNECTIONS_PER_IP`]).
+    pub http_connections_per_ip: Option<usize>,
 }
 
 /// Reads and parses a TOML config file; errors name the file, line and column.

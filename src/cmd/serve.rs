@@ -133,7 +133,13 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
                 )
             })
             .collect(),
-        http_tuning: Default::default(),
+        http_tuning: gateway::http::HttpTuning {
+            max_connections_per_ip: config::http_connections_per_ip(
+                &a.config,
+                f.http_connections_per_ip,
+            )?,
+            ..Default::default()
+        },
         dns: config::ListenSetting::resolve(f.dns, any_addr(DEFAULT_DNS_PORT)),
     };
     crate::fd_limit::raise_open_files();

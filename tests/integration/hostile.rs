@@ -958,3 +958,87 @@ async fn udp_flows_closed_as_they_open_are_not_left_on_the_agent() {
     .await;
     gw.shutdown.cancel();
 }
+
+/// One client address cannot take the whole HTTP front: beyond its limit of open connections
+/// new ones are closed at once (logged once, counted in /metrics), while other addresses are
+/// served; a closed connection gives its slot back. One address used to be able to hold all
+/// 16,384 slots with idle keep-alive connections and lock everyone else out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_address_cannot_take_the_whole_http_front() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let z = TestZone::new(&["home1"]);
+    let mut opts = gateway_options(
+        &z,
+        "gw",
+        z.gw_addr,
+        fast_tuning(),
+        Duration::from_millis(500),
+        None,
+    );
+    opts.http = Some("127.0.0.1:0".parse().unwrap());
+    opts.http_tuning.max_connections_per_ip = 3;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let gw = gateway::Gateway::bind(opts, shutdown.clone())
+        .await
+        .unwrap();
+    let (http, admin) = (gw.http_addr().unwrap(), gw.admin_addr());
+    tokio::spawn(gw.run());
+    let from = |ip: &str| {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        s
+    };
+    // Served: a request on a connection from `ip` gets the front's 404.
+    async fn served(c: &mut tokio::net::TcpStream) -> bool {
+        if c.write_all(b"GET / HTTP/1.1\r\nHost: nowhere.example\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        let mut buf = [0u8; 12];
+        matches!(
+            tokio::time::timeout(WAIT, c.read_exact(&mut buf)).await,
+            Ok(Ok(_)) if &buf == b"HTTP/1.1 404"
+        )
+    }
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = from("127.0.0.1").connect(http).await.unwrap();
+        assert!(served(&mut c).await);
+        held.push(c);
+    }
+    let mut fourth = from("127.0.0.1").connect(http).await.unwrap();
+    assert!(
+        !served(&mut fourth).await,
+        "a fourth connection from the same address"
+    );
+    let mut other = from("127.0.0.2").connect(http).await.unwrap();
+    assert!(served(&mut other).await, "another address is served");
+
+    drop(held.pop());
+    let mut again = None;
+    for _ in 0..50 {
+        let mut c = from("127.0.0.1").connect(http).await.unwrap();
+        if served(&mut c).await {
+            again = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(again.is_some(), "a closed connection gave its slot back");
+
+    let mut m = tokio::net::TcpStream::connect(admin).await.unwrap();
+    m.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    m.read_to_string(&mut text).await.unwrap();
+    let refused = text
+        .lines()
+        .find_map(|l| l.strip_prefix("zonegate_http_connections_refused_total{reason=\"per_ip\"} "))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no per_ip refusals in /metrics:\n{text}"));
+    assert!(refused >= 1, "{refused}");
+    shutdown.cancel();
+}

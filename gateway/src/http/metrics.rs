@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -36,6 +37,19 @@ pub struct HttpMetrics {
     /// Requests refused before they could be read (malformed or oversized heads), by status:
     /// they have no app and no meaningful latency.
     unread: Mutex<BTreeMap<u16, u64>>,
+    /// Connections closed at accept: their client had its limit open, or the front had
+    /// [`super::MAX_CONNECTIONS`].
+    refused_per_ip: AtomicU64,
+    refused_full: AtomicU64,
+}
+
+/// Why a connection was closed as soon as it was accepted.
+#[derive(Debug, Clone, Copy)]
+pub enum ConnRefusal {
+    /// Its client address had [`super::HttpTuning::max_connections_per_ip`] open.
+    PerIp,
+    /// The front had [`super::MAX_CONNECTIONS`] open.
+    Full,
 }
 
 impl HttpMetrics {
@@ -61,6 +75,24 @@ impl HttpMetrics {
     pub fn refused_unread(&self, status: u16) {
         let mut unread = self.unread.lock().unwrap_or_else(|p| p.into_inner());
         *unread.entry(status).or_default() += 1;
+    }
+
+    /// Records a connection closed at accept.
+    pub fn refused_connection(&self, why: ConnRefusal) {
+        match why {
+            ConnRefusal::PerIp => &self.refused_per_ip,
+            ConnRefusal::Full => &self.refused_full,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections closed at accept so far for `why`.
+    pub fn refused_connections(&self, why: ConnRefusal) -> u64 {
+        match why {
+            ConnRefusal::PerIp => &self.refused_per_ip,
+            ConnRefusal::Full => &self.refused_full,
+        }
+        .load(Ordering::Relaxed)
     }
 
     /// Requests of `app` answered with `status` so far.
@@ -96,6 +128,13 @@ impl HttpMetrics {
         for (code, n) in &unread {
             let _ = writeln!(out, "{name}{{code=\"{code}\"}} {n}");
         }
+        let name = "zonegate_http_connections_refused_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Connections closed as soon as accepted: their client address had its limit open (per_ip), or the front had all it takes (full)\n# TYPE {name} counter\n{name}{{reason=\"per_ip\"}} {}\n{name}{{reason=\"full\"}} {}",
+            self.refused_connections(ConnRefusal::PerIp),
+            self.refused_connections(ConnRefusal::Full),
+        );
         let name = "zonegate_http_request_duration_seconds";
         let _ = writeln!(
             out,

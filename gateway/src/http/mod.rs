@@ -16,6 +16,7 @@
 //! - [`body`]: streamed, counted, shaped bodies; [`deadline`]: one-timer deadlines;
 //!   [`outbox`]: a response's bytes on their way out, large chunks not copied.
 //! - [`errors`]: what went wrong, whose fault it was, and the short answer a client gets.
+//! - [`per_ip`]: open connections per client address, capped.
 //! - [`tls`]: rustls configuration: SNI certificate choice, self-signed fallback.
 //! - [`metrics`], [`status_page`]: the admin API's `/metrics` and `/`.
 
@@ -26,6 +27,7 @@ pub mod h1;
 pub mod headers;
 pub mod metrics;
 pub mod outbox;
+pub mod per_ip;
 pub mod pool;
 pub mod proxy;
 pub mod route;
@@ -53,7 +55,8 @@ use tracing::{debug, info, warn, Instrument};
 use tunnel::hub::Hub;
 
 use self::body::BoxError;
-use self::metrics::HttpMetrics;
+use self::metrics::{ConnRefusal, HttpMetrics};
+use self::per_ip::PerIp;
 use self::pool::Pool;
 use self::server::Served;
 use self::upstream::Io;
@@ -62,6 +65,9 @@ use self::upstream::Io;
 /// descriptor and a task; beyond this new connections are closed at once, so a flood cannot
 /// exhaust descriptors the tunnel needs.
 pub const MAX_CONNECTIONS: usize = 16_384;
+/// Default of [`HttpTuning::max_connections_per_ip`]: a sixteenth of [`MAX_CONNECTIONS`],
+/// room for a whole office or campus behind one NAT address.
+pub const MAX_CONNECTIONS_PER_IP: usize = 1_024;
 /// Concurrent HTTP/2 streams per client connection: a browser needs far fewer; a bound keeps
 /// one connection from opening thousands of tunnel streams.
 pub const MAX_H2_STREAMS: u32 = 128;
@@ -85,6 +91,9 @@ pub struct HttpTuning {
     /// their next request. Without it an HTTP/2 client that only answers pings held a
     /// connection slot for ever: 16,384 of them locked everyone out.
     pub h2_idle_timeout: Duration,
+    /// Connections one client address (IPv6: its /64) may have open at once; beyond, new ones
+    /// are closed at once ([`per_ip`]).
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for HttpTuning {
@@ -96,6 +105,7 @@ impl Default for HttpTuning {
             send_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(60),
             h2_idle_timeout: Duration::from_secs(60),
+            max_connections_per_ip: MAX_CONNECTIONS_PER_IP,
         }
     }
 }
@@ -106,6 +116,7 @@ struct Inner {
     metrics: HttpMetrics,
     tuning: HttpTuning,
     connections: Arc<Semaphore>,
+    per_ip: Arc<PerIp>,
 }
 
 /// The HTTP front of a gateway. Cheap to clone.
@@ -129,6 +140,7 @@ impl Front {
             metrics: HttpMetrics::default(),
             tuning,
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            per_ip: PerIp::new(tuning.max_connections_per_ip),
         }))
     }
 
@@ -174,8 +186,14 @@ impl Front {
             // On a dual-stack `[::]` listener IPv4 clients arrive as `::ffff:a.b.c.d`: logs,
             // X-Forwarded-For and the policy see them as the IPv4 addresses they are.
             let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+            // Per client first: one client at its limit must not take the last free slots.
+            let Some(slot) = self.0.per_ip.admit(peer.ip()) else {
+                self.0.metrics.refused_connection(ConnRefusal::PerIp);
+                continue;
+            };
             let Ok(permit) = self.0.connections.clone().try_acquire_owned() else {
                 debug!(client = %peer, "connection refused: {MAX_CONNECTIONS} connections open");
+                self.0.metrics.refused_connection(ConnRefusal::Full);
                 continue;
             };
             let _ = tcp.set_nodelay(true);
@@ -206,7 +224,7 @@ impl Front {
                             }
                         }
                     }
-                    drop(permit);
+                    drop((permit, slot));
                 }
                 .instrument(span),
             );
