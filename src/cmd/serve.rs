@@ -203,6 +203,7 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
                 "zone_serial": c2.zone_serial(),
                 "gateways": a2.links().iter().map(|l| l.status()).collect::<Vec<_>>(),
                 "peers": a2.peers(),
+                "streams_cut": a2.streams_cut(),
             })
         });
         tokio::spawn(gateway::admin::serve(admin, status, shutdown.clone()));

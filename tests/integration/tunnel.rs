@@ -840,6 +840,105 @@ async fn tcp_flood() -> std::net::SocketAddr {
     addr
 }
 
+/// A TCP service that accepts and never reads (small receive buffers: little is absorbed).
+async fn tcp_sink() -> std::net::SocketAddr {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    s.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let l = s.listen(64).unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            kept.push(s);
+        }
+    });
+    addr
+}
+
+/// A local service that stops reading uploads must not stall the device's other streams:
+/// what the agent cannot pass on stays unread in its QUIC receive buffers, counted against the
+/// window the gateway's connection shares with every other stream to the device — enough such
+/// uploads held all of it, and no new connection reached any service of the device. The agent
+/// watches the streams it reads as the gateway does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_that_stop_reading_do_not_stall_the_device() {
+    use tokio::io::AsyncWriteExt;
+    let z = TestZone::new(&["home1"]);
+    let (sink_port, echo_port) = (free_tcp_port(), free_tcp_port());
+    z.write_policy(
+        "a.toml",
+        &format!(
+            "{}{}",
+            tcp_app("sink", sink_port).replace("home1/echo", "home1/sink"),
+            tcp_app("echo", echo_port)
+        ),
+    );
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let (echo, sink) = (tcp_echo().await, tcp_sink().await);
+    let h1 = start_agent(
+        &z,
+        "home1",
+        services(&[
+            ("echo", echo, ServiceProto::Tcp),
+            ("sink", sink, ServiceProto::Tcp),
+        ]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+
+    // Enough stalled uploads to pin the connection's whole receive window several times.
+    let mut uploads = Vec::new();
+    for _ in 0..24 {
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", sink_port))
+            .await
+            .unwrap();
+        uploads.push(tokio::spawn(async move {
+            let chunk = vec![0xa5u8; 64 * 1024];
+            while c.write_all(&chunk).await.is_ok() {}
+        }));
+    }
+    // Let them pile up: until the bytes sent to the device stop growing.
+    let to = || {
+        gw.hub
+            .status()
+            .iter()
+            .find(|a| a.device == "home1")
+            .map_or(0, |a| a.bytes_to)
+    };
+    // Stopped for two readings in a row (one pause could be a slow moment); 15 s at most.
+    let (mut last, mut still, mut polls) = (to(), 0, 0);
+    while still < 2 && polls < 30 {
+        polls += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = to();
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
+    let back = tokio::time::timeout(
+        Duration::from_secs(20),
+        roundtrip(([127, 0, 0, 1], echo_port).into(), b"still there?"),
+    )
+    .await;
+    assert!(
+        matches!(&back, Ok(Ok(b)) if b == b"still there?"),
+        "a connection to the device's other service stalled behind uploads its service stopped reading: {back:?}"
+    );
+    let budget = tunnel::holds::HELD_BUDGET as u64;
+    wait_until(
+        "all held uploads but the budget cut",
+        Duration::from_secs(30),
+        || h1.agent.streams_cut() >= 24 - budget,
+    )
+    .await;
+    for u in uploads {
+        u.abort();
+    }
+    gw.shutdown.cancel();
+}
+
 /// Public clients that stop reading a device's downloads must not stall the device's other
 /// streams: what they leave unread holds QUIC connection credit, and enough of them used to
 /// hold all of it (every other connection to the device, and new ones, waited for good).

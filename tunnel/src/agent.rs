@@ -25,6 +25,7 @@ use crate::e2e;
 use crate::error::{OpenError, TunnelError};
 use crate::flow_activity::FlowActivity;
 use crate::flow_table::FlowTable;
+use crate::holds::{HoldClock, Holds};
 use crate::peers::{peer_name, PeerConn, Peers};
 use crate::proto::{
     self, ControlSession, Event, Hello, Origin, PeerAddr, RefuseCode, ServiceProto, StreamHeader,
@@ -265,6 +266,13 @@ pub struct Agent {
     /// Bounds handshakes of peers dialing us: the endpoint is reachable by anyone who learns
     /// its address (a hole-punched NAT mapping, a public IP), so it gets the hub's defence.
     peer_gate: HandshakeGate,
+    /// Ticks of every connection's [`Holds`], advanced by [`Agent::sweep_holds`].
+    hold_clock: Arc<HoldClock>,
+    /// The held-stream watch of each connection streams come in on (gateways, direct peers),
+    /// by the other end's name; gone once the connection's streams are.
+    holds: Mutex<Vec<(String, std::sync::Weak<Holds>)>>,
+    /// Streams cut so far because the local service stopped reading them.
+    streams_cut: AtomicU64,
 }
 
 /// The agent's gateway links: one per gateway of the zone config (or of
@@ -339,6 +347,9 @@ impl Agent {
         Ok(Arc::new(Agent {
             peers,
             peer_gate: HandshakeGate::new("mesh peers", MAX_PEER_HANDSHAKES, PEER_RETRY_ABOVE),
+            hold_clock: Arc::default(),
+            holds: Mutex::default(),
+            streams_cut: AtomicU64::new(0),
             cfg,
             endpoint,
             links: Mutex::new(links),
@@ -463,6 +474,12 @@ impl Agent {
         links.list = list;
     }
 
+    /// Streams cut so far because the local service they went to stopped reading them while
+    /// more were held than the connection's window allows ([`crate::holds`]).
+    pub fn streams_cut(&self) -> u64 {
+        self.streams_cut.load(Ordering::Relaxed)
+    }
+
     /// Mesh peers: path (direct or relay), RTT, bytes.
     pub fn peers(&self) -> Vec<PeerStatus> {
         let gw_rtt = self
@@ -528,6 +545,7 @@ impl Agent {
                 .unwrap_or_else(|p| p.into_inner()),
         );
         tasks.spawn(self.clone().accept_peers(shutdown.clone()));
+        tasks.spawn(self.clone().sweep_holds(shutdown.clone()));
         if let Some(path) = self.cfg.creds.zone_path() {
             let me = self.clone();
             tasks.spawn(crate::zone_watch::watch(
@@ -921,20 +939,62 @@ impl Agent {
         // Each stream is one public connection to a service here: the allowance starts small
         // (memory of an idle agent) and grows with the load, up to MAX_STREAMS_TO_AGENT.
         let budget = StreamBudget::new(conn.clone(), MAX_STREAMS_TO_AGENT);
+        let holds = self.watch_holds(&gateway);
         while let Ok((send, recv)) = conn.accept_bi().await {
             let me = self.clone();
             let via = Via::Gateway(gateway.clone());
             let slot = budget.admit();
+            let holds = holds.clone();
             tokio::spawn(async move {
-                me.serve_stream(send, recv, via).await;
+                me.serve_stream(send, recv, via, &holds).await;
                 drop(slot);
             });
+        }
+    }
+
+    /// The held-stream watch of one connection to `peer` (a gateway or a device), swept by
+    /// [`Agent::sweep_holds`] for as long as its streams live.
+    fn watch_holds(&self, peer: &str) -> Arc<Holds> {
+        let holds = Arc::new(Holds::new(self.hold_clock.clone()));
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((peer.to_owned(), Arc::downgrade(&holds)));
+        holds
+    }
+
+    /// Cuts, on every connection, the longest-held streams beyond what its window allows
+    /// ([`crate::holds`]): a local service that stops reading uploads (one public client's,
+    /// or a peer's) would otherwise stop every other stream the gateway or peer sends here.
+    async fn sweep_holds(self: Arc<Self>, shutdown: CancellationToken) {
+        let (tick, stall_ticks) = crate::holds::sweep_timing(self.cfg.tuning.reader_stall);
+        let mut every = tokio::time::interval(tick);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            self.hold_clock.advance();
+            let live: Vec<(String, Arc<Holds>)> = {
+                let mut all = self.holds.lock().unwrap_or_else(|p| p.into_inner());
+                // A connection whose accept loop and streams all ended is forgotten.
+                all.retain(|(_, w)| w.strong_count() > 0);
+                all.iter()
+                    .filter_map(|(p, w)| w.upgrade().map(|h| (p.clone(), h)))
+                    .collect()
+            };
+            for (peer, holds) in live {
+                let cut = holds.sweep(stall_ticks, tick, &peer);
+                self.streams_cut.fetch_add(cut as u64, Ordering::Relaxed);
+            }
         }
     }
 
     /// Streams a peer opens on a direct connection.
     async fn accept_direct_streams(self: Arc<Self>, peer: String, pc: PeerConn) {
         let budget = StreamBudget::new(pc.conn.clone(), MAX_STREAMS_PER_CONNECTION);
+        let holds = self.watch_holds(&peer);
         while let Ok((send, recv)) = pc.conn.accept_bi().await {
             let me = self.clone();
             let via = Via::Direct {
@@ -942,8 +1002,9 @@ impl Agent {
                 pc: pc.clone(),
             };
             let slot = budget.admit();
+            let holds = holds.clone();
             tokio::spawn(async move {
-                me.serve_stream(send, recv, via).await;
+                me.serve_stream(send, recv, via, &holds).await;
                 drop(slot);
             });
         }
@@ -1013,6 +1074,7 @@ impl Agent {
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
         via: Via,
+        holds: &Holds,
     ) {
         let t = self.cfg.tuning;
         let (header, rest) =
@@ -1106,7 +1168,9 @@ impl Agent {
         {
             return;
         }
-        let mut q = QuicStream::new(send, recv, rest);
+        // Watched: a local service that stops reading leaves the stream's data unread here,
+        // counted against the connection's window shared with every other stream to us.
+        let mut q = QuicStream::new(send, recv, rest).watched(holds, &app, &service);
         let (m, app) = match carry {
             Carry::Plain => (splice(&mut q, &mut tcp).await, app),
             Carry::Direct { peer, app } => {

@@ -1,5 +1,8 @@
 //! Streams whose reader stopped reading, per connection, and cutting the longest-held of them
 //! when together they would hold the connection's shared receive credit from its other streams.
+//! Both ends watch what they read: the gateway its streams from devices (public clients that
+//! stop reading downloads), a node agent its streams from gateways and peers (local services
+//! that stop reading uploads).
 //!
 //! quinn returns receive credit to the sender as the application reads. A stream the gateway
 //! stopped reading (because its public client stopped reading) keeps up to the stream window
@@ -109,7 +112,8 @@ impl Holds {
 
     /// Forgets streams that ended and cuts the longest-held beyond [`HELD_BUDGET`] of those
     /// held for the stall time (`stall_ticks` ticks of period `tick`). Returns how many it cut.
-    pub fn sweep(&self, stall_ticks: u64, tick: std::time::Duration, device: &str) -> usize {
+    /// `peer` names the other end of the connection in the log line.
+    pub fn sweep(&self, stall_ticks: u64, tick: std::time::Duration, peer: &str) -> usize {
         let now = self.clock.now();
         let mut held: Vec<(u64, Arc<Watched>)> = Vec::new();
         {
@@ -154,18 +158,32 @@ impl Holds {
                 let _ = recv.stop(CUT_HELD);
                 cut += 1;
                 info!(
-                    device = %device,
+                    peer = %peer,
                     app = %w.app,
                     service = %w.service,
                     held_ms = (tick * u32::try_from(now - since).unwrap_or(u32::MAX)).as_millis() as u64,
                     budget = HELD_BUDGET,
-                    "stream cut: its reader stopped reading while more of the device's streams were held than its flow-control window allows"
+                    "stream cut: its reader stopped reading while more streams of the connection were held than its flow-control window allows"
                 );
             }
         }
         self.cut.fetch_add(cut as u64, Ordering::Relaxed);
         cut
     }
+}
+
+/// The sweep's period and the stall time in its ticks: five ticks per `stall`, at most one a
+/// second, at least 10 ms.
+pub fn sweep_timing(stall: std::time::Duration) -> (std::time::Duration, u64) {
+    const STALL_TICKS: u32 = 5;
+    let tick = (stall / STALL_TICKS).clamp(
+        std::time::Duration::from_millis(10),
+        std::time::Duration::from_secs(1),
+    );
+    let stall_ticks = u64::try_from(stall.as_nanos() / tick.as_nanos().max(1))
+        .unwrap_or(u64::MAX)
+        .max(1);
+    (tick, stall_ticks)
 }
 
 impl Watched {

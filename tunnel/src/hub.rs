@@ -416,12 +416,7 @@ impl Hub {
     /// Cuts, on every link, the longest-held streams beyond what its window allows
     /// ([`crate::holds`]): five ticks per [`Tuning::reader_stall`], at most one a second.
     async fn sweep_holds(self, shutdown: CancellationToken) {
-        const STALL_TICKS: u32 = 5;
-        let stall = self.0.cfg.tuning.reader_stall;
-        let tick = (stall / STALL_TICKS).clamp(Duration::from_millis(10), Duration::from_secs(1));
-        let stall_ticks = u64::try_from(stall.as_nanos() / tick.as_nanos().max(1))
-            .unwrap_or(u64::MAX)
-            .max(1);
+        let (tick, stall_ticks) = crate::holds::sweep_timing(self.0.cfg.tuning.reader_stall);
         let mut every = tokio::time::interval(tick);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
