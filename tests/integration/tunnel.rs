@@ -951,7 +951,8 @@ async fn clients_that_stop_reading_do_not_stall_the_device() {
         "a.toml",
         &format!(
             "{}{}",
-            tcp_app("flood", flood_port).replace("home1/echo", "home1/flood"),
+            tcp_app("flood", flood_port).replace("home1/echo", "home1/flood")
+                + "limits = { max_connections = 24 }\n",
             tcp_app("echo", echo_port)
         ),
     );
@@ -1031,8 +1032,25 @@ async fn clients_that_stop_reading_do_not_stall_the_device() {
         "the budget's worth of held streams is left alone"
     );
 
-    // The cut clients' downloads end (once they read what the gateway had taken for them);
-    // the ones left within the budget flow again.
+    // A cut ends its splice too (it was stuck writing to a client that reads nothing and
+    // would never have read the stream again): the gateway closes those clients' sockets
+    // without their reading, and the app's connection slots, all 24 held, come back.
+    eventually_async("a cut client's connection slot came back", || async {
+        use tokio::io::AsyncReadExt;
+        let Ok(mut c) = tokio::net::TcpStream::connect(("127.0.0.1", flood_port)).await else {
+            return false;
+        };
+        let _ = c.write_all(b"go").await;
+        let mut b = [0u8; 1024];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), c.read(&mut b)).await,
+            Ok(Ok(1..))
+        )
+    })
+    .await;
+
+    // The cut clients' downloads end (at once, or after what was in flight); the ones left
+    // within the budget flow again.
     let reads = stalled.into_iter().map(|mut c| async move {
         use tokio::io::AsyncReadExt;
         let mut buf = vec![0u8; 1 << 20];

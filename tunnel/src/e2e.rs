@@ -391,6 +391,9 @@ impl<S: crate::splice::End> crate::splice::End for E2eStream<S> {
     fn abort(&mut self) {
         self.inner.abort()
     }
+    fn cut_signal(&self) -> Option<std::sync::Arc<crate::holds::Watched>> {
+        self.inner.cut_signal()
+    }
 }
 
 impl<S: AsyncWrite + Unpin> E2eStream<S> {

@@ -20,10 +20,16 @@
 //! data and returns its credit; the device sees STOP_SENDING and ends its side) and their
 //! reader gets an error at its next read.
 //!
+//! A cut also ends the splice the stream is in ([`Watched::poll_cut`]): it was stuck writing
+//! to a reader that takes nothing and would never read the stream again to find out, so the
+//! client's (or local service's) socket and the task stayed open until that reader left.
+//!
 //! Time is counted in ticks of one hub-wide [`HoldClock`], advanced by the sweep: a read that
 //! returned data stores the current tick (one relaxed store), not a clock reading.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use atomic_waker::AtomicWaker;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use quinn::RecvStream;
@@ -78,6 +84,9 @@ pub struct Watched {
     /// For the log line of a cut: the app and the service the stream carries.
     app: Box<str>,
     service: Box<str>,
+    /// Set when cut; `cut_waker` is the task of the splice carrying the stream.
+    cut: AtomicBool,
+    cut_waker: AtomicWaker,
 }
 
 impl Holds {
@@ -97,6 +106,8 @@ impl Holds {
             clock: self.clock.clone(),
             app: app.into(),
             service: service.into(),
+            cut: AtomicBool::new(false),
+            cut_waker: AtomicWaker::new(),
         });
         self.streams
             .lock()
@@ -156,6 +167,8 @@ impl Holds {
             };
             if let Some(mut recv) = taken {
                 let _ = recv.stop(CUT_HELD);
+                w.cut.store(true, Ordering::Release);
+                w.cut_waker.wake();
                 cut += 1;
                 info!(
                     peer = %peer,
@@ -212,6 +225,16 @@ impl Watched {
         {
             let _ = r.stop(code);
         }
+    }
+
+    /// Whether the stream was cut; until it is, `cx` is woken when it is. For the splice
+    /// carrying the stream, which may be waiting on its other end only.
+    pub fn poll_cut(&self, cx: &mut std::task::Context<'_>) -> bool {
+        if self.cut.load(Ordering::Acquire) {
+            return true;
+        }
+        self.cut_waker.register(cx.waker());
+        self.cut.load(Ordering::Acquire)
     }
 
     /// The reader is done with the stream for now (an idle pooled connection): it holds

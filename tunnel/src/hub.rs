@@ -161,6 +161,9 @@ impl<T: crate::splice::End + ?Sized> crate::splice::End for Tapped<'_, T> {
     fn abort(&mut self) {
         self.inner.abort()
     }
+    fn cut_signal(&self) -> Option<Arc<crate::holds::Watched>> {
+        self.inner.cut_signal()
+    }
     fn poll_read_chunks(
         &mut self,
         cx: &mut std::task::Context<'_>,

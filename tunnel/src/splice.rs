@@ -10,10 +10,13 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::holds::Watched;
 
 /// One end of a proxied connection, as [`splice`] moves bytes through it.
 ///
@@ -28,6 +31,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 pub trait End: AsyncRead + AsyncWrite + Unpin {
     /// Called once the copy has failed; the end is dropped soon after.
     fn abort(&mut self);
+
+    /// The held-stream watch of this end's receive side, if it has one: a cut
+    /// ([`crate::holds`]) ends the splice, which may be stuck writing to the other end and
+    /// would never read this one again to see it.
+    fn cut_signal(&self) -> Option<Arc<Watched>> {
+        None
+    }
 
     /// Reads what is available, appending it to `out` as chunks: the number of bytes, 0 at the
     /// end of the stream. `room` is the caller's buffer for ends that read by copying.
@@ -117,6 +127,9 @@ impl End for tokio::net::TcpStream {
 impl<T: End + ?Sized> End for &mut T {
     fn abort(&mut self) {
         (**self).abort()
+    }
+    fn cut_signal(&self) -> Option<Arc<Watched>> {
+        (**self).cut_signal()
     }
     fn poll_read_chunks(
         &mut self,
@@ -223,7 +236,9 @@ where
     B: End + ?Sized,
 {
     let (mut a_b, mut b_a) = (Pump::default(), Pump::default());
+    let cuts = [a.cut_signal(), b.cut_signal()];
     let r = std::future::poll_fn(|cx| {
+        poll_cuts(&cuts, cx)?;
         // Both directions run until both are done; the first error ends the splice.
         let a_b = a_b.poll(cx, &mut *a, &mut *b)?;
         let b_a = b_a.poll(cx, &mut *b, &mut *a)?;
@@ -243,6 +258,17 @@ where
         b_to_a: b_a.read,
         error: r.err(),
     }
+}
+
+/// An error once either end was cut ([`End::cut_signal`]); until then `cx` is woken by a cut.
+fn poll_cuts(cuts: &[Option<Arc<Watched>>; 2], cx: &mut Context<'_>) -> io::Result<()> {
+    if cuts.iter().flatten().any(|w| w.poll_cut(cx)) {
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "stream cut: its reader stopped reading",
+        ));
+    }
+    Ok(())
 }
 
 /// One direction of a [`splice`]: read chunks, write them all out, repeat; at the reader's
@@ -343,13 +369,18 @@ where
     A: End,
     B: End,
 {
+    let cuts = [a.cut_signal(), b.cut_signal()];
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
     let (mut up, mut down) = (0u64, 0u64);
     let error = {
         let a_b = pump(&mut ar, &mut bw, a_to_b, &mut up);
         let b_a = pump(&mut br, &mut aw, b_to_a, &mut down);
-        tokio::pin!(a_b, b_a);
+        let cut = std::future::poll_fn(|cx| match poll_cuts(&cuts, cx) {
+            Err(e) => Poll::Ready(e),
+            Ok(()) => Poll::Pending,
+        });
+        tokio::pin!(a_b, b_a, cut);
         let (mut a_b_done, mut b_a_done) = (false, false);
         // Like `splice`: both directions run until both are done, but the first error ends
         // the other direction too (it could otherwise wait on an idle peer indefinitely).
@@ -357,6 +388,7 @@ where
             let r = tokio::select! {
                 r = &mut a_b, if !a_b_done => { a_b_done = true; r }
                 r = &mut b_a, if !b_a_done => { b_a_done = true; r }
+                e = &mut cut => Err(e),
             };
             if let Err(e) = r {
                 break Some(e);

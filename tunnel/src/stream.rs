@@ -331,6 +331,13 @@ impl AsyncWrite for QuicStream {
 pub const ABORTED: quinn::VarInt = quinn::VarInt::from_u32(1);
 
 impl crate::splice::End for QuicStream {
+    fn cut_signal(&self) -> Option<Arc<Watched>> {
+        match &self.recv {
+            Recv::Own(_) => None,
+            Recv::Watched(w) => Some(w.clone()),
+        }
+    }
+
     fn abort(&mut self) {
         // Either may already be finished or stopped; then there is nothing left to tear down.
         let _ = self.send.reset(ABORTED);

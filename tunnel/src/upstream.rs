@@ -63,6 +63,12 @@ impl End for Upstream {
             Upstream::Tcp(t) => t.abort(),
         }
     }
+    fn cut_signal(&self) -> Option<std::sync::Arc<crate::holds::Watched>> {
+        match self {
+            Upstream::Quic(q) => q.cut_signal(),
+            Upstream::Tcp(_) => None,
+        }
+    }
     fn poll_read_chunks(
         &mut self,
         cx: &mut Context<'_>,
