@@ -371,6 +371,11 @@ fn bundle(zone: &Path, device: &str, zone_json: &Path) -> BundlePaths {
 /// backend as `web` and `dfs`) and `home2` (never connected); the policy is [`POLICY`] plus
 /// the repository's `policies/examples/dfs.toml` as it is.
 async fn start() -> Harness {
+    start_with(gateway::http::MAX_CONNECTIONS_PER_IP).await
+}
+
+/// [`start`] with the front's per-client connection limit at `per_ip`.
+async fn start_with(per_ip: usize) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
     // The zone config must name the address the gateway listens on for QUIC.
@@ -432,6 +437,7 @@ async fn start() -> Harness {
                 header_read_timeout: HEADER_TIMEOUT,
                 body_timeout: BODY_TIMEOUT,
                 h2_idle_timeout: H2_IDLE,
+                max_connections_per_ip: per_ip,
                 ..HttpTuning::default()
             },
             dns: None,
@@ -1144,6 +1150,63 @@ async fn websocket_echo_through_the_tunnel() {
         t.elapsed()
     );
     ws.close(None).await.unwrap();
+}
+
+/// An upgraded connection keeps counting against its client's limit of open connections
+/// (and the front's): it outlives the task that served its HTTP, which gave both slots back
+/// as it handed the connection over — one address could hold any number of WebSockets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgraded_connections_count_against_the_per_client_limit() {
+    let h = start_with(2).await;
+    let from = |ip: &str| {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        s
+    };
+    let url = format!("ws://{DOMAIN}:{}/ws", h.http.port());
+    let mut sockets = Vec::new();
+    for _ in 0..2 {
+        let tcp = from("127.0.0.1").connect(h.http).await.unwrap();
+        let (ws, resp) = tokio_tungstenite::client_async(url.clone(), tcp)
+            .await
+            .expect("websocket handshake through the gateway");
+        assert_eq!(resp.status(), 101);
+        sockets.push(ws);
+    }
+    // Served: a request on a connection gets an answer.
+    async fn served(mut c: tokio::net::TcpStream) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let req = format!("GET /nothing HTTP/1.1\r\nHost: {DOMAIN}\r\n\r\n");
+        if c.write_all(req.as_bytes()).await.is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 5];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut buf)).await,
+            Ok(Ok(_)) if &buf == b"HTTP/"
+        )
+    }
+    let third = from("127.0.0.1").connect(h.http).await.unwrap();
+    assert!(
+        !served(third).await,
+        "a third connection next to two WebSockets"
+    );
+    let other = from("127.0.0.2").connect(h.http).await.unwrap();
+    assert!(served(other).await, "another address is served");
+    // A WebSocket that closes gives its slot back.
+    let mut ws = sockets.pop().unwrap();
+    ws.close(None).await.unwrap();
+    while ws.next().await.is_some() {}
+    drop(ws);
+    let mut back = false;
+    for _ in 0..50 {
+        if served(from("127.0.0.1").connect(h.http).await.unwrap()).await {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "a closed WebSocket gave its slot back");
 }
 
 /// Resident and peak memory of this process (kB): the gateway, agent and backend all run in

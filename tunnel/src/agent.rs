@@ -268,9 +268,10 @@ pub struct Agent {
     peer_gate: HandshakeGate,
     /// Ticks of every connection's [`Holds`], advanced by [`Agent::sweep_holds`].
     hold_clock: Arc<HoldClock>,
-    /// The held-stream watch of each connection streams come in on (gateways, direct peers),
-    /// by the other end's name; gone once the connection's streams are.
-    holds: Mutex<Vec<(String, std::sync::Weak<Holds>)>>,
+    /// The held-stream watch of each connection to a gateway or peer (by connection id, with
+    /// the other end's name), for the streams read from it either way; gone once nothing of
+    /// the connection uses it.
+    holds: Mutex<Vec<(usize, String, std::sync::Weak<Holds>)>>,
     /// Streams cut so far because the local service stopped reading them.
     streams_cut: AtomicU64,
 }
@@ -464,7 +465,7 @@ impl Agent {
             }
         }
         if list.is_empty() {
-            if !links.list.is_empty() || retired_lost.is_some() {
+            if retired_lost.is_some() {
                 warn!(serial = self.cfg.creds.zone_serial(), "the zone config leaves no gateway to connect to: services and relayed forwards are unreachable until a newer one lists one");
             }
             links.emptied = links.emptied.or(retired_lost).or(Some(now));
@@ -939,7 +940,7 @@ impl Agent {
         // Each stream is one public connection to a service here: the allowance starts small
         // (memory of an idle agent) and grows with the load, up to MAX_STREAMS_TO_AGENT.
         let budget = StreamBudget::new(conn.clone(), MAX_STREAMS_TO_AGENT);
-        let holds = self.watch_holds(&gateway);
+        let holds = self.holds_of(&conn, &gateway);
         while let Ok((send, recv)) = conn.accept_bi().await {
             let me = self.clone();
             let via = Via::Gateway(gateway.clone());
@@ -952,14 +953,23 @@ impl Agent {
         }
     }
 
-    /// The held-stream watch of one connection to `peer` (a gateway or a device), swept by
-    /// [`Agent::sweep_holds`] for as long as its streams live.
-    fn watch_holds(&self, peer: &str) -> Arc<Holds> {
+    /// The held-stream watch of `conn` (to `peer`, a gateway or a device): one per
+    /// connection, shared by the streams it brings and those this agent opens on it (their
+    /// unread data counts against the same window), swept by [`Agent::sweep_holds`] for as
+    /// long as any of them lives.
+    fn holds_of(&self, conn: &Connection, peer: &str) -> Arc<Holds> {
+        let id = conn.stable_id();
+        let mut all = self.holds.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = all
+            .iter()
+            .find(|(i, _, _)| *i == id)
+            .and_then(|(_, _, w)| w.upgrade())
+        {
+            return h;
+        }
         let holds = Arc::new(Holds::new(self.hold_clock.clone()));
-        self.holds
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((peer.to_owned(), Arc::downgrade(&holds)));
+        all.retain(|(i, _, w)| *i != id && w.strong_count() > 0);
+        all.push((id, peer.to_owned(), Arc::downgrade(&holds)));
         holds
     }
 
@@ -979,9 +989,9 @@ impl Agent {
             let live: Vec<(String, Arc<Holds>)> = {
                 let mut all = self.holds.lock().unwrap_or_else(|p| p.into_inner());
                 // A connection whose accept loop and streams all ended is forgotten.
-                all.retain(|(_, w)| w.strong_count() > 0);
+                all.retain(|(_, _, w)| w.strong_count() > 0);
                 all.iter()
-                    .filter_map(|(p, w)| w.upgrade().map(|h| (p.clone(), h)))
+                    .filter_map(|(_, p, w)| w.upgrade().map(|h| (p.clone(), h)))
                     .collect()
             };
             for (peer, holds) in live {
@@ -994,7 +1004,7 @@ impl Agent {
     /// Streams a peer opens on a direct connection.
     async fn accept_direct_streams(self: Arc<Self>, peer: String, pc: PeerConn) {
         let budget = StreamBudget::new(pc.conn.clone(), MAX_STREAMS_PER_CONNECTION);
-        let holds = self.watch_holds(&peer);
+        let holds = self.holds_of(&pc.conn, &peer);
         while let Ok((send, recv)) = pc.conn.accept_bi().await {
             let me = self.clone();
             let via = Via::Direct {
@@ -1295,7 +1305,11 @@ impl Agent {
                     },
                 };
                 match stream::open(&pc.conn, &f.device, &header, t.open_timeout).await {
-                    Ok(mut q) => {
+                    Ok(q) => {
+                        // Watched: a local client that stops reading the peer's answer leaves
+                        // it unread here, against the window of every stream on this path.
+                        let holds = self.holds_of(&pc.conn, &f.device);
+                        let mut q = q.watched(&holds, RELAY_APP, &f.service);
                         let m = splice(&mut tcp, &mut q).await;
                         let (up, down) = (m.a_to_b, m.b_to_a);
                         self.peers.counters(&f.device).record(true, up, down);
@@ -1341,7 +1355,9 @@ impl Agent {
         for (link, conn) in links {
             match stream::open(&conn, &link.name, &header, t.open_timeout).await {
                 Ok(q) => {
-                    opened = Some((link, q));
+                    // Watched, as a direct stream above, against this gateway connection.
+                    let holds = self.holds_of(&conn, &link.name);
+                    opened = Some((link, q.watched(&holds, RELAY_APP, &f.service), holds));
                     break;
                 }
                 Err(e) if another_gateway_may_reach(&e) => {
@@ -1354,7 +1370,7 @@ impl Agent {
                 }
             }
         }
-        let Some((link, q)) = opened else {
+        let Some((link, q, _holds)) = opened else {
             let reason = last_error.map(|e| e.to_string()).unwrap_or_default();
             info!(listen = %f.listen, to = %to, client = %client, reason = %reason, "forward refused");
             return;

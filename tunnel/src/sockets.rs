@@ -54,10 +54,11 @@ pub fn tcp(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::from_std(s.into())
 }
 
-/// Whether this machine can open IPv6 sockets (the kernel may have IPv6 off entirely): then
-/// the gateway's public defaults are `[::]`, else `0.0.0.0`.
+/// Whether this machine can bind dual-stack IPv6 sockets (the kernel may have IPv6 off
+/// entirely): then the defaults are `[::]`, else `0.0.0.0`. Tried, not guessed: the same
+/// kind of bind as the real one.
 pub fn ipv6_available() -> bool {
-    v6_socket(Type::DGRAM, Protocol::UDP).is_ok()
+    std_udp(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))).is_ok()
 }
 
 /// `[::]:port` where IPv6 is available (IPv4 and IPv6 on one socket), else `0.0.0.0:port`.

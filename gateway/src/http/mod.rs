@@ -72,6 +72,14 @@ pub const MAX_CONNECTIONS_PER_IP: usize = 1_024;
 /// one connection from opening thousands of tunnel streams.
 pub const MAX_H2_STREAMS: u32 = 128;
 
+/// What an open front connection holds: its slot of [`MAX_CONNECTIONS`] and of its client's
+/// per-address limit. An upgraded connection (a WebSocket) outlives the task that served its
+/// HTTP: the splice that carries it on keeps these until it ends.
+pub(crate) struct ConnSlots {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _ip: per_ip::IpSlot,
+}
+
 /// Timeouts of the front.
 #[derive(Debug, Clone, Copy)]
 pub struct HttpTuning {
@@ -196,6 +204,10 @@ impl Front {
                 self.0.metrics.refused_connection(ConnRefusal::Full);
                 continue;
             };
+            let slots = Arc::new(ConnSlots {
+                _permit: permit,
+                _ip: slot,
+            });
             let _ = tcp.set_nodelay(true);
             let front = self.clone();
             let tls = tls.clone();
@@ -204,7 +216,11 @@ impl Front {
             self.0.hub.work().spawn(
                 async move {
                     match tls {
-                        None => front.serve_h1(Box::new(tcp), peer, false, shutdown).await,
+                        None => {
+                            front
+                                .serve_h1(Box::new(tcp), peer, false, shutdown, &slots)
+                                .await
+                        }
                         Some(acc) => {
                             let t = front.0.tuning.tls_handshake_timeout;
                             match tokio::time::timeout(t, acc.accept(tcp)).await {
@@ -217,14 +233,16 @@ impl Front {
                                     front.serve_h2(s, peer, true, shutdown).await
                                 }
                                 Ok(Ok(s)) => {
-                                    front.serve_h1(Box::new(s), peer, true, shutdown).await
+                                    front
+                                        .serve_h1(Box::new(s), peer, true, shutdown, &slots)
+                                        .await
                                 }
                                 Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
                                 Err(_) => debug!("TLS handshake timed out"),
                             }
                         }
                     }
-                    drop((permit, slot));
+                    drop(slots);
                 }
                 .instrument(span),
             );
@@ -241,6 +259,7 @@ impl Front {
         peer: SocketAddr,
         https: bool,
         shutdown: CancellationToken,
+        slots: &Arc<ConnSlots>,
     ) {
         let cfg = server::Config {
             header_read_timeout: self.0.tuning.header_read_timeout,
@@ -254,7 +273,10 @@ impl Front {
             io,
             cfg,
             shutdown.clone(),
-            move |req, upgrade| proxy::handle(front.clone(), req, peer, https, upgrade),
+            move |req, upgrade: Option<_>| {
+                let keep = upgrade.is_some().then(|| slots.clone());
+                proxy::handle(front.clone(), req, peer, https, upgrade, keep)
+            },
             move |status| counted.0.metrics.refused_unread(status.as_u16()),
         )
         .await;
@@ -281,7 +303,7 @@ impl Front {
             let open = H2Busy::enter(&busy2);
             // Boxed: hyper moves each stream's future several times on its way into the task
             // it spawns for it, and the proxy's future is ~4 KiB.
-            let answer = Box::pin(proxy::handle(front, req, peer, https, None));
+            let answer = Box::pin(proxy::handle(front, req, peer, https, None, None));
             async move {
                 let r = answer.await;
                 drop(open);

@@ -2,7 +2,8 @@
 //! front's [`super::MAX_CONNECTIONS`] slots (keep-alive connections with a request every few
 //! seconds cost it almost nothing) locked every other client out.
 //!
-//! IPv6 clients count per /64: one host commonly has a whole /64 to pick addresses from.
+//! IPv6 clients count per /64 (one host commonly has a whole /64 to pick addresses from), and
+//! per /48 together with [`SITE_FACTOR`] times the limit.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -10,30 +11,64 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tracing::info;
 
-/// The key a client's connections count under.
-fn key(ip: IpAddr) -> IpAddr {
+/// An IPv6 site (/48) may hold this many times the per-client limit, all its /64s together: a
+/// home or a VPS often has a whole /48 or /56 (65,536 or 256 /64s), and one of them could
+/// otherwise take the whole front 1,024 connections per /64 at a time.
+pub const SITE_FACTOR: usize = 4;
+
+/// `ip` masked to its first `bits` bits (IPv6).
+fn prefix(ip: std::net::Ipv6Addr, bits: u32) -> IpAddr {
+    IpAddr::V6((u128::from(ip) & !(u128::MAX >> bits)).into())
+}
+
+/// The keys a client's connections count under: its address (IPv6: its /64), and for IPv6
+/// its /48.
+fn keys(ip: IpAddr) -> (IpAddr, Option<IpAddr>) {
     match ip.to_canonical() {
-        IpAddr::V6(v6) => {
-            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-            IpAddr::V6(prefix.into())
-        }
-        v4 => v4,
+        IpAddr::V6(v6) => (prefix(v6, 64), Some(prefix(v6, 48))),
+        v4 => (v4, None),
     }
 }
 
-/// Counts of open connections by client (address, or /64 for IPv6).
+/// Counts of open connections by client (address, or /64 for IPv6) and by IPv6 site (/48).
 #[derive(Debug)]
 pub struct PerIp {
     limit: usize,
-    open: Mutex<HashMap<IpAddr, Client>>,
+    open: Mutex<Tables>,
 }
 
 #[derive(Debug, Default)]
-struct Client {
+struct Tables {
+    clients: HashMap<IpAddr, Count>,
+    sites: HashMap<IpAddr, Count>,
+}
+
+#[derive(Debug, Default)]
+struct Count {
     open: usize,
-    /// Connections refused since it reached the limit: its first refusal and its return
-    /// under the limit are logged, not every refusal of a flood.
+    /// Connections refused since it reached its limit: the first refusal is logged, and the
+    /// return to half the limit, not every refusal (or slot freed) of a flood.
     refused: u64,
+}
+
+impl Count {
+    /// Counts a refusal; logs the first of a run.
+    fn refuse(&mut self, key: IpAddr, limit: usize, what: &str) {
+        self.refused += 1;
+        if self.refused == 1 {
+            info!(client = %key, limit, what, "client at its limit of open HTTP connections: refusing more until some close");
+        }
+    }
+
+    /// Uncounts a connection; true when nothing is left open.
+    fn release(&mut self, key: IpAddr, limit: usize, what: &str) -> bool {
+        self.open = self.open.saturating_sub(1);
+        if self.refused > 0 && self.open <= limit / 2 {
+            info!(client = %key, refused = self.refused, what, "client well under its limit of open HTTP connections again");
+            self.refused = 0;
+        }
+        self.open == 0
+    }
 }
 
 /// One counted connection; dropping it uncounts it.
@@ -41,60 +76,79 @@ struct Client {
 pub struct IpSlot {
     table: Arc<PerIp>,
     key: IpAddr,
+    site: Option<IpAddr>,
 }
 
 impl PerIp {
+    /// At least one connection per client: with 0 every refusal would leave an entry behind.
     pub fn new(limit: usize) -> Arc<Self> {
         Arc::new(PerIp {
-            limit,
-            open: Mutex::new(HashMap::new()),
+            limit: limit.max(1),
+            open: Mutex::new(Tables::default()),
         })
     }
 
-    /// A slot for a new connection from `ip`, or `None` when it has `limit` open already.
+    fn site_limit(&self) -> usize {
+        self.limit.saturating_mul(SITE_FACTOR)
+    }
+
+    /// A slot for a new connection from `ip`, or `None` when it (or its IPv6 site) has its
+    /// limit open already.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
-        let key = key(ip);
-        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        let c = open.entry(key).or_default();
-        if c.open >= self.limit {
-            c.refused += 1;
-            if c.refused == 1 {
-                info!(client = %key, limit = self.limit, "client at its limit of open HTTP connections: refusing more until some close");
+        let (key, site) = keys(ip);
+        let mut t = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let client_full = t.clients.get(&key).is_some_and(|c| c.open >= self.limit);
+        if client_full {
+            if let Some(c) = t.clients.get_mut(&key) {
+                c.refuse(key, self.limit, "address");
             }
             return None;
         }
-        c.open += 1;
+        if let Some(site) = site {
+            let site_limit = self.site_limit();
+            if let Some(s) = t.sites.get_mut(&site).filter(|s| s.open >= site_limit) {
+                s.refuse(site, site_limit, "IPv6 /48");
+                return None;
+            }
+            t.sites.entry(site).or_default().open += 1;
+        }
+        t.clients.entry(key).or_default().open += 1;
         Some(IpSlot {
             table: self.clone(),
             key,
+            site,
         })
     }
 
-    /// Clients with a connection open now.
+    /// Clients (and IPv6 sites) with a connection open now.
     pub fn clients(&self) -> usize {
-        self.open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        let t = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        t.clients.len() + t.sites.len()
     }
 }
 
 impl Drop for IpSlot {
     fn drop(&mut self) {
-        let mut open = self
+        let limit = self.table.limit;
+        let site_limit = self.table.site_limit();
+        let mut t = self
             .table
             .open
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(c) = open.get_mut(&self.key) {
-            c.open -= 1;
-            if c.refused > 0 {
-                info!(client = %self.key, refused = c.refused, "client under its limit of open HTTP connections again");
-                c.refused = 0;
-            }
-            // Forgotten at zero: the table holds clients with open connections only.
-            if c.open == 0 {
-                open.remove(&self.key);
+        // Forgotten at zero: the tables hold clients with open connections only.
+        if t.clients
+            .get_mut(&self.key)
+            .is_some_and(|c| c.release(self.key, limit, "address"))
+        {
+            t.clients.remove(&self.key);
+        }
+        if let Some(site) = self.site {
+            if t.sites
+                .get_mut(&site)
+                .is_some_and(|s| s.release(site, site_limit, "IPv6 /48"))
+            {
+                t.sites.remove(&site);
             }
         }
     }
@@ -118,6 +172,28 @@ mod tests {
         let s3 = t.admit(a).expect("a slot came back");
         drop((s2, s3));
         assert_eq!(t.clients(), 0, "a client without connections is forgotten");
+    }
+
+    #[test]
+    fn an_ipv6_site_gets_four_times_the_limit_across_its_64s() {
+        let t = PerIp::new(2);
+        let mut held = Vec::new();
+        for net in 0..4 {
+            for host in 1..=2 {
+                let ip = format!("2001:db8:7:{net}::{host}").parse().unwrap();
+                held.push(t.admit(ip).expect("within the /64's and the /48's limits"));
+            }
+        }
+        assert!(
+            t.admit("2001:db8:7:9::1".parse().unwrap()).is_none(),
+            "a fifth /64 of the /48"
+        );
+        assert!(
+            t.admit("2001:db8:8::1".parse().unwrap()).is_some(),
+            "another /48"
+        );
+        held.pop();
+        assert!(t.admit("2001:db8:7:9::1".parse().unwrap()).is_some());
     }
 
     #[test]

@@ -220,6 +220,8 @@ pub(crate) async fn handle(
     peer: SocketAddr,
     https: bool,
     upgrade: Option<ClientUpgrade>,
+    // The connection's slots (given with `upgrade`): an upgraded connection keeps them.
+    slots: Option<Arc<super::ConnSlots>>,
 ) -> Response<ProxyBody> {
     let mut log = RequestLog {
         names: None,
@@ -265,7 +267,7 @@ pub(crate) async fn handle(
                         front
                             .hub()
                             .work()
-                            .spawn(splice_upgrade(client_on, up, log, shapers));
+                            .spawn(splice_upgrade(client_on, up, log, shapers, slots));
                     }
                     Response::from_parts(parts, body::full(""))
                 }
@@ -577,6 +579,8 @@ async fn splice_upgrade(
     mut u: Upgraded,
     mut log: RequestLog,
     (shape_in, shape_out): (policies::bandwidth::Shaper, policies::bandwidth::Shaper),
+    // Held until the upgraded connection ends: it counts against the front's limits.
+    _slots: Option<Arc<super::ConnSlots>>,
 ) {
     match client.await {
         Ok(mut c) => {

@@ -62,6 +62,12 @@ pub trait UpIo: Io {
     /// The connection goes idle (back to the pool): a tunnel stream's last read no longer
     /// counts as data its reader stopped taking ([`tunnel::holds`]).
     fn rest(&self) {}
+
+    /// A tunnel stream's held-stream watch: kept by an upgraded connection, whose splice a
+    /// cut must end ([`tunnel::splice::End::cut_signal`]).
+    fn cut_signal(&self) -> Option<Arc<tunnel::holds::Watched>> {
+        None
+    }
 }
 
 /// Writes (a copy of) the first of `chunks`, removing what was written.
@@ -92,6 +98,10 @@ impl UpIo for tunnel::upstream::Upstream {
 
     fn rest(&self) {
         tunnel::upstream::Upstream::rest(self)
+    }
+
+    fn cut_signal(&self) -> Option<Arc<tunnel::holds::Watched>> {
+        tunnel::splice::End::cut_signal(self)
     }
 
     fn poll_write_chunks(
@@ -583,6 +593,7 @@ impl UpBody {
         let conn = self.conn.take()?;
         Some(Upgraded {
             pending: conn.buf.freeze(),
+            cut: conn.io.cut_signal(),
             io: conn.io,
         })
     }
@@ -751,6 +762,8 @@ impl Drop for UpBody {
 pub struct Upgraded {
     pending: Bytes,
     io: Box<dyn Io>,
+    /// The service side's held-stream watch ([`tunnel::holds`]), for the splice.
+    cut: Option<Arc<tunnel::holds::Watched>>,
 }
 
 /// Spliced like any other connection end (an upgraded connection's bytes are shaped by the
@@ -759,11 +772,18 @@ impl tunnel::splice::End for Upgraded {
     fn abort(&mut self) {
         // Dropped right after: the client's or the tunnel's end closes then.
     }
+    fn cut_signal(&self) -> Option<Arc<tunnel::holds::Watched>> {
+        self.cut.clone()
+    }
 }
 
 impl Upgraded {
     pub fn new(pending: Bytes, io: Box<dyn Io>) -> Self {
-        Upgraded { pending, io }
+        Upgraded {
+            pending,
+            io,
+            cut: None,
+        }
     }
 }
 
