@@ -299,12 +299,24 @@ pub async fn start_gateway_with_dns(
     run_gateway(gateway_options(z, "gw", z.gw_addr, tuning, grace, dns)).await
 }
 
-/// Binds a gateway with `opts` (it must bind) and runs it.
+/// Binds a gateway with `opts` (it must bind) and runs it. A gateway restarted in place may
+/// find its QUIC port still held for a moment by the previous one's endpoint, which lets go
+/// of its socket only once its last connection finished draining: retried for up to 5 s.
 async fn run_gateway(opts: gateway::GatewayOptions) -> RunningGateway {
     let shutdown = CancellationToken::new();
-    let gw = gateway::Gateway::bind(opts, shutdown.clone())
-        .await
-        .expect("gateway binds");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let gw = loop {
+        match gateway::Gateway::bind(opts.clone(), shutdown.clone()).await {
+            Ok(gw) => break gw,
+            Err(e)
+                if e.to_string().contains("Address already in use")
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("gateway binds: {e}"),
+        }
+    };
     let apps = gw.app_addrs();
     let admin = gw.admin_addr();
     let hub = gw.hub().clone();

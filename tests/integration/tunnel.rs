@@ -840,6 +840,19 @@ async fn tcp_flood() -> std::net::SocketAddr {
     addr
 }
 
+/// Waits until `count` stops growing: the same for two readings in a row (one pause could be
+/// a slow moment), half a second apart; 15 s at most.
+async fn until_still(count: impl Fn() -> u64) {
+    let (mut last, mut still, mut polls) = (count(), 0, 0);
+    while still < 2 && polls < 30 {
+        polls += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = count();
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
+}
+
 /// A TCP service that accepts and never reads (small receive buffers: little is absorbed).
 async fn tcp_sink() -> std::net::SocketAddr {
     let s = tokio::net::TcpSocket::new_v4().unwrap();
@@ -908,15 +921,7 @@ async fn services_that_stop_reading_do_not_stall_the_device() {
             .find(|a| a.device == "home1")
             .map_or(0, |a| a.bytes_to)
     };
-    // Stopped for two readings in a row (one pause could be a slow moment); 15 s at most.
-    let (mut last, mut still, mut polls) = (to(), 0, 0);
-    while still < 2 && polls < 30 {
-        polls += 1;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = to();
-        still = if now == last { still + 1 } else { 0 };
-        last = now;
-    }
+    until_still(to).await;
     let back = tokio::time::timeout(
         Duration::from_secs(20),
         roundtrip(([127, 0, 0, 1], echo_port).into(), b"still there?"),
@@ -1063,15 +1068,7 @@ async fn clients_that_stop_reading_do_not_stall_the_device() {
             .find(|a| a.device == "home1")
             .map_or(0, |a| a.bytes_from)
     };
-    // Stopped for two readings in a row (one pause could be a slow moment); 15 s at most.
-    let (mut last, mut still, mut polls) = (from(), 0, 0);
-    while still < 2 && polls < 30 {
-        polls += 1;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = from();
-        still = if now == last { still + 1 } else { 0 };
-        last = now;
-    }
+    until_still(from).await;
     let back = tokio::time::timeout(
         Duration::from_secs(20),
         roundtrip(([127, 0, 0, 1], echo_port).into(), b"still there?"),

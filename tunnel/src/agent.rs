@@ -977,18 +977,11 @@ impl Agent {
     /// ([`crate::holds`]): a local service that stops reading uploads (one public client's,
     /// or a peer's) would otherwise stop every other stream the gateway or peer sends here.
     async fn sweep_holds(self: Arc<Self>, shutdown: CancellationToken) {
-        let (tick, stall_ticks) = crate::holds::sweep_timing(self.cfg.tuning.reader_stall);
-        let mut every = tokio::time::interval(tick);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = every.tick() => {}
-            }
-            self.hold_clock.advance();
+        let stall = self.cfg.tuning.reader_stall;
+        crate::holds::sweep_loop(&self.hold_clock, stall, &shutdown, |tick, stall_ticks| {
             let live: Vec<(String, Arc<Holds>)> = {
                 let mut all = self.holds.lock().unwrap_or_else(|p| p.into_inner());
-                // A connection whose accept loop and streams all ended is forgotten.
+                // A connection nothing uses any more is forgotten.
                 all.retain(|(_, _, w)| w.strong_count() > 0);
                 all.iter()
                     .filter_map(|(_, p, w)| w.upgrade().map(|h| (p.clone(), h)))
@@ -998,7 +991,8 @@ impl Agent {
                 let cut = holds.sweep(stall_ticks, tick, &peer);
                 self.streams_cut.fetch_add(cut as u64, Ordering::Relaxed);
             }
-        }
+        })
+        .await
     }
 
     /// Streams a peer opens on a direct connection.

@@ -185,6 +185,27 @@ impl Holds {
     }
 }
 
+/// Until `shutdown`: every tick of the period [`sweep_timing`] gives `stall`, advances `clock`
+/// and runs `sweep(tick, stall_ticks)` (the gateway's and the agent's sweeps).
+pub async fn sweep_loop(
+    clock: &HoldClock,
+    stall: std::time::Duration,
+    shutdown: &tokio_util::sync::CancellationToken,
+    mut sweep: impl FnMut(std::time::Duration, u64),
+) {
+    let (tick, stall_ticks) = sweep_timing(stall);
+    let mut every = tokio::time::interval(tick);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        clock.advance();
+        sweep(tick, stall_ticks);
+    }
+}
+
 /// The sweep's period and the stall time in its ticks: five ticks per `stall`, at most one a
 /// second, at least 10 ms.
 pub fn sweep_timing(stall: std::time::Duration) -> (std::time::Duration, u64) {

@@ -419,19 +419,13 @@ impl Hub {
     /// Cuts, on every link, the longest-held streams beyond what its window allows
     /// ([`crate::holds`]): five ticks per [`Tuning::reader_stall`], at most one a second.
     async fn sweep_holds(self, shutdown: CancellationToken) {
-        let (tick, stall_ticks) = crate::holds::sweep_timing(self.0.cfg.tuning.reader_stall);
-        let mut every = tokio::time::interval(tick);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = every.tick() => {}
-            }
-            self.0.hold_clock.advance();
+        let stall = self.0.cfg.tuning.reader_stall;
+        crate::holds::sweep_loop(&self.0.hold_clock, stall, &shutdown, |tick, stall_ticks| {
             for link in self.agents() {
                 link.holds.sweep(stall_ticks, tick, &link.device);
             }
-        }
+        })
+        .await
     }
 
     /// Graceful stop: no new agents or streams, tell agents, let proxied work finish within

@@ -258,6 +258,17 @@ impl ZoneDir {
         Ok((key, cert))
     }
 
+    /// Device `name`'s entry: an error when it is revoked or not in the zone.
+    fn live_device(&self, name: &DeviceName) -> Result<&DeviceEntry, ZoneError> {
+        if self.zone.config.is_revoked(name) {
+            return Err(ZoneError::DeviceRevoked(name.to_string()));
+        }
+        self.zone
+            .config
+            .device(name)
+            .ok_or_else(|| ZoneError::NoSuchDevice(name.to_string()))
+    }
+
     /// Re-issues a device certificate (same derived key) with a new validity period.
     pub fn renew(
         &mut self,
@@ -265,15 +276,7 @@ impl ZoneDir {
         now: OffsetDateTime,
         days: i64,
     ) -> Result<(DeviceKey, DeviceCert), ZoneError> {
-        if self.zone.config.is_revoked(name) {
-            return Err(ZoneError::DeviceRevoked(name.to_string()));
-        }
-        let entry = self
-            .zone
-            .config
-            .device(name)
-            .ok_or_else(|| ZoneError::NoSuchDevice(name.to_string()))?
-            .clone();
+        let entry = self.live_device(name)?.clone();
         let (key, cert) = self.issue(name, &entry.roles, now, days)?;
         let mut c = self.zone.config.clone();
         if let Some(d) = c.devices.iter_mut().find(|d| &d.name == name) {
@@ -294,14 +297,7 @@ impl ZoneDir {
         public_addrs: &[SocketAddr],
         now: OffsetDateTime,
     ) -> Result<(), ZoneError> {
-        if self.zone.config.is_revoked(name) {
-            return Err(ZoneError::DeviceRevoked(name.to_string()));
-        }
-        let entry = self
-            .zone
-            .config
-            .device(name)
-            .ok_or_else(|| ZoneError::NoSuchDevice(name.to_string()))?;
+        let entry = self.live_device(name)?;
         if !entry.roles.contains(&Role::Gateway) {
             return Err(ZoneError::Usage(format!(
                 "{name} is not a gateway: only gateways have public addresses"
@@ -335,15 +331,7 @@ impl ZoneDir {
 
     /// Revokes a device: its certificates are refused wherever this zone.json (or a newer one) is known.
     pub fn revoke(&mut self, name: &DeviceName, now: OffsetDateTime) -> Result<(), ZoneError> {
-        if self.zone.config.is_revoked(name) {
-            return Err(ZoneError::DeviceRevoked(name.to_string()));
-        }
-        let entry = self
-            .zone
-            .config
-            .device(name)
-            .ok_or_else(|| ZoneError::NoSuchDevice(name.to_string()))?
-            .clone();
+        let entry = self.live_device(name)?.clone();
         let mut c = self.zone.config.clone();
         c.devices.retain(|d| &d.name != name);
         c.gateways.retain(|g| &g.device != name);
