@@ -536,6 +536,63 @@ async fn tcp_app_bandwidth_limit_paces_the_transfer() {
     gw.shutdown.cancel();
 }
 
+/// Clients that read a shaped download at the app's (slow) rate are not cut as stalled: the
+/// copy's wait for bandwidth is pacing, not a reader that stopped. At 2 KiB/s a 16 KiB chunk
+/// waits 8 s, and every such stream of the device counted as held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_shaped_downloads_that_are_read_are_not_cut() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let z = TestZone::new(&["home1"]);
+    let port = free_tcp_port();
+    z.write_policy(
+        "a.toml",
+        &format!("[app.slow]\ntcp = {{ listen = \"127.0.0.1:{port}\" }}\nto = \"home1/flood\"\nallow = {{ from = [\"public\"] }}\nlimits = {{ bandwidth_per_connection = \"2KiB/s\" }}\n"),
+    );
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let flood = tcp_flood().await;
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("flood", flood, ServiceProto::Tcp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let mut readers = Vec::new();
+    for _ in 0..8 {
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        c.write_all(b"go").await.unwrap();
+        readers.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut got = 0usize;
+            while let Ok(n @ 1..) = c.read(&mut buf).await {
+                got += n;
+            }
+            got
+        }));
+    }
+    // Several chunk waits at fast_tuning's 1 s stall time.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let cut = gw
+        .hub
+        .status()
+        .iter()
+        .find(|a| a.device == "home1")
+        .map_or(0, |a| a.streams_cut);
+    assert_eq!(cut, 0, "shaped downloads read at their rate were cut");
+    assert!(
+        readers.iter().all(|r| !r.is_finished()),
+        "a shaped download ended"
+    );
+    for r in readers {
+        r.abort();
+    }
+    gw.shutdown.cancel();
+}
+
 /// A TCP service that echoes until its connection ends, then reports how it ended: `Ok(())`
 /// for a clean end of stream, the error kind otherwise. Also hands out each accepted stream's
 /// write half owner (the test may reset it).

@@ -258,8 +258,14 @@ impl Watched {
         self.cut.load(Ordering::Acquire)
     }
 
-    /// The reader is done with the stream for now (an idle pooled connection): it holds
-    /// nothing, whatever its last read returned.
+    /// The reader holds what it read from now on (its wait for the app's bandwidth is over,
+    /// its write may stall): as if that read had just returned.
+    pub fn hold_from_now(&self) {
+        self.since.store(self.clock.now(), Ordering::Relaxed);
+    }
+
+    /// The reader is done with the stream for now (an idle pooled connection, or a copy
+    /// waiting for the app's bandwidth): it holds nothing, whatever its last read returned.
     pub fn rest(&self) {
         self.since.store(0, Ordering::Relaxed);
     }

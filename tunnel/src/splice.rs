@@ -340,6 +340,7 @@ async fn pump<R, W>(
     w: &mut W,
     shaper: &policies::bandwidth::Shaper,
     total: &mut u64,
+    watched: Option<&Watched>,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -352,7 +353,15 @@ where
         if n == 0 {
             return w.shutdown().await;
         }
+        // Waiting for the app's bandwidth is pacing, not a reader that stopped taking data: a
+        // slow limit (16 KiB at 2 KiB/s is 8 s) made every shaped stream of a device held.
+        if let Some(wd) = watched {
+            wd.rest();
+        }
         shaper.consume(n as u64).await;
+        if let Some(wd) = watched {
+            wd.hold_from_now();
+        }
         w.write_all(&buf[..n]).await?;
         *total += n as u64;
     }
@@ -374,8 +383,8 @@ where
     let (mut br, mut bw) = tokio::io::split(b);
     let (mut up, mut down) = (0u64, 0u64);
     let error = {
-        let a_b = pump(&mut ar, &mut bw, a_to_b, &mut up);
-        let b_a = pump(&mut br, &mut aw, b_to_a, &mut down);
+        let a_b = pump(&mut ar, &mut bw, a_to_b, &mut up, cuts[0].as_deref());
+        let b_a = pump(&mut br, &mut aw, b_to_a, &mut down, cuts[1].as_deref());
         let cut = std::future::poll_fn(|cx| match poll_cuts(&cuts, cx) {
             Err(e) => Poll::Ready(e),
             Ok(()) => Poll::Pending,
