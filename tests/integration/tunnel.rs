@@ -1039,6 +1039,11 @@ async fn forward_clients_that_stop_reading_do_not_stall_the_node() {
     )
     .await;
     wait_until("both agents connected", WAIT, || gw.hub.agents().len() == 2).await;
+    // The hub has an agent before the agent has the welcome (a forward in between is closed).
+    wait_until("home2's link up", WAIT, || {
+        h2.agent.links().iter().all(|l| l.status().state == "up")
+    })
+    .await;
     let fwd = h2.agent.forward_addrs().to_vec();
     assert_eq!(roundtrip(fwd[1], b"first").await.unwrap(), b"first");
 

@@ -259,9 +259,14 @@ impl Watched {
     }
 
     /// The reader holds what it read from now on (its wait for the app's bandwidth is over,
-    /// its write may stall): as if that read had just returned.
+    /// its write may stall): as if that read had just returned. Not once cut — a cut stream
+    /// holds nothing, and marked it would count as held until its reader let go of it, and
+    /// could have others cut — so under the receive side's lock, as the cut clears the mark.
     pub fn hold_from_now(&self) {
-        self.since.store(self.clock.now(), Ordering::Relaxed);
+        let recv = self.recv.lock().unwrap_or_else(PoisonError::into_inner);
+        if recv.is_some() {
+            self.since.store(self.clock.now(), Ordering::Relaxed);
+        }
     }
 
     /// The reader is done with the stream for now (an idle pooled connection, or a copy
