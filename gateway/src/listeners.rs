@@ -262,7 +262,7 @@ async fn tcp_loop(hub: Hub, listen: SocketAddr, l: TcpListener, stop: Cancellati
             return;
         }
         // Dual-stack `[::]` listeners see IPv4 clients as `::ffff:a.b.c.d`.
-        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        let peer = tunnel::sockets::canonical(peer);
         let hub2 = hub.clone();
         hub.work()
             .spawn(async move { tcp_conn(hub2, listen, tcp, peer).await });
@@ -355,7 +355,7 @@ impl ClientFlow {
     fn send(&self, peer: SocketAddr, data: &[u8]) {
         if let Err(e) = self.flow.send(data) {
             if self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
-                warn!(app = %self.app, client = %Client(tunnel::udp::canonical(peer)), error = %e, "UDP datagram from the client dropped (further drops of this flow are counted in its done line)");
+                warn!(app = %self.app, client = %Client(tunnel::sockets::canonical(peer)), error = %e, "UDP datagram from the client dropped (further drops of this flow are counted in its done line)");
             }
         }
     }
@@ -400,7 +400,7 @@ async fn udp_loop(hub: Hub, listen: SocketAddr, sock: Arc<UdpSocket>, stop: Canc
         let state = active.state(app);
         // As written, for the device, logs and limits: an IPv4 client on a `[::]` socket
         // arrives as `::ffff:a.b.c.d`. Replies go to `peer` as received.
-        let client = tunnel::udp::canonical(peer);
+        let client = tunnel::sockets::canonical(peer);
         let who = Requester::Public { ip: client.ip() };
         if let policies::Decision::Deny { reason } =
             active

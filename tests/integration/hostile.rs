@@ -983,11 +983,6 @@ async fn one_client_address_cannot_take_the_whole_http_front() {
         .unwrap();
     let (http, admin) = (gw.http_addr().unwrap(), gw.admin_addr());
     tokio::spawn(gw.run());
-    let from = |ip: &str| {
-        let s = tokio::net::TcpSocket::new_v4().unwrap();
-        s.bind(format!("{ip}:0").parse().unwrap()).unwrap();
-        s
-    };
     // Served: a request on a connection from `ip` gets the front's 404.
     async fn served(c: &mut tokio::net::TcpStream) -> bool {
         if c.write_all(b"GET / HTTP/1.1\r\nHost: nowhere.example\r\n\r\n")
@@ -1004,22 +999,22 @@ async fn one_client_address_cannot_take_the_whole_http_front() {
     }
     let mut held = Vec::new();
     for _ in 0..3 {
-        let mut c = from("127.0.0.1").connect(http).await.unwrap();
+        let mut c = socket_from("127.0.0.1").connect(http).await.unwrap();
         assert!(served(&mut c).await);
         held.push(c);
     }
-    let mut fourth = from("127.0.0.1").connect(http).await.unwrap();
+    let mut fourth = socket_from("127.0.0.1").connect(http).await.unwrap();
     assert!(
         !served(&mut fourth).await,
         "a fourth connection from the same address"
     );
-    let mut other = from("127.0.0.2").connect(http).await.unwrap();
+    let mut other = socket_from("127.0.0.2").connect(http).await.unwrap();
     assert!(served(&mut other).await, "another address is served");
 
     drop(held.pop());
     let mut again = None;
     for _ in 0..50 {
-        let mut c = from("127.0.0.1").connect(http).await.unwrap();
+        let mut c = socket_from("127.0.0.1").connect(http).await.unwrap();
         if served(&mut c).await {
             again = Some(c);
             break;

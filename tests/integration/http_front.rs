@@ -35,6 +35,7 @@ use tunnel::services::{LocalService, LocalServices};
 use tunnel::transport::Tuning;
 
 use crate::common::ok;
+use crate::inproc::socket_from;
 
 const DOMAIN: &str = "alice.example";
 /// How long the gateway waits for a response's headers in these tests (the backend's `/slow`
@@ -1158,15 +1159,10 @@ async fn websocket_echo_through_the_tunnel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgraded_connections_count_against_the_per_client_limit() {
     let h = start_with(2).await;
-    let from = |ip: &str| {
-        let s = tokio::net::TcpSocket::new_v4().unwrap();
-        s.bind(format!("{ip}:0").parse().unwrap()).unwrap();
-        s
-    };
     let url = format!("ws://{DOMAIN}:{}/ws", h.http.port());
     let mut sockets = Vec::new();
     for _ in 0..2 {
-        let tcp = from("127.0.0.1").connect(h.http).await.unwrap();
+        let tcp = socket_from("127.0.0.1").connect(h.http).await.unwrap();
         let (ws, resp) = tokio_tungstenite::client_async(url.clone(), tcp)
             .await
             .expect("websocket handshake through the gateway");
@@ -1186,12 +1182,12 @@ async fn upgraded_connections_count_against_the_per_client_limit() {
             Ok(Ok(_)) if &buf == b"HTTP/"
         )
     }
-    let third = from("127.0.0.1").connect(h.http).await.unwrap();
+    let third = socket_from("127.0.0.1").connect(h.http).await.unwrap();
     assert!(
         !served(third).await,
         "a third connection next to two WebSockets"
     );
-    let other = from("127.0.0.2").connect(h.http).await.unwrap();
+    let other = socket_from("127.0.0.2").connect(h.http).await.unwrap();
     assert!(served(other).await, "another address is served");
     // A WebSocket that closes gives its slot back.
     let mut ws = sockets.pop().unwrap();
@@ -1200,7 +1196,7 @@ async fn upgraded_connections_count_against_the_per_client_limit() {
     drop(ws);
     let mut back = false;
     for _ in 0..50 {
-        if served(from("127.0.0.1").connect(h.http).await.unwrap()).await {
+        if served(socket_from("127.0.0.1").connect(h.http).await.unwrap()).await {
             back = true;
             break;
         }

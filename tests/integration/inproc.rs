@@ -409,6 +409,24 @@ pub async fn start_agent_via(
     }
 }
 
+/// Waits until every gateway link of `agent` is up: the hub has an agent before the agent has
+/// the hub's welcome, and a forward opened in between finds no usable gateway.
+pub async fn wait_links_up(agent: &Agent) {
+    wait_until(
+        "the agent's gateway links up",
+        Duration::from_secs(10),
+        || agent.links().iter().all(|l| l.status().state == "up"),
+    )
+    .await;
+}
+
+/// A TCP socket bound to `ip` (a loopback address such as 127.0.0.2), to connect from it.
+pub fn socket_from(ip: &str) -> tokio::net::TcpSocket {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+    s
+}
+
 /// Starts node `name` offering a TCP echo service as `echo`, and waits until the gateway has it.
 pub async fn start_echo_node(z: &TestZone, gw: &RunningGateway, name: &str) -> RunningAgent {
     let echo = tcp_echo().await;

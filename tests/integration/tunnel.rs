@@ -1039,11 +1039,7 @@ async fn forward_clients_that_stop_reading_do_not_stall_the_node() {
     )
     .await;
     wait_until("both agents connected", WAIT, || gw.hub.agents().len() == 2).await;
-    // The hub has an agent before the agent has the welcome (a forward in between is closed).
-    wait_until("home2's link up", WAIT, || {
-        h2.agent.links().iter().all(|l| l.status().state == "up")
-    })
-    .await;
+    wait_links_up(&h2.agent).await;
     let fwd = h2.agent.forward_addrs().to_vec();
     assert_eq!(roundtrip(fwd[1], b"first").await.unwrap(), b"first");
 
@@ -1485,10 +1481,7 @@ async fn one_agent_socket_reaches_ipv4_and_ipv6_gateways() {
     };
     assert_eq!(seen(&gw.hub).ip().to_string(), "127.0.0.1");
     assert_eq!(seen(&gw6.hub).ip().to_string(), "::1");
-    wait_until("both links up", WAIT, || {
-        agent.links().iter().all(|l| l.status().state == "up")
-    })
-    .await;
+    wait_links_up(&agent).await;
     let observed: Vec<Option<String>> = agent
         .links()
         .iter()

@@ -98,6 +98,25 @@ struct LinkState {
     addrs: Vec<SocketAddr>,
 }
 
+impl LinkState {
+    /// The current session is over (ended, or dropped with its retired link): no connection,
+    /// control session or flows, down from now. When it came up (if it did) and its flows.
+    fn session_over(&mut self) -> (Option<Instant>, Option<Flows>) {
+        self.conn = None;
+        self.ctl = None;
+        self.draining = false;
+        self.down_since = Some(Instant::now());
+        (self.up_since.take(), self.flows.take())
+    }
+}
+
+/// Stops every flow of a session: their tasks end and their sockets close.
+fn stop_flows(flows: &Flows) {
+    for (_, f) in flows.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+        f.stop.cancel();
+    }
+}
+
 /// One gateway as this agent sees it: one connection, whichever of its addresses answers
 /// (a gateway with an IPv4 and an IPv6 address, or two, is one device: a link per address
 /// had two connections replace each other at the hub, over and over).
@@ -152,24 +171,14 @@ impl GatewayLink {
     /// its way out (a connection set up after `retire` ran is closed here).
     fn wind_up(&self) {
         self.close(0, b"gateway left the zone");
-        let flows = self
+        let (_, flows) = self
             .state
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .flows
-            .take();
+            .session_over();
         if let Some(flows) = flows {
-            for (_, f) in flows.lock().unwrap_or_else(|p| p.into_inner()).drain() {
-                f.stop.cancel();
-            }
+            stop_flows(&flows);
         }
-        self.set(|s| {
-            s.conn = None;
-            s.ctl = None;
-            s.draining = false;
-            s.up_since = None;
-            s.down_since = Some(Instant::now());
-        });
     }
 
     /// Closes the current connection, if any (the loop dials again unless retired).
@@ -600,16 +609,10 @@ impl Agent {
             // whole handshake timeout (a gateway dropping our packets) is no success.
             let mut healthy = false;
             link.set(|s| {
-                healthy = s
-                    .up_since
-                    .take()
-                    .is_some_and(|t| t.elapsed() >= HEALTHY_AFTER);
-                s.conn = None;
-                s.draining = false;
+                // Its flows were stopped as the session ended.
+                let (up_since, _) = s.session_over();
+                healthy = up_since.is_some_and(|t| t.elapsed() >= HEALTHY_AFTER);
                 s.last_error = Some(err.clone());
-                s.ctl = None;
-                s.flows = None;
-                s.down_since = Some(Instant::now());
             });
             if healthy {
                 backoff.reset();
@@ -764,9 +767,7 @@ impl Agent {
         dgrams.abort();
         // UDP flows belong to this session: stop their tasks and close their sockets now, or a
         // chatty local UDP service would keep them alive after the tunnel is gone.
-        for (_, f) in flows.lock().unwrap_or_else(|p| p.into_inner()).drain() {
-            f.stop.cancel();
-        }
+        stop_flows(&flows);
         conn.close(0u32.into(), b"");
         Ok(reason)
     }
@@ -1028,7 +1029,7 @@ impl Agent {
             };
             let me = self.clone();
             tokio::spawn(async move {
-                let remote = crate::udp::canonical(incoming.remote_address());
+                let remote = crate::sockets::canonical(incoming.remote_address());
                 let handshake = tokio::time::timeout(me.cfg.tuning.handshake_timeout, incoming);
                 let conn = match handshake.await {
                     Ok(Ok(c)) => c,

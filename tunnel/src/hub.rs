@@ -26,11 +26,11 @@ use crate::proto::{
     StreamReply, Welcome,
 };
 use crate::services::LocalServices;
+use crate::sockets::canonical;
 use crate::splice::splice;
 use crate::status::{AgentStatus, MeshPairStatus, ServiceStatus};
 use crate::stream::{self, QuicStream};
 use crate::transport::{self, StreamBudget, Tuning, MAX_STREAMS_PER_CONNECTION};
-use crate::udp::canonical;
 use crate::upstream::Upstream;
 
 /// Handshakes in progress at once. Beyond this new connection attempts are refused, so a

@@ -317,7 +317,7 @@ impl Peers {
         if kept {
             let c = self.direct(peer).map(|p| p.conn);
             if let Some(c) = c {
-                info!(peer = %peer, addr = %crate::udp::canonical(c.remote_address()), rtt_ms = c.rtt().as_millis() as u64, "direct path up");
+                info!(peer = %peer, addr = %crate::sockets::canonical(c.remote_address()), rtt_ms = c.rtt().as_millis() as u64, "direct path up");
                 let me = self.clone();
                 let peer = peer.to_owned();
                 tokio::spawn(async move {
@@ -407,7 +407,7 @@ impl Peers {
                     device: name.clone(),
                     path: if direct.is_some() { "direct" } else { "relay" }.into(),
                     direct_addr: direct
-                        .map(|d| crate::udp::canonical(d.conn.remote_address()).to_string()),
+                        .map(|d| crate::sockets::canonical(d.conn.remote_address()).to_string()),
                     rtt_ms: match direct {
                         Some(d) => Some(d.conn.rtt().as_secs_f64() * 1000.0),
                         None => gateway_rtt_ms,

@@ -1,6 +1,7 @@
 //! Binding the gateway's and agent's sockets: on the IPv6 unspecified address (`[::]`) one
 //! socket takes IPv4 too — IPV6_V6ONLY set off, not left to `net.ipv6.bindv6only` (1 on some
-//! systems, where `[::]` would quietly stop serving IPv4). Any other address binds as usual.
+//! systems, where `[::]` would quietly stop serving IPv4). Any other address binds as usual;
+//! [`canonical`] writes an address such a socket saw as the other side wrote it.
 
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -58,7 +59,9 @@ pub fn tcp(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
 /// entirely): then the defaults are `[::]`, else `0.0.0.0`. Tried, not guessed: the same
 /// kind of bind as the real one.
 pub fn ipv6_available() -> bool {
-    std_udp(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))).is_ok()
+    // Asked for each default address and the agent's socket at start: tried once.
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| std_udp(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))).is_ok())
 }
 
 /// `[::]:port` where IPv6 is available (IPv4 and IPv6 on one socket), else `0.0.0.0:port`.
@@ -68,6 +71,12 @@ pub fn any_addr(port: u16) -> SocketAddr {
     } else {
         SocketAddr::from(([0, 0, 0, 0], port))
     }
+}
+
+/// The address as the other side wrote it: an IPv4 peer seen on a dual-stack socket arrives
+/// as `[::ffff:a.b.c.d]`, which logs badly and which an IPv4-only socket cannot dial.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 #[cfg(test)]
@@ -97,7 +106,7 @@ mod tests {
             let mut b = [0u8; 1];
             s.read_exact(&mut b).await.unwrap();
             assert_eq!(&b, b"x");
-            let from = crate::udp::canonical(from);
+            let from = canonical(from);
             assert_eq!(
                 from.ip().is_ipv4(),
                 to.starts_with("127"),

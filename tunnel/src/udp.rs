@@ -62,12 +62,6 @@ pub fn bind(
     Ok(Arc::new(GsoBounded { inner }))
 }
 
-/// The address as the other side wrote it: an IPv4 peer seen on a dual-stack socket arrives
-/// as `[::ffff:a.b.c.d]`, which logs badly and which an IPv4-only socket cannot dial.
-pub fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
-}
-
 /// A runtime's UDP socket whose sends never exceed [`MAX_SEND_PAYLOAD`] (module docs).
 pub struct GsoBounded {
     inner: Arc<dyn AsyncUdpSocket>,

@@ -193,7 +193,7 @@ impl Front {
             };
             // On a dual-stack `[::]` listener IPv4 clients arrive as `::ffff:a.b.c.d`: logs,
             // X-Forwarded-For and the policy see them as the IPv4 addresses they are.
-            let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+            let peer = tunnel::sockets::canonical(peer);
             // Per client first: one client at its limit must not take the last free slots.
             let Some(slot) = self.0.per_ip.admit(peer.ip()) else {
                 self.0.metrics.refused_connection(ConnRefusal::PerIp);

@@ -121,7 +121,8 @@ impl PerIp {
     }
 
     /// Clients (and IPv6 sites) with a connection open now.
-    pub fn clients(&self) -> usize {
+    #[cfg(test)]
+    fn clients(&self) -> usize {
         let t = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         t.clients.len() + t.sites.len()
     }
