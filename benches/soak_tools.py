@@ -118,7 +118,7 @@ def check(t, front, host, mesh, admin, agents, dns, domain):
             out = subprocess.run(["dig", f"@{host_}", "-p", port, "+tcp", "+short", "+time=3",
                                   "+tries=1", "TXT", f"_zonegate.{domain}"],
                                  capture_output=True, text=True, timeout=10).stdout
-            if "zg1:" not in out:
+            if "zg2:" not in out:
                 failed.append("dns-txt-tcp")
         except Exception as e:
             failed.append(f"dns:{type(e).__name__}")

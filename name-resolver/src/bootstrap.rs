@@ -116,7 +116,7 @@ pub async fn fetch_txt(domain: &Domain, server: SocketAddr) -> Result<Vec<String
         if let RData::TXT(txt) = record.data() {
             for s in txt.iter() {
                 // zonegate chunks are ASCII; anything else is not ours and is left to
-                // reassembly, which ignores strings without the zg1: prefix.
+                // reassembly, which ignores strings without its prefix.
                 strings.push(String::from_utf8_lossy(s).into_owned());
             }
         }

@@ -191,7 +191,10 @@ fn txt_round_trip_and_verify() {
     let text = ok(["zone", "dump-text", "--zone", zs]);
     assert!(text.lines().count() > 1);
     for l in text.lines() {
-        assert!(l.len() <= 255 && l.starts_with("zg1:"), "{l}");
+        assert!(
+            l.len() <= 255 && l.starts_with(zone_core::txt::PREFIX),
+            "{l}"
+        );
     }
     let f = t.path().join("txt");
     // Reversed order still verifies: chunks carry their index.

@@ -587,7 +587,7 @@ fn lab_quickstart_etcd_and_dfs_across_nats() {
                 .output()
                 .map_err(|e| format!("dig: {e}"))?;
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            if text.contains("zg1:") {
+            if text.contains(zone_core::txt::PREFIX) {
                 Ok(())
             } else {
                 Err(format!("no zone TXT yet: {text}"))

@@ -1,19 +1,33 @@
 //! The zone config as DNS TXT strings for `_zonegate.DOMAIN`.
 //!
-//! Each string is `zg1:I/N:DATA`: the format version, this chunk's index (1-based) and the chunk
-//! count, then a slice of the base58 text of the compact signed zone JSON. Every string is at
-//! most 255 bytes (one TXT character-string). Indexes make the chunks self-ordering, so it does
-//! not matter whether a DNS host publishes them as one record or as several (an RRset has no order).
+//! Each string is `zg2:I/N:DATA`: the format version, this chunk's index (1-based) and the chunk
+//! count, then the base58 of the I-th slice of [`CHUNK_BYTES`] bytes of the compact signed zone
+//! JSON (the last slice may be shorter). Every string is at most 255 bytes (one TXT
+//! character-string). Indexes make the chunks self-ordering, so it does not matter whether a DNS
+//! host publishes them as one record or as several (an RRset has no order).
+//!
+//! Base58 is a big-number conversion whose cost grows with the square of its input, so each
+//! chunk carries its own short base58 text. The earlier format `zg1`, one base58 text over the
+//! whole zone cut into strings, took seconds for zones of a few dozen devices (5.3 s to encode
+//! and 1.7 s to decode 64 KB) and let a forged DNS answer cost a node as much; it is refused
+//! with a message that says to upgrade the gateway.
 
 use crate::config::SignedZone;
 use crate::error::ZoneError;
 
 /// Version prefix of this chunk format.
-pub const PREFIX: &str = "zg1:";
+pub const PREFIX: &str = "zg2:";
+/// Prefix of the earlier whole-text format, recognized only to say what to do about it.
+const OLD_PREFIX: &str = "zg1:";
 /// One TXT character-string holds at most 255 bytes (RFC 1035 §3.3).
 pub const MAX_STRING: usize = 255;
-/// Bound on chunks: 999 × ~245 bytes ≈ 240 KB of base58, above the zone.json limit.
-pub const MAX_CHUNKS: usize = 999;
+/// Bound on chunks: 9,999 × 176 bytes ≈ 1.7 MB, far above the zone.json limit, and the header
+/// stays within 14 bytes ("zg2:9999/9999:").
+pub const MAX_CHUNKS: usize = 9_999;
+/// Payload bytes per chunk. Base58 of k bytes is at most ⌈k · 8 / log2 58⌉ characters (zero bytes
+/// take one each, fewer); 176 bytes give at most 241 characters, which fits 255 less the
+/// longest header.
+pub const CHUNK_BYTES: usize = 176;
 
 /// Splits a signed zone into TXT strings, in order.
 pub fn to_txt(zone: &SignedZone) -> Vec<String> {
@@ -22,22 +36,16 @@ pub fn to_txt(zone: &SignedZone) -> Vec<String> {
 
 /// Splits arbitrary bytes into TXT strings (the layer under [`to_txt`]).
 pub fn chunk(payload: &[u8]) -> Vec<String> {
-    let b58 = bs58::encode(payload).into_string();
-    // Header is at most "zg1:999/999:" = 12 bytes; base58 is ASCII so byte slicing is safe.
-    let room = MAX_STRING - (PREFIX.len() + 8);
-    let parts: Vec<&str> = if b58.is_empty() {
-        vec![""]
+    let slices: Vec<&[u8]> = if payload.is_empty() {
+        vec![&[]]
     } else {
-        b58.as_bytes()
-            .chunks(room)
-            .map(|c| std::str::from_utf8(c).expect("base58 is ASCII"))
-            .collect()
+        payload.chunks(CHUNK_BYTES).collect()
     };
-    let n = parts.len();
-    parts
+    let n = slices.len();
+    slices
         .iter()
         .enumerate()
-        .map(|(i, p)| format!("{PREFIX}{}/{n}:{p}", i + 1))
+        .map(|(i, p)| format!("{PREFIX}{}/{n}:{}", i + 1, bs58::encode(p).into_string()))
         .collect()
 }
 
@@ -46,6 +54,7 @@ pub fn unchunk<S: AsRef<str>>(strings: &[S]) -> Result<Vec<u8>, ZoneError> {
     let err = |m: String| Err(ZoneError::Txt(m));
     let mut total: Option<usize> = None;
     let mut slots: Vec<Option<&str>> = Vec::new();
+    let mut seen_old = false;
     let mut seen_other_version = false;
     for s in strings {
         let s = s.as_ref().trim();
@@ -56,7 +65,9 @@ pub fn unchunk<S: AsRef<str>>(strings: &[S]) -> Result<Vec<u8>, ZoneError> {
             ));
         }
         let Some(rest) = s.strip_prefix(PREFIX) else {
-            if s.starts_with("zg") {
+            if s.starts_with(OLD_PREFIX) {
+                seen_old = true;
+            } else if s.starts_with("zg") {
                 seen_other_version = true;
             }
             continue;
@@ -91,7 +102,12 @@ pub fn unchunk<S: AsRef<str>>(strings: &[S]) -> Result<Vec<u8>, ZoneError> {
         }
     }
     let Some(n) = total else {
-        return if seen_other_version {
+        return if seen_old {
+            err(format!(
+                "the zone config records are in format {OLD_PREFIX} of an older zonegate gateway, \
+                 which this version no longer reads: upgrade zonegate on the gateway"
+            ))
+        } else if seen_other_version {
             err("only zone config records of another format version: upgrade zonegate".into())
         } else {
             err(format!("no {PREFIX} strings found"))
@@ -105,10 +121,29 @@ pub fn unchunk<S: AsRef<str>>(strings: &[S]) -> Result<Vec<u8>, ZoneError> {
             missing[0]
         ));
     }
-    let b58: String = slots.into_iter().flatten().collect();
-    bs58::decode(&b58)
-        .into_vec()
-        .map_err(|e| ZoneError::Txt(format!("bad base58: {e}")))
+    let mut payload = Vec::with_capacity(n * CHUNK_BYTES);
+    for (i, data) in slots.into_iter().flatten().enumerate() {
+        let bytes = bs58::decode(data)
+            .into_vec()
+            .map_err(|e| ZoneError::Txt(format!("chunk {}: bad base58: {e}", i + 1)))?;
+        // Only full slices before the last: one payload has exactly one chunking, and a chunk
+        // cannot smuggle in more than its share.
+        let fits = if i + 1 < n {
+            bytes.len() == CHUNK_BYTES
+        } else {
+            bytes.len() <= CHUNK_BYTES && (n == 1 || !bytes.is_empty())
+        };
+        if !fits {
+            return err(format!(
+                "chunk {} of {n} holds {} bytes; every chunk but the last holds {CHUNK_BYTES} \
+                 and the last 1 to {CHUNK_BYTES}",
+                i + 1,
+                bytes.len()
+            ));
+        }
+        payload.extend_from_slice(&bytes);
+    }
+    Ok(payload)
 }
 
 /// Reassembles and parses a signed zone (verification is the caller's next step).
@@ -158,12 +193,55 @@ mod tests {
         assert!(unchunk(&["v=spf1 -all"])
             .unwrap_err()
             .to_string()
-            .contains("no zg1:"));
-        assert!(unchunk(&["zg2:1/1:abc"])
+            .contains("no zg2:"));
+        assert!(unchunk(&["zg3:1/1:abc"])
             .unwrap_err()
             .to_string()
-            .contains("upgrade"));
-        assert!(unchunk(&["zg1:2/1:abc"]).is_err());
-        assert!(unchunk(&["zg1:1/1:0OIl"]).is_err());
+            .contains("upgrade zonegate"));
+        let e = unchunk(&["zg1:1/1:abc"]).unwrap_err().to_string();
+        assert!(e.contains("older zonegate gateway"), "{e}");
+        assert!(unchunk(&["zg2:2/1:abc"]).is_err());
+        assert!(unchunk(&["zg2:1/1:0OIl"]).is_err());
+    }
+
+    #[test]
+    fn every_string_fits_whatever_the_bytes() {
+        // The longest base58 comes from the largest numbers; zeros are one character each.
+        for fill in [0x00u8, 0x01, 0x80, 0xFF] {
+            let payload = vec![fill; CHUNK_BYTES * 3 + 5];
+            let parts = chunk(&payload);
+            assert_eq!(parts.len(), 4);
+            for p in &parts {
+                assert!(p.len() <= MAX_STRING, "{} bytes: {p}", p.len());
+            }
+            assert_eq!(unchunk(&parts).unwrap(), payload);
+        }
+        // The widest header the decoder accepts leaves room for the widest chunk.
+        let widest = format!(
+            "{PREFIX}{MAX_CHUNKS}/{MAX_CHUNKS}:{}",
+            bs58::encode([0xFF; CHUNK_BYTES]).into_string()
+        );
+        assert!(widest.len() <= MAX_STRING, "{}", widest.len());
+        assert!(chunk(&[]) == vec![format!("{PREFIX}1/1:")]);
+        assert_eq!(unchunk(&chunk(&[])).unwrap(), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn chunks_hold_exactly_their_share() {
+        let payload: Vec<u8> = (0..400u32).map(|i| i as u8).collect();
+        let mut parts = chunk(&payload);
+        assert_eq!(parts.len(), 3);
+        // A short chunk before the last would shift every byte after it.
+        parts[0] = format!(
+            "{PREFIX}1/3:{}",
+            bs58::encode(&payload[..100]).into_string()
+        );
+        let e = unchunk(&parts).unwrap_err().to_string();
+        assert!(e.contains("chunk 1 of 3 holds 100 bytes"), "{e}");
+        // An empty last chunk is not the canonical chunking of any payload.
+        let mut parts = chunk(&payload[..CHUNK_BYTES]);
+        parts = vec![parts[0].replace("1/1:", "1/2:"), format!("{PREFIX}2/2:")];
+        let e = unchunk(&parts).unwrap_err().to_string();
+        assert!(e.contains("chunk 2 of 2 holds 0 bytes"), "{e}");
     }
 }
