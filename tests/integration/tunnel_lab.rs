@@ -573,3 +573,75 @@ fn lab_udp_service_exposed_through_gateway() {
         assert_eq!(got, msg);
     }
 }
+
+/// A gateway whose sockets are on `[::]` serves IPv4 clients and agents even where the system
+/// says `net.ipv6.bindv6only = 1` (some distributions, BSD-like setups): zonegate turns
+/// IPV6_V6ONLY off itself rather than relying on the sysctl. The vps gets IPv6 back (the lab
+/// disables it) and the sysctl set, in its own namespace only; every other host stays IPv4, so
+/// each check below is IPv4 reaching an IPv6 socket: the agents' QUIC (UDP), a TCP app, the
+/// HTTP front (TCP) and the zone DNS (UDP and TCP).
+#[test]
+fn lab_gateway_on_ipv6_any_serves_ipv4_under_bindv6only() {
+    if !netlab::require_root("lab_gateway_on_ipv6_any_serves_ipv4_under_bindv6only") {
+        return;
+    }
+    let w = World::new("tunnel_v6only");
+    w.lab
+        .check(
+            w.lab.cmd("vps", "sysctl").args([
+                "-q",
+                "-w",
+                "net.ipv6.conf.all.disable_ipv6=0",
+                "net.ipv6.conf.default.disable_ipv6=0",
+                "net.ipv6.conf.lo.disable_ipv6=0",
+                "net.ipv6.bindv6only=1",
+            ]),
+            READY,
+        )
+        .expect("IPv6 on and bindv6only=1 in the vps namespace");
+    let cfg = w.zone.gateway_toml();
+    let text = fs::read_to_string(&cfg).expect("read gateway.toml");
+    assert!(text.contains("listen = \"0.0.0.0:4433\""), "{text}");
+    let text = text.replace("listen = \"0.0.0.0:4433\"", "listen = \"[::]:4433\"");
+    // Top-level keys go first: zonefix appended a [tunnel] table at the end.
+    let front = "http = \"[::]:80\"\nhttps = \"off\"\ndns = \"[::]:53\"\n";
+    fs::write(&cfg, format!("{front}{text}")).expect("write gateway.toml");
+    w.zone.write_policy(
+        "web.toml",
+        &WEB_POLICY.replace("listen = \"0.0.0.0:8080\"", "listen = \"[::]:8080\""),
+    );
+
+    let (_web, m) = start_web(&w);
+    let mut gw = w.gateway();
+    let _home1 = w.node("home1", &["--service", "web=127.0.0.1:8000"]);
+    w.wait_agents(&mut gw, &[("home1", &["web"])]);
+    client_sees(&w, &m, READY);
+    assert!(
+        tcp_connects(&w.lab, "client", sa(VPS, 80), READY).expect("probe"),
+        "the HTTP front on [::]:80 refused an IPv4 client"
+    );
+    for transport in ["+notcp", "+tcp"] {
+        eventually(READY, "zone TXT over IPv4 from the [::]:53 DNS", || {
+            alive(&mut gw, "gateway")?;
+            let out = w
+                .lab
+                .run(
+                    w.lab.cmd("client", "dig").args([
+                        &format!("@{VPS}"),
+                        transport,
+                        "+short",
+                        "+time=1",
+                        "+tries=1",
+                        "TXT",
+                        "_zonegate.alice.example",
+                    ]),
+                    Duration::from_secs(5),
+                )
+                .map_err(|e| format!("dig (install dnsutils): {e}"))?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.contains(zone_core::txt::PREFIX)
+                .then_some(())
+                .ok_or_else(|| format!("dig {transport}: {text}"))
+        });
+    }
+}
