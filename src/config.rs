@@ -123,6 +123,21 @@ pub fn http_connections_per_ip(file: &Path, n: Option<usize>) -> Result<usize, U
     }
 }
 
+/// The per-client connection limit of the `tcp` apps: 1 to the streams an agent connection
+/// takes.
+pub fn tcp_connections_per_ip(file: &Path, n: Option<usize>) -> Result<usize, UsageError> {
+    let max = tunnel::transport::MAX_STREAMS_TO_AGENT as usize;
+    let default = gateway::listeners::TCP_CONNECTIONS_PER_IP;
+    match n {
+        None => Ok(default),
+        Some(n) if (1..=max).contains(&n) => Ok(n),
+        Some(n) => Err(UsageError(format!(
+            "{}: tcp_connections_per_ip = {n}: expected 1 to {max} (the streams one device connection takes), or leave it out for the default {default}",
+            file.display()
+        ))),
+    }
+}
+
 /// A public listener setting: `"off"` or `"IP:PORT"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
@@ -201,6 +216,9 @@ pub struct GatewayFile {
     /// HTTP(S) front connections one client address (IPv6: its /64) may have open at once
     /// (default [`gateway::http::MAX_CONNECTIONS_PER_IP`]).
     pub http_connections_per_ip: Option<usize>,
+    /// Connections one client address (IPv6: its /64) may have open through all `tcp` apps
+    /// together (default [`gateway::listeners::TCP_CONNECTIONS_PER_IP`]).
+    pub tcp_connections_per_ip: Option<usize>,
 }
 
 /// Reads and parses a TOML config file; errors name the file, line and column.
@@ -396,6 +414,30 @@ mod tests {
                 e.contains("udp_flow_idle_secs") && e.contains("1 to 86400"),
                 "{e}"
             );
+        }
+    }
+
+    #[test]
+    fn per_client_connection_limits_are_bounded_with_a_clear_error() {
+        let f = Path::new("gateway.toml");
+        assert_eq!(
+            tcp_connections_per_ip(f, None).unwrap(),
+            gateway::listeners::TCP_CONNECTIONS_PER_IP
+        );
+        assert_eq!(tcp_connections_per_ip(f, Some(5)).unwrap(), 5);
+        for bad in [0, 1 << 20] {
+            let e = tcp_connections_per_ip(f, Some(bad))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("gateway.toml: tcp_connections_per_ip")
+                    && e.contains("expected 1 to 32768"),
+                "{e}"
+            );
+            let e = http_connections_per_ip(f, Some(bad))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("expected 1 to 16384"), "{e}");
         }
     }
 

@@ -223,6 +223,7 @@ async fn run_async(dir: PathBuf, check: bool) -> anyhow::Result<()> {
             https: None,
             tls_certs: Vec::new(),
             http_tuning: Default::default(),
+            tcp_connections_per_ip: gateway::listeners::TCP_CONNECTIONS_PER_IP,
             dns: Some(dns),
         },
         shutdown.clone(),

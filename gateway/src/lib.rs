@@ -6,12 +6,14 @@
 //! - [`run`]: [`run::Gateway`] — starts the hub, listeners, forwards, admin; drains on stop.
 //! - [`http`]: the public HTTP(S) front (routing, proxy, TLS, pool, metrics, status page).
 //! - [`listeners`]: one TCP or UDP listener per `tcp`/`udp` policy app, reconciled on reload.
+//! - [`per_ip`]: open public connections (front, `tcp` apps) and UDP flows per client address.
 //! - [`admin`]: loopback HTTP: `/status` JSON, `/metrics`, the HTML status page at `/`.
 
 pub mod addr_text;
 pub mod admin;
 pub mod http;
 pub mod listeners;
+pub mod per_ip;
 pub mod run;
 
 pub use run::{Gateway, GatewayOptions};

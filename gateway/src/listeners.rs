@@ -23,10 +23,19 @@ use tunnel::proto::Origin;
 use tunnel::splice::splice;
 
 use crate::addr_text::Client;
+use crate::per_ip::{IpSlot, PerIp};
 
 /// Distinct public clients of one UDP app tracked at once; beyond, new clients are dropped
 /// (bounded memory under a spoofed-source flood).
 const MAX_UDP_CLIENTS: usize = 4096;
+/// Of those, flows from one client address (IPv6: its /64): a sixteenth, so one host sending
+/// from thousands of source ports cannot take every slot and have everyone else dropped.
+pub const UDP_FLOWS_PER_IP: usize = MAX_UDP_CLIENTS / 16;
+/// Default of the open connections one client address (IPv6: its /64) may have through all
+/// `tcp` apps together (gateway.toml `tcp_connections_per_ip`), as the HTTP front's default:
+/// every connection is a tunnel stream to a device, and one client holding thousands of idle
+/// ones would leave none for anyone else.
+pub const TCP_CONNECTIONS_PER_IP: usize = 1_024;
 const UDP_READ: usize = 65_535;
 /// How long a new bind waits for a listener it replaces to let go of the address (a `[::]`
 /// listener replacing `0.0.0.0` on the same port, a UDP socket whose flows are ending).
@@ -57,9 +66,11 @@ struct Running {
 }
 
 /// The running listeners, by (kind, address).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Listeners {
     running: HashMap<(Kind, SocketAddr), Running>,
+    /// Open connections per client address through every `tcp` app together.
+    tcp_per_ip: Arc<PerIp>,
     /// Binds that failed, with their error: retried at every [`Listeners::reconcile`], and
     /// reported again only when the error changes.
     failed: HashMap<(Kind, SocketAddr), String>,
@@ -93,11 +104,15 @@ pub fn wanted(policy: &policies::CompiledPolicy) -> HashMap<(Kind, SocketAddr), 
 }
 
 impl Listeners {
-    /// No listeners yet; `reserved` are the gateway's own sockets (see [`Listeners::reserved`]).
-    pub fn new(reserved: Vec<(Kind, SocketAddr, &'static str)>) -> Self {
+    /// No listeners yet; `reserved` are the gateway's own sockets (see [`Listeners::reserved`]);
+    /// one client address may hold `tcp_per_ip` connections through the `tcp` apps.
+    pub fn new(reserved: Vec<(Kind, SocketAddr, &'static str)>, tcp_per_ip: usize) -> Self {
         Listeners {
+            running: HashMap::new(),
+            tcp_per_ip: PerIp::new(tcp_per_ip, "public TCP"),
+            failed: HashMap::new(),
             reserved,
-            ..Listeners::default()
+            published: Arc::default(),
         }
     }
 
@@ -152,7 +167,7 @@ impl Listeners {
                     std::io::ErrorKind::AddrInUse,
                     format!("the gateway's own `{setting}` ({addr}, gateway.toml) uses that port: give the app another one"),
                 )),
-                None => bind(hub, key, shutdown, replacing).await,
+                None => bind(hub, key, &self.tcp_per_ip, shutdown, replacing).await,
             };
             match r {
                 Ok((bound, stop, task)) => {
@@ -203,6 +218,7 @@ impl Listeners {
 async fn bind(
     hub: &Hub,
     key: (Kind, SocketAddr),
+    tcp_per_ip: &Arc<PerIp>,
     shutdown: &CancellationToken,
     replacing: bool,
 ) -> std::io::Result<(SocketAddr, CancellationToken, JoinHandle<()>)> {
@@ -217,7 +233,13 @@ async fn bind(
         let r = match key.0 {
             Kind::Tcp => tunnel::sockets::tcp(key.1).map(|l| {
                 let bound = l.local_addr().unwrap_or(key.1);
-                let task = tokio::spawn(tcp_loop(hub.clone(), key.1, l, stop.clone()));
+                let task = tokio::spawn(tcp_loop(
+                    hub.clone(),
+                    key.1,
+                    l,
+                    tcp_per_ip.clone(),
+                    stop.clone(),
+                ));
                 (bound, stop, task)
             }),
             Kind::Udp => tunnel::sockets::udp(key.1).map(|s| {
@@ -249,7 +271,13 @@ fn app_at(hub: &Hub, kind: Kind, listen: SocketAddr) -> Option<(Arc<policies::Ac
     Some((active, i))
 }
 
-async fn tcp_loop(hub: Hub, listen: SocketAddr, l: TcpListener, stop: CancellationToken) {
+async fn tcp_loop(
+    hub: Hub,
+    listen: SocketAddr,
+    l: TcpListener,
+    per_ip: Arc<PerIp>,
+    stop: CancellationToken,
+) {
     loop {
         let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -263,13 +291,30 @@ async fn tcp_loop(hub: Hub, listen: SocketAddr, l: TcpListener, stop: Cancellati
         }
         // Dual-stack `[::]` listeners see IPv4 clients as `::ffff:a.b.c.d`.
         let peer = tunnel::sockets::canonical(peer);
+        // Closed at once (the first refusal of a run is logged by `per_ip`), counted as the
+        // app's connection-limit refusal.
+        let Some(slot) = per_ip.admit(peer.ip()) else {
+            if let Some((active, i)) = app_at(&hub, Kind::Tcp, listen) {
+                let app = &active.policy.apps()[i];
+                active.state(app).counters.refused(Refusal::ConnectionLimit);
+            }
+            continue;
+        };
         let hub2 = hub.clone();
         hub.work()
-            .spawn(async move { tcp_conn(hub2, listen, tcp, peer).await });
+            .spawn(async move { tcp_conn(hub2, listen, tcp, peer, slot).await });
     }
 }
 
-async fn tcp_conn(hub: Hub, listen: SocketAddr, mut tcp: tokio::net::TcpStream, peer: SocketAddr) {
+/// One public connection to a `tcp` app; `_slot` counts it against its client's limit until
+/// it ends.
+async fn tcp_conn(
+    hub: Hub,
+    listen: SocketAddr,
+    mut tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    _slot: IpSlot,
+) {
     let _ = tcp.set_nodelay(true);
     let started = Instant::now();
     // The listener is being replaced or removed: the policy no longer names its address.
@@ -347,6 +392,8 @@ struct ClientFlow {
     app: String,
     /// The client's datagrams dropped as too large for the tunnel (in the flow's done line).
     dropped: Arc<AtomicU64>,
+    /// Counts the flow against its client address's [`UDP_FLOWS_PER_IP`].
+    _slot: IpSlot,
 }
 
 impl ClientFlow {
@@ -363,6 +410,7 @@ impl ClientFlow {
 
 async fn udp_loop(hub: Hub, listen: SocketAddr, sock: Arc<UdpSocket>, stop: CancellationToken) {
     let mut clients: HashMap<SocketAddr, ClientFlow> = HashMap::new();
+    let per_ip = PerIp::new(UDP_FLOWS_PER_IP, "public UDP");
     let mut buf = vec![0u8; UDP_READ];
     let mut sweep = tokio::time::interval(Duration::from_secs(10));
     let idle = hub.tuning().udp_flow_idle;
@@ -401,6 +449,10 @@ async fn udp_loop(hub: Hub, listen: SocketAddr, sock: Arc<UdpSocket>, stop: Canc
         // As written, for the device, logs and limits: an IPv4 client on a `[::]` socket
         // arrives as `::ffff:a.b.c.d`. Replies go to `peer` as received.
         let client = tunnel::sockets::canonical(peer);
+        let Some(slot) = per_ip.admit(client.ip()) else {
+            state.counters.refused(Refusal::ConnectionLimit);
+            continue;
+        };
         let who = Requester::Public { ip: client.ip() };
         if let policies::Decision::Deny { reason } =
             active
@@ -456,6 +508,7 @@ async fn udp_loop(hub: Hub, listen: SocketAddr, sock: Arc<UdpSocket>, stop: Canc
                     stop: tok,
                     app: app_name,
                     dropped,
+                    _slot: slot,
                 };
                 c.send(peer, &buf[..n]);
                 clients.insert(peer, c);

@@ -48,6 +48,9 @@ pub struct GatewayOptions {
     /// certificate for the zone's names.
     pub tls_certs: Vec<(PathBuf, PathBuf)>,
     pub http_tuning: HttpTuning,
+    /// Connections one client address (IPv6: its /64) may have open through all `tcp` apps
+    /// together ([`crate::listeners::TCP_CONNECTIONS_PER_IP`] by default).
+    pub tcp_connections_per_ip: usize,
     /// Authoritative DNS for the zone (UDP and TCP on this address); `None`: no DNS.
     pub dns: Option<SocketAddr>,
 }
@@ -197,7 +200,7 @@ impl Gateway {
         for (_, l) in &forwards {
             own(Kind::Tcp, l.local_addr(), "forward");
         }
-        let mut listeners = Listeners::new(reserved);
+        let mut listeners = Listeners::new(reserved, opts.tcp_connections_per_ip);
         let errors = listeners.reconcile(&hub, &shutdown).await;
         if !errors.is_empty() {
             shutdown.cancel();

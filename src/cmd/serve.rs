@@ -140,6 +140,10 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
             )?,
             ..Default::default()
         },
+        tcp_connections_per_ip: config::tcp_connections_per_ip(
+            &a.config,
+            f.tcp_connections_per_ip,
+        )?,
         dns: config::ListenSetting::resolve(f.dns, any_addr(DEFAULT_DNS_PORT)),
     };
     crate::fd_limit::raise_open_files();

@@ -1037,3 +1037,135 @@ async fn one_client_address_cannot_take_the_whole_http_front() {
     assert!(refused >= 1, "{refused}");
     shutdown.cancel();
 }
+
+/// A connection from `from` (a loopback address) to `to`, its echo of `msg` checked.
+async fn echoing_from(from: &str, to: SocketAddr, msg: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = socket_from(from).connect(to).await.unwrap();
+    s.write_all(msg).await.unwrap();
+    let mut back = vec![0; msg.len()];
+    tokio::time::timeout(WAIT, s.read_exact(&mut back))
+        .await
+        .expect("echo in time")
+        .expect("echo through the app");
+    assert_eq!(back, msg);
+    s
+}
+
+/// One client address holds at most `tcp_connections_per_ip` connections through the `tcp`
+/// apps: the next is closed at once (counted as the app's connection-limit refusal), another
+/// address is served meanwhile, and a closed connection gives its slot back. Before, one
+/// address could hold every tunnel stream to a device (32,768) when the policy set no
+/// `max_connections_per_client`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_address_cannot_hold_every_tcp_app_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = fast_tuning();
+    let z = TestZone::new(&["home1"]);
+    z.write_policy("apps.toml", echo_policy());
+    let mut opts = gateway_options(&z, "gw", z.gw_addr, t, Duration::from_millis(500), None);
+    opts.tcp_connections_per_ip = 3;
+    let gw = run_gateway(opts).await;
+    let _h1 = echo_node(&z, &gw, "home1", t).await;
+    let app = gw.apps["echo"];
+
+    let mut held = Vec::new();
+    for i in 0..3 {
+        held.push(echoing_from("127.0.0.1", app, format!("held {i}").as_bytes()).await);
+    }
+    // The fourth from the same address: accepted by the kernel, closed by the gateway without
+    // a byte of echo.
+    let mut fourth = tokio::net::TcpStream::connect(app).await.unwrap();
+    let _ = fourth.write_all(b"one too many").await;
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(WAIT, fourth.read(&mut buf))
+        .await
+        .expect("the gateway closes the fourth in time");
+    assert!(
+        matches!(r, Ok(0) | Err(_)),
+        "a fourth connection from one address was served: {r:?}"
+    );
+    // Another address is not affected.
+    drop(echoing_from("127.0.0.2", app, b"another client").await);
+    let mut m = tokio::net::TcpStream::connect(gw.admin).await.unwrap();
+    m.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut metrics = String::new();
+    m.read_to_string(&mut metrics).await.unwrap();
+    assert!(
+        metrics
+            .contains("zonegate_app_refusals_total{app=\"echo\",reason=\"connection_limit\"} 1\n"),
+        "the refusal is not counted:\n{metrics}"
+    );
+    // A slot comes back when a held connection ends.
+    drop(held.pop());
+    let mut back = false;
+    for _ in 0..100 {
+        if roundtrip(app, b"after one closed").await.ok().as_deref() == Some(b"after one closed") {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(back, "the closed connection's slot never came back");
+    gw.shutdown.cancel();
+}
+
+/// One client address holds at most [`gateway::listeners::UDP_FLOWS_PER_IP`] flows of a `udp`
+/// app: a host sending from thousands of source ports used to take all 4,096 flow slots, and
+/// every other client's datagrams were then dropped. Another address is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_address_cannot_take_every_udp_flow() {
+    let t = fast_tuning();
+    let z = TestZone::new(&["home1"]);
+    z.write_policy(
+        "apps.toml",
+        "[app.uecho]\nudp = { listen = \"127.0.0.1:0\" }\nto = \"home1/uecho\"\nallow = { from = [\"public\"] }\n",
+    );
+    let gw = start_gateway(&z, t, Duration::from_millis(500)).await;
+    let echo = udp_echo().await;
+    let svcs = services(&[("uecho", echo, tunnel::proto::ServiceProto::Udp)]);
+    let _h1 = start_agent(&z, "home1", svcs, vec![], t).await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let app = gw.apps["uecho"];
+
+    /// `msg` from a new socket on `from`; its echo within `within`, if any.
+    async fn flow(
+        from: &str,
+        app: SocketAddr,
+        msg: &[u8],
+        within: Duration,
+    ) -> (tokio::net::UdpSocket, Option<Vec<u8>>) {
+        let s = tokio::net::UdpSocket::bind(format!("{from}:0"))
+            .await
+            .unwrap();
+        s.send_to(msg, app).await.unwrap();
+        let mut buf = [0u8; 256];
+        let got = tokio::time::timeout(within, s.recv(&mut buf))
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .map(|n| buf[..n].to_vec());
+        (s, got)
+    }
+
+    let mut held = Vec::new();
+    for i in 0..gateway::listeners::UDP_FLOWS_PER_IP {
+        let msg = format!("flow {i}");
+        let (s, got) = flow("127.0.0.1", app, msg.as_bytes(), WAIT).await;
+        assert_eq!(got.as_deref(), Some(msg.as_bytes()), "flow {i} echoed");
+        held.push(s);
+    }
+    let (_s, got) = flow(
+        "127.0.0.1",
+        app,
+        b"one too many",
+        Duration::from_millis(500),
+    )
+    .await;
+    assert_eq!(got, None, "a flow beyond the address's limit was served");
+    let (_s, got) = flow("127.0.0.2", app, b"another client", WAIT).await;
+    assert_eq!(got.as_deref(), Some(&b"another client"[..]));
+    gw.shutdown.cancel();
+}

@@ -441,6 +441,7 @@ async fn start_with(per_ip: usize) -> Harness {
                 max_connections_per_ip: per_ip,
                 ..HttpTuning::default()
             },
+            tcp_connections_per_ip: gateway::listeners::TCP_CONNECTIONS_PER_IP,
             dns: None,
         },
         shutdown.clone(),

@@ -302,7 +302,7 @@ pub async fn start_gateway_with_dns(
 /// Binds a gateway with `opts` (it must bind) and runs it. A gateway restarted in place may
 /// find its QUIC port still held for a moment by the previous one's endpoint, which lets go
 /// of its socket only once its last connection finished draining: retried for up to 5 s.
-async fn run_gateway(opts: gateway::GatewayOptions) -> RunningGateway {
+pub async fn run_gateway(opts: gateway::GatewayOptions) -> RunningGateway {
     let shutdown = CancellationToken::new();
     let deadline = Instant::now() + Duration::from_secs(5);
     let gw = loop {
@@ -355,6 +355,7 @@ pub fn gateway_options(
         https: None,
         tls_certs: Vec::new(),
         http_tuning: Default::default(),
+        tcp_connections_per_ip: gateway::listeners::TCP_CONNECTIONS_PER_IP,
         dns,
     }
 }

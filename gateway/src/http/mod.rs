@@ -16,7 +16,6 @@
 //! - [`body`]: streamed, counted, shaped bodies; [`deadline`]: one-timer deadlines;
 //!   [`outbox`]: a response's bytes on their way out, large chunks not copied.
 //! - [`errors`]: what went wrong, whose fault it was, and the short answer a client gets.
-//! - [`per_ip`]: open connections per client address, capped.
 //! - [`tls`]: rustls configuration: SNI certificate choice, self-signed fallback.
 //! - [`metrics`], [`status_page`]: the admin API's `/metrics` and `/`.
 
@@ -27,7 +26,6 @@ pub mod h1;
 pub mod headers;
 pub mod metrics;
 pub mod outbox;
-pub mod per_ip;
 pub mod pool;
 pub mod proxy;
 pub mod route;
@@ -56,10 +54,10 @@ use tunnel::hub::Hub;
 
 use self::body::BoxError;
 use self::metrics::{ConnRefusal, HttpMetrics};
-use self::per_ip::PerIp;
 use self::pool::Pool;
 use self::server::Served;
 use self::upstream::Io;
+use crate::per_ip::{self, PerIp};
 
 /// Public HTTP connections open at once, both listeners together. Each costs a file
 /// descriptor and a task; beyond this new connections are closed at once, so a flood cannot
@@ -148,7 +146,7 @@ impl Front {
             metrics: HttpMetrics::default(),
             tuning,
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
-            per_ip: PerIp::new(tuning.max_connections_per_ip),
+            per_ip: PerIp::new(tuning.max_connections_per_ip, "HTTP"),
         }))
     }
 

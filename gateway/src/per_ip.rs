@@ -1,6 +1,7 @@
-//! Open front connections per client address, capped: one address holding every one of the
-//! front's [`super::MAX_CONNECTIONS`] slots (keep-alive connections with a request every few
-//! seconds cost it almost nothing) locked every other client out.
+//! Open public connections per client address, capped: one address holding every slot of the
+//! HTTP front's [`crate::http::MAX_CONNECTIONS`] (keep-alive connections with a request every few
+//! seconds cost it almost nothing), or every tunnel stream to a device through a `tcp` app,
+//! locked every other client out.
 //!
 //! IPv6 clients count per /64 (one host commonly has a whole /64 to pick addresses from), and
 //! per /48 together with [`SITE_FACTOR`] times the limit.
@@ -13,7 +14,7 @@ use tracing::info;
 
 /// An IPv6 site (/48) may hold this many times the per-client limit, all its /64s together: a
 /// home or a VPS often has a whole /48 or /56 (65,536 or 256 /64s), and one of them could
-/// otherwise take the whole front 1,024 connections per /64 at a time.
+/// otherwise take a whole front, 1,024 connections per /64 at a time.
 pub const SITE_FACTOR: usize = 4;
 
 /// `ip` masked to its first `bits` bits (IPv6).
@@ -34,6 +35,8 @@ fn keys(ip: IpAddr) -> (IpAddr, Option<IpAddr>) {
 #[derive(Debug)]
 pub struct PerIp {
     limit: usize,
+    /// What is counted, for the log lines ("HTTP", "public TCP").
+    what: &'static str,
     open: Mutex<Tables>,
 }
 
@@ -53,18 +56,18 @@ struct Count {
 
 impl Count {
     /// Counts a refusal; logs the first of a run.
-    fn refuse(&mut self, key: IpAddr, limit: usize, what: &str) {
+    fn refuse(&mut self, key: IpAddr, limit: usize, counted: &str, what: &str) {
         self.refused += 1;
         if self.refused == 1 {
-            info!(client = %key, limit, what, "client at its limit of open HTTP connections: refusing more until some close");
+            info!(client = %key, limit, what = counted, "client at its limit of open {what} connections: refusing more until some close");
         }
     }
 
     /// Uncounts a connection; true when nothing is left open.
-    fn release(&mut self, key: IpAddr, limit: usize, what: &str) -> bool {
+    fn release(&mut self, key: IpAddr, limit: usize, counted: &str, what: &str) -> bool {
         self.open = self.open.saturating_sub(1);
         if self.refused > 0 && self.open <= limit / 2 {
-            info!(client = %key, refused = self.refused, what, "client well under its limit of open HTTP connections again");
+            info!(client = %key, refused = self.refused, what = counted, "client well under its limit of open {what} connections again");
             self.refused = 0;
         }
         self.open == 0
@@ -81,9 +84,11 @@ pub struct IpSlot {
 
 impl PerIp {
     /// At least one connection per client: with 0 every refusal would leave an entry behind.
-    pub fn new(limit: usize) -> Arc<Self> {
+    /// `what` names the connections in log lines ("HTTP", "public TCP").
+    pub fn new(limit: usize, what: &'static str) -> Arc<Self> {
         Arc::new(PerIp {
             limit: limit.max(1),
+            what,
             open: Mutex::new(Tables::default()),
         })
     }
@@ -100,14 +105,14 @@ impl PerIp {
         let client_full = t.clients.get(&key).is_some_and(|c| c.open >= self.limit);
         if client_full {
             if let Some(c) = t.clients.get_mut(&key) {
-                c.refuse(key, self.limit, "address");
+                c.refuse(key, self.limit, "address", self.what);
             }
             return None;
         }
         if let Some(site) = site {
             let site_limit = self.site_limit();
             if let Some(s) = t.sites.get_mut(&site).filter(|s| s.open >= site_limit) {
-                s.refuse(site, site_limit, "IPv6 /48");
+                s.refuse(site, site_limit, "IPv6 /48", self.what);
                 return None;
             }
             t.sites.entry(site).or_default().open += 1;
@@ -131,6 +136,7 @@ impl PerIp {
 impl Drop for IpSlot {
     fn drop(&mut self) {
         let limit = self.table.limit;
+        let what = self.table.what;
         let site_limit = self.table.site_limit();
         let mut t = self
             .table
@@ -140,14 +146,14 @@ impl Drop for IpSlot {
         // Forgotten at zero: the tables hold clients with open connections only.
         if t.clients
             .get_mut(&self.key)
-            .is_some_and(|c| c.release(self.key, limit, "address"))
+            .is_some_and(|c| c.release(self.key, limit, "address", what))
         {
             t.clients.remove(&self.key);
         }
         if let Some(site) = self.site {
             if t.sites
                 .get_mut(&site)
-                .is_some_and(|s| s.release(site, site_limit, "IPv6 /48"))
+                .is_some_and(|s| s.release(site, site_limit, "IPv6 /48", what))
             {
                 t.sites.remove(&site);
             }
@@ -161,7 +167,7 @@ mod tests {
 
     #[test]
     fn each_client_gets_the_limit_and_slots_come_back() {
-        let t = PerIp::new(2);
+        let t = PerIp::new(2, "test");
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
         let s1 = t.admit(a).unwrap();
@@ -177,7 +183,7 @@ mod tests {
 
     #[test]
     fn an_ipv6_site_gets_four_times_the_limit_across_its_64s() {
-        let t = PerIp::new(2);
+        let t = PerIp::new(2, "test");
         let mut held = Vec::new();
         for net in 0..4 {
             for host in 1..=2 {
@@ -199,7 +205,7 @@ mod tests {
 
     #[test]
     fn ipv6_counts_per_64_and_mapped_ipv4_as_ipv4() {
-        let t = PerIp::new(1);
+        let t = PerIp::new(1, "test");
         let _s = t.admit("2001:db8:1:2::1".parse().unwrap()).unwrap();
         assert!(t.admit("2001:db8:1:2:ffff::9".parse().unwrap()).is_none());
         assert!(t.admit("2001:db8:1:3::1".parse().unwrap()).is_some());
