@@ -723,6 +723,53 @@ async fn errors_are_distinct_and_short() {
         c.body
     );
 
+    // A request target beyond 8 KiB: 414 before routing, with the limit; at 8 KiB it is
+    // routed as usual (here: no app, 404, the path clipped in the answer).
+    let long = |n: usize| format!("/{}", "l".repeat(n - 1));
+    let answer = h
+        .raw(
+            format!(
+                "GET {} HTTP/1.1\r\nHost: nobody.alice.example\r\nConnection: close\r\n\r\n",
+                long(8193)
+            )
+            .as_bytes(),
+            "long target",
+        )
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 414"), "{}", &answer[..200]);
+    assert!(answer.contains("8193 bytes; the gateway forwards at most 8192"));
+    let answer = h
+        .raw(
+            format!(
+                "GET {} HTTP/1.1\r\nHost: nobody.alice.example\r\nConnection: close\r\n\r\n",
+                long(8192)
+            )
+            .as_bytes(),
+            "target at the limit",
+        )
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{}", &answer[..200]);
+    assert!(answer.contains("…[7168 more bytes]"), "{}", &answer[..200]);
+
+    // A head trickled a few bytes per write is answered once its end arrives (it is parsed
+    // when its blank line comes, not rescanned whole after every read).
+    let mut tcp = tokio::net::TcpStream::connect(h.http).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let head = format!(
+        "GET /x HTTP/1.1\r\nHost: nobody.alice.example\r\nX-Pad: {}\r\nConnection: close\r\n\r\n",
+        "p".repeat(20_000)
+    );
+    for piece in head.as_bytes().chunks(7) {
+        tcp.write_all(piece).await.unwrap();
+    }
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer))
+        .await
+        .expect("trickled head answered in time")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+
     // The app's device is not connected: 502 naming app and device.
     let c = h.curl(&h.https_args("offline.alice.example", "/")).await;
     assert_eq!(c.code, 502, "{c:?}");
@@ -876,7 +923,9 @@ async fn errors_are_distinct_and_short() {
     // Every answer was counted by app and status.
     let m = h.admin_get("/metrics").await;
     for line in [
-        "zonegate_http_requests_total{app=\"-\",code=\"404\"} 1",
+        // No app: the first request, the 8 KiB target and the trickled head.
+        "zonegate_http_requests_total{app=\"-\",code=\"404\"} 3",
+        "zonegate_http_requests_total{app=\"-\",code=\"414\"} 1",
         "zonegate_http_requests_total{app=\"web\",code=\"400\"} 1",
         "zonegate_http_unreadable_requests_total{code=\"400\"} 1",
         "zonegate_http_requests_total{app=\"offline\",code=\"502\"} 1",

@@ -26,6 +26,8 @@ pub enum Source {
 pub enum ProxyError {
     #[error("the request names no host")]
     NoHost,
+    #[error("the request target is {len} bytes, more than {max}", max = super::proxy::MAX_TARGET)]
+    UriTooLong { len: usize },
     #[error("no app serves {host}{path}")]
     NoRoute { host: String, path: String },
     #[error("app {app} does not allow {method}")]
@@ -74,6 +76,7 @@ impl ProxyError {
     pub fn source(&self) -> Source {
         match self {
             ProxyError::NoHost
+            | ProxyError::UriTooLong { .. }
             | ProxyError::NoRoute { .. }
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::BodyStalled { .. }
@@ -97,6 +100,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoHost | ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Denied { .. } => StatusCode::FORBIDDEN,
@@ -127,6 +131,10 @@ impl ProxyError {
     pub fn body(&self) -> String {
         match self {
             ProxyError::NoHost => "400 bad request: the request names no host\n".into(),
+            ProxyError::UriTooLong { len } => format!(
+                "414 URI too long: the request target is {len} bytes; the gateway forwards at most {}\n",
+                super::proxy::MAX_TARGET
+            ),
             ProxyError::NoRoute { host, path } => {
                 format!("404 not found: no app serves {host}{path}\n")
             }

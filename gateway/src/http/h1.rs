@@ -141,6 +141,56 @@ pub(crate) fn push_chunk_size_line(out: &mut Vec<u8>, mut len: usize) {
 /// The end of a chunked body: the last chunk and an empty trailer section.
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
+/// When a head that arrives in pieces is worth parsing again. httparse keeps nothing between
+/// calls, so parsing after every read rescans the whole head: a 64 KiB head trickled a few
+/// bytes per read cost the reader a quadratic ~10⁹ byte steps. Parsing is due when the new
+/// bytes hold a blank line (a complete head ends with `\n\r\n` or `\n\n`), when the head has
+/// doubled since the last parse (so malformed bytes are still refused early, at linear cost in
+/// all), at [`MAX_HEAD`] bytes (to refuse it), and for the first bytes of each head. A parse
+/// that is not due could only have said "incomplete".
+#[derive(Debug, Default)]
+pub struct HeadScan {
+    /// Bytes of the current head already searched for its end.
+    scanned: usize,
+    /// Bytes the last parse saw (0: none yet).
+    parsed: usize,
+}
+
+impl HeadScan {
+    /// Whether `buf`, the current head grown since the last call, should be parsed now.
+    pub fn due(&mut self, buf: &[u8]) -> bool {
+        // Back two bytes: an end sequence may straddle the previous read.
+        let from = self.scanned.saturating_sub(2).min(buf.len());
+        let ended = has_blank_line(&buf[from..]);
+        self.scanned = buf.len();
+        let due = self.parsed == 0
+            || ended
+            || buf.len() >= self.parsed.saturating_mul(2)
+            || buf.len() >= MAX_HEAD;
+        if due {
+            self.parsed = buf.len();
+        }
+        due
+    }
+
+    /// The head was taken off the buffer (or refused): the next bytes start a new one.
+    pub fn reset(&mut self) {
+        *self = HeadScan::default();
+    }
+}
+
+/// Whether `b` holds the end of a header section: a line feed followed by an empty line.
+fn has_blank_line(b: &[u8]) -> bool {
+    b.iter().enumerate().any(|(i, &c)| {
+        c == b'\n'
+            && match b.get(i + 1) {
+                Some(b'\n') => true,
+                Some(b'\r') => b.get(i + 2) == Some(&b'\n'),
+                _ => false,
+            }
+    })
+}
+
 /// How a response's body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyFraming {
@@ -222,12 +272,15 @@ pub fn parse_response(
     let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
     // Names listed by `Connection` but `keep-alive` and `upgrade`, hop-by-hop names anyway:
     // most answers list no other, and then nothing is allocated.
-    let listed: Vec<&[u8]> = spans
+    // As header names (lower case, hashed), not compared with every header one by one: a
+    // 64 KiB `Connection` can list ~30,000 tokens.
+    let listed: std::collections::HashSet<HeaderName> = spans
         .iter()
         .filter(|(n, _)| raw[n.clone()].eq_ignore_ascii_case(b"connection"))
         .flat_map(|(_, v)| raw[v.clone()].split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty() && !headers::is_connection_option(t))
+        .filter_map(|t| HeaderName::from_bytes(t).ok())
         .collect();
     for (name_span, value_span) in spans {
         let name_bytes = &raw[name_span];
@@ -262,10 +315,7 @@ pub fn parse_response(
                 keep_alive_token |= t.eq_ignore_ascii_case(b"keep-alive");
             }
         }
-        let hop = headers::is_hop_by_hop(&name)
-            || listed
-                .iter()
-                .any(|t| t.eq_ignore_ascii_case(name.as_str().as_bytes()));
+        let hop = headers::is_hop_by_hop(&name) || listed.contains(&name);
         if hop && !(upgrade && name == header::UPGRADE && !headers.contains_key(header::UPGRADE)) {
             continue;
         }
@@ -546,6 +596,60 @@ mod tests {
         let mut b = BytesMut::from(s.as_bytes());
         let r = parse_response(&mut b, false)?;
         Ok(r.map(|h| (h, s.len() - b.len())))
+    }
+
+    #[test]
+    fn head_scan_parses_a_trickled_head_a_logarithmic_number_of_times() {
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 0\r\n\r\n",
+            "a".repeat(60_000)
+        );
+        let mut scan = HeadScan::default();
+        let mut buf = BytesMut::new();
+        let mut parses = 0;
+        let mut got = None;
+        for &byte in head.as_bytes() {
+            buf.extend_from_slice(&[byte]);
+            if scan.due(&buf) {
+                parses += 1;
+                if let Some(h) = parse_response(&mut buf, false).unwrap() {
+                    got = Some(h);
+                    scan.reset();
+                }
+            }
+        }
+        let h = got.expect("the complete head parses the moment its blank line arrives");
+        assert_eq!(h.status, StatusCode::OK);
+        assert!(buf.is_empty());
+        // 1, 2, 4, … 32,768, 60,0xx bytes, then the blank line: a handful, not 60,000.
+        assert!(parses <= 20, "{parses} parses");
+    }
+
+    #[test]
+    fn head_scan_finds_every_end_and_refuses_early() {
+        // Bare-LF heads end too, and an end split across reads is found.
+        for end in ["\r\n\r\n", "\n\n", "\r\n\n"] {
+            let head = format!("HTTP/1.1 204 No Content\r\nx-a: {}{end}", "b".repeat(300));
+            let mut scan = HeadScan::default();
+            assert!(scan.due(&head.as_bytes()[..10]));
+            let mut due_at_end = false;
+            for len in 11..=head.len() {
+                due_at_end = scan.due(&head.as_bytes()[..len]);
+            }
+            assert!(due_at_end, "{end:?}");
+        }
+        // Garbage is parsed (and refused) by the time it has doubled from its first read.
+        let mut scan = HeadScan::default();
+        assert!(scan.due(b"\x16\x03\x01"));
+        assert!(!scan.due(b"\x16\x03\x01\x02"));
+        assert!(scan.due(b"\x16\x03\x01\x02\x00\x01"));
+        let mut refused = BytesMut::from(&b"\x16\x03\x01\x02\x00\x01"[..]);
+        assert!(parse_response(&mut refused, false).is_err());
+        // And at the limit, so a head that never ends is refused at MAX_HEAD.
+        let mut scan = HeadScan::default();
+        let big = vec![b'a'; MAX_HEAD];
+        assert!(scan.due(&big[..MAX_HEAD / 2 + 1]));
+        assert!(scan.due(&big));
     }
 
     #[test]

@@ -25,6 +25,28 @@ use super::server::ClientUpgrade;
 use super::upstream::{Outgoing, SendError, UpBody, Upgraded, Upstream};
 use super::Front;
 
+/// Longest request target (path and query) the front forwards; longer ones are answered 414,
+/// as nginx does beyond its 8 KiB request-line buffer.
+pub const MAX_TARGET: usize = 8 * 1024;
+
+/// Bytes of a request path written into a log line or an error: a client can send 64 KiB
+/// paths, and each request's line (twice, in `path=` and in a 404's `error=`) grew by that
+/// much, tying the front's rate to the log's disk.
+const LOG_PATH_MAX: usize = 1024;
+
+/// `path` as logged: whole up to [`LOG_PATH_MAX`] bytes, else its start and how much was cut.
+fn clipped(path: &str) -> std::borrow::Cow<'_, str> {
+    if path.len() <= LOG_PATH_MAX {
+        return path.into();
+    }
+    // A URI path is ASCII; the boundary search only matters if that ever changes.
+    let mut end = LOG_PATH_MAX;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…[{} more bytes]", &path[..end], path.len() - end).into()
+}
+
 /// Methods tried when telling a client which ones an app allows (`Allow` of a 405).
 const KNOWN_METHODS: [Method; 7] = [
     Method::GET,
@@ -126,7 +148,7 @@ impl LineFields<'_> {
         w.write_str(" method=")?;
         w.write_str(log.method.as_str())?;
         w.write_str(" path=")?;
-        w.write_str(log.uri.path())?;
+        w.write_str(&clipped(log.uri.path()))?;
         w.write_str(" status=")?;
         w.write_str(int.format(log.status))?;
         w.write_str(" bytes_in=")?;
@@ -300,6 +322,12 @@ async fn forward(
     upgrade: Option<HeaderValue>,
     log: &mut RequestLog,
 ) -> Result<(Answer, PoolKey), ProxyError> {
+    // Before anything reads the path: routing and each rule's paths normalize it, and a 64 KiB
+    // target took that work dozens of times per request.
+    let target_len = log.uri.path_and_query().map_or(0, |p| p.as_str().len());
+    if target_len > MAX_TARGET {
+        return Err(ProxyError::UriTooLong { len: target_len });
+    }
     let host = route::request_host(&parts).ok_or(ProxyError::NoHost)?;
     let active = front.hub().policy().current();
     let app = active
@@ -307,12 +335,12 @@ async fn forward(
         .route_http(host, log.uri.path())
         .ok_or_else(|| ProxyError::NoRoute {
             host: host.to_owned(),
-            path: log.uri.path().to_owned(),
+            path: clipped(log.uri.path()).into_owned(),
         })?;
     let Listener::Http(http_route) = &app.listener else {
         return Err(ProxyError::NoRoute {
             host: host.to_owned(),
-            path: log.uri.path().to_owned(),
+            path: clipped(log.uri.path()).into_owned(),
         });
     };
     let state = active.state(app);
@@ -672,5 +700,15 @@ mod tests {
             let p = format!("/{}", "q".repeat(extra));
             assert_eq!(line(&log(&p, None)).len(), base + extra);
         }
+    }
+
+    #[test]
+    fn a_huge_path_is_logged_clipped_with_what_was_cut() {
+        let path = format!("/{}", "z".repeat(60_000));
+        let l = line(&log(&path, None));
+        let shown = format!(" path=/{}…[58977 more bytes] status=200 ", "z".repeat(1023));
+        assert!(l.contains(&shown), "{}", &l[..200]);
+        assert!(l.len() < 1200, "{}", l.len());
+        assert_eq!(clipped("/short"), "/short");
     }
 }

@@ -94,6 +94,8 @@ struct Wire {
     /// None once handed over (upgrade, HTTP/2).
     io: Option<Box<dyn Io>>,
     buf: BytesMut,
+    /// When the request head being read is worth parsing again.
+    scan: h1::HeadScan,
     body: BodyState,
 }
 
@@ -150,6 +152,7 @@ where
     let wire: Shared = Arc::new(Mutex::new(Wire {
         io: Some(io),
         buf: BytesMut::new(),
+        scan: h1::HeadScan::default(),
         body: BodyState {
             request: 0,
             left: Left::Done,
@@ -343,11 +346,17 @@ impl Wire {
                         None => {}
                     }
                 }
-                if !*sniff {
+                if !*sniff && self.scan.due(&self.buf) {
                     match server_h1::parse_request(&mut self.buf) {
-                        Ok(Some(h)) => return Poll::Ready(Next::Head(h)),
+                        Ok(Some(h)) => {
+                            self.scan.reset();
+                            return Poll::Ready(Next::Head(h));
+                        }
                         Ok(None) => {}
-                        Err(e) => return Poll::Ready(Next::Bad(e)),
+                        Err(e) => {
+                            self.scan.reset();
+                            return Poll::Ready(Next::Bad(e));
+                        }
                     }
                 }
             }

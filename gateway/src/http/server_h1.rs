@@ -15,8 +15,9 @@ use http::{Method, Request, StatusCode, Uri, Version};
 use super::h1;
 use super::headers;
 
-/// A request head larger than this is answered 431 (nginx allows 4 × 8 KiB by default).
-pub const MAX_HEAD: usize = 64 * 1024;
+/// A request head larger than this is answered 431 (nginx allows 4 × 8 KiB by default). The
+/// same as a response head's: [`h1::HeadScan`] parses a growing head of either at this size.
+pub const MAX_HEAD: usize = h1::MAX_HEAD;
 /// Header lines in a request head (hyper's limit too).
 pub const MAX_HEADERS: usize = 100;
 

@@ -147,6 +147,8 @@ pub(crate) fn poll_write_all(
 pub struct Upstream {
     io: Box<dyn UpIo>,
     buf: BytesMut,
+    /// When the response head being read is worth parsing again.
+    scan: h1::HeadScan,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -409,6 +411,7 @@ impl Upstream {
         Upstream {
             io: Box::new(io),
             buf: BytesMut::new(),
+            scan: h1::HeadScan::default(),
         }
     }
 
@@ -491,8 +494,12 @@ impl Upstream {
         answered: &mut bool,
     ) -> Poll<Result<h1::ResponseHead, UpstreamError>> {
         loop {
-            if !self.buf.is_empty() {
-                if let Some(head) = h1::parse_response(&mut self.buf, head_request)? {
+            if !self.buf.is_empty() && self.scan.due(&self.buf) {
+                let parsed = h1::parse_response(&mut self.buf, head_request);
+                if !matches!(parsed, Ok(None)) {
+                    self.scan.reset();
+                }
+                if let Some(head) = parsed? {
                     // Interim answers (100 Continue, 103 Early Hints) are not forwarded.
                     if head.status.is_informational()
                         && head.status != StatusCode::SWITCHING_PROTOCOLS
