@@ -118,9 +118,9 @@ pub struct ZoneRecords {
 impl ZoneRecords {
     /// Builds the records of `zone`, publishing its own TXT strings.
     pub fn new(zone: &SignedZone) -> Result<Self, RecordsError> {
-        // Base58 is quadratic in its input (seconds for a zone near the limit): refuse a zone
-        // that cannot fit before encoding it. Base58 of n bytes is at least n·log(256)/log(58)
-        // ≈ 1.3657·n characters (one more per leading zero byte).
+        // Refuse a zone that cannot fit before encoding it: base58 of n bytes (JSON has no zero
+        // bytes) is at least n·log(256)/log(58) ≈ 1.3657·n characters, in one text or in
+        // slices, and every string adds its header.
         let json = zone.to_json_compact();
         let at_least = json.len().saturating_mul(13_657) / 10_000;
         if at_least > MAX_TXT_RDATA {
@@ -291,6 +291,18 @@ fn answer<'a>(
             .collect()
     };
     if qtype == RecordType::ANY {
+        // A node of one RRset (`_zonegate`: its ~60 KB TXT) is answered without a copy: a
+        // 40-byte spoofable UDP query used to clone it all, only to be truncated.
+        if let ([set], None) = (sets, synth) {
+            if set.records.is_empty() {
+                return Lookup::NoData;
+            }
+            return Lookup::Found {
+                answers: Cow::Borrowed(set.records.as_slice()),
+                additionals: Cow::Borrowed(&[]),
+                wire_len: set.wire_len(qname),
+            };
+        }
         // Every RRset of the node (a handful at most); no glue.
         let all: Vec<Record> = sets
             .iter()
@@ -434,6 +446,36 @@ mod tests {
         assert_eq!(got, zone_core::txt::to_txt(&z));
         assert!(got.len() > 1, "the test zone should need several chunks");
         assert_eq!(zone_core::txt::from_txt(&got).unwrap(), z);
+    }
+
+    #[test]
+    fn any_answers_every_set_and_the_zone_txt_without_a_copy() {
+        let (_, z) = zone();
+        let r = ZoneRecords::new(&z).unwrap();
+        let txt = lname("_zonegate.alice.example.");
+        let Lookup::Found {
+            answers, wire_len, ..
+        } = r.lookup(&txt, RecordType::ANY)
+        else {
+            panic!("no ANY answer at _zonegate")
+        };
+        assert!(matches!(answers, Cow::Borrowed(_)), "the TXT was copied");
+        assert_eq!(
+            answers.as_ref(),
+            found(r.lookup(&txt, RecordType::TXT)).as_slice()
+        );
+        let Lookup::Found {
+            wire_len: txt_len, ..
+        } = r.lookup(&txt, RecordType::TXT)
+        else {
+            panic!("no TXT")
+        };
+        assert_eq!(wire_len, txt_len);
+        // The apex has several sets (SOA, NS, A, …): all of them.
+        let apex = found(r.lookup(&lname("alice.example."), RecordType::ANY));
+        for t in [RecordType::SOA, RecordType::NS] {
+            assert!(apex.iter().any(|rec| rec.record_type() == t), "{t} missing");
+        }
     }
 
     #[test]

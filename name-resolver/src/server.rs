@@ -2,7 +2,7 @@
 //! small accept loop of our own (hickory's has no bound on open connections) that reuses
 //! hickory's framing and response path. Follows the zone the gateway holds without a restart.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +28,10 @@ use crate::records::ZoneRecords;
 /// Open TCP connections at once. Resolvers use TCP only after a truncated answer, so a few
 /// hundred covers a busy zone while a flood of idle connections cannot exhaust file descriptors.
 pub const MAX_TCP_CONNECTIONS: usize = 256;
+/// Of those, connections one client address (IPv6: its /64) may hold: a resolver needs one or
+/// two, and one address keeping all of them busy with a query every few seconds shut every
+/// node out of fetching the zone config (its TXT answer needs TCP).
+pub const MAX_TCP_PER_CLIENT: usize = 16;
 /// A TCP connection that sends no complete query for this long is closed (RFC 7766 §6.2.3
 /// recommends seconds, not minutes, for servers).
 pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -156,9 +160,9 @@ impl DnsServer {
 
     /// Like [`run`](DnsServer::run), starting with records the caller built already (the
     /// gateway builds them before it starts serving anything, to refuse a zone DNS cannot
-    /// carry). A new serial's records are built on a blocking thread — base58 of a large zone
-    /// takes seconds (quadratic in its size) and would stall every task of the runtime — and
-    /// a serial that cannot be built is not tried again.
+    /// carry). A new serial's records are built on a blocking thread (tens of milliseconds for a
+    /// zone near the limit: no runtime task waits on it), and a serial that cannot be built is
+    /// not tried again.
     pub async fn run_with(
         self,
         first: ZoneRecords,
@@ -281,21 +285,70 @@ impl DnsServer {
     }
 }
 
-/// Accepts TCP connections up to [`MAX_TCP_CONNECTIONS`], each served in its own task.
+/// Open DNS-over-TCP connections by client (an IPv4 address, an IPv6 /64).
+#[derive(Debug, Default)]
+struct PerClient(std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>);
+
+/// One counted connection; dropping it uncounts it.
+struct ClientSlot {
+    table: Arc<PerClient>,
+    key: IpAddr,
+}
+
+impl PerClient {
+    fn key(ip: IpAddr) -> IpAddr {
+        match ip.to_canonical() {
+            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !(u128::MAX >> 64)).into()),
+            v4 => v4,
+        }
+    }
+
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
+        let key = Self::key(ip);
+        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = t.entry(key).or_default();
+        if *n >= MAX_TCP_PER_CLIENT {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            table: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut t = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = t.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            // Forgotten at zero: the table holds clients with open connections only.
+            if *n == 0 {
+                t.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Accepts TCP connections up to [`MAX_TCP_CONNECTIONS`], at most [`MAX_TCP_PER_CLIENT`] per
+/// client, each served in its own task.
 async fn tcp_accept_loop(listener: TcpListener, handler: ZoneHandler, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+    let per_client = Arc::new(PerClient::default());
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => match slots.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        conns.spawn(serve_tcp(stream, peer, handler.clone(), permit));
+                Ok((stream, peer)) => match (per_client.admit(peer.ip()), slots.clone().try_acquire_owned()) {
+                    (None, _) => debug!(%peer, "DNS over TCP: this client's connection limit reached, closing"),
+                    (Some(slot), Ok(permit)) => {
+                        conns.spawn(serve_tcp(stream, peer, handler.clone(), (permit, slot)));
                     }
                     // Closing at once tells the client to go elsewhere, instead of queueing it.
-                    Err(_) => debug!(%peer, "DNS over TCP: connection limit reached, closing"),
+                    (Some(_), Err(_)) => debug!(%peer, "DNS over TCP: connection limit reached, closing"),
                 },
                 Err(error) => {
                     // Usually out of file descriptors: back off instead of spinning on accept.
@@ -314,7 +367,7 @@ async fn serve_tcp(
     stream: TcpStream,
     peer: SocketAddr,
     handler: ZoneHandler,
-    _permit: OwnedSemaphorePermit,
+    _slots: (OwnedSemaphorePermit, ClientSlot),
 ) {
     // Answers are small and clients pipeline queries: without this, Nagle holds each small
     // answer back waiting for the client's delayed ACK (dnsperf over TCP: 15k -> 21k queries/s).

@@ -5,3 +5,4 @@ mod bootstrap;
 mod common;
 mod digs;
 mod serial;
+mod tcp_limits;

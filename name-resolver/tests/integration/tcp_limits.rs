@@ -1,0 +1,76 @@
+//! DNS over TCP per client: one address holds at most `MAX_TCP_PER_CLIENT` connections, so it
+//! cannot keep all of the server's TCP slots busy (a node fetching the zone config needs TCP:
+//! its TXT answer is larger than a UDP answer may be).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hickory_proto::op::{Message, Query};
+use hickory_proto::rr::{Name, RecordType};
+use name_resolver::server::MAX_TCP_PER_CLIENT;
+use name_resolver::testzone;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::Running;
+
+/// A TCP connection from `from` with one SOA query answered on it; `None` if the server closed
+/// it without an answer.
+async fn answered_from(from: &str, server: SocketAddr, id: u16) -> Option<TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut s = sock.connect(server).await.unwrap();
+    let mut m = Message::new();
+    m.set_id(id);
+    m.add_query(Query::query(
+        Name::from_ascii("alice.example.").unwrap(),
+        RecordType::SOA,
+    ));
+    let q = m.to_vec().unwrap();
+    let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+    framed.extend(q);
+    // A closed connection may refuse the write too; either way there is no answer.
+    s.write_all(&framed).await.ok()?;
+    let mut len = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut len))
+        .await
+        .expect("an answer or a close in time")
+        .ok()?;
+    let mut body = vec![0; u16::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).await.unwrap();
+    let answer = Message::from_vec(&body).unwrap();
+    assert_eq!(answer.id(), id);
+    assert!(!answer.answers().is_empty(), "{answer:?}");
+    Some(s)
+}
+
+#[tokio::test]
+async fn one_address_holds_at_most_its_share_of_tcp_connections() {
+    let server = Running::start(testzone::zone().1).await;
+    let mut held = Vec::new();
+    for i in 0..MAX_TCP_PER_CLIENT {
+        let s = answered_from("127.0.0.1", server.addr, i as u16).await;
+        held.push(s.unwrap_or_else(|| panic!("connection {i} was not served")));
+    }
+    assert!(
+        answered_from("127.0.0.1", server.addr, 900).await.is_none(),
+        "a connection beyond the address's limit was served"
+    );
+    assert!(
+        answered_from("127.0.0.2", server.addr, 901).await.is_some(),
+        "another address is not affected"
+    );
+    // A closed connection gives its slot back (its task ends a moment after the close).
+    drop(held.pop());
+    let mut back = false;
+    for _ in 0..50 {
+        if answered_from("127.0.0.1", server.addr, 902).await.is_some() {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(back, "the slot of a closed connection never came back");
+    drop(held);
+    server.stop().await;
+}
