@@ -159,14 +159,18 @@ pub struct HeadScan {
 impl HeadScan {
     /// Whether `buf`, the current head grown since the last call, should be parsed now.
     pub fn due(&mut self, buf: &[u8]) -> bool {
+        // The first bytes are parsed unsearched: most heads arrive whole in one read, and
+        // searching them first cost ~2,000 instructions per proxied request (front_cost.sh).
+        if self.parsed == 0 {
+            self.scanned = buf.len();
+            self.parsed = buf.len().max(1);
+            return true;
+        }
         // Back two bytes: an end sequence may straddle the previous read.
         let from = self.scanned.saturating_sub(2).min(buf.len());
         let ended = has_blank_line(&buf[from..]);
         self.scanned = buf.len();
-        let due = self.parsed == 0
-            || ended
-            || buf.len() >= self.parsed.saturating_mul(2)
-            || buf.len() >= MAX_HEAD;
+        let due = ended || buf.len() >= self.parsed.saturating_mul(2) || buf.len() >= MAX_HEAD;
         if due {
             self.parsed = buf.len();
         }
