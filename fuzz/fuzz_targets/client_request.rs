@@ -1,6 +1,7 @@
 //! Fuzzes what a public client sends the front's HTTP/1.x server (`gateway::http::server_h1`):
 //! the request head parser, fed the way the connection feeds it (the bytes arrive in pieces;
-//! unconsumed bytes stay in the buffer), the chunked decoder on what follows a chunked head,
+//! unconsumed bytes stay in the buffer; parsed when `HeadScan` says so, and never missing a
+//! complete head), the chunked decoder on what follows a chunked head,
 //! and the response head written back with the request's headers in it.
 //!
 //! Input: one flags byte (bits 0–6: the piece size, 1–128), then the client's bytes.
@@ -15,7 +16,7 @@
 #![no_main]
 
 use bytes::BytesMut;
-use gateway::http::h1::{parse_response, BodyFraming, ChunkedDecoder};
+use gateway::http::h1::{parse_response, BodyFraming, ChunkedDecoder, HeadScan};
 use gateway::http::server_h1::{
     encode_response_head, parse_request, BodyLen, ConnHeader, RequestError, RequestHead, RespBody,
 };
@@ -24,17 +25,26 @@ use libfuzzer_sys::fuzz_target;
 
 fn head_in_pieces(data: &[u8], step: usize) -> Result<Option<(RequestHead, usize)>, RequestError> {
     let mut buf = BytesMut::new();
+    let mut scan = HeadScan::default();
     let mut fed = 0;
     while fed < data.len() {
         let end = (fed + step).min(data.len());
         buf.extend_from_slice(&data[fed..end]);
         fed = end;
+        // Parsed when the connection would parse it (HeadScan), not after every piece.
+        if !scan.due(&buf) {
+            continue;
+        }
         let before = buf.clone();
         match parse_request(&mut buf)? {
             Some(h) => return Ok(Some((h, fed - buf.len()))),
             None => assert_eq!(buf, before, "an incomplete head changed the buffer"),
         }
     }
+    // All bytes are in: a complete head HeadScan did not call due would hang a connection.
+    let mut last = buf.clone();
+    let end = parse_request(&mut last)?;
+    assert!(end.is_none(), "HeadScan missed a complete head");
     Ok(None)
 }
 
