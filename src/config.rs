@@ -138,6 +138,20 @@ pub fn tcp_connections_per_ip(file: &Path, n: Option<usize>) -> Result<usize, Us
     }
 }
 
+/// The per-client flow limit of each `udp` app: 1 to the flows an app keeps.
+pub fn udp_flows_per_ip(file: &Path, n: Option<usize>) -> Result<usize, UsageError> {
+    let max = gateway::listeners::MAX_UDP_CLIENTS;
+    let default = gateway::listeners::UDP_FLOWS_PER_IP;
+    match n {
+        None => Ok(default),
+        Some(n) if (1..=max).contains(&n) => Ok(n),
+        Some(n) => Err(UsageError(format!(
+            "{}: udp_flows_per_ip = {n}: expected 1 to {max} (the flows one udp app keeps), or leave it out for the default {default}",
+            file.display()
+        ))),
+    }
+}
+
 /// A public listener setting: `"off"` or `"IP:PORT"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
@@ -219,6 +233,9 @@ pub struct GatewayFile {
     /// Connections one client address (IPv6: its /64) may have open through all `tcp` apps
     /// together (default [`gateway::listeners::TCP_CONNECTIONS_PER_IP`]).
     pub tcp_connections_per_ip: Option<usize>,
+    /// Flows of one `udp` app one client address (IPv6: its /64) may have (default
+    /// [`gateway::listeners::UDP_FLOWS_PER_IP`]).
+    pub udp_flows_per_ip: Option<usize>,
 }
 
 /// Reads and parses a TOML config file; errors name the file, line and column.
@@ -432,6 +449,11 @@ mod tests {
             assert!(
                 e.contains("gateway.toml: tcp_connections_per_ip")
                     && e.contains("expected 1 to 32768"),
+                "{e}"
+            );
+            let e = udp_flows_per_ip(f, Some(bad)).unwrap_err().to_string();
+            assert!(
+                e.contains("gateway.toml: udp_flows_per_ip") && e.contains("expected 1 to 4096"),
                 "{e}"
             );
             let e = http_connections_per_ip(f, Some(bad))

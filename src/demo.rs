@@ -224,6 +224,7 @@ async fn run_async(dir: PathBuf, check: bool) -> anyhow::Result<()> {
             tls_certs: Vec::new(),
             http_tuning: Default::default(),
             tcp_connections_per_ip: gateway::listeners::TCP_CONNECTIONS_PER_IP,
+            udp_flows_per_ip: gateway::listeners::UDP_FLOWS_PER_IP,
             dns: Some(dns),
         },
         shutdown.clone(),

@@ -27,9 +27,10 @@ use crate::per_ip::{IpSlot, PerIp};
 
 /// Distinct public clients of one UDP app tracked at once; beyond, new clients are dropped
 /// (bounded memory under a spoofed-source flood).
-const MAX_UDP_CLIENTS: usize = 4096;
-/// Of those, flows from one client address (IPv6: its /64): a sixteenth, so one host sending
-/// from thousands of source ports cannot take every slot and have everyone else dropped.
+pub const MAX_UDP_CLIENTS: usize = 4096;
+/// Default of the flows of one `udp` app from one client address (IPv6: its /64; gateway.toml
+/// `udp_flows_per_ip`): a sixteenth of [`MAX_UDP_CLIENTS`], so one host sending from thousands
+/// of source ports cannot take every slot and have everyone else dropped.
 pub const UDP_FLOWS_PER_IP: usize = MAX_UDP_CLIENTS / 16;
 /// Default of the open connections one client address (IPv6: its /64) may have through all
 /// `tcp` apps together (gateway.toml `tcp_connections_per_ip`), as the HTTP front's default:
@@ -71,6 +72,8 @@ pub struct Listeners {
     running: HashMap<(Kind, SocketAddr), Running>,
     /// Open connections per client address through every `tcp` app together.
     tcp_per_ip: Arc<PerIp>,
+    /// Flows of one `udp` app per client address.
+    udp_per_ip: usize,
     /// Binds that failed, with their error: retried at every [`Listeners::reconcile`], and
     /// reported again only when the error changes.
     failed: HashMap<(Kind, SocketAddr), String>,
@@ -105,11 +108,21 @@ pub fn wanted(policy: &policies::CompiledPolicy) -> HashMap<(Kind, SocketAddr), 
 
 impl Listeners {
     /// No listeners yet; `reserved` are the gateway's own sockets (see [`Listeners::reserved`]);
-    /// one client address may hold `tcp_per_ip` connections through the `tcp` apps.
-    pub fn new(reserved: Vec<(Kind, SocketAddr, &'static str)>, tcp_per_ip: usize) -> Self {
+    /// one client address may hold `tcp_per_ip` connections through the `tcp` apps and
+    /// `udp_per_ip` flows of each `udp` app.
+    pub fn new(
+        reserved: Vec<(Kind, SocketAddr, &'static str)>,
+        tcp_per_ip: usize,
+        udp_per_ip: usize,
+    ) -> Self {
         Listeners {
             running: HashMap::new(),
-            tcp_per_ip: PerIp::new(tcp_per_ip, "public TCP"),
+            tcp_per_ip: PerIp::new(
+                tcp_per_ip,
+                "public TCP connections",
+                "tcp_connections_per_ip",
+            ),
+            udp_per_ip,
             failed: HashMap::new(),
             reserved,
             published: Arc::default(),
@@ -167,7 +180,7 @@ impl Listeners {
                     std::io::ErrorKind::AddrInUse,
                     format!("the gateway's own `{setting}` ({addr}, gateway.toml) uses that port: give the app another one"),
                 )),
-                None => bind(hub, key, &self.tcp_per_ip, shutdown, replacing).await,
+                None => bind(hub, key, &self.tcp_per_ip, self.udp_per_ip, shutdown, replacing).await,
             };
             match r {
                 Ok((bound, stop, task)) => {
@@ -219,6 +232,7 @@ async fn bind(
     hub: &Hub,
     key: (Kind, SocketAddr),
     tcp_per_ip: &Arc<PerIp>,
+    udp_per_ip: usize,
     shutdown: &CancellationToken,
     replacing: bool,
 ) -> std::io::Result<(SocketAddr, CancellationToken, JoinHandle<()>)> {
@@ -244,7 +258,13 @@ async fn bind(
             }),
             Kind::Udp => tunnel::sockets::udp(key.1).map(|s| {
                 let bound = s.local_addr().unwrap_or(key.1);
-                let task = tokio::spawn(udp_loop(hub.clone(), key.1, Arc::new(s), stop.clone()));
+                let task = tokio::spawn(udp_loop(
+                    hub.clone(),
+                    key.1,
+                    Arc::new(s),
+                    udp_per_ip,
+                    stop.clone(),
+                ));
                 (bound, stop, task)
             }),
         };
@@ -392,7 +412,7 @@ struct ClientFlow {
     app: String,
     /// The client's datagrams dropped as too large for the tunnel (in the flow's done line).
     dropped: Arc<AtomicU64>,
-    /// Counts the flow against its client address's [`UDP_FLOWS_PER_IP`].
+    /// Counts the flow against its client address's `udp_flows_per_ip`.
     _slot: IpSlot,
 }
 
@@ -408,9 +428,15 @@ impl ClientFlow {
     }
 }
 
-async fn udp_loop(hub: Hub, listen: SocketAddr, sock: Arc<UdpSocket>, stop: CancellationToken) {
+async fn udp_loop(
+    hub: Hub,
+    listen: SocketAddr,
+    sock: Arc<UdpSocket>,
+    flows_per_ip: usize,
+    stop: CancellationToken,
+) {
     let mut clients: HashMap<SocketAddr, ClientFlow> = HashMap::new();
-    let per_ip = PerIp::new(UDP_FLOWS_PER_IP, "public UDP");
+    let per_ip = PerIp::new(flows_per_ip, "UDP flows of one app", "udp_flows_per_ip");
     let mut buf = vec![0u8; UDP_READ];
     let mut sweep = tokio::time::interval(Duration::from_secs(10));
     let idle = hub.tuning().udp_flow_idle;

@@ -35,8 +35,10 @@ fn keys(ip: IpAddr) -> (IpAddr, Option<IpAddr>) {
 #[derive(Debug)]
 pub struct PerIp {
     limit: usize,
-    /// What is counted, for the log lines ("HTTP", "public TCP").
+    /// What is counted ("HTTP connections", …) and the gateway.toml key that sets the
+    /// limit, for the log lines.
     what: &'static str,
+    setting: &'static str,
     open: Mutex<Tables>,
 }
 
@@ -56,10 +58,10 @@ struct Count {
 
 impl Count {
     /// Counts a refusal; logs the first of a run.
-    fn refuse(&mut self, key: IpAddr, limit: usize, counted: &str, what: &str) {
+    fn refuse(&mut self, key: IpAddr, limit: usize, counted: &str, what: &str, setting: &str) {
         self.refused += 1;
         if self.refused == 1 {
-            info!(client = %key, limit, what = counted, "client at its limit of open {what} connections: refusing more until some close");
+            info!(client = %key, limit, what = counted, "client at its limit of open {what}: refusing more until some close (a shared address that needs more: raise {setting} in gateway.toml)");
         }
     }
 
@@ -67,7 +69,7 @@ impl Count {
     fn release(&mut self, key: IpAddr, limit: usize, counted: &str, what: &str) -> bool {
         self.open = self.open.saturating_sub(1);
         if self.refused > 0 && self.open <= limit / 2 {
-            info!(client = %key, refused = self.refused, what = counted, "client well under its limit of open {what} connections again");
+            info!(client = %key, refused = self.refused, what = counted, "client well under its limit of open {what} again");
             self.refused = 0;
         }
         self.open == 0
@@ -84,11 +86,13 @@ pub struct IpSlot {
 
 impl PerIp {
     /// At least one connection per client: with 0 every refusal would leave an entry behind.
-    /// `what` names the connections in log lines ("HTTP", "public TCP").
-    pub fn new(limit: usize, what: &'static str) -> Arc<Self> {
+    /// `what` names the connections in log lines ("HTTP connections"), `setting` the
+    /// gateway.toml key that sets `limit`.
+    pub fn new(limit: usize, what: &'static str, setting: &'static str) -> Arc<Self> {
         Arc::new(PerIp {
             limit: limit.max(1),
             what,
+            setting,
             open: Mutex::new(Tables::default()),
         })
     }
@@ -105,14 +109,14 @@ impl PerIp {
         let client_full = t.clients.get(&key).is_some_and(|c| c.open >= self.limit);
         if client_full {
             if let Some(c) = t.clients.get_mut(&key) {
-                c.refuse(key, self.limit, "address", self.what);
+                c.refuse(key, self.limit, "address", self.what, self.setting);
             }
             return None;
         }
         if let Some(site) = site {
             let site_limit = self.site_limit();
             if let Some(s) = t.sites.get_mut(&site).filter(|s| s.open >= site_limit) {
-                s.refuse(site, site_limit, "IPv6 /48", self.what);
+                s.refuse(site, site_limit, "IPv6 /48", self.what, self.setting);
                 return None;
             }
             t.sites.entry(site).or_default().open += 1;
@@ -167,7 +171,7 @@ mod tests {
 
     #[test]
     fn each_client_gets_the_limit_and_slots_come_back() {
-        let t = PerIp::new(2, "test");
+        let t = PerIp::new(2, "test connections", "test_setting");
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
         let s1 = t.admit(a).unwrap();
@@ -183,7 +187,7 @@ mod tests {
 
     #[test]
     fn an_ipv6_site_gets_four_times_the_limit_across_its_64s() {
-        let t = PerIp::new(2, "test");
+        let t = PerIp::new(2, "test connections", "test_setting");
         let mut held = Vec::new();
         for net in 0..4 {
             for host in 1..=2 {
@@ -205,7 +209,7 @@ mod tests {
 
     #[test]
     fn ipv6_counts_per_64_and_mapped_ipv4_as_ipv4() {
-        let t = PerIp::new(1, "test");
+        let t = PerIp::new(1, "test connections", "test_setting");
         let _s = t.admit("2001:db8:1:2::1".parse().unwrap()).unwrap();
         assert!(t.admit("2001:db8:1:2:ffff::9".parse().unwrap()).is_none());
         assert!(t.admit("2001:db8:1:3::1".parse().unwrap()).is_some());

@@ -51,6 +51,9 @@ pub struct GatewayOptions {
     /// Connections one client address (IPv6: its /64) may have open through all `tcp` apps
     /// together ([`crate::listeners::TCP_CONNECTIONS_PER_IP`] by default).
     pub tcp_connections_per_ip: usize,
+    /// Flows of one `udp` app one client address may have
+    /// ([`crate::listeners::UDP_FLOWS_PER_IP`] by default).
+    pub udp_flows_per_ip: usize,
     /// Authoritative DNS for the zone (UDP and TCP on this address); `None`: no DNS.
     pub dns: Option<SocketAddr>,
 }
@@ -200,7 +203,8 @@ impl Gateway {
         for (_, l) in &forwards {
             own(Kind::Tcp, l.local_addr(), "forward");
         }
-        let mut listeners = Listeners::new(reserved, opts.tcp_connections_per_ip);
+        let mut listeners =
+            Listeners::new(reserved, opts.tcp_connections_per_ip, opts.udp_flows_per_ip);
         let errors = listeners.reconcile(&hub, &shutdown).await;
         if !errors.is_empty() {
             shutdown.cancel();

@@ -1112,9 +1112,9 @@ async fn one_client_address_cannot_hold_every_tcp_app_connection() {
     gw.shutdown.cancel();
 }
 
-/// One client address holds at most [`gateway::listeners::UDP_FLOWS_PER_IP`] flows of a `udp`
-/// app: a host sending from thousands of source ports used to take all 4,096 flow slots, and
-/// every other client's datagrams were then dropped. Another address is served meanwhile.
+/// One client address holds at most `udp_flows_per_ip` flows of a `udp` app (8 here; 256 by
+/// default): a host sending from thousands of source ports used to take all 4,096 flow slots,
+/// and every other client's datagrams were then dropped. Another address is served meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_address_cannot_take_every_udp_flow() {
     let t = fast_tuning();
@@ -1123,7 +1123,9 @@ async fn one_client_address_cannot_take_every_udp_flow() {
         "apps.toml",
         "[app.uecho]\nudp = { listen = \"127.0.0.1:0\" }\nto = \"home1/uecho\"\nallow = { from = [\"public\"] }\n",
     );
-    let gw = start_gateway(&z, t, Duration::from_millis(500)).await;
+    let mut opts = gateway_options(&z, "gw", z.gw_addr, t, Duration::from_millis(500), None);
+    opts.udp_flows_per_ip = 8;
+    let gw = run_gateway(opts).await;
     let echo = udp_echo().await;
     let svcs = services(&[("uecho", echo, tunnel::proto::ServiceProto::Udp)]);
     let _h1 = start_agent(&z, "home1", svcs, vec![], t).await;
@@ -1151,7 +1153,7 @@ async fn one_client_address_cannot_take_every_udp_flow() {
     }
 
     let mut held = Vec::new();
-    for i in 0..gateway::listeners::UDP_FLOWS_PER_IP {
+    for i in 0..8 {
         let msg = format!("flow {i}");
         let (s, got) = flow("127.0.0.1", app, msg.as_bytes(), WAIT).await;
         assert_eq!(got.as_deref(), Some(msg.as_bytes()), "flow {i} echoed");

@@ -442,6 +442,7 @@ async fn start_with(per_ip: usize) -> Harness {
                 ..HttpTuning::default()
             },
             tcp_connections_per_ip: gateway::listeners::TCP_CONNECTIONS_PER_IP,
+            udp_flows_per_ip: gateway::listeners::UDP_FLOWS_PER_IP,
             dns: None,
         },
         shutdown.clone(),

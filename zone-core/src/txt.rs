@@ -104,8 +104,9 @@ pub fn unchunk<S: AsRef<str>>(strings: &[S]) -> Result<Vec<u8>, ZoneError> {
     let Some(n) = total else {
         return if seen_old {
             err(format!(
-                "the zone config records are in format {OLD_PREFIX} of an older zonegate gateway, \
-                 which this version no longer reads: upgrade zonegate on the gateway"
+                "the zone config records are in format {OLD_PREFIX} of an older zonegate, which \
+                 this version no longer reads: upgrade zonegate on the gateway that serves them \
+                 (or, for a saved text, run `zonegate zone dump-text` again with this version)"
             ))
         } else if seen_other_version {
             err("only zone config records of another format version: upgrade zonegate".into())
@@ -199,7 +200,10 @@ mod tests {
             .to_string()
             .contains("upgrade zonegate"));
         let e = unchunk(&["zg1:1/1:abc"]).unwrap_err().to_string();
-        assert!(e.contains("older zonegate gateway"), "{e}");
+        assert!(
+            e.contains("older zonegate") && e.contains("dump-text"),
+            "{e}"
+        );
         assert!(unchunk(&["zg2:2/1:abc"]).is_err());
         assert!(unchunk(&["zg2:1/1:0OIl"]).is_err());
     }

@@ -146,7 +146,11 @@ impl Front {
             metrics: HttpMetrics::default(),
             tuning,
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
-            per_ip: PerIp::new(tuning.max_connections_per_ip, "HTTP"),
+            per_ip: PerIp::new(
+                tuning.max_connections_per_ip,
+                "HTTP connections",
+                "http_connections_per_ip",
+            ),
         }))
     }
 
