@@ -109,47 +109,61 @@ pub fn threads(file: &Path, threads: Option<usize>) -> Result<Option<usize>, Usa
     }
 }
 
-/// The front's per-client connection limit: 1 to the front's whole capacity.
-pub fn http_connections_per_ip(file: &Path, n: Option<usize>) -> Result<usize, UsageError> {
-    let max = gateway::http::MAX_CONNECTIONS;
+/// A per-client limit from gateway.toml `key`: `default` when left out, else 1 to `max`
+/// (`max_is` says what bounds it, for the error).
+fn per_client_limit(
+    file: &Path,
+    key: &str,
+    n: Option<usize>,
+    default: usize,
+    max: usize,
+    max_is: &str,
+) -> Result<usize, UsageError> {
     match n {
-        None => Ok(gateway::http::MAX_CONNECTIONS_PER_IP),
+        None => Ok(default),
         Some(n) if (1..=max).contains(&n) => Ok(n),
         Some(n) => Err(UsageError(format!(
-            "{}: http_connections_per_ip = {n}: expected 1 to {max} (the front's whole capacity), or leave it out for the default {}",
-            file.display(),
-            gateway::http::MAX_CONNECTIONS_PER_IP
+            "{}: {key} = {n}: expected 1 to {max} ({max_is}), or leave it out for the default {default}",
+            file.display()
         ))),
     }
+}
+
+/// The front's per-client connection limit: 1 to the front's whole capacity.
+pub fn http_connections_per_ip(file: &Path, n: Option<usize>) -> Result<usize, UsageError> {
+    per_client_limit(
+        file,
+        "http_connections_per_ip",
+        n,
+        gateway::http::MAX_CONNECTIONS_PER_IP,
+        gateway::http::MAX_CONNECTIONS,
+        "the front's whole capacity",
+    )
 }
 
 /// The per-client connection limit of the `tcp` apps: 1 to the streams an agent connection
 /// takes.
 pub fn tcp_connections_per_ip(file: &Path, n: Option<usize>) -> Result<usize, UsageError> {
-    let max = tunnel::transport::MAX_STREAMS_TO_AGENT as usize;
-    let default = gateway::listeners::TCP_CONNECTIONS_PER_IP;
-    match n {
-        None => Ok(default),
-        Some(n) if (1..=max).contains(&n) => Ok(n),
-        Some(n) => Err(UsageError(format!(
-            "{}: tcp_connections_per_ip = {n}: expected 1 to {max} (the streams one device connection takes), or leave it out for the default {default}",
-            file.display()
-        ))),
-    }
+    per_client_limit(
+        file,
+        "tcp_connections_per_ip",
+        n,
+        gateway::listeners::TCP_CONNECTIONS_PER_IP,
+        tunnel::transport::MAX_STREAMS_TO_AGENT as usize,
+        "the streams one device connection takes",
+    )
 }
 
 /// The per-client flow limit of each `udp` app: 1 to the flows an app keeps.
 pub fn udp_flows_per_ip(file: &Path, n: Option<usize>) -> Result<usize, UsageError> {
-    let max = gateway::listeners::MAX_UDP_CLIENTS;
-    let default = gateway::listeners::UDP_FLOWS_PER_IP;
-    match n {
-        None => Ok(default),
-        Some(n) if (1..=max).contains(&n) => Ok(n),
-        Some(n) => Err(UsageError(format!(
-            "{}: udp_flows_per_ip = {n}: expected 1 to {max} (the flows one udp app keeps), or leave it out for the default {default}",
-            file.display()
-        ))),
-    }
+    per_client_limit(
+        file,
+        "udp_flows_per_ip",
+        n,
+        gateway::listeners::UDP_FLOWS_PER_IP,
+        gateway::listeners::MAX_UDP_CLIENTS,
+        "the flows one udp app keeps",
+    )
 }
 
 /// A public listener setting: `"off"` or `"IP:PORT"`.

@@ -726,29 +726,17 @@ async fn errors_are_distinct_and_short() {
 
     // A request target beyond 8 KiB: 414 before routing, with the limit; at 8 KiB it is
     // routed as usual (here: no app, 404, the path clipped in the answer).
-    let long = |n: usize| format!("/{}", "l".repeat(n - 1));
-    let answer = h
-        .raw(
-            format!(
-                "GET {} HTTP/1.1\r\nHost: nobody.alice.example\r\nConnection: close\r\n\r\n",
-                long(8193)
-            )
-            .as_bytes(),
-            "long target",
+    // A GET whose target is `n` bytes long.
+    let get = |n: usize| {
+        format!(
+            "GET /{} HTTP/1.1\r\nHost: nobody.alice.example\r\nConnection: close\r\n\r\n",
+            "l".repeat(n - 1)
         )
-        .await;
+    };
+    let answer = h.raw(get(8193).as_bytes(), "long target").await;
     assert!(answer.starts_with("HTTP/1.1 414"), "{}", &answer[..200]);
     assert!(answer.contains("8193 bytes; the gateway forwards at most 8192"));
-    let answer = h
-        .raw(
-            format!(
-                "GET {} HTTP/1.1\r\nHost: nobody.alice.example\r\nConnection: close\r\n\r\n",
-                long(8192)
-            )
-            .as_bytes(),
-            "target at the limit",
-        )
-        .await;
+    let answer = h.raw(get(8192).as_bytes(), "target at the limit").await;
     assert!(answer.starts_with("HTTP/1.1 404"), "{}", &answer[..200]);
     assert!(answer.contains("…[7168 more bytes]"), "{}", &answer[..200]);
 
