@@ -106,9 +106,39 @@ fn html_escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// The HTML listing of `dir`, which the client asked for as `url_path` (as sent: already
-/// percent-encoded, so it is only HTML-escaped here).
-async fn listing(dir: &Path, url_path: &str) -> std::io::Result<String> {
+/// The URL path of `rel` (a directory under the root), as links in a listing use it:
+/// built from the path's components rather than echoed from the request, so it is canonical
+/// (`//`, `/./` gone) and no longer than the path; `prefix` is what a gateway app stripped
+/// (`X-Forwarded-Prefix`), so links work through it.
+fn dir_url(prefix: &str, rel: &Path) -> String {
+    let mut url = prefix.trim_end_matches('/').to_owned();
+    for c in rel.components() {
+        if let Component::Normal(part) = c {
+            url.push('/');
+            url.push_str(&percent_encode(part.as_bytes()));
+        }
+    }
+    url.push('/');
+    url
+}
+
+/// The prefix a gateway app stripped before the request reached this service, if it sent one
+/// that can stand in a link. A client that sends its own only changes its own page's links.
+fn forwarded_prefix(headers: &HeaderMap) -> &str {
+    headers
+        .get("x-forwarded-prefix")
+        .and_then(|v| v.to_str().ok())
+        // One leading slash: `//host` would make every link lead to another site.
+        .filter(|p| p.starts_with('/') && !p.starts_with("//") && p.len() <= 1024)
+        .filter(|p| {
+            p.bytes()
+                .all(|b| b.is_ascii_graphic() && !b"\"<>".contains(&b))
+        })
+        .unwrap_or("")
+}
+
+/// The HTML listing of `dir`, whose URL path is `url` (from [`dir_url`]).
+async fn listing(dir: &Path, url: &str) -> std::io::Result<String> {
     // The first MAX_LISTING names in sorted order, whatever order the directory yields them
     // in: a max-heap that drops its largest past the cap.
     let mut heap: BinaryHeap<(Vec<u8>, bool)> = BinaryHeap::new();
@@ -127,14 +157,12 @@ async fn listing(dir: &Path, url_path: &str) -> std::io::Result<String> {
         heap.push((name, is_dir));
     }
     let names = heap.into_sorted_vec();
-    let base = if url_path.ends_with('/') {
-        url_path.to_owned()
-    } else {
-        format!("{url_path}/")
-    };
-    let base = html_escape(&base);
+    let base = html_escape(url);
+    let title = html_escape(&String::from_utf8_lossy(
+        &percent_decode(url).unwrap_or_default(),
+    ));
     let mut html =
-        format!("<!doctype html><meta charset=utf-8><title>{base}</title><h1>{base}</h1><ul>\n");
+        format!("<!doctype html><meta charset=utf-8><title>{title}</title><h1>{title}</h1><ul>\n");
     for (name, is_dir) in &names {
         let slash = if *is_dir { "/" } else { "" };
         html.push_str(&format!(
@@ -152,12 +180,13 @@ async fn listing(dir: &Path, url_path: &str) -> std::io::Result<String> {
     Ok(html)
 }
 
-/// Whether `path` really lies under `root` once symlinks are followed: `resolve` stops `..`,
-/// but a symlink inside the directory could still point anywhere (a home directory,
-/// /dev/zero). `Err` is the answer to give instead.
-async fn inside(root: &Path, path: &Path) -> Result<(), Response<Body>> {
+/// `path` with symlinks followed, if it really lies under `root`: `resolve` stops `..`, but a
+/// symlink inside the directory could still point anywhere (a home directory, /dev/zero).
+/// What is served is then opened by this path, so a link swapped in after the check is not
+/// followed out. `Err` is the answer to give instead.
+async fn inside(root: &Path, path: &Path) -> Result<PathBuf, Response<Body>> {
     match tokio::fs::canonicalize(path).await {
-        Ok(real) if real.starts_with(root) => Ok(()),
+        Ok(real) if real.starts_with(root) => Ok(real),
         Ok(_) => Err(text(StatusCode::FORBIDDEN, "outside the shared directory")),
         Err(_) => Err(text(StatusCode::NOT_FOUND, "not found")),
     }
@@ -175,12 +204,13 @@ async fn handle(root: Arc<PathBuf>, req: Request<hyper::body::Incoming>) -> Resp
     }
     let head = req.method() == Method::HEAD;
     let url_path = req.uri().path().to_owned();
-    let Some(path) = resolve(&root, &url_path) else {
+    let Some(asked) = resolve(&root, &url_path) else {
         return text(StatusCode::BAD_REQUEST, "bad path");
     };
-    if let Err(answer) = inside(&root, &path).await {
-        return answer;
-    }
+    let path = match inside(&root, &asked).await {
+        Ok(real) => real,
+        Err(answer) => return answer,
+    };
     let meta = match tokio::fs::metadata(&path).await {
         Ok(m) => m,
         Err(_) => return text(StatusCode::NOT_FOUND, "not found"),
@@ -196,14 +226,17 @@ async fn handle(root: Arc<PathBuf>, req: Request<hyper::body::Incoming>) -> Resp
             .unwrap_or(false)
         {
             // The index may be a symlink too.
-            if let Err(answer) = inside(&root, &index).await {
-                return answer;
-            }
-            return file(&index, head, req.headers()).await;
+            return match inside(&root, &index).await {
+                Ok(index) => file(&index, head, req.headers()).await,
+                Err(answer) => answer,
+            };
         }
-        return match listing(&path, &url_path).await {
+        let rel = asked.strip_prefix(root.as_path()).unwrap_or(Path::new(""));
+        let url = dir_url(forwarded_prefix(req.headers()), rel);
+        return match listing(&path, &url).await {
             Ok(html) => Response::builder()
                 .header("content-type", "text/html; charset=utf-8")
+                .header(header::CONTENT_LENGTH, html.len())
                 .body(if head {
                     empty()
                 } else {
@@ -237,7 +270,13 @@ pub fn byte_range(value: &str, len: u64) -> Ranged {
             .then(|| s.parse().ok())
             .flatten()
     }
-    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+    let value = value.trim();
+    // The unit is case-insensitive (RFC 9110 §14.1).
+    let Some(spec) = value
+        .get(..6)
+        .filter(|u| u.eq_ignore_ascii_case("bytes="))
+        .map(|_| &value[6..])
+    else {
         return Ranged::Whole;
     };
     let Some((first, last)) = spec.trim().split_once('-') else {
@@ -251,7 +290,8 @@ pub fn byte_range(value: &str, len: u64) -> Ranged {
     if first.is_empty() {
         return match num(last) {
             Some(0) => Ranged::Unsatisfiable,
-            Some(_) if len == 0 => Ranged::Unsatisfiable,
+            // A suffix of an empty file is satisfiable (RFC 9110 §14.1.3): the empty whole.
+            Some(_) if len == 0 => Ranged::Whole,
             Some(n) => Ranged::Part {
                 start: len.saturating_sub(n),
                 end: len - 1,
@@ -267,6 +307,8 @@ pub fn byte_range(value: &str, len: u64) -> Ranged {
     } else {
         match num(last) {
             Some(e) if e >= start => e,
+            // Digits past u64: the end of any file.
+            None if last.bytes().all(|c| c.is_ascii_digit()) => u64::MAX,
             _ => return Ranged::Whole,
         }
     };
@@ -279,8 +321,13 @@ pub fn byte_range(value: &str, len: u64) -> Ranged {
     }
 }
 
-/// Whether a `If-Modified-Since` date covers `modified` (HTTP dates have whole seconds).
+/// Whether a GET or HEAD is answered 304: `If-None-Match` decides when present (RFC 9110
+/// §13.2.2; this service gives no tags, so only `*`, "any current version", matches), else
+/// whether the `If-Modified-Since` date covers `modified` (HTTP dates have whole seconds).
 fn not_modified(headers: &HeaderMap, modified: Option<SystemTime>) -> bool {
+    if let Some(tags) = headers.get(header::IF_NONE_MATCH) {
+        return tags.as_bytes().trim_ascii() == b"*";
+    }
     let (Some(since), Some(modified)) = (
         headers
             .get(header::IF_MODIFIED_SINCE)
@@ -298,14 +345,44 @@ fn not_modified(headers: &HeaderMap, modified: Option<SystemTime>) -> bool {
     secs(modified) <= secs(since)
 }
 
+/// A file's modification time as `Last-Modified` may say it, at `now`. HTTP dates run from
+/// 1970 to 9999 (and `httpdate` panics outside them). And a date is a validator only for a
+/// file unchanged within its second (RFC 9110 §8.8.2.2): two writes in one second share a
+/// date, and a client resuming with that date in `If-Range` would get a part of the second
+/// spliced onto the first. A file dated otherwise gets no date: no 304 and no `If-Range`
+/// match for it.
+fn http_date(modified: Option<SystemTime>, now: SystemTime) -> Option<SystemTime> {
+    let last = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_799);
+    modified.filter(|t| {
+        *t >= SystemTime::UNIX_EPOCH
+            && *t <= last
+            && now
+                .duration_since(*t)
+                .is_ok_and(|age| age >= std::time::Duration::from_secs(1))
+    })
+}
+
 async fn file(path: &Path, head: bool, headers: &HeaderMap) -> Response<Body> {
-    let mut f = match tokio::fs::File::open(path).await {
+    // `path` is canonical, so no symlink in its last part: one swapped in after the checks is
+    // not followed (O_NOFOLLOW; one swapped in for a parent directory still would be, which
+    // only openat2's RESOLVE_BENEATH would stop). Non-blocking, so a FIFO swapped in cannot
+    // hold a blocking-pool thread in open(2); anything but a regular file is refused below,
+    // on the opened handle.
+    let opened = tokio::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)
+        .await;
+    let mut f = match opened {
         Ok(f) => f,
         Err(_) => return text(StatusCode::FORBIDDEN, "cannot read this file"),
     };
-    let meta = f.metadata().await.ok();
-    let len = meta.as_ref().map(|m| m.len()).unwrap_or(0);
-    let modified = meta.and_then(|m| m.modified().ok());
+    let meta = match f.metadata().await {
+        Ok(m) if m.is_file() => m,
+        _ => return text(StatusCode::FORBIDDEN, "not a regular file"),
+    };
+    let len = meta.len();
+    let modified = http_date(meta.modified().ok(), SystemTime::now());
     let last_modified = modified.map(httpdate::fmt_http_date);
     let ctype = match path.extension().and_then(|e| e.to_str()) {
         Some("html") | Some("htm") => "text/html; charset=utf-8",
@@ -315,9 +392,7 @@ async fn file(path: &Path, head: bool, headers: &HeaderMap) -> Response<Body> {
         Some("jpg") | Some("jpeg") => "image/jpeg",
         _ => "application/octet-stream",
     };
-    let mut r = Response::builder()
-        .header(header::ACCEPT_RANGES, "bytes")
-        .header(header::CONTENT_TYPE, ctype);
+    let mut r = Response::builder().header(header::ACCEPT_RANGES, "bytes");
     if let Some(lm) = &last_modified {
         r = r.header(header::LAST_MODIFIED, lm);
     }
@@ -332,7 +407,8 @@ async fn file(path: &Path, head: bool, headers: &HeaderMap) -> Response<Body> {
         .and_then(|v| v.to_str().ok())
         .map_or(Ranged::Whole, |v| byte_range(v, len));
     // `If-Range`: a part only of the version the client already holds (compared by date, the
-    // one validator this service gives); otherwise the whole new file.
+    // one validator this service gives, and only a strong one: see `http_date`); otherwise
+    // the whole new file.
     if let Some(if_range) = headers.get(header::IF_RANGE) {
         if last_modified.as_deref().map(str::as_bytes) != Some(if_range.as_bytes()) {
             ranged = Ranged::Whole;
@@ -367,6 +443,7 @@ async fn file(path: &Path, head: bool, headers: &HeaderMap) -> Response<Body> {
         BodyExt::boxed(StreamBody::new(stream))
     };
     r.status(status)
+        .header(header::CONTENT_TYPE, ctype)
         .header(header::CONTENT_LENGTH, count)
         .body(body)
         .expect("valid response")
@@ -480,7 +557,9 @@ mod tests {
         assert_eq!(byte_range("bytes=100-", 100), Unsatisfiable);
         assert_eq!(byte_range("bytes=-0", 100), Unsatisfiable);
         assert_eq!(byte_range("bytes=0-", 0), Unsatisfiable);
-        assert_eq!(byte_range("bytes=-5", 0), Unsatisfiable);
+        assert_eq!(byte_range("bytes=-5", 0), Whole);
+        assert_eq!(byte_range("Bytes=1-2", 100), part(1, 2));
+        assert_eq!(byte_range("bytes=1-99999999999999999999", 100), part(1, 99));
         // Ignored (a whole answer): bad syntax, other units, several ranges, overflow, signs.
         for v in [
             "bytes=9-0",
@@ -539,7 +618,20 @@ mod tests {
             .map(|i| char::from(b'a' + (i % 26) as u8))
             .collect();
         std::fs::write(dir.path().join("f.txt"), &content).unwrap();
+        // A file changed this second has no date yet (it would not be a strong validator).
+        let fresh = dir.path().join("fresh");
+        std::fs::write(&fresh, "x").unwrap();
+        let ten_secs_ago = SystemTime::now() - std::time::Duration::from_secs(10);
+        let f = std::fs::File::options()
+            .append(true)
+            .open(dir.path().join("f.txt"))
+            .unwrap();
+        f.set_modified(ten_secs_ago).unwrap();
+        drop(f);
         let (addr, stop) = serve_dir(dir.path()).await;
+        let got = get(addr, "/fresh", "").await;
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        assert_eq!(header(&got, "last-modified"), None, "{got}");
 
         let whole = get(addr, "/f.txt", "").await;
         assert!(whole.starts_with("HTTP/1.1 200"), "{whole}");
@@ -548,6 +640,11 @@ mod tests {
         let lm = header(&whole, "last-modified")
             .expect("Last-Modified")
             .to_owned();
+
+        let head = head_req(addr, "/f.txt").await;
+        assert_eq!(header(&head, "content-length"), Some("1000"));
+        assert_eq!(header(&head, "last-modified"), Some(lm.as_str()));
+        assert_eq!(body(&head), "");
 
         let part = get(addr, "/f.txt", "Range: bytes=990-\r\n").await;
         assert!(part.starts_with("HTTP/1.1 206"), "{part}");
@@ -563,15 +660,14 @@ mod tests {
         let past = get(addr, "/f.txt", "Range: bytes=1000-\r\n").await;
         assert!(past.starts_with("HTTP/1.1 416"), "{past}");
         assert_eq!(header(&past, "content-range"), Some("bytes */1000"));
+        assert_eq!(header(&past, "content-type"), None);
 
         // If-Range with the current date: the part; with another date: the whole file.
-        let same = get(
-            addr,
-            "/f.txt",
-            &format!("Range: bytes=0-0\r\nIf-Range: {lm}\r\n"),
-        )
-        .await;
+        let if_range = format!("Range: bytes=1-2\r\nIf-Range: {lm}\r\n");
+        let same = get(addr, "/f.txt", &if_range).await;
         assert!(same.starts_with("HTTP/1.1 206"), "{same}");
+        assert_eq!(body(&same), &content[1..3]);
+        assert_eq!(header(&same, "content-range"), Some("bytes 1-2/1000"));
         let stale = "Thu, 01 Jan 1970 00:00:00 GMT";
         let other = get(
             addr,
@@ -585,6 +681,15 @@ mod tests {
         let kept = get(addr, "/f.txt", &format!("If-Modified-Since: {lm}\r\n")).await;
         assert!(kept.starts_with("HTTP/1.1 304"), "{kept}");
         assert_eq!(body(&kept), "");
+        let ranged = format!("If-Modified-Since: {lm}\r\nRange: bytes=0-1\r\n");
+        assert!(get(addr, "/f.txt", &ranged)
+            .await
+            .starts_with("HTTP/1.1 304"));
+        // If-None-Match takes precedence: `*` matches any version, no tag matches ours.
+        let inm = format!("If-Modified-Since: {lm}\r\nIf-None-Match: \"x\"\r\n");
+        assert!(get(addr, "/f.txt", &inm).await.starts_with("HTTP/1.1 200"));
+        let any = "If-None-Match: *\r\n";
+        assert!(get(addr, "/f.txt", any).await.starts_with("HTTP/1.1 304"));
         let old = get(addr, "/f.txt", &format!("If-Modified-Since: {stale}\r\n")).await;
         assert!(old.starts_with("HTTP/1.1 200"), "{old}");
         stop.cancel();
@@ -616,7 +721,9 @@ mod tests {
 
         let big = dir.path().join("big");
         std::fs::create_dir(&big).unwrap();
-        for i in 0..MAX_LISTING + 5 {
+        // Created last name first: a directory read back in creation order (tmpfs, btrfs)
+        // must still list the first names in order.
+        for i in (0..MAX_LISTING + 5).rev() {
             std::fs::File::create(big.join(format!("f{i:05}"))).unwrap();
         }
         let list = get(addr, "/big/", "").await;
@@ -629,6 +736,76 @@ mod tests {
             "{}",
             &list[list.len() - 200..]
         );
+
+        // Links are built from the path, not echoed: `//` and 60 KB of slashes list the root
+        // with one-slash links; through a gateway app they carry its stripped prefix.
+        for target in ["//".to_owned(), "/".repeat(60_000), "/./".to_owned()] {
+            let list = get(addr, &target, "").await;
+            assert!(
+                list.contains("<a href=\"/sub%20dir/\">"),
+                "{}",
+                &list[..list.len().min(300)]
+            );
+            assert!(list.len() < 200_000, "{} bytes", list.len());
+        }
+        let list = get(addr, "/sub%20dir/", "X-Forwarded-Prefix: /dfs\r\n").await;
+        assert!(list.contains("<title>/dfs/sub dir/</title>"), "{list}");
+        std::fs::write(dir.path().join("sub dir/x"), "x").unwrap();
+        let list = get(addr, "/sub%20dir", "X-Forwarded-Prefix: /dfs\r\n").await;
+        assert!(
+            list.contains("<a href=\"/dfs/sub%20dir/x\">x</a>"),
+            "{list}"
+        );
+        for bad in ["/a\"b", "//evil.example"] {
+            let list = get(
+                addr,
+                "/sub%20dir",
+                &format!("X-Forwarded-Prefix: {bad}\r\n"),
+            )
+            .await;
+            assert!(list.contains("<a href=\"/sub%20dir/x\">x</a>"), "{list}");
+        }
+
+        // HEAD answers as GET does, without the body.
+        let got = get(addr, "/", "").await;
+        let head = head_req(addr, "/").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(
+            header(&head, "content-length"),
+            Some(body(&got).len().to_string().as_str())
+        );
+        assert_eq!(body(&head), "");
+        stop.cancel();
+    }
+
+    async fn head_req(addr: SocketAddr, target: &str) -> String {
+        use tokio::io::AsyncWriteExt;
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(
+            format!("HEAD {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).await.unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn files_dated_outside_http_dates_are_served_without_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let before_1970 = SystemTime::UNIX_EPOCH - std::time::Duration::from_secs(86_400);
+        let f = std::fs::File::create(dir.path().join("old")).unwrap();
+        std::io::Write::write_all(&mut &f, b"old").unwrap();
+        f.set_modified(before_1970).unwrap();
+        drop(f);
+        let (addr, stop) = serve_dir(dir.path()).await;
+        for extra in ["", "If-Modified-Since: Thu, 01 Jan 2026 00:00:00 GMT\r\n"] {
+            let got = get(addr, "/old", extra).await;
+            assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+            assert_eq!(header(&got, "last-modified"), None);
+            assert_eq!(body(&got), "old");
+        }
         stop.cancel();
     }
 
