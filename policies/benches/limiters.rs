@@ -76,7 +76,7 @@ fn rate_limiter(c: &mut Criterion) {
         );
     }
 
-    // A full table (max_keys 1,024): unknown clients share the overflow bucket.
+    // A full table (max_keys 1,024): unknown clients share the overflow buckets.
     let full = RateLimiter::with_max_keys(rate(u32::MAX / 2, 1_000_000, Per::ClientIp), 1024);
     for n in 0..2048 {
         let _ = full.check(LimitKey::client_ip(ip(n)));

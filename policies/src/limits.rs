@@ -3,8 +3,10 @@
 //!
 //! Memory is bounded: the rate limiter forgets keys whose state is back to "fresh"
 //! ([`RateLimiter::maintain`], also run when the table is full) and never holds more than
-//! `max_keys` keys; past that, new clients share one overflow bucket. Connection counters
-//! only hold entries for open connections.
+//! `max_keys` keys; past that, new clients share [`OVERFLOW_BUCKETS`] overflow buckets, one
+//! per network by a keyed hash, so one network that fills the table (an IPv6 /48 holds 65,536
+//! /64 keys) drains its own bucket, not every newcomer's. Connection counters only hold
+//! entries for open connections.
 
 use crate::bandwidth::{Shaper, TokenBucket};
 use crate::eval::Requester;
@@ -17,8 +19,9 @@ use governor::nanos::Nanos;
 use governor::state::keyed::ShrinkableKeyedStateStore;
 use governor::state::{InMemoryState, StateStore};
 use governor::Quota;
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -28,6 +31,10 @@ use std::time::Duration;
 /// Default bound on keys per rate limiter. About 100 bytes per key, so ~6.5 MB at most per
 /// app: enough for every real client of a personal cloud, small enough for a cheap VPS.
 pub const DEFAULT_MAX_KEYS: usize = 65_536;
+
+/// Overflow buckets of a full table. A client's network (IPv6 /48, IPv4 /24) picks one by a
+/// hash keyed per limiter, so a network cannot choose to land on another's bucket.
+pub const OVERFLOW_BUCKETS: u8 = 64;
 
 /// How often a full table may be swept on the request path; sweeping is O(keys).
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -61,8 +68,9 @@ pub enum LimitKey {
     /// attackers, so collisions are not a concern).
     Device(u64),
     App,
-    /// Shared by new clients while the table is full.
-    Overflow,
+    /// Shared by new clients of one [`RateLimiter::overflow_key`] bucket while the table is
+    /// full.
+    Overflow(u8),
 }
 
 impl LimitKey {
@@ -145,6 +153,8 @@ pub struct RateLimiter {
     store: SharedStore,
     clock: TokioClock,
     max_keys: usize,
+    /// Keys the overflow bucket hash (per limiter, random).
+    overflow_hash: RandomState,
     last_sweep: AtomicU64,
     pub config: RateLimit,
 }
@@ -169,7 +179,9 @@ impl RateLimiter {
             inner: governor::RateLimiter::new(quota, store.clone(), clock.clone()),
             store,
             clock,
-            max_keys: max_keys.max(2),
+            // Room for the overflow buckets and as many clients of their own.
+            max_keys: max_keys.max(2 * OVERFLOW_BUCKETS as usize),
+            overflow_hash: RandomState::new(),
             last_sweep: AtomicU64::new(0),
             config,
         }
@@ -178,17 +190,29 @@ impl RateLimiter {
     /// Counts one request for `key`.
     pub fn check(&self, key: LimitKey) -> Result<(), RetryAfter> {
         let mut key = key;
-        // One slot stays free for the overflow key itself, so `len() <= max_keys` holds.
-        let full = |s: &Self| s.store.0.len() >= s.max_keys.saturating_sub(1);
+        // Slots stay free for the overflow keys themselves, so `len() <= max_keys` holds.
+        let full = |s: &Self| s.store.0.len() >= s.max_keys - OVERFLOW_BUCKETS as usize;
         if !self.store.0.contains_key(&key) && full(self) {
             self.sweep_if_due();
             if full(self) {
-                key = LimitKey::Overflow;
+                key = self.overflow_key(key);
             }
         }
         self.inner
             .check_key(&key)
             .map_err(|nu| RetryAfter(nu.wait_time_from(self.clock.now())))
+    }
+
+    /// The overflow bucket `key` shares while the table is full: by its network, so the
+    /// clients of one network share one bucket and other networks mostly others.
+    pub fn overflow_key(&self, key: LimitKey) -> LimitKey {
+        let network: u128 = match key {
+            LimitKey::Ip(IpAddr::V4(v4)) => u128::from(u32::from(v4) >> 8),
+            LimitKey::Ip(IpAddr::V6(v6)) => (u128::from(v6) >> 80) | (1 << 64),
+            LimitKey::Device(h) => u128::from(h) | (2 << 64),
+            LimitKey::App | LimitKey::Overflow(_) => 3 << 64,
+        };
+        LimitKey::Overflow((self.overflow_hash.hash_one(network) % OVERFLOW_BUCKETS as u64) as u8)
     }
 
     fn sweep_if_due(&self) {

@@ -361,12 +361,55 @@ async fn limiter_memory_bounded_under_100k_clients() {
         }
     }
     assert!(limiter.len() <= 10_000, "len {}", limiter.len());
-    // Past the cap new clients share one overflow bucket of burst 50.
-    assert!(refused >= 100_000 - 10_000 - 50, "refused {refused}");
+    // Past the cap new clients share the overflow buckets, of burst 50 each.
+    let overflow = policies::limits::OVERFLOW_BUCKETS as u32 * 50;
+    assert!(refused >= 100_000 - 10_000 - overflow, "refused {refused}");
     tokio::time::advance(Duration::from_secs(2)).await;
     limiter.maintain();
     assert_eq!(limiter.len(), 0, "recovered keys are forgotten");
     assert!(limiter.check(LimitKey::client_ip(ip("10.9.9.9"))).is_ok());
+}
+
+/// One IPv6 /48 holds 65,536 /64s, each a key of its own: enough to fill a table. Its
+/// clients past the cap then share one overflow bucket, which it drains; a newcomer from
+/// another network lands on another bucket and is served.
+#[tokio::test(start_paused = true)]
+async fn a_network_that_fills_the_table_drains_only_its_own_overflow_bucket() {
+    // A burst far above what the ~3 newcomers per bucket below need.
+    let p = rate_policy("1/min", ", burst = 1000");
+    let cfg = p.apps()[0].limits.rate.expect("rate");
+    let limiter = policies::limits::RateLimiter::with_max_keys(cfg, 1_000);
+    let attacker = |i: u32| {
+        LimitKey::client_ip(IpAddr::V6(
+            ((0x2001_0db8_0001u128 << 80) | (u128::from(i) << 64)).into(),
+        ))
+    };
+    for i in 0..5_000 {
+        let _ = limiter.check(attacker(i));
+    }
+    assert!(limiter.len() <= 1_000, "len {}", limiter.len());
+    let drained = limiter.overflow_key(attacker(0));
+    assert!(
+        limiter.check(attacker(9_999)).is_err(),
+        "the attacker's bucket is empty"
+    );
+    // Newcomers from other /48s whose bucket is not the attacker's: all served.
+    let mut served = 0;
+    for net in 2..200u128 {
+        let newcomer = LimitKey::client_ip(IpAddr::V6(
+            ((0x2001_0db8_0000u128 << 80) | (net << 80) | 1).into(),
+        ));
+        if limiter.overflow_key(newcomer) == drained {
+            continue;
+        }
+        assert!(limiter.check(newcomer).is_ok(), "network {net} starved");
+        served += 1;
+    }
+    assert!(served > 150, "{served}");
+    // Addresses of one /48 (and one IPv4 /24) share their bucket.
+    assert_eq!(limiter.overflow_key(attacker(1)), drained);
+    let v4 = |a: &str| limiter.overflow_key(LimitKey::client_ip(ip(a)));
+    assert_eq!(v4("198.51.100.1"), v4("198.51.100.250"));
 }
 
 #[test]
