@@ -78,8 +78,8 @@ pub fn unchunk<S: AsRef<str>>(strings: &[S]) -> Result<Vec<u8>, ZoneError> {
         let (i, n) = pos
             .split_once('/')
             .ok_or_else(|| ZoneError::Txt(format!("chunk header {pos:?} is not I/N")))?;
-        let (i, n): (usize, usize) = match (i.parse(), n.parse()) {
-            (Ok(i), Ok(n)) => (i, n),
+        let (i, n) = match (chunk_number(i), chunk_number(n)) {
+            (Some(i), Some(n)) => (i, n),
             _ => return err(format!("chunk header {pos:?} is not I/N")),
         };
         if n == 0 || n > MAX_CHUNKS || i == 0 || i > n {
@@ -147,6 +147,17 @@ pub fn unchunk<S: AsRef<str>>(strings: &[S]) -> Result<Vec<u8>, ZoneError> {
     Ok(payload)
 }
 
+/// A chunk index or count as [`chunk`] writes it: decimal digits without a sign or a leading
+/// zero, so each chunk has exactly one spelling (`+1` or `01` would otherwise pass as a
+/// second, different string for chunk 1).
+fn chunk_number(s: &str) -> Option<usize> {
+    let canonical = !s.is_empty()
+        && s.len() <= 4
+        && s.bytes().all(|c| c.is_ascii_digit())
+        && !s.starts_with('0');
+    canonical.then(|| s.parse().ok()).flatten()
+}
+
 /// Reassembles and parses a signed zone (verification is the caller's next step).
 pub fn from_txt<S: AsRef<str>>(strings: &[S]) -> Result<SignedZone, ZoneError> {
     SignedZone::from_json(&unchunk(strings)?)
@@ -205,6 +216,16 @@ mod tests {
             "{e}"
         );
         assert!(unchunk(&["zg2:2/1:abc"]).is_err());
+        // One spelling per header: no sign, no leading zero, no whitespace.
+        let one = chunk(b"x").remove(0);
+        assert_eq!(unchunk(&[&one]).unwrap(), b"x");
+        for spelled in [
+            "+1/1", "01/1", "1/01", "1/+1", " 1/1", "1/1 ", "0/1", "1/0", "1/00001",
+        ] {
+            let s = one.replacen("1/1", spelled, 1);
+            let e = unchunk(&[&s]).unwrap_err().to_string();
+            assert!(e.contains("chunk header"), "{spelled}: {e}");
+        }
         assert!(unchunk(&["zg2:1/1:0OIl"]).is_err());
     }
 
