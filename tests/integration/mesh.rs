@@ -419,3 +419,85 @@ async fn measure_idle_relayed_mesh_memory() {
         (after - before) / N
     );
 }
+
+/// Two bare endpoints of home1 (accepting) and home2 (dialing) on loopback, and home1's peer
+/// table: for the peer table's own rules, without gateways.
+fn peer_table() -> (
+    TestZone,
+    std::sync::Arc<tunnel::peers::Peers>,
+    quinn::Endpoint,
+    quinn::Endpoint,
+) {
+    let z = TestZone::new(&["home1", "home2"]);
+    let (c1, c2) = (z.creds("home1"), z.creds("home2"));
+    let t = fast_tuning();
+    let lo: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let e1 = tunnel::transport::client_endpoint(lo, &c1, &t).unwrap();
+    e1.set_server_config(Some(tunnel::transport::server_config(&c1, &t).unwrap()));
+    let e2 = tunnel::transport::client_endpoint(lo, &c2, &t).unwrap();
+    let peers = std::sync::Arc::new(tunnel::peers::Peers::new(c1, e1.clone()));
+    (z, peers, e1, e2)
+}
+
+/// A peer whose name sorts first wins every duplicate, so it could make us retire one
+/// connection per punching round while it keeps a stream open on each: retired connections
+/// would pile up, each with its own windows. Past `MAX_RETIRING` a duplicate closes at once.
+#[tokio::test]
+async fn retired_duplicate_connections_to_one_peer_are_capped() {
+    use tunnel::peers::{PeerConn, MAX_RETIRING};
+    let (z, peers, e1, e2) = peer_table();
+    let to = e1.local_addr().unwrap();
+    let name = format!("home1.{}", z.creds("home1").domain());
+    let mut conns = Vec::new();
+    for _ in 0..MAX_RETIRING + 2 {
+        let dial = async { e2.connect(to, &name).unwrap().await.unwrap() };
+        let accept = async { e1.accept().await.unwrap().await.unwrap() };
+        let (dialed, accepted) = tokio::join!(dial, accept);
+        // Accepted from home2, the dialer "home1" prefers: the first stays the direct path,
+        // every later one is a duplicate. Each has a stream in use.
+        let pc = PeerConn::new(accepted, "home2".into());
+        let guard = pc.stream_guard();
+        peers.register("home2", pc.clone());
+        conns.push((pc, Some(guard), dialed));
+    }
+    let open = |conns: &[(PeerConn, _, quinn::Connection)]| {
+        conns
+            .iter()
+            .map(|(pc, _, _)| pc.conn.close_reason().is_none())
+            .collect::<Vec<_>>()
+    };
+    let mut want = vec![true; MAX_RETIRING + 1];
+    want.push(false);
+    wait_until("the excess duplicate closed", WAIT, || open(&conns) == want).await;
+    // A retired one whose stream ends closes; the direct path stays.
+    conns[1].1 = None;
+    want[1] = false;
+    wait_until("the retired one closed", WAIT, || open(&conns) == want).await;
+    assert!(peers.direct("home2").is_some());
+}
+
+/// What a gateway's `PeerAddr` may start: rounds only towards devices of the zone other than
+/// this one, one round at a time per peer, so a gateway cannot grow the table or the tasks.
+#[tokio::test]
+async fn punch_rounds_start_only_for_zone_devices_one_at_a_time() {
+    let (_z, peers, _e1, _e2) = peer_table();
+    let round = |device: &str, punch_nonce| tunnel::proto::PeerAddr {
+        device: device.into(),
+        addrs: vec![],
+        punch_nonce,
+    };
+    assert!(peers.on_peer_addr(&round("stranger", 1)).is_none());
+    assert!(peers.on_peer_addr(&round("home1", 2)).is_none(), "itself");
+    assert!(peers.on_peer_addr(&round("home2", 3)).is_some());
+    assert!(
+        peers.on_peer_addr(&round("home2", 4)).is_none(),
+        "a second round while one runs"
+    );
+    assert!(peers.clone().punch("home2".into(), vec![]).await.is_none());
+    assert!(
+        peers.on_peer_addr(&round("home2", 5)).is_some(),
+        "the round ended"
+    );
+    let listed: Vec<String> = peers.status(None).into_iter().map(|p| p.device).collect();
+    assert_eq!(listed, ["home2"]);
+}

@@ -7,9 +7,15 @@
 //! starve the connections already up. Retry makes a client prove it receives packets at its
 //! source address before it gets a handshake: spoofed-source floods (and clients that send one
 //! Initial and vanish) then cost one stateless Retry packet each instead of a handshake slot.
+//!
+//! A gate may also bound the handshakes of one source address ([`AddressSlots`]): the agents'
+//! peer side does, so one host cannot hold every slot and keep the real peers' hole punching
+//! out. (The hub does not: every device of a home arrives from its one NAT address.)
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use quinn::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -43,6 +49,82 @@ struct GateInner {
     refused: AtomicU64,
     /// Set while Retry or refusals are in use: the one log line per change of that state.
     flooded: AtomicBool,
+    per_address: Option<AddressSlots>,
+}
+
+/// Handshakes in flight per source address (IPv6 per /64), counted apart for addresses not
+/// yet validated and validated ones (that answered a Retry). A spoofer can only fill the first
+/// class, and only with the victim's address: the victim, sent a Retry, comes back validated
+/// and finds its own class free. A host that does validate is bounded by the second. The map
+/// holds only addresses with a handshake in flight, so it is bounded by the gate's cap.
+#[derive(Debug)]
+pub struct AddressSlots {
+    max: usize,
+    in_flight: Arc<Mutex<HashMap<(IpAddr, bool), usize>>>,
+}
+
+/// One address's handshake slot; released on drop.
+#[derive(Debug)]
+pub struct AddressSlot {
+    key: (IpAddr, bool),
+    in_flight: Arc<Mutex<HashMap<(IpAddr, bool), usize>>>,
+}
+
+impl AddressSlots {
+    /// At most `max` handshakes in flight per address and class.
+    pub fn new(max: usize) -> Self {
+        AddressSlots {
+            // At least one: a zero would leave an entry per address that is never removed.
+            max: max.max(1),
+            in_flight: Arc::default(),
+        }
+    }
+
+    /// A slot for a handshake from `ip`, or `None` when its class is full.
+    pub fn take(&self, ip: IpAddr, validated: bool) -> Option<AddressSlot> {
+        let key = (address_key(ip), validated);
+        let mut m = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(key).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            key,
+            in_flight: self.in_flight.clone(),
+        })
+    }
+
+    /// Addresses (and classes) with a handshake in flight.
+    pub fn tracked(&self) -> usize {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut m = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// IPv4 (also v4-mapped) per address, IPv6 per /64: one host usually holds a whole /64.
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+    }
 }
 
 /// Bounds concurrent handshakes and asks for address validation when many are in flight.
@@ -54,6 +136,7 @@ pub struct HandshakeGate(Arc<GateInner>);
 #[derive(Debug)]
 pub struct HandshakePermit {
     _permit: OwnedSemaphorePermit,
+    _address: Option<AddressSlot>,
     gate: Arc<GateInner>,
 }
 
@@ -79,6 +162,27 @@ impl HandshakeGate {
     /// At most `max` handshakes in flight; above `retry_above` in flight, clients whose address
     /// is not validated yet get a Retry.
     pub fn new(what: &'static str, max: usize, retry_above: usize) -> Self {
+        Self::build(what, max, retry_above, None)
+    }
+
+    /// As [`HandshakeGate::new`], and at most `per_address` handshakes in flight per source
+    /// address and class ([`AddressSlots`]): past it, an address not yet validated gets a
+    /// Retry, a validated one is refused.
+    pub fn with_per_address(
+        what: &'static str,
+        max: usize,
+        retry_above: usize,
+        per_address: usize,
+    ) -> Self {
+        Self::build(what, max, retry_above, Some(AddressSlots::new(per_address)))
+    }
+
+    fn build(
+        what: &'static str,
+        max: usize,
+        retry_above: usize,
+        per_address: Option<AddressSlots>,
+    ) -> Self {
         HandshakeGate(Arc::new(GateInner {
             what,
             permits: Arc::new(Semaphore::new(max)),
@@ -89,6 +193,7 @@ impl HandshakeGate {
             retried: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             flooded: AtomicBool::new(false),
+            per_address,
         }))
     }
 
@@ -120,12 +225,34 @@ impl HandshakeGate {
             }
             return None;
         }
+        let validated = incoming.remote_address_validated();
+        let address = match &g.per_address {
+            None => None,
+            Some(slots) => match slots.take(incoming.remote_address().ip(), validated) {
+                Some(slot) => Some(slot),
+                None => {
+                    drop(permit);
+                    if !validated && incoming.may_retry() {
+                        g.retried.fetch_add(1, Ordering::Relaxed);
+                        if let Err(e) = incoming.retry() {
+                            e.into_incoming().refuse();
+                        }
+                    } else {
+                        debug!(gate = g.what, remote = %incoming.remote_address(), "handshake refused: too many in flight from this address");
+                        g.refused.fetch_add(1, Ordering::Relaxed);
+                        incoming.refuse();
+                    }
+                    return None;
+                }
+            },
+        };
         g.admitted.fetch_add(1, Ordering::Relaxed);
         g.peak.fetch_max(in_flight + 1, Ordering::Relaxed);
         Some((
             incoming,
             HandshakePermit {
                 _permit: permit,
+                _address: address,
                 gate: g.clone(),
             },
         ))
@@ -152,5 +279,38 @@ impl HandshakeGate {
             retried: g.retried.load(Ordering::Relaxed),
             refused: g.refused.load(Ordering::Relaxed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_slots_bound_each_class_of_each_address() {
+        let slots = AddressSlots::new(2);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let a = ip("198.51.100.7");
+        let held: Vec<AddressSlot> = (0..2).map(|_| slots.take(a, false).unwrap()).collect();
+        assert!(slots.take(a, false).is_none(), "unvalidated class full");
+        // A spoofer filling a victim's unvalidated class leaves its validated class free.
+        let v: Vec<AddressSlot> = (0..2).map(|_| slots.take(a, true).unwrap()).collect();
+        assert!(slots.take(a, true).is_none(), "validated class full");
+        assert!(
+            slots.take(ip("198.51.100.8"), false).is_some(),
+            "another address"
+        );
+        // IPv6 per /64; v4-mapped as IPv4.
+        let x = slots.take(ip("2001:db8:1:2::1"), true).unwrap();
+        let y = slots.take(ip("2001:db8:1:2:ffff::9"), true).unwrap();
+        assert!(slots.take(ip("2001:db8:1:2:aaaa::1"), true).is_none());
+        assert!(slots.take(ip("2001:db8:1:3::1"), true).is_some());
+        assert!(slots.take(ip("::ffff:198.51.100.7"), true).is_none());
+        // Released on drop; the map forgets addresses with nothing in flight.
+        drop(held);
+        assert!(slots.take(a, false).is_some());
+        drop(v);
+        drop((x, y));
+        assert_eq!(slots.tracked(), 0);
     }
 }

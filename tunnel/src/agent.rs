@@ -58,6 +58,13 @@ const RELAY_APP: &str = "mesh";
 /// times at most, so these leave ample room for every legitimate peer.
 pub const MAX_PEER_HANDSHAKES: usize = 64;
 pub const PEER_RETRY_ABOVE: usize = 8;
+/// Peer handshakes in flight from one address (IPv6 /64), per class ([`AddressSlots`]): a peer
+/// dials one attempt at a time; a host that stalled handshakes from its one address would
+/// otherwise hold all [`MAX_PEER_HANDSHAKES`] slots for the handshake timeout each, and every
+/// real peer's hole punching would fail.
+///
+/// [`AddressSlots`]: crate::admit::AddressSlots
+pub const PEER_HANDSHAKES_PER_ADDRESS: usize = 4;
 
 /// A local port that reaches `device/service` through the mesh.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -356,7 +363,12 @@ impl Agent {
         let peers = Arc::new(Peers::new(cfg.creds.clone(), endpoint.clone()));
         Ok(Arc::new(Agent {
             peers,
-            peer_gate: HandshakeGate::new("mesh peers", MAX_PEER_HANDSHAKES, PEER_RETRY_ABOVE),
+            peer_gate: HandshakeGate::with_per_address(
+                "mesh peers",
+                MAX_PEER_HANDSHAKES,
+                PEER_RETRY_ABOVE,
+                PEER_HANDSHAKES_PER_ADDRESS,
+            ),
             hold_clock: Arc::default(),
             holds: Mutex::default(),
             streams_cut: AtomicU64::new(0),
@@ -1167,11 +1179,16 @@ impl Agent {
                 return;
             }
         };
-        if stream::write_reply(&mut send, &StreamReply::Accepted)
-            .await
-            .is_err()
-        {
-            return;
+        // Bounded like the header's read: an opener that grants no flow-control credit must
+        // not hold this task, its stream slot and the service connection.
+        let accepted = stream::write_reply(&mut send, &StreamReply::Accepted);
+        match tokio::time::timeout(t.open_timeout, accepted).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                let _ = send.reset(0u32.into());
+                return;
+            }
         }
         // Watched: a local service that stops reading leaves the stream's data unread here,
         // counted against the connection's window shared with every other stream to us.

@@ -815,11 +815,16 @@ impl Hub {
                 return;
             }
         };
-        if stream::write_reply(&mut send, &StreamReply::Accepted)
-            .await
-            .is_err()
-        {
-            return;
+        // Bounded: a device that grants the stream no flow-control credit must not hold the
+        // relay task and the connection to the other side.
+        let accepted = stream::write_reply(&mut send, &StreamReply::Accepted);
+        match tokio::time::timeout(self.0.cfg.tuning.open_timeout, accepted).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                let _ = send.reset(0u32.into());
+                return;
+            }
         }
         counters.connection();
         let mut down = QuicStream::new(send, recv, rest).watched(&link.holds, &app_name, &service);

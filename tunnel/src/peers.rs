@@ -57,6 +57,11 @@ pub const PERMIT_TTL: Duration = Duration::from_secs(15 * 60);
 const RETIRE_POLL: Duration = Duration::from_millis(500);
 /// Close code of a duplicate direct connection.
 const CLOSE_DUPLICATE: u32 = 10;
+/// Retired connections to one peer that may wait for their streams to end. Past it a further
+/// duplicate is closed at once, streams or not: a peer that left a stream open on each
+/// connection it made us retire (one per punching round) would otherwise pile up connections,
+/// each with its own stream and receive windows.
+pub const MAX_RETIRING: usize = 4;
 
 /// One direct QUIC connection to a peer.
 #[derive(Debug, Clone)]
@@ -132,6 +137,11 @@ impl PeerCounters {
 #[derive(Debug, Default)]
 struct PeerState {
     direct: Option<PeerConn>,
+    /// Retired connections still open for their streams (see [`MAX_RETIRING`]).
+    retiring: Arc<AtomicUsize>,
+    /// A punching round is running: a further `PeerAddr` is ignored until it ends (the other
+    /// side runs that round; our running round keeps our NAT open towards the peer).
+    punching: bool,
     last_punch_request: Option<Instant>,
     last_nonce: Option<u64>,
     punches: u64,
@@ -219,18 +229,19 @@ impl Peers {
         let dropped = self.with(peer, |s| match &s.direct {
             Some(c) if c.conn.stable_id() == conn.stable_id() => {
                 s.last_error = Some(why.to_owned());
-                s.direct.take()
+                s.direct.take().map(|pc| (pc, s.retiring.clone()))
             }
             _ => None,
         });
-        if let Some(pc) = dropped {
+        if let Some((pc, retiring)) = dropped {
             info!(peer = %peer, reason = %why, "direct path lost: streams use the relay");
-            tokio::spawn(retire(
+            retire_soon(
                 pc,
+                retiring,
                 self.creds.clone(),
-                peer.to_owned(),
+                peer,
                 b"direct path failed",
-            ));
+            );
         }
     }
 
@@ -286,33 +297,35 @@ impl Peers {
     pub fn register(self: &Arc<Self>, peer: &str, pc: PeerConn) -> bool {
         let me = self.creds.name();
         let preferred_dialer = if me < peer { me } else { peer };
-        let (kept, retired) = self.with(peer, |s| {
+        let (kept, retired, retiring) = self.with(peer, |s| {
             s.direct_connects += 1;
+            let retiring = s.retiring.clone();
             match s.direct.take().filter(PeerConn::live) {
                 Some(cur) => {
                     let new_wins = pc.dialer == preferred_dialer && cur.dialer != preferred_dialer;
                     if new_wins {
                         s.direct = Some(pc);
-                        (true, Some(cur))
+                        (true, Some(cur), retiring)
                     } else {
                         s.direct = Some(cur);
-                        (false, Some(pc))
+                        (false, Some(pc), retiring)
                     }
                 }
                 None => {
                     s.last_error = None;
                     s.direct = Some(pc);
-                    (true, None)
+                    (true, None, retiring)
                 }
             }
         });
         if let Some(old) = retired {
-            tokio::spawn(retire(
+            retire_soon(
                 old,
+                retiring,
                 self.creds.clone(),
-                peer.to_owned(),
+                peer,
                 b"duplicate direct path",
-            ));
+            );
         }
         if kept {
             let c = self.direct(peer).map(|p| p.conn);
@@ -330,25 +343,53 @@ impl Peers {
     }
 
     /// Handles the gateway's `PeerAddr`: returns the addresses to dial, or None if this round
-    /// was seen already or a direct path is up.
+    /// was seen already, a round is running, a direct path is up, or the device is none this
+    /// agent may dial (itself, a device the zone config does not list or revokes). The table
+    /// thus only holds zone devices and one round runs per peer, whatever a gateway sends.
+    /// A returned round must end with [`Peers::punch`] (which clears the running mark).
     pub fn on_peer_addr(&self, pa: &PeerAddr) -> Option<Vec<SocketAddr>> {
-        self.with(&pa.device, |s| {
-            if s.last_nonce == Some(pa.punch_nonce) || s.direct.as_ref().is_some_and(PeerConn::live)
+        let device = pa.device.as_str();
+        if device == self.creds.name()
+            || self.creds.noise_public_of(device).is_err()
+            || self.creds.is_revoked(device)
+        {
+            debug!(peer = %device, "punch round ignored: not a device of this zone");
+            return None;
+        }
+        self.with(device, |s| {
+            if s.punching
+                || s.last_nonce == Some(pa.punch_nonce)
+                || s.direct.as_ref().is_some_and(PeerConn::live)
             {
                 return None;
             }
+            s.punching = true;
             s.last_nonce = Some(pa.punch_nonce);
             s.punches += 1;
             Some(pa.addrs.clone())
         })
     }
 
-    /// Dials `peer` at `addrs` until a direct path exists or the attempts are spent.
+    /// Dials `peer` at `addrs` until a direct path exists or the attempts are spent; the round
+    /// [`Peers::on_peer_addr`] started is over when this returns.
     pub async fn punch(
         self: Arc<Self>,
         peer: String,
         addrs: Vec<SocketAddr>,
     ) -> Option<Connection> {
+        /// Ends the round however `punch` ends: returned, panicked or dropped.
+        struct RoundOver<'a>(&'a Peers, &'a str);
+        impl Drop for RoundOver<'_> {
+            fn drop(&mut self) {
+                self.0.with(self.1, |s| s.punching = false);
+            }
+        }
+        let _over = RoundOver(&self, &peer);
+        self.dial(&peer, addrs).await
+    }
+
+    async fn dial(&self, peer: &str, addrs: Vec<SocketAddr>) -> Option<Connection> {
+        let peer = peer.to_owned();
         let server_name = format!("{peer}.{}", self.creds.domain());
         for attempt in 1..=PUNCH_ATTEMPTS {
             if self.direct(&peer).is_some() {
@@ -449,6 +490,28 @@ impl Peers {
 /// refused it since.
 pub fn permit_valid(until: Instant, now: Instant, gateways_lost: Option<Instant>) -> bool {
     now < until || gateways_lost.is_some_and(|lost| lost < until)
+}
+
+/// Retires `pc` ([`retire`]) unless [`MAX_RETIRING`] connections to `peer` already wait for
+/// their streams: then it is closed now.
+fn retire_soon(
+    pc: PeerConn,
+    retiring: Arc<AtomicUsize>,
+    creds: Arc<DeviceCreds>,
+    peer: &str,
+    why: &'static [u8],
+) {
+    if retiring.fetch_add(1, Ordering::Relaxed) >= MAX_RETIRING {
+        retiring.fetch_sub(1, Ordering::Relaxed);
+        info!(peer = %peer, max = MAX_RETIRING, "too many retired direct connections to this peer: one closed with its streams");
+        pc.conn.close(CLOSE_DUPLICATE.into(), why);
+        return;
+    }
+    let peer = peer.to_owned();
+    tokio::spawn(async move {
+        retire(pc, creds, peer, why).await;
+        retiring.fetch_sub(1, Ordering::Relaxed);
+    });
 }
 
 /// Closes a connection no longer anyone's direct path (a duplicate, a failed one) once no

@@ -453,11 +453,25 @@ pub async fn write_reply(send: &mut SendStream, r: &StreamReply) -> Result<(), T
     Ok(())
 }
 
-/// Refuses a stream: writes the reason and finishes our side.
+/// How long a refusal may wait for the opener's flow-control credit.
+pub const REFUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Refuses a stream: writes the reason and finishes our side. The reason is made to fit the
+/// wire (a long or multi-line error message would otherwise fail the encoder, and the opener
+/// would see a cut stream instead of the refusal).
 pub async fn refuse(send: &mut SendStream, code: proto::RefuseCode, reason: &str) {
-    let reason: String = reason.chars().take(proto::limits::MAX_REASON_LEN).collect();
-    let _ = write_reply(send, &StreamReply::Refused { code, reason }).await;
-    let _ = send.finish();
+    let reason = proto::wire_text(reason, proto::limits::MAX_REASON_LEN);
+    let reply = StreamReply::Refused { code, reason };
+    // A peer that grants the stream no flow-control credit would hold this task (and the
+    // stream's slot) forever: a refusal is a few bytes, given up on after a while.
+    match tokio::time::timeout(REFUSE_TIMEOUT, write_reply(send, &reply)).await {
+        Ok(_) => {
+            let _ = send.finish();
+        }
+        Err(_) => {
+            let _ = send.reset(0u32.into());
+        }
+    }
 }
 
 /// Opens a stream on `conn` with `header` and waits for the acceptor's reply.

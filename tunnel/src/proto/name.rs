@@ -28,6 +28,24 @@ pub(crate) fn validate_name_bytes(field: &'static str, name: &[u8]) -> Result<()
     Err(ProtoError::InvalidName { field, why })
 }
 
+/// Local text (an error's message, a reason) made fit for a text field of at most `max` bytes:
+/// control characters become spaces and the text is cut at a character boundary, so it
+/// passes [`validate_text`] instead of failing the encoder and leaving nothing sent.
+pub fn wire_text(text: &str, max: usize) -> String {
+    let mut text: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    text
+}
+
 /// Checks free text (reasons, messages, versions): at most `max` bytes, and no control
 /// characters, because these strings are written into log lines and a peer must not be able
 /// to forge or split lines.
@@ -43,4 +61,37 @@ pub fn validate_text(field: &'static str, text: &str, max: usize) -> Result<(), 
         return Err(ProtoError::ControlChar { field });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod wire_text_tests {
+    use super::*;
+    use crate::proto::{encode_stream_reply, RefuseCode, StreamReply};
+
+    /// A refusal's reason is an error's message: long, multi-byte, multi-line. Cut by
+    /// characters (as it once was) 200 × "é" stayed 400 bytes and failed the encoder.
+    #[test]
+    fn any_local_text_fits_a_reason() {
+        let texts = [
+            "é".repeat(200),
+            "x".repeat(300),
+            "line one\nline two\r\tthree\u{7f}".to_owned(),
+            format!("{}€", "a".repeat(254)),
+            String::new(),
+        ];
+        for text in texts {
+            let t = wire_text(&text, 256);
+            assert!(
+                t.len() <= 256 && validate_text("reason", &t, 256).is_ok(),
+                "{t:?}"
+            );
+            assert!(text.starts_with(&t) || text.chars().any(char::is_control));
+            let reply = StreamReply::Refused {
+                code: RefuseCode::NoSuchService,
+                reason: t,
+            };
+            encode_stream_reply(&reply, &mut bytes::BytesMut::new()).expect("encodes");
+        }
+        assert_eq!(wire_text("a\nb", 10), "a b");
+    }
 }

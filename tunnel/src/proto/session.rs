@@ -270,8 +270,7 @@ impl ControlSession {
     }
 
     fn fail(&mut self, code: ErrorCode, message: String) {
-        let mut message = sanitize(&message);
-        truncate_utf8(&mut message, MAX_REASON_LEN);
+        let message = super::name::wire_text(&message, MAX_REASON_LEN);
         self.state = State::Closed;
         self.transmit.push_back(ControlMsg::Error { code, message });
     }
@@ -318,8 +317,7 @@ impl ControlSession {
             "Drain",
         )?;
         self.state = State::Draining;
-        let mut reason = sanitize(reason);
-        truncate_utf8(&mut reason, MAX_REASON_LEN);
+        let reason = super::name::wire_text(reason, MAX_REASON_LEN);
         self.transmit
             .push_back(ControlMsg::Drain { grace_ms, reason });
         Ok(())
@@ -424,22 +422,5 @@ fn unexpected(state: State, msg: &ControlMsg) -> SessionError {
     SessionError::Unexpected {
         msg: msg.name(),
         state: state.name(),
-    }
-}
-
-/// Local text going on the wire must pass the peer's text rules.
-fn sanitize(text: &str) -> String {
-    text.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
-}
-
-fn truncate_utf8(text: &mut String, max: usize) {
-    if text.len() > max {
-        let mut cut = max;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
     }
 }
