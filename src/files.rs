@@ -543,6 +543,44 @@ mod tests {
         assert_eq!(percent_encode(b"plain-1.2_~"), "plain-1.2_~");
     }
 
+    proptest::proptest! {
+        /// Whatever a client sends: a part lies inside the file, and an unsatisfiable answer
+        /// only for a start at or past its end (or a zero suffix).
+        #[test]
+        fn any_range_value_is_answered_inside_the_file(value in "\\PC{0,40}", len in 0u64..5000) {
+            match byte_range(&value, len) {
+                Ranged::Part { start, end } => proptest::prop_assert!(start <= end && end < len),
+                Ranged::Unsatisfiable | Ranged::Whole => {}
+            }
+        }
+
+        #[test]
+        fn ranges_of_numbers_are_read_as_written(a in 0u64..3000, b in 0u64..3000, len in 1u64..2000) {
+            let (first, last) = (a.min(b), a.max(b));
+            let want = if first >= len {
+                Ranged::Unsatisfiable
+            } else {
+                Ranged::Part { start: first, end: last.min(len - 1) }
+            };
+            proptest::prop_assert_eq!(byte_range(&format!("bytes={first}-{last}"), len), want);
+        }
+
+        /// No request path leaves the root, and every name links back to itself.
+        #[test]
+        fn no_path_leaves_the_root(path in "[/.a%2eE0fF]{0,30}") {
+            let root = Path::new("/srv/files");
+            if let Some(p) = resolve(root, &path) {
+                proptest::prop_assert!(p.starts_with(root));
+                proptest::prop_assert!(p.components().all(|c| c != Component::ParentDir));
+            }
+        }
+
+        #[test]
+        fn any_name_round_trips_through_its_link(name in proptest::collection::vec(1u8..=255, 0..40)) {
+            proptest::prop_assert_eq!(percent_decode(&percent_encode(&name)), Some(name));
+        }
+    }
+
     #[test]
     fn byte_ranges() {
         use Ranged::*;
