@@ -32,6 +32,9 @@ pub const MAX_TCP_CONNECTIONS: usize = 256;
 /// two, and one address keeping all of them busy with a query every few seconds shut every
 /// node out of fetching the zone config (its TXT answer needs TCP).
 pub const MAX_TCP_PER_CLIENT: usize = 16;
+/// Connections of one IPv6 site (/48), all its /64s together: a /48 holds 65,536 /64s, so
+/// without this one site could still take every slot, [`MAX_TCP_PER_CLIENT`] per /64.
+pub const MAX_TCP_PER_SITE: usize = 4 * MAX_TCP_PER_CLIENT;
 /// A TCP connection that sends no complete query for this long is closed (RFC 7766 §6.2.3
 /// recommends seconds, not minutes, for servers).
 pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -285,35 +288,48 @@ impl DnsServer {
     }
 }
 
-/// Open DNS-over-TCP connections by client (an IPv4 address, an IPv6 /64).
+/// Open DNS-over-TCP connections by client (an IPv4 address, an IPv6 /64) and by IPv6 site
+/// (/48), keyed by (masked address, prefix length): a /48 and a /64 whose last 16 bits are
+/// zero mask to the same address.
 #[derive(Debug, Default)]
-struct PerClient(std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>);
+struct PerClient(std::sync::Mutex<std::collections::HashMap<(IpAddr, u8), usize>>);
 
 /// One counted connection; dropping it uncounts it.
 struct ClientSlot {
     table: Arc<PerClient>,
-    key: IpAddr,
+    keys: Vec<(IpAddr, u8)>,
 }
 
 impl PerClient {
-    fn key(ip: IpAddr) -> IpAddr {
+    /// The keys `ip` counts under, each with its limit.
+    fn keys(ip: IpAddr) -> Vec<((IpAddr, u8), usize)> {
+        let masked = |v6: std::net::Ipv6Addr, bits: u32| {
+            IpAddr::V6((u128::from(v6) & !(u128::MAX >> bits)).into())
+        };
         match ip.to_canonical() {
-            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !(u128::MAX >> 64)).into()),
-            v4 => v4,
+            IpAddr::V6(v6) => vec![
+                ((masked(v6, 64), 64), MAX_TCP_PER_CLIENT),
+                ((masked(v6, 48), 48), MAX_TCP_PER_SITE),
+            ],
+            v4 => vec![((v4, 32), MAX_TCP_PER_CLIENT)],
         }
     }
 
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
-        let key = Self::key(ip);
+        let keys = Self::keys(ip);
         let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = t.entry(key).or_default();
-        if *n >= MAX_TCP_PER_CLIENT {
+        if keys
+            .iter()
+            .any(|(key, limit)| t.get(key).is_some_and(|n| n >= limit))
+        {
             return None;
         }
-        *n += 1;
+        for (key, _) in &keys {
+            *t.entry(*key).or_default() += 1;
+        }
         Some(ClientSlot {
             table: self.clone(),
-            key,
+            keys: keys.into_iter().map(|(key, _)| key).collect(),
         })
     }
 }
@@ -321,18 +337,20 @@ impl PerClient {
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         let mut t = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = t.get_mut(&self.key) {
-            *n = n.saturating_sub(1);
-            // Forgotten at zero: the table holds clients with open connections only.
-            if *n == 0 {
-                t.remove(&self.key);
+        for key in &self.keys {
+            if let Some(n) = t.get_mut(key) {
+                *n = n.saturating_sub(1);
+                // Forgotten at zero: the table holds clients with open connections only.
+                if *n == 0 {
+                    t.remove(key);
+                }
             }
         }
     }
 }
 
 /// Accepts TCP connections up to [`MAX_TCP_CONNECTIONS`], at most [`MAX_TCP_PER_CLIENT`] per
-/// client, each served in its own task.
+/// client and [`MAX_TCP_PER_SITE`] per IPv6 /48, each served in its own task.
 async fn tcp_accept_loop(listener: TcpListener, handler: ZoneHandler, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
     let per_client = Arc::new(PerClient::default());
@@ -409,6 +427,50 @@ async fn serve_tcp(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One IPv6 /48 holds 65,536 /64s: each /64 gets its share, the site together at most
+    /// MAX_TCP_PER_SITE, and the slots come back as connections close.
+    #[test]
+    fn an_ipv6_site_holds_at_most_its_share_of_tcp_connections() {
+        let table = Arc::new(PerClient::default());
+        let addr = |site: u16, net: u16, host: u16| -> IpAddr {
+            format!("2001:db8:{site:x}:{net:x}::{host:x}")
+                .parse()
+                .unwrap()
+        };
+        let mut held = Vec::new();
+        for host in 0..MAX_TCP_PER_CLIENT as u16 {
+            held.push(
+                table
+                    .admit(addr(1, 0, host))
+                    .expect("within the /64's share"),
+            );
+        }
+        assert!(table.admit(addr(1, 0, 999)).is_none(), "the /64 is full");
+        let mut net = 1;
+        while held.len() < MAX_TCP_PER_SITE {
+            if let Some(slot) = table.admit(addr(1, net, 1)) {
+                held.push(slot);
+            }
+            net += 1;
+        }
+        assert!(table.admit(addr(1, 0xffff, 1)).is_none(), "the /48 is full");
+        assert!(table.admit(addr(2, 0, 1)).is_some(), "another site");
+        assert!(
+            table.admit("198.51.100.1".parse().unwrap()).is_some(),
+            "IPv4"
+        );
+        held.pop();
+        assert!(
+            table.admit(addr(1, 0xffff, 1)).is_some(),
+            "a slot came back"
+        );
+        drop(held);
+        assert!(
+            table.0.lock().unwrap().is_empty(),
+            "closed connections are forgotten"
+        );
+    }
 
     #[test]
     fn privileged_port_error_says_what_to_do() {
