@@ -614,16 +614,21 @@ mod tests {
         }
     }
 
-    /// One request over a fresh connection; the whole answer as text (head and body).
     async fn get(addr: SocketAddr, target: &str, extra: &str) -> String {
+        request(addr, "GET", target, extra).await
+    }
+
+    async fn head_req(addr: SocketAddr, target: &str) -> String {
+        request(addr, "HEAD", target, "").await
+    }
+
+    /// One request over a fresh connection; the whole answer as text (head and body).
+    async fn request(addr: SocketAddr, method: &str, target: &str, extra: &str) -> String {
         use tokio::io::AsyncWriteExt;
         let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-        c.write_all(
-            format!("GET {target} HTTP/1.1\r\nHost: t\r\n{extra}Connection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .unwrap();
+        let head =
+            format!("{method} {target} HTTP/1.1\r\nHost: t\r\n{extra}Connection: close\r\n\r\n");
+        c.write_all(head.as_bytes()).await.unwrap();
         let mut out = Vec::new();
         c.read_to_end(&mut out).await.unwrap();
         String::from_utf8_lossy(&out).into_owned()
@@ -814,19 +819,6 @@ mod tests {
         );
         assert_eq!(body(&head), "");
         stop.cancel();
-    }
-
-    async fn head_req(addr: SocketAddr, target: &str) -> String {
-        use tokio::io::AsyncWriteExt;
-        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-        c.write_all(
-            format!("HEAD {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-        let mut out = Vec::new();
-        c.read_to_end(&mut out).await.unwrap();
-        String::from_utf8_lossy(&out).into_owned()
     }
 
     #[tokio::test]
