@@ -370,17 +370,28 @@ struct Flood {
 
 /// Floods `target` with `silent` first flights that are never followed up and `strangers`
 /// concurrent full handshakes by clients holding another zone's certificate or none.
-async fn handshake_flood(target: SocketAddr, silent: usize, strangers: usize) -> Flood {
+async fn handshake_flood(
+    target: SocketAddr,
+    silent: usize,
+    strangers: usize,
+    addresses: u8,
+) -> Flood {
     let flights = silent_first_flights(silent).await;
     let other = TestZone::new(&["home1"]);
     let foreign = other.creds("home1");
     let configs = [stranger_config(Some(&foreign)), stranger_config(None)];
-    let endpoints: Vec<quinn::Endpoint> = (0..4)
-        .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap())
+    // From `addresses` loopback addresses (127.0.0.1, .2, …): a gate that bounds handshakes
+    // per address is only pushed to its global limits by many.
+    let address = |i: usize| format!("127.0.0.{}", 1 + i % usize::from(addresses));
+    let endpoints: Vec<quinn::Endpoint> = (0..4.max(usize::from(addresses)))
+        .map(|i| quinn::Endpoint::client(format!("{}:0", address(i)).parse().unwrap()).unwrap())
         .collect();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..strangers {
-        let (ep, cfg) = (endpoints[i % 4].clone(), configs[i % 2].clone());
+        let (ep, cfg) = (
+            endpoints[i % endpoints.len()].clone(),
+            configs[i % 2].clone(),
+        );
         tasks.spawn(async move {
             let Ok(connecting) = ep.connect_with(cfg, target, "gw.alice.example") else {
                 return false;
@@ -397,8 +408,13 @@ async fn handshake_flood(target: SocketAddr, silent: usize, strangers: usize) ->
     }
     // The silent flights go out while the strangers' handshakes run, paced a little so the
     // target's socket buffer takes most of them.
-    let spoofer = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    for batch in flights.chunks(50) {
+    let mut spoofers = Vec::new();
+    for i in 0..usize::from(addresses) {
+        let bind = format!("{}:0", address(i));
+        spoofers.push(tokio::net::UdpSocket::bind(bind).await.unwrap());
+    }
+    for (b, batch) in flights.chunks(50).enumerate() {
+        let spoofer = &spoofers[b % spoofers.len()];
         for f in batch {
             let _ = spoofer.send_to(f, target).await;
         }
@@ -468,7 +484,7 @@ async fn quic_handshake_flood_is_bounded_and_agents_keep_working() {
 
     let stop = tokio_util::sync::CancellationToken::new();
     let echoing = tokio::spawn(keep_echoing(gw.apps["echo"], stop.clone()));
-    let flood = handshake_flood(z.gw_addr, SILENT, STRANGERS).await;
+    let flood = handshake_flood(z.gw_addr, SILENT, STRANGERS, 1).await;
     stop.cancel();
     let served = echoing.await.unwrap();
     let st = gw.hub.handshake_stats();
@@ -507,27 +523,52 @@ async fn quic_handshake_flood_is_bounded_and_agents_keep_working() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshake_flood_on_an_agents_peer_side_is_bounded() {
-    use tunnel::agent::{MAX_PEER_HANDSHAKES, PEER_RETRY_ABOVE};
+    use tunnel::agent::{
+        MAX_PEER_HANDSHAKES, PEER_HANDSHAKES_PER_ADDRESS, PEER_RETRY_ABOVE,
+        PEER_VALIDATED_PER_ADDRESS,
+    };
     let (_z, gw, h1) = echo_zone(&["home1"], "", flood_tuning()).await;
     let target = h1.agent.local_addr().unwrap();
 
     let stop = tokio_util::sync::CancellationToken::new();
     let echoing = tokio::spawn(keep_echoing(gw.apps["echo"], stop.clone()));
     let strangers = 100;
-    let flood = handshake_flood(target, 500, strangers).await;
+    // From one address: its own handshakes in flight stay within its two classes' shares
+    // (unvalidated ones past it get a Retry, validated ones are refused) however many it
+    // sends; the rest of the gate stays free for real peers.
+    let flood = handshake_flood(target, 500, strangers, 1).await;
+    let st = h1.agent.peer_handshake_stats();
+    eprintln!("flood from one address: {flood:?}; agent peer gate {st:?}");
+    assert_eq!(flood.let_in, 0);
+    assert!(
+        st.peak <= PEER_HANDSHAKES_PER_ADDRESS + PEER_VALIDATED_PER_ADDRESS,
+        "one address held more than its share of the peer gate: {st:?}"
+    );
+    assert!(st.retried > 0 && st.refused > 0, "{st:?}");
+    wait_until(
+        "peer handshake slots released",
+        Duration::from_secs(20),
+        || h1.agent.peer_handshake_stats().in_flight == 0,
+    )
+    .await;
+    // From 32 addresses: the gate's own bounds.
+    let before = h1.agent.peer_handshake_stats();
+    let flood = handshake_flood(target, 500, strangers, 32).await;
     stop.cancel();
     let served = echoing.await.unwrap();
     let st = h1.agent.peer_handshake_stats();
-    eprintln!("flood: {flood:?}; agent peer gate {st:?}; {served} roundtrips served");
+    eprintln!(
+        "flood from 32 addresses: {flood:?}; agent peer gate {st:?}; {served} roundtrips served"
+    );
 
     assert_eq!(
         flood.let_in, 0,
         "a client without a zone certificate got in"
     );
     assert!(st.peak <= MAX_PEER_HANDSHAKES, "{st:?}");
-    assert!(st.retried > 0, "no Retry was sent: {st:?}");
+    assert!(st.retried > before.retried, "no Retry was sent: {st:?}");
     assert!(
-        st.admitted as usize <= strangers + 2 * PEER_RETRY_ABOVE,
+        (st.admitted - before.admitted) as usize <= strangers + 2 * PEER_RETRY_ABOVE,
         "the silent flood got handshakes: {st:?}"
     );
     wait_until(
@@ -1169,5 +1210,53 @@ async fn one_client_address_cannot_take_every_udp_flow() {
     assert_eq!(got, None, "a flow beyond the address's limit was served");
     let (_s, got) = flow("127.0.0.2", app, b"another client", WAIT).await;
     assert_eq!(got.as_deref(), Some(&b"another client"[..]));
+    gw.shutdown.cancel();
+}
+
+/// A peer that grants its streams no flow-control credit cannot hold the agent's stream tasks:
+/// the agent's refusal (no gateway approved this peer's stream yet) waits for credit at most
+/// `REFUSE_TIMEOUT`, then resets the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_grants_no_credit_gets_its_refusal_reset_in_time() {
+    use tunnel::stream::REFUSE_TIMEOUT;
+    let (z, gw, h1) = echo_zone(&["home1", "home2"], "", fast_tuning()).await;
+    let creds = z.creds("home2");
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .stream_receive_window(0u32.into())
+        .keep_alive_interval(Some(Duration::from_millis(300)));
+    let mut cfg = tunnel::transport::client_config(&creds, &fast_tuning()).unwrap();
+    cfg.transport_config(Arc::new(transport));
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let target = h1.agent.local_addr().unwrap();
+    let conn = ep
+        .connect_with(cfg, target, "home1.alice.example")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let open = StreamHeader::Open {
+        app: "x".into(),
+        service: "echo".into(),
+        origin: Origin::Device {
+            name: "home2".into(),
+            addr: None,
+        },
+    };
+    tunnel::stream::write_header(&mut send, &open)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let got = tokio::time::timeout(REFUSE_TIMEOUT + WAIT, recv.read(&mut [0u8; 64]))
+        .await
+        .expect("the agent gave up on its refusal");
+    assert!(matches!(got, Err(quinn::ReadError::Reset(_))), "{got:?}");
+    assert!(
+        started.elapsed() >= REFUSE_TIMEOUT - Duration::from_secs(1),
+        "reset before the refusal's timeout: {:?}",
+        started.elapsed()
+    );
+    // The agent and its tunnel are fine.
+    assert_echoes(gw.apps["echo"], b"after").await;
     gw.shutdown.cancel();
 }

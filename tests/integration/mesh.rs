@@ -430,7 +430,13 @@ fn peer_table() -> (
 ) {
     let z = TestZone::new(&["home1", "home2"]);
     let (c1, c2) = (z.creds("home1"), z.creds("home2"));
-    let t = fast_tuning();
+    // Idle connections live 5 s (fast_tuning's 1.5 s can pass on a busy 2-core machine
+    // between two keep-alives, and a connection gone idle would fail the test).
+    let t = tunnel::transport::Tuning {
+        keepalive: Duration::from_millis(500),
+        idle_timeout: Duration::from_secs(5),
+        ..fast_tuning()
+    };
     let lo: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
     let e1 = tunnel::transport::client_endpoint(lo, &c1, &t).unwrap();
     e1.set_server_config(Some(tunnel::transport::server_config(&c1, &t).unwrap()));
@@ -453,8 +459,9 @@ async fn retired_duplicate_connections_to_one_peer_are_capped() {
         let dial = async { e2.connect(to, &name).unwrap().await.unwrap() };
         let accept = async { e1.accept().await.unwrap().await.unwrap() };
         let (dialed, accepted) = tokio::join!(dial, accept);
-        // Accepted from home2, the dialer "home1" prefers: the first stays the direct path,
-        // every later one is a duplicate. Each has a stream in use.
+        // Dialed by home2, while both prefer connections home1 dials (its name sorts first):
+        // the first stays the direct path, every later one is a duplicate. Each has a
+        // stream in use.
         let pc = PeerConn::new(accepted, "home2".into());
         let guard = pc.stream_guard();
         peers.register("home2", pc.clone());

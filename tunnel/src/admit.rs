@@ -8,9 +8,10 @@
 //! source address before it gets a handshake: spoofed-source floods (and clients that send one
 //! Initial and vanish) then cost one stateless Retry packet each instead of a handshake slot.
 //!
-//! A gate may also bound the handshakes of one source address ([`AddressSlots`]): the agents'
-//! peer side does, so one host cannot hold every slot and keep the real peers' hole punching
-//! out. (The hub does not: every device of a home arrives from its one NAT address.)
+//! A gate may also bound the handshakes of one source address and IPv6 site ([`AddressSlots`]):
+//! the agents' peer side does, so one host or site cannot hold every slot and keep the real
+//! peers' hole punching out. (The hub does not: every device of a home arrives from its one
+//! NAT address.)
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -52,45 +53,66 @@ struct GateInner {
     per_address: Option<AddressSlots>,
 }
 
-/// Handshakes in flight per source address (IPv6 per /64), counted apart for addresses not
-/// yet validated and validated ones (that answered a Retry). A spoofer can only fill the first
-/// class, and only with the victim's address: the victim, sent a Retry, comes back validated
-/// and finds its own class free. A host that does validate is bounded by the second. The map
-/// holds only addresses with a handshake in flight, so it is bounded by the gate's cap.
+/// Handshakes in flight per source address (IPv6 per /64) and per IPv6 site (/48, which holds
+/// 65,536 /64s), counted apart for addresses not yet validated and validated ones (that
+/// answered a Retry). A spoofer can only fill the first class, and only with the victim's
+/// address: the victim, sent a Retry, comes back validated and finds its own class free. A
+/// host that does validate is bounded by the second. The map holds only keys with a handshake
+/// in flight, so it is bounded by the gate's cap.
 #[derive(Debug)]
 pub struct AddressSlots {
-    max: usize,
-    in_flight: Arc<Mutex<HashMap<(IpAddr, bool), usize>>>,
+    /// Per address: (not validated, validated); a site holds [`SITE_FACTOR`] times these.
+    max: [usize; 2],
+    in_flight: Arc<Mutex<HashMap<SlotKey, usize>>>,
 }
 
-/// One address's handshake slot; released on drop.
+/// A site (/48) may have this many times an address's handshakes in flight.
+pub const SITE_FACTOR: usize = 4;
+
+/// (masked address, prefix length, validated): a /48 and a /64 whose last 16 bits are zero
+/// mask to the same address.
+type SlotKey = (IpAddr, u8, bool);
+
+/// One handshake's slots (its address's and, for IPv6, its site's); released on drop.
 #[derive(Debug)]
 pub struct AddressSlot {
-    key: (IpAddr, bool),
-    in_flight: Arc<Mutex<HashMap<(IpAddr, bool), usize>>>,
+    keys: Vec<SlotKey>,
+    in_flight: Arc<Mutex<HashMap<SlotKey, usize>>>,
 }
 
 impl AddressSlots {
-    /// At most `max` handshakes in flight per address and class.
-    pub fn new(max: usize) -> Self {
+    /// At most `unvalidated` and `validated` handshakes in flight per address.
+    pub fn new(unvalidated: usize, validated: usize) -> Self {
         AddressSlots {
             // At least one: a zero would leave an entry per address that is never removed.
-            max: max.max(1),
+            max: [unvalidated.max(1), validated.max(1)],
             in_flight: Arc::default(),
         }
     }
 
-    /// A slot for a handshake from `ip`, or `None` when its class is full.
+    /// A slot for a handshake from `ip`, or `None` when its class is full for its address or
+    /// its site.
     pub fn take(&self, ip: IpAddr, validated: bool) -> Option<AddressSlot> {
-        let key = (address_key(ip), validated);
+        let max = self.max[usize::from(validated)];
+        let keys: Vec<(SlotKey, usize)> = match ip.to_canonical() {
+            IpAddr::V6(v6) => vec![
+                ((masked(v6, 64), 64, validated), max),
+                ((masked(v6, 48), 48, validated), max * SITE_FACTOR),
+            ],
+            v4 => vec![((v4, 32, validated), max)],
+        };
         let mut m = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        let n = m.entry(key).or_insert(0);
-        if *n >= self.max {
+        if keys
+            .iter()
+            .any(|(key, limit)| m.get(key).is_some_and(|n| n >= limit))
+        {
             return None;
         }
-        *n += 1;
+        for (key, _) in &keys {
+            *m.entry(*key).or_insert(0) += 1;
+        }
         Some(AddressSlot {
-            key,
+            keys: keys.into_iter().map(|(key, _)| key).collect(),
             in_flight: self.in_flight.clone(),
         })
     }
@@ -107,24 +129,20 @@ impl AddressSlots {
 impl Drop for AddressSlot {
     fn drop(&mut self) {
         let mut m = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.key);
+        for key in &self.keys {
+            if let Some(n) = m.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(key);
+                }
             }
         }
     }
 }
 
-/// IPv4 (also v4-mapped) per address, IPv6 per /64: one host usually holds a whole /64.
-fn address_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
-        },
-    }
+/// `v6` masked to its first `bits` bits: one host usually holds a whole /64, one site a /48.
+fn masked(v6: std::net::Ipv6Addr, bits: u32) -> IpAddr {
+    IpAddr::V6((u128::from(v6) & !(u128::MAX >> bits)).into())
 }
 
 /// Bounds concurrent handshakes and asks for address validation when many are in flight.
@@ -165,16 +183,18 @@ impl HandshakeGate {
         Self::build(what, max, retry_above, None)
     }
 
-    /// As [`HandshakeGate::new`], and at most `per_address` handshakes in flight per source
-    /// address and class ([`AddressSlots`]): past it, an address not yet validated gets a
-    /// Retry, a validated one is refused.
+    /// As [`HandshakeGate::new`], and at most `unvalidated` and `validated` handshakes in
+    /// flight per source address ([`AddressSlots`]): past them, an address not yet validated
+    /// gets a Retry, a validated one is refused.
     pub fn with_per_address(
         what: &'static str,
         max: usize,
         retry_above: usize,
-        per_address: usize,
+        unvalidated: usize,
+        validated: usize,
     ) -> Self {
-        Self::build(what, max, retry_above, Some(AddressSlots::new(per_address)))
+        let slots = AddressSlots::new(unvalidated, validated);
+        Self::build(what, max, retry_above, Some(slots))
     }
 
     fn build(
@@ -232,6 +252,7 @@ impl HandshakeGate {
                 Some(slot) => Some(slot),
                 None => {
                     drop(permit);
+                    self.flood_seen(in_flight);
                     if !validated && incoming.may_retry() {
                         g.retried.fetch_add(1, Ordering::Relaxed);
                         if let Err(e) = incoming.retry() {
@@ -288,7 +309,7 @@ mod tests {
 
     #[test]
     fn address_slots_bound_each_class_of_each_address() {
-        let slots = AddressSlots::new(2);
+        let slots = AddressSlots::new(2, 2);
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let a = ip("198.51.100.7");
         let held: Vec<AddressSlot> = (0..2).map(|_| slots.take(a, false).unwrap()).collect();
@@ -306,6 +327,20 @@ mod tests {
         assert!(slots.take(ip("2001:db8:1:2:aaaa::1"), true).is_none());
         assert!(slots.take(ip("2001:db8:1:3::1"), true).is_some());
         assert!(slots.take(ip("::ffff:198.51.100.7"), true).is_none());
+        // A site (/48) holds SITE_FACTOR times an address's share, all its /64s together.
+        let site: Vec<AddressSlot> = (0..2 * SITE_FACTOR as u16 - 2)
+            .map(|n| slots.take(ip(&format!("2001:db8:1:{:x}::1", 0x100 + n)), true))
+            .map(|s| s.expect("within the site's share"))
+            .collect();
+        assert!(
+            slots.take(ip("2001:db8:1:ffff::1"), true).is_none(),
+            "site full"
+        );
+        assert!(
+            slots.take(ip("2001:db8:2::1"), true).is_some(),
+            "another site"
+        );
+        drop(site);
         // Released on drop; the map forgets addresses with nothing in flight.
         drop(held);
         assert!(slots.take(a, false).is_some());

@@ -58,13 +58,15 @@ const RELAY_APP: &str = "mesh";
 /// times at most, so these leave ample room for every legitimate peer.
 pub const MAX_PEER_HANDSHAKES: usize = 64;
 pub const PEER_RETRY_ABOVE: usize = 8;
-/// Peer handshakes in flight from one address (IPv6 /64), per class ([`AddressSlots`]): a peer
-/// dials one attempt at a time; a host that stalled handshakes from its one address would
-/// otherwise hold all [`MAX_PEER_HANDSHAKES`] slots for the handshake timeout each, and every
-/// real peer's hole punching would fail.
+/// Peer handshakes in flight from one address (IPv6 /64; a /48 four times as many) not yet
+/// validated, and validated ones ([`AddressSlots`]): a peer dials one attempt at a time; a
+/// host that stalled handshakes from its one address would otherwise hold all
+/// [`MAX_PEER_HANDSHAKES`] slots for the handshake timeout each, and every real peer's hole
+/// punching would fail. More validated ones, for peers behind one NAT address.
 ///
 /// [`AddressSlots`]: crate::admit::AddressSlots
 pub const PEER_HANDSHAKES_PER_ADDRESS: usize = 4;
+pub const PEER_VALIDATED_PER_ADDRESS: usize = 8;
 
 /// A local port that reaches `device/service` through the mesh.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -368,6 +370,7 @@ impl Agent {
                 MAX_PEER_HANDSHAKES,
                 PEER_RETRY_ABOVE,
                 PEER_HANDSHAKES_PER_ADDRESS,
+                PEER_VALIDATED_PER_ADDRESS,
             ),
             hold_clock: Arc::default(),
             holds: Mutex::default(),

@@ -715,8 +715,13 @@ impl Hub {
                 Err(_) => return,
             };
             if self.is_draining() {
+                // In its own task: a device that grants the stream no credit must not hold
+                // this accept loop for the refusal's timeout.
                 let mut send = send;
-                stream::refuse(&mut send, RefuseCode::Draining, "gateway is shutting down").await;
+                self.0.work.spawn(async move {
+                    stream::refuse(&mut send, RefuseCode::Draining, "gateway is shutting down")
+                        .await;
+                });
                 continue;
             }
             let hub = self.clone();

@@ -82,7 +82,8 @@ pub fn unchunk<S: AsRef<str>>(strings: &[S]) -> Result<Vec<u8>, ZoneError> {
             (Some(i), Some(n)) => (i, n),
             _ => return err(format!("chunk header {pos:?} is not I/N")),
         };
-        if n == 0 || n > MAX_CHUNKS || i == 0 || i > n {
+        // (`chunk_number` already refused 0.)
+        if n > MAX_CHUNKS || i > n {
             return err(format!("chunk header {pos:?} is out of range"));
         }
         match total {
