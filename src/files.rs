@@ -31,21 +31,22 @@ pub const MAX_LISTING: usize = 10_000;
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
-fn empty() -> Body {
-    Full::new(Bytes::new())
+/// A body held whole in memory.
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed()
+}
+
+fn empty() -> Body {
+    full(Bytes::new())
 }
 
 fn text(status: StatusCode, msg: &str) -> Response<Body> {
     Response::builder()
         .status(status)
         .header("content-type", "text/plain; charset=utf-8")
-        .body(
-            Full::new(Bytes::from(format!("{msg}\n")))
-                .map_err(|never| match never {})
-                .boxed(),
-        )
+        .body(full(format!("{msg}\n")))
         .expect("valid response")
 }
 
@@ -238,13 +239,7 @@ async fn handle(root: Arc<PathBuf>, req: Request<hyper::body::Incoming>) -> Resp
             Ok(html) => Response::builder()
                 .header("content-type", "text/html; charset=utf-8")
                 .header(header::CONTENT_LENGTH, html.len())
-                .body(if head {
-                    empty()
-                } else {
-                    Full::new(Bytes::from(html))
-                        .map_err(|never| match never {})
-                        .boxed()
-                })
+                .body(if head { empty() } else { full(html) })
                 .expect("valid response"),
             Err(_) => text(StatusCode::FORBIDDEN, "cannot list this directory"),
         };

@@ -2,7 +2,7 @@
 //! small accept loop of our own (hickory's has no bound on open connections) that reuses
 //! hickory's framing and response path. Follows the zone the gateway holds without a restart.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +20,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use zone_core::SignedZone;
+
+use zone_core::client_slots::{ClientSlot, ClientSlots};
 
 use crate::error::DnsError;
 use crate::handler::ZoneHandler;
@@ -288,79 +290,18 @@ impl DnsServer {
     }
 }
 
-/// Open DNS-over-TCP connections by client (an IPv4 address, an IPv6 /64) and by IPv6 site
-/// (/48), keyed by (masked address, prefix length): a /48 and a /64 whose last 16 bits are
-/// zero mask to the same address.
-#[derive(Debug, Default)]
-struct PerClient(std::sync::Mutex<std::collections::HashMap<(IpAddr, u8), usize>>);
-
-/// One counted connection; dropping it uncounts it.
-struct ClientSlot {
-    table: Arc<PerClient>,
-    keys: Vec<(IpAddr, u8)>,
-}
-
-impl PerClient {
-    /// The keys `ip` counts under, each with its limit.
-    fn keys(ip: IpAddr) -> Vec<((IpAddr, u8), usize)> {
-        let masked = |v6: std::net::Ipv6Addr, bits: u32| {
-            IpAddr::V6((u128::from(v6) & !(u128::MAX >> bits)).into())
-        };
-        match ip.to_canonical() {
-            IpAddr::V6(v6) => vec![
-                ((masked(v6, 64), 64), MAX_TCP_PER_CLIENT),
-                ((masked(v6, 48), 48), MAX_TCP_PER_SITE),
-            ],
-            v4 => vec![((v4, 32), MAX_TCP_PER_CLIENT)],
-        }
-    }
-
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
-        let keys = Self::keys(ip);
-        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if keys
-            .iter()
-            .any(|(key, limit)| t.get(key).is_some_and(|n| n >= limit))
-        {
-            return None;
-        }
-        for (key, _) in &keys {
-            *t.entry(*key).or_default() += 1;
-        }
-        Some(ClientSlot {
-            table: self.clone(),
-            keys: keys.into_iter().map(|(key, _)| key).collect(),
-        })
-    }
-}
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        let mut t = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
-        for key in &self.keys {
-            if let Some(n) = t.get_mut(key) {
-                *n = n.saturating_sub(1);
-                // Forgotten at zero: the table holds clients with open connections only.
-                if *n == 0 {
-                    t.remove(key);
-                }
-            }
-        }
-    }
-}
-
 /// Accepts TCP connections up to [`MAX_TCP_CONNECTIONS`], at most [`MAX_TCP_PER_CLIENT`] per
 /// client and [`MAX_TCP_PER_SITE`] per IPv6 /48, each served in its own task.
 async fn tcp_accept_loop(listener: TcpListener, handler: ZoneHandler, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
-    let per_client = Arc::new(PerClient::default());
+    let per_client = ClientSlots::new(MAX_TCP_PER_CLIENT, MAX_TCP_PER_SITE);
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => match (per_client.admit(peer.ip()), slots.clone().try_acquire_owned()) {
+                Ok((stream, peer)) => match (per_client.take(peer.ip()), slots.clone().try_acquire_owned()) {
                     (None, _) => debug!(%peer, "DNS over TCP: this client's connection limit reached, closing"),
                     (Some(slot), Ok(permit)) => {
                         conns.spawn(serve_tcp(stream, peer, handler.clone(), (permit, slot)));
@@ -427,12 +368,13 @@ async fn serve_tcp(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::IpAddr;
 
     /// One IPv6 /48 holds 65,536 /64s: each /64 gets its share, the site together at most
     /// MAX_TCP_PER_SITE, and the slots come back as connections close.
     #[test]
     fn an_ipv6_site_holds_at_most_its_share_of_tcp_connections() {
-        let table = Arc::new(PerClient::default());
+        let table = ClientSlots::new(MAX_TCP_PER_CLIENT, MAX_TCP_PER_SITE);
         let addr = |site: u16, net: u16, host: u16| -> IpAddr {
             format!("2001:db8:{site:x}:{net:x}::{host:x}")
                 .parse()
@@ -442,34 +384,28 @@ mod tests {
         for host in 0..MAX_TCP_PER_CLIENT as u16 {
             held.push(
                 table
-                    .admit(addr(1, 0, host))
+                    .take(addr(1, 0, host))
                     .expect("within the /64's share"),
             );
         }
-        assert!(table.admit(addr(1, 0, 999)).is_none(), "the /64 is full");
+        assert!(table.take(addr(1, 0, 999)).is_none(), "the /64 is full");
         let mut net = 1;
         while held.len() < MAX_TCP_PER_SITE {
-            if let Some(slot) = table.admit(addr(1, net, 1)) {
+            if let Some(slot) = table.take(addr(1, net, 1)) {
                 held.push(slot);
             }
             net += 1;
         }
-        assert!(table.admit(addr(1, 0xffff, 1)).is_none(), "the /48 is full");
-        assert!(table.admit(addr(2, 0, 1)).is_some(), "another site");
+        assert!(table.take(addr(1, 0xffff, 1)).is_none(), "the /48 is full");
+        assert!(table.take(addr(2, 0, 1)).is_some(), "another site");
         assert!(
-            table.admit("198.51.100.1".parse().unwrap()).is_some(),
+            table.take("198.51.100.1".parse().unwrap()).is_some(),
             "IPv4"
         );
         held.pop();
-        assert!(
-            table.admit(addr(1, 0xffff, 1)).is_some(),
-            "a slot came back"
-        );
+        assert!(table.take(addr(1, 0xffff, 1)).is_some(), "a slot came back");
         drop(held);
-        assert!(
-            table.0.lock().unwrap().is_empty(),
-            "closed connections are forgotten"
-        );
+        assert!(table.tracked() == 0, "closed connections are forgotten");
     }
 
     #[test]

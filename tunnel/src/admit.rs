@@ -13,14 +13,14 @@
 //! peers' hole punching out. (The hub does not: every device of a home arrives from its one
 //! NAT address.)
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use quinn::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
+use zone_core::client_slots::{ClientSlot, ClientSlots};
 
 /// Counters of a [`HandshakeGate`], for `/status`, logs and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -53,96 +53,46 @@ struct GateInner {
     per_address: Option<AddressSlots>,
 }
 
-/// Handshakes in flight per source address (IPv6 per /64) and per IPv6 site (/48, which holds
-/// 65,536 /64s), counted apart for addresses not yet validated and validated ones (that
-/// answered a Retry). A spoofer can only fill the first class, and only with the victim's
-/// address: the victim, sent a Retry, comes back validated and finds its own class free. A
-/// host that does validate is bounded by the second. The map holds only keys with a handshake
-/// in flight, so it is bounded by the gate's cap.
+/// Handshakes in flight per client (an IPv4 address, an IPv6 /64) and per IPv6 site (/48),
+/// counted apart for addresses not yet validated and validated ones (that answered a Retry):
+/// a [`ClientSlots`] table each. A spoofer can only fill the first class, and only with the
+/// victim's address: the victim, sent a Retry, comes back validated and finds its own class
+/// free. A host that does validate is bounded by the second.
 #[derive(Debug)]
 pub struct AddressSlots {
-    /// Per address: (not validated, validated); a site holds [`SITE_FACTOR`] times these.
-    max: [usize; 2],
-    in_flight: Arc<Mutex<HashMap<SlotKey, usize>>>,
+    /// [not validated, validated]
+    classes: [ClientSlots; 2],
 }
 
 /// A site (/48) may have this many times an address's handshakes in flight.
 pub const SITE_FACTOR: usize = 4;
 
-/// (masked address, prefix length, validated): a /48 and a /64 whose last 16 bits are zero
-/// mask to the same address.
-type SlotKey = (IpAddr, u8, bool);
-
-/// One handshake's slots (its address's and, for IPv6, its site's); released on drop.
+/// One handshake's slot in its class; released on drop.
 #[derive(Debug)]
 pub struct AddressSlot {
-    keys: Vec<SlotKey>,
-    in_flight: Arc<Mutex<HashMap<SlotKey, usize>>>,
+    _slot: ClientSlot,
 }
 
 impl AddressSlots {
     /// At most `unvalidated` and `validated` handshakes in flight per address.
     pub fn new(unvalidated: usize, validated: usize) -> Self {
+        let class = |max: usize| ClientSlots::new(max, max * SITE_FACTOR);
         AddressSlots {
-            // At least one: a zero would leave an entry per address that is never removed.
-            max: [unvalidated.max(1), validated.max(1)],
-            in_flight: Arc::default(),
+            classes: [class(unvalidated), class(validated)],
         }
     }
 
     /// A slot for a handshake from `ip`, or `None` when its class is full for its address or
     /// its site.
     pub fn take(&self, ip: IpAddr, validated: bool) -> Option<AddressSlot> {
-        let max = self.max[usize::from(validated)];
-        let keys: Vec<(SlotKey, usize)> = match ip.to_canonical() {
-            IpAddr::V6(v6) => vec![
-                ((masked(v6, 64), 64, validated), max),
-                ((masked(v6, 48), 48, validated), max * SITE_FACTOR),
-            ],
-            v4 => vec![((v4, 32, validated), max)],
-        };
-        let mut m = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        if keys
-            .iter()
-            .any(|(key, limit)| m.get(key).is_some_and(|n| n >= limit))
-        {
-            return None;
-        }
-        for (key, _) in &keys {
-            *m.entry(*key).or_insert(0) += 1;
-        }
-        Some(AddressSlot {
-            keys: keys.into_iter().map(|(key, _)| key).collect(),
-            in_flight: self.in_flight.clone(),
-        })
+        let _slot = self.classes[usize::from(validated)].take(ip)?;
+        Some(AddressSlot { _slot })
     }
 
-    /// Addresses (and classes) with a handshake in flight.
+    /// Addresses and sites (per class) with a handshake in flight.
     pub fn tracked(&self) -> usize {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
+        self.classes.iter().map(ClientSlots::tracked).sum()
     }
-}
-
-impl Drop for AddressSlot {
-    fn drop(&mut self) {
-        let mut m = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        for key in &self.keys {
-            if let Some(n) = m.get_mut(key) {
-                *n -= 1;
-                if *n == 0 {
-                    m.remove(key);
-                }
-            }
-        }
-    }
-}
-
-/// `v6` masked to its first `bits` bits: one host usually holds a whole /64, one site a /48.
-fn masked(v6: std::net::Ipv6Addr, bits: u32) -> IpAddr {
-    IpAddr::V6((u128::from(v6) & !(u128::MAX >> bits)).into())
 }
 
 /// Bounds concurrent handshakes and asks for address validation when many are in flight.

@@ -29,7 +29,7 @@ use crate::holds::{HoldClock, Holds};
 use crate::peers::{peer_name, PeerConn, Peers};
 use crate::proto::{
     self, ControlSession, Event, Hello, Origin, PeerAddr, RefuseCode, ServiceProto, StreamHeader,
-    StreamReply, UdpFlowOpen,
+    UdpFlowOpen,
 };
 use crate::services::LocalServices;
 use crate::splice::splice;
@@ -1182,16 +1182,9 @@ impl Agent {
                 return;
             }
         };
-        // Bounded like the header's read: an opener that grants no flow-control credit must
-        // not hold this task, its stream slot and the service connection.
-        let accepted = stream::write_reply(&mut send, &StreamReply::Accepted);
-        match tokio::time::timeout(t.open_timeout, accepted).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return,
-            Err(_) => {
-                let _ = send.reset(0u32.into());
-                return;
-            }
+        // Bounded like the header's read.
+        if !stream::accept(&mut send, t.open_timeout).await {
+            return;
         }
         // Watched: a local service that stops reading leaves the stream's data unread here,
         // counted against the connection's window shared with every other stream to us.

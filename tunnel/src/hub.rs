@@ -22,8 +22,7 @@ use crate::creds::DeviceCreds;
 use crate::error::{OpenError, TunnelError};
 use crate::holds::{HoldClock, Holds};
 use crate::proto::{
-    self, ControlSession, ErrorCode, Event, Origin, RefuseCode, ServiceInfo, StreamHeader,
-    StreamReply, Welcome,
+    self, ControlSession, ErrorCode, Event, Origin, RefuseCode, ServiceInfo, StreamHeader, Welcome,
 };
 use crate::services::LocalServices;
 use crate::sockets::canonical;
@@ -820,16 +819,8 @@ impl Hub {
                 return;
             }
         };
-        // Bounded: a device that grants the stream no flow-control credit must not hold the
-        // relay task and the connection to the other side.
-        let accepted = stream::write_reply(&mut send, &StreamReply::Accepted);
-        match tokio::time::timeout(self.0.cfg.tuning.open_timeout, accepted).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return,
-            Err(_) => {
-                let _ = send.reset(0u32.into());
-                return;
-            }
+        if !stream::accept(&mut send, self.0.cfg.tuning.open_timeout).await {
+            return;
         }
         counters.connection();
         let mut down = QuicStream::new(send, recv, rest).watched(&link.holds, &app_name, &service);

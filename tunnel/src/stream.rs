@@ -453,6 +453,20 @@ pub async fn write_reply(send: &mut SendStream, r: &StreamReply) -> Result<(), T
     Ok(())
 }
 
+/// Accepts a stream: writes the `Accepted` reply, waiting at most `timeout` for the opener's
+/// flow-control credit (an opener that grants none must not hold the acceptor's task, its
+/// stream slot and the connection to the service); the stream is reset when it runs out.
+/// False when the reply could not be sent.
+pub async fn accept(send: &mut SendStream, timeout: Duration) -> bool {
+    match tokio::time::timeout(timeout, write_reply(send, &StreamReply::Accepted)).await {
+        Ok(sent) => sent.is_ok(),
+        Err(_) => {
+            let _ = send.reset(0u32.into());
+            false
+        }
+    }
+}
+
 /// How long a refusal may wait for the opener's flow-control credit.
 pub const REFUSE_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -8,6 +8,8 @@
 //! - [`txt`]: the zone config as DNS TXT strings (versioned prefix + base58, ≤255-byte chunks).
 //! - [`trust`]: rustls verifiers rooted at the zone CA that also refuse revoked devices.
 //! - [`zonedir`]: the owner's zone directory and device bundles on disk (atomic writes).
+//! - [`client_slots`]: open connections or handshakes per client address and IPv6 site, capped
+//!   (the DNS server's and the agents' defence against one host or site taking every slot).
 //!
 //! # Glossary
 //! - *zone*: one person's devices under one domain, vouched for by one zone key.
@@ -15,6 +17,7 @@
 //! - *serial*: the zone config's version number; a higher serial always wins.
 
 pub mod cert;
+pub mod client_slots;
 pub mod config;
 pub mod error;
 pub mod keys;
