@@ -202,7 +202,9 @@ async fn run_async(dir: PathBuf, check: bool) -> anyhow::Result<()> {
     // Services of the two homes.
     let files = TcpListener::bind("127.0.0.1:0").await?;
     let files_addr = files.local_addr()?;
-    tokio::spawn(crate::files::serve(files, share.clone(), shutdown.clone()));
+    let share_root = crate::files::Root::open(&share)
+        .with_context(|| format!("opening the demo share {}", share.display()))?;
+    tokio::spawn(crate::files::serve(files, share_root, shutdown.clone()));
     let echo_addr = echo_service().await?;
 
     // The gateway.

@@ -223,10 +223,12 @@ pub fn files(dir: std::path::PathBuf, listen: std::net::SocketAddr) -> anyhow::R
     if !dir.is_dir() {
         return Err(UsageError(format!("--dir {}: not a directory", dir.display())).into());
     }
+    let root = crate::files::Root::open(&dir)
+        .with_context(|| format!("--dir {}: cannot open the directory", dir.display()))?;
     runtime(cores())?.block_on(async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signal(shutdown.clone()));
-        crate::files::run(dir, listen, shutdown)
+        crate::files::run(root, listen, shutdown)
             .await
             .with_context(|| format!("cannot listen on {listen}"))
     })

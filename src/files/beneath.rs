@@ -1,0 +1,211 @@
+//! Opening what `zonegate files` serves without leaving its directory, even while someone
+//! swaps files and directories for symlinks: a path is resolved (symlinks followed) and
+//! checked to lie under the root, then opened relative to the root's descriptor by that
+//! resolved path with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, so a symlink put in
+//! the way of any part of it between the check and the open is refused, not followed.
+//!
+//! Where `openat2` is missing (Linux before 5.6, or a sandbox that filters it) the open falls
+//! back to `O_NOFOLLOW`, which guards the last part of the path only; that is logged once.
+
+use std::fs::{File, Metadata};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
+use tracing::warn;
+
+/// The served directory: its resolved path and a descriptor that opens stay beneath.
+#[derive(Debug)]
+pub struct Root {
+    path: PathBuf,
+    dir: OwnedFd,
+}
+
+/// Why a path is not served.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error("not found")]
+    NotFound,
+    /// Resolves (through a symlink) to somewhere outside the root.
+    #[error("outside the shared directory")]
+    Outside,
+    /// Found but not opened: no permission, or a symlink swapped in after the check.
+    #[error("cannot read: {0}")]
+    Unreadable(io::Error),
+}
+
+/// An opened file or directory, with what `fstat` says of the opened handle itself.
+#[derive(Debug)]
+pub struct Opened {
+    pub file: File,
+    pub meta: Metadata,
+    /// Its resolved path (for the content type, and the listing's links).
+    pub path: PathBuf,
+}
+
+/// Set once `openat2` turned out to be missing: later opens go straight to the fallback.
+static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
+
+impl Root {
+    /// Opens `dir` as the root. Fails if it is not a directory that can be opened.
+    pub fn open(dir: &Path) -> io::Result<Root> {
+        let path = std::fs::canonicalize(dir)?;
+        let dir = rustix::fs::open(
+            &path,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Root { path, dir })
+    }
+
+    /// The root's resolved path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Resolves `path` (under the root's path, from [`super::names::resolve`]) and opens what
+    /// it names, if that lies under the root. Blocking: call from a blocking thread.
+    pub fn open_beneath(&self, path: &Path) -> Result<Opened, Refused> {
+        let real = std::fs::canonicalize(path).map_err(|_| Refused::NotFound)?;
+        let rel = real
+            .strip_prefix(&self.path)
+            .map_err(|_| Refused::Outside)?;
+        let fd = self.open_relative(rel).map_err(Refused::Unreadable)?;
+        let file = File::from(fd);
+        let meta = file.metadata().map_err(Refused::Unreadable)?;
+        Ok(Opened {
+            file,
+            meta,
+            path: real,
+        })
+    }
+
+    /// Opens `rel` (symlink-free when it was resolved) beneath the root, read-only. Non-
+    /// blocking, so a FIFO swapped in cannot hold the thread in open(2); the caller looks at
+    /// what the handle is before reading it.
+    fn open_relative(&self, rel: &Path) -> io::Result<OwnedFd> {
+        let rel = if rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel
+        };
+        let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK;
+        if !NO_OPENAT2.load(Ordering::Relaxed) {
+            let resolve =
+                ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+            match rustix::fs::openat2(&self.dir, rel, flags, Mode::empty(), resolve) {
+                Err(rustix::io::Errno::NOSYS) => {
+                    if !NO_OPENAT2.swap(true, Ordering::Relaxed) {
+                        warn!("openat2 is not available (Linux before 5.6?): files are opened with O_NOFOLLOW only, which does not guard a path's directories against symlinks swapped in while it is opened");
+                    }
+                }
+                // A sandbox's filter (EPERM) refuses the call itself; anything else is the
+                // answer.
+                Err(rustix::io::Errno::PERM) => {}
+                other => return Ok(other?),
+            }
+        }
+        Ok(rustix::fs::openat(
+            &self.dir,
+            rel,
+            flags | OFlags::NOFOLLOW,
+            Mode::empty(),
+        )?)
+    }
+}
+
+/// Calls `visit` with each name in the directory `dir` (an [`Opened`] directory, read from
+/// the handle, not by path again) and a function telling whether that name is a directory
+/// itself (a symlink is not one), called only for the names worth its cost. Blocking.
+pub fn read_names(dir: &File, mut visit: impl FnMut(&[u8], &dyn Fn() -> bool)) -> io::Result<()> {
+    for entry in rustix::fs::Dir::read_from(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        let is_dir = || match entry.file_type() {
+            FileType::Directory => true,
+            // Some file systems do not say in the entry: ask, without following a symlink.
+            FileType::Unknown => rustix::fs::statat(
+                dir,
+                entry.file_name(),
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory),
+            _ => false,
+        };
+        visit(name, &is_dir);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symlinks_out_are_refused_and_in_are_followed() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), "secret").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        std::fs::write(dir.path().join("d/f"), "f").unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("out")).unwrap();
+        std::os::unix::fs::symlink("d/f", dir.path().join("in")).unwrap();
+        // An absolute symlink that stays inside is followed too.
+        std::os::unix::fs::symlink(dir.path().join("d"), dir.path().join("abs")).unwrap();
+        let root = Root::open(dir.path()).unwrap();
+        let p = |s: &str| root.path().join(s);
+        assert!(matches!(
+            root.open_beneath(&p("out/secret")),
+            Err(Refused::Outside)
+        ));
+        assert!(matches!(
+            root.open_beneath(&p("nothing")),
+            Err(Refused::NotFound)
+        ));
+        let read = |s: &str| {
+            let o = root.open_beneath(&p(s)).unwrap();
+            std::io::read_to_string(o.file).unwrap()
+        };
+        assert_eq!(read("in"), "f");
+        assert_eq!(read("abs/f"), "f");
+        let top = root.open_beneath(root.path()).unwrap();
+        assert!(top.meta.is_dir());
+        let mut names = Vec::new();
+        read_names(&top.file, |n, d| names.push((n.to_vec(), d()))).unwrap();
+        names.sort();
+        let want: Vec<(Vec<u8>, bool)> = vec![
+            (b"abs".to_vec(), false),
+            (b"d".to_vec(), true),
+            (b"in".to_vec(), false),
+            (b"out".to_vec(), false),
+        ];
+        assert_eq!(names, want);
+    }
+
+    /// The race openat2 closes: a directory of the path swapped for a symlink out after the
+    /// path was checked. Opening the checked path then must fail, not follow the link.
+    #[test]
+    fn a_directory_swapped_for_a_symlink_after_the_check_is_not_followed() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("f"), "secret").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        std::fs::write(dir.path().join("d/f"), "inside").unwrap();
+        let root = Root::open(dir.path()).unwrap();
+        // What the check resolved, before the swap.
+        let rel = Path::new("d/f");
+        std::fs::rename(dir.path().join("d"), dir.path().join("d.old")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("d")).unwrap();
+        let opened = root.open_relative(rel);
+        assert!(
+            opened.is_err(),
+            "followed the swapped-in symlink: {:?}",
+            opened.map(|fd| std::io::read_to_string(File::from(fd)))
+        );
+    }
+}

@@ -1,0 +1,575 @@
+//! A read-only HTTP file service (`zonegate files`): the "file node" of the quick start.
+//! GET and HEAD only; files stream from disk, whole or as one byte range (`Range`, so a
+//! download resumes and a video seeks); `ETag` and `Last-Modified` with the conditional
+//! requests on them let a client keep what it has; directories get a plain HTML listing of
+//! at most [`MAX_LISTING`] entries; nothing outside the served directory is ever opened.
+//!
+//! - `names`: request paths to file names and names back to links;
+//! - `beneath`: opening beneath the served directory (openat2), reading a directory;
+//! - `range`: the `Range` header;
+//! - `validate`: validators and conditional requests.
+
+mod beneath;
+mod names;
+mod range;
+mod validate;
+
+use std::collections::BinaryHeap;
+use std::convert::Infallible;
+use std::io::SeekFrom;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+pub use beneath::{Refused, Root};
+pub use names::resolve;
+pub use range::{byte_range, Ranged};
+
+use beneath::Opened;
+use names::{dir_url, forwarded_prefix, html_escape, percent_decode, percent_encode};
+use validate::{Validators, Verdict};
+
+/// Entries a directory listing shows at most. A directory of a million files must not become
+/// a response (and names held in memory) of a hundred megabytes; the rest are counted, not held.
+pub const MAX_LISTING: usize = 10_000;
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+/// A body held whole in memory.
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn empty() -> Body {
+    full(Bytes::new())
+}
+
+fn text(status: StatusCode, msg: &str) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(full(format!("{msg}\n")))
+        .expect("valid response")
+}
+
+/// The HTML listing of the opened directory `dir`, whose URL path is `url` (from
+/// [`names::dir_url`]). Blocking.
+fn listing(dir: &std::fs::File, url: &str) -> std::io::Result<String> {
+    // The first MAX_LISTING names in sorted order, whatever order the directory yields them
+    // in: a max-heap that drops its largest past the cap.
+    let mut heap: BinaryHeap<(Vec<u8>, bool)> = BinaryHeap::new();
+    let mut left_out = 0usize;
+    beneath::read_names(dir, |name, is_dir| {
+        if heap.len() == MAX_LISTING {
+            left_out += 1;
+            if heap.peek().is_some_and(|(last, _)| last.as_slice() <= name) {
+                return;
+            }
+            heap.pop();
+        }
+        heap.push((name.to_vec(), is_dir()));
+    })?;
+    let names = heap.into_sorted_vec();
+    let base = html_escape(url);
+    let title = html_escape(&String::from_utf8_lossy(
+        &percent_decode(url).unwrap_or_default(),
+    ));
+    let mut html =
+        format!("<!doctype html><meta charset=utf-8><title>{title}</title><h1>{title}</h1><ul>\n");
+    for (name, is_dir) in &names {
+        let slash = if *is_dir { "/" } else { "" };
+        html.push_str(&format!(
+            "<li><a href=\"{base}{}{slash}\">{}{slash}</a></li>\n",
+            percent_encode(name),
+            html_escape(&String::from_utf8_lossy(name)),
+        ));
+    }
+    html.push_str("</ul>\n");
+    if left_out > 0 {
+        html.push_str(&format!(
+            "<p>{left_out} more entries not listed: a listing shows at most {MAX_LISTING}.</p>\n"
+        ));
+    }
+    Ok(html)
+}
+
+/// What a request names, opened beneath the root; for a directory with an `index.html` that
+/// is a file, the index instead. Blocking.
+fn open_target(root: &Root, asked: &Path) -> Result<Target, Refused> {
+    let opened = root.open_beneath(asked)?;
+    if !opened.meta.is_dir() {
+        return Ok(Target::File(opened));
+    }
+    // The index may be a symlink too: refused if it leads outside, skipped if it is not a
+    // file (or not there).
+    match root.open_beneath(&asked.join("index.html")) {
+        Ok(index) if index.meta.is_file() => Ok(Target::File(index)),
+        Err(Refused::Outside) => Err(Refused::Outside),
+        _ => {
+            let rel = asked.strip_prefix(root.path()).unwrap_or(Path::new(""));
+            Ok(Target::Dir(opened, rel.to_path_buf()))
+        }
+    }
+}
+
+enum Target {
+    File(Opened),
+    /// A directory, with its path relative to the root as asked (for its URL).
+    Dir(Opened, PathBuf),
+}
+
+async fn handle(root: Arc<Root>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "read-only file service: GET and HEAD only",
+        );
+        r.headers_mut()
+            .insert("allow", HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let head = req.method() == Method::HEAD;
+    let Some(asked) = resolve(root.path(), req.uri().path()) else {
+        return text(StatusCode::BAD_REQUEST, "bad path");
+    };
+    let prefix = forwarded_prefix(req.headers()).to_owned();
+    // Resolving, opening and listing are file system calls: on a blocking thread.
+    let answer = tokio::task::spawn_blocking(move || match open_target(&root, &asked)? {
+        Target::File(f) => Ok(Ok(f)),
+        Target::Dir(dir, rel) => {
+            let html = listing(&dir.file, &dir_url(&prefix, &rel)).map_err(Refused::Unreadable)?;
+            Ok(Err(html))
+        }
+    })
+    .await;
+    match answer {
+        Ok(Ok(Ok(f))) => file(f, head, req.headers()).await,
+        Ok(Ok(Err(html))) => Response::builder()
+            .header("content-type", "text/html; charset=utf-8")
+            .header(header::CONTENT_LENGTH, html.len())
+            .body(if head { empty() } else { full(html) })
+            .expect("valid response"),
+        Ok(Err(Refused::NotFound)) => text(StatusCode::NOT_FOUND, "not found"),
+        Ok(Err(Refused::Outside)) => text(StatusCode::FORBIDDEN, "outside the shared directory"),
+        Ok(Err(Refused::Unreadable(e))) => {
+            debug!(error = %e, "cannot open");
+            text(StatusCode::FORBIDDEN, "cannot read this file or directory")
+        }
+        Err(e) => {
+            debug!(error = %e, "file task failed");
+            text(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+        }
+    }
+}
+
+/// The answer for an opened file: whole, a part, or a conditional answer (304, 412, 416).
+async fn file(opened: Opened, head: bool, headers: &HeaderMap) -> Response<Body> {
+    let Opened { file, meta, path } = opened;
+    if !meta.is_file() {
+        return text(StatusCode::FORBIDDEN, "not a regular file");
+    }
+    let len = meta.len();
+    let validators = Validators::of(&meta, SystemTime::now());
+    let ctype = match path.extension().and_then(|e| e.to_str()) {
+        Some("html") | Some("htm") => "text/html; charset=utf-8",
+        Some("txt") | Some("md") => "text/plain; charset=utf-8",
+        Some("json") => "application/json",
+        Some("png") => "image/png",
+        Some("jpg") | Some("jpeg") => "image/jpeg",
+        _ => "application/octet-stream",
+    };
+    let mut r = Response::builder().header(header::ACCEPT_RANGES, "bytes");
+    if let Some(h) = r.headers_mut() {
+        validators.write(h);
+    }
+    let range_ok = match validate::evaluate(headers, &validators) {
+        Verdict::NotModified => {
+            return r
+                .status(StatusCode::NOT_MODIFIED)
+                .body(empty())
+                .expect("valid response")
+        }
+        Verdict::PreconditionFailed => {
+            return r
+                .status(StatusCode::PRECONDITION_FAILED)
+                .body(empty())
+                .expect("valid response")
+        }
+        Verdict::Serve { range } => range,
+    };
+    // A part only of the version the client already holds (`If-Range`); otherwise the whole.
+    let ranged = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| range_ok)
+        .map_or(Ranged::Whole, |v| byte_range(v, len));
+    let (status, start, count) = match ranged {
+        Ranged::Whole => (StatusCode::OK, 0, len),
+        Ranged::Part { start, end } => {
+            r = r.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"));
+            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
+        }
+        Ranged::Unsatisfiable => {
+            return r
+                .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                .header(header::CONTENT_RANGE, format!("bytes */{len}"))
+                .body(empty())
+                .expect("valid response");
+        }
+    };
+    let body: Body = if head {
+        empty()
+    } else {
+        let mut f = tokio::fs::File::from_std(file);
+        if start > 0 {
+            if let Err(e) = f.seek(SeekFrom::Start(start)).await {
+                debug!(error = %e, path = %path.display(), "seek failed");
+                return text(StatusCode::FORBIDDEN, "cannot read this file");
+            }
+        }
+        // Streamed from disk: memory stays flat for any file size.
+        let stream = tokio_util::io::ReaderStream::with_capacity(f.take(count), 64 * 1024)
+            .map_ok(Frame::data);
+        BodyExt::boxed(StreamBody::new(stream))
+    };
+    r.status(status)
+        .header(header::CONTENT_TYPE, ctype)
+        .header(header::CONTENT_LENGTH, count)
+        .body(body)
+        .expect("valid response")
+}
+
+/// Serves `root` read-only on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, root: Root, shutdown: CancellationToken) {
+    let root = Arc::new(root);
+    if let Ok(a) = listener.local_addr() {
+        info!(addr = %a, dir = %root.path().display(), "read-only file service listening");
+    }
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                // Typically out of file descriptors: back off instead of spinning.
+                Err(_) => { tokio::time::sleep(std::time::Duration::from_millis(50)).await; continue }
+            },
+        };
+        let root = root.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let root = root.clone();
+                async move {
+                    let (m, p) = (req.method().clone(), req.uri().path().to_owned());
+                    let r = handle(root, req).await;
+                    info!(client = %peer, method = %m, path = %p, status = r.status().as_u16(), "file request");
+                    Ok::<_, Infallible>(r)
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(tcp);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await
+            {
+                debug!(error = %e, "file connection ended");
+            }
+        });
+    }
+}
+
+/// Binds and serves (for `zonegate files`).
+pub async fn run(
+    root: Root,
+    listen: SocketAddr,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let l = TcpListener::bind(listen).await?;
+    serve(l, root, shutdown).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    proptest::proptest! {}
+
+    async fn get(addr: SocketAddr, target: &str, extra: &str) -> String {
+        request(addr, "GET", target, extra).await
+    }
+
+    async fn head_req(addr: SocketAddr, target: &str) -> String {
+        request(addr, "HEAD", target, "").await
+    }
+
+    /// One request over a fresh connection; the whole answer as text (head and body).
+    async fn request(addr: SocketAddr, method: &str, target: &str, extra: &str) -> String {
+        use tokio::io::AsyncWriteExt;
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head =
+            format!("{method} {target} HTTP/1.1\r\nHost: t\r\n{extra}Connection: close\r\n\r\n");
+        c.write_all(head.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).await.unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    fn header<'a>(answer: &'a str, name: &str) -> Option<&'a str> {
+        let head = answer.split("\r\n\r\n").next()?;
+        head.lines().find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    fn body(answer: &str) -> &str {
+        answer.split_once("\r\n\r\n").map_or("", |(_, b)| b)
+    }
+
+    async fn serve_dir(dir: &Path) -> (SocketAddr, CancellationToken) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(l, Root::open(dir).unwrap(), stop.clone()));
+        (addr, stop)
+    }
+
+    #[tokio::test]
+    async fn ranges_resume_and_dates_validate() {
+        let dir = tempfile::tempdir().unwrap();
+        let content: String = (0..1000)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        std::fs::write(dir.path().join("f.txt"), &content).unwrap();
+        let ten_secs_ago = SystemTime::now() - std::time::Duration::from_secs(10);
+        let f = std::fs::File::options()
+            .append(true)
+            .open(dir.path().join("f.txt"))
+            .unwrap();
+        f.set_modified(ten_secs_ago).unwrap();
+        drop(f);
+        let (addr, stop) = serve_dir(dir.path()).await;
+
+        let whole = get(addr, "/f.txt", "").await;
+        assert!(whole.starts_with("HTTP/1.1 200"), "{whole}");
+        assert_eq!(header(&whole, "accept-ranges"), Some("bytes"));
+        assert_eq!(body(&whole), content);
+        let lm = header(&whole, "last-modified")
+            .expect("Last-Modified")
+            .to_owned();
+
+        let head = head_req(addr, "/f.txt").await;
+        assert_eq!(header(&head, "content-length"), Some("1000"));
+        assert_eq!(header(&head, "last-modified"), Some(lm.as_str()));
+        assert_eq!(body(&head), "");
+
+        let part = get(addr, "/f.txt", "Range: bytes=990-\r\n").await;
+        assert!(part.starts_with("HTTP/1.1 206"), "{part}");
+        assert_eq!(header(&part, "content-range"), Some("bytes 990-999/1000"));
+        assert_eq!(header(&part, "content-length"), Some("10"));
+        assert_eq!(body(&part), &content[990..]);
+
+        let mid = get(addr, "/f.txt", "Range: bytes=100-199\r\n").await;
+        assert_eq!(body(&mid), &content[100..200]);
+        let tail = get(addr, "/f.txt", "Range: bytes=-3\r\n").await;
+        assert_eq!(body(&tail), &content[997..]);
+
+        let past = get(addr, "/f.txt", "Range: bytes=1000-\r\n").await;
+        assert!(past.starts_with("HTTP/1.1 416"), "{past}");
+        assert_eq!(header(&past, "content-range"), Some("bytes */1000"));
+        assert_eq!(header(&past, "content-type"), None);
+
+        // If-Range with the current date: the part; with another date: the whole file.
+        let if_range = format!("Range: bytes=1-2\r\nIf-Range: {lm}\r\n");
+        let same = get(addr, "/f.txt", &if_range).await;
+        assert!(same.starts_with("HTTP/1.1 206"), "{same}");
+        assert_eq!(body(&same), &content[1..3]);
+        assert_eq!(header(&same, "content-range"), Some("bytes 1-2/1000"));
+        let stale = "Thu, 01 Jan 1970 00:00:00 GMT";
+        let other = get(
+            addr,
+            "/f.txt",
+            &format!("Range: bytes=0-0\r\nIf-Range: {stale}\r\n"),
+        )
+        .await;
+        assert!(other.starts_with("HTTP/1.1 200"), "{other}");
+        assert_eq!(body(&other), content);
+
+        let kept = get(addr, "/f.txt", &format!("If-Modified-Since: {lm}\r\n")).await;
+        assert!(kept.starts_with("HTTP/1.1 304"), "{kept}");
+        assert_eq!(body(&kept), "");
+        let ranged = format!("If-Modified-Since: {lm}\r\nRange: bytes=0-1\r\n");
+        assert!(get(addr, "/f.txt", &ranged)
+            .await
+            .starts_with("HTTP/1.1 304"));
+        // If-None-Match takes precedence: `*` matches any version, no tag matches ours.
+        let inm = format!("If-Modified-Since: {lm}\r\nIf-None-Match: \"x\"\r\n");
+        assert!(get(addr, "/f.txt", &inm).await.starts_with("HTTP/1.1 200"));
+        let any = "If-None-Match: *\r\n";
+        assert!(get(addr, "/f.txt", any).await.starts_with("HTTP/1.1 304"));
+        let old = get(addr, "/f.txt", &format!("If-Modified-Since: {stale}\r\n")).await;
+        assert!(old.starts_with("HTTP/1.1 200"), "{old}");
+
+        // The entity tag: a current copy (304, tag and date given again), a part of the
+        // version held, and a version the client does not have (412).
+        let tag = header(&whole, "etag").expect("ETag").to_owned();
+        assert!(tag.starts_with('"') && tag.ends_with('"'), "{tag}");
+        let cur = get(addr, "/f.txt", &format!("If-None-Match: \"x\", {tag}\r\n")).await;
+        assert!(cur.starts_with("HTTP/1.1 304"), "{cur}");
+        assert_eq!(header(&cur, "etag"), Some(tag.as_str()));
+        assert_eq!(header(&cur, "last-modified"), Some(lm.as_str()));
+        let part = get(
+            addr,
+            "/f.txt",
+            &format!("Range: bytes=5-6\r\nIf-Range: {tag}\r\n"),
+        )
+        .await;
+        assert!(part.starts_with("HTTP/1.1 206"), "{part}");
+        assert_eq!(body(&part), &content[5..7]);
+        let weak = get(
+            addr,
+            "/f.txt",
+            &format!("Range: bytes=5-6\r\nIf-Range: W/{tag}\r\n"),
+        )
+        .await;
+        assert!(weak.starts_with("HTTP/1.1 200"), "{weak}");
+        let gone = get(addr, "/f.txt", "If-Match: \"other\"\r\n").await;
+        assert!(gone.starts_with("HTTP/1.1 412"), "{gone}");
+        assert_eq!(body(&gone), "");
+        let held = get(addr, "/f.txt", &format!("If-Match: {tag}\r\n")).await;
+        assert!(held.starts_with("HTTP/1.1 200"), "{held}");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn listing_links_every_name_and_stops_at_its_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let odd = ["a b#1?.txt", "100%.txt", "<b>&.txt"];
+        for n in odd {
+            std::fs::write(dir.path().join(n), n).unwrap();
+        }
+        std::fs::create_dir(dir.path().join("sub dir")).unwrap();
+        let (addr, stop) = serve_dir(dir.path()).await;
+        let list = get(addr, "/", "").await;
+        assert!(
+            list.contains("<a href=\"/sub%20dir/\">sub dir/</a>"),
+            "{list}"
+        );
+        assert!(list.contains("&lt;b&gt;&amp;.txt</a>"), "{list}");
+        // Every link fetches the file it names.
+        for n in odd {
+            let href = format!("/{}", percent_encode(n.as_bytes()));
+            assert!(list.contains(&format!("href=\"{}\"", href.replace('&', "&amp;"))));
+            let got = get(addr, &href, "").await;
+            assert!(got.starts_with("HTTP/1.1 200"), "{n}: {got}");
+            assert_eq!(body(&got), n);
+        }
+
+        let big = dir.path().join("big");
+        std::fs::create_dir(&big).unwrap();
+        // Created last name first: a directory read back in creation order (tmpfs, btrfs)
+        // must still list the first names in order.
+        for i in (0..MAX_LISTING + 5).rev() {
+            std::fs::File::create(big.join(format!("f{i:05}"))).unwrap();
+        }
+        let list = get(addr, "/big/", "").await;
+        assert_eq!(list.matches("<li>").count(), MAX_LISTING);
+        // The first names in order, whatever order the directory gave them in.
+        assert!(list.contains(">f00000<") && list.contains(&format!(">f{:05}<", MAX_LISTING - 1)));
+        assert!(!list.contains(&format!(">f{MAX_LISTING:05}<")));
+        assert!(
+            list.contains("<p>5 more entries not listed"),
+            "{}",
+            &list[list.len() - 200..]
+        );
+
+        // Links are built from the path, not echoed: `//` and 60 KB of slashes list the root
+        // with one-slash links; through a gateway app they carry its stripped prefix.
+        for target in ["//".to_owned(), "/".repeat(60_000), "/./".to_owned()] {
+            let list = get(addr, &target, "").await;
+            assert!(
+                list.contains("<a href=\"/sub%20dir/\">"),
+                "{}",
+                &list[..list.len().min(300)]
+            );
+            assert!(list.len() < 200_000, "{} bytes", list.len());
+        }
+        let list = get(addr, "/sub%20dir/", "X-Forwarded-Prefix: /dfs\r\n").await;
+        assert!(list.contains("<title>/dfs/sub dir/</title>"), "{list}");
+        std::fs::write(dir.path().join("sub dir/x"), "x").unwrap();
+        let list = get(addr, "/sub%20dir", "X-Forwarded-Prefix: /dfs\r\n").await;
+        assert!(
+            list.contains("<a href=\"/dfs/sub%20dir/x\">x</a>"),
+            "{list}"
+        );
+        for bad in ["/a\"b", "//evil.example", "/\\evil.example"] {
+            let list = get(
+                addr,
+                "/sub%20dir",
+                &format!("X-Forwarded-Prefix: {bad}\r\n"),
+            )
+            .await;
+            assert!(list.contains("<a href=\"/sub%20dir/x\">x</a>"), "{list}");
+        }
+
+        // HEAD answers as GET does, without the body.
+        let got = get(addr, "/", "").await;
+        let head = head_req(addr, "/").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(
+            header(&head, "content-length"),
+            Some(body(&got).len().to_string().as_str())
+        );
+        assert_eq!(body(&head), "");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn files_dated_outside_http_dates_are_served_without_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let before_1970 = SystemTime::UNIX_EPOCH - std::time::Duration::from_secs(86_400);
+        let f = std::fs::File::create(dir.path().join("old")).unwrap();
+        std::io::Write::write_all(&mut &f, b"old").unwrap();
+        f.set_modified(before_1970).unwrap();
+        drop(f);
+        let (addr, stop) = serve_dir(dir.path()).await;
+        for extra in ["", "If-Modified-Since: Thu, 01 Jan 2026 00:00:00 GMT\r\n"] {
+            let got = get(addr, "/old", extra).await;
+            assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+            assert_eq!(header(&got, "last-modified"), None);
+            assert_eq!(body(&got), "old");
+        }
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn an_index_symlinked_outside_is_not_served() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), "secret").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        std::os::unix::fs::symlink(
+            outside.path().join("secret"),
+            dir.path().join("d/index.html"),
+        )
+        .unwrap();
+        let (addr, stop) = serve_dir(dir.path()).await;
+        let got = get(addr, "/d/", "").await;
+        assert!(got.starts_with("HTTP/1.1 403"), "{got}");
+        assert!(!body(&got).contains("secret"));
+        stop.cancel();
+    }
+}

@@ -1,0 +1,326 @@
+//! Validators and conditional requests of `zonegate files` (RFC 9110 §8.8, §13): a file's
+//! `ETag` and `Last-Modified`, and what `If-Match`, `If-Unmodified-Since`, `If-None-Match`,
+//! `If-Modified-Since` and `If-Range` make of a GET or HEAD. Sans-IO.
+
+use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, SystemTime};
+
+use hyper::header::{self, HeaderMap, HeaderValue};
+
+/// What identifies a version of a file, as far as this service can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Validators {
+    /// Strong entity tag, quotes included: inode, modification time to the nanosecond and
+    /// length, so a file replaced by a rename (a new inode) or rewritten gets a new tag.
+    pub etag: Option<String>,
+    /// Modification time, if an HTTP date can say it (see [`http_date`]).
+    pub modified: Option<SystemTime>,
+}
+
+impl Validators {
+    /// The validators of a file with metadata `meta`, at `now`. A file changed within the
+    /// last second gets none: two writes within one tick of the file system's clock leave
+    /// the same time (and, at the same length, the same tag), so a client holding the first
+    /// version would take the second for it.
+    pub fn of(meta: &std::fs::Metadata, now: SystemTime) -> Validators {
+        let settled = meta.modified().ok().filter(|t| settled(*t, now));
+        Validators {
+            etag: settled.map(|_| {
+                format!(
+                    "\"{:x}-{:x}.{:x}-{:x}\"",
+                    meta.ino(),
+                    meta.mtime(),
+                    meta.mtime_nsec(),
+                    meta.len()
+                )
+            }),
+            modified: http_date(settled),
+        }
+    }
+
+    /// The `Last-Modified` value, if any.
+    pub fn last_modified(&self) -> Option<String> {
+        self.modified.map(httpdate::fmt_http_date)
+    }
+
+    /// Adds `ETag` and `Last-Modified` to an answer's headers (200, 206, 304 and 412 carry them).
+    pub fn write(&self, headers: &mut HeaderMap) {
+        let values = [
+            (header::ETAG, self.etag.clone()),
+            (header::LAST_MODIFIED, self.last_modified()),
+        ];
+        for (name, value) in values {
+            if let Some(v) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
+                headers.insert(name, v);
+            }
+        }
+    }
+}
+
+/// Whether a file modified at `modified` has been left alone for at least a second by `now`
+/// (a time in the future, after a clock was set back, is not settled either).
+fn settled(modified: SystemTime, now: SystemTime) -> bool {
+    now.duration_since(modified)
+        .is_ok_and(|age| age >= Duration::from_secs(1))
+}
+
+/// `modified` if an HTTP date can say it: they run from 1970 to 9999 (and `httpdate` panics
+/// outside them).
+fn http_date(modified: Option<SystemTime>) -> Option<SystemTime> {
+    let last = SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799);
+    modified.filter(|t| *t >= SystemTime::UNIX_EPOCH && *t <= last)
+}
+
+/// What the conditional headers of a GET or HEAD make of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Answer normally; `range` is whether a `Range` may be honoured (`If-Range` matched or
+    /// was absent).
+    Serve { range: bool },
+    /// 304: the client's copy is current.
+    NotModified,
+    /// 412: `If-Match` or `If-Unmodified-Since` failed.
+    PreconditionFailed,
+}
+
+/// Evaluates the conditional headers in RFC 9110 §13.2.2's order.
+pub fn evaluate(headers: &HeaderMap, v: &Validators) -> Verdict {
+    let text = |name| headers.get(name).map(HeaderValue::as_bytes);
+    let date = |name| {
+        headers
+            .get(name)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| httpdate::parse_http_date(h).ok())
+    };
+    if let Some(list) = text(header::IF_MATCH) {
+        if !tag_list_matches(list, v.etag.as_deref(), true) {
+            return Verdict::PreconditionFailed;
+        }
+    } else if let (Some(since), Some(modified)) = (date(header::IF_UNMODIFIED_SINCE), v.modified) {
+        if secs(modified) > secs(since) {
+            return Verdict::PreconditionFailed;
+        }
+    }
+    if let Some(list) = text(header::IF_NONE_MATCH) {
+        if tag_list_matches(list, v.etag.as_deref(), false) {
+            return Verdict::NotModified;
+        }
+    } else if let (Some(since), Some(modified)) = (date(header::IF_MODIFIED_SINCE), v.modified) {
+        if secs(modified) <= secs(since) {
+            return Verdict::NotModified;
+        }
+    }
+    let range = match text(header::IF_RANGE) {
+        None => true,
+        Some(value) => if_range_matches(value, v),
+    };
+    Verdict::Serve { range }
+}
+
+/// Whole seconds since 1970: HTTP dates have no finer grain.
+fn secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Whether `If-Range`'s value names the version held: an entity tag compared strongly (a weak
+/// one never matches), or a date equal to `Last-Modified` (ours are strong: settled files only).
+fn if_range_matches(value: &[u8], v: &Validators) -> bool {
+    let value = value.trim_ascii();
+    if value.starts_with(b"\"") || value.starts_with(b"W/") {
+        return v.etag.as_deref().map(str::as_bytes) == Some(value);
+    }
+    v.last_modified().as_deref().map(str::as_bytes) == Some(value)
+}
+
+/// Whether a list of entity tags (`If-Match`, `If-None-Match`) matches `etag`: `*` matches
+/// any current version; otherwise compared strongly (`If-Match`: a weak tag matches nothing)
+/// or weakly (`If-None-Match`: `W/` ignored). A list that does not parse matches nothing.
+fn tag_list_matches(list: &[u8], etag: Option<&str>, strong: bool) -> bool {
+    let list = list.trim_ascii();
+    if list == b"*" {
+        return true;
+    }
+    let Some(ours) = etag.map(str::as_bytes) else {
+        return false;
+    };
+    let mut rest = list;
+    loop {
+        rest = rest.trim_ascii_start();
+        while let Some(r) = rest.strip_prefix(b",") {
+            rest = r.trim_ascii_start();
+        }
+        if rest.is_empty() {
+            return false;
+        }
+        let (weak, tagged) = match rest.strip_prefix(b"W/") {
+            Some(r) => (true, r),
+            None => (false, rest),
+        };
+        // An opaque tag: a quoted string without quotes inside (RFC 9110 §8.8.3).
+        let Some(body) = tagged.strip_prefix(b"\"") else {
+            return false;
+        };
+        let Some(end) = body.iter().position(|&c| c == b'"') else {
+            return false;
+        };
+        let tag = &tagged[..end + 2];
+        if (!strong || !weak) && tag == ours {
+            return true;
+        }
+        rest = &tagged[end + 2..];
+        let next = rest.trim_ascii_start();
+        if !next.is_empty() && !next.starts_with(b",") {
+            return false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    fn validators() -> Validators {
+        Validators {
+            etag: Some("\"a-1.0-3\"".into()),
+            modified: Some(at(1_700_000_000)),
+        }
+    }
+
+    fn verdict(pairs: &[(&str, &str)]) -> Verdict {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(
+                header::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        evaluate(&h, &validators())
+    }
+
+    #[test]
+    fn only_settled_dates_in_range_are_validators() {
+        let t = at(1_700_000_000);
+        let ms = Duration::from_millis;
+        // Changed within the last second: two writes could share the date.
+        assert!(!settled(t, t + ms(500)));
+        assert!(settled(t, t + ms(1000)));
+        // Dated in the future (a clock set back since): not settled either.
+        assert!(!settled(t + ms(5000), t));
+        // Outside what an HTTP date can say.
+        assert_eq!(http_date(Some(SystemTime::UNIX_EPOCH - ms(1000))), None);
+        assert_eq!(http_date(Some(at(253_402_300_800))), None);
+        assert_eq!(http_date(Some(t)), Some(t));
+        assert_eq!(http_date(None), None);
+    }
+
+    #[test]
+    fn tag_lists_compare_as_the_rfc_says() {
+        let ours = Some("\"a-1\"");
+        for (list, strong, want) in [
+            ("\"a-1\"", true, true),
+            ("W/\"a-1\"", true, false),
+            ("W/\"a-1\"", false, true),
+            ("\"x\", \"a-1\"", true, true),
+            (" ,\"x\" ,, W/\"a-1\" ", false, true),
+            ("\"x\"", false, false),
+            ("*", true, true),
+            // Commas inside a tag are part of it.
+            ("\"a,-1\", \"b\"", false, false),
+            ("\"a-1", false, false),
+            ("a-1", false, false),
+            ("\"x\"\"a-1\"", false, false),
+            ("", false, false),
+        ] {
+            assert_eq!(
+                tag_list_matches(list.as_bytes(), ours, strong),
+                want,
+                "{list}"
+            );
+        }
+        // Without a tag of ours only `*` matches.
+        assert!(!tag_list_matches(b"\"a-1\"", None, false));
+        assert!(tag_list_matches(b" * ", None, true));
+    }
+
+    #[test]
+    fn preconditions_are_evaluated_in_order() {
+        use Verdict::*;
+        let lm = "Tue, 14 Nov 2023 22:13:20 GMT";
+        let earlier = "Tue, 14 Nov 2023 22:13:19 GMT";
+        assert_eq!(verdict(&[]), Serve { range: true });
+        // If-Match: a strong match, or 412; it overrides If-Unmodified-Since.
+        assert_eq!(
+            verdict(&[("if-match", "\"a-1.0-3\"")]),
+            Serve { range: true }
+        );
+        assert_eq!(verdict(&[("if-match", "\"b\"")]), PreconditionFailed);
+        assert_eq!(
+            verdict(&[("if-match", "*"), ("if-unmodified-since", earlier)]),
+            Serve { range: true }
+        );
+        assert_eq!(
+            verdict(&[("if-unmodified-since", earlier)]),
+            PreconditionFailed
+        );
+        assert_eq!(
+            verdict(&[("if-unmodified-since", lm)]),
+            Serve { range: true }
+        );
+        // If-None-Match, weakly; it overrides If-Modified-Since.
+        assert_eq!(verdict(&[("if-none-match", "W/\"a-1.0-3\"")]), NotModified);
+        assert_eq!(
+            verdict(&[("if-none-match", "\"b\""), ("if-modified-since", lm)]),
+            Serve { range: true }
+        );
+        assert_eq!(verdict(&[("if-modified-since", lm)]), NotModified);
+        assert_eq!(
+            verdict(&[("if-modified-since", earlier)]),
+            Serve { range: true }
+        );
+        assert_eq!(
+            verdict(&[("if-modified-since", "not a date")]),
+            Serve { range: true }
+        );
+        // If-Range: our tag (strongly) or our date exactly.
+        for (value, range) in [
+            ("\"a-1.0-3\"", true),
+            ("W/\"a-1.0-3\"", false),
+            ("\"b\"", false),
+            (lm, true),
+            (earlier, false),
+        ] {
+            assert_eq!(verdict(&[("if-range", value)]), Serve { range }, "{value}");
+        }
+    }
+
+    #[test]
+    fn a_fresh_file_has_no_validators_and_a_settled_one_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, "abc").unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        let modified = meta.modified().unwrap();
+        let fresh = Validators::of(&meta, modified);
+        assert_eq!(
+            fresh,
+            Validators {
+                etag: None,
+                modified: None
+            }
+        );
+        let later = Validators::of(&meta, modified + Duration::from_secs(2));
+        let tag = later.etag.as_deref().unwrap();
+        assert!(tag.starts_with('"') && tag.ends_with("-3\""), "{tag}");
+        assert_eq!(later.modified, Some(modified));
+        // Rewritten (another length): another tag.
+        std::fs::write(&path, "abcd").unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        let again = Validators::of(&meta, meta.modified().unwrap() + Duration::from_secs(2));
+        assert_ne!(again.etag, later.etag);
+    }
+}
