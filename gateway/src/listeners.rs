@@ -84,15 +84,6 @@ pub struct Listeners {
     published: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
-/// Do two listen addresses of one kind take the same port (equal, or one a wildcard of the
-/// other's family, or `[::]` which is dual-stack)?
-fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port()
-        && (a.ip() == b.ip()
-            || a.ip().is_unspecified() && (a.is_ipv6() || b.is_ipv4())
-            || b.ip().is_unspecified() && (b.is_ipv6() || a.is_ipv4()))
-}
-
 /// What a policy wants: (kind, address) → app name.
 pub fn wanted(policy: &policies::CompiledPolicy) -> HashMap<(Kind, SocketAddr), String> {
     policy
@@ -174,7 +165,7 @@ impl Listeners {
             let own = self
                 .reserved
                 .iter()
-                .find(|(k, a, _)| *k == key.0 && overlaps(*a, key.1));
+                .find(|(k, a, _)| *k == key.0 && policies::units::listens_overlap(*a, key.1));
             let r = match own {
                 Some((_, addr, setting)) => Err(std::io::Error::new(
                     std::io::ErrorKind::AddrInUse,
@@ -291,6 +282,39 @@ fn app_at(hub: &Hub, kind: Kind, listen: SocketAddr) -> Option<(Arc<policies::Ac
     Some((active, i))
 }
 
+/// Whether the app on `listen` still leads to `target` and still allows `who`: asked again
+/// of connections and flows decided when they opened, each time the policy or the minute
+/// changes ([`policies::PolicyStore::until_refused`]). A renamed app keeps them. `Err` says why
+/// not, for the log.
+fn still_allowed(
+    active: &policies::Active,
+    kind: Kind,
+    listen: SocketAddr,
+    target: &policies::Target,
+    who: &Requester<'_>,
+) -> Result<(), String> {
+    let app = active
+        .policy
+        .app_by_listen(kind.listen_kind(), listen)
+        .filter(|a| matches!(a.listener, Listener::Tcp(a) | Listener::Udp(a) if a == listen));
+    match app {
+        Some(app) if app.target == *target => {
+            match active.policy.decide(app, who, None, None, Timestamp::now()) {
+                policies::Decision::Deny { reason } => {
+                    active.state(app).counters.refused(Refusal::Denied(reason));
+                    Err(format!("app {}: {reason}", app.name))
+                }
+                policies::Decision::Allow { .. } => Ok(()),
+            }
+        }
+        Some(app) => Err(format!(
+            "the address now leads to {}/{}",
+            app.target.device, app.target.service
+        )),
+        None => Err("no app listens on this address any more".into()),
+    }
+}
+
 async fn tcp_loop(
     hub: Hub,
     listen: SocketAddr,
@@ -388,10 +412,22 @@ async fn tcp_conn(
             return;
         }
     };
-    let m = if shape_in.is_unlimited() && shape_out.is_unlimited() {
-        splice(&mut tcp, &mut up).await
-    } else {
-        tunnel::splice::splice_shaped(tcp, &mut up, &shape_in, &shape_out).await
+    let moved = async {
+        if shape_in.is_unlimited() && shape_out.is_unlimited() {
+            splice(&mut tcp, &mut up).await
+        } else {
+            tunnel::splice::splice_shaped(tcp, &mut up, &shape_in, &shape_out).await
+        }
+    };
+    // Decided once as it opened; asked again whenever the policy or the minute changes.
+    let policy = hub.policy().clone();
+    let revoked = policy.until_refused(|a| still_allowed(a, Kind::Tcp, listen, &target, &who));
+    let m = tokio::select! {
+        m = moved => m,
+        why = revoked => {
+            info!(app = %app_name, device = %target.device, client = %Client(peer), reason = %why, ms = started.elapsed().as_millis() as u64, "connection cut: the policy no longer allows it");
+            return;
+        }
     };
     let (bin, bout) = (m.a_to_b, m.b_to_a);
     counters.bytes_in(bin);
@@ -406,6 +442,10 @@ async fn tcp_conn(
 
 struct ClientFlow {
     flow: tunnel::hub::UdpFlow,
+    /// The client as policy and logs see it (an IPv4 client of a `[::]` socket as IPv4).
+    client: SocketAddr,
+    /// Where the flow goes, as its app said when it started.
+    target: policies::Target,
     /// Datagrams either way: a client that only listens (or only sends) is still in use.
     activity: Arc<FlowActivity>,
     stop: CancellationToken,
@@ -440,9 +480,28 @@ async fn udp_loop(
     let mut buf = vec![0u8; UDP_READ];
     let mut sweep = tokio::time::interval(Duration::from_secs(10));
     let idle = hub.tuning().udp_flow_idle;
+    let policy = hub.policy().clone();
+    let mut changes = policy.subscribe();
     loop {
         let (n, peer) = tokio::select! {
             _ = stop.cancelled() => break,
+            // Flows were decided as they started: ask again whenever the policy or the
+            // minute changes.
+            Ok(()) = changes.changed() => {
+                let active = policy.current();
+                clients.retain(|_, c| {
+                    let who = Requester::Public { ip: c.client.ip() };
+                    match still_allowed(&active, Kind::Udp, listen, &c.target, &who) {
+                        Ok(()) => true,
+                        Err(why) => {
+                            info!(app = %c.app, client = %Client(c.client), reason = %why, "UDP flow cut: the policy no longer allows it");
+                            c.stop.cancel();
+                            false
+                        }
+                    }
+                });
+                continue;
+            }
             _ = sweep.tick() => {
                 clients.retain(|_, c| {
                     let keep = c.activity.quiet_for() < idle && c.flow.is_alive();
@@ -530,6 +589,8 @@ async fn udp_loop(
                 });
                 let c = ClientFlow {
                     flow,
+                    client,
+                    target,
                     activity,
                     stop: tok,
                     app: app_name,
@@ -547,25 +608,5 @@ async fn udp_loop(
     }
     for c in clients.values() {
         c.stop.cancel();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::overlaps;
-
-    #[test]
-    fn overlapping_listen_addresses() {
-        let a = |s: &str| s.parse().unwrap();
-        assert!(overlaps(a("127.0.0.1:80"), a("127.0.0.1:80")));
-        assert!(overlaps(a("0.0.0.0:80"), a("127.0.0.1:80")));
-        assert!(overlaps(a("127.0.0.1:80"), a("0.0.0.0:80")));
-        // `[::]` is dual-stack: it takes the port on IPv4 addresses too.
-        assert!(overlaps(a("[::]:80"), a("127.0.0.1:80")));
-        assert!(overlaps(a("0.0.0.0:80"), a("[::]:80")));
-        assert!(overlaps(a("[::]:80"), a("[::1]:80")));
-        assert!(!overlaps(a("0.0.0.0:80"), a("[::1]:80")));
-        assert!(!overlaps(a("127.0.0.1:80"), a("127.0.0.2:80")));
-        assert!(!overlaps(a("0.0.0.0:80"), a("0.0.0.0:81")));
     }
 }

@@ -492,14 +492,22 @@ async fn forward_loop(hub: Hub, f: Forward, l: TcpListener, shutdown: Cancellati
                     &f.service,
                     &app,
                     Origin::Device {
-                        name: me,
+                        name: me.clone(),
                         addr: None,
                     },
                 )
                 .await
             {
                 Ok(mut up) => {
-                    let m = splice(&mut tcp, &mut up).await;
+                    let policy = hub.policy().clone();
+                    let revoked = policy.until_mesh_refused(&me, &roles, &f.device, &f.service);
+                    let m = tokio::select! {
+                        m = splice(&mut tcp, &mut up) => m,
+                        why = revoked => {
+                            info!(app = %app, to = %format!("{}/{}", f.device, f.service), client = %Client(peer), reason = %why, "forward connection cut: the policy no longer allows it");
+                            return;
+                        }
+                    };
                     let (a, b) = (m.a_to_b, m.b_to_a);
                     info!(app = %app, to = %format!("{}/{}", f.device, f.service), client = %Client(peer), bytes_up = a, bytes_down = b, ms = started.elapsed().as_millis() as u64, end = %m.end(), "forward connection done");
                 }

@@ -65,8 +65,12 @@ pub(crate) fn compile_app(
         }
     };
     let target = target(&spec.to, &mut errs);
-    let is_http = matches!(listener, Some(Listener::Http(_)));
-    let is_mesh = matches!(listener, Some(Listener::Mesh));
+    let kind = kinds.first().map(|k| k.0);
+    let is_mesh = kind == Some("mesh");
+    let app_path = match &listener {
+        Some(Listener::Http(h)) => Some(h.path.clone()),
+        _ => None,
+    };
     let rules = match spec.allow {
         None => Vec::new(),
         Some(allow) => {
@@ -79,14 +83,23 @@ pub(crate) fn compile_app(
                 ));
             }
             list.into_iter()
-                .filter_map(|r| rule(r, is_http, is_mesh, &mut errs))
+                .filter_map(|r| rule(r, kind, app_path.as_deref(), &mut errs))
                 .collect()
         }
     };
-    let limits = spec
-        .limits
-        .map(|l| limits(l.into_inner(), is_http, &mut errs))
-        .unwrap_or_default();
+    let limits = match spec.limits {
+        // Streams between devices may go direct, past the gateway: limits it could keep only
+        // on relayed streams would promise what they do not hold.
+        Some(l) if is_mesh => {
+            errs.push(SpanError::new(
+                l.span(),
+                "mesh apps take no `limits`: device-to-device streams may go direct, where the gateway does not see them; limit the service on its own device instead",
+            ));
+            LimitsConfig::default()
+        }
+        Some(l) => limits(l.into_inner(), kind, &mut errs),
+        None => LimitsConfig::default(),
+    };
     match (listener, target) {
         (Some(listener), Some(target)) if errs.is_empty() => Ok(AppParts {
             listener,
@@ -160,7 +173,15 @@ fn target(to: &Spanned<String>, errs: &mut Vec<SpanError>) -> Option<Target> {
     })
 }
 
-fn rule(spec: RuleSpec, is_http: bool, is_mesh: bool, errs: &mut Vec<SpanError>) -> Option<Rule> {
+/// One allow rule of an app whose entry point is `kind` ("http", "tcp", "udp", "mesh"; `None`
+/// when it had none or several, already an error) and whose http route is under `app_path`.
+fn rule(
+    spec: RuleSpec,
+    kind: Option<&str>,
+    app_path: Option<&str>,
+    errs: &mut Vec<SpanError>,
+) -> Option<Rule> {
+    let is_http = kind == Some("http");
     let before = errs.len();
     let mut from = FromSet::default();
     if spec.from.get_ref().is_empty() {
@@ -170,7 +191,7 @@ fn rule(spec: RuleSpec, is_http: bool, is_mesh: bool, errs: &mut Vec<SpanError>)
         ));
     }
     for entry in spec.from.get_ref() {
-        from_entry(entry, is_mesh, &mut from, errs);
+        from_entry(entry, kind, &mut from, errs);
     }
     let mut methods = Vec::new();
     for m in spec.methods.iter().flatten() {
@@ -195,7 +216,18 @@ fn rule(spec: RuleSpec, is_http: bool, is_mesh: bool, errs: &mut Vec<SpanError>)
             continue;
         }
         match units::parse_path_prefix(p.get_ref()) {
-            Ok(p) => paths.push(p),
+            // A rule's paths are whole request paths (before any `strip_prefix`): one outside
+            // the app's own path would never match.
+            Ok(path) => match app_path.filter(|a| !units::path_has_prefix(&path, a)) {
+                Some(a) => errs.push(SpanError::new(
+                    p.span(),
+                    format!(
+                        "`{path}` is outside this app's path `{a}`: `paths` are whole request paths; did you mean `{}{path}`?",
+                        a.trim_end_matches('/')
+                    ),
+                )),
+                None => paths.push(path),
+            },
             Err(e) => errs.push(SpanError::new(p.span(), e)),
         }
     }
@@ -245,14 +277,24 @@ fn rule(spec: RuleSpec, is_http: bool, is_mesh: bool, errs: &mut Vec<SpanError>)
     })
 }
 
+/// One `from` entry of a rule of a `kind` app. Gateway-facing apps (http, tcp, udp) know their
+/// clients only by address, mesh apps only by device: an entry of the other sort could never
+/// match, so it is refused rather than kept to mislead.
 fn from_entry(
     entry: &Spanned<String>,
-    is_mesh: bool,
+    kind: Option<&str>,
     from: &mut FromSet,
     errs: &mut Vec<SpanError>,
 ) {
     let s = entry.get_ref().as_str();
+    let is_mesh = kind == Some("mesh");
     let mut push_err = |m: String| errs.push(SpanError::new(entry.span(), m));
+    let by_device = s == "zone" || s.starts_with("device:") || s.starts_with("role:");
+    if let (Some(kind), true) = (kind.filter(|_| !is_mesh), by_device) {
+        return push_err(format!(
+            "`{s}` cannot match on a {kind} app: the gateway knows its clients by address only; allow `public` or CIDRs here, and reach the service from devices with a mesh app"
+        ));
+    }
     match s {
         "public" if is_mesh => {
             push_err("`public` cannot reach a mesh app: only zone devices use the mesh".into())
@@ -271,12 +313,14 @@ fn from_entry(
                     Err(m) => push_err(m),
                 }
             } else if s.contains('/') {
-                match s.parse::<IpNet>() {
-                    // Store the network address so "10.1.2.3/8" and "10.0.0.0/8" compare equal.
-                    Ok(n) => from.nets.push(n.trunc()),
-                    Err(_) => push_err(format!(
-                        "invalid CIDR {s:?}: expected e.g. \"10.0.0.0/8\" or \"2001:db8::/32\""
-                    )),
+                if is_mesh {
+                    return push_err(format!(
+                        "CIDR {s:?} cannot match on a mesh app: devices are known by name there; use zone, device:NAME or role:NAME"
+                    ));
+                }
+                match cidr(s) {
+                    Ok(n) => from.nets.push(n),
+                    Err(m) => push_err(m),
                 }
             } else {
                 push_err(format!(
@@ -287,8 +331,65 @@ fn from_entry(
     }
 }
 
-fn limits(spec: LimitsSpec, is_http: bool, errs: &mut Vec<SpanError>) -> LimitsConfig {
+/// A CIDR as written: a network address (no host bits: "192.168.1.10/24" is more likely one
+/// host meant than the whole /24), IPv4-mapped IPv6 networks as the IPv4 ones they are (client
+/// addresses are compared as IPv4).
+fn cidr(s: &str) -> Result<IpNet, String> {
+    let net: IpNet = s.parse().map_err(|_| {
+        format!("invalid CIDR {s:?}: expected e.g. \"10.0.0.0/8\" or \"2001:db8::/32\"")
+    })?;
+    if net != net.trunc() {
+        let one = IpNet::from(net.addr());
+        return Err(format!(
+            "CIDR {s:?} has host bits set: write \"{}\" for the network or \"{one}\" for the one address",
+            net.trunc()
+        ));
+    }
+    if let IpNet::V6(v6) = net {
+        if let (Some(v4), true) = (v6.addr().to_ipv4_mapped(), v6.prefix_len() >= 96) {
+            let v4 = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_err(|e| e.to_string())?;
+            return Ok(IpNet::V4(v4));
+        }
+    }
+    Ok(net)
+}
+
+/// The limits of a gateway-facing app (`kind` "http", "tcp" or "udp").
+fn limits(spec: LimitsSpec, kind: Option<&str>, errs: &mut Vec<SpanError>) -> LimitsConfig {
+    let is_http = kind == Some("http");
     let mut out = LimitsConfig::default();
+    // A udp app's flows are rate-limited as they start; nothing counts or shapes them after.
+    if kind == Some("udp") {
+        let spans = [
+            ("bandwidth", spec.bandwidth.as_ref().map(|v| v.span())),
+            (
+                "bandwidth_per_connection",
+                spec.bandwidth_per_connection.as_ref().map(|v| v.span()),
+            ),
+            (
+                "max_connections",
+                spec.max_connections.as_ref().map(|v| v.span()),
+            ),
+            (
+                "max_connections_per_client",
+                spec.max_connections_per_client.as_ref().map(|v| v.span()),
+            ),
+        ];
+        for (name, span) in spans {
+            if let Some(span) = span {
+                errs.push(SpanError::new(
+                    span,
+                    format!("`{name}` does not apply to udp apps: their limit is `rate` (new flows per client; `udp_flows_per_ip` in gateway.toml caps flows per address)"),
+                ));
+            }
+        }
+    }
+    if let Some(p) = spec.per.as_ref().filter(|p| *p.get_ref() == Per::Device) {
+        errs.push(SpanError::new(
+            p.span(),
+            "`per = \"device\"` needs clients known as devices, which only mesh apps have (and they take no limits): use \"client-ip\" or \"app\"",
+        ));
+    }
     let size = |v: &Option<Spanned<String>>, bw: bool, errs: &mut Vec<SpanError>| {
         v.as_ref().and_then(|s| {
             let r = if bw {

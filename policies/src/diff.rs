@@ -72,7 +72,7 @@ mod tests {
     const A: &str = "[app.a]\nmesh = true\nto = \"d/s\"\n";
     const B: &str = "[app.b]\nhttp = { host = \"x.example\" }\nto = \"d/web\"\nallow = { from = [\"public\"] }\n";
     const B2: &str =
-        "[app.b]\nhttp = { host = \"x.example\" }\nto = \"d/web\"\nallow = { from = [\"zone\"] }\n";
+        "[app.b]\nhttp = { host = \"x.example\" }\nto = \"d/web\"\nallow = { from = [\"10.0.0.0/8\"] }\n";
 
     #[test]
     fn identical_is_empty() {
@@ -105,8 +105,8 @@ mod tests {
 
     #[test]
     fn limit_edit_is_a_change() {
-        let old = policy(A);
-        let new = policy(&format!("{A}limits = {{ rate = \"5/s\" }}\n"));
-        assert_eq!(diff(&old, &new), vec![Change::Changed("a".into())]);
+        let old = policy(B);
+        let new = policy(&format!("{B}limits = {{ rate = \"5/s\" }}\n"));
+        assert_eq!(diff(&old, &new), vec![Change::Changed("b".into())]);
     }
 }

@@ -273,6 +273,13 @@ fn normalize_host<'b>(host: &str, buf: &'b mut [u8; MAX_HOST]) -> Option<&'b str
 
 impl CompiledPolicy {
     /// All apps, sorted by file then position.
+    /// Whether any rule has hours or days: decisions then change with the clock.
+    pub fn has_time_windows(&self) -> bool {
+        self.apps
+            .iter()
+            .any(|a| a.rules.iter().any(|r| r.window.is_some()))
+    }
+
     pub fn apps(&self) -> &[App] {
         &self.apps
     }

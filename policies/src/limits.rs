@@ -157,6 +157,12 @@ pub struct RateLimiter {
     overflow_hash: RandomState,
     last_sweep: AtomicU64,
     pub config: RateLimit,
+    /// Time one request's token takes to come back.
+    cell: std::time::Duration,
+    /// For a limiter that replaced another on a policy reload: the clock reading then. Every
+    /// bucket counts as empty at that moment (refilling at the rate since), so editing a
+    /// policy gives no client a fresh burst.
+    empty_at: Option<u64>,
 }
 
 impl RateLimiter {
@@ -184,7 +190,17 @@ impl RateLimiter {
             overflow_hash: RandomState::new(),
             last_sweep: AtomicU64::new(0),
             config,
+            cell: period,
+            empty_at: None,
         }
+    }
+
+    /// A limiter for `config` replacing another on a policy reload: its buckets start empty
+    /// and refill at the new rate, rather than full.
+    pub fn new_empty(config: RateLimit) -> Self {
+        let mut r = Self::new(config);
+        r.empty_at = Some(r.clock.now().as_u64());
+        r
     }
 
     /// Counts one request for `key`.
@@ -198,9 +214,27 @@ impl RateLimiter {
                 key = self.overflow_key(key);
             }
         }
+        if let Some(at) = self.empty_at {
+            self.drain_new_key(&key, at);
+        }
         self.inner
             .check_key(&key)
             .map_err(|nu| RetryAfter(nu.wait_time_from(self.clock.now())))
+    }
+
+    /// For a key this limiter has not seen yet: takes the tokens its bucket would not have
+    /// refilled since `empty_at`, so it starts where an empty bucket at `empty_at` would be.
+    fn drain_new_key(&self, key: &LimitKey, empty_at: u64) {
+        if self.store.0.contains_key(key) {
+            return;
+        }
+        let elapsed = self.clock.now().as_u64().saturating_sub(empty_at);
+        let refilled = elapsed / (self.cell.as_nanos() as u64).max(1);
+        let missing = u64::from(self.config.burst).saturating_sub(refilled);
+        if let Some(n) = u32::try_from(missing).ok().and_then(NonZeroU32::new) {
+            // At most the burst, which a new key holds: never refused, always taken.
+            let _ = self.inner.check_key_n(key, n);
+        }
     }
 
     /// The overflow bucket `key` shares while the table is full: by its network, so the
@@ -258,25 +292,38 @@ pub enum ConnLimitExceeded {
 /// Open-connection counts of an app, total and per client.
 #[derive(Debug, Default)]
 pub struct ConnLimiter {
-    max_total: Option<u32>,
-    max_per_client: Option<u32>,
+    /// The limits, 0 for none (a policy never sets 0): atomics so a reload can change them
+    /// while the counts of open connections carry on ([`AppLimits::reloaded`]).
+    max_total: AtomicU32,
+    max_per_client: AtomicU32,
     total: AtomicU32,
     per_client: Mutex<HashMap<LimitKey, u32>>,
 }
 
 impl ConnLimiter {
     pub fn new(max_total: Option<u32>, max_per_client: Option<u32>) -> Self {
-        ConnLimiter {
-            max_total,
-            max_per_client,
-            ..Default::default()
-        }
+        let limiter = ConnLimiter::default();
+        limiter.set_limits(max_total, max_per_client);
+        limiter
+    }
+
+    /// Changes the limits; connections open now stay counted. (Per-client counts are kept only
+    /// while a per-client limit is set: a limit set by a reload counts the connections opened
+    /// after it.)
+    pub fn set_limits(&self, max_total: Option<u32>, max_per_client: Option<u32>) {
+        self.max_total
+            .store(max_total.unwrap_or(0), Ordering::Release);
+        self.max_per_client
+            .store(max_per_client.unwrap_or(0), Ordering::Release);
     }
 
     /// Admits one connection from `client` (use [`LimitKey::client_ip`] or
     /// [`LimitKey::for_requester`]). The guard releases it on drop.
     pub fn try_acquire(self: &Arc<Self>, client: LimitKey) -> Result<ConnGuard, ConnLimitExceeded> {
-        let max = self.max_total.unwrap_or(u32::MAX);
+        let max = match self.max_total.load(Ordering::Acquire) {
+            0 => u32::MAX,
+            n => n,
+        };
         self.total
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
@@ -286,7 +333,8 @@ impl ConnLimiter {
             limiter: self.clone(),
             client: None,
         };
-        if let Some(per) = self.max_per_client {
+        let per = self.max_per_client.load(Ordering::Acquire);
+        if per > 0 {
             let mut map = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
             let n = map.entry(client).or_insert(0);
             if *n >= per {
@@ -343,7 +391,7 @@ impl Drop for ConnGuard {
 #[derive(Debug)]
 pub struct AppLimits {
     pub config: LimitsConfig,
-    pub rate: Option<RateLimiter>,
+    pub rate: Option<Arc<RateLimiter>>,
     pub connections: Arc<ConnLimiter>,
     /// App-wide buckets, client→service and service→client.
     bandwidth_in: Option<Arc<TokenBucket>>,
@@ -355,13 +403,36 @@ impl AppLimits {
         let bucket = || config.bandwidth.map(|b| Arc::new(TokenBucket::new(b)));
         AppLimits {
             config: config.clone(),
-            rate: config.rate.map(RateLimiter::new),
+            rate: config.rate.map(|c| Arc::new(RateLimiter::new(c))),
             connections: Arc::new(ConnLimiter::new(
                 config.max_connections,
                 config.max_connections_per_client,
             )),
             bandwidth_in: bucket(),
             bandwidth_out: bucket(),
+        }
+    }
+
+    /// The limits for `config` replacing `old` (the same app's, under other limits) on a policy
+    /// reload: open connections stay counted against the new maxima, bandwidth buckets and
+    /// rate limits that did not change are kept, and a changed rate limit starts with every
+    /// bucket empty. A reload thus never gives a client a fresh allowance.
+    pub fn reloaded(config: &LimitsConfig, old: &AppLimits) -> Self {
+        old.connections
+            .set_limits(config.max_connections, config.max_connections_per_client);
+        let bucket = |was: &Option<Arc<TokenBucket>>| match was {
+            Some(b) if old.config.bandwidth == config.bandwidth => Some(b.clone()),
+            _ => config.bandwidth.map(|b| Arc::new(TokenBucket::new(b))),
+        };
+        AppLimits {
+            config: config.clone(),
+            rate: match (&old.rate, config.rate) {
+                (Some(r), Some(c)) if r.config == c => Some(r.clone()),
+                (_, c) => c.map(|c| Arc::new(RateLimiter::new_empty(c))),
+            },
+            connections: old.connections.clone(),
+            bandwidth_in: bucket(&old.bandwidth_in),
+            bandwidth_out: bucket(&old.bandwidth_out),
         }
     }
 

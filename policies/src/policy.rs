@@ -76,11 +76,11 @@ pub(crate) fn assemble(
                     ListenKind::Udp
                 };
                 // Same port with equal or wildcard addresses cannot both be bound.
-                if let Some((_, &other)) = policy.listeners.iter().find(|((k, b), _)| {
-                    *k == kind
-                        && b.port() == a.port()
-                        && (b.ip() == a.ip() || b.ip().is_unspecified() || a.ip().is_unspecified())
-                }) {
+                if let Some((_, &other)) = policy
+                    .listeners
+                    .iter()
+                    .find(|((k, b), _)| *k == kind && crate::units::listens_overlap(*a, *b))
+                {
                     conflict = Some(format!(
                         "listen address {a} overlaps app `{}` at {}",
                         policy.apps[other].name, policy.apps[other].source

@@ -56,7 +56,8 @@ impl Active {
                 let counters = old.map_or_else(Default::default, |o| o.counters.clone());
                 let limits = match old {
                     Some(o) if o.limits.config == app.limits => o.limits.clone(),
-                    _ => Arc::new(AppLimits::new(&app.limits)),
+                    Some(o) => Arc::new(AppLimits::reloaded(&app.limits, &o.limits)),
+                    None => Arc::new(AppLimits::new(&app.limits)),
                 };
                 let names = Arc::new(AppNames {
                     app: app.name.clone(),
@@ -120,6 +121,9 @@ pub struct PolicyStore {
     /// The directory as it was just before the serving policy (or the last refused one) was
     /// read: the watcher's starting point, so an edit made while the gateway starts is seen.
     read_at: Mutex<Fingerprint>,
+    /// Bumped on every swap, and each minute while a time window is in force: what open
+    /// connections wait on to be decided again ([`PolicyStore::until_refused`]).
+    epoch: tokio::sync::watch::Sender<u64>,
 }
 
 impl PolicyStore {
@@ -144,7 +148,70 @@ impl PolicyStore {
             current: ArcSwap::from_pointee(Active::new(policy, None)),
             last: Mutex::new(status),
             read_at: Mutex::new(read_at),
+            epoch: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Tells open connections to be decided again: the policy changed, or the clock moved
+    /// into another minute under a policy with time windows.
+    pub fn tick(&self) {
+        self.epoch.send_modify(|e| *e = e.wrapping_add(1));
+    }
+
+    /// [`PolicyStore::until_refused`] for a mesh stream from `from` (holding `roles`) to
+    /// `to_device/to_service`: ends when no mesh app allows it any more.
+    pub async fn until_mesh_refused(
+        &self,
+        from: &str,
+        roles: &[&str],
+        to_device: &str,
+        to_service: &str,
+    ) -> String {
+        self.until_refused(|a| {
+            let d = a
+                .policy
+                .decide_mesh(from, roles, to_device, to_service, Timestamp::now());
+            match (d.app, d.decision) {
+                (_, crate::Decision::Allow { .. }) => Ok(()),
+                (Some(app), crate::Decision::Deny { reason }) => {
+                    a.state(app)
+                        .counters
+                        .refused(crate::accounting::Refusal::Denied(reason));
+                    Err(format!("app {}: {reason}", app.name))
+                }
+                (None, crate::Decision::Deny { reason }) => Err(reason.to_string()),
+            }
+        })
+        .await
+    }
+
+    /// A receiver that sees every [`tick`](PolicyStore::tick): for a loop that decides many
+    /// flows again at once rather than one [`until_refused`](PolicyStore::until_refused) each.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.epoch.subscribe()
+    }
+
+    /// Waits until `allowed` refuses under a later policy or minute (each [`tick`]), and
+    /// returns its reason. For a connection decided once when it opened: run beside it, and
+    /// end it when this returns. Never returns while `allowed` holds.
+    ///
+    /// [`tick`]: PolicyStore::tick
+    pub async fn until_refused<F>(&self, mut allowed: F) -> String
+    where
+        F: FnMut(&Active) -> Result<(), String>,
+    {
+        let mut changes = self.epoch.subscribe();
+        // A swap between the caller's decision and this subscription would go unseen: decide
+        // once more at once.
+        changes.mark_changed();
+        loop {
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if let Err(why) = allowed(&self.current()) {
+                return why;
+            }
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -169,12 +236,21 @@ impl PolicyStore {
         let files = crate::policy_files(&self.dir).map(|f| f.len()).unwrap_or(0);
         let at = Timestamp::from(SystemTime::now()).0;
         match crate::check_dir(&self.dir) {
+            // Saved again while being read: what was read may be half of one save. The watcher
+            // sees the change and reads the files again once they settle.
+            _ if fingerprint(&self.dir)
+                != *self.read_at.lock().unwrap_or_else(|e| e.into_inner()) =>
+            {
+                tracing::debug!(dir = %self.dir.display(), "policy files changed while being read; reading them again once they settle");
+                Ok(Vec::new())
+            }
             Ok(policy) => {
                 let old = self.current.load_full();
                 let changes = diff(&old.policy, &policy);
                 let apps = policy.apps().len();
                 self.current
                     .store(Arc::new(Active::new(policy, Some(&old))));
+                self.tick();
                 tracing::info!(dir = %self.dir.display(), files, apps, changes = %summarize(&changes), "policy reloaded");
                 self.set_status(ReloadStatus {
                     ok: true,
@@ -239,8 +315,17 @@ pub async fn watch(store: Arc<PolicyStore>, interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await; // the first tick is immediate
+    let minute = || Timestamp::now().0 / 60;
+    let mut last_minute = minute();
     loop {
         ticker.tick().await;
+        // Time windows open and close on whole minutes (of every offset `tz` can say).
+        if minute() != last_minute {
+            last_minute = minute();
+            if store.current().policy.has_time_windows() {
+                store.tick();
+            }
+        }
         let now = fingerprint(&dir);
         let read = store
             .read_at

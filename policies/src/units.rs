@@ -201,6 +201,11 @@ pub fn parse_path_prefix(s: &str) -> Result<String, String> {
             "invalid path {s:?}: expected a path prefix starting with '/' without '?', '#' or spaces"
         ));
     }
+    if s.contains(';') {
+        return Err(format!(
+            "invalid path {s:?}: ';' parameters are left out when paths are compared (see path_has_prefix); write the path without them"
+        ));
+    }
     let trimmed = s.trim_end_matches('/');
     let prefix = if trimmed.is_empty() { "/" } else { trimmed };
     match normalize_path(prefix) {
@@ -301,15 +306,41 @@ fn decode_unreserved(seg: &str) -> Result<String, PathError> {
 }
 
 /// Does `path` fall under `prefix` (as made by [`parse_path_prefix`])? Matches whole path
-/// segments only: "/dfs" covers "/dfs" and "/dfs/x" but not "/dfsx".
+/// segments only: "/dfs" covers "/dfs" and "/dfs/x" but not "/dfsx". Segments of `path` are
+/// compared without their `;` parameters: Tomcat, Jetty and Spring serve `/admin;x/users` as
+/// `/admin/users`, so it must route, and be allowed or refused, as that.
 pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
     if prefix == "/" {
         return true;
     }
-    match path.strip_prefix(prefix) {
+    let bare = without_params(path);
+    match bare.strip_prefix(prefix) {
         Some(rest) => rest.is_empty() || rest.starts_with('/'),
         None => false,
     }
+}
+
+/// `path` with each segment's `;` parameters removed (`/a;x/b;y=1` → `/a/b`); borrowed when
+/// it has none.
+fn without_params(path: &str) -> std::borrow::Cow<'_, str> {
+    if !path.contains(';') {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let segs: Vec<&str> = path
+        .split('/')
+        .map(|seg| seg.split(';').next().unwrap_or(""))
+        .collect();
+    std::borrow::Cow::Owned(segs.join("/"))
+}
+
+/// Do two listen addresses of one kind take the same port (equal, or one a wildcard of the
+/// other's family, or `[::]` which is dual-stack)? Used by policy checks and by the gateway
+/// when it rebinds listeners, so both agree.
+pub fn listens_overlap(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
+    a.port() == b.port()
+        && (a.ip() == b.ip()
+            || a.ip().is_unspecified() && (a.is_ipv6() || b.is_ipv4())
+            || b.ip().is_unspecified() && (b.is_ipv6() || a.is_ipv4()))
 }
 
 /// An HTTP method token. Methods are case-sensitive in HTTP, so "get" is refused rather than
@@ -415,6 +446,12 @@ mod tests {
         assert!(path_has_prefix("/dfs", "/dfs"));
         assert!(!path_has_prefix("/dfsx", "/dfs"));
         assert!(path_has_prefix("/anything", "/"));
+        // `;` parameters do not hide a segment from its prefix.
+        assert!(path_has_prefix("/admin;x/users", "/admin"));
+        assert!(path_has_prefix("/admin;jsessionid=1", "/admin"));
+        assert!(path_has_prefix("/a/admin;/b", "/a/admin"));
+        assert!(!path_has_prefix("/adminx;y", "/admin"));
+        assert!(parse_path_prefix("/a;b").is_err());
         assert_eq!(
             parse_path_prefix("/a/../b").unwrap_err(),
             "invalid path \"/a/../b\": request paths are compared in normal form, write it as \"/b\""
@@ -456,5 +493,20 @@ mod tests {
         }
         assert!(check_method("GET").is_ok());
         assert!(check_method("get").is_err());
+    }
+
+    #[test]
+    fn overlapping_listen_addresses() {
+        let a = |s: &str| s.parse().unwrap();
+        assert!(listens_overlap(a("127.0.0.1:80"), a("127.0.0.1:80")));
+        assert!(listens_overlap(a("0.0.0.0:80"), a("127.0.0.1:80")));
+        assert!(listens_overlap(a("127.0.0.1:80"), a("0.0.0.0:80")));
+        // `[::]` is dual-stack: it takes the port on IPv4 addresses too.
+        assert!(listens_overlap(a("[::]:80"), a("127.0.0.1:80")));
+        assert!(listens_overlap(a("0.0.0.0:80"), a("[::]:80")));
+        assert!(listens_overlap(a("[::]:80"), a("[::1]:80")));
+        assert!(!listens_overlap(a("0.0.0.0:80"), a("[::1]:80")));
+        assert!(!listens_overlap(a("127.0.0.1:80"), a("127.0.0.2:80")));
+        assert!(!listens_overlap(a("0.0.0.0:80"), a("0.0.0.0:81")));
     }
 }

@@ -86,13 +86,11 @@ fn http_decisions_and_reasons() {
             reason: DenyReason::NotInFrom
         }
     );
-    let laptop = Requester::Device {
-        name: "laptop",
-        roles: &["node"],
-        ip: None,
+    let office = Requester::Public {
+        ip: ip("203.0.113.9"),
     };
     assert!(p
-        .decide(rw, &laptop, Some("PUT"), Some("/dfs/rw"), now)
+        .decide(rw, &office, Some("PUT"), Some("/dfs/rw"), now)
         .is_allow());
 }
 
@@ -605,4 +603,70 @@ proptest::proptest! {
         let p = check_dir(&examples()).expect("examples");
         let _ = p.route_http(&s, &s);
     }
+}
+
+#[test]
+fn ipv4_mapped_networks_match_ipv4_clients() {
+    let src = "[app.a]\ntcp = { listen = \"0.0.0.0:1\" }\nto = \"d/s\"\nallow = { from = [\"::ffff:192.168.0.0/112\"] }\n";
+    let p = check_str(Path::new("m.toml"), src).expect("valid");
+    let app = &p.apps()[0];
+    for (client, allowed) in [
+        ("192.168.3.4", true),
+        ("::ffff:192.168.3.4", true),
+        ("192.169.0.1", false),
+    ] {
+        let who = Requester::Public { ip: ip(client) };
+        let d = p.decide(app, &who, None, None, ts(FRI_1600));
+        assert_eq!(d.is_allow(), allowed, "{client}");
+    }
+}
+
+#[test]
+fn listeners_of_other_families_do_not_overlap() {
+    let src = "[app.a]\ntcp = { listen = \"0.0.0.0:80\" }\nto = \"d/s\"\n[app.b]\ntcp = { listen = \"[::1]:80\" }\nto = \"d/s\"\n";
+    assert!(check_str(Path::new("o.toml"), src).is_ok());
+    let dual = "[app.a]\ntcp = { listen = \"[::]:80\" }\nto = \"d/s\"\n[app.b]\ntcp = { listen = \"127.0.0.1:80\" }\nto = \"d/s\"\n";
+    assert!(check_str(Path::new("o.toml"), dual).is_err());
+}
+
+/// Editing an app's limits keeps what its clients already use: open connections stay counted
+/// against the new maxima, and a changed rate starts every bucket empty (no fresh burst).
+#[tokio::test(start_paused = true)]
+async fn a_limits_edit_gives_no_client_a_fresh_allowance() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let app = |rate: &str, per_client: u32| {
+        format!("[app.a]\nhttp = {{ host = \"a.example\" }}\nto = \"d/s\"\nallow = {{ from = [\"public\"] }}\nlimits = {{ rate = \"{rate}\", burst = 5, max_connections = 10, max_connections_per_client = {per_client} }}\n")
+    };
+    write(dir.path(), "a.toml", &app("10/s", 3));
+    let store = PolicyStore::load(dir.path()).expect("load");
+    let who = Requester::Public {
+        ip: ip("198.51.100.1"),
+    };
+    let limits = |s: &PolicyStore| {
+        let cur = s.current();
+        let a = cur.policy.app("a").expect("a");
+        cur.state(a).limits.clone()
+    };
+    let before = limits(&store);
+    let open: Vec<_> = (0..3)
+        .map(|i| before.connect(&who).unwrap_or_else(|e| panic!("{i}: {e}")))
+        .collect();
+    assert!(before.connect(&who).is_err(), "per-client cap of 3");
+
+    // Tighter rate, looser per-client cap.
+    write(dir.path(), "a.toml", &app("5/s", 4));
+    assert_eq!(
+        store.reload().expect("reload"),
+        vec![policies::Change::Changed("a".into())]
+    );
+    let after = limits(&store);
+    let _fourth = after.connect(&who).expect("the 4th under the new cap");
+    assert!(after.connect(&who).is_err(), "the 3 open ones still count");
+    // The new rate's bucket starts empty: nothing at once, one request per 1/5 s after.
+    assert!(after.check_rate(&who).is_err(), "no fresh burst");
+    tokio::time::advance(Duration::from_millis(200)).await;
+    assert!(after.check_rate(&who).is_ok());
+    assert!(after.check_rate(&who).is_err());
+    drop(open);
+    assert_eq!(after.connections.open(), 1);
 }

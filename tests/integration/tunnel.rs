@@ -425,6 +425,46 @@ async fn policy_edits_apply_live_and_a_broken_edit_keeps_the_old_policy() {
     gw.shutdown.cancel();
 }
 
+/// Connections are decided as they open and again whenever the policy changes: an edit that
+/// no longer allows an open connection closes it (it used to run on until the client left),
+/// while renaming its app keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_connections_end_when_the_policy_stops_allowing_them() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let z = TestZone::new(&["home1"]);
+    let pa = free_tcp_port();
+    z.write_policy("a.toml", &tcp_app("a", pa));
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let _h1 = start_echo_node(&z, &gw, "home1").await;
+    let a: std::net::SocketAddr = ([127, 0, 0, 1], pa).into();
+    let mut open = tokio::net::TcpStream::connect(a).await.unwrap();
+    let mut buf = [0u8; 16];
+    for word in [&b"one"[..], b"two"] {
+        open.write_all(word).await.unwrap();
+        let n = tokio::time::timeout(WAIT, open.read(&mut buf))
+            .await
+            .expect("echo in time")
+            .unwrap();
+        assert_eq!(&buf[..n], word);
+        if word == b"one" {
+            // Renamed, same target and rule: the open connection stays.
+            z.write_policy("a.toml", &tcp_app("a2", pa));
+            let renamed = || gw.hub.policy().current().policy.app("a2").is_some();
+            wait_until("a renamed a2", WAIT, renamed).await;
+        }
+    }
+
+    // Allowed from 10.0.0.0/8 only: the connection from 127.0.0.1 is closed.
+    let only_ten = tcp_app("a2", pa).replace("[\"public\"]", "[\"10.0.0.0/8\"]");
+    z.write_policy("a.toml", &only_ten);
+    let n = tokio::time::timeout(WAIT, open.read(&mut buf))
+        .await
+        .expect("the open connection was not cut");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert_eq!(roundtrip(a, b"new").await.unwrap_or_default(), b"");
+    gw.shutdown.cancel();
+}
+
 /// Listeners follow what the policy names, not app names: renaming an app, or two apps
 /// swapping ports, keeps every port serving (each used to be closed and rebound while the old
 /// socket still held it: EADDRINUSE, and the app stayed unreachable until the next edit). A

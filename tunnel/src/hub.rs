@@ -835,17 +835,27 @@ impl Hub {
         let tap = relayed
             .then(|| self.0.tap.read().unwrap_or_else(|p| p.into_inner()).clone())
             .flatten();
-        let moved = splice(
-            &mut Tapped {
+        let (mut a, mut b) = (
+            Tapped {
                 inner: &mut down,
                 tap: tap.clone(),
             },
-            &mut Tapped {
+            Tapped {
                 inner: &mut upstream,
                 tap,
             },
-        )
-        .await;
+        );
+        let moved = splice(&mut a, &mut b);
+        // Decided once as it opened; asked again whenever the policy or the minute changes.
+        let policy = self.0.cfg.policy.clone();
+        let revoked = policy.until_mesh_refused(&link.device, &link.roles, &to_device, &service);
+        let moved = tokio::select! {
+            m = moved => m,
+            why = revoked => {
+                info!(app = %app_name, from = %link.device, to = %format!("{to_device}/{service}"), reason = %why, ms = started.elapsed().as_millis() as u64, "mesh connection cut: the policy no longer allows it");
+                return;
+            }
+        };
         let (up, dn) = (moved.a_to_b, moved.b_to_a);
         if relayed {
             self.mesh_pair(&link.device, &to_device, |p| {

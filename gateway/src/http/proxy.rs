@@ -263,6 +263,11 @@ pub(crate) async fn handle(
         None => (None, None),
     };
     let (parts, body) = req.into_parts();
+    // An upgraded connection outlives the request's decision: its host is kept to route and
+    // decide it again when the policy or the minute changes.
+    let upgrade_host = client_upgrade
+        .as_ref()
+        .and_then(|_| route::request_host(&parts).map(str::to_owned));
     let mut body = Some(body);
     let result = forward(&front, parts, &mut body, peer, https, upgrade, &mut log).await;
     // Tested before the await: a `&result` held across it would need `Upstream: Sync`.
@@ -286,10 +291,21 @@ pub(crate) async fn handle(
                     let (parts, up) = resp.into_parts();
                     if let Some(up) = up.into_upgraded() {
                         let shapers = (shape_in, shape_out);
+                        let recheck = Recheck {
+                            policy: front.hub().policy().clone(),
+                            host: upgrade_host.unwrap_or_default(),
+                            uri: log.uri.clone(),
+                            method: log.method.clone(),
+                            ip: peer.ip(),
+                            target: log.names.as_deref().map(|n| policies::Target {
+                                device: n.device.clone(),
+                                service: n.service.clone(),
+                            }),
+                        };
                         front
                             .hub()
                             .work()
-                            .spawn(splice_upgrade(client_on, up, log, shapers, slots));
+                            .spawn(splice_upgrade(client_on, up, log, shapers, slots, recheck));
                     }
                     Response::from_parts(parts, body::full(""))
                 }
@@ -602,6 +618,51 @@ async fn connect(front: &Front, key: &PoolKey, peer: SocketAddr) -> Result<Upstr
 /// Joins an upgraded client connection (a WebSocket, …) to the service's, shaped like the
 /// app's other traffic (`bandwidth`, `bandwidth_per_connection`): (client → service,
 /// service → client).
+/// What an upgraded connection's request was, to decide it again whenever the policy or the
+/// minute changes: it must still route to the app it was routed to, and be allowed there.
+struct Recheck {
+    policy: Arc<policies::PolicyStore>,
+    host: String,
+    uri: http::Uri,
+    method: Method,
+    ip: std::net::IpAddr,
+    /// Where the request went: an app renamed, or another app in its place with the same
+    /// target, keeps the connection.
+    target: Option<policies::Target>,
+}
+
+impl Recheck {
+    /// Resolves with the reason once the request is no longer allowed.
+    async fn until_refused(&self) -> String {
+        self.policy.until_refused(|a| self.allowed(a)).await
+    }
+
+    fn allowed(&self, active: &policies::Active) -> Result<(), String> {
+        let path = self.uri.path();
+        match active.policy.route_http(&self.host, path) {
+            Some(app) if Some(&app.target) == self.target.as_ref() => {
+                let who = Requester::Public { ip: self.ip };
+                let now = Timestamp::now();
+                match active
+                    .policy
+                    .decide(app, &who, Some(self.method.as_str()), Some(path), now)
+                {
+                    Decision::Deny { reason } => {
+                        active.state(app).counters.refused(Refusal::Denied(reason));
+                        Err(reason.to_string())
+                    }
+                    Decision::Allow { .. } => Ok(()),
+                }
+            }
+            Some(app) => Err(format!(
+                "the request now routes to {}/{}",
+                app.target.device, app.target.service
+            )),
+            None => Err("no app serves this host and path any more".into()),
+        }
+    }
+}
+
 async fn splice_upgrade(
     client: tokio::sync::oneshot::Receiver<Upgraded>,
     mut u: Upgraded,
@@ -609,18 +670,28 @@ async fn splice_upgrade(
     (shape_in, shape_out): (policies::bandwidth::Shaper, policies::bandwidth::Shaper),
     // Held until the upgraded connection ends: it counts against the front's limits.
     _slots: Option<Arc<super::ConnSlots>>,
+    recheck: Recheck,
 ) {
     match client.await {
         Ok(mut c) => {
-            let m = if shape_in.is_unlimited() && shape_out.is_unlimited() {
-                tunnel::splice::splice(&mut c, &mut u).await
-            } else {
-                tunnel::splice::splice_shaped(&mut c, &mut u, &shape_in, &shape_out).await
+            let moved = async {
+                if shape_in.is_unlimited() && shape_out.is_unlimited() {
+                    tunnel::splice::splice(&mut c, &mut u).await
+                } else {
+                    tunnel::splice::splice_shaped(&mut c, &mut u, &shape_in, &shape_out).await
+                }
             };
-            log.bytes_in = Some(Arc::new(AtomicU64::new(m.a_to_b)));
-            log.bytes_out = m.b_to_a;
-            if let Some(e) = m.error {
-                log.error = Some(format!("upgraded connection: {e}"));
+            tokio::select! {
+                m = moved => {
+                    log.bytes_in = Some(Arc::new(AtomicU64::new(m.a_to_b)));
+                    log.bytes_out = m.b_to_a;
+                    if let Some(e) = m.error {
+                        log.error = Some(format!("upgraded connection: {e}"));
+                    }
+                }
+                why = recheck.until_refused() => {
+                    log.error = Some(format!("upgraded connection cut: the policy no longer allows it ({why})"));
+                }
             }
         }
         Err(_) => log.error = Some("upgrade failed: the client's connection ended first".into()),
