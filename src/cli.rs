@@ -140,7 +140,7 @@ pub enum ZoneCmd {
     Show(ZoneArg),
     /// Print the TXT strings for _zonegate.DOMAIN, one per line, in order
     DumpText(ZoneArg),
-    /// Re-sign zone.json with a fresh validity period (serial + 1)
+    /// Re-sign zone.json with a fresh validity period (new serial)
     Resign {
         #[command(flatten)]
         zone: ZoneArg,

@@ -5,6 +5,15 @@ use std::process::Command;
 
 use crate::common::*;
 
+/// The serial of the zone directory `z`'s zone.json.
+fn zone_serial(z: &std::path::Path) -> u64 {
+    let bytes = std::fs::read(z.join("zone.json")).unwrap();
+    zone_core::config::SignedZone::from_json(&bytes)
+        .unwrap()
+        .config
+        .serial
+}
+
 fn mode(p: &std::path::Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
@@ -35,7 +44,15 @@ fn init_add_bundle_and_show() {
     toml::from_str::<toml::Table>(&gw).unwrap();
 
     let show = ok(["zone", "show", "--zone", z.to_str().unwrap()]);
-    assert!(show.contains("serial   3"), "{show}");
+    let serial = zone_serial(&z);
+    assert!(show.contains(&format!("serial   {serial}")), "{show}");
+    // Serials carry the clock (`next_serial`): a change outranks anything issued before it,
+    // even from a zone directory restored from an older backup.
+    let unix_now = time::OffsetDateTime::now_utc().unix_timestamp() as u64;
+    assert!(
+        serial + 3600 > unix_now && serial <= unix_now + 1,
+        "{serial}"
+    );
     assert!(show.contains("home1") && show.contains("gateway"), "{show}");
     let list = ok(["device", "list", "--zone", z.to_str().unwrap()]);
     assert_eq!(list.lines().count(), 2, "{list}");
@@ -49,6 +66,7 @@ fn device_move_readdresses_a_gateway_and_refuses_the_rest() {
     let z = zone_with_devices(t.path());
     let zs = z.to_str().unwrap();
     let cert = std::fs::read(z.join("devices/gw/device.crt")).unwrap();
+    let before = zone_serial(&z);
     let out = ok([
         "device",
         "move",
@@ -70,7 +88,11 @@ fn device_move_readdresses_a_gateway_and_refuses_the_rest() {
         "{json}"
     );
     let show = ok(["zone", "show", "--zone", zs]);
-    assert!(show.contains("serial   4"), "{show}");
+    assert!(zone_serial(&z) > before);
+    assert!(
+        show.contains(&format!("serial   {}", zone_serial(&z))),
+        "{show}"
+    );
     assert_eq!(
         cert,
         std::fs::read(z.join("devices/gw/device.crt")).unwrap()
@@ -208,7 +230,10 @@ fn txt_round_trip_and_verify() {
         "--ca",
         ca.to_str().unwrap(),
     ]);
-    assert!(out.contains("serial 3"), "{out}");
+    assert!(
+        out.contains(&format!("serial {}", zone_serial(&z))),
+        "{out}"
+    );
     // Truncated: one chunk missing.
     let lines: Vec<&str> = text.lines().collect();
     std::fs::write(&f, lines[..lines.len() - 1].join("\n")).unwrap();
@@ -244,7 +269,10 @@ fn verify_refuses_tampered_foreign_stale_and_reports_revoked() {
         cas,
     ]);
     assert!(out.contains("revoked home1"), "{out}");
-    assert!(out.contains("serial 4"), "{out}");
+    assert!(
+        out.contains(&format!("serial {}", zone_serial(&z))),
+        "{out}"
+    );
 
     let e = fails(
         1,
@@ -256,7 +284,7 @@ fn verify_refuses_tampered_foreign_stale_and_reports_revoked() {
             "--ca",
             cas,
             "--known-serial",
-            "5",
+            &(zone_serial(&z) + 2).to_string(),
         ],
     );
     assert!(e.contains("older"), "{e}");
@@ -715,7 +743,8 @@ fn zone_config_over_the_gateways_dns_verify_and_node_bootstrap() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
     assert!(
-        out.contains("serial 3") && out.contains(&format!("gw at 127.0.0.1:{quic}")),
+        out.contains(&format!("serial {}", zone_serial(&z)))
+            && out.contains(&format!("gw at 127.0.0.1:{quic}")),
         "{out}"
     );
     // Another zone's CA refuses it.
@@ -748,7 +777,7 @@ fn zone_config_over_the_gateways_dns_verify_and_node_bootstrap() {
             "--ca",
             ca.to_str().unwrap(),
             "--known-serial",
-            "9",
+            &(zone_serial(&z) + 6).to_string(),
         ],
     );
     assert!(e.contains("refused"), "{e}");

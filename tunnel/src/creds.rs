@@ -159,9 +159,14 @@ impl DeviceCreds {
         self.zone().config.serial
     }
 
-    /// Offers zone.json bytes from a peer. Adopted (and written back to the bundle, so a
-    /// restart keeps it) only if it verifies against the pinned zone key and is newer.
-    /// Returns the new serial when adopted.
+    /// Offers zone.json bytes from a peer. Adopted if it verifies against the pinned zone key
+    /// and is newer, then written back to the bundle so a restart keeps it. Returns the new
+    /// serial when adopted.
+    ///
+    /// Adoption does not depend on the write: a revocation must take effect even when the
+    /// bundle cannot be written (read-only, disk full). Half-adopting it (revocations set,
+    /// config not swapped) kept a revoked device's live connections up, and every later offer
+    /// failed the same way.
     pub fn offer_zone(&self, bytes: &[u8]) -> Result<Option<u64>, TunnelError> {
         let offered = SignedZone::from_json(bytes)?;
         let mut cur = self.zone.write().unwrap_or_else(|p| p.into_inner());
@@ -176,6 +181,9 @@ impl DeviceCreds {
         }
         self.trust.set_revocations(&offered.config);
         let serial = offered.config.serial;
+        let json = offered.to_json_pretty();
+        *cur = Arc::new(offered);
+        drop(cur);
         if let Some(p) = &self.zone_path {
             // The owner may have copied a newer zone.json into the bundle that this process
             // has not read yet (the gateway polls it): never overwrite it with an older one.
@@ -184,10 +192,11 @@ impl DeviceCreds {
                 .and_then(|b| SignedZone::from_json(&b).ok())
                 .map(|z| z.config.serial);
             if on_disk.is_none_or(|s| s < serial) {
-                zone_core::zonedir::write_atomic(p, offered.to_json_pretty().as_bytes(), 0o644)?;
+                if let Err(e) = zone_core::zonedir::write_atomic(p, json.as_bytes(), 0o644) {
+                    tracing::error!(serial, path = %p.display(), error = %e, "zone config adopted but not saved: a restart would go back to the older one until a peer offers this again; make the bundle directory writable by this process");
+                }
             }
         }
-        *cur = Arc::new(offered);
         Ok(Some(serial))
     }
 }

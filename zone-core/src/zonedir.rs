@@ -25,7 +25,18 @@ pub const DEVICE_CERT_FILE: &str = "device.crt";
 pub const NODE_ADMIN_DEFAULT: &str = "127.0.0.1:9091";
 pub const GATEWAY_ADMIN_DEFAULT: &str = "127.0.0.1:9090";
 
-/// Writes `data` to `path` atomically (temp file + fsync + rename) with Unix `mode`.
+/// The serial after `prev`, at `now`: the Unix time in seconds when that is larger. Devices
+/// adopt only a higher serial than they hold, so a zone directory restored from a backup
+/// (serial N-k, devices at N) would issue configs every device ignores, revocations
+/// included; with the clock in the serial the next change outranks anything issued before.
+/// Several changes within one second still count up by one.
+pub fn next_serial(prev: u64, now: OffsetDateTime) -> u64 {
+    let secs = u64::try_from(now.unix_timestamp()).unwrap_or(0);
+    (prev + 1).max(secs)
+}
+
+/// Writes `data` to `path` atomically (temp file + fsync + rename + directory fsync) with Unix
+/// `mode`.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), ZoneError> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path
@@ -34,16 +45,23 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), ZoneError
         .unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    // A stale temp file (a crash between create and rename) is removed first; the temp file is
+    // then created new and never through a symlink, so nobody who can write the directory can
+    // point it elsewhere or lend it their permissions.
+    let _ = fs::remove_file(&tmp);
     let result = (|| {
         let mut f = fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .mode(mode)
             .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
-        fs::rename(&tmp, path)
+        fs::rename(&tmp, path)?;
+        // The rename is durable only once the directory is: after a power cut the older file
+        // (an older zone config: a forgotten revocation) would otherwise come back.
+        fs::File::open(dir)?.sync_all()
     })();
     result.map_err(|e| {
         let _ = fs::remove_file(&tmp);
@@ -164,7 +182,7 @@ impl ZoneDir {
     /// Bumps the serial, re-signs (renewing expiry) and saves zone.json.
     fn commit(&mut self, mut config: ZoneConfig, now: OffsetDateTime) -> Result<(), ZoneError> {
         let now = trunc_now(now);
-        config.serial = self.zone.config.serial + 1;
+        config.serial = next_serial(self.zone.config.serial, now);
         let valid = self.zone.config.expires_at - self.zone.config.issued_at;
         config.issued_at = now;
         config.expires_at = now + valid;
@@ -178,7 +196,7 @@ impl ZoneDir {
         Ok(())
     }
 
-    /// Re-signs the config with a new validity period (serial + 1).
+    /// Re-signs the config with a new validity period (new serial: [`next_serial`]).
     pub fn resign(&mut self, now: OffsetDateTime, valid_days: i64) -> Result<(), ZoneError> {
         let mut c = self.zone.config.clone();
         c.issued_at = trunc_now(now);
@@ -213,7 +231,7 @@ impl ZoneDir {
         Ok((key, cert))
     }
 
-    /// Adds a device: derives its key, issues its certificate, records it (serial + 1).
+    /// Adds a device: derives its key, issues its certificate, records it (new serial: [`next_serial`]).
     pub fn add_device(
         &mut self,
         name: &DeviceName,
@@ -287,7 +305,7 @@ impl ZoneDir {
         Ok((key, cert))
     }
 
-    /// Gives gateway `name` new public addresses (serial + 1): the gateway moved to another
+    /// Gives gateway `name` new public addresses (new serial: [`next_serial`]): the gateway moved to another
     /// VPS or its IP changed. Its key and certificate stay (they name the device, not an
     /// address); agents that adopt this config dial the new addresses from their next
     /// connection, and the zone's DNS answers with them.
@@ -445,4 +463,35 @@ pub fn gateway_toml(c: &ZoneConfig, name: &DeviceName) -> String {
     ));
     s.push_str(COMMON_TAIL);
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serials_carry_the_clock_and_still_count_up() {
+        let t = time::macros::datetime!(2026-12-04 18:00 UTC);
+        let secs = t.unix_timestamp() as u64;
+        assert_eq!(next_serial(3, t), secs);
+        assert_eq!(next_serial(secs, t), secs + 1);
+        assert_eq!(next_serial(secs + 5, t), secs + 6);
+    }
+
+    #[test]
+    fn atomic_writes_replace_stale_temp_files_and_never_follow_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("zone.json");
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::write(&elsewhere, "keep").unwrap();
+        // A symlink planted where the temp file goes, as a crashed write's leftover would be.
+        let tmp = dir
+            .path()
+            .join(format!(".zone.json.tmp{}", std::process::id()));
+        std::os::unix::fs::symlink(&elsewhere, &tmp).unwrap();
+        write_atomic(&target, b"new", 0o644).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"new");
+        assert_eq!(std::fs::read(&elsewhere).unwrap(), b"keep");
+        assert!(!tmp.exists());
+    }
 }
