@@ -296,6 +296,45 @@ async fn foreign_expired_and_revoked_devices_are_refused() {
     gw.shutdown.cancel();
 }
 
+/// A certificate that expires while its device is connected ends the connection then: it was
+/// checked only at the handshake, and a device whose tunnel never dropped stayed in the zone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_is_disconnected_when_its_certificate_expires() {
+    let z = TestZone::new(&["home1"]);
+    let zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
+    let name = DeviceName::new("home1").unwrap();
+    let key = zd.key.derive_device(zd.domain(), &name);
+    let now = OffsetDateTime::now_utc();
+    let cert = issue_device(
+        &zd.key,
+        &zd.ca_pem,
+        &key,
+        &IssueRequest {
+            domain: zd.domain(),
+            name: &name,
+            roles: &[Role::Node],
+            not_before: now - time::Duration::days(1),
+            not_after: now + time::Duration::seconds(4),
+        },
+    )
+    .unwrap();
+    std::fs::write(z.bundle("home1").cert, &cert.pem).unwrap();
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_secs(1)).await;
+    let _h1 = start_echo_node(&z, &gw, "home1").await;
+    wait_until("home1 disconnected at its certificate's end", WAIT, || {
+        gw.hub.agent("home1").is_none()
+    })
+    .await;
+    assert!(
+        OffsetDateTime::now_utc() >= now + time::Duration::seconds(4),
+        "disconnected before the certificate expired"
+    );
+    // And it does not get back in.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(gw.hub.agent("home1").is_none());
+    gw.shutdown.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_reconnects_after_gateway_restart_and_drain_tells_agents() {
     let z = TestZone::new(&["home1"]);

@@ -26,7 +26,7 @@ use crate::error::{OpenError, TunnelError};
 use crate::flow_activity::FlowActivity;
 use crate::flow_table::FlowTable;
 use crate::holds::{HoldClock, Holds};
-use crate::peers::{peer_name, PeerConn, Peers};
+use crate::peers::{peer_identity, PeerConn, Peers};
 use crate::proto::{
     self, ControlSession, Event, Hello, Origin, PeerAddr, RefuseCode, ServiceProto, StreamHeader,
     UdpFlowOpen,
@@ -1055,8 +1055,10 @@ impl Agent {
                     Err(_) => return,
                 };
                 drop(permit);
-                match peer_name(&conn) {
-                    Ok(name) if name != me.cfg.creds.name() => me.add_direct(name, conn, false),
+                match peer_identity(&conn) {
+                    Ok(id) if id.name.as_str() != me.cfg.creds.name() => {
+                        me.add_direct(id.name.to_string(), conn, false)
+                    }
                     Ok(_) | Err(_) => conn.close(0u32.into(), b"not a peer"),
                 }
             });
@@ -1071,6 +1073,14 @@ impl Agent {
         } else {
             peer.clone()
         };
+        // Both ends checked the certificate at the handshake: the path ends with it.
+        if let Ok(id) = crate::peers::peer_identity(&conn) {
+            tokio::spawn(crate::peers::close_at_expiry(
+                conn.clone(),
+                peer.clone(),
+                id.not_after,
+            ));
+        }
         let pc = PeerConn::new(conn, dialer);
         self.peers.register(&peer, pc.clone());
         tokio::spawn(self.clone().accept_direct_streams(peer, pc));

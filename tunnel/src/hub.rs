@@ -45,6 +45,16 @@ pub const CLOSE_SHUTDOWN: u32 = 1;
 pub const CLOSE_REPLACED: u32 = 2;
 pub const CLOSE_REVOKED: u32 = 3;
 pub const CLOSE_PROTOCOL: u32 = 4;
+/// The device's certificate expired while its connection was up.
+pub const CLOSE_EXPIRED: u32 = 5;
+
+/// How long until `t`, at most a day (a timer is then set again): zero once it has passed.
+pub(crate) fn until(t: time::OffsetDateTime) -> Duration {
+    let left = t - time::OffsetDateTime::now_utc();
+    Duration::try_from(left)
+        .unwrap_or(Duration::ZERO)
+        .min(Duration::from_secs(86_400))
+}
 /// Least time between two hole-punching rounds the hub coordinates for one device pair: agents
 /// rate-limit themselves too; this bounds what a misbehaving one can make the hub send.
 pub const PUNCH_MIN_INTERVAL: Duration = Duration::from_secs(5);
@@ -576,7 +586,7 @@ impl Hub {
 
         tokio::spawn(self.clone().accept_streams(link.clone()));
         tokio::spawn(self.clone().read_datagrams(link.clone()));
-        let reason = self.run_control(&link, io, cmds).await;
+        let reason = self.run_control(&link, io, cmds, id.not_after).await;
 
         let removed = self.forget(&device, session_id);
         conn.close(0u32.into(), b"");
@@ -609,12 +619,27 @@ impl Hub {
         link: &Arc<AgentLink>,
         mut io: ControlIo,
         mut cmds: control::ControlCmds,
+        // The device's certificate's end: checked at the handshake, and its connection, kept
+        // alive for as long as the device likes, must not outlive it.
+        not_after: time::OffsetDateTime,
     ) -> String {
+        let expiry = tokio::time::sleep(until(not_after));
+        tokio::pin!(expiry);
         loop {
             if let Err(e) = io.flush().await {
                 return transport::stream_end(&link.conn, &e);
             }
             tokio::select! {
+                () = &mut expiry => {
+                    if time::OffsetDateTime::now_utc() < not_after {
+                        // Woken early (long waits are taken a day at a time).
+                        expiry.as_mut().reset(tokio::time::Instant::now() + until(not_after));
+                        continue;
+                    }
+                    warn!(device = %link.device, not_after = %not_after, "device certificate expired: disconnecting");
+                    link.conn.close(CLOSE_EXPIRED.into(), b"certificate expired");
+                    return "certificate expired".into();
+                }
                 ev = io.next_event() => match ev {
                     Ok(Some(ev)) => self.on_event(link, ev),
                     Ok(None) => return "agent closed the control stream".into(),

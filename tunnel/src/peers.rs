@@ -407,7 +407,7 @@ impl Peers {
                     }
                 };
                 match tokio::time::timeout(PUNCH_ATTEMPT, connecting).await {
-                    Ok(Ok(conn)) => match peer_name(&conn) {
+                    Ok(Ok(conn)) => match peer_identity(&conn).map(|id| id.name.to_string()) {
                         Ok(name) if name == peer => return Some(conn),
                         Ok(name) => {
                             conn.close(0u32.into(), b"unexpected peer");
@@ -540,8 +540,8 @@ async fn retire(pc: PeerConn, creds: Arc<DeviceCreds>, peer: String, why: &'stat
     }
 }
 
-/// The device name of a connection's verified peer certificate.
-pub fn peer_name(conn: &Connection) -> Result<String, TunnelError> {
+/// The identity in a connection's verified peer certificate.
+pub fn peer_identity(conn: &Connection) -> Result<zone_core::DeviceIdentity, TunnelError> {
     let any = conn
         .peer_identity()
         .ok_or_else(|| TunnelError::Config("peer sent no certificate".into()))?;
@@ -551,7 +551,24 @@ pub fn peer_name(conn: &Connection) -> Result<String, TunnelError> {
     let first = certs
         .first()
         .ok_or_else(|| TunnelError::Config("peer sent no certificate".into()))?;
-    Ok(zone_core::DeviceIdentity::from_der(first)?.name.to_string())
+    Ok(zone_core::DeviceIdentity::from_der(first)?)
+}
+
+/// Closes `conn` when the peer's certificate ends (`not_after`), unless it closes first: the
+/// certificate was checked at the handshake, and a direct path may stay up for as long as
+/// both devices like, gateway or not.
+pub async fn close_at_expiry(conn: Connection, peer: String, not_after: time::OffsetDateTime) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(crate::hub::until(not_after)) => {}
+            _ = conn.closed() => return,
+        }
+        if time::OffsetDateTime::now_utc() >= not_after {
+            info!(peer = %peer, not_after = %not_after, "peer certificate expired: direct path closed");
+            conn.close(crate::hub::CLOSE_EXPIRED.into(), b"certificate expired");
+            return;
+        }
+    }
 }
 
 #[cfg(test)]
