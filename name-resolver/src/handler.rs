@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use hickory_proto::op::{Edns, Header, OpCode, ResponseCode};
-use hickory_proto::rr::{DNSClass, Record};
+use hickory_proto::rr::{DNSClass, Record, RecordType};
 use hickory_proto::xfer::Protocol;
 use hickory_server::authority::MessageResponseBuilder;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
@@ -66,6 +66,8 @@ impl RequestHandler for ZoneHandler {
                 let mut edns = Edns::new();
                 edns.set_max_payload(UDP_PAYLOAD_MAX);
                 edns.set_version(0);
+                // RFC 3225 §3: the DO bit of the query is copied into the response.
+                edns.set_dnssec_ok(req_edns.flags().dnssec_ok);
                 if req_edns.version() > 0 {
                     // RFC 6891 §6.1.3: we speak EDNS version 0 only.
                     header.set_response_code(ResponseCode::BADVERS);
@@ -92,13 +94,21 @@ impl RequestHandler for ZoneHandler {
             return send(&mut response_handle, builder.build_no_records(header)).await;
         };
         let query = info.query;
+        if query.query_type() == RecordType::ANY && request.protocol() == Protocol::Udp {
+            // RFC 8482 §4: no full ANY answer over UDP, where a spoofed source turns it into
+            // amplification; a client that really wants it asks again over TCP.
+            header.set_authoritative(true);
+            header.set_truncated(true);
+            return send(&mut response_handle, builder.build_no_records(header)).await;
+        }
         let lookup = if query.query_class() == DNSClass::IN {
             records.lookup(query.name(), query.query_type())
         } else {
             Lookup::Refused
         };
 
-        let soa = std::slice::from_ref(records.soa());
+        // In a negative answer the SOA's TTL is the negative-caching time (RFC 2308 §3).
+        let soa = std::slice::from_ref(records.negative_soa());
         match lookup {
             Lookup::Refused => {
                 header.set_response_code(ResponseCode::Refused);

@@ -112,6 +112,8 @@ pub struct ZoneRecords {
     wildcard: LowerName,
     serial: u64,
     soa: Record,
+    /// The SOA as negative answers carry it: TTL min(SOA TTL, MINIMUM) (RFC 2308 §3, §5).
+    negative_soa: Record,
     nodes: HashMap<LowerName, Vec<RrSet>>,
 }
 
@@ -185,7 +187,6 @@ impl ZoneRecords {
 
         let wildcard = child("*")?;
         nodes.insert(LowerName::new(&wildcard), addr_sets(&wildcard, &all_gw));
-        nodes.insert(LowerName::new(&ns1), addr_sets(&ns1, &all_gw));
 
         for d in c.devices.iter().filter(|d| !c.is_revoked(&d.name)) {
             let name = child(d.name.as_str())?;
@@ -198,6 +199,10 @@ impl ZoneRecords {
             let ips = if own.is_empty() { &all_gw } else { &own };
             nodes.insert(LowerName::new(&name), addr_sets(&name, ips));
         }
+        // After the devices: `ns1` is the name server's name, whose glue lists every gateway;
+        // a device named `ns1` must not narrow it to its own address (resolvers replace glue
+        // with the authoritative answer, and would send every query to that one gateway).
+        nodes.insert(LowerName::new(&ns1), addr_sets(&ns1, &all_gw));
 
         let txt_name = child(TXT_LABEL)?;
         let txt_len: usize = txt.iter().map(|s| s.len() + 1).sum();
@@ -224,6 +229,11 @@ impl ZoneRecords {
             origin: LowerName::new(&origin),
             wildcard: LowerName::new(&wildcard),
             serial: c.serial,
+            negative_soa: {
+                let mut r = soa.clone();
+                r.set_ttl(TTL_SOA.min(NEGATIVE_TTL));
+                r
+            },
             soa,
             nodes,
         })
@@ -242,6 +252,11 @@ impl ZoneRecords {
     /// The SOA record, for the authority section of negative answers.
     pub fn soa(&self) -> &Record {
         &self.soa
+    }
+
+    /// The SOA record negative answers (NXDOMAIN, NODATA) carry in their authority section.
+    pub fn negative_soa(&self) -> &Record {
+        &self.negative_soa
     }
 
     /// Finds the answer to a query of class IN.
@@ -476,6 +491,25 @@ mod tests {
         for t in [RecordType::SOA, RecordType::NS] {
             assert!(apex.iter().any(|rec| rec.record_type() == t), "{t} missing");
         }
+    }
+
+    /// A gateway device named `ns1` does not narrow the name server's name to its own
+    /// address: resolvers replace the NS glue with the authoritative answer for `ns1`.
+    #[test]
+    fn a_device_named_ns1_keeps_every_gateway_behind_ns1() {
+        let (_, z) = zone_with(1, |c| {
+            let gw1 = zone_core::DeviceName::new("gw1").unwrap();
+            let ns1 = zone_core::DeviceName::new("ns1").unwrap();
+            for d in c.devices.iter_mut().filter(|d| d.name == gw1) {
+                d.name = ns1.clone();
+            }
+            for g in c.gateways.iter_mut().filter(|g| g.device == gw1) {
+                g.device = ns1.clone();
+            }
+        });
+        let r = ZoneRecords::new(&z).unwrap();
+        let ns1 = found(r.lookup(&lname("ns1.alice.example."), RecordType::A));
+        assert_eq!(ips(&ns1), ["203.0.113.10", "203.0.113.11"]);
     }
 
     #[test]

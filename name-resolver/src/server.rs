@@ -290,25 +290,129 @@ impl DnsServer {
     }
 }
 
+/// The open TCP connections, each with when it last completed a query and a way to close
+/// it: when every slot is taken, the one idle longest makes room for a newcomer (RFC 7766
+/// §6.2.3 lets a server close idle connections under pressure). Without that, a few
+/// addresses keeping [`MAX_TCP_CONNECTIONS`] busy with a query every few seconds shut every
+/// node out of fetching the zone config, whose answer needs TCP.
+#[derive(Debug, Default)]
+struct Live {
+    conns: std::sync::Mutex<std::collections::HashMap<u64, LiveConn>>,
+    next_id: std::sync::atomic::AtomicU64,
+    /// The reference point of `LiveConn::last`.
+    epoch: std::sync::OnceLock<tokio::time::Instant>,
+}
+
+#[derive(Debug, Clone)]
+struct LiveConn {
+    /// Milliseconds after `Live::epoch` of its last complete query (or its accept).
+    last: Arc<std::sync::atomic::AtomicU64>,
+    stop: CancellationToken,
+}
+
+impl Live {
+    fn now_ms(&self) -> u64 {
+        let epoch = *self.epoch.get_or_init(tokio::time::Instant::now);
+        epoch.elapsed().as_millis() as u64
+    }
+
+    /// Registers a connection; it unregisters when the returned guard drops.
+    fn register(self: &Arc<Self>) -> (LiveConn, LiveGuard) {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let conn = LiveConn {
+            last: Arc::new(self.now_ms().into()),
+            stop: CancellationToken::new(),
+        };
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, conn.clone());
+        (
+            conn,
+            LiveGuard {
+                live: self.clone(),
+                id,
+            },
+        )
+    }
+
+    /// Closes the connection idle the longest; false if there is none.
+    fn evict_idlest(&self) -> bool {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        // Ties (queries within one millisecond) go to the older connection.
+        let idlest = conns
+            .iter()
+            .filter(|(_, c)| !c.stop.is_cancelled())
+            .min_by_key(|(id, c)| (c.last.load(std::sync::atomic::Ordering::Relaxed), **id));
+        match idlest {
+            Some((_, c)) => {
+                c.stop.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct LiveGuard {
+    live: Arc<Live>,
+    id: u64,
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.live
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// How long a newcomer waits for the slot an evicted connection frees.
+const EVICTION_WAIT: Duration = Duration::from_millis(200);
+
 /// Accepts TCP connections up to [`MAX_TCP_CONNECTIONS`], at most [`MAX_TCP_PER_CLIENT`] per
-/// client and [`MAX_TCP_PER_SITE`] per IPv6 /48, each served in its own task.
+/// client and [`MAX_TCP_PER_SITE`] per IPv6 /48, each served in its own task; when all are
+/// taken, the connection idle the longest is closed for the newcomer ([`Live`]).
 async fn tcp_accept_loop(listener: TcpListener, handler: ZoneHandler, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
     let per_client = ClientSlots::new(MAX_TCP_PER_CLIENT, MAX_TCP_PER_SITE);
+    let live = Arc::new(Live::default());
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => match (per_client.take(peer.ip()), slots.clone().try_acquire_owned()) {
-                    (None, _) => debug!(%peer, "DNS over TCP: this client's connection limit reached, closing"),
-                    (Some(slot), Ok(permit)) => {
-                        conns.spawn(serve_tcp(stream, peer, handler.clone(), (permit, slot)));
+                Ok((stream, peer)) => {
+                    let Some(slot) = per_client.take(peer.ip()) else {
+                        debug!(%peer, "DNS over TCP: this client's connection limit reached, closing");
+                        continue;
+                    };
+                    let permit = match slots.clone().try_acquire_owned() {
+                        Ok(p) => Some(p),
+                        Err(_) if live.evict_idlest() => {
+                            debug!(%peer, "DNS over TCP: all connections taken, closing the one idle longest");
+                            tokio::time::timeout(EVICTION_WAIT, slots.clone().acquire_owned())
+                                .await
+                                .ok()
+                                .and_then(Result::ok)
+                        }
+                        Err(_) => None,
+                    };
+                    match permit {
+                        Some(permit) => {
+                            let (conn, guard) = live.register();
+                            conns.spawn(serve_tcp(stream, peer, handler.clone(), (permit, slot, guard), conn));
+                        }
+                        // Closing at once tells the client to go elsewhere, instead of queueing it.
+                        None => debug!(%peer, "DNS over TCP: connection limit reached, closing"),
                     }
-                    // Closing at once tells the client to go elsewhere, instead of queueing it.
-                    (Some(_), Err(_)) => debug!(%peer, "DNS over TCP: connection limit reached, closing"),
-                },
+                }
                 Err(error) => {
                     // Usually out of file descriptors: back off instead of spinning on accept.
                     warn!(%error, "DNS over TCP: accept failed");
@@ -321,24 +425,54 @@ async fn tcp_accept_loop(listener: TcpListener, handler: ZoneHandler, stop: Canc
     while conns.join_next().await.is_some() {}
 }
 
-/// One TCP connection: length-prefixed queries (hickory's framing), answered in order.
+/// The answer to a query that does not decode: its header with QR set, RCODE FORMERR and no
+/// records (RFC 6891 §6.1.1 wants FORMERR, say, for two OPT records). `None` when the bytes
+/// are not a query header at all, or are a response (never answered).
+fn formerr_for(frame: &[u8]) -> Option<Vec<u8>> {
+    let head = frame.get(..12)?;
+    if head[2] & 0x80 != 0 {
+        return None;
+    }
+    let mut out = vec![0u8; 12];
+    out[..2].copy_from_slice(&head[..2]);
+    // QR, the opcode and RD copied; AA, TC, RA, Z, AD and CD clear; RCODE 1 (FORMERR).
+    out[2] = 0x80 | (head[2] & 0x79);
+    out[3] = 0x01;
+    Some(out)
+}
+
+/// One TCP connection: length-prefixed queries (hickory's framing), answered in order, until
+/// the client closes, idles out, or the connection is evicted (`conn.stop`).
 async fn serve_tcp(
     stream: TcpStream,
     peer: SocketAddr,
     handler: ZoneHandler,
-    _slots: (OwnedSemaphorePermit, ClientSlot),
+    // Held until the connection ends.
+    slots: (OwnedSemaphorePermit, ClientSlot, LiveGuard),
+    conn: LiveConn,
 ) {
     // Answers are small and clients pipeline queries: without this, Nagle holds each small
     // answer back waiting for the client's delayed ACK (dnsperf over TCP: 15k -> 21k queries/s).
     if let Err(error) = stream.set_nodelay(true) {
         debug!(%peer, %error, "DNS over TCP: cannot set TCP_NODELAY");
     }
-    let (frames, response_stream) =
+    let live = slots.2.live.clone();
+    let (frames, mut response_stream) =
         hickory_proto::tcp::TcpStream::from_stream(AsyncIoTokioAsStd(stream), peer);
     let mut frames = TimeoutStream::new(frames, TCP_IDLE_TIMEOUT);
     // Polling `frames` also writes the responses queued on `response_stream`, so keep polling
     // until the client closes or idles out.
-    while let Some(frame) = frames.next().await {
+    loop {
+        let frame = tokio::select! {
+            _ = conn.stop.cancelled() => {
+                debug!(%peer, "DNS over TCP: closed for a newcomer (idle longest)");
+                return;
+            }
+            f = frames.next() => match f {
+                Some(f) => f,
+                None => return,
+            },
+        };
         let frame = match frame {
             Ok(f) => f,
             Err(error) => {
@@ -346,13 +480,26 @@ async fn serve_tcp(
                 return;
             }
         };
+        conn.last
+            .store(live.now_ms(), std::sync::atomic::Ordering::Relaxed);
         let mut decoder = BinDecoder::new(frame.bytes());
         let message = match MessageRequest::read(&mut decoder) {
             Ok(m) => m,
             Err(error) => {
-                // Not DNS: drop the connection rather than guess at framing.
-                debug!(%peer, %error, "DNS over TCP: undecodable query, closing");
-                return;
+                // The framing is intact (the length prefix said where it ends): answer FORMERR
+                // and go on. Bytes that are not even a query header end the connection.
+                let Some(answer) = formerr_for(frame.bytes()) else {
+                    debug!(%peer, %error, "DNS over TCP: not a query, closing");
+                    return;
+                };
+                debug!(%peer, %error, "DNS over TCP: malformed query, FORMERR");
+                use hickory_proto::xfer::DnsStreamHandle;
+                let sent =
+                    response_stream.send(hickory_proto::xfer::SerialMessage::new(answer, peer));
+                if sent.is_err() {
+                    return;
+                }
+                continue;
             }
         };
         if message.message_type() == MessageType::Response {

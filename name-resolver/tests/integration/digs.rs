@@ -204,6 +204,16 @@ async fn dig_nxdomain_inside_the_zone_and_nodata() {
         .nth(1)
         .expect("SOA in authority");
     assert!(authority.contains("SOA"), "{out}");
+    // Carried with the negative-caching TTL (RFC 2308 §3), not the SOA's own hour.
+    let soa_line = authority
+        .lines()
+        .find(|l| l.contains("SOA"))
+        .expect("SOA line");
+    assert_eq!(
+        soa_line.split_whitespace().nth(1),
+        Some(name_resolver::records::NEGATIVE_TTL.to_string().as_str()),
+        "{soa_line}"
+    );
     // An existing name without that type: NOERROR, no answer, SOA.
     let Some(out) = run_tool("dig", "dig NODATA", s.addr, &["MX", "home1.alice.example"]).await
     else {
@@ -290,5 +300,46 @@ async fn kdig_answers_match() {
         return;
     };
     assert_eq!(status(&out), "REFUSED");
+    s.stop().await;
+}
+
+/// ANY over UDP gets an empty truncated answer (RFC 8482 §4: no amplification from spoofed
+/// sources), and the DO bit of a query comes back in the response's OPT (RFC 3225 §3).
+#[tokio::test]
+async fn dig_any_over_udp_is_truncated_and_do_is_echoed() {
+    let (_, zone) = testzone::zone();
+    let s = Running::start(zone).await;
+    let Some(out) = run_tool(
+        "dig",
+        "dig ANY over UDP",
+        s.addr,
+        &["ANY", "alice.example", "+ignore", "+notcp"],
+    )
+    .await
+    else {
+        return;
+    };
+    assert!(flags(&out).contains(&"tc".to_string()), "{out}");
+    assert!(out.contains("ANSWER: 0"), "{out}");
+    let Some(out) = run_tool(
+        "dig",
+        "dig +dnssec",
+        s.addr,
+        &["SOA", "alice.example", "+dnssec"],
+    )
+    .await
+    else {
+        return;
+    };
+    let opt = out
+        .split("OPT PSEUDOSECTION:")
+        .nth(1)
+        .expect("an OPT record");
+    assert!(
+        opt.lines()
+            .find(|l| l.contains("EDNS"))
+            .is_some_and(|l| l.contains("flags: do")),
+        "{out}"
+    );
     s.stop().await;
 }

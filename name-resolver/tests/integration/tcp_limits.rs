@@ -74,3 +74,74 @@ async fn one_address_holds_at_most_its_share_of_tcp_connections() {
     drop(held);
     server.stop().await;
 }
+
+/// With every TCP slot taken, a newcomer is served and the connection idle the longest is
+/// closed for it: a few addresses keeping all slots busy used to shut out every node fetching
+/// the zone config (which needs TCP).
+#[tokio::test]
+async fn a_full_table_closes_the_connection_idle_longest_for_a_newcomer() {
+    use name_resolver::server::MAX_TCP_CONNECTIONS;
+    let server = Running::start(testzone::zone().1).await;
+    let mut held = Vec::new();
+    for i in 0..MAX_TCP_CONNECTIONS {
+        let from = format!("127.0.1.{}", 1 + i / MAX_TCP_PER_CLIENT);
+        let s = answered_from(&from, server.addr, i as u16).await;
+        held.push(s.unwrap_or_else(|| panic!("connection {i} was not served")));
+    }
+    // All taken: the newcomer is served, and the first connection (idle longest) was closed.
+    assert!(
+        answered_from("127.0.2.1", server.addr, 999).await.is_some(),
+        "a newcomer to a full table was not served"
+    );
+    let mut first = held.remove(0);
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(3), first.read(&mut byte))
+        .await
+        .expect("the idlest connection was not closed");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    drop(held);
+    server.stop().await;
+}
+
+/// A query that does not decode (here: it announces a question it does not carry) gets
+/// FORMERR with its id (RFC 6891 §6.1.1), and the connection goes on: it used to be closed
+/// without an answer.
+#[tokio::test]
+async fn a_malformed_query_over_tcp_gets_formerr_and_the_connection_stays() {
+    let server = Running::start(testzone::zone().1).await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    // id 0x1234, RD, QDCOUNT 1, and no question.
+    let bad = [0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    let mut framed = (bad.len() as u16).to_be_bytes().to_vec();
+    framed.extend(bad);
+    s.write_all(&framed).await.unwrap();
+    let mut len = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut len))
+        .await
+        .expect("an answer in time")
+        .expect("an answer, not a close");
+    let mut body = vec![0; u16::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).await.unwrap();
+    let answer = Message::from_vec(&body).unwrap();
+    assert_eq!(answer.id(), 0x1234);
+    assert_eq!(
+        answer.response_code(),
+        hickory_proto::op::ResponseCode::FormErr
+    );
+    // The same connection still answers a good query.
+    let mut m = Message::new();
+    m.set_id(7);
+    m.add_query(Query::query(
+        Name::from_ascii("alice.example.").unwrap(),
+        RecordType::SOA,
+    ));
+    let q = m.to_vec().unwrap();
+    let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+    framed.extend(q);
+    s.write_all(&framed).await.unwrap();
+    s.read_exact(&mut len).await.unwrap();
+    let mut body = vec![0; u16::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).await.unwrap();
+    assert_eq!(Message::from_vec(&body).unwrap().id(), 7);
+    server.stop().await;
+}
