@@ -1,12 +1,14 @@
-//! Fuzzes what `zonegate files` reads from a request: the target path (`files::resolve`) and
-//! the `Range` value (`files::byte_range`). A path never resolves outside the root (no `..`
-//! survives, the result lies under it); a range part always lies inside the file; neither
-//! panics.
+//! Fuzzes what `zonegate files` reads from a request: the target path (`files::resolve`),
+//! the `Range` value (`files::byte_range`) and the conditional headers (`If-Match`,
+//! `If-None-Match`, `If-Range`, `If-(Un)Modified-Since`: `files::validate::evaluate`). A path
+//! never resolves outside the root (no `..` survives, the result lies under it); a range part
+//! always lies inside the file; none of them panics.
 #![no_main]
 
 use std::path::{Component, Path};
 
 use libfuzzer_sys::fuzz_target;
+use zonegate::files::validate::{evaluate, Validators};
 use zonegate::files::{byte_range, resolve, Ranged};
 
 fuzz_target!(|data: &[u8]| {
@@ -34,5 +36,34 @@ fuzz_target!(|data: &[u8]| {
     match byte_range(text, len) {
         Ranged::Part { start, end } => assert!(start <= end && end < len, "{text:?} {len}"),
         Ranged::Whole | Ranged::Unsatisfiable => {}
+    }
+    // The same text as every conditional header, against a file with and without validators.
+    if let Ok(value) = http::header::HeaderValue::from_str(text) {
+        use http::header;
+        let mut h = header::HeaderMap::new();
+        for name in [
+            header::IF_MATCH,
+            header::IF_NONE_MATCH,
+            header::IF_RANGE,
+            header::IF_MODIFIED_SINCE,
+            header::IF_UNMODIFIED_SINCE,
+        ] {
+            h.insert(name.clone(), value.clone());
+            let mut one = header::HeaderMap::new();
+            one.insert(name, value.clone());
+            for v in [
+                Validators {
+                    etag: Some("\"a-1.0-3\"".into()),
+                    modified: Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1 << 30)),
+                },
+                Validators {
+                    etag: None,
+                    modified: None,
+                },
+            ] {
+                let _ = evaluate(&one, &v);
+                let _ = evaluate(&h, &v);
+            }
+        }
     }
 });

@@ -12,7 +12,7 @@
 mod beneath;
 mod names;
 mod range;
-mod validate;
+pub mod validate;
 
 use std::collections::BinaryHeap;
 use std::convert::Infallible;

@@ -315,6 +315,18 @@ async fn start_stale_backend(shutdown: CancellationToken) -> (SocketAddr, SeenRe
                     }
                     let mut body = vec![0; len];
                     tcp.read_exact(&mut body).await.unwrap();
+                    // Answers a well-behaved service would not give.
+                    let odd: Option<&[u8]> = if head.starts_with("GET /switch ") {
+                        Some(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: upgrade\r\n\r\n")
+                    } else if head.starts_with("GET /no-content ") {
+                        Some(b"HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n")
+                    } else {
+                        None
+                    };
+                    if let Some(odd) = odd {
+                        tcp.get_mut().write_all(odd).await.unwrap();
+                        continue;
+                    }
                     log.lock().unwrap().push((conn, head));
                     if nth == 2 {
                         // Unanswered: odd connections end with a reset, even ones with a FIN.
@@ -1012,6 +1024,27 @@ where
 /// A service that stops reading an upload (and never answers) gets the request answered 504
 /// once nothing of the body has moved for the response plus body timeouts; before, the
 /// answer's timer started only at the body's end, which never came.
+/// Answers a service may not give are not passed on as given: a `101` the request did not
+/// ask for becomes a 502 (it reached the client, which then held an "upgraded" connection),
+/// and a 204's Content-Length is dropped (RFC 9110 §8.6). Request methods longer than 32
+/// bytes are refused before they reach the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_a_service_may_not_give_are_not_passed_on() {
+    let h = start().await;
+    let host = "stale.alice.example";
+    let c = h.curl(&h.http_args(host, "/switch")).await;
+    assert_eq!(c.code, 502, "{c:?}");
+    let c = h.curl(&h.http_args(host, "/no-content")).await;
+    assert_eq!(c.code, 204, "{c:?}");
+    assert!(
+        !c.headers.to_ascii_lowercase().contains("content-length"),
+        "{c:?}"
+    );
+    let long = format!("{} / HTTP/1.1\r\nHost: {host}\r\n\r\n", "A".repeat(40));
+    let answer = h.raw(long.as_bytes(), "a 40-byte method").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_that_stops_reading_an_upload_times_out() {
     let h = start().await;

@@ -204,12 +204,23 @@ fn client_claim_name(name: &str) -> bool {
 
 /// A request header [`write_request_headers`] does not pass on as the client sent it: ours
 /// (replaced), the framing (the caller's), hop-by-hop names and client claims.
+/// Names spelt with `_` for `-` count as the names they stand for: servers that map header
+/// names CGI-style (`X_Forwarded_For` and `X-Forwarded-For` both become
+/// `HTTP_X_FORWARDED_FOR`) would otherwise take the client's look-alike for ours (nginx and
+/// Apache drop them for this reason).
 fn left_out_going_up(name: &str) -> bool {
-    matches!(
-        name,
-        "host" | "content-length" | "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host"
-    ) || hop_by_hop_name(name)
-        || client_claim_name(name)
+    let listed = |name: &str| {
+        matches!(
+            name,
+            "host"
+                | "content-length"
+                | "x-forwarded-for"
+                | "x-forwarded-proto"
+                | "x-forwarded-host"
+        ) || hop_by_hop_name(name)
+            || client_claim_name(name)
+    };
+    listed(name) || (name.contains('_') && listed(&name.replace('_', "-")))
 }
 
 #[cfg(test)]
@@ -394,8 +405,19 @@ mod tests {
             "x-forwarded",
             "forwarded-for",
             "tee",
+            "x_custom_header",
         ] {
             assert!(!left_out_going_up(n), "{n}");
+        }
+        // Underscore look-alikes of ours go too (CGI-style servers read them as ours).
+        for n in [
+            "x_forwarded_for",
+            "x_real_ip",
+            "x-forwarded_proto",
+            "content_length",
+            "transfer_encoding",
+        ] {
+            assert!(left_out_going_up(n), "{n}");
         }
     }
 

@@ -269,7 +269,17 @@ pub(crate) async fn handle(
         .as_ref()
         .and_then(|_| route::request_host(&parts).map(str::to_owned));
     let mut body = Some(body);
-    let result = forward(&front, parts, &mut body, peer, https, upgrade, &mut log).await;
+    let asked = upgrade.clone();
+    let mut result = forward(&front, parts, &mut body, peer, https, upgrade, &mut log).await;
+    if let Ok((answer, key)) = &result {
+        if let Some(why) = unasked_switch(answer, asked.as_ref()) {
+            result = Err(ProxyError::Upstream {
+                app: key.app.clone(),
+                device: key.device.clone(),
+                error: super::upstream::UpstreamError::UnaskedSwitch(why),
+            });
+        }
+    }
     // Tested before the await: a `&result` held across it would need `Upstream: Sync`.
     if let (true, Some(b)) = (result.is_err(), body) {
         drain(b).await;
@@ -350,12 +360,12 @@ async fn forward(
         .policy
         .route_http(host, log.uri.path())
         .ok_or_else(|| ProxyError::NoRoute {
-            host: host.to_owned(),
+            host: clipped(host).into_owned(),
             path: clipped(log.uri.path()).into_owned(),
         })?;
     let Listener::Http(http_route) = &app.listener else {
         return Err(ProxyError::NoRoute {
-            host: host.to_owned(),
+            host: clipped(host).into_owned(),
             path: clipped(log.uri.path()).into_owned(),
         });
     };
@@ -618,6 +628,32 @@ async fn connect(front: &Front, key: &PoolKey, peer: SocketAddr) -> Result<Upstr
 /// Joins an upgraded client connection (a WebSocket, …) to the service's, shaped like the
 /// app's other traffic (`bandwidth`, `bandwidth_per_connection`): (client → service,
 /// service → client).
+/// Why a `101` answer may not reach the client: the request asked for no upgrade, or for
+/// another protocol (only the first one offered goes up). `None` for any other answer.
+fn unasked_switch(answer: &Answer, asked: Option<&HeaderValue>) -> Option<String> {
+    if answer.resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return None;
+    }
+    let Some(asked) = asked else {
+        return Some("the request asked for no upgrade".into());
+    };
+    let to = answer.resp.headers().get(http::header::UPGRADE);
+    let token = |v: &HeaderValue| {
+        let b = v.as_bytes();
+        let first = b.split(|&c| c == b',').next().unwrap_or(b"").trim_ascii();
+        first.to_ascii_lowercase()
+    };
+    match to {
+        Some(to) if token(to) == token(asked) => None,
+        Some(to) => Some(format!(
+            "to {:?}, not the {:?} asked for",
+            String::from_utf8_lossy(&token(to)),
+            String::from_utf8_lossy(&token(asked))
+        )),
+        None => Some("no Upgrade header".into()),
+    }
+}
+
 /// What an upgraded connection's request was, to decide it again whenever the policy or the
 /// minute changes: it must still route to the app it was routed to, and be allowed there.
 struct Recheck {

@@ -15,6 +15,13 @@ use policies::HttpRoute;
 /// HTTP/1.1 in `Host`. Several `Host` lines name no host: which one a service would believe
 /// is anyone's guess (RFC 9112 §3.2 answers them 400).
 pub fn request_host(parts: &Parts) -> Option<&str> {
+    // HTTP/1.1 requires exactly one `Host` line whatever the target's form (RFC 9112 §3.2);
+    // an absolute-form target is routed by its authority, but not without or with several.
+    if parts.version == http::Version::HTTP_11
+        && parts.headers.get_all(http::header::HOST).iter().count() != 1
+    {
+        return None;
+    }
     let header = || {
         let mut all = parts.headers.get_all(http::header::HOST).iter();
         match (all.next(), all.next()) {
@@ -81,6 +88,37 @@ mod tests {
     fn target(uri: &str, r: &HttpRoute) -> String {
         let uri: http::Uri = uri.parse().unwrap();
         upstream_target(uri.path_and_query(), r).into_owned()
+    }
+
+    #[test]
+    fn http11_needs_exactly_one_host_line_whatever_the_target() {
+        let parts = |uri: &str, version, hosts: &[&str]| {
+            let mut b = http::Request::builder().uri(uri).version(version);
+            for h in hosts {
+                b = b.header(http::header::HOST, *h);
+            }
+            b.body(()).unwrap().into_parts().0
+        };
+        use http::Version;
+        let abs = "http://app.example/x";
+        let one = parts(abs, Version::HTTP_11, &["other.example"]);
+        assert_eq!(request_host(&one), Some("app.example"));
+        assert_eq!(request_host(&parts(abs, Version::HTTP_11, &[])), None);
+        let two = parts(abs, Version::HTTP_11, &["a.example", "b.example"]);
+        assert_eq!(request_host(&two), None);
+        assert_eq!(
+            request_host(&parts("/x", Version::HTTP_11, &["a.example"])),
+            Some("a.example")
+        );
+        // HTTP/2 names it in :authority; HTTP/1.0 may leave Host out.
+        assert_eq!(
+            request_host(&parts(abs, Version::HTTP_2, &[])),
+            Some("app.example")
+        );
+        assert_eq!(
+            request_host(&parts(abs, Version::HTTP_10, &[])),
+            Some("app.example")
+        );
     }
 
     #[test]

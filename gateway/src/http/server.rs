@@ -321,6 +321,10 @@ where
             break;
         }
         if close {
+            // Bytes the client sent after this request (pipelined, or arriving late) must not
+            // turn the close into a reset, which can destroy the answer before the client
+            // reads it (RFC 9112 §9.6): read and drop them until the client closes.
+            linger = true;
             break;
         }
     }
@@ -487,7 +491,11 @@ impl Body for ReqBody {
             }
             return Poll::Pending;
         };
-        this.stall.progress();
+        this.stall.progress(match &r {
+            Some(Ok(d)) => d.len() as u64,
+            // The end, or an error: nothing more to wait for.
+            _ => super::deadline::MIN_PROGRESS,
+        });
         if let (Some(Ok(d)), Some(left)) = (&r, this.left.as_mut()) {
             *left = left.saturating_sub(d.len() as u64);
         }
@@ -544,6 +552,8 @@ async fn write_response(
     let mut ended = false;
     let mut sent = 0u64;
     let mut blocked_since: Option<Instant> = None;
+    // Bytes written since `blocked_since`.
+    let mut moved = 0u64;
     poll_fn(|cx| loop {
         if !ended && out.copied() < WRITE_AT && out.len() < GATHER_MAX && out.held() < MAX_HELD {
             match Pin::new(&mut *body).poll_frame(cx) {
@@ -609,12 +619,18 @@ async fn write_response(
                 return poll_deadline(timer.as_mut(), cx, since + send_timeout)
                     .map(|()| Err(WriteError::Stalled(send_timeout)));
             };
-            blocked_since = None;
             let n = n?;
             if n == 0 {
                 return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
             }
             out.advance(n);
+            // The send timeout starts over once the client took MIN_PROGRESS bytes, or all
+            // there was: a reader taking a byte a minute does not hold the answer for ever.
+            moved += n as u64;
+            if moved >= super::deadline::MIN_PROGRESS || out.is_empty() {
+                blocked_since = None;
+                moved = 0;
+            }
         } else if ended {
             ready!(Pin::new(&mut **io).poll_flush(cx))?;
             return Poll::Ready(Ok(()));
@@ -1000,13 +1016,14 @@ mod tests {
         c.write_all(b"POST /up HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
             .await
             .unwrap();
-        // A byte before the timeout is progress: the wait starts again from it.
+        // A byte before the timeout is not progress enough (MIN_PROGRESS): the wait goes on
+        // from the first stall, so a client trickling a byte a minute is cut off.
         tokio::time::sleep(CFG.body_timeout - Duration::from_secs(10)).await;
         c.write_all(b"d").await.unwrap();
         let got = read_all(&mut c).await;
         let waited = t.elapsed();
         assert!(
-            waited >= 2 * CFG.body_timeout - Duration::from_secs(10),
+            waited >= CFG.body_timeout && waited < CFG.body_timeout + Duration::from_secs(5),
             "{waited:?}"
         );
         assert!(
@@ -1014,6 +1031,40 @@ mod tests {
             "{got}"
         );
         // The body was not read to its end: the connection cannot carry another request.
+        h.await.unwrap();
+    }
+
+    /// A slow body that moves MIN_PROGRESS bytes within each timeout is not cut off, however
+    /// long it takes in all.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_body_that_keeps_its_pace_is_not_cut_off() {
+        let (mut c, server) = tokio::io::duplex(64 * 1024);
+        let svc = |req: Request<ProxyBody>, _| async move {
+            let got = req.into_body().collect().await;
+            Response::new(body::full(match got {
+                Ok(b) => format!("whole body: {} bytes", b.to_bytes().len()),
+                Err(e) => format!("body failed: {e}"),
+            }))
+        };
+        let h = tokio::spawn(serve(
+            Box::new(server),
+            CFG,
+            CancellationToken::new(),
+            svc,
+            |_| {},
+        ));
+        let piece = vec![b'x'; super::super::deadline::MIN_PROGRESS as usize];
+        let len = 3 * piece.len();
+        c.write_all(format!("POST /up HTTP/1.1\r\nContent-Length: {len}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            tokio::time::sleep(CFG.body_timeout - Duration::from_secs(10)).await;
+            c.write_all(&piece).await.unwrap();
+        }
+        let got = read_all(&mut c).await;
+        assert!(got.contains(&format!("whole body: {len} bytes")), "{got}");
+        drop(c);
         h.await.unwrap();
     }
 

@@ -47,6 +47,19 @@ impl RequestError {
     }
 }
 
+/// Longest request method taken (policies take methods of at most 32 bytes too).
+pub const MAX_METHOD: usize = 32;
+
+/// Client bytes as an error message may carry them into the log: at most 64 of them.
+fn clip_for_log(bytes: &[u8]) -> String {
+    let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(64)]).into_owned();
+    if bytes.len() > 64 {
+        format!("{shown}…[{} more bytes]", bytes.len() - 64)
+    } else {
+        shown
+    }
+}
+
 /// How a request's body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyLen {
@@ -123,6 +136,12 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, RequestE
         return Err(RequestError::HeadTooLarge);
     }
     let raw = buf.split_to(n).freeze();
+    // Methods are short tokens; a long one would be logged whole with every answer to it.
+    if method.len() > MAX_METHOD {
+        return Err(RequestError::Malformed(format!(
+            "method longer than {MAX_METHOD} bytes"
+        )));
+    }
     let method = Method::from_bytes(&raw[method])
         .map_err(|_| RequestError::Malformed("invalid method".into()))?;
     let uri = Uri::from_maybe_shared(raw.slice(target))
@@ -165,16 +184,14 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, RequestE
                 .trim_ascii()
                 .eq_ignore_ascii_case(b"100-continue");
         }
-        let value = HeaderValue::from_maybe_shared(raw.slice(value_span))
-            .map_err(|_| RequestError::Malformed(format!("invalid value of header {name}")))?;
+        let value = HeaderValue::from_maybe_shared(raw.slice(value_span)).map_err(|_| {
+            let name = clip_for_log(name.as_str().as_bytes());
+            RequestError::Malformed(format!("invalid value of header {name}"))
+        })?;
         headers.append(name, value);
     }
     let body = match (codings, length) {
-        (Some(c), _) if !is_just_chunked(&c) => {
-            return Err(RequestError::Coding(
-                String::from_utf8_lossy(&c).into_owned(),
-            ))
-        }
+        (Some(c), _) if !is_just_chunked(&c) => return Err(RequestError::Coding(clip_for_log(&c))),
         (Some(_), _) if version == Version::HTTP_10 => {
             return Err(RequestError::Malformed(
                 "Transfer-Encoding in an HTTP/1.0 request".into(),
@@ -262,7 +279,12 @@ pub fn encode_response_head(
     out.extend_from_slice(b"\r\n");
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
     for (name, value) in hdrs {
-        let framing = *name == header::CONTENT_LENGTH && body != RespBody::None;
+        // No Content-Length on a 1xx or 204 at all (RFC 9110 §8.6); on HEAD and 304 answers
+        // (bodiless, `RespBody::None`) the service's is the length GET would have had.
+        let framing = *name == header::CONTENT_LENGTH
+            && (body != RespBody::None
+                || status.is_informational()
+                || status == StatusCode::NO_CONTENT);
         let hop = headers::is_hop_by_hop(name)
             && !(switching && (*name == header::CONNECTION || *name == header::UPGRADE));
         if framing || hop {

@@ -177,6 +177,10 @@ pub enum UpstreamError {
     Truncated,
     #[error("request body: {0}")]
     RequestBody(#[source] BoxError),
+    /// A `101 Switching Protocols` the request did not ask for, or to another protocol than
+    /// the one it named (RFC 9110 §15.2.2).
+    #[error("the service switched protocols unasked ({0})")]
+    UnaskedSwitch(String),
 }
 
 impl UpstreamError {
