@@ -14,7 +14,7 @@ use hickory_server::authority::MessageResponseBuilder;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use tracing::debug;
 
-use crate::records::{name_wire_len, Lookup, ZoneRecords};
+use crate::records::{name_wire_len, record_wire_len, Lookup, ZoneRecords};
 
 /// Largest UDP response we send, whatever the client offers: 1232 bytes fits the IPv6 minimum
 /// MTU without fragmentation (DNS Flag Day 2020) and caps the amplification a spoofed query can
@@ -130,8 +130,30 @@ impl RequestHandler for ZoneHandler {
             } => {
                 header.set_authoritative(true);
                 let question = name_wire_len(query.name()) + 4;
-                let bound = FIXED_OVERHEAD + question + wire_len;
-                if request.protocol() == Protocol::Udp && bound > usize::from(udp_limit) {
+                let mut bound = FIXED_OVERHEAD + question + wire_len;
+                let limit = usize::from(udp_limit);
+                let mut additionals = additionals;
+                if request.protocol() == Protocol::Udp && bound > limit {
+                    // Glue is optional: keep what fits rather than truncate for it (RFC 2181
+                    // §9). The answer itself must fit, or the client asks again over TCP.
+                    let glue: usize = additionals.iter().map(record_wire_len).sum();
+                    let mut room = limit.saturating_sub(bound - glue);
+                    let kept: Vec<Record> = additionals
+                        .iter()
+                        .take_while(|r| {
+                            let len = record_wire_len(r);
+                            let fits = len <= room;
+                            room = room.saturating_sub(len);
+                            fits
+                        })
+                        .cloned()
+                        .collect();
+                    if bound - glue <= limit {
+                        bound = bound - glue + kept.iter().map(record_wire_len).sum::<usize>();
+                        additionals = std::borrow::Cow::Owned(kept);
+                    }
+                }
+                if request.protocol() == Protocol::Udp && bound > limit {
                     // Whole RRsets or nothing: a partial TXT set would only be refused by the
                     // client, so send none and let it retry over TCP.
                     debug!(src = %request.src(), bound, udp_limit, "truncating UDP answer");

@@ -75,15 +75,11 @@ impl RrSet {
     }
 
     /// Upper bound of the answer section's size with owner names written in full (compression
-    /// only makes the real message smaller).
+    /// only makes the real message smaller), glue included.
     fn wire_len(&self, owner: &LowerName) -> usize {
         self.records.len() * (name_wire_len(owner) + 10)
             + self.rdata_len
-            + self
-                .additionals
-                .iter()
-                .map(|r| name_wire_len(&LowerName::new(r.name())) + 10 + rdata_wire_len(r))
-                .sum::<usize>()
+            + self.additionals.iter().map(record_wire_len).sum::<usize>()
     }
 }
 
@@ -101,6 +97,8 @@ pub enum Lookup<'a> {
         answers: Cow<'a, [Record]>,
         additionals: Cow<'a, [Record]>,
         /// Upper bound of answers + additionals on the wire, to decide truncation up front.
+        /// The additionals' part of it is theirs alone ([`record_wire_len`] each): glue may
+        /// be left out to fit, without truncating (RFC 2181 §9).
         wire_len: usize,
     },
 }
@@ -351,6 +349,11 @@ fn answer<'a>(
 /// Wire length of a name written without compression.
 pub(crate) fn name_wire_len(name: &LowerName) -> usize {
     Name::from(name).iter().map(|l| l.len() + 1).sum::<usize>() + 1
+}
+
+/// Upper bound of one record's size on the wire (owner name in full).
+pub(crate) fn record_wire_len(r: &Record) -> usize {
+    name_wire_len(&LowerName::new(r.name())) + 10 + rdata_wire_len(r)
 }
 
 fn rdata_wire_len(r: &Record) -> usize {

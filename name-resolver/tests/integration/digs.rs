@@ -160,6 +160,42 @@ async fn dig_soa_is_authoritative_and_carries_the_zone_serial() {
     s.stop().await;
 }
 
+/// Glue that does not fit a 512-byte answer is left out, not a reason to truncate (RFC 2181
+/// §9): a zone with many dual-stack gateways used to answer NS without EDNS empty with TC.
+#[tokio::test]
+async fn glue_that_does_not_fit_is_left_out_without_truncating() {
+    let (_, zone) = testzone::zone_with(1, |c| {
+        for g in &mut c.gateways {
+            g.addrs = (1..=12u16)
+                .map(|i| {
+                    if i % 2 == 0 {
+                        format!("[2001:db8::{i:x}]:4433").parse().unwrap()
+                    } else {
+                        format!("203.0.113.{i}:4433").parse().unwrap()
+                    }
+                })
+                .collect();
+        }
+    });
+    let s = Running::start(zone).await;
+    let Some(out) = run_tool(
+        "dig",
+        "dig NS +noedns",
+        s.addr,
+        &["NS", "alice.example", "+noedns", "+ignore"],
+    )
+    .await
+    else {
+        return;
+    };
+    assert_eq!(status(&out), "NOERROR");
+    assert!(!flags(&out).contains(&"tc".to_string()), "{out}");
+    assert!(out.contains("IN\tNS\tns1.alice.example."), "{out}");
+    let additional = out.split("ADDITIONAL SECTION:").nth(1).expect("some glue");
+    assert!(additional.contains("203.0.113.1"), "{out}");
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn dig_ns_with_glue() {
     let (_, zone) = testzone::zone();
