@@ -508,3 +508,28 @@ async fn punch_rounds_start_only_for_zone_devices_one_at_a_time() {
     let listed: Vec<String> = peers.status(None).into_iter().map(|p| p.device).collect();
     assert_eq!(listed, ["home2"]);
 }
+
+/// A relayed mesh stream is decided again when the policy changes: once no mesh app allows
+/// home2 any more, its open stream through the gateway is closed (it ran on before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_stream_ends_when_the_policy_stops_allowing_it() {
+    let m = mesh_zone().await;
+    let mut s = tokio::net::TcpStream::connect(m.fwd).await.unwrap();
+    s.write_all(b"hello").await.unwrap();
+    let mut buf = [0u8; 5];
+    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(&buf, b"hello");
+    m.z.write_policy(
+        "mesh.toml",
+        &MESH_POLICY.replace("device:home2", "device:home3"),
+    );
+    let mut rest = [0u8; 16];
+    let end = tokio::time::timeout(WAIT, s.read(&mut rest))
+        .await
+        .expect("the relayed stream was not cut");
+    assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
+    m.gw.shutdown.cancel();
+}
