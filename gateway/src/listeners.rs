@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use tunnel::flow_activity::FlowActivity;
 use tunnel::hub::{refusal_of, Hub};
 use tunnel::proto::Origin;
-use tunnel::splice::splice;
+use tunnel::splice::splice_until;
 
 use crate::addr_text::Client;
 use crate::per_ip::{IpSlot, PerIp};
@@ -412,26 +412,28 @@ async fn tcp_conn(
             return;
         }
     };
-    let moved = async {
-        if shape_in.is_unlimited() && shape_out.is_unlimited() {
-            splice(&mut tcp, &mut up).await
-        } else {
-            tunnel::splice::splice_shaped(tcp, &mut up, &shape_in, &shape_out).await
-        }
-    };
     // Decided once as it opened; asked again whenever the policy or the minute changes.
     let policy = hub.policy().clone();
-    let revoked = policy.until_refused(|a| still_allowed(a, Kind::Tcp, listen, &target, &who));
-    let m = tokio::select! {
-        m = moved => m,
-        why = revoked => {
-            info!(app = %app_name, device = %target.device, client = %Client(peer), reason = %why, ms = started.elapsed().as_millis() as u64, "connection cut: the policy no longer allows it");
-            return;
-        }
+    let mut cut: Option<String> = None;
+    let stop = async {
+        let why = policy
+            .until_refused(|a| still_allowed(a, Kind::Tcp, listen, &target, &who))
+            .await;
+        cut = Some(why.clone());
+        why
+    };
+    let m = if shape_in.is_unlimited() && shape_out.is_unlimited() {
+        splice_until(&mut tcp, &mut up, stop).await
+    } else {
+        tunnel::splice::splice_shaped_until(tcp, &mut up, &shape_in, &shape_out, stop).await
     };
     let (bin, bout) = (m.a_to_b, m.b_to_a);
     counters.bytes_in(bin);
     counters.bytes_out(bout);
+    if let Some(why) = cut {
+        info!(app = %app_name, device = %target.device, client = %Client(peer), bytes_in = bin, bytes_out = bout, ms = started.elapsed().as_millis() as u64, reason = %why, "connection cut: the policy no longer allows it");
+        return;
+    }
     if let Some(refused) = up.refused() {
         let (_, reason) = refusal_of(&refused.open_error(&target.device));
         info!(app = %app_name, device = %target.device, client = %Client(peer), reason = %reason, "connection failed");

@@ -17,7 +17,7 @@ use tunnel::creds::DeviceCreds;
 use tunnel::hub::{refusal_of, Hub, HubConfig};
 use tunnel::proto::Origin;
 use tunnel::services::LocalServices;
-use tunnel::splice::splice;
+use tunnel::splice::splice_until;
 use tunnel::transport::{self, Tuning};
 
 use crate::addr_text::Client;
@@ -500,16 +500,25 @@ async fn forward_loop(hub: Hub, f: Forward, l: TcpListener, shutdown: Cancellati
             {
                 Ok(mut up) => {
                     let policy = hub.policy().clone();
-                    let revoked = policy.until_mesh_refused(&me, &roles, &f.device, &f.service);
-                    let m = tokio::select! {
-                        m = splice(&mut tcp, &mut up) => m,
-                        why = revoked => {
-                            info!(app = %app, to = %format!("{}/{}", f.device, f.service), client = %Client(peer), reason = %why, "forward connection cut: the policy no longer allows it");
-                            return;
-                        }
+                    let mut cut: Option<String> = None;
+                    let stop = async {
+                        let why = policy
+                            .until_mesh_refused(&me, &roles, &f.device, &f.service)
+                            .await;
+                        cut = Some(why.clone());
+                        why
                     };
+                    let m = splice_until(&mut tcp, &mut up, stop).await;
                     let (a, b) = (m.a_to_b, m.b_to_a);
-                    info!(app = %app, to = %format!("{}/{}", f.device, f.service), client = %Client(peer), bytes_up = a, bytes_down = b, ms = started.elapsed().as_millis() as u64, end = %m.end(), "forward connection done");
+                    let ms = started.elapsed().as_millis() as u64;
+                    match cut {
+                        Some(why) => {
+                            info!(app = %app, to = %format!("{}/{}", f.device, f.service), client = %Client(peer), bytes_up = a, bytes_down = b, ms, reason = %why, "forward connection cut: the policy no longer allows it")
+                        }
+                        None => {
+                            info!(app = %app, to = %format!("{}/{}", f.device, f.service), client = %Client(peer), bytes_up = a, bytes_down = b, ms, end = %m.end(), "forward connection done")
+                        }
+                    }
                 }
                 Err(e) => {
                     warn!(to = %format!("{}/{}", f.device, f.service), reason = %refusal_of(&e).1, "forward failed")

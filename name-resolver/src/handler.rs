@@ -94,18 +94,20 @@ impl RequestHandler for ZoneHandler {
             return send(&mut response_handle, builder.build_no_records(header)).await;
         };
         let query = info.query;
-        if query.query_type() == RecordType::ANY && request.protocol() == Protocol::Udp {
+        let lookup = if query.query_class() == DNSClass::IN {
+            records.lookup(query.name(), query.query_type())
+        } else {
+            Lookup::Refused
+        };
+        let any_over_udp =
+            query.query_type() == RecordType::ANY && request.protocol() == Protocol::Udp;
+        if any_over_udp && lookup != Lookup::Refused {
             // RFC 8482 §4: no full ANY answer over UDP, where a spoofed source turns it into
             // amplification; a client that really wants it asks again over TCP.
             header.set_authoritative(true);
             header.set_truncated(true);
             return send(&mut response_handle, builder.build_no_records(header)).await;
         }
-        let lookup = if query.query_class() == DNSClass::IN {
-            records.lookup(query.name(), query.query_type())
-        } else {
-            Lookup::Refused
-        };
 
         // In a negative answer the SOA's TTL is the negative-caching time (RFC 2308 §3).
         let soa = std::slice::from_ref(records.negative_soa());
@@ -135,21 +137,22 @@ impl RequestHandler for ZoneHandler {
                 let mut additionals = additionals;
                 if request.protocol() == Protocol::Udp && bound > limit {
                     // Glue is optional: keep what fits rather than truncate for it (RFC 2181
-                    // §9). The answer itself must fit, or the client asks again over TCP.
+                    // §9), whole RRsets at a time (ns1's A set, its AAAA set). The answer
+                    // itself must fit, or the client asks again over TCP.
                     let glue: usize = additionals.iter().map(record_wire_len).sum();
-                    let mut room = limit.saturating_sub(bound - glue);
-                    let kept: Vec<Record> = additionals
-                        .iter()
-                        .take_while(|r| {
-                            let len = record_wire_len(r);
-                            let fits = len <= room;
-                            room = room.saturating_sub(len);
-                            fits
-                        })
-                        .cloned()
-                        .collect();
                     if bound - glue <= limit {
-                        bound = bound - glue + kept.iter().map(record_wire_len).sum::<usize>();
+                        let mut room = limit - (bound - glue);
+                        let mut kept: Vec<Record> = Vec::new();
+                        for set in additionals.chunk_by(|a, b| {
+                            a.name() == b.name() && a.record_type() == b.record_type()
+                        }) {
+                            let len: usize = set.iter().map(record_wire_len).sum();
+                            if len <= room {
+                                room -= len;
+                                kept.extend_from_slice(set);
+                            }
+                        }
+                        bound = limit - room;
                         additionals = std::borrow::Cow::Owned(kept);
                     }
                 }

@@ -338,13 +338,20 @@ impl Live {
         )
     }
 
-    /// Closes the connection idle the longest; false if there is none.
+    /// Closes the connection idle the longest, if one has been idle for [`EVICTABLE_AFTER`];
+    /// false if there is none. (A connection whose query came a moment ago may still be
+    /// sending its answer: a node fetching the zone config on a slow link.)
     fn evict_idlest(&self) -> bool {
+        let now = self.now_ms();
+        let idle_enough = |c: &LiveConn| {
+            c.last.load(std::sync::atomic::Ordering::Relaxed) + EVICTABLE_AFTER.as_millis() as u64
+                <= now
+        };
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         // Ties (queries within one millisecond) go to the older connection.
         let idlest = conns
             .iter()
-            .filter(|(_, c)| !c.stop.is_cancelled())
+            .filter(|(_, c)| !c.stop.is_cancelled() && idle_enough(c))
             .min_by_key(|(id, c)| (c.last.load(std::sync::atomic::Ordering::Relaxed), **id));
         match idlest {
             Some((_, c)) => {
@@ -371,6 +378,9 @@ impl Drop for LiveGuard {
             .remove(&self.id);
     }
 }
+
+/// How long a connection must have gone without a query to be closed for a newcomer.
+const EVICTABLE_AFTER: Duration = Duration::from_secs(1);
 
 /// How long a newcomer waits for the slot an evicted connection frees.
 const EVICTION_WAIT: Duration = Duration::from_millis(200);

@@ -272,7 +272,6 @@ fn normalize_host<'b>(host: &str, buf: &'b mut [u8; MAX_HOST]) -> Option<&'b str
 }
 
 impl CompiledPolicy {
-    /// All apps, sorted by file then position.
     /// Whether any rule has hours or days: decisions then change with the clock.
     pub fn has_time_windows(&self) -> bool {
         self.apps
@@ -280,6 +279,7 @@ impl CompiledPolicy {
             .any(|a| a.rules.iter().any(|r| r.window.is_some()))
     }
 
+    /// All apps, sorted by file then position.
     pub fn apps(&self) -> &[App] {
         &self.apps
     }

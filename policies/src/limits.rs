@@ -229,7 +229,9 @@ impl RateLimiter {
             return;
         }
         let elapsed = self.clock.now().as_u64().saturating_sub(empty_at);
-        let refilled = elapsed / (self.cell.as_nanos() as u64).max(1);
+        // Rounded up: the drain happens now, not at `empty_at`, so a partly refilled token is
+        // granted rather than charged a whole cell (at most one token of leniency).
+        let refilled = elapsed.div_ceil((self.cell.as_nanos() as u64).max(1));
         let missing = u64::from(self.config.burst).saturating_sub(refilled);
         if let Some(n) = u32::try_from(missing).ok().and_then(NonZeroU32::new) {
             // At most the burst, which a new key holds: never refused, always taken.
@@ -428,7 +430,11 @@ impl AppLimits {
             config: config.clone(),
             rate: match (&old.rate, config.rate) {
                 (Some(r), Some(c)) if r.config == c => Some(r.clone()),
-                (_, c) => c.map(|c| Arc::new(RateLimiter::new_empty(c))),
+                // A changed rate: nobody gets a fresh burst from the edit.
+                (Some(_), Some(c)) => Some(Arc::new(RateLimiter::new_empty(c))),
+                // A rate where there was none: nobody has used anything yet.
+                (None, c) => c.map(|c| Arc::new(RateLimiter::new(c))),
+                (Some(_), None) => None,
             },
             connections: old.connections.clone(),
             bandwidth_in: bucket(&old.bandwidth_in),

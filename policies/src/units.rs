@@ -306,31 +306,41 @@ fn decode_unreserved(seg: &str) -> Result<String, PathError> {
 }
 
 /// Does `path` fall under `prefix` (as made by [`parse_path_prefix`])? Matches whole path
-/// segments only: "/dfs" covers "/dfs" and "/dfs/x" but not "/dfsx". Segments of `path` are
-/// compared without their `;` parameters: Tomcat, Jetty and Spring serve `/admin;x/users` as
-/// `/admin/users`, so it must route, and be allowed or refused, as that.
+/// segments only: "/dfs" covers "/dfs" and "/dfs/x" but not "/dfsx". See
+/// [`strip_path_prefix`] for how `;` parameters and empty segments count.
 pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
-    if prefix == "/" {
-        return true;
-    }
-    let bare = without_params(path);
-    match bare.strip_prefix(prefix) {
-        Some(rest) => rest.is_empty() || rest.starts_with('/'),
-        None => false,
-    }
+    strip_path_prefix(path, prefix).is_some()
 }
 
-/// `path` with each segment's `;` parameters removed (`/a;x/b;y=1` → `/a/b`); borrowed when
-/// it has none.
-fn without_params(path: &str) -> std::borrow::Cow<'_, str> {
-    if !path.contains(';') {
-        return std::borrow::Cow::Borrowed(path);
+/// What follows `prefix` in `path` (empty, or starting with `/`), if `path` falls under it.
+/// Segments of `path` are compared without their `;` parameters, and segments that are empty
+/// without them are skipped: Tomcat, Jetty and Spring serve `/admin;x/users` and
+/// `/;x/admin/users` as `/admin/users`, so they must route, be allowed or refused, and be
+/// stripped as that.
+pub fn strip_path_prefix<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
+    if prefix == "/" {
+        return Some(path);
     }
-    let segs: Vec<&str> = path
-        .split('/')
-        .map(|seg| seg.split(';').next().unwrap_or(""))
-        .collect();
-    std::borrow::Cow::Owned(segs.join("/"))
+    let bare = |seg: &str| seg.split(';').next().unwrap_or("").is_empty();
+    let mut rest = path;
+    for want in prefix.split('/').filter(|s| !s.is_empty()) {
+        let seg = loop {
+            rest = rest.strip_prefix('/')?;
+            let end = rest.find('/').unwrap_or(rest.len());
+            let seg = &rest[..end];
+            rest = &rest[end..];
+            if !bare(seg) {
+                break seg;
+            }
+            if rest.is_empty() {
+                return None;
+            }
+        };
+        if seg.split(';').next() != Some(want) {
+            return None;
+        }
+    }
+    Some(rest)
 }
 
 /// Do two listen addresses of one kind take the same port (equal, or one a wildcard of the
@@ -451,6 +461,15 @@ mod tests {
         assert!(path_has_prefix("/admin;jsessionid=1", "/admin"));
         assert!(path_has_prefix("/a/admin;/b", "/a/admin"));
         assert!(!path_has_prefix("/adminx;y", "/admin"));
+        // A segment of parameters only is no segment (Tomcat merges the slashes around it).
+        assert!(path_has_prefix("/;x/admin/users", "/admin"));
+        assert!(path_has_prefix("/;/admin", "/admin"));
+        assert!(path_has_prefix("/a/;x/b", "/a/b"));
+        assert!(!path_has_prefix("/;x", "/admin"));
+        assert_eq!(strip_path_prefix("/dfs;x/a", "/dfs"), Some("/a"));
+        assert_eq!(strip_path_prefix("/dfs/a;y/b", "/dfs"), Some("/a;y/b"));
+        assert_eq!(strip_path_prefix("/dfs;x", "/dfs"), Some(""));
+        assert_eq!(strip_path_prefix("/dfsx", "/dfs"), None);
         assert!(parse_path_prefix("/a;b").is_err());
         assert_eq!(
             parse_path_prefix("/a/../b").unwrap_err(),

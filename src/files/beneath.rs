@@ -4,12 +4,12 @@
 //! resolved path with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, so a symlink put in
 //! the way of any part of it between the check and the open is refused, not followed.
 //!
-//! Where `openat2` is missing (Linux before 5.6, or a sandbox that filters it) the open falls
-//! back to `O_NOFOLLOW`, which guards the last part of the path only; that is logged once.
+//! Where `openat2` is missing (Linux before 5.6, or a sandbox that filters it) the path is
+//! walked one part at a time with `O_NOFOLLOW` instead: as safe, a system call per part.
 
 use std::fs::{File, Metadata};
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -98,7 +98,7 @@ impl Root {
             match rustix::fs::openat2(&self.dir, rel, flags, Mode::empty(), resolve) {
                 Err(rustix::io::Errno::NOSYS) => {
                     if !NO_OPENAT2.swap(true, Ordering::Relaxed) {
-                        warn!("openat2 is not available (Linux before 5.6?): files are opened with O_NOFOLLOW only, which does not guard a path's directories against symlinks swapped in while it is opened");
+                        warn!("openat2 is not available (Linux before 5.6?): files are opened one path part at a time instead (slower, as safe)");
                     }
                 }
                 // A sandbox's filter (EPERM) refuses the call itself; anything else is the
@@ -107,9 +107,43 @@ impl Root {
                 other => return Ok(other?),
             }
         }
+        self.open_walk(rel, flags)
+    }
+
+    /// Without openat2: `rel` one part at a time from the root's descriptor, each opened with
+    /// `O_NOFOLLOW` relative to the one before, so a symlink swapped in anywhere on the way
+    /// fails the open (ELOOP, ENOTDIR) instead of being followed. Slower (a system call per
+    /// part), as safe.
+    fn open_walk(&self, rel: &Path, flags: OFlags) -> io::Result<OwnedFd> {
+        use std::path::Component;
+        let parts: Vec<&std::ffi::OsStr> = rel
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(p) => Some(Ok(p)),
+                Component::CurDir => None,
+                _ => Some(Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "not a plain relative path",
+                ))),
+            })
+            .collect::<io::Result<_>>()?;
+        let Some((last, dirs)) = parts.split_last() else {
+            return Ok(rustix::fs::openat(&self.dir, ".", flags, Mode::empty())?);
+        };
+        let mut at: Option<OwnedFd> = None;
+        for dir in dirs {
+            let base = at.as_ref().map_or(self.dir.as_fd(), |fd| fd.as_fd());
+            at = Some(rustix::fs::openat(
+                base,
+                *dir,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?);
+        }
+        let base = at.as_ref().map_or(self.dir.as_fd(), |fd| fd.as_fd());
         Ok(rustix::fs::openat(
-            &self.dir,
-            rel,
+            base,
+            *last,
             flags | OFlags::NOFOLLOW,
             Mode::empty(),
         )?)
@@ -201,11 +235,21 @@ mod tests {
         let rel = Path::new("d/f");
         std::fs::rename(dir.path().join("d"), dir.path().join("d.old")).unwrap();
         std::os::unix::fs::symlink(outside.path(), dir.path().join("d")).unwrap();
-        let opened = root.open_relative(rel);
-        assert!(
-            opened.is_err(),
-            "followed the swapped-in symlink: {:?}",
-            opened.map(|fd| std::io::read_to_string(File::from(fd)))
-        );
+        let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK;
+        // With openat2, and with the part-by-part walk used where it is missing.
+        for opened in [root.open_relative(rel), root.open_walk(rel, flags)] {
+            assert!(
+                opened.is_err(),
+                "followed the swapped-in symlink: {:?}",
+                opened.map(|fd| std::io::read_to_string(File::from(fd)))
+            );
+        }
+        // The walk itself opens what is there when nothing was swapped.
+        std::fs::remove_file(dir.path().join("d")).unwrap();
+        std::fs::rename(dir.path().join("d.old"), dir.path().join("d")).unwrap();
+        let fd = root.open_walk(rel, flags).unwrap();
+        assert_eq!(std::io::read_to_string(File::from(fd)).unwrap(), "inside");
+        let top = root.open_walk(Path::new(""), flags).unwrap();
+        assert!(File::from(top).metadata().unwrap().is_dir());
     }
 }

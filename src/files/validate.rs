@@ -15,6 +15,9 @@ pub struct Validators {
     pub etag: Option<String>,
     /// Modification time, if an HTTP date can say it (see [`http_date`]).
     pub modified: Option<SystemTime>,
+    /// Modification time as the file system gives it, settled or not: what
+    /// `If-Unmodified-Since` is checked against (erring towards 412 is safe there).
+    pub mtime: Option<SystemTime>,
 }
 
 impl Validators {
@@ -35,6 +38,7 @@ impl Validators {
                 )
             }),
             modified: http_date(settled),
+            mtime: meta.modified().ok(),
         }
     }
 
@@ -85,24 +89,30 @@ pub enum Verdict {
 
 /// Evaluates the conditional headers in RFC 9110 §13.2.2's order.
 pub fn evaluate(headers: &HeaderMap, v: &Validators) -> Verdict {
-    let text = |name| headers.get(name).map(HeaderValue::as_bytes);
+    // A list header may come as several lines: together they are one list (RFC 9110 §5.3).
+    let tags = |name, strong| {
+        let mut lines = headers.get_all(name).iter().peekable();
+        lines.peek()?;
+        Some(lines.any(|l| tag_list_matches(l.as_bytes(), v.etag.as_deref(), strong)))
+    };
     let date = |name| {
         headers
             .get(name)
             .and_then(|h| h.to_str().ok())
             .and_then(|h| httpdate::parse_http_date(h).ok())
     };
-    if let Some(list) = text(header::IF_MATCH) {
-        if !tag_list_matches(list, v.etag.as_deref(), true) {
+    if let Some(matched) = tags(header::IF_MATCH, true) {
+        if !matched {
             return Verdict::PreconditionFailed;
         }
-    } else if let (Some(since), Some(modified)) = (date(header::IF_UNMODIFIED_SINCE), v.modified) {
-        if secs(modified) > secs(since) {
+    } else if let (Some(since), Some(mtime)) = (date(header::IF_UNMODIFIED_SINCE), v.mtime) {
+        // Against the file's time even when it is too fresh for a validator: 412 errs safe.
+        if secs(mtime) > secs(since) {
             return Verdict::PreconditionFailed;
         }
     }
-    if let Some(list) = text(header::IF_NONE_MATCH) {
-        if tag_list_matches(list, v.etag.as_deref(), false) {
+    if let Some(matched) = tags(header::IF_NONE_MATCH, false) {
+        if matched {
             return Verdict::NotModified;
         }
     } else if let (Some(since), Some(modified)) = (date(header::IF_MODIFIED_SINCE), v.modified) {
@@ -110,9 +120,9 @@ pub fn evaluate(headers: &HeaderMap, v: &Validators) -> Verdict {
             return Verdict::NotModified;
         }
     }
-    let range = match text(header::IF_RANGE) {
+    let range = match headers.get(header::IF_RANGE) {
         None => true,
-        Some(value) => if_range_matches(value, v),
+        Some(value) => if_range_matches(value.as_bytes(), v),
     };
     Verdict::Serve { range }
 }
@@ -188,6 +198,7 @@ mod tests {
         Validators {
             etag: Some("\"a-1.0-3\"".into()),
             modified: Some(at(1_700_000_000)),
+            mtime: Some(at(1_700_000_000)),
         }
     }
 
@@ -271,6 +282,15 @@ mod tests {
             verdict(&[("if-unmodified-since", lm)]),
             Serve { range: true }
         );
+        // Several lines are one list.
+        assert_eq!(
+            verdict(&[("if-match", "\"x\""), ("if-match", "\"a-1.0-3\"")]),
+            Serve { range: true }
+        );
+        assert_eq!(
+            verdict(&[("if-none-match", "\"x\""), ("if-none-match", "\"a-1.0-3\"")]),
+            NotModified
+        );
         // If-None-Match, weakly; it overrides If-Modified-Since.
         assert_eq!(verdict(&[("if-none-match", "W/\"a-1.0-3\"")]), NotModified);
         assert_eq!(
@@ -306,13 +326,9 @@ mod tests {
         let meta = std::fs::metadata(&path).unwrap();
         let modified = meta.modified().unwrap();
         let fresh = Validators::of(&meta, modified);
-        assert_eq!(
-            fresh,
-            Validators {
-                etag: None,
-                modified: None
-            }
-        );
+        assert_eq!((&fresh.etag, fresh.modified), (&None, None));
+        // If-Unmodified-Since still sees a fresh file's time.
+        assert_eq!(fresh.mtime, Some(modified));
         let later = Validators::of(&meta, modified + Duration::from_secs(2));
         let tag = later.etag.as_deref().unwrap();
         assert!(tag.starts_with('"') && tag.ends_with("-3\""), "{tag}");

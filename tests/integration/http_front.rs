@@ -1021,9 +1021,6 @@ where
     (send, tokio::spawn(conn))
 }
 
-/// A service that stops reading an upload (and never answers) gets the request answered 504
-/// once nothing of the body has moved for the response plus body timeouts; before, the
-/// answer's timer started only at the body's end, which never came.
 /// Answers a service may not give are not passed on as given: a `101` the request did not
 /// ask for becomes a 502 (it reached the client, which then held an "upgraded" connection),
 /// and a 204's Content-Length is dropped (RFC 9110 §8.6). Request methods longer than 32
@@ -1045,6 +1042,9 @@ async fn answers_a_service_may_not_give_are_not_passed_on() {
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
 }
 
+/// A service that stops reading an upload (and never answers) gets the request answered 504
+/// once nothing of the body has moved for the response plus body timeouts; before, the
+/// answer's timer started only at the body's end, which never came.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_that_stops_reading_an_upload_times_out() {
     let h = start().await;

@@ -531,5 +531,12 @@ async fn a_relayed_stream_ends_when_the_policy_stops_allowing_it() {
         .await
         .expect("the relayed stream was not cut");
     assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
+    // What the cut stream moved is still counted (it was dropped uncounted before).
+    let moved = || {
+        let cur = m.gw.hub.policy().current();
+        let app = cur.policy.app("echo-mesh").expect("echo-mesh");
+        cur.state(app).counters.snapshot().bytes_in
+    };
+    wait_until("the cut stream's bytes counted", WAIT, || moved() >= 5).await;
     m.gw.shutdown.cancel();
 }

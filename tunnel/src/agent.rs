@@ -1075,7 +1075,7 @@ impl Agent {
         };
         // Both ends checked the certificate at the handshake: the path ends with it.
         if let Ok(id) = crate::peers::peer_identity(&conn) {
-            tokio::spawn(crate::peers::close_at_expiry(
+            tokio::spawn(crate::hub::close_at_expiry(
                 conn.clone(),
                 peer.clone(),
                 id.not_after,

@@ -32,6 +32,9 @@ pub struct DeviceCreds {
     zone_key: ed25519_dalek::VerifyingKey,
     zone: RwLock<Arc<SignedZone>>,
     zone_path: Option<PathBuf>,
+    /// Held while a newer zone.json is written back: offers arrive at once from agents, peers
+    /// and the bundle poll, and two writes must not interleave (nor an older one land last).
+    saving: std::sync::Mutex<()>,
 }
 
 fn bad(path: &Path, what: &str, e: impl std::fmt::Display) -> TunnelError {
@@ -105,6 +108,7 @@ impl DeviceCreds {
             zone_key,
             zone: RwLock::new(Arc::new(zone)),
             zone_path: Some(p.zone_config.clone()),
+            saving: std::sync::Mutex::new(()),
         }))
     }
 
@@ -185,8 +189,10 @@ impl DeviceCreds {
         *cur = Arc::new(offered);
         drop(cur);
         if let Some(p) = &self.zone_path {
+            let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
             // The owner may have copied a newer zone.json into the bundle that this process
-            // has not read yet (the gateway polls it): never overwrite it with an older one.
+            // has not read yet (the gateway polls it), or another offer saved a newer one a
+            // moment ago: never overwrite it with an older one.
             let on_disk = std::fs::read(p)
                 .ok()
                 .and_then(|b| SignedZone::from_json(&b).ok())

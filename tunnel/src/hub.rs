@@ -26,7 +26,7 @@ use crate::proto::{
 };
 use crate::services::LocalServices;
 use crate::sockets::canonical;
-use crate::splice::splice;
+use crate::splice::splice_until;
 use crate::status::{AgentStatus, MeshPairStatus, ServiceStatus};
 use crate::stream::{self, QuicStream};
 use crate::transport::{self, StreamBudget, Tuning, MAX_STREAMS_PER_CONNECTION};
@@ -47,6 +47,27 @@ pub const CLOSE_REVOKED: u32 = 3;
 pub const CLOSE_PROTOCOL: u32 = 4;
 /// The device's certificate expired while its connection was up.
 pub const CLOSE_EXPIRED: u32 = 5;
+
+/// Closes `conn` (to `device`) when the device's certificate ends (`not_after`), unless it
+/// closes first: certificates are checked at the handshake, and a connection may stay up for
+/// as long as both ends like.
+pub(crate) async fn close_at_expiry(
+    conn: Connection,
+    device: String,
+    not_after: time::OffsetDateTime,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(until(not_after)) => {}
+            _ = conn.closed() => return,
+        }
+        if time::OffsetDateTime::now_utc() >= not_after {
+            warn!(device = %device, not_after = %not_after, "certificate expired: connection closed");
+            conn.close(CLOSE_EXPIRED.into(), b"certificate expired");
+            return;
+        }
+    }
+}
 
 /// How long until `t`, at most a day (a timer is then set again): zero once it has passed.
 pub(crate) fn until(t: time::OffsetDateTime) -> Duration {
@@ -586,7 +607,11 @@ impl Hub {
 
         tokio::spawn(self.clone().accept_streams(link.clone()));
         tokio::spawn(self.clone().read_datagrams(link.clone()));
-        let reason = self.run_control(&link, io, cmds, id.not_after).await;
+        // The certificate was checked at the handshake; the connection, kept alive for as long
+        // as the device likes, must not outlive it. A task of its own: the control loop can
+        // wait on a device that reads nothing.
+        tokio::spawn(close_at_expiry(conn.clone(), device.clone(), id.not_after));
+        let reason = self.run_control(&link, io, cmds).await;
 
         let removed = self.forget(&device, session_id);
         conn.close(0u32.into(), b"");
@@ -619,27 +644,12 @@ impl Hub {
         link: &Arc<AgentLink>,
         mut io: ControlIo,
         mut cmds: control::ControlCmds,
-        // The device's certificate's end: checked at the handshake, and its connection, kept
-        // alive for as long as the device likes, must not outlive it.
-        not_after: time::OffsetDateTime,
     ) -> String {
-        let expiry = tokio::time::sleep(until(not_after));
-        tokio::pin!(expiry);
         loop {
             if let Err(e) = io.flush().await {
                 return transport::stream_end(&link.conn, &e);
             }
             tokio::select! {
-                () = &mut expiry => {
-                    if time::OffsetDateTime::now_utc() < not_after {
-                        // Woken early (long waits are taken a day at a time).
-                        expiry.as_mut().reset(tokio::time::Instant::now() + until(not_after));
-                        continue;
-                    }
-                    warn!(device = %link.device, not_after = %not_after, "device certificate expired: disconnecting");
-                    link.conn.close(CLOSE_EXPIRED.into(), b"certificate expired");
-                    return "certificate expired".into();
-                }
                 ev = io.next_event() => match ev {
                     Ok(Some(ev)) => self.on_event(link, ev),
                     Ok(None) => return "agent closed the control stream".into(),
@@ -870,17 +880,17 @@ impl Hub {
                 tap,
             },
         );
-        let moved = splice(&mut a, &mut b);
         // Decided once as it opened; asked again whenever the policy or the minute changes.
         let policy = self.0.cfg.policy.clone();
-        let revoked = policy.until_mesh_refused(&link.device, &link.roles, &to_device, &service);
-        let moved = tokio::select! {
-            m = moved => m,
-            why = revoked => {
-                info!(app = %app_name, from = %link.device, to = %format!("{to_device}/{service}"), reason = %why, ms = started.elapsed().as_millis() as u64, "mesh connection cut: the policy no longer allows it");
-                return;
-            }
+        let mut cut: Option<String> = None;
+        let stop = async {
+            let why = policy
+                .until_mesh_refused(&link.device, &link.roles, &to_device, &service)
+                .await;
+            cut = Some(why.clone());
+            why
         };
+        let moved = splice_until(&mut a, &mut b, stop).await;
         let (up, dn) = (moved.a_to_b, moved.b_to_a);
         if relayed {
             self.mesh_pair(&link.device, &to_device, |p| {
@@ -892,7 +902,15 @@ impl Hub {
         counters.bytes_out(dn);
         link.bytes_from.fetch_add(up, Ordering::Relaxed);
         link.bytes_to.fetch_add(dn, Ordering::Relaxed);
-        info!(app = %app_name, from = %link.device, to = %format!("{to_device}/{service}"), bytes_up = up, bytes_down = dn, ms = started.elapsed().as_millis() as u64, "mesh connection done");
+        let ms = started.elapsed().as_millis() as u64;
+        match cut {
+            Some(why) => {
+                info!(app = %app_name, from = %link.device, to = %format!("{to_device}/{service}"), bytes_up = up, bytes_down = dn, ms, reason = %why, "mesh connection cut: the policy no longer allows it")
+            }
+            None => {
+                info!(app = %app_name, from = %link.device, to = %format!("{to_device}/{service}"), bytes_up = up, bytes_down = dn, ms, "mesh connection done")
+            }
+        }
     }
 
     /// Connects to `service` on `device`: through its tunnel, or locally when `device` is this

@@ -554,23 +554,6 @@ pub fn peer_identity(conn: &Connection) -> Result<zone_core::DeviceIdentity, Tun
     Ok(zone_core::DeviceIdentity::from_der(first)?)
 }
 
-/// Closes `conn` when the peer's certificate ends (`not_after`), unless it closes first: the
-/// certificate was checked at the handshake, and a direct path may stay up for as long as
-/// both devices like, gateway or not.
-pub async fn close_at_expiry(conn: Connection, peer: String, not_after: time::OffsetDateTime) {
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(crate::hub::until(not_after)) => {}
-            _ = conn.closed() => return,
-        }
-        if time::OffsetDateTime::now_utc() >= not_after {
-            info!(peer = %peer, not_after = %not_after, "peer certificate expired: direct path closed");
-            conn.close(crate::hub::CLOSE_EXPIRED.into(), b"certificate expired");
-            return;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

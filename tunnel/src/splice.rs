@@ -8,6 +8,7 @@
 //! transfers, benches/RESULTS.md).
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -235,9 +236,24 @@ where
     A: End + ?Sized,
     B: End + ?Sized,
 {
+    splice_until(a, b, std::future::pending()).await
+}
+
+/// [`splice`], ended early (both ends aborted) when `stop` resolves, with its reason as the
+/// error: what moved until then is still counted (a connection the policy stopped allowing).
+pub async fn splice_until<A, B, S>(a: &mut A, b: &mut B, stop: S) -> Moved
+where
+    A: End + ?Sized,
+    B: End + ?Sized,
+    S: Future<Output = String>,
+{
     let (mut a_b, mut b_a) = (Pump::default(), Pump::default());
     let cuts = [a.cut_signal(), b.cut_signal()];
+    tokio::pin!(stop);
     let r = std::future::poll_fn(|cx| {
+        if let Poll::Ready(why) = stop.as_mut().poll(cx) {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionAborted, why)));
+        }
         poll_cuts(&cuts, cx)?;
         // Both directions run until both are done; the first error ends the splice.
         let a_b = a_b.poll(cx, &mut *a, &mut *b)?;
@@ -378,6 +394,22 @@ where
     A: End,
     B: End,
 {
+    splice_shaped_until(a, b, a_to_b, b_to_a, std::future::pending()).await
+}
+
+/// [`splice_shaped`], ended early when `stop` resolves, as [`splice_until`].
+pub async fn splice_shaped_until<A, B, S>(
+    a: A,
+    b: B,
+    a_to_b: &policies::bandwidth::Shaper,
+    b_to_a: &policies::bandwidth::Shaper,
+    stop: S,
+) -> Moved
+where
+    A: End,
+    B: End,
+    S: Future<Output = String>,
+{
     let cuts = [a.cut_signal(), b.cut_signal()];
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
@@ -389,7 +421,7 @@ where
             Err(e) => Poll::Ready(e),
             Ok(()) => Poll::Pending,
         });
-        tokio::pin!(a_b, b_a, cut);
+        tokio::pin!(a_b, b_a, cut, stop);
         let (mut a_b_done, mut b_a_done) = (false, false);
         // Like `splice`: both directions run until both are done, but the first error ends
         // the other direction too (it could otherwise wait on an idle peer indefinitely).
@@ -398,6 +430,7 @@ where
                 r = &mut a_b, if !a_b_done => { a_b_done = true; r }
                 r = &mut b_a, if !b_a_done => { b_a_done = true; r }
                 e = &mut cut => Err(e),
+                why = &mut stop => Err(io::Error::new(io::ErrorKind::ConnectionAborted, why)),
             };
             if let Err(e) = r {
                 break Some(e);

@@ -28,15 +28,15 @@ pub fn poll_deadline(
     Poll::Pending
 }
 
-/// Bytes a client must move within one timeout (request body in, response out) for the
-/// timeout to start over. A client that trickles a byte a minute would otherwise hold its
-/// request, the tunnel stream and the service's connection for ever (1,024 of them per
-/// address); at 16 KiB a minute the floor is ~270 bytes/s, far below any real link (Apache's
-/// mod_reqtimeout asks 500 bytes/s).
+/// Bytes a client must take within one send timeout for the timeout to start over, unless it
+/// took all there was: a reader taking a byte a minute would otherwise hold the answer, its
+/// tunnel stream and the service's connection for ever (1,024 of them per address). At 16 KiB
+/// a minute the floor is ~270 bytes/s, far below any real link. (Request bodies keep a
+/// per-frame timeout: a streaming upload, gRPC or a log tail, may rightly send a few bytes
+/// every few seconds.)
 pub const MIN_PROGRESS: u64 = 16 * 1024;
 
-/// How long a request body has been waiting for its client (nginx's `client_body_timeout`),
-/// counted from the last time the client had moved [`MIN_PROGRESS`] bytes.
+/// How long a request body has been waiting for its client (nginx's `client_body_timeout`).
 #[derive(Debug)]
 pub struct Stall {
     /// How long the client may keep the body waiting.
@@ -46,8 +46,6 @@ pub struct Stall {
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// When the current wait began: the last poll was answered `Pending`.
     since: Option<Instant>,
-    /// Bytes moved since `since`.
-    moved: u64,
 }
 
 impl Stall {
@@ -56,7 +54,6 @@ impl Stall {
             timeout,
             timer: None,
             since: None,
-            moved: 0,
         }
     }
 
@@ -75,13 +72,8 @@ impl Stall {
         poll_deadline(timer.as_mut(), cx, due).is_ready()
     }
 
-    /// The body moved by `n` bytes (a frame; its end or an error count as done): once
-    /// [`MIN_PROGRESS`] bytes have moved, the next wait starts afresh.
-    pub fn progress(&mut self, n: u64) {
-        self.moved += n;
-        if self.moved >= MIN_PROGRESS {
-            self.since = None;
-            self.moved = 0;
-        }
+    /// The body moved (a frame, its end or an error): the next wait starts afresh.
+    pub fn progress(&mut self) {
+        self.since = None;
     }
 }

@@ -624,12 +624,8 @@ async fn connect(front: &Front, key: &PoolKey, peer: SocketAddr) -> Result<Upstr
     Ok(Upstream::new(up))
 }
 
-/// After a `101 Switching Protocols`, joins the client's and the service's connections.
-/// Joins an upgraded client connection (a WebSocket, …) to the service's, shaped like the
-/// app's other traffic (`bandwidth`, `bandwidth_per_connection`): (client → service,
-/// service → client).
-/// Why a `101` answer may not reach the client: the request asked for no upgrade, or for
-/// another protocol (only the first one offered goes up). `None` for any other answer.
+/// Why a `101` answer may not reach the client: the request asked for no upgrade, or the
+/// service switched to a protocol the client did not offer. `None` for any other answer.
 fn unasked_switch(answer: &Answer, asked: Option<&HeaderValue>) -> Option<String> {
     if answer.resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         return None;
@@ -638,17 +634,21 @@ fn unasked_switch(answer: &Answer, asked: Option<&HeaderValue>) -> Option<String
         return Some("the request asked for no upgrade".into());
     };
     let to = answer.resp.headers().get(http::header::UPGRADE);
-    let token = |v: &HeaderValue| {
-        let b = v.as_bytes();
-        let first = b.split(|&c| c == b',').next().unwrap_or(b"").trim_ascii();
-        first.to_ascii_lowercase()
+    // Protocol tokens, compared case-insensitively, without versions' surrounding spaces.
+    let tokens = |v: &HeaderValue| -> Vec<Vec<u8>> {
+        v.as_bytes()
+            .split(|&c| c == b',')
+            .map(|t| t.trim_ascii().to_ascii_lowercase())
+            .filter(|t| !t.is_empty())
+            .collect()
     };
-    match to {
-        Some(to) if token(to) == token(asked) => None,
-        Some(to) => Some(format!(
-            "to {:?}, not the {:?} asked for",
-            String::from_utf8_lossy(&token(to)),
-            String::from_utf8_lossy(&token(asked))
+    let offered = tokens(asked);
+    match to.map(tokens).as_deref() {
+        Some([chosen]) if offered.contains(chosen) => None,
+        Some(chosen) => Some(format!(
+            "to {:?}, not one of the {:?} offered",
+            String::from_utf8_lossy(&chosen.join(&b", "[..])),
+            String::from_utf8_lossy(&offered.join(&b", "[..]))
         )),
         None => Some("no Upgrade header".into()),
     }
@@ -699,6 +699,9 @@ impl Recheck {
     }
 }
 
+/// After a `101 Switching Protocols`, joins the client's and the service's connections,
+/// shaped like the app's other traffic (`bandwidth`, `bandwidth_per_connection`): (client →
+/// service, service → client), until either ends or the policy no longer allows the request.
 async fn splice_upgrade(
     client: tokio::sync::oneshot::Receiver<Upgraded>,
     mut u: Upgraded,
@@ -710,25 +713,27 @@ async fn splice_upgrade(
 ) {
     match client.await {
         Ok(mut c) => {
-            let moved = async {
-                if shape_in.is_unlimited() && shape_out.is_unlimited() {
-                    tunnel::splice::splice(&mut c, &mut u).await
-                } else {
-                    tunnel::splice::splice_shaped(&mut c, &mut u, &shape_in, &shape_out).await
-                }
+            let mut cut: Option<String> = None;
+            let stop = async {
+                let why = recheck.until_refused().await;
+                cut = Some(why.clone());
+                why
             };
-            tokio::select! {
-                m = moved => {
-                    log.bytes_in = Some(Arc::new(AtomicU64::new(m.a_to_b)));
-                    log.bytes_out = m.b_to_a;
-                    if let Some(e) = m.error {
-                        log.error = Some(format!("upgraded connection: {e}"));
-                    }
-                }
-                why = recheck.until_refused() => {
-                    log.error = Some(format!("upgraded connection cut: the policy no longer allows it ({why})"));
-                }
-            }
+            let m = if shape_in.is_unlimited() && shape_out.is_unlimited() {
+                tunnel::splice::splice_until(&mut c, &mut u, stop).await
+            } else {
+                tunnel::splice::splice_shaped_until(&mut c, &mut u, &shape_in, &shape_out, stop)
+                    .await
+            };
+            log.bytes_in = Some(Arc::new(AtomicU64::new(m.a_to_b)));
+            log.bytes_out = m.b_to_a;
+            log.error = match (cut, m.error) {
+                (Some(why), _) => Some(format!(
+                    "upgraded connection cut: the policy no longer allows it ({why})"
+                )),
+                (None, Some(e)) => Some(format!("upgraded connection: {e}")),
+                (None, None) => None,
+            };
         }
         Err(_) => log.error = Some("upgrade failed: the client's connection ended first".into()),
     }

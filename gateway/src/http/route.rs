@@ -50,10 +50,11 @@ pub fn upstream_target<'a>(pq: Option<&'a PathAndQuery>, route: &HttpRoute) -> C
     let query = pq.and_then(|p| p.query());
     let path: &str = &normal;
     let stripped = if route.strip_prefix && route.path != "/" {
-        match path.strip_prefix(route.path.as_str()) {
+        // As routing matched it: `;` parameters and parameter-only segments do not count.
+        match policies::units::strip_path_prefix(path, &route.path) {
             Some("") => "/",
-            Some(rest) if rest.starts_with('/') => rest,
-            _ => path,
+            Some(rest) => rest,
+            None => path,
         }
     } else {
         path
@@ -128,6 +129,9 @@ mod tests {
         assert_eq!(target("/dfs", &r), "/");
         assert_eq!(target("/dfs?x", &r), "/?x");
         assert_eq!(target("/dfs/", &r), "/");
+        // Routed with `;` parameters ignored, stripped the same way.
+        assert_eq!(target("/dfs;x/a", &r), "/a");
+        assert_eq!(target("/;x/dfs/a?q", &r), "/a?q");
     }
 
     #[test]

@@ -357,6 +357,19 @@ async fn dig_any_over_udp_is_truncated_and_do_is_echoed() {
     };
     assert!(flags(&out).contains(&"tc".to_string()), "{out}");
     assert!(out.contains("ANSWER: 0"), "{out}");
+    // Not our zone: refused as any other query for it would be, not truncated.
+    let Some(out) = run_tool(
+        "dig",
+        "dig ANY elsewhere",
+        s.addr,
+        &["ANY", "example.com", "+ignore", "+notcp"],
+    )
+    .await
+    else {
+        return;
+    };
+    assert_eq!(status(&out), "REFUSED");
+    assert!(!flags(&out).contains(&"tc".to_string()), "{out}");
     let Some(out) = run_tool(
         "dig",
         "dig +dnssec",

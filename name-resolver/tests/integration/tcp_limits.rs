@@ -88,7 +88,14 @@ async fn a_full_table_closes_the_connection_idle_longest_for_a_newcomer() {
         let s = answered_from(&from, server.addr, i as u16).await;
         held.push(s.unwrap_or_else(|| panic!("connection {i} was not served")));
     }
-    // All taken: the newcomer is served, and the first connection (idle longest) was closed.
+    // All taken, all busy a moment ago: a connection must have been idle a second to make
+    // room (it may still be sending an answer), so the newcomer waits its turn.
+    assert!(
+        answered_from("127.0.2.1", server.addr, 998).await.is_none(),
+        "a connection that just had a query was evicted"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Now the newcomer is served, and the first connection (idle longest) was closed.
     assert!(
         answered_from("127.0.2.1", server.addr, 999).await.is_some(),
         "a newcomer to a full table was not served"
