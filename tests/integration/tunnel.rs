@@ -235,6 +235,32 @@ async fn handshake_with(z: &TestZone, cert_pem: &str, key_pem: &str) -> Result<(
     }
 }
 
+/// A certificate (PEM) and key (PEM) for node `name` of the zone in `zd`, valid from
+/// `not_before` to `not_after`.
+fn node_cert(
+    zd: &zone_core::zonedir::ZoneDir,
+    name: &str,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> (String, String) {
+    let name = DeviceName::new(name).unwrap();
+    let key = zd.key.derive_device(zd.domain(), &name);
+    let cert = issue_device(
+        &zd.key,
+        &zd.ca_pem,
+        &key,
+        &IssueRequest {
+            domain: zd.domain(),
+            name: &name,
+            roles: &[Role::Node],
+            not_before,
+            not_after,
+        },
+    )
+    .unwrap();
+    (cert.pem, key.to_pem().unwrap().to_string())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_expired_and_revoked_devices_are_refused() {
     let z = TestZone::new(&["home1", "laptop"]);
@@ -271,23 +297,10 @@ async fn foreign_expired_and_revoked_devices_are_refused() {
     .await;
     assert!(e.is_err(), "revoked device accepted");
     // Expired: a certificate of this zone whose validity ended yesterday.
-    let name = DeviceName::new("home1").unwrap();
-    let key = zd.key.derive_device(zd.domain(), &name);
     let now = OffsetDateTime::now_utc();
-    let cert = issue_device(
-        &zd.key,
-        &zd.ca_pem,
-        &key,
-        &IssueRequest {
-            domain: zd.domain(),
-            name: &name,
-            roles: &[Role::Node],
-            not_before: now - time::Duration::days(10),
-            not_after: now - time::Duration::days(1),
-        },
-    )
-    .unwrap();
-    let e = handshake_with(&z, &cert.pem, &key.to_pem().unwrap()).await;
+    let day = time::Duration::days(1);
+    let (cert, key) = node_cert(&zd, "home1", now - 10 * day, now - day);
+    let e = handshake_with(&z, &cert, &key).await;
     assert!(e.is_err(), "expired certificate accepted");
     assert!(
         gw.hub.agents().is_empty(),
@@ -302,23 +315,10 @@ async fn foreign_expired_and_revoked_devices_are_refused() {
 async fn a_device_is_disconnected_when_its_certificate_expires() {
     let z = TestZone::new(&["home1"]);
     let zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
-    let name = DeviceName::new("home1").unwrap();
-    let key = zd.key.derive_device(zd.domain(), &name);
     let now = OffsetDateTime::now_utc();
-    let cert = issue_device(
-        &zd.key,
-        &zd.ca_pem,
-        &key,
-        &IssueRequest {
-            domain: zd.domain(),
-            name: &name,
-            roles: &[Role::Node],
-            not_before: now - time::Duration::days(1),
-            not_after: now + time::Duration::seconds(8),
-        },
-    )
-    .unwrap();
-    std::fs::write(z.bundle("home1").cert, &cert.pem).unwrap();
+    let lasts = time::Duration::seconds(8);
+    let (cert, _) = node_cert(&zd, "home1", now - time::Duration::days(1), now + lasts);
+    std::fs::write(z.bundle("home1").cert, cert).unwrap();
     let gw = start_gateway(&z, fast_tuning(), Duration::from_secs(1)).await;
     let _h1 = start_echo_node(&z, &gw, "home1").await;
     wait_until("home1 disconnected at its certificate's end", WAIT, || {
@@ -326,9 +326,7 @@ async fn a_device_is_disconnected_when_its_certificate_expires() {
     })
     .await;
     // Certificates keep whole seconds: the end is `not_after` cut to its second.
-    let end = (now + time::Duration::seconds(8))
-        .replace_nanosecond(0)
-        .unwrap();
+    let end = (now + lasts).replace_nanosecond(0).unwrap();
     assert!(
         OffsetDateTime::now_utc() >= end,
         "disconnected before the certificate expired"

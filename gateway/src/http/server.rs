@@ -967,8 +967,9 @@ mod tests {
         h.await.unwrap();
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
+    /// A connection (4 KiB of pipe) that asked a service answering 1 MiB for it, and the
+    /// server's task.
+    async fn asked_for_a_megabyte() -> (tokio::io::DuplexStream, tokio::task::JoinHandle<Served>) {
         let (mut c, server) = tokio::io::duplex(4096);
         let big = |_, _| async { Response::new(body::full(vec![b'x'; 1 << 20])) };
         let h = tokio::spawn(serve(
@@ -979,6 +980,12 @@ mod tests {
             |_| {},
         ));
         c.write_all(b"GET /big HTTP/1.1\r\n\r\n").await.unwrap();
+        (c, h)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
+        let (mut c, h) = asked_for_a_megabyte().await;
         let t = Instant::now();
         h.await.unwrap();
         assert!(t.elapsed() >= CFG.send_timeout, "{:?}", t.elapsed());
@@ -996,16 +1003,7 @@ mod tests {
     /// over, so a trickling reader held the answer for ever.
     #[tokio::test(start_paused = true)]
     async fn a_client_that_reads_a_trickle_is_cut_off_after_the_send_timeout() {
-        let (mut c, server) = tokio::io::duplex(4096);
-        let big = |_, _| async { Response::new(body::full(vec![b'x'; 1 << 20])) };
-        let h = tokio::spawn(serve(
-            Box::new(server),
-            CFG,
-            CancellationToken::new(),
-            big,
-            |_| {},
-        ));
-        c.write_all(b"GET /big HTTP/1.1\r\n\r\n").await.unwrap();
+        let (mut c, h) = asked_for_a_megabyte().await;
         let t = Instant::now();
         let mut buf = [0u8; 100];
         // 100 bytes every 20 s until the server gives up on the answer.

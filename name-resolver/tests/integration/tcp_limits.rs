@@ -14,12 +14,8 @@ use tokio::net::TcpStream;
 
 use crate::common::Running;
 
-/// A TCP connection from `from` with one SOA query answered on it; `None` if the server closed
-/// it without an answer.
-async fn answered_from(from: &str, server: SocketAddr, id: u16) -> Option<TcpStream> {
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
-    let mut s = sock.connect(server).await.unwrap();
+/// An SOA query for the zone with `id`, with its TCP length prefix.
+fn framed_soa_query(id: u16) -> Vec<u8> {
     let mut m = Message::new();
     m.set_id(id);
     m.add_query(Query::query(
@@ -29,6 +25,16 @@ async fn answered_from(from: &str, server: SocketAddr, id: u16) -> Option<TcpStr
     let q = m.to_vec().unwrap();
     let mut framed = (q.len() as u16).to_be_bytes().to_vec();
     framed.extend(q);
+    framed
+}
+
+/// A TCP connection from `from` with one SOA query answered on it; `None` if the server closed
+/// it without an answer.
+async fn answered_from(from: &str, server: SocketAddr, id: u16) -> Option<TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut s = sock.connect(server).await.unwrap();
+    let framed = framed_soa_query(id);
     // A closed connection may refuse the write too; either way there is no answer.
     s.write_all(&framed).await.ok()?;
     let mut len = [0u8; 2];
@@ -136,16 +142,7 @@ async fn a_malformed_query_over_tcp_gets_formerr_and_the_connection_stays() {
         hickory_proto::op::ResponseCode::FormErr
     );
     // The same connection still answers a good query.
-    let mut m = Message::new();
-    m.set_id(7);
-    m.add_query(Query::query(
-        Name::from_ascii("alice.example.").unwrap(),
-        RecordType::SOA,
-    ));
-    let q = m.to_vec().unwrap();
-    let mut framed = (q.len() as u16).to_be_bytes().to_vec();
-    framed.extend(q);
-    s.write_all(&framed).await.unwrap();
+    s.write_all(&framed_soa_query(7)).await.unwrap();
     s.read_exact(&mut len).await.unwrap();
     let mut body = vec![0; u16::from_be_bytes(len) as usize];
     s.read_exact(&mut body).await.unwrap();
