@@ -15,6 +15,7 @@ use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseI
 use tracing::debug;
 
 use crate::records::{name_wire_len, record_wire_len, Lookup, ZoneRecords};
+use crate::rrl::{ResponseLimiter, Verdict};
 
 /// Largest UDP response we send, whatever the client offers: 1232 bytes fits the IPv6 minimum
 /// MTU without fragmentation (DNS Flag Day 2020) and caps the amplification a spoofed query can
@@ -29,12 +30,15 @@ const FIXED_OVERHEAD: usize = 12 + 11;
 #[derive(Clone)]
 pub struct ZoneHandler {
     current: Arc<ArcSwap<ZoneRecords>>,
+    /// Rate of UDP answers per client network ([`crate::rrl`]).
+    rrl: Arc<ResponseLimiter>,
 }
 
 impl ZoneHandler {
     pub fn new(records: Arc<ZoneRecords>) -> Self {
         ZoneHandler {
             current: Arc::new(ArcSwap::new(records)),
+            rrl: Arc::default(),
         }
     }
 
@@ -60,6 +64,20 @@ impl RequestHandler for ZoneHandler {
         let records = self.current.load_full();
         let mut builder = MessageResponseBuilder::from_message_request(request);
         let mut header = Header::response_from_request(request.header());
+        if request.protocol() == Protocol::Udp {
+            match self
+                .rrl
+                .admit(request.src().ip(), std::time::Instant::now())
+            {
+                Verdict::Send => {}
+                Verdict::Slip => {
+                    header.set_truncated(true);
+                    return send(&mut response_handle, builder.build_no_records(header)).await;
+                }
+                // Nothing sent: the source may be forged, and the rate is spent.
+                Verdict::Drop => return ResponseInfo::from(header),
+            }
+        }
 
         let udp_limit = match request.edns() {
             Some(req_edns) => {

@@ -7,6 +7,7 @@
 //!   outside the zone, AA inside, truncation (TC) of UDP answers that do not fit.
 //! - [`server`]: [`DnsServer`]: binds UDP/TCP, follows the gateway's zone serial, bounded TCP.
 //! - [`bootstrap`]: [`fetch_zone`]: a node fetches and verifies the zone config over DNS.
+//! - [`rrl`]: response rate limiting of UDP answers (no reflection).
 //! - [`error`]: typed errors.
 //!
 //! # Glossary
@@ -17,6 +18,7 @@ pub mod bootstrap;
 pub mod error;
 pub mod handler;
 pub mod records;
+pub mod rrl;
 pub mod server;
 #[doc(hidden)]
 pub mod testzone;

@@ -1,0 +1,203 @@
+//! Response rate limiting for answers over UDP, where a query's source address can be forged:
+//! without it, anyone can make this server send its answers (several times the query's size)
+//! to a victim. Each client network (IPv4 /24, IPv6 /56: one subscriber or resolver farm) gets
+//! [`RATE`] answers per second with a burst of [`BURST`]; past that, every [`SLIP`]th answer
+//! goes out empty with TC set (small, and a real resolver asks again over TCP, which cannot be
+//! forged) and the others are dropped: the scheme of BIND's and Knot's RRL. TCP answers are
+//! not limited here (the TCP server bounds connections), nor answers to loopback clients.
+//! Sans-IO: the caller passes the time.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Answers per second one network gets over UDP. A personal zone sees a few queries a
+/// second from each resolver; this leaves room for a busy resolver farm behind one /24.
+pub const RATE: u32 = 100;
+/// Answers a network may get at once beyond the rate.
+pub const BURST: u32 = 200;
+/// Of the answers over the limit, every SLIP-th is sent empty with TC (a client that is real
+/// retries over TCP); the rest are dropped.
+pub const SLIP: u32 = 2;
+/// Networks tracked at most (~48 bytes each); past that, a newcomer network is slipped or
+/// dropped as if over its limit until idle networks are forgotten.
+pub const MAX_NETWORKS: usize = 65_536;
+
+/// What to do with one UDP answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Send,
+    /// Send it empty, with TC.
+    Slip,
+    Drop,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+    /// Answers over the limit so far, for the slip count.
+    limited: u32,
+}
+
+/// Per-network token buckets ([`RATE`], [`BURST`]).
+#[derive(Debug, Default)]
+pub struct ResponseLimiter {
+    buckets: Mutex<HashMap<Network, Bucket>>,
+}
+
+/// A client's network: the first 3 bytes of an IPv4 address, 7 of an IPv6 one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Network {
+    V4([u8; 3]),
+    V6([u8; 7]),
+}
+
+fn network(ip: IpAddr) -> Network {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            Network::V4([o[0], o[1], o[2]])
+        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => network(IpAddr::V4(v4)),
+            None => {
+                let mut n = [0u8; 7];
+                n.copy_from_slice(&v6.octets()[..7]);
+                Network::V6(n)
+            }
+        },
+    }
+}
+
+impl ResponseLimiter {
+    /// Counts one UDP answer to `ip` at `now`. Loopback clients are not limited: the kernel
+    /// drops packets that arrive from outside with a loopback source, so theirs cannot be
+    /// forged (and local tools, dnsperf included, may ask as fast as they like).
+    pub fn admit(&self, ip: IpAddr, now: Instant) -> Verdict {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        if ip.is_loopback() {
+            return Verdict::Send;
+        }
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let net = network(ip);
+        if !buckets.contains_key(&net) && buckets.len() >= MAX_NETWORKS {
+            // Networks that have refilled are as good as new: forget them.
+            buckets.retain(|_, b| refilled(b, now) < f64::from(BURST));
+            if buckets.len() >= MAX_NETWORKS {
+                // Full of busy networks (a flood from many of them): newcomers get the
+                // over-the-limit treatment, which costs nothing to keep.
+                return Verdict::Slip;
+            }
+        }
+        let b = buckets.entry(net).or_insert(Bucket {
+            tokens: f64::from(BURST),
+            at: now,
+            limited: 0,
+        });
+        b.tokens = refilled(b, now);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            b.limited = 0;
+            return Verdict::Send;
+        }
+        b.limited = b.limited.wrapping_add(1);
+        if b.limited % SLIP == 0 {
+            Verdict::Slip
+        } else {
+            Verdict::Drop
+        }
+    }
+
+    /// Networks tracked now.
+    pub fn tracked(&self) -> usize {
+        self.buckets.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// The bucket's tokens at `now` (time going backwards counts as none passed).
+fn refilled(b: &Bucket, now: Instant) -> f64 {
+    let secs = now
+        .checked_duration_since(b.at)
+        .unwrap_or(Duration::ZERO)
+        .as_secs_f64();
+    (b.tokens + secs * f64::from(RATE)).min(f64::from(BURST))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_network_gets_its_burst_then_its_rate_and_slips_every_other_answer_past_it() {
+        let rrl = ResponseLimiter::default();
+        let t = Instant::now();
+        let ip: IpAddr = "198.51.100.7".parse().unwrap();
+        for i in 0..BURST {
+            assert_eq!(rrl.admit(ip, t), Verdict::Send, "answer {i}");
+        }
+        let over: Vec<Verdict> = (0..4).map(|_| rrl.admit(ip, t)).collect();
+        assert_eq!(
+            over,
+            [Verdict::Drop, Verdict::Slip, Verdict::Drop, Verdict::Slip]
+        );
+        // The same /24 shares the bucket; another /24 has its own.
+        assert_ne!(
+            rrl.admit("198.51.100.200".parse().unwrap(), t),
+            Verdict::Send
+        );
+        assert_eq!(rrl.admit("198.51.101.7".parse().unwrap(), t), Verdict::Send);
+        // A tenth of a second later: RATE / 10 answers more.
+        let later = t + Duration::from_millis(100);
+        for _ in 0..RATE / 10 {
+            assert_eq!(rrl.admit(ip, later), Verdict::Send);
+        }
+        assert_ne!(rrl.admit(ip, later), Verdict::Send);
+        // Loopback is never limited (its source cannot be forged from outside).
+        for _ in 0..2 * BURST {
+            assert_eq!(rrl.admit("127.0.0.1".parse().unwrap(), t), Verdict::Send);
+            assert_eq!(rrl.admit("::1".parse().unwrap(), t), Verdict::Send);
+        }
+        // IPv4-mapped clients count as the IPv4 network; IPv6 by /56.
+        assert_ne!(
+            rrl.admit("::ffff:198.51.100.9".parse().unwrap(), later),
+            Verdict::Send
+        );
+        let v6: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        for _ in 0..BURST {
+            assert_eq!(rrl.admit(v6, t), Verdict::Send);
+        }
+        assert_ne!(
+            rrl.admit("2001:db8:1:ff::1".parse().unwrap(), t),
+            Verdict::Send
+        );
+        assert_eq!(
+            rrl.admit("2001:db8:1:100::1".parse().unwrap(), t),
+            Verdict::Send
+        );
+    }
+
+    #[test]
+    fn the_table_stays_bounded_and_forgets_idle_networks() {
+        let rrl = ResponseLimiter::default();
+        let t = Instant::now();
+        for i in 0..MAX_NETWORKS as u32 {
+            let ip = IpAddr::V4((i << 8).into());
+            assert_eq!(rrl.admit(ip, t), Verdict::Send);
+        }
+        assert_eq!(rrl.tracked(), MAX_NETWORKS);
+        // Full of networks that just answered: a newcomer is slipped, not tracked.
+        let newcomer: IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(rrl.admit(newcomer, t), Verdict::Slip);
+        assert_eq!(rrl.tracked(), MAX_NETWORKS);
+        // Once they have refilled, they are forgotten and the newcomer is served.
+        let later = t + Duration::from_secs(1);
+        assert_eq!(rrl.admit(newcomer, later), Verdict::Send);
+        assert_eq!(rrl.tracked(), 1);
+    }
+}
