@@ -20,8 +20,8 @@ pub const BURST: u32 = 200;
 /// Of the answers over the limit, every SLIP-th is sent empty with TC (a client that is real
 /// retries over TCP); the rest are dropped.
 pub const SLIP: u32 = 2;
-/// Networks tracked at most (~48 bytes each); past that, a newcomer network is slipped or
-/// dropped as if over its limit until idle networks are forgotten.
+/// Networks tracked at most (~48 bytes each); past that, newcomer networks are slipped or
+/// dropped as if over a limit until idle networks are forgotten.
 pub const MAX_NETWORKS: usize = 65_536;
 
 /// What to do with one UDP answer.
@@ -44,8 +44,22 @@ struct Bucket {
 /// Per-network token buckets ([`RATE`], [`BURST`]).
 #[derive(Debug, Default)]
 pub struct ResponseLimiter {
-    buckets: Mutex<HashMap<Network, Bucket>>,
+    state: Mutex<State>,
 }
+
+#[derive(Debug, Default)]
+struct State {
+    buckets: HashMap<Network, Bucket>,
+    /// When the full table was last swept for refilled networks (at most every
+    /// [`SWEEP_EVERY`]: a sweep walks every entry under the lock).
+    swept: Option<Instant>,
+    /// Answers to networks left out of a full table: slipped or dropped like answers over a
+    /// limit, on one count.
+    overflow: u32,
+}
+
+/// Least time between two sweeps of a full table.
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
 
 /// A client's network: the first 3 bytes of an IPv4 address, 7 of an IPv6 one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -83,18 +97,28 @@ impl ResponseLimiter {
         if ip.is_loopback() {
             return Verdict::Send;
         }
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let state = &mut *state;
         let net = network(ip);
-        if !buckets.contains_key(&net) && buckets.len() >= MAX_NETWORKS {
+        if !state.buckets.contains_key(&net) && state.buckets.len() >= MAX_NETWORKS {
             // Networks that have refilled are as good as new: forget them.
-            buckets.retain(|_, b| refilled(b, now) < f64::from(BURST));
-            if buckets.len() >= MAX_NETWORKS {
+            let due = state
+                .swept
+                .is_none_or(|at| now.checked_duration_since(at).unwrap_or_default() >= SWEEP_EVERY);
+            if due {
+                state.swept = Some(now);
+                state
+                    .buckets
+                    .retain(|_, b| refilled(b, now) < f64::from(BURST));
+            }
+            if state.buckets.len() >= MAX_NETWORKS {
                 // Full of busy networks (a flood from many of them): newcomers get the
-                // over-the-limit treatment, which costs nothing to keep.
-                return Verdict::Slip;
+                // over-the-limit treatment, on one shared count.
+                state.overflow = state.overflow.wrapping_add(1);
+                return slip_or_drop(state.overflow);
             }
         }
-        let b = buckets.entry(net).or_insert(Bucket {
+        let b = state.buckets.entry(net).or_insert(Bucket {
             tokens: f64::from(BURST),
             at: now,
             limited: 0,
@@ -107,16 +131,25 @@ impl ResponseLimiter {
             return Verdict::Send;
         }
         b.limited = b.limited.wrapping_add(1);
-        if b.limited % SLIP == 0 {
-            Verdict::Slip
-        } else {
-            Verdict::Drop
-        }
+        slip_or_drop(b.limited)
     }
 
     /// Networks tracked now.
     pub fn tracked(&self) -> usize {
-        self.buckets.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .buckets
+            .len()
+    }
+}
+
+/// The `n`th answer over a limit: every [`SLIP`]th is slipped, the rest dropped.
+fn slip_or_drop(n: u32) -> Verdict {
+    if n % SLIP == 0 {
+        Verdict::Slip
+    } else {
+        Verdict::Drop
     }
 }
 
@@ -191,9 +224,11 @@ mod tests {
             assert_eq!(rrl.admit(ip, t), Verdict::Send);
         }
         assert_eq!(rrl.tracked(), MAX_NETWORKS);
-        // Full of networks that just answered: a newcomer is slipped, not tracked.
+        // Full of networks that just answered: newcomers are dropped or slipped, not tracked.
         let newcomer: IpAddr = "2001:db8::1".parse().unwrap();
-        assert_eq!(rrl.admit(newcomer, t), Verdict::Slip);
+        let other: IpAddr = "2001:db8:0:1::1".parse().unwrap();
+        assert_eq!(rrl.admit(newcomer, t), Verdict::Drop);
+        assert_eq!(rrl.admit(other, t), Verdict::Slip);
         assert_eq!(rrl.tracked(), MAX_NETWORKS);
         // Once they have refilled, they are forgotten and the newcomer is served.
         let later = t + Duration::from_secs(1);
