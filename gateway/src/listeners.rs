@@ -271,21 +271,28 @@ async fn bind(
 /// The app that configured exactly `listen` in the live policy, with the policy.
 fn app_at(hub: &Hub, kind: Kind, listen: SocketAddr) -> Option<(Arc<policies::Active>, usize)> {
     let active = hub.policy().current();
-    let i = active
+    let i = app_listening(&active, kind, listen)?.index;
+    Some((active, i))
+}
+
+/// The app of `active`'s policy that configured exactly `listen`.
+fn app_listening(
+    active: &policies::Active,
+    kind: Kind,
+    listen: SocketAddr,
+) -> Option<&policies::App> {
+    active
         .policy
         .app_by_listen(kind.listen_kind(), listen)
         .filter(|a| match a.listener {
             Listener::Tcp(a) | Listener::Udp(a) => a == listen,
             _ => false,
-        })?
-        .index;
-    Some((active, i))
+        })
 }
 
 /// Whether the app on `listen` still leads to `target` and still allows `who`: asked again
 /// of connections and flows decided when they opened, each time the policy or the minute
-/// changes ([`policies::PolicyStore::until_refused`]). A renamed app keeps them. `Err` says why
-/// not, for the log.
+/// changes ([`policies::PolicyStore::until_refused`]). `Err` says why not, for the log.
 fn still_allowed(
     active: &policies::Active,
     kind: Kind,
@@ -293,26 +300,7 @@ fn still_allowed(
     target: &policies::Target,
     who: &Requester<'_>,
 ) -> Result<(), String> {
-    let app = active
-        .policy
-        .app_by_listen(kind.listen_kind(), listen)
-        .filter(|a| matches!(a.listener, Listener::Tcp(a) | Listener::Udp(a) if a == listen));
-    match app {
-        Some(app) if app.target == *target => {
-            match active.policy.decide(app, who, None, None, Timestamp::now()) {
-                policies::Decision::Deny { reason } => {
-                    active.state(app).counters.refused(Refusal::Denied(reason));
-                    Err(format!("app {}: {reason}", app.name))
-                }
-                policies::Decision::Allow { .. } => Ok(()),
-            }
-        }
-        Some(app) => Err(format!(
-            "the address now leads to {}/{}",
-            app.target.device, app.target.service
-        )),
-        None => Err("no app listens on this address any more".into()),
-    }
+    active.decide_again(app_listening(active, kind, listen), target, who, None, None)
 }
 
 async fn tcp_loop(
@@ -414,14 +402,7 @@ async fn tcp_conn(
     };
     // Decided once as it opened; asked again whenever the policy or the minute changes.
     let policy = hub.policy().clone();
-    let mut cut: Option<String> = None;
-    let stop = async {
-        let why = policy
-            .until_refused(|a| still_allowed(a, Kind::Tcp, listen, &target, &who))
-            .await;
-        cut = Some(why.clone());
-        why
-    };
+    let stop = policy.until_refused(|a| still_allowed(a, Kind::Tcp, listen, &target, &who));
     let m = if shape_in.is_unlimited() && shape_out.is_unlimited() {
         splice_until(&mut tcp, &mut up, stop).await
     } else {
@@ -430,7 +411,7 @@ async fn tcp_conn(
     let (bin, bout) = (m.a_to_b, m.b_to_a);
     counters.bytes_in(bin);
     counters.bytes_out(bout);
-    if let Some(why) = cut {
+    if let Some(why) = m.stopped {
         info!(app = %app_name, device = %target.device, client = %Client(peer), bytes_in = bin, bytes_out = bout, ms = started.elapsed().as_millis() as u64, reason = %why, "connection cut: the policy no longer allows it");
         return;
     }

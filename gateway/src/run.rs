@@ -500,18 +500,11 @@ async fn forward_loop(hub: Hub, f: Forward, l: TcpListener, shutdown: Cancellati
             {
                 Ok(mut up) => {
                     let policy = hub.policy().clone();
-                    let mut cut: Option<String> = None;
-                    let stop = async {
-                        let why = policy
-                            .until_mesh_refused(&me, &roles, &f.device, &f.service)
-                            .await;
-                        cut = Some(why.clone());
-                        why
-                    };
+                    let stop = policy.until_mesh_refused(&me, &roles, &f.device, &f.service);
                     let m = splice_until(&mut tcp, &mut up, stop).await;
                     let (a, b) = (m.a_to_b, m.b_to_a);
                     let ms = started.elapsed().as_millis() as u64;
-                    match cut {
+                    match &m.stopped {
                         Some(why) => {
                             info!(app = %app, to = %format!("{}/{}", f.device, f.service), client = %Client(peer), bytes_up = a, bytes_down = b, ms, reason = %why, "forward connection cut: the policy no longer allows it")
                         }

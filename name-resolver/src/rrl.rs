@@ -68,20 +68,19 @@ enum Network {
     V6([u8; 7]),
 }
 
+/// `ip`'s network; an IPv4-mapped address must come as the IPv4 one ([`ResponseLimiter::admit`]
+/// maps it).
 fn network(ip: IpAddr) -> Network {
     match ip {
         IpAddr::V4(v4) => {
             let o = v4.octets();
             Network::V4([o[0], o[1], o[2]])
         }
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => network(IpAddr::V4(v4)),
-            None => {
-                let mut n = [0u8; 7];
-                n.copy_from_slice(&v6.octets()[..7]);
-                Network::V6(n)
-            }
-        },
+        IpAddr::V6(v6) => {
+            let mut n = [0u8; 7];
+            n.copy_from_slice(&v6.octets()[..7]);
+            Network::V6(n)
+        }
     }
 }
 
@@ -90,6 +89,7 @@ impl ResponseLimiter {
     /// drops packets that arrive from outside with a loopback source, so theirs cannot be
     /// forged (and local tools, dnsperf included, may ask as fast as they like).
     pub fn admit(&self, ip: IpAddr, now: Instant) -> Verdict {
+        // IPv4-mapped clients (a dual-stack socket) count as the IPv4 address they are.
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
             v4 => v4,

@@ -225,14 +225,16 @@ impl RateLimiter {
     /// For a key this limiter has not seen yet: takes the tokens its bucket would not have
     /// refilled since `empty_at`, so it starts where an empty bucket at `empty_at` would be.
     fn drain_new_key(&self, key: &LimitKey, empty_at: u64) {
-        if self.store.0.contains_key(key) {
-            return;
-        }
         let elapsed = self.clock.now().as_u64().saturating_sub(empty_at);
         // Rounded up: the drain happens now, not at `empty_at`, so a partly refilled token is
         // granted rather than charged a whole cell (at most one token of leniency).
         let refilled = elapsed.div_ceil((self.cell.as_nanos() as u64).max(1));
         let missing = u64::from(self.config.burst).saturating_sub(refilled);
+        // Once a whole burst has refilled since the edit (the usual case, soon after it),
+        // nothing is missing: no table lookup per request.
+        if missing == 0 || self.store.0.contains_key(key) {
+            return;
+        }
         if let Some(n) = u32::try_from(missing).ok().and_then(NonZeroU32::new) {
             // At most the burst, which a new key holds: never refused, always taken.
             let _ = self.inner.check_key_n(key, n);

@@ -74,6 +74,38 @@ impl Active {
         Active { policy, states }
     }
 
+    /// Decides again a request or connection that went to `target` (through `app` now, if any
+    /// app serves its route or address still): `Err` says why it is no longer allowed, and a
+    /// denial is counted as the app's refusal. A renamed app, or another in its place with
+    /// the same target, still allows what it allows.
+    pub fn decide_again(
+        &self,
+        app: Option<&App>,
+        target: &crate::Target,
+        who: &crate::Requester<'_>,
+        method: Option<&str>,
+        path: Option<&str>,
+    ) -> Result<(), String> {
+        match app {
+            Some(app) if app.target == *target => {
+                match self.policy.decide(app, who, method, path, Timestamp::now()) {
+                    crate::Decision::Allow { .. } => Ok(()),
+                    crate::Decision::Deny { reason } => Err(self.refused(app, reason)),
+                }
+            }
+            Some(app) => Err(format!("app {} now leads to {}", app.name, app.target)),
+            None => Err("no app serves it any more".into()),
+        }
+    }
+
+    /// Counts a denial by `app` and says it, for a log line.
+    fn refused(&self, app: &App, reason: crate::DenyReason) -> String {
+        self.state(app)
+            .counters
+            .refused(crate::accounting::Refusal::Denied(reason));
+        format!("app {}: {reason}", app.name)
+    }
+
     /// State of an app of this policy (`app` must come from `self.policy`).
     pub fn state(&self, app: &App) -> &AppState {
         &self.states[app.index]
@@ -173,12 +205,7 @@ impl PolicyStore {
                 .decide_mesh(from, roles, to_device, to_service, Timestamp::now());
             match (d.app, d.decision) {
                 (_, crate::Decision::Allow { .. }) => Ok(()),
-                (Some(app), crate::Decision::Deny { reason }) => {
-                    a.state(app)
-                        .counters
-                        .refused(crate::accounting::Refusal::Denied(reason));
-                    Err(format!("app {}: {reason}", app.name))
-                }
+                (Some(app), crate::Decision::Deny { reason }) => Err(a.refused(app, reason)),
                 (None, crate::Decision::Deny { reason }) => Err(reason.to_string()),
             }
         })

@@ -313,6 +313,7 @@ pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
 }
 
 /// What follows `prefix` in `path` (empty, or starting with `/`), if `path` falls under it.
+/// `path` is in normal form ([`normalize_path`]).
 /// Segments of `path` are compared without their `;` parameters, and segments that are empty
 /// without them are skipped: Tomcat, Jetty and Spring serve `/admin;x/users` and
 /// `/;x/admin/users` as `/admin/users`, so they must route, be allowed or refused, and be
@@ -320,6 +321,12 @@ pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
 pub fn strip_path_prefix<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
     if prefix == "/" {
         return Some(path);
+    }
+    if !path.contains(';') {
+        // The common case, per request: a normal-form path has no empty segments either.
+        return path
+            .strip_prefix(prefix)
+            .filter(|rest| rest.is_empty() || rest.starts_with('/'));
     }
     let bare = |seg: &str| seg.split(';').next().unwrap_or("").is_empty();
     let mut rest = path;

@@ -148,17 +148,18 @@ async fn handle(root: Arc<Root>, req: Request<hyper::body::Incoming>) -> Respons
     };
     let prefix = forwarded_prefix(req.headers()).to_owned();
     // Resolving, opening and listing are file system calls: on a blocking thread.
-    let answer = tokio::task::spawn_blocking(move || match open_target(&root, &asked)? {
-        Target::File(f) => Ok(Ok(f)),
-        Target::Dir(dir, rel) => {
-            let html = listing(&dir.file, &dir_url(&prefix, &rel)).map_err(Refused::Unreadable)?;
-            Ok(Err(html))
-        }
+    let found = tokio::task::spawn_blocking(move || -> Result<Found, Refused> {
+        Ok(match open_target(&root, &asked)? {
+            Target::File(f) => Found::File(f),
+            Target::Dir(dir, rel) => Found::Listing(
+                listing(&dir.file, &dir_url(&prefix, &rel)).map_err(Refused::Unreadable)?,
+            ),
+        })
     })
     .await;
-    match answer {
-        Ok(Ok(Ok(f))) => file(f, head, req.headers()).await,
-        Ok(Ok(Err(html))) => Response::builder()
+    match found {
+        Ok(Ok(Found::File(f))) => file(f, head, req.headers()).await,
+        Ok(Ok(Found::Listing(html))) => Response::builder()
             .header("content-type", "text/html; charset=utf-8")
             .header(header::CONTENT_LENGTH, html.len())
             .body(if head { empty() } else { full(html) })
@@ -174,6 +175,12 @@ async fn handle(root: Arc<Root>, req: Request<hyper::body::Incoming>) -> Respons
             text(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
         }
     }
+}
+
+/// What a request finds: a file to serve, or a directory's listing.
+enum Found {
+    File(Opened),
+    Listing(String),
 }
 
 /// The answer for an opened file: whole, a part, or a conditional answer (304, 412, 416).

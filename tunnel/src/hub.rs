@@ -882,14 +882,7 @@ impl Hub {
         );
         // Decided once as it opened; asked again whenever the policy or the minute changes.
         let policy = self.0.cfg.policy.clone();
-        let mut cut: Option<String> = None;
-        let stop = async {
-            let why = policy
-                .until_mesh_refused(&link.device, &link.roles, &to_device, &service)
-                .await;
-            cut = Some(why.clone());
-            why
-        };
+        let stop = policy.until_mesh_refused(&link.device, &link.roles, &to_device, &service);
         let moved = splice_until(&mut a, &mut b, stop).await;
         let (up, dn) = (moved.a_to_b, moved.b_to_a);
         if relayed {
@@ -903,7 +896,7 @@ impl Hub {
         link.bytes_from.fetch_add(up, Ordering::Relaxed);
         link.bytes_to.fetch_add(dn, Ordering::Relaxed);
         let ms = started.elapsed().as_millis() as u64;
-        match cut {
+        match moved.stopped {
             Some(why) => {
                 info!(app = %app_name, from = %link.device, to = %format!("{to_device}/{service}"), bytes_up = up, bytes_down = dn, ms, reason = %why, "mesh connection cut: the policy no longer allows it")
             }

@@ -216,6 +216,8 @@ pub struct Moved {
     /// From `b` to `a`.
     pub b_to_a: u64,
     pub error: Option<io::Error>,
+    /// Why the `stop` of [`splice_until`] / [`splice_shaped_until`] ended it, if it did.
+    pub stopped: Option<String>,
 }
 
 impl Moved {
@@ -250,8 +252,10 @@ where
     let (mut a_b, mut b_a) = (Pump::default(), Pump::default());
     let cuts = [a.cut_signal(), b.cut_signal()];
     tokio::pin!(stop);
+    let mut stopped = None;
     let r = std::future::poll_fn(|cx| {
         if let Poll::Ready(why) = stop.as_mut().poll(cx) {
+            stopped = Some(why.clone());
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionAborted, why)));
         }
         poll_cuts(&cuts, cx)?;
@@ -273,6 +277,7 @@ where
         a_to_b: a_b.read,
         b_to_a: b_a.read,
         error: r.err(),
+        stopped,
     }
 }
 
@@ -414,6 +419,7 @@ where
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
     let (mut up, mut down) = (0u64, 0u64);
+    let mut stopped = None;
     let error = {
         let a_b = pump(&mut ar, &mut bw, a_to_b, &mut up, cuts[0].as_deref());
         let b_a = pump(&mut br, &mut aw, b_to_a, &mut down, cuts[1].as_deref());
@@ -430,7 +436,10 @@ where
                 r = &mut a_b, if !a_b_done => { a_b_done = true; r }
                 r = &mut b_a, if !b_a_done => { b_a_done = true; r }
                 e = &mut cut => Err(e),
-                why = &mut stop => Err(io::Error::new(io::ErrorKind::ConnectionAborted, why)),
+                why = &mut stop => {
+                    stopped = Some(why.clone());
+                    Err(io::Error::new(io::ErrorKind::ConnectionAborted, why))
+                }
             };
             if let Err(e) = r {
                 break Some(e);
@@ -448,6 +457,7 @@ where
         a_to_b: up,
         b_to_a: down,
         error,
+        stopped,
     }
 }
 

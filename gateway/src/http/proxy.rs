@@ -675,27 +675,12 @@ impl Recheck {
 
     fn allowed(&self, active: &policies::Active) -> Result<(), String> {
         let path = self.uri.path();
-        match active.policy.route_http(&self.host, path) {
-            Some(app) if Some(&app.target) == self.target.as_ref() => {
-                let who = Requester::Public { ip: self.ip };
-                let now = Timestamp::now();
-                match active
-                    .policy
-                    .decide(app, &who, Some(self.method.as_str()), Some(path), now)
-                {
-                    Decision::Deny { reason } => {
-                        active.state(app).counters.refused(Refusal::Denied(reason));
-                        Err(reason.to_string())
-                    }
-                    Decision::Allow { .. } => Ok(()),
-                }
-            }
-            Some(app) => Err(format!(
-                "the request now routes to {}/{}",
-                app.target.device, app.target.service
-            )),
-            None => Err("no app serves this host and path any more".into()),
-        }
+        let app = active.policy.route_http(&self.host, path);
+        let Some(target) = &self.target else {
+            return Err("the request was routed to no app".into());
+        };
+        let who = Requester::Public { ip: self.ip };
+        active.decide_again(app, target, &who, Some(self.method.as_str()), Some(path))
     }
 }
 
@@ -713,12 +698,7 @@ async fn splice_upgrade(
 ) {
     match client.await {
         Ok(mut c) => {
-            let mut cut: Option<String> = None;
-            let stop = async {
-                let why = recheck.until_refused().await;
-                cut = Some(why.clone());
-                why
-            };
+            let stop = recheck.until_refused();
             let m = if shape_in.is_unlimited() && shape_out.is_unlimited() {
                 tunnel::splice::splice_until(&mut c, &mut u, stop).await
             } else {
@@ -727,7 +707,7 @@ async fn splice_upgrade(
             };
             log.bytes_in = Some(Arc::new(AtomicU64::new(m.a_to_b)));
             log.bytes_out = m.b_to_a;
-            log.error = match (cut, m.error) {
+            log.error = match (m.stopped, m.error) {
                 (Some(why), _) => Some(format!(
                     "upgraded connection cut: the policy no longer allows it ({why})"
                 )),

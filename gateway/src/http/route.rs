@@ -15,25 +15,18 @@ use policies::HttpRoute;
 /// HTTP/1.1 in `Host`. Several `Host` lines name no host: which one a service would believe
 /// is anyone's guess (RFC 9112 §3.2 answers them 400).
 pub fn request_host(parts: &Parts) -> Option<&str> {
+    let mut lines = parts.headers.get_all(http::header::HOST).iter();
+    let (first, more) = (lines.next(), lines.next().is_some());
     // HTTP/1.1 requires exactly one `Host` line whatever the target's form (RFC 9112 §3.2);
     // an absolute-form target is routed by its authority, but not without or with several.
-    if parts.version == http::Version::HTTP_11
-        && parts.headers.get_all(http::header::HOST).iter().count() != 1
-    {
+    if parts.version == http::Version::HTTP_11 && (first.is_none() || more) {
         return None;
     }
-    let header = || {
-        let mut all = parts.headers.get_all(http::header::HOST).iter();
-        match (all.next(), all.next()) {
-            (Some(h), None) => h.to_str().ok(),
-            _ => None,
-        }
-    };
     parts
         .uri
         .authority()
         .map(|a| a.as_str())
-        .or_else(header)
+        .or_else(|| first.filter(|_| !more).and_then(|h| h.to_str().ok()))
         .filter(|h| !h.is_empty())
 }
 
