@@ -109,7 +109,7 @@ pub fn threads(file: &Path, threads: Option<usize>) -> Result<Option<usize>, Usa
     }
 }
 
-/// A per-client limit from gateway.toml `key`: `default` when left out, else 1 to `max`
+/// A limit from gateway.toml `key` (per client or per app): `default` when left out, else 1 to `max`
 /// (`max_is` says what bounds it, for the error).
 fn per_client_limit(
     file: &Path,
@@ -163,6 +163,18 @@ pub fn udp_flows_per_ip(file: &Path, n: Option<usize>) -> Result<usize, UsageErr
         gateway::listeners::UDP_FLOWS_PER_IP,
         gateway::listeners::MAX_UDP_CLIENTS,
         "the flows one udp app keeps",
+    )
+}
+
+/// The flows each `udp` app keeps: 1 to the flows one device connection takes.
+pub fn udp_flows_per_app(file: &Path, n: Option<usize>) -> Result<usize, UsageError> {
+    per_client_limit(
+        file,
+        "udp_flows_per_app",
+        n,
+        gateway::listeners::MAX_UDP_CLIENTS,
+        gateway::listeners::MAX_UDP_CLIENTS,
+        "the flows one device connection takes",
     )
 }
 
@@ -250,6 +262,9 @@ pub struct GatewayFile {
     /// Flows of one `udp` app one client address (IPv6: its /64) may have (default
     /// [`gateway::listeners::UDP_FLOWS_PER_IP`]).
     pub udp_flows_per_ip: Option<usize>,
+    /// Flows one `udp` app keeps at once (default and most
+    /// [`gateway::listeners::MAX_UDP_CLIENTS`]).
+    pub udp_flows_per_app: Option<usize>,
 }
 
 /// Reads and parses a TOML config file; errors name the file, line and column.
@@ -474,6 +489,11 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("expected 1 to 16384"), "{e}");
+            let e = udp_flows_per_app(f, Some(bad)).unwrap_err().to_string();
+            assert!(
+                e.contains("gateway.toml: udp_flows_per_app") && e.contains("expected 1 to 4096"),
+                "{e}"
+            );
         }
     }
 

@@ -13,7 +13,9 @@ pub mod addr_text;
 pub mod admin;
 pub mod http;
 pub mod listeners;
+pub mod log_budget;
 pub mod per_ip;
 pub mod run;
+pub mod udp_app;
 
 pub use run::{Gateway, GatewayOptions};

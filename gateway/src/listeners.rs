@@ -7,27 +7,28 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use policies::accounting::Refusal;
 use policies::{ListenKind, Listener, Requester, Timestamp};
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use tunnel::flow_activity::FlowActivity;
 use tunnel::hub::{refusal_of, Hub};
 use tunnel::proto::Origin;
 use tunnel::splice::splice_until;
 
 use crate::addr_text::Client;
 use crate::per_ip::{IpSlot, PerIp};
+pub use crate::udp_app::UdpLimits;
 
-/// Distinct public clients of one UDP app tracked at once; beyond, new clients are dropped
-/// (bounded memory under a spoofed-source flood).
-pub const MAX_UDP_CLIENTS: usize = 4096;
+/// Default of the flows (distinct public clients) one `udp` app keeps at once (gateway.toml
+/// `udp_flows_per_app`), and its most: the flows one device connection takes
+/// ([`tunnel::proto::limits::MAX_UDP_FLOWS`]). A full table ends flows the device never
+/// answered to make room ([`crate::udp_app`]); beyond, new clients are dropped.
+pub const MAX_UDP_CLIENTS: usize = tunnel::proto::limits::MAX_UDP_FLOWS;
 /// Default of the flows of one `udp` app from one client address (IPv6: its /64; gateway.toml
 /// `udp_flows_per_ip`): a sixteenth of [`MAX_UDP_CLIENTS`], so one host sending from thousands
 /// of source ports cannot take every slot and have everyone else dropped.
@@ -37,7 +38,6 @@ pub const UDP_FLOWS_PER_IP: usize = MAX_UDP_CLIENTS / 16;
 /// every connection is a tunnel stream to a device, and one client holding thousands of idle
 /// ones would leave none for anyone else.
 pub const TCP_CONNECTIONS_PER_IP: usize = 1_024;
-const UDP_READ: usize = 65_535;
 /// How long a new bind waits for a listener it replaces to let go of the address (a `[::]`
 /// listener replacing `0.0.0.0` on the same port, a UDP socket whose flows are ending).
 const REBIND_WAIT: Duration = Duration::from_secs(1);
@@ -72,8 +72,8 @@ pub struct Listeners {
     running: HashMap<(Kind, SocketAddr), Running>,
     /// Open connections per client address through every `tcp` app together.
     tcp_per_ip: Arc<PerIp>,
-    /// Flows of one `udp` app per client address.
-    udp_per_ip: usize,
+    /// Flows of one `udp` app, per client address and in all.
+    udp: UdpLimits,
     /// Binds that failed, with their error: retried at every [`Listeners::reconcile`], and
     /// reported again only when the error changes.
     failed: HashMap<(Kind, SocketAddr), String>,
@@ -99,12 +99,12 @@ pub fn wanted(policy: &policies::CompiledPolicy) -> HashMap<(Kind, SocketAddr), 
 
 impl Listeners {
     /// No listeners yet; `reserved` are the gateway's own sockets (see [`Listeners::reserved`]);
-    /// one client address may hold `tcp_per_ip` connections through the `tcp` apps and
-    /// `udp_per_ip` flows of each `udp` app.
+    /// one client address may hold `tcp_per_ip` connections through the `tcp` apps; each
+    /// `udp` app keeps flows within `udp`.
     pub fn new(
         reserved: Vec<(Kind, SocketAddr, &'static str)>,
         tcp_per_ip: usize,
-        udp_per_ip: usize,
+        udp: UdpLimits,
     ) -> Self {
         Listeners {
             running: HashMap::new(),
@@ -113,7 +113,7 @@ impl Listeners {
                 "public TCP connections",
                 "tcp_connections_per_ip",
             ),
-            udp_per_ip,
+            udp,
             failed: HashMap::new(),
             reserved,
             published: Arc::default(),
@@ -171,7 +171,7 @@ impl Listeners {
                     std::io::ErrorKind::AddrInUse,
                     format!("the gateway's own `{setting}` ({addr}, gateway.toml) uses that port: give the app another one"),
                 )),
-                None => bind(hub, key, &self.tcp_per_ip, self.udp_per_ip, shutdown, replacing).await,
+                None => bind(hub, key, &self.tcp_per_ip, self.udp, shutdown, replacing).await,
             };
             match r {
                 Ok((bound, stop, task)) => {
@@ -223,7 +223,7 @@ async fn bind(
     hub: &Hub,
     key: (Kind, SocketAddr),
     tcp_per_ip: &Arc<PerIp>,
-    udp_per_ip: usize,
+    udp: UdpLimits,
     shutdown: &CancellationToken,
     replacing: bool,
 ) -> std::io::Result<(SocketAddr, CancellationToken, JoinHandle<()>)> {
@@ -249,11 +249,11 @@ async fn bind(
             }),
             Kind::Udp => tunnel::sockets::udp(key.1).map(|s| {
                 let bound = s.local_addr().unwrap_or(key.1);
-                let task = tokio::spawn(udp_loop(
+                let task = tokio::spawn(crate::udp_app::run(
                     hub.clone(),
                     key.1,
                     Arc::new(s),
-                    udp_per_ip,
+                    udp,
                     stop.clone(),
                 ));
                 (bound, stop, task)
@@ -269,7 +269,11 @@ async fn bind(
 }
 
 /// The app that configured exactly `listen` in the live policy, with the policy.
-fn app_at(hub: &Hub, kind: Kind, listen: SocketAddr) -> Option<(Arc<policies::Active>, usize)> {
+pub(crate) fn app_at(
+    hub: &Hub,
+    kind: Kind,
+    listen: SocketAddr,
+) -> Option<(Arc<policies::Active>, usize)> {
     let active = hub.policy().current();
     let i = app_listening(&active, kind, listen)?.index;
     Some((active, i))
@@ -293,7 +297,7 @@ fn app_listening(
 /// Whether the app on `listen` still leads to `target` and still allows `who`: asked again
 /// of connections and flows decided when they opened, each time the policy or the minute
 /// changes ([`policies::PolicyStore::until_refused`]). `Err` says why not, for the log.
-fn still_allowed(
+pub(crate) fn still_allowed(
     active: &policies::Active,
     kind: Kind,
     listen: SocketAddr,
@@ -421,175 +425,4 @@ async fn tcp_conn(
         return;
     }
     info!(app = %app_name, device = %target.device, client = %Client(peer), bytes_in = bin, bytes_out = bout, ms = started.elapsed().as_millis() as u64, end = %m.end(), "connection done");
-}
-
-struct ClientFlow {
-    flow: tunnel::hub::UdpFlow,
-    /// The client as policy and logs see it (an IPv4 client of a `[::]` socket as IPv4).
-    client: SocketAddr,
-    /// Where the flow goes, as its app said when it started.
-    target: policies::Target,
-    /// Datagrams either way: a client that only listens (or only sends) is still in use.
-    activity: Arc<FlowActivity>,
-    stop: CancellationToken,
-    app: String,
-    /// The client's datagrams dropped as too large for the tunnel (in the flow's done line).
-    dropped: Arc<AtomicU64>,
-    /// Counts the flow against its client address's `udp_flows_per_ip`.
-    _slot: IpSlot,
-}
-
-impl ClientFlow {
-    /// Sends a client's datagram up; one too large for the tunnel is counted, and the first
-    /// of a flow is said (it used to vanish without a trace).
-    fn send(&self, peer: SocketAddr, data: &[u8]) {
-        if let Err(e) = self.flow.send(data) {
-            if self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
-                warn!(app = %self.app, client = %Client(tunnel::sockets::canonical(peer)), error = %e, "UDP datagram from the client dropped (further drops of this flow are counted in its done line)");
-            }
-        }
-    }
-}
-
-async fn udp_loop(
-    hub: Hub,
-    listen: SocketAddr,
-    sock: Arc<UdpSocket>,
-    flows_per_ip: usize,
-    stop: CancellationToken,
-) {
-    let mut clients: HashMap<SocketAddr, ClientFlow> = HashMap::new();
-    let per_ip = PerIp::new(flows_per_ip, "UDP flows of one app", "udp_flows_per_ip");
-    let mut buf = vec![0u8; UDP_READ];
-    let mut sweep = tokio::time::interval(Duration::from_secs(10));
-    let idle = hub.tuning().udp_flow_idle;
-    let policy = hub.policy().clone();
-    let mut changes = policy.subscribe();
-    loop {
-        let (n, peer) = tokio::select! {
-            _ = stop.cancelled() => break,
-            // Flows were decided as they started: ask again whenever the policy or the
-            // minute changes.
-            Ok(()) = changes.changed() => {
-                let active = policy.current();
-                clients.retain(|_, c| {
-                    let who = Requester::Public { ip: c.client.ip() };
-                    match still_allowed(&active, Kind::Udp, listen, &c.target, &who) {
-                        Ok(()) => true,
-                        Err(why) => {
-                            info!(app = %c.app, client = %Client(c.client), reason = %why, "UDP flow cut: the policy no longer allows it");
-                            c.stop.cancel();
-                            false
-                        }
-                    }
-                });
-                continue;
-            }
-            _ = sweep.tick() => {
-                clients.retain(|_, c| {
-                    let keep = c.activity.quiet_for() < idle && c.flow.is_alive();
-                    if !keep { c.stop.cancel(); }
-                    keep
-                });
-                continue;
-            }
-            r = sock.recv_from(&mut buf) => match r { Ok(x) => x, Err(_) => continue },
-        };
-        if let Some(c) = clients.get_mut(&peer) {
-            if c.flow.is_alive() {
-                c.activity.touch();
-                c.send(peer, &buf[..n]);
-                continue;
-            }
-            c.stop.cancel();
-            clients.remove(&peer);
-        }
-        if clients.len() >= MAX_UDP_CLIENTS {
-            continue;
-        }
-        // No app names this address any more: the listener is about to stop.
-        let Some((active, i)) = app_at(&hub, Kind::Udp, listen) else {
-            continue;
-        };
-        let app = &active.policy.apps()[i];
-        let app_name = app.name.clone();
-        let state = active.state(app);
-        // As written, for the device, logs and limits: an IPv4 client on a `[::]` socket
-        // arrives as `::ffff:a.b.c.d`. Replies go to `peer` as received.
-        let client = tunnel::sockets::canonical(peer);
-        let Some(slot) = per_ip.admit(client.ip()) else {
-            state.counters.refused(Refusal::ConnectionLimit);
-            continue;
-        };
-        let who = Requester::Public { ip: client.ip() };
-        if let policies::Decision::Deny { reason } =
-            active
-                .policy
-                .decide(app, &who, None, None, Timestamp::now())
-        {
-            state.counters.refused(Refusal::Denied(reason));
-            info!(app = %app_name, client = %Client(client), reason = %reason, "UDP flow refused by policy");
-            continue;
-        }
-        if state.limits.check_rate(&who).is_err() {
-            state.counters.refused(Refusal::RateLimited);
-            continue;
-        }
-        let target = app.target.clone();
-        let counters = state.counters.clone();
-        drop(active);
-        match hub
-            .open_udp_flow(
-                &target.device,
-                &target.service,
-                &app_name,
-                Origin::Public(client),
-            )
-            .await
-        {
-            Ok((flow, mut rx)) => {
-                counters.connection();
-                counters.bytes_in(n as u64);
-                let tok = stop.child_token();
-                let activity = Arc::new(FlowActivity::default());
-                let dropped = Arc::new(AtomicU64::new(0));
-                let (sock2, tok2, app2) = (sock.clone(), tok.clone(), app_name.clone());
-                let (activity2, dropped2) = (activity.clone(), dropped.clone());
-                tokio::spawn(async move {
-                    let mut out = 0u64;
-                    loop {
-                        tokio::select! {
-                            _ = tok2.cancelled() => break,
-                            d = rx.recv() => match d {
-                                Some(d) => { activity2.touch(); out += d.len() as u64; let _ = sock2.send_to(&d, peer).await; }
-                                None => break,
-                            }
-                        }
-                    }
-                    counters.bytes_out(out);
-                    let dropped = dropped2.load(Ordering::Relaxed);
-                    info!(app = %app2, client = %Client(client), bytes_out = out, dropped, "UDP flow done");
-                });
-                let c = ClientFlow {
-                    flow,
-                    client,
-                    target,
-                    activity,
-                    stop: tok,
-                    app: app_name,
-                    dropped,
-                    _slot: slot,
-                };
-                c.send(peer, &buf[..n]);
-                clients.insert(peer, c);
-            }
-            Err(e) => {
-                let (_, reason) = refusal_of(&e);
-                info!(app = %app_name, client = %Client(client), reason = %reason, "UDP flow failed");
-            }
-        }
-    }
-    for c in clients.values() {
-        c.stop.cancel();
-    }
 }

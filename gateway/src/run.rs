@@ -54,6 +54,8 @@ pub struct GatewayOptions {
     /// Flows of one `udp` app one client address may have
     /// ([`crate::listeners::UDP_FLOWS_PER_IP`] by default).
     pub udp_flows_per_ip: usize,
+    /// Flows one `udp` app keeps at once ([`crate::listeners::MAX_UDP_CLIENTS`] by default).
+    pub udp_flows_per_app: usize,
     /// Authoritative DNS for the zone (UDP and TCP on this address); `None`: no DNS.
     pub dns: Option<SocketAddr>,
 }
@@ -203,8 +205,14 @@ impl Gateway {
         for (_, l) in &forwards {
             own(Kind::Tcp, l.local_addr(), "forward");
         }
-        let mut listeners =
-            Listeners::new(reserved, opts.tcp_connections_per_ip, opts.udp_flows_per_ip);
+        let mut listeners = Listeners::new(
+            reserved,
+            opts.tcp_connections_per_ip,
+            crate::listeners::UdpLimits {
+                per_ip: opts.udp_flows_per_ip,
+                per_app: opts.udp_flows_per_app,
+            },
+        );
         let errors = listeners.reconcile(&hub, &shutdown).await;
         if !errors.is_empty() {
             shutdown.cancel();

@@ -145,6 +145,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
             f.tcp_connections_per_ip,
         )?,
         udp_flows_per_ip: config::udp_flows_per_ip(&a.config, f.udp_flows_per_ip)?,
+        udp_flows_per_app: config::udp_flows_per_app(&a.config, f.udp_flows_per_app)?,
         dns: config::ListenSetting::resolve(f.dns, any_addr(DEFAULT_DNS_PORT)),
     };
     crate::fd_limit::raise_open_files();

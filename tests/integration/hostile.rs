@@ -1234,6 +1234,115 @@ async fn one_client_address_cannot_take_every_udp_flow() {
     gw.shutdown.cancel();
 }
 
+/// A `udp` app's table full of flows the device never answered (forged sources, or clients
+/// the service ignores) makes room for a new client: those quiet for a second end. A table
+/// full of flows the device answers refuses the newcomer instead, counted as a
+/// `connection_limit` refusal. Flows count every datagram's bytes (only a flow's first
+/// datagram was counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_table_full_of_unanswered_flows_makes_room() {
+    let t = fast_tuning();
+    let z = TestZone::new(&["home1"]);
+    z.write_policy(
+        "apps.toml",
+        "[app.picky]\nudp = { listen = \"127.0.0.1:0\" }\nto = \"home1/picky\"\nallow = { from = [\"public\"] }\n",
+    );
+    let mut opts = gateway_options(&z, "gw", z.gw_addr, t, Duration::from_millis(500), None);
+    opts.udp_flows_per_app = 4;
+    let gw = run_gateway(opts).await;
+    // Echoes everything but datagrams that start with "quiet".
+    let service = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let service_addr = service.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = service.recv_from(&mut buf).await {
+            if !buf[..n].starts_with(b"quiet") {
+                let _ = service.send_to(&buf[..n], from).await;
+            }
+        }
+    });
+    let svcs = services(&[("picky", service_addr, tunnel::proto::ServiceProto::Udp)]);
+    let _h1 = start_agent(&z, "home1", svcs, vec![], t).await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let app = gw.apps["picky"];
+    let counters = || {
+        let cur = gw.hub.policy().current();
+        let a = cur.policy.app("picky").expect("picky");
+        cur.state(a).counters.snapshot()
+    };
+
+    /// A new client socket that sends `msg`; the echo within `within`, if any.
+    async fn ask(
+        app: SocketAddr,
+        msg: &[u8],
+        within: Duration,
+    ) -> (tokio::net::UdpSocket, Option<Vec<u8>>) {
+        let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.send_to(msg, app).await.unwrap();
+        let mut buf = [0u8; 256];
+        let got = tokio::time::timeout(within, s.recv(&mut buf))
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .map(|n| buf[..n].to_vec());
+        (s, got)
+    }
+
+    // Four clients the service ignores fill the table, with 3 datagrams of 10 bytes each.
+    let mut quiet = Vec::new();
+    for _ in 0..4 {
+        let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        for _ in 0..3 {
+            s.send_to(b"quiet 0123", app).await.unwrap();
+        }
+        quiet.push(s);
+    }
+    wait_until("four flows open", WAIT, || counters().connections == 4).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (_s5, got) = ask(app, b"room for me?", WAIT).await;
+    assert_eq!(
+        got.as_deref(),
+        Some(&b"room for me?"[..]),
+        "no room was made"
+    );
+    let c = counters();
+    assert_eq!(c.connections, 5);
+    assert!(
+        c.bytes_in >= 4 * 30,
+        "the ended flows' datagrams were not all counted: {c:?}"
+    );
+    assert_eq!(c.refusals.get("connection_limit"), None, "{c:?}");
+
+    // Three more clients the service answers: the table holds four answered flows.
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let msg = format!("answered {i}");
+        let (s, got) = ask(app, msg.as_bytes(), WAIT).await;
+        assert_eq!(got.as_deref(), Some(msg.as_bytes()));
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (_s9, got) = ask(app, b"one too many", Duration::from_millis(700)).await;
+    assert_eq!(got, None, "a flow in use was ended for a newcomer");
+    let c = counters();
+    assert!(
+        c.refusals.get("connection_limit").copied().unwrap_or(0) >= 1,
+        "the newcomer's refusal was not counted: {c:?}"
+    );
+    // The flows in use still work.
+    for (i, s) in held.iter().enumerate() {
+        let msg = format!("still here {i}");
+        s.send_to(msg.as_bytes(), app).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(WAIT, s.recv(&mut buf))
+            .await
+            .expect("a held flow stopped answering")
+            .unwrap();
+        assert_eq!(&buf[..n], msg.as_bytes());
+    }
+    gw.shutdown.cancel();
+}
+
 /// A peer that grants its streams no flow-control credit cannot hold the agent's stream tasks:
 /// the agent's refusal (no gateway approved this peer's stream yet) waits for credit at most
 /// `REFUSE_TIMEOUT`, then resets the stream.

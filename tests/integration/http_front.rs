@@ -455,6 +455,7 @@ async fn start_with(per_ip: usize) -> Harness {
             },
             tcp_connections_per_ip: gateway::listeners::TCP_CONNECTIONS_PER_IP,
             udp_flows_per_ip: gateway::listeners::UDP_FLOWS_PER_IP,
+            udp_flows_per_app: gateway::listeners::MAX_UDP_CLIENTS,
             dns: None,
         },
         shutdown.clone(),

@@ -357,6 +357,7 @@ pub fn gateway_options(
         http_tuning: Default::default(),
         tcp_connections_per_ip: gateway::listeners::TCP_CONNECTIONS_PER_IP,
         udp_flows_per_ip: gateway::listeners::UDP_FLOWS_PER_IP,
+        udp_flows_per_app: gateway::listeners::MAX_UDP_CLIENTS,
         dns,
     }
 }

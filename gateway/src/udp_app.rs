@@ -1,0 +1,469 @@
+//! One public `udp` app's socket: a flow through the tunnel per client (address and port),
+//! opened without holding up the socket's reads, closed when quiet both ways for the tunnel's
+//! `udp_flow_idle` — after [`UNANSWERED_IDLE`] when the device never answered — and cut when
+//! the policy stops allowing it. UDP sources are forged for free, so what one datagram can cost
+//! is bounded: a full flow table makes room by ending flows the device never answered, and
+//! refusals are counted in the app's counters with their log lines capped.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use policies::accounting::{AppCounters, Refusal};
+use policies::{Requester, Timestamp};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use tunnel::flow_activity::FlowActivity;
+use tunnel::hub::{refusal_of, Hub, UdpFlow};
+use tunnel::proto::Origin;
+use tunnel::OpenError;
+
+use crate::addr_text::Client;
+use crate::listeners::{app_at, still_allowed, Kind};
+use crate::log_budget::LogBudget;
+use crate::per_ip::{IpSlot, PerIp};
+
+/// A flow the device never answered ends after this long without a datagram (conntrack's
+/// timeout for unreplied UDP), whatever `udp_flow_idle` says: each forged source address
+/// then holds a slot of the table for 30 s, not two minutes.
+pub const UNANSWERED_IDLE: Duration = Duration::from_secs(30);
+/// A full table ends the flows the device never answered that have been quiet this long...
+const EVICT_QUIET: Duration = Duration::from_secs(1);
+/// ...looking for them at most this often (the search walks the whole table).
+const EVICT_EVERY: Duration = Duration::from_millis(250);
+/// A client's datagrams kept while its flow opens; later ones are dropped (and counted).
+const OPENING_QUEUE: usize = 16;
+/// Log lines a second, per app socket, of refused or failed flows and of flows that ended
+/// without an answer: all of them are what a flood of forged datagrams causes.
+const LINES_PER_SECOND: u32 = 10;
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+const UDP_READ: usize = 65_535;
+
+/// The limits of one app's flows.
+#[derive(Debug, Clone, Copy)]
+pub struct UdpLimits {
+    /// Flows of the app one client address (IPv6: its /64) may have.
+    pub per_ip: usize,
+    /// Flows the app keeps at once.
+    pub per_app: usize,
+}
+
+/// An open that finished: the entry it was for (its id and client) and what came of it.
+type Opened = (
+    u64,
+    SocketAddr,
+    Result<(UdpFlow, mpsc::Receiver<Bytes>), OpenError>,
+);
+
+/// One client's flow.
+struct Entry {
+    /// Tells this entry from a later one of the same client (an open finishing late).
+    id: u64,
+    /// The client as policy and logs see it (an IPv4 client of a `[::]` socket as IPv4);
+    /// replies go to the address the datagrams came from.
+    client: SocketAddr,
+    /// Where the flow goes, as its app said when it started.
+    target: policies::Target,
+    app: String,
+    counters: Arc<AppCounters>,
+    started: Instant,
+    /// Datagrams either way: a client that only sends (syslog, statsd) is still in use.
+    activity: Arc<FlowActivity>,
+    /// Ends the open while it runs, then the task passing the device's datagrams back.
+    stop: CancellationToken,
+    bytes_in: u64,
+    /// The client's datagrams not passed on: too large for the tunnel, or past
+    /// [`OPENING_QUEUE`] while the flow opened.
+    dropped: u64,
+    /// Counts the flow against its client address's `udp_flows_per_ip`.
+    _slot: IpSlot,
+    state: State,
+}
+
+enum State {
+    /// Waiting for the device; the client's datagrams meanwhile.
+    Opening(Vec<Box<[u8]>>),
+    Open {
+        flow: UdpFlow,
+        back: Arc<Back>,
+    },
+}
+
+/// What the task passing the device's datagrams to the client has seen.
+#[derive(Default)]
+struct Back {
+    bytes: AtomicU64,
+    answered: AtomicBool,
+}
+
+impl Entry {
+    /// Passes a client's datagram up. One too large for the tunnel is counted, and the first
+    /// of a flow is said (it used to vanish without a trace).
+    fn send(&mut self, data: &[u8]) {
+        let State::Open { flow, .. } = &self.state else {
+            return;
+        };
+        match flow.send(data) {
+            Ok(()) => self.bytes_in += data.len() as u64,
+            Err(e) => {
+                self.dropped += 1;
+                if self.dropped == 1 {
+                    warn!(app = %self.app, client = %Client(self.client), error = %e, "UDP datagram from the client dropped (further drops of this flow are counted in its done line)");
+                }
+            }
+        }
+    }
+
+    fn answered(&self) -> bool {
+        match &self.state {
+            State::Open { back, .. } => back.answered.load(Ordering::Relaxed),
+            State::Opening(_) => false,
+        }
+    }
+
+    /// Why the sweep ends this flow, if it does.
+    fn expired(&self, idle: Duration) -> Option<&'static str> {
+        let State::Open { flow, .. } = &self.state else {
+            // Bounded by the open's own timeout.
+            return None;
+        };
+        let quiet = self.activity.quiet_for();
+        if !flow.is_alive() {
+            Some("closed by the device or its tunnel")
+        } else if quiet >= idle {
+            Some("idle")
+        } else if !self.answered() && quiet >= UNANSWERED_IDLE {
+            Some("never answered")
+        } else {
+            None
+        }
+    }
+}
+
+/// The socket's loop and its table.
+struct AppSocket {
+    hub: Hub,
+    listen: SocketAddr,
+    sock: Arc<UdpSocket>,
+    per_ip: Arc<PerIp>,
+    max_flows: usize,
+    idle: Duration,
+    flows: HashMap<SocketAddr, Entry>,
+    next_id: u64,
+    opened: mpsc::UnboundedSender<Opened>,
+    /// When a full table last looked for flows to end.
+    last_eviction: Option<Instant>,
+    /// Lines of refusals, failed opens and flows that ended unanswered.
+    lines: LogBudget,
+    stop: CancellationToken,
+}
+
+/// Serves the app on `listen` from `sock` until `stop`.
+pub async fn run(
+    hub: Hub,
+    listen: SocketAddr,
+    sock: Arc<UdpSocket>,
+    limits: UdpLimits,
+    stop: CancellationToken,
+) {
+    let (opened, mut opened_rx) = mpsc::unbounded_channel();
+    let idle = hub.tuning().udp_flow_idle;
+    let policy = hub.policy().clone();
+    let mut changes = policy.subscribe();
+    let mut s = AppSocket {
+        hub,
+        listen,
+        sock: sock.clone(),
+        per_ip: PerIp::new(limits.per_ip, "UDP flows of one app", "udp_flows_per_ip"),
+        max_flows: limits.per_app,
+        idle,
+        flows: HashMap::new(),
+        next_id: 0,
+        opened,
+        last_eviction: None,
+        lines: LogBudget::new(LINES_PER_SECOND),
+        stop: stop.clone(),
+    };
+    let mut buf = vec![0u8; UDP_READ];
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            // Flows were decided as they started: ask again whenever the policy or the
+            // minute changes.
+            Ok(()) = changes.changed() => s.decide_again(),
+            _ = sweep.tick() => s.sweep(),
+            Some(o) = opened_rx.recv() => s.opened(o),
+            r = sock.recv_from(&mut buf) => {
+                if let Ok((n, peer)) = r {
+                    s.datagram(peer, &buf[..n]);
+                }
+            }
+        }
+    }
+    for (_, e) in std::mem::take(&mut s.flows) {
+        s.end(e, "listener stopped");
+    }
+}
+
+impl AppSocket {
+    fn datagram(&mut self, peer: SocketAddr, data: &[u8]) {
+        if let Some(e) = self.flows.get_mut(&peer) {
+            match &mut e.state {
+                State::Open { flow, .. } if flow.is_alive() => {
+                    e.activity.touch();
+                    e.send(data);
+                    return;
+                }
+                State::Opening(queued) => {
+                    e.activity.touch();
+                    if queued.len() < OPENING_QUEUE {
+                        queued.push(data.into());
+                    } else {
+                        e.dropped += 1;
+                    }
+                    return;
+                }
+                // The agent closed it (its service socket failed, or it was idle there) or
+                // the tunnel is gone: this datagram opens a new flow.
+                State::Open { .. } => {
+                    if let Some(e) = self.flows.remove(&peer) {
+                        self.end(e, "closed by the device or its tunnel");
+                    }
+                }
+            }
+        }
+        self.start(peer, data);
+    }
+
+    /// A new client: admitted, decided and limited, then its flow opens in a task of its
+    /// own (up to the tunnel's open timeout) while this loop goes on reading.
+    fn start(&mut self, peer: SocketAddr, data: &[u8]) {
+        // No app names this address any more: the listener is about to stop.
+        let Some((active, i)) = app_at(&self.hub, Kind::Udp, self.listen) else {
+            return;
+        };
+        let app = &active.policy.apps()[i];
+        let state = active.state(app);
+        // As written, for the device, logs and limits: an IPv4 client on a `[::]` socket
+        // arrives as `::ffff:a.b.c.d`.
+        let client = tunnel::sockets::canonical(peer);
+        if self.flows.len() >= self.max_flows && !self.make_room(&app.name) {
+            state.counters.refused(Refusal::ConnectionLimit);
+            if let Some(unlogged) = self.lines.take() {
+                warn!(app = %app.name, client = %Client(client), flows = self.flows.len(), unlogged, "UDP flow refused: the app's table is full of flows in use (udp_flows_per_app in gateway.toml)");
+            }
+            return;
+        }
+        // The first refusal of a run is logged by `per_ip`.
+        let Some(slot) = self.per_ip.admit(client.ip()) else {
+            state.counters.refused(Refusal::ConnectionLimit);
+            return;
+        };
+        let who = Requester::Public { ip: client.ip() };
+        if let policies::Decision::Deny { reason } =
+            active
+                .policy
+                .decide(app, &who, None, None, Timestamp::now())
+        {
+            state.counters.refused(Refusal::Denied(reason));
+            if let Some(unlogged) = self.lines.take() {
+                info!(app = %app.name, client = %Client(client), reason = %reason, unlogged, "UDP flow refused by policy");
+            }
+            return;
+        }
+        if state.limits.check_rate(&who).is_err() {
+            state.counters.refused(Refusal::RateLimited);
+            if let Some(unlogged) = self.lines.take() {
+                info!(app = %app.name, client = %Client(client), unlogged, "UDP flow refused: over the app's rate of new flows");
+            }
+            return;
+        }
+        self.next_id += 1;
+        let e = Entry {
+            id: self.next_id,
+            client,
+            target: app.target.clone(),
+            app: app.name.clone(),
+            counters: state.counters.clone(),
+            started: Instant::now(),
+            activity: Arc::new(FlowActivity::default()),
+            stop: self.stop.child_token(),
+            bytes_in: 0,
+            dropped: 0,
+            _slot: slot,
+            state: State::Opening(vec![data.into()]),
+        };
+        drop(active);
+        let (hub, tx, stop) = (self.hub.clone(), self.opened.clone(), e.stop.clone());
+        let (id, target, app) = (e.id, e.target.clone(), e.app.clone());
+        tokio::spawn(async move {
+            let r = tokio::select! {
+                // Cut or stopped while opening: dropping the open closes what it got.
+                _ = stop.cancelled() => return,
+                r = hub.open_udp_flow(&target.device, &target.service, &app, Origin::Public(client)) => r,
+            };
+            // The loop is gone: dropping the flow closes it.
+            let _ = tx.send((id, peer, r));
+        });
+        self.flows.insert(peer, e);
+    }
+
+    fn opened(&mut self, (id, peer, r): Opened) {
+        let Some(e) = self.flows.get_mut(&peer).filter(|e| e.id == id) else {
+            // Its entry was cut or replaced meanwhile: dropping `r` closes the flow.
+            return;
+        };
+        let (flow, rx) = match r {
+            Ok(x) => x,
+            Err(err) => {
+                if let Some(e) = self.flows.remove(&peer) {
+                    e.stop.cancel();
+                    if let Some(unlogged) = self.lines.take() {
+                        let (_, reason) = refusal_of(&err);
+                        info!(app = %e.app, device = %e.target.device, client = %Client(e.client), reason = %reason, unlogged, "UDP flow failed");
+                    }
+                }
+                return;
+            }
+        };
+        let State::Opening(queued) = &mut e.state else {
+            return;
+        };
+        let queued = std::mem::take(queued);
+        let back = Arc::new(Back::default());
+        tokio::spawn(pass_back(
+            self.sock.clone(),
+            peer,
+            rx,
+            back.clone(),
+            e.activity.clone(),
+            e.stop.clone(),
+        ));
+        e.state = State::Open { flow, back };
+        e.counters.connection();
+        for d in queued {
+            e.send(&d);
+        }
+    }
+
+    /// Asks the policy again about every flow (it changed, or the minute did).
+    fn decide_again(&mut self) {
+        let active = self.hub.policy().current();
+        let cut: Vec<(SocketAddr, String)> = self
+            .flows
+            .iter()
+            .filter_map(|(peer, e)| {
+                let who = Requester::Public { ip: e.client.ip() };
+                still_allowed(&active, Kind::Udp, self.listen, &e.target, &who)
+                    .err()
+                    .map(|why| (*peer, why))
+            })
+            .collect();
+        drop(active);
+        for (peer, why) in cut {
+            if let Some(e) = self.flows.remove(&peer) {
+                info!(app = %e.app, client = %Client(e.client), reason = %why, "UDP flow cut: the policy no longer allows it");
+                self.end(e, "cut by policy");
+            }
+        }
+    }
+
+    fn sweep(&mut self) {
+        let idle = self.idle;
+        let ended: Vec<(SocketAddr, &'static str)> = self
+            .flows
+            .iter()
+            .filter_map(|(peer, e)| e.expired(idle).map(|why| (*peer, why)))
+            .collect();
+        for (peer, why) in ended {
+            if let Some(e) = self.flows.remove(&peer) {
+                self.end(e, why);
+            }
+        }
+    }
+
+    /// The table is full: ends the flows the device never answered that have been quiet for
+    /// [`EVICT_QUIET`] (forged sources, or clients the service ignores), looking at most every
+    /// [`EVICT_EVERY`]. Whether there is room now.
+    fn make_room(&mut self, app: &str) -> bool {
+        let now = Instant::now();
+        if self
+            .last_eviction
+            .is_some_and(|t| now.duration_since(t) < EVICT_EVERY)
+        {
+            return false;
+        }
+        self.last_eviction = Some(now);
+        let victims: Vec<SocketAddr> = self
+            .flows
+            .iter()
+            .filter(|(_, e)| {
+                matches!(e.state, State::Open { .. })
+                    && !e.answered()
+                    && e.activity.quiet_for() >= EVICT_QUIET
+            })
+            .map(|(peer, _)| *peer)
+            .collect();
+        if !victims.is_empty() {
+            warn!(app = %app, ended = victims.len(), flows = self.flows.len(), "UDP flow table full: ending the flows the device never answered that went quiet");
+        }
+        for peer in victims {
+            if let Some(e) = self.flows.remove(&peer) {
+                self.end(e, "table full, never answered");
+            }
+        }
+        self.flows.len() < self.max_flows
+    }
+
+    /// Ends a flow taken out of the table: its task stops, its counts go to the app, and one
+    /// line says so — for flows the device never answered, within the log budget (a flood of
+    /// forged sources makes one each).
+    fn end(&mut self, e: Entry, why: &str) {
+        e.stop.cancel();
+        let State::Open { back, .. } = &e.state else {
+            return;
+        };
+        let bytes_out = back.bytes.load(Ordering::Relaxed);
+        e.counters.bytes_in(e.bytes_in);
+        e.counters.bytes_out(bytes_out);
+        let unlogged = if e.answered() {
+            Some(0)
+        } else {
+            self.lines.take()
+        };
+        if let Some(unlogged) = unlogged {
+            info!(app = %e.app, device = %e.target.device, client = %Client(e.client), bytes_in = e.bytes_in, bytes_out, dropped = e.dropped, ms = e.started.elapsed().as_millis() as u64, end = why, unlogged, "UDP flow done");
+        }
+    }
+}
+
+/// Passes the device's datagrams of one flow to its client until the flow stops.
+async fn pass_back(
+    sock: Arc<UdpSocket>,
+    peer: SocketAddr,
+    mut rx: mpsc::Receiver<Bytes>,
+    back: Arc<Back>,
+    activity: Arc<FlowActivity>,
+    stop: CancellationToken,
+) {
+    loop {
+        let d = tokio::select! {
+            _ = stop.cancelled() => return,
+            d = rx.recv() => match d {
+                Some(d) => d,
+                None => return,
+            },
+        };
+        activity.touch();
+        back.answered.store(true, Ordering::Relaxed);
+        back.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+        let _ = sock.send_to(&d, peer).await;
+    }
+}
