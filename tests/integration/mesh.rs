@@ -420,8 +420,8 @@ async fn measure_idle_relayed_mesh_memory() {
     );
 }
 
-/// Two bare endpoints of home1 (accepting) and home2 (dialing) on loopback, and home1's peer
-/// table: for the peer table's own rules, without gateways.
+/// Two bare endpoints of home1 and home2 on loopback (each dials and accepts), and home1's
+/// peer table: for the peer table's own rules, without gateways.
 fn peer_table() -> (
     TestZone,
     std::sync::Arc<tunnel::peers::Peers>,
@@ -441,31 +441,80 @@ fn peer_table() -> (
     let e1 = tunnel::transport::client_endpoint(lo, &c1, &t).unwrap();
     e1.set_server_config(Some(tunnel::transport::server_config(&c1, &t).unwrap()));
     let e2 = tunnel::transport::client_endpoint(lo, &c2, &t).unwrap();
+    e2.set_server_config(Some(tunnel::transport::server_config(&c2, &t).unwrap()));
     let peers = std::sync::Arc::new(tunnel::peers::Peers::new(c1, e1.clone()));
     (z, peers, e1, e2)
 }
 
-/// A peer whose name sorts first wins every duplicate, so it could make us retire one
-/// connection per punching round while it keeps a stream open on each: retired connections
-/// would pile up, each with its own windows. Past `MAX_RETIRING` a duplicate closes at once.
+/// `from` dials `to` (its peer at `to_addr`) and `to` accepts: (dialed end, accepted end).
+async fn connect_pair(
+    from: &quinn::Endpoint,
+    to: &quinn::Endpoint,
+    server_name: &str,
+) -> (quinn::Connection, quinn::Connection) {
+    let to_addr = to.local_addr().unwrap();
+    let dial = async { from.connect(to_addr, server_name).unwrap().await.unwrap() };
+    let accept = async { to.accept().await.unwrap().await.unwrap() };
+    tokio::join!(dial, accept)
+}
+
+/// Simultaneous open, as in a punching round: home1 dialed X, home2 dialed Y. Both prefer
+/// connections home1 dials (its name sorts first), but home1 cannot tell whether home2 ever
+/// finished accepting X (a QUIC client's handshake completes half a round trip before the
+/// server's). So home1 uses Y, which it accepted, and leaves it open: it used to close Y as a
+/// duplicate at once, and when home2's side of X never completed (seen in the NAT lab under
+/// load) neither side had a working connection. Once home2 uses X, home1 moves to X and still
+/// leaves Y for home2 to close.
 #[tokio::test]
-async fn retired_duplicate_connections_to_one_peer_are_capped() {
-    use tunnel::peers::{PeerConn, MAX_RETIRING};
+async fn a_dialer_keeps_the_peers_connection_until_its_own_is_confirmed() {
+    use tunnel::peers::PeerConn;
     let (z, peers, e1, e2) = peer_table();
-    let to = e1.local_addr().unwrap();
+    let dom = z.creds("home1").domain().to_owned();
+    let (x, x_at_home2) = connect_pair(&e1, &e2, &format!("home2.{dom}")).await;
+    let (y_at_home2, y) = connect_pair(&e2, &e1, &format!("home1.{dom}")).await;
+    let x_pc = PeerConn::new(x.clone(), "home1".into());
+    assert!(peers.register("home2", x_pc.clone()));
+    assert!(peers.register("home2", PeerConn::new(y.clone(), "home2".into())));
+    let in_use = || peers.direct("home2").map(|p| p.conn.stable_id());
+    assert_eq!(
+        in_use(),
+        Some(y.stable_id()),
+        "home1 uses its own, unconfirmed dial"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(y.close_reason().is_none(), "home1 closed the peer's dial");
+    assert!(x.close_reason().is_none());
+
+    // home2 opens a stream on X: home1 moves to it, Y stays open.
+    peers.confirm("home2", &x_pc);
+    assert_eq!(in_use(), Some(x.stable_id()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(y.close_reason().is_none(), "home1 closed the peer's dial");
+    // home2 retires Y: home1 stays on X.
+    y_at_home2.close(10u32.into(), b"duplicate direct path");
+    wait_until("Y closed at home1", WAIT, || y.close_reason().is_some()).await;
+    assert_eq!(in_use(), Some(x.stable_id()));
+    // X dies: no direct path is left, and a punch may be asked for at once.
+    x_at_home2.close(0u32.into(), b"gone");
+    wait_until("direct path lost", WAIT, || peers.direct("home2").is_none()).await;
+    assert!(peers.should_request_punch("home2"));
+}
+
+/// A peer that dials us again and again (one connection per round, a stream open on each)
+/// cannot pile connections up: we leave its duplicates for it to close, but keep at most
+/// `MAX_SPARE` besides the one in use and close the oldest at once past it.
+#[tokio::test]
+async fn spare_connections_a_peer_dialed_are_capped() {
+    use tunnel::peers::{PeerConn, MAX_SPARE};
+    let (z, peers, e1, e2) = peer_table();
     let name = format!("home1.{}", z.creds("home1").domain());
     let mut conns = Vec::new();
-    for _ in 0..MAX_RETIRING + 2 {
-        let dial = async { e2.connect(to, &name).unwrap().await.unwrap() };
-        let accept = async { e1.accept().await.unwrap().await.unwrap() };
-        let (dialed, accepted) = tokio::join!(dial, accept);
-        // Dialed by home2, while both prefer connections home1 dials (its name sorts first):
-        // the first stays the direct path, every later one is a duplicate. Each has a
-        // stream in use.
+    for _ in 0..MAX_SPARE + 2 {
+        let (dialed, accepted) = connect_pair(&e2, &e1, &name).await;
         let pc = PeerConn::new(accepted, "home2".into());
         let guard = pc.stream_guard();
         peers.register("home2", pc.clone());
-        conns.push((pc, Some(guard), dialed));
+        conns.push((pc, guard, dialed));
     }
     let open = |conns: &[(PeerConn, _, quinn::Connection)]| {
         conns
@@ -473,14 +522,51 @@ async fn retired_duplicate_connections_to_one_peer_are_capped() {
             .map(|(pc, _, _)| pc.conn.close_reason().is_none())
             .collect::<Vec<_>>()
     };
-    let mut want = vec![true; MAX_RETIRING + 1];
-    want.push(false);
+    let mut want = vec![true; MAX_SPARE + 2];
+    want[0] = false;
+    wait_until("the oldest spare closed", WAIT, || open(&conns) == want).await;
+    let newest = conns.last().map(|c| c.0.conn.stable_id());
+    assert_eq!(peers.direct("home2").map(|p| p.conn.stable_id()), newest);
+}
+
+/// Our own later dials are retired while the one in use is confirmed (they come
+/// unconfirmed, so they rank below it): closed when their streams end, and past
+/// `MAX_RETIRING` waiting ones, closed at once.
+#[tokio::test]
+async fn retired_duplicates_we_dialed_are_capped() {
+    use tunnel::peers::{PeerConn, MAX_RETIRING};
+    let (z, peers, e1, e2) = peer_table();
+    let name = format!("home2.{}", z.creds("home1").domain());
+    let mut conns = Vec::new();
+    for _ in 0..MAX_RETIRING + 2 {
+        let (dialed, accepted) = connect_pair(&e1, &e2, &name).await;
+        let pc = PeerConn::new(dialed, "home1".into());
+        let guard = pc.stream_guard();
+        peers.register("home2", pc.clone());
+        // The peer uses each one; only the first is still ours to use by then.
+        peers.confirm("home2", &pc);
+        conns.push((pc, Some(guard), accepted));
+    }
+    let open = |conns: &[(PeerConn, _, quinn::Connection)]| {
+        conns
+            .iter()
+            .map(|(pc, _, _)| pc.conn.close_reason().is_none())
+            .collect::<Vec<_>>()
+    };
+    // The first is in use; of the later ones MAX_RETIRING wait for their streams, the last
+    // found the limit reached and closed at once.
+    let mut want = vec![true; MAX_RETIRING + 2];
+    want[MAX_RETIRING + 1] = false;
     wait_until("the excess duplicate closed", WAIT, || open(&conns) == want).await;
     // A retired one whose stream ends closes; the direct path stays.
     conns[1].1 = None;
     want[1] = false;
     wait_until("the retired one closed", WAIT, || open(&conns) == want).await;
-    assert!(peers.direct("home2").is_some());
+    let first = conns[0].0.conn.stable_id();
+    assert_eq!(
+        peers.direct("home2").map(|p| p.conn.stable_id()),
+        Some(first)
+    );
 }
 
 /// What a gateway's `PeerAddr` may start: rounds only towards devices of the zone other than

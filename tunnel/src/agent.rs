@@ -1016,6 +1016,8 @@ impl Agent {
         let budget = StreamBudget::new(pc.conn.clone(), MAX_STREAMS_PER_CONNECTION);
         let holds = self.holds_of(&pc.conn, &peer);
         while let Ok((send, recv)) = pc.conn.accept_bi().await {
+            // The peer uses it, so it has it: it may be the best now.
+            self.peers.confirm(&peer, &pc);
             let me = self.clone();
             let via = Via::Direct {
                 peer: peer.clone(),
@@ -1324,6 +1326,8 @@ impl Agent {
                 };
                 match stream::open(&pc.conn, &f.device, &header, t.open_timeout).await {
                     Ok(q) => {
+                        // Answered: the peer has this connection too.
+                        self.peers.confirm(&f.device, &pc);
                         // Watched: a local client that stops reading the peer's answer leaves
                         // it unread here, against the window of every stream on this path.
                         let holds = self.holds_of(&pc.conn, &f.device);

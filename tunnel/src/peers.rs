@@ -13,9 +13,16 @@
 //!    the gateway, so the NAT mapping the gateway saw is the one the peer aims at, and both
 //!    accept (simultaneous open). Mutual TLS with zone certificates, server name `B.DOMAIN`, as
 //!    with the gateway. Each outgoing Initial also opens our NAT for the peer's packets.
-//! 4. Both sides may end up with two connections. Both prefer the one dialed by the
-//!    lexicographically smaller device name, so they converge on the same one; the other is
-//!    retired (closed once no stream uses it).
+//! 4. Both sides may end up with two connections (or more, over several rounds). Streams use
+//!    the best one by the same rule on both sides: one known to be up at the peer's end too
+//!    (*confirmed*: we accepted it — the dialer's handshake finishes first — or a stream on
+//!    it was answered or came from the peer), then one dialed by the lexicographically
+//!    smaller device name, then the newest. Only a connection's dialer closes it as a
+//!    duplicate (once no stream uses it), and only when its best is confirmed: a QUIC
+//!    client's handshake finishes half a round trip before the server's, so the dialer of
+//!    the preferred connection cannot tell whether the peer ever finished accepting it, and
+//!    closing the peer's dial then could leave the peer with no connection at all. The one
+//!    the peer dialed stays until the peer closes it ([`MAX_SPARE`] at most).
 //!
 //! # Which streams may go direct
 //!
@@ -30,7 +37,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -62,6 +69,10 @@ const CLOSE_DUPLICATE: u32 = 10;
 /// connection it made us retire (one per punching round) would otherwise pile up connections,
 /// each with its own stream and receive windows.
 pub const MAX_RETIRING: usize = 4;
+/// Open connections to one peer kept besides the one streams use (the peer's duplicates it
+/// has not closed yet, ours waiting for the best to be confirmed). Past it the oldest is
+/// closed at once: a peer dialing again and again cannot pile them up.
+pub const MAX_SPARE: usize = 4;
 
 /// One direct QUIC connection to a peer.
 #[derive(Debug, Clone)]
@@ -71,6 +82,8 @@ pub struct PeerConn {
     pub dialer: String,
     /// Streams in use on it (ours and the peer's): a retired duplicate is closed at zero.
     active: Arc<AtomicUsize>,
+    /// Known to be up at the peer's end too (see the module doc, step 4).
+    confirmed: Arc<AtomicBool>,
 }
 
 impl PeerConn {
@@ -79,10 +92,14 @@ impl PeerConn {
             conn,
             dialer,
             active: Arc::new(AtomicUsize::new(0)),
+            confirmed: Arc::new(AtomicBool::new(false)),
         }
     }
     fn live(&self) -> bool {
         self.conn.close_reason().is_none()
+    }
+    fn is_confirmed(&self) -> bool {
+        self.confirmed.load(Ordering::Relaxed)
     }
     /// Marks a stream in use until the guard drops.
     pub fn stream_guard(&self) -> StreamGuard {
@@ -134,9 +151,28 @@ impl PeerCounters {
     }
 }
 
+/// A registered direct connection and when it came (newer ones count as better on a tie).
+#[derive(Debug)]
+struct Held {
+    pc: PeerConn,
+    seq: u64,
+}
+
+/// What settling a peer's connections changed, for the log (outside the table's lock).
+enum PathChange {
+    Same,
+    Up(Connection),
+    Moved(Connection),
+    Lost,
+}
+
 #[derive(Debug, Default)]
 struct PeerState {
-    direct: Option<PeerConn>,
+    /// Open direct connections; streams use the best ([`PeerState::best`]).
+    conns: Vec<Held>,
+    next_seq: u64,
+    /// The connection streams used when last settled (its stable id), to log changes.
+    in_use: Option<usize>,
     /// Retired connections still open for their streams (see [`MAX_RETIRING`]).
     retiring: Arc<AtomicUsize>,
     /// A punching round is running: a further `PeerAddr` is ignored until it ends (the other
@@ -169,6 +205,7 @@ impl Peers {
         }
     }
 
+    /// The table entry of `peer` (made on first use).
     fn with<R>(&self, peer: &str, f: impl FnOnce(&mut PeerState) -> R) -> R {
         let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
         f(t.entry(peer.to_owned()).or_default())
@@ -185,9 +222,10 @@ impl Peers {
         let revoked = self.creds.is_revoked(peer);
         if revoked {
             self.with(peer, |s| {
-                if let Some(c) = s.direct.take() {
-                    c.conn.close(0u32.into(), b"device revoked");
+                for h in s.conns.drain(..) {
+                    h.pc.conn.close(0u32.into(), b"device revoked");
                 }
+                s.in_use = None;
                 s.permits.clear();
             });
         }
@@ -206,7 +244,7 @@ impl Peers {
             .cloned()
             .collect();
         for peer in peers {
-            let had_direct = self.with(&peer, |s| s.direct.is_some());
+            let had_direct = self.with(&peer, |s| !s.conns.is_empty());
             if self.cut_if_revoked(&peer) && had_direct {
                 info!(peer = %peer, "peer revoked by the zone config: direct path closed");
             }
@@ -218,23 +256,86 @@ impl Peers {
         if self.cut_if_revoked(peer) {
             return None;
         }
-        self.with(peer, |s| s.direct.clone().filter(PeerConn::live))
+        let preferred = self.preferred_dialer(peer);
+        self.with(peer, |s| s.best(&preferred).map(|i| s.conns[i].pc.clone()))
+    }
+
+    /// The dialer both sides prefer between two equally confirmed connections.
+    fn preferred_dialer(&self, peer: &str) -> String {
+        self.creds.name().min(peer).to_owned()
+    }
+
+    /// Notes that `conn` is up at `peer`'s end too: a stream on it was answered, or came from
+    /// the peer. It may now be the best (the module doc, step 4).
+    pub fn confirm(self: &Arc<Self>, peer: &str, pc: &PeerConn) {
+        // A load first: every stream passes here, only the first changes anything.
+        if pc.is_confirmed() || pc.confirmed.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        self.settle_and_log(peer);
+    }
+
+    /// Settles `peer`'s connections ([`PeerState::settle`]), retires or closes what it says,
+    /// and logs a change of path.
+    fn settle_and_log(self: &Arc<Self>, peer: &str) {
+        let me = self.creds.name().to_owned();
+        let preferred = self.preferred_dialer(peer);
+        let (change, retire, close, retiring, why) = self.with(peer, |s| {
+            let (change, retire, close) = s.settle(&me, &preferred);
+            (
+                change,
+                retire,
+                close,
+                s.retiring.clone(),
+                s.last_error.clone(),
+            )
+        });
+        for pc in close {
+            info!(peer = %peer, max = MAX_SPARE, "too many direct connections to this peer: the oldest spare closed");
+            pc.conn
+                .close(CLOSE_DUPLICATE.into(), b"too many direct connections");
+        }
+        for pc in retire {
+            retire_soon(
+                pc,
+                retiring.clone(),
+                self.creds.clone(),
+                peer,
+                b"duplicate direct path",
+            );
+        }
+        match change {
+            PathChange::Same => {}
+            PathChange::Up(c) => {
+                info!(peer = %peer, addr = %crate::sockets::canonical(c.remote_address()), rtt_ms = c.rtt().as_millis() as u64, "direct path up")
+            }
+            PathChange::Moved(c) => {
+                info!(peer = %peer, addr = %crate::sockets::canonical(c.remote_address()), "direct path moved to another connection with this peer")
+            }
+            PathChange::Lost => {
+                info!(peer = %peer, reason = why.as_deref().unwrap_or("closed"), "direct path lost: streams use the relay")
+            }
+        }
     }
 
     /// Drops `conn` as the direct path to `peer` (it failed a stream open), and closes it
     /// once its streams are over: left open, the peer kept using it as its direct path (and
     /// keep-alives kept it open), ignored our punch requests since it had a live direct path,
     /// and retired our next direct connection as a duplicate — we stayed on the relay for good.
-    pub fn forget_direct(&self, peer: &str, conn: &Connection, why: &str) {
-        let dropped = self.with(peer, |s| match &s.direct {
-            Some(c) if c.conn.stable_id() == conn.stable_id() => {
-                s.last_error = Some(why.to_owned());
-                s.direct.take().map(|pc| (pc, s.retiring.clone()))
-            }
-            _ => None,
+    pub fn forget_direct(self: &Arc<Self>, peer: &str, conn: &Connection, why: &str) {
+        let dropped = self.with(peer, |s| {
+            let i = s
+                .conns
+                .iter()
+                .position(|h| h.pc.conn.stable_id() == conn.stable_id())?;
+            s.last_error = Some(why.to_owned());
+            // The next relayed stream may ask for a new round at once (the gateway spaces
+            // rounds): waiting out PUNCH_INTERVAL left a peer on the relay for 30 s.
+            s.last_punch_request = None;
+            Some((s.conns.remove(i).pc, s.retiring.clone()))
         });
         if let Some((pc, retiring)) = dropped {
-            info!(peer = %peer, reason = %why, "direct path lost: streams use the relay");
+            debug!(peer = %peer, reason = %why, "direct connection failed");
             retire_soon(
                 pc,
                 retiring,
@@ -242,13 +343,15 @@ impl Peers {
                 peer,
                 b"direct path failed",
             );
+            self.settle_and_log(peer);
         }
     }
 
     /// True if a punch request for `peer` should be sent now (and notes it as sent).
     pub fn should_request_punch(&self, peer: &str) -> bool {
+        let preferred = self.preferred_dialer(peer);
         self.with(peer, |s| {
-            if s.direct.as_ref().is_some_and(PeerConn::live) {
+            if s.best(&preferred).is_some() {
                 return false;
             }
             match s.last_punch_request {
@@ -292,54 +395,50 @@ impl Peers {
         })
     }
 
-    /// A new direct connection to `peer` (dialed or accepted). Returns false if it is a
-    /// duplicate that was retired.
+    /// A new direct connection to `peer` (dialed or accepted): streams use it if it is the
+    /// best one (the module doc, step 4), and it is watched until it closes. Returns whether
+    /// it was taken in (false: it was closed already).
     pub fn register(self: &Arc<Self>, peer: &str, pc: PeerConn) -> bool {
-        let me = self.creds.name();
-        let preferred_dialer = if me < peer { me } else { peer };
-        let (kept, retired, retiring) = self.with(peer, |s| {
+        if pc.dialer == peer {
+            // We accepted it: the peer's handshake finished before ours did.
+            pc.confirmed.store(true, Ordering::Relaxed);
+        }
+        // Revoked by a config adopted between its handshake and now.
+        if self.cut_if_revoked(peer) {
+            pc.conn.close(0u32.into(), b"device revoked");
+            return false;
+        }
+        let taken = self.with(peer, |s| {
             s.direct_connects += 1;
-            let retiring = s.retiring.clone();
-            match s.direct.take().filter(PeerConn::live) {
-                Some(cur) => {
-                    let new_wins = pc.dialer == preferred_dialer && cur.dialer != preferred_dialer;
-                    if new_wins {
-                        s.direct = Some(pc);
-                        (true, Some(cur), retiring)
-                    } else {
-                        s.direct = Some(cur);
-                        (false, Some(pc), retiring)
-                    }
-                }
-                None => {
-                    s.last_error = None;
-                    s.direct = Some(pc);
-                    (true, None, retiring)
-                }
+            if !pc.live() {
+                s.last_error = Some("direct connection closed as it came up".into());
+                return false;
             }
+            s.next_seq += 1;
+            s.conns.push(Held {
+                pc: pc.clone(),
+                seq: s.next_seq,
+            });
+            true
         });
-        if let Some(old) = retired {
-            retire_soon(
-                old,
-                retiring,
-                self.creds.clone(),
-                peer,
-                b"duplicate direct path",
-            );
+        if !taken {
+            debug!(peer = %peer, "direct connection closed as it came up");
+            return false;
         }
-        if kept {
-            let c = self.direct(peer).map(|p| p.conn);
-            if let Some(c) = c {
-                info!(peer = %peer, addr = %crate::sockets::canonical(c.remote_address()), rtt_ms = c.rtt().as_millis() as u64, "direct path up");
-                let me = self.clone();
-                let peer = peer.to_owned();
-                tokio::spawn(async move {
-                    let e = c.closed().await;
-                    me.forget_direct(&peer, &c, &format!("connection closed: {e}"));
-                });
-            }
-        }
-        kept
+        let me = self.clone();
+        let peer2 = peer.to_owned();
+        let c = pc.conn.clone();
+        tokio::spawn(async move {
+            let e = c.closed().await;
+            me.with(&peer2, |s| {
+                if s.in_use == Some(c.stable_id()) {
+                    s.last_error = Some(format!("connection closed: {e}"));
+                }
+            });
+            me.settle_and_log(&peer2);
+        });
+        self.settle_and_log(peer);
+        true
     }
 
     /// Handles the gateway's `PeerAddr`: returns the addresses to dial, or None if this round
@@ -356,11 +455,9 @@ impl Peers {
             debug!(peer = %device, "punch round ignored: not a device of this zone");
             return None;
         }
+        let preferred = self.preferred_dialer(device);
         self.with(device, |s| {
-            if s.punching
-                || s.last_nonce == Some(pa.punch_nonce)
-                || s.direct.as_ref().is_some_and(PeerConn::live)
-            {
+            if s.punching || s.last_nonce == Some(pa.punch_nonce) || s.best(&preferred).is_some() {
                 return None;
             }
             s.punching = true;
@@ -441,7 +538,8 @@ impl Peers {
         let mut v: Vec<PeerStatus> = t
             .iter()
             .map(|(name, s)| {
-                let direct = s.direct.as_ref().filter(|c| c.live());
+                let preferred = self.preferred_dialer(name);
+                let direct = s.best(&preferred).map(|i| &s.conns[i].pc);
                 let c = &s.counters;
                 let mut permits: Vec<String> = s
                     .permits
@@ -481,10 +579,80 @@ impl Peers {
     pub fn close_all(&self) {
         let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
         for s in t.values() {
-            if let Some(d) = &s.direct {
-                d.conn.close(0u32.into(), b"agent stopping");
+            for h in &s.conns {
+                h.pc.conn.close(0u32.into(), b"agent stopping");
             }
         }
+    }
+}
+
+impl PeerState {
+    /// The connection streams should use: a confirmed one before an unconfirmed one, then one
+    /// `preferred` dialed, then the newest — the same order on both sides.
+    fn best(&self, preferred: &str) -> Option<usize> {
+        self.conns
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.pc.live())
+            .max_by_key(|(_, h)| (h.pc.is_confirmed(), h.pc.dialer == preferred, h.seq))
+            .map(|(i, _)| i)
+    }
+
+    /// Drops closed connections and, once the best is confirmed (the peer has it too), takes
+    /// out the others this side dialed that could not become better than it, to be retired.
+    /// Connections the peer dialed are left
+    /// to it; of the spares (all but the best) only the newest [`MAX_SPARE`] stay, the rest
+    /// are returned to be closed now. Returns the change of path and (retire, close).
+    fn settle(&mut self, me: &str, preferred: &str) -> (PathChange, Vec<PeerConn>, Vec<PeerConn>) {
+        self.conns.retain(|h| h.pc.live());
+        let (mut retire, mut close) = (Vec::new(), Vec::new());
+        if let Some(b) = self.best(preferred) {
+            let best_id = self.conns[b].pc.conn.stable_id();
+            if self.conns[b].pc.is_confirmed() {
+                // Not ours of the preferred dialer while the best is the peer's: once
+                // confirmed, such a one becomes the best.
+                let best_preferred = self.conns[b].pc.dialer == preferred;
+                let (ours, rest): (Vec<Held>, Vec<Held>) = self.conns.drain(..).partition(|h| {
+                    h.pc.dialer == me
+                        && h.pc.conn.stable_id() != best_id
+                        && (best_preferred || h.pc.dialer != preferred)
+                });
+                self.conns = rest;
+                retire.extend(ours.into_iter().map(|h| h.pc));
+            }
+            // Oldest first: the spares past MAX_SPARE are the oldest.
+            self.conns.sort_by_key(|h| h.seq);
+            let spares = self.conns.len() - 1;
+            if spares > MAX_SPARE {
+                let mut n = spares - MAX_SPARE;
+                self.conns.retain(|h| {
+                    if n > 0 && h.pc.conn.stable_id() != best_id {
+                        n -= 1;
+                        close.push(h.pc.clone());
+                        false
+                    } else {
+                        true
+                    }
+                });
+            }
+        }
+        let now = self.best(preferred).map(|i| self.conns[i].pc.conn.clone());
+        let change = match (self.in_use, &now) {
+            (None, None) => PathChange::Same,
+            (Some(_), None) => PathChange::Lost,
+            (None, Some(c)) => PathChange::Up(c.clone()),
+            (Some(id), Some(c)) if id == c.stable_id() => PathChange::Same,
+            (Some(_), Some(c)) => PathChange::Moved(c.clone()),
+        };
+        if matches!(change, PathChange::Lost) {
+            // The next relayed stream may ask for a new round at once.
+            self.last_punch_request = None;
+        }
+        if matches!(change, PathChange::Up(_)) {
+            self.last_error = None;
+        }
+        self.in_use = now.map(|c| c.stable_id());
+        (change, retire, close)
     }
 }
 
