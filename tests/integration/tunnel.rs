@@ -243,6 +243,16 @@ fn node_cert(
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
 ) -> (String, String) {
+    device_cert(zd, name, &[Role::Node], not_before, not_after)
+}
+
+fn device_cert(
+    zd: &zone_core::zonedir::ZoneDir,
+    name: &str,
+    roles: &[Role],
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> (String, String) {
     let name = DeviceName::new(name).unwrap();
     let key = zd.key.derive_device(zd.domain(), &name);
     let cert = issue_device(
@@ -252,7 +262,7 @@ fn node_cert(
         &IssueRequest {
             domain: zd.domain(),
             name: &name,
-            roles: &[Role::Node],
+            roles,
             not_before,
             not_after,
         },
@@ -334,6 +344,42 @@ async fn a_device_is_disconnected_when_its_certificate_expires() {
     // And it does not get back in.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(gw.hub.agent("home1").is_none());
+    gw.shutdown.cancel();
+}
+
+/// The same the other way: an agent closes its link when the gateway's certificate expires
+/// (it stayed up for as long as the connection lived), and cannot get back in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_leaves_a_gateway_whose_certificate_expires() {
+    let z = TestZone::new(&["home1"]);
+    let zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
+    let now = OffsetDateTime::now_utc();
+    let lasts = time::Duration::seconds(8);
+    let (cert, _) = device_cert(
+        &zd,
+        "gw",
+        &[Role::Gateway],
+        now - time::Duration::days(1),
+        now + lasts,
+    );
+    std::fs::write(z.bundle("gw").cert, cert).unwrap();
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_secs(1)).await;
+    let h1 = start_echo_node(&z, &gw, "home1").await;
+    let link = h1.agent.links()[0].clone();
+    wait_until("the link up", WAIT, || link.status().state == "up").await;
+    wait_until(
+        "the link down at the gateway's certificate's end",
+        WAIT,
+        || link.status().state != "up",
+    )
+    .await;
+    let end = (now + lasts).replace_nanosecond(0).unwrap();
+    assert!(
+        OffsetDateTime::now_utc() >= end,
+        "left before the certificate expired"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_ne!(link.status().state, "up", "back on an expired gateway");
     gw.shutdown.cancel();
 }
 

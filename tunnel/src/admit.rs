@@ -8,10 +8,10 @@
 //! source address before it gets a handshake: spoofed-source floods (and clients that send one
 //! Initial and vanish) then cost one stateless Retry packet each instead of a handshake slot.
 //!
-//! A gate may also bound the handshakes of one source address and IPv6 site ([`AddressSlots`]):
-//! the agents' peer side does, so one host or site cannot hold every slot and keep the real
-//! peers' hole punching out. (The hub does not: every device of a home arrives from its one
-//! NAT address.)
+//! A gate may also bound the handshakes of one source address and IPv6 site ([`AddressSlots`]),
+//! so one host or site cannot hold every slot: the agents' peer side (real peers' hole
+//! punching) and the hub (agents reconnecting), the hub with room for a home's devices
+//! behind its one NAT address.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -402,6 +402,9 @@ impl Agent {
         let zone = self.cfg.creds.zone();
         let serial = zone.config.serial;
         let json = zone.to_json_compact();
+        if json.len() > proto::limits::MAX_ZONE_CONFIG {
+            return;
+        }
         for link in self.links().iter().filter(|l| l.name != from) {
             if let Some(ctl) = link.ctl() {
                 let json = json.clone();
@@ -773,6 +776,15 @@ impl Agent {
         link.set(|s| s.ctl = Some(ctl.clone()));
         let flows: Flows = Arc::default();
         link.set(|s| s.flows = Some(flows.clone()));
+        // The gateway's certificate was checked at the handshake; the link, up for as long
+        // as both like, must not outlive it (the hub does the same for ours).
+        if let Ok(id) = peer_identity(&conn) {
+            tokio::spawn(crate::hub::close_at_expiry(
+                conn.clone(),
+                link.name.clone(),
+                id.not_after,
+            ));
+        }
         let streams = tokio::spawn(self.clone().accept_streams(conn.clone(), link.name.clone()));
         let dgrams = tokio::spawn(read_datagrams(conn.clone(), flows.clone()));
         let reason = self
@@ -814,7 +826,9 @@ impl Agent {
                         link.set(|s| s.draining = true);
                         drain_deadline = Some(tokio::time::Instant::now() + Duration::from_millis(grace_ms as u64));
                     }
-                    Ok(Some(ev)) => self.on_event(link, conn, &ctl, &flows, ev),
+                    Ok(Some(ev)) => if let Some(end) = self.on_event(link, conn, &ctl, &flows, ev) {
+                        return end;
+                    },
                     Ok(None) => return "gateway closed the control stream".into(),
                     Err(e) => return transport::stream_end(conn, &e),
                 },
@@ -836,7 +850,7 @@ impl Agent {
         ctl: &ControlHandle,
         flows: &Flows,
         ev: Event,
-    ) {
+    ) -> Option<String> {
         match ev {
             Event::ConfigUpdate { zone_config, .. } => {
                 match self.cfg.creds.offer_zone(&zone_config) {
@@ -858,12 +872,16 @@ impl Agent {
                     f.stop.cancel();
                 }
             }
+            // The gateway's session has ended (an Error closes it at its end): reconnect
+            // rather than stay on a link that looks up and takes no command.
             Event::PeerError { code, message } => {
-                warn!(gateway = %link.name, ?code, %message, "gateway reported a control error")
+                warn!(gateway = %link.name, ?code, %message, "gateway reported a control error");
+                return Some(format!("gateway reported a control error: {message}"));
             }
             Event::PeerAddr(pa) => self.on_peer_addr(pa),
             other => debug!(event = ?other, "control event ignored"),
         }
+        None
     }
 
     /// Opens the local end of a UDP flow. The flow is in the table before this returns, on the
@@ -1223,9 +1241,16 @@ impl Agent {
                         return;
                     }
                 };
-                // The gateway allowed this peer this service, and Noise proved the peer:
-                // it may use it over a direct path too.
-                self.peers.grant(&peer, &service, &app);
+                // The gateway allowed this peer this service, and Noise proves the peer once
+                // its first frame opens (a handshake alone can be a replay): it may use the
+                // service over a direct path too.
+                let (peers, p, svc, a) = (
+                    self.peers.clone(),
+                    peer.clone(),
+                    service.clone(),
+                    app.clone(),
+                );
+                s.on_first_frame(move || peers.grant(&p, &svc, &a));
                 let m = splice(&mut s, &mut tcp).await;
                 let (inn, out) = (m.a_to_b, m.b_to_a);
                 self.peers.counters(&peer).record(false, out, inn);

@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
+use zone_core::config::MAX_SHARED_ZONE_JSON;
 use zone_core::zonedir::{read_cert_der, read_zone_json};
 use zone_core::{cert, DeviceIdentity, DeviceKey, DeviceName, Domain, SignedZone, ZoneTrust};
 
@@ -173,15 +174,27 @@ impl DeviceCreds {
     /// failed the same way.
     pub fn offer_zone(&self, bytes: &[u8]) -> Result<Option<u64>, TunnelError> {
         let offered = SignedZone::from_json(bytes)?;
-        let mut cur = self.zone.write().unwrap_or_else(|p| p.into_inner());
-        if offered.config.serial <= cur.config.serial {
+        if offered.config.serial <= self.zone_serial() {
             return Ok(None);
+        }
+        // Checked before the write lock: every reader of the zone (hellos, Noise key lookups)
+        // would wait on a signature check of whatever a device offers.
+        let size = offered.to_json_compact().len();
+        if size > MAX_SHARED_ZONE_JSON {
+            return Err(TunnelError::Config(format!(
+                "offered zone.json is {size} bytes, more than the {MAX_SHARED_ZONE_JSON} devices can pass on"
+            )));
         }
         offered.verify(&self.zone_key, OffsetDateTime::now_utc())?;
         if offered.config.domain != self.identity.domain {
             return Err(TunnelError::Config(
                 "offered zone.json is for another domain".into(),
             ));
+        }
+        let mut cur = self.zone.write().unwrap_or_else(|p| p.into_inner());
+        // Another offer may have been adopted while this one was checked.
+        if offered.config.serial <= cur.config.serial {
+            return Ok(None);
         }
         self.trust.set_revocations(&offered.config);
         let serial = offered.config.serial;

@@ -362,6 +362,8 @@ pub struct E2eStream<S> {
     /// Ciphertext sealed, not yet written to `inner`.
     wbuf: BytesMut,
     end_sealed: bool,
+    /// Run once the first frame from the peer opens ([`E2eStream::on_first_frame`]).
+    first_frame: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl<S> std::fmt::Debug for E2eStream<S> {
@@ -380,10 +382,19 @@ impl<S> E2eStream<S> {
             read_end: false,
             wbuf: BytesMut::new(),
             end_sealed: false,
+            first_frame: None,
         }
     }
     pub fn get_ref(&self) -> &S {
         &self.inner
+    }
+
+    /// Runs `f` once the first frame from the peer opens. A responder's handshake proves
+    /// nothing fresh: the initiator's first message can be replayed (by a relay that
+    /// recorded it) and is answered all the same. A frame that opens was sealed with keys
+    /// from this session's fresh ephemeral, so only the initiator can have made it.
+    pub fn on_first_frame(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.first_frame = Some(Box::new(f));
     }
 }
 
@@ -427,7 +438,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for E2eStream<S> {
             if this.read_end {
                 return Poll::Ready(Ok(()));
             }
-            match this.framer.open(&mut this.rbuf)? {
+            let opened = this.framer.open(&mut this.rbuf)?;
+            if opened.is_some() {
+                if let Some(f) = this.first_frame.take() {
+                    f();
+                }
+            }
+            match opened {
                 Some(Opened::Data(b)) => {
                     this.plain = b;
                     continue;
@@ -699,6 +716,63 @@ mod tests {
         n.unwrap();
         assert_eq!(back, data);
         assert_eq!(resp.await.unwrap(), data.len());
+    }
+
+    /// A replayed first handshake message is answered (Noise IK's first message carries
+    /// nothing fresh from the responder), but the replayer cannot make a frame that opens:
+    /// `on_first_frame` runs for the real initiator only. The agent grants direct-path
+    /// permits there (it granted them on the handshake, so a relay could renew them).
+    #[tokio::test]
+    async fn only_the_real_initiator_proves_itself_with_a_first_frame() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let a = SigningKey::from_bytes(&[1u8; 32]);
+        let b = SigningKey::from_bytes(&[2u8; 32]);
+        let (sa, sb) = (static_secret(&a), static_secret(&b));
+        let pa = static_public(&a.verifying_key());
+        let pb = static_public(&b.verifying_key());
+        let proven = Arc::new(AtomicUsize::new(0));
+        let counter = proven.clone();
+        let responder = move |y: tokio::io::DuplexStream| {
+            let (proven, sb) = (counter.clone(), sb.clone());
+            tokio::spawn(async move {
+                let mut s = respond(y, &sb, &pa, "a", "b", "svc").await.unwrap();
+                s.on_first_frame(move || {
+                    proven.fetch_add(1, Ordering::Relaxed);
+                });
+                let mut buf = [0u8; 64];
+                s.read(&mut buf).await
+            })
+        };
+        // The real initiator, its first message and first frame recorded.
+        let mut hs = Initiator::new(&sa, &pb, "a", "b", "svc").unwrap();
+        let mut first = BytesMut::new();
+        hs.write_first(&mut first).unwrap();
+        let (mut x, y) = tokio::io::duplex(4096);
+        let resp = responder(y);
+        x.write_all(&first).await.unwrap();
+        let body = read_frame(&mut x).await.unwrap();
+        let mut framer = hs.read_second(&body).unwrap();
+        let mut hello = BytesMut::new();
+        framer.seal(b"hello", &mut hello).unwrap();
+        x.write_all(&hello).await.unwrap();
+        assert_eq!(resp.await.unwrap().unwrap(), 5);
+        assert_eq!(proven.load(Ordering::Relaxed), 1);
+
+        // Both replayed to a new responder: the handshake is answered, the frame does not open.
+        let (mut x, y) = tokio::io::duplex(4096);
+        let resp = responder(y);
+        x.write_all(&first).await.unwrap();
+        read_frame(&mut x)
+            .await
+            .expect("a replayed first message is answered");
+        x.write_all(&hello).await.unwrap();
+        assert!(resp.await.unwrap().is_err(), "a replayed frame opened");
+        assert_eq!(
+            proven.load(Ordering::Relaxed),
+            1,
+            "the replay proved itself"
+        );
     }
 
     #[tokio::test]

@@ -3,7 +3,7 @@
 //! and drains on shutdown.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -38,6 +38,17 @@ pub const MAX_HANDSHAKES: usize = 256;
 /// Above this many handshakes in flight, unvalidated clients must first prove their address
 /// (QUIC Retry), which stops spoofed-source floods from costing a TLS handshake each.
 pub const RETRY_ABOVE: usize = 32;
+/// Handshakes in flight from one address (IPv6 /64; a /48 four times as many) not yet
+/// validated, and validated ones ([`crate::admit::AddressSlots`]): without them one host
+/// that answers Retry and then stalls its handshakes held all [`MAX_HANDSHAKES`] slots (26
+/// attempts a second, each held for the handshake timeout), and every agent that reconnected
+/// meanwhile was refused. A home's devices share its NAT's address, and a whole zone
+/// reconnecting after a gateway restart stays well within 32 at a time.
+pub const HANDSHAKES_PER_ADDRESS: usize = 16;
+pub const VALIDATED_PER_ADDRESS: usize = 32;
+/// Zone configs a device may offer that are refused (do not verify, wrong zone, too large)
+/// before its session is ended; a correct agent offers only configs it verified itself.
+pub const MAX_REFUSED_OFFERS: u32 = 8;
 /// Datagrams queued towards one UDP flow's public client before dropping (UDP semantics).
 pub const UDP_FLOW_QUEUE: usize = 256;
 /// Application close codes on the QUIC connection.
@@ -105,6 +116,8 @@ pub struct AgentLink {
     ctl: ControlHandle,
     flows: Mutex<HashMap<u32, mpsc::Sender<Bytes>>>,
     pub streams: AtomicU64,
+    /// Zone configs this session offered that were refused ([`MAX_REFUSED_OFFERS`]).
+    refused_offers: AtomicU32,
     /// Payload bytes sent to / received from the device over its connection: streams the
     /// gateway opens to it (public TCP, HTTP front, mesh relay's far side), mesh streams it
     /// opens, and UDP flows. Shared with the metered streams ([`QuicStream::metered`]).
@@ -147,6 +160,9 @@ struct Inner {
 
 #[derive(Debug, Default)]
 struct MeshPair {
+    /// The services of the latest relayed streams (at most [`PAIR_SERVICES`]): a punch
+    /// request is coordinated only while the policy still allows one of them.
+    services: Vec<String>,
     streams: u64,
     bytes_up: u64,
     bytes_down: u64,
@@ -154,6 +170,9 @@ struct MeshPair {
     last_relay: Option<Instant>,
     last_punch: Option<Instant>,
 }
+
+/// Services remembered per device pair ([`MeshPair::services`]).
+const PAIR_SERVICES: usize = 8;
 
 /// Records the bytes the relay forwards between devices, for tests that check what the
 /// gateway can see (it must be ciphertext only). Bounded: recording stops at `cap` bytes.
@@ -279,7 +298,13 @@ impl Hub {
             next_session: AtomicU64::new(rand::random::<u32>() as u64),
             draining: AtomicBool::new(false),
             work: TaskTracker::new(),
-            handshakes: HandshakeGate::new("tunnel hub", MAX_HANDSHAKES, RETRY_ABOVE),
+            handshakes: HandshakeGate::with_per_address(
+                "tunnel hub",
+                MAX_HANDSHAKES,
+                RETRY_ABOVE,
+                HANDSHAKES_PER_ADDRESS,
+                VALIDATED_PER_ADDRESS,
+            ),
             mesh: Mutex::new(HashMap::new()),
             tap: RwLock::new(None),
             hold_clock: Arc::default(),
@@ -318,16 +343,28 @@ impl Hub {
     }
 
     /// `link` asks to reach `peer` directly: send both each other's observed address.
-    /// Only for a pair whose relayed stream the policy already allowed, so punching never
-    /// tells a device the address of a peer it may not reach at all.
+    /// Only for a pair whose relayed stream the policy allowed and still allows (asked again
+    /// now: a pair once allowed kept its punching after the policy stopped allowing it), so
+    /// punching never tells a device the address of a peer it may not reach.
     fn coordinate_punch(&self, link: &Arc<AgentLink>, peer: &str) {
-        let relayed = {
+        let services = {
             let m = self.0.mesh.lock().unwrap_or_else(|p| p.into_inner());
             m.get(&(link.device.clone(), peer.to_owned()))
-                .is_some_and(|p| p.streams > 0)
+                .map(|p| p.services.clone())
+                .unwrap_or_default()
         };
+        let active = self.0.cfg.policy.current();
+        let now = Timestamp::now();
+        let relayed = services.iter().any(|service| {
+            active
+                .policy
+                .decide_mesh(&link.device, &link.roles, peer, service, now)
+                .decision
+                .is_allow()
+        });
+        drop(active);
         let Some(other) = self.agent(peer).filter(|_| relayed && peer != link.device) else {
-            debug!(device = %link.device, peer = %peer, "punch request ignored: peer offline or no relayed stream to it yet");
+            debug!(device = %link.device, peer = %peer, "punch request ignored: peer offline, or no relayed stream to it the policy allows");
             return;
         };
         let due = self.mesh_pair(&link.device, peer, |p| {
@@ -545,7 +582,11 @@ impl Hub {
             self.adopt_zone(z, &device);
         }
         let ours = creds.zone();
-        let zone_config = (hello.zone_serial < ours.config.serial).then(|| ours.to_json_compact());
+        // A config too large for the message (only one loaded from a file at start can be:
+        // offers and new configs are bounded) is left out rather than failing the Welcome.
+        let zone_config = (hello.zone_serial < ours.config.serial)
+            .then(|| ours.to_json_compact())
+            .filter(|z| z.len() <= crate::proto::limits::MAX_ZONE_CONFIG);
         let session_id = self.0.next_session.fetch_add(1, Ordering::Relaxed);
         io.session
             .welcome(Welcome {
@@ -579,6 +620,7 @@ impl Hub {
             ctl,
             flows: Mutex::new(HashMap::new()),
             streams: AtomicU64::new(0),
+            refused_offers: AtomicU32::new(0),
             bytes_to: Arc::default(),
             bytes_from: Arc::default(),
             holds: Holds::new(self.0.hold_clock.clone()),
@@ -599,6 +641,14 @@ impl Hub {
         if creds.trust.is_revoked(&id.name) {
             warn!(device = %device, "device revoked by a zone config adopted during its handshake: disconnecting");
             conn.close(CLOSE_REVOKED.into(), b"device revoked");
+            self.forget(&device, session_id);
+            return Ok(());
+        }
+        // A drain that began during this handshake told only the agents in the table then:
+        // this one would take it for a working gateway and send it work to be refused.
+        if self.is_draining() {
+            info!(device = %device, "gateway draining: new connection closed (the agent uses another gateway)");
+            conn.close(CLOSE_SHUTDOWN.into(), b"gateway shutting down");
             self.forget(&device, session_id);
             return Ok(());
         }
@@ -651,7 +701,9 @@ impl Hub {
             }
             tokio::select! {
                 ev = io.next_event() => match ev {
-                    Ok(Some(ev)) => self.on_event(link, ev),
+                    Ok(Some(ev)) => if let Some(end) = self.on_event(link, ev) {
+                        return end;
+                    },
                     Ok(None) => return "agent closed the control stream".into(),
                     Err(e) => return transport::stream_end(&link.conn, &e),
                 },
@@ -666,13 +718,28 @@ impl Hub {
         }
     }
 
-    fn on_event(&self, link: &Arc<AgentLink>, ev: Event) {
+    /// Acts on one control event; `Some(why)` ends the session.
+    fn on_event(&self, link: &Arc<AgentLink>, ev: Event) -> Option<String> {
         match ev {
             Event::ServicesUpdate { services } => {
                 info!(device = %link.device, services = ?services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), "services changed");
                 *link.services.write().unwrap_or_else(|p| p.into_inner()) = services;
             }
-            Event::ConfigUpdate { zone_config, .. } => self.adopt_zone(&zone_config, &link.device),
+            Event::ConfigUpdate { zone_config, .. } => {
+                if let Err(e) = self.adopt_zone_from(&zone_config, &link.device) {
+                    // Each costs a parse and maybe a signature check, and a warning: a
+                    // device sending them by the thousand would flood the log.
+                    let n = link.refused_offers.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n == 1 {
+                        warn!(from = %link.device, error = %e, "refused zone config offered by a device");
+                    } else {
+                        debug!(from = %link.device, error = %e, "refused zone config offered by a device");
+                    }
+                    if n >= MAX_REFUSED_OFFERS {
+                        return Some(format!("{n} zone configs offered that do not verify"));
+                    }
+                }
+            }
             Event::UdpFlowClose { flow_id } => {
                 link.flows
                     .lock()
@@ -680,11 +747,15 @@ impl Hub {
                     .remove(&flow_id);
             }
             Event::PunchRequest { device } => self.coordinate_punch(link, &device),
+            // The agent's session has ended (an Error closes it at its end): every command
+            // sent from now on would fail unseen while the device looked connected.
             Event::PeerError { code, message } => {
                 warn!(device = %link.device, ?code, %message, "agent reported a control error");
+                return Some(format!("agent reported a control error: {message}"));
             }
             other => debug!(device = %link.device, event = ?other, "control event ignored"),
         }
+        None
     }
 
     /// A peer offered a zone.json: adopt it if newer and valid, push it to every agent, and
@@ -864,6 +935,12 @@ impl Hub {
             self.mesh_pair(&link.device, &to_device, |p| {
                 p.streams += 1;
                 p.last_relay = Some(Instant::now());
+                if !p.services.contains(&service) {
+                    if p.services.len() >= PAIR_SERVICES {
+                        p.services.remove(0);
+                    }
+                    p.services.push(service.clone());
+                }
             });
         }
         // Test hook: what a relay forwards between devices (end to end encrypted).

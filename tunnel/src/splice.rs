@@ -274,8 +274,8 @@ where
         b.abort();
     }
     Moved {
-        a_to_b: a_b.read,
-        b_to_a: b_a.read,
+        a_to_b: a_b.written,
+        b_to_a: b_a.written,
         error: r.err(),
         stopped,
     }
@@ -299,8 +299,9 @@ struct Pump {
     room: ReadRoom,
     /// Read and not yet written.
     chunks: VecDeque<Bytes>,
-    /// Bytes read so far.
-    read: u64,
+    /// Bytes written so far: what reached the other end (read and not yet written is not
+    /// moved, and is lost when the copy fails).
+    written: u64,
     read_done: bool,
     /// Written since the last flush (flushed before waiting on the reader).
     unflushed: bool,
@@ -320,7 +321,7 @@ impl Pump {
             if self.chunks.is_empty() && !self.read_done {
                 match r.poll_read_chunks(cx, &mut self.room, &mut self.chunks) {
                     Poll::Ready(Ok(0)) => self.read_done = true,
-                    Poll::Ready(Ok(n)) => self.read += n as u64,
+                    Poll::Ready(Ok(_)) => {}
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
                         if self.unflushed {
@@ -336,6 +337,7 @@ impl Pump {
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
+                self.written += n as u64;
                 self.unflushed = true;
             }
             if self.read_done {

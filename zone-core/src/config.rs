@@ -25,6 +25,11 @@ const SIGNING_CONTEXT: &[u8] = b"zonegate-zone-config-v1\n";
 pub const DEFAULT_VALID_DAYS: i64 = 365;
 /// Largest zone.json we accept: far above any real zone (hundreds of devices), far below memory trouble.
 pub const MAX_ZONE_JSON: usize = 256 * 1024;
+/// Largest zone config (compact JSON) that can be passed on: devices carry it in tunnel
+/// control messages (60 KiB at most) and the zone's DNS serves it as TXT chunks in one answer
+/// (a 64 KiB message over TCP holds about 42 KiB of it). Anything larger could never reach
+/// every device, so it is never made ([`crate::zonedir`]) nor adopted.
+pub const MAX_SHARED_ZONE_JSON: usize = 40 * 1024;
 
 /// A gateway of the zone and the public addresses agents dial.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use time::OffsetDateTime;
 
 use crate::cert::{self, DeviceCert, IssueRequest};
-use crate::config::{trunc_now, DeviceEntry, GatewayEntry, Revocation, SignedZone, ZoneConfig};
+use crate::config::{
+    trunc_now, DeviceEntry, GatewayEntry, Revocation, SignedZone, ZoneConfig, MAX_SHARED_ZONE_JSON,
+};
 use crate::error::ZoneError;
 use crate::keys::{DeviceKey, ZoneKey};
 use crate::names::{DeviceName, Domain, Role};
@@ -195,6 +197,14 @@ impl ZoneDir {
         config.issued_at = now;
         config.expires_at = now + valid;
         let signed = config.sign(&self.key)?;
+        let size = signed.to_json_compact().len();
+        if size > MAX_SHARED_ZONE_JSON {
+            return Err(ZoneError::Usage(format!(
+                "the zone config would be {size} bytes, more than the {MAX_SHARED_ZONE_JSON} devices can pass on (tunnel messages, DNS answers): nothing was changed (the zone lists {} devices and {} revocations)",
+                signed.config.devices.len(),
+                signed.config.revoked.len()
+            )));
+        }
         write_atomic(
             &self.dir.join(ZONE_JSON_FILE),
             signed.to_json_pretty().as_bytes(),
@@ -484,6 +494,34 @@ mod tests {
         assert_eq!(next_serial(3, t), secs);
         assert_eq!(next_serial(secs, t), secs + 1);
         assert_eq!(next_serial(secs + 5, t), secs + 6);
+    }
+
+    /// A change that would make the zone config too large to pass on is refused and leaves
+    /// zone.json as it was (a 60 KiB+ config used to be saved, then every gateway failed to
+    /// send it and took every tunnel down).
+    #[test]
+    fn a_zone_config_too_large_to_pass_on_is_never_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let mut z = ZoneDir::init(dir.path(), Domain::new("big.example").unwrap(), now).unwrap();
+        let mut added = 0;
+        let err = loop {
+            let name = DeviceName::new(&format!("device{added}")).unwrap();
+            match z.add_device(&name, &[Role::Node], &[], now, 90) {
+                Ok(_) => added += 1,
+                Err(e) => break e,
+            }
+            assert!(added < 10_000, "never refused");
+        };
+        let msg = err.to_string();
+        assert!(msg.contains("more than the 40960"), "{msg}");
+        assert!(msg.contains("nothing was changed"), "{msg}");
+        assert!(added > 50, "refused at {added} devices");
+        let on_disk = read_zone_json(&dir.path().join(ZONE_JSON_FILE)).unwrap();
+        assert_eq!(on_disk.config.devices.len(), added);
+        assert!(on_disk.to_json_compact().len() <= MAX_SHARED_ZONE_JSON);
+        // A revocation always fits: it drops the device's entry, larger than its own.
+        z.revoke(&DeviceName::new("device0").unwrap(), now).unwrap();
     }
 
     /// Writers of one process at once (a gateway adopting offers from several agents) each
