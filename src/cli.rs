@@ -109,9 +109,9 @@ pub enum PolicyCmd {
         /// HTTP path
         #[arg(long)]
         path: Option<String>,
-        /// HTTP method
-        #[arg(long, default_value = "GET")]
-        method: String,
+        /// HTTP method (default GET)
+        #[arg(long, conflicts_with = "to")]
+        method: Option<String>,
         /// Mesh target DEVICE/SERVICE (instead of --host/--path)
         #[arg(long, conflicts_with_all = ["host", "path"])]
         to: Option<String>,
@@ -177,7 +177,7 @@ pub struct VerifyArgs {
     #[arg(long, value_name = "SERIAL")]
     pub known_serial: Option<u64>,
     /// DNS server to ask with --dns, as IP:PORT
-    #[arg(long, value_name = "IP:PORT")]
+    #[arg(long, value_name = "IP:PORT", conflicts_with_all = ["file", "text"])]
     pub server: Option<SocketAddr>,
 }
 

@@ -236,7 +236,15 @@ async fn run_async(dir: PathBuf, check: bool) -> anyhow::Result<()> {
     let hub = gw.hub().clone();
     let dns_addr = gw.dns_addr();
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(gw.run());
+    {
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = gw.run().await {
+                tracing::error!(error = %e, "demo gateway stopped");
+                shutdown.cancel();
+            }
+        });
+    }
 
     // The two node agents.
     let fwd: SocketAddr = format!("127.0.0.1:{}", free_tcp()?).parse()?;

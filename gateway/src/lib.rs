@@ -18,4 +18,4 @@ pub mod per_ip;
 pub mod run;
 pub mod udp_app;
 
-pub use run::{Gateway, GatewayOptions};
+pub use run::{Gateway, GatewayOptions, RunError};

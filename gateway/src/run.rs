@@ -92,6 +92,13 @@ pub enum StartError {
     Dns(#[from] name_resolver::DnsError),
 }
 
+/// Why a started gateway stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("the zone DNS server stopped ({0}): the gateway stopped with it, since nodes fetch the zone config from it (a service manager restarts it)")]
+    Dns(name_resolver::DnsError),
+}
+
 /// Binds a public HTTP(S) port, with a message that says what to do when it fails.
 async fn bind_public(what: &str, key: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     tunnel::sockets::tcp(addr).map_err(|e| {
@@ -271,8 +278,10 @@ impl Gateway {
             .collect()
     }
 
-    /// Serves until the shutdown token fires, then drains.
-    pub async fn run(self) {
+    /// Serves until the shutdown token fires, then drains. A part that stops on its own (the
+    /// DNS server) stops the whole gateway, drained, with its error: a gateway half up would
+    /// look healthy to its service manager.
+    pub async fn run(self) -> Result<(), RunError> {
         let Gateway {
             opts,
             hub,
@@ -287,14 +296,21 @@ impl Gateway {
             dns,
             shutdown,
         } = self;
+        let fatal: Arc<std::sync::Mutex<Option<RunError>>> = Arc::default();
         if let Some((dns, records)) = dns {
             // Answers follow the gateway's current zone config: a newer zone.json adopted from
             // an agent is served within a second, with its serial in the SOA.
             let creds = opts.creds.clone();
             let token = shutdown.clone();
+            let fatal = fatal.clone();
             tokio::spawn(async move {
-                if let Err(e) = dns.run_with(records, move || creds.zone(), token).await {
-                    tracing::error!(error = %e, "DNS server stopped");
+                if let Err(e) = dns
+                    .run_with(records, move || creds.zone(), token.clone())
+                    .await
+                {
+                    tracing::error!(error = %e, "DNS server stopped: stopping the gateway");
+                    *fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(RunError::Dns(e));
+                    token.cancel();
                 }
             });
         }
@@ -373,6 +389,11 @@ impl Gateway {
         hub.serve(endpoint, shutdown.clone(), opts.grace).await;
         reconcile.abort();
         info!("gateway stopped");
+        let stopped_by = fatal.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match stopped_by {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }
 

@@ -74,15 +74,22 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
                     roles: &role_refs,
                     ip: None,
                 },
+                None if !role_refs.is_empty() => {
+                    return Err(UsageError(format!(
+                        "--role is for --from device:NAME; a public client ({from}) has no roles"
+                    ))
+                    .into())
+                }
                 None => Requester::Public {
                     ip: from.parse::<IpAddr>().map_err(|_| {
                         UsageError(format!("--from {from:?}: an IP address or device:NAME"))
                     })?,
                 },
             };
+            let method = method.as_deref().unwrap_or("GET");
             println!(
                 "{}",
-                policy.explain_http(&who, &host, Some(&method), &path, now)
+                policy.explain_http(&who, &host, Some(method), &path, now)
             );
             Ok(())
         }

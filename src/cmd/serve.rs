@@ -154,7 +154,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         let gw = gateway::Gateway::bind(opts, shutdown.clone()).await?;
         tokio::spawn(on_signal(shutdown.clone()));
         tokio::spawn(crate::memory::release_freed_memory());
-        gw.run().await;
+        gw.run().await?;
         Ok(())
     })
 }

@@ -105,6 +105,21 @@ fn device_move_readdresses_a_gateway_and_refuses_the_rest() {
         "--ca",
         &format!("{zs}/zone-ca.crt"),
     ]);
+    // --server goes with --dns only (with --file it was accepted and ignored).
+    let e = fails(
+        2,
+        [
+            "zone",
+            "verify",
+            "--file",
+            &format!("{zs}/zone.json"),
+            "--ca",
+            &format!("{zs}/zone-ca.crt"),
+            "--server",
+            "127.0.0.1:53",
+        ],
+    );
+    assert!(e.contains("--server"), "{e}");
 
     let before = std::fs::read(z.join("zone.json")).unwrap();
     // A usage error (2) where the command line asks for what cannot be; 1 for a name the zone
@@ -622,6 +637,41 @@ fn policy_check_and_explain() {
         "home2/etcd",
     ]);
     assert!(out.contains("peers"), "{out}");
+    // Options that would be ignored are refused (they were accepted and had no effect).
+    let e = fails(
+        2,
+        [
+            "policy",
+            "explain",
+            "--dir",
+            d,
+            "--from",
+            "device:home3",
+            "--to",
+            "home2/etcd",
+            "--method",
+            "PUT",
+        ],
+    );
+    assert!(e.contains("--method"), "{e}");
+    let e = fails(
+        2,
+        [
+            "policy",
+            "explain",
+            "--dir",
+            d,
+            "--from",
+            "198.51.100.7",
+            "--role",
+            "admin",
+            "--host",
+            "alice.example",
+            "--path",
+            "/dfs/x",
+        ],
+    );
+    assert!(e.contains("--role is for --from device:NAME"), "{e}");
     std::fs::write(
         dir.join("broken.toml"),
         "[app.x]\nmesh = true\nto = \"nowhere\"\nbogus = 1\n",

@@ -320,7 +320,7 @@ pub async fn run_gateway(opts: gateway::GatewayOptions) -> RunningGateway {
     let apps = gw.app_addrs();
     let admin = gw.admin_addr();
     let hub = gw.hub().clone();
-    let task = tokio::spawn(gw.run());
+    let task = tokio::spawn(async move { gw.run().await.expect("the gateway stopped on its own") });
     RunningGateway {
         shutdown,
         apps,
