@@ -154,15 +154,20 @@ pub fn tcp_connections_per_ip(file: &Path, n: Option<usize>) -> Result<usize, Us
     )
 }
 
-/// The per-client flow limit of each `udp` app: 1 to the flows an app keeps.
-pub fn udp_flows_per_ip(file: &Path, n: Option<usize>) -> Result<usize, UsageError> {
+/// The per-client flow limit of each `udp` app: 1 to the flows an app keeps (`per_app`),
+/// by default a sixteenth of them.
+pub fn udp_flows_per_ip(
+    file: &Path,
+    n: Option<usize>,
+    per_app: usize,
+) -> Result<usize, UsageError> {
     per_client_limit(
         file,
         "udp_flows_per_ip",
         n,
-        gateway::listeners::UDP_FLOWS_PER_IP,
-        gateway::listeners::MAX_UDP_CLIENTS,
-        "the flows one udp app keeps",
+        (per_app / 16).max(1),
+        per_app,
+        "udp_flows_per_app, the flows one udp app keeps",
     )
 }
 
@@ -466,6 +471,12 @@ mod tests {
     #[test]
     fn per_client_connection_limits_are_bounded_with_a_clear_error() {
         let f = Path::new("gateway.toml");
+        // The per-address UDP limit follows the app's: a sixteenth by default, at most all.
+        assert_eq!(udp_flows_per_ip(f, None, 4096).unwrap(), 256);
+        assert_eq!(udp_flows_per_ip(f, None, 128).unwrap(), 8);
+        assert_eq!(udp_flows_per_ip(f, None, 8).unwrap(), 1);
+        let e = udp_flows_per_ip(f, Some(200), 128).unwrap_err().to_string();
+        assert!(e.contains("expected 1 to 128 (udp_flows_per_app"), "{e}");
         assert_eq!(
             tcp_connections_per_ip(f, None).unwrap(),
             gateway::listeners::TCP_CONNECTIONS_PER_IP
@@ -480,7 +491,9 @@ mod tests {
                     && e.contains("expected 1 to 32768"),
                 "{e}"
             );
-            let e = udp_flows_per_ip(f, Some(bad)).unwrap_err().to_string();
+            let e = udp_flows_per_ip(f, Some(bad), 4096)
+                .unwrap_err()
+                .to_string();
             assert!(
                 e.contains("gateway.toml: udp_flows_per_ip") && e.contains("expected 1 to 4096"),
                 "{e}"

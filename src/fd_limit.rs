@@ -18,6 +18,10 @@ pub const LOW: u64 = 8192;
 /// by default), macOS more than `OPEN_MAX`, and a hard limit of "unlimited" would fail.
 pub const MOST: u64 = 1 << 20;
 
+/// Tried when the system refuses the hard limit itself (EINVAL): macOS reports an unlimited
+/// hard limit but takes at most `OPEN_MAX` (10,240) per process.
+const FALLBACK: u64 = 10_240;
+
 /// The soft and hard `RLIMIT_NOFILE` now.
 #[allow(unsafe_code)]
 pub fn open_files() -> std::io::Result<(u64, u64)> {
@@ -48,10 +52,17 @@ pub fn raise_open_files() {
     let mut now = soft;
     let want = hard.min(MOST);
     if soft < want {
-        match set_open_files(want) {
-            Ok(()) => {
-                info!(from = soft, to = want, "open files limit raised");
-                now = want;
+        let mut r = set_open_files(want).map(|()| want);
+        if matches!(&r, Err(e) if e.raw_os_error() == Some(libc::EINVAL))
+            && soft < FALLBACK
+            && FALLBACK < want
+        {
+            r = set_open_files(FALLBACK).map(|()| FALLBACK);
+        }
+        match r {
+            Ok(to) => {
+                info!(from = soft, to, "open files limit raised");
+                now = to;
             }
             Err(e) => {
                 warn!(from = soft, to = want, error = %e, "cannot raise the open files limit")

@@ -12,6 +12,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+/// Admin connections served at once; more are closed as they come. The API is for a
+/// monitoring scraper and a person's browser: a client holding hundreds would take file
+/// descriptors the public traffic shares.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a connection may take to send a request's headers (and, kept alive, to start
+/// its next request).
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Produces the JSON body of `/status` on demand.
 pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 /// Produces a text body on demand (`/metrics`, the status page).
@@ -56,8 +64,9 @@ pub async fn serve_with(
         };
         info!(addr = %a, paths, "admin API listening");
     }
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -65,9 +74,14 @@ pub async fn serve_with(
                 Err(_) => { tokio::time::sleep(std::time::Duration::from_millis(50)).await; continue }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(client = %peer, max = MAX_CONNECTIONS, "admin connection refused: too many open");
+            continue;
+        };
         let status = status.clone();
         let extras = extras.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let status = status.clone();
                 let extras = extras.clone();
@@ -105,6 +119,8 @@ pub async fn serve_with(
             });
             let io = hyper_util::rt::TokioIo::new(tcp);
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(io, svc)
                 .await
             {

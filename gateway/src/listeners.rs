@@ -188,7 +188,15 @@ impl Listeners {
                     );
                 }
                 Err(e) => {
-                    let msg = format!("app {app}: cannot listen on {:?} {}: {e}", key.0, key.1);
+                    // The gateway's own sockets' error says what to do already.
+                    let hint = match own {
+                        Some(_) => String::new(),
+                        None => crate::run::bind_hint(&e, key.1, "give the app another address"),
+                    };
+                    let msg = format!(
+                        "app {app}: cannot listen on {:?} {}: {e}{hint}",
+                        key.0, key.1
+                    );
                     if self.failed.get(&key) != Some(&msg) {
                         errors.push(msg.clone());
                     }

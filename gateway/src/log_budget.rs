@@ -44,6 +44,11 @@ impl LogBudget {
         self.used += 1;
         Some(std::mem::take(&mut self.unlogged))
     }
+
+    /// The events not logged since the last line (and forgets them): for a last line.
+    pub fn unlogged(&mut self) -> u64 {
+        std::mem::take(&mut self.unlogged)
+    }
 }
 
 #[cfg(test)]

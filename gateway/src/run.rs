@@ -97,22 +97,34 @@ pub enum StartError {
 pub enum RunError {
     #[error("the zone DNS server stopped ({0}): the gateway stopped with it, since nodes fetch the zone config from it (a service manager restarts it)")]
     Dns(name_resolver::DnsError),
+    #[error("the zone DNS server's task failed ({0}): the gateway stopped with it (a service manager restarts it)")]
+    DnsTask(String),
 }
 
 /// Binds a public HTTP(S) port, with a message that says what to do when it fails.
 async fn bind_public(what: &str, key: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     tunnel::sockets::tcp(addr).map_err(|e| {
-        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied && addr.port() < 1024 {
-            format!(
-                " (ports below 1024 need root or CAP_NET_BIND_SERVICE: `setcap cap_net_bind_service=+ep $(which zonegate)`, or set `{key} = \"0.0.0.0:PORT\"` or `{key} = \"off\"` in gateway.toml)"
-            )
-        } else if e.kind() == std::io::ErrorKind::AddrInUse {
-            format!(" (another program uses it; stop it, or set `{key} = \"IP:PORT\"` or `{key} = \"off\"` in gateway.toml)")
-        } else {
-            String::new()
-        };
+        let fix = format!("set `{key} = \"IP:PORT\"` or `{key} = \"off\"` in gateway.toml");
+        let hint = bind_hint(&e, addr, &fix);
         StartError::Bind(format!("{what}: cannot listen on {addr}: {e}{hint}"))
     })
+}
+
+/// What to do about a failed bind of `addr`, ending with `fix` (the setting to change), or
+/// nothing for errors without a usual cause.
+pub(crate) fn bind_hint(e: &std::io::Error, addr: SocketAddr, fix: &str) -> String {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => format!(
+            " (ports below 1024 need root or CAP_NET_BIND_SERVICE: `setcap cap_net_bind_service=+ep $(which zonegate)`; or {fix})"
+        ),
+        std::io::ErrorKind::AddrInUse => {
+            format!(" (another program, or another listener of this gateway, uses it: {fix})")
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            format!(" (no interface of this machine has that address: {fix})")
+        }
+        _ => String::new(),
+    }
 }
 
 /// Names of the self-signed certificate: the zone domain, its wildcard, and every host of
@@ -148,8 +160,9 @@ impl Gateway {
         let mut forwards = Vec::new();
         for f in &opts.forwards {
             let l = TcpListener::bind(f.listen).await.map_err(|e| {
+                let hint = bind_hint(&e, f.listen, "give the [[forward]] another `listen`");
                 StartError::Bind(format!(
-                    "forward {} -> {}/{}: cannot listen: {e}",
+                    "forward {} -> {}/{}: cannot listen: {e}{hint}",
                     f.listen, f.device, f.service
                 ))
             })?;
@@ -303,15 +316,17 @@ impl Gateway {
             let creds = opts.creds.clone();
             let token = shutdown.clone();
             let fatal = fatal.clone();
+            let serving = tokio::spawn(dns.run_with(records, move || creds.zone(), token.clone()));
+            // Watched from outside its task: a panic in it ends the gateway too.
             tokio::spawn(async move {
-                if let Err(e) = dns
-                    .run_with(records, move || creds.zone(), token.clone())
-                    .await
-                {
-                    tracing::error!(error = %e, "DNS server stopped: stopping the gateway");
-                    *fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(RunError::Dns(e));
-                    token.cancel();
-                }
+                let stopped = match serving.await {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => RunError::Dns(e),
+                    Err(e) => RunError::DnsTask(e.to_string()),
+                };
+                tracing::error!(error = %stopped, "stopping the gateway");
+                *fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(stopped);
+                token.cancel();
             });
         }
         let started = Instant::now();

@@ -29,14 +29,26 @@ use crate::listeners::{app_at, still_allowed, Kind};
 use crate::log_budget::LogBudget;
 use crate::per_ip::{IpSlot, PerIp};
 
-/// A flow the device never answered ends after this long without a datagram (conntrack's
-/// timeout for unreplied UDP), whatever `udp_flow_idle` says: each forged source address
-/// then holds a slot of the table for 30 s, not two minutes.
+/// A flow the device never answered that carried at most [`PROBE_DATAGRAMS`] of the client's
+/// datagrams ends after this long without one (conntrack's timeout for unreplied UDP),
+/// whatever `udp_flow_idle` says: each forged source address then holds a slot of the table
+/// for 30 s, not two minutes. A client that keeps sending to a silent service (syslog,
+/// statsd) has its flow kept for `udp_flow_idle` like any other.
 pub const UNANSWERED_IDLE: Duration = Duration::from_secs(30);
-/// A full table ends the flows the device never answered that have been quiet this long...
+/// See [`UNANSWERED_IDLE`]: a forged source sends one datagram, a probe a few.
+const PROBE_DATAGRAMS: u64 = 3;
+/// A full table ends the flows the device never answered that have been quiet this long
+/// (and flows already closed by the device)...
 const EVICT_QUIET: Duration = Duration::from_secs(1);
-/// ...looking for them at most this often (the search walks the whole table).
+/// ...looking for them at most this often (the search walks the whole table)...
 const EVICT_EVERY: Duration = Duration::from_millis(250);
+/// ...and ending at most this share of the table each time: under a flood of forged sources
+/// every ended flow is replaced by one the device has to open, so this bounds that work
+/// (4,096 flows: at most 1,024 opens a second).
+const EVICT_SHARE: usize = 16;
+/// An open that has not reported back after the tunnel's open timeout and this much more is
+/// given up (its task cannot have outlived the timeout unless it failed).
+const OPEN_MARGIN: Duration = Duration::from_secs(5);
 /// A client's datagrams kept while its flow opens; later ones are dropped (and counted).
 const OPENING_QUEUE: usize = 16;
 /// Log lines a second, per app socket, of refused or failed flows and of flows that ended
@@ -75,9 +87,11 @@ struct Entry {
     started: Instant,
     /// Datagrams either way: a client that only sends (syslog, statsd) is still in use.
     activity: Arc<FlowActivity>,
-    /// Ends the open while it runs, then the task passing the device's datagrams back.
+    /// Ends the task passing the device's datagrams back.
     stop: CancellationToken,
     bytes_in: u64,
+    /// The client's datagrams passed on.
+    datagrams_in: u64,
     /// The client's datagrams not passed on: too large for the tunnel, or past
     /// [`OPENING_QUEUE`] while the flow opened.
     dropped: u64,
@@ -110,11 +124,14 @@ impl Entry {
             return;
         };
         match flow.send(data) {
-            Ok(()) => self.bytes_in += data.len() as u64,
+            Ok(()) => {
+                self.bytes_in += data.len() as u64;
+                self.datagrams_in += 1;
+            }
             Err(e) => {
                 self.dropped += 1;
                 if self.dropped == 1 {
-                    warn!(app = %self.app, client = %Client(self.client), error = %e, "UDP datagram from the client dropped (further drops of this flow are counted in its done line)");
+                    warn!(app = %self.app, device = %self.target.device, client = %Client(self.client), error = %e, "UDP datagram from the client dropped (further drops of this flow are counted in its done line)");
                 }
             }
         }
@@ -127,21 +144,34 @@ impl Entry {
         }
     }
 
-    /// Why the sweep ends this flow, if it does.
-    fn expired(&self, idle: Duration) -> Option<&'static str> {
+    /// Why the sweep ends this flow, if it does; `open_limit` bounds an open.
+    fn expired(&self, idle: Duration, open_limit: Duration) -> Option<&'static str> {
         let State::Open { flow, .. } = &self.state else {
-            // Bounded by the open's own timeout.
-            return None;
+            return (self.started.elapsed() >= open_limit).then_some("open never finished");
         };
         let quiet = self.activity.quiet_for();
         if !flow.is_alive() {
             Some("closed by the device or its tunnel")
         } else if quiet >= idle {
             Some("idle")
-        } else if !self.answered() && quiet >= UNANSWERED_IDLE {
+        } else if !self.answered()
+            && self.datagrams_in <= PROBE_DATAGRAMS
+            && quiet >= UNANSWERED_IDLE
+        {
             Some("never answered")
         } else {
             None
+        }
+    }
+
+    /// Whether a full table may end it for a newcomer: closed by the device, or never
+    /// answered and quiet for [`EVICT_QUIET`].
+    fn evictable(&self) -> bool {
+        match &self.state {
+            State::Open { flow, .. } => {
+                !flow.is_alive() || (!self.answered() && self.activity.quiet_for() >= EVICT_QUIET)
+            }
+            State::Opening(_) => false,
         }
     }
 }
@@ -159,8 +189,11 @@ struct AppSocket {
     opened: mpsc::UnboundedSender<Opened>,
     /// When a full table last looked for flows to end.
     last_eviction: Option<Instant>,
-    /// Lines of refusals, failed opens and flows that ended unanswered.
-    lines: LogBudget,
+    /// Log lines of refused flows, of failed opens, and of flows that ended unanswered:
+    /// each kind is what a flood causes, each has its own budget.
+    refused_lines: LogBudget,
+    failed_lines: LogBudget,
+    unanswered_lines: LogBudget,
     stop: CancellationToken,
 }
 
@@ -187,7 +220,9 @@ pub async fn run(
         next_id: 0,
         opened,
         last_eviction: None,
-        lines: LogBudget::new(LINES_PER_SECOND),
+        refused_lines: LogBudget::new(LINES_PER_SECOND),
+        failed_lines: LogBudget::new(LINES_PER_SECOND),
+        unanswered_lines: LogBudget::new(LINES_PER_SECOND),
         stop: stop.clone(),
     };
     let mut buf = vec![0u8; UDP_READ];
@@ -209,6 +244,17 @@ pub async fn run(
     }
     for (_, e) in std::mem::take(&mut s.flows) {
         s.end(e, "listener stopped");
+    }
+    let unlogged = [
+        &mut s.refused_lines,
+        &mut s.failed_lines,
+        &mut s.unanswered_lines,
+    ]
+    .into_iter()
+    .map(|b| b.unlogged())
+    .sum::<u64>();
+    if unlogged > 0 {
+        info!(addr = %listen, unlogged, "UDP listener stopped: refusals, failures and unanswered flows not logged");
     }
 }
 
@@ -254,13 +300,6 @@ impl AppSocket {
         // As written, for the device, logs and limits: an IPv4 client on a `[::]` socket
         // arrives as `::ffff:a.b.c.d`.
         let client = tunnel::sockets::canonical(peer);
-        if self.flows.len() >= self.max_flows && !self.make_room(&app.name) {
-            state.counters.refused(Refusal::ConnectionLimit);
-            if let Some(unlogged) = self.lines.take() {
-                warn!(app = %app.name, client = %Client(client), flows = self.flows.len(), unlogged, "UDP flow refused: the app's table is full of flows in use (udp_flows_per_app in gateway.toml)");
-            }
-            return;
-        }
         // The first refusal of a run is logged by `per_ip`.
         let Some(slot) = self.per_ip.admit(client.ip()) else {
             state.counters.refused(Refusal::ConnectionLimit);
@@ -273,15 +312,23 @@ impl AppSocket {
                 .decide(app, &who, None, None, Timestamp::now())
         {
             state.counters.refused(Refusal::Denied(reason));
-            if let Some(unlogged) = self.lines.take() {
+            if let Some(unlogged) = self.refused_lines.take() {
                 info!(app = %app.name, client = %Client(client), reason = %reason, unlogged, "UDP flow refused by policy");
             }
             return;
         }
         if state.limits.check_rate(&who).is_err() {
             state.counters.refused(Refusal::RateLimited);
-            if let Some(unlogged) = self.lines.take() {
+            if let Some(unlogged) = self.refused_lines.take() {
                 info!(app = %app.name, client = %Client(client), unlogged, "UDP flow refused: over the app's rate of new flows");
+            }
+            return;
+        }
+        // Last: only a client that would be served may make room.
+        if self.flows.len() >= self.max_flows && !self.make_room(&app.name) {
+            state.counters.refused(Refusal::ConnectionLimit);
+            if let Some(unlogged) = self.refused_lines.take() {
+                warn!(app = %app.name, addr = %self.listen, client = %Client(client), flows = self.flows.len(), unlogged, "UDP flow refused: the app's table is full of flows in use (udp_flows_per_app in gateway.toml)");
             }
             return;
         }
@@ -296,20 +343,26 @@ impl AppSocket {
             activity: Arc::new(FlowActivity::default()),
             stop: self.stop.child_token(),
             bytes_in: 0,
+            datagrams_in: 0,
             dropped: 0,
             _slot: slot,
             state: State::Opening(vec![data.into()]),
         };
         drop(active);
-        let (hub, tx, stop) = (self.hub.clone(), self.opened.clone(), e.stop.clone());
+        let (hub, tx) = (self.hub.clone(), self.opened.clone());
         let (id, target, app) = (e.id, e.target.clone(), e.app.clone());
+        // Not raced against the entry's stop: an open dropped after the session loop took
+        // its id (but before it was handed over) would leave the flow open on the agent.
+        // It ends within the open timeout; a result nobody wants is dropped, which closes it.
         tokio::spawn(async move {
-            let r = tokio::select! {
-                // Cut or stopped while opening: dropping the open closes what it got.
-                _ = stop.cancelled() => return,
-                r = hub.open_udp_flow(&target.device, &target.service, &app, Origin::Public(client)) => r,
-            };
-            // The loop is gone: dropping the flow closes it.
+            let r = hub
+                .open_udp_flow(
+                    &target.device,
+                    &target.service,
+                    &app,
+                    Origin::Public(client),
+                )
+                .await;
             let _ = tx.send((id, peer, r));
         });
         self.flows.insert(peer, e);
@@ -325,9 +378,13 @@ impl AppSocket {
             Err(err) => {
                 if let Some(e) = self.flows.remove(&peer) {
                     e.stop.cancel();
-                    if let Some(unlogged) = self.lines.take() {
+                    if let Some(unlogged) = self.failed_lines.take() {
                         let (_, reason) = refusal_of(&err);
-                        info!(app = %e.app, device = %e.target.device, client = %Client(e.client), reason = %reason, unlogged, "UDP flow failed");
+                        let queued = match &e.state {
+                            State::Opening(q) => q.len() as u64,
+                            State::Open { .. } => 0,
+                        };
+                        info!(app = %e.app, device = %e.target.device, client = %Client(e.client), reason = %reason, dropped = e.dropped + queued, unlogged, "UDP flow failed");
                     }
                 }
                 return;
@@ -369,7 +426,7 @@ impl AppSocket {
         drop(active);
         for (peer, why) in cut {
             if let Some(e) = self.flows.remove(&peer) {
-                info!(app = %e.app, client = %Client(e.client), reason = %why, "UDP flow cut: the policy no longer allows it");
+                info!(app = %e.app, device = %e.target.device, client = %Client(e.client), reason = %why, "UDP flow cut: the policy no longer allows it");
                 self.end(e, "cut by policy");
             }
         }
@@ -377,10 +434,11 @@ impl AppSocket {
 
     fn sweep(&mut self) {
         let idle = self.idle;
+        let open_limit = self.hub.tuning().open_timeout + OPEN_MARGIN;
         let ended: Vec<(SocketAddr, &'static str)> = self
             .flows
             .iter()
-            .filter_map(|(peer, e)| e.expired(idle).map(|why| (*peer, why)))
+            .filter_map(|(peer, e)| e.expired(idle, open_limit).map(|why| (*peer, why)))
             .collect();
         for (peer, why) in ended {
             if let Some(e) = self.flows.remove(&peer) {
@@ -389,9 +447,10 @@ impl AppSocket {
         }
     }
 
-    /// The table is full: ends the flows the device never answered that have been quiet for
-    /// [`EVICT_QUIET`] (forged sources, or clients the service ignores), looking at most every
-    /// [`EVICT_EVERY`]. Whether there is room now.
+    /// The table is full: ends flows the device closed, and flows it never answered that have
+    /// been quiet for [`EVICT_QUIET`] (forged sources, or clients the service ignores), at
+    /// most a [`EVICT_SHARE`]th of the table, looking at most every [`EVICT_EVERY`]. Whether
+    /// there is room now.
     fn make_room(&mut self, app: &str) -> bool {
         let now = Instant::now();
         if self
@@ -401,18 +460,16 @@ impl AppSocket {
             return false;
         }
         self.last_eviction = Some(now);
+        let most = (self.max_flows / EVICT_SHARE).max(1);
         let victims: Vec<SocketAddr> = self
             .flows
             .iter()
-            .filter(|(_, e)| {
-                matches!(e.state, State::Open { .. })
-                    && !e.answered()
-                    && e.activity.quiet_for() >= EVICT_QUIET
-            })
+            .filter(|(_, e)| e.evictable())
             .map(|(peer, _)| *peer)
+            .take(most)
             .collect();
         if !victims.is_empty() {
-            warn!(app = %app, ended = victims.len(), flows = self.flows.len(), "UDP flow table full: ending the flows the device never answered that went quiet");
+            warn!(app = %app, addr = %self.listen, ended = victims.len(), flows = self.flows.len(), "UDP flow table full: ending flows the device closed or never answered that went quiet");
         }
         for peer in victims {
             if let Some(e) = self.flows.remove(&peer) {
@@ -436,7 +493,7 @@ impl AppSocket {
         let unlogged = if e.answered() {
             Some(0)
         } else {
-            self.lines.take()
+            self.unanswered_lines.take()
         };
         if let Some(unlogged) = unlogged {
             info!(app = %e.app, device = %e.target.device, client = %Client(e.client), bytes_in = e.bytes_in, bytes_out, dropped = e.dropped, ms = e.started.elapsed().as_millis() as u64, end = why, unlogged, "UDP flow done");

@@ -105,6 +105,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
             list.join("\n  ")
         ))
     })?;
+    let udp_per_app = config::udp_flows_per_app(&a.config, f.udp_flows_per_app)?;
     let opts = gateway::GatewayOptions {
         creds,
         policy: Arc::new(policy),
@@ -144,8 +145,8 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
             &a.config,
             f.tcp_connections_per_ip,
         )?,
-        udp_flows_per_ip: config::udp_flows_per_ip(&a.config, f.udp_flows_per_ip)?,
-        udp_flows_per_app: config::udp_flows_per_app(&a.config, f.udp_flows_per_app)?,
+        udp_flows_per_ip: config::udp_flows_per_ip(&a.config, f.udp_flows_per_ip, udp_per_app)?,
+        udp_flows_per_app: udp_per_app,
         dns: config::ListenSetting::resolve(f.dns, any_addr(DEFAULT_DNS_PORT)),
     };
     crate::fd_limit::raise_open_files();

@@ -479,7 +479,7 @@ async fn a_dialer_keeps_the_peers_connection_until_its_own_is_confirmed() {
     assert_eq!(
         in_use(),
         Some(y.stable_id()),
-        "home1 uses its own, unconfirmed dial"
+        "home1 should use the dial it accepted, not its own unconfirmed one"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(y.close_reason().is_none(), "home1 closed the peer's dial");
@@ -502,7 +502,8 @@ async fn a_dialer_keeps_the_peers_connection_until_its_own_is_confirmed() {
 
 /// A peer that dials us again and again (one connection per round, a stream open on each)
 /// cannot pile connections up: we leave its duplicates for it to close, but keep at most
-/// `MAX_SPARE` besides the one in use and close the oldest at once past it.
+/// `MAX_SPARE` besides the one in use and retire the oldest past it (closed when its stream
+/// ends).
 #[tokio::test]
 async fn spare_connections_a_peer_dialed_are_capped() {
     use tunnel::peers::{PeerConn, MAX_SPARE};
@@ -514,7 +515,7 @@ async fn spare_connections_a_peer_dialed_are_capped() {
         let pc = PeerConn::new(accepted, "home2".into());
         let guard = pc.stream_guard();
         peers.register("home2", pc.clone());
-        conns.push((pc, guard, dialed));
+        conns.push((pc, Some(guard), dialed));
     }
     let open = |conns: &[(PeerConn, _, quinn::Connection)]| {
         conns
@@ -522,9 +523,16 @@ async fn spare_connections_a_peer_dialed_are_capped() {
             .map(|(pc, _, _)| pc.conn.close_reason().is_none())
             .collect::<Vec<_>>()
     };
+    // The oldest waits for its stream, then closes; the others stay.
+    tokio::time::sleep(Duration::from_millis(700)).await;
     let mut want = vec![true; MAX_SPARE + 2];
+    assert_eq!(open(&conns), want, "a connection with a stream was closed");
+    conns[0].1 = None;
     want[0] = false;
     wait_until("the oldest spare closed", WAIT, || open(&conns) == want).await;
+    conns[1].1 = None;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(open(&conns), want, "a spare within MAX_SPARE was closed");
     let newest = conns.last().map(|c| c.0.conn.stable_id());
     assert_eq!(peers.direct("home2").map(|p| p.conn.stable_id()), newest);
 }

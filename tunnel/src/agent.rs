@@ -402,6 +402,7 @@ impl Agent {
         let zone = self.cfg.creds.zone();
         let serial = zone.config.serial;
         let json = zone.to_json_compact();
+        // Not reached: offers larger than this are refused before adoption.
         if json.len() > proto::limits::MAX_ZONE_CONFIG {
             return;
         }
@@ -1043,9 +1044,12 @@ impl Agent {
             };
             let slot = budget.admit();
             let holds = holds.clone();
+            // In use from its first moment: a duplicate the peer retires is closed only once
+            // no stream uses it, and this one's header may still be on its way.
+            let used = pc.stream_guard();
             tokio::spawn(async move {
                 me.serve_stream(send, recv, via, &holds).await;
-                drop(slot);
+                drop((slot, used));
             });
         }
     }
@@ -1338,8 +1342,16 @@ impl Agent {
         let started = Instant::now();
         // A zone device other than us and the gateways: a mesh peer.
         let mesh_peer = f.device != me && !self.links().iter().any(|l| l.name == f.device);
-        if mesh_peer {
-            if let Some(pc) = self.peers.direct(&f.device) {
+        // A second try when the first connection failed: after a simultaneous open the
+        // peer closes its duplicate, and an open racing that close can still go direct on
+        // the connection the peer kept. (The client's bytes are not read yet.)
+        let mut tries = if mesh_peer { 2 } else { 0 };
+        while tries > 0 {
+            tries -= 1;
+            let Some(pc) = self.peers.direct(&f.device) else {
+                break;
+            };
+            {
                 let _guard = pc.stream_guard();
                 let header = StreamHeader::Open {
                     app: RELAY_APP.into(),
@@ -1364,7 +1376,10 @@ impl Agent {
                         return;
                     }
                     Err(OpenError::Refused { code, reason, .. }) => {
+                        // An answer all the same: the peer has this connection.
+                        self.peers.confirm(&f.device, &pc);
                         debug!(to = %to, %code, reason = %reason, "direct stream refused: using the relay");
+                        break;
                     }
                     Err(e) => {
                         self.peers

@@ -6,11 +6,11 @@ use std::sync::{Arc, RwLock};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
-use zone_core::config::MAX_SHARED_ZONE_JSON;
 use zone_core::zonedir::{read_cert_der, read_zone_json};
 use zone_core::{cert, DeviceIdentity, DeviceKey, DeviceName, Domain, SignedZone, ZoneTrust};
 
 use crate::error::TunnelError;
+use crate::proto::limits::MAX_ZONE_CONFIG;
 
 /// Where a device's bundle files are.
 #[derive(Debug, Clone)]
@@ -179,10 +179,12 @@ impl DeviceCreds {
         }
         // Checked before the write lock: every reader of the zone (hellos, Noise key lookups)
         // would wait on a signature check of whatever a device offers.
+        // What cannot be passed on over a tunnel is not taken in: a gateway would fail to
+        // send it to every agent.
         let size = offered.to_json_compact().len();
-        if size > MAX_SHARED_ZONE_JSON {
+        if size > MAX_ZONE_CONFIG {
             return Err(TunnelError::Config(format!(
-                "offered zone.json is {size} bytes, more than the {MAX_SHARED_ZONE_JSON} devices can pass on"
+                "offered zone.json is {size} bytes, more than the {MAX_ZONE_CONFIG} devices can pass on"
             )));
         }
         offered.verify(&self.zone_key, OffsetDateTime::now_utc())?;

@@ -586,7 +586,13 @@ impl Hub {
         // offers and new configs are bounded) is left out rather than failing the Welcome.
         let zone_config = (hello.zone_serial < ours.config.serial)
             .then(|| ours.to_json_compact())
-            .filter(|z| z.len() <= crate::proto::limits::MAX_ZONE_CONFIG);
+            .filter(|z| {
+                let fits = z.len() <= crate::proto::limits::MAX_ZONE_CONFIG;
+                if !fits {
+                    warn!(device = %device, bytes = z.len(), max = crate::proto::limits::MAX_ZONE_CONFIG, "zone config too large to pass on: the device keeps its older one (the gateway's zone.json was made by hand?)");
+                }
+                fits
+            });
         let session_id = self.0.next_session.fetch_add(1, Ordering::Relaxed);
         io.session
             .welcome(Welcome {

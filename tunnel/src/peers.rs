@@ -257,12 +257,12 @@ impl Peers {
             return None;
         }
         let preferred = self.preferred_dialer(peer);
-        self.with(peer, |s| s.best(&preferred).map(|i| s.conns[i].pc.clone()))
+        self.with(peer, |s| s.best(preferred).map(|i| s.conns[i].pc.clone()))
     }
 
     /// The dialer both sides prefer between two equally confirmed connections.
-    fn preferred_dialer(&self, peer: &str) -> String {
-        self.creds.name().min(peer).to_owned()
+    fn preferred_dialer<'a>(&'a self, peer: &'a str) -> &'a str {
+        self.creds.name().min(peer)
     }
 
     /// Notes that `conn` is up at `peer`'s end too: a stream on it was answered, or came from
@@ -281,7 +281,7 @@ impl Peers {
         let me = self.creds.name().to_owned();
         let preferred = self.preferred_dialer(peer);
         let (change, retire, close, retiring, why) = self.with(peer, |s| {
-            let (change, retire, close) = s.settle(&me, &preferred);
+            let (change, retire, close) = s.settle(&me, preferred);
             (
                 change,
                 retire,
@@ -291,9 +291,14 @@ impl Peers {
             )
         });
         for pc in close {
-            info!(peer = %peer, max = MAX_SPARE, "too many direct connections to this peer: the oldest spare closed");
-            pc.conn
-                .close(CLOSE_DUPLICATE.into(), b"too many direct connections");
+            info!(peer = %peer, max = MAX_SPARE, "too many direct connections to this peer: the oldest spare retired");
+            retire_soon(
+                pc,
+                retiring.clone(),
+                self.creds.clone(),
+                peer,
+                b"too many direct connections",
+            );
         }
         for pc in retire {
             retire_soon(
@@ -328,7 +333,9 @@ impl Peers {
                 .conns
                 .iter()
                 .position(|h| h.pc.conn.stable_id() == conn.stable_id())?;
-            s.last_error = Some(why.to_owned());
+            if s.in_use == Some(conn.stable_id()) {
+                s.last_error = Some(why.to_owned());
+            }
             // The next relayed stream may ask for a new round at once (the gateway spaces
             // rounds): waiting out PUNCH_INTERVAL left a peer on the relay for 30 s.
             s.last_punch_request = None;
@@ -351,7 +358,7 @@ impl Peers {
     pub fn should_request_punch(&self, peer: &str) -> bool {
         let preferred = self.preferred_dialer(peer);
         self.with(peer, |s| {
-            if s.best(&preferred).is_some() {
+            if s.best(preferred).is_some() {
                 return false;
             }
             match s.last_punch_request {
@@ -457,7 +464,7 @@ impl Peers {
         }
         let preferred = self.preferred_dialer(device);
         self.with(device, |s| {
-            if s.punching || s.last_nonce == Some(pa.punch_nonce) || s.best(&preferred).is_some() {
+            if s.punching || s.last_nonce == Some(pa.punch_nonce) || s.best(preferred).is_some() {
                 return None;
             }
             s.punching = true;
@@ -539,7 +546,7 @@ impl Peers {
             .iter()
             .map(|(name, s)| {
                 let preferred = self.preferred_dialer(name);
-                let direct = s.best(&preferred).map(|i| &s.conns[i].pc);
+                let direct = s.best(preferred).map(|i| &s.conns[i].pc);
                 let c = &s.counters;
                 let mut permits: Vec<String> = s
                     .permits
@@ -600,9 +607,9 @@ impl PeerState {
 
     /// Drops closed connections and, once the best is confirmed (the peer has it too), takes
     /// out the others this side dialed that could not become better than it, to be retired.
-    /// Connections the peer dialed are left
-    /// to it; of the spares (all but the best) only the newest [`MAX_SPARE`] stay, the rest
-    /// are returned to be closed now. Returns the change of path and (retire, close).
+    /// Connections the peer dialed are left to it; of the spares (all but the best) only the
+    /// newest [`MAX_SPARE`] stay, the rest are retired too. Returns the change of path and
+    /// (duplicates, excess spares) to retire.
     fn settle(&mut self, me: &str, preferred: &str) -> (PathChange, Vec<PeerConn>, Vec<PeerConn>) {
         self.conns.retain(|h| h.pc.live());
         let (mut retire, mut close) = (Vec::new(), Vec::new());
@@ -648,7 +655,7 @@ impl PeerState {
             // The next relayed stream may ask for a new round at once.
             self.last_punch_request = None;
         }
-        if matches!(change, PathChange::Up(_)) {
+        if matches!(change, PathChange::Up(_) | PathChange::Moved(_)) {
             self.last_error = None;
         }
         self.in_use = now.map(|c| c.stable_id());

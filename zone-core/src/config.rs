@@ -25,10 +25,10 @@ const SIGNING_CONTEXT: &[u8] = b"zonegate-zone-config-v1\n";
 pub const DEFAULT_VALID_DAYS: i64 = 365;
 /// Largest zone.json we accept: far above any real zone (hundreds of devices), far below memory trouble.
 pub const MAX_ZONE_JSON: usize = 256 * 1024;
-/// Largest zone config (compact JSON) that can be passed on: devices carry it in tunnel
-/// control messages (60 KiB at most) and the zone's DNS serves it as TXT chunks in one answer
-/// (a 64 KiB message over TCP holds about 42 KiB of it). Anything larger could never reach
-/// every device, so it is never made ([`crate::zonedir`]) nor adopted.
+/// Largest zone config (compact JSON) a change may grow it to: the zone's DNS serves it as
+/// TXT chunks in one answer (a 64 KiB message over TCP holds about 42 KiB of it), and devices
+/// carry it in tunnel control messages (60 KiB at most, the most they adopt). Commands that
+/// would grow a zone past it are refused ([`crate::zonedir`]).
 pub const MAX_SHARED_ZONE_JSON: usize = 40 * 1024;
 
 /// A gateway of the zone and the public addresses agents dial.

@@ -198,7 +198,9 @@ impl ZoneDir {
         config.expires_at = now + valid;
         let signed = config.sign(&self.key)?;
         let size = signed.to_json_compact().len();
-        if size > MAX_SHARED_ZONE_JSON {
+        // Only growth past the limit is refused: a zone already above it (made by hand, or
+        // before the limit) must still revoke, renew and re-sign.
+        if size > MAX_SHARED_ZONE_JSON && size > self.zone.to_json_compact().len() {
             return Err(ZoneError::Usage(format!(
                 "the zone config would be {size} bytes, more than the {MAX_SHARED_ZONE_JSON} devices can pass on (tunnel messages, DNS answers): nothing was changed (the zone lists {} devices and {} revocations)",
                 signed.config.devices.len(),

@@ -17,9 +17,9 @@ pub const MAX_HEADER_LEN: usize = 1024;
 /// is parsed, so this is also the per-connection decoder memory.
 pub const MAX_CONTROL_FRAME: usize = 80 * 1024;
 
-/// Largest signed zone config carried in `Hello`/`Welcome`/`ConfigUpdate`. Zone configs are
-/// made and adopted only up to `zone_core::config::MAX_SHARED_ZONE_JSON` (40 KiB: what one
-/// DNS answer of TXT chunks holds); the frame limit leaves room above it.
+/// Largest signed zone config carried in `Hello`/`Welcome`/`ConfigUpdate`, and adopted from
+/// a peer. Zone commands grow a config only up to `zone_core::config::MAX_SHARED_ZONE_JSON`
+/// (40 KiB: what one DNS answer of TXT chunks holds).
 pub const MAX_ZONE_CONFIG: usize = 60 * 1024;
 
 /// Most services one device may announce. A home node runs a handful; 256 is generous and
