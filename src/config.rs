@@ -141,16 +141,15 @@ pub fn http_connections_per_ip(file: &Path, n: Option<usize>) -> Result<usize, U
     )
 }
 
-/// The per-client connection limit of the `tcp` apps: 1 to the streams an agent connection
-/// takes.
+/// The per-client connection limit of the `tcp` apps: 1 to the total of all tcp apps.
 pub fn tcp_connections_per_ip(file: &Path, n: Option<usize>) -> Result<usize, UsageError> {
     per_client_limit(
         file,
         "tcp_connections_per_ip",
         n,
         gateway::listeners::TCP_CONNECTIONS_PER_IP,
-        tunnel::transport::MAX_STREAMS_TO_AGENT as usize,
-        "the streams one device connection takes",
+        gateway::listeners::MAX_TCP_CONNECTIONS,
+        "the connections all tcp apps take together",
     )
 }
 
@@ -488,7 +487,7 @@ mod tests {
                 .to_string();
             assert!(
                 e.contains("gateway.toml: tcp_connections_per_ip")
-                    && e.contains("expected 1 to 32768"),
+                    && e.contains("expected 1 to 16384"),
                 "{e}"
             );
             let e = udp_flows_per_ip(f, Some(bad), 4096)

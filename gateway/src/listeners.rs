@@ -38,6 +38,11 @@ pub const UDP_FLOWS_PER_IP: usize = MAX_UDP_CLIENTS / 16;
 /// every connection is a tunnel stream to a device, and one client holding thousands of idle
 /// ones would leave none for anyone else.
 pub const TCP_CONNECTIONS_PER_IP: usize = 1_024;
+/// Open connections of all clients through all `tcp` apps together, as the HTTP front's
+/// [`crate::http::MAX_CONNECTIONS`]: each is a tunnel stream to a device, and a device takes
+/// [`tunnel::transport::MAX_STREAMS_TO_AGENT`] (32,768) at once; without a total, 32 addresses
+/// holding idle connections took them all, and the device's HTTP and mesh streams waited.
+pub const MAX_TCP_CONNECTIONS: usize = 16_384;
 /// How long a new bind waits for a listener it replaces to let go of the address (a `[::]`
 /// listener replacing `0.0.0.0` on the same port, a UDP socket whose flows are ending).
 const REBIND_WAIT: Duration = Duration::from_secs(1);
@@ -108,8 +113,9 @@ impl Listeners {
     ) -> Self {
         Listeners {
             running: HashMap::new(),
-            tcp_per_ip: PerIp::new(
+            tcp_per_ip: PerIp::with_total(
                 tcp_per_ip,
+                MAX_TCP_CONNECTIONS,
                 "public TCP connections",
                 "tcp_connections_per_ip",
             ),
@@ -336,7 +342,7 @@ async fn tcp_loop(
         // Dual-stack `[::]` listeners see IPv4 clients as `::ffff:a.b.c.d`.
         let peer = tunnel::sockets::canonical(peer);
         // Closed at once (the first refusal of a run is logged by `per_ip`), counted as the
-        // app's connection-limit refusal.
+        // app's connection-limit refusal: past its address's limit or the total of all.
         let Some(slot) = per_ip.admit(peer.ip()) else {
             if let Some((active, i)) = app_at(&hub, Kind::Tcp, listen) {
                 let app = &active.policy.apps()[i];

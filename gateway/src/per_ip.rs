@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tracing::info;
+use tracing::{info, warn};
 
 /// An IPv6 site (/48) may hold this many times the per-client limit, all its /64s together: a
 /// home or a VPS often has a whole /48 or /56 (65,536 or 256 /64s), and one of them could
@@ -35,6 +35,8 @@ fn keys(ip: IpAddr) -> (IpAddr, Option<IpAddr>) {
 #[derive(Debug)]
 pub struct PerIp {
     limit: usize,
+    /// All clients together, if capped ([`PerIp::with_total`]).
+    total: Option<usize>,
     /// What is counted ("HTTP connections", …) and the gateway.toml key that sets the
     /// limit, for the log lines.
     what: &'static str,
@@ -46,6 +48,7 @@ pub struct PerIp {
 struct Tables {
     clients: HashMap<IpAddr, Count>,
     sites: HashMap<IpAddr, Count>,
+    all: Count,
 }
 
 #[derive(Debug, Default)]
@@ -62,6 +65,14 @@ impl Count {
         self.refused += 1;
         if self.refused == 1 {
             info!(client = %key, limit, what = counted, "client at its limit of open {what}: refusing more until some close (a shared address that needs more: raise {setting} in gateway.toml)");
+        }
+    }
+
+    /// Counts a refusal at the total of all clients; logs the first of a run.
+    fn refuse_all(&mut self, total: usize, what: &str) {
+        self.refused += 1;
+        if self.refused == 1 {
+            warn!(total, "all clients together at the gateway's limit of open {what}: refusing more until some close");
         }
     }
 
@@ -91,6 +102,23 @@ impl PerIp {
     pub fn new(limit: usize, what: &'static str, setting: &'static str) -> Arc<Self> {
         Arc::new(PerIp {
             limit: limit.max(1),
+            total: None,
+            what,
+            setting,
+            open: Mutex::new(Tables::default()),
+        })
+    }
+
+    /// As [`PerIp::new`], and at most `total` connections of all clients together.
+    pub fn with_total(
+        limit: usize,
+        total: usize,
+        what: &'static str,
+        setting: &'static str,
+    ) -> Arc<Self> {
+        Arc::new(PerIp {
+            limit: limit.max(1),
+            total: Some(total.max(1)),
             what,
             setting,
             open: Mutex::new(Tables::default()),
@@ -102,10 +130,14 @@ impl PerIp {
     }
 
     /// A slot for a new connection from `ip`, or `None` when it (or its IPv6 site) has its
-    /// limit open already.
+    /// limit open already, or all clients together have the total.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
         let (key, site) = keys(ip);
         let mut t = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(total) = self.total.filter(|total| t.all.open >= *total) {
+            t.all.refuse_all(total, self.what);
+            return None;
+        }
         let client_full = t.clients.get(&key).is_some_and(|c| c.open >= self.limit);
         if client_full {
             if let Some(c) = t.clients.get_mut(&key) {
@@ -122,6 +154,7 @@ impl PerIp {
             t.sites.entry(site).or_default().open += 1;
         }
         t.clients.entry(key).or_default().open += 1;
+        t.all.open += 1;
         Some(IpSlot {
             table: self.clone(),
             key,
@@ -162,6 +195,16 @@ impl Drop for IpSlot {
                 t.sites.remove(&site);
             }
         }
+        if let Some(total) = self.table.total {
+            t.all.open = t.all.open.saturating_sub(1);
+            if t.all.refused > 0 && t.all.open <= total / 2 {
+                info!(
+                    refused = t.all.refused,
+                    "open {what} well under the gateway's limit again"
+                );
+                t.all.refused = 0;
+            }
+        }
     }
 }
 
@@ -183,6 +226,24 @@ mod tests {
         let s3 = t.admit(a).expect("a slot came back");
         drop((s2, s3));
         assert_eq!(t.clients(), 0, "a client without connections is forgotten");
+    }
+
+    /// With a total, many addresses together stop at it, and its slots come back too.
+    #[test]
+    fn all_clients_together_stop_at_the_total() {
+        let t = PerIp::with_total(2, 5, "test connections", "test_setting");
+        let mut held: Vec<IpSlot> = (1..=5)
+            .map(|i| t.admit(format!("192.0.2.{i}").parse().unwrap()).unwrap())
+            .collect();
+        assert!(
+            t.admit("192.0.2.9".parse().unwrap()).is_none(),
+            "past the total"
+        );
+        held.pop();
+        assert!(
+            t.admit("192.0.2.9".parse().unwrap()).is_some(),
+            "a slot came back"
+        );
     }
 
     #[test]
