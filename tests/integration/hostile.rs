@@ -207,6 +207,67 @@ async fn the_admin_api_bounds_its_connections() {
     gw.shutdown.cancel();
 }
 
+/// A device that accepts the gateway's streams and never answers them cannot hold public
+/// connections: the gateway sends a tcp app's first bytes before the device's reply (an early
+/// open), and waited for that reply without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_never_answers_a_stream_cannot_hold_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = "[app.mute]\ntcp = { listen = \"127.0.0.2:0\" }\nto = \"home2/mute\"\nallow = { from = [\"public\"] }\n";
+    let t = fast_tuning();
+    let (z, gw, _h1) = echo_zone(&["home1", "home2"], app, t).await;
+    let creds = z.creds("home2");
+    let ep =
+        tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), &creds, &t).unwrap();
+    let conn = ep
+        .connect(z.gw_addr, "gw.alice.example")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    tunnel::stream::write_header(&mut send, &StreamHeader::Control)
+        .await
+        .unwrap();
+    let hello = Hello {
+        proto_version: tunnel::proto::CONTROL_VERSION,
+        device: "home2".into(),
+        services: vec![tunnel::proto::ServiceInfo {
+            name: "mute".into(),
+            proto: tunnel::proto::ServiceProto::Tcp,
+        }],
+        zone_serial: creds.zone_serial(),
+        zone_config: None,
+        agent_version: "hostile".into(),
+    };
+    let mut io = ControlIo::new(send, recv, ControlSession::agent(hello));
+    io.flush().await.unwrap();
+    wait_until("home2 registered", WAIT, || gw.hub.agent("home2").is_some()).await;
+    // Accepts every stream and keeps it, unanswered.
+    let held = tokio::spawn({
+        let conn = conn.clone();
+        async move {
+            let mut kept = Vec::new();
+            while let Ok(s) = conn.accept_bi().await {
+                kept.push(s);
+            }
+        }
+    });
+    let mut c = tokio::net::TcpStream::connect(gw.apps["mute"])
+        .await
+        .unwrap();
+    c.write_all(b"hello?").await.unwrap();
+    c.shutdown().await.unwrap();
+    let started = std::time::Instant::now();
+    let r = tokio::time::timeout(t.open_timeout + WAIT, c.read(&mut [0u8; 16]))
+        .await
+        .expect("the connection was held past the open timeout");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert!(started.elapsed() >= t.open_timeout - Duration::from_secs(1));
+    held.abort();
+    drop(io);
+    gw.shutdown.cancel();
+}
+
 /// An agent that sends `Error` has ended its session at its end: the hub ends it too (it kept
 /// the device registered, and every command to it — UDP flows, Drain, config updates —
 /// failed unseen while the device looked connected).

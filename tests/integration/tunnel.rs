@@ -932,6 +932,71 @@ async fn early_opened_streams_carry_data_or_the_refusal() {
     gw.shutdown.cancel();
 }
 
+/// A UDP service that is down for a moment (restarting) does not end the flows to it: the
+/// ICMP "port unreachable" its closed port sent ended the flow on the node, and the client's
+/// next datagram needed a new one (a new source port at the service).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarting_udp_service_keeps_its_flows() {
+    let z = TestZone::new(&["home1"]);
+    z.write_policy(
+        "apps.toml",
+        "[app.uecho]\nudp = { listen = \"127.0.0.1:0\" }\nto = \"home1/uecho\"\nallow = { from = [\"public\"] }\n",
+    );
+    let service = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let service_addr = service.local_addr().unwrap();
+    let echo = |s: tokio::net::UdpSocket| {
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = s.recv_from(&mut buf).await {
+                let _ = s.send_to(&buf[..n], from).await;
+            }
+        })
+    };
+    let first = echo(service);
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("uecho", service_addr, ServiceProto::Udp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(gw.apps["uecho"]).await.unwrap();
+    let mut buf = [0u8; 64];
+    client.send(b"before").await.unwrap();
+    let n = tokio::time::timeout(WAIT, client.recv(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"before");
+
+    // The service goes away; a datagram meets its closed port.
+    first.abort();
+    let _ = first.await;
+    client.send(b"into the gap").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Back on the same port: the same flow carries on.
+    let again = tokio::net::UdpSocket::bind(service_addr).await.unwrap();
+    let _second = echo(again);
+    client.send(b"after").await.unwrap();
+    let n = tokio::time::timeout(WAIT, client.recv(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"after");
+    let cur = gw.hub.policy().current();
+    let app = cur.policy.app("uecho").expect("uecho");
+    assert_eq!(
+        cur.state(app).counters.snapshot().connections,
+        1,
+        "the service's restart ended the flow"
+    );
+    gw.shutdown.cancel();
+}
+
 /// One-way UDP (syslog, statsd, a client's keep-alives to a service that rarely answers): a
 /// flow stays open while the client sends, however long the service stays silent — the agent
 /// used to close it after the idle time of the service's direction alone, and the gateway kept

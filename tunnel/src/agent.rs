@@ -951,6 +951,9 @@ impl Agent {
                                 }
                             }
                         }
+                        // An ICMP "port unreachable" for an earlier datagram (the service is
+                        // restarting): the flow goes on, as a UDP client's socket would.
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
                         Err(_) => break,
                     }
                 }

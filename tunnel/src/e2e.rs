@@ -402,6 +402,9 @@ impl<S: crate::splice::End> crate::splice::End for E2eStream<S> {
     fn abort(&mut self) {
         self.inner.abort()
     }
+    fn abort_receiving(&mut self) {
+        self.inner.abort_receiving()
+    }
     fn cut_signal(&self) -> Option<std::sync::Arc<crate::holds::Watched>> {
         self.inner.cut_signal()
     }

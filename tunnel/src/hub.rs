@@ -210,6 +210,9 @@ impl<T: crate::splice::End + ?Sized> crate::splice::End for Tapped<'_, T> {
     fn abort(&mut self) {
         self.inner.abort()
     }
+    fn abort_receiving(&mut self) {
+        self.inner.abort_receiving()
+    }
     fn cut_signal(&self) -> Option<Arc<crate::holds::Watched>> {
         self.inner.cut_signal()
     }

@@ -33,6 +33,14 @@ pub trait End: AsyncRead + AsyncWrite + Unpin {
     /// Called once the copy has failed; the end is dropped soon after.
     fn abort(&mut self);
 
+    /// Called instead of [`End::abort`] when the copy failed after everything for this end
+    /// was written and its sending half closed cleanly: that data must still arrive (a
+    /// service's whole answer to an upload it refused early), so only receiving is torn
+    /// down. A reset after the end threw away what was not yet acknowledged.
+    fn abort_receiving(&mut self) {
+        self.abort()
+    }
+
     /// The held-stream watch of this end's receive side, if it has one: a cut
     /// ([`crate::holds`]) ends the splice, which may be stuck writing to the other end and
     /// would never read this one again to see it.
@@ -123,11 +131,17 @@ impl End for tokio::net::TcpStream {
         // SO_LINGER 0: closing sends RST instead of FIN, and never blocks.
         let _ = self.set_zero_linger();
     }
+    fn abort_receiving(&mut self) {
+        // A plain close: the FIN already queued goes after the data before it.
+    }
 }
 
 impl<T: End + ?Sized> End for &mut T {
     fn abort(&mut self) {
         (**self).abort()
+    }
+    fn abort_receiving(&mut self) {
+        (**self).abort_receiving()
     }
     fn cut_signal(&self) -> Option<Arc<Watched>> {
         (**self).cut_signal()
@@ -270,14 +284,25 @@ where
     })
     .await;
     if r.is_err() {
-        a.abort();
-        b.abort();
+        // A direction that finished wrote its end whole: `b_a` into `a`, `a_b` into `b`.
+        abort_end(a, b_a.done);
+        abort_end(b, a_b.done);
     }
     Moved {
         a_to_b: a_b.written,
         b_to_a: b_a.written,
         error: r.err(),
         stopped,
+    }
+}
+
+/// Tears `end` down after a failed copy, keeping what it was sent when its sending half
+/// closed cleanly (`sent_all`).
+fn abort_end<E: End + ?Sized>(end: &mut E, sent_all: bool) {
+    if sent_all {
+        end.abort_receiving()
+    } else {
+        end.abort()
     }
 }
 
@@ -422,6 +447,8 @@ where
     let (mut br, mut bw) = tokio::io::split(b);
     let (mut up, mut down) = (0u64, 0u64);
     let mut stopped = None;
+    // Directions that finished cleanly (their writer shut down after all was written).
+    let (mut a_b_done, mut b_a_done) = (false, false);
     let error = {
         let a_b = pump(&mut ar, &mut bw, a_to_b, &mut up, cuts[0].as_deref());
         let b_a = pump(&mut br, &mut aw, b_to_a, &mut down, cuts[1].as_deref());
@@ -430,13 +457,12 @@ where
             Ok(()) => Poll::Pending,
         });
         tokio::pin!(a_b, b_a, cut, stop);
-        let (mut a_b_done, mut b_a_done) = (false, false);
         // Like `splice`: both directions run until both are done, but the first error ends
         // the other direction too (it could otherwise wait on an idle peer indefinitely).
         loop {
             let r = tokio::select! {
-                r = &mut a_b, if !a_b_done => { a_b_done = true; r }
-                r = &mut b_a, if !b_a_done => { b_a_done = true; r }
+                r = &mut a_b, if !a_b_done => { a_b_done = r.is_ok(); r }
+                r = &mut b_a, if !b_a_done => { b_a_done = r.is_ok(); r }
                 e = &mut cut => Err(e),
                 why = &mut stop => {
                     stopped = Some(why.clone());
@@ -452,8 +478,8 @@ where
         }
     };
     if error.is_some() {
-        ar.unsplit(aw).abort();
-        br.unsplit(bw).abort();
+        abort_end(&mut ar.unsplit(aw), b_a_done);
+        abort_end(&mut br.unsplit(bw), a_b_done);
     }
     Moved {
         a_to_b: up,
@@ -495,6 +521,115 @@ mod tests {
         }
         fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
             Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    /// A scripted end: reads give `input` then EOF, or with `endless` give it every other
+    /// read for ever (the reads between are "nothing yet"); with `write_error`, writes fail
+    /// once its own input was read (a service that answered and closed); which abort it got
+    /// is recorded.
+    struct Scripted {
+        input: Option<Bytes>,
+        endless: bool,
+        reads: usize,
+        write_error: bool,
+        aborted: Arc<std::sync::Mutex<Vec<&'static str>>>,
+        name: &'static str,
+    }
+    impl End for Scripted {
+        fn abort(&mut self) {
+            self.aborted.lock().unwrap().push(self.name);
+        }
+        fn abort_receiving(&mut self) {
+            let what = if self.name == "client" {
+                "client receiving"
+            } else {
+                "service receiving"
+            };
+            self.aborted.lock().unwrap().push(what);
+        }
+    }
+    impl AsyncRead for Scripted {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            self.reads += 1;
+            let next = if self.endless {
+                if self.reads % 2 == 0 {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                self.input.clone()
+            } else {
+                self.input.take()
+            };
+            if let Some(b) = next {
+                let n = b.len().min(buf.remaining());
+                buf.put_slice(&b[..n]);
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+    impl AsyncWrite for Scripted {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            if self.write_error && self.input.is_none() {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A service answers an upload it refuses early and closes: the client's answer was
+    /// written whole and its sending half closed, so when the upload's copy then fails the
+    /// client's end keeps it (abort_receiving) and only the service's end is reset. Both
+    /// were reset, and a QUIC reset after the end threw the unacknowledged answer away.
+    #[tokio::test]
+    async fn a_failed_copy_keeps_what_an_end_was_sent_whole() {
+        for shaped in [false, true] {
+            let aborted = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let client = Scripted {
+                input: Some(Bytes::from_static(b"upload upload upload")),
+                endless: true,
+                reads: 0,
+                write_error: false,
+                aborted: aborted.clone(),
+                name: "client",
+            };
+            let service = Scripted {
+                input: Some(Bytes::from_static(b"HTTP/1.1 413 Too Large\r\n\r\n")),
+                endless: false,
+                reads: 0,
+                write_error: true,
+                aborted: aborted.clone(),
+                name: "service",
+            };
+            let m = if shaped {
+                let unlimited = policies::bandwidth::Shaper::default();
+                splice_shaped(client, service, &unlimited, &unlimited).await
+            } else {
+                let (mut client, mut service) = (client, service);
+                splice(&mut client, &mut service).await
+            };
+            assert!(m.error.is_some(), "shaped {shaped}: {m:?}");
+            assert_eq!(
+                m.b_to_a, 26,
+                "shaped {shaped}: the answer was not all written"
+            );
+            let mut got = aborted.lock().unwrap().clone();
+            got.sort();
+            assert_eq!(got, ["client receiving", "service"], "shaped {shaped}");
         }
     }
 

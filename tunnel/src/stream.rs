@@ -74,6 +74,9 @@ pub struct QuicStream {
     /// Opened with [`open_early`]: the acceptor's reply is still to be read (bytes so far),
     /// before any payload.
     reply: Option<BytesMut>,
+    /// When waiting for that reply ends (the open's timeout, counted from the open): an
+    /// acceptor that never answers would otherwise hold the stream and whoever reads it.
+    reply_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The acceptor refused the stream (read in place of the reply of an early open).
     refused: Option<StreamRefused>,
     /// Every read of `recv` goes through it ([`QuicStream::poll_quinn`]).
@@ -112,6 +115,7 @@ impl QuicStream {
             prefix,
             meter: None,
             reply: None,
+            reply_deadline: None,
             refused: None,
             gate: ReadGate::new(),
         }
@@ -199,6 +203,7 @@ impl QuicStream {
                     got.advance(used);
                     let rest = got.split().freeze();
                     self.reply = None;
+                    self.reply_deadline = None;
                     return Poll::Ready(match reply {
                         StreamReply::Accepted => {
                             self.prefix = rest;
@@ -215,6 +220,14 @@ impl QuicStream {
                 Ok(None) if got.len() <= proto::limits::MAX_HEADER_LEN + 16 => {}
                 Ok(None) => return Poll::Ready(Err(io::Error::other("stream reply too long"))),
                 Err(e) => return Poll::Ready(Err(io::Error::other(e))),
+            }
+            if let Some(d) = self.reply_deadline.as_mut() {
+                if d.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the device did not answer the stream in time",
+                    )));
+                }
             }
             let mut chunk = [0u8; 256];
             let mut rb = ReadBuf::new(&mut chunk);
@@ -341,6 +354,10 @@ impl crate::splice::End for QuicStream {
     fn abort(&mut self) {
         // Either may already be finished or stopped; then there is nothing left to tear down.
         let _ = self.send.reset(ABORTED);
+        self.abort_receiving();
+    }
+
+    fn abort_receiving(&mut self) {
         match &mut self.recv {
             Recv::Own(r) => {
                 let _ = r.stop(ABORTED);
@@ -527,26 +544,44 @@ pub async fn open_with(
         device: device.to_owned(),
         source,
     };
-    let fut = async {
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| tunnel(e.into()))?;
-        write_header(&mut send, header).await.map_err(tunnel)?;
-        if early {
-            let mut s = QuicStream::new(send, recv, Bytes::new());
-            s.reply = Some(BytesMut::new());
-            return Ok(s);
+    let timed_out = || OpenError::Timeout(device.to_owned());
+    let deadline = tokio::time::Instant::now() + timeout;
+    let (mut send, mut recv) = match tokio::time::timeout_at(deadline, conn.open_bi()).await {
+        Ok(r) => r.map_err(|e| tunnel(e.into()))?,
+        Err(_) => return Err(timed_out()),
+    };
+    // Given up on: reset, not dropped (quinn finishes a dropped send stream, and the acceptor
+    // would take header and end for a whole request).
+    let abandon = |send: &mut SendStream, recv: &mut RecvStream| {
+        let _ = send.reset(ABORTED);
+        let _ = recv.stop(ABORTED);
+    };
+    match tokio::time::timeout_at(deadline, write_header(&mut send, header)).await {
+        Ok(r) => r.map_err(tunnel)?,
+        Err(_) => {
+            abandon(&mut send, &mut recv);
+            return Err(timed_out());
         }
-        let (reply, rest) = read_reply(&mut recv).await.map_err(tunnel)?;
-        match reply {
-            StreamReply::Accepted => Ok(QuicStream::new(send, recv, rest)),
-            StreamReply::Refused { code, reason } => Err(OpenError::Refused {
-                device: device.to_owned(),
-                code,
-                reason,
-            }),
+    }
+    if early {
+        let mut s = QuicStream::new(send, recv, Bytes::new());
+        s.reply = Some(BytesMut::new());
+        s.reply_deadline = Some(Box::pin(tokio::time::sleep_until(deadline)));
+        return Ok(s);
+    }
+    let (reply, rest) = match tokio::time::timeout_at(deadline, read_reply(&mut recv)).await {
+        Ok(r) => r.map_err(tunnel)?,
+        Err(_) => {
+            abandon(&mut send, &mut recv);
+            return Err(timed_out());
         }
     };
-    match tokio::time::timeout(timeout, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(OpenError::Timeout(device.to_owned())),
+    match reply {
+        StreamReply::Accepted => Ok(QuicStream::new(send, recv, rest)),
+        StreamReply::Refused { code, reason } => Err(OpenError::Refused {
+            device: device.to_owned(),
+            code,
+            reason,
+        }),
     }
 }

@@ -63,6 +63,12 @@ impl End for Upstream {
             Upstream::Tcp(t) => t.abort(),
         }
     }
+    fn abort_receiving(&mut self) {
+        match self {
+            Upstream::Quic(q) => q.abort_receiving(),
+            Upstream::Tcp(t) => t.abort_receiving(),
+        }
+    }
     fn cut_signal(&self) -> Option<std::sync::Arc<crate::holds::Watched>> {
         match self {
             Upstream::Quic(q) => q.cut_signal(),

@@ -433,6 +433,9 @@ async fn forward(
     state.counters.request();
     let (shape_in, shape_out) = state.limits.shapers();
     let mut shape_in = Some(shape_in);
+    // An upgrade request with a body: the body takes `shape_in`, and the upgraded
+    // connection's uploads would have gone unshaped. Its own (the app's bucket is shared).
+    let upgrade_in = upgrade.is_some().then(|| state.limits.shapers().0);
     let key = state.names.clone();
     let target = route::upstream_target(parts.uri.path_and_query(), http_route);
     // Only apps that strip a prefix have one to tell (an allocation for those only).
@@ -495,7 +498,7 @@ async fn forward(
             },
         }
     })?;
-    let shape_in = shape_in.unwrap_or_default();
+    let shape_in = shape_in.or(upgrade_in).unwrap_or_default();
     Ok((
         Answer {
             resp,
