@@ -231,6 +231,20 @@ async fn backend_handle(mut req: Request<Incoming>) -> Result<Response<BoxBody>,
         tokio::time::sleep(SLOW).await;
         return Ok(text(StatusCode::OK, "slow answer".into()));
     }
+    if path == "/hangs-mid-answer" {
+        // Sends the head and a first piece of a 100-byte body, then nothing more.
+        let mut first = Some(Bytes::from_static(b"first part"));
+        let body = http_body_util::StreamBody::new(futures_util::stream::poll_fn(move |_| {
+            match first.take() {
+                Some(b) => Poll::Ready(Some(Ok::<_, Infallible>(Frame::data(b)))),
+                None => Poll::Pending,
+            }
+        }));
+        return Ok(Response::builder()
+            .header("content-length", "100")
+            .body(body.boxed_unsync())
+            .unwrap());
+    }
     if path == "/wedged" {
         // Reads nothing of the body and never answers: a service that hangs mid-upload.
         std::future::pending::<()>().await;
@@ -387,8 +401,17 @@ async fn start() -> Harness {
     start_with(gateway::http::MAX_CONNECTIONS_PER_IP).await
 }
 
+/// [`start`] with a front whose send timeout is `send_timeout`.
+async fn start_sending_within(send_timeout: Duration) -> Harness {
+    start_tuned(gateway::http::MAX_CONNECTIONS_PER_IP, Some(send_timeout)).await
+}
+
 /// [`start`] with the front's per-client connection limit at `per_ip`.
 async fn start_with(per_ip: usize) -> Harness {
+    start_tuned(per_ip, None).await
+}
+
+async fn start_tuned(per_ip: usize, send_timeout: Option<Duration>) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
     // The zone config must name the address the gateway listens on for QUIC.
@@ -451,6 +474,7 @@ async fn start_with(per_ip: usize) -> Harness {
                 body_timeout: BODY_TIMEOUT,
                 h2_idle_timeout: H2_IDLE,
                 max_connections_per_ip: per_ip,
+                send_timeout: send_timeout.unwrap_or(HttpTuning::default().send_timeout),
                 ..HttpTuning::default()
             },
             tcp_connections_per_ip: gateway::listeners::TCP_CONNECTIONS_PER_IP,
@@ -1020,6 +1044,76 @@ where
     .await
     .unwrap();
     (send, tokio::spawn(conn))
+}
+
+/// An HTTP/2 client that grants no flow-control credit (a zero initial window) and answers
+/// pings cannot hold its streams: the connection is closed once an answer's data waited the
+/// send timeout. hyper waits for credit without a deadline, and every such stream kept its
+/// tunnel stream and app slot for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_granting_no_credit_is_cut_after_the_send_timeout() {
+    let send_timeout = Duration::from_secs(2);
+    let h = start_sending_within(send_timeout).await;
+    let tcp = tokio::net::TcpStream::connect(h.http).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let started = Instant::now();
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        let req = Request::get(format!("http://{DOMAIN}/bytes/1000000"))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
+            .await
+            .expect("headers in time")
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        answers.push(resp);
+    }
+    tokio::time::timeout(send_timeout * 3 + Duration::from_secs(5), conn)
+        .await
+        .expect("the connection was held past the send timeout")
+        .unwrap()
+        .ok();
+    assert!(
+        started.elapsed() >= send_timeout,
+        "cut before the send timeout: {:?}",
+        started.elapsed()
+    );
+}
+
+/// A service that sends the head and part of its answer and then hangs no longer holds the
+/// client: after the response timeout without more of the answer the client's connection is
+/// cut (the answer cannot be completed), and the request is logged. It waited for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_that_hangs_mid_answer_is_cut_after_the_response_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = start().await;
+    let mut c = tokio::net::TcpStream::connect(h.http).await.unwrap();
+    c.write_all(format!("GET /hangs-mid-answer HTTP/1.1\r\nHost: {DOMAIN}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let r = tokio::time::timeout(
+        RESPONSE_TIMEOUT * 3 + Duration::from_secs(5),
+        c.read_to_end(&mut got),
+    )
+    .await
+    .expect("the client was held past the response timeout");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{r:?} {text}");
+    assert!(text.ends_with("first part"), "{text}");
+    assert!(
+        started.elapsed() >= RESPONSE_TIMEOUT,
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// Answers a service may not give are not passed on as given: a `101` the request did not

@@ -7,7 +7,7 @@
 //!   then HTTP/1.x by [`server`], or HTTP/2 by hyper when ALPN or the preface says so),
 //!   graceful drain.
 //! - [`server`]: one client connection's HTTP/1.x; [`server_h1`]: its wire format (sans-IO,
-//!   fuzzed).
+//!   fuzzed); `h2`: one client connection's HTTP/2 (hyper's, with idle and stall cuts).
 //! - [`proxy`]: one request: policy, limits, upstream, upgrades, the per-request log line.
 //! - [`route`]: the host a request names and the path the service sees.
 //! - [`headers`]: hop-by-hop stripping and `X-Forwarded-*`.
@@ -23,6 +23,7 @@ pub mod body;
 pub mod deadline;
 pub mod errors;
 pub mod h1;
+mod h2;
 pub mod headers;
 pub mod metrics;
 pub mod outbox;
@@ -35,15 +36,10 @@ pub mod status_page;
 pub mod tls;
 pub mod upstream;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper::Request;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -52,7 +48,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 use tunnel::hub::Hub;
 
-use self::body::BoxError;
 use self::metrics::{ConnRefusal, HttpMetrics};
 use self::pool::Pool;
 use self::server::Served;
@@ -83,11 +78,15 @@ pub(crate) struct ConnSlots {
 pub struct HttpTuning {
     /// Time a client has to send a request's headers (slowloris defence; HTTP/1.1).
     pub header_read_timeout: Duration,
-    /// Time a device's service has to start answering (response headers) → else 504.
+    /// Time a device's service has to start answering (response headers) → else 504; and,
+    /// once it has, to send each next piece of its answer → else the client's connection (an
+    /// HTTP/2 client's stream) is cut, the answer being incomplete (nginx's
+    /// `proxy_read_timeout`).
     pub response_timeout: Duration,
     /// Time a client has to finish the TLS handshake.
     pub tls_handshake_timeout: Duration,
-    /// Time a client may leave a response unread before its connection is closed (HTTP/1).
+    /// Time a client may leave a response unread before its connection is closed (HTTP/1:
+    /// taking less than 16 KiB of it; HTTP/2: granting no flow-control credit for it).
     pub send_timeout: Duration,
     /// Time a client may leave its request body stalled before the request is answered 408
     /// (HTTP/1: and its connection closed; HTTP/2: its stream reset, the connection goes on).
@@ -232,7 +231,7 @@ impl Front {
                                     // deadline (HTTP/1's head timeout covers that case).
                                     let t = front.0.tuning.header_read_timeout;
                                     let s = FirstReadDeadline::new(s, t);
-                                    front.serve_h2(s, peer, true, shutdown).await
+                                    h2::serve(front, s, peer, true, shutdown).await
                                 }
                                 Ok(Ok(s)) => {
                                     front
@@ -283,97 +282,8 @@ impl Front {
         )
         .await;
         if let Served::H2(io) = served {
-            self.serve_h2(io, peer, https, shutdown).await;
+            h2::serve(self, io, peer, https, shutdown).await;
         }
-    }
-
-    /// Serves HTTP/2 (hyper's) on one client connection.
-    async fn serve_h2<I>(self, io: I, peer: SocketAddr, https: bool, shutdown: CancellationToken)
-    where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let front = self.clone();
-        let body_timeout = self.0.tuning.body_timeout;
-        let idle = self.0.tuning.h2_idle_timeout;
-        let busy = Arc::new(H2Busy::default());
-        let busy2 = busy.clone();
-        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let front = front.clone();
-            let req = req.map(|b| {
-                body::Stalling::new(b.map_err(BoxError::from), body_timeout).boxed_unsync()
-            });
-            let open = H2Busy::enter(&busy2);
-            // Boxed: hyper moves each stream's future several times on its way into the task
-            // it spawns for it, and the proxy's future is ~4 KiB.
-            let answer = Box::pin(proxy::handle(front, req, peer, https, None, None));
-            async move {
-                let r = answer.await;
-                drop(open);
-                Ok::<_, Infallible>(r)
-            }
-        });
-        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        b.timer(TokioTimer::new())
-            .max_concurrent_streams(MAX_H2_STREAMS)
-            .keep_alive_interval(Some(Duration::from_secs(20)))
-            .keep_alive_timeout(Duration::from_secs(20));
-        let conn = b.serve_connection(TokioIo::new(io), svc);
-        tokio::pin!(conn);
-        let r = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = shutdown.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-            // GOAWAY: answers still streaming finish, nothing new starts.
-            _ = busy.idle(idle) => {
-                debug!(idle_secs = idle.as_secs(), "HTTP/2 connection idle: closing");
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        };
-        if let Err(e) = r {
-            debug!(error = %e, "connection ended with an error");
-        }
-    }
-}
-
-/// Requests of one HTTP/2 connection being handled, and when the last one ended.
-#[derive(Debug, Default)]
-struct H2Busy {
-    open: std::sync::atomic::AtomicUsize,
-    last: tunnel::flow_activity::FlowActivity,
-}
-
-/// One request of an [`H2Busy`] connection, until dropped.
-struct H2Request(Arc<H2Busy>);
-
-impl H2Busy {
-    fn enter(this: &Arc<Self>) -> H2Request {
-        this.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        this.last.touch();
-        H2Request(this.clone())
-    }
-
-    /// Resolves once no request has been open for `idle`.
-    async fn idle(&self, idle: Duration) {
-        loop {
-            self.last.idle(idle).await;
-            if self.open.load(std::sync::atomic::Ordering::Relaxed) == 0 {
-                return;
-            }
-            // Busy: look again an idle time after now.
-            self.last.touch();
-        }
-    }
-}
-
-impl Drop for H2Request {
-    fn drop(&mut self) {
-        self.0.last.touch();
-        self.0
-            .open
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -321,7 +321,9 @@ pub(crate) async fn handle(
                 }
                 _ => {
                     let (parts, up) = resp.into_parts();
-                    let home = up.home(front.pool().clone(), key);
+                    let home = up
+                        .home(front.pool().clone(), key)
+                        .read_timeout(front.tuning().response_timeout);
                     let b = Metered::new(home, Logged(Some(log)))
                         .shape(shape_out)
                         .boxed();

@@ -181,6 +181,9 @@ pub enum UpstreamError {
     /// the one it named (RFC 9110 §15.2.2).
     #[error("the service switched protocols unasked ({0})")]
     UnaskedSwitch(String),
+    /// The service sent part of its answer, then nothing for the read timeout.
+    #[error("the service sent nothing more of its answer for {} s", .0.as_secs())]
+    Stalled(std::time::Duration),
 }
 
 impl UpstreamError {
@@ -554,6 +557,8 @@ pub struct UpBody {
     writer: Option<ReqBody>,
     keep_alive: bool,
     home: Option<(Arc<Pool>, PoolKey)>,
+    /// How long the service may keep the rest of its answer waiting ([`UpBody::read_timeout`]).
+    stall: Option<super::deadline::Stall>,
 }
 
 impl std::fmt::Debug for UpBody {
@@ -585,6 +590,7 @@ impl UpBody {
             keep_alive: head.keep_alive && !upgrade && writer.is_none(),
             writer,
             home: None,
+            stall: None,
         };
         let mut resp = Response::new(body);
         *resp.status_mut() = head.status;
@@ -595,6 +601,15 @@ impl UpBody {
     /// Where the connection goes at the end of the body.
     pub fn home(mut self, pool: Arc<Pool>, key: PoolKey) -> Self {
         self.home = Some((pool, key));
+        self
+    }
+
+    /// The service may keep the rest of its answer waiting at most `timeout` between two
+    /// pieces (nginx's `proxy_read_timeout`): one that sent its head and hung held the
+    /// client's connection, the tunnel stream and the app's slot for ever. Only waits for the
+    /// service count: the body is read when the client is ready for more.
+    pub fn read_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.stall = Some(super::deadline::Stall::new(timeout));
         self
     }
 
@@ -693,10 +708,22 @@ impl UpBody {
                 Remaining::Length(left) => usize::try_from(*left).unwrap_or(usize::MAX),
                 _ => usize::MAX,
             };
-            let read = match ready!(conn.io.poll_read_chunk(cx, max)) {
-                Ok(read) => read,
+            let read = match conn.io.poll_read_chunk(cx, max) {
+                Poll::Pending => {
+                    if self.stall.as_mut().is_some_and(|s| s.expired(cx)) {
+                        let t = self.stall.as_ref().map(|s| s.timeout()).unwrap_or_default();
+                        return Poll::Ready(Some(Err(UpstreamError::Stalled(t))));
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Ok(read)) => {
+                    if let Some(s) = self.stall.as_mut() {
+                        s.progress();
+                    }
+                    read
+                }
                 // Errors drop the connection in `poll_frame`.
-                Err(error) => {
+                Poll::Ready(Err(error)) => {
                     return Poll::Ready(Some(Err(UpstreamError::Io {
                         error,
                         answered: true,

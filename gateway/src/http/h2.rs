@@ -1,0 +1,219 @@
+//! One client's HTTP/2 connection: hyper's server, plus what it lacks for a public front — a
+//! GOAWAY once no request has been open for the idle time (an answer still streaming counts as
+//! open), and a cut when the client takes no answer data for the send timeout. hyper hands an
+//! answer's chunk to the connection and then waits for the client's flow-control credit
+//! without a deadline, so a client that grants none (a zero initial window) and answers pings
+//! held every stream's tunnel stream and app slot for ever.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+use tunnel::flow_activity::FlowActivity;
+
+use super::body::{self, BoxError, ProxyBody};
+use super::{proxy, Front, MAX_H2_STREAMS};
+
+/// Serves HTTP/2 on one client connection until it ends, the front shuts down, it has been
+/// idle for the idle time, or its client stalls an answer for the send timeout.
+pub(super) async fn serve<I>(
+    front: Front,
+    io: I,
+    peer: SocketAddr,
+    https: bool,
+    shutdown: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let body_timeout = front.0.tuning.body_timeout;
+    let idle = front.0.tuning.h2_idle_timeout;
+    let send_timeout = front.0.tuning.send_timeout;
+    let busy = Arc::new(Busy::new());
+    let busy2 = busy.clone();
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let front = front.clone();
+        let req = req
+            .map(|b| body::Stalling::new(b.map_err(BoxError::from), body_timeout).boxed_unsync());
+        let open = Open::enter(&busy2);
+        // Boxed: hyper moves each stream's future several times on its way into the task
+        // it spawns for it, and the proxy's future is ~4 KiB.
+        let answer = Box::pin(proxy::handle(front, req, peer, https, None, None));
+        async move {
+            let r = answer.await;
+            // The request stays open until its answer's body ends (or is dropped).
+            Ok::<_, Infallible>(r.map(|b| Answer::new(b, open).boxed_unsync()))
+        }
+    });
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_H2_STREAMS)
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let conn = b.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let mut check = tokio::time::interval(send_timeout / 4);
+    let mut closing = false;
+    let r = loop {
+        tokio::select! {
+            r = conn.as_mut() => break r,
+            _ = shutdown.cancelled(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            // GOAWAY: answers still streaming finish, nothing new starts.
+            _ = busy.idle(idle), if !closing => {
+                debug!(idle_secs = idle.as_secs(), "HTTP/2 connection idle: closing");
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            // Also while closing: a graceful shutdown waits for every answer.
+            _ = check.tick() => {
+                if let Some(held) = busy.stalled_for(send_timeout) {
+                    info!(client = %crate::addr_text::Client(peer), held_secs = held.as_secs(), "HTTP/2 client took no answer data for the send timeout: connection closed");
+                    return;
+                }
+            }
+        }
+    };
+    if let Err(e) = r {
+        debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// The requests of one connection: how many are open (until their answers end), when the
+/// last one ended, and since when each answer has had a chunk hyper has not sent.
+struct Busy {
+    open: AtomicUsize,
+    last: FlowActivity,
+    /// Answers' `held` clocks, for the stall check (pruned as answers end).
+    answers: Mutex<Vec<Weak<AtomicU64>>>,
+    /// What the `held` clocks count from.
+    start: Instant,
+}
+
+impl Busy {
+    fn new() -> Self {
+        Busy {
+            open: AtomicUsize::new(0),
+            last: FlowActivity::default(),
+            answers: Mutex::new(Vec::new()),
+            start: Instant::now(),
+        }
+    }
+
+    /// Milliseconds since the connection began, at least 1 (0 means "nothing held").
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// Resolves once no request has been open for `idle`.
+    async fn idle(&self, idle: Duration) {
+        loop {
+            self.last.idle(idle).await;
+            if self.open.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            // Busy: look again an idle time after now.
+            self.last.touch();
+        }
+    }
+
+    /// How long the longest-held answer chunk has waited, if `timeout` or more.
+    fn stalled_for(&self, timeout: Duration) -> Option<Duration> {
+        let now = self.now_ms();
+        let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        answers.retain(|w| w.strong_count() > 0);
+        let oldest = answers
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|held| held.load(Ordering::Relaxed))
+            .filter(|&since| since != 0)
+            .min()?;
+        let held = Duration::from_millis(now.saturating_sub(oldest));
+        (held >= timeout).then_some(held)
+    }
+}
+
+/// One open request of a [`Busy`] connection, until dropped.
+struct Open(Arc<Busy>);
+
+impl Open {
+    fn enter(busy: &Arc<Busy>) -> Self {
+        busy.open.fetch_add(1, Ordering::Relaxed);
+        busy.last.touch();
+        Open(busy.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.last.touch();
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An answer's body as hyper sends it: keeps its request open until it ends, and notes when
+/// hyper took a chunk and has not come back for the next (it waits for the client's credit
+/// in between).
+struct Answer {
+    inner: ProxyBody,
+    open: Open,
+    /// Since when (ms of [`Busy::now_ms`]) a chunk has been held; 0 when none is.
+    held: Arc<AtomicU64>,
+}
+
+impl Answer {
+    fn new(inner: ProxyBody, open: Open) -> Self {
+        let held = Arc::new(AtomicU64::new(0));
+        open.0
+            .answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::downgrade(&held));
+        Answer { inner, open, held }
+    }
+}
+
+impl Body for Answer {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        // Back for more: what was taken before is on its way.
+        self.held.store(0, Ordering::Relaxed);
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r {
+            if f.is_data() {
+                let now = self.open.0.now_ms();
+                self.held.store(now, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
