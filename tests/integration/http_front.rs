@@ -50,6 +50,8 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(1);
 const H2_IDLE: Duration = Duration::from_secs(2);
 /// A stream whose reader took nothing more for this long is held (`tunnel::holds`).
 const READER_STALL: Duration = Duration::from_secs(1);
+/// How long a test waits for the front to cut a misbehaving client.
+const WAIT_CUT: Duration = Duration::from_secs(10);
 
 const POLICY: &str = r#"
 [app.web]
@@ -1113,6 +1115,45 @@ async fn a_service_that_hangs_mid_answer_is_cut_after_the_response_timeout() {
         started.elapsed() >= RESPONSE_TIMEOUT,
         "{:?}",
         started.elapsed()
+    );
+}
+
+/// An HTTP/2 client that resets most of its requests after the front took them ("rapid
+/// reset") loses its connection past 200 of them (and half its requests): each request had
+/// already reached the device, and h2's own bound counts only streams reset before hyper
+/// took them (before, such a client was let go on until it went quiet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_resetting_its_requests_is_cut() {
+    let h = start().await;
+    let (mut send, conn) = h2c_client::<http_body_util::Empty<Bytes>>(h.http).await;
+    let mut batches = 0;
+    while !conn.is_finished() && batches < 6 {
+        batches += 1;
+        let mut pending = Vec::new();
+        for _ in 0..100 {
+            if send.ready().await.is_err() {
+                break;
+            }
+            let req = Request::get(format!("http://{DOMAIN}/slow"))
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            pending.push(send.send_request(req));
+        }
+        // Taken by the front and on their way to the device; then reset.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(pending);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ended = tokio::time::timeout(WAIT_CUT, conn)
+        .await
+        .expect("a client resetting its requests kept its connection")
+        .unwrap();
+    // Cut (not the idle GOAWAY a quiet connection gets) right past the limit: 201 abandoned
+    // requests are in the third batch.
+    assert!(ended.is_err(), "closed, not cut: {ended:?}");
+    assert!(
+        (3..=4).contains(&batches),
+        "cut after {batches} batches of 100, not right past the limit"
     );
 }
 

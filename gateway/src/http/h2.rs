@@ -3,7 +3,10 @@
 //! open), and a cut when the client takes no answer data for the send timeout. hyper hands an
 //! answer's chunk to the connection and then waits for the client's flow-control credit
 //! without a deadline, so a client that grants none (a zero initial window) and answers pings
-//! held every stream's tunnel stream and app slot for ever.
+//! held every stream's tunnel stream and app slot for ever. And a cut of a client that resets
+//! most of its requests before their answers ("rapid reset", CVE-2023-44487): each request
+//! still reached a device (a tunnel stream, a connection to the service) before the reset
+//! was seen, and h2's own bound counts only streams reset before hyper took them.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -26,6 +29,11 @@ use tunnel::flow_activity::FlowActivity;
 
 use super::body::{self, BoxError, ProxyBody};
 use super::{proxy, Front, MAX_H2_STREAMS};
+
+/// Requests of one connection its client may abandon (reset before their answer's head)
+/// before the connection is cut, if they are also more than half of its requests. A browser
+/// cancels a few (a page left while loading).
+pub const ABANDONED_MAX: u64 = 200;
 
 /// Serves HTTP/2 on one client connection until it ends, the front shuts down, it has been
 /// idle for the idle time, or its client stalls an answer for the send timeout.
@@ -51,8 +59,10 @@ pub(super) async fn serve<I>(
         // Boxed: hyper moves each stream's future several times on its way into the task
         // it spawns for it, and the proxy's future is ~4 KiB.
         let answer = Box::pin(proxy::handle(front, req, peer, https, None, None));
+        let mut abandoned = Abandoned(Some(busy2.clone()));
         async move {
             let r = answer.await;
+            abandoned.answered();
             // The request stays open until its answer's body ends (or is dropped).
             Ok::<_, Infallible>(r.map(|b| Answer::new(b, open).boxed_unsync()))
         }
@@ -79,6 +89,11 @@ pub(super) async fn serve<I>(
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
+            _ = busy.reset_flood.notified() => {
+                let (requests, abandoned) = busy.abandoned();
+                info!(client = %crate::addr_text::Client(peer), requests, abandoned, "HTTP/2 client reset most of its requests before their answers: connection closed");
+                return;
+            }
             // Also while closing: a graceful shutdown waits for every answer.
             _ = check.tick() => {
                 if let Some(held) = busy.stalled_for(send_timeout) {
@@ -102,6 +117,11 @@ struct Busy {
     answers: Mutex<Vec<Weak<AtomicU64>>>,
     /// What the `held` clocks count from.
     start: Instant,
+    requests: AtomicU64,
+    /// Requests dropped before their answer's head: the client reset them.
+    abandoned: AtomicU64,
+    /// Told when the abandoned requests pass [`ABANDONED_MAX`] and half of all.
+    reset_flood: tokio::sync::Notify,
 }
 
 impl Busy {
@@ -111,7 +131,18 @@ impl Busy {
             last: FlowActivity::default(),
             answers: Mutex::new(Vec::new()),
             start: Instant::now(),
+            requests: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
+            reset_flood: tokio::sync::Notify::new(),
         }
+    }
+
+    /// (requests, abandoned requests) so far.
+    fn abandoned(&self) -> (u64, u64) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.abandoned.load(Ordering::Relaxed),
+        )
     }
 
     /// Milliseconds since the connection began, at least 1 (0 means "nothing held").
@@ -154,6 +185,7 @@ struct Open(Arc<Busy>);
 
 impl Open {
     fn enter(busy: &Arc<Busy>) -> Self {
+        busy.requests.fetch_add(1, Ordering::Relaxed);
         busy.open.fetch_add(1, Ordering::Relaxed);
         busy.last.touch();
         Open(busy.clone())
@@ -164,6 +196,28 @@ impl Drop for Open {
     fn drop(&mut self) {
         self.0.last.touch();
         self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts its request as abandoned if dropped before the answer's head was made.
+struct Abandoned(Option<Arc<Busy>>);
+
+impl Abandoned {
+    /// The answer's head was made: not abandoned.
+    fn answered(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        let Some(busy) = self.0.take() else {
+            return;
+        };
+        let abandoned = busy.abandoned.fetch_add(1, Ordering::Relaxed) + 1;
+        if abandoned > ABANDONED_MAX && abandoned * 2 > busy.requests.load(Ordering::Relaxed) {
+            busy.reset_flood.notify_one();
+        }
     }
 }
 
