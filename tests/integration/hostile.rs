@@ -1333,6 +1333,27 @@ async fn one_client_address_cannot_hold_every_tcp_app_connection() {
     gw.shutdown.cancel();
 }
 
+/// `msg` to `app` from a new socket on `from`; the socket and the answer within `within`, if
+/// any.
+async fn udp_ask(
+    from: &str,
+    app: SocketAddr,
+    msg: &[u8],
+    within: Duration,
+) -> (tokio::net::UdpSocket, Option<Vec<u8>>) {
+    let s = tokio::net::UdpSocket::bind(format!("{from}:0"))
+        .await
+        .unwrap();
+    s.send_to(msg, app).await.unwrap();
+    let mut buf = [0u8; 256];
+    let got = tokio::time::timeout(within, s.recv(&mut buf))
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .map(|n| buf[..n].to_vec());
+    (s, got)
+}
+
 /// One client address holds at most `udp_flows_per_ip` flows of a `udp` app (8 here; 256 by
 /// default): a host sending from thousands of source ports used to take all 4,096 flow slots,
 /// and every other client's datagrams were then dropped. Another address is served meanwhile.
@@ -1353,34 +1374,14 @@ async fn one_client_address_cannot_take_every_udp_flow() {
     wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
     let app = gw.apps["uecho"];
 
-    /// `msg` from a new socket on `from`; its echo within `within`, if any.
-    async fn flow(
-        from: &str,
-        app: SocketAddr,
-        msg: &[u8],
-        within: Duration,
-    ) -> (tokio::net::UdpSocket, Option<Vec<u8>>) {
-        let s = tokio::net::UdpSocket::bind(format!("{from}:0"))
-            .await
-            .unwrap();
-        s.send_to(msg, app).await.unwrap();
-        let mut buf = [0u8; 256];
-        let got = tokio::time::timeout(within, s.recv(&mut buf))
-            .await
-            .ok()
-            .and_then(|r| r.ok())
-            .map(|n| buf[..n].to_vec());
-        (s, got)
-    }
-
     let mut held = Vec::new();
     for i in 0..8 {
         let msg = format!("flow {i}");
-        let (s, got) = flow("127.0.0.1", app, msg.as_bytes(), WAIT).await;
+        let (s, got) = udp_ask("127.0.0.1", app, msg.as_bytes(), WAIT).await;
         assert_eq!(got.as_deref(), Some(msg.as_bytes()), "flow {i} echoed");
         held.push(s);
     }
-    let (_s, got) = flow(
+    let (_s, got) = udp_ask(
         "127.0.0.1",
         app,
         b"one too many",
@@ -1388,7 +1389,7 @@ async fn one_client_address_cannot_take_every_udp_flow() {
     )
     .await;
     assert_eq!(got, None, "a flow beyond the address's limit was served");
-    let (_s, got) = flow("127.0.0.2", app, b"another client", WAIT).await;
+    let (_s, got) = udp_ask("127.0.0.2", app, b"another client", WAIT).await;
     assert_eq!(got.as_deref(), Some(&b"another client"[..]));
     gw.shutdown.cancel();
 }
@@ -1430,23 +1431,6 @@ async fn a_udp_table_full_of_unanswered_flows_makes_room() {
         cur.state(a).counters.snapshot()
     };
 
-    /// A new client socket that sends `msg`; the echo within `within`, if any.
-    async fn ask(
-        app: SocketAddr,
-        msg: &[u8],
-        within: Duration,
-    ) -> (tokio::net::UdpSocket, Option<Vec<u8>>) {
-        let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        s.send_to(msg, app).await.unwrap();
-        let mut buf = [0u8; 256];
-        let got = tokio::time::timeout(within, s.recv(&mut buf))
-            .await
-            .ok()
-            .and_then(|r| r.ok())
-            .map(|n| buf[..n].to_vec());
-        (s, got)
-    }
-
     // Four clients the service ignores fill the table, with 3 datagrams of 10 bytes each.
     let mut quiet = Vec::new();
     for _ in 0..4 {
@@ -1458,7 +1442,7 @@ async fn a_udp_table_full_of_unanswered_flows_makes_room() {
     }
     wait_until("four flows open", WAIT, || counters().connections == 4).await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let (_s5, got) = ask(app, b"room for me?", WAIT).await;
+    let (_s5, got) = udp_ask("127.0.0.1", app, b"room for me?", WAIT).await;
     assert_eq!(
         got.as_deref(),
         Some(&b"room for me?"[..]),
@@ -1480,12 +1464,18 @@ async fn a_udp_table_full_of_unanswered_flows_makes_room() {
     for i in 0..3 {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let msg = format!("answered {i}");
-        let (s, got) = ask(app, msg.as_bytes(), WAIT).await;
+        let (s, got) = udp_ask("127.0.0.1", app, msg.as_bytes(), WAIT).await;
         assert_eq!(got.as_deref(), Some(msg.as_bytes()));
         held.push(s);
     }
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let (_s9, got) = ask(app, b"one too many", Duration::from_millis(700)).await;
+    let (_s9, got) = udp_ask(
+        "127.0.0.1",
+        app,
+        b"one too many",
+        Duration::from_millis(700),
+    )
+    .await;
     assert_eq!(got, None, "a flow in use was ended for a newcomer");
     let c = counters();
     assert!(

@@ -42,6 +42,8 @@ const DOMAIN: &str = "alice.example";
 /// takes longer, so it answers 504).
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 const SLOW: Duration = Duration::from_secs(5);
+/// How long the gateway waits for more of an answer in these tests.
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// Time a client has to send its request headers (slowloris defence).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(1);
 /// The front's request body timeout in these tests.
@@ -477,6 +479,7 @@ async fn start_tuned(per_ip: usize, send_timeout: Option<Duration>) -> Harness {
                 h2_idle_timeout: H2_IDLE,
                 max_connections_per_ip: per_ip,
                 send_timeout: send_timeout.unwrap_or(HttpTuning::default().send_timeout),
+                read_timeout: READ_TIMEOUT,
                 ..HttpTuning::default()
             },
             tcp_connections_per_ip: gateway::listeners::TCP_CONNECTIONS_PER_IP,
@@ -1090,10 +1093,10 @@ async fn an_http2_client_granting_no_credit_is_cut_after_the_send_timeout() {
 }
 
 /// A service that sends the head and part of its answer and then hangs no longer holds the
-/// client: after the response timeout without more of the answer the client's connection is
+/// client: after the read timeout without more of the answer the client's connection is
 /// cut (the answer cannot be completed), and the request is logged. It waited for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_service_that_hangs_mid_answer_is_cut_after_the_response_timeout() {
+async fn a_service_that_hangs_mid_answer_is_cut_after_the_read_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let h = start().await;
     let mut c = tokio::net::TcpStream::connect(h.http).await.unwrap();
@@ -1103,7 +1106,7 @@ async fn a_service_that_hangs_mid_answer_is_cut_after_the_response_timeout() {
     let started = Instant::now();
     let mut got = Vec::new();
     let r = tokio::time::timeout(
-        RESPONSE_TIMEOUT * 3 + Duration::from_secs(5),
+        READ_TIMEOUT * 3 + Duration::from_secs(5),
         c.read_to_end(&mut got),
     )
     .await
@@ -1111,15 +1114,49 @@ async fn a_service_that_hangs_mid_answer_is_cut_after_the_response_timeout() {
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 200"), "{r:?} {text}");
     assert!(text.ends_with("first part"), "{text}");
-    assert!(
-        started.elapsed() >= RESPONSE_TIMEOUT,
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() >= READ_TIMEOUT, "{:?}", started.elapsed());
+}
+
+/// One HTTP/2 stream whose reader rests (a paused video: its window full) is no stall while
+/// the connection's other answers move: only a connection where nothing moves for the send
+/// timeout is cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resting_http2_stream_does_not_cut_a_busy_connection() {
+    let send_timeout = Duration::from_secs(2);
+    let h = start_sending_within(send_timeout).await;
+    let tcp = tokio::net::TcpStream::connect(h.http).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(64 * 1024)
+            .handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let get = |path: &str| {
+        Request::get(format!("http://{DOMAIN}{path}"))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap()
+    };
+    // Never read: its window fills and its answer waits.
+    let resting = send.send_request(get("/bytes/10000000")).await.unwrap();
+    let until = Instant::now() + send_timeout * 3;
+    let mut served = 0;
+    while Instant::now() < until {
+        let resp = tokio::time::timeout(WAIT_CUT, send.send_request(get("/echo")))
+            .await
+            .expect("an answer in time")
+            .expect("the connection was cut");
+        resp.into_body().collect().await.unwrap();
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(served > 10, "{served}");
+    assert!(!conn.is_finished(), "the connection ended");
+    drop(resting);
 }
 
 /// An HTTP/2 client that resets most of its requests after the front took them ("rapid
-/// reset") loses its connection past 200 of them (and half its requests): each request had
+/// reset") loses its connection past a burst of 200 (refilling at 20 a second): each request had
 /// already reached the device, and h2's own bound counts only streams reset before hyper
 /// took them (before, such a client was let go on until it went quiet).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

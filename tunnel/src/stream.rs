@@ -221,17 +221,21 @@ impl QuicStream {
                 Ok(None) => return Poll::Ready(Err(io::Error::other("stream reply too long"))),
                 Err(e) => return Poll::Ready(Err(io::Error::other(e))),
             }
-            if let Some(d) = self.reply_deadline.as_mut() {
-                if d.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "the device did not answer the stream in time",
-                    )));
-                }
-            }
             let mut chunk = [0u8; 256];
             let mut rb = ReadBuf::new(&mut chunk);
-            std::task::ready!(self.poll_recv(cx, &mut rb))?;
+            if self.poll_recv(cx, &mut rb)?.is_pending() {
+                // Only once nothing is there: a reply that came in time but was read late
+                // (the caller wrote first) is not a timeout.
+                if let Some(d) = self.reply_deadline.as_mut() {
+                    if d.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the device did not answer the stream in time",
+                        )));
+                    }
+                }
+                return Poll::Pending;
+            }
             if rb.filled().is_empty() {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,

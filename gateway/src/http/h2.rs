@@ -30,10 +30,12 @@ use tunnel::flow_activity::FlowActivity;
 use super::body::{self, BoxError, ProxyBody};
 use super::{proxy, Front, MAX_H2_STREAMS};
 
-/// Requests of one connection its client may abandon (reset before their answer's head)
-/// before the connection is cut, if they are also more than half of its requests. A browser
-/// cancels a few (a page left while loading).
-pub const ABANDONED_MAX: u64 = 200;
+/// Requests of one connection its client may abandon (reset before their answer's head) in a
+/// burst; the allowance refills at [`ABANDONED_PER_SEC`]. Past it the connection is cut.
+/// Browsers cancel some (a page left while loading, map tiles scrolled away, type-ahead
+/// searches), far below this; a rapid-reset attack resets thousands a second.
+pub const ABANDONED_BURST: f64 = 200.0;
+pub const ABANDONED_PER_SEC: f64 = 20.0;
 
 /// Serves HTTP/2 on one client connection until it ends, the front shuts down, it has been
 /// idle for the idle time, or its client stalls an answer for the send timeout.
@@ -117,10 +119,15 @@ struct Busy {
     answers: Mutex<Vec<Weak<AtomicU64>>>,
     /// What the `held` clocks count from.
     start: Instant,
+    /// When (ms of [`Busy::now_ms`]) an answer last came back for more after a chunk: one
+    /// stream whose reader rests (a paused video) is no stall while others move.
+    progress: AtomicU64,
     requests: AtomicU64,
-    /// Requests dropped before their answer's head: the client reset them.
+    /// Requests dropped before their answer's head (the client reset them): in all, and as
+    /// a level that drains at [`ABANDONED_PER_SEC`] (with when it was last updated).
     abandoned: AtomicU64,
-    /// Told when the abandoned requests pass [`ABANDONED_MAX`] and half of all.
+    abandoned_level: Mutex<(f64, Instant)>,
+    /// Told when the level passes [`ABANDONED_BURST`].
     reset_flood: tokio::sync::Notify,
 }
 
@@ -131,8 +138,10 @@ impl Busy {
             last: FlowActivity::default(),
             answers: Mutex::new(Vec::new()),
             start: Instant::now(),
+            progress: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             abandoned: AtomicU64::new(0),
+            abandoned_level: Mutex::new((0.0, Instant::now())),
             reset_flood: tokio::sync::Notify::new(),
         }
     }
@@ -164,9 +173,14 @@ impl Busy {
         }
     }
 
-    /// How long the longest-held answer chunk has waited, if `timeout` or more.
+    /// How long the longest-held answer chunk has waited, if `timeout` or more and no answer
+    /// of the connection moved meanwhile.
     fn stalled_for(&self, timeout: Duration) -> Option<Duration> {
         let now = self.now_ms();
+        let moved = self.progress.load(Ordering::Relaxed);
+        if Duration::from_millis(now.saturating_sub(moved)) < timeout {
+            return None;
+        }
         let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
         answers.retain(|w| w.strong_count() > 0);
         let oldest = answers
@@ -214,8 +228,15 @@ impl Drop for Abandoned {
         let Some(busy) = self.0.take() else {
             return;
         };
-        let abandoned = busy.abandoned.fetch_add(1, Ordering::Relaxed) + 1;
-        if abandoned > ABANDONED_MAX && abandoned * 2 > busy.requests.load(Ordering::Relaxed) {
+        busy.abandoned.fetch_add(1, Ordering::Relaxed);
+        let mut level = busy
+            .abandoned_level
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let drained = now.duration_since(level.1).as_secs_f64() * ABANDONED_PER_SEC;
+        *level = ((level.0 - drained).max(0.0) + 1.0, now);
+        if level.0 > ABANDONED_BURST {
             busy.reset_flood.notify_one();
         }
     }
@@ -234,12 +255,26 @@ struct Answer {
 impl Answer {
     fn new(inner: ProxyBody, open: Open) -> Self {
         let held = Arc::new(AtomicU64::new(0));
-        open.0
-            .answers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Arc::downgrade(&held));
+        let mut answers = open.0.answers.lock().unwrap_or_else(|p| p.into_inner());
+        // At most MAX_H2_STREAMS answers are open at once: past twice that the list holds
+        // ended ones (and their clocks' memory), so it is pruned, amortized over the pushes.
+        if answers.len() >= 2 * MAX_H2_STREAMS as usize {
+            answers.retain(|w| w.strong_count() > 0);
+        }
+        answers.push(Arc::downgrade(&held));
+        drop(answers);
         Answer { inner, open, held }
+    }
+}
+
+/// An answer hyper is done with (sent whole, or its stream ended) moved too: a one-chunk
+/// answer sent with its end is never polled again.
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if self.held.load(Ordering::Relaxed) != 0 {
+            let now = self.open.0.now_ms();
+            self.open.0.progress.store(now, Ordering::Relaxed);
+        }
     }
 }
 
@@ -252,7 +287,10 @@ impl Body for Answer {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         // Back for more: what was taken before is on its way.
-        self.held.store(0, Ordering::Relaxed);
+        if self.held.swap(0, Ordering::Relaxed) != 0 {
+            let now = self.open.0.now_ms();
+            self.open.0.progress.store(now, Ordering::Relaxed);
+        }
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(f))) = &r {
             if f.is_data() {

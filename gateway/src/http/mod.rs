@@ -78,11 +78,12 @@ pub(crate) struct ConnSlots {
 pub struct HttpTuning {
     /// Time a client has to send a request's headers (slowloris defence; HTTP/1.1).
     pub header_read_timeout: Duration,
-    /// Time a device's service has to start answering (response headers) → else 504; and,
-    /// once it has, to send each next piece of its answer → else the client's connection (an
-    /// HTTP/2 client's stream) is cut, the answer being incomplete (nginx's
-    /// `proxy_read_timeout`).
+    /// Time a device's service has to start answering (response headers) → else 504.
     pub response_timeout: Duration,
+    /// Time a service may pause in the middle of its answer → else the client's connection
+    /// (an HTTP/2 client's stream) is cut, the answer being incomplete (nginx's
+    /// `proxy_read_timeout`, there 60 s: here longer, for event streams without heartbeats).
+    pub read_timeout: Duration,
     /// Time a client has to finish the TLS handshake.
     pub tls_handshake_timeout: Duration,
     /// Time a client may leave a response unread before its connection is closed (HTTP/1:
@@ -106,6 +107,7 @@ impl Default for HttpTuning {
         HttpTuning {
             header_read_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(60),
+            read_timeout: Duration::from_secs(300),
             tls_handshake_timeout: Duration::from_secs(10),
             send_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(60),

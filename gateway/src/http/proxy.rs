@@ -323,7 +323,7 @@ pub(crate) async fn handle(
                     let (parts, up) = resp.into_parts();
                     let home = up
                         .home(front.pool().clone(), key)
-                        .read_timeout(front.tuning().response_timeout);
+                        .read_timeout(front.tuning().read_timeout);
                     let b = Metered::new(home, Logged(Some(log)))
                         .shape(shape_out)
                         .boxed();

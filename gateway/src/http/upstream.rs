@@ -710,7 +710,13 @@ impl UpBody {
             };
             let read = match conn.io.poll_read_chunk(cx, max) {
                 Poll::Pending => {
-                    if self.stall.as_mut().is_some_and(|s| s.expired(cx)) {
+                    // Waiting for the client's upload (the rest of the request body still
+                    // going up) is not the service's wait.
+                    if self.writer.is_some() {
+                        if let Some(s) = self.stall.as_mut() {
+                            s.progress();
+                        }
+                    } else if self.stall.as_mut().is_some_and(|s| s.expired(cx)) {
                         let t = self.stall.as_ref().map(|s| s.timeout()).unwrap_or_default();
                         return Poll::Ready(Some(Err(UpstreamError::Stalled(t))));
                     }
