@@ -132,7 +132,9 @@ impl End for tokio::net::TcpStream {
         let _ = self.set_zero_linger();
     }
     fn abort_receiving(&mut self) {
-        // A plain close: the FIN already queued goes after the data before it.
+        // A plain close, no SO_LINGER 0: the FIN already queued goes after the data before
+        // it. (Linux still answers with a reset, dropping what is unsent, when the peer's
+        // data waits unread: keeping that would take a lingering close that drains it.)
     }
 }
 
