@@ -510,9 +510,12 @@ async fn pass_back(
     activity: Arc<FlowActivity>,
     stop: CancellationToken,
 ) {
+    // Made once, not per datagram (a cancellation waiter per packet).
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         let d = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = &mut stopped => return,
             d = rx.recv() => match d {
                 Some(d) => d,
                 None => return,

@@ -926,11 +926,16 @@ impl Agent {
                 activity.touch();
                 let _ = sock.send(&d).await;
             }
+            // Made once, not per datagram: each would register a timer and a cancellation
+            // waiter for every packet. The idle wait re-checks the activity when it fires.
+            let stopped = stop.cancelled();
+            let quiet = activity.idle(idle);
+            tokio::pin!(stopped, quiet);
             loop {
                 tokio::select! {
-                    _ = stop.cancelled() => break,
+                    _ = &mut stopped => break,
                     // Quiet both ways (datagrams to the service touch it in `read_datagrams`).
-                    _ = activity.idle(idle) => break,
+                    _ = &mut quiet => break,
                     r = sock.recv(&mut buf) => match r {
                         Ok(n) => {
                             activity.touch();
