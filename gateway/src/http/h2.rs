@@ -93,7 +93,7 @@ pub(super) async fn serve<I>(
             }
             _ = busy.reset_flood.notified() => {
                 let (requests, abandoned) = busy.abandoned();
-                info!(client = %crate::addr_text::Client(peer), requests, abandoned, "HTTP/2 client reset most of its requests before their answers: connection closed");
+                info!(client = %crate::addr_text::Client(peer), requests, abandoned, "HTTP/2 client reset requests before their answers faster than allowed: connection closed");
                 return;
             }
             // Also while closing: a graceful shutdown waits for every answer.
