@@ -65,15 +65,7 @@ pub async fn serve_with(
         info!(addr = %a, paths, "admin API listening");
     }
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                // Typically out of file descriptors: back off instead of spinning.
-                Err(_) => { tokio::time::sleep(std::time::Duration::from_millis(50)).await; continue }
-            },
-        };
+    while let Some((tcp, peer)) = tunnel::sockets::accept_until(&listener, &shutdown).await {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             debug!(client = %peer, max = MAX_CONNECTIONS, "admin connection refused: too many open");
             continue;

@@ -15,7 +15,7 @@ use policies::{ListenKind, Listener, Requester, Timestamp};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 use tunnel::hub::{refusal_of, Hub};
 use tunnel::proto::Origin;
 use tunnel::splice::splice_until;
@@ -328,14 +328,7 @@ async fn tcp_loop(
     per_ip: Arc<PerIp>,
     stop: CancellationToken,
 ) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = l.accept() => match r {
-                Ok(x) => x,
-                Err(e) => { warn!(addr = %listen, error = %e, "accept failed"); tokio::time::sleep(Duration::from_millis(50)).await; continue; }
-            },
-        };
+    while let Some((tcp, peer)) = tunnel::sockets::accept_until(&l, &stop).await {
         if hub.is_draining() {
             return;
         }

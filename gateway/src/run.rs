@@ -503,14 +503,7 @@ pub fn zone_health(expected: usize, connected: usize) -> &'static str {
 
 async fn forward_loop(hub: Hub, f: Forward, l: TcpListener, shutdown: CancellationToken) {
     info!(listen = %f.listen, to = %format!("{}/{}", f.device, f.service), "mesh forward listening");
-    loop {
-        let (mut tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = l.accept() => match r {
-                Ok(x) => x,
-                Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue }
-            },
-        };
+    while let Some((mut tcp, peer)) = tunnel::sockets::accept_until(&l, &shutdown).await {
         let hub = hub.clone();
         let f = f.clone();
         tokio::spawn(async move {

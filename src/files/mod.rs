@@ -266,15 +266,7 @@ pub async fn serve(listener: TcpListener, root: Root, shutdown: CancellationToke
     if let Ok(a) = listener.local_addr() {
         info!(addr = %a, dir = %root.path().display(), "read-only file service listening");
     }
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                // Typically out of file descriptors: back off instead of spinning.
-                Err(_) => { tokio::time::sleep(std::time::Duration::from_millis(50)).await; continue }
-            },
-        };
+    while let Some((tcp, peer)) = tunnel::sockets::accept_until(&listener, &shutdown).await {
         let root = root.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {

@@ -268,6 +268,14 @@ async fn a_device_that_never_answers_a_stream_cannot_hold_connections() {
     gw.shutdown.cancel();
 }
 
+/// Waits until the gateway no longer lists `device` and has closed its connection `conn`.
+async fn assert_session_ended(gw: &RunningGateway, device: &str, conn: &quinn::Connection) {
+    wait_until("the session ended", WAIT, || gw.hub.agent(device).is_none()).await;
+    tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .expect("the connection was not closed");
+}
+
 /// An agent that sends `Error` has ended its session at its end: the hub ends it too (it kept
 /// the device registered, and every command to it — UDP flows, Drain, config updates —
 /// failed unseen while the device looked connected).
@@ -281,13 +289,7 @@ async fn an_agents_error_ends_its_session_at_the_gateway() {
         "something broke here",
     );
     io.flush().await.unwrap();
-    wait_until("home2's session ended", WAIT, || {
-        gw.hub.agent("home2").is_none()
-    })
-    .await;
-    tokio::time::timeout(WAIT, conn.closed())
-        .await
-        .expect("the connection was not closed");
+    assert_session_ended(&gw, "home2", &conn).await;
     assert!(gw.hub.agent("home1").is_some());
     gw.shutdown.cancel();
 }
@@ -313,13 +315,7 @@ async fn a_device_offering_bad_zone_configs_loses_its_session() {
         .send_config_update(u64::MAX - 1, b"one too many".to_vec())
         .unwrap();
     io.flush().await.unwrap();
-    wait_until("home2's session ended", WAIT, || {
-        gw.hub.agent("home2").is_none()
-    })
-    .await;
-    tokio::time::timeout(WAIT, conn.closed())
-        .await
-        .expect("the connection was not closed");
+    assert_session_ended(&gw, "home2", &conn).await;
     gw.shutdown.cancel();
 }
 

@@ -1329,14 +1329,7 @@ impl Agent {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => { warn!(listen = %f.listen, error = %e, "forward accept failed"); tokio::time::sleep(Duration::from_millis(100)).await; continue; }
-                },
-            };
+        while let Some((tcp, peer)) = crate::sockets::accept_until(&listener, &shutdown).await {
             let _ = tcp.set_nodelay(true);
             tokio::spawn(self.clone().forward_one(f.clone(), tcp, peer));
         }

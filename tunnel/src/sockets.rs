@@ -73,6 +73,27 @@ pub fn any_addr(port: u16) -> SocketAddr {
     }
 }
 
+/// The next connection on `listener`, or `None` once `stop` fires. An accept that fails (out
+/// of file descriptors, typically) is logged and retried after a pause instead of spinning.
+pub async fn accept_until(
+    listener: &tokio::net::TcpListener,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            r = listener.accept() => match r {
+                Ok(x) => return Some(x),
+                Err(e) => {
+                    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                    tracing::warn!(%addr, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
 /// The address as the other side wrote it: an IPv4 peer seen on a dual-stack socket arrives
 /// as `[::ffff:a.b.c.d]`, which logs badly and which an IPv4-only socket cannot dial.
 pub fn canonical(addr: SocketAddr) -> SocketAddr {

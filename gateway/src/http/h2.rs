@@ -161,6 +161,11 @@ impl Busy {
             .max(1)
     }
 
+    /// An answer's held chunk went on its way: the connection moves.
+    fn moved(&self) {
+        self.progress.store(self.now_ms(), Ordering::Relaxed);
+    }
+
     /// Resolves once no request has been open for `idle`.
     async fn idle(&self, idle: Duration) {
         loop {
@@ -272,8 +277,7 @@ impl Answer {
 impl Drop for Answer {
     fn drop(&mut self) {
         if self.held.load(Ordering::Relaxed) != 0 {
-            let now = self.open.0.now_ms();
-            self.open.0.progress.store(now, Ordering::Relaxed);
+            self.open.0.moved();
         }
     }
 }
@@ -288,8 +292,7 @@ impl Body for Answer {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         // Back for more: what was taken before is on its way.
         if self.held.swap(0, Ordering::Relaxed) != 0 {
-            let now = self.open.0.now_ms();
-            self.open.0.progress.store(now, Ordering::Relaxed);
+            self.open.0.moved();
         }
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(f))) = &r {

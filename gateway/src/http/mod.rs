@@ -45,7 +45,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, Instrument};
 use tunnel::hub::Hub;
 
 use self::metrics::{ConnRefusal, HttpMetrics};
@@ -181,19 +181,7 @@ impl Front {
         if let Ok(a) = listener.local_addr() {
             info!(addr = %a, scheme, "HTTP front listening");
         }
-        loop {
-            let (tcp, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // Typically out of file descriptors: back off instead of spinning.
-                        warn!(scheme, error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
+        while let Some((tcp, peer)) = tunnel::sockets::accept_until(&listener, &shutdown).await {
             // On a dual-stack `[::]` listener IPv4 clients arrive as `::ffff:a.b.c.d`: logs,
             // X-Forwarded-For and the policy see them as the IPv4 addresses they are.
             let peer = tunnel::sockets::canonical(peer);
