@@ -141,15 +141,32 @@ pub fn http_connections_per_ip(file: &Path, n: Option<usize>) -> Result<usize, U
     )
 }
 
-/// The per-client connection limit of the `tcp` apps: 1 to the total of all tcp apps.
-pub fn tcp_connections_per_ip(file: &Path, n: Option<usize>) -> Result<usize, UsageError> {
+/// The per-client connection limit of the `tcp` apps: 1 to `total`, the connections of all
+/// tcp apps together.
+pub fn tcp_connections_per_ip(
+    file: &Path,
+    n: Option<usize>,
+    total: usize,
+) -> Result<usize, UsageError> {
     per_client_limit(
         file,
         "tcp_connections_per_ip",
         n,
-        gateway::listeners::TCP_CONNECTIONS_PER_IP,
+        gateway::listeners::TCP_CONNECTIONS_PER_IP.min(total),
+        total,
+        "tcp_connections, the connections all tcp apps take together",
+    )
+}
+
+/// The connections all `tcp` apps hold together: 1 to half the streams a device takes.
+pub fn tcp_connections(file: &Path, n: Option<usize>) -> Result<usize, UsageError> {
+    per_client_limit(
+        file,
+        "tcp_connections",
+        n,
         gateway::listeners::MAX_TCP_CONNECTIONS,
-        "the connections all tcp apps take together",
+        gateway::listeners::MAX_TCP_CONNECTIONS,
+        "half the streams one device connection takes",
     )
 }
 
@@ -263,6 +280,9 @@ pub struct GatewayFile {
     /// Connections one client address (IPv6: its /64) may have open through all `tcp` apps
     /// together (default [`gateway::listeners::TCP_CONNECTIONS_PER_IP`]).
     pub tcp_connections_per_ip: Option<usize>,
+    /// Connections all `tcp` apps hold together (default and most
+    /// [`gateway::listeners::MAX_TCP_CONNECTIONS`]).
+    pub tcp_connections: Option<usize>,
     /// Flows of one `udp` app one client address (IPv6: its /64) may have (default
     /// [`gateway::listeners::UDP_FLOWS_PER_IP`]).
     pub udp_flows_per_ip: Option<usize>,
@@ -477,17 +497,28 @@ mod tests {
         let e = udp_flows_per_ip(f, Some(200), 128).unwrap_err().to_string();
         assert!(e.contains("expected 1 to 128 (udp_flows_per_app"), "{e}");
         assert_eq!(
-            tcp_connections_per_ip(f, None).unwrap(),
+            tcp_connections_per_ip(f, None, 16_384).unwrap(),
             gateway::listeners::TCP_CONNECTIONS_PER_IP
         );
-        assert_eq!(tcp_connections_per_ip(f, Some(5)).unwrap(), 5);
+        assert_eq!(tcp_connections_per_ip(f, None, 100).unwrap(), 100);
+        assert_eq!(tcp_connections_per_ip(f, Some(5), 100).unwrap(), 5);
+        let e = tcp_connections_per_ip(f, Some(200), 100)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected 1 to 100 (tcp_connections,"), "{e}");
+        assert_eq!(tcp_connections(f, None).unwrap(), 16_384);
         for bad in [0, 1 << 20] {
-            let e = tcp_connections_per_ip(f, Some(bad))
+            let e = tcp_connections_per_ip(f, Some(bad), 16_384)
                 .unwrap_err()
                 .to_string();
             assert!(
                 e.contains("gateway.toml: tcp_connections_per_ip")
                     && e.contains("expected 1 to 16384"),
+                "{e}"
+            );
+            let e = tcp_connections(f, Some(bad)).unwrap_err().to_string();
+            assert!(
+                e.contains("gateway.toml: tcp_connections =") && e.contains("expected 1 to 16384"),
                 "{e}"
             );
             let e = udp_flows_per_ip(f, Some(bad), 4096)

@@ -226,6 +226,7 @@ async fn run_async(dir: PathBuf, check: bool) -> anyhow::Result<()> {
             tls_certs: Vec::new(),
             http_tuning: Default::default(),
             tcp_connections_per_ip: gateway::listeners::TCP_CONNECTIONS_PER_IP,
+            tcp_connections: gateway::listeners::MAX_TCP_CONNECTIONS,
             udp_flows_per_ip: gateway::listeners::UDP_FLOWS_PER_IP,
             udp_flows_per_app: gateway::listeners::MAX_UDP_CLIENTS,
             dns: Some(dns),

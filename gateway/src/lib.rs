@@ -14,6 +14,7 @@ pub mod admin;
 pub mod http;
 pub mod listeners;
 pub mod log_budget;
+pub mod make_room;
 pub mod per_ip;
 pub mod run;
 pub mod udp_app;

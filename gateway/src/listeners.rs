@@ -21,6 +21,7 @@ use tunnel::proto::Origin;
 use tunnel::splice::splice_until;
 
 use crate::addr_text::Client;
+use crate::make_room::{Held, Stamped};
 use crate::per_ip::{IpSlot, PerIp};
 pub use crate::udp_app::UdpLimits;
 
@@ -104,18 +105,20 @@ pub fn wanted(policy: &policies::CompiledPolicy) -> HashMap<(Kind, SocketAddr), 
 
 impl Listeners {
     /// No listeners yet; `reserved` are the gateway's own sockets (see [`Listeners::reserved`]);
-    /// one client address may hold `tcp_per_ip` connections through the `tcp` apps; each
-    /// `udp` app keeps flows within `udp`.
+    /// one client address may hold `tcp_per_ip` connections through the `tcp` apps, all
+    /// clients together `tcp_total` (at most [`MAX_TCP_CONNECTIONS`]); each `udp` app keeps
+    /// flows within `udp`.
     pub fn new(
         reserved: Vec<(Kind, SocketAddr, &'static str)>,
         tcp_per_ip: usize,
+        tcp_total: usize,
         udp: UdpLimits,
     ) -> Self {
         Listeners {
             running: HashMap::new(),
-            tcp_per_ip: PerIp::with_total(
+            tcp_per_ip: PerIp::making_room(
                 tcp_per_ip,
-                MAX_TCP_CONNECTIONS,
+                tcp_total.min(MAX_TCP_CONNECTIONS),
                 "public TCP connections",
                 "tcp_connections_per_ip",
             ),
@@ -349,17 +352,23 @@ async fn tcp_loop(
     }
 }
 
-/// One public connection to a `tcp` app; `_slot` counts it against its client's limit until
-/// it ends.
+/// One public connection to a `tcp` app; `slot` counts it against its client's limit until
+/// it ends, and ends it when all `tcp` apps together are full and it is picked to make room.
 async fn tcp_conn(
     hub: Hub,
     listen: SocketAddr,
-    mut tcp: tokio::net::TcpStream,
+    tcp: tokio::net::TcpStream,
     peer: SocketAddr,
-    _slot: IpSlot,
+    slot: IpSlot,
 ) {
     let _ = tcp.set_nodelay(true);
     let started = Instant::now();
+    // The tcp apps' table always makes room (`Listeners::new`); a stand-in is never evicted.
+    let held = slot
+        .held()
+        .cloned()
+        .unwrap_or_else(|| Held::new(std::time::Instant::now()));
+    let mut tcp = Stamped::new(tcp, held.clone());
     // The listener is being replaced or removed: the policy no longer names its address.
     let Some((active, i)) = app_at(&hub, Kind::Tcp, listen) else {
         return;
@@ -413,7 +422,13 @@ async fn tcp_conn(
     };
     // Decided once as it opened; asked again whenever the policy or the minute changes.
     let policy = hub.policy().clone();
-    let stop = policy.until_refused(|a| still_allowed(a, Kind::Tcp, listen, &target, &who));
+    let refused = policy.until_refused(|a| still_allowed(a, Kind::Tcp, listen, &target, &who));
+    let stop = async {
+        tokio::select! {
+            why = refused => why,
+            () = held.evicted() => "evicted to make room for another client".to_owned(),
+        }
+    };
     let m = if shape_in.is_unlimited() && shape_out.is_unlimited() {
         splice_until(&mut tcp, &mut up, stop).await
     } else {
@@ -422,6 +437,10 @@ async fn tcp_conn(
     let (bin, bout) = (m.a_to_b, m.b_to_a);
     counters.bytes_in(bin);
     counters.bytes_out(bout);
+    if held.is_evicted() && m.stopped.is_some() {
+        info!(app = %app_name, device = %target.device, client = %Client(peer), bytes_in = bin, bytes_out = bout, ms = started.elapsed().as_millis() as u64, idle_s = held.idle_secs(), "connection cut to make room: all tcp apps together were at their limit (gateway.toml tcp_connections) and this client held the most connections; this one was its longest idle");
+        return;
+    }
     if let Some(why) = m.stopped {
         info!(app = %app_name, device = %target.device, client = %Client(peer), bytes_in = bin, bytes_out = bout, ms = started.elapsed().as_millis() as u64, reason = %why, "connection cut: the policy no longer allows it");
         return;

@@ -5,17 +5,31 @@
 //!
 //! IPv6 clients count per /64 (one host commonly has a whole /64 to pick addresses from), and
 //! per /48 together with [`SITE_FACTOR`] times the limit.
+//!
+//! A table with a total can make room when it is full ([`PerIp::making_room`]): see
+//! [`crate::make_room`].
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
+
+use crate::make_room::Held;
 
 /// An IPv6 site (/48) may hold this many times the per-client limit, all its /64s together: a
 /// home or a VPS often has a whole /48 or /56 (65,536 or 256 /64s), and one of them could
 /// otherwise take a whole front, 1,024 connections per /64 at a time.
 pub const SITE_FACTOR: usize = 4;
+
+/// A full table making room admits a client at once, before the connection it picked has
+/// ended: up to a sixteenth of the total (at least one) more than the total, while picked
+/// ones close.
+const ROOM_SLACK: usize = 16;
+/// How long the client found holding the most is taken as that without looking again: a
+/// look goes through every client, and a flood of new clients would make one each.
+const HOG_LOOK_EVERY: Duration = Duration::from_millis(10);
 
 /// `ip` masked to its first `bits` bits (IPv6).
 fn prefix(ip: std::net::Ipv6Addr, bits: u32) -> IpAddr {
@@ -41,6 +55,9 @@ pub struct PerIp {
     /// limit, for the log lines.
     what: &'static str,
     setting: &'static str,
+    /// When full, ends idle connections of the client holding the most for others: the start
+    /// of its connections' activity clocks ([`Held`]).
+    room: Option<Instant>,
     open: Mutex<Tables>,
 }
 
@@ -49,6 +66,8 @@ struct Tables {
     clients: HashMap<IpAddr, Count>,
     sites: HashMap<IpAddr, Count>,
     all: Count,
+    /// The last look for the client holding the most, when it was made, and its key.
+    hog: Option<(Instant, Option<IpAddr>)>,
 }
 
 #[derive(Debug, Default)]
@@ -57,6 +76,10 @@ struct Count {
     /// Connections refused since it reached its limit: the first refusal is logged, and the
     /// return to half the limit, not every refusal (or slot freed) of a flood.
     refused: u64,
+    /// Its open connections, in a table making room.
+    held: Vec<Arc<Held>>,
+    /// Of those, picked to make room and not closed yet.
+    evicting: usize,
 }
 
 impl Count {
@@ -76,6 +99,11 @@ impl Count {
         }
     }
 
+    /// Open connections not picked to make room.
+    fn staying(&self) -> usize {
+        self.open.saturating_sub(self.evicting)
+    }
+
     /// Uncounts a connection; true when nothing is left open.
     fn release(&mut self, key: IpAddr, limit: usize, counted: &str, what: &str) -> bool {
         self.open = self.open.saturating_sub(1);
@@ -93,6 +121,17 @@ pub struct IpSlot {
     table: Arc<PerIp>,
     key: IpAddr,
     site: Option<IpAddr>,
+    /// In a table making room: its activity and the signal that ends it.
+    held: Option<Arc<Held>>,
+}
+
+impl IpSlot {
+    /// The connection's activity clock and eviction signal, in a table making room: its
+    /// owner stamps it as bytes move ([`crate::make_room::Stamped`]) and ends the connection
+    /// when it is evicted.
+    pub fn held(&self) -> Option<&Arc<Held>> {
+        self.held.as_ref()
+    }
 }
 
 impl PerIp {
@@ -105,6 +144,7 @@ impl PerIp {
             total: None,
             what,
             setting,
+            room: None,
             open: Mutex::new(Tables::default()),
         })
     }
@@ -121,6 +161,26 @@ impl PerIp {
             total: Some(total.max(1)),
             what,
             setting,
+            room: None,
+            open: Mutex::new(Tables::default()),
+        })
+    }
+
+    /// As [`PerIp::with_total`]; when all clients together have the total, a client holding
+    /// fewer than the one holding the most gets in by ending that one's longest-idle
+    /// connection ([`IpSlot::held`]).
+    pub fn making_room(
+        limit: usize,
+        total: usize,
+        what: &'static str,
+        setting: &'static str,
+    ) -> Arc<Self> {
+        Arc::new(PerIp {
+            limit: limit.max(1),
+            total: Some(total.max(1)),
+            what,
+            setting,
+            room: Some(Instant::now()),
             open: Mutex::new(Tables::default()),
         })
     }
@@ -130,14 +190,11 @@ impl PerIp {
     }
 
     /// A slot for a new connection from `ip`, or `None` when it (or its IPv6 site) has its
-    /// limit open already, or all clients together have the total.
+    /// limit open already, or all clients together have the total (and, making room, no
+    /// client holds more than one connection more than it).
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
         let (key, site) = keys(ip);
         let mut t = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(total) = self.total.filter(|total| t.all.open >= *total) {
-            t.all.refuse_all(total, self.what);
-            return None;
-        }
         let client_full = t.clients.get(&key).is_some_and(|c| c.open >= self.limit);
         if client_full {
             if let Some(c) = t.clients.get_mut(&key) {
@@ -151,14 +208,27 @@ impl PerIp {
                 s.refuse(site, site_limit, "IPv6 /48", self.what, self.setting);
                 return None;
             }
+        }
+        if let Some(total) = self.total.filter(|total| t.all.open >= *total) {
+            let made_room = self.room.is_some() && t.make_room(key, total);
+            if !made_room {
+                t.all.refuse_all(total, self.what);
+                return None;
+            }
+        }
+        if let Some(site) = site {
             t.sites.entry(site).or_default().open += 1;
         }
-        t.clients.entry(key).or_default().open += 1;
+        let held = self.room.map(Held::new);
+        let c = t.clients.entry(key).or_default();
+        c.open += 1;
+        c.held.extend(held.clone());
         t.all.open += 1;
         Some(IpSlot {
             table: self.clone(),
             key,
             site,
+            held,
         })
     }
 
@@ -167,6 +237,56 @@ impl PerIp {
     fn clients(&self) -> usize {
         let t = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         t.clients.len() + t.sites.len()
+    }
+}
+
+impl Tables {
+    /// In a full table: picks the longest-idle connection of the client holding the most
+    /// (not counting connections picked before), if it holds more than one more than `key`,
+    /// and signals it to end. False when there is nothing fair to take, or too many picked
+    /// connections have not closed yet.
+    fn make_room(&mut self, key: IpAddr, total: usize) -> bool {
+        if self.all.open >= total.saturating_add((total / ROOM_SLACK).max(1)) {
+            return false;
+        }
+        let mine = self.clients.get(&key).map_or(0, Count::staying);
+        let Some(hog) = self.hog(Instant::now()) else {
+            return false;
+        };
+        let Some(c) = self.clients.get_mut(&hog) else {
+            return false;
+        };
+        if c.staying() <= mine + 1 {
+            return false;
+        }
+        let victim = c
+            .held
+            .iter()
+            .filter(|h| !h.is_evicted())
+            .min_by_key(|h| h.last_active_ms());
+        if !victim.is_some_and(|v| v.evict()) {
+            return false;
+        }
+        c.evicting += 1;
+        true
+    }
+
+    /// The client holding the most connections not picked to make room: looked for again
+    /// at most every [`HOG_LOOK_EVERY`] (or when the one found has closed them all).
+    fn hog(&mut self, now: Instant) -> Option<IpAddr> {
+        if let Some((at, found)) = self.hog {
+            let still = found.is_none_or(|k| self.clients.contains_key(&k));
+            if now.duration_since(at) < HOG_LOOK_EVERY && still {
+                return found;
+            }
+        }
+        let found = self
+            .clients
+            .iter()
+            .max_by_key(|(_, c)| c.staying())
+            .map(|(k, _)| *k);
+        self.hog = Some((now, found));
+        found
     }
 }
 
@@ -180,11 +300,19 @@ impl Drop for IpSlot {
             .open
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        let held = self.held.take();
         // Forgotten at zero: the tables hold clients with open connections only.
-        if t.clients
-            .get_mut(&self.key)
-            .is_some_and(|c| c.release(self.key, limit, "address", what))
-        {
+        if t.clients.get_mut(&self.key).is_some_and(|c| {
+            if let Some(h) = held {
+                if let Some(i) = c.held.iter().position(|x| Arc::ptr_eq(x, &h)) {
+                    c.held.swap_remove(i);
+                }
+                if h.is_evicted() {
+                    c.evicting = c.evicting.saturating_sub(1);
+                }
+            }
+            c.release(self.key, limit, "address", what)
+        }) {
             t.clients.remove(&self.key);
         }
         if let Some(site) = self.site {
@@ -244,6 +372,89 @@ mod tests {
             t.admit("192.0.2.9".parse().unwrap()).is_some(),
             "a slot came back"
         );
+    }
+
+    fn ip(i: u32) -> IpAddr {
+        IpAddr::V4(std::net::Ipv4Addr::from(0xc000_0200 + i))
+    }
+
+    /// A full table making room ends the longest-idle connection of the client holding the
+    /// most, and only for a client holding at least two fewer.
+    #[test]
+    fn a_full_table_making_room_ends_the_longest_idle_connection_of_the_biggest_holder() {
+        let t = PerIp::making_room(8, 8, "test connections", "test_setting");
+        let mut hog: Vec<IpSlot> = (0..6).map(|_| t.admit(ip(1)).unwrap()).collect();
+        let small: Vec<IpSlot> = (0..2).map(|_| t.admit(ip(2)).unwrap()).collect();
+        // All but the fourth of the big holder's connections move bytes later than it.
+        std::thread::sleep(Duration::from_millis(5));
+        for (i, s) in hog.iter().enumerate() {
+            if i != 3 {
+                s.held().unwrap().touch();
+            }
+        }
+        let newcomer = t
+            .admit(ip(3))
+            .expect("room made for a client holding nothing");
+        assert!(newcomer.held().is_some());
+        let evicted: Vec<usize> = (0..hog.len())
+            .filter(|&i| hog[i].held().unwrap().is_evicted())
+            .collect();
+        assert_eq!(evicted, vec![3], "the big holder's longest-idle connection");
+        assert!(small.iter().all(|s| !s.held().unwrap().is_evicted()));
+        // The picked one closes; the table is at its total again.
+        hog.remove(3);
+        // The small holder already holds two: the big one (5) holds more than one more.
+        let again = t.admit(ip(2)).expect("room made again");
+        assert_eq!(
+            hog.iter()
+                .filter(|s| s.held().unwrap().is_evicted())
+                .count(),
+            1
+        );
+        drop(again);
+    }
+
+    #[test]
+    fn a_full_table_takes_nothing_from_clients_holding_as_few() {
+        let t = PerIp::making_room(8, 4, "test connections", "test_setting");
+        let held: Vec<IpSlot> = (0..4).map(|i| t.admit(ip(i)).unwrap()).collect();
+        assert!(
+            t.admit(ip(9)).is_none(),
+            "everyone holds one: nothing fair to take"
+        );
+        let _more = (t.admit(ip(0)), t.admit(ip(0)));
+        assert!(
+            held.iter().all(|s| !s.held().unwrap().is_evicted()),
+            "nothing taken"
+        );
+    }
+
+    #[test]
+    fn a_client_at_its_own_limit_takes_no_room() {
+        let t = PerIp::making_room(2, 4, "test connections", "test_setting");
+        let _a: Vec<IpSlot> = (0..2).map(|_| t.admit(ip(1)).unwrap()).collect();
+        let b: Vec<IpSlot> = (0..2).map(|_| t.admit(ip(2)).unwrap()).collect();
+        assert!(t.admit(ip(2)).is_none(), "at its own limit");
+        assert!(b.iter().all(|s| !s.held().unwrap().is_evicted()));
+        assert!(_a.iter().all(|s| !s.held().unwrap().is_evicted()));
+    }
+
+    /// Picked connections that do not close stop the making of more room past a sixteenth
+    /// of the total.
+    #[test]
+    fn room_is_made_ahead_of_closes_only_up_to_a_slack() {
+        let t = PerIp::making_room(64, 32, "test connections", "test_setting");
+        let hog: Vec<IpSlot> = (0..32).map(|_| t.admit(ip(1)).unwrap()).collect();
+        let newcomers: Vec<IpSlot> = (10..20).filter_map(|i| t.admit(ip(i))).collect();
+        assert_eq!(newcomers.len(), 2, "32 / 16 admitted ahead of closes");
+        assert_eq!(
+            hog.iter()
+                .filter(|s| s.held().unwrap().is_evicted())
+                .count(),
+            2
+        );
+        drop(hog);
+        assert_eq!(t.clients(), newcomers.len());
     }
 
     #[test]

@@ -51,6 +51,10 @@ pub struct GatewayOptions {
     /// Connections one client address (IPv6: its /64) may have open through all `tcp` apps
     /// together ([`crate::listeners::TCP_CONNECTIONS_PER_IP`] by default).
     pub tcp_connections_per_ip: usize,
+    /// Connections all `tcp` apps hold together; when full, a client holding fewer gets in
+    /// by closing the longest-idle connection of the one holding the most
+    /// ([`crate::listeners::MAX_TCP_CONNECTIONS`] by default and at most).
+    pub tcp_connections: usize,
     /// Flows of one `udp` app one client address may have
     /// ([`crate::listeners::UDP_FLOWS_PER_IP`] by default).
     pub udp_flows_per_ip: usize,
@@ -228,6 +232,7 @@ impl Gateway {
         let mut listeners = Listeners::new(
             reserved,
             opts.tcp_connections_per_ip,
+            opts.tcp_connections,
             crate::listeners::UdpLimits {
                 per_ip: opts.udp_flows_per_ip,
                 per_app: opts.udp_flows_per_app,

@@ -106,6 +106,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         ))
     })?;
     let udp_per_app = config::udp_flows_per_app(&a.config, f.udp_flows_per_app)?;
+    let tcp_total = config::tcp_connections(&a.config, f.tcp_connections)?;
     let opts = gateway::GatewayOptions {
         creds,
         policy: Arc::new(policy),
@@ -144,7 +145,9 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         tcp_connections_per_ip: config::tcp_connections_per_ip(
             &a.config,
             f.tcp_connections_per_ip,
+            tcp_total,
         )?,
+        tcp_connections: tcp_total,
         udp_flows_per_ip: config::udp_flows_per_ip(&a.config, f.udp_flows_per_ip, udp_per_app)?,
         udp_flows_per_app: udp_per_app,
         dns: config::ListenSetting::resolve(f.dns, any_addr(DEFAULT_DNS_PORT)),

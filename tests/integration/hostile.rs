@@ -1329,6 +1329,69 @@ async fn one_client_address_cannot_hold_every_tcp_app_connection() {
     gw.shutdown.cancel();
 }
 
+/// All `tcp` apps together at `tcp_connections` (4 here; 16,384 by default): a new client gets
+/// in by closing the longest-idle connection of the client holding the most. Before, 16
+/// addresses holding idle connections locked every other client out until they chose to close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_set_of_tcp_apps_makes_room_by_closing_the_biggest_holders_idlest() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = fast_tuning();
+    let z = TestZone::new(&["home1"]);
+    z.write_policy("apps.toml", echo_policy());
+    let mut opts = gateway_options(&z, "gw", z.gw_addr, t, Duration::from_millis(500), None);
+    opts.tcp_connections = 4;
+    opts.tcp_connections_per_ip = 4;
+    let gw = run_gateway(opts).await;
+    let _h1 = echo_node(&z, &gw, "home1", t).await;
+    let app = gw.apps["echo"];
+
+    let mut held = Vec::new();
+    for i in 0..4 {
+        held.push(echoing_from("127.0.0.1", app, format!("held {i}").as_bytes()).await);
+    }
+    // All but the second move bytes again: it is the idlest.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for (i, s) in held.iter_mut().enumerate() {
+        if i != 1 {
+            s.write_all(b"again").await.unwrap();
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).await.unwrap();
+        }
+    }
+    // A new client is served, at once.
+    let newcomer = echoing_from("127.0.0.2", app, b"newcomer").await;
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(WAIT, held[1].read(&mut buf))
+        .await
+        .expect("the idlest connection is closed in time");
+    assert!(
+        matches!(r, Ok(0) | Err(_)),
+        "the idlest was not closed: {r:?}"
+    );
+    for i in [0, 2, 3] {
+        held[i].write_all(b"still").await.unwrap();
+        let mut buf = [0u8; 5];
+        tokio::time::timeout(WAIT, held[i].read_exact(&mut buf))
+            .await
+            .expect("echo in time")
+            .unwrap_or_else(|e| panic!("connection {i} was closed too: {e}"));
+    }
+    // Only from a client holding more than one more: 127.0.0.1 holds 3, so a third client
+    // takes one of them (2 / 1 / 1); then the newcomer's address, holding 1, takes nothing.
+    let third = echoing_from("127.0.0.3", app, b"third").await;
+    let mut fourth = socket_from("127.0.0.2").connect(app).await.unwrap();
+    drop(fourth.write_all(b"nothing fair to take").await);
+    let r = tokio::time::timeout(WAIT, fourth.read(&mut buf))
+        .await
+        .expect("the gateway closes it in time");
+    assert!(
+        matches!(r, Ok(0) | Err(_)),
+        "a client was served with no fair room: {r:?}"
+    );
+    drop((newcomer, third, held));
+    gw.shutdown.cancel();
+}
+
 /// `msg` to `app` from a new socket on `from`; the socket and the answer within `within`, if
 /// any.
 async fn udp_ask(

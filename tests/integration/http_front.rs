@@ -483,6 +483,7 @@ async fn start_tuned(per_ip: usize, send_timeout: Option<Duration>) -> Harness {
                 ..HttpTuning::default()
             },
             tcp_connections_per_ip: gateway::listeners::TCP_CONNECTIONS_PER_IP,
+            tcp_connections: gateway::listeners::MAX_TCP_CONNECTIONS,
             udp_flows_per_ip: gateway::listeners::UDP_FLOWS_PER_IP,
             udp_flows_per_app: gateway::listeners::MAX_UDP_CLIENTS,
             dns: None,

@@ -356,6 +356,7 @@ pub fn gateway_options(
         tls_certs: Vec::new(),
         http_tuning: Default::default(),
         tcp_connections_per_ip: gateway::listeners::TCP_CONNECTIONS_PER_IP,
+        tcp_connections: gateway::listeners::MAX_TCP_CONNECTIONS,
         udp_flows_per_ip: gateway::listeners::UDP_FLOWS_PER_IP,
         udp_flows_per_app: gateway::listeners::MAX_UDP_CLIENTS,
         dns,

@@ -1,0 +1,221 @@
+//! Public connections that can be closed to make room for other clients: each one's last
+//! activity, stamped as its client's bytes move, and a signal that ends it.
+//!
+//! A table of connections with a total ([`crate::per_ip::PerIp::with_total`] with
+//! [`crate::per_ip::PerIp::making_room`]) that is full picks, for a client holding fewer, the
+//! longest-idle connection of the client holding the most, and ends it: a few addresses
+//! holding idle connections (16 IPv4 addresses at the `tcp` apps' default per-address limit)
+//! otherwise locked everyone else out until they chose to close.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
+use tunnel::holds::Watched;
+use tunnel::splice::{End, ReadRoom};
+
+/// One open connection as a full table sees it.
+#[derive(Debug)]
+pub struct Held {
+    /// The table's start: `last_ms` of all its connections count from it.
+    epoch: Instant,
+    /// When its client's bytes last moved (either way), in ms since `epoch`.
+    last_ms: AtomicU64,
+    /// Picked to make room (once).
+    evicted: AtomicBool,
+    evict: CancellationToken,
+}
+
+impl Held {
+    pub fn new(epoch: Instant) -> Arc<Self> {
+        let h = Held {
+            epoch,
+            last_ms: AtomicU64::new(0),
+            evicted: AtomicBool::new(false),
+            evict: CancellationToken::new(),
+        };
+        h.touch();
+        Arc::new(h)
+    }
+
+    /// Bytes moved now.
+    pub fn touch(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// When bytes last moved, in ms since the table's start: smaller is idle longer.
+    pub(crate) fn last_active_ms(&self) -> u64 {
+        self.last_ms.load(Ordering::Relaxed)
+    }
+
+    /// Seconds since bytes last moved, for the log line of an eviction.
+    pub fn idle_secs(&self) -> u64 {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        now.saturating_sub(self.last_active_ms()) / 1000
+    }
+
+    /// Ends the connection to make room; false if it was picked before.
+    pub(crate) fn evict(&self) -> bool {
+        if self.evicted.swap(true, Ordering::Relaxed) {
+            return false;
+        }
+        self.evict.cancel();
+        true
+    }
+
+    pub fn is_evicted(&self) -> bool {
+        self.evicted.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once the connection was picked to make room.
+    pub async fn evicted(&self) {
+        self.evict.cancelled().await
+    }
+}
+
+/// An [`End`] whose reads and writes stamp its [`Held`]: the public client's side of a
+/// connection, so a client that only receives (a download, a server's pushes) is active too.
+pub struct Stamped<E> {
+    inner: E,
+    held: Arc<Held>,
+}
+
+impl<E> Stamped<E> {
+    pub fn new(inner: E, held: Arc<Held>) -> Self {
+        Stamped { inner, held }
+    }
+
+    /// Stamps when `r` moved bytes; passes it on.
+    fn stamp<T>(
+        &self,
+        r: Poll<io::Result<T>>,
+        moved: impl FnOnce(&T) -> bool,
+    ) -> Poll<io::Result<T>> {
+        if let Poll::Ready(Ok(v)) = &r {
+            if moved(v) {
+                self.held.touch();
+            }
+        }
+        r
+    }
+}
+
+impl<E: AsyncRead + Unpin> AsyncRead for Stamped<E> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let grew = buf.filled().len() > before;
+        this.stamp(r, |_| grew)
+    }
+}
+
+impl<E: AsyncWrite + Unpin> AsyncWrite for Stamped<E> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, b);
+        this.stamp(r, |n| *n > 0)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.stamp(r, |n| *n > 0)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl<E: End> End for Stamped<E> {
+    fn abort(&mut self) {
+        self.inner.abort()
+    }
+
+    fn abort_receiving(&mut self) {
+        self.inner.abort_receiving()
+    }
+
+    fn cut_signal(&self) -> Option<Arc<Watched>> {
+        self.inner.cut_signal()
+    }
+
+    fn poll_read_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        room: &mut ReadRoom,
+        out: &mut VecDeque<Bytes>,
+    ) -> Poll<io::Result<usize>> {
+        let r = self.inner.poll_read_chunks(cx, room, out);
+        self.stamp(r, |n| *n > 0)
+    }
+
+    fn poll_write_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunks: &mut VecDeque<Bytes>,
+    ) -> Poll<io::Result<usize>> {
+        let r = self.inner.poll_write_chunks(cx, chunks);
+        self.stamp(r, |n| *n > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn reads_and_writes_stamp_the_connection() {
+        let held = Held::new(Instant::now());
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut s = Stamped::new(a, held.clone());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let before = held.last_active_ms();
+        b.write_all(b"hi").await.unwrap();
+        let mut buf = [0u8; 2];
+        s.read_exact(&mut buf).await.unwrap();
+        let after_read = held.last_active_ms();
+        assert!(
+            after_read >= before + 20,
+            "a read stamps ({before} → {after_read})"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        s.write_all(b"yo").await.unwrap();
+        assert!(held.last_active_ms() >= after_read + 20, "a write stamps");
+    }
+
+    #[test]
+    fn a_connection_is_evicted_once() {
+        let held = Held::new(Instant::now());
+        assert!(!held.is_evicted());
+        assert!(held.evict());
+        assert!(!held.evict(), "picked before");
+        assert!(held.is_evicted());
+    }
+}
