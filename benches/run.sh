@@ -325,8 +325,8 @@ EOF
   conf_set "$gw_conf" http '"off"'
   conf_set "$gw_conf" https '"off"'
   conf_set "$gw_conf" dns '"off"'
-  # All IDLE_CONNS come from 127.0.0.1: above the default per-client cap (1,024).
-  conf_set "$gw_conf" tcp_connections_per_ip "$((IDLE_CONNS > 32768 ? 32768 : IDLE_CONNS))"
+  # All IDLE_CONNS come from 127.0.0.1: above the default per-client cap (1,024), at most tcp_connections (16,384).
+  conf_set "$gw_conf" tcp_connections_per_ip "$((IDLE_CONNS > 16384 ? 16384 : IDLE_CONNS))"
   conf_set "$node_conf" admin '"127.0.0.1:9191"'
 
   start echo "$EXAMPLES_DIR/idle_conns" echo --listen 127.0.0.1:7007
