@@ -32,6 +32,7 @@ pub mod flow_datagram;
 pub mod flow_table;
 pub mod holds;
 pub mod hub;
+pub mod linger;
 pub mod peers;
 pub mod proto;
 mod read_gate;
