@@ -54,6 +54,27 @@ pub struct TunnelSection {
     pub reader_stall_secs: Option<u64>,
 }
 
+/// Optional HTTP(S) front timing, gateway.toml `[front]` (seconds, 1 to 86,400); defaults in
+/// [`gateway::http::HttpTuning`].
+#[derive(Debug, Clone, Copy, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FrontSection {
+    /// A client's request headers (default 10).
+    pub header_read_timeout_secs: Option<u64>,
+    /// A service's answer to start, else 504 (default 60).
+    pub response_timeout_secs: Option<u64>,
+    /// A service's pause in the middle of its answer, else the answer is cut (default 300).
+    pub read_timeout_secs: Option<u64>,
+    /// A client leaving its answer unread, else its connection is closed (default 60).
+    pub send_timeout_secs: Option<u64>,
+    /// A client's stalled request body, else 408 (default 60).
+    pub body_timeout_secs: Option<u64>,
+    /// An HTTP/2 connection without an open request, else GOAWAY (default 60).
+    pub idle_timeout_secs: Option<u64>,
+    /// A client's TLS handshake (default 10).
+    pub tls_handshake_timeout_secs: Option<u64>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeFile {
@@ -289,6 +310,9 @@ pub struct GatewayFile {
     /// Flows one `udp` app keeps at once (default and most
     /// [`gateway::listeners::MAX_UDP_CLIENTS`]).
     pub udp_flows_per_app: Option<usize>,
+    /// Timing of the HTTP(S) front.
+    #[serde(default)]
+    pub front: FrontSection,
 }
 
 /// Reads and parses a TOML config file; errors name the file, line and column.
@@ -460,9 +484,97 @@ pub fn tuning(t: &TunnelSection) -> Result<Tuning, UsageError> {
     Ok(out)
 }
 
+/// The front's timing from gateway.toml's `[front]` section, with `max_connections_per_ip`.
+pub fn http_tuning(
+    file: &Path,
+    h: &FrontSection,
+    max_connections_per_ip: usize,
+) -> Result<gateway::http::HttpTuning, UsageError> {
+    let mut out = gateway::http::HttpTuning {
+        max_connections_per_ip,
+        ..Default::default()
+    };
+    let set = |to: &mut Duration, name: &str, v: Option<u64>| {
+        match v {
+        None => Ok(()),
+        Some(v @ 1..=86_400) => {
+            *to = Duration::from_secs(v);
+            Ok(())
+        }
+        Some(v) => Err(UsageError(format!(
+            "{}: [front] {name} = {v}: give a number of seconds from 1 to 86400, or leave it out for the default {}",
+            file.display(),
+            to.as_secs()
+        ))),
+    }
+    };
+    set(
+        &mut out.header_read_timeout,
+        "header_read_timeout_secs",
+        h.header_read_timeout_secs,
+    )?;
+    set(
+        &mut out.response_timeout,
+        "response_timeout_secs",
+        h.response_timeout_secs,
+    )?;
+    set(
+        &mut out.read_timeout,
+        "read_timeout_secs",
+        h.read_timeout_secs,
+    )?;
+    set(
+        &mut out.send_timeout,
+        "send_timeout_secs",
+        h.send_timeout_secs,
+    )?;
+    set(
+        &mut out.body_timeout,
+        "body_timeout_secs",
+        h.body_timeout_secs,
+    )?;
+    set(
+        &mut out.h2_idle_timeout,
+        "idle_timeout_secs",
+        h.idle_timeout_secs,
+    )?;
+    set(
+        &mut out.tls_handshake_timeout,
+        "tls_handshake_timeout_secs",
+        h.tls_handshake_timeout_secs,
+    )?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http_timings_are_read_and_bounded() {
+        let f = Path::new("gateway.toml");
+        let d = gateway::http::HttpTuning::default();
+        let t = http_tuning(f, &FrontSection::default(), 7).unwrap();
+        assert_eq!(
+            (t.response_timeout, t.read_timeout, t.max_connections_per_ip),
+            (d.response_timeout, d.read_timeout, 7)
+        );
+        let h: FrontSection =
+            toml::from_str("response_timeout_secs = 600\nidle_timeout_secs = 5").unwrap();
+        let t = http_tuning(f, &h, 7).unwrap();
+        assert_eq!(t.response_timeout, Duration::from_secs(600));
+        assert_eq!(t.h2_idle_timeout, Duration::from_secs(5));
+        assert_eq!(t.send_timeout, d.send_timeout);
+        for bad in ["read_timeout_secs = 0", "body_timeout_secs = 90000"] {
+            let h: FrontSection = toml::from_str(bad).unwrap();
+            let e = http_tuning(f, &h, 7).unwrap_err().to_string();
+            assert!(
+                e.contains("gateway.toml: [front] ") && e.contains("from 1 to 86400"),
+                "{e}"
+            );
+        }
+        assert!(toml::from_str::<FrontSection>("response_timeout = 5").is_err());
+    }
 
     #[test]
     fn tunnel_timings_are_read_and_bounded() {

@@ -135,13 +135,11 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
                 )
             })
             .collect(),
-        http_tuning: gateway::http::HttpTuning {
-            max_connections_per_ip: config::http_connections_per_ip(
-                &a.config,
-                f.http_connections_per_ip,
-            )?,
-            ..Default::default()
-        },
+        http_tuning: config::http_tuning(
+            &a.config,
+            &f.front,
+            config::http_connections_per_ip(&a.config, f.http_connections_per_ip)?,
+        )?,
         tcp_connections_per_ip: config::tcp_connections_per_ip(
             &a.config,
             f.tcp_connections_per_ip,

@@ -513,6 +513,26 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
     assert!(e.contains("bad.toml:2:") && e.contains("listen"), "{e}");
     std::fs::remove_file(pol.join("bad.toml")).unwrap();
 
+    // A front timeout out of range, and the tcp apps' per-client limit above their total.
+    let gw_text = std::fs::read_to_string(&gw).unwrap();
+    std::fs::write(&gw, format!("{gw_text}\n[front]\nread_timeout_secs = 0\n")).unwrap();
+    let e = fails(2, ["gateway", "--config", gws]);
+    assert!(
+        e.contains("[front] read_timeout_secs = 0") && e.contains("1 to 86400"),
+        "{e}"
+    );
+    std::fs::write(
+        &gw,
+        format!("tcp_connections = 10\ntcp_connections_per_ip = 11\n{gw_text}"),
+    )
+    .unwrap();
+    let e = fails(2, ["gateway", "--config", gws]);
+    assert!(
+        e.contains("tcp_connections_per_ip = 11") && e.contains("1 to 10"),
+        "{e}"
+    );
+    std::fs::write(&gw, &gw_text).unwrap();
+
     // Unknown key in the config file: named with its position.
     let text = std::fs::read_to_string(&node).unwrap();
     std::fs::write(&node, format!("{text}\nfrobnicate = true\n")).unwrap();
