@@ -77,6 +77,13 @@ pub enum BootstrapError {
         #[source]
         source: ZoneError,
     },
+    /// Valid, but not a successor of the config already held (it leaves out a revocation).
+    #[error("zone config from DNS server {server} refused: {source}")]
+    NotASuccessor {
+        server: SocketAddr,
+        #[source]
+        source: ZoneError,
+    },
     #[error("zone config from DNS server {server} does not verify against the pinned zone CA, refusing it (forged or tampered answer): {source}")]
     Forged {
         server: SocketAddr,

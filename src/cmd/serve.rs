@@ -252,7 +252,17 @@ fn bootstrap(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    match rt.block_on(name_resolver::fetch_zone(domain, server, &key, known)) {
+    let fetched = rt
+        .block_on(name_resolver::fetch_zone(domain, server, &key, known))
+        .and_then(|z| match &have {
+            Some(h) => z
+                .config
+                .keeps_revocations_of(&h.config)
+                .map(|()| z)
+                .map_err(|source| name_resolver::BootstrapError::NotASuccessor { server, source }),
+            None => Ok(z),
+        });
+    match fetched {
         Ok(z) => {
             if known.is_none_or(|k| z.config.serial > k) {
                 zone_core::zonedir::write_atomic(

@@ -1122,6 +1122,40 @@ fn an_offer_is_adopted_even_when_the_bundle_cannot_be_written() {
     assert!(!creds.zone().config.devices.iter().any(|d| d.name == laptop));
 }
 
+/// A zone directory restored from a backup taken before a revocation signs configs with
+/// higher serials that do not hold it: such a config is refused, and the revoked device stays
+/// out. It used to be adopted, and the stolen device's still-valid certificate was let in.
+#[test]
+fn a_newer_config_that_drops_a_revocation_is_refused() {
+    let z = TestZone::new(&["home1", "laptop"]);
+    let creds = z.creds("gw");
+    let zone_json = z.zone_dir().join("zone.json");
+    let backup = std::fs::read(&zone_json).unwrap();
+    let revoking = z.revoke("laptop");
+    assert!(creds.offer_zone(&revoking).unwrap().is_some());
+    let laptop = zone_core::DeviceName::new("laptop").unwrap();
+    assert!(creds.trust.is_revoked(&laptop));
+    // The backup comes back; the next change there outranks the revocation's serial.
+    std::fs::write(&zone_json, &backup).unwrap();
+    let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
+    // Serials count seconds: twice, in case this is still the revocation's second.
+    zd.resign(time::OffsetDateTime::now_utc(), 30).unwrap();
+    zd.resign(time::OffsetDateTime::now_utc(), 30).unwrap();
+    let restored = std::fs::read(&zone_json).unwrap();
+    let serial = creds.zone_serial();
+    let e = creds.offer_zone(&restored).unwrap_err().to_string();
+    assert!(
+        e.contains("leaves out the revocation of laptop") && e.contains("zonegate device revoke"),
+        "{e}"
+    );
+    assert_eq!(
+        creds.zone_serial(),
+        serial,
+        "the restored config was adopted"
+    );
+    assert!(creds.trust.is_revoked(&laptop));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_flows_closed_as_they_open_are_not_left_on_the_agent() {
     let z = TestZone::new(&["home1"]);

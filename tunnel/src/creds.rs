@@ -198,6 +198,7 @@ impl DeviceCreds {
         if offered.config.serial <= cur.config.serial {
             return Ok(None);
         }
+        offered.config.keeps_revocations_of(&cur.config)?;
         self.trust.set_revocations(&offered.config);
         let serial = offered.config.serial;
         let json = offered.to_json_pretty();

@@ -186,6 +186,27 @@ impl ZoneConfig {
             signature: base64::engine::general_purpose::STANDARD.encode(sig),
         })
     }
+
+    /// Refuses a config that leaves out a revocation `older` holds. A revoked name never
+    /// comes back (the zone directory refuses it), but a directory restored from a backup,
+    /// or a copy on another machine, signs configs with higher serials that never saw the
+    /// revocation: adopting one put a stolen device's still-valid certificate back in.
+    pub fn keeps_revocations_of(&self, older: &ZoneConfig) -> Result<(), ZoneError> {
+        let dropped: Vec<&str> = older
+            .revoked
+            .iter()
+            .filter(|r| !self.revoked.iter().any(|n| n.device == r.device))
+            .map(|r| r.device.as_str())
+            .collect();
+        if dropped.is_empty() {
+            return Ok(());
+        }
+        Err(ZoneError::DropsRevocations {
+            serial: self.serial,
+            known: older.serial,
+            devices: dropped.join(", "),
+        })
+    }
 }
 
 /// What verification found worth telling beyond "valid".

@@ -56,6 +56,9 @@ pub fn public_text(k: &VerifyingKey) -> String {
     )
 }
 
+/// Base58 digits of a 32-byte key, at most (58^44 > 2^256).
+const MAX_KEY_DIGITS: usize = 44;
+
 /// Parses the `ed25519:BASE58` text form of a public key.
 pub fn parse_public_text(s: &str) -> Result<VerifyingKey, ZoneError> {
     let b58 = s.strip_prefix(PUBKEY_PREFIX).ok_or_else(|| {
@@ -63,6 +66,16 @@ pub fn parse_public_text(s: &str) -> Result<VerifyingKey, ZoneError> {
             "public key {s:?} does not start with {PUBKEY_PREFIX}"
         ))
     })?;
+    // 32 bytes take at most 44 base58 digits; decoding costs the square of the length, and
+    // this runs on untrusted text before any signature is checked (a 60 KB key in an offered
+    // zone.json took seconds of a runtime thread).
+    if b58.len() > MAX_KEY_DIGITS {
+        return Err(ZoneError::Key(format!(
+            "public key {}… is {} characters long: an ed25519 key in base58 has at most {MAX_KEY_DIGITS}",
+            s.chars().take(24).collect::<String>(),
+            s.len()
+        )));
+    }
     let raw = bs58::decode(b58)
         .into_vec()
         .map_err(|e| ZoneError::Key(format!("public key {s:?}: {e}")))?;
@@ -211,6 +224,17 @@ mod tests {
             z.verifying_key()
         );
         assert!(parse_public_text("ed25519:0OIl").is_err());
+    }
+
+    /// The largest 32-byte value fits the length cap; a key text past it is refused before
+    /// decoding (quadratic in its length).
+    #[test]
+    fn public_key_texts_are_capped_before_decoding() {
+        let widest = bs58::encode([0xffu8; 32]).into_string();
+        assert_eq!(widest.len(), MAX_KEY_DIGITS);
+        let long = format!("{PUBKEY_PREFIX}{}", "z".repeat(60_000));
+        let e = parse_public_text(&long).unwrap_err().to_string();
+        assert!(e.contains("at most 44") && e.len() < 200, "{e}");
     }
 
     #[test]
