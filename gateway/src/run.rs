@@ -103,6 +103,8 @@ pub enum RunError {
     Dns(name_resolver::DnsError),
     #[error("the zone DNS server's task failed ({0}): the gateway stopped with it (a service manager restarts it)")]
     DnsTask(String),
+    #[error("the policy watcher failed ({0}): the gateway stopped, since without it policy edits and time windows would no longer apply (a service manager restarts it)")]
+    PolicyWatcher(String),
 }
 
 /// Binds a public HTTP(S) port, with a message that says what to do when it fails.
@@ -344,7 +346,31 @@ impl Gateway {
             services = ?opts.services.iter().map(|(n, s)| format!("{n}={}", s.addr)).collect::<Vec<_>>(),
             "gateway started"
         );
-        let _watcher = policies::spawn_watcher(hub.policy().clone(), POLICY_POLL);
+        {
+            // Watched as the DNS server is: a panic in it would otherwise leave the gateway
+            // serving with no more policy reloads and no time-window re-checks, silently.
+            let watcher = tokio::spawn(policies::watch(hub.policy().clone(), POLICY_POLL));
+            let fatal = fatal.clone();
+            let token = shutdown.clone();
+            tokio::spawn(async move {
+                let abort = watcher.abort_handle();
+                let ended = tokio::select! {
+                    r = watcher => r,
+                    () = token.cancelled() => {
+                        abort.abort();
+                        return;
+                    }
+                };
+                let why = match ended {
+                    Ok(()) => "it returned".to_owned(),
+                    Err(e) => e.to_string(),
+                };
+                let stopped = RunError::PolicyWatcher(why);
+                tracing::error!(error = %stopped, "stopping the gateway");
+                *fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(stopped);
+                token.cancel();
+            });
+        }
         if let Some(p) = opts.creds.zone_path() {
             let h = hub.clone();
             tokio::spawn(tunnel::zone_watch::watch(

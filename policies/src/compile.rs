@@ -8,6 +8,10 @@ use crate::units;
 use ipnet::IpNet;
 use serde_spanned::Spanned;
 use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Longest a rate limit's burst may take to refill at its rate.
+const MAX_BURST_REFILL: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// Everything about an app except its index and source; errors are collected, not stopped at.
 pub(crate) struct AppParts {
@@ -322,6 +326,15 @@ fn from_entry(
                     Ok(n) => from.nets.push(n),
                     Err(m) => push_err(m),
                 }
+            } else if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+                let bits = if ip.is_ipv4() { 32 } else { 128 };
+                push_err(format!(
+                    "`from` entry {s:?} is an address: write it as a network of one, \"{s}/{bits}\""
+                ))
+            } else if is_mesh {
+                push_err(format!(
+                    "unknown `from` entry {s:?}: a mesh app takes zone, device:NAME or role:NAME"
+                ))
             } else {
                 push_err(format!(
                     "unknown `from` entry {s:?}: expected public, zone, device:NAME, role:NAME or a CIDR such as \"10.0.0.0/8\""
@@ -438,6 +451,19 @@ fn limits(spec: LimitsSpec, kind: Option<&str>, errs: &mut Vec<SpanError>) -> Li
                 let burst = burst.unwrap_or_else(|| {
                     rate.per_second().ceil().clamp(1.0, f64::from(u32::MAX)) as u32
                 });
+                // The limiter holds `burst` × the interval between requests in nanoseconds:
+                // past a year's refill it overflowed (a panic in debug builds, a wrong burst
+                // in release ones), and nobody means a burst that takes longer to earn.
+                let interval = rate.period.as_nanos() / u128::from(rate.count.max(1));
+                let most =
+                    (MAX_BURST_REFILL.as_nanos() / interval.max(1)).min(u128::from(u32::MAX));
+                if u128::from(burst) > most {
+                    let span = spec.burst.as_ref().map_or(r.span(), |b| b.span());
+                    errs.push(SpanError::new(
+                        span,
+                        format!("`burst` = {burst} at `rate` = {:?} takes more than a year to refill: give at most {most}, or a faster rate", r.get_ref()),
+                    ));
+                }
                 let per = spec.per.as_ref().map_or(Per::ClientIp, |p| *p.get_ref());
                 out.rate = Some(RateLimit { rate, burst, per });
             }

@@ -104,7 +104,8 @@ pub fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
         if name.starts_with('.') || path.extension().is_none_or(|e| e != "toml") {
             continue;
         }
-        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+        // Followed through symlinks: a link to a directory is a sub-directory too.
+        if std::fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
             continue;
         }
         files.push(path);
@@ -114,15 +115,43 @@ pub fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
 }
 
 fn read_file(path: &Path) -> Result<String, PolicyError> {
+    use std::io::Read;
     let meta = std::fs::metadata(path)
         .map_err(|e| PolicyError::whole(path, format!("cannot read: {e}")))?;
-    if meta.len() > MAX_FILE_BYTES {
+    // A FIFO would block the open (and every reload after it), a device (or a link to
+    // /dev/zero) reads for ever: neither is a policy.
+    if !meta.is_file() {
         return Err(PolicyError::whole(
             path,
-            format!("file is larger than {MAX_FILE_BYTES} bytes"),
+            "not a regular file (a FIFO, device or socket): remove it or move it out of the policy directory",
         ));
     }
-    std::fs::read_to_string(path).map_err(|e| PolicyError::whole(path, format!("cannot read: {e}")))
+    let too_big = || {
+        PolicyError::whole(
+            path,
+            format!("file is larger than {MAX_FILE_BYTES} bytes: split it into several files"),
+        )
+    };
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| PolicyError::whole(path, format!("cannot read: {e}")))?;
+    // It grew while being read.
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(too_big());
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        PolicyError::whole(
+            path,
+            format!(
+                "not UTF-8 text (byte {}): save the file as UTF-8",
+                e.utf8_error().valid_up_to()
+            ),
+        )
+    })
 }
 
 fn toml_error(path: &Path, src: &str, e: &toml::de::Error) -> PolicyError {
@@ -216,5 +245,51 @@ fn parse_tables(
                 })),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const APP: &str = "[app.web]\nhttp = { host = \"alice.example\" }\nto = \"home1/web\"\n";
+
+    /// A link to a device is refused at once (it used to be read until memory ran out), a
+    /// linked directory is skipped like a directory, and a file in another encoding says so.
+    #[cfg(unix)]
+    #[test]
+    fn only_regular_utf8_files_are_read() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("a.toml"), APP).unwrap();
+        let sub = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(sub.path(), d.path().join("d.toml")).unwrap();
+        assert_eq!(
+            check_dir(d.path())
+                .expect("the linked directory is skipped")
+                .apps()
+                .len(),
+            1
+        );
+
+        std::os::unix::fs::symlink("/dev/zero", d.path().join("z.toml")).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dir = d.path().to_owned();
+        std::thread::spawn(move || tx.send(check_dir(&dir).map(|_| ())));
+        let errs = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("answered in time")
+            .unwrap_err();
+        assert!(
+            errs[0].to_string().contains("not a regular file"),
+            "{errs:?}"
+        );
+        std::fs::remove_file(d.path().join("z.toml")).unwrap();
+
+        std::fs::write(d.path().join("l.toml"), b"# caf\xe9\n").unwrap();
+        let errs = check_dir(d.path()).unwrap_err();
+        assert!(
+            errs[0].to_string().contains("save the file as UTF-8"),
+            "{errs:?}"
+        );
     }
 }
