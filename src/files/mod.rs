@@ -108,11 +108,20 @@ fn listing(dir: &std::fs::File, url: &str) -> std::io::Result<String> {
 }
 
 /// What a request names, opened beneath the root; for a directory with an `index.html` that
-/// is a file, the index instead. Blocking.
-fn open_target(root: &Root, asked: &Path) -> Result<Target, Refused> {
+/// is a file, the index instead. `slash`: the URL path ends with `/`, which only a directory's
+/// does (without it, relative links in its page would resolve one level up). Blocking.
+fn open_target(root: &Root, asked: &Path, slash: bool) -> Result<Target, Refused> {
     let opened = root.open_beneath(asked)?;
     if !opened.meta.is_dir() {
+        // `/f.txt/` names a directory `f.txt`, which is not there.
+        if slash {
+            return Err(Refused::NotFound);
+        }
         return Ok(Target::File(opened));
+    }
+    if !slash {
+        let rel = asked.strip_prefix(root.path()).unwrap_or(Path::new(""));
+        return Ok(Target::Slash(rel.to_path_buf()));
     }
     // The index may be a symlink too: refused if it leads outside, skipped if it is not a
     // file (or not there).
@@ -130,6 +139,8 @@ enum Target {
     File(Opened),
     /// A directory, with its path relative to the root as asked (for its URL).
     Dir(Opened, PathBuf),
+    /// A directory asked for without its trailing slash: redirected to its URL.
+    Slash(PathBuf),
 }
 
 async fn handle(root: Arc<Root>, req: Request<hyper::body::Incoming>) -> Response<Body> {
@@ -147,25 +158,47 @@ async fn handle(root: Arc<Root>, req: Request<hyper::body::Incoming>) -> Respons
         return text(StatusCode::BAD_REQUEST, "bad path");
     };
     let prefix = forwarded_prefix(req.headers()).to_owned();
+    let slash = req.uri().path().ends_with('/');
     // Resolving, opening and listing are file system calls: on a blocking thread.
     let found = tokio::task::spawn_blocking(move || -> Result<Found, Refused> {
-        Ok(match open_target(&root, &asked)? {
+        Ok(match open_target(&root, &asked, slash)? {
             Target::File(f) => Found::File(f),
             Target::Dir(dir, rel) => Found::Listing(
                 listing(&dir.file, &dir_url(&prefix, &rel)).map_err(Refused::Unreadable)?,
             ),
+            // Built from the path's parts, not the request's text: `//host` must not become
+            // a redirect to another site.
+            Target::Slash(rel) => Found::Redirect(dir_url(&prefix, &rel)),
         })
     })
     .await;
     match found {
         Ok(Ok(Found::File(f))) => file(f, head, req.headers()).await,
+        Ok(Ok(Found::Redirect(mut to))) => {
+            if let Some(q) = req.uri().query() {
+                to.push('?');
+                to.push_str(q);
+            }
+            match HeaderValue::from_str(&to) {
+                Ok(v) => {
+                    let mut r = text(
+                        StatusCode::PERMANENT_REDIRECT,
+                        "a directory: its URL ends with /",
+                    );
+                    r.headers_mut().insert(header::LOCATION, v);
+                    r
+                }
+                Err(_) => text(StatusCode::BAD_REQUEST, "bad path"),
+            }
+        }
         Ok(Ok(Found::Listing(html))) => Response::builder()
             .header("content-type", "text/html; charset=utf-8")
             .header(header::CONTENT_LENGTH, html.len())
             .body(if head { empty() } else { full(html) })
             .expect("valid response"),
-        Ok(Err(Refused::NotFound)) => text(StatusCode::NOT_FOUND, "not found"),
-        Ok(Err(Refused::Outside)) => text(StatusCode::FORBIDDEN, "outside the shared directory"),
+        // Outside: the same answer as a path that is not there, or a link leading out would
+        // tell which files exist beyond the shared directory.
+        Ok(Err(Refused::NotFound | Refused::Outside)) => text(StatusCode::NOT_FOUND, "not found"),
         Ok(Err(Refused::Unreadable(e))) => {
             debug!(error = %e, "cannot open");
             text(StatusCode::FORBIDDEN, "cannot read this file or directory")
@@ -177,10 +210,11 @@ async fn handle(root: Arc<Root>, req: Request<hyper::body::Incoming>) -> Respons
     }
 }
 
-/// What a request finds: a file to serve, or a directory's listing.
+/// What a request finds: a file to serve, a directory's listing, or where the directory is.
 enum Found {
     File(Opened),
     Listing(String),
+    Redirect(String),
 }
 
 /// The answer for an opened file: whole, a part, or a conditional answer (304, 412, 416).
@@ -219,10 +253,11 @@ async fn file(opened: Opened, head: bool, headers: &HeaderMap) -> Response<Body>
         Verdict::Serve { range } => range,
     };
     // A part only of the version the client already holds (`If-Range`); otherwise the whole.
+    // HEAD answers as GET would without a range (RFC 9110 §14.2: only GET has ranges).
     let ranged = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
-        .filter(|_| range_ok)
+        .filter(|_| range_ok && !head)
         .map_or(Ranged::Whole, |v| byte_range(v, len));
     let (status, start, count) = match ranged {
         Ranged::Whole => (StatusCode::OK, 0, len),
@@ -260,6 +295,10 @@ async fn file(opened: Opened, head: bool, headers: &HeaderMap) -> Response<Body>
         .expect("valid response")
 }
 
+/// Time a client has to send a request's headers (hyper's default, which it applies only
+/// with a timer).
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Serves `root` read-only on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, root: Root, shutdown: CancellationToken) {
     let root = Arc::new(root);
@@ -279,7 +318,11 @@ pub async fn serve(listener: TcpListener, root: Root, shutdown: CancellationToke
                 }
             });
             let io = hyper_util::rt::TokioIo::new(tcp);
+            // A timer, or hyper leaves its 30 s limit on a request's headers unset and a
+            // client sending half a request holds its connection for ever.
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(io, svc)
                 .await
             {
@@ -360,6 +403,8 @@ mod tests {
             .unwrap();
         f.set_modified(ten_secs_ago).unwrap();
         drop(f);
+        // The change time that setting it made must settle too.
+        tokio::time::sleep(validate::SETTLE_CHANGE).await;
         let (addr, stop) = serve_dir(dir.path()).await;
 
         let whole = get(addr, "/f.txt", "").await;
@@ -509,7 +554,7 @@ mod tests {
         let list = get(addr, "/sub%20dir/", "X-Forwarded-Prefix: /dfs\r\n").await;
         assert!(list.contains("<title>/dfs/sub dir/</title>"), "{list}");
         std::fs::write(dir.path().join("sub dir/x"), "x").unwrap();
-        let list = get(addr, "/sub%20dir", "X-Forwarded-Prefix: /dfs\r\n").await;
+        let list = get(addr, "/sub%20dir/", "X-Forwarded-Prefix: /dfs\r\n").await;
         assert!(
             list.contains("<a href=\"/dfs/sub%20dir/x\">x</a>"),
             "{list}"
@@ -517,7 +562,7 @@ mod tests {
         for bad in ["/a\"b", "//evil.example", "/\\evil.example"] {
             let list = get(
                 addr,
-                "/sub%20dir",
+                "/sub%20dir/",
                 &format!("X-Forwarded-Prefix: {bad}\r\n"),
             )
             .await;
@@ -567,8 +612,62 @@ mod tests {
         .unwrap();
         let (addr, stop) = serve_dir(dir.path()).await;
         let got = get(addr, "/d/", "").await;
-        assert!(got.starts_with("HTTP/1.1 403"), "{got}");
+        assert!(got.starts_with("HTTP/1.1 404"), "{got}");
         assert!(!body(&got).contains("secret"));
+        stop.cancel();
+    }
+
+    /// A link leading out of the share answers as a path that is not there: 403 for files
+    /// that exist out there and 404 for others told which ones exist.
+    #[tokio::test]
+    async fn links_out_of_the_share_do_not_tell_what_exists_there() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), "secret").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("out")).unwrap();
+        let (addr, stop) = serve_dir(dir.path()).await;
+        let there = get(addr, "/out/secret", "").await;
+        let not_there = get(addr, "/out/nothing", "").await;
+        assert!(there.starts_with("HTTP/1.1 404"), "{there}");
+        assert!(not_there.starts_with("HTTP/1.1 404"), "{not_there}");
+        assert_eq!(body(&there), body(&not_there));
+        stop.cancel();
+    }
+
+    /// A directory asked for without its slash is redirected to it (its page's relative
+    /// links would otherwise resolve one level up), query and forwarded prefix kept; a file
+    /// asked for with one is not there; `//name` stays on this site.
+    #[tokio::test]
+    async fn directories_are_redirected_to_their_slash() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("site/a b")).unwrap();
+        std::fs::write(dir.path().join("site/index.html"), "<img src=a.png>").unwrap();
+        std::fs::write(dir.path().join("f.txt"), "f").unwrap();
+        let (addr, stop) = serve_dir(dir.path()).await;
+        let got = get(addr, "/site?x=1", "X-Forwarded-Prefix: /dfs\r\n").await;
+        assert!(got.starts_with("HTTP/1.1 308"), "{got}");
+        assert_eq!(header(&got, "location"), Some("/dfs/site/?x=1"));
+        let got = get(addr, "/site/a%20b", "").await;
+        assert_eq!(header(&got, "location"), Some("/site/a%20b/"));
+        let got = get(addr, "//site", "").await;
+        assert_eq!(header(&got, "location"), Some("/site/"));
+        assert!(get(addr, "/site/", "").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/f.txt/", "").await.starts_with("HTTP/1.1 404"));
+        assert!(get(addr, "/", "").await.starts_with("HTTP/1.1 200"));
+        stop.cancel();
+    }
+
+    /// Only GET has ranges: HEAD with one answers as GET without it would.
+    #[tokio::test]
+    async fn head_with_a_range_answers_the_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f.txt"), "0123456789").unwrap();
+        let (addr, stop) = serve_dir(dir.path()).await;
+        let got = request(addr, "HEAD", "/f.txt", "Range: bytes=0-0\r\n").await;
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        assert_eq!(header(&got, "content-length"), Some("10"));
+        let got = get(addr, "/f.txt", "Range: bytes=0-0\r\n").await;
+        assert!(got.starts_with("HTTP/1.1 206"), "{got}");
         stop.cancel();
     }
 }

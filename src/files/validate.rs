@@ -10,8 +10,10 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 /// What identifies a version of a file, as far as this service can tell.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Validators {
-    /// Strong entity tag, quotes included: inode, modification time to the nanosecond and
-    /// length, so a file replaced by a rename (a new inode) or rewritten gets a new tag.
+    /// Strong entity tag, quotes included: inode, modification and change times to the
+    /// nanosecond and length, so a file replaced by a rename (a new inode) or rewritten gets
+    /// a new tag — even when the writer set its modification time back (`touch -d`, `exiftool
+    /// -P`): the change time is the kernel's, no program can set it.
     pub etag: Option<String>,
     /// Modification time, if an HTTP date can say it (see [`http_date`]).
     pub modified: Option<SystemTime>,
@@ -21,19 +23,29 @@ pub struct Validators {
 }
 
 impl Validators {
-    /// The validators of a file with metadata `meta`, at `now`. A file changed within the
-    /// last second gets none: two writes within one tick of the file system's clock leave
-    /// the same time (and, at the same length, the same tag), so a client holding the first
-    /// version would take the second for it.
+    /// The validators of a file with metadata `meta`, at `now`. A file modified within the
+    /// last [`SETTLE`] (or changed within [`SETTLE_CHANGE`]) gets none: two writes within one
+    /// tick of the file system's clock (2 s for FAT's modification times, a scheduler tick
+    /// for Linux's change times) leave the same times (and, at the same length, the same
+    /// tag), so a client holding the first version would take the second for it.
     pub fn of(meta: &std::fs::Metadata, now: SystemTime) -> Validators {
-        let settled = meta.modified().ok().filter(|t| settled(*t, now));
+        let changed = u64::try_from(meta.ctime()).ok().and_then(|s| {
+            let nanos = u32::try_from(meta.ctime_nsec()).unwrap_or(0);
+            SystemTime::UNIX_EPOCH.checked_add(Duration::new(s, nanos))
+        });
+        let modified = meta.modified().ok();
+        let settled = modified.filter(|t| {
+            settled(*t, now, SETTLE) && changed.is_some_and(|c| settled(c, now, SETTLE_CHANGE))
+        });
         Validators {
             etag: settled.map(|_| {
                 format!(
-                    "\"{:x}-{:x}.{:x}-{:x}\"",
+                    "\"{:x}-{:x}.{:x}-{:x}.{:x}-{:x}\"",
                     meta.ino(),
                     meta.mtime(),
                     meta.mtime_nsec(),
+                    meta.ctime(),
+                    meta.ctime_nsec(),
                     meta.len()
                 )
             }),
@@ -61,11 +73,18 @@ impl Validators {
     }
 }
 
-/// Whether a file modified at `modified` has been left alone for at least a second by `now`
-/// (a time in the future, after a clock was set back, is not settled either).
-fn settled(modified: SystemTime, now: SystemTime) -> bool {
-    now.duration_since(modified)
-        .is_ok_and(|age| age >= Duration::from_secs(1))
+/// How long ago a file must have been modified to get validators: the coarsest clock of a
+/// common file system (FAT's 2 s).
+pub const SETTLE: Duration = Duration::from_secs(2);
+/// How long ago its inode must have changed: change times are the kernel's coarse clock
+/// (a scheduler tick, 1–10 ms), and a writer that set the modification time back leaves
+/// only the change time to tell two versions apart.
+pub const SETTLE_CHANGE: Duration = Duration::from_millis(100);
+
+/// Whether `at` is at least `window` before `now` (a time in the future, after a clock was
+/// set back, is not settled either).
+fn settled(at: SystemTime, now: SystemTime, window: Duration) -> bool {
+    now.duration_since(at).is_ok_and(|age| age >= window)
 }
 
 /// `modified` if an HTTP date can say it: they run from 1970 to 9999 (and `httpdate` panics
@@ -217,11 +236,11 @@ mod tests {
     fn only_settled_dates_in_range_are_validators() {
         let t = at(1_700_000_000);
         let ms = Duration::from_millis;
-        // Changed within the last second: two writes could share the date.
-        assert!(!settled(t, t + ms(500)));
-        assert!(settled(t, t + ms(1000)));
+        // Changed within the last two seconds: two writes could share the date (FAT).
+        assert!(!settled(t, t + ms(1999), SETTLE));
+        assert!(settled(t, t + ms(2000), SETTLE));
         // Dated in the future (a clock set back since): not settled either.
-        assert!(!settled(t + ms(5000), t));
+        assert!(!settled(t + ms(5000), t, SETTLE));
         // Outside what an HTTP date can say.
         assert_eq!(http_date(Some(SystemTime::UNIX_EPOCH - ms(1000))), None);
         assert_eq!(http_date(Some(at(253_402_300_800))), None);
@@ -338,5 +357,17 @@ mod tests {
         let meta = std::fs::metadata(&path).unwrap();
         let again = Validators::of(&meta, meta.modified().unwrap() + Duration::from_secs(2));
         assert_ne!(again.etag, later.etag);
+        // Rewritten in place at the same length, its modification time set back: the change
+        // time still tells.
+        std::fs::write(&path, "wxyz").unwrap();
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.set_modified(meta.modified().unwrap()).unwrap();
+        let meta2 = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta2.modified().unwrap(), meta.modified().unwrap());
+        let now = SystemTime::now() + Duration::from_secs(3);
+        assert_ne!(
+            Validators::of(&meta2, now).etag,
+            Validators::of(&meta, now).etag
+        );
     }
 }
