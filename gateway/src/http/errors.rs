@@ -26,6 +26,8 @@ pub enum Source {
 pub enum ProxyError {
     #[error("the request names no host")]
     NoHost,
+    #[error("a {method} request with a body")]
+    BodyNotAllowed { method: String },
     #[error("the request target is {len} bytes, more than {max}", max = super::proxy::MAX_TARGET)]
     UriTooLong { len: usize },
     #[error("no app serves {host}{path}")]
@@ -76,6 +78,7 @@ impl ProxyError {
     pub fn source(&self) -> Source {
         match self {
             ProxyError::NoHost
+            | ProxyError::BodyNotAllowed { .. }
             | ProxyError::UriTooLong { .. }
             | ProxyError::NoRoute { .. }
             | ProxyError::BodyTooLarge { .. }
@@ -99,7 +102,9 @@ impl ProxyError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoHost | ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::NoHost
+            | ProxyError::ClientBody { .. }
+            | ProxyError::BodyNotAllowed { .. } => StatusCode::BAD_REQUEST,
             ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -131,6 +136,9 @@ impl ProxyError {
     pub fn body(&self) -> String {
         match self {
             ProxyError::NoHost => "400 bad request: the request names no host\n".into(),
+            ProxyError::BodyNotAllowed { method } => format!(
+                "400 bad request: a {method} request with a body (a service may take the body for another request); send it with POST\n"
+            ),
             ProxyError::UriTooLong { len } => format!(
                 "414 URI too long: the request target is {len} bytes; the gateway forwards at most {}\n",
                 super::proxy::MAX_TARGET

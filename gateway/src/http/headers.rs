@@ -40,7 +40,7 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 /// Request headers by which a client could claim another address, scheme, host or prefix to
 /// a service that reads them (chi's `RealIP`, Spring's and Quarkus' `Forwarded` support, …);
 /// dropped on the way up.
-pub static CLIENT_CLAIMS: [HeaderName; 9] = [
+pub static CLIENT_CLAIMS: [HeaderName; 13] = [
     header::FORWARDED,
     HeaderName::from_static("x-real-ip"),
     HeaderName::from_static("true-client-ip"),
@@ -50,7 +50,35 @@ pub static CLIENT_CLAIMS: [HeaderName; 9] = [
     HeaderName::from_static("x-forwarded-prefix"),
     HeaderName::from_static("x-forwarded-ssl"),
     HeaderName::from_static("x-forwarded-scheme"),
+    HeaderName::from_static("client-ip"),
+    HeaderName::from_static("x-cluster-client-ip"),
+    // The URL a front proxy rewrote from (IIS, older Symfony and Zend route by them): only
+    // a proxy sets them, and this one never does, so a client's would bypass path rules.
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
 ];
+
+/// The method a request's method-override header asks a framework to run it as, if it has
+/// one (`X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override`, also spelt with `_`).
+pub fn method_override(headers: &HeaderMap) -> Option<&str> {
+    headers.iter().find_map(|(name, value)| {
+        let n = name.as_str();
+        let is = |want: &str| {
+            n.len() == want.len()
+                && n.bytes()
+                    .zip(want.bytes())
+                    .all(|(a, b)| a == b || (a == b'_' && b == b'-'))
+        };
+        [
+            "x-http-method-override",
+            "x-http-method",
+            "x-method-override",
+        ]
+        .iter()
+        .any(|w| is(w))
+        .then(|| value.to_str().unwrap_or("?").trim())
+    })
+}
 
 /// The protocol a token asks to upgrade to, if `headers` ask for an upgrade (`Connection`
 /// lists `upgrade` and `Upgrade` is present).
@@ -199,6 +227,10 @@ fn client_claim_name(name: &str) -> bool {
             | "x-forwarded-prefix"
             | "x-forwarded-ssl"
             | "x-forwarded-scheme"
+            | "client-ip"
+            | "x-cluster-client-ip"
+            | "x-original-url"
+            | "x-rewrite-url"
     )
 }
 
@@ -383,6 +415,27 @@ mod tests {
         // Not even when `Connection` forgets to list it.
         let h = map(&[("http2-settings", "AAMA"), ("accept", "*/*")]);
         assert_eq!(sent(&h, &fwd(None), false).len(), 1);
+    }
+
+    #[test]
+    fn method_overrides_are_found_in_every_spelling() {
+        for name in [
+            "x-http-method-override",
+            "x_http_method",
+            "x-method_override",
+        ] {
+            let h = map(&[("accept", "*/*"), (name, " DELETE ")]);
+            assert_eq!(method_override(&h), Some("DELETE"), "{name}");
+        }
+        assert_eq!(method_override(&map(&[("x-http-methods", "PUT")])), None);
+        // The URL claims and the other client-address headers never go up.
+        let h = map(&[
+            ("x-original-url", "/admin"),
+            ("x_rewrite_url", "/admin"),
+            ("client-ip", "192.0.2.6"),
+            ("x-cluster-client-ip", "192.0.2.6"),
+        ]);
+        assert!(sent(&h, &fwd(None), false).is_empty());
     }
 
     #[test]

@@ -377,6 +377,23 @@ async fn forward(
     let who = Requester::Public { ip: peer.ip() };
     let now = Timestamp::now();
     let method = parts.method.as_str();
+    let not_allowed = |method: String| {
+        let allow = KNOWN_METHODS
+            .iter()
+            .filter(|m| {
+                active
+                    .policy
+                    .decide(app, &who, Some(m.as_str()), Some(log.uri.path()), now)
+                    .is_allow()
+            })
+            .map(|m| m.to_string())
+            .collect();
+        ProxyError::MethodNotAllowed {
+            app: app.name.clone(),
+            method,
+            allow,
+        }
+    };
     if let Decision::Deny { reason } =
         active
             .policy
@@ -384,26 +401,39 @@ async fn forward(
     {
         state.counters.refused(Refusal::Denied(reason));
         return Err(if reason == DenyReason::Method {
-            let allow = KNOWN_METHODS
-                .iter()
-                .filter(|m| {
-                    active
-                        .policy
-                        .decide(app, &who, Some(m.as_str()), Some(log.uri.path()), now)
-                        .is_allow()
-                })
-                .map(|m| m.to_string())
-                .collect();
-            ProxyError::MethodNotAllowed {
-                app: app.name.clone(),
-                method: method.to_owned(),
-                allow,
-            }
+            not_allowed(method.to_owned())
         } else {
             ProxyError::Denied {
                 app: app.name.clone(),
                 reason,
             }
+        });
+    }
+    // Frameworks (Laravel, Symfony, Rails' Rack middleware) run a POST carrying a
+    // method-override header as that method: it must be one the app allows too. Only apps
+    // that name methods look.
+    if app.rules.iter().any(|r| !r.methods.is_empty()) {
+        if let Some(over) = headers::method_override(&parts.headers) {
+            let allowed = active
+                .policy
+                .decide(app, &who, Some(over), Some(log.uri.path()), now)
+                .is_allow();
+            if !allowed {
+                state.counters.refused(Refusal::Denied(DenyReason::Method));
+                return Err(not_allowed(format!(
+                    "{method} overridden to {over} (by a method-override header)"
+                )));
+            }
+        }
+    }
+    // A body on a method without one (RFC 9110 §9.3.1): a service that ignores it reads it
+    // as its next request — one the policy never saw, whose answer could then reach the
+    // next client of the pooled connection.
+    if matches!(parts.method, Method::GET | Method::HEAD | Method::TRACE)
+        && !body.as_ref().is_none_or(|b| b.is_end_stream())
+    {
+        return Err(ProxyError::BodyNotAllowed {
+            method: method.to_owned(),
         });
     }
     if let Err(retry) = state.limits.check_rate(&who) {
