@@ -1397,6 +1397,22 @@ async fn dfs_example_is_read_only_for_the_public() {
     assert!(got.starts_with("HTTP/1.1 400"), "{got}");
     assert!(got.contains("send it with POST"), "{got}");
     assert!(!got.contains("path=/admin"), "{got}");
+    // A refused upload that waits for `100 Continue` gets the refusal, not an invitation to
+    // send the body first, and is told the connection closes.
+    let got = h
+        .raw(
+            format!(
+                "PUT /dfs/photos/a.jpg HTTP/1.1\r\nHost: {DOMAIN}\r\nContent-Length: 100000000\r\nExpect: 100-continue\r\n\r\n"
+            )
+            .as_bytes(),
+            "PUT awaiting 100 Continue",
+        )
+        .await;
+    assert!(got.starts_with("HTTP/1.1 405"), "{got}");
+    assert!(
+        got.to_ascii_lowercase().contains("connection: close"),
+        "{got}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

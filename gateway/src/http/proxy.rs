@@ -262,6 +262,12 @@ pub(crate) async fn handle(
         Some(u) => (Some(u.protocol), Some(u.conn)),
         None => (None, None),
     };
+    // A client waiting for `100 Continue` has sent none of its body: reading it for a refusal
+    // would invite the upload just to throw it away.
+    let awaits_continue = req
+        .headers()
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let (parts, body) = req.into_parts();
     // An upgraded connection outlives the request's decision: its host is kept to route and
     // decide it again when the policy or the minute changes.
@@ -281,7 +287,7 @@ pub(crate) async fn handle(
         }
     }
     // Tested before the await: a `&result` held across it would need `Upstream: Sync`.
-    if let (true, Some(b)) = (result.is_err(), body) {
+    if let (true, false, Some(b)) = (result.is_err(), awaits_continue, body) {
         drain(b).await;
     }
     let latency = log.started.elapsed();

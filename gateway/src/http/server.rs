@@ -263,9 +263,16 @@ where
             }
         };
         // An interim answer nobody asked to switch on (a service's stray `101`) ends the
-        // exchange: the client cannot know what follows it.
+        // exchange: the client cannot know what follows it. A request body not read whole
+        // by now (an answer before the upload ended: a refusal, a 413) most likely ends it
+        // too, and the client is told so (RFC 9112 §9.6) rather than finding out by the close.
+        let body_unread = {
+            let w = lock(&wire);
+            !matches!(w.body.left, Left::Done) || w.body.failed
+        };
         let close = !switching
             && (!keep_alive
+                || body_unread
                 || framing == RespBody::UntilClose
                 || status.is_informational()
                 || shutdown.is_cancelled());
