@@ -2,7 +2,7 @@
 //! small accept loop of our own (hickory's has no bound on open connections) that reuses
 //! hickory's framing and response path. Follows the zone the gateway holds without a restart.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,8 +34,9 @@ pub const MAX_TCP_CONNECTIONS: usize = 256;
 /// two, and one address keeping all of them busy with a query every few seconds shut every
 /// node out of fetching the zone config (its TXT answer needs TCP).
 pub const MAX_TCP_PER_CLIENT: usize = 16;
-/// Connections of one IPv6 site (/48), all its /64s together: a /48 holds 65,536 /64s, so
-/// without this one site could still take every slot, [`MAX_TCP_PER_CLIENT`] per /64.
+/// Connections of one site (IPv4 /24, IPv6 /48), all its clients together: a /48 holds 65,536
+/// /64s and a rented /24 256 addresses, so without this one network could still take every
+/// slot, [`MAX_TCP_PER_CLIENT`] per client.
 pub const MAX_TCP_PER_SITE: usize = 4 * MAX_TCP_PER_CLIENT;
 /// A TCP connection that sends no complete query for this long is closed (RFC 7766 §6.2.3
 /// recommends seconds, not minutes, for servers).
@@ -290,11 +291,12 @@ impl DnsServer {
     }
 }
 
-/// The open TCP connections, each with when it last completed a query and a way to close
-/// it: when every slot is taken, the one idle longest makes room for a newcomer (RFC 7766
-/// §6.2.3 lets a server close idle connections under pressure). Without that, a few
-/// addresses keeping [`MAX_TCP_CONNECTIONS`] busy with a query every few seconds shut every
-/// node out of fetching the zone config, whose answer needs TCP.
+/// The open TCP connections, each with its client, when it last completed a query and a way
+/// to close it: when every slot is taken, the one idle longest makes room for a newcomer
+/// (RFC 7766 §6.2.3 lets a server close idle connections under pressure), or, when none has
+/// been idle a while, the idlest of the client holding the most. Without that, a few
+/// addresses keeping [`MAX_TCP_CONNECTIONS`] busy with a query every few seconds (or every
+/// half second) shut every node out of fetching the zone config, whose answer needs TCP.
 #[derive(Debug, Default)]
 struct Live {
     conns: std::sync::Mutex<std::collections::HashMap<u64, LiveConn>>,
@@ -308,6 +310,8 @@ struct LiveConn {
     /// Milliseconds after `Live::epoch` of its last complete query (or its accept).
     last: Arc<std::sync::atomic::AtomicU64>,
     stop: CancellationToken,
+    /// Its client ([`zone_core::client_slots::client_of`]).
+    client: IpAddr,
 }
 
 impl Live {
@@ -316,14 +320,15 @@ impl Live {
         epoch.elapsed().as_millis() as u64
     }
 
-    /// Registers a connection; it unregisters when the returned guard drops.
-    fn register(self: &Arc<Self>) -> (LiveConn, LiveGuard) {
+    /// Registers a connection of `peer`; it unregisters when the returned guard drops.
+    fn register(self: &Arc<Self>, peer: IpAddr) -> (LiveConn, LiveGuard) {
         let id = self
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let conn = LiveConn {
             last: Arc::new(self.now_ms().into()),
             stop: CancellationToken::new(),
+            client: zone_core::client_slots::client_of(peer),
         };
         self.conns
             .lock()
@@ -361,6 +366,40 @@ impl Live {
             None => false,
         }
     }
+
+    /// Makes room for a connection of `newcomer` in a full table: closes the connection idle
+    /// the longest if one has been idle for [`EVICTABLE_AFTER`], else the idlest of the
+    /// client holding the most, if it holds at least two more than `newcomer`. False if
+    /// neither.
+    fn make_room(&self, newcomer: IpAddr) -> bool {
+        if self.evict_idlest() {
+            return true;
+        }
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let open = || conns.values().filter(|c| !c.stop.is_cancelled());
+        let mut held: std::collections::HashMap<IpAddr, usize> = Default::default();
+        for c in open() {
+            *held.entry(c.client).or_default() += 1;
+        }
+        let me = zone_core::client_slots::client_of(newcomer);
+        let mine = held.get(&me).copied().unwrap_or(0);
+        let Some((&hog, &most)) = held.iter().max_by_key(|(_, n)| **n) else {
+            return false;
+        };
+        if most <= mine + 1 {
+            return false;
+        }
+        let victim = open()
+            .filter(|c| c.client == hog)
+            .min_by_key(|c| c.last.load(std::sync::atomic::Ordering::Relaxed));
+        match victim {
+            Some(c) => {
+                c.stop.cancel();
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -386,8 +425,8 @@ const EVICTABLE_AFTER: Duration = Duration::from_secs(1);
 const EVICTION_WAIT: Duration = Duration::from_millis(200);
 
 /// Accepts TCP connections up to [`MAX_TCP_CONNECTIONS`], at most [`MAX_TCP_PER_CLIENT`] per
-/// client and [`MAX_TCP_PER_SITE`] per IPv6 /48, each served in its own task; when all are
-/// taken, the connection idle the longest is closed for the newcomer ([`Live`]).
+/// client and [`MAX_TCP_PER_SITE`] per site, each served in its own task; when all are taken,
+/// one is closed for the newcomer if that is fair ([`Live::make_room`]).
 async fn tcp_accept_loop(listener: TcpListener, handler: ZoneHandler, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
     let per_client = ClientSlots::new(MAX_TCP_PER_CLIENT, MAX_TCP_PER_SITE);
@@ -405,8 +444,8 @@ async fn tcp_accept_loop(listener: TcpListener, handler: ZoneHandler, stop: Canc
                     };
                     let permit = match slots.clone().try_acquire_owned() {
                         Ok(p) => Some(p),
-                        Err(_) if live.evict_idlest() => {
-                            debug!(%peer, "DNS over TCP: all connections taken, closing the one idle longest");
+                        Err(_) if live.make_room(peer.ip()) => {
+                            debug!(%peer, "DNS over TCP: all connections taken, closing one to make room");
                             tokio::time::timeout(EVICTION_WAIT, slots.clone().acquire_owned())
                                 .await
                                 .ok()
@@ -416,7 +455,7 @@ async fn tcp_accept_loop(listener: TcpListener, handler: ZoneHandler, stop: Canc
                     };
                     match permit {
                         Some(permit) => {
-                            let (conn, guard) = live.register();
+                            let (conn, guard) = live.register(peer.ip());
                             conns.spawn(serve_tcp(stream, peer, handler.clone(), (permit, slot, guard), conn));
                         }
                         // Closing at once tells the client to go elsewhere, instead of queueing it.
@@ -559,6 +598,21 @@ mod tests {
             table.take("198.51.100.1".parse().unwrap()).is_some(),
             "IPv4"
         );
+        // An IPv4 /24 is a site too.
+        let mut v4 = Vec::new();
+        for host in 1..=16u8 {
+            for _ in 0..MAX_TCP_PER_CLIENT {
+                if let Some(s) = table.take(IpAddr::from([203, 0, 113, host])) {
+                    v4.push(s);
+                }
+            }
+        }
+        assert_eq!(v4.len(), MAX_TCP_PER_SITE, "the /24 together");
+        assert!(
+            table.take(IpAddr::from([203, 0, 114, 1])).is_some(),
+            "another /24"
+        );
+        drop(v4);
         held.pop();
         assert!(table.take(addr(1, 0xffff, 1)).is_some(), "a slot came back");
         drop(held);

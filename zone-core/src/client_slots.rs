@@ -1,9 +1,8 @@
 //! Open things (connections, handshakes) of a service's clients, capped per client and per
-//! IPv6 site: a client is an IPv4 address or an IPv6 /64 (one host commonly has a whole /64 to
-//! pick addresses from), and the /64s of one /48 (a site: 65,536 /64s) count together too, so
-//! neither one host nor one site can take every slot of a service. Shared by the zone's DNS
-//! server (TCP connections) and the node agents' peer side (QUIC handshakes). The table holds
-//! only clients with something open.
+//! site: a client is an IPv4 address or an IPv6 /64 (one host commonly has a whole /64 to
+//! pick addresses from); a site is an IPv4 /24 or an IPv6 /48 (65,536 /64s), whose clients
+//! count together too, so neither one host nor one network rented by the block can take every
+//! slot of a service. The table holds only clients with something open.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
@@ -30,8 +29,8 @@ pub struct ClientSlot {
 }
 
 impl ClientSlots {
-    /// At most `per_client` open per client and `per_site` per IPv6 /48 (each at least one: a
-    /// zero would leave an entry per client that is never removed).
+    /// At most `per_client` open per client and `per_site` per site (IPv4 /24, IPv6 /48; each
+    /// at least one: a zero would leave an entry per client that is never removed).
     pub fn new(per_client: usize, per_site: usize) -> Self {
         ClientSlots {
             per_client: per_client.max(1),
@@ -44,7 +43,10 @@ impl ClientSlots {
     pub fn take(&self, ip: IpAddr) -> Option<ClientSlot> {
         let (client, site) = match ip.to_canonical() {
             IpAddr::V6(v6) => ((masked(v6, 64), 64), Some((masked(v6, 48), 48))),
-            v4 => ((v4, 32), None),
+            IpAddr::V4(v4) => {
+                let net = std::net::Ipv4Addr::from(u32::from(v4) & 0xffff_ff00);
+                ((IpAddr::V4(v4), 32), Some((IpAddr::V4(net), 24)))
+            }
         };
         let mut m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let full = |key: &Key, limit: usize| m.get(key).is_some_and(|n| *n >= limit);
@@ -78,6 +80,14 @@ impl Drop for ClientSlot {
                 }
             }
         }
+    }
+}
+
+/// The client `ip` counts as: itself (IPv4), its /64 (IPv6).
+pub fn client_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => masked(v6, 64),
+        v4 => v4,
     }
 }
 
