@@ -11,6 +11,9 @@ use crate::error::ZoneError;
 pub const MAX_LABEL_LEN: usize = 63;
 /// Longest domain name in text form (RFC 1035 §2.3.4, 255 octets on the wire).
 pub const MAX_DOMAIN_LEN: usize = 253;
+/// Longest zone domain: its DNS zone names `hostmaster.DOMAIN` (the SOA's contact) and
+/// `_zonegate.DOMAIN`, which must fit [`MAX_DOMAIN_LEN`] too.
+pub const MAX_ZONE_DOMAIN_LEN: usize = MAX_DOMAIN_LEN - "hostmaster.".len();
 
 fn label_problem(s: &str) -> Option<&'static str> {
     if s.is_empty() {
@@ -86,8 +89,10 @@ impl Domain {
             why,
         };
         let d = s.strip_suffix('.').unwrap_or(s);
-        if d.len() > MAX_DOMAIN_LEN {
-            return Err(bad("longer than 253 characters"));
+        if d.len() > MAX_ZONE_DOMAIN_LEN {
+            return Err(bad(
+                "longer than 242 characters (the zone's DNS names, hostmaster.DOMAIN among them, must fit 253)",
+            ));
         }
         if d.bytes().any(|b| b.is_ascii_uppercase()) {
             return Err(bad("use lowercase letters"));
@@ -106,6 +111,11 @@ impl Domain {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+    /// Whether `NAME.DOMAIN` of `device` fits a DNS name ([`MAX_DOMAIN_LEN`]).
+    pub fn fits(&self, device: &DeviceName) -> bool {
+        device.as_str().len() + 1 + self.0.len() <= MAX_DOMAIN_LEN
+    }
+
     /// The host name of a device of this zone: `NAME.DOMAIN`.
     pub fn host_of(&self, device: &DeviceName) -> String {
         format!("{}.{}", device, self.0)

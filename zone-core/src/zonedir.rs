@@ -189,8 +189,21 @@ impl ZoneDir {
         &self.zone.config.domain
     }
 
-    /// Bumps the serial, re-signs (renewing expiry) and saves zone.json.
+    /// Bumps the serial, re-signs (renewing expiry) and saves zone.json — unless another
+    /// command saved one since this one read it: two commands at once (a revoke and an add in
+    /// two shells) each wrote their change over the other's, the revocation lost, and could
+    /// sign two different configs with one serial.
     fn commit(&mut self, mut config: ZoneConfig, now: OffsetDateTime) -> Result<(), ZoneError> {
+        let zp = self.dir.join(ZONE_JSON_FILE);
+        let _lock = lock_dir(&self.dir)?;
+        let on_disk = read_zone_json(&zp)?.config.serial;
+        if on_disk != self.zone.config.serial {
+            return Err(ZoneError::Usage(format!(
+                "{} changed since this command read it (serial {} → {on_disk}): another command changed the zone at the same time; nothing was changed, run this one again",
+                zp.display(),
+                self.zone.config.serial
+            )));
+        }
         let now = trunc_now(now);
         config.serial = next_serial(self.zone.config.serial, now);
         let valid = self.zone.config.expires_at - self.zone.config.issued_at;
@@ -207,11 +220,7 @@ impl ZoneDir {
                 signed.config.revoked.len()
             )));
         }
-        write_atomic(
-            &self.dir.join(ZONE_JSON_FILE),
-            signed.to_json_pretty().as_bytes(),
-            0o644,
-        )?;
+        write_atomic(&zp, signed.to_json_pretty().as_bytes(), 0o644)?;
         self.zone = signed;
         Ok(())
     }
@@ -252,6 +261,7 @@ impl ZoneDir {
     }
 
     /// Adds a device: derives its key, issues its certificate, records it (new serial: [`next_serial`]).
+    /// Its `NAME.DOMAIN` must fit a DNS name, and a gateway's addresses must be dialable.
     pub fn add_device(
         &mut self,
         name: &DeviceName,
@@ -266,6 +276,13 @@ impl ZoneDir {
         if self.zone.config.device(name).is_some() {
             return Err(ZoneError::DeviceExists(name.to_string()));
         }
+        let domain = &self.zone.config.domain;
+        if !domain.fits(name) {
+            return Err(ZoneError::Usage(format!(
+                "{name}.{domain} is longer than a DNS name may be (253 characters): choose a shorter device name"
+            )));
+        }
+        check_dialable(public_addrs)?;
         let is_gw = roles.contains(&Role::Gateway);
         if is_gw && public_addrs.is_empty() {
             return Err(ZoneError::Usage(
@@ -341,6 +358,7 @@ impl ZoneDir {
                 "{name} is not a gateway: only gateways have public addresses"
             )));
         }
+        check_dialable(public_addrs)?;
         let mut addrs: Vec<SocketAddr> = Vec::with_capacity(public_addrs.len());
         for a in public_addrs {
             if !addrs.contains(a) {
@@ -485,6 +503,34 @@ pub fn gateway_toml(c: &ZoneConfig, name: &DeviceName) -> String {
     s
 }
 
+/// Holds the zone directory's lock file (`.lock`, an exclusive `flock`) until dropped: one
+/// commit at a time, so each sees what the one before it saved.
+fn lock_dir(dir: &Path) -> Result<fs::File, ZoneError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(".lock");
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| ZoneError::io(&path, e))?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| ZoneError::io(&path, e.into()))?;
+    Ok(f)
+}
+
+/// Refuses public addresses agents cannot dial: `0.0.0.0`, `[::]` or port 0 (the zone's
+/// DNS leaves them out, but agents would try them).
+fn check_dialable(addrs: &[SocketAddr]) -> Result<(), ZoneError> {
+    match addrs.iter().find(|a| a.ip().is_unspecified() || a.port() == 0) {
+        Some(a) => Err(ZoneError::Usage(format!(
+            "--public-addr {a}: agents cannot dial it; give the address and port the gateway is reached at from the internet"
+        ))),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -524,6 +570,84 @@ mod tests {
         assert!(on_disk.to_json_compact().len() <= MAX_SHARED_ZONE_JSON);
         // A revocation always fits: it drops the device's entry, larger than its own.
         z.revoke(&DeviceName::new("device0").unwrap(), now).unwrap();
+    }
+
+    /// Two commands on one zone directory at once: the second to save is refused and changes
+    /// nothing, so no change is lost (the revocation used to be written over).
+    #[test]
+    fn a_change_made_meanwhile_is_never_written_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let mut z = ZoneDir::init(dir.path(), Domain::new("race.example").unwrap(), now).unwrap();
+        let laptop = DeviceName::new("laptop").unwrap();
+        z.add_device(&laptop, &[Role::Node], &[], now, 90).unwrap();
+        let mut one = ZoneDir::open(dir.path()).unwrap();
+        let mut two = ZoneDir::open(dir.path()).unwrap();
+        one.revoke(&laptop, now).unwrap();
+        let tv = DeviceName::new("tv").unwrap();
+        let e = two
+            .add_device(&tv, &[Role::Node], &[], now, 90)
+            .unwrap_err();
+        assert!(e.to_string().contains("run this one again"), "{e}");
+        let back = ZoneDir::open(dir.path()).unwrap();
+        assert!(back.zone.config.is_revoked(&laptop));
+        assert!(back.zone.config.device(&tv).is_none());
+    }
+
+    /// Names the zone's DNS could not carry, and gateway addresses agents could not dial, are
+    /// refused before anything is signed (a device name too long for its domain made every
+    /// later serial fail to build its DNS records).
+    #[test]
+    fn devices_must_fit_dns_and_gateways_be_dialable() {
+        let label = "a".repeat(60);
+        let long = format!("{}.example", [label.as_str(); 3].join("."));
+        assert!(Domain::new(&long).is_ok());
+        let too_long = format!("{}.example", [label.as_str(); 4].join("."));
+        let e = Domain::new(&too_long).unwrap_err().to_string();
+        assert!(e.contains("longer than 242"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let mut z = ZoneDir::init(dir.path(), Domain::new(&long).unwrap(), now).unwrap();
+        let name = DeviceName::new(&"n".repeat(63)).unwrap();
+        let e = z
+            .add_device(&name, &[Role::Node], &[], now, 90)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("choose a shorter device name"),
+            "{e}"
+        );
+        let short = DeviceName::new("nas").unwrap();
+        z.add_device(&short, &[Role::Node], &[], now, 90).unwrap();
+        let gw = DeviceName::new("gw").unwrap();
+        for bad in ["0.0.0.0:7843", "[::]:7843", "203.0.113.1:0"] {
+            let e = z
+                .add_device(&gw, &[Role::Gateway], &[bad.parse().unwrap()], now, 90)
+                .unwrap_err();
+            assert!(
+                e.to_string().contains("agents cannot dial it"),
+                "{bad}: {e}"
+            );
+        }
+        let serial = z.zone.config.serial;
+        z.add_device(
+            &gw,
+            &[Role::Gateway],
+            &["203.0.113.1:7843".parse().unwrap()],
+            now,
+            90,
+        )
+        .unwrap();
+        assert!(z.zone.config.serial > serial);
+        let e = z
+            .move_gateway(&gw, &["0.0.0.0:7843".parse().unwrap()], now)
+            .unwrap_err();
+        assert!(e.to_string().contains("agents cannot dial it"), "{e}");
+        name_fits_after_all(&z);
+    }
+
+    fn name_fits_after_all(z: &ZoneDir) {
+        let d = &z.zone.config.domain;
+        assert!(z.zone.config.devices.iter().all(|e| d.fits(&e.name)));
     }
 
     /// Writers of one process at once (a gateway adopting offers from several agents) each
