@@ -2,6 +2,7 @@
 //!
 //! Time comes from tokio's clock, so tests can pause and advance it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -12,10 +13,12 @@ pub const MIN_BURST: u64 = 16 * 1024;
 
 /// A bytes-per-second token bucket. Callers *reserve* bytes and then wait out the debt, so a
 /// chunk larger than the bucket is still allowed, just delayed in proportion.
+///
+/// Its rate can change while connections use it (a policy edit): it is read from a shared
+/// cell at every reservation, 0 meaning unlimited.
 #[derive(Debug)]
 pub struct TokenBucket {
-    rate: f64,
-    capacity: f64,
+    rate: Arc<AtomicU64>,
     state: Mutex<BucketState>,
 }
 
@@ -30,36 +33,51 @@ impl TokenBucket {
     /// A bucket refilling at `bytes_per_sec` that holds a tenth of a second (at least
     /// [`MIN_BURST`]): small enough that the long-run rate is what the user wrote.
     pub fn new(bytes_per_sec: u64) -> Self {
-        let rate = bytes_per_sec.max(1) as f64;
-        let capacity = (rate / 10.0).max(MIN_BURST as f64);
+        Self::following(Arc::new(AtomicU64::new(bytes_per_sec.max(1))))
+    }
+
+    /// A bucket refilling at whatever `rate` says (bytes per second; 0: unlimited), starting
+    /// full.
+    pub fn following(rate: Arc<AtomicU64>) -> Self {
+        let tokens = capacity(rate.load(Ordering::Relaxed) as f64);
         TokenBucket {
             rate,
-            capacity,
             state: Mutex::new(BucketState {
-                tokens: capacity,
+                tokens,
                 last: Instant::now(),
             }),
         }
     }
 
+    /// The rate now (0: unlimited).
     pub fn bytes_per_sec(&self) -> u64 {
-        self.rate as u64
+        self.rate.load(Ordering::Relaxed)
+    }
+
+    /// Changes the rate for every connection using the bucket (0: unlimited).
+    pub fn set_rate(&self, bytes_per_sec: u64) {
+        self.rate.store(bytes_per_sec, Ordering::Relaxed);
     }
 
     /// Takes `n` bytes now and returns how long the caller must wait before sending them.
     pub fn reserve(&self, n: u64) -> Duration {
+        let rate = self.rate.load(Ordering::Relaxed) as f64;
+        if rate == 0.0 {
+            return Duration::ZERO;
+        }
+        let capacity = capacity(rate);
         let now = Instant::now();
         // A poisoned lock only means another task panicked mid-update of two floats; the
         // state is still usable.
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let earned = now.saturating_duration_since(s.last).as_secs_f64() * self.rate;
-        s.tokens = (s.tokens + earned).min(self.capacity);
+        let earned = now.saturating_duration_since(s.last).as_secs_f64() * rate;
+        s.tokens = (s.tokens + earned).min(capacity);
         s.last = now;
         s.tokens -= n as f64;
         if s.tokens >= 0.0 {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64(-s.tokens / self.rate)
+            Duration::from_secs_f64(-s.tokens / rate)
         }
     }
 
@@ -71,6 +89,11 @@ impl TokenBucket {
             tokio::time::sleep(wait).await;
         }
     }
+}
+
+/// What a bucket of `rate` bytes per second holds: a tenth of a second, at least [`MIN_BURST`].
+fn capacity(rate: f64) -> f64 {
+    (rate / 10.0).max(MIN_BURST as f64)
 }
 
 /// The shaping of one connection in one direction: the app-wide bucket (shared by all its
@@ -86,6 +109,19 @@ impl Shaper {
         Shaper {
             app,
             conn: per_connection.map(TokenBucket::new),
+        }
+    }
+
+    /// As [`Shaper::new`], the connection's own bucket following the rate in `per_connection`
+    /// (an app's `bandwidth_per_connection`, which a policy edit changes for open connections
+    /// too).
+    pub fn following(
+        app: Option<Arc<TokenBucket>>,
+        per_connection: Option<&Arc<AtomicU64>>,
+    ) -> Self {
+        Shaper {
+            app,
+            conn: per_connection.map(|r| TokenBucket::following(r.clone())),
         }
     }
 

@@ -400,6 +400,8 @@ pub struct AppLimits {
     /// App-wide buckets, client→service and service→client.
     bandwidth_in: Option<Arc<TokenBucket>>,
     bandwidth_out: Option<Arc<TokenBucket>>,
+    /// `bandwidth_per_connection`, as every connection's own buckets read it.
+    per_connection: Option<Arc<AtomicU64>>,
 }
 
 impl AppLimits {
@@ -414,19 +416,43 @@ impl AppLimits {
             )),
             bandwidth_in: bucket(),
             bandwidth_out: bucket(),
+            per_connection: config
+                .bandwidth_per_connection
+                .map(|b| Arc::new(AtomicU64::new(b.max(1)))),
         }
     }
 
     /// The limits for `config` replacing `old` (the same app's, under other limits) on a policy
-    /// reload: open connections stay counted against the new maxima, bandwidth buckets and
-    /// rate limits that did not change are kept, and a changed rate limit starts with every
-    /// bucket empty. A reload thus never gives a client a fresh allowance.
+    /// reload: open connections stay counted against the new maxima, rate limits that did not
+    /// change are kept, and a changed rate limit starts with every bucket empty. A reload thus
+    /// never gives a client a fresh allowance. Bandwidth buckets are kept and take the new
+    /// rates, open connections' included (a lowered `bandwidth` used to leave them on the old
+    /// bucket, the app moving old + new); a removed limit leaves them unlimited, a new one
+    /// applies to new connections.
     pub fn reloaded(config: &LimitsConfig, old: &AppLimits) -> Self {
         old.connections
             .set_limits(config.max_connections, config.max_connections_per_client);
-        let bucket = |was: &Option<Arc<TokenBucket>>| match was {
-            Some(b) if old.config.bandwidth == config.bandwidth => Some(b.clone()),
-            _ => config.bandwidth.map(|b| Arc::new(TokenBucket::new(b))),
+        let bucket = |was: &Option<Arc<TokenBucket>>| match (was, config.bandwidth) {
+            (Some(b), Some(rate)) => {
+                b.set_rate(rate.max(1));
+                Some(b.clone())
+            }
+            (Some(b), None) => {
+                b.set_rate(0);
+                None
+            }
+            (None, rate) => rate.map(|b| Arc::new(TokenBucket::new(b))),
+        };
+        let per_connection = match (&old.per_connection, config.bandwidth_per_connection) {
+            (Some(r), Some(rate)) => {
+                r.store(rate.max(1), Ordering::Relaxed);
+                Some(r.clone())
+            }
+            (Some(r), None) => {
+                r.store(0, Ordering::Relaxed);
+                None
+            }
+            (None, rate) => rate.map(|b| Arc::new(AtomicU64::new(b.max(1)))),
         };
         AppLimits {
             config: config.clone(),
@@ -441,6 +467,7 @@ impl AppLimits {
             connections: old.connections.clone(),
             bandwidth_in: bucket(&old.bandwidth_in),
             bandwidth_out: bucket(&old.bandwidth_out),
+            per_connection,
         }
     }
 
@@ -460,10 +487,10 @@ impl AppLimits {
 
     /// Shapers for a new connection: (client→service, service→client).
     pub fn shapers(&self) -> (Shaper, Shaper) {
-        let per = self.config.bandwidth_per_connection;
+        let per = self.per_connection.as_ref();
         (
-            Shaper::new(self.bandwidth_in.clone(), per),
-            Shaper::new(self.bandwidth_out.clone(), per),
+            Shaper::following(self.bandwidth_in.clone(), per),
+            Shaper::following(self.bandwidth_out.clone(), per),
         )
     }
 

@@ -45,15 +45,28 @@ pub struct Active {
 }
 
 impl Active {
-    /// Builds state for `policy`, reusing what `previous` had for apps of the same name.
+    /// Builds state for `policy`, reusing what `previous` had for apps of the same name. A
+    /// renamed app (one of `previous` gone by name, at the same listener with the same
+    /// target) keeps its limiters — its open connections stay counted, its clients get no
+    /// fresh burst — and starts its counters under the new name.
     pub fn new(policy: CompiledPolicy, previous: Option<&Active>) -> Self {
         let states = policy
             .apps()
             .iter()
             .map(|app| {
-                let old =
+                let same_name =
                     previous.and_then(|p| p.policy.app(&app.name).map(|o| &p.states[o.index]));
-                let counters = old.map_or_else(Default::default, |o| o.counters.clone());
+                let renamed = || {
+                    let p = previous?;
+                    let o = p.policy.apps().iter().find(|o| {
+                        o.listener == app.listener
+                            && o.target == app.target
+                            && policy.app(&o.name).is_none()
+                    })?;
+                    Some(&p.states[o.index])
+                };
+                let old = same_name.or_else(renamed);
+                let counters = same_name.map_or_else(Default::default, |o| o.counters.clone());
                 let limits = match old {
                     Some(o) if o.limits.config == app.limits => o.limits.clone(),
                     Some(o) => Arc::new(AppLimits::reloaded(&app.limits, &o.limits)),

@@ -670,3 +670,86 @@ async fn a_limits_edit_gives_no_client_a_fresh_allowance() {
     drop(open);
     assert_eq!(after.connections.open(), 1);
 }
+
+/// Renaming an app keeps its limiters: its open connections stay counted and its clients get
+/// no fresh burst (a rename used to hand every client a full bucket and a connection count
+/// of 0 while the old connections went on).
+#[tokio::test(start_paused = true)]
+async fn a_renamed_app_keeps_its_limits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let app = |name: &str| {
+        format!("[app.{name}]\nhttp = {{ host = \"a.example\" }}\nto = \"d/s\"\nallow = {{ from = [\"public\"] }}\nlimits = {{ rate = \"1/min\", burst = 1, max_connections = 1 }}\n")
+    };
+    write(dir.path(), "a.toml", &app("a"));
+    let store = PolicyStore::load(dir.path()).expect("load");
+    let who = Requester::Public {
+        ip: ip("198.51.100.1"),
+    };
+    let limits = |s: &PolicyStore, name: &str| {
+        let cur = s.current();
+        let a = cur.policy.app(name).expect("app");
+        cur.state(a).limits.clone()
+    };
+    let a = limits(&store, "a");
+    assert!(a.check_rate(&who).is_ok());
+    let _open = a.connect(&who).expect("the one connection");
+    write(dir.path(), "a.toml", &app("b"));
+    store.reload().expect("reload");
+    let b = limits(&store, "b");
+    assert!(
+        b.check_rate(&who).is_err(),
+        "a fresh burst after the rename"
+    );
+    assert!(
+        b.connect(&who).is_err(),
+        "the open connection no longer counted"
+    );
+    // Another app at another place starts afresh.
+    write(
+        dir.path(),
+        "a.toml",
+        &format!("{}{}", app("b"), app("c").replace("a.example", "c.example")),
+    );
+    store.reload().expect("reload");
+    assert!(limits(&store, "c").check_rate(&who).is_ok());
+}
+
+/// Bytes `shaper` lets through in `secs` seconds of chunks of 16 KiB.
+async fn pumped(shaper: &policies::bandwidth::Shaper, secs: u64) -> u64 {
+    let end = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let mut n = 0;
+    while tokio::time::Instant::now() < end {
+        shaper.consume(16 * 1024).await;
+        n += 16 * 1024;
+    }
+    n
+}
+
+/// A lowered `bandwidth` holds open connections too: they kept the old bucket, and the app
+/// moved the old rate plus the new. A lowered `bandwidth_per_connection` does as well.
+#[tokio::test(start_paused = true)]
+async fn a_bandwidth_edit_applies_to_open_connections() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let app = |bw: &str, per: &str| {
+        format!("[app.a]\nhttp = {{ host = \"a.example\" }}\nto = \"d/s\"\nallow = {{ from = [\"public\"] }}\nlimits = {{ bandwidth = \"{bw}\", bandwidth_per_connection = \"{per}\" }}\n")
+    };
+    write(dir.path(), "a.toml", &app("1MiB/s", "1MiB/s"));
+    let store = PolicyStore::load(dir.path()).expect("load");
+    let shaper = |s: &PolicyStore| {
+        let cur = s.current();
+        let a = cur.policy.app("a").expect("a");
+        cur.state(a).limits.shapers().0
+    };
+    let old = shaper(&store);
+    write(dir.path(), "a.toml", &app("64KiB/s", "1MiB/s"));
+    store.reload().expect("reload");
+    let new = shaper(&store);
+    let (a, b) = tokio::join!(pumped(&old, 5), pumped(&new, 5));
+    // 5 s at 64 KiB/s, the bucket's first 16 KiB and one chunk in flight each.
+    assert!(a + b <= (5 * 64 + 16 + 32) * 1024, "{a} + {b} bytes");
+    // The per-connection rate lowered below the app's: it holds the open connection alone.
+    write(dir.path(), "a.toml", &app("1MiB/s", "32KiB/s"));
+    store.reload().expect("reload");
+    let moved = pumped(&old, 5).await;
+    assert!(moved <= (5 * 32 + 16 + 16) * 1024, "{moved} bytes");
+}
