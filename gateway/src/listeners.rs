@@ -88,6 +88,8 @@ pub struct Listeners {
     reserved: Vec<(Kind, SocketAddr, &'static str)>,
     /// The current failures, as `/status` shows them.
     published: Arc<std::sync::Mutex<Vec<String>>>,
+    /// The addresses listened on now, for [`Listeners::reload_check`].
+    listening: Arc<std::sync::Mutex<Vec<(Kind, SocketAddr)>>>,
 }
 
 /// What a policy wants: (kind, address) → app name.
@@ -126,7 +128,51 @@ impl Listeners {
             failed: HashMap::new(),
             reserved,
             published: Arc::default(),
+            listening: Arc::default(),
         }
+    }
+
+    /// What a reloaded policy must pass before it serves: each new `tcp`/`udp` address is
+    /// not one of the gateway's own sockets and can be listened on now (tried, then let go).
+    /// Otherwise the reload is refused and the old policy keeps serving: its listeners were
+    /// stopped first, and the app stayed down while the bind failed. An address overlapping
+    /// one listened on now (`0.0.0.0:P` becoming `[::]:P`) is freed only by the swap: not
+    /// tried.
+    pub fn reload_check(&self) -> policies::ReloadCheck {
+        let listening = self.listening.clone();
+        let reserved = self.reserved.clone();
+        policies::ReloadCheck(Arc::new(move |policy| {
+            let now = listening.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let mut errors = Vec::new();
+            for (key, app) in wanted(policy) {
+                if now.contains(&key) {
+                    continue;
+                }
+                if let Some(own) = own_socket(&reserved, key) {
+                    errors.push(listen_error(&app, key, &own, ""));
+                    continue;
+                }
+                let replaces = now
+                    .iter()
+                    .any(|(k, a)| *k == key.0 && policies::units::listens_overlap(*a, key.1));
+                if replaces {
+                    continue;
+                }
+                let tried = match key.0 {
+                    Kind::Tcp => tunnel::sockets::std_tcp(key.1).map(drop),
+                    Kind::Udp => tunnel::sockets::std_udp(key.1).map(drop),
+                };
+                if let Err(e) = tried {
+                    let hint = crate::run::bind_hint(&e, key.1, "give the app another address");
+                    errors.push(listen_error(&app, key, &e, &hint));
+                }
+            }
+            if errors.is_empty() {
+                Ok(())
+            } else {
+                Err(errors)
+            }
+        }))
     }
 
     /// The binds that are failing now (retried at every poll), for `/status`.
@@ -171,15 +217,10 @@ impl Listeners {
             if self.running.contains_key(&key) {
                 continue;
             }
-            let own = self
-                .reserved
-                .iter()
-                .find(|(k, a, _)| *k == key.0 && policies::units::listens_overlap(*a, key.1));
+            let own = own_socket(&self.reserved, key);
+            let is_own = own.is_some();
             let r = match own {
-                Some((_, addr, setting)) => Err(std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    format!("the gateway's own `{setting}` ({addr}, gateway.toml) uses that port: give the app another one"),
-                )),
+                Some(e) => Err(e),
                 None => bind(hub, key, &self.tcp_per_ip, self.udp, shutdown, replacing).await,
             };
             match r {
@@ -198,14 +239,12 @@ impl Listeners {
                 }
                 Err(e) => {
                     // The gateway's own sockets' error says what to do already.
-                    let hint = match own {
-                        Some(_) => String::new(),
-                        None => crate::run::bind_hint(&e, key.1, "give the app another address"),
+                    let hint = if is_own {
+                        String::new()
+                    } else {
+                        crate::run::bind_hint(&e, key.1, "give the app another address")
                     };
-                    let msg = format!(
-                        "app {app}: cannot listen on {:?} {}: {e}{hint}",
-                        key.0, key.1
-                    );
+                    let msg = listen_error(&app, key, &e, &hint);
                     if self.failed.get(&key) != Some(&msg) {
                         errors.push(msg.clone());
                     }
@@ -216,6 +255,8 @@ impl Listeners {
         let mut now: Vec<String> = self.failed.values().cloned().collect();
         now.sort();
         *self.published.lock().unwrap_or_else(|p| p.into_inner()) = now;
+        *self.listening.lock().unwrap_or_else(|p| p.into_inner()) =
+            self.running.keys().copied().collect();
         errors
     }
 
@@ -231,6 +272,29 @@ impl Listeners {
             .map(|r| (r.app.clone(), r.bound))
             .collect()
     }
+}
+
+/// The error for an app asking for one of the gateway's own sockets (`reserved`), if `key`
+/// overlaps one: it says what to do.
+fn own_socket(
+    reserved: &[(Kind, SocketAddr, &'static str)],
+    key: (Kind, SocketAddr),
+) -> Option<std::io::Error> {
+    let (_, addr, setting) = reserved
+        .iter()
+        .find(|(k, a, _)| *k == key.0 && policies::units::listens_overlap(*a, key.1))?;
+    Some(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!("the gateway's own `{setting}` ({addr}, gateway.toml) uses that port: give the app another one"),
+    ))
+}
+
+/// The message for an app that cannot listen on `key`.
+fn listen_error(app: &str, key: (Kind, SocketAddr), e: &std::io::Error, hint: &str) -> String {
+    format!(
+        "app {app}: cannot listen on {:?} {}: {e}{hint}",
+        key.0, key.1
+    )
 }
 
 /// Binds `key` and starts its loop; when `replacing` a listener that just stopped, retries an

@@ -245,6 +245,7 @@ impl Gateway {
             shutdown.cancel();
             return Err(StartError::Bind(errors.join("; ")));
         }
+        hub.policy().set_check(listeners.reload_check());
         let front = Front::new(hub.clone(), opts.http_tuning);
         Ok(Gateway {
             opts,

@@ -52,4 +52,6 @@ pub use model::*;
 pub use parse::{check_dir, check_sources, check_str, policy_files, MAX_FILE_BYTES};
 pub use policy::CompiledPolicy;
 pub use schema::{Day, Per};
-pub use store::{spawn_watcher, watch, Active, AppNames, AppState, PolicyStore, ReloadStatus};
+pub use store::{
+    spawn_watcher, watch, Active, AppNames, AppState, PolicyStore, ReloadCheck, ReloadStatus,
+};

@@ -169,6 +169,19 @@ pub struct PolicyStore {
     /// Bumped on every swap, and each minute while a time window is in force: what open
     /// connections wait on to be decided again ([`PolicyStore::until_refused`]).
     epoch: tokio::sync::watch::Sender<u64>,
+    /// What the gateway checks of a reloaded policy before it serves ([`PolicyStore::set_check`]).
+    check: Mutex<Option<ReloadCheck>>,
+}
+
+/// A check of a compiled policy that only its user can make (a gateway: can it listen on the
+/// new addresses?): `Err` holds one message per problem.
+#[derive(Clone)]
+pub struct ReloadCheck(pub Arc<dyn Fn(&CompiledPolicy) -> Result<(), Vec<String>> + Send + Sync>);
+
+impl std::fmt::Debug for ReloadCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReloadCheck")
+    }
 }
 
 impl PolicyStore {
@@ -194,7 +207,15 @@ impl PolicyStore {
             last: Mutex::new(status),
             read_at: Mutex::new(read_at),
             epoch: tokio::sync::watch::Sender::new(0),
+            check: Mutex::new(None),
         })
+    }
+
+    /// Makes every reload pass `check` too before its policy serves: one it refuses is
+    /// refused like a policy with errors (the old one keeps serving), its messages in the
+    /// reload status.
+    pub fn set_check(&self, check: ReloadCheck) {
+        *self.check.lock().unwrap_or_else(|e| e.into_inner()) = Some(check);
     }
 
     /// Tells open connections to be decided again: the policy changed, or the clock moved
@@ -275,7 +296,16 @@ impl PolicyStore {
         *self.read_at.lock().unwrap_or_else(|e| e.into_inner()) = fingerprint(&self.dir);
         let files = crate::policy_files(&self.dir).map(|f| f.len()).unwrap_or(0);
         let at = Timestamp::from(SystemTime::now()).0;
-        match crate::check_dir(&self.dir) {
+        let check = self.check.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let checked = crate::check_dir(&self.dir).and_then(|policy| match &check {
+            Some(ReloadCheck(f)) => f(&policy).map(|()| policy).map_err(|msgs| {
+                msgs.into_iter()
+                    .map(|m| PolicyError::whole(&self.dir, m))
+                    .collect()
+            }),
+            None => Ok(policy),
+        });
+        match checked {
             // Saved again while being read: what was read may be half of one save. The watcher
             // sees the change and reads the files again once they settle.
             _ if fingerprint(&self.dir)

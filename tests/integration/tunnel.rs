@@ -512,6 +512,45 @@ async fn policy_edits_apply_live_and_a_broken_edit_keeps_the_old_policy() {
     gw.shutdown.cancel();
 }
 
+/// An edit moving an app to an address the gateway cannot listen on (another program holds
+/// it, or it is the gateway's own) is refused, and the old policy keeps serving: the old
+/// listener used to be stopped first and the app stayed down, with the reload reported ok.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_to_an_address_in_use_keeps_the_old_policy() {
+    let z = TestZone::new(&["home1"]);
+    let pb = free_tcp_port();
+    z.write_policy("b.toml", &tcp_app("b", pb));
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let _h1 = start_echo_node(&z, &gw, "home1").await;
+    let b: std::net::SocketAddr = ([127, 0, 0, 1], pb).into();
+    assert_eq!(roundtrip(b, b"b").await.unwrap(), b"b");
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let pc = held.local_addr().unwrap().port();
+    for (taken, why) in [
+        (pc, "already in use"),
+        (gw.admin.port(), "the gateway's own `admin`"),
+    ] {
+        z.write_policy("b.toml", &tcp_app("b", taken));
+        wait_until("reload refused", WAIT, || !gw.hub.policy().last_reload().ok).await;
+        let status = gw.hub.policy().last_reload();
+        assert!(
+            status
+                .errors
+                .iter()
+                .any(|e| e.contains("app b: cannot listen on Tcp") && e.contains(why)),
+            "{status:?}"
+        );
+        // Past a reconcile: the old listener still serves.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(roundtrip(b, b"still").await.unwrap(), b"still");
+        // Back to serving for the next round.
+        z.write_policy("b.toml", &tcp_app("b", pb));
+        wait_until("reload ok", WAIT, || gw.hub.policy().last_reload().ok).await;
+    }
+    drop(held);
+    gw.shutdown.cancel();
+}
+
 /// Connections are decided as they open and again whenever the policy changes: an edit that
 /// no longer allows an open connection closes it (it used to run on until the client left),
 /// while renaming its app keeps it.

@@ -43,6 +43,12 @@ pub fn udp(addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
 
 /// A TCP listener on `addr`, for tokio (SO_REUSEADDR as `TcpListener::bind`; [`BACKLOG`]).
 pub fn tcp(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::from_std(std_tcp(addr)?)
+}
+
+/// [`tcp`] before it is handed to tokio (no runtime needed): also what a policy reload
+/// tries before it takes a new address.
+pub fn std_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let s = if dual_stack(addr) {
         v6_socket(Type::STREAM, Protocol::TCP)?
     } else {
@@ -52,7 +58,7 @@ pub fn tcp(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     s.listen(BACKLOG)?;
-    tokio::net::TcpListener::from_std(s.into())
+    Ok(s.into())
 }
 
 /// Whether this machine can bind dual-stack IPv6 sockets (the kernel may have IPv6 off
