@@ -176,7 +176,10 @@ pub struct PolicyStore {
 /// A check of a compiled policy that only its user can make (a gateway: can it listen on the
 /// new addresses?): `Err` holds one message per problem.
 #[derive(Clone)]
-pub struct ReloadCheck(pub Arc<dyn Fn(&CompiledPolicy) -> Result<(), Vec<String>> + Send + Sync>);
+pub struct ReloadCheck(pub Arc<CheckFn>);
+
+/// The function of a [`ReloadCheck`].
+pub type CheckFn = dyn Fn(&CompiledPolicy) -> Result<(), Vec<String>> + Send + Sync;
 
 impl std::fmt::Debug for ReloadCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
