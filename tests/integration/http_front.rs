@@ -1357,6 +1357,10 @@ async fn dfs_example_is_read_only_for_the_public() {
         assert_eq!(c.header("allow").as_deref(), Some("GET, HEAD"), "{c:?}");
         assert!(c.body.contains("app dfs does not allow"), "{}", c.body);
     }
+    // The app's own path without its slash goes to it with one (stripped, both are `/`).
+    let c = h.curl(&h.http_args(DOMAIN, "/dfs?view=list")).await;
+    assert_eq!(c.code, 308, "{c:?}");
+    assert_eq!(c.header("location").as_deref(), Some("/dfs/?view=list"));
     let c = h.curl(&h.https_args(DOMAIN, "/dfs/rw/file")).await;
     assert_eq!(c.code, 403, "{c:?}");
     assert!(c.body.contains("app dfs-rw"), "{}", c.body);

@@ -28,6 +28,8 @@ pub enum ProxyError {
     NoHost,
     #[error("a {method} request with a body")]
     BodyNotAllowed { method: String },
+    #[error("redirected to {location} (the app's path, with its slash)")]
+    SlashRedirect { location: String },
     #[error("the request target is {len} bytes, more than {max}", max = super::proxy::MAX_TARGET)]
     UriTooLong { len: usize },
     #[error("no app serves {host}{path}")]
@@ -79,6 +81,7 @@ impl ProxyError {
         match self {
             ProxyError::NoHost
             | ProxyError::BodyNotAllowed { .. }
+            | ProxyError::SlashRedirect { .. }
             | ProxyError::UriTooLong { .. }
             | ProxyError::NoRoute { .. }
             | ProxyError::BodyTooLarge { .. }
@@ -106,6 +109,7 @@ impl ProxyError {
             | ProxyError::ClientBody { .. }
             | ProxyError::BodyNotAllowed { .. } => StatusCode::BAD_REQUEST,
             ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            ProxyError::SlashRedirect { .. } => StatusCode::PERMANENT_REDIRECT,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Denied { .. } => StatusCode::FORBIDDEN,
@@ -136,6 +140,9 @@ impl ProxyError {
     pub fn body(&self) -> String {
         match self {
             ProxyError::NoHost => "400 bad request: the request names no host\n".into(),
+            ProxyError::SlashRedirect { location } => {
+                format!("308 permanent redirect: to {location}\n")
+            }
             ProxyError::BodyNotAllowed { method } => format!(
                 "400 bad request: a {method} request with a body (a service may take the body for another request); send it with POST\n"
             ),
@@ -226,6 +233,11 @@ impl ProxyError {
             }
             ProxyError::TooManyConnections { .. } | ProxyError::Draining => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ProxyError::SlashRedirect { location } => {
+                if let Ok(v) = HeaderValue::from_str(location) {
+                    h.insert(header::LOCATION, v);
+                }
             }
             ProxyError::MethodNotAllowed { allow, .. } => {
                 if let Ok(v) = HeaderValue::from_str(&allow.join(", ")) {

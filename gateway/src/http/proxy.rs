@@ -442,6 +442,9 @@ async fn forward(
             method: method.to_owned(),
         });
     }
+    if let Some(location) = route::slash_redirect(parts.uri.path_and_query(), http_route) {
+        return Err(ProxyError::SlashRedirect { location });
+    }
     if let Err(retry) = state.limits.check_rate(&who) {
         state.counters.refused(Refusal::RateLimited);
         return Err(ProxyError::RateLimited {

@@ -30,6 +30,29 @@ pub fn request_host(parts: &Parts) -> Option<&str> {
         .filter(|h| !h.is_empty())
 }
 
+/// Where to send a request for exactly a `strip_prefix` app's path without its trailing
+/// slash (`/dfs` for `path = "/dfs"`): to `/dfs/`, query kept. Stripped, both reach the
+/// service as `/`, so a page there could not know its relative links resolve one level up —
+/// outside the app, into another. Built from the app's path, not the request's.
+pub fn slash_redirect(pq: Option<&PathAndQuery>, route: &HttpRoute) -> Option<String> {
+    if !route.strip_prefix || route.path == "/" {
+        return None;
+    }
+    let raw = pq.map(|p| p.path()).unwrap_or("/");
+    if raw.ends_with('/') {
+        return None;
+    }
+    let normal = normalize_path(raw).ok()?;
+    if !policies::units::strip_path_prefix(&normal, &route.path)?.is_empty() {
+        return None;
+    }
+    let base = route.path.trim_end_matches('/');
+    Some(match pq.and_then(|p| p.query()) {
+        Some(q) => format!("{base}/?{q}"),
+        None => format!("{base}/"),
+    })
+}
+
 /// The origin-form target (`/path?query`) to send upstream: the path in the normal form it was
 /// routed by ([`policies::units::normalize_path`]), so the service serves what the app allowed.
 /// With `strip_prefix`, the app's path prefix is removed (`/dfs/a` → `/a`, `/dfs` → `/`);
@@ -82,6 +105,27 @@ mod tests {
     fn target(uri: &str, r: &HttpRoute) -> String {
         let uri: http::Uri = uri.parse().unwrap();
         upstream_target(uri.path_and_query(), r).into_owned()
+    }
+
+    #[test]
+    fn a_stripped_prefix_without_its_slash_is_redirected() {
+        let dfs = route("/dfs", true);
+        let redirect = |uri: &str, r: &HttpRoute| {
+            let uri: http::Uri = uri.parse().unwrap();
+            slash_redirect(uri.path_and_query(), r)
+        };
+        assert_eq!(redirect("/dfs", &dfs).as_deref(), Some("/dfs/"));
+        assert_eq!(redirect("/dfs?x=1", &dfs).as_deref(), Some("/dfs/?x=1"));
+        assert_eq!(redirect("/a/../dfs", &dfs).as_deref(), Some("/dfs/"));
+        for none in ["/dfs/", "/dfs/a", "/dfs/a?x"] {
+            assert_eq!(redirect(none, &dfs), None, "{none}");
+        }
+        assert_eq!(
+            redirect("/dfs", &route("/dfs", false)),
+            None,
+            "not stripped"
+        );
+        assert_eq!(redirect("/", &route("/", true)), None);
     }
 
     #[test]
