@@ -22,7 +22,7 @@ use tunnel::splice::splice_until;
 
 use crate::addr_text::Client;
 use crate::make_room::{Held, Stamped};
-use crate::per_ip::{IpSlot, PerIp};
+use crate::per_ip::{Full, IpSlot, PerIp};
 pub use crate::udp_app::UdpLimits;
 
 /// Default of the flows (distinct public clients) one `udp` app keeps at once (gateway.toml
@@ -402,37 +402,40 @@ async fn tcp_loop(
         // Dual-stack `[::]` listeners see IPv4 clients as `::ffff:a.b.c.d`.
         let peer = tunnel::sockets::canonical(peer);
         // Closed at once (the first refusal of a run is logged by `per_ip`), counted as the
-        // app's connection-limit refusal: past its address's limit or the total of all.
-        let Some(slot) = per_ip.admit(peer.ip()) else {
-            if let Some((active, i)) = app_at(&hub, Kind::Tcp, listen) {
-                let app = &active.policy.apps()[i];
-                active.state(app).counters.refused(Refusal::ConnectionLimit);
+        // app's connection-limit refusal: past its address's limit. At the total of all,
+        // decided first: only a connection that would be served may make room.
+        let slot = match per_ip.try_admit(peer.ip()) {
+            Ok(slot) => Some(slot),
+            Err(Full::Total) => None,
+            Err(Full::Client) => {
+                if let Some((active, i)) = app_at(&hub, Kind::Tcp, listen) {
+                    let app = &active.policy.apps()[i];
+                    active.state(app).counters.refused(Refusal::ConnectionLimit);
+                }
+                continue;
             }
-            continue;
         };
-        let hub2 = hub.clone();
+        let (hub2, per_ip) = (hub.clone(), per_ip.clone());
         hub.work()
-            .spawn(async move { tcp_conn(hub2, listen, tcp, peer, slot).await });
+            .spawn(async move { tcp_conn(hub2, listen, tcp, peer, slot, per_ip).await });
     }
 }
 
 /// One public connection to a `tcp` app; `slot` counts it against its client's limit until
 /// it ends, and ends it when all `tcp` apps together are full and it is picked to make room.
+/// No `slot`: all tcp apps together were full as it came; once the policy, the rate limit and
+/// the app's connection limits let it in, room is made for it if that is fair
+/// ([`PerIp::admit_making_room`]), else it is refused.
 async fn tcp_conn(
     hub: Hub,
     listen: SocketAddr,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
-    slot: IpSlot,
+    slot: Option<IpSlot>,
+    per_ip: Arc<PerIp>,
 ) {
     let _ = tcp.set_nodelay(true);
     let started = Instant::now();
-    // The tcp apps' table always makes room (`Listeners::new`); a stand-in is never evicted.
-    let held = slot
-        .held()
-        .cloned()
-        .unwrap_or_else(|| Held::new(std::time::Instant::now()));
-    let mut tcp = Stamped::new(tcp, held.clone());
     // The listener is being replaced or removed: the policy no longer names its address.
     let Some((active, i)) = app_at(&hub, Kind::Tcp, listen) else {
         return;
@@ -462,9 +465,32 @@ async fn tcp_conn(
             return;
         }
     };
+    let target = app.target.clone();
+    let slot = match slot {
+        Some(s) => s,
+        // Nothing is taken from others for a device that is not there.
+        None if target.device != hub.device_name() && hub.agent(&target.device).is_none() => {
+            state.counters.refused(Refusal::ConnectionLimit);
+            info!(app = %app_name, device = %target.device, client = %Client(peer), "connection refused: all tcp apps together at their limit (gateway.toml tcp_connections), and the device is offline");
+            return;
+        }
+        None => match per_ip.admit_making_room(peer.ip()) {
+            Some(s) => s,
+            None => {
+                state.counters.refused(Refusal::ConnectionLimit);
+                info!(app = %app_name, client = %Client(peer), "connection refused: all tcp apps together at their limit (gateway.toml tcp_connections), and no client holds two more than this one");
+                return;
+            }
+        },
+    };
+    // The tcp apps' table always makes room (`Listeners::new`); a stand-in is never evicted.
+    let held = slot
+        .held()
+        .cloned()
+        .unwrap_or_else(|| Held::new(std::time::Instant::now()));
+    let mut tcp = Stamped::new(tcp, held.clone());
     let counters = state.counters.clone();
     let (shape_in, shape_out) = state.limits.shapers();
-    let target = app.target.clone();
     drop(active);
     counters.connection();
     // Early: the client's first bytes go with the stream header, no tunnel round trip first.

@@ -27,9 +27,12 @@ pub const SITE_FACTOR: usize = 4;
 /// ended: up to a sixteenth of the total (at least one) more than the total, while picked
 /// ones close.
 const ROOM_SLACK: usize = 16;
-/// How long the client found holding the most is taken as that without looking again: a
-/// look goes through every client, and a flood of new clients would make one each.
+/// How long the client found holding the most is taken as that without looking again, and
+/// for at most how many connections picked from it: a look goes through every client, and a
+/// flood of new clients would make one each; the count bounds what is taken from one client
+/// once another holds as many.
 const HOG_LOOK_EVERY: Duration = Duration::from_millis(10);
+const HOG_PICKS: u32 = 16;
 
 /// `ip` masked to its first `bits` bits (IPv6).
 fn prefix(ip: std::net::Ipv6Addr, bits: u32) -> IpAddr {
@@ -66,8 +69,35 @@ struct Tables {
     clients: HashMap<IpAddr, Count>,
     sites: HashMap<IpAddr, Count>,
     all: Count,
-    /// The last look for the client holding the most, when it was made, and its key.
-    hog: Option<(Instant, Option<IpAddr>)>,
+    /// The last look for the client holding the most: when it was made, its key (the
+    /// fairness key: [`fair_key`]), and the connections picked from it since.
+    hog: Option<(Instant, Option<IpAddr>, u32)>,
+}
+
+/// Why [`PerIp::try_admit`] gave no slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    /// The client (or its IPv6 site) has its limit open: refused, logged.
+    Client,
+    /// All clients together have the total, in a table that makes room: the caller decides
+    /// first whether the connection would be served at all, then asks
+    /// [`PerIp::admit_making_room`]. Not logged yet.
+    Total,
+}
+
+/// Whether [`PerIp::admit_inner`] may end another client's connection at the total.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AtTotal {
+    Refuse,
+    Defer,
+    MakeRoom,
+}
+
+/// What fairness counts a client's connections under when a table makes room: an IPv4
+/// address, an IPv6 /48 (a /48 has 65,536 /64s: one connection from each of thousands would
+/// otherwise count as thousands of clients holding one, none of them "the most").
+fn fair_key(key: IpAddr, site: Option<IpAddr>) -> IpAddr {
+    site.unwrap_or(key)
 }
 
 #[derive(Debug, Default)]
@@ -190,9 +220,31 @@ impl PerIp {
     }
 
     /// A slot for a new connection from `ip`, or `None` when it (or its IPv6 site) has its
-    /// limit open already, or all clients together have the total (and, making room, no
-    /// client holds more than one connection more than it).
+    /// limit open already, or all clients together have the total.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        self.admit_inner(ip, AtTotal::Refuse).ok()
+    }
+
+    /// As [`PerIp::admit`], but in a table that makes room, the total reached is left for the
+    /// caller to decide ([`Full::Total`]): a connection the policy or a rate limit would
+    /// refuse must not end someone else's.
+    pub fn try_admit(self: &Arc<Self>, ip: IpAddr) -> Result<IpSlot, Full> {
+        let at_total = if self.room.is_some() {
+            AtTotal::Defer
+        } else {
+            AtTotal::Refuse
+        };
+        self.admit_inner(ip, at_total)
+    }
+
+    /// A slot for a connection [`PerIp::try_admit`] left at [`Full::Total`], now decided to be
+    /// served: room is made if that is fair (the longest-idle connection of the client
+    /// holding the most, if it holds at least two more than `ip`), else `None`.
+    pub fn admit_making_room(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        self.admit_inner(ip, AtTotal::MakeRoom).ok()
+    }
+
+    fn admit_inner(self: &Arc<Self>, ip: IpAddr, at_total: AtTotal) -> Result<IpSlot, Full> {
         let (key, site) = keys(ip);
         let mut t = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         let client_full = t.clients.get(&key).is_some_and(|c| c.open >= self.limit);
@@ -200,31 +252,35 @@ impl PerIp {
             if let Some(c) = t.clients.get_mut(&key) {
                 c.refuse(key, self.limit, "address", self.what, self.setting);
             }
-            return None;
+            return Err(Full::Client);
         }
         if let Some(site) = site {
             let site_limit = self.site_limit();
             if let Some(s) = t.sites.get_mut(&site).filter(|s| s.open >= site_limit) {
                 s.refuse(site, site_limit, "IPv6 /48", self.what, self.setting);
-                return None;
+                return Err(Full::Client);
             }
         }
         if let Some(total) = self.total.filter(|total| t.all.open >= *total) {
-            let made_room = self.room.is_some() && t.make_room(key, total);
-            if !made_room {
-                t.all.refuse_all(total, self.what);
-                return None;
+            match at_total {
+                AtTotal::Defer => return Err(Full::Total),
+                AtTotal::MakeRoom if t.make_room(fair_key(key, site), total) => {}
+                AtTotal::MakeRoom | AtTotal::Refuse => {
+                    t.all.refuse_all(total, self.what);
+                    return Err(Full::Total);
+                }
             }
         }
+        let held = self.room.map(Held::new);
         if let Some(site) = site {
             t.sites.entry(site).or_default().open += 1;
         }
-        let held = self.room.map(Held::new);
-        let c = t.clients.entry(key).or_default();
-        c.open += 1;
-        c.held.extend(held.clone());
+        t.clients.entry(key).or_default().open += 1;
+        if let (Some(h), Some(c)) = (&held, t.fair_mut(key, site)) {
+            c.held.push(h.clone());
+        }
         t.all.open += 1;
-        Some(IpSlot {
+        Ok(IpSlot {
             table: self.clone(),
             key,
             site,
@@ -241,19 +297,41 @@ impl PerIp {
 }
 
 impl Tables {
+    /// The count fairness keeps a client's connections in ([`fair_key`]): its address's for
+    /// IPv4, its /48's for IPv6.
+    fn fair_mut(&mut self, key: IpAddr, site: Option<IpAddr>) -> Option<&mut Count> {
+        match site {
+            Some(s) => self.sites.get_mut(&s),
+            None => self.clients.get_mut(&key),
+        }
+    }
+
+    fn fair(&self, fair: IpAddr) -> Option<&Count> {
+        if fair.is_ipv6() {
+            self.sites.get(&fair)
+        } else {
+            self.clients.get(&fair)
+        }
+    }
+
     /// In a full table: picks the longest-idle connection of the client holding the most
-    /// (not counting connections picked before), if it holds more than one more than `key`,
-    /// and signals it to end. False when there is nothing fair to take, or too many picked
-    /// connections have not closed yet.
-    fn make_room(&mut self, key: IpAddr, total: usize) -> bool {
+    /// (counted by [`fair_key`], not counting connections picked before), if it holds more
+    /// than one more than `mine` (the newcomer's fairness key), and signals it to end. False
+    /// when there is nothing fair to take, or too many picked connections have not closed yet.
+    fn make_room(&mut self, mine: IpAddr, total: usize) -> bool {
         if self.all.open >= total.saturating_add((total / ROOM_SLACK).max(1)) {
             return false;
         }
-        let mine = self.clients.get(&key).map_or(0, Count::staying);
+        let mine = self.fair(mine).map_or(0, Count::staying);
         let Some(hog) = self.hog(Instant::now()) else {
             return false;
         };
-        let Some(c) = self.clients.get_mut(&hog) else {
+        let c = if hog.is_ipv6() {
+            self.sites.get_mut(&hog)
+        } else {
+            self.clients.get_mut(&hog)
+        };
+        let Some(c) = c else {
             return false;
         };
         if c.staying() <= mine + 1 {
@@ -268,24 +346,29 @@ impl Tables {
             return false;
         }
         c.evicting += 1;
+        if let Some((_, _, picks)) = &mut self.hog {
+            *picks += 1;
+        }
         true
     }
 
-    /// The client holding the most connections not picked to make room: looked for again
-    /// at most every [`HOG_LOOK_EVERY`] (or when the one found has closed them all).
+    /// The client (by [`fair_key`]) holding the most connections not picked to make room:
+    /// looked for again after [`HOG_LOOK_EVERY`] or [`HOG_PICKS`] connections picked from it
+    /// (or when it has closed them all).
     fn hog(&mut self, now: Instant) -> Option<IpAddr> {
-        if let Some((at, found)) = self.hog {
-            let still = found.is_none_or(|k| self.clients.contains_key(&k));
-            if now.duration_since(at) < HOG_LOOK_EVERY && still {
+        if let Some((at, found, picks)) = self.hog {
+            let still = found.is_none_or(|k| self.fair(k).is_some());
+            if now.duration_since(at) < HOG_LOOK_EVERY && picks < HOG_PICKS && still {
                 return found;
             }
         }
-        let found = self
-            .clients
-            .iter()
+        // IPv6 clients (/64s) count by their site.
+        let v4 = self.clients.iter().filter(|(k, _)| k.is_ipv4());
+        let found = v4
+            .chain(self.sites.iter())
             .max_by_key(|(_, c)| c.staying())
             .map(|(k, _)| *k);
-        self.hog = Some((now, found));
+        self.hog = Some((now, found, 0));
         found
     }
 }
@@ -300,10 +383,8 @@ impl Drop for IpSlot {
             .open
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let held = self.held.take();
-        // Forgotten at zero: the tables hold clients with open connections only.
-        if t.clients.get_mut(&self.key).is_some_and(|c| {
-            if let Some(h) = held {
+        if let Some(h) = self.held.take() {
+            if let Some(c) = t.fair_mut(self.key, self.site) {
                 if let Some(i) = c.held.iter().position(|x| Arc::ptr_eq(x, &h)) {
                     c.held.swap_remove(i);
                 }
@@ -311,8 +392,12 @@ impl Drop for IpSlot {
                     c.evicting = c.evicting.saturating_sub(1);
                 }
             }
-            c.release(self.key, limit, "address", what)
-        }) {
+        }
+        // Forgotten at zero: the tables hold clients with open connections only.
+        if t.clients
+            .get_mut(&self.key)
+            .is_some_and(|c| c.release(self.key, limit, "address", what))
+        {
             t.clients.remove(&self.key);
         }
         if let Some(site) = self.site {
@@ -383,8 +468,12 @@ mod tests {
     #[test]
     fn a_full_table_making_room_ends_the_longest_idle_connection_of_the_biggest_holder() {
         let t = PerIp::making_room(8, 8, "test connections", "test_setting");
-        let mut hog: Vec<IpSlot> = (0..6).map(|_| t.admit(ip(1)).unwrap()).collect();
-        let small: Vec<IpSlot> = (0..2).map(|_| t.admit(ip(2)).unwrap()).collect();
+        let mut hog: Vec<IpSlot> = (0..6)
+            .map(|_| t.admit_making_room(ip(1)).unwrap())
+            .collect();
+        let small: Vec<IpSlot> = (0..2)
+            .map(|_| t.admit_making_room(ip(2)).unwrap())
+            .collect();
         // All but the fourth of the big holder's connections move bytes later than it.
         std::thread::sleep(Duration::from_millis(5));
         for (i, s) in hog.iter().enumerate() {
@@ -393,7 +482,7 @@ mod tests {
             }
         }
         let newcomer = t
-            .admit(ip(3))
+            .admit_making_room(ip(3))
             .expect("room made for a client holding nothing");
         assert!(newcomer.held().is_some());
         let evicted: Vec<usize> = (0..hog.len())
@@ -404,7 +493,7 @@ mod tests {
         // The picked one closes; the table is at its total again.
         hog.remove(3);
         // The small holder already holds two: the big one (5) holds more than one more.
-        let again = t.admit(ip(2)).expect("room made again");
+        let again = t.admit_making_room(ip(2)).expect("room made again");
         assert_eq!(
             hog.iter()
                 .filter(|s| s.held().unwrap().is_evicted())
@@ -417,12 +506,14 @@ mod tests {
     #[test]
     fn a_full_table_takes_nothing_from_clients_holding_as_few() {
         let t = PerIp::making_room(8, 4, "test connections", "test_setting");
-        let held: Vec<IpSlot> = (0..4).map(|i| t.admit(ip(i)).unwrap()).collect();
+        let held: Vec<IpSlot> = (0..4)
+            .map(|i| t.admit_making_room(ip(i)).unwrap())
+            .collect();
         assert!(
-            t.admit(ip(9)).is_none(),
+            t.admit_making_room(ip(9)).is_none(),
             "everyone holds one: nothing fair to take"
         );
-        let _more = (t.admit(ip(0)), t.admit(ip(0)));
+        let _more = (t.admit_making_room(ip(0)), t.admit_making_room(ip(0)));
         assert!(
             held.iter().all(|s| !s.held().unwrap().is_evicted()),
             "nothing taken"
@@ -432,9 +523,13 @@ mod tests {
     #[test]
     fn a_client_at_its_own_limit_takes_no_room() {
         let t = PerIp::making_room(2, 4, "test connections", "test_setting");
-        let _a: Vec<IpSlot> = (0..2).map(|_| t.admit(ip(1)).unwrap()).collect();
-        let b: Vec<IpSlot> = (0..2).map(|_| t.admit(ip(2)).unwrap()).collect();
-        assert!(t.admit(ip(2)).is_none(), "at its own limit");
+        let _a: Vec<IpSlot> = (0..2)
+            .map(|_| t.admit_making_room(ip(1)).unwrap())
+            .collect();
+        let b: Vec<IpSlot> = (0..2)
+            .map(|_| t.admit_making_room(ip(2)).unwrap())
+            .collect();
+        assert!(t.admit_making_room(ip(2)).is_none(), "at its own limit");
         assert!(b.iter().all(|s| !s.held().unwrap().is_evicted()));
         assert!(_a.iter().all(|s| !s.held().unwrap().is_evicted()));
     }
@@ -444,8 +539,12 @@ mod tests {
     #[test]
     fn room_is_made_ahead_of_closes_only_up_to_a_slack() {
         let t = PerIp::making_room(64, 32, "test connections", "test_setting");
-        let hog: Vec<IpSlot> = (0..32).map(|_| t.admit(ip(1)).unwrap()).collect();
-        let newcomers: Vec<IpSlot> = (10..20).filter_map(|i| t.admit(ip(i))).collect();
+        let hog: Vec<IpSlot> = (0..32)
+            .map(|_| t.admit_making_room(ip(1)).unwrap())
+            .collect();
+        let newcomers: Vec<IpSlot> = (10..20)
+            .filter_map(|i| t.admit_making_room(ip(i)))
+            .collect();
         assert_eq!(newcomers.len(), 2, "32 / 16 admitted ahead of closes");
         assert_eq!(
             hog.iter()
@@ -455,6 +554,45 @@ mod tests {
         );
         drop(hog);
         assert_eq!(t.clients(), newcomers.len());
+    }
+
+    /// Only a connection decided to be served makes room: `try_admit` defers at the total.
+    #[test]
+    fn try_admit_leaves_the_total_to_the_caller() {
+        let t = PerIp::making_room(8, 2, "test connections", "test_setting");
+        let held: Vec<IpSlot> = (0..2).map(|_| t.try_admit(ip(1)).unwrap()).collect();
+        assert_eq!(t.try_admit(ip(2)).err(), Some(Full::Total));
+        assert!(
+            held.iter().all(|s| !s.held().unwrap().is_evicted()),
+            "nothing taken"
+        );
+        assert!(t.admit_making_room(ip(2)).is_some());
+        assert_eq!(
+            held.iter()
+                .filter(|s| s.held().unwrap().is_evicted())
+                .count(),
+            1
+        );
+    }
+
+    /// IPv6 clients count by their /48 for fairness: one connection from each of many /64s of
+    /// one site is that site holding many.
+    #[test]
+    fn an_ipv6_site_spread_over_its_64s_is_one_big_holder() {
+        let t = PerIp::making_room(8, 8, "test connections", "test_setting");
+        let site: Vec<IpSlot> = (0..8u16)
+            .map(|n| {
+                let a: IpAddr = format!("2001:db8:5:{n:x}::1").parse().unwrap();
+                t.admit_making_room(a).unwrap()
+            })
+            .collect();
+        assert!(t.admit_making_room(ip(1)).is_some(), "room from the /48");
+        assert_eq!(
+            site.iter()
+                .filter(|s| s.held().unwrap().is_evicted())
+                .count(),
+            1
+        );
     }
 
     #[test]

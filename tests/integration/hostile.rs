@@ -1371,7 +1371,11 @@ async fn a_full_set_of_tcp_apps_makes_room_by_closing_the_biggest_holders_idlest
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let t = fast_tuning();
     let z = TestZone::new(&["home1"]);
-    z.write_policy("apps.toml", echo_policy());
+    // Clients of 127.0.0.0/24 only: 127.0.9.9 is refused by the policy.
+    z.write_policy(
+        "apps.toml",
+        &echo_policy().replace("[\"public\"]", "[\"127.0.0.0/24\"]"),
+    );
     let mut opts = gateway_options(&z, "gw", z.gw_addr, t, Duration::from_millis(500), None);
     opts.tcp_connections = 4;
     opts.tcp_connections_per_ip = 4;
@@ -1383,6 +1387,13 @@ async fn a_full_set_of_tcp_apps_makes_room_by_closing_the_biggest_holders_idlest
     for i in 0..4 {
         held.push(echoing_from("127.0.0.1", app, format!("held {i}").as_bytes()).await);
     }
+    // A client the policy refuses takes nothing: room is made only for one that is served.
+    let mut refused = socket_from("127.0.9.9").connect(app).await.unwrap();
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(WAIT, refused.read(&mut buf))
+        .await
+        .expect("the gateway closes it in time");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
     // All but the second move bytes again: it is the idlest.
     tokio::time::sleep(Duration::from_millis(50)).await;
     for (i, s) in held.iter_mut().enumerate() {
@@ -1394,7 +1405,6 @@ async fn a_full_set_of_tcp_apps_makes_room_by_closing_the_biggest_holders_idlest
     }
     // A new client is served, at once.
     let newcomer = echoing_from("127.0.0.2", app, b"newcomer").await;
-    let mut buf = [0u8; 64];
     let r = tokio::time::timeout(WAIT, held[1].read(&mut buf))
         .await
         .expect("the idlest connection is closed in time");

@@ -441,6 +441,11 @@ impl Hub {
         v
     }
 
+    /// This gateway's own device name (its services are reached without a tunnel).
+    pub fn device_name(&self) -> &str {
+        self.0.cfg.creds.name()
+    }
+
     pub fn agent(&self, device: &str) -> Option<Arc<AgentLink>> {
         self.0
             .agents
