@@ -132,20 +132,22 @@ impl Listeners {
         }
     }
 
-    /// What a reloaded policy must pass before it serves: each new `tcp`/`udp` address is
-    /// not one of the gateway's own sockets and can be listened on now (tried, then let go).
-    /// Otherwise the reload is refused and the old policy keeps serving: its listeners were
-    /// stopped first, and the app stayed down while the bind failed. An address overlapping
-    /// one listened on now (`0.0.0.0:P` becoming `[::]:P`) is freed only by the swap: not
-    /// tried.
+    /// What a reloaded policy must pass before it serves: each `tcp`/`udp` address it brings
+    /// (one the serving policy does not have) is not one of the gateway's own sockets and can
+    /// be bound now (tried, then let go). Otherwise the reload is refused and the old policy
+    /// keeps serving: its listeners were stopped first, and the app stayed down while the
+    /// bind failed. An address overlapping one listened on now (`0.0.0.0:P` becoming
+    /// `[::]:P`) is freed only by the swap: not tried. Addresses the serving policy has are
+    /// not tried either (one failing now, retried every poll, must not hold up every edit).
     pub fn reload_check(&self) -> policies::ReloadCheck {
         let listening = self.listening.clone();
         let reserved = self.reserved.clone();
-        policies::ReloadCheck(Arc::new(move |policy| {
+        policies::ReloadCheck(Arc::new(move |policy, serving| {
             let now = listening.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let had = wanted(serving);
             let mut errors = Vec::new();
             for (key, app) in wanted(policy) {
-                if now.contains(&key) {
+                if now.contains(&key) || had.contains_key(&key) {
                     continue;
                 }
                 if let Some(own) = own_socket(&reserved, key) {
@@ -159,7 +161,7 @@ impl Listeners {
                     continue;
                 }
                 let tried = match key.0 {
-                    Kind::Tcp => tunnel::sockets::std_tcp(key.1).map(drop),
+                    Kind::Tcp => tunnel::sockets::tcp_bound(key.1).map(drop),
                     Kind::Udp => tunnel::sockets::std_udp(key.1).map(drop),
                 };
                 if let Err(e) = tried {

@@ -178,8 +178,9 @@ pub struct PolicyStore {
 #[derive(Clone)]
 pub struct ReloadCheck(pub Arc<CheckFn>);
 
-/// The function of a [`ReloadCheck`].
-pub type CheckFn = dyn Fn(&CompiledPolicy) -> Result<(), Vec<String>> + Send + Sync;
+/// The function of a [`ReloadCheck`]: given the new policy and the one serving now.
+pub type CheckFn =
+    dyn Fn(&CompiledPolicy, &CompiledPolicy) -> Result<(), Vec<String>> + Send + Sync;
 
 impl std::fmt::Debug for ReloadCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -301,11 +302,13 @@ impl PolicyStore {
         let at = Timestamp::from(SystemTime::now()).0;
         let check = self.check.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let checked = crate::check_dir(&self.dir).and_then(|policy| match &check {
-            Some(ReloadCheck(f)) => f(&policy).map(|()| policy).map_err(|msgs| {
-                msgs.into_iter()
-                    .map(|m| PolicyError::whole(&self.dir, m))
-                    .collect()
-            }),
+            Some(ReloadCheck(f)) => f(&policy, &self.current.load().policy)
+                .map(|()| policy)
+                .map_err(|msgs| {
+                    msgs.into_iter()
+                        .map(|m| PolicyError::whole(&self.dir, m))
+                        .collect()
+                }),
             None => Ok(policy),
         });
         match checked {

@@ -1381,6 +1381,10 @@ async fn dfs_example_is_read_only_for_the_public() {
         assert!(c.body.contains("overridden to DELETE"), "{}", c.body);
     }
     let c = h
+        .curl(&h.http_args(DOMAIN, "/dfs/photos/a.jpg?_method=delete"))
+        .await;
+    assert_eq!(c.code, 405, "_method in the query: {c:?}");
+    let c = h
         .curl(&args(
             &["-H", "X-HTTP-Method-Override: HEAD"],
             h.http_args(DOMAIN, "/dfs/photos/a.jpg"),

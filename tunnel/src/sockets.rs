@@ -46,9 +46,16 @@ pub fn tcp(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::from_std(std_tcp(addr)?)
 }
 
-/// [`tcp`] before it is handed to tokio (no runtime needed): also what a policy reload
-/// tries before it takes a new address.
+/// [`tcp`] before it is handed to tokio (no runtime needed).
 pub fn std_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let s = tcp_bound(addr)?;
+    s.listen(BACKLOG)?;
+    Ok(s.into())
+}
+
+/// A TCP socket bound as [`tcp`] binds, not listening: what a policy reload tries before
+/// it takes a new address (a conflict shows at the bind; listening would take connections).
+pub fn tcp_bound(addr: SocketAddr) -> io::Result<Socket> {
     let s = if dual_stack(addr) {
         v6_socket(Type::STREAM, Protocol::TCP)?
     } else {
@@ -57,8 +64,7 @@ pub fn std_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     s.set_reuse_address(true)?;
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
-    s.listen(BACKLOG)?;
-    Ok(s.into())
+    Ok(s)
 }
 
 /// Whether this machine can bind dual-stack IPv6 sockets (the kernel may have IPv6 off

@@ -58,26 +58,40 @@ pub static CLIENT_CLAIMS: [HeaderName; 13] = [
     HeaderName::from_static("x-rewrite-url"),
 ];
 
-/// The method a request's method-override header asks a framework to run it as, if it has
-/// one (`X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override`, also spelt with `_`).
-pub fn method_override(headers: &HeaderMap) -> Option<&str> {
-    headers.iter().find_map(|(name, value)| {
+/// The methods a request's method overrides ask a framework to run it as: every value of
+/// every `X-HTTP-Method-Override`, `X-HTTP-Method` and `X-Method-Override` header (also spelt
+/// with `_`; comma-separated lists split), and `_method` in the query (Rails, Laravel and
+/// Symfony read it for POSTs; in a form body it is the service's to check), uppercased as
+/// frameworks compare them.
+pub fn method_overrides(headers: &HeaderMap, query: Option<&str>) -> Vec<String> {
+    let named = |n: &str, want: &str| {
+        n.len() == want.len()
+            && n.bytes()
+                .zip(want.bytes())
+                .all(|(a, b)| a == b || (a == b'_' && b == b'-'))
+    };
+    let mut out = Vec::new();
+    for (name, value) in headers {
         let n = name.as_str();
-        let is = |want: &str| {
-            n.len() == want.len()
-                && n.bytes()
-                    .zip(want.bytes())
-                    .all(|(a, b)| a == b || (a == b'_' && b == b'-'))
-        };
-        [
+        if [
             "x-http-method-override",
             "x-http-method",
             "x-method-override",
         ]
         .iter()
-        .any(|w| is(w))
-        .then(|| value.to_str().unwrap_or("?").trim())
-    })
+        .any(|w| named(n, w))
+        {
+            // A value that is not text is a method no app names.
+            let text = value.to_str().unwrap_or("?");
+            out.extend(text.split(',').map(|m| m.trim().to_ascii_uppercase()));
+        }
+    }
+    for pair in query.unwrap_or("").split('&') {
+        if let Some(v) = pair.strip_prefix("_method=") {
+            out.push(v.trim().to_ascii_uppercase());
+        }
+    }
+    out
 }
 
 /// The protocol a token asks to upgrade to, if `headers` ask for an upgrade (`Connection`
@@ -424,10 +438,21 @@ mod tests {
             "x_http_method",
             "x-method_override",
         ] {
-            let h = map(&[("accept", "*/*"), (name, " DELETE ")]);
-            assert_eq!(method_override(&h), Some("DELETE"), "{name}");
+            let h = map(&[("accept", "*/*"), (name, " delete ")]);
+            assert_eq!(method_overrides(&h, None), vec!["DELETE"], "{name}");
         }
-        assert_eq!(method_override(&map(&[("x-http-methods", "PUT")])), None);
+        // Every value of every name, lists split, and `_method` in the query.
+        let mut h = map(&[
+            ("x-http-method", "GET"),
+            ("x-http-method-override", "HEAD, PUT"),
+        ]);
+        h.append("x-http-method-override", HeaderValue::from_static("DELETE"));
+        assert_eq!(
+            method_overrides(&h, Some("a=1&_method=patch")),
+            vec!["GET", "HEAD", "PUT", "DELETE", "PATCH"]
+        );
+        let none = map(&[("x-http-methods", "PUT")]);
+        assert!(method_overrides(&none, Some("method=x")).is_empty());
         // The URL claims and the other client-address headers never go up.
         let h = map(&[
             ("x-original-url", "/admin"),

@@ -419,25 +419,34 @@ async fn forward(
     // method-override header as that method: it must be one the app allows too. Only apps
     // that name methods look.
     if app.rules.iter().any(|r| !r.methods.is_empty()) {
-        if let Some(over) = headers::method_override(&parts.headers) {
-            let allowed = active
+        let overrides = headers::method_overrides(&parts.headers, parts.uri.query());
+        let refused = overrides.iter().find(|over| {
+            !active
                 .policy
-                .decide(app, &who, Some(over), Some(log.uri.path()), now)
-                .is_allow();
-            if !allowed {
-                state.counters.refused(Refusal::Denied(DenyReason::Method));
-                return Err(not_allowed(format!(
-                    "{method} overridden to {over} (by a method-override header)"
-                )));
-            }
+                .decide(app, &who, Some(over.as_str()), Some(log.uri.path()), now)
+                .is_allow()
+        });
+        if let Some(over) = refused {
+            state.counters.refused(Refusal::Denied(DenyReason::Method));
+            return Err(not_allowed(format!(
+                "{method} overridden to {over} (by a method override)"
+            )));
         }
     }
     // A body on a method without one (RFC 9110 §9.3.1): a service that ignores it reads it
     // as its next request — one the policy never saw, whose answer could then reach the
-    // next client of the pooled connection.
-    if matches!(parts.method, Method::GET | Method::HEAD | Method::TRACE)
-        && !body.as_ref().is_none_or(|b| b.is_end_stream())
-    {
+    // next client of the pooled connection. HTTP/1 frames a body by its head; HTTP/2 ends a
+    // GET's stream with its HEADERS or, some clients, with an empty DATA frame after them:
+    // only a declared length counts there (what HTTP/2 DATA carries goes up chunked, which
+    // a service ignoring it cannot read as a request).
+    let has_body = body.as_ref().is_some_and(|b| {
+        if parts.version == http::Version::HTTP_2 {
+            b.size_hint().lower() > 0
+        } else {
+            !b.is_end_stream()
+        }
+    });
+    if matches!(parts.method, Method::GET | Method::HEAD | Method::TRACE) && has_body {
         return Err(ProxyError::BodyNotAllowed {
             method: method.to_owned(),
         });
