@@ -490,7 +490,9 @@ async fn tcp_conn(
         .held()
         .cloned()
         .unwrap_or_else(|| Held::new(std::time::Instant::now()));
-    let mut tcp = Stamped::new(tcp, held.clone());
+    // The slot goes with the socket: one that lingers after the copy still counts.
+    let lingering = tunnel::linger::Lingering::new(tcp, Some(Box::new(slot)));
+    let mut tcp = Stamped::new(lingering, held.clone());
     let counters = state.counters.clone();
     let (shape_in, shape_out) = state.limits.shapers();
     drop(active);

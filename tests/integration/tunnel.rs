@@ -593,8 +593,8 @@ async fn open_connections_end_when_the_policy_stops_allowing_them() {
 
 /// Listeners follow what the policy names, not app names: renaming an app, or two apps
 /// swapping ports, keeps every port serving (each used to be closed and rebound while the old
-/// socket still held it: EADDRINUSE, and the app stayed unreachable until the next edit). A
-/// port another program holds is retried until it is free.
+/// socket still held it: EADDRINUSE, and the app stayed unreachable until the next edit). An
+/// edit naming a port another program holds is refused until saved again with the port free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listeners_follow_renames_swaps_and_busy_ports() {
     let z = TestZone::new(&["home1"]);
@@ -640,13 +640,19 @@ async fn listeners_follow_renames_swaps_and_busy_ports() {
     assert_eq!(roundtrip(a, b"swap a").await.unwrap(), b"swap a");
     assert_eq!(roundtrip(b, b"swap b").await.unwrap(), b"swap b");
 
-    // A port held by another program: the policy is valid, the bind waits for the port.
+    // A port held by another program: the edit is refused, the policy serving stays; saved
+    // again once the port is free, it is taken.
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let c = held.local_addr().unwrap();
     z.write_policy("c.toml", &tcp_app("c", c.port()));
-    wait_until("c in the policy", WAIT, || listens("c").is_some()).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_until("the edit refused", WAIT, || {
+        !gw.hub.policy().last_reload().ok
+    })
+    .await;
+    assert!(listens("c").is_none());
+    assert_eq!(roundtrip(a, b"still a").await.unwrap(), b"still a");
     drop(held);
+    z.write_policy("c.toml", &tcp_app("c", c.port()));
     eventually_async("c served once its port is free", || async {
         roundtrip(c, b"c").await.ok().as_deref() == Some(&b"c"[..])
     })

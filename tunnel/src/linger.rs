@@ -8,12 +8,17 @@
 //! sending half closed: incoming bytes are read and dropped until the peer closes too, goes
 //! quiet for [`QUIET`], or [`MOST`] has passed; then it is closed.
 
+use std::io::{self, IoSlice};
 use std::os::fd::AsFd;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::splice::End;
 
 /// A lingering socket whose peer sends nothing for this long is closed.
 pub const QUIET: Duration = Duration::from_secs(5);
@@ -26,11 +31,15 @@ pub const MAX_LINGERING: usize = 1_024;
 
 static LINGERING: AtomicUsize = AtomicUsize::new(0);
 
+/// Something held for as long as a socket lingers (the client's connection slot: a lingering
+/// socket still counts against its client's limits).
+pub type Guard = Box<dyn Send + Sync>;
+
 /// Keeps `tcp`'s socket open, with its sending half closed, after the caller drops `tcp`,
-/// reading and dropping what arrives (see the module doc). False when it cannot (no runtime,
-/// no file descriptor left, [`MAX_LINGERING`] lingering already): dropping `tcp` then closes
-/// it as usual.
-pub fn close_lingering(tcp: &TcpStream) -> bool {
+/// reading and dropping what arrives (see the module doc), and `guard` until it closes.
+/// False when it cannot (no runtime, no file descriptor left, [`MAX_LINGERING`] lingering
+/// already): dropping `tcp` then closes it as usual.
+pub fn close_lingering(tcp: &TcpStream, guard: Option<Guard>) -> bool {
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         return false;
     };
@@ -56,10 +65,71 @@ pub fn close_lingering(tcp: &TcpStream) -> bool {
         return false;
     };
     rt.spawn(async move {
-        let _slot = slot;
+        let _held = (slot, guard);
         let _ = tokio::time::timeout(MOST, drain(s)).await;
     });
     true
+}
+
+/// A public client's TCP end that lingers ([`close_lingering`]) where a copy keeps what it
+/// was sent ([`End::abort_receiving`]), holding `guard` until it closes. Only public client
+/// ends: a service's end draining for 30 s would keep a streaming answer running for nothing
+/// after its client reset.
+pub struct Lingering {
+    tcp: TcpStream,
+    guard: Option<Guard>,
+}
+
+impl Lingering {
+    pub fn new(tcp: TcpStream, guard: Option<Guard>) -> Self {
+        Lingering { tcp, guard }
+    }
+}
+
+impl AsyncRead for Lingering {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Lingering {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, b)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+impl End for Lingering {
+    fn abort(&mut self) {
+        self.tcp.abort()
+    }
+
+    fn abort_receiving(&mut self) {
+        close_lingering(&self.tcp, self.guard.take());
+    }
 }
 
 /// Reads and drops until the peer closes, fails or goes quiet for [`QUIET`].
@@ -128,7 +198,7 @@ mod tests {
         // Give the unread upload time to land in the server's receive queue.
         tokio::time::sleep(Duration::from_millis(50)).await;
         if linger {
-            assert!(close_lingering(&server));
+            assert!(close_lingering(&server, None));
         }
         drop(server);
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -132,10 +132,9 @@ impl End for tokio::net::TcpStream {
         let _ = self.set_zero_linger();
     }
     fn abort_receiving(&mut self) {
-        // No SO_LINGER 0: the FIN already queued goes after the data before it; and the
-        // socket lingers, draining what the peer still sends, since a close with its data
-        // unread would reset and drop what is unsent. Past the lingering cap: a plain close.
-        crate::linger::close_lingering(self);
+        // A plain close, no SO_LINGER 0: the FIN already queued goes after the data before
+        // it. (Linux still answers with a reset, dropping what is unsent, when the peer's
+        // data waits unread: public client ends linger instead, `crate::linger::Lingering`.)
     }
 }
 
