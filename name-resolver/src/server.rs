@@ -310,8 +310,8 @@ struct LiveConn {
     /// Milliseconds after `Live::epoch` of its last complete query (or its accept).
     last: Arc<std::sync::atomic::AtomicU64>,
     stop: CancellationToken,
-    /// Its client ([`zone_core::client_slots::client_of`]).
-    client: IpAddr,
+    /// Its client's site ([`zone_core::client_slots::site_of`]).
+    site: IpAddr,
 }
 
 impl Live {
@@ -328,7 +328,7 @@ impl Live {
         let conn = LiveConn {
             last: Arc::new(self.now_ms().into()),
             stop: CancellationToken::new(),
-            client: zone_core::client_slots::client_of(peer),
+            site: zone_core::client_slots::site_of(peer),
         };
         self.conns
             .lock()
@@ -368,9 +368,10 @@ impl Live {
     }
 
     /// Makes room for a connection of `newcomer` in a full table: closes the connection idle
-    /// the longest if one has been idle for [`EVICTABLE_AFTER`], else the idlest of the
-    /// client holding the most, if it holds at least two more than `newcomer`. False if
-    /// neither.
+    /// the longest if one has been idle for [`EVICTABLE_AFTER`], else the idlest of the site
+    /// (IPv4 /24, IPv6 /48) holding the most, if it holds at least two more than
+    /// `newcomer`'s. False if neither. By site: four sites at [`MAX_TCP_PER_SITE`] fill the
+    /// table with one connection per client, none of them holding "the most".
     fn make_room(&self, newcomer: IpAddr) -> bool {
         if self.evict_idlest() {
             return true;
@@ -379,9 +380,9 @@ impl Live {
         let open = || conns.values().filter(|c| !c.stop.is_cancelled());
         let mut held: std::collections::HashMap<IpAddr, usize> = Default::default();
         for c in open() {
-            *held.entry(c.client).or_default() += 1;
+            *held.entry(c.site).or_default() += 1;
         }
-        let me = zone_core::client_slots::client_of(newcomer);
+        let me = zone_core::client_slots::site_of(newcomer);
         let mine = held.get(&me).copied().unwrap_or(0);
         let Some((&hog, &most)) = held.iter().max_by_key(|(_, n)| **n) else {
             return false;
@@ -390,7 +391,7 @@ impl Live {
             return false;
         }
         let victim = open()
-            .filter(|c| c.client == hog)
+            .filter(|c| c.site == hog)
             .min_by_key(|c| c.last.load(std::sync::atomic::Ordering::Relaxed));
         match victim {
             Some(c) => {

@@ -10,8 +10,9 @@ use serde_spanned::Spanned;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// Longest a rate limit's burst may take to refill at its rate.
-const MAX_BURST_REFILL: Duration = Duration::from_secs(366 * 24 * 3600);
+/// Longest a rate limit's burst may take to refill at its rate: the limiter holds it in
+/// nanoseconds in 64 bits (584 years).
+const MAX_BURST_REFILL: Duration = Duration::from_secs(200 * 366 * 24 * 3600);
 
 /// Everything about an app except its index and source; errors are collected, not stopped at.
 pub(crate) struct AppParts {
@@ -452,8 +453,8 @@ fn limits(spec: LimitsSpec, kind: Option<&str>, errs: &mut Vec<SpanError>) -> Li
                     rate.per_second().ceil().clamp(1.0, f64::from(u32::MAX)) as u32
                 });
                 // The limiter holds `burst` × the interval between requests in nanoseconds:
-                // past a year's refill it overflowed (a panic in debug builds, a wrong burst
-                // in release ones), and nobody means a burst that takes longer to earn.
+                // past 584 years it overflowed (a panic in debug builds, a wrong burst in
+                // release ones).
                 let interval = rate.period.as_nanos() / u128::from(rate.count.max(1));
                 let most =
                     (MAX_BURST_REFILL.as_nanos() / interval.max(1)).min(u128::from(u32::MAX));
@@ -461,7 +462,7 @@ fn limits(spec: LimitsSpec, kind: Option<&str>, errs: &mut Vec<SpanError>) -> Li
                     let span = spec.burst.as_ref().map_or(r.span(), |b| b.span());
                     errs.push(SpanError::new(
                         span,
-                        format!("`burst` = {burst} at `rate` = {:?} takes more than a year to refill: give at most {most}, or a faster rate", r.get_ref()),
+                        format!("`burst` = {burst} at `rate` = {:?} takes more than 200 years to refill: give at most {most}, or a faster rate", r.get_ref()),
                     ));
                 }
                 let per = spec.per.as_ref().map_or(Per::ClientIp, |p| *p.get_ref());

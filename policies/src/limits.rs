@@ -397,16 +397,23 @@ pub struct AppLimits {
     pub config: LimitsConfig,
     pub rate: Option<Arc<RateLimiter>>,
     pub connections: Arc<ConnLimiter>,
-    /// App-wide buckets, client→service and service→client.
-    bandwidth_in: Option<Arc<TokenBucket>>,
-    bandwidth_out: Option<Arc<TokenBucket>>,
-    /// `bandwidth_per_connection`, as every connection's own buckets read it.
-    per_connection: Option<Arc<AtomicU64>>,
+    /// App-wide buckets, client→service and service→client, at the rate of `bandwidth` (0,
+    /// unlimited, without one: kept so that connections opened under a limit follow it when
+    /// it is removed and added again). New connections get them only under a limit.
+    bandwidth_in: Arc<TokenBucket>,
+    bandwidth_out: Arc<TokenBucket>,
+    /// `bandwidth_per_connection` (0: none), as every connection's own buckets read it.
+    per_connection: Arc<AtomicU64>,
+}
+
+/// A rate cell: `rate` bytes per second, 0 for none.
+fn rate_cell(rate: Option<u64>) -> Arc<AtomicU64> {
+    Arc::new(AtomicU64::new(rate.map_or(0, |r| r.max(1))))
 }
 
 impl AppLimits {
     pub fn new(config: &LimitsConfig) -> Self {
-        let bucket = || config.bandwidth.map(|b| Arc::new(TokenBucket::new(b)));
+        let bucket = || Arc::new(TokenBucket::following(rate_cell(config.bandwidth)));
         AppLimits {
             config: config.clone(),
             rate: config.rate.map(|c| Arc::new(RateLimiter::new(c))),
@@ -416,9 +423,7 @@ impl AppLimits {
             )),
             bandwidth_in: bucket(),
             bandwidth_out: bucket(),
-            per_connection: config
-                .bandwidth_per_connection
-                .map(|b| Arc::new(AtomicU64::new(b.max(1)))),
+            per_connection: rate_cell(config.bandwidth_per_connection),
         }
     }
 
@@ -427,33 +432,16 @@ impl AppLimits {
     /// change are kept, and a changed rate limit starts with every bucket empty. A reload thus
     /// never gives a client a fresh allowance. Bandwidth buckets are kept and take the new
     /// rates, open connections' included (a lowered `bandwidth` used to leave them on the old
-    /// bucket, the app moving old + new); a removed limit leaves them unlimited, a new one
-    /// applies to new connections.
+    /// bucket, the app moving old + new); a removed limit leaves them unlimited until it
+    /// comes back; connections opened without one stay unlimited.
     pub fn reloaded(config: &LimitsConfig, old: &AppLimits) -> Self {
         old.connections
             .set_limits(config.max_connections, config.max_connections_per_client);
-        let bucket = |was: &Option<Arc<TokenBucket>>| match (was, config.bandwidth) {
-            (Some(b), Some(rate)) => {
-                b.set_rate(rate.max(1));
-                Some(b.clone())
-            }
-            (Some(b), None) => {
-                b.set_rate(0);
-                None
-            }
-            (None, rate) => rate.map(|b| Arc::new(TokenBucket::new(b))),
-        };
-        let per_connection = match (&old.per_connection, config.bandwidth_per_connection) {
-            (Some(r), Some(rate)) => {
-                r.store(rate.max(1), Ordering::Relaxed);
-                Some(r.clone())
-            }
-            (Some(r), None) => {
-                r.store(0, Ordering::Relaxed);
-                None
-            }
-            (None, rate) => rate.map(|b| Arc::new(AtomicU64::new(b.max(1)))),
-        };
+        let rate = |r: Option<u64>| r.map_or(0, |r| r.max(1));
+        old.bandwidth_in.set_rate(rate(config.bandwidth));
+        old.bandwidth_out.set_rate(rate(config.bandwidth));
+        old.per_connection
+            .store(rate(config.bandwidth_per_connection), Ordering::Relaxed);
         AppLimits {
             config: config.clone(),
             rate: match (&old.rate, config.rate) {
@@ -465,9 +453,9 @@ impl AppLimits {
                 (Some(_), None) => None,
             },
             connections: old.connections.clone(),
-            bandwidth_in: bucket(&old.bandwidth_in),
-            bandwidth_out: bucket(&old.bandwidth_out),
-            per_connection,
+            bandwidth_in: old.bandwidth_in.clone(),
+            bandwidth_out: old.bandwidth_out.clone(),
+            per_connection: old.per_connection.clone(),
         }
     }
 
@@ -487,10 +475,15 @@ impl AppLimits {
 
     /// Shapers for a new connection: (client→service, service→client).
     pub fn shapers(&self) -> (Shaper, Shaper) {
-        let per = self.per_connection.as_ref();
+        // Unlimited connections skip shaping altogether (the copy's fast path).
+        let app = |b: &Arc<TokenBucket>| self.config.bandwidth.map(|_| b.clone());
+        let per = self
+            .config
+            .bandwidth_per_connection
+            .map(|_| &self.per_connection);
         (
-            Shaper::following(self.bandwidth_in.clone(), per),
-            Shaper::following(self.bandwidth_out.clone(), per),
+            Shaper::following(app(&self.bandwidth_in), per),
+            Shaper::following(app(&self.bandwidth_out), per),
         )
     }
 

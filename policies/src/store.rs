@@ -56,14 +56,25 @@ impl Active {
             .map(|app| {
                 let same_name =
                     previous.and_then(|p| p.policy.app(&app.name).map(|o| &p.states[o.index]));
+                // One to one only: mesh apps share `Listener::Mesh`, and several may lead to
+                // one target; two apps sharing one app's limiters would set each other's.
                 let renamed = || {
                     let p = previous?;
-                    let o = p.policy.apps().iter().find(|o| {
-                        o.listener == app.listener
-                            && o.target == app.target
-                            && policy.app(&o.name).is_none()
-                    })?;
-                    Some(&p.states[o.index])
+                    let same_place = |a: &App| a.listener == app.listener && a.target == app.target;
+                    let mut gone = p
+                        .policy
+                        .apps()
+                        .iter()
+                        .filter(|o| same_place(o) && policy.app(&o.name).is_none());
+                    let new = policy
+                        .apps()
+                        .iter()
+                        .filter(|n| same_place(n) && p.policy.app(&n.name).is_none())
+                        .count();
+                    match (gone.next(), gone.next(), new) {
+                        (Some(o), None, 1) => Some(&p.states[o.index]),
+                        _ => None,
+                    }
                 };
                 let old = same_name.or_else(renamed);
                 let counters = same_name.map_or_else(Default::default, |o| o.counters.clone());

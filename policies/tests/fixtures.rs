@@ -109,7 +109,7 @@ valid_fixtures! {
 
 invalid_fixtures! {
     bad_app_name, bad_bandwidth, bad_cidr, bad_day, bad_from, bad_hours, bad_listen, bad_per,
-    bad_rate, bad_to, bad_tz, burst_beyond_a_year, burst_without_rate, from_an_address, from_that_never_matches, limits_that_never_apply,
+    bad_rate, bad_to, bad_tz, burst_beyond_200_years, burst_without_rate, from_an_address, from_that_never_matches, limits_that_never_apply,
     lowercase_method, methods_on_tcp, missing_to,
     no_entry_point, public_mesh, same_listen, same_route, several_errors, syntax,
     two_entry_points, unknown_allow_key, unknown_app_key, unknown_limits_key, unknown_top_key,

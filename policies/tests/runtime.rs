@@ -752,4 +752,57 @@ async fn a_bandwidth_edit_applies_to_open_connections() {
     store.reload().expect("reload");
     let moved = pumped(&old, 5).await;
     assert!(moved <= (5 * 32 + 16 + 16) * 1024, "{moved} bytes");
+    // Removed, the limit lets the open connection go; added again, it holds it again.
+    write(
+        dir.path(),
+        "a.toml",
+        "[app.a]\nhttp = { host = \"a.example\" }\nto = \"d/s\"\nallow = { from = [\"public\"] }\n",
+    );
+    store.reload().expect("reload");
+    // Unlimited: 64 MiB without a wait (limited, paused time would move past the waits).
+    let t0 = tokio::time::Instant::now();
+    for _ in 0..1000 {
+        old.consume(64 * 1024).await;
+    }
+    assert!(
+        t0.elapsed() < Duration::from_millis(1),
+        "still limited: {:?}",
+        t0.elapsed()
+    );
+    write(dir.path(), "a.toml", &app("64KiB/s", "1MiB/s"));
+    store.reload().expect("reload");
+    let moved = pumped(&old, 5).await;
+    assert!(
+        moved <= (5 * 64 + 16 + 16) * 1024,
+        "{moved} bytes after the limit came back"
+    );
+}
+
+/// Mesh apps all listen on the mesh and several may lead to one target: renaming two of them
+/// at once is no rename of either (two apps sharing one app's limiters would count together).
+#[tokio::test(start_paused = true)]
+async fn two_mesh_apps_renamed_at_once_start_afresh() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mesh = |name: &str| {
+        format!("[app.{name}]\nmesh = true\nto = \"d/etcd\"\nallow = {{ from = [\"zone\"] }}\n")
+    };
+    write(
+        dir.path(),
+        "a.toml",
+        &format!("{}{}", mesh("m1"), mesh("m2")),
+    );
+    let store = PolicyStore::load(dir.path()).expect("load");
+    let limits = |s: &PolicyStore, name: &str| {
+        let cur = s.current();
+        let a = cur.policy.app(name).expect("app");
+        cur.state(a).limits.clone()
+    };
+    write(
+        dir.path(),
+        "a.toml",
+        &format!("{}{}", mesh("n1"), mesh("n2")),
+    );
+    store.reload().expect("reload");
+    let (n1, n2) = (limits(&store, "n1"), limits(&store, "n2"));
+    assert!(!Arc::ptr_eq(&n1, &n2), "one app's limiters shared by two");
 }

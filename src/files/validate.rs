@@ -34,9 +34,22 @@ impl Validators {
             SystemTime::UNIX_EPOCH.checked_add(Duration::new(s, nanos))
         });
         let modified = meta.modified().ok();
+        // Change times of a file system that keeps whole seconds only are a second's tick.
+        let change_window = if meta.ctime_nsec() == 0 {
+            SETTLE
+        } else {
+            SETTLE_CHANGE
+        };
         let settled = modified.filter(|t| {
-            settled(*t, now, SETTLE) && changed.is_some_and(|c| settled(c, now, SETTLE_CHANGE))
+            settled(*t, now, SETTLE) && changed.is_some_and(|c| settled(c, now, change_window))
         });
+        // A modification time set back (`cp -p`, `rsync -t`, `touch -d`) can name an older
+        // version than the content: no date to validate by then (If-Modified-Since would
+        // answer 304 for new content), the tag still tells.
+        let date_honest = match (modified, changed) {
+            (Some(m), Some(c)) => c.duration_since(m).map_or(true, |d| d < SETTLE),
+            _ => false,
+        };
         Validators {
             etag: settled.map(|_| {
                 format!(
@@ -49,7 +62,7 @@ impl Validators {
                     meta.len()
                 )
             }),
-            modified: http_date(settled),
+            modified: http_date(settled.filter(|_| date_honest)),
             mtime: meta.modified().ok(),
         }
     }
@@ -369,5 +382,12 @@ mod tests {
             Validators::of(&meta2, now).etag,
             Validators::of(&meta, now).etag
         );
+        // Restored with an old date (`cp -p`, `rsync -t`): the date names another version
+        // than the content, and is not given.
+        f.set_modified(SystemTime::now() - Duration::from_secs(3600))
+            .unwrap();
+        let restored = Validators::of(&std::fs::metadata(&path).unwrap(), now);
+        assert!(restored.etag.is_some());
+        assert_eq!(restored.modified, None);
     }
 }

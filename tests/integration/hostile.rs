@@ -1154,6 +1154,15 @@ fn a_newer_config_that_drops_a_revocation_is_refused() {
         "the restored config was adopted"
     );
     assert!(creds.trust.is_revoked(&laptop));
+    // Copied into the bundle, it is set aside and the config in use written back: a restart
+    // would otherwise load it, signature checked only.
+    let bundle = z.bundle("gw").zone_config;
+    std::fs::write(&bundle, &restored).unwrap();
+    let aside = creds.set_aside_refused(&restored).unwrap();
+    assert_eq!(std::fs::read(&aside).unwrap(), restored);
+    let on_disk = zone_core::zonedir::read_zone_json(&bundle).unwrap();
+    assert_eq!(on_disk.config.serial, serial);
+    assert!(on_disk.config.is_revoked(&laptop));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

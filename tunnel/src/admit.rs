@@ -53,7 +53,7 @@ struct GateInner {
     per_address: Option<AddressSlots>,
 }
 
-/// Handshakes in flight per client (an IPv4 address, an IPv6 /64) and per IPv6 site (/48),
+/// Handshakes in flight per client (an IPv4 address, an IPv6 /64) and per site (an IPv4 /24, an IPv6 /48),
 /// counted apart for addresses not yet validated and validated ones (that answered a Retry):
 /// a [`ClientSlots`] table each. A spoofer can only fill the first class, and only with the
 /// victim's address: the victim, sent a Retry, comes back validated and finds its own class
@@ -64,7 +64,7 @@ pub struct AddressSlots {
     classes: [ClientSlots; 2],
 }
 
-/// A site (/48) may have this many times an address's handshakes in flight.
+/// A site (IPv4 /24, IPv6 /48) may have this many times an address's handshakes in flight.
 pub const SITE_FACTOR: usize = 4;
 
 /// One handshake's slot in its class; released on drop.

@@ -58,7 +58,7 @@ const RELAY_APP: &str = "mesh";
 /// times at most, so these leave ample room for every legitimate peer.
 pub const MAX_PEER_HANDSHAKES: usize = 64;
 pub const PEER_RETRY_ABOVE: usize = 8;
-/// Peer handshakes in flight from one address (IPv6 /64; a /48 four times as many) not yet
+/// Peer handshakes in flight from one address (IPv6 /64; an IPv4 /24 or IPv6 /48 four times as many) not yet
 /// validated, and validated ones ([`AddressSlots`]): a peer dials one attempt at a time; a
 /// host that stalled handshakes from its one address would otherwise hold all
 /// [`MAX_PEER_HANDSHAKES`] slots for the handshake timeout each, and every real peer's hole
@@ -434,6 +434,7 @@ impl Agent {
             }
             Err(e) => {
                 warn!(file = %path.display(), error = %e, current, "zone.json file refused; the zone config in use stays (copy the zone directory's zone.json again)");
+                crate::creds::report_set_aside(self.cfg.creds.set_aside_refused(bytes));
             }
         }
     }

@@ -221,4 +221,32 @@ impl DeviceCreds {
         }
         Ok(Some(serial))
     }
+
+    /// A zone.json in the bundle that was refused (`refused`, its bytes) would be loaded as
+    /// it is at the next start, where only its signature is checked: a config leaving out a
+    /// revocation would let the revoked device back in after a restart. It is kept beside the
+    /// bundle's as `zone.json.refused` and the config in use written in its place. The path
+    /// it was kept at.
+    pub fn set_aside_refused(&self, refused: &[u8]) -> Result<PathBuf, TunnelError> {
+        let Some(p) = &self.zone_path else {
+            return Err(TunnelError::Config("no zone.json file to set aside".into()));
+        };
+        let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
+        let aside = p.with_extension("json.refused");
+        zone_core::zonedir::write_atomic(&aside, refused, 0o644)?;
+        zone_core::zonedir::write_atomic(p, self.zone().to_json_pretty().as_bytes(), 0o644)?;
+        Ok(aside)
+    }
+}
+
+/// Logs what [`DeviceCreds::set_aside_refused`] did.
+pub fn report_set_aside(r: Result<PathBuf, TunnelError>) {
+    match r {
+        Ok(aside) => {
+            tracing::warn!(kept = %aside.display(), "the refused zone.json was moved aside and the config in use written back, so a restart keeps it")
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the refused zone.json could not be replaced by the config in use: a restart would load it; replace the bundle's zone.json by hand")
+        }
+    }
 }

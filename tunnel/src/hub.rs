@@ -38,7 +38,7 @@ pub const MAX_HANDSHAKES: usize = 256;
 /// Above this many handshakes in flight, unvalidated clients must first prove their address
 /// (QUIC Retry), which stops spoofed-source floods from costing a TLS handshake each.
 pub const RETRY_ABOVE: usize = 32;
-/// Handshakes in flight from one address (IPv6 /64; a /48 four times as many) not yet
+/// Handshakes in flight from one address (IPv6 /64; an IPv4 /24 or IPv6 /48 four times as many) not yet
 /// validated, and validated ones ([`crate::admit::AddressSlots`]): without them one host
 /// that answers Retry and then stalls its handshakes held all [`MAX_HANDSHAKES`] slots (26
 /// attempts a second, each held for the handshake timeout), and every agent that reconnected
@@ -796,6 +796,7 @@ impl Hub {
             }
             Err(e) => {
                 warn!(file = %from, error = %e, current, "zone.json file refused; the zone config in use stays (copy the zone directory's zone.json again)");
+                crate::creds::report_set_aside(self.0.cfg.creds.set_aside_refused(bytes));
             }
         }
     }

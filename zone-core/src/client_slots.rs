@@ -43,10 +43,7 @@ impl ClientSlots {
     pub fn take(&self, ip: IpAddr) -> Option<ClientSlot> {
         let (client, site) = match ip.to_canonical() {
             IpAddr::V6(v6) => ((masked(v6, 64), 64), Some((masked(v6, 48), 48))),
-            IpAddr::V4(v4) => {
-                let net = std::net::Ipv4Addr::from(u32::from(v4) & 0xffff_ff00);
-                ((IpAddr::V4(v4), 32), Some((IpAddr::V4(net), 24)))
-            }
+            IpAddr::V4(v4) => ((IpAddr::V4(v4), 32), Some((site_of(ip), 24))),
         };
         let mut m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let full = |key: &Key, limit: usize| m.get(key).is_some_and(|n| *n >= limit);
@@ -83,11 +80,11 @@ impl Drop for ClientSlot {
     }
 }
 
-/// The client `ip` counts as: itself (IPv4), its /64 (IPv6).
-pub fn client_of(ip: IpAddr) -> IpAddr {
+/// The site `ip` counts in: its IPv4 /24, its IPv6 /48.
+pub fn site_of(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
-        IpAddr::V6(v6) => masked(v6, 64),
-        v4 => v4,
+        IpAddr::V6(v6) => masked(v6, 48),
+        IpAddr::V4(v4) => IpAddr::V4(std::net::Ipv4Addr::from(u32::from(v4) & 0xffff_ff00)),
     }
 }
 

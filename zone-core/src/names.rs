@@ -89,10 +89,8 @@ impl Domain {
             why,
         };
         let d = s.strip_suffix('.').unwrap_or(s);
-        if d.len() > MAX_ZONE_DOMAIN_LEN {
-            return Err(bad(
-                "longer than 242 characters (the zone's DNS names, hostmaster.DOMAIN among them, must fit 253)",
-            ));
+        if d.len() > MAX_DOMAIN_LEN {
+            return Err(bad("longer than 253 characters"));
         }
         if d.bytes().any(|b| b.is_ascii_uppercase()) {
             return Err(bad("use lowercase letters"));
@@ -111,6 +109,19 @@ impl Domain {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+    /// Whether it can be a new zone's domain: its DNS names, `hostmaster.DOMAIN` among
+    /// them, must fit [`MAX_DOMAIN_LEN`] (checked at `zone init` only: zones made before
+    /// still load).
+    pub fn check_new_zone(&self) -> Result<(), ZoneError> {
+        if self.0.len() > MAX_ZONE_DOMAIN_LEN {
+            return Err(ZoneError::BadDomain {
+                domain: self.0.clone(),
+                why: "longer than 242 characters (the zone's DNS names, hostmaster.DOMAIN among them, must fit 253)",
+            });
+        }
+        Ok(())
+    }
+
     /// Whether `NAME.DOMAIN` of `device` fits a DNS name ([`MAX_DOMAIN_LEN`]).
     pub fn fits(&self, device: &DeviceName) -> bool {
         device.as_str().len() + 1 + self.0.len() <= MAX_DOMAIN_LEN

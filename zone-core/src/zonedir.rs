@@ -116,6 +116,7 @@ pub struct ZoneDir {
 impl ZoneDir {
     /// Creates a new zone in `dir`; refuses if a zone is already there.
     pub fn init(dir: &Path, domain: Domain, now: OffsetDateTime) -> Result<Self, ZoneError> {
+        domain.check_new_zone()?;
         for f in [ZONE_KEY_FILE, ZONE_JSON_FILE, ZONE_CA_FILE] {
             if dir.join(f).exists() {
                 return Err(ZoneError::ZoneExists(dir.to_owned()));
@@ -503,21 +504,18 @@ pub fn gateway_toml(c: &ZoneConfig, name: &DeviceName) -> String {
     s
 }
 
-/// Holds the zone directory's lock file (`.lock`, an exclusive `flock`) until dropped: one
-/// commit at a time, so each sees what the one before it saved.
+/// Holds an exclusive `flock` on the zone directory itself until dropped: one commit at a
+/// time, so each sees what the one before it saved. The directory, opened read-only, not a
+/// lock file in it: one made by a command run with sudo would lock every later user out.
 fn lock_dir(dir: &Path) -> Result<fs::File, ZoneError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = dir.join(".lock");
-    let f = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| ZoneError::io(&path, e))?;
-    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
-        .map_err(|e| ZoneError::io(&path, e.into()))?;
-    Ok(f)
+    let f = fs::File::open(dir).map_err(|e| ZoneError::io(dir, e))?;
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive) {
+        Ok(()) => Ok(f),
+        // A file system without locks (some network and FUSE mounts): the serial compare
+        // still catches a change made meanwhile, only not one made in the same instant.
+        Err(rustix::io::Errno::NOTSUP | rustix::io::Errno::NOLCK) => Ok(f),
+        Err(e) => Err(ZoneError::io(dir, e.into())),
+    }
 }
 
 /// Refuses public addresses agents cannot dial: `0.0.0.0`, `[::]` or port 0 (the zone's
@@ -603,9 +601,15 @@ mod tests {
         let long = format!("{}.example", [label.as_str(); 3].join("."));
         assert!(Domain::new(&long).is_ok());
         let too_long = format!("{}.example", [label.as_str(); 4].join("."));
-        let e = Domain::new(&too_long).unwrap_err().to_string();
-        assert!(e.contains("longer than 242"), "{e}");
         let dir = tempfile::tempdir().unwrap();
+        let e = ZoneDir::init(
+            dir.path(),
+            Domain::new(&too_long).unwrap(),
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("longer than 242"), "{e}");
         let now = OffsetDateTime::now_utc();
         let mut z = ZoneDir::init(dir.path(), Domain::new(&long).unwrap(), now).unwrap();
         let name = DeviceName::new(&"n".repeat(63)).unwrap();

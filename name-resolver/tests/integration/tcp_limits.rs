@@ -103,12 +103,13 @@ async fn a_full_table_makes_room_for_a_newcomer() {
     let server = Running::start(testzone::zone().1).await;
     let mut held = Vec::new();
     for i in 0..MAX_TCP_CONNECTIONS {
-        // Clients in separate /24s: a /24 together holds at most MAX_TCP_PER_SITE.
-        let from = format!("127.0.{}.1", 10 + i / MAX_TCP_PER_CLIENT);
+        // One connection per client, 64 clients in each of four /24s (a /24 together holds
+        // at most MAX_TCP_PER_SITE): no client holds more than the newcomer, four sites do.
+        let from = format!("127.0.{}.{}", 10 + i / 64, 1 + i % 64);
         let s = answered_from(&from, server.addr, i as u16).await;
         held.push(s.unwrap_or_else(|| panic!("connection {i} was not served")));
     }
-    // All taken, all busy a moment ago: one of a client holding the most (16) goes.
+    // All taken, all busy a moment ago: one of a site holding the most (64) goes.
     let first = answered_from("127.0.200.1", server.addr, 998)
         .await
         .expect("a newcomer to a full, busy table was not served");
