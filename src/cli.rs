@@ -61,8 +61,8 @@ pub struct GatewayArgs {
     /// Policy directory (overrides `policies` in the config)
     #[arg(long, value_name = "DIR")]
     pub policies: Option<PathBuf>,
-    /// A service this device offers: NAME=HOST:PORT[/udp] (repeatable)
-    #[arg(long = "service", value_name = "NAME=HOST:PORT")]
+    /// A service this device offers: NAME=IP:PORT[/udp] (repeatable)
+    #[arg(long = "service", value_name = "NAME=IP:PORT")]
     pub services: Vec<String>,
     /// A local port into the mesh: LISTEN=DEVICE/SERVICE (repeatable)
     #[arg(long = "forward", value_name = "LISTEN=DEVICE/SERVICE")]
@@ -77,8 +77,8 @@ pub struct NodeArgs {
     /// Fetch the zone config from this DNS server (IP:PORT) at start, verified with the zone CA
     #[arg(long, value_name = "IP:PORT")]
     pub bootstrap_dns: Option<SocketAddr>,
-    /// A service this device offers: NAME=HOST:PORT[/udp] (repeatable)
-    #[arg(long = "service", value_name = "NAME=HOST:PORT")]
+    /// A service this device offers: NAME=IP:PORT[/udp] (repeatable)
+    #[arg(long = "service", value_name = "NAME=IP:PORT")]
     pub services: Vec<String>,
     /// A local port into the mesh: LISTEN=DEVICE/SERVICE (repeatable)
     #[arg(long = "forward", value_name = "LISTEN=DEVICE/SERVICE")]

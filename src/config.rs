@@ -191,6 +191,19 @@ pub fn tcp_connections(file: &Path, n: Option<usize>) -> Result<usize, UsageErro
     )
 }
 
+/// The drain's grace period (`grace_secs`): 0 to an hour. A service manager must wait longer
+/// (the systemd unit's `TimeoutStopSec`), or the drain is cut.
+pub fn grace(file: &Path, secs: Option<u64>, default: Duration) -> Result<Duration, UsageError> {
+    match secs {
+        None => Ok(default),
+        Some(s @ 0..=3600) => Ok(Duration::from_secs(s)),
+        Some(s) => Err(UsageError(format!(
+            "{}: grace_secs = {s}: give 0 to 3600 seconds (and a service manager stop timeout above it: TimeoutStopSec in the systemd unit)",
+            file.display()
+        ))),
+    }
+}
+
 /// The per-client flow limit of each `udp` app: 1 to the flows an app keeps (`per_app`),
 /// by default a sixteenth of them.
 pub fn udp_flows_per_ip(
@@ -374,11 +387,11 @@ fn check_name(what: &str, s: &str) -> Result<(), UsageError> {
     tunnel::proto::validate_name("name", s).map_err(|e| UsageError(format!("{what} {s:?}: {e}")))
 }
 
-/// `NAME=HOST:PORT` or `NAME=HOST:PORT/udp`.
+/// `NAME=IP:PORT` or `NAME=IP:PORT/udp`.
 pub fn parse_service_flag(s: &str) -> Result<(String, ServiceEntry), UsageError> {
     let bad = || {
         UsageError(format!(
-            "--service {s:?}: expected NAME=HOST:PORT or NAME=HOST:PORT/udp"
+            "--service {s:?}: expected NAME=IP:PORT or NAME=IP:PORT/udp, an IP address (127.0.0.1:8000, [::1]:8000), not a host name"
         ))
     };
     let (name, rest) = s.split_once('=').ok_or_else(bad)?;
@@ -549,6 +562,19 @@ pub fn http_tuning(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_grace_period_is_bounded() {
+        let f = Path::new("gateway.toml");
+        let d = Duration::from_secs(10);
+        assert_eq!(grace(f, None, d).unwrap(), d);
+        assert_eq!(grace(f, Some(0), d).unwrap(), Duration::ZERO);
+        let e = grace(f, Some(7200), d).unwrap_err().to_string();
+        assert!(
+            e.contains("grace_secs = 7200") && e.contains("TimeoutStopSec"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn http_timings_are_read_and_bounded() {

@@ -30,13 +30,7 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             let mut z = ZoneDir::open(&zone.zone)?;
             let out = bundle_dir(&zone.zone, out, &name);
             // Refuse before touching zone.json, so a bad --out never leaves a half-added device.
-            if out.exists() && !out.is_dir() {
-                return Err(UsageError(format!(
-                    "--out {}: exists and is not a directory",
-                    out.display()
-                ))
-                .into());
-            }
+            refuse_non_dir(&out)?;
             let (key, cert) = z.add_device(&name, &roles, &public_addrs, now, days)?;
             let cfg = z.write_bundle(&out, &name, &key, &cert)?;
             println!(
@@ -121,13 +115,24 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             check_days(days)?;
             let mut z = ZoneDir::open(&zone.zone)?;
             let out = bundle_dir(&zone.zone, out, &name);
+            refuse_non_dir(&out)?;
+            let had_config = ["gateway.toml", "node.toml"]
+                .iter()
+                .any(|f| out.join(f).exists());
             let (key, cert) = z.renew(&name, now, days)?;
-            z.write_bundle(&out, &name, &key, &cert)?;
+            let cfg = z.write_bundle(&out, &name, &key, &cert)?;
             println!(
                 "renewed {name}: certificate until {}, bundle {}",
                 fmt_time(cert.not_after),
                 out.display()
             );
+            if had_config {
+                println!(
+                    "{} was kept as it is (a fresh template, if wanted: {}.new). Copy device.key, device.crt and zone.json to the device.",
+                    cfg.display(),
+                    cfg.display()
+                );
+            }
             Ok(())
         }
         DeviceCmd::Pubkey { name, zone } => {
@@ -136,4 +141,16 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A bundle directory `--out` names must be one (or not exist yet): checked before zone.json
+/// changes, so a bad `--out` never leaves a change made and its bundle unwritten.
+fn refuse_non_dir(out: &std::path::Path) -> Result<(), UsageError> {
+    if out.exists() && !out.is_dir() {
+        return Err(UsageError(format!(
+            "--out {}: exists and is not a directory",
+            out.display()
+        )));
+    }
+    Ok(())
 }

@@ -49,7 +49,8 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     b.enable_all().build().context("starting the async runtime")
 }
 
-/// Cancels `token` on SIGTERM or SIGINT.
+/// Cancels `token` on SIGTERM or SIGINT; a second one ends the process at once, drain or not
+/// (an operator pressing Ctrl-C again does not want to wait out `grace_secs`).
 async fn on_signal(token: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
@@ -61,6 +62,13 @@ async fn on_signal(token: CancellationToken) {
         _ = tokio::signal::ctrl_c() => info!("interrupt: shutting down"),
     }
     token.cancel();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    // Straight to stderr: the log writer's thread would not get to it before the exit.
+    eprintln!("second signal: exiting without finishing the drain");
+    std::process::exit(130);
 }
 
 pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
@@ -119,10 +127,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
                 .expect("valid default")
         }),
         tuning,
-        grace: f
-            .grace_secs
-            .map(Duration::from_secs)
-            .unwrap_or(DEFAULT_GRACE),
+        grace: config::grace(&a.config, f.grace_secs, DEFAULT_GRACE)?,
         http: config::ListenSetting::resolve(f.http, any_addr(DEFAULT_HTTP_PORT)),
         https: config::ListenSetting::resolve(f.https, any_addr(DEFAULT_HTTPS_PORT)),
         tls_certs: f

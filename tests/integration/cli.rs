@@ -474,6 +474,52 @@ fn bad_input_is_clear_and_writes_nothing() {
 }
 
 #[test]
+fn renewing_a_device_keeps_its_edited_config() {
+    let t = tempfile::tempdir().unwrap();
+    let z = zone_with_devices(t.path());
+    let zs = z.to_str().unwrap();
+    let node = z.join("devices/home1/node.toml");
+    let edited = format!(
+        "{}\n[services.web]\nlocal = \"127.0.0.1:8000\"\n",
+        std::fs::read_to_string(&node).unwrap()
+    );
+    std::fs::write(&node, &edited).unwrap();
+    let cert_before = std::fs::read(z.join("devices/home1/device.crt")).unwrap();
+    let out = ok(["device", "renew", "home1", "--zone", zs]);
+    assert!(out.contains("was kept as it is"), "{out}");
+    assert_eq!(std::fs::read_to_string(&node).unwrap(), edited);
+    assert!(z.join("devices/home1/node.toml.new").is_file());
+    assert_ne!(
+        std::fs::read(z.join("devices/home1/device.crt")).unwrap(),
+        cert_before
+    );
+    // A bad --out changes nothing in the zone.
+    let serial = |z: &std::path::Path| {
+        zone_core::zonedir::read_zone_json(&z.join("zone.json"))
+            .unwrap()
+            .config
+            .serial
+    };
+    let before = serial(&z);
+    let file = t.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let e = fails(
+        2,
+        [
+            "device",
+            "renew",
+            "home1",
+            "--zone",
+            zs,
+            "--out",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(e.contains("is not a directory"), "{e}");
+    assert_eq!(serial(&z), before);
+}
+
+#[test]
 fn gateway_and_node_refuse_bad_configs_before_starting() {
     let t = tempfile::tempdir().unwrap();
     let z = zone_with_devices(t.path());
@@ -494,7 +540,10 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
         "{e}"
     );
 
-    // The policy directory named in gateway.toml does not exist yet.
+    // The bundle comes with an empty policy directory; one named in gateway.toml but gone:
+    let pol = z.join("devices/gw/policies");
+    assert!(pol.is_dir(), "device add made no policies/ for the gateway");
+    std::fs::remove_dir(&pol).unwrap();
     let e = fails(2, ["gateway", "--config", gws]);
     assert!(
         e.contains("policy directory") && e.contains("does not exist"),
@@ -502,7 +551,6 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
     );
 
     // A broken policy file: every error with file:line:column, nothing starts.
-    let pol = z.join("devices/gw/policies");
     std::fs::create_dir_all(&pol).unwrap();
     std::fs::write(
         pol.join("bad.toml"),
@@ -548,7 +596,10 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
 
     // Bad flags.
     let e = fails(2, ["node", "--config", nodes, "--service", "web=localhost"]);
-    assert!(e.contains("NAME=HOST:PORT"), "{e}");
+    assert!(
+        e.contains("NAME=IP:PORT") && e.contains("not a host name"),
+        "{e}"
+    );
     let e = fails(
         2,
         [

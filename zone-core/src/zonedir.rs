@@ -400,7 +400,9 @@ impl ZoneDir {
         self.commit(c, now)
     }
 
-    /// Writes a self-contained, ready-to-run bundle for `name` into `out`.
+    /// Writes a self-contained, ready-to-run bundle for `name` into `out`: keys, certificates,
+    /// zone.json, its config (kept if there is one: the template goes to `NAME.toml.new`)
+    /// and, for a gateway, an empty `policies/`. The config's path.
     pub fn write_bundle(
         &self,
         out: &Path,
@@ -422,13 +424,26 @@ impl ZoneDir {
             self.zone.to_json_pretty().as_bytes(),
             0o644,
         )?;
-        let (file, text) = if entry.roles.contains(&Role::Gateway) {
+        let is_gw = entry.roles.contains(&Role::Gateway);
+        let (file, text) = if is_gw {
             ("gateway.toml", gateway_toml(&self.zone.config, name))
         } else {
             ("node.toml", node_toml(&self.zone.config, name))
         };
+        if is_gw {
+            // The config names it; an empty one serves no app until policies are added.
+            let dir = out.join("policies");
+            fs::create_dir_all(&dir).map_err(|e| ZoneError::io(&dir, e))?;
+        }
         let path = out.join(file);
-        write_atomic(&path, text.as_bytes(), 0o644)?;
+        // A bundle renewed in place keeps the config its owner edited (services, TLS,
+        // limits): the fresh template goes beside it.
+        let target = if path.exists() {
+            out.join(format!("{file}.new"))
+        } else {
+            path.clone()
+        };
+        write_atomic(&target, text.as_bytes(), 0o644)?;
         Ok(path)
     }
 }
