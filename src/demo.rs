@@ -179,7 +179,37 @@ pub fn run(dir: Option<PathBuf>, check: bool) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(run_async(dir, check))
+    // Signals are caught from the start, start-up included: the default action would end the
+    // process without removing the temporary zone (its keys among it).
+    rt.block_on(async {
+        tokio::select! {
+            r = run_async(dir, check) => r,
+            why = stop_signal() => {
+                // Not println!: stdout may be gone (a pipe's reader exited), and a panic now
+                // would skip removing the zone.
+                use std::io::Write;
+                let _ = writeln!(std::io::stdout(), "{why}: stopping the demo");
+                Ok(())
+            }
+        }
+    })
+}
+
+/// The first of Ctrl-C, SIGTERM and SIGHUP (a closed terminal).
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return "interrupt";
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "interrupt",
+        _ = term.recv() => "SIGTERM",
+        _ = hup.recv() => "SIGHUP",
+    }
 }
 
 async fn run_async(dir: PathBuf, check: bool) -> anyhow::Result<()> {
@@ -370,8 +400,9 @@ async fn run_async(dir: PathBuf, check: bool) -> anyhow::Result<()> {
         shutdown.cancel();
     } else {
         println!("Press Ctrl-C to stop.");
-        let _ = tokio::signal::ctrl_c().await;
-        shutdown.cancel();
+        // Until a signal (`run`), or the demo's gateway stops by itself.
+        shutdown.cancelled().await;
+        eprintln!("the demo's gateway stopped (see the log above): stopping the demo");
     }
     let stop = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(STOP_TIMEOUT, stop).await.is_err() {

@@ -769,6 +769,40 @@ fn demo_check_runs_a_whole_zone() {
     assert!(e.contains("refusing to overwrite"), "{e}");
 }
 
+/// The interactive demo stopped by SIGTERM removes its temporary zone (keys and all): the
+/// default action ended it with the directory left behind.
+#[test]
+fn a_stopped_demo_leaves_no_temporary_zone() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let child = std::process::Command::new(bin())
+        .arg("demo")
+        .env("TMPDIR", tmp.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Killed(child);
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let ready = lines.any(|l| l.unwrap().contains("Press Ctrl-C"));
+    assert!(ready, "the demo never got ready");
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        1,
+        "its zone"
+    );
+    let pid = child.0.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
 /// Kills the child (by its PID) when dropped, so a failing test leaves no process behind.
 struct Killed(std::process::Child);
 impl Drop for Killed {
