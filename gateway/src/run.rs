@@ -75,7 +75,7 @@ pub struct Gateway {
     forwards: Vec<(Forward, TcpListener)>,
     front: Front,
     http: Option<TcpListener>,
-    https: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
+    https: Option<(TcpListener, front::tls::Tls)>,
     self_signed_pem: Option<String>,
     dns: Option<(name_resolver::DnsServer, name_resolver::ZoneRecords)>,
     shutdown: CancellationToken,
@@ -105,6 +105,39 @@ pub enum RunError {
     DnsTask(String),
     #[error("the policy watcher failed ({0}): the gateway stopped, since without it policy edits and time windows would no longer apply (a service manager restarts it)")]
     PolicyWatcher(String),
+}
+
+/// How often the `[[tls]]` files are looked at for a change.
+const CERT_POLL: Duration = Duration::from_secs(5);
+
+/// Serves renewed `[[tls]]` certificates from the next handshake on, as their files change;
+/// files that do not load are logged and the old certificates serve on.
+async fn watch_certificates(mut tls: front::tls::Tls, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(CERT_POLL) => {}
+        }
+        // File reads: off the runtime's threads.
+        let Ok((back, r)) = tokio::task::spawn_blocking(move || {
+            let r = tls.reload_if_changed();
+            (tls, r)
+        })
+        .await
+        else {
+            return;
+        };
+        tls = back;
+        match r {
+            None => {}
+            Some(Ok(names)) => {
+                info!(names = ?names, "HTTPS certificates changed on disk: serving the new ones")
+            }
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "HTTPS certificate files changed but do not load: the previous certificates serve on (fix the files; they are read again when they change)")
+            }
+        }
+    }
 }
 
 /// Binds a public HTTP(S) port, with a message that says what to do when it fails.
@@ -188,7 +221,8 @@ impl Gateway {
                 } else {
                     info!(names = ?tls.names, "HTTPS certificates loaded");
                 }
-                (Some((l, tls.config)), tls.self_signed_pem)
+                let pem = tls.self_signed_pem.clone();
+                (Some((l, tls)), pem)
             }
             None => (None, None),
         };
@@ -402,8 +436,9 @@ impl Gateway {
             tokio::spawn(front.clone().serve(l, None, shutdown.clone()));
         }
         if let Some((l, tls)) = https {
-            let acc = tokio_rustls::TlsAcceptor::from(tls);
+            let acc = tokio_rustls::TlsAcceptor::from(tls.config.clone());
             tokio::spawn(front.clone().serve(l, Some(acc), shutdown.clone()));
+            tokio::spawn(watch_certificates(tls, shutdown.clone()));
         }
         for (f, l) in forwards {
             tokio::spawn(forward_loop(hub.clone(), f, l, shutdown.clone()));

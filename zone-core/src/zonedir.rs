@@ -510,10 +510,9 @@ pub fn gateway_toml(c: &ZoneConfig, name: &DeviceName) -> String {
     } else {
         ("0.0.0.0", "IPv4")
     };
-    let domain = &c.domain;
     s.push_str(&gateways_comment(c));
     s.push_str(&format!(
-        "# QUIC for node agents: the port of this gateway's public address, on all interfaces ({families}).\nlisten = \"{any}:{port}\"\n# Traffic policy files (TOML); edits are picked up while running.\npolicies = \"policies\"\n# Admin API and status page, loopback only.\nadmin = \"{GATEWAY_ADMIN_DEFAULT}\"\n# Public HTTP and HTTPS front (\"off\" to disable). Ports below 1024 need root or\n# CAP_NET_BIND_SERVICE. Without [[tls]] entries HTTPS uses a self-signed certificate.\n# Defaults: [::] takes IPv4 and IPv6 (0.0.0.0 where the machine has no IPv6).\n# http = \"[::]:80\"\n# https = \"[::]:443\"\n# [[tls]]\n# cert = \"/etc/letsencrypt/live/{domain}/fullchain.pem\"\n# key = \"/etc/letsencrypt/live/{domain}/privkey.pem\"\n"
+        "# QUIC for node agents: the port of this gateway's public address, on all interfaces ({families}).\nlisten = \"{any}:{port}\"\n# Traffic policy files (TOML); edits are picked up while running.\npolicies = \"policies\"\n# Admin API and status page, loopback only.\nadmin = \"{GATEWAY_ADMIN_DEFAULT}\"\n# Public HTTP and HTTPS front (\"off\" to disable). Ports below 1024 need root or\n# CAP_NET_BIND_SERVICE. Without [[tls]] entries HTTPS uses a self-signed certificate.\n# Defaults: [::] takes IPv4 and IPv6 (0.0.0.0 where the machine has no IPv6).\n# http = \"[::]:80\"\n# https = \"[::]:443\"\n# Certificate files are read again when they change (a renewal needs no restart). Under the\n# systemd unit the gateway runs as `zonegate`, which cannot read certbot's live/ directory:\n# have a deploy hook copy them here, e.g. certbot ... --deploy-hook 'install -o zonegate -m 600\n# $RENEWED_LINEAGE/fullchain.pem $RENEWED_LINEAGE/privkey.pem /etc/zonegate/gw/tls/'\n# [[tls]]\n# cert = \"tls/fullchain.pem\"\n# key = \"tls/privkey.pem\"\n"
     ));
     s.push_str(COMMON_TAIL);
     s

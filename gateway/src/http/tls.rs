@@ -6,9 +6,16 @@
 //! box; browsers warn about it until real certificates are configured.
 //!
 //! The cipher suite is the server's choice, AES-128-GCM first ([`front_provider`]).
+//!
+//! Certificate files are read again when they change ([`Tls::reload_if_changed`], polled by
+//! the gateway): a renewal (certbot every 60 days or so) is served without a restart, and a
+//! broken one is refused with the old certificates serving on.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
 
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -44,22 +51,26 @@ struct Entry {
 
 /// Picks a certificate by SNI: exact name first, then a one-label wildcard; without SNI or
 /// without a match, the first certificate (a client then sees a name mismatch, which is the
-/// honest answer).
+/// honest answer). The set is swapped whole when the files are read again.
 #[derive(Debug)]
 pub struct SniResolver {
-    entries: Vec<Entry>,
+    entries: ArcSwap<Entries>,
 }
 
-impl SniResolver {
+/// The certificates a resolver picks from.
+#[derive(Debug)]
+struct Entries(Vec<Entry>);
+
+impl Entries {
     /// Index of the entry for `sni`.
     fn pick(&self, sni: Option<&str>) -> usize {
         let Some(sni) = sni.map(|s| s.trim_end_matches('.').to_ascii_lowercase()) else {
             return 0;
         };
-        let exact = self.entries.iter().position(|e| e.names.contains(&sni));
+        let exact = self.0.iter().position(|e| e.names.contains(&sni));
         let wildcard = || {
             let (_, parent) = sni.split_once('.')?;
-            self.entries
+            self.0
                 .iter()
                 .position(|e| e.names.iter().any(|n| n.strip_prefix("*.") == Some(parent)))
         };
@@ -69,8 +80,10 @@ impl SniResolver {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.entries
-            .get(self.pick(hello.server_name()))
+        let entries = self.entries.load();
+        entries
+            .0
+            .get(entries.pick(hello.server_name()))
             .map(|e| e.key.clone())
     }
 }
@@ -135,15 +148,26 @@ fn entry(
     })
 }
 
+/// Reads a certificate or key file, saying what to do when the gateway may not read it.
+fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => file_err(
+            path,
+            format!("{e}: the gateway's user cannot read it (the systemd unit runs it as `zonegate`; certbot's live/ is root's): copy the files where it can, e.g. a certbot --deploy-hook copying them into the bundle directory and chowning them to zonegate"),
+        ),
+        _ => file_err(path, e),
+    })
+}
+
 fn load_pair(cert: &Path, key: &Path) -> Result<Entry, TlsError> {
-    let pem = std::fs::read(cert).map_err(|e| file_err(cert, e))?;
+    let pem = read_pem(cert)?;
     let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<_, _>>()
         .map_err(|e| file_err(cert, format!("not a PEM certificate file: {e}")))?;
     if chain.is_empty() {
         return Err(file_err(cert, "no certificate in this PEM file"));
     }
-    let pem = std::fs::read(key).map_err(|e| file_err(key, e))?;
+    let pem = read_pem(key)?;
     let pk = rustls_pemfile::private_key(&mut pem.as_slice())
         .map_err(|e| file_err(key, format!("not a PEM key file: {e}")))?
         .ok_or_else(|| file_err(key, "no private key in this PEM file"))?;
@@ -166,11 +190,75 @@ pub struct Tls {
     pub self_signed_pem: Option<String>,
     /// Names served, for the start-up log.
     pub names: Vec<String>,
+    /// The certificate files, to read again when they change.
+    files: CertFiles,
+}
+
+/// The `(cert, key)` files served, and what they looked like when last read.
+#[derive(Debug)]
+struct CertFiles {
+    pairs: Vec<(PathBuf, PathBuf)>,
+    seen: Vec<Fingerprint>,
+    resolver: Arc<SniResolver>,
+}
+
+/// A file as last seen (symlinks followed: certbot's live/ names point to new files at each
+/// renewal), or the error reading its metadata.
+type Fingerprint = Result<(u64, u64, Option<SystemTime>), String>;
+
+fn fingerprint(path: &Path) -> Fingerprint {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .map(|m| (m.ino(), m.len(), m.modified().ok()))
+        .map_err(|e| e.to_string())
+}
+
+impl CertFiles {
+    fn fingerprints(&self) -> Vec<Fingerprint> {
+        self.pairs
+            .iter()
+            .flat_map(|(c, k)| [fingerprint(c), fingerprint(k)])
+            .collect()
+    }
+}
+
+impl Tls {
+    /// Reads the certificate files again if any changed since last read: `None` when none
+    /// did (or there are none: self-signed); `Some(Ok(names))` when the new ones serve from
+    /// the next handshake on; `Some(Err)` when they do not load, the old ones serving on (they
+    /// are read again at their next change). Blocking (file reads).
+    pub fn reload_if_changed(&mut self) -> Option<Result<Vec<String>, TlsError>> {
+        let f = &mut self.files;
+        if f.pairs.is_empty() {
+            return None;
+        }
+        let now = f.fingerprints();
+        if now == f.seen {
+            return None;
+        }
+        f.seen = now;
+        let loaded = f
+            .pairs
+            .iter()
+            .map(|(c, k)| load_pair(c, k))
+            .collect::<Result<Vec<_>, _>>();
+        Some(loaded.map(|entries| {
+            let names: Vec<String> = entries.iter().flat_map(|e| e.names.clone()).collect();
+            f.resolver.entries.store(Arc::new(Entries(entries)));
+            self.names = names.clone();
+            names
+        }))
+    }
 }
 
 /// Builds the TLS configuration from `(cert, key)` PEM file pairs, or a self-signed
 /// certificate for `fallback_names` when there are none.
 pub fn configure(pairs: &[(PathBuf, PathBuf)], fallback_names: &[String]) -> Result<Tls, TlsError> {
+    // Before reading: a change made during the read shows as one at the next look.
+    let seen = pairs
+        .iter()
+        .flat_map(|(c, k)| [fingerprint(c), fingerprint(k)])
+        .collect();
     let mut entries = Vec::new();
     let mut self_signed_pem = None;
     for (c, k) in pairs {
@@ -184,16 +272,25 @@ pub fn configure(pairs: &[(PathBuf, PathBuf)], fallback_names: &[String]) -> Res
         entries.push(entry(vec![ck.cert.der().clone()], key)?);
     }
     let names = entries.iter().flat_map(|e| e.names.clone()).collect();
+    let resolver = Arc::new(SniResolver {
+        entries: ArcSwap::from_pointee(Entries(entries)),
+    });
     let mut config = ServerConfig::builder_with_provider(front_provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SniResolver { entries }));
+        .with_cert_resolver(resolver.clone());
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
     config.ignore_client_order = true;
+    let files = CertFiles {
+        pairs: pairs.to_vec(),
+        seen,
+        resolver,
+    };
     Ok(Tls {
         config: Arc::new(config),
         self_signed_pem,
         names,
+        files,
     })
 }
 
@@ -220,9 +317,7 @@ mod tests {
         let b = write_pair(d.path(), "b", &["*.alice.example", "alice.example"]);
         let a2 = load_pair(&a.0, &a.1).unwrap();
         let b2 = load_pair(&b.0, &b.1).unwrap();
-        let r = SniResolver {
-            entries: vec![a2, b2],
-        };
+        let r = Entries(vec![a2, b2]);
         assert_eq!(r.pick(Some("files.example")), 0);
         assert_eq!(r.pick(Some("alice.example")), 1);
         assert_eq!(r.pick(Some("Dfs.Alice.Example.")), 1);
@@ -235,6 +330,36 @@ mod tests {
         let tls = configure(&[a, b], &[]).unwrap();
         assert!(tls.self_signed_pem.is_none());
         assert_eq!(tls.config.alpn_protocols[0], b"h2");
+    }
+
+    /// A renewed certificate is served without a restart; a broken one is refused and the
+    /// one before serves on.
+    #[test]
+    fn changed_files_are_read_again_and_bad_ones_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let (c, k) = write_pair(d.path(), "a", &["old.example"]);
+        let mut tls = configure(&[(c.clone(), k.clone())], &[]).unwrap();
+        let served = |t: &Tls| t.files.resolver.entries.load().0[0].names.clone();
+        assert!(tls.reload_if_changed().is_none(), "nothing changed");
+        // A renewal: new files put in place by rename, as certbot's symlinks switch.
+        let (c2, k2) = write_pair(d.path(), "b", &["new.example"]);
+        std::fs::rename(&c2, &c).unwrap();
+        std::fs::rename(&k2, &k).unwrap();
+        let names = tls.reload_if_changed().unwrap().unwrap();
+        assert_eq!(names, ["new.example"]);
+        assert_eq!(served(&tls), ["new.example"]);
+        // A broken key: refused, the renewed certificate serves on.
+        std::fs::write(&k, "not a key").unwrap();
+        let e = tls.reload_if_changed().unwrap().unwrap_err().to_string();
+        assert!(e.contains("a.key"), "{e}");
+        assert_eq!(served(&tls), ["new.example"]);
+        assert!(
+            tls.reload_if_changed().is_none(),
+            "read again only when changed"
+        );
+        // Self-signed: nothing to read again.
+        let mut own = configure(&[], &["x.example".into()]).unwrap();
+        assert!(own.reload_if_changed().is_none());
     }
 
     #[test]
