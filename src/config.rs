@@ -191,6 +191,22 @@ pub fn tcp_connections(file: &Path, n: Option<usize>) -> Result<usize, UsageErro
     )
 }
 
+/// The config's `domain` must be the zone of the bundle's certificate: a mismatch would
+/// otherwise go unnoticed (a node's DNS bootstrap asks for the config's).
+pub fn check_domain(
+    file: &Path,
+    written: &zone_core::Domain,
+    certified: &zone_core::Domain,
+) -> Result<(), UsageError> {
+    if written == certified {
+        return Ok(());
+    }
+    Err(UsageError(format!(
+        "{}: domain = \"{written}\", but the bundle's certificate is for zone {certified}: fix `domain` (or use this zone's bundle)",
+        file.display()
+    )))
+}
+
 /// The drain's grace period (`grace_secs`): 0 to an hour. A service manager must wait longer
 /// (the systemd unit's `TimeoutStopSec`), or the drain is cut.
 pub fn grace(file: &Path, secs: Option<u64>, default: Duration) -> Result<Duration, UsageError> {

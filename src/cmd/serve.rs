@@ -90,6 +90,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         &config::bundle(&a.config, &f.key, &f.cert, &f.ca, &f.zone_config),
         Some(&f.device),
     )?;
+    config::check_domain(&a.config, &f.domain, creds.domain())?;
     if !creds.identity.has_role(zone_core::Role::Gateway) {
         return Err(UsageError(format!(
             "{} is not a gateway device (its certificate has roles {:?}); use `zonegate node`",
@@ -186,6 +187,7 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
         bootstrap(&f.domain, server, &paths)?;
     }
     let creds = DeviceCreds::load(&paths, Some(&f.device))?;
+    config::check_domain(&a.config, &f.domain, creds.domain())?;
     let admin_addr = f.admin.unwrap_or_else(|| {
         zone_core::zonedir::NODE_ADMIN_DEFAULT
             .parse()

@@ -588,6 +588,16 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
     assert!(e.contains("node.toml:") && e.contains("frobnicate"), "{e}");
     std::fs::write(&node, &text).unwrap();
 
+    // A domain that is not the certificate's zone.
+    std::fs::write(
+        &node,
+        text.replace("domain = \"alice.example\"", "domain = \"bob.example\""),
+    )
+    .unwrap();
+    let e = fails(2, ["node", "--config", nodes]);
+    assert!(e.contains("certificate is for zone alice.example"), "{e}");
+    std::fs::write(&node, &text).unwrap();
+
     // A worker thread count of 0 would start a runtime that runs nothing.
     std::fs::write(&node, format!("threads = 0\n{text}")).unwrap();
     let e = fails(2, ["node", "--config", nodes]);
