@@ -119,13 +119,17 @@ async fn watch_certificates(mut tls: front::tls::Tls, shutdown: CancellationToke
             () = tokio::time::sleep(CERT_POLL) => {}
         }
         // File reads: off the runtime's threads.
-        let Ok((back, r)) = tokio::task::spawn_blocking(move || {
+        let (back, r) = match tokio::task::spawn_blocking(move || {
             let r = tls.reload_if_changed();
             (tls, r)
         })
         .await
-        else {
-            return;
+        {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::error!(error = %e, "the HTTPS certificate watcher failed: renewed certificate files are not read until the gateway restarts");
+                return;
+            }
         };
         tls = back;
         match r {
@@ -133,8 +137,9 @@ async fn watch_certificates(mut tls: front::tls::Tls, shutdown: CancellationToke
             Some(Ok(names)) => {
                 info!(names = ?names, "HTTPS certificates changed on disk: serving the new ones")
             }
+            // A warning: during a renewal the key may change a moment before its certificate.
             Some(Err(e)) => {
-                tracing::error!(error = %e, "HTTPS certificate files changed but do not load: the previous certificates serve on (fix the files; they are read again when they change)")
+                warn!(error = %e, "HTTPS certificate files changed but do not load: the previous certificates serve on; read again every 5 s until they do")
             }
         }
     }

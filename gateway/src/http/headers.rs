@@ -87,11 +87,46 @@ pub fn method_overrides(headers: &HeaderMap, query: Option<&str>) -> Vec<String>
         }
     }
     for pair in query.unwrap_or("").split('&') {
-        if let Some(v) = pair.strip_prefix("_method=") {
-            out.push(v.trim().to_ascii_uppercase());
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        // As PHP names query parameters for the frameworks that read `_method`: decoded,
+        // leading spaces dropped, `.`, ` ` and `[` made `_` (`%5Fmethod`, `.method`).
+        let name = form_decode(name);
+        let name: String = name
+            .trim_start_matches(' ')
+            .chars()
+            .map(|c| if matches!(c, '.' | ' ' | '[') { '_' } else { c })
+            .collect();
+        if name == "_method" {
+            out.push(form_decode(value).trim().to_ascii_uppercase());
         }
     }
+    // An empty value is no override (frameworks ignore it).
+    out.retain(|m| !m.is_empty());
     out
+}
+
+/// `s` as a form field decodes: `+` a space, `%XX` its byte (invalid escapes kept as they
+/// are, bytes that are not UTF-8 replaced).
+fn form_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The protocol a token asks to upgrade to, if `headers` ask for an upgrade (`Connection`
@@ -451,6 +486,22 @@ mod tests {
             method_overrides(&h, Some("a=1&_method=patch")),
             vec!["GET", "HEAD", "PUT", "DELETE", "PATCH"]
         );
+        // The query's name as PHP reads it; empty values are no override.
+        for q in [
+            "%5Fmethod=DELETE",
+            ".method=delete",
+            "+_method=DELETE",
+            "_m%65thod=DELETE",
+            "_method=%44ELETE",
+        ] {
+            assert_eq!(
+                method_overrides(&HeaderMap::new(), Some(q)),
+                vec!["DELETE"],
+                "{q}"
+            );
+        }
+        let empty = map(&[("x-http-method-override", "GET, ")]);
+        assert_eq!(method_overrides(&empty, Some("_method=&x=%")), vec!["GET"]);
         let none = map(&[("x-http-methods", "PUT")]);
         assert!(method_overrides(&none, Some("method=x")).is_empty());
         // The URL claims and the other client-address headers never go up.

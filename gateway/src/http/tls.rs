@@ -200,16 +200,28 @@ struct CertFiles {
     pairs: Vec<(PathBuf, PathBuf)>,
     seen: Vec<Fingerprint>,
     resolver: Arc<SniResolver>,
+    /// The error of the last read, while the files do not load: they are read again at
+    /// every look (a permission fixed, the second file of a renewal in place).
+    failing: Option<String>,
 }
 
 /// A file as last seen (symlinks followed: certbot's live/ names point to new files at each
-/// renewal), or the error reading its metadata.
-type Fingerprint = Result<(u64, u64, Option<SystemTime>), String>;
+/// renewal; the change time: a `chown`/`chmod` making it readable), or the error reading its
+/// metadata.
+type Fingerprint = Result<(u64, u64, Option<SystemTime>, i64, i64), String>;
 
 fn fingerprint(path: &Path) -> Fingerprint {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path)
-        .map(|m| (m.ino(), m.len(), m.modified().ok()))
+        .map(|m| {
+            (
+                m.ino(),
+                m.len(),
+                m.modified().ok(),
+                m.ctime(),
+                m.ctime_nsec(),
+            )
+        })
         .map_err(|e| e.to_string())
 }
 
@@ -223,17 +235,18 @@ impl CertFiles {
 }
 
 impl Tls {
-    /// Reads the certificate files again if any changed since last read: `None` when none
-    /// did (or there are none: self-signed); `Some(Ok(names))` when the new ones serve from
-    /// the next handshake on; `Some(Err)` when they do not load, the old ones serving on (they
-    /// are read again at their next change). Blocking (file reads).
+    /// Reads the certificate files again if any changed since last read (or the last read
+    /// failed): `None` when none did (or there are none: self-signed), or when they fail as
+    /// they did at the last look; `Some(Ok(names))` when the new ones serve from the next
+    /// handshake on; `Some(Err)` when they do not load, the old ones serving on. Blocking
+    /// (file reads).
     pub fn reload_if_changed(&mut self) -> Option<Result<Vec<String>, TlsError>> {
         let f = &mut self.files;
         if f.pairs.is_empty() {
             return None;
         }
         let now = f.fingerprints();
-        if now == f.seen {
+        if now == f.seen && f.failing.is_none() {
             return None;
         }
         f.seen = now;
@@ -242,12 +255,21 @@ impl Tls {
             .iter()
             .map(|(c, k)| load_pair(c, k))
             .collect::<Result<Vec<_>, _>>();
-        Some(loaded.map(|entries| {
-            let names: Vec<String> = entries.iter().flat_map(|e| e.names.clone()).collect();
-            f.resolver.entries.store(Arc::new(Entries(entries)));
-            self.names = names.clone();
-            names
-        }))
+        match loaded {
+            Ok(entries) => {
+                f.failing = None;
+                let names: Vec<String> = entries.iter().flat_map(|e| e.names.clone()).collect();
+                f.resolver.entries.store(Arc::new(Entries(entries)));
+                self.names = names.clone();
+                Some(Ok(names))
+            }
+            Err(e) => {
+                let text = e.to_string();
+                let again = f.failing.as_deref() == Some(text.as_str());
+                f.failing = Some(text);
+                (!again).then_some(Err(e))
+            }
+        }
     }
 }
 
@@ -285,6 +307,7 @@ pub fn configure(pairs: &[(PathBuf, PathBuf)], fallback_names: &[String]) -> Res
         pairs: pairs.to_vec(),
         seen,
         resolver,
+        failing: None,
     };
     Ok(Tls {
         config: Arc::new(config),
@@ -353,6 +376,16 @@ mod tests {
         let e = tls.reload_if_changed().unwrap().unwrap_err().to_string();
         assert!(e.contains("a.key"), "{e}");
         assert_eq!(served(&tls), ["new.example"]);
+        assert!(
+            tls.reload_if_changed().is_none(),
+            "the same failure is told once"
+        );
+        // Mended (a fixed permission changes nothing but the change time): read again at the
+        // next look, served.
+        write_pair(d.path(), "c", &["other.example"]);
+        std::fs::rename(d.path().join("c.crt"), &c).unwrap();
+        std::fs::rename(d.path().join("c.key"), &k).unwrap();
+        assert_eq!(tls.reload_if_changed().unwrap().unwrap(), ["other.example"]);
         assert!(
             tls.reload_if_changed().is_none(),
             "read again only when changed"
