@@ -182,8 +182,10 @@ pub fn run(dir: Option<PathBuf>, check: bool) -> anyhow::Result<()> {
     // Signals are caught from the start, start-up included: the default action would end the
     // process without removing the temporary zone (its keys among it).
     rt.block_on(async {
+        // Biased: the signal handlers are installed (at their first poll) before the demo's
+        // first step, which writes the zone's keys.
         tokio::select! {
-            r = run_async(dir, check) => r,
+            biased;
             why = stop_signal() => {
                 // Not println!: stdout may be gone (a pipe's reader exited), and a panic now
                 // would skip removing the zone.
@@ -191,6 +193,7 @@ pub fn run(dir: Option<PathBuf>, check: bool) -> anyhow::Result<()> {
                 let _ = writeln!(std::io::stdout(), "{why}: stopping the demo");
                 Ok(())
             }
+            r = run_async(dir, check) => r,
         }
     })
 }
@@ -400,9 +403,11 @@ async fn run_async(dir: PathBuf, check: bool) -> anyhow::Result<()> {
         shutdown.cancel();
     } else {
         println!("Press Ctrl-C to stop.");
-        // Until a signal (`run`), or the demo's gateway stops by itself.
+        // Until a signal (`run`), or the demo's gateway stops by itself: a failure.
         shutdown.cancelled().await;
-        eprintln!("the demo's gateway stopped (see the log above): stopping the demo");
+        let stop = async { while tasks.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(STOP_TIMEOUT, stop).await;
+        bail!("the demo's gateway stopped by itself (see the log above)");
     }
     let stop = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(STOP_TIMEOUT, stop).await.is_err() {

@@ -480,7 +480,7 @@ async fn tcp_conn(
             Some(s) => s,
             None => {
                 state.counters.refused(Refusal::ConnectionLimit);
-                info!(app = %app_name, client = %Client(peer), "connection refused: all tcp apps together at their limit (gateway.toml tcp_connections), and no client holds two more than this one");
+                info!(app = %app_name, client = %Client(peer), "connection refused: all tcp apps together at their limit (gateway.toml tcp_connections), and no room could fairly be made (no client holds two more than this one, or connections picked before have not closed yet)");
                 return;
             }
         },
@@ -491,7 +491,8 @@ async fn tcp_conn(
         .cloned()
         .unwrap_or_else(|| Held::new(std::time::Instant::now()));
     // The slot goes with the socket: one that lingers after the copy still counts.
-    let lingering = tunnel::linger::Lingering::new(tcp, Some(Box::new(slot)));
+    let lingering =
+        tunnel::linger::Lingering::new(tcp, Some(Box::new(slot)), Some(held.eviction_token()));
     let mut tcp = Stamped::new(lingering, held.clone());
     let counters = state.counters.clone();
     let (shape_in, shape_out) = state.limits.shapers();

@@ -79,6 +79,12 @@ impl Held {
     pub async fn evicted(&self) {
         self.evict.cancelled().await
     }
+
+    /// Cancelled once the connection is picked to make room (for a socket that outlives its
+    /// copy: a lingering close).
+    pub fn eviction_token(&self) -> CancellationToken {
+        self.evict.clone()
+    }
 }
 
 /// An [`End`] whose reads and writes stamp its [`Held`]: the public client's side of a

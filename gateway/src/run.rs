@@ -575,9 +575,11 @@ pub fn zone_health(expected: usize, connected: usize) -> &'static str {
 
 async fn forward_loop(hub: Hub, f: Forward, l: TcpListener, shutdown: CancellationToken) {
     info!(listen = %f.listen, to = %format!("{}/{}", f.device, f.service), "mesh forward listening");
-    while let Some((mut tcp, peer)) = tunnel::sockets::accept_until(&l, &shutdown).await {
+    while let Some((tcp, peer)) = tunnel::sockets::accept_until(&l, &shutdown).await {
         let hub = hub.clone();
         let f = f.clone();
+        // A local client's end: an early answer must reach it whole (a lingering close).
+        let mut tcp = tunnel::linger::Lingering::new(tcp, None, None);
         tokio::spawn(async move {
             let me = hub.creds().name().to_owned();
             let roles = hub.creds().roles();

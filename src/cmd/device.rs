@@ -30,9 +30,17 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             let mut z = ZoneDir::open(&zone.zone)?;
             let out = bundle_dir(&zone.zone, out, &name);
             // Refuse before touching zone.json, so a bad --out never leaves a half-added device.
-            refuse_non_dir(&out)?;
+            prepare_out(&out)?;
+            let had_config = has_config(&out);
             let (key, cert) = z.add_device(&name, &roles, &public_addrs, now, days)?;
             let cfg = z.write_bundle(&out, &name, &key, &cert)?;
+            if had_config {
+                println!(
+                    "{} was there already and is kept; this device's template is {}.new",
+                    cfg.display(),
+                    cfg.display()
+                );
+            }
             println!(
                 "added {} ({}) to zone {}: serial {}",
                 name,
@@ -115,10 +123,8 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             check_days(days)?;
             let mut z = ZoneDir::open(&zone.zone)?;
             let out = bundle_dir(&zone.zone, out, &name);
-            refuse_non_dir(&out)?;
-            let had_config = ["gateway.toml", "node.toml"]
-                .iter()
-                .any(|f| out.join(f).exists());
+            prepare_out(&out)?;
+            let had_config = has_config(&out);
             let (key, cert) = z.renew(&name, now, days)?;
             let cfg = z.write_bundle(&out, &name, &key, &cert)?;
             println!(
@@ -143,14 +149,28 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
     }
 }
 
-/// A bundle directory `--out` names must be one (or not exist yet): checked before zone.json
-/// changes, so a bad `--out` never leaves a change made and its bundle unwritten.
-fn refuse_non_dir(out: &std::path::Path) -> Result<(), UsageError> {
+/// Whether `out` holds a device config already (kept by `write_bundle`).
+fn has_config(out: &std::path::Path) -> bool {
+    ["gateway.toml", "node.toml"]
+        .iter()
+        .any(|f| out.join(f).exists())
+}
+
+/// The bundle directory `--out` names, made (if need be) and tried for writing before
+/// zone.json changes: a bad `--out` must never leave a change made and its bundle unwritten.
+fn prepare_out(out: &std::path::Path) -> Result<(), UsageError> {
     if out.exists() && !out.is_dir() {
         return Err(UsageError(format!(
             "--out {}: exists and is not a directory",
             out.display()
         )));
     }
-    Ok(())
+    std::fs::create_dir_all(out)
+        .and_then(|()| tempfile::tempfile_in(out).map(drop))
+        .map_err(|e| {
+            UsageError(format!(
+                "--out {}: cannot write a bundle there: {e}",
+                out.display()
+            ))
+        })
 }

@@ -184,6 +184,11 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
     let threads = config::threads(&a.config, f.threads)?.unwrap_or(config::NODE_THREADS);
     let paths = config::bundle(&a.config, &f.key, &f.cert, &f.ca, &f.zone_config);
     if let Some(server) = a.bootstrap_dns.or(f.bootstrap_dns) {
+        // Checked first: a wrong domain would otherwise fail as "none over DNS" (exit 1,
+        // restarted) rather than as the config error it is.
+        let cert = zone_core::zonedir::read_cert_der(&paths.cert)?;
+        let identity = zone_core::cert::DeviceIdentity::from_der(&cert)?;
+        config::check_domain(&a.config, &f.domain, &identity.domain)?;
         bootstrap(&f.domain, server, &paths)?;
     }
     let creds = DeviceCreds::load(&paths, Some(&f.device))?;

@@ -1158,11 +1158,18 @@ fn a_newer_config_that_drops_a_revocation_is_refused() {
     // would otherwise load it, signature checked only.
     let bundle = z.bundle("gw").zone_config;
     std::fs::write(&bundle, &restored).unwrap();
-    let aside = creds.set_aside_refused(&restored).unwrap();
+    let aside = creds
+        .set_aside_refused(&restored)
+        .unwrap()
+        .expect("set aside");
     assert_eq!(std::fs::read(&aside).unwrap(), restored);
     let on_disk = zone_core::zonedir::read_zone_json(&bundle).unwrap();
     assert_eq!(on_disk.config.serial, serial);
     assert!(on_disk.config.is_revoked(&laptop));
+    // Copied again meanwhile: the newer copy is left for the watcher's next look.
+    std::fs::write(&bundle, &restored).unwrap();
+    assert!(creds.set_aside_refused(b"other bytes").unwrap().is_none());
+    assert_eq!(std::fs::read(&bundle).unwrap(), restored);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1337,7 +1337,10 @@ impl Agent {
     }
 
     /// One local connection of a forward: direct to the peer when possible, else relayed.
-    async fn forward_one(self: Arc<Self>, f: Forward, mut tcp: TcpStream, client: SocketAddr) {
+    async fn forward_one(self: Arc<Self>, f: Forward, tcp: TcpStream, client: SocketAddr) {
+        // A local client's end: an answer the service gave before the upload ended must reach
+        // it whole (a lingering close).
+        let mut tcp = crate::linger::Lingering::new(tcp, None, None);
         let to = format!("{}/{}", f.device, f.service);
         let me = self.cfg.creds.name();
         let t = self.cfg.tuning;

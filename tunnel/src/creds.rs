@@ -226,23 +226,31 @@ impl DeviceCreds {
     /// it is at the next start, where only its signature is checked: a config leaving out a
     /// revocation would let the revoked device back in after a restart. It is kept beside the
     /// bundle's as `zone.json.refused` and the config in use written in its place. The path
-    /// it was kept at.
-    pub fn set_aside_refused(&self, refused: &[u8]) -> Result<PathBuf, TunnelError> {
+    /// it was kept at; `None` when the file changed again meanwhile (that one is looked at
+    /// next, and left as it is).
+    pub fn set_aside_refused(&self, refused: &[u8]) -> Result<Option<PathBuf>, TunnelError> {
         let Some(p) = &self.zone_path else {
             return Err(TunnelError::Config("no zone.json file to set aside".into()));
         };
         let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
+        // The owner may have copied another one in meanwhile: that one is looked at next.
+        if std::fs::read(p).ok().as_deref() != Some(refused) {
+            return Ok(None);
+        }
         let aside = p.with_extension("json.refused");
         zone_core::zonedir::write_atomic(&aside, refused, 0o644)?;
         zone_core::zonedir::write_atomic(p, self.zone().to_json_pretty().as_bytes(), 0o644)?;
-        Ok(aside)
+        Ok(Some(aside))
     }
 }
 
 /// Logs what [`DeviceCreds::set_aside_refused`] did.
-pub fn report_set_aside(r: Result<PathBuf, TunnelError>) {
+pub fn report_set_aside(r: Result<Option<PathBuf>, TunnelError>) {
     match r {
-        Ok(aside) => {
+        Ok(None) => tracing::info!(
+            "the refused zone.json changed again meanwhile: the new one is looked at next"
+        ),
+        Ok(Some(aside)) => {
             tracing::warn!(kept = %aside.display(), "the refused zone.json was moved aside and the config in use written back, so a restart keeps it")
         }
         Err(e) => {

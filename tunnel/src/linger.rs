@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::splice::End;
 
@@ -36,10 +37,19 @@ static LINGERING: AtomicUsize = AtomicUsize::new(0);
 pub type Guard = Box<dyn Send + Sync>;
 
 /// Keeps `tcp`'s socket open, with its sending half closed, after the caller drops `tcp`,
-/// reading and dropping what arrives (see the module doc), and `guard` until it closes.
-/// False when it cannot (no runtime, no file descriptor left, [`MAX_LINGERING`] lingering
-/// already): dropping `tcp` then closes it as usual.
-pub fn close_lingering(tcp: &TcpStream, guard: Option<Guard>) -> bool {
+/// reading and dropping what arrives (see the module doc), and `guard` until it closes; at
+/// once when `stop` is cancelled (the connection was picked to make room). False when it
+/// cannot (no runtime, no file descriptor left, [`MAX_LINGERING`] lingering already, `stop`
+/// cancelled already): dropping `tcp` then closes it as usual.
+pub fn close_lingering(
+    tcp: &TcpStream,
+    guard: Option<Guard>,
+    stop: Option<CancellationToken>,
+) -> bool {
+    let stop = stop.unwrap_or_default();
+    if stop.is_cancelled() {
+        return false;
+    }
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         return false;
     };
@@ -66,23 +76,28 @@ pub fn close_lingering(tcp: &TcpStream, guard: Option<Guard>) -> bool {
     };
     rt.spawn(async move {
         let _held = (slot, guard);
-        let _ = tokio::time::timeout(MOST, drain(s)).await;
+        tokio::select! {
+            _ = tokio::time::timeout(MOST, drain(s)) => {}
+            () = stop.cancelled() => {}
+        }
     });
     true
 }
 
-/// A public client's TCP end that lingers ([`close_lingering`]) where a copy keeps what it
-/// was sent ([`End::abort_receiving`]), holding `guard` until it closes. Only public client
-/// ends: a service's end draining for 30 s would keep a streaming answer running for nothing
-/// after its client reset.
+/// A client's TCP end that lingers ([`close_lingering`]) where a copy keeps what it was sent
+/// ([`End::abort_receiving`]), holding `guard` until it closes, and closing at once when
+/// `stop` is cancelled. Only client ends (public, or local clients of a forward): a service's
+/// end draining for 30 s would keep a streaming answer running for nothing after its client
+/// reset.
 pub struct Lingering {
     tcp: TcpStream,
     guard: Option<Guard>,
+    stop: Option<CancellationToken>,
 }
 
 impl Lingering {
-    pub fn new(tcp: TcpStream, guard: Option<Guard>) -> Self {
-        Lingering { tcp, guard }
+    pub fn new(tcp: TcpStream, guard: Option<Guard>, stop: Option<CancellationToken>) -> Self {
+        Lingering { tcp, guard, stop }
     }
 }
 
@@ -128,7 +143,7 @@ impl End for Lingering {
     }
 
     fn abort_receiving(&mut self) {
-        close_lingering(&self.tcp, self.guard.take());
+        close_lingering(&self.tcp, self.guard.take(), self.stop.take());
     }
 }
 
@@ -198,7 +213,7 @@ mod tests {
         // Give the unread upload time to land in the server's receive queue.
         tokio::time::sleep(Duration::from_millis(50)).await;
         if linger {
-            assert!(close_lingering(&server, None));
+            assert!(close_lingering(&server, None, None));
         }
         drop(server);
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -500,6 +500,16 @@ async fn forward(
         return Err(ProxyError::NoHost);
     }
     let body = body.take().ok_or(ProxyError::NoHost)?;
+    // An HTTP/2 GET whose stream ends after its HEADERS (an empty DATA frame) has no body
+    // to send: sent as it is, it went up chunked, and a service ignoring GET bodies read the
+    // chunk framing as another request. What DATA such a GET carries is not passed on.
+    let body = if matches!(parts.method, Method::GET | Method::HEAD | Method::TRACE)
+        && !body.is_end_stream()
+    {
+        super::body::full("")
+    } else {
+        body
+    };
     // `sent` fires when the request body is over (sent, failed or dropped): the response
     // timeout counts from then, so a long upload is not cut off as a slow service. A bodiless
     // request (most) has nothing to count, cap or shape, and its timeout counts from now.
