@@ -169,14 +169,7 @@ impl PerIp {
     /// `what` names the connections in log lines ("HTTP connections"), `setting` the
     /// gateway.toml key that sets `limit`.
     pub fn new(limit: usize, what: &'static str, setting: &'static str) -> Arc<Self> {
-        Arc::new(PerIp {
-            limit: limit.max(1),
-            total: None,
-            what,
-            setting,
-            room: None,
-            open: Mutex::new(Tables::default()),
-        })
+        Self::build(limit, None, false, what, setting)
     }
 
     /// As [`PerIp::new`], and at most `total` connections of all clients together.
@@ -186,31 +179,34 @@ impl PerIp {
         what: &'static str,
         setting: &'static str,
     ) -> Arc<Self> {
-        Arc::new(PerIp {
-            limit: limit.max(1),
-            total: Some(total.max(1)),
-            what,
-            setting,
-            room: None,
-            open: Mutex::new(Tables::default()),
-        })
+        Self::build(limit, Some(total), false, what, setting)
     }
 
     /// As [`PerIp::with_total`]; when all clients together have the total, a client holding
     /// fewer than the one holding the most gets in by ending that one's longest-idle
-    /// connection ([`IpSlot::held`]).
+    /// connection ([`IpSlot::held`], [`PerIp::admit_making_room`]).
     pub fn making_room(
         limit: usize,
         total: usize,
         what: &'static str,
         setting: &'static str,
     ) -> Arc<Self> {
+        Self::build(limit, Some(total), true, what, setting)
+    }
+
+    fn build(
+        limit: usize,
+        total: Option<usize>,
+        room: bool,
+        what: &'static str,
+        setting: &'static str,
+    ) -> Arc<Self> {
         Arc::new(PerIp {
             limit: limit.max(1),
-            total: Some(total.max(1)),
+            total: total.map(|t| t.max(1)),
             what,
             setting,
-            room: Some(Instant::now()),
+            room: room.then(Instant::now),
             open: Mutex::new(Tables::default()),
         })
     }
