@@ -29,18 +29,26 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             roles.dedup();
             let mut z = ZoneDir::open(&zone.zone)?;
             let out = bundle_dir(&zone.zone, out, &name);
-            // Refuse before touching zone.json, so a bad --out never leaves a half-added device.
-            prepare_out(&out)?;
-            let had_config = has_config(&out);
-            let (key, cert) = z.add_device(&name, &roles, &public_addrs, now, days)?;
-            let cfg = z.write_bundle(&out, &name, &key, &cert)?;
-            if had_config {
-                println!(
-                    "{} was there already and is kept; this device's template is {}.new",
-                    cfg.display(),
-                    cfg.display()
-                );
+            // Another device's bundle is never written over (its key, its config). (A name the
+            // zone has already is refused as such below.)
+            let known = z.zone.config.device(&name).is_some() || z.zone.config.is_revoked(&name);
+            if !known && out.join("device.key").exists() {
+                return Err(UsageError(format!(
+                    "--out {}: holds a device's bundle already (device.key): choose another directory",
+                    out.display()
+                ))
+                .into());
             }
+            // Refuse before touching zone.json, so a bad --out never leaves a half-added device.
+            let created = prepare_out(&out)?;
+            let (key, cert) = match z.add_device(&name, &roles, &public_addrs, now, days) {
+                Ok(kc) => kc,
+                Err(e) => {
+                    unmake(&out, created);
+                    return Err(e.into());
+                }
+            };
+            let cfg = z.write_bundle(&out, &name, &key, &cert)?;
             println!(
                 "added {} ({}) to zone {}: serial {}",
                 name,
@@ -123,9 +131,19 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             check_days(days)?;
             let mut z = ZoneDir::open(&zone.zone)?;
             let out = bundle_dir(&zone.zone, out, &name);
-            prepare_out(&out)?;
-            let had_config = has_config(&out);
-            let (key, cert) = z.renew(&name, now, days)?;
+            let created = prepare_out(&out)?;
+            let role_file = match z.zone.config.device(&name) {
+                Some(d) if d.roles.contains(&zone_core::Role::Gateway) => "gateway.toml",
+                _ => "node.toml",
+            };
+            let had_config = out.join(role_file).exists();
+            let (key, cert) = match z.renew(&name, now, days) {
+                Ok(kc) => kc,
+                Err(e) => {
+                    unmake(&out, created);
+                    return Err(e.into());
+                }
+            };
             let cfg = z.write_bundle(&out, &name, &key, &cert)?;
             println!(
                 "renewed {name}: certificate until {}, bundle {}",
@@ -149,22 +167,17 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
     }
 }
 
-/// Whether `out` holds a device config already (kept by `write_bundle`).
-fn has_config(out: &std::path::Path) -> bool {
-    ["gateway.toml", "node.toml"]
-        .iter()
-        .any(|f| out.join(f).exists())
-}
-
 /// The bundle directory `--out` names, made (if need be) and tried for writing before
 /// zone.json changes: a bad `--out` must never leave a change made and its bundle unwritten.
-fn prepare_out(out: &std::path::Path) -> Result<(), UsageError> {
+/// Whether it was made now.
+fn prepare_out(out: &std::path::Path) -> Result<bool, UsageError> {
     if out.exists() && !out.is_dir() {
         return Err(UsageError(format!(
             "--out {}: exists and is not a directory",
             out.display()
         )));
     }
+    let created = !out.exists();
     std::fs::create_dir_all(out)
         .and_then(|()| tempfile::tempfile_in(out).map(drop))
         .map_err(|e| {
@@ -172,5 +185,14 @@ fn prepare_out(out: &std::path::Path) -> Result<(), UsageError> {
                 "--out {}: cannot write a bundle there: {e}",
                 out.display()
             ))
-        })
+        })?;
+    Ok(created)
+}
+
+/// Takes back a bundle directory [`prepare_out`] made for a change the zone then refused
+/// (only if still empty).
+fn unmake(out: &std::path::Path, created: bool) {
+    if created {
+        let _ = std::fs::remove_dir(out);
+    }
 }

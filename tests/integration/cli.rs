@@ -517,6 +517,24 @@ fn renewing_a_device_keeps_its_edited_config() {
     );
     assert!(e.contains("is not a directory"), "{e}");
     assert_eq!(serial(&z), before);
+    // Another device's bundle is never written over.
+    let home1 = z.join("devices/home1");
+    let e = fails(
+        2,
+        [
+            "device",
+            "add",
+            "tv",
+            "--zone",
+            zs,
+            "--role",
+            "node",
+            "--out",
+            home1.to_str().unwrap(),
+        ],
+    );
+    assert!(e.contains("holds a device's bundle already"), "{e}");
+    assert_eq!(serial(&z), before);
 }
 
 #[test]

@@ -234,7 +234,9 @@ impl DeviceCreds {
         };
         let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
         // The owner may have copied another one in meanwhile: that one is looked at next.
-        if std::fs::read(p).ok().as_deref() != Some(refused) {
+        let now =
+            std::fs::read(p).map_err(|e| TunnelError::Config(format!("{}: {e}", p.display())))?;
+        if now != refused {
             return Ok(None);
         }
         let aside = p.with_extension("json.refused");

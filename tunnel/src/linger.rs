@@ -227,6 +227,39 @@ mod tests {
         assert_eq!(n, 160 * 1024);
     }
 
+    /// A lingering socket picked to make room closes at once, its guard (the client's slot)
+    /// with it.
+    #[tokio::test]
+    async fn a_stop_ends_the_lingering_and_gives_the_guard_back() {
+        let (mut client, server) = pair().await;
+        client.write_all(b"still sending").await.unwrap();
+        let slot = std::sync::Arc::new(());
+        let stop = CancellationToken::new();
+        assert!(close_lingering(
+            &server,
+            Some(Box::new(slot.clone())),
+            Some(stop.clone())
+        ));
+        drop(server);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(std::sync::Arc::strong_count(&slot), 2, "lingering holds it");
+        stop.cancel();
+        for _ in 0..100 {
+            if std::sync::Arc::strong_count(&slot) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            std::sync::Arc::strong_count(&slot),
+            1,
+            "still held after the stop"
+        );
+        // Already stopped: no lingering at all.
+        let (_c, s) = pair().await;
+        assert!(!close_lingering(&s, None, Some(stop)));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn lingering_ends_when_the_peer_closes_or_goes_quiet() {
         let (client, server) = pair().await;

@@ -134,7 +134,7 @@ impl End for tokio::net::TcpStream {
     fn abort_receiving(&mut self) {
         // A plain close, no SO_LINGER 0: the FIN already queued goes after the data before
         // it. (Linux still answers with a reset, dropping what is unsent, when the peer's
-        // data waits unread: public client ends linger instead, `crate::linger::Lingering`.)
+        // data waits unread: client ends linger instead, `crate::linger::Lingering`.)
     }
 }
 

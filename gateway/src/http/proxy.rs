@@ -437,8 +437,8 @@ async fn forward(
     // as its next request — one the policy never saw, whose answer could then reach the
     // next client of the pooled connection. HTTP/1 frames a body by its head; HTTP/2 ends a
     // GET's stream with its HEADERS or, some clients, with an empty DATA frame after them:
-    // only a declared length counts there (what HTTP/2 DATA carries goes up chunked, which
-    // a service ignoring it cannot read as a request).
+    // only a declared length counts there (what other DATA such a GET carries is dropped
+    // below, not sent).
     let has_body = body.as_ref().is_some_and(|b| {
         if parts.version == http::Version::HTTP_2 {
             b.size_hint().lower() > 0
