@@ -486,10 +486,7 @@ async fn tcp_conn(
         },
     };
     // The tcp apps' table always makes room (`Listeners::new`); a stand-in is never evicted.
-    let held = slot
-        .held()
-        .cloned()
-        .unwrap_or_else(|| Held::new(std::time::Instant::now()));
+    let held = slot.held().cloned().unwrap_or_else(Held::new);
     // The slot goes with the socket: one that lingers after the copy still counts.
     let lingering =
         tunnel::linger::Lingering::new(tcp, Some(Box::new(slot)), Some(held.eviction_token()));

@@ -10,61 +10,49 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
+use tunnel::flow_activity::FlowActivity;
 use tunnel::holds::Watched;
 use tunnel::splice::{End, ReadRoom};
 
-/// One open connection as a full table sees it.
-#[derive(Debug)]
+/// One open connection as a full table sees it: when its client's bytes last moved, and
+/// the signal that ends it.
+#[derive(Debug, Default)]
 pub struct Held {
-    /// The table's start: `last_ms` of all its connections count from it.
-    epoch: Instant,
-    /// When its client's bytes last moved (either way), in ms since `epoch`.
-    last_ms: AtomicU64,
-    /// Picked to make room (once).
-    evicted: AtomicBool,
+    activity: FlowActivity,
     evict: CancellationToken,
 }
 
 impl Held {
-    pub fn new(epoch: Instant) -> Arc<Self> {
-        let h = Held {
-            epoch,
-            last_ms: AtomicU64::new(0),
-            evicted: AtomicBool::new(false),
-            evict: CancellationToken::new(),
-        };
-        h.touch();
-        Arc::new(h)
+    pub fn new() -> Arc<Self> {
+        Arc::default()
     }
 
     /// Bytes moved now.
     pub fn touch(&self) {
-        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
+        self.activity.touch()
     }
 
-    /// When bytes last moved, in ms since the table's start: smaller is idle longer.
-    pub(crate) fn last_active_ms(&self) -> u64 {
-        self.last_ms.load(Ordering::Relaxed)
+    /// How long since bytes last moved (or since it opened): the longest is the idlest.
+    pub(crate) fn quiet_for(&self) -> Duration {
+        self.activity.quiet_for()
     }
 
     /// Seconds since bytes last moved, for the log line of an eviction.
     pub fn idle_secs(&self) -> u64 {
-        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        now.saturating_sub(self.last_active_ms()) / 1000
+        self.quiet_for().as_secs()
     }
 
-    /// Ends the connection to make room; false if it was picked before.
+    /// Ends the connection to make room; false if it was picked before. (Called under the
+    /// table's lock: no two pickers race.)
     pub(crate) fn evict(&self) -> bool {
-        if self.evicted.swap(true, Ordering::Relaxed) {
+        if self.evict.is_cancelled() {
             return false;
         }
         self.evict.cancel();
@@ -72,7 +60,7 @@ impl Held {
     }
 
     pub fn is_evicted(&self) -> bool {
-        self.evicted.load(Ordering::Relaxed)
+        self.evict.is_cancelled()
     }
 
     /// Resolves once the connection was picked to make room.
@@ -198,27 +186,31 @@ mod tests {
 
     #[tokio::test]
     async fn reads_and_writes_stamp_the_connection() {
-        let held = Held::new(Instant::now());
+        let held = Held::new();
         let (a, mut b) = tokio::io::duplex(64);
         let mut s = Stamped::new(a, held.clone());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        let before = held.last_active_ms();
+        std::thread::sleep(Duration::from_millis(20));
+        let before = held.quiet_for();
+        assert!(before >= Duration::from_millis(20), "{before:?}");
         b.write_all(b"hi").await.unwrap();
         let mut buf = [0u8; 2];
         s.read_exact(&mut buf).await.unwrap();
-        let after_read = held.last_active_ms();
+        let after_read = held.quiet_for();
         assert!(
-            after_read >= before + 20,
-            "a read stamps ({before} → {after_read})"
+            after_read < Duration::from_millis(20),
+            "a read stamps ({after_read:?})"
         );
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(20));
         s.write_all(b"yo").await.unwrap();
-        assert!(held.last_active_ms() >= after_read + 20, "a write stamps");
+        assert!(
+            held.quiet_for() < Duration::from_millis(20),
+            "a write stamps"
+        );
     }
 
     #[test]
     fn a_connection_is_evicted_once() {
-        let held = Held::new(Instant::now());
+        let held = Held::new();
         assert!(!held.is_evicted());
         assert!(held.evict());
         assert!(!held.evict(), "picked before");

@@ -58,9 +58,8 @@ pub struct PerIp {
     /// limit, for the log lines.
     what: &'static str,
     setting: &'static str,
-    /// When full, ends idle connections of the client holding the most for others: the start
-    /// of its connections' activity clocks ([`Held`]).
-    room: Option<Instant>,
+    /// When full, ends idle connections of the client holding the most for others ([`Held`]).
+    room: bool,
     open: Mutex<Tables>,
 }
 
@@ -206,7 +205,7 @@ impl PerIp {
             total: total.map(|t| t.max(1)),
             what,
             setting,
-            room: room.then(Instant::now),
+            room,
             open: Mutex::new(Tables::default()),
         })
     }
@@ -225,7 +224,7 @@ impl PerIp {
     /// caller to decide ([`Full::Total`]): a connection the policy or a rate limit would
     /// refuse must not end someone else's.
     pub fn try_admit(self: &Arc<Self>, ip: IpAddr) -> Result<IpSlot, Full> {
-        let at_total = if self.room.is_some() {
+        let at_total = if self.room {
             AtTotal::Defer
         } else {
             AtTotal::Refuse
@@ -267,7 +266,7 @@ impl PerIp {
                 }
             }
         }
-        let held = self.room.map(Held::new);
+        let held = self.room.then(Held::new);
         if let Some(site) = site {
             t.sites.entry(site).or_default().open += 1;
         }
@@ -337,7 +336,7 @@ impl Tables {
             .held
             .iter()
             .filter(|h| !h.is_evicted())
-            .min_by_key(|h| h.last_active_ms());
+            .max_by_key(|h| h.quiet_for());
         if !victim.is_some_and(|v| v.evict()) {
             return false;
         }

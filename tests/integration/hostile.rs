@@ -1473,6 +1473,29 @@ async fn udp_ask(
     (s, got)
 }
 
+/// A gateway (timings of `fast_tuning`) whose policy is one public `udp` app `name` leading
+/// to home1's service of that name, its options changed by `tweak` first.
+async fn udp_app_gateway(
+    z: &TestZone,
+    name: &str,
+    tweak: impl FnOnce(&mut gateway::GatewayOptions),
+) -> RunningGateway {
+    z.write_policy(
+        "apps.toml",
+        &format!("[app.{name}]\nudp = {{ listen = \"127.0.0.1:0\" }}\nto = \"home1/{name}\"\nallow = {{ from = [\"public\"] }}\n"),
+    );
+    let mut opts = gateway_options(
+        z,
+        "gw",
+        z.gw_addr,
+        fast_tuning(),
+        Duration::from_millis(500),
+        None,
+    );
+    tweak(&mut opts);
+    run_gateway(opts).await
+}
+
 /// One client address holds at most `udp_flows_per_ip` flows of a `udp` app (8 here; 256 by
 /// default): a host sending from thousands of source ports used to take all 4,096 flow slots,
 /// and every other client's datagrams were then dropped. Another address is served meanwhile.
@@ -1480,13 +1503,7 @@ async fn udp_ask(
 async fn one_client_address_cannot_take_every_udp_flow() {
     let t = fast_tuning();
     let z = TestZone::new(&["home1"]);
-    z.write_policy(
-        "apps.toml",
-        "[app.uecho]\nudp = { listen = \"127.0.0.1:0\" }\nto = \"home1/uecho\"\nallow = { from = [\"public\"] }\n",
-    );
-    let mut opts = gateway_options(&z, "gw", z.gw_addr, t, Duration::from_millis(500), None);
-    opts.udp_flows_per_ip = 8;
-    let gw = run_gateway(opts).await;
+    let gw = udp_app_gateway(&z, "uecho", |o| o.udp_flows_per_ip = 8).await;
     let echo = udp_echo().await;
     let svcs = services(&[("uecho", echo, tunnel::proto::ServiceProto::Udp)]);
     let _h1 = start_agent(&z, "home1", svcs, vec![], t).await;
@@ -1522,13 +1539,7 @@ async fn one_client_address_cannot_take_every_udp_flow() {
 async fn a_udp_table_full_of_unanswered_flows_makes_room() {
     let t = fast_tuning();
     let z = TestZone::new(&["home1"]);
-    z.write_policy(
-        "apps.toml",
-        "[app.picky]\nudp = { listen = \"127.0.0.1:0\" }\nto = \"home1/picky\"\nallow = { from = [\"public\"] }\n",
-    );
-    let mut opts = gateway_options(&z, "gw", z.gw_addr, t, Duration::from_millis(500), None);
-    opts.udp_flows_per_app = 4;
-    let gw = run_gateway(opts).await;
+    let gw = udp_app_gateway(&z, "picky", |o| o.udp_flows_per_app = 4).await;
     // Echoes everything but datagrams that start with "quiet".
     let service = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let service_addr = service.local_addr().unwrap();

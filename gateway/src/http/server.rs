@@ -262,14 +262,24 @@ where
                 None => RespBody::UntilClose,
             }
         };
+        out.clear();
+        let body_unread = {
+            let mut w = lock(&wire);
+            // A final answer makes a `100 Continue` moot, unless it is half written.
+            match w.body.continue_due {
+                Some(0) => w.body.continue_due = None,
+                Some(k) => {
+                    out.copy(&CONTINUE[k..]);
+                    w.body.continue_due = None;
+                }
+                None => {}
+            }
+            !matches!(w.body.left, Left::Done) || w.body.failed
+        };
         // An interim answer nobody asked to switch on (a service's stray `101`) ends the
         // exchange: the client cannot know what follows it. A request body not read whole
         // by now (an answer before the upload ended: a refusal, a 413) most likely ends it
         // too, and the client is told so (RFC 9112 §9.6) rather than finding out by the close.
-        let body_unread = {
-            let w = lock(&wire);
-            !matches!(w.body.left, Left::Done) || w.body.failed
-        };
         let close = !switching
             && (!keep_alive
                 || body_unread
@@ -281,19 +291,6 @@ where
             (false, Version::HTTP_10) if !switching => ConnHeader::KeepAlive,
             _ => ConnHeader::Default,
         };
-        out.clear();
-        {
-            // A final answer makes a `100 Continue` moot, unless it is half written.
-            let mut w = lock(&wire);
-            match w.body.continue_due {
-                Some(0) => w.body.continue_due = None,
-                Some(k) => {
-                    out.copy(&CONTINUE[k..]);
-                    w.body.continue_due = None;
-                }
-                None => {}
-            }
-        }
         server_h1::encode_response_head(
             status,
             &parts.headers,
