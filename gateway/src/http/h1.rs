@@ -270,7 +270,8 @@ pub fn parse_response(
     let raw = buf.split_to(n).freeze();
     let mut headers = HeaderMap::with_capacity(spans.len());
     let mut lengths: Option<Result<u64, ()>> = None;
-    let mut chunked_last = None;
+    // Transfer codings named (all headers together), and how many of them were `chunked`.
+    let mut codings = None::<(usize, usize)>;
     let mut close = version == Version::HTTP_10;
     let mut keep_alive_token = false;
     let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
@@ -305,13 +306,14 @@ pub fn parse_response(
                 _ => Err(()),
             });
         } else if name == header::TRANSFER_ENCODING {
-            // The last coding of the last header decides (RFC 9112 §6.3 item 4).
-            if let Some(last) = value_bytes
+            let (all, chunked) = codings.get_or_insert((0, 0));
+            for t in value_bytes
                 .split(|&b| b == b',')
                 .map(<[u8]>::trim_ascii)
-                .rfind(|t| !t.is_empty())
+                .filter(|t| !t.is_empty())
             {
-                chunked_last = Some(last.eq_ignore_ascii_case(b"chunked"));
+                *all += 1;
+                *chunked += usize::from(t.eq_ignore_ascii_case(b"chunked"));
             }
         } else if name == header::CONNECTION {
             for t in value_bytes.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
@@ -337,15 +339,20 @@ pub fn parse_response(
         || status == StatusCode::NOT_MODIFIED;
     let framing = if no_body {
         BodyFraming::Empty
-    } else if let Some(chunked) = chunked_last {
+    } else if let Some(named) = codings {
+        // Only a lone `chunked` on HTTP/1.1 can be passed on: `Transfer-Encoding` is
+        // hop-by-hop, so a body still gzip-coded after de-chunking ("gzip, chunked"), or
+        // raw chunk framing read to the close ("chunked, gzip", HTTP/1.0), would reach the
+        // client with nothing saying how to read it (nginx refuses these too).
+        if named != (1, 1) || version != Version::HTTP_11 {
+            return Err(H1Error::Head(
+                "the service's answer uses a transfer coding other than chunked".into(),
+            ));
+        }
         // A transfer coding overrides any length, which is then dropped: forwarded, it
         // would frame the client's copy of a body it no longer describes (smuggling).
         headers.remove(header::CONTENT_LENGTH);
-        if chunked && version == Version::HTTP_11 {
-            BodyFraming::Chunked
-        } else {
-            BodyFraming::UntilClose
-        }
+        BodyFraming::Chunked
     } else {
         match lengths {
             Some(Ok(0)) => BodyFraming::Empty,
@@ -750,19 +757,26 @@ mod tests {
             27,
             "an incomplete head is left in the buffer"
         );
-        let chunked =
-            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n";
+        let chunked = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n";
         let (h, _) = head(chunked).unwrap().unwrap();
         assert_eq!(h.framing, BodyFraming::Chunked);
         assert!(
             !h.headers.contains_key(header::CONTENT_LENGTH),
             "length dropped"
         );
-        let (h, _) = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n")
-            .unwrap()
-            .unwrap();
-        assert_eq!(h.framing, BodyFraming::UntilClose);
-        assert!(!h.keep_alive);
+        // Codings the client would get no word of once the hop-by-hop header is dropped.
+        for coded in [
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert!(
+                matches!(head(coded), Err(H1Error::Head(_))),
+                "{coded:?} accepted"
+            );
+        }
         let (h, _) = head("HTTP/1.1 200 OK\r\n\r\n").unwrap().unwrap();
         assert_eq!(h.framing, BodyFraming::UntilClose);
         let (h, _) = head("HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n")

@@ -199,8 +199,19 @@ pub fn write_request_headers(headers: &HeaderMap, fwd: &Forwarded<'_>, out: &mut
     } else {
         std::collections::HashSet::new()
     };
+    let mut cookies_written = false;
     for (name, value) in headers {
         if listed.contains(name) {
+            continue;
+        }
+        if name == header::COOKIE {
+            // HTTP/2 clients send each cookie as its own field (RFC 9113 §8.2.3: joined with
+            // "; " for HTTP/1.1); as several lines, most servers kept only the first cookie or
+            // joined them with ", ", which breaks the value.
+            if !cookies_written {
+                cookies_written = true;
+                join_cookies(headers, out);
+            }
             continue;
         }
         let name = name.as_str();
@@ -224,6 +235,18 @@ pub fn write_request_headers(headers: &HeaderMap, fwd: &Forwarded<'_>, out: &mut
     if let Some(prefix) = fwd.prefix {
         line(out, "x-forwarded-prefix", prefix.as_bytes());
     }
+}
+
+/// Every `Cookie` field as one line, the values joined with "; ".
+fn join_cookies(headers: &HeaderMap, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"cookie: ");
+    for (i, v) in headers.get_all(header::COOKIE).iter().enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b"; ");
+        }
+        out.extend_from_slice(v.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 fn line(out: &mut Vec<u8>, name: &str, value: &[u8]) {
@@ -381,6 +404,26 @@ mod tests {
             ..fwd(None)
         };
         assert!(sent(&h, &stripped, false).is_empty());
+    }
+
+    #[test]
+    fn cookie_fields_go_up_as_one_line() {
+        let h = map(&[
+            ("cookie", "a=1"),
+            ("accept", "*/*"),
+            ("cookie", "session=xyz"),
+            ("cookie", "c=3"),
+        ]);
+        let got = sent(&h, &fwd(None), false);
+        let cookies: Vec<&str> = got
+            .get_all(header::COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(cookies, ["a=1; session=xyz; c=3"]);
+        assert!(got.contains_key("accept"));
+        let one = sent(&map(&[("cookie", "a=1")]), &fwd(None), false);
+        assert_eq!(one[header::COOKIE], "a=1");
     }
 
     #[test]

@@ -648,6 +648,15 @@ async fn send(
                         error: r.open_error(&key.device),
                     });
                 }
+                // As a waiting open's timeout (504, "did not answer in time"), not a 502
+                // blaming the service's HTTP.
+                if error.reply_timed_out() {
+                    return Err(ProxyError::Open {
+                        app: key.app.clone(),
+                        service: key.service.clone(),
+                        error: tunnel::OpenError::Timeout(key.device.clone()),
+                    });
+                }
                 match again {
                     Some(o) if reused => {
                         debug!(app = %key.app, device = %key.device, %error,

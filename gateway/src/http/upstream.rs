@@ -213,6 +213,15 @@ impl UpstreamError {
         }
     }
 
+    /// The device did not reply to the early-opened stream in time (a timeout of the tunnel,
+    /// not an answer of the service).
+    pub fn reply_timed_out(&self) -> bool {
+        match self {
+            UpstreamError::Io { error, .. } => tunnel::stream::ReplyTimedOut::is_in(error),
+            _ => false,
+        }
+    }
+
     /// Why the client's request body failed on the way up, if that is what ended the request
     /// (see [`UpstreamError::too_large`] and [`UpstreamError::body_stalled`] for two reasons).
     pub fn request_body(&self) -> Option<&BoxError> {
@@ -262,7 +271,8 @@ pub struct SendError {
 pub struct Outgoing {
     head: Bytes,
     head_request: bool,
-    idempotent: bool,
+    /// Bodiless and idempotent: may go again whole after a connection ended unanswered.
+    replayable: bool,
     body: Option<ReqBody>,
 }
 
@@ -293,25 +303,25 @@ impl Outgoing {
             ReqFraming::Length(n) => Some(ReqBody::new(body, Some(n))),
             ReqFraming::Chunked => Some(ReqBody::new(body, None)),
         };
-        let idempotent = matches!(
-            *method,
-            Method::GET
-                | Method::HEAD
-                | Method::OPTIONS
-                | Method::TRACE
-                | Method::PUT
-                | Method::DELETE
-        );
+        // Decided here, from the framing: `send` takes the body out before the answer comes,
+        // and a PUT judged by its body then went again as a head promising a body that never
+        // followed (the service waited for it, or read the next request as it).
+        let replayable = framing == ReqFraming::Empty
+            && matches!(
+                *method,
+                Method::GET
+                    | Method::HEAD
+                    | Method::OPTIONS
+                    | Method::TRACE
+                    | Method::PUT
+                    | Method::DELETE
+            );
         Outgoing {
             head: Bytes::from(head),
             head_request: *method == Method::HEAD,
-            idempotent,
+            replayable,
             body,
         }
-    }
-
-    fn replayable(&self) -> bool {
-        self.idempotent && self.body.is_none()
     }
 }
 
@@ -450,7 +460,7 @@ impl Upstream {
         let wrote =
             std::future::poll_fn(|cx| poll_write_all(&mut *self.io, cx, &head, &mut written)).await;
         if let Err(error) = wrote {
-            let again = (written == 0 || out.replayable()).then_some(out);
+            let again = (written == 0 || out.replayable).then_some(out);
             return Err(SendError {
                 error: UpstreamError::Io {
                     error,
@@ -488,7 +498,7 @@ impl Upstream {
                 Ok(UpBody::response(self, head, writer))
             }
             Err(error) => {
-                let again = (out.replayable() && error.ended_unanswered()).then_some(out);
+                let again = (out.replayable && error.ended_unanswered()).then_some(out);
                 Err(SendError { error, again })
             }
         }
@@ -1237,6 +1247,19 @@ mod tests {
         let e = up.send(post).await.unwrap_err();
         assert!(e.error.ended_unanswered());
         assert!(e.again.is_none(), "a POST is not repeated");
+        // Idempotent, but its body went up with the first try: a second head would promise
+        // a body that never follows.
+        let (up, _t) = scripted(b"", false);
+        let put = request(Method::PUT, &[("content-length", "2")], body::full("hi"));
+        let e = up.send(put).await.unwrap_err();
+        assert!(e.error.ended_unanswered());
+        assert!(e.again.is_none(), "a PUT with a body is not repeated");
+        let (up, _t) = scripted(b"", false);
+        let e = up
+            .send(request(Method::DELETE, &[], body::full("")))
+            .await
+            .unwrap_err();
+        assert!(e.again.is_some(), "a bodiless DELETE goes again");
     }
 
     #[tokio::test]
