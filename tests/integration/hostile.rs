@@ -198,12 +198,22 @@ async fn the_admin_api_bounds_its_connections() {
     }
     assert!(opened.elapsed() >= HEADER_TIMEOUT - Duration::from_secs(1));
     let mut m = tokio::net::TcpStream::connect(gw.admin).await.unwrap();
-    m.write_all(b"GET /status HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+    m.write_all(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
     let mut status = String::new();
     m.read_to_string(&mut status).await.unwrap();
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    // A request under another name (a page in a browser here, its name rebound to
+    // 127.0.0.1) reads nothing.
+    let mut m = tokio::net::TcpStream::connect(gw.admin).await.unwrap();
+    m.write_all(b"GET /status HTTP/1.1\r\nHost: rebound.example:9090\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut refused = String::new();
+    m.read_to_string(&mut refused).await.unwrap();
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    assert!(!refused.contains("agents"), "{refused}");
     gw.shutdown.cancel();
 }
 
@@ -242,27 +252,50 @@ async fn a_device_that_never_answers_a_stream_cannot_hold_connections() {
     let mut io = ControlIo::new(send, recv, ControlSession::agent(hello));
     io.flush().await.unwrap();
     wait_until("home2 registered", WAIT, || gw.hub.agent("home2").is_some()).await;
-    // Accepts every stream and keeps it, unanswered.
+    // Accepts every stream and reads it, unanswered, counting what arrives.
+    let got = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let held = tokio::spawn({
         let conn = conn.clone();
+        let got = got.clone();
         async move {
             let mut kept = Vec::new();
-            while let Ok(s) = conn.accept_bi().await {
-                kept.push(s);
+            while let Ok((send, mut recv)) = conn.accept_bi().await {
+                let got = got.clone();
+                kept.push(send);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(Some(n)) = recv.read(&mut buf).await {
+                        got.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
             }
         }
     });
-    let mut c = tokio::net::TcpStream::connect(gw.apps["mute"])
+    let c = tokio::net::TcpStream::connect(gw.apps["mute"])
         .await
         .unwrap();
-    c.write_all(b"hello?").await.unwrap();
-    c.shutdown().await.unwrap();
+    let (mut r, mut w) = c.into_split();
     let started = std::time::Instant::now();
-    let r = tokio::time::timeout(t.open_timeout + WAIT, c.read(&mut [0u8; 16]))
+    let upload = tokio::spawn(async move {
+        let _ = w.write_all(&vec![b'u'; 1 << 20]).await;
+        let _ = w.shutdown().await;
+        w
+    });
+    // Before the device's reply, only the first EARLY_BYTES go with the open: an upload
+    // sent whole would sit unread against the flow-control window every stream of the
+    // device shares (a device slow to reach its service stalled all its apps).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let early = got.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        early > 0 && early <= tunnel::stream::EARLY_BYTES + 512,
+        "{early} bytes went before the reply"
+    );
+    let read = tokio::time::timeout(t.open_timeout + WAIT, r.read(&mut [0u8; 16]))
         .await
         .expect("the connection was held past the open timeout");
-    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     assert!(started.elapsed() >= t.open_timeout - Duration::from_secs(1));
+    upload.abort();
     held.abort();
     drop(io);
     gw.shutdown.cancel();
@@ -1291,7 +1324,7 @@ async fn one_client_address_cannot_take_the_whole_http_front() {
     assert!(again.is_some(), "a closed connection gave its slot back");
 
     let mut m = tokio::net::TcpStream::connect(admin).await.unwrap();
-    m.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+    m.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
     let mut text = String::new();
@@ -1355,7 +1388,7 @@ async fn one_client_address_cannot_hold_every_tcp_app_connection() {
     // Another address is not affected.
     drop(echoing_from("127.0.0.2", app, b"another client").await);
     let mut m = tokio::net::TcpStream::connect(gw.admin).await.unwrap();
-    m.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+    m.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
     let mut metrics = String::new();

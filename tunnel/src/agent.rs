@@ -1383,6 +1383,16 @@ impl Agent {
                     Err(OpenError::Refused { code, reason, .. }) => {
                         // An answer all the same: the peer has this connection.
                         self.peers.confirm(&f.device, &pc);
+                        // The peer's service itself is missing or down: the relay ends at the
+                        // same device, which would try the same connect again (seconds more
+                        // for the client, for the same answer).
+                        if matches!(
+                            code,
+                            RefuseCode::NoSuchService | RefuseCode::ServiceUnreachable
+                        ) {
+                            info!(listen = %f.listen, to = %to, client = %client, via = "direct", %code, reason = %reason, "forward refused");
+                            return;
+                        }
                         debug!(to = %to, %code, reason = %reason, "direct stream refused: using the relay");
                         break;
                     }
@@ -1393,9 +1403,15 @@ impl Agent {
                 }
             }
         }
-        let links = self.links_for(&f.device);
+        let mut links = self.links_for(&f.device);
+        if !mesh_peer {
+            // A gateway's own service: over its own link only. Relayed by another gateway,
+            // the stream would cross it in plaintext (end-to-end encryption is between mesh
+            // peers), for that gateway to read.
+            links.retain(|(l, _)| l.name == f.device);
+        }
         if links.is_empty() {
-            warn!(listen = %f.listen, to = %to, "forward refused: no gateway connected and no direct path");
+            warn!(listen = %f.listen, to = %to, "forward refused: no gateway connected that reaches it, and no direct path");
             return;
         }
         let peer_key = if mesh_peer {

@@ -736,8 +736,13 @@ impl Hub {
     fn on_event(&self, link: &Arc<AgentLink>, ev: Event) -> Option<String> {
         match ev {
             Event::ServicesUpdate { services } => {
-                info!(device = %link.device, services = ?services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), "services changed");
-                *link.services.write().unwrap_or_else(|p| p.into_inner()) = services;
+                let mut current = link.services.write().unwrap_or_else(|p| p.into_inner());
+                // Logged only when the list changes: an update is 3 bytes on the wire, and a
+                // device repeating one would write a line each.
+                if *current != services {
+                    info!(device = %link.device, services = ?services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), "services changed");
+                    *current = services;
+                }
             }
             Event::ConfigUpdate { zone_config, .. } => {
                 if let Err(e) = self.adopt_zone_from(&zone_config, &link.device) {

@@ -45,24 +45,49 @@ impl StreamRefused {
 
     /// The refusal somewhere in `e`'s chain of sources, if any.
     pub fn find<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a StreamRefused> {
-        let mut cur = Some(e);
-        while let Some(err) = cur {
-            if let Some(r) = err.downcast_ref::<StreamRefused>() {
-                return Some(r);
-            }
-            // io::Error::source() skips the error it wraps: look inside it explicitly.
-            if let Some(r) = err
-                .downcast_ref::<io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<StreamRefused>())
-            {
-                return Some(r);
-            }
-            cur = err.source();
-        }
-        None
+        find_in(e)
     }
 }
+
+/// What the reads and writes of an early-opened stream fail with when the acceptor did not
+/// reply within the open's timeout: found like [`StreamRefused`], so that the caller can
+/// report a timeout (the device's, not the service's) where only an `io::Error` came through.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the device did not answer the stream in time")]
+pub struct ReplyTimedOut;
+
+impl ReplyTimedOut {
+    /// Whether `e`'s chain of sources holds it.
+    pub fn is_in(e: &(dyn std::error::Error + 'static)) -> bool {
+        find_in::<ReplyTimedOut>(e).is_some()
+    }
+}
+
+/// The `T` somewhere in `e`'s chain of sources, if any.
+fn find_in<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(r) = err.downcast_ref::<T>() {
+            return Some(r);
+        }
+        // io::Error::source() skips the error it wraps: walk into it instead (an io::Error
+        // may wrap another, as layers that pass only io::Errors on do).
+        cur = match err.downcast_ref::<io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    None
+}
+
+/// Payload an early-opened stream ([`open_early`]) may send before the acceptor's reply:
+/// enough for a request or a protocol's first message to go with the open. Unbounded, a
+/// device slow to reach its service (a LAN host asleep: seconds per connect) held the
+/// connection's flow-control window with unread uploads, eight streams of 4 MiB all of it,
+/// and every other stream to the device waited.
+pub const EARLY_BYTES: usize = 64 * 1024;
 
 /// Both halves of a stream, plus payload bytes that arrived with the header.
 #[derive(Debug)]
@@ -77,6 +102,8 @@ pub struct QuicStream {
     /// When waiting for that reply ends (the open's timeout, counted from the open): an
     /// acceptor that never answers would otherwise hold the stream and whoever reads it.
     reply_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Payload this early-opened stream may still send before the reply ([`EARLY_BYTES`]).
+    early_left: usize,
     /// The acceptor refused the stream (read in place of the reply of an early open).
     refused: Option<StreamRefused>,
     /// Every read of `recv` goes through it ([`QuicStream::poll_quinn`]).
@@ -116,6 +143,7 @@ impl QuicStream {
             meter: None,
             reply: None,
             reply_deadline: None,
+            early_left: 0,
             refused: None,
             gate: ReadGate::new(),
         }
@@ -230,7 +258,7 @@ impl QuicStream {
                     if d.as_mut().poll(cx).is_ready() {
                         return Poll::Ready(Err(io::Error::new(
                             io::ErrorKind::TimedOut,
-                            "the device did not answer the stream in time",
+                            ReplyTimedOut,
                         )));
                     }
                 }
@@ -289,10 +317,28 @@ impl QuicStream {
                 Poll::Pending => return Poll::Pending,
             }
         }
-        if let (Some(m), Poll::Ready(Ok(n))) = (&self.meter, &r) {
-            m.sent.fetch_add(*n as u64, Ordering::Relaxed);
+        if let Poll::Ready(Ok(n)) = &r {
+            if self.reply.is_some() {
+                self.early_left = self.early_left.saturating_sub(*n);
+            }
+            if let Some(m) = &self.meter {
+                m.sent.fetch_add(*n as u64, Ordering::Relaxed);
+            }
         }
         r
+    }
+
+    /// How much of `want` bytes may be written now: all once the reply is read; before it,
+    /// what is left of [`EARLY_BYTES`], and when nothing is, the reply is waited for.
+    fn room(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        if self.reply.is_none() {
+            return Poll::Ready(Ok(want));
+        }
+        if self.early_left == 0 {
+            ready!(self.poll_reply(cx))?;
+            return Poll::Ready(Ok(want));
+        }
+        Poll::Ready(Ok(want.min(self.early_left)))
     }
 
     /// Counts `n` bytes read.
@@ -332,7 +378,9 @@ impl AsyncWrite for QuicStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let r = AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf).map_err(io::Error::other);
+        let n = ready!(self.room(cx, buf.len()))?;
+        let r = AsyncWrite::poll_write(Pin::new(&mut self.send), cx, &buf[..n])
+            .map_err(io::Error::other);
         self.wrote(cx, r)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -410,6 +458,24 @@ impl crate::splice::End for QuicStream {
         cx: &mut Context<'_>,
         chunks: &mut VecDeque<Bytes>,
     ) -> Poll<io::Result<usize>> {
+        if self.reply.is_some() {
+            let want: usize = chunks.iter().map(|c| c.len()).sum();
+            let room = ready!(self.room(cx, want))?;
+            if room < want {
+                // Part of the first chunk only, copied: this happens once per early open.
+                let first = chunks.front().map(|c| c.len()).unwrap_or(0);
+                let Some(head) = chunks.front().map(|c| c.slice(..room.min(first))) else {
+                    return Poll::Ready(Ok(0));
+                };
+                let r = AsyncWrite::poll_write(Pin::new(&mut self.send), cx, &head)
+                    .map_err(io::Error::other);
+                let r = self.wrote(cx, r);
+                if let Poll::Ready(Ok(n)) = r {
+                    crate::splice::consume(chunks, n);
+                }
+                return r;
+            }
+        }
         let send = &mut self.send;
         let r = pin!(send.write_chunks(chunks.make_contiguous()))
             .poll(cx)
@@ -570,6 +636,7 @@ pub async fn open_with(
     if early {
         let mut s = QuicStream::new(send, recv, Bytes::new());
         s.reply = Some(BytesMut::new());
+        s.early_left = EARLY_BYTES;
         s.reply_deadline = Some(Box::pin(tokio::time::sleep_until(deadline)));
         return Ok(s);
     }
@@ -587,5 +654,22 @@ pub async fn open_with(
             code,
             reason,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_timeout_is_found_through_io_errors() {
+        let inner = io::Error::new(io::ErrorKind::TimedOut, ReplyTimedOut);
+        assert!(ReplyTimedOut::is_in(&inner));
+        // As hyper or a splice pass it on: wrapped again.
+        let wrapped = io::Error::other(inner);
+        assert!(ReplyTimedOut::is_in(&wrapped));
+        let other = io::Error::new(io::ErrorKind::TimedOut, "some other timeout");
+        assert!(!ReplyTimedOut::is_in(&other));
+        assert!(StreamRefused::find(&wrapped).is_none());
     }
 }
