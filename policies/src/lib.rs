@@ -19,7 +19,7 @@
 //! - [`limits`], [`bandwidth`]: rate limiters, connection guards, bandwidth shapers.
 //! - [`accounting`]: per-app counters and their `/status` and `/metrics` forms.
 //! - [`store`]: the live policy, reload and the directory watcher; [`mod@diff`]: what a reload
-//!   changed.
+//!   changed; [`accepted`]: the copy of the last accepted files a restart falls back to.
 //!
 //! # Semantics in one place
 //! - Deny by default: an app without `allow` admits nobody; a request no rule admits is
@@ -28,6 +28,7 @@
 //!   CIDRs what they say.
 //! - Time windows use a fixed UTC offset (`tz`, default UTC); no daylight-saving rules.
 
+pub mod accepted;
 pub mod accounting;
 pub mod bandwidth;
 pub mod diff;
@@ -49,7 +50,9 @@ pub use error::{PolicyError, Position};
 pub use eval::{Decision, DenyReason, MeshDecision, Requester, Timestamp};
 pub use limits::{AppLimits, ConnGuard, LimitKey, RetryAfter};
 pub use model::*;
-pub use parse::{check_dir, check_sources, check_str, policy_files, MAX_FILE_BYTES};
+pub use parse::{
+    check_dir, check_dir_sources, check_sources, check_str, policy_files, Sources, MAX_FILE_BYTES,
+};
 pub use policy::CompiledPolicy;
 pub use schema::{Day, Per};
 pub use store::{

@@ -19,6 +19,14 @@ pub const MAX_FILE_BYTES: u64 = 1 << 20;
 /// sub-directories and hidden files are ignored). An empty directory is a valid policy that
 /// denies everything.
 pub fn check_dir(dir: &Path) -> Result<CompiledPolicy, Vec<PolicyError>> {
+    check_dir_sources(dir).map(|(policy, _)| policy)
+}
+
+/// Policy files as `(path, text)`, in the order they are checked.
+pub type Sources = Vec<(PathBuf, String)>;
+
+/// [`check_dir`], also giving back the `(path, text)` of each file that compiled.
+pub fn check_dir_sources(dir: &Path) -> Result<(CompiledPolicy, Sources), Vec<PolicyError>> {
     let files = policy_files(dir).map_err(|e| vec![e])?;
     let mut sources = Vec::with_capacity(files.len());
     let mut errs = Vec::new();
@@ -29,7 +37,7 @@ pub fn check_dir(dir: &Path) -> Result<CompiledPolicy, Vec<PolicyError>> {
         }
     }
     match check_sources(&sources) {
-        Ok(p) if errs.is_empty() => Ok(p),
+        Ok(p) if errs.is_empty() => Ok((p, sources)),
         Ok(_) => Err(errs),
         Err(mut more) => {
             errs.append(&mut more);

@@ -182,6 +182,8 @@ pub struct PolicyStore {
     epoch: tokio::sync::watch::Sender<u64>,
     /// What the gateway checks of a reloaded policy before it serves ([`PolicyStore::set_check`]).
     check: Mutex<Option<ReloadCheck>>,
+    /// Where each policy that serves is copied ([`crate::accepted`]); None: nowhere.
+    accepted: Option<PathBuf>,
 }
 
 /// A check of a compiled policy that only its user can make (a gateway: can it listen on the
@@ -200,30 +202,89 @@ impl std::fmt::Debug for ReloadCheck {
 }
 
 impl PolicyStore {
-    /// Loads `dir`; at startup a bad policy is fatal, so errors are returned.
+    /// Loads `dir`; a bad policy is an error (nothing falls back).
     pub fn load(dir: &Path) -> Result<Self, Vec<PolicyError>> {
         let read_at = fingerprint(dir);
         let policy = crate::check_dir(dir)?;
+        Ok(Self::serving(dir, policy, started(), read_at, None))
+    }
+
+    /// Loads `dir` as a gateway starts: a policy that compiles is served and copied to
+    /// [`crate::accepted::path_for`]`(dir)` (as every reload's is); one that does not is
+    /// logged and reported in the status while the last accepted copy serves, so an edit
+    /// refused while the gateway ran does not keep it from starting again. Without a copy
+    /// that compiles, the directory's errors are returned.
+    pub fn load_keeping_accepted(dir: &Path) -> Result<Self, Vec<PolicyError>> {
+        let accepted = crate::accepted::path_for(dir);
+        let read_at = fingerprint(dir);
+        let errs = match crate::check_dir_sources(dir) {
+            Ok((policy, sources)) => {
+                if let Some(path) = &accepted {
+                    keep_accepted(path, &sources);
+                }
+                return Ok(Self::serving(dir, policy, started(), read_at, accepted));
+            }
+            Err(errs) => errs,
+        };
+        let Some(path) = accepted.as_ref().filter(|p| p.exists()) else {
+            return Err(errs);
+        };
+        let (policy, saved_at) = match crate::accepted::load(path, dir) {
+            Ok((sources, at)) => match crate::check_sources(&sources) {
+                Ok(policy) => (policy, at),
+                Err(more) => {
+                    tracing::warn!(copy = %path.display(), errors = more.len(), "the last accepted policy's copy does not compile either");
+                    return Err(errs);
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the last accepted policy's copy");
+                return Err(errs);
+            }
+        };
+        for e in &errs {
+            tracing::error!(error = %e, "policy directory refused at start");
+        }
+        let saved = crate::accepted::when(saved_at);
+        let note = format!(
+            "serving the last accepted policy ({}, saved {saved}) until the errors above are fixed",
+            path.display()
+        );
+        tracing::error!(dir = %dir.display(), copy = %path.display(), saved = %saved, apps = policy.apps().len(), "policy directory refused at start: serving the last accepted policy until it is fixed");
+        let mut status = started();
+        status.ok = false;
+        status.errors = errs.iter().map(|e| e.to_string()).collect();
+        status.errors.push(note);
+        Ok(Self::serving(dir, policy, status, read_at, accepted))
+    }
+
+    /// A store serving `policy`, its status `status` with what the policy holds filled in.
+    fn serving(
+        dir: &Path,
+        policy: CompiledPolicy,
+        status: ReloadStatus,
+        read_at: Fingerprint,
+        accepted: Option<PathBuf>,
+    ) -> Self {
         let status = ReloadStatus {
-            ok: true,
-            at: Timestamp::now().0,
             files: policy.files().len(),
             apps: policy.apps().len(),
-            errors: Vec::new(),
             changes: policy
                 .apps()
                 .iter()
                 .map(|a| format!("+{}", a.name))
                 .collect(),
+            ..status
         };
-        Ok(PolicyStore {
+        PolicyStore {
             dir: dir.to_path_buf(),
             current: ArcSwap::from_pointee(Active::new(policy, None)),
             last: Mutex::new(status),
             read_at: Mutex::new(read_at),
             epoch: tokio::sync::watch::Sender::new(0),
             check: Mutex::new(None),
-        })
+            accepted,
+        }
     }
 
     /// Makes every reload pass `check` too before its policy serves: one it refuses is
@@ -312,16 +373,17 @@ impl PolicyStore {
         let files = crate::policy_files(&self.dir).map(|f| f.len()).unwrap_or(0);
         let at = Timestamp::from(SystemTime::now()).0;
         let check = self.check.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let checked = crate::check_dir(&self.dir).and_then(|policy| match &check {
-            Some(ReloadCheck(f)) => f(&policy, &self.current.load().policy)
-                .map(|()| policy)
-                .map_err(|msgs| {
-                    msgs.into_iter()
-                        .map(|m| PolicyError::whole(&self.dir, m))
-                        .collect()
-                }),
-            None => Ok(policy),
-        });
+        let checked =
+            crate::check_dir_sources(&self.dir).and_then(|(policy, sources)| match &check {
+                Some(ReloadCheck(f)) => f(&policy, &self.current.load().policy)
+                    .map(|()| (policy, sources))
+                    .map_err(|msgs| {
+                        msgs.into_iter()
+                            .map(|m| PolicyError::whole(&self.dir, m))
+                            .collect()
+                    }),
+                None => Ok((policy, sources)),
+            });
         match checked {
             // Saved again while being read: what was read may be half of one save. The watcher
             // sees the change and reads the files again once they settle.
@@ -331,7 +393,10 @@ impl PolicyStore {
                 tracing::debug!(dir = %self.dir.display(), "policy files changed while being read; reading them again once they settle");
                 Ok(Vec::new())
             }
-            Ok(policy) => {
+            Ok((policy, sources)) => {
+                if let Some(path) = &self.accepted {
+                    keep_accepted(path, &sources);
+                }
                 let old = self.current.load_full();
                 let changes = diff(&old.policy, &policy);
                 let apps = policy.apps().len();
@@ -368,6 +433,26 @@ impl PolicyStore {
 
     fn set_status(&self, s: ReloadStatus) {
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+}
+
+/// A load's status before [`PolicyStore::serving`] fills in what serves.
+fn started() -> ReloadStatus {
+    ReloadStatus {
+        ok: true,
+        at: Timestamp::now().0,
+        files: 0,
+        apps: 0,
+        errors: Vec::new(),
+        changes: Vec::new(),
+    }
+}
+
+/// Copies the files of a policy that now serves; a copy that cannot be written is logged
+/// (the policy serves anyway; only a later start with a bad directory misses it).
+fn keep_accepted(path: &Path, sources: &[(PathBuf, String)]) {
+    if let Err(e) = crate::accepted::save(path, sources, Timestamp::now().0) {
+        tracing::warn!(copy = %path.display(), error = %e, "cannot keep a copy of the accepted policy; a start while the directory holds errors will fail");
     }
 }
 

@@ -806,3 +806,59 @@ async fn two_mesh_apps_renamed_at_once_start_afresh() {
     let (n1, n2) = (limits(&store, "n1"), limits(&store, "n2"));
     assert!(!Arc::ptr_eq(&n1, &n2), "one app's limiters shared by two");
 }
+
+/// An edit refused while the gateway ran stays in the directory: the next start serves the
+/// policy that served last (from its copy) and reports the errors, instead of not starting.
+#[tokio::test]
+async fn a_start_with_a_refused_edit_serves_the_last_accepted_policy() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("policies");
+    std::fs::create_dir(&dir).expect("mkdir");
+    write(&dir, "a.toml", APP_A);
+    let store = PolicyStore::load_keeping_accepted(&dir).expect("load");
+    write(&dir, "b.toml", "[app.b]\nmesh = true\nto = \"d/t\"\n");
+    store.reload().expect("reload");
+    // The refused edit: a typo in `from`.
+    write(&dir, "a.toml", &APP_A.replace("public", "publc"));
+    assert!(store.reload().is_err());
+    drop(store);
+
+    let restarted = PolicyStore::load_keeping_accepted(&dir).expect("falls back to the copy");
+    let cur = restarted.current();
+    let mut apps: Vec<&str> = cur.policy.apps().iter().map(|a| a.name.as_str()).collect();
+    apps.sort();
+    assert_eq!(apps, ["a", "b"], "the policy that served last");
+    let status = restarted.last_reload();
+    assert!(!status.ok, "the directory's errors are reported");
+    assert!(
+        status.errors.iter().any(|e| e.contains("publc")),
+        "{status:?}"
+    );
+    assert!(
+        status.errors.iter().any(|e| e.contains("last accepted")),
+        "{status:?}"
+    );
+    // A plain load has no fallback.
+    assert!(PolicyStore::load(&dir).is_err());
+
+    // Fixed: the next reload serves the directory and keeps it as the copy.
+    write(&dir, "a.toml", APP_A);
+    std::fs::remove_file(dir.join("b.toml")).expect("rm");
+    restarted.reload().expect("fixed");
+    assert!(restarted.last_reload().ok);
+    write(&dir, "a.toml", "not toml [");
+    drop(restarted);
+    let again = PolicyStore::load_keeping_accepted(&dir).expect("copy of the fixed policy");
+    let names: Vec<String> = again
+        .current()
+        .policy
+        .apps()
+        .iter()
+        .map(|a| a.name.clone())
+        .collect();
+    assert_eq!(names, ["a"]);
+
+    // Without a copy, a bad directory still keeps the gateway from starting.
+    std::fs::remove_file(policies::accepted::path_for(&dir).expect("path")).expect("rm copy");
+    assert!(PolicyStore::load_keeping_accepted(&dir).is_err());
+}

@@ -83,6 +83,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     }
     let services = Arc::new(config::services(&f.services)?);
     let forwards = config::forwards(&f.forward, &f.device)?;
+    config::gateway_forwards_local(&forwards)?;
     let tuning = config::tuning(&f.tunnel)?;
     let threads =
         config::threads(&a.config, f.threads)?.unwrap_or_else(|| config::gateway_threads(cores()));
@@ -106,7 +107,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     if !dir.is_dir() {
         return Err(UsageError(format!("policy directory {} does not exist: create it (it may be empty) or pass --policies DIR", dir.display())).into());
     }
-    let policy = policies::PolicyStore::load(&dir).map_err(|errs| {
+    let policy = policies::PolicyStore::load_keeping_accepted(&dir).map_err(|errs| {
         let list: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
         UsageError(format!(
             "policy refused ({} errors):\n  {}",
@@ -226,7 +227,10 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
                 "streams_cut": a2.streams_cut(),
             })
         });
-        tokio::spawn(gateway::admin::serve(admin, status, shutdown.clone()));
+        // Answers through the agent's drain; stops with it.
+        let admin_stop = CancellationToken::new();
+        let _admin_stop = admin_stop.clone().drop_guard();
+        tokio::spawn(gateway::admin::serve(admin, status, admin_stop));
         tokio::spawn(on_signal(shutdown.clone()));
         tokio::spawn(crate::memory::release_freed_memory());
         agent.run(shutdown).await;
