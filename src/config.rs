@@ -439,7 +439,29 @@ pub fn parse_forward_flag(s: &str) -> Result<ForwardEntry, UsageError> {
     })
 }
 
+/// A gateway's forwards listen on loopback only: whoever connects to one reaches the device
+/// as the gateway itself (its mesh identity and roles), past every per-client limit. On a
+/// public or wildcard address that would be anyone on the internet.
+pub fn gateway_forwards_local(forwards: &[Forward]) -> Result<(), UsageError> {
+    match forwards.iter().find(|f| !f.listen.ip().is_loopback()) {
+        None => Ok(()),
+        Some(f) => Err(UsageError(format!(
+            "forward {} -> {}/{}: a gateway's forward listens on loopback only (127.0.0.1 or [::1]), since it reaches the device as the gateway; to offer a device's service to others, add a tcp app to the policy (its `from`, rate and connection limits apply)",
+            f.listen, f.device, f.service
+        ))),
+    }
+}
+
 pub fn services(map: &BTreeMap<String, ServiceEntry>) -> Result<LocalServices, UsageError> {
+    // The hello that tells the gateway the services carries at most this many: past it, the
+    // agent would start and then fail every connect.
+    let most = tunnel::proto::limits::MAX_SERVICES;
+    if map.len() > most {
+        return Err(UsageError(format!(
+            "{} services configured: a device offers at most {most}; remove some (or move them to another device)",
+            map.len()
+        )));
+    }
     let mut out = BTreeMap::new();
     for (name, e) in map {
         check_name("service", name)?;
@@ -616,6 +638,42 @@ mod tests {
             );
         }
         assert!(toml::from_str::<FrontSection>("response_timeout = 5").is_err());
+    }
+
+    #[test]
+    fn a_gateways_forwards_listen_on_loopback_only() {
+        let me: DeviceName = "gw".parse().unwrap();
+        let entry = |listen: &str| ForwardEntry {
+            listen: listen.parse().unwrap(),
+            to: "home2/etcd".into(),
+        };
+        for ok in ["127.0.0.1:2379", "[::1]:2379"] {
+            let f = forwards(&[entry(ok)], &me).unwrap();
+            assert!(gateway_forwards_local(&f).is_ok(), "{ok}");
+        }
+        for public in ["0.0.0.0:2379", "[::]:2379", "203.0.113.10:2379"] {
+            let f = forwards(&[entry(public)], &me).unwrap();
+            let e = gateway_forwards_local(&f).unwrap_err().to_string();
+            assert!(e.contains("loopback only") && e.contains("tcp app"), "{e}");
+        }
+    }
+
+    #[test]
+    fn more_services_than_a_hello_carries_are_refused() {
+        let entry = |i: u16| ServiceEntry {
+            local: SocketAddr::from(([127, 0, 0, 1], 1000 + i)),
+            proto: Proto::Tcp,
+        };
+        let most = tunnel::proto::limits::MAX_SERVICES as u16;
+        let mut map: BTreeMap<String, ServiceEntry> =
+            (0..most).map(|i| (format!("s{i}"), entry(i))).collect();
+        assert!(services(&map).is_ok());
+        map.insert("one-more".into(), entry(most));
+        let e = services(&map).unwrap_err().to_string();
+        assert!(
+            e.contains("257 services") && e.contains("at most 256"),
+            "{e}"
+        );
     }
 
     #[test]

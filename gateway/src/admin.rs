@@ -64,6 +64,8 @@ pub async fn serve_with(
         };
         info!(addr = %a, paths, "admin API listening");
     }
+    // Checked only on loopback: bound elsewhere on purpose, the API may be reached by a name.
+    let check_host = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     while let Some((tcp, peer)) = tunnel::sockets::accept_until(&listener, &shutdown).await {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
@@ -78,6 +80,13 @@ pub async fn serve_with(
                 let status = status.clone();
                 let extras = extras.clone();
                 async move {
+                    if check_host && !addressed_to_this_machine(&req) {
+                        return Ok::<_, Infallible>(reply(
+                            StatusCode::FORBIDDEN,
+                            "text/plain",
+                            "the admin API answers requests to 127.0.0.1, [::1] or localhost only\n",
+                        ));
+                    }
                     let resp = match (req.method(), req.uri().path()) {
                         (&Method::GET, "/metrics") if extras.metrics.is_some() => {
                             let m = extras.metrics.as_ref().map(|f| f()).unwrap_or_default();
@@ -122,6 +131,30 @@ pub async fn serve_with(
     }
 }
 
+/// Whether the request names this machine (an IP address or `localhost`, any port) as its
+/// host, or names none. A web page in a browser on this machine can point its own name at
+/// 127.0.0.1 (DNS rebinding) and then read loopback answers as its own: its requests carry
+/// that name.
+fn addressed_to_this_machine<B>(req: &Request<B>) -> bool {
+    let Some(host) = req.headers().get(hyper::header::HOST) else {
+        return true;
+    };
+    let Some(authority) = host
+        .to_str()
+        .ok()
+        .and_then(|h| h.parse::<hyper::http::uri::Authority>().ok())
+    else {
+        return false;
+    };
+    let name = authority.host();
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok()
+}
+
 /// The admin address could not be bound; the message says which setting to change. It embeds
 /// the I/O error, which is therefore not a `source` (error chains would print it twice).
 #[derive(Debug, thiserror::Error)]
@@ -153,4 +186,43 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
     TcpListener::bind(addr)
         .await
         .map_err(|error| BindError { addr, error })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn to(host: Option<&str>) -> bool {
+        let mut b = Request::builder().uri("/status");
+        if let Some(h) = host {
+            b = b.header("host", h);
+        }
+        addressed_to_this_machine(&b.body(()).unwrap())
+    }
+
+    #[test]
+    fn only_requests_to_this_machine_are_answered_on_loopback() {
+        for ok in [
+            Some("127.0.0.1:9090"),
+            Some("127.0.0.1"),
+            Some("[::1]:9090"),
+            Some("[::1]"),
+            Some("localhost:9090"),
+            Some("LOCALHOST"),
+            Some("10.0.0.1:9090"),
+            None,
+        ] {
+            assert!(to(ok), "{ok:?}");
+        }
+        for refused in [
+            "evil.example:9090",
+            "evil.example",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io",
+            "",
+            "a b",
+        ] {
+            assert!(!to(Some(refused)), "{refused:?}");
+        }
+    }
 }

@@ -262,6 +262,16 @@ impl Listeners {
         errors
     }
 
+    /// The messages for `policy`'s apps that ask for one of the gateway's own sockets.
+    pub fn own_clashes(&self, policy: &policies::CompiledPolicy) -> Vec<String> {
+        wanted(policy)
+            .into_iter()
+            .filter_map(|(key, app)| {
+                own_socket(&self.reserved, key).map(|e| listen_error(&app, key, &e, ""))
+            })
+            .collect()
+    }
+
     /// Binds that failed and are retried at the next reconcile.
     pub fn has_failures(&self) -> bool {
         !self.failed.is_empty()

@@ -89,6 +89,10 @@ pub enum StartError {
     Admin(#[from] admin::BindError),
     #[error("{0}")]
     Bind(String),
+    /// A setting to change (restarting cannot help): a policy app on one of the gateway's
+    /// own ports.
+    #[error("{0}")]
+    Usage(String),
     #[error("HTTPS: {0}")]
     Tls(#[from] front::tls::TlsError),
     /// Its messages name DNS themselves.
@@ -279,6 +283,13 @@ impl Gateway {
                 per_app: opts.udp_flows_per_app,
             },
         );
+        // Clashes with the gateway's own sockets first: a config error, not a bind failure
+        // that a restart might get past (exit 2, which a service manager does not restart).
+        let clashes = listeners.own_clashes(&hub.policy().current().policy);
+        if !clashes.is_empty() {
+            shutdown.cancel();
+            return Err(StartError::Usage(clashes.join("; ")));
+        }
         let errors = listeners.reconcile(&hub, &shutdown).await;
         if !errors.is_empty() {
             shutdown.cancel();
@@ -436,7 +447,11 @@ impl Gateway {
                 Arc::new(move || front::status_page::render(&status()))
             }),
         };
-        tokio::spawn(admin::serve_with(admin, status, extras, shutdown.clone()));
+        // Not `shutdown`: the API answers through the drain ("draining": true in /status),
+        // when monitoring most needs it, and stops once the gateway has.
+        let admin_stop = CancellationToken::new();
+        let _admin_stop = admin_stop.clone().drop_guard();
+        tokio::spawn(admin::serve_with(admin, status, extras, admin_stop));
         if let Some(l) = http {
             tokio::spawn(front.clone().serve(l, None, shutdown.clone()));
         }
@@ -581,7 +596,9 @@ async fn forward_loop(hub: Hub, f: Forward, l: TcpListener, shutdown: Cancellati
         let _ = tcp.set_nodelay(true);
         // A local client's end: an early answer must reach it whole (a lingering close).
         let mut tcp = tunnel::linger::Lingering::new(tcp, None, None);
-        tokio::spawn(async move {
+        // On the hub's work tracker, as public connections: a drain gives it `grace_secs`.
+        let work = hub.work().clone();
+        work.spawn(async move {
             let me = hub.creds().name().to_owned();
             let roles = hub.creds().roles();
             let active = hub.policy().current();

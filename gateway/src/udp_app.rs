@@ -164,12 +164,14 @@ impl Entry {
         }
     }
 
-    /// Whether a full table may end it for a newcomer: closed by the device, or never
-    /// answered and quiet for [`EVICT_QUIET`].
-    fn evictable(&self) -> bool {
+    /// Whether a full table may end it for a newcomer: closed by the device, quiet for
+    /// `idle` (the sweep has not come by yet), or never answered and quiet for
+    /// [`EVICT_QUIET`].
+    fn evictable(&self, idle: Duration) -> bool {
         match &self.state {
             State::Open { flow, .. } => {
-                !flow.is_alive() || (!self.answered() && self.activity.quiet_for() >= EVICT_QUIET)
+                let quiet = self.activity.quiet_for();
+                !flow.is_alive() || quiet >= idle || (!self.answered() && quiet >= EVICT_QUIET)
             }
             State::Opening(_) => false,
         }
@@ -226,7 +228,9 @@ pub async fn run(
         stop: stop.clone(),
     };
     let mut buf = vec![0u8; UDP_READ];
-    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    // A short idle time is kept to within a quarter of itself, not SWEEP_EVERY.
+    let mut sweep =
+        tokio::time::interval(SWEEP_EVERY.min(idle / 4).max(Duration::from_millis(100)));
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -464,12 +468,12 @@ impl AppSocket {
         let victims: Vec<SocketAddr> = self
             .flows
             .iter()
-            .filter(|(_, e)| e.evictable())
+            .filter(|(_, e)| e.evictable(self.idle))
             .map(|(peer, _)| *peer)
             .take(most)
             .collect();
         if !victims.is_empty() {
-            warn!(app = %app, addr = %self.listen, ended = victims.len(), flows = self.flows.len(), "UDP flow table full: ending flows the device closed or never answered that went quiet");
+            warn!(app = %app, addr = %self.listen, ended = victims.len(), flows = self.flows.len(), "UDP flow table full: ending flows the device closed, idle ones, and unanswered ones that went quiet");
         }
         for peer in victims {
             if let Some(e) = self.flows.remove(&peer) {

@@ -54,6 +54,9 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         if let Some(zone_core::ZoneError::Usage(_)) = cause.downcast_ref() {
             return EXIT_USAGE;
         }
+        if let Some(gateway::run::StartError::Usage(_)) = cause.downcast_ref() {
+            return EXIT_USAGE;
+        }
     }
     EXIT_FAILURE
 }

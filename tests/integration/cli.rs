@@ -695,6 +695,44 @@ fn busy_admin_port_names_the_setting() {
     assert_eq!(e.matches("(os error").count(), 1, "{e}");
 }
 
+/// A policy app on one of the gateway's own ports is a setting to change, not a failure a
+/// restart gets past: exit 2 (which the systemd unit does not restart), the setting named.
+#[test]
+fn an_app_on_the_gateways_own_port_is_a_usage_error() {
+    let t = tempfile::tempdir().unwrap();
+    let z = zone_with_devices(t.path());
+    let gw = z.join("devices/gw/gateway.toml");
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let text: String = std::fs::read_to_string(&gw)
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            !["admin =", "listen =", "http =", "https =", "dns ="]
+                .iter()
+                .any(|k| l.starts_with(k))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(
+        &gw,
+        format!("admin = \"{admin}\"\nlisten = \"127.0.0.1:0\"\nhttp = \"off\"\nhttps = \"off\"\ndns = \"off\"\n{text}"),
+    )
+    .unwrap();
+    std::fs::write(
+        z.join("devices/gw/policies/clash.toml"),
+        format!("[app.clash]\ntcp = {{ listen = \"{admin}\" }}\nto = \"home1/web\"\nallow = {{ from = [\"public\"] }}\n"),
+    )
+    .unwrap();
+    let e = fails(2, ["gateway", "--config", gw.to_str().unwrap()]);
+    assert!(
+        e.contains("app clash") && e.contains("gateway's own `admin`"),
+        "{e}"
+    );
+}
+
 #[test]
 fn policy_check_and_explain() {
     let t = tempfile::tempdir().unwrap();
@@ -992,7 +1030,7 @@ fn zone_config_over_the_gateways_dns_verify_and_node_bootstrap() {
     loop {
         let st = std::net::TcpStream::connect(("127.0.0.1", admin)).and_then(|mut s| {
             use std::io::{Read, Write};
-            s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            s.write_all(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
             let mut b = String::new();
             s.read_to_string(&mut b)?;
             Ok(b)

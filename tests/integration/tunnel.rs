@@ -396,7 +396,7 @@ async fn agent_reconnects_after_gateway_restart_and_drain_tells_agents() {
         fast_tuning(),
     )
     .await;
-    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_secs(10)).await;
     wait_until("home1 connected", WAIT, || gw.hub.agents().len() == 1).await;
     let link = h1.agent.links()[0].clone();
     // The hub registers the agent when it sends Welcome; the agent marks the link up on receipt.
@@ -405,6 +405,15 @@ async fn agent_reconnects_after_gateway_restart_and_drain_tells_agents() {
     })
     .await;
     assert_eq!(roundtrip(gw.apps["echo"], b"one").await.unwrap(), b"one");
+    // A connection open through the drain: the drain waits for it (up to the grace).
+    let mut held = tokio::net::TcpStream::connect(gw.apps["echo"])
+        .await
+        .unwrap();
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        held.write_all(b"x").await.unwrap();
+        held.read_exact(&mut [0u8; 1]).await.unwrap();
+    }
 
     // Drain: the agent hears about it before the gateway goes away.
     gw.shutdown.cancel();
@@ -412,6 +421,12 @@ async fn agent_reconnects_after_gateway_restart_and_drain_tells_agents() {
         link.status().state != "up"
     })
     .await;
+    // The admin API answers through the drain, and says so.
+    eventually_async("/status says draining", || async {
+        admin_status(gw.admin).await.contains("\"draining\": true")
+    })
+    .await;
+    drop(held);
     gw.task.await.unwrap();
 
     // A new gateway on the same address: the agent comes back by itself.
@@ -675,7 +690,7 @@ async fn admin_status(admin: std::net::SocketAddr) -> String {
         return String::new();
     };
     let _ = s
-        .write_all(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .write_all(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         .await;
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out).await;
