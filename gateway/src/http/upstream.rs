@@ -333,6 +333,10 @@ struct ReqBody {
     /// Encoded pieces not yet written (a chunk's size line, its data, its CRLF).
     out: VecDeque<Bytes>,
     ended: bool,
+    /// The last write waits for the stream (the service is not reading), not for the client.
+    stream_full: bool,
+    /// Bytes the stream took so far: the service reading is progress of the exchange.
+    sent: u64,
 }
 
 /// Why a request body stopped going up.
@@ -359,6 +363,8 @@ impl ReqBody {
             left,
             out: VecDeque::with_capacity(3),
             ended: false,
+            stream_full: false,
+            sent: 0,
         }
     }
 
@@ -370,10 +376,13 @@ impl ReqBody {
     ) -> Poll<Result<(), WriteError>> {
         loop {
             while !self.out.is_empty() {
-                let n = ready!(io.poll_write_chunks(cx, &mut self.out)).map_err(WriteError::Io)?;
+                let written = io.poll_write_chunks(cx, &mut self.out);
+                self.stream_full = written.is_pending();
+                let n = ready!(written).map_err(WriteError::Io)?;
                 if n == 0 {
                     return Poll::Ready(Err(WriteError::Io(io::ErrorKind::WriteZero.into())));
                 }
+                self.sent += n as u64;
             }
             if self.ended {
                 return Poll::Ready(Ok(()));
@@ -652,7 +661,15 @@ impl UpBody {
             return Poll::Ready(None);
         };
         if let Some(w) = self.writer.as_mut() {
-            if let Poll::Ready(r) = w.poll_write(&mut *conn.io, cx) {
+            let sent = w.sent;
+            let r = w.poll_write(&mut *conn.io, cx);
+            if w.sent != sent {
+                // The service read some of the upload: the exchange moves.
+                if let Some(s) = self.stall.as_mut() {
+                    s.progress();
+                }
+            }
+            if let Poll::Ready(r) = r {
                 self.writer = None;
                 // Whatever failed, the service has its answer going: finish reading it,
                 // but do not reuse a connection whose request was cut short.
@@ -721,8 +738,10 @@ impl UpBody {
             let read = match conn.io.poll_read_chunk(cx, max) {
                 Poll::Pending => {
                     // Waiting for the client's upload (the rest of the request body still
-                    // going up) is not the service's wait.
-                    if self.writer.is_some() {
+                    // going up) is not the service's wait; a service that neither reads the
+                    // upload nor answers is (it held the request, its slots and the stream
+                    // for as long as the client kept sending).
+                    if self.writer.as_ref().is_some_and(|w| !w.stream_full) {
                         if let Some(s) = self.stall.as_mut() {
                             s.progress();
                         }
@@ -1230,6 +1249,40 @@ mod tests {
         assert!(
             matches!(e, UpstreamError::Malformed(H1Error::Chunk(_))),
             "{e}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_service_that_neither_reads_the_upload_nor_answers_more_is_cut() {
+        let (a, mut b) = tokio::io::duplex(4 * 1024);
+        let _service = tokio::spawn(async move {
+            let mut req = [0u8; 512];
+            let _ = b.read(&mut req).await.unwrap();
+            b.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+                .await
+                .unwrap();
+            // Reads nothing more of the upload, and writes nothing more.
+            std::future::pending::<()>().await;
+            drop(b);
+        });
+        let upload = Frames {
+            left: 10_000,
+            size: 1024,
+            stall: false,
+        };
+        let put = request(Method::PUT, &[], upload.boxed_unsync());
+        let resp = Upstream::new(a).send(put).await.unwrap();
+        let mut body = resp
+            .into_body()
+            .read_timeout(std::time::Duration::from_secs(30));
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"hello");
+        let next = tokio::time::timeout(std::time::Duration::from_secs(300), body.frame())
+            .await
+            .expect("held past the read timeout");
+        assert!(
+            matches!(next, Some(Err(UpstreamError::Stalled(_)))),
+            "{next:?}"
         );
     }
 
