@@ -634,3 +634,64 @@ async fn a_relayed_stream_ends_when_the_policy_stops_allowing_it() {
     wait_until("the cut stream's bytes counted", WAIT, || moved() >= 5).await;
     m.gw.shutdown.cancel();
 }
+
+/// A stream on the direct path ends when the gateway's policy stops allowing it, as a relayed
+/// one does: the gateway revokes the permit at the device serving it (`PermitRevoke`). It
+/// used to run on, and new direct streams were served for the rest of the permit's 15 min.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_stream_ends_when_the_policy_stops_allowing_it() {
+    let MeshZone { z, gw, h1, h2, fwd } = mesh_zone().await;
+    assert_eq!(roundtrip(fwd, b"first").await.unwrap(), b"first");
+    wait_until("direct path home1 <-> home2", WAIT, || {
+        let up = |a: &RunningAgent, peer: &str| {
+            a.agent
+                .peers()
+                .iter()
+                .any(|p| p.device == peer && p.path == "direct")
+        };
+        up(&h1, "home2") && up(&h2, "home1")
+    })
+    .await;
+    let mut long = tokio::net::TcpStream::connect(fwd).await.unwrap();
+    long.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    long.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    let permits = || {
+        h1.agent
+            .peers()
+            .iter()
+            .find(|p| p.device == "home2")
+            .map(|p| p.permits.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(permits(), ["echo"], "home1 lets home2 reach echo directly");
+
+    z.write_policy(
+        "mesh.toml",
+        &MESH_POLICY.replace("device:home2", "device:home3"),
+    );
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            if long.write_all(b"more").await.is_err() {
+                return;
+            }
+            match long.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the direct stream ran on after the policy stopped allowing it"
+    );
+    wait_until("home1 dropped the permit", WAIT, || permits().is_empty()).await;
+    // A new connection gets nowhere: refused directly (no permit), then by the relay.
+    let again = roundtrip(fwd, b"again").await;
+    assert!(again.as_ref().map_or(true, |b| b.is_empty()), "{again:?}");
+    h1.shutdown.cancel();
+    h2.shutdown.cancel();
+    gw.shutdown.cancel();
+}

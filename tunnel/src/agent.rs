@@ -32,7 +32,7 @@ use crate::proto::{
     UdpFlowOpen,
 };
 use crate::services::LocalServices;
-use crate::splice::splice;
+use crate::splice::{splice, splice_until};
 use crate::status::{LinkStatus, PeerStatus};
 use crate::stream::{self, QuicStream};
 use crate::transport::{
@@ -323,8 +323,13 @@ enum Carry {
     Plain,
     /// Relayed from device `peer`: Noise end to end, initiator must hold `key`.
     E2e { peer: String, key: [u8; 32] },
-    /// Direct from `peer` (TLS-authenticated), under a permit of app `app`.
-    Direct { peer: String, app: String },
+    /// Direct from `peer` (TLS-authenticated), under a permit of app `app`; `revoked` fires
+    /// when the gateway revokes that permit.
+    Direct {
+        peer: String,
+        app: String,
+        revoked: CancellationToken,
+    },
 }
 
 impl Agent {
@@ -881,6 +886,11 @@ impl Agent {
                 return Some(format!("gateway reported a control error: {message}"));
             }
             Event::PeerAddr(pa) => self.on_peer_addr(pa),
+            Event::PermitRevoke { device, service } => {
+                if self.peers.revoke_permit(&device, &service) {
+                    info!(gateway = %link.name, peer = %device, service = %service, "direct-path permit revoked by the gateway's policy: its direct streams end");
+                }
+            }
             other => debug!(event = ?other, "control event ignored"),
         }
         None
@@ -1170,10 +1180,11 @@ impl Agent {
                     .peers
                     .permitted(peer, &service, self.gateways_lost_at())
                 {
-                    Some(app) => (
+                    Some((app, revoked)) => (
                         Carry::Direct {
                             peer: peer.clone(),
                             app,
+                            revoked,
                         },
                         "direct".to_owned(),
                         Some(pc.stream_guard()),
@@ -1234,8 +1245,17 @@ impl Agent {
         let mut q = QuicStream::new(send, recv, rest).watched(holds, &app, &service);
         let (m, app) = match carry {
             Carry::Plain => (splice(&mut q, &mut tcp).await, app),
-            Carry::Direct { peer, app } => {
-                let m = splice(&mut q, &mut tcp).await;
+            Carry::Direct { peer, app, revoked } => {
+                // Ends when the gateway revokes the permit: the relay's own streams end when
+                // the policy stops allowing them, and a direct one must not outlive that.
+                let stop = async move {
+                    revoked.cancelled().await;
+                    "the gateway's policy no longer allows it".to_owned()
+                };
+                let m = splice_until(&mut q, &mut tcp, stop).await;
+                if let Some(why) = &m.stopped {
+                    info!(peer = %peer, service = %service, app = %app, reason = %why, "direct stream cut");
+                }
                 let (inn, out) = (m.a_to_b, m.b_to_a);
                 self.peers.counters(&peer).record(true, out, inn);
                 (m, app)

@@ -169,6 +169,9 @@ struct MeshPair {
     punches: u64,
     last_relay: Option<Instant>,
     last_punch: Option<Instant>,
+    /// Services among [`MeshPair::services`] whose direct-path permit this hub revoked at the
+    /// target (sent once; a relayed stream allowed again clears it).
+    revoked: Vec<String>,
 }
 
 /// Services remembered per device pair ([`MeshPair::services`]).
@@ -472,6 +475,7 @@ impl Hub {
     pub async fn serve(&self, endpoint: Endpoint, shutdown: CancellationToken, grace: Duration) {
         info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "tunnel hub listening (QUIC, ALPN zonegate/1)");
         tokio::spawn(self.clone().sweep_holds(shutdown.clone()));
+        tokio::spawn(self.clone().revoke_permits(shutdown.clone()));
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -489,6 +493,90 @@ impl Hub {
             });
         }
         self.drain(&endpoint, grace).await;
+    }
+
+    /// Whenever the policy or the minute changes, revokes the direct-path permits it no
+    /// longer backs ([`Hub::revoke_refused_permits`]).
+    async fn revoke_permits(self, shutdown: CancellationToken) {
+        let mut epoch = self.0.cfg.policy.subscribe();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = epoch.changed() => if r.is_err() { return },
+            }
+            self.revoke_refused_permits();
+        }
+    }
+
+    /// A device that accepted a relayed stream from a peer lets that peer reach the service
+    /// directly for a while ([`crate::peers`]): the hub asks again, for every pair it relayed
+    /// within [`crate::peers::PERMIT_TTL`], whether the policy still allows it, and tells the
+    /// target to drop each permit it no longer does (`PermitRevoke`). The target's direct
+    /// streams then end as the relay's own do ([`PolicyStore::until_mesh_refused`]); without
+    /// this they ran on after an edit or the end of a time window.
+    fn revoke_refused_permits(&self) {
+        let pairs: Vec<(String, String, Vec<String>)> = {
+            let m = self.0.mesh.lock().unwrap_or_else(|p| p.into_inner());
+            m.iter()
+                .filter(|(_, p)| {
+                    p.last_relay
+                        .is_some_and(|t| t.elapsed() < crate::peers::PERMIT_TTL)
+                })
+                .map(|((from, to), p)| {
+                    let open: Vec<String> = p
+                        .services
+                        .iter()
+                        .filter(|s| !p.revoked.contains(s))
+                        .cloned()
+                        .collect();
+                    (from.clone(), to.clone(), open)
+                })
+                .filter(|(_, _, open)| !open.is_empty())
+                .collect()
+        };
+        if pairs.is_empty() {
+            return;
+        }
+        let active = self.0.cfg.policy.current();
+        let zone = self.0.cfg.creds.zone();
+        let now = Timestamp::now();
+        for (from, to, services) in pairs {
+            let Some(target) = self.agent(&to) else {
+                continue;
+            };
+            // The peer's roles as its certificate says (connected) or the zone config does.
+            let roles: Vec<&'static str> = match self.agent(&from) {
+                Some(l) => l.roles.clone(),
+                None => zone
+                    .config
+                    .devices
+                    .iter()
+                    .find(|d| d.name.as_str() == from)
+                    .map(|d| d.roles.iter().map(|r| r.as_str()).collect())
+                    .unwrap_or_default(),
+            };
+            for service in services {
+                let allowed = active
+                    .policy
+                    .decide_mesh(&from, &roles, &to, &service, now)
+                    .decision
+                    .is_allow();
+                if allowed {
+                    continue;
+                }
+                let (peer, svc) = (from.clone(), service.clone());
+                if target
+                    .ctl
+                    .try_apply(move |s| s.send_permit_revoke(peer, svc))
+                {
+                    info!(device = %to, peer = %from, service = %service, "direct-path permit revoked: the policy no longer allows it");
+                    self.mesh_pair(&from, &to, |p| {
+                        p.revoked.push(service);
+                        p.revoked.retain(|s| p.services.contains(s));
+                    });
+                }
+            }
+        }
     }
 
     /// Cuts, on every link, the longest-held streams beyond what its window allows
@@ -955,6 +1043,8 @@ impl Hub {
             self.mesh_pair(&link.device, &to_device, |p| {
                 p.streams += 1;
                 p.last_relay = Some(Instant::now());
+                // Allowed again: a later refusal is revoked again.
+                p.revoked.retain(|s| *s != service);
                 if !p.services.contains(&service) {
                     if p.services.len() >= PAIR_SERVICES {
                         p.services.remove(0);

@@ -31,7 +31,10 @@
 //! (a *permit*, valid [`PERMIT_TTL`]). A direct `Open` from a peer (identified by its TLS
 //! certificate, never by the header) is served only for a permitted service; B still serves only
 //! its named services. A refused or failed direct open falls back to the relay, which renews the
-//! permit. A direct path that dies is dropped and later streams use the relay again.
+//! permit. When the policy stops allowing a (peer, service) it once relayed (an edit, a time
+//! window's end), the gateway sends B `PermitRevoke`: the permit goes and the direct streams
+//! opened under it end, as relayed ones do. A direct path that dies is dropped and later
+//! streams use the relay again.
 //!
 //! Direct paths do not need the gateway once up: they keep working while it is down.
 
@@ -42,6 +45,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, Endpoint};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::creds::DeviceCreds;
@@ -58,7 +62,8 @@ pub const PUNCH_INTERVAL: Duration = Duration::from_secs(30);
 pub const PUNCH_ATTEMPTS: u32 = 3;
 pub const PUNCH_ATTEMPT: Duration = Duration::from_secs(2);
 /// How long a gateway-approved (peer, service) may be used directly without passing through
-/// the gateway again: a policy change on the gateway reaches direct paths within this time.
+/// the gateway again. The gateway revokes permits the policy stops allowing as it changes
+/// (`PermitRevoke`); this bounds the rest (a revocation sent while this agent was away).
 pub const PERMIT_TTL: Duration = Duration::from_secs(15 * 60);
 /// Check interval of a retired duplicate connection that still carries streams.
 const RETIRE_POLL: Duration = Duration::from_millis(500);
@@ -182,10 +187,27 @@ struct PeerState {
     last_nonce: Option<u64>,
     punches: u64,
     direct_connects: u64,
-    /// service → (app the gateway decided, valid until)
-    permits: HashMap<String, (String, Instant)>,
+    /// By service: what the gateway let this peer reach here directly.
+    permits: HashMap<String, Permit>,
     counters: Arc<PeerCounters>,
     last_error: Option<String>,
+}
+
+/// A peer's leave to use one service here over a direct path.
+#[derive(Debug)]
+struct Permit {
+    /// The app the gateway decided it under.
+    app: String,
+    until: Instant,
+    /// Fired when the gateway revokes it (or the peer is revoked): the direct streams opened
+    /// under it end, as the relay ends the relayed ones.
+    stop: CancellationToken,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 /// The agent's table of mesh peers.
@@ -374,22 +396,42 @@ impl Peers {
     /// Notes that the gateway let `peer` open `service` here (relayed, origin proven by Noise).
     pub fn grant(&self, peer: &str, service: &str, app: &str) {
         self.with(peer, |s| {
-            s.permits.insert(
-                service.to_owned(),
-                (app.to_owned(), Instant::now() + PERMIT_TTL),
-            );
+            let until = Instant::now() + PERMIT_TTL;
+            // Renewed in place: the streams opened under it keep their stop signal.
+            match s.permits.get_mut(service) {
+                Some(p) => {
+                    p.app = app.to_owned();
+                    p.until = until;
+                }
+                None => {
+                    s.permits.insert(
+                        service.to_owned(),
+                        Permit {
+                            app: app.to_owned(),
+                            until,
+                            stop: CancellationToken::new(),
+                        },
+                    );
+                }
+            }
         });
+    }
+
+    /// The gateway's policy no longer lets `peer` reach `service` here: its permit goes, and
+    /// the direct streams opened under it end. Whether there was one.
+    pub fn revoke_permit(&self, peer: &str, service: &str) -> bool {
+        self.with(peer, |s| s.permits.remove(service)).is_some()
     }
 
     /// The app under which the gateway last allowed `peer` to reach `service`, if still valid
     /// ([`permit_valid`]: `gateways_lost` is when this agent lost its last gateway, if it
-    /// reaches none now).
+    /// reaches none now), and what fires when that permit is revoked.
     pub fn permitted(
         &self,
         peer: &str,
         service: &str,
         gateways_lost: Option<Instant>,
-    ) -> Option<String> {
+    ) -> Option<(String, CancellationToken)> {
         if self.cut_if_revoked(peer) {
             return None;
         }
@@ -397,8 +439,8 @@ impl Peers {
         self.with(peer, |s| {
             s.permits
                 .get(service)
-                .filter(|(_, until)| permit_valid(*until, now, gateways_lost))
-                .map(|(app, _)| app.clone())
+                .filter(|p| permit_valid(p.until, now, gateways_lost))
+                .map(|p| (p.app.clone(), p.stop.clone()))
         })
     }
 
@@ -551,7 +593,7 @@ impl Peers {
                 let mut permits: Vec<String> = s
                     .permits
                     .iter()
-                    .filter(|(_, (_, until))| now < *until)
+                    .filter(|(_, p)| now < p.until)
                     .map(|(svc, _)| svc.clone())
                     .collect();
                 permits.sort();

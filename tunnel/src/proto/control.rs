@@ -32,6 +32,7 @@ pub mod msg_type {
     pub const PING: u64 = 0x0a;
     pub const PONG: u64 = 0x0b;
     pub const ERROR: u64 = 0x0c;
+    pub const PERMIT_REVOKE: u64 = 0x0d;
 }
 
 const PROTO_TCP: u8 = 0x01;
@@ -145,6 +146,12 @@ pub enum ControlMsg {
     PunchRequest {
         device: String,
     },
+    /// Gateway to agent: the policy no longer lets `device` reach `service` there; the agent
+    /// drops the direct-path permit and ends the direct streams it carries.
+    PermitRevoke {
+        device: String,
+        service: String,
+    },
     Ping {
         nonce: u64,
     },
@@ -174,6 +181,7 @@ impl ControlMsg {
             ControlMsg::UdpFlowClose { .. } => "UdpFlowClose",
             ControlMsg::PeerAddr(_) => "PeerAddr",
             ControlMsg::PunchRequest { .. } => "PunchRequest",
+            ControlMsg::PermitRevoke { .. } => "PermitRevoke",
             ControlMsg::Ping { .. } => "Ping",
             ControlMsg::Pong { .. } => "Pong",
             ControlMsg::Error { .. } => "Error",
@@ -310,6 +318,11 @@ fn encode_payload(msg: &ControlMsg, p: &mut Vec<u8>) -> Result<u64, ProtoError> 
             put_name(p, "punch device", device)?;
             PUNCH_REQUEST
         }
+        ControlMsg::PermitRevoke { device, service } => {
+            put_name(p, "permit device", device)?;
+            put_name(p, "permit service", service)?;
+            PERMIT_REVOKE
+        }
         ControlMsg::Ping { nonce } => {
             p.put_u64(*nonce);
             PING
@@ -380,6 +393,10 @@ fn parse_payload(ty: u64, r: &mut Reader<'_>) -> Read<ControlMsg> {
         }
         PUNCH_REQUEST => ControlMsg::PunchRequest {
             device: r.name("punch device")?,
+        },
+        PERMIT_REVOKE => ControlMsg::PermitRevoke {
+            device: r.name("permit device")?,
+            service: r.name("permit service")?,
         },
         PING => ControlMsg::Ping { nonce: r.u64()? },
         PONG => ControlMsg::Pong { nonce: r.u64()? },

@@ -83,6 +83,8 @@
 //! 0x0b Pong           u64 nonce
 //! 0x0c Error          u16 code (1 ProtocolViolation, 2 VersionMismatch, 3 Internal)
 //!                     | text message (<= 256)
+//! 0x0d PermitRevoke   name device | name service (gateway to agent: drop that peer's
+//!                     direct-path permit for the service and end its direct streams)
 //! other               skipped whole, decoded as Unknown { ty }
 //! ```
 //!

@@ -76,6 +76,9 @@ pub enum Event {
     PeerAddr(PeerAddr),
     /// Gateway: the agent wants to reach `device` directly; send both sides `PeerAddr`.
     PunchRequest { device: String },
+    /// Agent: the policy no longer lets `device` reach `service` here; drop its permit and
+    /// end its direct streams to it.
+    PermitRevoke { device: String, service: String },
     /// Answer to our latest [`ControlSession::send_ping`].
     Pong { nonce: u64 },
     /// The peer reported an error and the session is closed.
@@ -202,6 +205,13 @@ impl ControlSession {
             }
             (State::Established | State::Draining, ControlMsg::PeerAddr(p)) => {
                 self.events.push_back(Event::PeerAddr(p));
+            }
+            (
+                State::Established | State::Draining,
+                ControlMsg::PermitRevoke { device, service },
+            ) => {
+                self.events
+                    .push_back(Event::PermitRevoke { device, service });
             }
             (State::Established | State::Draining, msg) => self.handle_common(msg)?,
             (state, msg) => return Err(unexpected(state, &msg)),
@@ -356,6 +366,22 @@ impl ControlSession {
     pub fn send_peer_addr(&mut self, peer: PeerAddr) -> Result<(), SessionError> {
         self.require(Role::Gateway, &[State::Established], "PeerAddr")?;
         self.transmit.push_back(ControlMsg::PeerAddr(peer));
+        Ok(())
+    }
+
+    /// Gateway: tell the agent that `device` may no longer reach `service` there directly.
+    pub fn send_permit_revoke(
+        &mut self,
+        device: String,
+        service: String,
+    ) -> Result<(), SessionError> {
+        self.require(
+            Role::Gateway,
+            &[State::Established, State::Draining],
+            "PermitRevoke",
+        )?;
+        self.transmit
+            .push_back(ControlMsg::PermitRevoke { device, service });
         Ok(())
     }
 

@@ -235,12 +235,29 @@ fn punching_and_updates() {
         pump(&mut gw, &mut agent).unwrap(),
         vec![Event::PeerAddr(peer)]
     );
-    // Role checks: an agent cannot drain, a gateway cannot request punching.
+    gw.send_permit_revoke("home3".into(), "ssh".into()).unwrap();
+    assert_eq!(
+        pump(&mut gw, &mut agent).unwrap(),
+        vec![Event::PermitRevoke {
+            device: "home3".into(),
+            service: "ssh".into()
+        }]
+    );
+    // Role checks: an agent cannot drain or revoke permits, a gateway cannot request
+    // punching, nor take a permit revocation.
     assert!(agent.drain(1, "x").is_err());
+    assert!(agent.send_permit_revoke("x".into(), "y".into()).is_err());
     assert!(gw.request_punch("home1".into()).is_err());
     // Unknown messages from newer peers are ignored.
     gw.handle(ControlMsg::Unknown { ty: 99 }).unwrap();
     assert!(gw.is_established());
+    // A permit revocation sent to a gateway is a protocol violation.
+    assert!(gw
+        .handle(ControlMsg::PermitRevoke {
+            device: "x".into(),
+            service: "y".into()
+        })
+        .is_err());
 }
 
 #[test]

@@ -183,6 +183,14 @@ pub fn control_vectors() -> Vec<(&'static str, ControlMsg, Vec<u8>)> {
             hex("09 06 05686f6d6531"),
         ),
         (
+            "permit_revoke",
+            ControlMsg::PermitRevoke {
+                device: "home2".into(),
+                service: "ssh".into(),
+            },
+            hex("0d 0a 05686f6d6532 03737368"),
+        ),
+        (
             "ping",
             ControlMsg::Ping {
                 nonce: 0x0102_0304_0506_0708,
@@ -246,7 +254,7 @@ fn stream_replies() {
 fn control_messages() {
     let vectors = control_vectors();
     // One vector per message type, so a new type cannot go unpinned.
-    assert_eq!(vectors.len(), 12);
+    assert_eq!(vectors.len(), 13);
     for (name, value, bytes) in vectors {
         let mut out = Vec::new();
         encode_control(&value, &mut out).unwrap();
