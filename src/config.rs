@@ -52,6 +52,10 @@ pub struct TunnelSection {
     /// Gateway: a stream whose public client took nothing for this long is held
     /// (`tunnel::holds`); default 5 s.
     pub reader_stall_secs: Option<u64>,
+    /// Seconds of silence after which a proxied TCP connection's ends are probed (TCP
+    /// keepalive; four unanswered probes a quarter of this apart end it); 0: never. Default
+    /// 300.
+    pub tcp_keepalive_secs: Option<u64>,
 }
 
 /// Optional HTTP(S) front timing, gateway.toml `[front]` (seconds, 1 to 86,400); defaults in
@@ -532,6 +536,16 @@ pub fn tuning(t: &TunnelSection) -> Result<Tuning, UsageError> {
     if let Some(v) = t.reader_stall_secs {
         out.reader_stall = secs("reader_stall_secs", v)?;
     }
+    match t.tcp_keepalive_secs {
+        None => {}
+        Some(0) => out.tcp_keepalive = None,
+        Some(v @ 1..=7200) => out.tcp_keepalive = Some(Duration::from_secs(v)),
+        Some(v) => {
+            return Err(UsageError(format!(
+                "[tunnel] tcp_keepalive_secs = {v}: give a number of seconds from 1 to 7200, or 0 for no TCP keepalive"
+            )))
+        }
+    }
     Ok(out)
 }
 
@@ -686,6 +700,23 @@ mod tests {
         let got = tuning(&t).unwrap();
         assert_eq!(got.udp_flow_idle, Duration::from_secs(600));
         assert_eq!(got.reader_stall, Duration::from_secs(30));
+        assert_eq!(got.tcp_keepalive, Some(Duration::from_secs(300)), "default");
+        for (v, want) in [(0, None), (60, Some(Duration::from_secs(60)))] {
+            let t = TunnelSection {
+                tcp_keepalive_secs: Some(v),
+                ..TunnelSection::default()
+            };
+            assert_eq!(tuning(&t).unwrap().tcp_keepalive, want);
+        }
+        let t = TunnelSection {
+            tcp_keepalive_secs: Some(7201),
+            ..TunnelSection::default()
+        };
+        let e = tuning(&t).unwrap_err().to_string();
+        assert!(
+            e.contains("tcp_keepalive_secs = 7201") && e.contains("0 for no"),
+            "{e}"
+        );
         for bad in [0, 86_401] {
             let t = TunnelSection {
                 udp_flow_idle_secs: Some(bad),

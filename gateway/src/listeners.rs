@@ -446,7 +446,7 @@ async fn tcp_conn(
     slot: Option<IpSlot>,
     per_ip: Arc<PerIp>,
 ) {
-    let _ = tcp.set_nodelay(true);
+    tunnel::sockets::proxied(&tcp, hub.tuning().tcp_keepalive);
     let started = Instant::now();
     // The listener is being replaced or removed: the policy no longer names its address.
     let Some((active, i)) = app_at(&hub, Kind::Tcp, listen) else {

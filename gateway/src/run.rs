@@ -593,7 +593,7 @@ async fn forward_loop(hub: Hub, f: Forward, l: TcpListener, shutdown: Cancellati
     while let Some((tcp, peer)) = tunnel::sockets::accept_until(&l, &shutdown).await {
         let hub = hub.clone();
         let f = f.clone();
-        let _ = tcp.set_nodelay(true);
+        tunnel::sockets::proxied(&tcp, hub.tuning().tcp_keepalive);
         // A local client's end: an early answer must reach it whole (a lingering close).
         let mut tcp = tunnel::linger::Lingering::new(tcp, None, None);
         // On the hub's work tracker, as public connections: a drain gives it `grace_secs`.

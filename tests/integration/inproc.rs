@@ -28,6 +28,7 @@ pub fn fast_tuning() -> Tuning {
         open_timeout: Duration::from_secs(5),
         udp_flow_idle: Duration::from_secs(120),
         reader_stall: Duration::from_secs(1),
+        tcp_keepalive: Tuning::default().tcp_keepalive,
     }
 }
 

@@ -1888,3 +1888,84 @@ async fn the_first_datagram_of_every_new_flow_arrives() {
     assert_eq!(lost, 0, "first datagrams of 100 new flows lost");
     gw.shutdown.cancel();
 }
+
+/// The kernel's view of the IPv4 TCP sockets matching `pick(local port, remote port)`: the
+/// timer each runs (`/proc/net/tcp`: 0 none, 1 retransmit, 2 keepalive) and seconds until it
+/// fires.
+fn tcp_timers(pick: impl Fn(u16, u16) -> bool) -> Vec<(u8, f64)> {
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let port = |field: &str| {
+        field
+            .rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+            .unwrap_or(0)
+    };
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // sl local rem st tx:rx tr:when ...; state 01 is ESTABLISHED.
+            if f.len() < 6 || f[3] != "01" || !pick(port(f[1]), port(f[2])) {
+                return None;
+            }
+            let (tr, when) = f[5].split_once(':')?;
+            let ticks = u64::from_str_radix(when, 16).ok()?;
+            // Clock ticks of USER_HZ, 100 on Linux.
+            Some((u8::from_str_radix(tr, 16).ok()?, ticks as f64 / 100.0))
+        })
+        .collect()
+}
+
+/// Proxied TCP connections are probed by TCP keepalive after `tcp_keepalive` of silence: at
+/// the gateway's public end and at the device's end towards the service the kernel runs a
+/// keepalive timer. A client that vanished without closing (a phone leaving Wi-Fi) used to
+/// hold its connection, its tunnel stream and the service's end for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxied_tcp_connections_are_probed_by_keepalive() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let z = TestZone::new(&["home1"]);
+    let port = free_tcp_port();
+    z.write_policy("a.toml", &tcp_app("echo", port));
+    let keepalive = Duration::from_secs(37);
+    let t = Tuning {
+        tcp_keepalive: Some(keepalive),
+        ..fast_tuning()
+    };
+    let gw = start_gateway(&z, t, Duration::from_millis(500)).await;
+    let echo = tcp_echo().await;
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("echo", echo, ServiceProto::Tcp)]),
+        vec![],
+        t,
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    c.write_all(b"hi").await.unwrap();
+    let mut buf = [0u8; 2];
+    c.read_exact(&mut buf).await.unwrap();
+    let client = c.local_addr().unwrap().port();
+    let within = keepalive.as_secs_f64() + 1.0;
+    let public_end = tcp_timers(|l, r| l == port && r == client);
+    assert_eq!(public_end.len(), 1, "{public_end:?}");
+    assert!(
+        public_end[0].0 == 2 && public_end[0].1 <= within,
+        "the gateway's end of the client's connection runs no keepalive timer: {public_end:?}"
+    );
+    let service_end = tcp_timers(|_, r| r == echo.port());
+    assert_eq!(service_end.len(), 1, "{service_end:?}");
+    assert!(
+        service_end[0].0 == 2 && service_end[0].1 <= within,
+        "the device's end towards the service runs no keepalive timer: {service_end:?}"
+    );
+    // The client's own socket is left as its program set it: no timer here.
+    let client_end = tcp_timers(|l, r| l == client && r == port);
+    assert_eq!(client_end.len(), 1);
+    assert_eq!(client_end[0].0, 0, "{client_end:?}");
+    gw.shutdown.cancel();
+}

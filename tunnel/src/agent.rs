@@ -1228,7 +1228,12 @@ impl Agent {
             _ => origin_text(&origin),
         };
         let started = Instant::now();
-        let mut tcp: TcpStream = match self.cfg.services.connect_tcp(&service).await {
+        let mut tcp: TcpStream = match self
+            .cfg
+            .services
+            .connect_tcp(&service, t.tcp_keepalive)
+            .await
+        {
             Ok(t) => t,
             Err((code, reason)) => {
                 info!(app = %app, service = %service, origin = %origin, reason = %reason, "stream refused");
@@ -1351,7 +1356,7 @@ impl Agent {
         shutdown: CancellationToken,
     ) {
         while let Some((tcp, peer)) = crate::sockets::accept_until(&listener, &shutdown).await {
-            let _ = tcp.set_nodelay(true);
+            crate::sockets::proxied(&tcp, self.cfg.tuning.tcp_keepalive);
             tokio::spawn(self.clone().forward_one(f.clone(), tcp, peer));
         }
     }

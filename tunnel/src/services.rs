@@ -48,8 +48,13 @@ impl LocalServices {
             .collect()
     }
 
-    /// Connects to TCP service `name`, or says why not in stream-refusal terms.
-    pub async fn connect_tcp(&self, name: &str) -> Result<TcpStream, (RefuseCode, String)> {
+    /// Connects to TCP service `name` (its socket set up by [`crate::sockets::proxied`] with
+    /// `keepalive`), or says why not in stream-refusal terms.
+    pub async fn connect_tcp(
+        &self,
+        name: &str,
+        keepalive: Option<std::time::Duration>,
+    ) -> Result<TcpStream, (RefuseCode, String)> {
         let svc = match self.map.get(name) {
             Some(s) if s.proto == ServiceProto::Tcp => s,
             Some(_) => {
@@ -67,7 +72,7 @@ impl LocalServices {
         };
         match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, TcpStream::connect(svc.addr)).await {
             Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
+                crate::sockets::proxied(&s, keepalive);
                 Ok(s)
             }
             Ok(Err(e)) => Err((

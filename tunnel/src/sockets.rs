@@ -24,6 +24,29 @@ fn v6_socket(ty: Type, proto: Protocol) -> io::Result<Socket> {
     Ok(s)
 }
 
+/// Probes a proxied TCP connection's other end after `idle` without traffic, then every
+/// quarter of that (at least a second), [`KEEPALIVE_PROBES`] times before the kernel gives the
+/// connection up: a client that vanished without a FIN or RST (a phone leaving Wi-Fi, a
+/// powered-off laptop, a NAT that forgot the mapping) no longer holds its connection, its
+/// tunnel stream and the service's end for ever. Also TCP_NODELAY (data is relayed as it
+/// comes). Errors are ignored: an option the system refuses leaves the connection as it was.
+pub fn proxied(tcp: &tokio::net::TcpStream, idle: Option<std::time::Duration>) {
+    let _ = tcp.set_nodelay(true);
+    let Some(idle) = idle else {
+        return;
+    };
+    let every = (idle / 4).max(std::time::Duration::from_secs(1));
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(every);
+    #[cfg(any(target_os = "linux", target_os = "macos", target_os = "freebsd"))]
+    let ka = ka.with_retries(KEEPALIVE_PROBES);
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
+}
+
+/// Unanswered keepalive probes after which a connection is dead ([`proxied`]).
+pub const KEEPALIVE_PROBES: u32 = 4;
+
 /// A blocking UDP socket bound to `addr`.
 pub fn std_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     if !dual_stack(addr) {

@@ -30,6 +30,9 @@ pub struct Tuning {
     /// longest-held. Long enough for a client's pause, short enough that a device is not
     /// frozen for long by clients that stopped reading.
     pub reader_stall: Duration,
+    /// Silence after which a proxied TCP connection's ends (public clients, local clients of
+    /// forwards, services) are probed ([`crate::sockets::proxied`]); None: never.
+    pub tcp_keepalive: Option<Duration>,
 }
 
 impl Default for Tuning {
@@ -41,6 +44,9 @@ impl Default for Tuning {
             open_timeout: Duration::from_secs(10),
             udp_flow_idle: Duration::from_secs(120),
             reader_stall: Duration::from_secs(5),
+            // Five minutes: a dead client goes within ~7.5 (four probes 75 s apart); most NATs
+            // keep an idle TCP mapping that long, and a phone is not woken every minute.
+            tcp_keepalive: Some(Duration::from_secs(300)),
         }
     }
 }

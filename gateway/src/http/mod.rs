@@ -199,7 +199,9 @@ impl Front {
                 _permit: permit,
                 _ip: slot,
             });
-            let _ = tcp.set_nodelay(true);
+            // A client gone without a word holds no upgraded (WebSocket) or long-polling
+            // connection for ever.
+            tunnel::sockets::proxied(&tcp, self.0.hub.tuning().tcp_keepalive);
             let front = self.clone();
             let tls = tls.clone();
             let shutdown = shutdown.clone();
