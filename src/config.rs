@@ -53,8 +53,8 @@ pub struct TunnelSection {
     /// (`tunnel::holds`); default 5 s.
     pub reader_stall_secs: Option<u64>,
     /// Seconds of silence after which a proxied TCP connection's ends are probed (TCP
-    /// keepalive; four unanswered probes a quarter of this apart end it); 0: never. Default
-    /// 300.
+    /// keepalive, a probe every quarter of this after; four unanswered end the connection,
+    /// twice this after its last packet); 0: never. Default 300.
     pub tcp_keepalive_secs: Option<u64>,
 }
 

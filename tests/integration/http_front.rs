@@ -821,6 +821,26 @@ async fn errors_are_distinct_and_short() {
         "{}",
         c.body
     );
+    // The same with an upload larger than what goes before the device's reply
+    // (`EARLY_BYTES`): the body's writer reads the refusal first, and the answer must still
+    // name the service (it said the service closed the connection without answering).
+    let upload = h.dir.path().join("upload");
+    std::fs::write(&upload, vec![b'u'; 4 * tunnel::stream::EARLY_BYTES]).unwrap();
+    let mut args = h.http_args("down.alice.example", "/");
+    args.extend([
+        "-H".into(),
+        "Expect:".into(),
+        "--data-binary".into(),
+        format!("@{}", upload.display()),
+    ]);
+    let c = h.curl(&args).await;
+    assert_eq!(c.code, 502, "{c:?}");
+    assert!(
+        c.body
+            .contains("app down: service down on device home1 is not answering"),
+        "{}",
+        c.body
+    );
 
     // The service takes longer than the gateway waits.
     let t = Instant::now();

@@ -652,11 +652,27 @@ async fn a_direct_stream_ends_when_the_policy_stops_allowing_it() {
         up(&h1, "home2") && up(&h2, "home1")
     })
     .await;
+    let relayed = || {
+        gw.hub
+            .status()
+            .iter()
+            .filter(|a| a.device == "home2")
+            .flat_map(|a| a.mesh.iter())
+            .filter(|p| p.to == "home1")
+            .map(|p| p.relayed_streams)
+            .sum::<u64>()
+    };
+    let relayed_before = relayed();
     let mut long = tokio::net::TcpStream::connect(fwd).await.unwrap();
     long.write_all(b"ping").await.unwrap();
     let mut buf = [0u8; 4];
     long.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"ping");
+    assert_eq!(
+        relayed(),
+        relayed_before,
+        "the long stream went direct, not by the relay"
+    );
     let permits = || {
         h1.agent
             .peers()

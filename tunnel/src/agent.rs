@@ -816,6 +816,14 @@ impl Agent {
         flows: Flows,
     ) -> String {
         let mut drain_deadline: Option<tokio::time::Instant> = None;
+        // The gateway may not have relayed them (it restarted, or another one did), yet must
+        // be able to revoke them.
+        let held = self.peers.held_permits();
+        if !held.is_empty() {
+            if let Err(e) = io.session.send_permits_held(held) {
+                debug!(gateway = %link.name, error = %e, "permits held not reported");
+            }
+        }
         loop {
             if let Err(e) = io.flush().await {
                 return transport::stream_end(conn, &e);

@@ -524,9 +524,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for E2eStream<S> {
     }
 }
 
-/// Deterministic framers for tests and the fuzz target: an initiator/responder pair from fixed
-/// keys. Never used on the wire.
-pub fn framer_pair_for_tests() -> (NoiseFramer, NoiseFramer) {
+/// A fresh handshake between devices `a` (initiator) and `b` (responder, service `svc`) from
+/// fixed keys, for tests and the fuzz targets, with `a`'s public key (what `b` expects).
+/// Never used on the wire.
+pub fn handshake_pair_for_tests() -> (Initiator, Responder, [u8; 32]) {
     let a = SigningKey::from_bytes(&[1u8; 32]);
     let b = SigningKey::from_bytes(&[2u8; 32]);
     let (sa, sb) = (static_secret(&a), static_secret(&b));
@@ -534,8 +535,15 @@ pub fn framer_pair_for_tests() -> (NoiseFramer, NoiseFramer) {
         static_public(&a.verifying_key()),
         static_public(&b.verifying_key()),
     );
-    let mut i = Initiator::new(&sa, &pb, "a", "b", "svc").expect("valid keys");
+    let i = Initiator::new(&sa, &pb, "a", "b", "svc").expect("valid keys");
     let r = Responder::new(&sb, "a", "b", "svc").expect("valid keys");
+    (i, r, pa)
+}
+
+/// Deterministic framers for tests and the fuzz target: an initiator/responder pair from fixed
+/// keys. Never used on the wire.
+pub fn framer_pair_for_tests() -> (NoiseFramer, NoiseFramer) {
+    let (mut i, r, pa) = handshake_pair_for_tests();
     let mut m1 = BytesMut::new();
     i.write_first(&mut m1).expect("message 1");
     let (body, _) = decode_frame(&m1).expect("framed").expect("complete");

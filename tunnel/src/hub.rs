@@ -118,6 +118,9 @@ pub struct AgentLink {
     pub streams: AtomicU64,
     /// Zone configs this session offered that were refused ([`MAX_REFUSED_OFFERS`]).
     refused_offers: AtomicU32,
+    /// The device said which direct-path permits it holds (taken once per session: each
+    /// report may send revocations and log them).
+    permits_reported: AtomicBool,
     /// Payload bytes sent to / received from the device over its connection: streams the
     /// gateway opens to it (public TCP, HTTP front, mesh relay's far side), mesh streams it
     /// opens, and UDP flows. Shared with the metered streams ([`QuicStream::metered`]).
@@ -169,9 +172,24 @@ struct MeshPair {
     punches: u64,
     last_relay: Option<Instant>,
     last_punch: Option<Instant>,
-    /// Services among [`MeshPair::services`] whose direct-path permit this hub revoked at the
-    /// target (sent once; a relayed stream allowed again clears it).
+    /// Every service the target may have let the peer use directly: relayed here, or
+    /// reported held by the target (`PermitsHeld`); at most the target's services.
+    permitted: Vec<String>,
+    /// Those of [`MeshPair::permitted`] whose permit this hub revoked at the target (sent
+    /// once; a relayed stream allowed again, or the target reporting it held, clears it).
     revoked: Vec<String>,
+}
+
+impl MeshPair {
+    /// `service` may be permitted at the target (again): the next check asks about it.
+    fn may_permit(&mut self, service: &str) {
+        if !self.permitted.iter().any(|s| s == service)
+            && self.permitted.len() < crate::proto::limits::MAX_SERVICES
+        {
+            self.permitted.push(service.to_owned());
+        }
+        self.revoked.retain(|s| s != service);
+    }
 }
 
 /// Services remembered per device pair ([`MeshPair::services`]).
@@ -509,22 +527,19 @@ impl Hub {
     }
 
     /// A device that accepted a relayed stream from a peer lets that peer reach the service
-    /// directly for a while ([`crate::peers`]): the hub asks again, for every pair it relayed
-    /// within [`crate::peers::PERMIT_TTL`], whether the policy still allows it, and tells the
-    /// target to drop each permit it no longer does (`PermitRevoke`). The target's direct
-    /// streams then end as the relay's own do ([`PolicyStore::until_mesh_refused`]); without
-    /// this they ran on after an edit or the end of a time window.
+    /// directly ([`crate::peers`]): the hub asks again, for every pair it relayed or the
+    /// target reported holding, whether the policy still allows it, and tells the target to
+    /// drop each permit it no longer does (`PermitRevoke`). The target's direct streams then
+    /// end as the relay's own do ([`PolicyStore::until_mesh_refused`]); without this they ran
+    /// on after an edit or the end of a time window. A target not connected now is told when
+    /// it next reports what it holds.
     fn revoke_refused_permits(&self) {
         let pairs: Vec<(String, String, Vec<String>)> = {
             let m = self.0.mesh.lock().unwrap_or_else(|p| p.into_inner());
             m.iter()
-                .filter(|(_, p)| {
-                    p.last_relay
-                        .is_some_and(|t| t.elapsed() < crate::peers::PERMIT_TTL)
-                })
                 .map(|((from, to), p)| {
                     let open: Vec<String> = p
-                        .services
+                        .permitted
                         .iter()
                         .filter(|s| !p.revoked.contains(s))
                         .cloned()
@@ -570,10 +585,7 @@ impl Hub {
                     .try_apply(move |s| s.send_permit_revoke(peer, svc))
                 {
                     info!(device = %to, peer = %from, service = %service, "direct-path permit revoked: the policy no longer allows it");
-                    self.mesh_pair(&from, &to, |p| {
-                        p.revoked.push(service);
-                        p.revoked.retain(|s| p.services.contains(s));
-                    });
+                    self.mesh_pair(&from, &to, |p| p.revoked.push(service));
                 }
             }
         }
@@ -723,6 +735,7 @@ impl Hub {
             flows: Mutex::new(HashMap::new()),
             streams: AtomicU64::new(0),
             refused_offers: AtomicU32::new(0),
+            permits_reported: AtomicBool::new(false),
             bytes_to: Arc::default(),
             bytes_from: Arc::default(),
             holds: Holds::new(self.0.hold_clock.clone()),
@@ -831,6 +844,22 @@ impl Hub {
                     info!(device = %link.device, services = ?services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), "services changed");
                     *current = services;
                 }
+            }
+            Event::PermitsHeld { permits } => {
+                if link.permits_reported.swap(true, Ordering::Relaxed) {
+                    debug!(device = %link.device, "second permits report of the session ignored");
+                    return None;
+                }
+                // Only pairs of zone devices: the table stays bounded by the zone's size.
+                let zone = self.0.cfg.creds.zone();
+                let known = |d: &str| zone.config.devices.iter().any(|e| e.name.as_str() == d);
+                for (peer, service) in permits {
+                    if peer != link.device && known(&peer) {
+                        self.mesh_pair(&peer, &link.device, |p| p.may_permit(&service));
+                    }
+                }
+                drop(zone);
+                self.revoke_refused_permits();
             }
             Event::ConfigUpdate { zone_config, .. } => {
                 if let Err(e) = self.adopt_zone_from(&zone_config, &link.device) {
@@ -1043,8 +1072,8 @@ impl Hub {
             self.mesh_pair(&link.device, &to_device, |p| {
                 p.streams += 1;
                 p.last_relay = Some(Instant::now());
-                // Allowed again: a later refusal is revoked again.
-                p.revoked.retain(|s| *s != service);
+                // Allowed (again): a later refusal is revoked (again).
+                p.may_permit(&service);
                 if !p.services.contains(&service) {
                     if p.services.len() >= PAIR_SERVICES {
                         p.services.remove(0);
@@ -1073,10 +1102,19 @@ impl Hub {
         let moved = splice_until(&mut a, &mut b, stop).await;
         let (up, dn) = (moved.a_to_b, moved.b_to_a);
         if relayed {
+            let cut = moved.stopped.is_some();
             self.mesh_pair(&link.device, &to_device, |p| {
                 p.bytes_up += up;
                 p.bytes_down += dn;
+                // Cut by the policy: a revocation sent before this stream's first frame
+                // granted the permit at the target would have found nothing to revoke.
+                if cut {
+                    p.may_permit(&service);
+                }
             });
+            if cut {
+                self.revoke_refused_permits();
+            }
         }
         counters.bytes_in(up);
         counters.bytes_out(dn);

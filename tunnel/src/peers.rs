@@ -61,9 +61,10 @@ pub const PUNCH_INTERVAL: Duration = Duration::from_secs(30);
 /// peer's first packets arrive before our NAT opened for them.
 pub const PUNCH_ATTEMPTS: u32 = 3;
 pub const PUNCH_ATTEMPT: Duration = Duration::from_secs(2);
-/// How long a gateway-approved (peer, service) may be used directly without passing through
-/// the gateway again. The gateway revokes permits the policy stops allowing as it changes
-/// (`PermitRevoke`); this bounds the rest (a revocation sent while this agent was away).
+/// How long a gateway-approved (peer, service) may open new direct streams without passing
+/// through the gateway again. Streams already open run until the gateway revokes the permit
+/// (`PermitRevoke`, sent as the policy stops allowing it, and again at each new session for
+/// the permits the agent reports holding, `PermitsHeld`).
 pub const PERMIT_TTL: Duration = Duration::from_secs(15 * 60);
 /// Check interval of a retired duplicate connection that still carries streams.
 const RETIRE_POLL: Duration = Duration::from_millis(500);
@@ -415,6 +416,20 @@ impl Peers {
                 }
             }
         });
+    }
+
+    /// Every (peer, service) permit held, expired ones included (their streams may still
+    /// run), at most [`crate::proto::limits::MAX_PERMITS_HELD`]: what a gateway is told as
+    /// a session starts, so that it can revoke what it did not relay itself.
+    pub fn held_permits(&self) -> Vec<(String, String)> {
+        let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<(String, String)> = t
+            .iter()
+            .flat_map(|(peer, s)| s.permits.keys().map(move |svc| (peer.clone(), svc.clone())))
+            .take(crate::proto::limits::MAX_PERMITS_HELD)
+            .collect();
+        v.sort();
+        v
     }
 
     /// The gateway's policy no longer lets `peer` reach `service` here: its permit goes, and

@@ -25,8 +25,8 @@ fn v6_socket(ty: Type, proto: Protocol) -> io::Result<Socket> {
 }
 
 /// Probes a proxied TCP connection's other end after `idle` without traffic, then every
-/// quarter of that (at least a second), [`KEEPALIVE_PROBES`] times before the kernel gives the
-/// connection up: a client that vanished without a FIN or RST (a phone leaving Wi-Fi, a
+/// quarter of that (at least a second); after [`KEEPALIVE_PROBES`] unanswered probes (twice
+/// `idle` of silence in all) the kernel gives the connection up: a client that vanished without a FIN or RST (a phone leaving Wi-Fi, a
 /// powered-off laptop, a NAT that forgot the mapping) no longer holds its connection, its
 /// tunnel stream and the service's end for ever. Also TCP_NODELAY (data is relayed as it
 /// comes). Errors are ignored: an option the system refuses leaves the connection as it was.

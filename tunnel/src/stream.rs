@@ -220,11 +220,16 @@ impl QuicStream {
     }
 
     /// Reads the acceptor's reply of an early-opened stream: Ready(Ok) once accepted (what
-    /// followed the reply becomes the prefix), an error if refused or cut short.
+    /// followed the reply becomes the prefix), an error if refused or cut short. A refusal
+    /// is every later read's and write's error too: whichever of them read it first (a
+    /// writer past [`EARLY_BYTES`]), the others must not find a plain end of stream instead.
     fn poll_reply(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             let Some(got) = self.reply.as_mut() else {
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(match &self.refused {
+                    Some(r) => Err(io::Error::new(io::ErrorKind::ConnectionRefused, r.clone())),
+                    None => Ok(()),
+                });
             };
             match proto::decode_stream_reply(got) {
                 Ok(Some((reply, used))) => {

@@ -44,8 +44,10 @@ impl Default for Tuning {
             open_timeout: Duration::from_secs(10),
             udp_flow_idle: Duration::from_secs(120),
             reader_stall: Duration::from_secs(5),
-            // Five minutes: a dead client goes within ~7.5 (four probes 75 s apart); most NATs
-            // keep an idle TCP mapping that long, and a phone is not woken every minute.
+            // Five minutes: a dead client is given up 10 minutes after its last packet (a
+            // first probe at 5, three more 75 s apart, the connection dropped 75 s after the
+            // fourth); most NATs keep an idle TCP mapping that long, and a phone is not woken
+            // every minute.
             tcp_keepalive: Some(Duration::from_secs(300)),
         }
     }

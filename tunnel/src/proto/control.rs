@@ -9,8 +9,8 @@ use super::codec::{
 };
 use super::header::{put_origin, read_origin, Origin};
 use super::limits::{
-    MAX_CONTROL_FRAME, MAX_PEER_ADDRS, MAX_REASON_LEN, MAX_SERVICES, MAX_VERSION_LEN,
-    MAX_ZONE_CONFIG,
+    MAX_CONTROL_FRAME, MAX_PEER_ADDRS, MAX_PERMITS_HELD, MAX_REASON_LEN, MAX_SERVICES,
+    MAX_VERSION_LEN, MAX_ZONE_CONFIG,
 };
 use super::{varint, ProtoError};
 
@@ -33,6 +33,7 @@ pub mod msg_type {
     pub const PONG: u64 = 0x0b;
     pub const ERROR: u64 = 0x0c;
     pub const PERMIT_REVOKE: u64 = 0x0d;
+    pub const PERMITS_HELD: u64 = 0x0e;
 }
 
 const PROTO_TCP: u8 = 0x01;
@@ -152,6 +153,12 @@ pub enum ControlMsg {
         device: String,
         service: String,
     },
+    /// Agent to gateway, as a session starts: the (peer, service) direct-path permits it
+    /// holds, so that a gateway that did not relay them (restarted, or another one) still
+    /// revokes those its policy does not allow.
+    PermitsHeld {
+        permits: Vec<(String, String)>,
+    },
     Ping {
         nonce: u64,
     },
@@ -182,6 +189,7 @@ impl ControlMsg {
             ControlMsg::PeerAddr(_) => "PeerAddr",
             ControlMsg::PunchRequest { .. } => "PunchRequest",
             ControlMsg::PermitRevoke { .. } => "PermitRevoke",
+            ControlMsg::PermitsHeld { .. } => "PermitsHeld",
             ControlMsg::Ping { .. } => "Ping",
             ControlMsg::Pong { .. } => "Pong",
             ControlMsg::Error { .. } => "Error",
@@ -323,6 +331,14 @@ fn encode_payload(msg: &ControlMsg, p: &mut Vec<u8>) -> Result<u64, ProtoError> 
             put_name(p, "permit service", service)?;
             PERMIT_REVOKE
         }
+        ControlMsg::PermitsHeld { permits } => {
+            put_count(p, "permits", permits.len(), MAX_PERMITS_HELD)?;
+            for (device, service) in permits {
+                put_name(p, "permit device", device)?;
+                put_name(p, "permit service", service)?;
+            }
+            PERMITS_HELD
+        }
         ControlMsg::Ping { nonce } => {
             p.put_u64(*nonce);
             PING
@@ -398,6 +414,14 @@ fn parse_payload(ty: u64, r: &mut Reader<'_>) -> Read<ControlMsg> {
             device: r.name("permit device")?,
             service: r.name("permit service")?,
         },
+        PERMITS_HELD => {
+            let count = r.count("permits", MAX_PERMITS_HELD)?;
+            let mut permits = Vec::with_capacity(count);
+            for _ in 0..count {
+                permits.push((r.name("permit device")?, r.name("permit service")?));
+            }
+            ControlMsg::PermitsHeld { permits }
+        }
         PING => ControlMsg::Ping { nonce: r.u64()? },
         PONG => ControlMsg::Pong { nonce: r.u64()? },
         ERROR => ControlMsg::Error {

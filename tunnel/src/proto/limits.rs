@@ -67,8 +67,13 @@ pub const WORST_CASE_HELLO: usize = 2
     + MAX_ZONE_CONFIG
     + (2 + MAX_VERSION_LEN);
 
+/// Most (peer, service) permits one `PermitsHeld` lists: peers of a zone times the services
+/// each may reach directly; an agent holding more reports the first ones.
+pub const MAX_PERMITS_HELD: usize = 512;
+
 // The field bounds must imply the frame bound: encoding a valid message never fails for size.
 const _: () = assert!(WORST_CASE_HELLO <= MAX_CONTROL_FRAME);
+const _: () = assert!(2 + MAX_PERMITS_HELD * 2 * (1 + MAX_NAME_LEN) <= MAX_CONTROL_FRAME);
 // A one-byte varint (< 64) carries every name length.
 const _: () = assert!(MAX_NAME_LEN < 64);
 // The stream header length is a u16.

@@ -85,6 +85,9 @@
 //!                     | text message (<= 256)
 //! 0x0d PermitRevoke   name device | name service (gateway to agent: drop that peer's
 //!                     direct-path permit for the service and end its direct streams)
+//! 0x0e PermitsHeld    varint count (<= 512) | count × (name device | name service)
+//!                     (agent to gateway: the direct-path permits it holds, sent as a
+//!                     session starts)
 //! other               skipped whole, decoded as Unknown { ty }
 //! ```
 //!

@@ -79,6 +79,8 @@ pub enum Event {
     /// Agent: the policy no longer lets `device` reach `service` here; drop its permit and
     /// end its direct streams to it.
     PermitRevoke { device: String, service: String },
+    /// Gateway: the (peer, service) direct-path permits the agent holds.
+    PermitsHeld { permits: Vec<(String, String)> },
     /// Answer to our latest [`ControlSession::send_ping`].
     Pong { nonce: u64 },
     /// The peer reported an error and the session is closed.
@@ -239,6 +241,9 @@ impl ControlSession {
             (State::Established | State::Draining, ControlMsg::PunchRequest { device }) => {
                 self.events.push_back(Event::PunchRequest { device });
             }
+            (State::Established | State::Draining, ControlMsg::PermitsHeld { permits }) => {
+                self.events.push_back(Event::PermitsHeld { permits });
+            }
             (State::Established | State::Draining, msg) => self.handle_common(msg)?,
             (state, msg) => return Err(unexpected(state, &msg)),
         }
@@ -396,6 +401,16 @@ impl ControlSession {
         )?;
         self.transmit
             .push_back(ControlMsg::ServicesUpdate { services });
+        Ok(())
+    }
+
+    /// Agent: report the direct-path permits it holds (peer, service).
+    pub fn send_permits_held(
+        &mut self,
+        permits: Vec<(String, String)>,
+    ) -> Result<(), SessionError> {
+        self.require(Role::Agent, &[State::Established], "PermitsHeld")?;
+        self.transmit.push_back(ControlMsg::PermitsHeld { permits });
         Ok(())
     }
 

@@ -209,6 +209,9 @@ fn drain_stops_new_flows() {
 fn punching_and_updates() {
     let (mut agent, mut gw) = established();
     agent.request_punch("home3".into()).unwrap();
+    agent
+        .send_permits_held(vec![("home3".into(), "ssh".into())])
+        .unwrap();
     agent.send_services_update(vec![]).unwrap();
     agent.send_config_update(4, b"{}".to_vec()).unwrap();
     assert_eq!(
@@ -216,6 +219,9 @@ fn punching_and_updates() {
         vec![
             Event::PunchRequest {
                 device: "home3".into()
+            },
+            Event::PermitsHeld {
+                permits: vec![("home3".into(), "ssh".into())]
             },
             Event::ServicesUpdate { services: vec![] },
             Event::ConfigUpdate {

@@ -191,6 +191,13 @@ pub fn control_vectors() -> Vec<(&'static str, ControlMsg, Vec<u8>)> {
             hex("0d 0a 05686f6d6532 03737368"),
         ),
         (
+            "permits_held",
+            ControlMsg::PermitsHeld {
+                permits: vec![("home2".into(), "ssh".into())],
+            },
+            hex("0e 0b 01 05686f6d6532 03737368"),
+        ),
+        (
             "ping",
             ControlMsg::Ping {
                 nonce: 0x0102_0304_0506_0708,
@@ -254,7 +261,7 @@ fn stream_replies() {
 fn control_messages() {
     let vectors = control_vectors();
     // One vector per message type, so a new type cannot go unpinned.
-    assert_eq!(vectors.len(), 13);
+    assert_eq!(vectors.len(), 14);
     for (name, value, bytes) in vectors {
         let mut out = Vec::new();
         encode_control(&value, &mut out).unwrap();
