@@ -64,8 +64,6 @@ pub async fn serve_with(
         };
         info!(addr = %a, paths, "admin API listening");
     }
-    // Checked only on loopback: bound elsewhere on purpose, the API may be reached by a name.
-    let check_host = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     while let Some((tcp, peer)) = tunnel::sockets::accept_until(&listener, &shutdown).await {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
@@ -74,6 +72,12 @@ pub async fn serve_with(
         };
         let status = status.clone();
         let extras = extras.clone();
+        // Checked on connections made to a loopback address (a browser on this machine can
+        // be made to send those): the API bound elsewhere on purpose may be reached by a
+        // name from other machines.
+        let check_host = tcp
+            .local_addr()
+            .is_ok_and(|a| a.ip().to_canonical().is_loopback());
         tokio::spawn(async move {
             let _slot = slot;
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -84,7 +88,7 @@ pub async fn serve_with(
                         return Ok::<_, Infallible>(reply(
                             StatusCode::FORBIDDEN,
                             "text/plain",
-                            "the admin API answers requests to 127.0.0.1, [::1] or localhost only\n",
+                            "the admin API answers requests to 127.0.0.1, [::1] or localhost (and *.localhost) only\n",
                         ));
                     }
                     let resp = match (req.method(), req.uri().path()) {
@@ -146,8 +150,10 @@ fn addressed_to_this_machine<B>(req: &Request<B>) -> bool {
     else {
         return false;
     };
-    let name = authority.host();
-    name.eq_ignore_ascii_case("localhost")
+    let name = authority.host().trim_end_matches('.').to_ascii_lowercase();
+    // `*.localhost` is loopback by definition (RFC 6761; browsers never ask DNS for it).
+    name == "localhost"
+        || name.ends_with(".localhost")
         || name
             .trim_start_matches('[')
             .trim_end_matches(']')
@@ -209,6 +215,8 @@ mod tests {
             Some("[::1]"),
             Some("localhost:9090"),
             Some("LOCALHOST"),
+            Some("localhost."),
+            Some("status.localhost:9090"),
             Some("10.0.0.1:9090"),
             None,
         ] {
@@ -218,6 +226,7 @@ mod tests {
             "evil.example:9090",
             "evil.example",
             "localhost.evil.example",
+            "evil.example.",
             "127.0.0.1.nip.io",
             "",
             "a b",

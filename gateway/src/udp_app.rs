@@ -164,16 +164,22 @@ impl Entry {
         }
     }
 
-    /// Whether a full table may end it for a newcomer: closed by the device, quiet for
-    /// `idle` (the sweep has not come by yet), or never answered and quiet for
+    /// Why a full table may end it for a newcomer, if it may: closed by the device, quiet
+    /// for `idle` (the sweep has not come by yet), or never answered and quiet for
     /// [`EVICT_QUIET`].
-    fn evictable(&self, idle: Duration) -> bool {
-        match &self.state {
-            State::Open { flow, .. } => {
-                let quiet = self.activity.quiet_for();
-                !flow.is_alive() || quiet >= idle || (!self.answered() && quiet >= EVICT_QUIET)
-            }
-            State::Opening(_) => false,
+    fn evictable(&self, idle: Duration) -> Option<&'static str> {
+        let State::Open { flow, .. } = &self.state else {
+            return None;
+        };
+        let quiet = self.activity.quiet_for();
+        if !flow.is_alive() {
+            Some("table full, closed by the device")
+        } else if quiet >= idle {
+            Some("table full, idle")
+        } else if !self.answered() && quiet >= EVICT_QUIET {
+            Some("table full, never answered")
+        } else {
+            None
         }
     }
 }
@@ -451,8 +457,9 @@ impl AppSocket {
         }
     }
 
-    /// The table is full: ends flows the device closed, and flows it never answered that have
-    /// been quiet for [`EVICT_QUIET`] (forged sources, or clients the service ignores), at
+    /// The table is full: ends flows the device closed, flows idle past the idle time, and
+    /// flows it never answered that have been quiet for [`EVICT_QUIET`] (forged sources, or
+    /// clients the service ignores), at
     /// most a [`EVICT_SHARE`]th of the table, looking at most every [`EVICT_EVERY`]. Whether
     /// there is room now.
     fn make_room(&mut self, app: &str) -> bool {
@@ -465,19 +472,18 @@ impl AppSocket {
         }
         self.last_eviction = Some(now);
         let most = (self.max_flows / EVICT_SHARE).max(1);
-        let victims: Vec<SocketAddr> = self
+        let victims: Vec<(SocketAddr, &'static str)> = self
             .flows
             .iter()
-            .filter(|(_, e)| e.evictable(self.idle))
-            .map(|(peer, _)| *peer)
+            .filter_map(|(peer, e)| e.evictable(self.idle).map(|why| (*peer, why)))
             .take(most)
             .collect();
         if !victims.is_empty() {
             warn!(app = %app, addr = %self.listen, ended = victims.len(), flows = self.flows.len(), "UDP flow table full: ending flows the device closed, idle ones, and unanswered ones that went quiet");
         }
-        for peer in victims {
+        for (peer, why) in victims {
             if let Some(e) = self.flows.remove(&peer) {
-                self.end(e, "table full, never answered");
+                self.end(e, why);
             }
         }
         self.flows.len() < self.max_flows

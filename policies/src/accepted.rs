@@ -1,41 +1,68 @@
-//! The last accepted policy's files, kept beside the policy directory (`DIR.accepted.json`).
+//! The last accepted policy's files, kept beside the policy directory (`DIR.accepted.json`),
+//! with the edit a running gateway last refused.
 //!
 //! A running gateway refuses a bad edit and keeps serving the old policy, but the bad file
 //! stays in the directory: without a copy of what served, the next start (a reboot, days
-//! later) would find only the bad file and refuse to start at all. With it, the gateway
-//! starts on the policy it served last and reports the directory's errors until they are
-//! fixed ([`crate::PolicyStore::load_keeping_accepted`]).
+//! later) would find only the bad file and refuse to start at all. With it, a gateway that
+//! finds the directory exactly as it refused it starts on the policy it served last and
+//! reports that edit's errors ([`crate::PolicyStore::load_keeping_accepted`]). A directory in
+//! any other state — edited while the gateway was stopped, a bundle copied in — is judged
+//! as it is, as without a copy: its errors stop the start.
 
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// What the copy holds: each file's name in the directory and its text, as they compiled.
+use crate::Sources;
+
+/// What the file holds.
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Saved {
     /// Unix seconds.
     saved_at: i64,
+    /// Each file's name in the directory and its text, as they served.
     files: Vec<SavedFile>,
+    /// The directory as a running gateway last refused it, since `files` served.
+    #[serde(default)]
+    refused: Option<Refused>,
 }
 
-#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct SavedFile {
     name: String,
     text: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Refused {
+    /// Unix seconds.
+    at: i64,
+    files: Vec<SavedFile>,
+    /// Why, as the reload reported it.
+    errors: Vec<String>,
+}
+
+/// The copy as read back: the sources that served (as paths in the directory), when they
+/// were saved, and the refused edit if the directory still holds exactly that.
+#[derive(Debug)]
+pub struct Copy {
+    pub sources: Sources,
+    pub saved_at: i64,
+    /// (when, errors) of the refused edit the directory holds now.
+    pub refused_now: Option<(i64, Vec<String>)>,
+}
+
 /// Where the copy of `dir`'s accepted policy is kept: `policies/` → `policies.accepted.json`
-/// beside it. None for a directory without a name of its own (`/`, `..`).
+/// beside it. None for a directory without a name of its own (`/`); `.` and `..` are
+/// resolved first.
 pub fn path_for(dir: &Path) -> Option<PathBuf> {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
     let name = dir.file_name()?.to_str()?;
     Some(dir.with_file_name(format!("{name}.accepted.json")))
 }
 
-/// Keeps `sources` (paths in the policy directory, texts) as the accepted copy at `path`,
-/// written whole or not at all (a temporary file renamed over it). An unchanged copy is left
-/// as it is: every start and reload would otherwise write it again.
-pub fn save(path: &Path, sources: &[(PathBuf, String)], now: i64) -> std::io::Result<()> {
-    let files: Vec<SavedFile> = sources
+fn files_of(sources: &[(PathBuf, String)]) -> Vec<SavedFile> {
+    sources
         .iter()
         .map(|(p, text)| SavedFile {
             name: p
@@ -44,17 +71,69 @@ pub fn save(path: &Path, sources: &[(PathBuf, String)], now: i64) -> std::io::Re
                 .unwrap_or_default(),
             text: text.clone(),
         })
-        .collect();
+        .collect()
+}
+
+/// Keeps `sources` (paths in the policy directory, texts) as the accepted copy at `path`,
+/// with no refused edit, written whole or not at all. An unchanged copy is left as it is:
+/// every start and reload would otherwise write it again.
+pub fn save(path: &Path, sources: &[(PathBuf, String)], now: i64) -> std::io::Result<()> {
+    let files = files_of(sources);
     if let Ok(old) = read(path) {
-        if old.files == files {
+        if old.files == files && old.refused.is_none() {
             return Ok(());
         }
     }
-    let json = serde_json::to_vec(&Saved {
-        saved_at: now,
-        files,
-    })
-    .map_err(std::io::Error::other)?;
+    write(
+        path,
+        &Saved {
+            saved_at: now,
+            files,
+            refused: None,
+        },
+    )
+}
+
+/// Records that a running gateway refused the directory as `refused` (what it read of it)
+/// for `errors`, beside the `serving` files.
+pub fn note_refused(
+    path: &Path,
+    serving: &[(PathBuf, String)],
+    refused: &[(PathBuf, String)],
+    errors: &[String],
+    now: i64,
+) -> std::io::Result<()> {
+    let files = files_of(serving);
+    let refused_files = files_of(refused);
+    let saved_at = match read(path) {
+        Ok(old) if old.files == files => {
+            if old
+                .refused
+                .as_ref()
+                .is_some_and(|r| r.files == refused_files)
+            {
+                return Ok(());
+            }
+            old.saved_at
+        }
+        _ => now,
+    };
+    write(
+        path,
+        &Saved {
+            saved_at,
+            files,
+            refused: Some(Refused {
+                at: now,
+                files: refused_files,
+                errors: errors.to_vec(),
+            }),
+        },
+    )
+}
+
+fn write(path: &Path, saved: &Saved) -> std::io::Result<()> {
+    let json = serde_json::to_vec(saved).map_err(std::io::Error::other)?;
     let tmp = path.with_extension(format!("json.tmp.{}", std::process::id()));
     let written = (|| {
         let mut f = std::fs::File::create(&tmp)?;
@@ -73,9 +152,10 @@ pub fn save(path: &Path, sources: &[(PathBuf, String)], now: i64) -> std::io::Re
     Ok(())
 }
 
-/// The accepted copy at `path` as sources under `dir` (so messages and `explain` name the
-/// files the user knows), and when it was saved (Unix seconds).
-pub fn load(path: &Path, dir: &Path) -> Result<(crate::Sources, i64), String> {
+/// The copy at `path`, its sources under `dir` (so messages and `explain` name the files the
+/// user knows); `now_in_dir` is what the directory holds now (its readable files), compared
+/// with the refused edit.
+pub fn load(path: &Path, dir: &Path, now_in_dir: &[(PathBuf, String)]) -> Result<Copy, String> {
     let saved = read(path)?;
     let mut sources = Vec::with_capacity(saved.files.len());
     for f in saved.files {
@@ -86,7 +166,16 @@ pub fn load(path: &Path, dir: &Path) -> Result<(crate::Sources, i64), String> {
         }
         sources.push((dir.join(f.name), f.text));
     }
-    Ok((sources, saved.saved_at))
+    let now = files_of(now_in_dir);
+    let refused_now = saved
+        .refused
+        .filter(|r| r.files == now)
+        .map(|r| (r.at, r.errors));
+    Ok(Copy {
+        sources,
+        saved_at: saved.saved_at,
+        refused_now,
+    })
 }
 
 /// Unix seconds as RFC 3339 (UTC), for messages.
@@ -111,36 +200,49 @@ mod tests {
 
     #[test]
     fn the_copy_sits_beside_the_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("policies");
+        std::fs::create_dir(&dir).unwrap();
+        let real = std::fs::canonicalize(&dir).unwrap();
         assert_eq!(
-            path_for(Path::new("/etc/zg/policies")),
-            Some(PathBuf::from("/etc/zg/policies.accepted.json"))
+            path_for(&dir),
+            Some(real.with_file_name("policies.accepted.json"))
         );
+        // `.` names the directory it stands for.
+        assert_eq!(path_for(&dir.join(".")), path_for(&dir));
         assert_eq!(
-            path_for(Path::new("policies/")),
-            Some(PathBuf::from("policies.accepted.json"))
+            path_for(Path::new("/nonexistent/zg/policies")),
+            Some(PathBuf::from("/nonexistent/zg/policies.accepted.json"))
         );
         assert_eq!(path_for(Path::new("/")), None);
     }
 
     #[test]
-    fn saved_sources_load_under_the_directory_and_unchanged_ones_are_not_rewritten() {
+    fn the_refused_edit_is_recognised_only_while_the_directory_holds_it() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("policies");
         let path = path_for(&dir).unwrap();
-        let sources = vec![
-            (dir.join("a.toml"), "[app.a]\n".to_string()),
-            (dir.join("b.toml"), "# b\n".to_string()),
-        ];
-        save(&path, &sources, 100).unwrap();
-        assert_eq!(load(&path, &dir).unwrap(), (sources.clone(), 100));
-        save(&path, &sources, 200).unwrap();
-        assert_eq!(
-            load(&path, &dir).unwrap().1,
-            100,
-            "unchanged: not written again"
-        );
-        save(&path, &sources[..1], 300).unwrap();
-        assert_eq!(load(&path, &dir).unwrap(), (sources[..1].to_vec(), 300));
+        let good = vec![(dir.join("a.toml"), "[app.a]\n".to_string())];
+        let bad = vec![(dir.join("a.toml"), "[app.a\n".to_string())];
+        save(&path, &good, 100).unwrap();
+        let c = load(&path, &dir, &bad).unwrap();
+        assert_eq!((c.sources.clone(), c.saved_at), (good.clone(), 100));
+        assert!(c.refused_now.is_none(), "nothing was refused yet");
+        note_refused(&path, &good, &bad, &["a.toml:1:7: bad".into()], 200).unwrap();
+        let c = load(&path, &dir, &bad).unwrap();
+        assert_eq!(c.sources, good);
+        assert_eq!(c.saved_at, 100, "the serving files' time is kept");
+        assert_eq!(c.refused_now, Some((200, vec!["a.toml:1:7: bad".into()])));
+        // Edited again (while stopped, say): no longer the refused edit.
+        let other = vec![(dir.join("a.toml"), "[app.b\n".to_string())];
+        assert!(load(&path, &dir, &other).unwrap().refused_now.is_none());
+        // An accepted reload clears the record; unchanged copies are not rewritten.
+        save(&path, &good, 300).unwrap();
+        let c = load(&path, &dir, &bad).unwrap();
+        assert!(c.refused_now.is_none());
+        assert_eq!(c.saved_at, 300);
+        save(&path, &good, 400).unwrap();
+        assert_eq!(load(&path, &dir, &good).unwrap().saved_at, 300);
         let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
@@ -157,10 +259,9 @@ mod tests {
             r#"{"saved_at":1,"files":[{"name":"../../etc/x.toml","text":""}]}"#,
         )
         .unwrap();
-        assert!(load(&path, tmp.path())
-            .unwrap_err()
-            .contains("bad file name"));
+        let e = load(&path, tmp.path(), &Vec::new()).unwrap_err();
+        assert!(e.contains("bad file name"), "{e}");
         std::fs::write(&path, "not json").unwrap();
-        assert!(load(&path, tmp.path()).is_err());
+        assert!(load(&path, tmp.path(), &Vec::new()).is_err());
     }
 }

@@ -27,7 +27,14 @@ pub type Sources = Vec<(PathBuf, String)>;
 
 /// [`check_dir`], also giving back the `(path, text)` of each file that compiled.
 pub fn check_dir_sources(dir: &Path) -> Result<(CompiledPolicy, Sources), Vec<PolicyError>> {
-    let files = policy_files(dir).map_err(|e| vec![e])?;
+    let (sources, errs) = read_dir_sources(dir).map_err(|e| vec![e])?;
+    check_read(sources, errs)
+}
+
+/// The text of every policy file of `dir` that could be read, and an error for each that
+/// could not (an error alone when the directory cannot be listed).
+pub fn read_dir_sources(dir: &Path) -> Result<(Sources, Vec<PolicyError>), PolicyError> {
+    let files = policy_files(dir)?;
     let mut sources = Vec::with_capacity(files.len());
     let mut errs = Vec::new();
     for path in files {
@@ -36,6 +43,14 @@ pub fn check_dir_sources(dir: &Path) -> Result<(CompiledPolicy, Sources), Vec<Po
             Err(e) => errs.push(e),
         }
     }
+    Ok((sources, errs))
+}
+
+/// Compiles what [`read_dir_sources`] read; its read errors fail it too.
+pub fn check_read(
+    sources: Sources,
+    mut errs: Vec<PolicyError>,
+) -> Result<(CompiledPolicy, Sources), Vec<PolicyError>> {
     match check_sources(&sources) {
         Ok(p) if errs.is_empty() => Ok((p, sources)),
         Ok(_) => Err(errs),

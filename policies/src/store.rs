@@ -184,6 +184,8 @@ pub struct PolicyStore {
     check: Mutex<Option<ReloadCheck>>,
     /// Where each policy that serves is copied ([`crate::accepted`]); None: nowhere.
     accepted: Option<PathBuf>,
+    /// The files of the policy serving now, as read (for the copy).
+    accepted_sources: Mutex<Option<crate::Sources>>,
 }
 
 /// A check of a compiled policy that only its user can make (a gateway: can it listen on the
@@ -209,53 +211,85 @@ impl PolicyStore {
         Ok(Self::serving(dir, policy, started(), read_at, None))
     }
 
-    /// Loads `dir` as a gateway starts: a policy that compiles is served and copied to
-    /// [`crate::accepted::path_for`]`(dir)` (as every reload's is); one that does not is
-    /// logged and reported in the status while the last accepted copy serves, so an edit
-    /// refused while the gateway ran does not keep it from starting again. Without a copy
-    /// that compiles, the directory's errors are returned.
+    /// Loads `dir` as a gateway starts. When the directory holds exactly the edit a running
+    /// gateway last refused (kept in [`crate::accepted`]'s copy), the policy that served then
+    /// serves again and that edit's errors are logged and reported in the status: a refused
+    /// edit left in place must not keep the gateway from starting after a reboot. Otherwise
+    /// the directory is loaded as [`PolicyStore::load`] does, its errors returned; once the
+    /// gateway has started on it, [`PolicyStore::started`] keeps it as the accepted copy.
     pub fn load_keeping_accepted(dir: &Path) -> Result<Self, Vec<PolicyError>> {
         let accepted = crate::accepted::path_for(dir);
-        let read_at = fingerprint(dir);
-        let errs = match crate::check_dir_sources(dir) {
-            Ok((policy, sources)) => {
-                if let Some(path) = &accepted {
-                    keep_accepted(path, &sources);
-                }
-                return Ok(Self::serving(dir, policy, started(), read_at, accepted));
-            }
-            Err(errs) => errs,
-        };
-        let Some(path) = accepted.as_ref().filter(|p| p.exists()) else {
-            return Err(errs);
-        };
-        let (policy, saved_at) = match crate::accepted::load(path, dir) {
-            Ok((sources, at)) => match crate::check_sources(&sources) {
-                Ok(policy) => (policy, at),
-                Err(more) => {
-                    tracing::warn!(copy = %path.display(), errors = more.len(), "the last accepted policy's copy does not compile either");
-                    return Err(errs);
-                }
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the last accepted policy's copy");
-                return Err(errs);
-            }
-        };
-        for e in &errs {
-            tracing::error!(error = %e, "policy directory refused at start");
+        if accepted.is_none() {
+            tracing::warn!(dir = %dir.display(), "no place beside the policy directory for a copy of the accepted policy: a start while it holds a refused edit will fail");
         }
-        let saved = crate::accepted::when(saved_at);
-        let note = format!(
-            "serving the last accepted policy ({}, saved {saved}) until the errors above are fixed",
-            path.display()
-        );
-        tracing::error!(dir = %dir.display(), copy = %path.display(), saved = %saved, apps = policy.apps().len(), "policy directory refused at start: serving the last accepted policy until it is fixed");
-        let mut status = started();
-        status.ok = false;
-        status.errors = errs.iter().map(|e| e.to_string()).collect();
-        status.errors.push(note);
-        Ok(Self::serving(dir, policy, status, read_at, accepted))
+        let read_at = fingerprint(dir);
+        let (raw, read_errs) = crate::read_dir_sources(dir).map_err(|e| vec![e])?;
+        let copy =
+            accepted.as_ref().filter(|p| p.exists()).and_then(|p| {
+                match crate::accepted::load(p, dir, &raw) {
+                    Ok(c) => Some((p, c)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the last accepted policy's copy");
+                        None
+                    }
+                }
+            });
+        if let Some((path, copy)) = copy {
+            if let Some((refused_at, errors)) = copy.refused_now {
+                match crate::check_sources(&copy.sources) {
+                    Ok(policy) => {
+                        let (saved, refused) = (
+                            crate::accepted::when(copy.saved_at),
+                            crate::accepted::when(refused_at),
+                        );
+                        for e in &errors {
+                            tracing::error!(error = %e, refused = %refused, "the policy directory holds an edit the gateway refused");
+                        }
+                        tracing::error!(dir = %dir.display(), copy = %path.display(), saved = %saved, apps = policy.apps().len(), "serving the last accepted policy until the refused edit is fixed");
+                        let mut status = started();
+                        status.ok = false;
+                        status.errors = errors;
+                        status.errors.push(format!(
+                            "the directory holds the edit refused at {refused}: serving the last accepted policy ({}, saved {saved}) until it is fixed",
+                            path.display()
+                        ));
+                        let store = Self::serving(dir, policy, status, read_at, accepted.clone());
+                        *store
+                            .accepted_sources
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner()) = Some(copy.sources);
+                        return Ok(store);
+                    }
+                    Err(more) => {
+                        tracing::warn!(copy = %path.display(), errors = more.len(), "the last accepted policy's copy does not compile: the directory is loaded as it is");
+                    }
+                }
+            }
+        }
+        let (policy, sources) = crate::check_read(raw, read_errs)?;
+        let store = Self::serving(dir, policy, started(), read_at, accepted);
+        *store
+            .accepted_sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(sources);
+        Ok(store)
+    }
+
+    /// The gateway started on this store's policy: it becomes the accepted copy (not before:
+    /// a policy the gateway cannot start on must not replace the one that served). Does
+    /// nothing while the copy itself serves (the directory's refused edit stays recorded).
+    pub fn started(&self) {
+        if !self.last_reload().ok {
+            return;
+        }
+        let sources = self
+            .accepted_sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let (Some(path), Some(sources)) = (&self.accepted, sources) {
+            keep_accepted(path, &sources);
+        }
     }
 
     /// A store serving `policy`, its status `status` with what the policy holds filled in.
@@ -284,6 +318,7 @@ impl PolicyStore {
             epoch: tokio::sync::watch::Sender::new(0),
             check: Mutex::new(None),
             accepted,
+            accepted_sources: Mutex::new(None),
         }
     }
 
@@ -373,8 +408,13 @@ impl PolicyStore {
         let files = crate::policy_files(&self.dir).map(|f| f.len()).unwrap_or(0);
         let at = Timestamp::from(SystemTime::now()).0;
         let check = self.check.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let checked =
-            crate::check_dir_sources(&self.dir).and_then(|(policy, sources)| match &check {
+        // What was read is kept apart: a refused edit is recorded as read.
+        let read = crate::read_dir_sources(&self.dir);
+        let raw = read.as_ref().map(|(r, _)| r.clone()).unwrap_or_default();
+        let checked = read
+            .map_err(|e| vec![e])
+            .and_then(|(sources, errs)| crate::check_read(sources, errs))
+            .and_then(|(policy, sources)| match &check {
                 Some(ReloadCheck(f)) => f(&policy, &self.current.load().policy)
                     .map(|()| (policy, sources))
                     .map_err(|msgs| {
@@ -397,6 +437,10 @@ impl PolicyStore {
                 if let Some(path) = &self.accepted {
                     keep_accepted(path, &sources);
                 }
+                *self
+                    .accepted_sources
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(sources);
                 let old = self.current.load_full();
                 let changes = diff(&old.policy, &policy);
                 let apps = policy.apps().len();
@@ -417,6 +461,20 @@ impl PolicyStore {
             Err(errs) => {
                 for e in &errs {
                     tracing::warn!(error = %e, "policy reload refused; previous policy keeps serving");
+                }
+                // Recorded beside the copy: a start that finds the directory still like this
+                // serves the copy instead of refusing to start.
+                let serving = self
+                    .accepted_sources
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                if let (Some(path), Some(serving)) = (&self.accepted, serving) {
+                    let texts: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+                    if let Err(e) = crate::accepted::note_refused(path, &serving, &raw, &texts, at)
+                    {
+                        tracing::warn!(copy = %path.display(), error = %e, "cannot record the refused edit beside the accepted policy; a start while the directory holds it will fail");
+                    }
                 }
                 self.set_status(ReloadStatus {
                     ok: false,

@@ -809,25 +809,37 @@ async fn two_mesh_apps_renamed_at_once_start_afresh() {
 
 /// An edit refused while the gateway ran stays in the directory: the next start serves the
 /// policy that served last (from its copy) and reports the errors, instead of not starting.
+/// Only while the directory holds exactly that edit: one made while the gateway was stopped
+/// is judged as it is.
 #[tokio::test]
 async fn a_start_with_a_refused_edit_serves_the_last_accepted_policy() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("policies");
     std::fs::create_dir(&dir).expect("mkdir");
+    let names = |s: &PolicyStore| {
+        let mut v: Vec<String> = s
+            .current()
+            .policy
+            .apps()
+            .iter()
+            .map(|a| a.name.clone())
+            .collect();
+        v.sort();
+        v
+    };
     write(&dir, "a.toml", APP_A);
     let store = PolicyStore::load_keeping_accepted(&dir).expect("load");
+    store.started();
     write(&dir, "b.toml", "[app.b]\nmesh = true\nto = \"d/t\"\n");
     store.reload().expect("reload");
     // The refused edit: a typo in `from`.
-    write(&dir, "a.toml", &APP_A.replace("public", "publc"));
+    let typo = APP_A.replace("public", "publc");
+    write(&dir, "a.toml", &typo);
     assert!(store.reload().is_err());
     drop(store);
 
     let restarted = PolicyStore::load_keeping_accepted(&dir).expect("falls back to the copy");
-    let cur = restarted.current();
-    let mut apps: Vec<&str> = cur.policy.apps().iter().map(|a| a.name.as_str()).collect();
-    apps.sort();
-    assert_eq!(apps, ["a", "b"], "the policy that served last");
+    assert_eq!(names(&restarted), ["a", "b"], "the policy that served last");
     let status = restarted.last_reload();
     assert!(!status.ok, "the directory's errors are reported");
     assert!(
@@ -838,27 +850,45 @@ async fn a_start_with_a_refused_edit_serves_the_last_accepted_policy() {
         status.errors.iter().any(|e| e.contains("last accepted")),
         "{status:?}"
     );
+    restarted.started();
     // A plain load has no fallback.
     assert!(PolicyStore::load(&dir).is_err());
-
-    // Fixed: the next reload serves the directory and keeps it as the copy.
-    write(&dir, "a.toml", APP_A);
-    std::fs::remove_file(dir.join("b.toml")).expect("rm");
-    restarted.reload().expect("fixed");
-    assert!(restarted.last_reload().ok);
-    write(&dir, "a.toml", "not toml [");
     drop(restarted);
-    let again = PolicyStore::load_keeping_accepted(&dir).expect("copy of the fixed policy");
-    let names: Vec<String> = again
-        .current()
-        .policy
-        .apps()
-        .iter()
-        .map(|a| a.name.clone())
-        .collect();
-    assert_eq!(names, ["a"]);
 
-    // Without a copy, a bad directory still keeps the gateway from starting.
+    // Edited again while stopped: not the edit that was refused, so judged as it is.
+    write(&dir, "a.toml", &APP_A.replace("public", "pubic"));
+    assert!(PolicyStore::load_keeping_accepted(&dir).is_err());
+    write(&dir, "a.toml", &typo);
+    assert_eq!(
+        names(&PolicyStore::load_keeping_accepted(&dir).expect("the refused edit again")),
+        ["a", "b"]
+    );
+
+    // An edit that compiles but the gateway's own check refuses (an address in use, say):
+    // recorded the same way, and a start does not take it either.
+    write(&dir, "a.toml", APP_A);
+    let store = PolicyStore::load_keeping_accepted(&dir).expect("fixed");
+    store.started();
+    store.set_check(policies::ReloadCheck(Arc::new(|new, _| {
+        match new.app("c") {
+            Some(_) => Err(vec!["app c: cannot listen".to_string()]),
+            None => Ok(()),
+        }
+    })));
+    write(&dir, "c.toml", "[app.c]\nmesh = true\nto = \"d/u\"\n");
+    assert!(store.reload().is_err());
+    drop(store);
+    let again = PolicyStore::load_keeping_accepted(&dir).expect("copy of the policy that served");
+    assert_eq!(names(&again), ["a", "b"]);
+    assert!(again
+        .last_reload()
+        .errors
+        .iter()
+        .any(|e| e.contains("cannot listen")));
+
+    // Without a copy, a bad directory keeps the gateway from starting.
+    std::fs::remove_file(dir.join("c.toml")).expect("rm");
+    write(&dir, "a.toml", &typo);
     std::fs::remove_file(policies::accepted::path_for(&dir).expect("path")).expect("rm copy");
     assert!(PolicyStore::load_keeping_accepted(&dir).is_err());
 }

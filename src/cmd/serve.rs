@@ -107,19 +107,21 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     if !dir.is_dir() {
         return Err(UsageError(format!("policy directory {} does not exist: create it (it may be empty) or pass --policies DIR", dir.display())).into());
     }
-    let policy = policies::PolicyStore::load_keeping_accepted(&dir).map_err(|errs| {
-        let list: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
-        UsageError(format!(
-            "policy refused ({} errors):\n  {}",
-            list.len(),
-            list.join("\n  ")
-        ))
-    })?;
+    let policy = policies::PolicyStore::load_keeping_accepted(&dir)
+        .map(Arc::new)
+        .map_err(|errs| {
+            let list: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+            UsageError(format!(
+                "policy refused ({} errors):\n  {}",
+                list.len(),
+                list.join("\n  ")
+            ))
+        })?;
     let udp_per_app = config::udp_flows_per_app(&a.config, f.udp_flows_per_app)?;
     let tcp_total = config::tcp_connections(&a.config, f.tcp_connections)?;
     let opts = gateway::GatewayOptions {
         creds,
-        policy: Arc::new(policy),
+        policy: policy.clone(),
         services,
         forwards,
         listen: f.listen,
@@ -161,6 +163,8 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     runtime(threads)?.block_on(async move {
         let shutdown = CancellationToken::new();
         let gw = gateway::Gateway::bind(opts, shutdown.clone()).await?;
+        // Everything bound on this policy: it is the one a later start falls back to.
+        policy.started();
         tokio::spawn(on_signal(shutdown.clone()));
         tokio::spawn(crate::memory::release_freed_memory());
         gw.run().await?;

@@ -711,3 +711,60 @@ async fn a_direct_stream_ends_when_the_policy_stops_allowing_it() {
     h2.shutdown.cancel();
     gw.shutdown.cancel();
 }
+
+/// A gateway that did not relay a permit (it restarted since) still revokes it: the device
+/// reports the permits it holds as its session starts (`PermitsHeld`), and the direct stream
+/// the new policy does not allow ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_gateway_revokes_permits_it_did_not_relay() {
+    let MeshZone { z, gw, h1, h2, fwd } = mesh_zone().await;
+    assert_eq!(roundtrip(fwd, b"first").await.unwrap(), b"first");
+    wait_until("direct path home1 <-> home2", WAIT, || {
+        let up = |a: &RunningAgent, peer: &str| {
+            a.agent
+                .peers()
+                .iter()
+                .any(|p| p.device == peer && p.path == "direct")
+        };
+        up(&h1, "home2") && up(&h2, "home1")
+    })
+    .await;
+    let mut long = tokio::net::TcpStream::connect(fwd).await.unwrap();
+    let mut buf = [0u8; 4];
+    long.write_all(b"ping").await.unwrap();
+    long.read_exact(&mut buf).await.unwrap();
+
+    // The gateway goes; the direct stream runs on without it.
+    gw.shutdown.cancel();
+    let _ = tokio::time::timeout(WAIT, gw.task).await;
+    long.write_all(b"pong").await.unwrap();
+    long.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"pong");
+
+    // A new gateway, whose policy no longer lets home2 reach the service, knows nothing of
+    // the pair until home1 tells it what it holds.
+    z.write_policy(
+        "mesh.toml",
+        &MESH_POLICY.replace("device:home2", "device:home3"),
+    );
+    let gw2 = start_gateway(&z, fast_tuning(), Duration::from_millis(200)).await;
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if long.write_all(b"more").await.is_err() {
+                return;
+            }
+            match long.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the direct stream ran on under a gateway that never relayed it"
+    );
+    h1.shutdown.cancel();
+    h2.shutdown.cancel();
+    gw2.shutdown.cancel();
+}
