@@ -60,6 +60,63 @@ async fn mesh_zone() -> MeshZone {
     MeshZone { z, gw, h1, h2, fwd }
 }
 
+/// A first (relayed) stream, then the direct path up both ways, then a long-lived connection
+/// through the forward whose stream runs on that path (the gateway relayed nothing for it),
+/// one echo done.
+async fn direct_long_stream(m: &MeshZone) -> tokio::net::TcpStream {
+    assert_eq!(roundtrip(m.fwd, b"first").await.unwrap(), b"first");
+    wait_until("direct path home1 <-> home2", WAIT, || {
+        let up = |a: &RunningAgent, peer: &str| {
+            a.agent
+                .peers()
+                .iter()
+                .any(|p| p.device == peer && p.path == "direct")
+        };
+        up(&m.h1, "home2") && up(&m.h2, "home1")
+    })
+    .await;
+    let relayed = || {
+        m.gw.hub
+            .status()
+            .iter()
+            .filter(|a| a.device == "home2")
+            .flat_map(|a| a.mesh.iter())
+            .filter(|p| p.to == "home1")
+            .map(|p| p.relayed_streams)
+            .sum::<u64>()
+    };
+    let relayed_before = relayed();
+    let mut long = tokio::net::TcpStream::connect(m.fwd).await.unwrap();
+    long.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    long.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    assert_eq!(
+        relayed(),
+        relayed_before,
+        "the long stream went direct, not by the relay"
+    );
+    long
+}
+
+/// Whether `long` ends (EOF or reset) within `within` while it is written to and read.
+async fn ends_within(long: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(within, async {
+        loop {
+            if long.write_all(b"more").await.is_err() {
+                return;
+            }
+            match long.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
 /// A payload that marks plaintext: if the relay ever holds these bytes, encryption failed.
 const MARKER: &[u8] = b"PLAINTEXT-MARKER-7f3a9c-the-gateway-must-never-see-this";
 
@@ -285,44 +342,17 @@ async fn noise_refuses_a_peer_whose_static_key_is_not_its_zone_key() {
 /// direct path never touches the gateway, so only home1 can enforce the revocation there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_peer_loses_its_direct_path_and_open_streams() {
-    let MeshZone { z, gw, h1, h2, fwd } = mesh_zone().await;
-    // A first (relayed) stream makes the gateway coordinate hole punching.
-    assert_eq!(roundtrip(fwd, b"first").await.unwrap(), b"first");
-    wait_until("direct path home1 <-> home2", WAIT, || {
-        let up = |a: &RunningAgent, peer: &str| {
-            a.agent
-                .peers()
-                .iter()
-                .any(|p| p.device == peer && p.path == "direct")
-        };
-        up(&h1, "home2") && up(&h2, "home1")
-    })
-    .await;
-
-    // A long-lived connection whose stream runs on the direct path (up before it opened; a
-    // forward's stream counters are only written when it ends).
-    let mut long = tokio::net::TcpStream::connect(fwd).await.unwrap();
-    long.write_all(b"ping").await.unwrap();
-    let mut buf = [0u8; 4];
-    long.read_exact(&mut buf).await.unwrap();
-    assert_eq!(&buf, b"ping");
+    let m = mesh_zone().await;
+    let mut long = direct_long_stream(&m).await;
+    let MeshZone { z, gw, h1, h2, .. } = m;
 
     std::fs::write(z.bundle("gw").zone_config, z.revoke("home2")).unwrap();
 
     // The stream ends (EOF or reset) instead of echoing on.
-    let ended = tokio::time::timeout(WAIT, async {
-        loop {
-            if long.write_all(b"more").await.is_err() {
-                return;
-            }
-            match long.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    })
-    .await;
-    assert!(ended.is_ok(), "a revoked peer's direct stream kept running");
+    assert!(
+        ends_within(&mut long, WAIT).await,
+        "a revoked peer's direct stream kept running"
+    );
     wait_until("home1 has no direct path to home2", WAIT, || {
         !h1.agent
             .peers()
@@ -640,39 +670,10 @@ async fn a_relayed_stream_ends_when_the_policy_stops_allowing_it() {
 /// used to run on, and new direct streams were served for the rest of the permit's 15 min.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_direct_stream_ends_when_the_policy_stops_allowing_it() {
-    let MeshZone { z, gw, h1, h2, fwd } = mesh_zone().await;
-    assert_eq!(roundtrip(fwd, b"first").await.unwrap(), b"first");
-    wait_until("direct path home1 <-> home2", WAIT, || {
-        let up = |a: &RunningAgent, peer: &str| {
-            a.agent
-                .peers()
-                .iter()
-                .any(|p| p.device == peer && p.path == "direct")
-        };
-        up(&h1, "home2") && up(&h2, "home1")
-    })
-    .await;
-    let relayed = || {
-        gw.hub
-            .status()
-            .iter()
-            .filter(|a| a.device == "home2")
-            .flat_map(|a| a.mesh.iter())
-            .filter(|p| p.to == "home1")
-            .map(|p| p.relayed_streams)
-            .sum::<u64>()
-    };
-    let relayed_before = relayed();
-    let mut long = tokio::net::TcpStream::connect(fwd).await.unwrap();
-    long.write_all(b"ping").await.unwrap();
-    let mut buf = [0u8; 4];
-    long.read_exact(&mut buf).await.unwrap();
-    assert_eq!(&buf, b"ping");
-    assert_eq!(
-        relayed(),
-        relayed_before,
-        "the long stream went direct, not by the relay"
-    );
+    let m = mesh_zone().await;
+    let mut long = direct_long_stream(&m).await;
+    let MeshZone { z, gw, h1, h2, fwd } = m;
+
     let permits = || {
         h1.agent
             .peers()
@@ -687,20 +688,8 @@ async fn a_direct_stream_ends_when_the_policy_stops_allowing_it() {
         "mesh.toml",
         &MESH_POLICY.replace("device:home2", "device:home3"),
     );
-    let ended = tokio::time::timeout(WAIT, async {
-        loop {
-            if long.write_all(b"more").await.is_err() {
-                return;
-            }
-            match long.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    })
-    .await;
     assert!(
-        ended.is_ok(),
+        ends_within(&mut long, WAIT).await,
         "the direct stream ran on after the policy stopped allowing it"
     );
     wait_until("home1 dropped the permit", WAIT, || permits().is_empty()).await;
@@ -717,22 +706,10 @@ async fn a_direct_stream_ends_when_the_policy_stops_allowing_it() {
 /// the new policy does not allow ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_gateway_revokes_permits_it_did_not_relay() {
-    let MeshZone { z, gw, h1, h2, fwd } = mesh_zone().await;
-    assert_eq!(roundtrip(fwd, b"first").await.unwrap(), b"first");
-    wait_until("direct path home1 <-> home2", WAIT, || {
-        let up = |a: &RunningAgent, peer: &str| {
-            a.agent
-                .peers()
-                .iter()
-                .any(|p| p.device == peer && p.path == "direct")
-        };
-        up(&h1, "home2") && up(&h2, "home1")
-    })
-    .await;
-    let mut long = tokio::net::TcpStream::connect(fwd).await.unwrap();
+    let m = mesh_zone().await;
+    let mut long = direct_long_stream(&m).await;
+    let MeshZone { z, gw, h1, h2, .. } = m;
     let mut buf = [0u8; 4];
-    long.write_all(b"ping").await.unwrap();
-    long.read_exact(&mut buf).await.unwrap();
 
     // The gateway goes; the direct stream runs on without it.
     gw.shutdown.cancel();
@@ -748,20 +725,8 @@ async fn a_restarted_gateway_revokes_permits_it_did_not_relay() {
         &MESH_POLICY.replace("device:home2", "device:home3"),
     );
     let gw2 = start_gateway(&z, fast_tuning(), Duration::from_millis(200)).await;
-    let ended = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            if long.write_all(b"more").await.is_err() {
-                return;
-            }
-            match long.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    })
-    .await;
     assert!(
-        ended.is_ok(),
+        ends_within(&mut long, Duration::from_secs(30)).await,
         "the direct stream ran on under a gateway that never relayed it"
     );
     h1.shutdown.cancel();
