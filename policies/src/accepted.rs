@@ -38,6 +38,9 @@ struct Refused {
     /// Unix seconds.
     at: i64,
     files: Vec<SavedFile>,
+    /// Policy files that were there but could not be read (too large, not a regular file).
+    #[serde(default)]
+    unreadable: Vec<String>,
     /// Why, as the reload reported it.
     errors: Vec<String>,
 }
@@ -52,11 +55,40 @@ pub struct Copy {
     pub refused_now: Option<(i64, Vec<String>)>,
 }
 
+/// A policy directory as read: the files read, and the names of those that could not be.
+#[derive(Debug, Clone, Copy)]
+pub struct Seen<'a> {
+    pub readable: &'a [(PathBuf, String)],
+    pub unreadable: &'a [String],
+}
+
+/// The file names of read errors (the files that could not be read).
+pub fn names_of(errs: &[crate::PolicyError]) -> Vec<String> {
+    let mut v: Vec<String> = errs
+        .iter()
+        .filter_map(|e| e.path.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
 /// Where the copy of `dir`'s accepted policy is kept: `policies/` → `policies.accepted.json`
-/// beside it. None for a directory without a name of its own (`/`); `.` and `..` are
-/// resolved first.
+/// beside it. None for a directory without a name of its own (`/`). `.` and `..` are
+/// resolved first, but a link named as the directory is not followed: swapping the link
+/// (`policies -> releases/v4`) keeps the copy where the running gateway wrote it.
 pub fn path_for(dir: &Path) -> Option<PathBuf> {
-    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let dir = match dir.file_name() {
+        // The last component is a name: only what leads to it is resolved.
+        Some(name) => {
+            let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+            let parent = parent.unwrap_or(Path::new("."));
+            std::fs::canonicalize(parent)
+                .unwrap_or_else(|_| parent.to_path_buf())
+                .join(name)
+        }
+        None => std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()),
+    };
     let name = dir.file_name()?.to_str()?;
     Some(dir.with_file_name(format!("{name}.accepted.json")))
 }
@@ -99,18 +131,18 @@ pub fn save(path: &Path, sources: &[(PathBuf, String)], now: i64) -> std::io::Re
 pub fn note_refused(
     path: &Path,
     serving: &[(PathBuf, String)],
-    refused: &[(PathBuf, String)],
+    refused: &Seen<'_>,
     errors: &[String],
     now: i64,
 ) -> std::io::Result<()> {
     let files = files_of(serving);
-    let refused_files = files_of(refused);
+    let refused_files = files_of(refused.readable);
     let saved_at = match read(path) {
         Ok(old) if old.files == files => {
             if old
                 .refused
                 .as_ref()
-                .is_some_and(|r| r.files == refused_files)
+                .is_some_and(|r| r.files == refused_files && r.unreadable == refused.unreadable)
             {
                 return Ok(());
             }
@@ -126,6 +158,7 @@ pub fn note_refused(
             refused: Some(Refused {
                 at: now,
                 files: refused_files,
+                unreadable: refused.unreadable.to_vec(),
                 errors: errors.to_vec(),
             }),
         },
@@ -155,7 +188,7 @@ fn write(path: &Path, saved: &Saved) -> std::io::Result<()> {
 /// The copy at `path`, its sources under `dir` (so messages and `explain` name the files the
 /// user knows); `now_in_dir` is what the directory holds now (its readable files), compared
 /// with the refused edit.
-pub fn load(path: &Path, dir: &Path, now_in_dir: &[(PathBuf, String)]) -> Result<Copy, String> {
+pub fn load(path: &Path, dir: &Path, now_in_dir: &Seen<'_>) -> Result<Copy, String> {
     let saved = read(path)?;
     let mut sources = Vec::with_capacity(saved.files.len());
     for f in saved.files {
@@ -166,10 +199,10 @@ pub fn load(path: &Path, dir: &Path, now_in_dir: &[(PathBuf, String)]) -> Result
         }
         sources.push((dir.join(f.name), f.text));
     }
-    let now = files_of(now_in_dir);
+    let now = files_of(now_in_dir.readable);
     let refused_now = saved
         .refused
-        .filter(|r| r.files == now)
+        .filter(|r| r.files == now && r.unreadable == now_in_dir.unreadable)
         .map(|r| (r.at, r.errors));
     Ok(Copy {
         sources,
@@ -198,6 +231,13 @@ fn read(path: &Path) -> Result<Saved, String> {
 mod tests {
     use super::*;
 
+    fn seen(readable: &[(PathBuf, String)]) -> Seen<'_> {
+        Seen {
+            readable,
+            unreadable: &[],
+        }
+    }
+
     #[test]
     fn the_copy_sits_beside_the_directory() {
         let tmp = tempfile::tempdir().unwrap();
@@ -215,6 +255,36 @@ mod tests {
             Some(PathBuf::from("/nonexistent/zg/policies.accepted.json"))
         );
         assert_eq!(path_for(Path::new("/")), None);
+        // A link named as the directory is not followed (a deploy swaps it).
+        let release = tmp.path().join("v3");
+        std::fs::create_dir(&release).unwrap();
+        let link = tmp.path().join("live");
+        std::os::unix::fs::symlink(&release, &link).unwrap();
+        assert_eq!(
+            path_for(&link),
+            Some(real.with_file_name("live.accepted.json"))
+        );
+    }
+
+    #[test]
+    fn an_unreadable_file_is_part_of_the_refused_edit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("policies");
+        let path = path_for(&dir).unwrap();
+        let good = vec![(dir.join("a.toml"), "[app.a]\n".to_string())];
+        let big = ["big.toml".to_string()];
+        save(&path, &good, 1).unwrap();
+        let refused = Seen {
+            readable: &good,
+            unreadable: &big,
+        };
+        note_refused(&path, &good, &refused, &["big.toml: too large".into()], 2).unwrap();
+        assert!(load(&path, &dir, &refused).unwrap().refused_now.is_some());
+        // The large file gone: the directory is no longer the refused one.
+        assert!(load(&path, &dir, &seen(&good))
+            .unwrap()
+            .refused_now
+            .is_none());
     }
 
     #[test]
@@ -225,24 +295,27 @@ mod tests {
         let good = vec![(dir.join("a.toml"), "[app.a]\n".to_string())];
         let bad = vec![(dir.join("a.toml"), "[app.a\n".to_string())];
         save(&path, &good, 100).unwrap();
-        let c = load(&path, &dir, &bad).unwrap();
+        let c = load(&path, &dir, &seen(&bad)).unwrap();
         assert_eq!((c.sources.clone(), c.saved_at), (good.clone(), 100));
         assert!(c.refused_now.is_none(), "nothing was refused yet");
-        note_refused(&path, &good, &bad, &["a.toml:1:7: bad".into()], 200).unwrap();
-        let c = load(&path, &dir, &bad).unwrap();
+        note_refused(&path, &good, &seen(&bad), &["a.toml:1:7: bad".into()], 200).unwrap();
+        let c = load(&path, &dir, &seen(&bad)).unwrap();
         assert_eq!(c.sources, good);
         assert_eq!(c.saved_at, 100, "the serving files' time is kept");
         assert_eq!(c.refused_now, Some((200, vec!["a.toml:1:7: bad".into()])));
         // Edited again (while stopped, say): no longer the refused edit.
         let other = vec![(dir.join("a.toml"), "[app.b\n".to_string())];
-        assert!(load(&path, &dir, &other).unwrap().refused_now.is_none());
+        assert!(load(&path, &dir, &seen(&other))
+            .unwrap()
+            .refused_now
+            .is_none());
         // An accepted reload clears the record; unchanged copies are not rewritten.
         save(&path, &good, 300).unwrap();
-        let c = load(&path, &dir, &bad).unwrap();
+        let c = load(&path, &dir, &seen(&bad)).unwrap();
         assert!(c.refused_now.is_none());
         assert_eq!(c.saved_at, 300);
         save(&path, &good, 400).unwrap();
-        assert_eq!(load(&path, &dir, &good).unwrap().saved_at, 300);
+        assert_eq!(load(&path, &dir, &seen(&good)).unwrap().saved_at, 300);
         let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
@@ -259,9 +332,9 @@ mod tests {
             r#"{"saved_at":1,"files":[{"name":"../../etc/x.toml","text":""}]}"#,
         )
         .unwrap();
-        let e = load(&path, tmp.path(), &Vec::new()).unwrap_err();
+        let e = load(&path, tmp.path(), &seen(&[])).unwrap_err();
         assert!(e.contains("bad file name"), "{e}");
         std::fs::write(&path, "not json").unwrap();
-        assert!(load(&path, tmp.path(), &Vec::new()).is_err());
+        assert!(load(&path, tmp.path(), &seen(&[])).is_err());
     }
 }

@@ -224,16 +224,19 @@ impl PolicyStore {
         }
         let read_at = fingerprint(dir);
         let (raw, read_errs) = crate::read_dir_sources(dir).map_err(|e| vec![e])?;
-        let copy =
-            accepted.as_ref().filter(|p| p.exists()).and_then(|p| {
-                match crate::accepted::load(p, dir, &raw) {
-                    Ok(c) => Some((p, c)),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot read the last accepted policy's copy");
-                        None
-                    }
+        let copy = accepted.as_ref().filter(|p| p.exists()).and_then(|p| {
+            let seen = crate::accepted::Seen {
+                readable: &raw,
+                unreadable: &crate::accepted::names_of(&read_errs),
+            };
+            match crate::accepted::load(p, dir, &seen) {
+                Ok(c) => Some((p, c)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the last accepted policy's copy");
+                    None
                 }
-            });
+            }
+        });
         if let Some((path, copy)) = copy {
             if let Some((refused_at, errors)) = copy.refused_now {
                 match crate::check_sources(&copy.sources) {
@@ -253,7 +256,11 @@ impl PolicyStore {
                             "the directory holds the edit refused at {refused}: serving the last accepted policy ({}, saved {saved}) until it is fixed",
                             path.display()
                         ));
-                        let store = Self::serving(dir, policy, status, read_at, accepted.clone());
+                        // Read again by the watcher once it runs (under the gateway's own
+                        // check): a refusal that no longer applies (an address free again,
+                        // a newer zonegate) must not keep the old policy for good.
+                        let retry: Fingerprint = Err("serving the accepted copy".into());
+                        let store = Self::serving(dir, policy, status, retry, accepted.clone());
                         *store
                             .accepted_sources
                             .lock()
@@ -410,7 +417,12 @@ impl PolicyStore {
         let check = self.check.lock().unwrap_or_else(|e| e.into_inner()).clone();
         // What was read is kept apart: a refused edit is recorded as read.
         let read = crate::read_dir_sources(&self.dir);
-        let raw = read.as_ref().map(|(r, _)| r.clone()).unwrap_or_default();
+        // The directory as read, files that could not be read by name; None when it could
+        // not even be listed (nothing to recognise it by at a start).
+        let seen = read
+            .as_ref()
+            .ok()
+            .map(|(r, errs)| (r.clone(), crate::accepted::names_of(errs)));
         let checked = read
             .map_err(|e| vec![e])
             .and_then(|(sources, errs)| crate::check_read(sources, errs))
@@ -469,9 +481,16 @@ impl PolicyStore {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .clone();
-                if let (Some(path), Some(serving)) = (&self.accepted, serving) {
+                if let (Some(path), Some(serving), Some((raw, unreadable))) =
+                    (&self.accepted, serving, &seen)
+                {
                     let texts: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
-                    if let Err(e) = crate::accepted::note_refused(path, &serving, &raw, &texts, at)
+                    let refused = crate::accepted::Seen {
+                        readable: raw,
+                        unreadable,
+                    };
+                    if let Err(e) =
+                        crate::accepted::note_refused(path, &serving, &refused, &texts, at)
                     {
                         tracing::warn!(copy = %path.display(), error = %e, "cannot record the refused edit beside the accepted policy; a start while the directory holds it will fail");
                     }

@@ -1290,13 +1290,8 @@ impl Agent {
                 // The gateway allowed this peer this service, and Noise proves the peer once
                 // its first frame opens (a handshake alone can be a replay): it may use the
                 // service over a direct path too.
-                let (peers, p, svc, a) = (
-                    self.peers.clone(),
-                    peer.clone(),
-                    service.clone(),
-                    app.clone(),
-                );
-                s.on_first_frame(move || peers.grant(&p, &svc, &a));
+                let (agent, p, svc, a) = (self.clone(), peer.clone(), service.clone(), app.clone());
+                s.on_first_frame(move || agent.granted(&p, &svc, &a, started));
                 let m = splice(&mut s, &mut tcp).await;
                 let (inn, out) = (m.a_to_b, m.b_to_a);
                 self.peers.counters(&peer).record(false, out, inn);
@@ -1315,6 +1310,22 @@ impl Agent {
             error = m.error.map(|e| e.to_string()).unwrap_or_default(),
             "connection done"
         );
+    }
+
+    /// A relayed stream from `peer` for `service` (accepted at `opened`) proved its origin:
+    /// the peer may use the service directly too. A new permit is reported to every gateway
+    /// connected now, so that whichever applies a policy change can revoke it (the one that
+    /// relayed the stream may be down by then).
+    fn granted(&self, peer: &str, service: &str, app: &str, opened: Instant) {
+        if !self.peers.grant(peer, service, app, opened) {
+            return;
+        }
+        for link in self.links() {
+            if let Some(ctl) = link.ctl() {
+                let held = vec![(peer.to_owned(), service.to_owned())];
+                ctl.try_apply(move |s| s.send_permits_held(held));
+            }
+        }
     }
 
     /// When this agent lost its last usable gateway link, if it has none now. A link that is

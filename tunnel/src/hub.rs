@@ -118,8 +118,8 @@ pub struct AgentLink {
     pub streams: AtomicU64,
     /// Zone configs this session offered that were refused ([`MAX_REFUSED_OFFERS`]).
     refused_offers: AtomicU32,
-    /// The device said which direct-path permits it holds (taken once per session: each
-    /// report may send revocations and log them).
+    /// The device has reported the direct-path permits it holds this session (its first
+    /// report is the one that may repeat revocations).
     permits_reported: AtomicBool,
     /// Payload bytes sent to / received from the device over its connection: streams the
     /// gateway opens to it (public TCP, HTTP front, mesh relay's far side), mesh streams it
@@ -181,14 +181,18 @@ struct MeshPair {
 }
 
 impl MeshPair {
-    /// `service` may be permitted at the target (again): the next check asks about it.
-    fn may_permit(&mut self, service: &str) {
+    /// `service` may be permitted at the target: the next check asks about it. `again`: it
+    /// may have been granted since a revocation was sent (a relayed stream allowed, a new
+    /// session's report), so a refusal is sent again.
+    fn may_permit(&mut self, service: &str, again: bool) {
         if !self.permitted.iter().any(|s| s == service)
             && self.permitted.len() < crate::proto::limits::MAX_SERVICES
         {
             self.permitted.push(service.to_owned());
         }
-        self.revoked.retain(|s| s != service);
+        if again {
+            self.revoked.retain(|s| s != service);
+        }
     }
 }
 
@@ -579,14 +583,14 @@ impl Hub {
                 if allowed {
                     continue;
                 }
-                let (peer, svc) = (from.clone(), service.clone());
-                if target
-                    .ctl
-                    .try_apply(move |s| s.send_permit_revoke(peer, svc))
-                {
-                    info!(device = %to, peer = %from, service = %service, "direct-path permit revoked: the policy no longer allows it");
-                    self.mesh_pair(&from, &to, |p| p.revoked.push(service));
-                }
+                // Queued without dropping it (the command queue may be full of UDP opens): a
+                // session gone meanwhile is told again by the device's next report.
+                let (peer, svc, ctl) = (from.clone(), service.clone(), target.ctl.clone());
+                tokio::spawn(async move {
+                    ctl.apply(move |s| s.send_permit_revoke(peer, svc)).await;
+                });
+                info!(device = %to, peer = %from, service = %service, "direct-path permit revoked: the policy no longer allows it");
+                self.mesh_pair(&from, &to, |p| p.revoked.push(service));
             }
         }
     }
@@ -846,16 +850,16 @@ impl Hub {
                 }
             }
             Event::PermitsHeld { permits } => {
-                if link.permits_reported.swap(true, Ordering::Relaxed) {
-                    debug!(device = %link.device, "second permits report of the session ignored");
-                    return None;
-                }
+                // The session's first report may hold permits a revocation sent to an earlier
+                // session never reached: those are revoked again. Later ones (a permit newly
+                // granted) only add pairs, so repeating a report sends nothing twice.
+                let first = !link.permits_reported.swap(true, Ordering::Relaxed);
                 // Only pairs of zone devices: the table stays bounded by the zone's size.
                 let zone = self.0.cfg.creds.zone();
                 let known = |d: &str| zone.config.devices.iter().any(|e| e.name.as_str() == d);
                 for (peer, service) in permits {
                     if peer != link.device && known(&peer) {
-                        self.mesh_pair(&peer, &link.device, |p| p.may_permit(&service));
+                        self.mesh_pair(&peer, &link.device, |p| p.may_permit(&service, first));
                     }
                 }
                 drop(zone);
@@ -1073,7 +1077,7 @@ impl Hub {
                 p.streams += 1;
                 p.last_relay = Some(Instant::now());
                 // Allowed (again): a later refusal is revoked (again).
-                p.may_permit(&service);
+                p.may_permit(&service, true);
                 if !p.services.contains(&service) {
                     if p.services.len() >= PAIR_SERVICES {
                         p.services.remove(0);
@@ -1102,19 +1106,10 @@ impl Hub {
         let moved = splice_until(&mut a, &mut b, stop).await;
         let (up, dn) = (moved.a_to_b, moved.b_to_a);
         if relayed {
-            let cut = moved.stopped.is_some();
             self.mesh_pair(&link.device, &to_device, |p| {
                 p.bytes_up += up;
                 p.bytes_down += dn;
-                // Cut by the policy: a revocation sent before this stream's first frame
-                // granted the permit at the target would have found nothing to revoke.
-                if cut {
-                    p.may_permit(&service);
-                }
             });
-            if cut {
-                self.revoke_refused_permits();
-            }
         }
         counters.bytes_in(up);
         counters.bytes_out(dn);

@@ -190,6 +190,9 @@ struct PeerState {
     direct_connects: u64,
     /// By service: what the gateway let this peer reach here directly.
     permits: HashMap<String, Permit>,
+    /// By service: when a gateway last revoked the permit. A relayed stream opened before
+    /// that grants nothing (its first frame can arrive after the revocation).
+    revoked_at: HashMap<String, Instant>,
     counters: Arc<PeerCounters>,
     last_error: Option<String>,
 }
@@ -395,14 +398,21 @@ impl Peers {
     }
 
     /// Notes that the gateway let `peer` open `service` here (relayed, origin proven by Noise).
-    pub fn grant(&self, peer: &str, service: &str, app: &str) {
+    /// `opened` is when the relayed stream that proves it was accepted. Whether this is a
+    /// new permit (not a renewal, not refused as older than a revocation).
+    pub fn grant(&self, peer: &str, service: &str, app: &str, opened: Instant) -> bool {
         self.with(peer, |s| {
+            if s.revoked_at.get(service).is_some_and(|at| *at > opened) {
+                debug!(peer = %peer, service = %service, "permit not granted: revoked after its stream opened");
+                return false;
+            }
             let until = Instant::now() + PERMIT_TTL;
             // Renewed in place: the streams opened under it keep their stop signal.
             match s.permits.get_mut(service) {
                 Some(p) => {
                     p.app = app.to_owned();
                     p.until = until;
+                    false
                 }
                 None => {
                     s.permits.insert(
@@ -413,9 +423,10 @@ impl Peers {
                             stop: CancellationToken::new(),
                         },
                     );
+                    true
                 }
             }
-        });
+        })
     }
 
     /// Every (peer, service) permit held, expired ones included (their streams may still
@@ -426,16 +437,26 @@ impl Peers {
         let mut v: Vec<(String, String)> = t
             .iter()
             .flat_map(|(peer, s)| s.permits.keys().map(move |svc| (peer.clone(), svc.clone())))
-            .take(crate::proto::limits::MAX_PERMITS_HELD)
             .collect();
+        // Sorted first: which ones a report past the bound leaves out is then stable.
         v.sort();
+        v.truncate(crate::proto::limits::MAX_PERMITS_HELD);
         v
     }
 
     /// The gateway's policy no longer lets `peer` reach `service` here: its permit goes, and
     /// the direct streams opened under it end. Whether there was one.
     pub fn revoke_permit(&self, peer: &str, service: &str) -> bool {
-        self.with(peer, |s| s.permits.remove(service)).is_some()
+        self.with(peer, |s| {
+            // Bounded: revocations come from gateways, but a name is kept per service.
+            if s.revoked_at.len() < crate::proto::limits::MAX_SERVICES
+                || s.revoked_at.contains_key(service)
+            {
+                s.revoked_at.insert(service.to_owned(), Instant::now());
+            }
+            s.permits.remove(service)
+        })
+        .is_some()
     }
 
     /// The app under which the gateway last allowed `peer` to reach `service`, if still valid
