@@ -52,7 +52,7 @@ pub struct TunnelSection {
     /// Gateway: a stream whose public client took nothing for this long is held
     /// (`tunnel::holds`); default 5 s.
     pub reader_stall_secs: Option<u64>,
-    /// Seconds of silence after which a proxied TCP connection's ends are probed (TCP
+    /// Seconds of silence after which a proxied TCP connection's client is probed (TCP
     /// keepalive, a probe every quarter of this after; four unanswered end the connection,
     /// twice this after its last packet); 0: never. Default 300.
     pub tcp_keepalive_secs: Option<u64>,

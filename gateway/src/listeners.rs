@@ -330,6 +330,7 @@ async fn bind(
         let stop = shutdown.child_token();
         let r = match key.0 {
             Kind::Tcp => tunnel::sockets::tcp(key.1).map(|l| {
+                tunnel::sockets::keepalive_accepted(&l, hub.tuning().tcp_keepalive);
                 let bound = l.local_addr().unwrap_or(key.1);
                 let task = tokio::spawn(tcp_loop(
                     hub.clone(),
@@ -446,7 +447,7 @@ async fn tcp_conn(
     slot: Option<IpSlot>,
     per_ip: Arc<PerIp>,
 ) {
-    tunnel::sockets::proxied(&tcp, hub.tuning().tcp_keepalive);
+    let _ = tcp.set_nodelay(true);
     let started = Instant::now();
     // The listener is being replaced or removed: the policy no longer names its address.
     let Some((active, i)) = app_at(&hub, Kind::Tcp, listen) else {

@@ -589,11 +589,12 @@ pub fn zone_health(expected: usize, connected: usize) -> &'static str {
 }
 
 async fn forward_loop(hub: Hub, f: Forward, l: TcpListener, shutdown: CancellationToken) {
+    tunnel::sockets::keepalive_accepted(&l, hub.tuning().tcp_keepalive);
     info!(listen = %f.listen, to = %format!("{}/{}", f.device, f.service), "mesh forward listening");
     while let Some((tcp, peer)) = tunnel::sockets::accept_until(&l, &shutdown).await {
         let hub = hub.clone();
         let f = f.clone();
-        tunnel::sockets::proxied(&tcp, hub.tuning().tcp_keepalive);
+        let _ = tcp.set_nodelay(true);
         // A local client's end: an early answer must reach it whole (a lingering close).
         let mut tcp = tunnel::linger::Lingering::new(tcp, None, None);
         // On the hub's work tracker, as public connections: a drain gives it `grace_secs`.

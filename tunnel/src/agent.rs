@@ -1236,12 +1236,7 @@ impl Agent {
             _ => origin_text(&origin),
         };
         let started = Instant::now();
-        let mut tcp: TcpStream = match self
-            .cfg
-            .services
-            .connect_tcp(&service, t.tcp_keepalive)
-            .await
-        {
+        let mut tcp: TcpStream = match self.cfg.services.connect_tcp(&service).await {
             Ok(t) => t,
             Err((code, reason)) => {
                 info!(app = %app, service = %service, origin = %origin, reason = %reason, "stream refused");
@@ -1374,8 +1369,9 @@ impl Agent {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) {
+        crate::sockets::keepalive_accepted(&listener, self.cfg.tuning.tcp_keepalive);
         while let Some((tcp, peer)) = crate::sockets::accept_until(&listener, &shutdown).await {
-            crate::sockets::proxied(&tcp, self.cfg.tuning.tcp_keepalive);
+            let _ = tcp.set_nodelay(true);
             tokio::spawn(self.clone().forward_one(f.clone(), tcp, peer));
         }
     }

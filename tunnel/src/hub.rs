@@ -1161,13 +1161,7 @@ impl Hub {
         early: bool,
     ) -> Result<Upstream, OpenError> {
         if device == self.0.cfg.creds.name() {
-            return match self
-                .0
-                .cfg
-                .local
-                .connect_tcp(service, self.0.cfg.tuning.tcp_keepalive)
-                .await
-            {
+            return match self.0.cfg.local.connect_tcp(service).await {
                 Ok(s) => Ok(Upstream::Tcp(s)),
                 Err((code, reason)) => Err(OpenError::Refused {
                     device: device.to_owned(),

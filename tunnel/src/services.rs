@@ -48,13 +48,8 @@ impl LocalServices {
             .collect()
     }
 
-    /// Connects to TCP service `name` (its socket set up by [`crate::sockets::proxied`] with
-    /// `keepalive`), or says why not in stream-refusal terms.
-    pub async fn connect_tcp(
-        &self,
-        name: &str,
-        keepalive: Option<std::time::Duration>,
-    ) -> Result<TcpStream, (RefuseCode, String)> {
+    /// Connects to TCP service `name`, or says why not in stream-refusal terms.
+    pub async fn connect_tcp(&self, name: &str) -> Result<TcpStream, (RefuseCode, String)> {
         let svc = match self.map.get(name) {
             Some(s) if s.proto == ServiceProto::Tcp => s,
             Some(_) => {
@@ -72,7 +67,7 @@ impl LocalServices {
         };
         match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, TcpStream::connect(svc.addr)).await {
             Ok(Ok(s)) => {
-                crate::sockets::proxied(&s, keepalive);
+                let _ = s.set_nodelay(true);
                 Ok(s)
             }
             Ok(Err(e)) => Err((

@@ -24,14 +24,15 @@ fn v6_socket(ty: Type, proto: Protocol) -> io::Result<Socket> {
     Ok(s)
 }
 
-/// Probes a proxied TCP connection's other end after `idle` without traffic, then every
-/// quarter of that (at least a second); after [`KEEPALIVE_PROBES`] unanswered probes (twice
-/// `idle` of silence in all) the kernel gives the connection up: a client that vanished without a FIN or RST (a phone leaving Wi-Fi, a
-/// powered-off laptop, a NAT that forgot the mapping) no longer holds its connection, its
-/// tunnel stream and the service's end for ever. Also TCP_NODELAY (data is relayed as it
-/// comes). Errors are ignored: an option the system refuses leaves the connection as it was.
-pub fn proxied(tcp: &tokio::net::TcpStream, idle: Option<std::time::Duration>) {
-    let _ = tcp.set_nodelay(true);
+/// Makes the connections `listener` accepts probe their other end after `idle` without
+/// traffic, then every quarter of that (at least a second); after [`KEEPALIVE_PROBES`]
+/// unanswered probes (twice `idle` of silence in all) the kernel gives the connection up: a
+/// client that vanished without a FIN or RST (a phone leaving Wi-Fi, a powered-off laptop,
+/// a NAT that forgot the mapping) no longer holds its connection and its tunnel stream for
+/// ever. Set on the listener, which accepted sockets inherit (Linux, the BSDs): no system
+/// call per connection. Errors are ignored: an option the system refuses changes nothing
+/// else.
+pub fn keepalive_accepted(listener: &tokio::net::TcpListener, idle: Option<std::time::Duration>) {
     let Some(idle) = idle else {
         return;
     };
@@ -41,10 +42,10 @@ pub fn proxied(tcp: &tokio::net::TcpStream, idle: Option<std::time::Duration>) {
         .with_interval(every);
     #[cfg(any(target_os = "linux", target_os = "macos", target_os = "freebsd"))]
     let ka = ka.with_retries(KEEPALIVE_PROBES);
-    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
+    let _ = socket2::SockRef::from(listener).set_tcp_keepalive(&ka);
 }
 
-/// Unanswered keepalive probes after which a connection is dead ([`proxied`]).
+/// Unanswered keepalive probes after which a connection is dead ([`keepalive_accepted`]).
 pub const KEEPALIVE_PROBES: u32 = 4;
 
 /// A blocking UDP socket bound to `addr`.

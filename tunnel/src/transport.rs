@@ -30,8 +30,11 @@ pub struct Tuning {
     /// longest-held. Long enough for a client's pause, short enough that a device is not
     /// frozen for long by clients that stopped reading.
     pub reader_stall: Duration,
-    /// Silence after which a proxied TCP connection's ends (public clients, local clients of
-    /// forwards, services) are probed ([`crate::sockets::proxied`]); None: never.
+    /// Silence after which the clients of proxied TCP connections (public clients of tcp apps
+    /// and the HTTP front, local clients of forwards) are probed
+    /// ([`crate::sockets::keepalive_accepted`]); None: never. Services are not: the local
+    /// end of a service that went away is seen at the next write, and its client's end is
+    /// probed.
     pub tcp_keepalive: Option<Duration>,
 }
 

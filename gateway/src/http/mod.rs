@@ -181,6 +181,9 @@ impl Front {
         if let Ok(a) = listener.local_addr() {
             info!(addr = %a, scheme, "HTTP front listening");
         }
+        // A client gone without a word holds no upgraded (WebSocket) or long-polling
+        // connection for ever.
+        tunnel::sockets::keepalive_accepted(&listener, self.0.hub.tuning().tcp_keepalive);
         while let Some((tcp, peer)) = tunnel::sockets::accept_until(&listener, &shutdown).await {
             // On a dual-stack `[::]` listener IPv4 clients arrive as `::ffff:a.b.c.d`: logs,
             // X-Forwarded-For and the policy see them as the IPv4 addresses they are.
@@ -199,9 +202,7 @@ impl Front {
                 _permit: permit,
                 _ip: slot,
             });
-            // A client gone without a word holds no upgraded (WebSocket) or long-polling
-            // connection for ever.
-            tunnel::sockets::proxied(&tcp, self.0.hub.tuning().tcp_keepalive);
+            let _ = tcp.set_nodelay(true);
             let front = self.clone();
             let tls = tls.clone();
             let shutdown = shutdown.clone();
