@@ -74,19 +74,12 @@ pub fn names_of(errs: &[crate::PolicyError]) -> Vec<String> {
 }
 
 /// Where the copy of `dir`'s accepted policy is kept: `policies/` → `policies.accepted.json`
-/// beside it. None for a directory without a name of its own (`/`). `.` and `..` are
-/// resolved first, but a link named as the directory is not followed: swapping the link
-/// (`policies -> releases/v4`) keeps the copy where the running gateway wrote it.
+/// beside it. None for a directory without a name of its own (`/`). A path ending in `.` or
+/// `..` is resolved; any other is made absolute without following links, so swapping a link
+/// on the way (`current -> releases/v4`) keeps the copy where the running gateway wrote it.
 pub fn path_for(dir: &Path) -> Option<PathBuf> {
     let dir = match dir.file_name() {
-        // The last component is a name: only what leads to it is resolved.
-        Some(name) => {
-            let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
-            let parent = parent.unwrap_or(Path::new("."));
-            std::fs::canonicalize(parent)
-                .unwrap_or_else(|_| parent.to_path_buf())
-                .join(name)
-        }
+        Some(_) => std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()),
         None => std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()),
     };
     let name = dir.file_name()?.to_str()?;
@@ -243,10 +236,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("policies");
         std::fs::create_dir(&dir).unwrap();
-        let real = std::fs::canonicalize(&dir).unwrap();
         assert_eq!(
             path_for(&dir),
-            Some(real.with_file_name("policies.accepted.json"))
+            Some(tmp.path().join("policies.accepted.json"))
         );
         // `.` names the directory it stands for.
         assert_eq!(path_for(&dir.join(".")), path_for(&dir));
@@ -255,14 +247,18 @@ mod tests {
             Some(PathBuf::from("/nonexistent/zg/policies.accepted.json"))
         );
         assert_eq!(path_for(Path::new("/")), None);
-        // A link named as the directory is not followed (a deploy swaps it).
+        // Links on the way are not followed (a deploy swaps them).
         let release = tmp.path().join("v3");
-        std::fs::create_dir(&release).unwrap();
-        let link = tmp.path().join("live");
+        std::fs::create_dir_all(release.join("policies")).unwrap();
+        let link = tmp.path().join("current");
         std::os::unix::fs::symlink(&release, &link).unwrap();
         assert_eq!(
+            path_for(&link.join("policies")),
+            Some(link.join("policies.accepted.json"))
+        );
+        assert_eq!(
             path_for(&link),
-            Some(real.with_file_name("live.accepted.json"))
+            Some(tmp.path().join("current.accepted.json"))
         );
     }
 

@@ -186,6 +186,9 @@ pub struct PolicyStore {
     accepted: Option<PathBuf>,
     /// The files of the policy serving now, as read (for the copy).
     accepted_sources: Mutex<Option<crate::Sources>>,
+    /// What the status says while the accepted copy serves (a start found the directory as
+    /// it was refused), until a reload takes the directory.
+    copy_note: Mutex<Option<String>>,
 }
 
 /// A check of a compiled policy that only its user can make (a gateway: can it listen on the
@@ -249,13 +252,14 @@ impl PolicyStore {
                             tracing::error!(error = %e, refused = %refused, "the policy directory holds an edit the gateway refused");
                         }
                         tracing::error!(dir = %dir.display(), copy = %path.display(), saved = %saved, apps = policy.apps().len(), "serving the last accepted policy until the refused edit is fixed");
+                        let note = format!(
+                            "the directory holds the edit refused at {refused}: serving the last accepted policy ({}, saved {saved}) until it is fixed",
+                            path.display()
+                        );
                         let mut status = started();
                         status.ok = false;
                         status.errors = errors;
-                        status.errors.push(format!(
-                            "the directory holds the edit refused at {refused}: serving the last accepted policy ({}, saved {saved}) until it is fixed",
-                            path.display()
-                        ));
+                        status.errors.push(note.clone());
                         // Read again by the watcher once it runs (under the gateway's own
                         // check): a refusal that no longer applies (an address free again,
                         // a newer zonegate) must not keep the old policy for good.
@@ -265,6 +269,7 @@ impl PolicyStore {
                             .accepted_sources
                             .lock()
                             .unwrap_or_else(|e| e.into_inner()) = Some(copy.sources);
+                        *store.copy_note.lock().unwrap_or_else(|e| e.into_inner()) = Some(note);
                         return Ok(store);
                     }
                     Err(more) => {
@@ -326,6 +331,7 @@ impl PolicyStore {
             check: Mutex::new(None),
             accepted,
             accepted_sources: Mutex::new(None),
+            copy_note: Mutex::new(None),
         }
     }
 
@@ -453,6 +459,7 @@ impl PolicyStore {
                     .accepted_sources
                     .lock()
                     .unwrap_or_else(|e| e.into_inner()) = Some(sources);
+                *self.copy_note.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 let old = self.current.load_full();
                 let changes = diff(&old.policy, &policy);
                 let apps = policy.apps().len();
@@ -500,7 +507,16 @@ impl PolicyStore {
                     at,
                     files,
                     apps: self.current.load().policy.apps().len(),
-                    errors: errs.iter().map(|e| e.to_string()).collect(),
+                    errors: errs
+                        .iter()
+                        .map(|e| e.to_string())
+                        .chain(
+                            self.copy_note
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .clone(),
+                        )
+                        .collect(),
                     changes: Vec::new(),
                 });
                 Err(errs)

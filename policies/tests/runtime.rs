@@ -850,6 +850,18 @@ async fn a_start_with_a_refused_edit_serves_the_last_accepted_policy() {
         status.errors.iter().any(|e| e.contains("last accepted")),
         "{status:?}"
     );
+    // Read again (as the watcher does once): still refused, and the status still says the
+    // copy serves.
+    assert!(restarted.reload().is_err());
+    assert!(
+        restarted
+            .last_reload()
+            .errors
+            .iter()
+            .any(|e| e.contains("last accepted")),
+        "{:?}",
+        restarted.last_reload()
+    );
     restarted.started();
     // A plain load has no fallback.
     assert!(PolicyStore::load(&dir).is_err());

@@ -1236,7 +1236,12 @@ impl Agent {
             _ => origin_text(&origin),
         };
         let started = Instant::now();
-        let mut tcp: TcpStream = match self.cfg.services.connect_tcp(&service).await {
+        let mut tcp: TcpStream = match self
+            .cfg
+            .services
+            .connect_tcp(&service, t.tcp_keepalive)
+            .await
+        {
             Ok(t) => t,
             Err((code, reason)) => {
                 info!(app = %app, service = %service, origin = %origin, reason = %reason, "stream refused");
@@ -1317,8 +1322,10 @@ impl Agent {
         }
         for link in self.links() {
             if let Some(ctl) = link.ctl() {
+                // Queued even when the queue is full: a gateway that missed it could not
+                // revoke the permit until the next session.
                 let held = vec![(peer.to_owned(), service.to_owned())];
-                ctl.try_apply(move |s| s.send_permits_held(held));
+                tokio::spawn(async move { ctl.apply(move |s| s.send_permits_held(held)).await });
             }
         }
     }

@@ -118,9 +118,8 @@ pub struct AgentLink {
     pub streams: AtomicU64,
     /// Zone configs this session offered that were refused ([`MAX_REFUSED_OFFERS`]).
     refused_offers: AtomicU32,
-    /// The device has reported the direct-path permits it holds this session (its first
-    /// report is the one that may repeat revocations).
-    permits_reported: AtomicBool,
+    /// Permit reports (`PermitsHeld`) this session ([`MAX_PERMIT_REPORTS`]).
+    permit_reports: AtomicU32,
     /// Payload bytes sent to / received from the device over its connection: streams the
     /// gateway opens to it (public TCP, HTTP front, mesh relay's far side), mesh streams it
     /// opens, and UDP flows. Shared with the metered streams ([`QuicStream::metered`]).
@@ -184,17 +183,27 @@ impl MeshPair {
     /// `service` may be permitted at the target: the next check asks about it. `again`: it
     /// may have been granted since a revocation was sent (a relayed stream allowed, a new
     /// session's report), so a refusal is sent again.
-    fn may_permit(&mut self, service: &str, again: bool) {
+    /// Whether anything changed (a check is due).
+    fn may_permit(&mut self, service: &str, again: bool) -> bool {
+        let mut changed = false;
         if !self.permitted.iter().any(|s| s == service)
             && self.permitted.len() < crate::proto::limits::MAX_SERVICES
         {
             self.permitted.push(service.to_owned());
+            changed = true;
         }
         if again {
+            let before = self.revoked.len();
             self.revoked.retain(|s| s != service);
+            changed |= self.revoked.len() != before;
         }
+        changed
     }
 }
+
+/// `PermitsHeld` reports taken per session: one as it starts, then one per permit the device
+/// newly grants (a relayed stream from a peer); past this a device is flooding.
+const MAX_PERMIT_REPORTS: u32 = 1024;
 
 /// Services remembered per device pair ([`MeshPair::services`]).
 const PAIR_SERVICES: usize = 8;
@@ -739,7 +748,7 @@ impl Hub {
             flows: Mutex::new(HashMap::new()),
             streams: AtomicU64::new(0),
             refused_offers: AtomicU32::new(0),
-            permits_reported: AtomicBool::new(false),
+            permit_reports: AtomicU32::new(0),
             bytes_to: Arc::default(),
             bytes_from: Arc::default(),
             holds: Holds::new(self.0.hold_clock.clone()),
@@ -850,20 +859,31 @@ impl Hub {
                 }
             }
             Event::PermitsHeld { permits } => {
-                // The session's first report may hold permits a revocation sent to an earlier
-                // session never reached: those are revoked again. Later ones (a permit newly
-                // granted) only add pairs, so repeating a report sends nothing twice.
-                let first = !link.permits_reported.swap(true, Ordering::Relaxed);
+                // Each report holds permits granted after any revocation sent before it (the
+                // session's first, anything held; later ones, a permit newly granted): a
+                // refusal of them is sent again. Bounded per session, and the table is only
+                // scanned when a report changed it.
+                let n = link.permit_reports.fetch_add(1, Ordering::Relaxed);
+                if n >= MAX_PERMIT_REPORTS {
+                    if n == MAX_PERMIT_REPORTS {
+                        warn!(device = %link.device, max = MAX_PERMIT_REPORTS, "device reports its permits too often: further reports of this session are ignored");
+                    }
+                    return None;
+                }
                 // Only pairs of zone devices: the table stays bounded by the zone's size.
                 let zone = self.0.cfg.creds.zone();
                 let known = |d: &str| zone.config.devices.iter().any(|e| e.name.as_str() == d);
+                let mut changed = false;
                 for (peer, service) in permits {
                     if peer != link.device && known(&peer) {
-                        self.mesh_pair(&peer, &link.device, |p| p.may_permit(&service, first));
+                        changed |=
+                            self.mesh_pair(&peer, &link.device, |p| p.may_permit(&service, true));
                     }
                 }
                 drop(zone);
-                self.revoke_refused_permits();
+                if changed {
+                    self.revoke_refused_permits();
+                }
             }
             Event::ConfigUpdate { zone_config, .. } => {
                 if let Err(e) = self.adopt_zone_from(&zone_config, &link.device) {
@@ -1077,7 +1097,7 @@ impl Hub {
                 p.streams += 1;
                 p.last_relay = Some(Instant::now());
                 // Allowed (again): a later refusal is revoked (again).
-                p.may_permit(&service, true);
+                let _ = p.may_permit(&service, true);
                 if !p.services.contains(&service) {
                     if p.services.len() >= PAIR_SERVICES {
                         p.services.remove(0);
@@ -1161,7 +1181,13 @@ impl Hub {
         early: bool,
     ) -> Result<Upstream, OpenError> {
         if device == self.0.cfg.creds.name() {
-            return match self.0.cfg.local.connect_tcp(service).await {
+            return match self
+                .0
+                .cfg
+                .local
+                .connect_tcp(service, self.0.cfg.tuning.tcp_keepalive)
+                .await
+            {
                 Ok(s) => Ok(Upstream::Tcp(s)),
                 Err((code, reason)) => Err(OpenError::Refused {
                     device: device.to_owned(),

@@ -48,8 +48,15 @@ impl LocalServices {
             .collect()
     }
 
-    /// Connects to TCP service `name`, or says why not in stream-refusal terms.
-    pub async fn connect_tcp(&self, name: &str) -> Result<TcpStream, (RefuseCode, String)> {
+    /// Connects to TCP service `name`, or says why not in stream-refusal terms. A service on
+    /// another host gets TCP keepalive after `keepalive` of silence: one that powered off
+    /// while its client idles (an SSH session, IMAP IDLE) would hold the connection until the
+    /// client writes. One on this host needs none: its kernel closes what a dead process held.
+    pub async fn connect_tcp(
+        &self,
+        name: &str,
+        keepalive: Option<std::time::Duration>,
+    ) -> Result<TcpStream, (RefuseCode, String)> {
         let svc = match self.map.get(name) {
             Some(s) if s.proto == ServiceProto::Tcp => s,
             Some(_) => {
@@ -68,6 +75,9 @@ impl LocalServices {
         match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, TcpStream::connect(svc.addr)).await {
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
+                if !svc.addr.ip().to_canonical().is_loopback() {
+                    crate::sockets::keepalive_connected(&s, keepalive);
+                }
                 Ok(s)
             }
             Ok(Err(e)) => Err((

@@ -33,16 +33,27 @@ fn v6_socket(ty: Type, proto: Protocol) -> io::Result<Socket> {
 /// call per connection. Errors are ignored: an option the system refuses changes nothing
 /// else.
 pub fn keepalive_accepted(listener: &tokio::net::TcpListener, idle: Option<std::time::Duration>) {
-    let Some(idle) = idle else {
-        return;
-    };
+    if let Some(ka) = idle.map(keepalive_params) {
+        let _ = socket2::SockRef::from(listener).set_tcp_keepalive(&ka);
+    }
+}
+
+/// [`keepalive_accepted`] for one connection this side opened (four system calls: only where
+/// it is worth them).
+pub fn keepalive_connected(tcp: &tokio::net::TcpStream, idle: Option<std::time::Duration>) {
+    if let Some(ka) = idle.map(keepalive_params) {
+        let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
+    }
+}
+
+fn keepalive_params(idle: std::time::Duration) -> socket2::TcpKeepalive {
     let every = (idle / 4).max(std::time::Duration::from_secs(1));
     let ka = socket2::TcpKeepalive::new()
         .with_time(idle)
         .with_interval(every);
     #[cfg(any(target_os = "linux", target_os = "macos", target_os = "freebsd"))]
     let ka = ka.with_retries(KEEPALIVE_PROBES);
-    let _ = socket2::SockRef::from(listener).set_tcp_keepalive(&ka);
+    ka
 }
 
 /// Unanswered keepalive probes after which a connection is dead ([`keepalive_accepted`]).

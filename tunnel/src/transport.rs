@@ -31,10 +31,9 @@ pub struct Tuning {
     /// frozen for long by clients that stopped reading.
     pub reader_stall: Duration,
     /// Silence after which the clients of proxied TCP connections (public clients of tcp apps
-    /// and the HTTP front, local clients of forwards) are probed
-    /// ([`crate::sockets::keepalive_accepted`]); None: never. Services are not: the local
-    /// end of a service that went away is seen at the next write, and its client's end is
-    /// probed.
+    /// and the HTTP front, local clients of forwards) and services on other hosts are probed
+    /// ([`crate::sockets::keepalive_accepted`]); None: never. Services on the device's own
+    /// host are not: its kernel closes what a dead service held.
     pub tcp_keepalive: Option<Duration>,
 }
 
