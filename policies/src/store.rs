@@ -211,7 +211,7 @@ impl PolicyStore {
     pub fn load(dir: &Path) -> Result<Self, Vec<PolicyError>> {
         let read_at = fingerprint(dir);
         let policy = crate::check_dir(dir)?;
-        Ok(Self::serving(dir, policy, started(), read_at, None))
+        Ok(Self::serving(dir, policy, fresh_status(), read_at, None))
     }
 
     /// Loads `dir` as a gateway starts. When the directory holds exactly the edit a running
@@ -256,7 +256,7 @@ impl PolicyStore {
                             "the directory holds the edit refused at {refused}: serving the last accepted policy ({}, saved {saved}) until it is fixed",
                             path.display()
                         );
-                        let mut status = started();
+                        let mut status = fresh_status();
                         status.ok = false;
                         status.errors = errors;
                         status.errors.push(note.clone());
@@ -279,7 +279,7 @@ impl PolicyStore {
             }
         }
         let (policy, sources) = crate::check_read(raw, read_errs)?;
-        let store = Self::serving(dir, policy, started(), read_at, accepted);
+        let store = Self::serving(dir, policy, fresh_status(), read_at, accepted);
         *store
             .accepted_sources
             .lock()
@@ -530,7 +530,7 @@ impl PolicyStore {
 }
 
 /// A load's status before [`PolicyStore::serving`] fills in what serves.
-fn started() -> ReloadStatus {
+fn fresh_status() -> ReloadStatus {
     ReloadStatus {
         ok: true,
         at: Timestamp::now().0,

@@ -861,8 +861,8 @@ impl Hub {
             Event::PermitsHeld { permits } => {
                 // Each report holds permits granted after any revocation sent before it (the
                 // session's first, anything held; later ones, a permit newly granted): a
-                // refusal of them is sent again. Bounded per session, and the table is only
-                // scanned when a report changed it.
+                // refusal of them is sent again. Bounded per session, and after the first the
+                // table is only scanned when a report changed it.
                 let n = link.permit_reports.fetch_add(1, Ordering::Relaxed);
                 if n >= MAX_PERMIT_REPORTS {
                     if n == MAX_PERMIT_REPORTS {
@@ -881,7 +881,9 @@ impl Hub {
                     }
                 }
                 drop(zone);
-                if changed {
+                // A session's first report is always checked: a policy change while the
+                // device was away skipped its pairs (nobody to tell), leaving them unchanged.
+                if changed || n == 0 {
                     self.revoke_refused_permits();
                 }
             }
