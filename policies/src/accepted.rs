@@ -10,7 +10,6 @@
 //! as it is, as without a copy: its errors stop the start.
 
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::Sources;
@@ -158,24 +157,10 @@ pub fn note_refused(
     )
 }
 
+/// Written whole or not at all, and synced, as the zone's own files are.
 fn write(path: &Path, saved: &Saved) -> std::io::Result<()> {
     let json = serde_json::to_vec(saved).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension(format!("json.tmp.{}", std::process::id()));
-    let written = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&json)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written?;
-    // The rename itself must survive a power cut too.
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::File::open(parent)?.sync_all()?;
-    }
-    Ok(())
+    zone_core::zonedir::write_atomic(path, &json, 0o644).map_err(std::io::Error::other)
 }
 
 /// The copy at `path`, its sources under `dir` (so messages and `explain` name the files the

@@ -265,10 +265,7 @@ impl PolicyStore {
                         // a newer zonegate) must not keep the old policy for good.
                         let retry: Fingerprint = Err("serving the accepted copy".into());
                         let store = Self::serving(dir, policy, status, retry, accepted.clone());
-                        *store
-                            .accepted_sources
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner()) = Some(copy.sources);
+                        store.set_serving_files(copy.sources);
                         *store.copy_note.lock().unwrap_or_else(|e| e.into_inner()) = Some(note);
                         return Ok(store);
                     }
@@ -280,11 +277,16 @@ impl PolicyStore {
         }
         let (policy, sources) = crate::check_read(raw, read_errs)?;
         let store = Self::serving(dir, policy, fresh_status(), read_at, accepted);
-        *store
+        store.set_serving_files(sources);
+        Ok(store)
+    }
+
+    /// Records the files of the policy now serving (what the copy is written from).
+    fn set_serving_files(&self, files: crate::Sources) {
+        *self
             .accepted_sources
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(sources);
-        Ok(store)
+            .unwrap_or_else(|e| e.into_inner()) = Some(files);
     }
 
     /// The gateway started on this store's policy: it becomes the accepted copy (not before:
@@ -455,10 +457,7 @@ impl PolicyStore {
                 if let Some(path) = &self.accepted {
                     keep_accepted(path, &sources);
                 }
-                *self
-                    .accepted_sources
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = Some(sources);
+                self.set_serving_files(sources);
                 *self.copy_note.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 let old = self.current.load_full();
                 let changes = diff(&old.policy, &policy);

@@ -205,6 +205,12 @@ impl MeshPair {
 /// newly grants (a relayed stream from a peer); past this a device is flooding.
 const MAX_PERMIT_REPORTS: u32 = 1024;
 
+/// `name`'s entry in the zone config, if it names a device of it.
+fn zone_device<'a>(zone: &'a SignedZone, name: &str) -> Option<&'a zone_core::DeviceEntry> {
+    let name = zone_core::DeviceName::new(name).ok()?;
+    zone.config.device(&name)
+}
+
 /// Services remembered per device pair ([`MeshPair::services`]).
 const PAIR_SERVICES: usize = 8;
 
@@ -575,11 +581,7 @@ impl Hub {
             // The peer's roles as its certificate says (connected) or the zone config does.
             let roles: Vec<&'static str> = match self.agent(&from) {
                 Some(l) => l.roles.clone(),
-                None => zone
-                    .config
-                    .devices
-                    .iter()
-                    .find(|d| d.name.as_str() == from)
+                None => zone_device(&zone, &from)
                     .map(|d| d.roles.iter().map(|r| r.as_str()).collect())
                     .unwrap_or_default(),
             };
@@ -872,10 +874,9 @@ impl Hub {
                 }
                 // Only pairs of zone devices: the table stays bounded by the zone's size.
                 let zone = self.0.cfg.creds.zone();
-                let known = |d: &str| zone.config.devices.iter().any(|e| e.name.as_str() == d);
                 let mut changed = false;
                 for (peer, service) in permits {
-                    if peer != link.device && known(&peer) {
+                    if peer != link.device && zone_device(&zone, &peer).is_some() {
                         changed |=
                             self.mesh_pair(&peer, &link.device, |p| p.may_permit(&service, true));
                     }
