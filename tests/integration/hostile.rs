@@ -1135,6 +1135,38 @@ fn adopting_an_offer_keeps_a_newer_zone_json_on_disk() {
     assert_eq!(std::fs::read(&z.bundle("gw").zone_config).unwrap(), newest);
 }
 
+/// On a runtime the adopted config is written from the blocking pool (a node's one runtime
+/// thread would wait on its two syncs): adopted at once, on disk soon after, and a second
+/// offer racing the first leaves the newest on disk.
+#[tokio::test(flavor = "current_thread")]
+async fn an_offer_adopted_on_a_runtime_is_saved_off_it() {
+    let z = TestZone::new(&["home1", "laptop"]);
+    let creds = z.creds("gw");
+    let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
+    zd.resign(time::OffsetDateTime::now_utc(), 30).unwrap();
+    let first = std::fs::read(z.zone_dir().join("zone.json")).unwrap();
+    let second = z.revoke("laptop");
+    assert!(creds.offer_zone(&first).unwrap().is_some());
+    let newest = creds.offer_zone(&second).unwrap().expect("adopted");
+    assert_eq!(creds.zone_serial(), newest);
+    let path = z.bundle("gw").zone_config;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let on_disk = zone_core::zonedir::read_zone_json(&path)
+            .unwrap()
+            .config
+            .serial;
+        if on_disk == newest {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "zone.json on disk stayed at serial {on_disk}, adopted {newest}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A newer config whose file cannot be written (here: a directory where zone.json was; a
 /// read-only or full disk alike) is still adopted, revocations and all: it used to set the
 /// revocations, fail the write and keep the old config, so the revoked device stayed in.

@@ -35,7 +35,7 @@ pub struct DeviceCreds {
     zone_path: Option<PathBuf>,
     /// Held while a newer zone.json is written back: offers arrive at once from agents, peers
     /// and the bundle poll, and two writes must not interleave (nor an older one land last).
-    saving: std::sync::Mutex<()>,
+    saving: Arc<std::sync::Mutex<()>>,
 }
 
 fn bad(path: &Path, what: &str, e: impl std::fmt::Display) -> TunnelError {
@@ -109,7 +109,7 @@ impl DeviceCreds {
             zone_key,
             zone: RwLock::new(Arc::new(zone)),
             zone_path: Some(p.zone_config.clone()),
-            saving: std::sync::Mutex::new(()),
+            saving: Arc::default(),
         }))
     }
 
@@ -205,18 +205,14 @@ impl DeviceCreds {
         *cur = Arc::new(offered);
         drop(cur);
         if let Some(p) = &self.zone_path {
-            let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
-            // The owner may have copied a newer zone.json into the bundle that this process
-            // has not read yet (the gateway polls it), or another offer saved a newer one a
-            // moment ago: never overwrite it with an older one.
-            let on_disk = std::fs::read(p)
-                .ok()
-                .and_then(|b| SignedZone::from_json(&b).ok())
-                .map(|z| z.config.serial);
-            if on_disk.is_none_or(|s| s < serial) {
-                if let Err(e) = zone_core::zonedir::write_atomic(p, json.as_bytes(), 0o644) {
-                    tracing::error!(serial, path = %p.display(), error = %e, "zone config adopted but not saved: a restart would go back to the older one until a peer offers this again; make the bundle directory writable by this process");
-                }
+            let (path, saving) = (p.clone(), self.saving.clone());
+            let save = move || save_if_newer(&path, &saving, serial, json.as_bytes());
+            // Two syncs of a file and its directory: on a node's single runtime thread (an SD
+            // card takes tens of milliseconds, more when busy) every tunnel would wait on them.
+            // Saves racing in the blocking pool are ordered by `saving` and the serial check.
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn_blocking(save)),
+                Err(_) => save(),
             }
         }
         Ok(Some(serial))
@@ -243,6 +239,24 @@ impl DeviceCreds {
         zone_core::zonedir::write_atomic(&aside, refused, 0o644)?;
         zone_core::zonedir::write_atomic(p, self.zone().to_json_pretty().as_bytes(), 0o644)?;
         Ok(Some(aside))
+    }
+}
+
+/// Writes an adopted zone config (`json`, serial `serial`) back to the bundle's `path`, unless
+/// the file there is as new already.
+fn save_if_newer(path: &Path, saving: &std::sync::Mutex<()>, serial: u64, json: &[u8]) {
+    let _saving = saving.lock().unwrap_or_else(|p| p.into_inner());
+    // The owner may have copied a newer zone.json into the bundle that this process has not
+    // read yet (the gateway polls it), or another offer saved a newer one a moment ago: never
+    // overwrite it with an older one.
+    let on_disk = std::fs::read(path)
+        .ok()
+        .and_then(|b| SignedZone::from_json(&b).ok())
+        .map(|z| z.config.serial);
+    if on_disk.is_none_or(|s| s < serial) {
+        if let Err(e) = zone_core::zonedir::write_atomic(path, json, 0o644) {
+            tracing::error!(serial, path = %path.display(), error = %e, "zone config adopted but not saved: a restart would go back to the older one until a peer offers this again; make the bundle directory writable by this process");
+        }
     }
 }
 
