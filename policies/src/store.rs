@@ -572,7 +572,7 @@ fn fingerprint(dir: &Path) -> Fingerprint {
 /// leaves an empty file (no apps: every app of that file would be dropped, its listeners
 /// closed, its counters and limiters lost), a `git checkout` or `cp -r` a directory with some
 /// files missing; a file cut at a line may even drop a restriction. Runs until dropped:
-/// cancel-safe, as a reload is synchronous between awaits.
+/// cancel-safe, as a reload runs to its end once begun (in the blocking pool).
 pub async fn watch(store: Arc<PolicyStore>, interval: Duration) {
     let dir = store.dir().to_path_buf();
     let mut settling: Option<Fingerprint> = None;
@@ -600,8 +600,11 @@ pub async fn watch(store: Arc<PolicyStore>, interval: Duration) {
             settling = None;
         } else if settling.as_ref() == Some(&now) {
             settling = None;
-            // Errors are logged and recorded by reload itself.
-            let _ = store.reload();
+            // Errors are logged and recorded by reload itself. It reads every file and
+            // writes (and syncs) the accepted copy: off the runtime's threads, which carry
+            // the gateway's traffic meanwhile.
+            let s = store.clone();
+            let _ = tokio::task::spawn_blocking(move || s.reload()).await;
         } else {
             settling = Some(now);
         }
