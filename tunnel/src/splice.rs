@@ -126,6 +126,27 @@ pub fn consume(chunks: &mut VecDeque<Bytes>, mut n: usize) {
     }
 }
 
+/// Whether write error `e` says only that the writer's peer stopped reading (QUIC
+/// STOP_SENDING): what that peer sends still ends on its own, with a FIN or a reset that can
+/// be told apart, so the other direction runs on to it. A service that answers and closes
+/// while the client still uploads is seen this way from the gateway, and its answer was cut
+/// off by a reset when the stop arrived before all of it had been passed on. A TCP reset is
+/// not such a stop: the kernel reports it once, and a read after it ends like a clean close.
+pub fn peer_stopped_reading(e: &io::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(quinn::WriteError::Stopped(_)) = c.downcast_ref::<quinn::WriteError>() {
+            return true;
+        }
+        // io::Error wraps its payload without naming it as the source.
+        cause = match c.downcast_ref::<io::Error>() {
+            Some(io) => io.get_ref().map(|i| i as _),
+            None => c.source(),
+        };
+    }
+    false
+}
+
 impl End for tokio::net::TcpStream {
     fn abort(&mut self) {
         // SO_LINGER 0: closing sends RST instead of FIN, and never blocks.
@@ -276,10 +297,14 @@ where
         }
         poll_cuts(&cuts, cx)?;
         // Both directions run until both are done; the first error ends the splice.
-        let a_b = a_b.poll(cx, &mut *a, &mut *b)?;
-        let b_a = b_a.poll(cx, &mut *b, &mut *a)?;
-        if a_b.is_ready() && b_a.is_ready() {
-            Poll::Ready(Ok(()))
+        let there = a_b.poll(cx, &mut *a, &mut *b)?;
+        let back = b_a.poll(cx, &mut *b, &mut *a)?;
+        if there.is_ready() && back.is_ready() {
+            // A direction whose reader stopped it failed, once the other one ended.
+            Poll::Ready(match a_b.stopped.take().or_else(|| b_a.stopped.take()) {
+                Some(e) => Err(e),
+                None => Ok(()),
+            })
         } else {
             Poll::Pending
         }
@@ -333,6 +358,9 @@ struct Pump {
     /// Written since the last flush (flushed before waiting on the reader).
     unflushed: bool,
     done: bool,
+    /// The writer's peer stopped reading ([`peer_stopped_reading`]): this direction is over,
+    /// and failed, while the other one runs on to its end.
+    stopped: Option<io::Error>,
 }
 
 impl Pump {
@@ -341,7 +369,7 @@ impl Pump {
         R: End + ?Sized,
         W: End + ?Sized,
     {
-        if self.done {
+        if self.done || self.stopped.is_some() {
             return Poll::Ready(Ok(()));
         }
         loop {
@@ -360,7 +388,16 @@ impl Pump {
                 }
             }
             while !self.chunks.is_empty() {
-                let n = ready!(w.poll_write_chunks(cx, &mut self.chunks))?;
+                let n = match ready!(w.poll_write_chunks(cx, &mut self.chunks)) {
+                    Ok(n) => n,
+                    Err(e) if peer_stopped_reading(&e) => {
+                        self.stopped = Some(e);
+                        self.chunks.clear();
+                        self.room.release();
+                        return Poll::Ready(Ok(()));
+                    }
+                    Err(e) => return Poll::Ready(Err(e)),
+                };
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
@@ -451,6 +488,10 @@ where
     let mut stopped = None;
     // Directions that finished cleanly (their writer shut down after all was written).
     let (mut a_b_done, mut b_a_done) = (false, false);
+    // A direction whose writer's peer stopped reading ([`peer_stopped_reading`]): over and
+    // failed, while the other one runs on to its end.
+    let mut stopped_one: Option<io::Error> = None;
+    let (mut a_b_stop, mut b_a_stop) = (false, false);
     let error = {
         let a_b = pump(&mut ar, &mut bw, a_to_b, &mut up, cuts[0].as_deref());
         let b_a = pump(&mut br, &mut aw, b_to_a, &mut down, cuts[1].as_deref());
@@ -462,9 +503,24 @@ where
         // Like `splice`: both directions run until both are done, but the first error ends
         // the other direction too (it could otherwise wait on an idle peer indefinitely).
         loop {
+            let (a_b_over, b_a_over) = (a_b_done || a_b_stop, b_a_done || b_a_stop);
             let r = tokio::select! {
-                r = &mut a_b, if !a_b_done => { a_b_done = r.is_ok(); r }
-                r = &mut b_a, if !b_a_done => { b_a_done = r.is_ok(); r }
+                r = &mut a_b, if !a_b_over => match r {
+                    Err(e) if stopped_one.is_none() && peer_stopped_reading(&e) => {
+                        a_b_stop = true;
+                        stopped_one = Some(e);
+                        Ok(())
+                    }
+                    r => { a_b_done = r.is_ok(); r }
+                },
+                r = &mut b_a, if !b_a_over => match r {
+                    Err(e) if stopped_one.is_none() && peer_stopped_reading(&e) => {
+                        b_a_stop = true;
+                        stopped_one = Some(e);
+                        Ok(())
+                    }
+                    r => { b_a_done = r.is_ok(); r }
+                },
                 e = &mut cut => Err(e),
                 why = &mut stop => {
                     stopped = Some(why.clone());
@@ -474,8 +530,8 @@ where
             if let Err(e) = r {
                 break Some(e);
             }
-            if a_b_done && b_a_done {
-                break None;
+            if (a_b_done || a_b_stop) && (b_a_done || b_a_stop) {
+                break stopped_one.take();
             }
         }
     };
@@ -529,12 +585,14 @@ mod tests {
     /// A scripted end: reads give `input` then EOF, or with `endless` give it every other
     /// read for ever (the reads between are "nothing yet"); with `write_error`, writes fail
     /// once its own input was read (a service that answered and closed); which abort it got
-    /// is recorded.
+    /// is recorded. With `stopped` instead, writes fail from the start as a QUIC stream's do
+    /// once its reader stopped it, and the input comes only at the third read.
     struct Scripted {
         input: Option<Bytes>,
         endless: bool,
         reads: usize,
         write_error: bool,
+        stopped: bool,
         aborted: Arc<std::sync::Mutex<Vec<&'static str>>>,
         name: &'static str,
     }
@@ -558,6 +616,10 @@ mod tests {
             buf: &mut ReadBuf<'_>,
         ) -> Poll<io::Result<()>> {
             self.reads += 1;
+            if self.stopped && self.reads < 3 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             let next = if self.endless {
                 if self.reads % 2 == 0 {
                     cx.waker().wake_by_ref();
@@ -583,6 +645,10 @@ mod tests {
             if self.write_error && self.input.is_none() {
                 return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
             }
+            if self.stopped {
+                let e = io::Error::from(quinn::WriteError::Stopped(0u32.into()));
+                return Poll::Ready(Err(io::Error::other(e)));
+            }
             Poll::Ready(Ok(b.len()))
         }
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -606,6 +672,7 @@ mod tests {
                 endless: true,
                 reads: 0,
                 write_error: false,
+                stopped: false,
                 aborted: aborted.clone(),
                 name: "client",
             };
@@ -614,6 +681,7 @@ mod tests {
                 endless: false,
                 reads: 0,
                 write_error: true,
+                stopped: false,
                 aborted: aborted.clone(),
                 name: "service",
             };
@@ -632,6 +700,48 @@ mod tests {
             let mut got = aborted.lock().unwrap().clone();
             got.sort();
             assert_eq!(got, ["client receiving", "service"], "shaped {shaped}");
+        }
+    }
+
+    /// The tunnel end of a TCP app's connection is stopped (the device's service answered
+    /// and closed while the client still uploads) before the answer has come through: the
+    /// upload ends there, the answer is still passed on whole and the client keeps it. The
+    /// stop failed the whole copy, and the client was reset before it had the answer.
+    #[tokio::test]
+    async fn a_stopped_tunnel_stream_still_brings_its_answer() {
+        for shaped in [false, true] {
+            let aborted = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let client = Scripted {
+                input: Some(Bytes::from_static(b"upload upload upload")),
+                endless: true,
+                reads: 0,
+                write_error: false,
+                stopped: false,
+                aborted: aborted.clone(),
+                name: "client",
+            };
+            let tunnel = Scripted {
+                input: Some(Bytes::from_static(b"HTTP/1.1 413 Too Large\r\n\r\n")),
+                endless: false,
+                reads: 0,
+                write_error: false,
+                stopped: true,
+                aborted: aborted.clone(),
+                name: "tunnel",
+            };
+            let m = if shaped {
+                let unlimited = policies::bandwidth::Shaper::default();
+                splice_shaped(client, tunnel, &unlimited, &unlimited).await
+            } else {
+                let (mut client, mut tunnel) = (client, tunnel);
+                splice(&mut client, &mut tunnel).await
+            };
+            let e = m.error.as_ref().expect("the upload failed");
+            assert!(peer_stopped_reading(e), "shaped {shaped}: {e}");
+            assert_eq!(m.b_to_a, 26, "shaped {shaped}: the answer was cut");
+            let mut got = aborted.lock().unwrap().clone();
+            got.sort();
+            assert_eq!(got, ["client receiving", "tunnel"], "shaped {shaped}");
         }
     }
 
