@@ -562,6 +562,9 @@ fn status_json(hub: &Hub, started: Instant, listener_errors: Vec<String>) -> ser
         "device": creds.name(),
         "zone": creds.domain().to_string(),
         "zone_serial": zone.config.serial,
+        // Devices keep running on an expired config, but DNS bootstrap and devices holding an
+        // older one refuse it: `zonegate zone resign` before this.
+        "zone_expires_at": zone.config.expires_at.format(&time::format_description::well_known::Rfc3339).ok(),
         "uptime_secs": started.elapsed().as_secs(),
         "draining": hub.is_draining(),
         "health": health,

@@ -1167,6 +1167,31 @@ async fn an_offer_adopted_on_a_runtime_is_saved_off_it() {
     }
 }
 
+/// A device's own zone.json has expired (a year without zone changes): it still starts with
+/// it, the newest config it knows (it exited, and systemd restarted it for ever, until
+/// someone copied a fresh one by hand); an expired config offered by a peer is still refused.
+#[test]
+fn a_device_starts_with_its_own_expired_zone_config() {
+    let z = TestZone::new(&["home1"]);
+    let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
+    let long_ago = time::OffsetDateTime::now_utc() - time::Duration::days(400);
+    zd.resign(long_ago, 365).unwrap();
+    let expired = std::fs::read(z.zone_dir().join("zone.json")).unwrap();
+    let bundle = z.bundle("home1");
+    std::fs::write(&bundle.zone_config, &expired).unwrap();
+    let creds = DeviceCreds::load(&bundle, None).expect("starts with its expired config");
+    let serial = zone_core::SignedZone::from_json(&expired)
+        .unwrap()
+        .config
+        .serial;
+    assert_eq!(creds.zone_serial(), serial);
+    zd.resign(long_ago, 365).unwrap();
+    let newer = std::fs::read(z.zone_dir().join("zone.json")).unwrap();
+    let e = creds.offer_zone(&newer).unwrap_err().to_string();
+    assert!(e.contains("expired"), "{e}");
+    assert_eq!(creds.zone_serial(), serial);
+}
+
 /// A newer config whose file cannot be written (here: a directory where zone.json was; a
 /// read-only or full disk alike) is still adopted, revocations and all: it used to set the
 /// revocations, fail the write and keep the old config, so the revoked device stayed in.

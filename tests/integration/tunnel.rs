@@ -680,6 +680,8 @@ async fn listeners_follow_renames_swaps_and_busy_ports() {
         status.contains("app d: cannot listen") && status.contains("gateway's own `admin`")
     })
     .await;
+    let status = admin_status(gw.admin).await;
+    assert!(status.contains("\"zone_expires_at\": \"20"), "{status}");
     gw.shutdown.cancel();
 }
 

@@ -87,8 +87,18 @@ impl DeviceCreds {
                 )
             })?;
         let zone = read_zone_json(&p.zone_config)?;
-        zone.verify(&zone_key, OffsetDateTime::now_utc())
-            .map_err(|e| bad(&p.zone_config, "refused", e))?;
+        let now = OffsetDateTime::now_utc();
+        match zone.verify(&zone_key, now) {
+            Ok(_) => warn_if_expiring(&zone, &p.zone_config, now),
+            // Expiry is checked last: everything else about it holds. It is the newest config
+            // this device knows, revocations and all; refusing it would leave the device down
+            // (systemd restarting it for ever) after a year without zone changes, and no newer
+            // one can reach a device that is not running. Offers from peers must not be expired.
+            Err(zone_core::ZoneError::Expired(at)) => {
+                tracing::warn!(file = %p.zone_config.display(), expired_at = %at, "zone config expired: starting with it, as the newest this device has; re-sign it with `zonegate zone resign --zone DIR` and copy zone.json into every bundle (a running gateway passes it on to its agents)");
+            }
+            Err(e) => return Err(bad(&p.zone_config, "refused", e)),
+        }
         if zone.config.domain != identity.domain {
             return Err(bad(
                 &p.zone_config,
@@ -239,6 +249,17 @@ impl DeviceCreds {
         zone_core::zonedir::write_atomic(&aside, refused, 0o644)?;
         zone_core::zonedir::write_atomic(p, self.zone().to_json_pretty().as_bytes(), 0o644)?;
         Ok(Some(aside))
+    }
+}
+
+/// Days before a zone config's expiry from which starts warn about it.
+const EXPIRY_WARNING_DAYS: i64 = 30;
+
+/// Warns when `zone` (read from `path`) expires within [`EXPIRY_WARNING_DAYS`].
+fn warn_if_expiring(zone: &SignedZone, path: &Path, now: OffsetDateTime) {
+    let left = zone.config.expires_at - now;
+    if left < time::Duration::days(EXPIRY_WARNING_DAYS) {
+        tracing::warn!(file = %path.display(), days_left = left.whole_days(), "zone config expires soon: re-sign it with `zonegate zone resign --zone DIR` and copy zone.json into a gateway's bundle (it passes it on to its agents); devices keep running on an expired one, but one that holds an older config and DNS bootstrap refuse it");
     }
 }
 

@@ -80,12 +80,13 @@ th{{background:#f3f3f3}}.badge{{display:inline-block;padding:.2em .8em;border-ra
 .up{{color:#2e9d44}}.down{{color:#c8281e}}</style></head><body>\n\
 <h1>zonegate gateway <code>{device}</code> for <code>{zone}</code></h1>\n\
 <p id=\"health\">Zone health: <span class=\"badge\" style=\"background:{colour}\" data-health=\"{health}\">{health}</span> — {words}. \
-Zone config serial {serial}; up {uptime} s{draining}.</p>\n",
+Zone config serial {serial}, valid until {expires}; up {uptime} s{draining}.</p>\n",
         zone = text(&status["zone"]),
         device = text(&status["device"]),
         health = esc(health),
         words = health_words(health),
         serial = text(&status["zone_serial"]),
+        expires = text(&status["zone_expires_at"]),
         uptime = text(&status["uptime_secs"]),
         draining = if status["draining"].as_bool() == Some(true) {
             "; <strong>draining</strong>"
