@@ -934,8 +934,8 @@ async fn device_revoked_while_connected_is_cut_off_and_stays_out() {
 
 /// What `device revoke` tells the owner to do: copy the new zone.json into the gateway's bundle.
 /// The running gateway adopts it (no restart, no agent passing it on) and cuts the device off;
-/// a damaged copy and an older one change nothing, and an older config a device offers later
-/// does not overwrite the newer file on disk.
+/// a damaged copy and an older one change nothing (the older one is set aside), and an older
+/// config a device offers later does not overwrite the newer file on disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zone_json_copied_into_a_running_gateway_revokes() {
     let (z, gw, _h1) = echo_zone(&["home1", "laptop"], "", fast_tuning()).await;
@@ -944,11 +944,18 @@ async fn zone_json_copied_into_a_running_gateway_revokes() {
     let before = std::fs::read(&gw_zone).unwrap();
     let serial0 = gw.hub.creds().zone_serial();
 
-    // A half-copied file: refused, nothing changes.
-    std::fs::write(&gw_zone, &before[..before.len() / 2]).unwrap();
+    // A half-copied file: refused, nothing changes — the file is left to the copy, which
+    // may still be writing it (it was replaced by the config in use, and the copy then went
+    // on into a file no longer there).
+    let half = &before[..before.len() / 2];
+    std::fs::write(&gw_zone, half).unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(gw.hub.creds().zone_serial(), serial0);
     assert!(gw.hub.agent("laptop").is_some());
+    assert!(
+        std::fs::read(&gw_zone).unwrap() == half,
+        "the half-copied file was replaced"
+    );
 
     let revoking = z.revoke("laptop");
     std::fs::write(&gw_zone, &revoking).unwrap();
@@ -965,9 +972,18 @@ async fn zone_json_copied_into_a_running_gateway_revokes() {
         .is_revoked(&zone_core::DeviceName::new("laptop").unwrap()));
     assert_echoes(gw.apps["echo"], b"home1 still served").await;
 
-    // The owner copies an older zone.json by mistake: ignored, the laptop stays out.
+    // The owner copies an older zone.json by mistake: ignored, the laptop stays out, and
+    // the file is set aside for the config in use (a restart loaded the older one and let
+    // the laptop back in).
     std::fs::write(&gw_zone, &before).unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_until("the older zone.json set aside", WAIT, || {
+        zone_core::zonedir::read_zone_json(&gw_zone).is_ok_and(|z| z.config.serial == serial1)
+    })
+    .await;
+    assert_eq!(
+        std::fs::read(gw_zone.with_extension("json.refused")).unwrap(),
+        before
+    );
     assert_eq!(gw.hub.creds().zone_serial(), serial1);
     assert!(gw.hub.agent("laptop").is_none());
     laptop.shutdown.cancel();

@@ -424,24 +424,18 @@ impl Agent {
     /// way to reach a zone whose gateways all moved while this node was away.
     pub fn adopt_zone_file(self: &Arc<Self>, bytes: &[u8], path: &std::path::Path) {
         let current = self.cfg.creds.zone_serial();
-        match self.cfg.creds.offer_zone(bytes) {
+        let file = path.display().to_string();
+        let error = match self.cfg.creds.offer_zone(bytes) {
             Ok(Some(serial)) => {
-                info!(serial, file = %path.display(), "adopted newer zone config from the bundle");
+                info!(serial, file, "adopted newer zone config from the bundle");
                 self.zone_adopted("");
+                return;
             }
-            Ok(None) => {
-                let serial = zone_core::SignedZone::from_json(bytes)
-                    .map(|z| z.config.serial)
-                    .ok();
-                if serial.is_some_and(|s| s < current) {
-                    warn!(file = %path.display(), serial = ?serial, current, "zone.json file is older than the zone config in use: ignored (copy the newest zone.json from the zone directory)");
-                }
-            }
-            Err(e) => {
-                warn!(file = %path.display(), error = %e, current, "zone.json file refused; the zone config in use stays (copy the zone directory's zone.json again)");
-                crate::creds::report_set_aside(self.cfg.creds.set_aside_refused(bytes));
-            }
-        }
+            Ok(None) => None,
+            Err(e) => Some(e),
+        };
+        let creds = &self.cfg.creds;
+        creds.not_adopted_from_bundle(bytes, &file, current, error.as_ref());
     }
 
     /// Makes the links match the gateways the zone config lists now: a gateway added gets a

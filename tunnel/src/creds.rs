@@ -228,6 +228,47 @@ impl DeviceCreds {
         Ok(Some(serial))
     }
 
+    /// A zone.json copied into the bundle (`file`) that [`Self::offer_zone`] did not adopt:
+    /// `error` says why it was refused, `None` when it was not newer than `current` (the
+    /// serial then in use). One older than that, or one that is signed but refused (it drops a
+    /// revocation, or has expired), is set aside ([`Self::set_aside_refused`]): a restart
+    /// would load it, checked for its signature only, and forget the revocations since. One
+    /// that does not verify may be a copy still in progress: it is read again as it changes.
+    pub fn not_adopted_from_bundle(
+        &self,
+        bytes: &[u8],
+        file: &str,
+        current: u64,
+        error: Option<&TunnelError>,
+    ) {
+        let parsed = SignedZone::from_json(bytes).ok();
+        match error {
+            None => {
+                let Some(serial) = parsed.map(|z| z.config.serial) else {
+                    return;
+                };
+                if serial < current {
+                    tracing::warn!(file, serial, current, "zone.json file is older than the zone config in use: ignored, and set aside so that a restart does not go back to it (copy the newest zone.json from the zone directory)");
+                    report_set_aside(self.set_aside_refused(bytes));
+                }
+            }
+            Some(e) => {
+                let signed = parsed.is_some_and(|z| {
+                    matches!(
+                        z.verify(&self.zone_key, OffsetDateTime::now_utc()),
+                        Ok(_) | Err(zone_core::ZoneError::Expired(_))
+                    )
+                });
+                if signed {
+                    tracing::warn!(file, error = %e, current, "zone.json file refused; the zone config in use stays (copy the zone directory's zone.json again)");
+                    report_set_aside(self.set_aside_refused(bytes));
+                } else {
+                    tracing::warn!(file, error = %e, current, "zone.json file cannot be used; the zone config in use stays (a copy still in progress is read again once it changes; otherwise copy the zone directory's zone.json again)");
+                }
+            }
+        }
+    }
+
     /// A zone.json in the bundle that was refused (`refused`, its bytes) would be loaded as
     /// it is at the next start, where only its signature is checked: a config leaving out a
     /// revocation would let the revoked device back in after a restart. It is kept beside the

@@ -930,24 +930,18 @@ impl Hub {
     }
 
     /// The zone.json file in this gateway's bundle changed (the owner copied a new one in,
-    /// e.g. after `device revoke`): adopt it like one a device offers. A file that does not
-    /// verify changes nothing; one that is not newer than the config in use is ignored.
+    /// e.g. after `device revoke`): adopt it like one a device offers. One that is not
+    /// adopted changes nothing ([`DeviceCreds::not_adopted_from_bundle`] for the file).
     pub fn adopt_zone_file(&self, bytes: &[u8], path: &std::path::Path) {
         let from = path.display().to_string();
         let current = self.0.cfg.creds.zone_serial();
-        match self.adopt_zone_from(bytes, &from) {
-            Ok(Some(_)) => {}
-            Ok(None) => {
-                let serial = SignedZone::from_json(bytes).map(|z| z.config.serial).ok();
-                if serial.is_some_and(|s| s < current) {
-                    warn!(file = %from, serial = ?serial, current, "zone.json file is older than the zone config in use: ignored (copy the newest zone.json from the zone directory)");
-                }
-            }
-            Err(e) => {
-                warn!(file = %from, error = %e, current, "zone.json file refused; the zone config in use stays (copy the zone directory's zone.json again)");
-                crate::creds::report_set_aside(self.0.cfg.creds.set_aside_refused(bytes));
-            }
-        }
+        let error = match self.adopt_zone_from(bytes, &from) {
+            Ok(Some(_)) => return,
+            Ok(None) => None,
+            Err(e) => Some(e),
+        };
+        let creds = &self.0.cfg.creds;
+        creds.not_adopted_from_bundle(bytes, &from, current, error.as_ref());
     }
 
     /// Adopts `bytes` if newer and valid: pushes it to every agent and drops the connections
