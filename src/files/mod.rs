@@ -88,12 +88,16 @@ fn listing(dir: &std::fs::File, url: &str) -> std::io::Result<String> {
     let title = html_escape(&String::from_utf8_lossy(
         &percent_decode(url).unwrap_or_default(),
     ));
-    let mut html =
-        format!("<!doctype html><meta charset=utf-8><title>{title}</title><h1>{title}</h1><ul>\n");
+    // The directory's URL once, as the base of every link: repeated in each of up to
+    // MAX_LISTING links, a long URL (a 1 KiB `X-Forwarded-Prefix` of `&`, 5 KiB escaped)
+    // made a listing of 50 MB from one small request. `./`: a name with a `:` is not a scheme.
+    let mut html = format!(
+        "<!doctype html><meta charset=utf-8><base href=\"{base}\"><title>{title}</title><h1>{title}</h1><ul>\n"
+    );
     for (name, is_dir) in &names {
         let slash = if *is_dir { "/" } else { "" };
         html.push_str(&format!(
-            "<li><a href=\"{base}{}{slash}\">{}{slash}</a></li>\n",
+            "<li><a href=\"./{}{slash}\">{}{slash}</a></li>\n",
             percent_encode(name),
             html_escape(&String::from_utf8_lossy(name)),
         ));
@@ -503,14 +507,15 @@ mod tests {
         let (addr, stop) = serve_dir(dir.path()).await;
         let list = get(addr, "/", "").await;
         assert!(
-            list.contains("<a href=\"/sub%20dir/\">sub dir/</a>"),
+            list.contains("<base href=\"/\">")
+                && list.contains("<a href=\"./sub%20dir/\">sub dir/</a>"),
             "{list}"
         );
         assert!(list.contains("&lt;b&gt;&amp;.txt</a>"), "{list}");
         // Every link fetches the file it names.
         for n in odd {
             let href = format!("/{}", percent_encode(n.as_bytes()));
-            assert!(list.contains(&format!("href=\"{}\"", href.replace('&', "&amp;"))));
+            assert!(list.contains(&format!("href=\".{}\"", href.replace('&', "&amp;"))));
             let got = get(addr, &href, "").await;
             assert!(got.starts_with("HTTP/1.1 200"), "{n}: {got}");
             assert_eq!(body(&got), n);
@@ -539,7 +544,7 @@ mod tests {
         for target in ["//".to_owned(), "/".repeat(60_000), "/./".to_owned()] {
             let list = get(addr, &target, "").await;
             assert!(
-                list.contains("<a href=\"/sub%20dir/\">"),
+                list.contains("<base href=\"/\">") && list.contains("<a href=\"./sub%20dir/\">"),
                 "{}",
                 &list[..list.len().min(300)]
             );
@@ -550,9 +555,19 @@ mod tests {
         std::fs::write(dir.path().join("sub dir/x"), "x").unwrap();
         let list = get(addr, "/sub%20dir/", "X-Forwarded-Prefix: /dfs\r\n").await;
         assert!(
-            list.contains("<a href=\"/dfs/sub%20dir/x\">x</a>"),
+            list.contains("<base href=\"/dfs/sub%20dir/\">")
+                && list.contains("<a href=\"./x\">x</a>"),
             "{list}"
         );
+        // A long prefix stands once in the page, not in every link.
+        let long = format!("/{}", "&".repeat(1000));
+        let list = get(addr, "/big/", &format!("X-Forwarded-Prefix: {long}\r\n")).await;
+        assert!(
+            list.contains(&long.replace('&', "&amp;")),
+            "{}",
+            &list[..300]
+        );
+        assert!(list.len() < 1_000_000, "{} bytes", list.len());
         for bad in ["/a\"b", "//evil.example", "/\\evil.example"] {
             let list = get(
                 addr,
@@ -560,7 +575,7 @@ mod tests {
                 &format!("X-Forwarded-Prefix: {bad}\r\n"),
             )
             .await;
-            assert!(list.contains("<a href=\"/sub%20dir/x\">x</a>"), "{list}");
+            assert!(list.contains("<base href=\"/sub%20dir/\">"), "{list}");
         }
 
         // HEAD answers as GET does, without the body.
