@@ -317,7 +317,8 @@ pub async fn serve(listener: TcpListener, root: Root, shutdown: CancellationToke
                 async move {
                     let (m, p) = (req.method().clone(), req.uri().path().to_owned());
                     let r = handle(root, req).await;
-                    info!(client = %peer, method = %m, path = %p, status = r.status().as_u16(), "file request");
+                    let path = gateway::http::proxy::loggable(&p);
+                    info!(client = %peer, method = %m, %path, status = r.status().as_u16(), "file request");
                     Ok::<_, Infallible>(r)
                 }
             });

@@ -34,17 +34,32 @@ pub const MAX_TARGET: usize = 8 * 1024;
 /// much, tying the front's rate to the log's disk.
 const LOG_PATH_MAX: usize = 1024;
 
-/// `path` as logged: whole up to [`LOG_PATH_MAX`] bytes, else its start and how much was cut.
-fn clipped(path: &str) -> std::borrow::Cow<'_, str> {
-    if path.len() <= LOG_PATH_MAX {
-        return path.into();
+/// `text` (a request's path or host) as logged: bytes outside printable ASCII
+/// percent-encoded, the URL's own escaping (a path may hold any UTF-8: a U+00A0 reads as the
+/// space between two fields, so a path could forge `status=` or `client=`, and U+0085 or
+/// U+2028 break lines in some viewers); whole up to [`LOG_PATH_MAX`] bytes, else its start
+/// and how much was cut.
+pub fn loggable(text: &str) -> std::borrow::Cow<'_, str> {
+    // Folded without an early exit: a vector loop over every request's path.
+    let plain = text
+        .bytes()
+        .fold(true, |ok, b| ok & (b.wrapping_sub(0x21) < 0x5e));
+    if plain && text.len() <= LOG_PATH_MAX {
+        return text.into();
     }
-    // A URI path is ASCII; the boundary search only matters if that ever changes.
-    let mut end = LOG_PATH_MAX;
-    while !path.is_char_boundary(end) {
-        end -= 1;
+    let mut out = String::with_capacity(text.len().min(LOG_PATH_MAX) + 32);
+    for (i, b) in text.bytes().enumerate() {
+        if out.len() >= LOG_PATH_MAX {
+            out.push_str(&format!("…[{} more bytes]", text.len() - i));
+            break;
+        }
+        if b.wrapping_sub(0x21) < 0x5e {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
     }
-    format!("{}…[{} more bytes]", &path[..end], path.len() - end).into()
+    out.into()
 }
 
 /// Methods tried when telling a client which ones an app allows (`Allow` of a 405).
@@ -148,7 +163,7 @@ impl LineFields<'_> {
         w.write_str(" method=")?;
         w.write_str(log.method.as_str())?;
         w.write_str(" path=")?;
-        w.write_str(&clipped(log.uri.path()))?;
+        w.write_str(&loggable(log.uri.path()))?;
         w.write_str(" status=")?;
         w.write_str(int.format(log.status))?;
         w.write_str(" bytes_in=")?;
@@ -368,13 +383,13 @@ async fn forward(
         .policy
         .route_http(host, log.uri.path())
         .ok_or_else(|| ProxyError::NoRoute {
-            host: clipped(host).into_owned(),
-            path: clipped(log.uri.path()).into_owned(),
+            host: loggable(host).into_owned(),
+            path: loggable(log.uri.path()).into_owned(),
         })?;
     let Listener::Http(http_route) = &app.listener else {
         return Err(ProxyError::NoRoute {
-            host: clipped(host).into_owned(),
-            path: clipped(log.uri.path()).into_owned(),
+            host: loggable(host).into_owned(),
+            path: loggable(log.uri.path()).into_owned(),
         });
     };
     let state = active.state(app);
@@ -873,6 +888,11 @@ mod tests {
         let shown = format!(" path=/{}…[58977 more bytes] status=200 ", "z".repeat(1023));
         assert!(l.contains(&shown), "{}", &l[..200]);
         assert!(l.len() < 1200, "{}", l.len());
-        assert_eq!(clipped("/short"), "/short");
+        assert_eq!(loggable("/short"), "/short");
+        // Nothing in a path can pass for a field or a line break.
+        assert_eq!(
+            loggable("/x\u{a0}status=200\u{85}\u{2028}é"),
+            "/x%C2%A0status=200%C2%85%E2%80%A8%C3%A9"
+        );
     }
 }
