@@ -195,6 +195,16 @@ allow = { from = ["public"] }
         .await
         .unwrap_err();
     assert!(matches!(e, tunnel::OpenError::Offline(_)), "{e}");
+    // A UDP flow to a service offered over TCP is refused by the gateway itself (it opened a
+    // flow per datagram, each refused by the device and logged there).
+    let origin = tunnel::proto::Origin::Public("127.0.0.1:1".parse().unwrap());
+    let Err(e) = gw.hub.open_udp_flow("home1", "echo", "ghost", origin).await else {
+        panic!("a UDP flow to a TCP service was opened");
+    };
+    assert!(
+        matches!(&e, tunnel::OpenError::Refused { code: tunnel::proto::RefuseCode::NoSuchService, reason, .. } if reason.contains("offers echo over TCP, not UDP")),
+        "{e}"
+    );
     gw.shutdown.cancel();
 }
 

@@ -21,6 +21,7 @@ use crate::control::{self, ControlHandle, ControlIo};
 use crate::creds::DeviceCreds;
 use crate::error::{OpenError, TunnelError};
 use crate::holds::{HoldClock, Holds};
+use crate::proto::ServiceProto;
 use crate::proto::{
     self, ControlSession, ErrorCode, Event, Origin, RefuseCode, ServiceInfo, StreamHeader, Welcome,
 };
@@ -135,12 +136,40 @@ impl AgentLink {
         self.holds.cut_count()
     }
 
-    fn offers(&self, service: &str) -> bool {
-        self.services
+    /// Whether this device offers `service` over `proto`; the refusal to open it if not. A
+    /// UDP app pointed at a TCP service opened a flow per datagram, each refused by the
+    /// device (and logged there), before any was counted as lost.
+    fn offers(&self, service: &str, proto: ServiceProto) -> Result<(), OpenError> {
+        let offered = self
+            .services
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .any(|s| s.name == service)
+            .find(|s| s.name == service)
+            .map(|s| s.proto);
+        let reason = match offered {
+            Some(p) if p == proto => return Ok(()),
+            Some(p) => format!(
+                "{} offers {service} over {}, not {}: point the app at a {} service",
+                self.device,
+                proto_name(p),
+                proto_name(proto),
+                proto_name(proto)
+            ),
+            None => format!("{} does not offer {service}", self.device),
+        };
+        Err(OpenError::Refused {
+            device: self.device.clone(),
+            code: RefuseCode::NoSuchService,
+            reason,
+        })
+    }
+}
+
+fn proto_name(p: ServiceProto) -> &'static str {
+    match p {
+        ServiceProto::Tcp => "TCP",
+        ServiceProto::Udp => "UDP",
     }
 }
 
@@ -1196,13 +1225,7 @@ impl Hub {
         let link = self
             .agent(device)
             .ok_or_else(|| OpenError::Offline(device.to_owned()))?;
-        if !link.offers(service) {
-            return Err(OpenError::Refused {
-                device: device.to_owned(),
-                code: RefuseCode::NoSuchService,
-                reason: format!("{device} does not offer {service}"),
-            });
-        }
+        link.offers(service, ServiceProto::Tcp)?;
         let header = StreamHeader::Open {
             app: app.to_owned(),
             service: service.to_owned(),
@@ -1234,13 +1257,7 @@ impl Hub {
         let link = self
             .agent(device)
             .ok_or_else(|| OpenError::Offline(device.to_owned()))?;
-        if !link.offers(service) {
-            return Err(OpenError::Refused {
-                device: device.to_owned(),
-                code: RefuseCode::NoSuchService,
-                reason: format!("{device} does not offer {service}"),
-            });
-        }
+        link.offers(service, ServiceProto::Udp)?;
         let (id_tx, mut id_rx) = oneshot::channel();
         let (tx, rx) = mpsc::channel(UDP_FLOW_QUEUE);
         let (app, service2, link2) = (app.to_owned(), service.to_owned(), link.clone());
