@@ -268,8 +268,12 @@ impl Gateway {
             own(Kind::Tcp, l.local_addr(), "https");
         }
         if let Some((d, _)) = &dns {
-            own(Kind::Udp, Ok(d.udp_addr()), "dns");
-            own(Kind::Tcp, Ok(d.tcp_addr()), "dns");
+            d.udp_addrs()
+                .into_iter()
+                .for_each(|a| own(Kind::Udp, Ok(a), "dns"));
+            d.tcp_addrs()
+                .into_iter()
+                .for_each(|a| own(Kind::Tcp, Ok(a), "dns"));
         }
         for (_, l) in &forwards {
             own(Kind::Tcp, l.local_addr(), "forward");

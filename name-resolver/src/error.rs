@@ -37,6 +37,21 @@ pub enum DnsError {
     Stopped(&'static str, String),
 }
 
+impl DnsError {
+    /// A bind refused because another socket holds the address.
+    pub fn in_use(&self) -> bool {
+        matches!(self, DnsError::Bind { error, .. } if error.kind() == std::io::ErrorKind::AddrInUse)
+    }
+
+    /// The error without its hint, for a list of addresses skipped.
+    pub fn short(&self) -> String {
+        match self {
+            DnsError::Bind { proto, error, .. } => format!("{proto}: {error}"),
+            other => other.to_string(),
+        }
+    }
+}
+
 /// Who is to blame for a failed bootstrap: decides whether trying another server can help.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Blame {

@@ -52,8 +52,9 @@ const SAME_PORT_ATTEMPTS: usize = 16;
 /// Bound UDP and TCP sockets, ready to [`run`](DnsServer::run).
 #[derive(Debug)]
 pub struct DnsServer {
-    udp: UdpSocket,
-    tcp: TcpListener,
+    /// One socket each, or one per address of the machine ([`bind_each_address`]).
+    udp: Vec<UdpSocket>,
+    tcp: Vec<TcpListener>,
 }
 
 fn bind_error(proto: &'static str, addr: SocketAddr, source: std::io::Error) -> DnsError {
@@ -62,7 +63,7 @@ fn bind_error(proto: &'static str, addr: SocketAddr, source: std::io::Error) -> 
             "; port {} needs root or CAP_NET_BIND_SERVICE; set dns = \"127.0.0.1:5353\" or dns = \"off\" in gateway.toml",
             addr.port()
         ),
-        std::io::ErrorKind::AddrInUse => "; another DNS server is using it (systemd-resolved holds 127.0.0.53:53; on a VPS, stop it or set DNSStubListener=no); or set another dns = \"IP:PORT\", or dns = \"off\" in gateway.toml".into(),
+        std::io::ErrorKind::AddrInUse => "; another DNS server is using it: set dns = \"PUBLIC-IP:53\" (an address of this machine it does not hold), another port, or dns = \"off\" in gateway.toml (systemd-resolved holds 127.0.0.53:53; to free it set DNSStubListener=no in /etc/systemd/resolved.conf and link /etc/resolv.conf to /run/systemd/resolve/resolv.conf, or this machine's own lookups stop)".into(),
         std::io::ErrorKind::AddrNotAvailable => "; this machine has no such address: use [::] (or 0.0.0.0 without IPv6) or one of its own addresses in dns = \"IP:PORT\" in gateway.toml".into(),
         _ => String::new(),
     };
@@ -83,7 +84,10 @@ impl DnsServer {
         let tcp = TcpListener::bind(tcp)
             .await
             .map_err(|e| bind_error("TCP", tcp, e))?;
-        Ok(DnsServer { udp, tcp })
+        Ok(DnsServer {
+            udp: vec![udp],
+            tcp: vec![tcp],
+        })
     }
 
     /// Binds UDP and TCP on the same address and port, as DNS clients expect. With port 0, picks
@@ -118,38 +122,53 @@ impl DnsServer {
         bind_udp: impl Fn(SocketAddr) -> std::io::Result<UdpSocket>,
         bind_tcp: impl Fn(SocketAddr) -> std::io::Result<TcpListener>,
     ) -> Result<Self, DnsError> {
-        let mut last = None;
-        for _ in 0..SAME_PORT_ATTEMPTS {
-            let udp = bind_udp(addr).map_err(|e| bind_error("UDP", addr, e))?;
-            let port = udp
-                .local_addr()
-                .map_err(|e| bind_error("UDP", addr, e))?
-                .port();
-            let tcp_addr = SocketAddr::new(addr.ip(), port);
-            match bind_tcp(tcp_addr) {
-                Ok(tcp) => return Ok(DnsServer { udp, tcp }),
-                // Only a port we picked ourselves may be retried.
-                Err(e) if addr.port() == 0 && e.kind() == std::io::ErrorKind::AddrInUse => {
-                    last = Some(bind_error("TCP", tcp_addr, e));
-                }
-                Err(e) => return Err(bind_error("TCP", tcp_addr, e)),
+        match bind_pair(addr, &bind_udp, &bind_tcp) {
+            Ok((udp, tcp)) => Ok(DnsServer {
+                udp: vec![udp],
+                tcp: vec![tcp],
+            }),
+            // Another DNS server holds the port on one address (systemd-resolved: 127.0.0.53
+            // on every stock Ubuntu), and a wildcard overlaps it: the gateway exited and
+            // systemd restarted it for ever. Every other address can still be served.
+            Err(e) if addr.ip().is_unspecified() && addr.port() != 0 && e.in_use() => {
+                let ips = match if_addrs::get_if_addrs() {
+                    Ok(list) => list.into_iter().map(|i| i.ip()).collect(),
+                    Err(error) => {
+                        warn!(%error, "cannot list this machine's addresses");
+                        Vec::new()
+                    }
+                };
+                bind_each_address(addr, ips, &bind_udp, &bind_tcp).ok_or(e)
             }
+            Err(e) => Err(e),
         }
-        Err(last.unwrap_or_else(|| bind_error("TCP", addr, std::io::ErrorKind::AddrInUse.into())))
     }
 
-    /// The bound UDP address (with the real port when 0 was asked).
+    /// The bound UDP address (with the real port when 0 was asked); the first of them when
+    /// bound on each address.
     pub fn udp_addr(&self) -> SocketAddr {
-        self.udp
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.udp_addrs().first().copied().unwrap_or_else(unbound)
     }
 
-    /// The bound TCP address.
+    /// The bound TCP address; the first of them when bound on each address.
     pub fn tcp_addr(&self) -> SocketAddr {
+        self.tcp_addrs().first().copied().unwrap_or_else(unbound)
+    }
+
+    /// Every bound UDP address.
+    pub fn udp_addrs(&self) -> Vec<SocketAddr> {
+        self.udp
+            .iter()
+            .filter_map(|s| s.local_addr().ok())
+            .collect()
+    }
+
+    /// Every bound TCP address.
+    pub fn tcp_addrs(&self) -> Vec<SocketAddr> {
         self.tcp
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+            .iter()
+            .filter_map(|s| s.local_addr().ok())
+            .collect()
     }
 
     /// Serves the zone `zone_source` returns until `shutdown`. The source is asked every
@@ -225,18 +244,20 @@ impl DnsServer {
         mut records_source: impl FnMut() -> Arc<ZoneRecords> + Send + 'static,
         shutdown: CancellationToken,
     ) -> Result<(), DnsError> {
-        let (udp_addr, tcp_addr) = (self.udp_addr(), self.tcp_addr());
+        let (udp_addr, tcp_addr) = (self.udp_addrs(), self.tcp_addrs());
         let handler = ZoneHandler::new(first.clone());
         info!(
-            udp = %udp_addr,
-            tcp = %tcp_addr,
+            udp = ?udp_addr,
+            tcp = ?tcp_addr,
             zone = %first.origin(),
             serial = first.serial(),
             "DNS server listening"
         );
 
         let mut udp_server = ServerFuture::new(handler.clone());
-        udp_server.register_socket(self.udp);
+        for udp in self.udp {
+            udp_server.register_socket(udp);
+        }
         // Its own token, not a child of `shutdown`: the loop below must see the shutdown first,
         // so that the accept loop ending is always unexpected there.
         let tcp_stop = CancellationToken::new();
@@ -286,9 +307,80 @@ impl DnsServer {
             warn!("DNS server: queries still in flight after the shutdown grace period, abandoning them");
             tcp_task.abort();
         }
-        info!(udp = %udp_addr, tcp = %tcp_addr, "DNS server stopped");
+        info!(udp = ?udp_addr, tcp = ?tcp_addr, "DNS server stopped");
         result
     }
+}
+
+fn unbound() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
+
+/// UDP and TCP on `addr`, the same port for both; with port 0, one free for both.
+fn bind_pair(
+    addr: SocketAddr,
+    bind_udp: &impl Fn(SocketAddr) -> std::io::Result<UdpSocket>,
+    bind_tcp: &impl Fn(SocketAddr) -> std::io::Result<TcpListener>,
+) -> Result<(UdpSocket, TcpListener), DnsError> {
+    let mut last = None;
+    for _ in 0..SAME_PORT_ATTEMPTS {
+        let udp = bind_udp(addr).map_err(|e| bind_error("UDP", addr, e))?;
+        let port = udp
+            .local_addr()
+            .map_err(|e| bind_error("UDP", addr, e))?
+            .port();
+        let tcp_addr = SocketAddr::new(addr.ip(), port);
+        match bind_tcp(tcp_addr) {
+            Ok(tcp) => return Ok((udp, tcp)),
+            // Only a port we picked ourselves may be retried.
+            Err(e) if addr.port() == 0 && e.kind() == std::io::ErrorKind::AddrInUse => {
+                last = Some(bind_error("TCP", tcp_addr, e));
+            }
+            Err(e) => return Err(bind_error("TCP", tcp_addr, e)),
+        }
+    }
+    Err(last.unwrap_or_else(|| bind_error("TCP", addr, std::io::ErrorKind::AddrInUse.into())))
+}
+
+/// Binds `wildcard`'s port on each of `ips` it covers (`0.0.0.0` IPv4 only, `[::]` both), one
+/// pair of sockets per address, skipping those another server holds; IPv6 link-local
+/// addresses are left out (they need a scope, and no resolver asks there). `None` when no
+/// address could be bound. Answers then also leave from the address each query came to,
+/// where a wildcard socket answers from the one routing picks (a resolver asking a second
+/// address of the machine drops those). Addresses the machine gains later are not served.
+fn bind_each_address(
+    wildcard: SocketAddr,
+    ips: Vec<IpAddr>,
+    bind_udp: &impl Fn(SocketAddr) -> std::io::Result<UdpSocket>,
+    bind_tcp: &impl Fn(SocketAddr) -> std::io::Result<TcpListener>,
+) -> Option<DnsServer> {
+    let (mut udp, mut tcp, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
+    let mut seen = std::collections::HashSet::new();
+    for ip in ips {
+        let covered = wildcard.is_ipv6() || ip.is_ipv4();
+        let link_local = matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+        if !covered || link_local || !seen.insert(ip) {
+            continue;
+        }
+        match bind_pair(SocketAddr::new(ip, wildcard.port()), bind_udp, bind_tcp) {
+            Ok((u, t)) => {
+                udp.push(u);
+                tcp.push(t);
+            }
+            Err(e) => skipped.push(format!("{ip} ({})", e.short())),
+        }
+    }
+    if udp.is_empty() {
+        return None;
+    }
+    let server = DnsServer { udp, tcp };
+    warn!(
+        port = wildcard.port(),
+        listening = ?server.udp_addrs(),
+        skipped = ?skipped,
+        "DNS: another server holds this port on one of this machine's addresses (systemd-resolved holds 127.0.0.53), so a wildcard cannot be bound: serving each of the others instead; addresses the machine gains later are served after a restart"
+    );
+    Some(server)
 }
 
 /// The open TCP connections, each with its client, when it last completed a query and a way
@@ -428,16 +520,27 @@ const EVICTION_WAIT: Duration = Duration::from_millis(200);
 /// Accepts TCP connections up to [`MAX_TCP_CONNECTIONS`], at most [`MAX_TCP_PER_CLIENT`] per
 /// client and [`MAX_TCP_PER_SITE`] per site, each served in its own task; when all are taken,
 /// one is closed for the newcomer if that is fair ([`Live::make_room`]).
-async fn tcp_accept_loop(listener: TcpListener, handler: ZoneHandler, stop: CancellationToken) {
+async fn tcp_accept_loop(
+    listeners: Vec<TcpListener>,
+    handler: ZoneHandler,
+    stop: CancellationToken,
+) {
     let slots = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
     let per_client = ClientSlots::new(MAX_TCP_PER_CLIENT, MAX_TCP_PER_SITE);
     let live = Arc::new(Live::default());
     let mut conns = JoinSet::new();
+    // Every listener's accepts as one stream, under one set of limits.
+    let mut accepts = futures_util::stream::select_all(listeners.into_iter().map(|l| {
+        Box::pin(futures_util::stream::unfold(l, |l| async move {
+            let r = l.accept().await;
+            Some((r, l))
+        }))
+    }));
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => match accepted {
+            Some(accepted) = accepts.next() => match accepted {
                 Ok((stream, peer)) => {
                     let Some(slot) = per_client.take(peer.ip()) else {
                         debug!(%peer, "DNS over TCP: this client's connection limit reached, closing");

@@ -5,4 +5,5 @@ mod bootstrap;
 mod common;
 mod digs;
 mod serial;
+mod shared_port;
 mod tcp_limits;

@@ -30,7 +30,7 @@ fn framed_soa_query(id: u16) -> Vec<u8> {
 
 /// A TCP connection from `from` with one SOA query answered on it; `None` if the server closed
 /// it without an answer.
-async fn answered_from(from: &str, server: SocketAddr, id: u16) -> Option<TcpStream> {
+pub async fn answered_from(from: &str, server: SocketAddr, id: u16) -> Option<TcpStream> {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
     let mut s = sock.connect(server).await.unwrap();
