@@ -26,8 +26,10 @@ pub fn init() -> LogGuard {
     // rustls warns (through `log`) about what TLS clients send, e.g. an IP address as SNI,
     // which wrk and scanners do on every connection: a public server's log would fill with
     // the peers' mistakes. Failed handshakes are logged by the front itself (at debug).
+    // hickory's warnings are per datagram too (a source port of 0, a send the kernel refused
+    // under a flood): anyone could fill the log, past the budgets of the project's own lines.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("info,hickory_server=warn,hickory_proto=warn,quinn=warn,rustls=error")
+        EnvFilter::new("info,hickory_server=error,hickory_proto=error,quinn=warn,rustls=error")
     });
     // Colour only on a terminal: journald and log files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
