@@ -99,6 +99,14 @@ impl Domain {
         if labels.len() < 2 {
             return Err(bad("needs at least two labels, like alice.example"));
         }
+        // TLS (rustls) refuses a server name whose last label is all digits, as an IP address
+        // written as a name: every device's dial to gw.203.0.113.10 failed, for ever.
+        if labels
+            .last()
+            .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return Err(bad("its last label is all digits: a zone needs a DNS domain name (one you own, or a free one such as a duckdns.org name), not an IP address"));
+        }
         for l in labels {
             if let Some(why) = label_problem(l) {
                 return Err(bad(why));
@@ -210,9 +218,20 @@ mod tests {
             Domain::new("alice.example.").unwrap().as_str(),
             "alice.example"
         );
-        for bad in ["example", "Alice.example", "a..b", "-a.b", "a b.c"] {
+        for bad in [
+            "example",
+            "Alice.example",
+            "a..b",
+            "-a.b",
+            "a b.c",
+            "203.0.113.10",
+        ] {
             assert!(Domain::new(bad).is_err(), "{bad:?} accepted");
         }
+        let e = Domain::new("203.0.113.10").unwrap_err().to_string();
+        assert!(e.contains("not an IP address"), "{e}");
+        // Digits elsewhere are fine.
+        assert!(Domain::new("10.home.example").is_ok());
     }
 
     #[test]
