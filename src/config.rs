@@ -507,11 +507,25 @@ pub fn forwards(list: &[ForwardEntry], me: &DeviceName) -> Result<Vec<Forward>, 
 
 pub fn tuning(t: &TunnelSection) -> Result<Tuning, UsageError> {
     let mut out = Tuning::default();
+    // Bounded: 1 ms keepalives are a thousand pings a second per connection, and an idle
+    // timeout past what QUIC can carry was silently replaced by 30 s (below the keepalive:
+    // tunnels dropped in a loop).
+    let millis = |name: &str, v: u64, range: std::ops::RangeInclusive<u64>| {
+        if range.contains(&v) {
+            Ok(Duration::from_millis(v))
+        } else {
+            Err(UsageError(format!(
+                "[tunnel] {name} = {v}: give a number of milliseconds from {} to {}",
+                range.start(),
+                range.end()
+            )))
+        }
+    };
     if let Some(k) = t.keepalive_ms {
-        out.keepalive = Duration::from_millis(k);
+        out.keepalive = millis("keepalive_ms", k, 100..=3_600_000)?;
     }
     if let Some(i) = t.idle_timeout_ms {
-        out.idle_timeout = Duration::from_millis(i);
+        out.idle_timeout = millis("idle_timeout_ms", i, 1_000..=86_400_000)?;
     }
     if out.keepalive.is_zero() || out.keepalive >= out.idle_timeout {
         return Err(UsageError(format!(
@@ -717,6 +731,26 @@ mod tests {
             e.contains("tcp_keepalive_secs = 7201") && e.contains("0 for no"),
             "{e}"
         );
+        for (keepalive, idle, want) in [
+            (
+                Some(1),
+                None,
+                "keepalive_ms = 1: give a number of milliseconds from 100",
+            ),
+            (
+                Some(60_000),
+                Some(u64::MAX),
+                "idle_timeout_ms = 18446744073709551615: give",
+            ),
+        ] {
+            let t = TunnelSection {
+                keepalive_ms: keepalive,
+                idle_timeout_ms: idle,
+                ..TunnelSection::default()
+            };
+            let e = tuning(&t).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
         for bad in [0, 86_401] {
             let t = TunnelSection {
                 udp_flow_idle_secs: Some(bad),
