@@ -189,7 +189,17 @@ pub struct PolicyStore {
     /// What the status says while the accepted copy serves (a start found the directory as
     /// it was refused), until a reload takes the directory.
     copy_note: Mutex<Option<String>>,
+    /// An edit refused by the gateway's own check alone (an address another program holds):
+    /// when it is read again, and the wait after that. Freeing the address changes no file,
+    /// and the edit (and every other change in it) stayed unapplied until one was touched.
+    check_retry: Mutex<Option<(tokio::time::Instant, Duration)>>,
 }
+
+/// The first wait before an edit refused by the gateway's check is read again; each refusal
+/// doubles it, up to [`CHECK_RETRY_MAX`].
+pub const CHECK_RETRY_FIRST: Duration = Duration::from_secs(5);
+/// The longest wait between two reads of an edit the gateway's check refused.
+pub const CHECK_RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// A check of a compiled policy that only its user can make (a gateway: can it listen on the
 /// new addresses?): `Err` holds one message per problem.
@@ -334,6 +344,7 @@ impl PolicyStore {
             accepted,
             accepted_sources: Mutex::new(None),
             copy_note: Mutex::new(None),
+            check_retry: Mutex::new(None),
         }
     }
 
@@ -423,6 +434,7 @@ impl PolicyStore {
         let files = crate::policy_files(&self.dir).map(|f| f.len()).unwrap_or(0);
         let at = Timestamp::from(SystemTime::now()).0;
         let check = self.check.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut by_check = false;
         // What was read is kept apart: a refused edit is recorded as read.
         let read = crate::read_dir_sources(&self.dir);
         // The directory as read, files that could not be read by name; None when it could
@@ -438,6 +450,7 @@ impl PolicyStore {
                 Some(ReloadCheck(f)) => f(&policy, &self.current.load().policy)
                     .map(|()| (policy, sources))
                     .map_err(|msgs| {
+                        by_check = true;
                         msgs.into_iter()
                             .map(|m| PolicyError::whole(&self.dir, m))
                             .collect()
@@ -454,6 +467,7 @@ impl PolicyStore {
                 Ok(Vec::new())
             }
             Ok((policy, sources)) => {
+                *self.check_retry.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 if let Some(path) = &self.accepted {
                     keep_accepted(path, &sources);
                 }
@@ -480,6 +494,17 @@ impl PolicyStore {
                 for e in &errs {
                     tracing::warn!(error = %e, "policy reload refused; previous policy keeps serving");
                 }
+                let retry = {
+                    let mut r = self.check_retry.lock().unwrap_or_else(|e| e.into_inner());
+                    *r = by_check.then(|| {
+                        let wait =
+                            r.map_or(CHECK_RETRY_FIRST, |(_, w)| (w * 2).min(CHECK_RETRY_MAX));
+                        (tokio::time::Instant::now() + wait, wait)
+                    });
+                    r.map(|(_, wait)| {
+                        format!("the gateway reads this edit again in {} s, and when a policy file changes", wait.as_secs())
+                    })
+                };
                 // Recorded beside the copy: a start that finds the directory still like this
                 // serves the copy instead of refusing to start.
                 let serving = self
@@ -515,12 +540,21 @@ impl PolicyStore {
                                 .unwrap_or_else(|e| e.into_inner())
                                 .clone(),
                         )
+                        .chain(retry)
                         .collect(),
                     changes: Vec::new(),
                 });
                 Err(errs)
             }
         }
+    }
+
+    /// Whether an edit the gateway's check refused is due to be read again.
+    fn check_retry_due(&self) -> bool {
+        self.check_retry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|(at, _)| tokio::time::Instant::now() >= at)
     }
 
     fn set_status(&self, s: ReloadStatus) {
@@ -596,17 +630,22 @@ pub async fn watch(store: Arc<PolicyStore>, interval: Duration) {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        if now == read {
+        let read_again = if now == read {
             settling = None;
+            store.check_retry_due()
         } else if settling.as_ref() == Some(&now) {
             settling = None;
+            true
+        } else {
+            settling = Some(now);
+            false
+        };
+        if read_again {
             // Errors are logged and recorded by reload itself. It reads every file and
             // writes (and syncs) the accepted copy: off the runtime's threads, which carry
             // the gateway's traffic meanwhile.
             let s = store.clone();
             let _ = tokio::task::spawn_blocking(move || s.reload()).await;
-        } else {
-            settling = Some(now);
         }
         store.current().maintain();
     }

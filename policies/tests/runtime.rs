@@ -904,3 +904,50 @@ async fn a_start_with_a_refused_edit_serves_the_last_accepted_policy() {
     std::fs::remove_file(policies::accepted::path_for(&dir).expect("path")).expect("rm copy");
     assert!(PolicyStore::load_keeping_accepted(&dir).is_err());
 }
+
+/// An edit the gateway's own check refuses (an address another program holds) is read again
+/// on its own, sooner and then less often, and serves once the check passes: freeing the
+/// address changes no policy file, and the edit stayed unapplied until one was touched.
+#[tokio::test(start_paused = true)]
+async fn an_edit_refused_by_the_gateways_check_is_tried_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "a.toml", APP_A);
+    let store = Arc::new(PolicyStore::load(dir.path()).expect("load"));
+    let busy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let checked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (b, n) = (busy.clone(), checked.clone());
+    store.set_check(policies::ReloadCheck(Arc::new(move |new, _| {
+        n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        match new.app("c") {
+            Some(_) if b.load(std::sync::atomic::Ordering::SeqCst) => {
+                Err(vec!["app c: cannot listen: address in use".to_string()])
+            }
+            _ => Ok(()),
+        }
+    })));
+    let _guard = policies::spawn_watcher(store.clone(), Duration::from_millis(100));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    write(dir.path(), "c.toml", "[app.c]\nmesh = true\nto = \"d/u\"\n");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let status = store.last_reload();
+    assert!(!status.ok, "{status:?}");
+    assert!(
+        status
+            .errors
+            .iter()
+            .any(|e| e.contains("reads this edit again in 5 s")),
+        "{status:?}"
+    );
+    // Tried again after 5 s, then 10 s later: three checks in 16 s, not one per poll.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert_eq!(checked.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert!(store.current().policy.app("c").is_none());
+    busy.store(false, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(21)).await;
+    assert!(
+        store.current().policy.app("c").is_some(),
+        "{:?}",
+        store.last_reload()
+    );
+    assert!(store.last_reload().ok);
+}
