@@ -448,10 +448,10 @@ fn limits(spec: LimitsSpec, kind: Option<&str>, errs: &mut Vec<SpanError>) -> Li
     match &spec.rate {
         Some(r) => match units::parse_rate(r.get_ref()) {
             Ok(rate) => {
-                // Default burst: one second's worth, at least one request.
-                let burst = burst.unwrap_or_else(|| {
-                    rate.per_second().ceil().clamp(1.0, f64::from(u32::MAX)) as u32
-                });
+                // Default burst: one period's worth, what `10/min` reads as (ten in a minute,
+                // at once if need be). It was one second's worth, at least one: `10/min` let
+                // a client one connection per 6 s, and an `ssh` then `scp` was refused.
+                let burst = burst.unwrap_or(rate.count.max(1));
                 // The limiter holds `burst` × the interval between requests in nanoseconds:
                 // past 584 years it overflowed (a panic in debug builds, a wrong burst in
                 // release ones).

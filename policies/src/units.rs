@@ -12,13 +12,6 @@ pub struct Rate {
     pub period: Duration,
 }
 
-impl Rate {
-    /// Events per second, for display and default bursts.
-    pub fn per_second(&self) -> f64 {
-        f64::from(self.count) / self.period.as_secs_f64()
-    }
-}
-
 impl std::fmt::Display for Rate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let unit = match self.period.as_secs() {
@@ -390,7 +383,6 @@ mod tests {
             Duration::from_secs(60)
         );
         assert_eq!(parse_rate("3/h").unwrap().period, Duration::from_secs(3600));
-        assert!((parse_rate("600/min").unwrap().per_second() - 10.0).abs() < 1e-9);
         for bad in ["50", "50/d", "/s", "-1/s", "0/s", "1.5/s"] {
             assert!(parse_rate(bad).is_err(), "{bad}");
         }

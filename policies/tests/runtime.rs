@@ -286,6 +286,29 @@ fn rate_policy(rate: &str, extra: &str) -> policies::CompiledPolicy {
     check_str(Path::new("r.toml"), &src).expect("valid")
 }
 
+/// `10/min` without a burst: ten at once, then one every 6 s (it was one every 6 s from the
+/// first: an `ssh` and then an `scp` were refused).
+#[tokio::test(start_paused = true)]
+async fn a_rate_per_minute_allows_its_count_at_once() {
+    let p = rate_policy("10/min", "");
+    let limits = policies::AppLimits::new(&p.apps()[0].limits);
+    let a = Requester::Public {
+        ip: ip("198.51.100.1"),
+    };
+    for i in 0..10 {
+        assert!(
+            limits.check_rate(&a).is_ok(),
+            "connection {i} within the minute's count"
+        );
+    }
+    assert!(
+        limits.check_rate(&a).is_err(),
+        "the 11th at once is refused"
+    );
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(limits.check_rate(&a).is_ok(), "one more after 6 s");
+}
+
 #[tokio::test(start_paused = true)]
 async fn rate_limit_with_paused_clock() {
     let p = rate_policy("5/s", "");
