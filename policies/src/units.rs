@@ -87,7 +87,12 @@ pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
     let size = s.trim().strip_suffix("/s").ok_or_else(|| {
         format!("expected a bandwidth such as \"20MiB/s\" or \"1MB/s\", found {s:?}")
     })?;
-    parse_size(size)
+    // Line speeds are sold in bits: say so rather than "expected a size".
+    let unit = size.trim_start_matches(|c: char| c.is_ascii_digit() || c == '.');
+    if unit.ends_with('b') || unit.to_ascii_lowercase().ends_with("bit") {
+        return Err(format!("{s:?}: a bandwidth is in bytes per second (B, KB, MB, KiB, MiB ...); for bits divide by 8: 10 Mbit/s is \"1.25MB/s\""));
+    }
+    parse_size(size).map_err(|e| format!("{e}, in the bandwidth {s:?}"))
 }
 
 /// A daily window in minutes since midnight, `end` exclusive. `start > end` wraps midnight.
@@ -402,6 +407,15 @@ mod tests {
         }
         assert_eq!(parse_bandwidth("20MiB/s").unwrap(), 20 * 1024 * 1024);
         assert!(parse_bandwidth("20MiB").is_err());
+        for bits in ["10Mbit/s", "20mb/s", "100kb/s"] {
+            let e = parse_bandwidth(bits).unwrap_err();
+            assert!(
+                e.contains("bytes per second") && e.contains("1.25MB/s"),
+                "{e}"
+            );
+        }
+        let e = parse_bandwidth("20XB/s").unwrap_err();
+        assert!(e.contains("in the bandwidth \"20XB/s\""), "{e}");
     }
 
     #[test]
