@@ -13,7 +13,7 @@ pub mod addr_text;
 pub mod admin;
 pub mod http;
 pub mod listeners;
-pub mod log_budget;
+pub use tunnel::log_budget;
 pub mod make_room;
 pub mod per_ip;
 pub mod run;

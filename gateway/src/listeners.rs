@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 use tunnel::hub::{refusal_of, Hub};
+use tunnel::log_budget::LogBudget;
 use tunnel::proto::Origin;
 use tunnel::splice::splice_until;
 
@@ -408,6 +409,11 @@ async fn tcp_loop(
     per_ip: Arc<PerIp>,
     stop: CancellationToken,
 ) {
+    // Refusals are one line each, and a client in a retry loop (or a flood) would write one
+    // per connection: as many a second as UDP apps allow theirs.
+    let lines = Arc::new(std::sync::Mutex::new(LogBudget::new(
+        crate::udp_app::LINES_PER_SECOND,
+    )));
     while let Some((tcp, peer)) = tunnel::sockets::accept_until(&l, &stop).await {
         if hub.is_draining() {
             return;
@@ -428,9 +434,9 @@ async fn tcp_loop(
                 continue;
             }
         };
-        let (hub2, per_ip) = (hub.clone(), per_ip.clone());
+        let (hub2, per_ip, lines) = (hub.clone(), per_ip.clone(), lines.clone());
         hub.work()
-            .spawn(async move { tcp_conn(hub2, listen, tcp, peer, slot, per_ip).await });
+            .spawn(async move { tcp_conn(hub2, listen, tcp, peer, slot, per_ip, &lines).await });
     }
 }
 
@@ -446,6 +452,7 @@ async fn tcp_conn(
     peer: SocketAddr,
     slot: Option<IpSlot>,
     per_ip: Arc<PerIp>,
+    lines: &std::sync::Mutex<LogBudget>,
 ) {
     let _ = tcp.set_nodelay(true);
     let started = Instant::now();
@@ -462,19 +469,25 @@ async fn tcp_conn(
         .decide(app, &who, None, None, Timestamp::now());
     if let policies::Decision::Deny { reason } = decision {
         state.counters.refused(Refusal::Denied(reason));
-        info!(app = %app_name, client = %Client(peer), reason = %reason, "connection refused by policy");
+        if let Some(unlogged) = LogBudget::take_shared(lines) {
+            info!(app = %app_name, client = %Client(peer), reason = %reason, unlogged, "connection refused by policy");
+        }
         return;
     }
     if state.limits.check_rate(&who).is_err() {
         state.counters.refused(Refusal::RateLimited);
-        info!(app = %app_name, client = %Client(peer), "connection refused: rate limit");
+        if let Some(unlogged) = LogBudget::take_shared(lines) {
+            info!(app = %app_name, client = %Client(peer), unlogged, "connection refused: rate limit");
+        }
         return;
     }
     let _guard = match state.limits.connect(&who) {
         Ok(g) => g,
         Err(e) => {
             state.counters.refused(Refusal::ConnectionLimit);
-            info!(app = %app_name, client = %Client(peer), reason = %e, "connection refused: connection limit");
+            if let Some(unlogged) = LogBudget::take_shared(lines) {
+                info!(app = %app_name, client = %Client(peer), reason = %e, unlogged, "connection refused: connection limit");
+            }
             return;
         }
     };
@@ -484,14 +497,18 @@ async fn tcp_conn(
         // Nothing is taken from others for a device that is not there.
         None if target.device != hub.device_name() && hub.agent(&target.device).is_none() => {
             state.counters.refused(Refusal::ConnectionLimit);
-            info!(app = %app_name, device = %target.device, client = %Client(peer), "connection refused: all tcp apps together at their limit (gateway.toml tcp_connections), and the device is offline");
+            if let Some(unlogged) = LogBudget::take_shared(lines) {
+                info!(app = %app_name, device = %target.device, client = %Client(peer), unlogged, "connection refused: all tcp apps together at their limit (gateway.toml tcp_connections), and the device is offline");
+            }
             return;
         }
         None => match per_ip.admit_making_room(peer.ip()) {
             Some(s) => s,
             None => {
                 state.counters.refused(Refusal::ConnectionLimit);
-                info!(app = %app_name, client = %Client(peer), "connection refused: all tcp apps together at their limit (gateway.toml tcp_connections), and no room could fairly be made (no client holds two more than this one, or connections picked before have not closed yet)");
+                if let Some(unlogged) = LogBudget::take_shared(lines) {
+                    info!(app = %app_name, client = %Client(peer), unlogged, "connection refused: all tcp apps together at their limit (gateway.toml tcp_connections), and no room could fairly be made (no client holds two more than this one, or connections picked before have not closed yet)");
+                }
                 return;
             }
         },
@@ -519,7 +536,9 @@ async fn tcp_conn(
         Ok(u) => u,
         Err(e) => {
             let (_, reason) = refusal_of(&e);
-            info!(app = %app_name, device = %target.device, client = %Client(peer), reason = %reason, "connection failed");
+            if let Some(unlogged) = LogBudget::take_shared(lines) {
+                info!(app = %app_name, device = %target.device, client = %Client(peer), reason = %reason, unlogged, "connection failed");
+            }
             return;
         }
     };

@@ -49,11 +49,13 @@ const EVICT_SHARE: usize = 16;
 /// An open that has not reported back after the tunnel's open timeout and this much more is
 /// given up (its task cannot have outlived the timeout unless it failed).
 const OPEN_MARGIN: Duration = Duration::from_secs(5);
-/// A client's datagrams kept while its flow opens; later ones are dropped (and counted).
-const OPENING_QUEUE: usize = 16;
+/// A client's datagrams kept while its flow opens; later ones are dropped (and counted). No
+/// more than the device keeps of a flow not open there yet: sent right behind the open, the
+/// rest would be lost there, uncounted.
+const OPENING_QUEUE: usize = tunnel::flow_table::EARLY_PER_FLOW;
 /// Log lines a second, per app socket, of refused or failed flows and of flows that ended
 /// without an answer: all of them are what a flood of forged datagrams causes.
-const LINES_PER_SECOND: u32 = 10;
+pub const LINES_PER_SECOND: u32 = 10;
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 const UDP_READ: usize = 65_535;
 

@@ -26,6 +26,7 @@ use crate::error::{OpenError, TunnelError};
 use crate::flow_activity::FlowActivity;
 use crate::flow_table::FlowTable;
 use crate::holds::{HoldClock, Holds};
+use crate::log_budget::LogBudget;
 use crate::peers::{peer_identity, PeerConn, Peers};
 use crate::proto::{
     self, ControlSession, Event, Hello, Origin, PeerAddr, RefuseCode, ServiceProto, StreamHeader,
@@ -292,7 +293,13 @@ pub struct Agent {
     holds: Mutex<Vec<(usize, String, std::sync::Weak<Holds>)>>,
     /// Streams cut so far because the local service stopped reading them.
     streams_cut: AtomicU64,
+    /// Lines about UDP flows (refused, dropping, done): a flood of forged sources opens a
+    /// flow per source, a thousand a second, each worth a line on an SD card otherwise.
+    flow_lines: Arc<Mutex<LogBudget>>,
 }
+
+/// Lines a second about UDP flows ([`Agent::flow_lines`]), as the gateway allows its own.
+const FLOW_LINES_PER_SECOND: u32 = 10;
 
 /// The agent's gateway links: one per gateway of the zone config (or of
 /// [`AgentConfig::gateways`]), revoked ones left out; a newer zone config adds and retires
@@ -380,6 +387,7 @@ impl Agent {
             hold_clock: Arc::default(),
             holds: Mutex::default(),
             streams_cut: AtomicU64::new(0),
+            flow_lines: Arc::new(Mutex::new(LogBudget::new(FLOW_LINES_PER_SECOND))),
             cfg,
             endpoint,
             links: Mutex::new(links),
@@ -871,7 +879,7 @@ impl Agent {
                     Err(e) => warn!(gateway = %link.name, error = %e, "refused zone config update"),
                 }
             }
-            Event::UdpFlowOpen(f) => self.open_flow(conn, ctl, flows, f),
+            Event::UdpFlowOpen(f) => self.open_flow(conn, ctl, flows, f, &link.name),
             Event::UdpFlowClose { flow_id } => {
                 if let Some(f) = flows
                     .lock()
@@ -900,7 +908,14 @@ impl Agent {
 
     /// Opens the local end of a UDP flow. The flow is in the table before this returns, on the
     /// control loop, so a `UdpFlowClose` right behind the open always finds it.
-    fn open_flow(&self, conn: &Connection, ctl: &ControlHandle, flows: &Flows, f: UdpFlowOpen) {
+    fn open_flow(
+        &self,
+        conn: &Connection,
+        ctl: &ControlHandle,
+        flows: &Flows,
+        f: UdpFlowOpen,
+        gateway: &str,
+    ) {
         let id = f.flow_id;
         let sock = match self.cfg.services.get(&f.service) {
             Some(s) if s.proto == ServiceProto::Udp => flow_socket(s.addr)
@@ -910,7 +925,9 @@ impl Agent {
         let sock = match sock {
             Ok(s) => Arc::new(s),
             Err(reason) => {
-                info!(service = %f.service, app = %f.app, reason = %reason, "UDP flow refused");
+                if let Some(unlogged) = LogBudget::take_shared(&self.flow_lines) {
+                    info!(gateway = %gateway, flow = id, service = %f.service, app = %f.app, reason = %reason, unlogged, "UDP flow refused");
+                }
                 ctl.close_udp_flow(id);
                 return;
             }
@@ -929,6 +946,7 @@ impl Agent {
         let idle = self.cfg.tuning.udp_flow_idle;
         let (conn, ctl, flows) = (conn.clone(), ctl.clone(), flows.clone());
         let (app, service, origin) = (f.app, f.service, origin_text(&f.origin));
+        let (gateway, lines) = (gateway.to_owned(), self.flow_lines.clone());
         tokio::spawn(async move {
             let started = Instant::now();
             let mut down = 0u64;
@@ -964,7 +982,9 @@ impl Agent {
                                 Err(e) => {
                                     dropped += 1;
                                     if dropped == 1 {
-                                        warn!(app = %app, service = %service, origin = %origin, error = %e, "UDP datagram from the service dropped (further drops of this flow are counted in its done line)");
+                                        if let Some(unlogged) = LogBudget::take_shared(&lines) {
+                                            warn!(gateway = %gateway, flow = id, app = %app, service = %service, origin = %origin, error = %e, unlogged, "UDP datagram from the service dropped (further drops of this flow are counted in its done line)");
+                                        }
                                     }
                                 }
                             }
@@ -988,7 +1008,9 @@ impl Agent {
                 // needs no close back.
                 ctl.close_udp_flow(id);
             }
-            info!(app = %app, service = %service, origin = %origin, bytes_down = down, dropped, secs = started.elapsed().as_secs(), "UDP flow done");
+            if let Some(unlogged) = LogBudget::take_shared(&lines) {
+                info!(gateway = %gateway, flow = id, app = %app, service = %service, origin = %origin, bytes_down = down, dropped, secs = started.elapsed().as_secs(), unlogged, "UDP flow done");
+            }
         });
     }
 

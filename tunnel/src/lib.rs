@@ -33,6 +33,7 @@ pub mod flow_table;
 pub mod holds;
 pub mod hub;
 pub mod linger;
+pub mod log_budget;
 pub mod peers;
 pub mod proto;
 mod read_gate;

@@ -45,6 +45,11 @@ impl LogBudget {
         Some(std::mem::take(&mut self.unlogged))
     }
 
+    /// [`LogBudget::take`] on a budget shared by several tasks.
+    pub fn take_shared(shared: &std::sync::Mutex<LogBudget>) -> Option<u64> {
+        shared.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
     /// The events not logged since the last line (and forgets them): for a last line.
     pub fn unlogged(&mut self) -> u64 {
         std::mem::take(&mut self.unlogged)
