@@ -208,6 +208,10 @@ pub enum DeviceCmd {
         name: DeviceName,
         #[command(flatten)]
         zone: ZoneArg,
+        /// Revoke the zone's only gateway even so (every node then needs the new zone.json
+        /// copied into its bundle by hand)
+        #[arg(long)]
+        force: bool,
     },
     /// Re-issue a device's certificate (same derived key) and rewrite its bundle
     Renew {

@@ -96,10 +96,26 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        DeviceCmd::Revoke { name, zone } => {
+        DeviceCmd::Revoke { name, zone, force } => {
             let mut z = ZoneDir::open(&zone.zone)?;
+            let gateways = &z.zone.config.gateways;
+            let was_gateway = gateways.iter().any(|g| g.device == name);
+            if was_gateway && gateways.len() == 1 && !force {
+                // Agents drop a revoked gateway's link: with none left they have nowhere to
+                // connect, and no gateway carries them a newer zone.json either.
+                return Err(UsageError(format!(
+                    "{name} is the zone's only gateway: revoked, every node loses its way in and nothing brings them a newer zone.json. Add the new gateway first (`zonegate device add NAME --role gateway --public-addr IP:PORT --zone DIR`), copy zone.json into {name}'s bundle so that it passes the new gateway on to the nodes, then revoke {name}; or pass --force and copy zone.json into every node's bundle by hand"
+                ))
+                .into());
+            }
             z.revoke(&name, now)?;
-            println!("revoked {name}: zone.json serial {}. Copy {} into each gateway's bundle: a running gateway adopts it within about a second, disconnects {name} and passes the new config to every agent (its DNS serves it too).", z.zone.config.serial, zone.zone.join("zone.json").display());
+            let file = zone.zone.join("zone.json");
+            let serial = z.zone.config.serial;
+            if was_gateway {
+                println!("revoked {name}: zone.json serial {serial}. Copy {} into another gateway's bundle (not {name}'s): it adopts it within about a second and passes it to every agent, which drop their link to {name}.", file.display());
+            } else {
+                println!("revoked {name}: zone.json serial {serial}. Copy {} into each gateway's bundle: a running gateway adopts it within about a second, disconnects {name} and passes the new config to every agent (its DNS serves it too).", file.display());
+            }
             Ok(())
         }
         DeviceCmd::Move {
@@ -152,11 +168,13 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             );
             if had_config {
                 println!(
-                    "{} was kept as it is (a fresh template, if wanted: {}.new). Copy device.key, device.crt and zone.json to the device.",
+                    "{} was kept as it is (a fresh template, if wanted: {}.new).",
                     cfg.display(),
                     cfg.display()
                 );
             }
+            // A running device keeps the certificate it started with.
+            println!("Copy device.crt and zone.json to {name} and restart zonegate there.");
             Ok(())
         }
         DeviceCmd::Pubkey { name, zone } => {

@@ -448,6 +448,15 @@ fn bad_input_is_clear_and_writes_nothing() {
         "a failed command changed zone.json"
     );
 
+    // The only gateway is not revoked without --force: every node would lose its way in.
+    let e = fails(2, ["device", "revoke", "gw", "--zone", zs]);
+    assert!(e.contains("only gateway") && e.contains("--force"), "{e}");
+    assert_eq!(
+        before,
+        std::fs::read(z.join("zone.json")).unwrap(),
+        "a refused revocation changed zone.json"
+    );
+
     // A revoked name cannot come back.
     ok(["device", "revoke", "home1", "--zone", zs]);
     let e = fails(
@@ -487,6 +496,7 @@ fn renewing_a_device_keeps_its_edited_config() {
     let cert_before = std::fs::read(z.join("devices/home1/device.crt")).unwrap();
     let out = ok(["device", "renew", "home1", "--zone", zs]);
     assert!(out.contains("was kept as it is"), "{out}");
+    assert!(out.contains("restart zonegate there"), "{out}");
     assert_eq!(std::fs::read_to_string(&node).unwrap(), edited);
     assert!(z.join("devices/home1/node.toml.new").is_file());
     assert_ne!(

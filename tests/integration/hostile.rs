@@ -1208,6 +1208,26 @@ fn a_device_starts_with_its_own_expired_zone_config() {
     assert_eq!(creds.zone_serial(), serial);
 }
 
+/// A device whose own certificate has expired does not start, and says how to renew it.
+#[test]
+fn an_expired_own_certificate_says_how_to_renew_it() {
+    let z = TestZone::new(&["home1"]);
+    let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
+    let home1 = zone_core::DeviceName::new("home1").unwrap();
+    let long_ago = time::OffsetDateTime::now_utc() - time::Duration::days(400);
+    let (key, cert) = zd.renew(&home1, long_ago, 30).unwrap();
+    zd.write_bundle(&z.zone_dir().join("devices/home1"), &home1, &key, &cert)
+        .unwrap();
+    let Err(e) = DeviceCreds::load(&z.bundle("home1"), None) else {
+        panic!("an expired certificate was loaded");
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains("certificate expired") && e.contains("zonegate device renew home1 --zone DIR"),
+        "{e}"
+    );
+}
+
 /// A newer config whose file cannot be written (here: a directory where zone.json was; a
 /// read-only or full disk alike) is still adopted, revocations and all: it used to set the
 /// revocations, fail the write and keep the old config, so the revoked device stayed in.

@@ -77,15 +77,23 @@ impl DeviceCreds {
         let trust = ZoneTrust::new(identity.domain.clone(), ca_der)?;
         // Our own certificate must pass our own trust: catches a bundle mixed from two zones
         // and an expired certificate before any peer refuses it with a vaguer message.
+        let renew = format!("renew it with `zonegate device renew {} --zone DIR` where the zone directory is, copy the new device.crt here and start again", identity.name);
         trust
             .verify_device(&cert_der, rustls::pki_types::UnixTime::now())
             .map_err(|e| {
-                bad(
-                    &p.cert,
-                    "own certificate refused",
-                    zone_core::trust::describe_refusal(&e),
-                )
+                let why = zone_core::trust::describe_refusal(&e);
+                let hint = if why.contains("expired") {
+                    format!(": {renew}")
+                } else {
+                    String::new()
+                };
+                bad(&p.cert, "own certificate refused", format!("{why}{hint}"))
             })?;
+        let left = identity.not_after - OffsetDateTime::now_utc();
+        if left < time::Duration::days(EXPIRY_WARNING_DAYS) {
+            // Peers refuse it from then on, and nothing here renews it.
+            tracing::warn!(file = %p.cert.display(), days_left = left.whole_days(), "this device's certificate expires soon: {renew}");
+        }
         let zone = read_zone_json(&p.zone_config)?;
         let now = OffsetDateTime::now_utc();
         match zone.verify(&zone_key, now) {
@@ -293,7 +301,7 @@ impl DeviceCreds {
     }
 }
 
-/// Days before a zone config's expiry from which starts warn about it.
+/// Days before a zone config's or the device certificate's expiry from which starts warn.
 const EXPIRY_WARNING_DAYS: i64 = 30;
 
 /// Warns when `zone` (read from `path`) expires within [`EXPIRY_WARNING_DAYS`].
