@@ -7,11 +7,13 @@
 //! - `names`: request paths to file names and names back to links;
 //! - `beneath`: opening beneath the served directory (openat2), reading a directory;
 //! - `range`: the `Range` header;
+//! - `slow_reader`: cutting a client that takes too little of an answer;
 //! - `validate`: validators and conditional requests.
 
 mod beneath;
 mod names;
 mod range;
+mod slow_reader;
 pub mod validate;
 
 use std::collections::BinaryHeap;
@@ -302,6 +304,8 @@ async fn file(opened: Opened, head: bool, headers: &HeaderMap) -> Response<Body>
 /// Time a client has to send a request's headers (hyper's default, which it applies only
 /// with a timer).
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 256;
 
 /// Serves `root` read-only on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, root: Root, shutdown: CancellationToken) {
@@ -309,9 +313,18 @@ pub async fn serve(listener: TcpListener, root: Root, shutdown: CancellationToke
     if let Ok(a) = listener.local_addr() {
         info!(addr = %a, dir = %root.path().display(), "read-only file service listening");
     }
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     while let Some((tcp, peer)) = tunnel::sockets::accept_until(&listener, &shutdown).await {
+        // Closed at once when full: every connection holds a task and may hold an open file
+        // or a listing (a client through the tunnel comes from the node's loopback, so there
+        // is no client address to share them out by).
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(client = %peer, "file connection refused: {MAX_CONNECTIONS} open already");
+            continue;
+        };
         let root = root.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let root = root.clone();
                 async move {
@@ -322,7 +335,7 @@ pub async fn serve(listener: TcpListener, root: Root, shutdown: CancellationToke
                     Ok::<_, Infallible>(r)
                 }
             });
-            let io = hyper_util::rt::TokioIo::new(tcp);
+            let io = hyper_util::rt::TokioIo::new(slow_reader::SlowReaderCut::new(tcp));
             // A timer, or hyper leaves its 30 s limit on a request's headers unset and a
             // client sending half a request holds its connection for ever.
             if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -392,6 +405,38 @@ mod tests {
         let stop = CancellationToken::new();
         tokio::spawn(serve(l, Root::open(dir).unwrap(), stop.clone()));
         (addr, stop)
+    }
+
+    /// Past MAX_CONNECTIONS open connections a new one is closed at once; one closing makes
+    /// room again.
+    #[tokio::test]
+    async fn connections_past_the_cap_are_closed() {
+        use tokio::io::AsyncReadExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f.txt"), "x").unwrap();
+        let (addr, stop) = serve_dir(dir.path()).await;
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut b = [0u8; 1];
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), extra.read(&mut b))
+            .await
+            .expect("closed at once");
+        assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+        drop(held.pop());
+        // The slot is given back once the server sees the close.
+        let mut served = false;
+        for _ in 0..50 {
+            if get(addr, "/f.txt", "").await.starts_with("HTTP/1.1 200") {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(served, "no room after a connection closed");
+        stop.cancel();
     }
 
     #[tokio::test]
