@@ -296,6 +296,9 @@ async fn file(opened: Opened, head: bool, headers: &HeaderMap) -> Response<Body>
     };
     r.status(status)
         .header(header::CONTENT_TYPE, ctype)
+        // The type goes by the name's extension: a browser must not read a file named
+        // `notes.bin` as the HTML (and script) it may hold.
+        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
         .header(header::CONTENT_LENGTH, count)
         .body(body)
         .expect("valid response")
@@ -539,6 +542,7 @@ mod tests {
         assert_eq!(body(&gone), "");
         let held = get(addr, "/f.txt", &format!("If-Match: {tag}\r\n")).await;
         assert!(held.starts_with("HTTP/1.1 200"), "{held}");
+        assert_eq!(header(&held, "x-content-type-options"), Some("nosniff"));
         stop.cancel();
     }
 
