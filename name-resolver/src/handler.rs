@@ -64,6 +64,28 @@ impl RequestHandler for ZoneHandler {
         let records = self.current.load_full();
         let mut builder = MessageResponseBuilder::from_message_request(request);
         let mut header = Header::response_from_request(request.header());
+        // The OPT record first: every answer to a query that had one carries one (RFC 6891
+        // §6.1.1), the rate limiter's truncated "slip" among them.
+        let (udp_limit, badvers) = match request.edns() {
+            Some(req_edns) => {
+                let mut edns = Edns::new();
+                edns.set_max_payload(UDP_PAYLOAD_MAX);
+                edns.set_version(0);
+                // RFC 3225 §3: the DO bit of the query is copied into the response.
+                edns.set_dnssec_ok(req_edns.flags().dnssec_ok);
+                let badvers = req_edns.version() > 0;
+                if badvers {
+                    edns.set_rcode_high(ResponseCode::BADVERS.high());
+                }
+                builder.edns(edns);
+                let limit = req_edns
+                    .max_payload()
+                    .clamp(UDP_PAYLOAD_MIN, UDP_PAYLOAD_MAX);
+                (limit, badvers)
+            }
+            None => (UDP_PAYLOAD_MIN, false),
+        };
+
         if request.protocol() == Protocol::Udp {
             match self
                 .rrl
@@ -79,27 +101,11 @@ impl RequestHandler for ZoneHandler {
             }
         }
 
-        let udp_limit = match request.edns() {
-            Some(req_edns) => {
-                let mut edns = Edns::new();
-                edns.set_max_payload(UDP_PAYLOAD_MAX);
-                edns.set_version(0);
-                // RFC 3225 §3: the DO bit of the query is copied into the response.
-                edns.set_dnssec_ok(req_edns.flags().dnssec_ok);
-                if req_edns.version() > 0 {
-                    // RFC 6891 §6.1.3: we speak EDNS version 0 only.
-                    header.set_response_code(ResponseCode::BADVERS);
-                    edns.set_rcode_high(ResponseCode::BADVERS.high());
-                    builder.edns(edns);
-                    return send(&mut response_handle, builder.build_no_records(header)).await;
-                }
-                builder.edns(edns);
-                req_edns
-                    .max_payload()
-                    .clamp(UDP_PAYLOAD_MIN, UDP_PAYLOAD_MAX)
-            }
-            None => UDP_PAYLOAD_MIN,
-        };
+        if badvers {
+            // RFC 6891 §6.1.3: we speak EDNS version 0 only.
+            header.set_response_code(ResponseCode::BADVERS);
+            return send(&mut response_handle, builder.build_no_records(header)).await;
+        }
 
         if request.op_code() != OpCode::Query {
             // No UPDATE, NOTIFY or anything else: the zone changes only through zone.json.
@@ -112,14 +118,17 @@ impl RequestHandler for ZoneHandler {
             return send(&mut response_handle, builder.build_no_records(header)).await;
         };
         let query = info.query;
-        let lookup = if query.query_class() == DNSClass::IN {
+        // QCLASS * asks every class there is: here, IN only (RFC 1035 §3.2.5).
+        let lookup = if matches!(query.query_class(), DNSClass::IN | DNSClass::ANY) {
             records.lookup(query.name(), query.query_type())
         } else {
             Lookup::Refused
         };
         let any_over_udp =
             query.query_type() == RecordType::ANY && request.protocol() == Protocol::Udp;
-        if any_over_udp && lookup != Lookup::Refused {
+        // A name that is not there, or has nothing, gets its negative answer below (small:
+        // nothing to amplify); only records found make a truncated ANY.
+        if any_over_udp && matches!(lookup, Lookup::Found { .. }) {
             // RFC 8482 §4: no full ANY answer over UDP, where a spoofed source turns it into
             // amplification; a client that really wants it asks again over TCP.
             header.set_authoritative(true);

@@ -374,6 +374,33 @@ async fn dig_any_over_udp_is_truncated_and_do_is_echoed() {
     };
     assert_eq!(status(&out), "REFUSED");
     assert!(!flags(&out).contains(&"tc".to_string()), "{out}");
+    // A name that is not there: its negative answer, not a truncation sending the client to
+    // TCP for nothing.
+    let Some(out) = run_tool(
+        "dig",
+        "dig ANY of a name not there",
+        s.addr,
+        &["ANY", "nope.home1.alice.example", "+ignore", "+notcp"],
+    )
+    .await
+    else {
+        return;
+    };
+    assert_eq!(status(&out), "NXDOMAIN", "{out}");
+    assert!(!flags(&out).contains(&"tc".to_string()), "{out}");
+    // QCLASS * is answered as IN.
+    let Some(out) = run_tool(
+        "dig",
+        "dig class ANY",
+        s.addr,
+        &["-c", "ANY", "-t", "SOA", "alice.example"],
+    )
+    .await
+    else {
+        return;
+    };
+    assert_eq!(status(&out), "NOERROR", "{out}");
+    assert!(out.contains("ANSWER: 1"), "{out}");
     let Some(out) = run_tool(
         "dig",
         "dig +dnssec",
