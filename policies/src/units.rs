@@ -90,7 +90,7 @@ pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
     // Line speeds are sold in bits: say so rather than "expected a size".
     let unit = size.trim_start_matches(|c: char| c.is_ascii_digit() || c == '.');
     if unit.ends_with('b') || unit.to_ascii_lowercase().ends_with("bit") {
-        return Err(format!("{s:?}: a bandwidth is in bytes per second (B, KB, MB, KiB, MiB ...); for bits divide by 8: 10 Mbit/s is \"1.25MB/s\""));
+        return Err(format!("{s:?}: a bandwidth is in bytes per second with a capital B (KB, MB, KiB, MiB ...): for megabytes write \"MB/s\"; for bits divide by 8 (10 Mbit/s is \"1.25MB/s\")"));
     }
     parse_size(size).map_err(|e| format!("{e}, in the bandwidth {s:?}"))
 }
