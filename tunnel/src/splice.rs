@@ -299,7 +299,12 @@ where
         // Both directions run until both are done; the first error ends the splice.
         let there = a_b.poll(cx, &mut *a, &mut *b)?;
         let back = b_a.poll(cx, &mut *b, &mut *a)?;
-        if there.is_ready() && back.is_ready() {
+        // A stopped direction drains its reader until that ends, or until the other one is
+        // over too: then nothing waits on what it reads.
+        let over = |p: &Pump, ready: bool, other: &Pump| {
+            ready || (p.stopped.is_some() && (other.done || other.stopped.is_some()))
+        };
+        if over(&a_b, there.is_ready(), &b_a) && over(&b_a, back.is_ready(), &a_b) {
             // A direction whose reader stopped it failed, once the other one ended.
             Poll::Ready(match a_b.stopped.take().or_else(|| b_a.stopped.take()) {
                 Some(e) => Err(e),
@@ -369,8 +374,11 @@ impl Pump {
         R: End + ?Sized,
         W: End + ?Sized,
     {
-        if self.done || self.stopped.is_some() {
+        if self.done {
             return Poll::Ready(Ok(()));
+        }
+        if self.stopped.is_some() {
+            return self.poll_drain(cx, r);
         }
         loop {
             if self.chunks.is_empty() && !self.read_done {
@@ -392,9 +400,7 @@ impl Pump {
                     Ok(n) => n,
                     Err(e) if peer_stopped_reading(&e) => {
                         self.stopped = Some(e);
-                        self.chunks.clear();
-                        self.room.release();
-                        return Poll::Ready(Ok(()));
+                        return self.poll_drain(cx, r);
                     }
                     Err(e) => return Poll::Ready(Err(e)),
                 };
@@ -416,6 +422,30 @@ impl Pump {
     }
 }
 
+impl Pump {
+    /// After its writer's peer stopped reading: reads and drops what its reader still sends,
+    /// until that ends. Left unread, a client that writes its whole upload before it reads
+    /// would block on it, never read the answer, and hold the connection for ever.
+    fn poll_drain<R: End + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+    ) -> Poll<io::Result<()>> {
+        while !self.read_done {
+            self.chunks.clear();
+            match ready!(r.poll_read_chunks(cx, &mut self.room, &mut self.chunks)) {
+                Ok(0) => self.read_done = true,
+                Ok(_) => {}
+                // The direction failed already; how its reader ends changes nothing.
+                Err(_) => self.read_done = true,
+            }
+        }
+        self.chunks.clear();
+        self.room.release();
+        Poll::Ready(Ok(()))
+    }
+}
+
 /// Chunk size of shaped copies: small enough that a slow rate is paced smoothly rather than
 /// in bursts of 64 KiB.
 const SHAPED_CHUNK: usize = 16 * 1024;
@@ -428,6 +458,7 @@ async fn pump<R, W>(
     shaper: &policies::bandwidth::Shaper,
     total: &mut u64,
     watched: Option<&Watched>,
+    stop: &Stopped,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -449,9 +480,25 @@ where
         if let Some(wd) = watched {
             wd.hold_from_now();
         }
-        w.write_all(&buf[..n]).await?;
-        *total += n as u64;
+        match w.write_all(&buf[..n]).await {
+            Ok(()) => *total += n as u64,
+            // As `Pump::poll_drain`: what the reader still sends is read and dropped.
+            Err(e) if peer_stopped_reading(&e) => {
+                let _ = stop.set(e);
+                while matches!(r.read(&mut buf).await, Ok(n) if n > 0) {}
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
     }
+}
+
+/// A direction of [`splice_shaped_until`] whose writer's peer stopped reading, with the
+/// error that said so.
+type Stopped = std::sync::OnceLock<io::Error>;
+
+fn is_stopped(s: &Stopped) -> bool {
+    s.get().is_some()
 }
 
 /// Like [`splice`], with each direction paced by a bandwidth shaper (policy `bandwidth`).
@@ -486,41 +533,47 @@ where
     let (mut br, mut bw) = tokio::io::split(b);
     let (mut up, mut down) = (0u64, 0u64);
     let mut stopped = None;
-    // Directions that finished cleanly (their writer shut down after all was written).
-    let (mut a_b_done, mut b_a_done) = (false, false);
-    // A direction whose writer's peer stopped reading ([`peer_stopped_reading`]): over and
-    // failed, while the other one runs on to its end.
-    let mut stopped_one: Option<io::Error> = None;
-    let (mut a_b_stop, mut b_a_stop) = (false, false);
+    // Directions whose pump returned without error: finished cleanly, or stopped and drained.
+    let (mut a_b_ended, mut b_a_ended) = (false, false);
+    let (stop_a, stop_b) = (Stopped::default(), Stopped::default());
     let error = {
-        let a_b = pump(&mut ar, &mut bw, a_to_b, &mut up, cuts[0].as_deref());
-        let b_a = pump(&mut br, &mut aw, b_to_a, &mut down, cuts[1].as_deref());
+        let a_b = pump(
+            &mut ar,
+            &mut bw,
+            a_to_b,
+            &mut up,
+            cuts[0].as_deref(),
+            &stop_a,
+        );
+        let b_a = pump(
+            &mut br,
+            &mut aw,
+            b_to_a,
+            &mut down,
+            cuts[1].as_deref(),
+            &stop_b,
+        );
         let cut = std::future::poll_fn(|cx| match poll_cuts(&cuts, cx) {
             Err(e) => Poll::Ready(e),
             Ok(()) => Poll::Pending,
         });
         tokio::pin!(a_b, b_a, cut, stop);
-        // Like `splice`: both directions run until both are done, but the first error ends
-        // the other direction too (it could otherwise wait on an idle peer indefinitely).
+        // As in `splice`: both directions run until both are over, and the first error ends
+        // the other direction too (it could otherwise wait on an idle peer indefinitely); a
+        // stopped one, draining its reader, is over once the other one is.
+        let over = |ended: bool, mine: &Stopped, other_ended: bool, other: &Stopped| {
+            ended || (is_stopped(mine) && (other_ended || is_stopped(other)))
+        };
         loop {
-            let (a_b_over, b_a_over) = (a_b_done || a_b_stop, b_a_done || b_a_stop);
+            if over(a_b_ended, &stop_a, b_a_ended, &stop_b)
+                && over(b_a_ended, &stop_b, a_b_ended, &stop_a)
+            {
+                break None;
+            }
             let r = tokio::select! {
-                r = &mut a_b, if !a_b_over => match r {
-                    Err(e) if stopped_one.is_none() && peer_stopped_reading(&e) => {
-                        a_b_stop = true;
-                        stopped_one = Some(e);
-                        Ok(())
-                    }
-                    r => { a_b_done = r.is_ok(); r }
-                },
-                r = &mut b_a, if !b_a_over => match r {
-                    Err(e) if stopped_one.is_none() && peer_stopped_reading(&e) => {
-                        b_a_stop = true;
-                        stopped_one = Some(e);
-                        Ok(())
-                    }
-                    r => { b_a_done = r.is_ok(); r }
-                },
+                // An error ends the loop: the future is not polled again.
+                r = &mut a_b, if !a_b_ended => { a_b_ended = r.is_ok(); r }
+                r = &mut b_a, if !b_a_ended => { b_a_ended = r.is_ok(); r }
                 e = &mut cut => Err(e),
                 why = &mut stop => {
                     stopped = Some(why.clone());
@@ -530,11 +583,14 @@ where
             if let Err(e) = r {
                 break Some(e);
             }
-            if (a_b_done || a_b_stop) && (b_a_done || b_a_stop) {
-                break stopped_one.take();
-            }
         }
     };
+    // Finished cleanly: its writer shut down after all was written.
+    let a_b_done = a_b_ended && !is_stopped(&stop_a);
+    let b_a_done = b_a_ended && !is_stopped(&stop_b);
+    let error = error
+        .or_else(|| stop_a.into_inner())
+        .or_else(|| stop_b.into_inner());
     if error.is_some() {
         abort_end(&mut ar.unsplit(aw), b_a_done);
         abort_end(&mut br.unsplit(bw), a_b_done);
@@ -742,6 +798,81 @@ mod tests {
             let mut got = aborted.lock().unwrap().clone();
             got.sort();
             assert_eq!(got, ["client receiving", "tunnel"], "shaped {shaped}");
+        }
+    }
+
+    /// A tunnel end whose reader stopped it: writes fail as a stopped QUIC stream's do, and
+    /// reads give `left` bytes of answer, then its end.
+    struct StoppedAnswering {
+        left: usize,
+    }
+    impl End for StoppedAnswering {
+        fn abort(&mut self) {}
+    }
+    impl AsyncRead for StoppedAnswering {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let n = self.left.min(buf.remaining()).min(64 * 1024);
+            buf.put_slice(&vec![b'a'; n]);
+            self.left -= n;
+            Poll::Ready(Ok(()))
+        }
+    }
+    impl AsyncWrite for StoppedAnswering {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let e = io::Error::from(quinn::WriteError::Stopped(0u32.into()));
+            Poll::Ready(Err(io::Error::other(e)))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A client that writes its whole upload before it reads, to a stream stopped with a
+    /// large answer to come: what it sends is read and dropped, so it gets to read the whole
+    /// answer. Left unread, it blocked in its write and the answer in ours, for ever.
+    #[tokio::test]
+    async fn a_stopped_direction_drains_a_client_that_uploads_before_it_reads() {
+        const UPLOAD: usize = 32 << 20;
+        const ANSWER: usize = 32 << 20;
+        for shaped in [false, true] {
+            let (mut client, server) = tcp_pair().await;
+            let tunnel = StoppedAnswering { left: ANSWER };
+            let spliced = tokio::spawn(async move {
+                if shaped {
+                    let unlimited = policies::bandwidth::Shaper::default();
+                    splice_shaped(server, tunnel, &unlimited, &unlimited).await
+                } else {
+                    let (mut server, mut tunnel) = (server, tunnel);
+                    splice(&mut server, &mut tunnel).await
+                }
+            });
+            let talk = async {
+                client.write_all(&vec![7u8; UPLOAD]).await.unwrap();
+                let mut answer = Vec::new();
+                client.read_to_end(&mut answer).await.unwrap();
+                answer.len()
+            };
+            let got = tokio::time::timeout(std::time::Duration::from_secs(20), talk)
+                .await
+                .unwrap_or_else(|_| panic!("shaped {shaped}: stuck"));
+            assert_eq!(got, ANSWER, "shaped {shaped}");
+            let m = spliced.await.unwrap();
+            assert_eq!(m.b_to_a, ANSWER as u64, "shaped {shaped}");
+            assert!(
+                m.error.as_ref().is_some_and(peer_stopped_reading),
+                "shaped {shaped}: {m:?}"
+            );
         }
     }
 
