@@ -34,6 +34,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
+use tunnel::log_budget::LogBudget;
 
 pub use beneath::{Refused, Root};
 pub use names::resolve;
@@ -231,14 +232,7 @@ async fn file(opened: Opened, head: bool, headers: &HeaderMap) -> Response<Body>
     }
     let len = meta.len();
     let validators = Validators::of(&meta, SystemTime::now());
-    let ctype = match path.extension().and_then(|e| e.to_str()) {
-        Some("html") | Some("htm") => "text/html; charset=utf-8",
-        Some("txt") | Some("md") => "text/plain; charset=utf-8",
-        Some("json") => "application/json",
-        Some("png") => "image/png",
-        Some("jpg") | Some("jpeg") => "image/jpeg",
-        _ => "application/octet-stream",
-    };
+    let ctype = content_type(&path);
     let mut r = Response::builder().header(header::ACCEPT_RANGES, "bytes");
     if let Some(h) = r.headers_mut() {
         validators.write(h);
@@ -304,30 +298,95 @@ async fn file(opened: Opened, head: bool, headers: &HeaderMap) -> Response<Body>
         .expect("valid response")
 }
 
+/// The type a file is served as, by its name's extension (case aside). Served with
+/// `nosniff`, so a browser takes it at its word: a script or style sheet of a static site
+/// under any other type is refused.
+fn content_type(path: &Path) -> &'static str {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        Some("html" | "htm") => "text/html; charset=utf-8",
+        Some("txt" | "md" | "log" | "conf" | "toml" | "yaml" | "yml" | "ini") => {
+            "text/plain; charset=utf-8"
+        }
+        Some("css") => "text/css; charset=utf-8",
+        Some("js" | "mjs") => "text/javascript; charset=utf-8",
+        Some("json" | "map") => "application/json",
+        Some("xml") => "application/xml",
+        Some("csv") => "text/csv; charset=utf-8",
+        Some("wasm") => "application/wasm",
+        Some("pdf") => "application/pdf",
+        Some("png") => "image/png",
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("gif") => "image/gif",
+        Some("webp") => "image/webp",
+        Some("avif") => "image/avif",
+        Some("svg") => "image/svg+xml",
+        Some("ico") => "image/x-icon",
+        Some("mp4" | "m4v") => "video/mp4",
+        Some("webm") => "video/webm",
+        Some("mp3") => "audio/mpeg",
+        Some("ogg" | "oga") => "audio/ogg",
+        Some("flac") => "audio/flac",
+        Some("wav") => "audio/wav",
+        Some("woff") => "font/woff",
+        Some("woff2") => "font/woff2",
+        Some("zip") => "application/zip",
+        Some("gz") => "application/gzip",
+        _ => "application/octet-stream",
+    }
+}
+
 /// Time a client has to send a request's headers (hyper's default, which it applies only
 /// with a timer).
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-/// Connections served at once.
+/// Connections served at once (as many more may wait [`SLOT_WAIT`] for room).
 pub const MAX_CONNECTIONS: usize = 256;
+/// How long a connection waits for room before it is closed.
+const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves `root` read-only on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, root: Root, shutdown: CancellationToken) {
+    serve_at_most(listener, root, MAX_CONNECTIONS, shutdown).await
+}
+
+/// [`serve`], with at most `most` connections served at once.
+async fn serve_at_most(
+    listener: TcpListener,
+    root: Root,
+    most: usize,
+    shutdown: CancellationToken,
+) {
     let root = Arc::new(root);
     if let Ok(a) = listener.local_addr() {
         info!(addr = %a, dir = %root.path().display(), "read-only file service listening");
     }
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    // Every connection served holds a task and may hold an open file or a listing (a client
+    // through the tunnel comes from the node's loopback: there is no client address to share
+    // them out by). As many again may wait, for SLOT_WAIT: a burst (a gallery of thumbnails
+    // over HTTP/2, a gateway's pool) is served late rather than refused; past that, closed.
+    let served = Arc::new(tokio::sync::Semaphore::new(most));
+    let admitted = Arc::new(tokio::sync::Semaphore::new(2 * most));
+    let lines = Arc::new(std::sync::Mutex::new(LogBudget::new(10)));
     while let Some((tcp, peer)) = tunnel::sockets::accept_until(&listener, &shutdown).await {
-        // Closed at once when full: every connection holds a task and may hold an open file
-        // or a listing (a client through the tunnel comes from the node's loopback, so there
-        // is no client address to share them out by).
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            debug!(client = %peer, "file connection refused: {MAX_CONNECTIONS} open already");
+        let Ok(admit) = admitted.clone().try_acquire_owned() else {
+            if let Some(unlogged) = LogBudget::take_shared(&lines) {
+                info!(client = %peer, most, unlogged, "file connection refused: the service is full (as many more waiting)");
+            }
             continue;
         };
-        let root = root.clone();
+        let (root, served, lines) = (root.clone(), served.clone(), lines.clone());
         tokio::spawn(async move {
-            let _slot = slot;
+            let _admit = admit;
+            let Ok(Ok(_slot)) = tokio::time::timeout(SLOT_WAIT, served.acquire_owned()).await
+            else {
+                if let Some(unlogged) = LogBudget::take_shared(&lines) {
+                    info!(client = %peer, most, unlogged, "file connection closed: no room for it within {} s", SLOT_WAIT.as_secs());
+                }
+                return;
+            };
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let root = root.clone();
                 async move {
@@ -338,7 +397,7 @@ pub async fn serve(listener: TcpListener, root: Root, shutdown: CancellationToke
                     Ok::<_, Infallible>(r)
                 }
             });
-            let io = hyper_util::rt::TokioIo::new(slow_reader::SlowReaderCut::new(tcp));
+            let io = hyper_util::rt::TokioIo::new(slow_reader::SlowReaderCut::tcp(tcp));
             // A timer, or hyper leaves its 30 s limit on a request's headers unset and a
             // client sending half a request holds its connection for ever.
             if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -410,35 +469,70 @@ mod tests {
         (addr, stop)
     }
 
-    /// Past MAX_CONNECTIONS open connections a new one is closed at once; one closing makes
-    /// room again.
+    #[test]
+    fn types_follow_the_extension_whatever_its_case() {
+        for (name, want) in [
+            ("app.js", "text/javascript; charset=utf-8"),
+            ("Style.CSS", "text/css; charset=utf-8"),
+            ("logo.svg", "image/svg+xml"),
+            ("film.MP4", "video/mp4"),
+            ("index.htm", "text/html; charset=utf-8"),
+            ("blob", "application/octet-stream"),
+            ("notes.bin", "application/octet-stream"),
+        ] {
+            assert_eq!(content_type(Path::new(name)), want, "{name}");
+        }
+    }
+
+    /// Past the connections served, as many more wait for room and are served when some
+    /// closes; past those, a newcomer is closed at once.
     #[tokio::test]
-    async fn connections_past_the_cap_are_closed() {
-        use tokio::io::AsyncReadExt;
+    async fn connections_past_the_cap_wait_then_are_closed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f.txt"), "x").unwrap();
-        let (addr, stop) = serve_dir(dir.path()).await;
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve_at_most(
+            l,
+            Root::open(dir.path()).unwrap(),
+            4,
+            stop.clone(),
+        ));
         let mut held = Vec::new();
-        for _ in 0..MAX_CONNECTIONS {
+        for _ in 0..4 {
             held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
         }
+        // Waiting: its request is answered once a served connection closes.
+        let mut waiting = tokio::net::TcpStream::connect(addr).await.unwrap();
+        waiting
+            .write_all(b"GET /f.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // The ninth: closed at once.
         let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut b = [0u8; 1];
         let r = tokio::time::timeout(std::time::Duration::from_secs(5), extra.read(&mut b))
             .await
             .expect("closed at once");
         assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
-        drop(held.pop());
-        // The slot is given back once the server sees the close.
-        let mut served = false;
-        for _ in 0..50 {
-            if get(addr, "/f.txt", "").await.starts_with("HTTP/1.1 200") {
-                served = true;
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        assert!(served, "no room after a connection closed");
+        let mut answer = Vec::new();
+        let early =
+            tokio::time::timeout(std::time::Duration::from_millis(300), waiting.read(&mut b)).await;
+        assert!(early.is_err(), "answered while all were served: {early:?}");
+        drop(held.remove(0));
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            waiting.read_to_end(&mut answer),
+        )
+        .await
+        .expect("served once there was room")
+        .unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
         stop.cancel();
     }
 
@@ -618,7 +712,13 @@ mod tests {
             &list[..300]
         );
         assert!(list.len() < 1_000_000, "{} bytes", list.len());
-        for bad in ["/a\"b", "//evil.example", "/\\evil.example"] {
+        for bad in [
+            "/a\"b",
+            "//evil.example",
+            "/\\evil.example",
+            "/app?x",
+            "/app#x",
+        ] {
             let list = get(
                 addr,
                 "/sub%20dir/",

@@ -88,10 +88,11 @@ pub(super) fn forwarded_prefix(headers: &HeaderMap) -> &str {
         .and_then(|v| v.to_str().ok())
         // One leading slash: `//host` would make every link lead to another site.
         .filter(|p| p.starts_with('/') && !p.starts_with("//") && p.len() <= 1024)
-        // No `\` either: browsers read `/\host` as `//host`.
+        // No `\` either: browsers read `/\host` as `//host`; no `?` or `#`, which would end
+        // the path of the page's base and send every link to the prefix's root.
         .filter(|p| {
             p.bytes()
-                .all(|b| b.is_ascii_graphic() && !b"\"<>\\".contains(&b))
+                .all(|b| b.is_ascii_graphic() && !b"\"<>\\?#".contains(&b))
         })
         .unwrap_or("")
 }

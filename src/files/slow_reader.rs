@@ -14,9 +14,16 @@ use tokio::time::{Instant, Sleep};
 
 /// How long a client may take to take [`MIN_PROGRESS`] bytes of an answer.
 pub const SEND_WINDOW: Duration = Duration::from_secs(60);
-/// Bytes a client must take within [`SEND_WINDOW`], unless it took all there was: ~270
-/// bytes/s, far below any real link (the gateway's front asks the same of its clients).
+/// Bytes a client must take within [`SEND_WINDOW`], unless it took all there was (the
+/// gateway's front asks the same of its clients). What counts is what the socket accepts,
+/// so with [`UNSENT_MOST`] a client must in fact take about one write (hyper's, up to 64 KiB)
+/// a window: ~1 KiB/s, far below any real link.
 pub const MIN_PROGRESS: u64 = 16 * 1024;
+/// Unsent bytes a socket may hold before a write waits (`TCP_NOTSENT_LOWAT`). Without it a
+/// write waits only for a third of the send buffer to drain, and on loopback (the node's
+/// tunnel end) that buffer grows to megabytes: a client taking 14 KB/s made no progress
+/// visible for a minute and was cut.
+pub const UNSENT_MOST: u32 = 16 * 1024;
 
 /// `T`'s writes, failing with `TimedOut` once an answer has been written for [`SEND_WINDOW`]
 /// with less than [`MIN_PROGRESS`] bytes taken. The window starts with the first write after
@@ -32,11 +39,22 @@ pub struct SlowReaderCut<T> {
     window_len: Duration,
 }
 
-impl<T> SlowReaderCut<T> {
-    pub fn new(inner: T) -> Self {
-        Self::with_window(inner, SEND_WINDOW)
+impl SlowReaderCut<tokio::net::TcpStream> {
+    /// An accepted connection, its unsent bytes bounded by [`UNSENT_MOST`].
+    pub fn tcp(tcp: tokio::net::TcpStream) -> Self {
+        Self::tcp_with_window(tcp, SEND_WINDOW)
     }
 
+    fn tcp_with_window(tcp: tokio::net::TcpStream, window: Duration) -> Self {
+        if let Err(error) = socket2::SockRef::from(&tcp).set_tcp_notsent_lowat(UNSENT_MOST) {
+            // Then progress shows later: slow clients are cut sooner, not wrongly served.
+            tracing::debug!(%error, "file connection: cannot set TCP_NOTSENT_LOWAT");
+        }
+        Self::with_window(tcp, window)
+    }
+}
+
+impl<T> SlowReaderCut<T> {
     fn with_window(inner: T, window_len: Duration) -> Self {
         SlowReaderCut {
             inner,
@@ -196,5 +214,31 @@ mod tests {
             .expect("the next answer starts afresh");
         let mut next = [0u8; 4];
         client.read_exact(&mut next).await.unwrap();
+    }
+
+    /// Over a real loopback connection (whose send buffer grows to megabytes) a client taking
+    /// 64 KiB/s of a large answer is not cut: its progress shows every few KiB, not every
+    /// third of the send buffer.
+    #[tokio::test]
+    async fn a_slow_but_steady_client_on_loopback_is_not_cut() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (client, accepted) = tokio::join!(
+            tokio::net::TcpStream::connect(l.local_addr().unwrap()),
+            l.accept()
+        );
+        let (mut client, server) = (client.unwrap(), accepted.unwrap().0);
+        let mut w = SlowReaderCut::tcp_with_window(server, Duration::from_secs(3));
+        let writer = tokio::spawn(async move { w.write_all(&vec![1u8; 64 << 20]).await });
+        let mut buf = vec![0u8; 8 * 1024];
+        let until = Instant::now() + Duration::from_secs(6);
+        while Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(125)).await;
+            client
+                .read_exact(&mut buf)
+                .await
+                .expect("the answer goes on");
+        }
+        assert!(!writer.is_finished(), "{:?}", writer.await);
+        writer.abort();
     }
 }
