@@ -100,7 +100,8 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             let mut z = ZoneDir::open(&zone.zone)?;
             let gateways = &z.zone.config.gateways;
             let was_gateway = gateways.iter().any(|g| g.device == name);
-            if was_gateway && gateways.len() == 1 && !force {
+            let last_gateway = was_gateway && gateways.len() == 1;
+            if last_gateway && !force {
                 // Agents drop a revoked gateway's link: with none left they have nowhere to
                 // connect, and no gateway carries them a newer zone.json either.
                 return Err(UsageError(format!(
@@ -111,7 +112,9 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             z.revoke(&name, now)?;
             let file = zone.zone.join("zone.json");
             let serial = z.zone.config.serial;
-            if was_gateway {
+            if last_gateway {
+                println!("revoked {name}, the zone's only gateway: zone.json serial {serial}. Add a new gateway (`zonegate device add NAME --role gateway --public-addr IP:PORT --zone DIR`) and copy {} into every node's bundle: no gateway passes it on to them.", file.display());
+            } else if was_gateway {
                 println!("revoked {name}: zone.json serial {serial}. Copy {} into another gateway's bundle (not {name}'s): it adopts it within about a second and passes it to every agent, which drop their link to {name}.", file.display());
             } else {
                 println!("revoked {name}: zone.json serial {serial}. Copy {} into each gateway's bundle: a running gateway adopts it within about a second, disconnects {name} and passes the new config to every agent (its DNS serves it too).", file.display());
@@ -174,7 +177,14 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
                 );
             }
             // A running device keeps the certificate it started with.
-            println!("Copy device.crt and zone.json to {name} and restart zonegate there.");
+            if created {
+                println!(
+                    "Copy the bundle directory {} to {name} and restart zonegate there.",
+                    out.display()
+                );
+            } else {
+                println!("Copy device.crt and zone.json to {name} and restart zonegate there.");
+            }
             Ok(())
         }
         DeviceCmd::Pubkey { name, zone } => {

@@ -465,6 +465,13 @@ fn bad_input_is_clear_and_writes_nothing() {
     );
     assert!(e.contains("revoked"), "{e}");
 
+    // Forced, the only gateway goes, and the owner is told the nodes need zone.json by hand.
+    let out = ok(["device", "revoke", "gw", "--zone", zs, "--force"]);
+    assert!(
+        out.contains("only gateway") && out.contains("every node's bundle"),
+        "{out}"
+    );
+
     // Corrupted key file.
     std::fs::write(
         z.join("zone.key"),

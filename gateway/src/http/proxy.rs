@@ -47,6 +47,7 @@ pub fn loggable(text: &str) -> std::borrow::Cow<'_, str> {
     if plain && text.len() <= LOG_PATH_MAX {
         return text.into();
     }
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let mut out = String::with_capacity(text.len().min(LOG_PATH_MAX) + 32);
     for (i, b) in text.bytes().enumerate() {
         if out.len() >= LOG_PATH_MAX {
@@ -56,7 +57,9 @@ pub fn loggable(text: &str) -> std::borrow::Cow<'_, str> {
         if b.wrapping_sub(0x21) < 0x5e {
             out.push(char::from(b));
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 15)]));
         }
     }
     out.into()
@@ -151,7 +154,8 @@ struct LineFields<'a> {
 }
 
 impl LineFields<'_> {
-    fn write_to(&self, w: &mut impl std::fmt::Write) -> std::fmt::Result {
+    /// `path`: the request's path as logged ([`loggable`]), made once for both tries.
+    fn write_to(&self, w: &mut impl std::fmt::Write, path: &str) -> std::fmt::Result {
         let log = self.log;
         let mut int = itoa::Buffer::new();
         w.write_str("http request app=")?;
@@ -163,7 +167,7 @@ impl LineFields<'_> {
         w.write_str(" method=")?;
         w.write_str(log.method.as_str())?;
         w.write_str(" path=")?;
-        w.write_str(&loggable(log.uri.path()))?;
+        w.write_str(path)?;
         w.write_str(" status=")?;
         w.write_str(int.format(log.status))?;
         w.write_str(" bytes_in=")?;
@@ -189,9 +193,10 @@ impl std::fmt::Display for LineFields<'_> {
             buf: [0; 256],
             len: 0,
         };
-        match self.write_to(&mut line) {
+        let path = loggable(self.log.uri.path());
+        match self.write_to(&mut line, &path) {
             Ok(()) => f.write_str(line.as_str()),
-            Err(_) => self.write_to(f),
+            Err(_) => self.write_to(f, &path),
         }
     }
 }
