@@ -569,7 +569,10 @@ async fn tcp_conn(
     }
     if let Some(refused) = up.refused() {
         let (_, reason) = refusal_of(&refused.open_error(&target.device));
-        info!(app = %app_name, device = %target.device, client = %Client(peer), reason = %reason, "connection failed");
+        // A client retrying against a service that is down: one per connection.
+        if let Some(unlogged) = LogBudget::take_shared(lines) {
+            info!(app = %app_name, device = %target.device, client = %Client(peer), reason = %reason, unlogged, "connection failed");
+        }
         return;
     }
     info!(app = %app_name, device = %target.device, client = %Client(peer), bytes_in = bin, bytes_out = bout, ms = started.elapsed().as_millis() as u64, end = %m.end(), "connection done");

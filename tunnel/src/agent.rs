@@ -293,13 +293,14 @@ pub struct Agent {
     holds: Mutex<Vec<(usize, String, std::sync::Weak<Holds>)>>,
     /// Streams cut so far because the local service stopped reading them.
     streams_cut: AtomicU64,
-    /// Lines about UDP flows (refused, dropping, done): a flood of forged sources opens a
-    /// flow per source, a thousand a second, each worth a line on an SD card otherwise.
-    flow_lines: Arc<Mutex<LogBudget>>,
+    /// Lines a flood makes one per event of: UDP flows (refused, dropping, done; forged
+    /// sources open a flow each, a thousand a second) and streams refused for a service that
+    /// is down (a client retrying). Each would be a line on an SD card otherwise.
+    flood_lines: Arc<Mutex<LogBudget>>,
 }
 
-/// Lines a second about UDP flows ([`Agent::flow_lines`]), as the gateway allows its own.
-const FLOW_LINES_PER_SECOND: u32 = 10;
+/// Lines a second of [`Agent::flood_lines`], as many as the gateway allows its own.
+const FLOOD_LINES_PER_SECOND: u32 = 10;
 
 /// The agent's gateway links: one per gateway of the zone config (or of
 /// [`AgentConfig::gateways`]), revoked ones left out; a newer zone config adds and retires
@@ -387,7 +388,7 @@ impl Agent {
             hold_clock: Arc::default(),
             holds: Mutex::default(),
             streams_cut: AtomicU64::new(0),
-            flow_lines: Arc::new(Mutex::new(LogBudget::new(FLOW_LINES_PER_SECOND))),
+            flood_lines: Arc::new(Mutex::new(LogBudget::new(FLOOD_LINES_PER_SECOND))),
             cfg,
             endpoint,
             links: Mutex::new(links),
@@ -925,7 +926,7 @@ impl Agent {
         let sock = match sock {
             Ok(s) => Arc::new(s),
             Err(reason) => {
-                if let Some(unlogged) = LogBudget::take_shared(&self.flow_lines) {
+                if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
                     info!(gateway = %gateway, flow = id, service = %f.service, app = %f.app, reason = %reason, unlogged, "UDP flow refused");
                 }
                 ctl.close_udp_flow(id);
@@ -946,7 +947,7 @@ impl Agent {
         let idle = self.cfg.tuning.udp_flow_idle;
         let (conn, ctl, flows) = (conn.clone(), ctl.clone(), flows.clone());
         let (app, service, origin) = (f.app, f.service, origin_text(&f.origin));
-        let (gateway, lines) = (gateway.to_owned(), self.flow_lines.clone());
+        let (gateway, lines) = (gateway.to_owned(), self.flood_lines.clone());
         tokio::spawn(async move {
             let started = Instant::now();
             let mut down = 0u64;
@@ -1260,7 +1261,10 @@ impl Agent {
         {
             Ok(t) => t,
             Err((code, reason)) => {
-                info!(app = %app, service = %service, origin = %origin, reason = %reason, "stream refused");
+                // One per connection a client retries against a service that is down.
+                if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
+                    info!(app = %app, service = %service, origin = %origin, reason = %reason, unlogged, "stream refused");
+                }
                 stream::refuse(&mut send, code, &reason).await;
                 return;
             }
