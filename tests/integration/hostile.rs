@@ -949,7 +949,8 @@ async fn zone_json_copied_into_a_running_gateway_revokes() {
     // on into a file no longer there).
     let half = &before[..before.len() / 2];
     std::fs::write(&gw_zone, half).unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The watcher reads a change once it held still for a poll (500 ms each).
+    tokio::time::sleep(Duration::from_millis(3000)).await;
     assert_eq!(gw.hub.creds().zone_serial(), serial0);
     assert!(gw.hub.agent("laptop").is_some());
     assert!(
@@ -980,12 +981,20 @@ async fn zone_json_copied_into_a_running_gateway_revokes() {
         zone_core::zonedir::read_zone_json(&gw_zone).is_ok_and(|z| z.config.serial == serial1)
     })
     .await;
-    assert_eq!(
-        std::fs::read(gw_zone.with_extension("json.refused")).unwrap(),
-        before
-    );
+    let aside = gw_zone.with_extension("json.refused");
+    assert!(std::fs::read(&aside).unwrap() == before, "not set aside");
     assert_eq!(gw.hub.creds().zone_serial(), serial1);
     assert!(gw.hub.agent("laptop").is_none());
+
+    // Another zone's zone.json, whole but foreign: set aside too (a restart would refuse it).
+    let other = TestZone::new(&["home1"]);
+    let foreign = std::fs::read(other.zone_dir().join("zone.json")).unwrap();
+    std::fs::write(&gw_zone, &foreign).unwrap();
+    wait_until("the foreign zone.json set aside", WAIT, || {
+        zone_core::zonedir::read_zone_json(&gw_zone).is_ok_and(|z| z.config.serial == serial1)
+    })
+    .await;
+    assert!(std::fs::read(&aside).unwrap() == foreign, "not set aside");
     laptop.shutdown.cancel();
     gw.shutdown.cancel();
 }
@@ -1206,6 +1215,16 @@ fn a_device_starts_with_its_own_expired_zone_config() {
     let e = creds.offer_zone(&newer).unwrap_err().to_string();
     assert!(e.contains("expired"), "{e}");
     assert_eq!(creds.zone_serial(), serial);
+    // Past the grace after its expiry it is refused again: a standby powered on after years
+    // must not start with the revocations of then.
+    let longer_ago = time::OffsetDateTime::now_utc()
+        - time::Duration::days(365 + tunnel::creds::EXPIRED_GRACE_DAYS + 10);
+    zd.resign(longer_ago, 365).unwrap();
+    std::fs::copy(z.zone_dir().join("zone.json"), &bundle.zone_config).unwrap();
+    let Err(e) = DeviceCreds::load(&bundle, None) else {
+        panic!("a config long expired was loaded");
+    };
+    assert!(e.to_string().contains("expired"), "{e}");
 }
 
 /// A device whose own certificate has expired does not start, and says how to renew it.

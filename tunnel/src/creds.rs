@@ -36,7 +36,16 @@ pub struct DeviceCreds {
     /// Held while a newer zone.json is written back: offers arrive at once from agents, peers
     /// and the bundle poll, and two writes must not interleave (nor an older one land last).
     saving: Arc<std::sync::Mutex<()>>,
+    /// Saves of adopted configs under way in the blocking pool ([`DeviceCreds::saved`]).
+    saves: tokio_util::task::TaskTracker,
+    /// The last serials this process adopted (so wrote back, or will): the bundle watcher
+    /// may read one of them on disk before a newer save lands, and must not take it for an
+    /// older file the owner copied in.
+    adopted: std::sync::Mutex<Vec<u64>>,
 }
+
+/// Adopted serials kept in [`DeviceCreds::adopted`].
+const ADOPTED_KEPT: usize = 16;
 
 fn bad(path: &Path, what: &str, e: impl std::fmt::Display) -> TunnelError {
     TunnelError::Config(format!("{}: {what}: {e}", path.display()))
@@ -102,8 +111,12 @@ impl DeviceCreds {
             // this device knows, revocations and all; refusing it would leave the device down
             // (systemd restarting it for ever) after a year without zone changes, and no newer
             // one can reach a device that is not running. Offers from peers must not be expired.
-            Err(zone_core::ZoneError::Expired(at)) => {
-                tracing::warn!(file = %p.zone_config.display(), expired_at = %at, "zone config expired: starting with it, as the newest this device has; re-sign it with `zonegate zone resign --zone DIR` and copy zone.json into every bundle (a running gateway passes it on to its agents)");
+            // Not for ever: expiry is what bounds how old a loaded config may be (a standby
+            // gateway powered on after years must not start with the revocations of then).
+            Err(zone_core::ZoneError::Expired(at))
+                if now - zone.config.expires_at <= time::Duration::days(EXPIRED_GRACE_DAYS) =>
+            {
+                tracing::warn!(file = %p.zone_config.display(), expired_at = %at, "zone config expired: starting with it, as the newest this device has, for at most {EXPIRED_GRACE_DAYS} days after its expiry; re-sign it with `zonegate zone resign --zone DIR` and copy zone.json into every bundle (a running gateway passes it on to its agents)");
             }
             Err(e) => return Err(bad(&p.zone_config, "refused", e)),
         }
@@ -128,6 +141,8 @@ impl DeviceCreds {
             zone: RwLock::new(Arc::new(zone)),
             zone_path: Some(p.zone_config.clone()),
             saving: Arc::default(),
+            saves: tokio_util::task::TaskTracker::new(),
+            adopted: std::sync::Mutex::default(),
         }))
     }
 
@@ -222,18 +237,39 @@ impl DeviceCreds {
         let json = offered.to_json_pretty();
         *cur = Arc::new(offered);
         drop(cur);
+        {
+            let mut adopted = self.adopted.lock().unwrap_or_else(|p| p.into_inner());
+            if adopted.len() == ADOPTED_KEPT {
+                adopted.remove(0);
+            }
+            adopted.push(serial);
+        }
         if let Some(p) = &self.zone_path {
             let (path, saving) = (p.clone(), self.saving.clone());
             let save = move || save_if_newer(&path, &saving, serial, json.as_bytes());
             // Two syncs of a file and its directory: on a node's single runtime thread (an SD
             // card takes tens of milliseconds, more when busy) every tunnel would wait on them.
-            // Saves racing in the blocking pool are ordered by `saving` and the serial check.
+            // Saves racing in the blocking pool are ordered by `saving` and the serial check;
+            // a stop waits for them ([`DeviceCreds::saved`]).
             match tokio::runtime::Handle::try_current() {
-                Ok(rt) => drop(rt.spawn_blocking(save)),
+                Ok(rt) => drop(self.saves.spawn_blocking_on(save, &rt)),
                 Err(_) => save(),
             }
         }
         Ok(Some(serial))
+    }
+
+    /// Waits, at most `within`, for adopted configs still being written back: a stop right
+    /// after an adoption would otherwise lose it, and a restart go back to the older config
+    /// (and its revocations) until a peer offered the newer one again.
+    pub async fn saved(&self, within: std::time::Duration) {
+        self.saves.close();
+        if tokio::time::timeout(within, self.saves.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("an adopted zone config is still being written back to the bundle; stopping without waiting longer");
+        }
     }
 
     /// A zone.json copied into the bundle (`file`) that [`Self::offer_zone`] did not adopt:
@@ -255,24 +291,29 @@ impl DeviceCreds {
                 let Some(serial) = parsed.map(|z| z.config.serial) else {
                     return;
                 };
+                // One this process adopted, read before its newer save landed: not the owner's.
+                if self
+                    .adopted
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(&serial)
+                {
+                    return;
+                }
                 if serial < current {
                     tracing::warn!(file, serial, current, "zone.json file is older than the zone config in use: ignored, and set aside so that a restart does not go back to it (copy the newest zone.json from the zone directory)");
                     report_set_aside(self.set_aside_refused(bytes));
                 }
             }
+            // A whole file (it parses) refused for what it says, another zone's or forged
+            // among them, is set aside: the next start would refuse it, or load it. One that
+            // does not parse may be a copy still in progress: it is read again as it changes.
+            Some(e) if parsed.is_some() => {
+                tracing::warn!(file, error = %e, current, "zone.json file refused; the zone config in use stays (copy the zone directory's zone.json again)");
+                report_set_aside(self.set_aside_refused(bytes));
+            }
             Some(e) => {
-                let signed = parsed.is_some_and(|z| {
-                    matches!(
-                        z.verify(&self.zone_key, OffsetDateTime::now_utc()),
-                        Ok(_) | Err(zone_core::ZoneError::Expired(_))
-                    )
-                });
-                if signed {
-                    tracing::warn!(file, error = %e, current, "zone.json file refused; the zone config in use stays (copy the zone directory's zone.json again)");
-                    report_set_aside(self.set_aside_refused(bytes));
-                } else {
-                    tracing::warn!(file, error = %e, current, "zone.json file cannot be used; the zone config in use stays (a copy still in progress is read again once it changes; otherwise copy the zone directory's zone.json again)");
-                }
+                tracing::warn!(file, error = %e, current, "zone.json file cannot be read as a zone config; the zone config in use stays (a copy still in progress is read again once it changes; otherwise copy the zone directory's zone.json again)");
             }
         }
     }
@@ -300,6 +341,9 @@ impl DeviceCreds {
         Ok(Some(aside))
     }
 }
+
+/// Days after its expiry that a device still starts with its own zone.json (with a warning).
+pub const EXPIRED_GRACE_DAYS: i64 = 90;
 
 /// Days before a zone config's or the device certificate's expiry from which starts warn.
 const EXPIRY_WARNING_DAYS: i64 = 30;

@@ -559,6 +559,7 @@ impl Hub {
             });
         }
         self.drain(&endpoint, grace).await;
+        self.0.cfg.creds.saved(Duration::from_secs(5)).await;
     }
 
     /// Whenever the policy or the minute changes, revokes the direct-path permits it no
