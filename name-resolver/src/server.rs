@@ -254,10 +254,17 @@ impl DnsServer {
             "DNS server listening"
         );
 
-        let mut udp_server = ServerFuture::new(handler.clone());
-        for udp in self.udp {
-            udp_server.register_socket(udp);
-        }
+        // One server per socket: hickory's waits for all its sockets' tasks, so one socket
+        // failing would go unnoticed while the others answer.
+        let mut udp_servers: Vec<_> = self
+            .udp
+            .into_iter()
+            .map(|udp| {
+                let mut server = ServerFuture::new(handler.clone());
+                server.register_socket(udp);
+                server
+            })
+            .collect();
         // Its own token, not a child of `shutdown`: the loop below must see the shutdown first,
         // so that the accept loop ending is always unexpected there.
         let tcp_stop = CancellationToken::new();
@@ -281,8 +288,11 @@ impl DnsServer {
                         }
                     }
                 }
-                // Both are cancel-safe: they only wait on a JoinSet / JoinHandle.
-                r = udp_server.block_until_done() => {
+                // Both are cancel-safe: they only wait on a JoinSet / JoinHandle. Made anew
+                // each turn of the loop, which is once a second.
+                (r, _, _) = futures_util::future::select_all(
+                    udp_servers.iter_mut().map(|s| Box::pin(s.block_until_done())),
+                ) => {
                     break Err(DnsError::Stopped("UDP", r.err().map(|e| e.to_string()).unwrap_or_else(|| "no error".into())));
                 }
                 r = &mut tcp_task => {
@@ -293,8 +303,10 @@ impl DnsServer {
 
         tcp_stop.cancel();
         let graceful = async {
-            if let Err(error) = udp_server.shutdown_gracefully().await {
-                debug!(%error, "UDP server shutdown");
+            for server in &mut udp_servers {
+                if let Err(error) = server.shutdown_gracefully().await {
+                    debug!(%error, "UDP server shutdown");
+                }
             }
             if !tcp_task.is_finished() {
                 let _ = (&mut tcp_task).await;
@@ -370,7 +382,10 @@ fn bind_each_address(
             Err(e) => skipped.push(format!("{ip} ({})", e.short())),
         }
     }
-    if udp.is_empty() {
+    // Loopback alone serves no resolver: the zone's NS address is another one (held by the
+    // other server, say), and a gateway answering only itself must not look healthy.
+    let reachable = |s: &UdpSocket| s.local_addr().is_ok_and(|a| !a.ip().is_loopback());
+    if !udp.iter().any(reachable) {
         return None;
     }
     let server = DnsServer { udp, tcp };
