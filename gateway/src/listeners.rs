@@ -147,12 +147,16 @@ impl Listeners {
             let now = listening.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let had = wanted(serving);
             let mut errors = Vec::new();
+            // Only an address another program holds now may be free later: an app on the
+            // gateway's own socket, or on an address this machine does not have, never passes.
+            let mut may_pass_later = true;
             for (key, app) in wanted(policy) {
                 if now.contains(&key) || had.contains_key(&key) {
                     continue;
                 }
                 if let Some(own) = own_socket(&reserved, key) {
                     errors.push(listen_error(&app, key, &own, ""));
+                    may_pass_later = false;
                     continue;
                 }
                 let replaces = now
@@ -168,12 +172,16 @@ impl Listeners {
                 if let Err(e) = tried {
                     let hint = crate::run::bind_hint(&e, key.1, "give the app another address");
                     errors.push(listen_error(&app, key, &e, &hint));
+                    may_pass_later &= e.kind() == std::io::ErrorKind::AddrInUse;
                 }
             }
             if errors.is_empty() {
                 Ok(())
             } else {
-                Err(errors)
+                Err(policies::CheckRefusal {
+                    errors,
+                    may_pass_later,
+                })
             }
         }))
     }

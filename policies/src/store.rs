@@ -208,7 +208,16 @@ pub struct ReloadCheck(pub Arc<CheckFn>);
 
 /// The function of a [`ReloadCheck`]: given the new policy and the one serving now.
 pub type CheckFn =
-    dyn Fn(&CompiledPolicy, &CompiledPolicy) -> Result<(), Vec<String>> + Send + Sync;
+    dyn Fn(&CompiledPolicy, &CompiledPolicy) -> Result<(), CheckRefusal> + Send + Sync;
+
+/// Why a [`ReloadCheck`] refused a policy: one message per problem, and whether the same
+/// policy may pass later unchanged (an address another program holds now), so that it is
+/// worth reading again without an edit (an app on the gateway's own port never passes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckRefusal {
+    pub errors: Vec<String>,
+    pub may_pass_later: bool,
+}
 
 impl std::fmt::Debug for ReloadCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -429,12 +438,18 @@ impl PolicyStore {
     /// Re-reads the directory. On success swaps the new policy in and returns the changes; on
     /// any error keeps the old one and returns every error. Both are recorded and logged.
     pub fn reload(&self) -> Result<Vec<Change>, Vec<PolicyError>> {
+        self.reload_as(false)
+    }
+
+    /// [`PolicyStore::reload`]; `retry`: the directory did not change since an edit the
+    /// gateway's check refused, and it is read again to see whether it passes now.
+    fn reload_as(&self, retry: bool) -> Result<Vec<Change>, Vec<PolicyError>> {
         // Taken before reading: an edit that lands during the read shows as a change later.
         *self.read_at.lock().unwrap_or_else(|e| e.into_inner()) = fingerprint(&self.dir);
         let files = crate::policy_files(&self.dir).map(|f| f.len()).unwrap_or(0);
         let at = Timestamp::from(SystemTime::now()).0;
         let check = self.check.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let mut by_check = false;
+        let mut may_pass_later = false;
         // What was read is kept apart: a refused edit is recorded as read.
         let read = crate::read_dir_sources(&self.dir);
         // The directory as read, files that could not be read by name; None when it could
@@ -449,9 +464,11 @@ impl PolicyStore {
             .and_then(|(policy, sources)| match &check {
                 Some(ReloadCheck(f)) => f(&policy, &self.current.load().policy)
                     .map(|()| (policy, sources))
-                    .map_err(|msgs| {
-                        by_check = true;
-                        msgs.into_iter()
+                    .map_err(|refusal| {
+                        may_pass_later = refusal.may_pass_later;
+                        refusal
+                            .errors
+                            .into_iter()
                             .map(|m| PolicyError::whole(&self.dir, m))
                             .collect()
                     }),
@@ -492,13 +509,19 @@ impl PolicyStore {
             }
             Err(errs) => {
                 for e in &errs {
-                    tracing::warn!(error = %e, "policy reload refused; previous policy keeps serving");
+                    if retry {
+                        // Said when the edit was first refused; /status keeps saying it.
+                        tracing::debug!(error = %e, "policy reload refused again");
+                    } else {
+                        tracing::warn!(error = %e, "policy reload refused; previous policy keeps serving");
+                    }
                 }
-                let retry = {
+                let retry_note = {
                     let mut r = self.check_retry.lock().unwrap_or_else(|e| e.into_inner());
-                    *r = by_check.then(|| {
-                        let wait =
-                            r.map_or(CHECK_RETRY_FIRST, |(_, w)| (w * 2).min(CHECK_RETRY_MAX));
+                    // A new edit starts from the first wait; the same one waits longer each time.
+                    let last = if retry { r.map(|(_, w)| w) } else { None };
+                    *r = may_pass_later.then(|| {
+                        let wait = last.map_or(CHECK_RETRY_FIRST, |w| (w * 2).min(CHECK_RETRY_MAX));
                         (tokio::time::Instant::now() + wait, wait)
                     });
                     r.map(|(_, wait)| {
@@ -540,7 +563,7 @@ impl PolicyStore {
                                 .unwrap_or_else(|e| e.into_inner())
                                 .clone(),
                         )
-                        .chain(retry)
+                        .chain(retry_note)
                         .collect(),
                     changes: Vec::new(),
                 });
@@ -630,22 +653,30 @@ pub async fn watch(store: Arc<PolicyStore>, interval: Duration) {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        // Some(retry) when the directory is read: it changed and settled, or an edit the
+        // gateway's check refused is due to be tried again.
         let read_again = if now == read {
             settling = None;
-            store.check_retry_due()
+            store.check_retry_due().then_some(true)
         } else if settling.as_ref() == Some(&now) {
             settling = None;
-            true
+            Some(false)
         } else {
             settling = Some(now);
-            false
+            None
         };
-        if read_again {
+        if let Some(retry) = read_again {
             // Errors are logged and recorded by reload itself. It reads every file and
             // writes (and syncs) the accepted copy: off the runtime's threads, which carry
-            // the gateway's traffic meanwhile.
+            // the gateway's traffic meanwhile. Once begun it runs to its end, even if this
+            // watcher is dropped meanwhile.
             let s = store.clone();
-            let _ = tokio::task::spawn_blocking(move || s.reload()).await;
+            if let Err(e) = tokio::task::spawn_blocking(move || s.reload_as(retry)).await {
+                if e.is_panic() {
+                    // As a reload on this task did: the gateway's supervisor sees it.
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
         }
         store.current().maintain();
     }

@@ -906,7 +906,10 @@ async fn a_start_with_a_refused_edit_serves_the_last_accepted_policy() {
     store.started();
     store.set_check(policies::ReloadCheck(Arc::new(|new, _| {
         match new.app("c") {
-            Some(_) => Err(vec!["app c: cannot listen".to_string()]),
+            Some(_) => Err(policies::CheckRefusal {
+                errors: vec!["app c: cannot listen".to_string()],
+                may_pass_later: false,
+            }),
             None => Ok(()),
         }
     })));
@@ -941,10 +944,17 @@ async fn an_edit_refused_by_the_gateways_check_is_tried_again() {
     let (b, n) = (busy.clone(), checked.clone());
     store.set_check(policies::ReloadCheck(Arc::new(move |new, _| {
         n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if new.app("d").is_some() {
+            return Err(policies::CheckRefusal {
+                errors: vec!["app d: the gateway's own port".to_string()],
+                may_pass_later: false,
+            });
+        }
         match new.app("c") {
-            Some(_) if b.load(std::sync::atomic::Ordering::SeqCst) => {
-                Err(vec!["app c: cannot listen: address in use".to_string()])
-            }
+            Some(_) if b.load(std::sync::atomic::Ordering::SeqCst) => Err(policies::CheckRefusal {
+                errors: vec!["app c: cannot listen: address in use".to_string()],
+                may_pass_later: true,
+            }),
             _ => Ok(()),
         }
     })));
@@ -973,4 +983,14 @@ async fn an_edit_refused_by_the_gateways_check_is_tried_again() {
         store.last_reload()
     );
     assert!(store.last_reload().ok);
+    // A refusal that no wait can change (an app on the gateway's own port) is not retried.
+    write(dir.path(), "d.toml", "[app.d]\nmesh = true\nto = \"d/v\"\n");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after_edit = checked.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(!store.last_reload().ok);
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert_eq!(
+        checked.load(std::sync::atomic::Ordering::SeqCst),
+        after_edit
+    );
 }
