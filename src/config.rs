@@ -89,6 +89,8 @@ pub struct NodeFile {
     pub ca: PathBuf,
     pub zone_config: PathBuf,
     pub admin: Option<SocketAddr>,
+    /// Seconds a stopping agent lets the streams it serves finish.
+    pub grace_secs: Option<u64>,
     /// A DNS server (usually a gateway) to fetch and verify the zone config from at start;
     /// the result replaces `zone_config` when newer (or creates it).
     pub bootstrap_dns: Option<SocketAddr>,

@@ -188,7 +188,8 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
     for fw in forwards.iter().filter(|fw| !fw.listen.ip().is_loopback()) {
         tracing::warn!(listen = %fw.listen, to = %format!("{}/{}", fw.device, fw.service), "forward listens beyond this machine: anyone who reaches it there reaches the service as this device, past the gateway's per-client limits; use 127.0.0.1 unless that is meant");
     }
-    let tuning = config::tuning(&f.tunnel)?;
+    let mut tuning = config::tuning(&f.tunnel)?;
+    tuning.agent_drain = config::grace(&a.config, f.grace_secs, DEFAULT_GRACE)?;
     let threads = config::threads(&a.config, f.threads)?.unwrap_or(config::NODE_THREADS);
     let paths = config::bundle(&a.config, &f.key, &f.cert, &f.ca, &f.zone_config);
     if let Some(server) = a.bootstrap_dns.or(f.bootstrap_dns) {

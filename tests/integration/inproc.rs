@@ -29,6 +29,7 @@ pub fn fast_tuning() -> Tuning {
         udp_flow_idle: Duration::from_secs(120),
         reader_stall: Duration::from_secs(1),
         tcp_keepalive: Tuning::default().tcp_keepalive,
+        agent_drain: Duration::ZERO,
     }
 }
 

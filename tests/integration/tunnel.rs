@@ -1988,3 +1988,67 @@ async fn proxied_tcp_connections_are_probed_by_keepalive() {
     assert_ne!(client_end[0].0, 2, "{client_end:?}");
     gw.shutdown.cancel();
 }
+
+/// A node agent told to stop lets the streams it serves finish (its gateway sends it no new
+/// ones meanwhile), and stops once they have: a restart of the node cut every download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_node_lets_its_open_connections_finish() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let z = TestZone::new(&["home1"]);
+    z.write_policy("a.toml", &tcp_app("echo", 0));
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_secs(1)).await;
+    let echo = tcp_echo().await;
+    let tuning = Tuning {
+        agent_drain: Duration::from_secs(20),
+        ..fast_tuning()
+    };
+    let h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("echo", echo, ServiceProto::Tcp)]),
+        vec![],
+        tuning,
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let app = gw.apps["echo"];
+    let mut open = tokio::net::TcpStream::connect(app).await.unwrap();
+    open.write_all(b"before").await.unwrap();
+    let mut got = [0u8; 6];
+    open.read_exact(&mut got).await.unwrap();
+
+    h1.shutdown.cancel();
+    wait_until("the gateway told home1 offers nothing", WAIT, || {
+        roundtrip_refused(app)
+    })
+    .await;
+    // The open connection still carries data both ways.
+    open.write_all(b"during").await.unwrap();
+    tokio::time::timeout(WAIT, open.read_exact(&mut got))
+        .await
+        .expect("the open stream goes on")
+        .unwrap();
+    assert_eq!(&got, b"during");
+    assert!(!h1.task.is_finished(), "stopped before its stream ended");
+    // Once it ends, the agent stops, well before its 20 s.
+    drop(open);
+    tokio::time::timeout(Duration::from_secs(10), h1.task)
+        .await
+        .expect("the agent stopped once its streams ended")
+        .unwrap();
+    gw.shutdown.cancel();
+}
+
+/// Whether a new connection to `app` is closed without an echo.
+fn roundtrip_refused(app: std::net::SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut c) = std::net::TcpStream::connect(app) else {
+        return true;
+    };
+    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+    if c.write_all(b"x").is_err() {
+        return true;
+    }
+    let mut b = [0u8; 1];
+    !matches!(c.read(&mut b), Ok(1))
+}

@@ -297,6 +297,11 @@ pub struct Agent {
     /// sources open a flow each, a thousand a second) and streams refused for a service that
     /// is down (a client retrying). Each would be a line on an SD card otherwise.
     flood_lines: Arc<Mutex<LogBudget>>,
+    /// The streams from gateways being served: a stop lets them finish first.
+    streams: tokio_util::task::TaskTracker,
+    /// Set as a stop begins: a hello offers no services (a gateway reconnecting meanwhile
+    /// must not send new streams).
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// Lines a second of [`Agent::flood_lines`], as many as the gateway allows its own.
@@ -389,6 +394,8 @@ impl Agent {
             holds: Mutex::default(),
             streams_cut: AtomicU64::new(0),
             flood_lines: Arc::new(Mutex::new(LogBudget::new(FLOOD_LINES_PER_SECOND))),
+            streams: tokio_util::task::TaskTracker::new(),
+            draining: std::sync::atomic::AtomicBool::new(false),
             cfg,
             endpoint,
             links: Mutex::new(links),
@@ -565,16 +572,19 @@ impl Agent {
             .iter()
             .map(|(n, s)| format!("{n}={}", s.addr))
             .collect();
+        // The gateway links (and the sweep of held streams) outlive `shutdown` by the drain:
+        // the streams they carry finish first.
+        let links_stop = CancellationToken::new();
         let links = {
             // `relink` spawns the loops of links added from here on.
             let mut l = self.links.lock().unwrap_or_else(|p| p.into_inner());
-            l.running = Some(shutdown.clone());
+            l.running = Some(links_stop.clone());
             l.list.clone()
         };
         info!(device = %self.cfg.creds.name(), gateways = ?links.iter().map(|l| format!("{} {:?}", l.name, l.addrs())).collect::<Vec<_>>(), services = ?services, "node agent starting");
         let mut tasks = tokio::task::JoinSet::new();
         for link in links {
-            tasks.spawn(self.clone().link_loop(link, shutdown.clone()));
+            tasks.spawn(self.clone().link_loop(link, links_stop.clone()));
         }
         let listeners = std::mem::take(
             &mut *self
@@ -583,7 +593,7 @@ impl Agent {
                 .unwrap_or_else(|p| p.into_inner()),
         );
         tasks.spawn(self.clone().accept_peers(shutdown.clone()));
-        tasks.spawn(self.clone().sweep_holds(shutdown.clone()));
+        tasks.spawn(self.clone().sweep_holds(links_stop.clone()));
         if let Some(path) = self.cfg.creds.zone_path() {
             let me = self.clone();
             tasks.spawn(crate::zone_watch::watch(
@@ -598,6 +608,8 @@ impl Agent {
             tasks.spawn(self.clone().forward_loop(f, l, shutdown.clone()));
         }
         shutdown.cancelled().await;
+        self.drain().await;
+        links_stop.cancel();
         self.peers.close_all();
         for link in self.links() {
             link.close(0, b"agent stopping");
@@ -606,6 +618,37 @@ impl Agent {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         self.cfg.creds.saved(Duration::from_secs(5)).await;
         info!("node agent stopped");
+    }
+
+    /// The start of a stop: gateways are told this device offers nothing more, and the
+    /// streams it serves get [`Tuning::agent_drain`] to finish (a restart of the node cut
+    /// every download through it).
+    async fn drain(&self) {
+        let grace = self.cfg.tuning.agent_drain;
+        self.draining.store(true, Ordering::Relaxed);
+        self.streams.close();
+        if grace.is_zero() || self.streams.is_empty() {
+            return;
+        }
+        for link in self.links() {
+            if let Some(ctl) = link.ctl() {
+                ctl.try_apply(|s| s.send_services_update(Vec::new()));
+            }
+        }
+        info!(
+            streams = self.streams.len(),
+            grace_secs = grace.as_secs(),
+            "node agent stopping: open streams may finish, gateways send no new ones"
+        );
+        if tokio::time::timeout(grace, self.streams.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                streams = self.streams.len(),
+                "streams still open after the grace period: cut"
+            );
+        }
     }
 
     async fn link_loop(self: Arc<Self>, link: Arc<GatewayLink>, shutdown: CancellationToken) {
@@ -713,7 +756,11 @@ impl Agent {
             let hello = Hello {
                 proto_version: proto::CONTROL_VERSION,
                 device: creds.name().to_owned(),
-                services: self.cfg.services.infos(),
+                services: if self.draining.load(Ordering::Relaxed) {
+                    Vec::new()
+                } else {
+                    self.cfg.services.infos()
+                },
                 zone_serial: zone.config.serial,
                 // Pass our zone.json on: a gateway with an older one learns revocations this way.
                 zone_config: Some(zone.to_json_compact())
@@ -1026,7 +1073,7 @@ impl Agent {
             let via = Via::Gateway(gateway.clone());
             let slot = budget.admit();
             let holds = holds.clone();
-            tokio::spawn(async move {
+            self.streams.spawn(async move {
                 me.serve_stream(send, recv, via, &holds).await;
                 drop(slot);
             });

@@ -35,6 +35,10 @@ pub struct Tuning {
     /// ([`crate::sockets::keepalive_accepted`]); None: never. Services on the device's own
     /// host are not: its kernel closes what a dead service held.
     pub tcp_keepalive: Option<Duration>,
+    /// How long a stopping node agent lets the streams it serves finish, telling its
+    /// gateways it offers nothing more meanwhile ([`crate::agent::Agent::run`]); zero: it
+    /// stops at once. The CLI sets it from `grace_secs` (10 s).
+    pub agent_drain: Duration,
 }
 
 impl Default for Tuning {
@@ -51,6 +55,7 @@ impl Default for Tuning {
             // fourth); most NATs keep an idle TCP mapping that long, and a phone is not woken
             // every minute.
             tcp_keepalive: Some(Duration::from_secs(300)),
+            agent_drain: Duration::ZERO,
         }
     }
 }
