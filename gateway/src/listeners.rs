@@ -559,14 +559,16 @@ async fn tcp_conn(
             () = held.evicted() => "evicted to make room for another client".to_owned(),
         }
     };
+    let mut counted = tunnel::splice::Counted {
+        inner: &mut up,
+        counters: &counters,
+    };
     let m = if shape_in.is_unlimited() && shape_out.is_unlimited() {
-        splice_until(&mut tcp, &mut up, stop).await
+        splice_until(&mut tcp, &mut counted, stop).await
     } else {
-        tunnel::splice::splice_shaped_until(tcp, &mut up, &shape_in, &shape_out, stop).await
+        tunnel::splice::splice_shaped_until(tcp, &mut counted, &shape_in, &shape_out, stop).await
     };
     let (bin, bout) = (m.a_to_b, m.b_to_a);
-    counters.bytes_in(bin);
-    counters.bytes_out(bout);
     if held.is_evicted() && m.stopped.is_some() {
         info!(app = %app_name, device = %target.device, client = %Client(peer), bytes_in = bin, bytes_out = bout, ms = started.elapsed().as_millis() as u64, idle_s = held.idle_secs(), "connection cut to make room: all tcp apps together were at their limit (gateway.toml tcp_connections) and this client held the most connections; this one was its longest idle");
         return;

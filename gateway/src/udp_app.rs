@@ -128,6 +128,7 @@ impl Entry {
         match flow.send(data) {
             Ok(()) => {
                 self.bytes_in += data.len() as u64;
+                self.counters.bytes_in(data.len() as u64);
                 self.datagrams_in += 1;
             }
             Err(e) => {
@@ -411,7 +412,7 @@ impl AppSocket {
             self.sock.clone(),
             peer,
             rx,
-            back.clone(),
+            (back.clone(), e.counters.clone()),
             e.activity.clone(),
             e.stop.clone(),
         ));
@@ -491,8 +492,8 @@ impl AppSocket {
         self.flows.len() < self.max_flows
     }
 
-    /// Ends a flow taken out of the table: its task stops, its counts go to the app, and one
-    /// line says so — for flows the device never answered, within the log budget (a flood of
+    /// Ends a flow taken out of the table: its task stops, and one line says so with its
+    /// counts (the app's took them as they passed) — for flows the device never answered, within the log budget (a flood of
     /// forged sources makes one each).
     fn end(&mut self, e: Entry, why: &str) {
         e.stop.cancel();
@@ -500,8 +501,6 @@ impl AppSocket {
             return;
         };
         let bytes_out = back.bytes.load(Ordering::Relaxed);
-        e.counters.bytes_in(e.bytes_in);
-        e.counters.bytes_out(bytes_out);
         let unlogged = if e.answered() {
             Some(0)
         } else {
@@ -518,7 +517,7 @@ async fn pass_back(
     sock: Arc<UdpSocket>,
     peer: SocketAddr,
     mut rx: mpsc::Receiver<Bytes>,
-    back: Arc<Back>,
+    (back, counters): (Arc<Back>, Arc<AppCounters>),
     activity: Arc<FlowActivity>,
     stop: CancellationToken,
 ) {
@@ -536,6 +535,8 @@ async fn pass_back(
         activity.touch();
         back.answered.store(true, Ordering::Relaxed);
         back.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+        // The app's too, as they pass: a flow may last days (a VPN, a game server).
+        counters.bytes_out(d.len() as u64);
         let _ = sock.send_to(&d, peer).await;
     }
 }

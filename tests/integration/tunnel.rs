@@ -2052,3 +2052,37 @@ fn roundtrip_refused(app: std::net::SocketAddr) -> bool {
     let mut b = [0u8; 1];
     !matches!(c.read(&mut b), Ok(1))
 }
+
+/// An app's byte counts grow as a connection carries data, not only once it ends: a
+/// two-day SSH session showed nothing in /status until it closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_connection_is_counted_as_it_goes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let z = TestZone::new(&["home1"]);
+    z.write_policy("a.toml", &tcp_app("echo", 0));
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_secs(1)).await;
+    let _h1 = start_echo_node(&z, &gw, "home1").await;
+    let mut c = tokio::net::TcpStream::connect(gw.apps["echo"])
+        .await
+        .unwrap();
+    let data = vec![5u8; 100_000];
+    c.write_all(&data).await.unwrap();
+    let mut back = vec![0u8; data.len()];
+    c.read_exact(&mut back).await.unwrap();
+    let counts = || {
+        let active = gw.hub.policy().current();
+        let snap = active.snapshot();
+        let echo = &snap.iter().find(|(n, _)| n == "echo").unwrap().1;
+        (echo.bytes_in, echo.bytes_out)
+    };
+    wait_until("the open connection counted", WAIT, || {
+        let (bytes_in, bytes_out) = counts();
+        bytes_in >= 100_000 && bytes_out >= 100_000
+    })
+    .await;
+    // Closed: counted once, not again.
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(counts(), (100_000, 100_000));
+    gw.shutdown.cancel();
+}

@@ -1150,6 +1150,10 @@ impl Hub {
         // Decided once as it opened; asked again whenever the policy or the minute changes.
         let policy = self.0.cfg.policy.clone();
         let stop = policy.until_mesh_refused(&link.device, &link.roles, &to_device, &service);
+        let mut b = crate::splice::Counted {
+            inner: &mut b,
+            counters: &counters,
+        };
         let moved = splice_until(&mut a, &mut b, stop).await;
         let (up, dn) = (moved.a_to_b, moved.b_to_a);
         if relayed {
@@ -1158,8 +1162,6 @@ impl Hub {
                 p.bytes_down += dn;
             });
         }
-        counters.bytes_in(up);
-        counters.bytes_out(dn);
         link.bytes_from.fetch_add(up, Ordering::Relaxed);
         link.bytes_to.fetch_add(dn, Ordering::Relaxed);
         let ms = started.elapsed().as_millis() as u64;
