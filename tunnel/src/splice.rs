@@ -799,6 +799,47 @@ mod tests {
         }
     }
 
+    /// A client uploading without end to `other` (named `name`), which answers 26 bytes and
+    /// whose writes fail once its answer was read (`write_error`) or from the start, as a
+    /// stopped QUIC stream's (`stopped`), through either splice: what moved, and which abort
+    /// each end got.
+    async fn upload_against(
+        name: &'static str,
+        write_error: bool,
+        stopped: bool,
+        shaped: bool,
+    ) -> (Moved, Vec<&'static str>) {
+        let aborted = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let client = Scripted {
+            input: Some(Bytes::from_static(b"upload upload upload")),
+            endless: true,
+            reads: 0,
+            write_error: false,
+            stopped: false,
+            aborted: aborted.clone(),
+            name: "client",
+        };
+        let other = Scripted {
+            input: Some(Bytes::from_static(b"HTTP/1.1 413 Too Large\r\n\r\n")),
+            endless: false,
+            reads: 0,
+            write_error,
+            stopped,
+            aborted: aborted.clone(),
+            name,
+        };
+        let m = if shaped {
+            let unlimited = policies::bandwidth::Shaper::default();
+            splice_shaped(client, other, &unlimited, &unlimited).await
+        } else {
+            let (mut client, mut other) = (client, other);
+            splice(&mut client, &mut other).await
+        };
+        let mut got = aborted.lock().unwrap().clone();
+        got.sort();
+        (m, got)
+    }
+
     /// A service answers an upload it refuses early and closes: the client's answer was
     /// written whole and its sending half closed, so when the upload's copy then fails the
     /// client's end keeps it (abort_receiving) and only the service's end is reset. Both
@@ -806,40 +847,13 @@ mod tests {
     #[tokio::test]
     async fn a_failed_copy_keeps_what_an_end_was_sent_whole() {
         for shaped in [false, true] {
-            let aborted = Arc::new(std::sync::Mutex::new(Vec::new()));
-            let client = Scripted {
-                input: Some(Bytes::from_static(b"upload upload upload")),
-                endless: true,
-                reads: 0,
-                write_error: false,
-                stopped: false,
-                aborted: aborted.clone(),
-                name: "client",
-            };
-            let service = Scripted {
-                input: Some(Bytes::from_static(b"HTTP/1.1 413 Too Large\r\n\r\n")),
-                endless: false,
-                reads: 0,
-                write_error: true,
-                stopped: false,
-                aborted: aborted.clone(),
-                name: "service",
-            };
-            let m = if shaped {
-                let unlimited = policies::bandwidth::Shaper::default();
-                splice_shaped(client, service, &unlimited, &unlimited).await
-            } else {
-                let (mut client, mut service) = (client, service);
-                splice(&mut client, &mut service).await
-            };
+            let (m, aborted) = upload_against("service", true, false, shaped).await;
             assert!(m.error.is_some(), "shaped {shaped}: {m:?}");
             assert_eq!(
                 m.b_to_a, 26,
                 "shaped {shaped}: the answer was not all written"
             );
-            let mut got = aborted.lock().unwrap().clone();
-            got.sort();
-            assert_eq!(got, ["client receiving", "service"], "shaped {shaped}");
+            assert_eq!(aborted, ["client receiving", "service"], "shaped {shaped}");
         }
     }
 
@@ -850,38 +864,11 @@ mod tests {
     #[tokio::test]
     async fn a_stopped_tunnel_stream_still_brings_its_answer() {
         for shaped in [false, true] {
-            let aborted = Arc::new(std::sync::Mutex::new(Vec::new()));
-            let client = Scripted {
-                input: Some(Bytes::from_static(b"upload upload upload")),
-                endless: true,
-                reads: 0,
-                write_error: false,
-                stopped: false,
-                aborted: aborted.clone(),
-                name: "client",
-            };
-            let tunnel = Scripted {
-                input: Some(Bytes::from_static(b"HTTP/1.1 413 Too Large\r\n\r\n")),
-                endless: false,
-                reads: 0,
-                write_error: false,
-                stopped: true,
-                aborted: aborted.clone(),
-                name: "tunnel",
-            };
-            let m = if shaped {
-                let unlimited = policies::bandwidth::Shaper::default();
-                splice_shaped(client, tunnel, &unlimited, &unlimited).await
-            } else {
-                let (mut client, mut tunnel) = (client, tunnel);
-                splice(&mut client, &mut tunnel).await
-            };
+            let (m, aborted) = upload_against("tunnel", false, true, shaped).await;
             let e = m.error.as_ref().expect("the upload failed");
             assert!(peer_stopped_reading(e), "shaped {shaped}: {e}");
             assert_eq!(m.b_to_a, 26, "shaped {shaped}: the answer was cut");
-            let mut got = aborted.lock().unwrap().clone();
-            got.sort();
-            assert_eq!(got, ["client receiving", "tunnel"], "shaped {shaped}");
+            assert_eq!(aborted, ["client receiving", "tunnel"], "shaped {shaped}");
         }
     }
 
