@@ -786,8 +786,7 @@ mod tests {
                 return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
             }
             if self.stopped {
-                let e = io::Error::from(quinn::WriteError::Stopped(0u32.into()));
-                return Poll::Ready(Err(io::Error::other(e)));
+                return Poll::Ready(Err(stopped_error()));
             }
             Poll::Ready(Ok(b.len()))
         }
@@ -872,6 +871,11 @@ mod tests {
         }
     }
 
+    /// A write error as a QuicStream's when its reader stopped it (STOP_SENDING).
+    fn stopped_error() -> io::Error {
+        io::Error::other(io::Error::from(quinn::WriteError::Stopped(0u32.into())))
+    }
+
     /// A tunnel end whose reader stopped it: writes fail as a stopped QUIC stream's do, and
     /// reads give `left` bytes of answer, then its end.
     struct StoppedAnswering {
@@ -898,8 +902,7 @@ mod tests {
             _: &mut Context<'_>,
             _: &[u8],
         ) -> Poll<io::Result<usize>> {
-            let e = io::Error::from(quinn::WriteError::Stopped(0u32.into()));
-            Poll::Ready(Err(io::Error::other(e)))
+            Poll::Ready(Err(stopped_error()))
         }
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
