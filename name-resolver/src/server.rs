@@ -12,7 +12,7 @@ use hickory_proto::runtime::iocompat::AsyncIoTokioAsStd;
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use hickory_proto::xfer::Protocol;
 use hickory_server::authority::MessageRequest;
-use hickory_server::server::{Request, RequestHandler, ResponseHandle, TimeoutStream};
+use hickory_server::server::{Request, RequestHandler, ResponseHandle};
 use hickory_server::ServerFuture;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -609,6 +609,51 @@ fn formerr_for(frame: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// A DNS connection's socket that notes the time of each write's progress in its
+/// [`LiveConn::last`].
+struct WriteProgress {
+    inner: TcpStream,
+    last: Arc<std::sync::atomic::AtomicU64>,
+    live: Arc<Live>,
+}
+
+impl tokio::io::AsyncRead for WriteProgress {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for WriteProgress {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.last
+                .store(self.live.now_ms(), std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// One TCP connection: length-prefixed queries (hickory's framing), answered in order, until
 /// the client closes, idles out, or the connection is evicted (`conn.stop`).
 async fn serve_tcp(
@@ -625,9 +670,18 @@ async fn serve_tcp(
         debug!(%peer, %error, "DNS over TCP: cannot set TCP_NODELAY");
     }
     let live = slots.2.live.clone();
-    let (frames, mut response_stream) =
+    // Writing an answer counts as activity, as a query does: a large one (the zone's TXT set)
+    // to a slow client took longer than the idle timeout to hand over, and the connection
+    // was cut part way, or picked as the idlest to make room.
+    let stream = WriteProgress {
+        inner: stream,
+        last: conn.last.clone(),
+        live: live.clone(),
+    };
+    let (mut frames, mut response_stream) =
         hickory_proto::tcp::TcpStream::from_stream(AsyncIoTokioAsStd(stream), peer);
-    let mut frames = TimeoutStream::new(frames, TCP_IDLE_TIMEOUT);
+    let idle = tokio::time::sleep(TCP_IDLE_TIMEOUT);
+    tokio::pin!(idle);
     // Polling `frames` also writes the responses queued on `response_stream`, so keep polling
     // until the client closes or idles out.
     loop {
@@ -635,6 +689,16 @@ async fn serve_tcp(
             _ = conn.stop.cancelled() => {
                 debug!(%peer, "DNS over TCP: closed for a newcomer (idle longest)");
                 return;
+            }
+            () = &mut idle => {
+                let quiet = live.now_ms().saturating_sub(conn.last.load(std::sync::atomic::Ordering::Relaxed));
+                let limit = TCP_IDLE_TIMEOUT.as_millis() as u64;
+                if quiet >= limit {
+                    debug!(%peer, "DNS over TCP: no query and nothing written for {} s, closing", TCP_IDLE_TIMEOUT.as_secs());
+                    return;
+                }
+                idle.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(limit - quiet));
+                continue;
             }
             f = frames.next() => match f {
                 Some(f) => f,

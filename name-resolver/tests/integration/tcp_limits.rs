@@ -159,3 +159,40 @@ async fn a_malformed_query_over_tcp_gets_formerr_and_the_connection_stays() {
     assert_eq!(Message::from_vec(&body).unwrap().id(), 7);
     server.stop().await;
 }
+
+/// A connection that sends no query (and is sent nothing) is closed after the idle timeout,
+/// and one that queries is not closed while it keeps asking.
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_the_timeout() {
+    use name_resolver::server::TCP_IDLE_TIMEOUT;
+    let server = Running::start(testzone::zone().1).await;
+    let started = std::time::Instant::now();
+    let mut idle = TcpStream::connect(server.addr).await.unwrap();
+    let mut busy = answered_from("127.0.0.1", server.addr, 1)
+        .await
+        .expect("served");
+    // The busy one asks every second, past the idle one's end.
+    let mut b = [0u8; 1];
+    let mut id = 2;
+    let closed = loop {
+        tokio::select! {
+            r = idle.read(&mut b) => break r,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {
+                busy.write_all(&framed_soa_query(id)).await.unwrap();
+                let mut len = [0u8; 2];
+                busy.read_exact(&mut len).await.expect("the busy connection stays");
+                let mut body = vec![0; u16::from_be_bytes(len) as usize];
+                busy.read_exact(&mut body).await.unwrap();
+                id += 1;
+            }
+        }
+        assert!(
+            started.elapsed() < TCP_IDLE_TIMEOUT * 2,
+            "the idle connection stayed open"
+        );
+    };
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    let after = started.elapsed();
+    assert!(after >= TCP_IDLE_TIMEOUT, "closed after {after:?}");
+    server.stop().await;
+}
