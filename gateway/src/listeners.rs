@@ -559,14 +559,11 @@ async fn tcp_conn(
             () = held.evicted() => "evicted to make room for another client".to_owned(),
         }
     };
-    let mut counted = tunnel::splice::Counted {
-        inner: &mut up,
-        counters: &counters,
-    };
+    let (mut client, mut tunnel) = tunnel::splice::counted(&mut tcp, &mut up, &counters);
     let m = if shape_in.is_unlimited() && shape_out.is_unlimited() {
-        splice_until(&mut tcp, &mut counted, stop).await
+        splice_until(&mut client, &mut tunnel, stop).await
     } else {
-        tunnel::splice::splice_shaped_until(tcp, &mut counted, &shape_in, &shape_out, stop).await
+        tunnel::splice::splice_shaped_until(client, &mut tunnel, &shape_in, &shape_out, stop).await
     };
     let (bin, bout) = (m.a_to_b, m.b_to_a);
     if held.is_evicted() && m.stopped.is_some() {

@@ -1150,10 +1150,7 @@ impl Hub {
         // Decided once as it opened; asked again whenever the policy or the minute changes.
         let policy = self.0.cfg.policy.clone();
         let stop = policy.until_mesh_refused(&link.device, &link.roles, &to_device, &service);
-        let mut b = crate::splice::Counted {
-            inner: &mut b,
-            counters: &counters,
-        };
+        let (mut a, mut b) = crate::splice::counted(&mut a, &mut b, &counters);
         let moved = splice_until(&mut a, &mut b, stop).await;
         let (up, dn) = (moved.a_to_b, moved.b_to_a);
         if relayed {

@@ -84,13 +84,55 @@ pub trait End: AsyncRead + AsyncWrite + Unpin {
     }
 }
 
-/// The tunnel's end of an app's connection, adding what moves through it to the app's
-/// counters as it moves: written into it is the app's `bytes_in`, read from it its
-/// `bytes_out`. Added when the connection ended, a two-day SSH session showed nothing in
-/// `/status` and `/metrics` until it closed (then all at once), and a restart lost it all.
+/// One end of an app's connection, adding what is written into it to the app's counters as
+/// it goes: into the tunnel's end, the app's `bytes_in` ([`Flow::In`]); into the client's, its
+/// `bytes_out`. Writes only: what was read and then dropped (a copy that failed, a direction
+/// draining) did not move. Added when the connection ended, a two-day SSH session showed
+/// nothing in `/status` and `/metrics` until it closed (then all at once), and a restart lost
+/// it all.
 pub struct Counted<'a, E: ?Sized> {
     pub inner: &'a mut E,
     pub counters: &'a policies::accounting::AppCounters,
+    pub writes: Flow,
+}
+
+/// An app's connection's two ends, counted ([`Counted`]): what is written to the client is
+/// its `bytes_out`, what is written into the tunnel its `bytes_in`.
+pub fn counted<'a, C: ?Sized, T: ?Sized>(
+    client: &'a mut C,
+    tunnel: &'a mut T,
+    counters: &'a policies::accounting::AppCounters,
+) -> (Counted<'a, C>, Counted<'a, T>) {
+    (
+        Counted {
+            inner: client,
+            counters,
+            writes: Flow::Out,
+        },
+        Counted {
+            inner: tunnel,
+            counters,
+            writes: Flow::In,
+        },
+    )
+}
+
+/// Which of an app's byte counts a [`Counted`] end's writes add to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Towards the service: `bytes_in`.
+    In,
+    /// Towards the client: `bytes_out`.
+    Out,
+}
+
+impl<E: ?Sized> Counted<'_, E> {
+    fn count(&self, n: usize) {
+        match self.writes {
+            Flow::In => self.counters.bytes_in(n as u64),
+            Flow::Out => self.counters.bytes_out(n as u64),
+        }
+    }
 }
 
 impl<E: End + ?Sized> End for Counted<'_, E> {
@@ -109,9 +151,7 @@ impl<E: End + ?Sized> End for Counted<'_, E> {
         room: &mut ReadRoom,
         out: &mut VecDeque<Bytes>,
     ) -> Poll<io::Result<usize>> {
-        let n = ready!(self.inner.poll_read_chunks(cx, room, out))?;
-        self.counters.bytes_out(n as u64);
-        Poll::Ready(Ok(n))
+        self.inner.poll_read_chunks(cx, room, out)
     }
     fn poll_write_chunks(
         &mut self,
@@ -119,7 +159,7 @@ impl<E: End + ?Sized> End for Counted<'_, E> {
         chunks: &mut VecDeque<Bytes>,
     ) -> Poll<io::Result<usize>> {
         let n = ready!(self.inner.poll_write_chunks(cx, chunks))?;
-        self.counters.bytes_in(n as u64);
+        self.count(n);
         Poll::Ready(Ok(n))
     }
 }
@@ -130,11 +170,7 @@ impl<E: AsyncRead + Unpin + ?Sized> AsyncRead for Counted<'_, E> {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        ready!(Pin::new(&mut *self.inner).poll_read(cx, buf))?;
-        self.counters
-            .bytes_out((buf.filled().len() - before) as u64);
-        Poll::Ready(Ok(()))
+        Pin::new(&mut *self.inner).poll_read(cx, buf)
     }
 }
 
@@ -145,7 +181,7 @@ impl<E: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counted<'_, E> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let n = ready!(Pin::new(&mut *self.inner).poll_write(cx, buf))?;
-        self.counters.bytes_in(n as u64);
+        self.count(n);
         Poll::Ready(Ok(n))
     }
     fn poll_write_vectored(
@@ -154,7 +190,7 @@ impl<E: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counted<'_, E> {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let n = ready!(Pin::new(&mut *self.inner).poll_write_vectored(cx, bufs))?;
-        self.counters.bytes_in(n as u64);
+        self.count(n);
         Poll::Ready(Ok(n))
     }
     fn is_write_vectored(&self) -> bool {
@@ -542,7 +578,7 @@ async fn pump<R, W>(
     shaper: &policies::bandwidth::Shaper,
     total: &mut u64,
     watched: Option<&Watched>,
-    stop: &Stopped,
+    (stop, over, other_over): (&Stopped, &Over, &Over),
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -553,7 +589,9 @@ where
     loop {
         let n = r.read(&mut buf).await?;
         if n == 0 {
-            return w.shutdown().await;
+            w.shutdown().await?;
+            over.cancel();
+            return Ok(());
         }
         // Waiting for the app's bandwidth is pacing, not a reader that stopped taking data: a
         // slow limit (16 KiB at 2 KiB/s is 8 s) made every shaped stream of a device held.
@@ -567,10 +605,19 @@ where
         match w.write_all(&buf[..n]).await {
             Ok(()) => *total += n as u64,
             // As `Pump::poll_drain`: what the reader still sends is read and dropped.
+            // Until the reader ends, or the other direction is over too: then nothing waits
+            // on what it reads (it may never end: a client that keeps sending).
             Err(e) if peer_stopped_reading(&e) => {
                 let _ = stop.set(e);
-                while matches!(r.read(&mut buf).await, Ok(n) if n > 0) {}
-                return Ok(());
+                over.cancel();
+                loop {
+                    tokio::select! {
+                        _ = other_over.cancelled() => return Ok(()),
+                        read = r.read(&mut buf) => if !matches!(read, Ok(n) if n > 0) {
+                            return Ok(());
+                        },
+                    }
+                }
             }
             Err(e) => return Err(e),
         }
@@ -580,6 +627,10 @@ where
 /// A direction of [`splice_shaped_until`] whose writer's peer stopped reading, with the
 /// error that said so.
 type Stopped = std::sync::OnceLock<io::Error>;
+
+/// Cancelled once a direction of [`splice_shaped_until`] is done or stopped: a stopped one
+/// draining its reader waits on the other's.
+type Over = tokio_util::sync::CancellationToken;
 
 fn is_stopped(s: &Stopped) -> bool {
     s.get().is_some()
@@ -620,22 +671,24 @@ where
     // Directions whose pump returned without error: finished cleanly, or stopped and drained.
     let (mut a_b_ended, mut b_a_ended) = (false, false);
     let (stop_a, stop_b) = (Stopped::default(), Stopped::default());
+    let (over_a, over_b) = (Over::new(), Over::new());
     let error = {
+        let (wa, wb) = (cuts[0].as_deref(), cuts[1].as_deref());
         let a_b = pump(
             &mut ar,
             &mut bw,
             a_to_b,
             &mut up,
-            cuts[0].as_deref(),
-            &stop_a,
+            wa,
+            (&stop_a, &over_a, &over_b),
         );
         let b_a = pump(
             &mut br,
             &mut aw,
             b_to_a,
             &mut down,
-            cuts[1].as_deref(),
-            &stop_b,
+            wb,
+            (&stop_b, &over_b, &over_a),
         );
         let cut = std::future::poll_fn(|cx| match poll_cuts(&cuts, cx) {
             Err(e) => Poll::Ready(e),
@@ -644,14 +697,9 @@ where
         tokio::pin!(a_b, b_a, cut, stop);
         // As in `splice`: both directions run until both are over, and the first error ends
         // the other direction too (it could otherwise wait on an idle peer indefinitely); a
-        // stopped one, draining its reader, is over once the other one is.
-        let over = |ended: bool, mine: &Stopped, other_ended: bool, other: &Stopped| {
-            ended || (is_stopped(mine) && (other_ended || is_stopped(other)))
-        };
+        // stopped one, draining its reader, ends once the other one is over (`Over`).
         loop {
-            if over(a_b_ended, &stop_a, b_a_ended, &stop_b)
-                && over(b_a_ended, &stop_b, a_b_ended, &stop_a)
-            {
+            if a_b_ended && b_a_ended {
                 break None;
             }
             let r = tokio::select! {
@@ -947,6 +995,38 @@ mod tests {
                 m.error.as_ref().is_some_and(peer_stopped_reading),
                 "shaped {shaped}: {m:?}"
             );
+        }
+    }
+
+    /// The answer ends first, then the upload's write is stopped, and the client never stops
+    /// sending: the splice ends as the answer did, instead of draining the client for ever.
+    #[tokio::test]
+    async fn a_stopped_direction_stops_draining_once_the_answer_is_over() {
+        for shaped in [false, true] {
+            let (client, server) = tcp_pair().await;
+            let (mut client_r, mut client_w) = client.into_split();
+            let sender = tokio::spawn(async move {
+                let chunk = vec![3u8; 64 * 1024];
+                while client_w.write_all(&chunk).await.is_ok() {}
+            });
+            let tunnel = StoppedAnswering { left: 26 };
+            let spliced = async move {
+                if shaped {
+                    let unlimited = policies::bandwidth::Shaper::default();
+                    splice_shaped(server, tunnel, &unlimited, &unlimited).await
+                } else {
+                    let (mut server, mut tunnel) = (server, tunnel);
+                    splice(&mut server, &mut tunnel).await
+                }
+            };
+            let m = tokio::time::timeout(std::time::Duration::from_secs(10), spliced)
+                .await
+                .unwrap_or_else(|_| panic!("shaped {shaped}: drained for ever"));
+            assert_eq!(m.b_to_a, 26, "shaped {shaped}");
+            let mut answer = Vec::new();
+            let _ = client_r.read_to_end(&mut answer).await;
+            assert_eq!(answer.len(), 26, "shaped {shaped}");
+            sender.abort();
         }
     }
 

@@ -794,10 +794,7 @@ async fn splice_upgrade(
             // Counted as the bytes move (a WebSocket may stay open for days), so not again
             // when the log line is written.
             let counters = log.counters.take().unwrap_or_default();
-            let mut u = tunnel::splice::Counted {
-                inner: &mut u,
-                counters: &counters,
-            };
+            let (mut c, mut u) = tunnel::splice::counted(&mut c, &mut u, &counters);
             let m = if shape_in.is_unlimited() && shape_out.is_unlimited() {
                 tunnel::splice::splice_until(&mut c, &mut u, stop).await
             } else {
