@@ -1246,6 +1246,12 @@ impl Agent {
             .await;
             return;
         };
+        // Stopping: the streams open finish, a new one is refused even when the gateway or
+        // peer did not hear (in time) that this device offers nothing more.
+        if self.draining.load(Ordering::Relaxed) {
+            stream::refuse(&mut send, RefuseCode::Draining, "device stopping").await;
+            return;
+        }
         let me = self.cfg.creds.name();
         let (carry, via_text, _guard) = match &via {
             Via::Direct { peer, pc } => {

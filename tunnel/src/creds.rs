@@ -291,12 +291,14 @@ impl DeviceCreds {
                 let Some(serial) = parsed.map(|z| z.config.serial) else {
                     return;
                 };
-                // One this process adopted, read before its newer save landed: not the owner's.
-                if self
-                    .adopted
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .contains(&serial)
+                // One this process adopted, read while a newer save of it is still on its way:
+                // not the owner's (once the saves are done, an older file is the owner's).
+                if !self.saves.is_empty()
+                    && self
+                        .adopted
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .contains(&serial)
                 {
                     return;
                 }

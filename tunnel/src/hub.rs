@@ -515,6 +515,16 @@ impl Hub {
         self.0.cfg.creds.name()
     }
 
+    /// Whether `device` offers `service` over TCP now: a stopping device says it offers
+    /// nothing, and a connection to it kept for reuse (the HTTP front's pool) must not carry
+    /// new requests. The gateway's own services always.
+    pub fn offers_tcp(&self, device: &str, service: &str) -> bool {
+        device == self.device_name()
+            || self
+                .agent(device)
+                .is_some_and(|l| l.offers(service, ServiceProto::Tcp).is_ok())
+    }
+
     pub fn agent(&self, device: &str) -> Option<Arc<AgentLink>> {
         self.0
             .agents

@@ -642,7 +642,13 @@ async fn send(
         tokio::time::sleep(timeout).await;
     };
     tokio::pin!(deadline);
-    let (mut up, mut reused) = match front.pool().take(key) {
+    // A kept connection only while the device still offers the service: one that is
+    // stopping lets its streams finish but takes no new requests (they would be cut).
+    let pooled = match front.hub().offers_tcp(&key.device, &key.service) {
+        true => front.pool().take(key),
+        false => None,
+    };
+    let (mut up, mut reused) = match pooled {
         Some(up) => (up, true),
         None => (connect(front, key, peer).await?, false),
     };
