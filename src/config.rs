@@ -507,50 +507,50 @@ pub fn forwards(list: &[ForwardEntry], me: &DeviceName) -> Result<Vec<Forward>, 
         .collect()
 }
 
+/// `[tunnel] name = v` as a duration of `v` units (`of`), `v` within `range`.
+fn bounded(
+    name: &str,
+    v: u64,
+    range: std::ops::RangeInclusive<u64>,
+    (unit, of): (&str, fn(u64) -> Duration),
+) -> Result<Duration, UsageError> {
+    if range.contains(&v) {
+        Ok(of(v))
+    } else {
+        Err(UsageError(format!(
+            "[tunnel] {name} = {v}: give a number of {unit} from {} to {}",
+            range.start(),
+            range.end()
+        )))
+    }
+}
+
 pub fn tuning(t: &TunnelSection) -> Result<Tuning, UsageError> {
     let mut out = Tuning::default();
+    let millis = ("milliseconds", Duration::from_millis as fn(u64) -> Duration);
+    let secs = ("seconds", Duration::from_secs as fn(u64) -> Duration);
     // Bounded: 1 ms keepalives are a thousand pings a second per connection, and an idle
     // timeout past what QUIC can carry was silently replaced by 30 s (below the keepalive:
     // tunnels dropped in a loop).
-    let millis = |name: &str, v: u64, range: std::ops::RangeInclusive<u64>| {
-        if range.contains(&v) {
-            Ok(Duration::from_millis(v))
-        } else {
-            Err(UsageError(format!(
-                "[tunnel] {name} = {v}: give a number of milliseconds from {} to {}",
-                range.start(),
-                range.end()
-            )))
-        }
-    };
     if let Some(k) = t.keepalive_ms {
-        out.keepalive = millis("keepalive_ms", k, 100..=3_600_000)?;
+        out.keepalive = bounded("keepalive_ms", k, 100..=3_600_000, millis)?;
     }
     if let Some(i) = t.idle_timeout_ms {
-        out.idle_timeout = millis("idle_timeout_ms", i, 1_000..=86_400_000)?;
+        out.idle_timeout = bounded("idle_timeout_ms", i, 1_000..=86_400_000, millis)?;
     }
-    if out.keepalive.is_zero() || out.keepalive >= out.idle_timeout {
+    if out.keepalive >= out.idle_timeout {
         return Err(UsageError(format!(
-            "[tunnel] keepalive_ms ({}) must be above 0 and below idle_timeout_ms ({})",
+            "[tunnel] keepalive_ms ({}) must be below idle_timeout_ms ({})",
             out.keepalive.as_millis(),
             out.idle_timeout.as_millis()
         )));
     }
     // Bounded so that the durations stay far from overflowing the timers they feed.
-    let secs = |name: &str, v: u64| {
-        if (1..=86_400).contains(&v) {
-            Ok(Duration::from_secs(v))
-        } else {
-            Err(UsageError(format!(
-                "[tunnel] {name} = {v}: give a number of seconds from 1 to 86400"
-            )))
-        }
-    };
     if let Some(v) = t.udp_flow_idle_secs {
-        out.udp_flow_idle = secs("udp_flow_idle_secs", v)?;
+        out.udp_flow_idle = bounded("udp_flow_idle_secs", v, 1..=86_400, secs)?;
     }
     if let Some(v) = t.reader_stall_secs {
-        out.reader_stall = secs("reader_stall_secs", v)?;
+        out.reader_stall = bounded("reader_stall_secs", v, 1..=86_400, secs)?;
     }
     match t.tcp_keepalive_secs {
         None => {}

@@ -13,7 +13,6 @@ pub mod addr_text;
 pub mod admin;
 pub mod http;
 pub mod listeners;
-pub use tunnel::log_budget;
 pub mod make_room;
 pub mod per_ip;
 pub mod run;

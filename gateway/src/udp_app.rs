@@ -26,8 +26,8 @@ use tunnel::OpenError;
 
 use crate::addr_text::Client;
 use crate::listeners::{app_at, still_allowed, Kind};
-use crate::log_budget::LogBudget;
 use crate::per_ip::{IpSlot, PerIp};
+use tunnel::log_budget::LogBudget;
 
 /// A flow the device never answered that carried at most [`PROBE_DATAGRAMS`] of the client's
 /// datagrams ends after this long without one (conntrack's timeout for unreplied UDP),

@@ -38,14 +38,7 @@ pub struct DeviceCreds {
     saving: Arc<std::sync::Mutex<()>>,
     /// Saves of adopted configs under way in the blocking pool ([`DeviceCreds::saved`]).
     saves: tokio_util::task::TaskTracker,
-    /// The last serials this process adopted (so wrote back, or will): the bundle watcher
-    /// may read one of them on disk before a newer save lands, and must not take it for an
-    /// older file the owner copied in.
-    adopted: std::sync::Mutex<Vec<u64>>,
 }
-
-/// Adopted serials kept in [`DeviceCreds::adopted`].
-const ADOPTED_KEPT: usize = 16;
 
 fn bad(path: &Path, what: &str, e: impl std::fmt::Display) -> TunnelError {
     TunnelError::Config(format!("{}: {what}: {e}", path.display()))
@@ -142,7 +135,6 @@ impl DeviceCreds {
             zone_path: Some(p.zone_config.clone()),
             saving: Arc::default(),
             saves: tokio_util::task::TaskTracker::new(),
-            adopted: std::sync::Mutex::default(),
         }))
     }
 
@@ -237,13 +229,6 @@ impl DeviceCreds {
         let json = offered.to_json_pretty();
         *cur = Arc::new(offered);
         drop(cur);
-        {
-            let mut adopted = self.adopted.lock().unwrap_or_else(|p| p.into_inner());
-            if adopted.len() == ADOPTED_KEPT {
-                adopted.remove(0);
-            }
-            adopted.push(serial);
-        }
         if let Some(p) = &self.zone_path {
             let (path, saving) = (p.clone(), self.saving.clone());
             let save = move || save_if_newer(&path, &saving, serial, json.as_bytes());
@@ -274,10 +259,11 @@ impl DeviceCreds {
 
     /// A zone.json copied into the bundle (`file`) that [`Self::offer_zone`] did not adopt:
     /// `error` says why it was refused, `None` when it was not newer than `current` (the
-    /// serial then in use). One older than that, or one that is signed but refused (it drops a
-    /// revocation, or has expired), is set aside ([`Self::set_aside_refused`]): a restart
-    /// would load it, checked for its signature only, and forget the revocations since. One
-    /// that does not verify may be a copy still in progress: it is read again as it changes.
+    /// serial then in use). One older than that, or one that parses but is refused (it drops
+    /// a revocation, has expired, is another zone's), is set aside
+    /// ([`Self::set_aside_refused`]): a restart would load it, checked for its signature only,
+    /// and forget the revocations since, or refuse it. One that does not parse may be a copy
+    /// still in progress: it is read again as it changes.
     pub fn not_adopted_from_bundle(
         &self,
         bytes: &[u8],
@@ -291,15 +277,9 @@ impl DeviceCreds {
                 let Some(serial) = parsed.map(|z| z.config.serial) else {
                     return;
                 };
-                // One this process adopted, read while a newer save of it is still on its way:
-                // not the owner's (once the saves are done, an older file is the owner's).
-                if !self.saves.is_empty()
-                    && self
-                        .adopted
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .contains(&serial)
-                {
+                // A save of a newer config is on its way: it replaces this file (one of our
+                // own earlier saves, read before the next one landed, most likely).
+                if !self.saves.is_empty() {
                     return;
                 }
                 if serial < current {
