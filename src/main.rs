@@ -1,5 +1,6 @@
 //! `zonegate`: the command line. Parses arguments and hands over to [`zonegate::cmd`].
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -13,7 +14,12 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", zonegate::cmd::error_text(&e));
+            // Not `eprintln!`: with stderr closed it panics, and the exit code below is lost.
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: {}",
+                zonegate::cmd::error_text(&e)
+            );
             ExitCode::from(zonegate::cmd::exit_code(&e))
         }
     }

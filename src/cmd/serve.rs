@@ -66,8 +66,14 @@ async fn on_signal(token: CancellationToken) {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    // Straight to stderr: the log writer's thread would not get to it before the exit.
-    eprintln!("second signal: exiting without finishing the drain");
+    // Straight to stderr: the log writer's thread would not get to it before the exit. Not
+    // `eprintln!`, which panics when stderr is closed (a service manager that dropped it) and
+    // would then leave the process running instead of exiting.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "second signal: exiting without finishing the drain"
+    );
     std::process::exit(130);
 }
 
