@@ -1138,3 +1138,18 @@ fn serving_raises_the_open_files_limit() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// A closed stderr (a service manager or a shell pipeline that went away) does not turn a
+/// refused start into a panic: the exit code still says why.
+#[test]
+fn a_closed_stderr_keeps_the_exit_code() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    // Writes to the pipe now fail with EPIPE (SIGPIPE is ignored in Rust programs).
+    drop(reader);
+    let out = Command::new(bin())
+        .args(["gateway", "--config", "/nonexistent/gateway.toml"])
+        .stderr(writer)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
