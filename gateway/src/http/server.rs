@@ -202,9 +202,8 @@ where
             Next::Bad(e) => {
                 info!(status = e.status().as_u16(), error = %e, "http request refused unread");
                 // What the client sent after its bad head is not read: linger.
-                linger = write_all(&wire, &server_h1::refusal(&e, &http_date()))
-                    .await
-                    .is_ok();
+                let refusal = server_h1::refusal(&e, &http_date());
+                linger = write_all(&wire, &refusal, cfg.send_timeout).await.is_ok();
                 refused(e.status());
                 break;
             }
@@ -639,16 +638,21 @@ async fn write_response(
     .await
 }
 
-async fn write_all(wire: &Shared, bytes: &[u8]) -> Result<(), WriteError> {
+/// Writes `bytes` within `limit`, like every other write to a client: a client that filled
+/// its receive window and the socket's send buffer with an unread answer, then sent a bad head,
+/// held its connection (and slot) for ever waiting for the refusal to go out.
+async fn write_all(wire: &Shared, bytes: &[u8], limit: Duration) -> Result<(), WriteError> {
     let mut at = 0;
-    poll_fn(|cx| {
+    let write = poll_fn(|cx| {
         let mut w = lock(wire);
         let Some(io) = w.io.as_mut() else {
             return Poll::Ready(Err(WriteError::Gone));
         };
         poll_write_all(&mut **io, cx, bytes, &mut at).map_err(WriteError::Io)
-    })
-    .await
+    });
+    tokio::time::timeout(limit, write)
+        .await
+        .unwrap_or(Err(WriteError::Stalled(limit)))
 }
 
 /// Closes the connection: our side first (FIN, or TLS `close_notify`), then, with `linger`,
@@ -969,6 +973,34 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(11)).await;
         assert_eq!(c.read(&mut got).await.unwrap(), 0);
         h.await.unwrap();
+    }
+
+    /// A client whose unread answer filled the pipe, then a bad head: the refusal cannot be
+    /// written, and is given the send timeout like any other write (it waited for ever,
+    /// holding the connection's task and slot).
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_the_client_does_not_read_is_given_the_send_timeout() {
+        let (mut c, server) = tokio::io::duplex(4096);
+        // An answer of 4,000 bytes in all: it fits the pipe, the refusal after it does not.
+        let fill = |_, _| async { Response::new(body::full(vec![b'x'; 3900])) };
+        let h = tokio::spawn(serve(
+            Box::new(server),
+            CFG,
+            CancellationToken::new(),
+            fill,
+            |_| {},
+        ));
+        c.write_all(b"GET /fill HTTP/1.1\r\n\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        c.write_all(b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+            .await
+            .unwrap();
+        let t = Instant::now();
+        tokio::time::timeout(CFG.send_timeout * 2, h)
+            .await
+            .expect("the connection is still held")
+            .unwrap();
+        assert!(t.elapsed() >= CFG.send_timeout, "{:?}", t.elapsed());
     }
 
     /// A connection (4 KiB of pipe) that asked a service answering 1 MiB for it, and the
