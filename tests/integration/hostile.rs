@@ -1819,3 +1819,114 @@ async fn a_peer_that_grants_no_credit_gets_its_refusal_reset_in_time() {
     assert_echoes(gw.apps["echo"], b"after").await;
     gw.shutdown.cancel();
 }
+
+/// A device that stops reading its control stream once connected (a zero-credit stream, so
+/// the hub's writes wait) is disconnected after the idle timeout: the hub's session loop waited
+/// in its write for ever, applying no command (UDP opens refused as overloaded, drains and
+/// config pushes lost) while `/status` showed the device up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_stops_reading_its_control_stream_is_disconnected() {
+    let z = TestZone::new(&["home1", "home2"]);
+    let tuning = fast_tuning();
+    let gw = start_gateway(&z, tuning, Duration::from_millis(500)).await;
+    let creds = z.creds("home2");
+    let ep = tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), &creds, &tuning)
+        .unwrap();
+    let mut cc = tunnel::transport::client_config(&creds, &tuning).unwrap();
+    let mut tc = quinn::TransportConfig::default();
+    // Room for the Welcome, not for what follows.
+    tc.stream_receive_window(512u32.into());
+    tc.keep_alive_interval(Some(Duration::from_millis(300)));
+    cc.transport_config(Arc::new(tc));
+    let conn = ep
+        .connect_with(cc, z.gw_addr, "gw.alice.example")
+        .unwrap()
+        .await
+        .unwrap();
+    let mut io = send_hello(&conn, &creds, "home2").await;
+    let ev = tokio::time::timeout(WAIT, io.next_event()).await.unwrap();
+    assert!(matches!(ev, Ok(Some(Event::Welcome(_)))), "{ev:?}");
+    wait_until("home2 registered", WAIT, || gw.hub.agent("home2").is_some()).await;
+    // Permits no policy allows: the hub answers with a revocation each (about 30 bytes), far
+    // more than the 512 bytes of credit, and the device reads none of them.
+    let permits = (0..200)
+        .map(|i| ("home1".to_owned(), format!("svc{i}")))
+        .collect();
+    io.session.send_permits_held(permits).unwrap();
+    io.flush().await.unwrap();
+    let closed = tokio::time::timeout(tuning.idle_timeout + WAIT, conn.closed()).await;
+    assert!(
+        closed.is_ok(),
+        "the gateway still holds the stalled session"
+    );
+    assert!(gw.hub.agent("home2").is_none());
+    gw.shutdown.cancel();
+}
+
+/// An agent of another control protocol version is told so (an `Error` naming both versions)
+/// and closed with the protocol code, instead of a bare close it could not explain to its
+/// owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_of_another_protocol_version_hears_why() {
+    let z = TestZone::new(&["home1"]);
+    let tuning = fast_tuning();
+    let gw = start_gateway(&z, tuning, Duration::from_millis(500)).await;
+    let creds = z.creds("home1");
+    let ep = tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), &creds, &tuning)
+        .unwrap();
+    let conn = ep
+        .connect(z.gw_addr, "gw.alice.example")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    tunnel::stream::write_header(&mut send, &StreamHeader::Control)
+        .await
+        .unwrap();
+    let hello = Hello {
+        proto_version: tunnel::proto::CONTROL_VERSION + 1,
+        device: "home1".into(),
+        services: vec![],
+        zone_serial: creds.zone_serial(),
+        zone_config: None,
+        agent_version: "from the future".into(),
+    };
+    let mut io = ControlIo::new(send, recv, ControlSession::agent(hello));
+    io.flush().await.unwrap();
+    let ev = tokio::time::timeout(WAIT, io.next_event()).await.unwrap();
+    match ev {
+        Ok(Some(Event::PeerError { code, message })) => {
+            assert_eq!(code, tunnel::proto::ErrorCode::VersionMismatch);
+            assert!(message.contains("version"), "{message}");
+        }
+        other => panic!("no Error from the gateway: {other:?}"),
+    }
+    let why = tokio::time::timeout(WAIT, conn.closed()).await.unwrap();
+    match why {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, tunnel::hub::CLOSE_PROTOCOL.into())
+        }
+        other => panic!("closed otherwise: {other}"),
+    }
+    assert!(gw.hub.agent("home1").is_none());
+    gw.shutdown.cancel();
+}
+
+/// A gateway's permit revocations for names that are no device of the zone leave the agent's
+/// peer table alone (each made an entry, with a record per service, without bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_for_names_outside_the_zone_leave_the_peer_table_alone() {
+    let z = TestZone::new(&["home1", "home2"]);
+    let creds = z.creds("home1");
+    let ep =
+        tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), &creds, &fast_tuning())
+            .unwrap();
+    let peers = tunnel::peers::Peers::new(creds, ep);
+    for i in 0..1000 {
+        assert!(!peers.revoke_permit(&format!("made-up-{i}"), "ssh"));
+    }
+    assert!(peers.status(None).is_empty());
+    // A device of the zone is recorded (a grant racing the revocation is refused by it).
+    peers.revoke_permit("home2", "ssh");
+    assert_eq!(peers.status(None).len(), 1);
+}

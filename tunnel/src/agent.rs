@@ -52,6 +52,9 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 const FLOW_READ: usize = MAX_UDP_PAYLOAD as usize + 1;
 /// How often the bundle's zone.json is checked for a newer copy (as the gateway does).
 const ZONE_POLL: Duration = Duration::from_millis(500);
+/// The longest drain a gateway may ask of this agent: the longest `grace_secs` a gateway
+/// takes (an hour).
+const MAX_GATEWAY_DRAIN: Duration = Duration::from_secs(3600);
 /// App name an agent puts in a Relay header: the gateway decides the real app by policy.
 const RELAY_APP: &str = "mesh";
 /// Peer handshakes in flight at once, and the count above which unvalidated peers get a
@@ -110,13 +113,20 @@ struct LinkState {
 
 impl LinkState {
     /// The current session is over (ended, or dropped with its retired link): no connection,
-    /// control session or flows, down from now. When it came up (if it did) and its flows.
+    /// control session or flows. When it came up (if it did) and its flows. The link is down
+    /// from now if the session had come up (or it never was); a dial that failed does not
+    /// move the time it went down: direct paths outlive their permits during an outage by
+    /// when the gateways were lost ([`Agent::gateways_lost_at`]), and a retry every 30 s made
+    /// that "just now" for ever, so they stopped taking new streams 15 minutes in.
     fn session_over(&mut self) -> (Option<Instant>, Option<Flows>) {
         self.conn = None;
         self.ctl = None;
         self.draining = false;
-        self.down_since = Some(Instant::now());
-        (self.up_since.take(), self.flows.take())
+        let up_since = self.up_since.take();
+        if up_since.is_some() || self.down_since.is_none() {
+            self.down_since = Some(Instant::now());
+        }
+        (up_since, self.flows.take())
     }
 }
 
@@ -429,8 +439,7 @@ impl Agent {
         }
         for link in self.links().iter().filter(|l| l.name != from) {
             if let Some(ctl) = link.ctl() {
-                let json = json.clone();
-                ctl.try_apply(move |s| s.send_config_update(serial, json));
+                ctl.send_config(serial, json.clone());
             }
         }
     }
@@ -632,7 +641,7 @@ impl Agent {
         }
         for link in self.links() {
             if let Some(ctl) = link.ctl() {
-                ctl.try_apply(|s| s.send_services_update(Vec::new()));
+                ctl.send_services(Vec::new());
             }
         }
         info!(
@@ -890,7 +899,11 @@ impl Agent {
                     Ok(Some(Event::Drain { grace_ms, reason })) => {
                         info!(gateway = %link.name, grace_ms, reason = %reason, "gateway draining: no new work through it");
                         link.set(|s| s.draining = true);
-                        drain_deadline = Some(tokio::time::Instant::now() + Duration::from_millis(grace_ms as u64));
+                        // At most the longest grace a gateway can be given, and not moved by a
+                        // repeated Drain: a buggy gateway asking for u32::MAX ms, or asking
+                        // again and again, held the link unusable for weeks.
+                        let grace = Duration::from_millis(grace_ms as u64).min(MAX_GATEWAY_DRAIN);
+                        drain_deadline.get_or_insert(tokio::time::Instant::now() + grace);
                     }
                     Ok(Some(ev)) => if let Some(end) = self.on_event(link, conn, &ctl, &flows, ev) {
                         return end;
@@ -1601,9 +1614,14 @@ impl Agent {
                 // The relayed stream works, so the gateway allows us there: try to go direct
                 // for the next ones.
                 if self.peers.should_request_punch(&f.device) {
-                    if let Some(ctl) = link.ctl() {
-                        let d = f.device.clone();
-                        ctl.try_apply(move |s| s.request_punch(d));
+                    let d = f.device.clone();
+                    let sent = link
+                        .ctl()
+                        .is_some_and(|ctl| ctl.try_apply(move |s| s.request_punch(d)));
+                    // Dropped (a full command queue, the session gone): the next relayed
+                    // stream asks again, not 30 s later.
+                    if !sent {
+                        self.peers.punch_request_lost(&f.device);
                     }
                 }
                 let m = splice(&mut tcp, &mut s).await;
@@ -1727,6 +1745,28 @@ mod tests {
 
     fn a(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn failed_dials_do_not_move_when_a_link_went_down() {
+        let mut s = LinkState {
+            up_since: Some(Instant::now()),
+            ..LinkState::default()
+        };
+        let (up, _) = s.session_over();
+        assert!(up.is_some());
+        let down = s.down_since.expect("down once the session ended");
+        std::thread::sleep(Duration::from_millis(5));
+        // Redials that never came up.
+        for _ in 0..3 {
+            assert!(s.session_over().0.is_none());
+        }
+        assert_eq!(s.down_since, Some(down));
+        // A session that came up and ended again: down from its end.
+        s.up_since = Some(Instant::now());
+        s.down_since = None;
+        s.session_over();
+        assert!(s.down_since.is_some_and(|t| t > down));
     }
 
     #[test]

@@ -1,39 +1,100 @@
 //! I/O around the sans-IO control session: feeds received bytes to the frame decoder and the
 //! [`ControlSession`], writes what the session queues, and applies commands from other tasks.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use quinn::{RecvStream, SendStream};
 use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
 
 use crate::error::TunnelError;
-use crate::proto::{self, ControlSession, Event, FrameDecoder, SessionError};
+use crate::proto::{self, ControlSession, Event, FrameDecoder, ServiceInfo, SessionError};
 
 /// Largest chunk read from the control stream at once (the decoder accepts up to 64 KiB pushes).
 const CONTROL_READ: usize = proto::limits::MAX_PUSH_CHUNK;
+/// What a write that timed out under [`ControlIo::end_stalled_after`] says.
+pub const CONTROL_NOT_READ: &str = "the peer has not read its control stream";
 /// Commands queued for a control session: small, since each is applied at once.
 pub const CONTROL_QUEUE: usize = 256;
 
 /// A change to make on a session from another task (open a UDP flow, drain, push a config).
 pub type SessionCmd = Box<dyn FnOnce(&mut ControlSession) -> Result<(), SessionError> + Send>;
 
-/// UDP flow closes waiting for the session loop, kept apart from the bounded command queue: a
-/// close lost to a full queue would leave the flow's socket open on the other side and its id
-/// counted against [`proto::limits::MAX_UDP_FLOWS`] for the rest of the session. Each flow is
-/// closed once, so this holds at most one id per flow the session had open.
+/// Messages for the session that must not be lost to a full command queue, kept apart from
+/// it: a UDP flow close (else the flow's socket stays open on the other side and its id counts
+/// against [`proto::limits::MAX_UDP_FLOWS`] for the rest of the session), a newer zone config
+/// (else a device kept an older one, with its revocations, until its next connection), a
+/// permit revocation (else a direct path the policy no longer allows ran on), a drain or a
+/// services update at a stop. Each kind is bounded without a queue: flows are closed once,
+/// only the newest config and the latest services are kept, a revocation is held once per
+/// (peer, service).
 #[derive(Debug, Default)]
-struct Closes {
-    ids: Mutex<Vec<u32>>,
+struct Pending {
+    closes: Vec<u32>,
+    config: Option<(u64, Vec<u8>)>,
+    revokes: HashSet<(String, String)>,
+    services: Option<Vec<ServiceInfo>>,
+    drain: Option<(u32, String)>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.closes.is_empty()
+            && self.config.is_none()
+            && self.revokes.is_empty()
+            && self.services.is_none()
+            && self.drain.is_none()
+    }
+
+    /// Applies everything to `s`: each message even if another fails, so one bad one loses
+    /// no other; the drain last, as it changes the session's state.
+    fn apply(self, s: &mut ControlSession) -> Result<(), SessionError> {
+        let mut r: Result<(), SessionError> = Ok(());
+        for id in self.closes {
+            r = r.and(s.close_udp_flow(id));
+        }
+        if let Some(services) = self.services {
+            r = r.and(s.send_services_update(services));
+        }
+        if let Some((serial, json)) = self.config {
+            r = r.and(s.send_config_update(serial, json));
+        }
+        for (peer, service) in self.revokes {
+            r = r.and(s.send_permit_revoke(peer, service));
+        }
+        if let Some((grace_ms, reason)) = self.drain {
+            r = r.and(s.drain(grace_ms, &reason));
+        }
+        r
+    }
+}
+
+#[derive(Debug, Default)]
+struct Side {
+    pending: Mutex<Pending>,
     wake: Notify,
-    /// The session loop is gone: later closes have nowhere to go and are dropped.
+    /// The session loop is gone: later messages have nowhere to go and are dropped.
     gone: AtomicBool,
 }
 
-impl Closes {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
-        self.ids.lock().unwrap_or_else(|p| p.into_inner())
+impl Side {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes what is pending with `f` and wakes the session loop, unless it is gone.
+    fn add(&self, f: impl FnOnce(&mut Pending)) {
+        let mut p = self.lock();
+        if self.gone.load(Ordering::Relaxed) {
+            return;
+        }
+        f(&mut p);
+        drop(p);
+        self.wake.notify_one();
     }
 }
 
@@ -41,7 +102,7 @@ impl Closes {
 #[derive(Clone, Debug)]
 pub struct ControlHandle {
     cmds: mpsc::Sender<SessionCmd>,
-    closes: Arc<Closes>,
+    side: Arc<Side>,
 }
 
 impl ControlHandle {
@@ -61,15 +122,34 @@ impl ControlHandle {
         self.cmds.try_send(Box::new(f)).is_ok()
     }
     /// Closes UDP flow `flow_id` on the session. Never waits and is never lost to a full
-    /// command queue (closes have their own list); does nothing once the session is gone.
+    /// command queue ([`Pending`]); does nothing once the session is gone.
     pub fn close_udp_flow(&self, flow_id: u32) {
-        let mut ids = self.closes.lock();
-        if self.closes.gone.load(Ordering::Relaxed) {
-            return;
-        }
-        ids.push(flow_id);
-        drop(ids);
-        self.closes.wake.notify_one();
+        self.side.add(|p| p.closes.push(flow_id));
+    }
+    /// Sends zone config `json` (serial `serial`) unless a newer one is pending already.
+    /// Never waits and is never lost to a full command queue.
+    pub fn send_config(&self, serial: u64, json: Vec<u8>) {
+        self.side.add(|p| {
+            if p.config.as_ref().is_none_or(|(s, _)| *s < serial) {
+                p.config = Some((serial, json));
+            }
+        });
+    }
+    /// Gateway: tells the device to drop its permit for `peer` to use `service` directly.
+    /// Never waits, never lost, and sent once however often it is asked before it goes out.
+    pub fn revoke_permit(&self, peer: String, service: String) {
+        self.side.add(|p| {
+            p.revokes.insert((peer, service));
+        });
+    }
+    /// Agent: tells the gateway the device offers `services` now (the latest call wins).
+    pub fn send_services(&self, services: Vec<ServiceInfo>) {
+        self.side.add(|p| p.services = Some(services));
+    }
+    /// Gateway: tells the device to drain within `grace_ms`.
+    pub fn drain(&self, grace_ms: u32, reason: &str) {
+        let reason = reason.to_owned();
+        self.side.add(|p| p.drain = Some((grace_ms, reason)));
     }
 }
 
@@ -77,26 +157,21 @@ impl ControlHandle {
 #[derive(Debug)]
 pub struct ControlCmds {
     cmds: mpsc::Receiver<SessionCmd>,
-    closes: Arc<Closes>,
+    side: Arc<Side>,
 }
 
 impl ControlCmds {
-    /// The next command to apply, pending flow closes first; `None` once every
+    /// The next command to apply, [`Pending`] messages first; `None` once every
     /// [`ControlHandle`] is gone. Cancel-safe: nothing is taken before it is returned.
     pub async fn recv(&mut self) -> Option<SessionCmd> {
         loop {
-            let ids = std::mem::take(&mut *self.closes.lock());
-            if !ids.is_empty() {
-                return Some(Box::new(move |s: &mut ControlSession| {
-                    // Every id is closed even if one fails, so one bad id loses no other.
-                    ids.into_iter()
-                        .map(|id| s.close_udp_flow(id))
-                        .fold(Ok(()), Result::and)
-                }));
+            let pending = std::mem::take(&mut *self.side.lock());
+            if !pending.is_empty() {
+                return Some(Box::new(move |s: &mut ControlSession| pending.apply(s)));
             }
             tokio::select! {
                 biased;
-                _ = self.closes.wake.notified() => {}
+                _ = self.side.wake.notified() => {}
                 c = self.cmds.recv() => return c,
             }
         }
@@ -105,21 +180,21 @@ impl ControlCmds {
 
 impl Drop for ControlCmds {
     fn drop(&mut self) {
-        let mut ids = self.closes.lock();
-        self.closes.gone.store(true, Ordering::Relaxed);
-        ids.clear();
+        let mut p = self.side.lock();
+        self.side.gone.store(true, Ordering::Relaxed);
+        *p = Pending::default();
     }
 }
 
 pub fn channel() -> (ControlHandle, ControlCmds) {
     let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
-    let closes = Arc::new(Closes::default());
+    let side = Arc::new(Side::default());
     (
         ControlHandle {
             cmds: tx,
-            closes: closes.clone(),
+            side: side.clone(),
         },
-        ControlCmds { cmds: rx, closes },
+        ControlCmds { cmds: rx, side },
     )
 }
 
@@ -134,6 +209,11 @@ pub struct ControlIo {
     /// a flush cancelled halfway (inside `next_event`, raced in a `select!`) resumes where it
     /// stopped instead of losing the rest of a frame and breaking the stream's framing.
     out: BytesMut,
+    /// Since when `out` has waited without a byte of it written (the peer stopped reading its
+    /// control stream); None while nothing waits.
+    stalled_since: Option<Instant>,
+    /// How long a write may wait for the peer to read ([`ControlIo::end_stalled_after`]).
+    stall_limit: Option<Duration>,
 }
 
 impl ControlIo {
@@ -144,6 +224,8 @@ impl ControlIo {
             decoder: FrameDecoder::new(),
             session,
             out: BytesMut::new(),
+            stalled_since: None,
+            stall_limit: None,
         }
     }
 
@@ -166,11 +248,43 @@ impl ControlIo {
             proto::encode_control(&msg, &mut self.out)?;
         }
         while !self.out.is_empty() {
-            // `write` writes nothing unless it completes, so each step is cancel-safe.
-            let n = self.send.write(&self.out).await?;
+            let since = *self.stalled_since.get_or_insert_with(Instant::now);
+            // `write` writes nothing unless it completes, so each step is cancel-safe (and
+            // so is its timeout).
+            let write = self.send.write(&self.out);
+            let n = match self.stall_limit {
+                Some(limit) => tokio::time::timeout_at(since + limit, write)
+                    .await
+                    .map_err(|_| TunnelError::Timeout(CONTROL_NOT_READ))??,
+                None => write.await?,
+            };
             self.out.advance(n);
+            if n > 0 {
+                self.stalled_since = None;
+            }
         }
         Ok(())
+    }
+
+    /// Fails writes (and so [`ControlIo::next_event`], which writes before it reads) with
+    /// `Timeout(`[`CONTROL_NOT_READ`]`)` once queued messages have waited `limit` without a
+    /// byte going out: a peer that stopped reading its control stream otherwise held the
+    /// session loop in a write for ever while commands queued more for it.
+    pub fn end_stalled_after(&mut self, limit: Duration) {
+        self.stall_limit = Some(limit);
+    }
+
+    /// Writes what is queued (the `Error` a session ended on), finishes the stream and waits
+    /// for the peer to acknowledge it, for at most `limit`: a connection closed right after a
+    /// write discards what is not yet delivered.
+    pub async fn finish_within(&mut self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            self.flush().await?;
+            let _ = self.send.finish();
+            let _ = self.send.stopped().await;
+            Ok::<_, TunnelError>(())
+        })
+        .await;
     }
 
     /// The next session event; `None` when the peer finished the stream.
@@ -272,11 +386,48 @@ mod tests {
         assert!(waiting.await.unwrap());
     }
 
+    /// A newer zone config, a permit revocation and a drain get through a full command queue
+    /// (they were dropped, or each waited in a task of its own): the newest config only, a
+    /// revocation asked for three times once, the drain after them.
+    #[tokio::test]
+    async fn pending_messages_get_through_a_full_queue_once_each() {
+        let mut session = gateway_with_flows();
+        let (handle, mut cmds) = channel();
+        while handle.try_apply(|_| Ok(())) {}
+        handle.send_config(5, b"five".to_vec());
+        handle.send_config(7, b"seven".to_vec());
+        handle.send_config(6, b"six".to_vec());
+        for _ in 0..3 {
+            handle.revoke_permit("home2".into(), "ssh".into());
+        }
+        handle.drain(1000, "bye");
+        cmds.recv().await.unwrap()(&mut session).unwrap();
+        let sent: Vec<_> = std::iter::from_fn(|| session.poll_transmit()).collect();
+        assert_eq!(
+            sent,
+            vec![
+                ControlMsg::ConfigUpdate {
+                    zone_serial: 7,
+                    zone_config: b"seven".to_vec()
+                },
+                ControlMsg::PermitRevoke {
+                    device: "home2".into(),
+                    service: "ssh".into()
+                },
+                ControlMsg::Drain {
+                    grace_ms: 1000,
+                    reason: "bye".into()
+                },
+            ]
+        );
+        assert!(session.is_draining());
+    }
+
     #[test]
     fn closes_after_the_session_loop_ended_are_dropped() {
         let (handle, cmds) = channel();
         drop(cmds);
         handle.close_udp_flow(3);
-        assert!(handle.closes.lock().is_empty());
+        assert!(handle.side.lock().is_empty());
     }
 }

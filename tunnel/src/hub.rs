@@ -17,10 +17,11 @@ use tracing::{debug, info, warn};
 use zone_core::{DeviceIdentity, SignedZone};
 
 use crate::admit::{GateStats, HandshakeGate, HandshakePermit};
-use crate::control::{self, ControlHandle, ControlIo};
+use crate::control::{self, ControlHandle, ControlIo, CONTROL_NOT_READ};
 use crate::creds::DeviceCreds;
 use crate::error::{OpenError, TunnelError};
 use crate::holds::{HoldClock, Holds};
+use crate::log_budget::LogBudget;
 use crate::proto::ServiceProto;
 use crate::proto::{
     self, ControlSession, ErrorCode, Event, Origin, RefuseCode, ServiceInfo, StreamHeader, Welcome,
@@ -128,7 +129,16 @@ pub struct AgentLink {
     pub bytes_from: Arc<AtomicU64>,
     /// The device's streams this gateway reads, watched for readers that stopped reading.
     holds: Holds,
+    /// Lines the device can cause one per message or stream (services changed, bad stream
+    /// headers, refused mesh streams): [`LINK_LINES_PER_SEC`] a second.
+    lines: Mutex<LogBudget>,
 }
+
+/// Log lines a second one device's messages and streams may cause ([`AgentLink::lines`]).
+const LINK_LINES_PER_SEC: u32 = 20;
+/// Log lines a second of refused agent connections (anyone can cause them) and of revoked
+/// permits (a device repeating its reports can).
+const HUB_LINES_PER_SEC: u32 = 20;
 
 impl AgentLink {
     /// Streams of this device cut because their readers stopped reading ([`crate::holds`]).
@@ -187,6 +197,8 @@ struct Inner {
     tap: RwLock<Option<Arc<RelayTap>>>,
     /// Ticks for every link's [`Holds`], advanced by [`Hub::sweep_holds`].
     hold_clock: Arc<HoldClock>,
+    refused_lines: Mutex<LogBudget>,
+    permit_lines: Mutex<LogBudget>,
 }
 
 #[derive(Debug, Default)]
@@ -380,6 +392,8 @@ impl Hub {
             mesh: Mutex::new(HashMap::new()),
             tap: RwLock::new(None),
             hold_clock: Arc::default(),
+            refused_lines: Mutex::new(LogBudget::new(HUB_LINES_PER_SEC)),
+            permit_lines: Mutex::new(LogBudget::new(HUB_LINES_PER_SEC)),
         }))
     }
 
@@ -564,7 +578,11 @@ impl Hub {
             tokio::spawn(async move {
                 let remote = canonical(incoming.remote_address());
                 if let Err(e) = hub.handle_incoming(incoming, permit).await {
-                    warn!(%remote, error = %e, "agent connection refused");
+                    // Anyone can fail a handshake (no certificate, another zone's), as fast
+                    // as the handshake gate lets them.
+                    if let Some(unlogged) = LogBudget::take_shared(&hub.0.refused_lines) {
+                        warn!(%remote, error = %e, unlogged, "agent connection refused");
+                    }
                 }
             });
         }
@@ -634,13 +652,14 @@ impl Hub {
                 if allowed {
                     continue;
                 }
-                // Queued without dropping it (the command queue may be full of UDP opens): a
-                // session gone meanwhile is told again by the device's next report.
-                let (peer, svc, ctl) = (from.clone(), service.clone(), target.ctl.clone());
-                tokio::spawn(async move {
-                    ctl.apply(move |s| s.send_permit_revoke(peer, svc)).await;
-                });
-                info!(device = %to, peer = %from, service = %service, "direct-path permit revoked: the policy no longer allows it");
+                // Never lost to a full command queue (UDP opens), and sent once however
+                // often a device reports the permit before it goes out; a session gone
+                // meanwhile is told again by the device's next report.
+                target.ctl.revoke_permit(from.clone(), service.clone());
+                // A device repeating its reports makes one of these per permit each time.
+                if let Some(unlogged) = LogBudget::take_shared(&self.0.permit_lines) {
+                    info!(device = %to, peer = %from, service = %service, unlogged, "direct-path permit revoked: the policy no longer allows it");
+                }
                 self.mesh_pair(&from, &to, |p| p.revoked.push(service));
             }
         }
@@ -670,8 +689,7 @@ impl Hub {
         );
         let grace_ms = grace.as_millis().min(u32::MAX as u128) as u32;
         for a in &agents {
-            a.ctl
-                .try_apply(move |s| s.drain(grace_ms, "gateway shutting down"));
+            a.ctl.drain(grace_ms, "gateway shutting down");
         }
         self.0.work.close();
         if tokio::time::timeout(grace, self.0.work.wait())
@@ -712,10 +730,18 @@ impl Hub {
             }
             let mut io = ControlIo::with_prefix(send, recv, ControlSession::gateway(), &rest)?;
             let hello = loop {
-                match io.next_event().await? {
-                    Some(Event::Hello(h)) => break h,
-                    Some(_) => continue,
-                    None => return Err(TunnelError::Truncated),
+                match io.next_event().await {
+                    Ok(Some(Event::Hello(h))) => break h,
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return Err(TunnelError::Truncated),
+                    // A hello of another protocol version, or a broken one: the session's
+                    // Error says which, so the agent can tell its owner (upgrade one side).
+                    Err(e) if io.session.is_closed() => {
+                        io.finish_within(Duration::from_secs(1)).await;
+                        conn.close(CLOSE_PROTOCOL.into(), b"control protocol violation");
+                        return Err(e);
+                    }
+                    Err(e) => return Err(e),
                 }
             };
             Ok::<_, TunnelError>((conn, id, io, hello))
@@ -725,7 +751,6 @@ impl Hub {
             Ok(r) => r?,
             Err(_) => return Err(TunnelError::Timeout("handshake and hello")),
         };
-        drop(permit);
         let device = id.name.to_string();
         if hello.device != device {
             io.session.reject(
@@ -776,6 +801,10 @@ impl Hub {
                 return Err(TunnelError::Timeout("welcome"));
             }
         }
+        // Held until now: a connection whose Welcome is still unread is in no other limit
+        // (not in the agent table yet), and a device not reading it could otherwise pile up
+        // one such connection per handshake it completes.
+        drop(permit);
 
         let (ctl, cmds) = control::channel();
         let link = Arc::new(AgentLink {
@@ -794,6 +823,7 @@ impl Hub {
             bytes_to: Arc::default(),
             bytes_from: Arc::default(),
             holds: Holds::new(self.0.hold_clock.clone()),
+            lines: Mutex::new(LogBudget::new(LINK_LINES_PER_SEC)),
         });
         if let Some(old) = self
             .0
@@ -822,6 +852,14 @@ impl Hub {
             self.forget(&device, session_id);
             return Ok(());
         }
+        // A newer zone config adopted since the Welcome was made reached the agents in the
+        // table then, not this one: it would have kept the older config (and a peer it
+        // revokes, its direct path) until its next connection.
+        if creds.zone_serial() > ours.config.serial {
+            let newer = creds.zone();
+            link.ctl
+                .send_config(newer.config.serial, newer.to_json_compact());
+        }
         let services: Vec<&str> = hello.services.iter().map(|s| s.name.as_str()).collect();
         info!(device = %device, addr = %remote, session = session_id, services = ?services, agent = %hello.agent_version, "tunnel up");
 
@@ -831,10 +869,16 @@ impl Hub {
         // as the device likes, must not outlive it. A task of its own: the control loop can
         // wait on a device that reads nothing.
         tokio::spawn(close_at_expiry(conn.clone(), device.clone(), id.not_after));
-        let reason = self.run_control(&link, io, cmds).await;
+        let (reason, broke) = self.run_control(&link, &mut io, cmds).await;
 
         let removed = self.forget(&device, session_id);
-        conn.close(0u32.into(), b"");
+        if broke {
+            // The Error the session ended on, if the device still reads: it says why.
+            io.finish_within(Duration::from_secs(1)).await;
+            conn.close(CLOSE_PROTOCOL.into(), b"control protocol violation");
+        } else {
+            conn.close(0u32.into(), b"");
+        }
         info!(
             device = %device,
             session = session_id,
@@ -858,45 +902,57 @@ impl Hub {
         }
     }
 
-    /// Runs the control session until the connection or the stream ends; returns why.
+    /// Runs the control session until the connection or the stream ends; returns why, and
+    /// whether the device broke the protocol (its connection is then closed with
+    /// [`CLOSE_PROTOCOL`], the session's `Error` written first, so the agent can say why).
     async fn run_control(
         &self,
         link: &Arc<AgentLink>,
-        mut io: ControlIo,
+        io: &mut ControlIo,
         mut cmds: control::ControlCmds,
-    ) -> String {
+    ) -> (String, bool) {
+        // A device that stops reading its control stream is given as long as a silent
+        // connection is, then its session ends (its messages would wait for ever).
+        io.end_stalled_after(self.0.cfg.tuning.idle_timeout);
         loop {
-            if let Err(e) = io.flush().await {
-                return transport::stream_end(&link.conn, &e);
-            }
             tokio::select! {
                 ev = io.next_event() => match ev {
-                    Ok(Some(ev)) => if let Some(end) = self.on_event(link, ev) {
-                        return end;
+                    Ok(Some(ev)) => if let Some((why, broke)) = self.on_event(link, ev) {
+                        if broke && !io.session.is_closed() {
+                            io.session.reject(ErrorCode::ProtocolViolation, &why);
+                        }
+                        return (why, broke);
                     },
-                    Ok(None) => return "agent closed the control stream".into(),
-                    Err(e) => return transport::stream_end(&link.conn, &e),
+                    Ok(None) => return ("agent closed the control stream".into(), false),
+                    Err(e) => {
+                        let stalled = matches!(e, TunnelError::Timeout(CONTROL_NOT_READ));
+                        let broke = stalled || io.session.is_closed();
+                        return (transport::stream_end(&link.conn, &e), broke);
+                    }
                 },
                 cmd = cmds.recv() => match cmd {
                     Some(cmd) => if let Err(e) = cmd(&mut io.session) {
                         debug!(device = %link.device, error = %e, "control command not applied");
                     },
-                    None => return "hub dropped the session".into(),
+                    None => return ("hub dropped the session".into(), false),
                 },
-                e = link.conn.closed() => return format!("connection closed: {e}"),
+                e = link.conn.closed() => return (format!("connection closed: {e}"), false),
             }
         }
     }
 
-    /// Acts on one control event; `Some(why)` ends the session.
-    fn on_event(&self, link: &Arc<AgentLink>, ev: Event) -> Option<String> {
+    /// Acts on one control event; `Some((why, broke_protocol))` ends the session.
+    fn on_event(&self, link: &Arc<AgentLink>, ev: Event) -> Option<(String, bool)> {
         match ev {
             Event::ServicesUpdate { services } => {
                 let mut current = link.services.write().unwrap_or_else(|p| p.into_inner());
                 // Logged only when the list changes: an update is 3 bytes on the wire, and a
                 // device repeating one would write a line each.
                 if *current != services {
-                    info!(device = %link.device, services = ?services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), "services changed");
+                    // Budgeted too: a device alternating two lists would write a line each.
+                    if let Some(unlogged) = LogBudget::take_shared(&link.lines) {
+                        info!(device = %link.device, services = ?services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), unlogged, "services changed");
+                    }
                     *current = services;
                 }
             }
@@ -939,7 +995,10 @@ impl Hub {
                         debug!(from = %link.device, error = %e, "refused zone config offered by a device");
                     }
                     if n >= MAX_REFUSED_OFFERS {
-                        return Some(format!("{n} zone configs offered that do not verify"));
+                        return Some((
+                            format!("{n} zone configs offered that do not verify"),
+                            true,
+                        ));
                     }
                 }
             }
@@ -954,7 +1013,7 @@ impl Hub {
             // sent from now on would fail unseen while the device looked connected.
             Event::PeerError { code, message } => {
                 warn!(device = %link.device, ?code, %message, "agent reported a control error");
-                return Some(format!("agent reported a control error: {message}"));
+                return Some((format!("agent reported a control error: {message}"), false));
             }
             other => debug!(device = %link.device, event = ?other, "control event ignored"),
         }
@@ -998,8 +1057,7 @@ impl Hub {
                         a.conn.close(CLOSE_REVOKED.into(), b"device revoked");
                         continue;
                     }
-                    let json = json.clone();
-                    a.ctl.try_apply(move |s| s.send_config_update(serial, json));
+                    a.ctl.send_config(serial, json.clone());
                 }
                 Ok(Some(serial))
             }
@@ -1051,7 +1109,9 @@ impl Hub {
         {
             Ok(Ok((h, rest))) => (h, rest),
             Ok(Err(e)) => {
-                warn!(device = %link.device, error = %e, "bad stream header from agent");
+                if let Some(unlogged) = LogBudget::take_shared(&link.lines) {
+                    warn!(device = %link.device, error = %e, unlogged, "bad stream header from agent");
+                }
                 stream::refuse(&mut send, RefuseCode::BadRequest, &e.to_string()).await;
                 return;
             }
@@ -1102,7 +1162,9 @@ impl Hub {
                         .counters
                         .refused(policies::accounting::Refusal::Denied(reason));
                 }
-                info!(from = %link.device, to = %format!("{to_device}/{service}"), reason = %why, "mesh stream refused");
+                if let Some(unlogged) = LogBudget::take_shared(&link.lines) {
+                    info!(from = %link.device, to = %format!("{to_device}/{service}"), reason = %why, unlogged, "mesh stream refused");
+                }
                 stream::refuse(&mut send, RefuseCode::PolicyDenied, &why).await;
                 return;
             }

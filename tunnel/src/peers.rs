@@ -397,6 +397,12 @@ impl Peers {
         })
     }
 
+    /// The punch request [`Peers::should_request_punch`] allowed was not sent: the next one
+    /// may go at once.
+    pub fn punch_request_lost(&self, peer: &str) {
+        self.with(peer, |s| s.last_punch_request = None);
+    }
+
     /// Notes that the gateway let `peer` open `service` here (relayed, origin proven by Noise).
     /// `opened` is when the relayed stream that proves it was accepted. Whether this is a
     /// new permit (not a renewal, not refused as older than a revocation).
@@ -447,6 +453,11 @@ impl Peers {
     /// The gateway's policy no longer lets `peer` reach `service` here: its permit goes, and
     /// the direct streams opened under it end. Whether there was one.
     pub fn revoke_permit(&self, peer: &str, service: &str) -> bool {
+        // Only for devices of the zone, as `on_peer_addr`: a gateway sending revocations for
+        // made-up names grew the table without bound.
+        if self.creds.noise_public_of(peer).is_err() {
+            return false;
+        }
         self.with(peer, |s| {
             // Bounded: revocations come from gateways, but a name is kept per service.
             if s.revoked_at.len() < crate::proto::limits::MAX_SERVICES
