@@ -1176,6 +1176,47 @@ async fn a_resting_http2_stream_does_not_cut_a_busy_connection() {
     drop(resting);
 }
 
+/// One HTTP/2 answer resting while the others move is given five send timeouts, not for
+/// ever: a client that stopped reading its downloads and asked for a small page now and then
+/// kept every download's tunnel stream (and buffers) while each small answer counted as
+/// progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_resting_past_five_send_timeouts_ends_its_connection() {
+    let send_timeout = Duration::from_secs(1);
+    let h = start_sending_within(send_timeout).await;
+    let tcp = tokio::net::TcpStream::connect(h.http).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(64 * 1024)
+            .handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let get = |path: &str| {
+        Request::get(format!("http://{DOMAIN}{path}"))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap()
+    };
+    let resting = send.send_request(get("/bytes/10000000")).await.unwrap();
+    let started = Instant::now();
+    let mut served = 0;
+    while !conn.is_finished() && started.elapsed() < send_timeout * 15 {
+        if let Ok(Ok(resp)) = tokio::time::timeout(WAIT_CUT, send.send_request(get("/echo"))).await
+        {
+            let _ = resp.into_body().collect().await;
+            served += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let took = started.elapsed();
+    assert!(conn.is_finished(), "still open after {took:?}");
+    assert!(
+        took >= send_timeout * gateway::http::RESTING_TIMEOUTS,
+        "cut before its allowance: {took:?} ({served} served)"
+    );
+    drop(resting);
+}
+
 /// An HTTP/2 client that resets most of its requests after the front took them ("rapid
 /// reset") loses its connection past a burst of 200 (refilling at 20 a second): each request had
 /// already reached the device, and h2's own bound counts only streams reset before hyper

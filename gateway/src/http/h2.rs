@@ -3,7 +3,8 @@
 //! open), and a cut when the client takes no answer data for the send timeout. hyper hands an
 //! answer's chunk to the connection and then waits for the client's flow-control credit
 //! without a deadline, so a client that grants none (a zero initial window) and answers pings
-//! held every stream's tunnel stream and app slot for ever. And a cut of a client that resets
+//! held every stream's tunnel stream and app slot for ever; one answer resting while others
+//! move is given [`RESTING_TIMEOUTS`] send timeouts. And a cut of a client that resets
 //! most of its requests before their answers ("rapid reset", CVE-2023-44487): each request
 //! still reached a device (a tunnel stream, a connection to the service) before the reset
 //! was seen, and h2's own bound counts only streams reset before hyper took them.
@@ -36,6 +37,11 @@ use super::{proxy, Front, MAX_H2_STREAMS};
 /// searches), far below this; a rapid-reset attack resets thousands a second.
 pub const ABANDONED_BURST: f64 = 200.0;
 pub const ABANDONED_PER_SEC: f64 = 20.0;
+/// Send timeouts one answer may rest (its chunk held, the client granting it no credit) while
+/// the connection's other answers move: a paused video is no stall, but the connection's
+/// progress alone bounded nothing — a client that stopped reading every download and asked
+/// for a small page now and then (each answer moving as it ended) held them all for ever.
+pub const RESTING_TIMEOUTS: u32 = 5;
 
 /// Serves HTTP/2 on one client connection until it ends, the front shuts down, it has been
 /// idle for the idle time, or its client stalls an answer for the send timeout.
@@ -179,13 +185,16 @@ impl Busy {
     }
 
     /// How long the longest-held answer chunk has waited, if `timeout` or more and no answer
-    /// of the connection moved meanwhile.
+    /// of the connection moved meanwhile, or [`RESTING_TIMEOUTS`] times `timeout` or more
+    /// whatever moved.
     fn stalled_for(&self, timeout: Duration) -> Option<Duration> {
         let now = self.now_ms();
         let moved = self.progress.load(Ordering::Relaxed);
-        if Duration::from_millis(now.saturating_sub(moved)) < timeout {
-            return None;
-        }
+        let limit = if Duration::from_millis(now.saturating_sub(moved)) < timeout {
+            timeout * RESTING_TIMEOUTS
+        } else {
+            timeout
+        };
         let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
         answers.retain(|w| w.strong_count() > 0);
         let oldest = answers
@@ -195,7 +204,7 @@ impl Busy {
             .filter(|&since| since != 0)
             .min()?;
         let held = Duration::from_millis(now.saturating_sub(oldest));
-        (held >= timeout).then_some(held)
+        (held >= limit).then_some(held)
     }
 }
 

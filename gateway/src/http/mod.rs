@@ -24,6 +24,7 @@ pub mod deadline;
 pub mod errors;
 pub mod h1;
 mod h2;
+pub use h2::RESTING_TIMEOUTS;
 pub mod headers;
 pub mod metrics;
 pub mod outbox;
