@@ -1277,6 +1277,35 @@ async fn answers_a_service_may_not_give_are_not_passed_on() {
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
 }
 
+/// CONNECT and TRACE are answered 501 by the gateway whatever the app allows (CONNECT was
+/// passed on as `CONNECT /`, TRACE echoed cookies back), and so is an HTTP/2 method longer
+/// than any real one (logged whole before). A raw UTF-8 path is passed on as it came (it was
+/// refused as naming no host).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn methods_not_proxied_and_raw_utf8_paths() {
+    let h = start().await;
+    let connect = format!("CONNECT {DOMAIN}:443 HTTP/1.1\r\nHost: {DOMAIN}\r\n\r\n");
+    let answer = h.raw(connect.as_bytes(), "a CONNECT").await;
+    assert!(answer.starts_with("HTTP/1.1 501"), "{answer}");
+    let trace = format!("TRACE /echo HTTP/1.1\r\nHost: {DOMAIN}\r\nCookie: secret=1\r\n\r\n");
+    let answer = h.raw(trace.as_bytes(), "a TRACE").await;
+    assert!(answer.starts_with("HTTP/1.1 501"), "{answer}");
+    assert!(!answer.contains("secret"), "{answer}");
+    let mut raw = b"GET /echo/caf".to_vec();
+    raw.extend_from_slice("é HTTP/1.1\r\nHost: ".as_bytes());
+    raw.extend_from_slice(format!("{DOMAIN}\r\n\r\n").as_bytes());
+    let answer = h.raw(&raw, "a raw UTF-8 path").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let (mut send, _conn) = h2c_client::<http_body_util::Empty<Bytes>>(h.http).await;
+    let long = Request::builder()
+        .method(http::Method::from_bytes("X".repeat(100).as_bytes()).unwrap())
+        .uri(format!("http://{DOMAIN}/echo"))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(long).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_IMPLEMENTED);
+}
+
 /// A service that stops reading an upload (and never answers) gets the request answered 504
 /// once nothing of the body has moved for the response plus body timeouts; before, the
 /// answer's timer started only at the body's end, which never came.

@@ -26,6 +26,10 @@ pub enum Source {
 pub enum ProxyError {
     #[error("the request names no host")]
     NoHost,
+    #[error("the request target or host holds a control character")]
+    BadTarget,
+    #[error("{method} is not proxied: {why}")]
+    MethodNotSupported { method: String, why: &'static str },
     #[error("a {method} request with a body")]
     BodyNotAllowed { method: String },
     #[error("redirected to {location} (the app's path, with its slash)")]
@@ -80,6 +84,8 @@ impl ProxyError {
     pub fn source(&self) -> Source {
         match self {
             ProxyError::NoHost
+            | ProxyError::BadTarget
+            | ProxyError::MethodNotSupported { .. }
             | ProxyError::BodyNotAllowed { .. }
             | ProxyError::SlashRedirect { .. }
             | ProxyError::UriTooLong { .. }
@@ -106,8 +112,10 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoHost
+            | ProxyError::BadTarget
             | ProxyError::ClientBody { .. }
             | ProxyError::BodyNotAllowed { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::MethodNotSupported { .. } => StatusCode::NOT_IMPLEMENTED,
             ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             ProxyError::SlashRedirect { .. } => StatusCode::PERMANENT_REDIRECT,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
@@ -140,6 +148,12 @@ impl ProxyError {
     pub fn body(&self) -> String {
         match self {
             ProxyError::NoHost => "400 bad request: the request names no host\n".into(),
+            ProxyError::BadTarget => {
+                "400 bad request: the request target or host holds a control character or space; percent-encode it\n".into()
+            }
+            ProxyError::MethodNotSupported { method, why } => {
+                format!("501 not implemented: {method} is not proxied: {why}\n")
+            }
             ProxyError::SlashRedirect { location } => {
                 format!("308 permanent redirect: to {location}\n")
             }
@@ -206,6 +220,9 @@ impl ProxyError {
             },
             ProxyError::UpstreamTimeout { app, device, secs } => format!(
                 "504 gateway timeout: app {app}: device {device} did not answer within {secs} s\n"
+            ),
+            ProxyError::Upstream { app, device, error } if error.tunnel_lost() => format!(
+                "502 bad gateway: app {app}: the tunnel to device {device} was lost before the service answered (its node agent reconnected or went away); try again\n"
             ),
             ProxyError::Upstream { app, device, error } if error.ended_unanswered() => format!(
                 "502 bad gateway: app {app}: the service on device {device} closed the connection without answering\n"

@@ -216,6 +216,9 @@ pub struct ResponseHead {
     pub framing: BodyFraming,
     /// The connection may carry another request once this response is over.
     pub keep_alive: bool,
+    /// How long the service keeps an idle connection open, if its `Keep-Alive: timeout=N`
+    /// said ([`super::pool::keep_for`]).
+    pub keep_alive_timeout: Option<std::time::Duration>,
 }
 
 /// Parses a response head at the start of `buf` (to a `HEAD` request when `head_request`)
@@ -274,7 +277,10 @@ pub fn parse_response(
     let mut codings = None::<(usize, usize)>;
     let mut close = version == Version::HTTP_10;
     let mut keep_alive_token = false;
+    let mut keep_alive_timeout = None;
     let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
+    // A 426 must say what to upgrade to (RFC 9110 §15.5.22): its `Upgrade` is passed on too.
+    let pass_upgrade = upgrade || status == StatusCode::UPGRADE_REQUIRED;
     // Names listed by `Connection` but `keep-alive` and `upgrade`, hop-by-hop names anyway:
     // most answers list no other, and then nothing is allocated.
     // As header names (lower case, hashed), not compared with every header one by one: a
@@ -320,9 +326,13 @@ pub fn parse_response(
                 close |= t.eq_ignore_ascii_case(b"close");
                 keep_alive_token |= t.eq_ignore_ascii_case(b"keep-alive");
             }
+        } else if name.as_str() == "keep-alive" {
+            keep_alive_timeout = keep_alive_timeout.or(keep_alive_secs(value_bytes));
         }
         let hop = headers::is_hop_by_hop(&name) || listed.contains(&name);
-        if hop && !(upgrade && name == header::UPGRADE && !headers.contains_key(header::UPGRADE)) {
+        if hop
+            && !(pass_upgrade && name == header::UPGRADE && !headers.contains_key(header::UPGRADE))
+        {
             continue;
         }
         headers.append(name, value);
@@ -352,6 +362,10 @@ pub fn parse_response(
         // A transfer coding overrides any length, which is then dropped: forwarded, it
         // would frame the client's copy of a body it no longer describes (smuggling).
         headers.remove(header::CONTENT_LENGTH);
+        // And the connection is not reused (RFC 9112 §6.3: such a message "ought to be
+        // handled as an error"): a service that is itself a proxy may have framed it the
+        // other way, leaving bytes that would be the next client's answer.
+        close |= lengths.is_some();
         BodyFraming::Chunked
     } else {
         match lengths {
@@ -361,6 +375,17 @@ pub fn parse_response(
             None => BodyFraming::UntilClose,
         }
     };
+    // One `Content-Length` of the value read ("5, 5" or repeated lines are one length here,
+    // but malformed to HTTP/2 clients, which reset the stream), none where no answer may
+    // carry one (1xx, 204: RFC 9110 §8.6); HEAD and 304 answers keep theirs, which tells the
+    // length of what a GET would get.
+    if let (Some(Ok(n)), None) = (lengths, codings) {
+        if status.is_informational() || status == StatusCode::NO_CONTENT {
+            headers.remove(header::CONTENT_LENGTH);
+        } else {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+    }
     let keep_alive = !close && framing != BodyFraming::UntilClose;
     Ok(Some(ResponseHead {
         status,
@@ -368,7 +393,25 @@ pub fn parse_response(
         headers,
         framing,
         keep_alive,
+        keep_alive_timeout,
     }))
+}
+
+/// The `timeout=N` of a `Keep-Alive` header value, in seconds (RFC 2068 §19.7.1.1; Node.js and
+/// Apache send it); None if absent or not a number.
+fn keep_alive_secs(v: &[u8]) -> Option<std::time::Duration> {
+    v.split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .find_map(|p| {
+            let (k, n) = p.split_at_checked(p.iter().position(|&b| b == b'=')?)?;
+            let n = n.get(1..)?.trim_ascii();
+            (k.trim_ascii().eq_ignore_ascii_case(b"timeout")
+                && !n.is_empty()
+                && n.len() <= 9
+                && n.iter().all(u8::is_ascii_digit))
+            .then(|| n.iter().fold(0u64, |a, &d| a * 10 + u64::from(d - b'0')))
+        })
+        .map(std::time::Duration::from_secs)
 }
 
 /// Where each of `headers`' names and values lie, as offsets from `base`, the start of the
@@ -601,6 +644,7 @@ fn hex(b: u8) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     /// The head parsed from `s`, and how many bytes it took.
     fn head(s: &str) -> Result<Option<(ResponseHead, usize)>, H1Error> {
@@ -710,6 +754,47 @@ mod tests {
         assert_eq!(request_framing(false, Some(9)), ReqFraming::Length(9));
         assert_eq!(request_framing(false, Some(0)), ReqFraming::Length(0));
         assert_eq!(request_framing(false, None), ReqFraming::Chunked);
+    }
+
+    /// What a service's answer head becomes: one canonical Content-Length (none on a 204),
+    /// no reuse after a length beside a transfer coding, a 426's Upgrade kept, and the
+    /// service's keep-alive timeout read.
+    #[test]
+    fn response_heads_are_made_safe_to_pass_on() {
+        let h = |s: &str| head(s).unwrap().unwrap().0;
+        let cl = |r: &ResponseHead| {
+            r.headers
+                .get_all(header::CONTENT_LENGTH)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        };
+        let r = h("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\r\n");
+        assert_eq!(cl(&r), ["5"]);
+        assert_eq!(r.framing, BodyFraming::Length(5));
+        let r = h("HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n");
+        assert!(cl(&r).is_empty());
+        let r = h("HTTP/1.1 304 Not Modified\r\nContent-Length: 7, 7\r\n\r\n");
+        assert_eq!(cl(&r), ["7"]);
+        let r = h("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(cl(&r).is_empty());
+        assert_eq!(r.framing, BodyFraming::Chunked);
+        assert!(!r.keep_alive, "a length beside chunked: not reused");
+        let r = h("HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(r.headers.get(header::UPGRADE).unwrap(), "websocket");
+        let r = h("HTTP/1.1 200 OK\r\nUpgrade: h2c\r\nContent-Length: 0\r\n\r\n");
+        assert!(r.headers.get(header::UPGRADE).is_none());
+        let ka = |v: &str| {
+            h(&format!(
+                "HTTP/1.1 200 OK\r\nKeep-Alive: {v}\r\nContent-Length: 0\r\n\r\n"
+            ))
+            .keep_alive_timeout
+        };
+        assert_eq!(ka("timeout=5"), Some(Duration::from_secs(5)));
+        assert_eq!(ka("max=100, timeout = 15"), Some(Duration::from_secs(15)));
+        assert_eq!(ka("timeout=soon"), None);
+        assert_eq!(ka("max=5"), None);
+        assert_eq!(ka("timeout=99999999999"), None);
     }
 
     #[test]

@@ -49,6 +49,21 @@ pub type PoolKey = Arc<policies::AppNames>;
 struct Idle {
     up: Upstream,
     since: Instant,
+    /// How long it may be reused: [`IDLE_TIMEOUT`], or less if the service said it closes
+    /// idle connections sooner ([`keep_for`]).
+    keep: Duration,
+}
+
+/// How long a connection may sit idle here when the service's answer said `Keep-Alive:
+/// timeout=N` (`said`): a second less than `N` (its close may be on its way through the tunnel
+/// as the next request goes out; a POST then gets a 502, as it cannot be sent again), at most
+/// [`IDLE_TIMEOUT`]. Node.js says 5 s and closes at 5 s: connections kept 30 s failed requests
+/// sent 5 s apart.
+pub fn keep_for(said: Option<Duration>) -> Duration {
+    match said {
+        Some(t) => t.saturating_sub(Duration::from_secs(1)).min(IDLE_TIMEOUT),
+        None => IDLE_TIMEOUT,
+    }
 }
 
 #[derive(Default)]
@@ -76,16 +91,21 @@ impl Pool {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(key)?;
         while let Some(mut c) = list.pop() {
-            if now - c.since < IDLE_TIMEOUT && c.up.still_open() {
+            if now - c.since < c.keep && c.up.still_open() {
                 return Some(c.up);
             }
         }
         None
     }
 
-    /// Keeps `up` for the next request to `key`.
+    /// Keeps `up` for the next request to `key`, for at most [`IDLE_TIMEOUT`].
     pub fn put(&self, key: PoolKey, up: Upstream) {
-        if self.closed.load(Ordering::Relaxed) {
+        self.put_for(key, up, IDLE_TIMEOUT)
+    }
+
+    /// Keeps `up` for the next request to `key`, for at most `keep` ([`keep_for`]).
+    pub fn put_for(&self, key: PoolKey, up: Upstream, keep: Duration) {
+        if self.closed.load(Ordering::Relaxed) || keep.is_zero() {
             return;
         }
         up.rest();
@@ -101,7 +121,11 @@ impl Pool {
             list.drain(..stale);
         }
         if list.len() < MAX_IDLE_PER_KEY {
-            list.push(Idle { up, since: now });
+            list.push(Idle {
+                up,
+                since: now,
+                keep,
+            });
         }
     }
 
@@ -111,12 +135,12 @@ impl Pool {
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
-    /// Drops idle connections past [`IDLE_TIMEOUT`] or closed by the other side.
+    /// Drops idle connections past their time or closed by the other side.
     pub fn sweep(&self) {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         idle.retain(|_, list| {
-            list.retain_mut(|c| now - c.since < IDLE_TIMEOUT && c.up.still_open());
+            list.retain_mut(|c| now - c.since < c.keep && c.up.still_open());
             !list.is_empty()
         });
     }
@@ -191,6 +215,26 @@ pub(super) mod tests {
         far.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
         pool.put(key(), up);
         assert!(pool.take(&key()).is_none(), "bytes nobody asked for");
+    }
+
+    /// A service that said it closes idle connections after 1.3 s: its connections are
+    /// handed out for 300 ms; one that said 1 s is not kept at all.
+    #[tokio::test]
+    async fn a_service_keep_alive_timeout_bounds_reuse() {
+        assert_eq!(keep_for(None), IDLE_TIMEOUT);
+        assert_eq!(keep_for(Some(Duration::from_secs(300))), IDLE_TIMEOUT);
+        assert_eq!(keep_for(Some(Duration::from_secs(1))), Duration::ZERO);
+        let said = Some(Duration::from_millis(1300));
+        let pool = Pool::new();
+        let (up, _keep) = conn(true);
+        pool.put_for(key(), up, keep_for(said));
+        let (up, _keep2) = conn(true);
+        pool.put_for(key(), up, keep_for(Some(Duration::from_secs(1))));
+        assert_eq!(pool.idle_count(), 1, "a 1 s keep-alive is not kept");
+        let up = pool.take(&key()).expect("fresh");
+        pool.put_for(key(), up, keep_for(said));
+        std::thread::sleep(Duration::from_millis(350));
+        assert!(pool.take(&key()).is_none(), "handed out past its time");
     }
 
     #[tokio::test]

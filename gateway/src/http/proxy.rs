@@ -165,7 +165,7 @@ impl LineFields<'_> {
         w.write_str(" client=")?;
         crate::addr_text::write_client(w, log.client)?;
         w.write_str(" method=")?;
-        w.write_str(log.method.as_str())?;
+        w.write_str(&loggable_method(&log.method))?;
         w.write_str(" path=")?;
         w.write_str(path)?;
         w.write_str(" status=")?;
@@ -252,6 +252,33 @@ struct Answer {
     /// The client-to-service shaping a bodiless request did not use: an upgraded connection's
     /// bytes that way are shaped by it.
     shape_in: policies::bandwidth::Shaper,
+}
+
+/// Why `method` is not proxied at all, whatever the app: CONNECT asks for a tunnel to another
+/// host (a forward proxy's job; hyper would treat a service's 2xx to it as one), TRACE echoes
+/// the request — cookies and credentials included — back to a script (cross-site tracing;
+/// nginx refuses both), and a method longer than any real one would be written whole into
+/// every log line and error answer (HTTP/1 heads refuse them when parsed; HTTP/2 ones reach
+/// here).
+fn unproxied_method(method: &Method) -> Option<&'static str> {
+    if method == Method::CONNECT {
+        Some("the gateway is no forward proxy")
+    } else if method == Method::TRACE {
+        Some("it would echo the request's cookies and credentials")
+    } else if method.as_str().len() > super::server_h1::MAX_METHOD {
+        Some("the method is longer than any the gateway takes")
+    } else {
+        None
+    }
+}
+
+/// `method` as logs and answers show it: clipped to [`super::server_h1::MAX_METHOD`] bytes.
+fn loggable_method(method: &Method) -> std::borrow::Cow<'_, str> {
+    let m = method.as_str();
+    match m.get(..super::server_h1::MAX_METHOD) {
+        Some(head) if head.len() < m.len() => format!("{head}…").into(),
+        _ => m.into(),
+    }
 }
 
 /// Serves one request. Never fails: every refusal and error becomes a short plain answer.
@@ -381,6 +408,12 @@ async fn forward(
     let target_len = log.uri.path_and_query().map_or(0, |p| p.as_str().len());
     if target_len > MAX_TARGET {
         return Err(ProxyError::UriTooLong { len: target_len });
+    }
+    if let Some(why) = unproxied_method(&parts.method) {
+        return Err(ProxyError::MethodNotSupported {
+            method: loggable_method(&parts.method).into_owned(),
+            why,
+        });
     }
     let host = route::request_host(&parts).ok_or(ProxyError::NoHost)?;
     let active = front.hub().policy().current();
@@ -516,8 +549,14 @@ async fn forward(
 
     // The request line and `Host` are written as they are: built from what the server parsed,
     // the target holds no space or control byte and the host no control byte; and must not.
-    if !target.bytes().all(|b| b.is_ascii_graphic()) || host.bytes().any(|b| b.is_ascii_control()) {
-        return Err(ProxyError::NoHost);
+    // Bytes past ASCII (a raw UTF-8 path from curl or a script) pass as they came, as
+    // nginx passes them.
+    if !target
+        .bytes()
+        .all(|b| b.is_ascii_graphic() || !b.is_ascii())
+        || host.bytes().any(|b| b.is_ascii_control())
+    {
+        return Err(ProxyError::BadTarget);
     }
     let body = body.take().ok_or(ProxyError::NoHost)?;
     // An HTTP/2 GET whose stream ends after its HEADERS (an empty DATA frame) has no body

@@ -285,8 +285,10 @@ pub fn encode_response_head(
             && (body != RespBody::None
                 || status.is_informational()
                 || status == StatusCode::NO_CONTENT);
+        // A 426 keeps its `Upgrade` (what the client must upgrade to: RFC 9110 §15.5.22).
         let hop = headers::is_hop_by_hop(name)
-            && !(switching && (*name == header::CONNECTION || *name == header::UPGRADE));
+            && !(switching && (*name == header::CONNECTION || *name == header::UPGRADE))
+            && !(status == StatusCode::UPGRADE_REQUIRED && *name == header::UPGRADE);
         if framing || hop {
             continue;
         }

@@ -205,6 +205,14 @@ impl UpstreamError {
         }
     }
 
+    /// The tunnel under the exchange went before any of the answer came (its QUIC connection
+    /// ended: the device's agent reconnected, was replaced or went away; quinn says
+    /// `NotConnected`): not the service's doing, and a request that may be sent again is.
+    pub fn tunnel_lost(&self) -> bool {
+        matches!(self, UpstreamError::Io { error, answered: false }
+            if error.kind() == io::ErrorKind::NotConnected)
+    }
+
     /// The device refused the stream (opened early, so the refusal came instead of data).
     pub fn refused(&self) -> Option<&tunnel::stream::StreamRefused> {
         match self {
@@ -507,7 +515,8 @@ impl Upstream {
                 Ok(UpBody::response(self, head, writer))
             }
             Err(error) => {
-                let again = (out.replayable && error.ended_unanswered()).then_some(out);
+                let again = (out.replayable && (error.ended_unanswered() || error.tunnel_lost()))
+                    .then_some(out);
                 Err(SendError { error, again })
             }
         }
@@ -575,6 +584,8 @@ pub struct UpBody {
     /// The rest of the request body (the service answered before reading all of it).
     writer: Option<ReqBody>,
     keep_alive: bool,
+    /// How long the connection may then wait in the pool ([`super::pool::keep_for`]).
+    keep: std::time::Duration,
     home: Option<(Arc<Pool>, PoolKey)>,
     /// How long the service may keep the rest of its answer waiting ([`UpBody::read_timeout`]).
     stall: Option<super::deadline::Stall>,
@@ -607,6 +618,7 @@ impl UpBody {
             // of the rest (it may read it as the start of its next request — the CL.0 desync),
             // this connection must not carry another client's request.
             keep_alive: head.keep_alive && !upgrade && writer.is_none(),
+            keep: super::pool::keep_for(head.keep_alive_timeout),
             writer,
             home: None,
             stall: None,
@@ -652,7 +664,7 @@ impl UpBody {
             conn.buf.is_empty(),
             self.home.take(),
         ) {
-            pool.put(key, conn);
+            pool.put_for(key, conn, self.keep);
         }
     }
 
@@ -1284,6 +1296,61 @@ mod tests {
             matches!(next, Some(Err(UpstreamError::Stalled(_)))),
             "{next:?}"
         );
+    }
+
+    /// A stream whose writes go nowhere and whose reads fail as quinn's do when the QUIC
+    /// connection under them ends.
+    struct LostTunnel;
+    impl AsyncRead for LostTunnel {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "connection lost",
+            )))
+        }
+    }
+    impl AsyncWrite for LostTunnel {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+    impl UpIo for LostTunnel {}
+
+    /// A tunnel lost before the answer is said to be one (it was "device sent no valid HTTP
+    /// answer"), and a GET is given back to be sent again on a new stream.
+    #[tokio::test]
+    async fn a_tunnel_lost_before_the_answer_is_told_and_repeatable_requests_go_again() {
+        let e = Upstream::new(LostTunnel).send(get("/x")).await.unwrap_err();
+        assert!(e.error.tunnel_lost(), "{:?}", e.error);
+        assert!(e.again.is_some(), "a GET goes again");
+        let text = crate::http::errors::ProxyError::Upstream {
+            app: "web".into(),
+            device: "home1".into(),
+            error: e.error,
+        }
+        .body();
+        assert!(
+            text.contains("the tunnel to device home1 was lost"),
+            "{text}"
+        );
+        let post = request(Method::POST, &[("content-length", "2")], body::full("hi"));
+        let e = Upstream::new(LostTunnel).send(post).await.unwrap_err();
+        assert!(e.error.tunnel_lost());
+        assert!(e.again.is_none(), "a POST is not repeated");
     }
 
     #[tokio::test]
