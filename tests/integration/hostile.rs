@@ -1930,3 +1930,34 @@ async fn revocations_for_names_outside_the_zone_leave_the_peer_table_alone() {
     peers.revoke_permit("home2", "ssh");
     assert_eq!(peers.status(None).len(), 1);
 }
+
+/// A node whose certificate ends while it runs: the gateway closes its connection, every
+/// redial is refused at the handshake, and the link's error says why and how to renew (it
+/// said only that the handshake failed, for ever, in info lines).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_ending_while_running_says_how_to_renew() {
+    let z = TestZone::new(&["home1"]);
+    // Valid for 30 days counted from 30 days ago, less 3 seconds.
+    let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
+    let home1 = zone_core::DeviceName::new("home1").unwrap();
+    let start =
+        time::OffsetDateTime::now_utc() - time::Duration::days(30) + time::Duration::seconds(3);
+    let (key, cert) = zd.renew(&home1, start, 30).unwrap();
+    zd.write_bundle(&z.zone_dir().join("devices/home1"), &home1, &key, &cert)
+        .unwrap();
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let a = echo_node(&z, &gw, "home1", fast_tuning()).await;
+    wait_until("the expired device dropped", WAIT, || {
+        gw.hub.agent("home1").is_none()
+    })
+    .await;
+    wait_until("the link says why", WAIT, || {
+        a.agent.links()[0]
+            .status()
+            .last_error
+            .is_some_and(|e| e.contains("certificate expired") && e.contains("device renew home1"))
+    })
+    .await;
+    a.shutdown.cancel();
+    gw.shutdown.cancel();
+}

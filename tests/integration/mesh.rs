@@ -9,6 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tunnel::e2e;
 use tunnel::hub::RelayTap;
 use tunnel::proto::ServiceProto;
+use tunnel::transport::Tuning;
 
 use crate::inproc::*;
 
@@ -32,6 +33,11 @@ struct MeshZone {
 }
 
 async fn mesh_zone() -> MeshZone {
+    mesh_zone_draining(Duration::ZERO).await
+}
+
+/// [`mesh_zone`] with home1 draining for `drain` when stopped.
+async fn mesh_zone_draining(drain: Duration) -> MeshZone {
     let z = TestZone::new(&["home1", "home2"]);
     z.write_policy("mesh.toml", MESH_POLICY);
     let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(200)).await;
@@ -41,7 +47,10 @@ async fn mesh_zone() -> MeshZone {
         "home1",
         services(&[("echo", echo, ServiceProto::Tcp)]),
         vec![],
-        fast_tuning(),
+        Tuning {
+            agent_drain: drain,
+            ..fast_tuning()
+        },
     )
     .await;
     let h2 = start_agent(
@@ -732,4 +741,32 @@ async fn a_restarted_gateway_revokes_permits_it_did_not_relay() {
     h1.shutdown.cancel();
     h2.shutdown.cancel();
     gw2.shutdown.cancel();
+}
+
+/// A stopping node lets a peer's direct connection finish, as it does the gateway's streams:
+/// direct streams were no part of the drain, and were cut at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_node_lets_a_peers_direct_connection_finish() {
+    let m = mesh_zone_draining(Duration::from_secs(20)).await;
+    let mut long = direct_long_stream(&m).await;
+    m.h1.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    long.write_all(b"more").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(WAIT, long.read_exact(&mut buf))
+        .await
+        .expect("the direct connection goes on")
+        .unwrap();
+    assert_eq!(&buf, b"more");
+    let MeshZone { h1, gw, .. } = m;
+    assert!(
+        !h1.task.is_finished(),
+        "stopped before the peer's stream ended"
+    );
+    drop(long);
+    tokio::time::timeout(Duration::from_secs(10), h1.task)
+        .await
+        .expect("the node stopped once the stream ended")
+        .unwrap();
+    gw.shutdown.cancel();
 }

@@ -595,6 +595,7 @@ impl Agent {
         for link in links {
             tasks.spawn(self.clone().link_loop(link, links_stop.clone()));
         }
+        tasks.spawn(self.cfg.creds.clone().watch_own_expiry());
         let listeners = std::mem::take(
             &mut *self
                 .forward_listeners
@@ -682,10 +683,15 @@ impl Agent {
                 info!(gateway = %link.name, addrs = ?link.addrs(), "dialing the gateway's new addresses");
                 continue;
             };
-            let err = match result {
+            let mut err = match result {
                 Ok(reason) => reason,
                 Err(e) => e.to_string(),
             };
+            // Refused at the handshake for the device's own certificate: the dial's error says
+            // only that the handshake failed.
+            if let Some(problem) = self.cfg.creds.own_cert_problem() {
+                err = format!("{err} ({problem})");
+            }
             // Healthy means up for a while, counted from the welcome: a dial that took the
             // whole handshake timeout (a gateway dropping our packets) is no success.
             let mut healthy = false;
@@ -736,6 +742,13 @@ impl Agent {
                 Ok(reason) => return Ok(reason),
                 Err(e) => {
                     debug!(gateway = %link.name, %addr, error = %e, "gateway address failed");
+                    // A refusal said by the gateway (certificate, version) outlives a timeout
+                    // at another of its addresses (an IPv6 one without a route): only the
+                    // last error is kept, and it must be the one that tells what to do.
+                    let timeout = matches!(e, TunnelError::Timeout(_));
+                    if timeout && last_error.is_some() {
+                        continue;
+                    }
                     last_error = Some(if link.addrs().len() > 1 {
                         TunnelError::Config(format!("{addr}: {e}"))
                     } else {
@@ -979,6 +992,12 @@ impl Agent {
         gateway: &str,
     ) {
         let id = f.flow_id;
+        // Stopping: like a new stream, a new flow is refused (it would be cut at the drain's
+        // end); the gateways were told this device offers nothing more.
+        if self.draining.load(Ordering::Relaxed) {
+            ctl.close_udp_flow(id);
+            return;
+        }
         let sock = match self.cfg.services.get(&f.service) {
             Some(s) if s.proto == ServiceProto::Udp => flow_socket(s.addr)
                 .map_err(|e| format!("cannot open a UDP socket to {}: {e}", s.addr)),
@@ -996,15 +1015,28 @@ impl Agent {
         };
         let stop = CancellationToken::new();
         let activity = Arc::new(FlowActivity::default());
-        let early = flows.lock().unwrap_or_else(|p| p.into_inner()).open(
-            id,
-            FlowEnd {
-                sock: sock.clone(),
-                stop: stop.clone(),
-                activity: activity.clone(),
-            },
-            Instant::now(),
-        );
+        {
+            let mut table = flows.lock().unwrap_or_else(|p| p.into_inner());
+            let early = table.open(
+                id,
+                FlowEnd {
+                    sock: sock.clone(),
+                    stop: stop.clone(),
+                    activity: activity.clone(),
+                },
+                Instant::now(),
+            );
+            // Datagrams that came before the open (see `flow_table`) go first, sent while the
+            // table is held: `read_datagrams` finds the flow only then, so a datagram that
+            // arrives now cannot overtake them (a service saw a DNS or VPN first flight out
+            // of order). Sent on the socket itself: a fresh socket takes them at once, but
+            // tokio's `try_send` refuses until the reactor has seen it writable (3 first
+            // datagrams in 100 were lost so). One the kernel refuses is dropped, as UDP may.
+            for d in early {
+                activity.touch();
+                let _ = socket2::SockRef::from(&*sock).send(&d);
+            }
+        }
         let idle = self.cfg.tuning.udp_flow_idle;
         let (conn, ctl, flows) = (conn.clone(), ctl.clone(), flows.clone());
         let (app, service, origin) = (f.app, f.service, origin_text(&f.origin));
@@ -1014,11 +1046,6 @@ impl Agent {
             let mut down = 0u64;
             let mut buf = vec![0u8; FLOW_READ];
             let mut dropped = 0u64;
-            // Datagrams that came before the open (see `flow_table`), first.
-            for d in early {
-                activity.touch();
-                let _ = sock.send(&d).await;
-            }
             // Made once, not per datagram: each would register a timer and a cancellation
             // waiter for every packet. The idle wait re-checks the activity when it fires.
             let stopped = stop.cancelled();
@@ -1152,7 +1179,9 @@ impl Agent {
             // In use from its first moment: a duplicate the peer retires is closed only once
             // no stream uses it, and this one's header may still be on its way.
             let used = pc.stream_guard();
-            tokio::spawn(async move {
+            // Tracked like the gateways' streams: a stopping node lets a peer's direct
+            // download finish too (it was cut at once).
+            self.streams.spawn(async move {
                 me.serve_stream(send, recv, via, &holds).await;
                 drop((slot, used));
             });

@@ -79,7 +79,7 @@ impl DeviceCreds {
         let trust = ZoneTrust::new(identity.domain.clone(), ca_der)?;
         // Our own certificate must pass our own trust: catches a bundle mixed from two zones
         // and an expired certificate before any peer refuses it with a vaguer message.
-        let renew = format!("renew it with `zonegate device renew {} --zone DIR` where the zone directory is, copy the new device.crt here and start again", identity.name);
+        let renew = renew_hint(&identity.name);
         trust
             .verify_device(&cert_der, rustls::pki_types::UnixTime::now())
             .map_err(|e| {
@@ -284,7 +284,7 @@ impl DeviceCreds {
                 }
                 if serial < current {
                     tracing::warn!(file, serial, current, "zone.json file is older than the zone config in use: ignored, and set aside so that a restart does not go back to it (copy the newest zone.json from the zone directory)");
-                    report_set_aside(self.set_aside_refused(bytes));
+                    self.set_aside_off_thread(bytes);
                 }
             }
             // A whole file (it parses) refused for what it says, another zone's or forged
@@ -292,7 +292,7 @@ impl DeviceCreds {
             // does not parse may be a copy still in progress: it is read again as it changes.
             Some(e) if parsed.is_some() => {
                 tracing::warn!(file, error = %e, current, "zone.json file refused; the zone config in use stays (copy the zone directory's zone.json again)");
-                report_set_aside(self.set_aside_refused(bytes));
+                self.set_aside_off_thread(bytes);
             }
             Some(e) => {
                 tracing::warn!(file, error = %e, current, "zone.json file cannot be read as a zone config; the zone config in use stays (a copy still in progress is read again once it changes; otherwise copy the zone directory's zone.json again)");
@@ -310,18 +310,43 @@ impl DeviceCreds {
         let Some(p) = &self.zone_path else {
             return Err(TunnelError::Config("no zone.json file to set aside".into()));
         };
-        let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
-        // The owner may have copied another one in meanwhile: that one is looked at next.
-        let now =
-            std::fs::read(p).map_err(|e| TunnelError::Config(format!("{}: {e}", p.display())))?;
-        if now != refused {
-            return Ok(None);
-        }
-        let aside = p.with_extension("json.refused");
-        zone_core::zonedir::write_atomic(&aside, refused, 0o644)?;
-        zone_core::zonedir::write_atomic(p, self.zone().to_json_pretty().as_bytes(), 0o644)?;
-        Ok(Some(aside))
+        set_aside(p, &self.saving, refused, &self.zone().to_json_pretty())
     }
+
+    /// [`DeviceCreds::set_aside_refused`] in the blocking pool, tracked as a save: its two
+    /// synced writes held a node's single runtime thread (every tunnel) as the saves did.
+    fn set_aside_off_thread(&self, refused: &[u8]) {
+        let Some(p) = self.zone_path.clone() else {
+            return;
+        };
+        let (saving, refused) = (self.saving.clone(), refused.to_vec());
+        let ours = self.zone().to_json_pretty();
+        let work = move || report_set_aside(set_aside(&p, &saving, &refused, &ours));
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(self.saves.spawn_blocking_on(work, &rt)),
+            Err(_) => work(),
+        }
+    }
+}
+
+/// Keeps `refused` (the bytes of the bundle's zone.json at `p`) beside it as
+/// `zone.json.refused` and writes `ours` (the config in use) in its place, unless the file
+/// changed meanwhile (then `None`: the owner copied another one in, looked at next).
+fn set_aside(
+    p: &Path,
+    saving: &std::sync::Mutex<()>,
+    refused: &[u8],
+    ours: &str,
+) -> Result<Option<PathBuf>, TunnelError> {
+    let _saving = saving.lock().unwrap_or_else(|p| p.into_inner());
+    let now = std::fs::read(p).map_err(|e| TunnelError::Config(format!("{}: {e}", p.display())))?;
+    if now != refused {
+        return Ok(None);
+    }
+    let aside = p.with_extension("json.refused");
+    zone_core::zonedir::write_atomic(&aside, refused, 0o644)?;
+    zone_core::zonedir::write_atomic(p, ours.as_bytes(), 0o644)?;
+    Ok(Some(aside))
 }
 
 /// Days after its expiry that a device still starts with its own zone.json (with a warning).
@@ -329,6 +354,57 @@ pub const EXPIRED_GRACE_DAYS: i64 = 90;
 
 /// Days before a zone config's or the device certificate's expiry from which starts warn.
 const EXPIRY_WARNING_DAYS: i64 = 30;
+
+/// What to do about this device's certificate that is about to end or has.
+fn renew_hint(name: &zone_core::DeviceName) -> String {
+    format!("renew it with `zonegate device renew {name} --zone DIR` where the zone directory is, copy the new device.crt here and start again")
+}
+
+impl DeviceCreds {
+    /// Whether this device's own certificate has ended (every peer refuses it from then on).
+    pub fn own_cert_expired(&self) -> bool {
+        OffsetDateTime::now_utc() >= self.identity.not_after
+    }
+
+    /// Why this device cannot be let in anywhere, with what to do, if that is so: its
+    /// certificate has ended. A dial's own error then says only that the handshake failed.
+    pub fn own_cert_problem(&self) -> Option<String> {
+        self.own_cert_expired().then(|| {
+            format!(
+                "this device's certificate expired at {}: {}",
+                self.identity.not_after,
+                renew_hint(&self.identity.name)
+            )
+        })
+    }
+
+    /// Says, while the process runs, what [`DeviceCreds::load`] says at a start: a warning
+    /// [`EXPIRY_WARNING_DAYS`] before this device's certificate ends, an error when it has. A
+    /// node running for months otherwise went from working to refused everywhere with only
+    /// "tunnel down; reconnecting" lines.
+    pub async fn watch_own_expiry(self: Arc<Self>) {
+        let not_after = self.identity.not_after;
+        let warn_at = not_after - time::Duration::days(EXPIRY_WARNING_DAYS);
+        let renew = renew_hint(&self.identity.name);
+        if OffsetDateTime::now_utc() < warn_at {
+            sleep_until_utc(warn_at).await;
+            let left = not_after - OffsetDateTime::now_utc();
+            tracing::warn!(days_left = left.whole_days(), not_after = %not_after, "this device's certificate expires soon: {renew}");
+        }
+        if OffsetDateTime::now_utc() < not_after {
+            sleep_until_utc(not_after).await;
+            tracing::error!(not_after = %not_after, "this device's certificate has expired: peers and gateways refuse it from now on; {renew}");
+        }
+    }
+}
+
+/// Sleeps until the wall clock reads `t` (in steps of at most a day: a clock set forward or a
+/// suspended machine is noticed).
+async fn sleep_until_utc(t: OffsetDateTime) {
+    while OffsetDateTime::now_utc() < t {
+        tokio::time::sleep(crate::hub::until(t)).await;
+    }
+}
 
 /// Warns when `zone` (read from `path`) expires within [`EXPIRY_WARNING_DAYS`].
 fn warn_if_expiring(zone: &SignedZone, path: &Path, now: OffsetDateTime) {

@@ -566,6 +566,7 @@ impl Hub {
         info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "tunnel hub listening (QUIC, ALPN zonegate/1)");
         tokio::spawn(self.clone().sweep_holds(shutdown.clone()));
         tokio::spawn(self.clone().revoke_permits(shutdown.clone()));
+        let expiry = tokio::spawn(self.0.cfg.creds.clone().watch_own_expiry());
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -586,6 +587,7 @@ impl Hub {
                 }
             });
         }
+        expiry.abort();
         self.drain(&endpoint, grace).await;
         self.0.cfg.creds.saved(Duration::from_secs(5)).await;
     }

@@ -278,6 +278,7 @@ pub fn parse_response(
     let mut close = version == Version::HTTP_10;
     let mut keep_alive_token = false;
     let mut keep_alive_timeout = None;
+    let (mut length_lines, mut length_lists) = (0usize, false);
     let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
     // A 426 must say what to upgrade to (RFC 9110 §15.5.22): its `Upgrade` is passed on too.
     let pass_upgrade = upgrade || status == StatusCode::UPGRADE_REQUIRED;
@@ -305,6 +306,9 @@ pub fn parse_response(
         let value = HeaderValue::from_maybe_shared(raw.slice(value_span))
             .map_err(|_| H1Error::Head(format!("invalid value of header {name}")))?;
         if name == header::CONTENT_LENGTH {
+            // Anything but one plain value is rewritten below.
+            length_lines += 1;
+            length_lists |= value_bytes.contains(&b',');
             let this = parse_length(value_bytes);
             lengths = Some(match (lengths, this) {
                 (None, Ok(n)) => Ok(n),
@@ -382,7 +386,8 @@ pub fn parse_response(
     if let (Some(Ok(n)), None) = (lengths, codings) {
         if status.is_informational() || status == StatusCode::NO_CONTENT {
             headers.remove(header::CONTENT_LENGTH);
-        } else {
+        } else if length_lines > 1 || length_lists {
+            // Only then: most answers have one plain length, kept without an allocation.
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         }
     }
