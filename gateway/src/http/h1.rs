@@ -229,8 +229,10 @@ pub struct ResponseHead {
 ///
 /// Hop-by-hop headers are left out as they are read ([`headers::is_hop_by_hop`] and what
 /// `Connection` names, RFC 9110 §7.6.1), cheaper than inserting and then removing them: a
-/// `101` keeps its (first) `Upgrade` and says `Connection: upgrade`. A `Content-Length` that a
-/// transfer coding overrides is dropped too.
+/// `101` keeps its (first) `Upgrade` and says `Connection: upgrade`, a `426` its (first)
+/// `Upgrade`. A `Content-Length` that a transfer coding overrides is dropped too, and so is
+/// one a bodiless answer may not carry or that does not parse; one that is a list or repeated
+/// becomes one value.
 pub fn parse_response(
     buf: &mut BytesMut,
     head_request: bool,
@@ -331,7 +333,11 @@ pub fn parse_response(
                 keep_alive_token |= t.eq_ignore_ascii_case(b"keep-alive");
             }
         } else if name.as_str() == "keep-alive" {
-            keep_alive_timeout = keep_alive_timeout.or(keep_alive_secs(value_bytes));
+            // The smallest, if it says several: the service closes at that one.
+            if let Some(t) = keep_alive_secs(value_bytes) {
+                keep_alive_timeout =
+                    Some(keep_alive_timeout.map_or(t, |k: std::time::Duration| k.min(t)));
+            }
         }
         let hop = headers::is_hop_by_hop(&name) || listed.contains(&name);
         if hop
@@ -383,13 +389,20 @@ pub fn parse_response(
     // but malformed to HTTP/2 clients, which reset the stream), none where no answer may
     // carry one (1xx, 204: RFC 9110 §8.6); HEAD and 304 answers keep theirs, which tells the
     // length of what a GET would get.
-    if let (Some(Ok(n)), None) = (lengths, codings) {
-        if status.is_informational() || status == StatusCode::NO_CONTENT {
-            headers.remove(header::CONTENT_LENGTH);
-        } else if length_lines > 1 || length_lists {
-            // Only then: most answers have one plain length, kept without an allocation.
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    // (A bodiless answer's length is not checked above: one that conflicts or does not parse
+    // goes, as does any beside a transfer coding, which the framing branch drops only when
+    // there is a body.)
+    match (lengths, codings) {
+        (Some(Ok(n)), None) if !(status.is_informational() || status == StatusCode::NO_CONTENT) => {
+            if length_lines > 1 || length_lists {
+                // Only then: most answers have one plain length, kept without an allocation.
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            }
         }
+        (Some(_), _) => {
+            headers.remove(header::CONTENT_LENGTH);
+        }
+        (None, _) => {}
     }
     let keep_alive = !close && framing != BodyFraming::UntilClose;
     Ok(Some(ResponseHead {
@@ -781,6 +794,11 @@ mod tests {
         assert!(cl(&r).is_empty());
         let r = h("HTTP/1.1 304 Not Modified\r\nContent-Length: 7, 7\r\n\r\n");
         assert_eq!(cl(&r), ["7"]);
+        // Bodiless, so not refused: a length that conflicts is dropped instead.
+        let r = h("HTTP/1.1 304 Not Modified\r\nContent-Length: 5, 6\r\n\r\n");
+        assert!(cl(&r).is_empty());
+        let r = h("HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nContent-Length: 1\r\n\r\n");
+        assert!(cl(&r).is_empty());
         let r = h("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert!(cl(&r).is_empty());
         assert_eq!(r.framing, BodyFraming::Chunked);
@@ -797,6 +815,8 @@ mod tests {
         };
         assert_eq!(ka("timeout=5"), Some(Duration::from_secs(5)));
         assert_eq!(ka("max=100, timeout = 15"), Some(Duration::from_secs(15)));
+        let two = h("HTTP/1.1 200 OK\r\nKeep-Alive: timeout=15\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(two.keep_alive_timeout, Some(Duration::from_secs(5)));
         assert_eq!(ka("timeout=soon"), None);
         assert_eq!(ka("max=5"), None);
         assert_eq!(ka("timeout=99999999999"), None);

@@ -38,13 +38,16 @@ use super::{proxy, Front, MAX_H2_STREAMS};
 pub const ABANDONED_BURST: f64 = 200.0;
 pub const ABANDONED_PER_SEC: f64 = 20.0;
 /// Send timeouts one answer may rest (its chunk held, the client granting it no credit) while
-/// the connection's other answers move: a paused video is no stall, but the connection's
-/// progress alone bounded nothing — a client that stopped reading every download and asked
+/// the connection's other answers move, before the connection is closed (GOAWAY, then cut a
+/// send timeout later): a paused video is no stall, but the connection's progress alone
+/// bounded nothing — a client that stopped reading every download and asked
 /// for a small page now and then (each answer moving as it ended) held them all for ever.
 pub const RESTING_TIMEOUTS: u32 = 5;
 
 /// Serves HTTP/2 on one client connection until it ends, the front shuts down, it has been
-/// idle for the idle time, or its client stalls an answer for the send timeout.
+/// idle for the idle time, or its client stalls an answer: for the send timeout with nothing
+/// else moving, or for [`RESTING_TIMEOUTS`] of them while others move (then it closes
+/// gracefully, and is cut a send timeout later).
 pub(super) async fn serve<I>(
     front: Front,
     io: I,
@@ -84,6 +87,8 @@ pub(super) async fn serve<I>(
     tokio::pin!(conn);
     let mut check = tokio::time::interval(send_timeout / 4);
     let mut closing = false;
+    // When a connection closing for a resting answer is cut, answers in flight or not.
+    let mut rest_cut: Option<Instant> = None;
     let r = loop {
         tokio::select! {
             r = conn.as_mut() => break r,
@@ -103,11 +108,30 @@ pub(super) async fn serve<I>(
                 return;
             }
             // Also while closing: a graceful shutdown waits for every answer.
-            _ = check.tick() => {
-                if let Some(held) = busy.stalled_for(send_timeout) {
+            _ = check.tick() => match busy.stalled_for(send_timeout) {
+                Some(Stall::Connection(held)) => {
                     info!(client = %crate::addr_text::Client(peer), held_secs = held.as_secs(), "HTTP/2 client took no answer data for the send timeout: connection closed");
                     return;
                 }
+                // One answer resting too long while others move: no new request on this
+                // connection (GOAWAY), and those in flight get a send timeout to finish
+                // (cutting at once cut every other tab's answers with it).
+                Some(Stall::Resting(held)) => match rest_cut {
+                    None => {
+                        info!(client = %crate::addr_text::Client(peer), held_secs = held.as_secs(), "HTTP/2 answer resting past its allowance: connection closing (GOAWAY; answers in flight may finish)");
+                        rest_cut = Some(Instant::now() + send_timeout);
+                        if !closing {
+                            closing = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                    }
+                    Some(at) if Instant::now() >= at => {
+                        info!(client = %crate::addr_text::Client(peer), held_secs = held.as_secs(), "HTTP/2 answer still resting after the GOAWAY: connection closed");
+                        return;
+                    }
+                    Some(_) => {}
+                },
+                None => {}
             }
         }
     };
@@ -184,17 +208,18 @@ impl Busy {
         }
     }
 
-    /// How long the longest-held answer chunk has waited, if `timeout` or more and no answer
-    /// of the connection moved meanwhile, or [`RESTING_TIMEOUTS`] times `timeout` or more
-    /// whatever moved.
-    fn stalled_for(&self, timeout: Duration) -> Option<Duration> {
+    /// Whether the longest-held answer chunk has waited `timeout` or more with no answer of
+    /// the connection moving meanwhile, or [`RESTING_TIMEOUTS`] times `timeout` or more while
+    /// others moved; and how long.
+    fn stalled_for(&self, timeout: Duration) -> Option<Stall> {
         let now = self.now_ms();
         let moved = self.progress.load(Ordering::Relaxed);
-        let limit = if Duration::from_millis(now.saturating_sub(moved)) < timeout {
-            timeout * RESTING_TIMEOUTS
-        } else {
-            timeout
-        };
+        let (limit, stall): (_, fn(Duration) -> Stall) =
+            if Duration::from_millis(now.saturating_sub(moved)) < timeout {
+                (timeout * RESTING_TIMEOUTS, Stall::Resting)
+            } else {
+                (timeout, Stall::Connection)
+            };
         let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
         answers.retain(|w| w.strong_count() > 0);
         let oldest = answers
@@ -204,8 +229,16 @@ impl Busy {
             .filter(|&since| since != 0)
             .min()?;
         let held = Duration::from_millis(now.saturating_sub(oldest));
-        (held >= limit).then_some(held)
+        (held >= limit).then(|| stall(held))
     }
+}
+
+/// An answer held too long ([`Busy::stalled_for`]), and for how long.
+enum Stall {
+    /// Nothing of the connection moved for the send timeout: the client took nothing.
+    Connection(Duration),
+    /// One answer rested [`RESTING_TIMEOUTS`] send timeouts while others moved.
+    Resting(Duration),
 }
 
 /// One open request of a [`Busy`] connection, until dropped.

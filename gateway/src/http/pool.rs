@@ -55,10 +55,10 @@ struct Idle {
 }
 
 /// How long a connection may sit idle here when the service's answer said `Keep-Alive:
-/// timeout=N` (`said`): a second less than `N` (its close may be on its way through the tunnel
-/// as the next request goes out; a POST then gets a 502, as it cannot be sent again), at most
-/// [`IDLE_TIMEOUT`]. Node.js says 5 s and closes at 5 s: connections kept 30 s failed requests
-/// sent 5 s apart.
+/// timeout=N` (`said`: what is left of `N`): a second less (its close may be on its way
+/// through the tunnel as the next request goes out; a POST then gets a 502, as it cannot be
+/// sent again), at most [`IDLE_TIMEOUT`]. Node.js says 5 s and closes at 5 s: connections kept
+/// 30 s failed requests sent 5 s apart.
 pub fn keep_for(said: Option<Duration>) -> Duration {
     match said {
         Some(t) => t.saturating_sub(Duration::from_secs(1)).min(IDLE_TIMEOUT),
@@ -113,9 +113,10 @@ impl Pool {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(key).or_default();
         // Pruned only when full; `sweep` prunes the rest every few seconds. The list is oldest
-        // first (pushed as they come back, taken from the end, swept in order), so the stale
-        // ones are a prefix: found by binary search, not by a pass over up to
-        // MAX_IDLE_PER_KEY entries on every answer while a wide burst keeps it full.
+        // first (pushed as they come back, taken from the end, swept in order), so those past
+        // IDLE_TIMEOUT (stale whatever their own time) are a prefix: found by binary search,
+        // not by a pass over up to MAX_IDLE_PER_KEY entries on every answer while a wide
+        // burst keeps it full. Ones past a shorter time of their own may stay until `sweep`.
         if list.len() >= MAX_IDLE_PER_KEY {
             let stale = list.partition_point(|c| now - c.since >= IDLE_TIMEOUT);
             list.drain(..stale);
@@ -217,14 +218,14 @@ pub(super) mod tests {
         assert!(pool.take(&key()).is_none(), "bytes nobody asked for");
     }
 
-    /// A service that said it closes idle connections after 1.3 s: its connections are
-    /// handed out for 300 ms; one that said 1 s is not kept at all.
+    /// A service that said it closes idle connections after 3 s: its connections are
+    /// handed out for 2 s; one that said 1 s is not kept at all.
     #[tokio::test]
     async fn a_service_keep_alive_timeout_bounds_reuse() {
         assert_eq!(keep_for(None), IDLE_TIMEOUT);
         assert_eq!(keep_for(Some(Duration::from_secs(300))), IDLE_TIMEOUT);
         assert_eq!(keep_for(Some(Duration::from_secs(1))), Duration::ZERO);
-        let said = Some(Duration::from_millis(1300));
+        let said = Some(Duration::from_secs(3));
         let pool = Pool::new();
         let (up, _keep) = conn(true);
         pool.put_for(key(), up, keep_for(said));
@@ -233,7 +234,7 @@ pub(super) mod tests {
         assert_eq!(pool.idle_count(), 1, "a 1 s keep-alive is not kept");
         let up = pool.take(&key()).expect("fresh");
         pool.put_for(key(), up, keep_for(said));
-        std::thread::sleep(Duration::from_millis(350));
+        std::thread::sleep(Duration::from_millis(2100));
         assert!(pool.take(&key()).is_none(), "handed out past its time");
     }
 

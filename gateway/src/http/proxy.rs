@@ -549,11 +549,14 @@ async fn forward(
 
     // The request line and `Host` are written as they are: built from what the server parsed,
     // the target holds no space or control byte and the host no control byte; and must not.
-    // Bytes past ASCII (a raw UTF-8 path from curl or a script) pass as they came, as
-    // nginx passes them.
+    // UTF-8 past ASCII (a raw path from curl or a script) passes as it came, as nginx passes
+    // it, but for the C1 controls (U+0080..U+009F): Python's http.server splits request
+    // lines at U+0085 as at a space.
+    let c1 = |t: &str| t.chars().any(|c| ('\u{80}'..='\u{9f}').contains(&c));
     if !target
         .bytes()
         .all(|b| b.is_ascii_graphic() || !b.is_ascii())
+        || (!target.is_ascii() && c1(&target))
         || host.bytes().any(|b| b.is_ascii_control())
     {
         return Err(ProxyError::BadTarget);
@@ -650,7 +653,7 @@ async fn drain(mut body: ProxyBody) {
 /// connection can turn out closed just as it is used (the service timed it out): a request
 /// not yet sent goes once more on a fresh connection; so does one that was sent but the
 /// connection ended before any answer, if it may be repeated ([`SendError::again`]), as nginx
-/// does for idempotent requests. The service's close and the request cross in flight, most
+/// does for idempotent requests; and a safe one whose tunnel was lost before the answer. The service's close and the request cross in flight, most
 /// often with services whose keep-alive timeout is shorter than the pool's (a few seconds is
 /// common).
 async fn send(
@@ -687,10 +690,11 @@ async fn send(
         true => front.pool().take(key),
         false => None,
     };
-    let (mut up, mut reused) = match pooled {
+    let (mut up, reused) = match pooled {
         Some(up) => (up, true),
         None => (connect(front, key, peer).await?, false),
     };
+    let mut retried = false;
     loop {
         let r = tokio::select! {
             r = up.send(out) => Ok(r),
@@ -723,11 +727,13 @@ async fn send(
                     });
                 }
                 match again {
-                    Some(o) if reused => {
-                        debug!(app = %key.app, device = %key.device, %error,
-                            "pooled connection ended before answering; request sent again on a new one");
+                    // Once: a kept connection the service closed as the request crossed it,
+                    // or a tunnel lost under a safe request (the device's agent reconnected).
+                    Some(o) if !retried && (reused || error.tunnel_lost()) => {
+                        debug!(app = %key.app, device = %key.device, %error, reused,
+                            "connection ended before answering; request sent again on a new one");
                         out = o;
-                        reused = false;
+                        retried = true;
                         up = connect(front, key, peer).await?;
                     }
                     _ => {

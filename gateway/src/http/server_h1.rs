@@ -306,10 +306,16 @@ pub fn encode_response_head(
         RespBody::Chunked => line(out, b"transfer-encoding", b"chunked"),
         RespBody::None | RespBody::UntilClose => {}
     }
-    match conn {
-        ConnHeader::Default => {}
-        ConnHeader::Close => line(out, b"connection", b"close"),
-        ConnHeader::KeepAlive => line(out, b"connection", b"keep-alive"),
+    // A 426's Upgrade is listed in Connection, as whoever sends Upgrade must (RFC 9110 §7.8).
+    let upgrade_listed =
+        status == StatusCode::UPGRADE_REQUIRED && hdrs.contains_key(header::UPGRADE);
+    match (conn, upgrade_listed) {
+        (ConnHeader::Default, false) => {}
+        (ConnHeader::Default, true) => line(out, b"connection", b"upgrade"),
+        (ConnHeader::Close, false) => line(out, b"connection", b"close"),
+        (ConnHeader::Close, true) => line(out, b"connection", b"upgrade, close"),
+        (ConnHeader::KeepAlive, false) => line(out, b"connection", b"keep-alive"),
+        (ConnHeader::KeepAlive, true) => line(out, b"connection", b"upgrade, keep-alive"),
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -515,6 +521,23 @@ mod tests {
             s.starts_with("HTTP/1.1 101 Switching Protocols\r\n")
                 && s.contains("upgrade: websocket\r\n")
                 && s.contains("connection: upgrade\r\n"),
+            "{s}"
+        );
+        // A 426 says what to upgrade to, listed in Connection as any Upgrade must be.
+        let mut out = Vec::new();
+        encode_response_head(
+            StatusCode::UPGRADE_REQUIRED,
+            &up,
+            RespBody::Length(0),
+            ConnHeader::KeepAlive,
+            date,
+            &mut out,
+        );
+        let s = String::from_utf8(out).unwrap();
+        assert!(
+            s.contains("upgrade: websocket\r\n")
+                && s.contains("connection: upgrade, keep-alive\r\n")
+                && s.matches("connection:").count() == 1,
             "{s}"
         );
     }

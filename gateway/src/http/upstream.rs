@@ -268,7 +268,8 @@ impl UpstreamError {
 /// A failed [`Upstream::send`]. `again` gives the request back when it can go once more on
 /// another connection: nothing of it was written, or it has no body, an idempotent method
 /// (RFC 9110 §9.2.2) and the connection ended before any answer (the service closed an idle
-/// keep-alive connection as the request crossed it, as nginx retries).
+/// keep-alive connection as the request crossed it, as nginx retries), or it has no body, a
+/// safe method and the tunnel was lost before any answer.
 #[derive(Debug)]
 pub struct SendError {
     pub error: UpstreamError,
@@ -281,6 +282,10 @@ pub struct Outgoing {
     head_request: bool,
     /// Bodiless and idempotent: may go again whole after a connection ended unanswered.
     replayable: bool,
+    /// Bodiless and safe (GET, HEAD, OPTIONS): may go again after the tunnel was lost
+    /// before the answer, though the service may have had it (its agent hands requests on
+    /// before the loss is seen).
+    safe: bool,
     body: Option<ReqBody>,
 }
 
@@ -324,10 +329,13 @@ impl Outgoing {
                     | Method::PUT
                     | Method::DELETE
             );
+        let safe = framing == ReqFraming::Empty
+            && matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
         Outgoing {
             head: Bytes::from(head),
             head_request: *method == Method::HEAD,
             replayable,
+            safe,
             body,
         }
     }
@@ -515,8 +523,9 @@ impl Upstream {
                 Ok(UpBody::response(self, head, writer))
             }
             Err(error) => {
-                let again = (out.replayable && (error.ended_unanswered() || error.tunnel_lost()))
-                    .then_some(out);
+                let again = ((out.replayable && error.ended_unanswered())
+                    || (out.safe && error.tunnel_lost()))
+                .then_some(out);
                 Err(SendError { error, again })
             }
         }
@@ -584,8 +593,11 @@ pub struct UpBody {
     /// The rest of the request body (the service answered before reading all of it).
     writer: Option<ReqBody>,
     keep_alive: bool,
-    /// How long the connection may then wait in the pool ([`super::pool::keep_for`]).
-    keep: std::time::Duration,
+    /// How long the service said it keeps an idle connection, and when its answer's head
+    /// came: its timer runs from when it finished writing, which may be long before a slow
+    /// client took the last byte, and is taken to run from the head ([`UpBody::finish`]).
+    keep_said: Option<std::time::Duration>,
+    head_at: std::time::Instant,
     home: Option<(Arc<Pool>, PoolKey)>,
     /// How long the service may keep the rest of its answer waiting ([`UpBody::read_timeout`]).
     stall: Option<super::deadline::Stall>,
@@ -618,7 +630,8 @@ impl UpBody {
             // of the rest (it may read it as the start of its next request — the CL.0 desync),
             // this connection must not carry another client's request.
             keep_alive: head.keep_alive && !upgrade && writer.is_none(),
-            keep: super::pool::keep_for(head.keep_alive_timeout),
+            keep_said: head.keep_alive_timeout,
+            head_at: std::time::Instant::now(),
             writer,
             home: None,
             stall: None,
@@ -664,7 +677,10 @@ impl UpBody {
             conn.buf.is_empty(),
             self.home.take(),
         ) {
-            pool.put_for(key, conn, self.keep);
+            let left = self
+                .keep_said
+                .map(|t| t.saturating_sub(self.head_at.elapsed()));
+            pool.put_for(key, conn, super::pool::keep_for(left));
         }
     }
 
@@ -1331,7 +1347,7 @@ mod tests {
     impl UpIo for LostTunnel {}
 
     /// A tunnel lost before the answer is said to be one (it was "device sent no valid HTTP
-    /// answer"), and a GET is given back to be sent again on a new stream.
+    /// answer"), and a GET (safe) is given back to be sent again on a new stream.
     #[tokio::test]
     async fn a_tunnel_lost_before_the_answer_is_told_and_repeatable_requests_go_again() {
         let e = Upstream::new(LostTunnel).send(get("/x")).await.unwrap_err();
@@ -1351,6 +1367,13 @@ mod tests {
         let e = Upstream::new(LostTunnel).send(post).await.unwrap_err();
         assert!(e.error.tunnel_lost());
         assert!(e.again.is_none(), "a POST is not repeated");
+        // Idempotent but not safe: the service may have done it before the loss.
+        let delete = request(Method::DELETE, &[], body::full(""));
+        let e = Upstream::new(LostTunnel).send(delete).await.unwrap_err();
+        assert!(
+            e.again.is_none(),
+            "a DELETE is not repeated after a tunnel loss"
+        );
     }
 
     #[tokio::test]
