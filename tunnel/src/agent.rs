@@ -104,7 +104,8 @@ struct LinkState {
     up_since: Option<Instant>,
     /// The address of the current (or last good) connection: dialed first next time.
     addr: Option<SocketAddr>,
-    /// When the last connection ended (None while up, or before the first).
+    /// When the link was last lost after being up (None: never up). Failed redials and
+    /// sessions that end within [`HEALTHY_AFTER`] of a loss do not move it.
     down_since: Option<Instant>,
     /// The gateway's addresses from the zone config, in its order (a newer config may change
     /// them: the next dial uses the new ones).
@@ -112,19 +113,31 @@ struct LinkState {
 }
 
 impl LinkState {
+    /// When a link that is not usable now (`now`) was lost: now if it is connected (draining)
+    /// or was never up, else when its last session that counts ended.
+    fn lost_at(&self, now: Instant) -> Instant {
+        match self.conn {
+            Some(_) => now,
+            None => self.down_since.unwrap_or(now),
+        }
+    }
+
     /// The current session is over (ended, or dropped with its retired link): no connection,
-    /// control session or flows. When it came up (if it did) and its flows. The link is down
-    /// from now if the session had come up (or it never was); a dial that failed does not
-    /// move the time it went down: direct paths outlive their permits during an outage by
-    /// when the gateways were lost ([`Agent::gateways_lost_at`]), and a retry every 30 s made
-    /// that "just now" for ever, so they stopped taking new streams 15 minutes in.
+    /// control session or flows. When it came up (if it did) and its flows. The link is lost
+    /// from now if the session had come up, the first time or for [`HEALTHY_AFTER`]; a dial
+    /// that failed, or a session the gateway closed at once (draining, replaced), does not
+    /// move the time it was lost: direct paths outlive their permits during an outage by when
+    /// the gateways were lost ([`Agent::gateways_lost_at`]), and a retry every 30 s made that
+    /// "just now" for ever, so they stopped taking new streams 15 minutes in.
     fn session_over(&mut self) -> (Option<Instant>, Option<Flows>) {
         self.conn = None;
         self.ctl = None;
         self.draining = false;
         let up_since = self.up_since.take();
-        if up_since.is_some() || self.down_since.is_none() {
-            self.down_since = Some(Instant::now());
+        if let Some(up) = up_since {
+            if self.down_since.is_none() || up.elapsed() >= HEALTHY_AFTER {
+                self.down_since = Some(Instant::now());
+            }
         }
         (up_since, self.flows.take())
     }
@@ -483,7 +496,7 @@ impl Agent {
             // When this link stopped being usable, for `gateways_lost_at` should none remain.
             let lost = match link.usable() {
                 Some(_) => now,
-                None => link.state.lock().unwrap_or_else(|p| p.into_inner()).down_since.unwrap_or(now),
+                None => link.state.lock().unwrap_or_else(|p| p.into_inner()).lost_at(now),
             };
             retired_lost = Some(retired_lost.map_or(lost, |t| t.max(lost)));
             if self.cfg.creds.is_revoked(&link.name) {
@@ -829,7 +842,6 @@ impl Agent {
             s.last_error = None;
             s.up_since = Some(Instant::now());
             s.addr = Some(addr);
-            s.down_since = None;
         });
         // A zone config revoking this gateway may have been adopted (from another gateway)
         // while this handshake ran: `zone_adopted` found no connection to close then.
@@ -1447,7 +1459,8 @@ impl Agent {
     }
 
     /// When this agent lost its last usable gateway link, if it has none now. A link that is
-    /// draining or was never up counts as lost just now.
+    /// draining counts as lost just now; one never up does not count (a link added during an
+    /// outage moved the loss to its first failed dial), unless none was ever up: then now.
     fn gateways_lost_at(&self) -> Option<Instant> {
         let now = Instant::now();
         let (list, emptied) = {
@@ -1462,15 +1475,14 @@ impl Agent {
             if l.usable().is_some() {
                 return None;
             }
-            let t = l
-                .state
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .down_since
-                .unwrap_or(now);
-            latest = Some(latest.map_or(t, |x| x.max(t)));
+            let s = l.state.lock().unwrap_or_else(|p| p.into_inner());
+            // Never up: no loss to count.
+            if s.conn.is_some() || s.down_since.is_some() {
+                let t = s.lost_at(now);
+                latest = Some(latest.map_or(t, |x| x.max(t)));
+            }
         }
-        latest
+        latest.or(Some(now))
     }
 
     /// Usable gateway links for a stream to `device`: its own link first when it is a
@@ -1777,23 +1789,25 @@ mod tests {
     }
 
     #[test]
-    fn failed_dials_do_not_move_when_a_link_went_down() {
-        let mut s = LinkState {
-            up_since: Some(Instant::now()),
-            ..LinkState::default()
-        };
+    fn failed_dials_and_short_sessions_do_not_move_when_a_link_was_lost() {
+        let mut s = LinkState::default();
+        // Never up: never lost.
+        s.session_over();
+        assert_eq!(s.down_since, None);
+        s.up_since = Some(Instant::now());
         let (up, _) = s.session_over();
         assert!(up.is_some());
-        let down = s.down_since.expect("down once the session ended");
+        let down = s.down_since.expect("lost once its first session ended");
         std::thread::sleep(Duration::from_millis(5));
-        // Redials that never came up.
+        // Redials that never came up, and one the gateway closed at once.
         for _ in 0..3 {
             assert!(s.session_over().0.is_none());
         }
-        assert_eq!(s.down_since, Some(down));
-        // A session that came up and ended again: down from its end.
         s.up_since = Some(Instant::now());
-        s.down_since = None;
+        s.session_over();
+        assert_eq!(s.down_since, Some(down));
+        // A session that was up a while and ended: lost from its end.
+        s.up_since = Some(Instant::now() - HEALTHY_AFTER);
         s.session_over();
         assert!(s.down_since.is_some_and(|t| t > down));
     }

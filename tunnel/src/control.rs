@@ -218,6 +218,9 @@ pub struct ControlIo {
 
 impl ControlIo {
     pub fn new(send: SendStream, recv: RecvStream, session: ControlSession) -> Self {
+        // Ahead of the connection's data streams: when slow readers hold the connection's
+        // flow-control window, what it gives back goes to control messages first.
+        let _ = send.set_priority(1);
         ControlIo {
             send,
             recv,

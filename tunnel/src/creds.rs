@@ -38,6 +38,9 @@ pub struct DeviceCreds {
     saving: Arc<std::sync::Mutex<()>>,
     /// Saves of adopted configs under way in the blocking pool ([`DeviceCreds::saved`]).
     saves: tokio_util::task::TaskTracker,
+    /// Refused zone.json files being set aside there (apart from `saves`: a save pending
+    /// means the file will be replaced anyway; a set-aside does not).
+    asides: tokio_util::task::TaskTracker,
 }
 
 fn bad(path: &Path, what: &str, e: impl std::fmt::Display) -> TunnelError {
@@ -135,6 +138,7 @@ impl DeviceCreds {
             zone_path: Some(p.zone_config.clone()),
             saving: Arc::default(),
             saves: tokio_util::task::TaskTracker::new(),
+            asides: tokio_util::task::TaskTracker::new(),
         }))
     }
 
@@ -249,10 +253,12 @@ impl DeviceCreds {
     /// (and its revocations) until a peer offered the newer one again.
     pub async fn saved(&self, within: std::time::Duration) {
         self.saves.close();
-        if tokio::time::timeout(within, self.saves.wait())
-            .await
-            .is_err()
-        {
+        self.asides.close();
+        let both = async {
+            self.saves.wait().await;
+            self.asides.wait().await;
+        };
+        if tokio::time::timeout(within, both).await.is_err() {
             tracing::warn!("an adopted zone config is still being written back to the bundle; stopping without waiting longer");
         }
     }
@@ -323,7 +329,7 @@ impl DeviceCreds {
         let ours = self.zone().to_json_pretty();
         let work = move || report_set_aside(set_aside(&p, &saving, &refused, &ours));
         match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(self.saves.spawn_blocking_on(work, &rt)),
+            Ok(rt) => drop(self.asides.spawn_blocking_on(work, &rt)),
             Err(_) => work(),
         }
     }
@@ -389,7 +395,10 @@ impl DeviceCreds {
         if OffsetDateTime::now_utc() < warn_at {
             sleep_until_utc(warn_at).await;
             let left = not_after - OffsetDateTime::now_utc();
-            tracing::warn!(days_left = left.whole_days(), not_after = %not_after, "this device's certificate expires soon: {renew}");
+            // Not when the clock jumped past the end meanwhile: the error below says it.
+            if left.is_positive() {
+                tracing::warn!(days_left = left.whole_days(), not_after = %not_after, "this device's certificate expires soon: {renew}");
+            }
         }
         if OffsetDateTime::now_utc() < not_after {
             sleep_until_utc(not_after).await;

@@ -60,6 +60,23 @@ pub const CLOSE_REVOKED: u32 = 3;
 pub const CLOSE_PROTOCOL: u32 = 4;
 /// The device's certificate expired while its connection was up.
 pub const CLOSE_EXPIRED: u32 = 5;
+/// The device took nothing of its control stream for [`CONTROL_STALL_TIMEOUTS`] idle timeouts.
+pub const CLOSE_STALLED: u32 = 6;
+/// Idle timeouts the hub's control messages may wait for a device to read them before its
+/// session ends: several, as a connection whose flow-control window slow (but reading)
+/// services filled also holds them back, if less so (the control stream goes first).
+pub const CONTROL_STALL_TIMEOUTS: u32 = 4;
+
+/// How a control session ended ([`Hub::run_control`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SessionEnd {
+    /// The connection or the stream ended, or the device said why.
+    Ended,
+    /// The device broke the protocol: the session's `Error` is written before the close.
+    Broke,
+    /// The device read nothing of its control stream for too long.
+    Stalled,
+}
 
 /// Closes `conn` (to `device`) when the device's certificate ends (`not_after`), unless it
 /// closes first: certificates are checked at the handshake, and a connection may stay up for
@@ -566,7 +583,10 @@ impl Hub {
         info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "tunnel hub listening (QUIC, ALPN zonegate/1)");
         tokio::spawn(self.clone().sweep_holds(shutdown.clone()));
         tokio::spawn(self.clone().revoke_permits(shutdown.clone()));
-        let expiry = tokio::spawn(self.0.cfg.creds.clone().watch_own_expiry());
+        // Ends with this future, however it ends.
+        let _expiry = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+            self.0.cfg.creds.clone().watch_own_expiry(),
+        ));
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -587,7 +607,6 @@ impl Hub {
                 }
             });
         }
-        expiry.abort();
         self.drain(&endpoint, grace).await;
         self.0.cfg.creds.saved(Duration::from_secs(5)).await;
     }
@@ -759,8 +778,9 @@ impl Hub {
                 ErrorCode::ProtocolViolation,
                 "hello names another device than the certificate",
             );
-            // Bounded: a peer that does not read (zero stream window) must not hold this.
-            let _ = tokio::time::timeout(t.handshake_timeout, io.flush()).await;
+            // Bounded: a peer that does not read (zero stream window) must not hold this. And
+            // acknowledged before the close, which would discard it undelivered.
+            io.finish_within(t.handshake_timeout).await;
             conn.close(CLOSE_PROTOCOL.into(), b"hello device mismatch");
             return Err(TunnelError::Config(format!(
                 "{device}: hello claims to be {}",
@@ -865,21 +885,26 @@ impl Hub {
         let services: Vec<&str> = hello.services.iter().map(|s| s.name.as_str()).collect();
         info!(device = %device, addr = %remote, session = session_id, services = ?services, agent = %hello.agent_version, "tunnel up");
 
-        tokio::spawn(self.clone().accept_streams(link.clone()));
-        tokio::spawn(self.clone().read_datagrams(link.clone()));
+        let accepting = tokio::spawn(self.clone().accept_streams(link.clone()));
+        let datagrams = tokio::spawn(self.clone().read_datagrams(link.clone()));
         // The certificate was checked at the handshake; the connection, kept alive for as long
         // as the device likes, must not outlive it. A task of its own: the control loop can
         // wait on a device that reads nothing.
         tokio::spawn(close_at_expiry(conn.clone(), device.clone(), id.not_after));
-        let (reason, broke) = self.run_control(&link, &mut io, cmds).await;
+        let (reason, end) = self.run_control(&link, &mut io, cmds).await;
 
         let removed = self.forget(&device, session_id);
-        if broke {
-            // The Error the session ended on, if the device still reads: it says why.
-            io.finish_within(Duration::from_secs(1)).await;
-            conn.close(CLOSE_PROTOCOL.into(), b"control protocol violation");
-        } else {
-            conn.close(0u32.into(), b"");
+        // Out of the table, and taking no more of its streams or datagrams.
+        accepting.abort();
+        datagrams.abort();
+        match end {
+            SessionEnd::Broke => {
+                // The Error the session ended on, if the device still reads: it says why.
+                io.finish_within(Duration::from_secs(1)).await;
+                conn.close(CLOSE_PROTOCOL.into(), b"control protocol violation");
+            }
+            SessionEnd::Stalled => conn.close(CLOSE_STALLED.into(), b"control stream not read"),
+            SessionEnd::Ended => conn.close(0u32.into(), b""),
         }
         info!(
             device = %device,
@@ -905,17 +930,18 @@ impl Hub {
     }
 
     /// Runs the control session until the connection or the stream ends; returns why, and
-    /// whether the device broke the protocol (its connection is then closed with
+    /// how it ended ([`SessionEnd`]: one that broke the protocol is closed with
     /// [`CLOSE_PROTOCOL`], the session's `Error` written first, so the agent can say why).
     async fn run_control(
         &self,
         link: &Arc<AgentLink>,
         io: &mut ControlIo,
         mut cmds: control::ControlCmds,
-    ) -> (String, bool) {
-        // A device that stops reading its control stream is given as long as a silent
-        // connection is, then its session ends (its messages would wait for ever).
-        io.end_stalled_after(self.0.cfg.tuning.idle_timeout);
+    ) -> (String, SessionEnd) {
+        // A device that stops reading its control stream is given several times as long as
+        // a silent connection is, then its session ends (its messages would wait for ever).
+        let stall = self.0.cfg.tuning.idle_timeout * CONTROL_STALL_TIMEOUTS;
+        io.end_stalled_after(stall);
         loop {
             tokio::select! {
                 ev = io.next_event() => match ev {
@@ -923,22 +949,29 @@ impl Hub {
                         if broke && !io.session.is_closed() {
                             io.session.reject(ErrorCode::ProtocolViolation, &why);
                         }
-                        return (why, broke);
+                        let end = if broke { SessionEnd::Broke } else { SessionEnd::Ended };
+                        return (why, end);
                     },
-                    Ok(None) => return ("agent closed the control stream".into(), false),
+                    Ok(None) => return ("agent closed the control stream".into(), SessionEnd::Ended),
+                    Err(TunnelError::Timeout(CONTROL_NOT_READ)) => {
+                        let why = format!("agent read nothing of its control stream for {} s", stall.as_secs());
+                        return (why, SessionEnd::Stalled);
+                    }
                     Err(e) => {
-                        let stalled = matches!(e, TunnelError::Timeout(CONTROL_NOT_READ));
-                        let broke = stalled || io.session.is_closed();
-                        return (transport::stream_end(&link.conn, &e), broke);
+                        let end = match io.session.is_closed() {
+                            true => SessionEnd::Broke,
+                            false => SessionEnd::Ended,
+                        };
+                        return (transport::stream_end(&link.conn, &e), end);
                     }
                 },
                 cmd = cmds.recv() => match cmd {
                     Some(cmd) => if let Err(e) = cmd(&mut io.session) {
                         debug!(device = %link.device, error = %e, "control command not applied");
                     },
-                    None => return ("hub dropped the session".into(), false),
+                    None => return ("hub dropped the session".into(), SessionEnd::Ended),
                 },
-                e = link.conn.closed() => return (format!("connection closed: {e}"), false),
+                e = link.conn.closed() => return (format!("connection closed: {e}"), SessionEnd::Ended),
             }
         }
     }

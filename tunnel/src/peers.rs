@@ -453,9 +453,16 @@ impl Peers {
     /// The gateway's policy no longer lets `peer` reach `service` here: its permit goes, and
     /// the direct streams opened under it end. Whether there was one.
     pub fn revoke_permit(&self, peer: &str, service: &str) -> bool {
-        // Only for devices of the zone, as `on_peer_addr`: a gateway sending revocations for
-        // made-up names grew the table without bound.
-        if self.creds.noise_public_of(peer).is_err() {
+        // A name the table does not hold is recorded only for a device of the zone, as
+        // `on_peer_addr`: a gateway sending revocations for made-up names grew the table
+        // without bound. One it holds always loses the permit (a device the zone no longer
+        // lists, without a revocation, kept its permit and direct streams).
+        let known = self
+            .table
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(peer);
+        if !known && self.creds.noise_public_of(peer).is_err() {
             return false;
         }
         self.with(peer, |s| {
