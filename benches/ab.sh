@@ -27,7 +27,8 @@
 #          Gbit/s and CPU seconds per GB as for bulk
 #   Every line ends with the whole machine's idle and stolen CPU shares over the measurement
 #   (/proc/stat): a round the hypervisor stole from is disturbed, not a property of the variant.
-#   ROUNDS=4 rounds; each round starts every variant afresh (gateway + node), order as given.
+#   ROUNDS=4 rounds; each round starts every variant afresh (gateway + node), the order
+#            rotated by one each round (give as many rounds as variants, or a multiple).
 # Runs as root in a private network namespace like the other scripts (benches/lib.sh).
 set -euo pipefail
 
@@ -142,7 +143,9 @@ hz=$(getconf CLK_TCK)
 export NSTAT_HISTORY=$tmp/nstat.history # nstat keeps its history per user, not per namespace
 
 for ((round = 1; round <= ROUNDS; round++)); do
-  for v in "$@"; do
+  # Rotated each round: whoever runs first in a round reads higher on this VM.
+  k=$(((round - 1) % $#))
+  for v in "${@:k+1}" "${@:1:k}"; do
     bin=${v%@*}
     threads= gw_threads=
     [[ $v == *@* ]] && threads=${v##*@}

@@ -24,8 +24,10 @@ tool_hint() {
     h2load) echo "apt-get install -y nghttp2-client" ;;
     nginx) echo "apt-get install -y nginx-light" ;;
     python3) echo "apt-get install -y python3" ;;
-    rathole) echo "cargo install rathole" ;;
-    bore) echo "cargo install bore-cli" ;;
+    rathole) echo "cargo install rathole (under sudo, on root's PATH: ~root/.cargo/bin, or set PATH)" ;;
+    bore) echo "cargo install bore-cli (under sudo, on root's PATH: ~root/.cargo/bin, or set PATH)" ;;
+    cargo) echo "https://rustup.rs (or give ZONEGATE= and EXAMPLES_DIR= built elsewhere)" ;;
+    ps) echo "apt-get install -y procps" ;;
     dnsperf) echo "apt-get install -y dnsperf" ;;
     dig) echo "apt-get install -y bind9-dnsutils" ;;
     openssl) echo "apt-get install -y openssl" ;;

@@ -250,7 +250,9 @@ def get(runs, test, contender, metric):
     for line in open(runs):
         r = json.loads(line)
         v = r["metrics"].get(metric)
-        if r["test"] == test and r["contender"] == contender and isinstance(v, (int, float)):
+        # Measured rounds without errors only (rep 0 is run.sh's warm-up).
+        if (r["test"] == test and r["contender"] == contender and r.get("rep") != 0
+                and not r["metrics"].get("errors") and isinstance(v, (int, float))):
             vals.append(v)
     print(statistics.median(vals) if vals else "")
 
@@ -261,6 +263,17 @@ def sh(cmd):
         return (out.stdout + out.stderr).strip().splitlines()[0].strip()
     except Exception:
         return None
+
+
+def sha256_of(path):
+    if not path or not os.path.exists(path):
+        return None
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def assemble(runs, out_path):
@@ -283,6 +296,9 @@ def assemble(runs, out_path):
         },
         "zonegate": {
             "binary": env.get("ZONEGATE"),
+            # The binary itself, to tell which build ran: the commit is the repository's at
+            # run time, which a given ZONEGATE= need not have been built from.
+            "sha256": sha256_of(env.get("ZONEGATE")),
             "commit": sh(f"git -C {repo} rev-parse --short HEAD"),
             "dirty": bool(sh(f"git -C {repo} status --porcelain --untracked-files=no")),
         },

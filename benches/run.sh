@@ -40,6 +40,9 @@ set -euo pipefail
 
 SECS=${SECS:-10}
 REPS=${REPS:-3}
+# A round of WARMUP_SECS per contender before the measured ones, not recorded (0: none): the
+# first contender of a section otherwise ran on a cold machine and read higher.
+WARMUP_SECS=${WARMUP_SECS:-3}
 CONNS=${CONNS:-32}
 THREADS=${THREADS:-1}
 HALF_CLIENTS=${HALF_CLIENTS:-16}
@@ -55,7 +58,10 @@ OUT=${OUT:-$bench_dir/results}
 if ! in_netns "$@"; then
   sections=("$@")
   ((${#sections[@]})) || sections=(bulk conn http mem wan)
-  tools=(python3 unshare)
+  # ip brings loopback up in every section's namespace; ps lists processes; cargo builds
+  # what ZONEGATE/EXAMPLES_DIR do not give.
+  tools=(python3 unshare ip ps)
+  [[ -n ${ZONEGATE:-} && -n ${EXAMPLES_DIR:-} ]] || tools+=(cargo)
   for s in "${sections[@]}"; do
     case $s in
       bulk) tools+=(iperf3 nginx rathole bore) ;;
@@ -81,7 +87,7 @@ if ! in_netns "$@"; then
   if ((${#examples[@]})); then build_examples "${examples[@]}"; fi
   mkdir -p "$OUT"
   OUT=$(realpath "$OUT")
-  export SECS REPS CONNS THREADS HALF_CLIENTS AGENTS IDLE_CONNS SETTLE WAN_RTT_MS REPORT OUT
+  export SECS REPS WARMUP_SECS CONNS THREADS HALF_CLIENTS AGENTS IDLE_CONNS SETTLE WAN_RTT_MS REPORT OUT
   enter_netns "$0" "${sections[@]}"
 fi
 
@@ -104,8 +110,8 @@ export BENCH_DATE REPO_DIR=$repo_dir LOAD_BEFORE SECTIONS="${sections[*]}"
 BENCH_DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 export BENCH_PARAMS
-BENCH_PARAMS=$(printf '{"secs":%s,"reps":%s,"conns":%s,"threads":%s,"half_clients":%s,"agents":%s,"idle_conns":%s,"settle":%s,"wan_rtt_ms":%s}' \
-  "$SECS" "$REPS" "$CONNS" "$THREADS" "$HALF_CLIENTS" "$AGENTS" "$IDLE_CONNS" "$SETTLE" "$WAN_RTT_MS")
+BENCH_PARAMS=$(printf '{"secs":%s,"reps":%s,"warmup_secs":%s,"conns":%s,"threads":%s,"half_clients":%s,"agents":%s,"idle_conns":%s,"settle":%s,"wan_rtt_ms":%s}' \
+  "$SECS" "$REPS" "$WARMUP_SECS" "$CONNS" "$THREADS" "$HALF_CLIENTS" "$AGENTS" "$IDLE_CONNS" "$SETTLE" "$WAN_RTT_MS")
 
 echo "# zonegate benchmark: $BENCH_DATE, $(machine_line)"
 echo "# sections: ${sections[*]}; SECS=$SECS REPS=$REPS CONNS=$CONNS THREADS=$THREADS; load before: $LOAD_BEFORE"
@@ -121,6 +127,12 @@ TUNNELS=(direct zonegate rathole-tcp rathole-noise bore)
 HTTP_PATHS=(direct nginx-rp zonegate-front zonegate-tcp rathole-tcp rathole-noise nginx-rp-tls zonegate-front-tls)
 HALF_PATHS=(direct nginx-rp zonegate-front)
 FRONT_CONN_PATHS=(nginx-rp zonegate-front nginx-rp-tls zonegate-front-tls)
+
+# first_rep - 0 when a warm-up round runs (WARMUP_SECS), else 1.
+first_rep() { if ((WARMUP_SECS > 0)); then echo 0; else echo 1; fi; }
+# rep_secs REP - the seconds of a measurement in round REP (0: the warm-up).
+rep_secs() { if (($1 == 0)); then echo "$WARMUP_SECS"; else echo "$MAIN_SECS"; fi; }
+MAIN_SECS=$SECS
 
 # rotated REP NAME... - NAME... rotated left by REP-1, so no contender always runs first.
 rotated() {
@@ -235,7 +247,9 @@ EOF
 run_bulk() {
   echo "## bulk TCP throughput: iperf3 -t $SECS, upload and download (-R), Gbit/s"
   local rep c f
-  for ((rep = 1; rep <= REPS; rep++)); do
+  for ((rep = $(first_rep); rep <= REPS; rep++)); do
+    local SECS
+    SECS=$(rep_secs "$rep")
     for c in $(rotated "$rep" "${TUNNELS[@]}"); do
       f=$tmp/iperf.json
       cpu_mark
@@ -251,7 +265,9 @@ run_bulk() {
 run_conn() {
   echo "## new connections/s: wrk -t$THREADS -c$CONNS -d${SECS}s -H 'Connection: close' -> nginx"
   local rep c
-  for ((rep = 1; rep <= REPS; rep++)); do
+  for ((rep = $(first_rep); rep <= REPS; rep++)); do
+    local SECS
+    SECS=$(rep_secs "$rep")
     for c in $(rotated "$rep" "${TUNNELS[@]}"); do
       cpu_mark
       timeout $((SECS + 30)) wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --timeout 10s \
@@ -268,7 +284,9 @@ wrk_paths() {
   shift
   while (($#)) && [[ $1 != -- ]]; do paths+=("$1"); shift; done
   (($#)) && { shift; extra=("$@"); }
-  for ((rep = 1; rep <= REPS; rep++)); do
+  for ((rep = $(first_rep); rep <= REPS; rep++)); do
+    local SECS
+    SECS=$(rep_secs "$rep")
     for c in $(rotated "$rep" "${paths[@]}"); do
       scheme=http
       [[ $c == *-tls ]] && scheme=https
@@ -296,7 +314,9 @@ run_http() {
   rate=$(python3 -c "print(round($max / 2))")
   per=$(python3 -c "print(round($max / 2 / $HALF_CLIENTS, 1))")
   echo "## latency at half of the front's maximum ($max req/s): h2load --h1 -c$HALF_CLIENTS --rps $per (= $rate req/s) -D $SECS"
-  for ((rep = 1; rep <= REPS; rep++)); do
+  for ((rep = $(first_rep); rep <= REPS; rep++)); do
+    local SECS
+    SECS=$(rep_secs "$rep")
     for c in $(rotated "$rep" "${HALF_PATHS[@]}"); do
       rm -f "$tmp/h2.log"
       cpu_mark
@@ -367,7 +387,7 @@ EOF
     parse put "$runs" mem-gateway agents 1 agents="$AGENTS" connected=$((n - 1)) \
       log_warnings="$warns" log_errors="$errs" \
       gw_empty_kib="$gw_empty" gw_one_agent_kib="$gw_one" gw_with_agents_kib="$gw_n" \
-      per_agent_kib="$(python3 -c "print(round(($gw_n - $gw_one) / $AGENTS, 2))")" \
+      per_agent_kib="$(python3 -c "print(round(($gw_n - $gw_one) / max($n - 1, 1), 2))")" \
       sim_rss_kib="$sim_rss" sim_exit="$rc" \
       connect_secs="$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['connect_secs'])" "$line")"
   fi
@@ -517,7 +537,9 @@ print(round(statistics.median(ts), 2))')
   echo "  link: ${WAN_RTT_MS} ms round trip configured; a TCP connect across it takes ${rtt} ms (median of 20)"
 
   local rep
-  for ((rep = 1; rep <= REPS; rep++)); do
+  for ((rep = $(first_rep); rep <= REPS; rep++)); do
+    local SECS
+    SECS=$(rep_secs "$rep")
     for c in $(rotated "$rep" "${TUNNELS[@]}"); do
       cpu_mark
       timeout $((SECS + 30)) wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --timeout 10s --latency \
@@ -527,7 +549,9 @@ print(round(statistics.median(ts), 2))')
   done
   echo "## bulk TCP throughput over the link: iperf3 -t $SECS, upload (VPS -> home) and download (-R)"
   local f=$tmp/iperf.json
-  for ((rep = 1; rep <= REPS; rep++)); do
+  for ((rep = $(first_rep); rep <= REPS; rep++)); do
+    local SECS
+    SECS=$(rep_secs "$rep")
     for c in $(rotated "$rep" "${TUNNELS[@]}"); do
       cpu_mark
       timeout $((SECS + 30)) iperf3 -c "${iperf[$c]%:*}" -p "${iperf[$c]##*:}" -t "$SECS" -J >"$f" 2>&1 || true
