@@ -28,15 +28,36 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Time Ctrl-C waits for tasks to stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 
-fn free_tcp() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-fn free_udp() -> anyhow::Result<u16> {
-    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// Loopback ports free now for the demo: QUIC (UDP), HTTP, admin (TCP), the zone DNS (UDP and
+/// TCP: it binds both on one port), the echo app and home2's forward (TCP). All are held until
+/// all are picked, so no two are the same (a DNS port taken for UDP only failed its TCP bind
+/// now and then).
+fn free_ports() -> anyhow::Result<[u16; 6]> {
+    use std::net::{TcpListener, UdpSocket};
+    let port = |a: SocketAddr| a.port();
+    let quic = UdpSocket::bind("127.0.0.1:0")?;
+    let http = TcpListener::bind("127.0.0.1:0")?;
+    let admin = TcpListener::bind("127.0.0.1:0")?;
+    let echo = TcpListener::bind("127.0.0.1:0")?;
+    let fwd = TcpListener::bind("127.0.0.1:0")?;
+    let mut dns = None;
+    for _ in 0..100 {
+        let udp = UdpSocket::bind("127.0.0.1:0")?;
+        if let Ok(tcp) = TcpListener::bind(udp.local_addr()?) {
+            dns = Some((udp, tcp));
+            break;
+        }
+    }
+    let (dns, _dns_tcp) =
+        dns.ok_or_else(|| anyhow::anyhow!("no loopback port free for both UDP and TCP"))?;
+    Ok([
+        port(quic.local_addr()?),
+        port(http.local_addr()?),
+        port(admin.local_addr()?),
+        port(dns.local_addr()?),
+        port(echo.local_addr()?),
+        port(fwd.local_addr()?),
+    ])
 }
 
 fn bundle(zone: &Path, name: &str) -> BundlePaths {
@@ -168,7 +189,20 @@ async fn echo_check(addr: SocketAddr) -> anyhow::Result<()> {
 pub fn run(dir: Option<PathBuf>, check: bool) -> anyhow::Result<()> {
     let tmp;
     let dir = match dir {
-        Some(d) => d,
+        Some(d) => {
+            // The demo writes a zone, a policy and a share here: into a directory that holds
+            // other files (a repository, a gateway's bundle with its watched policies) it
+            // would write over them.
+            let used = std::fs::read_dir(&d).map(|mut e| e.next().is_some());
+            if matches!(used, Ok(true)) || (d.exists() && !d.is_dir()) {
+                return Err(crate::cmd::UsageError(format!(
+                    "--dir {}: is not an empty directory; give a new or empty one (the demo writes a zone, a policy and files to share there)",
+                    d.display()
+                ))
+                .into());
+            }
+            d
+        }
         None => {
             tmp = tempfile::Builder::new()
                 .prefix("zonegate-demo-")
@@ -216,12 +250,9 @@ async fn stop_signal() -> &'static str {
 }
 
 async fn run_async(dir: PathBuf, check: bool) -> anyhow::Result<()> {
-    let quic: SocketAddr = format!("127.0.0.1:{}", free_udp()?).parse()?;
-    let http: SocketAddr = format!("127.0.0.1:{}", free_tcp()?).parse()?;
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp()?).parse()?;
-    // A port free for both UDP and TCP, for the zone's DNS.
-    let dns: SocketAddr = format!("127.0.0.1:{}", free_udp()?).parse()?;
-    let echo_port = free_tcp()?;
+    let [quic, http, admin, dns, echo_port, fwd_port] = free_ports()?;
+    let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let (quic, http, admin, dns) = (at(quic), at(http), at(admin), at(dns));
     let zdir = make_zone(&dir, quic)
         .with_context(|| format!("creating the demo zone in {}", dir.display()))?;
     let share = write_share(&dir)?;
@@ -281,7 +312,7 @@ async fn run_async(dir: PathBuf, check: bool) -> anyhow::Result<()> {
     }
 
     // The two node agents.
-    let fwd: SocketAddr = format!("127.0.0.1:{}", free_tcp()?).parse()?;
+    let fwd = at(fwd_port);
     let start_agent =
         |name: &str, svcs: Vec<(&str, SocketAddr)>, forwards: Vec<Forward>| -> anyhow::Result<_> {
             let creds = DeviceCreds::load(&bundle(&zdir, name), None)?;

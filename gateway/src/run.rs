@@ -197,6 +197,24 @@ impl Gateway {
         opts: GatewayOptions,
         shutdown: CancellationToken,
     ) -> Result<Self, StartError> {
+        // The checks of files first, before any socket: a mistyped [[tls]] path or a zone the
+        // DNS cannot carry is a setting to change, told before anything is bound.
+        let tls = match opts.https {
+            Some(_) => {
+                let names = self_signed_names(&opts.creds, &opts.policy);
+                Some(front::tls::configure(&opts.tls_certs, &names)?)
+            }
+            None => None,
+        };
+        let records = match opts.dns {
+            // A zone DNS cannot carry (too large for its TXT set) stops the start here,
+            // not a running gateway's DNS later.
+            Some(_) => Some(
+                name_resolver::ZoneRecords::new(&opts.creds.zone())
+                    .map_err(name_resolver::DnsError::from)?,
+            ),
+            None => None,
+        };
         let endpoint = transport::server_endpoint(opts.listen, &opts.creds, &opts.tuning)?;
         let admin = admin::bind(opts.admin).await?;
         let hub = Hub::new(HubConfig {
@@ -220,10 +238,8 @@ impl Gateway {
             Some(a) => Some(bind_public("HTTP", "http", a).await?),
             None => None,
         };
-        let (https, self_signed_pem) = match opts.https {
-            Some(a) => {
-                let names = self_signed_names(&opts.creds, &opts.policy);
-                let tls = front::tls::configure(&opts.tls_certs, &names)?;
+        let (https, self_signed_pem) = match (opts.https, tls) {
+            (Some(a), Some(tls)) => {
                 let l = bind_public("HTTPS", "https", a).await?;
                 if tls.self_signed_pem.is_some() {
                     warn!(names = ?tls.names, "HTTPS uses a self-signed certificate (browsers will warn): add [[tls]] cert/key files to gateway.toml");
@@ -233,23 +249,19 @@ impl Gateway {
                 let pem = tls.self_signed_pem.clone();
                 (Some((l, tls)), pem)
             }
-            None => (None, None),
+            _ => (None, None),
         };
-        let dns = match opts.dns {
-            Some(a) => {
+        let dns = match (opts.dns, records) {
+            (Some(a), Some(records)) => {
                 let server = name_resolver::DnsServer::bind_same_port_using(
                     a,
                     tunnel::sockets::udp,
                     tunnel::sockets::tcp,
                 )
                 .await?;
-                // A zone DNS cannot carry (too large for its TXT set) stops the start here,
-                // not a running gateway's DNS later.
-                let records = name_resolver::ZoneRecords::new(&opts.creds.zone())
-                    .map_err(name_resolver::DnsError::from)?;
                 Some((server, records))
             }
-            None => None,
+            _ => None,
         };
         // Last, as app listeners start accepting at once: nothing serves before every other
         // socket is bound and every check passed.

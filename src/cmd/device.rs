@@ -13,6 +13,42 @@ fn bundle_dir(zone: &Path, out: Option<PathBuf>, name: &DeviceName) -> PathBuf {
     out.unwrap_or_else(|| zone.join("devices").join(name.as_str()))
 }
 
+/// Refuses a bundle directory `out` that holds another zone's or another device's files: a
+/// bundle written there replaced that zone's CA and signed zone.json (its revocations with
+/// it), or that device's key and certificate.
+fn check_out(out: &Path, name: &DeviceName, z: &ZoneDir) -> Result<(), UsageError> {
+    use zone_core::zonedir::{DEVICE_CERT_FILE, ZONE_CA_FILE, ZONE_KEY_FILE};
+    let at = || format!("bundle directory {}", out.display());
+    if out.join(ZONE_KEY_FILE).exists() {
+        return Err(UsageError(format!(
+            "{}: is a zone directory (zone.key): give a device's bundle directory (by default ZONE/devices/{name})",
+            at()
+        )));
+    }
+    if let Ok(ca) = std::fs::read_to_string(out.join(ZONE_CA_FILE)) {
+        if ca.trim() != z.ca_pem.trim() {
+            return Err(UsageError(format!(
+                "{}: holds another zone's bundle (its zone-ca.crt is not this zone's): choose another directory",
+                at()
+            )));
+        }
+    }
+    if let Ok(pem) = std::fs::read_to_string(out.join(DEVICE_CERT_FILE)) {
+        let id = zone_core::cert::parse_pem_certs(&pem).ok().and_then(|c| {
+            c.first()
+                .and_then(|d| zone_core::DeviceIdentity::from_der(d).ok())
+        });
+        if let Some(id) = id.filter(|id| id.name != *name) {
+            return Err(UsageError(format!(
+                "{}: holds device {}'s bundle: give {name}'s own directory",
+                at(),
+                id.name
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
     let now = OffsetDateTime::now_utc();
     match cmd {
@@ -34,11 +70,12 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             let known = z.zone.config.device(&name).is_some() || z.zone.config.is_revoked(&name);
             if !known && out.join("device.key").exists() {
                 return Err(UsageError(format!(
-                    "--out {}: holds a device's bundle already (device.key): choose another directory",
+                    "bundle directory {}: holds a device's bundle already (device.key): choose another directory",
                     out.display()
                 ))
                 .into());
             }
+            check_out(&out, &name, &z)?;
             // Refuse before touching zone.json, so a bad --out never leaves a half-added device.
             let created = prepare_out(&out)?;
             let (key, cert) = match z.add_device(&name, &roles, &public_addrs, now, days) {
@@ -150,6 +187,7 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             check_days(days)?;
             let mut z = ZoneDir::open(&zone.zone)?;
             let out = bundle_dir(&zone.zone, out, &name);
+            check_out(&out, &name, &z)?;
             let created = prepare_out(&out)?;
             let role_file = match z.zone.config.device(&name) {
                 Some(d) if d.roles.contains(&zone_core::Role::Gateway) => "gateway.toml",

@@ -54,7 +54,13 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         if let Some(zone_core::ZoneError::Usage(_)) = cause.downcast_ref() {
             return EXIT_USAGE;
         }
-        if let Some(gateway::run::StartError::Usage(_)) = cause.downcast_ref() {
+        // A [[tls]] file that is missing or not a certificate: a setting to change (a
+        // service manager restarting the gateway cannot help).
+        if let Some(
+            gateway::run::StartError::Usage(_)
+            | gateway::run::StartError::Tls(gateway::http::tls::TlsError::File { .. }),
+        ) = cause.downcast_ref()
+        {
             return EXIT_USAGE;
         }
     }

@@ -277,7 +277,18 @@ fn bootstrap(
 ) -> anyhow::Result<()> {
     let ca = zone_core::zonedir::read_cert_der(&paths.ca)?;
     let key = zone_core::cert::ca_public_key(&ca)?;
-    let have = zone_core::zonedir::read_zone_json(&paths.zone_config).ok();
+    // Only a missing file is "none": one that cannot be read (permissions) or parsed (a copy
+    // cut short) may hold revocations the DNS answer lacks, and was silently replaced by it.
+    let have = match std::fs::symlink_metadata(&paths.zone_config) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        _ => Some(
+            zone_core::zonedir::read_zone_json(&paths.zone_config).map_err(|e| {
+                UsageError(format!(
+                    "{e}: the bundle's zone.json cannot be used, and bootstrap_dns does not replace one it cannot read: fix its permissions, or copy the zone directory's zone.json into the bundle again"
+                ))
+            })?,
+        ),
+    };
     let known = have.as_ref().map(|z| z.config.serial);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -61,7 +61,7 @@ fn show(z: &ZoneDir) -> anyhow::Result<()> {
     );
     println!("gateways");
     if c.gateways.is_empty() {
-        println!("  (none: add one with `zonegate device add NAME --role gateway --public-addr IP:PORT`)");
+        println!("  (none: add one with `zonegate device add NAME --role gateway --public-addr IP:PORT --zone DIR`)");
     }
     for g in &c.gateways {
         let addrs: Vec<String> = g.addrs.iter().map(|a| a.to_string()).collect();

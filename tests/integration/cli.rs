@@ -616,6 +616,17 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
     );
     std::fs::write(&gw, &gw_text).unwrap();
 
+    // A [[tls]] file that is not there: a setting to change (exit 2, not 1 and a restart
+    // loop), told before any socket is bound.
+    std::fs::write(
+        &gw,
+        format!("{gw_text}\n[[tls]]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n"),
+    )
+    .unwrap();
+    let e = fails(2, ["gateway", "--config", gws]);
+    assert!(e.contains("/nonexistent/cert.pem"), "{e}");
+    std::fs::write(&gw, &gw_text).unwrap();
+
     // Unknown key in the config file: named with its position.
     let text = std::fs::read_to_string(&node).unwrap();
     std::fs::write(&node, format!("{text}\nfrobnicate = true\n")).unwrap();
@@ -846,10 +857,17 @@ fn demo_check_runs_a_whole_zone() {
     assert!(o.status.success(), "demo failed:\n{out}\n{}", stderr(&o));
     assert!(out.contains("demo check passed"), "{out}");
     assert!(out.contains("/dfs/"), "{out}");
-    // It left a usable zone behind in --dir, and refuses to overwrite it.
+    // It left a usable zone behind in --dir, and refuses to write there again, or into any
+    // directory that holds files (a repository, a gateway's bundle with watched policies).
     assert!(dir.join("zone/zone.key").exists());
-    let e = fails(1, ["demo", "--dir", dir.to_str().unwrap(), "--check"]);
-    assert!(e.contains("refusing to overwrite"), "{e}");
+    let e = fails(2, ["demo", "--dir", dir.to_str().unwrap(), "--check"]);
+    assert!(e.contains("not an empty directory"), "{e}");
+    let used = t.path().join("used");
+    std::fs::create_dir_all(used.join("policies")).unwrap();
+    std::fs::write(used.join("policies/mine.toml"), "# mine\n").unwrap();
+    let e = fails(2, ["demo", "--dir", used.to_str().unwrap(), "--check"]);
+    assert!(e.contains("not an empty directory"), "{e}");
+    assert!(!used.join("policies/demo.toml").exists());
 }
 
 /// The interactive demo stopped by SIGTERM removes its temporary zone (keys and all): the
@@ -1020,8 +1038,26 @@ fn zone_config_over_the_gateways_dns_verify_and_node_bootstrap() {
     );
     assert!(e.contains("refused"), "{e}");
 
-    // A node bundle without zone.json bootstraps from DNS and connects.
+    // One whose zone.json is cut short (a copy interrupted) is refused, not replaced from DNS:
+    // it may hold revocations the answer lacks.
     let nodedir = z.join("devices/home1");
+    let good = std::fs::read(nodedir.join("zone.json")).unwrap();
+    let cut = &good[..good.len() / 2];
+    std::fs::write(nodedir.join("zone.json"), cut).unwrap();
+    let e = fails(
+        2,
+        [
+            "node",
+            "--config",
+            nodedir.join("node.toml").to_str().unwrap(),
+            "--bootstrap-dns",
+            &server,
+        ],
+    );
+    assert!(e.contains("cannot be used"), "{e}");
+    assert_eq!(std::fs::read(nodedir.join("zone.json")).unwrap(), cut);
+
+    // A node bundle without zone.json bootstraps from DNS and connects.
     std::fs::remove_file(nodedir.join("zone.json")).unwrap();
     let ncfg = nodedir.join("node.toml");
     let ntext = std::fs::read_to_string(&ncfg)
@@ -1152,4 +1188,64 @@ fn a_closed_stderr_keeps_the_exit_code() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+/// `device add` and `device renew` never write a bundle over another zone's directory or
+/// bundle, nor over another device's: add replaced another zone's CA and signed zone.json,
+/// renew another device's key and certificate.
+#[test]
+fn bundles_are_never_written_over_another_zones_or_devices_files() {
+    let t = tempfile::tempdir().unwrap();
+    let z = zone_with_devices(t.path());
+    let zs = z.to_str().unwrap();
+    let other = t.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let os = other.to_str().unwrap();
+    ok(["zone", "init", "--domain", "bob.example", "--dir", os]);
+    let their_zone = std::fs::read(other.join("zone.json")).unwrap();
+    // A zone directory as --out.
+    let e = fails(
+        2,
+        [
+            "device", "add", "tv", "--zone", zs, "--role", "node", "--out", os,
+        ],
+    );
+    assert!(e.contains("is a zone directory"), "{e}");
+    assert_eq!(std::fs::read(other.join("zone.json")).unwrap(), their_zone);
+    // Another zone's bundle.
+    ok(["device", "add", "nas", "--zone", os, "--role", "node"]);
+    let theirs = other.join("devices/nas");
+    let e = fails(
+        2,
+        [
+            "device",
+            "renew",
+            "home1",
+            "--zone",
+            zs,
+            "--out",
+            theirs.to_str().unwrap(),
+        ],
+    );
+    assert!(e.contains("another zone's bundle"), "{e}");
+    // Another device's bundle of this zone.
+    ok(["device", "add", "home2", "--zone", zs, "--role", "node"]);
+    let before = std::fs::read(z.join("zone.json")).unwrap();
+    let home2 = z.join("devices/home2");
+    let key = std::fs::read(home2.join("device.key")).unwrap();
+    let e = fails(
+        2,
+        [
+            "device",
+            "renew",
+            "home1",
+            "--zone",
+            zs,
+            "--out",
+            home2.to_str().unwrap(),
+        ],
+    );
+    assert!(e.contains("holds device home2's bundle"), "{e}");
+    assert_eq!(std::fs::read(home2.join("device.key")).unwrap(), key);
+    assert_eq!(std::fs::read(z.join("zone.json")).unwrap(), before);
 }

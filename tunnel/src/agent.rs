@@ -379,9 +379,9 @@ impl Agent {
             return Err(TunnelError::Config(if !cfg.gateways.is_empty() {
                 format!("no gateway to connect to: every gateway this agent was given ({:?}) is revoked in the zone config", cfg.gateways)
             } else if zone_gateways(&cfg.creds.zone()).is_empty() {
-                "no gateway to connect to: zone.json lists none (add one with `zonegate device add NAME --role gateway --public-addr IP:PORT` and copy the new zone.json here)".into()
+                "no gateway to connect to: zone.json lists none (add one with `zonegate device add NAME --role gateway --public-addr IP:PORT --zone DIR` and copy the new zone.json here)".into()
             } else {
-                "no gateway to connect to: zone.json revokes every gateway it lists (add a new one with `zonegate device add NAME --role gateway --public-addr IP:PORT` and copy the new zone.json here)".into()
+                "no gateway to connect to: zone.json revokes every gateway it lists (add a new one with `zonegate device add NAME --role gateway --public-addr IP:PORT --zone DIR` and copy the new zone.json here)".into()
             }));
         }
         let mut fl = Vec::new();

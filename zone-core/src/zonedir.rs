@@ -451,7 +451,7 @@ impl ZoneDir {
 fn gateways_comment(c: &ZoneConfig) -> String {
     let gws = c.gateway_addrs();
     if gws.is_empty() {
-        "# No gateway in zone.json yet: add one with `zonegate device add NAME --role gateway --public-addr IP:PORT`,\n# then copy the new zone.json here.\n".into()
+        "# No gateway in zone.json yet: add one with `zonegate device add NAME --role gateway --public-addr IP:PORT --zone DIR`,\n# then copy the new zone.json here.\n".into()
     } else {
         let list: Vec<String> = gws.iter().map(|(n, a)| format!("{n} at {a}")).collect();
         format!(
