@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use anyhow::Context;
 use time::OffsetDateTime;
 use zone_core::zonedir::ZoneDir;
 use zone_core::DeviceName;
@@ -85,7 +86,17 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
                     return Err(e.into());
                 }
             };
-            let cfg = z.write_bundle(&out, &name, &key, &cert)?;
+            // The device is in zone.json now: a bundle that fails half way (a full disk, an
+            // interrupt) is written again by `renew`, which says so.
+            let cfg = z.write_bundle(&out, &name, &key, &cert).with_context(|| {
+                format!(
+                    "{name} was added to zone.json (serial {}), but its bundle {} was not written whole: once fixed, write it with `zonegate device renew {name} --zone {} --out {}`",
+                    z.zone.config.serial,
+                    out.display(),
+                    zone.zone.display(),
+                    out.display()
+                )
+            })?;
             println!(
                 "added {} ({}) to zone {}: serial {}",
                 name,

@@ -53,6 +53,12 @@ pub enum ZoneError {
         "zone directory {0} already holds a zone: refusing to overwrite it (choose another --dir)"
     )]
     ZoneExists(PathBuf),
+    #[error("zone directory {dir}: holds {have} but not {missing}: a `zone init` interrupted half way (no device can have this zone yet: move the directory away and run `zone init` again), or a file lost since (restore zone.json from any device's bundle, which holds a copy; zone-ca.crt likewise)")]
+    IncompleteZone {
+        dir: PathBuf,
+        have: &'static str,
+        missing: &'static str,
+    },
     #[error("device {0:?} already exists in this zone (see `zonegate device list`; `renew` re-issues its certificate)")]
     DeviceExists(String),
     #[error("device {0:?} is not in this zone (see `zonegate device list`)")]

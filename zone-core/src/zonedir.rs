@@ -39,6 +39,35 @@ pub fn next_serial(prev: u64, now: OffsetDateTime) -> u64 {
 
 /// Writes `data` to `path` atomically (temp file + fsync + rename + directory fsync) with Unix
 /// `mode`.
+/// Why [`write_new`] wrote nothing.
+enum WriteNewError {
+    /// Something is at the path already.
+    Exists,
+    Zone(ZoneError),
+}
+
+/// Writes `data` to `path` with `mode` as [`write_atomic`] does, but never over a file that is
+/// there: the complete temp file is linked into place, which fails if the name exists.
+fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), WriteNewError> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.new{}", std::process::id()));
+    write_atomic(&tmp, data, mode).map_err(WriteNewError::Zone)?;
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            let _ = fs::File::open(dir).and_then(|d| d.sync_all());
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(WriteNewError::Exists),
+        Err(e) => Err(WriteNewError::Zone(ZoneError::io(path, e))),
+    }
+}
+
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), ZoneError> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path
@@ -127,8 +156,15 @@ impl ZoneDir {
         let ca_pem = cert::make_ca(&key, &domain, now)?;
         let zone = ZoneConfig::new(domain, &key, now).sign(&key)?;
         // Key first: if anything after fails, re-running init says "exists" rather than
-        // silently making a second, different zone key.
-        write_atomic(&dir.join(ZONE_KEY_FILE), key.to_pem()?.as_bytes(), 0o600)?;
+        // silently making a second, different zone key. Never over another: two inits at once
+        // both passed the check above, and the second replaced the first's key after it had
+        // said "created".
+        write_new(&dir.join(ZONE_KEY_FILE), key.to_pem()?.as_bytes(), 0o600).map_err(
+            |e| match e {
+                WriteNewError::Exists => ZoneError::ZoneExists(dir.to_owned()),
+                WriteNewError::Zone(e) => e,
+            },
+        )?;
         write_atomic(&dir.join(ZONE_CA_FILE), ca_pem.as_bytes(), 0o644)?;
         write_atomic(
             &dir.join(ZONE_JSON_FILE),
@@ -145,8 +181,19 @@ impl ZoneDir {
 
     /// Opens an existing zone directory and checks that its three files belong together.
     pub fn open(dir: &Path) -> Result<Self, ZoneError> {
-        if !dir.join(ZONE_KEY_FILE).exists() || !dir.join(ZONE_JSON_FILE).exists() {
-            return Err(ZoneError::NoZone(dir.to_owned()));
+        let has = |f: &str| dir.join(f).exists();
+        match (has(ZONE_KEY_FILE), has(ZONE_CA_FILE), has(ZONE_JSON_FILE)) {
+            (false, false, false) => return Err(ZoneError::NoZone(dir.to_owned())),
+            (true, true, true) => {}
+            (true, ca, _) => {
+                return Err(ZoneError::IncompleteZone {
+                    dir: dir.to_owned(),
+                    have: ZONE_KEY_FILE,
+                    missing: if ca { ZONE_JSON_FILE } else { ZONE_CA_FILE },
+                })
+            }
+            // zone.json or the CA without the key: a device's bundle or a copy, not a zone.
+            (false, _, _) => return Err(ZoneError::NoZone(dir.to_owned())),
         }
         let kp = dir.join(ZONE_KEY_FILE);
         let key = ZoneKey::from_pem(&read(&kp)?).map_err(|e| ZoneError::BadFile {
@@ -546,6 +593,46 @@ fn check_dialable(addrs: &[SocketAddr]) -> Result<(), ZoneError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A zone key is never written over another (two inits at once), and a directory left
+    /// half made by an interrupted init says so, to init and to every other command.
+    #[test]
+    fn zone_init_never_replaces_a_key_and_a_half_made_zone_says_so() {
+        let t = tempfile::tempdir().unwrap();
+        let key = t.path().join(ZONE_KEY_FILE);
+        assert!(write_new(&key, b"first", 0o600).is_ok());
+        assert!(matches!(
+            write_new(&key, b"second", 0o600),
+            Err(WriteNewError::Exists)
+        ));
+        assert_eq!(fs::read(&key).unwrap(), b"first");
+        assert_eq!(
+            fs::read_dir(t.path()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
+
+        let d = t.path().join("z");
+        let now = OffsetDateTime::now_utc();
+        ZoneDir::init(&d, Domain::new("alice.example").unwrap(), now).unwrap();
+        fs::remove_file(d.join(ZONE_JSON_FILE)).unwrap();
+        let Err(e) = ZoneDir::open(&d) else {
+            panic!("a half-made zone opened");
+        };
+        assert!(
+            matches!(
+                e,
+                ZoneError::IncompleteZone {
+                    missing: ZONE_JSON_FILE,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("zone init"), "{e}");
+        let again = ZoneDir::init(&d, Domain::new("alice.example").unwrap(), now);
+        assert!(matches!(again, Err(ZoneError::ZoneExists(_))));
+    }
 
     #[test]
     fn serials_carry_the_clock_and_still_count_up() {
