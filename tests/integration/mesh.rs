@@ -623,9 +623,25 @@ async fn punch_rounds_start_only_for_zone_devices_one_at_a_time() {
     let (_z, peers, _e1, _e2) = peer_table();
     let round = |device: &str, punch_nonce| tunnel::proto::PeerAddr {
         device: device.into(),
-        addrs: vec![],
+        // Returned to dial, not dialed here.
+        addrs: vec!["127.0.0.1:9".parse().unwrap()],
         punch_nonce,
     };
+    // Only addresses no packet can be meant for: no round (and none left running).
+    let unusable = tunnel::proto::PeerAddr {
+        device: "home2".into(),
+        addrs: [
+            "0.0.0.0:4433",
+            "224.0.0.1:4433",
+            "255.255.255.255:4433",
+            "127.0.0.1:0",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect(),
+        punch_nonce: 9,
+    };
+    assert!(peers.on_peer_addr(&unusable).is_none());
     assert!(peers.on_peer_addr(&round("stranger", 1)).is_none());
     assert!(peers.on_peer_addr(&round("home1", 2)).is_none(), "itself");
     assert!(peers.on_peer_addr(&round("home2", 3)).is_some());

@@ -558,6 +558,19 @@ impl Peers {
             debug!(peer = %device, "punch round ignored: not a device of this zone");
             return None;
         }
+        // No address a packet cannot be meant for (a gateway that is buggy or not ours
+        // steering this agent's packets): unspecified, multicast, broadcast, port 0.
+        let addrs: Vec<SocketAddr> = pa
+            .addrs
+            .iter()
+            .copied()
+            .filter(|a| a.port() != 0 && !a.ip().is_unspecified() && !a.ip().is_multicast())
+            .filter(|a| !matches!(a.ip(), std::net::IpAddr::V4(v4) if v4.is_broadcast()))
+            .collect();
+        if addrs.is_empty() {
+            debug!(peer = %device, addrs = ?pa.addrs, "punch round ignored: no address to dial");
+            return None;
+        }
         let preferred = self.preferred_dialer(device);
         self.with(device, |s| {
             if s.punching || s.last_nonce == Some(pa.punch_nonce) || s.best(preferred).is_some() {
@@ -566,7 +579,7 @@ impl Peers {
             s.punching = true;
             s.last_nonce = Some(pa.punch_nonce);
             s.punches += 1;
-            Some(pa.addrs.clone())
+            Some(addrs)
         })
     }
 
