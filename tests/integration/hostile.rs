@@ -1821,9 +1821,9 @@ async fn a_peer_that_grants_no_credit_gets_its_refusal_reset_in_time() {
 }
 
 /// A device that stops reading its control stream once connected (a zero-credit stream, so
-/// the hub's writes wait) is disconnected after the idle timeout: the hub's session loop waited
-/// in its write for ever, applying no command (UDP opens refused as overloaded, drains and
-/// config pushes lost) while `/status` showed the device up.
+/// the hub's writes wait) is disconnected after four idle timeouts, not before: the hub's
+/// session loop waited in its write for ever, applying no command (UDP opens refused as
+/// overloaded, drains and config pushes lost) while `/status` showed the device up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_stops_reading_its_control_stream_is_disconnected() {
     let z = TestZone::new(&["home1", "home2"]);
@@ -1854,6 +1854,7 @@ async fn a_device_that_stops_reading_its_control_stream_is_disconnected() {
         .collect();
     io.session.send_permits_held(permits).unwrap();
     io.flush().await.unwrap();
+    let stalled_at = std::time::Instant::now();
     let limit = tuning.idle_timeout * tunnel::hub::CONTROL_STALL_TIMEOUTS + WAIT;
     let Ok(why) = tokio::time::timeout(limit, conn.closed()).await else {
         panic!("the gateway still holds the stalled session");
@@ -1864,6 +1865,13 @@ async fn a_device_that_stops_reading_its_control_stream_is_disconnected() {
         }
         other => panic!("closed otherwise: {other}"),
     }
+    // Not at the first idle timeout: slow readers holding the connection's window hold
+    // control writes back too.
+    let took = stalled_at.elapsed();
+    assert!(
+        took >= tuning.idle_timeout * (tunnel::hub::CONTROL_STALL_TIMEOUTS - 1),
+        "ended after {took:?}"
+    );
     assert!(gw.hub.agent("home2").is_none());
     gw.shutdown.cancel();
 }

@@ -635,6 +635,7 @@ async fn punch_rounds_start_only_for_zone_devices_one_at_a_time() {
             "224.0.0.1:4433",
             "255.255.255.255:4433",
             "127.0.0.1:0",
+            "[::ffff:224.0.0.1]:4433",
         ]
         .iter()
         .map(|a| a.parse().unwrap())
@@ -642,6 +643,15 @@ async fn punch_rounds_start_only_for_zone_devices_one_at_a_time() {
         punch_nonce: 9,
     };
     assert!(peers.on_peer_addr(&unusable).is_none());
+    // Mixed with a usable one: that one is dialed, alone.
+    let mut mixed = unusable.clone();
+    mixed.addrs.push("127.0.0.1:9".parse().unwrap());
+    mixed.punch_nonce = 10;
+    assert_eq!(
+        peers.on_peer_addr(&mixed),
+        Some(vec!["127.0.0.1:9".parse().unwrap()])
+    );
+    assert!(peers.clone().punch("home2".into(), vec![]).await.is_none());
     assert!(peers.on_peer_addr(&round("stranger", 1)).is_none());
     assert!(peers.on_peer_addr(&round("home1", 2)).is_none(), "itself");
     assert!(peers.on_peer_addr(&round("home2", 3)).is_some());

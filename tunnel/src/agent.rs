@@ -104,8 +104,9 @@ struct LinkState {
     up_since: Option<Instant>,
     /// The address of the current (or last good) connection: dialed first next time.
     addr: Option<SocketAddr>,
-    /// When the link was last lost after being up (None: never up). Failed redials and
-    /// sessions that end within [`HEALTHY_AFTER`] of a loss do not move it.
+    /// When the link was last lost after being up (None: never up). Failed redials, and
+    /// sessions after a loss that lasted less than [`HEALTHY_AFTER`] (a gateway closing each
+    /// at once: for permits, an outage goes on), do not move it.
     down_since: Option<Instant>,
     /// The gateway's addresses from the zone config, in its order (a newer config may change
     /// them: the next dial uses the new ones).
@@ -113,12 +114,12 @@ struct LinkState {
 }
 
 impl LinkState {
-    /// When a link that is not usable now (`now`) was lost: now if it is connected (draining)
-    /// or was never up, else when its last session that counts ended.
-    fn lost_at(&self, now: Instant) -> Instant {
+    /// When a link that is not usable now (`now`) was lost: now if it is connected (draining),
+    /// else when its last session that counts ended; None if it was never up.
+    fn lost_at(&self, now: Instant) -> Option<Instant> {
         match self.conn {
-            Some(_) => now,
-            None => self.down_since.unwrap_or(now),
+            Some(_) => Some(now),
+            None => self.down_since,
         }
     }
 
@@ -338,9 +339,10 @@ struct Links {
     list: Vec<Arc<GatewayLink>>,
     /// Set when `run` starts: a link added after that gets its loop from `relink`.
     running: Option<CancellationToken>,
-    /// While the list is empty: when its last link stopped being usable (the zone config
-    /// dropped every gateway) — the start of the outage direct paths bridge.
-    emptied: Option<Instant>,
+    /// When the links the zone config dropped were last usable (the latest of them; None if
+    /// none was ever up): with the list emptied, or holding only links never up, the start of
+    /// the outage direct paths bridge.
+    retired_lost: Option<Instant>,
 }
 
 /// Who delivered a stream to this agent.
@@ -400,7 +402,7 @@ impl Agent {
                 .map(|(name, addrs)| Arc::new(GatewayLink::new(name, addrs)))
                 .collect(),
             running: None,
-            emptied: None,
+            retired_lost: None,
         };
         let forward_bound = fl.iter().filter_map(|(_, l)| l.local_addr().ok()).collect();
         let peers = Arc::new(Peers::new(cfg.creds.clone(), endpoint.clone()));
@@ -489,16 +491,21 @@ impl Agent {
         let running = links.running.clone();
         let now = Instant::now();
         let mut retired_lost: Option<Instant> = None;
+        let mut retired = 0;
         links.list.retain(|link| {
             if wanted.iter().any(|(n, _)| *n == link.name) {
                 return true;
             }
-            // When this link stopped being usable, for `gateways_lost_at` should none remain.
+            retired += 1;
+            // When this link stopped being usable, for `gateways_lost_at` should none remain;
+            // one never up counts for nothing, as there.
             let lost = match link.usable() {
-                Some(_) => now,
+                Some(_) => Some(now),
                 None => link.state.lock().unwrap_or_else(|p| p.into_inner()).lost_at(now),
             };
-            retired_lost = Some(retired_lost.map_or(lost, |t| t.max(lost)));
+            if let Some(lost) = lost {
+                retired_lost = Some(retired_lost.map_or(lost, |t| t.max(lost)));
+            }
             if self.cfg.creds.is_revoked(&link.name) {
                 warn!(gateway = %link.name, addr = %link.addr(), "gateway revoked by the adopted zone config: disconnecting");
                 link.retire(crate::hub::CLOSE_REVOKED, b"gateway revoked");
@@ -530,14 +537,10 @@ impl Agent {
                 }
             }
         }
-        if list.is_empty() {
-            if retired_lost.is_some() {
-                warn!(serial = self.cfg.creds.zone_serial(), "the zone config leaves no gateway to connect to: services and relayed forwards are unreachable until a newer one lists one");
-            }
-            links.emptied = links.emptied.or(retired_lost).or(Some(now));
-        } else {
-            links.emptied = None;
+        if list.is_empty() && retired > 0 {
+            warn!(serial = self.cfg.creds.zone_serial(), "the zone config leaves no gateway to connect to: services and relayed forwards are unreachable until a newer one lists one");
         }
+        links.retired_lost = links.retired_lost.max(retired_lost);
         links.list = list;
     }
 
@@ -1463,22 +1466,23 @@ impl Agent {
     /// outage moved the loss to its first failed dial), unless none was ever up: then now.
     fn gateways_lost_at(&self) -> Option<Instant> {
         let now = Instant::now();
-        let (list, emptied) = {
+        let (list, retired_lost) = {
             let l = self.links.lock().unwrap_or_else(|p| p.into_inner());
-            (l.list.clone(), l.emptied)
+            (l.list.clone(), l.retired_lost)
         };
-        if list.is_empty() {
-            return emptied.or(Some(now));
-        }
-        let mut latest: Option<Instant> = None;
+        // Links the zone config dropped count with when they were last usable.
+        let mut latest: Option<Instant> = retired_lost;
         for l in list {
             if l.usable().is_some() {
                 return None;
             }
-            let s = l.state.lock().unwrap_or_else(|p| p.into_inner());
             // Never up: no loss to count.
-            if s.conn.is_some() || s.down_since.is_some() {
-                let t = s.lost_at(now);
+            let lost = l
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .lost_at(now);
+            if let Some(t) = lost {
                 latest = Some(latest.map_or(t, |x| x.max(t)));
             }
         }
@@ -1807,7 +1811,7 @@ mod tests {
         s.session_over();
         assert_eq!(s.down_since, Some(down));
         // A session that was up a while and ended: lost from its end.
-        s.up_since = Some(Instant::now() - HEALTHY_AFTER);
+        s.up_since = Instant::now().checked_sub(HEALTHY_AFTER);
         s.session_over();
         assert!(s.down_since.is_some_and(|t| t > down));
     }

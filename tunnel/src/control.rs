@@ -218,8 +218,9 @@ pub struct ControlIo {
 
 impl ControlIo {
     pub fn new(send: SendStream, recv: RecvStream, session: ControlSession) -> Self {
-        // Ahead of the connection's data streams: when slow readers hold the connection's
-        // flow-control window, what it gives back goes to control messages first.
+        // Its buffered messages go out ahead of buffered stream data (quinn's priority orders
+        // what is sent, not who may buffer: a connection window that slow readers hold still
+        // holds control writes back, which the hub's stall limit allows for).
         let _ = send.set_priority(1);
         ControlIo {
             send,

@@ -400,10 +400,10 @@ impl DeviceCreds {
                 tracing::warn!(days_left = left.whole_days(), not_after = %not_after, "this device's certificate expires soon: {renew}");
             }
         }
-        if OffsetDateTime::now_utc() < not_after {
-            sleep_until_utc(not_after).await;
-            tracing::error!(not_after = %not_after, "this device's certificate has expired: peers and gateways refuse it from now on; {renew}");
-        }
+        // Started before the end (load refuses an ended certificate): whether the clock got
+        // here by sleeping or by jumping, the end is said once.
+        sleep_until_utc(not_after).await;
+        tracing::error!(not_after = %not_after, "this device's certificate has expired: peers and gateways refuse it from now on; {renew}");
     }
 }
 

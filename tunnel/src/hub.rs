@@ -64,7 +64,7 @@ pub const CLOSE_EXPIRED: u32 = 5;
 pub const CLOSE_STALLED: u32 = 6;
 /// Idle timeouts the hub's control messages may wait for a device to read them before its
 /// session ends: several, as a connection whose flow-control window slow (but reading)
-/// services filled also holds them back, if less so (the control stream goes first).
+/// services filled holds them back too.
 pub const CONTROL_STALL_TIMEOUTS: u32 = 4;
 
 /// How a control session ended ([`Hub::run_control`]).
@@ -778,9 +778,9 @@ impl Hub {
                 ErrorCode::ProtocolViolation,
                 "hello names another device than the certificate",
             );
-            // Bounded: a peer that does not read (zero stream window) must not hold this. And
-            // acknowledged before the close, which would discard it undelivered.
-            io.finish_within(t.handshake_timeout).await;
+            // Bounded, and short (the handshake slot is still held): a peer that does not read
+            // must not hold this. Acknowledged before the close, which would discard it.
+            io.finish_within(Duration::from_secs(1)).await;
             conn.close(CLOSE_PROTOCOL.into(), b"hello device mismatch");
             return Err(TunnelError::Config(format!(
                 "{device}: hello claims to be {}",

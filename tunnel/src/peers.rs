@@ -559,14 +559,16 @@ impl Peers {
             return None;
         }
         // No address a packet cannot be meant for (a gateway that is buggy or not ours
-        // steering this agent's packets): unspecified, multicast, broadcast, port 0.
-        let addrs: Vec<SocketAddr> = pa
-            .addrs
-            .iter()
-            .copied()
-            .filter(|a| a.port() != 0 && !a.ip().is_unspecified() && !a.ip().is_multicast())
-            .filter(|a| !matches!(a.ip(), std::net::IpAddr::V4(v4) if v4.is_broadcast()))
-            .collect();
+        // steering this agent's packets): unspecified, multicast, broadcast, port 0; an
+        // IPv4-mapped one is judged as the IPv4 address a dual-stack socket sends to.
+        let usable = |a: &SocketAddr| {
+            let ip = a.ip().to_canonical();
+            a.port() != 0
+                && !ip.is_unspecified()
+                && !ip.is_multicast()
+                && !matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast())
+        };
+        let addrs: Vec<SocketAddr> = pa.addrs.iter().copied().filter(usable).collect();
         if addrs.is_empty() {
             debug!(peer = %device, addrs = ?pa.addrs, "punch round ignored: no address to dial");
             return None;
