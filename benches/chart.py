@@ -139,11 +139,14 @@ def render(st, doc):
                        rows("http-half", "p99_ms", HALF_PATHS),
                        (d + 1.0, "target: direct + 1 ms") if d is not None else None))
     mem_rows = []
+    # 0 is an RSS read of a process that was gone; a failed gateway run is no figure either.
     a = st.one("mem-agent", "node", "idle_rss_kib")
-    if a is not None:
+    if a:
         mem_rows.append(("node", f"idle agent {a / 1024:.1f} MiB", a / 1024 / 10.0, None))
     g = st.one("mem-gateway", "agents", "per_agent_kib")
-    if g is not None:
+    gw_ok = not st.one("mem-gateway", "agents", "error") and all(
+        st.one("mem-gateway", "agents", k) for k in ("gw_one_agent_kib", "gw_with_agents_kib"))
+    if g is not None and gw_ok:
         mem_rows.append(("gateway", f"gw/agent {g:.0f} KiB", g / 64.0, None))
     if mem_rows:
         panels.append(("Memory against its target (10 MiB; 64 KiB/agent)", "× target, lower is better",

@@ -64,6 +64,9 @@ class Stats:
                 and isinstance(r["metrics"].get(metric), (int, float))
                 and not isinstance(r["metrics"].get(metric), bool)]
 
+    def ran(self, test, contender):
+        return any(r["test"] == test and r["contender"] == contender for r in self.runs)
+
     def failed_runs(self, test, contender):
         return sum(1 for r in self.runs if r["test"] == test and r["contender"] == contender
                    and r["metrics"].get("errors"))
@@ -124,7 +127,8 @@ def path_table(st, test, paths, rate, unit):
     lines = [f"| path | {rate} | p50 ms | p99 ms |{head} errors |",
              f"|---|---:|---:|---:|{'---:|---:|' if cpu else ''}---:|"]
     for c in paths:
-        if not st.values(test, c, "rps"):
+        # A contender that ran keeps its row, failed runs and all ("—" where nothing counts).
+        if not st.ran(test, c):
             continue
         cpu_cells = (f" {cell(st, test, c, 'cpu_us_per_req', 1)} | "
                      f"{num(st.median(test, c, 'steal_pct'), 1)} |") if cpu else ""
@@ -169,6 +173,8 @@ def ratio_target(st, test, a, bs, metric, target):
         for rep, v in st.by_rep(test, b, metric).items():
             best[rep] = max(best.get(rep, 0), v)
     rounds = [za[r] / best[r] for r in za if best.get(r)]
+    if failed and not rounds:
+        return f"{failed} failed run(s)", None
     if not rounds:
         return "—", None
     med = statistics.median(rounds)
@@ -359,7 +365,7 @@ def build(paths):
         w("|---|---:|---:|---:|---:|---:|---:|")
         z = st.median("wan-conn", "zonegate", "rps")
         for c in TUNNELS:
-            if not st.values("wan-conn", c, "rps"):
+            if not st.ran("wan-conn", c):
                 continue
             p50 = st.median("wan-conn", c, "p50_ms")
             trips = "—" if (p50 is None or not rtt) else f"{p50 / rtt:.2f}"
@@ -436,6 +442,9 @@ def build(paths):
                 if g["log_warnings"] is not None:
                     w(f"| gateway log meanwhile; simulator exit | {g['log_warnings']} warnings, "
                       f"{g['log_errors']} errors; exit {g['sim_exit']} |")
+            # A count the gateway's /status did not give (-1, so -2 connected) judges nothing.
+            if (g["connected"] or 0) < 0:
+                g["per_agent_kib"] = None
             ok = None if g["per_agent_kib"] is None else (
                 g["per_agent_kib"] <= 64 and g["connected"] == g["agents"])
             targets.append(("gateway ≤ 64 KiB per connected idle agent",
@@ -450,6 +459,10 @@ def build(paths):
               f"{c['ok']:,} ok, {c['failed']} failed, {c['not_tried']} not tried"
               f"{' ' + json.dumps(c['open_errors']) if c['open_errors'] else ''} |")
             w(f"| … still echoing after idling | {c['still_ok_after_hold']} |")
+            if not all(c[k] for k in ("gw_before_kib", "gw_after_kib", "agent_before_kib",
+                                       "agent_after_kib")):
+                c["gw_per_conn_kib"] = c["agent_per_conn_kib"] = None
+                w("| RSS | failed: a process was gone when read |")
             w(f"| gateway before → with the connections | {c['gw_before_kib'] / 1024:.1f} → "
               f"{c['gw_after_kib'] / 1024:.1f} MiB ({num(c['gw_per_conn_kib'])} KiB per connection) |")
             w(f"| agent before → with the connections | {c['agent_before_kib'] / 1024:.1f} → "

@@ -61,7 +61,11 @@ if ! in_netns "$@"; then
   # ip brings loopback up in every section's namespace; ps lists processes; cargo builds
   # what ZONEGATE/EXAMPLES_DIR do not give.
   tools=(python3 unshare ip ps)
-  [[ -n ${ZONEGATE:-} && -n ${EXAMPLES_DIR:-} ]] || tools+=(cargo)
+  need_examples=0
+  [[ " ${sections[*]} " == *" mem "* || " ${sections[*]} " == *" wan "* ]] && need_examples=1
+  if [[ -z ${ZONEGATE:-} ]] || { ((need_examples)) && [[ -z ${EXAMPLES_DIR:-} ]]; }; then
+    tools+=(cargo)
+  fi
   for s in "${sections[@]}"; do
     case $s in
       bulk) tools+=(iperf3 nginx rathole bore) ;;

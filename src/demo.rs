@@ -193,8 +193,11 @@ pub fn run(dir: Option<PathBuf>, check: bool) -> anyhow::Result<()> {
             // The demo writes a zone, a policy and a share here: into a directory that holds
             // other files (a repository, a gateway's bundle with its watched policies) it
             // would write over them.
-            let used = std::fs::read_dir(&d).map(|mut e| e.next().is_some());
-            if matches!(used, Ok(true)) || (d.exists() && !d.is_dir()) {
+            let fresh = match std::fs::read_dir(&d) {
+                Ok(mut entries) => entries.next().is_none(),
+                Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+            };
+            if !fresh {
                 return Err(crate::cmd::UsageError(format!(
                     "--dir {}: is not an empty directory; give a new or empty one (the demo writes a zone, a policy and files to share there)",
                     d.display()

@@ -19,6 +19,10 @@ fn bundle_dir(zone: &Path, out: Option<PathBuf>, name: &DeviceName) -> PathBuf {
 /// it), or that device's key and certificate.
 fn check_out(out: &Path, name: &DeviceName, z: &ZoneDir) -> Result<(), UsageError> {
     use zone_core::zonedir::{DEVICE_CERT_FILE, ZONE_CA_FILE, ZONE_KEY_FILE};
+    // Not a directory (yet): nothing of anyone's in it; `prepare_out` says what is wrong.
+    if !out.is_dir() {
+        return Ok(());
+    }
     let at = || format!("bundle directory {}", out.display());
     if out.join(ZONE_KEY_FILE).exists() {
         return Err(UsageError(format!(
@@ -26,15 +30,29 @@ fn check_out(out: &Path, name: &DeviceName, z: &ZoneDir) -> Result<(), UsageErro
             at()
         )));
     }
-    if let Ok(ca) = std::fs::read_to_string(out.join(ZONE_CA_FILE)) {
-        if ca.trim() != z.ca_pem.trim() {
+    // Read as certificates, not compared as text (a copy with CRLF line ends is this zone's).
+    let der = |pem: &str| {
+        zone_core::cert::parse_pem_certs(pem)
+            .ok()
+            .and_then(|c| c.into_iter().next())
+    };
+    let read = |f: &str| match std::fs::read_to_string(out.join(f)) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(UsageError(format!(
+            "{}: cannot read its {f} to check whose it is: {e}",
+            at()
+        ))),
+    };
+    if let Some(ca) = read(ZONE_CA_FILE)? {
+        if der(&ca).is_none_or(|d| Some(d) != der(&z.ca_pem)) {
             return Err(UsageError(format!(
                 "{}: holds another zone's bundle (its zone-ca.crt is not this zone's): choose another directory",
                 at()
             )));
         }
     }
-    if let Ok(pem) = std::fs::read_to_string(out.join(DEVICE_CERT_FILE)) {
+    if let Some(pem) = read(DEVICE_CERT_FILE)? {
         let id = zone_core::cert::parse_pem_certs(&pem).ok().and_then(|c| {
             c.first()
                 .and_then(|d| zone_core::DeviceIdentity::from_der(d).ok())

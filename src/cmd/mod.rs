@@ -54,11 +54,12 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         if let Some(zone_core::ZoneError::Usage(_)) = cause.downcast_ref() {
             return EXIT_USAGE;
         }
-        // A [[tls]] file that is missing or not a certificate: a setting to change (a
-        // service manager restarting the gateway cannot help).
+        // A zone too large for its DNS records: only a change to the zone helps. (A [[tls]]
+        // file that cannot be read is not: a mount late at boot or a certbot hook half way
+        // through its copy is fixed by a restart, which exit 2 would prevent.)
         if let Some(
             gateway::run::StartError::Usage(_)
-            | gateway::run::StartError::Tls(gateway::http::tls::TlsError::File { .. }),
+            | gateway::run::StartError::Dns(name_resolver::DnsError::Records(_)),
         ) = cause.downcast_ref()
         {
             return EXIT_USAGE;

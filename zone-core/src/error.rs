@@ -53,7 +53,7 @@ pub enum ZoneError {
         "zone directory {0} already holds a zone: refusing to overwrite it (choose another --dir)"
     )]
     ZoneExists(PathBuf),
-    #[error("zone directory {dir}: holds {have} but not {missing}: a `zone init` interrupted half way (no device can have this zone yet: move the directory away and run `zone init` again), or a file lost since (restore zone.json from any device's bundle, which holds a copy; zone-ca.crt likewise)")]
+    #[error("zone directory {dir}: holds {have} but not {missing}: a `zone init` interrupted half way (no device can have this zone yet: move the directory away and run `zone init` again), or a file lost since (every bundle holds zone-ca.crt and a zone.json: restore zone.json from the one with the highest serial, a running gateway's (its /status says it) — an older copy brings revoked devices back)")]
     IncompleteZone {
         dir: PathBuf,
         have: &'static str,

@@ -37,8 +37,6 @@ pub fn next_serial(prev: u64, now: OffsetDateTime) -> u64 {
     (prev + 1).max(secs)
 }
 
-/// Writes `data` to `path` atomically (temp file + fsync + rename + directory fsync) with Unix
-/// `mode`.
 /// Why [`write_new`] wrote nothing.
 enum WriteNewError {
     /// Something is at the path already.
@@ -64,10 +62,36 @@ fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), WriteNewError> {
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(WriteNewError::Exists),
-        Err(e) => Err(WriteNewError::Zone(ZoneError::io(path, e))),
+        // A file system without hard links (vfat, exFAT, some FUSE and SMB mounts: a zone
+        // key on a USB stick): the file is created new in place instead, which refuses an
+        // existing one just as well, if not atomically (an interrupt can leave it short;
+        // `open` then refuses the key, and nothing has used it yet).
+        Err(_) => write_new_in_place(path, data, mode),
     }
 }
 
+fn write_new_in_place(path: &Path, data: &[u8], mode: u32) -> Result<(), WriteNewError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(mode)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(WriteNewError::Exists)
+        }
+        Err(e) => return Err(WriteNewError::Zone(ZoneError::io(path, e))),
+    };
+    f.write_all(data)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| WriteNewError::Zone(ZoneError::io(path, e)))
+}
+
+/// Writes `data` to `path` atomically (temp file + fsync + rename + directory fsync) with Unix
+/// `mode`.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), ZoneError> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path
@@ -146,10 +170,15 @@ impl ZoneDir {
     /// Creates a new zone in `dir`; refuses if a zone is already there.
     pub fn init(dir: &Path, domain: Domain, now: OffsetDateTime) -> Result<Self, ZoneError> {
         domain.check_new_zone()?;
-        for f in [ZONE_KEY_FILE, ZONE_JSON_FILE, ZONE_CA_FILE] {
-            if dir.join(f).exists() {
-                return Err(ZoneError::ZoneExists(dir.to_owned()));
-            }
+        // A zone, whole or half made, is never made again over: `open` says which.
+        if [ZONE_KEY_FILE, ZONE_JSON_FILE, ZONE_CA_FILE]
+            .iter()
+            .any(|f| dir.join(f).exists())
+        {
+            return Err(match Self::open(dir) {
+                Err(e @ ZoneError::IncompleteZone { .. }) => e,
+                _ => ZoneError::ZoneExists(dir.to_owned()),
+            });
         }
         fs::create_dir_all(dir).map_err(|e| ZoneError::io(dir, e))?;
         let key = ZoneKey::generate();
@@ -631,7 +660,7 @@ mod tests {
         );
         assert!(e.to_string().contains("zone init"), "{e}");
         let again = ZoneDir::init(&d, Domain::new("alice.example").unwrap(), now);
-        assert!(matches!(again, Err(ZoneError::ZoneExists(_))));
+        assert!(matches!(again, Err(ZoneError::IncompleteZone { .. })));
     }
 
     #[test]
