@@ -403,6 +403,34 @@ async fn ten_thousand_streams_from_one_agent_leave_others_served() {
     gw.shutdown.cancel();
 }
 
+/// A connection to the zone's gateway with `creds` that grants each stream only
+/// `stream_window` bytes of credit (and the connection `conn_window`, if given): a device that
+/// reads little or nothing. The endpoint is returned to be kept alive.
+async fn connect_reading_little(
+    z: &TestZone,
+    creds: &DeviceCreds,
+    tuning: Tuning,
+    stream_window: u32,
+    conn_window: Option<u32>,
+) -> (quinn::Endpoint, quinn::Connection) {
+    let ep =
+        tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), creds, &tuning).unwrap();
+    let mut cc = tunnel::transport::client_config(creds, &tuning).unwrap();
+    let mut tc = quinn::TransportConfig::default();
+    tc.stream_receive_window(stream_window.into());
+    if let Some(w) = conn_window {
+        tc.receive_window(w.into());
+    }
+    tc.keep_alive_interval(Some(Duration::from_millis(300)));
+    cc.transport_config(Arc::new(tc));
+    let conn = ep
+        .connect_with(cc, z.gw_addr, "gw.alice.example")
+        .unwrap()
+        .await
+        .unwrap();
+    (ep, conn)
+}
+
 /// Opens the control stream on `conn` and sends a hello naming `claims`.
 async fn send_hello(conn: &quinn::Connection, creds: &DeviceCreds, claims: &str) -> ControlIo {
     let (mut send, recv) = conn.open_bi().await.unwrap();
@@ -1008,19 +1036,7 @@ async fn a_device_that_never_reads_its_welcome_is_dropped() {
     let tuning = fast_tuning();
     let gw = start_gateway(&z, tuning, Duration::from_millis(500)).await;
     let creds = z.creds("home1");
-    let ep = tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), &creds, &tuning)
-        .unwrap();
-    let mut cc = tunnel::transport::client_config(&creds, &tuning).unwrap();
-    let mut tc = quinn::TransportConfig::default();
-    tc.stream_receive_window(0u32.into());
-    tc.receive_window(0u32.into());
-    tc.keep_alive_interval(Some(Duration::from_millis(300)));
-    cc.transport_config(Arc::new(tc));
-    let conn = ep
-        .connect_with(cc, z.gw_addr, "gw.alice.example")
-        .unwrap()
-        .await
-        .unwrap();
+    let (_ep, conn) = connect_reading_little(&z, &creds, tuning, 0, Some(0)).await;
     let _io = send_hello(&conn, &creds, "home1").await;
     let closed = tokio::time::timeout(
         tuning.handshake_timeout + Duration::from_secs(3),
@@ -1830,19 +1846,8 @@ async fn a_device_that_stops_reading_its_control_stream_is_disconnected() {
     let tuning = fast_tuning();
     let gw = start_gateway(&z, tuning, Duration::from_millis(500)).await;
     let creds = z.creds("home2");
-    let ep = tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), &creds, &tuning)
-        .unwrap();
-    let mut cc = tunnel::transport::client_config(&creds, &tuning).unwrap();
-    let mut tc = quinn::TransportConfig::default();
     // Room for the Welcome, not for what follows.
-    tc.stream_receive_window(512u32.into());
-    tc.keep_alive_interval(Some(Duration::from_millis(300)));
-    cc.transport_config(Arc::new(tc));
-    let conn = ep
-        .connect_with(cc, z.gw_addr, "gw.alice.example")
-        .unwrap()
-        .await
-        .unwrap();
+    let (_ep, conn) = connect_reading_little(&z, &creds, tuning, 512, None).await;
     let mut io = send_hello(&conn, &creds, "home2").await;
     let ev = tokio::time::timeout(WAIT, io.next_event()).await.unwrap();
     assert!(matches!(ev, Ok(Some(Event::Welcome(_)))), "{ev:?}");
