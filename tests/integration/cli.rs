@@ -520,18 +520,7 @@ fn renewing_a_device_keeps_its_edited_config() {
     let before = serial(&z);
     let file = t.path().join("a-file");
     std::fs::write(&file, "x").unwrap();
-    let e = fails(
-        2,
-        [
-            "device",
-            "renew",
-            "home1",
-            "--zone",
-            zs,
-            "--out",
-            file.to_str().unwrap(),
-        ],
-    );
+    let e = renew_refused(zs, "home1", &file);
     assert!(e.contains("is not a directory"), "{e}");
     assert_eq!(serial(&z), before);
     // Another device's bundle is never written over.
@@ -1215,37 +1204,31 @@ fn bundles_are_never_written_over_another_zones_or_devices_files() {
     // Another zone's bundle.
     ok(["device", "add", "nas", "--zone", os, "--role", "node"]);
     let theirs = other.join("devices/nas");
-    let e = fails(
-        2,
-        [
-            "device",
-            "renew",
-            "home1",
-            "--zone",
-            zs,
-            "--out",
-            theirs.to_str().unwrap(),
-        ],
-    );
+    let e = renew_refused(zs, "home1", &theirs);
     assert!(e.contains("another zone's bundle"), "{e}");
     // Another device's bundle of this zone.
     ok(["device", "add", "home2", "--zone", zs, "--role", "node"]);
     let before = std::fs::read(z.join("zone.json")).unwrap();
     let home2 = z.join("devices/home2");
     let key = std::fs::read(home2.join("device.key")).unwrap();
-    let e = fails(
+    let e = renew_refused(zs, "home1", &home2);
+    assert!(e.contains("holds device home2's bundle"), "{e}");
+    assert_eq!(std::fs::read(home2.join("device.key")).unwrap(), key);
+    assert_eq!(std::fs::read(z.join("zone.json")).unwrap(), before);
+}
+
+/// `device renew NAME --zone ZS --out OUT`, refused as a usage error: its message.
+fn renew_refused(zs: &str, name: &str, out: &std::path::Path) -> String {
+    fails(
         2,
         [
             "device",
             "renew",
-            "home1",
+            name,
             "--zone",
             zs,
             "--out",
-            home2.to_str().unwrap(),
+            out.to_str().unwrap(),
         ],
-    );
-    assert!(e.contains("holds device home2's bundle"), "{e}");
-    assert_eq!(std::fs::read(home2.join("device.key")).unwrap(), key);
-    assert_eq!(std::fs::read(z.join("zone.json")).unwrap(), before);
+    )
 }

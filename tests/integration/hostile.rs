@@ -413,16 +413,29 @@ async fn connect_reading_little(
     stream_window: u32,
     conn_window: Option<u32>,
 ) -> (quinn::Endpoint, quinn::Connection) {
-    let ep =
-        tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), creds, &tuning).unwrap();
-    let mut cc = tunnel::transport::client_config(creds, &tuning).unwrap();
     let mut tc = quinn::TransportConfig::default();
     tc.stream_receive_window(stream_window.into());
     if let Some(w) = conn_window {
         tc.receive_window(w.into());
     }
     tc.keep_alive_interval(Some(Duration::from_millis(300)));
-    cc.transport_config(Arc::new(tc));
+    connect_device(z, creds, tuning, Some(tc)).await
+}
+
+/// A QUIC connection to the zone's gateway with `creds`, with `transport` if given (else the
+/// agents' own); the endpoint is returned to be kept alive.
+async fn connect_device(
+    z: &TestZone,
+    creds: &DeviceCreds,
+    tuning: Tuning,
+    transport: Option<quinn::TransportConfig>,
+) -> (quinn::Endpoint, quinn::Connection) {
+    let ep =
+        tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), creds, &tuning).unwrap();
+    let mut cc = tunnel::transport::client_config(creds, &tuning).unwrap();
+    if let Some(tc) = transport {
+        cc.transport_config(Arc::new(tc));
+    }
     let conn = ep
         .connect_with(cc, z.gw_addr, "gw.alice.example")
         .unwrap()
@@ -459,14 +472,7 @@ async fn raw_session(
     claims: &str,
 ) -> (quinn::Endpoint, quinn::Connection, ControlIo) {
     let creds = z.creds(device);
-    let ep =
-        tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), &creds, &fast_tuning())
-            .unwrap();
-    let conn = ep
-        .connect(z.gw_addr, "gw.alice.example")
-        .unwrap()
-        .await
-        .unwrap();
+    let (ep, conn) = connect_device(z, &creds, fast_tuning(), None).await;
     let mut io = send_hello(&conn, &creds, claims).await;
     if device == claims {
         let ev = tokio::time::timeout(WAIT, io.next_event())
@@ -1890,13 +1896,7 @@ async fn an_agent_of_another_protocol_version_hears_why() {
     let tuning = fast_tuning();
     let gw = start_gateway(&z, tuning, Duration::from_millis(500)).await;
     let creds = z.creds("home1");
-    let ep = tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), &creds, &tuning)
-        .unwrap();
-    let conn = ep
-        .connect(z.gw_addr, "gw.alice.example")
-        .unwrap()
-        .await
-        .unwrap();
+    let (_ep, conn) = connect_device(&z, &creds, tuning, None).await;
     let (mut send, recv) = conn.open_bi().await.unwrap();
     tunnel::stream::write_header(&mut send, &StreamHeader::Control)
         .await

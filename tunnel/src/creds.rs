@@ -367,15 +367,11 @@ fn renew_hint(name: &zone_core::DeviceName) -> String {
 }
 
 impl DeviceCreds {
-    /// Whether this device's own certificate has ended (every peer refuses it from then on).
-    pub fn own_cert_expired(&self) -> bool {
-        OffsetDateTime::now_utc() >= self.identity.not_after
-    }
-
     /// Why this device cannot be let in anywhere, with what to do, if that is so: its
-    /// certificate has ended. A dial's own error then says only that the handshake failed.
+    /// certificate has ended (every peer refuses it from then on). A dial's own error then
+    /// says only that the handshake failed.
     pub fn own_cert_problem(&self) -> Option<String> {
-        self.own_cert_expired().then(|| {
+        (OffsetDateTime::now_utc() >= self.identity.not_after).then(|| {
             format!(
                 "this device's certificate expired at {}: {}",
                 self.identity.not_after,

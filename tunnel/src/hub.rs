@@ -945,11 +945,10 @@ impl Hub {
         loop {
             tokio::select! {
                 ev = io.next_event() => match ev {
-                    Ok(Some(ev)) => if let Some((why, broke)) = self.on_event(link, ev) {
-                        if broke && !io.session.is_closed() {
+                    Ok(Some(ev)) => if let Some((why, end)) = self.on_event(link, ev) {
+                        if end == SessionEnd::Broke && !io.session.is_closed() {
                             io.session.reject(ErrorCode::ProtocolViolation, &why);
                         }
-                        let end = if broke { SessionEnd::Broke } else { SessionEnd::Ended };
                         return (why, end);
                     },
                     Ok(None) => return ("agent closed the control stream".into(), SessionEnd::Ended),
@@ -976,8 +975,8 @@ impl Hub {
         }
     }
 
-    /// Acts on one control event; `Some((why, broke_protocol))` ends the session.
-    fn on_event(&self, link: &Arc<AgentLink>, ev: Event) -> Option<(String, bool)> {
+    /// Acts on one control event; `Some((why, how))` ends the session.
+    fn on_event(&self, link: &Arc<AgentLink>, ev: Event) -> Option<(String, SessionEnd)> {
         match ev {
             Event::ServicesUpdate { services } => {
                 let mut current = link.services.write().unwrap_or_else(|p| p.into_inner());
@@ -1032,7 +1031,7 @@ impl Hub {
                     if n >= MAX_REFUSED_OFFERS {
                         return Some((
                             format!("{n} zone configs offered that do not verify"),
-                            true,
+                            SessionEnd::Broke,
                         ));
                     }
                 }
@@ -1048,7 +1047,10 @@ impl Hub {
             // sent from now on would fail unseen while the device looked connected.
             Event::PeerError { code, message } => {
                 warn!(device = %link.device, ?code, %message, "agent reported a control error");
-                return Some((format!("agent reported a control error: {message}"), false));
+                return Some((
+                    format!("agent reported a control error: {message}"),
+                    SessionEnd::Ended,
+                ));
             }
             other => debug!(device = %link.device, event = ?other, "control event ignored"),
         }

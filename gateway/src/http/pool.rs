@@ -98,13 +98,8 @@ impl Pool {
         None
     }
 
-    /// Keeps `up` for the next request to `key`, for at most [`IDLE_TIMEOUT`].
-    pub fn put(&self, key: PoolKey, up: Upstream) {
-        self.put_for(key, up, IDLE_TIMEOUT)
-    }
-
     /// Keeps `up` for the next request to `key`, for at most `keep` ([`keep_for`]).
-    pub fn put_for(&self, key: PoolKey, up: Upstream, keep: Duration) {
+    pub fn put(&self, key: PoolKey, up: Upstream, keep: Duration) {
         if self.closed.load(Ordering::Relaxed) || keep.is_zero() {
             return;
         }
@@ -178,14 +173,14 @@ pub(super) mod tests {
     async fn closed_connections_are_not_handed_out() {
         let pool = Pool::new();
         // Never polled since, they look ready: taking or sweeping finds them closed.
-        pool.put(key(), conn(false).0);
+        pool.put(key(), conn(false).0, IDLE_TIMEOUT);
         assert!(pool.take(&key()).is_none());
-        pool.put(key(), conn(false).0);
+        pool.put(key(), conn(false).0, IDLE_TIMEOUT);
         assert_eq!(pool.idle_count(), 1);
         pool.sweep();
         assert_eq!(pool.idle_count(), 0);
         let (up, _keep) = conn(true);
-        pool.put(key(), up);
+        pool.put(key(), up, IDLE_TIMEOUT);
         pool.sweep();
         assert_eq!(pool.idle_count(), 1, "an open connection survives a sweep");
         assert!(pool.take(&key()).is_some());
@@ -198,12 +193,12 @@ pub(super) mod tests {
             ..(*key()).clone()
         });
         let (up, _keep2) = conn(true);
-        pool.put(other.clone(), up);
+        pool.put(other.clone(), up, IDLE_TIMEOUT);
         assert!(pool.take(&key()).is_none(), "keys do not share");
         pool.close();
         assert_eq!(pool.idle_count(), 0);
         let (up, _keep3) = conn(true);
-        pool.put(key(), up);
+        pool.put(key(), up, IDLE_TIMEOUT);
         assert_eq!(pool.idle_count(), 0, "a closed pool keeps nothing");
     }
 
@@ -214,7 +209,7 @@ pub(super) mod tests {
         let (up, keep) = conn(true);
         let mut far = keep.unwrap();
         far.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
-        pool.put(key(), up);
+        pool.put(key(), up, IDLE_TIMEOUT);
         assert!(pool.take(&key()).is_none(), "bytes nobody asked for");
     }
 
@@ -228,12 +223,12 @@ pub(super) mod tests {
         let said = Some(Duration::from_secs(3));
         let pool = Pool::new();
         let (up, _keep) = conn(true);
-        pool.put_for(key(), up, keep_for(said));
+        pool.put(key(), up, keep_for(said));
         let (up, _keep2) = conn(true);
-        pool.put_for(key(), up, keep_for(Some(Duration::from_secs(1))));
+        pool.put(key(), up, keep_for(Some(Duration::from_secs(1))));
         assert_eq!(pool.idle_count(), 1, "a 1 s keep-alive is not kept");
         let up = pool.take(&key()).expect("fresh");
-        pool.put_for(key(), up, keep_for(said));
+        pool.put(key(), up, keep_for(said));
         std::thread::sleep(Duration::from_millis(2100));
         assert!(pool.take(&key()).is_none(), "handed out past its time");
     }
@@ -245,7 +240,7 @@ pub(super) mod tests {
         for _ in 0..MAX_IDLE_PER_KEY + 5 {
             let (up, k) = conn(true);
             keep.push(k);
-            pool.put(key(), up);
+            pool.put(key(), up, IDLE_TIMEOUT);
         }
         assert_eq!(pool.idle_count(), MAX_IDLE_PER_KEY);
     }

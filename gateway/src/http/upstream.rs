@@ -680,7 +680,7 @@ impl UpBody {
             let left = self
                 .keep_said
                 .map(|t| t.saturating_sub(self.head_at.elapsed()));
-            pool.put_for(key, conn, super::pool::keep_for(left));
+            pool.put(key, conn, super::pool::keep_for(left));
         }
     }
 
@@ -1314,10 +1314,9 @@ mod tests {
         );
     }
 
-    /// A stream whose writes go nowhere and whose reads fail as quinn's do when the QUIC
-    /// connection under them ends.
-    struct LostTunnel;
-    impl AsyncRead for LostTunnel {
+    /// Reads that fail as quinn's do when the QUIC connection under them ends.
+    struct LostReads;
+    impl AsyncRead for LostReads {
         fn poll_read(
             self: Pin<&mut Self>,
             _: &mut Context<'_>,
@@ -1329,28 +1328,21 @@ mod tests {
             )))
         }
     }
-    impl AsyncWrite for LostTunnel {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            b: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            Poll::Ready(Ok(b.len()))
-        }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
+    /// A tunnel stream whose writes go nowhere and whose reads fail: its connection is lost.
+    type LostTunnel = tokio::io::Join<LostReads, tokio::io::Sink>;
     impl UpIo for LostTunnel {}
+    fn lost_tunnel() -> LostTunnel {
+        tokio::io::join(LostReads, tokio::io::sink())
+    }
 
     /// A tunnel lost before the answer is said to be one (it was "device sent no valid HTTP
     /// answer"), and a GET (safe) is given back to be sent again on a new stream.
     #[tokio::test]
     async fn a_tunnel_lost_before_the_answer_is_told_and_repeatable_requests_go_again() {
-        let e = Upstream::new(LostTunnel).send(get("/x")).await.unwrap_err();
+        let e = Upstream::new(lost_tunnel())
+            .send(get("/x"))
+            .await
+            .unwrap_err();
         assert!(e.error.tunnel_lost(), "{:?}", e.error);
         assert!(e.again.is_some(), "a GET goes again");
         let text = crate::http::errors::ProxyError::Upstream {
@@ -1364,12 +1356,12 @@ mod tests {
             "{text}"
         );
         let post = request(Method::POST, &[("content-length", "2")], body::full("hi"));
-        let e = Upstream::new(LostTunnel).send(post).await.unwrap_err();
+        let e = Upstream::new(lost_tunnel()).send(post).await.unwrap_err();
         assert!(e.error.tunnel_lost());
         assert!(e.again.is_none(), "a POST is not repeated");
         // Idempotent but not safe: the service may have done it before the loss.
         let delete = request(Method::DELETE, &[], body::full(""));
-        let e = Upstream::new(LostTunnel).send(delete).await.unwrap_err();
+        let e = Upstream::new(lost_tunnel()).send(delete).await.unwrap_err();
         assert!(
             e.again.is_none(),
             "a DELETE is not repeated after a tunnel loss"
