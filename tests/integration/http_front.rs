@@ -345,7 +345,14 @@ async fn start_stale_backend(shutdown: CancellationToken) -> (SocketAddr, SeenRe
                         tcp.get_mut().write_all(odd).await.unwrap();
                         continue;
                     }
-                    log.lock().unwrap().push((conn, head));
+                    log.lock().unwrap().push((conn, head.clone()));
+                    if head.starts_with("GET /held ") {
+                        // Never answered: waits for the gateway to give the request up.
+                        let mut rest = [0u8; 64];
+                        while matches!(tcp.read(&mut rest).await, Ok(1..)) {}
+                        log.lock().unwrap().push((conn, "closed".into()));
+                        return;
+                    }
                     if nth == 2 {
                         // Unanswered: odd connections end with a reset, even ones with a FIN.
                         if conn % 2 == 1 {
@@ -402,20 +409,21 @@ fn bundle(zone: &Path, device: &str, zone_json: &Path) -> BundlePaths {
 /// backend as `web` and `dfs`) and `home2` (never connected); the policy is [`POLICY`] plus
 /// the repository's `policies/examples/dfs.toml` as it is.
 async fn start() -> Harness {
-    start_with(gateway::http::MAX_CONNECTIONS_PER_IP).await
+    start_tuned(|_| {}).await
 }
 
 /// [`start`] with a front whose send timeout is `send_timeout`.
 async fn start_sending_within(send_timeout: Duration) -> Harness {
-    start_tuned(gateway::http::MAX_CONNECTIONS_PER_IP, Some(send_timeout)).await
+    start_tuned(|t| t.send_timeout = send_timeout).await
 }
 
 /// [`start`] with the front's per-client connection limit at `per_ip`.
 async fn start_with(per_ip: usize) -> Harness {
-    start_tuned(per_ip, None).await
+    start_tuned(|t| t.max_connections_per_ip = per_ip).await
 }
 
-async fn start_tuned(per_ip: usize, send_timeout: Option<Duration>) -> Harness {
+/// [`start`] with the tests' front tuning changed by `tune`.
+async fn start_tuned(tune: impl FnOnce(&mut HttpTuning)) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
     // The zone config must name the address the gateway listens on for QUIC.
@@ -459,6 +467,15 @@ async fn start_tuned(per_ip: usize, send_timeout: Option<Duration>) -> Harness {
     )
     .unwrap();
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut http_tuning = HttpTuning {
+        response_timeout: RESPONSE_TIMEOUT,
+        header_read_timeout: HEADER_TIMEOUT,
+        body_timeout: BODY_TIMEOUT,
+        h2_idle_timeout: H2_IDLE,
+        read_timeout: READ_TIMEOUT,
+        ..HttpTuning::default()
+    };
+    tune(&mut http_tuning);
     let gw = Gateway::bind(
         GatewayOptions {
             creds: gw_creds,
@@ -472,16 +489,7 @@ async fn start_tuned(per_ip: usize, send_timeout: Option<Duration>) -> Harness {
             http: Some(any),
             https: Some(any),
             tls_certs: Vec::new(),
-            http_tuning: HttpTuning {
-                response_timeout: RESPONSE_TIMEOUT,
-                header_read_timeout: HEADER_TIMEOUT,
-                body_timeout: BODY_TIMEOUT,
-                h2_idle_timeout: H2_IDLE,
-                max_connections_per_ip: per_ip,
-                send_timeout: send_timeout.unwrap_or(HttpTuning::default().send_timeout),
-                read_timeout: READ_TIMEOUT,
-                ..HttpTuning::default()
-            },
+            http_tuning,
             tcp_connections_per_ip: gateway::listeners::TCP_CONNECTIONS_PER_IP,
             tcp_connections: gateway::listeners::MAX_TCP_CONNECTIONS,
             udp_flows_per_ip: gateway::listeners::UDP_FLOWS_PER_IP,
@@ -1043,6 +1051,59 @@ async fn a_request_lost_to_a_closing_pooled_connection_is_repeated_only_if_idemp
     .map(|(c, l)| (c, l.to_owned()))
     .collect();
     assert_eq!(seen, want, "what the service read");
+}
+
+/// A client that leaves while its request waits for the answer (a long poll it gave up on)
+/// takes the request with it, as nginx does: the service's connection is closed then, not when
+/// the response timeout ends (or the service answers into a closed connection). HTTP/1
+/// clients that close or reset; an HTTP/2 client that resets its stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_before_the_answer_takes_its_request_with_it() {
+    // Long enough that a request given up at its end could not pass.
+    let h = start_tuned(|t| t.response_timeout = Duration::from_secs(120)).await;
+    let host = "stale.alice.example";
+    let request = format!("GET /held HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let seen = |want: (u32, &'static str)| {
+        let seen = h.stale_seen.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !seen
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(c, l)| *c == want.0 && l == want.1)
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "the service never saw {want:?}: {:?}",
+                    seen.lock().unwrap()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    for (conn, reset) in [(1, false), (2, true)] {
+        let mut tcp = tokio::net::TcpStream::connect(h.http).await.unwrap();
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        seen((conn, "GET /held HTTP/1.1")).await;
+        if reset {
+            tcp.set_zero_linger().unwrap();
+        }
+        drop(tcp);
+        seen((conn, "closed")).await;
+    }
+    let (mut send, _conn) = h2c_client::<http_body_util::Empty<Bytes>>(h.http).await;
+    let req = Request::get(format!("http://{host}/held"))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let answer = send.send_request(req);
+    let asked = seen((3, "GET /held HTTP/1.1"));
+    tokio::select! {
+        r = answer => panic!("answered: {r:?}"),
+        () = asked => {}
+    }
+    // The answer's future, dropped by the select, reset the stream.
+    seen((3, "closed")).await;
 }
 
 /// The product's quick start: `policies/examples/dfs.toml` makes `/dfs` a read-only public

@@ -83,6 +83,10 @@ const KNOWN_METHODS: [Method; 7] = [
 const DRAIN_MAX: usize = 64 * 1024;
 const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The status logged for a request given up before its answer (nginx's "client closed
+/// request"; no client ever reads it).
+const GIVEN_UP: u16 = 499;
+
 /// The per-request log line, written when the response is over (body sent, failed or
 /// dropped; for an upgrade, when the spliced connection closes). Also settles the app's byte
 /// counters and holds the app's connection slot until then.
@@ -124,6 +128,14 @@ impl Drop for RequestLog {
         if let Some(c) = &self.counters {
             c.bytes_in(bytes_in);
             c.bytes_out(bytes_out);
+        }
+        if self.status == 0 {
+            // Dropped before any answer: the client left (its HTTP/1 connection closed, its
+            // HTTP/2 stream reset) or the gateway stopped — nginx's 499.
+            self.status = GIVEN_UP;
+            self.error.get_or_insert_with(|| {
+                "given up before the answer: the client left or the gateway stopped".into()
+            });
         }
         let ms = self.started.elapsed().as_millis() as u64;
         info!(

@@ -97,6 +97,9 @@ struct Wire {
     /// When the request head being read is worth parsing again.
     scan: h1::HeadScan,
     body: BodyState,
+    /// The client closed its sending side after pipelined requests: read no more while
+    /// answering them.
+    read_closed: bool,
 }
 
 type Shared = Arc<Mutex<Wire>>;
@@ -153,6 +156,7 @@ where
         io: Some(io),
         buf: BytesMut::new(),
         scan: h1::HeadScan::default(),
+        read_closed: false,
         body: BodyState {
             request: 0,
             left: Left::Done,
@@ -242,7 +246,25 @@ where
             }
             None => (None, None),
         };
-        let resp = service(head.into_request(body), client_upgrade).await;
+        let resp = {
+            let mut answer = pin!(service(head.into_request(body), client_upgrade));
+            let gone = poll_fn(|cx| {
+                if let Poll::Ready(r) = answer.as_mut().poll(cx) {
+                    return Poll::Ready(Some(r));
+                }
+                lock(&wire).poll_gone(cx).map(|()| None)
+            })
+            .await;
+            match gone {
+                Some(r) => r,
+                None => {
+                    // The service's future, dropped above, gave the request up: its tunnel
+                    // stream is reset and its log line says the client left (499).
+                    debug!("the client left before the answer; request given up");
+                    break;
+                }
+            }
+        };
 
         let (parts, mut body) = resp.into_parts();
         let status = parts.status;
@@ -339,6 +361,37 @@ where
 }
 
 impl Wire {
+    /// While a request waits for its answer: reads ahead what the client sends next (a
+    /// pipelined request, up to a head's size), and is ready when the client has left — its
+    /// connection reset, or closed with nothing more sent. The request is then given up, as
+    /// nginx does (499), instead of going on at the device (a long poll, a slow report) until
+    /// its answer meets a closed connection. A close after pipelined requests is a client
+    /// done sending, waiting for its answers: those are served.
+    fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        // A body still being read is the service's to read (and to see end early).
+        if self.read_closed
+            || !matches!(self.body.left, Left::Done)
+            || self.body.failed
+            || self.body.continue_due.is_some()
+        {
+            return Poll::Pending;
+        }
+        let Some(io) = self.io.as_mut() else {
+            return Poll::Pending;
+        };
+        while self.buf.len() < server_h1::MAX_HEAD {
+            self.buf.reserve(READ_CHUNK);
+            match ready!(poll_read_buf(Pin::new(&mut **io), cx, &mut self.buf)) {
+                Ok(0) if self.buf.is_empty() => return Poll::Ready(()),
+                Ok(0) => self.read_closed = true,
+                Ok(_) => continue,
+                Err(_) => return Poll::Ready(()),
+            }
+            break;
+        }
+        Poll::Pending
+    }
+
     /// Reads until a request head is complete. Parse errors are answered by the caller.
     fn poll_head(&mut self, cx: &mut Context<'_>, sniff: &mut bool) -> Poll<Next> {
         let Some(io) = self.io.as_mut() else {
@@ -729,6 +782,11 @@ mod tests {
         let got = body.collect().await.map(|b| b.to_bytes().len());
         let text = format!("{} {} {:?}", parts.method, parts.uri.path(), got.ok());
         match parts.uri.path() {
+            "/never" => std::future::pending().await,
+            "/later" => tokio::time::sleep(Duration::from_millis(200)).await,
+            _ => {}
+        }
+        match parts.uri.path() {
             // One frame, of a length the body does not tell.
             "/stream" => Response::new(Pieces([Bytes::from(text)].into(), false).boxed_unsync()),
             "/pieces" => Response::new(Pieces(pieces().0, true).boxed_unsync()),
@@ -884,6 +942,35 @@ mod tests {
             all.contains("content-length: 14\r\n") && all.contains("connection: close\r\n"),
             "{all}"
         );
+        assert!(matches!(h.await.unwrap(), Served::Done));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_leaves_before_the_answer_takes_its_request_with_it() {
+        // Closed with nothing more sent while the answer is awaited: the request is given up
+        // (the service's future dropped) and the connection ends unanswered.
+        let (mut c, h) = start(CFG);
+        c.write_all(b"GET /never HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        c.shutdown().await.unwrap();
+        let served = tokio::time::timeout(Duration::from_secs(10), h)
+            .await
+            .expect("the request was kept going after its client left");
+        assert!(matches!(served.unwrap(), Served::Done));
+        assert_eq!(read_all(&mut c).await, "");
+
+        // Closed after pipelined requests: a client done sending, waiting for its answers.
+        let (mut c, h) = start(CFG);
+        c.write_all(b"GET /later HTTP/1.1\r\nHost: x\r\n\r\nGET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        c.shutdown().await.unwrap();
+        let all = read_all(&mut c).await;
+        let later = all.find("GET /later Some(0)").unwrap();
+        let a = all.find("GET /a Some(0)").unwrap();
+        assert!(later < a, "{all}");
         assert!(matches!(h.await.unwrap(), Served::Done));
     }
 
