@@ -197,7 +197,10 @@ fn pubkey_is_derived_and_stable() {
 #[test]
 fn openssl_verifies_own_zone_only() {
     if Command::new("openssl").arg("version").output().is_err() {
-        eprintln!("SKIPPED openssl_verifies_own_zone_only: openssl not installed");
+        crate::common::skip(
+            "openssl_verifies_own_zone_only",
+            "needs openssl: apt-get install openssl",
+        );
         return;
     }
     let t1 = tempfile::tempdir().unwrap();
@@ -902,15 +905,9 @@ impl Drop for Killed {
     }
 }
 
+/// Free for UDP and TCP, below the ephemeral range: the zonegate child binds it later.
 fn free_port() -> u16 {
-    // Free for UDP and TCP at the moment of asking (the DNS server binds both).
-    loop {
-        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let p = u.local_addr().unwrap().port();
-        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
-            return p;
-        }
-    }
+    crate::inproc::free_udp_and_tcp_port()
 }
 
 #[test]

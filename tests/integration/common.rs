@@ -113,3 +113,17 @@ pub fn in_isolated_process(name: &str) -> bool {
     );
     false
 }
+
+/// A test that cannot run here for want of `what` (a tool, IPv6): says so on fd 2 — libtest
+/// captures `eprintln!` of passing tests, and a skip must show — or fails where
+/// `ZONEGATE_REQUIRE_TOOLS=1` (CI installs everything: nothing may skip there).
+pub fn skip(test: &str, what: &str) {
+    if std::env::var("ZONEGATE_REQUIRE_TOOLS").as_deref() == Ok("1") {
+        panic!("ZONEGATE_REQUIRE_TOOLS=1 but {test} cannot run: {what}");
+    }
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n!!!!! SKIPPED ({what}): {test} !!!!!\n"
+    );
+}

@@ -1822,7 +1822,10 @@ async fn status_page_metrics_and_headless_chromium() {
             .is_ok()
     });
     let Some(chromium) = chromium else {
-        eprintln!("SKIPPED (needs chromium): status page not opened in a browser; apt-get install chromium");
+        crate::common::skip(
+            "status_page_metrics_and_headless_chromium (the browser part)",
+            "needs chromium: apt-get install chromium",
+        );
         return;
     };
     let profile = h.dir.path().join("chromium-profile");

@@ -44,6 +44,14 @@ pub fn free_tcp_port() -> u16 {
     free_port(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
 }
 
+/// A loopback port free now for both UDP and TCP (a DNS server binds both), as [`free_port`].
+pub fn free_udp_and_tcp_port() -> u16 {
+    free_port(|p| {
+        std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+    })
+}
+
 /// A port `binds` finds free now, chosen below the kernel's ephemeral range
 /// (`ip_local_port_range`, 32768–60999 by default): a test that binds it later (a gateway
 /// restarted in place, a listener a policy edit opens) must not find it taken meanwhile by the

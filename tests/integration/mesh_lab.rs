@@ -19,15 +19,15 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::common::ok;
 use crate::netlab::{self, python, Lab, LabProcess, NAT2_WAN};
+use crate::zonefix::eventually;
 
 const READY: Duration = Duration::from_secs(20);
-const POLL: Duration = Duration::from_millis(100);
 const SINK_PORT: u16 = 7100; // home1: reads to EOF, answers the byte count
 const ECHO_PORT: u16 = 7101; // home1: echo
 const FWD_SINK: u16 = 9100; // forward on the sending home -> home1/sink
@@ -354,18 +354,6 @@ impl World {
             .as_array()
             .and_then(|a| a.iter().find(|p| p["device"] == peer).cloned())
             .ok_or_else(|| format!("{host} does not list peer {peer}: {st}"))
-    }
-}
-
-#[track_caller]
-fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(e) if Instant::now() >= deadline => panic!("{what}: not within {timeout:?}: {e}"),
-            Err(_) => thread::sleep(POLL),
-        }
     }
 }
 

@@ -332,8 +332,18 @@ impl Drop for Lab {
     fn drop(&mut self) {
         self.kill_children();
         let t0 = Instant::now();
-        match self.script(&["down"]) {
-            Ok(_) => {
+        let down = self
+            .script(&["down"])
+            .map_err(|e| e.to_string())
+            .and_then(|_| {
+                let left = namespaces_with_prefix(&self.prefix);
+                match left.is_empty() {
+                    true => Ok(()),
+                    false => Err(format!("namespaces left after down: {left:?}")),
+                }
+            });
+        match down {
+            Ok(()) => {
                 let _ = fs::remove_file(&self.owner_file);
                 eprintln!(
                     "[netlab] lab {} down in {} ms",
@@ -342,7 +352,15 @@ impl Drop for Lab {
                 );
             }
             // keep the owner file: the next `gc` retries once this process is gone
-            Err(e) => eprintln!("[netlab] lab {} teardown FAILED: {e}", self.prefix),
+            Err(e) => {
+                // straight to fd 2 (a passing test's eprintln! is captured), and the test
+                // fails: labs leaking on every run must not stay green
+                let msg = format!("[netlab] lab {} teardown FAILED: {e}", self.prefix);
+                let _ = writeln!(io::stderr(), "{msg}");
+                if !std::thread::panicking() {
+                    panic!("{msg}");
+                }
+            }
         }
     }
 }

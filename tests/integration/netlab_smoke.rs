@@ -385,29 +385,42 @@ fn drop_tears_everything_down_even_on_panic() {
     assert_eq!(namespaces_with_prefix(&prefix), Vec::<String>::new());
     assert!(!owner.exists(), "owner file left behind");
     for child in [&mut *tracked, &mut untracked] {
-        let t0 = Instant::now();
-        while child.try_wait().unwrap().is_none() {
-            assert!(
-                t0.elapsed() < OK_WITHIN,
-                "process {} survived the lab",
-                child.id()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        assert_ends(child, "the lab");
     }
     untracked.wait().unwrap();
 
-    // a panicking test: unwinding drops the lab
+    // a panicking test: unwinding drops the lab (its sleeper, made with into_child, is left
+    // to the lab's own kill)
     let mut seen = String::new();
+    let mut sleeper = None;
     let result = catch_unwind(AssertUnwindSafe(|| {
         let lab = Lab::up("teardown_panic").unwrap();
         seen = lab.prefix().to_string();
-        let _sleeper = lab.spawn(lab.cmd("home2", "sleep").arg("600")).unwrap();
+        let s = lab.spawn(lab.cmd("home2", "sleep").arg("600")).unwrap();
+        sleeper = Some(s.into_child());
         panic!("deliberate panic inside a lab test (expected in this test's output)");
     }));
     assert!(result.is_err());
     assert!(!seen.is_empty());
     assert_eq!(namespaces_with_prefix(&seen), Vec::<String>::new());
+    let owner = Path::new("/run/natlab").join(format!("{seen}.owner"));
+    assert!(!owner.exists(), "owner file left behind after a panic");
+    let mut sleeper = sleeper.expect("the sleeper was started");
+    assert_ends(&mut sleeper, "the panicking test's lab");
+}
+
+/// Waits for `child` to end (within [`OK_WITHIN`]), or fails: it survived `what`.
+#[track_caller]
+fn assert_ends(child: &mut std::process::Child, what: &str) {
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            t0.elapsed() < OK_WITHIN,
+            "process {} survived {what}",
+            child.id()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Stress check of parallel builds (not run by default): `NATLAB_MAX_PARALLEL=6 cargo test

@@ -351,12 +351,27 @@ fn lab_client_and_mesh_reach_home1_only_through_gateway() {
         "vps reached home1 directly"
     );
 
-    // the connections were accounted to the app
-    let st = w.status("vps", 9090).unwrap();
-    let web = st["apps"]
-        .as_array()
-        .and_then(|a| a.iter().find(|x| x["name"] == "web"))
-        .unwrap_or_else(|| panic!("no app web in {st}"));
+    // the client's connections were accounted to the app, with what it was sent (counters
+    // settle as each connection ends)
+    let web = eventually(
+        READY,
+        "the client's connections counted for app web",
+        || {
+            let st = w.status("vps", 9090)?;
+            let web = st["apps"]
+                .as_array()
+                .and_then(|a| a.iter().find(|x| x["name"] == "web"))
+                .cloned()
+                .ok_or_else(|| format!("no app web in {st}"))?;
+            let c = &web["counters"];
+            let taken =
+                c["connections"].as_u64().unwrap_or(0) + c["requests"].as_u64().unwrap_or(0);
+            let out = c["bytes_out"].as_u64().unwrap_or(0);
+            (taken >= 1 && out >= m.len() as u64)
+                .then_some(web.clone())
+                .ok_or_else(|| format!("app web counters: {c}"))
+        },
+    );
     eprintln!("app web after the test: {web}");
 }
 
