@@ -1982,3 +1982,184 @@ async fn a_certificate_ending_while_running_says_how_to_renew() {
     a.shutdown.cancel();
     gw.shutdown.cancel();
 }
+
+/// A Ping frame whose body holds a byte more than its nonce: a frame that is no message.
+const PING_WITH_A_BYTE_TOO_MANY: [u8; 11] = [0x0a, 0x09, 0, 0, 0, 0, 0, 0, 0, 1, 0xff];
+
+/// Writes `msg` as a control frame on `send`.
+async fn write_msg(send: &mut quinn::SendStream, msg: &tunnel::proto::ControlMsg) {
+    let mut frame = Vec::new();
+    tunnel::proto::encode_control(msg, &mut frame).unwrap();
+    send.write_all(&frame).await.unwrap();
+}
+
+/// The first control message on `recv` that `pick` takes (`None`: the stream ended first).
+async fn read_msg_until<T>(
+    recv: &mut quinn::RecvStream,
+    dec: &mut tunnel::proto::FrameDecoder,
+    pick: impl Fn(tunnel::proto::ControlMsg) -> Option<T>,
+) -> Option<T> {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            while let Some(m) = dec.next_msg().unwrap() {
+                if let Some(t) = pick(m) {
+                    return Some(t);
+                }
+            }
+            match recv.read_chunk(64 * 1024, true).await {
+                Ok(Some(c)) => dec.push(&c.bytes).unwrap(),
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .expect("no control message within the wait")
+}
+
+/// The `Error` a peer sent for undecodable bytes, and then the close: with the protocol code.
+async fn told_of_undecodable_bytes(
+    conn: &quinn::Connection,
+    recv: &mut quinn::RecvStream,
+    dec: &mut tunnel::proto::FrameDecoder,
+) {
+    use tunnel::proto::{ControlMsg, ErrorCode};
+    let told = read_msg_until(recv, dec, |m| match m {
+        ControlMsg::Error { code, message } => Some((code, message)),
+        _ => None,
+    })
+    .await;
+    let (code, message) = told.expect("the stream ended without an Error");
+    assert_eq!(code, ErrorCode::ProtocolViolation, "{message}");
+    assert!(message.contains("undecodable"), "{message}");
+    match tokio::time::timeout(WAIT, conn.closed()).await.unwrap() {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, tunnel::hub::CLOSE_PROTOCOL.into())
+        }
+        other => panic!("closed otherwise: {other}"),
+    }
+}
+
+/// Bytes on a device's control stream that are no message end its session as a violation it
+/// is told of — an `Error` naming it, then the protocol close code — as a message out of place
+/// does: they ended it with a bare close (code 0), which the device could not tell from the
+/// gateway simply going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_sending_undecodable_control_bytes_is_told_why() {
+    use tunnel::proto::ControlMsg;
+    let z = TestZone::new(&["home1"]);
+    let tuning = fast_tuning();
+    let gw = start_gateway(&z, tuning, Duration::from_millis(500)).await;
+    let creds = z.creds("home1");
+    let (_ep, conn) = connect_device(&z, &creds, tuning, None).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    tunnel::stream::write_header(&mut send, &StreamHeader::Control)
+        .await
+        .unwrap();
+    let hello = Hello {
+        proto_version: tunnel::proto::CONTROL_VERSION,
+        device: "home1".into(),
+        services: vec![],
+        zone_serial: creds.zone_serial(),
+        zone_config: None,
+        agent_version: "hostile".into(),
+    };
+    write_msg(&mut send, &ControlMsg::Hello(hello)).await;
+    let mut dec = tunnel::proto::FrameDecoder::new();
+    let welcomed = read_msg_until(&mut recv, &mut dec, |m| {
+        matches!(m, ControlMsg::Welcome(_)).then_some(())
+    })
+    .await;
+    assert!(welcomed.is_some(), "no Welcome");
+    send.write_all(&PING_WITH_A_BYTE_TOO_MANY).await.unwrap();
+    told_of_undecodable_bytes(&conn, &mut recv, &mut dec).await;
+    assert!(gw.hub.agent("home1").is_none());
+    gw.shutdown.cancel();
+}
+
+/// The same the other way: a node given undecodable bytes by its gateway (here a fake one at
+/// the zone's gateway address) tells it why and closes with the protocol code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_sending_undecodable_control_bytes_is_told_why() {
+    use tunnel::proto::{ControlMsg, Welcome};
+    let z = TestZone::new(&["home1"]);
+    let tuning = fast_tuning();
+    let server = tunnel::transport::server_endpoint(z.gw_addr, &z.creds("gw"), &tuning).unwrap();
+    let h1 = start_agent(&z, "home1", services(&[]), vec![], tuning).await;
+    let conn = tokio::time::timeout(WAIT, async {
+        server.accept().await.expect("an incoming connection").await
+    })
+    .await
+    .expect("home1 dialed")
+    .expect("home1's handshake");
+    let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+    let (header, rest) = tunnel::stream::read_header(&mut recv).await.unwrap();
+    assert_eq!(header, StreamHeader::Control);
+    let mut dec = tunnel::proto::FrameDecoder::new();
+    dec.push(&rest).unwrap();
+    let hello = read_msg_until(&mut recv, &mut dec, |m| match m {
+        ControlMsg::Hello(h) => Some(h),
+        _ => None,
+    })
+    .await
+    .expect("no Hello");
+    let welcome = Welcome {
+        session_id: 1,
+        observed_addr: conn.remote_address(),
+        zone_serial: hello.zone_serial,
+        zone_config: None,
+        keepalive_ms: 1000,
+    };
+    write_msg(&mut send, &ControlMsg::Welcome(welcome)).await;
+    send.write_all(&PING_WITH_A_BYTE_TOO_MANY).await.unwrap();
+    told_of_undecodable_bytes(&conn, &mut recv, &mut dec).await;
+    h1.shutdown.cancel();
+}
+
+/// The ends of a relayed, end-to-end encrypted stream enforce a revocation themselves: the
+/// peer's key is refused for new streams once revoked or past its certificate's end, and a
+/// live stream's end (`peer_ended`) comes when the adopted zone config revokes the peer. They
+/// ran on as long as the relaying gateway — the party the encryption keeps out — relayed them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ends_of_an_encrypted_stream_enforce_revocations_themselves() {
+    let z = TestZone::new(&["home1", "home2"]);
+    let creds = z.creds("home1");
+    let config = creds.zone().config.clone();
+    let now = time::OffsetDateTime::now_utc();
+    assert!(tunnel::e2e::peer_public(&config, "home2", now).is_ok());
+    let home2 = zone_core::DeviceName::new("home2").unwrap();
+    let ends = config.device(&home2).unwrap().cert_expires_at;
+    let after = tunnel::e2e::peer_public(&config, "home2", ends + time::Duration::seconds(1));
+    assert!(
+        after.unwrap_err().to_string().contains("certificate ended"),
+        "a key past its certificate's end"
+    );
+
+    let ep =
+        tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), &creds, &fast_tuning())
+            .unwrap();
+    let peers = Arc::new(tunnel::peers::Peers::new(creds.clone(), ep));
+    let ended = tokio::spawn({
+        let peers = peers.clone();
+        async move { peers.peer_ended("home2").await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!ended.is_finished(), "ended before any revocation");
+    let revoking = z.revoke("home2");
+    assert!(creds.offer_zone(&revoking).unwrap().is_some());
+    peers.cut_revoked();
+    let why = tokio::time::timeout(WAIT, ended)
+        .await
+        .expect("a live stream with a revoked peer ran on")
+        .unwrap();
+    assert!(why.contains("revoked"), "{why}");
+    let revoked = tunnel::e2e::peer_public(&creds.zone().config, "home2", now);
+    assert!(revoked.unwrap_err().to_string().contains("revoked"));
+    // Nor does the revoked device itself start on a bundle that says so (it started, and
+    // redialed for ever with vaguer refusals).
+    std::fs::write(z.bundle("home2").zone_config, &revoking).unwrap();
+    let refused = DeviceCreds::load(&z.bundle("home2"), None).unwrap_err();
+    assert!(
+        refused.to_string().contains("revokes this device"),
+        "{refused}"
+    );
+}

@@ -808,15 +808,19 @@ impl Agent {
             let mut io = ControlIo::new(send, recv, ControlSession::agent(hello));
             io.flush().await?;
             let welcome = loop {
-                match io.next_event().await? {
-                    Some(Event::Welcome(w)) => break w,
-                    Some(Event::PeerError { code, message }) => {
+                match io.next_event().await {
+                    Ok(Some(Event::Welcome(w))) => break w,
+                    Ok(Some(Event::PeerError { code, message })) => {
                         return Err(TunnelError::Config(format!(
                             "gateway refused us: {code:?}: {message}"
                         )))
                     }
-                    Some(_) => continue,
-                    None => return Err(TunnelError::Truncated),
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return Err(TunnelError::Truncated),
+                    Err(e) => {
+                        tell_of_violation(&mut io, &conn).await;
+                        return Err(e);
+                    }
                 }
             };
             Ok::<_, TunnelError>((conn, io, welcome))
@@ -912,10 +916,13 @@ impl Agent {
                 debug!(gateway = %link.name, error = %e, "permits held not reported");
             }
         }
+        // A gateway that stops reading its control stream is given what the hub gives a
+        // device: the loop then goes on reading events and commands while the write waits
+        // (`next_event` writes what is queued before it reads), and ends the session at the
+        // limit instead of waiting in the write for ever, deaf to revocations and drains.
+        let stall = self.cfg.tuning.idle_timeout * crate::hub::CONTROL_STALL_TIMEOUTS;
+        io.end_stalled_after(stall);
         loop {
-            if let Err(e) = io.flush().await {
-                return transport::stream_end(conn, &e);
-            }
             let drain_sleep = async {
                 match drain_deadline {
                     Some(d) => tokio::time::sleep_until(d).await,
@@ -937,7 +944,15 @@ impl Agent {
                         return end;
                     },
                     Ok(None) => return "gateway closed the control stream".into(),
-                    Err(e) => return transport::stream_end(conn, &e),
+                    Err(TunnelError::Timeout(control::CONTROL_NOT_READ)) => {
+                        conn.close(crate::hub::CLOSE_STALLED.into(), b"control stream not read");
+                        return format!("gateway read nothing of its control stream for {} s", stall.as_secs());
+                    }
+                    Err(e) => {
+                        let why = transport::stream_end(conn, &e);
+                        tell_of_violation(&mut io, conn).await;
+                        return why;
+                    }
                 },
                 cmd = cmds.recv() => if let Some(cmd) = cmd {
                     if let Err(e) = cmd(&mut io.session) {
@@ -1423,7 +1438,10 @@ impl Agent {
                 // service over a direct path too.
                 let (agent, p, svc, a) = (self.clone(), peer.clone(), service.clone(), app.clone());
                 s.on_first_frame(move || agent.granted(&p, &svc, &a, started));
-                let m = splice(&mut s, &mut tcp).await;
+                let m = splice_until(&mut s, &mut tcp, self.peers.peer_ended(&peer)).await;
+                if let Some(why) = &m.stopped {
+                    info!(peer = %peer, service = %service, app = %app, reason = %why, "end-to-end stream cut");
+                }
                 let (inn, out) = (m.a_to_b, m.b_to_a);
                 self.peers.counters(&peer).record(false, out, inn);
                 (m, app)
@@ -1669,7 +1687,10 @@ impl Agent {
                         self.peers.punch_request_lost(&f.device);
                     }
                 }
-                let m = splice(&mut tcp, &mut s).await;
+                let m = splice_until(&mut tcp, &mut s, self.peers.peer_ended(&f.device)).await;
+                if let Some(why) = &m.stopped {
+                    info!(to = %to, via = %link.name, reason = %why, "end-to-end stream cut");
+                }
                 let (up, down) = (m.a_to_b, m.b_to_a);
                 self.peers.counters(&f.device).record(false, up, down);
                 (m, format!("{} (e2e)", link.name))
@@ -1691,6 +1712,16 @@ fn zone_gateways(zone: &zone_core::SignedZone) -> Vec<(String, SocketAddr)> {
 
 /// The gateways an agent with `cfg` links to — its own list, else the zone config's — one
 /// entry per gateway but itself, revoked ones left out.
+/// After a control error: when it was a violation by the gateway (bytes that are no message,
+/// one out of place: the session closed itself and queued its `Error`), the gateway is told
+/// why before the connection closes with the protocol code, as the hub tells agents.
+async fn tell_of_violation(io: &mut ControlIo, conn: &Connection) {
+    if io.session.is_closed() {
+        io.finish_within(Duration::from_secs(1)).await;
+        conn.close(crate::hub::CLOSE_PROTOCOL.into(), b"protocol violation");
+    }
+}
+
 fn wanted_gateways(cfg: &AgentConfig) -> Vec<(String, Vec<SocketAddr>)> {
     let list = if cfg.gateways.is_empty() {
         zone_gateways(&cfg.creds.zone())

@@ -12,7 +12,9 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::error::TunnelError;
-use crate::proto::{self, ControlSession, Event, FrameDecoder, ServiceInfo, SessionError};
+use crate::proto::{
+    self, ControlSession, ErrorCode, Event, FrameDecoder, ServiceInfo, SessionError,
+};
 
 /// Largest chunk read from the control stream at once (the decoder accepts up to 64 KiB pushes).
 const CONTROL_READ: usize = proto::limits::MAX_PUSH_CHUNK;
@@ -300,7 +302,7 @@ impl ControlIo {
             if let Some(ev) = self.session.poll_event() {
                 return Ok(Some(ev));
             }
-            while let Some(msg) = self.decoder.next_msg()? {
+            while let Some(msg) = self.decoder.next_msg().map_err(|e| self.undecodable(e))? {
                 self.session
                     .handle(msg)
                     .map_err(|e| TunnelError::Config(format!("control session: {e}")))?;
@@ -311,10 +313,27 @@ impl ControlIo {
             // Answers the session produced while handling (Pong) go out before we block.
             self.flush().await?;
             match self.recv.read_chunk(CONTROL_READ, true).await? {
-                Some(chunk) => self.decoder.push(&chunk.bytes)?,
+                Some(chunk) => self
+                    .decoder
+                    .push(&chunk.bytes)
+                    .map_err(|e| self.undecodable(e))?,
                 None => return Ok(None),
             }
         }
+    }
+
+    /// Bytes from the peer that are no control message end the session as a violation the
+    /// peer is told of (the session's `Error` is queued), as a message out of place does:
+    /// callers see a closed session and say why before closing (it closed with code 0, no
+    /// reason, as if the peer had simply gone).
+    fn undecodable(&mut self, e: crate::proto::ProtoError) -> TunnelError {
+        if !self.session.is_closed() {
+            self.session.reject(
+                ErrorCode::ProtocolViolation,
+                &format!("undecodable control message: {e}"),
+            );
+        }
+        e.into()
     }
 
     /// Finishes our side of the stream.

@@ -123,6 +123,15 @@ impl DeviceCreds {
                 &zone.config.domain,
             ));
         }
+        // A device its own zone.json revokes would start, then be refused by every peer with
+        // a vaguer message, redialing for ever.
+        if zone.config.is_revoked(&identity.name) {
+            return Err(bad(
+                &p.zone_config,
+                "revokes this device",
+                "it can no longer join the zone; add it again under a new name (zonegate device add)",
+            ));
+        }
         trust.set_revocations(&zone.config);
         let key_pkcs8 = key.to_pkcs8_der()?;
         let noise_secret =
@@ -174,9 +183,11 @@ impl DeviceCreds {
         &self.noise_secret
     }
 
-    /// The Noise static public key zone.json implies for `device`.
+    /// The Noise static public key zone.json implies for `device` (refused when revoked or
+    /// its certificate has ended).
     pub fn noise_public_of(&self, device: &str) -> Result<[u8; 32], crate::e2e::E2eError> {
-        crate::e2e::peer_public(&self.zone().config, device)
+        let now = time::OffsetDateTime::now_utc();
+        crate::e2e::peer_public(&self.zone().config, device, now)
     }
 
     /// The bundle's zone.json, when these credentials were loaded from one.

@@ -91,16 +91,31 @@ pub fn static_public(device_key: &VerifyingKey) -> [u8; 32] {
     device_key.to_montgomery().to_bytes()
 }
 
-/// The Noise public key zone.json implies for `device`.
-pub fn peer_public(zone: &zone_core::ZoneConfig, device: &str) -> Result<[u8; 32], E2eError> {
+/// The Noise public key zone.json implies for `device`, which must be neither revoked nor past
+/// its certificate's end at `now`: TLS refuses such a device on every connection it makes, and
+/// the key here is what a relayed stream's ends trust instead of the gateway.
+pub fn peer_public(
+    zone: &zone_core::ZoneConfig,
+    device: &str,
+    now: time::OffsetDateTime,
+) -> Result<[u8; 32], E2eError> {
     let unknown = |why: String| E2eError::UnknownPeer {
         device: device.to_owned(),
         why,
     };
     let name = zone_core::DeviceName::new(device).map_err(|e| unknown(e.to_string()))?;
+    if zone.is_revoked(&name) {
+        return Err(unknown("revoked by the zone config".into()));
+    }
     let entry = zone
         .device(&name)
         .ok_or_else(|| unknown("not listed (copy the newest zone.json to this device)".into()))?;
+    if entry.cert_expires_at <= now {
+        return Err(unknown(format!(
+            "its certificate ended at {} (zonegate device renew {device})",
+            entry.cert_expires_at
+        )));
+    }
     let vk = zone_core::keys::parse_public_text(&entry.public_key)
         .map_err(|e| unknown(e.to_string()))?;
     Ok(static_public(&vk))

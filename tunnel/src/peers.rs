@@ -195,7 +195,13 @@ struct PeerState {
     revoked_at: HashMap<String, Instant>,
     counters: Arc<PeerCounters>,
     last_error: Option<String>,
+    /// Fired when the zone config revokes the peer: its relayed, end-to-end encrypted streams
+    /// end here, at this end, not only where a relaying gateway chooses to end them.
+    revoked: CancellationToken,
 }
+
+/// How often [`Peers::peer_ended`] looks at a peer's certificate end again.
+const RECHECK_END: Duration = Duration::from_secs(24 * 3600);
 
 /// A peer's leave to use one service here over a direct path.
 #[derive(Debug)]
@@ -253,6 +259,7 @@ impl Peers {
                 }
                 s.in_use = None;
                 s.permits.clear();
+                s.revoked.cancel();
             });
         }
         revoked
@@ -273,6 +280,40 @@ impl Peers {
             let had_direct = self.with(&peer, |s| !s.conns.is_empty());
             if self.cut_if_revoked(&peer) && had_direct {
                 info!(peer = %peer, "peer revoked by the zone config: direct path closed");
+            }
+        }
+    }
+
+    /// Resolves, with the reason, when an end-to-end stream with `peer` must end: the zone
+    /// config revokes the peer, or its certificate ends (as the newest zone config says when
+    /// that time comes: a renewal moves it). The relaying gateway ends such streams too, but
+    /// the encryption is there so that the ends need not trust it.
+    pub async fn peer_ended(&self, peer: &str) -> String {
+        let revoked = self.with(peer, |s| s.revoked.clone());
+        let Ok(name) = zone_core::DeviceName::new(peer) else {
+            return format!("{peer:?} is no device name");
+        };
+        loop {
+            // Also after taking the token: a revocation adopted before it was made fired none.
+            if self.creds.is_revoked(peer) {
+                return "revoked by the zone config".into();
+            }
+            let zone = self.creds.zone();
+            let Some(ends) = zone.config.device(&name).map(|d| d.cert_expires_at) else {
+                return "no longer in the zone config".into();
+            };
+            drop(zone);
+            let left = ends - time::OffsetDateTime::now_utc();
+            if !left.is_positive() {
+                return format!("its certificate ended at {ends}");
+            }
+            // Looked at again daily: a clock set forward, or a renewal, is seen then.
+            let wait = Duration::try_from(left)
+                .unwrap_or(Duration::MAX)
+                .min(RECHECK_END);
+            tokio::select! {
+                _ = revoked.cancelled() => return "revoked by the zone config".into(),
+                _ = tokio::time::sleep(wait) => {}
             }
         }
     }

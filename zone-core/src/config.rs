@@ -154,6 +154,11 @@ impl ZoneConfig {
             }
             parse_public_text(&d.public_key)?;
         }
+        // A revoked name listed as a device would be refused by the TLS checks yet trusted by
+        // whatever reads the device list alone (the end-to-end keys of the mesh).
+        if let Some(r) = self.revoked.iter().find(|r| names.contains(&r.device)) {
+            return bad(format!("device {} is listed and revoked at once", r.device));
+        }
         for g in &self.gateways {
             match self.device(&g.device) {
                 Some(d) if d.roles.contains(&Role::Gateway) => {}
@@ -319,6 +324,19 @@ mod tests {
         let back = SignedZone::from_json(s.to_json_pretty().as_bytes()).unwrap();
         back.verify(&z.verifying_key(), OffsetDateTime::now_utc())
             .unwrap();
+    }
+
+    #[test]
+    fn a_device_both_listed_and_revoked_is_refused() {
+        let z = ZoneKey::generate();
+        let mut c = signed(&z).config;
+        c.revoked.push(Revocation {
+            device: DeviceName::new("gw").unwrap(),
+            revoked_at: c.issued_at,
+            cert_serials: Vec::new(),
+        });
+        let e = c.sign(&z).unwrap_err().to_string();
+        assert!(e.contains("listed and revoked at once"), "{e}");
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub enum ProtoError {
     DuplicateService,
     #[error("{field} is not valid UTF-8")]
     InvalidUtf8 { field: &'static str },
-    #[error("{field} contains a control character")]
+    #[error("{field} contains a control character, or one that reorders or splits text")]
     ControlChar { field: &'static str },
     #[error("invalid {field} tag {tag:#04x}")]
     InvalidTag { field: &'static str, tag: u8 },

@@ -34,7 +34,7 @@ pub(crate) fn validate_name_bytes(field: &'static str, name: &[u8]) -> Result<()
 pub fn wire_text(text: &str, max: usize) -> String {
     let mut text: String = text
         .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
+        .map(|c| if unfit_for_logs(c) { ' ' } else { c })
         .collect();
     if text.len() > max {
         let mut cut = max;
@@ -57,10 +57,26 @@ pub fn validate_text(field: &'static str, text: &str, max: usize) -> Result<(), 
             max,
         });
     }
-    if text.chars().any(char::is_control) {
+    if text.chars().any(unfit_for_logs) {
         return Err(ProtoError::ControlChar { field });
     }
     Ok(())
+}
+
+/// Control characters, and the format characters that rearrange or split a line where it is
+/// shown — Unicode's line and paragraph separators and the bidirectional overrides, embeddings,
+/// isolates and marks (a version string holding U+202E read backwards in a log viewer; one
+/// holding U+2028 showed as a second, forged line).
+fn unfit_for_logs(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}'
+                | '\u{200e}'
+                | '\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}'
+        )
 }
 
 #[cfg(test)]
@@ -93,5 +109,18 @@ mod wire_text_tests {
             encode_stream_reply(&reply, &mut bytes::BytesMut::new()).expect("encodes");
         }
         assert_eq!(wire_text("a\nb", 10), "a b");
+        assert_eq!(wire_text("a\u{2028}b\u{202e}c", 20), "a b c");
+        for forged in [
+            "1.0\u{2028}INFO tunnel up",
+            "\u{202e}0.1",
+            "x\u{2066}y",
+            "\u{200f}",
+        ] {
+            assert!(
+                validate_text("agent_version", forged, 64).is_err(),
+                "{forged:?}"
+            );
+        }
+        assert!(validate_text("agent_version", "0.1.0 (é, ü)", 64).is_ok());
     }
 }

@@ -319,7 +319,8 @@ impl ControlSession {
         Ok(())
     }
 
-    /// Gateway: refuse the agent (or end the session for any reason); queues an `Error`.
+    /// Ends the session for any reason (the gateway refusing the agent; either side given
+    /// bytes that are no message); queues an `Error` for the peer.
     pub fn reject(&mut self, code: ErrorCode, message: &str) {
         self.fail(code, message.to_owned());
     }
