@@ -156,15 +156,31 @@ fn per_client_limit(
     }
 }
 
-/// The front's per-client connection limit: 1 to the front's whole capacity.
-pub fn http_connections_per_ip(file: &Path, n: Option<usize>) -> Result<usize, UsageError> {
+/// The front's per-client connection limit: 1 to `total`, the front's connections.
+pub fn http_connections_per_ip(
+    file: &Path,
+    n: Option<usize>,
+    total: usize,
+) -> Result<usize, UsageError> {
     per_client_limit(
         file,
         "http_connections_per_ip",
         n,
-        gateway::http::MAX_CONNECTIONS_PER_IP,
+        gateway::http::MAX_CONNECTIONS_PER_IP.min(total),
+        total,
+        "http_connections, the front's connections of all clients together",
+    )
+}
+
+/// The connections the front holds for all clients together.
+pub fn http_connections(file: &Path, n: Option<usize>) -> Result<usize, UsageError> {
+    per_client_limit(
+        file,
+        "http_connections",
+        n,
         gateway::http::MAX_CONNECTIONS,
-        "the front's whole capacity",
+        gateway::http::MAX_CONNECTIONS,
+        "the most the front takes",
     )
 }
 
@@ -333,6 +349,9 @@ pub struct GatewayFile {
     /// HTTP(S) front connections one client address (IPv6: its /64) may have open at once
     /// (default [`gateway::http::MAX_CONNECTIONS_PER_IP`]).
     pub http_connections_per_ip: Option<usize>,
+    /// HTTP(S) front connections all clients together may have open (default and most
+    /// [`gateway::http::MAX_CONNECTIONS`]).
+    pub http_connections: Option<usize>,
     /// Connections one client address (IPv6: its /64) may have open through all `tcp` apps
     /// together (default [`gateway::listeners::TCP_CONNECTIONS_PER_IP`]).
     pub tcp_connections_per_ip: Option<usize>,
@@ -565,13 +584,15 @@ pub fn tuning(t: &TunnelSection) -> Result<Tuning, UsageError> {
     Ok(out)
 }
 
-/// The front's timing from gateway.toml's `[front]` section, with `max_connections_per_ip`.
+/// The front's timing from gateway.toml's `[front]` section, with its connection limits
+/// (all clients together, and per client).
 pub fn http_tuning(
     file: &Path,
     h: &FrontSection,
-    max_connections_per_ip: usize,
+    (max_connections, max_connections_per_ip): (usize, usize),
 ) -> Result<gateway::http::HttpTuning, UsageError> {
     let mut out = gateway::http::HttpTuning {
+        max_connections,
         max_connections_per_ip,
         ..Default::default()
     };
@@ -648,20 +669,25 @@ mod tests {
     fn http_timings_are_read_and_bounded() {
         let f = Path::new("gateway.toml");
         let d = gateway::http::HttpTuning::default();
-        let t = http_tuning(f, &FrontSection::default(), 7).unwrap();
+        let t = http_tuning(f, &FrontSection::default(), (9, 7)).unwrap();
         assert_eq!(
-            (t.response_timeout, t.read_timeout, t.max_connections_per_ip),
-            (d.response_timeout, d.read_timeout, 7)
+            (
+                t.response_timeout,
+                t.read_timeout,
+                t.max_connections,
+                t.max_connections_per_ip
+            ),
+            (d.response_timeout, d.read_timeout, 9, 7)
         );
         let h: FrontSection =
             toml::from_str("response_timeout_secs = 600\nidle_timeout_secs = 5").unwrap();
-        let t = http_tuning(f, &h, 7).unwrap();
+        let t = http_tuning(f, &h, (9, 7)).unwrap();
         assert_eq!(t.response_timeout, Duration::from_secs(600));
         assert_eq!(t.h2_idle_timeout, Duration::from_secs(5));
         assert_eq!(t.send_timeout, d.send_timeout);
         for bad in ["read_timeout_secs = 0", "body_timeout_secs = 90000"] {
             let h: FrontSection = toml::from_str(bad).unwrap();
-            let e = http_tuning(f, &h, 7).unwrap_err().to_string();
+            let e = http_tuning(f, &h, (9, 7)).unwrap_err().to_string();
             assert!(
                 e.contains("gateway.toml: [front] ") && e.contains("from 1 to 86400"),
                 "{e}"
@@ -786,6 +812,14 @@ mod tests {
             .to_string();
         assert!(e.contains("expected 1 to 100 (tcp_connections,"), "{e}");
         assert_eq!(tcp_connections(f, None).unwrap(), 16_384);
+        // The front's the same way: its per-address default fits a smaller total.
+        assert_eq!(http_connections(f, None).unwrap(), 16_384);
+        assert_eq!(http_connections_per_ip(f, None, 16_384).unwrap(), 1_024);
+        assert_eq!(http_connections_per_ip(f, None, 100).unwrap(), 100);
+        let e = http_connections_per_ip(f, Some(200), 100)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected 1 to 100 (http_connections,"), "{e}");
         for bad in [0, 1 << 20] {
             let e = tcp_connections_per_ip(f, Some(bad), 16_384)
                 .unwrap_err()
@@ -807,10 +841,15 @@ mod tests {
                 e.contains("gateway.toml: udp_flows_per_ip") && e.contains("expected 1 to 4096"),
                 "{e}"
             );
-            let e = http_connections_per_ip(f, Some(bad))
+            let e = http_connections_per_ip(f, Some(bad), 16_384)
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("expected 1 to 16384"), "{e}");
+            let e = http_connections(f, Some(bad)).unwrap_err().to_string();
+            assert!(
+                e.contains("gateway.toml: http_connections =") && e.contains("expected 1 to 16384"),
+                "{e}"
+            );
             let e = udp_flows_per_app(f, Some(bad)).unwrap_err().to_string();
             assert!(
                 e.contains("gateway.toml: udp_flows_per_app") && e.contains("expected 1 to 4096"),

@@ -27,6 +27,8 @@ use tunnel::splice::{End, ReadRoom};
 pub struct Held {
     activity: FlowActivity,
     evict: CancellationToken,
+    /// The eviction was counted (for connections watched from more than one task).
+    counted: std::sync::atomic::AtomicBool,
 }
 
 impl Held {
@@ -57,6 +59,14 @@ impl Held {
         }
         self.evict.cancel();
         true
+    }
+
+    /// True the first time it is asked after the eviction: count it then.
+    pub(crate) fn count_eviction_once(&self) -> bool {
+        self.is_evicted()
+            && !self
+                .counted
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn is_evicted(&self) -> bool {

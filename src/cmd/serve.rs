@@ -125,6 +125,9 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         })?;
     let udp_per_app = config::udp_flows_per_app(&a.config, f.udp_flows_per_app)?;
     let tcp_total = config::tcp_connections(&a.config, f.tcp_connections)?;
+    let http_total = config::http_connections(&a.config, f.http_connections)?;
+    let http_per_ip =
+        config::http_connections_per_ip(&a.config, f.http_connections_per_ip, http_total)?;
     let opts = gateway::GatewayOptions {
         creds,
         policy: policy.clone(),
@@ -150,11 +153,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
                 )
             })
             .collect(),
-        http_tuning: config::http_tuning(
-            &a.config,
-            &f.front,
-            config::http_connections_per_ip(&a.config, f.http_connections_per_ip)?,
-        )?,
+        http_tuning: config::http_tuning(&a.config, &f.front, (http_total, http_per_ip))?,
         tcp_connections_per_ip: config::tcp_connections_per_ip(
             &a.config,
             f.tcp_connections_per_ip,

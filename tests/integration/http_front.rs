@@ -1593,6 +1593,66 @@ async fn websocket_echo_through_the_tunnel() {
     ws.close(None).await.unwrap();
 }
 
+/// A front with all its connections open makes room for a client holding fewer, as the tcp
+/// apps do: the longest-idle connection of the client holding the most is closed for it (a
+/// few addresses holding idle connections locked everyone else out until they chose to close).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_front_makes_room_for_a_client_holding_fewer() {
+    let h = start_tuned(|t| {
+        t.max_connections = 8;
+        t.max_connections_per_ip = 6;
+        // Idle keep-alive connections stay open for the test's length.
+        t.header_read_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let request = format!("GET / HTTP/1.1\r\nHost: {DOMAIN}\r\n\r\n");
+    // Opens a connection from `ip`, answered once, then left idle (keep-alive).
+    let open = |ip: &'static str| {
+        let request = request.clone();
+        let addr = h.http;
+        async move {
+            let mut c = socket_from(ip).connect(addr).await.unwrap();
+            c.write_all(request.as_bytes()).await.unwrap();
+            let mut got = vec![0u8; 4096];
+            let n = tokio::time::timeout(WAIT_CUT, c.read(&mut got))
+                .await
+                .unwrap_or_else(|_| panic!("{ip}: no answer"))
+                .unwrap();
+            (c, String::from_utf8_lossy(&got[..n]).into_owned())
+        }
+    };
+    let mut hog = Vec::new();
+    for _ in 0..6 {
+        let (c, answer) = open("127.0.0.1").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        hog.push(c);
+        // Each later one is more recently active: the first is the idlest.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut other = Vec::new();
+    for _ in 0..2 {
+        let (c, answer) = open("127.0.0.2").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        other.push(c);
+    }
+    // All 8 open: 127.0.0.2 holds 2, 127.0.0.1 holds 6 (at least two more): room is made.
+    let (_third, answer) = open("127.0.0.2").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    let mut buf = [0u8; 16];
+    let end = tokio::time::timeout(WAIT_CUT, hog[0].read(&mut buf))
+        .await
+        .expect("the hog's idlest connection was not closed");
+    assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
+    let metrics = h.admin_get("/metrics").await;
+    assert!(
+        metrics.contains("zonegate_http_connections_evicted_total 1\n"),
+        "{metrics}"
+    );
+    // Full again, 127.0.0.1 holding 5: a third client gets in the same way.
+    let (_c, answer) = open("127.0.0.3").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+}
+
 /// An upgraded connection keeps counting against its client's limit of open connections
 /// (and the front's): it outlives the task that served its HTTP, which gave both slots back
 /// as it handed the connection over — one address could hold any number of WebSockets.

@@ -41,6 +41,8 @@ pub struct HttpMetrics {
     /// [`super::MAX_CONNECTIONS`].
     refused_per_ip: AtomicU64,
     refused_full: AtomicU64,
+    /// Connections ended to make room for another client's.
+    evicted: AtomicU64,
 }
 
 /// Why a connection was closed as soon as it was accepted.
@@ -48,7 +50,8 @@ pub struct HttpMetrics {
 pub enum ConnRefusal {
     /// Its client address had [`super::HttpTuning::max_connections_per_ip`] open.
     PerIp,
-    /// The front had [`super::MAX_CONNECTIONS`] open.
+    /// The front had all its connections open ([`super::HttpTuning::max_connections`]) and
+    /// no room could fairly be made.
     Full,
 }
 
@@ -84,6 +87,18 @@ impl HttpMetrics {
             ConnRefusal::Full => &self.refused_full,
         }
         .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records a connection ended to make room for another client's, once per connection.
+    pub(crate) fn evicted_connection(&self, held: &crate::make_room::Held) {
+        if held.count_eviction_once() {
+            self.evicted.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Connections ended to make room so far.
+    pub fn evicted_connections(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
     }
 
     /// Connections closed at accept so far for `why`.
@@ -134,6 +149,12 @@ impl HttpMetrics {
             "# HELP {name} Connections closed as soon as accepted: their client address had its limit open (per_ip), or the front had all it takes (full)\n# TYPE {name} counter\n{name}{{reason=\"per_ip\"}} {}\n{name}{{reason=\"full\"}} {}",
             self.refused_connections(ConnRefusal::PerIp),
             self.refused_connections(ConnRefusal::Full),
+        );
+        let name = "zonegate_http_connections_evicted_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Connections ended to make room: the front had all it takes open, and their client held the most (this its longest idle)\n# TYPE {name} counter\n{name} {}",
+            self.evicted_connections(),
         );
         let name = "zonegate_http_request_duration_seconds";
         let _ = writeln!(

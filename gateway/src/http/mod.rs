@@ -43,7 +43,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
@@ -53,11 +52,15 @@ use self::metrics::{ConnRefusal, HttpMetrics};
 use self::pool::Pool;
 use self::server::Served;
 use self::upstream::Io;
-use crate::per_ip::{self, PerIp};
+use crate::make_room::{Held, Stamped};
+use crate::per_ip::{self, Full, PerIp};
 
 /// Public HTTP connections open at once, both listeners together. Each costs a file
-/// descriptor and a task; beyond this new connections are closed at once, so a flood cannot
-/// exhaust descriptors the tunnel needs.
+/// descriptor and a task; beyond this a new connection gets in only by ending the longest-idle
+/// connection of the client holding the most (at least two more than the newcomer), else it is
+/// closed at once: a flood cannot exhaust descriptors the tunnel needs, and a few addresses
+/// holding idle or stalled connections (16 at the per-address default) cannot lock everyone
+/// else out ([`crate::make_room`]).
 pub const MAX_CONNECTIONS: usize = 16_384;
 /// Default of [`HttpTuning::max_connections_per_ip`]: a sixteenth of [`MAX_CONNECTIONS`],
 /// room for a whole office or campus behind one NAT address.
@@ -67,11 +70,27 @@ pub const MAX_CONNECTIONS_PER_IP: usize = 1_024;
 pub const MAX_H2_STREAMS: u32 = 128;
 
 /// What an open front connection holds: its slot of [`MAX_CONNECTIONS`] and of its client's
-/// per-address limit. An upgraded connection (a WebSocket) outlives the task that served its
-/// HTTP: the splice that carries it on keeps these until it ends.
+/// per-address limit, and the signal that ends it to make room. An upgraded connection (a
+/// WebSocket) outlives the task that served its HTTP: the splice that carries it on keeps
+/// these until it ends.
 pub(crate) struct ConnSlots {
-    _permit: tokio::sync::OwnedSemaphorePermit,
     _ip: per_ip::IpSlot,
+    held: Arc<Held>,
+    /// Counts the eviction in its metrics.
+    front: Front,
+}
+
+impl ConnSlots {
+    /// Resolves once the connection was picked to make room for another client (counted
+    /// once, by whichever of its tasks sees it: the HTTP one, or an upgrade's splice).
+    pub(crate) async fn evicted(&self) {
+        self.held.evicted().await;
+        self.front.0.metrics.evicted_connection(&self.held);
+    }
+
+    pub(crate) fn idle_secs(&self) -> u64 {
+        self.held.idle_secs()
+    }
 }
 
 /// Timeouts of the front.
@@ -101,6 +120,9 @@ pub struct HttpTuning {
     /// Connections one client address (IPv6: its /64) may have open at once; beyond, new ones
     /// are closed at once ([`per_ip`]).
     pub max_connections_per_ip: usize,
+    /// Connections all clients may have open at once (at most [`MAX_CONNECTIONS`]); beyond,
+    /// room is made or the new one closed (see [`MAX_CONNECTIONS`]).
+    pub max_connections: usize,
 }
 
 impl Default for HttpTuning {
@@ -114,6 +136,7 @@ impl Default for HttpTuning {
             body_timeout: Duration::from_secs(60),
             h2_idle_timeout: Duration::from_secs(60),
             max_connections_per_ip: MAX_CONNECTIONS_PER_IP,
+            max_connections: MAX_CONNECTIONS,
         }
     }
 }
@@ -123,7 +146,7 @@ struct Inner {
     pool: Arc<Pool>,
     metrics: HttpMetrics,
     tuning: HttpTuning,
-    connections: Arc<Semaphore>,
+    /// Per client and in all ([`MAX_CONNECTIONS`]), making room when full.
     per_ip: Arc<PerIp>,
 }
 
@@ -147,9 +170,9 @@ impl Front {
             pool: Pool::new(),
             metrics: HttpMetrics::default(),
             tuning,
-            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
-            per_ip: PerIp::new(
+            per_ip: PerIp::making_room(
                 tuning.max_connections_per_ip,
+                tuning.max_connections,
                 "HTTP connections",
                 "http_connections_per_ip",
             ),
@@ -190,27 +213,39 @@ impl Front {
             // X-Forwarded-For and the policy see them as the IPv4 addresses they are.
             let peer = tunnel::sockets::canonical(peer);
             // Per client first: one client at its limit must not take the last free slots.
-            let Some(slot) = self.0.per_ip.admit(peer.ip()) else {
-                self.0.metrics.refused_connection(ConnRefusal::PerIp);
-                continue;
+            let slot = match self.0.per_ip.try_admit(peer.ip()) {
+                Ok(slot) => slot,
+                Err(Full::Client) => {
+                    self.0.metrics.refused_connection(ConnRefusal::PerIp);
+                    continue;
+                }
+                Err(Full::Total) => match self.0.per_ip.admit_making_room(peer.ip()) {
+                    Some(slot) => slot,
+                    None => {
+                        debug!(client = %peer, "connection refused: the front's connections all open, and no room could fairly be made");
+                        self.0.metrics.refused_connection(ConnRefusal::Full);
+                        continue;
+                    }
+                },
             };
-            let Ok(permit) = self.0.connections.clone().try_acquire_owned() else {
-                debug!(client = %peer, "connection refused: {MAX_CONNECTIONS} connections open");
-                self.0.metrics.refused_connection(ConnRefusal::Full);
-                continue;
-            };
+            // The table always makes room; a stand-in is never evicted.
+            let held = slot.held().cloned().unwrap_or_else(Held::new);
             let slots = Arc::new(ConnSlots {
-                _permit: permit,
                 _ip: slot,
+                held: held.clone(),
+                front: self.clone(),
             });
             let _ = tcp.set_nodelay(true);
+            // Its client's bytes moving either way keep it from being the idlest.
+            let tcp = Stamped::new(tcp, held.clone());
             let front = self.clone();
             let tls = tls.clone();
             let shutdown = shutdown.clone();
             let span = tracing::info_span!("http", client = %peer, scheme);
             self.0.hub.work().spawn(
                 async move {
-                    match tls {
+                    let served = async {
+                        match tls {
                         None => {
                             front
                                 .serve_h1(Box::new(tcp), peer, false, shutdown, &slots)
@@ -235,6 +270,13 @@ impl Front {
                                 Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
                                 Err(_) => debug!("TLS handshake timed out"),
                             }
+                        }
+                        }
+                    };
+                    tokio::select! {
+                        () = served => {}
+                        () = slots.evicted() => {
+                            info!(idle_s = slots.idle_secs(), "HTTP connection cut to make room: the front was at its limit of open connections (all clients together) and this client held the most; this one was its longest idle");
                         }
                     }
                     drop(slots);

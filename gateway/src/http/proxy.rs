@@ -847,13 +847,25 @@ async fn splice_upgrade(
     mut u: Upgraded,
     mut log: RequestLog,
     (shape_in, shape_out): (policies::bandwidth::Shaper, policies::bandwidth::Shaper),
-    // Held until the upgraded connection ends: it counts against the front's limits.
-    _slots: Option<Arc<super::ConnSlots>>,
+    // Held until the upgraded connection ends: it counts against the front's limits, and
+    // may be picked to make room there.
+    slots: Option<Arc<super::ConnSlots>>,
     recheck: Recheck,
 ) {
     match client.await {
         Ok(mut c) => {
-            let stop = recheck.until_refused();
+            let evicted = async {
+                match &slots {
+                    Some(s) => s.evicted().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let stop = async {
+                tokio::select! {
+                    why = recheck.until_refused() => format!("the policy no longer allows it ({why})"),
+                    () = evicted => "cut to make room: the front was at its limit of open connections and this client held the most; this one was its longest idle".to_owned(),
+                }
+            };
             // Counted as the bytes move (a WebSocket may stay open for days), so not again
             // when the log line is written.
             let counters = log.counters.take().unwrap_or_default();
@@ -867,9 +879,7 @@ async fn splice_upgrade(
             log.bytes_in = Some(Arc::new(AtomicU64::new(m.a_to_b)));
             log.bytes_out = m.b_to_a;
             log.error = match (m.stopped, m.error) {
-                (Some(why), _) => Some(format!(
-                    "upgraded connection cut: the policy no longer allows it ({why})"
-                )),
+                (Some(why), _) => Some(format!("upgraded connection cut: {why}")),
                 (None, Some(e)) => Some(format!("upgraded connection: {e}")),
                 (None, None) => None,
             };
