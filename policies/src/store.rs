@@ -461,6 +461,12 @@ impl PolicyStore {
         let checked = read
             .map_err(|e| vec![e])
             .and_then(|(sources, errs)| crate::check_read(sources, errs))
+            .and_then(|(policy, sources)| {
+                match emptied(&self.current.load().policy, &sources, &self.dir) {
+                    errs if errs.is_empty() => Ok((policy, sources)),
+                    errs => Err(errs),
+                }
+            })
             .and_then(|(policy, sources)| match &check {
                 Some(ReloadCheck(f)) => f(&policy, &self.current.load().policy)
                     .map(|()| (policy, sources))
@@ -595,6 +601,48 @@ fn fresh_status() -> ReloadStatus {
         errors: Vec::new(),
         changes: Vec::new(),
     }
+}
+
+/// Refusals for an edit that empties what serves: a policy file whose apps serve that is
+/// blank now, or a directory whose files' apps serve that has no policy file left. Both are
+/// the shapes of a save or a copy in progress that held still for a moment (an editor that
+/// truncates before it writes, `rm -r` then `cp`), and as policies they drop every app they
+/// held — listeners closed, connections cut, limiters reset, and the empty policy kept as the
+/// copy a restart serves. Removing apps on purpose has its own ways: delete the file, or leave
+/// a comment in it.
+fn emptied(serving: &CompiledPolicy, now: &[(PathBuf, String)], dir: &Path) -> Vec<PolicyError> {
+    let apps_of = |path: &Path| -> Vec<&str> {
+        serving
+            .apps()
+            .iter()
+            .filter(|a| a.source.path == path)
+            .map(|a| a.name.as_str())
+            .collect()
+    };
+    if now.is_empty() && !serving.apps().is_empty() {
+        return vec![PolicyError::whole(
+            dir,
+            format!(
+                "holds no policy files now, where {} apps served: a copy in progress? The policy that serves stays; to serve no apps at all, leave one file holding only a comment",
+                serving.apps().len()
+            ),
+        )];
+    }
+    now.iter()
+        .filter(|(_, text)| text.trim().is_empty())
+        .filter_map(|(path, _)| {
+            let apps = apps_of(path);
+            (!apps.is_empty()).then(|| {
+                PolicyError::whole(
+                    path,
+                    format!(
+                        "is empty now, and its apps serve ({}): a save or copy in progress? The policy that serves stays; to drop them, delete the file or leave only a comment in it",
+                        apps.join(", ")
+                    ),
+                )
+            })
+        })
+        .collect()
 }
 
 /// Copies the files of a policy that now serves; a copy that cannot be written is logged

@@ -526,6 +526,50 @@ async fn reload_keeps_old_policy_on_error_and_state_across_reloads() {
     assert!(store.last_reload().ok);
 }
 
+/// An edit that empties what serves — a file whose apps serve now blank, a directory now
+/// without files — is the shape of a save or copy in progress and is refused; removing apps
+/// on purpose goes by deleting their file or leaving a comment in it.
+#[tokio::test(start_paused = true)]
+async fn an_emptied_file_or_directory_is_refused_and_a_comment_is_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "a.toml", APP_A);
+    write(dir.path(), "b.toml", "[app.b]\nmesh = true\nto = \"d/t\"\n");
+    let store = PolicyStore::load(dir.path()).expect("load");
+
+    write(dir.path(), "a.toml", "");
+    let errs = store.reload().expect_err("an emptied file");
+    assert!(
+        errs.len() == 1 && errs[0].to_string().contains("a.toml: is empty now"),
+        "{errs:?}"
+    );
+    assert!(store.current().policy.app("a").is_some(), "a still serves");
+    write(dir.path(), "a.toml", "  \n");
+    assert!(store.reload().is_err(), "blank is empty too");
+
+    write(dir.path(), "a.toml", "# a is gone for now\n");
+    assert_eq!(
+        store.reload().expect("a comment"),
+        vec![policies::Change::Removed("a".into())]
+    );
+    // Emptied again: it held only a comment, and still no app is dropped by it.
+    write(dir.path(), "a.toml", "");
+    assert_eq!(store.reload().expect("no text lost"), vec![]);
+
+    std::fs::remove_file(dir.path().join("a.toml")).expect("rm");
+    std::fs::remove_file(dir.path().join("b.toml")).expect("rm");
+    let errs = store.reload().expect_err("no files at all");
+    assert!(
+        errs[0].to_string().contains("holds no policy files now"),
+        "{errs:?}"
+    );
+    assert!(store.current().policy.app("b").is_some(), "b still serves");
+    write(dir.path(), "none.toml", "# no apps\n");
+    assert_eq!(
+        store.reload().expect("a comment"),
+        vec![policies::Change::Removed("b".into())]
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn watcher_picks_up_changes() {
     let dir = tempfile::tempdir().expect("tempdir");
