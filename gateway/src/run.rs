@@ -107,8 +107,49 @@ pub enum RunError {
     Dns(name_resolver::DnsError),
     #[error("the zone DNS server's task failed ({0}): the gateway stopped with it (a service manager restarts it)")]
     DnsTask(String),
-    #[error("the policy watcher failed ({0}): the gateway stopped, since without it policy edits and time windows would no longer apply (a service manager restarts it)")]
-    PolicyWatcher(String),
+    #[error("the {what} failed ({why}): the gateway stopped, since without it {without} (a service manager restarts it)")]
+    Part {
+        what: &'static str,
+        why: String,
+        without: &'static str,
+    },
+}
+
+type Fatal = Arc<std::sync::Mutex<Option<RunError>>>;
+
+/// Watches a part of the gateway that must run as long as it does: one that ends on its own
+/// (a panic; a return before the shutdown) stops the gateway, drained, with its error — a
+/// gateway serving without it would look healthy to its service manager while, say, no
+/// revocation in a newer zone.json were adopted.
+fn essential(
+    what: &'static str,
+    without: &'static str,
+    task: tokio::task::JoinHandle<()>,
+    fatal: &Fatal,
+    token: &CancellationToken,
+) {
+    let (fatal, token) = (fatal.clone(), token.clone());
+    tokio::spawn(async move {
+        let abort = task.abort_handle();
+        let ended = tokio::select! {
+            r = task => r,
+            () = token.cancelled() => {
+                abort.abort();
+                return;
+            }
+        };
+        if token.is_cancelled() {
+            return;
+        }
+        let why = match ended {
+            Ok(()) => "it returned".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        let stopped = RunError::Part { what, why, without };
+        tracing::error!(error = %stopped, "stopping the gateway");
+        *fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(stopped);
+        token.cancel();
+    });
 }
 
 /// How often the `[[tls]]` files are looked at for a change.
@@ -131,7 +172,8 @@ async fn watch_certificates(mut tls: front::tls::Tls, shutdown: CancellationToke
         {
             Ok(done) => done,
             Err(e) => {
-                tracing::error!(error = %e, "the HTTPS certificate watcher failed: renewed certificate files are not read until the gateway restarts");
+                // The gateway stops on it (`essential`), with this as the cause.
+                tracing::error!(error = %e, "reading the HTTPS certificate files failed");
                 return;
             }
         };
@@ -383,7 +425,7 @@ impl Gateway {
             dns,
             shutdown,
         } = self;
-        let fatal: Arc<std::sync::Mutex<Option<RunError>>> = Arc::default();
+        let fatal: Fatal = Arc::default();
         if let Some((dns, records)) = dns {
             // Answers follow the gateway's current zone config: a newer zone.json adopted from
             // an agent is served within a second, with its serial in the SOA.
@@ -413,39 +455,29 @@ impl Gateway {
             services = ?opts.services.iter().map(|(n, s)| format!("{n}={}", s.addr)).collect::<Vec<_>>(),
             "gateway started"
         );
-        {
-            // Watched as the DNS server is: a panic in it would otherwise leave the gateway
-            // serving with no more policy reloads and no time-window re-checks, silently.
-            let watcher = tokio::spawn(policies::watch(hub.policy().clone(), POLICY_POLL));
-            let fatal = fatal.clone();
-            let token = shutdown.clone();
-            tokio::spawn(async move {
-                let abort = watcher.abort_handle();
-                let ended = tokio::select! {
-                    r = watcher => r,
-                    () = token.cancelled() => {
-                        abort.abort();
-                        return;
-                    }
-                };
-                let why = match ended {
-                    Ok(()) => "it returned".to_owned(),
-                    Err(e) => e.to_string(),
-                };
-                let stopped = RunError::PolicyWatcher(why);
-                tracing::error!(error = %stopped, "stopping the gateway");
-                *fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(stopped);
-                token.cancel();
-            });
-        }
+        // Watched as the DNS server is: a panic in one would otherwise leave the gateway
+        // serving without it, silently.
+        essential(
+            "policy watcher",
+            "policy edits and time windows would no longer apply",
+            tokio::spawn(policies::watch(hub.policy().clone(), POLICY_POLL)),
+            &fatal,
+            &shutdown,
+        );
         if let Some(p) = opts.creds.zone_path() {
             let h = hub.clone();
-            tokio::spawn(tunnel::zone_watch::watch(
-                move |bytes, path| h.adopt_zone_file(bytes, path),
-                p.to_owned(),
-                POLICY_POLL,
-                shutdown.clone(),
-            ));
+            essential(
+                "zone.json watcher",
+                "a zone.json copied in (a revocation, a moved gateway) would not be adopted",
+                tokio::spawn(tunnel::zone_watch::watch(
+                    move |bytes, path| h.adopt_zone_file(bytes, path),
+                    p.to_owned(),
+                    POLICY_POLL,
+                    shutdown.clone(),
+                )),
+                &fatal,
+                &shutdown,
+            );
         }
         let status_hub = hub.clone();
         let failing = listeners.failures();
@@ -474,38 +506,50 @@ impl Gateway {
         if let Some((l, tls)) = https {
             let acc = tokio_rustls::TlsAcceptor::from(tls.config.clone());
             tokio::spawn(front.clone().serve(l, Some(acc), shutdown.clone()));
-            tokio::spawn(watch_certificates(tls, shutdown.clone()));
+            essential(
+                "HTTPS certificate watcher",
+                "renewed certificates would not be served before the old ones end",
+                tokio::spawn(watch_certificates(tls, shutdown.clone())),
+                &fatal,
+                &shutdown,
+            );
         }
         for (f, l) in forwards {
             tokio::spawn(forward_loop(hub.clone(), f, l, shutdown.clone()));
         }
         // Keep listeners in step with the policy: compare the live policy by pointer.
-        let reconcile = {
+        {
             let hub = hub.clone();
             let front = front.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
+            let stop = shutdown.clone();
+            let reconcile = tokio::spawn(async move {
                 let mut seen = hub.policy().current();
                 loop {
                     tokio::select! {
-                        _ = shutdown.cancelled() => return,
+                        _ = stop.cancelled() => return,
                         _ = tokio::time::sleep(POLICY_POLL) => {}
                     }
                     let now = hub.policy().current();
                     // Binds that failed (the port was taken) are retried at every poll.
                     if !Arc::ptr_eq(&now, &seen) || listeners.has_failures() {
                         seen = now;
-                        for e in listeners.reconcile(&hub, &shutdown).await {
+                        for e in listeners.reconcile(&hub, &stop).await {
                             error!(error = %e, "listener of a reloaded policy could not start");
                         }
                     }
                     hub.policy().current().maintain();
                     front.pool().sweep();
                 }
-            })
-        };
+            });
+            essential(
+                "listener and upkeep loop",
+                "listeners would no longer follow policy edits, and limiter tables and idle pooled connections would no longer be swept",
+                reconcile,
+                &fatal,
+                &shutdown,
+            );
+        }
         hub.serve(endpoint, shutdown.clone(), opts.grace).await;
-        reconcile.abort();
         info!("gateway stopped");
         let stopped_by = fatal.lock().unwrap_or_else(|p| p.into_inner()).take();
         match stopped_by {
@@ -672,7 +716,34 @@ async fn forward_loop(hub: Hub, f: Forward, l: TcpListener, shutdown: Cancellati
 
 #[cfg(test)]
 mod tests {
-    use super::zone_health;
+    use super::*;
+
+    /// A part that ends on its own stops the gateway with its error; one ended by the
+    /// shutdown does not.
+    #[tokio::test]
+    async fn an_essential_part_that_ends_stops_the_gateway() {
+        let fatal: Fatal = Arc::default();
+        let token = CancellationToken::new();
+        let part = tokio::spawn(async { panic!("a bug in the part") });
+        essential("part", "nothing would work", part, &fatal, &token);
+        tokio::time::timeout(Duration::from_secs(5), token.cancelled())
+            .await
+            .expect("the gateway was not stopped");
+        let e = fatal.lock().unwrap().take().expect("the cause").to_string();
+        assert!(
+            e.contains("the part failed") && e.contains("nothing would work"),
+            "{e}"
+        );
+
+        let fatal: Fatal = Arc::default();
+        let token = CancellationToken::new();
+        let stop = token.clone();
+        let part = tokio::spawn(async move { stop.cancelled().await });
+        essential("part", "nothing would work", part, &fatal, &token);
+        token.cancel();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(fatal.lock().unwrap().is_none());
+    }
 
     #[test]
     fn health_colours() {

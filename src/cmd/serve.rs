@@ -50,21 +50,51 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Cancels `token` on SIGTERM or SIGINT; a second one ends the process at once, drain or not
-/// (an operator pressing Ctrl-C again does not want to wait out `grace_secs`).
+/// (an operator pressing Ctrl-C again does not want to wait out `grace_secs`). SIGHUP is said
+/// and ignored: its default ended the process at once, undrained (`kill -HUP` out of nginx
+/// habit, a logrotate hook, a closed terminal), and there is nothing to reload by it — policy
+/// files, certificates and zone.json are read again as they change.
 async fn on_signal(token: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
+    use tokio::signal::unix::{signal, Signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,
         Err(_) => return,
     };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => info!("interrupt: shutting down"),
+    let mut hup = signal(SignalKind::hangup()).ok();
+    async fn hangup(hup: &mut Option<Signal>) {
+        let got = match hup {
+            Some(h) => h.recv().await,
+            None => None,
+        };
+        if got.is_none() {
+            std::future::pending::<()>().await;
+        }
+    }
+    let said = || {
+        info!("SIGHUP: ignored (the files this process reads are read again as they change; SIGTERM stops it)")
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => info!("interrupt: shutting down"),
+            () = hangup(&mut hup) => {
+                said();
+                continue;
+            }
+        }
+        break;
     }
     token.cancel();
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    loop {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+            () = hangup(&mut hup) => {
+                said();
+                continue;
+            }
+        }
+        break;
     }
     // Straight to stderr: the log writer's thread would not get to it before the exit. Not
     // `eprintln!`, which panics when stderr is closed (a service manager that dropped it) and

@@ -896,6 +896,46 @@ fn a_stopped_demo_leaves_no_temporary_zone() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
+/// SIGHUP is said and ignored by a serving process (its default ended it at once, undrained:
+/// `kill -HUP` out of nginx habit, a logrotate hook, a closed terminal); SIGTERM still stops
+/// it cleanly.
+#[test]
+fn a_hangup_does_not_stop_a_serving_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("f.txt"), "served").unwrap();
+    let port = free_port();
+    let child = std::process::Command::new(bin())
+        .args(["files", "--dir"])
+        .arg(tmp.path())
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Killed(child);
+    let up = || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !up() {
+        assert!(std::time::Instant::now() < deadline, "files never listened");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = child.0.id().to_string();
+    let signal = |sig: &str| {
+        assert!(std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success())
+    };
+    signal("-HUP");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(child.0.try_wait().unwrap().is_none(), "SIGHUP stopped it");
+    assert!(up(), "no longer serving after SIGHUP");
+    signal("-TERM");
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
 /// Kills the child (by its PID) when dropped, so a failing test leaves no process behind.
 struct Killed(std::process::Child);
 impl Drop for Killed {
