@@ -138,7 +138,7 @@ impl Listeners {
     /// be bound now (tried, then let go). Otherwise the reload is refused and the old policy
     /// keeps serving: its listeners were stopped first, and the app stayed down while the
     /// bind failed. An address overlapping one listened on now (`0.0.0.0:P` becoming
-    /// `[::]:P`) is freed only by the swap: not tried. Addresses the serving policy has are
+    /// `[::]:P`) is freed only by the swap: only its address is tried (on another port). Addresses the serving policy has are
     /// not tried either (one failing now, retried every poll, must not hold up every edit).
     pub fn reload_check(&self) -> policies::ReloadCheck {
         let listening = self.listening.clone();
@@ -162,12 +162,16 @@ impl Listeners {
                 let replaces = now
                     .iter()
                     .any(|(k, a)| *k == key.0 && policies::units::listens_overlap(*a, key.1));
-                if replaces {
-                    continue;
-                }
+                // Freed only by the swap, its port cannot be tried; its address can, on any
+                // port: a mistyped IP, or IPv6 where the machine has none, took the app down
+                // after the swap, the edit already serving.
+                let probe = match replaces {
+                    true => SocketAddr::new(key.1.ip(), 0),
+                    false => key.1,
+                };
                 let tried = match key.0 {
-                    Kind::Tcp => tunnel::sockets::tcp_bound(key.1).map(drop),
-                    Kind::Udp => tunnel::sockets::std_udp(key.1).map(drop),
+                    Kind::Tcp => tunnel::sockets::tcp_bound(probe).map(drop),
+                    Kind::Udp => tunnel::sockets::std_udp(probe).map(drop),
                 };
                 if let Err(e) = tried {
                     let hint = crate::run::bind_hint(&e, key.1, "give the app another address");

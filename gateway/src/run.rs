@@ -232,6 +232,45 @@ fn self_signed_names(creds: &DeviceCreds, policy: &PolicyStore) -> Vec<String> {
     names
 }
 
+/// Pairs of the gateway's own sockets that would take the same port (equal addresses, or one
+/// a wildcard of the other's), each said with both settings: `admin` and a `[[forward]]` on
+/// 127.0.0.1:9090, `http` and `https` alike, a `listen` on the DNS port. Port 0 (any free
+/// port) clashes with nothing.
+fn own_socket_clashes(opts: &GatewayOptions) -> Vec<String> {
+    let mut own: Vec<(Kind, SocketAddr, String)> = vec![
+        (Kind::Udp, opts.listen, "listen".into()),
+        (Kind::Tcp, opts.admin, "admin".into()),
+    ];
+    own.extend(opts.http.map(|a| (Kind::Tcp, a, "http".into())));
+    own.extend(opts.https.map(|a| (Kind::Tcp, a, "https".into())));
+    if let Some(a) = opts.dns {
+        own.push((Kind::Udp, a, "dns".into()));
+        own.push((Kind::Tcp, a, "dns".into()));
+    }
+    for f in &opts.forwards {
+        let key = format!("[[forward]] to {}/{}", f.device, f.service);
+        own.push((Kind::Tcp, f.listen, key));
+    }
+    clashes_among(&own)
+}
+
+/// The pairs of `own` (kind, address, setting) that take the same port.
+fn clashes_among(own: &[(Kind, SocketAddr, String)]) -> Vec<String> {
+    let mut clashes = Vec::new();
+    for (i, (kind, a, key)) in own.iter().enumerate() {
+        for (other_kind, b, other) in &own[i + 1..] {
+            if kind == other_kind && a.port() != 0 && policies::units::listens_overlap(*a, *b) {
+                let proto = if *kind == Kind::Tcp { "TCP" } else { "UDP" };
+                clashes.push(format!(
+                    "`{key}` ({a}) and `{other}` ({b}) both take {proto} port {}: give one of them another address in gateway.toml",
+                    a.port()
+                ));
+            }
+        }
+    }
+    clashes
+}
+
 impl Gateway {
     /// Binds every socket (QUIC, admin, app listeners, forwards) before serving anything, so a
     /// bad config or a taken port fails here and nothing half-starts.
@@ -239,6 +278,12 @@ impl Gateway {
         opts: GatewayOptions,
         shutdown: CancellationToken,
     ) -> Result<Self, StartError> {
+        // Two of the gateway's own sockets on one port is a setting to change: told here, exit
+        // 2, not found by a bind (exit 1, which a service manager restarts for ever).
+        let clashes = own_socket_clashes(&opts);
+        if !clashes.is_empty() {
+            return Err(StartError::Usage(clashes.join("; ")));
+        }
         // The checks of files first, before any socket: a mistyped [[tls]] path or a zone the
         // DNS cannot carry is a setting to change, told before anything is bound.
         let tls = match opts.https {
@@ -717,6 +762,36 @@ async fn forward_loop(hub: Hub, f: Forward, l: TcpListener, shutdown: Cancellati
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_gateways_own_sockets_on_one_port_are_told_apart_by_kind_and_address() {
+        let own = |v: &[(Kind, &str, &str)]| -> Vec<(Kind, SocketAddr, String)> {
+            v.iter()
+                .map(|(k, a, s)| (*k, a.parse().unwrap(), s.to_string()))
+                .collect()
+        };
+        let clashes = clashes_among(&own(&[
+            (Kind::Udp, "0.0.0.0:4433", "listen"),
+            (Kind::Tcp, "127.0.0.1:9090", "admin"),
+            (Kind::Tcp, "0.0.0.0:80", "http"),
+            (Kind::Tcp, "[::]:80", "https"),
+            (Kind::Udp, "[::]:4433", "dns"),
+            (Kind::Tcp, "127.0.0.1:9090", "[[forward]] to home1/web"),
+            // Other kinds, other addresses of one family, and port 0 clash with nothing.
+            (Kind::Tcp, "0.0.0.0:4433", "dns"),
+            (Kind::Tcp, "127.0.0.2:9091", "a"),
+            (Kind::Tcp, "127.0.0.3:9091", "b"),
+            (Kind::Tcp, "127.0.0.1:0", "c"),
+            (Kind::Tcp, "127.0.0.1:0", "d"),
+        ]));
+        assert_eq!(clashes.len(), 3, "{clashes:#?}");
+        assert!(clashes[0]
+            .contains("`listen` (0.0.0.0:4433) and `dns` ([::]:4433) both take UDP port 4433"));
+        assert!(clashes[1].contains("`admin` (127.0.0.1:9090) and `[[forward]] to home1/web`"));
+        assert!(
+            clashes[2].contains("`http` (0.0.0.0:80) and `https` ([::]:80) both take TCP port 80")
+        );
+    }
 
     /// A part that ends on its own stops the gateway with its error; one ended by the
     /// shutdown does not.

@@ -576,6 +576,39 @@ async fn an_edit_to_an_address_in_use_keeps_the_old_policy() {
     gw.shutdown.cancel();
 }
 
+/// An edit narrowing a wildcard listener to an address this machine does not have (a
+/// mistyped IP) is refused before the swap, the old listener serving on: its port could not be
+/// tried (the running listener holds it), so the edit served and the app stayed down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_to_an_address_the_machine_lacks_keeps_the_old_policy() {
+    let z = TestZone::new(&["home1"]);
+    let p = free_tcp_port();
+    let app = |listen: String| {
+        format!("[app.w]\ntcp = {{ listen = \"{listen}\" }}\nto = \"home1/echo\"\nallow = {{ from = [\"public\"] }}\n")
+    };
+    z.write_policy("w.toml", &app(format!("0.0.0.0:{p}")));
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let _h1 = start_echo_node(&z, &gw, "home1").await;
+    let w: std::net::SocketAddr = ([127, 0, 0, 1], p).into();
+    assert_eq!(roundtrip(w, b"w").await.unwrap(), b"w");
+    // 192.0.2.0/24 is documentation space: no interface here has it (nothing is sent to it).
+    z.write_policy("w.toml", &app(format!("192.0.2.55:{p}")));
+    wait_until("reload refused", WAIT, || !gw.hub.policy().last_reload().ok).await;
+    let status = gw.hub.policy().last_reload();
+    assert!(
+        status
+            .errors
+            .iter()
+            .any(|e| e.contains("app w: cannot listen on Tcp 192.0.2.55")
+                && e.contains("no interface of this machine has that address")),
+        "{status:?}"
+    );
+    // Past a reconcile: the old listener still serves.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(roundtrip(w, b"still").await.unwrap(), b"still");
+    gw.shutdown.cancel();
+}
+
 /// Connections are decided as they open and again whenever the policy changes: an edit that
 /// no longer allows an open connection closes it (it used to run on until the client left),
 /// while renaming its app keeps it.
