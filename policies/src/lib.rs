@@ -51,8 +51,8 @@ pub use eval::{Decision, DenyReason, MeshDecision, Requester, Timestamp};
 pub use limits::{AppLimits, ConnGuard, LimitKey, RetryAfter};
 pub use model::*;
 pub use parse::{
-    check_dir, check_dir_sources, check_read, check_sources, check_str, policy_files,
-    read_dir_sources, Sources, MAX_FILE_BYTES,
+    check_dir, check_dir_sources, check_read, check_sources, check_str, ignored_policy_files,
+    policy_files, read_dir_sources, Sources, MAX_FILE_BYTES,
 };
 pub use policy::CompiledPolicy;
 pub use schema::{Day, Per};

@@ -137,6 +137,43 @@ pub fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
     Ok(files)
 }
 
+/// Entries of `dir` that look meant as policy files but are not read, each with why: an
+/// extension `.TOML` in other letters, a `.toml.txt` (Notepad's save), a sub-directory holding
+/// `*.toml` files. `zonegate policy check` names them: "ok: 0 files" said nothing of them.
+pub fn ignored_policy_files(dir: &Path) -> Vec<(PathBuf, &'static str)> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in rd.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().to_lowercase();
+        if name.starts_with('.') {
+            continue;
+        }
+        let is_dir = std::fs::metadata(&path).is_ok_and(|m| m.is_dir());
+        let why = if is_dir {
+            let holds_toml = std::fs::read_dir(&path).is_ok_and(|rd| {
+                rd.flatten()
+                    .any(|e| e.path().extension().is_some_and(|x| x == "toml"))
+            });
+            holds_toml
+                .then_some("a sub-directory: only files directly in the policy directory are read")
+        } else if name.ends_with(".toml") && path.extension().is_none_or(|e| e != "toml") {
+            Some("only names ending in .toml, in lower case, are read")
+        } else if name.ends_with(".toml.txt") {
+            Some("saved with .txt added: only names ending in .toml are read")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            out.push((path, why));
+        }
+    }
+    out.sort();
+    out
+}
+
 fn read_file(path: &Path) -> Result<String, PolicyError> {
     use std::io::Read;
     let meta = std::fs::metadata(path)

@@ -653,19 +653,37 @@ fn keep_accepted(path: &Path, sources: &[(PathBuf, String)]) {
     }
 }
 
-/// What the watcher compares between polls: names, sizes and modification times of the
-/// policy files, or the listing error.
-type Fingerprint = Result<Vec<(PathBuf, u64, Option<SystemTime>)>, String>;
+/// What the watcher compares between polls: each policy file's name, size, modification
+/// time, inode and change time, or the listing error. The inode and change time catch what
+/// size and modification time miss: a same-size edit within the modification time's
+/// granularity (whole seconds on some file systems) or one that keeps the old time (`cp -p`,
+/// `rsync -a`, `touch -r`); a file replaced by rename is another inode.
+type Fingerprint = Result<Vec<(PathBuf, FileStamp)>, String>;
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct FileStamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    inode: u64,
+    changed: (i64, i64),
+}
 
 fn fingerprint(dir: &Path) -> Fingerprint {
+    use std::os::unix::fs::MetadataExt;
     let files = crate::policy_files(dir).map_err(|e| e.to_string())?;
     Ok(files
         .into_iter()
         .map(|p| {
-            let meta = std::fs::metadata(&p).ok();
-            let len = meta.as_ref().map_or(0, |m| m.len());
-            let modified = meta.and_then(|m| m.modified().ok());
-            (p, len, modified)
+            let stamp = std::fs::metadata(&p).map_or_else(
+                |_| FileStamp::default(),
+                |m| FileStamp {
+                    len: m.len(),
+                    modified: m.modified().ok(),
+                    inode: m.ino(),
+                    changed: (m.ctime(), m.ctime_nsec()),
+                },
+            );
+            (p, stamp)
         })
         .collect())
 }

@@ -591,6 +591,38 @@ async fn watcher_picks_up_changes() {
     assert_eq!(store.last_reload().changes, vec!["+b".to_string()]);
 }
 
+/// A same-size edit that keeps the file's modification time (`cp -p`, `rsync -a`, `touch -r`,
+/// or one within the time's granularity on some file systems) is seen: it went unnoticed
+/// while size and modification time were all the watcher compared.
+#[tokio::test(start_paused = true)]
+async fn watcher_sees_a_same_size_edit_that_keeps_the_modification_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("a.toml");
+    write(dir.path(), "a.toml", APP_A);
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    let store = Arc::new(PolicyStore::load(dir.path()).expect("load"));
+    let _guard = policies::spawn_watcher(store.clone(), Duration::from_millis(100));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let edited = APP_A.replace("1/min", "2/min");
+    assert_eq!(edited.len(), APP_A.len());
+    write(dir.path(), "a.toml", &edited);
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let mut seen = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if store.last_reload().changes == vec!["~a".to_string()] {
+            seen = true;
+            break;
+        }
+    }
+    assert!(seen, "watcher missed the edit: {:?}", store.last_reload());
+}
+
 /// An editor that truncates and then writes: the empty file is a valid policy (no apps), but
 /// a watcher that catches it must not adopt it — the app would vanish (listeners closed,
 /// counters and limiters reset) until the next poll. Only a state that holds still for one

@@ -15,8 +15,9 @@ pub struct PolicyErrors(pub usize);
 pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
     match cmd {
         PolicyCmd::Check { dir } => {
-            if !dir.is_dir() {
-                return Err(UsageError(format!("{}: not a directory", dir.display())).into());
+            not_a_dir(&dir)?;
+            for (path, why) in policies::ignored_policy_files(&dir) {
+                println!("note: {} is not read: {why}", path.display());
             }
             match policies::check_dir(&dir) {
                 Ok(p) => {
@@ -43,6 +44,7 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
             method,
             to,
         } => {
+            not_a_dir(&dir)?;
             let policy = policies::check_dir(&dir).map_err(|errs| {
                 let list: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
                 anyhow::anyhow!(
@@ -93,5 +95,14 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+/// A `--dir` that is no directory is a mistake in the command (exit 2), for `check` and
+/// `explain` alike (`explain` said it as a policy error, exit 1).
+fn not_a_dir(dir: &std::path::Path) -> Result<(), UsageError> {
+    match dir.is_dir() {
+        true => Ok(()),
+        false => Err(UsageError(format!("{}: not a directory", dir.display()))),
     }
 }

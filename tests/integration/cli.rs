@@ -763,8 +763,35 @@ fn policy_check_and_explain() {
     )
     .unwrap();
     let d = dir.to_str().unwrap();
+    // Look meant as policy files, are not read: named, not passed over in silence.
+    std::fs::write(dir.join("ssh.TOML"), "").unwrap();
+    std::fs::write(dir.join("games.toml.txt"), "").unwrap();
+    std::fs::create_dir(dir.join("more")).unwrap();
+    std::fs::write(dir.join("more/x.toml"), "").unwrap();
+    std::fs::write(dir.join("notes.md"), "").unwrap();
     let out = ok(["policy", "check", d]);
     assert!(out.contains("2 apps"), "{out}");
+    for name in ["ssh.TOML", "games.toml.txt", "more"] {
+        assert!(
+            out.contains(&format!("{name} is not read")),
+            "{name}: {out}"
+        );
+    }
+    assert!(!out.contains("notes.md"), "{out}");
+    let missing = dir.join("missing");
+    let missing = missing.to_str().unwrap();
+    let args = [
+        "--from",
+        "198.51.100.7",
+        "--host",
+        "a.example",
+        "--path",
+        "/",
+    ];
+    let mut explain = vec!["policy", "explain", "--dir", missing];
+    explain.extend(args);
+    let e = fails(2, explain);
+    assert!(e.contains("not a directory"), "{e}");
     let out = ok([
         "policy",
         "explain",
