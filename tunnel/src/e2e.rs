@@ -51,6 +51,12 @@ pub const TAG_LEN: usize = 16;
 pub const MAX_PLAINTEXT: usize = MAX_FRAME - TAG_LEN;
 /// Frame length prefix.
 pub const LEN_PREFIX: usize = 2;
+/// The handshake's two messages, whole: IK with X25519 and empty payloads — the initiator's
+/// ephemeral key (32), its static key sealed (32 + tag) and the payload's tag; the responder's
+/// ephemeral key and the payload's tag. A frame of any other length is refused before it is
+/// read (a peer declaring 64 KiB made each stream allocate that much).
+pub const FIRST_MESSAGE: usize = 32 + (32 + TAG_LEN) + TAG_LEN;
+pub const SECOND_MESSAGE: usize = 32 + TAG_LEN;
 const PROLOGUE_LABEL: &[u8] = b"zonegate/e2e/v1";
 
 /// Why an end-to-end session failed. Every variant closes the stream.
@@ -58,6 +64,8 @@ const PROLOGUE_LABEL: &[u8] = b"zonegate/e2e/v1";
 pub enum E2eError {
     #[error("frame length {0} is below the {TAG_LEN}-byte tag")]
     ShortFrame(usize),
+    #[error("handshake message of {got} bytes, where it has {want}")]
+    HandshakeLength { got: usize, want: usize },
     #[error("frame does not decrypt (tampered, replayed or wrong key)")]
     Decrypt,
     #[error("Noise: {0}")]
@@ -250,7 +258,7 @@ impl Initiator {
     }
     /// Message 1, framed.
     pub fn write_first(&mut self, out: &mut BytesMut) -> Result<(), E2eError> {
-        let mut m = vec![0u8; MAX_FRAME];
+        let mut m = [0u8; FIRST_MESSAGE];
         let n = self.0.write_message(&[], &mut m)?;
         out.put_u16(n as u16);
         out.put_slice(&m[..n]);
@@ -258,7 +266,8 @@ impl Initiator {
     }
     /// Reads message 2 (frame body); a responder with another static key fails here.
     pub fn read_second(mut self, body: &[u8]) -> Result<NoiseFramer, E2eError> {
-        let mut p = vec![0u8; MAX_FRAME];
+        // The payload is empty: the message's own length is room enough.
+        let mut p = [0u8; SECOND_MESSAGE];
         self.0
             .read_message(body, &mut p)
             .map_err(|_| E2eError::Decrypt)?;
@@ -288,7 +297,7 @@ impl Responder {
         expected: &[u8; 32],
         out: &mut BytesMut,
     ) -> Result<NoiseFramer, E2eError> {
-        let mut p = vec![0u8; MAX_FRAME];
+        let mut p = [0u8; FIRST_MESSAGE];
         self.0
             .read_message(body, &mut p)
             .map_err(|_| E2eError::Decrypt)?;
@@ -304,15 +313,16 @@ impl Responder {
     }
 }
 
-async fn read_frame<S: AsyncRead + Unpin>(s: &mut S) -> Result<Vec<u8>, E2eError> {
+/// Reads one handshake frame, which must be `want` bytes long.
+async fn read_frame<S: AsyncRead + Unpin>(s: &mut S, want: usize) -> Result<Vec<u8>, E2eError> {
     let mut len = [0u8; LEN_PREFIX];
     s.read_exact(&mut len).await.map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof => E2eError::Truncated,
         _ => E2eError::Io(e),
     })?;
     let len = usize::from(u16::from_be_bytes(len));
-    if len < TAG_LEN {
-        return Err(E2eError::ShortFrame(len));
+    if len != want {
+        return Err(E2eError::HandshakeLength { got: len, want });
     }
     let mut body = vec![0u8; len];
     s.read_exact(&mut body).await.map_err(|e| match e.kind() {
@@ -337,7 +347,7 @@ pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
     hs.write_first(&mut out)?;
     s.write_all(&out).await?;
     s.flush().await?;
-    let body = read_frame(&mut s).await?;
+    let body = read_frame(&mut s, SECOND_MESSAGE).await?;
     Ok(E2eStream::new(s, hs.read_second(&body)?))
 }
 
@@ -352,7 +362,7 @@ pub async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
     service: &str,
 ) -> Result<E2eStream<S>, E2eError> {
     let hs = Responder::new(secret, origin, me, service)?;
-    let body = read_frame(&mut s).await?;
+    let body = read_frame(&mut s, FIRST_MESSAGE).await?;
     let mut out = BytesMut::new();
     let framer = hs.answer(&body, origin, origin_public, &mut out)?;
     s.write_all(&out).await?;
@@ -362,6 +372,10 @@ pub async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Bytes read from the inner stream per call: one full frame fits.
 const READ_CHUNK: usize = MAX_FRAME + LEN_PREFIX;
+
+/// A partial frame at most this long is moved to a buffer of its own size while the stream
+/// waits (a copy this small costs nothing next to the frame's decryption).
+const PARTIAL_KEPT: usize = 4096;
 
 /// An encrypted stream over `S`. Writes are sealed into frames (buffered: at most one
 /// write's worth of ciphertext waits for `S`); reads open frames. `poll_shutdown` sends the end
@@ -482,9 +496,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for E2eStream<S> {
             ) {
                 Poll::Ready(r) => r?,
                 Poll::Pending => {
-                    // Waiting with nothing buffered: an idle stream keeps no buffer.
+                    // Waiting with nothing buffered: an idle stream keeps no buffer. With a
+                    // few bytes of a frame, it keeps about them: a peer sending 3 bytes on
+                    // each of thousands of streams pinned 64 KiB (and more) per stream.
                     if this.rbuf.is_empty() {
                         this.rbuf = BytesMut::new();
+                    } else if this.rbuf.len() <= PARTIAL_KEPT
+                        && this.rbuf.capacity() > 2 * PARTIAL_KEPT
+                    {
+                        this.rbuf = BytesMut::from(&this.rbuf[..]);
                     }
                     return Poll::Pending;
                 }
@@ -777,7 +797,7 @@ mod tests {
         let (mut x, y) = tokio::io::duplex(4096);
         let resp = responder(y);
         x.write_all(&first).await.unwrap();
-        let body = read_frame(&mut x).await.unwrap();
+        let body = read_frame(&mut x, SECOND_MESSAGE).await.unwrap();
         let mut framer = hs.read_second(&body).unwrap();
         let mut hello = BytesMut::new();
         framer.seal(b"hello", &mut hello).unwrap();
@@ -789,7 +809,7 @@ mod tests {
         let (mut x, y) = tokio::io::duplex(4096);
         let resp = responder(y);
         x.write_all(&first).await.unwrap();
-        read_frame(&mut x)
+        read_frame(&mut x, SECOND_MESSAGE)
             .await
             .expect("a replayed first message is answered");
         x.write_all(&hello).await.unwrap();
@@ -798,6 +818,52 @@ mod tests {
             proven.load(Ordering::Relaxed),
             1,
             "the replay proved itself"
+        );
+    }
+
+    /// Handshake messages have one length each: a frame declaring any other is refused before
+    /// its body is read (a declared 64 KiB was allocated and awaited per stream). A partial
+    /// frame waiting for its rest keeps about its own size, not the 64 KiB read buffer.
+    #[tokio::test]
+    async fn peer_declared_lengths_cost_no_more_than_the_bytes_sent() {
+        let (mut i, r, pa) = handshake_pair_for_tests();
+        let mut m1 = BytesMut::new();
+        i.write_first(&mut m1).unwrap();
+        assert_eq!(m1.len(), LEN_PREFIX + FIRST_MESSAGE);
+        let (body, _) = decode_frame(&m1).unwrap().unwrap();
+        let mut m2 = BytesMut::new();
+        r.answer(body, "a", &pa, &mut m2).unwrap();
+        assert_eq!(m2.len(), LEN_PREFIX + SECOND_MESSAGE);
+
+        let (mut x, y) = tokio::io::duplex(1024);
+        let sb = static_secret(&SigningKey::from_bytes(&[2u8; 32]));
+        let resp = tokio::spawn(async move { respond(y, &sb, &pa, "a", "b", "svc").await });
+        x.write_all(&[0xff, 0xff, 1, 2, 3]).await.unwrap();
+        let e = resp.await.unwrap().map(drop).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                E2eError::HandshakeLength {
+                    got: 65_535,
+                    want: FIRST_MESSAGE
+                }
+            ),
+            "{e}"
+        );
+
+        let (_, b) = framer_pair_for_tests();
+        let (x, mut y) = tokio::io::duplex(1024);
+        let mut s = E2eStream::new(x, b);
+        y.write_all(&[0x10, 0x00, 9]).await.unwrap();
+        let mut buf = [0u8; 16];
+        let wait = std::time::Duration::from_millis(100);
+        let pending = tokio::time::timeout(wait, s.read(&mut buf)).await;
+        assert!(pending.is_err(), "a partial frame read as something");
+        assert!(
+            s.rbuf.len() == 3 && s.rbuf.capacity() <= 2 * PARTIAL_KEPT,
+            "{} bytes kept in {}",
+            s.rbuf.len(),
+            s.rbuf.capacity()
         );
     }
 
