@@ -285,9 +285,16 @@ impl TryFrom<String> for ListenSetting {
         if s == "off" {
             return Ok(ListenSetting::Off);
         }
-        s.parse()
-            .map(ListenSetting::At)
-            .map_err(|_| format!("expected \"off\" or an address like \"0.0.0.0:443\", got {s:?}"))
+        let a: SocketAddr = s.parse().map_err(|_| {
+            format!("expected \"off\" or an address like \"0.0.0.0:443\", got {s:?}")
+        })?;
+        // Bound it would be, to a port picked at random that no client can know.
+        if a.port() == 0 {
+            return Err(format!(
+                "{s:?}: port 0 would be a random free port clients cannot find; give the port they use (or \"off\")"
+            ));
+        }
+        Ok(ListenSetting::At(a))
     }
 }
 
@@ -663,6 +670,18 @@ mod tests {
             e.contains("grace_secs = 7200") && e.contains("TimeoutStopSec"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn public_listeners_are_off_or_a_port_clients_can_find() {
+        let l = |s: &str| ListenSetting::try_from(s.to_string());
+        assert_eq!(l("off"), Ok(ListenSetting::Off));
+        assert_eq!(
+            l("[::]:443"),
+            Ok(ListenSetting::At("[::]:443".parse().unwrap()))
+        );
+        assert!(l("0.0.0.0:0").unwrap_err().contains("port 0"));
+        assert!(l("443").unwrap_err().contains("like \"0.0.0.0:443\""));
     }
 
     #[test]

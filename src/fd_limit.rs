@@ -38,10 +38,38 @@ pub fn open_files() -> std::io::Result<(u64, u64)> {
     Ok((l.rlim_cur as u64, l.rlim_max as u64))
 }
 
+/// What a gateway's connection limits may take at once: the front's and the tcp apps'
+/// connections, one descriptor each, and [`RESERVE`] for everything else (the tunnel's socket,
+/// udp apps, DNS, files read while serving).
+pub fn gateway_needs(http_connections: usize, tcp_connections: usize) -> Needs {
+    let conns = http_connections.saturating_add(tcp_connections) as u64;
+    Needs {
+        descriptors: conns.saturating_add(RESERVE).max(LOW),
+        lower: "or lower http_connections and tcp_connections in gateway.toml",
+    }
+}
+
+/// Descriptors kept for what is not a proxied connection.
+pub const RESERVE: u64 = 1024;
+
+/// How many descriptors a process may hold at once, and what else can be done about a limit
+/// below it.
+pub struct Needs {
+    pub descriptors: u64,
+    pub lower: &'static str,
+}
+
+/// A node's: [`LOW`].
+pub const NODE_NEEDS: Needs = Needs {
+    descriptors: LOW,
+    lower: "",
+};
+
 /// Raises the soft open-files limit to the hard one; logs what it did (one line), and warns
-/// when the result is below [`LOW`]. Failure is logged, not fatal: the process still runs
-/// within its old limit.
-pub fn raise_open_files() {
+/// when the result is below what the process may need: past it every accept and connect fails
+/// at once, and the per-client limits protect nothing. Failure is logged, not fatal: the
+/// process still runs within its old limit.
+pub fn raise_open_files(needs: Needs) {
     let (soft, hard) = match open_files() {
         Ok(l) => l,
         Err(e) => {
@@ -69,10 +97,15 @@ pub fn raise_open_files() {
             }
         }
     }
-    if now < LOW {
+    if now < needs.descriptors {
         warn!(
             limit = now,
-            "open files limit is low: connections beyond it fail; allow more (systemd: LimitNOFILE=65536 in the unit; shell: ulimit -Hn 65536 as root)"
+            needed = needs.descriptors,
+            "open files limit is below what this process may hold: connections beyond it fail, all at once; allow more (systemd: LimitNOFILE={} in the unit; shell: ulimit -Hn {} as root){}{}",
+            needs.descriptors,
+            needs.descriptors,
+            if needs.lower.is_empty() { "" } else { ", " },
+            needs.lower,
         );
     }
 }
@@ -99,6 +132,12 @@ fn set_open_files(limit: u64) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_gateway_needs_its_connection_limits_and_a_reserve() {
+        assert_eq!(super::gateway_needs(16_384, 16_384).descriptors, 33_792);
+        assert_eq!(super::gateway_needs(10, 10).descriptors, super::LOW);
+    }
+
     #[test]
     fn reads_the_limit() {
         let (soft, hard) = super::open_files().unwrap();

@@ -569,6 +569,7 @@ impl Gateway {
             let stop = shutdown.clone();
             let reconcile = tokio::spawn(async move {
                 let mut seen = hub.policy().current();
+                let mut health = HealthLog::default();
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => return,
@@ -584,11 +585,12 @@ impl Gateway {
                     }
                     hub.policy().current().maintain();
                     front.pool().sweep();
+                    health.update(&hub);
                 }
             });
             essential(
                 "listener and upkeep loop",
-                "listeners would no longer follow policy edits, and limiter tables and idle pooled connections would no longer be swept",
+                "listeners would no longer follow policy edits, limiter tables and idle pooled connections would no longer be swept, and zone health changes no longer logged",
                 reconcile,
                 &fatal,
                 &shutdown,
@@ -628,7 +630,6 @@ fn metrics_text(front: &Front) -> String {
 /// Devices of the zone config other than this gateway, and how many of them are connected.
 fn expected_connected(hub: &Hub) -> (Vec<String>, usize) {
     let creds = hub.creds();
-    let agents = hub.status();
     let expected: Vec<String> = creds
         .zone()
         .config
@@ -637,11 +638,33 @@ fn expected_connected(hub: &Hub) -> (Vec<String>, usize) {
         .map(|d| d.name.to_string())
         .filter(|n| n != creds.name())
         .collect();
-    let connected = expected
-        .iter()
-        .filter(|n| agents.iter().any(|a| &a.device == *n))
-        .count();
+    // One lookup each (the full status of every agent was built, then searched, per device).
+    let connected = expected.iter().filter(|n| hub.agent(n).is_some()).count();
     (expected, connected)
+}
+
+/// The zone's health colour and how it is made up, logged when the colour changes (DESIGN.md:
+/// "shown in status and logged on change"); it was only ever worked out when asked for.
+#[derive(Default)]
+struct HealthLog {
+    last: Option<&'static str>,
+}
+
+impl HealthLog {
+    fn update(&mut self, hub: &Hub) {
+        let (expected, connected) = expected_connected(hub);
+        let health = zone_health(expected.len(), connected);
+        if self.last == Some(health) {
+            return;
+        }
+        let missing: Vec<&str> = expected
+            .iter()
+            .filter(|n| hub.agent(n).is_none())
+            .map(String::as_str)
+            .collect();
+        let previous = self.last.replace(health).unwrap_or("unknown");
+        info!(health, previous, connected, expected = expected.len(), missing = ?missing, "zone health changed");
+    }
 }
 
 fn status_json(hub: &Hub, started: Instant, listener_errors: Vec<String>) -> serde_json::Value {

@@ -194,7 +194,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         udp_flows_per_app: udp_per_app,
         dns: config::ListenSetting::resolve(f.dns, any_addr(DEFAULT_DNS_PORT)),
     };
-    crate::fd_limit::raise_open_files();
+    crate::fd_limit::raise_open_files(crate::fd_limit::gateway_needs(http_total, tcp_total));
     runtime(threads)?.block_on(async move {
         let shutdown = CancellationToken::new();
         let gw = gateway::Gateway::bind(opts, shutdown.clone()).await?;
@@ -242,7 +242,7 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
             .parse()
             .expect("valid default")
     });
-    crate::fd_limit::raise_open_files();
+    crate::fd_limit::raise_open_files(crate::fd_limit::NODE_NEEDS);
     runtime(threads)?.block_on(async move {
         let endpoint = tunnel::transport::agent_endpoint(&creds, &tuning)?;
         let agent = tunnel::agent::Agent::bind(

@@ -373,6 +373,21 @@ fn lab_client_and_mesh_reach_home1_only_through_gateway() {
         },
     );
     eprintln!("app web after the test: {web}");
+
+    // the zone's health colour is logged as it changes: green once every device is connected
+    let green = eventually(
+        READY,
+        "the gateway logs the zone's health turning green",
+        || {
+            let log =
+                fs::read_to_string(w.tmp.path().join("gateway.log")).map_err(|e| e.to_string())?;
+            log.lines()
+                .find(|l| l.contains("zone health changed") && l.contains("green"))
+                .map(str::to_owned)
+                .ok_or_else(|| "no such line yet".to_string())
+        },
+    );
+    eprintln!("{green}");
 }
 
 #[test]
