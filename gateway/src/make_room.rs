@@ -10,9 +10,12 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+use atomic_waker::AtomicWaker;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -27,8 +30,25 @@ use tunnel::splice::{End, ReadRoom};
 pub struct Held {
     activity: FlowActivity,
     evict: CancellationToken,
+    /// Set with `evict`, read on every read and write of a [`Stamped::ending`] stream: an
+    /// atomic load where polling the token took a lock (and registered a waiter) per wake.
+    evicted: AtomicBool,
+    /// The task to wake when evicted: the last to poll its [`Stamped::ending`] stream.
+    waker: AtomicWaker,
+    /// Requests of the connection waiting for or receiving their answers (HTTP): a connection
+    /// serving one is not idle, however quiet its client (a long poll), and is picked last.
+    busy: AtomicUsize,
     /// The eviction was counted (for connections watched from more than one task).
-    counted: std::sync::atomic::AtomicBool,
+    counted: AtomicBool,
+}
+
+/// A request in flight on a connection ([`Held::busy`]), for as long as this lives.
+pub struct Busy(Arc<Held>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Held {
@@ -46,6 +66,17 @@ impl Held {
         self.activity.quiet_for()
     }
 
+    /// Marks a request in flight until the returned guard is dropped.
+    pub fn busy(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+
+    /// Whether no request is in flight: such a connection is picked first.
+    pub(crate) fn is_between_requests(&self) -> bool {
+        self.busy.load(Ordering::Relaxed) == 0
+    }
+
     /// Seconds since bytes last moved, for the log line of an eviction.
     pub fn idle_secs(&self) -> u64 {
         self.quiet_for().as_secs()
@@ -58,15 +89,14 @@ impl Held {
             return false;
         }
         self.evict.cancel();
+        self.evicted.store(true, Ordering::Release);
+        self.waker.wake();
         true
     }
 
     /// True the first time it is asked after the eviction: count it then.
     pub(crate) fn count_eviction_once(&self) -> bool {
-        self.is_evicted()
-            && !self
-                .counted
-                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        self.evicted.load(Ordering::Acquire) && !self.counted.swap(true, Ordering::Relaxed)
     }
 
     pub fn is_evicted(&self) -> bool {
@@ -90,11 +120,43 @@ impl Held {
 pub struct Stamped<E> {
     inner: E,
     held: Arc<Held>,
+    /// Reads and writes fail once the connection is evicted ([`Stamped::ending`]).
+    ends: bool,
 }
 
 impl<E> Stamped<E> {
     pub fn new(inner: E, held: Arc<Held>) -> Self {
-        Stamped { inner, held }
+        Stamped {
+            inner,
+            held,
+            ends: false,
+        }
+    }
+
+    /// As [`Stamped::new`], and ended by an eviction: its reads and writes fail from then
+    /// on (their task woken for it), so whatever serves the connection ends as on a reset —
+    /// without a watch of its own polled at every wake of the connection's task.
+    pub fn ending(inner: E, held: Arc<Held>) -> Self {
+        Stamped {
+            inner,
+            held,
+            ends: true,
+        }
+    }
+
+    /// Before a read or write: an error once evicted.
+    fn check(&self, cx: &mut Context<'_>) -> Option<io::Error> {
+        if !self.ends {
+            return None;
+        }
+        // Registered before the check: an eviction between them still wakes this task.
+        self.held.waker.register(cx.waker());
+        self.held.evicted.load(Ordering::Acquire).then(|| {
+            io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "cut to make room for another client",
+            )
+        })
     }
 
     /// Stamps when `r` moved bytes; passes it on.
@@ -119,6 +181,9 @@ impl<E: AsyncRead + Unpin> AsyncRead for Stamped<E> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(e) = this.check(cx) {
+            return Poll::Ready(Err(e));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         let grew = buf.filled().len() > before;
@@ -129,6 +194,9 @@ impl<E: AsyncRead + Unpin> AsyncRead for Stamped<E> {
 impl<E: AsyncWrite + Unpin> AsyncWrite for Stamped<E> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(e) = this.check(cx) {
+            return Poll::Ready(Err(e));
+        }
         let r = Pin::new(&mut this.inner).poll_write(cx, b);
         this.stamp(r, |n| *n > 0)
     }
@@ -139,6 +207,9 @@ impl<E: AsyncWrite + Unpin> AsyncWrite for Stamped<E> {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(e) = this.check(cx) {
+            return Poll::Ready(Err(e));
+        }
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         this.stamp(r, |n| *n > 0)
     }

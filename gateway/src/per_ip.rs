@@ -332,11 +332,13 @@ impl Tables {
         if c.staying() <= mine + 1 {
             return false;
         }
+        // Idlest first among connections with no request in flight: a long poll waiting for
+        // its answer is quiet, not idle, and goes only when every other has.
         let victim = c
             .held
             .iter()
             .filter(|h| !h.is_evicted())
-            .max_by_key(|h| h.quiet_for());
+            .max_by_key(|h| (h.is_between_requests(), h.quiet_for()));
         if !victim.is_some_and(|v| v.evict()) {
             return false;
         }

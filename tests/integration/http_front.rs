@@ -1601,8 +1601,9 @@ async fn a_full_front_makes_room_for_a_client_holding_fewer() {
     let h = start_tuned(|t| {
         t.max_connections = 8;
         t.max_connections_per_ip = 6;
-        // Idle keep-alive connections stay open for the test's length.
+        // Idle keep-alive connections, and the long poll, stay open for the test's length.
         t.header_read_timeout = Duration::from_secs(60);
+        t.response_timeout = Duration::from_secs(60);
     })
     .await;
     let request = format!("GET / HTTP/1.1\r\nHost: {DOMAIN}\r\n\r\n");
@@ -1621,8 +1622,14 @@ async fn a_full_front_makes_room_for_a_client_holding_fewer() {
             (c, String::from_utf8_lossy(&got[..n]).into_owned())
         }
     };
+    // The hog's quietest connection is a long poll waiting for its answer: busy, not idle.
+    let mut poll = socket_from("127.0.0.1").connect(h.http).await.unwrap();
+    poll.write_all(b"GET /held HTTP/1.1\r\nHost: stale.alice.example\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
     let mut hog = Vec::new();
-    for _ in 0..6 {
+    for _ in 0..5 {
         let (c, answer) = open("127.0.0.1").await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         hog.push(c);
@@ -1641,14 +1648,17 @@ async fn a_full_front_makes_room_for_a_client_holding_fewer() {
     let mut buf = [0u8; 16];
     let end = tokio::time::timeout(WAIT_CUT, hog[0].read(&mut buf))
         .await
-        .expect("the hog's idlest connection was not closed");
+        .expect("the hog's idlest connection between requests was not closed");
     assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
+    let waiting = tokio::time::timeout(Duration::from_millis(300), poll.read(&mut buf)).await;
+    assert!(waiting.is_err(), "the long poll was cut: {waiting:?}");
     let metrics = h.admin_get("/metrics").await;
     assert!(
         metrics.contains("zonegate_http_connections_evicted_total 1\n"),
         "{metrics}"
     );
-    // Full again, 127.0.0.1 holding 5: a third client gets in the same way.
+    // Full again, 127.0.0.1 holding 5: a third client gets in the same way (its idlest
+    // connection between requests goes).
     let (_c, answer) = open("127.0.0.3").await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
 }

@@ -54,6 +54,8 @@ pub(super) async fn serve<I>(
     peer: SocketAddr,
     https: bool,
     shutdown: CancellationToken,
+    // Marked busy by each request in flight.
+    slots: Arc<super::ConnSlots>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -69,7 +71,8 @@ pub(super) async fn serve<I>(
         let open = Open::enter(&busy2);
         // Boxed: hyper moves each stream's future several times on its way into the task
         // it spawns for it, and the proxy's future is ~4 KiB.
-        let answer = Box::pin(proxy::handle(front, req, peer, https, None, None));
+        let slots = Some(slots.clone());
+        let answer = Box::pin(proxy::handle(front, req, peer, https, None, slots));
         let mut abandoned = Abandoned(Some(busy2.clone()));
         async move {
             let r = answer.await;

@@ -89,11 +89,14 @@ impl HttpMetrics {
         .fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Records a connection ended to make room for another client's, once per connection.
-    pub(crate) fn evicted_connection(&self, held: &crate::make_room::Held) {
-        if held.count_eviction_once() {
+    /// Records a connection ended to make room for another client's, once per connection:
+    /// true the first time.
+    pub(crate) fn evicted_connection(&self, held: &crate::make_room::Held) -> bool {
+        let first = held.count_eviction_once();
+        if first {
             self.evicted.fetch_add(1, Ordering::Relaxed);
         }
+        first
     }
 
     /// Connections ended to make room so far.

@@ -81,17 +81,27 @@ pub(crate) struct ConnSlots {
 }
 
 impl ConnSlots {
-    /// Resolves once the connection was picked to make room for another client (counted
-    /// once, by whichever of its tasks sees it: the HTTP one, or an upgrade's splice).
-    pub(crate) async fn evicted(&self) {
-        self.held.evicted().await;
-        self.front.0.metrics.evicted_connection(&self.held);
+    /// Whether the connection was cut to make room for another client: counted (once, by
+    /// whichever of its tasks asks first: the HTTP one, or an upgrade's splice) and logged.
+    pub(crate) fn note_eviction(&self) -> bool {
+        if !self.held.is_evicted() {
+            return false;
+        }
+        if self.front.0.metrics.evicted_connection(&self.held) {
+            info!(idle_s = self.held.idle_secs(), "{EVICTED}");
+        }
+        true
     }
 
-    pub(crate) fn idle_secs(&self) -> u64 {
-        self.held.idle_secs()
+    /// A request in flight on the connection, until dropped: a connection serving one is
+    /// picked last to make room (a long poll is quiet, not idle).
+    pub(crate) fn busy(&self) -> crate::make_room::Busy {
+        self.held.busy()
     }
 }
+
+/// Why a front connection was cut ([`ConnSlots::note_eviction`]), in its log line.
+pub(crate) const EVICTED: &str = "HTTP connection cut to make room: the front was at its limit of open connections (all clients together) and this client held the most; this one was its longest idle";
 
 /// Timeouts of the front.
 #[derive(Debug, Clone, Copy)]
@@ -237,7 +247,7 @@ impl Front {
             });
             let _ = tcp.set_nodelay(true);
             // Its client's bytes moving either way keep it from being the idlest.
-            let tcp = Stamped::new(tcp, held.clone());
+            let tcp = Stamped::ending(tcp, held);
             let front = self.clone();
             let tls = tls.clone();
             let shutdown = shutdown.clone();
@@ -246,39 +256,37 @@ impl Front {
                 async move {
                     let served = async {
                         match tls {
-                        None => {
-                            front
-                                .serve_h1(Box::new(tcp), peer, false, shutdown, &slots)
-                                .await
-                        }
-                        Some(acc) => {
-                            let t = front.0.tuning.tls_handshake_timeout;
-                            match tokio::time::timeout(t, acc.accept(tcp)).await {
-                                Ok(Ok(s)) if s.get_ref().1.alpn_protocol() == Some(b"h2") => {
-                                    // Dead HTTP/2 peers are found by pings; one that never
-                                    // sends a byte after its handshake is dropped by the
-                                    // deadline (HTTP/1's head timeout covers that case).
-                                    let t = front.0.tuning.header_read_timeout;
-                                    let s = FirstReadDeadline::new(s, t);
-                                    h2::serve(front, s, peer, true, shutdown).await
+                            None => {
+                                front
+                                    .serve_h1(Box::new(tcp), peer, false, shutdown, &slots)
+                                    .await
+                            }
+                            Some(acc) => {
+                                let t = front.0.tuning.tls_handshake_timeout;
+                                match tokio::time::timeout(t, acc.accept(tcp)).await {
+                                    Ok(Ok(s)) if s.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                                        // Dead HTTP/2 peers are found by pings; one that never
+                                        // sends a byte after its handshake is dropped by the
+                                        // deadline (HTTP/1's head timeout covers that case).
+                                        let t = front.0.tuning.header_read_timeout;
+                                        let s = FirstReadDeadline::new(s, t);
+                                        h2::serve(front, s, peer, true, shutdown, slots.clone())
+                                            .await
+                                    }
+                                    Ok(Ok(s)) => {
+                                        front
+                                            .serve_h1(Box::new(s), peer, true, shutdown, &slots)
+                                            .await
+                                    }
+                                    Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
+                                    Err(_) => debug!("TLS handshake timed out"),
                                 }
-                                Ok(Ok(s)) => {
-                                    front
-                                        .serve_h1(Box::new(s), peer, true, shutdown, &slots)
-                                        .await
-                                }
-                                Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
-                                Err(_) => debug!("TLS handshake timed out"),
                             }
                         }
-                        }
                     };
-                    tokio::select! {
-                        () = served => {}
-                        () = slots.evicted() => {
-                            info!(idle_s = slots.idle_secs(), "HTTP connection cut to make room: the front was at its limit of open connections (all clients together) and this client held the most; this one was its longest idle");
-                        }
-                    }
+                    // Evicted, its stream failed: whatever served it ended as on a reset.
+                    served.await;
+                    slots.note_eviction();
                     drop(slots);
                 }
                 .instrument(span),
@@ -311,14 +319,14 @@ impl Front {
             cfg,
             shutdown.clone(),
             move |req, upgrade: Option<_>| {
-                let keep = upgrade.is_some().then(|| slots.clone());
+                let keep = Some(slots.clone());
                 proxy::handle(front.clone(), req, peer, https, upgrade, keep)
             },
             move |status| counted.0.metrics.refused_unread(status.as_u16()),
         )
         .await;
         if let Served::H2(io) = served {
-            h2::serve(self, io, peer, https, shutdown).await;
+            h2::serve(self, io, peer, https, shutdown, slots.clone()).await;
         }
     }
 }

@@ -107,6 +107,8 @@ struct RequestLog {
     counters: Option<Arc<AppCounters>>,
     error: Option<String>,
     _slot: Option<ConnGuard>,
+    /// The connection is busy with this request until its answer is over.
+    _busy: Option<crate::make_room::Busy>,
 }
 
 impl RequestLog {
@@ -301,10 +303,12 @@ pub(crate) async fn handle(
     peer: SocketAddr,
     https: bool,
     upgrade: Option<ClientUpgrade>,
-    // The connection's slots (given with `upgrade`): an upgraded connection keeps them.
+    // The connection's slots: the request marks it busy while in flight, and an upgraded
+    // connection keeps them.
     slots: Option<Arc<super::ConnSlots>>,
 ) -> Response<ProxyBody> {
     let mut log = RequestLog {
+        _busy: slots.as_ref().map(|s| s.busy()),
         names: None,
         client: peer,
         method: req.method().clone(),
@@ -852,19 +856,13 @@ async fn splice_upgrade(
     slots: Option<Arc<super::ConnSlots>>,
     recheck: Recheck,
 ) {
+    // An upgraded connection is no request in flight: a quiet WebSocket may make room.
+    log._busy = None;
     match client.await {
         Ok(mut c) => {
-            let evicted = async {
-                match &slots {
-                    Some(s) => s.evicted().await,
-                    None => std::future::pending().await,
-                }
-            };
             let stop = async {
-                tokio::select! {
-                    why = recheck.until_refused() => format!("the policy no longer allows it ({why})"),
-                    () = evicted => "cut to make room: the front was at its limit of open connections and this client held the most; this one was its longest idle".to_owned(),
-                }
+                let why = recheck.until_refused().await;
+                format!("the policy no longer allows it ({why})")
             };
             // Counted as the bytes move (a WebSocket may stay open for days), so not again
             // when the log line is written.
@@ -878,7 +876,9 @@ async fn splice_upgrade(
             };
             log.bytes_in = Some(Arc::new(AtomicU64::new(m.a_to_b)));
             log.bytes_out = m.b_to_a;
+            let evicted = slots.as_ref().is_some_and(|s| s.note_eviction());
             log.error = match (m.stopped, m.error) {
+                _ if evicted => Some(format!("upgraded connection cut: {}", super::EVICTED)),
                 (Some(why), _) => Some(format!("upgraded connection cut: {why}")),
                 (None, Some(e)) => Some(format!("upgraded connection: {e}")),
                 (None, None) => None,
@@ -911,6 +911,7 @@ mod tests {
             counters: None,
             error: error.map(str::to_owned),
             _slot: None,
+            _busy: None,
         }
     }
 

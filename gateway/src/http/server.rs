@@ -6,9 +6,11 @@
 //! [`super::server_h1`]'s.
 //!
 //! One task per connection polls everything: the service's future, the request body inside
-//! it (which reads the connection through a shared, uncontended lock) and the response. Unlike
-//! hyper's server, nothing is read ahead of the request being served, so the read buffer is
-//! reused in place between requests instead of reallocated.
+//! it (which reads the connection through a shared, uncontended lock) and the response. While
+//! a request waits for its answer, the connection is watched for the client leaving, and what
+//! it sends meanwhile (pipelined requests) is read ahead, at most [`READ_AHEAD`] bytes, through
+//! a small stack buffer: the read buffer is reused in place between requests instead of
+//! reallocated.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -37,6 +39,9 @@ use super::upstream::{poll_write_all, Io, Upgraded};
 
 /// Read buffer reserved before each read: a request head and a small body come in one.
 const READ_CHUNK: usize = 8 * 1024;
+/// Bytes read ahead while a request waits for its answer: enough for pipelined requests'
+/// heads, little for a connection to hold in memory (the rest waits in the socket).
+const READ_AHEAD: usize = 4 * 1024;
 /// Read buffer reserved before each read of a long request body.
 const BODY_READ: usize = 64 * 1024;
 /// Response bytes copied together before they are written (a body's frames are written as
@@ -252,7 +257,7 @@ where
                 if let Poll::Ready(r) = answer.as_mut().poll(cx) {
                     return Poll::Ready(Some(r));
                 }
-                lock(&wire).poll_gone(cx).map(|()| None)
+                lock(&wire).poll_gone(cx, !keep_alive).map(|()| None)
             })
             .await;
             match gone {
@@ -362,12 +367,14 @@ where
 
 impl Wire {
     /// While a request waits for its answer: reads ahead what the client sends next (a
-    /// pipelined request, up to a head's size), and is ready when the client has left — its
+    /// pipelined request, up to [`READ_AHEAD`]), and is ready when the client has left — its
     /// connection reset, or closed with nothing more sent. The request is then given up, as
     /// nginx does (499), instead of going on at the device (a long poll, a slow report) until
-    /// its answer meets a closed connection. A close after pipelined requests is a client
-    /// done sending, waiting for its answers: those are served.
-    fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    /// its answer meets a closed connection. A close is a client done sending, waiting for its
+    /// answers, after pipelined requests or after a request that said it is the `last`
+    /// (`Connection: close`, HTTP/1.0: `printf ... | nc -N` sends its request and closes its
+    /// side): those are served.
+    fn poll_gone(&mut self, cx: &mut Context<'_>, last: bool) -> Poll<()> {
         // A body still being read is the service's to read (and to see end early).
         if self.read_closed
             || !matches!(self.body.left, Left::Done)
@@ -383,11 +390,11 @@ impl Wire {
         // request's head still shares its allocation took a new one per request (~0.3 µs of
         // the gateway's ~10 per request, benches/ab.sh front); bytes arrive here rarely.
         let mut ahead = [0u8; 512];
-        while self.buf.len() < server_h1::MAX_HEAD {
+        while self.buf.len() < READ_AHEAD {
             let mut got = tokio::io::ReadBuf::new(&mut ahead);
             match ready!(Pin::new(&mut **io).poll_read(cx, &mut got)) {
                 Ok(()) if !got.filled().is_empty() => self.buf.extend_from_slice(got.filled()),
-                Ok(()) if self.buf.is_empty() => return Poll::Ready(()),
+                Ok(()) if self.buf.is_empty() && !last => return Poll::Ready(()),
                 Ok(()) => {
                     self.read_closed = true;
                     break;
@@ -977,6 +984,14 @@ mod tests {
         let later = all.find("GET /later Some(0)").unwrap();
         let a = all.find("GET /a Some(0)").unwrap();
         assert!(later < a, "{all}");
+        assert!(matches!(h.await.unwrap(), Served::Done));
+
+        // Closed after a request that said it is the last: answered too.
+        let (mut c, h) = start(CFG);
+        c.write_all(b"GET /later HTTP/1.0\r\n\r\n").await.unwrap();
+        c.shutdown().await.unwrap();
+        let all = read_all(&mut c).await;
+        assert!(all.contains("GET /later Some(0)"), "{all}");
         assert!(matches!(h.await.unwrap(), Served::Done));
     }
 
