@@ -165,10 +165,11 @@ impl Listeners {
                 // Freed only by the swap, its port cannot be tried; its address can, on any
                 // port: a mistyped IP, or IPv6 where the machine has none, took the app down
                 // after the swap, the edit already serving.
-                let probe = match replaces {
-                    true => SocketAddr::new(key.1.ip(), 0),
-                    false => key.1,
-                };
+                let mut probe = key.1;
+                if replaces {
+                    // set_port keeps an IPv6 scope id (`[fe80::1%2]`), which new() would drop.
+                    probe.set_port(0);
+                }
                 let tried = match key.0 {
                     Kind::Tcp => tunnel::sockets::tcp_bound(probe).map(drop),
                     Kind::Udp => tunnel::sockets::std_udp(probe).map(drop),

@@ -120,7 +120,8 @@ type Fatal = Arc<std::sync::Mutex<Option<RunError>>>;
 /// Watches a part of the gateway that must run as long as it does: one that ends on its own
 /// (a panic; a return before the shutdown) stops the gateway, drained, with its error — a
 /// gateway serving without it would look healthy to its service manager while, say, no
-/// revocation in a newer zone.json were adopted.
+/// revocation in a newer zone.json were adopted. At the shutdown the watch ends; the part
+/// finishes as it does (the admin API answers through the drain, the front closes its pool).
 fn essential(
     what: &'static str,
     without: &'static str,
@@ -130,13 +131,9 @@ fn essential(
 ) {
     let (fatal, token) = (fatal.clone(), token.clone());
     tokio::spawn(async move {
-        let abort = task.abort_handle();
         let ended = tokio::select! {
             r = task => r,
-            () = token.cancelled() => {
-                abort.abort();
-                return;
-            }
+            () = token.cancelled() => return,
         };
         if token.is_cancelled() {
             return;
@@ -482,6 +479,8 @@ impl Gateway {
             tokio::spawn(async move {
                 let stopped = match serving.await {
                     Ok(Ok(())) => return,
+                    // Ending with the gateway is no failure of its own (as for `essential`).
+                    _ if token.is_cancelled() => return,
                     Ok(Err(e)) => RunError::Dns(e),
                     Err(e) => RunError::DnsTask(e.to_string()),
                 };
@@ -502,10 +501,17 @@ impl Gateway {
         );
         // Watched as the DNS server is: a panic in one would otherwise leave the gateway
         // serving without it, silently.
+        let (store, stop) = (hub.policy().clone(), shutdown.clone());
         essential(
             "policy watcher",
             "policy edits and time windows would no longer apply",
-            tokio::spawn(policies::watch(hub.policy().clone(), POLICY_POLL)),
+            // It runs until dropped.
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = policies::watch(store, POLICY_POLL) => {}
+                    () = stop.cancelled() => {}
+                }
+            }),
             &fatal,
             &shutdown,
         );
@@ -544,13 +550,31 @@ impl Gateway {
         // when monitoring most needs it, and stops once the gateway has.
         let admin_stop = CancellationToken::new();
         let _admin_stop = admin_stop.clone().drop_guard();
-        tokio::spawn(admin::serve_with(admin, status, extras, admin_stop));
+        essential(
+            "admin API",
+            "its /status and /metrics would not answer",
+            tokio::spawn(admin::serve_with(admin, status, extras, admin_stop)),
+            &fatal,
+            &shutdown,
+        );
         if let Some(l) = http {
-            tokio::spawn(front.clone().serve(l, None, shutdown.clone()));
+            essential(
+                "HTTP front",
+                "no HTTP request would be served",
+                tokio::spawn(front.clone().serve(l, None, shutdown.clone())),
+                &fatal,
+                &shutdown,
+            );
         }
         if let Some((l, tls)) = https {
             let acc = tokio_rustls::TlsAcceptor::from(tls.config.clone());
-            tokio::spawn(front.clone().serve(l, Some(acc), shutdown.clone()));
+            essential(
+                "HTTPS front",
+                "no HTTPS request would be served",
+                tokio::spawn(front.clone().serve(l, Some(acc), shutdown.clone())),
+                &fatal,
+                &shutdown,
+            );
             essential(
                 "HTTPS certificate watcher",
                 "renewed certificates would not be served before the old ones end",
@@ -560,7 +584,13 @@ impl Gateway {
             );
         }
         for (f, l) in forwards {
-            tokio::spawn(forward_loop(hub.clone(), f, l, shutdown.clone()));
+            essential(
+                "[[forward]] listener",
+                "its local port would take no connection",
+                tokio::spawn(forward_loop(hub.clone(), f, l, shutdown.clone())),
+                &fatal,
+                &shutdown,
+            );
         }
         // Keep listeners in step with the policy: compare the live policy by pointer.
         {

@@ -462,7 +462,7 @@ impl PolicyStore {
             .map_err(|e| vec![e])
             .and_then(|(sources, errs)| crate::check_read(sources, errs))
             .and_then(|(policy, sources)| {
-                match emptied(&self.current.load().policy, &sources, &self.dir) {
+                match emptied(&self.current.load().policy, &policy, &sources, &self.dir) {
                     errs if errs.is_empty() => Ok((policy, sources)),
                     errs => Err(errs),
                 }
@@ -604,18 +604,24 @@ fn fresh_status() -> ReloadStatus {
 }
 
 /// Refusals for an edit that empties what serves: a policy file whose apps serve that is
-/// blank now, or a directory whose files' apps serve that has no policy file left. Both are
+/// blank now, those apps gone from the edit (moved to another file, they are not), or a
+/// directory whose files' apps serve that has no policy file left. Both are
 /// the shapes of a save or a copy in progress that held still for a moment (an editor that
 /// truncates before it writes, `rm -r` then `cp`), and as policies they drop every app they
 /// held — listeners closed, connections cut, limiters reset, and the empty policy kept as the
 /// copy a restart serves. Removing apps on purpose has its own ways: delete the file, or leave
 /// a comment in it.
-fn emptied(serving: &CompiledPolicy, now: &[(PathBuf, String)], dir: &Path) -> Vec<PolicyError> {
+fn emptied(
+    serving: &CompiledPolicy,
+    edit: &CompiledPolicy,
+    now: &[(PathBuf, String)],
+    dir: &Path,
+) -> Vec<PolicyError> {
     let apps_of = |path: &Path| -> Vec<&str> {
         serving
             .apps()
             .iter()
-            .filter(|a| a.source.path == path)
+            .filter(|a| a.source.path == path && edit.app(&a.name).is_none())
             .map(|a| a.name.as_str())
             .collect()
     };
@@ -636,7 +642,7 @@ fn emptied(serving: &CompiledPolicy, now: &[(PathBuf, String)], dir: &Path) -> V
                 PolicyError::whole(
                     path,
                     format!(
-                        "is empty now, and its apps serve ({}): a save or copy in progress? The policy that serves stays; to drop them, delete the file or leave only a comment in it",
+                        "is empty now, and its apps are in no other file ({}): a save or copy in progress? The policy that serves stays; to drop them, delete the file or leave only a comment in it",
                         apps.join(", ")
                     ),
                 )

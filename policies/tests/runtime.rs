@@ -554,6 +554,14 @@ async fn an_emptied_file_or_directory_is_refused_and_a_comment_is_not() {
     // Emptied again: it held only a comment, and still no app is dropped by it.
     write(dir.path(), "a.toml", "");
     assert_eq!(store.reload().expect("no text lost"), vec![]);
+    // An app moved to another file, the old one left blank: nothing is dropped.
+    write(dir.path(), "a.toml", APP_A);
+    assert!(store.reload().is_ok());
+    write(dir.path(), "c.toml", APP_A);
+    write(dir.path(), "a.toml", "");
+    assert_eq!(store.reload().expect("a moved to c.toml"), vec![]);
+    std::fs::remove_file(dir.path().join("c.toml")).expect("rm");
+    assert!(store.reload().is_ok());
 
     std::fs::remove_file(dir.path().join("a.toml")).expect("rm");
     std::fs::remove_file(dir.path().join("b.toml")).expect("rm");

@@ -49,19 +49,39 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     b.enable_all().build().context("starting the async runtime")
 }
 
+/// The signals a serving process answers, registered at once, first thing in its runtime:
+/// until a handler is in place SIGHUP's default ends the process, undrained, and the gateway
+/// accepts connections as soon as it has bound (before a spawned task first runs).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+fn install_signals() -> Option<Signals> {
+    use tokio::signal::unix::{signal, SignalKind};
+    Some(Signals {
+        term: signal(SignalKind::terminate()).ok()?,
+        int: signal(SignalKind::interrupt()).ok()?,
+        hup: signal(SignalKind::hangup()).ok(),
+    })
+}
+
 /// Cancels `token` on SIGTERM or SIGINT; a second one ends the process at once, drain or not
 /// (an operator pressing Ctrl-C again does not want to wait out `grace_secs`). SIGHUP is said
 /// and ignored: its default ended the process at once, undrained (`kill -HUP` out of nginx
 /// habit, a logrotate hook, a closed terminal), and there is nothing to reload by it — policy
 /// files, certificates and zone.json are read again as they change.
-async fn on_signal(token: CancellationToken) {
-    use tokio::signal::unix::{signal, Signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return,
+async fn on_signal(signals: Option<Signals>, token: CancellationToken) {
+    let Some(Signals {
+        mut term,
+        mut int,
+        mut hup,
+    }) = signals
+    else {
+        return;
     };
-    let mut hup = signal(SignalKind::hangup()).ok();
-    async fn hangup(hup: &mut Option<Signal>) {
+    async fn hangup(hup: &mut Option<tokio::signal::unix::Signal>) {
         let got = match hup {
             Some(h) => h.recv().await,
             None => None,
@@ -76,7 +96,7 @@ async fn on_signal(token: CancellationToken) {
     loop {
         tokio::select! {
             _ = term.recv() => info!("SIGTERM: shutting down"),
-            _ = tokio::signal::ctrl_c() => info!("interrupt: shutting down"),
+            _ = int.recv() => info!("interrupt: shutting down"),
             () = hangup(&mut hup) => {
                 said();
                 continue;
@@ -88,7 +108,7 @@ async fn on_signal(token: CancellationToken) {
     loop {
         tokio::select! {
             _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
             () = hangup(&mut hup) => {
                 said();
                 continue;
@@ -197,10 +217,10 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     crate::fd_limit::raise_open_files(crate::fd_limit::gateway_needs(http_total, tcp_total));
     runtime(threads)?.block_on(async move {
         let shutdown = CancellationToken::new();
+        tokio::spawn(on_signal(install_signals(), shutdown.clone()));
         let gw = gateway::Gateway::bind(opts, shutdown.clone()).await?;
         // Everything bound on this policy: it is the one a later start falls back to.
         policy.started();
-        tokio::spawn(on_signal(shutdown.clone()));
         tokio::spawn(crate::memory::release_freed_memory());
         gw.run().await?;
         Ok(())
@@ -244,6 +264,8 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
     });
     crate::fd_limit::raise_open_files(crate::fd_limit::NODE_NEEDS);
     runtime(threads)?.block_on(async move {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(on_signal(install_signals(), shutdown.clone()));
         let endpoint = tunnel::transport::agent_endpoint(&creds, &tuning)?;
         let agent = tunnel::agent::Agent::bind(
             tunnel::agent::AgentConfig {
@@ -257,7 +279,6 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
         )
         .await?;
         let admin = gateway::admin::bind(admin_addr).await?;
-        let shutdown = CancellationToken::new();
         let a2 = agent.clone();
         let c2 = creds.clone();
         let status: gateway::admin::StatusFn = Arc::new(move || {
@@ -274,7 +295,6 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
         let admin_stop = CancellationToken::new();
         let _admin_stop = admin_stop.clone().drop_guard();
         tokio::spawn(gateway::admin::serve(admin, status, admin_stop));
-        tokio::spawn(on_signal(shutdown.clone()));
         tokio::spawn(crate::memory::release_freed_memory());
         agent.run(shutdown).await;
         Ok(())
@@ -289,7 +309,7 @@ pub fn files(dir: std::path::PathBuf, listen: std::net::SocketAddr) -> anyhow::R
         .with_context(|| format!("--dir {}: cannot open the directory", dir.display()))?;
     runtime(cores())?.block_on(async move {
         let shutdown = CancellationToken::new();
-        tokio::spawn(on_signal(shutdown.clone()));
+        tokio::spawn(on_signal(install_signals(), shutdown.clone()));
         crate::files::run(root, listen, shutdown)
             .await
             .with_context(|| format!("cannot listen on {listen}"))

@@ -10,13 +10,21 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-/// What is compared between polls: the file's size and modification time, or nothing when it
-/// cannot be read.
-type Fingerprint = Option<(u64, Option<SystemTime>)>;
+/// What is compared between polls: the file's size, modification time, inode and change time,
+/// or nothing when it cannot be read. The inode and change time catch a copy that keeps the
+/// old modification time (`cp -p`, `rsync -a`) or lands within its granularity, as the policy
+/// watcher's fingerprint does.
+type Fingerprint = Option<(u64, Option<SystemTime>, u64, (i64, i64))>;
 
 fn fingerprint(path: &Path) -> Fingerprint {
+    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
-    Some((meta.len(), meta.modified().ok()))
+    Some((
+        meta.len(),
+        meta.modified().ok(),
+        meta.ino(),
+        (meta.ctime(), meta.ctime_nsec()),
+    ))
 }
 
 /// Polls `path` every `interval` until `shutdown` and hands a changed file's bytes to `adopt`.
@@ -31,7 +39,7 @@ pub async fn watch(
 ) {
     // Read once after start too: a copy made while the device was starting (after its
     // credentials were loaded) is not missed. An unchanged file is the config in use: ignored.
-    let mut seen: Fingerprint = Some((u64::MAX, None));
+    let mut seen: Fingerprint = Some((u64::MAX, None, 0, (0, 0)));
     let mut settling: Option<Fingerprint> = None;
     loop {
         tokio::select! {
