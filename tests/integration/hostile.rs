@@ -2110,6 +2110,11 @@ async fn a_gateway_sending_undecodable_control_bytes_is_told_why() {
         keepalive_ms: 1000,
     };
     write_msg(&mut send, &ControlMsg::Welcome(welcome)).await;
+    // Past the handshake: the session's own loop meets the bytes.
+    wait_until("home1's link up", WAIT, || {
+        h1.agent.links().iter().any(|l| l.status().state == "up")
+    })
+    .await;
     send.write_all(&PING_WITH_A_BYTE_TOO_MANY).await.unwrap();
     told_of_undecodable_bytes(&conn, &mut recv, &mut dec).await;
     h1.shutdown.cancel();

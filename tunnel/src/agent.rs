@@ -818,7 +818,9 @@ impl Agent {
                     Ok(Some(_)) => continue,
                     Ok(None) => return Err(TunnelError::Truncated),
                     Err(e) => {
-                        tell_of_violation(&mut io, &conn).await;
+                        // A violation by the gateway (bytes that are no message, one out of
+                        // place) is told to it before the close, as the hub tells agents.
+                        io.close_as_violation(&conn, b"protocol violation").await;
                         return Err(e);
                     }
                 }
@@ -917,9 +919,9 @@ impl Agent {
             }
         }
         // A gateway that stops reading its control stream is given what the hub gives a
-        // device: the loop then goes on reading events and commands while the write waits
-        // (`next_event` writes what is queued before it reads), and ends the session at the
-        // limit instead of waiting in the write for ever, deaf to revocations and drains.
+        // device: the loop goes on reading its events while a write waits (`next_event`
+        // writes while it reads), and ends the session at the limit instead of waiting in the
+        // write for ever, deaf to revocations and drains.
         let stall = self.cfg.tuning.idle_timeout * crate::hub::CONTROL_STALL_TIMEOUTS;
         io.end_stalled_after(stall);
         loop {
@@ -950,11 +952,12 @@ impl Agent {
                     }
                     Err(e) => {
                         let why = transport::stream_end(conn, &e);
-                        tell_of_violation(&mut io, conn).await;
+                        io.close_as_violation(conn, b"protocol violation").await;
                         return why;
                     }
                 },
-                cmd = cmds.recv() => if let Some(cmd) = cmd {
+                // Not while a gateway reading slowly has a backlog: the queue pushes back.
+                cmd = cmds.recv(), if io.takes_commands() => if let Some(cmd) = cmd {
                     if let Err(e) = cmd(&mut io.session) {
                         debug!(error = %e, "control command not applied");
                     }
@@ -1712,16 +1715,6 @@ fn zone_gateways(zone: &zone_core::SignedZone) -> Vec<(String, SocketAddr)> {
 
 /// The gateways an agent with `cfg` links to — its own list, else the zone config's — one
 /// entry per gateway but itself, revoked ones left out.
-/// After a control error: when it was a violation by the gateway (bytes that are no message,
-/// one out of place: the session closed itself and queued its `Error`), the gateway is told
-/// why before the connection closes with the protocol code, as the hub tells agents.
-async fn tell_of_violation(io: &mut ControlIo, conn: &Connection) {
-    if io.session.is_closed() {
-        io.finish_within(Duration::from_secs(1)).await;
-        conn.close(crate::hub::CLOSE_PROTOCOL.into(), b"protocol violation");
-    }
-}
-
 fn wanted_gateways(cfg: &AgentConfig) -> Vec<(String, Vec<SocketAddr>)> {
     let list = if cfg.gateways.is_empty() {
         zone_gateways(&cfg.creds.zone())

@@ -200,6 +200,36 @@ pub fn channel() -> (ControlHandle, ControlCmds) {
     )
 }
 
+/// Bytes of encoded messages that may wait for a peer reading slowly before commands wait and
+/// the peer's bytes are read no more.
+pub const MAX_BACKLOG: usize = 256 * 1024;
+
+/// Writes `out` to `send`, failing with `Timeout(`[`CONTROL_NOT_READ`]`)` once it waited
+/// `limit` without a byte going out. Cancel-safe: each `write` writes nothing unless it
+/// completes, and `stalled_since` keeps the wait's start across calls.
+async fn write_out(
+    send: &mut SendStream,
+    out: &mut BytesMut,
+    stalled_since: &mut Option<Instant>,
+    limit: Option<Duration>,
+) -> Result<(), TunnelError> {
+    while !out.is_empty() {
+        let since = *stalled_since.get_or_insert_with(Instant::now);
+        let write = send.write(out);
+        let n = match limit {
+            Some(limit) => tokio::time::timeout_at(since + limit, write)
+                .await
+                .map_err(|_| TunnelError::Timeout(CONTROL_NOT_READ))??,
+            None => write.await?,
+        };
+        out.advance(n);
+        if n > 0 {
+            *stalled_since = None;
+        }
+    }
+    Ok(())
+}
+
 /// The control stream of one connection.
 #[derive(Debug)]
 pub struct ControlIo {
@@ -216,6 +246,8 @@ pub struct ControlIo {
     stalled_since: Option<Instant>,
     /// How long a write may wait for the peer to read ([`ControlIo::end_stalled_after`]).
     stall_limit: Option<Duration>,
+    /// Why the session failed, returned once the events decoded before it are.
+    failed: Option<TunnelError>,
 }
 
 impl ControlIo {
@@ -232,6 +264,7 @@ impl ControlIo {
             out: BytesMut::new(),
             stalled_since: None,
             stall_limit: None,
+            failed: None,
         }
     }
 
@@ -250,32 +283,34 @@ impl ControlIo {
     /// Writes every message the session has queued. Cancel-safe: what is not written yet stays
     /// queued for the next call.
     pub async fn flush(&mut self) -> Result<(), TunnelError> {
+        self.encode_queued()?;
+        write_out(
+            &mut self.send,
+            &mut self.out,
+            &mut self.stalled_since,
+            self.stall_limit,
+        )
+        .await
+    }
+
+    /// Encodes what the session has queued into `out`.
+    fn encode_queued(&mut self) -> Result<(), TunnelError> {
         while let Some(msg) = self.session.poll_transmit() {
             proto::encode_control(&msg, &mut self.out)?;
-        }
-        while !self.out.is_empty() {
-            let since = *self.stalled_since.get_or_insert_with(Instant::now);
-            // `write` writes nothing unless it completes, so each step is cancel-safe (and
-            // so is its timeout).
-            let write = self.send.write(&self.out);
-            let n = match self.stall_limit {
-                Some(limit) => tokio::time::timeout_at(since + limit, write)
-                    .await
-                    .map_err(|_| TunnelError::Timeout(CONTROL_NOT_READ))??,
-                None => write.await?,
-            };
-            self.out.advance(n);
-            if n > 0 {
-                self.stalled_since = None;
-            }
         }
         Ok(())
     }
 
-    /// Fails writes (and so [`ControlIo::next_event`], which writes before it reads) with
+    /// Whether commands may queue more messages now: not while [`MAX_BACKLOG`] bytes wait for
+    /// a peer that reads slowly (they waited in the command channel, which pushes back).
+    pub fn takes_commands(&self) -> bool {
+        self.out.len() < MAX_BACKLOG
+    }
+
+    /// Fails writes (and so [`ControlIo::next_event`], which writes while it reads) with
     /// `Timeout(`[`CONTROL_NOT_READ`]`)` once queued messages have waited `limit` without a
-    /// byte going out: a peer that stopped reading its control stream otherwise held the
-    /// session loop in a write for ever while commands queued more for it.
+    /// byte going out: a peer that stopped reading its control stream otherwise held them for
+    /// ever while more queued behind them.
     pub fn end_stalled_after(&mut self, limit: Duration) {
         self.stall_limit = Some(limit);
     }
@@ -293,32 +328,78 @@ impl ControlIo {
         .await;
     }
 
-    /// The next session event; `None` when the peer finished the stream.
+    /// The next session event; `None` when the peer finished the stream (or ended the session
+    /// with its `Error`, already returned as an event).
     ///
-    /// Cancel-safe: received bytes go into the decoder before any other await, and queued
-    /// events are returned first, so a cancelled call loses nothing.
+    /// What the session queued is written while the peer's bytes are read: a write waiting
+    /// for the peer (its window full) no longer keeps its messages — a drain, a revocation —
+    /// unread meanwhile. Events decoded before a failure are returned before it.
+    ///
+    /// Cancel-safe: received bytes go into the decoder before any other await, writes keep
+    /// what they have not written, and queued events are returned first, so a cancelled call
+    /// loses nothing.
     pub async fn next_event(&mut self) -> Result<Option<Event>, TunnelError> {
         loop {
             if let Some(ev) = self.session.poll_event() {
                 return Ok(Some(ev));
             }
-            while let Some(msg) = self.decoder.next_msg().map_err(|e| self.undecodable(e))? {
-                self.session
-                    .handle(msg)
-                    .map_err(|e| TunnelError::Config(format!("control session: {e}")))?;
+            if let Some(e) = self.failed.take() {
+                return Err(e);
             }
+            self.decode();
             if let Some(ev) = self.session.poll_event() {
                 return Ok(Some(ev));
             }
-            // Answers the session produced while handling (Pong) go out before we block.
-            self.flush().await?;
-            match self.recv.read_chunk(CONTROL_READ, true).await? {
-                Some(chunk) => self
-                    .decoder
-                    .push(&chunk.bytes)
-                    .map_err(|e| self.undecodable(e))?,
-                None => return Ok(None),
+            if let Some(e) = self.failed.take() {
+                return Err(e);
             }
+            if self.session.is_closed() {
+                return Ok(None);
+            }
+            // Answers the session produced while handling (Pong) go out as we read on.
+            self.encode_queued()?;
+            let writing = !self.out.is_empty();
+            // A peer that sends (pings) and never reads is read no more once this much waits
+            // for it: the stall limit then ends the session.
+            let reading = self.out.len() < MAX_BACKLOG;
+            tokio::select! {
+                r = write_out(&mut self.send, &mut self.out, &mut self.stalled_since, self.stall_limit), if writing => r?,
+                r = self.recv.read_chunk(CONTROL_READ, true), if reading => match r? {
+                    Some(chunk) => {
+                        if let Err(e) = self.decoder.push(&chunk.bytes) {
+                            self.failed = Some(self.undecodable(e));
+                        }
+                    }
+                    None => return Ok(None),
+                },
+            }
+        }
+    }
+
+    /// Feeds the decoded messages to the session until it closes; a failure is kept for after
+    /// the events decoded before it.
+    fn decode(&mut self) {
+        while self.failed.is_none() && !self.session.is_closed() {
+            match self.decoder.next_msg() {
+                Ok(Some(msg)) => {
+                    if let Err(e) = self.session.handle(msg) {
+                        self.failed = Some(TunnelError::Config(format!("control session: {e}")));
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => self.failed = Some(self.undecodable(e)),
+            }
+        }
+    }
+
+    /// Ends the connection after a violation found here (the session's `Error` queued): the
+    /// `Error` is written and acknowledged first, for at most a second, then the connection
+    /// closes with [`crate::hub::CLOSE_PROTOCOL`] and `reason`. Nothing when the session did
+    /// not end here.
+    pub async fn close_as_violation(&mut self, conn: &quinn::Connection, reason: &'static [u8]) {
+        if self.session.ended_here() {
+            self.finish_within(Duration::from_secs(1)).await;
+            conn.close(crate::hub::CLOSE_PROTOCOL.into(), reason);
         }
     }
 

@@ -757,12 +757,11 @@ impl Hub {
                     Ok(None) => return Err(TunnelError::Truncated),
                     // A hello of another protocol version, or a broken one: the session's
                     // Error says which, so the agent can tell its owner (upgrade one side).
-                    Err(e) if io.session.is_closed() => {
-                        io.finish_within(Duration::from_secs(1)).await;
-                        conn.close(CLOSE_PROTOCOL.into(), b"control protocol violation");
+                    Err(e) => {
+                        io.close_as_violation(&conn, b"control protocol violation")
+                            .await;
                         return Err(e);
                     }
-                    Err(e) => return Err(e),
                 }
             };
             Ok::<_, TunnelError>((conn, id, io, hello))
@@ -780,8 +779,7 @@ impl Hub {
             );
             // Bounded, and short (the handshake slot is still held): a peer that does not read
             // must not hold this. Acknowledged before the close, which would discard it.
-            io.finish_within(Duration::from_secs(1)).await;
-            conn.close(CLOSE_PROTOCOL.into(), b"hello device mismatch");
+            io.close_as_violation(&conn, b"hello device mismatch").await;
             return Err(TunnelError::Config(format!(
                 "{device}: hello claims to be {}",
                 hello.device
@@ -898,10 +896,10 @@ impl Hub {
         accepting.abort();
         datagrams.abort();
         match end {
+            // The Error the session ended on, if the device still reads: it says why.
             SessionEnd::Broke => {
-                // The Error the session ended on, if the device still reads: it says why.
-                io.finish_within(Duration::from_secs(1)).await;
-                conn.close(CLOSE_PROTOCOL.into(), b"control protocol violation");
+                io.close_as_violation(&conn, b"control protocol violation")
+                    .await
             }
             SessionEnd::Stalled => conn.close(CLOSE_STALLED.into(), b"control stream not read"),
             SessionEnd::Ended => conn.close(0u32.into(), b""),
@@ -957,14 +955,15 @@ impl Hub {
                         return (why, SessionEnd::Stalled);
                     }
                     Err(e) => {
-                        let end = match io.session.is_closed() {
+                        let end = match io.session.ended_here() {
                             true => SessionEnd::Broke,
                             false => SessionEnd::Ended,
                         };
                         return (transport::stream_end(&link.conn, &e), end);
                     }
                 },
-                cmd = cmds.recv() => match cmd {
+                // Not while a device reading slowly has a backlog: the queue pushes back.
+                cmd = cmds.recv(), if io.takes_commands() => match cmd {
                     Some(cmd) => if let Err(e) = cmd(&mut io.session) {
                         debug!(device = %link.device, error = %e, "control command not applied");
                     },

@@ -226,6 +226,9 @@ pub struct Peers {
     creds: Arc<DeviceCreds>,
     endpoint: Endpoint,
     table: Mutex<HashMap<String, PeerState>>,
+    /// Told of each zone config adopted ([`Peers::cut_revoked`]): a peer's certificate end
+    /// may have moved (a renewal, a shorter re-issue).
+    adopted: tokio::sync::Notify,
 }
 
 impl Peers {
@@ -234,6 +237,7 @@ impl Peers {
             creds,
             endpoint,
             table: Mutex::new(HashMap::new()),
+            adopted: tokio::sync::Notify::new(),
         }
     }
 
@@ -269,6 +273,7 @@ impl Peers {
     /// permits now, not at its next stream (a long-lived stream on the direct path would
     /// otherwise outlive the revocation). Retired duplicates close at their next check.
     pub fn cut_revoked(&self) {
+        self.adopted.notify_waiters();
         let peers: Vec<String> = self
             .table
             .lock()
@@ -285,8 +290,8 @@ impl Peers {
     }
 
     /// Resolves, with the reason, when an end-to-end stream with `peer` must end: the zone
-    /// config revokes the peer, or its certificate ends (as the newest zone config says when
-    /// that time comes: a renewal moves it). The relaying gateway ends such streams too, but
+    /// config revokes the peer, or its certificate ends (as the newest zone config says: each
+    /// one adopted is looked at again). The relaying gateway ends such streams too, but
     /// the encryption is there so that the ends need not trust it.
     pub async fn peer_ended(&self, peer: &str) -> String {
         let revoked = self.with(peer, |s| s.revoked.clone());
@@ -294,6 +299,10 @@ impl Peers {
             return format!("{peer:?} is no device name");
         };
         loop {
+            // Enabled before the config is read: one adopted meanwhile is not missed.
+            let adopted = self.adopted.notified();
+            tokio::pin!(adopted);
+            adopted.as_mut().enable();
             // Also after taking the token: a revocation adopted before it was made fired none.
             if self.creds.is_revoked(peer) {
                 return "revoked by the zone config".into();
@@ -307,13 +316,15 @@ impl Peers {
             if !left.is_positive() {
                 return format!("its certificate ended at {ends}");
             }
-            // Looked at again daily: a clock set forward, or a renewal, is seen then.
+            // Looked at again at each zone config adopted, and daily: a clock set forward
+            // (or a suspended machine's) is seen then.
             let wait = Duration::try_from(left)
                 .unwrap_or(Duration::MAX)
                 .min(RECHECK_END);
             tokio::select! {
                 _ = revoked.cancelled() => return "revoked by the zone config".into(),
                 _ = tokio::time::sleep(wait) => {}
+                () = &mut adopted => {}
             }
         }
     }

@@ -122,5 +122,5 @@ pub use header::{
     decode_stream_header, decode_stream_reply, encode_stream_header, encode_stream_reply, Origin,
     RefuseCode, StreamHeader, StreamReply, STREAM_MAGIC, STREAM_VERSION,
 };
-pub use name::{validate_name, wire_text};
+pub use name::{unfit_for_logs, validate_name, wire_text};
 pub use session::{ControlSession, Event, Role};

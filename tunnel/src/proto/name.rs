@@ -67,7 +67,7 @@ pub fn validate_text(field: &'static str, text: &str, max: usize) -> Result<(), 
 /// shown — Unicode's line and paragraph separators and the bidirectional overrides, embeddings,
 /// isolates and marks (a version string holding U+202E read backwards in a log viewer; one
 /// holding U+2028 showed as a second, forged line).
-fn unfit_for_logs(c: char) -> bool {
+pub fn unfit_for_logs(c: char) -> bool {
     c.is_control()
         || matches!(
             c,

@@ -98,6 +98,9 @@ pub struct ControlSession {
     ping_in_flight: Option<u64>,
     flows: HashSet<u32>,
     next_flow_id: u32,
+    /// Closed by this side, its `Error` queued (a violation by the peer, a refusal), not by
+    /// the peer's `Error`.
+    ended_here: bool,
 }
 
 impl ControlSession {
@@ -123,6 +126,7 @@ impl ControlSession {
             ping_in_flight: None,
             flows: HashSet::new(),
             next_flow_id: 0,
+            ended_here: false,
         }
     }
 
@@ -145,6 +149,13 @@ impl ControlSession {
 
     pub fn is_closed(&self) -> bool {
         self.state == State::Closed
+    }
+
+    /// Closed by this side with an `Error` for the peer ([`ControlSession::reject`], or a
+    /// violation the peer made), not by the peer's own `Error`: the peer is to be told why
+    /// before the connection closes.
+    pub fn ended_here(&self) -> bool {
+        self.ended_here
     }
 
     /// Number of UDP flows currently open on this connection.
@@ -287,6 +298,7 @@ impl ControlSession {
     fn fail(&mut self, code: ErrorCode, message: String) {
         let message = super::name::wire_text(&message, MAX_REASON_LEN);
         self.state = State::Closed;
+        self.ended_here = true;
         self.transmit.push_back(ControlMsg::Error { code, message });
     }
 
