@@ -154,8 +154,12 @@ impl Listeners {
                 if now.contains(&key) || had.contains_key(&key) {
                     continue;
                 }
+                let about = |message| policies::CheckError {
+                    app: Some(app.clone()),
+                    message,
+                };
                 if let Some(own) = own_socket(&reserved, key) {
-                    errors.push(listen_error(&app, key, &own, ""));
+                    errors.push(about(listen_error(&app, key, &own, "")));
                     may_pass_later = false;
                     continue;
                 }
@@ -176,7 +180,7 @@ impl Listeners {
                 };
                 if let Err(e) = tried {
                     let hint = crate::run::bind_hint(&e, key.1, "give the app another address");
-                    errors.push(listen_error(&app, key, &e, &hint));
+                    errors.push(about(listen_error(&app, key, &e, &hint)));
                     may_pass_later &= e.kind() == std::io::ErrorKind::AddrInUse;
                 }
             }

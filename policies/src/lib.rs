@@ -57,6 +57,6 @@ pub use parse::{
 pub use policy::CompiledPolicy;
 pub use schema::{Day, Per};
 pub use store::{
-    spawn_watcher, watch, Active, AppNames, AppState, CheckRefusal, PolicyStore, ReloadCheck,
-    ReloadStatus,
+    spawn_watcher, watch, Active, AppNames, AppState, CheckError, CheckRefusal, PolicyStore,
+    ReloadCheck, ReloadStatus,
 };

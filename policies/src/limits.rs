@@ -20,7 +20,7 @@ use governor::state::keyed::ShrinkableKeyedStateStore;
 use governor::state::{InMemoryState, StateStore};
 use governor::Quota;
 use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -159,10 +159,11 @@ pub struct RateLimiter {
     pub config: RateLimit,
     /// Time one request's token takes to come back.
     cell: std::time::Duration,
-    /// For a limiter that replaced another on a policy reload: the clock reading then. Every
-    /// bucket counts as empty at that moment (refilling at the rate since), so editing a
-    /// policy gives no client a fresh burst.
-    empty_at: Option<u64>,
+    /// For a limiter that replaced another on a policy reload: the clock reading then, and
+    /// the clients the other held. Their buckets count as empty at that moment (refilling at
+    /// the rate since), so editing a policy gives no client that was using it a fresh burst;
+    /// a client it never saw starts full, as it would have there.
+    empty_at: Option<(u64, HashSet<LimitKey>)>,
 }
 
 impl RateLimiter {
@@ -195,11 +196,14 @@ impl RateLimiter {
         }
     }
 
-    /// A limiter for `config` replacing another on a policy reload: its buckets start empty
-    /// and refill at the new rate, rather than full.
-    pub fn new_empty(config: RateLimit) -> Self {
+    /// A limiter for `config` replacing `old` on a policy reload: the buckets of clients
+    /// `old` holds (those it throttles among them) start empty and refill at the new rate,
+    /// rather than full; a client `old` never saw starts full, as it would have there (every
+    /// client started empty, new ones too: a raised limit had everyone wait out a refill).
+    pub fn new_replacing(config: RateLimit, old: &RateLimiter) -> Self {
         let mut r = Self::new(config);
-        r.empty_at = Some(r.clock.now().as_u64());
+        let seen = old.store.0.iter().map(|e| *e.key()).collect();
+        r.empty_at = Some((r.clock.now().as_u64(), seen));
         r
     }
 
@@ -214,8 +218,8 @@ impl RateLimiter {
                 key = self.overflow_key(key);
             }
         }
-        if let Some(at) = self.empty_at {
-            self.drain_new_key(&key, at);
+        if let Some((at, seen)) = &self.empty_at {
+            self.drain_new_key(&key, *at, seen);
         }
         self.inner
             .check_key(&key)
@@ -224,7 +228,7 @@ impl RateLimiter {
 
     /// For a key this limiter has not seen yet: takes the tokens its bucket would not have
     /// refilled since `empty_at`, so it starts where an empty bucket at `empty_at` would be.
-    fn drain_new_key(&self, key: &LimitKey, empty_at: u64) {
+    fn drain_new_key(&self, key: &LimitKey, empty_at: u64, seen: &HashSet<LimitKey>) {
         let elapsed = self.clock.now().as_u64().saturating_sub(empty_at);
         // Rounded up: the drain happens now, not at `empty_at`, so a partly refilled token is
         // granted rather than charged a whole cell (at most one token of leniency).
@@ -232,7 +236,7 @@ impl RateLimiter {
         let missing = u64::from(self.config.burst).saturating_sub(refilled);
         // Once a whole burst has refilled since the edit (the usual case, soon after it),
         // nothing is missing: no table lookup per request.
-        if missing == 0 || self.store.0.contains_key(key) {
+        if missing == 0 || self.store.0.contains_key(key) || !seen.contains(key) {
             return;
         }
         if let Some(n) = u32::try_from(missing).ok().and_then(NonZeroU32::new) {
@@ -447,7 +451,7 @@ impl AppLimits {
             rate: match (&old.rate, config.rate) {
                 (Some(r), Some(c)) if r.config == c => Some(r.clone()),
                 // A changed rate: nobody gets a fresh burst from the edit.
-                (Some(_), Some(c)) => Some(Arc::new(RateLimiter::new_empty(c))),
+                (Some(r), Some(c)) => Some(Arc::new(RateLimiter::new_replacing(c, r))),
                 // A rate where there was none: nobody has used anything yet.
                 (None, c) => c.map(|c| Arc::new(RateLimiter::new(c))),
                 (Some(_), None) => None,

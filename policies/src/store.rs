@@ -215,8 +215,22 @@ pub type CheckFn =
 /// worth reading again without an edit (an app on the gateway's own port never passes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckRefusal {
-    pub errors: Vec<String>,
+    pub errors: Vec<CheckError>,
     pub may_pass_later: bool,
+}
+
+/// One problem a [`ReloadCheck`] found, and the app it is about: the reload's error then
+/// names the app's file and line, as a policy file's own errors do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckError {
+    pub app: Option<String>,
+    pub message: String,
+}
+
+impl From<String> for CheckError {
+    fn from(message: String) -> Self {
+        CheckError { app: None, message }
+    }
 }
 
 impl std::fmt::Debug for ReloadCheck {
@@ -224,6 +238,11 @@ impl std::fmt::Debug for ReloadCheck {
         f.write_str("ReloadCheck")
     }
 }
+
+/// Reads of the directory at start until one sees it unchanged throughout.
+const START_READS: usize = 4;
+/// The wait between them.
+const START_SETTLE: Duration = Duration::from_millis(500);
 
 impl PolicyStore {
     /// Loads `dir`; a bad policy is an error (nothing falls back).
@@ -240,6 +259,22 @@ impl PolicyStore {
     /// the directory is loaded as [`PolicyStore::load`] does, its errors returned; once the
     /// gateway has started on it, [`PolicyStore::started`] keeps it as the accepted copy.
     pub fn load_keeping_accepted(dir: &Path) -> Result<Self, Vec<PolicyError>> {
+        // A start racing a write of the directory (a `git pull`, a config tool) read again
+        // once the files hold still, a few times: a torn read refused here is an exit the
+        // service manager does not restart.
+        for _ in 1..START_READS {
+            let before = fingerprint(dir);
+            let loaded = Self::load_keeping_accepted_once(dir);
+            if fingerprint(dir) == before {
+                return loaded;
+            }
+            tracing::info!(dir = %dir.display(), "policy files changed while being read at start; reading them again");
+            std::thread::sleep(START_SETTLE);
+        }
+        Self::load_keeping_accepted_once(dir)
+    }
+
+    fn load_keeping_accepted_once(dir: &Path) -> Result<Self, Vec<PolicyError>> {
         let accepted = crate::accepted::path_for(dir);
         if accepted.is_none() {
             tracing::warn!(dir = %dir.display(), "no place beside the policy directory for a copy of the accepted policy: a start while it holds a refused edit will fail");
@@ -468,16 +503,25 @@ impl PolicyStore {
                 }
             })
             .and_then(|(policy, sources)| match &check {
-                Some(ReloadCheck(f)) => f(&policy, &self.current.load().policy)
-                    .map(|()| (policy, sources))
-                    .map_err(|refusal| {
+                Some(ReloadCheck(f)) => match f(&policy, &self.current.load().policy) {
+                    Ok(()) => Ok((policy, sources)),
+                    Err(refusal) => {
                         may_pass_later = refusal.may_pass_later;
-                        refusal
+                        Err(refusal
                             .errors
                             .into_iter()
-                            .map(|m| PolicyError::whole(&self.dir, m))
-                            .collect()
-                    }),
+                            .map(|e| match e.app.as_deref().and_then(|a| policy.app(a)) {
+                                // Where the app is written, as a file's own errors are told.
+                                Some(app) => PolicyError {
+                                    path: app.source.path.clone(),
+                                    position: Some(app.source.position),
+                                    message: e.message,
+                                },
+                                None => PolicyError::whole(&self.dir, e.message),
+                            })
+                            .collect())
+                    }
+                },
                 None => Ok((policy, sources)),
             });
         match checked {
@@ -703,22 +747,40 @@ fn fingerprint(dir: &Path) -> Fingerprint {
 /// files missing; a file cut at a line may even drop a restriction. Runs until dropped:
 /// cancel-safe, as a reload runs to its end once begun (in the blocking pool).
 pub async fn watch(store: Arc<PolicyStore>, interval: Duration) {
-    let dir = store.dir().to_path_buf();
-    let mut settling: Option<Fingerprint> = None;
+    // Apart: a reload waiting on a file that does not answer (a hung network mount) must not
+    // hold back the minute ticks that end connections outside their allowed hours.
+    tokio::join!(
+        tick_minutes(&store, interval),
+        reload_on_change(&store, interval)
+    );
+}
+
+/// Tells open connections to be decided again as each minute begins, under a policy with
+/// time windows (they open and close on whole minutes, of every offset `tz` can say).
+async fn tick_minutes(store: &PolicyStore, interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await; // the first tick is immediate
     let minute = || Timestamp::now().0 / 60;
     let mut last_minute = minute();
     loop {
         ticker.tick().await;
-        // Time windows open and close on whole minutes (of every offset `tz` can say).
         if minute() != last_minute {
             last_minute = minute();
             if store.current().policy.has_time_windows() {
                 store.tick();
             }
         }
+    }
+}
+
+async fn reload_on_change(store: &Arc<PolicyStore>, interval: Duration) {
+    let dir = store.dir().to_path_buf();
+    let mut settling: Option<Fingerprint> = None;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await; // the first tick is immediate
+    loop {
+        ticker.tick().await;
         let now = fingerprint(&dir);
         let read = store
             .read_at

@@ -737,7 +737,8 @@ fn listeners_of_other_families_do_not_overlap() {
 }
 
 /// Editing an app's limits keeps what its clients already use: open connections stay counted
-/// against the new maxima, and a changed rate starts every bucket empty (no fresh burst).
+/// against the new maxima, and a changed rate starts the buckets of clients in use empty (no
+/// fresh burst), while a client never seen starts full, as it would have before the edit.
 #[tokio::test(start_paused = true)]
 async fn a_limits_edit_gives_no_client_a_fresh_allowance() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -755,6 +756,7 @@ async fn a_limits_edit_gives_no_client_a_fresh_allowance() {
         cur.state(a).limits.clone()
     };
     let before = limits(&store);
+    assert!(before.check_rate(&who).is_ok());
     let open: Vec<_> = (0..3)
         .map(|i| before.connect(&who).unwrap_or_else(|e| panic!("{i}: {e}")))
         .collect();
@@ -774,6 +776,17 @@ async fn a_limits_edit_gives_no_client_a_fresh_allowance() {
     tokio::time::advance(Duration::from_millis(200)).await;
     assert!(after.check_rate(&who).is_ok());
     assert!(after.check_rate(&who).is_err());
+    // A client the old limiter never saw has its whole burst, as it would have had there.
+    let new = Requester::Public {
+        ip: ip("198.51.100.2"),
+    };
+    for i in 0..5 {
+        assert!(
+            after.check_rate(&new).is_ok(),
+            "request {i} of a new client"
+        );
+    }
+    assert!(after.check_rate(&new).is_err());
     drop(open);
     assert_eq!(after.connections.open(), 1);
 }
@@ -991,7 +1004,7 @@ async fn a_start_with_a_refused_edit_serves_the_last_accepted_policy() {
     store.set_check(policies::ReloadCheck(Arc::new(|new, _| {
         match new.app("c") {
             Some(_) => Err(policies::CheckRefusal {
-                errors: vec!["app c: cannot listen".to_string()],
+                errors: vec!["app c: cannot listen".to_string().into()],
                 may_pass_later: false,
             }),
             None => Ok(()),
@@ -1030,13 +1043,13 @@ async fn an_edit_refused_by_the_gateways_check_is_tried_again() {
         n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if new.app("d").is_some() {
             return Err(policies::CheckRefusal {
-                errors: vec!["app d: the gateway's own port".to_string()],
+                errors: vec!["app d: the gateway's own port".to_string().into()],
                 may_pass_later: false,
             });
         }
         match new.app("c") {
             Some(_) if b.load(std::sync::atomic::Ordering::SeqCst) => Err(policies::CheckRefusal {
-                errors: vec!["app c: cannot listen: address in use".to_string()],
+                errors: vec!["app c: cannot listen: address in use".to_string().into()],
                 may_pass_later: true,
             }),
             _ => Ok(()),

@@ -562,7 +562,8 @@ async fn an_edit_to_an_address_in_use_keeps_the_old_policy() {
             status
                 .errors
                 .iter()
-                .any(|e| e.contains("app b: cannot listen on Tcp") && e.contains(why)),
+                // Told where the app is written, as a file's own errors are.
+                .any(|e| e.contains("b.toml:1:6: app b: cannot listen on Tcp") && e.contains(why)),
             "{status:?}"
         );
         // Past a reconcile: the old listener still serves.
