@@ -94,9 +94,27 @@ impl Held {
         true
     }
 
+    /// Whether the connection was picked to make room (the flag its streams read: no lock).
+    pub fn was_evicted(&self) -> bool {
+        self.evicted.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the connection is picked to make room. Lock-free, as a
+    /// [`Stamped::ending`] stream's reads are: it registers its task's waker the same way, so
+    /// a task waiting on something else (an answer's body from upstream) still ends.
+    pub fn until_evicted(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            match self.evicted.load(Ordering::Acquire) {
+                true => Poll::Ready(()),
+                false => Poll::Pending,
+            }
+        })
+    }
+
     /// True the first time it is asked after the eviction: count it then.
     pub(crate) fn count_eviction_once(&self) -> bool {
-        self.evicted.load(Ordering::Acquire) && !self.counted.swap(true, Ordering::Relaxed)
+        self.was_evicted() && !self.counted.swap(true, Ordering::Relaxed)
     }
 
     pub fn is_evicted(&self) -> bool {

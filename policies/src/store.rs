@@ -239,7 +239,7 @@ impl std::fmt::Debug for ReloadCheck {
     }
 }
 
-/// Reads of the directory at start until one sees it unchanged throughout.
+/// Reads of the directory at start while refused reads keep finding it changed.
 const START_READS: usize = 4;
 /// The wait between them.
 const START_SETTLE: Duration = Duration::from_millis(500);
@@ -259,19 +259,24 @@ impl PolicyStore {
     /// the directory is loaded as [`PolicyStore::load`] does, its errors returned; once the
     /// gateway has started on it, [`PolicyStore::started`] keeps it as the accepted copy.
     pub fn load_keeping_accepted(dir: &Path) -> Result<Self, Vec<PolicyError>> {
-        // A start racing a write of the directory (a `git pull`, a config tool) read again
-        // once the files hold still, a few times: a torn read refused here is an exit the
-        // service manager does not restart.
-        for _ in 1..START_READS {
+        // A start racing a write of the directory (a `git pull`, a config tool, an editor
+        // between truncating and writing): a refused read is tried again while the files
+        // keep changing, a few times — refused here is an exit the service manager does not
+        // restart. A clean read is taken at once.
+        let mut attempt = 1;
+        loop {
             let before = fingerprint(dir);
             let loaded = Self::load_keeping_accepted_once(dir);
+            if loaded.is_ok() || attempt == START_READS {
+                return loaded;
+            }
+            std::thread::sleep(START_SETTLE);
             if fingerprint(dir) == before {
                 return loaded;
             }
-            tracing::info!(dir = %dir.display(), "policy files changed while being read at start; reading them again");
-            std::thread::sleep(START_SETTLE);
+            tracing::info!(dir = %dir.display(), "policy files refused at start changed meanwhile: reading them again");
+            attempt += 1;
         }
-        Self::load_keeping_accepted_once(dir)
     }
 
     fn load_keeping_accepted_once(dir: &Path) -> Result<Self, Vec<PolicyError>> {
@@ -781,7 +786,12 @@ async fn reload_on_change(store: &Arc<PolicyStore>, interval: Duration) {
     ticker.tick().await; // the first tick is immediate
     loop {
         ticker.tick().await;
-        let now = fingerprint(&dir);
+        // Off the runtime's threads, as the reload is: listing a hung mount blocks, and the
+        // minute ticks beside this loop (and the gateway's traffic) must go on.
+        let d = dir.clone();
+        let Ok(now) = tokio::task::spawn_blocking(move || fingerprint(&d)).await else {
+            continue;
+        };
         let read = store
             .read_at
             .lock()

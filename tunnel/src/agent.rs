@@ -956,8 +956,7 @@ impl Agent {
                         return why;
                     }
                 },
-                // Not while a gateway reading slowly has a backlog: the queue pushes back.
-                cmd = cmds.recv(), if io.takes_commands() => if let Some(cmd) = cmd {
+                cmd = cmds.recv() => if let Some(cmd) = cmd {
                     if let Err(e) = cmd(&mut io.session) {
                         debug!(error = %e, "control command not applied");
                     }

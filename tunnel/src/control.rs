@@ -200,8 +200,10 @@ pub fn channel() -> (ControlHandle, ControlCmds) {
     )
 }
 
-/// Bytes of encoded messages that may wait for a peer reading slowly before commands wait and
-/// the peer's bytes are read no more.
+/// Bytes of encoded messages that may wait for a peer reading slowly before its bytes are read
+/// no more (a peer sending pings and reading none of the answers). What commands queue is
+/// bounded by the protocol's own limits (UDP flows per session, one config, one revocation
+/// per pair, one drain).
 pub const MAX_BACKLOG: usize = 256 * 1024;
 
 /// Writes `out` to `send`, failing with `Timeout(`[`CONTROL_NOT_READ`]`)` once it waited
@@ -301,12 +303,6 @@ impl ControlIo {
         Ok(())
     }
 
-    /// Whether commands may queue more messages now: not while [`MAX_BACKLOG`] bytes wait for
-    /// a peer that reads slowly (they waited in the command channel, which pushes back).
-    pub fn takes_commands(&self) -> bool {
-        self.out.len() < MAX_BACKLOG
-    }
-
     /// Fails writes (and so [`ControlIo::next_event`], which writes while it reads) with
     /// `Timeout(`[`CONTROL_NOT_READ`]`)` once queued messages have waited `limit` without a
     /// byte going out: a peer that stopped reading its control stream otherwise held them for
@@ -328,8 +324,8 @@ impl ControlIo {
         .await;
     }
 
-    /// The next session event; `None` when the peer finished the stream (or ended the session
-    /// with its `Error`, already returned as an event).
+    /// The next session event; `None` when the peer finished the stream, or the session is
+    /// closed (by the peer's `Error`, already returned as an event, or here).
     ///
     /// What the session queued is written while the peer's bytes are read: a write waiting
     /// for the peer (its window full) no longer keeps its messages — a drain, a revocation —
@@ -405,8 +401,8 @@ impl ControlIo {
 
     /// Bytes from the peer that are no control message end the session as a violation the
     /// peer is told of (the session's `Error` is queued), as a message out of place does:
-    /// callers see a closed session and say why before closing (it closed with code 0, no
-    /// reason, as if the peer had simply gone).
+    /// callers see a session ended here ([`ControlSession::ended_here`]) and say why before
+    /// closing (it closed with code 0, no reason, as if the peer had simply gone).
     fn undecodable(&mut self, e: crate::proto::ProtoError) -> TunnelError {
         if !self.session.is_closed() {
             self.session.reject(

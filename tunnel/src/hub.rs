@@ -896,10 +896,13 @@ impl Hub {
         accepting.abort();
         datagrams.abort();
         match end {
-            // The Error the session ended on, if the device still reads: it says why.
             SessionEnd::Broke => {
+                // The Error the session ended on, if the device still reads: it says why.
                 io.close_as_violation(&conn, b"control protocol violation")
-                    .await
+                    .await;
+                // Closed whatever ended the session (a violation the device followed with its
+                // own Error leaves none of ours to send): out of the table, it must not live on.
+                conn.close(CLOSE_PROTOCOL.into(), b"control protocol violation");
             }
             SessionEnd::Stalled => conn.close(CLOSE_STALLED.into(), b"control stream not read"),
             SessionEnd::Ended => conn.close(0u32.into(), b""),
@@ -962,8 +965,7 @@ impl Hub {
                         return (transport::stream_end(&link.conn, &e), end);
                     }
                 },
-                // Not while a device reading slowly has a backlog: the queue pushes back.
-                cmd = cmds.recv(), if io.takes_commands() => match cmd {
+                cmd = cmds.recv() => match cmd {
                     Some(cmd) => if let Err(e) = cmd(&mut io.session) {
                         debug!(device = %link.device, error = %e, "control command not applied");
                     },

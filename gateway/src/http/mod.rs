@@ -84,7 +84,7 @@ impl ConnSlots {
     /// Whether the connection was cut to make room for another client: counted (once, by
     /// whichever of its tasks asks first: the HTTP one, or an upgrade's splice) and logged.
     pub(crate) fn note_eviction(&self) -> bool {
-        if !self.held.is_evicted() {
+        if !self.held.was_evicted() {
             return false;
         }
         if self.front.0.metrics.evicted_connection(&self.held) {
@@ -101,7 +101,7 @@ impl ConnSlots {
 }
 
 /// Why a front connection was cut ([`ConnSlots::note_eviction`]), in its log line.
-pub(crate) const EVICTED: &str = "HTTP connection cut to make room: the front was at its limit of open connections (all clients together) and this client held the most; this one was its longest idle";
+pub(crate) const EVICTED: &str = "HTTP connection cut to make room: the front was at its limit of open connections (all clients together) and this client held the most; this was its idlest connection (between requests, if it had one)";
 
 /// Timeouts of the front.
 #[derive(Debug, Clone, Copy)]
@@ -247,7 +247,7 @@ impl Front {
             });
             let _ = tcp.set_nodelay(true);
             // Its client's bytes moving either way keep it from being the idlest.
-            let tcp = Stamped::ending(tcp, held);
+            let tcp = Stamped::ending(tcp, held.clone());
             let front = self.clone();
             let tls = tls.clone();
             let shutdown = shutdown.clone();
@@ -284,8 +284,14 @@ impl Front {
                             }
                         }
                     };
-                    // Evicted, its stream failed: whatever served it ended as on a reset.
-                    served.await;
+                    // Evicted: dropped, whatever it waited on (a quiet upstream answer, a
+                    // request body its service does not read); its stream fails too, for an
+                    // upgrade's splice that outlives this task.
+                    tokio::select! {
+                        biased;
+                        () = served => {}
+                        () = held.until_evicted() => {}
+                    }
                     slots.note_eviction();
                     drop(slots);
                 }

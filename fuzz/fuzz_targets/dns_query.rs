@@ -1,0 +1,136 @@
+//! Fuzzes the zone DNS server's answer to whatever a client on the internet sends it: a flags
+//! byte (bit 0: over TCP, else UDP; the rest picks the client's address), then the query's
+//! bytes, parsed as hickory-server parses them and answered by `ZoneHandler` from a generated
+//! zone (gateways, nodes, the zone config TXT). Checks: no panic; the answer encodes and
+//! parses back as one DNS response with the query's id; over UDP it fits what the query
+//! allows (512 bytes without EDNS, its payload size clamped to 512..=1232 with it), so a
+//! spoofed query cannot draw more; a question for a name outside the zone is refused or
+//! answered with no record.
+#![no_main]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::rr::{DNSClass, Name};
+use hickory_proto::serialize::binary::{BinDecodable, BinEncoder};
+use hickory_proto::xfer::Protocol;
+use hickory_server::authority::{MessageRequest, MessageResponse};
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use libfuzzer_sys::fuzz_target;
+use name_resolver::{ZoneHandler, ZoneRecords};
+
+/// Collects the encoded answer, as hickory's own handle encodes it (its size bound included).
+#[derive(Clone, Default)]
+struct Collect {
+    protocol: Option<Protocol>,
+    bytes: Arc<Mutex<Option<Vec<u8>>>>,
+}
+
+#[async_trait::async_trait]
+impl ResponseHandler for Collect {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a hickory_proto::rr::Record> + Send + 'a,
+            impl Iterator<Item = &'a hickory_proto::rr::Record> + Send + 'a,
+            impl Iterator<Item = &'a hickory_proto::rr::Record> + Send + 'a,
+            impl Iterator<Item = &'a hickory_proto::rr::Record> + Send + 'a,
+        >,
+    ) -> std::io::Result<ResponseInfo> {
+        let max = match (self.protocol, response.get_edns()) {
+            (Some(Protocol::Udp), Some(e)) => e.max_payload(),
+            (Some(Protocol::Udp), None) => 512,
+            _ => u16::MAX,
+        };
+        let mut buf = Vec::new();
+        let mut encoder = BinEncoder::new(&mut buf);
+        encoder.set_max_size(max);
+        let info = response
+            .destructive_emit(&mut encoder)
+            .map_err(std::io::Error::other)?;
+        *self.bytes.lock().unwrap() = Some(buf);
+        Ok(info)
+    }
+}
+
+fn records() -> Arc<ZoneRecords> {
+    static RECORDS: OnceLock<Arc<ZoneRecords>> = OnceLock::new();
+    RECORDS
+        .get_or_init(|| {
+            let (_, zone) = name_resolver::testzone::zone();
+            Arc::new(ZoneRecords::new(&zone).expect("the generated zone has records"))
+        })
+        .clone()
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime")
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&flags, wire)) = data.split_first() else {
+        return;
+    };
+    let protocol = if flags & 1 == 1 {
+        Protocol::Tcp
+    } else {
+        Protocol::Udp
+    };
+    let Ok(query) = MessageRequest::from_bytes(wire) else {
+        return;
+    };
+    let id = query.id();
+    let question = query.queries().first().map(|q| (q.name().clone(), q.query_class()));
+    let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, flags >> 1)), 5353);
+    let request = Request::new(query, client, protocol);
+    // A fresh handler each time: its response rate limiter would otherwise silence the
+    // fuzzer's one client after a few queries.
+    let handler = ZoneHandler::new(records());
+    let out = Collect {
+        protocol: Some(protocol),
+        ..Collect::default()
+    };
+    runtime().block_on(handler.handle_request(&request, out.clone()));
+    let Some(bytes) = out.bytes.lock().unwrap().take() else {
+        return; // dropped by the rate limiter: nothing sent
+    };
+    let answer = Message::from_vec(&bytes).expect("the answer parses");
+    assert_eq!(answer.id(), id);
+    assert_eq!(answer.message_type(), MessageType::Response);
+    if protocol == Protocol::Udp {
+        let allowed = request
+            .edns()
+            .map_or(512, |e| e.max_payload().clamp(512, 1232));
+        assert!(
+            bytes.len() <= usize::from(allowed),
+            "a {}-byte UDP answer where {allowed} were allowed",
+            bytes.len()
+        );
+    }
+    if let Some((name, class)) = question {
+        let zone = Name::from_ascii("alice.example.").expect("a name");
+        let inside = zone.zone_of(&name);
+        if !inside && matches!(class, DNSClass::IN | DNSClass::ANY) && request.edns().is_none_or(|e| e.version() == 0) {
+            assert!(
+                answer.answers().is_empty(),
+                "records for {name}, outside the zone"
+            );
+            assert!(
+                matches!(
+                    answer.response_code(),
+                    ResponseCode::Refused | ResponseCode::FormErr | ResponseCode::NotImp
+                ),
+                "{name} outside the zone answered {:?}",
+                answer.response_code()
+            );
+        }
+    }
+});
