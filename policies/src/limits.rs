@@ -163,7 +163,9 @@ pub struct RateLimiter {
     /// the clients the other held. Their buckets count as empty at that moment (refilling at
     /// the rate since), so editing a policy gives no client that was using it a fresh burst;
     /// a client it never saw starts full, as it would have there.
-    empty_at: Option<(u64, HashSet<LimitKey>)>,
+    /// Dropped once a whole burst has refilled since (nothing is missing from any bucket
+    /// then): the set can hold every key the old limiter had.
+    empty_at: arc_swap::ArcSwapOption<(u64, HashSet<LimitKey>)>,
 }
 
 impl RateLimiter {
@@ -192,7 +194,7 @@ impl RateLimiter {
             last_sweep: AtomicU64::new(0),
             config,
             cell: period,
-            empty_at: None,
+            empty_at: arc_swap::ArcSwapOption::empty(),
         }
     }
 
@@ -203,7 +205,7 @@ impl RateLimiter {
     pub fn new_replacing(config: RateLimit, old: &RateLimiter) -> Self {
         let mut r = Self::new(config);
         let seen = old.store.0.iter().map(|e| *e.key()).collect();
-        r.empty_at = Some((r.clock.now().as_u64(), seen));
+        r.empty_at = arc_swap::ArcSwapOption::from_pointee((r.clock.now().as_u64(), seen));
         r
     }
 
@@ -218,8 +220,11 @@ impl RateLimiter {
                 key = self.overflow_key(key);
             }
         }
-        if let Some((at, seen)) = &self.empty_at {
-            self.drain_new_key(&key, *at, seen);
+        if let Some(empty) = self.empty_at.load().as_deref() {
+            let (at, seen) = empty;
+            if !self.drain_new_key(&key, *at, seen) {
+                self.empty_at.store(None);
+            }
         }
         self.inner
             .check_key(&key)
@@ -228,7 +233,8 @@ impl RateLimiter {
 
     /// For a key this limiter has not seen yet: takes the tokens its bucket would not have
     /// refilled since `empty_at`, so it starts where an empty bucket at `empty_at` would be.
-    fn drain_new_key(&self, key: &LimitKey, empty_at: u64, seen: &HashSet<LimitKey>) {
+    /// False once a whole burst has refilled since `empty_at`: nothing is missing any more.
+    fn drain_new_key(&self, key: &LimitKey, empty_at: u64, seen: &HashSet<LimitKey>) -> bool {
         let elapsed = self.clock.now().as_u64().saturating_sub(empty_at);
         // Rounded up: the drain happens now, not at `empty_at`, so a partly refilled token is
         // granted rather than charged a whole cell (at most one token of leniency).
@@ -236,13 +242,17 @@ impl RateLimiter {
         let missing = u64::from(self.config.burst).saturating_sub(refilled);
         // Once a whole burst has refilled since the edit (the usual case, soon after it),
         // nothing is missing: no table lookup per request.
-        if missing == 0 || self.store.0.contains_key(key) || !seen.contains(key) {
-            return;
+        if missing == 0 {
+            return false;
+        }
+        if self.store.0.contains_key(key) || !seen.contains(key) {
+            return true;
         }
         if let Some(n) = u32::try_from(missing).ok().and_then(NonZeroU32::new) {
             // At most the burst, which a new key holds: never refused, always taken.
             let _ = self.inner.check_key_n(key, n);
         }
+        true
     }
 
     /// The overflow bucket `key` shares while the table is full: by its network, so the

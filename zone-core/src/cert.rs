@@ -149,11 +149,15 @@ impl DeviceIdentity {
         let (_, x) = x509_parser::parse_x509_certificate(der)
             .map_err(|e| bad(format!("cannot parse certificate: {e}")))?;
         let mut host = None;
+        let mut names = 0;
         let mut roles = Vec::new();
         if let Ok(Some(san)) = x.subject_alternative_name() {
             for g in &san.value.general_names {
                 match g {
-                    GeneralName::DNSName(d) if host.is_none() => host = Some(d.to_string()),
+                    GeneralName::DNSName(d) => {
+                        names += 1;
+                        host = Some(d.to_string());
+                    }
                     GeneralName::URI(u) => {
                         if let Some(r) = u.strip_prefix(ROLE_URI_PREFIX) {
                             // An unknown role from a newer zonegate is ignored, not fatal.
@@ -167,9 +171,22 @@ impl DeviceIdentity {
             }
         }
         let host = host.ok_or_else(|| bad("certificate has no DNS name".into()))?;
+        // The chain's verifier accepts a server name found in any of them, the identity is
+        // read from one: a certificate with several could be checked for one name and taken
+        // for another. The zone issues exactly one.
+        if names > 1 {
+            return Err(bad(format!(
+                "certificate has {names} DNS names; a zone device's has exactly one"
+            )));
+        }
         let (name, domain) = host
             .split_once('.')
             .ok_or_else(|| bad(format!("certificate name {host:?} is not NAME.DOMAIN")))?;
+        // By the algorithm, not just the length: another 32-byte key taken for an ed25519 one
+        // would stand for a different key.
+        if x.public_key().algorithm.algorithm != x509_parser::oid_registry::OID_SIG_ED25519 {
+            return Err(bad("certificate key is not ed25519".into()));
+        }
         let pk = x.public_key().subject_public_key.data.as_ref();
         let public_key: [u8; 32] = pk
             .try_into()

@@ -156,3 +156,30 @@ fn identity_reads_roles_and_key() {
     assert!(id.has_role(Role::Gateway) && id.has_role(Role::Node));
     assert_eq!(&id.public_key, k.verifying_key().as_bytes());
 }
+
+/// An identity is read from exactly one DNS name: a certificate with several (the zone never
+/// issues one) could pass the chain's check under one name and be taken for another.
+#[test]
+fn a_certificate_with_several_dns_names_has_no_identity() {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let names = vec![
+        "home1.alice.example".to_string(),
+        "gw.alice.example".to_string(),
+    ];
+    let cert = rcgen::CertificateParams::new(names)
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let e = DeviceIdentity::from_der(cert.der())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("2 DNS names"), "{e}");
+    let one = rcgen::CertificateParams::new(vec!["home1.alice.example".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    assert_eq!(
+        DeviceIdentity::from_der(one.der()).unwrap().name.as_str(),
+        "home1"
+    );
+}
