@@ -2080,36 +2080,9 @@ async fn a_device_sending_undecodable_control_bytes_is_told_why() {
 /// the zone's gateway address) tells it why and closes with the protocol code.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_sending_undecodable_control_bytes_is_told_why() {
-    use tunnel::proto::{ControlMsg, Welcome};
     let z = TestZone::new(&["home1"]);
-    let tuning = fast_tuning();
-    let server = tunnel::transport::server_endpoint(z.gw_addr, &z.creds("gw"), &tuning).unwrap();
-    let h1 = start_agent(&z, "home1", services(&[]), vec![], tuning).await;
-    let conn = tokio::time::timeout(WAIT, async {
-        server.accept().await.expect("an incoming connection").await
-    })
-    .await
-    .expect("home1 dialed")
-    .expect("home1's handshake");
-    let (mut send, mut recv) = conn.accept_bi().await.unwrap();
-    let (header, rest) = tunnel::stream::read_header(&mut recv).await.unwrap();
-    assert_eq!(header, StreamHeader::Control);
-    let mut dec = tunnel::proto::FrameDecoder::new();
-    dec.push(&rest).unwrap();
-    let hello = read_msg_until(&mut recv, &mut dec, |m| match m {
-        ControlMsg::Hello(h) => Some(h),
-        _ => None,
-    })
-    .await
-    .expect("no Hello");
-    let welcome = Welcome {
-        session_id: 1,
-        observed_addr: conn.remote_address(),
-        zone_serial: hello.zone_serial,
-        zone_config: None,
-        keepalive_ms: 1000,
-    };
-    write_msg(&mut send, &ControlMsg::Welcome(welcome)).await;
+    let (h1, _server, conn, (mut send, mut recv, mut dec)) =
+        fake_gateway_session(&z, fast_tuning(), None).await;
     // Past the handshake: the session's own loop meets the bytes.
     wait_until("home1's link up", WAIT, || {
         h1.agent.links().iter().any(|l| l.status().state == "up")
@@ -2167,4 +2140,89 @@ async fn the_ends_of_an_encrypted_stream_enforce_revocations_themselves() {
         refused.to_string().contains("revokes this device"),
         "{refused}"
     );
+}
+
+/// A gateway that stops reading its control stream (its window full of the node's answers) is
+/// given what the hub gives a device — four idle timeouts — and the node then ends the session
+/// with CLOSE_STALLED. It waited in the write for ever, deaf to the gateway's events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_stops_reading_its_control_stream_is_left() {
+    use tunnel::proto::ControlMsg;
+    let z = TestZone::new(&["home1"]);
+    let tuning = fast_tuning();
+    let mut tc = quinn::TransportConfig::default();
+    // What the node may send on a stream before this side reads: a little.
+    tc.stream_receive_window(1024u32.into());
+    tc.keep_alive_interval(Some(Duration::from_millis(300)));
+    let (h1, _server, conn, (mut send, _recv, _dec)) =
+        fake_gateway_session(&z, tuning, Some(tc)).await;
+    // Pings the node answers, its answers never read: they fill the stream's window.
+    for nonce in 0..2000 {
+        write_msg(&mut send, &ControlMsg::Ping { nonce }).await;
+    }
+    let closed = tokio::time::timeout(
+        tuning.idle_timeout * tunnel::hub::CONTROL_STALL_TIMEOUTS + WAIT,
+        conn.closed(),
+    )
+    .await
+    .expect("the node held the session past its stall limit");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, tunnel::hub::CLOSE_STALLED.into())
+        }
+        other => panic!("closed otherwise: {other}"),
+    }
+    h1.shutdown.cancel();
+}
+
+/// A fake gateway at the zone's gateway address (`transport` for its QUIC if given), home1's
+/// agent dialing it, and their control session past its Welcome: the agent, the endpoint (keep
+/// it), the connection and the control stream with its decoder.
+async fn fake_gateway_session(
+    z: &TestZone,
+    tuning: Tuning,
+    transport: Option<quinn::TransportConfig>,
+) -> (
+    RunningAgent,
+    quinn::Endpoint,
+    quinn::Connection,
+    (
+        quinn::SendStream,
+        quinn::RecvStream,
+        tunnel::proto::FrameDecoder,
+    ),
+) {
+    use tunnel::proto::{ControlMsg, Welcome};
+    let mut sc = tunnel::transport::server_config(&z.creds("gw"), &tuning).unwrap();
+    if let Some(tc) = transport {
+        sc.transport_config(Arc::new(tc));
+    }
+    let server = quinn::Endpoint::server(sc, z.gw_addr).unwrap();
+    let h1 = start_agent(z, "home1", services(&[]), vec![], tuning).await;
+    let conn = tokio::time::timeout(WAIT, async {
+        server.accept().await.expect("an incoming connection").await
+    })
+    .await
+    .expect("home1 dialed")
+    .expect("home1's handshake");
+    let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+    let (header, rest) = tunnel::stream::read_header(&mut recv).await.unwrap();
+    assert_eq!(header, StreamHeader::Control);
+    let mut dec = tunnel::proto::FrameDecoder::new();
+    dec.push(&rest).unwrap();
+    let hello = read_msg_until(&mut recv, &mut dec, |m| match m {
+        ControlMsg::Hello(h) => Some(h),
+        _ => None,
+    })
+    .await
+    .expect("no Hello");
+    let welcome = Welcome {
+        session_id: 1,
+        observed_addr: conn.remote_address(),
+        zone_serial: hello.zone_serial,
+        zone_config: None,
+        keepalive_ms: 300,
+    };
+    write_msg(&mut send, &ControlMsg::Welcome(welcome)).await;
+    (h1, server, conn, (send, recv, dec))
 }
