@@ -475,6 +475,9 @@ async fn tcp_conn(
     let started = Instant::now();
     // The listener is being replaced or removed: the policy no longer names its address.
     let Some((active, i)) = app_at(&hub, Kind::Tcp, listen) else {
+        if let Some(unlogged) = LogBudget::take_shared(lines) {
+            info!(listen = %listen, client = %Client(peer), unlogged, "connection refused: no app listens here any more (a policy edit)");
+        }
         return;
     };
     let app = &active.policy.apps()[i];
