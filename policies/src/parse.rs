@@ -198,7 +198,17 @@ fn read_file(path: &Path) -> Result<String, PolicyError> {
     let mut bytes = Vec::new();
     std::fs::File::open(path)
         .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
-        .map_err(|e| PolicyError::whole(path, format!("cannot read: {e}")))?;
+        .map_err(|e| {
+            // A file copied in by root with a strict umask: `policy check` run as root reads
+            // it, the gateway's own user does not.
+            let hint = match e.kind() {
+                std::io::ErrorKind::PermissionDenied => {
+                    ": make it readable by the user the gateway runs as (chmod a+r, or chown)"
+                }
+                _ => "",
+            };
+            PolicyError::whole(path, format!("cannot read: {e}{hint}"))
+        })?;
     // It grew while being read.
     if bytes.len() as u64 > MAX_FILE_BYTES {
         return Err(too_big());
