@@ -85,17 +85,16 @@ impl Held {
     /// Ends the connection to make room; false if it was picked before. (Called under the
     /// table's lock: no two pickers race.)
     pub(crate) fn evict(&self) -> bool {
-        if self.evict.is_cancelled() {
+        if self.evicted.swap(true, Ordering::AcqRel) {
             return false;
         }
         self.evict.cancel();
-        self.evicted.store(true, Ordering::Release);
         self.waker.wake();
         true
     }
 
-    /// Whether the connection was picked to make room (the flag its streams read: no lock).
-    pub fn was_evicted(&self) -> bool {
+    /// Whether the connection was picked to make room (a flag: no lock).
+    pub fn is_evicted(&self) -> bool {
         self.evicted.load(Ordering::Acquire)
     }
 
@@ -114,11 +113,7 @@ impl Held {
 
     /// True the first time it is asked after the eviction: count it then.
     pub(crate) fn count_eviction_once(&self) -> bool {
-        self.was_evicted() && !self.counted.swap(true, Ordering::Relaxed)
-    }
-
-    pub fn is_evicted(&self) -> bool {
-        self.evict.is_cancelled()
+        self.is_evicted() && !self.counted.swap(true, Ordering::Relaxed)
     }
 
     /// Resolves once the connection was picked to make room.

@@ -556,25 +556,31 @@ async fn an_edit_to_an_address_in_use_keeps_the_old_policy() {
         (gw.admin.port(), "the gateway's own `admin`"),
     ] {
         z.write_policy("b.toml", &tcp_app("b", taken));
-        wait_until("reload refused", WAIT, || !gw.hub.policy().last_reload().ok).await;
-        let status = gw.hub.policy().last_reload();
-        assert!(
-            status
-                .errors
-                .iter()
-                // Told where the app is written, as a file's own errors are.
-                .any(|e| e.contains("b.toml:1:6: app b: cannot listen on Tcp") && e.contains(why)),
-            "{status:?}"
-        );
-        // Past a reconcile: the old listener still serves.
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        assert_eq!(roundtrip(b, b"still").await.unwrap(), b"still");
+        // Told where the app is written, as a file's own errors are.
+        refused_and_still_serving(&gw, b, |e| {
+            e.contains("b.toml:1:6: app b: cannot listen on Tcp") && e.contains(why)
+        })
+        .await;
         // Back to serving for the next round.
         z.write_policy("b.toml", &tcp_app("b", pb));
         wait_until("reload ok", WAIT, || gw.hub.policy().last_reload().ok).await;
     }
     drop(held);
     gw.shutdown.cancel();
+}
+
+/// Waits for the policy edit just written to be refused with an error `told` accepts, then,
+/// past a reconcile, checks the old listener at `app` still serves.
+async fn refused_and_still_serving(
+    gw: &RunningGateway,
+    app: std::net::SocketAddr,
+    told: impl Fn(&str) -> bool,
+) {
+    wait_until("reload refused", WAIT, || !gw.hub.policy().last_reload().ok).await;
+    let status = gw.hub.policy().last_reload();
+    assert!(status.errors.iter().any(|e| told(e)), "{status:?}");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(roundtrip(app, b"still").await.unwrap(), b"still");
 }
 
 /// An edit narrowing a wildcard listener to an address this machine does not have (a
@@ -594,19 +600,11 @@ async fn an_edit_to_an_address_the_machine_lacks_keeps_the_old_policy() {
     assert_eq!(roundtrip(w, b"w").await.unwrap(), b"w");
     // 192.0.2.0/24 is documentation space: no interface here has it (nothing is sent to it).
     z.write_policy("w.toml", &app(format!("192.0.2.55:{p}")));
-    wait_until("reload refused", WAIT, || !gw.hub.policy().last_reload().ok).await;
-    let status = gw.hub.policy().last_reload();
-    assert!(
-        status
-            .errors
-            .iter()
-            .any(|e| e.contains("app w: cannot listen on Tcp 192.0.2.55")
-                && e.contains("no interface of this machine has that address")),
-        "{status:?}"
-    );
-    // Past a reconcile: the old listener still serves.
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(roundtrip(w, b"still").await.unwrap(), b"still");
+    refused_and_still_serving(&gw, w, |e| {
+        e.contains("app w: cannot listen on Tcp 192.0.2.55")
+            && e.contains("no interface of this machine has that address")
+    })
+    .await;
     gw.shutdown.cancel();
 }
 

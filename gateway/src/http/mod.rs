@@ -84,7 +84,7 @@ impl ConnSlots {
     /// Whether the connection was cut to make room for another client: counted (once, by
     /// whichever of its tasks asks first: the HTTP one, or an upgrade's splice) and logged.
     pub(crate) fn note_eviction(&self) -> bool {
-        if !self.held.was_evicted() {
+        if !self.held.is_evicted() {
             return false;
         }
         if self.front.0.metrics.evicted_connection(&self.held) {
