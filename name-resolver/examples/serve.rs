@@ -16,13 +16,13 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // hickory-server logs every query at info: far too much for a benchmark.
-                .unwrap_or_else(|_| "info,hickory_server=warn".into()),
-        )
-        .init();
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // hickory-server logs every query at info: far too much for a benchmark.
+    let filter: tracing_subscriber::filter::Targets = std::env::var("RUST_LOG")
+        .unwrap_or_else(|_| "info,hickory_server=warn".into())
+        .parse()?;
+    tracing_subscriber::fmt().finish().with(filter).init();
     let mut addr: SocketAddr = "127.0.0.1:5353".parse()?;
     let mut nodes = 20usize;
     let mut queries = None;
