@@ -1017,8 +1017,9 @@ async fn a_request_lost_to_a_closing_pooled_connection_is_repeated_only_if_idemp
     let c = h.curl(&h.http_args(host, "/first")).await;
     assert_eq!(c.code, 200, "{c:?}");
     assert_eq!(c.body, "connection 1, request 1");
-    // Services time out idle connections; the gateway keeps a request's head for a second try
-    // only on a connection that was idle a while (100 ms), not on one reused back to back.
+    // Services time out idle connections: the pause lets this one decide the pooled connection
+    // is done with (the gateway sends a repeatable request again on any reused connection
+    // that ended unanswered).
     let idle = Duration::from_millis(200);
     tokio::time::sleep(idle).await;
     // Reuses connection 1, which the service resets unanswered; sent again on connection 2.

@@ -37,6 +37,8 @@ type Wait = Pin<Box<dyn Future<Output = ()> + Send>>;
 pub trait Count {
     /// Adds `n` bytes; returns the total so far.
     fn add(&mut self, n: u64) -> u64;
+    /// The body failed with `error` (called before [`Count::end`]).
+    fn failed(&mut self, _error: &BoxError) {}
     /// The body is over: ended, failed, or cut off at its limit (not called when the body is
     /// dropped before its end: then the counter is dropped with it).
     fn end(&mut self) {}
@@ -143,8 +145,10 @@ where
                     let n = d.len() as u64;
                     let total = this.bytes.add(n);
                     if let Some(max) = this.limit.filter(|m| total > *m) {
+                        let e: BoxError = Box::new(TooLarge(max));
+                        this.bytes.failed(&e);
                         this.over();
-                        return Poll::Ready(Some(Err(Box::new(TooLarge(max)))));
+                        return Poll::Ready(Some(Err(e)));
                     }
                     if let Some(s) = &this.shaper {
                         let s = s.clone();
@@ -154,8 +158,10 @@ where
                 Poll::Ready(Some(Ok(frame)))
             }
             Some(Err(e)) => {
+                let e = e.into();
+                this.bytes.failed(&e);
                 this.over();
-                Poll::Ready(Some(Err(e.into())))
+                Poll::Ready(Some(Err(e)))
             }
             None => {
                 this.over();
@@ -291,6 +297,52 @@ mod tests {
         let err = body.collect().await.unwrap_err();
         assert!(err.to_string().contains("2500"), "{err}");
         assert_eq!(bytes.load(Ordering::Relaxed), 3000);
+    }
+
+    /// The request's log line is written by its counter's end: a body that failed must tell
+    /// its counter why first, or the line reads as a clean answer.
+    #[tokio::test]
+    async fn a_failing_body_tells_its_counter_before_the_end() {
+        #[derive(Default)]
+        struct Seen(Vec<String>);
+        struct Recorder(Arc<std::sync::Mutex<Seen>>);
+        impl Count for Recorder {
+            fn add(&mut self, _: u64) -> u64 {
+                0
+            }
+            fn failed(&mut self, error: &BoxError) {
+                self.0.lock().unwrap().0.push(format!("failed: {error}"));
+            }
+            fn end(&mut self) {
+                self.0.lock().unwrap().0.push("end".into());
+            }
+        }
+        /// One frame of data, then an error.
+        struct Failing(bool);
+        impl Body for Failing {
+            type Data = Bytes;
+            type Error = BoxError;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+                if std::mem::replace(&mut self.0, true) {
+                    Poll::Ready(Some(Err("cut".into())))
+                } else {
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"part")))))
+                }
+            }
+        }
+        let failing = Failing(false);
+        let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+        let body = Metered::new(failing, Recorder(seen.clone())).boxed();
+        assert!(body.collect().await.is_err());
+        assert_eq!(seen.lock().unwrap().0, ["failed: cut", "end"]);
+
+        let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+        let body = Metered::new(chunks::Iter::new(2, 10), Recorder(seen.clone())).boxed();
+        body.collect().await.unwrap();
+        assert_eq!(seen.lock().unwrap().0, ["end"]);
     }
 
     #[tokio::test(start_paused = true)]

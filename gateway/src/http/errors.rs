@@ -81,7 +81,9 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    pub fn source(&self) -> Source {
+    /// Whose doing the error is (named `blame`, not `source`: an inherent `source` would
+    /// shadow `std::error::Error::source` for callers).
+    pub fn blame(&self) -> Source {
         match self {
             ProxyError::NoHost
             | ProxyError::BadTarget
@@ -290,7 +292,7 @@ mod tests {
         let off = open(OpenError::Offline("home1".into()));
         assert_eq!(off.status(), 502);
         assert!(off.body().contains("app dfs") && off.body().contains("device home1"));
-        assert_eq!(off.source(), Source::Upstream);
+        assert_eq!(off.blame(), Source::Upstream);
         assert_eq!(open(OpenError::Timeout("home1".into())).status(), 504);
         let denied = open(OpenError::Refused {
             device: "home1".into(),
@@ -298,7 +300,7 @@ mod tests {
             reason: "no".into(),
         });
         assert_eq!(
-            (denied.status(), denied.source()),
+            (denied.status(), denied.blame()),
             (StatusCode::FORBIDDEN, Source::Policy)
         );
         let nosvc = open(OpenError::Refused {
@@ -313,12 +315,12 @@ mod tests {
             path: "/x".into(),
         };
         assert_eq!(
-            (nr.status(), nr.source()),
+            (nr.status(), nr.blame()),
             (StatusCode::NOT_FOUND, Source::Client)
         );
         let slow = ProxyError::BodyStalled { secs: 60 };
         assert_eq!(
-            (slow.status(), slow.source()),
+            (slow.status(), slow.blame()),
             (StatusCode::REQUEST_TIMEOUT, Source::Client)
         );
         assert!(slow
@@ -328,7 +330,7 @@ mod tests {
             reason: "the client closed its connection before its body ended".into(),
         };
         assert_eq!(
-            (cut.status(), cut.source()),
+            (cut.status(), cut.blame()),
             (StatusCode::BAD_REQUEST, Source::Client)
         );
     }

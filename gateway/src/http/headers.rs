@@ -40,7 +40,7 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 /// Request headers by which a client could claim another address, scheme, host or prefix to
 /// a service that reads them (chi's `RealIP`, Spring's and Quarkus' `Forwarded` support, …);
 /// dropped on the way up.
-pub static CLIENT_CLAIMS: [HeaderName; 13] = [
+pub static CLIENT_CLAIMS: [HeaderName; 14] = [
     header::FORWARDED,
     HeaderName::from_static("x-real-ip"),
     HeaderName::from_static("true-client-ip"),
@@ -56,6 +56,10 @@ pub static CLIENT_CLAIMS: [HeaderName; 13] = [
     // a proxy sets them, and this one never does, so a client's would bypass path rules.
     HeaderName::from_static("x-original-url"),
     HeaderName::from_static("x-rewrite-url"),
+    // httpoxy (CVE-2016-5385): CGI-style servers hand `Proxy` to the app as `HTTP_PROXY`,
+    // which HTTP client libraries take as their outbound proxy: a client's value would send
+    // the service's own outbound requests, credentials included, through the client's proxy.
+    HeaderName::from_static("proxy"),
 ];
 
 /// The methods a request's method overrides ask a framework to run it as: every value of
@@ -303,6 +307,7 @@ fn client_claim_name(name: &str) -> bool {
             | "x-cluster-client-ip"
             | "x-original-url"
             | "x-rewrite-url"
+            | "proxy"
     )
 }
 
@@ -585,6 +590,7 @@ mod tests {
         for n in [
             "x_forwarded_for",
             "x_real_ip",
+            "proxy",
             "x-forwarded_proto",
             "content_length",
             "transfer_encoding",

@@ -254,6 +254,13 @@ impl body::Count for Logged {
         }
     }
 
+    fn failed(&mut self, error: &body::BoxError) {
+        if let Some(log) = &mut self.0 {
+            // The head's status went out already; the line must not read as a clean answer.
+            log.error = Some(format!("the answer was cut short: {error}"));
+        }
+    }
+
     fn end(&mut self) {
         self.0 = None;
     }
@@ -792,6 +799,11 @@ fn unasked_switch(answer: &Answer, asked: Option<&HeaderValue>) -> Option<String
     let Some(asked) = asked else {
         return Some("the request asked for no upgrade".into());
     };
+    // What the request's body had left would be lost: the upgraded connection's bytes start
+    // after the answer, and the service would read the client's first frames as the body.
+    if answer.resp.body().upload_unfinished() {
+        return Some("before the request's body was all sent".into());
+    }
     let to = answer.resp.headers().get(http::header::UPGRADE);
     // Protocol tokens, compared case-insensitively, without versions' surrounding spaces.
     let tokens = |v: &HeaderValue| -> Vec<Vec<u8>> {

@@ -68,6 +68,10 @@ pub trait UpIo: Io {
     fn cut_signal(&self) -> Option<Arc<tunnel::holds::Watched>> {
         None
     }
+
+    /// Ends the exchange abnormally both ways (a tunnel stream is reset): the service sees
+    /// its request fail, not a clean end.
+    fn abort(&mut self) {}
 }
 
 /// Writes (a copy of) the first of `chunks`, removing what was written.
@@ -102,6 +106,10 @@ impl UpIo for tunnel::upstream::Upstream {
 
     fn cut_signal(&self) -> Option<Arc<tunnel::holds::Watched>> {
         tunnel::splice::End::cut_signal(self)
+    }
+
+    fn abort(&mut self) {
+        tunnel::splice::End::abort(self)
     }
 
     fn poll_write_chunks(
@@ -286,6 +294,11 @@ pub struct Outgoing {
     /// before the answer, though the service may have had it (its agent hands requests on
     /// before the loss is seen).
     safe: bool,
+    /// The connection may carry another request after this one's answer: not after a body
+    /// on a method that defines none (DELETE; RFC 9110 §9.3.5 warns of exactly this), which
+    /// a service ignoring it would read as its next request, one the policy never saw.
+    /// (GET, HEAD and TRACE with a body are refused before they get here.)
+    reusable: bool,
     body: Option<ReqBody>,
 }
 
@@ -331,11 +344,13 @@ impl Outgoing {
             );
         let safe = framing == ReqFraming::Empty
             && matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
+        let reusable = framing == ReqFraming::Empty || *method != Method::DELETE;
         Outgoing {
             head: Bytes::from(head),
             head_request: *method == Method::HEAD,
             replayable,
             safe,
+            reusable,
             body,
         }
     }
@@ -519,7 +534,7 @@ impl Upstream {
         .await;
         match r {
             Ok(mut head) => {
-                head.keep_alive &= !cut;
+                head.keep_alive &= !cut && out.reusable;
                 Ok(UpBody::response(self, head, writer))
             }
             Err(error) => {
@@ -657,6 +672,12 @@ impl UpBody {
         self
     }
 
+    /// The service answered before the whole request body was written: a `101` then would
+    /// start the upgraded bytes in the middle of the body.
+    pub fn upload_unfinished(&self) -> bool {
+        self.writer.is_some()
+    }
+
     /// After a `101 Switching Protocols`: the connection as a byte stream, starting with
     /// whatever the service sent after its answer's head.
     pub fn into_upgraded(mut self) -> Option<Upgraded> {
@@ -699,11 +720,22 @@ impl UpBody {
             }
             if let Poll::Ready(r) = r {
                 self.writer = None;
-                // Whatever failed, the service has its answer going: finish reading it,
-                // but do not reuse a connection whose request was cut short.
-                if let Err(e) = r {
-                    debug!(error = %e, "request body cut short after the answer began");
-                    self.keep_alive = false;
+                match r {
+                    Ok(()) => {}
+                    // The client's body failed (too large, stalled, badly framed): the service
+                    // would wait for the rest of a body that never comes, holding its answer,
+                    // the stream and the app's slot until the read timeout. The exchange ends
+                    // here, told to the service as a reset, and the answer is cut.
+                    Err(WriteError::Client(e)) => {
+                        conn.io.abort();
+                        return Poll::Ready(Some(Err(UpstreamError::RequestBody(e))));
+                    }
+                    // The stream's side failed: the service has its answer going. Finish
+                    // reading it, but do not reuse a connection whose request was cut short.
+                    Err(WriteError::Io(e)) => {
+                        debug!(error = %e, "request body cut short after the answer began");
+                        self.keep_alive = false;
+                    }
                 }
             }
         }
@@ -1491,6 +1523,128 @@ mod tests {
             "a connection answered early was pooled"
         );
         drop(service.await.unwrap());
+    }
+
+    /// A body on a DELETE (one that defines none) may be read by the service as its next
+    /// request: that connection carries no other. Other bodies, and bodiless DELETEs, pool.
+    #[tokio::test]
+    async fn a_connection_that_carried_a_delete_body_is_not_pooled() {
+        let conns = Arc::new(AtomicUsize::new(0));
+        let pool = Pool::new();
+        let (_, b) = exchange(
+            &pool,
+            backend(&conns),
+            request(Method::DELETE, &[], body::full("GET /x HTTP/1.1\r\n\r\n")),
+        )
+        .await;
+        assert_eq!(b, "DELETE /up 19 chunked=false GET /x HTTP/1.1\r\n\r\n");
+        assert_eq!(
+            pool.idle_count(),
+            0,
+            "a connection after a DELETE body was pooled"
+        );
+        exchange(
+            &pool,
+            backend(&conns),
+            request(Method::DELETE, &[], body::full("")),
+        )
+        .await;
+        assert_eq!(
+            pool.idle_count(),
+            1,
+            "a bodiless DELETE's connection is as good as any"
+        );
+        let up = pool.take(&key()).unwrap();
+        exchange(&pool, up, request(Method::PUT, &[], body::full("data"))).await;
+        assert_eq!(pool.idle_count(), 1, "a PUT's connection is pooled");
+    }
+
+    /// The service answered and waits for the rest of the upload; the client's body then
+    /// fails. The service must not be left waiting for bytes that never come (until the read
+    /// timeout, holding the stream and the app's slot): the answer is cut and the connection
+    /// ended.
+    #[tokio::test]
+    async fn a_client_body_failing_after_the_answer_began_ends_the_exchange() {
+        struct FailsAfter(Option<tokio::sync::oneshot::Receiver<()>>);
+        impl Body for FailsAfter {
+            type Data = Bytes;
+            type Error = BoxError;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+                let Some(go) = self.0.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                ready!(std::future::Future::poll(Pin::new(go), cx)).ok();
+                self.0 = None;
+                Poll::Ready(Some(Err("the client's body broke".into())))
+            }
+        }
+        let (a, mut b) = tokio::io::duplex(64 * 1024);
+        let service = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = b.read(&mut chunk).await.unwrap();
+                got.extend_from_slice(&chunk[..n]);
+            }
+            b.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nwait\r\n")
+                .await
+                .unwrap();
+            // Reads the upload until the gateway ends the connection.
+            while b.read(&mut chunk).await.unwrap() > 0 {}
+        });
+        let (go, gate) = tokio::sync::oneshot::channel();
+        let out = request(Method::POST, &[], FailsAfter(Some(gate)).boxed_unsync());
+        let resp = Upstream::new(a).send(out).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"wait");
+        go.send(()).unwrap();
+        let end = tokio::time::timeout(std::time::Duration::from_secs(10), body.frame())
+            .await
+            .expect("the answer waited on a service that waits for the upload");
+        let err = end.unwrap().unwrap_err();
+        assert!(matches!(err, UpstreamError::RequestBody(_)), "{err:?}");
+        drop(body);
+        tokio::time::timeout(std::time::Duration::from_secs(10), service)
+            .await
+            .expect("the service was left waiting for the rest of the upload")
+            .unwrap();
+    }
+
+    /// A `101` before the whole upload was written: the upgraded bytes would start inside
+    /// the body (the proxy refuses such a switch).
+    #[tokio::test]
+    async fn a_switch_before_the_upload_ended_is_told() {
+        let (up, _task) = scripted(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            true,
+        );
+        let (_go, gate) = tokio::sync::oneshot::channel::<()>();
+        let out = request(
+            Method::GET,
+            &[("upgrade", "websocket"), ("connection", "upgrade")],
+            Gated { go: Some(gate) }.boxed_unsync(),
+        );
+        let resp = up.send(out).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert!(resp.body().upload_unfinished());
+        let (up, _task) = scripted(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            true,
+        );
+        let resp = up
+            .send(request(
+                Method::GET,
+                &[("upgrade", "websocket"), ("connection", "upgrade")],
+                body::full(""),
+            ))
+            .await
+            .unwrap();
+        assert!(!resp.body().upload_unfinished());
     }
 
     #[tokio::test]
