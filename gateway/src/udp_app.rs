@@ -2,8 +2,9 @@
 //! opened without holding up the socket's reads, closed when quiet both ways for the tunnel's
 //! `udp_flow_idle` — after [`UNANSWERED_IDLE`] when the device never answered — and cut when
 //! the policy stops allowing it. UDP sources are forged for free, so what one datagram can cost
-//! is bounded: a full flow table makes room by ending flows the device never answered, and
-//! refusals are counted in the app's counters with their log lines capped.
+//! is bounded: a full flow table makes room by ending flows not in use both ways (never
+//! answered, or answered while the client never sent again: [`ASSURE_AFTER`]), and refusals
+//! are counted in the app's counters with their log lines capped.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -37,6 +38,13 @@ use tunnel::log_budget::LogBudget;
 pub const UNANSWERED_IDLE: Duration = Duration::from_secs(30);
 /// See [`UNANSWERED_IDLE`]: a forged source sends one datagram, a probe a few.
 const PROBE_DATAGRAMS: u64 = 3;
+/// A flow is in use both ways ("assured", as conntrack says) once the device answered and
+/// the client sent again at least this long after the flow began (conntrack's UDP stream
+/// rule). An answer alone proves only that the service replies, not that the client exists:
+/// forged sources whose one datagram a DNS or game service answered held the table for
+/// `udp_flow_idle`, unevictable. Flows not assured end after [`UNANSWERED_IDLE`] quiet and
+/// make room for newcomers after [`EVICT_QUIET`].
+const ASSURE_AFTER: Duration = Duration::from_secs(2);
 /// A full table ends the flows the device never answered that have been quiet this long
 /// (and flows already closed by the device)...
 const EVICT_QUIET: Duration = Duration::from_secs(1);
@@ -97,6 +105,8 @@ struct Entry {
     /// The client's datagrams not passed on: too large for the tunnel, or past
     /// [`OPENING_QUEUE`] while the flow opened.
     dropped: u64,
+    /// In use both ways ([`ASSURE_AFTER`]).
+    assured: bool,
     /// Counts the flow against its client address's `udp_flows_per_ip`.
     _slot: IpSlot,
     state: State,
@@ -119,23 +129,29 @@ struct Back {
 }
 
 impl Entry {
-    /// Passes a client's datagram up. One too large for the tunnel is counted, and the first
-    /// of a flow is said (it used to vanish without a trace).
-    fn send(&mut self, data: &[u8]) {
-        let State::Open { flow, .. } = &self.state else {
-            return;
+    /// Passes a client's datagram up. One that cannot go (too large for the tunnel) is
+    /// counted; the first of a flow is returned, for the caller to say (within its log
+    /// budget: forged sources can each send one).
+    fn send(&mut self, data: &[u8]) -> Option<tunnel::TunnelError> {
+        let State::Open { flow, back } = &self.state else {
+            return None;
         };
         match flow.send(data) {
             Ok(()) => {
                 self.bytes_in += data.len() as u64;
                 self.counters.bytes_in(data.len() as u64);
                 self.datagrams_in += 1;
+                if !self.assured
+                    && back.answered.load(Ordering::Relaxed)
+                    && self.started.elapsed() >= ASSURE_AFTER
+                {
+                    self.assured = true;
+                }
+                None
             }
             Err(e) => {
                 self.dropped += 1;
-                if self.dropped == 1 {
-                    warn!(app = %self.app, device = %self.target.device, client = %Client(self.client), error = %e, "UDP datagram from the client dropped (further drops of this flow are counted in its done line)");
-                }
+                (self.dropped == 1).then_some(e)
             }
         }
     }
@@ -162,14 +178,16 @@ impl Entry {
             && quiet >= UNANSWERED_IDLE
         {
             Some("never answered")
+        } else if self.answered() && !self.assured && quiet >= UNANSWERED_IDLE {
+            Some("answered, then quiet")
         } else {
             None
         }
     }
 
     /// Why a full table may end it for a newcomer, if it may: closed by the device, quiet
-    /// for `idle` (the sweep has not come by yet), or never answered and quiet for
-    /// [`EVICT_QUIET`].
+    /// for `idle` (the sweep has not come by yet), or not in use both ways ([`ASSURE_AFTER`])
+    /// and quiet for [`EVICT_QUIET`].
     fn evictable(&self, idle: Duration) -> Option<&'static str> {
         let State::Open { flow, .. } = &self.state else {
             return None;
@@ -179,8 +197,12 @@ impl Entry {
             Some("table full, closed by the device")
         } else if quiet >= idle {
             Some("table full, idle")
-        } else if !self.answered() && quiet >= EVICT_QUIET {
-            Some("table full, never answered")
+        } else if !self.assured && quiet >= EVICT_QUIET {
+            Some(if self.answered() {
+                "table full, answered but not in use both ways"
+            } else {
+                "table full, never answered"
+            })
         } else {
             None
         }
@@ -204,7 +226,7 @@ struct AppSocket {
     /// each kind is what a flood causes, each has its own budget.
     refused_lines: LogBudget,
     failed_lines: LogBudget,
-    unanswered_lines: LogBudget,
+    unassured_lines: LogBudget,
     stop: CancellationToken,
 }
 
@@ -233,7 +255,7 @@ pub async fn run(
         last_eviction: None,
         refused_lines: LogBudget::new(LINES_PER_SECOND),
         failed_lines: LogBudget::new(LINES_PER_SECOND),
-        unanswered_lines: LogBudget::new(LINES_PER_SECOND),
+        unassured_lines: LogBudget::new(LINES_PER_SECOND),
         stop: stop.clone(),
     };
     let mut buf = vec![0u8; UDP_READ];
@@ -261,7 +283,7 @@ pub async fn run(
     let unlogged = [
         &mut s.refused_lines,
         &mut s.failed_lines,
-        &mut s.unanswered_lines,
+        &mut s.unassured_lines,
     ]
     .into_iter()
     .map(|b| b.unlogged())
@@ -277,7 +299,10 @@ impl AppSocket {
             match &mut e.state {
                 State::Open { flow, .. } if flow.is_alive() => {
                     e.activity.touch();
-                    e.send(data);
+                    if let Some(error) = e.send(data) {
+                        let e = &self.flows[&peer];
+                        too_large(&mut self.failed_lines, e, &error);
+                    }
                     return;
                 }
                 State::Opening(queued) => {
@@ -358,6 +383,7 @@ impl AppSocket {
             bytes_in: 0,
             datagrams_in: 0,
             dropped: 0,
+            assured: false,
             _slot: slot,
             state: State::Opening(vec![data.into()]),
         };
@@ -419,7 +445,9 @@ impl AppSocket {
         e.state = State::Open { flow, back };
         e.counters.connection();
         for d in queued {
-            e.send(&d);
+            if let Some(error) = e.send(&d) {
+                too_large(&mut self.failed_lines, e, &error);
+            }
         }
     }
 
@@ -493,22 +521,29 @@ impl AppSocket {
     }
 
     /// Ends a flow taken out of the table: its task stops, and one line says so with its
-    /// counts (the app's took them as they passed) — for flows the device never answered, within the log budget (a flood of
-    /// forged sources makes one each).
+    /// counts (the app's took them as they passed) — for flows not in use both ways
+    /// ([`ASSURE_AFTER`]), within the log budget (a flood of forged sources makes one each).
     fn end(&mut self, e: Entry, why: &str) {
         e.stop.cancel();
         let State::Open { back, .. } = &e.state else {
             return;
         };
         let bytes_out = back.bytes.load(Ordering::Relaxed);
-        let unlogged = if e.answered() {
+        let unlogged = if e.assured {
             Some(0)
         } else {
-            self.unanswered_lines.take()
+            self.unassured_lines.take()
         };
         if let Some(unlogged) = unlogged {
             info!(app = %e.app, device = %e.target.device, client = %Client(e.client), bytes_in = e.bytes_in, bytes_out, dropped = e.dropped, ms = e.started.elapsed().as_millis() as u64, end = why, unlogged, "UDP flow done");
         }
+    }
+}
+
+/// Says that a client's datagram of `e` was dropped (the first of its flow), within `lines`.
+fn too_large(lines: &mut LogBudget, e: &Entry, error: &tunnel::TunnelError) {
+    if let Some(unlogged) = lines.take() {
+        warn!(app = %e.app, device = %e.target.device, client = %Client(e.client), error = %error, unlogged, "UDP datagram from the client dropped (further drops of this flow are counted in its done line)");
     }
 }
 

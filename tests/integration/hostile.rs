@@ -1699,9 +1699,9 @@ async fn one_client_address_cannot_take_every_udp_flow() {
 
 /// A `udp` app's table full of flows the device never answered (forged sources, or clients
 /// the service ignores) makes room for a new client: one quiet for a second ends. A table
-/// full of flows the device answers refuses the newcomer instead, counted as a
-/// `connection_limit` refusal. Flows count every datagram's bytes (only a flow's first
-/// datagram was counted).
+/// full of flows in use both ways (answered, and the client sent again 2 s on) refuses the
+/// newcomer instead, counted as a `connection_limit` refusal. Flows count every datagram's
+/// bytes (only a flow's first datagram was counted).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_udp_table_full_of_unanswered_flows_makes_room() {
     let t = fast_tuning();
@@ -1756,15 +1756,27 @@ async fn a_udp_table_full_of_unanswered_flows_makes_room() {
     );
     assert_eq!(c.refusals.get("connection_limit"), None, "{c:?}");
 
-    // Three more clients the service answers, each making room in turn (a full table looks
-    // at most every 250 ms): the table holds four answered flows.
+    // Four more clients the service answers, each making room in turn (a full table looks
+    // at most every 250 ms), then each sends again once its flow is 2 s old: the table holds
+    // four flows in use both ways.
     let mut held = Vec::new();
-    for i in 0..3 {
+    for i in 0..4 {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let msg = format!("answered {i}");
         let (s, got) = udp_ask("127.0.0.1", app, msg.as_bytes(), WAIT).await;
         assert_eq!(got.as_deref(), Some(msg.as_bytes()));
         held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    for (i, s) in held.iter().enumerate() {
+        let msg = format!("again {i}");
+        s.send_to(msg.as_bytes(), app).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(WAIT, s.recv(&mut buf))
+            .await
+            .expect("a held flow stopped answering")
+            .unwrap();
+        assert_eq!(&buf[..n], msg.as_bytes());
     }
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let (_s9, got) = udp_ask(
@@ -1791,6 +1803,41 @@ async fn a_udp_table_full_of_unanswered_flows_makes_room() {
             .unwrap();
         assert_eq!(&buf[..n], msg.as_bytes());
     }
+    gw.shutdown.cancel();
+}
+
+/// An answer proves the service replies, not that the client exists: a table full of flows
+/// the device answered once (a DNS or game service answering forged sources) makes room for
+/// a newcomer once they are quiet for a second — they held it for `udp_flow_idle`, two minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_table_full_of_flows_answered_once_makes_room() {
+    let t = fast_tuning();
+    let z = TestZone::new(&["home1"]);
+    let gw = udp_app_gateway(&z, "uecho", |o| o.udp_flows_per_app = 4).await;
+    let echo = udp_echo().await;
+    let svcs = services(&[("uecho", echo, tunnel::proto::ServiceProto::Udp)]);
+    let _h1 = start_agent(&z, "home1", svcs, vec![], t).await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let app = gw.apps["uecho"];
+    let mut once = Vec::new();
+    for i in 0..4 {
+        let msg = format!("forged {i}");
+        let (s, got) = udp_ask("127.0.0.1", app, msg.as_bytes(), WAIT).await;
+        assert_eq!(got.as_deref(), Some(msg.as_bytes()));
+        once.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (_s, got) = udp_ask("127.0.0.1", app, b"room for me?", WAIT).await;
+    assert_eq!(
+        got.as_deref(),
+        Some(&b"room for me?"[..]),
+        "flows answered once held the table"
+    );
+    let cur = gw.hub.policy().current();
+    let a = cur.policy.app("uecho").expect("uecho");
+    let c = cur.state(a).counters.snapshot();
+    assert_eq!(c.connections, 5, "{c:?}");
+    assert_eq!(c.refusals.get("connection_limit"), None, "{c:?}");
     gw.shutdown.cancel();
 }
 

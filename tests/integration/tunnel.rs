@@ -1107,6 +1107,56 @@ async fn a_restarting_udp_service_keeps_its_flows() {
     gw.shutdown.cancel();
 }
 
+/// A udp app may go to a service of the gateway's own device, as a tcp app may: each flow is
+/// a socket from the gateway to the service (every flow used to fail as "device gw is
+/// offline").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_app_reaches_a_service_of_the_gateway_itself() {
+    let z = TestZone::new(&["home1"]);
+    z.write_policy(
+        "apps.toml",
+        "[app.here]\nudp = { listen = \"127.0.0.1:0\" }\nto = \"gw/uecho\"\nallow = { from = [\"public\"] }\n",
+    );
+    let service = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let service_addr = service.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = service.recv_from(&mut buf).await {
+            // Answers twice: replies are the flow's, however many.
+            for _ in 0..2 {
+                let _ = service.send_to(&buf[..n], from).await;
+            }
+        }
+    });
+    let mut opts = gateway_options(
+        &z,
+        "gw",
+        z.gw_addr,
+        fast_tuning(),
+        Duration::from_millis(500),
+        None,
+    );
+    opts.services = services(&[("uecho", service_addr, ServiceProto::Udp)]);
+    let gw = run_gateway(opts).await;
+    let mut buf = [0u8; 64];
+    for (i, word) in [&b"one"[..], b"two"].into_iter().enumerate() {
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect(gw.apps["here"]).await.unwrap();
+        client.send(word).await.unwrap();
+        for _ in 0..2 {
+            let n = tokio::time::timeout(WAIT, client.recv(&mut buf))
+                .await
+                .expect("the gateway's own UDP service answered through the app")
+                .unwrap();
+            assert_eq!(&buf[..n], word);
+        }
+        let cur = gw.hub.policy().current();
+        let app = cur.policy.app("here").expect("here");
+        assert_eq!(cur.state(app).counters.snapshot().connections, i as u64 + 1);
+    }
+    gw.shutdown.cancel();
+}
+
 /// One-way UDP (syslog, statsd, a client's keep-alives to a service that rarely answers): a
 /// flow stays open while the client sends, however long the service stays silent — the agent
 /// used to close it after the idle time of the service's direction alone, and the gateway kept

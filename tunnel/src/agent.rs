@@ -29,8 +29,7 @@ use crate::holds::{HoldClock, Holds};
 use crate::log_budget::LogBudget;
 use crate::peers::{peer_identity, PeerConn, Peers};
 use crate::proto::{
-    self, ControlSession, Event, Hello, Origin, PeerAddr, RefuseCode, ServiceProto, StreamHeader,
-    UdpFlowOpen,
+    self, ControlSession, Event, Hello, Origin, PeerAddr, RefuseCode, StreamHeader, UdpFlowOpen,
 };
 use crate::services::LocalServices;
 use crate::splice::{splice, splice_until};
@@ -1030,14 +1029,9 @@ impl Agent {
             ctl.close_udp_flow(id);
             return;
         }
-        let sock = match self.cfg.services.get(&f.service) {
-            Some(s) if s.proto == ServiceProto::Udp => flow_socket(s.addr)
-                .map_err(|e| format!("cannot open a UDP socket to {}: {e}", s.addr)),
-            _ => Err("no such UDP service here".to_owned()),
-        };
-        let sock = match sock {
+        let sock = match self.cfg.services.connect_udp(&f.service) {
             Ok(s) => Arc::new(s),
-            Err(reason) => {
+            Err((_, reason)) => {
                 if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
                     info!(gateway = %gateway, flow = id, service = %f.service, app = %f.app, reason = %reason, unlogged, "UDP flow refused");
                 }
@@ -1759,20 +1753,6 @@ struct FlowEnd {
     sock: Arc<UdpSocket>,
     stop: CancellationToken,
     activity: Arc<FlowActivity>,
-}
-
-/// A UDP socket connected to a local service. Binding and connecting a UDP socket do no network
-/// I/O, so this runs synchronously on the control loop (see [`Agent::open_flow`]).
-fn flow_socket(service: SocketAddr) -> std::io::Result<UdpSocket> {
-    let bind: SocketAddr = if service.is_ipv4() {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    let sock = std::net::UdpSocket::bind(bind)?;
-    sock.connect(service)?;
-    sock.set_nonblocking(true)?;
-    UdpSocket::from_std(sock)
 }
 
 async fn read_datagrams(conn: Connection, flows: Flows) {

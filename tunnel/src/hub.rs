@@ -1364,6 +1364,9 @@ impl Hub {
         app: &str,
         origin: Origin,
     ) -> Result<(UdpFlow, mpsc::Receiver<Bytes>), OpenError> {
+        if device == self.0.cfg.creds.name() {
+            return self.open_local_udp_flow(service);
+        }
         let link = self
             .agent(device)
             .ok_or_else(|| OpenError::Offline(device.to_owned()))?;
@@ -1409,12 +1412,64 @@ impl Hub {
                 // The id may have arrived just as the timeout fired: close that flow.
                 id_rx.close();
                 if let Ok(flow_id) = id_rx.try_recv() {
-                    drop(UdpFlow { link, flow_id });
+                    drop(UdpFlow(FlowEnd::Tunnel { link, flow_id }));
                 }
                 return Err(OpenError::Timeout(device.to_owned()));
             }
         };
-        Ok((UdpFlow { link, flow_id }, rx))
+        Ok((UdpFlow(FlowEnd::Tunnel { link, flow_id }), rx))
+    }
+
+    /// A flow to a UDP service of the gateway's own device: a socket connected to it, whose
+    /// datagrams a task hands to the receiver until the flow is dropped (or the socket
+    /// fails). Idle time is the caller's to judge, as for a flow through a tunnel.
+    fn open_local_udp_flow(
+        &self,
+        service: &str,
+    ) -> Result<(UdpFlow, mpsc::Receiver<Bytes>), OpenError> {
+        let device = self.0.cfg.creds.name();
+        let sock = self
+            .0
+            .cfg
+            .local
+            .connect_udp(service)
+            .map_err(|(code, reason)| OpenError::Refused {
+                device: device.to_owned(),
+                code,
+                reason,
+            })?;
+        let sock = Arc::new(sock);
+        let (tx, rx) = mpsc::channel(UDP_FLOW_QUEUE);
+        let reader = tokio::spawn({
+            let sock = sock.clone();
+            async move {
+                let mut buf = vec![0u8; LOCAL_FLOW_READ];
+                loop {
+                    match sock.recv(&mut buf).await {
+                        // As from a tunnel: a reader behind drops datagrams, as UDP may.
+                        Ok(n) => {
+                            if let Err(mpsc::error::TrySendError::Closed(_)) =
+                                tx.try_send(Bytes::copy_from_slice(&buf[..n]))
+                            {
+                                return;
+                            }
+                        }
+                        // An ICMP "port unreachable" for an earlier datagram (the service is
+                        // restarting): the flow goes on, as a UDP client's socket would.
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                        Err(_) => return,
+                    }
+                }
+            }
+        });
+        Ok((
+            UdpFlow(FlowEnd::Local {
+                sock,
+                reader,
+                device: device.to_owned(),
+            }),
+            rx,
+        ))
     }
 
     async fn read_datagrams(self, link: Arc<AgentLink>) {
@@ -1485,50 +1540,86 @@ impl Hub {
     }
 }
 
-/// A UDP flow through an agent's tunnel.
+/// A UDP flow to a service: through an agent's tunnel, or to one of the gateway's own.
 #[derive(Debug)]
-pub struct UdpFlow {
-    link: Arc<AgentLink>,
-    flow_id: u32,
+pub struct UdpFlow(FlowEnd);
+
+#[derive(Debug)]
+enum FlowEnd {
+    Tunnel {
+        link: Arc<AgentLink>,
+        flow_id: u32,
+    },
+    /// A service of the gateway's own device ([`Hub::open_local_udp_flow`]).
+    Local {
+        sock: Arc<tokio::net::UdpSocket>,
+        reader: tokio::task::JoinHandle<()>,
+        device: String,
+    },
 }
+
+/// Most bytes of one datagram from a local service: any UDP datagram.
+const LOCAL_FLOW_READ: usize = 65_536;
 
 impl UdpFlow {
     /// Sends one datagram to the service. Fails if the connection is gone or the datagram is
     /// larger than the path allows.
     pub fn send(&self, payload: &[u8]) -> Result<(), TunnelError> {
-        crate::flow_datagram::send(&self.link.conn, self.flow_id, payload)?;
-        self.link
-            .bytes_to
-            .fetch_add(payload.len() as u64, Ordering::Relaxed);
-        Ok(())
+        match &self.0 {
+            FlowEnd::Tunnel { link, flow_id } => {
+                crate::flow_datagram::send(&link.conn, *flow_id, payload)?;
+                link.bytes_to
+                    .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                Ok(())
+            }
+            // On the socket itself: tokio's `try_send` refuses a fresh socket until the
+            // reactor has seen it writable (the agent's flows lost first datagrams so). One
+            // the kernel refuses is dropped, as UDP may.
+            FlowEnd::Local { sock, .. } => socket2::SockRef::from(&**sock)
+                .send(payload)
+                .map(drop)
+                .map_err(|e| TunnelError::Datagram(format!("to the local service: {e}"))),
+        }
     }
     pub fn device(&self) -> &str {
-        &self.link.device
+        match &self.0 {
+            FlowEnd::Tunnel { link, .. } => &link.device,
+            FlowEnd::Local { device, .. } => device,
+        }
     }
     /// False once the connection is gone or the agent closed the flow (its service socket
-    /// failed, or it was idle there): the caller opens a new flow for the next datagram
-    /// instead of sending into one nobody reads.
+    /// failed, or it was idle there) — for a local service, once its socket failed: the
+    /// caller opens a new flow for the next datagram instead of sending into one nobody
+    /// reads.
     pub fn is_alive(&self) -> bool {
-        self.link.conn.close_reason().is_none()
-            && self
-                .link
-                .flows
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains_key(&self.flow_id)
+        match &self.0 {
+            FlowEnd::Tunnel { link, flow_id } => {
+                link.conn.close_reason().is_none()
+                    && link
+                        .flows
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .contains_key(flow_id)
+            }
+            FlowEnd::Local { reader, .. } => !reader.is_finished(),
+        }
     }
 }
 
 impl Drop for UdpFlow {
     fn drop(&mut self) {
-        self.link
-            .flows
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.flow_id);
-        // Not through the bounded command queue: a close lost there would leave the agent's
-        // socket open and the id taken for the rest of the session.
-        self.link.ctl.close_udp_flow(self.flow_id);
+        match &self.0 {
+            FlowEnd::Tunnel { link, flow_id } => {
+                link.flows
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(flow_id);
+                // Not through the bounded command queue: a close lost there would leave the
+                // agent's socket open and the id taken for the rest of the session.
+                link.ctl.close_udp_flow(*flow_id);
+            }
+            FlowEnd::Local { reader, .. } => reader.abort(),
+        }
     }
 }
 

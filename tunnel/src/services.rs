@@ -48,6 +48,31 @@ impl LocalServices {
             .collect()
     }
 
+    /// A socket connected to UDP service `name` (one per flow: its replies are the flow's),
+    /// or why not in stream-refusal terms.
+    pub fn connect_udp(&self, name: &str) -> Result<tokio::net::UdpSocket, (RefuseCode, String)> {
+        match self.map.get(name) {
+            Some(s) if s.proto == ServiceProto::Udp => crate::sockets::connected_udp(s.addr)
+                .map_err(|e| {
+                    (
+                        RefuseCode::ServiceUnreachable,
+                        format!(
+                            "cannot open a UDP socket to service {name} at {}: {e}",
+                            s.addr
+                        ),
+                    )
+                }),
+            Some(_) => Err((
+                RefuseCode::NoSuchService,
+                format!("service {name} is TCP, not UDP"),
+            )),
+            None => Err((
+                RefuseCode::NoSuchService,
+                format!("no UDP service {name} on this device"),
+            )),
+        }
+    }
+
     /// Connects to TCP service `name`, or says why not in stream-refusal terms. A service on
     /// another host gets TCP keepalive after `keepalive` of silence: one that powered off
     /// while its client idles (an SSH session, IMAP IDLE) would hold the connection until the

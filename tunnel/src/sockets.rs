@@ -69,6 +69,21 @@ pub fn std_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     Ok(s.into())
 }
 
+/// A UDP socket of the address family of `service`, on an ephemeral port, connected to it:
+/// one per flow to a local service, so the service's replies are the flow's. Binding and
+/// connecting a UDP socket do no network I/O: callers run this on their loop.
+pub fn connected_udp(service: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
+    let bind: SocketAddr = if service.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = std::net::UdpSocket::bind(bind)?;
+    sock.connect(service)?;
+    sock.set_nonblocking(true)?;
+    tokio::net::UdpSocket::from_std(sock)
+}
+
 /// A UDP socket bound to `addr`, for tokio.
 pub fn udp(addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
     let s = std_udp(addr)?;
