@@ -50,6 +50,11 @@ pub enum Command {
         /// Address to listen on (keep it on loopback: the node agent offers it to the zone)
         #[arg(long, default_value = "127.0.0.1:8000")]
         listen: SocketAddr,
+        /// The directory is a web site: its HTML, SVG and XML files run their scripts as the
+        /// site's pages (without it they are sandboxed: a file someone else put in the share
+        /// cannot run script as the zone's site)
+        #[arg(long)]
+        site: bool,
     },
 }
 

@@ -271,7 +271,12 @@ async fn run_async(dir: PathBuf, check: bool) -> anyhow::Result<()> {
     let files_addr = files.local_addr()?;
     let share_root = crate::files::Root::open(&share)
         .with_context(|| format!("opening the demo share {}", share.display()))?;
-    tokio::spawn(crate::files::serve(files, share_root, shutdown.clone()));
+    tokio::spawn(crate::files::serve(
+        files,
+        share_root,
+        crate::files::Pages::Sandboxed,
+        shutdown.clone(),
+    ));
     let echo_addr = echo_service().await?;
 
     // The gateway.

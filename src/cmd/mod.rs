@@ -24,7 +24,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Gateway(a) => serve::gateway(a),
         Command::Node(a) => serve::node(a),
         Command::Policy(c) => policy::run(c),
-        Command::Files { dir, listen } => serve::files(dir, listen),
+        Command::Files { dir, listen, site } => serve::files(
+            dir,
+            listen,
+            if site {
+                crate::files::Pages::Site
+            } else {
+                crate::files::Pages::Sandboxed
+            },
+        ),
         Command::Demo { dir, check } => crate::demo::run(dir, check),
     }
 }

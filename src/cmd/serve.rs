@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 use tunnel::creds::DeviceCreds;
 use tunnel::sockets::any_addr;
 
@@ -301,16 +301,29 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
     })
 }
 
-pub fn files(dir: std::path::PathBuf, listen: std::net::SocketAddr) -> anyhow::Result<()> {
+pub fn files(
+    dir: std::path::PathBuf,
+    listen: std::net::SocketAddr,
+    pages: crate::files::Pages,
+) -> anyhow::Result<()> {
     if !dir.is_dir() {
         return Err(UsageError(format!("--dir {}: not a directory", dir.display())).into());
     }
     let root = crate::files::Root::open(&dir)
         .with_context(|| format!("--dir {}: cannot open the directory", dir.display()))?;
+    if !listen.ip().to_canonical().is_loopback() {
+        warn!(addr = %listen, "the file service listens beyond this machine: anyone who reaches {listen} reads the share without the gateway's policy; keep it on loopback (127.0.0.1) unless that is meant");
+    }
+    // Each connection served holds its socket and an open file, as many more may wait:
+    // the usual soft limit of 1,024 is close.
+    crate::fd_limit::raise_open_files(crate::fd_limit::Needs {
+        descriptors: 4 * crate::files::MAX_CONNECTIONS as u64 + crate::fd_limit::RESERVE,
+        lower: "",
+    });
     runtime(cores())?.block_on(async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signal(install_signals(), shutdown.clone()));
-        crate::files::run(root, listen, shutdown)
+        crate::files::run(root, listen, pages, shutdown)
             .await
             .with_context(|| format!("cannot listen on {listen}"))
     })

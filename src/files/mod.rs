@@ -33,7 +33,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, error, info, warn};
 use tunnel::log_budget::LogBudget;
 
 pub use beneath::{Refused, Root};
@@ -41,6 +41,29 @@ pub use names::resolve;
 pub use range::{byte_range, Ranged};
 
 use beneath::Opened;
+
+/// What the files that can run script in a browser (HTML, SVG, XML) may do when opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pages {
+    /// Sandboxed (`Content-Security-Policy: sandbox`): they show, but run no script and
+    /// count as no site. A share holds files others wrote (downloads, synced folders, mail
+    /// attachments); served plainly, a link to one would run its script as the zone's site,
+    /// reading the cookies of every app under that name and calling them as the visitor.
+    #[default]
+    Sandboxed,
+    /// The directory is a web site (`zonegate files --site`): its pages run as the site's.
+    Site,
+}
+
+impl Pages {
+    /// The header value that confines a file of type `ctype`, if it needs one.
+    fn policy(self, ctype: &str) -> Option<&'static str> {
+        let active = ctype.starts_with("text/html")
+            || ctype.starts_with("image/svg+xml")
+            || ctype.starts_with("application/xml");
+        (self == Pages::Sandboxed && active).then_some("sandbox")
+    }
+}
 use names::{dir_url, forwarded_prefix, html_escape, percent_decode, percent_encode};
 use validate::{Validators, Verdict};
 
@@ -130,11 +153,11 @@ fn open_target(root: &Root, asked: &Path, slash: bool) -> Result<Target, Refused
         let rel = asked.strip_prefix(root.path()).unwrap_or(Path::new(""));
         return Ok(Target::Slash(rel.to_path_buf()));
     }
-    // The index may be a symlink too: refused if it leads outside, skipped if it is not a
-    // file (or not there).
+    // The index may be a symlink too: skipped if it leads outside, is not a file or is not
+    // there — the same listing either way, so the answer tells nothing of what exists
+    // outside the share.
     match root.open_beneath(&asked.join("index.html")) {
         Ok(index) if index.meta.is_file() => Ok(Target::File(index)),
-        Err(Refused::Outside) => Err(Refused::Outside),
         _ => {
             let rel = asked.strip_prefix(root.path()).unwrap_or(Path::new(""));
             Ok(Target::Dir(opened, rel.to_path_buf()))
@@ -150,7 +173,11 @@ enum Target {
     Slash(PathBuf),
 }
 
-async fn handle(root: Arc<Root>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+async fn handle(
+    root: Arc<Root>,
+    pages: Pages,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -180,7 +207,7 @@ async fn handle(root: Arc<Root>, req: Request<hyper::body::Incoming>) -> Respons
     })
     .await;
     match found {
-        Ok(Ok(Found::File(f))) => file(f, head, req.headers()).await,
+        Ok(Ok(Found::File(f))) => file(f, head, req.headers(), pages).await,
         Ok(Ok(Found::Redirect(mut to))) => {
             if let Some(q) = req.uri().query() {
                 to.push('?');
@@ -206,13 +233,33 @@ async fn handle(root: Arc<Root>, req: Request<hyper::body::Incoming>) -> Respons
         // Outside: the same answer as a path that is not there, or a link leading out would
         // tell which files exist beyond the shared directory.
         Ok(Err(Refused::NotFound | Refused::Outside)) => text(StatusCode::NOT_FOUND, "not found"),
-        Ok(Err(Refused::Unreadable(e))) => {
+        Ok(Err(Refused::Unreadable(e))) => unreadable(&e),
+        Err(e) => {
+            error!(error = %e, "file task failed");
+            text(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+        }
+    }
+}
+
+/// The answer for a file or directory that could not be opened, by why: out of descriptors
+/// or memory is this service's trouble (503, said at warn: every request fails alike), gone
+/// meanwhile is not found (deleted, or a link swapped, between the path's check and its
+/// open), anything else the reader may not have (403).
+fn unreadable(e: &std::io::Error) -> Response<Body> {
+    match e.raw_os_error() {
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM) => {
+            warn!(error = %e, "cannot open a file: out of open files or memory; allow more (ulimit -n, LimitNOFILE=)");
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the file service is out of resources; try again",
+            )
+        }
+        Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => {
+            text(StatusCode::NOT_FOUND, "not found")
+        }
+        _ => {
             debug!(error = %e, "cannot open");
             text(StatusCode::FORBIDDEN, "cannot read this file or directory")
-        }
-        Err(e) => {
-            debug!(error = %e, "file task failed");
-            text(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
         }
     }
 }
@@ -225,7 +272,7 @@ enum Found {
 }
 
 /// The answer for an opened file: whole, a part, or a conditional answer (304, 412, 416).
-async fn file(opened: Opened, head: bool, headers: &HeaderMap) -> Response<Body> {
+async fn file(opened: Opened, head: bool, headers: &HeaderMap, pages: Pages) -> Response<Body> {
     let Opened { file, meta, path } = opened;
     if !meta.is_file() {
         return text(StatusCode::FORBIDDEN, "not a regular file");
@@ -236,6 +283,9 @@ async fn file(opened: Opened, head: bool, headers: &HeaderMap) -> Response<Body>
     let mut r = Response::builder().header(header::ACCEPT_RANGES, "bytes");
     if let Some(h) = r.headers_mut() {
         validators.write(h);
+    }
+    if let Some(csp) = pages.policy(ctype) {
+        r = r.header(header::CONTENT_SECURITY_POLICY, csp);
     }
     let range_ok = match validate::evaluate(headers, &validators) {
         Verdict::NotModified => {
@@ -348,20 +398,25 @@ pub const MAX_CONNECTIONS: usize = 256;
 const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves `root` read-only on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, root: Root, shutdown: CancellationToken) {
-    serve_at_most(listener, root, MAX_CONNECTIONS, shutdown).await
+pub async fn serve(listener: TcpListener, root: Root, pages: Pages, shutdown: CancellationToken) {
+    serve_at_most(listener, root, pages, MAX_CONNECTIONS, shutdown).await
 }
 
 /// [`serve`], with at most `most` connections served at once.
 async fn serve_at_most(
     listener: TcpListener,
     root: Root,
+    pages: Pages,
     most: usize,
     shutdown: CancellationToken,
 ) {
     let root = Arc::new(root);
     if let Ok(a) = listener.local_addr() {
-        info!(addr = %a, dir = %root.path().display(), "read-only file service listening");
+        let pages = match pages {
+            Pages::Sandboxed => "sandboxed",
+            Pages::Site => "site",
+        };
+        info!(addr = %a, dir = %root.path().display(), pages, "read-only file service listening");
     }
     // Every connection served holds a task and may hold an open file or a listing (a client
     // through the tunnel comes from the node's loopback: there is no client address to share
@@ -391,9 +446,11 @@ async fn serve_at_most(
                 let root = root.clone();
                 async move {
                     let (m, p) = (req.method().clone(), req.uri().path().to_owned());
-                    let r = handle(root, req).await;
+                    let forwarded_for = forwarded_client(req.headers());
+                    let r = handle(root, pages, req).await;
                     let path = gateway::http::proxy::loggable(&p);
-                    info!(client = %peer, method = %m, %path, status = r.status().as_u16(), "file request");
+                    let method = gateway::http::proxy::loggable_method(&m);
+                    info!(client = %peer, forwarded_for = %forwarded_for, %method, %path, status = r.status().as_u16(), "file request");
                     Ok::<_, Infallible>(r)
                 }
             });
@@ -412,22 +469,32 @@ async fn serve_at_most(
     }
 }
 
+/// The client a gateway forwarded the request for (its `X-Forwarded-For`, which the gateway
+/// sets to the one address it saw), for the log line: through the tunnel every request comes
+/// from the node's loopback. `-` when there is none or it is no address.
+fn forwarded_client(headers: &HeaderMap) -> String {
+    headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<std::net::IpAddr>().ok())
+        .map_or_else(|| "-".to_owned(), |ip| ip.to_string())
+}
+
 /// Binds and serves (for `zonegate files`).
 pub async fn run(
     root: Root,
     listen: SocketAddr,
+    pages: Pages,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let l = TcpListener::bind(listen).await?;
-    serve(l, root, shutdown).await;
+    serve(l, root, pages, shutdown).await;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    proptest::proptest! {}
 
     async fn get(addr: SocketAddr, target: &str, extra: &str) -> String {
         request(addr, "GET", target, extra).await
@@ -462,11 +529,76 @@ mod tests {
     }
 
     async fn serve_dir(dir: &Path) -> (SocketAddr, CancellationToken) {
+        serve_pages(dir, Pages::Sandboxed).await
+    }
+
+    async fn serve_pages(dir: &Path, pages: Pages) -> (SocketAddr, CancellationToken) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let stop = CancellationToken::new();
-        tokio::spawn(serve(l, Root::open(dir).unwrap(), stop.clone()));
+        tokio::spawn(serve(l, Root::open(dir).unwrap(), pages, stop.clone()));
         (addr, stop)
+    }
+
+    /// A share's HTML, SVG and XML show but run no script as the site (a file someone else
+    /// put there would read the cookies of every app under the zone's name); `--site` serves
+    /// them as its pages. Other types need no sandbox.
+    #[tokio::test]
+    async fn pages_that_can_run_script_are_sandboxed_unless_the_share_is_a_site() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["a.html", "b.svg", "c.xml", "d.png", "e.txt", "f.js"] {
+            std::fs::write(dir.path().join(name), "<script>alert(1)</script>").unwrap();
+        }
+        let csp = |answer: &str| {
+            answer
+                .lines()
+                .find_map(|l| l.strip_prefix("content-security-policy: "))
+                .map(str::to_owned)
+        };
+        let (addr, stop) = serve_dir(dir.path()).await;
+        for name in ["a.html", "b.svg", "c.xml"] {
+            let got = get(addr, &format!("/{name}"), "").await;
+            assert_eq!(csp(&got).as_deref(), Some("sandbox"), "{got}");
+            let got = head_req(addr, &format!("/{name}")).await;
+            assert_eq!(csp(&got).as_deref(), Some("sandbox"), "{got}");
+        }
+        for name in ["d.png", "e.txt", "f.js"] {
+            let got = get(addr, &format!("/{name}"), "").await;
+            assert_eq!(csp(&got), None, "{got}");
+        }
+        stop.cancel();
+        let (addr, stop) = serve_pages(dir.path(), Pages::Site).await;
+        for name in ["a.html", "b.svg", "c.xml"] {
+            let got = get(addr, &format!("/{name}"), "").await;
+            assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+            assert_eq!(csp(&got), None, "{got}");
+        }
+        stop.cancel();
+    }
+
+    /// Out of descriptors is the service's trouble, not the reader's: 503 (said at warn), not
+    /// 403; a file gone between check and open is not found.
+    #[test]
+    fn open_failures_are_answered_by_their_cause() {
+        let status = |errno| unreadable(&std::io::Error::from_raw_os_error(errno)).status();
+        assert_eq!(status(libc::EMFILE), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(status(libc::ENFILE), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(status(libc::ENOENT), StatusCode::NOT_FOUND);
+        assert_eq!(status(libc::ELOOP), StatusCode::NOT_FOUND);
+        assert_eq!(status(libc::EACCES), StatusCode::FORBIDDEN);
+    }
+
+    #[test]
+    fn the_log_names_the_client_the_gateway_forwarded_for() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert("x-forwarded-for", HeaderValue::from_str(v).unwrap());
+            forwarded_client(&m)
+        };
+        assert_eq!(h("203.0.113.9"), "203.0.113.9");
+        assert_eq!(h(" 2001:db8::1 "), "2001:db8::1");
+        assert_eq!(h("evil\" injected=1"), "-");
+        assert_eq!(forwarded_client(&HeaderMap::new()), "-");
     }
 
     #[test]
@@ -497,6 +629,7 @@ mod tests {
         tokio::spawn(serve_at_most(
             l,
             Root::open(dir.path()).unwrap(),
+            Pages::Sandboxed,
             4,
             stop.clone(),
         ));
@@ -769,15 +902,29 @@ mod tests {
             dir.path().join("d/index.html"),
         )
         .unwrap();
+        // The same answer as an index leading to nothing outside: the directory's listing.
+        std::fs::create_dir(dir.path().join("e")).unwrap();
+        std::os::unix::fs::symlink(
+            outside.path().join("nothing"),
+            dir.path().join("e/index.html"),
+        )
+        .unwrap();
         let (addr, stop) = serve_dir(dir.path()).await;
         let got = get(addr, "/d/", "").await;
-        assert!(got.starts_with("HTTP/1.1 404"), "{got}");
-        assert!(!body(&got).contains("secret"));
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        assert!(!body(&got).contains("secret"), "{got}");
+        let other = get(addr, "/e/", "").await;
+        assert!(other.starts_with("HTTP/1.1 200"), "{other}");
+        assert_eq!(
+            body(&got).replace("/d/", "/e/"),
+            body(&other),
+            "an index leading out told whether its target exists"
+        );
         stop.cancel();
     }
 
-    /// A link leading out of the share answers as a path that is not there: 403 for files
-    /// that exist out there and 404 for others told which ones exist.
+    /// A link leading out of the share answers as a path that is not there (it used to answer
+    /// 403 for files that exist out there and 404 for others, telling which ones exist).
     #[tokio::test]
     async fn links_out_of_the_share_do_not_tell_what_exists_there() {
         let outside = tempfile::tempdir().unwrap();

@@ -294,7 +294,7 @@ fn unproxied_method(method: &Method) -> Option<&'static str> {
 }
 
 /// `method` as logs and answers show it: clipped to [`super::server_h1::MAX_METHOD`] bytes.
-fn loggable_method(method: &Method) -> std::borrow::Cow<'_, str> {
+pub fn loggable_method(method: &Method) -> std::borrow::Cow<'_, str> {
     let m = method.as_str();
     match m.get(..super::server_h1::MAX_METHOD) {
         Some(head) if head.len() < m.len() => format!("{head}…").into(),
