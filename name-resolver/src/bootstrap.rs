@@ -85,9 +85,15 @@ pub async fn fetch_txt(domain: &Domain, server: SocketAddr) -> Result<Vec<String
             query_tcp(server, qname.clone()).await?
         }
         // Some networks drop UDP to port 53 but let TCP through: one more chance before failing.
-        Err(udp_err) => query_tcp(server, qname.clone())
-            .await
-            .map_err(|_| udp_err)?,
+        Err(udp_err) => match query_tcp(server, qname.clone()).await {
+            Ok(r) => r,
+            Err(tcp_err) => {
+                return Err(BootstrapError::Both {
+                    udp: Box::new(udp_err),
+                    tcp: Box::new(tcp_err),
+                })
+            }
+        },
     };
     if response.truncated() {
         return Err(BootstrapError::Truncated { server, name });

@@ -10,9 +10,9 @@ use zone_core::ZoneError;
 /// The zone cannot be turned into DNS records (a problem of the local zone.json).
 #[derive(Debug, thiserror::Error)]
 pub enum RecordsError {
-    #[error("{0:?} is not a valid DNS name: {1}")]
+    #[error("{0:?} is not a valid DNS name: {1}; serve this zone's DNS elsewhere (dns = \"off\" in gateway.toml)")]
     Name(String, String),
-    #[error("zone config is too large for DNS: its TXT record would be {bytes} bytes, the limit is {max} (a DNS message holds at most 64 KiB)")]
+    #[error("zone config is too large for DNS: its TXT record would be {bytes} bytes, the limit is {max} (a DNS message holds at most 64 KiB); remove devices or old revocations from the zone, or set dns = \"off\" in gateway.toml")]
     TxtTooLarge { bytes: usize, max: usize },
     #[error("a TXT string is {0} bytes; one TXT character-string holds at most 255")]
     TxtString(usize),
@@ -73,6 +73,13 @@ pub enum BootstrapError {
         proto: &'static str,
         why: String,
     },
+    /// UDP failed, and so did the TCP tried after it (networks that drop UDP to port 53 may
+    /// let TCP through): both said, each may be the one to fix.
+    #[error("{udp}; then over TCP: {tcp}")]
+    Both {
+        udp: Box<BootstrapError>,
+        tcp: Box<BootstrapError>,
+    },
     #[error("DNS server {server} answered {rcode} for {name}: {hint}")]
     Rcode {
         server: SocketAddr,
@@ -132,6 +139,8 @@ impl BootstrapError {
     pub fn blame(&self) -> Blame {
         match self {
             BootstrapError::Unreachable { .. } => Blame::Network,
+            // TCP's failure is the last word: UDP may be filtered where TCP got an answer.
+            BootstrapError::Both { tcp, .. } => tcp.blame(),
             BootstrapError::Rcode { .. }
             | BootstrapError::NoRecord { .. }
             | BootstrapError::Truncated { .. } => Blame::Server,

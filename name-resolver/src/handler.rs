@@ -86,6 +86,14 @@ impl RequestHandler for ZoneHandler {
             None => (UDP_PAYLOAD_MIN, false),
         };
 
+        // More than one question: no client sends it (RFC 9619), and the FORMERR would echo
+        // every question — over UDP, from a forged source, an answer as large as the query
+        // (or, past the payload limit, an encoding error hickory logs per datagram). Over
+        // UDP nothing is sent; over TCP (no forged sources) it is answered below.
+        if request.protocol() == Protocol::Udp && request.queries().len() > 1 {
+            return ResponseInfo::from(header);
+        }
+
         if request.protocol() == Protocol::Udp {
             match self
                 .rrl

@@ -116,6 +116,13 @@ pub struct ZoneRecords {
 }
 
 impl ZoneRecords {
+    /// The records of `zone` without its TXT set (`_zonegate` answers NODATA): for a zone too
+    /// large for DNS, whose addresses are still the zone's. Serving the last TXT that fitted
+    /// instead would hand bootstrapping nodes a signed config without the newer revocations.
+    pub fn without_txt(zone: &SignedZone) -> Result<Self, RecordsError> {
+        Self::with_txt(zone, &[])
+    }
+
     /// Builds the records of `zone`, publishing its own TXT strings.
     pub fn new(zone: &SignedZone) -> Result<Self, RecordsError> {
         // Refuse a zone that cannot fit before encoding it: base58 of n bytes (JSON has no zero
@@ -208,6 +215,9 @@ impl ZoneRecords {
         nodes.insert(LowerName::new(&ns1), addr_sets(&ns1, &all_gw));
 
         let txt_name = child(TXT_LABEL)?;
+        if txt.is_empty() {
+            return Ok(Self::assemble(origin, wildcard, c.serial, soa, nodes));
+        }
         let txt_len: usize = txt.iter().map(|s| s.len() + 1).sum();
         if txt_len > MAX_TXT_RDATA {
             return Err(RecordsError::TxtTooLarge {
@@ -227,11 +237,20 @@ impl ZoneRecords {
             LowerName::new(&txt_name),
             vec![RrSet::new(RecordType::TXT, vec![txt_rec])],
         );
+        Ok(Self::assemble(origin, wildcard, c.serial, soa, nodes))
+    }
 
-        Ok(ZoneRecords {
+    fn assemble(
+        origin: Name,
+        wildcard: Name,
+        serial: u64,
+        soa: Record,
+        nodes: HashMap<LowerName, Vec<RrSet>>,
+    ) -> Self {
+        ZoneRecords {
             origin: LowerName::new(&origin),
             wildcard: LowerName::new(&wildcard),
-            serial: c.serial,
+            serial,
             negative_soa: {
                 let mut r = soa.clone();
                 r.set_ttl(TTL_SOA.min(NEGATIVE_TTL));
@@ -239,7 +258,7 @@ impl ZoneRecords {
             },
             soa,
             nodes,
-        })
+        }
     }
 
     /// The zone serial these records were built from.
@@ -606,6 +625,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("255"), "{e}");
+    }
+
+    /// A zone too large for DNS still has its addresses served, at its serial, and no TXT set
+    /// (the last one that fitted would lack the newer revocations).
+    #[test]
+    fn a_zone_without_its_txt_keeps_its_addresses() {
+        let (_, z) = zone();
+        let r = ZoneRecords::without_txt(&z).unwrap();
+        assert!(matches!(
+            r.lookup(&lname("_zonegate.alice.example."), RecordType::TXT),
+            Lookup::NoData
+        ));
+        assert_eq!(r.serial(), z.config.serial);
+        assert_eq!(
+            ips(&found(r.lookup(&lname("alice.example."), RecordType::A))),
+            ips(&found(
+                ZoneRecords::new(&z)
+                    .unwrap()
+                    .lookup(&lname("alice.example."), RecordType::A)
+            ))
+        );
     }
 
     #[test]

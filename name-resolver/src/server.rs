@@ -196,7 +196,7 @@ impl DnsServer {
     ) -> Result<(), DnsError> {
         let first = Arc::new(first);
         let (tx, rx) = tokio::sync::watch::channel(first.clone());
-        let builder = {
+        let mut builder = {
             let shutdown = shutdown.clone();
             let mut tried = first.serial();
             tokio::spawn(async move {
@@ -213,13 +213,25 @@ impl DnsServer {
                         continue;
                     }
                     tried = serial;
-                    match tokio::task::spawn_blocking(move || ZoneRecords::new(&zone)).await {
-                        Ok(Ok(r)) => {
+                    // The gateway accepted this zone, so it verified; only a zone too large
+                    // for DNS fails to build. Its addresses are served still, its TXT set no
+                    // longer: the last one that fitted would hand bootstrapping nodes a config
+                    // without the newer revocations.
+                    let built =
+                        tokio::task::spawn_blocking(move || match ZoneRecords::new(&zone) {
+                            Ok(r) => (Ok(r), None),
+                            Err(error) => (ZoneRecords::without_txt(&zone), Some(error)),
+                        })
+                        .await;
+                    match built {
+                        Ok((Ok(r), None)) => {
                             let _ = tx.send(Arc::new(r));
                         }
-                        // The gateway accepted this zone, so it verified; only a zone too
-                        // large for DNS gets here. Keep answering with the previous records.
-                        Ok(Err(error)) => {
+                        Ok((Ok(r), Some(error))) => {
+                            error!(%error, serial, "DNS serves this zone serial's addresses without its TXT record: nodes cannot bootstrap over DNS until it fits");
+                            let _ = tx.send(Arc::new(r));
+                        }
+                        Ok((Err(error), _)) => {
                             error!(%error, serial, "DNS keeps serving the previous zone serial")
                         }
                         Err(error) => {
@@ -229,9 +241,17 @@ impl DnsServer {
                 }
             })
         };
-        let r = self
-            .run_records(first, move || rx.borrow().clone(), shutdown)
-            .await;
+        let serve = self.run_records(first, move || rx.borrow().clone(), shutdown);
+        tokio::pin!(serve);
+        // The builder ends only at shutdown, or by a panic (of the zone source): then DNS
+        // would serve one serial for good, unseen — said as the server stopping instead.
+        let r = tokio::select! {
+            r = &mut serve => r,
+            end = &mut builder => match end {
+                Err(e) if e.is_panic() => Err(DnsError::Stopped("zone records builder", e.to_string())),
+                _ => serve.await,
+            },
+        };
         builder.abort();
         r
     }
@@ -476,9 +496,10 @@ impl Live {
 
     /// Makes room for a connection of `newcomer` in a full table: closes the connection idle
     /// the longest if one has been idle for [`EVICTABLE_AFTER`], else the idlest of the site
-    /// (IPv4 /24, IPv6 /48) holding the most, if it holds at least two more than
-    /// `newcomer`'s. False if neither. By site: four sites at [`MAX_TCP_PER_SITE`] fill the
-    /// table with one connection per client, none of them holding "the most".
+    /// (IPv4 /24, IPv6 /48) holding the most, if it holds more than `newcomer`'s. False if
+    /// neither. By site: four sites at [`MAX_TCP_PER_SITE`] fill the table with one
+    /// connection per client, none of them holding "the most". More, not two more: sites
+    /// holding one busy connection each (an IPv6 /40 is 256 of them) kept every newcomer out.
     fn make_room(&self, newcomer: IpAddr) -> bool {
         if self.evict_idlest() {
             return true;
@@ -494,7 +515,7 @@ impl Live {
         let Some((&hog, &most)) = held.iter().max_by_key(|(_, n)| **n) else {
             return false;
         };
-        if most <= mine + 1 {
+        if most <= mine {
             return false;
         }
         let victim = open()

@@ -122,4 +122,7 @@ async fn unreachable_server_is_a_network_error() {
         .await
         .unwrap_err();
     assert_eq!(e.blame(), Blame::Network, "{e}");
+    // Both tries are told: UDP's silence and TCP's refusal.
+    let text = e.to_string();
+    assert!(text.contains("UDP") && text.contains("TCP"), "{text}");
 }

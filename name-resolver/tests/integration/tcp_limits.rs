@@ -126,6 +126,26 @@ async fn a_full_table_makes_room_for_a_newcomer() {
     server.stop().await;
 }
 
+/// Every slot held by a site of its own (an IPv6 /40 holds 256 /48s), each connection busy:
+/// a newcomer from yet another site still gets in, by closing one of a site holding more than
+/// its own none. "Two more than the newcomer's" kept every newcomer out here.
+#[tokio::test]
+async fn a_table_of_one_busy_connection_per_site_makes_room() {
+    use name_resolver::server::MAX_TCP_CONNECTIONS;
+    let server = Running::start(testzone::zone().1).await;
+    let mut held = Vec::new();
+    for i in 0..MAX_TCP_CONNECTIONS {
+        let from = format!("127.{}.{}.1", 1 + i / 256, i % 256);
+        let s = answered_from(&from, server.addr, i as u16).await;
+        held.push(s.unwrap_or_else(|| panic!("connection {i} was not served")));
+    }
+    answered_from("127.100.0.1", server.addr, 998)
+        .await
+        .expect("a newcomer to a table of one busy connection per site was not served");
+    assert_eq!(closed(&held).await.len(), 1);
+    server.stop().await;
+}
+
 /// A query that does not decode (here: it announces a question it does not carry) gets
 /// FORMERR with its id (RFC 6891 §6.1.1), and the connection goes on: it used to be closed
 /// without an answer.
@@ -194,5 +214,58 @@ async fn an_idle_connection_is_closed_after_the_timeout() {
     assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
     let after = started.elapsed();
     assert!(after >= TCP_IDLE_TIMEOUT, "closed after {after:?}");
+    server.stop().await;
+}
+
+/// A query with two questions: over UDP, where its source may be forged, nothing comes back
+/// (the FORMERR echoed every question: an answer as large as the query, or past the payload
+/// limit an encoding error logged per datagram); over TCP, FORMERR. One question is answered.
+#[tokio::test]
+async fn a_query_with_several_questions_is_not_echoed_over_udp() {
+    let server = Running::start(testzone::zone().1).await;
+    let query = |questions: usize| {
+        let mut m = Message::new();
+        m.set_id(0x4242);
+        for _ in 0..questions {
+            m.add_query(Query::query(
+                Name::from_ascii("alice.example.").unwrap(),
+                RecordType::SOA,
+            ));
+        }
+        m.to_vec().unwrap()
+    };
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    udp.connect(server.addr).await.unwrap();
+    let mut buf = [0u8; 4096];
+    udp.send(&query(2)).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), udp.recv(&mut buf))
+            .await
+            .is_err(),
+        "a two-question query over UDP was answered"
+    );
+    udp.send(&query(1)).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(3), udp.recv(&mut buf))
+        .await
+        .expect("a one-question query answered")
+        .unwrap();
+    assert_eq!(Message::from_vec(&buf[..n]).unwrap().id(), 0x4242);
+
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    let q = query(2);
+    let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+    framed.extend(q);
+    s.write_all(&framed).await.unwrap();
+    let mut len = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut len))
+        .await
+        .expect("an answer in time")
+        .expect("an answer, not a close");
+    let mut body = vec![0; u16::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).await.unwrap();
+    assert_eq!(
+        Message::from_vec(&body).unwrap().response_code(),
+        hickory_proto::op::ResponseCode::FormErr
+    );
     server.stop().await;
 }
