@@ -175,7 +175,13 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
                 ))
                 .into());
             }
-            z.revoke(&name, now)?;
+            if !z.revoke(&name, now)? {
+                println!(
+                    "{name} was revoked already: nothing changed (zone.json serial {})",
+                    z.zone.config.serial
+                );
+                return Ok(());
+            }
             let file = zone.zone.join("zone.json");
             let serial = z.zone.config.serial;
             if last_gateway {

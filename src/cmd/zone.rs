@@ -27,6 +27,16 @@ pub fn run(cmd: ZoneCmd) -> anyhow::Result<()> {
         ZoneCmd::Show(a) => show(&ZoneDir::open(&a.zone)?),
         ZoneCmd::DumpText(a) => {
             let z = ZoneDir::open(&a.zone)?;
+            // Published expired, every node bootstrapping over DNS would refuse it, saying
+            // only that DNS refused: said here, where it can be fixed.
+            if z.zone.config.expires_at <= OffsetDateTime::now_utc() {
+                anyhow::bail!(
+                    "zone.json (serial {}) expired at {}: nodes would refuse these records; run `zonegate zone resign --zone {}` first",
+                    z.zone.config.serial,
+                    fmt_time(z.zone.config.expires_at),
+                    a.zone.display()
+                );
+            }
             for s in txt::to_txt(&z.zone) {
                 println!("{s}");
             }

@@ -219,6 +219,10 @@ pub fn parse_pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, ZoneEr
 pub fn ca_public_key(ca_der: &[u8]) -> Result<ed25519_dalek::VerifyingKey, ZoneError> {
     let (_, x) = x509_parser::parse_x509_certificate(ca_der)
         .map_err(|e| ZoneError::Cert(format!("cannot parse zone CA certificate: {e}")))?;
+    // By the algorithm, as for device certificates: any 32-byte key was pinned as ed25519.
+    if x.public_key().algorithm.algorithm != x509_parser::oid_registry::OID_SIG_ED25519 {
+        return Err(ZoneError::Cert("zone CA key is not ed25519".into()));
+    }
     let pk: [u8; 32] = x
         .public_key()
         .subject_public_key

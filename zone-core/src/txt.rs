@@ -190,6 +190,33 @@ mod tests {
         fn never_panics(strings in proptest::collection::vec(".{0,300}", 0..8)) {
             let _ = unchunk(&strings);
         }
+
+        /// Strings shaped like chunks (random text almost never starts `zg2:`, so the header,
+        /// slot and base58 code went untried), and real chunks with their counts changed.
+        #[test]
+        fn chunk_shaped_strings_never_panic(
+            strings in proptest::collection::vec(
+                proptest::prop_oneof![
+                    "zg2:[0-9]{0,5}/[0-9]{0,5}:[1-9A-HJ-NP-Za-km-z]{0,245}",
+                    "zg2:[0-9/:]{0,12}[1-9A-HJ-NP-Za-km-z0OIl]{0,20}",
+                ],
+                0..6,
+            ),
+            payload in proptest::collection::vec(proptest::num::u8::ANY, 0..600),
+            index in 0usize..10,
+            count in 0usize..10,
+        ) {
+            let _ = unchunk(&strings);
+            let mut parts = chunk(&payload);
+            let n = parts.len().max(1);
+            if let Some(p) = parts.get_mut(index % n) {
+                if let Some((_, data)) = p.rsplit_once(':') {
+                    *p = format!("{PREFIX}{index}/{count}:{data}");
+                }
+            }
+            parts.extend(strings);
+            let _ = unchunk(&parts);
+        }
     }
 
     #[test]

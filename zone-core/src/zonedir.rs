@@ -132,6 +132,40 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), ZoneError
     })
 }
 
+/// `addrs` without repeats, in their order: a gateway address listed twice was served twice
+/// in DNS and dialled twice by every agent.
+fn distinct(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::with_capacity(addrs.len());
+    for a in addrs {
+        if !out.contains(a) {
+            out.push(*a);
+        }
+    }
+    out
+}
+
+/// Refuses a private key file others may read, as ssh does: every device key derives from the
+/// zone key, and a copy or restore (`cp` from a backup, an unzip) can leave it at 0644.
+fn check_private(path: &Path) -> Result<(), ZoneError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(path)
+        .map_err(|e| ZoneError::io(path, e))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(ZoneError::BadFile {
+            path: path.to_owned(),
+            what: "zone key",
+            why: format!(
+                "others may read it (mode {:o}): every device key derives from it; run `chmod 600 {}`",
+                mode & 0o777,
+                path.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn read(path: &Path) -> Result<String, ZoneError> {
     fs::read_to_string(path).map_err(|e| ZoneError::io(path, e))
 }
@@ -210,9 +244,19 @@ impl ZoneDir {
 
     /// Opens an existing zone directory and checks that its three files belong together.
     pub fn open(dir: &Path) -> Result<Self, ZoneError> {
-        let has = |f: &str| dir.join(f).exists();
-        match (has(ZONE_KEY_FILE), has(ZONE_CA_FILE), has(ZONE_JSON_FILE)) {
+        // `try_exists`: a directory this user may not search (made under sudo) is an error
+        // to say, not "no zone here".
+        let has = |f: &str| {
+            let p = dir.join(f);
+            p.try_exists().map_err(|e| ZoneError::io(p, e))
+        };
+        match (
+            has(ZONE_KEY_FILE)?,
+            has(ZONE_CA_FILE)?,
+            has(ZONE_JSON_FILE)?,
+        ) {
             (false, false, false) => return Err(ZoneError::NoZone(dir.to_owned())),
+            (false, true, true) => return Err(ZoneError::NoZoneKey(dir.to_owned())),
             (true, true, true) => {}
             (true, ca, _) => {
                 return Err(ZoneError::IncompleteZone {
@@ -225,7 +269,9 @@ impl ZoneDir {
             (false, _, _) => return Err(ZoneError::NoZone(dir.to_owned())),
         }
         let kp = dir.join(ZONE_KEY_FILE);
-        let key = ZoneKey::from_pem(&read(&kp)?).map_err(|e| ZoneError::BadFile {
+        check_private(&kp)?;
+        let pem = zeroize::Zeroizing::new(read(&kp)?);
+        let key = ZoneKey::from_pem(&pem).map_err(|e| ZoneError::BadFile {
             path: kp.clone(),
             what: "zone key",
             why: format!("{e}; restore it from your backup"),
@@ -270,7 +316,18 @@ impl ZoneDir {
     /// command saved one since this one read it: two commands at once (a revoke and an add in
     /// two shells) each wrote their change over the other's, the revocation lost, and could
     /// sign two different configs with one serial.
-    fn commit(&mut self, mut config: ZoneConfig, now: OffsetDateTime) -> Result<(), ZoneError> {
+    fn commit(&mut self, config: ZoneConfig, now: OffsetDateTime) -> Result<(), ZoneError> {
+        let valid = self.zone.config.expires_at - self.zone.config.issued_at;
+        self.commit_valid(config, now, valid)
+    }
+
+    /// [`ZoneDir::commit`], valid for `valid` from now.
+    fn commit_valid(
+        &mut self,
+        mut config: ZoneConfig,
+        now: OffsetDateTime,
+        valid: time::Duration,
+    ) -> Result<(), ZoneError> {
         let zp = self.dir.join(ZONE_JSON_FILE);
         let _lock = lock_dir(&self.dir)?;
         let on_disk = read_zone_json(&zp)?.config.serial;
@@ -283,7 +340,6 @@ impl ZoneDir {
         }
         let now = trunc_now(now);
         config.serial = next_serial(self.zone.config.serial, now);
-        let valid = self.zone.config.expires_at - self.zone.config.issued_at;
         config.issued_at = now;
         config.expires_at = now + valid;
         let signed = config.sign(&self.key)?;
@@ -304,12 +360,10 @@ impl ZoneDir {
 
     /// Re-signs the config with a new validity period (new serial: [`next_serial`]).
     pub fn resign(&mut self, now: OffsetDateTime, valid_days: i64) -> Result<(), ZoneError> {
-        let mut c = self.zone.config.clone();
-        c.issued_at = trunc_now(now);
-        c.expires_at = c.issued_at + time::Duration::days(valid_days);
-        self.zone.config.issued_at = c.issued_at;
-        self.zone.config.expires_at = c.expires_at;
-        self.commit(c, now)
+        // The period goes to the commit, not into the config held: a refused commit (a race,
+        // the size limit) left it holding dates its signature did not cover.
+        let c = self.zone.config.clone();
+        self.commit_valid(c, now, time::Duration::days(valid_days))
     }
 
     fn issue(
@@ -329,8 +383,11 @@ impl ZoneDir {
                 domain: self.domain(),
                 name,
                 roles,
-                // A little slack for clocks of devices that run slightly behind.
-                not_before: now - time::Duration::hours(1),
+                // Slack for devices whose clock runs behind: a Raspberry Pi without a clock
+                // starts at its last shutdown's time until NTP answers, and refused a renewed
+                // gateway's certificate as not yet valid. Revocation is by name, so an earlier
+                // start costs nothing.
+                not_before: now - time::Duration::days(1),
                 not_after: now + time::Duration::days(days),
             },
         )?;
@@ -383,7 +440,7 @@ impl ZoneDir {
         if is_gw {
             c.gateways.push(GatewayEntry {
                 device: name.clone(),
-                addrs: public_addrs.to_vec(),
+                addrs: distinct(public_addrs),
             });
         }
         self.commit(c, now)?;
@@ -436,12 +493,7 @@ impl ZoneDir {
             )));
         }
         check_dialable(public_addrs)?;
-        let mut addrs: Vec<SocketAddr> = Vec::with_capacity(public_addrs.len());
-        for a in public_addrs {
-            if !addrs.contains(a) {
-                addrs.push(*a);
-            }
-        }
+        let addrs = distinct(public_addrs);
         if addrs.is_empty() {
             return Err(ZoneError::Usage(
                 "a gateway needs --public-addr IP:PORT (the address agents dial)".into(),
@@ -462,8 +514,12 @@ impl ZoneDir {
         self.commit(c, now)
     }
 
-    /// Revokes a device: its certificates are refused wherever this zone.json (or a newer one) is known.
-    pub fn revoke(&mut self, name: &DeviceName, now: OffsetDateTime) -> Result<(), ZoneError> {
+    /// Revokes a device: its certificates are refused wherever this zone.json (or a newer one)
+    /// is known. False, and nothing changed, if it was revoked already.
+    pub fn revoke(&mut self, name: &DeviceName, now: OffsetDateTime) -> Result<bool, ZoneError> {
+        if self.zone.config.is_revoked(name) {
+            return Ok(false);
+        }
         let entry = self.live_device(name)?.clone();
         let mut c = self.zone.config.clone();
         c.devices.retain(|d| &d.name != name);
@@ -473,7 +529,8 @@ impl ZoneDir {
             revoked_at: trunc_now(now),
             cert_serials: vec![entry.cert_serial],
         });
-        self.commit(c, now)
+        self.commit(c, now)?;
+        Ok(true)
     }
 
     /// Writes a self-contained, ready-to-run bundle for `name` into `out`: keys, certificates,
@@ -698,6 +755,57 @@ mod tests {
         assert!(on_disk.to_json_compact().len() <= MAX_SHARED_ZONE_JSON);
         // A revocation always fits: it drops the device's entry, larger than its own.
         z.revoke(&DeviceName::new("device0").unwrap(), now).unwrap();
+    }
+
+    /// The zone key others may read is refused with the command that fixes it; a zone
+    /// directory without its key (a device's bundle looks so) is told apart from no zone.
+    #[test]
+    fn a_readable_or_missing_zone_key_is_said_plainly() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        ZoneDir::init(dir.path(), Domain::new("keys.example").unwrap(), now).unwrap();
+        let key = dir.path().join(ZONE_KEY_FILE);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = ZoneDir::open(dir.path()).err().unwrap().to_string();
+        assert!(e.contains("chmod 600") && e.contains("644"), "{e}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        ZoneDir::open(dir.path()).unwrap();
+        std::fs::remove_file(&key).unwrap();
+        let e = ZoneDir::open(dir.path()).err().unwrap();
+        assert!(matches!(e, ZoneError::NoZoneKey(_)), "{e}");
+        assert!(e.to_string().contains("restore zone.key"), "{e}");
+    }
+
+    /// Revoking a name revoked already changes nothing (no new serial); a gateway's address
+    /// given twice is listed once; certificates start a day back (a device whose clock runs
+    /// behind until NTP answers took a renewed one as not yet valid).
+    #[test]
+    fn revoke_twice_repeated_addresses_and_certificate_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let mut z = ZoneDir::init(dir.path(), Domain::new("twice.example").unwrap(), now).unwrap();
+        let gw = DeviceName::new("gw").unwrap();
+        let addr: SocketAddr = "203.0.113.7:4433".parse().unwrap();
+        let (_, cert) = z
+            .add_device(&gw, &[Role::Gateway], &[addr, addr], now, 90)
+            .unwrap();
+        assert_eq!(z.zone.config.gateways[0].addrs, [addr]);
+        let (_, pem) = x509_parser::pem::parse_x509_pem(cert.pem.as_bytes()).unwrap();
+        let starts = pem.parse_x509().unwrap().validity().not_before.timestamp();
+        assert!(
+            starts <= (now - time::Duration::hours(23)).unix_timestamp(),
+            "{starts}"
+        );
+        let laptop = DeviceName::new("laptop").unwrap();
+        z.add_device(&laptop, &[Role::Node], &[], now, 90).unwrap();
+        assert!(z.revoke(&laptop, now).unwrap());
+        let serial = z.zone.config.serial;
+        assert!(!z.revoke(&laptop, now).unwrap());
+        assert_eq!(
+            ZoneDir::open(dir.path()).unwrap().zone.config.serial,
+            serial
+        );
     }
 
     /// Two commands on one zone directory at once: the second to save is refused and changes
