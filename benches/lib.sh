@@ -264,6 +264,18 @@ cpu_mark() { read -r CPU_MARK </proc/stat; }
 
 # rss_kib PID - resident set size in KiB (0 if gone).
 rss_kib() { awk '/^VmRSS:/ { print $2; f = 1 } END { if (!f) print 0 }' "/proc/$1/status" 2>/dev/null || echo 0; }
+# anon_kib PID - its anonymous resident memory (heap, stacks: not the binary's text), KiB.
+anon_kib() { awk '/^RssAnon:/ { print $2; f = 1 } END { if (!f) print 0 }' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+# drop_cached FILE - evicts FILE's pages from the page cache (written back first), so a
+# process started from it reads (and maps) only what it faults in, with the kernel's
+# read-ahead, as on a machine where nothing else has it open.
+drop_cached() {
+  sync "$1"
+  python3 -c 'import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)' "$1"
+}
 
 # log_problems FILE... - "W warnings, E errors" logged at WARN/ERROR level.
 log_problems() {

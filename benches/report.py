@@ -415,7 +415,18 @@ def build(paths):
         if a is not None:
             # 0 is what lib.sh's rss_kib reads of a process that is gone: no figure.
             if a:
-                w(f"| idle node agent (one gateway link, one service) | {a / 1024:.1f} MiB |")
+                shared = st.one("mem-agent", "node", "shared_binary_rss_kib")
+                anon = st.one("mem-agent", "node", "idle_anon_kib")
+                if shared is None:
+                    w(f"| idle node agent (one gateway link, one service) | {a / 1024:.1f} MiB |")
+                else:
+                    w(f"| idle node agent (one gateway link, one service; its own copy of the "
+                      f"binary, as on its own machine) | {a / 1024:.1f} MiB |")
+                    if anon:
+                        w(f"| — of which its own memory (RssAnon: heap, stacks) | {anon / 1024:.1f} MiB |")
+                    if shared:
+                        w(f"| (the same agent run from the gateway's binary, their page cache "
+                          f"shared) | {shared / 1024:.1f} MiB |")
                 targets.append(("idle agent ≤ 10 MiB RSS", f"{a / 1024:.1f} MiB", a <= 10 * 1024))
             else:
                 w("| idle node agent | failed: the agent was gone when read |")

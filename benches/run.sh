@@ -359,12 +359,29 @@ EOF
   sleep "$SETTLE"
   local gw_empty gw_one agent_idle
   gw_empty=$(rss_kib "${PID[gwm]}")
+  # The idle agent twice. First from the binary the gateway runs: most of an idle agent's RSS
+  # is the binary's text, and the pages it maps depend on what the page cache holds (each
+  # fault maps its cached neighbours), so this figure counts text the gateway brought in.
+  # Then - the figure the target judges - from a copy of its own whose cached pages are
+  # dropped first, as on a node where nothing else runs zonegate. Its anonymous memory
+  # (RssAnon: heap, stacks) beside.
   start m1 "$ZONEGATE" node --config "$node_conf" --service echo=127.0.0.1:7007
   wait_agents 127.0.0.1:9190 1 20 || { cat "$tmp/gwm.log" "$tmp/m1.log" >&2; exit 1; }
   sleep "$SETTLE"
+  local agent_shared agent_anon
+  agent_shared=$(rss_kib "${PID[m1]}")
+  stop m1 || true
+  wait_agents 127.0.0.1:9190 0 20 || true
+  cp "$ZONEGATE" "$tmp/zonegate-node"
+  drop_cached "$tmp/zonegate-node"
+  start m1 "$tmp/zonegate-node" node --config "$node_conf" --service echo=127.0.0.1:7007
+  wait_agents 127.0.0.1:9190 1 20 || { cat "$tmp/gwm.log" "$tmp/m1.log" >&2; exit 1; }
+  sleep "$SETTLE"
   agent_idle=$(rss_kib "${PID[m1]}")
+  agent_anon=$(anon_kib "${PID[m1]}")
   gw_one=$(rss_kib "${PID[gwm]}")
-  parse put "$runs" mem-agent node 1 idle_rss_kib="$agent_idle"
+  parse put "$runs" mem-agent node 1 idle_rss_kib="$agent_idle" idle_anon_kib="$agent_anon" \
+    shared_binary_rss_kib="$agent_shared"
 
   # AGENTS simulated agents (real handshake, hello and keep-alives; one UDP socket each)
   local line n gw_n sim_rss rc=0 i
