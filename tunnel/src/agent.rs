@@ -1771,7 +1771,10 @@ async fn read_datagrams(conn: Connection, flows: Flows) {
         };
         if let Some((s, activity)) = sock {
             activity.touch();
-            let _ = s.send(&payload).await;
+            // Not awaited: one flow whose socket's send buffer is full (a service on a slow
+            // link) held up every flow's datagrams behind it. A datagram the kernel will not
+            // take now is dropped, as UDP may.
+            let _ = socket2::SockRef::from(&*s).send(&payload);
         }
     }
 }
