@@ -397,6 +397,48 @@ pub const MAX_CONNECTIONS: usize = 256;
 /// How long a connection waits for room before it is closed.
 const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Answers being sent at once to each client: through the tunnel every request comes from the
+/// node's loopback, so the connection slots have no client to share them out by; this does,
+/// by the address the gateway forwarded for. One client reading 256 downloads at 1 KiB/s each
+/// held every slot; now it holds a quarter of them, and its next request is answered 503.
+struct InFlight {
+    per: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    most: usize,
+}
+
+/// One answer of a client in flight: dropped with the answer's body.
+struct InFlightSlot {
+    table: Arc<InFlight>,
+    ip: std::net::IpAddr,
+}
+
+impl InFlight {
+    fn take(table: &Arc<Self>, ip: std::net::IpAddr) -> Option<InFlightSlot> {
+        let mut per = table.per.lock().unwrap_or_else(|p| p.into_inner());
+        let n = per.entry(ip).or_default();
+        if *n >= table.most {
+            return None;
+        }
+        *n += 1;
+        Some(InFlightSlot {
+            table: table.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for InFlightSlot {
+    fn drop(&mut self) {
+        let mut per = self.table.per.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = per.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Serves `root` read-only on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, root: Root, pages: Pages, shutdown: CancellationToken) {
     serve_at_most(listener, root, pages, MAX_CONNECTIONS, shutdown).await
@@ -425,6 +467,10 @@ async fn serve_at_most(
     let served = Arc::new(tokio::sync::Semaphore::new(most));
     let admitted = Arc::new(tokio::sync::Semaphore::new(2 * most));
     let lines = Arc::new(std::sync::Mutex::new(LogBudget::new(10)));
+    let in_flight = Arc::new(InFlight {
+        per: Default::default(),
+        most: (most / 4).max(1),
+    });
     while let Some((tcp, peer)) = tunnel::sockets::accept_until(&listener, &shutdown).await {
         let Ok(admit) = admitted.clone().try_acquire_owned() else {
             if let Some(unlogged) = LogBudget::take_shared(&lines) {
@@ -432,7 +478,12 @@ async fn serve_at_most(
             }
             continue;
         };
-        let (root, served, lines) = (root.clone(), served.clone(), lines.clone());
+        let (root, served, lines, in_flight) = (
+            root.clone(),
+            served.clone(),
+            lines.clone(),
+            in_flight.clone(),
+        );
         tokio::spawn(async move {
             let _admit = admit;
             let Ok(Ok(_slot)) = tokio::time::timeout(SLOT_WAIT, served.acquire_owned()).await
@@ -443,11 +494,24 @@ async fn serve_at_most(
                 return;
             };
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let root = root.clone();
+                let (root, in_flight) = (root.clone(), in_flight.clone());
                 async move {
                     let (m, p) = (req.method().clone(), req.uri().path().to_owned());
                     let forwarded_for = forwarded_client(req.headers());
-                    let r = handle(root, pages, req).await;
+                    let client = forwarded_for.parse().unwrap_or(peer.ip());
+                    let r = match InFlight::take(&in_flight, client) {
+                        // Held by the body: until the answer is sent, or dropped unsent.
+                        Some(slot) => handle(root, pages, req).await.map(|b| {
+                            BodyExt::boxed(b.map_frame(move |f| {
+                                let _ = &slot;
+                                f
+                            }))
+                        }),
+                        None => text(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "too many answers to your address at once: finish some first",
+                        ),
+                    };
                     let path = gateway::http::proxy::loggable(&p);
                     let method = gateway::http::proxy::loggable_method(&m);
                     info!(client = %peer, forwarded_for = %forwarded_for, %method, %path, status = r.status().as_u16(), "file request");
@@ -666,6 +730,63 @@ mod tests {
         .expect("served once there was room")
         .unwrap();
         assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+        stop.cancel();
+    }
+
+    /// One client (by the address the gateway forwarded for) has at most a quarter of the
+    /// answers in flight: its next request is answered 503 while another client is served,
+    /// and its own once an answer of its ends.
+    #[tokio::test]
+    async fn one_client_holds_at_most_a_quarter_of_the_answers_in_flight() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        // Larger than the socket buffers hold: its answer stays in flight while unread.
+        std::fs::write(dir.path().join("big"), vec![b'x'; 32 << 20]).unwrap();
+        std::fs::write(dir.path().join("small"), "s").unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        // Four connections served: one answer in flight per client.
+        tokio::spawn(serve_at_most(
+            l,
+            Root::open(dir.path()).unwrap(),
+            Pages::Sandboxed,
+            4,
+            stop.clone(),
+        ));
+        let ask = |who: &'static str, path: &'static str| async move {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let head = format!(
+                "GET {path} HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: {who}\r\nConnection: close\r\n\r\n"
+            );
+            c.write_all(head.as_bytes()).await.unwrap();
+            let mut first = [0u8; 12];
+            tokio::time::timeout(std::time::Duration::from_secs(5), c.read_exact(&mut first))
+                .await
+                .expect("an answer in time")
+                .unwrap();
+            (c, String::from_utf8_lossy(&first).into_owned())
+        };
+        let (slow, status) = ask("203.0.113.1", "/big").await;
+        assert_eq!(status, "HTTP/1.1 200");
+        let (_, status) = ask("203.0.113.1", "/small").await;
+        assert_eq!(
+            status, "HTTP/1.1 503",
+            "a second answer in flight to one client"
+        );
+        let (_, status) = ask("203.0.113.2", "/small").await;
+        assert_eq!(status, "HTTP/1.1 200", "another client was not served");
+        drop(slow);
+        // The dropped download's answer ends (its write fails) and frees the client's share.
+        let mut again = String::new();
+        for _ in 0..50 {
+            again = ask("203.0.113.1", "/small").await.1;
+            if again == "HTTP/1.1 200" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(again, "HTTP/1.1 200", "the client's share never came back");
         stop.cancel();
     }
 
