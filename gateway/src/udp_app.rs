@@ -216,6 +216,9 @@ struct AppSocket {
     sock: Arc<UdpSocket>,
     per_ip: Arc<PerIp>,
     max_flows: usize,
+    /// What the table holds at most now: `max_flows`, or this app's share of its device's
+    /// tunnel ([`AppSocket::share`]).
+    limit: usize,
     idle: Duration,
     flows: HashMap<SocketAddr, Entry>,
     next_id: u64,
@@ -248,6 +251,7 @@ pub async fn run(
         sock: sock.clone(),
         per_ip: PerIp::new(limits.per_ip, "UDP flows of one app", "udp_flows_per_ip"),
         max_flows: limits.per_app,
+        limit: limits.per_app,
         idle,
         flows: HashMap::new(),
         next_id: 0,
@@ -258,6 +262,7 @@ pub async fn run(
         unassured_lines: LogBudget::new(LINES_PER_SECOND),
         stop: stop.clone(),
     };
+    s.limit = s.share();
     let mut buf = vec![0u8; UDP_READ];
     // A short idle time is kept to within a quarter of itself, not SWEEP_EVERY.
     let mut sweep =
@@ -267,7 +272,10 @@ pub async fn run(
             _ = stop.cancelled() => break,
             // Flows were decided as they started: ask again whenever the policy or the
             // minute changes.
-            Ok(()) = changes.changed() => s.decide_again(),
+            Ok(()) = changes.changed() => {
+                s.limit = s.share();
+                s.decide_again();
+            }
             _ = sweep.tick() => s.sweep(),
             Some(o) = opened_rx.recv() => s.opened(o),
             r = sock.recv_from(&mut buf) => {
@@ -294,6 +302,17 @@ pub async fn run(
 }
 
 impl AppSocket {
+    /// How many flows this app may keep: `max_flows`, but no more than its share of the
+    /// flows one device's tunnel carries ([`MAX_UDP_FLOWS`](tunnel::proto::limits::MAX_UDP_FLOWS))
+    /// when several udp apps go to that device — a flood on one took every flow id of the
+    /// tunnel, and the others' new flows failed as "overloaded" for as long as it lasted.
+    fn share(&self) -> usize {
+        match app_at(&self.hub, Kind::Udp, self.listen) {
+            Some((active, i)) => share_of(active.policy.apps(), i, self.max_flows),
+            None => self.max_flows,
+        }
+    }
+
     fn datagram(&mut self, peer: SocketAddr, data: &[u8]) {
         if let Some(e) = self.flows.get_mut(&peer) {
             match &mut e.state {
@@ -363,10 +382,10 @@ impl AppSocket {
             return;
         }
         // Last: only a client that would be served may make room.
-        if self.flows.len() >= self.max_flows && !self.make_room(&app.name) {
+        if self.flows.len() >= self.limit && !self.make_room(&app.name) {
             state.counters.refused(Refusal::ConnectionLimit);
             if let Some(unlogged) = self.refused_lines.take() {
-                warn!(app = %app.name, addr = %self.listen, client = %Client(client), flows = self.flows.len(), unlogged, "UDP flow refused: the app's table is full of flows in use (udp_flows_per_app in gateway.toml)");
+                warn!(app = %app.name, addr = %self.listen, client = %Client(client), flows = self.flows.len(), limit = self.limit, unlogged, "UDP flow refused: the app's table is full of flows in use (udp_flows_per_app in gateway.toml; several udp apps to one device share its tunnel's 4,096 flows)");
             }
             return;
         }
@@ -502,7 +521,7 @@ impl AppSocket {
             return false;
         }
         self.last_eviction = Some(now);
-        let most = (self.max_flows / EVICT_SHARE).max(1);
+        let most = (self.limit / EVICT_SHARE).max(1);
         let victims: Vec<(SocketAddr, &'static str)> = self
             .flows
             .iter()
@@ -517,7 +536,7 @@ impl AppSocket {
                 self.end(e, why);
             }
         }
-        self.flows.len() < self.max_flows
+        self.flows.len() < self.limit
     }
 
     /// Ends a flow taken out of the table: its task stops, and one line says so with its
@@ -538,6 +557,19 @@ impl AppSocket {
             info!(app = %e.app, device = %e.target.device, client = %Client(e.client), bytes_in = e.bytes_in, bytes_out, dropped = e.dropped, ms = e.started.elapsed().as_millis() as u64, end = why, unlogged, "UDP flow done");
         }
     }
+}
+
+/// [`AppSocket::share`] of app `i` of `apps`.
+fn share_of(apps: &[policies::App], i: usize, max_flows: usize) -> usize {
+    let device = &apps[i].target.device;
+    let sharing = apps
+        .iter()
+        .filter(|a| matches!(a.listener, policies::Listener::Udp(_)) && &a.target.device == device)
+        .count()
+        .max(1);
+    max_flows
+        .min(tunnel::proto::limits::MAX_UDP_FLOWS / sharing)
+        .max(1)
 }
 
 /// Says that a client's datagram of `e` was dropped (the first of its flow), within `lines`.
@@ -573,5 +605,34 @@ async fn pass_back(
         // The app's too, as they pass: a flow may last days (a VPN, a game server).
         counters.bytes_out(d.len() as u64);
         let _ = sock.send_to(&d, peer).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Several udp apps to one device share its tunnel's flows; an app alone to its device
+    /// keeps `udp_flows_per_app`.
+    #[test]
+    fn udp_apps_to_one_device_share_its_tunnels_flows() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("apps.toml"),
+            "[app.a]\nudp = { listen = \"127.0.0.1:1\" }\nto = \"home1/a\"\nallow = { from = [\"public\"] }\n\
+             [app.b]\nudp = { listen = \"127.0.0.1:2\" }\nto = \"home1/b\"\nallow = { from = [\"public\"] }\n\
+             [app.c]\nudp = { listen = \"127.0.0.1:3\" }\nto = \"home2/c\"\nallow = { from = [\"public\"] }\n\
+             [app.t]\ntcp = { listen = \"127.0.0.1:4\" }\nto = \"home1/t\"\nallow = { from = [\"public\"] }\n",
+        )
+        .unwrap();
+        let store = policies::PolicyStore::load(dir.path()).unwrap();
+        let active = store.current();
+        let apps = active.policy.apps();
+        let at = |name: &str| apps.iter().position(|a| a.name == name).unwrap();
+        let max = tunnel::proto::limits::MAX_UDP_FLOWS;
+        assert_eq!(share_of(apps, at("a"), max), max / 2);
+        assert_eq!(share_of(apps, at("b"), max), max / 2);
+        assert_eq!(share_of(apps, at("c"), max), max);
+        assert_eq!(share_of(apps, at("c"), 100), 100);
     }
 }
