@@ -308,8 +308,13 @@ impl AppSocket {
     /// tunnel, and the others' new flows failed as "overloaded" for as long as it lasted.
     fn share(&self) -> usize {
         match app_at(&self.hub, Kind::Udp, self.listen) {
-            Some((active, i)) => share_of(active.policy.apps(), i, self.max_flows),
-            None => self.max_flows,
+            // The gateway's own services take no tunnel's flows.
+            Some((active, i))
+                if active.policy.apps()[i].target.device != self.hub.device_name() =>
+            {
+                share_of(active.policy.apps(), i, self.max_flows)
+            }
+            _ => self.max_flows,
         }
     }
 
