@@ -214,7 +214,8 @@ pub enum DeviceCmd {
         #[command(flatten)]
         zone: ZoneArg,
         /// Revoke the zone's only gateway even so (every node then needs the new zone.json
-        /// copied into its bundle by hand)
+        /// copied into its bundle by hand); or revoke a name this directory does not list
+        /// (a device added in a newer copy of the zone: its certificates are refused by name)
         #[arg(long)]
         force: bool,
     },

@@ -1,6 +1,6 @@
 //! One public `udp` app's socket: a flow through the tunnel per client (address and port),
 //! opened without holding up the socket's reads, closed when quiet both ways for the tunnel's
-//! `udp_flow_idle` — after [`UNANSWERED_IDLE`] when the device never answered — and cut when
+//! `udp_flow_idle` — after [`UNANSWERED_IDLE`] when not in use both ways — and cut when
 //! the policy stops allowing it. UDP sources are forged for free, so what one datagram can cost
 //! is bounded: a full flow table makes room by ending flows not in use both ways (never
 //! answered, or answered while the client never sent again: [`ASSURE_AFTER`]), and refusals
@@ -31,22 +31,26 @@ use crate::per_ip::{IpSlot, PerIp};
 use tunnel::log_budget::LogBudget;
 
 /// A flow the device never answered that carried at most [`PROBE_DATAGRAMS`] of the client's
-/// datagrams ends after this long without one (conntrack's timeout for unreplied UDP),
-/// whatever `udp_flow_idle` says: each forged source address then holds a slot of the table
-/// for 30 s, not two minutes. A client that keeps sending to a silent service (syslog,
-/// statsd) has its flow kept for `udp_flow_idle` like any other.
+/// datagrams, or one it answered while the client never sent again ([`ASSURE_AFTER`]), ends
+/// after this long quiet (conntrack's timeout for UDP not seen as a stream), whatever
+/// `udp_flow_idle` says: each forged source address then holds a slot of the table for 30 s,
+/// not two minutes. A client that keeps sending to a silent service (syslog, statsd) has its
+/// flow kept for `udp_flow_idle` like any other.
 pub const UNANSWERED_IDLE: Duration = Duration::from_secs(30);
 /// See [`UNANSWERED_IDLE`]: a forged source sends one datagram, a probe a few.
 const PROBE_DATAGRAMS: u64 = 3;
 /// A flow is in use both ways ("assured", as conntrack says) once the device answered and
-/// the client sent again at least this long after the flow began (conntrack's UDP stream
-/// rule). An answer alone proves only that the service replies, not that the client exists:
+/// the client sent again at least this long after the flow began. conntrack counts a packet
+/// either way; only the client's count here, as the service's answers to a forged source
+/// are what a flood brings. (A client that subscribes once to a service that pushes is so
+/// never assured: a full table may end it after a quiet second between pushes.) An answer
+/// alone proves only that the service replies, not that the client exists:
 /// forged sources whose one datagram a DNS or game service answered held the table for
 /// `udp_flow_idle`, unevictable. Flows not assured end after [`UNANSWERED_IDLE`] quiet and
 /// make room for newcomers after [`EVICT_QUIET`].
 const ASSURE_AFTER: Duration = Duration::from_secs(2);
-/// A full table ends the flows the device never answered that have been quiet this long
-/// (and flows already closed by the device)...
+/// A full table ends the flows not in use both ways ([`ASSURE_AFTER`]) that have been quiet
+/// this long (and flows already closed by the device)...
 const EVICT_QUIET: Duration = Duration::from_secs(1);
 /// ...looking for them at most this often (the search walks the whole table)...
 const EVICT_EVERY: Duration = Duration::from_millis(250);
@@ -102,7 +106,8 @@ struct Entry {
     bytes_in: u64,
     /// The client's datagrams passed on.
     datagrams_in: u64,
-    /// The client's datagrams not passed on: too large for the tunnel, or past
+    /// The client's datagrams not passed on: too large for the tunnel (or refused by a local
+    /// service's socket), or past
     /// [`OPENING_QUEUE`] while the flow opened.
     dropped: u64,
     /// In use both ways ([`ASSURE_AFTER`]).
@@ -129,7 +134,8 @@ struct Back {
 }
 
 impl Entry {
-    /// Passes a client's datagram up. One that cannot go (too large for the tunnel) is
+    /// Passes a client's datagram up. One that cannot go (too large for the tunnel, refused
+    /// by a local service's socket) is
     /// counted; the first of a flow is returned, for the caller to say (within its log
     /// budget: forged sources can each send one).
     fn send(&mut self, data: &[u8]) -> Option<tunnel::TunnelError> {
@@ -225,7 +231,8 @@ struct AppSocket {
     opened: mpsc::UnboundedSender<Opened>,
     /// When a full table last looked for flows to end.
     last_eviction: Option<Instant>,
-    /// Log lines of refused flows, of failed opens, and of flows that ended unanswered:
+    /// Log lines of refused flows, of failed opens, and of flows that ended not in use both
+    /// ways:
     /// each kind is what a flood causes, each has its own budget.
     refused_lines: LogBudget,
     failed_lines: LogBudget,
@@ -297,7 +304,7 @@ pub async fn run(
     .map(|b| b.unlogged())
     .sum::<u64>();
     if unlogged > 0 {
-        info!(addr = %listen, unlogged, "UDP listener stopped: refusals, failures and unanswered flows not logged");
+        info!(addr = %listen, unlogged, "UDP listener stopped: refusals, failures and flows not in use both ways not logged");
     }
 }
 
@@ -513,9 +520,9 @@ impl AppSocket {
     }
 
     /// The table is full: ends flows the device closed, flows idle past the idle time, and
-    /// flows it never answered that have been quiet for [`EVICT_QUIET`] (forged sources, or
-    /// clients the service ignores), at
-    /// most a [`EVICT_SHARE`]th of the table, looking at most every [`EVICT_EVERY`]. Whether
+    /// flows not in use both ways that have been quiet for [`EVICT_QUIET`] (forged sources,
+    /// clients the service ignores or answered once), at most a [`EVICT_SHARE`]th of the
+    /// table, looking at most every [`EVICT_EVERY`]. Whether
     /// there is room now.
     fn make_room(&mut self, app: &str) -> bool {
         let now = Instant::now();
@@ -534,7 +541,7 @@ impl AppSocket {
             .take(most)
             .collect();
         if !victims.is_empty() {
-            warn!(app = %app, addr = %self.listen, ended = victims.len(), flows = self.flows.len(), "UDP flow table full: ending flows the device closed, idle ones, and unanswered ones that went quiet");
+            warn!(app = %app, addr = %self.listen, ended = victims.len(), flows = self.flows.len(), "UDP flow table full: ending flows the device closed, idle ones, and ones not in use both ways that went quiet");
         }
         for (peer, why) in victims {
             if let Some(e) = self.flows.remove(&peer) {

@@ -175,7 +175,18 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
                 ))
                 .into());
             }
-            if !z.revoke(&name, now)? {
+            let listed = z.zone.config.device(&name).is_some() || z.zone.config.is_revoked(&name);
+            if !listed && !force {
+                anyhow::bail!(
+                    "device {name:?} is not in this zone (see `zonegate device list`). To revoke a name this directory does not list (a device added in a newer copy of the zone), pass --force: its certificates are then refused by name"
+                );
+            }
+            let revoked = if listed {
+                z.revoke(&name, now)?
+            } else {
+                z.revoke_unlisted(&name, now)?
+            };
+            if !revoked {
                 println!(
                     "{name} was revoked already: nothing changed (zone.json serial {})",
                     z.zone.config.serial

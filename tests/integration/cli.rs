@@ -460,8 +460,24 @@ fn bad_input_is_clear_and_writes_nothing() {
         "a refused revocation changed zone.json"
     );
 
-    // A revoked name cannot come back.
+    // A revoked name cannot come back; revoking it again changes nothing.
     ok(["device", "revoke", "home1", "--zone", zs]);
+    let before = std::fs::read(z.join("zone.json")).unwrap();
+    let out = ok(["device", "revoke", "home1", "--zone", zs]);
+    assert!(out.contains("revoked already"), "{out}");
+    assert_eq!(before, std::fs::read(z.join("zone.json")).unwrap());
+    // A name this directory does not list is revoked only when asked to.
+    let e = fails(1, ["device", "revoke", "lost", "--zone", zs]);
+    assert!(
+        e.contains("not in this zone") && e.contains("--force"),
+        "{e}"
+    );
+    let out = ok(["device", "revoke", "lost", "--zone", zs, "--force"]);
+    assert!(out.contains("revoked lost"), "{out}");
+    assert!(
+        !z.join("devices/lost").exists(),
+        "a bundle was made for a revoked name"
+    );
     let e = fails(
         1,
         ["device", "add", "home1", "--zone", zs, "--role", "node"],

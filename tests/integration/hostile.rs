@@ -1759,25 +1759,30 @@ async fn a_udp_table_full_of_unanswered_flows_makes_room() {
     // Four more clients the service answers, each making room in turn (a full table looks
     // at most every 250 ms), then each sends again once its flow is 2 s old: the table holds
     // four flows in use both ways.
-    let mut held = Vec::new();
+    // Each held client speaks again before the next newcomer asks: none of them is quiet for
+    // the second that would let a newcomer end it instead of the ignored flows (on a loaded
+    // machine the 300 ms steps stretch).
+    let mut held: Vec<tokio::net::UdpSocket> = Vec::new();
     for i in 0..4 {
         tokio::time::sleep(Duration::from_millis(300)).await;
+        for (j, s) in held.iter().enumerate() {
+            echo_on(s, app, format!("keep {j}")).await;
+        }
         let msg = format!("answered {i}");
         let (s, got) = udp_ask("127.0.0.1", app, msg.as_bytes(), WAIT).await;
         assert_eq!(got.as_deref(), Some(msg.as_bytes()));
         held.push(s);
     }
+    let opened = counters().connections;
     tokio::time::sleep(Duration::from_millis(2100)).await;
     for (i, s) in held.iter().enumerate() {
-        let msg = format!("again {i}");
-        s.send_to(msg.as_bytes(), app).await.unwrap();
-        let mut buf = [0u8; 64];
-        let n = tokio::time::timeout(WAIT, s.recv(&mut buf))
-            .await
-            .expect("a held flow stopped answering")
-            .unwrap();
-        assert_eq!(&buf[..n], msg.as_bytes());
+        echo_on(s, app, format!("again {i}")).await;
     }
+    assert_eq!(
+        counters().connections,
+        opened,
+        "a held flow was ended and opened anew"
+    );
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let (_s9, got) = udp_ask(
         "127.0.0.1",
@@ -1794,16 +1799,20 @@ async fn a_udp_table_full_of_unanswered_flows_makes_room() {
     );
     // The flows in use still work.
     for (i, s) in held.iter().enumerate() {
-        let msg = format!("still here {i}");
-        s.send_to(msg.as_bytes(), app).await.unwrap();
-        let mut buf = [0u8; 64];
-        let n = tokio::time::timeout(WAIT, s.recv(&mut buf))
-            .await
-            .expect("a held flow stopped answering")
-            .unwrap();
-        assert_eq!(&buf[..n], msg.as_bytes());
+        echo_on(s, app, format!("still here {i}")).await;
     }
     gw.shutdown.cancel();
+}
+
+/// `msg` sent on `s`'s flow through `app` comes back.
+async fn echo_on(s: &tokio::net::UdpSocket, app: SocketAddr, msg: String) {
+    s.send_to(msg.as_bytes(), app).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(WAIT, s.recv(&mut buf))
+        .await
+        .expect("a held flow stopped answering")
+        .unwrap();
+    assert_eq!(&buf[..n], msg.as_bytes());
 }
 
 /// An answer proves the service replies, not that the client exists: a table full of flows

@@ -39,7 +39,7 @@ pub enum ZoneError {
         "zone config serial {offered} is older than the known serial {known}: refusing to go back"
     )]
     StaleSerial { offered: u64, known: u64 },
-    #[error("zone config serial {serial} leaves out the revocation of {devices}, which serial {known} holds: revocations are for good, so it is refused. It was probably signed from an older copy of the zone directory (a backup, another machine): in that directory run `zonegate device revoke NAME --zone DIR` for each again (one it does not list: `zonegate device add NAME --role node --zone DIR` first), then publish the new zone.json")]
+    #[error("zone config serial {serial} leaves out the revocation of {devices}, which serial {known} holds: revocations are for good, so it is refused. It was probably signed from an older copy of the zone directory (a backup, another machine): in that directory run `zonegate device revoke NAME --zone DIR` for each again (one it does not list: add --force), then publish the new zone.json")]
     DropsRevocations {
         serial: u64,
         known: u64,

@@ -514,6 +514,31 @@ impl ZoneDir {
         self.commit(c, now)
     }
 
+    /// Revokes a name this directory does not list (a device added in a newer copy of the
+    /// zone, lost with it): its certificates are refused by name wherever this zone.json is
+    /// known. Adding the name first to revoke it, as the only way used to be, issued a fresh
+    /// certificate for it. False, and nothing changed, if it was revoked already.
+    pub fn revoke_unlisted(
+        &mut self,
+        name: &DeviceName,
+        now: OffsetDateTime,
+    ) -> Result<bool, ZoneError> {
+        if self.zone.config.is_revoked(name) {
+            return Ok(false);
+        }
+        if self.zone.config.device(name).is_some() {
+            return self.revoke(name, now);
+        }
+        let mut c = self.zone.config.clone();
+        c.revoked.push(Revocation {
+            device: name.clone(),
+            revoked_at: trunc_now(now),
+            cert_serials: Vec::new(),
+        });
+        self.commit(c, now)?;
+        Ok(true)
+    }
+
     /// Revokes a device: its certificates are refused wherever this zone.json (or a newer one)
     /// is known. False, and nothing changed, if it was revoked already.
     pub fn revoke(&mut self, name: &DeviceName, now: OffsetDateTime) -> Result<bool, ZoneError> {
@@ -806,6 +831,20 @@ mod tests {
             ZoneDir::open(dir.path()).unwrap().zone.config.serial,
             serial
         );
+        // A name this copy never listed (a device added in a newer, lost copy): revoked by
+        // name, no certificate issued for it, and only once.
+        let lost = DeviceName::new("stolen").unwrap();
+        assert!(matches!(
+            z.revoke(&lost, now),
+            Err(ZoneError::NoSuchDevice(_))
+        ));
+        assert!(z.revoke_unlisted(&lost, now).unwrap());
+        assert!(z.zone.config.is_revoked(&lost));
+        assert!(z.zone.config.device(&lost).is_none());
+        assert!(!dir.path().join("devices/stolen").exists());
+        assert!(!z.revoke_unlisted(&lost, now).unwrap());
+        let back = ZoneDir::open(dir.path()).unwrap();
+        assert!(back.zone.config.is_revoked(&lost));
     }
 
     /// Two commands on one zone directory at once: the second to save is refused and changes

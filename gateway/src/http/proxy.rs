@@ -348,11 +348,11 @@ pub(crate) async fn handle(
     let asked = upgrade.clone();
     let mut result = forward(&front, parts, &mut body, peer, https, upgrade, &mut log).await;
     if let Ok((answer, key)) = &result {
-        if let Some(why) = unasked_switch(answer, asked.as_ref()) {
+        if let Some(error) = refused_switch(answer, asked.as_ref()) {
             result = Err(ProxyError::Upstream {
                 app: key.app.clone(),
                 device: key.device.clone(),
-                error: super::upstream::UpstreamError::UnaskedSwitch(why),
+                error,
             });
         }
     }
@@ -790,20 +790,29 @@ async fn connect(front: &Front, key: &PoolKey, peer: SocketAddr) -> Result<Upstr
     Ok(Upstream::new(up))
 }
 
-/// Why a `101` answer may not reach the client: the request asked for no upgrade, or the
-/// service switched to a protocol the client did not offer. `None` for any other answer.
-fn unasked_switch(answer: &Answer, asked: Option<&HeaderValue>) -> Option<String> {
+/// Why a `101` answer may not reach the client: the request asked for no upgrade, the
+/// service switched to a protocol the client did not offer, or it switched before the
+/// request's body was all sent (the upgraded bytes start after the answer, and the service
+/// would read the client's first frames as the rest of the body). `None` for any other answer.
+fn refused_switch(
+    answer: &Answer,
+    asked: Option<&HeaderValue>,
+) -> Option<super::upstream::UpstreamError> {
+    use super::upstream::UpstreamError::{EarlySwitch, UnaskedSwitch};
     if answer.resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         return None;
     }
+    if asked.is_some() && answer.resp.body().upload_unfinished() {
+        return Some(EarlySwitch);
+    }
+    unasked_switch(answer, asked).map(UnaskedSwitch)
+}
+
+/// [`refused_switch`]'s first two reasons.
+fn unasked_switch(answer: &Answer, asked: Option<&HeaderValue>) -> Option<String> {
     let Some(asked) = asked else {
         return Some("the request asked for no upgrade".into());
     };
-    // What the request's body had left would be lost: the upgraded connection's bytes start
-    // after the answer, and the service would read the client's first frames as the body.
-    if answer.resp.body().upload_unfinished() {
-        return Some("before the request's body was all sent".into());
-    }
     let to = answer.resp.headers().get(http::header::UPGRADE);
     // Protocol tokens, compared case-insensitively, without versions' surrounding spaces.
     let tokens = |v: &HeaderValue| -> Vec<Vec<u8>> {

@@ -189,6 +189,10 @@ pub enum UpstreamError {
     /// the one it named (RFC 9110 §15.2.2).
     #[error("the service switched protocols unasked ({0})")]
     UnaskedSwitch(String),
+    /// A `101 Switching Protocols` before the request's body was all sent: the upgraded
+    /// bytes would start inside it.
+    #[error("the service switched protocols before the request's body was all sent")]
+    EarlySwitch,
     /// The service sent part of its answer, then nothing for the read timeout.
     #[error("the service sent nothing more of its answer for {} s", .0.as_secs())]
     Stalled(std::time::Duration),
@@ -296,8 +300,10 @@ pub struct Outgoing {
     safe: bool,
     /// The connection may carry another request after this one's answer: not after a body
     /// on a method that defines none (DELETE; RFC 9110 §9.3.5 warns of exactly this), which
-    /// a service ignoring it would read as its next request, one the policy never saw.
-    /// (GET, HEAD and TRACE with a body are refused before they get here.)
+    /// a service ignoring it would read as its next request, one the policy never saw. Such a
+    /// request also says `Connection: close`, so that the service parses nothing after it;
+    /// not pooling alone kept the smuggled request's answer from anyone, not the request from
+    /// running. (GET, HEAD and TRACE with a body are refused before they get here.)
     reusable: bool,
     body: Option<ReqBody>,
 }
@@ -324,6 +330,11 @@ impl Outgoing {
         let framing = h1::request_framing(body.is_end_stream(), body.size_hint().exact());
         let mut head = Vec::new();
         h1::encode_request_head(method, target, headers, fwd, framing, &mut head);
+        let reusable = framing == ReqFraming::Empty || *method != Method::DELETE;
+        if !reusable && fwd.upgrade.is_none() && head.ends_with(b"\r\n\r\n") {
+            head.truncate(head.len() - 2);
+            head.extend_from_slice(b"connection: close\r\n\r\n");
+        }
         let body = match framing {
             ReqFraming::Empty => None,
             ReqFraming::Length(n) => Some(ReqBody::new(body, Some(n))),
@@ -344,7 +355,6 @@ impl Outgoing {
             );
         let safe = framing == ReqFraming::Empty
             && matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
-        let reusable = framing == ReqFraming::Empty || *method != Method::DELETE;
         Outgoing {
             head: Bytes::from(head),
             head_request: *method == Method::HEAD,
@@ -600,6 +610,17 @@ enum Remaining {
     UntilClose,
 }
 
+impl Remaining {
+    /// The rest of the answer is within the `buffered` bytes already read.
+    fn within(&self, buffered: usize) -> bool {
+        match self {
+            Remaining::Empty => true,
+            Remaining::Length(n) => *n <= buffered as u64,
+            Remaining::Chunked(_) | Remaining::UntilClose => false,
+        }
+    }
+}
+
 /// A response body read off its [`Upstream`] connection, which it returns to its pool
 /// ([`UpBody::home`]) once the body is over, if the connection can take another request.
 pub struct UpBody {
@@ -726,9 +747,14 @@ impl UpBody {
                     // would wait for the rest of a body that never comes, holding its answer,
                     // the stream and the app's slot until the read timeout. The exchange ends
                     // here, told to the service as a reset, and the answer is cut.
-                    Err(WriteError::Client(e)) => {
+                    // An answer already read whole (a 413 or 401 sent early) is still given.
+                    Err(WriteError::Client(e)) if !self.left.within(conn.buf.len()) => {
                         conn.io.abort();
                         return Poll::Ready(Some(Err(UpstreamError::RequestBody(e))));
+                    }
+                    Err(WriteError::Client(e)) => {
+                        debug!(error = %e, "request body failed after the whole answer came");
+                        self.keep_alive = false;
                     }
                     // The stream's side failed: the service has its answer going. Finish
                     // reading it, but do not reuse a connection whose request was cut short.
@@ -1543,6 +1569,12 @@ mod tests {
             0,
             "a connection after a DELETE body was pooled"
         );
+        // And told to the service, which then parses nothing after the request.
+        let (up, task) = scripted(b"HTTP/1.1 204 No Content\r\n\r\n", false);
+        let out = request(Method::DELETE, &[], body::full("GET /x HTTP/1.1\r\n\r\n"));
+        drop(up.send(out).await.unwrap());
+        let head = String::from_utf8(task.await.unwrap()).unwrap();
+        assert!(head.contains("connection: close\r\n"), "{head}");
         exchange(
             &pool,
             backend(&conns),
