@@ -47,17 +47,63 @@ fn filter(rust_log: Option<&str>) -> Targets {
             .parse()
             .unwrap_or_else(|_| Targets::new().with_default(tracing::Level::INFO))
     };
-    match rust_log.map(str::trim) {
-        None | Some("") => default(),
-        Some(text) => text.parse().unwrap_or_else(|e| {
+    let Some(text) = rust_log.map(str::trim).filter(|t| !t.is_empty()) else {
+        return default();
+    };
+    match parse_filter(text) {
+        Ok(f) => f,
+        Err(why) => {
             eprintln!(
-                "zonegate: RUST_LOG={text:?} is not a log filter ({e}); expected LEVEL or \
+                "zonegate: RUST_LOG={text:?} is not a log filter ({why}); expected LEVEL or \
                  TARGET=LEVEL, comma-separated (e.g. `info,tunnel=debug`); logging with \
                  {DEFAULT_FILTER:?}"
             );
             default()
-        }),
+        }
     }
+}
+
+/// `text` as a filter. Empty items are skipped (`info,` — `Targets` read an empty item as
+/// "errors only" and logged nothing else, without a word); span and field directives
+/// (`tunnel[conn]=debug`, `{app=web}`), which only EnvFilter knew, are refused rather than
+/// taken for target names that match nothing.
+fn parse_filter(text: &str) -> Result<Targets, String> {
+    let mut items = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let target = item.split_once('=').map_or("", |(t, _)| t);
+        if target.contains(['[', ']', '{', '}']) || target.contains(char::is_whitespace) {
+            return Err(format!(
+                "{item:?}: span and field filters are not supported"
+            ));
+        }
+        if item.ends_with('=') {
+            return Err(format!("{item:?} names no level"));
+        }
+        items.push(item);
+    }
+    if items.is_empty() {
+        return Err("no level or target in it".into());
+    }
+    items.join(",").parse().map_err(|e| format!("{e}"))
+}
+
+/// The fmt subscriber both formats start from, writing to `writer`.
+fn builder<W>(
+    writer: W,
+) -> tracing_subscriber::fmt::SubscriberBuilder<
+    tracing_subscriber::fmt::format::DefaultFields,
+    tracing_subscriber::fmt::format::Format,
+    tracing::level_filters::LevelFilter,
+    W,
+>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    // The fmt builder caps events at INFO unless told otherwise: the filter decides alone.
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::level_filters::LevelFilter::TRACE)
+        .with_writer(writer)
+        .with_target(false)
 }
 
 pub fn init() -> LogGuard {
@@ -68,10 +114,7 @@ pub fn init() -> LogGuard {
     let (writer, thread) = start(Box::new(io::stderr()), BUFFER_CAP);
     // A second init (tests calling run() twice) is harmless: keep the first subscriber, and
     // its writer; this call's writer then has no subscriber and its thread is stopped at once.
-    let builder = tracing_subscriber::fmt()
-        .with_writer(writer)
-        .with_ansi(ansi)
-        .with_target(false);
+    let builder = builder(writer).with_ansi(ansi);
     // Colour keeps tracing-subscriber's own format; plain text gets the same lines, cheaper.
     let installed = if ansi {
         builder.finish().with(filter).try_init()
@@ -120,5 +163,29 @@ mod tests {
         assert!(would_log(&f, "tunnel::hub", Level::INFO));
         assert!(!would_log(&f, "tunnel::hub", Level::DEBUG));
         assert!(!would_log(&f, "rustls::server::hs", Level::WARN));
+        // Empty items are skipped, not read as "errors only".
+        let f = filter(Some("info,, tunnel=debug,"));
+        assert!(would_log(&f, "gateway::run", Level::INFO));
+        assert!(would_log(&f, "tunnel::hub", Level::DEBUG));
+        // What only EnvFilter knew, or a target without a level, keeps the default.
+        for bad in ["tunnel[conn]=debug", "info,{app=web}=debug", "tunnel=", ","] {
+            let f = filter(Some(bad));
+            assert!(would_log(&f, "gateway::run", Level::INFO), "{bad}");
+            assert!(!would_log(&f, "rustls::server::hs", Level::WARN), "{bad}");
+        }
+    }
+
+    /// The filter decides alone: the fmt builder's own cap (INFO) kept `RUST_LOG=debug` from
+    /// logging any debug line, as installed.
+    #[test]
+    fn rust_log_debug_reaches_the_installed_subscriber() {
+        let subscriber = builder(std::io::sink)
+            .event_format(PlainFormat::new())
+            .finish()
+            .with(filter(Some("info,zonegate=debug")));
+        tracing::subscriber::with_default(subscriber, || {
+            assert!(tracing::enabled!(target: "zonegate::files", Level::DEBUG));
+            assert!(!tracing::enabled!(target: "gateway::run", Level::DEBUG));
+        });
     }
 }

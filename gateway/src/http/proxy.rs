@@ -158,8 +158,8 @@ impl Drop for RequestLog {
 /// string), written as the event's message instead: ten fields through tracing's field visitor
 /// and `core::fmt` cost ~2.9k instructions per request; the message assembled on the stack and
 /// written once took the gateway's total from 35,827 to 34,052 per request (callgrind,
-/// benches/front_cost.sh). What is lost: `RUST_LOG` field filters (`[{app=web}]`) no longer
-/// see these as fields, and a terminal's colours no longer set off their names.
+/// benches/front_cost.sh). What is lost: a subscriber that reads fields does not see these as
+/// fields, and a terminal's colours no longer set off their names.
 struct LineFields<'a> {
     log: &'a RequestLog,
     bytes_in: u64,
