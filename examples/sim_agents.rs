@@ -253,6 +253,7 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|_| "warn".into())
         .parse()?;
     tracing_subscriber::fmt()
+        .with_max_level(tracing::level_filters::LevelFilter::TRACE)
         .with_writer(std::io::stderr)
         .finish()
         .with(filter)

@@ -22,7 +22,11 @@ async fn main() -> anyhow::Result<()> {
     let filter: tracing_subscriber::filter::Targets = std::env::var("RUST_LOG")
         .unwrap_or_else(|_| "info,hickory_server=warn".into())
         .parse()?;
-    tracing_subscriber::fmt().finish().with(filter).init();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::level_filters::LevelFilter::TRACE)
+        .finish()
+        .with(filter)
+        .init();
     let mut addr: SocketAddr = "127.0.0.1:5353".parse()?;
     let mut nodes = 20usize;
     let mut queries = None;
