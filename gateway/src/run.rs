@@ -291,12 +291,23 @@ impl Gateway {
             None => None,
         };
         let records = match opts.dns {
-            // A zone DNS cannot carry (too large for its TXT set) stops the start here,
-            // not a running gateway's DNS later.
-            Some(_) => Some(
-                name_resolver::ZoneRecords::new(&opts.creds.zone())
-                    .map_err(name_resolver::DnsError::from)?,
-            ),
+            // A zone too large for DNS is served as a running gateway serves one it adopts:
+            // its addresses, without its TXT set, said at error. Refusing the start (exit 2,
+            // which the unit does not restart) left a gateway that had adopted such a zone
+            // from another gateway down at its next reboot. Names DNS cannot carry still stop
+            // the start here.
+            Some(_) => {
+                let zone = opts.creds.zone();
+                Some(match name_resolver::ZoneRecords::new(&zone) {
+                    Ok(r) => r,
+                    Err(error @ name_resolver::RecordsError::TxtTooLarge { .. }) => {
+                        tracing::error!(%error, serial = zone.config.serial, "DNS serves this zone serial's addresses without its TXT record: nodes cannot bootstrap over DNS until it fits");
+                        name_resolver::ZoneRecords::without_txt(&zone)
+                            .map_err(name_resolver::DnsError::from)?
+                    }
+                    Err(e) => return Err(name_resolver::DnsError::from(e).into()),
+                })
+            }
             None => None,
         };
         let endpoint = transport::server_endpoint(opts.listen, &opts.creds, &opts.tuning)?;

@@ -12,7 +12,7 @@ use zone_core::ZoneError;
 pub enum RecordsError {
     #[error("{0:?} is not a valid DNS name: {1}; serve this zone's DNS elsewhere (dns = \"off\" in gateway.toml)")]
     Name(String, String),
-    #[error("zone config is too large for DNS: its TXT record would be {bytes} bytes, the limit is {max} (a DNS message holds at most 64 KiB); remove devices or old revocations from the zone, or set dns = \"off\" in gateway.toml")]
+    #[error("zone config is too large for DNS: its TXT record would be {bytes} bytes, the limit is {max} (a DNS message holds at most 64 KiB); revoke devices no longer used (a revocation takes less room than a device), or set dns = \"off\" in gateway.toml and give nodes their zone.json by hand")]
     TxtTooLarge { bytes: usize, max: usize },
     #[error("a TXT string is {0} bytes; one TXT character-string holds at most 255")]
     TxtString(usize),
@@ -87,7 +87,7 @@ pub enum BootstrapError {
         rcode: String,
         hint: &'static str,
     },
-    #[error("DNS server {server} has no TXT record at {name}: is it the gateway of this zone?")]
+    #[error("DNS server {server} has no TXT record at {name}: is it the gateway of this zone? (A gateway whose zone config is too large for DNS publishes none: its log says so)")]
     NoRecord { server: SocketAddr, name: String },
     #[error("DNS server {server}: the answer for {name} was still truncated over TCP")]
     Truncated { server: SocketAddr, name: String },

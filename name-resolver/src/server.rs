@@ -496,10 +496,11 @@ impl Live {
 
     /// Makes room for a connection of `newcomer` in a full table: closes the connection idle
     /// the longest if one has been idle for [`EVICTABLE_AFTER`], else the idlest of the site
-    /// (IPv4 /24, IPv6 /48) holding the most, if it holds more than `newcomer`'s. False if
-    /// neither. By site: four sites at [`MAX_TCP_PER_SITE`] fill the table with one
-    /// connection per client, none of them holding "the most". More, not two more: sites
-    /// holding one busy connection each (an IPv6 /40 is 256 of them) kept every newcomer out.
+    /// (IPv4 /24, IPv6 /48) holding the most, if it holds two more than `newcomer`'s, or any
+    /// while `newcomer`'s holds none. False if neither. By site: four sites at
+    /// [`MAX_TCP_PER_SITE`] fill the table with one connection per client, none of them
+    /// holding "the most". A site holding none gets in against one holding one: sites holding
+    /// one busy connection each (an IPv6 /40 is 256 of them) kept every newcomer out.
     fn make_room(&self, newcomer: IpAddr) -> bool {
         if self.evict_idlest() {
             return true;
@@ -515,7 +516,9 @@ impl Live {
         let Some((&hog, &most)) = held.iter().max_by_key(|(_, n)| **n) else {
             return false;
         };
-        if most <= mine {
+        // Two more, or any at all against a site holding none: sites one apart would close
+        // each other's busy connections in turn as each reconnects.
+        if most <= mine + 1 && !(mine == 0 && most > 0) {
             return false;
         }
         let victim = open()
