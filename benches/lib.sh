@@ -97,6 +97,8 @@ declare -gA PID=()
 pids=()
 tmp=
 cleanup_hooks=()
+# Files made outside $tmp (removed at exit too).
+cleanup_files=()
 
 # netns_init - inside the namespace: loopback up, a scratch directory, the clean-up trap.
 netns_init() {
@@ -118,6 +120,7 @@ cleanup() {
     kill "${kids[@]}" "${pids[i]}" 2>/dev/null
   done
   for i in "${pids[@]}"; do wait "$i" 2>/dev/null; done
+  ((${#cleanup_files[@]})) && rm -f "${cleanup_files[@]}"
   if [[ -n ${KEEP_TMP:-} ]]; then
     echo "# logs kept in $tmp" >&2
   elif [[ -n $tmp ]]; then

@@ -371,10 +371,24 @@ EOF
   local agent_shared agent_anon
   agent_shared=$(rss_kib "${PID[m1]}")
   stop m1 || true
-  wait_agents 127.0.0.1:9190 0 20 || true
-  cp "$ZONEGATE" "$tmp/zonegate-node"
-  drop_cached "$tmp/zonegate-node"
-  start m1 "$tmp/zonegate-node" node --config "$node_conf" --service echo=127.0.0.1:7007
+  # Gone from the gateway's list before the copy starts, so that the count of one below is
+  # the copy connected (wait_agents waits for at least COUNT).
+  for ((i = 0; i < 100; i++)); do
+    [[ $(agent_count 127.0.0.1:9190) -eq 0 ]] && break
+    sleep 0.2
+  done
+  # On disk, not tmpfs: a tmpfs file's pages cannot be dropped from memory, and a copy there
+  # would be mapped whole.
+  local node_bin
+  node_bin=$(mktemp -p "$(dirname "$ZONEGATE")" .zonegate-node.XXXXXX)
+  cleanup_files+=("$node_bin")
+  cp "$ZONEGATE" "$node_bin"
+  chmod 755 "$node_bin"
+  if [[ $(stat -f -c %T "$node_bin") == tmpfs ]]; then
+    echo "note: $node_bin is on tmpfs: its pages cannot be dropped from the page cache" >&2
+  fi
+  drop_cached "$node_bin"
+  start m1 "$node_bin" node --config "$node_conf" --service echo=127.0.0.1:7007
   wait_agents 127.0.0.1:9190 1 20 || { cat "$tmp/gwm.log" "$tmp/m1.log" >&2; exit 1; }
   sleep "$SETTLE"
   agent_idle=$(rss_kib "${PID[m1]}")
