@@ -157,7 +157,7 @@ fn check_private(path: &Path) -> Result<(), ZoneError> {
             path: path.to_owned(),
             what: "zone key",
             why: format!(
-                "others may read it (mode {:o}): every device key derives from it; run `chmod 600 {}`",
+                "others may read it (mode {:o}): every device key derives from it; run `chmod 600 {}` (on a FAT or exFAT drive, which has no modes, copy the zone directory off it first)",
                 mode & 0o777,
                 path.display()
             ),
