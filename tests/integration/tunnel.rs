@@ -648,6 +648,84 @@ async fn open_connections_end_when_the_policy_stops_allowing_them() {
     gw.shutdown.cancel();
 }
 
+/// A UDP flow is decided again when the policy changes, as a TCP connection is: an edit that
+/// no longer allows its client ends it, and the client's next datagram is refused (through
+/// a flow left open it would still be answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_flows_end_when_the_policy_stops_allowing_them() {
+    let z = TestZone::new(&["home1"]);
+    let port = free_udp_port();
+    let app = |from: &str| {
+        format!("[app.u]\nudp = {{ listen = \"127.0.0.1:{port}\" }}\nto = \"home1/uecho\"\nallow = {{ from = [\"{from}\"] }}\n")
+    };
+    z.write_policy("u.toml", &app("public"));
+    let echo = udp_echo().await;
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("uecho", echo, ServiceProto::Udp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(("127.0.0.1", port)).await.unwrap();
+    let mut buf = [0u8; 64];
+    client.send(b"allowed").await.unwrap();
+    let n = tokio::time::timeout(WAIT, client.recv(&mut buf))
+        .await
+        .expect("echoed while allowed")
+        .unwrap();
+    assert_eq!(&buf[..n], b"allowed");
+
+    z.write_policy("u.toml", &app("10.0.0.0/8"));
+    wait_until("the edit in force", WAIT, || {
+        let cur = gw.hub.policy().current();
+        let a = cur.policy.app("u").expect("u");
+        let who = policies::Requester::Public {
+            ip: [127, 0, 0, 1].into(),
+        };
+        matches!(
+            cur.policy
+                .decide(a, &who, None, None, policies::Timestamp::now()),
+            policies::Decision::Deny { .. }
+        )
+    })
+    .await;
+    let denied = || {
+        let cur = gw.hub.policy().current();
+        let a = cur.policy.app("u").expect("u");
+        cur.state(a)
+            .counters
+            .snapshot()
+            .refusals
+            .values()
+            .sum::<u64>()
+            > 0
+    };
+    // The socket's loop hears of the edit a moment after it is in force: then the flow is
+    // gone and the next datagram's new flow refused.
+    let mut refused = false;
+    for _ in 0..20 {
+        client.send(b"after the edit").await.unwrap();
+        if tokio::time::timeout(Duration::from_millis(300), client.recv(&mut buf))
+            .await
+            .is_err()
+            && denied()
+        {
+            refused = true;
+            break;
+        }
+    }
+    assert!(
+        refused,
+        "the flow outlived the edit that no longer allows its client"
+    );
+    gw.shutdown.cancel();
+}
+
 /// Listeners follow what the policy names, not app names: renaming an app, or two apps
 /// swapping ports, keeps every port serving (each used to be closed and rebound while the old
 /// socket still held it: EADDRINUSE, and the app stayed unreachable until the next edit). An
