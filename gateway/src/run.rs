@@ -154,15 +154,23 @@ const CERT_POLL: Duration = Duration::from_secs(5);
 
 /// Serves renewed `[[tls]]` certificates from the next handshake on, as their files change;
 /// files that do not load are logged and the old certificates serve on.
-async fn watch_certificates(mut tls: front::tls::Tls, shutdown: CancellationToken) {
+async fn watch_certificates(
+    mut tls: front::tls::Tls,
+    domain: String,
+    policy: Arc<PolicyStore>,
+    shutdown: CancellationToken,
+) {
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(CERT_POLL) => {}
         }
-        // File reads: off the runtime's threads.
+        let names = self_signed_names(&domain, &policy);
+        // File reads (and signing): off the runtime's threads.
         let (back, r) = match tokio::task::spawn_blocking(move || {
-            let r = tls.reload_if_changed();
+            let r = tls
+                .reload_if_changed()
+                .or_else(|| tls.reissue_self_signed(&names));
             (tls, r)
         })
         .await
@@ -175,8 +183,15 @@ async fn watch_certificates(mut tls: front::tls::Tls, shutdown: CancellationToke
             }
         };
         tls = back;
+        let self_signed = tls.self_signed_pem.is_some();
         match r {
             None => {}
+            Some(Ok(names)) if self_signed => {
+                info!(names = ?names, "the policy's http hosts changed: the self-signed HTTPS certificate now names them (same key)")
+            }
+            Some(Err(e)) if self_signed => {
+                error!(error = %e, "the self-signed HTTPS certificate could not be issued for the policy's new hosts: the previous one serves on; tried again every 5 s")
+            }
             Some(Ok(names)) => {
                 info!(names = ?names, "HTTPS certificates changed on disk: serving the new ones")
             }
@@ -216,8 +231,8 @@ pub(crate) fn bind_hint(e: &std::io::Error, addr: SocketAddr, fix: &str) -> Stri
 
 /// Names of the self-signed certificate: the zone domain, its wildcard, and every host of
 /// the policy's http apps.
-fn self_signed_names(creds: &DeviceCreds, policy: &PolicyStore) -> Vec<String> {
-    let d = creds.domain().to_string();
+fn self_signed_names(domain: &str, policy: &PolicyStore) -> Vec<String> {
+    let d = domain.to_string();
     let mut names = vec![d.clone(), format!("*.{d}")];
     for a in policy.current().policy.apps() {
         if let policies::Listener::Http(r) = &a.listener {
@@ -285,7 +300,7 @@ impl Gateway {
         // DNS cannot carry is a setting to change, told before anything is bound.
         let tls = match opts.https {
             Some(_) => {
-                let names = self_signed_names(&opts.creds, &opts.policy);
+                let names = self_signed_names(&opts.creds.domain().to_string(), &opts.policy);
                 Some(front::tls::configure(&opts.tls_certs, &names)?)
             }
             None => None,
@@ -401,10 +416,12 @@ impl Gateway {
             shutdown.cancel();
             return Err(StartError::Usage(clashes.join("; ")));
         }
-        let errors = listeners.reconcile(&hub, &shutdown).await;
-        if !errors.is_empty() {
-            shutdown.cancel();
-            return Err(StartError::Bind(errors.join("; ")));
+        // An app's address another program holds (a mail server that took port 25 first
+        // after a reboot) costs that app only, as it does while running: a start refused for
+        // it put every app, DNS and the tunnel in a restart loop. Retried at every poll;
+        // `/status` lists it under `listener_errors`.
+        for e in listeners.reconcile(&hub, &shutdown).await {
+            error!(error = %e, "app listener could not start; the gateway serves the rest and tries it again at every policy poll");
         }
         hub.policy().set_check(listeners.reload_check());
         let front = Front::new(hub.clone(), opts.http_tuning);
@@ -589,7 +606,12 @@ impl Gateway {
             essential(
                 "HTTPS certificate watcher",
                 "renewed certificates would not be served before the old ones end",
-                tokio::spawn(watch_certificates(tls, shutdown.clone())),
+                tokio::spawn(watch_certificates(
+                    tls,
+                    opts.creds.domain().to_string(),
+                    hub.policy().clone(),
+                    shutdown.clone(),
+                )),
                 &fatal,
                 &shutdown,
             );

@@ -240,6 +240,12 @@ const MAX_HOST: usize = 256;
 /// Anything else would be routed by a part of it while the service, which gets the `Host` as
 /// the client wrote it, builds links from all of it (`[alice.example]@evil.example` used to
 /// route to alice.example).
+/// Whether `host` (a `Host` header or `:authority`, port included) is one that routing can
+/// match at all: when not, the request is malformed (RFC 9112 §3.2: 400), not unrouted.
+pub fn is_host(host: &str) -> bool {
+    normalize_host(host, &mut [0u8; MAX_HOST]).is_some()
+}
+
 fn normalize_host<'b>(host: &str, buf: &'b mut [u8; MAX_HOST]) -> Option<&'b str> {
     // RFC 3986: `port = *DIGIT`, so `host:` is a host too.
     let port_ok = |p: &str| p.bytes().all(|b| b.is_ascii_digit());

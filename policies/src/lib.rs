@@ -47,7 +47,7 @@ mod schema;
 
 pub use diff::{diff, Change};
 pub use error::{PolicyError, Position};
-pub use eval::{Decision, DenyReason, MeshDecision, Requester, Timestamp};
+pub use eval::{is_host, Decision, DenyReason, MeshDecision, Requester, Timestamp};
 pub use limits::{AppLimits, ConnGuard, LimitKey, RetryAfter};
 pub use model::*;
 pub use parse::{

@@ -791,6 +791,14 @@ async fn errors_are_distinct_and_short() {
     assert!(answer.starts_with("HTTP/1.1 404"), "{}", &answer[..200]);
     assert!(answer.contains("…[7168 more bytes]"), "{}", &answer[..200]);
 
+    // A Host that is no host (RFC 9112 §3.2: 400), not one no app serves (404).
+    for host in ["x@alice.example", "alice.example:http", "[::1"] {
+        let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let answer = h.raw(req.as_bytes(), "bad host").await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{host}: {answer}");
+        assert!(answer.contains("is not a host"), "{host}: {answer}");
+    }
+
     // A head trickled a few bytes per write is answered once its end arrives (it is parsed
     // when its blank line comes, not rescanned whole after every read).
     let mut tcp = tokio::net::TcpStream::connect(h.http).await.unwrap();
@@ -1132,6 +1140,46 @@ where
     .await
     .unwrap();
     (send, tokio::spawn(conn))
+}
+
+/// A HEAD request the gateway answers itself (here: a host no app serves) gets its status
+/// without a body over HTTP/2 as over HTTP/1: hyper's HTTP/2 server sends whatever body it is
+/// handed, and clients refuse DATA on a HEAD stream (RFC 9113 §8.1.1; h2 resets it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_head_the_gateway_answers_itself_carries_no_body() {
+    let h = start().await;
+    let (mut send, _conn) = h2c_client::<http_body_util::Empty<Bytes>>(h.http).await;
+    for method in [hyper::Method::HEAD, hyper::Method::GET] {
+        let req = Request::builder()
+            .method(method.clone())
+            .uri("http://nobody.alice.example/x")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .unwrap_or_else(|e| panic!("{method}: {e}"))
+            .to_bytes();
+        assert_eq!(body.is_empty(), method == hyper::Method::HEAD, "{method}");
+    }
+}
+
+/// A request head HTTP/1 takes (up to 64 KiB: here 20 KiB of cookies, as sites with split
+/// sign-in cookies send) passes over HTTP/2 too. hyper's HTTP/2 default of 16 KiB refused it
+/// with 431, and only over h2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_request_with_a_large_head_passes_as_over_http1() {
+    let h = start().await;
+    let (mut send, _conn) = h2c_client::<http_body_util::Empty<Bytes>>(h.http).await;
+    let req = Request::get(format!("http://{DOMAIN}/bytes/10"))
+        .header("cookie", format!("session={}", "c".repeat(20 << 10)))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
 }
 
 /// An HTTP/2 client that grants no flow-control credit (a zero initial window) and answers

@@ -26,6 +26,8 @@ pub enum Source {
 pub enum ProxyError {
     #[error("the request names no host")]
     NoHost,
+    #[error("the request's host {host:?} is not a host name")]
+    BadHost { host: String },
     #[error("the request target or host holds a control character")]
     BadTarget,
     #[error("{method} is not proxied: {why}")]
@@ -86,6 +88,7 @@ impl ProxyError {
     pub fn blame(&self) -> Source {
         match self {
             ProxyError::NoHost
+            | ProxyError::BadHost { .. }
             | ProxyError::BadTarget
             | ProxyError::MethodNotSupported { .. }
             | ProxyError::BodyNotAllowed { .. }
@@ -114,6 +117,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoHost
+            | ProxyError::BadHost { .. }
             | ProxyError::BadTarget
             | ProxyError::ClientBody { .. }
             | ProxyError::BodyNotAllowed { .. } => StatusCode::BAD_REQUEST,
@@ -150,6 +154,9 @@ impl ProxyError {
     pub fn body(&self) -> String {
         match self {
             ProxyError::NoHost => "400 bad request: the request names no host\n".into(),
+            ProxyError::BadHost { host } => format!(
+                "400 bad request: {host:?} is not a host: a name of letters, digits, '-' and '.', or an IP address, then at most :PORT\n"
+            ),
             ProxyError::BadTarget => {
                 "400 bad request: the request target or host holds a control character or space; percent-encode it\n".into()
             }

@@ -84,6 +84,9 @@ pub(super) async fn serve<I>(
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new())
         .max_concurrent_streams(MAX_H2_STREAMS)
+        // As much head as HTTP/1 takes (hyper's default is 16 KiB): a site's cookies that
+        // pass over HTTP/1.1 must not be refused to the same browser over h2.
+        .max_header_list_size(super::server_h1::MAX_HEAD as u32)
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20));
     let conn = b.serve_connection(TokioIo::new(io), svc);
@@ -139,8 +142,23 @@ pub(super) async fn serve<I>(
         }
     };
     if let Err(e) = r {
-        debug!(error = %e, "connection ended with an error");
+        match broke_protocol(&e) {
+            Some(why) => {
+                info!(client = %crate::addr_text::Client(peer), error = %why, "HTTP/2 client broke the protocol: connection closed (GOAWAY)")
+            }
+            None => debug!(error = %e, "connection ended with an error"),
+        }
     }
+}
+
+/// The h2 error of a connection closed by our GOAWAY for what its client sent (a malformed
+/// frame, a CONTINUATION or header flood, too many streams reset by us); None for I/O ends
+/// and the client's own GOAWAY. hyper returns them all alike, and they were logged at debug,
+/// unseen, while the gateway's own floods checks log at info.
+fn broke_protocol(e: &hyper::Error) -> Option<&::h2::Error> {
+    let h2e = std::error::Error::source(e)?.downcast_ref::<::h2::Error>()?;
+    let ours = h2e.is_library() && h2e.is_go_away();
+    (ours && h2e.reason() != Some(::h2::Reason::NO_ERROR)).then_some(h2e)
 }
 
 /// The requests of one connection: how many are open (until their answers end), when the

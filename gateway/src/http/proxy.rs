@@ -412,6 +412,13 @@ pub(crate) async fn handle(
             log.error = Some(e.to_string());
             front.metrics().observe(log.app(), log.status, latency);
             let (parts, full) = e.response().into_parts();
+            // HTTP/1 leaves a HEAD answer's body out as it writes it; hyper's HTTP/2 server
+            // would send it as DATA, which clients refuse (RFC 9113 §8.1.1).
+            let full = if log.method == Method::HEAD {
+                http_body_util::Full::new(bytes::Bytes::new())
+            } else {
+                full
+            };
             Response::from_parts(parts, Metered::new(full, Logged(Some(log))).boxed())
         }
     }
@@ -440,13 +447,19 @@ async fn forward(
     }
     let host = route::request_host(&parts).ok_or(ProxyError::NoHost)?;
     let active = front.hub().policy().current();
-    let app = active
-        .policy
-        .route_http(host, log.uri.path())
-        .ok_or_else(|| ProxyError::NoRoute {
-            host: loggable(host).into_owned(),
-            path: loggable(log.uri.path()).into_owned(),
-        })?;
+    let app =
+        active
+            .policy
+            .route_http(host, log.uri.path())
+            .ok_or_else(|| match policies::is_host(host) {
+                true => ProxyError::NoRoute {
+                    host: loggable(host).into_owned(),
+                    path: loggable(log.uri.path()).into_owned(),
+                },
+                false => ProxyError::BadHost {
+                    host: loggable(host).into_owned(),
+                },
+            })?;
     let Listener::Http(http_route) = &app.listener else {
         return Err(ProxyError::NoRoute {
             host: loggable(host).into_owned(),

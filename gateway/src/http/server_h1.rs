@@ -144,8 +144,21 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, RequestE
     }
     let method = Method::from_bytes(&raw[method])
         .map_err(|_| RequestError::Malformed("invalid method".into()))?;
+    // Origin-form (`/path`) or absolute-form (`http://host/path`); `*` for OPTIONS only and
+    // authority-form (`host:port`) for CONNECT only (refused later, with its reason), as RFC
+    // 9112 §3.2 allows: `GET host:80` parsed as a URI without a path and was forwarded as `/`.
+    let form_ok = match raw[target.clone()].first() {
+        Some(b'/') => true,
+        Some(b'*') => method == Method::OPTIONS && target.len() == 1,
+        _ => method == Method::CONNECT,
+    };
     let uri = Uri::from_maybe_shared(raw.slice(target))
         .map_err(|_| RequestError::Malformed("invalid request target".into()))?;
+    if !form_ok && uri.scheme().is_none() {
+        return Err(RequestError::Malformed(
+            "request target is neither /path nor http://host/path".into(),
+        ));
+    }
     let version = if minor == 0 {
         Version::HTTP_10
     } else {
@@ -390,6 +403,30 @@ mod tests {
         // Incomplete: nothing taken.
         assert!(parse_request(&mut buf).unwrap().is_none());
         assert_eq!(&buf[..], b"GET /next HTTP/1.1\r\n");
+    }
+
+    /// The request target's forms RFC 9112 §3.2 allows, each for its methods only.
+    #[test]
+    fn targets_in_a_form_their_method_may_not_use_are_refused() {
+        for ok in [
+            "GET /a HTTP/1.1\r\n\r\n",
+            "GET http://x.example/a HTTP/1.1\r\n\r\n",
+            "OPTIONS * HTTP/1.1\r\n\r\n",
+            "CONNECT x.example:443 HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(parse(ok).unwrap().is_some(), "{ok}");
+        }
+        for bad in [
+            "GET x.example:80 HTTP/1.1\r\n\r\n",
+            "GET * HTTP/1.1\r\n\r\n",
+            "OPTIONS *x HTTP/1.1\r\n\r\n",
+        ] {
+            let e = parse(bad).map(|_| ()).unwrap_err().to_string();
+            assert!(
+                e.contains("neither /path nor http://host/path"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

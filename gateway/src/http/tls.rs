@@ -3,7 +3,8 @@
 //!
 //! With no files configured, a self-signed certificate is made at start for the zone's names
 //! (`DOMAIN`, `*.DOMAIN`, and the hosts of the policy's http apps), so HTTPS works out of the
-//! box; browsers warn about it until real certificates are configured.
+//! box; browsers warn about it until real certificates are configured. It is issued again,
+//! with the same key, when a policy edit changes those hosts ([`Tls::reissue_self_signed`]).
 //!
 //! The cipher suite is the server's choice, AES-128-GCM first ([`front_provider`]).
 //!
@@ -192,6 +193,9 @@ pub struct Tls {
     pub names: Vec<String>,
     /// The certificate files, to read again when they change.
     files: CertFiles,
+    /// Without files: the self-signed certificate's key, kept to issue it again for new names
+    /// (a client that pinned the key keeps trusting it).
+    self_signed_key: Option<rcgen::KeyPair>,
 }
 
 /// The `(cert, key)` files served, and what they looked like when last read.
@@ -241,6 +245,9 @@ impl Tls {
     /// handshake on; `Some(Err)` when they do not load, the old ones serving on. Blocking
     /// (file reads).
     pub fn reload_if_changed(&mut self) -> Option<Result<Vec<String>, TlsError>> {
+        if self.self_signed_key.is_some() {
+            return None;
+        }
         let f = &mut self.files;
         if f.pairs.is_empty() {
             return None;
@@ -273,6 +280,41 @@ impl Tls {
     }
 }
 
+impl Tls {
+    /// Issues the self-signed certificate again, with the same key, when `names` (in any
+    /// order) are not the ones it serves: an http app's host added by a policy edit was
+    /// served a certificate without its name until a restart. `None` when nothing changed or
+    /// the certificates are files; `Some(Ok(names))` when the new one serves from the next
+    /// handshake on; `Some(Err)` when it could not be made, the old one serving on.
+    pub fn reissue_self_signed(
+        &mut self,
+        names: &[String],
+    ) -> Option<Result<Vec<String>, TlsError>> {
+        let key = self.self_signed_key.as_ref()?;
+        let same = |a: &[String], b: &[String]| a.iter().all(|n| b.contains(n));
+        if names.len() == self.names.len() && same(names, &self.names) && same(&self.names, names) {
+            return None;
+        }
+        Some(self_signed(names, key).map(|(pem, e)| {
+            self.files
+                .resolver
+                .entries
+                .store(Arc::new(Entries(vec![e])));
+            self.self_signed_pem = Some(pem);
+            self.names = names.to_vec();
+            self.names.clone()
+        }))
+    }
+}
+
+/// A certificate for `names` signed by `key` itself: its PEM and the entry serving it.
+fn self_signed(names: &[String], key: &rcgen::KeyPair) -> Result<(String, Entry), TlsError> {
+    let cert = rcgen::CertificateParams::new(names.to_vec())?.self_signed(key)?;
+    let der = PrivateKeyDer::try_from(key.serialize_der())
+        .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+    Ok((cert.pem(), entry(vec![cert.der().clone()], der)?))
+}
+
 /// Builds the TLS configuration from `(cert, key)` PEM file pairs, or a self-signed
 /// certificate for `fallback_names` when there are none.
 pub fn configure(pairs: &[(PathBuf, PathBuf)], fallback_names: &[String]) -> Result<Tls, TlsError> {
@@ -283,15 +325,16 @@ pub fn configure(pairs: &[(PathBuf, PathBuf)], fallback_names: &[String]) -> Res
         .collect();
     let mut entries = Vec::new();
     let mut self_signed_pem = None;
+    let mut self_signed_key = None;
     for (c, k) in pairs {
         entries.push(load_pair(c, k)?);
     }
     if entries.is_empty() {
-        let ck = rcgen::generate_simple_self_signed(fallback_names.to_vec())?;
-        self_signed_pem = Some(ck.cert.pem());
-        let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der())
-            .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
-        entries.push(entry(vec![ck.cert.der().clone()], key)?);
+        let key = rcgen::KeyPair::generate()?;
+        let (pem, e) = self_signed(fallback_names, &key)?;
+        self_signed_pem = Some(pem);
+        self_signed_key = Some(key);
+        entries.push(e);
     }
     let names = entries.iter().flat_map(|e| e.names.clone()).collect();
     let resolver = Arc::new(SniResolver {
@@ -314,6 +357,7 @@ pub fn configure(pairs: &[(PathBuf, PathBuf)], fallback_names: &[String]) -> Res
         self_signed_pem,
         names,
         files,
+        self_signed_key,
     })
 }
 
@@ -414,6 +458,44 @@ mod tests {
         assert!(e.contains("missing.key"), "{e}");
         let e = configure(&[(c.clone(), c)], &[]).unwrap_err().to_string();
         assert!(e.contains("no private key"), "{e}");
+    }
+
+    /// A policy edit adding an http host gets the self-signed certificate issued again for
+    /// it, with the same key; the same names in another order change nothing; certificate
+    /// files are never replaced by it.
+    #[test]
+    fn the_self_signed_certificate_follows_the_hosts_and_keeps_its_key() {
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let spki = |c: &CertificateDer<'_>| {
+            let (_, x) = x509_parser::parse_x509_certificate(c.as_ref()).unwrap();
+            x.public_key().raw.to_vec()
+        };
+        let mut tls = configure(&[], &names(&["alice.example", "*.alice.example"])).unwrap();
+        let first = tls.files.resolver.entries.load().0[0].key.cert[0].clone();
+        let first_pem = tls.self_signed_pem.clone().unwrap();
+        assert!(tls
+            .reissue_self_signed(&names(&["*.alice.example", "alice.example"]))
+            .is_none());
+        let wanted = names(&["alice.example", "*.alice.example", "photos.bob.example"]);
+        assert_eq!(tls.reissue_self_signed(&wanted).unwrap().unwrap(), wanted);
+        assert_eq!(tls.names, wanted);
+        let entries = tls.files.resolver.entries.load();
+        assert_eq!(entries.0.len(), 1);
+        assert_eq!(entries.pick(Some("photos.bob.example")), 0);
+        assert!(entries.0[0]
+            .names
+            .contains(&"photos.bob.example".to_string()));
+        let now = entries.0[0].key.cert[0].clone();
+        assert_ne!(first, now);
+        assert_eq!(spki(&first), spki(&now));
+        assert_ne!(tls.self_signed_pem.as_deref(), Some(first_pem.as_str()));
+        assert!(tls.reissue_self_signed(&wanted).is_none());
+
+        let d = tempfile::tempdir().unwrap();
+        let pair = write_pair(d.path(), "a", &["a.example"]);
+        let mut files = configure(&[pair], &[]).unwrap();
+        assert!(files.reissue_self_signed(&wanted).is_none());
+        assert_eq!(files.names, ["a.example"]);
     }
 
     /// Runs a handshake in memory between `server` and a client offering `suites` in that
