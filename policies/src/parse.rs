@@ -110,6 +110,11 @@ fn friendly(msg: &str) -> String {
             "struct LimitsSpec",
             "a limits table such as `{ rate = \"50/s\" }`",
         )
+        // `from = "public"` for `from = ["public"]`, the likeliest slip.
+        .replace(
+            "expected a sequence",
+            "expected a list: write it in brackets, such as `[\"public\"]`",
+        )
 }
 
 /// The `*.toml` files of `dir`, sorted. Also used by the watcher to fingerprint the directory.

@@ -183,6 +183,12 @@ pub fn parse_host(s: &str) -> Result<String, String> {
         });
     if ok {
         Ok(h)
+    } else if h.contains('_') {
+        // Requests may carry one (routing takes them), but no public CA issues certificates
+        // for such names since 2019: HTTPS for it could never be made to work.
+        Err(format!(
+            "invalid host {s:?}: '_' is not allowed in host names (certificate authorities refuse them); use '-'"
+        ))
     } else {
         Err(format!(
             "invalid host {s:?}: expected a DNS name such as \"alice.example\" (no scheme, port or path)"
@@ -462,6 +468,9 @@ mod tests {
         assert_eq!(parse_host("Alice.Example.").unwrap(), "alice.example");
         assert!(parse_host("http://x").is_err());
         assert!(parse_host("x:80").is_err());
+        assert!(parse_host("my_app.example")
+            .unwrap_err()
+            .contains("'_' is not allowed in host names"));
         assert_eq!(parse_path_prefix("/dfs/").unwrap(), "/dfs");
         assert_eq!(parse_path_prefix("/").unwrap(), "/");
         assert!(parse_path_prefix("dfs").is_err());

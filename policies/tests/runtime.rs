@@ -281,6 +281,55 @@ fn every_error_of_every_file_and_duplicates_across_files() {
     );
 }
 
+/// An IPv4-mapped listen address is refused with the plain IPv4 to write: it slipped past the
+/// overlap checks (with another app on the same IPv4 address and port, or the gateway's own
+/// sockets) and then failed to bind.
+#[test]
+fn an_ipv4_mapped_listen_address_is_refused_naming_the_ipv4_one() {
+    for (kind, listen) in [
+        ("tcp", "[::ffff:203.0.113.5]:2222"),
+        ("udp", "[::ffff:127.0.0.1]:53"),
+    ] {
+        let src = format!("[app.m]\n{kind} = {{ listen = \"{listen}\" }}\nto = \"d/s\"\n");
+        let errs: Vec<String> = check_sources(&[(PathBuf::from("m.toml"), src)])
+            .expect_err("refused")
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        let plain = listen.trim_start_matches("[::ffff:").replace(']', "");
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(
+            errs[0].contains("an IPv4 address written as IPv6")
+                && errs[0].contains(&format!("write \"{plain}\"")),
+            "{errs:#?}"
+        );
+    }
+    // Plain IPv6 and IPv4 stay as they are.
+    for listen in ["[::1]:2222", "[::]:2222", "127.0.0.1:2222"] {
+        let src = format!("[app.m]\ntcp = {{ listen = \"{listen}\" }}\nto = \"d/s\"\n");
+        check_sources(&[(PathBuf::from("m.toml"), src)]).expect(listen);
+    }
+}
+
+/// A list written as a single string (`from = "public"`) is told to be written in brackets,
+/// not as serde's "invalid type: string, expected a sequence".
+#[test]
+fn a_string_where_a_list_goes_says_to_write_brackets() {
+    let src =
+        "[app.m]\nhttp = { host = \"a.example\" }\nto = \"d/s\"\nallow = { from = \"public\" }\n";
+    let errs: Vec<String> = check_sources(&[(PathBuf::from("m.toml"), src.to_string())])
+        .expect_err("refused")
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("m.toml:4:")
+                && e.contains("expected a list: write it in brackets")),
+        "{errs:#?}"
+    );
+}
+
 fn rate_policy(rate: &str, extra: &str) -> policies::CompiledPolicy {
     let src = format!("[app.a]\nhttp = {{ host = \"a.example\" }}\nto = \"d/s\"\nallow = {{ from = [\"public\"] }}\nlimits = {{ rate = \"{rate}\"{extra} }}\n");
     check_str(Path::new("r.toml"), &src).expect("valid")
