@@ -959,7 +959,8 @@ async fn device_revoked_while_connected_is_cut_off_and_stays_out() {
         .creds()
         .trust
         .is_revoked(&zone_core::DeviceName::new("laptop").unwrap()));
-    // The laptop's agent keeps trying (backoff from 250 ms); every attempt is refused.
+    // The laptop's agent keeps trying, at its longest backoff, saying why: every attempt is
+    // refused.
     let until = std::time::Instant::now() + Duration::from_secs(3);
     while std::time::Instant::now() < until {
         assert!(
@@ -970,6 +971,12 @@ async fn device_revoked_while_connected_is_cut_off_and_stays_out() {
     }
     let st = laptop.agent.links()[0].status();
     assert!(st.connects >= 1 && st.state == "connecting", "{st:?}");
+    assert!(
+        st.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("this device is revoked")),
+        "{st:?}"
+    );
     assert_echoes(gw.apps["echo"], b"still mine").await;
     laptop.shutdown.cancel();
     gw.shutdown.cancel();

@@ -569,6 +569,61 @@ async fn an_edit_to_an_address_in_use_keeps_the_old_policy() {
     gw.shutdown.cancel();
 }
 
+/// A start that finds one app's address held by another program (after a reboot, a mail
+/// server took the port first) serves everything else, shows the failure in `/status`, and
+/// starts that app once the port is free. It refused to start at all, and a service manager
+/// restarted the whole gateway for ever for one app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_with_one_app_address_taken_serves_the_rest_and_retries_it() {
+    let z = TestZone::new(&["home1"]);
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken: std::net::SocketAddr = held.local_addr().unwrap();
+    let pb = free_tcp_port();
+    z.write_policy("a.toml", &tcp_app("a", taken.port()));
+    z.write_policy("b.toml", &tcp_app("b", pb));
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let _h1 = start_echo_node(&z, &gw, "home1").await;
+    let b: std::net::SocketAddr = ([127, 0, 0, 1], pb).into();
+    assert_eq!(roundtrip(b, b"b").await.unwrap(), b"b");
+    let status = admin_status(gw.admin).await;
+    assert!(
+        status.contains("app a: cannot listen on Tcp") && status.contains("already in use"),
+        "{status}"
+    );
+    drop(held);
+    eventually_async("a served once its port is free", || async {
+        roundtrip(taken, b"a").await.ok().as_deref() == Some(&b"a"[..])
+    })
+    .await;
+    eventually_async("the failure leaves /status", || async {
+        !admin_status(gw.admin).await.contains("cannot listen")
+    })
+    .await;
+    gw.shutdown.cancel();
+}
+
+/// A second node agent running with a device's bundle (a cloned disk) takes the device's
+/// place at the gateway; the agent it replaced says why in its link's status (and log),
+/// naming the other agent, instead of a bare "connection lost" each time they take turns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_replaced_by_another_with_its_identity_says_so() {
+    let z = TestZone::new(&["home1"]);
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let first = start_echo_node(&z, &gw, "home1").await;
+    let link = first.agent.links()[0].clone();
+    wait_until("the first agent up", WAIT, || link.status().state == "up").await;
+    let second = start_echo_node(&z, &gw, "home1").await;
+    wait_until("the first agent told why it was cut", WAIT, || {
+        link.status()
+            .last_error
+            .is_some_and(|e| e.contains("another node agent with this device's identity"))
+    })
+    .await;
+    second.shutdown.cancel();
+    first.shutdown.cancel();
+    gw.shutdown.cancel();
+}
+
 /// Waits for the policy edit just written to be refused with an error `told` accepts, then,
 /// past a reconcile, checks the old listener at `app` still serves.
 async fn refused_and_still_serving(

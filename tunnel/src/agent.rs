@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use quinn::{Connection, Endpoint};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::admit::{GateStats, HandshakeGate};
 use crate::backoff::Backoff;
@@ -110,6 +110,14 @@ struct LinkState {
     /// The gateway's addresses from the zone config, in its order (a newer config may change
     /// them: the next dial uses the new ones).
     addrs: Vec<SocketAddr>,
+    /// The last session was closed by the gateway for a newer connection of this device's
+    /// identity, made by another agent: its backoff is not reset, so the two take turns
+    /// slower.
+    replaced: bool,
+    /// A gateway closed a session because this device is revoked (its zone config says so;
+    /// this device's may not yet): until a session is welcomed again, retries say so and wait
+    /// the longest backoff.
+    revoked: bool,
 }
 
 impl LinkState {
@@ -351,6 +359,15 @@ enum Via {
     Gateway(String),
     /// A peer device over a direct connection.
     Direct { peer: String, pc: PeerConn },
+}
+
+impl std::fmt::Display for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Via::Gateway(g) => write!(f, "gateway {g}"),
+            Via::Direct { peer, .. } => write!(f, "peer {peer} (direct)"),
+        }
+    }
 }
 
 /// How a stream's bytes are carried, decided before accepting it.
@@ -707,19 +724,28 @@ impl Agent {
             if let Some(problem) = self.cfg.creds.own_cert_problem() {
                 err = format!("{err} ({problem})");
             }
+            let revoked = link.state.lock().unwrap_or_else(|p| p.into_inner()).revoked;
+            if revoked && !err.contains("revoked") {
+                err = format!("{err} (a gateway said this device is revoked)");
+            }
             // Healthy means up for a while, counted from the welcome: a dial that took the
             // whole handshake timeout (a gateway dropping our packets) is no success.
             let mut healthy = false;
             link.set(|s| {
                 // Its flows were stopped as the session ended.
                 let (up_since, _) = s.session_over();
-                healthy = up_since.is_some_and(|t| t.elapsed() >= HEALTHY_AFTER);
+                let replaced = std::mem::take(&mut s.replaced);
+                healthy = up_since.is_some_and(|t| t.elapsed() >= HEALTHY_AFTER) && !replaced;
                 s.last_error = Some(err.clone());
             });
             if healthy {
                 backoff.reset();
             }
-            let delay = backoff.next_delay(rand::random::<f64>());
+            // A revoked device is let in by no retry: the longest wait, not a stream of dials.
+            let delay = match revoked {
+                true => BACKOFF_CAP,
+                false => backoff.next_delay(rand::random::<f64>()),
+            };
             info!(gateway = %link.name, addrs = ?link.addrs(), reason = %err, retry_ms = delay.as_millis() as u64, "tunnel down; reconnecting");
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -848,6 +874,7 @@ impl Agent {
             s.draining = false;
             s.observed = Some(welcome.observed_addr);
             s.last_error = None;
+            s.revoked = false;
             s.up_since = Some(Instant::now());
             s.addr = Some(addr);
         });
@@ -895,6 +922,24 @@ impl Agent {
         // UDP flows belong to this session: stop their tasks and close their sockets now, or a
         // chatty local UDP service would keep them alive after the tunnel is gone.
         stop_flows(&flows);
+        // Only another agent with this identity connects while this connection works: ours
+        // dials again only once it is gone.
+        let code = match conn.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(c)) => Some(c.error_code),
+            _ => None,
+        };
+        let replaced = code == Some(crate::hub::CLOSE_REPLACED.into());
+        let reason = if code == Some(crate::hub::CLOSE_REVOKED.into()) {
+            link.set(|s| s.revoked = true);
+            error!(gateway = %link.name, device = %self.cfg.creds.name(), "the gateway disconnected this device: it is revoked in the zone config and will not be let in again. If that is wrong, add it again on the machine holding the zone key (`zonegate device add`) and install its new bundle here");
+            "this device is revoked in the zone config (said by the gateway)".to_owned()
+        } else if replaced {
+            link.set(|s| s.replaced = true);
+            warn!(gateway = %link.name, "the gateway took a newer connection with this device's identity in place of this working one: another node agent runs with this device's bundle (a cloned disk, a restored backup, a second service); stop it, or give it a device of its own (`zonegate device add`)");
+            "replaced by another node agent with this device's identity".to_owned()
+        } else {
+            reason
+        };
         conn.close(0u32.into(), b"");
         Ok(reason)
     }
@@ -1072,6 +1117,7 @@ impl Agent {
             let mut down = 0u64;
             let mut buf = vec![0u8; FLOW_READ];
             let mut dropped = 0u64;
+            let mut ended = "quiet";
             // Made once, not per datagram: each would register a timer and a cancellation
             // waiter for every packet. The idle wait re-checks the activity when it fires.
             let stopped = stop.cancelled();
@@ -1079,7 +1125,10 @@ impl Agent {
             tokio::pin!(stopped, quiet);
             loop {
                 tokio::select! {
-                    _ = &mut stopped => break,
+                    _ = &mut stopped => {
+                        ended = "closed by the gateway";
+                        break;
+                    }
                     // Quiet both ways (datagrams to the service touch it in `read_datagrams`).
                     _ = &mut quiet => break,
                     r = sock.recv(&mut buf) => match r {
@@ -1104,10 +1153,17 @@ impl Agent {
                                 }
                             }
                         }
-                        // An ICMP "port unreachable" for an earlier datagram (the service is
-                        // restarting): the flow goes on, as a UDP client's socket would.
-                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
-                        Err(_) => break,
+                        // ICMP reports about earlier datagrams: the flow goes on, as the
+                        // gateway's own flows do (a new socket would be a new source port to
+                        // the service, breaking DTLS and game sessions).
+                        Err(e) if crate::sockets::icmp_transient(&e) => {}
+                        Err(e) => {
+                            if let Some(unlogged) = LogBudget::take_shared(&lines) {
+                                warn!(gateway = %gateway, flow = id, app = %app, service = %service, error = %e, unlogged, "UDP flow's socket to the service failed: the flow ends");
+                            }
+                            ended = "socket error";
+                            break;
+                        }
                     }
                 }
             }
@@ -1124,7 +1180,7 @@ impl Agent {
                 ctl.close_udp_flow(id);
             }
             if let Some(unlogged) = LogBudget::take_shared(&lines) {
-                info!(gateway = %gateway, flow = id, app = %app, service = %service, origin = %origin, bytes_down = down, dropped, secs = started.elapsed().as_secs(), unlogged, "UDP flow done");
+                info!(gateway = %gateway, flow = id, app = %app, service = %service, origin = %origin, bytes_down = down, dropped, secs = started.elapsed().as_secs(), ended, unlogged, "UDP flow done");
             }
         });
     }
@@ -1291,15 +1347,30 @@ impl Agent {
         holds: &Holds,
     ) {
         let t = self.cfg.tuning;
-        let (header, rest) =
-            match tokio::time::timeout(t.open_timeout, stream::read_header(&mut recv)).await {
-                Ok(Ok(h)) => h,
-                Ok(Err(e)) => {
-                    stream::refuse(&mut send, RefuseCode::BadRequest, &e.to_string()).await;
-                    return;
+        let (header, rest) = match tokio::time::timeout(
+            t.open_timeout,
+            stream::read_header(&mut recv),
+        )
+        .await
+        {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
+                    warn!(via = %via, error = %e, unlogged, "stream with an unreadable header refused");
                 }
-                Err(_) => return,
-            };
+                stream::refuse(&mut send, RefuseCode::BadRequest, &e.to_string()).await;
+                return;
+            }
+            // Said to the opener (its log reads the refusal, not "stream ended before its
+            // reply"), as the gateway's hub does.
+            Err(_) => {
+                if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
+                    warn!(via = %via, timeout_secs = t.open_timeout.as_secs(), unlogged, "stream header did not arrive in time: refused");
+                }
+                stream::refuse(&mut send, RefuseCode::BadRequest, "stream header timed out").await;
+                return;
+            }
+        };
         let StreamHeader::Open {
             app,
             service,
@@ -1337,7 +1408,9 @@ impl Agent {
                         Some(pc.stream_guard()),
                     ),
                     None => {
-                        info!(peer = %peer, service = %service, "direct stream refused: no gateway-approved stream from this peer yet");
+                        if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
+                            info!(peer = %peer, service = %service, unlogged, "direct stream refused: no gateway-approved stream from this peer yet");
+                        }
                         stream::refuse(
                             &mut send,
                             RefuseCode::PolicyDenied,
@@ -1421,11 +1494,15 @@ impl Agent {
                 let mut s = match tokio::time::timeout(t.open_timeout, hs).await {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
-                        warn!(origin = %origin, service = %service, error = %e, "end-to-end handshake failed: stream closed");
+                        if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
+                            warn!(origin = %origin, service = %service, error = %e, unlogged, "end-to-end handshake failed: stream closed");
+                        }
                         return;
                     }
                     Err(_) => {
-                        warn!(origin = %origin, service = %service, "end-to-end handshake timed out");
+                        if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
+                            warn!(origin = %origin, service = %service, unlogged, "end-to-end handshake timed out");
+                        }
                         return;
                     }
                 };

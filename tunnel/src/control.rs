@@ -206,6 +206,12 @@ pub fn channel() -> (ControlHandle, ControlCmds) {
 /// per pair, one drain).
 pub const MAX_BACKLOG: usize = 256 * 1024;
 
+/// Bytes of encoded messages past which a session that ends stalled readers
+/// ([`ControlIo::end_stalled_after`]) ends this one too: a peer reading a byte now and then
+/// restarts the stall timer each time, while flows opened and closed by public clients queue
+/// a frame each behind it, without limit.
+pub const MAX_UNREAD: usize = 4 * MAX_BACKLOG;
+
 /// Writes `out` to `send`, failing with `Timeout(`[`CONTROL_NOT_READ`]`)` once it waited
 /// `limit` without a byte going out. Cancel-safe: each `write` writes nothing unless it
 /// completes, and `stalled_since` keeps the wait's start across calls.
@@ -299,6 +305,9 @@ impl ControlIo {
     fn encode_queued(&mut self) -> Result<(), TunnelError> {
         while let Some(msg) = self.session.poll_transmit() {
             proto::encode_control(&msg, &mut self.out)?;
+        }
+        if self.stall_limit.is_some() && self.out.len() > MAX_UNREAD {
+            return Err(TunnelError::Timeout(CONTROL_NOT_READ));
         }
         Ok(())
     }

@@ -852,7 +852,12 @@ impl Hub {
             .unwrap_or_else(|p| p.into_inner())
             .insert(device.clone(), link.clone())
         {
-            // A device reconnecting (new NAT mapping, restart) replaces its stale connection.
+            // A device reconnecting (restart, power loss) replaces its stale connection. One
+            // that was still live is said with both addresses: two agents with one identity
+            // (a cloned disk) show as this line again and again (each agent says so too).
+            if old.conn.close_reason().is_none() {
+                info!(device = %device, previous = %old.conn.remote_address(), now = %conn.remote_address(), previous_up_secs = old.started.elapsed().as_secs(), "device connected again: its previous connection, still open, is closed");
+            }
             old.conn
                 .close(CLOSE_REPLACED.into(), b"replaced by a newer connection");
         }
@@ -1462,16 +1467,7 @@ impl Hub {
                             }
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        // ICMP errors for earlier datagrams: port unreachable (the service is
-                        // restarting), host or network unreachable (a service on another
-                        // host, for now): the flow goes on, as a UDP client's socket would.
-                        Err(e)
-                            if matches!(
-                                e.kind(),
-                                std::io::ErrorKind::ConnectionRefused
-                                    | std::io::ErrorKind::HostUnreachable
-                                    | std::io::ErrorKind::NetworkUnreachable
-                            ) => {}
+                        Err(e) if crate::sockets::icmp_transient(&e) => {}
                         Err(_) => return,
                     }
                 }

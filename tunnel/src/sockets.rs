@@ -69,6 +69,19 @@ pub fn std_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     Ok(s.into())
 }
 
+/// Whether a connected UDP socket's error is an ICMP report about an earlier datagram that
+/// a flow outlives, as a UDP client's socket would: port unreachable (the service is
+/// restarting), host or network unreachable (a service on another host of the LAN, for now:
+/// its ARP entry failed while it rebooted).
+pub fn icmp_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable
+    )
+}
+
 /// A UDP socket of the address family of `service`, on an ephemeral port, connected to it:
 /// one per flow to a local service, so the service's replies are the flow's. Binding and
 /// connecting a UDP socket do no network I/O: callers run this on their loop.

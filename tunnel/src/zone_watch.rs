@@ -46,7 +46,12 @@ pub async fn watch(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
-        let now = fingerprint(&path);
+        // Off the runtime's threads, as the bundle's writes are: a bundle on a hung NFS mount
+        // or a busy SD card must not freeze the tunnels sharing this thread.
+        let p = path.clone();
+        let Ok(now) = tokio::task::spawn_blocking(move || fingerprint(&p)).await else {
+            continue;
+        };
         if now == seen {
             settling = None;
             continue;
@@ -57,7 +62,7 @@ pub async fn watch(
         }
         settling = None;
         seen = now;
-        match std::fs::read(&path) {
+        match tokio::fs::read(&path).await {
             Ok(bytes) => adopt(&bytes, &path),
             Err(e) => {
                 warn!(file = %path.display(), error = %e, "cannot read zone.json; the zone config in use stays")
