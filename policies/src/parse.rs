@@ -2,7 +2,7 @@
 //! every file (one bad app or file never hides the problems of the others).
 
 use crate::compile::compile_app;
-use crate::error::{PolicyError, Position};
+use crate::error::{PolicyError, SourceText};
 use crate::model::Source;
 use crate::policy::{assemble, CompiledPolicy, PendingApp};
 use crate::schema::AppSpec;
@@ -76,12 +76,48 @@ pub fn check_sources(sources: &[(PathBuf, String)]) -> Result<CompiledPolicy, Ve
     let files = sources.iter().map(|(p, _)| p.clone()).collect();
     match assemble(pending, files) {
         Ok(p) if errs.is_empty() => Ok(p),
-        Ok(_) => Err(sorted(errs)),
+        Ok(_) => Err(capped(sorted(errs))),
         Err(mut more) => {
             errs.append(&mut more);
-            Err(sorted(errs))
+            Err(capped(sorted(errs)))
         }
     }
+}
+
+/// Errors told per file at most: a file of thousands of broken lines is told by its first
+/// ones (the rest mostly repeat them), not by a log line for each.
+pub const MAX_ERRORS_PER_FILE: usize = 100;
+
+/// `errs` (sorted, so grouped by file) with at most [`MAX_ERRORS_PER_FILE`] per file, then a
+/// line saying how many more there are.
+fn capped(errs: Vec<PolicyError>) -> Vec<PolicyError> {
+    let mut out: Vec<PolicyError> = Vec::with_capacity(errs.len().min(4 * MAX_ERRORS_PER_FILE));
+    let mut told = 0;
+    let mut untold = 0;
+    let mut last: Option<PathBuf> = None;
+    let flush = |out: &mut Vec<PolicyError>, path: Option<PathBuf>, untold: usize| {
+        if let (Some(path), true) = (path, untold > 0) {
+            out.push(PolicyError::whole(
+                &path,
+                format!("{untold} more errors in this file, not listed: fix the ones above first"),
+            ));
+        }
+    };
+    for e in errs {
+        if last.as_ref() != Some(&e.path) {
+            flush(&mut out, last.take(), untold);
+            (told, untold) = (0, 0);
+            last = Some(e.path.clone());
+        }
+        if told < MAX_ERRORS_PER_FILE {
+            told += 1;
+            out.push(e);
+        } else {
+            untold += 1;
+        }
+    }
+    flush(&mut out, last, untold);
+    out
 }
 
 /// File order, then position: the order a person fixes them in.
@@ -229,10 +265,10 @@ fn read_file(path: &Path) -> Result<String, PolicyError> {
     })
 }
 
-fn toml_error(path: &Path, src: &str, e: &toml::de::Error) -> PolicyError {
+fn toml_error(path: &Path, text: &SourceText<'_>, e: &toml::de::Error) -> PolicyError {
     let message = e.message().trim().to_string();
     match e.span() {
-        Some(span) => PolicyError::at(path, src, span, message),
+        Some(span) => PolicyError::at(path, text, span, message),
         None => PolicyError::whole(path, message),
     }
 }
@@ -250,17 +286,18 @@ fn parse_tables(
     pending: &mut Vec<PendingApp>,
     errs: &mut Vec<PolicyError>,
 ) {
+    let text = SourceText::new(src);
     let (root, syntax) = DeTable::parse_recoverable(src);
     if !syntax.is_empty() {
         // The recovered table is a guess; checking its meaning would add confusing errors.
-        errs.extend(syntax.iter().map(|e| toml_error(path, src, e)));
+        errs.extend(syntax.iter().map(|e| toml_error(path, &text, e)));
         return;
     }
     for (key, value) in root.into_inner() {
         if key.get_ref() != "app" {
             errs.push(PolicyError::at(
                 path,
-                src,
+                &text,
                 key.span(),
                 format!("unknown key `{}`, expected `app`", key.get_ref()),
             ));
@@ -270,7 +307,7 @@ fn parse_tables(
         let DeValue::Table(apps) = value.into_inner() else {
             errs.push(PolicyError::at(
                 path,
-                src,
+                &text,
                 value_span,
                 "expected a table of apps: `[app.NAME]`",
             ));
@@ -280,16 +317,16 @@ fn parse_tables(
             let name_span = name.span();
             let name = name.into_inner().into_owned();
             if let Err(m) = units::check_label(&name, "app") {
-                errs.push(PolicyError::at(path, src, name_span.clone(), m));
+                errs.push(PolicyError::at(path, &text, name_span.clone(), m));
                 continue;
             }
             // One app at a time, so a schema error in one app does not hide the others.
             let spec = match AppSpec::deserialize(ValueDeserializer::from(spec)) {
                 Ok(s) => s,
                 Err(e) => {
-                    let mut err = toml_error(path, src, &e);
+                    let mut err = toml_error(path, &text, &e);
                     if err.position.is_none() {
-                        err.position = Some(Position::from_offset(src, name_span.start));
+                        err.position = Some(text.position(name_span.start));
                     }
                     err.message = format!("app `{name}`: {}", friendly(&err.message));
                     errs.push(err);
@@ -311,12 +348,12 @@ fn parse_tables(
                     parts,
                     source: Source {
                         path: path.to_path_buf(),
-                        position: Position::from_offset(src, name_span.start),
+                        position: text.position(name_span.start),
                     },
-                    listener_pos: Position::from_offset(src, listener_span.start),
+                    listener_pos: text.position(listener_span.start),
                 }),
                 Err(list) => errs.extend(list.into_iter().map(|e| {
-                    PolicyError::at(path, src, e.span, format!("app `{name}`: {}", e.message))
+                    PolicyError::at(path, &text, e.span, format!("app `{name}`: {}", e.message))
                 })),
             }
         }

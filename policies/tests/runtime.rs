@@ -330,6 +330,40 @@ fn a_string_where_a_list_goes_says_to_write_brackets() {
     );
 }
 
+/// A file of many broken lines is told by its first 100 errors and a count of the rest (each
+/// error was a log line of the gateway's, and each position a scan from the file's start);
+/// another file's errors are told in full after it.
+#[test]
+fn a_file_of_many_errors_is_told_by_its_first_hundred_and_a_count() {
+    let many = format!("[app.x]\n{}", "z = 1\n".repeat(251));
+    let few = "[app.y]\nmesh = true\nto = \"D/s\"\n".to_string();
+    let errs: Vec<String> = check_sources(&[
+        (PathBuf::from("many.toml"), many),
+        (PathBuf::from("y.toml"), few),
+    ])
+    .expect_err("refused")
+    .iter()
+    .map(|e| e.to_string())
+    .collect();
+    assert_eq!(errs.len(), 102, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("many.toml:3:1: duplicate key"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[99].starts_with("many.toml:102:1: duplicate key"),
+        "{errs:#?}"
+    );
+    assert_eq!(
+        errs[100],
+        "many.toml: 150 more errors in this file, not listed: fix the ones above first"
+    );
+    assert!(
+        errs[101].starts_with("y.toml:3:6: app `y`: invalid device name"),
+        "{errs:#?}"
+    );
+}
+
 fn rate_policy(rate: &str, extra: &str) -> policies::CompiledPolicy {
     let src = format!("[app.a]\nhttp = {{ host = \"a.example\" }}\nto = \"d/s\"\nallow = {{ from = [\"public\"] }}\nlimits = {{ rate = \"{rate}\"{extra} }}\n");
     check_str(Path::new("r.toml"), &src).expect("valid")
