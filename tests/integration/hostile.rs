@@ -361,6 +361,39 @@ async fn a_device_offering_bad_zone_configs_loses_its_session() {
     gw.shutdown.cancel();
 }
 
+/// A zone config offered again whose announced serial is not newer is ignored unparsed, as
+/// often as it comes (agents pass configs on; a stuck one may repeat); one announced as newer
+/// whose JSON is not counts as refused, so a device looping on it loses its session. Such
+/// offers cost a full parse each and were never counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_zone_offers_cost_nothing_and_false_serials_end_the_session() {
+    use tunnel::hub::MAX_REFUSED_OFFERS;
+    let (z, gw, _h1) = echo_zone(&["home1", "home2"], "", fast_tuning()).await;
+    let (_ep, conn, mut io) = raw_session(&z, "home2", "home2").await;
+    wait_until("home2 registered", WAIT, || gw.hub.agent("home2").is_some()).await;
+    let current = std::fs::read(z.bundle("home2").zone_config).unwrap();
+    let serial = gw.hub.creds().zone_serial();
+    for _ in 0..MAX_REFUSED_OFFERS * 4 {
+        io.session
+            .send_config_update(serial, current.clone())
+            .unwrap();
+    }
+    io.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        gw.hub.agent("home2").is_some(),
+        "stale offers ended the session"
+    );
+    for _ in 0..MAX_REFUSED_OFFERS {
+        io.session
+            .send_config_update(serial + 1, current.clone())
+            .unwrap();
+    }
+    io.flush().await.unwrap();
+    assert_session_ended(&gw, "home2", &conn).await;
+    gw.shutdown.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_streams_from_one_agent_leave_others_served() {
     let (z, gw, _h1) = echo_zone(&["home1", "home2"], "", fast_tuning()).await;

@@ -1024,8 +1024,31 @@ impl Hub {
                     self.revoke_refused_permits();
                 }
             }
-            Event::ConfigUpdate { zone_config, .. } => {
-                if let Err(e) = self.adopt_zone_from(&zone_config, &link.device) {
+            Event::ConfigUpdate {
+                zone_serial,
+                zone_config,
+            } => {
+                // Not newer by its own account: nothing to adopt, and no parse spent on it (a
+                // device re-sending a stale config in a loop cost a 64 KiB JSON parse each).
+                if zone_serial <= self.0.cfg.creds.zone_serial() {
+                    debug!(from = %link.device, zone_serial, "zone config offered is not newer: ignored");
+                    return None;
+                }
+                let adopted = self
+                    .adopt_zone_from(&zone_config, &link.device)
+                    .and_then(|serial| {
+                        // Said to be newer and not: counted as refused, so a loop of them ends
+                        // the session too. Unless the serial it announced was adopted from
+                        // another device meanwhile (all pass a new config on at once).
+                        let caught_up = || zone_serial <= self.0.cfg.creds.zone_serial();
+                        match serial.is_some() || caught_up() {
+                            true => Ok(()),
+                            false => Err(TunnelError::Config(format!(
+                                "zone config announced as serial {zone_serial} is not newer than the one in use"
+                            ))),
+                        }
+                    });
+                if let Err(e) = adopted {
                     // Each costs a parse and maybe a signature check, and a warning: a
                     // device sending them by the thousand would flood the log.
                     let n = link.refused_offers.fetch_add(1, Ordering::Relaxed) + 1;
