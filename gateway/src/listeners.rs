@@ -201,8 +201,8 @@ impl Listeners {
     }
 
     /// Brings the running set to what the policy wants. Returns bind errors (as text) not
-    /// reported before; at start-up the caller treats them as fatal, on reload they are
-    /// logged. Listeners that stop are waited for before new ones bind, so an address they
+    /// reported before, which the caller logs (at start-up too: the rest of the gateway
+    /// serves, and failed binds show in `/status` until they pass). Listeners that stop are waited for before new ones bind, so an address they
     /// held (or overlap, like `0.0.0.0:P` and `[::]:P`) is free again.
     pub async fn reconcile(&mut self, hub: &Hub, shutdown: &CancellationToken) -> Vec<String> {
         let want = wanted(&hub.policy().current().policy);

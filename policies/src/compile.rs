@@ -7,7 +7,7 @@ use crate::schema::{AppSpec, LimitsSpec, Per, RuleSpec};
 use crate::units;
 use ipnet::IpNet;
 use serde_spanned::Spanned;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Longest a rate limit's burst may take to refill at its rate: the limiter holds it in
@@ -140,24 +140,11 @@ fn listener(spec: &AppSpec, errs: &mut Vec<SpanError>) -> Option<Listener> {
             ));
             return None;
         };
-        // An IPv4-mapped address is the IPv4 one in disguise: overlap checks against other
-        // apps and the gateway's own sockets compare addresses as written, so it passed them
-        // and then failed to bind (or bound nothing where bindv6only is set).
-        if let Some(v4) = match addr.ip() {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped(),
-            IpAddr::V4(_) => None,
-        } {
-            errs.push(SpanError::new(
-                l.span(),
-                format!(
-                    "listen address {:?} is an IPv4 address written as IPv6: write \"{v4}:{}\"",
-                    l.get_ref(),
-                    addr.port()
-                ),
-            ));
-            return None;
-        }
-        Some(addr)
+        // An IPv4-mapped address is the IPv4 one in disguise (a dual-stack socket bound to it
+        // takes IPv4 only): taken as that, so the overlap checks against other apps and the
+        // gateway's own sockets see it. As written it passed them and then failed to bind
+        // (or bound nothing where bindv6only is set).
+        Some(SocketAddr::new(addr.ip().to_canonical(), addr.port()))
     };
     if let Some(t) = &spec.tcp {
         return parse_addr(&t.get_ref().listen, errs).map(Listener::Tcp);

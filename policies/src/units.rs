@@ -183,7 +183,7 @@ pub fn parse_host(s: &str) -> Result<String, String> {
         });
     if ok {
         Ok(h)
-    } else if h.contains('_') {
+    } else if h.contains('_') && parse_host(&h.replace('_', "-")).is_ok() {
         // Requests may carry one (routing takes them), but no public CA issues certificates
         // for such names since 2019: HTTPS for it could never be made to work.
         Err(format!(
@@ -471,6 +471,10 @@ mod tests {
         assert!(parse_host("my_app.example")
             .unwrap_err()
             .contains("'_' is not allowed in host names"));
+        // Told only when it is the only problem: the scheme and path first.
+        assert!(parse_host("https://my_app.example/x")
+            .unwrap_err()
+            .contains("no scheme, port or path"));
         assert_eq!(parse_path_prefix("/dfs/").unwrap(), "/dfs");
         assert_eq!(parse_path_prefix("/").unwrap(), "/");
         assert!(parse_path_prefix("dfs").is_err());

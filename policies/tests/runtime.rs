@@ -281,33 +281,45 @@ fn every_error_of_every_file_and_duplicates_across_files() {
     );
 }
 
-/// An IPv4-mapped listen address is refused with the plain IPv4 to write: it slipped past the
-/// overlap checks (with another app on the same IPv4 address and port, or the gateway's own
-/// sockets) and then failed to bind.
+/// An IPv4-mapped listen address is taken as the IPv4 one it is: it slipped past the overlap
+/// checks (with another app on the same IPv4 address and port, or the gateway's own sockets)
+/// and then failed to bind.
 #[test]
-fn an_ipv4_mapped_listen_address_is_refused_naming_the_ipv4_one() {
-    for (kind, listen) in [
-        ("tcp", "[::ffff:203.0.113.5]:2222"),
-        ("udp", "[::ffff:127.0.0.1]:53"),
-    ] {
-        let src = format!("[app.m]\n{kind} = {{ listen = \"{listen}\" }}\nto = \"d/s\"\n");
-        let errs: Vec<String> = check_sources(&[(PathBuf::from("m.toml"), src)])
-            .expect_err("refused")
-            .iter()
-            .map(|e| e.to_string())
-            .collect();
-        let plain = listen.trim_start_matches("[::ffff:").replace(']', "");
-        assert_eq!(errs.len(), 1, "{errs:#?}");
-        assert!(
-            errs[0].contains("an IPv4 address written as IPv6")
-                && errs[0].contains(&format!("write \"{plain}\"")),
-            "{errs:#?}"
-        );
-    }
+fn an_ipv4_mapped_listen_address_is_the_ipv4_one() {
+    let app = |name: &str, listen: &str| {
+        format!("[app.{name}]\ntcp = {{ listen = \"{listen}\" }}\nto = \"d/s\"\n")
+    };
+    let p = check_sources(&[(
+        PathBuf::from("m.toml"),
+        app("m", "[::ffff:203.0.113.5]:2222"),
+    )])
+    .expect("a mapped address is an address");
+    assert_eq!(
+        p.app("m").unwrap().listener,
+        policies::Listener::Tcp("203.0.113.5:2222".parse().unwrap())
+    );
+    let errs: Vec<String> = check_sources(&[
+        (PathBuf::from("a.toml"), app("a", "203.0.113.5:2222")),
+        (
+            PathBuf::from("m.toml"),
+            app("m", "[::ffff:203.0.113.5]:2222"),
+        ),
+    ])
+    .expect_err("the same address twice")
+    .iter()
+    .map(|e| e.to_string())
+    .collect();
+    assert!(
+        errs.iter().any(|e| e.contains("overlaps app `a`")),
+        "{errs:#?}"
+    );
     // Plain IPv6 and IPv4 stay as they are.
     for listen in ["[::1]:2222", "[::]:2222", "127.0.0.1:2222"] {
-        let src = format!("[app.m]\ntcp = {{ listen = \"{listen}\" }}\nto = \"d/s\"\n");
-        check_sources(&[(PathBuf::from("m.toml"), src)]).expect(listen);
+        let p = check_sources(&[(PathBuf::from("m.toml"), app("m", listen))]).expect(listen);
+        assert_eq!(
+            p.app("m").unwrap().listener,
+            policies::Listener::Tcp(listen.parse().unwrap())
+        );
     }
 }
 

@@ -1010,8 +1010,24 @@ async fn device_revoked_while_connected_is_cut_off_and_stays_out() {
             .is_some_and(|e| e.contains("this device is revoked")),
         "{st:?}"
     );
-    assert_echoes(gw.apps["echo"], b"still mine").await;
+    // Restarted (its bundle still the old zone.json), it dials at once and is refused at the
+    // TLS handshake, again and again: never registered, and its link says why.
     laptop.shutdown.cancel();
+    let _ = laptop.task.await;
+    let again = start_agent(&z, "laptop", services(&[]), vec![], fast_tuning()).await;
+    let link = again.agent.links()[0].clone();
+    wait_until("the restarted laptop refused, saying why", WAIT, || {
+        link.status()
+            .last_error
+            .is_some_and(|e| e.contains("a gateway said this device is revoked"))
+    })
+    .await;
+    assert!(
+        gw.hub.agent("laptop").is_none(),
+        "a revoked device registered again"
+    );
+    assert_echoes(gw.apps["echo"], b"still mine").await;
+    again.shutdown.cancel();
     gw.shutdown.cancel();
 }
 

@@ -1167,9 +1167,9 @@ async fn an_http2_head_the_gateway_answers_itself_carries_no_body() {
     }
 }
 
-/// A request head HTTP/1 takes (up to 64 KiB: here 20 KiB of cookies, as sites with split
-/// sign-in cookies send) passes over HTTP/2 too. hyper's HTTP/2 default of 16 KiB refused it
-/// with 431, and only over h2.
+/// A request head with 20 KiB of cookies (sites with split sign-in cookies send such) passes
+/// over HTTP/2 as over HTTP/1. hyper's HTTP/2 default of 16 KiB refused it with 431, and only
+/// over h2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_request_with_a_large_head_passes_as_over_http1() {
     let h = start().await;

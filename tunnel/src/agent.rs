@@ -151,6 +151,18 @@ impl LinkState {
     }
 }
 
+/// Whether a dial failed because the gateway's TLS refused this device's certificate as
+/// revoked (alert certificate_revoked, 44, as QUIC's crypto error 0x12c): the gateway's zone
+/// config revokes this device, while this device's own may not say so yet.
+fn refused_as_revoked(e: &quinn::ConnectionError) -> bool {
+    const CERTIFICATE_REVOKED: u8 = 44;
+    matches!(
+        e,
+        quinn::ConnectionError::ConnectionClosed(c)
+            if c.error_code == quinn::TransportErrorCode::crypto(CERTIFICATE_REVOKED)
+    )
+}
+
 /// Stops every flow of a session: their tasks end and their sockets close.
 fn stop_flows(flows: &Flows) {
     for (_, f) in flows.lock().unwrap_or_else(|p| p.into_inner()).drain() {
@@ -811,8 +823,13 @@ impl Agent {
     ) -> Result<String, TunnelError> {
         let creds = &self.cfg.creds;
         let t = self.cfg.tuning;
+        // Kept to read why it closed: the gateway refuses a revoked device's certificate after
+        // the client side of the handshake is done, so the error the setup returns is
+        // whichever stream call came next.
+        let mut dialed: Option<Connection> = None;
         let setup = async {
             let conn = self.endpoint.connect(addr, server_name)?.await?;
+            dialed = Some(conn.clone());
             let (mut send, recv) = conn.open_bi().await?;
             stream::write_header(&mut send, &StreamHeader::Control).await?;
             let zone = creds.zone();
@@ -852,7 +869,18 @@ impl Agent {
             };
             Ok::<_, TunnelError>((conn, io, welcome))
         };
-        let (conn, io, welcome) = match tokio::time::timeout(t.handshake_timeout, setup).await {
+        let r = tokio::time::timeout(t.handshake_timeout, setup).await;
+        // A device revoked while this agent was stopped is refused at the TLS handshake,
+        // before any session could say so.
+        let closed = dialed.as_ref().and_then(|c| c.close_reason());
+        let refused = match &r {
+            Ok(Err(TunnelError::Connection(e))) => Some(e),
+            _ => closed.as_ref(),
+        };
+        if refused.is_some_and(refused_as_revoked) {
+            link.set(|s| s.revoked = true);
+        }
+        let (conn, io, welcome) = match r {
             Ok(r) => r?,
             Err(_) => return Err(TunnelError::Timeout("connect and hello")),
         };
@@ -931,7 +959,7 @@ impl Agent {
         let replaced = code == Some(crate::hub::CLOSE_REPLACED.into());
         let reason = if code == Some(crate::hub::CLOSE_REVOKED.into()) {
             link.set(|s| s.revoked = true);
-            error!(gateway = %link.name, device = %self.cfg.creds.name(), "the gateway disconnected this device: it is revoked in the zone config and will not be let in again. If that is wrong, add it again on the machine holding the zone key (`zonegate device add`) and install its new bundle here");
+            error!(gateway = %link.name, device = %self.cfg.creds.name(), "the gateway disconnected this device: it is revoked in the zone config and will not be let in again (a revoked name cannot come back). To bring this machine back, add it as a device under a new name on the machine holding the zone key (`zonegate device add NEWNAME`) and install that bundle here");
             "this device is revoked in the zone config (said by the gateway)".to_owned()
         } else if replaced {
             link.set(|s| s.replaced = true);
@@ -993,6 +1021,10 @@ impl Agent {
                     Err(TunnelError::Timeout(control::CONTROL_NOT_READ)) => {
                         conn.close(crate::hub::CLOSE_STALLED.into(), b"control stream not read");
                         return format!("gateway read nothing of its control stream for {} s", stall.as_secs());
+                    }
+                    Err(TunnelError::Timeout(control::CONTROL_BACKLOG)) => {
+                        conn.close(crate::hub::CLOSE_STALLED.into(), b"control stream not read");
+                        return format!("gateway left more than {} KiB of its control stream unread", control::MAX_UNREAD >> 10);
                     }
                     Err(e) => {
                         let why = transport::stream_end(conn, &e);
@@ -1126,7 +1158,7 @@ impl Agent {
             loop {
                 tokio::select! {
                     _ = &mut stopped => {
-                        ended = "closed by the gateway";
+                        ended = "closed by the gateway, or its tunnel ended";
                         break;
                     }
                     // Quiet both ways (datagrams to the service touch it in `read_datagrams`).

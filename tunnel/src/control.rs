@@ -20,6 +20,9 @@ use crate::proto::{
 const CONTROL_READ: usize = proto::limits::MAX_PUSH_CHUNK;
 /// What a write that timed out under [`ControlIo::end_stalled_after`] says.
 pub const CONTROL_NOT_READ: &str = "the peer has not read its control stream";
+
+/// What a session ends with once more than [`MAX_UNREAD`] bytes wait for its peer.
+pub const CONTROL_BACKLOG: &str = "the peer reads its control stream too slowly to keep up";
 /// Commands queued for a control session: small, since each is applied at once.
 pub const CONTROL_QUEUE: usize = 256;
 
@@ -307,7 +310,7 @@ impl ControlIo {
             proto::encode_control(&msg, &mut self.out)?;
         }
         if self.stall_limit.is_some() && self.out.len() > MAX_UNREAD {
-            return Err(TunnelError::Timeout(CONTROL_NOT_READ));
+            return Err(TunnelError::Timeout(CONTROL_BACKLOG));
         }
         Ok(())
     }

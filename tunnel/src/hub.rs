@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 use zone_core::{DeviceIdentity, SignedZone};
 
 use crate::admit::{GateStats, HandshakeGate, HandshakePermit};
-use crate::control::{self, ControlHandle, ControlIo, CONTROL_NOT_READ};
+use crate::control::{self, ControlHandle, ControlIo, CONTROL_BACKLOG, CONTROL_NOT_READ};
 use crate::creds::DeviceCreds;
 use crate::error::{OpenError, TunnelError};
 use crate::holds::{HoldClock, Holds};
@@ -960,6 +960,10 @@ impl Hub {
                     Ok(None) => return ("agent closed the control stream".into(), SessionEnd::Ended),
                     Err(TunnelError::Timeout(CONTROL_NOT_READ)) => {
                         let why = format!("agent read nothing of its control stream for {} s", stall.as_secs());
+                        return (why, SessionEnd::Stalled);
+                    }
+                    Err(TunnelError::Timeout(CONTROL_BACKLOG)) => {
+                        let why = format!("agent left more than {} KiB of its control stream unread", control::MAX_UNREAD >> 10);
                         return (why, SessionEnd::Stalled);
                     }
                     Err(e) => {

@@ -31,6 +31,9 @@ use tunnel::flow_activity::FlowActivity;
 use super::body::{self, BoxError, ProxyBody};
 use super::{proxy, Front, MAX_H2_STREAMS};
 
+/// Decoded bytes of one HTTP/2 request head at most (hyper's `max_header_list_size`).
+const MAX_H2_HEAD: u32 = 32 * 1024;
+
 /// Requests of one connection its client may abandon (reset before their answer's head) in a
 /// burst; the allowance refills at [`ABANDONED_PER_SEC`]. Past it the connection is cut.
 /// Browsers cancel some (a page left while loading, map tiles scrolled away, type-ahead
@@ -84,9 +87,10 @@ pub(super) async fn serve<I>(
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new())
         .max_concurrent_streams(MAX_H2_STREAMS)
-        // As much head as HTTP/1 takes (hyper's default is 16 KiB): a site's cookies that
-        // pass over HTTP/1.1 must not be refused to the same browser over h2.
-        .max_header_list_size(super::server_h1::MAX_HEAD as u32)
+        // Twice hyper's default of 16 KiB, which refused (431) split sign-in cookies that pass
+        // over HTTP/1.1 (64 KiB a head). Not 64 KiB: a connection holds up to
+        // MAX_H2_STREAMS heads at once, and HPACK lets a few bytes stand for a long value.
+        .max_header_list_size(MAX_H2_HEAD)
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20));
     let conn = b.serve_connection(TokioIo::new(io), svc);

@@ -309,7 +309,14 @@ impl Tls {
 
 /// A certificate for `names` signed by `key` itself: its PEM and the entry serving it.
 fn self_signed(names: &[String], key: &rcgen::KeyPair) -> Result<(String, Entry), TlsError> {
-    let cert = rcgen::CertificateParams::new(names.to_vec())?.self_signed(key)?;
+    let mut params = rcgen::CertificateParams::new(names.to_vec())?;
+    // A serial of its own each time: rcgen's default derives it from the key, kept across
+    // issues, and a browser that saw the old certificate refuses a different one with the
+    // same issuer and serial (Firefox: SEC_ERROR_REUSED_ISSUER_AND_SERIAL). Positive, 16 bytes.
+    let mut serial: [u8; 16] = rand::random();
+    serial[0] &= 0x7f;
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+    let cert = params.self_signed(key)?;
     let der = PrivateKeyDer::try_from(key.serialize_der())
         .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
     Ok((cert.pem(), entry(vec![cert.der().clone()], der)?))
@@ -481,13 +488,21 @@ mod tests {
         assert_eq!(tls.names, wanted);
         let entries = tls.files.resolver.entries.load();
         assert_eq!(entries.0.len(), 1);
-        assert_eq!(entries.pick(Some("photos.bob.example")), 0);
         assert!(entries.0[0]
             .names
             .contains(&"photos.bob.example".to_string()));
         let now = entries.0[0].key.cert[0].clone();
         assert_ne!(first, now);
         assert_eq!(spki(&first), spki(&now));
+        let serial = |c: &CertificateDer<'_>| {
+            let (_, x) = x509_parser::parse_x509_certificate(c.as_ref()).unwrap();
+            x.raw_serial().to_vec()
+        };
+        assert_ne!(
+            serial(&first),
+            serial(&now),
+            "a new certificate, a new serial"
+        );
         assert_ne!(tls.self_signed_pem.as_deref(), Some(first_pem.as_str()));
         assert!(tls.reissue_self_signed(&wanted).is_none());
 
