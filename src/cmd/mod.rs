@@ -62,6 +62,10 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         if let Some(zone_core::ZoneError::Usage(_)) = cause.downcast_ref() {
             return EXIT_USAGE;
         }
+        // A bundle that names another device, or a zone that revokes this one.
+        if let Some(tunnel::TunnelError::Unrunnable(_)) = cause.downcast_ref() {
+            return EXIT_USAGE;
+        }
         // A zone too large for its DNS records: only a change to the zone helps. (A [[tls]]
         // file that cannot be read is not: a mount late at boot or a certbot hook half way
         // through its copy is fixed by a restart, which exit 2 would prevent.)

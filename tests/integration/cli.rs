@@ -704,6 +704,28 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
     .unwrap();
     let e = fails(1, ["node", "--config", nodes]);
     assert!(e.contains("does not belong to the certificate"), "{e}");
+
+    // A config naming another device than its bundle's certificate: a setting to change,
+    // exit 2, which the unit does not restart (it restarted every 5 s for ever with exit 1).
+    ok([
+        "device",
+        "add",
+        "home2",
+        "--zone",
+        z.to_str().unwrap(),
+        "--role",
+        "node",
+    ]);
+    let h2 = z.join("devices/home2/node.toml");
+    let text = std::fs::read_to_string(&h2).unwrap();
+    assert!(text.contains("device = \"home2\""), "{text}");
+    std::fs::write(
+        &h2,
+        text.replace("device = \"home2\"", "device = \"home1\""),
+    )
+    .unwrap();
+    let e = fails(2, ["node", "--config", h2.to_str().unwrap()]);
+    assert!(e.contains("certificate is for another device"), "{e}");
 }
 
 /// Two agents on one machine both default to admin port 9091: the second one's error names

@@ -47,6 +47,11 @@ fn bad(path: &Path, what: &str, e: impl std::fmt::Display) -> TunnelError {
     TunnelError::Config(format!("{}: {what}: {e}", path.display()))
 }
 
+/// As [`bad`], for what a restart cannot mend ([`TunnelError::Unrunnable`]).
+fn unrunnable(path: &Path, what: &str, e: impl std::fmt::Display) -> TunnelError {
+    TunnelError::Unrunnable(format!("{}: {what}: {e}", path.display()))
+}
+
 impl DeviceCreds {
     /// Loads and checks a bundle: the key matches the certificate, the certificate is the
     /// zone CA's, and zone.json is signed by that zone key. Any mismatch is an error here, so
@@ -70,7 +75,7 @@ impl DeviceCreds {
         }
         if let Some(d) = expect_device {
             if &identity.name != d {
-                return Err(bad(
+                return Err(unrunnable(
                     &p.cert,
                     "certificate is for another device",
                     format!("{} (config says {d})", identity.name),
@@ -117,7 +122,7 @@ impl DeviceCreds {
             Err(e) => return Err(bad(&p.zone_config, "refused", e)),
         }
         if zone.config.domain != identity.domain {
-            return Err(bad(
+            return Err(unrunnable(
                 &p.zone_config,
                 "zone.json is for another domain",
                 &zone.config.domain,
@@ -126,7 +131,7 @@ impl DeviceCreds {
         // A device its own zone.json revokes would start, then be refused by every peer with
         // a vaguer message, redialing for ever.
         if zone.config.is_revoked(&identity.name) {
-            return Err(bad(
+            return Err(unrunnable(
                 &p.zone_config,
                 "revokes this device",
                 "it can no longer join the zone; add it again under a new name (zonegate device add)",

@@ -6,6 +6,12 @@ use crate::proto::{ProtoError, RefuseCode};
 pub enum TunnelError {
     #[error("{0}")]
     Config(String),
+    /// The bundle and config agree that this device cannot run as set up: a certificate of
+    /// another device than the config names, a zone config that revokes it or is another
+    /// domain's. A restart cannot help (the CLI exits 2, which its service unit does not
+    /// restart), unlike a file not readable yet or half copied.
+    #[error("{0}")]
+    Unrunnable(String),
     #[error(transparent)]
     Zone(#[from] zone_core::ZoneError),
     #[error("TLS set-up: {0}")]
