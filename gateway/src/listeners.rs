@@ -282,12 +282,7 @@ impl Listeners {
 
     /// The messages for `policy`'s apps that ask for one of the gateway's own sockets.
     pub fn own_clashes(&self, policy: &policies::CompiledPolicy) -> Vec<String> {
-        wanted(policy)
-            .into_iter()
-            .filter_map(|(key, app)| {
-                own_socket(&self.reserved, key).map(|e| listen_error(&app, key, &e, ""))
-            })
-            .collect()
+        clashes_with(&self.reserved, policy)
     }
 
     /// Binds that failed and are retried at the next reconcile.
@@ -306,8 +301,8 @@ impl Listeners {
 
 /// The error for an app asking for one of the gateway's own sockets (`reserved`), if `key`
 /// overlaps one: it says what to do.
-fn own_socket(
-    reserved: &[(Kind, SocketAddr, &'static str)],
+fn own_socket<S: AsRef<str>>(
+    reserved: &[(Kind, SocketAddr, S)],
     key: (Kind, SocketAddr),
 ) -> Option<std::io::Error> {
     let (_, addr, setting) = reserved
@@ -315,8 +310,25 @@ fn own_socket(
         .find(|(k, a, _)| *k == key.0 && policies::units::listens_overlap(*a, key.1))?;
     Some(std::io::Error::new(
         std::io::ErrorKind::AddrInUse,
-        format!("the gateway's own `{setting}` ({addr}, gateway.toml) uses that port: give the app another one"),
+        format!(
+            "the gateway's own `{}` ({addr}, gateway.toml) uses that port: give the app another one",
+            setting.as_ref()
+        ),
     ))
+}
+
+/// The messages for `policy`'s apps that ask for an address of `own` (the gateway's sockets:
+/// as bound, or as gateway.toml sets them before anything is bound).
+pub fn clashes_with<S: AsRef<str>>(
+    own: &[(Kind, SocketAddr, S)],
+    policy: &policies::CompiledPolicy,
+) -> Vec<String> {
+    let mut clashes: Vec<String> = wanted(policy)
+        .into_iter()
+        .filter_map(|(key, app)| own_socket(own, key).map(|e| listen_error(&app, key, &e, "")))
+        .collect();
+    clashes.sort();
+    clashes
 }
 
 /// The message for an app that cannot listen on `key`.

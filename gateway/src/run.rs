@@ -249,6 +249,11 @@ fn self_signed_names(domain: &str, policy: &PolicyStore) -> Vec<String> {
 /// 127.0.0.1:9090, `http` and `https` alike, a `listen` on the DNS port. Port 0 (any free
 /// port) clashes with nothing.
 fn own_socket_clashes(opts: &GatewayOptions) -> Vec<String> {
+    clashes_among(&own_sockets(opts))
+}
+
+/// The gateway's own sockets as gateway.toml sets them: kind, address, setting.
+fn own_sockets(opts: &GatewayOptions) -> Vec<(Kind, SocketAddr, String)> {
     let mut own: Vec<(Kind, SocketAddr, String)> = vec![
         (Kind::Udp, opts.listen, "listen".into()),
         (Kind::Tcp, opts.admin, "admin".into()),
@@ -263,7 +268,9 @@ fn own_socket_clashes(opts: &GatewayOptions) -> Vec<String> {
         let key = format!("[[forward]] to {}/{}", f.device, f.service);
         own.push((Kind::Tcp, f.listen, key));
     }
-    clashes_among(&own)
+    // Port 0 is any free port: it takes none an app could name.
+    own.retain(|(_, a, _)| a.port() != 0);
+    own
 }
 
 /// The pairs of `own` (kind, address, setting) that take the same port.
@@ -293,6 +300,14 @@ impl Gateway {
         // Two of the gateway's own sockets on one port is a setting to change: told here, exit
         // 2, not found by a bind (exit 1, which a service manager restarts for ever).
         let clashes = own_socket_clashes(&opts);
+        if !clashes.is_empty() {
+            return Err(StartError::Usage(clashes.join("; ")));
+        }
+        // A policy app on one of them, likewise, before any bind: found after the binds, a
+        // port another program held (exit 1) hid this setting to change. (Checked again once
+        // bound, for DNS's per-address sockets.)
+        let clashes =
+            crate::listeners::clashes_with(&own_sockets(&opts), &opts.policy.current().policy);
         if !clashes.is_empty() {
             return Err(StartError::Usage(clashes.join("; ")));
         }

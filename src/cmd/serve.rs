@@ -240,6 +240,12 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
     }
     let services = Arc::new(config::services(&f.services)?);
     let forwards = config::forwards(&f.forward, &f.device)?;
+    let admin_addr = f.admin.unwrap_or_else(|| {
+        zone_core::zonedir::NODE_ADMIN_DEFAULT
+            .parse()
+            .expect("valid default")
+    });
+    config::node_socket_clashes(admin_addr, &forwards)?;
     for fw in forwards.iter().filter(|fw| !fw.listen.ip().is_loopback()) {
         tracing::warn!(listen = %fw.listen, to = %format!("{}/{}", fw.device, fw.service), "forward listens beyond this machine: anyone who reaches it there reaches the service as this device, past the gateway's per-client limits; use 127.0.0.1 unless that is meant");
     }
@@ -257,11 +263,6 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
     }
     let creds = DeviceCreds::load(&paths, Some(&f.device))?;
     config::check_domain(&a.config, &f.domain, creds.domain())?;
-    let admin_addr = f.admin.unwrap_or_else(|| {
-        zone_core::zonedir::NODE_ADMIN_DEFAULT
-            .parse()
-            .expect("valid default")
-    });
     crate::fd_limit::raise_open_files(crate::fd_limit::NODE_NEEDS);
     runtime(threads)?.block_on(async move {
         let shutdown = CancellationToken::new();

@@ -686,6 +686,23 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
         ],
     );
     assert!(e.contains("DEVICE/SERVICE"), "{e}");
+    // A forward on the admin's port (here through a wildcard): both settings named, before
+    // any bind.
+    let e = fails(
+        2,
+        [
+            "node",
+            "--config",
+            nodes,
+            "--forward",
+            "0.0.0.0:9091=home2/web",
+        ],
+    );
+    assert!(
+        e.contains("`admin` (127.0.0.1:9091)")
+            && e.contains("`forward to home2/web` (0.0.0.0:9091)"),
+        "{e}"
+    );
 
     // A node bundle run as a gateway, and a key that is not the certificate's.
     std::fs::create_dir_all(z.join("devices/home1/policies")).unwrap();
@@ -774,9 +791,13 @@ fn an_app_on_the_gateways_own_port_is_a_usage_error() {
         })
         .map(|l| format!("{l}\n"))
         .collect();
+    // The HTTP port is held by another program: the clash is told before any bind, not
+    // hidden behind that bind's failure (exit 1, restarted for ever).
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let http = held.local_addr().unwrap();
     std::fs::write(
         &gw,
-        format!("admin = \"{admin}\"\nlisten = \"127.0.0.1:0\"\nhttp = \"off\"\nhttps = \"off\"\ndns = \"off\"\n{text}"),
+        format!("admin = \"{admin}\"\nlisten = \"127.0.0.1:0\"\nhttp = \"{http}\"\nhttps = \"off\"\ndns = \"off\"\n{text}"),
     )
     .unwrap();
     std::fs::write(
