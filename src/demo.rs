@@ -228,7 +228,12 @@ pub fn run(dir: Option<PathBuf>, check: bool) -> anyhow::Result<()> {
                 // would skip removing the zone.
                 use std::io::Write;
                 let _ = writeln!(std::io::stdout(), "{why}: stopping the demo");
-                Ok(())
+                // A check stopped half way checked nothing: not a pass (a CI job cancelled
+                // mid-check read as green).
+                match check {
+                    true => Err(anyhow::anyhow!("{why}: the check was stopped before it finished")),
+                    false => Ok(()),
+                }
             }
             r = run_async(dir, check) => r,
         }

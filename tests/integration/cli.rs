@@ -982,6 +982,36 @@ fn a_stopped_demo_leaves_no_temporary_zone() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
+/// A `demo --check` stopped half way (a CI job cancelled) fails: it exited 0, a pass, having
+/// checked nothing; and its temporary zone is removed all the same.
+#[test]
+fn a_demo_check_stopped_half_way_fails() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let child = std::process::Command::new(bin())
+        .args(["demo", "--check"])
+        .env("TMPDIR", tmp.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Killed(child);
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
+    assert!(lines.next().is_some(), "the check said nothing");
+    let pid = child.0.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // Read on, so it never blocks on a full pipe.
+    for _ in lines {}
+    let status = child.0.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
 /// SIGHUP is said and ignored by a serving process (its default ended it at once, undrained:
 /// `kill -HUP` out of nginx habit, a logrotate hook, a closed terminal); SIGTERM still stops
 /// it cleanly.
