@@ -178,6 +178,15 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     let http_total = config::http_connections(&a.config, f.http_connections)?;
     let http_per_ip =
         config::http_connections_per_ip(&a.config, f.http_connections_per_ip, http_total)?;
+    let https = config::ListenSetting::resolve(f.https, any_addr(DEFAULT_HTTPS_PORT));
+    // Files that would never be read: a setting left behind, or HTTPS turned off by mistake.
+    if https.is_none() && !f.tls.is_empty() {
+        return Err(UsageError(format!(
+            "{}: [[tls]] certificates are set but `https = \"off\"`: they would never be served; remove them, or set `https = \"IP:PORT\"`",
+            a.config.display()
+        ))
+        .into());
+    }
     let opts = gateway::GatewayOptions {
         creds,
         policy: policy.clone(),
@@ -192,7 +201,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         tuning,
         grace: config::grace(&a.config, f.grace_secs, DEFAULT_GRACE)?,
         http: config::ListenSetting::resolve(f.http, any_addr(DEFAULT_HTTP_PORT)),
-        https: config::ListenSetting::resolve(f.https, any_addr(DEFAULT_HTTPS_PORT)),
+        https,
         tls_certs: f
             .tls
             .iter()

@@ -704,6 +704,20 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
         "{e}"
     );
 
+    // Certificates with HTTPS off: never served, said before starting.
+    let original = std::fs::read_to_string(&gw).unwrap();
+    std::fs::write(
+        &gw,
+        format!("https = \"off\"\n{original}[[tls]]\ncert = \"a.pem\"\nkey = \"b.pem\"\n"),
+    )
+    .unwrap();
+    let e = fails(2, ["gateway", "--config", gws]);
+    assert!(
+        e.contains("[[tls]] certificates are set but `https = \"off\"`"),
+        "{e}"
+    );
+    std::fs::write(&gw, original).unwrap();
+
     // A node bundle run as a gateway, and a key that is not the certificate's.
     std::fs::create_dir_all(z.join("devices/home1/policies")).unwrap();
     let g2 = z.join("devices/home1/gateway.toml");
