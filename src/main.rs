@@ -13,6 +13,9 @@ fn main() -> ExitCode {
     drop(log);
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Its reader left (`device list | head -1`): quietly, with the status a Unix tool
+        // ended by SIGPIPE has (128 + 13).
+        Err(e) if zonegate::cmd::reader_left(&e) => ExitCode::from(141),
         Err(e) => {
             // Not `eprintln!`: with stderr closed it panics, and the exit code below is lost.
             let _ = writeln!(

@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 use zone_core::zonedir::ZoneDir;
 use zone_core::DeviceName;
 
-use super::{check_days, expiry_note, fmt_time, UsageError};
+use super::{check_days, expiry_note, fmt_time, say, UsageError};
 use crate::cli::DeviceCmd;
 
 fn bundle_dir(zone: &Path, out: Option<PathBuf>, name: &DeviceName) -> PathBuf {
@@ -115,7 +115,7 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
                     out.display()
                 )
             })?;
-            println!(
+            say!(
                 "added {} ({}) to zone {}: serial {}",
                 name,
                 roles
@@ -126,10 +126,10 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
                 z.domain(),
                 z.zone.config.serial
             );
-            println!("  public key  {}", key.public_text());
-            println!("  certificate until {}", fmt_time(cert.not_after));
-            println!("  bundle      {}", out.display());
-            println!(
+            say!("  public key  {}", key.public_text());
+            say!("  certificate until {}", fmt_time(cert.not_after));
+            say!("  bundle      {}", out.display());
+            say!(
                 "run it there with: zonegate {} --config {}",
                 if cfg.ends_with("gateway.toml") {
                     "gateway"
@@ -139,7 +139,7 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
                 cfg.display()
             );
             if !z.zone.config.gateways.is_empty() {
-                println!("note: other bundles hold an older zone.json; copy {} to them (or let agents pass it on)", zone.zone.join("zone.json").display());
+                say!("note: other bundles hold an older zone.json; copy {} to them (or let agents pass it on)", zone.zone.join("zone.json").display());
             }
             Ok(())
         }
@@ -148,7 +148,7 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             let c = &z.zone.config;
             for d in &c.devices {
                 let roles: Vec<&str> = d.roles.iter().map(|r| r.as_str()).collect();
-                println!(
+                say!(
                     "{:<16} {:<14} {}  cert until {} ({})",
                     d.name,
                     roles.join(","),
@@ -158,7 +158,7 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
                 );
             }
             for r in &c.revoked {
-                println!("{:<16} REVOKED since {}", r.device, fmt_time(r.revoked_at));
+                say!("{:<16} REVOKED since {}", r.device, fmt_time(r.revoked_at));
             }
             Ok(())
         }
@@ -187,7 +187,7 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
                 z.revoke_unlisted(&name, now)?
             };
             if !revoked {
-                println!(
+                say!(
                     "{name} was revoked already: nothing changed (zone.json serial {})",
                     z.zone.config.serial
                 );
@@ -196,11 +196,11 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             let file = zone.zone.join("zone.json");
             let serial = z.zone.config.serial;
             if last_gateway {
-                println!("revoked {name}, the zone's only gateway: zone.json serial {serial}. Add a new gateway (`zonegate device add NAME --role gateway --public-addr IP:PORT --zone DIR`) and copy {} into every node's bundle: no gateway passes it on to them.", file.display());
+                say!("revoked {name}, the zone's only gateway: zone.json serial {serial}. Add a new gateway (`zonegate device add NAME --role gateway --public-addr IP:PORT --zone DIR`) and copy {} into every node's bundle: no gateway passes it on to them.", file.display());
             } else if was_gateway {
-                println!("revoked {name}: zone.json serial {serial}. Copy {} into another gateway's bundle (not {name}'s): it adopts it within about a second and passes it to every agent, which drop their link to {name}.", file.display());
+                say!("revoked {name}: zone.json serial {serial}. Copy {} into another gateway's bundle (not {name}'s): it adopts it within about a second and passes it to every agent, which drop their link to {name}.", file.display());
             } else {
-                println!("revoked {name}: zone.json serial {serial}. Copy {} into each gateway's bundle: a running gateway adopts it within about a second, disconnects {name} and passes the new config to every agent (its DNS serves it too).", file.display());
+                say!("revoked {name}: zone.json serial {serial}. Copy {} into each gateway's bundle: a running gateway adopts it within about a second, disconnects {name} and passes the new config to every agent (its DNS serves it too).", file.display());
             }
             Ok(())
         }
@@ -212,16 +212,16 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             let mut z = ZoneDir::open(&zone.zone)?;
             z.move_gateway(&name, &public_addrs, now)?;
             let addrs: Vec<String> = public_addrs.iter().map(|a| a.to_string()).collect();
-            println!(
+            say!(
                 "moved {name} to {}: zone.json serial {}.",
                 addrs.join(", "),
                 z.zone.config.serial
             );
-            println!("Copy {} into {name}'s bundle while it still runs at its old address: it adopts it within about a second and passes it to every agent (its DNS answers with the new address too). Then stop it there and start the same bundle at the new address: agents stay on the old address while it answers and dial the new one when it goes.", zone.zone.join("zone.json").display());
+            say!("Copy {} into {name}'s bundle while it still runs at its old address: it adopts it within about a second and passes it to every agent (its DNS answers with the new address too). Then stop it there and start the same bundle at the new address: agents stay on the old address while it answers and dial the new one when it goes.", zone.zone.join("zone.json").display());
             if public_addrs.iter().any(|a| a.is_ipv6()) {
-                println!("The new addresses include IPv6: set `listen = \"[::]:PORT\"` in its gateway.toml (IPv4 and IPv6 on one socket) if it says 0.0.0.0.");
+                say!("The new addresses include IPv6: set `listen = \"[::]:PORT\"` in its gateway.toml (IPv4 and IPv6 on one socket) if it says 0.0.0.0.");
             }
-            println!("If the QUIC port changed, set that port in `listen` in its gateway.toml before starting it.");
+            say!("If the QUIC port changed, set that port in `listen` in its gateway.toml before starting it.");
             Ok(())
         }
         DeviceCmd::Renew {
@@ -248,13 +248,13 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
                 }
             };
             let cfg = z.write_bundle(&out, &name, &key, &cert)?;
-            println!(
+            say!(
                 "renewed {name}: certificate until {}, bundle {}",
                 fmt_time(cert.not_after),
                 out.display()
             );
             if had_config {
-                println!(
+                say!(
                     "{} was kept as it is (a fresh template, if wanted: {}.new).",
                     cfg.display(),
                     cfg.display()
@@ -262,18 +262,18 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             }
             // A running device keeps the certificate it started with.
             if created {
-                println!(
+                say!(
                     "Copy the bundle directory {} to {name} and restart zonegate there.",
                     out.display()
                 );
             } else {
-                println!("Copy device.crt and zone.json to {name} and restart zonegate there.");
+                say!("Copy device.crt and zone.json to {name} and restart zonegate there.");
             }
             Ok(())
         }
         DeviceCmd::Pubkey { name, zone } => {
             let z = ZoneDir::open(&zone.zone)?;
-            println!("{}", z.key.derive_device(z.domain(), &name).public_text());
+            say!("{}", z.key.derive_device(z.domain(), &name).public_text());
             Ok(())
         }
     }

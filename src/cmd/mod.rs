@@ -12,6 +12,30 @@ pub const EXIT_USAGE: u8 = 2;
 /// Exit code of a command that ran and failed.
 pub const EXIT_FAILURE: u8 = 1;
 
+/// Standard output could not be written (its reader left: `device list | head -1`).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write to standard output: {0}")]
+pub struct Output(#[from] pub std::io::Error);
+
+/// `println!` for the one-shot commands, failing the command with [`Output`] instead of
+/// panicking ("failed printing to stdout", exit 101) when stdout is gone. Rust ignores
+/// SIGPIPE, so a reader leaving early is a write error here; `main` ends quietly on it.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*).map_err($crate::cmd::Output)?
+    }};
+}
+pub(crate) use say;
+
+/// Whether `e` is stdout's reader having left: nothing to say, nowhere to say it.
+pub fn reader_left(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<Output>()
+            .is_some_and(|o| o.0.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 /// A mistake in how the command was called, found after parsing (exit code 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use policies::{Requester, Timestamp};
 
-use super::UsageError;
+use super::{say, UsageError};
 use crate::cli::PolicyCmd;
 
 /// Failure of `policy check`: the errors were printed; exit 1.
@@ -17,19 +17,19 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
         PolicyCmd::Check { dir } => {
             not_a_dir(&dir)?;
             for (path, why) in policies::ignored_policy_files(&dir) {
-                println!("note: {} is not read: {why}", path.display());
+                say!("note: {} is not read: {why}", path.display());
             }
             match policies::check_dir(&dir) {
                 Ok(p) => {
-                    println!("ok: {} files, {} apps", p.files().len(), p.apps().len());
+                    say!("ok: {} files, {} apps", p.files().len(), p.apps().len());
                     for a in p.apps() {
-                        println!("  {:<20} {}", a.name, a.summary());
+                        say!("  {:<20} {}", a.name, a.summary());
                     }
                     Ok(())
                 }
                 Err(errs) => {
                     for e in &errs {
-                        println!("{e}");
+                        say!("{e}");
                     }
                     Err(PolicyErrors(errs.len()).into())
                 }
@@ -61,7 +61,7 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
                 let (d, s) = to
                     .split_once('/')
                     .ok_or_else(|| UsageError("--to must be DEVICE/SERVICE".into()))?;
-                println!("{}", policy.explain_mesh(name, &role_refs, d, s, now));
+                say!("{}", policy.explain_mesh(name, &role_refs, d, s, now));
                 return Ok(());
             }
             let (Some(host), Some(path)) = (host, path) else {
@@ -89,7 +89,7 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
                 },
             };
             let method = method.as_deref().unwrap_or("GET");
-            println!(
+            say!(
                 "{}",
                 policy.explain_http(&who, &host, Some(method), &path, now)
             );

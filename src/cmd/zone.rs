@@ -7,18 +7,18 @@ use time::OffsetDateTime;
 use zone_core::zonedir::{read_cert_der, read_zone_json, ZoneDir};
 use zone_core::{cert, txt, SignedZone};
 
-use super::{check_days, expiry_note, fmt_time};
+use super::{check_days, expiry_note, fmt_time, say};
 use crate::cli::{VerifyArgs, ZoneCmd};
 
 pub fn run(cmd: ZoneCmd) -> anyhow::Result<()> {
     match cmd {
         ZoneCmd::Init { domain, dir } => {
             let z = ZoneDir::init(&dir, domain, OffsetDateTime::now_utc())?;
-            println!("created zone {} in {}", z.domain(), dir.display());
-            println!("  zone key   {}  (0600: keep it private and backed up; every device key derives from it)", dir.join("zone.key").display());
-            println!("  zone CA    {}", dir.join("zone-ca.crt").display());
-            println!("  zone.json  serial {}", z.zone.config.serial);
-            println!(
+            say!("created zone {} in {}", z.domain(), dir.display());
+            say!("  zone key   {}  (0600: keep it private and backed up; every device key derives from it)", dir.join("zone.key").display());
+            say!("  zone CA    {}", dir.join("zone-ca.crt").display());
+            say!("  zone.json  serial {}", z.zone.config.serial);
+            say!(
                 "next: zonegate device add gw --zone {} --role gateway --public-addr IP:PORT",
                 dir.display()
             );
@@ -38,7 +38,7 @@ pub fn run(cmd: ZoneCmd) -> anyhow::Result<()> {
                 );
             }
             for s in txt::to_txt(&z.zone) {
-                println!("{s}");
+                say!("{s}");
             }
             Ok(())
         }
@@ -46,7 +46,7 @@ pub fn run(cmd: ZoneCmd) -> anyhow::Result<()> {
             check_days(valid_days)?;
             let mut z = ZoneDir::open(&zone.zone)?;
             z.resign(OffsetDateTime::now_utc(), valid_days)?;
-            println!(
+            say!(
                 "re-signed zone.json: serial {}, expires {}",
                 z.zone.config.serial,
                 fmt_time(z.zone.config.expires_at)
@@ -60,30 +60,30 @@ pub fn run(cmd: ZoneCmd) -> anyhow::Result<()> {
 fn show(z: &ZoneDir) -> anyhow::Result<()> {
     let c = &z.zone.config;
     let now = OffsetDateTime::now_utc();
-    println!("zone     {}", c.domain);
-    println!("key      {}", c.zone_key);
-    println!("serial   {}", c.serial);
-    println!("signed   {}", fmt_time(c.issued_at));
-    println!(
+    say!("zone     {}", c.domain);
+    say!("key      {}", c.zone_key);
+    say!("serial   {}", c.serial);
+    say!("signed   {}", fmt_time(c.issued_at));
+    say!(
         "expires  {} ({})",
         fmt_time(c.expires_at),
         expiry_note(c.expires_at, now)
     );
-    println!("gateways");
+    say!("gateways");
     if c.gateways.is_empty() {
-        println!("  (none: add one with `zonegate device add NAME --role gateway --public-addr IP:PORT --zone DIR`)");
+        say!("  (none: add one with `zonegate device add NAME --role gateway --public-addr IP:PORT --zone DIR`)");
     }
     for g in &c.gateways {
         let addrs: Vec<String> = g.addrs.iter().map(|a| a.to_string()).collect();
-        println!("  {:<16} {}", g.device, addrs.join(", "));
+        say!("  {:<16} {}", g.device, addrs.join(", "));
     }
-    println!("devices");
+    say!("devices");
     if c.devices.is_empty() {
-        println!("  (none)");
+        say!("  (none)");
     }
     for d in &c.devices {
         let roles: Vec<&str> = d.roles.iter().map(|r| r.as_str()).collect();
-        println!(
+        say!(
             "  {:<16} {:<14} cert until {} ({})",
             d.name,
             roles.join(","),
@@ -92,9 +92,9 @@ fn show(z: &ZoneDir) -> anyhow::Result<()> {
         );
     }
     if !c.revoked.is_empty() {
-        println!("revoked");
+        say!("revoked");
         for r in &c.revoked {
-            println!("  {:<16} since {}", r.device, fmt_time(r.revoked_at));
+            say!("  {:<16} since {}", r.device, fmt_time(r.revoked_at));
         }
     }
     Ok(())
@@ -144,7 +144,7 @@ fn verify(a: &VerifyArgs) -> anyhow::Result<()> {
         .verify_newer_than(&pinned, OffsetDateTime::now_utc(), a.known_serial)
         .with_context(|| format!("{from}: refused"))?;
     let c = v.config;
-    println!(
+    say!(
         "valid: zone {} serial {}, {} devices, {} gateways, expires {}",
         c.domain,
         c.serial,
@@ -153,10 +153,10 @@ fn verify(a: &VerifyArgs) -> anyhow::Result<()> {
         fmt_time(c.expires_at)
     );
     for g in c.gateway_addrs() {
-        println!("  gateway {} at {}", g.0, g.1);
+        say!("  gateway {} at {}", g.0, g.1);
     }
     for r in &c.revoked {
-        println!("  revoked {} since {}", r.device, fmt_time(r.revoked_at));
+        say!("  revoked {} since {}", r.device, fmt_time(r.revoked_at));
     }
     Ok(())
 }

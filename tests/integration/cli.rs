@@ -996,6 +996,26 @@ fn a_stopped_demo_leaves_no_temporary_zone() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
+/// A listing whose reader left (`device list | head -1`) ends quietly with SIGPIPE's status,
+/// as a Unix tool does: println! panicked with "failed printing to stdout" (exit 101).
+#[test]
+fn a_listing_whose_reader_left_ends_quietly() {
+    let t = tempfile::tempdir().unwrap();
+    let z = zone_with_devices(t.path());
+    let mut child = std::process::Command::new(bin())
+        .args(["device", "list", "--zone", z.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Gone before the child has read its zone, let alone printed.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 /// A `demo --check` stopped half way (a CI job cancelled) fails: it exited 0, a pass, having
 /// checked nothing; and its temporary zone is removed all the same.
 #[test]
