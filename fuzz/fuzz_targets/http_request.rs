@@ -53,7 +53,7 @@ allow = { from = ["public"], methods = ["GET", "HEAD"] }
 [app.dfs-rw]
 http = { host = "alice.example", path = "/dfs/rw", strip_prefix = true }
 to = "home1/dfs"
-allow = { from = ["zone"] }
+allow = { from = ["10.0.0.0/8"] }
 
 [app.blog]
 http = { host = "blog.alice.example" }
@@ -72,8 +72,9 @@ struct Input {
     client: IpAddr,
 }
 
-/// hyper's default `SETTINGS_MAX_HEADER_LIST_SIZE` (the gateway's HTTP/2 server keeps it).
-const H2_HEADER_LIST: usize = 16 * 1024;
+/// The gateway's HTTP/2 `SETTINGS_MAX_HEADER_LIST_SIZE` (`MAX_H2_HEAD` in
+/// gateway/src/http/h2.rs).
+const H2_HEADER_LIST: usize = 32 * 1024;
 
 fn parse(data: &[u8]) -> Option<Input> {
     let mut lines = data.split(|&b| b == b'\n');
