@@ -1017,10 +1017,11 @@ fn a_listing_whose_reader_left_ends_quietly() {
 }
 
 /// A `demo --check` stopped half way (a CI job cancelled) fails: it exited 0, a pass, having
-/// checked nothing; and its temporary zone is removed all the same.
+/// checked nothing; and its temporary zone is removed all the same. Stopped as soon as its
+/// zone exists, before any check (it prints nothing until all have passed).
 #[test]
 fn a_demo_check_stopped_half_way_fails() {
-    use std::io::{BufRead, BufReader};
+    use std::io::Read;
     let tmp = tempfile::tempdir().unwrap();
     let child = std::process::Command::new(bin())
         .args(["demo", "--check"])
@@ -1030,18 +1031,36 @@ fn a_demo_check_stopped_half_way_fails() {
         .spawn()
         .unwrap();
     let mut child = Killed(child);
-    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
-    assert!(lines.next().is_some(), "the check said nothing");
+    // Its temporary directory is made before the signal handlers are in place; what the demo
+    // writes in it, after.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let started = || {
+        std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .any(|d| std::fs::read_dir(d.path()).is_ok_and(|mut c| c.next().is_some()))
+    };
+    while !started() {
+        assert!(std::time::Instant::now() < deadline, "no demo zone made");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let pid = child.0.id().to_string();
     assert!(std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .unwrap()
         .success());
-    // Read on, so it never blocks on a full pipe.
-    for _ in lines {}
+    let mut out = String::new();
+    child
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
     let status = child.0.wait().unwrap();
-    assert_eq!(status.code(), Some(1), "{status:?}");
+    assert!(!out.contains("demo check passed"), "{out}");
+    assert_eq!(status.code(), Some(1), "{status:?}: {out}");
     let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
