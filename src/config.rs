@@ -538,23 +538,13 @@ pub fn forwards(list: &[ForwardEntry], me: &DeviceName) -> Result<Vec<Forward>, 
 /// binds, `[[forward]] listen = "127.0.0.1:9091"` beside the default admin address failed
 /// as the admin's bind (exit 1, restarted for ever) naming the wrong setting to change.
 pub fn node_socket_clashes(admin: SocketAddr, forwards: &[Forward]) -> Result<(), UsageError> {
-    let mut own = vec![(admin, "admin".to_string())];
-    own.extend(
-        forwards
-            .iter()
-            .map(|f| (f.listen, format!("forward to {}/{}", f.device, f.service))),
-    );
-    let mut clashes = Vec::new();
-    for (i, (a, key)) in own.iter().enumerate() {
-        for (b, other) in &own[i + 1..] {
-            if a.port() != 0 && policies::units::listens_overlap(*a, *b) {
-                clashes.push(format!(
-                    "`{key}` ({a}) and `{other}` ({b}) both take TCP port {}: give one of them another address",
-                    a.port()
-                ));
-            }
-        }
-    }
+    use gateway::listeners::{clashes_among, Kind};
+    let mut own = vec![(Kind::Tcp, admin, "admin".to_string())];
+    own.extend(forwards.iter().map(|f| {
+        let key = format!("forward to {}/{}", f.device, f.service);
+        (Kind::Tcp, f.listen, key)
+    }));
+    let clashes = clashes_among(&own, "node.toml");
     match clashes.is_empty() {
         true => Ok(()),
         false => Err(UsageError(clashes.join("; "))),

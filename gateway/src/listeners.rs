@@ -317,6 +317,25 @@ fn own_socket<S: AsRef<str>>(
     ))
 }
 
+/// The pairs of `own` (kind, address, setting) that take the same port (equal addresses, or
+/// one a wildcard of the other's), each said with both settings and the `file` to change.
+/// Port 0 (any free port) clashes with nothing. A gateway's own sockets; a node's too.
+pub fn clashes_among(own: &[(Kind, SocketAddr, String)], file: &str) -> Vec<String> {
+    let mut clashes = Vec::new();
+    for (i, (kind, a, key)) in own.iter().enumerate() {
+        for (other_kind, b, other) in &own[i + 1..] {
+            if kind == other_kind && a.port() != 0 && policies::units::listens_overlap(*a, *b) {
+                let proto = if *kind == Kind::Tcp { "TCP" } else { "UDP" };
+                clashes.push(format!(
+                    "`{key}` ({a}) and `{other}` ({b}) both take {proto} port {}: give one of them another address in {file}",
+                    a.port()
+                ));
+            }
+        }
+    }
+    clashes
+}
+
 /// The messages for `policy`'s apps that ask for an address of `own` (the gateway's sockets:
 /// as bound, or as gateway.toml sets them before anything is bound).
 pub fn clashes_with<S: AsRef<str>>(

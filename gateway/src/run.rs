@@ -23,7 +23,7 @@ use tunnel::transport::{self, Tuning};
 use crate::addr_text::Client;
 use crate::admin;
 use crate::http::{self as front, Front, HttpTuning};
-use crate::listeners::{Kind, Listeners};
+use crate::listeners::{clashes_among, Kind, Listeners};
 
 /// How often the policy directory is checked for edits.
 pub const POLICY_POLL: Duration = Duration::from_millis(500);
@@ -165,12 +165,16 @@ async fn watch_certificates(
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(CERT_POLL) => {}
         }
-        let names = self_signed_names(&domain, &policy);
+        // Only a self-signed certificate follows the policy's hosts.
+        let names = tls
+            .self_signed_pem
+            .is_some()
+            .then(|| self_signed_names(&domain, &policy));
         // File reads (and signing): off the runtime's threads.
         let (back, r) = match tokio::task::spawn_blocking(move || {
             let r = tls
                 .reload_if_changed()
-                .or_else(|| tls.reissue_self_signed(&names));
+                .or_else(|| tls.reissue_self_signed(&names?));
             (tls, r)
         })
         .await
@@ -244,15 +248,9 @@ fn self_signed_names(domain: &str, policy: &PolicyStore) -> Vec<String> {
     names
 }
 
-/// Pairs of the gateway's own sockets that would take the same port (equal addresses, or one
-/// a wildcard of the other's), each said with both settings: `admin` and a `[[forward]]` on
-/// 127.0.0.1:9090, `http` and `https` alike, a `listen` on the DNS port. Port 0 (any free
-/// port) clashes with nothing.
-fn own_socket_clashes(opts: &GatewayOptions) -> Vec<String> {
-    clashes_among(&own_sockets(opts))
-}
-
-/// The gateway's own sockets as gateway.toml sets them: kind, address, setting.
+/// The gateway's own sockets as gateway.toml sets them: kind, address, setting. Two of them
+/// on one port ([`clashes_among`]: `admin` and a `[[forward]]` on 127.0.0.1:9090, `http` and
+/// `https` alike, a `listen` on the DNS port) is a setting to change.
 fn own_sockets(opts: &GatewayOptions) -> Vec<(Kind, SocketAddr, String)> {
     let mut own: Vec<(Kind, SocketAddr, String)> = vec![
         (Kind::Udp, opts.listen, "listen".into()),
@@ -273,23 +271,6 @@ fn own_sockets(opts: &GatewayOptions) -> Vec<(Kind, SocketAddr, String)> {
     own
 }
 
-/// The pairs of `own` (kind, address, setting) that take the same port.
-fn clashes_among(own: &[(Kind, SocketAddr, String)]) -> Vec<String> {
-    let mut clashes = Vec::new();
-    for (i, (kind, a, key)) in own.iter().enumerate() {
-        for (other_kind, b, other) in &own[i + 1..] {
-            if kind == other_kind && a.port() != 0 && policies::units::listens_overlap(*a, *b) {
-                let proto = if *kind == Kind::Tcp { "TCP" } else { "UDP" };
-                clashes.push(format!(
-                    "`{key}` ({a}) and `{other}` ({b}) both take {proto} port {}: give one of them another address in gateway.toml",
-                    a.port()
-                ));
-            }
-        }
-    }
-    clashes
-}
-
 impl Gateway {
     /// Binds every socket (QUIC, admin, app listeners, forwards) before serving anything, so a
     /// bad config or a taken port fails here and nothing half-starts.
@@ -299,15 +280,15 @@ impl Gateway {
     ) -> Result<Self, StartError> {
         // Two of the gateway's own sockets on one port is a setting to change: told here, exit
         // 2, not found by a bind (exit 1, which a service manager restarts for ever).
-        let clashes = own_socket_clashes(&opts);
+        let own = own_sockets(&opts);
+        let clashes = clashes_among(&own, "gateway.toml");
         if !clashes.is_empty() {
             return Err(StartError::Usage(clashes.join("; ")));
         }
         // A policy app on one of them, likewise, before any bind: found after the binds, a
         // port another program held (exit 1) hid this setting to change. (Checked again once
         // bound, for DNS's per-address sockets.)
-        let clashes =
-            crate::listeners::clashes_with(&own_sockets(&opts), &opts.policy.current().policy);
+        let clashes = crate::listeners::clashes_with(&own, &opts.policy.current().policy);
         if !clashes.is_empty() {
             return Err(StartError::Usage(clashes.join("; ")));
         }
@@ -871,20 +852,23 @@ mod tests {
                 .map(|(k, a, s)| (*k, a.parse().unwrap(), s.to_string()))
                 .collect()
         };
-        let clashes = clashes_among(&own(&[
-            (Kind::Udp, "0.0.0.0:4433", "listen"),
-            (Kind::Tcp, "127.0.0.1:9090", "admin"),
-            (Kind::Tcp, "0.0.0.0:80", "http"),
-            (Kind::Tcp, "[::]:80", "https"),
-            (Kind::Udp, "[::]:4433", "dns"),
-            (Kind::Tcp, "127.0.0.1:9090", "[[forward]] to home1/web"),
-            // Other kinds, other addresses of one family, and port 0 clash with nothing.
-            (Kind::Tcp, "0.0.0.0:4433", "dns"),
-            (Kind::Tcp, "127.0.0.2:9091", "a"),
-            (Kind::Tcp, "127.0.0.3:9091", "b"),
-            (Kind::Tcp, "127.0.0.1:0", "c"),
-            (Kind::Tcp, "127.0.0.1:0", "d"),
-        ]));
+        let clashes = clashes_among(
+            &own(&[
+                (Kind::Udp, "0.0.0.0:4433", "listen"),
+                (Kind::Tcp, "127.0.0.1:9090", "admin"),
+                (Kind::Tcp, "0.0.0.0:80", "http"),
+                (Kind::Tcp, "[::]:80", "https"),
+                (Kind::Udp, "[::]:4433", "dns"),
+                (Kind::Tcp, "127.0.0.1:9090", "[[forward]] to home1/web"),
+                // Other kinds, other addresses of one family, and port 0 clash with nothing.
+                (Kind::Tcp, "0.0.0.0:4433", "dns"),
+                (Kind::Tcp, "127.0.0.2:9091", "a"),
+                (Kind::Tcp, "127.0.0.3:9091", "b"),
+                (Kind::Tcp, "127.0.0.1:0", "c"),
+                (Kind::Tcp, "127.0.0.1:0", "d"),
+            ]),
+            "gateway.toml",
+        );
         assert_eq!(clashes.len(), 3, "{clashes:#?}");
         assert!(clashes[0]
             .contains("`listen` (0.0.0.0:4433) and `dns` ([::]:4433) both take UDP port 4433"));

@@ -245,9 +245,6 @@ impl Tls {
     /// handshake on; `Some(Err)` when they do not load, the old ones serving on. Blocking
     /// (file reads).
     pub fn reload_if_changed(&mut self) -> Option<Result<Vec<String>, TlsError>> {
-        if self.self_signed_key.is_some() {
-            return None;
-        }
         let f = &mut self.files;
         if f.pairs.is_empty() {
             return None;
