@@ -136,6 +136,18 @@ pub fn threads(file: &Path, threads: Option<usize>) -> Result<Option<usize>, Usa
     }
 }
 
+/// gateway.toml `listen`, the QUIC address node agents dial: port 0 would bind a random port
+/// the agents (and the zone's published gateway address) cannot know.
+pub fn quic_listen(file: &Path, listen: SocketAddr) -> Result<SocketAddr, UsageError> {
+    if listen.port() == 0 {
+        return Err(UsageError(format!(
+            "{}: listen = \"{listen}\": port 0 would be a random free port node agents cannot find; give the UDP port of this gateway's public address (`zonegate zone show --zone DIR` lists the gateways)",
+            file.display()
+        )));
+    }
+    Ok(listen)
+}
+
 /// A limit from gateway.toml `key` (per client or per app): `default` when left out, else 1 to `max`
 /// (`max_is` says what bounds it, for the error).
 fn per_client_limit(
@@ -688,6 +700,17 @@ mod tests {
             e.contains("grace_secs = 7200") && e.contains("TimeoutStopSec"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_quic_listen_port_is_one_agents_can_find() {
+        let f = Path::new("gateway.toml");
+        let e = quic_listen(f, "0.0.0.0:0".parse().unwrap()).unwrap_err().0;
+        assert!(
+            e.contains("gateway.toml: listen") && e.contains("port 0"),
+            "{e}"
+        );
+        assert!(quic_listen(f, "[::]:4433".parse().unwrap()).is_ok());
     }
 
     #[test]

@@ -189,7 +189,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         policy: policy.clone(),
         services,
         forwards,
-        listen: f.listen,
+        listen: config::quic_listen(&a.config, f.listen)?,
         admin: f.admin.unwrap_or_else(|| {
             zone_core::zonedir::GATEWAY_ADMIN_DEFAULT
                 .parse()
