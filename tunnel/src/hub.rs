@@ -1094,7 +1094,11 @@ impl Hub {
     /// drop connections of devices it revokes.
     fn adopt_zone(&self, bytes: &[u8], from: &str) {
         if let Err(e) = self.adopt_zone_from(bytes, from) {
-            warn!(from = %from, error = %e, "refused zone config offered by a device");
+            // Offered in every hello: a device reconnecting in a loop with a bad one would
+            // otherwise write a line per connection.
+            if let Some(unlogged) = LogBudget::take_shared(&self.0.refused_lines) {
+                warn!(from = %from, error = %e, unlogged, "refused zone config offered by a device");
+            }
         }
     }
 
