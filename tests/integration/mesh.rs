@@ -69,6 +69,78 @@ async fn mesh_zone_draining(drain: Duration) -> MeshZone {
     MeshZone { z, gw, h1, h2, fwd }
 }
 
+/// A TCP service that reads each request to its end, then answers `chunks` KiB, one every
+/// 100 ms, and closes: a long answer to a half-closed request.
+async fn slow_answers(chunks: usize) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut ask = Vec::new();
+                c.read_to_end(&mut ask).await?;
+                for _ in 0..chunks {
+                    c.write_all(&[b'a'; 1024]).await?;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                c.shutdown().await
+            });
+        }
+    });
+    addr
+}
+
+/// Relayed, encrypted streams whose clients sent their request and half-closed, then take an
+/// answer for longer than the reader-stall time: home1 had read the end frame and never read
+/// its stream again, so each counted as held by a stopped reader, and past the budget the
+/// oldest were cut part way through their answers.
+#[tokio::test]
+async fn half_closed_encrypted_streams_with_long_answers_are_not_cut_as_held() {
+    let z = TestZone::new(&["home1", "home2"]);
+    z.write_policy("mesh.toml", MESH_POLICY);
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(200)).await;
+    // 2.5 s of answer: well past fast_tuning's 1 s reader stall.
+    let chunks = 25;
+    let slow = slow_answers(chunks).await;
+    let h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("echo", slow, ServiceProto::Tcp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    let h2 = start_agent(
+        &z,
+        "home2",
+        services(&[]),
+        vec![forward("127.0.0.1:0", "home1/echo")],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("both agents connected", WAIT, || gw.hub.agents().len() == 2).await;
+    wait_links_up(&h1.agent).await;
+    wait_links_up(&h2.agent).await;
+    let fwd = h2.agent.forward_addrs()[0];
+    let clients = (0..tunnel::holds::HELD_BUDGET + 3).map(|_| async move {
+        let mut c = tokio::net::TcpStream::connect(fwd).await?;
+        c.write_all(b"ask").await?;
+        c.shutdown().await?;
+        let mut answer = Vec::new();
+        c.read_to_end(&mut answer).await?;
+        Ok::<usize, std::io::Error>(answer.len())
+    });
+    let got = tokio::time::timeout(WAIT, futures_util::future::join_all(clients))
+        .await
+        .expect("answers within the wait");
+    for (i, r) in got.into_iter().enumerate() {
+        match r {
+            Ok(n) => assert_eq!(n, chunks * 1024, "client {i}: answer cut short"),
+            Err(e) => panic!("client {i}: {e}"),
+        }
+    }
+}
+
 /// A first (relayed) stream, then the direct path up both ways, then a long-lived connection
 /// through the forward whose stream runs on that path (the gateway relayed nothing for it),
 /// one echo done.

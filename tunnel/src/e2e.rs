@@ -387,7 +387,10 @@ pub struct E2eStream<S> {
     rbuf: BytesMut,
     /// Plaintext opened, not yet read.
     plain: Bytes,
+    /// The peer's end frame was read: only the stream's own end may follow.
     read_end: bool,
+    /// ...and that end was read too: reads return 0 from now on.
+    inner_ended: bool,
     /// Ciphertext sealed, not yet written to `inner`.
     wbuf: BytesMut,
     end_sealed: bool,
@@ -409,6 +412,7 @@ impl<S> E2eStream<S> {
             rbuf: BytesMut::new(),
             plain: Bytes::new(),
             read_end: false,
+            inner_ended: false,
             wbuf: BytesMut::new(),
             end_sealed: false,
             first_frame: None,
@@ -453,6 +457,43 @@ impl<S: AsyncWrite + Unpin> E2eStream<S> {
     }
 }
 
+impl<S: AsyncRead + Unpin> E2eStream<S> {
+    /// After the peer's end frame: reads the inner stream to its own end (the peer finishes
+    /// it right after the frame) before saying "end". Left unread, a relayed QUIC stream kept
+    /// its held-stream mark from the read that brought the end frame, and past
+    /// [`crate::holds::HELD_BUDGET`] such half-closed streams, still sending the other way,
+    /// the oldest were cut as held.
+    /// Bytes after the end frame are an error, as a cut before it is.
+    fn poll_inner_end(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let after_end = || {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "bytes after the encrypted stream's end frame",
+            )
+        };
+        if self.inner_ended {
+            return Poll::Ready(Ok(()));
+        }
+        if !self.rbuf.is_empty() {
+            return Poll::Ready(Err(after_end()));
+        }
+        // Room for one byte is enough to tell the end from more data.
+        self.rbuf = BytesMut::with_capacity(1);
+        match ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.inner),
+            cx,
+            &mut self.rbuf
+        ))? {
+            0 => {
+                self.inner_ended = true;
+                self.rbuf = BytesMut::new();
+                Poll::Ready(Ok(()))
+            }
+            _ => Poll::Ready(Err(after_end())),
+        }
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for E2eStream<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -468,7 +509,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for E2eStream<S> {
                 return Poll::Ready(Ok(()));
             }
             if this.read_end {
-                return Poll::Ready(Ok(()));
+                return this.poll_inner_end(cx);
             }
             let opened = this.framer.open(&mut this.rbuf)?;
             if opened.is_some() {
@@ -880,5 +921,40 @@ mod tests {
         let err = s.read_to_end(&mut out).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         assert_eq!(out, b"part");
+    }
+
+    /// The end frame ends the plaintext only once the inner stream ends too: it is read to
+    /// its end (a relayed QUIC stream left unread after the end frame counted as held by a
+    /// stopped reader, and was cut while its other direction still carried an answer).
+    /// Bytes after the end frame are an error.
+    #[tokio::test]
+    async fn the_end_frame_is_followed_by_the_inner_streams_end_and_nothing_else() {
+        let (mut a, b) = framer_pair_for_tests();
+        let mut wire = BytesMut::new();
+        a.seal(b"ask", &mut wire).unwrap();
+        a.seal_end(&mut wire).unwrap();
+        let (x, mut y) = tokio::io::duplex(1024);
+        y.write_all(&wire).await.unwrap();
+        let mut s = E2eStream::new(x, b);
+        let mut buf = [0u8; 16];
+        assert_eq!(s.read(&mut buf).await.unwrap(), 3);
+        let wait = std::time::Duration::from_millis(100);
+        assert!(
+            tokio::time::timeout(wait, s.read(&mut buf)).await.is_err(),
+            "said the end before the inner stream ended"
+        );
+        drop(y);
+        assert_eq!(s.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(s.read(&mut buf).await.unwrap(), 0, "the end, again");
+
+        let (mut a, b) = framer_pair_for_tests();
+        let mut wire = BytesMut::new();
+        a.seal_end(&mut wire).unwrap();
+        wire.extend_from_slice(b"x");
+        let (x, mut y) = tokio::io::duplex(1024);
+        y.write_all(&wire).await.unwrap();
+        let mut s = E2eStream::new(x, b);
+        let err = s.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
     }
 }
