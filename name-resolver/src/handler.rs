@@ -15,7 +15,7 @@ use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseI
 use tracing::debug;
 
 use crate::records::{name_wire_len, record_wire_len, Lookup, ZoneRecords};
-use crate::rrl::{ResponseLimiter, Verdict};
+use crate::rrl::{Response, ResponseLimiter, Verdict};
 
 /// Largest UDP response we send, whatever the client offers: 1232 bytes fits the IPv6 minimum
 /// MTU without fragmentation (DNS Flag Day 2020) and caps the amplification a spoofed query can
@@ -45,6 +45,11 @@ impl ZoneHandler {
     /// The records being served.
     pub fn records(&self) -> Arc<ZoneRecords> {
         self.current.load_full()
+    }
+
+    /// UDP answers the rate limiter slipped and dropped since the last call.
+    pub fn rate_limited(&self) -> (u64, u64) {
+        self.rrl.take_counts()
     }
 
     /// Serves `records` from the next query on; returns the ones replaced.
@@ -94,10 +99,42 @@ impl RequestHandler for ZoneHandler {
             return ResponseInfo::from(header);
         }
 
+        // The error answers first: the rate limiter counts them as one kind of answer.
+        let error = if badvers {
+            // RFC 6891 §6.1.3: we speak EDNS version 0 only.
+            Some(ResponseCode::BADVERS)
+        } else if request.op_code() != OpCode::Query {
+            // No UPDATE, NOTIFY or anything else: the zone changes only through zone.json.
+            Some(ResponseCode::NotImp)
+        } else {
+            // Not exactly one question: FORMERR.
+            request.request_info().err().map(|_| ResponseCode::FormErr)
+        };
+        let found = match (error, request.request_info()) {
+            (None, Ok(info)) => {
+                let query = info.query;
+                // QCLASS * asks every class there is: here, IN only (RFC 1035 §3.2.5).
+                let lookup = if matches!(query.query_class(), DNSClass::IN | DNSClass::ANY) {
+                    records.lookup(query.name(), query.query_type())
+                } else {
+                    Lookup::Refused
+                };
+                Some((query, lookup))
+            }
+            _ => None,
+        };
+
         if request.protocol() == Protocol::Udp {
+            let response = match &found {
+                Some((_, Lookup::NxDomain)) => Response::NxDomain,
+                Some((q, Lookup::NoData | Lookup::Found { .. })) => {
+                    Response::Records(q.name(), q.query_type())
+                }
+                Some((_, Lookup::Refused)) | None => Response::Error,
+            };
             match self
                 .rrl
-                .admit(request.src().ip(), std::time::Instant::now())
+                .admit(request.src().ip(), response, std::time::Instant::now())
             {
                 Verdict::Send => {}
                 Verdict::Slip => {
@@ -109,28 +146,9 @@ impl RequestHandler for ZoneHandler {
             }
         }
 
-        if badvers {
-            // RFC 6891 §6.1.3: we speak EDNS version 0 only.
-            header.set_response_code(ResponseCode::BADVERS);
+        let Some((query, lookup)) = found else {
+            header.set_response_code(error.unwrap_or(ResponseCode::FormErr));
             return send(&mut response_handle, builder.build_no_records(header)).await;
-        }
-
-        if request.op_code() != OpCode::Query {
-            // No UPDATE, NOTIFY or anything else: the zone changes only through zone.json.
-            header.set_response_code(ResponseCode::NotImp);
-            return send(&mut response_handle, builder.build_no_records(header)).await;
-        }
-        let Ok(info) = request.request_info() else {
-            // Not exactly one question.
-            header.set_response_code(ResponseCode::FormErr);
-            return send(&mut response_handle, builder.build_no_records(header)).await;
-        };
-        let query = info.query;
-        // QCLASS * asks every class there is: here, IN only (RFC 1035 §3.2.5).
-        let lookup = if matches!(query.query_class(), DNSClass::IN | DNSClass::ANY) {
-            records.lookup(query.name(), query.query_type())
-        } else {
-            Lookup::Refused
         };
         let any_over_udp =
             query.query_type() == RecordType::ANY && request.protocol() == Protocol::Udp;

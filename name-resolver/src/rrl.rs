@@ -1,28 +1,45 @@
 //! Response rate limiting for answers over UDP, where a query's source address can be forged:
 //! without it, anyone can make this server send its answers (several times the query's size)
 //! to a victim. Each client network (IPv4 /24, IPv6 /56: one subscriber or resolver farm) gets
-//! [`RATE`] answers per second with a burst of [`BURST`]; past that, every [`SLIP`]th answer
-//! goes out empty with TC set (small, and a real resolver asks again over TCP, which cannot be
-//! forged) and the others are dropped: the scheme of BIND's and Knot's RRL. TCP answers are
-//! not limited here (the TCP server bounds connections), nor answers to loopback clients.
-//! Sans-IO: the caller passes the time.
+//! [`RATE`] answers per second of each [`Response`] (the same records, NXDOMAIN, an error)
+//! with a burst of [`BURST`]; past that, every [`SLIP`]th answer goes out empty with TC set
+//! (small, and a real resolver asks again over TCP, which cannot be forged) and the others
+//! are dropped: the scheme of BIND's and Knot's RRL. Per response, not per network alone: a
+//! flood forged from a resolver's address spends the rate of the answer it asks for, and the
+//! resolver still gets every other name of the zone. TCP answers are not limited here (the
+//! TCP server bounds connections), nor answers to loopback clients. Sans-IO: the caller
+//! passes the time.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Answers per second one network gets over UDP. A personal zone sees a few queries a
-/// second from each resolver; this leaves room for a busy resolver farm behind one /24.
+use hickory_proto::rr::{LowerName, RecordType};
+
+/// Answers per second one network gets of one [`Response`] over UDP. A resolver caches an
+/// answer for its TTL, so it asks a name a few times a second at most; this leaves room for
+/// a busy resolver farm behind one /24.
 pub const RATE: u32 = 100;
 /// Answers a network may get at once beyond the rate.
 pub const BURST: u32 = 200;
 /// Of the answers over the limit, every SLIP-th is sent empty with TC (a client that is real
 /// retries over TCP); the rest are dropped.
 pub const SLIP: u32 = 2;
-/// Networks tracked at most (~48 bytes each); past that, newcomer networks are slipped or
-/// dropped as if over a limit until idle networks are forgotten.
-pub const MAX_NETWORKS: usize = 65_536;
+/// (network, response) pairs tracked at most (~56 bytes each); past that, newcomers are
+/// slipped or dropped as if over a limit until idle ones are forgotten.
+pub const MAX_ENTRIES: usize = 65_536;
+
+/// Which answer one is, for its rate: the same records (or the same empty answer) for a name
+/// and type, any NXDOMAIN of the zone (random names must not get a rate each), or any error
+/// (REFUSED, FORMERR, NOTIMP, BADVERS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Response<'a> {
+    Records(&'a LowerName, RecordType),
+    NxDomain,
+    Error,
+}
 
 /// What to do with one UDP answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,15 +58,21 @@ struct Bucket {
     limited: u32,
 }
 
-/// Per-network token buckets ([`RATE`], [`BURST`]).
+/// Token buckets per network and response ([`RATE`], [`BURST`]).
 #[derive(Debug, Default)]
 pub struct ResponseLimiter {
     state: Mutex<State>,
+    /// Keyed per process: a flood cannot pick names whose answers share a bucket with one
+    /// it means to starve.
+    keys: std::collections::hash_map::RandomState,
+    /// Answers slipped and dropped since [`ResponseLimiter::take_counts`], for the log.
+    slipped: std::sync::atomic::AtomicU64,
+    dropped: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    buckets: HashMap<Network, Bucket>,
+    buckets: HashMap<(Network, u64), Bucket>,
     /// When the full table was last swept for refilled networks (at most every
     /// [`SWEEP_EVERY`]: a sweep walks every entry under the lock).
     swept: Option<Instant>,
@@ -85,10 +108,28 @@ fn network(ip: IpAddr) -> Network {
 }
 
 impl ResponseLimiter {
-    /// Counts one UDP answer to `ip` at `now`. Loopback clients are not limited: the kernel
-    /// drops packets that arrive from outside with a loopback source, so theirs cannot be
-    /// forged (and local tools, dnsperf included, may ask as fast as they like).
-    pub fn admit(&self, ip: IpAddr, now: Instant) -> Verdict {
+    /// Counts one UDP answer, `response`, to `ip` at `now`. Loopback clients are not limited:
+    /// the kernel drops packets that arrive from outside with a loopback source, so theirs
+    /// cannot be forged (and local tools, dnsperf included, may ask as fast as they like).
+    pub fn admit(&self, ip: IpAddr, response: Response<'_>, now: Instant) -> Verdict {
+        let verdict = self.decide(ip, response, now);
+        let counter = match verdict {
+            Verdict::Send => return verdict,
+            Verdict::Slip => &self.slipped,
+            Verdict::Drop => &self.dropped,
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        verdict
+    }
+
+    /// Answers slipped and dropped since the last call: an operator must be able to tell
+    /// the limiter at work from packet loss.
+    pub fn take_counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.slipped.swap(0, Relaxed), self.dropped.swap(0, Relaxed))
+    }
+
+    fn decide(&self, ip: IpAddr, response: Response<'_>, now: Instant) -> Verdict {
         // IPv4-mapped clients (a dual-stack socket) count as the IPv4 address they are.
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
@@ -99,8 +140,8 @@ impl ResponseLimiter {
         }
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let state = &mut *state;
-        let net = network(ip);
-        if !state.buckets.contains_key(&net) && state.buckets.len() >= MAX_NETWORKS {
+        let key = (network(ip), self.keys.hash_one(response));
+        if !state.buckets.contains_key(&key) && state.buckets.len() >= MAX_ENTRIES {
             // Networks that have refilled are as good as new: forget them.
             let due = state
                 .swept
@@ -111,14 +152,14 @@ impl ResponseLimiter {
                     .buckets
                     .retain(|_, b| refilled(b, now) < f64::from(BURST));
             }
-            if state.buckets.len() >= MAX_NETWORKS {
-                // Full of busy networks (a flood from many of them): newcomers get the
+            if state.buckets.len() >= MAX_ENTRIES {
+                // Full of busy entries (a flood from many networks): newcomers get the
                 // over-the-limit treatment, on one shared count.
                 state.overflow = state.overflow.wrapping_add(1);
                 return slip_or_drop(state.overflow);
             }
         }
-        let b = state.buckets.entry(net).or_insert(Bucket {
+        let b = state.buckets.entry(key).or_insert(Bucket {
             tokens: f64::from(BURST),
             at: now,
             limited: 0,
@@ -134,7 +175,7 @@ impl ResponseLimiter {
         slip_or_drop(b.limited)
     }
 
-    /// Networks tracked now.
+    /// (network, response) pairs tracked now.
     pub fn tracked(&self) -> usize {
         self.state
             .lock()
@@ -166,51 +207,57 @@ fn refilled(b: &Bucket, now: Instant) -> f64 {
 mod tests {
     use super::*;
 
+    /// One answer, asked again and again.
+    const R: Response<'static> = Response::NxDomain;
+
     #[test]
     fn a_network_gets_its_burst_then_its_rate_and_slips_every_other_answer_past_it() {
         let rrl = ResponseLimiter::default();
         let t = Instant::now();
         let ip: IpAddr = "198.51.100.7".parse().unwrap();
         for i in 0..BURST {
-            assert_eq!(rrl.admit(ip, t), Verdict::Send, "answer {i}");
+            assert_eq!(rrl.admit(ip, R, t), Verdict::Send, "answer {i}");
         }
-        let over: Vec<Verdict> = (0..4).map(|_| rrl.admit(ip, t)).collect();
+        let over: Vec<Verdict> = (0..4).map(|_| rrl.admit(ip, R, t)).collect();
         assert_eq!(
             over,
             [Verdict::Drop, Verdict::Slip, Verdict::Drop, Verdict::Slip]
         );
         // The same /24 shares the bucket; another /24 has its own.
         assert_ne!(
-            rrl.admit("198.51.100.200".parse().unwrap(), t),
+            rrl.admit("198.51.100.200".parse().unwrap(), R, t),
             Verdict::Send
         );
-        assert_eq!(rrl.admit("198.51.101.7".parse().unwrap(), t), Verdict::Send);
+        assert_eq!(
+            rrl.admit("198.51.101.7".parse().unwrap(), R, t),
+            Verdict::Send
+        );
         // A tenth of a second later: RATE / 10 answers more.
         let later = t + Duration::from_millis(100);
         for _ in 0..RATE / 10 {
-            assert_eq!(rrl.admit(ip, later), Verdict::Send);
+            assert_eq!(rrl.admit(ip, R, later), Verdict::Send);
         }
-        assert_ne!(rrl.admit(ip, later), Verdict::Send);
+        assert_ne!(rrl.admit(ip, R, later), Verdict::Send);
         // Loopback is never limited (its source cannot be forged from outside).
         for _ in 0..2 * BURST {
-            assert_eq!(rrl.admit("127.0.0.1".parse().unwrap(), t), Verdict::Send);
-            assert_eq!(rrl.admit("::1".parse().unwrap(), t), Verdict::Send);
+            assert_eq!(rrl.admit("127.0.0.1".parse().unwrap(), R, t), Verdict::Send);
+            assert_eq!(rrl.admit("::1".parse().unwrap(), R, t), Verdict::Send);
         }
         // IPv4-mapped clients count as the IPv4 network; IPv6 by /56.
         assert_ne!(
-            rrl.admit("::ffff:198.51.100.9".parse().unwrap(), later),
+            rrl.admit("::ffff:198.51.100.9".parse().unwrap(), R, later),
             Verdict::Send
         );
         let v6: IpAddr = "2001:db8:1:2::1".parse().unwrap();
         for _ in 0..BURST {
-            assert_eq!(rrl.admit(v6, t), Verdict::Send);
+            assert_eq!(rrl.admit(v6, R, t), Verdict::Send);
         }
         assert_ne!(
-            rrl.admit("2001:db8:1:ff::1".parse().unwrap(), t),
+            rrl.admit("2001:db8:1:ff::1".parse().unwrap(), R, t),
             Verdict::Send
         );
         assert_eq!(
-            rrl.admit("2001:db8:1:100::1".parse().unwrap(), t),
+            rrl.admit("2001:db8:1:100::1".parse().unwrap(), R, t),
             Verdict::Send
         );
     }
@@ -219,20 +266,62 @@ mod tests {
     fn the_table_stays_bounded_and_forgets_idle_networks() {
         let rrl = ResponseLimiter::default();
         let t = Instant::now();
-        for i in 0..MAX_NETWORKS as u32 {
+        for i in 0..MAX_ENTRIES as u32 {
             let ip = IpAddr::V4((i << 8).into());
-            assert_eq!(rrl.admit(ip, t), Verdict::Send);
+            assert_eq!(rrl.admit(ip, R, t), Verdict::Send);
         }
-        assert_eq!(rrl.tracked(), MAX_NETWORKS);
+        assert_eq!(rrl.tracked(), MAX_ENTRIES);
         // Full of networks that just answered: newcomers are dropped or slipped, not tracked.
         let newcomer: IpAddr = "2001:db8::1".parse().unwrap();
         let other: IpAddr = "2001:db8:0:1::1".parse().unwrap();
-        assert_eq!(rrl.admit(newcomer, t), Verdict::Drop);
-        assert_eq!(rrl.admit(other, t), Verdict::Slip);
-        assert_eq!(rrl.tracked(), MAX_NETWORKS);
+        assert_eq!(rrl.admit(newcomer, R, t), Verdict::Drop);
+        assert_eq!(rrl.admit(other, R, t), Verdict::Slip);
+        assert_eq!(rrl.tracked(), MAX_ENTRIES);
         // Once they have refilled, they are forgotten and the newcomer is served.
         let later = t + Duration::from_secs(1);
-        assert_eq!(rrl.admit(newcomer, later), Verdict::Send);
+        assert_eq!(rrl.admit(newcomer, R, later), Verdict::Send);
         assert_eq!(rrl.tracked(), 1);
+    }
+
+    /// A flood of one question, forged from a resolver's network, spends that answer's rate
+    /// only: the resolver still gets every other answer of the zone. Names count without
+    /// their case; any NXDOMAIN shares one rate (random names get none each).
+    #[test]
+    fn each_answer_has_its_own_rate() {
+        let rrl = ResponseLimiter::default();
+        let t = Instant::now();
+        let ip: IpAddr = "198.51.100.7".parse().unwrap();
+        let name = |s: &str| LowerName::from(hickory_proto::rr::Name::from_ascii(s).unwrap());
+        let (txt, a) = (name("_zonegate.alice.example."), name("alice.example."));
+        for _ in 0..BURST {
+            assert_eq!(
+                rrl.admit(ip, Response::Records(&txt, RecordType::TXT), t),
+                Verdict::Send
+            );
+        }
+        let shouted = name("_ZONEGATE.Alice.example.");
+        let flooded = Response::Records(&shouted, RecordType::TXT);
+        assert_ne!(rrl.admit(ip, flooded, t), Verdict::Send, "the same answer");
+        assert_eq!(
+            rrl.admit(ip, Response::Records(&a, RecordType::A), t),
+            Verdict::Send
+        );
+        assert_eq!(
+            rrl.admit(ip, Response::Records(&txt, RecordType::A), t),
+            Verdict::Send
+        );
+        assert_eq!(rrl.admit(ip, Response::NxDomain, t), Verdict::Send);
+        assert_eq!(rrl.admit(ip, Response::Error, t), Verdict::Send);
+        for _ in 1..BURST {
+            assert_eq!(rrl.admit(ip, Response::NxDomain, t), Verdict::Send);
+        }
+        assert_ne!(
+            rrl.admit(ip, Response::NxDomain, t),
+            Verdict::Send,
+            "one rate for NXDOMAIN"
+        );
+        // Two over the limit, each the first over its own: both dropped, none slipped.
+        assert_eq!(rrl.take_counts(), (0, 2));
+        assert_eq!(rrl.take_counts(), (0, 0));
     }
 }

@@ -44,6 +44,9 @@ pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the zone source is asked for its serial. Cheap (an Arc clone and a compare), and
 /// a second is well below any TTL, so answers follow zone.json changes without notice.
 pub const ZONE_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the rate limiter's work is logged, when it did any: one line per period under a
+/// flood, not one per answer.
+pub const RATE_LIMIT_REPORT_EVERY: Duration = Duration::from_secs(60);
 /// How long shutdown waits for queries in flight before abandoning them.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Attempts to find a port free for both UDP and TCP when binding port 0.
@@ -293,6 +296,7 @@ impl DnsServer {
 
         let mut poll = tokio::time::interval(ZONE_POLL_INTERVAL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reported = tokio::time::Instant::now();
         let result = loop {
             tokio::select! {
                 biased;
@@ -305,6 +309,13 @@ impl DnsServer {
                         handler.replace(next);
                         if old != new {
                             info!(zone = %served.origin(), serial = new, previous = old, "DNS serving new zone serial");
+                        }
+                    }
+                    if reported.elapsed() >= RATE_LIMIT_REPORT_EVERY {
+                        reported = tokio::time::Instant::now();
+                        let (slipped, dropped) = handler.rate_limited();
+                        if slipped + dropped > 0 {
+                            warn!(slipped, dropped, minutes = RATE_LIMIT_REPORT_EVERY.as_secs() / 60, "DNS rate limit: UDP answers over a client network's rate of one answer sent empty with TC (slipped) or not at all (dropped): a forged-source flood, or a resolver asking very fast");
                         }
                     }
                 }
@@ -494,6 +505,22 @@ impl Live {
         }
     }
 
+    /// Closes every connection that has neither read a query nor written for `quiet`.
+    fn close_quiet(&self, quiet: Duration) {
+        let now = self.now_ms();
+        let quiet = quiet.as_millis() as u64;
+        for c in self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            if c.last.load(std::sync::atomic::Ordering::Relaxed) + quiet <= now {
+                c.stop.cancel();
+            }
+        }
+    }
+
     /// Makes room for a connection of `newcomer` in a full table: closes the connection idle
     /// the longest if one has been idle for [`EVICTABLE_AFTER`], else the idlest of the site
     /// (IPv4 /24, IPv6 /48) holding the most, if it holds two more than `newcomer`'s, or any
@@ -613,9 +640,22 @@ async fn tcp_accept_loop(
             },
         }
     }
-    // Let connections finish the query they are on; run() bounds how long with its grace period.
-    while conns.join_next().await.is_some() {}
+    // Connections between queries are closed now, and each that is answering once it has
+    // been quiet for a moment: a resolver's idle connection otherwise held every shutdown
+    // for the whole grace period (and its warning). run() bounds how long this takes.
+    let mut check = tokio::time::interval(SHUTDOWN_QUIET);
+    loop {
+        live.close_quiet(SHUTDOWN_QUIET);
+        tokio::select! {
+            joined = conns.join_next() => if joined.is_none() { break },
+            _ = check.tick() => {}
+        }
+    }
 }
+
+/// At shutdown, how long a connection must have neither read a query nor written to count as
+/// between queries (its last answer written).
+const SHUTDOWN_QUIET: Duration = Duration::from_millis(100);
 
 /// The answer to a query that does not decode: its header with QR set, RCODE FORMERR and no
 /// records (RFC 6891 §6.1.1 wants FORMERR, say, for two OPT records). `None` when the bytes
@@ -711,7 +751,7 @@ async fn serve_tcp(
     loop {
         let frame = tokio::select! {
             _ = conn.stop.cancelled() => {
-                debug!(%peer, "DNS over TCP: closed for a newcomer (idle longest)");
+                debug!(%peer, "DNS over TCP: closed (idle longest, for a newcomer; or idle at shutdown)");
                 return;
             }
             () = &mut idle => {

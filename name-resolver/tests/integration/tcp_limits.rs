@@ -284,3 +284,28 @@ async fn a_query_with_several_questions_is_not_echoed_over_udp() {
     );
     server.stop().await;
 }
+
+/// A resolver's idle connection does not hold the shutdown: it is closed at once (it used to
+/// stay until its idle timeout, so every stop took the whole grace period and warned of
+/// queries still in flight).
+#[tokio::test]
+async fn shutdown_closes_idle_connections_at_once() {
+    let server = Running::start(testzone::zone().1).await;
+    let mut idle = answered_from("127.0.0.1", server.addr, 1)
+        .await
+        .expect("served");
+    let started = std::time::Instant::now();
+    server.stop().await;
+    let took = started.elapsed();
+    assert!(
+        took < name_resolver::server::SHUTDOWN_GRACE,
+        "the stop waited {took:?}, the grace period is {:?}",
+        name_resolver::server::SHUTDOWN_GRACE
+    );
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(1), idle.read_to_end(&mut rest))
+        .await
+        .expect("the connection was closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "no answer without a query");
+}
