@@ -1334,6 +1334,47 @@ fn an_expired_own_certificate_says_how_to_renew_it() {
     );
 }
 
+/// A certificate not valid yet (a machine booting with its clock in the past, before NTP)
+/// says so with both times and points at the clock, not at the certificate.
+#[test]
+fn a_certificate_not_valid_yet_points_at_the_clock() {
+    let z = TestZone::new(&["home1"]);
+    let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
+    let home1 = zone_core::DeviceName::new("home1").unwrap();
+    let ahead = time::OffsetDateTime::now_utc() + time::Duration::days(10);
+    let (key, cert) = zd.renew(&home1, ahead, 30).unwrap();
+    zd.write_bundle(&z.zone_dir().join("devices/home1"), &home1, &key, &cert)
+        .unwrap();
+    let Err(e) = DeviceCreds::load(&z.bundle("home1"), None) else {
+        panic!("a certificate not valid yet was loaded");
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains("not valid until")
+            && e.contains("this machine's clock says")
+            && e.contains("NTP"),
+        "{e}"
+    );
+}
+
+/// A device key others may read is refused with the command that fixes it; one its group
+/// may read is not.
+#[test]
+fn a_device_key_others_may_read_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let z = TestZone::new(&["home1"]);
+    let bundle = z.bundle("home1");
+    let set = |mode| std::fs::set_permissions(&bundle.key, std::fs::Permissions::from_mode(mode));
+    set(0o644).unwrap();
+    let Err(e) = DeviceCreds::load(&bundle, None) else {
+        panic!("a device key others may read was loaded");
+    };
+    let e = e.to_string();
+    assert!(e.contains("mode 644") && e.contains("chmod 600"), "{e}");
+    set(0o640).unwrap();
+    DeviceCreds::load(&bundle, None).expect("a key its group may read");
+}
+
 /// A newer config whose file cannot be written (here: a directory where zone.json was; a
 /// read-only or full disk alike) is still adopted, revocations and all: it used to set the
 /// revocations, fail the write and keep the old config, so the revoked device stayed in.

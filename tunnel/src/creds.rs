@@ -47,6 +47,30 @@ fn bad(path: &Path, what: &str, e: impl std::fmt::Display) -> TunnelError {
     TunnelError::Config(format!("{}: {what}: {e}", path.display()))
 }
 
+/// A device key others on this machine may read is refused: with it they could act as this
+/// device and read its mesh traffic (its Noise key derives from it). A group may read it (a
+/// root-owned key the service's group reads, as TLS keys often are).
+fn private_to_its_owner(path: &Path) -> Result<(), TunnelError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = match std::fs::metadata(path) {
+        Ok(m) => m.permissions().mode(),
+        // Said by the read that follows, with its own words.
+        Err(_) => return Ok(()),
+    };
+    if mode & 0o007 != 0 {
+        return Err(unrunnable(
+            path,
+            "device key",
+            format!(
+                "others may read it (mode {:o}): anyone on this machine could act as this device; run `chmod 600 {}`",
+                mode & 0o777,
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// As [`bad`], for what a restart cannot mend ([`TunnelError::Unrunnable`]).
 fn unrunnable(path: &Path, what: &str, e: impl std::fmt::Display) -> TunnelError {
     TunnelError::Unrunnable(format!("{}: {what}: {e}", path.display()))
@@ -60,8 +84,11 @@ impl DeviceCreds {
         p: &BundlePaths,
         expect_device: Option<&DeviceName>,
     ) -> Result<Arc<Self>, TunnelError> {
-        let key_pem = std::fs::read_to_string(&p.key)
-            .map_err(|e| bad(&p.key, "cannot read device key", e))?;
+        private_to_its_owner(&p.key)?;
+        let key_pem = zeroize::Zeroizing::new(
+            std::fs::read_to_string(&p.key)
+                .map_err(|e| bad(&p.key, "cannot read device key", e))?,
+        );
         let key = DeviceKey::from_pem(&key_pem).map_err(|e| bad(&p.key, "not a device key", e))?;
         let cert_der = read_cert_der(&p.cert)?;
         let identity = DeviceIdentity::from_der(&cert_der)
@@ -93,7 +120,7 @@ impl DeviceCreds {
             .map_err(|e| {
                 let why = zone_core::trust::describe_refusal(&e);
                 let hint = if why.contains("expired") {
-                    format!(": {renew}")
+                    format!(": {renew} (or, if this machine's clock is wrong, set it)")
                 } else {
                     String::new()
                 };

@@ -49,8 +49,8 @@ pub enum ZoneError {
     Txt(String),
     #[error("zone directory {0}: no zone here (create one with `zonegate zone init --domain DOMAIN --dir DIR`)")]
     NoZone(PathBuf),
-    #[error("zone directory {0}: zone-ca.crt and zone.json but no zone.key. A device's bundle holds those two and never the zone key: give the zone directory itself (--zone). If this is it, restore zone.key from your backup: without it the zone cannot change (a new `zone init` makes another zone, which no device trusts)")]
-    NoZoneKey(PathBuf),
+    #[error("zone directory {0}: {1} but no zone.key. A device's bundle holds zone-ca.crt and zone.json and never the zone key: give the zone directory itself (--zone). If this is it, restore zone.key from your backup: without it the zone cannot change (a new `zone init` makes another zone, which no device trusts)")]
+    NoZoneKey(PathBuf, &'static str),
     #[error(
         "zone directory {0} already holds a zone: refusing to overwrite it (choose another --dir)"
     )]

@@ -70,9 +70,26 @@ pub fn describe_refusal(e: &rustls::Error) -> String {
         rustls::Error::InvalidCertificate(CertificateError::Expired) => {
             "certificate expired".into()
         }
-        rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. }) => {
-            "certificate expired".into()
+        rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { time, not_after }) => {
+            format!(
+                "certificate expired at {} (this machine's clock says {})",
+                rfc3339(*not_after),
+                rfc3339(*time)
+            )
         }
+        // A machine without a battery-backed clock (a Raspberry Pi) boots in the past until
+        // NTP answers: the certificate is fine, the clock is not.
+        rustls::Error::InvalidCertificate(CertificateError::NotValidYet) => {
+            "certificate not valid yet: check this machine's clock (NTP)".into()
+        }
+        rustls::Error::InvalidCertificate(CertificateError::NotValidYetContext {
+            time,
+            not_before,
+        }) => format!(
+            "certificate not valid until {} and this machine's clock says {}: check the clock (NTP)",
+            rfc3339(*not_before),
+            rfc3339(*time)
+        ),
         rustls::Error::InvalidCertificate(CertificateError::Revoked) => {
             "device revoked in zone config".into()
         }
@@ -87,6 +104,19 @@ pub fn describe_refusal(e: &rustls::Error) -> String {
         }
         other => other.to_string(),
     }
+}
+
+/// A certificate time as RFC 3339 (UTC), or its Unix seconds if out of range.
+fn rfc3339(t: rustls::pki_types::UnixTime) -> String {
+    let secs = t.as_secs();
+    i64::try_from(secs)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{secs} (Unix time)"))
 }
 
 /// The zone's trust anchor plus the current revocation set.

@@ -177,10 +177,15 @@ mod tests {
                 prop_assert!(p.len() <= MAX_STRING);
                 prop_assert!(p.starts_with(PREFIX));
             }
-            // Any order reassembles (a deterministic shuffle from the seed).
+            // Any order reassembles: a Fisher-Yates shuffle driven by an LCG from the seed
+            // (`seed * (i + 1) % (i + 1)` was always 0: every swap was with the first chunk).
             let len = parts.len();
+            let mut state = seed;
             for i in (1..len).rev() {
-                let j = (seed.wrapping_mul(i as u64 + 1) % (i as u64 + 1)) as usize;
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let j = ((state >> 33) % (i as u64 + 1)) as usize;
                 parts.swap(i, j);
             }
             prop_assert_eq!(unchunk(&parts).unwrap(), payload);

@@ -256,7 +256,12 @@ impl ZoneDir {
             has(ZONE_JSON_FILE)?,
         ) {
             (false, false, false) => return Err(ZoneError::NoZone(dir.to_owned())),
-            (false, true, true) => return Err(ZoneError::NoZoneKey(dir.to_owned())),
+            (false, true, true) => {
+                return Err(ZoneError::NoZoneKey(
+                    dir.to_owned(),
+                    "zone-ca.crt and zone.json",
+                ))
+            }
             (true, true, true) => {}
             (true, ca, _) => {
                 return Err(ZoneError::IncompleteZone {
@@ -265,8 +270,12 @@ impl ZoneDir {
                     missing: if ca { ZONE_JSON_FILE } else { ZONE_CA_FILE },
                 })
             }
-            // zone.json or the CA without the key: a device's bundle or a copy, not a zone.
-            (false, _, _) => return Err(ZoneError::NoZone(dir.to_owned())),
+            // One of them without the key: not "no zone here", which sends the user to
+            // `zone init`, and init refuses a directory holding either.
+            (false, ca, _) => {
+                let have = if ca { ZONE_CA_FILE } else { ZONE_JSON_FILE };
+                return Err(ZoneError::NoZoneKey(dir.to_owned(), have));
+            }
         }
         let kp = dir.join(ZONE_KEY_FILE);
         check_private(&kp)?;
@@ -798,8 +807,15 @@ mod tests {
         ZoneDir::open(dir.path()).unwrap();
         std::fs::remove_file(&key).unwrap();
         let e = ZoneDir::open(dir.path()).err().unwrap();
-        assert!(matches!(e, ZoneError::NoZoneKey(_)), "{e}");
+        assert!(matches!(e, ZoneError::NoZoneKey(..)), "{e}");
         assert!(e.to_string().contains("restore zone.key"), "{e}");
+        // zone.json alone: the same, not "create one with `zone init`" (which refuses it).
+        std::fs::remove_file(dir.path().join(ZONE_CA_FILE)).unwrap();
+        let e = ZoneDir::open(dir.path()).err().unwrap().to_string();
+        assert!(
+            e.contains("zone.json but no zone.key") && !e.contains("zone init --domain"),
+            "{e}"
+        );
     }
 
     /// Revoking a name revoked already changes nothing (no new serial); a gateway's address
