@@ -888,3 +888,98 @@ async fn a_stopping_node_lets_a_peers_direct_connection_finish() {
         .unwrap();
     gw.shutdown.cancel();
 }
+
+/// A direct path that dies silently (the peer suspended, its NAT's mapping gone) fails an
+/// open after a few round trips of silence, not the whole open timeout, so the forward takes
+/// the relay at once; a path whose peer still answers packets, but not yet the open (a
+/// service slow to accept), is given the whole timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_open_on_a_silent_path_fails_fast() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tunnel::proto::{Origin, StreamHeader};
+    let z = TestZone::new(&["home1", "home2"]);
+    // The connection's own idle timeout well past the open's: only the silence check can
+    // end the open early.
+    let t = Tuning {
+        idle_timeout: Duration::from_secs(30),
+        ..fast_tuning()
+    };
+    let home1 =
+        tunnel::transport::server_endpoint("127.0.0.1:0".parse().unwrap(), &z.creds("home1"), &t)
+            .unwrap();
+    let home1_addr = home1.local_addr().unwrap();
+    // home1 takes streams and never answers them.
+    let accept = tokio::spawn(async move {
+        let Some(inc) = home1.accept().await else {
+            return;
+        };
+        let Ok(conn) = inc.await else { return };
+        let mut held = Vec::new();
+        while let Ok(s) = conn.accept_bi().await {
+            held.push(s);
+        }
+    });
+    // A UDP relay between the two that can turn into a black hole.
+    let relay = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let relay_addr = relay.local_addr().unwrap();
+    let dead = Arc::new(AtomicBool::new(false));
+    let relaying = tokio::spawn({
+        let (relay, dead) = (relay.clone(), dead.clone());
+        async move {
+            let mut client = None;
+            let mut buf = vec![0u8; 65_536];
+            while let Ok((n, from)) = relay.recv_from(&mut buf).await {
+                let to = if from == home1_addr {
+                    match client {
+                        Some(c) => c,
+                        None => continue,
+                    }
+                } else {
+                    client = Some(from);
+                    home1_addr
+                };
+                if !dead.load(Ordering::Relaxed) {
+                    let _ = relay.send_to(&buf[..n], to).await;
+                }
+            }
+        }
+    });
+    let home2 =
+        tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), &z.creds("home2"), &t)
+            .unwrap();
+    let conn = home2
+        .connect(relay_addr, "home1.alice.example")
+        .unwrap()
+        .await
+        .expect("a direct connection through the relay");
+    let header = StreamHeader::Open {
+        app: "mesh".into(),
+        service: "echo".into(),
+        origin: Origin::Device {
+            name: "home2".into(),
+            addr: None,
+        },
+    };
+    let timeout = Duration::from_secs(2);
+    let started = std::time::Instant::now();
+    let r = tunnel::stream::open_direct(&conn, "home1", &header, timeout).await;
+    assert!(matches!(r, Err(tunnel::OpenError::Timeout(_))), "{r:?}");
+    assert!(
+        started.elapsed() >= timeout,
+        "a live path that had not answered yet was given up after {:?}",
+        started.elapsed()
+    );
+    dead.store(true, Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    let r = tunnel::stream::open_direct(&conn, "home1", &header, timeout).await;
+    assert!(matches!(r, Err(tunnel::OpenError::Timeout(_))), "{r:?}");
+    let limit = tunnel::stream::direct_silence_limit(conn.rtt());
+    assert!(
+        started.elapsed() < timeout,
+        "a silent path held the open {:?} (its silence limit is {limit:?})",
+        started.elapsed()
+    );
+    relaying.abort();
+    accept.abort();
+}

@@ -1362,7 +1362,11 @@ impl Agent {
         let Some(addrs) = self.peers.on_peer_addr(&pa) else {
             return;
         };
-        info!(peer = %pa.device, addrs = ?addrs, "hole punching towards peer");
+        if self.peers.punch_failed_last(&pa.device) {
+            debug!(peer = %pa.device, addrs = ?addrs, "hole punching towards peer again");
+        } else {
+            info!(peer = %pa.device, addrs = ?addrs, "hole punching towards peer");
+        }
         let me = self.clone();
         tokio::spawn(async move {
             if let Some(conn) = me.peers.clone().punch(pa.device.clone(), addrs).await {
@@ -1668,7 +1672,7 @@ impl Agent {
                         addr: None,
                     },
                 };
-                match stream::open(&pc.conn, &f.device, &header, t.open_timeout).await {
+                match stream::open_direct(&pc.conn, &f.device, &header, t.open_timeout).await {
                     Ok(q) => {
                         // Answered: the peer has this connection too.
                         self.peers.confirm(&f.device, &pc);

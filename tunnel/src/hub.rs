@@ -229,6 +229,9 @@ struct MeshPair {
     punches: u64,
     last_relay: Option<Instant>,
     last_punch: Option<Instant>,
+    /// The addresses the last round gave (opener's, target's): a round with the same ones
+    /// is no news for the log.
+    last_punch_addrs: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
     /// Every service the target may have let the peer use directly: relayed here, or
     /// reported held by the target (`PermitsHeld`); at most the target's services.
     permitted: Vec<String>,
@@ -500,7 +503,15 @@ impl Hub {
         };
         link.ctl.try_apply(move |s| s.send_peer_addr(to_a));
         other.ctl.try_apply(move |s| s.send_peer_addr(to_b));
-        info!(a = %link.device, a_addr = %a_addr, b = %other.device, b_addr = %b_addr, "hole punching coordinated");
+        // Rounds repeat every half minute while a pair stays relayed (a symmetric NAT).
+        let news = self.mesh_pair(&link.device, peer, |p| {
+            p.last_punch_addrs.replace((a_addr, b_addr)) != Some((a_addr, b_addr))
+        });
+        if news {
+            info!(a = %link.device, a_addr = %a_addr, b = %other.device, b_addr = %b_addr, "hole punching coordinated");
+        } else {
+            debug!(a = %link.device, a_addr = %a_addr, b = %other.device, b_addr = %b_addr, "hole punching coordinated again");
+        }
     }
 
     /// Mesh pairs with `from` as the opening side, for `/status`.

@@ -601,6 +601,15 @@ impl Peers {
     /// agent may dial (itself, a device the zone config does not list or revokes). The table
     /// thus only holds zone devices and one round runs per peer, whatever a gateway sends.
     /// A returned round must end with [`Peers::punch`] (which clears the running mark).
+    /// Whether the last punch round towards `peer` failed (its next is no news for the log).
+    pub fn punch_failed_last(&self, peer: &str) -> bool {
+        self.with(peer, |s| {
+            s.last_error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("hole punching failed"))
+        })
+    }
+
     pub fn on_peer_addr(&self, pa: &PeerAddr) -> Option<Vec<SocketAddr>> {
         let device = pa.device.as_str();
         if device == self.creds.name()
@@ -658,6 +667,8 @@ impl Peers {
     async fn dial(&self, peer: &str, addrs: Vec<SocketAddr>) -> Option<Connection> {
         let peer = peer.to_owned();
         let server_name = format!("{peer}.{}", self.creds.domain());
+        // What the last attempt ran into, for the status page and the log.
+        let mut failure = String::from("no address could be dialed");
         for attempt in 1..=PUNCH_ATTEMPTS {
             // Attempts at least a quarter of PUNCH_ATTEMPT apart: one refused at once (the
             // peer's gate full for a moment) must not spend the whole round in milliseconds.
@@ -679,13 +690,24 @@ impl Peers {
                         Ok(name) => {
                             conn.close(0u32.into(), b"unexpected peer");
                             debug!(peer = %peer, got = %name, "dialed peer presented another name");
+                            failure = format!("{addr} answered as device {name}");
                         }
-                        Err(e) => debug!(peer = %peer, error = %e, "dialed peer without identity"),
+                        Err(e) => {
+                            debug!(peer = %peer, error = %e, "dialed peer without identity");
+                            failure = format!("{addr} answered without a device identity");
+                        }
                     },
                     Ok(Err(e)) => {
                         debug!(peer = %peer, %addr, attempt, error = %e, "punch attempt failed");
+                        failure = format!("{addr}: {e}");
                     }
-                    Err(_) => debug!(peer = %peer, %addr, attempt, "punch attempt timed out"),
+                    Err(_) => {
+                        debug!(peer = %peer, %addr, attempt, "punch attempt timed out");
+                        failure = format!(
+                            "no answer from {addr} within {} ms (a NAT that maps each destination to another port, or a firewall?)",
+                            PUNCH_ATTEMPT.as_millis()
+                        );
+                    }
                 }
             }
             if attempt < PUNCH_ATTEMPTS {
@@ -693,10 +715,19 @@ impl Peers {
             }
         }
         if self.direct(&peer).is_none() {
-            info!(peer = %peer, addrs = ?addrs, "hole punching failed: streams stay relayed");
-            self.with(&peer, |s| {
-                s.last_error = Some("hole punching failed (symmetric NAT?)".into())
+            let why = format!("hole punching failed: {failure}");
+            // Rounds repeat every PUNCH_INTERVAL while streams are relayed: a failure like
+            // the last one is no news (a symmetric NAT fails the same way for good).
+            let news = self.with(&peer, |s| {
+                let news = s.last_error.as_deref() != Some(why.as_str());
+                s.last_error = Some(why.clone());
+                news
             });
+            if news {
+                info!(peer = %peer, addrs = ?addrs, reason = %failure, "hole punching failed: streams stay relayed");
+            } else {
+                debug!(peer = %peer, addrs = ?addrs, reason = %failure, "hole punching failed again");
+            }
         }
         None
     }

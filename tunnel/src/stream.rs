@@ -590,6 +590,30 @@ pub async fn open(
     open_with(conn, device, header, timeout, false).await
 }
 
+/// How long a direct open waits for any packet from the peer before the path counts as dead:
+/// several round trips (the answer needs one, plus the peer's connect to its service), at
+/// least half a second, at most three.
+pub fn direct_silence_limit(rtt: Duration) -> Duration {
+    (rtt * 4 + Duration::from_millis(100)).clamp(Duration::from_millis(500), Duration::from_secs(3))
+}
+
+/// [`open`] on a direct path between devices, which may have died silently (the peer
+/// suspended, its NAT's mapping dropped): nothing tells until the connection's idle timeout,
+/// 30 s. If no packet at all came from the peer within [`direct_silence_limit`] of the open
+/// (its acknowledgements of the header would have), the open fails as a timeout there and the
+/// caller takes the relay: every forward waited the whole open timeout first (10 s, twice
+/// with its retry). A path that answers packets but not yet the open (a service slow to
+/// accept) gets the whole timeout.
+pub async fn open_direct(
+    conn: &quinn::Connection,
+    device: &str,
+    header: &StreamHeader,
+    timeout: Duration,
+) -> Result<QuicStream, OpenError> {
+    let silence = direct_silence_limit(conn.rtt());
+    open_checked(conn, device, header, timeout, false, Some(silence)).await
+}
+
 /// Opens a stream on `conn` with `header` and returns without waiting for the acceptor's
 /// reply: the first payload bytes can follow the header at once, so a new proxied TCP
 /// connection costs no tunnel round trip before its data moves (a waiting open adds one RTT
@@ -615,6 +639,21 @@ pub async fn open_with(
     timeout: Duration,
     early: bool,
 ) -> Result<QuicStream, OpenError> {
+    open_checked(conn, device, header, timeout, early, None).await
+}
+
+/// [`open_with`]; with `silence`, a waiting open also gives up that long after it began if
+/// the connection received no packet meanwhile ([`open_direct`]).
+async fn open_checked(
+    conn: &quinn::Connection,
+    device: &str,
+    header: &StreamHeader,
+    timeout: Duration,
+    early: bool,
+    silence: Option<Duration>,
+) -> Result<QuicStream, OpenError> {
+    let heard = || conn.stats().udp_rx.datagrams;
+    let silent_check = silence.map(|s| (tokio::time::Instant::now() + s, heard()));
     let tunnel = |source| OpenError::Tunnel {
         device: device.to_owned(),
         source,
@@ -645,9 +684,23 @@ pub async fn open_with(
         s.reply_deadline = Some(Box::pin(tokio::time::sleep_until(deadline)));
         return Ok(s);
     }
-    let (reply, rest) = match tokio::time::timeout_at(deadline, read_reply(&mut recv)).await {
-        Ok(r) => r.map_err(tunnel)?,
-        Err(_) => {
+    let replied = {
+        // Pinned across both waits: a read cut at the first would lose what it had read.
+        let mut reading = pin!(read_reply(&mut recv));
+        match silent_check {
+            Some((at, before)) => {
+                match tokio::time::timeout_at(at.min(deadline), &mut reading).await {
+                    Ok(r) => Some(r),
+                    Err(_) if heard() == before => None,
+                    Err(_) => tokio::time::timeout_at(deadline, &mut reading).await.ok(),
+                }
+            }
+            None => tokio::time::timeout_at(deadline, &mut reading).await.ok(),
+        }
+    };
+    let (reply, rest) = match replied {
+        Some(r) => r.map_err(tunnel)?,
+        None => {
             abandon(&mut send, &mut recv);
             return Err(timed_out());
         }
