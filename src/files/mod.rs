@@ -2,7 +2,8 @@
 //! GET and HEAD only; files stream from disk, whole or as one byte range (`Range`, so a
 //! download resumes and a video seeks); `ETag` and `Last-Modified` with the conditional
 //! requests on them let a client keep what it has; directories get a plain HTML listing of
-//! at most [`MAX_LISTING`] entries; nothing outside the served directory is ever opened.
+//! at most [`MAX_LISTING`] entries in [`MAX_LISTING_BYTES`]; nothing outside the served
+//! directory is ever opened; the file system is given [`FS_TIMEOUT`] per call.
 //!
 //! - `names`: request paths to file names and names back to links;
 //! - `beneath`: opening beneath the served directory (openat2), reading a directory;
@@ -70,6 +71,10 @@ use validate::{Validators, Verdict};
 /// Entries a directory listing shows at most. A directory of a million files must not become
 /// a response (and names held in memory) of a hundred megabytes; the rest are counted, not held.
 pub const MAX_LISTING: usize = 10_000;
+/// Bytes of a listing's entries (with the page's head) at most, past which they are counted,
+/// not shown: names that escape long (255 bytes of `&` are ~2 KB as a link) made 10,000
+/// entries a page of 20 MB, held in memory for as long as a slow client took to read it.
+pub const MAX_LISTING_BYTES: usize = 1 << 20;
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -120,18 +125,24 @@ fn listing(dir: &std::fs::File, url: &str) -> std::io::Result<String> {
     let mut html = format!(
         "<!doctype html><meta charset=utf-8><base href=\"{base}\"><title>{title}</title><h1>{title}</h1><ul>\n"
     );
-    for (name, is_dir) in &names {
+    for (shown, (name, is_dir)) in names.iter().enumerate() {
         let slash = if *is_dir { "/" } else { "" };
-        html.push_str(&format!(
+        let line = format!(
             "<li><a href=\"./{}{slash}\">{}{slash}</a></li>\n",
             percent_encode(name),
             html_escape(&String::from_utf8_lossy(name)),
-        ));
+        );
+        if html.len() + line.len() > MAX_LISTING_BYTES {
+            left_out += names.len() - shown;
+            break;
+        }
+        html.push_str(&line);
     }
     html.push_str("</ul>\n");
     if left_out > 0 {
         html.push_str(&format!(
-            "<p>{left_out} more entries not listed: a listing shows at most {MAX_LISTING}.</p>\n"
+            "<p>{left_out} more entries not listed: a listing shows at most {MAX_LISTING}, in at most {} KiB.</p>\n",
+            MAX_LISTING_BYTES / 1024
         ));
     }
     Ok(html)
@@ -193,8 +204,9 @@ async fn handle(
     };
     let prefix = forwarded_prefix(req.headers()).to_owned();
     let slash = req.uri().path().ends_with('/');
-    // Resolving, opening and listing are file system calls: on a blocking thread.
-    let found = tokio::task::spawn_blocking(move || -> Result<Found, Refused> {
+    // Resolving, opening and listing are file system calls: on a blocking thread, and given
+    // up on past FS_TIMEOUT (see there).
+    let found = blocking_within(FS_TIMEOUT, move || -> Result<Found, Refused> {
         Ok(match open_target(&root, &asked, slash)? {
             Target::File(f) => Found::File(f),
             Target::Dir(dir, rel) => Found::Listing(
@@ -206,6 +218,9 @@ async fn handle(
         })
     })
     .await;
+    let Some(found) = found else {
+        return stuck();
+    };
     match found {
         Ok(Ok(Found::File(f))) => file(f, head, req.headers(), pages).await,
         Ok(Ok(Found::Redirect(mut to))) => {
@@ -239,6 +254,51 @@ async fn handle(
             text(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
         }
     }
+}
+
+/// How long the file system may take over one call of a request (resolving, opening and
+/// listing together; a seek; one read of a download). A symlink in the share leading to a hung
+/// network mount blocks `stat` for ever, and the request with it held its connection slot for
+/// ever. Past this the request is answered [`stuck`] (or its download cut), freeing the slot;
+/// the blocking thread itself stays stuck in the kernel until the mount answers, which nothing
+/// in user space can end.
+const FS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `work` on a blocking thread, or None once it has taken `limit`: the request is answered
+/// then, while the thread stays stuck in its call (see [`FS_TIMEOUT`]).
+async fn blocking_within<T: Send + 'static>(
+    limit: std::time::Duration,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Option<Result<T, tokio::task::JoinError>> {
+    tokio::time::timeout(limit, tokio::task::spawn_blocking(work))
+        .await
+        .ok()
+}
+
+/// Warnings of a file system that did not answer in time, a line a second at most: while a
+/// mount hangs, every request that touches it says so.
+static STUCK_LINES: std::sync::LazyLock<std::sync::Mutex<LogBudget>> =
+    std::sync::LazyLock::new(|| std::sync::Mutex::new(LogBudget::new(1)));
+
+/// Says at warn that the file system did not answer within [`FS_TIMEOUT`] (`what` did not):
+/// the share's owner has a mount to look at.
+fn warn_stuck(what: &str) {
+    if let Some(unlogged) = LogBudget::take_shared(&STUCK_LINES) {
+        warn!(
+            unlogged,
+            "{what}: the file system did not answer within {} s (a hung network mount a symlink in the share leads to?); check the share's mounts",
+            FS_TIMEOUT.as_secs()
+        );
+    }
+}
+
+/// The answer when the file system did not answer within [`FS_TIMEOUT`].
+fn stuck() -> Response<Body> {
+    warn_stuck("a request was answered 504");
+    text(
+        StatusCode::GATEWAY_TIMEOUT,
+        "the file system holding this file did not answer in time; try again later",
+    )
 }
 
 /// The answer for a file or directory that could not be opened, by why: out of descriptors
@@ -328,15 +388,18 @@ async fn file(opened: Opened, head: bool, headers: &HeaderMap, pages: Pages) -> 
     } else {
         let mut f = tokio::fs::File::from_std(file);
         if start > 0 {
-            if let Err(e) = f.seek(SeekFrom::Start(start)).await {
-                debug!(error = %e, path = %path.display(), "seek failed");
-                return text(StatusCode::FORBIDDEN, "cannot read this file");
+            match tokio::time::timeout(FS_TIMEOUT, f.seek(SeekFrom::Start(start))).await {
+                Err(_) => return stuck(),
+                Ok(Err(e)) => {
+                    debug!(error = %e, path = %path.display(), "seek failed");
+                    return text(StatusCode::FORBIDDEN, "cannot read this file");
+                }
+                Ok(Ok(_)) => {}
             }
         }
         // Streamed from disk: memory stays flat for any file size.
-        let stream = tokio_util::io::ReaderStream::with_capacity(f.take(count), 64 * 1024)
-            .map_ok(Frame::data);
-        BodyExt::boxed(StreamBody::new(stream))
+        let stream = tokio_util::io::ReaderStream::with_capacity(f.take(count), 64 * 1024);
+        BodyExt::boxed(StreamBody::new(reads_in_time(stream).map_ok(Frame::data)))
     };
     r.status(status)
         .header(header::CONTENT_TYPE, ctype)
@@ -346,6 +409,27 @@ async fn file(opened: Opened, head: bool, headers: &HeaderMap, pages: Pages) -> 
         .header(header::CONTENT_LENGTH, count)
         .body(body)
         .expect("valid response")
+}
+
+/// `reads`, ending in a `TimedOut` error once one read takes longer than [`FS_TIMEOUT`]: the
+/// slow-reader cut counts only what is written, so a download stalled on a hung mount held its
+/// connection for ever. Hyper cuts the connection on the error (the length was promised).
+fn reads_in_time(
+    reads: impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + Sync + Unpin + 'static,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + Sync + 'static {
+    use futures_util::StreamExt;
+    futures_util::stream::unfold(Some(reads), |reads| async move {
+        let mut reads = reads?;
+        match tokio::time::timeout(FS_TIMEOUT, reads.next()).await {
+            Ok(Some(read)) => Some((read, Some(reads))),
+            Ok(None) => None,
+            Err(_) => {
+                warn_stuck("a download was cut");
+                let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "file read timed out");
+                Some((Err(e), None))
+            }
+        }
+    })
 }
 
 /// The type a file is served as, by its name's extension (case aside). Served with
@@ -439,6 +523,34 @@ impl Drop for InFlightSlot {
     }
 }
 
+/// An answer's body holding its client's [`InFlightSlot`] until it ends or is dropped unsent.
+/// Not `map_frame`: that hides the body's size, and hyper then sends even a short text answer
+/// chunked, which an HTTP/1.0 client can only read to the connection's close.
+struct Holding {
+    body: Body,
+    _slot: InFlightSlot,
+}
+
+impl hyper::body::Body for Holding {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        hyper::body::Body::poll_frame(std::pin::Pin::new(&mut self.get_mut().body), cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        hyper::body::Body::is_end_stream(&self.body)
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::Body::size_hint(&self.body)
+    }
+}
+
 /// Serves `root` read-only on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, root: Root, pages: Pages, shutdown: CancellationToken) {
     serve_at_most(listener, root, pages, MAX_CONNECTIONS, shutdown).await
@@ -497,16 +609,13 @@ async fn serve_at_most(
                 let (root, in_flight) = (root.clone(), in_flight.clone());
                 async move {
                     let (m, p) = (req.method().clone(), req.uri().path().to_owned());
-                    let forwarded_for = forwarded_client(req.headers());
-                    let client = forwarded_for.parse().unwrap_or(peer.ip());
-                    let r = match InFlight::take(&in_flight, client) {
+                    let forwarded_for = believed_forwarded_for(peer, req.headers());
+                    let client = forwarded_for.unwrap_or(peer.ip());
+                    let r = match InFlight::take(&in_flight, counted_as(client)) {
                         // Held by the body: until the answer is sent, or dropped unsent.
-                        Some(slot) => handle(root, pages, req).await.map(|b| {
-                            BodyExt::boxed(b.map_frame(move |f| {
-                                let _ = &slot;
-                                f
-                            }))
-                        }),
+                        Some(slot) => handle(root, pages, req)
+                            .await
+                            .map(|body| BodyExt::boxed(Holding { body, _slot: slot })),
                         None => text(
                             StatusCode::SERVICE_UNAVAILABLE,
                             "too many answers to your address at once: finish some first",
@@ -514,6 +623,10 @@ async fn serve_at_most(
                     };
                     let path = gateway::http::proxy::loggable(&p);
                     let method = gateway::http::proxy::loggable_method(&m);
+                    // `forwarded_for`: only as believed (from a loopback peer), so a log reader
+                    // never takes a remote client's own header for its address.
+                    let forwarded_for =
+                        forwarded_for.map_or_else(|| "-".to_owned(), |ip| ip.to_string());
                     info!(client = %peer, forwarded_for = %forwarded_for, %method, %path, status = r.status().as_u16(), "file request");
                     Ok::<_, Infallible>(r)
                 }
@@ -534,14 +647,31 @@ async fn serve_at_most(
 }
 
 /// The client a gateway forwarded the request for (its `X-Forwarded-For`, which the gateway
-/// sets to the one address it saw), for the log line: through the tunnel every request comes
-/// from the node's loopback. `-` when there is none or it is no address.
-fn forwarded_client(headers: &HeaderMap) -> String {
+/// sets to the one address it saw): through the tunnel every request comes from the node's
+/// loopback. Believed only from a loopback peer: with `--listen 0.0.0.0` anyone can send the
+/// header, and a client naming a new address in each request would never reach its share of
+/// the answers in flight. None when not believed, absent or no address.
+fn believed_forwarded_for(peer: SocketAddr, headers: &HeaderMap) -> Option<std::net::IpAddr> {
+    // A dual-stack listener sees 127.0.0.1 as ::ffff:127.0.0.1, which is_loopback denies.
+    if !peer.ip().to_canonical().is_loopback() {
+        return None;
+    }
     headers
         .get("x-forwarded-for")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<std::net::IpAddr>().ok())
-        .map_or_else(|| "-".to_owned(), |ip| ip.to_string())
+}
+
+/// The address a client's answers in flight are counted under: an IPv6 client by its /64 (one
+/// host is handed a whole /64 and can send from any of its 2^64 addresses, each of which
+/// would otherwise get a share of its own), an IPv4-mapped one as the IPv4 address it is.
+fn counted_as(client: std::net::IpAddr) -> std::net::IpAddr {
+    match client.to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            std::net::Ipv6Addr::from(v6.to_bits() & !u128::from(u64::MAX)).into()
+        }
+        v4 => v4,
+    }
 }
 
 /// Binds and serves (for `zonegate files`).
@@ -654,15 +784,148 @@ mod tests {
 
     #[test]
     fn the_log_names_the_client_the_gateway_forwarded_for() {
+        let loopback: SocketAddr = "127.0.0.1:40000".parse().unwrap();
         let h = |v: &str| {
             let mut m = HeaderMap::new();
             m.insert("x-forwarded-for", HeaderValue::from_str(v).unwrap());
-            forwarded_client(&m)
+            believed_forwarded_for(loopback, &m).map(|ip| ip.to_string())
         };
-        assert_eq!(h("203.0.113.9"), "203.0.113.9");
-        assert_eq!(h(" 2001:db8::1 "), "2001:db8::1");
-        assert_eq!(h("evil\" injected=1"), "-");
-        assert_eq!(forwarded_client(&HeaderMap::new()), "-");
+        assert_eq!(h("203.0.113.9").as_deref(), Some("203.0.113.9"));
+        assert_eq!(h(" 2001:db8::1 ").as_deref(), Some("2001:db8::1"));
+        assert_eq!(h("evil\" injected=1"), None);
+        assert_eq!(believed_forwarded_for(loopback, &HeaderMap::new()), None);
+    }
+
+    /// `X-Forwarded-For` is the gateway's word only from the node's loopback: a client that
+    /// reaches a `--listen 0.0.0.0` service directly names any address it likes, and would
+    /// get a share of the answers in flight for each. IPv6 clients are counted by their /64,
+    /// which one host holds whole.
+    #[test]
+    fn clients_are_counted_by_an_address_they_cannot_choose() {
+        let mut m = HeaderMap::new();
+        m.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let forwarded = Some(ip("203.0.113.9"));
+        for peer in [
+            "127.0.0.1:1",
+            "127.8.9.10:1",
+            "[::1]:1",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            let peer: SocketAddr = peer.parse().unwrap();
+            assert_eq!(believed_forwarded_for(peer, &m), forwarded, "{peer}");
+        }
+        for peer in [
+            "198.51.100.7:1",
+            "[2001:db8::1]:1",
+            "[::ffff:198.51.100.7]:1",
+        ] {
+            let peer: SocketAddr = peer.parse().unwrap();
+            assert_eq!(believed_forwarded_for(peer, &m), None, "{peer}");
+        }
+        // One /64 is one client; the next /64 another.
+        assert_eq!(counted_as(ip("2001:db8:0:1::1")), ip("2001:db8:0:1::"));
+        assert_eq!(
+            counted_as(ip("2001:db8:0:1:ffff:ffff:ffff:ffff")),
+            ip("2001:db8:0:1::")
+        );
+        assert_eq!(counted_as(ip("2001:db8:0:2::1")), ip("2001:db8:0:2::"));
+        assert_eq!(counted_as(ip("::ffff:203.0.113.9")), ip("203.0.113.9"));
+        assert_eq!(counted_as(ip("203.0.113.9")), ip("203.0.113.9"));
+    }
+
+    /// Long names make long links: past MAX_LISTING_BYTES the listing stops adding entries and
+    /// says how many it left out, as past MAX_LISTING.
+    #[test]
+    fn a_listing_of_long_names_stops_at_its_byte_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        // ~2 KB a link (each `&` is `%26` in the link and `&amp;` in its text): ~2 MB in all.
+        let total = 1000;
+        for i in 0..total {
+            let name = format!("{}{i:04}", "&".repeat(240));
+            std::fs::File::create(dir.path().join(name)).unwrap();
+        }
+        let f = std::fs::File::open(dir.path()).unwrap();
+        let html = listing(&f, "/").unwrap();
+        let (entries, tail) = html.split_once("</ul>\n").unwrap();
+        assert!(
+            entries.len() <= MAX_LISTING_BYTES,
+            "{} bytes",
+            entries.len()
+        );
+        assert!(tail.len() < 200, "{tail}");
+        let shown = entries.matches("<li>").count();
+        assert!(shown > 400 && shown < total, "{shown} shown");
+        // The first names in order.
+        assert!(entries.contains("&amp;0000</a>"));
+        assert!(
+            tail.starts_with(&format!("<p>{} more entries not listed", total - shown)),
+            "{tail}"
+        );
+    }
+
+    /// A request stuck in the file system (a hung mount) is given up on, freeing its slot;
+    /// the work's answer is not waited for.
+    #[tokio::test]
+    async fn blocking_work_past_its_limit_is_given_up_on() {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let started = std::time::Instant::now();
+        let got = blocking_within(std::time::Duration::from_millis(100), move || {
+            held.recv_timeout(std::time::Duration::from_secs(10)).ok()
+        })
+        .await;
+        assert!(got.is_none(), "{got:?}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        drop(release);
+        let done = blocking_within(std::time::Duration::from_secs(10), || 7).await;
+        assert_eq!(done.map(Result::unwrap), Some(7));
+    }
+
+    /// A download whose read hangs ends in an error past FS_TIMEOUT (hyper then cuts the
+    /// connection) rather than holding it for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_read_ends_the_download() {
+        use futures_util::StreamExt;
+        let stalled = futures_util::stream::iter([Ok(Bytes::from_static(b"ab"))])
+            .chain(futures_util::stream::pending());
+        let mut reads = Box::pin(reads_in_time(stalled));
+        assert_eq!(reads.next().await.unwrap().unwrap(), "ab");
+        let started = tokio::time::Instant::now();
+        let e = tokio::time::timeout(2 * FS_TIMEOUT, reads.next())
+            .await
+            .expect("the stalled read was waited for")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), FS_TIMEOUT);
+        assert!(reads.next().await.is_none());
+    }
+
+    /// Short answers carry their length, whatever holds their client's slot: sent chunked, an
+    /// HTTP/1.0 client could only read one to the connection's close.
+    #[tokio::test]
+    async fn text_answers_carry_their_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, stop) = serve_dir(dir.path()).await;
+        let got = get(addr, "/nothing", "").await;
+        assert!(got.starts_with("HTTP/1.1 404"), "{got}");
+        assert_eq!(header(&got, "content-length"), Some("10"), "{got}");
+        assert_eq!(header(&got, "transfer-encoding"), None, "{got}");
+        // HTTP/1.0: the length, not a close, ends the answer.
+        use tokio::io::AsyncWriteExt;
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /nothing HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = vec![0u8; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), c.read(&mut got))
+            .await
+            .expect("an answer")
+            .unwrap();
+        let got = String::from_utf8_lossy(&got[..n]).into_owned();
+        assert_eq!(header(&got, "content-length"), Some("10"), "{got}");
+        assert_eq!(body(&got), "not found\n");
+        stop.cancel();
     }
 
     #[test]
