@@ -8,6 +8,7 @@
 //! - [`server`]: [`DnsServer`]: binds UDP/TCP, follows the gateway's zone serial, bounded TCP.
 //! - [`bootstrap`]: [`fetch_zone`]: a node fetches and verifies the zone config over DNS.
 //! - [`rrl`]: response rate limiting of UDP answers (no reflection).
+//! - `udp`: the UDP receive loop; each answer leaves from the address its query came to.
 //! - [`error`]: typed errors.
 //!
 //! # Glossary
@@ -22,6 +23,7 @@ pub mod rrl;
 pub mod server;
 #[doc(hidden)]
 pub mod testzone;
+mod udp;
 
 pub use bootstrap::{fetch_txt, fetch_zone};
 pub use error::{Blame, BootstrapError, DnsError, RecordsError};

@@ -1,6 +1,7 @@
-//! The DNS server the gateway runs: UDP through hickory-server's `ServerFuture`, TCP through a
-//! small accept loop of our own (hickory's has no bound on open connections) that reuses
-//! hickory's framing and response path. Follows the zone the gateway holds without a restart.
+//! The DNS server the gateway runs: UDP through a receive loop of our own ([`crate::udp`]:
+//! answers leave from the address each query came to), TCP through a small accept loop of
+//! our own (hickory's has no bound on open connections) that reuses hickory's framing and
+//! response path. Follows the zone the gateway holds without a restart.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -13,7 +14,6 @@ use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use hickory_proto::xfer::Protocol;
 use hickory_server::authority::MessageRequest;
 use hickory_server::server::{Request, RequestHandler, ResponseHandle};
-use hickory_server::ServerFuture;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -277,17 +277,13 @@ impl DnsServer {
             "DNS server listening"
         );
 
-        // One server per socket: hickory's waits for all its sockets' tasks, so one socket
-        // failing would go unnoticed while the others answer.
-        let mut udp_servers: Vec<_> = self
-            .udp
-            .into_iter()
-            .map(|udp| {
-                let mut server = ServerFuture::new(handler.clone());
-                server.register_socket(udp);
-                server
-            })
-            .collect();
+        // A loop per socket ([`crate::udp`]), each answering from the address its queries
+        // came to.
+        let udp_stop = CancellationToken::new();
+        let mut udp_tasks = JoinSet::new();
+        for udp in self.udp {
+            udp_tasks.spawn(crate::udp::serve(udp, handler.clone(), udp_stop.clone()));
+        }
         // Its own token, not a child of `shutdown`: the loop below must see the shutdown first,
         // so that the accept loop ending is always unexpected there.
         let tcp_stop = CancellationToken::new();
@@ -319,12 +315,10 @@ impl DnsServer {
                         }
                     }
                 }
-                // Both are cancel-safe: they only wait on a JoinSet / JoinHandle. Made anew
-                // each turn of the loop, which is once a second.
-                (r, _, _) = futures_util::future::select_all(
-                    udp_servers.iter_mut().map(|s| Box::pin(s.block_until_done())),
-                ) => {
-                    break Err(DnsError::Stopped("UDP", r.err().map(|e| e.to_string()).unwrap_or_else(|| "no error".into())));
+                // Both are cancel-safe: they only wait on a JoinSet / JoinHandle. The UDP loops
+                // end only at their stop, or by a panic.
+                Some(r) = udp_tasks.join_next() => {
+                    break Err(DnsError::Stopped("UDP", r.err().map(|e| e.to_string()).unwrap_or_else(|| "receive loop ended".into())));
                 }
                 r = &mut tcp_task => {
                     break Err(DnsError::Stopped("TCP", match r { Ok(()) => "accept loop ended".into(), Err(e) => e.to_string() }));
@@ -333,12 +327,9 @@ impl DnsServer {
         };
 
         tcp_stop.cancel();
+        udp_stop.cancel();
         let graceful = async {
-            for server in &mut udp_servers {
-                if let Err(error) = server.shutdown_gracefully().await {
-                    debug!(%error, "UDP server shutdown");
-                }
-            }
+            while udp_tasks.join_next().await.is_some() {}
             if !tcp_task.is_finished() {
                 let _ = (&mut tcp_task).await;
             }
@@ -349,6 +340,7 @@ impl DnsServer {
         {
             warn!("DNS server: queries still in flight after the shutdown grace period, abandoning them");
             tcp_task.abort();
+            udp_tasks.abort_all();
         }
         info!(udp = ?udp_addr, tcp = ?tcp_addr, "DNS server stopped");
         result
@@ -388,9 +380,7 @@ fn bind_pair(
 /// Binds `wildcard`'s port on each of `ips` it covers (`0.0.0.0` IPv4 only, `[::]` both), one
 /// pair of sockets per address, skipping those another server holds; IPv6 link-local
 /// addresses are left out (they need a scope, and no resolver asks there). `None` when no
-/// address could be bound. Answers then also leave from the address each query came to,
-/// where a wildcard socket answers from the one routing picks (a resolver asking a second
-/// address of the machine drops those). Addresses the machine gains later are not served.
+/// address could be bound. Addresses the machine gains later are not served.
 fn bind_each_address(
     wildcard: SocketAddr,
     ips: Vec<IpAddr>,
@@ -660,7 +650,7 @@ const SHUTDOWN_QUIET: Duration = Duration::from_millis(100);
 /// The answer to a query that does not decode: its header with QR set, RCODE FORMERR and no
 /// records (RFC 6891 §6.1.1 wants FORMERR, say, for two OPT records). `None` when the bytes
 /// are not a query header at all, or are a response (never answered).
-fn formerr_for(frame: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn formerr_for(frame: &[u8]) -> Option<Vec<u8>> {
     let head = frame.get(..12)?;
     if head[2] & 0x80 != 0 {
         return None;

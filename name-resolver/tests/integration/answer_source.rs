@@ -1,0 +1,51 @@
+//! Over UDP each answer leaves from the address its query came to: a server bound to a
+//! wildcard answered from whichever address routing picked, and a resolver asking a second
+//! address of the machine dropped the answer as coming from someone else.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hickory_proto::op::{Message, Query};
+use hickory_proto::rr::{Name, RecordType};
+use name_resolver::{testzone, DnsServer};
+use tokio_util::sync::CancellationToken;
+
+/// A query to 127.0.0.2 from a socket on 127.0.0.1 connected there (it takes datagrams from
+/// 127.0.0.2 only), to a server on the IPv4 wildcard: routing alone picks 127.0.0.1 to
+/// answer 127.0.0.1 from.
+#[tokio::test]
+async fn a_wildcard_server_answers_from_the_address_asked() {
+    let server = DnsServer::bind_same_port("0.0.0.0:0".parse().unwrap())
+        .await
+        .unwrap();
+    let port = server.udp_addr().port();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(server.run(|| std::sync::Arc::new(testzone::zone().1), stop.clone()));
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let asked: SocketAddr = ([127, 0, 0, 2], port).into();
+    client.connect(asked).await.unwrap();
+    let mut m = Message::new();
+    m.set_id(4242);
+    m.add_query(Query::query(
+        Name::from_ascii("alice.example.").unwrap(),
+        RecordType::SOA,
+    ));
+    let query = m.to_vec().unwrap();
+    let mut buf = [0u8; 2048];
+    let mut answered = None;
+    // UDP: a lost query is asked again.
+    for _ in 0..3 {
+        client.send(&query).await.unwrap();
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(700), client.recv(&mut buf)).await
+        {
+            answered = Some(Message::from_vec(&buf[..n]).unwrap());
+            break;
+        }
+    }
+    let answer = answered.expect("an answer from 127.0.0.2, the address asked");
+    assert_eq!(answer.id(), 4242);
+    assert!(!answer.answers().is_empty(), "{answer:?}");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
