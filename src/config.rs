@@ -246,13 +246,23 @@ pub fn check_domain(
 pub fn grace(file: &Path, secs: Option<u64>, default: Duration) -> Result<Duration, UsageError> {
     match secs {
         None => Ok(default),
-        Some(s @ 0..=3600) => Ok(Duration::from_secs(s)),
+        Some(s @ 0..=3600) => {
+            // Under systemd (it sets INVOCATION_ID) the drain is cut by SIGKILL at the unit's
+            // TimeoutStopSec, which this process cannot read: said where it can be seen.
+            if s >= STOP_TIMEOUT_MARGIN_FROM && std::env::var_os("INVOCATION_ID").is_some() {
+                tracing::warn!(file = %file.display(), grace_secs = s, "a long drain: systemd kills the service at its TimeoutStopSec (30 s in the shipped gateway unit, 90 s by default): set it above grace_secs with `systemctl edit`, or the drain is cut short");
+            }
+            Ok(Duration::from_secs(s))
+        }
         Some(s) => Err(UsageError(format!(
             "{}: grace_secs = {s}: give 0 to 3600 seconds (and a service manager stop timeout above it: TimeoutStopSec in the systemd unit)",
             file.display()
         ))),
     }
 }
+
+/// A `grace_secs` from which a systemd stop timeout of 30 s leaves too little margin.
+const STOP_TIMEOUT_MARGIN_FROM: u64 = 25;
 
 /// The per-client flow limit of each `udp` app: 1 to the flows an app keeps (`per_app`),
 /// by default a sixteenth of them.
@@ -388,11 +398,47 @@ pub struct GatewayFile {
     pub front: FrontSection,
 }
 
+/// A config file that could not be read or parsed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Missing, or not valid TOML for this command: a mistake to fix (exit 2).
+    #[error(transparent)]
+    Usage(#[from] UsageError),
+    /// There but not readable (permissions not set yet, an I/O error): exit 1, which the
+    /// systemd units restart, so the fix needs no manual start.
+    #[error("{}: cannot read it: {error}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+}
+
+/// `e`, a setting's error found after parsing (it names the setting), said as `file`'s.
+pub fn in_file(file: &Path, e: UsageError) -> UsageError {
+    UsageError(format!("{}: {}", file.display(), e.0))
+}
+
+/// As [`in_file`], for `[services]` and `[[forward]]`, which `--service` and `--forward` add to.
+pub fn in_file_or_flags(file: &Path, e: UsageError) -> UsageError {
+    UsageError(format!(
+        "{} (or its --service/--forward flags): {}",
+        file.display(),
+        e.0
+    ))
+}
+
 /// Reads and parses a TOML config file; errors name the file, line and column.
-pub fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, UsageError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| UsageError(format!("{}: {e}", path.display())))?;
-    toml::from_str(&text).map_err(|e| {
+pub fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| match error.kind() {
+        std::io::ErrorKind::NotFound => {
+            ConfigError::Usage(UsageError(format!("{}: {error}", path.display())))
+        }
+        _ => ConfigError::Unreadable {
+            path: path.to_owned(),
+            error,
+        },
+    })?;
+    toml::from_str(&text).map_err(|e| -> ConfigError {
         let pos = e.span().map(|s| {
             let before = &text[..s.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
@@ -405,24 +451,25 @@ pub fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, UsageError
             pos.unwrap_or_default(),
             e.message()
         ))
+        .into()
     })
 }
 
 /// A config that does not parse as this command's may be the other role's (`node.toml` given
 /// to `zonegate gateway`, or the reverse): if it parses as `Other`, say which command runs it.
 pub fn other_role_hint<Other: serde::de::DeserializeOwned>(
-    e: UsageError,
+    e: ConfigError,
     path: &Path,
     whose: &str,
     command: &str,
-) -> UsageError {
-    if read::<Other>(path).is_ok() {
-        UsageError(format!(
+) -> ConfigError {
+    match e {
+        ConfigError::Usage(e) if read::<Other>(path).is_ok() => UsageError(format!(
             "{e}\n  this is {whose} config: run it with `zonegate {command} --config {}`",
             path.display()
         ))
-    } else {
-        e
+        .into(),
+        e => e,
     }
 }
 
@@ -700,6 +747,25 @@ mod tests {
             e.contains("grace_secs = 7200") && e.contains("TimeoutStopSec"),
             "{e}"
         );
+    }
+
+    /// A config file there but unreadable (permissions not set yet) exits 1, which the
+    /// systemd units restart; a missing or malformed one exits 2.
+    #[test]
+    fn an_unreadable_config_is_retried_a_wrong_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let code = |e: ConfigError| crate::cmd::exit_code(&anyhow::Error::from(e));
+        // A directory where the file should be: a read error that is not "not found".
+        let e = read::<GatewayFile>(dir.path()).unwrap_err();
+        assert!(matches!(e, ConfigError::Unreadable { .. }), "{e}");
+        assert_eq!(code(e), 1);
+        let e = read::<GatewayFile>(&dir.path().join("missing.toml")).unwrap_err();
+        assert_eq!(code(e), 2);
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "listen = ").unwrap();
+        let e = read::<GatewayFile>(&bad).unwrap_err();
+        assert!(e.to_string().contains("bad.toml:1:"), "{e}");
+        assert_eq!(code(e), 2);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The admin API on loopback: `/status` (JSON), and on a gateway `/metrics` (Prometheus text)
-//! and the HTML status page at `/`. Small on purpose: plain HTTP/1.1, GET only.
+//! and the HTML status page at `/`. Small on purpose: plain HTTP/1.1, GET (and HEAD) only.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -72,26 +72,28 @@ pub async fn serve_with(
         };
         let status = status.clone();
         let extras = extras.clone();
-        // Checked on connections made to a loopback address (a browser on this machine can
-        // be made to send those): the API bound elsewhere on purpose may be reached by a
-        // name from other machines.
-        let check_host = tcp
-            .local_addr()
-            .is_ok_and(|a| a.ip().to_canonical().is_loopback());
         tokio::spawn(async move {
             let _slot = slot;
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let status = status.clone();
                 let extras = extras.clone();
                 async move {
-                    if check_host && !addressed_to_this_machine(&req) {
+                    // Checked wherever the API listens: a web page in any browser that reaches
+                    // it (on this machine, or on the LAN of an API bound there) can point a
+                    // name of its own at its address (DNS rebinding) and read the answers.
+                    if !addressed_to_this_machine(&req) {
                         return Ok::<_, Infallible>(reply(
                             StatusCode::FORBIDDEN,
                             "text/plain",
-                            "the admin API answers requests to 127.0.0.1, [::1] or localhost (and *.localhost) only\n",
+                            "the admin API answers requests addressed by IP address or to localhost (and *.localhost) only: a name could be a web page's (DNS rebinding); use the address\n",
                         ));
                     }
-                    let resp = match (req.method(), req.uri().path()) {
+                    // HEAD as GET (hyper leaves the body out): uptime checkers send it.
+                    let method = match req.method() {
+                        &Method::HEAD => &Method::GET,
+                        m => m,
+                    };
+                    let resp = match (method, req.uri().path()) {
                         (&Method::GET, "/metrics") if extras.metrics.is_some() => {
                             let m = extras.metrics.as_ref().map(|f| f()).unwrap_or_default();
                             reply(
@@ -117,7 +119,11 @@ pub async fn serve_with(
                             "text/plain",
                             "not found: try /status\n",
                         ),
-                        _ => reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n"),
+                        _ => reply(
+                            StatusCode::METHOD_NOT_ALLOWED,
+                            "text/plain",
+                            "GET (or HEAD) only\n",
+                        ),
                     };
                     Ok::<_, Infallible>(resp)
                 }
@@ -186,7 +192,7 @@ fn bind_hint(e: &std::io::Error) -> &'static str {
 /// Binds the admin address. The admin API shows who is connected from where, so anything but
 /// loopback gets a loud warning.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
-    if !addr.ip().is_loopback() {
+    if !addr.ip().to_canonical().is_loopback() {
         tracing::warn!(addr = %addr, "admin API bound to a non-loopback address: anyone who reaches it sees your devices");
     }
     TcpListener::bind(addr)

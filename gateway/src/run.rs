@@ -686,20 +686,25 @@ fn metrics_text(front: &Front) -> String {
     out
 }
 
-/// Devices of the zone config other than this gateway, and how many of them are connected.
+/// Devices of the zone config that connect to this gateway, and how many of them are
+/// connected.
 fn expected_connected(hub: &Hub) -> (Vec<String>, usize) {
     let creds = hub.creds();
-    let expected: Vec<String> = creds
-        .zone()
-        .config
-        .devices
-        .iter()
-        .map(|d| d.name.to_string())
-        .filter(|n| n != creds.name())
-        .collect();
+    let expected = expected_agents(&creds.zone().config);
     // One lookup each (the full status of every agent was built, then searched, per device).
     let connected = expected.iter().filter(|n| hub.agent(n).is_some()).count();
     (expected, connected)
+}
+
+/// The devices whose agents connect to gateways: every device but the gateways (this one
+/// and the others, which never connect to each other). Counting a second gateway as
+/// missing kept the health of every zone with two gateways from ever being green.
+fn expected_agents(zone: &zone_core::ZoneConfig) -> Vec<String> {
+    zone.devices
+        .iter()
+        .filter(|d| !d.roles.contains(&zone_core::Role::Gateway))
+        .map(|d| d.name.to_string())
+        .collect()
 }
 
 /// The zone's health colour and how it is made up, logged when the colour changes (DESIGN.md:
@@ -844,6 +849,15 @@ async fn forward_loop(hub: Hub, f: Forward, l: TcpListener, shutdown: Cancellati
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Gateways never connect to one another: only the other devices count for health.
+    #[test]
+    fn a_zones_other_gateways_are_not_expected_to_connect() {
+        let key = zone_core::ZoneKey::generate();
+        let zone = name_resolver::testzone::config(&key, 1, 2);
+        assert_eq!(expected_agents(&zone), ["home1", "home2"]);
+        assert_eq!(zone_health(expected_agents(&zone).len(), 2), "green");
+    }
 
     #[test]
     fn the_gateways_own_sockets_on_one_port_are_told_apart_by_kind_and_address() {

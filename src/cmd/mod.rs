@@ -86,6 +86,9 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         if let Some(zone_core::ZoneError::Usage(_)) = cause.downcast_ref() {
             return EXIT_USAGE;
         }
+        if let Some(crate::config::ConfigError::Usage(_)) = cause.downcast_ref() {
+            return EXIT_USAGE;
+        }
         // A bundle that names another device, or a zone that revokes this one.
         if let Some(tunnel::TunnelError::Unrunnable(_)) = cause.downcast_ref() {
             return EXIT_USAGE;

@@ -137,10 +137,11 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     for s in &a.forwards {
         f.forward.push(config::parse_forward_flag(s)?);
     }
-    let services = Arc::new(config::services(&f.services)?);
-    let forwards = config::forwards(&f.forward, &f.device)?;
-    config::gateway_forwards_local(&forwards)?;
-    let tuning = config::tuning(&f.tunnel)?;
+    let from_file = |e| config::in_file_or_flags(&a.config, e);
+    let services = Arc::new(config::services(&f.services).map_err(from_file)?);
+    let forwards = config::forwards(&f.forward, &f.device).map_err(from_file)?;
+    config::gateway_forwards_local(&forwards).map_err(from_file)?;
+    let tuning = config::tuning(&f.tunnel).map_err(|e| config::in_file(&a.config, e))?;
     let threads =
         config::threads(&a.config, f.threads)?.unwrap_or_else(|| config::gateway_threads(cores()));
     let creds = DeviceCreds::load(
@@ -244,8 +245,9 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
     for s in &a.forwards {
         f.forward.push(config::parse_forward_flag(s)?);
     }
-    let services = Arc::new(config::services(&f.services)?);
-    let forwards = config::forwards(&f.forward, &f.device)?;
+    let from_file = |e| config::in_file_or_flags(&a.config, e);
+    let services = Arc::new(config::services(&f.services).map_err(from_file)?);
+    let forwards = config::forwards(&f.forward, &f.device).map_err(from_file)?;
     let admin_addr = f.admin.unwrap_or_else(|| {
         zone_core::zonedir::NODE_ADMIN_DEFAULT
             .parse()
@@ -255,7 +257,7 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
     for fw in forwards.iter().filter(|fw| !fw.listen.ip().is_loopback()) {
         tracing::warn!(listen = %fw.listen, to = %format!("{}/{}", fw.device, fw.service), "forward listens beyond this machine: anyone who reaches it there reaches the service as this device, past the gateway's per-client limits; use 127.0.0.1 unless that is meant");
     }
-    let mut tuning = config::tuning(&f.tunnel)?;
+    let mut tuning = config::tuning(&f.tunnel).map_err(|e| config::in_file(&a.config, e))?;
     tuning.agent_drain = config::grace(&a.config, f.grace_secs, DEFAULT_GRACE)?;
     let threads = config::threads(&a.config, f.threads)?.unwrap_or(config::NODE_THREADS);
     let paths = config::bundle(&a.config, &f.key, &f.cert, &f.ca, &f.zone_config);

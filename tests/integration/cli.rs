@@ -723,7 +723,10 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
     let g2 = z.join("devices/home1/gateway.toml");
     std::fs::write(
         &g2,
-        format!("{text}listen = \"127.0.0.1:0\"\npolicies = \"policies\"\n"),
+        format!(
+            "{text}listen = \"127.0.0.1:{}\"\npolicies = \"policies\"\n",
+            crate::inproc::free_udp_port()
+        ),
     )
     .unwrap();
     let e = fails(2, ["gateway", "--config", g2.to_str().unwrap()]);
@@ -811,7 +814,7 @@ fn an_app_on_the_gateways_own_port_is_a_usage_error() {
     let http = held.local_addr().unwrap();
     std::fs::write(
         &gw,
-        format!("admin = \"{admin}\"\nlisten = \"127.0.0.1:0\"\nhttp = \"{http}\"\nhttps = \"off\"\ndns = \"off\"\n{text}"),
+        format!("admin = \"{admin}\"\nlisten = \"127.0.0.1:{}\"\nhttp = \"{http}\"\nhttps = \"off\"\ndns = \"off\"\n{text}", crate::inproc::free_udp_port()),
     )
     .unwrap();
     std::fs::write(

@@ -223,6 +223,15 @@ async fn the_admin_api_bounds_its_connections() {
     m.read_to_string(&mut refused).await.unwrap();
     assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
     assert!(!refused.contains("agents"), "{refused}");
+    // HEAD (an uptime checker's) is answered as GET, without the body.
+    let mut m = tokio::net::TcpStream::connect(gw.admin).await.unwrap();
+    m.write_all(b"HEAD /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = String::new();
+    m.read_to_string(&mut head).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.ends_with("\r\n\r\n"), "a body after HEAD: {head}");
     gw.shutdown.cancel();
 }
 

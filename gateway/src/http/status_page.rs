@@ -183,6 +183,19 @@ Zone config serial {serial}, valid until {expires}; up {uptime} s{draining}.</p>
             errs.join("\n")
         );
     }
+    // Apps the policy has but whose address could not be taken (another program holds it):
+    // they look idle in the table above, and serve nothing until the gateway's retry binds.
+    let unbound: Vec<String> = status["listener_errors"]
+        .as_array()
+        .map(|e| e.iter().map(text).collect())
+        .unwrap_or_default();
+    if !unbound.is_empty() {
+        let _ = writeln!(
+            h,
+            "<h2>Listeners</h2><p class=\"down\">These apps cannot listen yet (retried every poll):</p><pre>{}</pre>",
+            unbound.join("\n")
+        );
+    }
     h.push_str("<p><a href=\"/status\">/status</a> (JSON) · <a href=\"/metrics\">/metrics</a> (Prometheus)</p>\n</body></html>\n");
     h
 }
@@ -205,6 +218,7 @@ mod tests {
                       "counters": {"requests": 7, "connections": 0, "bytes_in": 0,
                                    "bytes_out": 1, "refusals": {"method": 2}}}],
             "policy": {"ok": false, "errors": ["a.toml:1:1: <bad>"]},
+            "listener_errors": ["app game: cannot listen on Udp 0.0.0.0:27015: <in use>"],
         });
         let h = render(&s);
         assert!(h.contains("data-health=\"yellow\""));
@@ -220,5 +234,9 @@ mod tests {
         assert!(h.contains("<td>1.5 ms</td><td>1470 B</td>"), "{h}");
         assert!(h.contains("method 2"));
         assert!(h.contains("&lt;bad&gt;") && !h.contains("<bad>"));
+        assert!(
+            h.contains("cannot listen yet") && h.contains("27015: &lt;in use&gt;"),
+            "{h}"
+        );
     }
 }
