@@ -54,6 +54,10 @@ const ASSURE_AFTER: Duration = Duration::from_secs(2);
 const EVICT_QUIET: Duration = Duration::from_secs(1);
 /// ...looking for them at most this often (the search walks the whole table)...
 const EVICT_EVERY: Duration = Duration::from_millis(250);
+/// ...and, when those are too few, flows in use both ways that have been quiet this long:
+/// a forger that sends twice from each address, 2 s apart, to a service that answers makes
+/// its flows "assured" without ever seeing an answer, and filled the table for good...
+const EVICT_ASSURED_QUIET: Duration = Duration::from_secs(10);
 /// ...and ending at most this share of the table each time: under a flood of forged sources
 /// every ended flow is replaced by one the device has to open, so this bounds that work
 /// (4,096 flows: at most 1,024 opens a second).
@@ -191,27 +195,18 @@ impl Entry {
         }
     }
 
-    /// Why a full table may end it for a newcomer, if it may: closed by the device, quiet
-    /// for `idle` (the sweep has not come by yet), or not in use both ways ([`ASSURE_AFTER`])
-    /// and quiet for [`EVICT_QUIET`].
-    fn evictable(&self, idle: Duration) -> Option<&'static str> {
+    /// Why a full table may end it for a newcomer, if it may, with how sure that is (lower
+    /// first) and how long it has been quiet: closed by the device, quiet for `idle` (the
+    /// sweep has not come by yet), or not in use both ways ([`ASSURE_AFTER`]) and quiet for
+    /// [`EVICT_QUIET`]; last, in use both ways and quiet for [`EVICT_ASSURED_QUIET`].
+    fn evictable(&self, idle: Duration) -> Option<(u8, Duration, &'static str)> {
         let State::Open { flow, .. } = &self.state else {
             return None;
         };
         let quiet = self.activity.quiet_for();
-        if !flow.is_alive() {
-            Some("table full, closed by the device")
-        } else if quiet >= idle {
-            Some("table full, idle")
-        } else if !self.assured && quiet >= EVICT_QUIET {
-            Some(if self.answered() {
-                "table full, answered but not in use both ways"
-            } else {
-                "table full, never answered"
-            })
-        } else {
-            None
-        }
+        let (rank, why) =
+            eviction_rank(flow.is_alive(), quiet, idle, self.assured, self.answered())?;
+        Some((rank, quiet, why))
     }
 }
 
@@ -521,9 +516,9 @@ impl AppSocket {
 
     /// The table is full: ends flows the device closed, flows idle past the idle time, and
     /// flows not in use both ways that have been quiet for [`EVICT_QUIET`] (forged sources,
-    /// clients the service ignores or answered once), at most a [`EVICT_SHARE`]th of the
-    /// table, looking at most every [`EVICT_EVERY`]. Whether
-    /// there is room now.
+    /// clients the service ignores or answered once), then flows in use both ways quiet for
+    /// [`EVICT_ASSURED_QUIET`], quietest first: at most a [`EVICT_SHARE`]th of the table,
+    /// looking at most every [`EVICT_EVERY`]. Whether there is room now.
     fn make_room(&mut self, app: &str) -> bool {
         let now = Instant::now();
         if self
@@ -534,11 +529,20 @@ impl AppSocket {
         }
         self.last_eviction = Some(now);
         let most = (self.limit / EVICT_SHARE).max(1);
-        let victims: Vec<(SocketAddr, &'static str)> = self
+        let mut candidates: Vec<(u8, Duration, SocketAddr, &'static str)> = self
             .flows
             .iter()
-            .filter_map(|(peer, e)| e.evictable(self.idle).map(|why| (*peer, why)))
+            .filter_map(|(peer, e)| {
+                e.evictable(self.idle)
+                    .map(|(rank, quiet, why)| (rank, quiet, *peer, why))
+            })
+            .collect();
+        // The surest first, then the quietest (the table's order picked them at random).
+        candidates.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        let victims: Vec<(SocketAddr, &'static str)> = candidates
+            .into_iter()
             .take(most)
+            .map(|(_, _, peer, why)| (peer, why))
             .collect();
         if !victims.is_empty() {
             warn!(app = %app, addr = %self.listen, ended = victims.len(), flows = self.flows.len(), "UDP flow table full: ending flows the device closed, idle ones, and ones not in use both ways that went quiet");
@@ -568,6 +572,34 @@ impl AppSocket {
         if let Some(unlogged) = unlogged {
             info!(app = %e.app, device = %e.target.device, client = %Client(e.client), bytes_in = e.bytes_in, bytes_out, dropped = e.dropped, ms = e.started.elapsed().as_millis() as u64, end = why, unlogged, "UDP flow done");
         }
+    }
+}
+
+/// [`Entry::evictable`] of a flow alive or not, quiet for `quiet`, in use both ways
+/// (`assured`) or not, `answered` or not.
+fn eviction_rank(
+    alive: bool,
+    quiet: Duration,
+    idle: Duration,
+    assured: bool,
+    answered: bool,
+) -> Option<(u8, &'static str)> {
+    if !alive {
+        Some((0, "table full, closed by the device"))
+    } else if quiet >= idle {
+        Some((0, "table full, idle"))
+    } else if !assured && quiet >= EVICT_QUIET {
+        Some((
+            1,
+            match answered {
+                true => "table full, answered but not in use both ways",
+                false => "table full, never answered",
+            },
+        ))
+    } else if quiet >= EVICT_ASSURED_QUIET {
+        Some((2, "table full, in use both ways but quiet"))
+    } else {
+        None
     }
 }
 
@@ -623,6 +655,27 @@ async fn pass_back(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A full table ends closed and idle flows first, then flows not in use both ways quiet
+    /// for a second, then, when those are not enough, flows in use both ways quiet for ten
+    /// seconds (a forger can make its flows "assured" without seeing an answer); flows
+    /// in use both ways and active stay.
+    #[test]
+    fn a_full_table_can_end_quiet_flows_in_use_both_ways_last() {
+        let idle = Duration::from_secs(120);
+        let s = Duration::from_secs;
+        let rank = |alive, quiet, assured, answered| {
+            eviction_rank(alive, quiet, idle, assured, answered).map(|(r, _)| r)
+        };
+        assert_eq!(rank(false, s(0), true, true), Some(0));
+        assert_eq!(rank(true, idle, true, true), Some(0));
+        assert_eq!(rank(true, s(1), false, false), Some(1));
+        assert_eq!(rank(true, s(1), false, true), Some(1));
+        assert_eq!(rank(true, s(0), false, false), None);
+        assert_eq!(rank(true, s(1), true, true), None);
+        assert_eq!(rank(true, s(9), true, true), None);
+        assert_eq!(rank(true, EVICT_ASSURED_QUIET, true, true), Some(2));
+    }
 
     /// Several udp apps to one device share its tunnel's flows; an app alone to its device
     /// keeps `udp_flows_per_app`.
