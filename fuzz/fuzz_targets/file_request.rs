@@ -55,12 +55,12 @@ fuzz_target!(|data: &[u8]| {
                 Validators {
                     etag: Some("\"a-1.0-3\"".into()),
                     modified: Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1 << 30)),
-                    mtime: Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1 << 30)),
+                    changed: Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1 << 30)),
                 },
                 Validators {
                     etag: None,
                     modified: None,
-                    mtime: None,
+                    changed: None,
                 },
             ] {
                 let _ = evaluate(&one, &v);

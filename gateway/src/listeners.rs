@@ -395,7 +395,7 @@ async fn bind(
                 let task = tokio::spawn(crate::udp_app::run(
                     hub.clone(),
                     key.1,
-                    Arc::new(s),
+                    Arc::new(tunnel::sockets::ReplySocket::new(s)),
                     udp,
                     stop.clone(),
                 ));

@@ -15,7 +15,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use policies::accounting::{AppCounters, Refusal};
 use policies::{Requester, Timestamp};
-use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +22,7 @@ use tracing::{info, warn};
 use tunnel::flow_activity::FlowActivity;
 use tunnel::hub::{refusal_of, Hub, UdpFlow};
 use tunnel::proto::Origin;
+use tunnel::sockets::ReplySocket;
 use tunnel::OpenError;
 
 use crate::addr_text::Client;
@@ -73,7 +73,9 @@ const OPENING_QUEUE: usize = tunnel::flow_table::EARLY_PER_FLOW;
 /// without an answer: all of them are what a flood of forged datagrams causes.
 pub const LINES_PER_SECOND: u32 = 10;
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
-const UDP_READ: usize = 65_535;
+/// Room for one receive: a datagram is at most 64 KiB, and with UDP GRO (on with
+/// [`ReplySocket`]) several of one client arrive together, up to 64 segments.
+const UDP_READ: usize = 128 * 1024;
 
 /// The limits of one app's flows.
 #[derive(Debug, Clone, Copy)]
@@ -98,6 +100,8 @@ struct Entry {
     /// The client as policy and logs see it (an IPv4 client of a `[::]` socket as IPv4);
     /// replies go to the address the datagrams came from.
     client: SocketAddr,
+    /// The address the client sent to, which replies leave from ([`ReplySocket`]).
+    local: Option<std::net::IpAddr>,
     /// Where the flow goes, as its app said when it started.
     target: policies::Target,
     app: String,
@@ -214,7 +218,7 @@ impl Entry {
 struct AppSocket {
     hub: Hub,
     listen: SocketAddr,
-    sock: Arc<UdpSocket>,
+    sock: Arc<ReplySocket>,
     per_ip: Arc<PerIp>,
     max_flows: usize,
     /// What the table holds at most now: `max_flows`, or this app's share of its device's
@@ -239,7 +243,7 @@ struct AppSocket {
 pub async fn run(
     hub: Hub,
     listen: SocketAddr,
-    sock: Arc<UdpSocket>,
+    sock: Arc<ReplySocket>,
     limits: UdpLimits,
     stop: CancellationToken,
 ) {
@@ -280,9 +284,11 @@ pub async fn run(
             }
             _ = sweep.tick() => s.sweep(),
             Some(o) = opened_rx.recv() => s.opened(o),
-            r = sock.recv_from(&mut buf) => {
-                if let Ok((n, peer)) = r {
-                    s.datagram(peer, &buf[..n]);
+            r = sock.recv(&mut buf) => {
+                if let Ok(got) = r {
+                    for d in got.datagrams(&buf) {
+                        s.datagram(got.from, got.to, d);
+                    }
                 }
             }
         }
@@ -320,7 +326,7 @@ impl AppSocket {
         }
     }
 
-    fn datagram(&mut self, peer: SocketAddr, data: &[u8]) {
+    fn datagram(&mut self, peer: SocketAddr, local: Option<std::net::IpAddr>, data: &[u8]) {
         if let Some(e) = self.flows.get_mut(&peer) {
             match &mut e.state {
                 State::Open { flow, .. } if flow.is_alive() => {
@@ -349,12 +355,12 @@ impl AppSocket {
                 }
             }
         }
-        self.start(peer, data);
+        self.start(peer, local, data);
     }
 
     /// A new client: admitted, decided and limited, then its flow opens in a task of its
     /// own (up to the tunnel's open timeout) while this loop goes on reading.
-    fn start(&mut self, peer: SocketAddr, data: &[u8]) {
+    fn start(&mut self, peer: SocketAddr, local: Option<std::net::IpAddr>, data: &[u8]) {
         // No app names this address any more: the listener is about to stop.
         let Some((active, i)) = app_at(&self.hub, Kind::Udp, self.listen) else {
             return;
@@ -400,6 +406,7 @@ impl AppSocket {
         let e = Entry {
             id: self.next_id,
             client,
+            local,
             target: app.target.clone(),
             app: app.name.clone(),
             counters: state.counters.clone(),
@@ -462,7 +469,7 @@ impl AppSocket {
         let back = Arc::new(Back::default());
         tokio::spawn(pass_back(
             self.sock.clone(),
-            peer,
+            (peer, e.local),
             rx,
             (back.clone(), e.counters.clone()),
             e.activity.clone(),
@@ -625,8 +632,8 @@ fn too_large(lines: &mut LogBudget, e: &Entry, error: &tunnel::TunnelError) {
 
 /// Passes the device's datagrams of one flow to its client until the flow stops.
 async fn pass_back(
-    sock: Arc<UdpSocket>,
-    peer: SocketAddr,
+    sock: Arc<ReplySocket>,
+    (peer, local): (SocketAddr, Option<std::net::IpAddr>),
     mut rx: mpsc::Receiver<Bytes>,
     (back, counters): (Arc<Back>, Arc<AppCounters>),
     activity: Arc<FlowActivity>,
@@ -648,7 +655,7 @@ async fn pass_back(
         back.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
         // The app's too, as they pass: a flow may last days (a VPN, a game server).
         counters.bytes_out(d.len() as u64);
-        let _ = sock.send_to(&d, peer).await;
+        let _ = sock.send_to(&d, peer, local).await;
     }
 }
 

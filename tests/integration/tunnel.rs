@@ -1240,6 +1240,54 @@ async fn a_restarting_udp_service_keeps_its_flows() {
     gw.shutdown.cancel();
 }
 
+/// A udp app on a wildcard address answers each client from the address it sent to: the
+/// replies left from the address routing picked, which a client that asked another address
+/// of the machine (its NAT, its firewall, a connected socket) drops. Here a query to
+/// 127.0.0.2 from a socket connected there, which routing answers from 127.0.0.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_app_on_a_wildcard_answers_from_the_address_asked() {
+    let z = TestZone::new(&["home1"]);
+    z.write_policy(
+        "apps.toml",
+        "[app.uecho]\nudp = { listen = \"0.0.0.0:0\" }\nto = \"home1/uecho\"\nallow = { from = [\"public\"] }\n",
+    );
+    let service = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let service_addr = service.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = service.recv_from(&mut buf).await {
+            let _ = service.send_to(&buf[..n], from).await;
+        }
+    });
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("uecho", service_addr, ServiceProto::Udp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let asked = std::net::SocketAddr::from(([127, 0, 0, 2], gw.apps["uecho"].port()));
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(asked).await.unwrap();
+    let mut buf = [0u8; 64];
+    let mut got = None;
+    // The first datagram opens the flow; one lost meanwhile is sent again.
+    for _ in 0..5 {
+        client.send(b"ping").await.unwrap();
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(800), client.recv(&mut buf)).await
+        {
+            got = Some(buf[..n].to_vec());
+            break;
+        }
+    }
+    assert_eq!(got.as_deref(), Some(&b"ping"[..]), "no answer from {asked}");
+    gw.shutdown.cancel();
+}
+
 /// A udp app may go to a service of the gateway's own device, as a tcp app may: each flow is
 /// a socket from the gateway to the service (every flow used to fail as "device gw is
 /// offline").

@@ -97,6 +97,129 @@ pub fn connected_udp(service: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
     tokio::net::UdpSocket::from_std(sock)
 }
 
+/// A public UDP socket that answers each client from the address it sent to: it reads each
+/// datagram's destination (IP_PKTINFO / IPV6_PKTINFO, through quinn-udp) and sends replies
+/// from it. A socket bound to a wildcard otherwise sends from the address routing picks, and
+/// on a machine with several (a floating IP, an IPv6 /64's) the client's NAT or firewall drops
+/// the replies as another host's.
+#[derive(Debug)]
+pub struct ReplySocket {
+    sock: tokio::net::UdpSocket,
+    /// None where the socket could not be set up for it: replies then leave as routing says.
+    state: Option<quinn_udp::UdpSocketState>,
+}
+
+/// What one receive of a [`ReplySocket`] got: one datagram, or several of one client
+/// coalesced (UDP GRO), `stride` bytes each but the last.
+#[derive(Debug, Clone, Copy)]
+pub struct Received {
+    pub from: SocketAddr,
+    /// The address it was sent to (None when the kernel did not say).
+    pub to: Option<std::net::IpAddr>,
+    len: usize,
+    stride: usize,
+}
+
+impl Received {
+    /// The datagrams in `buf`, the buffer given to [`ReplySocket::recv`].
+    pub fn datagrams<'a>(&self, buf: &'a [u8]) -> impl Iterator<Item = &'a [u8]> {
+        let stride = if self.stride == 0 {
+            self.len
+        } else {
+            self.stride
+        };
+        buf[..self.len.min(buf.len())].chunks(stride.max(1))
+    }
+}
+
+impl ReplySocket {
+    pub fn new(sock: tokio::net::UdpSocket) -> Self {
+        let state = match quinn_udp::UdpSocketState::new((&sock).into()) {
+            Ok(s) => Some(s),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the destination of UDP datagrams: replies leave from the address routing picks");
+                None
+            }
+        };
+        ReplySocket { sock, state }
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.sock.local_addr()
+    }
+
+    /// Waits for datagrams and reads them into `buf` (64 KiB holds any).
+    pub async fn recv(&self, buf: &mut [u8]) -> io::Result<Received> {
+        let Some(state) = &self.state else {
+            let (len, from) = self.sock.recv_from(buf).await?;
+            return Ok(Received {
+                from,
+                to: None,
+                len,
+                stride: len,
+            });
+        };
+        let mut meta = [quinn_udp::RecvMeta::default()];
+        loop {
+            self.sock.readable().await?;
+            let got = self.sock.try_io(tokio::io::Interest::READABLE, || {
+                let mut bufs = [io::IoSliceMut::new(buf)];
+                state.recv((&self.sock).into(), &mut bufs, &mut meta)
+            });
+            match got {
+                Ok(0) => continue,
+                Ok(_) => {
+                    let m = &meta[0];
+                    return Ok(Received {
+                        from: m.addr,
+                        to: m.dst_ip,
+                        len: m.len,
+                        stride: m.stride,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends `data` to `to`, from `from` when given (the address `to` sent to; not one no
+    /// packet may come from).
+    pub async fn send_to(
+        &self,
+        data: &[u8],
+        to: SocketAddr,
+        from: Option<std::net::IpAddr>,
+    ) -> io::Result<()> {
+        let Some(state) = &self.state else {
+            return self.sock.send_to(data, to).await.map(drop);
+        };
+        let from = from.filter(|ip| {
+            let ip = ip.to_canonical();
+            !ip.is_multicast()
+                && !ip.is_unspecified()
+                && !matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast())
+        });
+        let t = quinn_udp::Transmit {
+            destination: to,
+            ecn: None,
+            contents: data,
+            segment_size: None,
+            src_ip: from,
+        };
+        loop {
+            self.sock.writable().await?;
+            // quinn-udp logs (once a minute) and drops what fails other than for room.
+            match self.sock.try_io(tokio::io::Interest::WRITABLE, || {
+                state.send((&self.sock).into(), &t)
+            }) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return r,
+            }
+        }
+    }
+}
+
 /// A UDP socket bound to `addr`, for tokio.
 pub fn udp(addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
     let s = std_udp(addr)?;
