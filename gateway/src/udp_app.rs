@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use policies::accounting::{AppCounters, Refusal};
+use policies::bandwidth::Shaper;
 use policies::{Requester, Timestamp};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -115,9 +116,13 @@ struct Entry {
     /// The client's datagrams passed on.
     datagrams_in: u64,
     /// The client's datagrams not passed on: too large for the tunnel (or refused by a local
-    /// service's socket), or past
-    /// [`OPENING_QUEUE`] while the flow opened.
+    /// service's socket, or the tunnel's datagram queue full), past the app's `bandwidth`,
+    /// or past [`OPENING_QUEUE`] while the flow opened.
     dropped: u64,
+    /// The app's `bandwidth` limits, client→service and service→client (the latter handed
+    /// to the task passing the device's datagrams back once the flow is open).
+    shape_in: Shaper,
+    shape_out: Option<Shaper>,
     /// In use both ways ([`ASSURE_AFTER`]).
     assured: bool,
     /// Counts the flow against its client address's `udp_flows_per_ip`.
@@ -139,6 +144,8 @@ enum State {
 struct Back {
     bytes: AtomicU64,
     answered: AtomicBool,
+    /// The device's datagrams past the app's `bandwidth`, not passed on.
+    dropped: AtomicU64,
 }
 
 impl Entry {
@@ -150,6 +157,11 @@ impl Entry {
         let State::Open { flow, back } = &self.state else {
             return None;
         };
+        // Past the app's bandwidth: dropped, as a router drops what its link cannot carry.
+        if !self.shape_in.try_take(data.len() as u64) {
+            self.dropped += 1;
+            return None;
+        }
         match flow.send(data) {
             Ok(()) => {
                 self.bytes_in += data.len() as u64;
@@ -376,6 +388,7 @@ impl AppSocket {
             return;
         };
         let who = Requester::Public { ip: client.ip() };
+        let (shape_in, shape_out) = state.limits.shapers();
         if let policies::Decision::Deny { reason } =
             active
                 .policy
@@ -416,6 +429,8 @@ impl AppSocket {
             bytes_in: 0,
             datagrams_in: 0,
             dropped: 0,
+            shape_in,
+            shape_out: Some(shape_out),
             assured: false,
             _slot: slot,
             state: State::Opening(vec![data.into()]),
@@ -472,6 +487,7 @@ impl AppSocket {
             (peer, e.local),
             rx,
             (back.clone(), e.counters.clone()),
+            e.shape_out.take().unwrap_or_default(),
             e.activity.clone(),
             e.stop.clone(),
         ));
@@ -571,13 +587,14 @@ impl AppSocket {
             return;
         };
         let bytes_out = back.bytes.load(Ordering::Relaxed);
+        let dropped_out = back.dropped.load(Ordering::Relaxed);
         let unlogged = if e.assured {
             Some(0)
         } else {
             self.unassured_lines.take()
         };
         if let Some(unlogged) = unlogged {
-            info!(app = %e.app, device = %e.target.device, client = %Client(e.client), bytes_in = e.bytes_in, bytes_out, dropped = e.dropped, ms = e.started.elapsed().as_millis() as u64, end = why, unlogged, "UDP flow done");
+            info!(app = %e.app, device = %e.target.device, client = %Client(e.client), bytes_in = e.bytes_in, bytes_out, dropped = e.dropped, dropped_out, ms = e.started.elapsed().as_millis() as u64, end = why, unlogged, "UDP flow done");
         }
     }
 }
@@ -636,6 +653,7 @@ async fn pass_back(
     (peer, local): (SocketAddr, Option<std::net::IpAddr>),
     mut rx: mpsc::Receiver<Bytes>,
     (back, counters): (Arc<Back>, Arc<AppCounters>),
+    shape_out: Shaper,
     activity: Arc<FlowActivity>,
     stop: CancellationToken,
 ) {
@@ -652,6 +670,10 @@ async fn pass_back(
         };
         activity.touch();
         back.answered.store(true, Ordering::Relaxed);
+        if !shape_out.try_take(d.len() as u64) {
+            back.dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         back.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
         // The app's too, as they pass: a flow may last days (a VPN, a game server).
         counters.bytes_out(d.len() as u64);

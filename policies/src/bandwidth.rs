@@ -81,6 +81,27 @@ impl TokenBucket {
         }
     }
 
+    /// Takes `n` bytes if the bucket holds them now, else nothing: for datagrams, which are
+    /// dropped past the rate rather than delayed (a queue would only add latency to a game
+    /// or a call, and the sender's own rate control reads loss).
+    pub fn try_take(&self, n: u64) -> bool {
+        let rate = self.rate.load(Ordering::Relaxed) as f64;
+        if rate == 0.0 {
+            return true;
+        }
+        let now = Instant::now();
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let earned = now.saturating_duration_since(s.last).as_secs_f64() * rate;
+        s.tokens = (s.tokens + earned).min(capacity(rate));
+        s.last = now;
+        if s.tokens >= n as f64 {
+            s.tokens -= n as f64;
+            true
+        } else {
+            false
+        }
+    }
+
     /// Waits until `n` bytes may be sent. Cancel-safe in the sense that dropping the future
     /// keeps the reservation: the bucket errs on the slow side, never the fast one.
     pub async fn consume(&self, n: u64) {
@@ -128,6 +149,14 @@ impl Shaper {
     /// No limit at all: copy loops can skip the call.
     pub fn is_unlimited(&self) -> bool {
         self.app.is_none() && self.conn.is_none()
+    }
+
+    /// [`TokenBucket::try_take`] on this connection's buckets: whether `n` bytes may pass
+    /// now (a datagram refused by the connection's bucket still spent the app's: the app's
+    /// rate errs on the slow side).
+    pub fn try_take(&self, n: u64) -> bool {
+        self.app.as_ref().is_none_or(|b| b.try_take(n))
+            && self.conn.as_ref().is_none_or(|b| b.try_take(n))
     }
 
     /// Waits until `n` bytes may be sent on this connection.
@@ -186,6 +215,27 @@ mod tests {
         let (x, y) = tokio::join!(pump(&a, 8 * 1024, 5), pump(&b, 8 * 1024, 5));
         assert!(within(x + y, 5 * MIB, 0.10), "sent {x} + {y}");
         assert!(x > MIB && y > MIB, "both progress: {x} {y}");
+    }
+
+    /// Datagrams past the rate are refused, not delayed: over five seconds the bytes taken
+    /// are the rate's (plus the burst), whatever is offered.
+    #[tokio::test(start_paused = true)]
+    async fn try_take_passes_the_rate_and_refuses_the_rest() {
+        let s = Shaper::new(Some(Arc::new(TokenBucket::new(MIB))), None);
+        let (mut taken, mut refused) = (0u64, 0u64);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            for _ in 0..10 {
+                match s.try_take(1200) {
+                    true => taken += 1200,
+                    false => refused += 1,
+                }
+            }
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+        assert!(within(taken, 5 * MIB, 0.05), "taken {taken}");
+        assert!(refused > 0);
+        assert!(Shaper::default().try_take(u64::MAX));
     }
 
     #[tokio::test(start_paused = true)]

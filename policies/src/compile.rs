@@ -377,14 +377,10 @@ fn cidr(s: &str) -> Result<IpNet, String> {
 fn limits(spec: LimitsSpec, kind: Option<&str>, errs: &mut Vec<SpanError>) -> LimitsConfig {
     let is_http = kind == Some("http");
     let mut out = LimitsConfig::default();
-    // A udp app's flows are rate-limited as they start; nothing counts or shapes them after.
+    // A udp app's flows are rate-limited as they start and their datagrams held to its
+    // bandwidth (dropped past it, as a router would); their number is gateway.toml's.
     if kind == Some("udp") {
         let spans = [
-            ("bandwidth", spec.bandwidth.as_ref().map(|v| v.span())),
-            (
-                "bandwidth_per_connection",
-                spec.bandwidth_per_connection.as_ref().map(|v| v.span()),
-            ),
             (
                 "max_connections",
                 spec.max_connections.as_ref().map(|v| v.span()),
@@ -398,7 +394,7 @@ fn limits(spec: LimitsSpec, kind: Option<&str>, errs: &mut Vec<SpanError>) -> Li
             if let Some(span) = span {
                 errs.push(SpanError::new(
                     span,
-                    format!("`{name}` does not apply to udp apps: their limit is `rate` (new flows per client; `udp_flows_per_ip` in gateway.toml caps flows per address)"),
+                    format!("`{name}` does not apply to udp apps: their limits are `rate` (new flows per client) and `bandwidth` (`udp_flows_per_ip` in gateway.toml caps flows per address)"),
                 ));
             }
         }

@@ -1240,6 +1240,76 @@ async fn a_restarting_udp_service_keeps_its_flows() {
     gw.shutdown.cancel();
 }
 
+/// A udp app's `bandwidth` holds its flows to the rate: datagrams past it are dropped (not
+/// queued), counted in the flow's done line. 200 datagrams of 1,000 bytes sent at once
+/// under 16 KiB/s: about the bucket's 16 KiB pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_apps_bandwidth_drops_what_is_past_it() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let z = TestZone::new(&["home1"]);
+    z.write_policy(
+        "apps.toml",
+        "[app.uecho]\nudp = { listen = \"127.0.0.1:0\" }\nto = \"home1/uecho\"\nallow = { from = [\"public\"] }\nlimits = { bandwidth = \"16KiB/s\" }\n",
+    );
+    let service = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let service_addr = service.local_addr().unwrap();
+    let heard = Arc::new(AtomicUsize::new(0));
+    tokio::spawn({
+        let heard = heard.clone();
+        async move {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = service.recv_from(&mut buf).await {
+                heard.fetch_add(1, Ordering::Relaxed);
+                let _ = service.send_to(&buf[..n], from).await;
+            }
+        }
+    });
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("uecho", service_addr, ServiceProto::Udp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(gw.apps["uecho"]).await.unwrap();
+    // The flow open first (its first datagrams wait for it in a short queue).
+    let mut buf = [0u8; 2048];
+    let mut open = false;
+    for _ in 0..10 {
+        client.send(b"open").await.unwrap();
+        if tokio::time::timeout(Duration::from_millis(500), client.recv(&mut buf))
+            .await
+            .is_ok()
+        {
+            open = true;
+            break;
+        }
+    }
+    assert!(open, "the flow never opened");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = heard.load(Ordering::Relaxed);
+    for _ in 0..200 {
+        client.send(&[7u8; 1000]).await.unwrap();
+    }
+    let mut back = 0;
+    while let Ok(Ok(_)) =
+        tokio::time::timeout(Duration::from_millis(700), client.recv(&mut buf)).await
+    {
+        back += 1;
+    }
+    let passed = heard.load(Ordering::Relaxed) - before;
+    assert!(
+        (8..=40).contains(&passed),
+        "{passed} of 200 datagrams passed a 16 KiB/s app at once"
+    );
+    assert!(back <= passed, "{back} answers to {passed}");
+    gw.shutdown.cancel();
+}
+
 /// A udp app on a wildcard address answers each client from the address it sent to: the
 /// replies left from the address routing picked, which a client that asked another address
 /// of the machine (its NAT, its firewall, a connected socket) drops. Here a query to

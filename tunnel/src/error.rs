@@ -37,6 +37,10 @@ pub enum TunnelError {
     DatagramTooLarge { len: usize, max: usize },
     #[error("datagram: {0}")]
     Datagram(String),
+    /// More datagrams waiting for the tunnel than [`crate::transport::DATAGRAM_QUEUE`]: the
+    /// link is slower than the flows sending over it.
+    #[error("the tunnel's datagram queue is full (its link carries less than the UDP flows send): dropped")]
+    DatagramQueueFull,
 }
 
 /// Why a stream could not be opened to a device's service. Carries the refusal code so the

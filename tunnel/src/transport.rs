@@ -82,6 +82,11 @@ pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 /// Datagram receive buffer for UDP flows (bytes): about a second of a modest UDP service.
 const DATAGRAM_BUFFER: usize = 1024 * 1024;
+/// Datagrams waiting to go out on one connection at most (bytes); past it, new ones are
+/// dropped ([`crate::flow_datagram::send`]). quinn's 1 MiB default is 0.8 s of a 10 Mbit/s
+/// home link: a flood held every game and call datagram of the connection that long, then
+/// quinn dropped the oldest (other flows') silently while they counted as sent.
+pub const DATAGRAM_QUEUE: usize = 256 * 1024;
 /// Largest UDP payload path MTU discovery probes for, and the largest a peer may send us: what
 /// a jumbo-frame link (MTU 9,000) carries over IPv6, so packets grow to what the path takes —
 /// 1,470 bytes over Ethernet-sized links (the NAT lab's, `tunnel_lab` asserts it), 8,952 on a
@@ -109,6 +114,7 @@ pub fn transport_config(t: &Tuning) -> Arc<TransportConfig> {
     c.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
     c.send_window(CONNECTION_WINDOW as u64);
     c.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
+    c.datagram_send_buffer_size(DATAGRAM_QUEUE);
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(MAX_UDP_PAYLOAD);
     c.mtu_discovery_config(Some(mtu));
