@@ -7,6 +7,7 @@
 //! - [`http`]: the public HTTP(S) front (routing, proxy, TLS, pool, metrics, status page).
 //! - [`listeners`]: one TCP or UDP listener per `tcp`/`udp` policy app, reconciled on reload.
 //! - [`per_ip`]: open public connections (front, `tcp` apps) and UDP flows per client address.
+//! - [`proxy_header`]: PROXY protocol v2 headers for tcp apps that ask for them.
 //! - [`admin`]: loopback HTTP: `/status` JSON, `/metrics`, the HTML status page at `/`.
 
 pub mod addr_text;
@@ -15,6 +16,7 @@ pub mod http;
 pub mod listeners;
 pub mod make_room;
 pub mod per_ip;
+pub mod proxy_header;
 pub mod run;
 pub mod udp_app;
 

@@ -504,6 +504,9 @@ async fn tcp_conn(
 ) {
     let _ = tcp.set_nodelay(true);
     let started = Instant::now();
+    // The address the client reached (on a wildcard listen, the machine's own), for a
+    // PROXY header.
+    let local = tcp.local_addr().unwrap_or(listen);
     // The listener is being replaced or removed: the policy no longer names its address.
     let Some((active, i)) = app_at(&hub, Kind::Tcp, listen) else {
         if let Some(unlogged) = LogBudget::take_shared(lines) {
@@ -572,6 +575,9 @@ async fn tcp_conn(
     let mut tcp = Stamped::new(lingering, held.clone());
     let counters = state.counters.clone();
     let (shape_in, shape_out) = state.limits.shapers();
+    let proxy_header = app
+        .proxy_protocol
+        .then(|| crate::proxy_header::encode(peer, local));
     drop(active);
     counters.connection();
     // Early: the client's first bytes go with the stream header, no tunnel round trip first.
@@ -593,6 +599,16 @@ async fn tcp_conn(
             return;
         }
     };
+    // Ahead of the client's bytes, with the stream's header (early open): not counted as the
+    // client's.
+    if let Some(h) = proxy_header {
+        if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut up, &h).await {
+            if let Some(unlogged) = LogBudget::take_shared(lines) {
+                info!(app = %app_name, device = %target.device, client = %Client(peer), error = %e, unlogged, "connection failed: the PROXY header could not be sent");
+            }
+            return;
+        }
+    }
     // Decided once as it opened; asked again whenever the policy or the minute changes.
     let policy = hub.policy().clone();
     let refused = policy.until_refused(|a| still_allowed(a, Kind::Tcp, listen, &target, &who));

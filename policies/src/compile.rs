@@ -20,6 +20,7 @@ pub(crate) struct AppParts {
     pub target: Target,
     pub rules: Vec<Rule>,
     pub limits: LimitsConfig,
+    pub proxy_protocol: bool,
 }
 
 pub(crate) fn compile_app(
@@ -71,6 +72,23 @@ pub(crate) fn compile_app(
     };
     let target = target(&spec.to, &mut errs);
     let kind = kinds.first().map(|k| k.0);
+    // The header goes ahead of a connection's bytes; a udp app's datagrams each would need
+    // one, which few services read.
+    if let Some(p) = spec
+        .udp
+        .as_ref()
+        .and_then(|u| u.get_ref().proxy_protocol.as_ref())
+    {
+        errs.push(SpanError::new(
+            p.span(),
+            "`proxy_protocol` is for tcp apps: a udp service learns nothing from it (the client's address is in the gateway's flow log lines)",
+        ));
+    }
+    let proxy_protocol = spec
+        .tcp
+        .as_ref()
+        .and_then(|t| t.get_ref().proxy_protocol.as_ref())
+        .is_some_and(|p| *p.get_ref());
     let is_mesh = kind == Some("mesh");
     let app_path = match &listener {
         Some(Listener::Http(h)) => Some(h.path.clone()),
@@ -111,6 +129,7 @@ pub(crate) fn compile_app(
             target,
             rules,
             limits,
+            proxy_protocol,
         }),
         _ => Err(errs),
     }

@@ -144,6 +144,8 @@ pub struct App {
     /// Empty: nobody is allowed (deny by default).
     pub rules: Vec<Rule>,
     pub limits: LimitsConfig,
+    /// A tcp app's connections start with a PROXY protocol v2 header naming the client.
+    pub proxy_protocol: bool,
     pub source: Source,
 }
 
@@ -156,6 +158,7 @@ impl App {
             && self.target == other.target
             && self.rules == other.rules
             && self.limits == other.limits
+            && self.proxy_protocol == other.proxy_protocol
     }
 
     /// One-line summary such as `http alice.example/dfs -> home1/dfs`.
@@ -166,6 +169,7 @@ impl App {
                 h.host,
                 if h.path == "/" { "" } else { &h.path }
             ),
+            Listener::Tcp(a) if self.proxy_protocol => format!("tcp {a} (PROXY v2)"),
             Listener::Tcp(a) => format!("tcp {a}"),
             Listener::Udp(a) => format!("udp {a}"),
             Listener::Mesh => "mesh".to_string(),

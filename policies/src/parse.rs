@@ -136,7 +136,7 @@ fn friendly(msg: &str) -> String {
         )
         .replace(
             "struct ListenSpec",
-            "a table such as `{ listen = \"0.0.0.0:2222\" }`",
+            "a table such as `{ listen = \"0.0.0.0:2222\" }` (a tcp app may add `proxy_protocol = true`)",
         )
         .replace(
             "struct RuleSpec",
@@ -365,6 +365,26 @@ mod tests {
     use super::*;
 
     const APP: &str = "[app.web]\nhttp = { host = \"alice.example\" }\nto = \"home1/web\"\n";
+
+    /// `proxy_protocol` is a tcp app's: kept on its app (and in its summary), refused on a
+    /// udp app with what to do instead.
+    #[test]
+    fn proxy_protocol_is_for_tcp_apps() {
+        let p = Path::new("a.toml");
+        let tcp = "[app.smtp]\ntcp = { listen = \"0.0.0.0:25\", proxy_protocol = true }\nto = \"home1/smtp\"\n";
+        let policy = check_str(p, tcp).unwrap();
+        let app = policy.app("smtp").unwrap();
+        assert!(app.proxy_protocol);
+        assert_eq!(app.summary(), "tcp 0.0.0.0:25 (PROXY v2) -> home1/smtp");
+        let udp = "[app.dns]\nudp = { listen = \"0.0.0.0:53\", proxy_protocol = true }\nto = \"home1/dns\"\n";
+        let errs = check_str(p, udp).unwrap_err();
+        assert!(
+            errs[0]
+                .to_string()
+                .contains("`proxy_protocol` is for tcp apps"),
+            "{errs:?}"
+        );
+    }
 
     /// A link to a device is refused at once (it used to be read until memory ran out), a
     /// linked directory is skipped like a directory, and a file in another encoding says so.

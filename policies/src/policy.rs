@@ -124,6 +124,7 @@ pub(crate) fn assemble(
             target: p.parts.target,
             rules: p.parts.rules,
             limits: p.parts.limits,
+            proxy_protocol: p.parts.proxy_protocol,
             source: p.source,
         });
     }

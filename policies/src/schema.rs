@@ -36,6 +36,8 @@ pub(crate) struct HttpSpec {
 #[serde(deny_unknown_fields)]
 pub(crate) struct ListenSpec {
     pub listen: Spanned<String>,
+    /// tcp apps: send the service a PROXY protocol v2 header with the client's address.
+    pub proxy_protocol: Option<Spanned<bool>>,
 }
 
 /// One allow rule: every present condition must hold.

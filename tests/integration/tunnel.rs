@@ -1240,6 +1240,58 @@ async fn a_restarting_udp_service_keeps_its_flows() {
     gw.shutdown.cancel();
 }
 
+/// A tcp app with `proxy_protocol = true` sends its service a PROXY v2 header naming the
+/// client and the address it reached, ahead of the client's bytes; the service sees the
+/// node agent's loopback otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_app_with_proxy_protocol_tells_the_service_the_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let z = TestZone::new(&["home1"]);
+    z.write_policy(
+        "apps.toml",
+        "[app.smtp]\ntcp = { listen = \"127.0.0.1:0\", proxy_protocol = true }\nto = \"home1/smtp\"\nallow = { from = [\"public\"] }\n",
+    );
+    // The service hands back the first 28 bytes it reads (a PROXY v2 header of IPv4 TCP),
+    // then echoes.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let service = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = [0u8; 28];
+                c.read_exact(&mut head).await?;
+                c.write_all(&head).await?;
+                let (mut r, mut w) = c.split();
+                tokio::io::copy(&mut r, &mut w).await
+            });
+        }
+    });
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("smtp", service, ServiceProto::Tcp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let app = gw.apps["smtp"];
+    let mut c = tokio::net::TcpStream::connect(app).await.unwrap();
+    let me = c.local_addr().unwrap();
+    c.write_all(b"EHLO").await.unwrap();
+    let mut got = [0u8; 32];
+    tokio::time::timeout(WAIT, c.read_exact(&mut got))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let (client, local, len) =
+        gateway::proxy_header::decode(&got).expect("a PROXY v2 header first");
+    assert_eq!((client, local, len), (me, app, 28));
+    assert_eq!(&got[28..], b"EHLO");
+    gw.shutdown.cancel();
+}
+
 /// A udp app's `bandwidth` holds its flows to the rate: datagrams past it are dropped (not
 /// queued), counted in the flow's done line. 200 datagrams of 1,000 bytes sent at once
 /// under 16 KiB/s: about the bucket's 16 KiB pass.
