@@ -669,6 +669,12 @@ impl Gateway {
 fn metrics_text(front: &Front) -> String {
     let hub = front.hub();
     let mut out = String::new();
+    {
+        let active = hub.policy().current();
+        front
+            .metrics()
+            .retain_apps(|name| active.policy.app(name).is_some());
+    }
     front.metrics().render(&mut out);
     let snap = hub.policy().current().snapshot();
     let apps: Vec<(&str, policies::accounting::CountersSnapshot)> =

@@ -9,6 +9,7 @@ mod format;
 mod writer;
 
 use std::io;
+use std::io::Write as _;
 
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
@@ -53,7 +54,9 @@ fn filter(rust_log: Option<&str>) -> Targets {
     match parse_filter(text) {
         Ok(f) => f,
         Err(why) => {
-            eprintln!(
+            // Not `eprintln!`: with stderr closed it panics, before any logging is set up.
+            let _ = writeln!(
+                std::io::stderr(),
                 "zonegate: RUST_LOG={text:?} is not a log filter ({why}); expected LEVEL or \
                  TARGET=LEVEL, comma-separated (e.g. `info,tunnel=debug`); logging with \
                  {DEFAULT_FILTER:?}"

@@ -3,7 +3,9 @@
 //! counters (bytes, refusals) come from [`policies::accounting::render_prometheus`].
 //!
 //! Label cardinality is bounded: apps come from the policy (plus `-` for requests no app
-//! serves) and status codes are the few the proxy produces or passes through.
+//! serves; an app the policy no longer has is dropped at the next scrape), and an app's
+//! status codes are at most [`MAX_CODES`], later ones counted as `other` (a service may answer
+//! any code from 100 to 999).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -16,6 +18,10 @@ use tunnel::status::AgentStatus;
 
 /// The app label of requests that matched no app.
 pub const NO_APP: &str = "-";
+/// Distinct status codes one app's requests are counted by at most; the rest under `other`.
+pub const MAX_CODES: usize = 32;
+/// Where codes past [`MAX_CODES`] are counted (no status is 0).
+const OTHER_CODE: u16 = 0;
 /// Histogram bucket bounds in seconds: from a cached page on a LAN to a slow home uplink.
 pub const BUCKETS: [f64; 12] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -63,7 +69,12 @@ impl HttpMetrics {
             apps.insert(app.to_owned(), AppHttp::default());
         }
         let Some(a) = apps.get_mut(app) else { return };
-        *a.by_status.entry(status).or_default() += 1;
+        let code = if a.by_status.len() >= MAX_CODES && !a.by_status.contains_key(&status) {
+            OTHER_CODE
+        } else {
+            status
+        };
+        *a.by_status.entry(code).or_default() += 1;
         let secs = latency.as_secs_f64();
         let i = BUCKETS
             .iter()
@@ -121,6 +132,13 @@ impl HttpMetrics {
             .unwrap_or(0)
     }
 
+    /// Forgets the apps `keep` says no to (apps a policy edit removed or renamed): their
+    /// series would stay for ever beside the renamed app's.
+    pub fn retain_apps(&self, keep: impl Fn(&str) -> bool) {
+        let mut apps = self.apps.lock().unwrap_or_else(|p| p.into_inner());
+        apps.retain(|name, _| name == NO_APP || keep(name));
+    }
+
     pub fn render(&self, out: &mut String) {
         let apps = self.apps.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let name = "zonegate_http_requests_total";
@@ -130,7 +148,10 @@ impl HttpMetrics {
         );
         for (app, a) in &apps {
             for (code, n) in &a.by_status {
-                let _ = writeln!(out, "{name}{{app=\"{app}\",code=\"{code}\"}} {n}");
+                let _ = match *code {
+                    OTHER_CODE => writeln!(out, "{name}{{app=\"{app}\",code=\"other\"}} {n}"),
+                    code => writeln!(out, "{name}{{app=\"{app}\",code=\"{code}\"}} {n}"),
+                };
             }
         }
         let unread = self
@@ -285,6 +306,33 @@ pub fn render_tunnel(agents: &[AgentStatus], health: &str, pool_idle: usize, out
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A service answering ever new codes adds at most MAX_CODES series to its app, the rest
+    /// under `other`; an app the policy no longer has is dropped, `-` kept.
+    #[test]
+    fn series_stay_bounded() {
+        let m = HttpMetrics::default();
+        for code in 100..1000u16 {
+            m.observe("web", code, Duration::ZERO);
+        }
+        m.observe("old", 200, Duration::ZERO);
+        m.observe(NO_APP, 404, Duration::ZERO);
+        m.retain_apps(|name| name == "web");
+        let mut s = String::new();
+        m.render(&mut s);
+        let series = s
+            .lines()
+            .filter(|l| l.starts_with("zonegate_http_requests_total{app=\"web\""))
+            .count();
+        assert_eq!(series, MAX_CODES + 1, "{s}");
+        let other = 900 - MAX_CODES;
+        assert!(
+            s.contains(&format!("{{app=\"web\",code=\"other\"}} {other}\n")),
+            "{s}"
+        );
+        assert!(!s.contains("app=\"old\""), "{s}");
+        assert!(s.contains("{app=\"-\",code=\"404\"} 1"), "{s}");
+    }
 
     #[test]
     fn histogram_is_cumulative_and_counts_by_status() {
