@@ -144,7 +144,8 @@ enum State {
 struct Back {
     bytes: AtomicU64,
     answered: AtomicBool,
-    /// The device's datagrams past the app's `bandwidth`, not passed on.
+    /// The device's datagrams past the app's `bandwidth`, or refused by the socket: not
+    /// passed on.
     dropped: AtomicU64,
 }
 
@@ -674,10 +675,15 @@ async fn pass_back(
             back.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         }
+        // A datagram the socket refused (the client's network unreachable) is not counted
+        // as passed.
+        if sock.send_to(&d, peer, local).await.is_err() {
+            back.dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         back.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
         // The app's too, as they pass: a flow may last days (a VPN, a game server).
         counters.bytes_out(d.len() as u64);
-        let _ = sock.send_to(&d, peer, local).await;
     }
 }
 
