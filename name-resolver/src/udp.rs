@@ -69,9 +69,14 @@ pub(crate) async fn serve(socket: UdpSocket, handler: ZoneHandler, stop: Cancell
             }
         };
         for m in &meta[..n] {
+            // An empty datagram has stride 0 too, and `chunks(0)` panics: one empty datagram
+            // stopped the DNS server (and with it the gateway). It is no query: skipped.
             let stride = if m.stride == 0 { m.len } else { m.stride };
+            if stride == 0 {
+                continue;
+            }
             let from_ip = usable_source(m.dst_ip);
-            for query in buf[..m.len].chunks(stride) {
+            for query in buf[..m.len.min(buf.len())].chunks(stride) {
                 let reply = UdpReply {
                     socket: socket.clone(),
                     state: Some(state.clone()),
@@ -163,9 +168,9 @@ impl UdpReply {
                             segment_size: None,
                             src_ip: self.from_ip,
                         };
-                        // quinn-udp logs (once a minute) and drops what fails otherwise.
+                        // `try_send`: `send` logs and swallows every error but WouldBlock.
                         self.socket.try_io(Interest::WRITABLE, || {
-                            state.send((&*self.socket).into(), &t)
+                            state.try_send((&*self.socket).into(), &t)
                         })
                     }
                     None => self.socket.try_send_to(bytes, self.to).map(drop),

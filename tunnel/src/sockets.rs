@@ -121,14 +121,17 @@ pub struct Received {
 }
 
 impl Received {
-    /// The datagrams in `buf`, the buffer given to [`ReplySocket::recv`].
+    /// The datagrams in `buf`, the buffer given to [`ReplySocket::recv`]. An empty datagram
+    /// is one (some protocols send them as keepalives), not none.
     pub fn datagrams<'a>(&self, buf: &'a [u8]) -> impl Iterator<Item = &'a [u8]> {
+        let got = &buf[..self.len.min(buf.len())];
         let stride = if self.stride == 0 {
-            self.len
+            got.len()
         } else {
             self.stride
         };
-        buf[..self.len.min(buf.len())].chunks(stride.max(1))
+        let empty = got.is_empty().then_some(got);
+        got.chunks(stride.max(1)).chain(empty)
     }
 }
 
@@ -209,14 +212,42 @@ impl ReplySocket {
         };
         loop {
             self.sock.writable().await?;
-            // quinn-udp logs (once a minute) and drops what fails other than for room.
+            // `try_send`: `send` logs and swallows every error but WouldBlock, and the caller
+            // counts what was not sent. (quinn-udp also sets don't-fragment: a datagram over
+            // the interface's MTU fails here rather than leave in fragments; the device's
+            // datagrams come through a QUIC tunnel, which carries none that large.)
             match self.sock.try_io(tokio::io::Interest::WRITABLE, || {
-                state.send((&self.sock).into(), &t)
+                state.try_send((&self.sock).into(), &t)
             }) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 r => return r,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod reply_tests {
+    use super::*;
+
+    /// GRO-coalesced datagrams split by their stride, the last shorter; an empty datagram is
+    /// one empty datagram (`chunks` of nothing gave none, and `chunks(0)` panics).
+    #[test]
+    fn received_datagrams_split_by_stride_and_keep_the_empty_one() {
+        let from: SocketAddr = "192.0.2.1:5000".parse().unwrap();
+        let r = |len, stride| Received {
+            from,
+            to: None,
+            len,
+            stride,
+        };
+        let buf = [1u8, 2, 3, 4, 5, 6, 7];
+        let parts: Vec<&[u8]> = r(7, 3).datagrams(&buf).collect();
+        assert_eq!(parts, [&[1u8, 2, 3][..], &[4, 5, 6], &[7]]);
+        let one: Vec<&[u8]> = r(4, 0).datagrams(&buf).collect();
+        assert_eq!(one, [&[1u8, 2, 3, 4][..]]);
+        let empty: Vec<&[u8]> = r(0, 0).datagrams(&buf).collect();
+        assert_eq!(empty, [&[0u8; 0][..]]);
     }
 }
 

@@ -49,3 +49,42 @@ async fn a_wildcard_server_answers_from_the_address_asked() {
     stop.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// An empty datagram is no query, and nothing else: it stopped the UDP loop (a panic on a
+/// zero stride), and with it the gateway.
+#[tokio::test]
+async fn an_empty_datagram_is_ignored() {
+    let server = DnsServer::bind_same_port("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = server.udp_addr();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(server.run(|| std::sync::Arc::new(testzone::zone().1), stop.clone()));
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(addr).await.unwrap();
+    for _ in 0..3 {
+        client.send(&[]).await.unwrap();
+    }
+    let mut m = Message::new();
+    m.set_id(7);
+    m.add_query(Query::query(
+        Name::from_ascii("alice.example.").unwrap(),
+        RecordType::SOA,
+    ));
+    let query = m.to_vec().unwrap();
+    let mut buf = [0u8; 2048];
+    let mut answered = false;
+    for _ in 0..3 {
+        client.send(&query).await.unwrap();
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(700), client.recv(&mut buf)).await
+        {
+            answered = Message::from_vec(&buf[..n]).unwrap().id() == 7;
+            break;
+        }
+    }
+    assert!(answered, "no answer after empty datagrams");
+    assert!(!task.is_finished(), "the server stopped");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
