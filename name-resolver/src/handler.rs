@@ -127,8 +127,9 @@ impl RequestHandler for ZoneHandler {
         if request.protocol() == Protocol::Udp {
             let response = match &found {
                 Some((_, Lookup::NxDomain)) => Response::NxDomain,
-                Some((q, Lookup::NoData | Lookup::Found { .. })) => {
-                    Response::Records(q.name(), q.query_type())
+                Some((q, Lookup::NoData)) => Response::Empty(records.answer_owner(q.name())),
+                Some((q, Lookup::Found { .. })) => {
+                    Response::Records(records.answer_owner(q.name()), q.query_type())
                 }
                 Some((_, Lookup::Refused)) | None => Response::Error,
             };

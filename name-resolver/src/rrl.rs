@@ -31,12 +31,15 @@ pub const SLIP: u32 = 2;
 /// slipped or dropped as if over a limit until idle ones are forgotten.
 pub const MAX_ENTRIES: usize = 65_536;
 
-/// Which answer one is, for its rate: the same records (or the same empty answer) for a name
-/// and type, any NXDOMAIN of the zone (random names must not get a rate each), or any error
-/// (REFUSED, FORMERR, NOTIMP, BADVERS).
+/// Which answer one is, for its rate (BIND's keys): the same records of a name and type,
+/// answers made from the wildcard being the wildcard's (random names under it must not get
+/// an allowance each); any empty answer of a name, whatever the type asked (a flood turning
+/// through types likewise); any NXDOMAIN of the zone; any error (REFUSED, FORMERR, NOTIMP,
+/// BADVERS).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Response<'a> {
     Records(&'a LowerName, RecordType),
+    Empty(&'a LowerName),
     NxDomain,
     Error,
 }
