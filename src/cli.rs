@@ -55,6 +55,11 @@ pub enum Command {
         /// cannot run script as the zone's site)
         #[arg(long)]
         site: bool,
+        /// The node agent's address when it runs on another machine than this service: its
+        /// X-Forwarded-For names the clients, counted apart (loopback's always is)
+        /// (repeatable)
+        #[arg(long = "proxy", value_name = "IP")]
+        proxies: Vec<std::net::IpAddr>,
     },
 }
 

@@ -119,6 +119,8 @@ struct Entry {
     /// service's socket, or the tunnel's datagram queue full), past the app's `bandwidth`,
     /// or past [`OPENING_QUEUE`] while the flow opened.
     dropped: u64,
+    /// Of those, the ones the tunnel or the service's socket refused.
+    failed: u64,
     /// The app's `bandwidth` limits, client→service and service→client (the latter handed
     /// to the task passing the device's datagrams back once the flow is open).
     shape_in: Shaper,
@@ -178,7 +180,9 @@ impl Entry {
             }
             Err(e) => {
                 self.dropped += 1;
-                (self.dropped == 1).then_some(e)
+                // The first failure of the flow is said, whatever the bandwidth dropped before.
+                self.failed += 1;
+                (self.failed == 1).then_some(e)
             }
         }
     }
@@ -430,6 +434,7 @@ impl AppSocket {
             bytes_in: 0,
             datagrams_in: 0,
             dropped: 0,
+            failed: 0,
             shape_in,
             shape_out: Some(shape_out),
             assured: false,

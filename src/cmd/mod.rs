@@ -48,7 +48,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Gateway(a) => serve::gateway(a),
         Command::Node(a) => serve::node(a),
         Command::Policy(c) => policy::run(c),
-        Command::Files { dir, listen, site } => serve::files(
+        Command::Files {
+            dir,
+            listen,
+            site,
+            proxies,
+        } => serve::files(
             dir,
             listen,
             if site {
@@ -56,6 +61,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 crate::files::Pages::Sandboxed
             },
+            proxies,
         ),
         Command::Demo { dir, check } => crate::demo::run(dir, check),
     }

@@ -314,6 +314,7 @@ pub fn files(
     dir: std::path::PathBuf,
     listen: std::net::SocketAddr,
     pages: crate::files::Pages,
+    proxies: Vec<std::net::IpAddr>,
 ) -> anyhow::Result<()> {
     if !dir.is_dir() {
         return Err(UsageError(format!("--dir {}: not a directory", dir.display())).into());
@@ -332,7 +333,7 @@ pub fn files(
     runtime(cores())?.block_on(async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signal(install_signals(), shutdown.clone()));
-        crate::files::run(root, listen, pages, shutdown)
+        crate::files::run(root, listen, (pages, proxies), shutdown)
             .await
             .with_context(|| format!("cannot listen on {listen}"))
     })

@@ -184,10 +184,14 @@ enum Target {
     Slash(PathBuf),
 }
 
+/// Answers one request; `hold` (the client's share of answers in flight) is kept by the
+/// file system calls too, for as long as they run: past [`FS_TIMEOUT`] the answer is sent,
+/// but a call stuck in a hung mount still counts against its client.
 async fn handle(
     root: Arc<Root>,
     pages: Pages,
     req: Request<hyper::body::Incoming>,
+    hold: Arc<InFlightSlot>,
 ) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = text(
@@ -206,7 +210,11 @@ async fn handle(
     let slash = req.uri().path().ends_with('/');
     // Resolving, opening and listing are file system calls: on a blocking thread, and given
     // up on past FS_TIMEOUT (see there).
+    if STUCK.load(std::sync::atomic::Ordering::Relaxed) >= MAX_STUCK {
+        return stuck();
+    }
     let found = blocking_within(FS_TIMEOUT, move || -> Result<Found, Refused> {
+        let _hold = hold;
         Ok(match open_target(&root, &asked, slash)? {
             Target::File(f) => Found::File(f),
             Target::Dir(dir, rel) => Found::Listing(
@@ -264,15 +272,33 @@ async fn handle(
 /// in user space can end.
 const FS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// File system calls past [`FS_TIMEOUT`] and still running (stuck in a hung mount), each
+/// holding one of tokio's blocking threads (512): past [`MAX_STUCK`] of them, requests are
+/// answered 504 at once instead of taking more, so the threads the service's other work
+/// needs are never all stuck.
+static STUCK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+const MAX_STUCK: usize = 128;
+
 /// `work` on a blocking thread, or None once it has taken `limit`: the request is answered
-/// then, while the thread stays stuck in its call (see [`FS_TIMEOUT`]).
+/// then, while the thread stays stuck in its call (see [`FS_TIMEOUT`]), counted in [`STUCK`]
+/// until it returns.
 async fn blocking_within<T: Send + 'static>(
     limit: std::time::Duration,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Option<Result<T, tokio::task::JoinError>> {
-    tokio::time::timeout(limit, tokio::task::spawn_blocking(work))
-        .await
-        .ok()
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut task = tokio::task::spawn_blocking(work);
+    match tokio::time::timeout(limit, &mut task).await {
+        Ok(r) => Some(r),
+        Err(_) => {
+            STUCK.fetch_add(1, Relaxed);
+            tokio::spawn(async move {
+                let _ = task.await;
+                STUCK.fetch_sub(1, Relaxed);
+            });
+            None
+        }
+    }
 }
 
 /// Warnings of a file system that did not answer in time, a line a second at most: while a
@@ -528,7 +554,7 @@ impl Drop for InFlightSlot {
 /// chunked, which an HTTP/1.0 client can only read to the connection's close.
 struct Holding {
     body: Body,
-    _slot: InFlightSlot,
+    _slot: Arc<InFlightSlot>,
 }
 
 impl hyper::body::Body for Holding {
@@ -553,14 +579,27 @@ impl hyper::body::Body for Holding {
 
 /// Serves `root` read-only on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, root: Root, pages: Pages, shutdown: CancellationToken) {
-    serve_at_most(listener, root, pages, MAX_CONNECTIONS, shutdown).await
+    serve_trusting(listener, root, pages, Vec::new(), shutdown).await
+}
+
+/// [`serve`], believing the `X-Forwarded-For` of `proxies` too (a node agent on another
+/// machine than the service), besides loopback's.
+pub async fn serve_trusting(
+    listener: TcpListener,
+    root: Root,
+    pages: Pages,
+    proxies: Vec<std::net::IpAddr>,
+    shutdown: CancellationToken,
+) {
+    let proxies: Arc<[std::net::IpAddr]> = proxies.iter().map(|ip| ip.to_canonical()).collect();
+    serve_at_most(listener, root, (pages, proxies), MAX_CONNECTIONS, shutdown).await
 }
 
 /// [`serve`], with at most `most` connections served at once.
 async fn serve_at_most(
     listener: TcpListener,
     root: Root,
-    pages: Pages,
+    (pages, proxies): (Pages, Arc<[std::net::IpAddr]>),
     most: usize,
     shutdown: CancellationToken,
 ) {
@@ -590,11 +629,12 @@ async fn serve_at_most(
             }
             continue;
         };
-        let (root, served, lines, in_flight) = (
+        let (root, served, lines, in_flight, proxies) = (
             root.clone(),
             served.clone(),
             lines.clone(),
             in_flight.clone(),
+            proxies.clone(),
         );
         tokio::spawn(async move {
             let _admit = admit;
@@ -606,16 +646,19 @@ async fn serve_at_most(
                 return;
             };
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (root, in_flight) = (root.clone(), in_flight.clone());
+                let (root, in_flight, proxies) = (root.clone(), in_flight.clone(), proxies.clone());
                 async move {
                     let (m, p) = (req.method().clone(), req.uri().path().to_owned());
-                    let forwarded_for = believed_forwarded_for(peer, req.headers());
+                    let forwarded_for = believed_forwarded_for(peer, &proxies, req.headers());
                     let client = forwarded_for.unwrap_or(peer.ip());
                     let r = match InFlight::take(&in_flight, counted_as(client)) {
                         // Held by the body: until the answer is sent, or dropped unsent.
-                        Some(slot) => handle(root, pages, req)
-                            .await
-                            .map(|body| BodyExt::boxed(Holding { body, _slot: slot })),
+                        Some(slot) => {
+                            let slot = Arc::new(slot);
+                            handle(root, pages, req, slot.clone())
+                                .await
+                                .map(|body| BodyExt::boxed(Holding { body, _slot: slot }))
+                        }
                         None => text(
                             StatusCode::SERVICE_UNAVAILABLE,
                             "too many answers to your address at once: finish some first",
@@ -651,9 +694,14 @@ async fn serve_at_most(
 /// loopback. Believed only from a loopback peer: with `--listen 0.0.0.0` anyone can send the
 /// header, and a client naming a new address in each request would never reach its share of
 /// the answers in flight. None when not believed, absent or no address.
-fn believed_forwarded_for(peer: SocketAddr, headers: &HeaderMap) -> Option<std::net::IpAddr> {
+fn believed_forwarded_for(
+    peer: SocketAddr,
+    proxies: &[std::net::IpAddr],
+    headers: &HeaderMap,
+) -> Option<std::net::IpAddr> {
     // A dual-stack listener sees 127.0.0.1 as ::ffff:127.0.0.1, which is_loopback denies.
-    if !peer.ip().to_canonical().is_loopback() {
+    let ip = peer.ip().to_canonical();
+    if !ip.is_loopback() && !proxies.contains(&ip) {
         return None;
     }
     headers
@@ -674,15 +722,15 @@ fn counted_as(client: std::net::IpAddr) -> std::net::IpAddr {
     }
 }
 
-/// Binds and serves (for `zonegate files`).
+/// Binds and serves (for `zonegate files`), believing `proxies`' `X-Forwarded-For`.
 pub async fn run(
     root: Root,
     listen: SocketAddr,
-    pages: Pages,
+    (pages, proxies): (Pages, Vec<std::net::IpAddr>),
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let l = TcpListener::bind(listen).await?;
-    serve(l, root, pages, shutdown).await;
+    serve_trusting(l, root, pages, proxies, shutdown).await;
     Ok(())
 }
 
@@ -788,12 +836,15 @@ mod tests {
         let h = |v: &str| {
             let mut m = HeaderMap::new();
             m.insert("x-forwarded-for", HeaderValue::from_str(v).unwrap());
-            believed_forwarded_for(loopback, &m).map(|ip| ip.to_string())
+            believed_forwarded_for(loopback, &[], &m).map(|ip| ip.to_string())
         };
         assert_eq!(h("203.0.113.9").as_deref(), Some("203.0.113.9"));
         assert_eq!(h(" 2001:db8::1 ").as_deref(), Some("2001:db8::1"));
         assert_eq!(h("evil\" injected=1"), None);
-        assert_eq!(believed_forwarded_for(loopback, &HeaderMap::new()), None);
+        assert_eq!(
+            believed_forwarded_for(loopback, &[], &HeaderMap::new()),
+            None
+        );
     }
 
     /// `X-Forwarded-For` is the gateway's word only from the node's loopback: a client that
@@ -813,7 +864,7 @@ mod tests {
             "[::ffff:127.0.0.1]:1",
         ] {
             let peer: SocketAddr = peer.parse().unwrap();
-            assert_eq!(believed_forwarded_for(peer, &m), forwarded, "{peer}");
+            assert_eq!(believed_forwarded_for(peer, &[], &m), forwarded, "{peer}");
         }
         for peer in [
             "198.51.100.7:1",
@@ -821,8 +872,12 @@ mod tests {
             "[::ffff:198.51.100.7]:1",
         ] {
             let peer: SocketAddr = peer.parse().unwrap();
-            assert_eq!(believed_forwarded_for(peer, &m), None, "{peer}");
+            assert_eq!(believed_forwarded_for(peer, &[], &m), None, "{peer}");
         }
+        // A node agent on another machine, named with --proxy: believed.
+        let agent: SocketAddr = "192.168.1.20:40000".parse().unwrap();
+        let proxies = [ip("192.168.1.20")];
+        assert_eq!(believed_forwarded_for(agent, &proxies, &m), forwarded);
         // One /64 is one client; the next /64 another.
         assert_eq!(counted_as(ip("2001:db8:0:1::1")), ip("2001:db8:0:1::"));
         assert_eq!(
@@ -876,9 +931,20 @@ mod tests {
         .await;
         assert!(got.is_none(), "{got:?}");
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        // Counted as stuck until the call returns (no other test leaves one running).
+        let stuck = || STUCK.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(stuck(), 1);
         drop(release);
         let done = blocking_within(std::time::Duration::from_secs(10), || 7).await;
         assert_eq!(done.map(Result::unwrap), Some(7));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while stuck() != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still counted as stuck"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     /// A download whose read hangs ends in an error past FS_TIMEOUT (hyper then cuts the
@@ -956,7 +1022,7 @@ mod tests {
         tokio::spawn(serve_at_most(
             l,
             Root::open(dir.path()).unwrap(),
-            Pages::Sandboxed,
+            (Pages::Sandboxed, Arc::from(Vec::new())),
             4,
             stop.clone(),
         ));
@@ -1013,7 +1079,7 @@ mod tests {
         tokio::spawn(serve_at_most(
             l,
             Root::open(dir.path()).unwrap(),
-            Pages::Sandboxed,
+            (Pages::Sandboxed, Arc::from(Vec::new())),
             4,
             stop.clone(),
         ));

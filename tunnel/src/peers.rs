@@ -596,11 +596,6 @@ impl Peers {
         true
     }
 
-    /// Handles the gateway's `PeerAddr`: returns the addresses to dial, or None if this round
-    /// was seen already, a round is running, a direct path is up, or the device is none this
-    /// agent may dial (itself, a device the zone config does not list or revokes). The table
-    /// thus only holds zone devices and one round runs per peer, whatever a gateway sends.
-    /// A returned round must end with [`Peers::punch`] (which clears the running mark).
     /// Whether the last punch round towards `peer` failed (its next is no news for the log).
     pub fn punch_failed_last(&self, peer: &str) -> bool {
         self.with(peer, |s| {
@@ -610,6 +605,11 @@ impl Peers {
         })
     }
 
+    /// Handles the gateway's `PeerAddr`: returns the addresses to dial, or None if this round
+    /// was seen already, a round is running, a direct path is up, or the device is none this
+    /// agent may dial (itself, a device the zone config does not list or revokes). The table
+    /// thus only holds zone devices and one round runs per peer, whatever a gateway sends.
+    /// A returned round must end with [`Peers::punch`] (which clears the running mark).
     pub fn on_peer_addr(&self, pa: &PeerAddr) -> Option<Vec<SocketAddr>> {
         let device = pa.device.as_str();
         if device == self.creds.name()
