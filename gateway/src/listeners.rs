@@ -504,9 +504,6 @@ async fn tcp_conn(
 ) {
     let _ = tcp.set_nodelay(true);
     let started = Instant::now();
-    // The address the client reached (on a wildcard listen, the machine's own), for a
-    // PROXY header.
-    let local = tcp.local_addr().unwrap_or(listen);
     // The listener is being replaced or removed: the policy no longer names its address.
     let Some((active, i)) = app_at(&hub, Kind::Tcp, listen) else {
         if let Some(unlogged) = LogBudget::take_shared(lines) {
@@ -515,6 +512,11 @@ async fn tcp_conn(
         return;
     };
     let app = &active.policy.apps()[i];
+    // The address the client reached (on a wildcard listen, the machine's own), for a PROXY
+    // header: asked only for apps that send one (a system call per connection).
+    let local = app
+        .proxy_protocol
+        .then(|| tcp.local_addr().unwrap_or(listen));
     let app_name = app.name.clone();
     let state = active.state(app);
     let who = Requester::Public { ip: peer.ip() };
@@ -575,9 +577,7 @@ async fn tcp_conn(
     let mut tcp = Stamped::new(lingering, held.clone());
     let counters = state.counters.clone();
     let (shape_in, shape_out) = state.limits.shapers();
-    let proxy_header = app
-        .proxy_protocol
-        .then(|| crate::proxy_header::encode(peer, local));
+    let proxy_header = local.map(|local| crate::proxy_header::encode(peer, local));
     drop(active);
     counters.connection();
     // Early: the client's first bytes go with the stream header, no tunnel round trip first.
