@@ -44,8 +44,8 @@ pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the zone source is asked for its serial. Cheap (an Arc clone and a compare), and
 /// a second is well below any TTL, so answers follow zone.json changes without notice.
 pub const ZONE_POLL_INTERVAL: Duration = Duration::from_secs(1);
-/// How often the rate limiter's work is logged, when it did any: one line per period under a
-/// flood, not one per answer.
+/// How often the rate limiter's work (and TCP connections refused at a limit) is logged, when
+/// there was any: one line per period under a flood, not one per answer.
 pub const RATE_LIMIT_REPORT_EVERY: Duration = Duration::from_secs(60);
 /// How long shutdown waits for queries in flight before abandoning them.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -287,8 +287,14 @@ impl DnsServer {
         // Its own token, not a child of `shutdown`: the loop below must see the shutdown first,
         // so that the accept loop ending is always unexpected there.
         let tcp_stop = CancellationToken::new();
-        let mut tcp_task =
-            tokio::spawn(tcp_accept_loop(self.tcp, handler.clone(), tcp_stop.clone()));
+        // TCP connections closed at once for a limit, for the periodic report.
+        let tcp_refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut tcp_task = tokio::spawn(tcp_accept_loop(
+            self.tcp,
+            handler.clone(),
+            tcp_refused.clone(),
+            tcp_stop.clone(),
+        ));
 
         let mut poll = tokio::time::interval(ZONE_POLL_INTERVAL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -312,6 +318,10 @@ impl DnsServer {
                         let (slipped, dropped) = handler.rate_limited();
                         if slipped + dropped > 0 {
                             warn!(slipped, dropped, minutes = RATE_LIMIT_REPORT_EVERY.as_secs() / 60, "DNS rate limit: UDP answers over a client network's rate of one answer sent empty with TC (slipped) or not at all (dropped): a forged-source flood, or a resolver asking very fast");
+                        }
+                        let refused = tcp_refused.swap(0, std::sync::atomic::Ordering::Relaxed);
+                        if refused > 0 {
+                            warn!(refused, minutes = RATE_LIMIT_REPORT_EVERY.as_secs() / 60, per_client = MAX_TCP_PER_CLIENT, per_site = MAX_TCP_PER_SITE, total = MAX_TCP_CONNECTIONS, "DNS over TCP: connections closed at once, their client, its site or the server at its limit");
                         }
                     }
                 }
@@ -579,6 +589,7 @@ const EVICTION_WAIT: Duration = Duration::from_millis(200);
 async fn tcp_accept_loop(
     listeners: Vec<TcpListener>,
     handler: ZoneHandler,
+    refused: Arc<std::sync::atomic::AtomicU64>,
     stop: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
@@ -600,6 +611,7 @@ async fn tcp_accept_loop(
                 Ok((stream, peer)) => {
                     let Some(slot) = per_client.take(peer.ip()) else {
                         debug!(%peer, "DNS over TCP: this client's connection limit reached, closing");
+                        refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         continue;
                     };
                     let permit = match slots.clone().try_acquire_owned() {
@@ -619,7 +631,10 @@ async fn tcp_accept_loop(
                             conns.spawn(serve_tcp(stream, peer, handler.clone(), (permit, slot, guard), conn));
                         }
                         // Closing at once tells the client to go elsewhere, instead of queueing it.
-                        None => debug!(%peer, "DNS over TCP: connection limit reached, closing"),
+                        None => {
+                            debug!(%peer, "DNS over TCP: connection limit reached, closing");
+                            refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                     }
                 }
                 Err(error) => {
