@@ -1240,17 +1240,66 @@ async fn a_restarting_udp_service_keeps_its_flows() {
     gw.shutdown.cancel();
 }
 
+/// A zone whose only app (`policy`) goes to home1's `service` at `addr`, with the gateway and
+/// home1 connected.
+async fn one_app_zone(
+    policy: &str,
+    service: &str,
+    addr: std::net::SocketAddr,
+    proto: ServiceProto,
+) -> (TestZone, RunningGateway, RunningAgent) {
+    let z = TestZone::new(&["home1"]);
+    z.write_policy("apps.toml", policy);
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let h1 = start_agent(
+        &z,
+        "home1",
+        services(&[(service, addr, proto)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    (z, gw, h1)
+}
+
+/// A UDP service on loopback that answers every datagram with itself; and how many it got.
+async fn counting_udp_echo() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let service = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = service.local_addr().unwrap();
+    let heard = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = heard.clone();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = service.recv_from(&mut buf).await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let _ = service.send_to(&buf[..n], from).await;
+        }
+    });
+    (addr, heard)
+}
+
+/// Sends `data` on `client` (connected to a udp app) until an answer comes, at most `tries`
+/// times (the first datagrams open the flow; one lost meanwhile is sent again).
+async fn udp_answer(client: &tokio::net::UdpSocket, data: &[u8], tries: usize) -> Option<Vec<u8>> {
+    let mut buf = [0u8; 2048];
+    for _ in 0..tries {
+        client.send(data).await.unwrap();
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(700), client.recv(&mut buf)).await
+        {
+            return Some(buf[..n].to_vec());
+        }
+    }
+    None
+}
+
 /// A tcp app with `proxy_protocol = true` sends its service a PROXY v2 header naming the
 /// client and the address it reached, ahead of the client's bytes; the service sees the
 /// node agent's loopback otherwise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_app_with_proxy_protocol_tells_the_service_the_client() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let z = TestZone::new(&["home1"]);
-    z.write_policy(
-        "apps.toml",
-        "[app.smtp]\ntcp = { listen = \"127.0.0.1:0\", proxy_protocol = true }\nto = \"home1/smtp\"\nallow = { from = [\"public\"] }\n",
-    );
     // The service hands back the first 28 bytes it reads (a PROXY v2 header of IPv4 TCP),
     // then echoes.
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1266,16 +1315,13 @@ async fn a_tcp_app_with_proxy_protocol_tells_the_service_the_client() {
             });
         }
     });
-    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
-    let _h1 = start_agent(
-        &z,
-        "home1",
-        services(&[("smtp", service, ServiceProto::Tcp)]),
-        vec![],
-        fast_tuning(),
+    let (_z, gw, _h1) = one_app_zone(
+        "[app.smtp]\ntcp = { listen = \"127.0.0.1:0\", proxy_protocol = true }\nto = \"home1/smtp\"\nallow = { from = [\"public\"] }\n",
+        "smtp",
+        service,
+        ServiceProto::Tcp,
     )
     .await;
-    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
     let app = gw.apps["smtp"];
     let mut c = tokio::net::TcpStream::connect(app).await.unwrap();
     let me = c.local_addr().unwrap();
@@ -1297,51 +1343,23 @@ async fn a_tcp_app_with_proxy_protocol_tells_the_service_the_client() {
 /// under 16 KiB/s: about the bucket's 16 KiB pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_udp_apps_bandwidth_drops_what_is_past_it() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let z = TestZone::new(&["home1"]);
-    z.write_policy(
-        "apps.toml",
+    use std::sync::atomic::Ordering;
+    let (service, heard) = counting_udp_echo().await;
+    let (_z, gw, _h1) = one_app_zone(
         "[app.uecho]\nudp = { listen = \"127.0.0.1:0\" }\nto = \"home1/uecho\"\nallow = { from = [\"public\"] }\nlimits = { bandwidth = \"16KiB/s\" }\n",
-    );
-    let service = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let service_addr = service.local_addr().unwrap();
-    let heard = Arc::new(AtomicUsize::new(0));
-    tokio::spawn({
-        let heard = heard.clone();
-        async move {
-            let mut buf = [0u8; 2048];
-            while let Ok((n, from)) = service.recv_from(&mut buf).await {
-                heard.fetch_add(1, Ordering::Relaxed);
-                let _ = service.send_to(&buf[..n], from).await;
-            }
-        }
-    });
-    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
-    let _h1 = start_agent(
-        &z,
-        "home1",
-        services(&[("uecho", service_addr, ServiceProto::Udp)]),
-        vec![],
-        fast_tuning(),
+        "uecho",
+        service,
+        ServiceProto::Udp,
     )
     .await;
-    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
     let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     client.connect(gw.apps["uecho"]).await.unwrap();
     // The flow open first (its first datagrams wait for it in a short queue).
+    assert!(
+        udp_answer(&client, b"open", 10).await.is_some(),
+        "the flow never opened"
+    );
     let mut buf = [0u8; 2048];
-    let mut open = false;
-    for _ in 0..10 {
-        client.send(b"open").await.unwrap();
-        if tokio::time::timeout(Duration::from_millis(500), client.recv(&mut buf))
-            .await
-            .is_ok()
-        {
-            open = true;
-            break;
-        }
-    }
-    assert!(open, "the flow never opened");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = heard.load(Ordering::Relaxed);
     for _ in 0..200 {
@@ -1368,44 +1386,18 @@ async fn a_udp_apps_bandwidth_drops_what_is_past_it() {
 /// 127.0.0.2 from a socket connected there, which routing answers from 127.0.0.1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_udp_app_on_a_wildcard_answers_from_the_address_asked() {
-    let z = TestZone::new(&["home1"]);
-    z.write_policy(
-        "apps.toml",
+    let (service, _) = counting_udp_echo().await;
+    let (_z, gw, _h1) = one_app_zone(
         "[app.uecho]\nudp = { listen = \"0.0.0.0:0\" }\nto = \"home1/uecho\"\nallow = { from = [\"public\"] }\n",
-    );
-    let service = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let service_addr = service.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = [0u8; 2048];
-        while let Ok((n, from)) = service.recv_from(&mut buf).await {
-            let _ = service.send_to(&buf[..n], from).await;
-        }
-    });
-    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
-    let _h1 = start_agent(
-        &z,
-        "home1",
-        services(&[("uecho", service_addr, ServiceProto::Udp)]),
-        vec![],
-        fast_tuning(),
+        "uecho",
+        service,
+        ServiceProto::Udp,
     )
     .await;
-    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
     let asked = std::net::SocketAddr::from(([127, 0, 0, 2], gw.apps["uecho"].port()));
     let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     client.connect(asked).await.unwrap();
-    let mut buf = [0u8; 64];
-    let mut got = None;
-    // The first datagram opens the flow; one lost meanwhile is sent again.
-    for _ in 0..5 {
-        client.send(b"ping").await.unwrap();
-        if let Ok(Ok(n)) =
-            tokio::time::timeout(Duration::from_millis(800), client.recv(&mut buf)).await
-        {
-            got = Some(buf[..n].to_vec());
-            break;
-        }
-    }
+    let got = udp_answer(&client, b"ping", 5).await;
     assert_eq!(got.as_deref(), Some(&b"ping"[..]), "no answer from {asked}");
     gw.shutdown.cancel();
 }
