@@ -38,14 +38,18 @@ async fn mesh_zone() -> MeshZone {
 
 /// [`mesh_zone`] with home1 draining for `drain` when stopped.
 async fn mesh_zone_draining(drain: Duration) -> MeshZone {
+    mesh_zone_serving(tcp_echo().await, drain).await
+}
+
+/// [`mesh_zone`] with home1's `echo` served at `service`, home1 draining for `drain`.
+async fn mesh_zone_serving(service: std::net::SocketAddr, drain: Duration) -> MeshZone {
     let z = TestZone::new(&["home1", "home2"]);
     z.write_policy("mesh.toml", MESH_POLICY);
     let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(200)).await;
-    let echo = tcp_echo().await;
     let h1 = start_agent(
         &z,
         "home1",
-        services(&[("echo", echo, ServiceProto::Tcp)]),
+        services(&[("echo", service, ServiceProto::Tcp)]),
         vec![],
         Tuning {
             agent_drain: drain,
@@ -96,32 +100,10 @@ async fn slow_answers(chunks: usize) -> std::net::SocketAddr {
 /// oldest were cut part way through their answers.
 #[tokio::test]
 async fn half_closed_encrypted_streams_with_long_answers_are_not_cut_as_held() {
-    let z = TestZone::new(&["home1", "home2"]);
-    z.write_policy("mesh.toml", MESH_POLICY);
-    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(200)).await;
     // 2.5 s of answer: well past fast_tuning's 1 s reader stall.
     let chunks = 25;
-    let slow = slow_answers(chunks).await;
-    let h1 = start_agent(
-        &z,
-        "home1",
-        services(&[("echo", slow, ServiceProto::Tcp)]),
-        vec![],
-        fast_tuning(),
-    )
-    .await;
-    let h2 = start_agent(
-        &z,
-        "home2",
-        services(&[]),
-        vec![forward("127.0.0.1:0", "home1/echo")],
-        fast_tuning(),
-    )
-    .await;
-    wait_until("both agents connected", WAIT, || gw.hub.agents().len() == 2).await;
-    wait_links_up(&h1.agent).await;
-    wait_links_up(&h2.agent).await;
-    let fwd = h2.agent.forward_addrs()[0];
+    let m = mesh_zone_serving(slow_answers(chunks).await, Duration::ZERO).await;
+    let fwd = m.fwd;
     let clients = (0..tunnel::holds::HELD_BUDGET + 3).map(|_| async move {
         let mut c = tokio::net::TcpStream::connect(fwd).await?;
         c.write_all(b"ask").await?;
