@@ -101,6 +101,10 @@ pub enum PolicyCmd {
     Check {
         /// The policy directory
         dir: PathBuf,
+        /// Also check the apps against this gateway's own ports (its gateway.toml: `listen`,
+        /// `admin`, `http`, `https`, `dns`, forwards), as the gateway does
+        #[arg(long, value_name = "FILE")]
+        gateway_config: Option<PathBuf>,
     },
     /// Say which app and rule decide a request, and why
     Explain {

@@ -252,17 +252,32 @@ fn self_signed_names(domain: &str, policy: &PolicyStore) -> Vec<String> {
 /// on one port ([`clashes_among`]: `admin` and a `[[forward]]` on 127.0.0.1:9090, `http` and
 /// `https` alike, a `listen` on the DNS port) is a setting to change.
 fn own_sockets(opts: &GatewayOptions) -> Vec<(Kind, SocketAddr, String)> {
+    own_sockets_of(
+        (opts.listen, opts.admin),
+        (opts.http, opts.https, opts.dns),
+        &opts.forwards,
+    )
+}
+
+/// [`own_sockets`] from the settings themselves (`zonegate policy check --gateway-config`
+/// has no credentials to make [`GatewayOptions`] of): QUIC `listen` and `admin`; `http`,
+/// `https` and `dns` where on; the `[[forward]]`s.
+pub fn own_sockets_of(
+    (listen, admin): (SocketAddr, SocketAddr),
+    (http, https, dns): (Option<SocketAddr>, Option<SocketAddr>, Option<SocketAddr>),
+    forwards: &[Forward],
+) -> Vec<(Kind, SocketAddr, String)> {
     let mut own: Vec<(Kind, SocketAddr, String)> = vec![
-        (Kind::Udp, opts.listen, "listen".into()),
-        (Kind::Tcp, opts.admin, "admin".into()),
+        (Kind::Udp, listen, "listen".into()),
+        (Kind::Tcp, admin, "admin".into()),
     ];
-    own.extend(opts.http.map(|a| (Kind::Tcp, a, "http".into())));
-    own.extend(opts.https.map(|a| (Kind::Tcp, a, "https".into())));
-    if let Some(a) = opts.dns {
+    own.extend(http.map(|a| (Kind::Tcp, a, "http".into())));
+    own.extend(https.map(|a| (Kind::Tcp, a, "https".into())));
+    if let Some(a) = dns {
         own.push((Kind::Udp, a, "dns".into()));
         own.push((Kind::Tcp, a, "dns".into()));
     }
-    for f in &opts.forwards {
+    for f in forwards {
         let key = format!("[[forward]] to {}/{}", f.device, f.service);
         own.push((Kind::Tcp, f.listen, key));
     }

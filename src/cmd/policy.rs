@@ -14,13 +14,33 @@ pub struct PolicyErrors;
 
 pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
     match cmd {
-        PolicyCmd::Check { dir } => {
+        PolicyCmd::Check {
+            dir,
+            gateway_config,
+        } => {
             not_a_dir(&dir)?;
+            // Read first: a config that is no gateway's is the command's mistake (exit 2).
+            let own = match &gateway_config {
+                Some(path) => {
+                    let f: crate::config::GatewayFile = crate::config::read(path)?;
+                    Some(super::serve::gateway_own_sockets(path, &f)?)
+                }
+                None => None,
+            };
             for (path, why) in policies::ignored_policy_files(&dir) {
                 say!("note: {} is not read: {why}", path.display());
             }
             match policies::check_dir(&dir) {
                 Ok(p) => {
+                    let clashes = own
+                        .map(|own| gateway::listeners::clashes_with(&own, &p))
+                        .unwrap_or_default();
+                    if !clashes.is_empty() {
+                        for c in &clashes {
+                            say!("{c}");
+                        }
+                        return Err(PolicyErrors.into());
+                    }
                     say!("ok: {} files, {} apps", p.files().len(), p.apps().len());
                     for a in p.apps() {
                         say!("  {:<20} {}", a.name, a.summary());

@@ -127,6 +127,30 @@ async fn on_signal(signals: Option<Signals>, token: CancellationToken) {
     std::process::exit(130);
 }
 
+/// The gateway's own sockets as `path` (a gateway.toml, `f`) sets them, defaults included,
+/// for `zonegate policy check --gateway-config`: an app on one of them is refused by the
+/// gateway, at start or reload.
+pub(crate) fn gateway_own_sockets(
+    path: &std::path::Path,
+    f: &GatewayFile,
+) -> Result<Vec<(gateway::listeners::Kind, std::net::SocketAddr, String)>, UsageError> {
+    let forwards =
+        config::forwards(&f.forward, &f.device).map_err(|e| config::in_file_or_flags(path, e))?;
+    let admin = f.admin.unwrap_or_else(|| {
+        zone_core::zonedir::GATEWAY_ADMIN_DEFAULT
+            .parse()
+            .expect("valid default")
+    });
+    let http = config::ListenSetting::resolve(f.http, any_addr(DEFAULT_HTTP_PORT));
+    let https = config::ListenSetting::resolve(f.https, any_addr(DEFAULT_HTTPS_PORT));
+    let dns = config::ListenSetting::resolve(f.dns, any_addr(DEFAULT_DNS_PORT));
+    Ok(gateway::run::own_sockets_of(
+        (config::quic_listen(path, f.listen)?, admin),
+        (http, https, dns),
+        &forwards,
+    ))
+}
+
 pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     let mut f: GatewayFile = config::read(&a.config)
         .map_err(|e| config::other_role_hint::<NodeFile>(e, &a.config, "a node agent's", "node"))?;

@@ -829,6 +829,55 @@ fn an_app_on_the_gateways_own_port_is_a_usage_error() {
     );
 }
 
+/// `policy check --gateway-config` checks the apps against that gateway's own ports, as the
+/// gateway does at start and reload (where such an edit is refused): without it the check
+/// passes an app on the gateway's HTTP port.
+#[test]
+fn policy_check_knows_the_gateways_own_ports_when_told() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("policies");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(
+        dir.join("apps.toml"),
+        "[app.web2]\ntcp = { listen = \"0.0.0.0:8080\" }\nto = \"home1/web\"\nallow = { from = [\"public\"] }\n",
+    )
+    .unwrap();
+    let gw = t.path().join("gateway.toml");
+    std::fs::write(
+        &gw,
+        "device = \"gw\"\ndomain = \"alice.example\"\nkey = \"device.key\"\ncert = \"device.crt\"\nca = \"zone-ca.crt\"\nzone_config = \"zone.json\"\nlisten = \"0.0.0.0:4433\"\npolicies = \"policies\"\nhttp = \"0.0.0.0:8080\"\n",
+    )
+    .unwrap();
+    let d = dir.to_str().unwrap();
+    let out = ok(["policy", "check", d]);
+    assert!(out.contains("1 apps"), "{out}");
+    let o = zg([
+        "policy",
+        "check",
+        d,
+        "--gateway-config",
+        gw.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
+    assert!(
+        out.contains("app web2") && out.contains("gateway's own `http`"),
+        "{out}"
+    );
+    // A file that is no gateway.toml is the command's mistake.
+    let e = fails(
+        2,
+        [
+            "policy",
+            "check",
+            d,
+            "--gateway-config",
+            dir.join("apps.toml").to_str().unwrap(),
+        ],
+    );
+    assert!(e.contains("apps.toml"), "{e}");
+}
+
 #[test]
 fn policy_check_and_explain() {
     let t = tempfile::tempdir().unwrap();
