@@ -102,7 +102,8 @@ pub enum PolicyCmd {
         /// The policy directory
         dir: PathBuf,
         /// Also check the apps against this gateway's own ports (its gateway.toml: `listen`,
-        /// `admin`, `http`, `https`, `dns`, forwards), as the gateway does
+        /// `admin`, `http`, `https`, `dns`, forwards), as the gateway does; defaults are taken
+        /// as this machine would bind them (`[::]`, or `0.0.0.0` without IPv6)
         #[arg(long, value_name = "FILE")]
         gateway_config: Option<PathBuf>,
     },

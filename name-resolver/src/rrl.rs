@@ -323,8 +323,17 @@ mod tests {
             Verdict::Send,
             "one rate for NXDOMAIN"
         );
-        // Two over the limit, each the first over its own: both dropped, none slipped.
-        assert_eq!(rrl.take_counts(), (0, 2));
+        // Empty answers of one name share one rate, whatever type is asked.
+        for _ in 0..BURST {
+            assert_eq!(rrl.admit(ip, Response::Empty(&a), t), Verdict::Send);
+        }
+        assert_ne!(
+            rrl.admit(ip, Response::Empty(&a), t),
+            Verdict::Send,
+            "one rate for a name's empty answers"
+        );
+        // Three over the limit, each the first over its own: all dropped, none slipped.
+        assert_eq!(rrl.take_counts(), (0, 3));
         assert_eq!(rrl.take_counts(), (0, 0));
     }
 }

@@ -281,23 +281,39 @@ const MAX_STUCK: usize = 128;
 
 /// `work` on a blocking thread, or None once it has taken `limit`: the request is answered
 /// then, while the thread stays stuck in its call (see [`FS_TIMEOUT`]), counted in [`STUCK`]
-/// until it returns.
+/// until it returns — as it is when the request is dropped first (its client hung up).
 async fn blocking_within<T: Send + 'static>(
     limit: std::time::Duration,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Option<Result<T, tokio::task::JoinError>> {
-    use std::sync::atomic::Ordering::Relaxed;
-    let mut task = tokio::task::spawn_blocking(work);
-    match tokio::time::timeout(limit, &mut task).await {
-        Ok(r) => Some(r),
-        Err(_) => {
-            STUCK.fetch_add(1, Relaxed);
-            tokio::spawn(async move {
-                let _ = task.await;
-                STUCK.fetch_sub(1, Relaxed);
-            });
-            None
-        }
+    let mut call = BlockingCall(Some(tokio::task::spawn_blocking(work)));
+    let task = call.0.as_mut()?;
+    let r = tokio::time::timeout(limit, task).await.ok();
+    if r.is_some() {
+        call.0 = None;
+    }
+    r
+}
+
+/// A blocking call's handle: dropped while the call still runs (timed out, or its request
+/// dropped), the call is counted in [`STUCK`] until it returns.
+struct BlockingCall<T: Send + 'static>(Option<tokio::task::JoinHandle<T>>);
+
+impl<T: Send + 'static> Drop for BlockingCall<T> {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(task) = self.0.take().filter(|t| !t.is_finished()) else {
+            return;
+        };
+        // No runtime (the process ending): nothing left to protect.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        STUCK.fetch_add(1, Relaxed);
+        rt.spawn(async move {
+            let _ = task.await;
+            STUCK.fetch_sub(1, Relaxed);
+        });
     }
 }
 
@@ -661,12 +677,12 @@ async fn serve_at_most(
                         }
                         None => text(
                             StatusCode::SERVICE_UNAVAILABLE,
-                            "too many answers to your address at once: finish some first",
+                            "too many answers to your address at once (or file system calls of yours stuck in a mount that does not answer): finish some first",
                         ),
                     };
                     let path = gateway::http::proxy::loggable(&p);
                     let method = gateway::http::proxy::loggable_method(&m);
-                    // `forwarded_for`: only as believed (from a loopback peer), so a log reader
+                    // `forwarded_for`: only as believed (from loopback or a `--proxy`), so a log reader
                     // never takes a remote client's own header for its address.
                     let forwarded_for =
                         forwarded_for.map_or_else(|| "-".to_owned(), |ip| ip.to_string());
@@ -691,9 +707,10 @@ async fn serve_at_most(
 
 /// The client a gateway forwarded the request for (its `X-Forwarded-For`, which the gateway
 /// sets to the one address it saw): through the tunnel every request comes from the node's
-/// loopback. Believed only from a loopback peer: with `--listen 0.0.0.0` anyone can send the
-/// header, and a client naming a new address in each request would never reach its share of
-/// the answers in flight. None when not believed, absent or no address.
+/// loopback. Believed only from a loopback peer or one of `proxies` (`--proxy`: a node agent
+/// on another machine): with `--listen 0.0.0.0` anyone can send the header, and a client
+/// naming a new address in each request would never reach its share of the answers in
+/// flight. None when not believed, absent or no address.
 fn believed_forwarded_for(
     peer: SocketAddr,
     proxies: &[std::net::IpAddr],
@@ -937,14 +954,30 @@ mod tests {
         drop(release);
         let done = blocking_within(std::time::Duration::from_secs(10), || 7).await;
         assert_eq!(done.map(Result::unwrap), Some(7));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while stuck() != 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "still counted as stuck"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        let settled = || async {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while stuck() != 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "still counted as stuck"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        };
+        settled().await;
+        // A request dropped before the limit (its client hung up) leaves its call counted
+        // too: it went uncounted, and clients hanging up could take every blocking thread.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let asking = tokio::spawn(blocking_within(
+            std::time::Duration::from_secs(30),
+            move || held.recv_timeout(std::time::Duration::from_secs(10)).ok(),
+        ));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        asking.abort();
+        let _ = asking.await;
+        assert_eq!(stuck(), 1, "a dropped request's call not counted");
+        drop(release);
+        settled().await;
     }
 
     /// A download whose read hangs ends in an error past FS_TIMEOUT (hyper then cuts the

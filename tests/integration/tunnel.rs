@@ -1361,6 +1361,8 @@ async fn a_udp_apps_bandwidth_drops_what_is_past_it() {
     );
     let mut buf = [0u8; 2048];
     tokio::time::sleep(Duration::from_secs(1)).await;
+    // Late answers to the opening datagrams are not the burst's.
+    while client.try_recv(&mut buf).is_ok() {}
     let before = heard.load(Ordering::Relaxed);
     for _ in 0..200 {
         client.send(&[7u8; 1000]).await.unwrap();
