@@ -378,10 +378,12 @@ fn bootstrap(
     let have = match std::fs::symlink_metadata(&paths.zone_config) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         _ => Some(
+            // Exit 1, as without bootstrap_dns: permissions being set, or a copy still being
+            // made, are fixed by the time a restart comes (exit 2 is never restarted).
             zone_core::zonedir::read_zone_json(&paths.zone_config).map_err(|e| {
-                UsageError(format!(
+                anyhow::anyhow!(
                     "{e}: the bundle's zone.json cannot be used, and bootstrap_dns does not replace one it cannot read: fix its permissions, or copy the zone directory's zone.json into the bundle again"
-                ))
+                )
             })?,
         ),
     };
