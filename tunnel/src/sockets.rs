@@ -197,12 +197,7 @@ impl ReplySocket {
         let Some(state) = &self.state else {
             return self.sock.send_to(data, to).await.map(drop);
         };
-        let from = from.filter(|ip| {
-            let ip = ip.to_canonical();
-            !ip.is_multicast()
-                && !ip.is_unspecified()
-                && !matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast())
-        });
+        let from = from.and_then(usable_source);
         let t = quinn_udp::Transmit {
             destination: to,
             ecn: None,
@@ -226,9 +221,42 @@ impl ReplySocket {
     }
 }
 
+/// The address a datagram came to, as the source of its reply: not one no packet may come
+/// from (one sent to a broadcast or multicast address is answered from the address routing
+/// picks).
+pub fn usable_source(ip: std::net::IpAddr) -> Option<std::net::IpAddr> {
+    let unusable = match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) => v4.is_broadcast() || v4.is_multicast() || v4.is_unspecified(),
+        std::net::IpAddr::V6(v6) => v6.is_multicast() || v6.is_unspecified(),
+    };
+    (!unusable).then_some(ip)
+}
+
 #[cfg(test)]
 mod reply_tests {
     use super::*;
+
+    #[test]
+    fn answers_never_leave_from_an_address_no_packet_may_come_from() {
+        let usable_source = |ip: Option<std::net::IpAddr>| ip.and_then(usable_source);
+        let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
+        assert_eq!(usable_source(ip("203.0.113.10")), ip("203.0.113.10"));
+        assert_eq!(usable_source(ip("2001:db8::10")), ip("2001:db8::10"));
+        assert_eq!(
+            usable_source(ip("::ffff:203.0.113.10")),
+            ip("::ffff:203.0.113.10")
+        );
+        for bad in [
+            "255.255.255.255",
+            "224.0.0.251",
+            "ff02::fb",
+            "0.0.0.0",
+            "::",
+        ] {
+            assert_eq!(usable_source(ip(bad)), None, "{bad}");
+        }
+        assert_eq!(usable_source(None), None);
+    }
 
     /// GRO-coalesced datagrams split by their stride, the last shorter; an empty datagram is
     /// one empty datagram (`chunks` of nothing gave none, and `chunks(0)` panics).
