@@ -1323,16 +1323,23 @@ fn a_device_starts_with_its_own_expired_zone_config() {
     assert!(e.to_string().contains("expired"), "{e}");
 }
 
-/// A device whose own certificate has expired does not start, and says how to renew it.
-#[test]
-fn an_expired_own_certificate_says_how_to_renew_it() {
+/// home1's bundle with a certificate issued as if at now + `shift`, for 30 days.
+fn home1_certified_at(shift: time::Duration) -> TestZone {
     let z = TestZone::new(&["home1"]);
     let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
     let home1 = zone_core::DeviceName::new("home1").unwrap();
-    let long_ago = time::OffsetDateTime::now_utc() - time::Duration::days(400);
-    let (key, cert) = zd.renew(&home1, long_ago, 30).unwrap();
+    let (key, cert) = zd
+        .renew(&home1, time::OffsetDateTime::now_utc() + shift, 30)
+        .unwrap();
     zd.write_bundle(&z.zone_dir().join("devices/home1"), &home1, &key, &cert)
         .unwrap();
+    z
+}
+
+/// A device whose own certificate has expired does not start, and says how to renew it.
+#[test]
+fn an_expired_own_certificate_says_how_to_renew_it() {
+    let z = home1_certified_at(-time::Duration::days(400));
     let Err(e) = DeviceCreds::load(&z.bundle("home1"), None) else {
         panic!("an expired certificate was loaded");
     };
@@ -1347,13 +1354,7 @@ fn an_expired_own_certificate_says_how_to_renew_it() {
 /// says so with both times and points at the clock, not at the certificate.
 #[test]
 fn a_certificate_not_valid_yet_points_at_the_clock() {
-    let z = TestZone::new(&["home1"]);
-    let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
-    let home1 = zone_core::DeviceName::new("home1").unwrap();
-    let ahead = time::OffsetDateTime::now_utc() + time::Duration::days(10);
-    let (key, cert) = zd.renew(&home1, ahead, 30).unwrap();
-    zd.write_bundle(&z.zone_dir().join("devices/home1"), &home1, &key, &cert)
-        .unwrap();
+    let z = home1_certified_at(time::Duration::days(10));
     let Err(e) = DeviceCreds::load(&z.bundle("home1"), None) else {
         panic!("a certificate not valid yet was loaded");
     };

@@ -10,6 +10,28 @@ use hickory_proto::rr::{Name, RecordType};
 use name_resolver::{testzone, DnsServer};
 use tokio_util::sync::CancellationToken;
 
+/// Asks the apex's SOA with `id` on `client` (connected to a server) until an answer comes,
+/// at most three times (UDP: a lost query is asked again).
+async fn ask_soa(client: &tokio::net::UdpSocket, id: u16) -> Option<Message> {
+    let mut m = Message::new();
+    m.set_id(id);
+    m.add_query(Query::query(
+        Name::from_ascii("alice.example.").unwrap(),
+        RecordType::SOA,
+    ));
+    let query = m.to_vec().unwrap();
+    let mut buf = [0u8; 2048];
+    for _ in 0..3 {
+        client.send(&query).await.unwrap();
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(700), client.recv(&mut buf)).await
+        {
+            return Some(Message::from_vec(&buf[..n]).unwrap());
+        }
+    }
+    None
+}
+
 /// A query to 127.0.0.2 from a socket on 127.0.0.1 connected there (it takes datagrams from
 /// 127.0.0.2 only), to a server on the IPv4 wildcard: routing alone picks 127.0.0.1 to
 /// answer 127.0.0.1 from.
@@ -24,26 +46,9 @@ async fn a_wildcard_server_answers_from_the_address_asked() {
     let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let asked: SocketAddr = ([127, 0, 0, 2], port).into();
     client.connect(asked).await.unwrap();
-    let mut m = Message::new();
-    m.set_id(4242);
-    m.add_query(Query::query(
-        Name::from_ascii("alice.example.").unwrap(),
-        RecordType::SOA,
-    ));
-    let query = m.to_vec().unwrap();
-    let mut buf = [0u8; 2048];
-    let mut answered = None;
-    // UDP: a lost query is asked again.
-    for _ in 0..3 {
-        client.send(&query).await.unwrap();
-        if let Ok(Ok(n)) =
-            tokio::time::timeout(Duration::from_millis(700), client.recv(&mut buf)).await
-        {
-            answered = Some(Message::from_vec(&buf[..n]).unwrap());
-            break;
-        }
-    }
-    let answer = answered.expect("an answer from 127.0.0.2, the address asked");
+    let answer = ask_soa(&client, 4242)
+        .await
+        .expect("an answer from 127.0.0.2, the address asked");
     assert_eq!(answer.id(), 4242);
     assert!(!answer.answers().is_empty(), "{answer:?}");
     stop.cancel();
@@ -65,24 +70,7 @@ async fn an_empty_datagram_is_ignored() {
     for _ in 0..3 {
         client.send(&[]).await.unwrap();
     }
-    let mut m = Message::new();
-    m.set_id(7);
-    m.add_query(Query::query(
-        Name::from_ascii("alice.example.").unwrap(),
-        RecordType::SOA,
-    ));
-    let query = m.to_vec().unwrap();
-    let mut buf = [0u8; 2048];
-    let mut answered = false;
-    for _ in 0..3 {
-        client.send(&query).await.unwrap();
-        if let Ok(Ok(n)) =
-            tokio::time::timeout(Duration::from_millis(700), client.recv(&mut buf)).await
-        {
-            answered = Message::from_vec(&buf[..n]).unwrap().id() == 7;
-            break;
-        }
-    }
+    let answered = ask_soa(&client, 7).await.is_some_and(|m| m.id() == 7);
     assert!(answered, "no answer after empty datagrams");
     assert!(!task.is_finished(), "the server stopped");
     stop.cancel();
