@@ -100,6 +100,7 @@ impl RequestHandler for ZoneHandler {
         }
 
         // The error answers first: the rate limiter counts them as one kind of answer.
+        let info = request.request_info();
         let error = if badvers {
             // RFC 6891 §6.1.3: we speak EDNS version 0 only.
             Some(ResponseCode::BADVERS)
@@ -108,9 +109,9 @@ impl RequestHandler for ZoneHandler {
             Some(ResponseCode::NotImp)
         } else {
             // Not exactly one question: FORMERR.
-            request.request_info().err().map(|_| ResponseCode::FormErr)
+            info.as_ref().err().map(|_| ResponseCode::FormErr)
         };
-        let found = match (error, request.request_info()) {
+        let found = match (error, info) {
             (None, Ok(info)) => {
                 let query = info.query;
                 // QCLASS * asks every class there is: here, IN only (RFC 1035 §3.2.5).
