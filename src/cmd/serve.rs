@@ -136,19 +136,30 @@ pub(crate) fn gateway_own_sockets(
 ) -> Result<Vec<(gateway::listeners::Kind, std::net::SocketAddr, String)>, UsageError> {
     let forwards =
         config::forwards(&f.forward, &f.device).map_err(|e| config::in_file_or_flags(path, e))?;
-    let admin = f.admin.unwrap_or_else(|| {
-        zone_core::zonedir::GATEWAY_ADMIN_DEFAULT
-            .parse()
-            .expect("valid default")
-    });
-    let http = config::ListenSetting::resolve(f.http, any_addr(DEFAULT_HTTP_PORT));
-    let https = config::ListenSetting::resolve(f.https, any_addr(DEFAULT_HTTPS_PORT));
-    let dns = config::ListenSetting::resolve(f.dns, any_addr(DEFAULT_DNS_PORT));
+    let (admin, http, https, dns) = gateway_addresses(f);
     Ok(gateway::run::own_sockets_of(
         (config::quic_listen(path, f.listen)?, admin),
         (http, https, dns),
         &forwards,
     ))
+}
+
+type Addr = std::net::SocketAddr;
+
+/// A gateway's `admin`, `http`, `https` and `dns` addresses as `f` sets them, defaults filled
+/// in (`None`: "off"): what it binds, and what `policy check --gateway-config` checks against.
+fn gateway_addresses(f: &GatewayFile) -> (Addr, Option<Addr>, Option<Addr>, Option<Addr>) {
+    let admin = f.admin.unwrap_or_else(|| {
+        zone_core::zonedir::GATEWAY_ADMIN_DEFAULT
+            .parse()
+            .expect("valid default")
+    });
+    (
+        admin,
+        config::ListenSetting::resolve(f.http, any_addr(DEFAULT_HTTP_PORT)),
+        config::ListenSetting::resolve(f.https, any_addr(DEFAULT_HTTPS_PORT)),
+        config::ListenSetting::resolve(f.dns, any_addr(DEFAULT_DNS_PORT)),
+    )
 }
 
 pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
@@ -200,7 +211,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     let http_total = config::http_connections(&a.config, f.http_connections)?;
     let http_per_ip =
         config::http_connections_per_ip(&a.config, f.http_connections_per_ip, http_total)?;
-    let https = config::ListenSetting::resolve(f.https, any_addr(DEFAULT_HTTPS_PORT));
+    let (admin, http, https, dns) = gateway_addresses(&f);
     // Files that would never be read: a setting left behind, or HTTPS turned off by mistake.
     if https.is_none() && !f.tls.is_empty() {
         return Err(UsageError(format!(
@@ -215,14 +226,10 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         services,
         forwards,
         listen: config::quic_listen(&a.config, f.listen)?,
-        admin: f.admin.unwrap_or_else(|| {
-            zone_core::zonedir::GATEWAY_ADMIN_DEFAULT
-                .parse()
-                .expect("valid default")
-        }),
+        admin,
         tuning,
         grace: config::grace(&a.config, f.grace_secs, DEFAULT_GRACE)?,
-        http: config::ListenSetting::resolve(f.http, any_addr(DEFAULT_HTTP_PORT)),
+        http,
         https,
         tls_certs: f
             .tls
@@ -243,7 +250,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         tcp_connections: tcp_total,
         udp_flows_per_ip: config::udp_flows_per_ip(&a.config, f.udp_flows_per_ip, udp_per_app)?,
         udp_flows_per_app: udp_per_app,
-        dns: config::ListenSetting::resolve(f.dns, any_addr(DEFAULT_DNS_PORT)),
+        dns,
     };
     crate::fd_limit::raise_open_files(crate::fd_limit::gateway_needs(http_total, tcp_total));
     runtime(threads)?.block_on(async move {
