@@ -10,6 +10,10 @@
 //!   address, i.e. makes nat1 address-restricted towards it: the classic pair no hole punching
 //!   can traverse.
 //!
+//! - home2b → home2, two devices behind the one symmetric NAT (nat2, which does not hairpin):
+//!   their observed addresses lead nowhere, so only the LAN addresses they report to the
+//!   gateway get them direct; the transfer then crosses neither the gateway nor the NAT.
+//!
 //! Each test prints `MESH-BENCH` lines (throughput and RTT per path); benches/mesh.md has the
 //! figures. `ZONEGATE_BIN=/path/to/release/zonegate` runs the lab on another build (for the
 //! benchmark); by default the binary cargo built for the tests.
@@ -24,7 +28,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::common::ok;
-use crate::netlab::{self, python, Lab, LabProcess, NAT2_WAN};
+use crate::netlab::{self, python, Lab, LabProcess, HOME2, HOME2B, NAT2_WAN};
 use crate::zonefix::eventually;
 
 const READY: Duration = Duration::from_secs(20);
@@ -46,6 +50,16 @@ allow = { from = ["device:home2", "device:home3"] }
 mesh = true
 to = "home1/echo"
 allow = { from = ["device:home2", "device:home3"] }
+
+[app.sink-lan]
+mesh = true
+to = "home2/sink"
+allow = { from = ["device:home2b"] }
+
+[app.echo-lan]
+mesh = true
+to = "home2/echo"
+allow = { from = ["device:home2b"] }
 "#;
 
 const TOOL: &str = r#"
@@ -172,7 +186,7 @@ fn make_zone(base: &Path) -> PathBuf {
         "--public-addr",
         "203.0.113.10:4433",
     ]);
-    for n in ["home1", "home2", "home3"] {
+    for n in ["home1", "home2", "home2b", "home3"] {
         ok(["device", "add", n, "--zone", z, "--role", "node"]);
     }
     let tail = "\n[tunnel]\nkeepalive_ms = 1000\nidle_timeout_ms = 4000\n";
@@ -180,6 +194,7 @@ fn make_zone(base: &Path) -> PathBuf {
         ("gw", "gateway.toml"),
         ("home1", "node.toml"),
         ("home2", "node.toml"),
+        ("home2b", "node.toml"),
         ("home3", "node.toml"),
     ] {
         let b = dir.join("devices").join(d);
@@ -540,4 +555,92 @@ fn lab_symmetric_home_stays_relayed_and_works() {
     assert!(p["streams_direct"].as_u64() == Some(0), "{p}");
     let (med, p90) = w.rtt("home2", FWD_ECHO).expect("rtt relayed");
     eprintln!("MESH-BENCH relay home2->home1 rtt median {med:.3} ms p90 {p90:.3} ms");
+}
+
+#[test]
+fn lab_two_devices_behind_one_symmetric_nat_go_direct_over_their_lan() {
+    if !netlab::require_root("lab_two_devices_behind_one_symmetric_nat_go_direct_over_their_lan") {
+        return;
+    }
+    let w = World::new("mesh_lan");
+    let _gw = w.gateway();
+    let _sink = w.serve("home2", "sink", SINK_PORT);
+    let _echo = w.serve("home2", "echo", ECHO_PORT);
+    let _h2 = w.node(
+        "home2",
+        &[
+            "--service",
+            &format!("sink=127.0.0.1:{SINK_PORT}"),
+            "--service",
+            &format!("echo=127.0.0.1:{ECHO_PORT}"),
+        ],
+    );
+    let _h2b = w.node(
+        "home2b",
+        &[
+            "--forward",
+            &format!("127.0.0.1:{FWD_SINK}=home2/sink"),
+            "--forward",
+            &format!("127.0.0.1:{FWD_ECHO}=home2/echo"),
+        ],
+    );
+    w.wait_agents(&["home2", "home2b"]);
+    // Both come from nat2's one public address; each reported its LAN address.
+    eventually(READY, "gateway lists both LAN addresses", || {
+        let st = w.status("vps", 9090)?;
+        for (d, ip) in [("home2", HOME2), ("home2b", HOME2B)] {
+            let a = st["agents"]
+                .as_array()
+                .and_then(|a| a.iter().find(|x| x["device"] == d))
+                .ok_or_else(|| format!("{d} not listed: {st}"))?;
+            let want = format!("{ip}:");
+            let listed = a["local_addrs"].as_array().is_some_and(|l| {
+                l.iter()
+                    .any(|x| x.as_str().is_some_and(|s| s.starts_with(&want)))
+            });
+            let behind_nat2 = a["addr"]
+                .as_str()
+                .is_some_and(|s| s.starts_with(&format!("{NAT2_WAN}:")));
+            if !(listed && behind_nat2) {
+                return Err(format!("{d}: {a}"));
+            }
+        }
+        Ok(())
+    });
+
+    eventually(READY, "first relayed stream", || {
+        w.send("home2b", FWD_SINK, 1 << 20)
+    });
+    let p = eventually(READY, "home2b reports a direct path to home2", || {
+        let p = w.peer("home2b", "home2")?;
+        (p["path"] == "direct")
+            .then_some(p.clone())
+            .ok_or_else(|| format!("not direct yet: {p}"))
+    });
+    assert!(
+        p["direct_addr"]
+            .as_str()
+            .is_some_and(|a| a.starts_with(&format!("{HOME2}:"))),
+        "the direct path should be the LAN one: {p}"
+    );
+
+    // 64 MiB direct over the LAN: neither the gateway nor the NAT's outside carries it.
+    let (rx0, tx0) = w.vps_bytes();
+    let secs = w
+        .send("home2b", FWD_SINK, BIG)
+        .expect("64 MiB over the LAN");
+    let (rx1, tx1) = w.vps_bytes();
+    let through_gw = (rx1 - rx0) + (tx1 - tx0);
+    eprintln!(
+        "MESH-BENCH lan home2b->home2 64MiB {secs:.2}s {:.1} MiB/s; vps eth0 carried {through_gw} bytes meanwhile",
+        mib_per_s(BIG, secs)
+    );
+    assert!(
+        through_gw < DIRECT_GATEWAY_BUDGET,
+        "{through_gw} bytes crossed the gateway's interface during a 64 MiB LAN transfer"
+    );
+    let p = w.peer("home2b", "home2").expect("status");
+    assert!(p["bytes_direct_out"].as_u64() >= Some(BIG), "{p}");
+    let (med, p90) = w.rtt("home2b", FWD_ECHO).expect("rtt over the LAN");
+    eprintln!("MESH-BENCH lan home2b->home2 rtt median {med:.3} ms p90 {p90:.3} ms");
 }

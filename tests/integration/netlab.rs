@@ -57,10 +57,12 @@ pub const NAT3_LAN: Ipv4Addr = Ipv4Addr::new(192, 168, 3, 1);
 pub const HOME1: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
 pub const HOME2: Ipv4Addr = Ipv4Addr::new(192, 168, 2, 10);
 pub const HOME3: Ipv4Addr = Ipv4Addr::new(192, 168, 3, 10);
+/// A second host on `home2`'s LAN (nat2's LAN is a switch): two devices behind one NAT.
+pub const HOME2B: Ipv4Addr = Ipv4Addr::new(192, 168, 2, 11);
 
 /// Host names of the lab, as the script knows them (namespace name = prefix + host).
-pub const HOSTS: [&str; 9] = [
-    "inet", "vps", "client", "nat1", "nat2", "nat3", "home1", "home2", "home3",
+pub const HOSTS: [&str; 10] = [
+    "inet", "vps", "client", "nat1", "nat2", "nat3", "home1", "home2", "home2b", "home3",
 ];
 
 /// Idle UDP conntrack entries in the NAT routers expire after this (measured, kernel default):

@@ -339,8 +339,8 @@ fn two_labs_at_once_do_not_interfere() {
         namespaces_with_prefix(a.prefix()),
         namespaces_with_prefix(b.prefix()),
     );
-    assert_eq!(na.len(), 9, "{na:?}");
-    assert_eq!(nb.len(), 9, "{nb:?}");
+    assert_eq!(na.len(), netlab::HOSTS.len(), "{na:?}");
+    assert_eq!(nb.len(), netlab::HOSTS.len(), "{nb:?}");
 
     // same addresses, different worlds: only a's vps runs the reflector
     let _refl = spawn_reflector(&a, "vps", REFLECT).unwrap();

@@ -7,11 +7,13 @@
 #        |                |                |                |                |
 #   vps  eth0        nat1 wan0        nat2 wan0        nat3 wan0       client eth0
 #   203.0.113.10     203.0.113.21     203.0.113.22     203.0.113.23    203.0.113.50
-#                    nat1 lan0        nat2 lan0        nat3 lan0
+#                    nat1 lan0        nat2 lan0 (br)   nat3 lan0
 #                    192.168.1.1/24   192.168.2.1/24   192.168.3.1/24
-#                        |                |                |
-#                    home1 eth0       home2 eth0       home3 eth0
-#                    192.168.1.10     192.168.2.10     192.168.3.10   (default route via .1)
+#                        |             |         |         |
+#                    home1 eth0   home2 eth0  home2b eth0  home3 eth0
+#                    192.168.1.10 192.168.2.10 192.168.2.11 192.168.3.10  (default route via .1)
+#
+# nat2's LAN is a switch (a bridge) with two hosts, so two devices share one (symmetric) NAT.
 #
 # Every namespace name above carries the lab's prefix: with NATLAB_PREFIX=zt3a- the hosts are
 # zt3a-inet, zt3a-vps, zt3a-home1, ...  Addresses and interface names are the same in every lab
@@ -86,7 +88,7 @@ if [[ -n $PREFIX && ! $PREFIX =~ ^[a-z0-9][a-z0-9_-]{0,11}$ ]]; then
 fi
 P=$PREFIX
 
-HOSTS=(inet vps client nat1 nat2 nat3 home1 home2 home3)
+HOSTS=(inet vps client nat1 nat2 nat3 home1 home2 home2b home3)
 NSES=("${HOSTS[@]/#/$P}")
 PUB_NET=203.0.113
 EIM_TIMEOUT=${EIM_TIMEOUT:-120s}
@@ -220,7 +222,7 @@ healthy() {  # every namespace present, NAT tables loaded, home default routes i
   local n
   for n in nat1 nat2 nat3; do nsx "$P$n" nft list table ip natlab >/dev/null 2>&1 || return 1; done
   local h
-  for h in home1 home2 home3; do [[ -n $(ip -n "$P$h" route show default 2>/dev/null) ]] || return 1; done
+  for h in home1 home2 home2b home3; do [[ -n $(ip -n "$P$h" route show default 2>/dev/null) ]] || return 1; done
 }
 
 up() {
@@ -254,10 +256,23 @@ up() {
     ip -n "$P$node" link set "$ifn" up
   done
 
-  # home LANs: point-to-point veth router<->host (a /24 on each end)
+  # home LANs: point-to-point veth router<->host (a /24 on each end); nat2's a bridge with two
   local i
   for i in 1 2 3; do
-    veth "${P}nat$i" lan0 "${P}home$i" eth0
+    if [[ $i == 2 ]]; then
+      ip -n "${P}nat2" link add lan0 type bridge
+      veth "${P}nat2" lp1 "${P}home2" eth0
+      veth "${P}nat2" lp2 "${P}home2b" eth0
+      ip -n "${P}nat2" link set lp1 master lan0 up
+      ip -n "${P}nat2" link set lp2 master lan0 up
+      # frames between the two hosts are switched, not routed: out of nat2's IP hooks
+      nsx "${P}nat2" sh -c 'for f in /proc/sys/net/bridge/bridge-nf-call-iptables /proc/sys/net/bridge/bridge-nf-call-arptables; do [ -w $f ] && echo 0 > $f; done; true'
+      ip -n "${P}home2b" addr add 192.168.2.11/24 dev eth0
+      ip -n "${P}home2b" link set eth0 up
+      ip -n "${P}home2b" route add default via 192.168.2.1
+    else
+      veth "${P}nat$i" lan0 "${P}home$i" eth0
+    fi
     ip -n "${P}nat$i" addr add "192.168.$i.1/24" dev lan0
     ip -n "${P}nat$i" link set lan0 up
     ip -n "${P}home$i" addr add "192.168.$i.10/24" dev eth0

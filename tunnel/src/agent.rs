@@ -880,7 +880,7 @@ impl Agent {
         if refused.is_some_and(refused_as_revoked) {
             link.set(|s| s.revoked = true);
         }
-        let (conn, io, welcome) = match r {
+        let (conn, mut io, welcome) = match r {
             Ok(r) => r?,
             Err(_) => return Err(TunnelError::Timeout("connect and hello")),
         };
@@ -942,6 +942,16 @@ impl Agent {
         }
         let streams = tokio::spawn(self.clone().accept_streams(conn.clone(), link.name.clone()));
         let dgrams = tokio::spawn(read_datagrams(conn.clone(), flows.clone()));
+        // For peers behind the same NAT, to which the NAT's outside rarely leads back.
+        let lan = self.endpoint.local_addr().ok().and_then(|bound| {
+            crate::candidates::lan_candidate(bound, conn.remote_address(), welcome.observed_addr)
+        });
+        if let Some(lan) = lan {
+            debug!(gateway = %link.name, %lan, "reporting this device's address behind its NAT");
+            if let Err(e) = io.session.send_local_addrs(vec![lan]) {
+                debug!(gateway = %link.name, error = %e, "local address not reported");
+            }
+        }
         let reason = self
             .run_control(link, &conn, io, cmds, ctl, flows.clone())
             .await;

@@ -3,6 +3,7 @@
 //! and drains on shutdown.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -17,6 +18,7 @@ use tracing::{debug, info, warn};
 use zone_core::{DeviceIdentity, SignedZone};
 
 use crate::admit::{GateStats, HandshakeGate, HandshakePermit};
+use crate::candidates;
 use crate::control::{self, ControlHandle, ControlIo, CONTROL_BACKLOG, CONTROL_NOT_READ};
 use crate::creds::DeviceCreds;
 use crate::error::{OpenError, TunnelError};
@@ -149,6 +151,9 @@ pub struct AgentLink {
     /// Lines the device can cause one per message or stream (services changed, bad stream
     /// headers, refused mesh streams): [`LINK_LINES_PER_SEC`] a second.
     lines: Mutex<LogBudget>,
+    /// The device's socket addresses behind its NAT (`LocalAddrs`), told to a punching peer
+    /// behind the same public address ([`crate::candidates`]).
+    local_addrs: Mutex<Vec<SocketAddr>>,
 }
 
 /// Log lines a second one device's messages and streams may cause ([`AgentLink::lines`]).
@@ -491,16 +496,23 @@ impl Hub {
             canonical(link.conn.remote_address()),
             canonical(other.conn.remote_address()),
         );
+        let local = |l: &AgentLink| {
+            l.local_addrs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        };
         let to_a = proto::PeerAddr {
             device: other.device.clone(),
-            addrs: vec![b_addr],
+            addrs: candidates::punch_candidates(a_addr, b_addr, &local(&other)),
             punch_nonce: nonce,
         };
         let to_b = proto::PeerAddr {
             device: link.device.clone(),
-            addrs: vec![a_addr],
+            addrs: candidates::punch_candidates(b_addr, a_addr, &local(link)),
             punch_nonce: nonce,
         };
+        let (told_a, told_b) = (to_a.addrs.clone(), to_b.addrs.clone());
         link.ctl.try_apply(move |s| s.send_peer_addr(to_a));
         other.ctl.try_apply(move |s| s.send_peer_addr(to_b));
         // Rounds repeat every half minute while a pair stays relayed (a symmetric NAT).
@@ -508,9 +520,9 @@ impl Hub {
             p.last_punch_addrs.replace((a_addr, b_addr)) != Some((a_addr, b_addr))
         });
         if news {
-            info!(a = %link.device, a_addr = %a_addr, b = %other.device, b_addr = %b_addr, "hole punching coordinated");
+            info!(a = %link.device, a_addr = %a_addr, b = %other.device, b_addr = %b_addr, a_told = ?told_a, b_told = ?told_b, "hole punching coordinated");
         } else {
-            debug!(a = %link.device, a_addr = %a_addr, b = %other.device, b_addr = %b_addr, "hole punching coordinated again");
+            debug!(a = %link.device, a_addr = %a_addr, b = %other.device, b_addr = %b_addr, a_told = ?told_a, b_told = ?told_b, "hole punching coordinated again");
         }
     }
 
@@ -855,6 +867,7 @@ impl Hub {
             bytes_from: Arc::default(),
             holds: Holds::new(self.0.hold_clock.clone()),
             lines: Mutex::new(LogBudget::new(LINK_LINES_PER_SEC)),
+            local_addrs: Mutex::default(),
         });
         if let Some(old) = self
             .0
@@ -1010,6 +1023,11 @@ impl Hub {
                     }
                     *current = services;
                 }
+            }
+            Event::LocalAddrs { addrs } => {
+                let addrs = candidates::sanitize_local(&addrs);
+                debug!(device = %link.device, local = ?addrs, "device's addresses behind its NAT");
+                *link.local_addrs.lock().unwrap_or_else(|p| p.into_inner()) = addrs;
             }
             Event::PermitsHeld { permits } => {
                 // Each report holds permits granted after any revocation sent before it (the
@@ -1555,6 +1573,13 @@ impl Hub {
                     device: a.device.clone(),
                     roles: a.roles.iter().map(|r| r.to_string()).collect(),
                     addr: canonical(a.conn.remote_address()).to_string(),
+                    local_addrs: a
+                        .local_addrs
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .iter()
+                        .map(|x| x.to_string())
+                        .collect(),
                     session: a.session_id,
                     rtt_ms: a.conn.rtt().as_secs_f64() * 1000.0,
                     path_mtu: st.path.current_mtu,

@@ -12,7 +12,8 @@
 //! - [`e2e`]: Noise IK end to end on relayed mesh streams (sans-IO framer + stream wrapper).
 //! - [`admit`]: handshake cap and QUIC Retry for incoming connections (hub and peers).
 //! - [`hub`]: the gateway side (agents table, streams to devices, mesh relay, UDP flows, drain).
-//! - [`peers`]: direct device↔device paths: peer table, hole punching, direct-use permits.
+//! - [`peers`]: direct device↔device paths: peer table, hole punching, direct-use permits;
+//!   [`candidates`]: the addresses a punching round dials (LAN ones behind a shared NAT).
 //! - [`agent`]: the node side (dial, reconnect, serve services, forwards).
 //! - [`services`]: the services a device offers; [`status`]: `/status` snapshots.
 //! - [`flow_activity`]: when a UDP flow last carried a datagram, either way (its idle timer);
@@ -23,6 +24,7 @@
 pub mod admit;
 pub mod agent;
 pub mod backoff;
+pub mod candidates;
 pub mod control;
 pub mod creds;
 pub mod e2e;

@@ -48,6 +48,7 @@ use quinn::{Connection, Endpoint};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use crate::candidates;
 use crate::creds::DeviceCreds;
 use crate::error::TunnelError;
 use crate::proto::PeerAddr;
@@ -620,16 +621,13 @@ impl Peers {
             return None;
         }
         // No address a packet cannot be meant for (a gateway that is buggy or not ours
-        // steering this agent's packets): unspecified, multicast, broadcast, port 0; an
-        // IPv4-mapped one is judged as the IPv4 address a dual-stack socket sends to.
-        let usable = |a: &SocketAddr| {
-            let ip = a.ip().to_canonical();
-            a.port() != 0
-                && !ip.is_unspecified()
-                && !ip.is_multicast()
-                && !matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast())
-        };
-        let addrs: Vec<SocketAddr> = pa.addrs.iter().copied().filter(usable).collect();
+        // steering this agent's packets).
+        let mut addrs: Vec<SocketAddr> = Vec::new();
+        for a in pa.addrs.iter().copied().filter(candidates::dialable) {
+            if !addrs.contains(&a) {
+                addrs.push(a);
+            }
+        }
         if addrs.is_empty() {
             debug!(peer = %device, addrs = ?pa.addrs, "punch round ignored: no address to dial");
             return None;
@@ -676,39 +674,62 @@ impl Peers {
             if self.direct(&peer).is_some() {
                 return None;
             }
-            for addr in &addrs {
-                let connecting = match self.endpoint.connect(*addr, &server_name) {
-                    Ok(c) => c,
+            // Every address at once: a LAN address that is not the peer's (two homes behind
+            // one carrier-grade NAT) must not hold up the one that answers.
+            let mut tries = tokio::task::JoinSet::new();
+            let mut failures: Vec<(usize, String)> = Vec::new();
+            for (i, addr) in addrs.iter().copied().enumerate() {
+                match self.endpoint.connect(addr, &server_name) {
+                    Ok(c) => {
+                        tries.spawn(
+                            async move { (i, tokio::time::timeout(PUNCH_ATTEMPT, c).await) },
+                        );
+                    }
                     Err(e) => {
                         debug!(peer = %peer, %addr, error = %e, "cannot dial peer");
-                        continue;
+                        failures.push((i, format!("{addr}: {e}")));
                     }
-                };
-                match tokio::time::timeout(PUNCH_ATTEMPT, connecting).await {
+                }
+            }
+            while let Some(done) = tries.join_next().await {
+                let Ok((i, r)) = done else { continue };
+                let addr = addrs[i];
+                let why = match r {
                     Ok(Ok(conn)) => match peer_identity(&conn).map(|id| id.name.to_string()) {
+                        // The other tries end with the set: their connections close unused.
                         Ok(name) if name == peer => return Some(conn),
                         Ok(name) => {
                             conn.close(0u32.into(), b"unexpected peer");
                             debug!(peer = %peer, got = %name, "dialed peer presented another name");
-                            failure = format!("{addr} answered as device {name}");
+                            format!("{addr} answered as device {name}")
                         }
                         Err(e) => {
                             debug!(peer = %peer, error = %e, "dialed peer without identity");
-                            failure = format!("{addr} answered without a device identity");
+                            format!("{addr} answered without a device identity")
                         }
                     },
                     Ok(Err(e)) => {
                         debug!(peer = %peer, %addr, attempt, error = %e, "punch attempt failed");
-                        failure = format!("{addr}: {e}");
+                        format!("{addr}: {e}")
                     }
                     Err(_) => {
                         debug!(peer = %peer, %addr, attempt, "punch attempt timed out");
-                        failure = format!(
+                        format!(
                             "no answer from {addr} within {} ms (a NAT that maps each destination to another port, or a firewall?)",
                             PUNCH_ATTEMPT.as_millis()
-                        );
+                        )
                     }
-                }
+                };
+                failures.push((i, why));
+            }
+            if !failures.is_empty() {
+                // In the order the gateway listed them, so a repeated failure reads alike.
+                failures.sort();
+                failure = failures
+                    .into_iter()
+                    .map(|(_, why)| why)
+                    .collect::<Vec<_>>()
+                    .join("; ");
             }
             if attempt < PUNCH_ATTEMPTS {
                 paced.await;

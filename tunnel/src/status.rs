@@ -15,6 +15,9 @@ pub struct AgentStatus {
     pub roles: Vec<String>,
     /// Address as seen by the gateway (the agent's NAT's public side).
     pub addr: String,
+    /// Its socket's addresses behind its NAT, as it reported them: told to a punching peer
+    /// behind the same public address.
+    pub local_addrs: Vec<String>,
     pub session: u64,
     pub rtt_ms: f64,
     /// Largest UDP payload the connection's packets carry now (path MTU discovery: ~1,450 over

@@ -9,8 +9,8 @@ use super::codec::{
 };
 use super::header::{put_origin, read_origin, Origin};
 use super::limits::{
-    MAX_CONTROL_FRAME, MAX_PEER_ADDRS, MAX_PERMITS_HELD, MAX_REASON_LEN, MAX_SERVICES,
-    MAX_VERSION_LEN, MAX_ZONE_CONFIG,
+    MAX_CONTROL_FRAME, MAX_LOCAL_ADDRS, MAX_PEER_ADDRS, MAX_PERMITS_HELD, MAX_REASON_LEN,
+    MAX_SERVICES, MAX_VERSION_LEN, MAX_ZONE_CONFIG,
 };
 use super::{varint, ProtoError};
 
@@ -34,6 +34,7 @@ pub mod msg_type {
     pub const ERROR: u64 = 0x0c;
     pub const PERMIT_REVOKE: u64 = 0x0d;
     pub const PERMITS_HELD: u64 = 0x0e;
+    pub const LOCAL_ADDRS: u64 = 0x0f;
 }
 
 const PROTO_TCP: u8 = 0x01;
@@ -159,6 +160,12 @@ pub enum ControlMsg {
     PermitsHeld {
         permits: Vec<(String, String)>,
     },
+    /// Agent to gateway, as a session starts: the addresses its QUIC socket has on its own
+    /// network (behind its NAT). The gateway passes them to a peer behind the same public
+    /// address, whose packets to the shared NAT's outside would rarely come back in.
+    LocalAddrs {
+        addrs: Vec<SocketAddr>,
+    },
     Ping {
         nonce: u64,
     },
@@ -190,6 +197,7 @@ impl ControlMsg {
             ControlMsg::PunchRequest { .. } => "PunchRequest",
             ControlMsg::PermitRevoke { .. } => "PermitRevoke",
             ControlMsg::PermitsHeld { .. } => "PermitsHeld",
+            ControlMsg::LocalAddrs { .. } => "LocalAddrs",
             ControlMsg::Ping { .. } => "Ping",
             ControlMsg::Pong { .. } => "Pong",
             ControlMsg::Error { .. } => "Error",
@@ -339,6 +347,13 @@ fn encode_payload(msg: &ControlMsg, p: &mut Vec<u8>) -> Result<u64, ProtoError> 
             }
             PERMITS_HELD
         }
+        ControlMsg::LocalAddrs { addrs } => {
+            put_count(p, "local addresses", addrs.len(), MAX_LOCAL_ADDRS)?;
+            for a in addrs {
+                put_addr(p, a);
+            }
+            LOCAL_ADDRS
+        }
         ControlMsg::Ping { nonce } => {
             p.put_u64(*nonce);
             PING
@@ -421,6 +436,14 @@ fn parse_payload(ty: u64, r: &mut Reader<'_>) -> Read<ControlMsg> {
                 permits.push((r.name("permit device")?, r.name("permit service")?));
             }
             ControlMsg::PermitsHeld { permits }
+        }
+        LOCAL_ADDRS => {
+            let count = r.count("local addresses", MAX_LOCAL_ADDRS)?;
+            let mut addrs = Vec::with_capacity(count);
+            for _ in 0..count {
+                addrs.push(r.addr("local address")?);
+            }
+            ControlMsg::LocalAddrs { addrs }
         }
         PING => ControlMsg::Ping { nonce: r.u64()? },
         PONG => ControlMsg::Pong { nonce: r.u64()? },

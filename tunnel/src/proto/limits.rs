@@ -30,6 +30,11 @@ pub const MAX_SERVICES: usize = 256;
 /// only multiply the punching packets sent to a peer.
 pub const MAX_PEER_ADDRS: usize = 8;
 
+/// Most addresses one `LocalAddrs` lists. The gateway sends a peer these plus the observed
+/// address in one `PeerAddr`, so they must leave room for it.
+pub const MAX_LOCAL_ADDRS: usize = 4;
+const _: () = assert!(MAX_LOCAL_ADDRS < MAX_PEER_ADDRS);
+
 /// Longest human-readable text (`Refused` reason, `Drain` reason, `Error` message). These
 /// end up in one log line; a sentence is enough.
 pub const MAX_REASON_LEN: usize = 256;

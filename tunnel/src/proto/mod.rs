@@ -88,6 +88,9 @@
 //! 0x0e PermitsHeld    varint count (<= 512) | count × (name device | name service)
 //!                     (agent to gateway: the direct-path permits it holds, sent as a
 //!                     session starts)
+//! 0x0f LocalAddrs     varint count (<= 4) | count × addr (agent to gateway, as a session
+//!                     starts: its socket's addresses behind its NAT, for a peer behind the
+//!                     same public address)
 //! other               skipped whole, decoded as Unknown { ty }
 //! ```
 //!

@@ -81,6 +81,8 @@ pub enum Event {
     PermitRevoke { device: String, service: String },
     /// Gateway: the (peer, service) direct-path permits the agent holds.
     PermitsHeld { permits: Vec<(String, String)> },
+    /// Gateway: the agent's socket addresses behind its NAT.
+    LocalAddrs { addrs: Vec<std::net::SocketAddr> },
     /// Answer to our latest [`ControlSession::send_ping`].
     Pong { nonce: u64 },
     /// The peer reported an error and the session is closed.
@@ -255,6 +257,9 @@ impl ControlSession {
             (State::Established | State::Draining, ControlMsg::PermitsHeld { permits }) => {
                 self.events.push_back(Event::PermitsHeld { permits });
             }
+            (State::Established | State::Draining, ControlMsg::LocalAddrs { addrs }) => {
+                self.events.push_back(Event::LocalAddrs { addrs });
+            }
             (State::Established | State::Draining, msg) => self.handle_common(msg)?,
             (state, msg) => return Err(unexpected(state, &msg)),
         }
@@ -424,6 +429,17 @@ impl ControlSession {
     ) -> Result<(), SessionError> {
         self.require(Role::Agent, &[State::Established], "PermitsHeld")?;
         self.transmit.push_back(ControlMsg::PermitsHeld { permits });
+        Ok(())
+    }
+
+    /// Agent: report its socket's addresses behind its NAT (at most
+    /// [`MAX_LOCAL_ADDRS`](super::limits::MAX_LOCAL_ADDRS)).
+    pub fn send_local_addrs(
+        &mut self,
+        addrs: Vec<std::net::SocketAddr>,
+    ) -> Result<(), SessionError> {
+        self.require(Role::Agent, &[State::Established], "LocalAddrs")?;
+        self.transmit.push_back(ControlMsg::LocalAddrs { addrs });
         Ok(())
     }
 

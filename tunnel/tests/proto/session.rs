@@ -212,6 +212,8 @@ fn punching_and_updates() {
     agent
         .send_permits_held(vec![("home3".into(), "ssh".into())])
         .unwrap();
+    let lan: SocketAddr = "192.168.2.11:41000".parse().unwrap();
+    agent.send_local_addrs(vec![lan]).unwrap();
     agent.send_services_update(vec![]).unwrap();
     agent.send_config_update(4, b"{}".to_vec()).unwrap();
     assert_eq!(
@@ -223,6 +225,7 @@ fn punching_and_updates() {
             Event::PermitsHeld {
                 permits: vec![("home3".into(), "ssh".into())]
             },
+            Event::LocalAddrs { addrs: vec![lan] },
             Event::ServicesUpdate { services: vec![] },
             Event::ConfigUpdate {
                 zone_serial: 4,
@@ -254,6 +257,7 @@ fn punching_and_updates() {
     assert!(agent.drain(1, "x").is_err());
     assert!(agent.send_permit_revoke("x".into(), "y".into()).is_err());
     assert!(gw.request_punch("home1".into()).is_err());
+    assert!(gw.send_local_addrs(vec![lan]).is_err());
     // Unknown messages from newer peers are ignored.
     gw.handle(ControlMsg::Unknown { ty: 99 }).unwrap();
     assert!(gw.is_established());

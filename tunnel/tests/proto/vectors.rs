@@ -198,6 +198,13 @@ pub fn control_vectors() -> Vec<(&'static str, ControlMsg, Vec<u8>)> {
             hex("0e 0b 01 05686f6d6532 03737368"),
         ),
         (
+            "local_addrs",
+            ControlMsg::LocalAddrs {
+                addrs: vec![addr("192.168.2.11:4433"), addr("[fd00::11]:4433")],
+            },
+            hex("0f 1b 02 04c0a8020b1151 06fd000000000000000000000000000011 1151"),
+        ),
+        (
             "ping",
             ControlMsg::Ping {
                 nonce: 0x0102_0304_0506_0708,
@@ -261,7 +268,7 @@ fn stream_replies() {
 fn control_messages() {
     let vectors = control_vectors();
     // One vector per message type, so a new type cannot go unpinned.
-    assert_eq!(vectors.len(), 14);
+    assert_eq!(vectors.len(), 15);
     for (name, value, bytes) in vectors {
         let mut out = Vec::new();
         encode_control(&value, &mut out).unwrap();
