@@ -589,11 +589,12 @@ impl AppSocket {
     /// ([`ASSURE_AFTER`]), within the log budget (a flood of forged sources makes one each).
     fn end(&mut self, e: Entry, why: &str) {
         e.stop.cancel();
-        let State::Open { back, .. } = &e.state else {
+        let State::Open { back, flow } = &e.state else {
             return;
         };
         let bytes_out = back.bytes.load(Ordering::Relaxed);
-        let dropped_out = back.dropped.load(Ordering::Relaxed);
+        // Past the bandwidth or refused by the socket here, and behind the tunnel's queue.
+        let dropped_out = back.dropped.load(Ordering::Relaxed) + flow.queue_drops();
         let unlogged = if e.assured {
             Some(0)
         } else {

@@ -2292,6 +2292,54 @@ async fn the_first_datagram_of_every_new_flow_arrives() {
     gw.shutdown.cancel();
 }
 
+/// Datagrams from a service that a flow's reader is too far behind to take are dropped, as
+/// UDP may, and counted for the flow's done line (they were dropped uncounted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datagrams_past_a_flows_queue_are_counted_as_dropped() {
+    let z = TestZone::new(&["home1"]);
+    let uecho = udp_echo().await;
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("uecho", uecho, ServiceProto::Udp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let origin = tunnel::proto::Origin::Public(([192, 0, 2, 7], 5000).into());
+    let (flow, mut rx) = gw
+        .hub
+        .open_udp_flow("home1", "uecho", "uecho", origin)
+        .await
+        .unwrap();
+    // Nothing reads `rx` while the echoes come back: the queue fills, the rest is dropped.
+    let sent = 2 * tunnel::hub::UDP_FLOW_QUEUE as u64;
+    for i in 0..sent {
+        flow.send(format!("d{i}").as_bytes()).unwrap();
+        if i % 32 == 31 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    wait_until("echoes past the queue counted", WAIT, || {
+        flow.queue_drops() > 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut queued = 0u64;
+    while rx.try_recv().is_ok() {
+        queued += 1;
+    }
+    assert_eq!(queued, tunnel::hub::UDP_FLOW_QUEUE as u64);
+    let dropped = flow.queue_drops();
+    assert!(
+        queued + dropped <= sent,
+        "{queued} queued + {dropped} dropped of {sent}"
+    );
+    gw.shutdown.cancel();
+}
+
 /// The kernel's view of the IPv4 TCP sockets matching `pick(local port, remote port)`: the
 /// timer each runs (`/proc/net/tcp`: 0 none, 1 retransmit, 2 keepalive) and seconds until it
 /// fires.

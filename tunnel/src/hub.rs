@@ -135,7 +135,9 @@ pub struct AgentLink {
     pub since: SystemTime,
     started: Instant,
     ctl: ControlHandle,
-    flows: Mutex<HashMap<u32, mpsc::Sender<Bytes>>>,
+    /// Open UDP flows: where their datagrams go, and how many were dropped because the
+    /// reader was behind ([`UdpFlow::queue_drops`]).
+    flows: Mutex<HashMap<u32, FlowTx>>,
     pub streams: AtomicU64,
     /// Zone configs this session offered that were refused ([`MAX_REFUSED_OFFERS`]).
     refused_offers: AtomicU32,
@@ -155,6 +157,9 @@ pub struct AgentLink {
     /// behind the same public address ([`crate::candidates`]).
     local_addrs: Mutex<Vec<SocketAddr>>,
 }
+
+/// Where a UDP flow's datagrams from the device go, and its count of those dropped there.
+type FlowTx = (mpsc::Sender<Bytes>, Arc<AtomicU64>);
 
 /// Log lines a second one device's messages and streams may cause ([`AgentLink::lines`]).
 const LINK_LINES_PER_SEC: u32 = 20;
@@ -1438,7 +1443,13 @@ impl Hub {
         link.offers(service, ServiceProto::Udp)?;
         let (id_tx, mut id_rx) = oneshot::channel();
         let (tx, rx) = mpsc::channel(UDP_FLOW_QUEUE);
-        let (app, service2, link2) = (app.to_owned(), service.to_owned(), link.clone());
+        let drops = Arc::new(AtomicU64::new(0));
+        let (app, service2, link2, drops2) = (
+            app.to_owned(),
+            service.to_owned(),
+            link.clone(),
+            drops.clone(),
+        );
         // Never wait on a stuck control stream: the caller is a UDP listener serving every
         // client of the app, so a full queue is "overloaded", not a reason to stop reading.
         // The flow enters the table as its id is taken, on the session loop: a close the agent
@@ -1450,7 +1461,7 @@ impl Hub {
                 .flows
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(id, tx);
+                .insert(id, (tx, drops2));
             if id_tx.send(id).is_err() {
                 // The caller gave up waiting: nobody will hold this flow, close it now.
                 link2
@@ -1477,12 +1488,21 @@ impl Hub {
                 // The id may have arrived just as the timeout fired: close that flow.
                 id_rx.close();
                 if let Ok(flow_id) = id_rx.try_recv() {
-                    drop(UdpFlow(FlowEnd::Tunnel { link, flow_id }));
+                    drop(UdpFlow {
+                        end: FlowEnd::Tunnel { link, flow_id },
+                        drops,
+                    });
                 }
                 return Err(OpenError::Timeout(device.to_owned()));
             }
         };
-        Ok((UdpFlow(FlowEnd::Tunnel { link, flow_id }), rx))
+        Ok((
+            UdpFlow {
+                end: FlowEnd::Tunnel { link, flow_id },
+                drops,
+            },
+            rx,
+        ))
     }
 
     /// A flow to a UDP service of the gateway's own device: a socket connected to it, whose
@@ -1505,8 +1525,9 @@ impl Hub {
             })?;
         let sock = Arc::new(sock);
         let (tx, rx) = mpsc::channel(UDP_FLOW_QUEUE);
+        let drops = Arc::new(AtomicU64::new(0));
         let reader = tokio::spawn({
-            let sock = sock.clone();
+            let (sock, drops) = (sock.clone(), drops.clone());
             async move {
                 loop {
                     if sock.readable().await.is_err() {
@@ -1521,11 +1542,13 @@ impl Hub {
                     });
                     match got {
                         // As from a tunnel: a reader behind drops datagrams, as UDP may.
-                        Ok(d) => {
-                            if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(d) {
-                                return;
+                        Ok(d) => match tx.try_send(d) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                drops.fetch_add(1, Ordering::Relaxed);
                             }
-                        }
+                            Err(mpsc::error::TrySendError::Closed(_)) => return,
+                        },
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                         Err(e) if crate::sockets::icmp_transient(&e) => {}
                         Err(_) => return,
@@ -1534,11 +1557,14 @@ impl Hub {
             }
         });
         Ok((
-            UdpFlow(FlowEnd::Local {
-                sock,
-                reader,
-                device: device.to_owned(),
-            }),
+            UdpFlow {
+                end: FlowEnd::Local {
+                    sock,
+                    reader,
+                    device: device.to_owned(),
+                },
+                drops,
+            },
             rx,
         ))
     }
@@ -1555,10 +1581,13 @@ impl Hub {
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&flow)
                 .cloned();
-            if let Some(tx) = tx {
+            if let Some((tx, drops)) = tx {
                 link.bytes_from
                     .fetch_add(payload.len() as u64, Ordering::Relaxed);
-                let _ = tx.try_send(payload);
+                // A reader behind drops datagrams, as UDP may; the flow's done line counts them.
+                if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(payload) {
+                    drops.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -1620,7 +1649,11 @@ impl Hub {
 
 /// A UDP flow to a service: through an agent's tunnel, or to one of the gateway's own.
 #[derive(Debug)]
-pub struct UdpFlow(FlowEnd);
+pub struct UdpFlow {
+    end: FlowEnd,
+    /// Datagrams from the service dropped because the flow's reader was behind.
+    drops: Arc<AtomicU64>,
+}
 
 #[derive(Debug)]
 enum FlowEnd {
@@ -1645,7 +1678,7 @@ impl UdpFlow {
     /// Sends one datagram to the service. Fails if the connection is gone or the datagram is
     /// larger than the path allows.
     pub fn send(&self, payload: &[u8]) -> Result<(), TunnelError> {
-        match &self.0 {
+        match &self.end {
             FlowEnd::Tunnel { link, flow_id } => {
                 crate::flow_datagram::send(&link.conn, *flow_id, payload)?;
                 link.bytes_to
@@ -1661,8 +1694,14 @@ impl UdpFlow {
                 .map_err(|e| TunnelError::Datagram(format!("to the local service: {e}"))),
         }
     }
+    /// Datagrams from the service dropped because the flow's reader was behind (more than
+    /// [`UDP_FLOW_QUEUE`] waiting).
+    pub fn queue_drops(&self) -> u64 {
+        self.drops.load(Ordering::Relaxed)
+    }
+
     pub fn device(&self) -> &str {
-        match &self.0 {
+        match &self.end {
             FlowEnd::Tunnel { link, .. } => &link.device,
             FlowEnd::Local { device, .. } => device,
         }
@@ -1672,7 +1711,7 @@ impl UdpFlow {
     /// caller opens a new flow for the next datagram instead of sending into one nobody
     /// reads.
     pub fn is_alive(&self) -> bool {
-        match &self.0 {
+        match &self.end {
             FlowEnd::Tunnel { link, flow_id } => {
                 link.conn.close_reason().is_none()
                     && link
@@ -1688,7 +1727,7 @@ impl UdpFlow {
 
 impl Drop for UdpFlow {
     fn drop(&mut self) {
-        match &self.0 {
+        match &self.end {
             FlowEnd::Tunnel { link, flow_id } => {
                 link.flows
                     .lock()
