@@ -1603,6 +1603,28 @@ async fn dfs_example_is_read_only_for_the_public() {
         got.to_ascii_lowercase().contains("connection: close"),
         "{got}"
     );
+    // An expectation other than 100-continue is refused, never passed on to the service.
+    let got = h
+        .raw(
+            format!(
+                "GET /dfs/photos/a.jpg HTTP/1.1\r\nHost: {DOMAIN}\r\nExpect: x-fast-lane\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+            "GET with an unknown expectation",
+        )
+        .await;
+    assert!(got.starts_with("HTTP/1.1 417"), "{got}");
+    assert!(got.contains("x-fast-lane"), "{got}");
+    let got = h
+        .raw(
+            format!(
+                "GET /dfs/photos/a.jpg HTTP/1.1\r\nHost: {DOMAIN}\r\nExpect: 100-Continue\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+            "GET expecting 100-continue",
+        )
+        .await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,6 +34,8 @@ pub enum ProxyError {
     MethodNotSupported { method: String, why: &'static str },
     #[error("a {method} request with a body")]
     BodyNotAllowed { method: String },
+    #[error("the request expects {expect:?}, which the gateway does not know")]
+    ExpectationFailed { expect: String },
     #[error("redirected to {location} (the app's path, with its slash)")]
     SlashRedirect { location: String },
     #[error("the request target is {len} bytes, more than {max}", max = super::proxy::MAX_TARGET)]
@@ -92,6 +94,7 @@ impl ProxyError {
             | ProxyError::BadTarget
             | ProxyError::MethodNotSupported { .. }
             | ProxyError::BodyNotAllowed { .. }
+            | ProxyError::ExpectationFailed { .. }
             | ProxyError::SlashRedirect { .. }
             | ProxyError::UriTooLong { .. }
             | ProxyError::NoRoute { .. }
@@ -122,6 +125,7 @@ impl ProxyError {
             | ProxyError::ClientBody { .. }
             | ProxyError::BodyNotAllowed { .. } => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotSupported { .. } => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::ExpectationFailed { .. } => StatusCode::EXPECTATION_FAILED,
             ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             ProxyError::SlashRedirect { .. } => StatusCode::PERMANENT_REDIRECT,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
@@ -168,6 +172,9 @@ impl ProxyError {
             }
             ProxyError::BodyNotAllowed { method } => format!(
                 "400 bad request: a {method} request with a body (a service may take the body for another request); send it with POST\n"
+            ),
+            ProxyError::ExpectationFailed { expect } => format!(
+                "417 expectation failed: the request expects {expect:?}; the only expectation known is 100-continue (send the request without this Expect header)\n"
             ),
             ProxyError::UriTooLong { len } => format!(
                 "414 URI too long: the request target is {len} bytes; the gateway forwards at most {}\n",

@@ -424,6 +424,27 @@ pub(crate) async fn handle(
     }
 }
 
+/// The `Expect` value of a request expecting anything but `100-continue`, clipped for the
+/// answer; None when it expects nothing or only that.
+fn unmet_expectation(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get_all(http::header::EXPECT)
+        .iter()
+        .find(|v| {
+            !v.as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"100-continue")
+        })
+        .map(|v| {
+            let shown: String = String::from_utf8_lossy(v.as_bytes())
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(64)
+                .collect();
+            shown
+        })
+}
+
 async fn forward(
     front: &Front,
     parts: Parts,
@@ -444,6 +465,11 @@ async fn forward(
             method: loggable_method(&parts.method).into_owned(),
             why,
         });
+    }
+    // The one expectation HTTP defines is 100-continue (RFC 9110 §10.1.1); another, passed on,
+    // would have the service act on what the gateway never agreed to.
+    if let Some(e) = unmet_expectation(&parts.headers) {
+        return Err(ProxyError::ExpectationFailed { expect: e });
     }
     let host = route::request_host(&parts).ok_or(ProxyError::NoHost)?;
     let active = front.hub().policy().current();
