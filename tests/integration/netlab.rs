@@ -3,7 +3,8 @@
 //! [`Lab::up`] runs `tests/netlab/natlab.sh` with a prefix unique to this lab, so labs of tests
 //! running in parallel (threads of one test binary, or several processes) never share a
 //! namespace. The topology (see the script's header) is fixed: `vps` and `client` on the public
-//! 203.0.113.0/24, `home1..3` behind `nat1` (cone), `nat2` (symmetric) and `nat3` (cone).
+//! 203.0.113.0/24, `home1..3` behind `nat1` (cone), `nat2` (symmetric) and `nat3` (cone), and
+//! `home2b` on `home2`'s LAN (behind `nat2` too).
 //!
 //! Cleanup: dropping the [`Lab`] (also while unwinding from a panic) kills the processes started
 //! with [`Lab::spawn`] by PID, then runs the script's `down`, which kills whatever else still runs
@@ -699,6 +700,7 @@ pub fn host_ip(host: &str) -> Option<Ipv4Addr> {
         "nat3" => NAT3_WAN,
         "home1" => HOME1,
         "home2" => HOME2,
+        "home2b" => HOME2B,
         "home3" => HOME3,
         _ => return None,
     })

@@ -73,7 +73,7 @@
 # `down` polls instead of a fixed 0.3 s sleep and tolerates a concurrent `down`; new commands
 # flush-conntrack, netem, netem-clear, divert-udp, divert-clear and gc; `up` writes nothing
 # outside /run/netns (the /run/natlab/*.owner files are written by the Rust harness, which
-# reserves a prefix there).
+# reserves a prefix there); nat2's LAN is a bridge with a second host, home2b.
 set -euo pipefail
 
 PREFIX=${NATLAB_PREFIX:-}
@@ -202,6 +202,8 @@ table ip natlab {$extra_map
     ct state established,related accept
     ct state invalid drop
     iifname "lan0" oifname "wan0" accept
+    # hosts of one LAN talk to each other even if bridged frames reach these hooks
+    iifname "lan0" oifname "lan0" accept
     $extra_fwd
   }
   chain input {

@@ -5,8 +5,14 @@
 //! packet sent there comes back in only if the NAT hairpins, which many home routers (and all
 //! symmetric ones) do not. So each agent tells the gateway the address its socket has on its
 //! own network ([`lan_candidate`]); the gateway passes it on only to a peer behind the same
-//! public address ([`punch_candidates`]) — telling a peer elsewhere would send its packets to
-//! some host on its own network that happens to hold that private address.
+//! public address ([`punch_candidates`]). Only private addresses are passed on (RFC 1918,
+//! IPv6 unique local): a device cannot point its peers' packets at a host on the Internet.
+//!
+//! The same public address is likely, not certain, to mean the same LAN: behind a carrier's
+//! NAT, or a gateway behind a proxy that rewrites source addresses, two homes share one, and
+//! a peer's packets to the other's LAN address go to whichever host on its own network holds
+//! that address — a few QUIC Initials a round (at most one round per 5 s per pair), which the
+//! mutual TLS check turns away if that host runs a zone device that is not the peer.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 
@@ -24,13 +30,22 @@ pub fn dialable(addr: &SocketAddr) -> bool {
         && !matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
 }
 
-/// The `LocalAddrs` a device reported, as the gateway keeps them: dialable, not loopback (a
-/// peer dialing its own loopback reaches itself), canonical, no repeats, at most
-/// [`MAX_LOCAL_ADDRS`].
+/// Whether `ip` is an address of a private network: IPv4 10/8, 172.16/12, 192.168/16 or IPv6
+/// fc00::/7 (an IPv4-mapped address judged as IPv4). Carrier-grade NAT space (100.64/10) is
+/// not: it is shared between a carrier's customers.
+pub fn is_lan(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.is_private(),
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xfe00) == 0xfc00,
+    }
+}
+
+/// The `LocalAddrs` a device reported, as the gateway keeps them: private ([`is_lan`]) and
+/// dialable, canonical, no repeats, at most [`MAX_LOCAL_ADDRS`].
 pub fn sanitize_local(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
     let mut out: Vec<SocketAddr> = Vec::new();
     for a in addrs.iter().map(|a| canonical(*a)) {
-        if dialable(&a) && !a.ip().is_loopback() && !out.contains(&a) {
+        if dialable(&a) && is_lan(a.ip()) && !out.contains(&a) {
             out.push(a);
         }
     }
@@ -63,8 +78,8 @@ pub fn punch_candidates(
 
 /// This device's address for peers behind the same NAT: the address its QUIC socket is bound
 /// to, or (bound to a wildcard) the source address the system picks towards the gateway, with
-/// the socket's port. None when that is the observed address (no NAT in between) or is no
-/// address a peer could dial.
+/// the socket's port. None when that is the observed address (no NAT in between) or is not a
+/// private address a peer could dial ([`is_lan`]).
 pub fn lan_candidate(
     bound: SocketAddr,
     gateway: SocketAddr,
@@ -80,7 +95,7 @@ pub fn lan_candidate(
 
 fn pick(ip: IpAddr, port: u16, observed: SocketAddr) -> Option<SocketAddr> {
     let candidate = SocketAddr::new(ip.to_canonical(), port);
-    (dialable(&candidate) && !candidate.ip().is_loopback() && candidate != canonical(observed))
+    (dialable(&candidate) && is_lan(candidate.ip()) && candidate != canonical(observed))
         .then_some(candidate)
 }
 
@@ -132,6 +147,10 @@ mod tests {
     #[test]
     fn reported_local_addresses_are_kept_only_when_a_peer_could_dial_them() {
         let got = sanitize_local(&[
+            a("203.0.113.99:4500"),
+            a("100.64.1.2:4500"),
+            a("[2001:db8::1]:4500"),
+            a("[fe80::1]:4500"),
             a("127.0.0.1:4500"),
             a("[::1]:4500"),
             a("0.0.0.0:4500"),
@@ -144,6 +163,7 @@ mod tests {
             a("10.1.1.2:4500"),
             a("10.1.1.3:4500"),
             a("10.1.1.4:4500"),
+            a("[fd00::4]:4500"),
         ]);
         assert_eq!(
             got,
@@ -168,8 +188,17 @@ mod tests {
             pick("::ffff:192.168.2.11".parse().unwrap(), 4500, observed),
             Some(a("192.168.2.11:4500"))
         );
-        // No NAT: the gateway already sees this address.
-        assert_eq!(pick("203.0.113.22".parse().unwrap(), 31000, observed), None);
+        assert_eq!(
+            pick("fd00::11".parse().unwrap(), 4500, observed),
+            Some(a("[fd00::11]:4500"))
+        );
+        // No NAT: the gateway already sees this address; a public one is never reported.
+        assert_eq!(
+            pick("10.0.0.5".parse().unwrap(), 31000, a("10.0.0.5:31000")),
+            None
+        );
+        assert_eq!(pick("203.0.113.22".parse().unwrap(), 4500, observed), None);
+        assert_eq!(pick("100.64.0.9".parse().unwrap(), 4500, observed), None);
         assert_eq!(pick("127.0.0.1".parse().unwrap(), 4500, observed), None);
         assert_eq!(pick("0.0.0.0".parse().unwrap(), 4500, observed), None);
         // A socket bound to one address reports it without a route lookup.

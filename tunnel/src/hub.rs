@@ -1031,8 +1031,11 @@ impl Hub {
             }
             Event::LocalAddrs { addrs } => {
                 let addrs = candidates::sanitize_local(&addrs);
-                debug!(device = %link.device, local = ?addrs, "device's addresses behind its NAT");
-                *link.local_addrs.lock().unwrap_or_else(|p| p.into_inner()) = addrs;
+                let mut held = link.local_addrs.lock().unwrap_or_else(|p| p.into_inner());
+                if *held != addrs {
+                    debug!(device = %link.device, local = ?addrs, "device's addresses behind its NAT");
+                    *held = addrs;
+                }
             }
             Event::PermitsHeld { permits } => {
                 // Each report holds permits granted after any revocation sent before it (the

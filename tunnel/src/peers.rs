@@ -8,7 +8,8 @@
 //!    `PunchRequest{B}` (at most once per [`PUNCH_INTERVAL`] per peer, never while a direct path
 //!    is up).
 //! 2. The gateway sends `PeerAddr` to both: each learns the other's address as the gateway sees
-//!    it (its NAT's public side) and a shared nonce.
+//!    it (its NAT's public side) and a shared nonce; two devices behind the same public
+//!    address also learn each other's LAN address ([`crate::candidates`]), dialed first.
 //! 3. Both dial each other from the agent's one QUIC endpoint, the same UDP socket that talks to
 //!    the gateway, so the NAT mapping the gateway saw is the one the peer aims at, and both
 //!    accept (simultaneous open). Mutual TLS with zone certificates, server name `B.DOMAIN`, as
@@ -52,6 +53,7 @@ use crate::candidates;
 use crate::creds::DeviceCreds;
 use crate::error::TunnelError;
 use crate::proto::PeerAddr;
+use crate::sockets::canonical;
 use crate::status::PeerStatus;
 
 /// Minimum time between two punch requests for the same peer: a failed punch (symmetric NAT)
@@ -62,6 +64,9 @@ pub const PUNCH_INTERVAL: Duration = Duration::from_secs(30);
 /// peer's first packets arrive before our NAT opened for them.
 pub const PUNCH_ATTEMPTS: u32 = 3;
 pub const PUNCH_ATTEMPT: Duration = Duration::from_secs(2);
+/// How long a round's LAN addresses are dialed alone before the others: a LAN handshake takes
+/// a few milliseconds, and whichever connection comes up first is kept.
+pub const LAN_HEAD_START: Duration = Duration::from_millis(150);
 /// How long a gateway-approved (peer, service) may open new direct streams without passing
 /// through the gateway again. Streams already open run until the gateway revokes the permit
 /// (`PermitRevoke`, sent as the policy stops allowing it, and again at each new session for
@@ -623,7 +628,12 @@ impl Peers {
         // No address a packet cannot be meant for (a gateway that is buggy or not ours
         // steering this agent's packets).
         let mut addrs: Vec<SocketAddr> = Vec::new();
-        for a in pa.addrs.iter().copied().filter(candidates::dialable) {
+        for a in pa
+            .addrs
+            .iter()
+            .map(|a| canonical(*a))
+            .filter(candidates::dialable)
+        {
             if !addrs.contains(&a) {
                 addrs.push(a);
             }
@@ -674,25 +684,33 @@ impl Peers {
             if self.direct(&peer).is_some() {
                 return None;
             }
-            // Every address at once: a LAN address that is not the peer's (two homes behind
-            // one carrier-grade NAT) must not hold up the one that answers.
+            // Every address at once, LAN ones a little ahead: a LAN address that is not the
+            // peer's must not hold up the one that answers, and a LAN path should win over
+            // the NAT's outside (the first connection up is the one kept).
+            let head_start = if addrs.iter().any(|a| candidates::is_lan(a.ip())) {
+                LAN_HEAD_START
+            } else {
+                Duration::ZERO
+            };
             let mut tries = tokio::task::JoinSet::new();
-            let mut failures: Vec<(usize, String)> = Vec::new();
             for (i, addr) in addrs.iter().copied().enumerate() {
-                match self.endpoint.connect(addr, &server_name) {
-                    Ok(c) => {
-                        tries.spawn(
-                            async move { (i, tokio::time::timeout(PUNCH_ATTEMPT, c).await) },
-                        );
-                    }
-                    Err(e) => {
-                        debug!(peer = %peer, %addr, error = %e, "cannot dial peer");
-                        failures.push((i, format!("{addr}: {e}")));
-                    }
-                }
+                let lan = candidates::is_lan(addr.ip());
+                let wait = if lan { Duration::ZERO } else { head_start };
+                let (endpoint, name) = (self.endpoint.clone(), server_name.clone());
+                tries.spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    let r = match endpoint.connect(addr, &name) {
+                        Ok(c) => tokio::time::timeout(PUNCH_ATTEMPT, c)
+                            .await
+                            .map(|r| r.map_err(|e| e.to_string())),
+                        Err(e) => Ok(Err(format!("cannot dial: {e}"))),
+                    };
+                    (i, lan, r)
+                });
             }
+            let mut failures: Vec<(usize, String)> = Vec::new();
             while let Some(done) = tries.join_next().await {
-                let Ok((i, r)) = done else { continue };
+                let Ok((i, lan, r)) = done else { continue };
                 let addr = addrs[i];
                 let why = match r {
                     Ok(Ok(conn)) => match peer_identity(&conn).map(|id| id.name.to_string()) {
@@ -714,8 +732,13 @@ impl Peers {
                     }
                     Err(_) => {
                         debug!(peer = %peer, %addr, attempt, "punch attempt timed out");
+                        let hint = if lan {
+                            "the peer's LAN address: is this device on another network?"
+                        } else {
+                            "a NAT that maps each destination to another port, or a firewall?"
+                        };
                         format!(
-                            "no answer from {addr} within {} ms (a NAT that maps each destination to another port, or a firewall?)",
+                            "no answer from {addr} within {} ms ({hint})",
                             PUNCH_ATTEMPT.as_millis()
                         )
                     }
