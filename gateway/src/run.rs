@@ -711,7 +711,10 @@ fn metrics_text(front: &Front) -> String {
 /// connected.
 fn expected_connected(hub: &Hub) -> (Vec<String>, usize) {
     let creds = hub.creds();
-    let expected = expected_agents(&creds.zone().config);
+    // Not a device this gateway keeps out: one revoked in an earlier config that the one in
+    // use leaves out (see zone_core::seen_revocations) would be "missing" for ever.
+    let mut expected = expected_agents(&creds.zone().config);
+    expected.retain(|n| !creds.is_revoked(n));
     // One lookup each (the full status of every agent was built, then searched, per device).
     let connected = expected.iter().filter(|n| hub.agent(n).is_some()).count();
     (expected, connected)

@@ -1323,6 +1323,87 @@ fn a_device_starts_with_its_own_expired_zone_config() {
     assert!(e.to_string().contains("expired"), "{e}");
 }
 
+/// A zone directory restored from a backup made before a revocation signs configs without it,
+/// and their serial (the clock) outranks the revoking one. A device that adopted the
+/// revocation loaded such a zone.json at its next start and let the revoked device back in;
+/// it now keeps the revocation in its record beside zone.json, and refuses a record naming
+/// itself.
+#[test]
+fn a_revocation_seen_survives_a_restart_with_a_zone_json_signed_from_a_backup() {
+    let z = TestZone::new(&["home1", "laptop"]);
+    let backup = tempfile::tempdir().unwrap();
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(z.zone_dir())
+        .arg(backup.path().join("zone"))
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let laptop = zone_core::DeviceName::new("laptop").unwrap();
+    let bundle = z.bundle("home1");
+    let record = zone_core::seen_revocations::path_beside(&bundle.zone_config);
+
+    // Running, home1 adopts the revoking config (a gateway passes it on): recorded.
+    let creds = DeviceCreds::load(&bundle, None).unwrap();
+    assert!(!record.exists(), "nothing revoked yet, nothing to record");
+    let revoking = z.revoke("laptop");
+    creds.offer_zone(&revoking).unwrap().expect("adopted");
+    assert!(creds.trust.is_revoked(&laptop));
+    let recorded = zone_core::seen_revocations::read(&record).unwrap();
+    assert!(recorded.contains(&laptop), "{recorded:?}");
+    drop(creds);
+
+    // The owner restores the zone directory from the backup and adds a device.
+    let mut zd = zone_core::zonedir::ZoneDir::open(&backup.path().join("zone")).unwrap();
+    let tablet = zone_core::DeviceName::new("tablet").unwrap();
+    zd.add_device(
+        &tablet,
+        &[zone_core::Role::Node],
+        &[],
+        time::OffsetDateTime::now_utc(),
+        30,
+    )
+    .unwrap();
+    // Later that day (a serial is the clock's second, or one past the last).
+    zd.resign(time::OffsetDateTime::now_utc(), 365).unwrap();
+    let restored = std::fs::read(backup.path().join("zone/zone.json")).unwrap();
+    let restored_zone = zone_core::SignedZone::from_json(&restored).unwrap();
+    let revoking_serial = zone_core::SignedZone::from_json(&revoking)
+        .unwrap()
+        .config
+        .serial;
+    assert!(restored_zone.config.serial > revoking_serial);
+    assert!(!restored_zone.config.is_revoked(&laptop));
+
+    // home1 restarts with that zone.json in its bundle: the laptop stays out.
+    std::fs::write(&bundle.zone_config, &restored).unwrap();
+    let creds = DeviceCreds::load(&bundle, None).unwrap();
+    assert_eq!(creds.zone_serial(), restored_zone.config.serial);
+    assert!(
+        creds.trust.is_revoked(&laptop),
+        "a restart forgot the revocation"
+    );
+    assert!(creds.is_revoked("laptop"));
+    drop(creds);
+
+    // A record naming this device itself: it cannot start (every peer refuses it).
+    std::fs::write(&record, "laptop\nhome1\n").unwrap();
+    let Err(e) = DeviceCreds::load(&bundle, None) else {
+        panic!("a device its own record revokes started");
+    };
+    assert!(e.to_string().contains("revokes this device"), "{e}");
+    // An unreadable record says which file and what to do.
+    std::fs::write(&record, "Not A Name\n").unwrap();
+    let Err(e) = DeviceCreds::load(&bundle, None) else {
+        panic!("a damaged record was ignored");
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains("zone-revoked.txt") && e.contains("line 1"),
+        "{e}"
+    );
+}
+
 /// home1's bundle with a certificate issued as if at now + `shift`, for 30 days.
 fn home1_certified_at(shift: time::Duration) -> TestZone {
     let z = TestZone::new(&["home1"]);

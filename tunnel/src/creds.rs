@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
+use zone_core::seen_revocations;
 use zone_core::zonedir::{read_cert_der, read_zone_json};
 use zone_core::{cert, DeviceIdentity, DeviceKey, DeviceName, Domain, SignedZone, ZoneTrust};
 
@@ -164,7 +165,33 @@ impl DeviceCreds {
                 "it can no longer join the zone; add it again under a new name (zonegate device add)",
             ));
         }
-        trust.set_revocations(&zone.config);
+        let seen_path = seen_revocations::path_beside(&p.zone_config);
+        let seen = seen_revocations::read(&seen_path).map_err(|e| {
+            unrunnable(
+                &seen_path,
+                "cannot be read",
+                format!("{e}; it is this device's record of revoked devices: restore it from a backup of this bundle, or remove it to start from the revocations zone.json holds"),
+            )
+        })?;
+        if seen.contains(&identity.name) {
+            return Err(unrunnable(
+                &seen_path,
+                "revokes this device",
+                "a zone config it adopted earlier revoked it: it can no longer join the zone; add it again under a new name (zonegate device add)",
+            ));
+        }
+        let left_out: Vec<&str> = seen
+            .iter()
+            .filter(|n| !zone.config.is_revoked(n))
+            .map(|n| n.as_str())
+            .collect();
+        if !left_out.is_empty() {
+            tracing::warn!(file = %p.zone_config.display(), serial = zone.config.serial, devices = %left_out.join(", "), "zone.json leaves out revocations this device saw in an earlier zone config: they stay in force here (it was probably signed from an older copy of the zone directory: there, run `zonegate device revoke NAME --zone DIR` for each again, with --force for one it does not list, and copy the new zone.json to every device)");
+        }
+        trust.add_revoked(seen.iter().cloned());
+        if trust.add_revocations(&zone.config) {
+            record_revocations(&seen_path, &trust);
+        }
         let key_pkcs8 = key.to_pkcs8_der()?;
         let noise_secret =
             crate::e2e::static_secret(&ed25519_dalek::SigningKey::from_bytes(&key.secret_bytes()));
@@ -271,14 +298,22 @@ impl DeviceCreds {
             return Ok(None);
         }
         offered.config.keeps_revocations_of(&cur.config)?;
-        self.trust.set_revocations(&offered.config);
+        let revoked_more = self.trust.add_revocations(&offered.config);
         let serial = offered.config.serial;
         let json = offered.to_json_pretty();
         *cur = Arc::new(offered);
         drop(cur);
         if let Some(p) = &self.zone_path {
             let (path, saving) = (p.clone(), self.saving.clone());
-            let save = move || save_if_newer(&path, &saving, serial, json.as_bytes());
+            let revoked = revoked_more.then(|| self.trust.revoked());
+            let save = move || {
+                // Kept apart from zone.json: a later zone.json may leave them out (the next
+                // start records what zone.json holds in any case).
+                if let Some(names) = revoked {
+                    write_record(&seen_revocations::path_beside(&path), &names);
+                }
+                save_if_newer(&path, &saving, serial, json.as_bytes())
+            };
             // Two syncs of a file and its directory: on a node's single runtime thread (an SD
             // card takes tens of milliseconds, more when busy) every tunnel would wait on them.
             // Saves racing in the blocking pool are ordered by `saving` and the serial check;
@@ -477,6 +512,17 @@ fn save_if_newer(path: &Path, saving: &std::sync::Mutex<()>, serial: u64, json: 
         if let Err(e) = zone_core::zonedir::write_atomic(path, json, 0o644) {
             tracing::error!(serial, path = %path.display(), error = %e, "zone config adopted but not saved: a restart would go back to the older one until a peer offers this again; make the bundle directory writable by this process");
         }
+    }
+}
+
+/// Writes the trust's revocations to the device's record ([`seen_revocations`]).
+fn record_revocations(path: &Path, trust: &ZoneTrust) {
+    write_record(path, &trust.revoked());
+}
+
+fn write_record(path: &Path, names: &std::collections::BTreeSet<DeviceName>) {
+    if let Err(e) = seen_revocations::write(path, names) {
+        tracing::error!(path = %path.display(), error = %e, "revocations not recorded: a restart with an older zone.json would forget them; make the bundle directory writable by this process");
     }
 }
 

@@ -7,7 +7,8 @@
 //! - [`config`]: the zone config (`zone.json`): devices, gateways, revocations; signing and verifying.
 //! - [`txt`]: the zone config as DNS TXT strings (versioned prefix + base58, ≤255-byte chunks).
 //! - [`trust`]: rustls verifiers rooted at the zone CA that also refuse revoked devices.
-//! - [`zonedir`]: the owner's zone directory and device bundles on disk (atomic writes).
+//! - [`zonedir`]: the owner's zone directory and device bundles on disk (atomic writes);
+//!   [`seen_revocations`]: a device's record of every revocation it has seen.
 //! - [`client_slots`]: open connections or handshakes per client address and IPv6 site, capped
 //!   (the DNS server's and the agents' defence against one host or site taking every slot).
 //!
@@ -22,6 +23,7 @@ pub mod config;
 pub mod error;
 pub mod keys;
 pub mod names;
+pub mod seen_revocations;
 pub mod trust;
 pub mod txt;
 pub mod zonedir;

@@ -2,8 +2,8 @@
 //!
 //! Chain, validity period and key usage are checked by rustls' own WebPKI verifiers (no
 //! home-made certificate checks); on top, a [`ZoneTrust`] refuses certificates of another domain
-//! and devices revoked in the newest zone config it has seen. The revocation set can be replaced
-//! at run time when a newer zone.json arrives.
+//! and devices revoked in any zone config it has seen. The revocation set only grows, at run
+//! time as newer zone.json files arrive: a revoked name never comes back.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
@@ -165,10 +165,27 @@ impl ZoneTrust {
         self.provider.clone()
     }
 
-    /// Replaces the revocation set with the one of `config` (call with verified configs only).
-    pub fn set_revocations(&self, config: &ZoneConfig) {
-        let set = config.revoked.iter().map(|r| r.device.clone()).collect();
-        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = set;
+    /// Adds the revocations of `config` (call with verified configs only); those it leaves
+    /// out stay. True when the set grew.
+    pub fn add_revocations(&self, config: &ZoneConfig) -> bool {
+        self.add_revoked(config.revoked.iter().map(|r| r.device.clone()))
+    }
+
+    /// Adds revoked device names (from a verified config, or the device's record of those).
+    /// True when the set grew.
+    pub fn add_revoked(&self, names: impl IntoIterator<Item = DeviceName>) -> bool {
+        let mut set = self.revoked.write().unwrap_or_else(|p| p.into_inner());
+        let before = set.len();
+        set.extend(names);
+        set.len() != before
+    }
+
+    /// Every device name revoked so far.
+    pub fn revoked(&self) -> BTreeSet<DeviceName> {
+        self.revoked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn is_revoked(&self, name: &DeviceName) -> bool {

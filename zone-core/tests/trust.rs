@@ -123,7 +123,7 @@ fn revoked_refused_once_config_known() {
     let trust = trust_of(&z);
     trust.verify_device(&der(&c.pem), UnixTime::now()).unwrap();
     z.revoke(&name, OffsetDateTime::now_utc()).unwrap();
-    trust.set_revocations(&z.zone.config);
+    trust.add_revocations(&z.zone.config);
     let err = trust
         .verify_device(&der(&c.pem), UnixTime::now())
         .unwrap_err();
