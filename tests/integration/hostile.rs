@@ -1384,6 +1384,10 @@ fn a_revocation_seen_survives_a_restart_with_a_zone_json_signed_from_a_backup() 
         "a restart forgot the revocation"
     );
     assert!(creds.is_revoked("laptop"));
+    // Nor does its end-to-end key open a relayed stream (the gateway relaying it may never
+    // have seen the revocation).
+    assert!(creds.noise_public_of("laptop").is_err());
+    assert!(creds.noise_public_of("tablet").is_ok());
     drop(creds);
 
     // A record naming this device itself: it cannot start (every peer refuses it).
@@ -1397,11 +1401,19 @@ fn a_revocation_seen_survives_a_restart_with_a_zone_json_signed_from_a_backup() 
     let Err(e) = DeviceCreds::load(&bundle, None) else {
         panic!("a damaged record was ignored");
     };
+    assert!(matches!(e, tunnel::TunnelError::Unrunnable(_)), "{e}");
     let e = e.to_string();
     assert!(
         e.contains("zone-revoked.txt") && e.contains("line 1"),
         "{e}"
     );
+    // One that cannot be read now (here: a directory) may be readable at the next try: exit 1.
+    std::fs::remove_file(&record).unwrap();
+    std::fs::create_dir(&record).unwrap();
+    let Err(e) = DeviceCreds::load(&bundle, None) else {
+        panic!("an unreadable record was ignored");
+    };
+    assert!(matches!(e, tunnel::TunnelError::Config(_)), "{e}");
 }
 
 /// home1's bundle with a certificate issued as if at now + `shift`, for 30 days.

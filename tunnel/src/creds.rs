@@ -166,12 +166,20 @@ impl DeviceCreds {
             ));
         }
         let seen_path = seen_revocations::path_beside(&p.zone_config);
-        let seen = seen_revocations::read(&seen_path).map_err(|e| {
-            unrunnable(
+        let seen = seen_revocations::read(&seen_path).map_err(|e| match e {
+            // Damaged: no restart mends it.
+            zone_core::ZoneError::BadFile { why, .. } => unrunnable(
                 &seen_path,
-                "cannot be read",
-                format!("{e}; it is this device's record of revoked devices: restore it from a backup of this bundle, or remove it to start from the revocations zone.json holds"),
-            )
+                "this device's record of revoked devices is damaged",
+                format!("{why}: it lists one device name per line; fix that line"),
+            ),
+            // Permissions, a mount not ready yet: a restart may find it readable.
+            zone_core::ZoneError::Io { source, .. } => bad(
+                &seen_path,
+                "cannot read this device's record of revoked devices",
+                source,
+            ),
+            other => bad(&seen_path, "record of revoked devices", other),
         })?;
         if seen.contains(&identity.name) {
             return Err(unrunnable(
@@ -213,8 +221,8 @@ impl DeviceCreds {
     pub fn name(&self) -> &str {
         self.identity.name.as_str()
     }
-    /// Whether the newest zone config revokes device `name` (a name that is no device name is
-    /// no revoked device).
+    /// Whether device `name` is revoked in any zone config this device loaded or adopted (a
+    /// name that is no device name is no revoked device).
     pub fn is_revoked(&self, name: &str) -> bool {
         zone_core::DeviceName::new(name).is_ok_and(|n| self.trust.is_revoked(&n))
     }
@@ -242,9 +250,16 @@ impl DeviceCreds {
         &self.noise_secret
     }
 
-    /// The Noise static public key zone.json implies for `device` (refused when revoked or
-    /// its certificate has ended).
+    /// The Noise static public key zone.json implies for `device` (refused when revoked —
+    /// in the trust's set, which keeps revocations a later zone.json left out — or its
+    /// certificate has ended).
     pub fn noise_public_of(&self, device: &str) -> Result<[u8; 32], crate::e2e::E2eError> {
+        if self.is_revoked(device) {
+            return Err(crate::e2e::E2eError::UnknownPeer {
+                device: device.to_owned(),
+                why: "revoked in a zone config this device adopted earlier".into(),
+            });
+        }
         let now = time::OffsetDateTime::now_utc();
         crate::e2e::peer_public(&self.zone().config, device, now)
     }
@@ -305,12 +320,15 @@ impl DeviceCreds {
         drop(cur);
         if let Some(p) = &self.zone_path {
             let (path, saving) = (p.clone(), self.saving.clone());
-            let revoked = revoked_more.then(|| self.trust.revoked());
+            let trust = revoked_more.then(|| self.trust.clone());
             let save = move || {
                 // Kept apart from zone.json: a later zone.json may leave them out (the next
-                // start records what zone.json holds in any case).
-                if let Some(names) = revoked {
-                    write_record(&seen_revocations::path_beside(&path), &names);
+                // start records what zone.json holds in any case). Read under the lock the
+                // saves share: the set only grows, so the last write holds every name (two
+                // adoptions' writes landed in either order, the smaller last).
+                if let Some(trust) = trust {
+                    let _saving = saving.lock().unwrap_or_else(|p| p.into_inner());
+                    record_revocations(&seen_revocations::path_beside(&path), &trust);
                 }
                 save_if_newer(&path, &saving, serial, json.as_bytes())
             };
