@@ -88,14 +88,23 @@ impl Pool {
     /// An idle connection that is fresh enough and still open.
     pub fn take(&self, key: &PoolKey) -> Option<Upstream> {
         let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(key)?;
-        while let Some(mut c) = list.pop() {
-            if now - c.since < c.keep && c.up.still_open() {
-                return Some(c.up);
+        // Dropped once the lock is released: after a device's tunnel came back, up to
+        // MAX_IDLE_PER_KEY dead streams go here, each drop into quinn, while every other app
+        // would wait on the lock.
+        let mut dead = Vec::new();
+        let found = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let list = idle.get_mut(key)?;
+            loop {
+                let Some(mut c) = list.pop() else { break None };
+                if now - c.since < c.keep && c.up.still_open() {
+                    break Some(c.up);
+                }
+                dead.push(c);
             }
-        }
-        None
+        };
+        drop(dead);
+        found
     }
 
     /// Keeps `up` for the next request to `key`, for at most `keep` ([`keep_for`]).
@@ -134,11 +143,21 @@ impl Pool {
     /// Drops idle connections past their time or closed by the other side.
     pub fn sweep(&self) {
         let now = Instant::now();
+        let mut dead = Vec::new();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         idle.retain(|_, list| {
-            list.retain_mut(|c| now - c.since < c.keep && c.up.still_open());
+            for mut c in std::mem::take(list) {
+                if now - c.since < c.keep && c.up.still_open() {
+                    list.push(c);
+                } else {
+                    dead.push(c);
+                }
+            }
             !list.is_empty()
         });
+        // As in `take`: not under the lock.
+        drop(idle);
+        drop(dead);
     }
 
     pub fn idle_count(&self) -> usize {

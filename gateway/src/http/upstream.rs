@@ -548,6 +548,11 @@ impl Upstream {
                 Ok(UpBody::response(self, head, writer))
             }
             Err(error) => {
+                // The client's body failed part way: the service is told by a reset, as when
+                // that happens later (`poll_data`), not by a clean end of a short upload.
+                if matches!(error, UpstreamError::RequestBody(_)) {
+                    self.io.abort();
+                }
                 let again = ((out.replayable && error.ended_unanswered())
                     || (out.safe && error.tunnel_lost()))
                 .then_some(out);
@@ -712,7 +717,9 @@ impl UpBody {
 
     /// The body is over: pool the connection if it can serve again.
     fn finish(&mut self) {
-        let Some(conn) = self.conn.take() else { return };
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
         if let (true, None, true, Some((pool, key))) = (
             self.keep_alive,
             &self.writer,
@@ -722,6 +729,9 @@ impl UpBody {
             let left = self
                 .keep_said
                 .map(|t| t.saturating_sub(self.head_at.elapsed()));
+            // Empty, yet holding its allocation (16 KiB, up to 128 KiB after a large head):
+            // an idle connection keeps none, the next answer reserves afresh.
+            conn.buf = BytesMut::new();
             pool.put(key, conn, super::pool::keep_for(left));
         }
     }
