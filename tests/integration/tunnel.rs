@@ -2292,6 +2292,52 @@ async fn the_first_datagram_of_every_new_flow_arrives() {
     gw.shutdown.cancel();
 }
 
+/// A node keeps its end of a UDP flow as long as the gateway keeps its own: the gateway says
+/// how long (`UdpFlowIdle`). A node that closed it after its own, shorter, setting turned the
+/// gateway's next datagram into a new flow, from a new port to the service (a DTLS or game
+/// session broken).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_keeps_a_quiet_udp_flow_as_long_as_the_gateway_does() {
+    let z = TestZone::new(&["home1"]);
+    let uecho = udp_echo().await;
+    let mut gw_tuning = fast_tuning();
+    gw_tuning.udp_flow_idle = Duration::from_secs(5);
+    let mut node_tuning = fast_tuning();
+    node_tuning.udp_flow_idle = Duration::from_secs(1);
+    let gw = start_gateway(&z, gw_tuning, Duration::from_millis(500)).await;
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("uecho", uecho, ServiceProto::Udp)]),
+        vec![],
+        node_tuning,
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let origin = tunnel::proto::Origin::Public(([192, 0, 2, 7], 5000).into());
+    let (flow, mut rx) = gw
+        .hub
+        .open_udp_flow("home1", "uecho", "uecho", origin)
+        .await
+        .unwrap();
+    flow.send(b"one").unwrap();
+    let got = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got[..], b"one");
+    // Quiet for longer than the node's own setting, shorter than the gateway's.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(flow.is_alive(), "the node closed a flow the gateway keeps");
+    flow.send(b"two").unwrap();
+    let got = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got[..], b"two");
+    gw.shutdown.cancel();
+}
+
 /// Datagrams from a service that a flow's reader is too far behind to take are dropped, as
 /// UDP may, and counted for the flow's done line (they were dropped uncounted).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -54,6 +54,8 @@ const ZONE_POLL: Duration = Duration::from_millis(500);
 /// The longest drain a gateway may ask of this agent: the longest `grace_secs` a gateway
 /// takes (an hour).
 const MAX_GATEWAY_DRAIN: Duration = Duration::from_secs(3600);
+/// Longest UDP flow idle time a gateway's `UdpFlowIdle` sets (the setting's own bound).
+const MAX_UDP_FLOW_IDLE: Duration = Duration::from_secs(86_400);
 /// App name an agent puts in a Relay header: the gateway decides the real app by policy.
 const RELAY_APP: &str = "mesh";
 /// Peer handshakes in flight at once, and the count above which unvalidated peers get a
@@ -118,6 +120,9 @@ struct LinkState {
     /// this device's may not yet): until a session is welcomed again, retries say so and wait
     /// the longest backoff.
     revoked: bool,
+    /// How long the gateway of the current session keeps a quiet UDP flow (`UdpFlowIdle`;
+    /// None from a gateway that does not say).
+    udp_flow_idle: Option<Duration>,
 }
 
 impl LinkState {
@@ -905,6 +910,7 @@ impl Agent {
             s.revoked = false;
             s.up_since = Some(Instant::now());
             s.addr = Some(addr);
+            s.udp_flow_idle = None;
         });
         // A zone config revoking this gateway may have been adopted (from another gateway)
         // while this handshake ran: `zone_adopted` found no connection to close then.
@@ -1072,7 +1078,26 @@ impl Agent {
                     Err(e) => warn!(gateway = %link.name, error = %e, "refused zone config update"),
                 }
             }
-            Event::UdpFlowOpen(f) => self.open_flow(conn, ctl, flows, f, &link.name),
+            Event::UdpFlowOpen(f) => {
+                // The longer of ours and the gateway's: closing a flow the gateway still holds
+                // makes its next datagram a new flow, from a new port to the service.
+                let theirs = link
+                    .state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .udp_flow_idle;
+                let idle = theirs.map_or(self.cfg.tuning.udp_flow_idle, |g| {
+                    g.max(self.cfg.tuning.udp_flow_idle)
+                });
+                self.open_flow(conn, ctl, flows, f, &link.name, idle)
+            }
+            Event::UdpFlowIdle { idle_ms } => {
+                // Bounded as the setting is (a day): a gateway's word is no reason to hold a
+                // service's socket for weeks.
+                let idle = Duration::from_millis(idle_ms.into()).min(MAX_UDP_FLOW_IDLE);
+                debug!(gateway = %link.name, idle_secs = idle.as_secs(), "gateway's UDP flow idle time");
+                link.set(|s| s.udp_flow_idle = Some(idle));
+            }
             Event::UdpFlowClose { flow_id } => {
                 if let Some(f) = flows
                     .lock()
@@ -1108,6 +1133,7 @@ impl Agent {
         flows: &Flows,
         f: UdpFlowOpen,
         gateway: &str,
+        idle: Duration,
     ) {
         let id = f.flow_id;
         // Stopping: like a new stream, a new flow is refused (it would be cut at the drain's
@@ -1150,7 +1176,6 @@ impl Agent {
                 let _ = socket2::SockRef::from(&*sock).send(&d);
             }
         }
-        let idle = self.cfg.tuning.udp_flow_idle;
         let (conn, ctl, flows) = (conn.clone(), ctl.clone(), flows.clone());
         let (app, service, origin) = (f.app, f.service, origin_text(&f.origin));
         let (gateway, lines) = (gateway.to_owned(), self.flood_lines.clone());

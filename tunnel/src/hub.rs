@@ -839,6 +839,10 @@ impl Hub {
                 keepalive_ms: t.keepalive.as_millis() as u32,
             })
             .map_err(|e| TunnelError::Config(e.to_string()))?;
+        // The agent keeps its end of a flow at least this long (older agents skip it).
+        io.session
+            .send_udp_flow_idle(u32::try_from(t.udp_flow_idle.as_millis()).unwrap_or(u32::MAX))
+            .map_err(|e| TunnelError::Config(e.to_string()))?;
         // Bounded like the hello: a device whose control stream takes no data (a zero receive
         // window) would otherwise hold this connection, unregistered — out of reach of
         // replacement and revocation — with its streams unread.

@@ -35,6 +35,7 @@ pub mod msg_type {
     pub const PERMIT_REVOKE: u64 = 0x0d;
     pub const PERMITS_HELD: u64 = 0x0e;
     pub const LOCAL_ADDRS: u64 = 0x0f;
+    pub const UDP_FLOW_IDLE: u64 = 0x10;
 }
 
 const PROTO_TCP: u8 = 0x01;
@@ -166,6 +167,12 @@ pub enum ControlMsg {
     LocalAddrs {
         addrs: Vec<SocketAddr>,
     },
+    /// Gateway to agent, after `Welcome`: how long the gateway keeps a UDP flow quiet both
+    /// ways, so that the agent does not close one the gateway still holds (it closes its
+    /// flows after the longer of this and its own setting).
+    UdpFlowIdle {
+        idle_ms: u32,
+    },
     Ping {
         nonce: u64,
     },
@@ -198,6 +205,7 @@ impl ControlMsg {
             ControlMsg::PermitRevoke { .. } => "PermitRevoke",
             ControlMsg::PermitsHeld { .. } => "PermitsHeld",
             ControlMsg::LocalAddrs { .. } => "LocalAddrs",
+            ControlMsg::UdpFlowIdle { .. } => "UdpFlowIdle",
             ControlMsg::Ping { .. } => "Ping",
             ControlMsg::Pong { .. } => "Pong",
             ControlMsg::Error { .. } => "Error",
@@ -354,6 +362,10 @@ fn encode_payload(msg: &ControlMsg, p: &mut Vec<u8>) -> Result<u64, ProtoError> 
             }
             LOCAL_ADDRS
         }
+        ControlMsg::UdpFlowIdle { idle_ms } => {
+            p.put_u32(*idle_ms);
+            UDP_FLOW_IDLE
+        }
         ControlMsg::Ping { nonce } => {
             p.put_u64(*nonce);
             PING
@@ -445,6 +457,7 @@ fn parse_payload(ty: u64, r: &mut Reader<'_>) -> Read<ControlMsg> {
             }
             ControlMsg::LocalAddrs { addrs }
         }
+        UDP_FLOW_IDLE => ControlMsg::UdpFlowIdle { idle_ms: r.u32()? },
         PING => ControlMsg::Ping { nonce: r.u64()? },
         PONG => ControlMsg::Pong { nonce: r.u64()? },
         ERROR => ControlMsg::Error {

@@ -91,6 +91,8 @@
 //! 0x0f LocalAddrs     varint count (<= 4) | count × addr (agent to gateway, as a session
 //!                     starts: its socket's addresses behind its NAT, for a peer behind the
 //!                     same public address)
+//! 0x10 UdpFlowIdle    u32 idle_ms (gateway to agent, after Welcome: how long the gateway
+//!                     keeps a UDP flow quiet both ways)
 //! other               skipped whole, decoded as Unknown { ty }
 //! ```
 //!

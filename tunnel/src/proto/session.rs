@@ -81,6 +81,8 @@ pub enum Event {
     PermitRevoke { device: String, service: String },
     /// Gateway: the (peer, service) direct-path permits the agent holds.
     PermitsHeld { permits: Vec<(String, String)> },
+    /// Agent: how long the gateway keeps a quiet UDP flow.
+    UdpFlowIdle { idle_ms: u32 },
     /// Gateway: the agent's socket addresses behind its NAT.
     LocalAddrs { addrs: Vec<std::net::SocketAddr> },
     /// Answer to our latest [`ControlSession::send_ping`].
@@ -220,6 +222,9 @@ impl ControlSession {
             }
             (State::Established | State::Draining, ControlMsg::PeerAddr(p)) => {
                 self.events.push_back(Event::PeerAddr(p));
+            }
+            (State::Established | State::Draining, ControlMsg::UdpFlowIdle { idle_ms }) => {
+                self.events.push_back(Event::UdpFlowIdle { idle_ms });
             }
             (
                 State::Established | State::Draining,
@@ -429,6 +434,13 @@ impl ControlSession {
     ) -> Result<(), SessionError> {
         self.require(Role::Agent, &[State::Established], "PermitsHeld")?;
         self.transmit.push_back(ControlMsg::PermitsHeld { permits });
+        Ok(())
+    }
+
+    /// Gateway: tell the agent how long it keeps a quiet UDP flow.
+    pub fn send_udp_flow_idle(&mut self, idle_ms: u32) -> Result<(), SessionError> {
+        self.require(Role::Gateway, &[State::Established], "UdpFlowIdle")?;
+        self.transmit.push_back(ControlMsg::UdpFlowIdle { idle_ms });
         Ok(())
     }
 

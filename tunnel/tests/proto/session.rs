@@ -244,6 +244,12 @@ fn punching_and_updates() {
         pump(&mut gw, &mut agent).unwrap(),
         vec![Event::PeerAddr(peer)]
     );
+    gw.send_udp_flow_idle(600_000).unwrap();
+    assert_eq!(
+        pump(&mut gw, &mut agent).unwrap(),
+        vec![Event::UdpFlowIdle { idle_ms: 600_000 }]
+    );
+    assert!(agent.send_udp_flow_idle(1).is_err());
     gw.send_permit_revoke("home3".into(), "ssh".into()).unwrap();
     assert_eq!(
         pump(&mut gw, &mut agent).unwrap(),

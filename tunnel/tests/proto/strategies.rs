@@ -171,6 +171,7 @@ pub fn control_msg() -> impl Strategy<Value = ControlMsg> {
         (name(), name()).prop_map(|(device, service)| ControlMsg::PermitRevoke { device, service }),
         vec((name(), name()), 0..=8).prop_map(|permits| ControlMsg::PermitsHeld { permits }),
         vec(addr(), 0..=4).prop_map(|addrs| ControlMsg::LocalAddrs { addrs }),
+        any::<u32>().prop_map(|idle_ms| ControlMsg::UdpFlowIdle { idle_ms }),
         any::<u64>().prop_map(|nonce| ControlMsg::Ping { nonce }),
         any::<u64>().prop_map(|nonce| ControlMsg::Pong { nonce }),
         (error_code(), text(64)).prop_map(|(code, message)| ControlMsg::Error { code, message }),

@@ -205,6 +205,11 @@ pub fn control_vectors() -> Vec<(&'static str, ControlMsg, Vec<u8>)> {
             hex("0f 1b 02 04c0a8020b1151 06fd000000000000000000000000000011 1151"),
         ),
         (
+            "udp_flow_idle",
+            ControlMsg::UdpFlowIdle { idle_ms: 600_000 },
+            hex("10 04 000927c0"),
+        ),
+        (
             "ping",
             ControlMsg::Ping {
                 nonce: 0x0102_0304_0506_0708,
@@ -268,7 +273,7 @@ fn stream_replies() {
 fn control_messages() {
     let vectors = control_vectors();
     // One vector per message type, so a new type cannot go unpinned.
-    assert_eq!(vectors.len(), 15);
+    assert_eq!(vectors.len(), 16);
     for (name, value, bytes) in vectors {
         let mut out = Vec::new();
         encode_control(&value, &mut out).unwrap();
