@@ -22,7 +22,8 @@ use rustc_hash::FxHashMap;
 use super::upstream::Upstream;
 
 /// Idle connections kept per (app, device, service). Each is a QUIC stream plus a TCP
-/// connection on the device (~20 KiB on each side, benches/RESULTS.md), kept at most
+/// connection on the device (~20 KiB on each side, benches/RESULTS.md, and a read buffer of
+/// at most 16 KiB here), kept at most
 /// [`IDLE_TIMEOUT`] (or until the service closes it). It must hold what one burst of answers
 /// hands back: answers to concurrent requests finish together, and each connection turned away
 /// is a new stream and a new TCP connection on the device for the next request. At 32, 64
