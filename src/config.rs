@@ -413,6 +413,17 @@ pub enum ConfigError {
     },
 }
 
+/// `what` (a setting, as the user wrote it) at `a`: refused when its port is 0, which would
+/// bind a random free port nobody can find (or, for an address to reach, is none).
+pub fn fixed_port(what: &str, a: SocketAddr) -> Result<(), UsageError> {
+    if a.port() != 0 {
+        return Ok(());
+    }
+    Err(UsageError(format!(
+        "{what} {a}: port 0 would be a random free port nobody can find; give the port to use"
+    )))
+}
+
 /// `e`, a setting's error found after parsing (it names the setting), said as `file`'s.
 pub fn in_file(file: &Path, e: UsageError) -> UsageError {
     UsageError(format!("{}: {}", file.display(), e.0))
@@ -433,6 +444,11 @@ pub fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigErro
         std::io::ErrorKind::NotFound => {
             ConfigError::Usage(UsageError(format!("{}: {error}", path.display())))
         }
+        // No restart turns a directory into the file: give the config file itself.
+        std::io::ErrorKind::IsADirectory => ConfigError::Usage(UsageError(format!(
+            "{}: is a directory: give the config file (gateway.toml or node.toml in the device's bundle)",
+            path.display()
+        ))),
         _ => ConfigError::Unreadable {
             path: path.to_owned(),
             error,
@@ -556,6 +572,7 @@ pub fn services(map: &BTreeMap<String, ServiceEntry>) -> Result<LocalServices, U
     let mut out = BTreeMap::new();
     for (name, e) in map {
         check_name("service", name)?;
+        fixed_port(&format!("service {name}: local ="), e.local)?;
         let proto = match e.proto {
             Proto::Tcp => ServiceProto::Tcp,
             Proto::Udp => ServiceProto::Udp,
@@ -581,6 +598,7 @@ pub fn forwards(list: &[ForwardEntry], me: &DeviceName) -> Result<Vec<Forward>, 
                 .ok_or_else(|| UsageError(format!("forward {} -> {:?}: `to` must be DEVICE/SERVICE", f.listen, f.to)))?;
             check_name("forward device", device)?;
             check_name("forward service", service)?;
+            fixed_port(&format!("forward to {}: listen =", f.to), f.listen)?;
             if device == me.as_str() {
                 return Err(UsageError(format!("forward {} -> {}: a forward to this device itself makes no sense; connect to the service directly", f.listen, f.to)));
             }

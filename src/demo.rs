@@ -21,6 +21,18 @@ use tunnel::transport::Tuning;
 use zone_core::zonedir::ZoneDir;
 use zone_core::{DeviceName, Domain, Role};
 
+/// `println!` that cannot panic: the demo's banner goes to a stdout whose reader may have left
+/// (`zonegate demo | head -3`), and the demo serves on regardless.
+macro_rules! out {
+    () => {
+        out!("")
+    };
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// The demo zone's domain (reserved for examples, never resolvable on the internet).
 pub const DEMO_DOMAIN: &str = "demo.example";
 /// Time everything has to come up before the demo says what failed.
@@ -262,6 +274,10 @@ async fn stop_signal() -> &'static str {
 static CHECK_PASSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 async fn run_async(dir: PathBuf, check: bool) -> anyhow::Result<()> {
+    // The homes' services bind first: bound to port 0 after `free_ports` let its picks go,
+    // the kernel could hand one of those out again, and the gateway's bind failed.
+    let files = TcpListener::bind("127.0.0.1:0").await?;
+    let echo_addr = echo_service().await?;
     let [quic, http, admin, dns, echo_port, fwd_port] = free_ports()?;
     let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let (quic, http, admin, dns) = (at(quic), at(http), at(admin), at(dns));
@@ -276,7 +292,6 @@ async fn run_async(dir: PathBuf, check: bool) -> anyhow::Result<()> {
     let tuning = Tuning::default();
 
     // Services of the two homes.
-    let files = TcpListener::bind("127.0.0.1:0").await?;
     let files_addr = files.local_addr()?;
     let share_root = crate::files::Root::open(&share)
         .with_context(|| format!("opening the demo share {}", share.display()))?;
@@ -286,7 +301,6 @@ async fn run_async(dir: PathBuf, check: bool) -> anyhow::Result<()> {
         crate::files::Pages::Sandboxed,
         shutdown.clone(),
     ));
-    let echo_addr = echo_service().await?;
 
     // The gateway.
     let gw_creds = DeviceCreds::load(&bundle(&zdir, "gw"), None)?;
@@ -422,36 +436,36 @@ async fn run_async(dir: PathBuf, check: bool) -> anyhow::Result<()> {
             .context("zone config over the gateway's DNS")?;
     }
 
-    println!();
-    println!(
+    out!();
+    out!(
         "zonegate demo: zone {DEMO_DOMAIN} with a gateway and two homes, running in {}",
         dir.display()
     );
-    println!();
-    println!("  read-only files on home1, through the gateway:  http://{http}/dfs/");
-    println!("  (writes are refused:  curl -X PUT http://{http}/dfs/x  → {put_status})");
-    println!("  the same files from home2, over the mesh:      http://{fwd}/");
-    println!("  home2's echo service on a gateway TCP port:    {echo_pub}  (e.g. `nc 127.0.0.1 {echo_port}`)");
-    println!("  gateway status page / JSON / metrics:          http://{admin}/  /status  /metrics");
+    out!();
+    out!("  read-only files on home1, through the gateway:  http://{http}/dfs/");
+    out!("  (writes are refused:  curl -X PUT http://{http}/dfs/x  → {put_status})");
+    out!("  the same files from home2, over the mesh:      http://{fwd}/");
+    out!("  home2's echo service on a gateway TCP port:    {echo_pub}  (e.g. `nc 127.0.0.1 {echo_port}`)");
+    out!("  gateway status page / JSON / metrics:          http://{admin}/  /status  /metrics");
     if let Some(d) = dns_addr {
-        println!("  the zone's DNS (signed zone config as TXT):    dig @{} -p {} +tcp TXT _zonegate.{DEMO_DOMAIN}", d.ip(), d.port());
-        println!("                                                 zonegate zone verify --dns {DEMO_DOMAIN} --server {d} --ca {}", zdir.join("zone-ca.crt").display());
+        out!("  the zone's DNS (signed zone config as TXT):    dig @{} -p {} +tcp TXT _zonegate.{DEMO_DOMAIN}", d.ip(), d.port());
+        out!("                                                 zonegate zone verify --dns {DEMO_DOMAIN} --server {d} --ca {}", zdir.join("zone-ca.crt").display());
     }
-    println!(
+    out!(
         "  traffic policy (edit it live):                 {}",
         policies.join("demo.toml").display()
     );
-    println!(
+    out!(
         "  zone files (zone key, CA, bundles):            {}",
         zdir.display()
     );
-    println!();
+    out!();
     if check {
         CHECK_PASSED.store(true, std::sync::atomic::Ordering::SeqCst);
-        println!("demo check passed: files (GET 200, PUT {put_status}), mesh forward, echo, DNS bootstrap");
+        out!("demo check passed: files (GET 200, PUT {put_status}), mesh forward, echo, DNS bootstrap");
         shutdown.cancel();
     } else {
-        println!("Press Ctrl-C to stop.");
+        out!("Press Ctrl-C to stop.");
         // Until a signal (`run`), or the demo's gateway stops by itself: a failure.
         shutdown.cancelled().await;
         let stop = async { while tasks.join_next().await.is_some() {} };

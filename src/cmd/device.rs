@@ -177,8 +177,9 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             }
             let listed = z.zone.config.device(&name).is_some() || z.zone.config.is_revoked(&name);
             if !listed && !force {
+                // Exit 1, as for any device the zone does not hold (`renew`, `move`).
                 anyhow::bail!(
-                    "device {name:?} is not in this zone (see `zonegate device list`). To revoke a name this directory does not list (a device added in a newer copy of the zone), pass --force: its certificates are then refused by name"
+                    "device \"{name}\" is not in this zone (see `zonegate device list`). To revoke a name this directory does not list (a device added in a newer copy of the zone), pass --force: its certificates are then refused by name"
                 );
             }
             let revoked = if listed {
@@ -234,6 +235,19 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             let mut z = ZoneDir::open(&zone.zone)?;
             let out = bundle_dir(&zone.zone, out, &name);
             check_out(&out, &name, &z)?;
+            // A device.key there must be this device's (the same key, derived again): one of
+            // another device whose certificate is missing got past `check_out`.
+            if let Ok(pem) = std::fs::read_to_string(out.join("device.key")) {
+                let ours = z.key.derive_device(z.domain(), &name).public_text();
+                let theirs = zone_core::DeviceKey::from_pem(&pem).map(|k| k.public_text());
+                if theirs.as_ref().ok() != Some(&ours) {
+                    return Err(UsageError(format!(
+                        "bundle directory {}: its device.key is not {name}'s: choose {name}'s bundle directory, or an empty one",
+                        out.display()
+                    ))
+                    .into());
+                }
+            }
             let created = prepare_out(&out)?;
             let role_file = match z.zone.config.device(&name) {
                 Some(d) if d.roles.contains(&zone_core::Role::Gateway) => "gateway.toml",
@@ -247,7 +261,15 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
                     return Err(e.into());
                 }
             };
-            let cfg = z.write_bundle(&out, &name, &key, &cert)?;
+            let cfg = z.write_bundle(&out, &name, &key, &cert).with_context(|| {
+                format!(
+                    "{name}'s certificate was renewed in zone.json (serial {}), but its bundle {} was not written whole: once fixed, run `zonegate device renew {name} --zone {} --out {}` again",
+                    z.zone.config.serial,
+                    out.display(),
+                    zone.zone.display(),
+                    out.display()
+                )
+            })?;
             say!(
                 "renewed {name}: certificate until {}, bundle {}",
                 fmt_time(cert.not_after),
@@ -261,13 +283,14 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
                 );
             }
             // A running device keeps the certificate it started with.
+            // Never "copy the bundle": a device set up already has its own config (services,
+            // TLS) and its zone-revoked.txt there, which a fresh template would replace.
+            say!("Copy device.crt and zone.json to {name} and restart zonegate there.");
             if created {
                 say!(
-                    "Copy the bundle directory {} to {name} and restart zonegate there.",
+                    "({} also holds device.key, zone-ca.crt and a fresh {role_file} template: copy those only to a device set up anew.)",
                     out.display()
                 );
-            } else {
-                say!("Copy device.crt and zone.json to {name} and restart zonegate there.");
             }
             Ok(())
         }

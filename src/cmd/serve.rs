@@ -212,6 +212,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     let http_per_ip =
         config::http_connections_per_ip(&a.config, f.http_connections_per_ip, http_total)?;
     let (admin, http, https, dns) = gateway_addresses(&f);
+    config::fixed_port("admin =", admin).map_err(|e| config::in_file(&a.config, e))?;
     // Files that would never be read: a setting left behind, or HTTPS turned off by mistake.
     if https.is_none() && !f.tls.is_empty() {
         return Err(UsageError(format!(
@@ -284,6 +285,7 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
             .parse()
             .expect("valid default")
     });
+    config::fixed_port("admin =", admin_addr).map_err(|e| config::in_file(&a.config, e))?;
     config::node_socket_clashes(admin_addr, &forwards)?;
     for fw in forwards.iter().filter(|fw| !fw.listen.ip().is_loopback()) {
         tracing::warn!(listen = %fw.listen, to = %format!("{}/{}", fw.device, fw.service), "forward listens beyond this machine: anyone who reaches it there reaches the service as this device, past the gateway's per-client limits; use 127.0.0.1 unless that is meant");
@@ -293,6 +295,7 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
     let threads = config::threads(&a.config, f.threads)?.unwrap_or(config::NODE_THREADS);
     let paths = config::bundle(&a.config, &f.key, &f.cert, &f.ca, &f.zone_config);
     if let Some(server) = a.bootstrap_dns.or(f.bootstrap_dns) {
+        config::fixed_port("bootstrap_dns =", server).map_err(|e| config::in_file(&a.config, e))?;
         // Checked first: a wrong domain would otherwise fail as "none over DNS" (exit 1,
         // restarted) rather than as the config error it is.
         let cert = zone_core::zonedir::read_cert_der(&paths.cert)?;
@@ -350,6 +353,7 @@ pub fn files(
     if !dir.is_dir() {
         return Err(UsageError(format!("--dir {}: not a directory", dir.display())).into());
     }
+    config::fixed_port("--listen", listen)?;
     let root = crate::files::Root::open(&dir)
         .with_context(|| format!("--dir {}: cannot open the directory", dir.display()))?;
     if !listen.ip().to_canonical().is_loopback() {

@@ -388,6 +388,8 @@ fn bad_input_is_clear_and_writes_nothing() {
     let before = std::fs::read(z.join("zone.json")).unwrap();
 
     // Usage errors: exit 2.
+    let e = fails(2, ["gateway", "--config", zs]);
+    assert!(e.contains("is a directory"), "{e}");
     let e = fails(
         2,
         [
@@ -444,7 +446,7 @@ fn bad_input_is_clear_and_writes_nothing() {
     );
     assert!(e.contains("zonegate zone init"), "{e}");
     let e = fails(1, ["device", "revoke", "ghost", "--zone", zs]);
-    assert!(e.contains("not in this zone"), "{e}");
+    assert!(e.contains("device \"ghost\" is not in this zone"), "{e}");
     assert_eq!(
         before,
         std::fs::read(z.join("zone.json")).unwrap(),
@@ -623,6 +625,46 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
         "{e}"
     );
     std::fs::write(&gw, &gw_text).unwrap();
+
+    // Port 0 where a port must be known: the admin address, a forward's, a service's.
+    let zero_admin: String = gw_text
+        .lines()
+        .map(|l| {
+            if l.starts_with("admin =") {
+                "admin = \"127.0.0.1:0\"".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_ne!(zero_admin, gw_text.trim_end(), "gateway.toml sets no admin");
+    std::fs::write(&gw, zero_admin).unwrap();
+    let e = fails(2, ["gateway", "--config", gws]);
+    assert!(
+        e.contains("admin = 127.0.0.1:0") && e.contains("port 0"),
+        "{e}"
+    );
+    std::fs::write(&gw, &gw_text).unwrap();
+    let e = fails(
+        2,
+        [
+            "node",
+            "--config",
+            nodes,
+            "--forward",
+            "127.0.0.1:0=gw/echo",
+        ],
+    );
+    assert!(
+        e.contains("listen = 127.0.0.1:0") && e.contains("port 0"),
+        "{e}"
+    );
+    let e = fails(
+        2,
+        ["node", "--config", nodes, "--service", "web=127.0.0.1:0"],
+    );
+    assert!(e.contains("service web") && e.contains("port 0"), "{e}");
 
     // A [[tls]] file that is not there: told before any socket is bound; exit 1, as a
     // restart may find it (a mount late at boot, a certbot hook half way through its copy).
@@ -1474,6 +1516,24 @@ fn bundles_are_never_written_over_another_zones_or_devices_files() {
     assert!(e.contains("holds device home2's bundle"), "{e}");
     assert_eq!(std::fs::read(home2.join("device.key")).unwrap(), key);
     assert_eq!(std::fs::read(z.join("zone.json")).unwrap(), before);
+    // The same bundle with its certificate lost: its key still says whose it is.
+    std::fs::remove_file(home2.join("device.crt")).unwrap();
+    let e = renew_refused(zs, "home1", &home2);
+    assert!(e.contains("its device.key is not home1's"), "{e}");
+    assert_eq!(std::fs::read(home2.join("device.key")).unwrap(), key);
+    assert_eq!(std::fs::read(z.join("zone.json")).unwrap(), before);
+    // Its own device may renew into it.
+    let out = ok([
+        "device",
+        "renew",
+        "home2",
+        "--zone",
+        zs,
+        "--out",
+        home2.to_str().unwrap(),
+    ]);
+    assert!(out.contains("Copy device.crt and zone.json"), "{out}");
+    assert_eq!(std::fs::read(home2.join("device.key")).unwrap(), key);
 }
 
 /// `device renew NAME --zone ZS --out OUT`, refused as a usage error: its message.

@@ -69,6 +69,9 @@ pub enum ZoneError {
     DeviceRevoked(String),
     #[error("{0}")]
     Usage(String),
+    /// Another command changed the zone directory meanwhile: running this one again works.
+    #[error("{0}")]
+    Concurrent(String),
 }
 
 impl ZoneError {

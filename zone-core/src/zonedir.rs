@@ -341,7 +341,7 @@ impl ZoneDir {
         let _lock = lock_dir(&self.dir)?;
         let on_disk = read_zone_json(&zp)?.config.serial;
         if on_disk != self.zone.config.serial {
-            return Err(ZoneError::Usage(format!(
+            return Err(ZoneError::Concurrent(format!(
                 "{} changed since this command read it (serial {} → {on_disk}): another command changed the zone at the same time; nothing was changed, run this one again",
                 zp.display(),
                 self.zone.config.serial
