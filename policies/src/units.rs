@@ -27,7 +27,12 @@ pub fn parse_rate(s: &str) -> Result<Rate, String> {
     let expected =
         || format!("expected a rate such as \"50/s\", \"600/min\" or \"3/h\", found {s:?}");
     let (n, unit) = s.split_once('/').ok_or_else(expected)?;
-    let count: u32 = n.trim().parse().map_err(|_| expected())?;
+    // Digits only: `u32::from_str` also takes a sign ("+50/s").
+    let n = n.trim();
+    if !n.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(expected());
+    }
+    let count: u32 = n.parse().map_err(|_| expected())?;
     if count == 0 {
         return Err(
             "a rate of 0 would refuse everything; remove the app or its allow rule instead".into(),
@@ -67,7 +72,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     };
     let value = parse_decimal(num).ok_or_else(expected)?;
     let bytes = value * mult as f64;
-    if bytes < 1.0 || bytes > u64::MAX as f64 {
+    // `u64::MAX as f64` is 2^64 itself, which `as u64` would quietly turn into u64::MAX.
+    if bytes < 1.0 || bytes >= u64::MAX as f64 {
         return Err(format!("size {s:?} is out of range (at least 1 byte)"));
     }
     Ok(bytes.round() as u64)
@@ -118,7 +124,8 @@ pub fn parse_hours(s: &str) -> Result<Hours, String> {
 
 fn parse_hhmm(s: &str, allow_24: bool) -> Option<u16> {
     let (h, m) = s.split_once(':')?;
-    if h.len() != 2 || m.len() != 2 {
+    // Two digits each: `u16::from_str` would take "+7".
+    if h.len() != 2 || m.len() != 2 || !h.bytes().chain(m.bytes()).all(|b| b.is_ascii_digit()) {
         return None;
     }
     let h: u16 = h.parse().ok()?;
@@ -254,7 +261,13 @@ pub fn normalize_path(path: &str) -> Result<std::borrow::Cow<'_, str>, PathError
         return Err(PathError::AmbiguousSeparator);
     }
     let dotted = |s: &str| matches!(s.split(';').next(), Some("." | ".."));
-    if !path.contains(['%']) && !path.contains("//") && !rest.split('/').any(dotted) {
+    // Raw bytes past ASCII (which the http crate lets through) are written as escapes: `/café`
+    // and `/caf%C3%A9` are one path to a service, and must be one to routing and rules.
+    if path.is_ascii()
+        && !path.contains(['%'])
+        && !path.contains("//")
+        && !rest.split('/').any(dotted)
+    {
         return Ok(Cow::Borrowed(path));
     }
     let mut segs: Vec<String> = Vec::new();
@@ -289,7 +302,7 @@ fn decode_unreserved(seg: &str) -> Result<String, PathError> {
     let mut out = String::with_capacity(seg.len());
     let mut rest = seg;
     while let Some(at) = rest.find('%') {
-        out.push_str(&rest[..at]);
+        push_escaping_non_ascii(&mut out, &rest[..at]);
         let hex = rest
             .get(at + 1..at + 3)
             .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
@@ -305,8 +318,26 @@ fn decode_unreserved(seg: &str) -> Result<String, PathError> {
         }
         rest = &rest[at + 3..];
     }
-    out.push_str(rest);
+    push_escaping_non_ascii(&mut out, rest);
     Ok(out)
+}
+
+/// `s` onto `out`, each byte of a non-ASCII character as an upper-case `%XX` escape.
+fn push_escaping_non_ascii(out: &mut String, s: &str) {
+    if s.is_ascii() {
+        out.push_str(s);
+        return;
+    }
+    for c in s.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+    }
 }
 
 /// Does `path` fall under `prefix` (as made by [`parse_path_prefix`])? Matches whole path
@@ -504,6 +535,24 @@ mod tests {
         assert!(parse_path_prefix("/%61dmin").is_err());
         assert!(parse_path_prefix("/a%2fb").is_err());
         assert_eq!(parse_path_prefix("/caf%C3%A9/").unwrap(), "/caf%C3%A9");
+        // Signs are no digits.
+        assert!(parse_rate("+50/s").is_err());
+        assert!(parse_hours("+7:00-21:00").is_err());
+        assert!(parse_tz("++01:00").is_err());
+        assert!(parse_size("18446744073709551616B").is_err());
+        assert_eq!(parse_size("1KiB").unwrap(), 1024);
+        // Raw UTF-8 is one path with its escapes: in requests (routing and rules alike) and,
+        // said so, in policy files.
+        assert_eq!(normalize_path("/café/x").unwrap(), "/caf%C3%A9/x");
+        assert_eq!(normalize_path("/caf%c3%a9/x").unwrap(), "/caf%C3%A9/x");
+        assert_eq!(normalize_path("/ä%41/ü").unwrap(), "/%C3%A4A/%C3%BC");
+        assert!(path_has_prefix(
+            &normalize_path("/café/secret").unwrap(),
+            "/caf%C3%A9"
+        ));
+        assert!(parse_path_prefix("/café")
+            .unwrap_err()
+            .contains("write it as \"/caf%C3%A9\""));
     }
 
     #[test]
