@@ -2524,6 +2524,116 @@ async fn a_stopping_node_lets_its_open_connections_finish() {
     gw.shutdown.cancel();
 }
 
+/// A stopping node waits for the gateway to acknowledge the end of an answer its service
+/// has finished writing: the stream's task ended as soon as quinn had the bytes, and the
+/// close that ends the stop threw away what was still unsent (a download cut on a slow
+/// uplink). Here the path goes silent while the answer is written, and comes back during
+/// the stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_node_delivers_the_end_of_a_finished_answer() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const ANSWER: usize = 1 << 20;
+    let z = TestZone::new(&["home1"]);
+    z.write_policy("a.toml", &tcp_app("echo", 0));
+    let t = Tuning {
+        keepalive: Duration::from_millis(500),
+        idle_timeout: Duration::from_secs(10),
+        ..fast_tuning()
+    };
+    let gw = start_gateway(&z, t, Duration::from_secs(1)).await;
+    // The service: reads the request to its end, waits for the word, answers 1 MiB, closes.
+    let service = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let service_addr = service.local_addr().unwrap();
+    let (asked_tx, asked_rx) = tokio::sync::oneshot::channel::<()>();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let (written_tx, written_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut s, _) = service.accept().await.unwrap();
+        let mut req = Vec::new();
+        s.read_to_end(&mut req).await.unwrap();
+        let _ = asked_tx.send(());
+        let _ = go_rx.await;
+        s.write_all(&vec![7u8; ANSWER]).await.unwrap();
+        s.shutdown().await.unwrap();
+        let _ = written_tx.send(());
+    });
+    // The node reaches the gateway through a UDP relay that can go silent.
+    let relay = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let relay_addr = relay.local_addr().unwrap();
+    let gw_quic = z.gateways[0].1;
+    let silent = Arc::new(AtomicBool::new(false));
+    tokio::spawn({
+        let (relay, silent) = (relay.clone(), silent.clone());
+        async move {
+            let mut node = None;
+            let mut buf = vec![0u8; 65_536];
+            while let Ok((n, from)) = relay.recv_from(&mut buf).await {
+                let to = if from == gw_quic {
+                    match node {
+                        Some(a) => a,
+                        None => continue,
+                    }
+                } else {
+                    node = Some(from);
+                    gw_quic
+                };
+                if !silent.load(Ordering::Relaxed) {
+                    let _ = relay.send_to(&buf[..n], to).await;
+                }
+            }
+        }
+    });
+    let h1 = start_agent_via(
+        &z,
+        "home1",
+        services(&[("echo", service_addr, ServiceProto::Tcp)]),
+        vec![],
+        Tuning {
+            agent_drain: Duration::from_secs(20),
+            ..t
+        },
+        vec![("gw".into(), relay_addr)],
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let mut c = tokio::net::TcpStream::connect(gw.apps["echo"])
+        .await
+        .unwrap();
+    c.write_all(b"GET it").await.unwrap();
+    c.shutdown().await.unwrap();
+    tokio::time::timeout(WAIT, asked_rx)
+        .await
+        .expect("the request reached the service")
+        .unwrap();
+    // Silent path; the service answers whole; quinn holds the answer, unsent or unacked.
+    silent.store(true, Ordering::Relaxed);
+    let _ = go_tx.send(());
+    tokio::time::timeout(WAIT, written_rx)
+        .await
+        .expect("the service wrote its answer")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h1.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    silent.store(false, Ordering::Relaxed);
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, c.read_to_end(&mut got))
+        .await
+        .expect("the answer ended")
+        .expect("the answer ended cleanly");
+    assert_eq!(
+        got.len(),
+        ANSWER,
+        "the end of the answer was lost in the stop"
+    );
+    tokio::time::timeout(Duration::from_secs(10), h1.task)
+        .await
+        .expect("the agent stopped once its answer was delivered")
+        .unwrap();
+    gw.shutdown.cancel();
+}
+
 /// Whether a new connection to `app` is closed without an echo.
 fn roundtrip_refused(app: std::net::SocketAddr) -> bool {
     use std::io::{Read, Write};

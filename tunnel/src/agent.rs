@@ -54,6 +54,8 @@ const ZONE_POLL: Duration = Duration::from_millis(500);
 /// The longest drain a gateway may ask of this agent: the longest `grace_secs` a gateway
 /// takes (an hour).
 const MAX_GATEWAY_DRAIN: Duration = Duration::from_secs(3600);
+/// Connections one forward serves at once ([`Agent::forward_loop`]).
+pub const MAX_FORWARD_CONNECTIONS: usize = 1024;
 /// Longest UDP flow idle time a gateway's `UdpFlowIdle` sets (the setting's own bound).
 const MAX_UDP_FLOW_IDLE: Duration = Duration::from_secs(86_400);
 /// App name an agent puts in a Relay header: the gateway decides the real app by policy.
@@ -347,6 +349,9 @@ pub struct Agent {
     flood_lines: Arc<Mutex<LogBudget>>,
     /// The streams from gateways being served: a stop lets them finish first.
     streams: tokio_util::task::TaskTracker,
+    /// The forwards' connections: a stop lets them finish too (an SSH session through a
+    /// forward was cut at once).
+    forwarded: tokio_util::task::TaskTracker,
     /// Set as a stop begins: a hello offers no services (a gateway reconnecting meanwhile
     /// must not send new streams).
     draining: std::sync::atomic::AtomicBool,
@@ -453,6 +458,7 @@ impl Agent {
             streams_cut: AtomicU64::new(0),
             flood_lines: Arc::new(Mutex::new(LogBudget::new(FLOOD_LINES_PER_SECOND))),
             streams: tokio_util::task::TaskTracker::new(),
+            forwarded: tokio_util::task::TaskTracker::new(),
             draining: std::sync::atomic::AtomicBool::new(false),
             cfg,
             endpoint,
@@ -686,7 +692,8 @@ impl Agent {
         let grace = self.cfg.tuning.agent_drain;
         self.draining.store(true, Ordering::Relaxed);
         self.streams.close();
-        if grace.is_zero() || self.streams.is_empty() {
+        self.forwarded.close();
+        if grace.is_zero() || (self.streams.is_empty() && self.forwarded.is_empty()) {
             return;
         }
         for link in self.links() {
@@ -696,15 +703,18 @@ impl Agent {
         }
         info!(
             streams = self.streams.len(),
+            forwarded = self.forwarded.len(),
             grace_secs = grace.as_secs(),
             "node agent stopping: open streams may finish, gateways send no new ones"
         );
-        if tokio::time::timeout(grace, self.streams.wait())
-            .await
-            .is_err()
-        {
+        let both = async {
+            self.streams.wait().await;
+            self.forwarded.wait().await;
+        };
+        if tokio::time::timeout(grace, both).await.is_err() {
             warn!(
                 streams = self.streams.len(),
+                forwarded = self.forwarded.len(),
                 "streams still open after the grace period: cut"
             );
         }
@@ -717,7 +727,15 @@ impl Agent {
             tokio::pin!(session);
             let result = loop {
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => {
+                        // The session's UDP flows end with it: their tasks hold the services'
+                        // sockets, for up to a day while a service keeps sending.
+                        let flows = link.state.lock().unwrap_or_else(|p| p.into_inner()).flows.take();
+                        if let Some(flows) = flows {
+                            stop_flows(&flows);
+                        }
+                        return;
+                    }
                     _ = link.stop.cancelled() => return link.wind_up(),
                     r = &mut session => break Some(r),
                     // New addresses while still dialing the old ones (each may take the whole
@@ -1505,7 +1523,10 @@ impl Agent {
                             None,
                         ),
                         Err(e) => {
-                            warn!(origin = %name, service = %service, error = %e, "relayed stream refused");
+                            // A peer retrying would write a line each.
+                            if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
+                                warn!(origin = %name, service = %service, error = %e, unlogged, "relayed stream refused");
+                            }
                             stream::refuse(&mut send, RefuseCode::BadRequest, &e.to_string()).await;
                             return;
                         }
@@ -1542,6 +1563,8 @@ impl Agent {
         // Watched: a local service that stops reading leaves the stream's data unread here,
         // counted against the connection's window shared with every other stream to us.
         let mut q = QuicStream::new(send, recv, rest).watched(holds, &app, &service);
+        // Resolves once the other side acknowledged everything sent (or the stream is gone).
+        let acked = q.send.stopped();
         let (m, app) = match carry {
             Carry::Plain => (splice(&mut q, &mut tcp).await, app),
             Carry::Direct { peer, app, revoked } => {
@@ -1603,6 +1626,14 @@ impl Agent {
             error = m.error.map(|e| e.to_string()).unwrap_or_default(),
             "connection done"
         );
+        // An answer that ended still has its last bytes in quinn's buffers until they are
+        // acknowledged (a stream's whole window, 4 MiB: seconds on a home uplink), and the
+        // close that ends a stop throws away what is unsent. The task (which a stop waits
+        // for) lasts until then, usually a round trip: a stop beginning meanwhile waits
+        // too, within its grace.
+        if !t.agent_drain.is_zero() {
+            let _ = tokio::time::timeout(t.agent_drain, acked).await;
+        }
     }
 
     /// A relayed stream from `peer` for `service` (accepted at `opened`) proved its origin:
@@ -1671,9 +1702,28 @@ impl Agent {
         shutdown: CancellationToken,
     ) {
         crate::sockets::keepalive_accepted(&listener, self.cfg.tuning.tcp_keepalive);
-        while let Some((tcp, peer)) = crate::sockets::accept_until(&listener, &shutdown).await {
+        // Bounded: a local program opening connections in a loop would otherwise take every
+        // file descriptor, and with them the services' and the UDP flows' sockets. Past the
+        // bound the kernel's backlog holds newcomers until one ends.
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_FORWARD_CONNECTIONS));
+        loop {
+            let slot = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                s = slots.clone().acquire_owned() => match s {
+                    Ok(s) => s,
+                    Err(_) => return,
+                },
+            };
+            let Some((tcp, peer)) = crate::sockets::accept_until(&listener, &shutdown).await else {
+                return;
+            };
             let _ = tcp.set_nodelay(true);
-            tokio::spawn(self.clone().forward_one(f.clone(), tcp, peer));
+            let one = self.clone().forward_one(f.clone(), tcp, peer);
+            // Once a stop began, new ones are not waited for (the tracker is closed).
+            self.forwarded.spawn(async move {
+                one.await;
+                drop(slot);
+            });
         }
     }
 
@@ -1809,12 +1859,17 @@ impl Agent {
                 let hs = e2e::initiate(q, secret, &key, me, &f.device, &f.service);
                 let mut s = match tokio::time::timeout(t.open_timeout, hs).await {
                     Ok(Ok(s)) => s,
+                    // A line per local connection, whatever the peer does: budgeted.
                     Ok(Err(e)) => {
-                        warn!(to = %to, via = %link.name, error = %e, "end-to-end handshake failed: connection closed");
+                        if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
+                            warn!(to = %to, via = %link.name, error = %e, unlogged, "end-to-end handshake failed: connection closed");
+                        }
                         return;
                     }
                     Err(_) => {
-                        warn!(to = %to, via = %link.name, "end-to-end handshake timed out");
+                        if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
+                            warn!(to = %to, via = %link.name, unlogged, "end-to-end handshake timed out");
+                        }
                         return;
                     }
                 };

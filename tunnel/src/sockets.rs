@@ -336,14 +336,20 @@ pub async fn accept_until(
     listener: &tokio::net::TcpListener,
     stop: &tokio_util::sync::CancellationToken,
 ) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    // Failures in a row: out of file descriptors, every try fails until one closes, and a
+    // line each 50 ms would flood the log. The 1st, 2nd, 4th, 8th ... are said.
+    let mut failures: u64 = 0;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return None,
             r = listener.accept() => match r {
                 Ok(x) => return Some(x),
                 Err(e) => {
-                    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-                    tracing::warn!(%addr, error = %e, "accept failed");
+                    failures += 1;
+                    if failures.is_power_of_two() {
+                        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                        tracing::warn!(%addr, error = %e, failures, "accept failed");
+                    }
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             },
