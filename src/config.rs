@@ -773,10 +773,15 @@ mod tests {
     fn an_unreadable_config_is_retried_a_wrong_one_is_not() {
         let dir = tempfile::tempdir().unwrap();
         let code = |e: ConfigError| crate::cmd::exit_code(&anyhow::Error::from(e));
-        // A directory where the file should be: a read error that is not "not found".
-        let e = read::<GatewayFile>(dir.path()).unwrap_err();
+        // A file whose read fails (root reads past permissions; this one fails with EIO at
+        // offset 0): a read error that is neither "not found" nor a directory.
+        let e = read::<GatewayFile>(Path::new("/proc/self/mem")).unwrap_err();
         assert!(matches!(e, ConfigError::Unreadable { .. }), "{e}");
         assert_eq!(code(e), 1);
+        // A directory given for the file: no restart mends that.
+        let e = read::<GatewayFile>(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("is a directory"), "{e}");
+        assert_eq!(code(e), 2);
         let e = read::<GatewayFile>(&dir.path().join("missing.toml")).unwrap_err();
         assert_eq!(code(e), 2);
         let bad = dir.path().join("bad.toml");
