@@ -204,7 +204,19 @@ impl RateLimiter {
     /// client started empty, new ones too: a raised limit had everyone wait out a refill).
     pub fn new_replacing(config: RateLimit, old: &RateLimiter) -> Self {
         let mut r = Self::new(config);
-        let seen = old.store.0.iter().map(|e| *e.key()).collect();
+        let mut seen: HashSet<LimitKey> = old.store.0.iter().map(|e| *e.key()).collect();
+        // And those `old` itself still counted as empty from the edit before (not back since,
+        // so not in its table): two edits in a row, or an edit undone, gave them a full
+        // bucket. Only while a whole burst has not refilled since that edit.
+        if let Some(prev) = old.empty_at.load_full() {
+            let (at, pending) = &*prev;
+            let elapsed = old.clock.now().as_u64().saturating_sub(*at);
+            let refill =
+                (old.cell.as_nanos() as u64).saturating_mul(u64::from(old.config.burst.max(1)));
+            if elapsed < refill {
+                seen.extend(pending.iter().copied());
+            }
+        }
         r.empty_at = arc_swap::ArcSwapOption::from_pointee((r.clock.now().as_u64(), seen));
         r
     }

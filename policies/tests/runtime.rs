@@ -884,6 +884,28 @@ async fn a_limits_edit_gives_no_client_a_fresh_allowance() {
     assert!(after.check_rate(&new).is_err());
     drop(open);
     assert_eq!(after.connections.open(), 1);
+
+    // A throttled client that sends nothing while the owner edits twice (a typo fixed, or
+    // the edit undone) gets no fresh burst from the second edit either.
+    let quiet = Requester::Public {
+        ip: ip("198.51.100.3"),
+    };
+    for _ in 0..5 {
+        assert!(after.check_rate(&quiet).is_ok());
+    }
+    assert!(after.check_rate(&quiet).is_err(), "throttled");
+    write(dir.path(), "a.toml", &app("4/s", 4));
+    store.reload().expect("reload");
+    write(dir.path(), "a.toml", &app("5/s", 4));
+    store.reload().expect("reload");
+    let twice = limits(&store);
+    assert!(
+        twice.check_rate(&quiet).is_err(),
+        "a fresh burst after two edits"
+    );
+    tokio::time::advance(Duration::from_millis(200)).await;
+    assert!(twice.check_rate(&quiet).is_ok());
+    assert!(twice.check_rate(&quiet).is_err());
 }
 
 /// Renaming an app keeps its limiters: its open connections stay counted and its clients get
