@@ -611,9 +611,10 @@ async fn forward(
 
     // The request line and `Host` are written as they are: built from what the server parsed,
     // the target holds no space or control byte and the host no control byte; and must not.
-    // UTF-8 past ASCII (a raw path from curl or a script) passes as it came, as nginx passes
-    // it, but for the C1 controls (U+0080..U+009F): Python's http.server splits request
-    // lines at U+0085 as at a space.
+    // UTF-8 past ASCII (a raw path from curl or a script) is escaped in the path's normal
+    // form, which is what is sent; in a target that has none (the query, a path that could not
+    // be normalized) it passes as it came, as nginx passes it, but for the C1 controls
+    // (U+0080..U+009F): Python's http.server splits request lines at U+0085 as at a space.
     let c1 = |t: &str| t.chars().any(|c| ('\u{80}'..='\u{9f}').contains(&c));
     if !target
         .bytes()
