@@ -390,6 +390,29 @@ fn bad_input_is_clear_and_writes_nothing() {
     // Usage errors: exit 2.
     let e = fails(2, ["gateway", "--config", zs]);
     assert!(e.contains("is a directory"), "{e}");
+    // The usual address slips, each with what to write.
+    let add_gw = |addr: &str| {
+        fails(
+            2,
+            [
+                "device",
+                "add",
+                "gw2",
+                "--zone",
+                zs,
+                "--role",
+                "gateway",
+                "--public-addr",
+                addr,
+            ],
+        )
+    };
+    let e = add_gw("2001:db8::10");
+    assert!(e.contains("in brackets"), "{e}");
+    let e = add_gw("203.0.113.10");
+    assert!(e.contains("add the port: 203.0.113.10:PORT"), "{e}");
+    let e = add_gw("vps.example:4433");
+    assert!(e.contains("a name is not resolved"), "{e}");
     let e = fails(
         2,
         [
