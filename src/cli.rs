@@ -264,10 +264,13 @@ fn socket_addr(s: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = s.parse() {
         return Ok(a);
     }
-    let hint = if s.parse::<std::net::Ipv6Addr>().is_ok() || s.matches(':').count() > 1 {
-        "an IPv6 address goes in brackets before its port, e.g. [2001:db8::10]:4433".into()
-    } else if s.parse::<std::net::IpAddr>().is_ok() {
+    let bracketed = s.starts_with('[') && s.ends_with(']');
+    let hint = if s.parse::<std::net::Ipv6Addr>().is_ok() {
+        format!("an IPv6 address goes in brackets before its port: [{s}]:PORT")
+    } else if bracketed || s.parse::<std::net::Ipv4Addr>().is_ok() {
         format!("add the port: {s}:PORT")
+    } else if s.matches(':').count() > 1 {
+        "an IPv6 address goes in brackets before its port, e.g. [2001:db8::10]:4433".into()
     } else {
         "expected IP:PORT, e.g. 203.0.113.10:4433 or [2001:db8::10]:4433 (a name is not resolved here)".into()
     };

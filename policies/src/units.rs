@@ -261,9 +261,10 @@ pub fn normalize_path(path: &str) -> Result<std::borrow::Cow<'_, str>, PathError
         return Err(PathError::AmbiguousSeparator);
     }
     let dotted = |s: &str| matches!(s.split(';').next(), Some("." | ".."));
-    // Raw bytes past ASCII (which the http crate lets through) are written as escapes: `/café`
-    // and `/caf%C3%A9` are one path to a service, and must be one to routing and rules.
-    if path.is_ascii()
+    // Raw bytes past ASCII and the ASCII a URI must escape (both of which the http crate lets
+    // through) are written as escapes: `/café` and `/caf%C3%A9`, `/{x}` and `/%7Bx%7D` are
+    // one path to a service, and must be one to routing and rules.
+    if !path.bytes().any(needs_escape)
         && !path.contains(['%'])
         && !path.contains("//")
         && !rest.split('/').any(dotted)
@@ -322,20 +323,23 @@ fn decode_unreserved(seg: &str) -> Result<String, PathError> {
     Ok(out)
 }
 
-/// `s` onto `out`, each byte of a non-ASCII character as an upper-case `%XX` escape.
+/// A byte a path holds only escaped: past ASCII, or ASCII that RFC 3986 allows in no path
+/// (`"`, `<`, `>`, `[`, `]`, `^`, `` ` ``, `{`, `|`, `}`; `\` is refused before this).
+fn needs_escape(b: u8) -> bool {
+    !b.is_ascii() || b"\"<>[]^`{|}".contains(&b)
+}
+
+/// `s` onto `out`, each byte [`needs_escape`] says as an upper-case `%XX` escape.
 fn push_escaping_non_ascii(out: &mut String, s: &str) {
-    if s.is_ascii() {
+    if !s.bytes().any(needs_escape) {
         out.push_str(s);
         return;
     }
-    for c in s.chars() {
-        if c.is_ascii() {
-            out.push(c);
+    for b in s.bytes() {
+        if needs_escape(b) {
+            out.push_str(&format!("%{b:02X}"));
         } else {
-            let mut buf = [0u8; 4];
-            for b in c.encode_utf8(&mut buf).bytes() {
-                out.push_str(&format!("%{b:02X}"));
-            }
+            out.push(b as char);
         }
     }
 }
@@ -553,6 +557,14 @@ mod tests {
         assert!(parse_path_prefix("/café")
             .unwrap_err()
             .contains("write it as \"/caf%C3%A9\""));
+        // So are the characters a URI path holds only escaped.
+        assert_eq!(normalize_path("/api/{x}|y").unwrap(), "/api/%7Bx%7D%7Cy");
+        assert_eq!(normalize_path("/api/%7bx%7D").unwrap(), "/api/%7Bx%7D");
+        assert!(path_has_prefix(
+            &normalize_path("/api/{x}/z").unwrap(),
+            "/api/%7Bx%7D"
+        ));
+        assert!(parse_path_prefix("/api/{x}").is_err());
     }
 
     #[test]

@@ -237,7 +237,16 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             check_out(&out, &name, &z)?;
             // A device.key there must be this device's (the same key, derived again): one of
             // another device whose certificate is missing got past `check_out`.
-            if let Ok(pem) = std::fs::read_to_string(out.join("device.key")) {
+            let key_file = out.join("device.key");
+            if key_file.exists() {
+                // Unreadable is no answer to "whose is it": refused too.
+                let pem =
+                    zeroize::Zeroizing::new(std::fs::read_to_string(&key_file).map_err(|e| {
+                        UsageError(format!(
+                            "{}: cannot read it to check whose it is: {e}",
+                            key_file.display()
+                        ))
+                    })?);
                 let ours = z.key.derive_device(z.domain(), &name).public_text();
                 let theirs = zone_core::DeviceKey::from_pem(&pem).map(|k| k.public_text());
                 if theirs.as_ref().ok() != Some(&ours) {

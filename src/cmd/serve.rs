@@ -295,7 +295,12 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
     let threads = config::threads(&a.config, f.threads)?.unwrap_or(config::NODE_THREADS);
     let paths = config::bundle(&a.config, &f.key, &f.cert, &f.ca, &f.zone_config);
     if let Some(server) = a.bootstrap_dns.or(f.bootstrap_dns) {
-        config::fixed_port("bootstrap_dns =", server).map_err(|e| config::in_file(&a.config, e))?;
+        if a.bootstrap_dns.is_some() {
+            config::fixed_port("--bootstrap-dns", server)?;
+        } else {
+            config::fixed_port("bootstrap_dns =", server)
+                .map_err(|e| config::in_file(&a.config, e))?;
+        }
         // Checked first: a wrong domain would otherwise fail as "none over DNS" (exit 1,
         // restarted) rather than as the config error it is.
         let cert = zone_core::zonedir::read_cert_der(&paths.cert)?;

@@ -1615,6 +1615,7 @@ impl Agent {
             }
         };
         let (up, down) = (m.a_to_b, m.b_to_a);
+        let clean = m.error.is_none() && m.stopped.is_none();
         info!(
             app = %app,
             service = %service,
@@ -1630,8 +1631,12 @@ impl Agent {
         // acknowledged (a stream's whole window, 4 MiB: seconds on a home uplink), and the
         // close that ends a stop throws away what is unsent. The task (which a stop waits
         // for) lasts until then, usually a round trip: a stop beginning meanwhile waits
-        // too, within its grace.
-        if !t.agent_drain.is_zero() {
+        // too, within its grace. Only after a clean end: a stream we reset is dropped by
+        // quinn without a wake-up, and its wait would last the whole grace. The service's
+        // socket and the direct path's guard are let go first.
+        if clean && !t.agent_drain.is_zero() {
+            drop(tcp);
+            drop(_guard);
             let _ = tokio::time::timeout(t.agent_drain, acked).await;
         }
     }
@@ -1719,7 +1724,7 @@ impl Agent {
             };
             let _ = tcp.set_nodelay(true);
             let one = self.clone().forward_one(f.clone(), tcp, peer);
-            // Once a stop began, new ones are not waited for (the tracker is closed).
+            // Tracked for the drain (the loop stops accepting as the stop begins).
             self.forwarded.spawn(async move {
                 one.await;
                 drop(slot);

@@ -157,6 +157,9 @@ pub struct Upstream {
     buf: BytesMut,
     /// When the response head being read is worth parsing again.
     scan: h1::HeadScan,
+    /// The buffer grew past one read for a large head: let go of it when pooled
+    /// (`capacity()` then counts only what is left after the head was split off).
+    grown: bool,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -479,6 +482,7 @@ impl Upstream {
             io: Box::new(io),
             buf: BytesMut::new(),
             scan: h1::HeadScan::default(),
+            grown: false,
         }
     }
 
@@ -584,6 +588,7 @@ impl Upstream {
                 }
             }
             self.buf.reserve(READ_CHUNK);
+            self.grown |= self.buf.capacity() > 2 * READ_CHUNK;
             match ready!(poll_read_buf(Pin::new(&mut *self.io), cx, &mut self.buf)) {
                 Ok(0) if *answered => return Poll::Ready(Err(UpstreamError::Truncated)),
                 Ok(0) => return Poll::Ready(Err(UpstreamError::Closed)),
@@ -733,7 +738,7 @@ impl UpBody {
             // after a large head) is let go while the connection idles. The usual 16 KiB is
             // kept: a fresh one per request cost about 0.7 µs of the gateway's 14 (benches/ab.sh
             // front, 4 rounds each, within its noise).
-            if conn.buf.capacity() > READ_CHUNK {
+            if std::mem::take(&mut conn.grown) || conn.buf.capacity() > READ_CHUNK {
                 conn.buf = BytesMut::new();
             }
             pool.put(key, conn, super::pool::keep_for(left));
