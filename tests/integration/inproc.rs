@@ -537,3 +537,35 @@ pub fn random_bytes(n: usize) -> Vec<u8> {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// A UDP relay on loopback to `to` that goes silent (drops everything, both ways) while its
+/// flag is set: a path that dies without a word. Answers from `to` go back to the last other
+/// address that sent. Ends with the test's runtime.
+pub async fn udp_relay(to: SocketAddr) -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let relay = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = relay.local_addr().unwrap();
+    let silent = Arc::new(AtomicBool::new(false));
+    tokio::spawn({
+        let silent = silent.clone();
+        async move {
+            let mut client = None;
+            let mut buf = vec![0u8; 65_536];
+            while let Ok((n, from)) = relay.recv_from(&mut buf).await {
+                let dest = if from == to {
+                    match client {
+                        Some(c) => c,
+                        None => continue,
+                    }
+                } else {
+                    client = Some(from);
+                    to
+                };
+                if !silent.load(Ordering::Relaxed) {
+                    let _ = relay.send_to(&buf[..n], dest).await;
+                }
+            }
+        }
+    });
+    (addr, silent)
+}

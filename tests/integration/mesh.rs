@@ -877,8 +877,7 @@ async fn a_stopping_node_lets_a_peers_direct_connection_finish() {
 /// service slow to accept), is given the whole timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_direct_open_on_a_silent_path_fails_fast() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
     use tunnel::proto::{Origin, StreamHeader};
     let z = TestZone::new(&["home1", "home2"]);
     // The connection's own idle timeout well past the open's: only the silence check can
@@ -903,30 +902,7 @@ async fn a_direct_open_on_a_silent_path_fails_fast() {
         }
     });
     // A UDP relay between the two that can turn into a black hole.
-    let relay = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let relay_addr = relay.local_addr().unwrap();
-    let dead = Arc::new(AtomicBool::new(false));
-    let relaying = tokio::spawn({
-        let (relay, dead) = (relay.clone(), dead.clone());
-        async move {
-            let mut client = None;
-            let mut buf = vec![0u8; 65_536];
-            while let Ok((n, from)) = relay.recv_from(&mut buf).await {
-                let to = if from == home1_addr {
-                    match client {
-                        Some(c) => c,
-                        None => continue,
-                    }
-                } else {
-                    client = Some(from);
-                    home1_addr
-                };
-                if !dead.load(Ordering::Relaxed) {
-                    let _ = relay.send_to(&buf[..n], to).await;
-                }
-            }
-        }
-    });
+    let (relay_addr, dead) = udp_relay(home1_addr).await;
     let home2 =
         tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), &z.creds("home2"), &t)
             .unwrap();
@@ -965,6 +941,5 @@ async fn a_direct_open_on_a_silent_path_fails_fast() {
         "a silent path held the open {:?} (its silence limit is {limit:?})",
         started.elapsed()
     );
-    relaying.abort();
     accept.abort();
 }

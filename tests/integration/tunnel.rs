@@ -2292,20 +2292,22 @@ async fn the_first_datagram_of_every_new_flow_arrives() {
     gw.shutdown.cancel();
 }
 
-/// A node keeps its end of a UDP flow as long as the gateway keeps its own: the gateway says
-/// how long (`UdpFlowIdle`). A node that closed it after its own, shorter, setting turned the
-/// gateway's next datagram into a new flow, from a new port to the service (a DTLS or game
-/// session broken).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_keeps_a_quiet_udp_flow_as_long_as_the_gateway_does() {
+/// A zone whose home1 offers a UDP echo (`uecho`), its gateway and agent with these tunings,
+/// and one flow open to it from the gateway (a public client 192.0.2.7:5000).
+async fn uecho_flow(
+    gw_tuning: Tuning,
+    node_tuning: Tuning,
+) -> (
+    TestZone,
+    RunningGateway,
+    RunningAgent,
+    tunnel::hub::UdpFlow,
+    tokio::sync::mpsc::Receiver<bytes::Bytes>,
+) {
     let z = TestZone::new(&["home1"]);
     let uecho = udp_echo().await;
-    let mut gw_tuning = fast_tuning();
-    gw_tuning.udp_flow_idle = Duration::from_secs(5);
-    let mut node_tuning = fast_tuning();
-    node_tuning.udp_flow_idle = Duration::from_secs(1);
     let gw = start_gateway(&z, gw_tuning, Duration::from_millis(500)).await;
-    let _h1 = start_agent(
+    let h1 = start_agent(
         &z,
         "home1",
         services(&[("uecho", uecho, ServiceProto::Udp)]),
@@ -2315,11 +2317,25 @@ async fn a_node_keeps_a_quiet_udp_flow_as_long_as_the_gateway_does() {
     .await;
     wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
     let origin = tunnel::proto::Origin::Public(([192, 0, 2, 7], 5000).into());
-    let (flow, mut rx) = gw
+    let (flow, rx) = gw
         .hub
         .open_udp_flow("home1", "uecho", "uecho", origin)
         .await
         .unwrap();
+    (z, gw, h1, flow, rx)
+}
+
+/// A node keeps its end of a UDP flow as long as the gateway keeps its own: the gateway says
+/// how long (`UdpFlowIdle`). A node that closed it after its own, shorter, setting turned the
+/// gateway's next datagram into a new flow, from a new port to the service (a DTLS or game
+/// session broken).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_keeps_a_quiet_udp_flow_as_long_as_the_gateway_does() {
+    let mut gw_tuning = fast_tuning();
+    gw_tuning.udp_flow_idle = Duration::from_secs(5);
+    let mut node_tuning = fast_tuning();
+    node_tuning.udp_flow_idle = Duration::from_secs(1);
+    let (_z, gw, _h1, flow, mut rx) = uecho_flow(gw_tuning, node_tuning).await;
     flow.send(b"one").unwrap();
     let got = tokio::time::timeout(WAIT, rx.recv())
         .await
@@ -2342,24 +2358,7 @@ async fn a_node_keeps_a_quiet_udp_flow_as_long_as_the_gateway_does() {
 /// UDP may, and counted for the flow's done line (they were dropped uncounted).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn datagrams_past_a_flows_queue_are_counted_as_dropped() {
-    let z = TestZone::new(&["home1"]);
-    let uecho = udp_echo().await;
-    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
-    let _h1 = start_agent(
-        &z,
-        "home1",
-        services(&[("uecho", uecho, ServiceProto::Udp)]),
-        vec![],
-        fast_tuning(),
-    )
-    .await;
-    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
-    let origin = tunnel::proto::Origin::Public(([192, 0, 2, 7], 5000).into());
-    let (flow, mut rx) = gw
-        .hub
-        .open_udp_flow("home1", "uecho", "uecho", origin)
-        .await
-        .unwrap();
+    let (_z, gw, _h1, flow, mut rx) = uecho_flow(fast_tuning(), fast_tuning()).await;
     // Nothing reads `rx` while the echoes come back: the queue fills, the rest is dropped.
     let sent = 2 * tunnel::hub::UDP_FLOW_QUEUE as u64;
     for i in 0..sent {
@@ -2531,7 +2530,7 @@ async fn a_stopping_node_lets_its_open_connections_finish() {
 /// the stop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_node_delivers_the_end_of_a_finished_answer() {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const ANSWER: usize = 1 << 20;
     let z = TestZone::new(&["home1"]);
@@ -2559,31 +2558,7 @@ async fn a_stopping_node_delivers_the_end_of_a_finished_answer() {
         let _ = written_tx.send(());
     });
     // The node reaches the gateway through a UDP relay that can go silent.
-    let relay = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let relay_addr = relay.local_addr().unwrap();
-    let gw_quic = z.gateways[0].1;
-    let silent = Arc::new(AtomicBool::new(false));
-    tokio::spawn({
-        let (relay, silent) = (relay.clone(), silent.clone());
-        async move {
-            let mut node = None;
-            let mut buf = vec![0u8; 65_536];
-            while let Ok((n, from)) = relay.recv_from(&mut buf).await {
-                let to = if from == gw_quic {
-                    match node {
-                        Some(a) => a,
-                        None => continue,
-                    }
-                } else {
-                    node = Some(from);
-                    gw_quic
-                };
-                if !silent.load(Ordering::Relaxed) {
-                    let _ = relay.send_to(&buf[..n], to).await;
-                }
-            }
-        }
-    });
+    let (relay_addr, silent) = udp_relay(z.gateways[0].1).await;
     let h1 = start_agent_via(
         &z,
         "home1",
