@@ -303,7 +303,7 @@ fn decode_unreserved(seg: &str) -> Result<String, PathError> {
     let mut out = String::with_capacity(seg.len());
     let mut rest = seg;
     while let Some(at) = rest.find('%') {
-        push_escaping_non_ascii(&mut out, &rest[..at]);
+        push_escaped(&mut out, &rest[..at]);
         let hex = rest
             .get(at + 1..at + 3)
             .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
@@ -319,7 +319,7 @@ fn decode_unreserved(seg: &str) -> Result<String, PathError> {
         }
         rest = &rest[at + 3..];
     }
-    push_escaping_non_ascii(&mut out, rest);
+    push_escaped(&mut out, rest);
     Ok(out)
 }
 
@@ -330,7 +330,7 @@ fn needs_escape(b: u8) -> bool {
 }
 
 /// `s` onto `out`, each byte [`needs_escape`] says as an upper-case `%XX` escape.
-fn push_escaping_non_ascii(out: &mut String, s: &str) {
+fn push_escaped(out: &mut String, s: &str) {
     if !s.bytes().any(needs_escape) {
         out.push_str(s);
         return;

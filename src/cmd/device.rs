@@ -107,13 +107,7 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             // The device is in zone.json now: a bundle that fails half way (a full disk, an
             // interrupt) is written again by `renew`, which says so.
             let cfg = z.write_bundle(&out, &name, &key, &cert).with_context(|| {
-                format!(
-                    "{name} was added to zone.json (serial {}), but its bundle {} was not written whole: once fixed, write it with `zonegate device renew {name} --zone {} --out {}`",
-                    z.zone.config.serial,
-                    out.display(),
-                    zone.zone.display(),
-                    out.display()
-                )
+                unwritten_bundle(&format!("{name} was added to"), &name, &z, &zone.zone, &out)
             })?;
             say!(
                 "added {} ({}) to zone {}: serial {}",
@@ -271,12 +265,12 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
                 }
             };
             let cfg = z.write_bundle(&out, &name, &key, &cert).with_context(|| {
-                format!(
-                    "{name}'s certificate was renewed in zone.json (serial {}), but its bundle {} was not written whole: once fixed, run `zonegate device renew {name} --zone {} --out {}` again",
-                    z.zone.config.serial,
-                    out.display(),
-                    zone.zone.display(),
-                    out.display()
+                unwritten_bundle(
+                    &format!("{name}'s certificate was renewed in"),
+                    &name,
+                    &z,
+                    &zone.zone,
+                    &out,
                 )
             })?;
             say!(
@@ -309,6 +303,18 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A change to zone.json was saved (`done`, e.g. "home1 was added to") but the bundle at
+/// `out` was not written whole: what happened and the `renew` that writes it once fixed.
+fn unwritten_bundle(done: &str, name: &DeviceName, z: &ZoneDir, zone: &Path, out: &Path) -> String {
+    format!(
+        "{done} zone.json (serial {}), but its bundle {} was not written whole: once fixed, write it with `zonegate device renew {name} --zone {} --out {}`",
+        z.zone.config.serial,
+        out.display(),
+        zone.display(),
+        out.display()
+    )
 }
 
 /// The bundle directory `--out` names, made (if need be) and tried for writing before

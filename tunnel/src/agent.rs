@@ -1104,9 +1104,8 @@ impl Agent {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .udp_flow_idle;
-                let idle = theirs.map_or(self.cfg.tuning.udp_flow_idle, |g| {
-                    g.max(self.cfg.tuning.udp_flow_idle)
-                });
+                let ours = self.cfg.tuning.udp_flow_idle;
+                let idle = theirs.unwrap_or(ours).max(ours);
                 self.open_flow(conn, ctl, flows, f, &link.name, idle)
             }
             Event::UdpFlowIdle { idle_ms } => {

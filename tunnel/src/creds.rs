@@ -535,11 +535,7 @@ fn save_if_newer(path: &Path, saving: &std::sync::Mutex<()>, serial: u64, json: 
 
 /// Writes the trust's revocations to the device's record ([`seen_revocations`]).
 fn record_revocations(path: &Path, trust: &ZoneTrust) {
-    write_record(path, &trust.revoked());
-}
-
-fn write_record(path: &Path, names: &std::collections::BTreeSet<DeviceName>) {
-    if let Err(e) = seen_revocations::write(path, names) {
+    if let Err(e) = seen_revocations::write(path, &trust.revoked()) {
         tracing::error!(path = %path.display(), error = %e, "revocations not recorded: a restart with an older zone.json would forget them; make the bundle directory writable by this process");
     }
 }

@@ -436,12 +436,11 @@ fn unmet_expectation(headers: &http::HeaderMap) -> Option<String> {
                 .eq_ignore_ascii_case(b"100-continue")
         })
         .map(|v| {
-            let shown: String = String::from_utf8_lossy(v.as_bytes())
+            String::from_utf8_lossy(v.as_bytes())
                 .chars()
                 .filter(|c| !c.is_control())
                 .take(64)
-                .collect();
-            shown
+                .collect()
         })
 }
 
