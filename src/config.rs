@@ -532,6 +532,32 @@ pub fn parse_service_flag(s: &str) -> Result<(String, ServiceEntry), UsageError>
     ))
 }
 
+/// Adds `--service` flags to the file's `[services]`. A name given twice, or one the file already
+/// has, is refused rather than one silently replacing the other: which address was meant is the
+/// user's call, and guessing would serve the wrong thing under that name.
+pub fn add_service_flags(
+    file: &Path,
+    services: &mut BTreeMap<String, ServiceEntry>,
+    flags: &[String],
+) -> Result<(), UsageError> {
+    let in_file: Vec<String> = services.keys().cloned().collect();
+    for s in flags {
+        let (name, entry) = parse_service_flag(s)?;
+        if services.contains_key(&name) {
+            let where_ = if in_file.contains(&name) {
+                format!("{} already has [services.{name}]", file.display())
+            } else {
+                "another --service flag already names it".to_owned()
+            };
+            return Err(UsageError(format!(
+                "--service {s:?}: {where_}; remove one of them or give this one another name"
+            )));
+        }
+        services.insert(name, entry);
+    }
+    Ok(())
+}
+
 /// `LISTEN=DEVICE/SERVICE`.
 pub fn parse_forward_flag(s: &str) -> Result<ForwardEntry, UsageError> {
     let bad = || {
@@ -753,6 +779,33 @@ pub fn http_tuning(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `--service` never silently replaces another entry of the same name.
+    #[test]
+    fn a_service_flag_does_not_replace_a_same_named_service() {
+        let f = Path::new("node.toml");
+        let mut services = BTreeMap::new();
+        let (n, e) = parse_service_flag("nas=127.0.0.1:8000").unwrap();
+        services.insert(n, e);
+        let e = add_service_flags(f, &mut services, &["nas=127.0.0.1:9000".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("node.toml already has [services.nas]"), "{e}");
+        assert_eq!(services["nas"].local.port(), 8000);
+
+        let twice = ["web=127.0.0.1:1".to_owned(), "web=127.0.0.1:2".to_owned()];
+        let e = add_service_flags(f, &mut services, &twice)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("another --service flag"), "{e}");
+
+        add_service_flags(
+            f,
+            &mut BTreeMap::new(),
+            &["a=127.0.0.1:1".into(), "b=[::1]:2/udp".into()],
+        )
+        .unwrap();
+    }
 
     #[test]
     fn the_grace_period_is_bounded() {

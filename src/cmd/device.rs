@@ -132,6 +132,9 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
                 },
                 cfg.display()
             );
+            if let Some(note) = zone_core::zonedir::mixed_ports_note(&public_addrs) {
+                say!("note: {note}");
+            }
             if !z.zone.config.gateways.is_empty() {
                 say!("note: other bundles hold an older zone.json; copy {} to them (or let agents pass it on)", zone.zone.join("zone.json").display());
             }
@@ -217,6 +220,9 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
                 say!("The new addresses include IPv6: set `listen = \"[::]:PORT\"` in its gateway.toml (IPv4 and IPv6 on one socket) if it says 0.0.0.0.");
             }
             say!("If the QUIC port changed, set that port in `listen` in its gateway.toml before starting it.");
+            if let Some(note) = zone_core::zonedir::mixed_ports_note(&public_addrs) {
+                say!("note: {note}");
+            }
             Ok(())
         }
         DeviceCmd::Renew {

@@ -165,10 +165,7 @@ fn gateway_addresses(f: &GatewayFile) -> (Addr, Option<Addr>, Option<Addr>, Opti
 pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     let mut f: GatewayFile = config::read(&a.config)
         .map_err(|e| config::other_role_hint::<NodeFile>(e, &a.config, "a node agent's", "node"))?;
-    for s in &a.services {
-        let (n, e) = config::parse_service_flag(s)?;
-        f.services.insert(n, e);
-    }
+    config::add_service_flags(&a.config, &mut f.services, &a.services)?;
     for s in &a.forwards {
         f.forward.push(config::parse_forward_flag(s)?);
     }
@@ -270,10 +267,7 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
     let mut f: NodeFile = config::read(&a.config).map_err(|e| {
         config::other_role_hint::<GatewayFile>(e, &a.config, "a gateway's", "gateway")
     })?;
-    for s in &a.services {
-        let (n, e) = config::parse_service_flag(s)?;
-        f.services.insert(n, e);
-    }
+    config::add_service_flags(&a.config, &mut f.services, &a.services)?;
     for s in &a.forwards {
         f.forward.push(config::parse_forward_flag(s)?);
     }

@@ -678,11 +678,33 @@ pub fn gateway_toml(c: &ZoneConfig, name: &DeviceName) -> String {
         ("0.0.0.0", "IPv4")
     };
     s.push_str(&gateways_comment(c));
+    if let Some(note) = mixed_ports_note(addrs) {
+        s.push_str(&format!("# Note: {note}\n"));
+    }
     s.push_str(&format!(
         "# QUIC for node agents: the port of this gateway's public address, on all interfaces ({families}).\nlisten = \"{any}:{port}\"\n# Traffic policy files (TOML); edits are picked up while running.\npolicies = \"policies\"\n# Admin API and status page, loopback only.\nadmin = \"{GATEWAY_ADMIN_DEFAULT}\"\n# Public HTTP and HTTPS front (\"off\" to disable). Ports below 1024 need root or\n# CAP_NET_BIND_SERVICE. Without [[tls]] entries HTTPS uses a self-signed certificate.\n# Defaults: [::] takes IPv4 and IPv6 (0.0.0.0 where the machine has no IPv6).\n# http = \"[::]:80\"\n# https = \"[::]:443\"\n# Certificate files are read again when they change (a renewal needs no restart). Under the\n# systemd unit the gateway runs as `zonegate`, which cannot read certbot's live/ directory:\n# have a deploy hook copy them here, e.g. certbot ... --deploy-hook 'install -D -o zonegate -m 600\n# -t /etc/zonegate/gw/tls $RENEWED_LINEAGE/fullchain.pem $RENEWED_LINEAGE/privkey.pem'\n# [[tls]]\n# cert = \"tls/fullchain.pem\"\n# key = \"tls/privkey.pem\"\n"
     ));
     s.push_str(COMMON_TAIL);
     s
+}
+
+/// Said when a gateway's public addresses use more than one port: it listens for QUIC on one
+/// (the first address's), so agents dialing the others reach it only through a port mapping in
+/// front of it (a NAT VPS's, say). Not refused, since such a mapping is a real set-up.
+pub fn mixed_ports_note(addrs: &[SocketAddr]) -> Option<String> {
+    let first = addrs.first()?.port();
+    let others: Vec<String> = addrs
+        .iter()
+        .filter(|a| a.port() != first)
+        .map(|a| a.to_string())
+        .collect();
+    if others.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "the gateway listens for QUIC on port {first} only, so agents dialing {} reach it only if something in front of it forwards that port to {first}; otherwise give every public address port {first}",
+        others.join(", ")
+    ))
 }
 
 /// Holds an exclusive `flock` on the zone directory itself until dropped: one commit at a
@@ -940,6 +962,34 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("agents cannot dial it"), "{e}");
         name_fits_after_all(&z);
+    }
+
+    /// A gateway reached on two ports listens on one: its gateway.toml and `device add` say so.
+    #[test]
+    fn a_gateway_with_public_addresses_on_two_ports_is_told_it_listens_on_one() {
+        let one: Vec<SocketAddr> = vec![
+            "203.0.113.1:7843".parse().unwrap(),
+            "[2001:db8::1]:7843".parse().unwrap(),
+        ];
+        assert_eq!(mixed_ports_note(&one), None);
+        assert_eq!(mixed_ports_note(&[]), None);
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let mut z = ZoneDir::init(dir.path(), Domain::new("example.org").unwrap(), now).unwrap();
+        let gw = DeviceName::new("gw").unwrap();
+        let two = [
+            "203.0.113.1:7843".parse().unwrap(),
+            "[2001:db8::1]:443".parse().unwrap(),
+        ];
+        z.add_device(&gw, &[Role::Gateway], &two, now, 90).unwrap();
+        let note = mixed_ports_note(&two).unwrap();
+        assert!(
+            note.contains("port 7843 only") && note.contains("[2001:db8::1]:443"),
+            "{note}"
+        );
+        let toml = gateway_toml(&z.zone.config, &gw);
+        assert!(toml.contains(&format!("# Note: {note}\n")), "{toml}");
+        assert!(toml.contains("listen = \"[::]:7843\""), "{toml}");
     }
 
     fn name_fits_after_all(z: &ZoneDir) {
