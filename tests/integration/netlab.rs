@@ -10,7 +10,7 @@
 //! with [`Lab::spawn`] by PID, then runs the script's `down`, which kills whatever else still runs
 //! in the lab's namespaces (by PID) and deletes them. A test process killed outright leaves its
 //! lab behind: the next [`Lab::up`] in any process runs the script's `gc`, which removes labs whose
-//! owner PID (in `/run/natlab/PREFIX.owner`) is gone.
+//! owner process (PID and start time in `/run/natlab/PREFIX.owner`) is gone.
 //!
 //! Lab tests need root and working `ip netns`; start each with
 //! `if !netlab::require_root("name") { return; }`. Environment knobs:
@@ -462,7 +462,9 @@ fn reserve_prefix(name: &str) -> io::Result<(String, PathBuf)> {
             .open(&file)
         {
             Ok(mut f) => {
-                io::Write::write_all(&mut f, pid.to_string().as_bytes())?;
+                // With the start time, `gc` tells this process from a later one given its PID.
+                let start = proc_start_time(pid).map_or(String::new(), |t| format!(" {t}"));
+                io::Write::write_all(&mut f, format!("{pid}{start}").as_bytes())?;
                 return Ok((prefix, file));
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,

@@ -66,7 +66,8 @@
 #   divert-clear NAT       remove every divert-udp rule of NAT (existing flows keep their NAT
 #                          binding until flushed)
 #   gc                     tear down labs whose owner process is gone: for each
-#                          /run/natlab/PFX.owner holding a dead PID, `down` that prefix
+#                          /run/natlab/PFX.owner holding "PID [START]" of a process gone (dead, or
+#                          its PID reused: START, field 22 of /proc/PID/stat, differs), `down` it
 #
 # Differences from shared/netlab/natlab.sh: the name prefix (flag or NATLAB_PREFIX) and its
 # validation; fewer `ip netns exec` calls (sysctls batched), so `up` is about twice as fast;
@@ -454,14 +455,19 @@ divert_clear() {
 
 gc() {
   [[ -d $OWNER_DIR ]] || return 0
-  local f pfx pid
+  local f pfx pid start stat fields
   for f in "$OWNER_DIR"/*.owner; do
     [[ -e $f ]] || continue
     pfx=$(basename "$f" .owner)
-    pid=$(cat "$f" 2>/dev/null || true)
+    read -r pid start < "$f" 2>/dev/null || true
     # empty = being reserved right now (the harness writes the PID just after creating the file)
     [[ $pid =~ ^[0-9]+$ ]] || continue
-    [[ -d /proc/$pid ]] && continue
+    if stat=$(cat "/proc/$pid/stat" 2>/dev/null); then
+      # alive, unless the PID now belongs to a later process: compare the start time (field 22;
+      # the command name in field 2 may hold spaces and parens, so split after its last ')')
+      read -ra fields <<< "${stat##*)}"
+      [[ -z $start || ${fields[19]} == "$start" ]] && continue
+    fi
     log "gc: owner $pid of lab '$pfx' is gone"
     NATLAB_PREFIX=$pfx bash "${BASH_SOURCE[0]}" down || continue
     rm -f "$f"
