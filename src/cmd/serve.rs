@@ -364,14 +364,22 @@ pub fn files(
         descriptors: 4 * crate::files::MAX_CONNECTIONS as u64 + crate::fd_limit::RESERVE,
         lower: "",
     });
-    runtime(cores())?.block_on(async move {
+    let rt = runtime(cores())?;
+    let served = rt.block_on(async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signal(install_signals(), shutdown.clone()));
         crate::files::run(root, listen, (pages, proxies), shutdown)
             .await
             .with_context(|| format!("cannot listen on {listen}"))
-    })
+    });
+    // A file system call stuck in a hung mount (what FS_TIMEOUT answers around) would hold a
+    // plain drop of the runtime, and the process, until systemd's SIGKILL.
+    rt.shutdown_timeout(FILES_STOP_WAIT);
+    served
 }
+
+/// How long a stopping file service waits for its file system calls still running.
+const FILES_STOP_WAIT: Duration = Duration::from_secs(5);
 
 /// Fetches `_zonegate.DOMAIN` from `server`, verifies it with the pinned zone CA and writes it
 /// as the bundle's zone.json when it is newer than what the bundle holds (or when it has none).

@@ -10,6 +10,7 @@
 use std::fs::{File, Metadata};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -45,6 +46,14 @@ pub struct Opened {
     pub path: PathBuf,
 }
 
+/// How files and directories are opened for reading. Non-blocking, so a FIFO swapped in after
+/// the `O_PATH` look cannot hold the thread in open(2); `O_NOCTTY`, so a terminal never becomes
+/// the service's controlling one.
+const READ: OFlags = OFlags::RDONLY
+    .union(OFlags::CLOEXEC)
+    .union(OFlags::NONBLOCK)
+    .union(OFlags::NOCTTY);
+
 /// Set once `openat2` turned out to be missing: later opens go straight to the fallback.
 static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
 
@@ -72,9 +81,31 @@ impl Root {
         let rel = real
             .strip_prefix(&self.path)
             .map_err(|_| Refused::Outside)?;
-        let fd = self.open_relative(rel).map_err(Refused::Unreadable)?;
-        let file = File::from(fd);
+        // Looked at through an `O_PATH` handle first, which opens nothing: opening a FIFO for
+        // reading lets a blocked writer go (and our close then breaks its pipe), opening a
+        // device node can act (a watchdog armed, a tape rewound). Only regular files and
+        // directories are served; anything else goes back as the `O_PATH` handle, which the
+        // caller refuses by its type and never reads.
+        let probe = File::from(
+            self.open_relative(rel, OFlags::PATH | OFlags::CLOEXEC)
+                .map_err(Refused::Unreadable)?,
+        );
+        let seen = probe.metadata().map_err(Refused::Unreadable)?;
+        if !seen.is_file() && !seen.is_dir() {
+            return Ok(Opened {
+                file: probe,
+                meta: seen,
+                path: real,
+            });
+        }
+        let file = File::from(self.open_relative(rel, READ).map_err(Refused::Unreadable)?);
         let meta = file.metadata().map_err(Refused::Unreadable)?;
+        // Something else renamed into place between the two opens: refused, not served.
+        if (meta.dev(), meta.ino()) != (seen.dev(), seen.ino()) {
+            return Err(Refused::Unreadable(io::Error::other(
+                "replaced while being opened",
+            )));
+        }
         Ok(Opened {
             file,
             meta,
@@ -82,16 +113,14 @@ impl Root {
         })
     }
 
-    /// Opens `rel` (symlink-free when it was resolved) beneath the root, read-only. Non-
-    /// blocking, so a FIFO swapped in cannot hold the thread in open(2); the caller looks at
-    /// what the handle is before reading it.
-    fn open_relative(&self, rel: &Path) -> io::Result<OwnedFd> {
+    /// Opens `rel` (symlink-free when it was resolved) beneath the root with `flags`
+    /// ([`READ`], or `O_PATH` to look first).
+    fn open_relative(&self, rel: &Path, flags: OFlags) -> io::Result<OwnedFd> {
         let rel = if rel.as_os_str().is_empty() {
             Path::new(".")
         } else {
             rel
         };
-        let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK;
         if !NO_OPENAT2.load(Ordering::Relaxed) {
             let resolve =
                 ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
@@ -179,6 +208,7 @@ pub fn read_names(dir: &File, mut visit: impl FnMut(&[u8], &dyn Fn() -> bool)) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileTypeExt;
 
     #[test]
     fn symlinks_out_are_refused_and_in_are_followed() {
@@ -221,6 +251,38 @@ mod tests {
         assert_eq!(names, want);
     }
 
+    /// A FIFO in the share is looked at, never opened for reading: a writer waiting for a
+    /// reader is not let go (and then broken) by a request for it.
+    #[test]
+    fn a_fifo_is_not_opened_for_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let root = Root::open(dir.path()).unwrap();
+        let opened = root.open_beneath(&root.path().join("pipe")).unwrap();
+        assert!(opened.meta.file_type().is_fifo(), "{:?}", opened.meta);
+        // A non-blocking write-open succeeds only while some reader has the FIFO open.
+        let writer = rustix::fs::open(
+            &fifo,
+            OFlags::WRONLY | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        );
+        assert_eq!(writer.unwrap_err(), rustix::io::Errno::NXIO);
+        drop(opened);
+        // Files and directories still open for reading.
+        std::fs::write(dir.path().join("f"), "x").unwrap();
+        let f = root.open_beneath(&root.path().join("f")).unwrap();
+        assert_eq!(std::io::read_to_string(f.file).unwrap(), "x");
+        assert!(root.open_beneath(root.path()).unwrap().meta.is_dir());
+    }
+
     /// The race openat2 closes: a directory of the path swapped for a symlink out after the
     /// path was checked. Opening the checked path then must fail, not follow the link.
     #[test]
@@ -235,9 +297,9 @@ mod tests {
         let rel = Path::new("d/f");
         std::fs::rename(dir.path().join("d"), dir.path().join("d.old")).unwrap();
         std::os::unix::fs::symlink(outside.path(), dir.path().join("d")).unwrap();
-        let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK;
+        let flags = READ;
         // With openat2, and with the part-by-part walk used where it is missing.
-        for opened in [root.open_relative(rel), root.open_walk(rel, flags)] {
+        for opened in [root.open_relative(rel, flags), root.open_walk(rel, flags)] {
             assert!(
                 opened.is_err(),
                 "followed the swapped-in symlink: {:?}",

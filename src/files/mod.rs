@@ -19,7 +19,6 @@ pub mod validate;
 
 use std::collections::BinaryHeap;
 use std::convert::Infallible;
-use std::io::SeekFrom;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,7 +30,6 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -213,8 +211,9 @@ async fn handle(
     if STUCK.load(std::sync::atomic::Ordering::Relaxed) >= MAX_STUCK {
         return stuck();
     }
+    let held = hold.clone();
     let found = blocking_within(FS_TIMEOUT, move || -> Result<Found, Refused> {
-        let _hold = hold;
+        let _hold = held;
         Ok(match open_target(&root, &asked, slash)? {
             Target::File(f) => Found::File(f),
             Target::Dir(dir, rel) => Found::Listing(
@@ -230,7 +229,7 @@ async fn handle(
         return stuck();
     };
     match found {
-        Ok(Ok(Found::File(f))) => file(f, head, req.headers(), pages).await,
+        Ok(Ok(Found::File(f))) => file(f, head, req.headers(), pages, hold).await,
         Ok(Ok(Found::Redirect(mut to))) => {
             if let Some(q) = req.uri().query() {
                 to.push('?');
@@ -374,7 +373,13 @@ enum Found {
 }
 
 /// The answer for an opened file: whole, a part, or a conditional answer (304, 412, 416).
-async fn file(opened: Opened, head: bool, headers: &HeaderMap, pages: Pages) -> Response<Body> {
+async fn file(
+    opened: Opened,
+    head: bool,
+    headers: &HeaderMap,
+    pages: Pages,
+    hold: Arc<InFlightSlot>,
+) -> Response<Body> {
     let Opened { file, meta, path } = opened;
     if !meta.is_file() {
         return text(StatusCode::FORBIDDEN, "not a regular file");
@@ -428,20 +433,11 @@ async fn file(opened: Opened, head: bool, headers: &HeaderMap, pages: Pages) -> 
     let body: Body = if head {
         empty()
     } else {
-        let mut f = tokio::fs::File::from_std(file);
-        if start > 0 {
-            match tokio::time::timeout(FS_TIMEOUT, f.seek(SeekFrom::Start(start))).await {
-                Err(_) => return stuck(),
-                Ok(Err(e)) => {
-                    debug!(error = %e, path = %path.display(), "seek failed");
-                    return text(StatusCode::FORBIDDEN, "cannot read this file");
-                }
-                Ok(Ok(_)) => {}
-            }
-        }
         // Streamed from disk: memory stays flat for any file size.
-        let stream = tokio_util::io::ReaderStream::with_capacity(f.take(count), 64 * 1024);
-        BodyExt::boxed(StreamBody::new(reads_in_time(stream).map_ok(Frame::data)))
+        let read =
+            move |at: u64, buf: &mut [u8]| std::os::unix::fs::FileExt::read_at(&file, buf, at);
+        let stream = file_reads(read, start, count, hold, FS_TIMEOUT);
+        BodyExt::boxed(StreamBody::new(stream.map_ok(Frame::data)))
     };
     r.status(status)
         .header(header::CONTENT_TYPE, ctype)
@@ -453,23 +449,67 @@ async fn file(opened: Opened, head: bool, headers: &HeaderMap, pages: Pages) -> 
         .expect("valid response")
 }
 
-/// `reads`, ending in a `TimedOut` error once one read takes longer than [`FS_TIMEOUT`]: the
-/// slow-reader cut counts only what is written, so a download stalled on a hung mount held its
-/// connection for ever. Hyper cuts the connection on the error (the length was promised).
-fn reads_in_time(
-    reads: impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + Sync + Unpin + 'static,
+/// How much one read of a download asks for.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// `count` bytes from `start`, read by `read` (`pread` on the file) a chunk at a time, each on
+/// a blocking thread given up on past `limit` ([`FS_TIMEOUT`]) like every other file system call: a read
+/// stuck in a hung mount ends the download in a `TimedOut` error (hyper then cuts the
+/// connection; the length was promised), is counted in [`STUCK`] until it returns, and keeps
+/// `hold` (the client's answer slot) till then, so a client retrying a stuck download cannot
+/// tie up the blocking threads past its share. Before, tokio's file reads ran outside that
+/// count: 64 retries at a time every 30 s could take all 512 threads. A file that got shorter
+/// than promised ends in an `UnexpectedEof` error.
+fn file_reads<H: Send + Sync + 'static>(
+    read: impl Fn(u64, &mut [u8]) -> std::io::Result<usize> + Send + Sync + 'static,
+    start: u64,
+    count: u64,
+    hold: Arc<H>,
+    limit: std::time::Duration,
 ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + Sync + 'static {
-    use futures_util::StreamExt;
-    futures_util::stream::unfold(Some(reads), |reads| async move {
-        let mut reads = reads?;
-        match tokio::time::timeout(FS_TIMEOUT, reads.next()).await {
-            Ok(Some(read)) => Some((read, Some(reads))),
-            Ok(None) => None,
-            Err(_) => {
-                warn_stuck("a download was cut");
-                let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "file read timed out");
-                Some((Err(e), None))
+    use std::io::{Error, ErrorKind};
+    let read = Arc::new(read);
+    futures_util::stream::unfold(Some((start, count)), move |state| {
+        let (read, hold) = (read.clone(), hold.clone());
+        async move {
+            let (at, left) = state?;
+            if left == 0 {
+                return None;
             }
+            if STUCK.load(std::sync::atomic::Ordering::Relaxed) >= MAX_STUCK {
+                warn_stuck("a download was cut");
+                let e = Error::new(ErrorKind::TimedOut, "the file system is not answering");
+                return Some((Err(e), None));
+            }
+            let want = usize::try_from(left).unwrap_or(usize::MAX).min(READ_CHUNK);
+            let got = blocking_within(limit, move || {
+                let _hold = hold;
+                let mut buf = vec![0; want];
+                let n = read(at, &mut buf)?;
+                buf.truncate(n);
+                Ok::<_, Error>(buf)
+            })
+            .await;
+            let buf = match got {
+                None => {
+                    warn_stuck("a download was cut");
+                    Err(Error::new(ErrorKind::TimedOut, "file read timed out"))
+                }
+                Some(Err(join)) => Err(Error::other(join)),
+                Some(Ok(Err(e))) => Err(e),
+                Some(Ok(Ok(buf))) if buf.is_empty() => Err(Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "the file got shorter while being sent",
+                )),
+                Some(Ok(Ok(buf))) => Ok(buf),
+            };
+            Some(match buf {
+                Ok(buf) => {
+                    let n = buf.len() as u64;
+                    (Ok(Bytes::from(buf)), Some((at + n, left - n)))
+                }
+                Err(e) => (Err(e), None),
+            })
         }
     })
 }
@@ -754,6 +794,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
 
     async fn get(addr: SocketAddr, target: &str, extra: &str) -> String {
         request(addr, "GET", target, extra).await
@@ -940,6 +981,7 @@ mod tests {
     /// the work's answer is not waited for.
     #[tokio::test]
     async fn blocking_work_past_its_limit_is_given_up_on() {
+        let _one = STUCK_TESTS.lock().await;
         let (release, held) = std::sync::mpsc::channel::<()>();
         let started = std::time::Instant::now();
         let got = blocking_within(std::time::Duration::from_millis(100), move || {
@@ -980,24 +1022,81 @@ mod tests {
         settled().await;
     }
 
-    /// A download whose read hangs ends in an error past FS_TIMEOUT (hyper then cuts the
-    /// connection) rather than holding it for ever.
-    #[tokio::test(start_paused = true)]
-    async fn a_stalled_read_ends_the_download() {
+    /// Tests that count [`STUCK`] (a process-wide count) run one at a time.
+    static STUCK_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    /// A download reads what was asked, a chunk at a time from its offset; a file that got
+    /// shorter meanwhile ends it in an error (hyper then cuts the connection: the length was
+    /// promised).
+    #[tokio::test]
+    async fn a_download_reads_its_range_and_a_shrunk_file_ends_it() {
         use futures_util::StreamExt;
-        let stalled = futures_util::stream::iter([Ok(Bytes::from_static(b"ab"))])
-            .chain(futures_util::stream::pending());
-        let mut reads = Box::pin(reads_in_time(stalled));
-        assert_eq!(reads.next().await.unwrap().unwrap(), "ab");
-        let started = tokio::time::Instant::now();
-        let e = tokio::time::timeout(2 * FS_TIMEOUT, reads.next())
-            .await
-            .expect("the stalled read was waited for")
-            .unwrap()
-            .unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
-        assert_eq!(started.elapsed(), FS_TIMEOUT);
+        let data: Arc<Vec<u8>> = Arc::new((0..200_000u32).map(|i| (i % 251) as u8).collect());
+        let pread = |data: Arc<Vec<u8>>| {
+            move |at: u64, buf: &mut [u8]| {
+                let tail = data.get(at as usize..).unwrap_or_default();
+                let n = tail.len().min(buf.len());
+                buf[..n].copy_from_slice(&tail[..n]);
+                Ok(n)
+            }
+        };
+        let limit = std::time::Duration::from_secs(10);
+        let reads = file_reads(pread(data.clone()), 1000, 150_000, Arc::new(()), limit);
+        let chunks: Vec<Bytes> = reads.map(Result::unwrap).collect().await;
+        assert_eq!(chunks.len(), 3);
+        assert_eq!(chunks.concat(), data[1000..151_000]);
+        let mut reads = Box::pin(file_reads(
+            pread(data.clone()),
+            199_990,
+            20,
+            Arc::new(()),
+            limit,
+        ));
+        assert_eq!(reads.next().await.unwrap().unwrap(), data[199_990..]);
+        let e = reads.next().await.unwrap().unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
         assert!(reads.next().await.is_none());
+    }
+
+    /// A download whose read hangs (a hung mount) ends in an error past its limit rather than
+    /// holding its connection for ever; the stuck read counts in STUCK and keeps its client's
+    /// slot until it returns.
+    #[tokio::test]
+    async fn a_stalled_read_ends_the_download_and_keeps_its_slot() {
+        use futures_util::StreamExt;
+        let _one = STUCK_TESTS.lock().await;
+        let stuck = || STUCK.load(std::sync::atomic::Ordering::Relaxed);
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let held = std::sync::Mutex::new(held);
+        let read = move |at: u64, buf: &mut [u8]| {
+            if at > 0 {
+                let _ = held.lock().unwrap().recv();
+            }
+            buf[..2].copy_from_slice(b"ab");
+            Ok(2)
+        };
+        let slot = Arc::new(());
+        let limit = std::time::Duration::from_millis(100);
+        let mut reads = Box::pin(file_reads(read, 0, 10, slot.clone(), limit));
+        assert_eq!(reads.next().await.unwrap().unwrap(), "ab");
+        let started = std::time::Instant::now();
+        let e = reads.next().await.unwrap().unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert!(reads.next().await.is_none());
+        drop(reads);
+        assert_eq!(stuck(), 1);
+        assert_eq!(
+            Arc::strong_count(&slot),
+            2,
+            "the stuck read let its slot go"
+        );
+        drop(release);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while stuck() != 0 || Arc::strong_count(&slot) != 1 {
+            assert!(std::time::Instant::now() < deadline, "still held");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     /// Short answers carry their length, whatever holds their client's slot: sent chunked, an

@@ -15,7 +15,9 @@ pub struct Validators {
     /// a new tag — even when the writer set its modification time back (`touch -d`, `exiftool
     /// -P`): the change time is the kernel's, no program can set it.
     pub etag: Option<String>,
-    /// Modification time, if an HTTP date can say it (see [`http_date`]).
+    /// The `Last-Modified` time: the later of the modification and change times, for a file
+    /// settled and with an honest modification time, if an HTTP date can say it (see
+    /// [`http_date`]).
     pub modified: Option<SystemTime>,
     /// The later of the modification and change times, settled or not: what "changed since?"
     /// is asked of (`If-Unmodified-Since`, and `If-Modified-Since` and `If-Range` with a
@@ -65,7 +67,11 @@ impl Validators {
                     meta.len()
                 )
             }),
-            modified: http_date(settled.filter(|_| date_honest)),
+            // The date that "changed since?" is asked against ([`Validators::changed`]), so
+            // a client that sends back the `Last-Modified` it got is answered 304 (or 206 for
+            // `If-Range`): with the modification time here, a file renamed or chmod-ed in the
+            // next second (honest still) never matched its own date.
+            modified: http_date(settled.filter(|_| date_honest).and(modified.max(changed))),
             changed: modified.max(changed),
         }
     }
@@ -387,6 +393,39 @@ mod tests {
         ] {
             assert_eq!(verdict(&[("if-range", value)]), Serve { range }, "{value}");
         }
+    }
+
+    /// A file changed (renamed into place, chmod-ed) a moment after it was written: the
+    /// `Last-Modified` it is given validates it again when sent back.
+    #[test]
+    fn the_last_modified_date_sent_back_matches() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, "abc").unwrap();
+        // Its modification time set to just before the second its change time falls in (less
+        // than the 2 s that keep it honest): the two differ at whole seconds, as they do
+        // whenever a second starts between a write and a rename.
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        let ctime_of = |m: &std::fs::Metadata| at(m.ctime() as u64);
+        let meta = std::fs::metadata(&path).unwrap();
+        f.set_modified(ctime_of(&meta) - Duration::from_millis(100))
+            .unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        let v = Validators::of(&meta, SystemTime::now() + Duration::from_secs(3));
+        let lm = v.last_modified().expect("settled and honest");
+        assert_eq!(secs(v.modified.unwrap()), secs(v.changed.unwrap()));
+        assert_eq!(
+            verdict_of(&[("if-modified-since", &lm)], &v),
+            Verdict::NotModified
+        );
+        assert_eq!(
+            verdict_of(&[("if-range", &lm)], &v),
+            Verdict::Serve { range: true }
+        );
+        assert_eq!(
+            verdict_of(&[("if-unmodified-since", &lm)], &v),
+            Verdict::Serve { range: true }
+        );
     }
 
     #[test]
