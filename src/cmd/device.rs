@@ -334,7 +334,12 @@ fn prepare_out(out: &std::path::Path) -> Result<bool, UsageError> {
         )));
     }
     let created = !out.exists();
-    std::fs::create_dir_all(out)
+    let mut dirs = std::fs::DirBuilder::new();
+    std::os::unix::fs::DirBuilderExt::mode(
+        dirs.recursive(true),
+        zone_core::zonedir::BUNDLE_DIR_MODE,
+    );
+    dirs.create(out)
         .and_then(|()| tempfile::tempfile_in(out).map(drop))
         .map_err(|e| {
             UsageError(format!(

@@ -61,9 +61,15 @@ const MAX_KEY_DIGITS: usize = 44;
 
 /// Parses the `ed25519:BASE58` text form of a public key.
 pub fn parse_public_text(s: &str) -> Result<VerifyingKey, ZoneError> {
+    // Quoted in the error only as far as a key goes: the text may be an untrusted 60 KB.
     let b58 = s.strip_prefix(PUBKEY_PREFIX).ok_or_else(|| {
+        let head: String = s
+            .chars()
+            .take(PUBKEY_PREFIX.len() + MAX_KEY_DIGITS)
+            .collect();
+        let more = if head.len() < s.len() { "…" } else { "" };
         ZoneError::Key(format!(
-            "public key {s:?} does not start with {PUBKEY_PREFIX}"
+            "public key {head:?}{more} does not start with {PUBKEY_PREFIX}"
         ))
     })?;
     // 32 bytes take at most 44 base58 digits; decoding costs the square of the length, and
@@ -235,6 +241,13 @@ mod tests {
         let long = format!("{PUBKEY_PREFIX}{}", "z".repeat(60_000));
         let e = parse_public_text(&long).unwrap_err().to_string();
         assert!(e.contains("at most 44") && e.len() < 200, "{e}");
+        // Without the prefix too: an error quoting a 60 KB text was logged for each offer.
+        let e = parse_public_text(&"A".repeat(60_000))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not start with") && e.len() < 200, "{e}");
+        let e = parse_public_text("rsa:abc").unwrap_err().to_string();
+        assert!(e.contains("\"rsa:abc\" does not"), "{e}");
     }
 
     #[test]

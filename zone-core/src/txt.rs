@@ -58,12 +58,6 @@ pub fn unchunk<S: AsRef<str>>(strings: &[S]) -> Result<Vec<u8>, ZoneError> {
     let mut seen_other_version = false;
     for s in strings {
         let s = s.as_ref().trim();
-        if s.len() > MAX_STRING {
-            return err(format!(
-                "a string is {} bytes, more than {MAX_STRING}",
-                s.len()
-            ));
-        }
         let Some(rest) = s.strip_prefix(PREFIX) else {
             if s.starts_with(OLD_PREFIX) {
                 seen_old = true;
@@ -72,6 +66,14 @@ pub fn unchunk<S: AsRef<str>>(strings: &[S]) -> Result<Vec<u8>, ZoneError> {
             }
             continue;
         };
+        // Ours only: another record's string may be anything, and one of non-UTF-8 bytes
+        // grows past 255 in the lossy text the resolver hands over.
+        if s.len() > MAX_STRING {
+            return err(format!(
+                "a string is {} bytes, more than {MAX_STRING}",
+                s.len()
+            ));
+        }
         let (pos, data) = rest
             .split_once(':')
             .ok_or_else(|| ZoneError::Txt(format!("chunk {s:?} has no I/N: header")))?;
@@ -260,6 +262,20 @@ mod tests {
             assert!(e.contains("chunk header"), "{spelled}: {e}");
         }
         assert!(unchunk(&["zg2:1/1:0OIl"]).is_err());
+    }
+
+    /// Another record's string at the name is skipped whatever its length: one of non-UTF-8
+    /// bytes arrives as lossy text, three bytes for each.
+    #[test]
+    fn a_long_foreign_string_is_skipped() {
+        let lossy = String::from_utf8_lossy(&[0xff; 90]).into_owned();
+        assert_eq!(lossy.len(), 270);
+        let mut strings = chunk(b"payload");
+        strings.push(lossy);
+        assert_eq!(unchunk(&strings).unwrap(), b"payload");
+        let long_ours = format!("{PREFIX}1/1:{}", "2".repeat(260));
+        let e = unchunk(&[long_ours]).unwrap_err().to_string();
+        assert!(e.contains("more than 255"), "{e}");
     }
 
     #[test]

@@ -146,6 +146,21 @@ fn distinct(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
 
 /// Refuses a private key file others may read, as ssh does: every device key derives from the
 /// zone key, and a copy or restore (`cp` from a backup, an unzip) can leave it at 0644.
+/// Mode of a bundle directory this makes: readable by the service's user (it is copied, and
+/// may be installed where another user runs it), writable by its owner only whatever the
+/// umask, so nobody else can delete its key or swap its zone.json and revocation record.
+pub const BUNDLE_DIR_MODE: u32 = 0o755;
+
+/// Makes `dir` and its missing parents with `mode` (less the umask).
+pub fn make_dir(dir: &Path, mode: u32) -> Result<(), ZoneError> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)
+        .map_err(|e| ZoneError::io(dir, e))
+}
+
 fn check_private(path: &Path) -> Result<(), ZoneError> {
     use std::os::unix::fs::PermissionsExt;
     let mode = fs::metadata(path)
@@ -214,7 +229,9 @@ impl ZoneDir {
                 _ => ZoneError::ZoneExists(dir.to_owned()),
             });
         }
-        fs::create_dir_all(dir).map_err(|e| ZoneError::io(dir, e))?;
+        // Owner only, whatever the umask: whoever may write the directory may delete the
+        // zone key, which nothing replaces.
+        make_dir(dir, 0o700)?;
         let key = ZoneKey::generate();
         let ca_pem = cert::make_ca(&key, &domain, now)?;
         let zone = ZoneConfig::new(domain, &key, now).sign(&key)?;
@@ -577,7 +594,7 @@ impl ZoneDir {
         key: &DeviceKey,
         cert: &DeviceCert,
     ) -> Result<PathBuf, ZoneError> {
-        fs::create_dir_all(out).map_err(|e| ZoneError::io(out, e))?;
+        make_dir(out, BUNDLE_DIR_MODE)?;
         let entry = self
             .zone
             .config
@@ -600,7 +617,7 @@ impl ZoneDir {
         if is_gw {
             // The config names it; an empty one serves no app until policies are added.
             let dir = out.join("policies");
-            fs::create_dir_all(&dir).map_err(|e| ZoneError::io(&dir, e))?;
+            make_dir(&dir, BUNDLE_DIR_MODE)?;
         }
         let path = out.join(file);
         // A bundle renewed in place keeps the config its owner edited (services, TLS,
@@ -962,6 +979,34 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("agents cannot dial it"), "{e}");
         name_fits_after_all(&z);
+    }
+
+    /// A new zone directory is its owner's alone, so nobody else can delete the zone key; a
+    /// bundle's is nobody else's to write.
+    #[test]
+    fn a_new_zone_directory_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("new/zone");
+        let now = OffsetDateTime::now_utc();
+        let mut z = ZoneDir::init(&dir, Domain::new("example.org").unwrap(), now).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir) & 0o077, 0, "{:o}", mode(&dir));
+        let gw = DeviceName::new("gw").unwrap();
+        let (key, cert) = z
+            .add_device(
+                &gw,
+                &[Role::Gateway],
+                &["203.0.113.1:7843".parse().unwrap()],
+                now,
+                90,
+            )
+            .unwrap();
+        let out = t.path().join("bundles/gw");
+        z.write_bundle(&out, &gw, &key, &cert).unwrap();
+        for d in [out.clone(), out.join("policies")] {
+            assert_eq!(mode(&d) & 0o022, 0, "{}: {:o}", d.display(), mode(&d));
+        }
     }
 
     /// A gateway reached on two ports listens on one: its gateway.toml and `device add` say so.
