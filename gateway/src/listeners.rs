@@ -213,15 +213,23 @@ impl Listeners {
             .copied()
             .collect();
         let mut stopped = Vec::new();
+        let mut stopped_keys = Vec::new();
         for key in gone {
             if let Some(r) = self.running.remove(&key) {
                 r.stop.cancel();
                 info!(app = %r.app, addr = %key.1, "listener stopped");
                 stopped.push(r.task);
+                stopped_keys.push(key);
             }
         }
-        // Only a bind that replaces a listener stopped just now waits for its address.
-        let replacing = !stopped.is_empty();
+        // Only a bind that replaces a listener stopped just now (its address, or one
+        // overlapping it) waits for its address; others, and a port another program holds,
+        // fail at once and do not hold up the pass.
+        let replaces = |key: &(Kind, SocketAddr)| {
+            stopped_keys
+                .iter()
+                .any(|k| k.0 == key.0 && policies::units::listens_overlap(k.1, key.1))
+        };
         for t in stopped {
             let _ = t.await;
         }
@@ -241,7 +249,10 @@ impl Listeners {
             let is_own = own.is_some();
             let r = match own {
                 Some(e) => Err(e),
-                None => bind(hub, key, &self.tcp_per_ip, self.udp, shutdown, replacing).await,
+                None => {
+                    let replacing = replaces(&key);
+                    bind(hub, key, &self.tcp_per_ip, self.udp, shutdown, replacing).await
+                }
             };
             match r {
                 Ok((bound, stop, task)) => {
@@ -438,16 +449,38 @@ fn app_listening(
 }
 
 /// Whether the app on `listen` still leads to `target` and still allows `who`: asked again
-/// of connections and flows decided when they opened, each time the policy or the minute
-/// changes ([`policies::PolicyStore::until_refused`]). `Err` says why not, for the log.
+/// of connections and flows decided when they opened (under app `opened_by`), each time the
+/// policy or the minute changes ([`policies::PolicyStore::until_refused`]). `Err` says why
+/// not, for the log.
+///
+/// When the app now on `listen` leads elsewhere, the connection's own app decides if it still
+/// leads to `target` from another address of the same kind: two apps that swap ports keep
+/// their listeners (see the module doc), and each one's connections stay under its rules
+/// instead of being cut for the other's target.
 pub(crate) fn still_allowed(
     active: &policies::Active,
     kind: Kind,
     listen: SocketAddr,
+    opened_by: &str,
     target: &policies::Target,
     who: &Requester<'_>,
 ) -> Result<(), String> {
-    active.decide_again(app_listening(active, kind, listen), target, who, None, None)
+    let here = app_listening(active, kind, listen);
+    let app = match here {
+        Some(a) if a.target != *target => active
+            .policy
+            .app(opened_by)
+            .filter(|own| {
+                own.target == *target
+                    && matches!(
+                        (kind, &own.listener),
+                        (Kind::Tcp, Listener::Tcp(_)) | (Kind::Udp, Listener::Udp(_))
+                    )
+            })
+            .or(here),
+        _ => here,
+    };
+    active.decide_again(app, target, who, None, None)
 }
 
 async fn tcp_loop(
@@ -550,11 +583,12 @@ async fn tcp_conn(
     let target = app.target.clone();
     let slot = match slot {
         Some(s) => s,
-        // Nothing is taken from others for a device that is not there.
-        None if target.device != hub.device_name() && hub.agent(&target.device).is_none() => {
+        // Nothing is taken from others for a connection that would not be served: the device
+        // is not there, or does not offer the service (a typo in `to`, a service removed).
+        None if !hub.offers_tcp(&target.device, &target.service) => {
             state.counters.refused(Refusal::ConnectionLimit);
             if let Some(unlogged) = LogBudget::take_shared(lines) {
-                info!(app = %app_name, device = %target.device, client = %Client(peer), unlogged, "connection refused: all tcp apps together at their limit (gateway.toml tcp_connections), and the device is offline");
+                info!(app = %app_name, device = %target.device, service = %target.service, client = %Client(peer), unlogged, "connection refused: all tcp apps together at their limit (gateway.toml tcp_connections), and the device is offline or does not offer this tcp service");
             }
             return;
         }
@@ -611,7 +645,8 @@ async fn tcp_conn(
     }
     // Decided once as it opened; asked again whenever the policy or the minute changes.
     let policy = hub.policy().clone();
-    let refused = policy.until_refused(|a| still_allowed(a, Kind::Tcp, listen, &target, &who));
+    let refused =
+        policy.until_refused(|a| still_allowed(a, Kind::Tcp, listen, &app_name, &target, &who));
     let stop = async {
         tokio::select! {
             why = refused => why,

@@ -514,7 +514,7 @@ impl AppSocket {
             .iter()
             .filter_map(|(peer, e)| {
                 let who = Requester::Public { ip: e.client.ip() };
-                still_allowed(&active, Kind::Udp, self.listen, &e.target, &who)
+                still_allowed(&active, Kind::Udp, self.listen, &e.app, &e.target, &who)
                     .err()
                     .map(|why| (*peer, why))
             })

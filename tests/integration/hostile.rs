@@ -1764,9 +1764,14 @@ async fn a_full_set_of_tcp_apps_makes_room_by_closing_the_biggest_holders_idlest
     let t = fast_tuning();
     let z = TestZone::new(&["home1"]);
     // Clients of 127.0.0.0/24 only: 127.0.9.9 is refused by the policy.
+    // And an app whose device does not offer its service (a typo in `to`).
+    let typo = "[app.typo]\ntcp = { listen = \"127.0.0.3:0\" }\nto = \"home1/ehco\"\nallow = { from = [\"public\"] }\n";
     z.write_policy(
         "apps.toml",
-        &echo_policy().replace("[\"public\"]", "[\"127.0.0.0/24\"]"),
+        &format!(
+            "{}{typo}",
+            echo_policy().replace("[\"public\"]", "[\"127.0.0.0/24\"]")
+        ),
     );
     let mut opts = gateway_options(&z, "gw", z.gw_addr, t, Duration::from_millis(500), None);
     opts.tcp_connections = 4;
@@ -1779,13 +1784,16 @@ async fn a_full_set_of_tcp_apps_makes_room_by_closing_the_biggest_holders_idlest
     for i in 0..4 {
         held.push(echoing_from("127.0.0.1", app, format!("held {i}").as_bytes()).await);
     }
-    // A client the policy refuses takes nothing: room is made only for one that is served.
-    let mut refused = socket_from("127.0.9.9").connect(app).await.unwrap();
+    // A client the policy refuses takes nothing: room is made only for one that is served;
+    // nor does a client of an app whose service the device does not offer.
     let mut buf = [0u8; 64];
-    let r = tokio::time::timeout(WAIT, refused.read(&mut buf))
-        .await
-        .expect("the gateway closes it in time");
-    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    for (from, to) in [("127.0.9.9", app), ("127.0.0.5", gw.apps["typo"])] {
+        let mut refused = socket_from(from).connect(to).await.unwrap();
+        let r = tokio::time::timeout(WAIT, refused.read(&mut buf))
+            .await
+            .expect("the gateway closes it in time");
+        assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    }
     // All but the second move bytes again: it is the idlest.
     tokio::time::sleep(Duration::from_millis(50)).await;
     for (i, s) in held.iter_mut().enumerate() {

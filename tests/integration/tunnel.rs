@@ -789,10 +789,25 @@ async fn udp_flows_end_when_the_policy_stops_allowing_them() {
 async fn listeners_follow_renames_swaps_and_busy_ports() {
     let z = TestZone::new(&["home1"]);
     let (pa, pb) = (free_tcp_port(), free_tcp_port());
+    // b leads to another service (the same echo server under a second name).
+    let tcp_app_b =
+        |name: &str, port: u16| tcp_app(name, port).replace("home1/echo", "home1/echo2");
     z.write_policy("a.toml", &tcp_app("a", pa));
-    z.write_policy("b.toml", &tcp_app("b", pb));
+    z.write_policy("b.toml", &tcp_app_b("b", pb));
     let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
-    let _h1 = start_echo_node(&z, &gw, "home1").await;
+    let echo = tcp_echo().await;
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[
+            ("echo", echo, ServiceProto::Tcp),
+            ("echo2", echo, ServiceProto::Tcp),
+        ]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
     let a: std::net::SocketAddr = ([127, 0, 0, 1], pa).into();
     let b: std::net::SocketAddr = ([127, 0, 0, 1], pb).into();
     assert_eq!(roundtrip(a, b"a").await.unwrap(), b"a");
@@ -819,9 +834,16 @@ async fn listeners_follow_renames_swaps_and_busy_ports() {
     assert_eq!(roundtrip(a, b"counted").await.unwrap(), b"counted");
     wait_until("a2 counts its connections", WAIT, || counted() > before).await;
 
-    // Swapped ports: both keep serving.
+    // Swapped ports: both keep serving, and connections open across the swap stay open under
+    // their own app though the app now on their port leads elsewhere (they were cut: "app b
+    // now leads to home1/echo2").
+    let mut open_a = tokio::net::TcpStream::connect(a).await.unwrap();
+    let mut open_b = tokio::net::TcpStream::connect(b).await.unwrap();
+    for (s, m) in [(&mut open_a, b"before a"), (&mut open_b, b"before b")] {
+        assert_eq!(echo_once(s, m).await, m);
+    }
     z.write_policy("a.toml", &tcp_app("a2", pb));
-    z.write_policy("b.toml", &tcp_app("b", pa));
+    z.write_policy("b.toml", &tcp_app_b("b", pa));
     wait_until("ports swapped", WAIT, || {
         listens("a2") == Some(policies::Listener::Tcp(b))
             && listens("b") == Some(policies::Listener::Tcp(a))
@@ -829,6 +851,11 @@ async fn listeners_follow_renames_swaps_and_busy_ports() {
     .await;
     assert_eq!(roundtrip(a, b"swap a").await.unwrap(), b"swap a");
     assert_eq!(roundtrip(b, b"swap b").await.unwrap(), b"swap b");
+    // The connections' checks run just after the edit: give them a moment, then ask.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (s, m) in [(&mut open_a, b"after  a"), (&mut open_b, b"after  b")] {
+        assert_eq!(echo_once(s, m).await, m, "cut by the swap");
+    }
 
     // A port held by another program: the edit is refused, the policy serving stays; saved
     // again once the port is free, it is taken.
@@ -858,6 +885,21 @@ async fn listeners_follow_renames_swaps_and_busy_ports() {
     let status = admin_status(gw.admin).await;
     assert!(status.contains("\"zone_expires_at\": \"20"), "{status}");
     gw.shutdown.cancel();
+}
+
+/// Writes `m` on an open connection to an echo and reads as many bytes back (empty when the
+/// connection was cut).
+async fn echo_once(s: &mut tokio::net::TcpStream, m: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut back = vec![0; m.len()];
+    let echoed = async {
+        s.write_all(m).await?;
+        s.read_exact(&mut back).await
+    };
+    match tokio::time::timeout(WAIT, echoed).await {
+        Ok(Ok(_)) => back,
+        _ => Vec::new(),
+    }
 }
 
 /// The admin API's `/status` body (empty when it cannot be fetched).

@@ -1963,6 +1963,8 @@ struct FlowEnd {
 }
 
 async fn read_datagrams(conn: Connection, flows: Flows) {
+    let mut lines = LogBudget::new(1);
+    let mut dropped = 0u64;
     while let Ok(d) = conn.read_datagram().await {
         let Ok((id, payload)) = proto::decode_datagram_bytes(d) else {
             continue;
@@ -1974,8 +1976,13 @@ async fn read_datagrams(conn: Connection, flows: Flows) {
                 // Its open may be right behind on the control stream.
                 table.hold_early(id, payload.clone(), Instant::now());
             }
+            dropped += table.take_dropped();
             open
         };
+        if dropped > 0 && lines.take().is_some() {
+            info!(dropped, "UDP datagrams dropped before their flow opened: too many flows were opening at once, or an open came more than 2 s after its datagrams (the gateway counted them as passed on)");
+            dropped = 0;
+        }
         if let Some((s, activity)) = sock {
             activity.touch();
             // Not awaited: one flow whose socket's send buffer is full (a service on a slow
