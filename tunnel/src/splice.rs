@@ -508,7 +508,9 @@ impl Pump {
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
                         if self.unflushed {
-                            ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                            if let Err(e) = ready!(Pin::new(&mut *w).poll_flush(cx)) {
+                                return self.failed(cx, r, e);
+                            }
                             self.unflushed = false;
                         }
                         return Poll::Pending;
@@ -518,11 +520,7 @@ impl Pump {
             while !self.chunks.is_empty() {
                 let n = match ready!(w.poll_write_chunks(cx, &mut self.chunks)) {
                     Ok(n) => n,
-                    Err(e) if peer_stopped_reading(&e) => {
-                        self.stopped = Some(e);
-                        return self.poll_drain(cx, r);
-                    }
-                    Err(e) => return Poll::Ready(Err(e)),
+                    Err(e) => return self.failed(cx, r, e),
                 };
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
@@ -531,8 +529,13 @@ impl Pump {
                 self.unflushed = true;
             }
             if self.read_done {
-                ready!(Pin::new(&mut *w).poll_flush(cx))?;
-                ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+                let ended = match ready!(Pin::new(&mut *w).poll_flush(cx)) {
+                    Ok(()) => ready!(Pin::new(&mut *w).poll_shutdown(cx)),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = ended {
+                    return self.failed(cx, r, e);
+                }
                 self.done = true;
                 // The buffer is not needed while the other direction goes on.
                 self.room.release();
@@ -543,6 +546,24 @@ impl Pump {
 }
 
 impl Pump {
+    /// A write, flush or shutdown of the writer failed with `e`: a peer that stopped reading
+    /// ends this direction only ([`peer_stopped_reading`]), anything else the splice. Flush
+    /// and shutdown count as writes: an end-to-end encrypted stream sends its buffered frames
+    /// and its end frame there, so the stop shows there too, and was taken for a failure
+    /// that reset the client before the other direction's answer had been passed on.
+    fn failed<R: End + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        e: io::Error,
+    ) -> Poll<io::Result<()>> {
+        if peer_stopped_reading(&e) {
+            self.stopped = Some(e);
+            return self.poll_drain(cx, r);
+        }
+        Poll::Ready(Err(e))
+    }
+
     /// After its writer's peer stopped reading: reads and drops what its reader still sends,
     /// until that ends. Left unread, a client that writes its whole upload before it reads
     /// would block on it, never read the answer, and hold the connection for ever.
@@ -589,7 +610,14 @@ where
     loop {
         let n = r.read(&mut buf).await?;
         if n == 0 {
-            w.shutdown().await?;
+            // As a write's below: a stop seen at the end (an encrypted stream sends its end
+            // frame here) ends this direction only.
+            match w.shutdown().await {
+                Err(e) if peer_stopped_reading(&e) => {
+                    let _ = stop.set(e);
+                }
+                r => r?,
+            }
             over.cancel();
             return Ok(());
         }
@@ -774,13 +802,16 @@ mod tests {
     /// read for ever (the reads between are "nothing yet"); with `write_error`, writes fail
     /// once its own input was read (a service that answered and closed); which abort it got
     /// is recorded. With `stopped` instead, writes fail from the start as a QUIC stream's do
-    /// once its reader stopped it, and the input comes only at the third read.
+    /// once its reader stopped it, and the input comes only at the third read; with
+    /// `flush_stopped`, the same but writes are taken and flushes and shutdowns fail (an end-
+    /// to-end encrypted stream sends its buffered frames there).
     struct Scripted {
         input: Option<Bytes>,
         endless: bool,
         reads: usize,
         write_error: bool,
         stopped: bool,
+        flush_stopped: bool,
         aborted: Arc<std::sync::Mutex<Vec<&'static str>>>,
         name: &'static str,
     }
@@ -804,7 +835,7 @@ mod tests {
             buf: &mut ReadBuf<'_>,
         ) -> Poll<io::Result<()>> {
             self.reads += 1;
-            if self.stopped && self.reads < 3 {
+            if (self.stopped || self.flush_stopped) && self.reads < 3 {
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
@@ -839,21 +870,24 @@ mod tests {
             Poll::Ready(Ok(b.len()))
         }
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
+            match self.flush_stopped {
+                true => Poll::Ready(Err(stopped_error())),
+                false => Poll::Ready(Ok(())),
+            }
         }
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.poll_flush(cx)
         }
     }
 
     /// A client uploading without end to `other` (named `name`), which answers 26 bytes and
     /// whose writes fail once its answer was read (`write_error`) or from the start, as a
-    /// stopped QUIC stream's (`stopped`), through either splice: what moved, and which abort
-    /// each end got.
+    /// stopped QUIC stream's (`stopped`; at its flushes and shutdown only with
+    /// `flush_stopped`), through either splice: what moved, and which abort each end got.
     async fn upload_against(
         name: &'static str,
         write_error: bool,
-        stopped: bool,
+        (stopped, flush_stopped): (bool, bool),
         shaped: bool,
     ) -> (Moved, Vec<&'static str>) {
         let aborted = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -863,6 +897,7 @@ mod tests {
             reads: 0,
             write_error: false,
             stopped: false,
+            flush_stopped: false,
             aborted: aborted.clone(),
             name: "client",
         };
@@ -872,6 +907,7 @@ mod tests {
             reads: 0,
             write_error,
             stopped,
+            flush_stopped,
             aborted: aborted.clone(),
             name,
         };
@@ -894,7 +930,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_copy_keeps_what_an_end_was_sent_whole() {
         for shaped in [false, true] {
-            let (m, aborted) = upload_against("service", true, false, shaped).await;
+            let (m, aborted) = upload_against("service", true, (false, false), shaped).await;
             assert!(m.error.is_some(), "shaped {shaped}: {m:?}");
             assert_eq!(
                 m.b_to_a, 26,
@@ -911,12 +947,24 @@ mod tests {
     #[tokio::test]
     async fn a_stopped_tunnel_stream_still_brings_its_answer() {
         for shaped in [false, true] {
-            let (m, aborted) = upload_against("tunnel", false, true, shaped).await;
+            let (m, aborted) = upload_against("tunnel", false, (true, false), shaped).await;
             let e = m.error.as_ref().expect("the upload failed");
             assert!(peer_stopped_reading(e), "shaped {shaped}: {e}");
             assert_eq!(m.b_to_a, 26, "shaped {shaped}: the answer was cut");
             assert_eq!(aborted, ["client receiving", "tunnel"], "shaped {shaped}");
         }
+    }
+
+    /// As above through an end-to-end encrypted stream (a mesh forward relayed by the
+    /// gateway), whose stop shows at a flush: the stop failed the splice there, and the
+    /// client was reset instead of getting the service's early answer.
+    #[tokio::test]
+    async fn a_stop_seen_at_a_flush_still_brings_the_answer() {
+        let (m, aborted) = upload_against("tunnel", false, (false, true), false).await;
+        let e = m.error.as_ref().expect("the upload failed");
+        assert!(peer_stopped_reading(e), "{e}");
+        assert_eq!(m.b_to_a, 26, "the answer was cut");
+        assert_eq!(aborted, ["client receiving", "tunnel"]);
     }
 
     /// A write error as a QuicStream's when its reader stopped it (STOP_SENDING).
