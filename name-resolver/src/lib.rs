@@ -9,6 +9,8 @@
 //! - [`bootstrap`]: [`fetch_zone`]: a node fetches and verifies the zone config over DNS.
 //! - [`rrl`]: response rate limiting of UDP answers (no reflection).
 //! - `udp`: the UDP receive loop; each answer leaves from the address its query came to.
+//! - `tcp_writer`: a TCP connection's socket: answers owed, the length sent with its answer,
+//!   lingering close.
 //! - [`error`]: typed errors.
 //!
 //! # Glossary
@@ -21,6 +23,7 @@ pub mod handler;
 pub mod records;
 pub mod rrl;
 pub mod server;
+mod tcp_writer;
 #[doc(hidden)]
 pub mod testzone;
 mod udp;

@@ -26,6 +26,7 @@ use zone_core::client_slots::{ClientSlot, ClientSlots};
 use crate::error::DnsError;
 use crate::handler::ZoneHandler;
 use crate::records::ZoneRecords;
+use crate::tcp_writer::AnswerWriter;
 
 /// Open TCP connections at once. Resolvers use TCP only after a truncated answer, so a few
 /// hundred covers a busy zone while a flood of idle connections cannot exhaust file descriptors.
@@ -445,11 +446,27 @@ struct Live {
 
 #[derive(Debug, Clone)]
 struct LiveConn {
-    /// Milliseconds after `Live::epoch` of its last complete query (or its accept).
+    /// Milliseconds after `Live::epoch` of its last complete query (or its accept), or of
+    /// its last write's progress.
     last: Arc<std::sync::atomic::AtomicU64>,
+    /// Answers it owes: queries read, less answers written whole ([`AnswerWriter`]).
+    owed: Arc<std::sync::atomic::AtomicU64>,
     stop: CancellationToken,
     /// Its client's site ([`zone_core::client_slots::site_of`]).
     site: IpAddr,
+}
+
+impl LiveConn {
+    /// Which connection is closed first to make room: one between answers before one still
+    /// owing an answer (closing that cuts it part way: a node's zone config fetch fails), then
+    /// the one idle longest. One owing answers goes only when every candidate does (clients
+    /// that stopped reading), the one stalled longest first.
+    fn rank(&self) -> (bool, u64) {
+        (
+            self.owed.load(std::sync::atomic::Ordering::Relaxed) > 0,
+            self.last.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
 }
 
 impl Live {
@@ -465,6 +482,7 @@ impl Live {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let conn = LiveConn {
             last: Arc::new(self.now_ms().into()),
+            owed: Arc::default(),
             stop: CancellationToken::new(),
             site: zone_core::client_slots::site_of(peer),
         };
@@ -481,9 +499,10 @@ impl Live {
         )
     }
 
-    /// Closes the connection idle the longest, if one has been idle for [`EVICTABLE_AFTER`];
-    /// false if there is none. (A connection whose query came a moment ago may still be
-    /// sending its answer: a node fetching the zone config on a slow link.)
+    /// Closes the connection idle the longest, if one has been idle for [`EVICTABLE_AFTER`],
+    /// one between answers before any still owing one ([`LiveConn::rank`]); false if there is
+    /// none. (A connection whose query came a moment ago may still be sending its answer: a
+    /// node fetching the zone config on a slow link.)
     fn evict_idlest(&self) -> bool {
         let now = self.now_ms();
         let idle_enough = |c: &LiveConn| {
@@ -495,7 +514,7 @@ impl Live {
         let idlest = conns
             .iter()
             .filter(|(_, c)| !c.stop.is_cancelled() && idle_enough(c))
-            .min_by_key(|(id, c)| (c.last.load(std::sync::atomic::Ordering::Relaxed), **id));
+            .min_by_key(|(id, c)| (c.rank(), **id));
         match idlest {
             Some((_, c)) => {
                 c.stop.cancel();
@@ -548,9 +567,7 @@ impl Live {
         if most <= mine + 1 && !(mine == 0 && most > 0) {
             return false;
         }
-        let victim = open()
-            .filter(|c| c.site == hog)
-            .min_by_key(|c| c.last.load(std::sync::atomic::Ordering::Relaxed));
+        let victim = open().filter(|c| c.site == hog).min_by_key(|c| c.rank());
         match victim {
             Some(c) => {
                 c.stop.cancel();
@@ -678,51 +695,6 @@ pub(crate) fn formerr_for(frame: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// A DNS connection's socket that notes the time of each write's progress in its
-/// [`LiveConn::last`].
-struct WriteProgress {
-    inner: TcpStream,
-    last: Arc<std::sync::atomic::AtomicU64>,
-    live: Arc<Live>,
-}
-
-impl tokio::io::AsyncRead for WriteProgress {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for WriteProgress {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            self.last
-                .store(self.live.now_ms(), std::sync::atomic::Ordering::Relaxed);
-        }
-        r
-    }
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 /// One TCP connection: length-prefixed queries (hickory's framing), answered in order, until
 /// the client closes, idles out, or the connection is evicted (`conn.stop`).
 async fn serve_tcp(
@@ -742,11 +714,10 @@ async fn serve_tcp(
     // Writing an answer counts as activity, as a query does: a large one (the zone's TXT set)
     // to a slow client took longer than the idle timeout to hand over, and the connection
     // was cut part way, or picked as the idlest to make room.
-    let stream = WriteProgress {
-        inner: stream,
-        last: conn.last.clone(),
-        live: live.clone(),
-    };
+    let clock = live.clone();
+    let stream = AnswerWriter::new(stream, conn.last.clone(), conn.owed.clone(), move || {
+        clock.now_ms()
+    });
     let (mut frames, mut response_stream) =
         hickory_proto::tcp::TcpStream::from_stream(AsyncIoTokioAsStd(stream), peer);
     let idle = tokio::time::sleep(TCP_IDLE_TIMEOUT);
@@ -794,6 +765,7 @@ async fn serve_tcp(
                     return;
                 };
                 debug!(%peer, %error, "DNS over TCP: malformed query, FORMERR");
+                conn.owed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 use hickory_proto::xfer::DnsStreamHandle;
                 let sent =
                     response_stream.send(hickory_proto::xfer::SerialMessage::new(answer, peer));
@@ -807,6 +779,8 @@ async fn serve_tcp(
             // Never answer a response: that is how reflection loops start.
             continue;
         }
+        // Every query over TCP is answered (the handler drops none): owed until written.
+        conn.owed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let request = Request::new(message, peer, Protocol::Tcp);
         let respond = ResponseHandle::new(peer, response_stream.clone(), Protocol::Tcp);
         handler.handle_request(&request, respond).await;

@@ -309,3 +309,73 @@ async fn shutdown_closes_idle_connections_at_once() {
         .unwrap_or(0);
     assert_eq!(n, 0, "no answer without a query");
 }
+
+/// A connection still owed answers (a client fetching the zone config on a slow link, its
+/// answers queued behind a full socket) is not the one closed to make room while another is
+/// between answers, though it has gone longer without progress: it was, and the fetch failed
+/// part way.
+#[tokio::test]
+async fn making_room_closes_a_connection_between_answers_not_one_mid_answer() {
+    use name_resolver::server::MAX_TCP_CONNECTIONS;
+    let server = Running::start(testzone::zone().1).await;
+    // A TXT answer's size, then enough of them pipelined to fill every buffer on the way.
+    let txt = |id: u16| {
+        let mut m = Message::new();
+        m.set_id(id);
+        m.add_query(Query::query(
+            Name::from_ascii("_zonegate.alice.example.").unwrap(),
+            RecordType::TXT,
+        ));
+        let q = m.to_vec().unwrap();
+        let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+        framed.extend(q);
+        framed
+    };
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    // Small, so the answers wait in the server's send buffer, not in ours.
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.bind("127.200.0.1:0".parse().unwrap()).unwrap();
+    let mut slow = sock.connect(server.addr).await.unwrap();
+    slow.write_all(&txt(0)).await.unwrap();
+    let mut len = [0u8; 2];
+    slow.read_exact(&mut len).await.unwrap();
+    let size = u16::from_be_bytes(len) as usize;
+    let mut body = vec![0; size];
+    slow.read_exact(&mut body).await.unwrap();
+    let count = (16 << 20) / (size + 2);
+    let queries: Vec<u8> = (1..=count).flat_map(|i| txt(i as u16)).collect();
+    let (mut rd, mut wr) = slow.into_split();
+    let writing = tokio::spawn(async move {
+        wr.write_all(&queries).await.unwrap();
+        wr
+    });
+    // Its answers stall; then every other slot is taken and used after it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut held = Vec::new();
+    for i in 0..MAX_TCP_CONNECTIONS - 1 {
+        let from = format!("127.{}.{}.1", 1 + i / 256, i % 256);
+        let s = answered_from(&from, server.addr, i as u16).await;
+        held.push(s.unwrap_or_else(|| panic!("connection {i} was not served")));
+    }
+    // All idle long enough to be closed for a newcomer.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    answered_from("127.100.0.1", server.addr, 998)
+        .await
+        .expect("the newcomer was not served");
+    assert_eq!(closed(&held).await, [0], "not the idlest between answers");
+    // Every answer of the slow one arrives.
+    let mut got = 0;
+    let read_all = async {
+        while got < count {
+            rd.read_exact(&mut len).await?;
+            let mut body = vec![0; u16::from_be_bytes(len) as usize];
+            rd.read_exact(&mut body).await?;
+            got += 1;
+        }
+        std::io::Result::Ok(())
+    };
+    let r = tokio::time::timeout(Duration::from_secs(30), read_all).await;
+    assert!(matches!(r, Ok(Ok(()))), "{got} of {count} answers: {r:?}");
+    drop(writing.await.unwrap());
+    server.stop().await;
+}
