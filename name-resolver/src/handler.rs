@@ -52,6 +52,26 @@ impl ZoneHandler {
         self.rrl.take_counts()
     }
 
+    /// Whether a FORMERR answer over UDP to `ip` may go (to a query that did not decode, so
+    /// the handler never saw it): counted by the rate limiter as the error answers are, and
+    /// given TC on a slip. A forged flood of undecodable headers was answered 1:1 unlimited.
+    pub(crate) fn admit_udp_formerr(&self, ip: std::net::IpAddr, formerr: &mut [u8]) -> bool {
+        match self
+            .rrl
+            .admit(ip, Response::Error, std::time::Instant::now())
+        {
+            Verdict::Send => true,
+            Verdict::Slip => {
+                // TC is bit 1 of the third header byte.
+                if let Some(flags) = formerr.get_mut(2) {
+                    *flags |= 0x02;
+                }
+                true
+            }
+            Verdict::Drop => false,
+        }
+    }
+
     /// Serves `records` from the next query on; returns the ones replaced.
     pub fn replace(&self, records: Arc<ZoneRecords>) -> Arc<ZoneRecords> {
         self.current.swap(records)
@@ -249,5 +269,44 @@ async fn send<'a, R: ResponseHandler>(
             h.set_response_code(ResponseCode::ServFail);
             h.into()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// FORMERR answers to undecodable UDP queries are rate-limited like the handler's error
+    /// answers: past the burst, some go with TC (slipped), the rest not at all.
+    #[test]
+    fn udp_formerr_answers_are_rate_limited() {
+        let records = ZoneRecords::new(&crate::testzone::zone().1).unwrap();
+        let handler = ZoneHandler::new(Arc::new(records));
+        let forged: std::net::IpAddr = "203.0.113.9".parse().unwrap();
+        let formerr = crate::server::formerr_for(&[0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0])
+            .expect("a query header");
+        let (mut sent, mut slipped) = (0, 0);
+        for _ in 0..3 * crate::rrl::BURST {
+            let mut answer = formerr.clone();
+            if handler.admit_udp_formerr(forged, &mut answer) {
+                sent += 1;
+                slipped += usize::from(answer[2] & 0x02 != 0);
+            }
+        }
+        // The burst goes; of the rest every SLIP-th goes with TC, the others not at all (a
+        // token or two may come back while the loop runs on a slow machine).
+        let burst = crate::rrl::BURST as usize;
+        let over = 2 * burst;
+        assert!(sent >= burst && sent <= burst + over / 2 + 5, "{sent} sent");
+        assert!(
+            slipped >= over / 2 - 5 && sent - slipped >= burst,
+            "{slipped} slipped of {sent}"
+        );
+        // Loopback is never limited (it cannot be forged from outside).
+        let mut answer = formerr.clone();
+        for _ in 0..3 * crate::rrl::BURST {
+            assert!(handler.admit_udp_formerr("127.0.0.1".parse().unwrap(), &mut answer));
+        }
+        assert_eq!(answer, formerr);
     }
 }

@@ -213,7 +213,12 @@ impl ZoneRecords {
         nodes.insert(LowerName::new(&wildcard), addr_sets(&wildcard, &all_gw));
 
         for d in c.devices.iter().filter(|d| !c.is_revoked(&d.name)) {
-            let name = child(d.name.as_str())?;
+            // A name too long for DNS (`device add` refuses one, but a zone.json signed by
+            // other means may hold it) gets no name of its own, the wildcard answers for it;
+            // failing the whole zone kept an older TXT set served, and a restart refused.
+            let Ok(name) = child(d.name.as_str()) else {
+                continue;
+            };
             let own = dedup_ips(
                 c.gateways
                     .iter()
@@ -635,6 +640,28 @@ mod tests {
         // home1 no longer exists as a name, so names below it fall to the wildcard.
         assert!(matches!(
             r.lookup(&lname("x.home1.alice.example."), RecordType::A),
+            Lookup::Found { .. }
+        ));
+    }
+
+    /// A device whose name does not fit in DNS under the zone's domain is left out, and the
+    /// zone still builds, TXT set included.
+    #[test]
+    fn a_device_name_too_long_for_dns_is_left_out() {
+        let label = "a".repeat(60);
+        let long = format!("{}.example", [label.as_str(); 3].join("."));
+        let (_, z) = zone_with(3, |c| {
+            c.domain = zone_core::Domain::new(&long).unwrap();
+            let mut d = c.devices[2].clone();
+            d.name = zone_core::DeviceName::new(&"n".repeat(63)).unwrap();
+            c.devices.push(d);
+        });
+        let r = ZoneRecords::new(&z).unwrap();
+        let home1 = lname(&format!("home1.{long}."));
+        assert_eq!(r.answer_owner(&home1), &home1);
+        let txt = lname(&format!("_zonegate.{long}."));
+        assert!(matches!(
+            r.lookup(&txt, RecordType::TXT),
             Lookup::Found { .. }
         ));
     }

@@ -66,9 +66,11 @@ async fn answer(handler: &ZoneHandler, query: &[u8], reply: UdpReply) {
     let message = match MessageRequest::read(&mut BinDecoder::new(query)) {
         Ok(m) => m,
         Err(error) => {
-            if let Some(formerr) = crate::server::formerr_for(query) {
-                debug!(src = %reply.to, %error, "DNS over UDP: malformed query, FORMERR");
-                reply.send(&formerr).await;
+            if let Some(mut formerr) = crate::server::formerr_for(query) {
+                if handler.admit_udp_formerr(reply.to.ip(), &mut formerr) {
+                    debug!(src = %reply.to, %error, "DNS over UDP: malformed query, FORMERR");
+                    reply.send(&formerr).await;
+                }
             }
             return;
         }
