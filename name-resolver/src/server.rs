@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use zone_core::SignedZone;
 
-use zone_core::client_slots::{ClientSlot, ClientSlots};
+use zone_core::client_slots::{ClientSlot, ClientSlots, Full};
 
 use crate::error::DnsError;
 use crate::handler::ZoneHandler;
@@ -454,6 +454,8 @@ struct LiveConn {
     stop: CancellationToken,
     /// Its client's site ([`zone_core::client_slots::site_of`]).
     site: IpAddr,
+    /// Its client ([`zone_core::client_slots::client_of`]).
+    client: IpAddr,
 }
 
 impl LiveConn {
@@ -485,6 +487,7 @@ impl Live {
             owed: Arc::default(),
             stop: CancellationToken::new(),
             site: zone_core::client_slots::site_of(peer),
+            client: zone_core::client_slots::client_of(peer),
         };
         self.conns
             .lock()
@@ -578,6 +581,67 @@ impl Live {
     }
 }
 
+impl Live {
+    /// Makes room in `newcomer`'s site, which holds [`MAX_TCP_PER_SITE`]: closes its
+    /// connection idle the longest if one has been idle for [`EVICTABLE_AFTER`], else the
+    /// idlest of its client holding the most if that holds two more than `newcomer`'s client
+    /// (ranked by [`LiveConn::rank`] both). False if neither. Without it a neighbour in a
+    /// cloud /24 or a shared /64 holding the site's slots shut a node there out of DNS over
+    /// TCP, and so out of its zone config.
+    fn make_room_in_site(&self, newcomer: IpAddr) -> bool {
+        let site = zone_core::client_slots::site_of(newcomer);
+        let me = zone_core::client_slots::client_of(newcomer);
+        let now = self.now_ms();
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let open = || {
+            conns
+                .values()
+                .filter(move |c| c.site == site && !c.stop.is_cancelled())
+        };
+        let idle_enough = |c: &&LiveConn| {
+            c.last.load(std::sync::atomic::Ordering::Relaxed) + EVICTABLE_AFTER.as_millis() as u64
+                <= now
+        };
+        let victim = open()
+            .filter(idle_enough)
+            .min_by_key(|c| c.rank())
+            .or_else(|| {
+                let mut held: std::collections::HashMap<IpAddr, usize> = Default::default();
+                for c in open() {
+                    *held.entry(c.client).or_default() += 1;
+                }
+                let mine = held.get(&me).copied().unwrap_or(0);
+                let (&hog, &most) = held.iter().max_by_key(|(_, n)| **n)?;
+                if most < mine + 2 {
+                    return None;
+                }
+                open().filter(|c| c.client == hog).min_by_key(|c| c.rank())
+            });
+        match victim {
+            Some(c) => {
+                c.stop.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// A slot of `per_client` for `ip`, waited for up to [`EVICTION_WAIT`] while a connection
+/// closed for it ends.
+async fn slot_freed(per_client: &ClientSlots, ip: IpAddr) -> Option<ClientSlot> {
+    let deadline = tokio::time::Instant::now() + EVICTION_WAIT;
+    loop {
+        if let Some(slot) = per_client.take(ip) {
+            return Some(slot);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[derive(Debug)]
 struct LiveGuard {
     live: Arc<Live>,
@@ -626,8 +690,16 @@ async fn tcp_accept_loop(
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             Some(accepted) = accepts.next() => match accepted {
                 Ok((stream, peer)) => {
-                    let Some(slot) = per_client.take(peer.ip()) else {
-                        debug!(%peer, "DNS over TCP: this client's connection limit reached, closing");
+                    let slot = match per_client.take_or_why(peer.ip()) {
+                        Ok(slot) => Some(slot),
+                        Err(Full::Site) if live.make_room_in_site(peer.ip()) => {
+                            debug!(%peer, "DNS over TCP: this client's site holds its share of connections, closing one of them to make room");
+                            slot_freed(&per_client, peer.ip()).await
+                        }
+                        Err(_) => None,
+                    };
+                    let Some(slot) = slot else {
+                        debug!(%peer, "DNS over TCP: this client's (or its site's) connection limit reached, closing");
                         refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         continue;
                     };

@@ -20,6 +20,15 @@ pub struct ClientSlots {
     counts: Arc<Mutex<HashMap<Key, usize>>>,
 }
 
+/// Which limit a client is at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    /// Its own (an IPv4 address, an IPv6 /64).
+    Client,
+    /// Its site's (an IPv4 /24, an IPv6 /48), which its neighbours may have taken.
+    Site,
+}
+
 /// One open thing of a client; dropping it uncounts it.
 #[derive(Debug)]
 pub struct ClientSlot {
@@ -41,19 +50,27 @@ impl ClientSlots {
 
     /// A slot for `ip`, or `None` when its client or its site is at its limit.
     pub fn take(&self, ip: IpAddr) -> Option<ClientSlot> {
+        self.take_or_why(ip).ok()
+    }
+
+    /// A slot for `ip`, or which limit it is at (its client's first).
+    pub fn take_or_why(&self, ip: IpAddr) -> Result<ClientSlot, Full> {
         let (client, site) = match ip.to_canonical() {
             IpAddr::V6(v6) => ((masked(v6, 64), 64), Some((masked(v6, 48), 48))),
             IpAddr::V4(v4) => ((IpAddr::V4(v4), 32), Some((site_of(ip), 24))),
         };
         let mut m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let full = |key: &Key, limit: usize| m.get(key).is_some_and(|n| *n >= limit);
-        if full(&client, self.per_client) || site.is_some_and(|s| full(&s, self.per_site)) {
-            return None;
+        if full(&client, self.per_client) {
+            return Err(Full::Client);
+        }
+        if site.is_some_and(|s| full(&s, self.per_site)) {
+            return Err(Full::Site);
         }
         for key in std::iter::once(client).chain(site) {
             *m.entry(key).or_insert(0) += 1;
         }
-        Some(ClientSlot {
+        Ok(ClientSlot {
             client,
             site,
             counts: self.counts.clone(),
@@ -77,6 +94,14 @@ impl Drop for ClientSlot {
                 }
             }
         }
+    }
+}
+
+/// The client `ip` counts as: itself for IPv4, its IPv6 /64.
+pub fn client_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => masked(v6, 64),
+        v4 => v4,
     }
 }
 

@@ -379,3 +379,27 @@ async fn making_room_closes_a_connection_between_answers_not_one_mid_answer() {
     drop(writing.await.unwrap());
     server.stop().await;
 }
+
+/// A site (here an IPv4 /24) whose slots four neighbours hold, every connection busy: a
+/// client of that site holding none still gets in, by closing one of the neighbour holding
+/// the most. The site's cap refused it at once:
+/// a node sharing a cloud /24 (or an IPv6 /64's neighbours their /48) could not fetch its zone
+/// config over TCP.
+#[tokio::test]
+async fn a_full_site_makes_room_for_a_client_of_its_own() {
+    use name_resolver::server::MAX_TCP_PER_SITE;
+    let server = Running::start(testzone::zone().1).await;
+    let mut held = Vec::new();
+    for i in 0..MAX_TCP_PER_SITE {
+        let from = format!("127.0.5.{}", 1 + i / MAX_TCP_PER_CLIENT);
+        let s = answered_from(&from, server.addr, i as u16).await;
+        held.push(s.unwrap_or_else(|| panic!("connection {i} was not served")));
+    }
+    requery(&mut held).await;
+    let newcomer = answered_from("127.0.5.77", server.addr, 999)
+        .await
+        .expect("a client of a full site was not served");
+    assert_eq!(closed(&held).await.len(), 1);
+    drop((newcomer, held));
+    server.stop().await;
+}
