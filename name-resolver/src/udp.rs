@@ -54,6 +54,8 @@ pub(crate) async fn serve(socket: UdpSocket, handler: ZoneHandler, stop: Cancell
                 socket: socket.clone(),
                 to: got.from,
                 from_ip: got.to,
+                max: PLAIN_UDP_MAX,
+                question: None,
             };
             answer(&handler, query, reply).await;
         }
@@ -62,7 +64,7 @@ pub(crate) async fn serve(socket: UdpSocket, handler: ZoneHandler, stop: Cancell
 
 /// One datagram: a query answered through the handler, a malformed one with FORMERR (no
 /// larger than the query: nothing to amplify), a response never (reflection loops).
-async fn answer(handler: &ZoneHandler, query: &[u8], reply: UdpReply) {
+async fn answer(handler: &ZoneHandler, query: &[u8], mut reply: UdpReply) {
     let message = match MessageRequest::read(&mut BinDecoder::new(query)) {
         Ok(m) => m,
         Err(error) => {
@@ -78,6 +80,13 @@ async fn answer(handler: &ZoneHandler, query: &[u8], reply: UdpReply) {
     if message.message_type() == MessageType::Response {
         return;
     }
+    // What the client takes, as the handler sizes its answers: our advertised size bounded
+    // the encoding before, and a long negative answer to a client of 512 went out larger.
+    reply.max = message.edns().map_or(PLAIN_UDP_MAX, |e| {
+        e.max_payload()
+            .clamp(PLAIN_UDP_MAX, crate::handler::UDP_PAYLOAD_MAX)
+    });
+    reply.question = message.queries().first().map(|q| q.original().clone());
     let request = Request::new(message, reply.to, Protocol::Udp);
     handler.handle_request(&request, reply).await;
 }
@@ -88,6 +97,10 @@ struct UdpReply {
     socket: Arc<ReplySocket>,
     to: SocketAddr,
     from_ip: Option<IpAddr>,
+    /// The largest answer the client takes (its EDNS size, or 512 without EDNS).
+    max: u16,
+    /// The query's question, for an answer that must be cut to its header.
+    question: Option<hickory_proto::op::Query>,
 }
 
 impl UdpReply {
@@ -101,6 +114,25 @@ impl UdpReply {
                 debug!(dst = %self.to, "DNS answer dropped: the socket's send buffer stayed full")
             }
         }
+    }
+}
+
+impl UdpReply {
+    /// `wire` made the header `head` of an answer with TC set and the question alone.
+    fn truncated(&self, head: Header, wire: &mut Vec<u8>) -> io::Result<ResponseInfo> {
+        wire.clear();
+        let mut header = head;
+        header.set_truncated(true);
+        header.set_query_count(self.question.iter().count() as u16);
+        header.set_answer_count(0);
+        header.set_name_server_count(0);
+        header.set_additional_count(0);
+        let mut encoder = BinEncoder::new(wire);
+        header.emit(&mut encoder).map_err(io::Error::other)?;
+        if let Some(q) = &self.question {
+            q.emit(&mut encoder).map_err(io::Error::other)?;
+        }
+        Ok(ResponseInfo::from(header))
     }
 }
 
@@ -118,15 +150,25 @@ impl ResponseHandler for UdpReply {
         >,
     ) -> io::Result<ResponseInfo> {
         let id = response.header().id();
+        let head = *response.header();
         // The handler sized the answer to what the client takes; this only guards it.
-        let max = response
-            .get_edns()
-            .as_ref()
-            .map_or(PLAIN_UDP_MAX, |e| e.max_payload().max(PLAIN_UDP_MAX));
         let mut wire = Vec::with_capacity(512);
         let mut encoder = BinEncoder::new(&mut wire);
-        encoder.set_max_size(max);
+        encoder.set_max_size(crate::handler::UDP_PAYLOAD_MAX);
         let info = match response.destructive_emit(&mut encoder) {
+            // Larger than the client takes (measured on the encoding: hickory's size check
+            // trips on answers that end up smaller): the header and question alone with TC,
+            // so it asks over TCP. Our own advertised size bounded it before, and a long
+            // negative answer went whole to a client of 512, which drops it.
+            Ok(_) if wire.len() > usize::from(self.max) => self.truncated(head, &mut wire)?,
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    hickory_proto::ProtoErrorKind::MaxBufferSizeExceeded(_)
+                ) =>
+            {
+                self.truncated(head, &mut wire)?
+            }
             Ok(info) => info,
             Err(error) => {
                 warn!(%error, "DNS answer could not be encoded: SERVFAIL");

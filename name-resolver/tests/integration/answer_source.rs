@@ -76,3 +76,43 @@ async fn an_empty_datagram_is_ignored() {
     stop.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// Without EDNS a client takes 512 bytes: an answer larger than that (a negative one under a
+/// long domain for a long name) goes as its header and question with TC, so the client asks
+/// over TCP. It went out whole, up to our own advertised 1232, and was dropped as too long.
+#[tokio::test]
+async fn a_negative_answer_larger_than_the_client_takes_is_truncated() {
+    // As long as a zone's domain may be (`hostmaster.` must fit under it).
+    let label = "a".repeat(60);
+    let long = format!("{label}.{label}.{label}.{}.example", "a".repeat(51));
+    assert_eq!(long.len(), 242);
+    let (_, zone) = name_resolver::testzone::zone_with(2, |c| {
+        c.domain = zone_core::Domain::new(&long).unwrap();
+    });
+    let server = crate::common::Running::start(zone).await;
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // A name as long as DNS allows under the domain, of a type it does not have.
+    let name = format!("{}.{long}.", "b".repeat(10));
+    let mut q = Message::new();
+    q.set_id(77);
+    q.add_query(Query::query(
+        Name::from_ascii(&name).unwrap(),
+        RecordType::MX,
+    ));
+    client
+        .send_to(&q.to_vec().unwrap(), server.addr)
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(3), client.recv(&mut buf))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    assert!(n <= 512, "{n} bytes to a client of 512");
+    let answer = Message::from_vec(&buf[..n]).unwrap();
+    assert_eq!(answer.id(), 77);
+    assert!(answer.truncated(), "{answer:?}");
+    assert_eq!(answer.queries().len(), 1);
+    assert_eq!(answer.queries()[0].name().to_ascii(), name);
+    server.stop().await;
+}
