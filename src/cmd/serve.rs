@@ -49,6 +49,25 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     b.enable_all().build().context("starting the async runtime")
 }
 
+/// Runs `main` on a runtime of `threads`, then stops the runtime waiting at most `wait` for
+/// its blocking work. A plain drop waits for that for ever: a bundle write or `stat` stuck in
+/// a hung mount (what the blocking pool is used for) held the stopped process, deaf to a
+/// second signal since its handler task was gone, until systemd's SIGKILL.
+fn run_then_stop<T>(
+    threads: usize,
+    wait: Duration,
+    main: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    let rt = runtime(threads)?;
+    let r = rt.block_on(main);
+    rt.shutdown_timeout(wait);
+    r
+}
+
+/// How long a stopped gateway or node waits for blocking work still running (its drain and
+/// its last zone.json save are over by then).
+const STOP_WAIT: Duration = Duration::from_secs(2);
+
 /// The signals a serving process answers, registered at once, first thing in its runtime:
 /// until a handler is in place SIGHUP's default ends the process, undrained, and the gateway
 /// accepts connections as soon as it has bound (before a spawned task first runs).
@@ -251,7 +270,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         dns,
     };
     crate::fd_limit::raise_open_files(crate::fd_limit::gateway_needs(http_total, tcp_total));
-    runtime(threads)?.block_on(async move {
+    run_then_stop(threads, STOP_WAIT, async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signal(install_signals(), shutdown.clone()));
         let gw = gateway::Gateway::bind(opts, shutdown.clone()).await?;
@@ -305,7 +324,7 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
     let creds = DeviceCreds::load(&paths, Some(&f.device))?;
     config::check_domain(&a.config, &f.domain, creds.domain())?;
     crate::fd_limit::raise_open_files(crate::fd_limit::NODE_NEEDS);
-    runtime(threads)?.block_on(async move {
+    run_then_stop(threads, STOP_WAIT, async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signal(install_signals(), shutdown.clone()));
         let endpoint = tunnel::transport::agent_endpoint(&creds, &tuning)?;
@@ -364,18 +383,15 @@ pub fn files(
         descriptors: 4 * crate::files::MAX_CONNECTIONS as u64 + crate::fd_limit::RESERVE,
         lower: "",
     });
-    let rt = runtime(cores())?;
-    let served = rt.block_on(async move {
+    // A file system call stuck in a hung mount (what FS_TIMEOUT answers around) is not
+    // waited for past FILES_STOP_WAIT.
+    run_then_stop(cores(), FILES_STOP_WAIT, async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signal(install_signals(), shutdown.clone()));
         crate::files::run(root, listen, (pages, proxies), shutdown)
             .await
             .with_context(|| format!("cannot listen on {listen}"))
-    });
-    // A file system call stuck in a hung mount (what FS_TIMEOUT answers around) would hold a
-    // plain drop of the runtime, and the process, until systemd's SIGKILL.
-    rt.shutdown_timeout(FILES_STOP_WAIT);
-    served
+    })
 }
 
 /// How long a stopping file service waits for its file system calls still running.
