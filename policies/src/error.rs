@@ -68,6 +68,9 @@ pub struct PolicyError {
     /// `None` for problems that are not about a place in a file (unreadable directory, ...).
     pub position: Option<Position>,
     pub message: String,
+    /// A file or directory that could not be read (permissions, a race with an edit): not a
+    /// mistake in what is written, and may pass when tried again.
+    pub unreadable: bool,
 }
 
 impl fmt::Display for PolicyError {
@@ -87,6 +90,7 @@ impl PolicyError {
         message: impl Into<String>,
     ) -> Self {
         PolicyError {
+            unreadable: false,
             path: path.to_path_buf(),
             position: Some(text.position(span.start)),
             message: message.into(),
@@ -98,6 +102,15 @@ impl PolicyError {
             path: path.to_path_buf(),
             position: None,
             message: message.into(),
+            unreadable: false,
+        }
+    }
+
+    /// `path` could not be read ([`PolicyError::unreadable`]).
+    pub(crate) fn unreadable(path: &Path, message: impl Into<String>) -> Self {
+        PolicyError {
+            unreadable: true,
+            ..Self::whole(path, message)
         }
     }
 }

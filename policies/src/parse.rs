@@ -156,7 +156,7 @@ fn friendly(msg: &str) -> String {
 /// The `*.toml` files of `dir`, sorted. Also used by the watcher to fingerprint the directory.
 pub fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
     let rd = std::fs::read_dir(dir)
-        .map_err(|e| PolicyError::whole(dir, format!("cannot read policy directory: {e}")))?;
+        .map_err(|e| PolicyError::unreadable(dir, format!("cannot read policy directory: {e}")))?;
     let mut files = Vec::new();
     for entry in rd {
         let entry = entry
@@ -218,7 +218,7 @@ pub fn ignored_policy_files(dir: &Path) -> Vec<(PathBuf, &'static str)> {
 fn read_file(path: &Path) -> Result<String, PolicyError> {
     use std::io::Read;
     let meta = std::fs::metadata(path)
-        .map_err(|e| PolicyError::whole(path, format!("cannot read: {e}")))?;
+        .map_err(|e| PolicyError::unreadable(path, format!("cannot read: {e}")))?;
     // A FIFO would block the open (and every reload after it), a device (or a link to
     // /dev/zero) reads for ever: neither is a policy.
     if !meta.is_file() {
@@ -248,7 +248,7 @@ fn read_file(path: &Path) -> Result<String, PolicyError> {
                 }
                 _ => "",
             };
-            PolicyError::whole(path, format!("cannot read: {e}{hint}"))
+            PolicyError::unreadable(path, format!("cannot read: {e}{hint}"))
         })?;
     // It grew while being read.
     if bytes.len() as u64 > MAX_FILE_BYTES {

@@ -46,6 +46,7 @@ pub(crate) fn assemble(
             path: p.source.path.clone(),
             position: Some(p.listener_pos),
             message: msg,
+            unreadable: false,
         };
         if let Some(&other) = policy.by_name.get(&p.name) {
             errs.push(PolicyError {
@@ -55,6 +56,7 @@ pub(crate) fn assemble(
                     "duplicate app `{}`: already defined at {}",
                     p.name, policy.apps[other].source
                 ),
+                unreadable: false,
             });
             continue;
         }

@@ -521,6 +521,7 @@ impl PolicyStore {
                                     path: app.source.path.clone(),
                                     position: Some(app.source.position),
                                     message: e.message,
+                                    unreadable: false,
                                 },
                                 None => PolicyError::whole(&self.dir, e.message),
                             })

@@ -220,7 +220,14 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         .map_err(|errs| {
             // At most 100 per file, then a line saying how many more: not counted here.
             let list: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
-            UsageError(format!("policy refused:\n  {}", list.join("\n  ")))
+            let text = format!("policy refused:\n  {}", list.join("\n  "));
+            // Only files it could not read (copied in by root with a strict umask, half
+            // written): exit 1, which systemd retries, as for an unreadable gateway.toml; a
+            // mistake in what is written is the config's (exit 2).
+            match errs.iter().all(|e| e.unreadable) {
+                true => anyhow::anyhow!(text),
+                false => UsageError(text).into(),
+            }
         })?;
     let udp_per_app = config::udp_flows_per_app(&a.config, f.udp_flows_per_app)?;
     let tcp_total = config::tcp_connections(&a.config, f.tcp_connections)?;

@@ -628,6 +628,12 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
     let e = fails(2, ["gateway", "--config", gws]);
     assert!(e.contains("bad.toml:2:") && e.contains("listen"), "{e}");
     std::fs::remove_file(pol.join("bad.toml")).unwrap();
+    // A policy file it cannot read (here a link to nothing: as root, modes do not stop a
+    // read) may be readable on the next try: exit 1, which the systemd unit restarts.
+    std::os::unix::fs::symlink(t.path().join("gone.toml"), pol.join("later.toml")).unwrap();
+    let e = fails(1, ["gateway", "--config", gws]);
+    assert!(e.contains("later.toml: cannot read"), "{e}");
+    std::fs::remove_file(pol.join("later.toml")).unwrap();
 
     // A front timeout out of range, and the tcp apps' per-client limit above their total.
     let gw_text = std::fs::read_to_string(&gw).unwrap();
