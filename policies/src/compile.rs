@@ -105,8 +105,12 @@ pub(crate) fn compile_app(
                     "empty `allow` list: leave `allow` out to deny everything",
                 ));
             }
+            let listen = match &listener {
+                Some(Listener::Tcp(a) | Listener::Udp(a)) => Some(*a),
+                _ => None,
+            };
             list.into_iter()
-                .filter_map(|r| rule(r, kind, app_path.as_deref(), &mut errs))
+                .filter_map(|r| rule(r, (kind, listen), app_path.as_deref(), &mut errs))
                 .collect()
         }
     };
@@ -203,10 +207,11 @@ fn target(to: &Spanned<String>, errs: &mut Vec<SpanError>) -> Option<Target> {
 }
 
 /// One allow rule of an app whose entry point is `kind` ("http", "tcp", "udp", "mesh"; `None`
-/// when it had none or several, already an error) and whose http route is under `app_path`.
+/// when it had none or several, already an error), listening on `listen` (tcp, udp), and
+/// whose http route is under `app_path`.
 fn rule(
     spec: RuleSpec,
-    kind: Option<&str>,
+    (kind, listen): (Option<&str>, Option<SocketAddr>),
     app_path: Option<&str>,
     errs: &mut Vec<SpanError>,
 ) -> Option<Rule> {
@@ -220,7 +225,7 @@ fn rule(
         ));
     }
     for entry in spec.from.get_ref() {
-        from_entry(entry, kind, &mut from, errs);
+        from_entry(entry, (kind, listen), &mut from, errs);
     }
     let mut methods = Vec::new();
     for m in spec.methods.iter().flatten() {
@@ -306,12 +311,13 @@ fn rule(
     })
 }
 
-/// One `from` entry of a rule of a `kind` app. Gateway-facing apps (http, tcp, udp) know their
-/// clients only by address, mesh apps only by device: an entry of the other sort could never
-/// match, so it is refused rather than kept to mislead.
+/// One `from` entry of a rule of a `kind` app listening on `listen` (tcp, udp). Gateway-facing
+/// apps (http, tcp, udp) know their clients only by address, mesh apps only by device: an
+/// entry of the other sort could never match, so it is refused rather than kept to mislead;
+/// so is a network of the other family than a tcp/udp app's address takes.
 fn from_entry(
     entry: &Spanned<String>,
-    kind: Option<&str>,
+    (kind, listen): (Option<&str>, Option<SocketAddr>),
     from: &mut FromSet,
     errs: &mut Vec<SpanError>,
 ) {
@@ -348,7 +354,10 @@ fn from_entry(
                     ));
                 }
                 match cidr(s) {
-                    Ok(n) => from.nets.push(n),
+                    Ok(n) => match listen.and_then(|l| family_unreachable(&n, l)) {
+                        Some(m) => push_err(format!("CIDR {s:?} {m}")),
+                        None => from.nets.push(n),
+                    },
                     Err(m) => push_err(m),
                 }
             } else if let Ok(ip) = s.parse::<std::net::IpAddr>() {
@@ -366,6 +375,22 @@ fn from_entry(
                 ))
             }
         }
+    }
+}
+
+/// Why clients of `net` can never reach a socket bound to `listen`, if they cannot: an IPv4
+/// address (`0.0.0.0` included) takes IPv4 only, a specific IPv6 one IPv6 only; `[::]` takes
+/// both (the gateway binds it dual-stack).
+fn family_unreachable(net: &IpNet, listen: SocketAddr) -> Option<String> {
+    let port = listen.port();
+    match (net, listen.ip()) {
+        (IpNet::V6(_), std::net::IpAddr::V4(_)) => Some(format!(
+            "is IPv6, but the app listens on IPv4 {listen} only: its clients can never connect; listen on \"[::]:{port}\" for IPv4 and IPv6 clients"
+        )),
+        (IpNet::V4(_), std::net::IpAddr::V6(ip)) if !ip.is_unspecified() => Some(format!(
+            "is IPv4, but the app listens on IPv6 {listen} only: its clients can never connect; listen on \"[::]:{port}\" for IPv4 and IPv6 clients"
+        )),
+        _ => None,
     }
 }
 

@@ -318,14 +318,15 @@ impl CompiledPolicy {
     /// port on every specific address.
     pub fn app_by_listen(&self, kind: ListenKind, addr: SocketAddr) -> Option<&App> {
         let exact = self.listeners.get(&(kind, addr));
-        let wildcard = || {
-            let any: IpAddr = if addr.is_ipv4() {
-                std::net::Ipv4Addr::UNSPECIFIED.into()
-            } else {
-                std::net::Ipv6Addr::UNSPECIFIED.into()
-            };
+        let any = |ip: IpAddr| {
             self.listeners
-                .get(&(kind, SocketAddr::new(any, addr.port())))
+                .get(&(kind, SocketAddr::new(ip, addr.port())))
+        };
+        let v6_any = || any(std::net::Ipv6Addr::UNSPECIFIED.into());
+        // `[::]` is bound dual-stack: it owns IPv4 addresses too, unless `0.0.0.0` does.
+        let wildcard = || match addr.ip().to_canonical() {
+            IpAddr::V4(_) => any(std::net::Ipv4Addr::UNSPECIFIED.into()).or_else(v6_any),
+            IpAddr::V6(_) => v6_any(),
         };
         exact.or_else(wildcard).map(|&i| &self.apps[i])
     }
