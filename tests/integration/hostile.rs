@@ -538,7 +538,7 @@ async fn raw_session(
 /// Accepts whatever certificate a server shows: a flood's clients want their handshake to run
 /// until the server decides about them.
 #[derive(Debug)]
-struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+pub(crate) struct AnyServer(pub(crate) Arc<rustls::crypto::CryptoProvider>);
 
 impl rustls::client::danger::ServerCertVerifier for AnyServer {
     fn verify_server_cert(

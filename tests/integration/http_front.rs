@@ -1576,6 +1576,17 @@ async fn dfs_example_is_read_only_for_the_public() {
         ))
         .await;
     assert_eq!(c.code, 200, "an allowed override: {c:?}");
+    // A long one is refused with its text clipped, as a method is (it went whole into the
+    // answer and the log line).
+    let long = "A".repeat(5000);
+    let c = h
+        .curl(&args(
+            &["-H", &format!("X-HTTP-Method-Override: GET,{long}")],
+            h.http_args(DOMAIN, "/dfs/photos/a.jpg"),
+        ))
+        .await;
+    assert_eq!(c.code, 405, "{c:?}");
+    assert!(c.body.len() < 400 && c.body.contains("AAAA…"), "{}", c.body);
     let smuggled = "GET /admin HTTP/1.1\r\nHost: x\r\n\r\n";
     let got = h
         .raw(
@@ -2002,4 +2013,44 @@ async fn status_page_metrics_and_headless_chromium() {
             || dom.contains("http alice.example -> home1/web"),
         "{dom}"
     );
+}
+
+/// An HTTP/2 client over TLS that sends part of the connection preface and then nothing is
+/// dropped after the head timeout: the first byte lifted the deadline, and hyper neither
+/// pings nor closes before the preface is whole, so such a client held its connection (and
+/// its slot) for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_stalled_in_its_preface_is_dropped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = start().await;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(crate::hostile::AnyServer(provider)))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(h.https).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(DOMAIN).unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    tls.write_all(b"PRI * HTTP").await.unwrap();
+    tls.flush().await.unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(HEADER_TIMEOUT * 10, async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "still connected after {:?}", t.elapsed());
+    assert!(t.elapsed() >= HEADER_TIMEOUT / 2, "{:?}", t.elapsed());
 }

@@ -265,11 +265,13 @@ impl Front {
                                 let t = front.0.tuning.tls_handshake_timeout;
                                 match tokio::time::timeout(t, acc.accept(tcp)).await {
                                     Ok(Ok(s)) if s.get_ref().1.alpn_protocol() == Some(b"h2") => {
-                                        // Dead HTTP/2 peers are found by pings; one that never
-                                        // sends a byte after its handshake is dropped by the
+                                        // Dead HTTP/2 peers are found by pings, which start
+                                        // after the preface; one that does not send the whole
+                                        // preface after its handshake is dropped by the
                                         // deadline (HTTP/1's head timeout covers that case).
                                         let t = front.0.tuning.header_read_timeout;
-                                        let s = FirstReadDeadline::new(s, t);
+                                        let preface = server_h1::H2_PREFACE.len();
+                                        let s = FirstReadDeadline::new(s, t, preface);
                                         h2::serve(front, s, peer, true, shutdown, slots.clone())
                                             .await
                                     }
@@ -337,18 +339,24 @@ impl Front {
     }
 }
 
-/// Fails the first read of a connection if no byte arrives within the deadline; later reads
-/// are untouched (HTTP/2's pings find dead peers after that).
+/// Fails a read of a connection if its first `bytes` have not all arrived within the
+/// deadline; later reads are untouched (HTTP/2's pings find dead peers after its preface).
+/// The first byte alone used to end it: a client that sent `P` of the preface and nothing
+/// more held its connection for good, since hyper neither pings nor shuts down gracefully
+/// before the preface is complete.
 struct FirstReadDeadline<I> {
     inner: I,
     deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes still to arrive before the deadline is lifted.
+    left: usize,
 }
 
 impl<I> FirstReadDeadline<I> {
-    fn new(inner: I, after: Duration) -> Self {
+    fn new(inner: I, after: Duration, bytes: usize) -> Self {
         FirstReadDeadline {
             inner,
             deadline: Some(Box::pin(tokio::time::sleep(after))),
+            left: bytes.max(1),
         }
     }
 }
@@ -364,7 +372,11 @@ impl<I: AsyncRead + Unpin> AsyncRead for FirstReadDeadline<I> {
         if self.deadline.is_some() {
             match &r {
                 std::task::Poll::Ready(Ok(())) if buf.filled().len() > before => {
-                    self.deadline = None
+                    let got = buf.filled().len() - before;
+                    self.left = self.left.saturating_sub(got);
+                    if self.left == 0 {
+                        self.deadline = None;
+                    }
                 }
                 std::task::Poll::Pending => {
                     if let Some(d) = self.deadline.as_mut() {

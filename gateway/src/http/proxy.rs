@@ -542,6 +542,12 @@ async fn forward(
         });
         if let Some(over) = refused {
             state.counters.refused(Refusal::Denied(DenyReason::Method));
+            // Clipped as a method is: the value is the client's, of any length.
+            let head: String = over.chars().take(super::server_h1::MAX_METHOD).collect();
+            let over = match head.len() < over.len() {
+                true => format!("{head}…"),
+                false => head,
+            };
             return Err(not_allowed(format!(
                 "{method} overridden to {over} (by a method override)"
             )));
