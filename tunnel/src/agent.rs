@@ -1086,14 +1086,26 @@ impl Agent {
         ev: Event,
     ) -> Option<String> {
         match ev {
-            Event::ConfigUpdate { zone_config, .. } => {
+            Event::ConfigUpdate {
+                zone_serial,
+                zone_config,
+            } => {
+                // Not newer by its own account: no parse spent on it, as the hub does.
+                if zone_serial <= self.cfg.creds.zone_serial() {
+                    return None;
+                }
                 match self.cfg.creds.offer_zone(&zone_config) {
                     Ok(Some(serial)) => {
                         info!(serial, gateway = %link.name, "adopted newer zone config");
                         self.zone_adopted(&link.name);
                     }
                     Ok(None) => {}
-                    Err(e) => warn!(gateway = %link.name, error = %e, "refused zone config update"),
+                    // Budgeted: a gateway sending bad ones in a loop must not fill the disk.
+                    Err(e) => {
+                        if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
+                            warn!(gateway = %link.name, error = %e, unlogged, "refused zone config update");
+                        }
+                    }
                 }
             }
             Event::UdpFlowOpen(f) => {

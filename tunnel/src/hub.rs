@@ -766,7 +766,20 @@ impl Hub {
             let conn = incoming.await?;
             let id = identity_of(&conn)?;
             let (send, mut recv) = conn.accept_bi().await?;
-            let (header, rest) = stream::read_header(&mut recv).await?;
+            let (header, rest) = match stream::read_header(&mut recv).await {
+                Ok(h) => h,
+                // Another stream-header version (or no header at all): said in the close, so
+                // the agent can tell its owner to upgrade one side (a bare close read as a
+                // lost connection, retried for ever).
+                Err(e @ TunnelError::Proto(_)) => {
+                    conn.close(
+                        CLOSE_PROTOCOL.into(),
+                        b"unsupported stream header: run the same zonegate version on both sides",
+                    );
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
             if header != StreamHeader::Control {
                 conn.close(
                     CLOSE_PROTOCOL.into(),
@@ -814,7 +827,12 @@ impl Hub {
             )));
         }
         let creds = &self.0.cfg.creds;
-        if let Some(z) = &hello.zone_config {
+        // Every hello carries the agent's zone.json: parsed only when it says it is newer.
+        if let Some(z) = hello
+            .zone_config
+            .as_ref()
+            .filter(|_| hello.zone_serial > creds.zone_serial())
+        {
             self.adopt_zone(z, &device);
         }
         let ours = creds.zone();
@@ -830,7 +848,8 @@ impl Hub {
                 fits
             });
         let session_id = self.0.next_session.fetch_add(1, Ordering::Relaxed);
-        io.session
+        let welcomed = io
+            .session
             .welcome(Welcome {
                 session_id,
                 observed_addr: canonical(conn.remote_address()),
@@ -838,11 +857,19 @@ impl Hub {
                 zone_config,
                 keepalive_ms: t.keepalive.as_millis() as u32,
             })
-            .map_err(|e| TunnelError::Config(e.to_string()))?;
-        // The agent keeps its end of a flow at least this long (older agents skip it).
-        io.session
-            .send_udp_flow_idle(u32::try_from(t.udp_flow_idle.as_millis()).unwrap_or(u32::MAX))
-            .map_err(|e| TunnelError::Config(e.to_string()))?;
+            // The agent keeps its end of a flow at least this long (older agents skip it).
+            .and_then(|()| {
+                io.session.send_udp_flow_idle(
+                    u32::try_from(t.udp_flow_idle.as_millis()).unwrap_or(u32::MAX),
+                )
+            });
+        if let Err(e) = welcomed {
+            // The session ended while the hello was read (another frame out of place came
+            // with it): the agent is told why, instead of a bare close.
+            io.close_as_violation(&conn, b"control protocol violation")
+                .await;
+            return Err(TunnelError::Config(e.to_string()));
+        }
         // Bounded like the hello: a device whose control stream takes no data (a zero receive
         // window) would otherwise hold this connection, unregistered — out of reach of
         // replacement and revocation — with its streams unread.
