@@ -20,7 +20,7 @@ use governor::state::keyed::ShrinkableKeyedStateStore;
 use governor::state::{InMemoryState, StateStore};
 use governor::Quota;
 use std::collections::hash_map::RandomState;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -159,13 +159,30 @@ pub struct RateLimiter {
     pub config: RateLimit,
     /// Time one request's token takes to come back.
     cell: std::time::Duration,
-    /// For a limiter that replaced another on a policy reload: the clock reading then, and
-    /// the clients the other held. Their buckets count as empty at that moment (refilling at
-    /// the rate since), so editing a policy gives no client that was using it a fresh burst;
-    /// a client it never saw starts full, as it would have there.
-    /// Dropped once a whole burst has refilled since (nothing is missing from any bucket
-    /// then): the set can hold every key the old limiter had.
-    empty_at: arc_swap::ArcSwapOption<(u64, HashSet<LimitKey>)>,
+    /// For a limiter that replaced another on a policy reload: the clients the other held,
+    /// each with the clock reading (of this limiter's clock) at which its bucket counts as
+    /// empty, refilling at the rate since: the reload for those in the other's table, an
+    /// earlier reload for those the other still counted so. Editing a policy gives no client
+    /// that was using it a fresh burst, and a client away over several edits is not charged
+    /// afresh at each; a client never seen starts full, as it would have there.
+    /// Dropped once a whole burst has refilled since the latest (nothing is missing from any
+    /// bucket then).
+    empty_at: arc_swap::ArcSwapOption<EmptyAt>,
+}
+
+/// Clients whose buckets count as empty from a moment each (see [`RateLimiter::empty_at`]),
+/// in nanoseconds of the limiter's clock: negative for moments before it started (a client
+/// carried over from an earlier edit).
+#[derive(Debug)]
+struct EmptyAt {
+    /// The latest of the moments.
+    latest: i64,
+    keys: HashMap<LimitKey, i64>,
+}
+
+/// A reading of a limiter's clock, signed (see [`EmptyAt`]).
+fn signed(n: Nanos) -> i64 {
+    i64::try_from(n.as_u64()).unwrap_or(i64::MAX)
 }
 
 impl RateLimiter {
@@ -204,20 +221,36 @@ impl RateLimiter {
     /// client started empty, new ones too: a raised limit had everyone wait out a refill).
     pub fn new_replacing(config: RateLimit, old: &RateLimiter) -> Self {
         let mut r = Self::new(config);
-        let mut seen: HashSet<LimitKey> = old.store.0.iter().map(|e| *e.key()).collect();
-        // And those `old` itself still counted as empty from the edit before (not back since,
-        // so not in its table): two edits in a row, or an edit undone, gave them a full
-        // bucket. Only while a whole burst has not refilled since that edit.
+        let now = signed(r.clock.now());
+        let mut keys: HashMap<LimitKey, i64> = HashMap::new();
+        // Those `old` itself still counted as empty from an edit before (not back since, so
+        // not in its table), from when they were: two edits in a row, or an edit undone,
+        // gave them a full bucket; counted from this edit instead, an idle client lost most
+        // of what it had refilled since. Only while a whole burst has not refilled since.
         if let Some(prev) = old.empty_at.load_full() {
-            let (at, pending) = &*prev;
-            let elapsed = old.clock.now().as_u64().saturating_sub(*at);
-            let refill =
-                (old.cell.as_nanos() as u64).saturating_mul(u64::from(old.config.burst.max(1)));
-            if elapsed < refill {
-                seen.extend(pending.iter().copied());
+            let old_now = signed(old.clock.now());
+            let refill = i64::try_from(old.cell.as_nanos())
+                .unwrap_or(i64::MAX)
+                .saturating_mul(i64::from(old.config.burst.max(1)));
+            for (key, at) in &prev.keys {
+                let ago = old_now.saturating_sub(*at);
+                if ago < refill {
+                    keys.insert(*key, now.saturating_sub(ago));
+                }
+            }
+            // Bounded like a table: past it, the ones emptied longest ago (most refilled) go.
+            if keys.len() > r.max_keys {
+                let mut by_age: Vec<(LimitKey, i64)> = keys.drain().collect();
+                by_age.sort_unstable_by_key(|(_, at)| std::cmp::Reverse(*at));
+                by_age.truncate(r.max_keys);
+                keys.extend(by_age);
             }
         }
-        r.empty_at = arc_swap::ArcSwapOption::from_pointee((r.clock.now().as_u64(), seen));
+        for e in old.store.0.iter() {
+            keys.insert(*e.key(), now);
+        }
+        let latest = keys.values().copied().max().unwrap_or(now);
+        r.empty_at = arc_swap::ArcSwapOption::from_pointee(EmptyAt { latest, keys });
         r
     }
 
@@ -233,8 +266,7 @@ impl RateLimiter {
             }
         }
         if let Some(empty) = self.empty_at.load().as_deref() {
-            let (at, seen) = empty;
-            if !self.drain_new_key(&key, *at, seen) {
+            if !self.drain_new_key(&key, empty) {
                 self.empty_at.store(None);
             }
         }
@@ -244,23 +276,31 @@ impl RateLimiter {
     }
 
     /// For a key this limiter has not seen yet: takes the tokens its bucket would not have
-    /// refilled since `empty_at`, so it starts where an empty bucket at `empty_at` would be.
-    /// False once a whole burst has refilled since `empty_at`: nothing is missing any more.
-    fn drain_new_key(&self, key: &LimitKey, empty_at: u64, seen: &HashSet<LimitKey>) -> bool {
-        let elapsed = self.clock.now().as_u64().saturating_sub(empty_at);
-        // Rounded up: the drain happens now, not at `empty_at`, so a partly refilled token is
-        // granted rather than charged a whole cell (at most one token of leniency).
-        let refilled = elapsed.div_ceil((self.cell.as_nanos() as u64).max(1));
-        let missing = u64::from(self.config.burst).saturating_sub(refilled);
+    /// refilled since it counts as empty (`empty`), so it starts where an empty bucket then
+    /// would be. False once a whole burst has refilled since the latest of those moments:
+    /// nothing is missing any more.
+    fn drain_new_key(&self, key: &LimitKey, empty: &EmptyAt) -> bool {
+        let now = signed(self.clock.now());
+        // Rounded up: the drain happens now, not when the bucket emptied, so a partly
+        // refilled token is granted rather than charged a whole cell (at most one token of
+        // leniency).
+        let missing = |at: i64| {
+            let elapsed = u64::try_from(now.saturating_sub(at)).unwrap_or(0);
+            let refilled = elapsed.div_ceil((self.cell.as_nanos() as u64).max(1));
+            u64::from(self.config.burst).saturating_sub(refilled)
+        };
         // Once a whole burst has refilled since the edit (the usual case, soon after it),
         // nothing is missing: no table lookup per request.
-        if missing == 0 {
+        if missing(empty.latest) == 0 {
             return false;
         }
-        if self.store.0.contains_key(key) || !seen.contains(key) {
+        if self.store.0.contains_key(key) {
             return true;
         }
-        if let Some(n) = u32::try_from(missing).ok().and_then(NonZeroU32::new) {
+        let Some(&at) = empty.keys.get(key) else {
+            return true;
+        };
+        if let Some(n) = u32::try_from(missing(at)).ok().and_then(NonZeroU32::new) {
             // At most the burst, which a new key holds: never refused, always taken.
             let _ = self.inner.check_key_n(key, n);
         }

@@ -906,6 +906,27 @@ async fn a_limits_edit_gives_no_client_a_fresh_allowance() {
     tokio::time::advance(Duration::from_millis(200)).await;
     assert!(twice.check_rate(&quiet).is_ok());
     assert!(twice.check_rate(&quiet).is_err());
+
+    // One away across two edits keeps what it refilled since the first: its bucket counts
+    // as empty from then, not from the second (which charged it afresh at every edit).
+    let away = Requester::Public {
+        ip: ip("198.51.100.4"),
+    };
+    for _ in 0..5 {
+        assert!(twice.check_rate(&away).is_ok());
+    }
+    assert!(twice.check_rate(&away).is_err(), "throttled");
+    write(dir.path(), "a.toml", &app("6/min", 4));
+    store.reload().expect("reload");
+    tokio::time::advance(Duration::from_secs(40)).await;
+    write(dir.path(), "a.toml", &app("5/min", 4));
+    store.reload().expect("reload");
+    let later = limits(&store);
+    // Empty 40 s ago, refilling at 5/min since: 4 of its 5.
+    for i in 0..4 {
+        assert!(later.check_rate(&away).is_ok(), "request {i}");
+    }
+    assert!(later.check_rate(&away).is_err(), "more than it refilled");
 }
 
 /// Renaming an app keeps its limiters: its open connections stay counted and its clients get
