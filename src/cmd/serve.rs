@@ -362,10 +362,37 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
         // Answers through the agent's drain; stops with it.
         let admin_stop = CancellationToken::new();
         let _admin_stop = admin_stop.clone().drop_guard();
-        tokio::spawn(gateway::admin::serve(admin, status, admin_stop));
+        let admin_task = tokio::spawn(gateway::admin::serve(admin, status, admin_stop));
+        // The admin API failing (a panic) stops the node too, as any part of the agent does.
+        let admin_failed = Arc::new(std::sync::Mutex::new(None::<String>));
+        tokio::spawn({
+            let (failed, shutdown) = (admin_failed.clone(), shutdown.clone());
+            async move {
+                if let Err(e) = admin_task.await {
+                    if e.is_panic() && !shutdown.is_cancelled() {
+                        tracing::error!(error = %e, "the admin API failed: stopping");
+                        *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                        shutdown.cancel();
+                    }
+                }
+            }
+        });
         tokio::spawn(crate::memory::release_freed_memory());
-        agent.run(shutdown).await;
-        Ok(())
+        agent.clone().run(shutdown).await;
+        let admin_failed = admin_failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match agent
+            .broke()
+            .map(|w| ("agent", w))
+            .or(admin_failed.map(|w| ("admin API", w)))
+        {
+            Some((what, why)) => Err(anyhow::anyhow!(
+                "the node stopped: its {what} failed: {why}"
+            )),
+            None => Ok(()),
+        }
     })
 }
 

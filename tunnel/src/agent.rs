@@ -355,6 +355,8 @@ pub struct Agent {
     /// Set as a stop begins: a hello offers no services (a gateway reconnecting meanwhile
     /// must not send new streams).
     draining: std::sync::atomic::AtomicBool,
+    /// Why a part of the agent failed and stopped it ([`Agent::broke`]).
+    broke: Mutex<Option<String>>,
 }
 
 /// Lines a second of [`Agent::flood_lines`], as many as the gateway allows its own.
@@ -460,6 +462,7 @@ impl Agent {
             streams: tokio_util::task::TaskTracker::new(),
             forwarded: tokio_util::task::TaskTracker::new(),
             draining: std::sync::atomic::AtomicBool::new(false),
+            broke: Mutex::new(None),
             cfg,
             endpoint,
             links: Mutex::new(links),
@@ -672,7 +675,23 @@ impl Agent {
             info!(listen = %f.listen, to = %format!("{}/{}", f.device, f.service), "mesh forward listening");
             tasks.spawn(self.clone().forward_loop(f, l, shutdown.clone()));
         }
-        shutdown.cancelled().await;
+        // A part that panics (a forward's loop, the zone.json watch) stops the agent, drained,
+        // for its service manager to restart: running on without it would look healthy while,
+        // say, no newer zone.json were adopted. A part that returns is done (a retired link).
+        let broke = loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break None,
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => match done {
+                    Err(e) if e.is_panic() => break Some(e.to_string()),
+                    _ => {}
+                },
+            }
+        };
+        if let Some(why) = broke {
+            error!(error = %why, "a part of the node agent failed: stopping");
+            *self.broke.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+            shutdown.cancel();
+        }
         self.drain().await;
         links_stop.cancel();
         self.peers.close_all();
@@ -683,6 +702,12 @@ impl Agent {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         self.cfg.creds.saved(Duration::from_secs(5)).await;
         info!("node agent stopped");
+    }
+
+    /// Why a part of the agent failed, if one did: [`Agent::run`] stopped for it (the node
+    /// exits 1).
+    pub fn broke(&self) -> Option<String> {
+        self.broke.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The start of a stop: gateways are told this device offers nothing more, and the
