@@ -787,9 +787,13 @@ async fn serve_tcp(
     // to a slow client took longer than the idle timeout to hand over, and the connection
     // was cut part way, or picked as the idlest to make room.
     let clock = live.clone();
-    let stream = AnswerWriter::new(stream, conn.last.clone(), conn.owed.clone(), move || {
-        clock.now_ms()
-    });
+    let stream = AnswerWriter::new(
+        stream,
+        (conn.last.clone(), conn.owed.clone(), move || clock.now_ms()),
+        // The slots stay taken while the socket lingers: a client whose connections end in a
+        // linger cannot open more meanwhile. Closed to make room (`stop`), it does not linger.
+        (Box::new(slots), conn.stop.clone()),
+    );
     let (mut frames, mut response_stream) =
         hickory_proto::tcp::TcpStream::from_stream(AsyncIoTokioAsStd(stream), peer);
     let idle = tokio::time::sleep(TCP_IDLE_TIMEOUT);

@@ -10,6 +10,7 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 /// Counts the answers that end within the bytes written so far: DNS over TCP frames each
 /// message with its length in 2 bytes (RFC 1035 §4.2.2). Sans-IO.
@@ -61,20 +62,23 @@ const HOLD_BACK: usize = 2;
 /// had not read yet got a reset, which can throw away answers it had not read either.
 pub(crate) struct AnswerWriter<C: Fn() -> u64> {
     inner: TcpStream,
-    pub(crate) last: Arc<AtomicU64>,
+    last: Arc<AtomicU64>,
     /// Answers owed: queries read (the caller adds them) less answers written whole.
-    pub(crate) owed: Arc<AtomicU64>,
-    pub(crate) now_ms: C,
+    owed: Arc<AtomicU64>,
+    now_ms: C,
     frames: FrameEnds,
     held: Vec<u8>,
+    /// Kept while the socket lingers after the drop (the connection's slots).
+    hold: Option<tunnel::linger::Guard>,
+    /// Cancelled: the connection was closed to make room, and does not linger.
+    stop: CancellationToken,
 }
 
 impl<C: Fn() -> u64> AnswerWriter<C> {
     pub(crate) fn new(
         inner: TcpStream,
-        last: Arc<AtomicU64>,
-        owed: Arc<AtomicU64>,
-        now_ms: C,
+        (last, owed, now_ms): (Arc<AtomicU64>, Arc<AtomicU64>, C),
+        (hold, stop): (tunnel::linger::Guard, CancellationToken),
     ) -> Self {
         AnswerWriter {
             inner,
@@ -83,6 +87,8 @@ impl<C: Fn() -> u64> AnswerWriter<C> {
             now_ms,
             frames: FrameEnds::default(),
             held: Vec::with_capacity(HOLD_BACK),
+            hold: Some(hold),
+            stop,
         }
     }
 
@@ -180,7 +186,7 @@ impl<C: Fn() -> u64> Drop for AnswerWriter<C> {
     fn drop(&mut self) {
         // Our sending half closed, what the client still sends read and dropped until it
         // closes too (or a bound passes); where that cannot be, dropping closes as before.
-        tunnel::linger::close_lingering(&self.inner, None, None);
+        tunnel::linger::close_lingering(&self.inner, self.hold.take(), Some(self.stop.clone()));
     }
 }
 
@@ -224,7 +230,11 @@ mod tests {
         let (server, _) = l.accept().await.unwrap();
         let owed = Arc::new(AtomicU64::new(2));
         let last = Arc::new(AtomicU64::new(0));
-        let mut w = AnswerWriter::new(server, last.clone(), owed.clone(), || 42);
+        let mut w = AnswerWriter::new(
+            server,
+            (last.clone(), owed.clone(), || 42),
+            (Box::new(()), CancellationToken::new()),
+        );
         // As hickory writes: the length alone, then the message, then a flush.
         assert_eq!(w.write(&5u16.to_be_bytes()).await.unwrap(), 2);
         assert_eq!(w.held, [0, 5], "the length went alone");

@@ -118,19 +118,31 @@ impl UdpReply {
 }
 
 impl UdpReply {
-    /// `wire` made the header `head` of an answer with TC set and the question alone.
-    fn truncated(&self, head: Header, wire: &mut Vec<u8>) -> io::Result<ResponseInfo> {
+    /// `wire` made the header `head` of an answer with TC set, the question, and the OPT
+    /// record `edns` if the answer had one (every answer to an EDNS query carries one, RFC
+    /// 6891 §6.1.1).
+    fn truncated(
+        &self,
+        head: Header,
+        edns: Option<&hickory_proto::op::Edns>,
+        wire: &mut Vec<u8>,
+    ) -> io::Result<ResponseInfo> {
         wire.clear();
         let mut header = head;
         header.set_truncated(true);
         header.set_query_count(self.question.iter().count() as u16);
         header.set_answer_count(0);
         header.set_name_server_count(0);
-        header.set_additional_count(0);
+        header.set_additional_count(edns.iter().count() as u16);
         let mut encoder = BinEncoder::new(wire);
         header.emit(&mut encoder).map_err(io::Error::other)?;
         if let Some(q) = &self.question {
             q.emit(&mut encoder).map_err(io::Error::other)?;
+        }
+        if let Some(e) = edns {
+            Record::from(e)
+                .emit(&mut encoder)
+                .map_err(io::Error::other)?;
         }
         Ok(ResponseInfo::from(header))
     }
@@ -151,6 +163,7 @@ impl ResponseHandler for UdpReply {
     ) -> io::Result<ResponseInfo> {
         let id = response.header().id();
         let head = *response.header();
+        let edns = response.get_edns().clone();
         // The handler sized the answer to what the client takes; this only guards it.
         let mut wire = Vec::with_capacity(512);
         let mut encoder = BinEncoder::new(&mut wire);
@@ -160,14 +173,16 @@ impl ResponseHandler for UdpReply {
             // trips on answers that end up smaller): the header and question alone with TC,
             // so it asks over TCP. Our own advertised size bounded it before, and a long
             // negative answer went whole to a client of 512, which drops it.
-            Ok(_) if wire.len() > usize::from(self.max) => self.truncated(head, &mut wire)?,
+            Ok(_) if wire.len() > usize::from(self.max) => {
+                self.truncated(head, edns.as_ref(), &mut wire)?
+            }
             Err(error)
                 if matches!(
                     error.kind(),
                     hickory_proto::ProtoErrorKind::MaxBufferSizeExceeded(_)
                 ) =>
             {
-                self.truncated(head, &mut wire)?
+                self.truncated(head, edns.as_ref(), &mut wire)?
             }
             Ok(info) => info,
             Err(error) => {

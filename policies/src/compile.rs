@@ -225,7 +225,24 @@ fn rule(
         ));
     }
     for entry in spec.from.get_ref() {
-        from_entry(entry, (kind, listen), &mut from, errs);
+        from_entry(entry, kind, &mut from, errs);
+    }
+    // A rule whose networks are all of the other family than a tcp/udp app's address takes
+    // can never match: refused, naming `[::]`. One with a network of each family still
+    // matches some clients and is kept (as it was before this check: refusing it now would
+    // keep a gateway that served it from starting).
+    if let (Some(listen), false) = (listen, from.public || from.nets.is_empty()) {
+        let unreachable: Vec<String> = from
+            .nets
+            .iter()
+            .filter_map(|n| family_unreachable(n, listen))
+            .collect();
+        if unreachable.len() == from.nets.len() {
+            errs.push(SpanError::new(
+                spec.from.span(),
+                format!("`from` can never match: every network {}", unreachable[0]),
+            ));
+        }
     }
     let mut methods = Vec::new();
     for m in spec.methods.iter().flatten() {
@@ -311,13 +328,12 @@ fn rule(
     })
 }
 
-/// One `from` entry of a rule of a `kind` app listening on `listen` (tcp, udp). Gateway-facing
-/// apps (http, tcp, udp) know their clients only by address, mesh apps only by device: an
-/// entry of the other sort could never match, so it is refused rather than kept to mislead;
-/// so is a network of the other family than a tcp/udp app's address takes.
+/// One `from` entry of a rule of a `kind` app. Gateway-facing apps (http, tcp, udp) know their
+/// clients only by address, mesh apps only by device: an entry of the other sort could never
+/// match, so it is refused rather than kept to mislead.
 fn from_entry(
     entry: &Spanned<String>,
-    (kind, listen): (Option<&str>, Option<SocketAddr>),
+    kind: Option<&str>,
     from: &mut FromSet,
     errs: &mut Vec<SpanError>,
 ) {
@@ -354,10 +370,7 @@ fn from_entry(
                     ));
                 }
                 match cidr(s) {
-                    Ok(n) => match listen.and_then(|l| family_unreachable(&n, l)) {
-                        Some(m) => push_err(format!("CIDR {s:?} {m}")),
-                        None => from.nets.push(n),
-                    },
+                    Ok(n) => from.nets.push(n),
                     Err(m) => push_err(m),
                 }
             } else if let Ok(ip) = s.parse::<std::net::IpAddr>() {
@@ -385,10 +398,10 @@ fn family_unreachable(net: &IpNet, listen: SocketAddr) -> Option<String> {
     let port = listen.port();
     match (net, listen.ip()) {
         (IpNet::V6(_), std::net::IpAddr::V4(_)) => Some(format!(
-            "is IPv6, but the app listens on IPv4 {listen} only: its clients can never connect; listen on \"[::]:{port}\" for IPv4 and IPv6 clients"
+            "is IPv6, but the app listens on IPv4 {listen} only: listen on \"[::]:{port}\" for IPv4 and IPv6 clients"
         )),
         (IpNet::V4(_), std::net::IpAddr::V6(ip)) if !ip.is_unspecified() => Some(format!(
-            "is IPv4, but the app listens on IPv6 {listen} only: its clients can never connect; listen on \"[::]:{port}\" for IPv4 and IPv6 clients"
+            "is IPv4, but the app listens on IPv6 {listen} only: listen on \"[::]:{port}\" for IPv4 and IPv6 clients"
         )),
         _ => None,
     }

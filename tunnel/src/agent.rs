@@ -2017,7 +2017,7 @@ async fn read_datagrams(conn: Connection, flows: Flows) {
             open
         };
         if dropped > 0 && lines.take().is_some() {
-            info!(dropped, "UDP datagrams dropped before their flow opened: too many flows were opening at once, or an open came more than 2 s after its datagrams (the gateway counted them as passed on)");
+            info!(dropped, "UDP datagrams dropped for a flow not open: too many flows were opening at once, an open came more than 2 s after its datagrams, or they came just after their flow closed (the gateway counted them as passed on)");
             dropped = 0;
         }
         if let Some((s, activity)) = sock {

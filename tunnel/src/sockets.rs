@@ -61,6 +61,7 @@ pub const KEEPALIVE_PROBES: u32 = 4;
 
 /// A blocking UDP socket bound to `addr`.
 pub fn std_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let addr = v4_without_v6(addr);
     if !dual_stack(addr) {
         return std::net::UdpSocket::bind(addr);
     }
@@ -301,6 +302,7 @@ pub fn std_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 /// A TCP socket bound as [`tcp`] binds, not listening: what a policy reload tries before
 /// it takes a new address (a conflict shows at the bind; listening would take connections).
 pub fn tcp_bound(addr: SocketAddr) -> io::Result<Socket> {
+    let addr = v4_without_v6(addr);
     let s = if dual_stack(addr) {
         v6_socket(Type::STREAM, Protocol::TCP)?
     } else {
@@ -318,7 +320,22 @@ pub fn tcp_bound(addr: SocketAddr) -> io::Result<Socket> {
 pub fn ipv6_available() -> bool {
     // Asked for each default address and the agent's socket at start: tried once.
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| std_udp(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))).is_ok())
+    *AVAILABLE.get_or_init(|| {
+        let any = SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0));
+        v6_socket(Type::DGRAM, Protocol::UDP)
+            .and_then(|s| s.bind(&any.into()))
+            .is_ok()
+    })
+}
+
+/// `addr`, but `0.0.0.0:port` for `[::]:port` on a machine without IPv6 (booted with
+/// `ipv6.disable=1`): "every address" is every IPv4 one there. A policy's `[::]` app (the
+/// shipped examples use it) failed to bind at every poll, for good.
+fn v4_without_v6(addr: SocketAddr) -> SocketAddr {
+    match dual_stack(addr) && !ipv6_available() {
+        true => SocketAddr::from(([0, 0, 0, 0], addr.port())),
+        false => addr,
+    }
 }
 
 /// `[::]:port` where IPv6 is available (IPv4 and IPv6 on one socket), else `0.0.0.0:port`.

@@ -144,8 +144,6 @@ fn distinct(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
     out
 }
 
-/// Refuses a private key file others may read, as ssh does: every device key derives from the
-/// zone key, and a copy or restore (`cp` from a backup, an unzip) can leave it at 0644.
 /// Mode of a bundle directory this makes: readable by the service's user (it is copied, and
 /// may be installed where another user runs it), writable by its owner only whatever the
 /// umask, so nobody else can delete its key or swap its zone.json and revocation record.
@@ -161,6 +159,8 @@ pub fn make_dir(dir: &Path, mode: u32) -> Result<(), ZoneError> {
         .map_err(|e| ZoneError::io(dir, e))
 }
 
+/// Refuses a private key file others may read, as ssh does: every device key derives from the
+/// zone key, and a copy or restore (`cp` from a backup, an unzip) can leave it at 0644.
 fn check_private(path: &Path) -> Result<(), ZoneError> {
     use std::os::unix::fs::PermissionsExt;
     let mode = fs::metadata(path)

@@ -114,5 +114,22 @@ async fn a_negative_answer_larger_than_the_client_takes_is_truncated() {
     assert!(answer.truncated(), "{answer:?}");
     assert_eq!(answer.queries().len(), 1);
     assert_eq!(answer.queries()[0].name().to_ascii(), name);
+    assert!(answer.extensions().is_none(), "OPT to a query without EDNS");
+    // With EDNS at 512 too, and the answer keeps its OPT record (RFC 6891 §6.1.1).
+    let mut edns = hickory_proto::op::Edns::new();
+    edns.set_max_payload(512);
+    q.set_id(78).set_edns(edns);
+    client
+        .send_to(&q.to_vec().unwrap(), server.addr)
+        .await
+        .unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(3), client.recv(&mut buf))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    let answer = Message::from_vec(&buf[..n]).unwrap();
+    assert!(n <= 512 && answer.truncated(), "{n} bytes: {answer:?}");
+    assert_eq!(answer.id(), 78);
+    assert!(answer.extensions().is_some(), "no OPT: {answer:?}");
     server.stop().await;
 }
