@@ -16,12 +16,14 @@ use crate::common::Running;
 
 /// An SOA query for the zone with `id`, with its TCP length prefix.
 fn framed_soa_query(id: u16) -> Vec<u8> {
+    framed_query(id, "alice.example.", RecordType::SOA)
+}
+
+/// A query for `name` and `ty` with `id`, with its TCP length prefix.
+fn framed_query(id: u16, name: &str, ty: RecordType) -> Vec<u8> {
     let mut m = Message::new();
     m.set_id(id);
-    m.add_query(Query::query(
-        Name::from_ascii("alice.example.").unwrap(),
-        RecordType::SOA,
-    ));
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), ty));
     let q = m.to_vec().unwrap();
     let mut framed = (q.len() as u16).to_be_bytes().to_vec();
     framed.extend(q);
@@ -319,18 +321,7 @@ async fn making_room_closes_a_connection_between_answers_not_one_mid_answer() {
     use name_resolver::server::MAX_TCP_CONNECTIONS;
     let server = Running::start(testzone::zone().1).await;
     // A TXT answer's size, then enough of them pipelined to fill every buffer on the way.
-    let txt = |id: u16| {
-        let mut m = Message::new();
-        m.set_id(id);
-        m.add_query(Query::query(
-            Name::from_ascii("_zonegate.alice.example.").unwrap(),
-            RecordType::TXT,
-        ));
-        let q = m.to_vec().unwrap();
-        let mut framed = (q.len() as u16).to_be_bytes().to_vec();
-        framed.extend(q);
-        framed
-    };
+    let txt = |id: u16| framed_query(id, "_zonegate.alice.example.", RecordType::TXT);
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     // Small, so the answers wait in the server's send buffer, not in ours.
     sock.set_recv_buffer_size(4096).unwrap();
