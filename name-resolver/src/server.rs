@@ -42,6 +42,9 @@ pub const MAX_TCP_PER_SITE: usize = 4 * MAX_TCP_PER_CLIENT;
 /// A TCP connection that sends no complete query for this long is closed (RFC 7766 §6.2.3
 /// recommends seconds, not minutes, for servers).
 pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A TCP connection owing an answer it cannot write (its client reads nothing) is closed after
+/// this long without progress. Making room closes such a connection last.
+pub const TCP_OWED_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the zone source is asked for its serial. Cheap (an Arc clone and a compare), and
 /// a second is well below any TTL, so answers follow zone.json changes without notice.
 pub const ZONE_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -808,9 +811,14 @@ async fn serve_tcp(
             }
             () = &mut idle => {
                 let quiet = live.now_ms().saturating_sub(conn.last.load(std::sync::atomic::Ordering::Relaxed));
-                let limit = TCP_IDLE_TIMEOUT.as_millis() as u64;
+                // An answer still owed is waited on longer than a client's next query: a lossy
+                // link backs its retransmissions off past 5 s (1, 2, 4 s...), and a node whose
+                // zone-config fetch stalled that long was cut part way.
+                let owed = conn.owed.load(std::sync::atomic::Ordering::Relaxed) > 0;
+                let wait = if owed { TCP_OWED_TIMEOUT } else { TCP_IDLE_TIMEOUT };
+                let limit = wait.as_millis() as u64;
                 if quiet >= limit {
-                    debug!(%peer, "DNS over TCP: no query and nothing written for {} s, closing", TCP_IDLE_TIMEOUT.as_secs());
+                    debug!(%peer, owed, "DNS over TCP: no query and nothing written for {} s, closing", wait.as_secs());
                     return;
                 }
                 idle.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(limit - quiet));

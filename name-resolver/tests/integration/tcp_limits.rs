@@ -320,26 +320,7 @@ async fn shutdown_closes_idle_connections_at_once() {
 async fn making_room_closes_a_connection_between_answers_not_one_mid_answer() {
     use name_resolver::server::MAX_TCP_CONNECTIONS;
     let server = Running::start(testzone::zone().1).await;
-    // A TXT answer's size, then enough of them pipelined to fill every buffer on the way.
-    let txt = |id: u16| framed_query(id, "_zonegate.alice.example.", RecordType::TXT);
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    // Small, so the answers wait in the server's send buffer, not in ours.
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.bind("127.200.0.1:0".parse().unwrap()).unwrap();
-    let mut slow = sock.connect(server.addr).await.unwrap();
-    slow.write_all(&txt(0)).await.unwrap();
-    let mut len = [0u8; 2];
-    slow.read_exact(&mut len).await.unwrap();
-    let size = u16::from_be_bytes(len) as usize;
-    let mut body = vec![0; size];
-    slow.read_exact(&mut body).await.unwrap();
-    let count = (16 << 20) / (size + 2);
-    let queries: Vec<u8> = (1..=count).flat_map(|i| txt(i as u16)).collect();
-    let (mut rd, mut wr) = slow.into_split();
-    let writing = tokio::spawn(async move {
-        wr.write_all(&queries).await.unwrap();
-        wr
-    });
+    let slow = SlowReader::start(server.addr).await;
     // Its answers stall; then every other slot is taken and used after it, 32 at a time: the
     // slow one is cut after TCP_IDLE_TIMEOUT without progress, which one at a time could
     // come close to on a busy machine.
@@ -363,20 +344,78 @@ async fn making_room_closes_a_connection_between_answers_not_one_mid_answer() {
         .await
         .expect("the newcomer was not served");
     assert_eq!(closed(&held).await.len(), 1, "not one between answers");
-    // Every answer of the slow one arrives.
-    let mut got = 0;
-    let read_all = async {
-        while got < count {
-            rd.read_exact(&mut len).await?;
-            let mut body = vec![0; u16::from_be_bytes(len) as usize];
-            rd.read_exact(&mut body).await?;
-            got += 1;
-        }
-        std::io::Result::Ok(())
-    };
-    let r = tokio::time::timeout(Duration::from_secs(30), read_all).await;
-    assert!(matches!(r, Ok(Ok(()))), "{got} of {count} answers: {r:?}");
-    drop(writing.await.unwrap());
+    slow.reads_every_answer().await;
+    server.stop().await;
+}
+
+/// A client that pipelines enough zone-config TXT queries to fill every buffer on the way and
+/// reads none of the answers until told: its connection owes answers it cannot write.
+struct SlowReader {
+    rd: tokio::net::tcp::OwnedReadHalf,
+    count: usize,
+    writing: tokio::task::JoinHandle<tokio::net::tcp::OwnedWriteHalf>,
+}
+
+impl SlowReader {
+    async fn start(server: SocketAddr) -> SlowReader {
+        let txt = |id: u16| framed_query(id, "_zonegate.alice.example.", RecordType::TXT);
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        // Small, so the answers wait in the server's send buffer, not in ours.
+        sock.set_recv_buffer_size(4096).unwrap();
+        sock.bind("127.200.0.1:0".parse().unwrap()).unwrap();
+        let mut slow = sock.connect(server).await.unwrap();
+        // One answer first, for its size.
+        slow.write_all(&txt(0)).await.unwrap();
+        let mut len = [0u8; 2];
+        slow.read_exact(&mut len).await.unwrap();
+        let size = u16::from_be_bytes(len) as usize;
+        let mut body = vec![0; size];
+        slow.read_exact(&mut body).await.unwrap();
+        let count = (16 << 20) / (size + 2);
+        let queries: Vec<u8> = (1..=count).flat_map(|i| txt(i as u16)).collect();
+        let (rd, mut wr) = slow.into_split();
+        let writing = tokio::spawn(async move {
+            wr.write_all(&queries).await.unwrap();
+            wr
+        });
+        SlowReader { rd, count, writing }
+    }
+
+    /// Reads on, asserting every answer owed arrives.
+    async fn reads_every_answer(mut self) {
+        let mut got = 0;
+        let mut len = [0u8; 2];
+        let read_all = async {
+            while got < self.count {
+                self.rd.read_exact(&mut len).await?;
+                let mut body = vec![0; u16::from_be_bytes(len) as usize];
+                self.rd.read_exact(&mut body).await?;
+                got += 1;
+            }
+            std::io::Result::Ok(())
+        };
+        let r = tokio::time::timeout(Duration::from_secs(30), read_all).await;
+        assert!(
+            matches!(r, Ok(Ok(()))),
+            "{got} of {} answers: {r:?}",
+            self.count
+        );
+        drop(self.writing.await.unwrap());
+    }
+}
+
+/// A connection owing answers its client has not read for longer than the idle timeout (a
+/// lossy link backs its retransmissions off past it) is not cut as idle: it was, and a node's
+/// zone-config fetch failed part way.
+#[tokio::test]
+async fn a_connection_owing_answers_outlasts_the_idle_timeout() {
+    use name_resolver::server::{TCP_IDLE_TIMEOUT, TCP_OWED_TIMEOUT};
+    let server = Running::start(testzone::zone().1).await;
+    let slow = SlowReader::start(server.addr).await;
+    let stall = TCP_IDLE_TIMEOUT + Duration::from_secs(2);
+    assert!(stall < TCP_OWED_TIMEOUT);
+    tokio::time::sleep(stall).await;
+    slow.reads_every_answer().await;
     server.stop().await;
 }
 
