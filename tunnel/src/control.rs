@@ -12,9 +12,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::error::TunnelError;
-use crate::proto::{
-    self, ControlSession, ErrorCode, Event, FrameDecoder, ServiceInfo, SessionError,
-};
+use crate::proto::{self, ControlSession, Event, FrameDecoder, ServiceInfo, SessionError};
 
 /// Largest chunk read from the control stream at once (the decoder accepts up to 64 KiB pushes).
 const CONTROL_READ: usize = proto::limits::MAX_PUSH_CHUNK;
@@ -416,12 +414,7 @@ impl ControlIo {
     /// callers see a session ended here ([`ControlSession::ended_here`]) and say why before
     /// closing (it closed with code 0, no reason, as if the peer had simply gone).
     fn undecodable(&mut self, e: crate::proto::ProtoError) -> TunnelError {
-        if !self.session.is_closed() {
-            self.session.reject(
-                ErrorCode::ProtocolViolation,
-                &format!("undecodable control message: {e}"),
-            );
-        }
+        self.session.reject_undecodable(&e);
         e.into()
     }
 

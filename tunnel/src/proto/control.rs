@@ -387,7 +387,12 @@ fn parse_payload(ty: u64, r: &mut Reader<'_>) -> Read<ControlMsg> {
     use msg_type::*;
     Ok(match ty {
         HELLO => ControlMsg::Hello(Hello {
-            proto_version: r.u16()?,
+            // First, and alone for another version: a newer one may add fields (which read
+            // here as trailing bytes, a mere violation) or change them.
+            proto_version: match r.u16()? {
+                CONTROL_VERSION => CONTROL_VERSION,
+                other => return Err(ProtoError::HelloVersion(other).into()),
+            },
             device: r.name("device")?,
             services: read_services(r)?,
             zone_serial: r.u64()?,

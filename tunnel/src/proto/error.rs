@@ -61,6 +61,10 @@ pub enum ProtoError {
     DecoderFull { buffered: usize },
     #[error("frame decoder already failed; close the control stream")]
     DecoderFailed,
+    /// A Hello of another control protocol version: the rest of it (which that version may
+    /// lay out otherwise) is not read.
+    #[error("hello of control protocol version {0}")]
+    HelloVersion(u16),
 }
 
 /// The peer (or our own I/O layer) broke the control session rules.

@@ -13,7 +13,7 @@ use super::control::{
 };
 use super::header::Origin;
 use super::limits::{MAX_REASON_LEN, MAX_UDP_FLOWS};
-use super::SessionError;
+use super::{ProtoError, SessionError};
 
 /// Which end of the control stream this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -345,6 +345,31 @@ impl ControlSession {
     /// bytes that are no message); queues an `Error` for the peer.
     pub fn reject(&mut self, code: ErrorCode, message: &str) {
         self.fail(code, message.to_owned());
+    }
+
+    /// Bytes from the peer that are no control message (`e`, from the decoder): the session
+    /// ends as a violation the peer is told of, or, for a Hello of another version, as the
+    /// version mismatch it is (so the agent can say which side to upgrade). The error to
+    /// report.
+    pub fn reject_undecodable(&mut self, e: &ProtoError) -> SessionError {
+        let err = match e {
+            ProtoError::HelloVersion(theirs) => {
+                SessionError::VersionMismatch(*theirs, CONTROL_VERSION)
+            }
+            other => SessionError::Proto(other.clone()),
+        };
+        if !self.is_closed() {
+            match &err {
+                SessionError::VersionMismatch(..) => {
+                    self.reject(ErrorCode::VersionMismatch, &err.to_string())
+                }
+                _ => self.reject(
+                    ErrorCode::ProtocolViolation,
+                    &format!("undecodable control message: {e}"),
+                ),
+            }
+        }
+        err
     }
 
     /// Gateway: tell the agent to move new work elsewhere.

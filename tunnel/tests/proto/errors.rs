@@ -304,6 +304,36 @@ fn unknown_types_are_skipped() {
     );
 }
 
+/// A Hello of another control version is refused as that, whatever follows its version (a
+/// newer one may add fields): it read as trailing bytes, a mere protocol violation.
+#[test]
+fn a_hello_of_another_version_is_told_as_such() {
+    let mut hello = Hello {
+        proto_version: 2,
+        device: "laptop".into(),
+        services: vec![],
+        zone_serial: 1,
+        zone_config: None,
+        agent_version: "9.0".into(),
+    };
+    let mut buf = Vec::new();
+    encode_control(&ControlMsg::Hello(hello.clone()), &mut buf).unwrap();
+    assert_eq!(decode_control(&buf), Err(ProtoError::HelloVersion(2)));
+    // With a field this version does not know (the frame's one-byte length grown by one).
+    assert!(buf[1] < 63, "{buf:?}");
+    let mut longer = buf.clone();
+    longer.push(0xab);
+    longer[1] += 1;
+    assert_eq!(decode_control(&longer), Err(ProtoError::HelloVersion(2)));
+    hello.proto_version = tunnel::proto::CONTROL_VERSION;
+    let mut ours = Vec::new();
+    encode_control(&ControlMsg::Hello(hello.clone()), &mut ours).unwrap();
+    assert_eq!(
+        decode_control(&ours),
+        Ok(Some((ControlMsg::Hello(hello), ours.len())))
+    );
+}
+
 #[test]
 fn worst_case_hello_fits_and_round_trips() {
     let services = (0..MAX_SERVICES)

@@ -40,8 +40,13 @@ fn pump(from: &mut ControlSession, to: &mut ControlSession) -> Result<Vec<Event>
     }
     let mut dec = FrameDecoder::new();
     dec.push(&bytes).unwrap();
-    while let Some(m) = dec.next_msg().unwrap() {
-        to.handle(m)?;
+    loop {
+        match dec.next_msg() {
+            Ok(Some(m)) => to.handle(m)?,
+            Ok(None) => break,
+            // As the control stream's I/O does with bytes that are no message.
+            Err(e) => return Err(to.reject_undecodable(&e)),
+        }
     }
     Ok(std::iter::from_fn(|| to.poll_event()).collect())
 }
