@@ -462,6 +462,13 @@ struct LiveConn {
 }
 
 impl LiveConn {
+    /// Whether it has gone [`EVICTABLE_AFTER`] without a query or write progress, at `now`
+    /// (milliseconds of [`Live::now_ms`]).
+    fn evictable(&self, now: u64) -> bool {
+        self.last.load(std::sync::atomic::Ordering::Relaxed) + EVICTABLE_AFTER.as_millis() as u64
+            <= now
+    }
+
     /// Which connection is closed first to make room: one between answers before one still
     /// owing an answer (closing that cuts it part way: a node's zone config fetch fails), then
     /// the one idle longest. One owing answers goes only when every candidate does (clients
@@ -511,23 +518,13 @@ impl Live {
     /// node fetching the zone config on a slow link.)
     fn evict_idlest(&self) -> bool {
         let now = self.now_ms();
-        let idle_enough = |c: &LiveConn| {
-            c.last.load(std::sync::atomic::Ordering::Relaxed) + EVICTABLE_AFTER.as_millis() as u64
-                <= now
-        };
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         // Ties (queries within one millisecond) go to the older connection.
         let idlest = conns
             .iter()
-            .filter(|(_, c)| !c.stop.is_cancelled() && idle_enough(c))
+            .filter(|(_, c)| !c.stop.is_cancelled() && c.evictable(now))
             .min_by_key(|(id, c)| (c.rank(), **id));
-        match idlest {
-            Some((_, c)) => {
-                c.stop.cancel();
-                true
-            }
-            None => false,
-        }
+        close(idlest.map(|(_, c)| c))
     }
 
     /// Closes every connection that has neither read a query nor written for `quiet`.
@@ -559,28 +556,13 @@ impl Live {
         }
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let open = || conns.values().filter(|c| !c.stop.is_cancelled());
-        let mut held: std::collections::HashMap<IpAddr, usize> = Default::default();
-        for c in open() {
-            *held.entry(c.site).or_default() += 1;
-        }
         let me = zone_core::client_slots::site_of(newcomer);
-        let mine = held.get(&me).copied().unwrap_or(0);
-        let Some((&hog, &most)) = held.iter().max_by_key(|(_, n)| **n) else {
+        let Some((victim, most, mine)) = biggest_holder(open, |c| c.site, me) else {
             return false;
         };
         // Two more, or any at all against a site holding none: sites one apart would close
         // each other's busy connections in turn as each reconnects.
-        if most <= mine + 1 && !(mine == 0 && most > 0) {
-            return false;
-        }
-        let victim = open().filter(|c| c.site == hog).min_by_key(|c| c.rank());
-        match victim {
-            Some(c) => {
-                c.stop.cancel();
-                true
-            }
-            None => false,
-        }
+        close(Some(victim).filter(|_| most > mine + 1 || (mine == 0 && most > 0)))
     }
 }
 
@@ -601,33 +583,38 @@ impl Live {
                 .values()
                 .filter(move |c| c.site == site && !c.stop.is_cancelled())
         };
-        let idle_enough = |c: &&LiveConn| {
-            c.last.load(std::sync::atomic::Ordering::Relaxed) + EVICTABLE_AFTER.as_millis() as u64
-                <= now
-        };
         let victim = open()
-            .filter(idle_enough)
+            .filter(|c| c.evictable(now))
             .min_by_key(|c| c.rank())
             .or_else(|| {
-                let mut held: std::collections::HashMap<IpAddr, usize> = Default::default();
-                for c in open() {
-                    *held.entry(c.client).or_default() += 1;
-                }
-                let mine = held.get(&me).copied().unwrap_or(0);
-                let (&hog, &most) = held.iter().max_by_key(|(_, n)| **n)?;
-                if most < mine + 2 {
-                    return None;
-                }
-                open().filter(|c| c.client == hog).min_by_key(|c| c.rank())
+                let (victim, most, mine) = biggest_holder(open, |c| c.client, me)?;
+                Some(victim).filter(|_| most >= mine + 2)
             });
-        match victim {
-            Some(c) => {
-                c.stop.cancel();
-                true
-            }
-            None => false,
-        }
+        close(victim)
     }
+}
+
+/// Of the connections `open` gives, grouped by `key` (site or client): the best to close
+/// ([`LiveConn::rank`]) of the group holding the most, with that group's count and the count of
+/// group `me`. `None` when there are none.
+fn biggest_holder<'a, I: Iterator<Item = &'a LiveConn>>(
+    open: impl Fn() -> I,
+    key: impl Fn(&LiveConn) -> IpAddr,
+    me: IpAddr,
+) -> Option<(&'a LiveConn, usize, usize)> {
+    let mut held: std::collections::HashMap<IpAddr, usize> = Default::default();
+    for c in open() {
+        *held.entry(key(c)).or_default() += 1;
+    }
+    let mine = held.get(&me).copied().unwrap_or(0);
+    let (&hog, &most) = held.iter().max_by_key(|(_, n)| **n)?;
+    let victim = open().filter(|c| key(c) == hog).min_by_key(|c| c.rank())?;
+    Some((victim, most, mine))
+}
+
+/// Closes `victim`, if any (its task ends and frees its slots); whether there was one.
+fn close(victim: Option<&LiveConn>) -> bool {
+    victim.map(|c| c.stop.cancel()).is_some()
 }
 
 /// A slot of `per_client` for `ip`, waited for up to [`EVICTION_WAIT`] while a connection

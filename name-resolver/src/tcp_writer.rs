@@ -115,11 +115,19 @@ impl<C: Fn() -> u64> AnswerWriter<C> {
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            let held = std::mem::take(&mut self.held);
-            self.sent(&held[..n]);
-            self.held = held[n..].to_vec();
+            self.sent_held(n);
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Notes the first `n` held bytes as handed to the kernel and lets them go, in place: the
+    /// buffer keeps its room, so holding the next answer's length allocates nothing.
+    fn sent_held(&mut self, n: usize) {
+        let n = n.min(self.held.len());
+        let mut went = [0u8; HOLD_BACK];
+        went[..n].copy_from_slice(&self.held[..n]);
+        self.held.drain(..n);
+        self.sent(&went[..n]);
     }
 }
 
@@ -158,10 +166,8 @@ impl<C: Fn() -> u64 + Unpin> AsyncWrite for AnswerWriter<C> {
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            let held = std::mem::take(&mut this.held);
-            let of_held = n.min(held.len());
-            this.sent(&held[..of_held]);
-            this.held = held[of_held..].to_vec();
+            let of_held = n.min(this.held.len());
+            this.sent_held(of_held);
             let of_buf = n - of_held;
             if of_buf > 0 {
                 this.sent(&buf[..of_buf]);

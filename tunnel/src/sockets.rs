@@ -340,11 +340,7 @@ fn v4_without_v6(addr: SocketAddr) -> SocketAddr {
 
 /// `[::]:port` where IPv6 is available (IPv4 and IPv6 on one socket), else `0.0.0.0:port`.
 pub fn any_addr(port: u16) -> SocketAddr {
-    if ipv6_available() {
-        SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))
-    } else {
-        SocketAddr::from(([0, 0, 0, 0], port))
-    }
+    v4_without_v6(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))
 }
 
 /// The next connection on `listener`, or `None` once `stop` fires. An accept that fails (out
