@@ -135,9 +135,10 @@ async fn on_signal(signals: Option<Signals>, token: CancellationToken) {
         }
         break;
     }
-    // Straight to stderr: the log writer's thread would not get to it before the exit. Not
-    // `eprintln!`, which panics when stderr is closed (a service manager that dropped it) and
-    // would then leave the process running instead of exiting.
+    // The lines the log writer holds first (the drain's so far), then this one straight to
+    // stderr. Not `eprintln!`, which panics when stderr is closed (a service manager that
+    // dropped it) and would then leave the process running instead of exiting.
+    crate::logging::finish_before_exit();
     use std::io::Write;
     let _ = writeln!(
         std::io::stderr(),

@@ -1,4 +1,5 @@
-//! The plain-text event format: the default format's lines, byte for byte, built cheaply.
+//! The plain-text event format: the default format's lines, built cheaply, byte for byte but
+//! for control characters, which it escapes in every field so that each event is one line.
 //!
 //! Without colour (journald, log files: the production case) lines are formatted by
 //! [`PlainFormat`] rather than tracing-subscriber's default `Format`: the same bytes, at a
@@ -16,8 +17,8 @@ use tracing_subscriber::fmt::format::Writer as FmtWriter;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::{LookupSpan, SpanRef};
 
-/// Formats an event exactly as tracing-subscriber 0.3's default `Format<Full, SystemTime>` does
-/// with `.with_ansi(false)` and `.with_target(false)`, byte for byte:
+/// Formats an event as tracing-subscriber 0.3's default `Format<Full, SystemTime>` does with
+/// `.with_ansi(false)` and `.with_target(false)`, byte for byte but for control characters:
 ///
 /// `2026-12-01T23:23:13.702430Z  INFO http{client=127.0.0.1:33680}: http request status=200`
 ///
@@ -25,8 +26,10 @@ use tracing_subscriber::registry::{LookupSpan, SpanRef};
 /// the root as `name{fields}:` (its fields as the fmt layer already formatted them, or just
 /// `name:`), then the message and `name=value` fields as the default `DefaultVisitor` writes
 /// them: strings `Debug`-quoted, `log.*` fields (from the `log` crate bridge) skipped, an `r#`
-/// prefix dropped, ANSI control characters in the message escaped. Only for a writer without
-/// ANSI colours: with colours, keep the default format (see [`init`](super::init)).
+/// prefix dropped, ANSI control characters in the message escaped — and, unlike the default,
+/// every control character left in the line after that (see [`one_line`]). Only for a writer
+/// without ANSI colours: with colours (a terminal), the default format (see
+/// [`init`](super::init)), whose `%` fields stay raw.
 ///
 /// The cost is in what it avoids: the line is built in a thread-local `String` with plain
 /// appends (one call into the fmt layer's writer at the end), integers go through `itoa`, the
@@ -82,8 +85,37 @@ impl PlainFormat {
         };
         event.record(&mut fields);
         fields.result?;
+        one_line(line);
         line.push('\n');
         Ok(())
+    }
+}
+
+/// Escapes every control character that could make `line` read as more than
+/// one line or act on a terminal: CR, LF and the other C0 controls but tab, DEL and the C1
+/// controls. The default format escapes terminal controls in messages and errors only, and
+/// neither CR nor LF: a `%` field (`error = %e`) carries peer text raw — a QUIC peer's close
+/// reason, before any certificate is checked — so one client could forge whole log lines.
+/// What is already escaped (`?` strings, sanitized messages) is printable here and unchanged.
+fn one_line(line: &mut String) {
+    if printable_ascii(line) {
+        return;
+    }
+    let raw = std::mem::take(line);
+    line.reserve(raw.len() + 16);
+    for c in raw.chars() {
+        match c {
+            '\t' => line.push(c),
+            '\n' => line.push_str("\\n"),
+            '\r' => line.push_str("\\r"),
+            '\0'..='\x1f' | '\x7f' => {
+                let _ = write!(line, "\\x{:02x}", c as u32);
+            }
+            '\u{80}'..='\u{9f}' => {
+                let _ = write!(line, "\\u{{{:x}}}", c as u32);
+            }
+            c => line.push(c),
+        }
     }
 }
 
@@ -702,14 +734,24 @@ mod tests {
     }
 
     #[test]
-    fn plain_format_is_byte_identical_to_the_default() {
+    fn plain_format_is_byte_identical_to_the_default_but_one_line_each() {
         let default = render(false, emit_all);
         let plain = render(true, emit_all);
         assert!(default.lines().count() > 30, "{default}");
-        for (d, p) in default.lines().zip(plain.lines()) {
+        // The default's lines, with what it leaves raw escaped (the one difference).
+        let default_one_line: String = default
+            .lines()
+            .map(|l| {
+                let mut l = l.to_owned();
+                one_line(&mut l);
+                l + "\n"
+            })
+            .collect();
+        assert_ne!(default_one_line, default, "the corpus has raw controls");
+        for (d, p) in default_one_line.lines().zip(plain.lines()) {
             assert_eq!(p, d);
         }
-        assert_eq!(plain, default);
+        assert_eq!(plain, default_one_line);
         // Spot checks that the test sees what it means to (span fields are as the fmt layer
         // formatted them: it escapes control characters in messages only).
         assert!(default.contains(
@@ -722,6 +764,31 @@ mod tests {
             "Z ERROR http{client=127.0.0.1:33680 scheme=\"http\"}:bare:empty{later=5}:\
              inner{n=3 q=\"a\\\"b\" msg=esc\u{1b}}: deep\n"
         ));
+        assert!(plain.contains("inner{n=3 q=\"a\\\"b\" msg=esc\\x1b}: deep\n"));
+    }
+
+    #[test]
+    fn peer_text_cannot_forge_a_line_or_reach_the_terminal() {
+        // A QUIC peer's close reason reaches the log as `error = %e`, raw in the default format.
+        let reason = "closed: x\n2026-12-01T23:23:13.702430Z  INFO tunnel up device=home1\r\u{1b}[2J\u{0}\u{85}";
+        let plain = render(true, || {
+            info!(error = %reason, peer = ?reason, "handshake failed\nforged");
+            info!(path = %"/a\tb", "tab stays");
+        });
+        assert_eq!(plain.lines().count(), 2, "{plain}");
+        assert_eq!(plain.matches('\n').count(), 2, "{plain}");
+        assert!(
+            plain.contains(
+                "handshake failed\\nforged error=closed: x\\n2026-12-01T23:23:13.702430Z  INFO tunnel up \
+                 device=home1\\r\\x1b[2J\\x00\\u{85} peer="
+            ),
+            "{plain}"
+        );
+        assert!(
+            !plain.contains('\u{1b}') && !plain.contains('\r'),
+            "{plain}"
+        );
+        assert!(plain.contains("path=/a\tb"), "{plain}");
     }
 
     fn timestamp(t: SystemTime) -> String {

@@ -16,7 +16,19 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use format::PlainFormat;
-use writer::{start, WriterThread, BUFFER_CAP};
+use writer::{start, Finisher, WriterThread, BUFFER_CAP, EXIT_WAIT};
+
+/// The installed writer's [`Finisher`], for [`finish_before_exit`].
+static FINISHER: std::sync::OnceLock<Finisher> = std::sync::OnceLock::new();
+
+/// Writes out the buffered log lines before an exit that skips `main`'s return (a second
+/// signal's `process::exit`, which drops no [`LogGuard`]): waits at most a couple of seconds
+/// for a stderr that takes nothing. Lines logged afterwards go straight to stderr.
+pub fn finish_before_exit() {
+    if let Some(f) = FINISHER.get() {
+        f.finish(EXIT_WAIT);
+    }
+}
 
 /// Keeps the writer thread alive; dropping it writes out every buffered line. Hold it until
 /// the process is done logging (see `main`).
@@ -129,6 +141,9 @@ pub fn init() -> LogGuard {
             .try_init()
     }
     .is_ok();
+    if installed {
+        let _ = FINISHER.set(thread.finisher());
+    }
     LogGuard {
         _writer: installed.then_some(thread),
     }

@@ -53,6 +53,7 @@ pub(super) fn start(sink: Box<dyn Write + Send>, cap: usize) -> (BatchWriter, Wr
             closed: None,
         }),
         wake_writer: Condvar::new(),
+        finished: Condvar::new(),
         cap,
     });
     let mut writer = Writer {
@@ -77,6 +78,8 @@ struct Shared {
     state: Mutex<State>,
     /// The writer waits here: for a first line when idle, and during the batching delay.
     wake_writer: Condvar,
+    /// Notified when the writer is gone (`closed` set): [`Finisher::finish`] waits here.
+    finished: Condvar,
     cap: usize,
 }
 
@@ -250,6 +253,8 @@ impl Drop for Writer {
         let _ = sink.flush();
         state.buf = Vec::new();
         state.closed = Some(sink);
+        drop(state);
+        self.shared.finished.notify_all();
     }
 }
 
@@ -258,20 +263,56 @@ fn dropped_notice(n: u64) -> String {
     format!("WARN zonegate: {n} log lines dropped: stderr took nothing while {} KiB of lines waited (a full pipe or a paused terminal)\n", BUFFER_CAP >> 10)
 }
 
-/// Owns the writer thread: dropping it writes out every buffered line and joins the thread.
+/// How long an exiting process waits for its buffered lines to be written. Longer only for a
+/// stderr that takes nothing (a full pipe, a pager paused): waiting for that kept a stopped
+/// process alive for good, deaf to SIGTERM and SIGINT (the runtime's handlers outlive it).
+pub(super) const EXIT_WAIT: Duration = Duration::from_secs(2);
+
+/// Owns the writer thread: dropping it writes out every buffered line and joins the thread,
+/// waiting at most [`EXIT_WAIT`].
 pub(super) struct WriterThread {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
 
+impl WriterThread {
+    /// A handle that can finish the writer from elsewhere (a second signal's exit).
+    pub(super) fn finisher(&self) -> Finisher {
+        Finisher(Arc::clone(&self.shared))
+    }
+}
+
 impl Drop for WriterThread {
     fn drop(&mut self) {
-        self.shared.lock().shutdown = true;
-        self.shared.wake_writer.notify_one();
-        if let Some(thread) = self.thread.take() {
-            // A panicked writer has closed the buffer on its way out (`Writer`'s drop).
-            let _ = thread.join();
+        if self.finisher().finish(EXIT_WAIT) {
+            if let Some(thread) = self.thread.take() {
+                // Done writing: the join is at once. (A panicked writer has closed the buffer
+                // on its way out, `Writer`'s drop.)
+                let _ = thread.join();
+            }
         }
+        // Otherwise the writer is stuck in a write: left behind, the process exits without it.
+    }
+}
+
+/// Ends the writer thread: what is buffered is written, later lines go straight to the sink.
+#[derive(Clone)]
+pub(super) struct Finisher(Arc<Shared>);
+
+impl Finisher {
+    /// Asks the writer to write what is buffered and stop, and waits until it has, at most
+    /// `limit`. True if it has (or there was none: its thread could not start).
+    pub(super) fn finish(&self, limit: Duration) -> bool {
+        let shared = &*self.0;
+        let mut state = shared.lock();
+        state.shutdown = true;
+        shared.wake_writer.notify_one();
+        state = shared
+            .finished
+            .wait_timeout_while(state, limit, |s| s.closed.is_none())
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+        state.closed.is_some()
     }
 }
 
@@ -377,6 +418,36 @@ mod tests {
         make.make_writer().write_all(b"after the guard\n").unwrap();
         expected.push_str("after the guard\n");
         assert_eq!(capture.text(), expected);
+    }
+
+    /// Finishing writes out what is buffered at once (a second signal's exit comes next); a
+    /// stderr that takes nothing holds the exit for the limit only, not for good.
+    #[test]
+    fn finishing_writes_what_is_buffered_and_gives_up_on_a_stuck_sink() {
+        let capture = Capture::default();
+        let (make, thread) = start(Box::new(capture.clone()), BUFFER_CAP);
+        make.make_writer().write_all(b"last words\n").unwrap();
+        assert!(thread.finisher().finish(Duration::from_secs(30)));
+        assert_eq!(capture.text(), "last words\n");
+        // Later lines go straight to the sink, unbatched.
+        make.make_writer().write_all(b"after\n").unwrap();
+        assert_eq!(capture.text(), "last words\nafter\n");
+        drop(thread);
+
+        let (open, gate) = mpsc::channel::<()>();
+        let stuck = Gated {
+            gate,
+            inner: capture.clone(),
+        };
+        let (make, thread) = start(Box::new(stuck), BUFFER_CAP);
+        make.make_writer().write_all(b"never taken\n").unwrap();
+        let started = std::time::Instant::now();
+        assert!(!thread.finisher().finish(Duration::from_millis(200)));
+        drop(thread);
+        // Two waits of their limits (200 ms, then EXIT_WAIT), not for ever.
+        assert!(started.elapsed() < EXIT_WAIT + Duration::from_secs(20));
+        assert!(!capture.text().contains("never"));
+        drop(open);
     }
 
     /// A stalled stderr must not stop the loggers (a runtime thread logging a request): past
