@@ -39,12 +39,19 @@ pub fn open_files() -> std::io::Result<(u64, u64)> {
 }
 
 /// What a gateway's connection limits may take at once: the front's and the tcp apps'
-/// connections, one descriptor each, and [`RESERVE`] for everything else (the tunnel's socket,
-/// udp apps, DNS, files read while serving).
+/// connections, one descriptor each, a sixteenth more (a full table makes room for a newcomer
+/// before the connection it closes is gone), the closed sockets lingering to send their last
+/// bytes, and [`RESERVE`] for everything else (the tunnel's socket, udp apps, DNS, the admin
+/// API, files read while serving).
 pub fn gateway_needs(http_connections: usize, tcp_connections: usize) -> Needs {
     let conns = http_connections.saturating_add(tcp_connections) as u64;
+    let making_room = conns / 16 + 2;
     Needs {
-        descriptors: conns.saturating_add(RESERVE).max(LOW),
+        descriptors: conns
+            .saturating_add(making_room)
+            .saturating_add(tunnel::linger::MAX_LINGERING as u64)
+            .saturating_add(RESERVE)
+            .max(LOW),
         lower: "or lower http_connections and tcp_connections in gateway.toml",
     }
 }
@@ -134,7 +141,8 @@ fn set_open_files(limit: u64) -> std::io::Result<()> {
 mod tests {
     #[test]
     fn a_gateway_needs_its_connection_limits_and_a_reserve() {
-        assert_eq!(super::gateway_needs(16_384, 16_384).descriptors, 33_792);
+        // 32,768 connections, 2,050 while making room, 1,024 lingering, 1,024 reserved.
+        assert_eq!(super::gateway_needs(16_384, 16_384).descriptors, 36_866);
         assert_eq!(super::gateway_needs(10, 10).descriptors, super::LOW);
     }
 

@@ -259,6 +259,10 @@ impl<E: End> End for Stamped<E> {
         room: &mut ReadRoom,
         out: &mut VecDeque<Bytes>,
     ) -> Poll<io::Result<usize>> {
+        // As the AsyncRead side: an `ending` connection spliced chunk-wise ends when evicted.
+        if let Some(e) = self.check(cx) {
+            return Poll::Ready(Err(e));
+        }
         let r = self.inner.poll_read_chunks(cx, room, out);
         self.stamp(r, |n| *n > 0)
     }
@@ -268,6 +272,9 @@ impl<E: End> End for Stamped<E> {
         cx: &mut Context<'_>,
         chunks: &mut VecDeque<Bytes>,
     ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.check(cx) {
+            return Poll::Ready(Err(e));
+        }
         let r = self.inner.poll_write_chunks(cx, chunks);
         self.stamp(r, |n| *n > 0)
     }
