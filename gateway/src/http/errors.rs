@@ -260,6 +260,11 @@ impl ProxyError {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        // The text echoes the client's host, path or method: never to be sniffed as HTML.
+        h.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
         match self {
             ProxyError::RateLimited { retry_after, .. } => {
                 h.insert(header::RETRY_AFTER, retry_secs(*retry_after).into());
@@ -366,6 +371,7 @@ mod tests {
         .response();
         assert_eq!(r.status(), 405);
         assert_eq!(r.headers()["allow"], "GET, HEAD");
+        assert_eq!(r.headers()["x-content-type-options"], "nosniff");
         assert_eq!(retry_secs(Duration::ZERO), 1);
         assert_eq!(retry_secs(Duration::from_secs(3)), 3);
     }

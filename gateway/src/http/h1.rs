@@ -100,6 +100,27 @@ fn expects_body(m: &Method) -> bool {
     matches!(*m, Method::POST | Method::PUT | Method::PATCH)
 }
 
+/// Whether a request body means something for `m`: POST, PUT, PATCH, and the WebDAV, CalDAV
+/// and QUERY methods whose bodies their specifications define. For the others — DELETE and
+/// OPTIONS (RFC 9110 §9.3.5, §9.3.7: "no generally defined semantics"), CONNECT, methods this
+/// list does not know — a service may answer without reading a body, and then parse it as its
+/// next request, one the policy never saw.
+pub(crate) fn body_is_defined(m: &Method) -> bool {
+    expects_body(m)
+        || matches!(
+            m.as_str(),
+            "PROPFIND"
+                | "PROPPATCH"
+                | "MKCOL"
+                | "LOCK"
+                | "REPORT"
+                | "SEARCH"
+                | "ACL"
+                | "MKCALENDAR"
+                | "QUERY"
+        )
+}
+
 pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();

@@ -302,11 +302,13 @@ pub struct Outgoing {
     /// before the loss is seen).
     safe: bool,
     /// The connection may carry another request after this one's answer: not after a body
-    /// on a method that defines none (DELETE; RFC 9110 §9.3.5 warns of exactly this), which
-    /// a service ignoring it would read as its next request, one the policy never saw. Such a
-    /// request also says `Connection: close`, so that the service parses nothing after it;
-    /// not pooling alone kept the smuggled request's answer from anyone, not the request from
-    /// running. (GET, HEAD and TRACE with a body are refused before they get here.)
+    /// on a method that defines none (DELETE, OPTIONS, unknown methods:
+    /// [`h1::body_is_defined`]; RFC 9110 §9.3.5 warns of exactly this), which a service
+    /// ignoring it would read as its next request, one the policy never saw. Such a request
+    /// also says `Connection: close` (an upgrade request too), so that the service parses
+    /// nothing after it; not pooling alone kept the smuggled request's answer from anyone, not
+    /// the request from running. (GET, HEAD and TRACE with a body are refused before they get
+    /// here.)
     reusable: bool,
     body: Option<ReqBody>,
 }
@@ -333,8 +335,8 @@ impl Outgoing {
         let framing = h1::request_framing(body.is_end_stream(), body.size_hint().exact());
         let mut head = Vec::new();
         h1::encode_request_head(method, target, headers, fwd, framing, &mut head);
-        let reusable = framing == ReqFraming::Empty || *method != Method::DELETE;
-        if !reusable && fwd.upgrade.is_none() && head.ends_with(b"\r\n\r\n") {
+        let reusable = framing == ReqFraming::Empty || h1::body_is_defined(method);
+        if !reusable && head.ends_with(b"\r\n\r\n") {
             head.truncate(head.len() - 2);
             head.extend_from_slice(b"connection: close\r\n\r\n");
         }
@@ -1608,6 +1610,39 @@ mod tests {
         let up = pool.take(&key()).unwrap();
         exchange(&pool, up, request(Method::PUT, &[], body::full("data"))).await;
         assert_eq!(pool.idle_count(), 1, "a PUT's connection is pooled");
+        let up = pool.take(&key()).unwrap();
+        let propfind = Method::from_bytes(b"PROPFIND").unwrap();
+        exchange(&pool, up, request(propfind, &[], body::full("<x/>"))).await;
+        assert_eq!(pool.idle_count(), 1, "a PROPFIND's connection is pooled");
+
+        // OPTIONS and methods unknown here define no body either.
+        for method in [Method::OPTIONS, Method::from_bytes(b"PURGE").unwrap()] {
+            let up = pool.take(&key()).unwrap();
+            exchange(
+                &pool,
+                up,
+                request(method.clone(), &[], body::full("GET /x HTTP/1.1\r\n\r\n")),
+            )
+            .await;
+            assert_eq!(pool.idle_count(), 0, "{method} with a body was pooled");
+            exchange(
+                &pool,
+                backend(&conns),
+                request(Method::GET, &[], body::full("")),
+            )
+            .await;
+        }
+        // Asking for an upgrade too does not leave the close out (the upgrade goes on only
+        // after the body, which the service may take for a request).
+        let (up, task) = scripted(b"HTTP/1.1 204 No Content\r\n\r\n", false);
+        let out = request(
+            Method::DELETE,
+            &[("connection", "upgrade"), ("upgrade", "websocket")],
+            body::full("GET /x HTTP/1.1\r\n\r\n"),
+        );
+        drop(up.send(out).await.unwrap());
+        let head = String::from_utf8(task.await.unwrap()).unwrap();
+        assert!(head.contains("connection: close\r\n"), "{head}");
     }
 
     /// The service answered and waits for the rest of the upload; the client's body then
