@@ -2448,6 +2448,37 @@ async fn a_gateway_that_stops_reading_its_control_stream_is_left() {
     h1.shutdown.cancel();
 }
 
+/// A zone config the node adopts while a gateway's handshake runs (from another gateway's
+/// welcome, its bundle) reaches that gateway once the session is up: it went to the links with
+/// a session then only, and this gateway kept the older config — and a device it revokes
+/// connected — until it heard of it some other way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zone_config_adopted_during_a_handshake_reaches_that_gateway() {
+    use tunnel::proto::ControlMsg;
+    let z = TestZone::new(&["home1", "home2"]);
+    let newer = z.revoke("home2");
+    let bundle = z.bundle("home1").zone_config;
+    let (h1, _server, _conn, (_send, mut recv, mut dec)) =
+        fake_gateway_session_with(&z, fast_tuning(), None, |h1| {
+            let before = h1.agent.links()[0].status().state;
+            assert_ne!(before, "up", "the link is up before its Welcome");
+            h1.agent.adopt_zone_file(&newer, &bundle);
+        })
+        .await;
+    let serial = read_msg_until(&mut recv, &mut dec, |m| match m {
+        ControlMsg::ConfigUpdate { zone_serial, .. } => Some(zone_serial),
+        _ => None,
+    })
+    .await
+    .expect("the gateway was never sent the zone config adopted during its handshake");
+    let want = zone_core::config::SignedZone::from_json(&newer)
+        .unwrap()
+        .config
+        .serial;
+    assert_eq!(serial, want);
+    h1.shutdown.cancel();
+}
+
 /// A fake gateway at the zone's gateway address (`transport` for its QUIC if given), home1's
 /// agent dialing it, and their control session past its Welcome: the agent, the endpoint (keep
 /// it), the connection and the control stream with its decoder.
@@ -2455,6 +2486,25 @@ async fn fake_gateway_session(
     z: &TestZone,
     tuning: Tuning,
     transport: Option<quinn::TransportConfig>,
+) -> (
+    RunningAgent,
+    quinn::Endpoint,
+    quinn::Connection,
+    (
+        quinn::SendStream,
+        quinn::RecvStream,
+        tunnel::proto::FrameDecoder,
+    ),
+) {
+    fake_gateway_session_with(z, tuning, transport, |_| {}).await
+}
+
+/// [`fake_gateway_session`], `before_welcome` run between the agent's Hello and the Welcome.
+async fn fake_gateway_session_with(
+    z: &TestZone,
+    tuning: Tuning,
+    transport: Option<quinn::TransportConfig>,
+    before_welcome: impl FnOnce(&RunningAgent),
 ) -> (
     RunningAgent,
     quinn::Endpoint,
@@ -2489,6 +2539,7 @@ async fn fake_gateway_session(
     })
     .await
     .expect("no Hello");
+    before_welcome(&h1);
     let welcome = Welcome {
         session_id: 1,
         observed_addr: conn.remote_address(),

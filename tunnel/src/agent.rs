@@ -158,6 +158,9 @@ impl LinkState {
     }
 }
 
+/// What a gateway refusing this device as revoked means, and what to do.
+const REVOKED_HELP: &str = "this device is revoked in the zone config and will not be let in again (a revoked name cannot come back). To bring this machine back, add it as a device under a new name on the machine holding the zone key (`zonegate device add NEWNAME`) and install that bundle here";
+
 /// Whether a dial failed because the gateway's TLS refused this device's certificate as
 /// revoked (alert certificate_revoked, 44, as QUIC's crypto error 0x12c): the gateway's zone
 /// config revokes this device, while this device's own may not say so yet.
@@ -926,7 +929,13 @@ impl Agent {
             _ => closed.as_ref(),
         };
         if refused.is_some_and(refused_as_revoked) {
-            link.set(|s| s.revoked = true);
+            let mut first = false;
+            link.set(|s| first = !std::mem::replace(&mut s.revoked, true));
+            // Said as a closed session says it, once per refusal streak (the retries' lines
+            // say it too, at info): a node started after its revocation met only those.
+            if first {
+                error!(gateway = %link.name, device = %creds.name(), "the gateway refused this device's certificate: {REVOKED_HELP}");
+            }
         }
         let (conn, mut io, welcome) = match r {
             Ok(r) => r?,
@@ -978,6 +987,21 @@ impl Agent {
         );
         let (ctl, cmds) = control::channel();
         link.set(|s| s.ctl = Some(ctl.clone()));
+        // What changed while this handshake ran reached the links with a session then, not
+        // this one (the hub does the same for its side). A newer zone config adopted meanwhile
+        // (from another gateway's welcome, the bundle watch): this gateway would have kept the
+        // older one, and a device it revokes connected, until it heard of it some other way.
+        let now = creds.zone();
+        if now.config.serial > welcome.zone_serial {
+            let json = now.to_json_compact();
+            if json.len() <= proto::limits::MAX_ZONE_CONFIG {
+                ctl.send_config(now.config.serial, json);
+            }
+        }
+        // A stop begun meanwhile: nothing is offered any more.
+        if self.draining.load(Ordering::Relaxed) {
+            ctl.send_services(Vec::new());
+        }
         let flows: Flows = Arc::default();
         link.set(|s| s.flows = Some(flows.clone()));
         // The gateway's certificate was checked at the handshake; the link, up for as long
@@ -1018,7 +1042,7 @@ impl Agent {
         let replaced = code == Some(crate::hub::CLOSE_REPLACED.into());
         let reason = if code == Some(crate::hub::CLOSE_REVOKED.into()) {
             link.set(|s| s.revoked = true);
-            error!(gateway = %link.name, device = %self.cfg.creds.name(), "the gateway disconnected this device: it is revoked in the zone config and will not be let in again (a revoked name cannot come back). To bring this machine back, add it as a device under a new name on the machine holding the zone key (`zonegate device add NEWNAME`) and install that bundle here");
+            error!(gateway = %link.name, device = %self.cfg.creds.name(), "the gateway disconnected this device: {REVOKED_HELP}");
             "this device is revoked in the zone config (said by the gateway)".to_owned()
         } else if replaced {
             link.set(|s| s.replaced = true);
