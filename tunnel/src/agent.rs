@@ -371,8 +371,9 @@ const FLOOD_LINES_PER_SECOND: u32 = 10;
 #[derive(Debug, Default)]
 struct Links {
     list: Vec<Arc<GatewayLink>>,
-    /// Set when `run` starts: a link added after that gets its loop from `relink`.
-    running: Option<CancellationToken>,
+    /// Set when `run` starts: a link added after that gets its loop from `relink`, stopped
+    /// by the first token (the links' stop); a panic in it cancels the second (the agent's).
+    running: Option<(CancellationToken, CancellationToken)>,
     /// When the links the zone config dropped were last usable (the latest of them; None if
     /// none was ever up): with the list emptied, or holding only links never up, the start of
     /// the outage direct paths bridge.
@@ -575,8 +576,21 @@ impl Agent {
                 None => {
                     info!(gateway = %name, addrs = ?addrs, "gateway added to the zone config: connecting");
                     let link = Arc::new(GatewayLink::new(name, addrs));
-                    if let Some(shutdown) = &running {
-                        tokio::spawn(self.clone().link_loop(link.clone(), shutdown.clone()));
+                    if let Some((links_stop, agent_stop)) = &running {
+                        let task =
+                            tokio::spawn(self.clone().link_loop(link.clone(), links_stop.clone()));
+                        // Watched as `run` watches the loops it started: a link loop that
+                        // panicked would leave its gateway "connecting" for good, the node
+                        // looking healthy.
+                        let (me, agent_stop) = (self.clone(), agent_stop.clone());
+                        tokio::spawn(async move {
+                            if let Err(e) = task.await {
+                                if e.is_panic() {
+                                    me.part_broke(e.to_string());
+                                    agent_stop.cancel();
+                                }
+                            }
+                        });
                     }
                     list.push(link);
                 }
@@ -648,7 +662,7 @@ impl Agent {
         let links = {
             // `relink` spawns the loops of links added from here on.
             let mut l = self.links.lock().unwrap_or_else(|p| p.into_inner());
-            l.running = Some(links_stop.clone());
+            l.running = Some((links_stop.clone(), shutdown.clone()));
             l.list.clone()
         };
         info!(device = %self.cfg.creds.name(), gateways = ?links.iter().map(|l| format!("{} {:?}", l.name, l.addrs())).collect::<Vec<_>>(), services = ?services, "node agent starting");
@@ -691,8 +705,7 @@ impl Agent {
             }
         };
         if let Some(why) = broke {
-            error!(error = %why, "a part of the node agent failed: stopping");
-            *self.broke.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+            self.part_broke(why);
             shutdown.cancel();
         }
         self.drain().await;
@@ -705,6 +718,12 @@ impl Agent {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         self.cfg.creds.saved(Duration::from_secs(5)).await;
         info!("node agent stopped");
+    }
+
+    /// A part of the agent panicked (`why`): logged, kept for [`Agent::broke`].
+    fn part_broke(&self, why: String) {
+        error!(error = %why, "a part of the node agent failed: stopping");
+        *self.broke.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
     }
 
     /// Why a part of the agent failed, if one did: [`Agent::run`] stopped for it (the node
@@ -756,6 +775,10 @@ impl Agent {
             let result = loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => {
+                        // A connection the session set up after `run` closed the links' ones
+                        // (a dial finishing just then) is closed too, not left to the idle
+                        // timeout at the gateway, which would route streams to it meanwhile.
+                        link.close(0, b"agent stopping");
                         // The session's UDP flows end with it: their tasks hold the services'
                         // sockets, for up to a day while a service keeps sending.
                         let flows = link.state.lock().unwrap_or_else(|p| p.into_inner()).flows.take();
