@@ -735,6 +735,55 @@ async fn punch_rounds_start_only_for_zone_devices_one_at_a_time() {
     assert_eq!(listed, ["home2"]);
 }
 
+/// A `PeerAddr` is the peer saying it has no direct path here: a connection this side still
+/// holds (dead but not yet timed out: the peer restarted on another port) does not skip the
+/// round, nor end it; only one registered since the round began does. The round was skipped,
+/// and the peer's dials met a NAT this side had not opened for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_punch_round_runs_past_a_direct_connection_held_from_before() {
+    use tunnel::peers::PeerConn;
+    let (z, peers, e1, e2) = peer_table();
+    let dom = z.creds("home1").domain().to_owned();
+    let (old, _old_at_home2) = connect_pair(&e1, &e2, &format!("home2.{dom}")).await;
+    assert!(peers.register("home2", PeerConn::new(old, "home1".into())));
+    assert!(peers.direct("home2").is_some());
+    let round = tunnel::proto::PeerAddr {
+        device: "home2".into(),
+        addrs: vec![e2.local_addr().unwrap()],
+        punch_nonce: 1,
+    };
+    let addrs = peers
+        .on_peer_addr(&round)
+        .expect("a held connection skipped the round");
+    // The round dials (home2's endpoint accepts), rather than ending at once on the old one.
+    let accepting = tokio::spawn({
+        let e2 = e2.clone();
+        async move { e2.accept().await.unwrap().await.unwrap() }
+    });
+    let dialed = tokio::time::timeout(WAIT, peers.clone().punch("home2".into(), addrs))
+        .await
+        .expect("the round did not end");
+    let conn = dialed.expect("the round ended on the connection held from before");
+    let accepted = tokio::time::timeout(WAIT, accepting)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        tunnel::peers::peer_identity(&accepted)
+            .unwrap()
+            .name
+            .to_string(),
+        "home1"
+    );
+    assert_eq!(
+        tunnel::peers::peer_identity(&conn)
+            .unwrap()
+            .name
+            .to_string(),
+        "home2"
+    );
+}
+
 /// A relayed mesh stream is decided again when the policy changes: once no mesh app allows
 /// home2 any more, its open stream through the gateway is closed (it ran on before).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

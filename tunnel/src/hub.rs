@@ -483,6 +483,23 @@ impl Hub {
             debug!(device = %link.device, peer = %peer, "punch request ignored: peer offline, or no relayed stream to it the policy allows");
             return;
         };
+        let (a_addr, b_addr) = (
+            canonical(link.conn.remote_address()),
+            canonical(other.conn.remote_address()),
+        );
+        // One reaches this gateway over IPv4, the other over IPv6: each would aim at an
+        // address of a family the other's socket and NAT never used, every round failing (and
+        // blamed on the NATs) for as long as the pair stays relayed. Said once per pair of
+        // addresses.
+        if a_addr.is_ipv4() != b_addr.is_ipv4() {
+            let news = self.mesh_pair(&link.device, peer, |p| {
+                p.last_punch_addrs.replace((a_addr, b_addr)) != Some((a_addr, b_addr))
+            });
+            if news {
+                info!(a = %link.device, a_addr = %a_addr, b = %other.device, b_addr = %b_addr, "no hole punching: the two devices reach the gateway over different address families (IPv4 and IPv6), so neither can aim at the other's NAT; their streams stay relayed until both reach it over the same family");
+            }
+            return;
+        }
         let due = self.mesh_pair(&link.device, peer, |p| {
             if p.last_punch
                 .is_some_and(|t| t.elapsed() < PUNCH_MIN_INTERVAL)
@@ -497,10 +514,6 @@ impl Hub {
             return;
         }
         let nonce = rand::random::<u64>();
-        let (a_addr, b_addr) = (
-            canonical(link.conn.remote_address()),
-            canonical(other.conn.remote_address()),
-        );
         let local = |l: &AgentLink| {
             l.local_addrs
                 .lock()

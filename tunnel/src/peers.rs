@@ -190,6 +190,9 @@ struct PeerState {
     /// A punching round is running: a further `PeerAddr` is ignored until it ends (the other
     /// side runs that round; our running round keeps our NAT open towards the peer).
     punching: bool,
+    /// `next_seq` when the running (or last) round began: only a connection registered since
+    /// ends it early.
+    round_from: u64,
     last_punch_request: Option<Instant>,
     last_nonce: Option<u64>,
     punches: u64,
@@ -342,6 +345,15 @@ impl Peers {
         }
         let preferred = self.preferred_dialer(peer);
         self.with(peer, |s| s.best(preferred).map(|i| s.conns[i].pc.clone()))
+    }
+
+    /// Whether the best direct connection to `peer` was registered after `from` (a
+    /// `next_seq`).
+    fn direct_since(&self, peer: &str, from: u64) -> bool {
+        let preferred = self.preferred_dialer(peer);
+        self.with(peer, |s| {
+            s.best(preferred).is_some_and(|i| s.conns[i].seq > from)
+        })
     }
 
     /// The dialer both sides prefer between two equally confirmed connections.
@@ -612,9 +624,13 @@ impl Peers {
     }
 
     /// Handles the gateway's `PeerAddr`: returns the addresses to dial, or None if this round
-    /// was seen already, a round is running, a direct path is up, or the device is none this
-    /// agent may dial (itself, a device the zone config does not list or revokes). The table
-    /// thus only holds zone devices and one round runs per peer, whatever a gateway sends.
+    /// was seen already, a round is running, or the device is none this agent may dial
+    /// (itself, a device the zone config does not list or revokes). The table thus only holds
+    /// zone devices and one round runs per peer, whatever a gateway sends. A round comes when
+    /// the peer has no direct path to this device, so one this side still holds is no reason
+    /// to skip it: it may be dead and not yet timed out (the peer restarted on another port,
+    /// its NAT dropped the mapping), and the peer's dials then met a NAT this side had not
+    /// opened for its new address, the direct path back only after another round, 30 s on.
     /// A returned round must end with [`Peers::punch`] (which clears the running mark).
     pub fn on_peer_addr(&self, pa: &PeerAddr) -> Option<Vec<SocketAddr>> {
         let device = pa.device.as_str();
@@ -642,12 +658,12 @@ impl Peers {
             debug!(peer = %device, addrs = ?pa.addrs, "punch round ignored: no address to dial");
             return None;
         }
-        let preferred = self.preferred_dialer(device);
         self.with(device, |s| {
-            if s.punching || s.last_nonce == Some(pa.punch_nonce) || s.best(preferred).is_some() {
+            if s.punching || s.last_nonce == Some(pa.punch_nonce) {
                 return None;
             }
             s.punching = true;
+            s.round_from = s.next_seq;
             s.last_nonce = Some(pa.punch_nonce);
             s.punches += 1;
             Some(addrs)
@@ -677,11 +693,14 @@ impl Peers {
         let server_name = format!("{peer}.{}", self.creds.domain());
         // What the last attempt ran into, for the status page and the log.
         let mut failure = String::from("no address could be dialed");
+        let from = self.with(&peer, |s| s.round_from);
         for attempt in 1..=PUNCH_ATTEMPTS {
             // Attempts at least a quarter of PUNCH_ATTEMPT apart: one refused at once (the
             // peer's gate full for a moment) must not spend the whole round in milliseconds.
             let paced = tokio::time::sleep(PUNCH_ATTEMPT / 4);
-            if self.direct(&peer).is_some() {
+            // Done once a connection came up in this round (the peer's dial accepted): one
+            // older than the round is what the peer may no longer have.
+            if self.direct_since(&peer, from) {
                 return None;
             }
             // Every address at once, LAN ones a little ahead: a LAN address that is not the
