@@ -499,7 +499,7 @@ impl DeviceCreds {
     }
 }
 
-/// Sleeps until the wall clock reads `t` (in steps of at most a day: a clock set forward or a
+/// Sleeps until the wall clock reads `t` (in steps of at most ten minutes: a clock set forward or a
 /// suspended machine is noticed).
 async fn sleep_until_utc(t: OffsetDateTime) {
     while OffsetDateTime::now_utc() < t {

@@ -101,12 +101,14 @@ pub(crate) async fn close_at_expiry(
     }
 }
 
-/// How long until `t`, at most a day (a timer is then set again): zero once it has passed.
+/// How long until `t`, at most ten minutes (a timer is then set again): zero once it has
+/// passed. Timers run on the monotonic clock, which stands still while the machine sleeps: a
+/// laptop suspended across `t` would otherwise wait out the rest of a longer timer after it.
 pub(crate) fn until(t: time::OffsetDateTime) -> Duration {
     let left = t - time::OffsetDateTime::now_utc();
     Duration::try_from(left)
         .unwrap_or(Duration::ZERO)
-        .min(Duration::from_secs(86_400))
+        .min(Duration::from_secs(600))
 }
 /// Least time between two hole-punching rounds the hub coordinates for one device pair: agents
 /// rate-limit themselves too; this bounds what a misbehaving one can make the hub send.

@@ -210,7 +210,7 @@ struct PeerState {
 }
 
 /// How often [`Peers::peer_ended`] looks at a peer's certificate end again.
-const RECHECK_END: Duration = Duration::from_secs(24 * 3600);
+const RECHECK_END: Duration = Duration::from_secs(600);
 
 /// A peer's leave to use one service here over a direct path.
 #[derive(Debug)]
@@ -325,8 +325,9 @@ impl Peers {
             if !left.is_positive() {
                 return format!("its certificate ended at {ends}");
             }
-            // Looked at again at each zone config adopted, and daily: a clock set forward
-            // (or a suspended machine's) is seen then.
+            // Looked at again at each zone config adopted, and every ten minutes: a clock
+            // set forward, or a machine that slept (timers stand still meanwhile), is seen
+            // then.
             let wait = Duration::try_from(left)
                 .unwrap_or(Duration::MAX)
                 .min(RECHECK_END);
