@@ -766,7 +766,8 @@ fn lab_faults_agent_sigkill_and_nat_flush_mid_transfer() {
             .is_some_and(|a| a.starts_with(&format!("{NAT2_WAN}:"))),
         "{st}"
     );
-    assert_ne!(home2_addr, home2_now, "nat2 kept home2's port?");
+    // Not asserted to differ: nat2's fully random mapping can pick the same port again (1 in
+    // ~64k); the unchanged sessions below are what shows the tunnels survived.
     assert_eq!(
         sessions,
         [
