@@ -186,6 +186,9 @@ print('%-40s round %s: req/s %8.0f  p50 %.2f  p99 %.2f  p99.9 %.2f ms  non-2xx %
     sys.argv[6], sys.argv[7], len(lat) / float(sys.argv[8]), parse.pct(lat, .5), parse.pct(lat, .99), parse.pct(lat, .999), bad,
     g * 1e6 / hz / r, n * 1e6 / hz / r, sys.argv[9]))" \
         "$bench_dir" "$tmp/h2.log" "$((g1 - g0))" "$((n1 - n0))" "$hz" "$v" "$round" "$SECS" "$(machine_note)"
+      # Requests h2load gave up on (failed counts the errored and the timed out).
+      failed=$(sed -nE 's/.* ([0-9]+) failed, .*/\1/p' "$tmp/h2.out")
+      [[ ${failed:-x} == 0 ]] || echo "    ^ ERRORS: ${failed:-no summary from h2load} failed requests: this round's figures are not to be used"
     elif [[ $MODE == download ]]; then
       http_ready http://127.0.0.1:18080/big bench.example 30
       # The first read of the file fills the page cache: not part of any path's figure.
@@ -249,6 +252,12 @@ if lb != '-':
     cost += '  %s %5.1f us/%s (+%.1f waiting)  packets/%s to node %s back %s' % (lb, n * 1e6 / hz / r, u, wn / 1e3 / r, u, per[0], per[1])
 print('%-40s round %d: %s/s %8.0f  p99 %-7s %s  %s' % (sys.argv[5], $round, u, float(sys.argv[6]), sys.argv[7], cost, sys.argv[9]))" \
         "$((g1 - g0))" "$((n1 - n0))" "$reqs" "$hz" "$v" "$rps" "$p99" "$unit" "$(machine_note)" "$d0" "$d1" "$w0" "$w1" "${labels[@]}"
+      # A build answering with fast errors (502s, resets) must not read as a faster one.
+      sockerr=$(grep -oE 'Socket errors: .*' <<<"$out" || true)
+      non2xx=$(awk '/Non-2xx or 3xx responses:/ { print $NF }' <<<"$out")
+      if [[ -n $sockerr || -n $non2xx ]]; then
+        echo "    ^ ERRORS: ${sockerr:-no socket errors}; non-2xx answers ${non2xx:-0}: this round's figures are not to be used"
+      fi
     else
       for dir in up down; do
         flag=

@@ -166,7 +166,8 @@ def h2load(runs, test, contender, rep, out_path, log_path, target):
     if m:
         total, _, done, ok, failed, errored, timeout = (int(x) for x in m.groups())
         metrics["requests"] = done
-        errors += failed + errored + timeout
+        # h2load's `failed` already counts the errored requests, and those the timed out.
+        errors += failed
     else:
         errors += 1
         metrics["error"] = out.strip()[-200:]
