@@ -630,8 +630,26 @@ where
         if let Some(wd) = watched {
             wd.hold_from_now();
         }
-        match w.write_all(&buf[..n]).await {
-            Ok(()) => *total += n as u64,
+        // Counted as each write lands (a copy cancelled mid-chunk counts what went), then
+        // flushed: a writer that buffers — TLS keeps the part of a record the socket did not
+        // take — sends it only when flushed, and the copy goes back to reading, so the rest of
+        // a message waited for the next one (a request/answer protocol never got it).
+        let mut at = 0;
+        let wrote = loop {
+            if at == n {
+                break w.flush().await;
+            }
+            match w.write(&buf[at..n]).await {
+                Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+                Ok(m) => {
+                    at += m;
+                    *total += m as u64;
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        match wrote {
+            Ok(()) => {}
             // As `Pump::poll_drain`: what the reader still sends is read and dropped.
             // Until the reader ends, or the other direction is over too: then nothing waits
             // on what it reads (it may never end: a client that keeps sending).
@@ -1218,6 +1236,73 @@ mod tests {
         let mut rest = Vec::new();
         let e = service.read_to_end(&mut rest).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+    }
+
+    /// Keeps what is written until flushed, as TLS keeps a record's rest when its socket is
+    /// full; reads pass through.
+    struct HoldsUntilFlushed {
+        inner: tokio::net::TcpStream,
+        held: Vec<u8>,
+    }
+    impl End for HoldsUntilFlushed {
+        fn abort(&mut self) {}
+    }
+    impl AsyncRead for HoldsUntilFlushed {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            b: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, b)
+        }
+    }
+    impl AsyncWrite for HoldsUntilFlushed {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.held.extend_from_slice(b);
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let me = &mut *self;
+            while !me.held.is_empty() {
+                let n = ready!(Pin::new(&mut me.inner).poll_write(cx, &me.held))?;
+                me.held.drain(..n);
+            }
+            Pin::new(&mut me.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            ready!(self.as_mut().poll_flush(cx))?;
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// A shaped copy flushes what it writes: into a writer that holds bytes until flushed, a
+    /// service's answer arrived only with its next one (or the end).
+    #[tokio::test]
+    async fn a_shaped_copy_flushes_each_write() {
+        let (mut client, a) = tcp_pair().await;
+        let (b, mut service) = tcp_pair().await;
+        let a = HoldsUntilFlushed {
+            inner: a,
+            held: Vec::new(),
+        };
+        let shaper = || policies::bandwidth::Shaper::new(None, Some(1 << 20));
+        let _t = tokio::spawn(async move { splice_shaped(a, b, &shaper(), &shaper()).await });
+        client.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        service.read_exact(&mut got).await.unwrap();
+        service.write_all(b"pong").await.unwrap();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            client.read_exact(&mut got),
+        )
+        .await
+        .expect("the answer stayed in the writer's buffer")
+        .unwrap();
+        assert_eq!(&got, b"pong");
     }
 
     /// Bulk both ways at once, through buffers that grow from 8 to 64 KiB on the way: every

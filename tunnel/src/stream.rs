@@ -699,7 +699,13 @@ async fn open_checked(
         }
     };
     let (reply, rest) = match replied {
-        Some(r) => r.map_err(tunnel)?,
+        Some(Ok(r)) => r,
+        // Reset, not dropped: a dropped send stream is finished, and the device would read
+        // the header and an end, an empty request, if it went on.
+        Some(Err(e)) => {
+            abandon(&mut send, &mut recv);
+            return Err(tunnel(e));
+        }
         None => {
             abandon(&mut send, &mut recv);
             return Err(timed_out());

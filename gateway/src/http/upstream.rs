@@ -718,7 +718,7 @@ impl UpBody {
         Some(Upgraded {
             pending: conn.buf.freeze(),
             cut: conn.io.cut_signal(),
-            io: conn.io,
+            io: UpgradedIo::Service(conn.io),
         })
     }
 
@@ -941,16 +941,35 @@ impl Drop for UpBody {
 /// plain connection found to speak HTTP/2) is one too: what was read past the head first.
 pub struct Upgraded {
     pending: Bytes,
-    io: Box<dyn Io>,
+    io: UpgradedIo,
     /// The service side's held-stream watch ([`tunnel::holds`]), for the splice.
     cut: Option<Arc<tunnel::holds::Watched>>,
+}
+
+/// Which end an [`Upgraded`] is: the service's keeps its [`UpIo::abort`].
+enum UpgradedIo {
+    Service(Box<dyn UpIo>),
+    Client(Box<dyn Io>),
+}
+
+impl UpgradedIo {
+    fn get(&mut self) -> &mut dyn Io {
+        match self {
+            UpgradedIo::Service(io) => &mut **io,
+            UpgradedIo::Client(io) => &mut **io,
+        }
+    }
 }
 
 /// Spliced like any other connection end (an upgraded connection's bytes are shaped by the
 /// app's limits, see `proxy::splice_upgrade`).
 impl tunnel::splice::End for Upgraded {
     fn abort(&mut self) {
-        // Dropped right after: the client's or the tunnel's end closes then.
+        // The service's end is reset (a tunnel stream dropped is finished: the service took a
+        // cut upload for a whole one). The client's closes as it is dropped, right after.
+        if let UpgradedIo::Service(io) = &mut self.io {
+            io.abort();
+        }
     }
     fn cut_signal(&self) -> Option<Arc<tunnel::holds::Watched>> {
         self.cut.clone()
@@ -958,10 +977,11 @@ impl tunnel::splice::End for Upgraded {
 }
 
 impl Upgraded {
+    /// The client's side.
     pub fn new(pending: Bytes, io: Box<dyn Io>) -> Self {
         Upgraded {
             pending,
-            io,
+            io: UpgradedIo::Client(io),
             cut: None,
         }
     }
@@ -979,7 +999,7 @@ impl AsyncRead for Upgraded {
             self.pending.advance(n);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut *self.io).poll_read(cx, buf)
+        Pin::new(self.io.get()).poll_read(cx, buf)
     }
 }
 
@@ -989,7 +1009,7 @@ impl AsyncWrite for Upgraded {
         cx: &mut Context<'_>,
         b: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.io).poll_write(cx, b)
+        Pin::new(self.io.get()).poll_write(cx, b)
     }
     // Passed on: a plain connection that turned out to speak HTTP/2 is one of these, and
     // HTTP/2 writes each frame's header and payload as two slices of one write.
@@ -998,16 +1018,19 @@ impl AsyncWrite for Upgraded {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.io).poll_write_vectored(cx, bufs)
+        Pin::new(self.io.get()).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        match &self.io {
+            UpgradedIo::Service(io) => io.is_write_vectored(),
+            UpgradedIo::Client(io) => io.is_write_vectored(),
+        }
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.io).poll_flush(cx)
+        Pin::new(self.io.get()).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.io).poll_shutdown(cx)
+        Pin::new(self.io.get()).poll_shutdown(cx)
     }
 }
 
@@ -1743,6 +1766,80 @@ mod tests {
         assert_eq!(&first[..], b"part");
         drop(body);
         assert_eq!(pool.idle_count(), 0, "half-read connection was pooled");
+    }
+
+    /// A service end whose abort is seen (a tunnel stream's resets it).
+    struct AbortSeen {
+        io: tokio::io::DuplexStream,
+        aborted: Arc<std::sync::atomic::AtomicBool>,
+    }
+    impl AsyncRead for AbortSeen {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            b: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, b)
+        }
+    }
+    impl AsyncWrite for AbortSeen {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.io).poll_write(cx, b)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+    impl UpIo for AbortSeen {
+        fn abort(&mut self) {
+            self.aborted.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// An upgraded connection cut (the client reset, a policy cut) resets the service's end:
+    /// `abort` did nothing, and the tunnel stream dropped after it was finished, so the
+    /// service took a cut upload for a whole one.
+    #[tokio::test]
+    async fn an_upgraded_connection_cut_resets_the_service_end() {
+        let (a, mut b) = tokio::io::duplex(64 * 1024);
+        let aborted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let up = Upstream::new(AbortSeen {
+            io: a,
+            aborted: aborted.clone(),
+        });
+        tokio::spawn(async move {
+            let mut chunk = [0u8; 4096];
+            let _ = b.read(&mut chunk).await;
+            b.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n")
+                .await
+                .unwrap();
+            let _ = b.read(&mut chunk).await;
+        });
+        let resp = up
+            .send(request(
+                Method::GET,
+                &[("connection", "upgrade"), ("upgrade", "websocket")],
+                body::full(""),
+            ))
+            .await
+            .unwrap();
+        let mut io = resp.into_body().into_upgraded().unwrap();
+        tunnel::splice::End::abort(&mut io);
+        assert!(
+            aborted.load(Ordering::Relaxed),
+            "the service's end was not reset"
+        );
+        // The client's side has nothing to reset through: it closes as it is dropped.
+        let (c, _) = tokio::io::duplex(64);
+        let mut client = Upgraded::new(Bytes::new(), Box::new(c));
+        tunnel::splice::End::abort(&mut client);
     }
 
     #[tokio::test]
