@@ -90,6 +90,9 @@ enter_netns() {
     echo "needs root: runs everything in a private network namespace (unshare --net)" >&2
     exit 1
   fi
+  # parse.py own_ticks: processes outside this namespace are the ones not the benchmark's.
+  BENCH_OUTER_NETNS=$(readlink /proc/self/ns/net)
+  export BENCH_OUTER_NETNS
   exec unshare --net -- bash "$script" --inside "$@"
 }
 
@@ -261,9 +264,13 @@ port_ready() {
   return 1
 }
 
-# cpu_mark - notes the machine's CPU counters (the first line of /proc/stat) in CPU_MARK, read
-# without forking so that marking costs nothing; run.sh's `parse` and ab.sh measure from there.
-cpu_mark() { read -r CPU_MARK </proc/stat; }
+# cpu_mark - notes the machine's CPU counters (the first line of /proc/stat) in CPU_MARK, and
+# the benchmark's own processes' CPU ticks in OWN_MARK (parse.py own_ticks, before the load
+# starts); run.sh's `parse` and ab.sh measure from there.
+cpu_mark() {
+  OWN_MARK=$(python3 "$bench_dir/parse.py" own_ticks)
+  read -r CPU_MARK </proc/stat
+}
 
 # rss_kib PID - resident set size in KiB (0 if gone).
 rss_kib() { awk '/^VmRSS:/ { print $2; f = 1 } END { if (!f) print 0 }' "/proc/$1/status" 2>/dev/null || echo 0; }

@@ -15,11 +15,14 @@ and one human line is printed. Sub-commands:
   assemble RUNS OUT.json                          runs + machine/params (from the environment)
   cpu    "BEFORE|AFTER"                           the machine's idle and stolen CPU shares between
                                                   two /proc/stat `cpu` lines (for ab.sh)
+  own_ticks                                       CPU ticks so far of the benchmark's processes
+                                                  (see own_ticks)
   datagrams ADMIN                                 UDP datagrams the gateway (admin address) sent
                                                   to and received from its one agent (for ab.sh)
 
 With CPU_STAT="BEFORE|AFTER" (two /proc/stat `cpu` lines) in the environment, a measurement
-also gets the machine's CPU over it (machine_cpu).
+also gets the machine's CPU over it (machine_cpu); with OWN_TICKS="BEFORE|AFTER" (two
+`own_ticks`) too, the share of it used by processes outside the benchmark.
 """
 
 import json
@@ -55,10 +58,40 @@ def machine_cpu(metrics, stat):
     metrics["cpu_busy_s"] = round(busy, 2)
     metrics["idle_pct"] = round(100 * (idle + iowait) / total, 1)
     metrics["steal_pct"] = round(100 * steal / total, 1)
+    own_before, _, own_after = os.environ.get("OWN_TICKS", "").partition("|")
+    if own_before.isdigit() and own_after.isdigit():
+        outside = user + nice + system - (int(own_after) - int(own_before))
+        metrics["outside_pct"] = round(100 * max(0, outside) / total, 1)
     if metrics.get("requests"):
         metrics["cpu_us_per_req"] = round(busy * 1e6 / metrics["requests"], 2)
     if metrics.get("gbytes"):
         metrics["cpu_s_per_gb"] = round(busy / metrics["gbytes"], 3)
+
+
+def own_ticks():
+    """User and system CPU ticks of the benchmark's processes so far: every process in a
+    network namespace other than the one run.sh started in (it runs in private ones; its children's
+    ticks stay in their parents' cutime/cstime once reaped) and the kernel's softirq threads
+    (loopback traffic's receive work under load). What the machine spent beside this, over a
+    measurement, is work that competed with it: another job on the machine."""
+    # The namespace run.sh started in (exported before it entered its own): reading init's
+    # is refused in a container, root or not.
+    init = os.environ.get("BENCH_OUTER_NETNS") or os.readlink("/proc/self/ns/net")
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            ns = os.readlink(f"/proc/{pid}/ns/net")
+            stat = open(f"/proc/{pid}/stat").read()
+        except OSError:
+            continue  # gone meanwhile
+        end = stat.rfind(")")
+        comm = stat[stat.find("(") + 1:end]
+        fields = stat[end + 2:].split()  # from field 3 (state) on
+        if ns != init or comm.startswith("ksoftirqd/"):
+            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return total
 
 
 def append(runs, test, contender, rep, metrics):
@@ -343,7 +376,8 @@ def datagrams(admin):
 
 def main(argv):
     cmds = {"iperf3": iperf3, "wrk": wrk, "h2load": h2load, "dnsperf": dnsperf, "put": put, "get": get, "wire": wire,
-            "assemble": assemble, "cpu": cpu, "datagrams": datagrams}
+            "assemble": assemble, "cpu": cpu, "datagrams": datagrams,
+            "own_ticks": lambda: print(own_ticks())}
     if len(argv) < 2 or argv[1] not in cmds:
         sys.exit(__doc__)
     cmds[argv[1]](*argv[2:])

@@ -17,6 +17,9 @@ import sys
 import chart
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# A measurement during which other processes used more than this share of the machine is
+# named as disturbed (parse.py own_ticks).
+OUTSIDE_LIMIT = 3.0
 NOTES_MARKER = "<!-- notes below this line are kept when report.py regenerates the file -->"
 
 TUNNELS = ["direct", "zonegate", "rathole-tcp", "rathole-noise", "bore"]
@@ -222,6 +225,16 @@ def build(paths):
           f"each table's *machine CPU* column is the busy CPU of the whole machine (client, "
           f"servers and the path between) per unit of work, steadier than the rates when the "
           f"host is noisy")
+    outside = [(r["metrics"]["outside_pct"], r) for r in runs if "outside_pct" in r["metrics"]]
+    if outside:
+        busy = sorted({f"{r['test']} {r['contender']} rep {r['rep']} ({pct:.1f} %)"
+                       for pct, r in outside if pct > OUTSIDE_LIMIT})
+        w(f"- **Quiet machine**: CPU used by processes other than the benchmark's during the "
+          f"measurements (another job competing with it): median "
+          f"{statistics.median(p for p, _ in outside):.1f} %, max {max(p for p, _ in outside):.1f} % "
+          f"of the machine ({len(outside)} measurements); "
+          + (f"**over {OUTSIDE_LIMIT:g} % in {len(busy)}**: " + ", ".join(busy)
+             if busy else f"none over {OUTSIDE_LIMIT:g} %"))
     tools = d0.get("tools", {})
     w("- **Tools**: " + "; ".join(f"{v}" for v in tools.values() if v))
     w("")

@@ -108,10 +108,11 @@ runs=$tmp/runs.jsonl
 # parse ARGS... - records a measurement (parse.py); one that `cpu_mark` started also gets the
 # machine's CPU figures for the time since the mark (parse.py's machine_cpu).
 parse() {
-  local now
+  local now own
   read -r now </proc/stat
-  CPU_STAT="${CPU_MARK:-}|$now" python3 "$bench_dir/parse.py" "$@"
-  CPU_MARK=
+  own=$(python3 "$bench_dir/parse.py" own_ticks)
+  CPU_STAT="${CPU_MARK:-}|$now" OWN_TICKS="${OWN_MARK:-}|$own" python3 "$bench_dir/parse.py" "$@"
+  CPU_MARK= OWN_MARK=
 }
 export BENCH_DATE REPO_DIR=$repo_dir LOAD_BEFORE SECTIONS="${sections[*]}"
 BENCH_DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ)
