@@ -348,12 +348,11 @@ impl Peers {
         self.with(peer, |s| s.best(preferred).map(|i| s.conns[i].pc.clone()))
     }
 
-    /// Whether the best direct connection to `peer` was registered after `from` (a
-    /// `next_seq`).
+    /// Whether a live direct connection to `peer` was registered after `from` (a `next_seq`),
+    /// best or not: one held from before may still be the best until it is found dead.
     fn direct_since(&self, peer: &str, from: u64) -> bool {
-        let preferred = self.preferred_dialer(peer);
         self.with(peer, |s| {
-            s.best(preferred).is_some_and(|i| s.conns[i].seq > from)
+            s.conns.iter().any(|h| h.seq > from && h.pc.live())
         })
     }
 
