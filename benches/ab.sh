@@ -14,7 +14,9 @@
 #          the µs each spent ready to run but waiting for a CPU) and the tunnel's UDP datagrams
 #          per request each way (the gateway's /status)
 #   half:  the same path at a fixed rate, RATE req/s (default 10000, about half of the front's
-#          maximum here) from h2load --h1 -c16 --rps: p50/p99/p99.9 latency and CPU per request
+#          maximum here) from h2load --h1 -c$HALF_CLIENTS --rps (256 unless set: each client
+#          sends every ~25 ms, far above the tail measured, as run.sh's half-load run):
+#          p50/p99/p99.9 latency and CPU per request
 #   tcp:   as front, but through a public tcp app (the same tunnel, no HTTP work in zonegate):
 #          what the front would reach if its HTTP handling were free
 #   conn:  wrk -t1 -c$CONNS -d$SECS -H 'Connection: close' through a public tcp app to the same nginx
@@ -57,7 +59,7 @@ if ! in_netns "$@"; then
     download) need_tools curl nginx python3 unshare ;;
     *) need_tools wrk nginx python3 unshare ;;
   esac
-  export ROUNDS SECS="${SECS:-}" RATE="${RATE:-10000}" CONNS="${CONNS:-32}"
+  export ROUNDS SECS="${SECS:-}" RATE="${RATE:-10000}" CONNS="${CONNS:-32}" HALF_CLIENTS="${HALF_CLIENTS:-256}"
   enter_netns "$0" "$@"
 fi
 
@@ -132,7 +134,7 @@ ready_ns() {
   local p
   for p; do cat /proc/"$p"/task/*/schedstat 2>/dev/null; done | awk '{ s += $2 } END { printf "%.0f\n", s }'
 }
-# cpu_end - notes the machine's CPU counters as the load stops (no fork, like cpu_mark), so
+# cpu_end - notes the machine's CPU counters as the load stops (no fork), so
 # the reading of counters and /status that follows is not part of the measurement.
 cpu_end() { read -r CPU_END </proc/stat; }
 # The whole machine's idle and stolen CPU from `cpu_mark` to `cpu_end`: a round the hypervisor
@@ -171,7 +173,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
       rm -f "$tmp/h2.log"
       g0=$(ticks "${PID[gw]}") n0=$(ticks "${PID[node]}")
       cpu_mark
-      timeout $((SECS + 30)) h2load --h1 -c16 --rps="$(python3 -c "print($RATE / 16)")" -D "$SECS" \
+      timeout $((SECS + 30)) h2load --h1 -c"$HALF_CLIENTS" --rps="$(python3 -c "print($RATE / $HALF_CLIENTS)")" -D "$SECS" \
         -H ':authority: bench.example' --log-file="$tmp/h2.log" http://127.0.0.1:18080/ >"$tmp/h2.out" 2>&1 || true
       cpu_end
       g1=$(ticks "${PID[gw]}") n1=$(ticks "${PID[node]}")

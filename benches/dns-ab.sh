@@ -1,6 +1,8 @@
+#!/usr/bin/env bash
 # A/B of two builds of the DNS example server over UDP (benches/dns.md): copy them to
 # /tmp/dns-serve-before and /tmp/dns-serve-after, write /tmp/q.txt (benches/dns.md), then run this.
 set -euo pipefail
+command -v dig >/dev/null && command -v dnsperf >/dev/null || { echo "needs dig and dnsperf" >&2; exit 1; }
 pid=
 # The server ends with the script, however it ends: one left bound to 5353 would answer the
 # next run's queries in place of the build it names.

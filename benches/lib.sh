@@ -90,9 +90,6 @@ enter_netns() {
     echo "needs root: runs everything in a private network namespace (unshare --net)" >&2
     exit 1
   fi
-  # parse.py own_ticks: processes outside this namespace are the ones not the benchmark's.
-  BENCH_OUTER_NETNS=$(readlink /proc/self/ns/net)
-  export BENCH_OUTER_NETNS
   exec unshare --net -- bash "$script" --inside "$@"
 }
 
@@ -105,6 +102,8 @@ cleanup_files=()
 
 # netns_init - inside the namespace: loopback up, a scratch directory, the clean-up trap.
 netns_init() {
+  # parse.py own_ticks: the benchmark's processes are this shell's descendants.
+  export BENCH_ROOT_PID=$$
   ip link set lo up
   tmp=$(mktemp -d /tmp/zonegate-bench.XXXXXX)
   trap cleanup EXIT

@@ -69,28 +69,34 @@ def machine_cpu(metrics, stat):
 
 
 def own_ticks():
-    """User and system CPU ticks of the benchmark's processes so far: every process in a
-    network namespace other than the one run.sh started in (it runs in private ones; its children's
-    ticks stay in their parents' cutime/cstime once reaped) and the kernel's softirq threads
-    (loopback traffic's receive work under load). What the machine spent beside this, over a
-    measurement, is work that competed with it: another job on the machine."""
-    # The namespace run.sh started in (exported before it entered its own): reading init's
-    # is refused in a container, root or not.
-    init = os.environ.get("BENCH_OUTER_NETNS") or os.readlink("/proc/self/ns/net")
-    total = 0
+    """User and system CPU ticks so far of the benchmark's processes: the process tree of the
+    shell that runs it (BENCH_ROOT_PID, set by netns_init; the children it reaped are in its
+    cutime/cstime). The kernel charges those ticks to /proc/stat's user and system columns
+    (not softirq, where receive work run by ksoftirqd goes), so what the machine spent there
+    beside them, over a measurement, is work that competed with it: another job.
+    Identified by descent rather than by network namespace: other jobs run in namespaces of
+    their own too (containers, lab tests, another benchmark)."""
+    root = os.environ.get("BENCH_ROOT_PID")
+    if not root:
+        return 0
+    parent, ticks = {}, {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
-            ns = os.readlink(f"/proc/{pid}/ns/net")
             stat = open(f"/proc/{pid}/stat").read()
         except OSError:
             continue  # gone meanwhile
-        end = stat.rfind(")")
-        comm = stat[stat.find("(") + 1:end]
-        fields = stat[end + 2:].split()  # from field 3 (state) on
-        if ns != init or comm.startswith("ksoftirqd/"):
-            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        fields = stat[stat.rfind(")") + 2:].split()  # from field 3 (state) on
+        parent[pid] = fields[1]
+        ticks[pid] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    total = 0
+    for pid, t in ticks.items():
+        p, hops = pid, 0
+        while p in parent and p != root and hops < 64:
+            p, hops = parent[p], hops + 1
+        if p == root:
+            total += t
     return total
 
 

@@ -109,8 +109,8 @@ runs=$tmp/runs.jsonl
 # machine's CPU figures for the time since the mark (parse.py's machine_cpu).
 parse() {
   local now own
-  read -r now </proc/stat
   own=$(python3 "$bench_dir/parse.py" own_ticks)
+  read -r now </proc/stat
   CPU_STAT="${CPU_MARK:-}|$now" OWN_TICKS="${OWN_MARK:-}|$own" python3 "$bench_dir/parse.py" "$@"
   CPU_MARK= OWN_MARK=
 }
