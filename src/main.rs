@@ -9,8 +9,10 @@ fn main() -> ExitCode {
     let cli = zonegate::cli::Cli::parse();
     let log = zonegate::logging::init();
     let result = zonegate::cmd::run(cli);
-    // Every queued log line is out before the final error line below.
-    drop(log);
+    // Every queued log line is out before the final error line below — unless stderr took
+    // nothing for a couple of seconds (a paused pager): then no error line, whose write
+    // would block the exit for good.
+    let stderr_takes = log.finish();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // Its reader left (`device list | head -1`): quietly, with the status a Unix tool
@@ -18,11 +20,13 @@ fn main() -> ExitCode {
         Err(e) if zonegate::cmd::reader_left(&e) => ExitCode::from(141),
         Err(e) => {
             // Not `eprintln!`: with stderr closed it panics, and the exit code below is lost.
-            let _ = writeln!(
-                std::io::stderr(),
-                "error: {}",
-                zonegate::cmd::error_text(&e)
-            );
+            if stderr_takes {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "error: {}",
+                    zonegate::cmd::error_text(&e)
+                );
+            }
             ExitCode::from(zonegate::cmd::exit_code(&e))
         }
     }

@@ -138,12 +138,14 @@ async fn on_signal(signals: Option<Signals>, token: CancellationToken) {
     // The lines the log writer holds first (the drain's so far), then this one straight to
     // stderr. Not `eprintln!`, which panics when stderr is closed (a service manager that
     // dropped it) and would then leave the process running instead of exiting.
-    crate::logging::finish_before_exit();
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "second signal: exiting without finishing the drain"
-    );
+    // Not at all when stderr takes nothing (the write would block, and the exit never come).
+    if crate::logging::finish_before_exit() {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "second signal: exiting without finishing the drain"
+        );
+    }
     std::process::exit(130);
 }
 

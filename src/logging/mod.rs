@@ -23,18 +23,28 @@ static FINISHER: std::sync::OnceLock<Finisher> = std::sync::OnceLock::new();
 
 /// Writes out the buffered log lines before an exit that skips `main`'s return (a second
 /// signal's `process::exit`, which drops no [`LogGuard`]): waits at most a couple of seconds
-/// for a stderr that takes nothing. Lines logged afterwards go straight to stderr.
-pub fn finish_before_exit() {
-    if let Some(f) = FINISHER.get() {
-        f.finish(EXIT_WAIT);
-    }
+/// for a stderr that takes nothing. Lines logged afterwards go straight to stderr. False if
+/// stderr took nothing meanwhile: a direct write to it would block too.
+pub fn finish_before_exit() -> bool {
+    FINISHER.get().is_none_or(|f| f.finish(EXIT_WAIT))
 }
 
-/// Keeps the writer thread alive; dropping it writes out every buffered line. Hold it until
-/// the process is done logging (see `main`).
+/// Keeps the writer thread alive; dropping it (or [`LogGuard::finish`]) writes out every
+/// buffered line, waiting at most a couple of seconds for a stderr that takes nothing. Hold it
+/// until the process is done logging (see `main`).
 #[must_use = "dropping the guard stops the log writer"]
 pub struct LogGuard {
     _writer: Option<WriterThread>,
+}
+
+impl LogGuard {
+    /// Writes out every buffered line and stops the writer; false if stderr took nothing for
+    /// the wait (a paused pager, a full pipe): a direct write to it would block for good.
+    pub fn finish(self) -> bool {
+        self._writer
+            .as_ref()
+            .is_none_or(|w| w.finisher().finish(EXIT_WAIT))
+    }
 }
 
 /// What is logged unless `RUST_LOG` says otherwise.

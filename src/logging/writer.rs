@@ -17,7 +17,8 @@
 //! says how many with the next lines it writes. Waiting instead froze the whole process: the
 //! runtime threads that log a line per request stopped at the first line past the cap, and
 //! with them every tunnel and connection. Dropping [`LogGuard`](super::LogGuard) writes out
-//! what is buffered; lines logged after that go straight to stderr.
+//! what is buffered, waiting at most [`EXIT_WAIT`] for a stderr that takes nothing; lines
+//! logged after that go straight to stderr.
 
 use std::io::{self, Write};
 use std::mem;

@@ -489,19 +489,6 @@ impl Hub {
             canonical(link.conn.remote_address()),
             canonical(other.conn.remote_address()),
         );
-        // One reaches this gateway over IPv4, the other over IPv6: each would aim at an
-        // address of a family the other's socket and NAT never used, every round failing (and
-        // blamed on the NATs) for as long as the pair stays relayed. Said once per pair of
-        // addresses.
-        if a_addr.is_ipv4() != b_addr.is_ipv4() {
-            let news = self.mesh_pair(&link.device, peer, |p| {
-                p.last_punch_addrs.replace((a_addr, b_addr)) != Some((a_addr, b_addr))
-            });
-            if news {
-                info!(a = %link.device, a_addr = %a_addr, b = %other.device, b_addr = %b_addr, "no hole punching: the two devices reach the gateway over different address families (IPv4 and IPv6), so neither can aim at the other's NAT; their streams stay relayed until both reach it over the same family");
-            }
-            return;
-        }
         let due = self.mesh_pair(&link.device, peer, |p| {
             if p.last_punch
                 .is_some_and(|t| t.elapsed() < PUNCH_MIN_INTERVAL)
@@ -539,7 +526,13 @@ impl Hub {
         let news = self.mesh_pair(&link.device, peer, |p| {
             p.last_punch_addrs.replace((a_addr, b_addr)) != Some((a_addr, b_addr))
         });
-        if news {
+        if news && a_addr.is_ipv4() != b_addr.is_ipv4() {
+            // Each is told an address of the other family than its own path here: that works
+            // when the side dialed has no NAT (or a full-cone one), as neither NAT was opened
+            // towards the other. Said, so that rounds failing for good are not blamed on
+            // address-dependent NATs alone.
+            info!(a = %link.device, a_addr = %a_addr, b = %other.device, b_addr = %b_addr, a_told = ?told_a, b_told = ?told_b, "hole punching coordinated across address families (one device reaches the gateway over IPv4, the other over IPv6): it works only where a side has no NAT or a full-cone one");
+        } else if news {
             info!(a = %link.device, a_addr = %a_addr, b = %other.device, b_addr = %b_addr, a_told = ?told_a, b_told = ?told_b, "hole punching coordinated");
         } else {
             debug!(a = %link.device, a_addr = %a_addr, b = %other.device, b_addr = %b_addr, a_told = ?told_a, b_told = ?told_b, "hole punching coordinated again");

@@ -100,8 +100,9 @@ fn expects_body(m: &Method) -> bool {
     matches!(*m, Method::POST | Method::PUT | Method::PATCH)
 }
 
-/// Whether a request body means something for `m`: POST, PUT, PATCH, and the WebDAV, CalDAV
-/// and QUERY methods whose bodies their specifications define. For the others — DELETE and
+/// Whether a request body means something for `m`: POST, PUT, PATCH, and the WebDAV (with
+/// versioning, DeltaV, and bindings), CalDAV and QUERY methods whose bodies their
+/// specifications define. For the others — DELETE and
 /// OPTIONS (RFC 9110 §9.3.5, §9.3.7: "no generally defined semantics"), CONNECT, methods this
 /// list does not know — a service may answer without reading a body, and then parse it as its
 /// next request, one the policy never saw.
@@ -118,6 +119,20 @@ pub(crate) fn body_is_defined(m: &Method) -> bool {
                 | "ACL"
                 | "MKCALENDAR"
                 | "QUERY"
+                | "MERGE"
+                | "CHECKOUT"
+                | "CHECKIN"
+                | "UNCHECKOUT"
+                | "MKACTIVITY"
+                | "MKWORKSPACE"
+                | "UPDATE"
+                | "LABEL"
+                | "VERSION-CONTROL"
+                | "BASELINE-CONTROL"
+                | "ORDERPATCH"
+                | "BIND"
+                | "REBIND"
+                | "UNBIND"
         )
 }
 

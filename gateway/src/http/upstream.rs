@@ -72,6 +72,10 @@ pub trait UpIo: Io {
     /// Ends the exchange abnormally both ways (a tunnel stream is reset): the service sees
     /// its request fail, not a clean end.
     fn abort(&mut self) {}
+
+    /// Ends only the receiving side abnormally, what was sent having been finished (see
+    /// [`tunnel::splice::End::abort_receiving`]).
+    fn abort_receiving(&mut self) {}
 }
 
 /// Writes (a copy of) the first of `chunks`, removing what was written.
@@ -110,6 +114,10 @@ impl UpIo for tunnel::upstream::Upstream {
 
     fn abort(&mut self) {
         tunnel::splice::End::abort(self)
+    }
+
+    fn abort_receiving(&mut self) {
+        tunnel::splice::End::abort_receiving(self)
     }
 
     fn poll_write_chunks(
@@ -335,7 +343,10 @@ impl Outgoing {
         let framing = h1::request_framing(body.is_end_stream(), body.size_hint().exact());
         let mut head = Vec::new();
         h1::encode_request_head(method, target, headers, fwd, framing, &mut head);
-        let reusable = framing == ReqFraming::Empty || h1::body_is_defined(method);
+        // An empty body is none, however it was framed (an HTTP/2 request saying
+        // `content-length: 0` without ending its stream with its headers).
+        let reusable = matches!(framing, ReqFraming::Empty | ReqFraming::Length(0))
+            || h1::body_is_defined(method);
         if !reusable && head.ends_with(b"\r\n\r\n") {
             head.truncate(head.len() - 2);
             head.extend_from_slice(b"connection: close\r\n\r\n");
@@ -969,6 +980,13 @@ impl tunnel::splice::End for Upgraded {
         // cut upload for a whole one). The client's closes as it is dropped, right after.
         if let UpgradedIo::Service(io) = &mut self.io {
             io.abort();
+        }
+    }
+    fn abort_receiving(&mut self) {
+        // What went to the service was finished whole: kept, only its answer is refused (the
+        // trait's default, a whole abort, reset a finished upload).
+        if let UpgradedIo::Service(io) = &mut self.io {
+            io.abort_receiving();
         }
     }
     fn cut_signal(&self) -> Option<Arc<tunnel::holds::Watched>> {
@@ -1637,6 +1655,10 @@ mod tests {
         let propfind = Method::from_bytes(b"PROPFIND").unwrap();
         exchange(&pool, up, request(propfind, &[], body::full("<x/>"))).await;
         assert_eq!(pool.idle_count(), 1, "a PROPFIND's connection is pooled");
+        let up = pool.take(&key()).unwrap();
+        let merge = Method::from_bytes(b"MERGE").unwrap();
+        exchange(&pool, up, request(merge, &[], body::full("<x/>"))).await;
+        assert_eq!(pool.idle_count(), 1, "a MERGE's (Subversion) connection is pooled");
 
         // OPTIONS and methods unknown here define no body either.
         for method in [Method::OPTIONS, Method::from_bytes(b"PURGE").unwrap()] {
@@ -1772,6 +1794,7 @@ mod tests {
     struct AbortSeen {
         io: tokio::io::DuplexStream,
         aborted: Arc<std::sync::atomic::AtomicBool>,
+        receiving_aborted: Arc<std::sync::atomic::AtomicBool>,
     }
     impl AsyncRead for AbortSeen {
         fn poll_read(
@@ -1801,6 +1824,9 @@ mod tests {
         fn abort(&mut self) {
             self.aborted.store(true, Ordering::Relaxed);
         }
+        fn abort_receiving(&mut self) {
+            self.receiving_aborted.store(true, Ordering::Relaxed);
+        }
     }
 
     /// An upgraded connection cut (the client reset, a policy cut) resets the service's end:
@@ -1810,9 +1836,11 @@ mod tests {
     async fn an_upgraded_connection_cut_resets_the_service_end() {
         let (a, mut b) = tokio::io::duplex(64 * 1024);
         let aborted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let receiving_aborted = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let up = Upstream::new(AbortSeen {
             io: a,
             aborted: aborted.clone(),
+            receiving_aborted: receiving_aborted.clone(),
         });
         tokio::spawn(async move {
             let mut chunk = [0u8; 4096];
@@ -1831,6 +1859,11 @@ mod tests {
             .await
             .unwrap();
         let mut io = resp.into_body().into_upgraded().unwrap();
+        // What went up was finished whole: only the receiving side is torn down (a whole
+        // abort reset the finished upload).
+        tunnel::splice::End::abort_receiving(&mut io);
+        assert!(receiving_aborted.load(Ordering::Relaxed));
+        assert!(!aborted.load(Ordering::Relaxed), "a finished upload was reset");
         tunnel::splice::End::abort(&mut io);
         assert!(
             aborted.load(Ordering::Relaxed),
