@@ -1658,7 +1658,11 @@ mod tests {
         let up = pool.take(&key()).unwrap();
         let merge = Method::from_bytes(b"MERGE").unwrap();
         exchange(&pool, up, request(merge, &[], body::full("<x/>"))).await;
-        assert_eq!(pool.idle_count(), 1, "a MERGE's (Subversion) connection is pooled");
+        assert_eq!(
+            pool.idle_count(),
+            1,
+            "a MERGE's (Subversion) connection is pooled"
+        );
 
         // OPTIONS and methods unknown here define no body either.
         for method in [Method::OPTIONS, Method::from_bytes(b"PURGE").unwrap()] {
@@ -1863,7 +1867,10 @@ mod tests {
         // abort reset the finished upload).
         tunnel::splice::End::abort_receiving(&mut io);
         assert!(receiving_aborted.load(Ordering::Relaxed));
-        assert!(!aborted.load(Ordering::Relaxed), "a finished upload was reset");
+        assert!(
+            !aborted.load(Ordering::Relaxed),
+            "a finished upload was reset"
+        );
         tunnel::splice::End::abort(&mut io);
         assert!(
             aborted.load(Ordering::Relaxed),
