@@ -14,9 +14,8 @@
 #          the µs each spent ready to run but waiting for a CPU) and the tunnel's UDP datagrams
 #          per request each way (the gateway's /status)
 #   half:  the same path at a fixed rate, RATE req/s (default 10000, about half of the front's
-#          maximum here) from h2load --h1 -c$HALF_CLIENTS --rps (256 unless set: each client
-#          sends every ~25 ms, far above the tail measured, as run.sh's half-load run):
-#          p50/p99/p99.9 latency and CPU per request
+#          maximum here) from h2load --h1 -c$HALF_CLIENTS --rps (16 unless set, as run.sh's
+#          half-load run): p50/p99/p99.9 latency and CPU per request
 #   tcp:   as front, but through a public tcp app (the same tunnel, no HTTP work in zonegate):
 #          what the front would reach if its HTTP handling were free
 #   conn:  wrk -t1 -c$CONNS -d$SECS -H 'Connection: close' through a public tcp app to the same nginx
@@ -59,7 +58,7 @@ if ! in_netns "$@"; then
     download) need_tools curl nginx python3 unshare ;;
     *) need_tools wrk nginx python3 unshare ;;
   esac
-  export ROUNDS SECS="${SECS:-}" RATE="${RATE:-10000}" CONNS="${CONNS:-32}" HALF_CLIENTS="${HALF_CLIENTS:-256}"
+  export ROUNDS SECS="${SECS:-}" RATE="${RATE:-10000}" CONNS="${CONNS:-32}" HALF_CLIENTS="${HALF_CLIENTS:-16}"
   enter_netns "$0" "$@"
 fi
 

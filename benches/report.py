@@ -44,12 +44,15 @@ LABEL = {
 def load(paths):
     docs = [json.load(open(p)) for p in paths]
     by_test = {}
-    for d in docs:
+    for i, d in enumerate(docs):
         tests = {r["test"] for r in d["runs"]}
         for t in tests:
             # Rep 0 is run.sh's warm-up round: run, not recorded in any figure.
-            by_test[t] = [r for r in d["runs"] if r["test"] == t and r.get("rep") != 0]
-    runs = [r for rs in by_test.values() for r in rs]
+            by_test[t] = (i, [r for r in d["runs"] if r["test"] == t and r.get("rep") != 0])
+    runs = [r for _, rs in by_test.values() for r in rs]
+    # Which file each test's figures come from, for the header.
+    for i, d in enumerate(docs):
+        d["_supplies"] = sorted(t for t, (j, _) in by_test.items() if j == i)
     return docs, runs
 
 
@@ -235,6 +238,17 @@ def build(paths):
           f"of the machine ({len(outside)} measurements); "
           + (f"**over {OUTSIDE_LIMIT:g} % in {len(busy)}**: " + ", ".join(busy)
              if busy else f"none over {OUTSIDE_LIMIT:g} %"))
+    if len(docs) > 1:
+        # Sections measured at different times (and maybe builds): each file's own.
+        w("- **Sources** (the lines above are the last file's):")
+        for path, d in zip(paths, docs):
+            if not d["_supplies"]:
+                continue
+            z, p = d.get("zonegate", {}), d.get("params", {})
+            w(f"  - `{os.path.basename(path)}` ({d['date']}, commit {z.get('commit')}"
+              f"{' with uncommitted changes' if z.get('dirty') else ''}, {p.get('secs')} s x "
+              f"{p.get('reps')}, half-load clients {p.get('half_clients')}): "
+              + ", ".join(d["_supplies"]))
     tools = d0.get("tools", {})
     w("- **Tools**: " + "; ".join(f"{v}" for v in tools.values() if v))
     w("")

@@ -25,9 +25,9 @@
 # Usage: benches/run.sh [bulk] [conn] [http] [mem] [wan]     (no argument: all five)
 #   SECS=10 REPS=3        seconds per measurement, repetitions per contender
 #   CONNS=32 THREADS=1    wrk connections and threads (conn and http)
-#   HALF_CLIENTS=256      h2load clients for the half-load latency run (each sends at RATE/256,
-#                         one request every ~10 ms: well above the p99.9 it measures, so a request
-#                         seldom waits for the previous one, a wait h2load does not record)
+#   HALF_CLIENTS=16       h2load clients for the half-load latency run (more is not better:
+#                         h2load's clients send in step, so N clients make bursts of N requests;
+#                         see README.md, "p99 added")
 #   AGENTS=1000 IDLE_CONNS=10000 SETTLE=5    mem section sizes; seconds to settle before RSS
 #   WAN_RTT_MS=20         wan section: round trip added between "home" and "VPS"
 #   ZONEGATE=path         zonegate binary (default: cargo build --release)
@@ -47,7 +47,7 @@ REPS=${REPS:-3}
 WARMUP_SECS=${WARMUP_SECS:-3}
 CONNS=${CONNS:-32}
 THREADS=${THREADS:-1}
-HALF_CLIENTS=${HALF_CLIENTS:-256}
+HALF_CLIENTS=${HALF_CLIENTS:-16}
 AGENTS=${AGENTS:-1000}
 IDLE_CONNS=${IDLE_CONNS:-10000}
 SETTLE=${SETTLE:-5}
