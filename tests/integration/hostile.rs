@@ -2479,14 +2479,9 @@ async fn a_zone_config_adopted_during_a_handshake_reaches_that_gateway() {
     h1.shutdown.cancel();
 }
 
-/// A fake gateway at the zone's gateway address (`transport` for its QUIC if given), home1's
-/// agent dialing it, and their control session past its Welcome: the agent, the endpoint (keep
-/// it), the connection and the control stream with its decoder.
-async fn fake_gateway_session(
-    z: &TestZone,
-    tuning: Tuning,
-    transport: Option<quinn::TransportConfig>,
-) -> (
+/// What [`fake_gateway_session`] gives: the agent, the endpoint (keep it), the connection and
+/// the control stream with its decoder.
+type FakeSession = (
     RunningAgent,
     quinn::Endpoint,
     quinn::Connection,
@@ -2495,7 +2490,16 @@ async fn fake_gateway_session(
         quinn::RecvStream,
         tunnel::proto::FrameDecoder,
     ),
-) {
+);
+
+/// A fake gateway at the zone's gateway address (`transport` for its QUIC if given), home1's
+/// agent dialing it, and their control session past its Welcome: the agent, the endpoint (keep
+/// it), the connection and the control stream with its decoder.
+async fn fake_gateway_session(
+    z: &TestZone,
+    tuning: Tuning,
+    transport: Option<quinn::TransportConfig>,
+) -> FakeSession {
     fake_gateway_session_with(z, tuning, transport, |_| {}).await
 }
 
@@ -2505,16 +2509,7 @@ async fn fake_gateway_session_with(
     tuning: Tuning,
     transport: Option<quinn::TransportConfig>,
     before_welcome: impl FnOnce(&RunningAgent),
-) -> (
-    RunningAgent,
-    quinn::Endpoint,
-    quinn::Connection,
-    (
-        quinn::SendStream,
-        quinn::RecvStream,
-        tunnel::proto::FrameDecoder,
-    ),
-) {
+) -> FakeSession {
     use tunnel::proto::{ControlMsg, Welcome};
     let mut sc = tunnel::transport::server_config(&z.creds("gw"), &tuning).unwrap();
     if let Some(tc) = transport {

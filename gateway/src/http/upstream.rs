@@ -1148,6 +1148,15 @@ mod tests {
         Outgoing::new(&method, "/up", &h, &fwd, b)
     }
 
+    /// A bodiless GET asking to upgrade to WebSocket.
+    fn websocket_request() -> Outgoing {
+        request(
+            Method::GET,
+            &[("connection", "upgrade"), ("upgrade", "websocket")],
+            body::full(""),
+        )
+    }
+
     /// Sends `out` on `up`, reads the whole answer (pooling `up` into `pool` at its end).
     async fn exchange(pool: &Arc<Pool>, up: Upstream, out: Outgoing) -> (StatusCode, String) {
         let resp = up.send(out).await.unwrap();
@@ -1771,14 +1780,7 @@ mod tests {
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
             true,
         );
-        let resp = up
-            .send(request(
-                Method::GET,
-                &[("upgrade", "websocket"), ("connection", "upgrade")],
-                body::full(""),
-            ))
-            .await
-            .unwrap();
+        let resp = up.send(websocket_request()).await.unwrap();
         assert!(!resp.body().upload_unfinished());
     }
 
@@ -1854,14 +1856,7 @@ mod tests {
                 .unwrap();
             let _ = b.read(&mut chunk).await;
         });
-        let resp = up
-            .send(request(
-                Method::GET,
-                &[("connection", "upgrade"), ("upgrade", "websocket")],
-                body::full(""),
-            ))
-            .await
-            .unwrap();
+        let resp = up.send(websocket_request()).await.unwrap();
         let mut io = resp.into_body().into_upgraded().unwrap();
         // What went up was finished whole: only the receiving side is torn down (a whole
         // abort reset the finished upload).
@@ -1888,14 +1883,7 @@ mod tests {
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nfirst",
             true,
         );
-        let resp = up
-            .send(request(
-                Method::GET,
-                &[("connection", "upgrade"), ("upgrade", "websocket")],
-                body::full(""),
-            ))
-            .await
-            .unwrap();
+        let resp = up.send(websocket_request()).await.unwrap();
         assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
         let mut io = resp.into_body().into_upgraded().unwrap();
         let mut got = [0u8; 5];
