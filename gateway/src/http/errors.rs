@@ -220,18 +220,31 @@ impl ProxyError {
                 OpenError::Tunnel { device, .. } => {
                     format!("502 bad gateway: app {app}: the tunnel to device {device} failed\n")
                 }
-                OpenError::Refused {
-                    device,
-                    code,
-                    reason,
-                } => match code {
+                // The device's own reason stays in the log line (the error's Display): it is
+                // the device's text (an internal address, a parse error), not the public's.
+                OpenError::Refused { device, code, .. } => match code {
                     RefuseCode::NoSuchService => format!(
                         "502 bad gateway: app {app}: device {device} does not offer service {service}\n"
                     ),
                     RefuseCode::ServiceUnreachable => format!(
                         "502 bad gateway: app {app}: service {service} on device {device} is not answering (is it running?)\n"
                     ),
-                    _ => format!("{}: app {app}: device {device} refused: {reason}\n", self.status()),
+                    RefuseCode::PolicyDenied => format!(
+                        "403 forbidden: app {app}: device {device} refused the request\n"
+                    ),
+                    RefuseCode::RateLimited => format!(
+                        "429 too many requests: app {app}: device {device} is limiting requests; try again later\n"
+                    ),
+                    RefuseCode::Overloaded => format!(
+                        "503 unavailable: app {app}: device {device} is busy; try again\n"
+                    ),
+                    RefuseCode::Draining => format!(
+                        "503 unavailable: app {app}: device {device} is stopping; try again\n"
+                    ),
+                    _ => format!(
+                        "{}: app {app}: device {device} refused the request\n",
+                        self.status()
+                    ),
                 },
             },
             ProxyError::UpstreamTimeout { app, device, secs } => format!(
@@ -322,6 +335,19 @@ mod tests {
             (denied.status(), denied.blame()),
             (StatusCode::FORBIDDEN, Source::Policy)
         );
+        // The device's own text goes to the log, not to the public.
+        let bad = open(OpenError::Refused {
+            device: "home1".into(),
+            code: RefuseCode::BadRequest,
+            reason: "stream header: connect 10.0.0.5:8080 refused".into(),
+        });
+        assert!(!bad.body().contains("10.0.0.5"), "{}", bad.body());
+        assert!(
+            bad.body().contains("device home1 refused"),
+            "{}",
+            bad.body()
+        );
+        assert!(bad.to_string().contains("10.0.0.5"), "{bad}");
         let nosvc = open(OpenError::Refused {
             device: "home1".into(),
             code: RefuseCode::NoSuchService,
