@@ -45,7 +45,8 @@ pub fn open_files() -> std::io::Result<(u64, u64)> {
 /// API, files read while serving).
 pub fn gateway_needs(http_connections: usize, tcp_connections: usize) -> Needs {
     let conns = http_connections.saturating_add(tcp_connections) as u64;
-    let making_room = conns / 16 + 2;
+    // Each of the two tables' slack, at least one.
+    let making_room = conns / gateway::per_ip::ROOM_SLACK as u64 + 2;
     Needs {
         descriptors: conns
             .saturating_add(making_room)

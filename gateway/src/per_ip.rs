@@ -26,7 +26,7 @@ pub const SITE_FACTOR: usize = 4;
 /// A full table making room admits a client at once, before the connection it picked has
 /// ended: up to a sixteenth of the total (at least one) more than the total, while picked
 /// ones close.
-const ROOM_SLACK: usize = 16;
+pub const ROOM_SLACK: usize = 16;
 /// How long the client found holding the most is taken as that without looking again, and
 /// for at most how many connections picked from it: a look goes through every client, and a
 /// flood of new clients would make one each; the count bounds what is taken from one client

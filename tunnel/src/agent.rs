@@ -491,18 +491,22 @@ impl Agent {
     fn zone_adopted(self: &Arc<Self>, from: &str) {
         self.peers.cut_revoked();
         self.relink();
-        let zone = self.cfg.creds.zone();
-        let serial = zone.config.serial;
-        let json = zone.to_json_compact();
-        // Not reached: offers larger than this are refused before adoption.
-        if json.len() > proto::limits::MAX_ZONE_CONFIG {
+        let Some((serial, json)) = self.zone_to_pass_on() else {
             return;
-        }
+        };
         for link in self.links().iter().filter(|l| l.name != from) {
             if let Some(ctl) = link.ctl() {
                 ctl.send_config(serial, json.clone());
             }
         }
+    }
+
+    /// This node's zone config as a ConfigUpdate carries it: serial and compact JSON; None if
+    /// too large to send (not reached: offers larger than that are refused before adoption).
+    fn zone_to_pass_on(&self) -> Option<(u64, Vec<u8>)> {
+        let zone = self.cfg.creds.zone();
+        let json = zone.to_json_compact();
+        (json.len() <= proto::limits::MAX_ZONE_CONFIG).then_some((zone.config.serial, json))
     }
 
     /// A zone.json the owner copied into this node's bundle while it runs
@@ -1014,11 +1018,9 @@ impl Agent {
         // this one (the hub does the same for its side). A newer zone config adopted meanwhile
         // (from another gateway's welcome, the bundle watch): this gateway would have kept the
         // older one, and a device it revokes connected, until it heard of it some other way.
-        let now = creds.zone();
-        if now.config.serial > welcome.zone_serial {
-            let json = now.to_json_compact();
-            if json.len() <= proto::limits::MAX_ZONE_CONFIG {
-                ctl.send_config(now.config.serial, json);
+        if creds.zone_serial() > welcome.zone_serial {
+            if let Some((serial, json)) = self.zone_to_pass_on() {
+                ctl.send_config(serial, json);
             }
         }
         // A stop begun meanwhile: nothing is offered any more.

@@ -229,22 +229,19 @@ impl ProxyError {
                     RefuseCode::ServiceUnreachable => format!(
                         "502 bad gateway: app {app}: service {service} on device {device} is not answering (is it running?)\n"
                     ),
-                    RefuseCode::PolicyDenied => format!(
-                        "403 forbidden: app {app}: device {device} refused the request\n"
-                    ),
-                    RefuseCode::RateLimited => format!(
-                        "429 too many requests: app {app}: device {device} is limiting requests; try again later\n"
-                    ),
-                    RefuseCode::Overloaded => format!(
-                        "503 unavailable: app {app}: device {device} is busy; try again\n"
-                    ),
-                    RefuseCode::Draining => format!(
-                        "503 unavailable: app {app}: device {device} is stopping; try again\n"
-                    ),
-                    _ => format!(
-                        "{}: app {app}: device {device} refused the request\n",
-                        self.status()
-                    ),
+                    code => {
+                        let (status, what) = match code {
+                            RefuseCode::PolicyDenied => ("403 forbidden".into(), "refused the request"),
+                            RefuseCode::RateLimited => (
+                                "429 too many requests".into(),
+                                "is limiting requests; try again later",
+                            ),
+                            RefuseCode::Overloaded => ("503 unavailable".into(), "is busy; try again"),
+                            RefuseCode::Draining => ("503 unavailable".into(), "is stopping; try again"),
+                            _ => (self.status().to_string(), "refused the request"),
+                        };
+                        format!("{status}: app {app}: device {device} {what}\n")
+                    }
                 },
             },
             ProxyError::UpstreamTimeout { app, device, secs } => format!(
