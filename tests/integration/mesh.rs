@@ -784,6 +784,56 @@ async fn a_punch_round_runs_past_a_direct_connection_held_from_before() {
     );
 }
 
+/// A `PeerAddr` that comes while a round runs (the peer moved: restarted on another port, its
+/// NAT gave it another mapping) is not dropped: the round's next attempt dials its addresses.
+/// Before, the round spent its attempts on the stale ones and failed; the next round came only
+/// with the next relayed stream, 30 s on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_addr_during_a_round_redirects_its_next_attempt() {
+    let (_z, peers, _e1, e2) = peer_table();
+    // An address that takes the Initials and never answers: the peer's old one.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let first = tunnel::proto::PeerAddr {
+        device: "home2".into(),
+        addrs: vec![silent.local_addr().unwrap()],
+        punch_nonce: 1,
+    };
+    let addrs = peers.on_peer_addr(&first).expect("a round");
+    let accepting = tokio::spawn({
+        let e2 = e2.clone();
+        async move { e2.accept().await.unwrap().await.unwrap() }
+    });
+    let round = tokio::spawn(peers.clone().punch("home2".into(), addrs));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let moved = tunnel::proto::PeerAddr {
+        device: "home2".into(),
+        addrs: vec![e2.local_addr().unwrap()],
+        punch_nonce: 2,
+    };
+    assert!(
+        peers.on_peer_addr(&moved).is_none(),
+        "a second round while one runs"
+    );
+    let conn = tokio::time::timeout(WAIT, round)
+        .await
+        .expect("the round did not end")
+        .unwrap()
+        .expect("the round dialed only the address it began with");
+    assert_eq!(
+        tunnel::peers::peer_identity(&conn)
+            .unwrap()
+            .name
+            .to_string(),
+        "home2"
+    );
+    tokio::time::timeout(WAIT, accepting)
+        .await
+        .unwrap()
+        .unwrap();
+    // The round is over and the nonce seen: the same PeerAddr again starts nothing.
+    assert!(peers.on_peer_addr(&moved).is_none());
+}
+
 /// A relayed mesh stream is decided again when the policy changes: once no mesh app allows
 /// home2 any more, its open stream through the gateway is closed (it ran on before).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -187,9 +187,12 @@ struct PeerState {
     in_use: Option<usize>,
     /// Retired connections still open for their streams (see [`MAX_RETIRING`]).
     retiring: Arc<AtomicUsize>,
-    /// A punching round is running: a further `PeerAddr` is ignored until it ends (the other
-    /// side runs that round; our running round keeps our NAT open towards the peer).
+    /// A punching round is running: a further `PeerAddr` starts no other round (our running
+    /// round keeps our NAT open towards the peer), but its addresses replace the round's.
     punching: bool,
+    /// Addresses of a `PeerAddr` that came while the round ran (the peer restarted on another
+    /// port, its NAT moved it): the round's next attempt dials these instead.
+    fresh_addrs: Option<Vec<SocketAddr>>,
     /// `next_seq` when the running (or last) round began: only a connection registered since
     /// ends it early.
     round_from: u64,
@@ -624,7 +627,8 @@ impl Peers {
     }
 
     /// Handles the gateway's `PeerAddr`: returns the addresses to dial, or None if this round
-    /// was seen already, a round is running, or the device is none this agent may dial
+    /// was seen already, a round is running (its next attempt dials these addresses instead
+    /// of the ones it began with), or the device is none this agent may dial
     /// (itself, a device the zone config does not list or revokes). The table thus only holds
     /// zone devices and one round runs per peer, whatever a gateway sends. A round comes when
     /// the peer has no direct path to this device, so one this side still holds is no reason
@@ -659,7 +663,13 @@ impl Peers {
             return None;
         }
         self.with(device, |s| {
-            if s.punching || s.last_nonce == Some(pa.punch_nonce) {
+            if s.last_nonce == Some(pa.punch_nonce) {
+                return None;
+            }
+            if s.punching {
+                debug!(peer = %device, addrs = ?addrs, "punch round running: its next attempt dials these");
+                s.last_nonce = Some(pa.punch_nonce);
+                s.fresh_addrs = Some(addrs);
                 return None;
             }
             s.punching = true;
@@ -681,14 +691,17 @@ impl Peers {
         struct RoundOver<'a>(&'a Peers, &'a str);
         impl Drop for RoundOver<'_> {
             fn drop(&mut self) {
-                self.0.with(self.1, |s| s.punching = false);
+                self.0.with(self.1, |s| {
+                    s.punching = false;
+                    s.fresh_addrs = None;
+                });
             }
         }
         let _over = RoundOver(&self, &peer);
         self.dial(&peer, addrs).await
     }
 
-    async fn dial(&self, peer: &str, addrs: Vec<SocketAddr>) -> Option<Connection> {
+    async fn dial(&self, peer: &str, mut addrs: Vec<SocketAddr>) -> Option<Connection> {
         let peer = peer.to_owned();
         let server_name = format!("{peer}.{}", self.creds.domain());
         // What the last attempt ran into, for the status page and the log.
@@ -702,6 +715,11 @@ impl Peers {
             // older than the round is what the peer may no longer have.
             if self.direct_since(&peer, from) {
                 return None;
+            }
+            // The addresses the gateway sent last: the ones the round began with may be stale.
+            if let Some(fresh) = self.with(&peer, |s| s.fresh_addrs.take()) {
+                info!(peer = %peer, addrs = ?fresh, "hole punching towards the peer's new addresses");
+                addrs = fresh;
             }
             // Every address at once, LAN ones a little ahead: a LAN address that is not the
             // peer's must not hold up the one that answers, and a LAN path should win over
