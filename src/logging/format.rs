@@ -26,8 +26,9 @@ use tracing_subscriber::registry::{LookupSpan, SpanRef};
 /// the root as `name{fields}:` (its fields as the fmt layer already formatted them, or just
 /// `name:`), then the message and `name=value` fields as the default `DefaultVisitor` writes
 /// them: strings `Debug`-quoted, `log.*` fields (from the `log` crate bridge) skipped, an `r#`
-/// prefix dropped, ANSI control characters in the message escaped — and, unlike the default,
-/// every control character left in the line after that (see [`one_line`]). Only for a writer
+/// prefix dropped — and, where the default escapes only the terminal controls of messages and
+/// errors, every control character in the line, with the same spellings (see [`one_line`]).
+/// Only for a writer
 /// without ANSI colours: with colours (a terminal), the default format (see
 /// [`init`](super::init)), whose `%` fields stay raw.
 ///
@@ -53,7 +54,6 @@ impl PlainFormat {
         &self,
         ctx: &FmtContext<'_, S, N>,
         event: &Event<'_>,
-        sanitize: bool,
         scratch: &mut Scratch,
     ) -> fmt::Result
     where
@@ -79,7 +79,6 @@ impl PlainFormat {
         }
         let mut fields = FieldWriter {
             line,
-            sanitize,
             first: true,
             result: Ok(()),
         };
@@ -96,7 +95,9 @@ impl PlainFormat {
 /// controls. The default format escapes terminal controls in messages and errors only, and
 /// neither CR nor LF: a `%` field (`error = %e`) carries peer text raw — a QUIC peer's close
 /// reason, before any certificate is checked — so one client could forge whole log lines.
-/// What is already escaped (`?` strings, sanitized messages) is printable here and unchanged.
+/// Messages and errors are written raw up to here: this is their only escaping, a superset of
+/// the default's (ESC, BEL, BS, FF, DEL and C1), spelled as the default spells those. What is
+/// already escaped (`?` strings) is printable here and unchanged.
 fn one_line(line: &mut String) {
     if printable_ascii(line) {
         return;
@@ -153,7 +154,6 @@ where
         thread_local! {
             static SCRATCH: RefCell<Scratch> = const { RefCell::new(Scratch::new()) };
         }
-        let sanitize = writer.sanitizes_ansi_escapes();
         SCRATCH.with(|scratch| {
             // Taken already only if formatting a value logged an event: that one gets its own.
             let mut own;
@@ -170,7 +170,7 @@ where
             };
             scratch.line.clear();
             let result = self
-                .format(ctx, event, sanitize, scratch)
+                .format(ctx, event, scratch)
                 .and_then(|()| writer.write_str(&scratch.line));
             if scratch.line.capacity() > KEEP_LINE_CAPACITY {
                 scratch.line = String::new();
@@ -299,9 +299,6 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 /// spaces, the message bare, the others as `name=value`.
 struct FieldWriter<'a> {
     line: &'a mut String,
-    /// Escape terminal control characters in the message (the fmt layer's
-    /// `with_ansi_sanitization`, on by default), as the default does.
-    sanitize: bool,
     first: bool,
     /// Only `Debug`/`Display` implementations can fail.
     result: fmt::Result,
@@ -341,12 +338,9 @@ impl Visit for FieldWriter<'_> {
             return;
         }
         if name == "message" {
-            // The default writes a string message with `Display`, escaping control characters.
-            self.result = Sanitize {
-                inner: &mut *self.line,
-                on: self.sanitize,
-            }
-            .write_str(value);
+            // The default writes a string message with `Display` (its control characters are
+            // escaped with the whole line's, by `one_line`).
+            self.line.push_str(value);
         } else if value
             .bytes()
             .all(|b| matches!(b, b' '..=b'~') && b != b'"' && b != b'\\')
@@ -379,20 +373,14 @@ impl Visit for FieldWriter<'_> {
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         // As the default: the error, then its sources as `name.sources=[a, b]` (the field's
-        // name as declared, `r#` and all), every message escaped.
-        let sanitize = self.sanitize;
+        // name as declared, `r#` and all).
         if let Some(source) = value.source() {
             self.record_debug(
                 field,
-                &format_args!(
-                    "{} {}.sources={}",
-                    Escaped(value, sanitize),
-                    field.name(),
-                    Sources(source, sanitize)
-                ),
+                &format_args!("{} {}.sources={}", value, field.name(), Sources(source)),
             );
         } else {
-            self.record_debug(field, &format_args!("{}", Escaped(value, sanitize)));
+            self.record_debug(field, &format_args!("{value}"));
         }
     }
 
@@ -401,48 +389,13 @@ impl Visit for FieldWriter<'_> {
         if !self.start(name) {
             return;
         }
-        self.result = if name == "message" {
-            let mut w = Sanitize {
-                inner: &mut *self.line,
-                on: self.sanitize,
-            };
-            write!(w, "{value:?}")
-        } else {
-            write!(self.line, "{value:?}")
-        };
+        self.result = write!(self.line, "{value:?}");
     }
 }
 
-/// Passes text through, escaping (when `on`) the control characters a terminal could act on,
-/// exactly as tracing-subscriber's `EscapeGuard` does: ESC, BEL, BS, FF, DEL and C1 controls.
-struct Sanitize<'a, W: fmt::Write + ?Sized> {
-    inner: &'a mut W,
-    on: bool,
-}
-
-impl<W: fmt::Write + ?Sized> fmt::Write for Sanitize<'_, W> {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        if !self.on || printable_ascii(s) {
-            return self.inner.write_str(s);
-        }
-        for c in s.chars() {
-            match c {
-                '\x1b' => self.inner.write_str("\\x1b")?,
-                '\x07' => self.inner.write_str("\\x07")?,
-                '\x08' => self.inner.write_str("\\x08")?,
-                '\x0c' => self.inner.write_str("\\x0c")?,
-                '\x7f' => self.inner.write_str("\\x7f")?,
-                '\u{80}'..='\u{9f}' => write!(self.inner, "\\u{{{:x}}}", c as u32)?,
-                c => self.inner.write_char(c)?,
-            }
-        }
-        Ok(())
-    }
-}
-
-/// True if `s` is printable ASCII only, so has nothing [`Sanitize`] escapes (those are all
-/// below 0x20, 0x7f, or C1 controls: 0xC2 0x80..0x9F in UTF-8). Anything else — tabs, newlines,
-/// other UTF-8 — takes its careful path, which writes what needs no escaping unchanged. Folded
+/// True if `s` is printable ASCII only, so has nothing [`one_line`] escapes (those are all
+/// below 0x20, 0x7f, or C1 controls: 0xC2 0x80..0x9F in UTF-8). Anything else — tabs, other
+/// UTF-8 — takes its careful path, which writes what needs no escaping unchanged. Folded
 /// without an early exit so it compiles to a vector loop: a short-circuiting `any` over the six
 /// bytes cost ~20 instructions per byte, and the per-request log line is ~110 bytes
 /// (callgrind, benches/front_cost.sh).
@@ -451,34 +404,24 @@ fn printable_ascii(s: &str) -> bool {
         .fold(true, |ok, b| ok & (b.wrapping_sub(0x20) < 0x5f))
 }
 
-/// An error's `Display`, sanitized; as `Debug` too (the default's source list entries).
-struct Escaped<'a>(&'a (dyn std::error::Error + 'static), bool);
+/// An error's `Display`, as `Debug` too (the default's source list entries).
+struct Shown<'a>(&'a (dyn std::error::Error + 'static));
 
-impl fmt::Display for Escaped<'_> {
+impl fmt::Debug for Shown<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut w = Sanitize {
-            inner: f,
-            on: self.1,
-        };
-        write!(w, "{}", self.0)
-    }
-}
-
-impl fmt::Debug for Escaped<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
+        fmt::Display::fmt(self.0, f)
     }
 }
 
 /// An error and its sources as `[a, b]`.
-struct Sources<'a>(&'a (dyn std::error::Error + 'static), bool);
+struct Sources<'a>(&'a (dyn std::error::Error + 'static));
 
 impl fmt::Display for Sources<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut list = f.debug_list();
         let mut next = Some(self.0);
         while let Some(e) = next {
-            list.entry(&Escaped(e, self.1));
+            list.entry(&Shown(e));
             next = e.source();
         }
         list.finish()
@@ -703,30 +646,21 @@ mod tests {
     }
 
     #[test]
-    fn sanitize_escapes_what_the_default_escapes_and_passes_the_rest() {
+    fn one_line_escapes_controls_as_the_default_spells_them_and_passes_the_rest() {
         let run = |s: &str| {
-            let mut out = String::new();
-            Sanitize {
-                inner: &mut out,
-                on: true,
-            }
-            .write_str(s)
-            .unwrap();
+            let mut out = s.to_owned();
+            one_line(&mut out);
             out
         };
-        for plain in [
-            "",
-            "http request app=web",
-            " ~",
-            "tab\there",
-            "new\nline",
-            "é ü 😀",
-        ] {
+        for plain in ["", "http request app=web", " ~", "tab\there", "é ü 😀"] {
             assert_eq!(run(plain), plain);
         }
+        // The default's own escapes (tracing-subscriber's `EscapeGuard`), spelled alike.
         assert_eq!(run("a\x1b[31mb"), "a\\x1b[31mb");
         assert_eq!(run("\x07\x08\x0c\x7f"), "\\x07\\x08\\x0c\\x7f");
         assert_eq!(run("c1\u{85}é"), "c1\\u{85}é");
+        // And what the default leaves raw.
+        assert_eq!(run("a\nb\rc\0"), "a\\nb\\rc\\x00");
         assert!(printable_ascii(" azAZ09~"));
         for c in ['\x1f', '\x7f', '\t', 'é'] {
             assert!(!printable_ascii(&format!("ab{c}cd")), "{c:?}");
