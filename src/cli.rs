@@ -55,6 +55,10 @@ pub enum Command {
         /// cannot run script as the zone's site)
         #[arg(long)]
         site: bool,
+        /// Serve and list names starting with `.` too (without it `.git/`, `.env`, `.ssh/`
+        /// answer 404 and listings leave them out)
+        #[arg(long)]
+        hidden: bool,
         /// The node agent's address when it runs on another machine than this service: its
         /// X-Forwarded-For names the clients, counted apart (loopback's always is)
         /// (repeatable)

@@ -52,16 +52,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             dir,
             listen,
             site,
+            hidden,
             proxies,
         } => serve::files(
             dir,
             listen,
-            if site {
-                crate::files::Pages::Site
-            } else {
-                crate::files::Pages::Sandboxed
+            crate::files::Options {
+                pages: if site {
+                    crate::files::Pages::Site
+                } else {
+                    crate::files::Pages::Sandboxed
+                },
+                hidden,
+                proxies,
             },
-            proxies,
         ),
         Command::Demo { dir, check } => crate::demo::run(dir, check),
     }

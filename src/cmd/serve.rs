@@ -402,8 +402,7 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
 pub fn files(
     dir: std::path::PathBuf,
     listen: std::net::SocketAddr,
-    pages: crate::files::Pages,
-    proxies: Vec<std::net::IpAddr>,
+    opts: crate::files::Options,
 ) -> anyhow::Result<()> {
     if !dir.is_dir() {
         return Err(UsageError(format!("--dir {}: not a directory", dir.display())).into());
@@ -420,12 +419,12 @@ pub fn files(
         descriptors: 4 * crate::files::MAX_CONNECTIONS as u64 + crate::fd_limit::RESERVE,
         lower: "",
     });
-    // A file system call stuck in a hung mount (what FS_TIMEOUT answers around) is not
-    // waited for past FILES_STOP_WAIT.
+    // Answers under way get files::STOP_GRACE to finish; then a file system call stuck in a
+    // hung mount (what FS_TIMEOUT answers around) is not waited for past FILES_STOP_WAIT.
     run_then_stop(cores(), FILES_STOP_WAIT, async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signal(install_signals(), shutdown.clone()));
-        crate::files::run(root, listen, (pages, proxies), shutdown)
+        crate::files::run(root, listen, opts, shutdown)
             .await
             .with_context(|| format!("cannot listen on {listen}"))
     })

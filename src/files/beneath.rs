@@ -181,8 +181,12 @@ impl Root {
 
 /// Calls `visit` with each name in the directory `dir` (an [`Opened`] directory, read from
 /// the handle, not by path again) and a function telling whether that name is a directory
-/// itself (a symlink is not one), called only for the names worth its cost. Blocking.
-pub fn read_names(dir: &File, mut visit: impl FnMut(&[u8], &dyn Fn() -> bool)) -> io::Result<()> {
+/// itself (a symlink is not one), called only for the names worth its cost, until `visit`
+/// breaks. Blocking.
+pub fn read_names(
+    dir: &File,
+    mut visit: impl FnMut(&[u8], &dyn Fn() -> bool) -> std::ops::ControlFlow<()>,
+) -> io::Result<()> {
     for entry in rustix::fs::Dir::read_from(dir)? {
         let entry = entry?;
         let name = entry.file_name().to_bytes();
@@ -200,7 +204,9 @@ pub fn read_names(dir: &File, mut visit: impl FnMut(&[u8], &dyn Fn() -> bool)) -
             .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory),
             _ => false,
         };
-        visit(name, &is_dir);
+        if visit(name, &is_dir).is_break() {
+            break;
+        }
     }
     Ok(())
 }
@@ -240,7 +246,11 @@ mod tests {
         let top = root.open_beneath(root.path()).unwrap();
         assert!(top.meta.is_dir());
         let mut names = Vec::new();
-        read_names(&top.file, |n, d| names.push((n.to_vec(), d()))).unwrap();
+        read_names(&top.file, |n, d| {
+            names.push((n.to_vec(), d()));
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
         names.sort();
         let want: Vec<(Vec<u8>, bool)> = vec![
             (b"abs".to_vec(), false),

@@ -3,7 +3,9 @@
 //! download resumes and a video seeks); `ETag` and `Last-Modified` with the conditional
 //! requests on them let a client keep what it has; directories get a plain HTML listing of
 //! at most [`MAX_LISTING`] entries in [`MAX_LISTING_BYTES`]; nothing outside the served
-//! directory is ever opened; the file system is given [`FS_TIMEOUT`] per call.
+//! directory is ever opened, nor a name starting with `.` unless asked (`--hidden`); the file
+//! system is given [`FS_TIMEOUT`] per call; a stop lets answers under way finish for
+//! [`STOP_GRACE`].
 //!
 //! - `names`: request paths to file names and names back to links;
 //! - `beneath`: opening beneath the served directory (openat2), reading a directory;
@@ -54,6 +56,27 @@ pub enum Pages {
     Site,
 }
 
+/// How a directory is served: `zonegate files`' flags.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub pages: Pages,
+    /// Serve and list names starting with `.` (`--hidden`). Off by default: a project or home
+    /// directory shared as it is holds `.git/config`, `.env` or `.ssh/`, which its owner did
+    /// not mean to publish with the rest.
+    pub hidden: bool,
+    /// Peers besides loopback whose `X-Forwarded-For` is believed (`--proxy`: a node agent on
+    /// another machine).
+    pub proxies: Vec<std::net::IpAddr>,
+}
+
+/// Whether the URL path names something under a name starting with `.` (a hidden file, or
+/// one inside a hidden directory). `..` never reaches here ([`resolve`] refuses it).
+fn names_hidden(root: &Path, asked: &Path) -> bool {
+    asked.strip_prefix(root).unwrap_or(asked).components().any(
+        |c| matches!(c, std::path::Component::Normal(n) if n.as_encoded_bytes().starts_with(b".")),
+    )
+}
+
 impl Pages {
     /// The header value that confines a file of type `ctype`, if it needs one.
     fn policy(self, ctype: &str) -> Option<&'static str> {
@@ -96,22 +119,46 @@ fn text(status: StatusCode, msg: &str) -> Response<Body> {
 }
 
 /// The HTML listing of the opened directory `dir`, whose URL path is `url` (from
-/// [`names::dir_url`]). Blocking.
-fn listing(dir: &std::fs::File, url: &str) -> std::io::Result<String> {
+/// [`names::dir_url`]); names starting with `.` only if `hidden`. Stops reading past
+/// `deadline` (an error): by then the request has been answered [`stuck`], and a huge or slow
+/// directory read on would keep its blocking thread and its client's share. Blocking.
+fn listing(
+    dir: &std::fs::File,
+    url: &str,
+    hidden: bool,
+    deadline: std::time::Instant,
+) -> std::io::Result<String> {
+    use std::ops::ControlFlow;
     // The first MAX_LISTING names in sorted order, whatever order the directory yields them
     // in: a max-heap that drops its largest past the cap.
     let mut heap: BinaryHeap<(Vec<u8>, bool)> = BinaryHeap::new();
     let mut left_out = 0usize;
+    let mut read = 0u32;
     beneath::read_names(dir, |name, is_dir| {
+        // The clock now and then: a name is read in well under a microsecond.
+        read = read.wrapping_add(1);
+        if read % 1024 == 0 && std::time::Instant::now() >= deadline {
+            return ControlFlow::Break(());
+        }
+        if !hidden && name.starts_with(b".") {
+            return ControlFlow::Continue(());
+        }
         if heap.len() == MAX_LISTING {
             left_out += 1;
             if heap.peek().is_some_and(|(last, _)| last.as_slice() <= name) {
-                return;
+                return ControlFlow::Continue(());
             }
             heap.pop();
         }
         heap.push((name.to_vec(), is_dir()));
+        ControlFlow::Continue(())
     })?;
+    if std::time::Instant::now() >= deadline {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the listing took longer than the file system's time per request",
+        ));
+    }
     let names = heap.into_sorted_vec();
     let base = html_escape(url);
     let title = html_escape(&String::from_utf8_lossy(
@@ -187,7 +234,7 @@ enum Target {
 /// but a call stuck in a hung mount still counts against its client.
 async fn handle(
     root: Arc<Root>,
-    pages: Pages,
+    opts: Arc<Options>,
     req: Request<hyper::body::Incoming>,
     hold: Arc<InFlightSlot>,
 ) -> Response<Body> {
@@ -204,6 +251,11 @@ async fn handle(
     let Some(asked) = resolve(root.path(), req.uri().path()) else {
         return text(StatusCode::BAD_REQUEST, "bad path");
     };
+    // As a name that is not there: the answer tells nothing of what the share holds.
+    if !opts.hidden && names_hidden(root.path(), &asked) {
+        return text(StatusCode::NOT_FOUND, "not found");
+    }
+    let (pages, hidden) = (opts.pages, opts.hidden);
     let prefix = forwarded_prefix(req.headers()).to_owned();
     let slash = req.uri().path().ends_with('/');
     // Resolving, opening and listing are file system calls: on a blocking thread, and given
@@ -212,12 +264,14 @@ async fn handle(
         return stuck();
     }
     let held = hold.clone();
+    let deadline = std::time::Instant::now() + FS_TIMEOUT;
     let found = blocking_within(FS_TIMEOUT, move || -> Result<Found, Refused> {
         let _hold = held;
         Ok(match open_target(&root, &asked, slash)? {
             Target::File(f) => Found::File(f),
             Target::Dir(dir, rel) => Found::Listing(
-                listing(&dir.file, &dir_url(&prefix, &rel)).map_err(Refused::Unreadable)?,
+                listing(&dir.file, &dir_url(&prefix, &rel), hidden, deadline)
+                    .map_err(Refused::Unreadable)?,
             ),
             // Built from the path's parts, not the request's text: `//host` must not become
             // a redirect to another site.
@@ -633,39 +687,36 @@ impl hyper::body::Body for Holding {
     }
 }
 
-/// Serves `root` read-only on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, root: Root, pages: Pages, shutdown: CancellationToken) {
-    serve_trusting(listener, root, pages, Vec::new(), shutdown).await
+/// Serves `root` read-only on `listener` as `opts` says until `shutdown`, then lets the
+/// answers under way finish for [`STOP_GRACE`].
+pub async fn serve(listener: TcpListener, root: Root, opts: Options, shutdown: CancellationToken) {
+    serve_at_most(listener, root, opts, MAX_CONNECTIONS, shutdown).await
 }
 
-/// [`serve`], believing the `X-Forwarded-For` of `proxies` too (a node agent on another
-/// machine than the service), besides loopback's.
-pub async fn serve_trusting(
-    listener: TcpListener,
-    root: Root,
-    pages: Pages,
-    proxies: Vec<std::net::IpAddr>,
-    shutdown: CancellationToken,
-) {
-    let proxies: Arc<[std::net::IpAddr]> = proxies.iter().map(|ip| ip.to_canonical()).collect();
-    serve_at_most(listener, root, (pages, proxies), MAX_CONNECTIONS, shutdown).await
-}
+/// How long a stopping service lets the answers under way finish (a download, a listing)
+/// before it cuts them: the node agent's drain default, so a restart does not truncate what
+/// the agent's drain let finish.
+pub const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// [`serve`], with at most `most` connections served at once.
 async fn serve_at_most(
     listener: TcpListener,
     root: Root,
-    (pages, proxies): (Pages, Arc<[std::net::IpAddr]>),
+    mut opts: Options,
     most: usize,
     shutdown: CancellationToken,
 ) {
     let root = Arc::new(root);
+    for ip in &mut opts.proxies {
+        *ip = ip.to_canonical();
+    }
+    let opts = Arc::new(opts);
     if let Ok(a) = listener.local_addr() {
-        let pages = match pages {
+        let pages = match opts.pages {
             Pages::Sandboxed => "sandboxed",
             Pages::Site => "site",
         };
-        info!(addr = %a, dir = %root.path().display(), pages, "read-only file service listening");
+        info!(addr = %a, dir = %root.path().display(), pages, hidden = opts.hidden, "read-only file service listening");
     }
     // Every connection served holds a task and may hold an open file or a listing (a client
     // through the tunnel comes from the node's loopback: there is no client address to share
@@ -678,6 +729,7 @@ async fn serve_at_most(
         per: Default::default(),
         most: (most / 4).max(1),
     });
+    let tasks = tokio_util::task::TaskTracker::new();
     while let Some((tcp, peer)) = tunnel::sockets::accept_until(&listener, &shutdown).await {
         let Ok(admit) = admitted.clone().try_acquire_owned() else {
             if let Some(unlogged) = LogBudget::take_shared(&lines) {
@@ -685,33 +737,38 @@ async fn serve_at_most(
             }
             continue;
         };
-        let (root, served, lines, in_flight, proxies) = (
+        let (root, served, lines, in_flight, opts, shutdown) = (
             root.clone(),
             served.clone(),
             lines.clone(),
             in_flight.clone(),
-            proxies.clone(),
+            opts.clone(),
+            shutdown.clone(),
         );
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let _admit = admit;
-            let Ok(Ok(_slot)) = tokio::time::timeout(SLOT_WAIT, served.acquire_owned()).await
-            else {
+            let slot = tokio::select! {
+                s = tokio::time::timeout(SLOT_WAIT, served.acquire_owned()) => s,
+                // Not served yet: nothing under way to finish.
+                _ = shutdown.cancelled() => return,
+            };
+            let Ok(Ok(_slot)) = slot else {
                 if let Some(unlogged) = LogBudget::take_shared(&lines) {
                     info!(client = %peer, most, unlogged, "file connection closed: no room for it within {} s", SLOT_WAIT.as_secs());
                 }
                 return;
             };
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (root, in_flight, proxies) = (root.clone(), in_flight.clone(), proxies.clone());
+                let (root, in_flight, opts) = (root.clone(), in_flight.clone(), opts.clone());
                 async move {
                     let (m, p) = (req.method().clone(), req.uri().path().to_owned());
-                    let forwarded_for = believed_forwarded_for(peer, &proxies, req.headers());
+                    let forwarded_for = believed_forwarded_for(peer, &opts.proxies, req.headers());
                     let client = forwarded_for.unwrap_or(peer.ip());
                     let r = match InFlight::take(&in_flight, counted_as(client)) {
                         // Held by the body: until the answer is sent, or dropped unsent.
                         Some(slot) => {
                             let slot = Arc::new(slot);
-                            handle(root, pages, req, slot.clone())
+                            handle(root, opts, req, slot.clone())
                                 .await
                                 .map(|body| BodyExt::boxed(Holding { body, _slot: slot }))
                         }
@@ -733,15 +790,40 @@ async fn serve_at_most(
             let io = hyper_util::rt::TokioIo::new(slow_reader::SlowReaderCut::tcp(tcp));
             // A timer, or hyper leaves its 30 s limit on a request's headers unset and a
             // client sending half a request holds its connection for ever.
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(io, svc)
-                .await
-            {
+                .serve_connection(io, svc);
+            tokio::pin!(conn);
+            let r = tokio::select! {
+                r = conn.as_mut() => r,
+                // The answer under way finishes, then the connection closes (at once if idle).
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = r {
                 debug!(error = %e, "file connection ended");
             }
         });
+    }
+    tasks.close();
+    if !tasks.is_empty() {
+        info!(
+            connections = tasks.len(),
+            grace_secs = STOP_GRACE.as_secs(),
+            "file service stopping: answers under way may finish"
+        );
+        if tokio::time::timeout(STOP_GRACE, tasks.wait())
+            .await
+            .is_err()
+        {
+            info!(
+                connections = tasks.len(),
+                "file service stopped: answers still under way were cut"
+            );
+        }
     }
 }
 
@@ -779,15 +861,15 @@ fn counted_as(client: std::net::IpAddr) -> std::net::IpAddr {
     }
 }
 
-/// Binds and serves (for `zonegate files`), believing `proxies`' `X-Forwarded-For`.
+/// Binds and serves (for `zonegate files`).
 pub async fn run(
     root: Root,
     listen: SocketAddr,
-    (pages, proxies): (Pages, Vec<std::net::IpAddr>),
+    opts: Options,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let l = TcpListener::bind(listen).await?;
-    serve_trusting(l, root, pages, proxies, shutdown).await;
+    serve(l, root, opts, shutdown).await;
     Ok(())
 }
 
@@ -833,11 +915,116 @@ mod tests {
     }
 
     async fn serve_pages(dir: &Path, pages: Pages) -> (SocketAddr, CancellationToken) {
+        let opts = Options {
+            pages,
+            ..Options::default()
+        };
+        let (addr, stop, _) = serve_with(dir, opts).await;
+        (addr, stop)
+    }
+
+    async fn serve_with(
+        dir: &Path,
+        opts: Options,
+    ) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let stop = CancellationToken::new();
-        tokio::spawn(serve(l, Root::open(dir).unwrap(), pages, stop.clone()));
-        (addr, stop)
+        let served = tokio::spawn(serve(l, Root::open(dir).unwrap(), opts, stop.clone()));
+        (addr, stop, served)
+    }
+
+    /// Names starting with `.` are not served or listed unless asked for (`--hidden`): a
+    /// project or home directory shared as it is holds `.git/config`, `.env`, `.ssh/`.
+    #[tokio::test]
+    async fn hidden_names_are_neither_served_nor_listed_unless_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join(".git")).unwrap();
+        std::fs::create_dir_all(dir.path().join("pub/.ssh")).unwrap();
+        std::fs::write(dir.path().join(".git/config"), "secret").unwrap();
+        std::fs::write(dir.path().join(".env"), "secret").unwrap();
+        std::fs::write(dir.path().join("pub/.ssh/id"), "secret").unwrap();
+        std::fs::write(dir.path().join("pub/a.txt"), "shown").unwrap();
+        std::fs::write(dir.path().join("pub/b..c"), "shown").unwrap();
+        let (addr, stop) = serve_dir(dir.path()).await;
+        for hidden in [
+            "/.env",
+            "/.git/config",
+            "/.git/",
+            "/%2egit/config",
+            "/pub/.ssh/id",
+            "/pub//.ssh/id",
+        ] {
+            let got = get(addr, hidden, "").await;
+            assert!(got.starts_with("HTTP/1.1 404"), "{hidden}: {got}");
+            assert!(!got.contains("secret"), "{hidden}: {got}");
+        }
+        assert!(get(addr, "/pub/b..c", "").await.ends_with("shown"));
+        let root = get(addr, "/", "").await;
+        assert!(root.contains("pub/"), "{root}");
+        assert!(!root.contains(".env") && !root.contains(".git"), "{root}");
+        let sub = get(addr, "/pub/", "").await;
+        assert!(sub.contains("a.txt") && sub.contains("b..c"), "{sub}");
+        assert!(!sub.contains(".ssh"), "{sub}");
+        stop.cancel();
+        let opts = Options {
+            hidden: true,
+            ..Options::default()
+        };
+        let (addr, stop, _) = serve_with(dir.path(), opts).await;
+        assert!(get(addr, "/.git/config", "").await.ends_with("secret"));
+        assert!(get(addr, "/", "").await.contains(".env"));
+        stop.cancel();
+    }
+
+    /// A stop lets a download under way finish (a restart of the service does not truncate
+    /// it) and closes idle connections at once; the service returns when they are done.
+    #[tokio::test]
+    async fn a_stop_lets_answers_under_way_finish() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let big = vec![b'x'; 8 << 20];
+        std::fs::write(dir.path().join("big"), &big).unwrap();
+        let (addr, stop, served) = serve_with(dir.path(), Options::default()).await;
+        // An idle keep-alive connection, and a download read only in part.
+        let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        idle.write_all(b"GET /nothing HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = [0u8; 12];
+        idle.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"HTTP/1.1 404");
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let mut start = vec![0u8; 64 << 10];
+        c.read_exact(&mut start).await.unwrap();
+        stop.cancel();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!served.is_finished(), "the stop cut the download");
+        let mut rest = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(10), c.read_to_end(&mut rest))
+            .await
+            .expect("the download did not end")
+            .unwrap();
+        start.extend_from_slice(&rest);
+        let got = String::from_utf8_lossy(&start);
+        assert!(got.starts_with("HTTP/1.1 200"), "{}", &got[..100]);
+        assert_eq!(body(&got).len(), big.len());
+        // The idle one was closed: it reads its answer's end, then nothing.
+        let mut left = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            idle.read_to_end(&mut left),
+        )
+        .await
+        .expect("the idle connection stayed open")
+        .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), served)
+            .await
+            .expect("the service did not return")
+            .unwrap();
     }
 
     /// A share's HTML, SVG and XML show but run no script as the site (a file someone else
@@ -959,7 +1146,11 @@ mod tests {
             std::fs::File::create(dir.path().join(name)).unwrap();
         }
         let f = std::fs::File::open(dir.path()).unwrap();
-        let html = listing(&f, "/").unwrap();
+        let later = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let html = listing(&f, "/", false, later).unwrap();
+        // Past its deadline (the request answered 504 already) a listing stops reading.
+        let late = listing(&f, "/", false, std::time::Instant::now()).unwrap_err();
+        assert_eq!(late.kind(), std::io::ErrorKind::TimedOut);
         let (entries, tail) = html.split_once("</ul>\n").unwrap();
         assert!(
             entries.len() <= MAX_LISTING_BYTES,
@@ -1155,7 +1346,7 @@ mod tests {
         tokio::spawn(serve_at_most(
             l,
             Root::open(dir.path()).unwrap(),
-            (Pages::Sandboxed, Arc::from(Vec::new())),
+            Options::default(),
             4,
             stop.clone(),
         ));
@@ -1212,7 +1403,7 @@ mod tests {
         tokio::spawn(serve_at_most(
             l,
             Root::open(dir.path()).unwrap(),
-            (Pages::Sandboxed, Arc::from(Vec::new())),
+            Options::default(),
             4,
             stop.clone(),
         ));
