@@ -166,8 +166,14 @@ fn listener(spec: &AppSpec, errs: &mut Vec<SpanError>) -> Option<Listener> {
         // An IPv4-mapped address is the IPv4 one in disguise (a dual-stack socket bound to it
         // takes IPv4 only): taken as that, so the overlap checks against other apps and the
         // gateway's own sockets see it. As written it passed them and then failed to bind
-        // (or bound nothing where bindv6only is set).
-        Some(SocketAddr::new(addr.ip().to_canonical(), addr.port()))
+        // (or bound nothing where bindv6only is set). Any other address stays as written,
+        // with its scope (a link-local `[fe80::1%2]` binds only with it).
+        Some(match addr {
+            SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_some() => {
+                SocketAddr::new(addr.ip().to_canonical(), addr.port())
+            }
+            _ => addr,
+        })
     };
     if let Some(t) = &spec.tcp {
         return parse_addr(&t.get_ref().listen, errs).map(Listener::Tcp);
@@ -244,8 +250,18 @@ fn rule(
             ));
         }
     }
+    // An empty list would read as no condition, so every method or path: an edit that removed
+    // the last entry to close the rule opened it instead.
+    for (list, what) in [(&spec.methods, "methods"), (&spec.paths, "paths")] {
+        if let Some(l) = list.as_ref().filter(|l| l.get_ref().is_empty()) {
+            errs.push(SpanError::new(
+                l.span(),
+                format!("empty `{what}`: leave it out to allow every {}, or remove the rule to allow none", &what[..what.len() - 1]),
+            ));
+        }
+    }
     let mut methods = Vec::new();
-    for m in spec.methods.iter().flatten() {
+    for m in spec.methods.iter().flat_map(|l| l.get_ref()) {
         if !is_http {
             errs.push(SpanError::new(
                 m.span(),
@@ -258,7 +274,7 @@ fn rule(
         }
     }
     let mut paths = Vec::new();
-    for p in spec.paths.iter().flatten() {
+    for p in spec.paths.iter().flat_map(|l| l.get_ref()) {
         if !is_http {
             errs.push(SpanError::new(
                 p.span(),
@@ -359,9 +375,15 @@ fn from_entry(
                     Err(m) => push_err(m),
                 }
             } else if let Some(r) = s.strip_prefix("role:") {
-                match units::check_label(r, "role") {
-                    Ok(()) => from.roles.push(r.to_string()),
-                    Err(m) => push_err(m),
+                // Only the roles a device can hold: another name would never match.
+                match r.parse::<zone_core::Role>() {
+                    Ok(role) => from.roles.push(role.as_str().to_string()),
+                    Err(_) => push_err(format!(
+                        "unknown role {r:?} in `{s}`: a device's role is one of {}",
+                        zone_core::Role::ALL
+                            .map(|r| format!("role:{}", r.as_str()))
+                            .join(", ")
+                    )),
                 }
             } else if s.contains('/') {
                 if is_mesh {

@@ -146,6 +146,11 @@ fn friendly(msg: &str) -> String {
             "struct LimitsSpec",
             "a limits table such as `{ rate = \"50/s\" }`",
         )
+        // `burst = "100"`, `max_connections = -1`: serde names the Rust type.
+        .replace(
+            "expected u32",
+            "expected a whole number from 0 to 4294967295, without quotes",
+        )
         // `from = "public"` for `from = ["public"]`, the likeliest slip.
         .replace(
             "expected a sequence",

@@ -45,8 +45,8 @@ pub(crate) struct ListenSpec {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RuleSpec {
     pub from: Spanned<Vec<Spanned<String>>>,
-    pub methods: Option<Vec<Spanned<String>>>,
-    pub paths: Option<Vec<Spanned<String>>>,
+    pub methods: Option<Spanned<Vec<Spanned<String>>>>,
+    pub paths: Option<Spanned<Vec<Spanned<String>>>>,
     pub hours: Option<Spanned<String>>,
     pub days: Option<Spanned<Vec<Day>>>,
     pub tz: Option<Spanned<String>>,

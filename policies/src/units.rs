@@ -73,8 +73,13 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let value = parse_decimal(num).ok_or_else(expected)?;
     let bytes = value * mult as f64;
     // `u64::MAX as f64` is 2^64 itself, which `as u64` would quietly turn into u64::MAX.
-    if bytes < 1.0 || bytes >= u64::MAX as f64 {
+    if bytes < 1.0 {
         return Err(format!("size {s:?} is out of range (at least 1 byte)"));
+    }
+    if bytes >= u64::MAX as f64 {
+        return Err(format!(
+            "size {s:?} is out of range (at most 16 EiB; leave the limit out for none)"
+        ));
     }
     Ok(bytes.round() as u64)
 }
@@ -223,7 +228,10 @@ pub fn parse_path_prefix(s: &str) -> Result<String, String> {
         Ok(n) if n == prefix => Ok(prefix.to_string()),
         Ok(n) => Err(format!(
             "invalid path {s:?}: request paths are compared in normal form, write it as {:?}",
-            n.trim_end_matches('/')
+            match n.trim_end_matches('/') {
+                "" => "/",
+                t => t,
+            }
         )),
         Err(e) => Err(format!("invalid path {s:?}: {e}")),
     }
@@ -543,8 +551,15 @@ mod tests {
         assert!(parse_rate("+50/s").is_err());
         assert!(parse_hours("+7:00-21:00").is_err());
         assert!(parse_tz("++01:00").is_err());
-        assert!(parse_size("18446744073709551616B").is_err());
+        assert!(parse_size("18446744073709551616B")
+            .unwrap_err()
+            .contains("at most 16 EiB"));
+        assert!(parse_size("0.1B").unwrap_err().contains("at least 1 byte"));
         assert_eq!(parse_size("1KiB").unwrap(), 1024);
+        // A prefix that normalizes to the root is suggested as "/", not as "".
+        assert!(parse_path_prefix("/dfs/..")
+            .unwrap_err()
+            .ends_with("write it as \"/\""));
         // Raw UTF-8 is one path with its escapes: in requests (routing and rules alike) and,
         // said so, in policy files.
         assert_eq!(normalize_path("/café/x").unwrap(), "/caf%C3%A9/x");

@@ -109,10 +109,11 @@ valid_fixtures! {
 
 invalid_fixtures! {
     bad_app_name, bad_bandwidth, bad_cidr, bad_day, bad_from, bad_hours, bad_listen, bad_per,
-    bad_rate, bad_to, bad_tz, burst_beyond_200_years, burst_without_rate, from_an_address, from_that_never_matches, limits_that_never_apply,
+    bad_rate, bad_to, bad_tz, burst_beyond_200_years, burst_without_rate, empty_methods_and_paths,
+    from_an_address, from_that_never_matches, limits_that_never_apply,
     lowercase_method, methods_on_tcp, missing_to,
     no_entry_point, public_mesh, same_listen, same_route, several_errors, syntax,
-    two_entry_points, unknown_allow_key, unknown_app_key, unknown_limits_key, unknown_top_key,
+    two_entry_points, unknown_allow_key, unknown_app_key, unknown_limits_key, unknown_role, unknown_top_key,
     wrong_type,
 }
 
@@ -124,7 +125,7 @@ fn every_fixture_has_a_test() {
     assert_eq!(listed("valid"), v);
     let mut i: Vec<String> = invalid::NAMES.iter().map(|s| s.to_string()).collect();
     i.sort();
-    assert_eq!(i.len(), 31);
+    assert_eq!(i.len(), 33);
     assert_eq!(listed("invalid"), i);
 }
 

@@ -313,8 +313,14 @@ fn an_ipv4_mapped_listen_address_is_the_ipv4_one() {
         errs.iter().any(|e| e.contains("overlaps app `a`")),
         "{errs:#?}"
     );
-    // Plain IPv6 and IPv4 stay as they are.
-    for listen in ["[::1]:2222", "[::]:2222", "127.0.0.1:2222"] {
+    // Plain IPv6 and IPv4 stay as they are, a link-local address with its scope (without it,
+    // it cannot be bound).
+    for listen in [
+        "[::1]:2222",
+        "[::]:2222",
+        "127.0.0.1:2222",
+        "[fe80::1%2]:2222",
+    ] {
         let p = check_sources(&[(PathBuf::from("m.toml"), app("m", listen))]).expect(listen);
         assert_eq!(
             p.app("m").unwrap().listener,
