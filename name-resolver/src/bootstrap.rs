@@ -78,23 +78,50 @@ pub async fn fetch_txt(domain: &Domain, server: SocketAddr) -> Result<Vec<String
         }
     })?;
     let name = qname.to_ascii();
-    let response = match query_udp(server, qname.clone()).await {
-        Ok(r) if !r.truncated() => r,
+    match query_udp(server, qname.clone()).await {
+        Ok(r) if !r.truncated() => match strings_of(&r, &qname, server) {
+            Ok(strings) => Ok(strings),
+            // An error or an empty answer over UDP may be a network's own (one that answers
+            // port 53 itself: a hotel's, a captive portal's) or a forged one: TCP has a say
+            // too before the node gives up — and a node without a zone.json, its start.
+            Err(udp_err) => match query_tcp(server, qname.clone())
+                .await
+                .and_then(|r| strings_of(&r, &qname, server))
+            {
+                Ok(strings) => {
+                    info!(%server, %name, udp = %udp_err, "zone config answered over TCP where UDP's answer was an error");
+                    Ok(strings)
+                }
+                // The same answer both ways: said once.
+                Err(tcp_err) if tcp_err.to_string() == udp_err.to_string() => Err(tcp_err),
+                Err(tcp_err) => Err(BootstrapError::Both {
+                    udp: Box::new(udp_err),
+                    tcp: Box::new(tcp_err),
+                }),
+            },
+        },
         Ok(_) => {
             debug!(%server, %name, "truncated over UDP, asking over TCP");
-            query_tcp(server, qname.clone()).await?
+            strings_of(&query_tcp(server, qname.clone()).await?, &qname, server)
         }
         // Some networks drop UDP to port 53 but let TCP through: one more chance before failing.
         Err(udp_err) => match query_tcp(server, qname.clone()).await {
-            Ok(r) => r,
-            Err(tcp_err) => {
-                return Err(BootstrapError::Both {
-                    udp: Box::new(udp_err),
-                    tcp: Box::new(tcp_err),
-                })
-            }
+            Ok(r) => strings_of(&r, &qname, server),
+            Err(tcp_err) => Err(BootstrapError::Both {
+                udp: Box::new(udp_err),
+                tcp: Box::new(tcp_err),
+            }),
         },
-    };
+    }
+}
+
+/// The `_zonegate` TXT strings of one answer, or why it has none.
+fn strings_of(
+    response: &DnsResponse,
+    qname: &Name,
+    server: SocketAddr,
+) -> Result<Vec<String>, BootstrapError> {
+    let name = qname.to_ascii();
     if response.truncated() {
         return Err(BootstrapError::Truncated { server, name });
     }
@@ -116,7 +143,7 @@ pub async fn fetch_txt(domain: &Domain, server: SocketAddr) -> Result<Vec<String
     let mut strings = Vec::new();
     for record in response.answers() {
         // Name equality is case-insensitive, as DNS is.
-        if record.name() != &qname {
+        if record.name() != qname {
             continue;
         }
         if let RData::TXT(txt) = record.data() {

@@ -114,7 +114,8 @@ impl RequestHandler for ZoneHandler {
         // More than one question: no client sends it (RFC 9619), and the FORMERR would echo
         // every question — over UDP, from a forged source, an answer as large as the query
         // (or, past the payload limit, an encoding error hickory logs per datagram). Over
-        // UDP nothing is sent; over TCP (no forged sources) it is answered below.
+        // UDP the receive loop answers a header-only FORMERR before this; over TCP (no
+        // forged sources) it is answered below.
         if request.protocol() == Protocol::Udp && request.queries().len() > 1 {
             return ResponseInfo::from(header);
         }

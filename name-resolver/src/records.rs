@@ -127,6 +127,8 @@ pub struct ZoneRecords {
     /// The SOA as negative answers carry it: TTL min(SOA TTL, MINIMUM) (RFC 2308 §3, §5).
     negative_soa: Record,
     nodes: HashMap<LowerName, Vec<RrSet>>,
+    /// Labels of the deepest node (`*` counted): no name below that depth exists.
+    deepest: usize,
 }
 
 impl ZoneRecords {
@@ -276,6 +278,7 @@ impl ZoneRecords {
                 r
             },
             soa,
+            deepest: nodes.keys().map(|n| n.iter().count()).max().unwrap_or(0),
             nodes,
         }
     }
@@ -324,8 +327,15 @@ impl ZoneRecords {
             return answer(sets, qtype, qname, None);
         }
         // RFC 4592: the closest encloser is the longest existing ancestor. The wildcard applies
-        // only when that is the apex (the only name with a `*` child).
-        let mut up = qname.base_name();
+        // only when that is the apex (the only name with a `*` child). The walk starts at the
+        // deepest node's depth: one label at a time from a name of 127 labels rebuilt the name
+        // 125 times, before any rate limit, on the socket's one task.
+        let labels = qname.iter().count();
+        let mut up = if labels > self.deepest + 1 {
+            LowerName::new(&qname.trim_to(self.deepest))
+        } else {
+            qname.base_name()
+        };
         while up != self.origin {
             if self.nodes.contains_key(&up) {
                 return Lookup::NxDomain;
@@ -420,6 +430,9 @@ fn rdata_wire_len(r: &Record) -> usize {
 fn dedup_ips(ips: impl Iterator<Item = IpAddr>) -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = Vec::new();
     for ip in ips {
+        // An IPv4-mapped address is published as the IPv4 one it is (an A record): as an
+        // AAAA it reached no IPv4-only client, and it could stand beside its IPv4 twin.
+        let ip = ip.to_canonical();
         // An unspecified address (0.0.0.0) is a listen address, not one anybody can dial.
         if !ip.is_unspecified() && !out.contains(&ip) {
             out.push(ip);
@@ -598,13 +611,41 @@ mod tests {
     }
 
     #[test]
+    fn mapped_addresses_are_published_as_the_ipv4_ones_they_are() {
+        let ips = [
+            "::ffff:203.0.113.10",
+            "203.0.113.10",
+            "::ffff:0.0.0.0",
+            "2001:db8::1",
+        ]
+        .map(|a| a.parse::<IpAddr>().unwrap());
+        assert_eq!(
+            dedup_ips(ips.into_iter()),
+            ["203.0.113.10", "2001:db8::1"].map(|a| a.parse::<IpAddr>().unwrap())
+        );
+    }
+
+    #[test]
     fn negative_answers_and_refusals() {
         let (_, z) = zone();
         let r = ZoneRecords::new(&z).unwrap();
-        // Below an existing name: the wildcard does not apply (RFC 4592).
-        for q in ["x.home1.alice.example.", "x._zonegate.alice.example."] {
-            assert_eq!(r.lookup(&lname(q), RecordType::A), Lookup::NxDomain, "{q}");
+        // Below an existing name: the wildcard does not apply (RFC 4592), however deep.
+        let deep = "a.".repeat(100);
+        for q in [
+            "x.home1.alice.example.".to_owned(),
+            "x._zonegate.alice.example.".to_owned(),
+            format!("{deep}home1.alice.example."),
+        ] {
+            assert_eq!(r.lookup(&lname(&q), RecordType::A), Lookup::NxDomain, "{q}");
         }
+        // Below no existing name, however deep: the wildcard's.
+        assert!(matches!(
+            r.lookup(
+                &lname(&format!("{deep}nothing.alice.example.")),
+                RecordType::A
+            ),
+            Lookup::Found { .. }
+        ));
         // Existing names without that type.
         assert_eq!(
             r.lookup(&lname("home1.alice.example."), RecordType::TXT),

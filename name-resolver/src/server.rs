@@ -194,7 +194,9 @@ impl DnsServer {
     /// gateway builds them before it starts serving anything, to refuse a zone DNS cannot
     /// carry). A new serial's records are built on a blocking thread (tens of milliseconds for a
     /// zone near the limit: no runtime task waits on it), and a serial that cannot be built is
-    /// not tried again.
+    /// not tried again: too large for DNS, it is served without its TXT set; failing even so
+    /// (or panicking), DNS stops with [`DnsError::Stopped`] rather than go on serving the
+    /// previous serial's TXT, without the newer revocations.
     pub async fn run_with(
         self,
         first: ZoneRecords,
@@ -211,11 +213,12 @@ impl DnsServer {
                 poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tokio::select! {
-                        _ = shutdown.cancelled() => return,
+                        _ = shutdown.cancelled() => return Ok(()),
                         _ = poll.tick() => {}
                     }
                     let zone = zone_source();
                     let serial = zone.config.serial;
+                    let origin = zone.config.domain.to_string();
                     if serial == tried {
                         continue;
                     }
@@ -235,14 +238,23 @@ impl DnsServer {
                             let _ = tx.send(Arc::new(r));
                         }
                         Ok((Ok(r), Some(error))) => {
-                            error!(%error, serial, "DNS serves this zone serial's addresses without its TXT record: nodes cannot bootstrap over DNS until it fits");
+                            error!(zone = %origin, %error, serial, "DNS serves this zone serial's addresses without its TXT record: nodes cannot bootstrap over DNS until it fits");
                             let _ = tx.send(Arc::new(r));
                         }
+                        // Not even the addresses build (or the build panicked): the previous
+                        // serial's TXT, without the newer revocations, must not go on being
+                        // served — DNS stops, and with it the gateway, said why.
                         Ok((Err(error), _)) => {
-                            error!(%error, serial, "DNS keeps serving the previous zone serial")
+                            return Err(DnsError::Stopped(
+                                "zone records builder",
+                                format!("zone {origin} serial {serial}: {error}"),
+                            ));
                         }
                         Err(error) => {
-                            error!(%error, serial, "DNS: building the zone's records failed")
+                            return Err(DnsError::Stopped(
+                                "zone records builder",
+                                format!("zone {origin} serial {serial}: {error}"),
+                            ));
                         }
                     }
                 }
@@ -256,6 +268,7 @@ impl DnsServer {
             r = &mut serve => r,
             end = &mut builder => match end {
                 Err(e) if e.is_panic() => Err(DnsError::Stopped("zone records builder", e.to_string())),
+                Ok(Err(e)) => Err(e),
                 _ => serve.await,
             },
         };
@@ -312,9 +325,10 @@ impl DnsServer {
                     let served = handler.records();
                     if !Arc::ptr_eq(&next, &served) {
                         let (old, new) = (served.serial(), next.serial());
+                        let zone = next.origin().clone();
                         handler.replace(next);
                         if old != new {
-                            info!(zone = %served.origin(), serial = new, previous = old, "DNS serving new zone serial");
+                            info!(%zone, serial = new, previous = old, "DNS serving new zone serial");
                         }
                     }
                     if reported.elapsed() >= RATE_LIMIT_REPORT_EVERY {

@@ -62,22 +62,59 @@ pub(crate) async fn serve(socket: UdpSocket, handler: ZoneHandler, stop: Cancell
     }
 }
 
-/// One datagram: a query answered through the handler, a malformed one with FORMERR (no
-/// larger than the query: nothing to amplify), a response never (reflection loops).
+/// Source ports no resolver sends from: port 0, and those of UDP services that answer
+/// whatever reaches them (echo, daytime, QOTD, chargen, time, TFTP, kpasswd). A query forged
+/// from one had that service and this server answer each other until one lost a packet
+/// (CVE-2024-2169, "Loop DoS"), each exchange well inside the rate limiter's refill.
+const LOOPING_PORTS: [u16; 8] = [0, 7, 13, 17, 19, 37, 69, 464];
+
+/// Whether a datagram from `port` is read at all ([`LOOPING_PORTS`]).
+fn read_from(port: u16) -> bool {
+    !LOOPING_PORTS.contains(&port)
+}
+
+/// Whether a FORMERR may go to `port`: DNS's own, or an unprivileged one (where resolvers and
+/// stubs send from). A malformed datagram from another privileged port is some other
+/// service's answer, and a FORMERR back would start the same loop with a service not listed.
+fn formerr_to(port: u16) -> bool {
+    port == 53 || port >= 1024
+}
+
+/// One datagram: a query answered through the handler, a malformed one — or one of several
+/// questions (RFC 9619) — with a header-only FORMERR (no larger than the query: nothing to
+/// amplify), a response never (reflection loops), nothing from a [`LOOPING_PORTS`] port.
 async fn answer(handler: &ZoneHandler, query: &[u8], mut reply: UdpReply) {
+    let port = reply.to.port();
+    if !read_from(port) {
+        return;
+    }
+    let formerr = |why: &dyn std::fmt::Display| {
+        let mut formerr = crate::server::formerr_for(query).filter(|_| formerr_to(port))?;
+        handler
+            .admit_udp_formerr(reply.to.ip(), &mut formerr)
+            .then(|| {
+                debug!(src = %reply.to, %why, "DNS over UDP: FORMERR");
+                formerr
+            })
+    };
     let message = match MessageRequest::read(&mut BinDecoder::new(query)) {
         Ok(m) => m,
         Err(error) => {
-            if let Some(mut formerr) = crate::server::formerr_for(query) {
-                if handler.admit_udp_formerr(reply.to.ip(), &mut formerr) {
-                    debug!(src = %reply.to, %error, "DNS over UDP: malformed query, FORMERR");
-                    reply.send(&formerr).await;
-                }
+            if let Some(f) = formerr(&error) {
+                reply.send(&f).await;
             }
             return;
         }
     };
     if message.message_type() == MessageType::Response {
+        return;
+    }
+    // Told at once, not left to time out (RFC 9619: a message of several questions is
+    // malformed); the header alone, so it echoes none of them.
+    if message.queries().len() > 1 {
+        if let Some(f) = formerr(&"more than one question") {
+            reply.send(&f).await;
+        }
         return;
     }
     // What the client takes, as the handler sizes its answers: our advertised size bounded
@@ -186,7 +223,11 @@ impl ResponseHandler for UdpReply {
             }
             Ok(info) => info,
             Err(error) => {
-                warn!(%error, "DNS answer could not be encoded: SERVFAIL");
+                let question = self
+                    .question
+                    .as_ref()
+                    .map(|q| format!("{} {}", q.name(), q.query_type()));
+                warn!(dst = %self.to, question = question.as_deref().unwrap_or("-"), %error, "DNS answer could not be encoded: SERVFAIL");
                 wire.clear();
                 let mut header = Header::new();
                 header.set_id(id);
@@ -200,5 +241,28 @@ impl ResponseHandler for UdpReply {
         };
         self.send(&wire).await;
         Ok(info)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Nothing is read from the ports of services that answer anything (a forged query from
+    /// one started a loop), and no FORMERR goes to a privileged port but DNS's.
+    #[test]
+    fn datagrams_from_looping_ports_are_not_read_nor_errors_sent_to_privileged_ones() {
+        for port in [0, 7, 13, 17, 19, 37, 69, 464] {
+            assert!(!read_from(port), "{port}");
+        }
+        for port in [53, 123, 1023, 1024, 5353, 40000, 65535] {
+            assert!(read_from(port), "{port}");
+        }
+        for port in [53, 1024, 33000, 65535] {
+            assert!(formerr_to(port), "{port}");
+        }
+        for port in [1, 111, 123, 161, 1023] {
+            assert!(!formerr_to(port), "{port}");
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! Zone-config bootstrap over DNS: success, and every refusal a node must make.
 
-use name_resolver::{fetch_zone, testzone, Blame, BootstrapError, ZoneRecords};
+use name_resolver::{fetch_zone, testzone, Blame, BootstrapError, DnsServer, ZoneRecords};
 use zone_core::{Domain, ZoneKey};
 
 use crate::common::Running;
@@ -108,6 +108,48 @@ async fn wrong_domain_and_wrong_server_are_refused() {
     assert_eq!(e.blame(), Blame::Server);
     assert!(e.to_string().contains("not authoritative"), "{e}");
     s.stop().await;
+}
+
+/// An error answered over UDP (a network that answers port 53 itself, a forged answer) is
+/// asked again over TCP, which the real server answers: the node bootstraps. Before, the
+/// UDP answer was the last word and a node without a zone.json could not start.
+#[tokio::test]
+async fn an_error_answered_over_udp_is_asked_again_over_tcp() {
+    let (key, zone) = testzone::zone();
+    // UDP port P answers REFUSED to everything; the real server has TCP port P.
+    let (fake, server) = loop {
+        let fake = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let port = fake.local_addr().unwrap().port();
+        let tcp = format!("127.0.0.1:{port}").parse().unwrap();
+        if let Ok(server) = DnsServer::bind("127.0.0.1:0".parse().unwrap(), tcp).await {
+            break (fake, server);
+        }
+    };
+    let addr = server.tcp_addr();
+    let refusing = tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        let mut answered = 0u32;
+        while let Ok((n, from)) = fake.recv_from(&mut buf).await {
+            // The query back, as a response, RCODE REFUSED.
+            buf[2] |= 0x80;
+            buf[3] = (buf[3] & 0xf0) | 5;
+            fake.send_to(&buf[..n], from).await.unwrap();
+            answered += 1;
+            if answered == 1 {
+                return answered;
+            }
+        }
+        answered
+    });
+    let stop = tokio_util::sync::CancellationToken::new();
+    let serving = tokio::spawn(server.run(move || std::sync::Arc::new(zone.clone()), stop.clone()));
+    let got = fetch_zone(&domain(), addr, &key.verifying_key(), None)
+        .await
+        .expect("TCP's answer was not asked for");
+    assert_eq!(got.config.domain, domain());
+    assert_eq!(refusing.await.unwrap(), 1, "UDP was not asked first");
+    stop.cancel();
+    serving.await.unwrap().unwrap();
 }
 
 #[tokio::test]
