@@ -119,9 +119,9 @@ pub enum PolicyCmd {
         /// Who asks: an IP address (public client) or device:NAME
         #[arg(long)]
         from: String,
-        /// Roles of the asking device (with --from device:NAME)
-        #[arg(long = "role")]
-        roles: Vec<String>,
+        /// Roles of the asking device (with --from device:NAME): gateway or node
+        #[arg(long = "role", value_name = "ROLE")]
+        roles: Vec<Role>,
         /// HTTP host
         #[arg(long, requires = "path")]
         host: Option<String>,
@@ -163,7 +163,8 @@ pub enum ZoneCmd {
     Resign {
         #[command(flatten)]
         zone: ZoneArg,
-        /// Validity of the signed config in days
+        /// Validity of the signed config in days; later changes (device add, revoke, move,
+        /// renew) sign with the same validity until the next resign
         #[arg(long, default_value_t = zone_core::config::DEFAULT_VALID_DAYS)]
         valid_days: i64,
     },

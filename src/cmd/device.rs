@@ -182,7 +182,13 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             let revoked = if listed {
                 z.revoke(&name, now)?
             } else {
-                z.revoke_unlisted(&name, now)?
+                let r = z.revoke_unlisted(&name, now)?;
+                // Said, since --force also lets the last gateway go: a typo of a name burns
+                // that name for good, and the device meant stays.
+                if r {
+                    say!("note: {name} is not a device this directory lists (see `zonegate device list`): it is now revoked by name, for good. If you meant another device, revoke that one too.");
+                }
+                r
             };
             if !revoked {
                 say!(
@@ -196,7 +202,7 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             if last_gateway {
                 say!("revoked {name}, the zone's only gateway: zone.json serial {serial}. Add a new gateway (`zonegate device add NAME --role gateway --public-addr IP:PORT --zone DIR`) and copy {} into every node's bundle: no gateway passes it on to them.", file.display());
             } else if was_gateway {
-                say!("revoked {name}: zone.json serial {serial}. Copy {} into another gateway's bundle (not {name}'s): it adopts it within about a second and passes it to every agent, which drop their link to {name}.", file.display());
+                say!("revoked {name}: zone.json serial {serial}. Copy {} into another gateway's bundle (not {name}'s): it adopts it within about a second and passes it to every agent linked to it, which drop their link to {name}. An agent dials only the gateways its zone.json lists: one whose config predates the other gateways (they were added after it last got one) knows only {name} and is stranded once {name} stops; copy the new zone.json into its bundle too.", file.display());
             } else {
                 say!("revoked {name}: zone.json serial {serial}. Copy {} into each gateway's bundle: a running gateway adopts it within about a second, disconnects {name} and passes the new config to every agent (its DNS serves it too).", file.display());
             }

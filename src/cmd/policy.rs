@@ -72,7 +72,12 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
                     list.join("\n  ")
                 )
             })?;
-            let role_refs: Vec<&str> = roles.iter().map(String::as_str).collect();
+            let role_refs: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+            // A name no device can have would be explained as denied, not told as a typo.
+            if let Some(name) = from.strip_prefix("device:") {
+                zone_core::DeviceName::new(name)
+                    .map_err(|e| UsageError(format!("--from {from}: {e}")))?;
+            }
             let now = Timestamp::now();
             if let Some(to) = to {
                 let name = from

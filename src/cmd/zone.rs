@@ -47,7 +47,7 @@ pub fn run(cmd: ZoneCmd) -> anyhow::Result<()> {
             let mut z = ZoneDir::open(&zone.zone)?;
             z.resign(OffsetDateTime::now_utc(), valid_days)?;
             say!(
-                "re-signed zone.json: serial {}, expires {}",
+                "re-signed zone.json: serial {}, expires {} ({valid_days} days; later changes to the zone sign for as long, until the next resign)",
                 z.zone.config.serial,
                 fmt_time(z.zone.config.expires_at)
             );

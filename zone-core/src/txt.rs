@@ -95,13 +95,15 @@ pub fn unchunk<S: AsRef<str>>(strings: &[S]) -> Result<Vec<u8>, ZoneError> {
             }
             Some(t) if t != n => {
                 return err(format!(
-                "chunks disagree on the count ({t} and {n}): mixed records of two zone configs?"
+                "chunks disagree on the count ({t} and {n}): mixed records of two zone configs? Remove the old records, then publish the output of `zonegate zone dump-text`"
             ))
             }
             Some(_) => {}
         }
         if slots[i - 1].replace(data).is_some_and(|prev| prev != data) {
-            return err(format!("two different chunks numbered {i}"));
+            return err(format!(
+                "two different chunks numbered {i}: mixed records of two zone configs? Remove the old records, then publish the output of `zonegate zone dump-text`"
+            ));
         }
     }
     let Some(n) = total else {

@@ -132,16 +132,48 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), ZoneError
     })
 }
 
-/// `addrs` without repeats, in their order: a gateway address listed twice was served twice
-/// in DNS and dialled twice by every agent.
+/// `addrs` without repeats, in their order, an IPv4-mapped one as the IPv4 address it is
+/// (`[::ffff:1.2.3.4]:4433` and `1.2.3.4:4433` are one): a gateway address listed twice was
+/// served twice in DNS and dialled twice by every agent.
 fn distinct(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
     let mut out: Vec<SocketAddr> = Vec::with_capacity(addrs.len());
-    for a in addrs {
-        if !out.contains(a) {
-            out.push(*a);
+    for a in addrs.iter().map(|a| canonical(*a)) {
+        if !out.contains(&a) {
+            out.push(a);
         }
     }
     out
+}
+
+/// An IPv4-mapped address as the IPv4 one; any other as it is.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_some() => {
+            SocketAddr::new(a.ip().to_canonical(), a.port())
+        }
+        _ => a,
+    }
+}
+
+/// Refuses an address another gateway than `name` already lists: agents dialling `name`
+/// there reach that gateway, whose certificate names another device, and fail for ever.
+fn check_not_taken(
+    gateways: &[GatewayEntry],
+    name: &DeviceName,
+    addrs: &[SocketAddr],
+) -> Result<(), ZoneError> {
+    for g in gateways.iter().filter(|g| &g.device != name) {
+        if let Some(a) = addrs
+            .iter()
+            .find(|a| g.addrs.iter().any(|b| canonical(*b) == **a))
+        {
+            return Err(ZoneError::Usage(format!(
+                "--public-addr {a} is gateway {}'s already: agents dialling {name} there would reach {} and refuse it; give {name} its own address (or move {} first: `zonegate device move {} --public-addr IP:PORT`)",
+                g.device, g.device, g.device, g.device
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Mode of a bundle directory this makes: readable by the service's user (it is copied, and
@@ -175,6 +207,28 @@ fn check_private(path: &Path) -> Result<(), ZoneError> {
                 "others may read it (mode {:o}): every device key derives from it; run `chmod 600 {}` (on a FAT or exFAT drive, which has no modes, copy the zone directory off it first)",
                 mode & 0o777,
                 path.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Refuses a zone directory that others may write (`mkdir` under a umask of 002 makes it
+/// 0775): they could delete or replace the zone key, which nothing replaces.
+fn check_not_shared(dir: &Path) -> Result<(), ZoneError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(dir)
+        .map_err(|e| ZoneError::io(dir, e))?
+        .permissions()
+        .mode();
+    if mode & 0o022 != 0 {
+        return Err(ZoneError::BadFile {
+            path: dir.to_owned(),
+            what: "zone directory",
+            why: format!(
+                "others may write it (mode {:o}) and so delete or replace the zone key; run `chmod 700 {}` and init again",
+                mode & 0o777,
+                dir.display()
             ),
         });
     }
@@ -230,8 +284,10 @@ impl ZoneDir {
             });
         }
         // Owner only, whatever the umask: whoever may write the directory may delete the
-        // zone key, which nothing replaces.
+        // zone key, which nothing replaces. A directory already there keeps its mode: one
+        // others may write is refused before anything is written into it.
         make_dir(dir, 0o700)?;
+        check_not_shared(dir)?;
         let key = ZoneKey::generate();
         let ca_pem = cert::make_ca(&key, &domain, now)?;
         let zone = ZoneConfig::new(domain, &key, now).sign(&key)?;
@@ -454,6 +510,8 @@ impl ZoneDir {
                 "--public-addr is only for --role gateway".into(),
             ));
         }
+        let addrs = distinct(public_addrs);
+        check_not_taken(&self.zone.config.gateways, name, &addrs)?;
         let (key, cert) = self.issue(name, roles, now, days)?;
         let mut c = self.zone.config.clone();
         c.devices.push(DeviceEntry {
@@ -466,7 +524,7 @@ impl ZoneDir {
         if is_gw {
             c.gateways.push(GatewayEntry {
                 device: name.clone(),
-                addrs: distinct(public_addrs),
+                addrs,
             });
         }
         self.commit(c, now)?;
@@ -525,6 +583,7 @@ impl ZoneDir {
                 "a gateway needs --public-addr IP:PORT (the address agents dial)".into(),
             ));
         }
+        check_not_taken(&self.zone.config.gateways, name, &addrs)?;
         let mut c = self.zone.config.clone();
         let Some(g) = c.gateways.iter_mut().find(|g| &g.device == name) else {
             return Err(ZoneError::Config(format!(
@@ -741,7 +800,10 @@ fn lock_dir(dir: &Path) -> Result<fs::File, ZoneError> {
 /// Refuses public addresses agents cannot dial: `0.0.0.0`, `[::]` or port 0 (the zone's
 /// DNS leaves them out, but agents would try them).
 fn check_dialable(addrs: &[SocketAddr]) -> Result<(), ZoneError> {
-    match addrs.iter().find(|a| a.ip().is_unspecified() || a.port() == 0) {
+    match addrs
+        .iter()
+        .find(|a| a.ip().to_canonical().is_unspecified() || a.port() == 0)
+    {
         Some(a) => Err(ZoneError::Usage(format!(
             "--public-addr {a}: agents cannot dial it; give the address and port the gateway is reached at from the internet"
         ))),
@@ -755,6 +817,23 @@ mod tests {
 
     /// A zone key is never written over another (two inits at once), and a directory left
     /// half made by an interrupted init says so, to init and to every other command.
+    /// An existing directory others may write is refused before anything is written into
+    /// it: they could delete or replace the zone key. One only its owner writes is used.
+    #[test]
+    fn zone_init_refuses_a_directory_others_may_write() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("z");
+        fs::create_dir(&d).unwrap();
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o775)).unwrap();
+        let now = OffsetDateTime::now_utc();
+        let e = ZoneDir::init(&d, Domain::new("alice.example").unwrap(), now).unwrap_err();
+        assert!(e.to_string().contains("chmod 700"), "{e}");
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 0, "written into");
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+        ZoneDir::init(&d, Domain::new("alice.example").unwrap(), now).unwrap();
+    }
+
     #[test]
     fn zone_init_never_replaces_a_key_and_a_half_made_zone_says_so() {
         let t = tempfile::tempdir().unwrap();
