@@ -178,6 +178,10 @@ struct EmptyAt {
     /// The latest of the moments.
     latest: i64,
     keys: HashMap<LimitKey, i64>,
+    /// Every client not in `keys` counts as empty from this moment: the edit changed what a
+    /// client is (`per`), so the old table's keys name none of the new ones, and those in use
+    /// would otherwise each start a fresh burst.
+    others: Option<i64>,
 }
 
 /// A reading of a limiter's clock, signed (see [`EmptyAt`]).
@@ -223,6 +227,7 @@ impl RateLimiter {
         let mut r = Self::new(config);
         let now = signed(r.clock.now());
         let mut keys: HashMap<LimitKey, i64> = HashMap::new();
+        let mut others = None;
         // Those `old` itself still counted as empty from an edit before (not back since, so
         // not in its table), from when they were: two edits in a row, or an edit undone,
         // gave them a full bucket; counted from this edit instead, an idle client lost most
@@ -238,6 +243,11 @@ impl RateLimiter {
                     keys.insert(*key, now.saturating_sub(ago));
                 }
             }
+            others = prev
+                .others
+                .map(|at| old_now.saturating_sub(at))
+                .filter(|ago| *ago < refill)
+                .map(|ago| now.saturating_sub(ago));
             // Bounded like a table: past it, the ones emptied longest ago (most refilled) go.
             if keys.len() > r.max_keys {
                 let mut by_age: Vec<(LimitKey, i64)> = keys.drain().collect();
@@ -249,9 +259,24 @@ impl RateLimiter {
         for e in old.store.0.iter() {
             keys.insert(*e.key(), now);
         }
-        let latest = keys.values().copied().max().unwrap_or(now);
-        r.empty_at = arc_swap::ArcSwapOption::from_pointee(EmptyAt { latest, keys });
+        // Another kind of key (`per` edited) while the old table was in use: its keys name
+        // none of the new ones, so every client counts as empty from now.
+        if old.config.per != config.per && !old.store.0.is_empty() {
+            others = Some(now);
+        }
+        let latest = keys.values().copied().chain(others).max().unwrap_or(now);
+        r.empty_at = arc_swap::ArcSwapOption::from_pointee(EmptyAt {
+            latest,
+            keys,
+            others,
+        });
         r
+    }
+
+    /// How long a whole burst takes to refill: a limiter left unused for that long holds
+    /// nothing a replacement needs to carry over.
+    fn full_refill(&self) -> std::time::Duration {
+        self.cell.saturating_mul(self.config.burst.max(1))
     }
 
     /// Counts one request for `key`.
@@ -297,7 +322,7 @@ impl RateLimiter {
         if self.store.0.contains_key(key) {
             return true;
         }
-        let Some(&at) = empty.keys.get(key) else {
+        let Some(at) = empty.keys.get(key).copied().or(empty.others) else {
             return true;
         };
         if let Some(n) = u32::try_from(missing(at)).ok().and_then(NonZeroU32::new) {
@@ -470,6 +495,10 @@ pub struct AppLimits {
     bandwidth_out: Arc<TokenBucket>,
     /// `bandwidth_per_connection` (0: none), as every connection's own buckets read it.
     per_connection: Arc<AtomicU64>,
+    /// The rate limiter an edit removed, and when (its clock): a rate limit added back within
+    /// a whole burst's refill replaces it, so commenting the limit out and back in gives no
+    /// client in use a fresh burst.
+    retired_rate: Option<(Arc<RateLimiter>, Nanos)>,
 }
 
 /// A rate cell: `rate` bytes per second, 0 for none.
@@ -490,6 +519,7 @@ impl AppLimits {
             bandwidth_in: bucket(),
             bandwidth_out: bucket(),
             per_connection: rate_cell(config.bandwidth_per_connection),
+            retired_rate: None,
         }
     }
 
@@ -508,16 +538,32 @@ impl AppLimits {
         old.bandwidth_out.set_rate(rate(config.bandwidth));
         old.per_connection
             .store(rate(config.bandwidth_per_connection), Ordering::Relaxed);
+        // A limiter removed recently enough that some bucket has not refilled since.
+        let retired = old
+            .retired_rate
+            .as_ref()
+            .filter(|(r, at)| {
+                let gone = Nanos::from(r.clock.now().as_u64().saturating_sub(at.as_u64()));
+                std::time::Duration::from(gone) < r.full_refill()
+            })
+            .map(|(r, _)| r);
+        let (rate, retired_rate) = match (&old.rate, config.rate) {
+            (Some(r), Some(c)) if r.config == c => (Some(r.clone()), None),
+            // A changed rate: nobody gets a fresh burst from the edit.
+            (Some(r), Some(c)) => (Some(Arc::new(RateLimiter::new_replacing(c, r))), None),
+            // A rate back within a refill of its removal: as a changed one.
+            (None, Some(c)) => match retired {
+                Some(r) => (Some(Arc::new(RateLimiter::new_replacing(c, r))), None),
+                // A rate where there was none (for long): nobody has used anything yet.
+                None => (Some(Arc::new(RateLimiter::new(c))), None),
+            },
+            (Some(r), None) => (None, Some((r.clone(), r.clock.now()))),
+            (None, None) => (None, old.retired_rate.clone()),
+        };
         AppLimits {
             config: config.clone(),
-            rate: match (&old.rate, config.rate) {
-                (Some(r), Some(c)) if r.config == c => Some(r.clone()),
-                // A changed rate: nobody gets a fresh burst from the edit.
-                (Some(r), Some(c)) => Some(Arc::new(RateLimiter::new_replacing(c, r))),
-                // A rate where there was none: nobody has used anything yet.
-                (None, c) => c.map(|c| Arc::new(RateLimiter::new(c))),
-                (Some(_), None) => None,
-            },
+            rate,
+            retired_rate,
             connections: old.connections.clone(),
             bandwidth_in: old.bandwidth_in.clone(),
             bandwidth_out: old.bandwidth_out.clone(),

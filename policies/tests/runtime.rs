@@ -837,6 +837,74 @@ fn listeners_of_other_families_do_not_overlap() {
     assert!(check_str(Path::new("o.toml"), dual).is_err());
 }
 
+/// A rate limit commented out and back in, or its `per` changed, gives no client in use a
+/// fresh burst either: the removed limiter is kept for a whole burst's refill and replaced as
+/// an edited one is; a `per` edit counts every client as empty from the edit (the old keys
+/// name none of the new ones). Before, both handed everyone a full bucket.
+#[tokio::test(start_paused = true)]
+async fn a_rate_limit_removed_and_back_or_per_edited_gives_no_fresh_burst() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let app = |limits: &str| {
+        format!("[app.a]\nhttp = {{ host = \"a.example\" }}\nto = \"d/s\"\nallow = {{ from = [\"public\"] }}\n{limits}\n")
+    };
+    let limited = |per: &str| {
+        app(&format!(
+            "limits = {{ rate = \"5/s\", burst = 5, per = \"{per}\" }}"
+        ))
+    };
+    write(dir.path(), "a.toml", &limited("client-ip"));
+    let store = PolicyStore::load(dir.path()).expect("load");
+    let limits = |s: &PolicyStore| {
+        let cur = s.current();
+        let a = cur.policy.app("a").expect("a");
+        cur.state(a).limits.clone()
+    };
+    let who = Requester::Public {
+        ip: ip("198.51.100.1"),
+    };
+    let drain = |l: &policies::AppLimits| {
+        for _ in 0..5 {
+            assert!(l.check_rate(&who).is_ok());
+        }
+        assert!(l.check_rate(&who).is_err(), "throttled");
+    };
+    drain(&limits(&store));
+    // Out, and back in half a second later.
+    write(dir.path(), "a.toml", &app(""));
+    store.reload().expect("reload");
+    assert!(limits(&store).check_rate(&who).is_ok(), "no limit");
+    tokio::time::advance(Duration::from_millis(500)).await;
+    write(dir.path(), "a.toml", &limited("client-ip"));
+    store.reload().expect("reload");
+    let back = limits(&store);
+    // Empty from the removal, refilling at 5/s: 2 of 5 back after 0.5 s (rounded up, 3).
+    let mut granted = 0;
+    while back.check_rate(&who).is_ok() {
+        granted += 1;
+        assert!(granted <= 5, "a fresh burst after the limit came back");
+    }
+    assert!(
+        granted < 5,
+        "a fresh burst after the limit came back: {granted}"
+    );
+
+    // Back after longer than a whole refill: everyone has their burst, as they would have.
+    write(dir.path(), "a.toml", &app(""));
+    store.reload().expect("reload");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    write(dir.path(), "a.toml", &limited("client-ip"));
+    store.reload().expect("reload");
+    drain(&limits(&store));
+
+    // `per` edited while in use: the app's one bucket starts empty, not full.
+    write(dir.path(), "a.toml", &limited("app"));
+    store.reload().expect("reload");
+    assert!(
+        limits(&store).check_rate(&who).is_err(),
+        "a fresh burst after the per edit"
+    );
+}
+
 /// Editing an app's limits keeps what its clients already use: open connections stay counted
 /// against the new maxima, and a changed rate starts the buckets of clients in use empty (no
 /// fresh burst), while a client never seen starts full, as it would have before the edit.
