@@ -51,7 +51,8 @@ fn keys(ip: IpAddr) -> (IpAddr, Option<IpAddr>) {
 /// Counts of open connections by client (address, or /64 for IPv6) and by IPv6 site (/48).
 #[derive(Debug)]
 pub struct PerIp {
-    limit: usize,
+    /// Per client; changes with [`PerIp::set_limit`].
+    limit: std::sync::atomic::AtomicUsize,
     /// All clients together, if capped ([`PerIp::with_total`]).
     total: Option<usize>,
     /// What is counted ("HTTP connections", …) and the gateway.toml key that sets the
@@ -201,7 +202,7 @@ impl PerIp {
         setting: &'static str,
     ) -> Arc<Self> {
         Arc::new(PerIp {
-            limit: limit.max(1),
+            limit: std::sync::atomic::AtomicUsize::new(limit.max(1)),
             total: total.map(|t| t.max(1)),
             what,
             setting,
@@ -210,8 +211,19 @@ impl PerIp {
         })
     }
 
+    fn limit(&self) -> usize {
+        self.limit.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Changes the limit per client (at least one) for the connections admitted from now on;
+    /// those open stay.
+    pub fn set_limit(&self, limit: usize) {
+        self.limit
+            .store(limit.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn site_limit(&self) -> usize {
-        self.limit.saturating_mul(SITE_FACTOR)
+        self.limit().saturating_mul(SITE_FACTOR)
     }
 
     /// A slot for a new connection from `ip`, or `None` when it (or its IPv6 site) has its
@@ -242,10 +254,11 @@ impl PerIp {
     fn admit_inner(self: &Arc<Self>, ip: IpAddr, at_total: AtTotal) -> Result<IpSlot, Full> {
         let (key, site) = keys(ip);
         let mut t = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        let client_full = t.clients.get(&key).is_some_and(|c| c.open >= self.limit);
+        let limit = self.limit();
+        let client_full = t.clients.get(&key).is_some_and(|c| c.open >= limit);
         if client_full {
             if let Some(c) = t.clients.get_mut(&key) {
-                c.refuse(key, self.limit, "address", self.what, self.setting);
+                c.refuse(key, limit, "address", self.what, self.setting);
             }
             return Err(Full::Client);
         }
@@ -372,7 +385,7 @@ impl Tables {
 
 impl Drop for IpSlot {
     fn drop(&mut self) {
-        let limit = self.table.limit;
+        let limit = self.table.limit();
         let what = self.table.what;
         let site_limit = self.table.site_limit();
         let mut t = self
@@ -436,6 +449,15 @@ mod tests {
         let s3 = t.admit(a).expect("a slot came back");
         drop((s2, s3));
         assert_eq!(t.clients(), 0, "a client without connections is forgotten");
+        // A lowered limit holds for what comes next; open slots stay.
+        let held: Vec<_> = (0..2).map(|_| t.admit(a).unwrap()).collect();
+        t.set_limit(1);
+        assert!(t.admit(a).is_none());
+        drop(held);
+        let one = t.admit(a).expect("under the lowered limit");
+        assert!(t.admit(a).is_none(), "past the lowered limit");
+        drop(one);
+        assert_eq!(t.clients(), 0);
     }
 
     /// With a total, many addresses together stop at it, and its slots come back too.

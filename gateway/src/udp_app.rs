@@ -70,6 +70,8 @@ const OPEN_MARGIN: Duration = Duration::from_secs(5);
 /// more than the device keeps of a flow not open there yet: sent right behind the open, the
 /// rest would be lost there, uncounted.
 const OPENING_QUEUE: usize = tunnel::flow_table::EARLY_PER_FLOW;
+/// A flow ended after this long in use both ways says so whatever the log budget.
+const ALWAYS_LOGGED_AFTER: Duration = Duration::from_secs(60);
 /// Log lines a second, per app socket, of refused or failed flows and of flows that ended
 /// without an answer: all of them are what a flood of forged datagrams causes.
 pub const LINES_PER_SECOND: u32 = 10;
@@ -179,6 +181,8 @@ impl Entry {
                 None
             }
             Err(e) => {
+                // Not sent: not spent from the app's bandwidth either.
+                self.shape_in.give_back(data.len() as u64);
                 self.dropped += 1;
                 // The first failure of the flow is said, whatever the bandwidth dropped before.
                 self.failed += 1;
@@ -237,6 +241,8 @@ struct AppSocket {
     listen: SocketAddr,
     sock: Arc<ReplySocket>,
     per_ip: Arc<PerIp>,
+    /// `udp_flows_per_ip` as configured, for a table of `max_flows` ([`AppSocket::set_share`]).
+    max_per_ip: usize,
     max_flows: usize,
     /// What the table holds at most now: `max_flows`, or this app's share of its device's
     /// tunnel ([`AppSocket::share`]).
@@ -273,6 +279,7 @@ pub async fn run(
         listen,
         sock: sock.clone(),
         per_ip: PerIp::new(limits.per_ip, "UDP flows of one app", "udp_flows_per_ip"),
+        max_per_ip: limits.per_ip,
         max_flows: limits.per_app,
         limit: limits.per_app,
         idle,
@@ -285,7 +292,7 @@ pub async fn run(
         unassured_lines: LogBudget::new(LINES_PER_SECOND),
         stop: stop.clone(),
     };
-    s.limit = s.share();
+    s.set_share();
     let mut buf = vec![0u8; UDP_READ];
     // A short idle time is kept to within a quarter of itself, not SWEEP_EVERY.
     let mut sweep =
@@ -296,7 +303,7 @@ pub async fn run(
             // Flows were decided as they started: ask again whenever the policy or the
             // minute changes.
             Ok(()) = changes.changed() => {
-                s.limit = s.share();
+                s.set_share();
                 s.decide_again();
             }
             _ = sweep.tick() => s.sweep(),
@@ -331,6 +338,16 @@ impl AppSocket {
     /// flows one device's tunnel carries ([`MAX_UDP_FLOWS`](tunnel::proto::limits::MAX_UDP_FLOWS))
     /// when several udp apps go to that device — a flood on one took every flow id of the
     /// tunnel, and the others' new flows failed as "overloaded" for as long as it lasted.
+    /// Sets the table's limit to [`AppSocket::share`], and the flows one client address may
+    /// hold to as large a part of it as `udp_flows_per_ip` is of `udp_flows_per_app`: with
+    /// sixteen apps to one device each table holds 256, and one host sending from 256 source
+    /// ports filled one by itself at the unscaled 256 per address.
+    fn set_share(&mut self) {
+        self.limit = self.share();
+        self.per_ip
+            .set_limit(per_ip_of_share(self.max_per_ip, self.limit, self.max_flows));
+    }
+
     fn share(&self) -> usize {
         match app_at(&self.hub, Kind::Udp, self.listen) {
             // The gateway's own services take no tunnel's flows.
@@ -393,7 +410,7 @@ impl AppSocket {
             return;
         };
         let who = Requester::Public { ip: client.ip() };
-        let (shape_in, shape_out) = state.limits.shapers();
+        let (shape_in, shape_out) = state.limits.datagram_shapers();
         if let policies::Decision::Deny { reason } =
             active
                 .policy
@@ -546,7 +563,8 @@ impl AppSocket {
     /// The table is full: ends flows the device closed, flows idle past the idle time, and
     /// flows not in use both ways that have been quiet for [`EVICT_QUIET`] (forged sources,
     /// clients the service ignores or answered once), then flows in use both ways quiet for
-    /// [`EVICT_ASSURED_QUIET`], quietest first: at most a [`EVICT_SHARE`]th of the table,
+    /// [`EVICT_ASSURED_QUIET`], then flows not in use both ways however recent, quietest
+    /// first within each: at most a [`EVICT_SHARE`]th of the table,
     /// looking at most every [`EVICT_EVERY`]. Whether there is room now.
     fn make_room(&mut self, app: &str) -> bool {
         let now = Instant::now();
@@ -586,7 +604,8 @@ impl AppSocket {
 
     /// Ends a flow taken out of the table: its task stops, and one line says so with its
     /// counts (the app's took them as they passed) — for flows not in use both ways
-    /// ([`ASSURE_AFTER`]), within the log budget (a flood of forged sources makes one each).
+    /// ([`ASSURE_AFTER`]) for [`ALWAYS_LOGGED_AFTER`], within the log budget (a flood of
+    /// forged sources makes one each).
     fn end(&mut self, e: Entry, why: &str) {
         e.stop.cancel();
         let State::Open { back, flow } = &e.state else {
@@ -595,7 +614,9 @@ impl AppSocket {
         let bytes_out = back.bytes.load(Ordering::Relaxed);
         // Past the bandwidth or refused by the socket here, and behind the tunnel's queue.
         let dropped_out = back.dropped.load(Ordering::Relaxed) + flow.queue_drops();
-        let unlogged = if e.assured {
+        // A flow in use both ways for a minute is a client's; a younger one may be a forger's
+        // (two datagrams 2 s apart to a service that answers make it so): within the budget.
+        let unlogged = if e.assured && e.started.elapsed() >= ALWAYS_LOGGED_AFTER {
             Some(0)
         } else {
             self.unassured_lines.take()
@@ -629,9 +650,20 @@ fn eviction_rank(
         ))
     } else if quiet >= EVICT_ASSURED_QUIET {
         Some((2, "table full, in use both ways but quiet"))
+    } else if !assured {
+        // Not in use both ways, but sending: forged sources each sending once a second,
+        // never quiet for EVICT_QUIET, held a full table against every newcomer for as long
+        // as they sent. Ended last, the quietest first (conntrack's early drop does the same).
+        Some((3, "table full, not in use both ways"))
     } else {
         None
     }
+}
+
+/// The flows one client address may hold in a table of `limit` ([`AppSocket::set_share`]):
+/// `max_per_ip` of `max_flows`, in proportion.
+fn per_ip_of_share(max_per_ip: usize, limit: usize, max_flows: usize) -> usize {
+    (max_per_ip.saturating_mul(limit) / max_flows.max(1)).clamp(1, max_per_ip.max(1))
 }
 
 /// [`AppSocket::share`] of app `i` of `apps`.
@@ -684,6 +716,7 @@ async fn pass_back(
         // A datagram the socket refused (the client's network unreachable) is not counted
         // as passed.
         if sock.send_to(&d, peer, local).await.is_err() {
+            shape_out.give_back(d.len() as u64);
             back.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         }
@@ -699,8 +732,8 @@ mod tests {
 
     /// A full table ends closed and idle flows first, then flows not in use both ways quiet
     /// for a second, then, when those are not enough, flows in use both ways quiet for ten
-    /// seconds (a forger can make its flows "assured" without seeing an answer); flows
-    /// in use both ways and active stay.
+    /// seconds (a forger can make its flows "assured" without seeing an answer), then flows
+    /// not in use both ways however recent; flows in use both ways and active stay.
     #[test]
     fn a_full_table_can_end_quiet_flows_in_use_both_ways_last() {
         let idle = Duration::from_secs(120);
@@ -712,10 +745,25 @@ mod tests {
         assert_eq!(rank(true, idle, true, true), Some(0));
         assert_eq!(rank(true, s(1), false, false), Some(1));
         assert_eq!(rank(true, s(1), false, true), Some(1));
-        assert_eq!(rank(true, s(0), false, false), None);
+        // Sending, but not in use both ways: last, yet ended (a forger sending from each
+        // address once a second held the table).
+        assert_eq!(rank(true, s(0), false, false), Some(3));
+        assert_eq!(rank(true, s(0), false, true), Some(3));
         assert_eq!(rank(true, s(1), true, true), None);
         assert_eq!(rank(true, s(9), true, true), None);
         assert_eq!(rank(true, EVICT_ASSURED_QUIET, true, true), Some(2));
+    }
+
+    /// A table shrunk by sharing its device's flows shrinks what one address may hold in
+    /// proportion; a table the operator set small keeps `udp_flows_per_ip` as set.
+    #[test]
+    fn the_flows_of_one_address_follow_the_tables_share() {
+        let max = tunnel::proto::limits::MAX_UDP_FLOWS;
+        assert_eq!(per_ip_of_share(max / 16, max, max), max / 16);
+        assert_eq!(per_ip_of_share(max / 16, max / 16, max), 16);
+        assert_eq!(per_ip_of_share(max / 16, 1, max), 1);
+        assert_eq!(per_ip_of_share(256, 4, 4), 256);
+        assert_eq!(per_ip_of_share(8, 4, 4), 8);
     }
 
     /// Several udp apps to one device share its tunnel's flows; an app alone to its device

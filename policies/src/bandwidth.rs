@@ -102,6 +102,17 @@ impl TokenBucket {
         }
     }
 
+    /// Returns `n` bytes [`TokenBucket::try_take`] took for a datagram that did not go after
+    /// all (up to what the bucket holds).
+    pub fn give_back(&self, n: u64) {
+        let rate = self.rate.load(Ordering::Relaxed) as f64;
+        if rate == 0.0 {
+            return;
+        }
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.tokens = (s.tokens + n as f64).min(capacity(rate));
+    }
+
     /// Waits until `n` bytes may be sent. Cancel-safe in the sense that dropping the future
     /// keeps the reservation: the bucket errs on the slow side, never the fast one.
     pub async fn consume(&self, n: u64) {
@@ -152,11 +163,31 @@ impl Shaper {
     }
 
     /// [`TokenBucket::try_take`] on this connection's buckets: whether `n` bytes may pass
-    /// now (a datagram refused by the connection's bucket still spent the app's: the app's
-    /// rate errs on the slow side).
+    /// now. The connection's own first, and given back when the app's refuses: a client
+    /// flooding past its own limit spent the app's budget on datagrams its own bucket then
+    /// dropped, and every other client's were dropped for it.
     pub fn try_take(&self, n: u64) -> bool {
-        self.app.as_ref().is_none_or(|b| b.try_take(n))
-            && self.conn.as_ref().is_none_or(|b| b.try_take(n))
+        if !self.conn.as_ref().is_none_or(|b| b.try_take(n)) {
+            return false;
+        }
+        if self.app.as_ref().is_none_or(|b| b.try_take(n)) {
+            return true;
+        }
+        if let Some(c) = &self.conn {
+            c.give_back(n);
+        }
+        false
+    }
+
+    /// Returns what [`Shaper::try_take`] took for `n` bytes that did not go after all (the
+    /// tunnel refused the datagram): it must not spend the app's budget.
+    pub fn give_back(&self, n: u64) {
+        if let Some(b) = &self.app {
+            b.give_back(n);
+        }
+        if let Some(b) = &self.conn {
+            b.give_back(n);
+        }
     }
 
     /// Waits until `n` bytes may be sent on this connection.
@@ -215,6 +246,44 @@ mod tests {
         let (x, y) = tokio::join!(pump(&a, 8 * 1024, 5), pump(&b, 8 * 1024, 5));
         assert!(within(x + y, 5 * MIB, 0.10), "sent {x} + {y}");
         assert!(x > MIB && y > MIB, "both progress: {x} {y}");
+    }
+
+    /// A client flooding past its own per-connection limit spends only its own bucket: the
+    /// app's budget stays for the others (it was spent first, then the connection's bucket
+    /// refused). What the tunnel refused after the take is given back.
+    #[tokio::test(start_paused = true)]
+    async fn a_flooding_flow_spends_its_own_bucket_not_the_apps() {
+        let app = Arc::new(TokenBucket::new(10 * MIB));
+        let flood = Shaper::new(Some(app.clone()), Some(MIB));
+        let other = Shaper::new(Some(app.clone()), Some(10 * MIB));
+        let start = Instant::now();
+        let (mut flood_taken, mut other_taken) = (0u64, 0u64);
+        while start.elapsed() < Duration::from_secs(5) {
+            for _ in 0..100 {
+                if flood.try_take(1200) {
+                    flood_taken += 1200;
+                }
+            }
+            if other.try_take(1200) {
+                other_taken += 1200;
+            }
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+        // The flood gets its own rate; the other client all it asked (one per millisecond).
+        assert!(
+            within(flood_taken, 5 * MIB, 0.10),
+            "flood took {flood_taken}"
+        );
+        assert!(
+            other_taken >= 4_900 * 1200,
+            "the other client took {other_taken}"
+        );
+        // A refused send given back: the app's bucket is whole again.
+        let full = Shaper::new(Some(app), None);
+        while full.try_take(1200) {}
+        full.give_back(1200);
+        assert!(full.try_take(1200));
+        assert!(!full.try_take(1200));
     }
 
     /// Datagrams past the rate are refused, not delayed: over five seconds the bytes taken

@@ -599,6 +599,19 @@ impl AppLimits {
         )
     }
 
+    /// Shapers for a new UDP flow: [`AppLimits::shapers`], but with both buckets attached
+    /// whether or not a limit is set now (a bucket at rate 0 passes everything without a
+    /// lock). A flow may last days (a VPN, a game) and takes a `bandwidth` or
+    /// `bandwidth_per_connection` added later, which an unlimited stream's fast path
+    /// cannot (it never looks again).
+    pub fn datagram_shapers(&self) -> (Shaper, Shaper) {
+        let per = Some(&self.per_connection);
+        (
+            Shaper::following(Some(self.bandwidth_in.clone()), per),
+            Shaper::following(Some(self.bandwidth_out.clone()), per),
+        )
+    }
+
     /// Largest request body, if limited.
     pub fn max_body(&self) -> Option<u64> {
         self.config.max_body

@@ -837,6 +837,41 @@ fn listeners_of_other_families_do_not_overlap() {
     assert!(check_str(Path::new("o.toml"), dual).is_err());
 }
 
+/// A UDP flow takes a `bandwidth` added while it runs (a flow may last days): its shapers
+/// follow the app's buckets whether or not a limit was set when it began. An unlimited
+/// flow stayed unlimited until it ended.
+#[tokio::test(start_paused = true)]
+async fn a_udp_flow_takes_a_bandwidth_limit_added_while_it_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let app = |limits: &str| {
+        format!("[app.u]\nudp = {{ listen = \"127.0.0.1:5000\" }}\nto = \"d/s\"\nallow = {{ from = [\"public\"] }}\n{limits}\n")
+    };
+    write(dir.path(), "u.toml", &app(""));
+    let store = PolicyStore::load(dir.path()).expect("load");
+    let (shape_in, _) = {
+        let cur = store.current();
+        let a = cur.policy.app("u").expect("u");
+        cur.state(a).limits.datagram_shapers()
+    };
+    for _ in 0..1000 {
+        assert!(shape_in.try_take(1200), "unlimited");
+    }
+    write(
+        dir.path(),
+        "u.toml",
+        &app("limits = { bandwidth = \"100KiB/s\" }"),
+    );
+    store.reload().expect("reload");
+    let mut passed = 0;
+    while shape_in.try_take(1200) {
+        passed += 1;
+        assert!(
+            passed < 1000,
+            "the added limit did not apply to the running flow"
+        );
+    }
+}
+
 /// A rate limit commented out and back in, or its `per` changed, gives no client in use a
 /// fresh burst either: the removed limiter is kept for a whole burst's refill and replaced as
 /// an edited one is; a `per` edit counts every client as empty from the edit (the old keys

@@ -2021,6 +2021,60 @@ async fn a_udp_table_full_of_unanswered_flows_makes_room() {
     gw.shutdown.cancel();
 }
 
+/// A table full of flows not in use both ways whose sources keep sending (forged sources
+/// each sending more often than once a second, never quiet for the second that lets one end)
+/// still makes room for a newcomer: they held it against every new client for as long as
+/// they sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_table_full_of_busy_unanswered_flows_makes_room() {
+    let t = fast_tuning();
+    let z = TestZone::new(&["home1"]);
+    let gw = udp_app_gateway(&z, "picky", |o| o.udp_flows_per_app = 4).await;
+    // Echoes everything but datagrams that start with "quiet".
+    let service = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let service_addr = service.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = service.recv_from(&mut buf).await {
+            if !buf[..n].starts_with(b"quiet") {
+                let _ = service.send_to(&buf[..n], from).await;
+            }
+        }
+    });
+    let svcs = services(&[("picky", service_addr, tunnel::proto::ServiceProto::Udp)]);
+    let _h1 = start_agent(&z, "home1", svcs, vec![], t).await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let app = gw.apps["picky"];
+    let opened = || {
+        let cur = gw.hub.policy().current();
+        let a = cur.policy.app("picky").expect("picky");
+        cur.state(a).counters.snapshot().connections
+    };
+    let mut busy = Vec::new();
+    for _ in 0..4 {
+        busy.push(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    }
+    // Every 200 ms from each, until the test ends.
+    let flood = tokio::spawn(async move {
+        loop {
+            for s in &busy {
+                let _ = s.send_to(b"quiet", app).await;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    wait_until("four flows open", WAIT, || opened() == 4).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_s5, got) = udp_ask("127.0.0.1", app, b"room for me?", WAIT).await;
+    flood.abort();
+    assert_eq!(
+        got.as_deref(),
+        Some(&b"room for me?"[..]),
+        "no room was made"
+    );
+    gw.shutdown.cancel();
+}
+
 /// `msg` sent on `s`'s flow through `app` comes back.
 async fn echo_on(s: &tokio::net::UdpSocket, app: SocketAddr, msg: String) {
     s.send_to(msg.as_bytes(), app).await.unwrap();
