@@ -16,6 +16,7 @@ pub mod http;
 pub mod listeners;
 pub mod make_room;
 pub mod per_ip;
+pub mod port_holders;
 pub mod proxy_header;
 pub mod run;
 pub mod udp_app;

@@ -138,7 +138,9 @@ impl Listeners {
     /// be bound now (tried, then let go). Otherwise the reload is refused and the old policy
     /// keeps serving: its listeners were stopped first, and the app stayed down while the
     /// bind failed. An address overlapping one listened on now (`0.0.0.0:P` becoming
-    /// `[::]:P`) is freed only by the swap: only its address is tried (on another port). Addresses the serving policy has are
+    /// `[::]:P`) is freed only by the swap: only its address is tried (on another port), and
+    /// another program's socket on its port that it overlaps is looked for
+    /// ([`crate::port_holders`]). Addresses the serving policy has are
     /// not tried either (one failing now, retried every poll, must not hold up every edit).
     pub fn reload_check(&self) -> policies::ReloadCheck {
         let listening = self.listening.clone();
@@ -178,6 +180,24 @@ impl Listeners {
                     Kind::Tcp => tunnel::sockets::tcp_bound(probe).map(drop),
                     Kind::Udp => tunnel::sockets::std_udp(probe).map(drop),
                 };
+                // Nor can its port while ours holds it: another program's socket on it (on
+                // `127.0.0.1:P`, which a wildcard overlaps) is looked for instead. Found only
+                // after the swap, the app was down under an edit already serving.
+                let tried = tried.and_then(|()| {
+                    let proto = match key.0 {
+                        Kind::Tcp => crate::port_holders::Proto::Tcp,
+                        Kind::Udp => crate::port_holders::Proto::Udp,
+                    };
+                    match replaces.then(|| crate::port_holders::foreign_clash(proto, key.1)) {
+                        Some(Some(other)) => Err(std::io::Error::new(
+                            std::io::ErrorKind::AddrInUse,
+                            format!(
+                                "another program on this machine holds {other}, which it overlaps"
+                            ),
+                        )),
+                        _ => Ok(()),
+                    }
+                });
                 if let Err(e) = tried {
                     let hint = crate::run::bind_hint(&e, key.1, "give the app another address");
                     errors.push(about(listen_error(&app, key, &e, &hint)));

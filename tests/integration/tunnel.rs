@@ -663,6 +663,68 @@ async fn an_edit_to_an_address_the_machine_lacks_keeps_the_old_policy() {
     gw.shutdown.cancel();
 }
 
+/// An edit widening an app's address to a wildcard whose port another program holds on
+/// another address (`127.0.0.2:P` becoming `0.0.0.0:P` with a program on `127.0.0.1:P`:
+/// the wildcard cannot bind beside it) is refused before the swap, the old listener serving
+/// on. Its port could not be tried while ours held it: the edit served, the old listener
+/// stopped, the wildcard failed, and the app stayed down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_to_a_wildcard_another_program_overlaps_keeps_the_old_policy() {
+    let py = crate::netlab::python();
+    if std::process::Command::new(py)
+        .arg("-c")
+        .arg("pass")
+        .status()
+        .map_or(true, |s| !s.success())
+    {
+        return crate::common::skip(
+            "an_edit_to_a_wildcard_another_program_overlaps_keeps_the_old_policy",
+            "needs python3 for the other program",
+        );
+    }
+    let z = TestZone::new(&["home1"]);
+    let p = free_tcp_port();
+    let app = |listen: String| {
+        format!("[app.w]\ntcp = {{ listen = \"{listen}\" }}\nto = \"home1/echo\"\nallow = {{ from = [\"public\"] }}\n")
+    };
+    z.write_policy("w.toml", &app(format!("127.0.0.2:{p}")));
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let _h1 = start_echo_node(&z, &gw, "home1").await;
+    let w: std::net::SocketAddr = ([127, 0, 0, 2], p).into();
+    assert_eq!(roundtrip(w, b"w").await.unwrap(), b"w");
+    // Another program (a process of its own: this one's sockets are the gateway's) listens
+    // on 127.0.0.1:P until its stdin closes.
+    let script = format!(
+        "import socket,sys\ns=socket.socket()\ns.bind(('127.0.0.1',{p}))\ns.listen()\nprint('ready',flush=True)\nsys.stdin.read()\n"
+    );
+    let mut other = std::process::Command::new(py)
+        .arg("-c")
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(other.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ready");
+    z.write_policy("w.toml", &app(format!("0.0.0.0:{p}")));
+    refused_and_still_serving(&gw, w, |e| {
+        e.contains(&format!("app w: cannot listen on Tcp 0.0.0.0:{p}"))
+            && e.contains(&format!(
+                "another program on this machine holds 127.0.0.1:{p}"
+            ))
+    })
+    .await;
+    // Its stdin closed, the other program ends (it was started here, ended by its own hand).
+    drop(other.stdin.take());
+    let _ = other.wait();
+    gw.shutdown.cancel();
+}
+
 /// Connections are decided as they open and again whenever the policy changes: an edit that
 /// no longer allows an open connection closes it (it used to run on until the client left),
 /// while renaming its app keeps it.
