@@ -428,7 +428,7 @@ async fn bind(
                     key.1,
                     Arc::new(tunnel::sockets::ReplySocket::new(s)),
                     udp,
-                    stop.clone(),
+                    (stop.clone(), shutdown.clone()),
                 ));
                 (bound, stop, task)
             }),

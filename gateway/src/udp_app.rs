@@ -259,16 +259,23 @@ struct AppSocket {
     refused_lines: LogBudget,
     failed_lines: LogBudget,
     unassured_lines: LogBudget,
+    /// Parent of the flows' own stops: fired when the loop ends.
     stop: CancellationToken,
+    /// The gateway is stopping: datagrams of open flows pass, a new client's are dropped.
+    draining: bool,
 }
 
-/// Serves the app on `listen` from `sock` until `stop`.
+/// Serves the app on `listen` from `sock` until `stop` (the app removed or moved: its flows
+/// end then), or, when `stop` comes from the gateway's `shutdown`, through the drain: the
+/// open flows go on and no new one starts, counted in the hub's work as its proxied TCP
+/// connections are, until they end or the drain's grace ends them (the tunnels close). They
+/// went dark the moment the drain began, while TCP apps had their grace.
 pub async fn run(
     hub: Hub,
     listen: SocketAddr,
     sock: Arc<ReplySocket>,
     limits: UdpLimits,
-    stop: CancellationToken,
+    (stop, shutdown): (CancellationToken, CancellationToken),
 ) {
     let (opened, mut opened_rx) = mpsc::unbounded_channel();
     let idle = hub.tuning().udp_flow_idle;
@@ -290,16 +297,32 @@ pub async fn run(
         refused_lines: LogBudget::new(LINES_PER_SECOND),
         failed_lines: LogBudget::new(LINES_PER_SECOND),
         unassured_lines: LogBudget::new(LINES_PER_SECOND),
-        stop: stop.clone(),
+        // Not the listener's `stop`: through a drain the flows go on after it fired.
+        stop: CancellationToken::new(),
+        draining: false,
     };
     s.set_share();
     let mut buf = vec![0u8; UDP_READ];
     // A short idle time is kept to within a quarter of itself, not SWEEP_EVERY.
     let mut sweep =
         tokio::time::interval(SWEEP_EVERY.min(idle / 4).max(Duration::from_millis(100)));
+    // Held while draining: the hub's drain waits for it as for a proxied connection.
+    let mut draining: Option<tokio_util::task::task_tracker::TaskTrackerToken> = None;
     loop {
+        if draining.is_some() && s.flows.is_empty() {
+            break;
+        }
         tokio::select! {
-            _ = stop.cancelled() => break,
+            _ = stop.cancelled(), if draining.is_none() => {
+                if !shutdown.is_cancelled() || s.flows.is_empty() {
+                    break;
+                }
+                info!(addr = %listen, flows = s.flows.len(), "UDP app draining: its flows go on for the grace period, no new ones start");
+                s.draining = true;
+                draining = Some(s.hub.work().token());
+                // Sooner than SWEEP_EVERY: flows the closing tunnels end go at once.
+                sweep = tokio::time::interval(Duration::from_millis(250));
+            }
             // Flows were decided as they started: ask again whenever the policy or the
             // minute changes.
             Ok(()) = changes.changed() => {
@@ -320,6 +343,8 @@ pub async fn run(
     for (_, e) in std::mem::take(&mut s.flows) {
         s.end(e, "listener stopped");
     }
+    // Opens still under way end with it.
+    s.stop.cancel();
     let unlogged = [
         &mut s.refused_lines,
         &mut s.failed_lines,
@@ -334,10 +359,6 @@ pub async fn run(
 }
 
 impl AppSocket {
-    /// How many flows this app may keep: `max_flows`, but no more than its share of the
-    /// flows one device's tunnel carries ([`MAX_UDP_FLOWS`](tunnel::proto::limits::MAX_UDP_FLOWS))
-    /// when several udp apps go to that device — a flood on one took every flow id of the
-    /// tunnel, and the others' new flows failed as "overloaded" for as long as it lasted.
     /// Sets the table's limit to [`AppSocket::share`], and the flows one client address may
     /// hold to as large a part of it as `udp_flows_per_ip` is of `udp_flows_per_app`: with
     /// sixteen apps to one device each table holds 256, and one host sending from 256 source
@@ -348,6 +369,10 @@ impl AppSocket {
             .set_limit(per_ip_of_share(self.max_per_ip, self.limit, self.max_flows));
     }
 
+    /// How many flows this app may keep: `max_flows`, but no more than its share of the
+    /// flows one device's tunnel carries ([`MAX_UDP_FLOWS`](tunnel::proto::limits::MAX_UDP_FLOWS))
+    /// when several udp apps go to that device — a flood on one took every flow id of the
+    /// tunnel, and the others' new flows failed as "overloaded" for as long as it lasted.
     fn share(&self) -> usize {
         match app_at(&self.hub, Kind::Udp, self.listen) {
             // The gateway's own services take no tunnel's flows.
@@ -395,6 +420,9 @@ impl AppSocket {
     /// A new client: admitted, decided and limited, then its flow opens in a task of its
     /// own (up to the tunnel's open timeout) while this loop goes on reading.
     fn start(&mut self, peer: SocketAddr, local: Option<std::net::IpAddr>, data: &[u8]) {
+        if self.draining {
+            return;
+        }
         // No app names this address any more: the listener is about to stop.
         let Some((active, i)) = app_at(&self.hub, Kind::Udp, self.listen) else {
             return;

@@ -2075,6 +2075,30 @@ async fn a_udp_table_full_of_busy_unanswered_flows_makes_room() {
     gw.shutdown.cancel();
 }
 
+/// A stopping gateway lets a UDP app's open flows go on through the drain's grace, as its
+/// TCP apps' connections do, and starts no new one: they went dark the moment the drain
+/// began.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_lets_open_udp_flows_go_on_and_starts_none() {
+    let t = fast_tuning();
+    let z = TestZone::new(&["home1"]);
+    let gw = udp_app_gateway(&z, "uecho", |o| o.grace = Duration::from_secs(5)).await;
+    let echo = udp_echo().await;
+    let svcs = services(&[("uecho", echo, tunnel::proto::ServiceProto::Udp)]);
+    let _h1 = start_agent(&z, "home1", svcs, vec![], t).await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let app = gw.apps["uecho"];
+    let (open, got) = udp_ask("127.0.0.1", app, b"before", WAIT).await;
+    assert_eq!(got.as_deref(), Some(&b"before"[..]));
+    gw.shutdown.cancel();
+    wait_until("draining", WAIT, || gw.hub.is_draining()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    echo_on(&open, app, "during the drain".into()).await;
+    let (_new, got) = udp_ask("127.0.0.1", app, b"new", Duration::from_millis(700)).await;
+    assert_eq!(got, None, "a new flow started during the drain");
+    echo_on(&open, app, "still during the drain".into()).await;
+}
+
 /// `msg` sent on `s`'s flow through `app` comes back.
 async fn echo_on(s: &tokio::net::UdpSocket, app: SocketAddr, msg: String) {
     s.send_to(msg.as_bytes(), app).await.unwrap();
