@@ -201,7 +201,7 @@ async fn watch_certificates(
             }
             // A warning: during a renewal the key may change a moment before its certificate.
             Some(Err(e)) => {
-                warn!(error = %e, "HTTPS certificate files changed but do not load: the previous certificates serve on; read again every 5 s until they do")
+                warn!(error = %e, "HTTPS certificate files changed but a pair does not load or is out of date: its previous certificate serves on (the other pairs' new ones serve); read again every 5 s until it loads")
             }
         }
     }

@@ -44,10 +44,27 @@ fn file_err(path: &Path, why: impl std::fmt::Display) -> TlsError {
 }
 
 /// One certificate and the names it serves (DNS SANs, lowercase; may start with `*.`).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Entry {
     names: Vec<String>,
     key: Arc<CertifiedKey>,
+}
+
+/// Why `cert` (a leaf) is no certificate to serve at `now` (Unix seconds): expired, or not
+/// valid yet. `None` when it is, or when its dates cannot be read (rustls' own checks then).
+fn out_of_date(cert: &CertificateDer<'_>, now: i64) -> Option<String> {
+    let (_, x) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let v = x.validity();
+    if now > v.not_after.timestamp() {
+        Some(format!("the certificate expired on {}", v.not_after))
+    } else if now < v.not_before.timestamp() {
+        Some(format!(
+            "the certificate is valid only from {}",
+            v.not_before
+        ))
+    } else {
+        None
+    }
 }
 
 /// Picks a certificate by SNI: exact name first, then a one-label wildcard; without SNI or
@@ -160,6 +177,18 @@ fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
+/// Says at warn when others than its owner and group may read the key file (0644 after a
+/// copy): served as it is, which is what certbot's own modes allow too.
+fn warn_if_others_read(key: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(key) {
+        let mode = m.permissions().mode();
+        if mode & 0o007 != 0 {
+            tracing::warn!(path = %key.display(), mode = format!("{:o}", mode & 0o777), "HTTPS private key readable by every user of this machine: run `chmod 640` (or 600) on it");
+        }
+    }
+}
+
 fn load_pair(cert: &Path, key: &Path) -> Result<Entry, TlsError> {
     let pem = read_pem(cert)?;
     let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut pem.as_slice())
@@ -169,6 +198,7 @@ fn load_pair(cert: &Path, key: &Path) -> Result<Entry, TlsError> {
         return Err(file_err(cert, "no certificate in this PEM file"));
     }
     let pem = read_pem(key)?;
+    warn_if_others_read(key);
     let pk = rustls_pemfile::private_key(&mut pem.as_slice())
         .map_err(|e| file_err(key, format!("not a PEM key file: {e}")))?
         .ok_or_else(|| file_err(key, "no private key in this PEM file"))?;
@@ -254,26 +284,57 @@ impl Tls {
             return None;
         }
         f.seen = now;
-        let loaded = f
+        // Pair by pair: one that does not load (a lineage certbot deleted) keeps its previous
+        // certificate, and holds up no other's renewal. Nor does one out of date replace a
+        // good one (an old pair copied back by a deploy hook).
+        let unix_now = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let previous = f.resolver.entries.load_full();
+        let mut errors: Vec<TlsError> = Vec::new();
+        let entries: Vec<Entry> = f
             .pairs
             .iter()
-            .map(|(c, k)| load_pair(c, k))
-            .collect::<Result<Vec<_>, _>>();
-        match loaded {
-            Ok(entries) => {
-                f.failing = None;
-                let names: Vec<String> = entries.iter().flat_map(|e| e.names.clone()).collect();
-                f.resolver.entries.store(Arc::new(Entries(entries)));
-                self.names = names.clone();
-                Some(Ok(names))
-            }
-            Err(e) => {
-                let text = e.to_string();
-                let again = f.failing.as_deref() == Some(text.as_str());
-                f.failing = Some(text);
-                (!again).then_some(Err(e))
-            }
+            .enumerate()
+            .filter_map(|(i, (c, k))| {
+                let loaded = load_pair(c, k).and_then(|e| {
+                    match e.key.cert.first().and_then(|l| out_of_date(l, unix_now)) {
+                        Some(why) => Err(file_err(
+                            c,
+                            format!("{why}: not served (the certificate before it serves on); check its renewal (`certbot renew --dry-run`)"),
+                        )),
+                        None => Ok(e),
+                    }
+                });
+                match loaded {
+                    Ok(e) => Some(e),
+                    Err(e) => {
+                        errors.push(e);
+                        previous.0.get(i).cloned()
+                    }
+                }
+            })
+            .collect();
+        let names: Vec<String> = entries.iter().flat_map(|e| e.names.clone()).collect();
+        f.resolver.entries.store(Arc::new(Entries(entries)));
+        self.names = names.clone();
+        if errors.is_empty() {
+            f.failing = None;
+            return Some(Ok(names));
         }
+        // Each failure is told once: the first not failing at the last look.
+        let before = f.failing.take().unwrap_or_default();
+        f.failing = Some(
+            errors
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+        errors
+            .into_iter()
+            .find(|e| !before.lines().any(|l| l == e.to_string()))
+            .map(Err)
     }
 }
 
@@ -441,6 +502,48 @@ mod tests {
         // Self-signed: nothing to read again.
         let mut own = configure(&[], &["x.example".into()]).unwrap();
         assert!(own.reload_if_changed().is_none());
+    }
+
+    /// Certificate files are taken pair by pair: one pair that does not load (a lineage
+    /// certbot deleted) or is out of date (an old pair copied back) keeps its previous
+    /// certificate, and the other pair's renewal serves. A broken pair held up every renewal,
+    /// and an expired one replaced a good one.
+    #[test]
+    fn pairs_reload_one_by_one_and_out_of_date_ones_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let (ca, ka) = write_pair(d.path(), "a", &["a.example"]);
+        let (cb, kb) = write_pair(d.path(), "b", &["b.example"]);
+        let mut tls =
+            configure(&[(ca.clone(), ka.clone()), (cb.clone(), kb.clone())], &[]).unwrap();
+        let served = |t: &Tls| -> Vec<Vec<String>> {
+            t.files
+                .resolver
+                .entries
+                .load()
+                .0
+                .iter()
+                .map(|e| e.names.clone())
+                .collect()
+        };
+        // a's key broken, b renewed: b's new one serves, a's old one stays.
+        std::fs::write(&ka, "not a key").unwrap();
+        let (c2, k2) = write_pair(d.path(), "b2", &["b2.example"]);
+        std::fs::rename(&c2, &cb).unwrap();
+        std::fs::rename(&k2, &kb).unwrap();
+        let e = tls.reload_if_changed().unwrap().unwrap_err().to_string();
+        assert!(e.contains("a.key"), "{e}");
+        assert_eq!(served(&tls), [vec!["a.example"], vec!["b2.example"]]);
+        // b replaced by an expired pair: refused, b2 serves on.
+        let mut params = rcgen::CertificateParams::new(vec!["old.example".to_string()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let old = params.self_signed(&key).unwrap();
+        std::fs::write(&cb, old.pem()).unwrap();
+        std::fs::write(&kb, key.serialize_pem()).unwrap();
+        let e = tls.reload_if_changed().unwrap().unwrap_err().to_string();
+        assert!(e.contains("expired on"), "{e}");
+        assert_eq!(served(&tls), [vec!["a.example"], vec!["b2.example"]]);
     }
 
     #[test]
