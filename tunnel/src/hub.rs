@@ -278,6 +278,31 @@ impl MeshPair {
 /// newly grants (a relayed stream from a peer); past this a device is flooding.
 const MAX_PERMIT_REPORTS: u32 = 1024;
 
+/// A device's service names for a log line: the first [`SUMMARY_NAMES`] and how many in all
+/// (a device may offer 256 names of 63 bytes, 17 KB a line, and may reconnect or change its
+/// list again and again).
+fn services_summary<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let mut out = String::from("[");
+    let mut n = 0usize;
+    for name in names {
+        if n < SUMMARY_NAMES {
+            if n > 0 {
+                out.push_str(", ");
+            }
+            out.push_str(name);
+        }
+        n += 1;
+    }
+    if n > SUMMARY_NAMES {
+        out.push_str(&format!(", … {n} in all"));
+    }
+    out.push(']');
+    out
+}
+
+/// Service names a log line lists at most.
+const SUMMARY_NAMES: usize = 8;
+
 /// `name`'s entry in the zone config, if it names a device of it.
 fn zone_device<'a>(zone: &'a SignedZone, name: &str) -> Option<&'a zone_core::DeviceEntry> {
     let name = zone_core::DeviceName::new(name).ok()?;
@@ -489,19 +514,23 @@ impl Hub {
             canonical(link.conn.remote_address()),
             canonical(other.conn.remote_address()),
         );
+        // A draining gateway coordinates nothing more: its sessions are ending.
+        if self.is_draining() {
+            return;
+        }
+        // The round before, to put back if this one cannot be sent.
         let due = self.mesh_pair(&link.device, peer, |p| {
             if p.last_punch
                 .is_some_and(|t| t.elapsed() < PUNCH_MIN_INTERVAL)
             {
-                return false;
+                return None;
             }
-            p.last_punch = Some(Instant::now());
             p.punches += 1;
-            true
+            Some(p.last_punch.replace(Instant::now()))
         });
-        if !due {
+        let Some(before) = due else {
             return;
-        }
+        };
         let nonce = rand::random::<u64>();
         let local = |l: &AgentLink| {
             l.local_addrs
@@ -520,8 +549,18 @@ impl Hub {
             punch_nonce: nonce,
         };
         let (told_a, told_b) = (to_a.addrs.clone(), to_b.addrs.clone());
-        link.ctl.try_apply(move |s| s.send_peer_addr(to_a));
-        other.ctl.try_apply(move |s| s.send_peer_addr(to_b));
+        let sent_a = link.ctl.try_apply(move |s| s.send_peer_addr(to_a));
+        let sent_b = other.ctl.try_apply(move |s| s.send_peer_addr(to_b));
+        if !(sent_a && sent_b) {
+            // A control queue full (a burst of flow opens): no round, and none recorded — it
+            // held off the next request for the interval and read as "direct" in /status.
+            self.mesh_pair(&link.device, peer, |p| {
+                p.last_punch = before;
+                p.punches = p.punches.saturating_sub(1);
+            });
+            debug!(a = %link.device, b = %other.device, sent_a, sent_b, "hole punching not coordinated: a control queue is full; the next request tries again");
+            return;
+        }
         // Rounds repeat every half minute while a pair stays relayed (a symmetric NAT).
         let news = self.mesh_pair(&link.device, peer, |p| {
             p.last_punch_addrs.replace((a_addr, b_addr)) != Some((a_addr, b_addr))
@@ -913,6 +952,13 @@ impl Hub {
             lines: Mutex::new(LogBudget::new(LINK_LINES_PER_SEC)),
             local_addrs: Mutex::default(),
         });
+        // Draining already: not let in, and the device's connection still up (its streams
+        // are what the drain waits for) is not replaced by one closed at once.
+        if self.is_draining() {
+            info!(device = %device, "gateway draining: new connection closed (the agent uses another gateway)");
+            conn.close(CLOSE_SHUTDOWN.into(), b"gateway shutting down");
+            return Ok(());
+        }
         if let Some(old) = self
             .0
             .agents
@@ -937,8 +983,9 @@ impl Hub {
             self.forget(&device, session_id);
             return Ok(());
         }
-        // A drain that began during this handshake told only the agents in the table then:
-        // this one would take it for a working gateway and send it work to be refused.
+        // A drain that began during this handshake (after the look above) told only the
+        // agents in the table then: this one would take it for a working gateway and send it
+        // work to be refused.
         if self.is_draining() {
             info!(device = %device, "gateway draining: new connection closed (the agent uses another gateway)");
             conn.close(CLOSE_SHUTDOWN.into(), b"gateway shutting down");
@@ -953,8 +1000,8 @@ impl Hub {
             link.ctl
                 .send_config(newer.config.serial, newer.to_json_compact());
         }
-        let services: Vec<&str> = hello.services.iter().map(|s| s.name.as_str()).collect();
-        info!(device = %device, addr = %remote, session = session_id, services = ?services, agent = %hello.agent_version, "tunnel up");
+        let services = services_summary(hello.services.iter().map(|s| s.name.as_str()));
+        info!(device = %device, addr = %remote, session = session_id, services = %services, agent = %hello.agent_version, "tunnel up");
 
         let accepting = tokio::spawn(self.clone().accept_streams(link.clone()));
         let datagrams = tokio::spawn(self.clone().read_datagrams(link.clone()));
@@ -1063,7 +1110,7 @@ impl Hub {
                 if *current != services {
                     // Budgeted too: a device alternating two lists would write a line each.
                     if let Some(unlogged) = LogBudget::take_shared(&link.lines) {
-                        info!(device = %link.device, services = ?services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), unlogged, "services changed");
+                        info!(device = %link.device, services = %services_summary(services.iter().map(|s| s.name.as_str())), unlogged, "services changed");
                     }
                     *current = services;
                 }
@@ -1090,9 +1137,21 @@ impl Hub {
                 }
                 // Only pairs of zone devices: the table stays bounded by the zone's size.
                 let zone = self.0.cfg.creds.zone();
+                // And only services the device offers: made-up ones grew every pair's lists
+                // (256 each), scanned under the mesh lock at every report.
+                let offered: std::collections::HashSet<String> = link
+                    .services
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .map(|s| s.name.clone())
+                    .collect();
                 let mut changed = false;
                 for (peer, service) in permits {
-                    if peer != link.device && zone_device(&zone, &peer).is_some() {
+                    if peer != link.device
+                        && offered.contains(&service)
+                        && zone_device(&zone, &peer).is_some()
+                    {
                         changed |=
                             self.mesh_pair(&peer, &link.device, |p| p.may_permit(&service, true));
                     }
@@ -1330,7 +1389,10 @@ impl Hub {
             Ok(u) => u,
             Err(e) => {
                 let (code, reason) = refusal_of(&e);
-                info!(from = %link.device, to = %format!("{to_device}/{service}"), app = %app_name, reason = %reason, "mesh stream failed");
+                // Budgeted: a device opening streams to a peer that is away fails each at once.
+                if let Some(unlogged) = LogBudget::take_shared(&link.lines) {
+                    info!(from = %link.device, to = %format!("{to_device}/{service}"), app = %app_name, reason = %reason, unlogged, "mesh stream failed");
+                }
                 stream::refuse(&mut send, code, &reason).await;
                 return;
             }
@@ -1797,5 +1859,21 @@ pub fn refusal_of(e: &OpenError) -> (RefuseCode, String) {
             RefuseCode::DeviceOffline,
             format!("tunnel to {device}: {source}"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A log line names a device's first services and how many in all, however many it has.
+    #[test]
+    fn service_lists_are_summed_up_in_a_bounded_line() {
+        assert_eq!(services_summary(std::iter::empty()), "[]");
+        assert_eq!(services_summary(["dfs", "etcd"].into_iter()), "[dfs, etcd]");
+        let many: Vec<String> = (0..256).map(|i| format!("{i:0>63}")).collect();
+        let line = services_summary(many.iter().map(String::as_str));
+        assert!(line.ends_with(", … 256 in all]"), "{line}");
+        assert!(line.len() < 600, "{} bytes", line.len());
     }
 }
