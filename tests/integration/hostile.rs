@@ -1103,6 +1103,21 @@ async fn zone_json_copied_into_a_running_gateway_revokes() {
     })
     .await;
     assert!(std::fs::read(&aside).unwrap() == foreign, "not set aside");
+
+    // The serial in use, other contents (edited by hand): set aside too — as not newer it
+    // was never checked, and the next start refused its signature and stopped the gateway.
+    let mut edited: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&gw_zone).unwrap()).unwrap();
+    let sig = edited["signature"].as_str().unwrap().to_owned();
+    let flipped = if sig.starts_with('A') { "B" } else { "A" };
+    edited["signature"] = format!("{flipped}{}", &sig[1..]).into();
+    let edited = serde_json::to_vec_pretty(&edited).unwrap();
+    std::fs::write(&gw_zone, &edited).unwrap();
+    wait_until("the edited zone.json set aside", WAIT, || {
+        std::fs::read(&aside).is_ok_and(|a| a == edited)
+    })
+    .await;
+    assert!(zone_core::zonedir::read_zone_json(&gw_zone).is_ok_and(|z| z == *gw.hub.creds().zone()));
     laptop.shutdown.cancel();
     gw.shutdown.cancel();
 }

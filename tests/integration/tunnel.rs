@@ -602,6 +602,44 @@ async fn a_start_with_one_app_address_taken_serves_the_rest_and_retries_it() {
     gw.shutdown.cancel();
 }
 
+/// An agent links only to a gateway whose certificate says gateway: the zone.json it holds
+/// naming the device as one is not enough (roles changed without a new certificate), for a
+/// gateway link is trusted with more than a peer. The link says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_refuses_a_gateway_whose_certificate_lacks_the_role() {
+    let z = TestZone::new(&["home1"]);
+    let zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
+    let now = OffsetDateTime::now_utc();
+    let (cert, _key) = device_cert(
+        &zd,
+        "gw",
+        &[Role::Node],
+        now - time::Duration::hours(1),
+        now + time::Duration::days(30),
+    );
+    std::fs::write(z.bundle("gw").cert, cert).unwrap();
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let echo = tcp_echo().await;
+    let agent = start_agent(
+        &z,
+        "home1",
+        services(&[("echo", echo, ServiceProto::Tcp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    let link = agent.agent.links()[0].clone();
+    wait_until("the link says why", WAIT, || {
+        link.status()
+            .last_error
+            .is_some_and(|e| e.contains("without the gateway role"))
+    })
+    .await;
+    assert!(gw.hub.agent("home1").is_none(), "linked to a non-gateway");
+    agent.shutdown.cancel();
+    gw.shutdown.cancel();
+}
+
 /// A second node agent running with a device's bundle (a cloned disk) takes the device's
 /// place at the gateway; the agent it replaced says why in its link's status (and log),
 /// naming the other agent, instead of a bare "connection lost" each time they take turns.

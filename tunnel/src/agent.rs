@@ -908,6 +908,15 @@ impl Agent {
         let setup = async {
             let conn = self.endpoint.connect(addr, server_name)?.await?;
             dialed = Some(conn.clone());
+            // A gateway link is trusted with more than a peer (plain streams from it, punching
+            // addresses, permit revocations): its certificate must say gateway, not only the
+            // zone.json this agent holds (roles changed without a new certificate).
+            if !crate::peers::peer_identity(&conn)?.has_role(zone_core::Role::Gateway) {
+                conn.close(0u32.into(), b"not a gateway");
+                return Err(TunnelError::Config(format!(
+                    "{server_name} at {addr} presents a certificate without the gateway role: reissue its certificate with --role gateway (`zonegate device renew`), or correct the zone's gateway list"
+                )));
+            }
             let (mut send, recv) = conn.open_bi().await?;
             stream::write_header(&mut send, &StreamHeader::Control).await?;
             let zone = creds.zone();

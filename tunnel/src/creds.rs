@@ -376,9 +376,10 @@ impl DeviceCreds {
         let parsed = SignedZone::from_json(bytes).ok();
         match error {
             None => {
-                let Some(serial) = parsed.map(|z| z.config.serial) else {
+                let Some(offered) = parsed else {
                     return;
                 };
+                let serial = offered.config.serial;
                 // A save of a newer config is on its way: it replaces this file (one of our
                 // own earlier saves, read before the next one landed, most likely).
                 if !self.saves.is_empty() {
@@ -386,6 +387,12 @@ impl DeviceCreds {
                 }
                 if serial < current {
                     tracing::warn!(file, serial, current, "zone.json file is older than the zone config in use: ignored, and set aside so that a restart does not go back to it (copy the newest zone.json from the zone directory)");
+                    self.set_aside_off_thread(bytes);
+                } else if serial == current && offered != *self.zone() {
+                    // The same serial saying something else (edited by hand, another copy
+                    // of the zone): never checked, as not newer, and a restart would refuse
+                    // its signature or zone and stop the device for good.
+                    tracing::warn!(file, serial, "zone.json file has the serial of the zone config in use but other contents (edited by hand? a zone.json has to come from `zonegate` in the zone directory): ignored, and set aside so that a restart does not load it");
                     self.set_aside_off_thread(bytes);
                 }
             }

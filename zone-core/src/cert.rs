@@ -105,7 +105,13 @@ pub fn issue_device(
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     p.not_before = req.not_before;
-    p.not_after = req.not_after;
+    // Not past the CA's own end: a certificate outliving it is refused at every handshake
+    // after, while connections opened before ran on to the certificate's end.
+    let not_after = match ca_not_after(ca_pem) {
+        Some(end) if end < req.not_after => end,
+        _ => req.not_after,
+    };
+    p.not_after = not_after;
     let serial = random_serial();
     let serial_hex = hex(&serial.to_bytes());
     p.serial_number = Some(serial);
@@ -117,8 +123,15 @@ pub fn issue_device(
     Ok(DeviceCert {
         pem: cert.pem(),
         serial_hex,
-        not_after: req.not_after,
+        not_after,
     })
+}
+
+/// The end of the CA certificate `ca_pem`, if it parses.
+fn ca_not_after(ca_pem: &str) -> Option<OffsetDateTime> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(ca_pem.as_bytes()).ok()?;
+    let (_, x) = x509_parser::parse_x509_certificate(&pem.contents).ok()?;
+    OffsetDateTime::from_unix_timestamp(x.validity().not_after.timestamp()).ok()
 }
 
 pub(crate) fn hex(b: &[u8]) -> String {

@@ -112,6 +112,45 @@ fn expired_refused() {
     );
 }
 
+/// A device certificate ends no later than the zone CA does: one outliving it is refused at
+/// every handshake once the CA ends, while connections opened before ran on to its own end.
+#[test]
+fn device_certificates_end_with_the_ca_at_the_latest() {
+    let t = tempfile::tempdir().unwrap();
+    let z = zone(t.path(), "alice.example");
+    let name = DeviceName::new("late").unwrap();
+    let key = z.key.derive_device(z.domain(), &name);
+    let now = OffsetDateTime::now_utc();
+    let far = now + time::Duration::days(zone_core::cert::CA_CERT_DAYS + 400);
+    let c = issue_device(
+        &z.key,
+        &z.ca_pem,
+        &key,
+        &IssueRequest {
+            domain: z.domain(),
+            name: &name,
+            roles: &[Role::Node],
+            not_before: now,
+            not_after: far,
+        },
+    )
+    .unwrap();
+    let ca_end = now + time::Duration::days(zone_core::cert::CA_CERT_DAYS);
+    assert!(c.not_after < far, "{}", c.not_after);
+    assert!(
+        (c.not_after - ca_end).abs() < time::Duration::hours(1),
+        "{} against {ca_end}",
+        c.not_after
+    );
+    // The certificate itself says so, not only the returned date.
+    let d = der(&c.pem);
+    let (_, x) = x509_parser::parse_x509_certificate(&d).unwrap();
+    assert_eq!(
+        x.validity().not_after.timestamp(),
+        c.not_after.unix_timestamp()
+    );
+}
+
 #[test]
 fn revoked_refused_once_config_known() {
     let t = tempfile::tempdir().unwrap();
