@@ -15,7 +15,7 @@ use policies::{ListenKind, Listener, Requester, Timestamp};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{error, info};
 use tunnel::hub::{refusal_of, Hub};
 use tunnel::log_budget::LogBudget;
 use tunnel::proto::Origin;
@@ -226,6 +226,24 @@ impl Listeners {
     /// held (or overlap, like `0.0.0.0:P` and `[::]:P`) is free again.
     pub async fn reconcile(&mut self, hub: &Hub, shutdown: &CancellationToken) -> Vec<String> {
         let want = wanted(&hub.policy().current().policy);
+        // A listener whose loop ended by itself (a panic: it only ends when stopped) held its
+        // key with no socket behind it, never bound again: bound again below.
+        let ended: Vec<_> = self
+            .running
+            .iter()
+            .filter(|(_, r)| r.task.is_finished())
+            .map(|(k, _)| *k)
+            .collect();
+        for key in ended {
+            if let Some(r) = self.running.remove(&key) {
+                let why = match r.task.await {
+                    Err(e) if e.is_panic() => format!("it panicked: {e}"),
+                    Err(e) => e.to_string(),
+                    Ok(()) => "its loop returned".into(),
+                };
+                error!(app = %r.app, addr = %key.1, reason = %why, "listener stopped by itself: binding it again");
+            }
+        }
         let gone: Vec<_> = self
             .running
             .keys()
@@ -318,7 +336,7 @@ impl Listeners {
 
     /// Binds that failed and are retried at the next reconcile.
     pub fn has_failures(&self) -> bool {
-        !self.failed.is_empty()
+        !self.failed.is_empty() || self.running.values().any(|r| r.task.is_finished())
     }
 
     /// Bound addresses by app name (for tests and status).
@@ -473,10 +491,11 @@ fn app_listening(
 /// policy or the minute changes ([`policies::PolicyStore::until_refused`]). `Err` says why
 /// not, for the log.
 ///
-/// When the app now on `listen` leads elsewhere, the connection's own app decides if it still
-/// leads to `target` from another address of the same kind: two apps that swap ports keep
-/// their listeners (see the module doc), and each one's connections stay under its rules
-/// instead of being cut for the other's target.
+/// When the app now on `listen` leads elsewhere, or no app is there any more, the
+/// connection's own app decides if it still leads to `target` from another address of the
+/// same kind: two apps that swap ports keep their listeners (see the module doc), and each
+/// one's connections stay under its rules instead of being cut for the other's target; an
+/// app moved to another address keeps its open connections.
 pub(crate) fn still_allowed(
     active: &policies::Active,
     kind: Kind,
@@ -486,18 +505,21 @@ pub(crate) fn still_allowed(
     who: &Requester<'_>,
 ) -> Result<(), String> {
     let here = app_listening(active, kind, listen);
+    let own = || {
+        active.policy.app(opened_by).filter(|own| {
+            own.target == *target
+                && matches!(
+                    (kind, &own.listener),
+                    (Kind::Tcp, Listener::Tcp(_)) | (Kind::Udp, Listener::Udp(_))
+                )
+        })
+    };
     let app = match here {
-        Some(a) if a.target != *target => active
-            .policy
-            .app(opened_by)
-            .filter(|own| {
-                own.target == *target
-                    && matches!(
-                        (kind, &own.listener),
-                        (Kind::Tcp, Listener::Tcp(_)) | (Kind::Udp, Listener::Udp(_))
-                    )
-            })
-            .or(here),
+        Some(a) if a.target != *target => own().or(here),
+        // Nothing listens here any more: the app moved to another port or address (`:2222`
+        // to `:2200`, `0.0.0.0:P` to `[::]:P`), and its connections go on under its rules,
+        // as a swap's do; they were cut, every SSH session with them.
+        None => own(),
         _ => here,
     };
     active.decide_again(app, target, who, None, None)

@@ -763,6 +763,52 @@ async fn an_edit_to_a_wildcard_another_program_overlaps_keeps_the_old_policy() {
     gw.shutdown.cancel();
 }
 
+/// An app moved to another port keeps its open connections (its old listener stops, new
+/// clients use the new port): they were cut as "no app serves it any more", every SSH
+/// session through the app with them. Moved and then denied, they end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_moved_to_another_port_keeps_its_open_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let z = TestZone::new(&["home1"]);
+    let (pa, pb) = (free_tcp_port(), free_tcp_port());
+    z.write_policy("a.toml", &tcp_app("a", pa));
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let _h1 = start_echo_node(&z, &gw, "home1").await;
+    let a: std::net::SocketAddr = ([127, 0, 0, 1], pa).into();
+    let b: std::net::SocketAddr = ([127, 0, 0, 1], pb).into();
+    let mut open = tokio::net::TcpStream::connect(a).await.unwrap();
+    let mut buf = [0u8; 16];
+    open.write_all(b"one").await.unwrap();
+    let n = tokio::time::timeout(WAIT, open.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"one");
+    z.write_policy("a.toml", &tcp_app("a", pb));
+    eventually_async("a moved", || async {
+        roundtrip(b, b"new port").await.ok().as_deref() == Some(&b"new port"[..])
+    })
+    .await;
+    // Past the policy's re-decision of open connections.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    open.write_all(b"two").await.unwrap();
+    let n = tokio::time::timeout(WAIT, open.read(&mut buf))
+        .await
+        .expect("the open connection stopped answering")
+        .unwrap();
+    assert_eq!(&buf[..n], b"two", "the open connection was cut");
+    // Denied now (only 10.0.0.0/8): it ends.
+    z.write_policy(
+        "a.toml",
+        &tcp_app("a", pb).replace("[\"public\"]", "[\"10.0.0.0/8\"]"),
+    );
+    let n = tokio::time::timeout(WAIT, open.read(&mut buf))
+        .await
+        .expect("the open connection was not cut once denied");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    gw.shutdown.cancel();
+}
+
 /// Connections are decided as they open and again whenever the policy changes: an edit that
 /// no longer allows an open connection closes it (it used to run on until the client left),
 /// while renaming its app keeps it.
