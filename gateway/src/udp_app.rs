@@ -48,7 +48,8 @@ const PROBE_DATAGRAMS: u64 = 3;
 /// alone proves only that the service replies, not that the client exists:
 /// forged sources whose one datagram a DNS or game service answered held the table for
 /// `udp_flow_idle`, unevictable. Flows not assured end after [`UNANSWERED_IDLE`] quiet and
-/// make room for newcomers after [`EVICT_QUIET`].
+/// make room for newcomers after [`EVICT_QUIET`], or, when none is that quiet, once older
+/// than this (the quietest first).
 const ASSURE_AFTER: Duration = Duration::from_secs(2);
 /// A full table ends the flows not in use both ways ([`ASSURE_AFTER`]) that have been quiet
 /// this long (and flows already closed by the device)...
@@ -70,6 +71,8 @@ const OPEN_MARGIN: Duration = Duration::from_secs(5);
 /// more than the device keeps of a flow not open there yet: sent right behind the open, the
 /// rest would be lost there, uncounted.
 const OPENING_QUEUE: usize = tunnel::flow_table::EARLY_PER_FLOW;
+/// Through a drain, a flow quiet this long ends (one still moving goes on for the grace).
+const DRAIN_QUIET: Duration = Duration::from_secs(3);
 /// A flow ended after this long in use both ways says so whatever the log budget.
 const ALWAYS_LOGGED_AFTER: Duration = Duration::from_secs(60);
 /// Log lines a second, per app socket, of refused or failed flows and of flows that ended
@@ -223,14 +226,22 @@ impl Entry {
     /// Why a full table may end it for a newcomer, if it may, with how sure that is (lower
     /// first) and how long it has been quiet: closed by the device, quiet for `idle` (the
     /// sweep has not come by yet), or not in use both ways ([`ASSURE_AFTER`]) and quiet for
-    /// [`EVICT_QUIET`]; last, in use both ways and quiet for [`EVICT_ASSURED_QUIET`].
+    /// [`EVICT_QUIET`]; then in use both ways and quiet for [`EVICT_ASSURED_QUIET`]; last,
+    /// not in use both ways however recent, once older than [`ASSURE_AFTER`].
     fn evictable(&self, idle: Duration) -> Option<(u8, Duration, &'static str)> {
         let State::Open { flow, .. } = &self.state else {
             return None;
         };
         let quiet = self.activity.quiet_for();
-        let (rank, why) =
-            eviction_rank(flow.is_alive(), quiet, idle, self.assured, self.answered())?;
+        // A flow younger than ASSURE_AFTER has had no chance to be in use both ways yet.
+        let young = self.started.elapsed() < ASSURE_AFTER;
+        let (rank, why) = eviction_rank(
+            flow.is_alive(),
+            quiet,
+            idle,
+            (self.assured, self.answered()),
+            young,
+        )?;
         Some((rank, quiet, why))
     }
 }
@@ -306,21 +317,32 @@ pub async fn run(
     // A short idle time is kept to within a quarter of itself, not SWEEP_EVERY.
     let mut sweep =
         tokio::time::interval(SWEEP_EVERY.min(idle / 4).max(Duration::from_millis(100)));
-    // Held while draining: the hub's drain waits for it as for a proxied connection.
-    let mut draining: Option<tokio_util::task::task_tracker::TaskTrackerToken> = None;
+    // Held while any flow is open, in the hub's work as a proxied connection is: a drain
+    // that begins finds it there, whichever task sees the shutdown first (taken only once
+    // this loop saw it, the drain could find no work and close the tunnels at once).
+    let mut work: Option<tokio_util::task::task_tracker::TaskTrackerToken> = None;
     loop {
-        if draining.is_some() && s.flows.is_empty() {
-            break;
+        if s.flows.is_empty() {
+            work = None;
+            if s.draining {
+                break;
+            }
+        } else if work.is_none() {
+            work = Some(s.hub.work().token());
         }
         tokio::select! {
-            _ = stop.cancelled(), if draining.is_none() => {
+            _ = stop.cancelled(), if !s.draining => {
                 if !shutdown.is_cancelled() || s.flows.is_empty() {
                     break;
                 }
-                info!(addr = %listen, flows = s.flows.len(), "UDP app draining: its flows go on for the grace period, no new ones start");
                 s.draining = true;
-                draining = Some(s.hub.work().token());
-                // Sooner than SWEEP_EVERY: flows the closing tunnels end go at once.
+                // Only flows in use both ways and still moving hold the drain: one forged
+                // datagram, or a query answered a while ago, made every restart wait out
+                // the whole grace period.
+                s.drain_quiet();
+                info!(addr = %listen, flows = s.flows.len(), "UDP app draining: flows in use go on for the grace period while they move, no new ones start");
+                // Sooner than SWEEP_EVERY: flows that go quiet, or that the closing tunnels
+                // end, go at once.
                 sweep = tokio::time::interval(Duration::from_millis(250));
             }
             // Flows were decided as they started: ask again whenever the policy or the
@@ -329,7 +351,12 @@ pub async fn run(
                 s.set_share();
                 s.decide_again();
             }
-            _ = sweep.tick() => s.sweep(),
+            _ = sweep.tick() => {
+                s.sweep();
+                if s.draining {
+                    s.drain_quiet();
+                }
+            }
             Some(o) = opened_rx.recv() => s.opened(o),
             r = sock.recv(&mut buf) => {
                 if let Ok(got) = r {
@@ -343,7 +370,7 @@ pub async fn run(
     for (_, e) in std::mem::take(&mut s.flows) {
         s.end(e, "listener stopped");
     }
-    // Opens still under way end with it.
+    // Flows' reply tasks end with it (each also ended with its flow, above).
     s.stop.cancel();
     let unlogged = [
         &mut s.refused_lines,
@@ -573,6 +600,21 @@ impl AppSocket {
         }
     }
 
+    /// Draining: ends the flows not in use both ways, and those quiet for [`DRAIN_QUIET`].
+    fn drain_quiet(&mut self) {
+        let ended: Vec<SocketAddr> = self
+            .flows
+            .iter()
+            .filter(|(_, e)| !e.assured || e.activity.quiet_for() >= DRAIN_QUIET)
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in ended {
+            if let Some(e) = self.flows.remove(&peer) {
+                self.end(e, "gateway stopping, flow quiet or not in use both ways");
+            }
+        }
+    }
+
     fn sweep(&mut self) {
         let idle = self.idle;
         let open_limit = self.hub.tuning().open_timeout + OPEN_MARGIN;
@@ -620,7 +662,7 @@ impl AppSocket {
             .map(|(_, _, peer, why)| (peer, why))
             .collect();
         if !victims.is_empty() {
-            warn!(app = %app, addr = %self.listen, ended = victims.len(), flows = self.flows.len(), "UDP flow table full: ending flows the device closed, idle ones, and ones not in use both ways that went quiet");
+            warn!(app = %app, addr = %self.listen, ended = victims.len(), flows = self.flows.len(), "UDP flow table full: ending flows the device closed, idle or quiet ones, and ones not in use both ways");
         }
         for (peer, why) in victims {
             if let Some(e) = self.flows.remove(&peer) {
@@ -661,8 +703,8 @@ fn eviction_rank(
     alive: bool,
     quiet: Duration,
     idle: Duration,
-    assured: bool,
-    answered: bool,
+    (assured, answered): (bool, bool),
+    young: bool,
 ) -> Option<(u8, &'static str)> {
     if !alive {
         Some((0, "table full, closed by the device"))
@@ -678,10 +720,11 @@ fn eviction_rank(
         ))
     } else if quiet >= EVICT_ASSURED_QUIET {
         Some((2, "table full, in use both ways but quiet"))
-    } else if !assured {
+    } else if !assured && !young {
         // Not in use both ways, but sending: forged sources each sending once a second,
         // never quiet for EVICT_QUIET, held a full table against every newcomer for as long
-        // as they sent. Ended last, the quietest first (conntrack's early drop does the same).
+        // as they sent. Ended last, the quietest first (conntrack's early drop does the same);
+        // not before ASSURE_AFTER, or a newcomer let in would be ended waiting for its answer.
         Some((3, "table full, not in use both ways"))
     } else {
         None
@@ -767,7 +810,7 @@ mod tests {
         let idle = Duration::from_secs(120);
         let s = Duration::from_secs;
         let rank = |alive, quiet, assured, answered| {
-            eviction_rank(alive, quiet, idle, assured, answered).map(|(r, _)| r)
+            eviction_rank(alive, quiet, idle, (assured, answered), false).map(|(r, _)| r)
         };
         assert_eq!(rank(false, s(0), true, true), Some(0));
         assert_eq!(rank(true, idle, true, true), Some(0));
@@ -777,6 +820,11 @@ mod tests {
         // address once a second held the table).
         assert_eq!(rank(true, s(0), false, false), Some(3));
         assert_eq!(rank(true, s(0), false, true), Some(3));
+        // Not before it could have been in use both ways.
+        assert_eq!(
+            eviction_rank(true, s(0), idle, (false, false), true).map(|(r, _)| r),
+            None
+        );
         assert_eq!(rank(true, s(1), true, true), None);
         assert_eq!(rank(true, s(9), true, true), None);
         assert_eq!(rank(true, EVICT_ASSURED_QUIET, true, true), Some(2));

@@ -1992,8 +1992,9 @@ async fn a_udp_table_full_of_unanswered_flows_makes_room() {
     // at most every 250 ms), then each sends again once its flow is 2 s old: the table holds
     // four flows in use both ways.
     // Each held client speaks again before the next newcomer asks: none of them is quiet for
-    // the second that would let a newcomer end it instead of the ignored flows (on a loaded
-    // machine the 300 ms steps stretch).
+    // the second that would let a newcomer end it before the ignored flows (which are quiet,
+    // so go first), and none is old enough for the last resort (on a loaded machine the
+    // 300 ms steps stretch).
     let mut held: Vec<tokio::net::UdpSocket> = Vec::new();
     for i in 0..4 {
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -2079,7 +2080,8 @@ async fn a_udp_table_full_of_busy_unanswered_flows_makes_room() {
         }
     });
     wait_until("four flows open", WAIT, || opened() == 4).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Older than a flow needs to be in use both ways (a newcomer younger is not ended).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let (_s5, got) = udp_ask("127.0.0.1", app, b"room for me?", WAIT).await;
     flood.abort();
     assert_eq!(
@@ -2090,14 +2092,15 @@ async fn a_udp_table_full_of_busy_unanswered_flows_makes_room() {
     gw.shutdown.cancel();
 }
 
-/// A stopping gateway lets a UDP app's open flows go on through the drain's grace, as its
-/// TCP apps' connections do, and starts no new one: they went dark the moment the drain
-/// began.
+/// A stopping gateway lets a UDP app's flows in use both ways go on through the drain's grace
+/// while they move, as its TCP apps' connections do, and starts no new one: they went dark
+/// the moment the drain began. A flow not in use both ways (one datagram answered) ends at
+/// once: it held every restart for the whole grace period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_lets_open_udp_flows_go_on_and_starts_none() {
     let t = fast_tuning();
     let z = TestZone::new(&["home1"]);
-    let gw = udp_app_gateway(&z, "uecho", |o| o.grace = Duration::from_secs(5)).await;
+    let gw = udp_app_gateway(&z, "uecho", |o| o.grace = Duration::from_secs(8)).await;
     let echo = udp_echo().await;
     let svcs = services(&[("uecho", echo, tunnel::proto::ServiceProto::Udp)]);
     let _h1 = start_agent(&z, "home1", svcs, vec![], t).await;
@@ -2105,12 +2108,26 @@ async fn a_drain_lets_open_udp_flows_go_on_and_starts_none() {
     let app = gw.apps["uecho"];
     let (open, got) = udp_ask("127.0.0.1", app, b"before", WAIT).await;
     assert_eq!(got.as_deref(), Some(&b"before"[..]));
+    let (once, got) = udp_ask("127.0.0.1", app, b"once", WAIT).await;
+    assert_eq!(got.as_deref(), Some(&b"once"[..]));
+    // In use both ways: answered, and the client spoke again 2 s on.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    echo_on(&open, app, "again".into()).await;
     gw.shutdown.cancel();
     wait_until("draining", WAIT, || gw.hub.is_draining()).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     echo_on(&open, app, "during the drain".into()).await;
-    let (_new, got) = udp_ask("127.0.0.1", app, b"new", Duration::from_millis(700)).await;
+    let mut buf = [0u8; 64];
+    once.send_to(b"once more", app).await.unwrap();
+    let (new, got) = udp_ask("127.0.0.1", app, b"new", Duration::from_millis(500)).await;
     assert_eq!(got, None, "a new flow started during the drain");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), once.recv(&mut buf))
+            .await
+            .is_err(),
+        "the flow not in use both ways went on"
+    );
+    drop(new);
     echo_on(&open, app, "still during the drain".into()).await;
 }
 
@@ -2224,8 +2241,15 @@ async fn a_device_that_stops_reading_its_control_stream_is_disconnected() {
     let ev = tokio::time::timeout(WAIT, io.next_event()).await.unwrap();
     assert!(matches!(ev, Ok(Some(Event::Welcome(_)))), "{ev:?}");
     wait_until("home2 registered", WAIT, || gw.hub.agent("home2").is_some()).await;
-    // Permits no policy allows: the hub answers with a revocation each (about 30 bytes), far
-    // more than the 512 bytes of credit, and the device reads none of them.
+    // Permits no policy allows, of services it offers: the hub answers with a revocation each
+    // (about 30 bytes), far more than the 512 bytes of credit, and the device reads none.
+    let offered = (0..200)
+        .map(|i| tunnel::proto::ServiceInfo {
+            name: format!("svc{i}"),
+            proto: tunnel::proto::ServiceProto::Tcp,
+        })
+        .collect();
+    io.session.send_services_update(offered).unwrap();
     let permits = (0..200)
         .map(|i| ("home1".to_owned(), format!("svc{i}")))
         .collect();

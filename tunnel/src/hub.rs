@@ -1137,8 +1137,11 @@ impl Hub {
                 }
                 // Only pairs of zone devices: the table stays bounded by the zone's size.
                 let zone = self.0.cfg.creds.zone();
-                // And only services the device offers: made-up ones grew every pair's lists
-                // (256 each), scanned under the mesh lock at every report.
+                // And only services the device offers, or the pair holds already: made-up
+                // ones grew every pair's lists (256 each), scanned under the mesh lock at
+                // every report. A device offering nothing is draining (its hello lists
+                // none): its report is whole, or a policy edit could not revoke the direct
+                // streams it still serves.
                 let offered: std::collections::HashSet<String> = link
                     .services
                     .read()
@@ -1148,12 +1151,13 @@ impl Hub {
                     .collect();
                 let mut changed = false;
                 for (peer, service) in permits {
-                    if peer != link.device
-                        && offered.contains(&service)
-                        && zone_device(&zone, &peer).is_some()
-                    {
-                        changed |=
-                            self.mesh_pair(&peer, &link.device, |p| p.may_permit(&service, true));
+                    if peer != link.device && zone_device(&zone, &peer).is_some() {
+                        changed |= self.mesh_pair(&peer, &link.device, |p| {
+                            let known = offered.is_empty()
+                                || offered.contains(&service)
+                                || p.permitted.contains(&service);
+                            known && p.may_permit(&service, true)
+                        });
                     }
                 }
                 drop(zone);
