@@ -72,9 +72,17 @@ pub struct Options {
 /// Whether the URL path names something under a name starting with `.` (a hidden file, or
 /// one inside a hidden directory). `..` never reaches here ([`resolve`] refuses it).
 fn names_hidden(root: &Path, asked: &Path) -> bool {
-    asked.strip_prefix(root).unwrap_or(asked).components().any(
-        |c| matches!(c, std::path::Component::Normal(n) if n.as_encoded_bytes().starts_with(b".")),
-    )
+    asked
+        .strip_prefix(root)
+        .unwrap_or(asked)
+        .components()
+        .any(|c| matches!(c, std::path::Component::Normal(n) if is_hidden(n.as_encoded_bytes())))
+}
+
+/// A name starting with `.`, but `.well-known` (RFC 8615: public by design — a site's
+/// `security.txt`, its app links).
+fn is_hidden(name: &[u8]) -> bool {
+    name.starts_with(b".") && name != b".well-known"
 }
 
 impl Pages {
@@ -140,7 +148,7 @@ fn listing(
         if read % 1024 == 0 && std::time::Instant::now() >= deadline {
             return ControlFlow::Break(());
         }
-        if !hidden && name.starts_with(b".") {
+        if !hidden && is_hidden(name) {
             return ControlFlow::Continue(());
         }
         if heap.len() == MAX_LISTING {
@@ -730,6 +738,8 @@ async fn serve_at_most(
         most: (most / 4).max(1),
     });
     let tasks = tokio_util::task::TaskTracker::new();
+    // Fired when the grace is over: the answers still under way are cut.
+    let cut = CancellationToken::new();
     while let Some((tcp, peer)) = tunnel::sockets::accept_until(&listener, &shutdown).await {
         let Ok(admit) = admitted.clone().try_acquire_owned() else {
             if let Some(unlogged) = LogBudget::take_shared(&lines) {
@@ -737,13 +747,14 @@ async fn serve_at_most(
             }
             continue;
         };
-        let (root, served, lines, in_flight, opts, shutdown) = (
+        let (root, served, lines, in_flight, opts, shutdown, cut) = (
             root.clone(),
             served.clone(),
             lines.clone(),
             in_flight.clone(),
             opts.clone(),
             shutdown.clone(),
+            cut.clone(),
         );
         tasks.spawn(async move {
             let _admit = admit;
@@ -800,7 +811,10 @@ async fn serve_at_most(
                 // The answer under way finishes, then the connection closes (at once if idle).
                 _ = shutdown.cancelled() => {
                     conn.as_mut().graceful_shutdown();
-                    conn.await
+                    tokio::select! {
+                        r = conn => r,
+                        _ = cut.cancelled() => return,
+                    }
                 }
             };
             if let Err(e) = r {
@@ -808,6 +822,9 @@ async fn serve_at_most(
             }
         });
     }
+    // Not accepting any more: a client dialing now is refused at once rather than left
+    // connected, unanswered, for the grace.
+    drop(listener);
     tasks.close();
     if !tasks.is_empty() {
         info!(
@@ -823,6 +840,8 @@ async fn serve_at_most(
                 connections = tasks.len(),
                 "file service stopped: answers still under way were cut"
             );
+            cut.cancel();
+            tasks.wait().await;
         }
     }
 }
@@ -946,6 +965,8 @@ mod tests {
         std::fs::write(dir.path().join("pub/.ssh/id"), "secret").unwrap();
         std::fs::write(dir.path().join("pub/a.txt"), "shown").unwrap();
         std::fs::write(dir.path().join("pub/b..c"), "shown").unwrap();
+        std::fs::create_dir_all(dir.path().join(".well-known")).unwrap();
+        std::fs::write(dir.path().join(".well-known/security.txt"), "shown").unwrap();
         let (addr, stop) = serve_dir(dir.path()).await;
         for hidden in [
             "/.env",
@@ -960,8 +981,15 @@ mod tests {
             assert!(!got.contains("secret"), "{hidden}: {got}");
         }
         assert!(get(addr, "/pub/b..c", "").await.ends_with("shown"));
+        // RFC 8615's public directory is served and listed.
+        assert!(get(addr, "/.well-known/security.txt", "")
+            .await
+            .ends_with("shown"));
         let root = get(addr, "/", "").await;
-        assert!(root.contains("pub/"), "{root}");
+        assert!(
+            root.contains("pub/") && root.contains(".well-known/"),
+            "{root}"
+        );
         assert!(!root.contains(".env") && !root.contains(".git"), "{root}");
         let sub = get(addr, "/pub/", "").await;
         assert!(sub.contains("a.txt") && sub.contains("b..c"), "{sub}");
@@ -1003,6 +1031,8 @@ mod tests {
         stop.cancel();
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         assert!(!served.is_finished(), "the stop cut the download");
+        // No longer listening: a new client is refused at once, not left unanswered.
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
         let mut rest = Vec::new();
         tokio::time::timeout(std::time::Duration::from_secs(10), c.read_to_end(&mut rest))
             .await
