@@ -383,19 +383,17 @@ async fn run_async(dir: PathBuf, check: bool) -> anyhow::Result<()> {
             service: "dfs".into(),
         }],
     )?;
-    // An agent's run ends before the stop only when a part of it broke: the demo stops then,
-    // as for its gateway, rather than go on showing that home's URLs.
+    // An agent a part of which broke stops the demo (its run cancels `shutdown` itself):
+    // said with the device and why, as the gateway's stop is, not as the gateway's.
     for (name, agent) in [
         ("home1", Agent::bind(c1, e1).await?),
         ("home2", Agent::bind(c2, e2).await?),
     ] {
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            agent.clone().run(shutdown.clone()).await;
-            if !shutdown.is_cancelled() {
-                let why = agent.broke().unwrap_or_else(|| "it ended".into());
+            agent.clone().run(shutdown).await;
+            if let Some(why) = agent.broke() {
                 tracing::error!(device = name, reason = %why, "demo node agent stopped");
-                shutdown.cancel();
             }
         });
     }

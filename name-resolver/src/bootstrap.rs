@@ -32,7 +32,8 @@ pub const TCP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Fetches, reassembles and verifies the zone config of `domain` from the DNS server `server`.
 ///
 /// Asks over UDP first and over TCP when the answer is truncated (the config is usually larger
-/// than a UDP answer may be) or UDP gets no answer. Refuses a config that does not verify
+/// than a UDP answer may be), UDP gets no answer, or its answer is an error or holds no
+/// config (a network answering port 53 itself). Refuses a config that does not verify
 /// against `zone_key`, is incomplete, is for another domain, has expired, or has a serial below
 /// `known_serial`.
 pub async fn fetch_zone(

@@ -222,10 +222,19 @@ impl RateLimiter {
     /// A limiter for `config` replacing `old` on a policy reload: the buckets of clients
     /// `old` holds (those it throttles among them) start empty and refill at the new rate,
     /// rather than full; a client `old` never saw starts full, as it would have there (every
-    /// client started empty, new ones too: a raised limit had everyone wait out a refill).
+    /// client started empty, new ones too: a raised limit had everyone wait out a refill) —
+    /// unless the edit changed `per`, when every client counts as empty (the old keys name none).
     pub fn new_replacing(config: RateLimit, old: &RateLimiter) -> Self {
+        Self::replacing_since(config, old, std::time::Duration::ZERO)
+    }
+
+    /// [`RateLimiter::new_replacing`] for `old` removed `gone` ago (an edit that took the
+    /// limit out, and one now that puts it back): its clients count as empty from then, so
+    /// the time since has refilled them.
+    fn replacing_since(config: RateLimit, old: &RateLimiter, gone: std::time::Duration) -> Self {
         let mut r = Self::new(config);
         let now = signed(r.clock.now());
+        let emptied = now.saturating_sub(i64::try_from(gone.as_nanos()).unwrap_or(i64::MAX));
         let mut keys: HashMap<LimitKey, i64> = HashMap::new();
         let mut others = None;
         // Those `old` itself still counted as empty from an edit before (not back since, so
@@ -257,12 +266,12 @@ impl RateLimiter {
             }
         }
         for e in old.store.0.iter() {
-            keys.insert(*e.key(), now);
+            keys.insert(*e.key(), emptied);
         }
         // Another kind of key (`per` edited) while the old table was in use: its keys name
         // none of the new ones, so every client counts as empty from now.
         if old.config.per != config.per && !old.store.0.is_empty() {
-            others = Some(now);
+            others = Some(emptied);
         }
         let latest = keys.values().copied().chain(others).max().unwrap_or(now);
         r.empty_at = arc_swap::ArcSwapOption::from_pointee(EmptyAt {
@@ -538,27 +547,42 @@ impl AppLimits {
         old.bandwidth_out.set_rate(rate(config.bandwidth));
         old.per_connection
             .store(rate(config.bandwidth_per_connection), Ordering::Relaxed);
-        // A limiter removed recently enough that some bucket has not refilled since.
-        let retired = old
-            .retired_rate
-            .as_ref()
-            .filter(|(r, at)| {
-                let gone = Nanos::from(r.clock.now().as_u64().saturating_sub(at.as_u64()));
-                std::time::Duration::from(gone) < r.full_refill()
-            })
-            .map(|(r, _)| r);
+        // A limiter removed recently enough that some bucket has not refilled since, and
+        // how long ago.
+        let retired = old.retired_rate.as_ref().and_then(|(r, at)| {
+            let gone = std::time::Duration::from(Nanos::from(
+                r.clock.now().as_u64().saturating_sub(at.as_u64()),
+            ));
+            (gone < r.full_refill()).then_some((r, gone))
+        });
         let (rate, retired_rate) = match (&old.rate, config.rate) {
             (Some(r), Some(c)) if r.config == c => (Some(r.clone()), None),
             // A changed rate: nobody gets a fresh burst from the edit.
             (Some(r), Some(c)) => (Some(Arc::new(RateLimiter::new_replacing(c, r))), None),
-            // A rate back within a refill of its removal: as a changed one.
+            // The same rate back within a refill of its removal: the limiter itself, its
+            // buckets refilled over the gap as they would have.
             (None, Some(c)) => match retired {
-                Some(r) => (Some(Arc::new(RateLimiter::new_replacing(c, r))), None),
+                Some((r, _)) if r.config == c => (Some(r.clone()), None),
+                // Another: as a changed one, its clients empty from the removal.
+                Some((r, gone)) => (
+                    Some(Arc::new(RateLimiter::replacing_since(c, r, gone))),
+                    None,
+                ),
                 // A rate where there was none (for long): nobody has used anything yet.
                 None => (Some(Arc::new(RateLimiter::new(c))), None),
             },
             (Some(r), None) => (None, Some((r.clone(), r.clock.now()))),
-            (None, None) => (None, old.retired_rate.clone()),
+            // Kept only while it may still matter: a table of up to 65,536 keys, unswept.
+            (None, None) => (
+                None,
+                retired.map(|(r, _)| {
+                    let at = old
+                        .retired_rate
+                        .as_ref()
+                        .map_or(r.clock.now(), |(_, at)| *at);
+                    (r.clone(), at)
+                }),
+            ),
         };
         AppLimits {
             config: config.clone(),

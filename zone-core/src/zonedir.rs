@@ -815,8 +815,6 @@ fn check_dialable(addrs: &[SocketAddr]) -> Result<(), ZoneError> {
 mod tests {
     use super::*;
 
-    /// A zone key is never written over another (two inits at once), and a directory left
-    /// half made by an interrupted init says so, to init and to every other command.
     /// An existing directory others may write is refused before anything is written into
     /// it: they could delete or replace the zone key. One only its owner writes is used.
     #[test]
@@ -834,6 +832,8 @@ mod tests {
         ZoneDir::init(&d, Domain::new("alice.example").unwrap(), now).unwrap();
     }
 
+    /// A zone key is never written over another (two inits at once), and a directory left
+    /// half made by an interrupted init says so, to init and to every other command.
     #[test]
     fn zone_init_never_replaces_a_key_and_a_half_made_zone_says_so() {
         let t = tempfile::tempdir().unwrap();
