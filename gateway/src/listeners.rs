@@ -84,6 +84,9 @@ pub struct Listeners {
     /// Binds that failed, with their error: retried at every [`Listeners::reconcile`], and
     /// reported again only when the error changes.
     failed: HashMap<(Kind, SocketAddr), String>,
+    /// Why a listener's loop last ended by itself, by address: the same reason (a panic
+    /// that comes back at every bind) is told once.
+    ended: HashMap<(Kind, SocketAddr), String>,
     /// The gateway's own sockets (kind, address, the gateway.toml key that sets it): an app
     /// asking for one of them gets a message naming it instead of "address in use".
     reserved: Vec<(Kind, SocketAddr, &'static str)>,
@@ -127,6 +130,7 @@ impl Listeners {
             ),
             udp,
             failed: HashMap::new(),
+            ended: HashMap::new(),
             reserved,
             published: Arc::default(),
             listening: Arc::default(),
@@ -188,7 +192,14 @@ impl Listeners {
                         Kind::Tcp => crate::port_holders::Proto::Tcp,
                         Kind::Udp => crate::port_holders::Proto::Udp,
                     };
-                    match replaces.then(|| crate::port_holders::foreign_clash(proto, key.1)) {
+                    let beside: Vec<SocketAddr> = now
+                        .iter()
+                        .filter(|(k, a)| *k == key.0 && a.port() == key.1.port())
+                        .map(|(_, a)| *a)
+                        .collect();
+                    match replaces
+                        .then(|| crate::port_holders::foreign_clash(proto, key.1, &beside))
+                    {
                         Some(Some(other)) => Err(std::io::Error::new(
                             std::io::ErrorKind::AddrInUse,
                             format!(
@@ -241,7 +252,13 @@ impl Listeners {
                     Err(e) => e.to_string(),
                     Ok(()) => "its loop returned".into(),
                 };
-                error!(app = %r.app, addr = %key.1, reason = %why, "listener stopped by itself: binding it again");
+                if !want.contains_key(&key) {
+                    continue;
+                }
+                if self.ended.get(&key) != Some(&why) {
+                    error!(app = %r.app, addr = %key.1, reason = %why, "listener stopped by itself: binding it again");
+                    self.ended.insert(key, why);
+                }
             }
         }
         let gone: Vec<_> = self
@@ -278,6 +295,7 @@ impl Listeners {
             }
         }
         self.failed.retain(|key, _| want.contains_key(key));
+        self.ended.retain(|key, _| want.contains_key(key));
         let mut errors = Vec::new();
         for (key, app) in want {
             if self.running.contains_key(&key) {

@@ -70,22 +70,30 @@ fn parse_addr(s: &str) -> Option<SocketAddr> {
 }
 
 /// The first socket of `bound` not among `ours` whose address a listener on `addr` would
-/// clash with.
-pub fn clash(bound: &[Bound], ours: &HashSet<u64>, addr: SocketAddr) -> Option<SocketAddr> {
+/// clash with. One that overlaps an address we listen on now (`beside`) is not counted: it
+/// lives beside ours, so the overlap rule is wrong for it — an IPv6-only `[::]:22` (sshd
+/// sets `IPV6_V6ONLY`, which the tables do not show) beside our `0.0.0.0:22`.
+pub fn clash(
+    bound: &[Bound],
+    ours: &HashSet<u64>,
+    addr: SocketAddr,
+    beside: &[SocketAddr],
+) -> Option<SocketAddr> {
+    use policies::units::listens_overlap;
     bound
         .iter()
         .filter(|b| !ours.contains(&b.inode))
         .map(|b| b.local)
-        .find(|l| {
-            // A table's IPv4-mapped address is the IPv4 one (parse_addr), so a dual-stack
-            // `[::]:P` meets a program's `127.0.0.1:P` as listens_overlap says.
-            policies::units::listens_overlap(*l, addr)
-        })
+        .filter(|l| !beside.iter().any(|o| listens_overlap(*l, *o)))
+        // A table's IPv4-mapped address is the IPv4 one (parse_addr), so a dual-stack
+        // `[::]:P` meets a program's `127.0.0.1:P` as listens_overlap says.
+        .find(|l| listens_overlap(*l, addr))
 }
 
 /// Another program's socket on this machine that a new `proto` listener on `addr` would clash
-/// with, if one can be seen (`None` where `/proc` cannot be read).
-pub fn foreign_clash(proto: Proto, addr: SocketAddr) -> Option<SocketAddr> {
+/// with, if one can be seen (`None` where `/proc` cannot be read); `beside`: the addresses
+/// this process listens on now (see [`clash`]).
+pub fn foreign_clash(proto: Proto, addr: SocketAddr, beside: &[SocketAddr]) -> Option<SocketAddr> {
     let files: [&str; 2] = match proto {
         Proto::Tcp => ["/proc/net/tcp", "/proc/net/tcp6"],
         Proto::Udp => ["/proc/net/udp", "/proc/net/udp6"],
@@ -99,7 +107,7 @@ pub fn foreign_clash(proto: Proto, addr: SocketAddr) -> Option<SocketAddr> {
     if bound.is_empty() {
         return None;
     }
-    clash(&bound, &own_socket_inodes(), addr)
+    clash(&bound, &own_socket_inodes(), addr, beside)
 }
 
 /// The inodes of this process's sockets (`socket:[N]` links in `/proc/self/fd`).
@@ -161,16 +169,23 @@ mod tests {
         let ours: HashSet<u64> = [2].into();
         let at = |a: &str| a.parse::<SocketAddr>().unwrap();
         assert_eq!(
-            clash(&bound, &ours, at("0.0.0.0:53")),
+            clash(&bound, &ours, at("0.0.0.0:53"), &[]),
             Some(at("127.0.0.53:53"))
         );
         assert_eq!(
-            clash(&bound, &ours, at("[::]:53")),
+            clash(&bound, &ours, at("[::]:53"), &[]),
             Some(at("127.0.0.53:53"))
         );
-        assert_eq!(clash(&bound, &ours, at("198.51.100.1:53")), None);
-        assert_eq!(clash(&bound, &ours, at("[2001:db8::1]:53")), None);
-        assert_eq!(clash(&bound, &[1, 2].into(), at("0.0.0.0:53")), None);
+        assert_eq!(clash(&bound, &ours, at("198.51.100.1:53"), &[]), None);
+        assert_eq!(clash(&bound, &ours, at("[2001:db8::1]:53"), &[]), None);
+        assert_eq!(clash(&bound, &[1, 2].into(), at("0.0.0.0:53"), &[]), None);
+        // A program's IPv6-only `[::]:22` beside our `0.0.0.0:22`: the overlap rule is wrong
+        // for it, and narrowing ours to one address is no clash.
+        let sshd = [b("[::]:22", 7)];
+        let none = HashSet::new();
+        let to = at("203.0.113.5:22");
+        assert_eq!(clash(&sshd, &none, to, &[at("0.0.0.0:22")]), None);
+        assert_eq!(clash(&sshd, &none, to, &[]), Some(at("[::]:22")));
     }
 
     /// The real tables: a socket of this process is found and known as its own; one of
@@ -190,10 +205,10 @@ mod tests {
                 "our listener is not in /proc/net/tcp"
             );
             assert_eq!(
-                clash(&bound, &HashSet::new(), wildcard),
+                clash(&bound, &HashSet::new(), wildcard, &[]),
                 Some(l.local_addr().unwrap())
             );
         }
-        assert_eq!(foreign_clash(Proto::Tcp, wildcard), None);
+        assert_eq!(foreign_clash(Proto::Tcp, wildcard, &[]), None);
     }
 }

@@ -34,6 +34,9 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("making a self-signed certificate: {0}")]
     SelfSigned(#[from] rcgen::Error),
+    /// Several pairs failing at one look, each said.
+    #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+    Several(Vec<TlsError>),
 }
 
 fn file_err(path: &Path, why: impl std::fmt::Display) -> TlsError {
@@ -198,7 +201,6 @@ fn load_pair(cert: &Path, key: &Path) -> Result<Entry, TlsError> {
         return Err(file_err(cert, "no certificate in this PEM file"));
     }
     let pem = read_pem(key)?;
-    warn_if_others_read(key);
     let pk = rustls_pemfile::private_key(&mut pem.as_slice())
         .map_err(|e| file_err(key, format!("not a PEM key file: {e}")))?
         .ok_or_else(|| file_err(key, "no private key in this PEM file"))?;
@@ -283,6 +285,18 @@ impl Tls {
         if now == f.seen && f.failing.is_none() {
             return None;
         }
+        // Per pair, whether its files changed since the last look.
+        let changed: Vec<bool> = (0..f.pairs.len())
+            .map(|i| now.get(2 * i..2 * i + 2) != f.seen.get(2 * i..2 * i + 2))
+            .collect();
+        let mut renewed = false;
+        // A key file's mode is told when the file changed, not at every look while another
+        // pair fails (every 5 s).
+        for (i, (_, k)) in f.pairs.iter().enumerate() {
+            if now.get(2 * i + 1) != f.seen.get(2 * i + 1) {
+                warn_if_others_read(k);
+            }
+        }
         f.seen = now;
         // Pair by pair: one that does not load (a lineage certbot deleted) keeps its previous
         // certificate, and holds up no other's renewal. Nor does one out of date replace a
@@ -307,7 +321,10 @@ impl Tls {
                     }
                 });
                 match loaded {
-                    Ok(e) => Some(e),
+                    Ok(e) => {
+                        renewed |= changed.get(i).copied().unwrap_or(true);
+                        Some(e)
+                    }
                     Err(e) => {
                         errors.push(e);
                         previous.0.get(i).cloned()
@@ -322,7 +339,7 @@ impl Tls {
             f.failing = None;
             return Some(Ok(names));
         }
-        // Each failure is told once: the first not failing at the last look.
+        // Each failure is told once: those not failing at the last look, together.
         let before = f.failing.take().unwrap_or_default();
         f.failing = Some(
             errors
@@ -331,10 +348,16 @@ impl Tls {
                 .collect::<Vec<_>>()
                 .join("\n"),
         );
-        errors
+        let mut new: Vec<TlsError> = errors
             .into_iter()
-            .find(|e| !before.lines().any(|l| l == e.to_string()))
-            .map(Err)
+            .filter(|e| !before.lines().any(|l| l == e.to_string()))
+            .collect();
+        match new.len() {
+            // The same failure as before, and another pair renewed: that one serves.
+            0 => renewed.then_some(Ok(names)),
+            1 => new.pop().map(Err),
+            _ => Some(Err(TlsError::Several(new))),
+        }
     }
 }
 
@@ -393,6 +416,7 @@ pub fn configure(pairs: &[(PathBuf, PathBuf)], fallback_names: &[String]) -> Res
     let mut self_signed_key = None;
     for (c, k) in pairs {
         entries.push(load_pair(c, k)?);
+        warn_if_others_read(k);
     }
     if entries.is_empty() {
         let key = rcgen::KeyPair::generate()?;
@@ -533,6 +557,13 @@ mod tests {
         let e = tls.reload_if_changed().unwrap().unwrap_err().to_string();
         assert!(e.contains("a.key"), "{e}");
         assert_eq!(served(&tls), [vec!["a.example"], vec!["b2.example"]]);
+        // b renewed again while a still fails as before: told as served, a's failure not again.
+        let (c3, k3) = write_pair(d.path(), "b3", &["b3.example"]);
+        std::fs::rename(&c3, &cb).unwrap();
+        std::fs::rename(&k3, &kb).unwrap();
+        let names = tls.reload_if_changed().unwrap().unwrap();
+        assert_eq!(names, ["a.example", "b3.example"]);
+        assert!(tls.reload_if_changed().is_none(), "a's failure told again");
         // b replaced by an expired pair: refused, b2 serves on.
         let mut params = rcgen::CertificateParams::new(vec!["old.example".to_string()]).unwrap();
         params.not_before = rcgen::date_time_ymd(2020, 1, 1);
@@ -543,7 +574,7 @@ mod tests {
         std::fs::write(&kb, key.serialize_pem()).unwrap();
         let e = tls.reload_if_changed().unwrap().unwrap_err().to_string();
         assert!(e.contains("expired on"), "{e}");
-        assert_eq!(served(&tls), [vec!["a.example"], vec!["b2.example"]]);
+        assert_eq!(served(&tls), [vec!["a.example"], vec!["b3.example"]]);
     }
 
     #[test]
