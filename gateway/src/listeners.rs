@@ -247,8 +247,18 @@ impl Listeners {
             .collect();
         for key in ended {
             if let Some(r) = self.running.remove(&key) {
+                // The panic's own message: the JoinError's text names the task, another at
+                // every bind, and the same panic would read as a new reason each time.
                 let why = match r.task.await {
-                    Err(e) if e.is_panic() => format!("it panicked: {e}"),
+                    Err(e) if e.is_panic() => {
+                        let p = e.into_panic();
+                        let msg = p
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| p.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "(not a text)".into());
+                        format!("it panicked: {msg}")
+                    }
                     Err(e) => e.to_string(),
                     Ok(()) => "its loop returned".into(),
                 };

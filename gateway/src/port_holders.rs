@@ -84,7 +84,11 @@ pub fn clash(
         .iter()
         .filter(|b| !ours.contains(&b.inode))
         .map(|b| b.local)
-        .filter(|l| !beside.iter().any(|o| listens_overlap(*l, *o)))
+        // Only for the other family: a program's `[::]:P` that lives beside our `0.0.0.0:P`
+        // is IPv6-only, and clashes with exactly the IPv6 addresses.
+        .filter(|l| {
+            l.is_ipv4() == addr.is_ipv4() || !beside.iter().any(|o| listens_overlap(*l, *o))
+        })
         // A table's IPv4-mapped address is the IPv4 one (parse_addr), so a dual-stack
         // `[::]:P` meets a program's `127.0.0.1:P` as listens_overlap says.
         .find(|l| listens_overlap(*l, addr))
@@ -186,6 +190,13 @@ mod tests {
         let to = at("203.0.113.5:22");
         assert_eq!(clash(&sshd, &none, to, &[at("0.0.0.0:22")]), None);
         assert_eq!(clash(&sshd, &none, to, &[]), Some(at("[::]:22")));
+        // But moving ours to IPv6 meets it.
+        for to in [at("[::]:22"), at("[2001:db8::1]:22")] {
+            assert_eq!(
+                clash(&sshd, &none, to, &[at("0.0.0.0:22")]),
+                Some(at("[::]:22"))
+            );
+        }
     }
 
     /// The real tables: a socket of this process is found and known as its own; one of

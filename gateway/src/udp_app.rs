@@ -277,10 +277,12 @@ struct AppSocket {
 }
 
 /// Serves the app on `listen` from `sock` until `stop` (the app removed or moved: its flows
-/// end then), or, when `stop` comes from the gateway's `shutdown`, through the drain: the
-/// open flows go on and no new one starts, counted in the hub's work as its proxied TCP
-/// connections are, until they end or the drain's grace ends them (the tunnels close). They
-/// went dark the moment the drain began, while TCP apps had their grace.
+/// end then), or, when `stop` comes from the gateway's `shutdown`, through the drain: flows
+/// in use both ways go on while they move (quiet for [`DRAIN_QUIET`], or not in use both
+/// ways, they end), no new one starts, until they end or the drain's grace ends them (the
+/// tunnels close). While any flow is open the socket holds a place in the hub's work, as a
+/// proxied TCP connection does, so the drain waits for them. They went dark the moment the
+/// drain began, while TCP apps had their grace.
 pub async fn run(
     hub: Hub,
     listen: SocketAddr,
@@ -633,8 +635,9 @@ impl AppSocket {
     /// The table is full: ends flows the device closed, flows idle past the idle time, and
     /// flows not in use both ways that have been quiet for [`EVICT_QUIET`] (forged sources,
     /// clients the service ignores or answered once), then flows in use both ways quiet for
-    /// [`EVICT_ASSURED_QUIET`], then flows not in use both ways however recent, quietest
-    /// first within each: at most a [`EVICT_SHARE`]th of the table,
+    /// [`EVICT_ASSURED_QUIET`], then flows not in use both ways however recent (once older
+    /// than [`ASSURE_AFTER`]), quietest first within each: at most a [`EVICT_SHARE`]th of the
+    /// table,
     /// looking at most every [`EVICT_EVERY`]. Whether there is room now.
     fn make_room(&mut self, app: &str) -> bool {
         let now = Instant::now();

@@ -76,13 +76,18 @@ fn names_hidden(root: &Path, asked: &Path) -> bool {
         .strip_prefix(root)
         .unwrap_or(asked)
         .components()
-        .any(|c| matches!(c, std::path::Component::Normal(n) if is_hidden(n.as_encoded_bytes())))
+        .filter_map(|c| match c {
+            std::path::Component::Normal(n) => Some(n.as_encoded_bytes()),
+            _ => None,
+        })
+        .enumerate()
+        .any(|(depth, n)| is_hidden(n, depth == 0))
 }
 
-/// A name starting with `.`, but `.well-known` (RFC 8615: public by design — a site's
-/// `security.txt`, its app links).
-fn is_hidden(name: &[u8]) -> bool {
-    name.starts_with(b".") && name != b".well-known"
+/// A name starting with `.`, but `.well-known` at the top (`at_top`; RFC 8615: public by
+/// design — a site's `security.txt`, its app links; only the site's own, at its root).
+fn is_hidden(name: &[u8], at_top: bool) -> bool {
+    name.starts_with(b".") && !(at_top && name == b".well-known")
 }
 
 impl Pages {
@@ -133,7 +138,7 @@ fn text(status: StatusCode, msg: &str) -> Response<Body> {
 fn listing(
     dir: &std::fs::File,
     url: &str,
-    hidden: bool,
+    (hidden, at_root): (bool, bool),
     deadline: std::time::Instant,
 ) -> std::io::Result<String> {
     use std::ops::ControlFlow;
@@ -148,7 +153,7 @@ fn listing(
         if read % 1024 == 0 && std::time::Instant::now() >= deadline {
             return ControlFlow::Break(());
         }
-        if !hidden && is_hidden(name) {
+        if !hidden && is_hidden(name, at_root) {
             return ControlFlow::Continue(());
         }
         if heap.len() == MAX_LISTING {
@@ -278,8 +283,13 @@ async fn handle(
         Ok(match open_target(&root, &asked, slash)? {
             Target::File(f) => Found::File(f),
             Target::Dir(dir, rel) => Found::Listing(
-                listing(&dir.file, &dir_url(&prefix, &rel), hidden, deadline)
-                    .map_err(Refused::Unreadable)?,
+                listing(
+                    &dir.file,
+                    &dir_url(&prefix, &rel),
+                    (hidden, rel.as_os_str().is_empty()),
+                    deadline,
+                )
+                .map_err(Refused::Unreadable)?,
             ),
             // Built from the path's parts, not the request's text: `//host` must not become
             // a redirect to another site.
@@ -967,6 +977,9 @@ mod tests {
         std::fs::write(dir.path().join("pub/b..c"), "shown").unwrap();
         std::fs::create_dir_all(dir.path().join(".well-known")).unwrap();
         std::fs::write(dir.path().join(".well-known/security.txt"), "shown").unwrap();
+        // Only the site's own, at its root.
+        std::fs::create_dir_all(dir.path().join("pub/.well-known")).unwrap();
+        std::fs::write(dir.path().join("pub/.well-known/x"), "secret").unwrap();
         let (addr, stop) = serve_dir(dir.path()).await;
         for hidden in [
             "/.env",
@@ -975,6 +988,7 @@ mod tests {
             "/%2egit/config",
             "/pub/.ssh/id",
             "/pub//.ssh/id",
+            "/pub/.well-known/x",
         ] {
             let got = get(addr, hidden, "").await;
             assert!(got.starts_with("HTTP/1.1 404"), "{hidden}: {got}");
@@ -993,7 +1007,10 @@ mod tests {
         assert!(!root.contains(".env") && !root.contains(".git"), "{root}");
         let sub = get(addr, "/pub/", "").await;
         assert!(sub.contains("a.txt") && sub.contains("b..c"), "{sub}");
-        assert!(!sub.contains(".ssh"), "{sub}");
+        assert!(
+            !sub.contains(".ssh") && !sub.contains(".well-known"),
+            "{sub}"
+        );
         stop.cancel();
         let opts = Options {
             hidden: true,
@@ -1031,8 +1048,16 @@ mod tests {
         stop.cancel();
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         assert!(!served.is_finished(), "the stop cut the download");
-        // No longer listening: a new client is refused at once, not left unanswered.
-        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+        // No longer listening: a new client is refused at once, not left unanswered (the
+        // accept loop lets go of the socket as it sees the stop).
+        let refused = async {
+            while tokio::net::TcpStream::connect(addr).await.is_ok() {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), refused)
+            .await
+            .expect("still listening after the stop");
         let mut rest = Vec::new();
         tokio::time::timeout(std::time::Duration::from_secs(10), c.read_to_end(&mut rest))
             .await
@@ -1177,9 +1202,9 @@ mod tests {
         }
         let f = std::fs::File::open(dir.path()).unwrap();
         let later = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        let html = listing(&f, "/", false, later).unwrap();
+        let html = listing(&f, "/", (false, true), later).unwrap();
         // Past its deadline (the request answered 504 already) a listing stops reading.
-        let late = listing(&f, "/", false, std::time::Instant::now()).unwrap_err();
+        let late = listing(&f, "/", (false, true), std::time::Instant::now()).unwrap_err();
         assert_eq!(late.kind(), std::io::ErrorKind::TimedOut);
         let (entries, tail) = html.split_once("</ul>\n").unwrap();
         assert!(

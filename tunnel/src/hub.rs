@@ -1137,11 +1137,9 @@ impl Hub {
                 }
                 // Only pairs of zone devices: the table stays bounded by the zone's size.
                 let zone = self.0.cfg.creds.zone();
-                // And only services the device offers, or the pair holds already: made-up
-                // ones grew every pair's lists (256 each), scanned under the mesh lock at
-                // every report. A device offering nothing is draining (its hello lists
-                // none): its report is whole, or a policy edit could not revoke the direct
-                // streams it still serves.
+                // And only services the device offers, or the pair holds already (a device
+                // draining offers none, and its permits stay revocable): made-up ones grew
+                // every pair's lists (256 each), scanned under the mesh lock at every report.
                 let offered: std::collections::HashSet<String> = link
                     .services
                     .read()
@@ -1153,9 +1151,8 @@ impl Hub {
                 for (peer, service) in permits {
                     if peer != link.device && zone_device(&zone, &peer).is_some() {
                         changed |= self.mesh_pair(&peer, &link.device, |p| {
-                            let known = offered.is_empty()
-                                || offered.contains(&service)
-                                || p.permitted.contains(&service);
+                            let known =
+                                offered.contains(&service) || p.permitted.contains(&service);
                             known && p.may_permit(&service, true)
                         });
                     }

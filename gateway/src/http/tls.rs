@@ -239,6 +239,9 @@ struct CertFiles {
     /// The error of the last read, while the files do not load: they are read again at
     /// every look (a permission fixed, the second file of a renewal in place).
     failing: Option<String>,
+    /// The pairs that failed at the last look: one that loads now serves anew, files
+    /// changed or not (a certificate that became valid).
+    failed_pairs: std::collections::HashSet<usize>,
 }
 
 /// A file as last seen (symlinks followed: certbot's live/ names point to new files at each
@@ -290,6 +293,7 @@ impl Tls {
             .map(|i| now.get(2 * i..2 * i + 2) != f.seen.get(2 * i..2 * i + 2))
             .collect();
         let mut renewed = false;
+        let mut failed_now = std::collections::HashSet::new();
         // A key file's mode is told when the file changed, not at every look while another
         // pair fails (every 5 s).
         for (i, (_, k)) in f.pairs.iter().enumerate() {
@@ -322,16 +326,19 @@ impl Tls {
                 });
                 match loaded {
                     Ok(e) => {
-                        renewed |= changed.get(i).copied().unwrap_or(true);
+                        renewed |= changed.get(i).copied().unwrap_or(true)
+                            || f.failed_pairs.contains(&i);
                         Some(e)
                     }
                     Err(e) => {
                         errors.push(e);
+                        failed_now.insert(i);
                         previous.0.get(i).cloned()
                     }
                 }
             })
             .collect();
+        f.failed_pairs = failed_now;
         let names: Vec<String> = entries.iter().flat_map(|e| e.names.clone()).collect();
         f.resolver.entries.store(Arc::new(Entries(entries)));
         self.names = names.clone();
@@ -440,6 +447,7 @@ pub fn configure(pairs: &[(PathBuf, PathBuf)], fallback_names: &[String]) -> Res
         seen,
         resolver,
         failing: None,
+        failed_pairs: Default::default(),
     };
     Ok(Tls {
         config: Arc::new(config),
