@@ -1929,17 +1929,11 @@ async fn one_client_address_cannot_take_every_udp_flow() {
     gw.shutdown.cancel();
 }
 
-/// A `udp` app's table full of flows the device never answered (forged sources, or clients
-/// the service ignores) makes room for a new client: one quiet for a second ends. A table
-/// full of flows in use both ways (answered, and the client sent again 2 s on) refuses the
-/// newcomer instead, counted as a `connection_limit` refusal. Flows count every datagram's
-/// bytes (only a flow's first datagram was counted).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_udp_table_full_of_unanswered_flows_makes_room() {
-    let t = fast_tuning();
+/// A gateway whose `udp` app `picky` (a table of 4 flows) reaches a service on home1 that
+/// echoes everything but datagrams starting with "quiet"; home1 connected.
+async fn picky_udp_app() -> (TestZone, RunningGateway, RunningAgent) {
     let z = TestZone::new(&["home1"]);
     let gw = udp_app_gateway(&z, "picky", |o| o.udp_flows_per_app = 4).await;
-    // Echoes everything but datagrams that start with "quiet".
     let service = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let service_addr = service.local_addr().unwrap();
     tokio::spawn(async move {
@@ -1951,8 +1945,19 @@ async fn a_udp_table_full_of_unanswered_flows_makes_room() {
         }
     });
     let svcs = services(&[("picky", service_addr, tunnel::proto::ServiceProto::Udp)]);
-    let _h1 = start_agent(&z, "home1", svcs, vec![], t).await;
+    let h1 = start_agent(&z, "home1", svcs, vec![], fast_tuning()).await;
     wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    (z, gw, h1)
+}
+
+/// A `udp` app's table full of flows the device never answered (forged sources, or clients
+/// the service ignores) makes room for a new client: one quiet for a second ends. A table
+/// full of flows in use both ways (answered, and the client sent again 2 s on) refuses the
+/// newcomer instead, counted as a `connection_limit` refusal. Flows count every datagram's
+/// bytes (only a flow's first datagram was counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_table_full_of_unanswered_flows_makes_room() {
+    let (_z, gw, _h1) = picky_udp_app().await;
     let app = gw.apps["picky"];
     let counters = || {
         let cur = gw.hub.policy().current();
@@ -2043,23 +2048,7 @@ async fn a_udp_table_full_of_unanswered_flows_makes_room() {
 /// they sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_udp_table_full_of_busy_unanswered_flows_makes_room() {
-    let t = fast_tuning();
-    let z = TestZone::new(&["home1"]);
-    let gw = udp_app_gateway(&z, "picky", |o| o.udp_flows_per_app = 4).await;
-    // Echoes everything but datagrams that start with "quiet".
-    let service = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let service_addr = service.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = [0u8; 2048];
-        while let Ok((n, from)) = service.recv_from(&mut buf).await {
-            if !buf[..n].starts_with(b"quiet") {
-                let _ = service.send_to(&buf[..n], from).await;
-            }
-        }
-    });
-    let svcs = services(&[("picky", service_addr, tunnel::proto::ServiceProto::Udp)]);
-    let _h1 = start_agent(&z, "home1", svcs, vec![], t).await;
-    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let (_z, gw, _h1) = picky_udp_app().await;
     let app = gw.apps["picky"];
     let opened = || {
         let cur = gw.hub.policy().current();

@@ -480,7 +480,12 @@ async fn loopback_links_discover_jumbo_packets_and_carry_bulk_in_them() {
 }
 
 fn tcp_app(name: &str, port: u16) -> String {
-    format!("[app.{name}]\ntcp = {{ listen = \"127.0.0.1:{port}\" }}\nto = \"home1/echo\"\nallow = {{ from = [\"public\"] }}\n")
+    tcp_app_on(name, &format!("127.0.0.1:{port}"))
+}
+
+/// A `tcp` app `name` listening on `listen`, to home1's echo, for anyone.
+fn tcp_app_on(name: &str, listen: &str) -> String {
+    format!("[app.{name}]\ntcp = {{ listen = \"{listen}\" }}\nto = \"home1/echo\"\nallow = {{ from = [\"public\"] }}\n")
 }
 
 /// Polls an async check until it holds or the deadline passes.
@@ -683,9 +688,7 @@ async fn refused_and_still_serving(
 async fn an_edit_to_an_address_the_machine_lacks_keeps_the_old_policy() {
     let z = TestZone::new(&["home1"]);
     let p = free_tcp_port();
-    let app = |listen: String| {
-        format!("[app.w]\ntcp = {{ listen = \"{listen}\" }}\nto = \"home1/echo\"\nallow = {{ from = [\"public\"] }}\n")
-    };
+    let app = |listen: String| tcp_app_on("w", &listen);
     z.write_policy("w.toml", &app(format!("0.0.0.0:{p}")));
     let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
     let _h1 = start_echo_node(&z, &gw, "home1").await;
@@ -722,9 +725,7 @@ async fn an_edit_to_a_wildcard_another_program_overlaps_keeps_the_old_policy() {
     }
     let z = TestZone::new(&["home1"]);
     let p = free_tcp_port();
-    let app = |listen: String| {
-        format!("[app.w]\ntcp = {{ listen = \"{listen}\" }}\nto = \"home1/echo\"\nallow = {{ from = [\"public\"] }}\n")
-    };
+    let app = |listen: String| tcp_app_on("w", &listen);
     z.write_policy("w.toml", &app(format!("127.0.0.2:{p}")));
     let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
     let _h1 = start_echo_node(&z, &gw, "home1").await;
