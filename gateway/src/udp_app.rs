@@ -113,6 +113,9 @@ struct Entry {
     app: String,
     counters: Arc<AppCounters>,
     started: Instant,
+    /// When its open came back (young until [`ASSURE_AFTER`] past it: an open that took
+    /// seconds left no time to be in use both ways).
+    opened_at: Option<Instant>,
     /// Datagrams either way: a client that only sends (syslog, statsd) is still in use.
     activity: Arc<FlowActivity>,
     /// Ends the task passing the device's datagrams back.
@@ -233,8 +236,8 @@ impl Entry {
             return None;
         };
         let quiet = self.activity.quiet_for();
-        // A flow younger than ASSURE_AFTER has had no chance to be in use both ways yet.
-        let young = self.started.elapsed() < ASSURE_AFTER;
+        // A flow open for less than ASSURE_AFTER has had no chance to be in use both ways.
+        let young = self.opened_at.is_none_or(|t| t.elapsed() < ASSURE_AFTER);
         let (rank, why) = eviction_rank(
             flow.is_alive(),
             quiet,
@@ -503,6 +506,7 @@ impl AppSocket {
             app: app.name.clone(),
             counters: state.counters.clone(),
             started: Instant::now(),
+            opened_at: None,
             activity: Arc::new(FlowActivity::default()),
             stop: self.stop.child_token(),
             bytes_in: 0,
@@ -572,6 +576,7 @@ impl AppSocket {
             e.stop.clone(),
         ));
         e.state = State::Open { flow, back };
+        e.opened_at = Some(Instant::now());
         e.counters.connection();
         for d in queued {
             if let Some(error) = e.send(&d) {

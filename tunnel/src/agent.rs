@@ -1266,6 +1266,7 @@ impl Agent {
         };
         let stop = CancellationToken::new();
         let activity = Arc::new(FlowActivity::default());
+        let dropped_up = Arc::new(std::sync::atomic::AtomicU64::new(0));
         {
             let mut table = flows.lock().unwrap_or_else(|p| p.into_inner());
             let early = table.open(
@@ -1274,6 +1275,7 @@ impl Agent {
                     sock: sock.clone(),
                     stop: stop.clone(),
                     activity: activity.clone(),
+                    dropped_up: dropped_up.clone(),
                 },
                 Instant::now(),
             );
@@ -1285,7 +1287,9 @@ impl Agent {
             // datagrams in 100 were lost so). One the kernel refuses is dropped, as UDP may.
             for d in early {
                 activity.touch();
-                let _ = socket2::SockRef::from(&*sock).send(&d);
+                if socket2::SockRef::from(&*sock).send(&d).is_err() {
+                    dropped_up.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
         let (conn, ctl, flows) = (conn.clone(), ctl.clone(), flows.clone());
@@ -1359,7 +1363,8 @@ impl Agent {
                 ctl.close_udp_flow(id);
             }
             if let Some(unlogged) = LogBudget::take_shared(&lines) {
-                info!(gateway = %gateway, flow = id, app = %app, service = %service, origin = %origin, bytes_down = down, dropped, secs = started.elapsed().as_secs(), ended, unlogged, "UDP flow done");
+                let dropped_up = dropped_up.load(Ordering::Relaxed);
+                info!(gateway = %gateway, flow = id, app = %app, service = %service, origin = %origin, bytes_down = down, dropped, dropped_up, secs = started.elapsed().as_secs(), ended, unlogged, "UDP flow done");
             }
         });
     }
@@ -2055,6 +2060,9 @@ struct FlowEnd {
     sock: Arc<UdpSocket>,
     stop: CancellationToken,
     activity: Arc<FlowActivity>,
+    /// Datagrams to the service its socket would not take (a full send buffer, an ICMP
+    /// error pending): the gateway counted them as passed on, so the flow's done line says.
+    dropped_up: Arc<std::sync::atomic::AtomicU64>,
 }
 
 async fn read_datagrams(conn: Connection, flows: Flows) {
@@ -2066,7 +2074,9 @@ async fn read_datagrams(conn: Connection, flows: Flows) {
         };
         let sock = {
             let mut table = flows.lock().unwrap_or_else(|p| p.into_inner());
-            let open = table.get(id).map(|f| (f.sock.clone(), f.activity.clone()));
+            let open = table
+                .get(id)
+                .map(|f| (f.sock.clone(), f.activity.clone(), f.dropped_up.clone()));
             if open.is_none() {
                 // Its open may be right behind on the control stream.
                 table.hold_early(id, payload.clone(), Instant::now());
@@ -2078,12 +2088,14 @@ async fn read_datagrams(conn: Connection, flows: Flows) {
             info!(dropped, "UDP datagrams dropped for a flow not open: too many flows were opening at once, an open came more than 2 s after its datagrams, or they came just after their flow closed (the gateway counted them as passed on)");
             dropped = 0;
         }
-        if let Some((s, activity)) = sock {
+        if let Some((s, activity, dropped_up)) = sock {
             activity.touch();
             // Not awaited: one flow whose socket's send buffer is full (a service on a slow
             // link) held up every flow's datagrams behind it. A datagram the kernel will not
-            // take now is dropped, as UDP may.
-            let _ = socket2::SockRef::from(&*s).send(&payload);
+            // take now is dropped, as UDP may, and counted for the flow's done line.
+            if socket2::SockRef::from(&*s).send(&payload).is_err() {
+                dropped_up.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }
