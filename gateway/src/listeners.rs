@@ -188,17 +188,13 @@ impl Listeners {
                 // `127.0.0.1:P`, which a wildcard overlaps) is looked for instead. Found only
                 // after the swap, the app was down under an edit already serving.
                 let tried = tried.and_then(|()| {
-                    let proto = match key.0 {
-                        Kind::Tcp => crate::port_holders::Proto::Tcp,
-                        Kind::Udp => crate::port_holders::Proto::Udp,
-                    };
                     let beside: Vec<SocketAddr> = now
                         .iter()
                         .filter(|(k, a)| *k == key.0 && a.port() == key.1.port())
                         .map(|(_, a)| *a)
                         .collect();
                     match replaces
-                        .then(|| crate::port_holders::foreign_clash(proto, key.1, &beside))
+                        .then(|| crate::port_holders::foreign_clash(key.0, key.1, &beside))
                     {
                         Some(Some(other)) => Err(std::io::Error::new(
                             std::io::ErrorKind::AddrInUse,

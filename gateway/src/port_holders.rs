@@ -8,12 +8,7 @@
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-/// TCP or UDP, as the tables are split.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Proto {
-    Tcp,
-    Udp,
-}
+use crate::listeners::Kind;
 
 /// One socket of a table: its local address and its inode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,15 +22,15 @@ pub struct Bound {
 const TCP_LISTEN: &str = "0A";
 
 /// The sockets of one table's text (`/proc/net/tcp` or `tcp6`, `udp` or `udp6`) that a new
-/// listener of `proto` could clash with: listening TCP ones, every UDP one. Lines that do not
+/// listener of `kind` could clash with: listening TCP ones, every UDP one. Lines that do not
 /// parse are skipped.
-pub fn parse_table(text: &str, proto: Proto) -> Vec<Bound> {
+pub fn parse_table(text: &str, kind: Kind) -> Vec<Bound> {
     text.lines()
         .skip(1)
         .filter_map(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
             let (local, state, inode) = (f.get(1)?, f.get(3)?, f.get(9)?);
-            if proto == Proto::Tcp && *state != TCP_LISTEN {
+            if kind == Kind::Tcp && *state != TCP_LISTEN {
                 return None;
             }
             Some(Bound {
@@ -94,18 +89,18 @@ pub fn clash(
         .find(|l| listens_overlap(*l, addr))
 }
 
-/// Another program's socket on this machine that a new `proto` listener on `addr` would clash
+/// Another program's socket on this machine that a new `kind` listener on `addr` would clash
 /// with, if one can be seen (`None` where `/proc` cannot be read); `beside`: the addresses
 /// this process listens on now (see [`clash`]).
-pub fn foreign_clash(proto: Proto, addr: SocketAddr, beside: &[SocketAddr]) -> Option<SocketAddr> {
-    let files: [&str; 2] = match proto {
-        Proto::Tcp => ["/proc/net/tcp", "/proc/net/tcp6"],
-        Proto::Udp => ["/proc/net/udp", "/proc/net/udp6"],
+pub fn foreign_clash(kind: Kind, addr: SocketAddr, beside: &[SocketAddr]) -> Option<SocketAddr> {
+    let files: [&str; 2] = match kind {
+        Kind::Tcp => ["/proc/net/tcp", "/proc/net/tcp6"],
+        Kind::Udp => ["/proc/net/udp", "/proc/net/udp6"],
     };
     let bound: Vec<Bound> = files
         .iter()
         .filter_map(|f| std::fs::read_to_string(f).ok())
-        .flat_map(|t| parse_table(&t, proto))
+        .flat_map(|t| parse_table(&t, kind))
         .filter(|b| b.local.port() == addr.port())
         .collect();
     if bound.is_empty() {
@@ -136,7 +131,7 @@ mod tests {
     #[test]
     fn tables_parse_as_the_kernel_writes_them() {
         let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0\n   1: 0100007F:1F90 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 4343 1 0000000000000000 20 4 0 10 -1\n";
-        let got = parse_table(tcp, Proto::Tcp);
+        let got = parse_table(tcp, Kind::Tcp);
         if cfg!(target_endian = "little") {
             assert_eq!(
                 got,
@@ -147,18 +142,18 @@ mod tests {
             );
         }
         let tcp6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 77 1 0000000000000000 100 0 0 10 0\n   1: 0000000000000000FFFF00000100007F:0035 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 78 1 0000000000000000 100 0 0 10 0\n";
-        let got = parse_table(tcp6, Proto::Tcp);
+        let got = parse_table(tcp6, Kind::Tcp);
         if cfg!(target_endian = "little") {
             assert_eq!(got[0].local, "[::1]:8080".parse().unwrap());
             // IPv4-mapped, as the IPv4 address it is.
             assert_eq!(got[1].local, "127.0.0.1:53".parse().unwrap());
         }
         let udp = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n  1: 3500007F:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000   991        0 99 2 0000000000000000 0\n";
-        let got = parse_table(udp, Proto::Udp);
+        let got = parse_table(udp, Kind::Udp);
         if cfg!(target_endian = "little") {
             assert_eq!(got[0].local, "127.0.0.53:53".parse().unwrap());
         }
-        assert!(parse_table("header\n garbage line\n", Proto::Udp).is_empty());
+        assert!(parse_table("header\n garbage line\n", Kind::Udp).is_empty());
     }
 
     /// A wildcard clashes with a program's specific address on its port, and of its family
@@ -209,7 +204,7 @@ mod tests {
         if std::fs::metadata("/proc/net/tcp").is_ok() {
             let bound: Vec<Bound> = parse_table(
                 &std::fs::read_to_string("/proc/net/tcp").unwrap(),
-                Proto::Tcp,
+                Kind::Tcp,
             );
             assert!(
                 bound.iter().any(|b| b.local == l.local_addr().unwrap()),
@@ -220,6 +215,6 @@ mod tests {
                 Some(l.local_addr().unwrap())
             );
         }
-        assert_eq!(foreign_clash(Proto::Tcp, wildcard, &[]), None);
+        assert_eq!(foreign_clash(Kind::Tcp, wildcard, &[]), None);
     }
 }

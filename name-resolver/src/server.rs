@@ -233,23 +233,21 @@ impl DnsServer {
                             Err(error) => (ZoneRecords::without_txt(&zone), Some(error)),
                         })
                         .await;
+                    // A panicked build, or records that do not build even without TXT: one
+                    // failure, said the same way.
+                    let built = built.map_err(|e| e.to_string()).and_then(|(r, txt_error)| {
+                        r.map(|r| (r, txt_error)).map_err(|e| e.to_string())
+                    });
                     match built {
-                        Ok((Ok(r), None)) => {
+                        Ok((r, None)) => {
                             let _ = tx.send(Arc::new(r));
                         }
-                        Ok((Ok(r), Some(error))) => {
+                        Ok((r, Some(error))) => {
                             error!(zone = %origin, %error, serial, "DNS serves this zone serial's addresses without its TXT record: nodes cannot bootstrap over DNS until it fits");
                             let _ = tx.send(Arc::new(r));
                         }
-                        // Not even the addresses build (or the build panicked): the previous
-                        // serial's TXT, without the newer revocations, must not go on being
-                        // served — DNS stops, and with it the gateway, said why.
-                        Ok((Err(error), _)) => {
-                            return Err(DnsError::Stopped(
-                                "zone records builder",
-                                format!("zone {origin} serial {serial}: {error}"),
-                            ));
-                        }
+                        // The previous serial's TXT, without the newer revocations, must not go
+                        // on being served — DNS stops, and with it the gateway, said why.
                         Err(error) => {
                             return Err(DnsError::Stopped(
                                 "zone records builder",

@@ -167,13 +167,8 @@ fn listener(spec: &AppSpec, errs: &mut Vec<SpanError>) -> Option<Listener> {
         // takes IPv4 only): taken as that, so the overlap checks against other apps and the
         // gateway's own sockets see it. As written it passed them and then failed to bind
         // (or bound nothing where bindv6only is set). Any other address stays as written,
-        // with its scope (a link-local `[fe80::1%2]` binds only with it).
-        Some(match addr {
-            SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_some() => {
-                SocketAddr::new(addr.ip().to_canonical(), addr.port())
-            }
-            _ => addr,
-        })
+        // with its scope.
+        Some(zone_core::zonedir::unmapped(addr))
     };
     if let Some(t) = &spec.tcp {
         return parse_addr(&t.get_ref().listen, errs).map(Listener::Tcp);

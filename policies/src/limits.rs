@@ -549,12 +549,15 @@ impl AppLimits {
             .store(rate(config.bandwidth_per_connection), Ordering::Relaxed);
         // A limiter removed recently enough that some bucket has not refilled since, and
         // how long ago.
-        let retired = old.retired_rate.as_ref().and_then(|(r, at)| {
-            let gone = std::time::Duration::from(Nanos::from(
+        let gone = |r: &RateLimiter, at: Nanos| {
+            std::time::Duration::from(Nanos::from(
                 r.clock.now().as_u64().saturating_sub(at.as_u64()),
-            ));
-            (gone < r.full_refill()).then_some((r, gone))
-        });
+            ))
+        };
+        let retired = old
+            .retired_rate
+            .as_ref()
+            .filter(|(r, at)| gone(r, *at) < r.full_refill());
         let (rate, retired_rate) = match (&old.rate, config.rate) {
             (Some(r), Some(c)) if r.config == c => (Some(r.clone()), None),
             // A changed rate: nobody gets a fresh burst from the edit.
@@ -564,8 +567,8 @@ impl AppLimits {
             (None, Some(c)) => match retired {
                 Some((r, _)) if r.config == c => (Some(r.clone()), None),
                 // Another: as a changed one, its clients empty from the removal.
-                Some((r, gone)) => (
-                    Some(Arc::new(RateLimiter::replacing_since(c, r, gone))),
+                Some((r, at)) => (
+                    Some(Arc::new(RateLimiter::replacing_since(c, r, gone(r, *at)))),
                     None,
                 ),
                 // A rate where there was none (for long): nobody has used anything yet.
@@ -573,16 +576,7 @@ impl AppLimits {
             },
             (Some(r), None) => (None, Some((r.clone(), r.clock.now()))),
             // Kept only while it may still matter: a table of up to 65,536 keys, unswept.
-            (None, None) => (
-                None,
-                retired.map(|(r, _)| {
-                    let at = old
-                        .retired_rate
-                        .as_ref()
-                        .map_or(r.clock.now(), |(_, at)| *at);
-                    (r.clone(), at)
-                }),
-            ),
+            (None, None) => (None, retired.cloned()),
         };
         AppLimits {
             config: config.clone(),

@@ -483,6 +483,13 @@ fn tcp_app(name: &str, port: u16) -> String {
     tcp_app_on(name, &format!("127.0.0.1:{port}"))
 }
 
+/// A gateway on `z`'s policy and home1 connected to it, offering its echo service.
+async fn echo_gateway(z: &TestZone) -> (RunningGateway, RunningAgent) {
+    let gw = start_gateway(z, fast_tuning(), Duration::from_millis(500)).await;
+    let h1 = start_echo_node(z, &gw, "home1").await;
+    (gw, h1)
+}
+
 /// A `tcp` app `name` listening on `listen`, to home1's echo, for anyone.
 fn tcp_app_on(name: &str, listen: &str) -> String {
     format!("[app.{name}]\ntcp = {{ listen = \"{listen}\" }}\nto = \"home1/echo\"\nallow = {{ from = [\"public\"] }}\n")
@@ -506,8 +513,7 @@ async fn policy_edits_apply_live_and_a_broken_edit_keeps_the_old_policy() {
     let z = TestZone::new(&["home1"]);
     let (pa, pb) = (free_tcp_port(), free_tcp_port());
     z.write_policy("a.toml", &tcp_app("a", pa));
-    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
-    let _h1 = start_echo_node(&z, &gw, "home1").await;
+    let (gw, _h1) = echo_gateway(&z).await;
     let a: std::net::SocketAddr = ([127, 0, 0, 1], pa).into();
     let b: std::net::SocketAddr = ([127, 0, 0, 1], pb).into();
     assert_eq!(roundtrip(a, b"a").await.unwrap(), b"a");
@@ -550,8 +556,7 @@ async fn an_edit_to_an_address_in_use_keeps_the_old_policy() {
     let z = TestZone::new(&["home1"]);
     let pb = free_tcp_port();
     z.write_policy("b.toml", &tcp_app("b", pb));
-    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
-    let _h1 = start_echo_node(&z, &gw, "home1").await;
+    let (gw, _h1) = echo_gateway(&z).await;
     let b: std::net::SocketAddr = ([127, 0, 0, 1], pb).into();
     assert_eq!(roundtrip(b, b"b").await.unwrap(), b"b");
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -586,8 +591,7 @@ async fn a_start_with_one_app_address_taken_serves_the_rest_and_retries_it() {
     let pb = free_tcp_port();
     z.write_policy("a.toml", &tcp_app("a", taken.port()));
     z.write_policy("b.toml", &tcp_app("b", pb));
-    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
-    let _h1 = start_echo_node(&z, &gw, "home1").await;
+    let (gw, _h1) = echo_gateway(&z).await;
     let b: std::net::SocketAddr = ([127, 0, 0, 1], pb).into();
     assert_eq!(roundtrip(b, b"b").await.unwrap(), b"b");
     let status = admin_status(gw.admin).await;
@@ -690,8 +694,7 @@ async fn an_edit_to_an_address_the_machine_lacks_keeps_the_old_policy() {
     let p = free_tcp_port();
     let app = |listen: String| tcp_app_on("w", &listen);
     z.write_policy("w.toml", &app(format!("0.0.0.0:{p}")));
-    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
-    let _h1 = start_echo_node(&z, &gw, "home1").await;
+    let (gw, _h1) = echo_gateway(&z).await;
     let w: std::net::SocketAddr = ([127, 0, 0, 1], p).into();
     assert_eq!(roundtrip(w, b"w").await.unwrap(), b"w");
     // 192.0.2.0/24 is documentation space: no interface here has it (nothing is sent to it).
@@ -727,8 +730,7 @@ async fn an_edit_to_a_wildcard_another_program_overlaps_keeps_the_old_policy() {
     let p = free_tcp_port();
     let app = |listen: String| tcp_app_on("w", &listen);
     z.write_policy("w.toml", &app(format!("127.0.0.2:{p}")));
-    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
-    let _h1 = start_echo_node(&z, &gw, "home1").await;
+    let (gw, _h1) = echo_gateway(&z).await;
     let w: std::net::SocketAddr = ([127, 0, 0, 2], p).into();
     assert_eq!(roundtrip(w, b"w").await.unwrap(), b"w");
     // Another program (a process of its own: this one's sockets are the gateway's) listens
@@ -773,8 +775,7 @@ async fn an_app_moved_to_another_port_keeps_its_open_connections() {
     let z = TestZone::new(&["home1"]);
     let (pa, pb) = (free_tcp_port(), free_tcp_port());
     z.write_policy("a.toml", &tcp_app("a", pa));
-    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
-    let _h1 = start_echo_node(&z, &gw, "home1").await;
+    let (gw, _h1) = echo_gateway(&z).await;
     let a: std::net::SocketAddr = ([127, 0, 0, 1], pa).into();
     let b: std::net::SocketAddr = ([127, 0, 0, 1], pb).into();
     let mut open = tokio::net::TcpStream::connect(a).await.unwrap();
@@ -819,8 +820,7 @@ async fn open_connections_end_when_the_policy_stops_allowing_them() {
     let z = TestZone::new(&["home1"]);
     let pa = free_tcp_port();
     z.write_policy("a.toml", &tcp_app("a", pa));
-    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
-    let _h1 = start_echo_node(&z, &gw, "home1").await;
+    let (gw, _h1) = echo_gateway(&z).await;
     let a: std::net::SocketAddr = ([127, 0, 0, 1], pa).into();
     let mut open = tokio::net::TcpStream::connect(a).await.unwrap();
     let mut buf = [0u8; 16];
@@ -1073,8 +1073,7 @@ async fn tcp_app_bandwidth_limit_paces_the_transfer() {
         "a.toml",
         &format!("[app.slow]\ntcp = {{ listen = \"127.0.0.1:{port}\" }}\nto = \"home1/echo\"\nallow = {{ from = [\"public\"] }}\nlimits = {{ bandwidth_per_connection = \"256KiB/s\" }}\n"),
     );
-    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
-    let _h1 = start_echo_node(&z, &gw, "home1").await;
+    let (gw, _h1) = echo_gateway(&z).await;
     let data = random_bytes(1 << 20);
     let start = std::time::Instant::now();
     let back = roundtrip(([127, 0, 0, 1], port).into(), &data)

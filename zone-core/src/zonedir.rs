@@ -137,7 +137,7 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), ZoneError
 /// served twice in DNS and dialled twice by every agent.
 fn distinct(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
     let mut out: Vec<SocketAddr> = Vec::with_capacity(addrs.len());
-    for a in addrs.iter().map(|a| canonical(*a)) {
+    for a in addrs.iter().map(|a| unmapped(*a)) {
         if !out.contains(&a) {
             out.push(a);
         }
@@ -145,8 +145,9 @@ fn distinct(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
     out
 }
 
-/// An IPv4-mapped address as the IPv4 one; any other as it is.
-fn canonical(a: SocketAddr) -> SocketAddr {
+/// An IPv4-mapped address as the IPv4 one; any other as written, an IPv6 scope id kept (which
+/// `SocketAddr::new` would drop: a link-local `[fe80::1%2]` binds only with it).
+pub fn unmapped(a: SocketAddr) -> SocketAddr {
     match a {
         SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_some() => {
             SocketAddr::new(a.ip().to_canonical(), a.port())
@@ -165,7 +166,7 @@ fn check_not_taken(
     for g in gateways.iter().filter(|g| &g.device != name) {
         if let Some(a) = addrs
             .iter()
-            .find(|a| g.addrs.iter().any(|b| canonical(*b) == **a))
+            .find(|a| g.addrs.iter().any(|b| unmapped(*b) == **a))
         {
             return Err(ZoneError::Usage(format!(
                 "--public-addr {a} is gateway {}'s already: agents dialling {name} there would reach {} and refuse it; give {name} its own address (or move {} first: `zonegate device move {} --public-addr IP:PORT`)",

@@ -83,14 +83,16 @@ fn other_zone_refused() {
     );
 }
 
-#[test]
-fn expired_refused() {
-    let t = tempfile::tempdir().unwrap();
-    let z = zone(t.path(), "alice.example");
-    let name = DeviceName::new("old").unwrap();
+/// A node certificate for `name` of zone `z`, valid from `not_before` to `not_after` as asked.
+fn node_cert(
+    z: &ZoneDir,
+    name: &str,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> zone_core::cert::DeviceCert {
+    let name = DeviceName::new(name).unwrap();
     let key = z.key.derive_device(z.domain(), &name);
-    let now = OffsetDateTime::now_utc();
-    let c = issue_device(
+    issue_device(
         &z.key,
         &z.ca_pem,
         &key,
@@ -98,11 +100,24 @@ fn expired_refused() {
             domain: z.domain(),
             name: &name,
             roles: &[Role::Node],
-            not_before: now - time::Duration::days(30),
-            not_after: now - time::Duration::days(1),
+            not_before,
+            not_after,
         },
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn expired_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let z = zone(t.path(), "alice.example");
+    let now = OffsetDateTime::now_utc();
+    let c = node_cert(
+        &z,
+        "old",
+        now - time::Duration::days(30),
+        now - time::Duration::days(1),
+    );
     let err = trust_of(&z)
         .verify_device(&der(&c.pem), UnixTime::now())
         .unwrap_err();
@@ -118,23 +133,9 @@ fn expired_refused() {
 fn device_certificates_end_with_the_ca_at_the_latest() {
     let t = tempfile::tempdir().unwrap();
     let z = zone(t.path(), "alice.example");
-    let name = DeviceName::new("late").unwrap();
-    let key = z.key.derive_device(z.domain(), &name);
     let now = OffsetDateTime::now_utc();
     let far = now + time::Duration::days(zone_core::cert::CA_CERT_DAYS + 400);
-    let c = issue_device(
-        &z.key,
-        &z.ca_pem,
-        &key,
-        &IssueRequest {
-            domain: z.domain(),
-            name: &name,
-            roles: &[Role::Node],
-            not_before: now,
-            not_after: far,
-        },
-    )
-    .unwrap();
+    let c = node_cert(&z, "late", now, far);
     let ca_end = now + time::Duration::days(zone_core::cert::CA_CERT_DAYS);
     assert!(c.not_after < far, "{}", c.not_after);
     assert!(
