@@ -443,9 +443,15 @@ pub fn in_file_or_flags(file: &Path, e: UsageError) -> UsageError {
 /// Reads and parses a TOML config file; errors name the file, line and column.
 pub fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|error| match error.kind() {
-        std::io::ErrorKind::NotFound => {
-            ConfigError::Usage(UsageError(format!("{}: {error}", path.display())))
-        }
+        std::io::ErrorKind::NotFound => ConfigError::Usage(UsageError(format!(
+            "{}: {error}: give this device's config file (`zonegate device add` writes gateway.toml or node.toml into ZONE/devices/NAME/)",
+            path.display()
+        ))),
+        // An editor's UTF-16 or Latin-1 save: no restart mends it either.
+        std::io::ErrorKind::InvalidData => ConfigError::Usage(UsageError(format!(
+            "{}: not UTF-8 text: save it as UTF-8",
+            path.display()
+        ))),
         // No restart turns a directory into the file: give the config file itself.
         std::io::ErrorKind::IsADirectory => ConfigError::Usage(UsageError(format!(
             "{}: is a directory: give the config file (gateway.toml or node.toml in the device's bundle)",
@@ -642,14 +648,18 @@ pub fn forwards(list: &[ForwardEntry], me: &DeviceName) -> Result<Vec<Forward>, 
 /// wildcard of the other's), said with both settings, before anything is bound: found by the
 /// binds, `[[forward]] listen = "127.0.0.1:9091"` beside the default admin address failed
 /// as the admin's bind (exit 1, restarted for ever) naming the wrong setting to change.
-pub fn node_socket_clashes(admin: SocketAddr, forwards: &[Forward]) -> Result<(), UsageError> {
+pub fn node_socket_clashes(
+    file: &Path,
+    admin: SocketAddr,
+    forwards: &[Forward],
+) -> Result<(), UsageError> {
     use gateway::listeners::{clashes_among, Kind};
     let mut own = vec![(Kind::Tcp, admin, "admin".to_string())];
     own.extend(forwards.iter().map(|f| {
         let key = format!("forward to {}/{}", f.device, f.service);
         (Kind::Tcp, f.listen, key)
     }));
-    let clashes = clashes_among(&own, "node.toml");
+    let clashes = clashes_among(&own, &format!("{} or its --forward flags", file.display()));
     match clashes.is_empty() {
         true => Ok(()),
         false => Err(UsageError(clashes.join("; "))),
@@ -781,6 +791,41 @@ pub fn http_tuning(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A config file that is missing or not UTF-8 is a mistake to fix (exit 2, which the
+    /// systemd units do not restart), and the message says what to do.
+    #[test]
+    fn missing_and_non_utf8_config_files_say_what_to_do() {
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct T {
+            a: u32,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let missing = read::<T>(&dir.path().join("gateway.tml")).unwrap_err();
+        assert!(matches!(missing, ConfigError::Usage(_)), "{missing:?}");
+        assert!(
+            missing.to_string().contains("zonegate device add"),
+            "{missing}"
+        );
+
+        let utf16 = dir.path().join("node.toml");
+        let text: Vec<u8> = "a = 1\n"
+            .encode_utf16()
+            .flat_map(|u| u.to_le_bytes())
+            .collect();
+        std::fs::write(&utf16, [&[0xff, 0xfe][..], &text].concat()).unwrap();
+        let e = read::<T>(&utf16).unwrap_err();
+        assert!(matches!(e, ConfigError::Usage(_)), "{e:?}");
+        assert!(e.to_string().contains("save it as UTF-8"), "{e}");
+
+        let bom = dir.path().join("bom.toml");
+        std::fs::write(&bom, "\u{feff}a = 1\n").unwrap();
+        assert_eq!(
+            read::<T>(&bom).map(|t| t.a).map_err(|e| e.to_string()),
+            Ok(1)
+        );
+    }
 
     /// A `--service` never silently replaces another entry of the same name.
     #[test]

@@ -336,7 +336,16 @@ impl Gateway {
             }
             None => None,
         };
-        let endpoint = transport::server_endpoint(opts.listen, &opts.creds, &opts.tuning)?;
+        let endpoint = transport::server_endpoint(opts.listen, &opts.creds, &opts.tuning)
+            .map_err(|e| match e {
+                tunnel::TunnelError::Bind { addr, error, .. } => {
+                    let hint = bind_hint(&error, addr, "set `listen = \"IP:PORT\"` in gateway.toml");
+                    StartError::Bind(format!(
+                        "`listen` (the tunnel's QUIC port): cannot listen on UDP {addr}: {error}{hint}"
+                    ))
+                }
+                e => e.into(),
+            })?;
         let admin = admin::bind(opts.admin).await?;
         let hub = Hub::new(HubConfig {
             creds: opts.creds.clone(),
@@ -670,12 +679,18 @@ impl Gateway {
                 &shutdown,
             );
         }
-        hub.serve(endpoint, shutdown.clone(), opts.grace).await;
-        info!("gateway stopped");
+        let served = hub.serve(endpoint, shutdown.clone(), opts.grace).await;
         let stopped_by = fatal.lock().unwrap_or_else(|p| p.into_inner()).take();
-        match stopped_by {
-            Some(e) => Err(e),
-            None => Ok(()),
+        info!(device = %opts.creds.name(), zone = %opts.creds.domain(), "gateway stopped");
+        match (stopped_by, served) {
+            (Some(e), _) => Err(e),
+            // Exit 0 would tell the service manager not to restart a gateway no agent reaches.
+            (None, tunnel::hub::Served::EndpointEnded) => Err(RunError::Part {
+                what: "QUIC endpoint",
+                why: "it stopped accepting connections".into(),
+                without: "no node agent could connect",
+            }),
+            (None, tunnel::hub::Served::Shutdown) => Ok(()),
         }
     }
 }
@@ -751,7 +766,7 @@ impl HealthLog {
             .map(String::as_str)
             .collect();
         let previous = self.last.replace(health).unwrap_or("unknown");
-        info!(health, previous, connected, expected = expected.len(), missing = ?missing, "zone health changed");
+        info!(zone = %hub.creds().domain(), health, previous, connected, expected = expected.len(), missing = ?missing, "zone health changed");
     }
 }
 

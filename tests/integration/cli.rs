@@ -815,7 +815,10 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
     );
     assert!(
         e.contains("`admin` (127.0.0.1:9091)")
-            && e.contains("`forward to home2/web` (0.0.0.0:9091)"),
+            && e.contains("`forward to home2/web` (0.0.0.0:9091)")
+            && e.contains(&format!(
+                "another address in {nodes} or its --forward flags"
+            )),
         "{e}"
     );
 
@@ -897,6 +900,40 @@ fn busy_admin_port_names_the_setting() {
     assert!(
         e.contains(&format!("admin API: cannot listen on {addr}"))
             && e.contains("set `admin = \"127.0.0.1:PORT\"`"),
+        "{e}"
+    );
+    assert_eq!(e.matches("(os error").count(), 1, "{e}");
+}
+
+/// The gateway's QUIC port held by another program: the error names `listen` and what to
+/// do, as every other bind's does, and the OS error once.
+#[test]
+fn busy_quic_port_names_the_listen_setting() {
+    let t = tempfile::tempdir().unwrap();
+    let z = zone_with_devices(t.path());
+    let gw = z.join("devices/gw/gateway.toml");
+    let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let quic = held.local_addr().unwrap();
+    let text: String = std::fs::read_to_string(&gw)
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            !["admin =", "listen =", "http =", "https =", "dns ="]
+                .iter()
+                .any(|k| l.starts_with(k))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(
+        &gw,
+        format!("admin = \"127.0.0.1:{}\"\nlisten = \"{quic}\"\nhttp = \"off\"\nhttps = \"off\"\ndns = \"off\"\n{text}", crate::inproc::free_tcp_port()),
+    )
+    .unwrap();
+    let e = fails(1, ["gateway", "--config", gw.to_str().unwrap()]);
+    assert!(
+        e.contains(&format!(
+            "`listen` (the tunnel's QUIC port): cannot listen on UDP {quic}"
+        )) && e.contains("set `listen = \"IP:PORT\"` in gateway.toml"),
         "{e}"
     );
     assert_eq!(e.matches("(os error").count(), 1, "{e}");

@@ -721,7 +721,7 @@ impl Agent {
         tasks.abort_all();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         self.cfg.creds.saved(Duration::from_secs(5)).await;
-        info!("node agent stopped");
+        info!(device = %self.cfg.creds.name(), zone = %self.cfg.creds.domain(), "node agent stopped");
     }
 
     /// A part of the agent panicked (`why`): logged, kept for [`Agent::broke`].

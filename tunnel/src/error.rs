@@ -6,6 +6,14 @@ use crate::proto::{ProtoError, RefuseCode};
 pub enum TunnelError {
     #[error("{0}")]
     Config(String),
+    /// The UDP socket under a QUIC endpoint could not be bound (the caller names the setting).
+    #[error("cannot {what} UDP {addr}: {error}")]
+    Bind {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        #[source]
+        error: std::io::Error,
+    },
     /// The bundle and config agree that this device cannot run as set up: a certificate of
     /// another device than the config names, a zone config that revokes it or is another
     /// domain's. A restart cannot help (the CLI exits 2, which its service unit does not

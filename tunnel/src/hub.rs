@@ -14,7 +14,7 @@ use quinn::{Connection, Endpoint};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use zone_core::{DeviceIdentity, SignedZone};
 
 use crate::admit::{GateStats, HandshakeGate, HandshakePermit};
@@ -115,6 +115,15 @@ pub(crate) fn until(t: time::OffsetDateTime) -> Duration {
 pub const PUNCH_MIN_INTERVAL: Duration = Duration::from_secs(5);
 /// A pair whose last relayed stream is younger than this shows as `relay` in `/status`.
 const RELAY_RECENT: Duration = Duration::from_secs(60);
+
+/// Why [`Hub::serve`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// Its shutdown token was cancelled.
+    Shutdown,
+    /// The QUIC endpoint stopped accepting by itself; the hub cancelled the shutdown token.
+    EndpointEnded,
+}
 
 /// Everything the hub needs.
 #[derive(Debug, Clone)]
@@ -653,8 +662,16 @@ impl Hub {
         v
     }
 
-    /// Accepts agents until `shutdown`; then drains (see [`Hub::drain`]).
-    pub async fn serve(&self, endpoint: Endpoint, shutdown: CancellationToken, grace: Duration) {
+    /// Accepts agents until `shutdown`; then drains (see [`Hub::drain`]). An endpoint that
+    /// stops accepting by itself (quinn's driver ended on a UDP error) cancels `shutdown`, so
+    /// that the process it serves drains and stops with it rather than run on unreachable to
+    /// every agent, and says so in its answer.
+    pub async fn serve(
+        &self,
+        endpoint: Endpoint,
+        shutdown: CancellationToken,
+        grace: Duration,
+    ) -> Served {
         info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "tunnel hub listening (QUIC, ALPN zonegate/1)");
         tokio::spawn(self.clone().sweep_holds(shutdown.clone()));
         tokio::spawn(self.clone().revoke_permits(shutdown.clone()));
@@ -662,10 +679,19 @@ impl Hub {
         let _expiry = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
             self.0.cfg.creds.clone().watch_own_expiry(),
         ));
+        let mut served = Served::Shutdown;
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                i = endpoint.accept() => match i { Some(i) => i, None => break },
+                i = endpoint.accept() => match i {
+                    Some(i) => i,
+                    None => {
+                        error!("the QUIC endpoint stopped accepting connections by itself: draining and stopping");
+                        served = Served::EndpointEnded;
+                        shutdown.cancel();
+                        break;
+                    }
+                },
             };
             let Some((incoming, permit)) = self.0.handshakes.admit(incoming) else {
                 continue;
@@ -684,6 +710,7 @@ impl Hub {
         }
         self.drain(&endpoint, grace).await;
         self.0.cfg.creds.saved(Duration::from_secs(5)).await;
+        served
     }
 
     /// Whenever the policy or the minute changes, revokes the direct-path permits it no
@@ -799,7 +826,7 @@ impl Hub {
         }
         endpoint.close(CLOSE_SHUTDOWN.into(), b"gateway shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-        info!("drained");
+        info!(device = %self.0.cfg.creds.name(), "drained");
     }
 
     async fn handle_incoming(

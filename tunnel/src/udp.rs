@@ -39,11 +39,14 @@ pub const MAX_SEND_PAYLOAD: usize = 65_507;
 /// wraps it for `runtime` in [`GsoBounded`].
 pub fn bind(
     bind: SocketAddr,
-    what: &str,
+    what: &'static str,
     runtime: &dyn Runtime,
 ) -> Result<Arc<dyn AsyncUdpSocket>, TunnelError> {
-    let socket = crate::sockets::std_udp(bind)
-        .map_err(|e| TunnelError::Config(format!("cannot {what} UDP {bind}: {e}")))?;
+    let socket = crate::sockets::std_udp(bind).map_err(|error| TunnelError::Bind {
+        what,
+        addr: bind,
+        error,
+    })?;
     let sized = quinn::udp::UdpSocketState::new((&socket).into()).and_then(|st| {
         st.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER)?;
         st.set_send_buffer_size((&socket).into(), SOCKET_BUFFER)?;
