@@ -2844,3 +2844,37 @@ async fn an_open_connection_is_counted_as_it_goes() {
     assert_eq!(counts(), (100_000, 100_000));
     gw.shutdown.cancel();
 }
+
+/// A QUIC endpoint that stops accepting by itself (quinn's driver ended on a UDP error) ends
+/// the hub's serve with that reason and cancels the process's shutdown token, so the gateway
+/// drains and exits with an error (run.rs) instead of running on unreachable and exiting 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_stops_by_itself_stops_the_hub_with_its_reason() {
+    let z = TestZone::new(&["home1"]);
+    let creds = z.creds("gw");
+    let tuning = fast_tuning();
+    let policy = Arc::new(policies::PolicyStore::load(&z.policy_dir()).expect("policy loads"));
+    let hub = tunnel::hub::Hub::new(tunnel::hub::HubConfig {
+        creds: creds.clone(),
+        policy,
+        local: Arc::new(tunnel::services::LocalServices::default()),
+        tuning,
+    });
+    let endpoint =
+        tunnel::transport::server_endpoint("127.0.0.1:0".parse().unwrap(), &creds, &tuning)
+            .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let serving = tokio::spawn({
+        let (hub, endpoint, shutdown) = (hub.clone(), endpoint.clone(), shutdown.clone());
+        async move {
+            hub.serve(endpoint, shutdown, Duration::from_millis(100))
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!serving.is_finished());
+    endpoint.close(0u32.into(), b"gone");
+    let served = tokio::time::timeout(WAIT, serving).await.unwrap().unwrap();
+    assert_eq!(served, tunnel::hub::Served::EndpointEnded);
+    assert!(shutdown.is_cancelled());
+}
