@@ -2015,6 +2015,61 @@ async fn status_page_metrics_and_headless_chromium() {
     );
 }
 
+/// An HTTPS/1.1 client that sends requests and stops reading is cut after the send timeout
+/// even when its last answer went whole into TLS's own buffer: the wait for that buffer to
+/// reach the socket (the flush) had no deadline, and such a client held its connection for
+/// good. Small answers, so that the answer the full socket stops is taken whole by rustls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_client_that_stops_reading_is_cut_after_the_send_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let send_timeout = Duration::from_secs(2);
+    let h = start_sending_within(send_timeout).await;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(crate::hostile::AnyServer(provider)))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(h.https).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(DOMAIN).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    // Requests until the gateway stops reading them (or cuts the connection).
+    let writer = tokio::spawn(async move {
+        let req = format!("GET /bytes/1000 HTTP/1.1\r\nHost: {DOMAIN}\r\n\r\n");
+        for _ in 0..20_000 {
+            if wr.write_all(req.as_bytes()).await.is_err() || wr.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio::time::sleep(send_timeout * 2 + Duration::from_secs(1)).await;
+    let t = Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    writer.abort();
+    assert!(
+        closed.is_ok(),
+        "still connected {:?} after reading again",
+        t.elapsed()
+    );
+}
+
 /// An HTTP/2 client over TLS that sends part of the connection preface and then nothing is
 /// dropped after the head timeout: the first byte lifted the deadline, and hyper neither
 /// pings nor closes before the preface is whole, so such a client held its connection (and

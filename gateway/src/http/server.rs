@@ -697,8 +697,14 @@ async fn write_response(
                 moved = 0;
             }
         } else if ended {
-            ready!(Pin::new(&mut **io).poll_flush(cx))?;
-            return Poll::Ready(Ok(()));
+            // TLS takes the last bytes into its own buffer (`out` is empty) and writes them
+            // out on flush: a client that stopped reading then is under the send timeout too.
+            let Poll::Ready(flushed) = Pin::new(&mut **io).poll_flush(cx) else {
+                let since = *blocked_since.get_or_insert_with(Instant::now);
+                return poll_deadline(timer.as_mut(), cx, since + send_timeout)
+                    .map(|()| Err(WriteError::Stalled(send_timeout)));
+            };
+            return Poll::Ready(flushed.map_err(Into::into));
         }
     })
     .await
