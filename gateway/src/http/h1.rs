@@ -313,7 +313,7 @@ pub fn parse_response(
     let mut lengths: Option<Result<u64, ()>> = None;
     // Transfer codings named (all headers together), and how many of them were `chunked`.
     let mut codings = None::<(usize, usize)>;
-    let mut close = version == Version::HTTP_10;
+    let mut close_token = false;
     let mut keep_alive_token = false;
     let mut keep_alive_timeout = None;
     let (mut length_lines, mut length_lists) = (0usize, false);
@@ -365,7 +365,7 @@ pub fn parse_response(
             }
         } else if name == header::CONNECTION {
             for t in value_bytes.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                close |= t.eq_ignore_ascii_case(b"close");
+                close_token |= t.eq_ignore_ascii_case(b"close");
                 keep_alive_token |= t.eq_ignore_ascii_case(b"keep-alive");
             }
         } else if name.as_str() == "keep-alive" {
@@ -386,9 +386,9 @@ pub fn parse_response(
     if upgrade && headers.contains_key(header::UPGRADE) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    if version == Version::HTTP_10 && keep_alive_token {
-        close = false;
-    }
+    // HTTP/1.0 closes unless the answer keeps alive; a `close` token wins over a
+    // `keep-alive` beside it, as on the request side.
+    let mut close = close_token || (version == Version::HTTP_10 && !keep_alive_token);
     let no_body = head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -945,6 +945,11 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(h.keep_alive);
+        // A `close` beside the `keep-alive` wins (it pooled a connection the service closed).
+        for both in ["close, keep-alive", "keep-alive, close"] {
+            let a = format!("HTTP/1.0 200 OK\r\nConnection: {both}\r\nContent-Length: 1\r\n\r\n");
+            assert!(!head(&a).unwrap().unwrap().0.keep_alive, "{both}");
+        }
         assert_eq!(
             head("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n")
                 .unwrap()
