@@ -39,8 +39,9 @@ pub trait Count {
     fn add(&mut self, n: u64) -> u64;
     /// The body failed with `error` (called before [`Count::end`]).
     fn failed(&mut self, _error: &BoxError) {}
-    /// The body is over: ended, failed, or cut off at its limit (not called when the body is
-    /// dropped before its end: then the counter is dropped with it).
+    /// The body is over, once: ended (its last frame taken, or empty from the start), failed,
+    /// or cut off at its limit. Not called when the body is dropped before its end (the client
+    /// left): then the counter is dropped with it.
     fn end(&mut self) {}
 }
 
@@ -60,10 +61,18 @@ pub struct Metered<B, C = Arc<AtomicU64>, G = ()> {
     shaper: Option<Arc<Shaper>>,
     wait: Option<Wait>,
     guard: Option<G>,
+    /// [`Count::end`] was called.
+    over: bool,
 }
 
-impl<B, C: Count> Metered<B, C> {
-    pub fn new(inner: B, bytes: C) -> Self {
+impl<B: Body, C: Count> Metered<B, C> {
+    pub fn new(inner: B, mut bytes: C) -> Self {
+        // A body empty from the start may never be polled (hyper's HTTP/2 server sends the
+        // head with END_STREAM and drops it): it is over now.
+        let over = inner.is_end_stream();
+        if over {
+            bytes.end();
+        }
         Metered {
             inner,
             bytes,
@@ -71,6 +80,7 @@ impl<B, C: Count> Metered<B, C> {
             shaper: None,
             wait: None,
             guard: None,
+            over,
         }
     }
 }
@@ -94,16 +104,19 @@ impl<B, C, G> Metered<B, C, G> {
             limit: self.limit,
             shaper: self.shaper,
             wait: self.wait,
-            guard: Some(g),
+            guard: (!self.over).then_some(g),
+            over: self.over,
         }
     }
 
-    /// The body is over: the counter hears it, the guard is dropped.
+    /// The body is over: the counter hears it (once), the guard is dropped.
     fn over(&mut self)
     where
         C: Count,
     {
-        self.bytes.end();
+        if !std::mem::replace(&mut self.over, true) {
+            self.bytes.end();
+        }
         self.guard = None;
     }
 }
@@ -154,6 +167,11 @@ where
                         let s = s.clone();
                         this.wait = Some(Box::pin(async move { s.consume(n).await }));
                     }
+                }
+                // Its last frame: hyper's HTTP/2 server sends it with END_STREAM and does not
+                // poll for the end, so the body is over now, not when it is dropped.
+                if this.inner.is_end_stream() {
+                    this.over();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -343,6 +361,33 @@ mod tests {
         let body = Metered::new(chunks::Iter::new(2, 10), Recorder(seen.clone())).boxed();
         body.collect().await.unwrap();
         assert_eq!(seen.lock().unwrap().0, ["end"]);
+
+        // Over at its last frame (hyper's HTTP/2 server polls no further), once.
+        let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+        let mut body = Metered::new(
+            http_body_util::Full::new(Bytes::from_static(b"all")),
+            Recorder(seen.clone()),
+        );
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "all");
+        assert_eq!(seen.lock().unwrap().0, ["end"]);
+        assert!(body.frame().await.is_none());
+        assert_eq!(seen.lock().unwrap().0, ["end"]);
+
+        // Empty from the start: over before any poll (hyper never polls it).
+        let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+        drop(Metered::new(
+            http_body_util::Empty::<Bytes>::new(),
+            Recorder(seen.clone()),
+        ));
+        assert_eq!(seen.lock().unwrap().0, ["end"]);
+
+        // Dropped before its end (the client left): the counter hears no end.
+        let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+        let mut body = Metered::new(chunks::Iter::new(2, 10), Recorder(seen.clone()));
+        body.frame().await.unwrap().unwrap();
+        drop(body);
+        assert!(seen.lock().unwrap().0.is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -266,6 +266,19 @@ impl body::Count for Logged {
     }
 }
 
+impl Drop for Logged {
+    /// Dropped before its end: the client did not take the whole answer (it left, or read
+    /// nothing for the send timeout). The head's status went out; the line says the rest did
+    /// not, rather than read as a clean answer.
+    fn drop(&mut self) {
+        if let Some(log) = &mut self.0 {
+            log.error.get_or_insert_with(|| {
+                "the client did not take the whole answer (it left, or read nothing for the send timeout)".into()
+            });
+        }
+    }
+}
+
 /// What the proxy got back from the device, ready to be streamed to the client.
 struct Answer {
     resp: Response<UpBody>,
