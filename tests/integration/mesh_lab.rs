@@ -643,4 +643,49 @@ fn lab_two_devices_behind_one_symmetric_nat_go_direct_over_their_lan() {
     assert!(p["bytes_direct_out"].as_u64() >= Some(BIG), "{p}");
     let (med, p90) = w.rtt("home2b", FWD_ECHO).expect("rtt over the LAN");
     eprintln!("MESH-BENCH lan home2b->home2 rtt median {med:.3} ms p90 {p90:.3} ms");
+
+    // home2's LAN address changes under its running session (a new DHCP lease): QUIC
+    // migration keeps the session, and the gateway hears the new address within the agent's
+    // recheck, not only at the next reconnect, and stops handing out the old one.
+    let moved = std::net::Ipv4Addr::new(192, 168, 2, 20);
+    let nat2_lan = netlab::NAT2_LAN.to_string();
+    let lease = format!("{moved}/24");
+    let old = format!("{HOME2}/24");
+    let moved_s = moved.to_string();
+    // The new address stays when the old (primary) one goes; the default route is put back
+    // with the new source whatever the deletion did to it.
+    w.lab
+        .check(
+            w.lab
+                .cmd("home2", "sysctl")
+                .args(["-qw", "net.ipv4.conf.eth0.promote_secondaries=1"]),
+            Duration::from_secs(5),
+        )
+        .expect("sysctl promote_secondaries");
+    for args in [
+        &["addr", "add", lease.as_str(), "dev", "eth0"][..],
+        &["addr", "del", old.as_str(), "dev", "eth0"],
+        &[
+            "route", "replace", "default", "via", &nat2_lan, "src", &moved_s,
+        ],
+    ] {
+        w.lab
+            .check(w.lab.cmd("home2", "ip").args(args), Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
+    }
+    eventually(READY, "gateway lists home2's new LAN address only", || {
+        let st = w.status("vps", 9090)?;
+        let a = st["agents"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["device"] == "home2"))
+            .ok_or_else(|| format!("home2 not listed: {st}"))?;
+        let listed: Vec<&str> = a["local_addrs"]
+            .as_array()
+            .map(|l| l.iter().filter_map(|x| x.as_str()).collect())
+            .unwrap_or_default();
+        match listed[..] {
+            [one] if one.starts_with(&format!("{moved}:")) => Ok(()),
+            _ => Err(format!("home2: {a}")),
+        }
+    });
 }

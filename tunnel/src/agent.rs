@@ -54,6 +54,9 @@ const ZONE_POLL: Duration = Duration::from_millis(500);
 /// The longest drain a gateway may ask of this agent: the longest `grace_secs` a gateway
 /// takes (an hour).
 const MAX_GATEWAY_DRAIN: Duration = Duration::from_secs(3600);
+/// How often a session looks its LAN address up again ([`LanReport`]): a route lookup, no
+/// packet sent.
+const LAN_RECHECK: Duration = Duration::from_secs(10);
 /// Connections one forward serves at once ([`Agent::forward_loop`]).
 pub const MAX_FORWARD_CONNECTIONS: usize = 1024;
 /// Longest UDP flow idle time a gateway's `UdpFlowIdle` sets (the setting's own bound).
@@ -973,7 +976,7 @@ impl Agent {
                 error!(gateway = %link.name, device = %creds.name(), "the gateway refused this device's certificate: {REVOKED_HELP}");
             }
         }
-        let (conn, mut io, welcome) = match r {
+        let (conn, io, welcome) = match r {
             Ok(r) => r?,
             Err(_) => return Err(TunnelError::Timeout("connect and hello")),
         };
@@ -1049,16 +1052,6 @@ impl Agent {
         }
         let streams = tokio::spawn(self.clone().accept_streams(conn.clone(), link.name.clone()));
         let dgrams = tokio::spawn(read_datagrams(conn.clone(), flows.clone()));
-        // For peers behind the same NAT, to which the NAT's outside rarely leads back.
-        let lan = self.endpoint.local_addr().ok().and_then(|bound| {
-            crate::candidates::lan_candidate(bound, conn.remote_address(), welcome.observed_addr)
-        });
-        if let Some(lan) = lan {
-            debug!(gateway = %link.name, %lan, "reporting this device's address behind its NAT");
-            if let Err(e) = io.session.send_local_addrs(vec![lan]) {
-                debug!(gateway = %link.name, error = %e, "local address not reported");
-            }
-        }
         let reason = self
             .run_control(link, &conn, io, cmds, ctl, flows.clone())
             .await;
@@ -1099,6 +1092,14 @@ impl Agent {
         flows: Flows,
     ) -> String {
         let mut drain_deadline: Option<tokio::time::Instant> = None;
+        // For peers behind the same NAT, to which the NAT's outside rarely leads back: told
+        // now, and again whenever it changed (a new DHCP lease, another network), since QUIC
+        // migration keeps the session going for days across such a change.
+        let mut lan = LanReport::default();
+        lan.update(self, link, conn, &mut io.session);
+        let mut lan_check =
+            tokio::time::interval_at(tokio::time::Instant::now() + LAN_RECHECK, LAN_RECHECK);
+        lan_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The gateway may not have relayed them (it restarted, or another one did), yet must
         // be able to revoke them.
         let held = self.peers.held_permits();
@@ -1156,6 +1157,7 @@ impl Agent {
                 },
                 e = conn.closed() => return format!("connection lost: {e}"),
                 _ = drain_sleep => return "gateway drained".into(),
+                _ = lan_check.tick() => lan.update(self, link, conn, &mut io.session),
             }
         }
     }
@@ -2108,6 +2110,61 @@ pub fn origin_text(o: &Origin) -> String {
             addr: Some(a),
         } => format!("device {name} ({a})"),
         Origin::Device { name, addr: None } => format!("device {name}"),
+    }
+}
+
+/// This device's address behind its NAT as told to one gateway in this session
+/// (`LocalAddrs`), for peers behind the same NAT.
+#[derive(Default)]
+struct LanReport {
+    /// `None` until first looked up; then what the gateway was last told (or, before any
+    /// report, that there was nothing to tell).
+    told: Option<Option<SocketAddr>>,
+}
+
+impl LanReport {
+    /// Looks the address up and tells the gateway when it changed (an empty list when there
+    /// is none any more: the gateway then stops handing out the old one).
+    fn update(
+        &mut self,
+        agent: &Agent,
+        link: &GatewayLink,
+        conn: &Connection,
+        session: &mut crate::proto::session::ControlSession,
+    ) {
+        // The address this session's gateway saw at its welcome.
+        let observed = link
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .observed;
+        let now = agent
+            .endpoint
+            .local_addr()
+            .ok()
+            .zip(observed)
+            .and_then(|(bound, observed)| {
+                crate::candidates::lan_candidate(bound, conn.remote_address(), observed)
+            });
+        let first = self.told.is_none();
+        if self.told == Some(now) || (first && now.is_none()) {
+            self.told = Some(now);
+            return;
+        }
+        match session.send_local_addrs(now.into_iter().collect()) {
+            Ok(()) if first => {
+                debug!(gateway = %link.name, lan = ?now, "reporting this device's address behind its NAT");
+            }
+            Ok(()) => {
+                let was = self.told.flatten();
+                info!(gateway = %link.name, device = %agent.cfg.creds.name(), lan = ?now, was = ?was, "this device's address behind its NAT changed: told the gateway");
+            }
+            Err(e) => {
+                debug!(gateway = %link.name, error = %e, "local address not reported");
+                return;
+            }
+        }
+        self.told = Some(now);
     }
 }
 
