@@ -784,6 +784,52 @@ async fn a_punch_round_runs_past_a_direct_connection_held_from_before() {
     );
 }
 
+/// A round also makes the connections held from before unproven: one marked confirmed (the
+/// peer used it once, and has since lost it: it restarted, its NAT moved it) made this side
+/// close the round's new dial at once as a duplicate of it, and the pair stayed relayed until
+/// the old one timed out and another round came, a minute on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_punch_round_keeps_its_new_dial_over_a_confirmed_connection_from_before() {
+    use tunnel::peers::PeerConn;
+    let (z, peers, e1, e2) = peer_table();
+    let dom = z.creds("home1").domain().to_owned();
+    let (old, _old_at_home2) = connect_pair(&e1, &e2, &format!("home2.{dom}")).await;
+    let old_pc = PeerConn::new(old.clone(), "home1".into());
+    assert!(peers.register("home2", old_pc.clone()));
+    peers.confirm("home2", &old_pc);
+    let round = tunnel::proto::PeerAddr {
+        device: "home2".into(),
+        addrs: vec![e2.local_addr().unwrap()],
+        punch_nonce: 1,
+    };
+    let addrs = peers.on_peer_addr(&round).expect("a round");
+    let accepting = tokio::spawn({
+        let e2 = e2.clone();
+        async move { e2.accept().await.unwrap().await.unwrap() }
+    });
+    let new = tokio::time::timeout(WAIT, peers.clone().punch("home2".into(), addrs))
+        .await
+        .expect("the round did not end")
+        .expect("the round dialed nothing");
+    let _new_at_home2 = tokio::time::timeout(WAIT, accepting)
+        .await
+        .unwrap()
+        .unwrap();
+    // As the agent does with what a round dialed.
+    assert!(peers.register("home2", PeerConn::new(new.clone(), "home1".into())));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        new.close_reason().is_none(),
+        "the round's new dial was closed: {:?}",
+        new.close_reason()
+    );
+    assert_eq!(
+        peers.direct("home2").map(|p| p.conn.stable_id()),
+        Some(new.stable_id()),
+        "streams should take the round's new dial"
+    );
+}
+
 /// A `PeerAddr` that comes while a round runs (the peer moved: restarted on another port, its
 /// NAT gave it another mapping) is not dropped: the round's next attempt dials its addresses.
 /// Before, the round spent its attempts on the stale ones and failed; the next round came only

@@ -672,6 +672,12 @@ impl Peers {
                 s.fresh_addrs = Some(addrs);
                 return None;
             }
+            // The peer asks because it has no direct path to us: ours are unproven again.
+            // One still marked confirmed (dead at the peer's end, not yet timed out here)
+            // made this side close the round's new dial as a duplicate of it.
+            for h in &s.conns {
+                h.pc.confirmed.store(false, Ordering::Relaxed);
+            }
             s.punching = true;
             s.round_from = s.next_seq;
             s.last_nonce = Some(pa.punch_nonce);
