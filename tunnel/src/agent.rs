@@ -1051,7 +1051,11 @@ impl Agent {
             ));
         }
         let streams = tokio::spawn(self.clone().accept_streams(conn.clone(), link.name.clone()));
-        let dgrams = tokio::spawn(read_datagrams(conn.clone(), flows.clone()));
+        let dgrams = tokio::spawn(read_datagrams(
+            conn.clone(),
+            flows.clone(),
+            link.name.clone(),
+        ));
         let reason = self
             .run_control(link, &conn, io, cmds, ctl, flows.clone())
             .await;
@@ -1626,7 +1630,7 @@ impl Agent {
                         Err(e) => {
                             // A peer retrying would write a line each.
                             if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
-                                warn!(origin = %name, service = %service, error = %e, unlogged, "relayed stream refused");
+                                warn!(origin = %name, service = %service, via = %gw, error = %e, unlogged, "relayed stream refused");
                             }
                             stream::refuse(&mut send, RefuseCode::BadRequest, &e.to_string()).await;
                             return;
@@ -1651,14 +1655,20 @@ impl Agent {
             Err((code, reason)) => {
                 // One per connection a client retries against a service that is down.
                 if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
-                    info!(app = %app, service = %service, origin = %origin, reason = %reason, unlogged, "stream refused");
+                    info!(app = %app, service = %service, origin = %origin, via = %via_text, reason = %reason, unlogged, "stream refused");
                 }
                 stream::refuse(&mut send, code, &reason).await;
                 return;
             }
         };
-        // Bounded like the header's read.
+        // Bounded like the header's read. Failed: the gateway or peer gave the stream up
+        // while the service was being connected; the service sees a reset, not a clean close
+        // of a connection that carried nothing.
         if !stream::accept(&mut send, t.open_timeout).await {
+            crate::splice::End::abort(&mut tcp);
+            if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
+                info!(app = %app, service = %service, origin = %origin, via = %via_text, unlogged, "stream given up by its opener before it was accepted");
+            }
             return;
         }
         // Watched: a local service that stops reading leaves the stream's data unread here,
@@ -1685,19 +1695,22 @@ impl Agent {
             }
             Carry::E2e { peer, key } => {
                 let secret = self.cfg.creds.noise_secret();
-                let hs = e2e::respond(q, secret, &key, &peer, me, &service);
-                let mut s = match tokio::time::timeout(t.open_timeout, hs).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
+                let hs = e2e::respond(&mut q, secret, &key, &peer, me, &service);
+                let failed = match tokio::time::timeout(t.open_timeout, hs).await {
+                    Ok(Ok(s)) => Ok(s),
+                    Ok(Err(e)) => Err(format!("end-to-end handshake failed: {e}")),
+                    Err(_) => Err("end-to-end handshake timed out".to_owned()),
+                };
+                let mut s = match failed {
+                    Ok(s) => s,
+                    Err(why) => {
                         if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
-                            warn!(origin = %origin, service = %service, error = %e, unlogged, "end-to-end handshake failed: stream closed");
+                            warn!(origin = %origin, service = %service, via = %via_text, error = %why, unlogged, "relayed stream not served: reset");
                         }
-                        return;
-                    }
-                    Err(_) => {
-                        if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
-                            warn!(origin = %origin, service = %service, unlogged, "end-to-end handshake timed out");
-                        }
+                        // Both ends see a failure: a dropped stream and socket closed cleanly,
+                        // a connection that carried nothing read as one that ended.
+                        crate::splice::End::abort(&mut q);
+                        crate::splice::End::abort(&mut tcp);
                         return;
                     }
                 };
@@ -1962,20 +1975,23 @@ impl Agent {
             }
             Some(key) => {
                 let secret = self.cfg.creds.noise_secret();
-                let hs = e2e::initiate(q, secret, &key, me, &f.device, &f.service);
-                let mut s = match tokio::time::timeout(t.open_timeout, hs).await {
-                    Ok(Ok(s)) => s,
-                    // A line per local connection, whatever the peer does: budgeted.
-                    Ok(Err(e)) => {
+                let mut q = q;
+                let hs = e2e::initiate(&mut q, secret, &key, me, &f.device, &f.service);
+                let failed = match tokio::time::timeout(t.open_timeout, hs).await {
+                    Ok(Ok(s)) => Ok(s),
+                    Ok(Err(e)) => Err(format!("end-to-end handshake failed: {e}")),
+                    Err(_) => Err("end-to-end handshake timed out".to_owned()),
+                };
+                let mut s = match failed {
+                    Ok(s) => s,
+                    Err(why) => {
+                        // A line per local connection, whatever the peer does: budgeted.
                         if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
-                            warn!(to = %to, via = %link.name, error = %e, unlogged, "end-to-end handshake failed: connection closed");
+                            warn!(to = %to, via = %link.name, client = %client, error = %why, unlogged, "forward connection reset");
                         }
-                        return;
-                    }
-                    Err(_) => {
-                        if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
-                            warn!(to = %to, via = %link.name, unlogged, "end-to-end handshake timed out");
-                        }
+                        // The local client sees a failure, not a connection that ended.
+                        crate::splice::End::abort(&mut q);
+                        crate::splice::End::abort(&mut tcp);
                         return;
                     }
                 };
@@ -2067,11 +2083,17 @@ struct FlowEnd {
     dropped_up: Arc<std::sync::atomic::AtomicU64>,
 }
 
-async fn read_datagrams(conn: Connection, flows: Flows) {
+async fn read_datagrams(conn: Connection, flows: Flows, gateway: String) {
     let mut lines = LogBudget::new(1);
     let mut dropped = 0u64;
+    let (mut bad_lines, mut undecodable) = (LogBudget::new(1), 0u64);
     while let Ok(d) = conn.read_datagram().await {
         let Ok((id, payload)) = proto::decode_datagram_bytes(d) else {
+            undecodable += 1;
+            if bad_lines.take().is_some() {
+                warn!(%gateway, undecodable, "UDP datagrams from the gateway that are no flow's datagram: dropped (a gateway of another version?)");
+                undecodable = 0;
+            }
             continue;
         };
         let sock = {
@@ -2087,7 +2109,7 @@ async fn read_datagrams(conn: Connection, flows: Flows) {
             open
         };
         if dropped > 0 && lines.take().is_some() {
-            info!(dropped, "UDP datagrams dropped for a flow not open: too many flows were opening at once, an open came more than 2 s after its datagrams, or they came just after their flow closed (the gateway counted them as passed on)");
+            info!(%gateway, dropped, "UDP datagrams dropped for a flow not open: too many flows were opening at once, an open came more than 2 s after its datagrams, or they came just after their flow closed (the gateway counted them as passed on)");
             dropped = 0;
         }
         if let Some((s, activity, dropped_up)) = sock {
