@@ -1884,10 +1884,12 @@ impl Agent {
                         // it unread here, against the window of every stream on this path.
                         let holds = self.holds_of(&pc.conn, &f.device);
                         let mut q = q.watched(&holds, RELAY_APP, &f.service);
+                        let acked = q.send.stopped();
                         let m = splice(&mut tcp, &mut q).await;
                         let (up, down) = (m.a_to_b, m.b_to_a);
                         self.peers.counters(&f.device).record(true, up, down);
                         info!(to = %to, via = "direct", client = %client, bytes_up = up, bytes_down = down, ms = started.elapsed().as_millis() as u64, "forward connection done");
+                        until_acked(acked, &m, &t).await;
                         return;
                     }
                     Err(OpenError::Refused { code, reason, .. }) => {
@@ -1968,14 +1970,12 @@ impl Agent {
             info!(listen = %f.listen, to = %to, client = %client, reason = %reason, "forward refused");
             return;
         };
+        let mut q = q;
+        let acked = q.send.stopped();
         let (m, via) = match peer_key {
-            None => {
-                let mut q = q;
-                (splice(&mut tcp, &mut q).await, link.name.clone())
-            }
+            None => (splice(&mut tcp, &mut q).await, link.name.clone()),
             Some(key) => {
                 let secret = self.cfg.creds.noise_secret();
-                let mut q = q;
                 let hs = e2e::initiate(&mut q, secret, &key, me, &f.device, &f.service);
                 let failed = match tokio::time::timeout(t.open_timeout, hs).await {
                     Ok(Ok(s)) => Ok(s),
@@ -2019,6 +2019,18 @@ impl Agent {
         };
         let (up, down) = (m.a_to_b, m.b_to_a);
         info!(to = %to, via = %via, client = %client, bytes_up = up, bytes_down = down, ms = started.elapsed().as_millis() as u64, "forward connection done");
+        until_acked(acked, &m, &t).await;
+    }
+}
+
+/// After a splice that ended cleanly, waits (at most `agent_drain`) until the peer
+/// acknowledged the stream's last bytes, as a served stream does: a stop beginning meanwhile
+/// closes the connections once this task is done, and that close throws away what quinn has
+/// not yet sent (the tail of an upload). Not after a failure: a stream we reset is dropped by
+/// quinn without a wake-up, and the wait would last the whole time.
+async fn until_acked(acked: impl std::future::Future, m: &crate::splice::Moved, t: &Tuning) {
+    if m.error.is_none() && m.stopped.is_none() && !t.agent_drain.is_zero() {
+        let _ = tokio::time::timeout(t.agent_drain, acked).await;
     }
 }
 
