@@ -373,14 +373,17 @@ impl Visit for FieldWriter<'_> {
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         // As the default: the error, then its sources as `name.sources=[a, b]` (the field's
-        // name as declared, `r#` and all).
-        if let Some(source) = value.source() {
-            self.record_debug(
-                field,
-                &format_args!("{} {}.sources={}", value, field.name(), Sources(source)),
-            );
-        } else {
-            self.record_debug(field, &format_args!("{value}"));
+        // name as declared, `r#` and all), each quoted as a value when it needs to be.
+        self.record_debug(field, &format_args!("{value}"));
+        if let (Some(source), true) = (value.source(), self.result.is_ok()) {
+            self.line.push(' ');
+            self.line.push_str(field.name());
+            self.line.push_str(".sources=");
+            let at = self.line.len();
+            self.result = write!(self.line, "{}", Sources(source));
+            if field.name() != "message" {
+                self.quote_from(at);
+            }
         }
     }
 
@@ -389,8 +392,49 @@ impl Visit for FieldWriter<'_> {
         if !self.start(name) {
             return;
         }
+        let at = self.line.len();
         self.result = write!(self.line, "{value:?}");
+        // The message is left as it is (the request line is written as one).
+        if name != "message" {
+            self.quote_from(at);
+        }
     }
+}
+
+impl FieldWriter<'_> {
+    /// Quotes the value written from `at` when it has a space or `=` in it, unless it is one
+    /// quoted string already (`?` of a string). Raw, as the default writes it, peer text (a
+    /// QUIC close reason in `error = %e`) could add fields of its own choosing to the line
+    /// (`… remote=ADDR`), which a reader or a logfmt parser would take for the gateway's.
+    fn quote_from(&mut self, at: usize) {
+        if self.result.is_err() {
+            return;
+        }
+        let written = &self.line[at..];
+        if written.contains([' ', '=']) && !one_quoted_string(written) {
+            let quoted = format!("{written:?}");
+            self.line.truncate(at);
+            self.line.push_str(&quoted);
+        }
+    }
+}
+
+/// Whether `s` is a single `"…"` string whose inner quotes are all escaped (as `{:?}` of a
+/// string writes it).
+fn one_quoted_string(s: &str) -> bool {
+    let Some(inner) = s.strip_prefix('"').and_then(|rest| rest.strip_suffix('"')) else {
+        return false;
+    };
+    let mut escaped = false;
+    for c in inner.chars() {
+        match (escaped, c) {
+            (true, _) => escaped = false,
+            (false, '\\') => escaped = true,
+            (false, '"') => return false,
+            _ => {}
+        }
+    }
+    !escaped
 }
 
 /// True if `s` is printable ASCII only, so has nothing [`one_line`] escapes (those are all
@@ -668,16 +712,33 @@ mod tests {
     }
 
     #[test]
-    fn plain_format_is_byte_identical_to_the_default_but_one_line_each() {
+    fn plain_format_is_byte_identical_to_the_default_but_one_line_each_and_values_quoted() {
         let default = render(false, emit_all);
         let plain = render(true, emit_all);
         assert!(default.lines().count() > 30, "{default}");
-        // The default's lines, with what it leaves raw escaped (the one difference).
+        // The default's lines, with what it leaves raw escaped, and field values with a space
+        // or `=` in them quoted (`{:?}`, which spells controls `\u{1b}`): the differences.
+        let quoted = [
+            (r#"dq=with "quotes""#, r#"dq="with \"quotes\"""#),
+            (
+                r#"g=Point { x: -3, label: "p\"q" }"#,
+                r#"g="Point { x: -3, label: \"p\\\"q\" }""#,
+            ),
+            (
+                r#"err=write failed err.sources=[out of space, disk \x1b gone]"#,
+                r#"err="write failed" err.sources="[out of space, disk \u{1b} gone]""#,
+            ),
+            (r#"err=lonely \x07"#, r#"err="lonely \u{7}""#),
+            (r#"bytes=[61 62 00 ff]"#, r#"bytes="[61 62 00 ff]""#),
+        ];
         let default_one_line: String = default
             .lines()
             .map(|l| {
                 let mut l = l.to_owned();
                 one_line(&mut l);
+                for (raw, q) in quoted {
+                    l = l.replace(raw, q);
+                }
                 l + "\n"
             })
             .collect();
@@ -713,8 +774,8 @@ mod tests {
         assert_eq!(plain.matches('\n').count(), 2, "{plain}");
         assert!(
             plain.contains(
-                "handshake failed\\nforged error=closed: x\\n2026-12-01T23:23:13.702430Z  INFO tunnel up \
-                 device=home1\\r\\x1b[2J\\x00\\u{85} peer="
+                "handshake failed\\nforged error=\"closed: x\\n2026-12-01T23:23:13.702430Z  INFO tunnel up \
+                 device=home1\\r\\u{1b}[2J\\0\\u{85}\" peer="
             ),
             "{plain}"
         );
@@ -723,6 +784,23 @@ mod tests {
             "{plain}"
         );
         assert!(plain.contains("path=/a\tb"), "{plain}");
+        // Nor add fields of its own to it: a value with a space or `=` is quoted, and a value
+        // that opens a quote of its own does not pass for a quoted one.
+        let forged = "x remote=10.0.0.5:443 unlogged=0";
+        let plain = render(true, || {
+            warn!(remote = %"203.0.113.9:5000", error = %forged, "agent connection refused");
+            warn!(error = %"\"x\" remote=10.0.0.5:443", "again");
+        });
+        assert!(
+            plain.contains(
+                "agent connection refused remote=203.0.113.9:5000 error=\"x remote=10.0.0.5:443 unlogged=0\"\n"
+            ),
+            "{plain}"
+        );
+        assert!(
+            plain.contains("again error=\"\\\"x\\\" remote=10.0.0.5:443\"\n"),
+            "{plain}"
+        );
     }
 
     fn timestamp(t: SystemTime) -> String {

@@ -57,6 +57,16 @@ impl LogGuard {
 const DEFAULT_FILTER: &str =
     "info,hickory_server=error,hickory_proto=error,quinn=warn,rustls=error";
 
+/// The library entries of [`DEFAULT_FILTER`]: kept under a `RUST_LOG` that does not name
+/// their target, so that `RUST_LOG=info,tunnel=debug` does not open the log to the floods
+/// they hold back.
+const QUIET_LIBRARIES: [&str; 4] = [
+    "hickory_server=error",
+    "hickory_proto=error",
+    "quinn=warn",
+    "rustls=error",
+];
+
 /// The log filter from `RUST_LOG` (`LEVEL` or `TARGET=LEVEL`, comma-separated, e.g.
 /// `info,tunnel=debug`), or [`DEFAULT_FILTER`] when it is unset or empty. A value that is no
 /// filter is said on stderr (logging is not running yet) and the default used: a typo in a
@@ -88,28 +98,58 @@ fn filter(rust_log: Option<&str>) -> Targets {
     }
 }
 
-/// `text` as a filter. Empty items are skipped (`info,` — `Targets` read an empty item as
-/// "errors only" and logged nothing else, without a word); span and field directives
-/// (`tunnel[conn]=debug`, `{app=web}`), which only EnvFilter knew, are refused rather than
-/// taken for target names that match nothing.
+/// `text` as a filter, with [`QUIET_LIBRARIES`] for the targets it does not name. Empty
+/// items are skipped (`info,` — `Targets` read an empty item as "errors only" and logged
+/// nothing else, without a word); span and field directives (`tunnel[conn]=debug`,
+/// `{app=web}`), which only EnvFilter knew, are refused rather than taken for target names
+/// that match nothing, and so is a word that is no level (`warning`): `Targets` took it for a
+/// target to log at every level, and with no default level left logged nothing else at all.
 fn parse_filter(text: &str) -> Result<Targets, String> {
     let mut items = Vec::new();
+    let mut targets = Vec::new();
     for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-        let target = item.split_once('=').map_or("", |(t, _)| t);
-        if target.contains(['[', ']', '{', '}']) || target.contains(char::is_whitespace) {
+        let Some((target, level)) = item.split_once('=') else {
+            item.parse::<tracing::level_filters::LevelFilter>().map_err(|_| {
+                format!("{item:?} is no level (off, error, warn, info, debug, trace); a target takes one as TARGET=LEVEL")
+            })?;
+            items.push(item);
+            continue;
+        };
+        if target.contains(['[', ']', '{', '}']) {
             return Err(format!(
                 "{item:?}: span and field filters are not supported"
             ));
         }
-        if item.ends_with('=') {
+        if target.is_empty()
+            || !target
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-'))
+        {
+            return Err(format!("{item:?}: {target:?} is no target (a module path such as `tunnel` or `gateway::http`)"));
+        }
+        if level.is_empty() {
             return Err(format!("{item:?} names no level"));
         }
+        targets.push(target);
         items.push(item);
     }
     if items.is_empty() {
         return Err("no level or target in it".into());
     }
-    items.join(",").parse().map_err(|e| format!("{e}"))
+    let unnamed = |quiet: &str| {
+        let lib = quiet.split_once('=').map_or(quiet, |(t, _)| t);
+        !targets
+            .iter()
+            .any(|t| *t == lib || t.starts_with(&format!("{lib}::")))
+    };
+    let quiet: Vec<&str> = QUIET_LIBRARIES.into_iter().filter(|q| unnamed(q)).collect();
+    quiet
+        .into_iter()
+        .chain(items)
+        .collect::<Vec<_>>()
+        .join(",")
+        .parse()
+        .map_err(|e| format!("{e}"))
 }
 
 /// The fmt subscriber both formats start from, writing to `writer`.
@@ -195,12 +235,31 @@ mod tests {
         let f = filter(Some("info,, tunnel=debug,"));
         assert!(would_log(&f, "gateway::run", Level::INFO));
         assert!(would_log(&f, "tunnel::hub", Level::DEBUG));
-        // What only EnvFilter knew, or a target without a level, keeps the default.
-        for bad in ["tunnel[conn]=debug", "info,{app=web}=debug", "tunnel=", ","] {
+        // What only EnvFilter knew, a target without a level, or a word that is no level
+        // (which Targets took for a target, and then logged nothing else) keeps the default.
+        for bad in [
+            "tunnel[conn]=debug",
+            "info,{app=web}=debug",
+            "tunnel=",
+            ",",
+            "warning",
+            "inf",
+            "info;tunnel=debug",
+            "info,tunnel debug=info",
+        ] {
             let f = filter(Some(bad));
             assert!(would_log(&f, "gateway::run", Level::INFO), "{bad}");
             assert!(!would_log(&f, "rustls::server::hs", Level::WARN), "{bad}");
         }
+        // The libraries the default quiets stay quiet unless named.
+        let f = filter(Some("debug,tunnel=trace"));
+        assert!(would_log(&f, "gateway::run", Level::DEBUG));
+        assert!(!would_log(&f, "rustls::server::hs", Level::WARN));
+        assert!(!would_log(&f, "hickory_server::server", Level::WARN));
+        let f = filter(Some("info,rustls=debug,quinn::connection=trace"));
+        assert!(would_log(&f, "rustls::server::hs", Level::DEBUG));
+        assert!(would_log(&f, "quinn::connection", Level::TRACE));
+        assert!(!would_log(&f, "hickory_server::server", Level::WARN));
     }
 
     /// The filter decides alone: the fmt builder's own cap (INFO) kept `RUST_LOG=debug` from

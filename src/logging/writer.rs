@@ -51,8 +51,9 @@ pub(super) fn start(sink: Box<dyn Write + Send>, cap: usize) -> (BatchWriter, Wr
             buf: Vec::new(),
             shutdown: false,
             dropped: 0,
-            closed: None,
+            closed: false,
         }),
+        after: Mutex::new(None),
         wake_writer: Condvar::new(),
         finished: Condvar::new(),
         cap,
@@ -60,6 +61,7 @@ pub(super) fn start(sink: Box<dyn Write + Send>, cap: usize) -> (BatchWriter, Wr
     let mut writer = Writer {
         shared: Arc::clone(&shared),
         sink,
+        lost: 0,
     };
     // If the thread cannot be created, the closure (and `writer` in it) is dropped, which closes
     // the buffer: loggers then write straight to the sink, unbatched but not lost.
@@ -77,6 +79,10 @@ pub(super) fn start(sink: Box<dyn Write + Send>, cap: usize) -> (BatchWriter, Wr
 
 struct Shared {
     state: Mutex<State>,
+    /// Once the writer is gone (`closed`), its sink: loggers write to it directly. A lock of
+    /// its own, never held with `state`'s while writing: a write that stalls (a full pipe)
+    /// must not hold [`Finisher::finish`] past its limit, which waits on `state`.
+    after: Mutex<Option<Box<dyn Write + Send>>>,
     /// The writer waits here: for a first line when idle, and during the batching delay.
     wake_writer: Condvar,
     /// Notified when the writer is gone (`closed` set): [`Finisher::finish`] waits here.
@@ -92,8 +98,8 @@ struct State {
     /// Lines dropped on a full buffer since the writer last took it: the writer skips its
     /// delay while there are any, and reports them.
     dropped: u64,
-    /// Once the writer is gone, its sink: loggers write to it directly, under the lock.
-    closed: Option<Box<dyn Write + Send>>,
+    /// The writer is gone: loggers write to [`Shared::after`] directly.
+    closed: bool,
 }
 
 impl Shared {
@@ -109,10 +115,14 @@ impl Shared {
             return;
         }
         let mut state = self.lock();
-        if let Some(sink) = state.closed.as_mut() {
-            // Errors ignored, as the writer does: stderr is where errors would go.
-            let _ = sink.write_all(lines);
-            let _ = sink.flush();
+        if state.closed {
+            drop(state);
+            let mut after = self.after.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(sink) = after.as_mut() {
+                // Errors ignored, as the writer does: stderr is where errors would go.
+                let _ = sink.write_all(lines);
+                let _ = sink.flush();
+            }
             return;
         }
         if !state.buf.is_empty() && state.buf.len() + lines.len() > self.cap {
@@ -194,11 +204,14 @@ impl Drop for LineWriter<'_> {
 struct Writer {
     shared: Arc<Shared>,
     sink: Box<dyn Write + Send>,
+    /// Lines of batches whose write failed (a full disk under `2>>file`): told, with a line
+    /// break first (the failed write may have ended mid-line), before the next batch.
+    lost: u64,
 }
 
 impl Writer {
     fn run(&mut self) {
-        let shared = &*self.shared;
+        let shared = Arc::clone(&self.shared);
         let mut spare = Vec::new();
         let mut state = shared.lock();
         loop {
@@ -224,13 +237,10 @@ impl Writer {
             if dropped > 0 {
                 spare.extend_from_slice(dropped_notice(dropped).as_bytes());
             }
-            // Errors ignored: there is nowhere else to report them, and the lines are gone
-            // either way; the next write happens only when there are new lines, so no spinning.
-            let _ = self.sink.write_all(&spare);
-            let _ = self.sink.flush();
+            self.write_batch(&spare);
             if last {
-                // Whatever came meanwhile is written by `drop`, under the lock: the guard's
-                // drop waits for at most two writes, however busy the loggers are.
+                // Whatever came meanwhile is written by `drop`: the guard's drop waits for at
+                // most a few more writes, however busy the loggers are.
                 return;
             }
             spare.clear();
@@ -242,20 +252,68 @@ impl Writer {
     }
 }
 
-impl Drop for Writer {
-    fn drop(&mut self) {
-        let mut sink = mem::replace(&mut self.sink, Box::new(io::sink()));
-        let mut state = self.shared.lock();
-        // Lines pushed after `run`'s last swap (or left by a panic).
-        let _ = sink.write_all(&state.buf);
-        if state.dropped > 0 {
-            let _ = sink.write_all(dropped_notice(mem::take(&mut state.dropped)).as_bytes());
+impl Writer {
+    /// Writes one batch. A failed write cannot be reported anywhere but where it failed: its
+    /// lines are counted, and told once a write works again.
+    fn write_batch(&mut self, batch: &[u8]) {
+        if self.lost > 0 {
+            let notice = format!(
+                "\nWARN zonegate: {} log lines lost: writing them to stderr failed (a full disk?)\n",
+                self.lost
+            );
+            if self.sink.write_all(notice.as_bytes()).is_ok() {
+                self.lost = 0;
+            }
         }
-        let _ = sink.flush();
-        state.buf = Vec::new();
-        state.closed = Some(sink);
+        if self
+            .sink
+            .write_all(batch)
+            .and_then(|()| self.sink.flush())
+            .is_err()
+        {
+            self.lost += batch.iter().filter(|&&b| b == b'\n').count() as u64;
+        }
+    }
+
+    /// Takes the lines buffered (with a notice of any dropped), leaving the buffer empty.
+    fn take(state: &mut State) -> Vec<u8> {
+        let mut batch = mem::take(&mut state.buf);
+        if state.dropped > 0 {
+            batch.extend_from_slice(dropped_notice(mem::take(&mut state.dropped)).as_bytes());
+        }
+        batch
+    }
+}
+
+impl Drop for Writer {
+    /// Writes the lines pushed after `run`'s last swap (or left by a panic), never holding
+    /// the state's lock while writing: [`Finisher::finish`] must be able to give up on a
+    /// stderr that takes nothing, which it could not while a stalled write held the lock.
+    fn drop(&mut self) {
+        // A few rounds while loggers keep adding lines; the rest goes out as the buffer closes.
+        for _ in 0..3 {
+            let batch = Self::take(&mut self.shared.lock());
+            if batch.is_empty() {
+                break;
+            }
+            self.write_batch(&batch);
+        }
+        let sink = mem::replace(&mut self.sink, Box::new(io::sink()));
+        let mut state = self.shared.lock();
+        let rest = Self::take(&mut state);
+        state.closed = true;
+        // Taken before `state` is let go: a logger that sees `closed` waits for this lock,
+        // so its line comes after `rest`.
+        let mut after = self
+            .shared
+            .after
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         drop(state);
         self.shared.finished.notify_all();
+        let sink = after.insert(sink);
+        let _ = sink.write_all(&rest);
+        let _ = sink.flush();
     }
 }
 
@@ -310,10 +368,10 @@ impl Finisher {
         shared.wake_writer.notify_one();
         state = shared
             .finished
-            .wait_timeout_while(state, limit, |s| s.closed.is_none())
+            .wait_timeout_while(state, limit, |s| !s.closed)
             .unwrap_or_else(PoisonError::into_inner)
             .0;
-        state.closed.is_some()
+        state.closed
     }
 }
 
@@ -449,6 +507,87 @@ mod tests {
         assert!(started.elapsed() < EXIT_WAIT + Duration::from_secs(20));
         assert!(!capture.text().contains("never"));
         drop(open);
+    }
+
+    /// The lines that came during the writer's last batch are written as it closes; a stderr
+    /// that stalls then must not hold [`Finisher::finish`] past its limit (that write held the
+    /// state's lock, which the finisher's wait must take back to return: a second signal's
+    /// exit waited for good).
+    #[test]
+    fn finishing_gives_up_on_a_sink_that_stalls_as_the_writer_closes() {
+        let capture = Capture::default();
+        let (open, gate) = mpsc::channel::<()>();
+        let sink = Gated {
+            gate,
+            inner: capture.clone(),
+        };
+        let (make, thread) = start(Box::new(sink), BUFFER_CAP);
+        make.make_writer().write_all(b"a\n").unwrap();
+        let finisher = thread.finisher();
+        let (done_tx, done) = mpsc::channel();
+        let finishing = thread::spawn(move || {
+            let _ = done_tx.send(finisher.finish(Duration::from_millis(300)));
+        });
+        // The writer takes "a" and waits in its write; "b" comes meanwhile, for the close.
+        let t = std::time::Instant::now();
+        while !make.shared.lock().buf.is_empty() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the writer never took its batch"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+        make.make_writer().write_all(b"b\n").unwrap();
+        open.send(()).unwrap();
+        let finished = done.recv_timeout(Duration::from_secs(10));
+        assert_eq!(finished, Ok(false), "finish waited past its limit");
+        drop(open);
+        finishing.join().unwrap();
+        drop(thread);
+        assert_eq!(capture.text(), "a\nb\n");
+    }
+
+    /// A write that fails (a full disk under `2>>file`) loses its lines: they are counted and
+    /// told once writing works again, on a line of their own.
+    #[test]
+    fn lines_of_a_failed_write_are_counted_and_told() {
+        struct Failing {
+            fail: Arc<std::sync::atomic::AtomicBool>,
+            inner: Capture,
+        }
+        impl Write for Failing {
+            fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+                if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                    // Part of it, as a disk filling up mid-write.
+                    self.inner.write(&data[..data.len().min(3)])?;
+                    return Err(io::Error::from_raw_os_error(28));
+                }
+                self.inner.write(data)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let capture = Capture::default();
+        let sink = Failing {
+            fail: fail.clone(),
+            inner: capture.clone(),
+        };
+        let (make, thread) = start(Box::new(sink), BUFFER_CAP);
+        make.make_writer().write_all(b"one\ntwo\n").unwrap();
+        let t = std::time::Instant::now();
+        while capture.text().is_empty() {
+            assert!(t.elapsed() < Duration::from_secs(10), "nothing written");
+            thread::sleep(Duration::from_millis(1));
+        }
+        fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        make.make_writer().write_all(b"three\n").unwrap();
+        drop(thread);
+        assert_eq!(
+            capture.text(),
+            "one\nWARN zonegate: 2 log lines lost: writing them to stderr failed (a full disk?)\nthree\n"
+        );
     }
 
     /// A stalled stderr must not stop the loggers (a runtime thread logging a request): past
