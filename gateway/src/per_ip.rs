@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
+use tunnel::log_budget::LogBudget;
 
 use crate::make_room::Held;
 
@@ -59,13 +60,22 @@ pub struct PerIp {
     /// limit, for the log lines.
     what: &'static str,
     setting: &'static str,
+    /// Which table this is, for the log lines when there are several of a kind (a udp app's
+    /// listen address): [`PerIp::set_label`].
+    label: std::sync::OnceLock<String>,
     /// When full, ends idle connections of the client holding the most for others ([`Held`]).
     room: bool,
     open: Mutex<Tables>,
 }
 
-#[derive(Debug, Default)]
+/// Lines a second a table logs about clients reaching and leaving their limit: each client's
+/// run is told once, but forged sources, each a client of its own, would make a line each.
+const LINES_PER_SECOND: u32 = 10;
+
+#[derive(Debug)]
 struct Tables {
+    /// Budget of the per-client lines ([`LINES_PER_SECOND`]).
+    lines: LogBudget,
     clients: HashMap<IpAddr, Count>,
     sites: HashMap<IpAddr, Count>,
     all: Count,
@@ -112,12 +122,33 @@ struct Count {
     evicting: usize,
 }
 
+/// What a table's per-client lines say about it.
+struct Said<'a> {
+    what: &'a str,
+    setting: &'a str,
+    label: &'a str,
+}
+
 impl Count {
-    /// Counts a refusal; logs the first of a run.
-    fn refuse(&mut self, key: IpAddr, limit: usize, counted: &str, what: &str, setting: &str) {
+    /// Counts a refusal; logs the first of a run (within the table's line budget).
+    fn refuse(
+        &mut self,
+        key: IpAddr,
+        limit: usize,
+        counted: &str,
+        said: &Said<'_>,
+        lines: &mut LogBudget,
+    ) {
         self.refused += 1;
         if self.refused == 1 {
-            info!(client = %key, limit, what = counted, "client at its limit of open {what}: refusing more until some close (a shared address that needs more: raise {setting} in gateway.toml)");
+            if let Some(unlogged) = lines.take() {
+                let Said {
+                    what,
+                    setting,
+                    label,
+                } = said;
+                info!(client = %key, limit, what = counted, table = %label, unlogged, "client at its limit of open {what}: refusing more until some close (a shared address that needs more: raise {setting} in gateway.toml)");
+            }
         }
     }
 
@@ -135,10 +166,20 @@ impl Count {
     }
 
     /// Uncounts a connection; true when nothing is left open.
-    fn release(&mut self, key: IpAddr, limit: usize, counted: &str, what: &str) -> bool {
+    fn release(
+        &mut self,
+        key: IpAddr,
+        limit: usize,
+        counted: &str,
+        said: &Said<'_>,
+        lines: &mut LogBudget,
+    ) -> bool {
         self.open = self.open.saturating_sub(1);
         if self.refused > 0 && self.open <= limit / 2 {
-            info!(client = %key, refused = self.refused, what = counted, "client well under its limit of open {what} again");
+            if let Some(unlogged) = lines.take() {
+                let Said { what, label, .. } = said;
+                info!(client = %key, refused = self.refused, what = counted, table = %label, unlogged, "client well under its limit of open {what} again");
+            }
             self.refused = 0;
         }
         self.open == 0
@@ -206,9 +247,29 @@ impl PerIp {
             total: total.map(|t| t.max(1)),
             what,
             setting,
+            label: std::sync::OnceLock::new(),
             room,
-            open: Mutex::new(Tables::default()),
+            open: Mutex::new(Tables {
+                lines: LogBudget::new(LINES_PER_SECOND),
+                clients: HashMap::new(),
+                sites: HashMap::new(),
+                all: Count::default(),
+                hog: None,
+            }),
         })
+    }
+
+    /// Names this table in its log lines (once; later calls change nothing).
+    pub fn set_label(&self, label: String) {
+        let _ = self.label.set(label);
+    }
+
+    fn said(&self) -> Said<'_> {
+        Said {
+            what: self.what,
+            setting: self.setting,
+            label: self.label.get().map_or(self.setting, String::as_str),
+        }
     }
 
     fn limit(&self) -> usize {
@@ -253,19 +314,18 @@ impl PerIp {
 
     fn admit_inner(self: &Arc<Self>, ip: IpAddr, at_total: AtTotal) -> Result<IpSlot, Full> {
         let (key, site) = keys(ip);
-        let mut t = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let t = &mut *guard;
         let limit = self.limit();
-        let client_full = t.clients.get(&key).is_some_and(|c| c.open >= limit);
-        if client_full {
-            if let Some(c) = t.clients.get_mut(&key) {
-                c.refuse(key, limit, "address", self.what, self.setting);
-            }
+        let said = self.said();
+        if let Some(c) = t.clients.get_mut(&key).filter(|c| c.open >= limit) {
+            c.refuse(key, limit, "address", &said, &mut t.lines);
             return Err(Full::Client);
         }
         if let Some(site) = site {
             let site_limit = self.site_limit();
             if let Some(s) = t.sites.get_mut(&site).filter(|s| s.open >= site_limit) {
-                s.refuse(site, site_limit, "IPv6 /48", self.what, self.setting);
+                s.refuse(site, site_limit, "IPv6 /48", &said, &mut t.lines);
                 return Err(Full::Client);
             }
         }
@@ -387,12 +447,14 @@ impl Drop for IpSlot {
     fn drop(&mut self) {
         let limit = self.table.limit();
         let what = self.table.what;
+        let said = self.table.said();
         let site_limit = self.table.site_limit();
-        let mut t = self
+        let mut guard = self
             .table
             .open
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        let t = &mut *guard;
         if let Some(h) = self.held.take() {
             if let Some(c) = t.fair_mut(self.key, self.site) {
                 if let Some(i) = c.held.iter().position(|x| Arc::ptr_eq(x, &h)) {
@@ -406,14 +468,14 @@ impl Drop for IpSlot {
         // Forgotten at zero: the tables hold clients with open connections only.
         if t.clients
             .get_mut(&self.key)
-            .is_some_and(|c| c.release(self.key, limit, "address", what))
+            .is_some_and(|c| c.release(self.key, limit, "address", &said, &mut t.lines))
         {
             t.clients.remove(&self.key);
         }
         if let Some(site) = self.site {
             if t.sites
                 .get_mut(&site)
-                .is_some_and(|s| s.release(site, site_limit, "IPv6 /48", what))
+                .is_some_and(|s| s.release(site, site_limit, "IPv6 /48", &said, &mut t.lines))
             {
                 t.sites.remove(&site);
             }

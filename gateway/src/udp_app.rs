@@ -301,7 +301,12 @@ pub async fn run(
         hub,
         listen,
         sock: sock.clone(),
-        per_ip: PerIp::new(limits.per_ip, "UDP flows of one app", "udp_flows_per_ip"),
+        per_ip: {
+            let t = PerIp::new(limits.per_ip, "UDP flows of one app", "udp_flows_per_ip");
+            // Each udp app has a table of its own: its lines say which.
+            t.set_label(format!("udp app on {listen}"));
+            t
+        },
         max_per_ip: limits.per_ip,
         max_flows: limits.per_app,
         limit: limits.per_app,

@@ -1223,6 +1223,50 @@ async fn an_http2_client_granting_no_credit_is_cut_after_the_send_timeout() {
     );
 }
 
+/// An HTTP/2 client granting a window of one byte takes each answer's head and first byte;
+/// hyper hands the rest of each (one chunk) to h2 and lets the answer go. Once the
+/// connection closes (here: idle), what h2 could not send is under the send timeout too: the
+/// connection held on after its GOAWAY for as long as the client answered pings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_taking_none_of_its_finished_answers_is_cut_after_the_goaway() {
+    let send_timeout = Duration::from_secs(2);
+    let h = start_tuned(|t| {
+        t.send_timeout = send_timeout;
+        t.h2_idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let tcp = tokio::net::TcpStream::connect(h.http).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(1)
+            .handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let started = Instant::now();
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        // The gateway's own answer (no such host): one chunk, no device needed.
+        let req = Request::get("http://nowhere.invalid/")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
+            .await
+            .expect("headers in time")
+            .unwrap();
+        answers.push(resp);
+    }
+    tokio::time::timeout(
+        Duration::from_secs(1) + send_timeout * 3 + Duration::from_secs(5),
+        conn,
+    )
+    .await
+    .expect("the connection was held past the idle and send timeouts")
+    .unwrap()
+    .ok();
+    assert!(started.elapsed() >= send_timeout, "{:?}", started.elapsed());
+}
+
 /// A service that sends the head and part of its answer and then hangs no longer holds the
 /// client: after the read timeout without more of the answer the client's connection is
 /// cut (the answer cannot be completed), and the request is logged. It waited for ever.

@@ -202,7 +202,12 @@ impl HandshakeGate {
                 Some(slot) => Some(slot),
                 None => {
                     drop(permit);
-                    self.flood_seen(in_flight);
+                    // One address at its own limit is no gateway-wide flood: told as one, it
+                    // let a single host switch the warning and its all-clear on and off (the
+                    // load drops back under the hysteresis with its next aborted handshake).
+                    if in_flight >= g.retry_above {
+                        self.flood_seen(in_flight);
+                    }
                     if !validated && incoming.may_retry() {
                         g.retried.fetch_add(1, Ordering::Relaxed);
                         if let Err(e) = incoming.retry() {

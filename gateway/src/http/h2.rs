@@ -21,11 +21,11 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::Request;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, Instrument};
 use tunnel::flow_activity::FlowActivity;
 
 use super::body::{self, BoxError, ProxyBody};
@@ -84,7 +84,7 @@ pub(super) async fn serve<I>(
             Ok::<_, Infallible>(r.map(|b| Answer::new(b, open).boxed_unsync()))
         }
     });
-    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    let mut b = hyper::server::conn::http2::Builder::new(InSpan);
     b.timer(TokioTimer::new())
         .max_concurrent_streams(MAX_H2_STREAMS)
         // Twice hyper's default of 16 KiB, which refused (431) split sign-in cookies that pass
@@ -99,6 +99,11 @@ pub(super) async fn serve<I>(
     let mut closing = false;
     // When a connection closing for a resting answer is cut, answers in flight or not.
     let mut rest_cut: Option<Instant> = None;
+    // When a closing connection with no answer left open is cut: hyper hands a finished
+    // answer's last chunk to h2 and lets its body go, and what h2 could not send yet (a client
+    // granting no window) is watched by nothing else. The connection held on after its GOAWAY
+    // for as long as the client answered pings.
+    let mut unsent_cut: Option<Instant> = None;
     let r = loop {
         tokio::select! {
             r = conn.as_mut() => break r,
@@ -141,7 +146,14 @@ pub(super) async fn serve<I>(
                     }
                     Some(_) => {}
                 },
-                None => {}
+                None if closing && busy.open.load(Ordering::Relaxed) == 0 => {
+                    let at = *unsent_cut.get_or_insert_with(|| Instant::now() + send_timeout);
+                    if Instant::now() >= at {
+                        info!(client = %crate::addr_text::Client(peer), secs = send_timeout.as_secs(), "HTTP/2 client took none of the answers left to send for the send timeout after the GOAWAY: connection closed");
+                        return;
+                    }
+                }
+                None => unsent_cut = None,
             }
         }
     };
@@ -163,6 +175,22 @@ fn broke_protocol(e: &hyper::Error) -> Option<&::h2::Error> {
     let h2e = std::error::Error::source(e)?.downcast_ref::<::h2::Error>()?;
     let ours = h2e.is_library() && h2e.is_go_away();
     (ours && h2e.reason() != Some(::h2::Reason::NO_ERROR)).then_some(h2e)
+}
+
+/// Spawns hyper's per-stream tasks in the connection's span (`http{client, scheme}`), as
+/// HTTP/1 requests are served: hyper-util's `TokioExecutor` spawns them bare, and every
+/// HTTP/2 request's lines (its log line, written as its answer ends) lacked the client.
+#[derive(Clone, Copy)]
+struct InSpan;
+
+impl<F> hyper::rt::Executor<F> for InSpan
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(fut.in_current_span());
+    }
 }
 
 /// The requests of one connection: how many are open (until their answers end), when the

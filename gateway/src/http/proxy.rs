@@ -12,7 +12,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Body as _;
 use policies::accounting::{AppCounters, Refusal};
 use policies::{ConnGuard, Decision, DenyReason, Listener, Requester, Timestamp};
-use tracing::{debug, info};
+use tracing::{debug, info, Instrument};
 use tunnel::proto::Origin;
 
 use super::body::{self, Metered, ProxyBody};
@@ -404,7 +404,13 @@ pub(crate) async fn handle(
                         front
                             .hub()
                             .work()
-                            .spawn(splice_upgrade(client_on, up, log, shapers, slots, recheck));
+                            // In the connection's span: the connection's own task ends
+                            // with the 101, and the splice's lines (a cut to make room)
+                            // would otherwise name no client.
+                            .spawn(
+                                splice_upgrade(client_on, up, log, shapers, slots, recheck)
+                                    .in_current_span(),
+                            );
                     }
                     Response::from_parts(parts, body::full(""))
                 }
