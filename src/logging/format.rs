@@ -402,8 +402,9 @@ impl Visit for FieldWriter<'_> {
 }
 
 impl FieldWriter<'_> {
-    /// Quotes the value written from `at` when it has a space or `=` in it, unless it is one
-    /// quoted string already (`?` of a string). Raw, as the default writes it, peer text (a
+    /// Quotes the value written from `at` when it has a space, `=` or `"` in it, unless it is
+    /// one quoted string already (`?` of a string); a lone `"` left raw would open a quote a
+    /// later field's value closes, and what stands between them would read as fields. Raw, as the default writes it, peer text (a
     /// QUIC close reason in `error = %e`) could add fields of its own choosing to the line
     /// (`… remote=ADDR`), which a reader or a logfmt parser would take for the gateway's.
     fn quote_from(&mut self, at: usize) {
@@ -411,7 +412,7 @@ impl FieldWriter<'_> {
             return;
         }
         let written = &self.line[at..];
-        if written.contains([' ', '=']) && !one_quoted_string(written) {
+        if written.contains([' ', '=', '"']) && !one_quoted_string(written) {
             let quoted = format!("{written:?}");
             self.line.truncate(at);
             self.line.push_str(&quoted);
@@ -717,7 +718,7 @@ mod tests {
         let plain = render(true, emit_all);
         assert!(default.lines().count() > 30, "{default}");
         // The default's lines, with what it leaves raw escaped, and field values with a space
-        // or `=` in them quoted (`{:?}`, which spells controls `\u{1b}`): the differences.
+        // `=` or `"` in them quoted (`{:?}`, which spells controls `\u{1b}`): the differences.
         let quoted = [
             (r#"dq=with "quotes""#, r#"dq="with \"quotes\"""#),
             (
@@ -730,6 +731,7 @@ mod tests {
             ),
             (r#"err=lonely \x07"#, r#"err="lonely \u{7}""#),
             (r#"bytes=[61 62 00 ff]"#, r#"bytes="[61 62 00 ff]""#),
+            (r#"opt=Some("x")"#, r#"opt="Some(\"x\")""#),
         ];
         let default_one_line: String = default
             .lines()
@@ -784,12 +786,13 @@ mod tests {
             "{plain}"
         );
         assert!(plain.contains("path=/a\tb"), "{plain}");
-        // Nor add fields of its own to it: a value with a space or `=` is quoted, and a value
+        // Nor add fields of its own to it: a value with a space, `=` or `"` is quoted, and a value
         // that opens a quote of its own does not pass for a quoted one.
         let forged = "x remote=10.0.0.5:443 unlogged=0";
         let plain = render(true, || {
             warn!(remote = %"203.0.113.9:5000", error = %forged, "agent connection refused");
             warn!(error = %"\"x\" remote=10.0.0.5:443", "again");
+            warn!(error = %"\"x", reason = %"y remote=10.0.0.5:443", "two fields");
         });
         assert!(
             plain.contains(
@@ -799,6 +802,10 @@ mod tests {
         );
         assert!(
             plain.contains("again error=\"\\\"x\\\" remote=10.0.0.5:443\"\n"),
+            "{plain}"
+        );
+        assert!(
+            plain.contains("two fields error=\"\\\"x\" reason=\"y remote=10.0.0.5:443\"\n"),
             "{plain}"
         );
     }

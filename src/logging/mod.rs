@@ -58,8 +58,8 @@ const DEFAULT_FILTER: &str =
     "info,hickory_server=error,hickory_proto=error,quinn=warn,rustls=error";
 
 /// The library entries of [`DEFAULT_FILTER`]: kept under a `RUST_LOG` that does not name
-/// their target, so that `RUST_LOG=info,tunnel=debug` does not open the log to the floods
-/// they hold back.
+/// their target (at the general level where that is stricter), so that
+/// `RUST_LOG=info,tunnel=debug` does not open the log to the floods they hold back.
 const QUIET_LIBRARIES: [&str; 4] = [
     "hickory_server=error",
     "hickory_proto=error",
@@ -136,15 +136,30 @@ fn parse_filter(text: &str) -> Result<Targets, String> {
     if items.is_empty() {
         return Err("no level or target in it".into());
     }
-    let unnamed = |quiet: &str| {
-        let lib = quiet.split_once('=').map_or(quiet, |(t, _)| t);
-        !targets
-            .iter()
-            .any(|t| *t == lib || t.starts_with(&format!("{lib}::")))
+    // The level for every other target (the last one given): a quiet library logs no more
+    // than it, and nothing without one (`off`, or only TARGET=LEVEL items: all else is off).
+    let general = items
+        .iter()
+        .filter(|i| !i.contains('='))
+        .filter_map(|i| i.parse::<tracing::level_filters::LevelFilter>().ok())
+        .next_back()
+        .filter(|g| *g != tracing::level_filters::LevelFilter::OFF);
+    let quiet: Vec<String> = match general {
+        None => Vec::new(),
+        Some(general) => QUIET_LIBRARIES
+            .into_iter()
+            .filter_map(|q| q.split_once('='))
+            // Named by the user: theirs (a module of it named is more specific already).
+            .filter(|(lib, _)| !targets.contains(lib))
+            .filter_map(|(lib, level)| {
+                let level = level.parse::<tracing::level_filters::LevelFilter>().ok()?;
+                Some(format!("{lib}={}", level.min(general)))
+            })
+            .collect(),
     };
-    let quiet: Vec<&str> = QUIET_LIBRARIES.into_iter().filter(|q| unnamed(q)).collect();
     quiet
-        .into_iter()
+        .iter()
+        .map(String::as_str)
         .chain(items)
         .collect::<Vec<_>>()
         .join(",")
@@ -259,7 +274,17 @@ mod tests {
         let f = filter(Some("info,rustls=debug,quinn::connection=trace"));
         assert!(would_log(&f, "rustls::server::hs", Level::DEBUG));
         assert!(would_log(&f, "quinn::connection", Level::TRACE));
+        assert!(!would_log(&f, "quinn::endpoint", Level::INFO));
+        assert!(!would_log(&f, "quinn_proto::conn", Level::INFO));
         assert!(!would_log(&f, "hickory_server::server", Level::WARN));
+        // Nor do they log more than a stricter level lets anything else.
+        for strict in ["off", "error,tunnel=info", "tunnel=debug"] {
+            let f = filter(Some(strict));
+            assert!(!would_log(&f, "quinn::endpoint", Level::WARN), "{strict}");
+            assert!(!would_log(&f, "gateway::run", Level::WARN), "{strict}");
+        }
+        let f = filter(Some("off"));
+        assert!(!would_log(&f, "rustls::server::hs", Level::ERROR));
     }
 
     /// The filter decides alone: the fmt builder's own cap (INFO) kept `RUST_LOG=debug` from

@@ -52,6 +52,7 @@ pub(super) fn start(sink: Box<dyn Write + Send>, cap: usize) -> (BatchWriter, Wr
             shutdown: false,
             dropped: 0,
             closed: false,
+            flushed: false,
         }),
         after: Mutex::new(None),
         wake_writer: Condvar::new(),
@@ -100,6 +101,8 @@ struct State {
     dropped: u64,
     /// The writer is gone: loggers write to [`Shared::after`] directly.
     closed: bool,
+    /// The writer's last lines are written too: what [`Finisher::finish`] waits for.
+    flushed: bool,
 }
 
 impl Shared {
@@ -310,10 +313,14 @@ impl Drop for Writer {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         drop(state);
-        self.shared.finished.notify_all();
         let sink = after.insert(sink);
         let _ = sink.write_all(&rest);
         let _ = sink.flush();
+        drop(after);
+        // Only now: a finisher told earlier let the process exit (or join this thread, for
+        // good) while `rest` was still being written.
+        self.shared.lock().flushed = true;
+        self.shared.finished.notify_all();
     }
 }
 
@@ -368,10 +375,10 @@ impl Finisher {
         shared.wake_writer.notify_one();
         state = shared
             .finished
-            .wait_timeout_while(state, limit, |s| !s.closed)
+            .wait_timeout_while(state, limit, |s| !s.flushed)
             .unwrap_or_else(PoisonError::into_inner)
             .0;
-        state.closed
+        state.flushed
     }
 }
 

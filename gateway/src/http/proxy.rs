@@ -239,13 +239,27 @@ impl std::fmt::Write for StackLine {
 }
 
 /// A response body's counter: its bytes go into the request's log line, which is written when
-/// the body is over (or dropped unfinished). The log holds its own count: no shared counter
-/// to allocate per request.
-struct Logged(Option<RequestLog>);
+/// the body is dropped: once written out (the HTTP/1 server drops it after its last write;
+/// hyper's HTTP/2 one after the frame that ends it), or unfinished. The log holds its own
+/// count: no shared counter to allocate per request.
+struct Logged {
+    log: Option<RequestLog>,
+    /// The body came to its end ([`body::Count::end`]).
+    ended: bool,
+}
+
+impl Logged {
+    fn new(log: RequestLog) -> Self {
+        Logged {
+            log: Some(log),
+            ended: false,
+        }
+    }
+}
 
 impl body::Count for Logged {
     fn add(&mut self, n: u64) -> u64 {
-        match &mut self.0 {
+        match &mut self.log {
             Some(log) => {
                 log.bytes_out += n;
                 log.bytes_out
@@ -255,26 +269,58 @@ impl body::Count for Logged {
     }
 
     fn failed(&mut self, error: &body::BoxError) {
-        if let Some(log) = &mut self.0 {
+        if let Some(log) = &mut self.log {
             // The head's status went out already; the line must not read as a clean answer.
             log.error = Some(format!("the answer was cut short: {error}"));
         }
     }
 
     fn end(&mut self) {
-        self.0 = None;
+        self.ended = true;
     }
 }
 
+thread_local! {
+    /// Why the answer whose body is being dropped on this thread was not delivered whole
+    /// ([`drop_undelivered`]): read by its [`Logged`], which the server cannot reach through
+    /// the boxed body. Empty but for that drop.
+    static UNDELIVERED: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Drops an answer's `body` whose writing to the client failed (`why`): its log line says so.
+/// The body may have ended already (its last bytes taken, waiting in the socket's or TLS's
+/// buffers when the client stopped reading).
+pub(super) fn drop_undelivered(body: ProxyBody, why: &dyn std::fmt::Display) {
+    UNDELIVERED.with(|u| *u.borrow_mut() = Some(why.to_string()));
+    drop(body);
+    UNDELIVERED.with(|u| u.borrow_mut().take());
+}
+
 impl Drop for Logged {
-    /// Dropped before its end: the client did not take the whole answer (it left, or read
-    /// nothing for the send timeout). The head's status went out; the line says the rest did
-    /// not, rather than read as a clean answer.
+    /// Writes the line (by dropping the log). Dropped before its end, or with a write that
+    /// failed: the client did not take the whole answer (it left, or read nothing for the
+    /// send timeout). The head's status went out; the line says the rest did not, rather
+    /// than read as a clean answer.
     fn drop(&mut self) {
-        if let Some(log) = &mut self.0 {
-            log.error.get_or_insert_with(|| {
-                "the client did not take the whole answer (it left, or read nothing for the send timeout)".into()
-            });
+        self.settle();
+    }
+}
+
+impl Logged {
+    /// Puts a failure to deliver the answer in the line, if there was one ([`Drop`]).
+    fn settle(&mut self) {
+        let Some(log) = &mut self.log else { return };
+        match UNDELIVERED.with(|u| u.borrow_mut().take()) {
+            Some(why) => {
+                log.error
+                    .get_or_insert_with(|| format!("the answer was not delivered whole: {why}"));
+            }
+            None if !self.ended => {
+                log.error.get_or_insert_with(|| {
+                    "the client did not take the whole answer (it left, or read nothing for the send timeout)".into()
+                });
+            }
+            None => {}
         }
     }
 }
@@ -419,7 +465,7 @@ pub(crate) async fn handle(
                     let home = up
                         .home(front.pool().clone(), key)
                         .read_timeout(front.tuning().read_timeout);
-                    let b = Metered::new(home, Logged(Some(log)))
+                    let b = Metered::new(home, Logged::new(log))
                         .shape(shape_out)
                         .boxed();
                     Response::from_parts(parts, b)
@@ -438,7 +484,7 @@ pub(crate) async fn handle(
             } else {
                 full
             };
-            Response::from_parts(parts, Metered::new(full, Logged(Some(log))).boxed())
+            Response::from_parts(parts, Metered::new(full, Logged::new(log)).boxed())
         }
     }
 }
@@ -998,6 +1044,38 @@ mod tests {
             _slot: None,
             _busy: None,
         }
+    }
+
+    /// An answer is logged as delivered only when its body ended and no write of it failed:
+    /// a write that failed after the body's last bytes were taken (waiting in the socket's
+    /// or TLS's buffers for a client that stopped reading) read as a clean answer.
+    #[test]
+    fn an_answer_is_logged_as_delivered_only_when_its_writes_went_through() {
+        let settled = |ended: bool, undelivered: Option<&str>| {
+            let mut l = Logged::new(log("/", None));
+            l.ended = ended;
+            if let Some(why) = undelivered {
+                UNDELIVERED.with(|u| *u.borrow_mut() = Some(why.to_owned()));
+            }
+            l.settle();
+            // Taken by the one that settled.
+            assert!(UNDELIVERED.with(|u| u.borrow().is_none()));
+            l.log.as_ref().and_then(|log| log.error.clone())
+        };
+        assert_eq!(settled(true, None), None);
+        assert!(settled(false, None).is_some_and(|e| e.contains("did not take the whole answer")));
+        assert_eq!(
+            settled(true, Some("the client read nothing for 60s")).as_deref(),
+            Some("the answer was not delivered whole: the client read nothing for 60s")
+        );
+        // Through the boxed body, as the HTTP/1 server drops it; nothing left behind.
+        let body = Metered::new(
+            http_body_util::Full::new(bytes::Bytes::from_static(b"x")),
+            Logged::new(log("/", None)),
+        )
+        .boxed();
+        drop_undelivered(body, &"gone");
+        assert!(UNDELIVERED.with(|u| u.borrow().is_none()));
     }
 
     fn line(log: &RequestLog) -> String {

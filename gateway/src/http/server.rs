@@ -328,7 +328,10 @@ where
         drop(parts);
         let send = (timer.as_mut(), cfg.send_timeout);
         let written = write_response(&wire, &mut out, &mut body, framing, send).await;
-        drop(body);
+        match &written {
+            Ok(()) => drop(body),
+            Err(e) => super::proxy::drop_undelivered(body, e),
+        }
         if let Err(e) = written {
             debug!(error = %e, "response cut short; closing");
             break;
