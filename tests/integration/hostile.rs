@@ -2472,6 +2472,81 @@ async fn a_gateway_sending_undecodable_control_bytes_is_told_why() {
     h1.shutdown.cancel();
 }
 
+/// A Welcome with undecodable bytes behind it in the same write: the node refuses the session
+/// (told why, closed with the protocol code) before it counts the link as connected. It took
+/// the Welcome, marked the link up and started its tasks, and met the failure only after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_welcome_followed_by_undecodable_bytes_is_refused_before_the_link_is_up() {
+    use tunnel::proto::{ControlMsg, Welcome};
+    let z = TestZone::new(&["home1"]);
+    let tuning = fast_tuning();
+    let sc = tunnel::transport::server_config(&z.creds("gw"), &tuning).unwrap();
+    let server = quinn::Endpoint::server(sc, z.gw_addr).unwrap();
+    let h1 = start_agent(&z, "home1", services(&[]), vec![], tuning).await;
+    let conn = tokio::time::timeout(WAIT, async {
+        server.accept().await.expect("an incoming connection").await
+    })
+    .await
+    .expect("home1 dialed")
+    .expect("home1's handshake");
+    let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+    let (header, rest) = tunnel::stream::read_header(&mut recv).await.unwrap();
+    assert_eq!(header, StreamHeader::Control);
+    let mut dec = tunnel::proto::FrameDecoder::new();
+    dec.push(&rest).unwrap();
+    let hello = read_msg_until(&mut recv, &mut dec, |m| match m {
+        ControlMsg::Hello(h) => Some(h),
+        _ => None,
+    })
+    .await
+    .expect("no Hello");
+    let welcome = ControlMsg::Welcome(Welcome {
+        session_id: 1,
+        observed_addr: conn.remote_address(),
+        zone_serial: hello.zone_serial,
+        zone_config: None,
+        keepalive_ms: 300,
+    });
+    let mut bytes = Vec::new();
+    tunnel::proto::encode_control(&welcome, &mut bytes).unwrap();
+    bytes.extend_from_slice(&PING_WITH_A_BYTE_TOO_MANY);
+    send.write_all(&bytes).await.unwrap();
+    told_of_undecodable_bytes(&conn, &mut recv, &mut dec).await;
+    let link = h1.agent.links()[0].status();
+    assert_eq!(link.connects, 0, "the link counted as connected: {link:?}");
+    h1.shutdown.cancel();
+}
+
+/// A gateway that offers zone configs that do not verify, one after another, has its session
+/// ended after `MAX_REFUSED_OFFERS` (each cost the device a parse and a signature check), as
+/// the hub ends a device's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_offering_bad_zone_configs_has_its_session_ended() {
+    use tunnel::proto::ControlMsg;
+    let z = TestZone::new(&["home1"]);
+    let (h1, _server, conn, (mut send, _recv, _dec)) =
+        fake_gateway_session(&z, fast_tuning(), None).await;
+    wait_until("home1's link up", WAIT, || {
+        h1.agent.links().iter().any(|l| l.status().state == "up")
+    })
+    .await;
+    for _ in 0..tunnel::hub::MAX_REFUSED_OFFERS {
+        let bad = ControlMsg::ConfigUpdate {
+            zone_serial: u64::MAX,
+            zone_config: br#"{"config":{},"signature":"no"}"#.to_vec(),
+        };
+        write_msg(&mut send, &bad).await;
+    }
+    let closed = tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .expect("the session went on past the refused offers");
+    assert!(
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(_)),
+        "{closed}"
+    );
+    h1.shutdown.cancel();
+}
+
 /// The ends of a relayed, end-to-end encrypted stream enforce a revocation themselves: the
 /// peer's key is refused for new streams once revoked or past its certificate's end, and a
 /// live stream's end (`peer_ended`) comes when the adopted zone config revokes the peer. They

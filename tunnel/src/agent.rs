@@ -128,6 +128,9 @@ struct LinkState {
     /// How long the gateway of the current session keeps a quiet UDP flow (`UdpFlowIdle`;
     /// None from a gateway that does not say).
     udp_flow_idle: Option<Duration>,
+    /// Zone configs the current session offered that did not verify
+    /// ([`crate::hub::MAX_REFUSED_OFFERS`] end it).
+    refused_offers: u32,
 }
 
 impl LinkState {
@@ -957,6 +960,14 @@ impl Agent {
                     }
                 }
             };
+            // The Welcome came with a violation behind it in the same read (the session
+            // failed after it): refused here, before the link is marked up or its zone
+            // config taken, as the hub refuses such a Hello.
+            if io.session.is_closed() {
+                let e = io.take_failure().unwrap_or(TunnelError::Truncated);
+                io.close_as_violation(&conn, b"protocol violation").await;
+                return Err(e);
+            }
             Ok::<_, TunnelError>((conn, io, welcome))
         };
         let r = tokio::time::timeout(t.handshake_timeout, setup).await;
@@ -1002,6 +1013,7 @@ impl Agent {
             s.up_since = Some(Instant::now());
             s.addr = Some(addr);
             s.udp_flow_idle = None;
+            s.refused_offers = 0;
         });
         // A zone config revoking this gateway may have been adopted (from another gateway)
         // while this handshake ran: `zone_adopted` found no connection to close then.
@@ -1193,6 +1205,18 @@ impl Agent {
                     Err(e) => {
                         if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
                             warn!(gateway = %link.name, error = %e, unlogged, "refused zone config update");
+                        }
+                        // Nor keep this device busy checking them (a parse and a signature
+                        // check each): the session ends, as the hub ends a device's.
+                        let mut n = 0;
+                        link.set(|s| {
+                            s.refused_offers += 1;
+                            n = s.refused_offers;
+                        });
+                        if n >= crate::hub::MAX_REFUSED_OFFERS {
+                            return Some(format!(
+                                "gateway offered {n} zone configs that do not verify"
+                            ));
                         }
                     }
                 }

@@ -418,6 +418,12 @@ impl ControlIo {
         e.into()
     }
 
+    /// Why the session failed, if it did and that was not returned yet by
+    /// [`ControlIo::next_event`].
+    pub fn take_failure(&mut self) -> Option<TunnelError> {
+        self.failed.take()
+    }
+
     /// Finishes our side of the stream.
     pub fn finish(&mut self) {
         let _ = self.send.finish();
