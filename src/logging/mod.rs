@@ -41,9 +41,7 @@ impl LogGuard {
     /// Writes out every buffered line and stops the writer; false if stderr took nothing for
     /// the wait (a paused pager, a full pipe): a direct write to it would block for good.
     pub fn finish(self) -> bool {
-        self._writer
-            .as_ref()
-            .is_none_or(|w| w.finisher().finish(EXIT_WAIT))
+        self._writer.is_none_or(|w| w.finish(EXIT_WAIT))
     }
 }
 

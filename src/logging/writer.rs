@@ -346,18 +346,32 @@ impl WriterThread {
     pub(super) fn finisher(&self) -> Finisher {
         Finisher(Arc::clone(&self.shared))
     }
+
+    /// Writes out what is buffered and stops the writer, waiting at most `limit`; false if
+    /// stderr took nothing meanwhile. Once: the drop that follows does not wait again.
+    pub(super) fn finish(mut self, limit: Duration) -> bool {
+        self.finish_once(limit)
+    }
+
+    fn finish_once(&mut self, limit: Duration) -> bool {
+        let Some(thread) = self.thread.take() else {
+            // Finished before (or the thread never started: `finish` says which).
+            return self.finisher().finish(Duration::ZERO);
+        };
+        let done = self.finisher().finish(limit);
+        if done {
+            // Done writing: the join is at once. (A panicked writer has closed the buffer on
+            // its way out, `Writer`'s drop.)
+            let _ = thread.join();
+        }
+        // Otherwise the writer is stuck in a write: left behind, the process exits without it.
+        done
+    }
 }
 
 impl Drop for WriterThread {
     fn drop(&mut self) {
-        if self.finisher().finish(EXIT_WAIT) {
-            if let Some(thread) = self.thread.take() {
-                // Done writing: the join is at once. (A panicked writer has closed the buffer
-                // on its way out, `Writer`'s drop.)
-                let _ = thread.join();
-            }
-        }
-        // Otherwise the writer is stuck in a write: left behind, the process exits without it.
+        self.finish_once(EXIT_WAIT);
     }
 }
 
@@ -513,6 +527,26 @@ mod tests {
         // Two waits of their limits (200 ms, then EXIT_WAIT), not for ever.
         assert!(started.elapsed() < EXIT_WAIT + Duration::from_secs(20));
         assert!(!capture.text().contains("never"));
+        drop(open);
+
+        // Finishing the thread itself waits once: its drop does not wait again (an exit
+        // took two waits, 4 s, for a stderr that takes nothing).
+        let (open, gate) = mpsc::channel::<()>();
+        let stuck = Gated {
+            gate,
+            inner: capture.clone(),
+        };
+        let (make, thread) = start(Box::new(stuck), BUFFER_CAP);
+        make.make_writer()
+            .write_all(b"never taken either\n")
+            .unwrap();
+        let started = std::time::Instant::now();
+        assert!(!thread.finish(Duration::from_millis(300)));
+        assert!(
+            started.elapsed() < Duration::from_millis(300) + EXIT_WAIT,
+            "{:?}",
+            started.elapsed()
+        );
         drop(open);
     }
 

@@ -2524,26 +2524,45 @@ async fn a_welcome_followed_by_undecodable_bytes_is_refused_before_the_link_is_u
 async fn a_gateway_offering_bad_zone_configs_has_its_session_ended() {
     use tunnel::proto::ControlMsg;
     let z = TestZone::new(&["home1"]);
-    let (h1, _server, conn, (mut send, _recv, _dec)) =
+    let (h1, _server, conn, (mut send, mut recv, mut dec)) =
         fake_gateway_session(&z, fast_tuning(), None).await;
     wait_until("home1's link up", WAIT, || {
         h1.agent.links().iter().any(|l| l.status().state == "up")
     })
     .await;
-    for _ in 0..tunnel::hub::MAX_REFUSED_OFFERS {
+    // Half that do not parse, half the zone's own config announced as newer than it is
+    // (parsed all the same, and counted as the hub counts it).
+    let own = z.creds("home1").zone().to_json_compact();
+    for i in 0..tunnel::hub::MAX_REFUSED_OFFERS {
+        let zone_config = match i % 2 {
+            0 => br#"{"config":{},"signature":"no"}"#.to_vec(),
+            _ => own.clone(),
+        };
         let bad = ControlMsg::ConfigUpdate {
             zone_serial: u64::MAX,
-            zone_config: br#"{"config":{},"signature":"no"}"#.to_vec(),
+            zone_config,
         };
         write_msg(&mut send, &bad).await;
     }
-    let closed = tokio::time::timeout(WAIT, conn.closed())
-        .await
-        .expect("the session went on past the refused offers");
-    assert!(
-        matches!(closed, quinn::ConnectionError::ApplicationClosed(_)),
-        "{closed}"
+    // Told why, then closed with the protocol code.
+    let told = read_msg_until(&mut recv, &mut dec, |m| match m {
+        ControlMsg::Error { code, message } => Some((code, message)),
+        _ => None,
+    })
+    .await;
+    let (code, message) = told.expect("the session went on past the refused offers");
+    assert_eq!(
+        code,
+        tunnel::proto::ErrorCode::ProtocolViolation,
+        "{message}"
     );
+    assert!(message.contains("do not verify"), "{message}");
+    match tokio::time::timeout(WAIT, conn.closed()).await.unwrap() {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, tunnel::hub::CLOSE_PROTOCOL.into())
+        }
+        other => panic!("closed otherwise: {other}"),
+    }
     h1.shutdown.cancel();
 }
 

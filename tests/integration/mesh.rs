@@ -441,6 +441,37 @@ async fn a_revoked_peer_loses_its_direct_path_and_open_streams() {
     gw.shutdown.cancel();
 }
 
+/// A device the zone config revokes leaves the gateway's mesh table too: the pairs home2
+/// relayed to it were listed under home2 in `/status` for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_leaves_the_gateways_mesh_pairs() {
+    let m = mesh_zone().await;
+    assert_eq!(roundtrip(m.fwd, b"first").await.unwrap(), b"first");
+    let pairs_to_home1 = |gw: &RunningGateway| {
+        gw.hub
+            .status()
+            .iter()
+            .filter(|a| a.device == "home2")
+            .flat_map(|a| a.mesh.iter())
+            .filter(|p| p.to == "home1")
+            .count()
+    };
+    wait_until("the gateway lists home2 -> home1", WAIT, || {
+        pairs_to_home1(&m.gw) == 1
+    })
+    .await;
+    std::fs::write(m.z.bundle("gw").zone_config, m.z.revoke("home1")).unwrap();
+    wait_until("home1 cut off", WAIT, || m.gw.hub.agent("home1").is_none()).await;
+    wait_until("the pair gone from the gateway's status", WAIT, || {
+        pairs_to_home1(&m.gw) == 0
+    })
+    .await;
+    assert!(m.gw.hub.agent("home2").is_some(), "home2 stays connected");
+    m.h1.shutdown.cancel();
+    m.h2.shutdown.cancel();
+    m.gw.shutdown.cancel();
+}
+
 /// Two gateways; home1 is connected to the second only. laptop's forward to home1 goes
 /// through whichever gateway has it: the first one answers "offline", the forward tries the
 /// next (it used to fail on the first usable gateway, whatever the others could reach).

@@ -964,6 +964,16 @@ impl Agent {
             // failed after it): refused here, before the link is marked up or its zone
             // config taken, as the hub refuses such a Hello.
             if io.session.is_closed() {
+                // The gateway's own Error right behind its Welcome: said as before one.
+                if !io.session.ended_here() {
+                    while let Some(ev) = io.session.poll_event() {
+                        if let Event::PeerError { code, message } = ev {
+                            return Err(TunnelError::Config(format!(
+                                "gateway refused us: {code:?}: {message}"
+                            )));
+                        }
+                    }
+                }
                 let e = io.take_failure().unwrap_or(TunnelError::Truncated);
                 io.close_as_violation(&conn, b"protocol violation").await;
                 return Err(e);
@@ -1149,6 +1159,12 @@ impl Agent {
                         drain_deadline.get_or_insert(tokio::time::Instant::now() + grace);
                     }
                     Ok(Some(ev)) => if let Some(end) = self.on_event(link, conn, &ctl, &flows, ev) {
+                        // Told to the gateway, whose operator would otherwise see a plain close.
+                        let refused = link.state.lock().unwrap_or_else(|p| p.into_inner()).refused_offers;
+                        if refused >= crate::hub::MAX_REFUSED_OFFERS {
+                            io.session.reject(proto::ErrorCode::ProtocolViolation, &end);
+                            io.close_as_violation(conn, b"zone configs that do not verify").await;
+                        }
                         return end;
                     },
                     Ok(None) => return "gateway closed the control stream".into(),
@@ -1195,29 +1211,35 @@ impl Agent {
                 if zone_serial <= self.cfg.creds.zone_serial() {
                     return None;
                 }
-                match self.cfg.creds.offer_zone(&zone_config) {
+                let refused = match self.cfg.creds.offer_zone(&zone_config) {
                     Ok(Some(serial)) => {
                         info!(serial, gateway = %link.name, "adopted newer zone config");
                         self.zone_adopted(&link.name);
+                        None
                     }
-                    Ok(None) => {}
+                    // Said to be newer and not (parsed all the same), as the hub counts it.
+                    Ok(None) if zone_serial > self.cfg.creds.zone_serial() => {
+                        Some("its serial is not the newer one it announced".to_owned())
+                    }
+                    Ok(None) => None,
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(why) = refused {
                     // Budgeted: a gateway sending bad ones in a loop must not fill the disk.
-                    Err(e) => {
-                        if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
-                            warn!(gateway = %link.name, error = %e, unlogged, "refused zone config update");
-                        }
-                        // Nor keep this device busy checking them (a parse and a signature
-                        // check each): the session ends, as the hub ends a device's.
-                        let mut n = 0;
-                        link.set(|s| {
-                            s.refused_offers += 1;
-                            n = s.refused_offers;
-                        });
-                        if n >= crate::hub::MAX_REFUSED_OFFERS {
-                            return Some(format!(
-                                "gateway offered {n} zone configs that do not verify"
-                            ));
-                        }
+                    if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
+                        warn!(gateway = %link.name, error = %why, unlogged, "refused zone config update");
+                    }
+                    // Nor keep this device busy checking them (a parse and a signature check
+                    // each): the session ends as a violation, as the hub ends a device's.
+                    let mut n = 0;
+                    link.set(|s| {
+                        s.refused_offers += 1;
+                        n = s.refused_offers;
+                    });
+                    if n >= crate::hub::MAX_REFUSED_OFFERS {
+                        return Some(format!(
+                            "gateway offered {n} zone configs that do not verify"
+                        ));
                     }
                 }
             }

@@ -1287,6 +1287,15 @@ impl Hub {
         match creds.offer_zone(bytes)? {
             Some(serial) => {
                 info!(serial, from = %from, "adopted newer zone config");
+                // Pairs with a device this config no longer lists, or revokes, go from the
+                // mesh table (and `/status`): kept, they stayed listed for good.
+                self.0
+                    .mesh
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|(a, b), _| {
+                        creds.noise_public_of(a).is_ok() && creds.noise_public_of(b).is_ok()
+                    });
                 let json = creds.zone().to_json_compact();
                 for a in self.agents() {
                     if creds.is_revoked(&a.device) {
