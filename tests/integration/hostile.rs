@@ -2479,27 +2479,8 @@ async fn a_gateway_sending_undecodable_control_bytes_is_told_why() {
 async fn a_welcome_followed_by_undecodable_bytes_is_refused_before_the_link_is_up() {
     use tunnel::proto::{ControlMsg, Welcome};
     let z = TestZone::new(&["home1"]);
-    let tuning = fast_tuning();
-    let sc = tunnel::transport::server_config(&z.creds("gw"), &tuning).unwrap();
-    let server = quinn::Endpoint::server(sc, z.gw_addr).unwrap();
-    let h1 = start_agent(&z, "home1", services(&[]), vec![], tuning).await;
-    let conn = tokio::time::timeout(WAIT, async {
-        server.accept().await.expect("an incoming connection").await
-    })
-    .await
-    .expect("home1 dialed")
-    .expect("home1's handshake");
-    let (mut send, mut recv) = conn.accept_bi().await.unwrap();
-    let (header, rest) = tunnel::stream::read_header(&mut recv).await.unwrap();
-    assert_eq!(header, StreamHeader::Control);
-    let mut dec = tunnel::proto::FrameDecoder::new();
-    dec.push(&rest).unwrap();
-    let hello = read_msg_until(&mut recv, &mut dec, |m| match m {
-        ControlMsg::Hello(h) => Some(h),
-        _ => None,
-    })
-    .await
-    .expect("no Hello");
+    let ((h1, _server, conn, (mut send, mut recv, mut dec)), hello) =
+        fake_gateway_hello(&z, fast_tuning(), None).await;
     let welcome = ControlMsg::Welcome(Welcome {
         session_id: 1,
         observed_addr: conn.remote_address(),
@@ -2711,6 +2692,28 @@ async fn fake_gateway_session_with(
     before_welcome: impl FnOnce(&RunningAgent),
 ) -> FakeSession {
     use tunnel::proto::{ControlMsg, Welcome};
+    let ((h1, server, conn, (mut send, recv, dec)), hello) =
+        fake_gateway_hello(z, tuning, transport).await;
+    before_welcome(&h1);
+    let welcome = Welcome {
+        session_id: 1,
+        observed_addr: conn.remote_address(),
+        zone_serial: hello.zone_serial,
+        zone_config: None,
+        keepalive_ms: 300,
+    };
+    write_msg(&mut send, &ControlMsg::Welcome(welcome)).await;
+    (h1, server, conn, (send, recv, dec))
+}
+
+/// The first half of [`fake_gateway_session`]: the agent dialed the fake gateway and sent its
+/// Hello (returned too), not answered yet.
+async fn fake_gateway_hello(
+    z: &TestZone,
+    tuning: Tuning,
+    transport: Option<quinn::TransportConfig>,
+) -> (FakeSession, tunnel::proto::Hello) {
+    use tunnel::proto::ControlMsg;
     let mut sc = tunnel::transport::server_config(&z.creds("gw"), &tuning).unwrap();
     if let Some(tc) = transport {
         sc.transport_config(Arc::new(tc));
@@ -2723,7 +2726,7 @@ async fn fake_gateway_session_with(
     .await
     .expect("home1 dialed")
     .expect("home1's handshake");
-    let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+    let (send, mut recv) = conn.accept_bi().await.unwrap();
     let (header, rest) = tunnel::stream::read_header(&mut recv).await.unwrap();
     assert_eq!(header, StreamHeader::Control);
     let mut dec = tunnel::proto::FrameDecoder::new();
@@ -2734,14 +2737,5 @@ async fn fake_gateway_session_with(
     })
     .await
     .expect("no Hello");
-    before_welcome(&h1);
-    let welcome = Welcome {
-        session_id: 1,
-        observed_addr: conn.remote_address(),
-        zone_serial: hello.zone_serial,
-        zone_config: None,
-        keepalive_ms: 300,
-    };
-    write_msg(&mut send, &ControlMsg::Welcome(welcome)).await;
-    (h1, server, conn, (send, recv, dec))
+    ((h1, server, conn, (send, recv, dec)), hello)
 }

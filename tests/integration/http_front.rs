@@ -1182,6 +1182,25 @@ async fn an_http2_request_with_a_large_head_passes_as_over_http1() {
     assert_eq!(resp.status(), StatusCode::OK);
 }
 
+/// An HTTP/2 client over plain TCP whose streams grant `window` bytes of credit (and no more
+/// while their bodies are not read), and its connection's task.
+async fn h2_client_granting(
+    h: &Harness,
+    window: u32,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(h.http).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(window)
+            .handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(tcp))
+            .await
+            .unwrap();
+    (send, tokio::spawn(conn))
+}
+
 /// An HTTP/2 client that grants no flow-control credit (a zero initial window) and answers
 /// pings cannot hold its streams: the connection is closed once an answer's data waited the
 /// send timeout. hyper waits for credit without a deadline, and every such stream kept its
@@ -1190,14 +1209,7 @@ async fn an_http2_request_with_a_large_head_passes_as_over_http1() {
 async fn an_http2_client_granting_no_credit_is_cut_after_the_send_timeout() {
     let send_timeout = Duration::from_secs(2);
     let h = start_sending_within(send_timeout).await;
-    let tcp = tokio::net::TcpStream::connect(h.http).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .initial_stream_window_size(0)
-            .handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(tcp))
-            .await
-            .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut send, conn) = h2_client_granting(&h, 0).await;
     let started = Instant::now();
     let mut answers = Vec::new();
     for _ in 0..4 {
@@ -1235,14 +1247,7 @@ async fn an_http2_client_taking_none_of_its_finished_answers_is_cut_after_the_go
         t.h2_idle_timeout = Duration::from_secs(1);
     })
     .await;
-    let tcp = tokio::net::TcpStream::connect(h.http).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .initial_stream_window_size(1)
-            .handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(tcp))
-            .await
-            .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut send, conn) = h2_client_granting(&h, 1).await;
     let started = Instant::now();
     let mut answers = Vec::new();
     for _ in 0..4 {

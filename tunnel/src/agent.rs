@@ -1742,12 +1742,7 @@ impl Agent {
             Carry::E2e { peer, key } => {
                 let secret = self.cfg.creds.noise_secret();
                 let hs = e2e::respond(&mut q, secret, &key, &peer, me, &service);
-                let failed = match tokio::time::timeout(t.open_timeout, hs).await {
-                    Ok(Ok(s)) => Ok(s),
-                    Ok(Err(e)) => Err(format!("end-to-end handshake failed: {e}")),
-                    Err(_) => Err("end-to-end handshake timed out".to_owned()),
-                };
-                let mut s = match failed {
+                let mut s = match within(t.open_timeout, hs).await {
                     Ok(s) => s,
                     Err(why) => {
                         if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
@@ -2023,12 +2018,7 @@ impl Agent {
             Some(key) => {
                 let secret = self.cfg.creds.noise_secret();
                 let hs = e2e::initiate(&mut q, secret, &key, me, &f.device, &f.service);
-                let failed = match tokio::time::timeout(t.open_timeout, hs).await {
-                    Ok(Ok(s)) => Ok(s),
-                    Ok(Err(e)) => Err(format!("end-to-end handshake failed: {e}")),
-                    Err(_) => Err("end-to-end handshake timed out".to_owned()),
-                };
-                let mut s = match failed {
+                let mut s = match within(t.open_timeout, hs).await {
                     Ok(s) => s,
                     Err(why) => {
                         // A line per local connection, whatever the peer does: budgeted.
@@ -2066,6 +2056,18 @@ impl Agent {
         let (up, down) = (m.a_to_b, m.b_to_a);
         info!(to = %to, via = %via, client = %client, bytes_up = up, bytes_down = down, ms = started.elapsed().as_millis() as u64, "forward connection done");
         until_acked(acked, &m, &t).await;
+    }
+}
+
+/// An end-to-end handshake `hs` within `limit`, or why it failed (for the log line).
+async fn within<S>(
+    limit: Duration,
+    hs: impl std::future::Future<Output = Result<S, e2e::E2eError>>,
+) -> Result<S, String> {
+    match tokio::time::timeout(limit, hs).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(format!("end-to-end handshake failed: {e}")),
+        Err(_) => Err("end-to-end handshake timed out".to_owned()),
     }
 }
 
