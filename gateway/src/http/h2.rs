@@ -179,7 +179,8 @@ fn broke_protocol(e: &hyper::Error) -> Option<&::h2::Error> {
 
 /// Spawns hyper's per-stream tasks in the connection's span (`http{client, scheme}`), as
 /// HTTP/1 requests are served: hyper-util's `TokioExecutor` spawns them bare, and every
-/// HTTP/2 request's lines (its log line, written as its answer ends) lacked the client.
+/// HTTP/2 request's lines (its log line, written as its answer's body is dropped) lacked the
+/// client.
 #[derive(Clone, Copy)]
 struct InSpan;
 
