@@ -697,9 +697,11 @@ pub fn tuning(t: &TunnelSection) -> Result<Tuning, UsageError> {
     if let Some(i) = t.idle_timeout_ms {
         out.idle_timeout = bounded("idle_timeout_ms", i, 1_000..=86_400_000, millis)?;
     }
-    if out.keepalive >= out.idle_timeout {
+    // At most half: with a keepalive just under the idle timeout, one lost ping ended the
+    // tunnel.
+    if out.keepalive * 2 > out.idle_timeout {
         return Err(UsageError(format!(
-            "[tunnel] keepalive_ms ({}) must be below idle_timeout_ms ({})",
+            "[tunnel] keepalive_ms ({}) must be at most half of idle_timeout_ms ({}), so that one lost keepalive does not end the tunnel",
             out.keepalive.as_millis(),
             out.idle_timeout.as_millis()
         )));
@@ -1018,6 +1020,11 @@ mod tests {
                 Some(60_000),
                 Some(u64::MAX),
                 "idle_timeout_ms = 18446744073709551615: give",
+            ),
+            (
+                Some(29_900),
+                None,
+                "keepalive_ms (29900) must be at most half of idle_timeout_ms (30000)",
             ),
         ] {
             let t = TunnelSection {

@@ -29,6 +29,9 @@ use crate::error::TunnelError;
 /// this: a sender may only have as much stream data in flight as the receiver granted.
 const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 
+/// The capped buffers were told ([`bind`]).
+static BUFFERS_TOLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Largest UDP payload one send may carry, all GSO segments together: an IPv4 packet's 65,535
 /// bytes less its 20-byte header and the 8-byte UDP header (IPv6 allows 20 more; one bound
 /// for both keeps it simple and costs nothing at the MTUs where batches are split).
@@ -47,16 +50,23 @@ pub fn bind(
         addr: bind,
         error,
     })?;
-    let sized = quinn::udp::UdpSocketState::new((&socket).into()).and_then(|st| {
-        st.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER)?;
-        st.set_send_buffer_size((&socket).into(), SOCKET_BUFFER)?;
-        Ok((
-            st.recv_buffer_size((&socket).into())?,
-            st.send_buffer_size((&socket).into())?,
-        ))
-    });
-    match sized {
-        Ok((recv, send)) => tracing::debug!(%bind, recv, send, "UDP socket buffers"),
+    match quinn::udp::UdpSocketState::new((&socket).into()) {
+        Ok(st) => {
+            // Each on its own: a refused receive buffer must not leave the send one unset.
+            let _ = st.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER);
+            let _ = st.set_send_buffer_size((&socket).into(), SOCKET_BUFFER);
+            let recv = st.recv_buffer_size((&socket).into()).unwrap_or(0);
+            let send = st.send_buffer_size((&socket).into()).unwrap_or(0);
+            tracing::debug!(%bind, recv, send, "UDP socket buffers");
+            // Linux caps the sizes at net.core.rmem_max/wmem_max without an error (and
+            // reports double what it grants): capped, a burst overflows the receive buffer
+            // and the drops read as loss to the congestion controller. Said once a process.
+            if (recv < SOCKET_BUFFER || send < SOCKET_BUFFER)
+                && !BUFFERS_TOLD.swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::warn!(%bind, recv, send, wanted = SOCKET_BUFFER, "UDP socket buffers capped by the kernel: raise them for bursts at full speed (sysctl -w net.core.rmem_max=4194304 net.core.wmem_max=4194304)");
+            }
+        }
         Err(e) => tracing::debug!(%bind, error = %e, "UDP socket buffers left at the default"),
     }
     let inner = runtime
