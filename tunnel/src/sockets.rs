@@ -145,6 +145,22 @@ impl ReplySocket {
                 None
             }
         };
+        // quinn-udp sets "don't fragment, ignore the path MTU" (IP_PMTUDISC_PROBE), right for
+        // QUIC, which sizes its own packets; a service's reply is not: one larger than a
+        // client's path (behind a VPN) was lost on every retry instead of fragmented. Back
+        // to the kernel's default for IPv4 (and IPv4-mapped) replies. (IPv6 keeps
+        // IPV6_DONTFRAG, which rustix cannot clear.)
+        let v4 = sock
+            .local_addr()
+            .is_ok_and(|a| a.is_ipv4() || !socket2::SockRef::from(&sock).only_v6().unwrap_or(true));
+        if v4 {
+            if let Err(error) = rustix::net::sockopt::set_ip_mtu_discover(
+                &sock,
+                rustix::net::sockopt::Ipv4PathMtuDiscovery::WANT,
+            ) {
+                tracing::debug!(%error, "UDP replies keep the don't-fragment flag");
+            }
+        }
         ReplySocket { sock, state }
     }
 
@@ -209,9 +225,10 @@ impl ReplySocket {
         loop {
             self.sock.writable().await?;
             // `try_send`: `send` logs and swallows every error but WouldBlock, and the caller
-            // counts what was not sent. (quinn-udp also sets don't-fragment: a datagram over
-            // the interface's MTU fails here rather than leave in fragments; the device's
-            // datagrams come through a QUIC tunnel, which carries none that large.)
+            // counts what was not sent. (IPv4 replies are fragmented as the path needs, see
+            // `new`; IPv6 ones keep don't-fragment: one over the interface's MTU fails here,
+            // though the device's datagrams come through a QUIC tunnel, which carries none
+            // that large.)
             match self.sock.try_io(tokio::io::Interest::WRITABLE, || {
                 state.try_send((&self.sock).into(), &t)
             }) {
@@ -410,6 +427,30 @@ mod tests {
                 "{to} came from {from}"
             );
         }
+    }
+
+    /// A service's replies may be fragmented on their way to a client behind a smaller path
+    /// (IPv4): quinn-udp's "don't fragment, ignore the path MTU" is undone on the reply
+    /// socket, which it set for QUIC's own packets.
+    #[tokio::test]
+    async fn reply_sockets_leave_ipv4_fragmentation_to_the_kernel() {
+        use rustix::net::sockopt::{ip_mtu_discover, Ipv4PathMtuDiscovery};
+        let mut binds = vec!["127.0.0.1:0"];
+        if has_v6_loopback() {
+            binds.push("[::]:0");
+        }
+        for bind in binds {
+            let reply = ReplySocket::new(udp(bind.parse().unwrap()).unwrap());
+            assert_eq!(
+                ip_mtu_discover(&reply.sock).unwrap(),
+                Ipv4PathMtuDiscovery::WANT,
+                "{bind}"
+            );
+        }
+        // What quinn-udp left it at, for the record: the test sees a change.
+        let raw = udp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let _state = quinn_udp::UdpSocketState::new((&raw).into()).unwrap();
+        assert_ne!(ip_mtu_discover(&raw).unwrap(), Ipv4PathMtuDiscovery::WANT);
     }
 
     #[tokio::test]
