@@ -40,6 +40,9 @@ pub struct Held {
     busy: AtomicUsize,
     /// The eviction was counted (for connections watched from more than one task).
     counted: AtomicBool,
+    /// Bytes written to the client ([`Stamped`]): whether a connection with nothing left but
+    /// to send still makes progress (HTTP/2 after its GOAWAY).
+    sent: std::sync::atomic::AtomicU64,
 }
 
 /// A request in flight on a connection ([`Held::busy`]), for as long as this lives.
@@ -75,6 +78,11 @@ impl Held {
     /// Whether no request is in flight: such a connection is picked first.
     pub(crate) fn is_between_requests(&self) -> bool {
         self.busy.load(Ordering::Relaxed) == 0
+    }
+
+    /// Bytes written to the client so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
     }
 
     /// Seconds since bytes last moved, for the log line of an eviction.
@@ -172,6 +180,14 @@ impl<E> Stamped<E> {
         })
     }
 
+    /// As [`Stamped::stamp`] for a write, and counts the bytes written.
+    fn stamp_sent(&self, r: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(Ok(n)) = &r {
+            self.held.sent.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        self.stamp(r, |n| *n > 0)
+    }
+
     /// Stamps when `r` moved bytes; passes it on.
     fn stamp<T>(
         &self,
@@ -211,7 +227,7 @@ impl<E: AsyncWrite + Unpin> AsyncWrite for Stamped<E> {
             return Poll::Ready(Err(e));
         }
         let r = Pin::new(&mut this.inner).poll_write(cx, b);
-        this.stamp(r, |n| *n > 0)
+        this.stamp_sent(r)
     }
 
     fn poll_write_vectored(
@@ -224,7 +240,7 @@ impl<E: AsyncWrite + Unpin> AsyncWrite for Stamped<E> {
             return Poll::Ready(Err(e));
         }
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.stamp(r, |n| *n > 0)
+        this.stamp_sent(r)
     }
 
     fn is_write_vectored(&self) -> bool {

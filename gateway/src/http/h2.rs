@@ -67,6 +67,7 @@ pub(super) async fn serve<I>(
     let send_timeout = front.0.tuning.send_timeout;
     let busy = Arc::new(Busy::new());
     let busy2 = busy.clone();
+    let conn_slots = slots.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let front = front.clone();
         let req = req
@@ -99,11 +100,13 @@ pub(super) async fn serve<I>(
     let mut closing = false;
     // When a connection closing for a resting answer is cut, answers in flight or not.
     let mut rest_cut: Option<Instant> = None;
-    // When a closing connection with no answer left open is cut: hyper hands a finished
-    // answer's last chunk to h2 and lets its body go, and what h2 could not send yet (a client
-    // granting no window) is watched by nothing else. The connection held on after its GOAWAY
-    // for as long as the client answered pings.
-    let mut unsent_cut: Option<Instant> = None;
+    // When a closing connection with no answer left open is cut, and the bytes sent to the
+    // client when that was set: hyper hands a finished answer's last chunk to h2 and lets its
+    // body go, and what h2 could not send yet (a client granting no window) is watched by
+    // nothing else. The connection held on after its GOAWAY for as long as the client
+    // answered pings. A client still taking it (MIN_PROGRESS bytes, more than pings) gets
+    // another send timeout.
+    let mut unsent_cut: Option<(Instant, u64)> = None;
     let r = loop {
         tokio::select! {
             r = conn.as_mut() => break r,
@@ -147,8 +150,12 @@ pub(super) async fn serve<I>(
                     Some(_) => {}
                 },
                 None if closing && busy.open.load(Ordering::Relaxed) == 0 => {
-                    let at = *unsent_cut.get_or_insert_with(|| Instant::now() + send_timeout);
-                    if Instant::now() >= at {
+                    let sent = conn_slots.sent();
+                    let restart = (Instant::now() + send_timeout, sent);
+                    let (at, from) = *unsent_cut.get_or_insert(restart);
+                    if sent.saturating_sub(from) >= super::deadline::MIN_PROGRESS {
+                        unsent_cut = Some(restart);
+                    } else if Instant::now() >= at {
                         info!(client = %crate::addr_text::Client(peer), secs = send_timeout.as_secs(), "HTTP/2 client took none of the answers left to send for the send timeout after the GOAWAY: connection closed");
                         return;
                     }

@@ -93,6 +93,11 @@ impl ConnSlots {
         true
     }
 
+    /// Bytes written to the client so far.
+    pub(crate) fn sent(&self) -> u64 {
+        self.held.sent()
+    }
+
     /// A request in flight on the connection, until dropped: a connection serving one is
     /// picked last to make room (a long poll is quiet, not idle).
     pub(crate) fn busy(&self) -> crate::make_room::Busy {
