@@ -156,7 +156,7 @@ pub(super) async fn serve<I>(
                     if sent.saturating_sub(from) >= super::deadline::MIN_PROGRESS {
                         unsent_cut = Some(restart);
                     } else if Instant::now() >= at {
-                        info!(client = %crate::addr_text::Client(peer), secs = send_timeout.as_secs(), "HTTP/2 client took none of the answers left to send for the send timeout after the GOAWAY: connection closed");
+                        info!(client = %crate::addr_text::Client(peer), secs = send_timeout.as_secs(), "HTTP/2 client took under 16 KiB of the answers left to send in the send timeout after the GOAWAY: connection closed");
                         return;
                     }
                 }
