@@ -2463,10 +2463,7 @@ async fn a_gateway_sending_undecodable_control_bytes_is_told_why() {
     let (h1, _server, conn, (mut send, mut recv, mut dec)) =
         fake_gateway_session(&z, fast_tuning(), None).await;
     // Past the handshake: the session's own loop meets the bytes.
-    wait_until("home1's link up", WAIT, || {
-        h1.agent.links().iter().any(|l| l.status().state == "up")
-    })
-    .await;
+    wait_links_up(&h1.agent).await;
     send.write_all(&PING_WITH_A_BYTE_TOO_MANY).await.unwrap();
     told_of_undecodable_bytes(&conn, &mut recv, &mut dec).await;
     h1.shutdown.cancel();
@@ -2477,19 +2474,11 @@ async fn a_gateway_sending_undecodable_control_bytes_is_told_why() {
 /// the Welcome, marked the link up and started its tasks, and met the failure only after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_welcome_followed_by_undecodable_bytes_is_refused_before_the_link_is_up() {
-    use tunnel::proto::{ControlMsg, Welcome};
     let z = TestZone::new(&["home1"]);
     let ((h1, _server, conn, (mut send, mut recv, mut dec)), hello) =
         fake_gateway_hello(&z, fast_tuning(), None).await;
-    let welcome = ControlMsg::Welcome(Welcome {
-        session_id: 1,
-        observed_addr: conn.remote_address(),
-        zone_serial: hello.zone_serial,
-        zone_config: None,
-        keepalive_ms: 300,
-    });
     let mut bytes = Vec::new();
-    tunnel::proto::encode_control(&welcome, &mut bytes).unwrap();
+    tunnel::proto::encode_control(&fake_welcome(&conn, &hello), &mut bytes).unwrap();
     bytes.extend_from_slice(&PING_WITH_A_BYTE_TOO_MANY);
     send.write_all(&bytes).await.unwrap();
     told_of_undecodable_bytes(&conn, &mut recv, &mut dec).await;
@@ -2507,10 +2496,7 @@ async fn a_gateway_offering_bad_zone_configs_has_its_session_ended() {
     let z = TestZone::new(&["home1"]);
     let (h1, _server, conn, (mut send, mut recv, mut dec)) =
         fake_gateway_session(&z, fast_tuning(), None).await;
-    wait_until("home1's link up", WAIT, || {
-        h1.agent.links().iter().any(|l| l.status().state == "up")
-    })
-    .await;
+    wait_links_up(&h1.agent).await;
     // Half that do not parse, half the zone's own config announced as newer than it is
     // (parsed all the same, and counted as the hub counts it).
     let own = z.creds("home1").zone().to_json_compact();
@@ -2691,19 +2677,25 @@ async fn fake_gateway_session_with(
     transport: Option<quinn::TransportConfig>,
     before_welcome: impl FnOnce(&RunningAgent),
 ) -> FakeSession {
-    use tunnel::proto::{ControlMsg, Welcome};
     let ((h1, server, conn, (mut send, recv, dec)), hello) =
         fake_gateway_hello(z, tuning, transport).await;
     before_welcome(&h1);
-    let welcome = Welcome {
+    write_msg(&mut send, &fake_welcome(&conn, &hello)).await;
+    (h1, server, conn, (send, recv, dec))
+}
+
+/// The fake gateway's Welcome to `hello`, on `conn`.
+fn fake_welcome(
+    conn: &quinn::Connection,
+    hello: &tunnel::proto::Hello,
+) -> tunnel::proto::ControlMsg {
+    tunnel::proto::ControlMsg::Welcome(tunnel::proto::Welcome {
         session_id: 1,
         observed_addr: conn.remote_address(),
         zone_serial: hello.zone_serial,
         zone_config: None,
         keepalive_ms: 300,
-    };
-    write_msg(&mut send, &ControlMsg::Welcome(welcome)).await;
-    (h1, server, conn, (send, recv, dec))
+    })
 }
 
 /// The first half of [`fake_gateway_session`]: the agent dialed the fake gateway and sent its

@@ -2064,6 +2064,27 @@ async fn status_page_metrics_and_headless_chromium() {
     );
 }
 
+/// A TLS client connection to the front's HTTPS port over `tcp`, offering `alpn`, that takes
+/// the gateway's self-signed certificate.
+async fn tls_over(
+    tcp: tokio::net::TcpStream,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(crate::hostile::AnyServer(provider)))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let name = rustls::pki_types::ServerName::try_from(DOMAIN).unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
 /// An HTTPS/1.1 client that sends requests and stops reading is cut after the send timeout
 /// even when its last answer went whole into TLS's own buffer: the wait for that buffer to
 /// reach the socket (the flush) had no deadline, and such a client held its connection for
@@ -2073,22 +2094,9 @@ async fn an_https_client_that_stops_reading_is_cut_after_the_send_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let send_timeout = Duration::from_secs(2);
     let h = start_sending_within(send_timeout).await;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(crate::hostile::AnyServer(provider)))
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
-    let tcp = socket.connect(h.https).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from(DOMAIN).unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let tls = tls_over(socket.connect(h.https).await.unwrap(), b"http/1.1").await;
     let (mut rd, mut wr) = tokio::io::split(tls);
     // Requests until the gateway stops reading them (or cuts the connection).
     let writer = tokio::spawn(async move {
@@ -2127,20 +2135,8 @@ async fn an_https_client_that_stops_reading_is_cut_after_the_send_timeout() {
 async fn an_h2_client_stalled_in_its_preface_is_dropped() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let h = start().await;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(crate::hostile::AnyServer(provider)))
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = tokio::net::TcpStream::connect(h.https).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from(DOMAIN).unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let mut tls = tls_over(tcp, b"h2").await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     tls.write_all(b"PRI * HTTP").await.unwrap();
     tls.flush().await.unwrap();

@@ -490,6 +490,27 @@ async fn echo_gateway(z: &TestZone) -> (RunningGateway, RunningAgent) {
     (gw, h1)
 }
 
+/// The gateway and home1's echo with app `a` on a port of its own (first address), and
+/// another free port (second) for an edit to move it to.
+async fn app_a_and_a_free_port(
+    z: &TestZone,
+) -> (
+    RunningGateway,
+    RunningAgent,
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+) {
+    let (pa, pb) = (free_tcp_port(), free_tcp_port());
+    z.write_policy("a.toml", &tcp_app("a", pa));
+    let (gw, h1) = echo_gateway(z).await;
+    (
+        gw,
+        h1,
+        ([127, 0, 0, 1], pa).into(),
+        ([127, 0, 0, 1], pb).into(),
+    )
+}
+
 /// A `tcp` app `name` listening on `listen`, to home1's echo, for anyone.
 fn tcp_app_on(name: &str, listen: &str) -> String {
     format!("[app.{name}]\ntcp = {{ listen = \"{listen}\" }}\nto = \"home1/echo\"\nallow = {{ from = [\"public\"] }}\n")
@@ -511,11 +532,8 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_edits_apply_live_and_a_broken_edit_keeps_the_old_policy() {
     let z = TestZone::new(&["home1"]);
-    let (pa, pb) = (free_tcp_port(), free_tcp_port());
-    z.write_policy("a.toml", &tcp_app("a", pa));
-    let (gw, _h1) = echo_gateway(&z).await;
-    let a: std::net::SocketAddr = ([127, 0, 0, 1], pa).into();
-    let b: std::net::SocketAddr = ([127, 0, 0, 1], pb).into();
+    let (gw, _h1, a, b) = app_a_and_a_free_port(&z).await;
+    let pb = b.port();
     assert_eq!(roundtrip(a, b"a").await.unwrap(), b"a");
 
     // A new file: its app becomes reachable without a restart.
@@ -773,11 +791,8 @@ async fn an_edit_to_a_wildcard_another_program_overlaps_keeps_the_old_policy() {
 async fn an_app_moved_to_another_port_keeps_its_open_connections() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let z = TestZone::new(&["home1"]);
-    let (pa, pb) = (free_tcp_port(), free_tcp_port());
-    z.write_policy("a.toml", &tcp_app("a", pa));
-    let (gw, _h1) = echo_gateway(&z).await;
-    let a: std::net::SocketAddr = ([127, 0, 0, 1], pa).into();
-    let b: std::net::SocketAddr = ([127, 0, 0, 1], pb).into();
+    let (gw, _h1, a, b) = app_a_and_a_free_port(&z).await;
+    let pb = b.port();
     let mut open = tokio::net::TcpStream::connect(a).await.unwrap();
     let mut buf = [0u8; 16];
     open.write_all(b"one").await.unwrap();

@@ -1770,7 +1770,7 @@ impl Agent {
             }
         };
         let (up, down) = (m.a_to_b, m.b_to_a);
-        let clean = m.error.is_none() && m.stopped.is_none();
+        let clean = m.is_clean();
         info!(
             app = %app,
             service = %service,
@@ -1782,18 +1782,11 @@ impl Agent {
             error = m.error.map(|e| e.to_string()).unwrap_or_default(),
             "connection done"
         );
-        // An answer that ended still has its last bytes in quinn's buffers until they are
-        // acknowledged (a stream's whole window, 4 MiB: seconds on a home uplink), and the
-        // close that ends a stop throws away what is unsent. The task (which a stop waits
-        // for) lasts until then, usually a round trip: a stop beginning meanwhile waits
-        // too, within its grace. Only after a clean end: a stream we reset is dropped by
-        // quinn without a wake-up, and its wait would last the whole grace. The service's
-        // socket and the direct path's guard are let go first.
-        if clean && !t.agent_drain.is_zero() {
-            drop(tcp);
-            drop(_guard);
-            let _ = tokio::time::timeout(t.agent_drain, acked).await;
-        }
+        // Its last bytes acknowledged before the task ends (a stop waits for it): the
+        // service's socket and the direct path's guard are let go first.
+        drop(tcp);
+        drop(_guard);
+        until_acked(acked, clean, &t).await;
     }
 
     /// A relayed stream from `peer` for `service` (accepted at `opened`) proved its origin:
@@ -1930,7 +1923,7 @@ impl Agent {
                         let (up, down) = (m.a_to_b, m.b_to_a);
                         self.peers.counters(&f.device).record(true, up, down);
                         info!(to = %to, via = "direct", client = %client, bytes_up = up, bytes_down = down, ms = started.elapsed().as_millis() as u64, "forward connection done");
-                        until_acked(acked, &m, &t).await;
+                        until_acked(acked, m.is_clean(), &t).await;
                         return;
                     }
                     Err(OpenError::Refused { code, reason, .. }) => {
@@ -2055,7 +2048,7 @@ impl Agent {
         };
         let (up, down) = (m.a_to_b, m.b_to_a);
         info!(to = %to, via = %via, client = %client, bytes_up = up, bytes_down = down, ms = started.elapsed().as_millis() as u64, "forward connection done");
-        until_acked(acked, &m, &t).await;
+        until_acked(acked, m.is_clean(), &t).await;
     }
 }
 
@@ -2072,12 +2065,13 @@ async fn within<S>(
 }
 
 /// After a splice that ended cleanly, waits (at most `agent_drain`) until the peer
-/// acknowledged the stream's last bytes, as a served stream does: a stop beginning meanwhile
-/// closes the connections once this task is done, and that close throws away what quinn has
-/// not yet sent (the tail of an upload). Not after a failure: a stream we reset is dropped by
-/// quinn without a wake-up, and the wait would last the whole time.
-async fn until_acked(acked: impl std::future::Future, m: &crate::splice::Moved, t: &Tuning) {
-    if m.error.is_none() && m.stopped.is_none() && !t.agent_drain.is_zero() {
+/// acknowledged the stream's last bytes (a stream's whole window, 4 MiB: seconds on a home
+/// uplink), served streams and forwards alike: a stop closes the connections once their
+/// tasks are done, and that close throws away what quinn has not yet sent. Usually a round
+/// trip. Not after a failure: a stream we reset is dropped by quinn without a wake-up, and the
+/// wait would last the whole time.
+async fn until_acked(acked: impl std::future::Future, clean: bool, t: &Tuning) {
+    if clean && !t.agent_drain.is_zero() {
         let _ = tokio::time::timeout(t.agent_drain, acked).await;
     }
 }

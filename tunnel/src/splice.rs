@@ -378,6 +378,11 @@ pub struct Moved {
 }
 
 impl Moved {
+    /// Ended by both directions finishing: no error, not stopped.
+    pub fn is_clean(&self) -> bool {
+        self.error.is_none() && self.stopped.is_none()
+    }
+
     /// How the connection ended, for logs: `closed` (both directions finished) or
     /// `aborted: ERROR` (the copy failed and both ends were reset).
     pub fn end(&self) -> String {
