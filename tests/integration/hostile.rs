@@ -1113,11 +1113,13 @@ async fn zone_json_copied_into_a_running_gateway_revokes() {
     edited["signature"] = format!("{flipped}{}", &sig[1..]).into();
     let edited = serde_json::to_vec_pretty(&edited).unwrap();
     std::fs::write(&gw_zone, &edited).unwrap();
-    wait_until("the edited zone.json set aside", WAIT, || {
+    // The copy is set aside first, then the config in use written back: wait for both.
+    wait_until("the edited zone.json set aside and replaced", WAIT, || {
         std::fs::read(&aside).is_ok_and(|a| a == edited)
+            && zone_core::zonedir::read_zone_json(&gw_zone)
+                .is_ok_and(|z| z == *gw.hub.creds().zone())
     })
     .await;
-    assert!(zone_core::zonedir::read_zone_json(&gw_zone).is_ok_and(|z| z == *gw.hub.creds().zone()));
     laptop.shutdown.cancel();
     gw.shutdown.cancel();
 }

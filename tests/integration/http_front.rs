@@ -2091,38 +2091,34 @@ async fn tls_over(
 /// good. Small answers, so that the answer the full socket stops is taken whole by rustls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_client_that_stops_reading_is_cut_after_the_send_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let send_timeout = Duration::from_secs(2);
     let h = start_sending_within(send_timeout).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let tls = tls_over(socket.connect(h.https).await.unwrap(), b"http/1.1").await;
-    let (mut rd, mut wr) = tokio::io::split(tls);
-    // Requests until the gateway stops reading them (or cuts the connection).
+    let (_rd, mut wr) = tokio::io::split(tls);
+    // Requests without end, never reading an answer: the gateway stops reading them once
+    // its answers back up, and only its cut ends this loop (the write then fails). How soon
+    // the answers back up depends on the machine's load, so the wait below is generous.
+    let t = Instant::now();
     let writer = tokio::spawn(async move {
         let req = format!("GET /bytes/1000 HTTP/1.1\r\nHost: {DOMAIN}\r\n\r\n");
-        for _ in 0..20_000 {
-            if wr.write_all(req.as_bytes()).await.is_err() || wr.flush().await.is_err() {
-                return;
+        loop {
+            if let Err(e) = async {
+                wr.write_all(req.as_bytes()).await?;
+                wr.flush().await
+            }
+            .await
+            {
+                return e;
             }
         }
     });
-    tokio::time::sleep(send_timeout * 2 + Duration::from_secs(1)).await;
-    let t = Instant::now();
-    let mut buf = vec![0u8; 64 * 1024];
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match rd.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-    writer.abort();
+    let ended = tokio::time::timeout(Duration::from_secs(60), writer).await;
     assert!(
-        closed.is_ok(),
-        "still connected {:?} after reading again",
+        ended.is_ok(),
+        "still connected {:?} after the client stopped reading",
         t.elapsed()
     );
 }
