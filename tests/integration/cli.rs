@@ -1231,15 +1231,16 @@ fn a_listing_whose_reader_left_ends_quietly() {
     // Another test's child forked at that moment holds a copy of the pipe's read end until it
     // execs, and a listing written then lands in the pipe (exit 0): tried again then.
     for _ in 0..20 {
-        let mut child = std::process::Command::new(bin())
+        // The reader is gone before the child starts (dropped after the spawn, it could be
+        // late for a child that printed first on a busy machine).
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = std::process::Command::new(bin())
             .args(["device", "list", "--zone", z.to_str().unwrap()])
-            .stdout(std::process::Stdio::piped())
+            .stdout(writer)
             .stderr(std::process::Stdio::piped())
-            .spawn()
+            .output()
             .unwrap();
-        // Gone before the child has read its zone, let alone printed.
-        drop(child.stdout.take());
-        let out = child.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!err.contains("panicked"), "{err}");
         match out.status.code() {

@@ -2,7 +2,7 @@
 //! denied), refusal of foreign/expired/revoked devices, reconnect after a gateway restart, drain.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
 use tunnel::proto::ServiceProto;
@@ -89,7 +89,9 @@ async fn tcp_udp_and_mesh_through_the_gateway() {
     }
     assert_eq!(got.as_deref(), Some(&b"ping-udp"[..]));
 
-    // Mesh forward allowed by echo-mesh.
+    // Mesh forward allowed by echo-mesh (once home2 has its Welcome: the hub counts it
+    // before).
+    wait_links_up(&h2.agent).await;
     let fwd = h2.agent.forward_addrs().to_vec();
     let back = roundtrip(fwd[0], b"hello mesh").await.unwrap();
     assert_eq!(back, b"hello mesh");
@@ -236,7 +238,7 @@ async fn handshake_with(z: &TestZone, cert_pem: &str, key_pem: &str) -> Result<(
     // a stream round trip (the control header and an answer or a close) settles it.
     let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let _ = s.write_all(b"ZG").await;
-    match tokio::time::timeout(Duration::from_secs(3), r.read_chunk(16, true)).await {
+    match tokio::time::timeout(Duration::from_secs(8), r.read_chunk(16, true)).await {
         Ok(Err(e)) => Err(e.to_string()),
         _ => match conn.close_reason() {
             Some(e) => Err(e.to_string()),
@@ -288,7 +290,13 @@ async fn foreign_expired_and_revoked_devices_are_refused() {
     // Revoke laptop in the zone.json the gateway will load.
     std::fs::write(z.bundle("gw").zone_config, z.revoke("laptop")).unwrap();
     let zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
-    let gw = start_gateway(&z, fast_tuning(), Duration::from_secs(1)).await;
+    // The probe's half-written header is left to the handshake timeout: long past the
+    // probe's wait, so an own device is not closed by it on a busy machine.
+    let t = Tuning {
+        handshake_timeout: Duration::from_secs(30),
+        ..fast_tuning()
+    };
+    let gw = start_gateway(&z, t, Duration::from_secs(1)).await;
 
     let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap();
     let b = |zz: &TestZone, n: &str| zz.zone_dir().join("devices").join(n);
@@ -522,7 +530,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     while !check().await {
         assert!(start.elapsed() < WAIT, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1090,7 +1098,7 @@ async fn tcp_app_bandwidth_limit_paces_the_transfer() {
     );
     let (gw, _h1) = echo_gateway(&z).await;
     let data = random_bytes(1 << 20);
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     let back = roundtrip(([127, 0, 0, 1], port).into(), &data)
         .await
         .unwrap();
@@ -1428,10 +1436,18 @@ async fn a_restarting_udp_service_keeps_its_flows() {
     let again = tokio::net::UdpSocket::bind(service_addr).await.unwrap();
     let _second = echo(again);
     client.send(b"after").await.unwrap();
-    let n = tokio::time::timeout(WAIT, client.recv(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
+    // "into the gap" is lost at the closed port, or (on a machine slow to pass it on) echoed
+    // by the new service: either way "after" comes back.
+    let n = tokio::time::timeout(WAIT, async {
+        loop {
+            let n = client.recv(&mut buf).await.unwrap();
+            if &buf[..n] != b"into the gap" {
+                return n;
+            }
+        }
+    })
+    .await
+    .unwrap();
     assert_eq!(&buf[..n], b"after");
     let cur = gw.hub.policy().current();
     let app = cur.policy.app("uecho").expect("uecho");
@@ -1602,7 +1618,7 @@ async fn a_udp_app_on_a_wildcard_answers_from_the_address_asked() {
     let asked = std::net::SocketAddr::from(([127, 0, 0, 2], gw.apps["uecho"].port()));
     let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     client.connect(asked).await.unwrap();
-    let got = udp_answer(&client, b"ping", 5).await;
+    let got = udp_answer(&client, b"ping", 15).await;
     assert_eq!(got.as_deref(), Some(&b"ping"[..]), "no answer from {asked}");
     gw.shutdown.cancel();
 }
@@ -1670,7 +1686,9 @@ async fn one_way_udp_flows_stay_open_and_reopen_after_idle() {
         "apps.toml",
         "[app.sink]\nudp = { listen = \"127.0.0.1:0\" }\nto = \"home1/sink\"\nallow = { from = [\"public\"] }\n",
     );
-    let idle = Duration::from_millis(600);
+    // Long enough that a busy machine's late sleeps (the client sends every 100 ms) do not
+    // make the flow look idle.
+    let idle = Duration::from_millis(1500);
     let t = Tuning {
         udp_flow_idle: idle,
         ..fast_tuning()
@@ -1701,9 +1719,15 @@ async fn one_way_udp_flows_stay_open_and_reopen_after_idle() {
     let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     client.connect(app).await.unwrap();
 
-    // Five idle times of client-only traffic, one datagram every 100 ms.
-    let sent = 30;
-    for _ in 0..sent {
+    // The flow's open first (datagrams sent before it completes wait in a short queue).
+    client.send(b"log line").await.unwrap();
+    wait_until("the first datagram arrived", WAIT, || {
+        got.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    // Then over three idle times of client-only traffic, one datagram every 100 ms.
+    let sent = 50;
+    for _ in 1..sent {
         client.send(b"log line").await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -1894,6 +1918,11 @@ async fn forward_clients_that_stop_reading_do_not_stall_the_node() {
     wait_links_up(&h2.agent).await;
     let fwd = h2.agent.forward_addrs().to_vec();
     assert_eq!(roundtrip(fwd[1], b"first").await.unwrap(), b"first");
+    // The relayed first stream starts the punch; the stalled clients go direct.
+    wait_until("direct path to home1", WAIT, || {
+        h2.agent.peers().iter().any(|p| p.path == "direct")
+    })
+    .await;
 
     let mut stalled = Vec::new();
     for _ in 0..24 {
@@ -2138,7 +2167,7 @@ async fn a_gateway_added_to_the_zone_is_dialed_and_a_revoked_one_dropped_without
 
 /// A node whose gateway is gone learns the gateway's new address (here from a zone.json copied
 /// into its bundle) and dials it at once: not after its dial to the old address times out
-/// (here 10 s) and its backoff sleep ends.
+/// (here 30 s) and its backoff sleep ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disconnected_node_dials_a_new_gateway_address_at_once() {
     let mut z = TestZone::new(&["home1"]);
@@ -2147,8 +2176,8 @@ async fn a_disconnected_node_dials_a_new_gateway_address_at_once() {
     // Dials of an address nobody answers at last the handshake timeout (and the idle timeout,
     // quinn's bound on a handshake).
     let slow = Tuning {
-        handshake_timeout: Duration::from_secs(10),
-        idle_timeout: Duration::from_secs(10),
+        handshake_timeout: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(30),
         ..t
     };
     let echo = tcp_echo().await;
@@ -2167,9 +2196,10 @@ async fn a_disconnected_node_dials_a_new_gateway_address_at_once() {
     gw.task.await.unwrap();
     // The old address swallows packets, as a VPS that is gone does (on loopback a closed port
     // answers with ICMP and the dial fails at once).
-    // quinn lets go of the gateway's socket from its driver task, just after the gateway ends.
+    // quinn lets go of the gateway's socket from its driver task, after the gateway ends (as
+    // run_gateway's rebinding allows: up to 5 s).
     let mut silent = std::net::UdpSocket::bind(old_addr);
-    for _ in 0..50 {
+    for _ in 0..250 {
         if silent.is_ok() {
             break;
         }
@@ -2189,8 +2219,8 @@ async fn a_disconnected_node_dials_a_new_gateway_address_at_once() {
     let gw = start_gateway(&z, t, Duration::from_millis(500)).await;
     std::fs::write(z.bundle("home1").zone_config, &moved).unwrap();
     // Adopted within two file polls (1 s), then one handshake on loopback; the dial of the
-    // old address would end 8 s from now.
-    wait_until("home1 at the new address", Duration::from_secs(4), || {
+    // old address would end about 28 s from now (a busy machine is given WAIT).
+    wait_until("home1 at the new address", WAIT, || {
         gw.hub.agent("home1").is_some()
     })
     .await;
@@ -2486,7 +2516,7 @@ async fn the_first_datagram_of_every_new_flow_arrives() {
             .await
             .unwrap();
         flow.send(b"first").unwrap();
-        match tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
+        match tokio::time::timeout(WAIT, rx.recv()).await {
             Ok(Some(b)) => assert_eq!(&b[..], b"first"),
             _ => lost += 1,
         }
@@ -2563,17 +2593,21 @@ async fn a_node_keeps_a_quiet_udp_flow_as_long_as_the_gateway_does() {
 async fn datagrams_past_a_flows_queue_are_counted_as_dropped() {
     let (_z, gw, _h1, flow, mut rx) = uecho_flow(fast_tuning(), fast_tuning()).await;
     // Nothing reads `rx` while the echoes come back: the queue fills, the rest is dropped.
-    let sent = 2 * tunnel::hub::UDP_FLOW_QUEUE as u64;
-    for i in 0..sent {
-        flow.send(format!("d{i}").as_bytes()).unwrap();
-        if i % 32 == 31 {
+    // Twice the queue, and more while none is counted dropped: a busy machine's socket
+    // buffers on the way may lose some datagrams before they reach the queue.
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while sent < 2 * tunnel::hub::UDP_FLOW_QUEUE as u64 || flow.queue_drops() == 0 {
+        assert!(
+            started.elapsed() < WAIT,
+            "no echo past the queue counted after {sent} datagrams"
+        );
+        flow.send(format!("d{sent}").as_bytes()).unwrap();
+        sent += 1;
+        if sent % 32 == 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-    wait_until("echoes past the queue counted", WAIT, || {
-        flow.queue_drops() > 0
-    })
-    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut queued = 0u64;
     while rx.try_recv().is_ok() {
