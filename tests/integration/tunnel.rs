@@ -585,7 +585,8 @@ async fn an_edit_to_an_address_in_use_keeps_the_old_policy() {
     let (gw, _h1) = echo_gateway(&z).await;
     let b: std::net::SocketAddr = ([127, 0, 0, 1], pb).into();
     assert_eq!(roundtrip(b, b"b").await.unwrap(), b"b");
-    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // Below the ephemeral range: once released, no other test's socket takes it first.
+    let held = std::net::TcpListener::bind(("127.0.0.1", free_tcp_port())).unwrap();
     let pc = held.local_addr().unwrap().port();
     for (taken, why) in [
         (pc, "already in use"),
@@ -612,7 +613,8 @@ async fn an_edit_to_an_address_in_use_keeps_the_old_policy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_with_one_app_address_taken_serves_the_rest_and_retries_it() {
     let z = TestZone::new(&["home1"]);
-    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // Below the ephemeral range: once released, no other test's socket takes it first.
+    let held = std::net::TcpListener::bind(("127.0.0.1", free_tcp_port())).unwrap();
     let taken: std::net::SocketAddr = held.local_addr().unwrap();
     let pb = free_tcp_port();
     z.write_policy("a.toml", &tcp_app("a", taken.port()));
@@ -1029,7 +1031,8 @@ async fn listeners_follow_renames_swaps_and_busy_ports() {
 
     // A port held by another program: the edit is refused, the policy serving stays; saved
     // again once the port is free, it is taken.
-    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // Below the ephemeral range: once released, no other test's socket takes it first.
+    let held = std::net::TcpListener::bind(("127.0.0.1", free_tcp_port())).unwrap();
     let c = held.local_addr().unwrap();
     z.write_policy("c.toml", &tcp_app("c", c.port()));
     wait_until("the edit refused", WAIT, || {
@@ -1396,7 +1399,10 @@ async fn a_restarting_udp_service_keeps_its_flows() {
         "apps.toml",
         "[app.uecho]\nudp = { listen = \"127.0.0.1:0\" }\nto = \"home1/uecho\"\nallow = { from = [\"public\"] }\n",
     );
-    let service = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // Below the ephemeral range: bound again when the service comes back.
+    let service = tokio::net::UdpSocket::bind(("127.0.0.1", free_udp_port()))
+        .await
+        .unwrap();
     let service_addr = service.local_addr().unwrap();
     let echo = |s: tokio::net::UdpSocket| {
         tokio::spawn(async move {
