@@ -1693,3 +1693,25 @@ fn renew_refused(zs: &str, name: &str, out: &std::path::Path) -> String {
         ],
     )
 }
+
+/// A config file that is missing or saved as UTF-16 (Notepad's "Unicode") stops the start as
+/// a usage error, exit 2, which the systemd units do not restart, and says what to do; it was
+/// exit 1, restarted every 5 s for ever.
+#[test]
+fn missing_and_utf16_config_files_are_usage_errors_that_say_what_to_do() {
+    let t = tempfile::tempdir().unwrap();
+    let missing = t.path().join("node.toml");
+    let e = fails(2, ["node", "--config", missing.to_str().unwrap()]);
+    assert!(e.contains("zonegate device add"), "{e}");
+
+    let z = zone_with_devices(t.path());
+    let gw = z.join("devices/gw/gateway.toml");
+    let text = std::fs::read_to_string(&gw).unwrap();
+    let utf16: Vec<u8> = [0xff, 0xfe]
+        .into_iter()
+        .chain(text.encode_utf16().flat_map(u16::to_le_bytes))
+        .collect();
+    std::fs::write(&gw, utf16).unwrap();
+    let e = fails(2, ["gateway", "--config", gw.to_str().unwrap()]);
+    assert!(e.contains("not UTF-8 text: save it as UTF-8"), "{e}");
+}
