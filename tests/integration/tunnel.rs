@@ -1808,6 +1808,98 @@ async fn tcp_sink() -> std::net::SocketAddr {
     addr
 }
 
+/// A client that resets its upload while the device's service is not reading it: the reset
+/// reaches the node while its copy to the service is stuck in a write, and a read would see it
+/// only after that write. The held-stream sweep finds it and ends the connection to the
+/// service (reset, as the client's was); it stayed open, with its stream, for as long as the
+/// service read nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_reaches_a_service_that_stopped_reading() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let z = TestZone::new(&["home1"]);
+    let port = free_tcp_port();
+    z.write_policy(
+        "a.toml",
+        &tcp_app("mute", port).replace("home1/echo", "home1/mute"),
+    );
+    // Reads nothing (small receive buffer: little is absorbed); writes a byte now and then,
+    // which fails once the node has reset the connection.
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    s.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let l = s.listen(8).unwrap();
+    let mute = l.local_addr().unwrap();
+    let (accepted, reset) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    tokio::spawn({
+        let (accepted, reset) = (accepted.clone(), reset.clone());
+        async move {
+            let Ok((mut c, _)) = l.accept().await else {
+                return;
+            };
+            accepted.store(true, Ordering::Relaxed);
+            while c.write_all(b".").await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            reset.store(true, Ordering::Relaxed);
+        }
+    });
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("mute", mute, ServiceProto::Tcp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let upload = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let chunk = vec![0xa5u8; 64 * 1024];
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    r = c.write_all(&chunk) => if r.is_err() { return },
+                }
+            }
+            // Closed with a reset.
+            c.set_zero_linger().unwrap();
+        }
+    });
+    wait_until("the service accepted", WAIT, || {
+        accepted.load(Ordering::Relaxed)
+    })
+    .await;
+    // Until the upload is stuck: the bytes sent to the device stop growing.
+    let to = || {
+        gw.hub
+            .status()
+            .iter()
+            .find(|a| a.device == "home1")
+            .map_or(0, |a| a.bytes_to)
+    };
+    until_still(to).await;
+    stop.cancel();
+    upload.await.unwrap();
+    assert!(!reset.load(Ordering::Relaxed), "reset before the client's");
+    // Held after the stall time (1 s here), then seen reset at the sweep's next tick.
+    wait_until("the service's connection reset", WAIT, || {
+        reset.load(Ordering::Relaxed)
+    })
+    .await;
+    gw.shutdown.cancel();
+}
+
 /// A local service that stops reading uploads must not stall the device's other streams:
 /// what the agent cannot pass on stays unread in its QUIC receive buffers, counted against the
 /// window the gateway's connection shares with every other stream to the device — enough such

@@ -24,10 +24,18 @@
 //! to a reader that takes nothing and would never read the stream again to find out, so the
 //! client's (or local service's) socket and the task stayed open until that reader left.
 //!
+//! For the same reason a held stream whose sender reset it is cut too, within the budget or
+//! not: its reader would see the reset only at its next read, after the write it is stuck in,
+//! and the splice (with the local socket behind it) waited on that reader for as long as it
+//! read nothing. The sweep looks for the reset of each stream held for the stall time.
+//!
 //! Time is counted in ticks of one hub-wide [`HoldClock`], advanced by the sweep: a read that
 //! returned data stores the current tick (one relaxed store), not a clock reading.
 
+use std::future::Future;
+use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
 
 use atomic_waker::AtomicWaker;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -87,6 +95,8 @@ pub struct Watched {
     /// Set when cut; `cut_waker` is the task of the splice carrying the stream.
     cut: AtomicBool,
     cut_waker: AtomicWaker,
+    /// Set (before `cut`) when the cut was for the sender's reset, not for the budget.
+    reset: AtomicBool,
 }
 
 impl Holds {
@@ -108,6 +118,7 @@ impl Holds {
             service: service.into(),
             cut: AtomicBool::new(false),
             cut_waker: AtomicWaker::new(),
+            reset: AtomicBool::new(false),
         });
         self.streams
             .lock()
@@ -142,6 +153,8 @@ impl Holds {
                 true
             });
         }
+        // Those whose sender reset them go first, whatever the budget.
+        held.retain(|(since, w)| !w.cut_if_reset(*since, peer));
         if held.len() <= HELD_BUDGET {
             return 0;
         }
@@ -221,6 +234,46 @@ pub fn sweep_timing(stall: std::time::Duration) -> (std::time::Duration, u64) {
 }
 
 impl Watched {
+    /// Cuts the stream if its sender reset it and its reader has not read since the sweep saw
+    /// it held from tick `since`; whether it did.
+    fn cut_if_reset(&self, since: u64, peer: &str) -> bool {
+        let mut recv = self.recv.lock().unwrap_or_else(PoisonError::into_inner);
+        // Read again since the scan (reads run under this lock): not held any more, and its
+        // reader may be waiting in quinn for data now.
+        if self.since.load(Ordering::Relaxed) != since {
+            return false;
+        }
+        let Some(r) = recv.as_mut() else {
+            return false;
+        };
+        // Looked at without a waker: quinn keeps one waker per stream for its reader and a
+        // reset check, and this one replaces the reader's. None is there now: the reader's
+        // last read returned data (it is held), and a waker goes once woken.
+        let code = match pin!(r.received_reset()).poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(Some(code))) => code,
+            _ => return false,
+        };
+        // quinn freed the stream's state with the reset; the reader is told at its next poll.
+        recv.take();
+        self.since.store(0, Ordering::Relaxed);
+        self.reset.store(true, Ordering::Relaxed);
+        self.cut.store(true, Ordering::Release);
+        self.cut_waker.wake();
+        info!(
+            peer = %peer,
+            app = %self.app,
+            service = %self.service,
+            code = code.into_inner(),
+            "stream reset by its sender while its reader was stuck writing: its connection ends"
+        );
+        true
+    }
+
+    /// Whether a cut ([`Self::poll_cut`]) was for the sender's reset.
+    pub fn was_reset(&self) -> bool {
+        self.cut.load(Ordering::Acquire) && self.reset.load(Ordering::Relaxed)
+    }
+
     /// Runs `read` on the receive side unless it was cut (then `None`). `got_data` tells
     /// whether the answer handed the reader data: the stream then counts as held until its
     /// reader reads again.

@@ -465,13 +465,17 @@ fn abort_end<E: End + ?Sized>(end: &mut E, sent_all: bool) {
 
 /// An error once either end was cut ([`End::cut_signal`]); until then `cx` is woken by a cut.
 fn poll_cuts(cuts: &[Option<Arc<Watched>>; 2], cx: &mut Context<'_>) -> io::Result<()> {
-    if cuts.iter().flatten().any(|w| w.poll_cut(cx)) {
-        return Err(io::Error::new(
+    match cuts.iter().flatten().find(|w| w.poll_cut(cx)) {
+        Some(w) if w.was_reset() => Err(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            "stream reset by its sender",
+        )),
+        Some(_) => Err(io::Error::new(
             io::ErrorKind::ConnectionAborted,
             "stream cut: its reader stopped reading",
-        ));
+        )),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// One direction of a [`splice`]: read chunks, write them all out, repeat; at the reader's

@@ -118,8 +118,11 @@ enum Recv {
     Watched(Arc<Watched>),
 }
 
-/// What reads of a stream the held-stream sweep cut fail with.
-fn cut_error() -> io::Error {
+/// What reads of a stream the held-stream sweep cut (`w`) fail with.
+fn cut_error(w: &Watched) -> io::Error {
+    if w.was_reset() {
+        return io::Error::new(io::ErrorKind::ConnectionReset, "stream reset by its sender");
+    }
     io::Error::new(
         io::ErrorKind::TimedOut,
         "stream cut: its reader stopped reading while the device's connection needed the flow-control credit it held",
@@ -199,7 +202,7 @@ impl QuicStream {
                     |r| read(r, cx),
                     |p| matches!(p, Poll::Ready(Ok(t)) if got_data(t)),
                 )
-                .unwrap_or_else(|| Poll::Ready(Err(cut_error())))
+                .unwrap_or_else(|| Poll::Ready(Err(cut_error(w))))
             }),
         }
     }
