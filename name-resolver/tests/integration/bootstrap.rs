@@ -154,11 +154,18 @@ async fn an_error_answered_over_udp_is_asked_again_over_tcp() {
 
 #[tokio::test]
 async fn unreachable_server_is_a_network_error() {
-    // A port nobody listens on (bound then released).
-    let addr = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // A port nobody answers on, kept reserved (a released one could be taken by another
+    // test meanwhile): a UDP socket that never answers (silence, as the port was before:
+    // the query times out) and a TCP socket bound but not listening (a connection is
+    // refused). No SO_REUSEADDR on the TCP one: nothing else may bind the port.
+    let (addr, _udp, _tcp) = loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = udp.local_addr().unwrap();
+        let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+        if tcp.bind(addr).is_ok() {
+            break (addr, udp, tcp);
+        }
+    };
     let (key, _) = testzone::zone();
     let e = fetch_zone(&domain(), addr, &key.verifying_key(), None)
         .await

@@ -16,10 +16,31 @@ use tokio_util::sync::CancellationToken;
 use crate::tcp_limits::answered_from;
 
 /// A port held on 127.0.0.53 (UDP and TCP, as systemd-resolved holds 53) and free on
-/// 127.0.0.1; the sockets holding it.
+/// 127.0.0.1; the sockets holding it. Chosen below the kernel's ephemeral range
+/// (`ip_local_port_range`, 32768–60999 by default): the server binds it on 127.0.0.1 only
+/// later, and another test's socket bound to port 0 (or connecting) could be given it
+/// meanwhile.
 fn held_port() -> (u16, std::net::UdpSocket, std::net::TcpListener) {
-    loop {
-        let udp = std::net::UdpSocket::bind("127.0.0.53:0").unwrap();
+    use std::hash::{BuildHasher, Hasher};
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    for _ in 0..10_000 {
+        let udp = if low > 11_000 {
+            // A random port (each RandomState hashes differently; no rand here).
+            let random = std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish();
+            let port = 10_000 + (random % u64::from(low - 10_000)) as u16;
+            match std::net::UdpSocket::bind(("127.0.0.53", port)) {
+                Ok(udp) => udp,
+                Err(_) => continue,
+            }
+        } else {
+            // An unusual range: any free port.
+            std::net::UdpSocket::bind("127.0.0.53:0").unwrap()
+        };
         let port = udp.local_addr().unwrap().port();
         let Ok(tcp) = std::net::TcpListener::bind(("127.0.0.53", port)) else {
             continue;
@@ -30,6 +51,7 @@ fn held_port() -> (u16, std::net::UdpSocket, std::net::TcpListener) {
             return (port, udp, tcp);
         }
     }
+    panic!("no port free on both 127.0.0.53 and 127.0.0.1");
 }
 
 #[tokio::test]

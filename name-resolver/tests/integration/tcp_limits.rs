@@ -96,6 +96,22 @@ async fn requery(held: &mut [TcpStream]) {
     }
 }
 
+/// `n` connections opened one at a time, the `i`th from `from(i)`, each with a query answered.
+/// Every 32 connections those held so far ask again, in order: opening 256 can take longer
+/// than TCP_IDLE_TIMEOUT on a loaded machine, and the first would be closed as idle before the
+/// test makes room. Asked in order, connection 0 stays the idlest, 1 the next, and so on.
+async fn fill(server: SocketAddr, n: usize, from: impl Fn(usize) -> String) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for i in 0..n {
+        if i > 0 && i % 32 == 0 {
+            requery(&mut held).await;
+        }
+        let s = answered_from(&from(i), server, i as u16).await;
+        held.push(s.unwrap_or_else(|| panic!("connection {i} was not served")));
+    }
+    held
+}
+
 async fn closed(held: &[TcpStream]) -> Vec<usize> {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut byte = [0u8; 1];
@@ -115,23 +131,25 @@ async fn closed(held: &[TcpStream]) -> Vec<usize> {
 async fn a_full_table_makes_room_for_a_newcomer() {
     use name_resolver::server::MAX_TCP_CONNECTIONS;
     let server = Running::start(testzone::zone().1).await;
-    let mut held = Vec::new();
-    for i in 0..MAX_TCP_CONNECTIONS {
-        // One connection per client, 64 clients in each of four /24s (a /24 together holds
-        // at most MAX_TCP_PER_SITE): no client holds more than the newcomer, four sites do.
-        let from = format!("127.0.{}.{}", 10 + i / 64, 1 + i % 64);
-        let s = answered_from(&from, server.addr, i as u16).await;
-        held.push(s.unwrap_or_else(|| panic!("connection {i} was not served")));
-    }
+    // One connection per client, 64 clients in each of four /24s (a /24 together holds at
+    // most MAX_TCP_PER_SITE): no client holds more than the newcomer, four sites do.
+    let mut held = fill(server.addr, MAX_TCP_CONNECTIONS, |i| {
+        format!("127.0.{}.{}", 10 + i / 64, 1 + i % 64)
+    })
+    .await;
     // All taken, all busy a moment ago: one of a site holding the most (64) goes.
     requery(&mut held).await;
-    let first = answered_from("127.0.200.1", server.addr, 998)
+    let mut first = answered_from("127.0.200.1", server.addr, 998)
         .await
         .expect("a newcomer to a full, busy table was not served");
     let gone = closed(&held).await;
     assert_eq!(gone.len(), 1, "{gone:?}");
     held.remove(gone[0]);
     // Once connections have been idle a second, the one idle longest goes (the first left).
+    // All ask again first, in order and the newcomer last (so the first left stays the
+    // idlest): none may near TCP_IDLE_TIMEOUT and be closed as idle meanwhile.
+    requery(&mut held).await;
+    requery(std::slice::from_mut(&mut first)).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let second = answered_from("127.0.201.1", server.addr, 999)
         .await
@@ -148,12 +166,10 @@ async fn a_full_table_makes_room_for_a_newcomer() {
 async fn a_table_of_one_busy_connection_per_site_makes_room() {
     use name_resolver::server::MAX_TCP_CONNECTIONS;
     let server = Running::start(testzone::zone().1).await;
-    let mut held = Vec::new();
-    for i in 0..MAX_TCP_CONNECTIONS {
-        let from = format!("127.{}.{}.1", 1 + i / 256, i % 256);
-        let s = answered_from(&from, server.addr, i as u16).await;
-        held.push(s.unwrap_or_else(|| panic!("connection {i} was not served")));
-    }
+    let mut held = fill(server.addr, MAX_TCP_CONNECTIONS, |i| {
+        format!("127.{}.{}.1", 1 + i / 256, i % 256)
+    })
+    .await;
     requery(&mut held).await;
     answered_from("127.100.0.1", server.addr, 998)
         .await
@@ -333,19 +349,26 @@ async fn making_room_closes_a_connection_between_answers_not_one_mid_answer() {
     // slow one is cut after TCP_IDLE_TIMEOUT without progress, which one at a time could
     // come close to on a busy machine.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    use futures_util::StreamExt;
-    let held: Vec<TcpStream> = futures_util::stream::iter(0..MAX_TCP_CONNECTIONS - 1)
-        .map(|i| {
-            let from = format!("127.{}.{}.1", 1 + i / 256, i % 256);
-            async move {
-                let s = answered_from(&from, server.addr, i as u16).await;
-                s.unwrap_or_else(|| panic!("connection {i} was not served"))
-            }
-        })
-        // Within the listen backlog: a dropped SYN comes back only a second later.
-        .buffered(32)
-        .collect()
-        .await;
+    let mut held: Vec<TcpStream> = Vec::new();
+    let others: Vec<usize> = (0..MAX_TCP_CONNECTIONS - 1).collect();
+    // Within the listen backlog: a dropped SYN comes back only a second later.
+    for batch in others.chunks(32) {
+        // Those held so far ask again: filling can take longer than TCP_IDLE_TIMEOUT on a
+        // loaded machine, and more than one would be closed (as idle) by the time of the
+        // newcomer.
+        requery(&mut held).await;
+        held.extend(
+            futures_util::future::join_all(batch.iter().map(|&i| {
+                let from = format!("127.{}.{}.1", 1 + i / 256, i % 256);
+                async move {
+                    let s = answered_from(&from, server.addr, i as u16).await;
+                    s.unwrap_or_else(|| panic!("connection {i} was not served"))
+                }
+            }))
+            .await,
+        );
+    }
+    requery(&mut held).await;
     // All idle long enough to be closed for a newcomer.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     answered_from("127.100.0.1", server.addr, 998)
@@ -436,12 +459,10 @@ async fn a_connection_owing_answers_outlasts_the_idle_timeout() {
 async fn a_full_site_makes_room_for_a_client_of_its_own() {
     use name_resolver::server::MAX_TCP_PER_SITE;
     let server = Running::start(testzone::zone().1).await;
-    let mut held = Vec::new();
-    for i in 0..MAX_TCP_PER_SITE {
-        let from = format!("127.0.5.{}", 1 + i / MAX_TCP_PER_CLIENT);
-        let s = answered_from(&from, server.addr, i as u16).await;
-        held.push(s.unwrap_or_else(|| panic!("connection {i} was not served")));
-    }
+    let mut held = fill(server.addr, MAX_TCP_PER_SITE, |i| {
+        format!("127.0.5.{}", 1 + i / MAX_TCP_PER_CLIENT)
+    })
+    .await;
     requery(&mut held).await;
     let newcomer = answered_from("127.0.5.77", server.addr, 999)
         .await
