@@ -301,12 +301,14 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    #[tokio::test]
+    // The activity record follows tokio's clock: paused, only `advance` moves it, so a
+    // thread descheduled on a loaded machine cannot make a fresh stamp look stale.
+    #[tokio::test(start_paused = true)]
     async fn reads_and_writes_stamp_the_connection() {
         let held = Held::new();
         let (a, mut b) = tokio::io::duplex(64);
         let mut s = Stamped::new(a, held.clone());
-        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::advance(Duration::from_millis(20)).await;
         let before = held.quiet_for();
         assert!(before >= Duration::from_millis(20), "{before:?}");
         b.write_all(b"hi").await.unwrap();
@@ -317,7 +319,8 @@ mod tests {
             after_read < Duration::from_millis(20),
             "a read stamps ({after_read:?})"
         );
-        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::advance(Duration::from_millis(20)).await;
+        assert!(held.quiet_for() >= Duration::from_millis(20));
         s.write_all(b"yo").await.unwrap();
         assert!(
             held.quiet_for() < Duration::from_millis(20),

@@ -1228,6 +1228,10 @@ mod tests {
     #[tokio::test]
     async fn blocking_work_past_its_limit_is_given_up_on() {
         let _one = STUCK_TESTS.lock().await;
+        let stuck = || STUCK.load(std::sync::atomic::Ordering::Relaxed);
+        // Counted from what other tests left: one whose runtime ended while a call of its
+        // was still running never takes that call off the count.
+        let base = stuck();
         let (release, held) = std::sync::mpsc::channel::<()>();
         let started = std::time::Instant::now();
         let got = blocking_within(std::time::Duration::from_millis(100), move || {
@@ -1236,15 +1240,14 @@ mod tests {
         .await;
         assert!(got.is_none(), "{got:?}");
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
-        // Counted as stuck until the call returns (no other test leaves one running).
-        let stuck = || STUCK.load(std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(stuck(), 1);
+        // Counted as stuck until the call returns.
+        assert_eq!(stuck(), base + 1);
         drop(release);
         let done = blocking_within(std::time::Duration::from_secs(10), || 7).await;
         assert_eq!(done.map(Result::unwrap), Some(7));
         let settled = || async {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-            while stuck() != 0 {
+            while stuck() != base {
                 assert!(
                     std::time::Instant::now() < deadline,
                     "still counted as stuck"
@@ -1263,12 +1266,12 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         asking.abort();
         let _ = asking.await;
-        assert_eq!(stuck(), 1, "a dropped request's call not counted");
+        assert_eq!(stuck(), base + 1, "a dropped request's call not counted");
         drop(release);
         settled().await;
     }
 
-    /// Tests that count [`STUCK`] (a process-wide count) run one at a time.
+    /// Tests that count [`STUCK`] (a process-wide count), or may raise it, run one at a time.
     static STUCK_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
     /// A download reads what was asked, a chunk at a time from its offset; a file that got
@@ -1312,6 +1315,8 @@ mod tests {
         use futures_util::StreamExt;
         let _one = STUCK_TESTS.lock().await;
         let stuck = || STUCK.load(std::sync::atomic::Ordering::Relaxed);
+        // Counted from what other tests left (see `blocking_work_past_its_limit_is_given_up_on`).
+        let base = stuck();
         let (release, held) = std::sync::mpsc::channel::<()>();
         let held = std::sync::Mutex::new(held);
         let read = move |at: u64, buf: &mut [u8]| {
@@ -1322,8 +1327,9 @@ mod tests {
             Ok(2)
         };
         let slot = Arc::new(());
-        // Room for the first (instant) read on a loaded machine.
-        let limit = std::time::Duration::from_secs(1);
+        // Room for the first (instant) read, on a fresh blocking thread, on a loaded machine;
+        // well within the 10 s the stalled read is given below.
+        let limit = std::time::Duration::from_secs(3);
         let mut reads = Box::pin(file_reads(read, 0, 10, slot.clone(), limit));
         assert_eq!(reads.next().await.unwrap().unwrap(), "ab");
         let started = std::time::Instant::now();
@@ -1332,7 +1338,7 @@ mod tests {
         assert!(started.elapsed() < std::time::Duration::from_secs(10));
         assert!(reads.next().await.is_none());
         drop(reads);
-        assert_eq!(stuck(), 1);
+        assert_eq!(stuck(), base + 1);
         assert_eq!(
             Arc::strong_count(&slot),
             2,
@@ -1340,7 +1346,7 @@ mod tests {
         );
         drop(release);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while stuck() != 0 || Arc::strong_count(&slot) != 1 {
+        while stuck() != base || Arc::strong_count(&slot) != 1 {
             assert!(std::time::Instant::now() < deadline, "still held");
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
@@ -1447,6 +1453,9 @@ mod tests {
     #[tokio::test]
     async fn one_client_holds_at_most_a_quarter_of_the_answers_in_flight() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // The download dropped mid-answer may leave a read counted in STUCK for a moment.
+        let _one = STUCK_TESTS.lock().await;
+        let stuck_before = STUCK.load(std::sync::atomic::Ordering::Relaxed);
         let dir = tempfile::tempdir().unwrap();
         // Larger than the socket buffers hold: its answer stays in flight while unread.
         std::fs::write(dir.path().join("big"), vec![b'x'; 32 << 20]).unwrap();
@@ -1475,20 +1484,33 @@ mod tests {
                 .unwrap();
             (c, String::from_utf8_lossy(&first).into_owned())
         };
+        // A short answer's status, read to its end: not cut mid-answer, which could leave a
+        // read of its file counted in STUCK (see the STUCK tests).
+        let ask_small = |who: &'static str| async move {
+            let (mut c, status) = ask(who, "/small").await;
+            tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                c.read_to_end(&mut Vec::new()),
+            )
+            .await
+            .expect("the rest of the answer in time")
+            .unwrap();
+            status
+        };
         let (slow, status) = ask("203.0.113.1", "/big").await;
         assert_eq!(status, "HTTP/1.1 200");
-        let (_, status) = ask("203.0.113.1", "/small").await;
+        let status = ask_small("203.0.113.1").await;
         assert_eq!(
             status, "HTTP/1.1 503",
             "a second answer in flight to one client"
         );
-        let (_, status) = ask("203.0.113.2", "/small").await;
+        let status = ask_small("203.0.113.2").await;
         assert_eq!(status, "HTTP/1.1 200", "another client was not served");
         drop(slow);
         // The dropped download's answer ends (its write fails) and frees the client's share.
         let mut again = String::new();
         for _ in 0..50 {
-            again = ask("203.0.113.1", "/small").await.1;
+            again = ask_small("203.0.113.1").await;
             if again == "HTTP/1.1 200" {
                 break;
             }
@@ -1496,6 +1518,14 @@ mod tests {
         }
         assert_eq!(again, "HTTP/1.1 200", "the client's share never came back");
         stop.cancel();
+        // The dropped download's last read has returned (its share came back): let its count
+        // come off before the STUCK tests run, rather than end this runtime before it does.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while STUCK.load(std::sync::atomic::Ordering::Relaxed) > stuck_before
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     #[tokio::test]

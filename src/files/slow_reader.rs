@@ -231,12 +231,19 @@ mod tests {
             l.accept()
         );
         let (mut client, server) = (client.unwrap(), accepted.unwrap().0);
-        let mut w = SlowReaderCut::tcp_with_window(server, Duration::from_secs(3));
+        // The window is long enough (~40 reads' worth, 20 times the floor) that a loaded
+        // machine running the reader late cannot make it look slow; the reads run for two
+        // windows, so a client cut wrongly would be.
+        let window = Duration::from_secs(5);
+        let mut w = SlowReaderCut::tcp_with_window(server, window);
         let writer = tokio::spawn(async move { w.write_all(&vec![1u8; 64 << 20]).await });
         let mut buf = vec![0u8; 8 * 1024];
-        let until = Instant::now() + Duration::from_secs(6);
+        // An interval, not sleeps: ticks missed while the task was not run are caught up at
+        // once (`MissedTickBehavior::Burst`), so the pace holds on average.
+        let mut pace = tokio::time::interval(Duration::from_millis(125));
+        let until = Instant::now() + window * 2;
         while Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(125)).await;
+            pace.tick().await;
             client
                 .read_exact(&mut buf)
                 .await

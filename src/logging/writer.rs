@@ -466,7 +466,12 @@ mod tests {
                 });
             }
         });
-        drop(thread);
+        // Finished explicitly with a long limit: a drop waits EXIT_WAIT at most, then leaves
+        // the lines unwritten, which a loaded machine can take.
+        assert!(
+            thread.finish(Duration::from_secs(30)),
+            "the writer never finished"
+        );
         let text = capture.text();
         let mut next = [0; THREADS];
         for line in text.lines() {
@@ -491,7 +496,10 @@ mod tests {
             make.make_writer().write_all(line.as_bytes()).unwrap();
             expected.push_str(&line);
         }
-        // Within the batching delay: the drop must not wait for it to be of any use.
+        // Within the batching delay: the drop must not wait for it to be of any use. Waited
+        // for first with a long limit (the drop's own wait is EXIT_WAIT, which a loaded
+        // machine can take); the drop then finds the writer finished and joins it.
+        assert!(thread.finisher().finish(Duration::from_secs(30)));
         drop(thread);
         assert_eq!(capture.text(), expected);
 
@@ -584,7 +592,12 @@ mod tests {
         assert_eq!(finished, Ok(false), "finish waited past its limit");
         drop(open);
         finishing.join().unwrap();
-        drop(thread);
+        // Finished explicitly with a long limit: a drop waits EXIT_WAIT at most, then leaves
+        // the lines unwritten, which a loaded machine can take.
+        assert!(
+            thread.finish(Duration::from_secs(30)),
+            "the writer never finished"
+        );
         assert_eq!(capture.text(), "a\nb\n");
     }
 
@@ -624,7 +637,12 @@ mod tests {
         }
         fail.store(false, std::sync::atomic::Ordering::SeqCst);
         make.make_writer().write_all(b"three\n").unwrap();
-        drop(thread);
+        // Finished explicitly with a long limit: a drop waits EXIT_WAIT at most, then leaves
+        // the lines unwritten, which a loaded machine can take.
+        assert!(
+            thread.finish(Duration::from_secs(30)),
+            "the writer never finished"
+        );
         assert_eq!(
             capture.text(),
             "one\nWARN zonegate: 2 log lines lost: writing them to stderr failed (a full disk?)\nthree\n"
@@ -651,7 +669,12 @@ mod tests {
         }
         assert!(make.shared.lock().buf.len() <= CAP);
         drop(open);
-        drop(thread);
+        // Finished explicitly with a long limit: a drop waits EXIT_WAIT at most, then leaves
+        // the lines unwritten, which a loaded machine can take.
+        assert!(
+            thread.finish(Duration::from_secs(30)),
+            "the writer never finished"
+        );
         let text = capture.text();
         let kept = text.lines().filter(|l| l.starts_with("line ")).count();
         assert!((10..50).contains(&kept), "{text}");

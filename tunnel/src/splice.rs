@@ -1060,7 +1060,10 @@ mod tests {
                 client.read_to_end(&mut answer).await.unwrap();
                 answer.len()
             };
-            let got = tokio::time::timeout(std::time::Duration::from_secs(20), talk)
+            // Stuck is for ever; 64 MiB through loopback in a debug build on a loaded machine
+            // can take a good part of 20 s. (Smaller sizes would not do: loopback receive
+            // buffers can grow to tcp_rmem's maximum, 32 MiB on some hosts.)
+            let got = tokio::time::timeout(std::time::Duration::from_secs(60), talk)
                 .await
                 .unwrap_or_else(|_| panic!("shaped {shaped}: stuck"));
             assert_eq!(got, ANSWER, "shaped {shaped}");
