@@ -208,9 +208,15 @@ fn listing(
 
 /// What a request names, opened beneath the root; for a directory with an `index.html` that
 /// is a file, the index instead. `slash`: the URL path ends with `/`, which only a directory's
-/// does (without it, relative links in its page would resolve one level up). Blocking.
-fn open_target(root: &Root, asked: &Path, slash: bool) -> Result<Target, Refused> {
+/// does (without it, relative links in its page would resolve one level up). Unless `hidden`,
+/// what a symlink leads to must not be hidden either: `pub/cfg -> ../.git` served `.git/config`
+/// as `/pub/cfg/config`, and the request's own names said nothing of it. Blocking.
+fn open_target(root: &Root, asked: &Path, slash: bool, hidden: bool) -> Result<Target, Refused> {
+    let shown = |o: &Opened| hidden || !names_hidden(root.path(), &o.path);
     let opened = root.open_beneath(asked)?;
+    if !shown(&opened) {
+        return Err(Refused::NotFound);
+    }
     if !opened.meta.is_dir() {
         // `/f.txt/` names a directory `f.txt`, which is not there.
         if slash {
@@ -226,7 +232,7 @@ fn open_target(root: &Root, asked: &Path, slash: bool) -> Result<Target, Refused
     // there — the same listing either way, so the answer tells nothing of what exists
     // outside the share.
     match root.open_beneath(&asked.join("index.html")) {
-        Ok(index) if index.meta.is_file() => Ok(Target::File(index)),
+        Ok(index) if index.meta.is_file() && shown(&index) => Ok(Target::File(index)),
         _ => {
             let rel = asked.strip_prefix(root.path()).unwrap_or(Path::new(""));
             Ok(Target::Dir(opened, rel.to_path_buf()))
@@ -262,7 +268,10 @@ async fn handle(
     }
     let head = req.method() == Method::HEAD;
     let Some(asked) = resolve(root.path(), req.uri().path()) else {
-        return text(StatusCode::BAD_REQUEST, "bad path");
+        return text(
+            StatusCode::BAD_REQUEST,
+            "bad path: it has a `..` part, a NUL or a malformed %-escape",
+        );
     };
     // As a name that is not there: the answer tells nothing of what the share holds.
     if !opts.hidden && names_hidden(root.path(), &asked) {
@@ -280,7 +289,7 @@ async fn handle(
     let deadline = std::time::Instant::now() + FS_TIMEOUT;
     let found = blocking_within(FS_TIMEOUT, move || -> Result<Found, Refused> {
         let _hold = held;
-        Ok(match open_target(&root, &asked, slash)? {
+        Ok(match open_target(&root, &asked, slash, hidden)? {
             Target::File(f) => Found::File(f),
             Target::Dir(dir, rel) => Found::Listing(
                 listing(
@@ -316,7 +325,10 @@ async fn handle(
                     r.headers_mut().insert(header::LOCATION, v);
                     r
                 }
-                Err(_) => text(StatusCode::BAD_REQUEST, "bad path"),
+                Err(_) => text(
+                    StatusCode::BAD_REQUEST,
+                    "bad path: no redirect to its directory can be made of it",
+                ),
             }
         }
         Ok(Ok(Found::Listing(html))) => Response::builder()
@@ -419,6 +431,14 @@ fn stuck() -> Response<Body> {
 /// meanwhile is not found (deleted, or a link swapped, between the path's check and its
 /// open), anything else the reader may not have (403).
 fn unreadable(e: &std::io::Error) -> Response<Body> {
+    // The listing's own deadline (no OS error: a network file system's ETIMEDOUT has one).
+    if e.kind() == std::io::ErrorKind::TimedOut && e.raw_os_error().is_none() {
+        warn!(error = %e, "a directory too large (or too slow) to list in time was asked for; split it into smaller ones");
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this directory is too large to list in time; its owner could split it into smaller ones",
+        );
+    }
     match e.raw_os_error() {
         Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM) => {
             warn!(error = %e, "cannot open a file: out of open files or memory; allow more (ulimit -n, LimitNOFILE=)");
@@ -980,6 +1000,11 @@ mod tests {
         // Only the site's own, at its root.
         std::fs::create_dir_all(dir.path().join("pub/.well-known")).unwrap();
         std::fs::write(dir.path().join("pub/.well-known/x"), "secret").unwrap();
+        // Symlinks of plain names to hidden ones: hidden too.
+        std::os::unix::fs::symlink("../.git", dir.path().join("pub/cfg")).unwrap();
+        std::os::unix::fs::symlink("../.env", dir.path().join("pub/env.txt")).unwrap();
+        std::fs::create_dir_all(dir.path().join("site")).unwrap();
+        std::os::unix::fs::symlink("../.env", dir.path().join("site/index.html")).unwrap();
         let (addr, stop) = serve_dir(dir.path()).await;
         for hidden in [
             "/.env",
@@ -989,12 +1014,20 @@ mod tests {
             "/pub/.ssh/id",
             "/pub//.ssh/id",
             "/pub/.well-known/x",
+            "/pub/cfg/config",
+            "/pub/cfg/",
+            "/pub/env.txt",
+            "/site/index.html",
         ] {
             let got = get(addr, hidden, "").await;
             assert!(got.starts_with("HTTP/1.1 404"), "{hidden}: {got}");
             assert!(!got.contains("secret"), "{hidden}: {got}");
         }
         assert!(get(addr, "/pub/b..c", "").await.ends_with("shown"));
+        // A hidden index is no index: the directory is listed instead.
+        let site = get(addr, "/site/", "").await;
+        assert!(site.starts_with("HTTP/1.1 200"), "{site}");
+        assert!(!site.contains("secret"), "{site}");
         // RFC 8615's public directory is served and listed.
         assert!(get(addr, "/.well-known/security.txt", "")
             .await
