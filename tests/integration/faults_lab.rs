@@ -43,6 +43,17 @@ const XFER3: u16 = 8203;
 /// The relay of the delay test listens on nat1's LAN address at this port.
 const DELAY_PORT: u16 = 14433;
 
+/// Tunnel idle timeout (every bundle) of the gateway-restart test, instead of the fixture's
+/// 4 s: its agents must still hold their old connections when the restarted gateway answers
+/// them with a stateless reset, also on a loaded machine.
+const GW_TEST_IDLE: Duration = Duration::from_secs(15);
+/// Tunnel idle timeout of the agent-kill / NAT-flush test: the tunnels must outlive the flush
+/// (a migration a loaded machine may delay by seconds) rather than time out and reconnect.
+const FLUSH_TEST_IDLE: Duration = Duration::from_secs(10);
+/// Bound for what waits out an agent's idle timeout (noticing a dead gateway, a dial to a
+/// gateway that was down): the longest idle timeout of these tests, plus [`READY`].
+const AFTER_IDLE: Duration = Duration::from_secs(READY.as_secs() + GW_TEST_IDLE.as_secs());
+
 const MIB: u64 = 1 << 20;
 
 const POLICY: &str = r#"# faults_lab: public TCP to the xfer services of home1 and home2
@@ -95,8 +106,12 @@ impl Procs {
 
 /// A world with the xfer policy, an xfer server and a node agent in each of `homes`, and the
 /// gateway; returns once every agent is connected and a first small transfer went through.
-fn start(name: &str, homes: &[&str]) -> (LabWorld, Procs) {
+/// `idle`: the tunnel idle timeout of every bundle (None: the fixture's short one).
+fn start(name: &str, homes: &[&str], idle: Option<Duration>) -> (LabWorld, Procs) {
     let w = LabWorld::new(name);
+    if let Some(idle) = idle {
+        set_idle_timeout(&w, idle);
+    }
     w.zone.write_policy("xfer.toml", POLICY);
     let servers = homes.iter().map(|h| serve_xfer(&w, h)).collect();
     let mut gw = w.gateway();
@@ -117,6 +132,30 @@ fn start(name: &str, homes: &[&str]) -> (LabWorld, Procs) {
         _servers: servers,
     };
     (w, procs)
+}
+
+/// Rewrites the `[tunnel] idle_timeout_ms` the fixture gave the gateway's and the nodes'
+/// bundles (QUIC uses the smaller of both ends' values); the fixture's keepalive stays, at most
+/// half of it as the config requires.
+fn set_idle_timeout(w: &LabWorld, idle: Duration) {
+    assert!(Duration::from_millis(zonefix::TEST_KEEPALIVE_MS * 2) <= idle);
+    let old = format!("idle_timeout_ms = {}\n", zonefix::TEST_IDLE_MS);
+    let new = format!("idle_timeout_ms = {}\n", idle.as_millis());
+    for cfg in [
+        w.zone.gateway_toml(),
+        w.zone.node_toml("home1"),
+        w.zone.node_toml("home2"),
+    ] {
+        let text = std::fs::read_to_string(&cfg).expect("read bundle config");
+        assert_eq!(
+            text.matches(&old).count(),
+            1,
+            "{}: expected one `{}`",
+            cfg.display(),
+            old.trim()
+        );
+        std::fs::write(&cfg, text.replace(&old, &new)).expect("write bundle config");
+    }
 }
 
 fn start_node(w: &LabWorld, host: &str) -> LabProcess {
@@ -324,7 +363,7 @@ fn assert_never_corrupt(w: &LabWorld, host: &str, v: &Value) -> &'static str {
             let seed = v["seed"].as_str().expect("seed");
             // the server reports once its side of the connection ends (the agent may notice the
             // loss only after the tunnel's idle timeout)
-            let got = eventually(READY, "the server's report of the cut upload", || {
+            let got = eventually(AFTER_IDLE, "the server's report of the cut upload", || {
                 server_report(w, host, seed).ok_or_else(|| "no report yet".to_string())
             });
             assert_eq!(got["intact"], true, "server received corrupt bytes: {got}");
@@ -412,7 +451,7 @@ fn lab_faults_lossy_and_delayed_nat_paths_deliver_identical_bytes() {
         return;
     }
     let t0 = Instant::now();
-    let (w, mut p) = start("faults_netem", &["home1"]);
+    let (w, mut p) = start("faults_netem", &["home1"], None);
 
     // 5% loss on both of nat1's interfaces: the tunnel's packets are lost both ways
     for iface in ["wan0", "lan0"] {
@@ -549,20 +588,21 @@ fn lab_faults_gateway_sigkill_mid_transfer_then_restart_with_changed_zone() {
         return;
     }
     let t0 = Instant::now();
-    let (w, mut p) = start("faults_gw", &["home1", "home2"]);
+    let (w, mut p) = start("faults_gw", &["home1", "home2"], Some(GW_TEST_IDLE));
     let before = w.status("vps", 9090).expect("status");
 
     cut_mid_transfer(&w, "the gateway's SIGKILL", || {
         sigkill(&mut p.gw, "gateway")
     });
 
-    // restart: the agents come back (new sessions) and transfers verify again
+    // restart: the agents come back (new sessions) and transfers verify again (a dial the
+    // gateway's death left unanswered may last an idle timeout)
     let t1 = Instant::now();
     p.gw = w.gateway();
     let after = w.wait_agents(
         &mut p.gw,
         &[("home1", &["xfer"]), ("home2", &["xfer"])],
-        READY,
+        AFTER_IDLE,
     );
     for dev in ["home1", "home2"] {
         assert_ne!(
@@ -586,7 +626,8 @@ fn lab_faults_gateway_sigkill_mid_transfer_then_restart_with_changed_zone() {
     // An idle gateway SIGKILLed and restarted at once (as a service manager does): the agents'
     // next packets on their old connections reach the new gateway, which answers with a
     // stateless reset (same reset key and CID key, derived from its device key). Without that
-    // they would wait out the idle timeout (30 s by default) before reconnecting.
+    // they would wait out the idle timeout (30 s by default, GW_TEST_IDLE here) before
+    // reconnecting.
     let seen: Vec<usize> = ["home1", "home2"]
         .iter()
         .map(|d| tunnel_downs(&w, d).len())
@@ -594,10 +635,11 @@ fn lab_faults_gateway_sigkill_mid_transfer_then_restart_with_changed_zone() {
     sigkill(&mut p.gw, "gateway (idle)");
     let t2 = Instant::now();
     p.gw = w.gateway();
+    // bounded past the idle timeout: a slow reconnect fails the precise assertion below
     w.wait_agents(
         &mut p.gw,
         &[("home1", &["xfer"]), ("home2", &["xfer"])],
-        READY,
+        AFTER_IDLE,
     );
     eprintln!(
         "[faults] idle agents back {} ms after an immediate restart",
@@ -628,7 +670,7 @@ fn lab_faults_gateway_sigkill_mid_transfer_then_restart_with_changed_zone() {
     let st = w.wait_agents(
         &mut p.gw,
         &[("home1", &["xfer"]), ("home3", &["xfer"])],
-        READY,
+        AFTER_IDLE,
     );
     assert_eq!(
         st["devices_expected"],
@@ -700,7 +742,7 @@ fn lab_faults_agent_sigkill_and_nat_flush_mid_transfer() {
         return;
     }
     let t0 = Instant::now();
-    let (w, mut p) = start("faults_node", &["home1", "home2"]);
+    let (w, mut p) = start("faults_node", &["home1", "home2"], Some(FLUSH_TEST_IDLE));
     let before = w.status("vps", 9090).expect("status");
 
     // home1's agent SIGKILLed while a download and an upload run through it, then restarted:

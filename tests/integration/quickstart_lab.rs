@@ -742,7 +742,7 @@ fn lab_quickstart_etcd_and_dfs_across_nats() {
 
     // make e1 the leader, so that home1's restart takes the leader away: the hardest case (the
     // other two must notice, elect a new leader among themselves and commit without e1)
-    let e1_id = w.member_status(1).expect("e1 status").0;
+    let e1_id = eventually(READY, "e1's member status", || w.member_status(1)).0;
     eventually(READY, "leadership moved to e1", || {
         let l = w.leader()?;
         if l == 1 {
@@ -764,10 +764,13 @@ fn lab_quickstart_etcd_and_dfs_across_nats() {
         w.etcdctl(0, &["put", "quickstart/k3", &v3])
     });
     w.wait_value(2, "quickstart/k3", &v3, READY);
-    // e1's own (serializable) read works without a leader: it must answer, and not know k3
-    let on_e1 = w
-        .local_get(1, "quickstart/k3")
-        .unwrap_or_else(|e| panic!("a serializable read on e1 while its agent is down: {e}"));
+    // e1's own (serializable) read works without a leader: it must answer (a failed command is
+    // retried), and not know k3 (any answer is final)
+    let on_e1 = eventually(
+        READY,
+        "a serializable read on e1 while its agent is down",
+        || w.local_get(1, "quickstart/k3"),
+    );
     assert!(
         on_e1.is_empty(),
         "e1 saw k3 while its agent was down: {on_e1:?}"
@@ -797,9 +800,12 @@ fn lab_quickstart_etcd_and_dfs_across_nats() {
     for n in [0, 2] {
         w.wait_value(n, "quickstart/k4", &v4, READY);
     }
-    for n in 0..MEMBERS.len() {
-        w.etcdctl(n, &["endpoint", "health"])
-            .unwrap_or_else(|e| panic!("after the restart: {e}"));
+    for (n, (name, ..)) in MEMBERS.iter().enumerate() {
+        eventually(
+            READY,
+            &format!("etcd {name} healthy after the restart"),
+            || w.etcdctl(n, &["endpoint", "health"]),
+        );
     }
     alive(&mut home1, "home1 agent").unwrap();
     alive(&mut home2, "home2 agent").unwrap();

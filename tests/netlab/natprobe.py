@@ -9,9 +9,40 @@
   natprobe.py send HOST PORT MSG [N [GAP]]  fire N (default 1) UDP datagrams, GAP s apart
 
 Project copy of shared/netlab/natprobe.py; differences: `probe` prints "bound :SPORT" once its
-socket is bound (a readiness line for tests), `send` can repeat.
+socket is bound (a readiness line for tests), `send` can repeat, and the `udp`/`probe` requests
+are resent every RESEND s until an answer or a REPLY_TIMEOUT s deadline (one lost datagram on a
+loaded machine is no failure; no answer at all still ends in `socket.timeout: timed out`).
 """
 import socket, sys, threading, time
+
+# A request/reply probe resends its request this often until the reply or the deadline.
+RESEND = 0.3
+REPLY_TIMEOUT = 3.0
+
+
+def ask(s, msg, dest):
+    """Sends `msg` to `dest` every RESEND s until `dest` answers "seen ..." (returned), or raises
+    socket.timeout after REPLY_TIMEOUT s. Stale or stray datagrams (e.g. a late answer to an
+    earlier request from another reflector) are skipped."""
+    dest = (socket.gethostbyname(dest[0]), dest[1])
+    end = time.monotonic() + REPLY_TIMEOUT
+    while True:
+        left = end - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        s.sendto(msg, dest)
+        resend = time.monotonic() + min(RESEND, left)
+        while True:
+            wait = resend - time.monotonic()
+            if wait <= 0:
+                break
+            s.settimeout(wait)
+            try:
+                d, a = s.recvfrom(256)
+            except socket.timeout:
+                break
+            if a == dest and d.startswith(b"seen"):
+                return d
 
 
 def reflect(port):
@@ -46,21 +77,17 @@ def main():
         print("tcp reply:", s.recv(256).decode().strip())
     elif cmd == "udp":
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.settimeout(3)
         if len(sys.argv) > 4:
             s.bind(("0.0.0.0", int(sys.argv[4])))
-        s.sendto(b"hello", (sys.argv[2], int(sys.argv[3])))
-        print("udp reply:", s.recvfrom(256)[0].decode())
+        print("udp reply:", ask(s, b"hello", (sys.argv[2], int(sys.argv[3]))).decode())
     elif cmd == "probe":
         sport, wait = int(sys.argv[2]), float(sys.argv[3])
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.bind(("0.0.0.0", sport))
         print(f"bound :{sport}", flush=True)
-        s.settimeout(3)
         for hp in sys.argv[4:]:
             h, p = hp.split(":")
-            s.sendto(b"probe", (h, int(p)))
-            d, a = s.recvfrom(256)
+            d = ask(s, b"probe", (h, int(p)))
             print(f"local :{sport} -> {hp}: reflector says {d.decode()}", flush=True)
         s.settimeout(0.2)
         end = time.time() + wait
