@@ -680,7 +680,7 @@ impl Agent {
         for link in links {
             tasks.spawn(self.clone().link_loop(link, links_stop.clone()));
         }
-        tasks.spawn(self.cfg.creds.clone().watch_own_expiry());
+        tasks.spawn(self.cfg.creds.clone().watch_expiry());
         let listeners = std::mem::take(
             &mut *self
                 .forward_listeners

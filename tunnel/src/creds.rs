@@ -32,7 +32,9 @@ pub struct DeviceCreds {
     noise_secret: zeroize::Zeroizing<[u8; 32]>,
     pub trust: Arc<ZoneTrust>,
     zone_key: ed25519_dalek::VerifyingKey,
-    zone: RwLock<Arc<SignedZone>>,
+    /// Shared with the set-asides in the blocking pool, which write back the config in use at
+    /// the time they write, not the one of when they were spawned.
+    zone: Arc<RwLock<Arc<SignedZone>>>,
     zone_path: Option<PathBuf>,
     /// Held while a newer zone.json is written back: offers arrive at once from agents, peers
     /// and the bundle poll, and two writes must not interleave (nor an older one land last).
@@ -210,7 +212,7 @@ impl DeviceCreds {
             noise_secret,
             trust,
             zone_key,
-            zone: RwLock::new(Arc::new(zone)),
+            zone: Arc::new(RwLock::new(Arc::new(zone))),
             zone_path: Some(p.zone_config.clone()),
             saving: Arc::default(),
             saves: tokio_util::task::TaskTracker::new(),
@@ -320,6 +322,7 @@ impl DeviceCreds {
         drop(cur);
         if let Some(p) = &self.zone_path {
             let (path, saving) = (p.clone(), self.saving.clone());
+            let (key, domain) = (self.zone_key, self.identity.domain.clone());
             let trust = revoked_more.then(|| self.trust.clone());
             let save = move || {
                 // Kept apart from zone.json: a later zone.json may leave them out (the next
@@ -330,7 +333,9 @@ impl DeviceCreds {
                     let _saving = saving.lock().unwrap_or_else(|p| p.into_inner());
                     record_revocations(&seen_revocations::path_beside(&path), &trust);
                 }
-                save_if_newer(&path, &saving, serial, json.as_bytes())
+                save_if_newer(&path, &saving, serial, json.as_bytes(), |z| {
+                    z.verify(&key, OffsetDateTime::now_utc()).is_ok() && z.config.domain == domain
+                })
             };
             // Two syncs of a file and its directory: on a node's single runtime thread (an SD
             // card takes tens of milliseconds, more when busy) every tunnel would wait on them.
@@ -419,7 +424,7 @@ impl DeviceCreds {
         let Some(p) = &self.zone_path else {
             return Err(TunnelError::Config("no zone.json file to set aside".into()));
         };
-        set_aside(p, &self.saving, refused, &self.zone().to_json_pretty())
+        set_aside(p, &self.saving, refused, &self.zone)
     }
 
     /// [`DeviceCreds::set_aside_refused`] in the blocking pool, tracked as a save: its two
@@ -428,9 +433,8 @@ impl DeviceCreds {
         let Some(p) = self.zone_path.clone() else {
             return;
         };
-        let (saving, refused) = (self.saving.clone(), refused.to_vec());
-        let ours = self.zone().to_json_pretty();
-        let work = move || report_set_aside(set_aside(&p, &saving, &refused, &ours));
+        let (saving, refused, zone) = (self.saving.clone(), refused.to_vec(), self.zone.clone());
+        let work = move || report_set_aside(set_aside(&p, &saving, &refused, &zone));
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => drop(self.asides.spawn_blocking_on(work, &rt)),
             Err(_) => work(),
@@ -439,15 +443,21 @@ impl DeviceCreds {
 }
 
 /// Keeps `refused` (the bytes of the bundle's zone.json at `p`) beside it as
-/// `zone.json.refused` and writes `ours` (the config in use) in its place, unless the file
-/// changed meanwhile (then `None`: the owner copied another one in, looked at next).
+/// `zone.json.refused` and writes the config in use (`zone`, read under the lock the saves
+/// share: one adopted since the set-aside was asked for is what a restart must find) in its
+/// place, unless the file changed meanwhile (then `None`: the owner copied another one in,
+/// looked at next).
 fn set_aside(
     p: &Path,
     saving: &std::sync::Mutex<()>,
     refused: &[u8],
-    ours: &str,
+    zone: &RwLock<Arc<SignedZone>>,
 ) -> Result<Option<PathBuf>, TunnelError> {
     let _saving = saving.lock().unwrap_or_else(|p| p.into_inner());
+    let ours = zone
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .to_json_pretty();
     let now = std::fs::read(p).map_err(|e| TunnelError::Config(format!("{}: {e}", p.display())))?;
     if now != refused {
         return Ok(None);
@@ -483,6 +493,53 @@ impl DeviceCreds {
         })
     }
 
+    /// [`Self::watch_own_expiry`] and [`Self::watch_zone_expiry`] together, for as long as the
+    /// process runs.
+    pub async fn watch_expiry(self: Arc<Self>) {
+        tokio::join!(self.clone().watch_own_expiry(), self.watch_zone_expiry());
+    }
+
+    /// Says, while the process runs, what [`DeviceCreds::load`] says of the zone config at a
+    /// start, for the config in use (adoptions included): a warning [`EXPIRY_WARNING_DAYS`]
+    /// before it expires, an error when it has, and another once a restart would refuse it
+    /// ([`EXPIRED_GRACE_DAYS`] on). A zone left alone for a year was told only at starts; after
+    /// a power cut every device then refused to start at once, with none left running to pass
+    /// a re-signed config on.
+    pub async fn watch_zone_expiry(self: Arc<Self>) {
+        // Looked at again at least this often: an adopted config (a new expiry) is noticed.
+        const LOOK: std::time::Duration = std::time::Duration::from_secs(600);
+        let mut told: Option<(u64, ZoneExpiry)> = None;
+        let mut first = true;
+        loop {
+            let zone = self.zone();
+            let (serial, expires_at) = (zone.config.serial, zone.config.expires_at);
+            let now = OffsetDateTime::now_utc();
+            let (stage, next) = ZoneExpiry::at(expires_at, now);
+            // The start said it already (`load`).
+            if std::mem::take(&mut first) {
+                told = Some((serial, stage));
+            }
+            if stage != ZoneExpiry::Fine && told != Some((serial, stage)) {
+                let resign = "re-sign it with `zonegate zone resign --zone DIR` and copy zone.json into a gateway's bundle (it passes it on to its agents)";
+                match stage {
+                    ZoneExpiry::Fine => {}
+                    ZoneExpiry::Soon => {
+                        tracing::warn!(serial, expires_at = %expires_at, days_left = (expires_at - now).whole_days(), "the zone config expires soon: {resign}")
+                    }
+                    ZoneExpiry::Expired => {
+                        tracing::error!(serial, expires_at = %expires_at, "the zone config has expired: devices holding an older one and DNS bootstrap refuse it, and {EXPIRED_GRACE_DAYS} days on a restart refuses to start; {resign}")
+                    }
+                    ZoneExpiry::PastGrace => {
+                        tracing::error!(serial, expires_at = %expires_at, "the zone config expired more than {EXPIRED_GRACE_DAYS} days ago: this device keeps running, but a restart refuses to start; {resign}")
+                    }
+                }
+                told = Some((serial, stage));
+            }
+            let wait = next.map_or(LOOK, |t| crate::hub::until(t).min(LOOK));
+            tokio::time::sleep(wait).await;
+        }
+    }
+
     /// Says, while the process runs, what [`DeviceCreds::load`] says at a start: a warning
     /// [`EXPIRY_WARNING_DAYS`] before this device's certificate ends, an error when it has. A
     /// node running for months otherwise went from working to refused everywhere with only
@@ -506,6 +563,38 @@ impl DeviceCreds {
     }
 }
 
+/// Where a zone config stands against its expiry, as [`DeviceCreds::watch_zone_expiry`] tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ZoneExpiry {
+    Fine,
+    /// Within [`EXPIRY_WARNING_DAYS`] of it.
+    Soon,
+    /// Past it, within [`EXPIRED_GRACE_DAYS`].
+    Expired,
+    /// Past the grace: a start refuses it.
+    PastGrace,
+}
+
+impl ZoneExpiry {
+    /// The stage at `now` of a config expiring at `expires_at`, and when the next one begins.
+    fn at(expires_at: OffsetDateTime, now: OffsetDateTime) -> (Self, Option<OffsetDateTime>) {
+        let soon = expires_at - time::Duration::days(EXPIRY_WARNING_DAYS);
+        let grace_end = expires_at + time::Duration::days(EXPIRED_GRACE_DAYS);
+        if now < soon {
+            (ZoneExpiry::Fine, Some(soon))
+        } else if now < expires_at {
+            (ZoneExpiry::Soon, Some(expires_at))
+        } else if now <= grace_end {
+            (
+                ZoneExpiry::Expired,
+                Some(grace_end + time::Duration::seconds(1)),
+            )
+        } else {
+            (ZoneExpiry::PastGrace, None)
+        }
+    }
+}
+
 /// Sleeps until the wall clock reads `t` (in steps of at most ten minutes: a clock set forward or a
 /// suspended machine is noticed).
 async fn sleep_until_utc(t: OffsetDateTime) {
@@ -523,15 +612,24 @@ fn warn_if_expiring(zone: &SignedZone, path: &Path, now: OffsetDateTime) {
 }
 
 /// Writes an adopted zone config (`json`, serial `serial`) back to the bundle's `path`, unless
-/// the file there is as new already.
-fn save_if_newer(path: &Path, saving: &std::sync::Mutex<()>, serial: u64, json: &[u8]) {
+/// the file there is as new already and `valid` (it would be adopted).
+fn save_if_newer(
+    path: &Path,
+    saving: &std::sync::Mutex<()>,
+    serial: u64,
+    json: &[u8],
+    valid: impl FnOnce(&SignedZone) -> bool,
+) {
     let _saving = saving.lock().unwrap_or_else(|p| p.into_inner());
     // The owner may have copied a newer zone.json into the bundle that this process has not
     // read yet (the gateway polls it), or another offer saved a newer one a moment ago: never
-    // overwrite it with an older one.
+    // overwrite it with an older one. Only one that would be adopted counts: a refused copy
+    // with a higher serial (another zone's, a forged one) is being set aside, and deferring to
+    // it left the adopted config unsaved.
     let on_disk = std::fs::read(path)
         .ok()
         .and_then(|b| SignedZone::from_json(&b).ok())
+        .filter(valid)
         .map(|z| z.config.serial);
     if on_disk.is_none_or(|s| s < serial) {
         if let Err(e) = zone_core::zonedir::write_atomic(path, json, 0o644) {
@@ -559,5 +657,40 @@ pub fn report_set_aside(r: Result<Option<PathBuf>, TunnelError>) {
         Err(e) => {
             tracing::error!(error = %e, "the refused zone.json could not be replaced by the config in use: a restart would load it; replace the bundle's zone.json by hand")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stages a running device tells of its zone config's expiry, and when each begins.
+    #[test]
+    fn zone_expiry_stages_and_their_boundaries() {
+        let expires = OffsetDateTime::UNIX_EPOCH + time::Duration::days(1000);
+        let days = time::Duration::days;
+        let soon = expires - days(EXPIRY_WARNING_DAYS);
+        let grace_end = expires + days(EXPIRED_GRACE_DAYS);
+        assert_eq!(
+            ZoneExpiry::at(expires, soon - days(1)),
+            (ZoneExpiry::Fine, Some(soon))
+        );
+        assert_eq!(
+            ZoneExpiry::at(expires, soon),
+            (ZoneExpiry::Soon, Some(expires))
+        );
+        assert_eq!(
+            ZoneExpiry::at(expires, expires),
+            (
+                ZoneExpiry::Expired,
+                Some(grace_end + time::Duration::seconds(1))
+            )
+        );
+        // The last moment a start still takes it (load: `now - expires_at <= grace`).
+        assert_eq!(ZoneExpiry::at(expires, grace_end).0, ZoneExpiry::Expired);
+        assert_eq!(
+            ZoneExpiry::at(expires, grace_end + time::Duration::seconds(1)),
+            (ZoneExpiry::PastGrace, None)
+        );
     }
 }

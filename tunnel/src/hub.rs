@@ -677,7 +677,7 @@ impl Hub {
         tokio::spawn(self.clone().revoke_permits(shutdown.clone()));
         // Ends with this future, however it ends.
         let _expiry = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
-            self.0.cfg.creds.clone().watch_own_expiry(),
+            self.0.cfg.creds.clone().watch_expiry(),
         ));
         let mut served = Served::Shutdown;
         loop {

@@ -29,11 +29,11 @@ pub enum ZoneError {
     Cert(String),
     #[error("zone config: {0}")]
     Config(String),
-    #[error("zone config signature does not verify: the file was changed after signing or was signed by another zone key")]
+    #[error("zone config signature does not verify: the file was changed after signing or was signed by another zone key (copy the zone directory's zone.json again)")]
     BadSignature,
     #[error("zone config is for zone key {found}, but the pinned zone CA has key {expected}: this is another zone's config")]
     ForeignZone { expected: String, found: String },
-    #[error("zone config expired at {0}: re-sign it with `zonegate zone resign --zone DIR`")]
+    #[error("zone config expired at {0}: re-sign it with `zonegate zone resign --zone DIR` (or, if it should not have yet, set this machine's clock right)")]
     Expired(String),
     #[error(
         "zone config serial {offered} is older than the known serial {known}: refusing to go back"
