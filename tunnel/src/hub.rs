@@ -1287,6 +1287,11 @@ impl Hub {
         match creds.offer_zone(bytes)? {
             Some(serial) => {
                 info!(serial, from = %from, "adopted newer zone config");
+                // Its agents leave it and new ones are refused from now on; a restart refuses
+                // to start. Said once, with what to do, instead of only refusals.
+                if creds.is_revoked(creds.name()) {
+                    error!(serial, from = %from, device = %creds.name(), "the adopted zone config revokes this gateway: agents leave it and a restart refuses to start; to keep a gateway here, add it under a new name on the machine holding the zone key (`zonegate device add NEWNAME --role gateway --public-addr IP:PORT`) and install that bundle");
+                }
                 // Pairs with a device this config no longer lists, or revokes, go from the
                 // mesh table (and `/status`): kept, they stayed listed for good.
                 self.0
