@@ -109,6 +109,48 @@ pub const MAX_LISTING: usize = 10_000;
 /// not shown: names that escape long (255 bytes of `&` are ~2 KB as a link) made 10,000
 /// entries a page of 20 MB, held in memory for as long as a slow client took to read it.
 pub const MAX_LISTING_BYTES: usize = 1 << 20;
+/// Listings built at once at most: each holds up to [`MAX_LISTING`] names (some 3 MB) while
+/// it is built, and 256 clients asking for a large directory at once took a gigabyte, more
+/// than a small node has. Past this a listing is answered 503, to be asked again.
+const MAX_LISTINGS_BUILT: usize = 16;
+
+/// The listings a service is building now, at most `max`.
+#[derive(Debug)]
+struct Listings {
+    built: std::sync::atomic::AtomicUsize,
+    max: usize,
+}
+
+/// One of a service's [`Listings`] being built, given back on drop.
+struct ListingSlot(Arc<Listings>);
+
+impl Listings {
+    fn new(max: usize) -> Arc<Listings> {
+        Arc::new(Listings {
+            built: std::sync::atomic::AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// A slot for one more listing, if fewer than `max` are being built.
+    fn take(self: &Arc<Self>) -> Option<ListingSlot> {
+        use std::sync::atomic::Ordering;
+        self.built
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ListingSlot(self.clone()))
+    }
+}
+
+impl Drop for ListingSlot {
+    fn drop(&mut self) {
+        self.0
+            .built
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -286,20 +328,24 @@ async fn handle(
         return stuck();
     }
     let held = hold.clone();
+    let listings = hold.table.listings.clone();
     let deadline = std::time::Instant::now() + FS_TIMEOUT;
     let found = blocking_within(FS_TIMEOUT, move || -> Result<Found, Refused> {
         let _hold = held;
         Ok(match open_target(&root, &asked, slash, hidden)? {
             Target::File(f) => Found::File(f),
-            Target::Dir(dir, rel) => Found::Listing(
-                listing(
-                    &dir.file,
-                    &dir_url(&prefix, &rel),
-                    (hidden, rel.as_os_str().is_empty()),
-                    deadline,
-                )
-                .map_err(Refused::Unreadable)?,
-            ),
+            Target::Dir(dir, rel) => match listings.take() {
+                Some(_building) => Found::Listing(
+                    listing(
+                        &dir.file,
+                        &dir_url(&prefix, &rel),
+                        (hidden, rel.as_os_str().is_empty()),
+                        deadline,
+                    )
+                    .map_err(Refused::Unreadable)?,
+                ),
+                None => Found::ListingsBusy,
+            },
             // Built from the path's parts, not the request's text: `//host` must not become
             // a redirect to another site.
             Target::Slash(rel) => Found::Redirect(dir_url(&prefix, &rel)),
@@ -330,6 +376,15 @@ async fn handle(
                     "bad path: no redirect to its directory can be made of it",
                 ),
             }
+        }
+        Ok(Ok(Found::ListingsBusy)) => {
+            let mut r = text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many directory listings are being built at once; try again in a moment",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
         }
         Ok(Ok(Found::Listing(html))) => Response::builder()
             .header("content-type", "text/html; charset=utf-8")
@@ -461,6 +516,8 @@ fn unreadable(e: &std::io::Error) -> Response<Body> {
 enum Found {
     File(Opened),
     Listing(String),
+    /// A listing, with [`MAX_LISTINGS_BUILT`] being built already.
+    ListingsBusy,
     Redirect(String),
 }
 
@@ -662,6 +719,8 @@ const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 struct InFlight {
     per: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
     most: usize,
+    /// The service's listings being built (of all clients).
+    listings: Arc<Listings>,
 }
 
 /// One answer of a client in flight: dropped with the answer's body.
@@ -766,6 +825,7 @@ async fn serve_at_most(
     let in_flight = Arc::new(InFlight {
         per: Default::default(),
         most: (most / 4).max(1),
+        listings: Listings::new(MAX_LISTINGS_BUILT),
     });
     let tasks = tokio_util::task::TaskTracker::new();
     // Fired when the grace is over: the answers still under way are cut.
@@ -1302,6 +1362,20 @@ mod tests {
         assert_eq!(stuck(), base + 1, "a dropped request's call not counted");
         drop(release);
         settled().await;
+    }
+
+    /// At most `max` listings are built at once; a slot given back is taken again.
+    #[test]
+    fn listings_built_at_once_are_bounded() {
+        let listings = Listings::new(2);
+        let (a, b) = (listings.take(), listings.take());
+        assert!(a.is_some() && b.is_some());
+        assert!(listings.take().is_none(), "a third listing at once");
+        drop(a);
+        assert!(
+            listings.take().is_some(),
+            "a slot given back is not taken again"
+        );
     }
 
     /// Tests that count [`STUCK`] (a process-wide count), or may raise it, run one at a time.
