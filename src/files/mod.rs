@@ -582,9 +582,20 @@ async fn file(
     let body: Body = if head {
         empty()
     } else {
-        // Streamed from disk: memory stays flat for any file size.
-        let read =
-            move |at: u64, buf: &mut [u8]| std::os::unix::fs::FileExt::read_at(&file, buf, at);
+        // Streamed from disk: memory stays flat for any file size. Sent with a strong tag, the
+        // bytes must be that version's: a file rewritten in place while it was sent (same
+        // inode and length, `cp new old`) gave old bytes, then new, under the old tag, and a
+        // client kept the mix as that version. The file is looked at again before its last
+        // chunk goes; rewritten ([`rewritten`]), the download fails (the connection is cut, as
+        // for a file that got shorter) and the client asks again.
+        let (end, tagged) = (start + count, validators.etag.is_some());
+        let read = move |at: u64, buf: &mut [u8]| {
+            let n = std::os::unix::fs::FileExt::read_at(&file, buf, at)?;
+            if tagged && at + n as u64 == end && rewritten(&meta, &file.metadata()?) {
+                return Err(std::io::Error::other("the file changed while being sent"));
+            }
+            Ok(n)
+        };
         let stream = file_reads(read, start, count, hold, FS_TIMEOUT);
         BodyExt::boxed(StreamBody::new(stream.map_ok(Frame::data)))
     };
@@ -596,6 +607,19 @@ async fn file(
         .header(header::CONTENT_LENGTH, count)
         .body(body)
         .expect("valid response")
+}
+
+/// Whether the opened file, looked at again (`now`), was rewritten since it was `was`: its
+/// times or length changed, and not by growing (a log appended to while it is sent keeps the
+/// bytes sent, which are that version's; cutting it would fail every long download of a file
+/// that grows now and then). A rewrite that also makes the file longer looks like growth and
+/// is not told.
+fn rewritten(was: &std::fs::Metadata, now: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let times = |m: &std::fs::Metadata| (m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec());
+    now.ino() != was.ino()
+        || now.len() < was.len()
+        || (now.len() == was.len() && times(now) != times(was))
 }
 
 /// How much one read of a download asks for.
@@ -1362,6 +1386,88 @@ mod tests {
         assert_eq!(stuck(), base + 1, "a dropped request's call not counted");
         drop(release);
         settled().await;
+    }
+
+    /// A file rewritten in place (same inode, same length) while it is sent under a strong
+    /// tag is not delivered whole as that version: the download is cut before its end, and
+    /// the client asks again. A file left alone is delivered whole.
+    #[tokio::test]
+    async fn a_file_rewritten_while_sent_under_its_tag_is_cut() {
+        use std::io::{Seek, Write};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const LEN: usize = 32 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big");
+        std::fs::write(&path, vec![b'a'; LEN]).unwrap();
+        // Settled (a file changed within the last seconds gets no tag).
+        tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+        let (addr, stop) = serve_dir(dir.path()).await;
+        // What happens to the file once its download is under way.
+        #[derive(Clone, Copy)]
+        enum Meanwhile {
+            Nothing,
+            Appended,
+            Rewritten,
+        }
+        let download = |meanwhile: Meanwhile| {
+            let path = path.clone();
+            async move {
+                let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+                c.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut got = vec![0u8; 64 * 1024];
+                c.read_exact(&mut got).await.unwrap();
+                let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+                assert!(head.contains("etag: \""), "{head}");
+                match meanwhile {
+                    Meanwhile::Nothing => {}
+                    Meanwhile::Appended => {
+                        let mut f = std::fs::OpenOptions::new()
+                            .append(true)
+                            .open(&path)
+                            .unwrap();
+                        f.write_all(b"one more line\n").unwrap();
+                    }
+                    Meanwhile::Rewritten => {
+                        let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                        f.seek(std::io::SeekFrom::Start(0)).unwrap();
+                        f.write_all(&vec![b'b'; LEN]).unwrap();
+                    }
+                }
+                let mut rest = Vec::new();
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(60),
+                    c.read_to_end(&mut rest),
+                )
+                .await
+                .expect("the download ends");
+                let body_at = head.find("\r\n\r\n").unwrap() + 4;
+                got.len() - body_at + rest.len()
+            }
+        };
+        assert_eq!(
+            download(Meanwhile::Nothing).await,
+            LEN,
+            "a file left alone is cut"
+        );
+        // Appended to meanwhile (a log): what was sent is that version, whole.
+        assert_eq!(
+            download(Meanwhile::Appended).await,
+            LEN,
+            "a file appended to is cut"
+        );
+        // Back to its length, settled, for the rewrite.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(LEN as u64)
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+        let n = download(Meanwhile::Rewritten).await;
+        assert!(n < LEN, "the rewritten file went whole ({n} bytes)");
+        stop.cancel();
     }
 
     /// At most `max` listings are built at once; a slot given back is taken again.
