@@ -743,6 +743,10 @@ const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 struct InFlight {
     per: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
     most: usize,
+    /// IPv6 sites' (/48s') answers in flight, all their /64s together, at most `site_most`: a
+    /// home is often given a /56 or a /48, and four of its /64s took every answer slot.
+    sites: std::sync::Mutex<std::collections::HashMap<std::net::Ipv6Addr, usize>>,
+    site_most: usize,
     /// The service's listings being built (of all clients).
     listings: Arc<Listings>,
 }
@@ -751,31 +755,53 @@ struct InFlight {
 struct InFlightSlot {
     table: Arc<InFlight>,
     ip: std::net::IpAddr,
+    site: Option<std::net::Ipv6Addr>,
 }
 
 impl InFlight {
-    fn take(table: &Arc<Self>, ip: std::net::IpAddr) -> Option<InFlightSlot> {
+    /// A slot for an answer to `client` (any address: counted by [`counted_as`] and, for
+    /// IPv6, by its /48), unless that client or its site has its most in flight already.
+    fn take(table: &Arc<Self>, client: std::net::IpAddr) -> Option<InFlightSlot> {
+        let (ip, site) = (counted_as(client), site_of(client));
+        // Sites before clients, both held to the end: the same order everywhere.
+        let mut sites = table.sites.lock().unwrap_or_else(|p| p.into_inner());
         let mut per = table.per.lock().unwrap_or_else(|p| p.into_inner());
+        if site.is_some_and(|s| sites.get(&s).copied().unwrap_or(0) >= table.site_most) {
+            return None;
+        }
         let n = per.entry(ip).or_default();
         if *n >= table.most {
             return None;
         }
         *n += 1;
+        if let Some(s) = site {
+            *sites.entry(s).or_default() += 1;
+        }
         Some(InFlightSlot {
             table: table.clone(),
             ip,
+            site,
         })
+    }
+}
+
+/// Takes one from `key`'s count in `map`, forgetting the key at zero.
+fn count_down<K: std::hash::Hash + Eq>(map: &mut std::collections::HashMap<K, usize>, key: &K) {
+    if let Some(n) = map.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(key);
+        }
     }
 }
 
 impl Drop for InFlightSlot {
     fn drop(&mut self) {
+        let mut sites = self.table.sites.lock().unwrap_or_else(|p| p.into_inner());
         let mut per = self.table.per.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = per.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per.remove(&self.ip);
-            }
+        count_down(&mut per, &self.ip);
+        if let Some(s) = &self.site {
+            count_down(&mut sites, s);
         }
     }
 }
@@ -849,6 +875,8 @@ async fn serve_at_most(
     let in_flight = Arc::new(InFlight {
         per: Default::default(),
         most: (most / 4).max(1),
+        sites: Default::default(),
+        site_most: (most / 2).max(1),
         listings: Listings::new(MAX_LISTINGS_BUILT),
     });
     let tasks = tokio_util::task::TaskTracker::new();
@@ -889,7 +917,7 @@ async fn serve_at_most(
                     let (m, p) = (req.method().clone(), req.uri().path().to_owned());
                     let forwarded_for = believed_forwarded_for(peer, &opts.proxies, req.headers());
                     let client = forwarded_for.unwrap_or(peer.ip());
-                    let r = match InFlight::take(&in_flight, counted_as(client)) {
+                    let r = match InFlight::take(&in_flight, client) {
                         // Held by the body: until the answer is sent, or dropped unsent.
                         Some(slot) => {
                             let slot = Arc::new(slot);
@@ -991,6 +1019,16 @@ fn counted_as(client: std::net::IpAddr) -> std::net::IpAddr {
             std::net::Ipv6Addr::from(v6.to_bits() & !u128::from(u64::MAX)).into()
         }
         v4 => v4,
+    }
+}
+
+/// The IPv6 site (/48) a client's answers in flight also count under; none for IPv4.
+fn site_of(client: std::net::IpAddr) -> Option<std::net::Ipv6Addr> {
+    match client.to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            Some(std::net::Ipv6Addr::from(v6.to_bits() & !(u128::MAX >> 48)))
+        }
+        std::net::IpAddr::V4(_) => None,
     }
 }
 
@@ -1304,6 +1342,45 @@ mod tests {
         assert_eq!(counted_as(ip("2001:db8:0:2::1")), ip("2001:db8:0:2::"));
         assert_eq!(counted_as(ip("::ffff:203.0.113.9")), ip("203.0.113.9"));
         assert_eq!(counted_as(ip("203.0.113.9")), ip("203.0.113.9"));
+    }
+
+    /// An IPv6 client's answers in flight count by its /64 and, all its /64s together, by its
+    /// /48: four /64s of one home took every slot. Slots given back count down both.
+    #[test]
+    fn answers_in_flight_count_by_client_and_by_ipv6_site() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let table = Arc::new(InFlight {
+            per: Default::default(),
+            most: 2,
+            sites: Default::default(),
+            site_most: 3,
+            listings: Listings::new(1),
+        });
+        let a = [
+            InFlight::take(&table, ip("2001:db8:0:1::1")),
+            InFlight::take(&table, ip("2001:db8:0:1::2")),
+        ];
+        assert!(a.iter().all(Option::is_some));
+        assert!(
+            InFlight::take(&table, ip("2001:db8:0:1::3")).is_none(),
+            "a /64 past its most"
+        );
+        let b = InFlight::take(&table, ip("2001:db8:0:2::1"));
+        assert!(b.is_some());
+        assert!(
+            InFlight::take(&table, ip("2001:db8:0:3::1")).is_none(),
+            "a /48 past its most"
+        );
+        assert!(
+            InFlight::take(&table, ip("2001:db8:1::1")).is_some(),
+            "another /48"
+        );
+        assert!(InFlight::take(&table, ip("203.0.113.9")).is_some());
+        drop(b);
+        assert!(
+            InFlight::take(&table, ip("2001:db8:0:3::1")).is_some(),
+            "room given back"
+        );
     }
 
     /// Long names make long links: past MAX_LISTING_BYTES the listing stops adding entries and
