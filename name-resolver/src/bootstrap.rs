@@ -26,24 +26,59 @@ use crate::records::TXT_LABEL;
 /// Time for one UDP query. A gateway on the other side of the world answers in well under a
 /// second; the rest covers a lost datagram being noticed.
 pub const UDP_TIMEOUT: Duration = Duration::from_secs(3);
-/// Time for connecting and querying over TCP.
+/// Time for connecting over TCP.
 pub const TCP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time for the whole TCP answer once connected: a config of tens of KB over a slow or lossy
+/// link takes seconds (the server gives a connection that owes an answer 30 s, too).
+pub const TCP_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Fetches, reassembles and verifies the zone config of `domain` from the DNS server `server`.
 ///
 /// Asks over UDP first and over TCP when the answer is truncated (the config is usually larger
-/// than a UDP answer may be), UDP gets no answer, or its answer is an error or holds no
-/// config (a network answering port 53 itself). Refuses a config that does not verify
-/// against `zone_key`, is incomplete, is for another domain, has expired, or has a serial below
-/// `known_serial`.
+/// than a UDP answer may be), UDP gets no answer, or its answer is an error, holds no config
+/// or holds one that is refused (a network answering port 53 itself, something on the path
+/// cutting or forging answers: TCP has a say too before a node without a zone.json fails to
+/// start). Refuses a config that does not verify against `zone_key`, is incomplete, is for
+/// another domain, has expired, or has a serial below `known_serial`.
 pub async fn fetch_zone(
     domain: &Domain,
     server: SocketAddr,
     zone_key: &VerifyingKey,
     known_serial: Option<u64>,
 ) -> Result<SignedZone, BootstrapError> {
-    let strings = fetch_txt(domain, server).await?;
-    let zone = zone_core::txt::from_txt(&strings)
+    let (strings, over_udp) = fetch_strings(domain, server).await?;
+    let udp_err = match verified(domain, server, zone_key, known_serial, &strings) {
+        Ok(zone) => return Ok(zone),
+        Err(e) if over_udp => e,
+        Err(e) => return Err(e),
+    };
+    let qname = txt_name(domain, server)?;
+    let tcp = query_tcp(server, qname.clone())
+        .await
+        .and_then(|r| strings_of(&r, &qname, server))
+        .and_then(|strings| verified(domain, server, zone_key, known_serial, &strings));
+    match tcp {
+        Ok(zone) => {
+            info!(%server, udp = %udp_err, "zone config answered over TCP where UDP's answer was refused");
+            Ok(zone)
+        }
+        Err(tcp_err) if tcp_err.to_string() == udp_err.to_string() => Err(tcp_err),
+        Err(tcp_err) => Err(BootstrapError::Both {
+            udp: Box::new(udp_err),
+            tcp: Box::new(tcp_err),
+        }),
+    }
+}
+
+/// The config `strings` hold, verified as [`fetch_zone`] says.
+fn verified(
+    domain: &Domain,
+    server: SocketAddr,
+    zone_key: &VerifyingKey,
+    known_serial: Option<u64>,
+    strings: &[String],
+) -> Result<SignedZone, BootstrapError> {
+    let zone = zone_core::txt::from_txt(strings)
         .map_err(|source| BootstrapError::Malformed { server, source })?;
     zone.verify_newer_than(zone_key, OffsetDateTime::now_utc(), known_serial)
         .map_err(|source| match source {
@@ -70,18 +105,29 @@ pub async fn fetch_zone(
 /// The TXT strings at `_zonegate.DOMAIN`, in the order the server sent them (the chunk headers
 /// make order irrelevant anyway).
 pub async fn fetch_txt(domain: &Domain, server: SocketAddr) -> Result<Vec<String>, BootstrapError> {
-    let qname = Name::from_ascii(format!("{TXT_LABEL}.{domain}.")).map_err(|e| {
-        BootstrapError::Unreachable {
-            server,
-            name: format!("{TXT_LABEL}.{domain}"),
-            proto: "-",
-            why: format!("not a DNS name: {e}"),
-        }
-    })?;
+    fetch_strings(domain, server).await.map(|(s, _)| s)
+}
+
+/// `_zonegate.DOMAIN` as a DNS name.
+fn txt_name(domain: &Domain, server: SocketAddr) -> Result<Name, BootstrapError> {
+    Name::from_ascii(format!("{TXT_LABEL}.{domain}.")).map_err(|e| BootstrapError::Unreachable {
+        server,
+        name: format!("{TXT_LABEL}.{domain}"),
+        proto: "-",
+        why: format!("not a DNS name: {e}"),
+    })
+}
+
+/// [`fetch_txt`], and whether the strings came over UDP (an answer TCP may still correct).
+async fn fetch_strings(
+    domain: &Domain,
+    server: SocketAddr,
+) -> Result<(Vec<String>, bool), BootstrapError> {
+    let qname = txt_name(domain, server)?;
     let name = qname.to_ascii();
     match query_udp(server, qname.clone()).await {
         Ok(r) if !r.truncated() => match strings_of(&r, &qname, server) {
-            Ok(strings) => Ok(strings),
+            Ok(strings) => Ok((strings, true)),
             // An error or an empty answer over UDP may be a network's own (one that answers
             // port 53 itself: a hotel's, a captive portal's) or a forged one: TCP has a say
             // too before the node gives up — and a node without a zone.json, its start.
@@ -91,7 +137,7 @@ pub async fn fetch_txt(domain: &Domain, server: SocketAddr) -> Result<Vec<String
             {
                 Ok(strings) => {
                     info!(%server, %name, udp = %udp_err, "zone config answered over TCP where UDP's answer was an error");
-                    Ok(strings)
+                    Ok((strings, false))
                 }
                 // The same answer both ways: said once.
                 Err(tcp_err) if tcp_err.to_string() == udp_err.to_string() => Err(tcp_err),
@@ -103,11 +149,19 @@ pub async fn fetch_txt(domain: &Domain, server: SocketAddr) -> Result<Vec<String
         },
         Ok(_) => {
             debug!(%server, %name, "truncated over UDP, asking over TCP");
-            strings_of(&query_tcp(server, qname.clone()).await?, &qname, server)
+            // UDP reached the server: a TCP failure now is most likely a firewall's.
+            let r =
+                query_tcp(server, qname.clone())
+                    .await
+                    .map_err(|e| BootstrapError::TcpNeeded {
+                        server,
+                        tcp: Box::new(e),
+                    })?;
+            strings_of(&r, &qname, server).map(|s| (s, false))
         }
         // Some networks drop UDP to port 53 but let TCP through: one more chance before failing.
         Err(udp_err) => match query_tcp(server, qname.clone()).await {
-            Ok(r) => strings_of(&r, &qname, server),
+            Ok(r) => strings_of(&r, &qname, server).map(|s| (s, false)),
             Err(tcp_err) => Err(BootstrapError::Both {
                 udp: Box::new(udp_err),
                 tcp: Box::new(tcp_err),
@@ -198,7 +252,7 @@ async fn query_tcp(server: SocketAddr, qname: Name) -> Result<DnsResponse, Boots
     let (conn, handle) =
         TcpClientStream::new(server, None, Some(TCP_TIMEOUT), TokioRuntimeProvider::new());
     let fut = async {
-        let (mut client, bg) = Client::new(conn, handle, None)
+        let (mut client, bg) = Client::with_timeout(conn, handle, TCP_ANSWER_TIMEOUT, None)
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         let bg = tokio::spawn(bg);
@@ -209,7 +263,12 @@ async fn query_tcp(server: SocketAddr, qname: Name) -> Result<DnsResponse, Boots
         bg.abort();
         r
     };
-    tokio::time::timeout(TCP_TIMEOUT, fut)
+    tokio::time::timeout(TCP_TIMEOUT + TCP_ANSWER_TIMEOUT, fut)
         .await
-        .map_err(|_| unreachable(format!("no answer within {TCP_TIMEOUT:?}")))?
+        .map_err(|_| {
+            unreachable(format!(
+                "no whole answer within {:?} (a slow link?)",
+                TCP_TIMEOUT + TCP_ANSWER_TIMEOUT
+            ))
+        })?
 }

@@ -66,7 +66,7 @@ pub enum Blame {
 /// Fetching the zone config over DNS failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
-    #[error("DNS server {server} did not answer for {name} over {proto}: {why}")]
+    #[error("DNS server {server} did not answer for {name} over {proto}: {why} (is it the gateway's `dns` address and port, and open to this machine through any firewall?)")]
     Unreachable {
         server: SocketAddr,
         name: String,
@@ -78,6 +78,13 @@ pub enum BootstrapError {
     #[error("{udp}; then over TCP: {tcp}")]
     Both {
         udp: Box<BootstrapError>,
+        tcp: Box<BootstrapError>,
+    },
+    /// UDP answered, truncated (the config is larger than a UDP answer may be), and TCP,
+    /// which it then needs, failed: most likely a firewall letting UDP through only.
+    #[error("{tcp}; the server answered over UDP, but the zone config needs DNS over TCP: allow TCP port {} to {} as UDP is", .server.port(), .server.ip())]
+    TcpNeeded {
+        server: SocketAddr,
         tcp: Box<BootstrapError>,
     },
     #[error("DNS server {server} answered {rcode} for {name}: {hint}")]
@@ -139,6 +146,7 @@ impl BootstrapError {
     pub fn blame(&self) -> Blame {
         match self {
             BootstrapError::Unreachable { .. } => Blame::Network,
+            BootstrapError::TcpNeeded { tcp, .. } => tcp.blame(),
             // TCP's failure is the last word: UDP may be filtered where TCP got an answer.
             BootstrapError::Both { tcp, .. } => tcp.blame(),
             BootstrapError::Rcode { .. }

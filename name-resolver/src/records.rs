@@ -237,6 +237,9 @@ impl ZoneRecords {
 
         let txt_name = child(TXT_LABEL)?;
         if txt.is_empty() {
+            // The name stays, with nothing at it (NODATA for every type): left out, the
+            // wildcard answered `_zonegate`'s A/AAAA queries and names below it.
+            nodes.insert(LowerName::new(&txt_name), Vec::new());
             return Ok(Self::assemble(origin, wildcard, c.serial, soa, nodes));
         }
         let txt_len: usize = txt.iter().map(|s| s.len() + 1).sum();
@@ -743,9 +746,19 @@ mod tests {
     fn a_zone_without_its_txt_keeps_its_addresses() {
         let (_, z) = zone();
         let r = ZoneRecords::without_txt(&z).unwrap();
+        // The name is there, with nothing at it: not the wildcard's.
+        for t in [RecordType::TXT, RecordType::A, RecordType::AAAA] {
+            assert!(
+                matches!(
+                    r.lookup(&lname("_zonegate.alice.example."), t),
+                    Lookup::NoData
+                ),
+                "{t}"
+            );
+        }
         assert!(matches!(
-            r.lookup(&lname("_zonegate.alice.example."), RecordType::TXT),
-            Lookup::NoData
+            r.lookup(&lname("x._zonegate.alice.example."), RecordType::A),
+            Lookup::NxDomain
         ));
         assert_eq!(r.serial(), z.config.serial);
         assert_eq!(

@@ -152,6 +152,49 @@ async fn an_error_answered_over_udp_is_asked_again_over_tcp() {
     serving.await.unwrap().unwrap();
 }
 
+/// A UDP answer holding TXT strings that are no valid config (cut by a middlebox without the
+/// TC bit, a captive portal's, forged on the path) is asked again over TCP, which the real
+/// server answers: the node bootstraps. Before, only error and empty UDP answers were.
+#[tokio::test]
+async fn a_refused_config_answered_over_udp_is_asked_again_over_tcp() {
+    use hickory_proto::op::{Message, MessageType};
+    use hickory_proto::rr::{rdata::TXT, RData, Record};
+    let (key, zone) = testzone::zone();
+    // UDP port P answers a TXT of junk to everything; the real server has TCP port P.
+    let (fake, server) = loop {
+        let fake = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let port = fake.local_addr().unwrap().port();
+        let tcp = format!("127.0.0.1:{port}").parse().unwrap();
+        if let Ok(server) = DnsServer::bind("127.0.0.1:0".parse().unwrap(), tcp).await {
+            break (fake, server);
+        }
+    };
+    let addr = server.tcp_addr();
+    let forging = tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        let (n, from) = fake.recv_from(&mut buf).await.unwrap();
+        let query = Message::from_vec(&buf[..n]).unwrap();
+        let mut answer = query.clone();
+        answer.set_message_type(MessageType::Response);
+        let name = query.queries()[0].name().clone();
+        answer.add_answer(Record::from_rdata(
+            name,
+            60,
+            RData::TXT(TXT::new(vec!["zg1 not a config".into()])),
+        ));
+        fake.send_to(&answer.to_vec().unwrap(), from).await.unwrap();
+    });
+    let stop = tokio_util::sync::CancellationToken::new();
+    let serving = tokio::spawn(server.run(move || std::sync::Arc::new(zone.clone()), stop.clone()));
+    let got = fetch_zone(&domain(), addr, &key.verifying_key(), None)
+        .await
+        .expect("TCP's answer was not asked for");
+    assert_eq!(got.config.domain, domain());
+    forging.await.expect("UDP was not asked first");
+    stop.cancel();
+    serving.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn unreachable_server_is_a_network_error() {
     // A port nobody answers on, kept reserved (a released one could be taken by another
