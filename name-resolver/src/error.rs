@@ -66,7 +66,7 @@ pub enum Blame {
 /// Fetching the zone config over DNS failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
-    #[error("DNS server {server} did not answer for {name} over {proto}: {why} (is it the gateway's `dns` address and port, and open to this machine through any firewall?)")]
+    #[error("DNS server {server} did not answer for {name} over {proto}: {why}{}", if *.proto == "-" { "" } else { " (is it the gateway's `dns` address and port, and open to this machine through any firewall?)" })]
     Unreachable {
         server: SocketAddr,
         name: String,
@@ -148,6 +148,9 @@ impl BootstrapError {
             BootstrapError::Unreachable { .. } => Blame::Network,
             BootstrapError::TcpNeeded { tcp, .. } => tcp.blame(),
             // TCP's failure is the last word: UDP may be filtered where TCP got an answer.
+            // Unless UDP brought an answer that was refused: TCP's failure to bring one does
+            // not make that the network's fault.
+            BootstrapError::Both { udp, .. } if udp.blame() == Blame::Answer => Blame::Answer,
             BootstrapError::Both { tcp, .. } => tcp.blame(),
             BootstrapError::Rcode { .. }
             | BootstrapError::NoRecord { .. }

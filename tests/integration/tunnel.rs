@@ -1900,6 +1900,64 @@ async fn a_reset_reaches_a_service_that_stopped_reading() {
     gw.shutdown.cancel();
 }
 
+/// A download whose whole answer (and its end) reached the gateway while its client paused
+/// past the stall time is held, looked at by the sweep each tick for a reset, and then
+/// delivered whole when the client reads again: the look takes nothing from the stream, and
+/// one held stream is within the budget (nothing is cut).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_download_whose_end_arrived_is_delivered_whole() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const LEN: usize = 4 << 20;
+    let z = TestZone::new(&["home1"]);
+    let port = free_tcp_port();
+    z.write_policy(
+        "a.toml",
+        &tcp_app("once", port).replace("home1/echo", "home1/once"),
+    );
+    // Answers LEN bytes to whoever connects, then closes.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let once = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = c.write_all(&vec![7u8; LEN]).await;
+                let _ = c.shutdown().await;
+            });
+        }
+    });
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("once", once, ServiceProto::Tcp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    let mut c = s.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+    // Past the stall time (1 s) and some sweep ticks, reading nothing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, c.read_to_end(&mut got))
+        .await
+        .expect("the download ends")
+        .expect("the download ends cleanly");
+    assert_eq!(got.len(), LEN);
+    assert_eq!(
+        gw.hub
+            .status()
+            .iter()
+            .find(|a| a.device == "home1")
+            .map(|a| a.streams_cut),
+        Some(0)
+    );
+    gw.shutdown.cancel();
+    h1.shutdown.cancel();
+}
+
 /// A local service that stops reading uploads must not stall the device's other streams:
 /// what the agent cannot pass on stays unread in its QUIC receive buffers, counted against the
 /// window the gateway's connection shares with every other stream to the device — enough such

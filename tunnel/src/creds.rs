@@ -623,9 +623,10 @@ fn save_if_newer(
     let _saving = saving.lock().unwrap_or_else(|p| p.into_inner());
     // The owner may have copied a newer zone.json into the bundle that this process has not
     // read yet (the gateway polls it), or another offer saved a newer one a moment ago: never
-    // overwrite it with an older one. Only one that would be adopted counts: a refused copy
-    // with a higher serial (another zone's, a forged one) is being set aside, and deferring to
-    // it left the adopted config unsaved.
+    // overwrite it with an older one. Only one that verifies as this zone's counts: a copy
+    // with a higher serial that does not (another zone's, a forged one) is being set aside,
+    // and deferring to it left the adopted config unsaved. (One that verifies but drops a
+    // revocation is deferred to; the bundle poll sets it aside and writes the config in use.)
     let on_disk = std::fs::read(path)
         .ok()
         .and_then(|b| SignedZone::from_json(&b).ok())

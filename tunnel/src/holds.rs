@@ -246,14 +246,19 @@ impl Watched {
         let Some(r) = recv.as_mut() else {
             return false;
         };
-        // Looked at without a waker: quinn keeps one waker per stream for its reader and a
-        // reset check, and this one replaces the reader's. None is there now: the reader's
-        // last read returned data (it is held), and a waker goes once woken.
-        let code = match pin!(r.received_reset()).poll(&mut Context::from_waker(Waker::noop())) {
-            Poll::Ready(Ok(Some(code))) => code,
-            _ => return false,
+        // A read of no bytes, without a waker: it takes nothing (quinn hands back an empty
+        // chunk while data waits) and fails if the stream was reset (a reset drops the data
+        // buffered). Not `received_reset`: with all the stream's data and its end already
+        // received it leaves its waker with quinn for good, as no later event of the stream
+        // takes it (and quinn's debug builds assert on that when the stream is dropped). A
+        // read leaves one only when more is to come, whose arrival takes it; it replaces no
+        // reader's, as the reader's last read returned data (it is held).
+        let read = pin!(r.read_chunk(0, true)).poll(&mut Context::from_waker(Waker::noop()));
+        let Poll::Ready(Err(quinn::ReadError::Reset(code))) = read else {
+            return false;
         };
-        // quinn freed the stream's state with the reset; the reader is told at its next poll.
+        // quinn freed the stream's state with the reset; the reader is told at its next poll
+        // (the cut), and the splice at once.
         recv.take();
         self.since.store(0, Ordering::Relaxed);
         self.reset.store(true, Ordering::Relaxed);

@@ -1284,12 +1284,14 @@ impl Hub {
     /// of devices it revokes. The new serial when adopted.
     fn adopt_zone_from(&self, bytes: &[u8], from: &str) -> Result<Option<u64>, TunnelError> {
         let creds = &self.0.cfg.creds;
+        let was_revoked = creds.is_revoked(creds.name());
         match creds.offer_zone(bytes)? {
             Some(serial) => {
                 info!(serial, from = %from, "adopted newer zone config");
                 // Its agents leave it and new ones are refused from now on; a restart refuses
-                // to start. Said once, with what to do, instead of only refusals.
-                if creds.is_revoked(creds.name()) {
+                // to start. Said once (by the config that revokes it), with what to do, instead
+                // of only refusals.
+                if !was_revoked && creds.is_revoked(creds.name()) {
                     error!(serial, from = %from, device = %creds.name(), "the adopted zone config revokes this gateway: agents leave it and a restart refuses to start; to keep a gateway here, add it under a new name on the machine holding the zone key (`zonegate device add NEWNAME --role gateway --public-addr IP:PORT`) and install that bundle");
                 }
                 // Pairs with a device this config no longer lists, or revokes, go from the

@@ -29,7 +29,7 @@ pub enum ZoneError {
     Cert(String),
     #[error("zone config: {0}")]
     Config(String),
-    #[error("zone config signature does not verify: the file was changed after signing or was signed by another zone key (copy the zone directory's zone.json again)")]
+    #[error("zone config signature does not verify: the file was changed after signing or was signed by another zone key (a copied file: copy the zone directory's zone.json again)")]
     BadSignature,
     #[error("zone config is for zone key {found}, but the pinned zone CA has key {expected}: this is another zone's config")]
     ForeignZone { expected: String, found: String },
