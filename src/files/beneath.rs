@@ -57,6 +57,14 @@ const READ: OFlags = OFlags::RDONLY
 /// Set once `openat2` turned out to be missing: later opens go straight to the fallback.
 static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
 
+/// `probe` (an `O_PATH` handle) opened again for reading ([`READ`]), through
+/// `/proc/self/fd`: the same inode, whatever its path names now.
+fn reopen(probe: &File) -> io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let link = format!("/proc/self/fd/{}", probe.as_raw_fd());
+    Ok(rustix::fs::open(link.as_str(), READ, Mode::empty())?)
+}
+
 impl Root {
     /// Opens `dir` as the root. Fails if it is not a directory that can be opened.
     pub fn open(dir: &Path) -> io::Result<Root> {
@@ -98,7 +106,14 @@ impl Root {
                 path: real,
             });
         }
-        let file = File::from(self.open_relative(rel, READ).map_err(Refused::Unreadable)?);
+        // The inode just looked at, reopened for reading through its handle's /proc link:
+        // nothing renamed into place meanwhile (a FIFO, a device node) is opened, which opening
+        // by path again could do (refused after, once its open had acted). Without /proc, by
+        // path, and what was opened is compared below.
+        let file = match reopen(&probe) {
+            Ok(fd) => File::from(fd),
+            Err(_) => File::from(self.open_relative(rel, READ).map_err(Refused::Unreadable)?),
+        };
         let meta = file.metadata().map_err(Refused::Unreadable)?;
         // Something else renamed into place between the two opens: refused, not served.
         if (meta.dev(), meta.ino()) != (seen.dev(), seen.ino()) {
