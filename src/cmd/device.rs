@@ -83,6 +83,7 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             roles.sort();
             roles.dedup();
             let mut z = ZoneDir::open(&zone.zone)?;
+            z.clock_not_behind(now)?;
             let out = bundle_dir(&zone.zone, out, &name);
             // Another device's bundle is never written over (its key, its config). (A name the
             // zone has already is refused as such below.)
@@ -161,6 +162,7 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
         }
         DeviceCmd::Revoke { name, zone, force } => {
             let mut z = ZoneDir::open(&zone.zone)?;
+            z.clock_not_behind(now)?;
             let gateways = &z.zone.config.gateways;
             let was_gateway = gateways.iter().any(|g| g.device == name);
             let last_gateway = was_gateway && gateways.len() == 1;
@@ -214,6 +216,7 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             public_addrs,
         } => {
             let mut z = ZoneDir::open(&zone.zone)?;
+            z.clock_not_behind(now)?;
             z.move_gateway(&name, &public_addrs, now)?;
             let addrs: Vec<String> = public_addrs.iter().map(|a| a.to_string()).collect();
             say!(
@@ -239,6 +242,7 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
         } => {
             check_days(days)?;
             let mut z = ZoneDir::open(&zone.zone)?;
+            z.clock_not_behind(now)?;
             let out = bundle_dir(&zone.zone, out, &name);
             check_out(&out, &name, &z)?;
             // A device.key there must be this device's (the same key, derived again): one of

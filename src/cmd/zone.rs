@@ -45,7 +45,9 @@ pub fn run(cmd: ZoneCmd) -> anyhow::Result<()> {
         ZoneCmd::Resign { zone, valid_days } => {
             check_days(valid_days)?;
             let mut z = ZoneDir::open(&zone.zone)?;
-            z.resign(OffsetDateTime::now_utc(), valid_days)?;
+            let now = OffsetDateTime::now_utc();
+            z.clock_not_behind(now)?;
+            z.resign(now, valid_days)?;
             say!(
                 "re-signed zone.json: serial {}, expires {} ({valid_days} days; later changes to the zone sign for as long, until the next resign)",
                 z.zone.config.serial,

@@ -441,6 +441,26 @@ impl ZoneDir {
         Ok(())
     }
 
+    /// Refuses `now` more than a day before the zone's last change: this machine's clock is
+    /// behind (a Raspberry Pi without a clock before NTP answers, a dead CMOS battery), and a
+    /// config signed now would have expired already (its revocation refused by every device)
+    /// and a certificate issued now would too. A day of slack: clocks of two machines used
+    /// for the zone may differ a little. For the commands that sign with the machine's clock
+    /// (the methods take the time they are given: tests make configs of other times).
+    pub fn clock_not_behind(&self, now: OffsetDateTime) -> Result<(), ZoneError> {
+        let last = self.zone.config.issued_at;
+        if now + time::Duration::days(1) < last {
+            return Err(ZoneError::Usage(format!(
+                "this machine's clock reads {}, more than a day before the zone's last change ({}): what is signed now would be out of date on arrival; set the clock right (NTP) and run this again (nothing was changed)",
+                now.format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+                last.format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+            )));
+        }
+        Ok(())
+    }
+
     /// Re-signs the config with a new validity period (new serial: [`next_serial`]).
     pub fn resign(&mut self, now: OffsetDateTime, valid_days: i64) -> Result<(), ZoneError> {
         // The period goes to the commit, not into the config held: a refused commit (a race,
@@ -815,6 +835,21 @@ fn check_dialable(addrs: &[SocketAddr]) -> Result<(), ZoneError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A clock more than a day behind the zone's last change is refused: what it signed would
+    /// be expired on arrival. A clock just a little behind (another machine's) is fine.
+    #[test]
+    fn a_clock_far_behind_the_zones_last_change_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("z");
+        let now = OffsetDateTime::now_utc();
+        let z = ZoneDir::init(&d, Domain::new("alice.example").unwrap(), now).unwrap();
+        let e = z
+            .clock_not_behind(now - time::Duration::days(400))
+            .unwrap_err();
+        assert!(e.to_string().contains("set the clock right"), "{e}");
+        z.clock_not_behind(now - time::Duration::hours(2)).unwrap();
+    }
 
     /// An existing directory others may write is refused before anything is written into
     /// it: they could delete or replace the zone key. One only its owner writes is used.
