@@ -344,6 +344,24 @@ fn prepare_out(out: &std::path::Path) -> Result<bool, UsageError> {
         )));
     }
     let created = !out.exists();
+    // One that anybody may write, or another user's: they could swap the bundle's files (its
+    // zone.json, its CA) between this write and its install, and the device would join their
+    // zone. (Group-writable is left alone: with a user's own group, the usual umask 002.)
+    if !created {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = std::fs::metadata(out)
+            .map_err(|e| UsageError(format!("--out {}: {e}", out.display())))?;
+        let mode = meta.permissions().mode();
+        let me = rustix::process::geteuid();
+        let theirs = !me.is_root() && meta.uid() != me.as_raw();
+        if mode & 0o002 != 0 || theirs {
+            return Err(UsageError(format!(
+                "--out {}: {} and could replace the bundle's files before it is installed; give a directory of your own that only you may write (`chmod 700`), or a new one",
+                out.display(),
+                if theirs { "another user owns this directory".to_owned() } else { format!("anybody may write this directory (mode {:o})", mode & 0o777) },
+            )));
+        }
+    }
     let mut dirs = std::fs::DirBuilder::new();
     std::os::unix::fs::DirBuilderExt::mode(
         dirs.recursive(true),

@@ -1715,3 +1715,35 @@ fn missing_and_utf16_config_files_are_usage_errors_that_say_what_to_do() {
     let e = fails(2, ["gateway", "--config", gw.to_str().unwrap()]);
     assert!(e.contains("not UTF-8 text: save it as UTF-8"), "{e}");
 }
+
+/// A bundle is not written into an existing directory anybody may write (made in /tmp by
+/// someone else, say): they could replace its files before it is installed, and the device
+/// would join their zone. Nothing is added to the zone.
+#[test]
+fn a_bundle_is_not_written_where_anybody_may_write() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().unwrap();
+    let z = zone_with_devices(t.path());
+    let zs = z.to_str().unwrap();
+    let open = t.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let before = std::fs::read(z.join("zone.json")).unwrap();
+    let e = fails(
+        2,
+        [
+            "device",
+            "add",
+            "tv",
+            "--zone",
+            zs,
+            "--role",
+            "node",
+            "--out",
+            open.to_str().unwrap(),
+        ],
+    );
+    assert!(e.contains("anybody may write this directory"), "{e}");
+    assert_eq!(std::fs::read(z.join("zone.json")).unwrap(), before);
+    assert_eq!(std::fs::read_dir(&open).unwrap().count(), 0);
+}

@@ -227,7 +227,7 @@ fn check_not_shared(dir: &Path) -> Result<(), ZoneError> {
             path: dir.to_owned(),
             what: "zone directory",
             why: format!(
-                "others may write it (mode {:o}) and so delete or replace the zone key; run `chmod 700 {}` and init again",
+                "others may write it (mode {:o}) and so delete or replace the zone key; run `chmod 700 {}` and run this again",
                 mode & 0o777,
                 dir.display()
             ),
@@ -336,7 +336,8 @@ impl ZoneDir {
                     "zone-ca.crt and zone.json",
                 ))
             }
-            (true, true, true) => {}
+            // Made private at init; loosened since, others could swap in a zone of theirs.
+            (true, true, true) => check_not_shared(dir)?,
             (true, ca, _) => {
                 return Err(ZoneError::IncompleteZone {
                     dir: dir.to_owned(),
