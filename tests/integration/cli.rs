@@ -264,6 +264,17 @@ fn openssl_verifies_own_zone_only() {
     let crt = z1.join("devices/home1/device.crt");
     assert!(verify(&z1.join("zone-ca.crt"), &crt));
     assert!(!verify(&z2.join("zone-ca.crt"), &crt));
+    // The zone CA vouches for names under its domain only (its devices are, above).
+    let ca = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(z1.join("zone-ca.crt"))
+        .output()
+        .unwrap();
+    let ca = String::from_utf8_lossy(&ca.stdout);
+    assert!(
+        ca.contains("X509v3 Name Constraints") && ca.contains("DNS:alice.example"),
+        "{ca}"
+    );
 }
 
 #[test]

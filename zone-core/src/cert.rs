@@ -49,6 +49,13 @@ pub fn make_ca(zone: &ZoneKey, domain: &Domain, now: OffsetDateTime) -> Result<S
     p.not_before = now - time::Duration::hours(1);
     p.not_after = now + time::Duration::days(CA_CERT_DAYS);
     p.serial_number = Some(random_serial());
+    // Names under the zone's domain only: a zone CA that reached a trust store it was not
+    // meant for (a browser's, a system's) vouches for nothing else. Device certificates name
+    // DEVICE.DOMAIN.
+    p.name_constraints = Some(rcgen::NameConstraints {
+        permitted_subtrees: vec![rcgen::GeneralSubtree::DnsName(domain.as_str().to_owned())],
+        excluded_subtrees: Vec::new(),
+    });
     let cert = p.self_signed(&zone.rcgen_pair()?).map_err(cert_err)?;
     Ok(cert.pem())
 }
