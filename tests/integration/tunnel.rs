@@ -491,6 +491,27 @@ fn tcp_app(name: &str, port: u16) -> String {
     tcp_app_on(name, &format!("127.0.0.1:{port}"))
 }
 
+/// A gateway on `z`'s policy and home1 connected to it, offering one service `name` at
+/// `addr` (fast timings).
+async fn gateway_and_home1_offering(
+    z: &TestZone,
+    name: &str,
+    addr: std::net::SocketAddr,
+    proto: ServiceProto,
+) -> (RunningGateway, RunningAgent) {
+    let gw = start_gateway(z, fast_tuning(), Duration::from_millis(500)).await;
+    let h1 = start_agent(
+        z,
+        "home1",
+        services(&[(name, addr, proto)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    (gw, h1)
+}
+
 /// A gateway on `z`'s policy and home1 connected to it, offering its echo service.
 async fn echo_gateway(z: &TestZone) -> (RunningGateway, RunningAgent) {
     let gw = start_gateway(z, fast_tuning(), Duration::from_millis(500)).await;
@@ -887,16 +908,7 @@ async fn udp_flows_end_when_the_policy_stops_allowing_them() {
     };
     z.write_policy("u.toml", &app("public"));
     let echo = udp_echo().await;
-    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
-    let _h1 = start_agent(
-        &z,
-        "home1",
-        services(&[("uecho", echo, ServiceProto::Udp)]),
-        vec![],
-        fast_tuning(),
-    )
-    .await;
-    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let (gw, _h1) = gateway_and_home1_offering(&z, "uecho", echo, ServiceProto::Udp).await;
     let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     client.connect(("127.0.0.1", port)).await.unwrap();
     let mut buf = [0u8; 64];
@@ -1413,16 +1425,7 @@ async fn a_restarting_udp_service_keeps_its_flows() {
         })
     };
     let first = echo(service);
-    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
-    let _h1 = start_agent(
-        &z,
-        "home1",
-        services(&[("uecho", service_addr, ServiceProto::Udp)]),
-        vec![],
-        fast_tuning(),
-    )
-    .await;
-    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let (gw, _h1) = gateway_and_home1_offering(&z, "uecho", service_addr, ServiceProto::Udp).await;
     let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     client.connect(gw.apps["uecho"]).await.unwrap();
     let mut buf = [0u8; 64];
@@ -1847,16 +1850,7 @@ async fn a_reset_reaches_a_service_that_stopped_reading() {
             reset.store(true, Ordering::Relaxed);
         }
     });
-    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
-    let _h1 = start_agent(
-        &z,
-        "home1",
-        services(&[("mute", mute, ServiceProto::Tcp)]),
-        vec![],
-        fast_tuning(),
-    )
-    .await;
-    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let (gw, _h1) = gateway_and_home1_offering(&z, "mute", mute, ServiceProto::Tcp).await;
 
     let stop = tokio_util::sync::CancellationToken::new();
     let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -1925,16 +1919,7 @@ async fn a_held_download_whose_end_arrived_is_delivered_whole() {
             });
         }
     });
-    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
-    let h1 = start_agent(
-        &z,
-        "home1",
-        services(&[("once", once, ServiceProto::Tcp)]),
-        vec![],
-        fast_tuning(),
-    )
-    .await;
-    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let (gw, h1) = gateway_and_home1_offering(&z, "once", once, ServiceProto::Tcp).await;
     let s = tokio::net::TcpSocket::new_v4().unwrap();
     s.set_recv_buffer_size(4096).unwrap();
     let mut c = s.connect(([127, 0, 0, 1], port).into()).await.unwrap();
@@ -2653,16 +2638,7 @@ async fn the_gateways_public_sockets_on_any_take_ipv4_and_ipv6() {
 async fn the_first_datagram_of_every_new_flow_arrives() {
     let z = TestZone::new(&["home1"]);
     let uecho = udp_echo().await;
-    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
-    let _h1 = start_agent(
-        &z,
-        "home1",
-        services(&[("uecho", uecho, ServiceProto::Udp)]),
-        vec![],
-        fast_tuning(),
-    )
-    .await;
-    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let (gw, _h1) = gateway_and_home1_offering(&z, "uecho", uecho, ServiceProto::Udp).await;
     let mut lost = 0;
     for i in 0..100u16 {
         let origin = tunnel::proto::Origin::Public(([192, 0, 2, 7], 5000 + i).into());
