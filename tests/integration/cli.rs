@@ -624,20 +624,7 @@ fn renewing_a_device_keeps_its_edited_config() {
     assert_eq!(serial(&z), before);
     // Another device's bundle is never written over.
     let home1 = z.join("devices/home1");
-    let e = fails(
-        2,
-        [
-            "device",
-            "add",
-            "tv",
-            "--zone",
-            zs,
-            "--role",
-            "node",
-            "--out",
-            home1.to_str().unwrap(),
-        ],
-    );
+    let e = tv_refused_into(zs, &home1);
     assert!(e.contains("holds a device's bundle already"), "{e}");
     assert_eq!(serial(&z), before);
 }
@@ -1740,21 +1727,17 @@ fn a_bundle_is_not_written_where_anybody_may_write() {
     std::fs::create_dir(&open).unwrap();
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
     let before = std::fs::read(z.join("zone.json")).unwrap();
-    let e = fails(
-        2,
-        [
-            "device",
-            "add",
-            "tv",
-            "--zone",
-            zs,
-            "--role",
-            "node",
-            "--out",
-            open.to_str().unwrap(),
-        ],
-    );
+    let e = tv_refused_into(zs, &open);
     assert!(e.contains("anybody may write this directory"), "{e}");
     assert_eq!(std::fs::read(z.join("zone.json")).unwrap(), before);
     assert_eq!(std::fs::read_dir(&open).unwrap().count(), 0);
+}
+
+/// `device add tv --role node` into `out`, refused as a usage error: its message.
+#[track_caller]
+fn tv_refused_into(zone: &str, out: &std::path::Path) -> String {
+    let add = [
+        "device", "add", "tv", "--zone", zone, "--role", "node", "--out",
+    ];
+    fails(2, add.iter().copied().chain([out.to_str().unwrap()]))
 }

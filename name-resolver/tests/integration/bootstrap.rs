@@ -117,14 +117,7 @@ async fn wrong_domain_and_wrong_server_are_refused() {
 async fn an_error_answered_over_udp_is_asked_again_over_tcp() {
     let (key, zone) = testzone::zone();
     // UDP port P answers REFUSED to everything; the real server has TCP port P.
-    let (fake, server) = loop {
-        let fake = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let port = fake.local_addr().unwrap().port();
-        let tcp = format!("127.0.0.1:{port}").parse().unwrap();
-        if let Ok(server) = DnsServer::bind("127.0.0.1:0".parse().unwrap(), tcp).await {
-            break (fake, server);
-        }
-    };
+    let (fake, server) = udp_impostor_and_tcp_server().await;
     let addr = server.tcp_addr();
     let refusing = tokio::spawn(async move {
         let mut buf = [0u8; 1500];
@@ -161,14 +154,7 @@ async fn a_refused_config_answered_over_udp_is_asked_again_over_tcp() {
     use hickory_proto::rr::{rdata::TXT, RData, Record};
     let (key, zone) = testzone::zone();
     // UDP port P answers a TXT of junk to everything; the real server has TCP port P.
-    let (fake, server) = loop {
-        let fake = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let port = fake.local_addr().unwrap().port();
-        let tcp = format!("127.0.0.1:{port}").parse().unwrap();
-        if let Ok(server) = DnsServer::bind("127.0.0.1:0".parse().unwrap(), tcp).await {
-            break (fake, server);
-        }
-    };
+    let (fake, server) = udp_impostor_and_tcp_server().await;
     let addr = server.tcp_addr();
     let forging = tokio::spawn(async move {
         let mut buf = [0u8; 1500];
@@ -193,6 +179,19 @@ async fn a_refused_config_answered_over_udp_is_asked_again_over_tcp() {
     forging.await.expect("UDP was not asked first");
     stop.cancel();
     serving.await.unwrap().unwrap();
+}
+
+/// A UDP socket on some port P that the test answers from (an impostor), and the real server
+/// with its TCP on port P (its UDP elsewhere).
+async fn udp_impostor_and_tcp_server() -> (tokio::net::UdpSocket, DnsServer) {
+    loop {
+        let fake = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let port = fake.local_addr().unwrap().port();
+        let tcp = format!("127.0.0.1:{port}").parse().unwrap();
+        if let Ok(server) = DnsServer::bind("127.0.0.1:0".parse().unwrap(), tcp).await {
+            return (fake, server);
+        }
+    }
 }
 
 #[tokio::test]
