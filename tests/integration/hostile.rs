@@ -1242,6 +1242,50 @@ async fn a_revocation_reaches_every_gateway_through_the_agents() {
     gw2.shutdown.cancel();
 }
 
+/// A gateway whose zone config was signed from a zone directory restored from an older
+/// backup (a newer serial, without the revocation of the laptop made since) learns the
+/// revocation from an agent's older config in its hello: revocations are for good. The
+/// laptop, let in until then, is cut off and stays out; before, it was served for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_signed_from_a_restored_backup_learns_revocations_from_its_agents() {
+    let z = TestZone::new(&["home1", "laptop"]);
+    let backup = zone_core::zonedir::read_zone_json(&z.zone_dir().join("zone.json")).unwrap();
+    let revoking = z.revoke("laptop");
+    // What a `device add` in the restored directory signs: the backup's config, newer.
+    let zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
+    let mut restored = backup.config.clone();
+    restored.serial = zd.zone.config.serial + 10;
+    let restored = restored.sign(&zd.key).unwrap();
+    std::fs::write(z.bundle("gw").zone_config, restored.to_json_pretty()).unwrap();
+    std::fs::write(z.bundle("home1").zone_config, &revoking).unwrap();
+    let t = steady_tuning();
+    let gw = start_gateway(&z, t, Duration::from_millis(500)).await;
+    let laptop = start_agent(&z, "laptop", services(&[]), vec![], t).await;
+    wait_until("the laptop let in", WAIT, || {
+        gw.hub.agent("laptop").is_some()
+    })
+    .await;
+
+    let _h1 = start_agent(&z, "home1", services(&[]), vec![], t).await;
+    wait_until("the laptop cut off", WAIT, || {
+        gw.hub.agent("laptop").is_none()
+    })
+    .await;
+    let laptop_name = zone_core::DeviceName::new("laptop").unwrap();
+    assert!(gw.hub.creds().trust.is_revoked(&laptop_name));
+    // And it stays out (its agent keeps dialing).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(gw.hub.agent("laptop").is_none());
+    // Recorded beside the gateway's zone.json, so a restart keeps it.
+    let seen = zone_core::seen_revocations::path_beside(&z.bundle("gw").zone_config);
+    wait_until("the revocation recorded", WAIT, || {
+        std::fs::read_to_string(&seen).is_ok_and(|t| t.contains("laptop"))
+    })
+    .await;
+    laptop.shutdown.cancel();
+    gw.shutdown.cancel();
+}
+
 /// Two gateways; the owner revokes one (say its VPS was compromised) and copies the revoking
 /// zone.json into the other. Agents learn it from there and drop their connection to the
 /// revoked gateway at once (it could open streams to any of their services), and it cannot

@@ -349,6 +349,47 @@ impl DeviceCreds {
         Ok(Some(serial))
     }
 
+    /// An authentic zone config not newer than the one in use (an agent's, in its hello) may
+    /// still revoke devices the one in use does not: signed from a zone directory restored
+    /// from an older backup, that one lost them, and a gateway added from it let a revoked
+    /// device back in. Revocations are for good, so they are taken from it, and recorded
+    /// beside zone.json as adopted ones are. The names newly revoked; a config revoking
+    /// nothing new costs no signature check.
+    pub fn learn_revocations(&self, bytes: &[u8]) -> Result<Vec<DeviceName>, TunnelError> {
+        let offered = SignedZone::from_json(bytes)?;
+        let new: Vec<DeviceName> = offered
+            .config
+            .revoked
+            .iter()
+            .map(|r| r.device.clone())
+            .filter(|d| !self.trust.is_revoked(d))
+            .collect();
+        if new.is_empty() {
+            return Ok(new);
+        }
+        // Authentic, however old: checked as of its own signing (expiry is no matter for a
+        // revocation, which is for good).
+        offered.verify(&self.zone_key, offered.config.issued_at)?;
+        if offered.config.domain != self.identity.domain {
+            return Err(TunnelError::Config(
+                "offered zone.json is for another domain".into(),
+            ));
+        }
+        self.trust.add_revoked(new.iter().cloned());
+        if let Some(p) = &self.zone_path {
+            let (path, saving, trust) = (p.clone(), self.saving.clone(), self.trust.clone());
+            let record = move || {
+                let _saving = saving.lock().unwrap_or_else(|p| p.into_inner());
+                record_revocations(&seen_revocations::path_beside(&path), &trust);
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(self.saves.spawn_blocking_on(record, &rt)),
+                Err(_) => record(),
+            }
+        }
+        Ok(new)
+    }
+
     /// Waits, at most `within`, for adopted configs still being written back: a stop right
     /// after an adoption would otherwise lose it, and a restart go back to the older config
     /// (and its revocations) until a peer offered the newer one again.

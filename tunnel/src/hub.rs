@@ -901,13 +901,14 @@ impl Hub {
             )));
         }
         let creds = &self.0.cfg.creds;
-        // Every hello carries the agent's zone.json: parsed only when it says it is newer.
-        if let Some(z) = hello
-            .zone_config
-            .as_ref()
-            .filter(|_| hello.zone_serial > creds.zone_serial())
-        {
-            self.adopt_zone(z, &device);
+        // Every hello carries the agent's zone.json: parsed only when its serial differs
+        // (the same config otherwise): adopted when newer, its revocations taken when older.
+        if let Some(z) = hello.zone_config.as_ref() {
+            if hello.zone_serial > creds.zone_serial() {
+                self.adopt_zone(z, &device);
+            } else if hello.zone_serial < creds.zone_serial() {
+                self.learn_revocations(z, &device);
+            }
         }
         let ours = creds.zone();
         // A config too large for the message (only one loaded from a file at start can be:
@@ -1261,6 +1262,35 @@ impl Hub {
             // otherwise write a line per connection.
             if let Some(unlogged) = LogBudget::take_shared(&self.0.refused_lines) {
                 warn!(from = %from, error = %e, unlogged, "refused zone config offered by a device");
+            }
+        }
+    }
+
+    /// An older zone.json a device holds ([`DeviceCreds::learn_revocations`]): devices it
+    /// revokes that the config in use does not are revoked here too, their connections
+    /// closed, and the owner told what the zone directory lacks.
+    fn learn_revocations(&self, bytes: &[u8], from: &str) {
+        let creds = &self.0.cfg.creds;
+        match creds.learn_revocations(bytes) {
+            Ok(names) if names.is_empty() => {}
+            Ok(names) => {
+                let list = names
+                    .iter()
+                    .map(|n| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                error!(from = %from, revoked = %list, serial = creds.zone_serial(), "a device's older zone config revokes devices the config in use does not: the zone directory that signed the one in use lacks these revocations (restored from an older backup?). They are enforced here from now on; in the zone directory run `zonegate device revoke NAME --zone DIR --force` for each and copy the new zone.json into the gateways' bundles");
+                for a in self.agents() {
+                    if creds.is_revoked(&a.device) {
+                        warn!(device = %a.device, "device revoked by a device's zone config: disconnecting");
+                        a.conn.close(CLOSE_REVOKED.into(), b"device revoked");
+                    }
+                }
+            }
+            Err(e) => {
+                if let Some(unlogged) = LogBudget::take_shared(&self.0.refused_lines) {
+                    warn!(from = %from, error = %e, unlogged, "refused zone config offered by a device");
+                }
             }
         }
     }
