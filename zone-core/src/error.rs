@@ -61,7 +61,7 @@ pub enum ZoneError {
         have: &'static str,
         missing: &'static str,
     },
-    #[error("device {0:?} already exists in this zone (see `zonegate device list`; `renew` re-issues its certificate)")]
+    #[error("device {0:?} already exists in this zone (see `zonegate device list`; `renew` re-issues its certificate, and writes its bundle again where `--out` says: the way to finish an add whose bundle was never written)")]
     DeviceExists(String),
     #[error("device {0:?} is not in this zone (see `zonegate device list`)")]
     NoSuchDevice(String),

@@ -90,6 +90,39 @@ fn write_new_in_place(path: &Path, data: &[u8], mode: u32) -> Result<(), WriteNe
         .map_err(|e| WriteNewError::Zone(ZoneError::io(path, e)))
 }
 
+/// Removes the temp files of [`write_atomic`] and [`write_new`] in `dir` that a crash left
+/// (a minute old or more: none is being written): a device key's, a zone key's. Left, a copy
+/// of a bundle (`scp -r`) carried extra copies of its key along, and a zone key deleted on
+/// purpose survived as a dot file.
+fn remove_stale_temps(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let is_temp = |name: &str| {
+        let Some(rest) = name.strip_prefix('.') else {
+            return false;
+        };
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        // `.NAME.tmpPID.N` and `.NAME.newPID`.
+        if let Some((_, tail)) = rest.rsplit_once(".tmp") {
+            return tail
+                .split_once('.')
+                .is_some_and(|(p, n)| digits(p) && digits(n));
+        }
+        rest.rsplit_once(".new").is_some_and(|(_, p)| digits(p))
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|a| a.as_secs() >= 60));
+        if name.to_str().is_some_and(is_temp) && old && e.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Writes `data` to `path` atomically (temp file + fsync + rename + directory fsync) with Unix
 /// `mode`.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), ZoneError> {
@@ -337,7 +370,10 @@ impl ZoneDir {
                 ))
             }
             // Made private at init; loosened since, others could swap in a zone of theirs.
-            (true, true, true) => check_not_shared(dir)?,
+            (true, true, true) => {
+                check_not_shared(dir)?;
+                remove_stale_temps(dir);
+            }
             (true, ca, _) => {
                 return Err(ZoneError::IncompleteZone {
                     dir: dir.to_owned(),
@@ -676,6 +712,7 @@ impl ZoneDir {
         cert: &DeviceCert,
     ) -> Result<PathBuf, ZoneError> {
         make_dir(out, BUNDLE_DIR_MODE)?;
+        remove_stale_temps(out);
         let entry = self
             .zone
             .config
@@ -836,6 +873,34 @@ fn check_dialable(addrs: &[SocketAddr]) -> Result<(), ZoneError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Temp files a crash left (a key's copy among them) go once a minute old; others stay.
+    #[test]
+    fn stale_temp_files_are_removed_and_nothing_else() {
+        let t = tempfile::tempdir().unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(120);
+        let names = [
+            (".device.key.tmp123.0", true),
+            (".zone.key.new4567", true),
+            (".device.key.tmp123.x", false),
+            ("device.key", false),
+            (".hidden", false),
+            (".zone.json.tmp9.1", true),
+        ];
+        for (name, _) in names {
+            let f = fs::File::create(t.path().join(name)).unwrap();
+            f.set_modified(old).unwrap();
+        }
+        fs::write(t.path().join(".fresh.tmp1.2"), "").unwrap();
+        remove_stale_temps(t.path());
+        for (name, gone) in names {
+            assert_eq!(!t.path().join(name).exists(), gone, "{name}");
+        }
+        assert!(
+            t.path().join(".fresh.tmp1.2").exists(),
+            "one being written now"
+        );
+    }
 
     /// A clock more than a day behind the zone's last change is refused: what it signed would
     /// be expired on arrival. A clock just a little behind (another machine's) is fine.
