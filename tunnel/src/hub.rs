@@ -1266,6 +1266,21 @@ impl Hub {
         }
     }
 
+    /// Closes the connections of agents whose device is revoked now (`by` names what revoked
+    /// it, for the line); the others, still connected.
+    fn disconnect_revoked(&self, by: &str) -> Vec<Arc<AgentLink>> {
+        let creds = &self.0.cfg.creds;
+        let (revoked, others): (Vec<_>, Vec<_>) = self
+            .agents()
+            .into_iter()
+            .partition(|a| creds.is_revoked(&a.device));
+        for a in revoked {
+            warn!(device = %a.device, "device revoked by {by}: disconnecting");
+            a.conn.close(CLOSE_REVOKED.into(), b"device revoked");
+        }
+        others
+    }
+
     /// An older zone.json a device holds ([`DeviceCreds::learn_revocations`]): devices it
     /// revokes that the config in use does not are revoked here too, their connections
     /// closed, and the owner told what the zone directory lacks.
@@ -1280,12 +1295,7 @@ impl Hub {
                     .collect::<Vec<_>>()
                     .join(", ");
                 error!(from = %from, revoked = %list, serial = creds.zone_serial(), "a device's older zone config revokes devices the config in use does not: the zone directory that signed the one in use lacks these revocations (restored from an older backup?). They are enforced here from now on; in the zone directory run `zonegate device revoke NAME --zone DIR --force` for each and copy the new zone.json into the gateways' bundles");
-                for a in self.agents() {
-                    if creds.is_revoked(&a.device) {
-                        warn!(device = %a.device, "device revoked by a device's zone config: disconnecting");
-                        a.conn.close(CLOSE_REVOKED.into(), b"device revoked");
-                    }
-                }
+                self.disconnect_revoked("a device's zone config");
             }
             Err(e) => {
                 if let Some(unlogged) = LogBudget::take_shared(&self.0.refused_lines) {
@@ -1334,12 +1344,7 @@ impl Hub {
                         creds.noise_public_of(a).is_ok() && creds.noise_public_of(b).is_ok()
                     });
                 let json = creds.zone().to_json_compact();
-                for a in self.agents() {
-                    if creds.is_revoked(&a.device) {
-                        warn!(device = %a.device, "device revoked by the new zone config: disconnecting");
-                        a.conn.close(CLOSE_REVOKED.into(), b"device revoked");
-                        continue;
-                    }
+                for a in self.disconnect_revoked("the new zone config") {
                     a.ctl.send_config(serial, json.clone());
                 }
                 Ok(Some(serial))
