@@ -244,6 +244,15 @@ const START_READS: usize = 4;
 /// The wait between them.
 const START_SETTLE: Duration = Duration::from_millis(500);
 
+/// The last accepted policy's copy, compiled, as a start serves it.
+struct ServedCopy<'a> {
+    path: &'a Path,
+    sources: crate::Sources,
+    /// When it was saved, as told.
+    saved: String,
+    policy: CompiledPolicy,
+}
+
 impl PolicyStore {
     /// Loads `dir`; a bad policy is an error (nothing falls back).
     pub fn load(dir: &Path) -> Result<Self, Vec<PolicyError>> {
@@ -299,45 +308,92 @@ impl PolicyStore {
                 }
             }
         });
+        // The copy, compiled, when no refused edit is recorded: an emptied file is looked for
+        // against it below, once the directory compiled.
+        let mut last_accepted = None;
         if let Some((path, copy)) = copy {
-            if let Some((refused_at, errors)) = copy.refused_now {
-                match crate::check_sources(&copy.sources) {
-                    Ok(policy) => {
-                        let (saved, refused) = (
-                            crate::accepted::when(copy.saved_at),
-                            crate::accepted::when(refused_at),
-                        );
-                        for e in &errors {
-                            tracing::error!(error = %e, refused = %refused, "the policy directory holds an edit the gateway refused");
-                        }
-                        tracing::error!(dir = %dir.display(), copy = %path.display(), saved = %saved, apps = policy.apps().len(), "serving the last accepted policy until the refused edit is fixed");
-                        let note = format!(
-                            "the directory holds the edit refused at {refused}: serving the last accepted policy ({}, saved {saved}) until it is fixed",
-                            path.display()
-                        );
-                        let mut status = fresh_status();
-                        status.ok = false;
-                        status.errors = errors;
-                        status.errors.push(note.clone());
-                        // Read again by the watcher once it runs (under the gateway's own
-                        // check): a refusal that no longer applies (an address free again,
-                        // a newer zonegate) must not keep the old policy for good.
-                        let retry: Fingerprint = Err("serving the accepted copy".into());
-                        let store = Self::serving(dir, policy, status, retry, accepted.clone());
-                        store.set_serving_files(copy.sources);
-                        *store.copy_note.lock().unwrap_or_else(|e| e.into_inner()) = Some(note);
-                        return Ok(store);
+            match (crate::check_sources(&copy.sources), copy.refused_now) {
+                (Ok(policy), Some((refused_at, errors))) => {
+                    let (saved, refused) = (
+                        crate::accepted::when(copy.saved_at),
+                        crate::accepted::when(refused_at),
+                    );
+                    for e in &errors {
+                        tracing::error!(error = %e, refused = %refused, "the policy directory holds an edit the gateway refused");
                     }
-                    Err(more) => {
-                        tracing::warn!(copy = %path.display(), errors = more.len(), "the last accepted policy's copy does not compile: the directory is loaded as it is");
-                    }
+                    let note = format!(
+                        "the directory holds the edit refused at {refused}: serving the last accepted policy ({}, saved {saved}) until it is fixed",
+                        path.display()
+                    );
+                    let copy = ServedCopy {
+                        path,
+                        sources: copy.sources,
+                        saved,
+                        policy,
+                    };
+                    return Ok(Self::serving_copy(dir, copy, errors, note, accepted.clone()));
                 }
+                (Ok(policy), None) => {
+                    last_accepted = Some(ServedCopy {
+                        path,
+                        sources: copy.sources,
+                        saved: crate::accepted::when(copy.saved_at),
+                        policy,
+                    })
+                }
+                (Err(more), Some(_)) => {
+                    tracing::warn!(copy = %path.display(), errors = more.len(), "the last accepted policy's copy does not compile: the directory is loaded as it is");
+                }
+                // Replaced by the directory's policy once the gateway starts on it.
+                (Err(_), None) => {}
             }
         }
         let (policy, sources) = crate::check_read(raw, read_errs)?;
+        // A file emptied while the gateway was down (a crash between an editor's truncate and
+        // its write) is refused as a reload refuses it: its apps would not serve, and the
+        // start would then replace the copy, the only place their text is left.
+        if let Some(copy) = last_accepted {
+            let gone = emptied(&copy.policy, &policy, &sources, dir);
+            if !gone.is_empty() {
+                let errors: Vec<String> = gone.iter().map(ToString::to_string).collect();
+                for e in &errors {
+                    tracing::error!(error = %e, "a policy file is empty where the last accepted policy had apps");
+                }
+                let note = format!(
+                    "serving the last accepted policy ({}, saved {}) until the emptied files are written again, or deleted to drop their apps",
+                    copy.path.display(),
+                    copy.saved
+                );
+                return Ok(Self::serving_copy(dir, copy, errors, note, accepted.clone()));
+            }
+        }
         let store = Self::serving(dir, policy, fresh_status(), read_at, accepted);
         store.set_serving_files(sources);
         Ok(store)
+    }
+
+    /// A store serving the last accepted policy's copy at a start, the directory's `errors`
+    /// and `note` (what serves, until when) in its status.
+    fn serving_copy(
+        dir: &Path,
+        copy: ServedCopy<'_>,
+        errors: Vec<String>,
+        note: String,
+        accepted: Option<PathBuf>,
+    ) -> Self {
+        tracing::error!(dir = %dir.display(), copy = %copy.path.display(), saved = %copy.saved, apps = copy.policy.apps().len(), "serving the last accepted policy until the directory is fixed");
+        let mut status = fresh_status();
+        status.ok = false;
+        status.errors = errors;
+        status.errors.push(note.clone());
+        // Read again by the watcher once it runs (under the gateway's own check): a refusal
+        // that no longer applies (an address free again, a newer zonegate) must not keep the
+        // old policy for good.
+        let retry: Fingerprint = Err("serving the accepted copy".into());
+        let store = Self::serving(dir, copy.policy, status, retry, accepted);
+        store.set_serving_files(copy.sources);
+        *store.copy_note.lock().unwrap_or_else(|e| e.into_inner()) = Some(note);
+        store
     }
 
     /// Records the files of the policy now serving (what the copy is written from).

@@ -1295,6 +1295,46 @@ async fn a_start_with_a_refused_edit_serves_the_last_accepted_policy() {
     assert!(PolicyStore::load_keeping_accepted(&dir).is_err());
 }
 
+/// A file emptied while the gateway was down (a crash between an editor's truncate and its
+/// write) is refused at the start as a reload refuses it: the copy serves, and starting does
+/// not replace the copy (the only place the emptied apps' text is left).
+#[tokio::test]
+async fn a_start_with_an_emptied_file_serves_the_last_accepted_policy() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("policies");
+    std::fs::create_dir(&dir).expect("mkdir");
+    write(&dir, "a.toml", APP_A);
+    write(&dir, "b.toml", "[app.b]\nmesh = true\nto = \"d/t\"\n");
+    let store = PolicyStore::load_keeping_accepted(&dir).expect("load");
+    store.started();
+    drop(store);
+
+    write(&dir, "a.toml", "");
+    let restarted = PolicyStore::load_keeping_accepted(&dir).expect("serves the copy");
+    assert!(
+        restarted.current().policy.app("a").is_some(),
+        "the emptied file's app serves from the copy"
+    );
+    let status = restarted.last_reload();
+    assert!(!status.ok);
+    assert!(
+        status.errors.iter().any(|e| e.contains("is empty now")),
+        "{status:?}"
+    );
+    restarted.started();
+    drop(restarted);
+    let again = PolicyStore::load_keeping_accepted(&dir).expect("the copy is still there");
+    assert!(again.current().policy.app("a").is_some());
+    drop(again);
+
+    // Emptied on purpose, as the message says: a comment only, and the app is dropped.
+    write(&dir, "a.toml", "# a is gone\n");
+    let store = PolicyStore::load_keeping_accepted(&dir).expect("load");
+    assert!(store.last_reload().ok, "{:?}", store.last_reload());
+    assert!(store.current().policy.app("a").is_none());
+    assert!(store.current().policy.app("b").is_some());
+}
+
 /// An edit the gateway's own check refuses (an address another program holds) is read again
 /// on its own, sooner and then less often, and serves once the check passes: freeing the
 /// address changes no policy file, and the edit stayed unapplied until one was touched.
