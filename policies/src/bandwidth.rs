@@ -61,9 +61,16 @@ impl TokenBucket {
 
     /// Takes `n` bytes now and returns how long the caller must wait before sending them.
     pub fn reserve(&self, n: u64) -> Duration {
+        let rate = self.rate.load(Ordering::Relaxed);
+        wait_for(self.owed_after(n), rate)
+    }
+
+    /// Takes `n` bytes now; returns how many bytes the bucket must earn before the caller may
+    /// send them (0: at once; also 0 while unlimited).
+    fn owed_after(&self, n: u64) -> f64 {
         let rate = self.rate.load(Ordering::Relaxed) as f64;
         if rate == 0.0 {
-            return Duration::ZERO;
+            return 0.0;
         }
         let capacity = capacity(rate);
         let now = Instant::now();
@@ -74,11 +81,7 @@ impl TokenBucket {
         s.tokens = (s.tokens + earned).min(capacity);
         s.last = now;
         s.tokens -= n as f64;
-        if s.tokens >= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-s.tokens / rate)
-        }
+        (-s.tokens).max(0.0)
     }
 
     /// Takes `n` bytes if the bucket holds them now, else nothing: for datagrams, which are
@@ -116,9 +119,49 @@ impl TokenBucket {
     /// Waits until `n` bytes may be sent. Cancel-safe in the sense that dropping the future
     /// keeps the reservation: the bucket errs on the slow side, never the fast one.
     pub async fn consume(&self, n: u64) {
-        let wait = self.reserve(n);
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+        let owed = self.owed_after(n);
+        wait_out(&mut [(owed, &self.rate)]).await;
+    }
+}
+
+/// How long a waiter sleeps at most before it looks at the rate again: a policy edit raising
+/// or removing a rate reaches connections already waiting within this. (A wait worked out
+/// once, at a typo's `1KB/s` shared by 20 connections, lasted minutes after the fix.)
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// What taking `n` bytes from `bucket` leaves owed, and its rate; an absent bucket owes
+/// nothing (its "rate" says unlimited).
+fn owed_of(bucket: Option<&TokenBucket>, n: u64) -> (f64, &AtomicU64) {
+    static NONE: AtomicU64 = AtomicU64::new(0);
+    bucket.map_or((0.0, &NONE), |b| (b.owed_after(n), &*b.rate))
+}
+
+/// How long earning `owed` bytes takes at `rate` bytes per second (0: unlimited).
+fn wait_for(owed: f64, rate: u64) -> Duration {
+    if rate == 0 || owed <= 0.0 {
+        return Duration::ZERO;
+    }
+    Duration::try_from_secs_f64(owed / rate as f64).unwrap_or(Duration::MAX)
+}
+
+/// Waits until each bucket has earned what is owed to it, at its rate as it is now: the
+/// rate is read again at least every [`RECHECK`], so a raised rate shortens the wait and
+/// an unlimited one ends it.
+async fn wait_out(owed: &mut [(f64, &AtomicU64)]) {
+    loop {
+        let wait = owed
+            .iter()
+            .map(|(bytes, rate)| wait_for(*bytes, rate.load(Ordering::Relaxed)))
+            .max()
+            .unwrap_or(Duration::ZERO);
+        if wait.is_zero() {
+            return;
+        }
+        let before = Instant::now();
+        tokio::time::sleep(wait.min(RECHECK)).await;
+        let slept = before.elapsed().as_secs_f64();
+        for (bytes, rate) in owed.iter_mut() {
+            *bytes -= slept * rate.load(Ordering::Relaxed) as f64;
         }
     }
 }
@@ -192,12 +235,11 @@ impl Shaper {
 
     /// Waits until `n` bytes may be sent on this connection.
     pub async fn consume(&self, n: u64) {
-        let a = self.app.as_ref().map_or(Duration::ZERO, |b| b.reserve(n));
-        let c = self.conn.as_ref().map_or(Duration::ZERO, |b| b.reserve(n));
-        let wait = a.max(c);
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
+        wait_out(&mut [
+            owed_of(self.app.as_deref(), n),
+            owed_of(self.conn.as_ref(), n),
+        ])
+        .await;
     }
 }
 
@@ -284,6 +326,56 @@ mod tests {
         full.give_back(1200);
         assert!(full.try_take(1200));
         assert!(!full.try_take(1200));
+    }
+
+    /// A rate raised or removed while connections wait (a typo's `1KB/s` fixed) reaches
+    /// them within a second: the waits worked out at the old rate are not slept out.
+    #[tokio::test(start_paused = true)]
+    async fn waiters_follow_a_changed_rate() {
+        let rate = Arc::new(AtomicU64::new(1024));
+        let app = Arc::new(TokenBucket::following(rate.clone()));
+        // Twenty connections reserve a chunk each: the last waits ~5 minutes at 1 KiB/s.
+        let waiters: Vec<_> = (0..20)
+            .map(|_| {
+                let s = Shaper::new(Some(app.clone()), None);
+                tokio::spawn(async move { s.consume(16 * 1024).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let start = Instant::now();
+        app.set_rate(MIB);
+        for w in waiters {
+            w.await.expect("waiter");
+        }
+        // 20 × 16 KiB at 1 MiB/s is 0.3 s; the rate is looked at again within a second.
+        assert!(
+            start.elapsed() <= Duration::from_millis(1400),
+            "released after {:?}",
+            start.elapsed()
+        );
+
+        // Removed (0: unlimited) while both buckets of a connection hold it back.
+        let conn_rate = Arc::new(AtomicU64::new(1024));
+        rate.store(1024, Ordering::Relaxed);
+        let s = Arc::new(Shaper::following(Some(app.clone()), Some(&conn_rate)));
+        let w = tokio::spawn({
+            let s = s.clone();
+            async move {
+                for _ in 0..10 {
+                    s.consume(16 * 1024).await;
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let start = Instant::now();
+        rate.store(0, Ordering::Relaxed);
+        conn_rate.store(0, Ordering::Relaxed);
+        w.await.expect("waiter");
+        assert!(
+            start.elapsed() <= Duration::from_secs(1),
+            "released after {:?}",
+            start.elapsed()
+        );
     }
 
     /// Datagrams past the rate are refused, not delayed: over five seconds the bytes taken

@@ -331,7 +331,13 @@ impl PolicyStore {
                         saved,
                         policy,
                     };
-                    return Ok(Self::serving_copy(dir, copy, errors, note, accepted.clone()));
+                    return Ok(Self::serving_copy(
+                        dir,
+                        copy,
+                        errors,
+                        note,
+                        accepted.clone(),
+                    ));
                 }
                 (Ok(policy), None) => {
                     last_accepted = Some(ServedCopy {
@@ -364,7 +370,13 @@ impl PolicyStore {
                     copy.path.display(),
                     copy.saved
                 );
-                return Ok(Self::serving_copy(dir, copy, errors, note, accepted.clone()));
+                return Ok(Self::serving_copy(
+                    dir,
+                    copy,
+                    errors,
+                    note,
+                    accepted.clone(),
+                ));
             }
         }
         let store = Self::serving(dir, policy, fresh_status(), read_at, accepted);
