@@ -154,7 +154,7 @@ fn friendly(msg: &str) -> String {
         // `from = "public"` for `from = ["public"]`, the likeliest slip.
         .replace(
             "expected a sequence",
-            "expected a list: write it in brackets, such as `[\"public\"]`",
+            "expected a list: write it in brackets, such as `[\"public\"]` or `[\"GET\", \"HEAD\"]`",
         )
 }
 
@@ -222,8 +222,18 @@ pub fn ignored_policy_files(dir: &Path) -> Vec<(PathBuf, &'static str)> {
 
 fn read_file(path: &Path) -> Result<String, PolicyError> {
     use std::io::Read;
-    let meta = std::fs::metadata(path)
-        .map_err(|e| PolicyError::unreadable(path, format!("cannot read: {e}")))?;
+    let meta = std::fs::metadata(path).map_err(|e| match std::fs::read_link(path) {
+        // Listed, yet "No such file or directory": a link whose target is gone. A mistake in
+        // the directory (exit 2), not a passing failure to read (exit 1, restarted for ever).
+        Ok(target) if e.kind() == std::io::ErrorKind::NotFound => PolicyError::whole(
+            path,
+            format!(
+                "is a link to {}, which does not exist: fix the link or remove it",
+                target.display()
+            ),
+        ),
+        _ => PolicyError::unreadable(path, format!("cannot read: {e}")),
+    })?;
     // A FIFO would block the open (and every reload after it), a device (or a link to
     // /dev/zero) reads for ever: neither is a policy.
     if !meta.is_file() {
@@ -421,6 +431,18 @@ mod tests {
             "{errs:?}"
         );
         std::fs::remove_file(d.path().join("z.toml")).unwrap();
+
+        // A link whose target is gone says so, as a mistake to fix (not "cannot read").
+        std::os::unix::fs::symlink("gone.conf", d.path().join("g.toml")).unwrap();
+        let errs = check_dir(d.path()).unwrap_err();
+        assert!(
+            errs[0]
+                .to_string()
+                .contains("is a link to gone.conf, which does not exist")
+                && !errs[0].unreadable,
+            "{errs:?}"
+        );
+        std::fs::remove_file(d.path().join("g.toml")).unwrap();
 
         std::fs::write(d.path().join("l.toml"), b"# caf\xe9\n").unwrap();
         let errs = check_dir(d.path()).unwrap_err();

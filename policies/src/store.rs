@@ -850,17 +850,28 @@ async fn tick_minutes(store: &PolicyStore, interval: Duration) {
 async fn reload_on_change(store: &Arc<PolicyStore>, interval: Duration) {
     let dir = store.dir().to_path_buf();
     let mut settling: Option<Fingerprint> = None;
+    // Files that look meant as policy files but are not read (`app.toml.txt`, `App.TOML`):
+    // told once each as they appear, or an app saved under such a name is silently absent.
+    let mut ignored: Vec<PathBuf> = Vec::new();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await; // the first tick is immediate
     loop {
         ticker.tick().await;
         // Off the runtime's threads, as the reload is: listing a hung mount blocks, and the
         // minute ticks beside this loop (and the gateway's traffic) must go on.
         let d = dir.clone();
-        let Ok(now) = tokio::task::spawn_blocking(move || fingerprint(&d)).await else {
+        let Ok((now, ignored_now)) =
+            tokio::task::spawn_blocking(move || (fingerprint(&d), crate::ignored_policy_files(&d)))
+                .await
+        else {
             continue;
         };
+        for (path, why) in &ignored_now {
+            if !ignored.contains(path) {
+                tracing::warn!(file = %path.display(), "{why}: this file in the policy directory is not read");
+            }
+        }
+        ignored = ignored_now.into_iter().map(|(p, _)| p).collect();
         let read = store
             .read_at
             .lock()

@@ -1335,6 +1335,66 @@ async fn a_start_with_an_emptied_file_serves_the_last_accepted_policy() {
     assert!(store.current().policy.app("b").is_some());
 }
 
+/// Log output of the current thread, as text (the subscriber set with [`captured_logs`]).
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// A file saved under a name the gateway does not read (`b.toml.txt`, Notepad's save) is
+/// told in the running gateway's log, once: it had changed nothing and said nothing, the app
+/// in it silently absent (only `zonegate policy check` named it).
+#[tokio::test]
+async fn a_policy_file_under_a_name_not_read_is_logged_once() {
+    let logs = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .finish();
+    // The test's runtime has one thread: the watcher task logs on it.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "a.toml", APP_A);
+    let store = Arc::new(PolicyStore::load(dir.path()).expect("load"));
+    let _watcher = policies::spawn_watcher(store, Duration::from_millis(20));
+    write(
+        dir.path(),
+        "b.toml.txt",
+        "[app.b]\nmesh = true\nto = \"d/t\"\n",
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !logs.text().contains("b.toml.txt") {
+        assert!(std::time::Instant::now() < deadline, "{}", logs.text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Several more passes of the watcher.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = logs.text();
+    assert_eq!(text.matches("b.toml.txt").count(), 1, "{text}");
+    assert!(text.contains("is not read"), "{text}");
+}
+
 /// An edit the gateway's own check refuses (an address another program holds) is read again
 /// on its own, sooner and then less often, and serves once the check passes: freeing the
 /// address changes no policy file, and the edit stayed unapplied until one was touched.
