@@ -720,6 +720,12 @@ async fn retired_duplicates_we_dialed_are_capped() {
     );
 }
 
+/// A gateway address on loopback, as the in-process zones' is: their peers' loopback
+/// addresses are dialed.
+fn on_loopback() -> std::net::SocketAddr {
+    "127.0.0.1:4433".parse().unwrap()
+}
+
 /// What a gateway's `PeerAddr` may start: rounds only towards devices of the zone other than
 /// this one, one round at a time per peer, so a gateway cannot grow the table or the tasks.
 #[tokio::test]
@@ -746,26 +752,42 @@ async fn punch_rounds_start_only_for_zone_devices_one_at_a_time() {
         .collect(),
         punch_nonce: 9,
     };
-    assert!(peers.on_peer_addr(&unusable).is_none());
+    assert!(peers.on_peer_addr(&unusable, on_loopback()).is_none());
     // Mixed with a usable one: that one is dialed, alone.
     let mut mixed = unusable.clone();
     mixed.addrs.push("127.0.0.1:9".parse().unwrap());
     mixed.punch_nonce = 10;
     assert_eq!(
-        peers.on_peer_addr(&mixed),
+        peers.on_peer_addr(&mixed, on_loopback()),
         Some(vec!["127.0.0.1:9".parse().unwrap()])
     );
     assert!(peers.clone().punch("home2".into(), vec![]).await.is_none());
-    assert!(peers.on_peer_addr(&round("stranger", 1)).is_none());
-    assert!(peers.on_peer_addr(&round("home1", 2)).is_none(), "itself");
-    assert!(peers.on_peer_addr(&round("home2", 3)).is_some());
+    // From a gateway not on loopback, a loopback address is none a round holds.
+    let public_gw = "198.51.100.1:4433".parse().unwrap();
+    assert!(peers.on_peer_addr(&round("home2", 11), public_gw).is_none());
+    assert!(peers
+        .on_peer_addr(&round("stranger", 1), on_loopback())
+        .is_none());
     assert!(
-        peers.on_peer_addr(&round("home2", 4)).is_none(),
+        peers
+            .on_peer_addr(&round("home1", 2), on_loopback())
+            .is_none(),
+        "itself"
+    );
+    assert!(peers
+        .on_peer_addr(&round("home2", 3), on_loopback())
+        .is_some());
+    assert!(
+        peers
+            .on_peer_addr(&round("home2", 4), on_loopback())
+            .is_none(),
         "a second round while one runs"
     );
     assert!(peers.clone().punch("home2".into(), vec![]).await.is_none());
     assert!(
-        peers.on_peer_addr(&round("home2", 5)).is_some(),
+        peers
+            .on_peer_addr(&round("home2", 5), on_loopback())
+            .is_some(),
         "the round ended"
     );
     let listed: Vec<String> = peers.status(None).into_iter().map(|p| p.device).collect();
@@ -790,7 +812,7 @@ async fn a_punch_round_runs_past_a_direct_connection_held_from_before() {
         punch_nonce: 1,
     };
     let addrs = peers
-        .on_peer_addr(&round)
+        .on_peer_addr(&round, on_loopback())
         .expect("a held connection skipped the round");
     // The round dials (home2's endpoint accepts), rather than ending at once on the old one.
     let accepting = tokio::spawn({
@@ -839,7 +861,7 @@ async fn a_punch_round_keeps_its_new_dial_over_a_confirmed_connection_from_befor
         addrs: vec![e2.local_addr().unwrap()],
         punch_nonce: 1,
     };
-    let addrs = peers.on_peer_addr(&round).expect("a round");
+    let addrs = peers.on_peer_addr(&round, on_loopback()).expect("a round");
     let accepting = tokio::spawn({
         let e2 = e2.clone();
         async move { e2.accept().await.unwrap().await.unwrap() }
@@ -881,7 +903,7 @@ async fn a_peer_addr_during_a_round_redirects_its_next_attempt() {
         addrs: vec![silent.local_addr().unwrap()],
         punch_nonce: 1,
     };
-    let addrs = peers.on_peer_addr(&first).expect("a round");
+    let addrs = peers.on_peer_addr(&first, on_loopback()).expect("a round");
     let accepting = tokio::spawn({
         let e2 = e2.clone();
         async move { e2.accept().await.unwrap().await.unwrap() }
@@ -894,7 +916,7 @@ async fn a_peer_addr_during_a_round_redirects_its_next_attempt() {
         punch_nonce: 2,
     };
     assert!(
-        peers.on_peer_addr(&moved).is_none(),
+        peers.on_peer_addr(&moved, on_loopback()).is_none(),
         "a second round while one runs"
     );
     let conn = tokio::time::timeout(WAIT, round)
@@ -914,7 +936,82 @@ async fn a_peer_addr_during_a_round_redirects_its_next_attempt() {
         .unwrap()
         .unwrap();
     // The round is over and the nonce seen: the same PeerAddr again starts nothing.
-    assert!(peers.on_peer_addr(&moved).is_none());
+    assert!(peers.on_peer_addr(&moved, on_loopback()).is_none());
+}
+
+/// Addresses that come during a round's last attempt get one attempt more: they were marked
+/// seen, so no later round would dial them, and the round ended on the stale ones (the peer's
+/// direct path waited for the next request, 30 s on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_addr_during_the_last_attempt_is_dialed() {
+    let (_z, peers, _e1, e2) = peer_table();
+    // The peer's old address: takes the Initials, answers none. Each attempt dials anew, with
+    // a connection ID of its own: counting those tells when the last attempt has begun.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let attempts = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let counter = std::thread::spawn({
+        let (silent, attempts, stop) =
+            (silent.try_clone().unwrap(), attempts.clone(), stop.clone());
+        move || {
+            let mut buf = [0u8; 2048];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(n) = silent.recv(&mut buf) else {
+                    continue;
+                };
+                // A long header: flags, version (4), DCID length, DCID.
+                if n > 6 && buf[0] & 0x80 != 0 {
+                    let len = buf[5] as usize;
+                    if n >= 6 + len {
+                        attempts.lock().unwrap().insert(buf[6..6 + len].to_vec());
+                    }
+                }
+            }
+        }
+    });
+    let first = tunnel::proto::PeerAddr {
+        device: "home2".into(),
+        addrs: vec![silent.local_addr().unwrap()],
+        punch_nonce: 1,
+    };
+    let addrs = peers.on_peer_addr(&first, on_loopback()).expect("a round");
+    let accepting = tokio::spawn({
+        let e2 = e2.clone();
+        async move { e2.accept().await.unwrap().await.unwrap() }
+    });
+    let round = tokio::spawn(peers.clone().punch("home2".into(), addrs));
+    let last = tunnel::peers::PUNCH_ATTEMPTS as usize;
+    wait_until("the last attempt began", WAIT, || {
+        attempts.lock().unwrap().len() >= last
+    })
+    .await;
+    let moved = tunnel::proto::PeerAddr {
+        device: "home2".into(),
+        addrs: vec![e2.local_addr().unwrap()],
+        punch_nonce: 2,
+    };
+    assert!(peers.on_peer_addr(&moved, on_loopback()).is_none());
+    let conn = tokio::time::timeout(WAIT, round)
+        .await
+        .expect("the round did not end")
+        .unwrap()
+        .expect("the addresses that came during the last attempt were not dialed");
+    assert_eq!(
+        tunnel::peers::peer_identity(&conn)
+            .unwrap()
+            .name
+            .to_string(),
+        "home2"
+    );
+    tokio::time::timeout(WAIT, accepting)
+        .await
+        .unwrap()
+        .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    counter.join().unwrap();
 }
 
 /// A relayed mesh stream is decided again when the policy changes: once no mesh app allows

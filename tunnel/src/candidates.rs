@@ -53,6 +53,39 @@ pub fn sanitize_local(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
     out
 }
 
+/// The addresses of a gateway's `PeerAddr` an agent dials: what [`punch_candidates`] can
+/// make, and nothing else. Dialable and canonical, no repeats; private ones ([`is_lan`]),
+/// and of the others only the last (the peer's observed address; several were a gateway
+/// pointing the agent's packets at hosts of its choosing). Loopback only when `gateway` is
+/// on loopback too (a zone on one machine); link-local never (no scope to send it with,
+/// and nothing a round makes).
+pub fn sanitize_peer(addrs: &[SocketAddr], gateway: SocketAddr) -> Vec<SocketAddr> {
+    let gateway_local = gateway.ip().to_canonical().is_loopback();
+    let mut out: Vec<SocketAddr> = Vec::new();
+    let mut observed = None;
+    for a in addrs.iter().map(|a| canonical(*a)) {
+        let ip = a.ip();
+        let link_local = match ip {
+            IpAddr::V4(v4) => v4.is_link_local(),
+            IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+        };
+        if !dialable(&a) || link_local || (ip.is_loopback() && !gateway_local) {
+            continue;
+        }
+        if is_lan(ip) {
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        } else {
+            observed = Some(a);
+        }
+    }
+    if let Some(a) = observed.filter(|a| !out.contains(a)) {
+        out.push(a);
+    }
+    out
+}
+
 /// What the gateway tells a device about `peer` in a punching round: the peer's LAN
 /// addresses first when both are behind the same public address (then the NAT's outside is
 /// the unlikely path), then its observed address, which always stays in the list (a hairpinning
@@ -142,6 +175,49 @@ mod tests {
             c.iter().filter(|x| **x == a("203.0.113.22:2000")).count(),
             1
         );
+    }
+
+    /// An agent dials of a `PeerAddr` only what an honest gateway's round holds: LAN
+    /// addresses and one other (the last: the peer's observed one), loopback only from a
+    /// gateway on loopback, never link-local.
+    #[test]
+    fn an_agent_dials_only_what_a_round_can_hold() {
+        let public_gw = a("198.51.100.1:4433");
+        let sent = [
+            a("203.0.113.5:4500"),
+            a("192.168.2.11:4500"),
+            a("127.0.0.1:22"),
+            a("169.254.1.1:4500"),
+            a("[fe80::1]:4500"),
+            a("[::ffff:10.0.0.7]:4500"),
+            a("192.168.2.11:4500"),
+            a("203.0.113.22:2000"),
+        ];
+        assert_eq!(
+            sanitize_peer(&sent, public_gw),
+            vec![
+                a("192.168.2.11:4500"),
+                a("10.0.0.7:4500"),
+                a("203.0.113.22:2000")
+            ]
+        );
+        // A zone on one machine: the peer's observed address is a loopback one.
+        assert_eq!(
+            sanitize_peer(&[a("127.0.0.1:5000")], a("127.0.0.1:4433")),
+            vec![a("127.0.0.1:5000")]
+        );
+        assert_eq!(
+            sanitize_peer(&[a("[::1]:5000")], a("[::ffff:127.0.0.1]:4433")),
+            vec![a("[::1]:5000")]
+        );
+        assert!(sanitize_peer(&[a("127.0.0.1:5000")], public_gw).is_empty());
+        // What a round is made of passes whole.
+        let round = punch_candidates(
+            a("203.0.113.22:1000"),
+            a("203.0.113.22:2000"),
+            &[a("192.168.2.11:4500"), a("[fd00::11]:4500")],
+        );
+        assert_eq!(sanitize_peer(&round, public_gw), round);
     }
 
     #[test]

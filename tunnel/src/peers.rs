@@ -53,7 +53,6 @@ use crate::candidates;
 use crate::creds::DeviceCreds;
 use crate::error::TunnelError;
 use crate::proto::PeerAddr;
-use crate::sockets::canonical;
 use crate::status::PeerStatus;
 
 /// Minimum time between two punch requests for the same peer: a failed punch (symmetric NAT)
@@ -636,7 +635,13 @@ impl Peers {
     /// its NAT dropped the mapping), and the peer's dials then met a NAT this side had not
     /// opened for its new address, the direct path back only after another round, 30 s on.
     /// A returned round must end with [`Peers::punch`] (which clears the running mark).
-    pub fn on_peer_addr(&self, pa: &PeerAddr) -> Option<Vec<SocketAddr>> {
+    ///
+    /// `gateway`: the address of the gateway that sent it. Only what an honest gateway sends
+    /// is dialed: private (LAN) addresses, and one other (the peer's observed address, last
+    /// in the list); loopback only from a gateway on loopback (one machine), and no
+    /// link-local address. A gateway that is buggy or not ours then steers at most one
+    /// Internet address's worth of this agent's packets a round.
+    pub fn on_peer_addr(&self, pa: &PeerAddr, gateway: SocketAddr) -> Option<Vec<SocketAddr>> {
         let device = pa.device.as_str();
         if device == self.creds.name()
             || self.creds.noise_public_of(device).is_err()
@@ -645,18 +650,9 @@ impl Peers {
             debug!(peer = %device, "punch round ignored: not a device of this zone");
             return None;
         }
-        // No address a packet cannot be meant for (a gateway that is buggy or not ours
-        // steering this agent's packets).
-        let mut addrs: Vec<SocketAddr> = Vec::new();
-        for a in pa
-            .addrs
-            .iter()
-            .map(|a| canonical(*a))
-            .filter(candidates::dialable)
-        {
-            if !addrs.contains(&a) {
-                addrs.push(a);
-            }
+        let addrs = candidates::sanitize_peer(&pa.addrs, gateway);
+        if addrs.len() < pa.addrs.len() {
+            debug!(peer = %device, sent = ?pa.addrs, kept = ?addrs, "punch addresses the gateway sent that no honest round holds were dropped");
         }
         if addrs.is_empty() {
             debug!(peer = %device, addrs = ?pa.addrs, "punch round ignored: no address to dial");
@@ -666,17 +662,17 @@ impl Peers {
             if s.last_nonce == Some(pa.punch_nonce) {
                 return None;
             }
-            if s.punching {
-                debug!(peer = %device, addrs = ?addrs, "punch round running: its next attempt dials these");
-                s.last_nonce = Some(pa.punch_nonce);
-                s.fresh_addrs = Some(addrs);
-                return None;
-            }
             // The peer asks because it has no direct path to us: ours are unproven again.
             // One still marked confirmed (dead at the peer's end, not yet timed out here)
             // made this side close the round's new dial as a duplicate of it.
             for h in &s.conns {
                 h.pc.confirmed.store(false, Ordering::Relaxed);
+            }
+            if s.punching {
+                debug!(peer = %device, addrs = ?addrs, "punch round running: its next attempt dials these");
+                s.last_nonce = Some(pa.punch_nonce);
+                s.fresh_addrs = Some(addrs);
+                return None;
             }
             s.punching = true;
             s.round_from = s.next_seq;
@@ -713,7 +709,12 @@ impl Peers {
         // What the last attempt ran into, for the status page and the log.
         let mut failure = String::from("no address could be dialed");
         let from = self.with(&peer, |s| s.round_from);
-        for attempt in 1..=PUNCH_ATTEMPTS {
+        // One attempt more when addresses came during the last (the peer moved meanwhile):
+        // they were marked seen, so no later round would dial them.
+        let mut attempts = PUNCH_ATTEMPTS;
+        let mut attempt = 0;
+        while attempt < attempts {
+            attempt += 1;
             // Attempts at least a quarter of PUNCH_ATTEMPT apart: one refused at once (the
             // peer's gate full for a moment) must not spend the whole round in milliseconds.
             let paced = tokio::time::sleep(PUNCH_ATTEMPT / 4);
@@ -797,7 +798,13 @@ impl Peers {
                     .collect::<Vec<_>>()
                     .join("; ");
             }
-            if attempt < PUNCH_ATTEMPTS {
+            if attempt == attempts
+                && attempts == PUNCH_ATTEMPTS
+                && self.with(&peer, |s| s.fresh_addrs.is_some())
+            {
+                attempts += 1;
+            }
+            if attempt < attempts {
                 paced.await;
             }
         }
