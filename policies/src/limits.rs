@@ -159,10 +159,14 @@ pub struct RateLimiter {
     pub config: RateLimit,
     /// Time one request's token takes to come back.
     cell: std::time::Duration,
+    /// The clock reading governor's stored times (each key's theoretical arrival time) count
+    /// from.
+    started: i64,
     /// For a limiter that replaced another on a policy reload: the clients the other held,
     /// each with the clock reading (of this limiter's clock) at which its bucket counts as
-    /// empty, refilling at the rate since: the reload for those in the other's table, an
-    /// earlier reload for those the other still counted so. Editing a policy gives no client
+    /// empty, refilling at the rate since: for those in the other's table, the moment that
+    /// leaves them lacking at the reload what they lacked there; for those the other still
+    /// counted so from an earlier reload, that one's. Editing a policy gives no client
     /// that was using it a fresh burst, and a client away over several edits is not charged
     /// afresh at each; a client never seen starts full, as it would have there.
     /// Dropped once a whole burst has refilled since the latest (nothing is missing from any
@@ -205,8 +209,11 @@ impl RateLimiter {
             .allow_burst(NonZeroU32::new(config.burst).unwrap_or(one));
         let store = SharedStore::default();
         let clock = TokioClock::default();
+        // Read just before governor reads its own: what its stored times count from.
+        let started = signed(clock.now());
         RateLimiter {
             inner: governor::RateLimiter::new(quota, store.clone(), clock.clone()),
+            started,
             store,
             clock,
             // Room for the overflow buckets and as many clients of their own.
@@ -219,11 +226,12 @@ impl RateLimiter {
         }
     }
 
-    /// A limiter for `config` replacing `old` on a policy reload: the buckets of clients
-    /// `old` holds (those it throttles among them) start empty and refill at the new rate,
-    /// rather than full; a client `old` never saw starts full, as it would have there (every
-    /// client started empty, new ones too: a raised limit had everyone wait out a refill) —
-    /// unless the edit changed `per`, when every client counts as empty (the old keys name none).
+    /// A limiter for `config` replacing `old` on a policy reload: a client `old` holds keeps
+    /// what its bucket lacked there (up to the new burst), refilling at the new rate — no
+    /// fresh burst, and none of what it had left taken away (they started empty, so raising
+    /// a limit throttled exactly the clients using the app); a client `old` never saw starts
+    /// full, as it would have there — unless the edit changed `per`, when every client counts
+    /// as empty (the old keys name none).
     pub fn new_replacing(config: RateLimit, old: &RateLimiter) -> Self {
         Self::replacing_since(config, old, std::time::Duration::ZERO)
     }
@@ -265,8 +273,25 @@ impl RateLimiter {
                 keys.extend(by_age);
             }
         }
-        for e in old.store.0.iter() {
-            keys.insert(*e.key(), emptied);
+        // What each client of `old`'s table lacked when it was removed (now, on a plain
+        // edit), as the moment its bucket here counts as empty from: as many cells of the
+        // new rate before then as it still had tokens.
+        let old_then = signed(old.clock.now())
+            .saturating_sub(i64::try_from(gone.as_nanos()).unwrap_or(i64::MAX));
+        let new_cell = i64::try_from(r.cell.as_nanos()).unwrap_or(i64::MAX).max(1);
+        let new_burst = u64::from(r.config.burst.max(1));
+        let old_keys: Vec<LimitKey> = old.store.0.iter().map(|e| *e.key()).collect();
+        for key in old_keys {
+            let Some(lacked) = old.lacked(&key, old_then).filter(|n| *n > 0) else {
+                // Full there: full here, whatever an earlier edit said.
+                keys.remove(&key);
+                continue;
+            };
+            let had = new_burst.saturating_sub(lacked);
+            let since = i64::try_from(had)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(new_cell);
+            keys.insert(key, emptied.saturating_sub(since));
         }
         // Another kind of key (`per` edited) while the old table was in use: its keys name
         // none of the new ones, so every client counts as empty from now.
@@ -280,6 +305,30 @@ impl RateLimiter {
             others,
         });
         r
+    }
+
+    /// How many tokens `key`'s bucket lacked at clock reading `at` (0 when full, at most
+    /// the burst); None for a key not in the table.
+    fn lacked(&self, key: &LimitKey, at: i64) -> Option<u64> {
+        // Looked up first: measuring an absent key would add it.
+        if !self.store.0.contains_key(key) {
+            return None;
+        }
+        // Read, and put back as it was.
+        let tat = self
+            .store
+            .measure_and_replace(key, |tat| {
+                Ok::<_, std::convert::Infallible>((tat, tat.unwrap_or_else(|| Nanos::from(0))))
+            })
+            .unwrap_or_else(|never| match never {})?;
+        // The bucket is full again at its theoretical arrival time; each cell before it is
+        // a token missing.
+        let ahead = signed(tat).saturating_add(self.started).saturating_sub(at);
+        let cell = u64::try_from(self.cell.as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let lacked = u64::try_from(ahead).unwrap_or(0).div_ceil(cell);
+        Some(lacked.min(u64::from(self.config.burst.max(1))))
     }
 
     /// How long a whole burst takes to refill: a limiter left unused for that long holds
@@ -566,7 +615,8 @@ impl AppLimits {
             // buckets refilled over the gap as they would have.
             (None, Some(c)) => match retired {
                 Some((r, _)) if r.config == c => (Some(r.clone()), None),
-                // Another: as a changed one, its clients empty from the removal.
+                // Another: as a changed one, its clients lacking what they lacked at the
+                // removal, refilled at the new rate since.
                 Some((r, at)) => (
                     Some(Arc::new(RateLimiter::replacing_since(c, r, gone(r, *at)))),
                     None,

@@ -961,8 +961,9 @@ async fn a_rate_limit_removed_and_back_or_per_edited_gives_no_fresh_burst() {
 }
 
 /// Editing an app's limits keeps what its clients already use: open connections stay counted
-/// against the new maxima, and a changed rate starts the buckets of clients in use empty (no
-/// fresh burst), while a client never seen starts full, as it would have before the edit.
+/// against the new maxima, and under a changed rate a client in use keeps what its bucket
+/// lacked (no fresh burst, nothing it had taken away: a raised limit throttled the clients in
+/// use), while a client never seen starts full, as it would have before the edit.
 #[tokio::test(start_paused = true)]
 async fn a_limits_edit_gives_no_client_a_fresh_allowance() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -995,7 +996,14 @@ async fn a_limits_edit_gives_no_client_a_fresh_allowance() {
     let after = limits(&store);
     let _fourth = after.connect(&who).expect("the 4th under the new cap");
     assert!(after.connect(&who).is_err(), "the 3 open ones still count");
-    // The new rate's bucket starts empty: nothing at once, one request per 1/5 s after.
+    // The new rate's bucket holds what the client had left (4 of 5: it used one), no more;
+    // then one request per 1/5 s.
+    for i in 0..4 {
+        assert!(
+            after.check_rate(&who).is_ok(),
+            "request {i}: what it had left"
+        );
+    }
     assert!(after.check_rate(&who).is_err(), "no fresh burst");
     tokio::time::advance(Duration::from_millis(200)).await;
     assert!(after.check_rate(&who).is_ok());
@@ -1056,6 +1064,25 @@ async fn a_limits_edit_gives_no_client_a_fresh_allowance() {
         assert!(later.check_rate(&away).is_ok(), "request {i}");
     }
     assert!(later.check_rate(&away).is_err(), "more than it refilled");
+
+    // A limit raised for a throttled client: its bucket lacks the 5 it lacked, of 10 now.
+    write(
+        dir.path(),
+        "a.toml",
+        &app("5/min", 4).replace("burst = 5", "burst = 10"),
+    );
+    store.reload().expect("reload");
+    let raised = limits(&store);
+    for i in 0..5 {
+        assert!(
+            raised.check_rate(&away).is_ok(),
+            "request {i} under the raised limit"
+        );
+    }
+    assert!(
+        raised.check_rate(&away).is_err(),
+        "more than the raise gave"
+    );
 }
 
 /// Renaming an app keeps its limiters: its open connections stay counted and its clients get
