@@ -583,8 +583,8 @@ impl AppLimits {
 
     /// The limits for `config` replacing `old` (the same app's, under other limits) on a policy
     /// reload: open connections stay counted against the new maxima, rate limits that did not
-    /// change are kept, and a changed rate limit starts with every bucket empty. A reload thus
-    /// never gives a client a fresh allowance. Bandwidth buckets are kept and take the new
+    /// change are kept, and under a changed rate limit each client in use keeps what its
+    /// bucket lacked. A reload thus never gives a client a fresh allowance. Bandwidth buckets are kept and take the new
     /// rates, open connections' included (a lowered `bandwidth` used to leave them on the old
     /// bucket, the app moving old + new); a removed limit leaves them unlimited until it
     /// comes back; connections opened without one stay unlimited.
@@ -685,10 +685,51 @@ impl AppLimits {
         self.config.max_body
     }
 
-    /// Periodic housekeeping (forget recovered rate-limit keys).
+    /// Periodic housekeeping (forget recovered rate-limit keys), the removed limiter's too:
+    /// kept in case the limit comes back, its table (up to 65,536 clients) was never swept
+    /// while the app's limits stayed as the edit left them.
     pub fn maintain(&self) {
         if let Some(r) = &self.rate {
             r.maintain();
         }
+        if let Some((r, _)) = &self.retired_rate {
+            r.maintain();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::units::Rate;
+
+    /// A rate limit an edit removed keeps its limiter (in case it comes back), but not its
+    /// clients for good: the housekeeping that sweeps the app's limiter sweeps it too.
+    #[tokio::test(start_paused = true)]
+    async fn a_removed_rate_limiters_clients_are_swept() {
+        let limited = LimitsConfig {
+            rate: Some(RateLimit {
+                rate: Rate {
+                    count: 10,
+                    period: Duration::from_secs(1),
+                },
+                burst: 5,
+                per: Per::ClientIp,
+            }),
+            ..LimitsConfig::default()
+        };
+        let before = AppLimits::new(&limited);
+        let rate = before.rate.clone().expect("a rate limiter");
+        for i in 0..100u8 {
+            let key = LimitKey::client_ip(IpAddr::from([198, 51, 100, i]));
+            assert!(rate.check(key).is_ok());
+        }
+        assert_eq!(rate.len(), 100);
+        let after = AppLimits::reloaded(&LimitsConfig::default(), &before);
+        assert!(after.rate.is_none());
+        // A whole burst's refill later, every client's bucket is full again.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        after.maintain();
+        assert_eq!(rate.len(), 0, "the removed limiter's clients were kept");
     }
 }
