@@ -223,12 +223,13 @@ pub fn ignored_policy_files(dir: &Path) -> Vec<(PathBuf, &'static str)> {
 fn read_file(path: &Path) -> Result<String, PolicyError> {
     use std::io::Read;
     let meta = std::fs::metadata(path).map_err(|e| match std::fs::read_link(path) {
-        // Listed, yet "No such file or directory": a link whose target is gone. A mistake in
-        // the directory (exit 2), not a passing failure to read (exit 1, restarted for ever).
-        Ok(target) if e.kind() == std::io::ErrorKind::NotFound => PolicyError::whole(
+        // Listed, yet "No such file or directory": a link whose target is missing. Still
+        // unreadable (a start exits 1, which the unit retries: the link may point into a
+        // mount not up yet), but said as what it is.
+        Ok(target) if e.kind() == std::io::ErrorKind::NotFound => PolicyError::unreadable(
             path,
             format!(
-                "is a link to {}, which does not exist: fix the link or remove it",
+                "is a link to {}, which does not exist (a mount not up yet?): fix the link or remove it",
                 target.display()
             ),
         ),
@@ -432,14 +433,14 @@ mod tests {
         );
         std::fs::remove_file(d.path().join("z.toml")).unwrap();
 
-        // A link whose target is gone says so, as a mistake to fix (not "cannot read").
+        // A link whose target is missing says so (not only "cannot read").
         std::os::unix::fs::symlink("gone.conf", d.path().join("g.toml")).unwrap();
         let errs = check_dir(d.path()).unwrap_err();
         assert!(
             errs[0]
                 .to_string()
                 .contains("is a link to gone.conf, which does not exist")
-                && !errs[0].unreadable,
+                && errs[0].unreadable,
             "{errs:?}"
         );
         std::fs::remove_file(d.path().join("g.toml")).unwrap();
