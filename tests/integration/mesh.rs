@@ -1014,6 +1014,81 @@ async fn a_peer_addr_during_the_last_attempt_is_dialed() {
     counter.join().unwrap();
 }
 
+/// The payload early opens send before their replies is bounded per connection, not only per
+/// stream: opens past the connection's budget wait for their reply before writing, and a
+/// stream's share comes back at its reply or when it is dropped. 512 opens to a service slow
+/// to connect held the whole connection window unread at the device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_opens_share_one_budget_per_connection() {
+    use tokio::time::timeout;
+    use tunnel::stream::{open_early, EarlyBudget, EARLY_BYTES};
+    let (z, _peers, e1, e2) = peer_table();
+    let dom = z.creds("home1").domain().to_owned();
+    let (conn, at_peer) = connect_pair(&e1, &e2, &format!("home2.{dom}")).await;
+    let header = tunnel::proto::StreamHeader::Open {
+        app: "a".into(),
+        service: "s".into(),
+        origin: tunnel::proto::Origin::Public("198.51.100.7:40000".parse().unwrap()),
+    };
+    let budget = EarlyBudget::new(3 * EARLY_BYTES / 2);
+    let open = || open_early(&conn, "home2", &header, WAIT, &budget);
+    let mut a = open().await.expect("open a");
+    assert_eq!(budget.left(), EARLY_BYTES / 2);
+    let mut b = open().await.expect("open b");
+    assert_eq!(budget.left(), 0);
+    let mut c = open().await.expect("open c");
+    // `a` sends its whole share before any reply; `b` only half of it; `c` nothing.
+    let chunk = vec![b'x'; EARLY_BYTES];
+    timeout(WAIT, a.write_all(&chunk))
+        .await
+        .expect("a's early payload waited")
+        .unwrap();
+    timeout(WAIT, b.write_all(&chunk[..EARLY_BYTES / 2]))
+        .await
+        .expect("b's early half waited")
+        .unwrap();
+    // Past the budget, writes wait for the reply (pending; a slow machine only waits longer).
+    assert!(timeout(Duration::from_millis(300), b.write_all(b"y"))
+        .await
+        .is_err());
+    assert!(timeout(Duration::from_millis(300), c.write_all(b"z"))
+        .await
+        .is_err());
+    // Dropped, `a` gives its share back.
+    drop(a);
+    assert_eq!(budget.left(), EARLY_BYTES);
+    // `b` replied to: it writes on, and its share is back too.
+    let (mut send_a, _recv_a) = at_peer.accept_bi().await.expect("a at the peer");
+    let _ = send_a.reset(0u32.into());
+    let (mut send_b, mut recv_b) = at_peer.accept_bi().await.expect("b at the peer");
+    assert!(tunnel::stream::accept(&mut send_b, WAIT).await);
+    // Its reply is read when b reads or writes next.
+    let read_b = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let _ = timeout(WAIT, recv_b.read_to_end(usize::MAX))
+            .await
+            .map(|r| {
+                got = r.unwrap_or_default();
+            });
+        got
+    });
+    timeout(WAIT, b.write_all(b"y"))
+        .await
+        .expect("b's write after its reply waited")
+        .unwrap();
+    assert_eq!(budget.left(), EARLY_BYTES + EARLY_BYTES / 2);
+    b.shutdown().await.unwrap();
+    let got = read_b.await.unwrap();
+    // Its header, then every byte it sent.
+    assert!(
+        got.ends_with(b"y") && got.len() > EARLY_BYTES / 2,
+        "{}",
+        got.len()
+    );
+    drop(c);
+    assert_eq!(budget.left(), 3 * EARLY_BYTES / 2);
+}
+
 /// A relayed mesh stream is decided again when the policy changes: once no mesh app allows
 /// home2 any more, its open stream through the gateway is closed (it ran on before).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -161,6 +161,9 @@ pub struct AgentLink {
     pub bytes_from: Arc<AtomicU64>,
     /// The device's streams this gateway reads, watched for readers that stopped reading.
     holds: Holds,
+    /// What the streams opened to the device without waiting for its reply may send before
+    /// it, together ([`stream::EARLY_BYTES_PER_CONNECTION`]).
+    early: Arc<stream::EarlyBudget>,
     /// Lines the device can cause one per message or stream (services changed, bad stream
     /// headers, refused mesh streams): [`LINK_LINES_PER_SEC`] a second.
     lines: Mutex<LogBudget>,
@@ -977,6 +980,7 @@ impl Hub {
             bytes_to: Arc::default(),
             bytes_from: Arc::default(),
             holds: Holds::new(self.0.hold_clock.clone()),
+            early: stream::EarlyBudget::new(stream::EARLY_BYTES_PER_CONNECTION),
             lines: Mutex::new(LogBudget::new(LINK_LINES_PER_SEC)),
             local_addrs: Mutex::default(),
         });
@@ -1595,7 +1599,14 @@ impl Hub {
             origin,
         };
         let timeout = self.0.cfg.tuning.open_timeout;
-        let s = stream::open_with(&link.conn, device, &header, timeout, early).await?;
+        let s = stream::open_with(
+            &link.conn,
+            device,
+            &header,
+            timeout,
+            early.then_some(&link.early),
+        )
+        .await?;
         link.streams.fetch_add(1, Ordering::Relaxed);
         let meter = stream::StreamMeter {
             sent: link.bytes_to.clone(),

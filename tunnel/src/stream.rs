@@ -89,6 +89,57 @@ fn find_in<'a, T: std::error::Error + 'static>(
 /// and every other stream to the device waited.
 pub const EARLY_BYTES: usize = 64 * 1024;
 
+/// Early payload the early-opened streams of one connection may send together before their
+/// replies: a quarter of the connection's flow-control window. [`EARLY_BYTES`] per stream did
+/// not bound it: 512 opens to a service slow to connect (a LAN host asleep, 5 s a connect)
+/// held 32 MiB unread at the device, all of the window, and every other stream and control
+/// message to the device waited.
+pub const EARLY_BYTES_PER_CONNECTION: usize = crate::transport::CONNECTION_WINDOW as usize / 4;
+
+/// What is left of one connection's [`EARLY_BYTES_PER_CONNECTION`]. Each early open takes up
+/// to [`EARLY_BYTES`] of it and gives it back once its reply is read (or the stream is
+/// dropped); one that finds none left waits for its reply before it writes.
+#[derive(Debug)]
+pub struct EarlyBudget(std::sync::atomic::AtomicUsize);
+
+impl EarlyBudget {
+    pub fn new(bytes: usize) -> Arc<Self> {
+        Arc::new(EarlyBudget(std::sync::atomic::AtomicUsize::new(bytes)))
+    }
+
+    /// Bytes left to take.
+    pub fn left(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Takes up to `want` bytes; what it got is given back when the hold is dropped.
+    fn take(self: &Arc<Self>, want: usize) -> EarlyHold {
+        let before = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                Some(left - left.min(want))
+            })
+            .unwrap_or_else(|left| left);
+        EarlyHold {
+            budget: self.clone(),
+            bytes: before.min(want),
+        }
+    }
+}
+
+/// Bytes of an [`EarlyBudget`] one stream holds until its reply.
+#[derive(Debug)]
+struct EarlyHold {
+    budget: Arc<EarlyBudget>,
+    bytes: usize,
+}
+
+impl Drop for EarlyHold {
+    fn drop(&mut self) {
+        self.budget.0.fetch_add(self.bytes, Ordering::Relaxed);
+    }
+}
+
 /// Both halves of a stream, plus payload bytes that arrived with the header.
 #[derive(Debug)]
 pub struct QuicStream {
@@ -102,8 +153,11 @@ pub struct QuicStream {
     /// When waiting for that reply ends (the open's timeout, counted from the open): an
     /// acceptor that never answers would otherwise hold the stream and whoever reads it.
     reply_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Payload this early-opened stream may still send before the reply ([`EARLY_BYTES`]).
+    /// Payload this early-opened stream may still send before the reply ([`EARLY_BYTES`],
+    /// or less: what its connection's [`EarlyBudget`] had left).
     early_left: usize,
+    /// That payload's share of the connection's [`EarlyBudget`], held until the reply.
+    early_hold: Option<EarlyHold>,
     /// The acceptor refused the stream (read in place of the reply of an early open).
     refused: Option<StreamRefused>,
     /// Every read of `recv` goes through it ([`QuicStream::poll_quinn`]).
@@ -147,6 +201,7 @@ impl QuicStream {
             reply: None,
             reply_deadline: None,
             early_left: 0,
+            early_hold: None,
             refused: None,
             gate: ReadGate::new(),
         }
@@ -240,6 +295,9 @@ impl QuicStream {
                     let rest = got.split().freeze();
                     self.reply = None;
                     self.reply_deadline = None;
+                    // The device reads the stream now (or refused it): what was sent early
+                    // no longer waits unread.
+                    self.early_hold = None;
                     return Poll::Ready(match reply {
                         StreamReply::Accepted => {
                             self.prefix = rest;
@@ -590,7 +648,7 @@ pub async fn open(
     header: &StreamHeader,
     timeout: Duration,
 ) -> Result<QuicStream, OpenError> {
-    open_with(conn, device, header, timeout, false).await
+    open_with(conn, device, header, timeout, None).await
 }
 
 /// How long a direct open waits for any packet from the peer before the path counts as dead:
@@ -614,7 +672,7 @@ pub async fn open_direct(
     timeout: Duration,
 ) -> Result<QuicStream, OpenError> {
     let silence = direct_silence_limit(conn.rtt());
-    open_checked(conn, device, header, timeout, false, Some(silence)).await
+    open_checked(conn, device, header, timeout, None, Some(silence)).await
 }
 
 /// Opens a stream on `conn` with `header` and returns without waiting for the acceptor's
@@ -623,24 +681,27 @@ pub async fn open_direct(
 /// between gateway and device to every new connection). The reply is read before the first
 /// payload byte; a refusal then surfaces as a `ConnectionRefused` read error, and
 /// [`QuicStream::refused`] tells the code and reason. The payload sent meanwhile is
-/// discarded by the refusing side.
+/// discarded by the refusing side. What goes before the reply is taken from `budget`, the
+/// connection's [`EarlyBudget`].
 pub async fn open_early(
     conn: &quinn::Connection,
     device: &str,
     header: &StreamHeader,
     timeout: Duration,
+    budget: &Arc<EarlyBudget>,
 ) -> Result<QuicStream, OpenError> {
-    open_with(conn, device, header, timeout, true).await
+    open_with(conn, device, header, timeout, Some(budget)).await
 }
 
-/// [`open`] (`early` false) or [`open_early`]. The timeout covers waiting for stream credit
-/// (the peer's concurrent-stream limit) and, for a waiting open, the reply.
+/// [`open`] (`early` None) or [`open_early`] (its connection's budget). The timeout covers
+/// waiting for stream credit (the peer's concurrent-stream limit) and, for a waiting open,
+/// the reply.
 pub async fn open_with(
     conn: &quinn::Connection,
     device: &str,
     header: &StreamHeader,
     timeout: Duration,
-    early: bool,
+    early: Option<&Arc<EarlyBudget>>,
 ) -> Result<QuicStream, OpenError> {
     open_checked(conn, device, header, timeout, early, None).await
 }
@@ -652,7 +713,7 @@ async fn open_checked(
     device: &str,
     header: &StreamHeader,
     timeout: Duration,
-    early: bool,
+    early: Option<&Arc<EarlyBudget>>,
     silence: Option<Duration>,
 ) -> Result<QuicStream, OpenError> {
     let heard = || conn.stats().udp_rx.datagrams;
@@ -680,10 +741,12 @@ async fn open_checked(
             return Err(timed_out());
         }
     }
-    if early {
+    if let Some(budget) = early {
         let mut s = QuicStream::new(send, recv, Bytes::new());
         s.reply = Some(BytesMut::new());
-        s.early_left = EARLY_BYTES;
+        let hold = budget.take(EARLY_BYTES);
+        s.early_left = hold.bytes;
+        s.early_hold = Some(hold);
         s.reply_deadline = Some(Box::pin(tokio::time::sleep_until(deadline)));
         return Ok(s);
     }
