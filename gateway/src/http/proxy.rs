@@ -436,6 +436,10 @@ pub(crate) async fn handle(
                     let (parts, up) = resp.into_parts();
                     if let Some(up) = up.into_upgraded() {
                         let shapers = (shape_in, shape_out);
+                        // Kept as long as the upgraded connection: a URI sliced out of the
+                        // client's read buffer would keep all of it (a head padded to 63 KiB
+                        // with a header the gateway strips left 128 KiB per WebSocket).
+                        log.uri = detached(&log.uri);
                         let recheck = Recheck {
                             policy: front.hub().policy().clone(),
                             host: upgrade_host.unwrap_or_default(),
@@ -977,6 +981,12 @@ impl Recheck {
 /// After a `101 Switching Protocols`, joins the client's and the service's connections,
 /// shaped like the app's other traffic (`bandwidth`, `bandwidth_per_connection`): (client →
 /// service, service → client), until either ends or the policy no longer allows the request.
+/// `uri` in memory of its own.
+fn detached(uri: &http::Uri) -> http::Uri {
+    http::Uri::from_maybe_shared(bytes::Bytes::copy_from_slice(uri.to_string().as_bytes()))
+        .unwrap_or_else(|_| uri.clone())
+}
+
 async fn splice_upgrade(
     client: tokio::sync::oneshot::Receiver<Upgraded>,
     mut u: Upgraded,
