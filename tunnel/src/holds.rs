@@ -153,8 +153,10 @@ impl Holds {
                 true
             });
         }
-        // Those whose sender reset them go first, whatever the budget.
-        held.retain(|(since, w)| !w.cut_if_reset(*since, peer));
+        // Those whose sender reset them go first, whatever the budget; those with nothing
+        // waiting unread hold no credit (their reader is slow to take the last of what it
+        // read: cutting one frees nothing, loses its tail, and spares one that does hold).
+        held.retain(|(since, w)| w.look(*since, peer) == Look::HoldsData);
         if held.len() <= HELD_BUDGET {
             return 0;
         }
@@ -233,18 +235,29 @@ pub fn sweep_timing(stall: std::time::Duration) -> (std::time::Duration, u64) {
     (tick, stall_ticks)
 }
 
+/// What the sweep finds at a stream it saw held ([`Watched::look`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Look {
+    /// Read since, cut, or reset by its sender (and so cut now).
+    NotHeld,
+    /// Data waits unread: it holds that much of the connection's credit.
+    HoldsData,
+    /// Nothing waits (all of it read, or nothing more came).
+    Empty,
+}
+
 impl Watched {
-    /// Cuts the stream if its sender reset it and its reader has not read since the sweep saw
-    /// it held from tick `since`; whether it did.
-    fn cut_if_reset(&self, since: u64, peer: &str) -> bool {
+    /// Looks at a stream the sweep saw held from tick `since`: cuts it if its sender reset it
+    /// and its reader has not read since, and tells whether data waits in it.
+    fn look(&self, since: u64, peer: &str) -> Look {
         let mut recv = self.recv.lock().unwrap_or_else(PoisonError::into_inner);
         // Read again since the scan (reads run under this lock): not held any more, and its
         // reader may be waiting in quinn for data now.
         if self.since.load(Ordering::Relaxed) != since {
-            return false;
+            return Look::NotHeld;
         }
         let Some(r) = recv.as_mut() else {
-            return false;
+            return Look::NotHeld;
         };
         // A read of no bytes, without a waker: it takes nothing (quinn hands back an empty
         // chunk while data waits) and fails if the stream was reset (a reset drops the data
@@ -254,8 +267,12 @@ impl Watched {
         // read leaves one only when more is to come, whose arrival takes it; it replaces no
         // reader's, as the reader's last read returned data (it is held).
         let read = pin!(r.read_chunk(0, true)).poll(&mut Context::from_waker(Waker::noop()));
-        let Poll::Ready(Err(quinn::ReadError::Reset(code))) = read else {
-            return false;
+        let code = match read {
+            Poll::Ready(Err(quinn::ReadError::Reset(code))) => code,
+            Poll::Ready(Ok(Some(_))) => return Look::HoldsData,
+            Poll::Ready(Ok(None)) | Poll::Pending => return Look::Empty,
+            // Lost with its connection, or stopped: the reader's next read says so.
+            Poll::Ready(Err(_)) => return Look::NotHeld,
         };
         // quinn freed the stream's state with the reset; the reader is told at its next poll
         // (the cut), and the splice at once.
@@ -271,7 +288,7 @@ impl Watched {
             code = code.into_inner(),
             "stream reset by its sender while its reader was stuck writing: its connection ends"
         );
-        true
+        Look::NotHeld
     }
 
     /// Whether a cut ([`Self::poll_cut`]) was for the sender's reset.
