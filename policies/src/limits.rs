@@ -625,7 +625,8 @@ impl AppLimits {
                 None => (Some(Arc::new(RateLimiter::new(c))), None),
             },
             (Some(r), None) => (None, Some((r.clone(), r.clock.now()))),
-            // Kept only while it may still matter: a table of up to 65,536 keys, unswept.
+            // Kept only while it may still matter (its table is emptied by `maintain` once a
+            // whole burst has refilled since the removal).
             (None, None) => (None, retired.cloned()),
         };
         AppLimits {
@@ -685,15 +686,22 @@ impl AppLimits {
         self.config.max_body
     }
 
-    /// Periodic housekeeping (forget recovered rate-limit keys), the removed limiter's too:
-    /// kept in case the limit comes back, its table (up to 65,536 clients) was never swept
-    /// while the app's limits stayed as the edit left them.
+    /// Periodic housekeeping (forget recovered rate-limit keys). The removed limiter's table
+    /// (up to 65,536 clients, kept in case the limit comes back) is emptied once a whole
+    /// burst has refilled since the removal, when a limit coming back takes nothing from it;
+    /// before, it was never swept while the app's limits stayed as the edit left them. Not
+    /// swept key by key: what a client lacked is read as of the removal, and one full again
+    /// now may have lacked tokens then.
     pub fn maintain(&self) {
         if let Some(r) = &self.rate {
             r.maintain();
         }
-        if let Some((r, _)) = &self.retired_rate {
-            r.maintain();
+        if let Some((r, at)) = &self.retired_rate {
+            let gone = r.clock.now().as_u64().saturating_sub(at.as_u64());
+            if Duration::from_nanos(gone) >= r.full_refill() && !r.store.0.is_empty() {
+                r.store.0.clear();
+                r.store.0.shrink_to_fit();
+            }
         }
     }
 }
@@ -704,7 +712,8 @@ mod tests {
     use crate::units::Rate;
 
     /// A rate limit an edit removed keeps its limiter (in case it comes back), but not its
-    /// clients for good: the housekeeping that sweeps the app's limiter sweeps it too.
+    /// clients for good: the housekeeping that sweeps the app's limiter empties it once a
+    /// whole burst has refilled since the removal.
     #[tokio::test(start_paused = true)]
     async fn a_removed_rate_limiters_clients_are_swept() {
         let limited = LimitsConfig {
@@ -727,8 +736,13 @@ mod tests {
         assert_eq!(rate.len(), 100);
         let after = AppLimits::reloaded(&LimitsConfig::default(), &before);
         assert!(after.rate.is_none());
-        // A whole burst's refill later, every client's bucket is full again.
-        tokio::time::advance(Duration::from_secs(1)).await;
+        // Before a whole burst's refill (0.5 s), kept: a limit coming back reads what each
+        // client lacked at the removal.
+        tokio::time::advance(Duration::from_millis(300)).await;
+        after.maintain();
+        assert_eq!(rate.len(), 100);
+        // After it, nobody lacked anything a limit coming back could read.
+        tokio::time::advance(Duration::from_millis(700)).await;
         after.maintain();
         assert_eq!(rate.len(), 0, "the removed limiter's clients were kept");
     }

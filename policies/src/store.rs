@@ -264,7 +264,9 @@ impl PolicyStore {
     /// Loads `dir` as a gateway starts. When the directory holds exactly the edit a running
     /// gateway last refused (kept in [`crate::accepted`]'s copy), the policy that served then
     /// serves again and that edit's errors are logged and reported in the status: a refused
-    /// edit left in place must not keep the gateway from starting after a reboot. Otherwise
+    /// edit left in place must not keep the gateway from starting after a reboot. So too when a
+    /// file the copy's apps came from is blank now and they are in no other (an editor's save
+    /// cut short by a crash), as a reload refuses it. Otherwise
     /// the directory is loaded as [`PolicyStore::load`] does, its errors returned; once the
     /// gateway has started on it, [`PolicyStore::started`] keeps it as the accepted copy.
     pub fn load_keeping_accepted(dir: &Path) -> Result<Self, Vec<PolicyError>> {
@@ -358,7 +360,10 @@ impl PolicyStore {
         // A file emptied while the gateway was down (a crash between an editor's truncate and
         // its write) is refused as a reload refuses it: its apps would not serve, and the
         // start would then replace the copy, the only place their text is left.
-        if let Some(copy) = last_accepted {
+        // Only blank files: a directory emptied of policy files while the gateway was down
+        // is likelier the owner taking every app offline than a copy cut short, and serving
+        // the apps they deleted is the worse mistake.
+        if let Some(copy) = last_accepted.filter(|_| !sources.is_empty()) {
             let gone = emptied(&copy.policy, &policy, &sources, dir);
             if !gone.is_empty() {
                 let errors: Vec<String> = gone.iter().map(ToString::to_string).collect();
@@ -852,26 +857,36 @@ async fn reload_on_change(store: &Arc<PolicyStore>, interval: Duration) {
     let mut settling: Option<Fingerprint> = None;
     // Files that look meant as policy files but are not read (`app.toml.txt`, `App.TOML`):
     // told once each as they appear, or an app saved under such a name is silently absent.
+    // Looked for when the directory's names change (the look stats every entry).
     let mut ignored: Vec<PathBuf> = Vec::new();
+    let mut names: Vec<std::ffi::OsString> = Vec::new();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate: files not read are told as the watcher starts.
     loop {
         ticker.tick().await;
         // Off the runtime's threads, as the reload is: listing a hung mount blocks, and the
         // minute ticks beside this loop (and the gateway's traffic) must go on.
         let d = dir.clone();
-        let Ok((now, ignored_now)) =
-            tokio::task::spawn_blocking(move || (fingerprint(&d), crate::ignored_policy_files(&d)))
-                .await
+        let before = std::mem::take(&mut names);
+        let Ok((now, names_now, ignored_now)) = tokio::task::spawn_blocking(move || {
+            let names_now = entry_names(&d);
+            let ignored_now = (names_now != before).then(|| crate::ignored_policy_files(&d));
+            (fingerprint(&d), names_now, ignored_now)
+        })
+        .await
         else {
             continue;
         };
-        for (path, why) in &ignored_now {
-            if !ignored.contains(path) {
-                tracing::warn!(file = %path.display(), "{why}: this file in the policy directory is not read");
+        names = names_now;
+        if let Some(ignored_now) = ignored_now {
+            for (path, why) in &ignored_now {
+                if !ignored.contains(path) {
+                    tracing::warn!(file = %path.display(), "{why}: this file in the policy directory is not read");
+                }
             }
+            ignored = ignored_now.into_iter().map(|(p, _)| p).collect();
         }
-        ignored = ignored_now.into_iter().map(|(p, _)| p).collect();
         let read = store
             .read_at
             .lock()
@@ -904,6 +919,15 @@ async fn reload_on_change(store: &Arc<PolicyStore>, interval: Duration) {
         }
         store.current().maintain();
     }
+}
+
+/// The names in `dir`, sorted (empty when it cannot be listed).
+fn entry_names(dir: &Path) -> Vec<std::ffi::OsString> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
 /// Stops the watcher task when dropped.

@@ -1360,6 +1360,16 @@ async fn a_start_with_an_emptied_file_serves_the_last_accepted_policy() {
     assert!(store.last_reload().ok, "{:?}", store.last_reload());
     assert!(store.current().policy.app("a").is_none());
     assert!(store.current().policy.app("b").is_some());
+    store.started();
+    drop(store);
+
+    // Every policy file removed while stopped: the owner taking the apps offline, not a copy
+    // cut short — nothing serves (the copy's apps, deleted, must not).
+    for f in ["a.toml", "b.toml"] {
+        std::fs::remove_file(dir.join(f)).expect("rm");
+    }
+    let store = PolicyStore::load_keeping_accepted(&dir).expect("load");
+    assert!(store.current().policy.apps().is_empty());
 }
 
 /// Log output of the current thread, as text (the subscriber set with [`captured_logs`]).

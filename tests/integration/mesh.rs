@@ -946,36 +946,22 @@ async fn a_peer_addr_during_a_round_redirects_its_next_attempt() {
 async fn a_peer_addr_during_the_last_attempt_is_dialed() {
     let (_z, peers, _e1, e2) = peer_table();
     // The peer's old address: takes the Initials, answers none. Each attempt dials anew, with
-    // a connection ID of its own: counting those tells when the last attempt has begun.
+    // a connection ID of its own: the thread counting those tells the round of the peer's new
+    // address as soon as the last attempt has begun (from there, not from a task the runtime
+    // may be slow to run: the attempt lasts 2 s).
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     silent
         .set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
-    let attempts = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let counter = std::thread::spawn({
-        let (silent, attempts, stop) =
-            (silent.try_clone().unwrap(), attempts.clone(), stop.clone());
-        move || {
-            let mut buf = [0u8; 2048];
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let Ok(n) = silent.recv(&mut buf) else {
-                    continue;
-                };
-                // A long header: flags, version (4), DCID length, DCID.
-                if n > 6 && buf[0] & 0x80 != 0 {
-                    let len = buf[5] as usize;
-                    if n >= 6 + len {
-                        attempts.lock().unwrap().insert(buf[6..6 + len].to_vec());
-                    }
-                }
-            }
-        }
-    });
     let first = tunnel::proto::PeerAddr {
         device: "home2".into(),
         addrs: vec![silent.local_addr().unwrap()],
         punch_nonce: 1,
+    };
+    let moved = tunnel::proto::PeerAddr {
+        device: "home2".into(),
+        addrs: vec![e2.local_addr().unwrap()],
+        punch_nonce: 2,
     };
     let addrs = peers.on_peer_addr(&first, on_loopback()).expect("a round");
     let accepting = tokio::spawn({
@@ -984,21 +970,38 @@ async fn a_peer_addr_during_the_last_attempt_is_dialed() {
     });
     let round = tokio::spawn(peers.clone().punch("home2".into(), addrs));
     let last = tunnel::peers::PUNCH_ATTEMPTS as usize;
-    wait_until("the last attempt began", WAIT, || {
-        attempts.lock().unwrap().len() >= last
-    })
-    .await;
-    let moved = tunnel::proto::PeerAddr {
-        device: "home2".into(),
-        addrs: vec![e2.local_addr().unwrap()],
-        punch_nonce: 2,
-    };
-    assert!(peers.on_peer_addr(&moved, on_loopback()).is_none());
+    let teller = std::thread::spawn({
+        let peers = peers.clone();
+        move || {
+            let mut attempts = std::collections::HashSet::new();
+            let mut buf = [0u8; 2048];
+            let deadline = std::time::Instant::now() + WAIT;
+            while attempts.len() < last {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the last attempt never began"
+                );
+                let Ok(n) = silent.recv(&mut buf) else {
+                    continue;
+                };
+                // A long header: flags, version (4), DCID length, DCID.
+                if n > 6 && buf[0] & 0x80 != 0 {
+                    let len = buf[5] as usize;
+                    if n >= 6 + len {
+                        attempts.insert(buf[6..6 + len].to_vec());
+                    }
+                }
+            }
+            // A round is running: its next attempt (or the one more) dials these.
+            peers.on_peer_addr(&moved, on_loopback()).is_none()
+        }
+    });
     let conn = tokio::time::timeout(WAIT, round)
         .await
         .expect("the round did not end")
         .unwrap()
         .expect("the addresses that came during the last attempt were not dialed");
+    assert!(teller.join().unwrap(), "no round was running");
     assert_eq!(
         tunnel::peers::peer_identity(&conn)
             .unwrap()
@@ -1010,8 +1013,6 @@ async fn a_peer_addr_during_the_last_attempt_is_dialed() {
         .await
         .unwrap()
         .unwrap();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    counter.join().unwrap();
 }
 
 /// The payload early opens send before their replies is bounded per connection, not only per

@@ -57,19 +57,23 @@ pub fn sanitize_local(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
 /// make, and nothing else. Dialable and canonical, no repeats; private ones ([`is_lan`]),
 /// and of the others only the last (the peer's observed address; several were a gateway
 /// pointing the agent's packets at hosts of its choosing). Loopback only when `gateway` is
-/// on loopback too (a zone on one machine); link-local never (no scope to send it with,
-/// and nothing a round makes).
+/// on loopback too (a zone on one machine), IPv4 link-local (169.254/16) only when it is
+/// link-local too (a network without DHCP); IPv6 link-local never (no scope to send it
+/// with, and nothing a round makes).
 pub fn sanitize_peer(addrs: &[SocketAddr], gateway: SocketAddr) -> Vec<SocketAddr> {
-    let gateway_local = gateway.ip().to_canonical().is_loopback();
+    let gateway = gateway.ip().to_canonical();
+    let v4_link_local = |ip: IpAddr| matches!(ip, IpAddr::V4(v4) if v4.is_link_local());
     let mut out: Vec<SocketAddr> = Vec::new();
     let mut observed = None;
     for a in addrs.iter().map(|a| canonical(*a)) {
         let ip = a.ip();
-        let link_local = match ip {
-            IpAddr::V4(v4) => v4.is_link_local(),
-            IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+        let refused = match ip {
+            IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80 => true,
+            _ if ip.is_loopback() => !gateway.is_loopback(),
+            _ if v4_link_local(ip) => !v4_link_local(gateway),
+            _ => false,
         };
-        if !dialable(&a) || link_local || (ip.is_loopback() && !gateway_local) {
+        if !dialable(&a) || refused {
             continue;
         }
         if is_lan(ip) {
@@ -211,6 +215,11 @@ mod tests {
             vec![a("[::1]:5000")]
         );
         assert!(sanitize_peer(&[a("127.0.0.1:5000")], public_gw).is_empty());
+        // A network without DHCP: IPv4 link-local everywhere, the gateway's too.
+        assert_eq!(
+            sanitize_peer(&[a("169.254.7.8:5000")], a("169.254.1.1:4433")),
+            vec![a("169.254.7.8:5000")]
+        );
         // What a round is made of passes whole.
         let round = punch_candidates(
             a("203.0.113.22:1000"),

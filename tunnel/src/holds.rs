@@ -14,9 +14,14 @@
 //! A stream is *held* when its last read returned data and nobody has read it since, for at
 //! least the stall time ([`crate::transport::Tuning::reader_stall`]). A reader that waits for
 //! data (its last read was pending), reached the end, or put its connection back to rest
-//! ([`Watched::rest`]) holds nothing; so does one that keeps reading, however slowly. While at
-//! most [`HELD_BUDGET`] streams of a connection are held, nothing happens: clients may pause.
-//! Beyond that the longest-held are cut: their receive side is stopped (quinn drops the unread
+//! ([`Watched::rest`]) is not held; nor is one that keeps reading, however slowly — though up
+//! to a stream window may wait unread for it, and eight readers slower than the device fill
+//! the connection's window between them, slowing its other streams to their pace (not solved
+//! here: it needs per-stream windows that follow the reader). Of the held streams only those
+//! with data waiting unread
+//! count: one whose reader read all there was (and is slow to write the last of it) holds no
+//! credit. While at most [`HELD_BUDGET`] streams of a connection count, nothing happens:
+//! clients may pause. Beyond that the longest-held are cut: their receive side is stopped (quinn drops the unread
 //! data and returns its credit; the device sees STOP_SENDING and ends its side) and their
 //! reader gets an error at its next read.
 //!
@@ -133,7 +138,8 @@ impl Holds {
     }
 
     /// Forgets streams that ended and cuts the longest-held beyond [`HELD_BUDGET`] of those
-    /// held for the stall time (`stall_ticks` ticks of period `tick`). Returns how many it cut.
+    /// held for the stall time (`stall_ticks` ticks of period `tick`) with data waiting unread.
+    /// Returns how many it cut.
     /// `peer` names the other end of the connection in the log line.
     pub fn sweep(&self, stall_ticks: u64, tick: std::time::Duration, peer: &str) -> usize {
         let now = self.clock.now();

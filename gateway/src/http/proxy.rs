@@ -978,15 +978,15 @@ impl Recheck {
     }
 }
 
-/// After a `101 Switching Protocols`, joins the client's and the service's connections,
-/// shaped like the app's other traffic (`bandwidth`, `bandwidth_per_connection`): (client →
-/// service, service → client), until either ends or the policy no longer allows the request.
-/// `uri` in memory of its own.
+/// `uri` in memory of its own (not a slice of the buffer it was read into).
 fn detached(uri: &http::Uri) -> http::Uri {
     http::Uri::from_maybe_shared(bytes::Bytes::copy_from_slice(uri.to_string().as_bytes()))
         .unwrap_or_else(|_| uri.clone())
 }
 
+/// After a `101 Switching Protocols`, joins the client's and the service's connections,
+/// shaped like the app's other traffic (`bandwidth`, `bandwidth_per_connection`): (client →
+/// service, service → client), until either ends or the policy no longer allows the request.
 async fn splice_upgrade(
     client: tokio::sync::oneshot::Receiver<Upgraded>,
     mut u: Upgraded,

@@ -194,8 +194,7 @@ where
             Next::Closed | Next::Shutdown => break,
             Next::H2 => {
                 let mut w = lock(&wire);
-                // Copied: a slice would keep the connection's whole read buffer (grown to
-                // 128 KiB by a padded head) for as long as the upgraded connection lasts.
+                // Copied, as for an upgrade below: the HTTP/2 connection lasts.
                 let pending = Bytes::copy_from_slice(&w.buf.split());
                 return match w.io.take() {
                     Some(io) => Served::H2(Upgraded::new(pending, io)),
@@ -340,7 +339,9 @@ where
         }
         if switching {
             let mut w = lock(&wire);
-            let pending = w.buf.split().freeze();
+            // Copied: a slice would keep the connection's whole read buffer (grown to 128 KiB
+            // by a padded head) for as long as the upgraded connection lasts.
+            let pending = Bytes::copy_from_slice(&w.buf.split());
             if let (Some(io), Some(tx)) = (w.io.take(), up_tx) {
                 let _ = tx.send(Upgraded::new(pending, io));
             }
