@@ -359,10 +359,10 @@ impl PolicyStore {
         let (policy, sources) = crate::check_read(raw, read_errs)?;
         // A file emptied while the gateway was down (a crash between an editor's truncate and
         // its write) is refused as a reload refuses it: its apps would not serve, and the
-        // start would then replace the copy, the only place their text is left.
-        // Only blank files: a directory emptied of policy files while the gateway was down
-        // is likelier the owner taking every app offline than a copy cut short, and serving
-        // the apps they deleted is the worse mistake.
+        // start would then replace the copy, the only place their text is left. Not a
+        // directory without policy files (a reload refuses that too): at a start it is likelier
+        // the owner taking every app offline, and serving apps they deleted is the worse
+        // mistake.
         if let Some(copy) = last_accepted.filter(|_| !sources.is_empty()) {
             let gone = emptied(&copy.policy, &policy, &sources, dir);
             if !gone.is_empty() {
