@@ -584,10 +584,11 @@ impl AppLimits {
     /// The limits for `config` replacing `old` (the same app's, under other limits) on a policy
     /// reload: open connections stay counted against the new maxima, rate limits that did not
     /// change are kept, and under a changed rate limit each client in use keeps what its
-    /// bucket lacked. A reload thus never gives a client a fresh allowance. Bandwidth buckets are kept and take the new
-    /// rates, open connections' included (a lowered `bandwidth` used to leave them on the old
-    /// bucket, the app moving old + new); a removed limit leaves them unlimited until it
-    /// comes back; connections opened without one stay unlimited.
+    /// bucket lacked. A reload thus never gives a client a fresh allowance. Bandwidth buckets
+    /// are kept and take the new rates, open connections' included (a lowered `bandwidth`
+    /// used to leave them on the old bucket, the app moving old + new); a removed limit
+    /// leaves them unlimited until it comes back; connections opened without one stay
+    /// unlimited.
     pub fn reloaded(config: &LimitsConfig, old: &AppLimits) -> Self {
         old.connections
             .set_limits(config.max_connections, config.max_connections_per_client);
