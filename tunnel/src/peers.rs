@@ -638,9 +638,9 @@ impl Peers {
     ///
     /// `gateway`: the address of the gateway that sent it. Only what an honest gateway sends
     /// is dialed: private (LAN) addresses, and one other (the peer's observed address, last
-    /// in the list); loopback only from a gateway on loopback (one machine), and no
-    /// link-local address. A gateway that is buggy or not ours then steers at most one
-    /// Internet address's worth of this agent's packets a round.
+    /// in the list); loopback and link-local only as [`candidates::sanitize_peer`] says. A
+    /// gateway that is buggy or not ours then steers at most one Internet address's worth of
+    /// this agent's packets a round.
     pub fn on_peer_addr(&self, pa: &PeerAddr, gateway: SocketAddr) -> Option<Vec<SocketAddr>> {
         let device = pa.device.as_str();
         if device == self.creds.name()
