@@ -519,11 +519,14 @@ fn app_listening(
 /// connection's own app decides if it still leads to `target` from another address of the
 /// same kind: two apps that swap ports keep their listeners (see the module doc), and each
 /// one's connections stay under its rules instead of being cut for the other's target; an
-/// app moved to another address keeps its open connections.
+/// app moved to another port or address keeps its open connections — if its new address
+/// still takes connections to `reached`, the local address the client reached (`0.0.0.0` to
+/// `127.0.0.1` is an edit withdrawing public access, whose sessions then end).
 pub(crate) fn still_allowed(
     active: &policies::Active,
     kind: Kind,
     listen: SocketAddr,
+    reached: std::net::IpAddr,
     opened_by: &str,
     target: &policies::Target,
     who: &Requester<'_>,
@@ -542,11 +545,21 @@ pub(crate) fn still_allowed(
         Some(a) if a.target != *target => own().or(here),
         // Nothing listens here any more: the app moved to another port or address (`:2222`
         // to `:2200`, `0.0.0.0:P` to `[::]:P`), and its connections go on under its rules,
-        // as a swap's do; they were cut, every SSH session with them.
-        None => own(),
+        // as a swap's do; they were cut, every SSH session with them. Not when the new
+        // address would not take them (narrowed to loopback or a private address).
+        None => own().filter(|a| match a.listener {
+            Listener::Tcp(at) | Listener::Udp(at) => takes(at.ip(), reached),
+            _ => false,
+        }),
         _ => here,
     };
     active.decide_again(app, target, who, None, None)
+}
+
+/// Whether a socket bound to `bound` takes what is sent to `reached`: a wildcard takes every
+/// address (`[::]` IPv4 too, dual-stack as the gateway binds it), else only its own.
+fn takes(bound: std::net::IpAddr, reached: std::net::IpAddr) -> bool {
+    bound.is_unspecified() || bound.to_canonical() == reached.to_canonical()
 }
 
 async fn tcp_loop(
@@ -602,6 +615,8 @@ async fn tcp_conn(
     lines: &std::sync::Mutex<LogBudget>,
 ) {
     let _ = tcp.set_nodelay(true);
+    // The address the client reached (on a wildcard listen, one of the machine's).
+    let reached = tcp.local_addr().map_or(listen.ip(), |a| a.ip());
     let started = Instant::now();
     // The listener is being replaced or removed: the policy no longer names its address.
     let Some((active, i)) = app_at(&hub, Kind::Tcp, listen) else {
@@ -711,8 +726,8 @@ async fn tcp_conn(
     }
     // Decided once as it opened; asked again whenever the policy or the minute changes.
     let policy = hub.policy().clone();
-    let refused =
-        policy.until_refused(|a| still_allowed(a, Kind::Tcp, listen, &app_name, &target, &who));
+    let refused = policy
+        .until_refused(|a| still_allowed(a, Kind::Tcp, listen, reached, &app_name, &target, &who));
     let stop = async {
         tokio::select! {
             why = refused => why,

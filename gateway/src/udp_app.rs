@@ -598,9 +598,18 @@ impl AppSocket {
             .iter()
             .filter_map(|(peer, e)| {
                 let who = Requester::Public { ip: e.client.ip() };
-                still_allowed(&active, Kind::Udp, self.listen, &e.app, &e.target, &who)
-                    .err()
-                    .map(|why| (*peer, why))
+                let reached = e.local.unwrap_or(self.listen.ip());
+                still_allowed(
+                    &active,
+                    Kind::Udp,
+                    self.listen,
+                    reached,
+                    &e.app,
+                    &e.target,
+                    &who,
+                )
+                .err()
+                .map(|why| (*peer, why))
             })
             .collect();
         drop(active);
