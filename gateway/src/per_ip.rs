@@ -42,7 +42,7 @@ fn prefix(ip: std::net::Ipv6Addr, bits: u32) -> IpAddr {
 
 /// The keys a client's connections count under: its address (IPv6: its /64), and for IPv6
 /// its /48.
-fn keys(ip: IpAddr) -> (IpAddr, Option<IpAddr>) {
+pub(crate) fn keys(ip: IpAddr) -> (IpAddr, Option<IpAddr>) {
     match ip.to_canonical() {
         IpAddr::V6(v6) => (prefix(v6, 64), Some(prefix(v6, 48))),
         v4 => (v4, None),

@@ -267,6 +267,8 @@ struct AppSocket {
     opened: mpsc::UnboundedSender<Opened>,
     /// When a full table last looked for flows to end.
     last_eviction: Option<Instant>,
+    /// When a client at its limit last ended a flow of its own ([`AppSocket::make_room_for`]).
+    last_client_eviction: Option<Instant>,
     /// Log lines of refused flows, of failed opens, and of flows that ended not in use both
     /// ways:
     /// each kind is what a flood causes, each has its own budget.
@@ -315,6 +317,7 @@ pub async fn run(
         next_id: 0,
         opened,
         last_eviction: None,
+        last_client_eviction: None,
         refused_lines: LogBudget::new(LINES_PER_SECOND),
         failed_lines: LogBudget::new(LINES_PER_SECOND),
         unassured_lines: LogBudget::new(LINES_PER_SECOND),
@@ -469,8 +472,16 @@ impl AppSocket {
         // As written, for the device, logs and limits: an IPv4 client on a `[::]` socket
         // arrives as `::ffff:a.b.c.d`.
         let client = tunnel::sockets::canonical(peer);
-        // The first refusal of a run is logged by `per_ip`.
-        let Some(slot) = self.per_ip.admit(client.ip()) else {
+        // The first refusal of a run is logged by `per_ip`. At its limit, a client ends one
+        // of its own flows that is closed, idle or quiet and not in use both ways, and is let
+        // in: forged datagrams from its address (never answered) otherwise held every slot
+        // of it, and its own new flows were refused for as long as the forger sent.
+        let slot = self.per_ip.admit(client.ip()).or_else(|| {
+            self.make_room_for(client.ip())
+                .then(|| self.per_ip.admit(client.ip()))
+                .flatten()
+        });
+        let Some(slot) = slot else {
             state.counters.refused(Refusal::ConnectionLimit);
             return;
         };
@@ -692,6 +703,55 @@ impl AppSocket {
             }
         }
         self.flows.len() < self.limit
+    }
+
+    /// Ends the surest, quietest flow of `ip`'s own (its address, or IPv6 /64, first; then
+    /// its /48) that the device closed, is idle, or was never answered and has been quiet
+    /// for [`EVICT_QUIET`], for a new flow of `ip` at its per-client limit; at most one every
+    /// [`EVICT_EVERY`] (a forger's flows cost it one each). Whether one ended.
+    fn make_room_for(&mut self, ip: std::net::IpAddr) -> bool {
+        let now = Instant::now();
+        if self
+            .last_client_eviction
+            .is_some_and(|t| now.duration_since(t) < EVICT_EVERY)
+        {
+            return false;
+        }
+        let (key, site) = crate::per_ip::keys(ip);
+        let victim = self
+            .flows
+            .iter()
+            .filter_map(|(peer, e)| {
+                let (k, s) = crate::per_ip::keys(e.client.ip());
+                let same = if k == key {
+                    0u8
+                } else if site.is_some() && s == site {
+                    1
+                } else {
+                    return None;
+                };
+                let (rank, quiet, why) = e.evictable(self.idle)?;
+                // Closed or idle, or never answered: a flow the service answered is the
+                // client's own, and stays (the limit is what it may hold at once).
+                (rank == 0 || (rank == 1 && !e.answered()))
+                    .then_some((same, rank, quiet, *peer, why))
+            })
+            .min_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)).then(b.2.cmp(&a.2)));
+        let Some((_, _, _, peer, why)) = victim else {
+            return false;
+        };
+        self.last_client_eviction = Some(now);
+        match self.flows.remove(&peer) {
+            Some(e) => {
+                let why = format!(
+                    "client at its limit, {}",
+                    why.trim_start_matches("table full, ")
+                );
+                self.end(e, &why);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Ends a flow taken out of the table: its task stops, and one line says so with its

@@ -1992,6 +1992,52 @@ async fn one_client_address_cannot_take_every_udp_flow() {
     gw.shutdown.cancel();
 }
 
+/// Datagrams forged from a client's address (never answered) cannot hold its flow slots
+/// against it: at its `udp_flows_per_ip`, a flow of its own the device never answered and
+/// quiet for a second ends for its new one. Before, the forger kept it at its limit with a
+/// few datagrams a second, and every new flow of the client was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_flows_from_a_clients_address_do_not_lock_it_out() {
+    let z = TestZone::new(&["home1"]);
+    let gw = udp_app_gateway(&z, "picky", |o| o.udp_flows_per_ip = 4).await;
+    let service = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let service_addr = service.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = service.recv_from(&mut buf).await {
+            if !buf[..n].starts_with(b"quiet") {
+                let _ = service.send_to(&buf[..n], from).await;
+            }
+        }
+    });
+    let svcs = services(&[("picky", service_addr, tunnel::proto::ServiceProto::Udp)]);
+    let _h1 = start_agent(&z, "home1", svcs, vec![], fast_tuning()).await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let app = gw.apps["picky"];
+    // The forger: four flows from 127.0.0.1 the service never answers.
+    let mut forged = Vec::new();
+    for _ in 0..4 {
+        let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.send_to(b"quiet, forged", app).await.unwrap();
+        forged.push(s);
+    }
+    // All four taken; once they have been quiet for a second, the client's own new flow is
+    // served.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_s, got) = udp_ask("127.0.0.1", app, b"mine", Duration::from_millis(500)).await;
+        if got.as_deref() == Some(&b"mine"[..]) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client stayed locked out by flows it never had answered"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    gw.shutdown.cancel();
+}
+
 /// A gateway whose `udp` app `picky` (a table of 4 flows) reaches a service on home1 that
 /// echoes everything but datagrams starting with "quiet"; home1 connected.
 async fn picky_udp_app() -> (TestZone, RunningGateway, RunningAgent) {
