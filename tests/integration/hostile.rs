@@ -1998,21 +1998,7 @@ async fn one_client_address_cannot_take_every_udp_flow() {
 /// few datagrams a second, and every new flow of the client was refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_flows_from_a_clients_address_do_not_lock_it_out() {
-    let z = TestZone::new(&["home1"]);
-    let gw = udp_app_gateway(&z, "picky", |o| o.udp_flows_per_ip = 4).await;
-    let service = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let service_addr = service.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = [0u8; 2048];
-        while let Ok((n, from)) = service.recv_from(&mut buf).await {
-            if !buf[..n].starts_with(b"quiet") {
-                let _ = service.send_to(&buf[..n], from).await;
-            }
-        }
-    });
-    let svcs = services(&[("picky", service_addr, tunnel::proto::ServiceProto::Udp)]);
-    let _h1 = start_agent(&z, "home1", svcs, vec![], fast_tuning()).await;
-    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let (_z, gw, _h1) = picky_udp_app_with(|o| o.udp_flows_per_ip = 4).await;
     let app = gw.apps["picky"];
     // The forger: four flows from 127.0.0.1 the service never answers.
     let mut forged = Vec::new();
@@ -2041,8 +2027,15 @@ async fn forged_flows_from_a_clients_address_do_not_lock_it_out() {
 /// A gateway whose `udp` app `picky` (a table of 4 flows) reaches a service on home1 that
 /// echoes everything but datagrams starting with "quiet"; home1 connected.
 async fn picky_udp_app() -> (TestZone, RunningGateway, RunningAgent) {
+    picky_udp_app_with(|o| o.udp_flows_per_app = 4).await
+}
+
+/// [`picky_udp_app`], the gateway's options set by `tweak`.
+async fn picky_udp_app_with(
+    tweak: impl FnOnce(&mut gateway::GatewayOptions),
+) -> (TestZone, RunningGateway, RunningAgent) {
     let z = TestZone::new(&["home1"]);
-    let gw = udp_app_gateway(&z, "picky", |o| o.udp_flows_per_app = 4).await;
+    let gw = udp_app_gateway(&z, "picky", tweak).await;
     let service = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let service_addr = service.local_addr().unwrap();
     tokio::spawn(async move {
