@@ -473,9 +473,9 @@ impl AppSocket {
         // arrives as `::ffff:a.b.c.d`.
         let client = tunnel::sockets::canonical(peer);
         // The first refusal of a run is logged by `per_ip`. At its limit, a client ends one
-        // of its own flows that is closed, idle or quiet and not in use both ways, and is let
-        // in: forged datagrams from its address (never answered) otherwise held every slot
-        // of it, and its own new flows were refused for as long as the forger sent.
+        // of its own flows that is closed, idle, or never answered and quiet, and is let in:
+        // forged datagrams from its address (never answered) otherwise held every slot of
+        // it, and its own new flows were refused for as long as the forger sent.
         let slot = self.per_ip.admit(client.ip()).or_else(|| {
             self.make_room_for(client.ip())
                 .then(|| self.per_ip.admit(client.ip()))
