@@ -615,8 +615,12 @@ async fn tcp_conn(
     lines: &std::sync::Mutex<LogBudget>,
 ) {
     let _ = tcp.set_nodelay(true);
-    // The address the client reached (on a wildcard listen, one of the machine's).
-    let reached = tcp.local_addr().map_or(listen.ip(), |a| a.ip());
+    // The address the client reached: the listen address, or on a wildcard one of the
+    // machine's (asked of the socket only then).
+    let reached = match listen.ip().is_unspecified() {
+        true => tcp.local_addr().map_or(listen.ip(), |a| a.ip()),
+        false => listen.ip(),
+    };
     let started = Instant::now();
     // The listener is being replaced or removed: the policy no longer names its address.
     let Some((active, i)) = app_at(&hub, Kind::Tcp, listen) else {

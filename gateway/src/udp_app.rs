@@ -699,7 +699,7 @@ impl AppSocket {
         }
         for (peer, why) in victims {
             if let Some(e) = self.flows.remove(&peer) {
-                self.end(e, why);
+                self.end(e, &format!("table full, {why}"));
             }
         }
         self.flows.len() < self.limit
@@ -743,11 +743,7 @@ impl AppSocket {
         self.last_client_eviction = Some(now);
         match self.flows.remove(&peer) {
             Some(e) => {
-                let why = format!(
-                    "client at its limit, {}",
-                    why.trim_start_matches("table full, ")
-                );
-                self.end(e, &why);
+                self.end(e, &format!("client at its limit, {why}"));
                 true
             }
             None => false,
@@ -780,7 +776,8 @@ impl AppSocket {
 }
 
 /// [`Entry::evictable`] of a flow alive or not, quiet for `quiet`, in use both ways
-/// (`assured`) or not, `answered` or not.
+/// (`assured`) or not, `answered` or not; its reason is told after what made room be made
+/// ("table full, idle").
 fn eviction_rank(
     alive: bool,
     quiet: Duration,
@@ -789,25 +786,25 @@ fn eviction_rank(
     young: bool,
 ) -> Option<(u8, &'static str)> {
     if !alive {
-        Some((0, "table full, closed by the device"))
+        Some((0, "closed by the device"))
     } else if quiet >= idle {
-        Some((0, "table full, idle"))
+        Some((0, "idle"))
     } else if !assured && quiet >= EVICT_QUIET {
         Some((
             1,
             match answered {
-                true => "table full, answered but not in use both ways",
-                false => "table full, never answered",
+                true => "answered but not in use both ways",
+                false => "never answered",
             },
         ))
     } else if quiet >= EVICT_ASSURED_QUIET {
-        Some((2, "table full, in use both ways but quiet"))
+        Some((2, "in use both ways but quiet"))
     } else if !assured && !young {
         // Not in use both ways, but sending: forged sources each sending once a second,
         // never quiet for EVICT_QUIET, held a full table against every newcomer for as long
         // as they sent. Ended last, the quietest first (conntrack's early drop does the same);
         // not before ASSURE_AFTER, or a newcomer let in would be ended waiting for its answer.
-        Some((3, "table full, not in use both ways"))
+        Some((3, "not in use both ways"))
     } else {
         None
     }

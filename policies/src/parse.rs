@@ -160,27 +160,35 @@ fn friendly(msg: &str) -> String {
 
 /// The `*.toml` files of `dir`, sorted. Also used by the watcher to fingerprint the directory.
 pub fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
+    Ok(policy_files_listed(dir)?.0)
+}
+
+/// [`policy_files`], and the names of every entry of `dir` (sorted), from one listing: the
+/// watcher looks for files it does not read when those change.
+pub(crate) fn policy_files_listed(
+    dir: &Path,
+) -> Result<(Vec<PathBuf>, Vec<std::ffi::OsString>), PolicyError> {
     let rd = std::fs::read_dir(dir)
         .map_err(|e| PolicyError::unreadable(dir, format!("cannot read policy directory: {e}")))?;
     let mut files = Vec::new();
+    let mut names = Vec::new();
     for entry in rd {
         let entry = entry
             .map_err(|e| PolicyError::whole(dir, format!("cannot list policy directory: {e}")))?;
         let path = entry.path();
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
+        let file_name = entry.file_name();
+        let name = file_name.to_string_lossy();
         // Hidden files are editor droppings (".#x.toml" locks); only regular *.toml count.
-        if name.starts_with('.') || path.extension().is_none_or(|e| e != "toml") {
-            continue;
-        }
+        let toml = !name.starts_with('.') && path.extension().is_some_and(|e| e == "toml");
+        names.push(file_name);
         // Followed through symlinks: a link to a directory is a sub-directory too.
-        if std::fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
-            continue;
+        if toml && !std::fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
+            files.push(path);
         }
-        files.push(path);
     }
     files.sort();
-    Ok(files)
+    names.sort();
+    Ok((files, names))
 }
 
 /// Entries of `dir` that look meant as policy files but are not read, each with why: an

@@ -798,9 +798,22 @@ struct FileStamp {
 }
 
 fn fingerprint(dir: &Path) -> Fingerprint {
+    fingerprint_listed(dir).0
+}
+
+/// [`fingerprint`], and the names of every entry of `dir` (none when it cannot be listed),
+/// from one listing.
+fn fingerprint_listed(dir: &Path) -> (Fingerprint, Vec<std::ffi::OsString>) {
+    match crate::parse::policy_files_listed(dir) {
+        Ok((files, names)) => (Ok(stamps(files)), names),
+        Err(e) => (Err(e.to_string()), Vec::new()),
+    }
+}
+
+/// Each file with what tells a change of it.
+fn stamps(files: Vec<PathBuf>) -> Vec<(PathBuf, FileStamp)> {
     use std::os::unix::fs::MetadataExt;
-    let files = crate::policy_files(dir).map_err(|e| e.to_string())?;
-    Ok(files
+    files
         .into_iter()
         .map(|p| {
             let stamp = std::fs::metadata(&p).map_or_else(
@@ -814,7 +827,7 @@ fn fingerprint(dir: &Path) -> Fingerprint {
             );
             (p, stamp)
         })
-        .collect())
+        .collect()
 }
 
 /// Polls the store's directory every `interval` and reloads once a change has held still for
@@ -870,9 +883,9 @@ async fn reload_on_change(store: &Arc<PolicyStore>, interval: Duration) {
         let d = dir.clone();
         let before = std::mem::take(&mut names);
         let Ok((now, names_now, ignored_now)) = tokio::task::spawn_blocking(move || {
-            let names_now = entry_names(&d);
+            let (now, names_now) = fingerprint_listed(&d);
             let ignored_now = (names_now != before).then(|| crate::ignored_policy_files(&d));
-            (fingerprint(&d), names_now, ignored_now)
+            (now, names_now, ignored_now)
         })
         .await
         else {
@@ -919,15 +932,6 @@ async fn reload_on_change(store: &Arc<PolicyStore>, interval: Duration) {
         }
         store.current().maintain();
     }
-}
-
-/// The names in `dir`, sorted (empty when it cannot be listed).
-fn entry_names(dir: &Path) -> Vec<std::ffi::OsString> {
-    let mut names: Vec<_> = std::fs::read_dir(dir)
-        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
-    names.sort();
-    names
 }
 
 /// Stops the watcher task when dropped.
