@@ -889,19 +889,27 @@ async fn a_punch_round_keeps_its_new_dial_over_a_confirmed_connection_from_befor
     );
 }
 
-/// A `PeerAddr` that comes while a round runs (the peer moved: restarted on another port, its
-/// NAT gave it another mapping) is not dropped: the round's next attempt dials its addresses.
-/// Before, the round spent its attempts on the stale ones and failed; the next round came only
-/// with the next relayed stream, 30 s on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_addr_during_a_round_redirects_its_next_attempt() {
-    let (_z, peers, _e1, e2) = peer_table();
-    // An address that takes the Initials and never answers: the peer's old one.
-    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+/// A punch round of `peers` towards home2 begun at `stale` (an address that takes the
+/// Initials and answers none: the peer's old one), home2's endpoint `e2` accepting; and the
+/// `PeerAddr` that tells home2's real address.
+fn round_from_a_stale_address(
+    peers: &std::sync::Arc<tunnel::peers::Peers>,
+    e2: &quinn::Endpoint,
+    stale: &std::net::UdpSocket,
+) -> (
+    tokio::task::JoinHandle<Option<quinn::Connection>>,
+    tokio::task::JoinHandle<quinn::Connection>,
+    tunnel::proto::PeerAddr,
+) {
     let first = tunnel::proto::PeerAddr {
         device: "home2".into(),
-        addrs: vec![silent.local_addr().unwrap()],
+        addrs: vec![stale.local_addr().unwrap()],
         punch_nonce: 1,
+    };
+    let moved = tunnel::proto::PeerAddr {
+        device: "home2".into(),
+        addrs: vec![e2.local_addr().unwrap()],
+        punch_nonce: 2,
     };
     let addrs = peers.on_peer_addr(&first, on_loopback()).expect("a round");
     let accepting = tokio::spawn({
@@ -909,21 +917,20 @@ async fn a_peer_addr_during_a_round_redirects_its_next_attempt() {
         async move { e2.accept().await.unwrap().await.unwrap() }
     });
     let round = tokio::spawn(peers.clone().punch("home2".into(), addrs));
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let moved = tunnel::proto::PeerAddr {
-        device: "home2".into(),
-        addrs: vec![e2.local_addr().unwrap()],
-        punch_nonce: 2,
-    };
-    assert!(
-        peers.on_peer_addr(&moved, on_loopback()).is_none(),
-        "a second round while one runs"
-    );
+    (round, accepting, moved)
+}
+
+/// The round ended with a connection to home2 (else fails with `missed`), which home2 took.
+async fn reaches_home2(
+    round: tokio::task::JoinHandle<Option<quinn::Connection>>,
+    accepting: tokio::task::JoinHandle<quinn::Connection>,
+    missed: &str,
+) {
     let conn = tokio::time::timeout(WAIT, round)
         .await
         .expect("the round did not end")
         .unwrap()
-        .expect("the round dialed only the address it began with");
+        .expect(missed);
     assert_eq!(
         tunnel::peers::peer_identity(&conn)
             .unwrap()
@@ -935,6 +942,29 @@ async fn a_peer_addr_during_a_round_redirects_its_next_attempt() {
         .await
         .unwrap()
         .unwrap();
+}
+
+/// A `PeerAddr` that comes while a round runs (the peer moved: restarted on another port, its
+/// NAT gave it another mapping) is not dropped: the round's next attempt dials its addresses.
+/// Before, the round spent its attempts on the stale ones and failed; the next round came only
+/// with the next relayed stream, 30 s on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_addr_during_a_round_redirects_its_next_attempt() {
+    let (_z, peers, _e1, e2) = peer_table();
+    // An address that takes the Initials and never answers: the peer's old one.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (round, accepting, moved) = round_from_a_stale_address(&peers, &e2, &silent);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        peers.on_peer_addr(&moved, on_loopback()).is_none(),
+        "a second round while one runs"
+    );
+    reaches_home2(
+        round,
+        accepting,
+        "the round dialed only the address it began with",
+    )
+    .await;
     // The round is over and the nonce seen: the same PeerAddr again starts nothing.
     assert!(peers.on_peer_addr(&moved, on_loopback()).is_none());
 }
@@ -953,22 +983,7 @@ async fn a_peer_addr_during_the_last_attempt_is_dialed() {
     silent
         .set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
-    let first = tunnel::proto::PeerAddr {
-        device: "home2".into(),
-        addrs: vec![silent.local_addr().unwrap()],
-        punch_nonce: 1,
-    };
-    let moved = tunnel::proto::PeerAddr {
-        device: "home2".into(),
-        addrs: vec![e2.local_addr().unwrap()],
-        punch_nonce: 2,
-    };
-    let addrs = peers.on_peer_addr(&first, on_loopback()).expect("a round");
-    let accepting = tokio::spawn({
-        let e2 = e2.clone();
-        async move { e2.accept().await.unwrap().await.unwrap() }
-    });
-    let round = tokio::spawn(peers.clone().punch("home2".into(), addrs));
+    let (round, accepting, moved) = round_from_a_stale_address(&peers, &e2, &silent);
     let last = tunnel::peers::PUNCH_ATTEMPTS as usize;
     let teller = std::thread::spawn({
         let peers = peers.clone();
@@ -996,23 +1011,9 @@ async fn a_peer_addr_during_the_last_attempt_is_dialed() {
             peers.on_peer_addr(&moved, on_loopback()).is_none()
         }
     });
-    let conn = tokio::time::timeout(WAIT, round)
-        .await
-        .expect("the round did not end")
-        .unwrap()
-        .expect("the addresses that came during the last attempt were not dialed");
+    let dialed = "the addresses that came during the last attempt were not dialed";
+    reaches_home2(round, accepting, dialed).await;
     assert!(teller.join().unwrap(), "no round was running");
-    assert_eq!(
-        tunnel::peers::peer_identity(&conn)
-            .unwrap()
-            .name
-            .to_string(),
-        "home2"
-    );
-    tokio::time::timeout(WAIT, accepting)
-        .await
-        .unwrap()
-        .unwrap();
 }
 
 /// The payload early opens send before their replies is bounded per connection, not only per

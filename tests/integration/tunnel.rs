@@ -540,6 +540,20 @@ async fn app_a_and_a_free_port(
     )
 }
 
+/// A connection to the echo app at `a` that has had "one" echoed.
+async fn echoed_connection(a: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut open = tokio::net::TcpStream::connect(a).await.unwrap();
+    let mut buf = [0u8; 16];
+    open.write_all(b"one").await.unwrap();
+    let n = tokio::time::timeout(WAIT, open.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"one");
+    open
+}
+
 /// A `tcp` app `name` listening on `listen`, to home1's echo, for anyone.
 fn tcp_app_on(name: &str, listen: &str) -> String {
     format!("[app.{name}]\ntcp = {{ listen = \"{listen}\" }}\nto = \"home1/echo\"\nallow = {{ from = [\"public\"] }}\n")
@@ -824,14 +838,7 @@ async fn an_app_moved_to_another_port_keeps_its_open_connections() {
     let z = TestZone::new(&["home1"]);
     let (gw, _h1, a, b) = app_a_and_a_free_port(&z).await;
     let pb = b.port();
-    let mut open = tokio::net::TcpStream::connect(a).await.unwrap();
-    let mut buf = [0u8; 16];
-    open.write_all(b"one").await.unwrap();
-    let n = tokio::time::timeout(WAIT, open.read(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&buf[..n], b"one");
+    let (mut open, mut buf) = (echoed_connection(a).await, [0u8; 16]);
     z.write_policy("a.toml", &tcp_app("a", pb));
     eventually_async("a moved", || async {
         roundtrip(b, b"new port").await.ok().as_deref() == Some(&b"new port"[..])
@@ -863,17 +870,10 @@ async fn an_app_moved_to_another_port_keeps_its_open_connections() {
 /// port's do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_narrowed_to_another_address_ends_its_connections() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let z = TestZone::new(&["home1"]);
     let (gw, _h1, a, b) = app_a_and_a_free_port(&z).await;
-    let mut open = tokio::net::TcpStream::connect(a).await.unwrap();
-    let mut buf = [0u8; 16];
-    open.write_all(b"one").await.unwrap();
-    let n = tokio::time::timeout(WAIT, open.read(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&buf[..n], b"one");
+    let (mut open, mut buf) = (echoed_connection(a).await, [0u8; 16]);
     let elsewhere: std::net::SocketAddr = ([127, 0, 0, 2], b.port()).into();
     z.write_policy("a.toml", &tcp_app_on("a", &elsewhere.to_string()));
     eventually_async("a moved", || async {
