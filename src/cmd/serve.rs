@@ -360,6 +360,7 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
                 "gateways": a2.links().iter().map(|l| l.status()).collect::<Vec<_>>(),
                 "peers": a2.peers(),
                 "streams_cut": a2.streams_cut(),
+                "window_lent": a2.window_lent(),
             })
         });
         // Answers through the agent's drain; stops with it.

@@ -2247,6 +2247,114 @@ async fn clients_that_stop_reading_do_not_stall_the_device() {
     gw.shutdown.cancel();
 }
 
+/// Public clients that read a device's downloads slower than it sends them, but keep reading
+/// (never held), must not slow its other streams to their pace: each leaves a stream window
+/// unread at the gateway, and twelve of them held more than the connection's whole window, so
+/// a fast client's download got credit only as the slow ones read. The window follows the
+/// backlog now ([`tunnel::holds`]): the fast download goes at its own pace. Measured in what
+/// the slow clients read meanwhile, not in time: behind them, the fast client would have had
+/// to wait for them to read more than its whole download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_readers_do_not_slow_the_devices_other_downloads() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let z = TestZone::new(&["home1"]);
+    let port = free_tcp_port();
+    z.write_policy(
+        "a.toml",
+        &tcp_app("flood", port).replace("home1/echo", "home1/flood"),
+    );
+    // A stall time no slow reader here comes near: a read can hand over up to 32 of quinn's
+    // chunks (~280 KiB at loopback's packet size), a second's worth for them.
+    let tuning = Tuning {
+        reader_stall: Duration::from_secs(10),
+        ..fast_tuning()
+    };
+    let gw = start_gateway(&z, tuning, Duration::from_millis(500)).await;
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("flood", tcp_flood().await, ServiceProto::Tcp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let device = || {
+        gw.hub
+            .status()
+            .into_iter()
+            .find(|a| a.device == "home1")
+            .unwrap()
+    };
+
+    // Twelve readers of ~256 KiB/s: slower than the device sends, never stopping.
+    const SLOW: u64 = 12;
+    let slow_read = Arc::new(AtomicU64::new(0));
+    let mut slow = tokio::task::JoinSet::new();
+    for _ in 0..SLOW {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.set_recv_buffer_size(128 * 1024).unwrap();
+        let mut c = s.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+        c.write_all(b"go").await.unwrap();
+        let read = slow_read.clone();
+        slow.spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            let mut every = tokio::time::interval(Duration::from_millis(62));
+            loop {
+                every.tick().await;
+                match c.read(&mut buf).await {
+                    Ok(n @ 1..) => read.fetch_add(n as u64, Ordering::Relaxed),
+                    _ => return,
+                };
+            }
+        });
+    }
+    // Their unread data fills their stream windows, more than the connection's own window:
+    // it is lent a stream window for each backlogged beyond the held budget.
+    let beyond = SLOW - tunnel::holds::HELD_BUDGET as u64;
+    let lent = beyond * u64::from(tunnel::transport::STREAM_WINDOW);
+    wait_until("the window lent for the slow readers", WAIT, || {
+        device().window_lent >= lent
+    })
+    .await;
+
+    const FAST: u64 = 16 << 20;
+    let before = slow_read.load(Ordering::Relaxed);
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    c.write_all(b"go").await.unwrap();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    let download = async {
+        while got < FAST {
+            match c.read(&mut buf).await {
+                Ok(n @ 1..) => got += n as u64,
+                other => panic!("the fast download ended after {got} bytes: {other:?}"),
+            }
+        }
+    };
+    let done = tokio::time::timeout(Duration::from_secs(120), download).await;
+    let meanwhile = slow_read.load(Ordering::Relaxed) - before;
+    assert!(
+        done.is_ok(),
+        "the fast download stalled: {got} bytes in 120 s"
+    );
+    assert!(
+        meanwhile < FAST,
+        "the fast download waited on the slow readers: they read {meanwhile} bytes while it read {FAST}"
+    );
+    assert!(slow.try_join_next().is_none(), "the slow downloads go on");
+    slow.abort_all();
+    // Their backlog gone, the window goes back.
+    wait_until("the lent window given back", WAIT, || {
+        device().window_lent == 0
+    })
+    .await;
+    gw.shutdown.cancel();
+}
+
 /// A gateway listed with several addresses is one gateway: the agent keeps one connection to
 /// it, on the first address that answers (an IPv6 one its IPv4 socket cannot reach is
 /// skipped, one nothing answers at is given up after the handshake timeout). A link per

@@ -25,7 +25,7 @@ use crate::e2e;
 use crate::error::{OpenError, TunnelError};
 use crate::flow_activity::FlowActivity;
 use crate::flow_table::FlowTable;
-use crate::holds::{HoldClock, Holds};
+use crate::holds::{HoldClock, Holds, WindowPool};
 use crate::log_budget::LogBudget;
 use crate::peers::{peer_identity, PeerConn, Peers};
 use crate::proto::{
@@ -346,6 +346,9 @@ pub struct Agent {
     peer_gate: HandshakeGate,
     /// Ticks of every connection's [`Holds`], advanced by [`Agent::sweep_holds`].
     hold_clock: Arc<HoldClock>,
+    /// Receive window the connections borrow while streams wait on slow local services
+    /// ([`crate::holds`]).
+    window_pool: Arc<WindowPool>,
     /// The held-stream watch of each connection to a gateway or peer (by connection id, with
     /// the other end's name), for the streams read from it either way; gone once nothing of
     /// the connection uses it.
@@ -466,6 +469,7 @@ impl Agent {
                 PEER_VALIDATED_PER_ADDRESS,
             ),
             hold_clock: Arc::default(),
+            window_pool: Arc::default(),
             holds: Mutex::default(),
             streams_cut: AtomicU64::new(0),
             flood_lines: Arc::new(Mutex::new(LogBudget::new(FLOOD_LINES_PER_SECOND))),
@@ -617,6 +621,16 @@ impl Agent {
     /// more were held than the connection's window allows ([`crate::holds`]).
     pub fn streams_cut(&self) -> u64 {
         self.streams_cut.load(Ordering::Relaxed)
+    }
+
+    /// Receive window lent now to this node's connections (to gateways and peers), beyond
+    /// their own, for streams backlogged behind slow local services ([`crate::holds`]).
+    pub fn window_lent(&self) -> u64 {
+        let all = self.holds.lock().unwrap_or_else(|p| p.into_inner());
+        all.iter()
+            .filter_map(|(_, _, w)| w.upgrade())
+            .map(|h| h.window_lent())
+            .sum()
     }
 
     /// Mesh peers: path (direct or relay), RTT, bytes.
@@ -1452,7 +1466,11 @@ impl Agent {
         {
             return h;
         }
-        let holds = Arc::new(Holds::new(self.hold_clock.clone()));
+        let holds = Arc::new(Holds::new(
+            self.hold_clock.clone(),
+            conn.clone(),
+            self.window_pool.clone(),
+        ));
         all.retain(|(i, _, w)| *i != id && w.strong_count() > 0);
         all.push((id, peer.to_owned(), Arc::downgrade(&holds)));
         holds

@@ -14,12 +14,8 @@
 //! A stream is *held* when its last read returned data and nobody has read it since, for at
 //! least the stall time ([`crate::transport::Tuning::reader_stall`]). A reader that waits for
 //! data (its last read was pending), reached the end, or put its connection back to rest
-//! ([`Watched::rest`]) is not held; nor is one that keeps reading, however slowly — though up
-//! to a stream window may wait unread for it, and eight readers slower than the device fill
-//! the connection's window between them, slowing its other streams to their pace (not solved
-//! here: it needs per-stream windows that follow the reader). Of the held streams only those
-//! with data waiting unread
-//! count: one whose reader read all there was (and is slow to write the last of it) holds no
+//! ([`Watched::rest`]) is not held; nor is one that keeps reading, however slowly (see
+//! *Slow readers* below). Of the held streams only those with data waiting unread count: one whose reader read all there was (and is slow to write the last of it) holds no
 //! credit. While at most [`HELD_BUDGET`] streams of a connection count, nothing happens:
 //! clients may pause. Beyond that the longest-held are cut: their receive side is stopped (quinn drops the unread
 //! data and returns its credit; the device sees STOP_SENDING and ends its side) and their
@@ -33,6 +29,26 @@
 //! not: its reader would see the reset only at its next read, after the write it is stuck in,
 //! and the splice (with the local socket behind it) waited on that reader for as long as it
 //! read nothing. The sweep looks for the reset of each stream held for the stall time.
+//!
+//! ## Slow readers
+//!
+//! A reader that keeps reading, but slower than the sender sends, is never held, yet up to a
+//! stream window waits unread for it too: eight downloads to clients slower than the device's
+//! uplink (or eight attackers reading a little every second) filled the connection's window
+//! between them, and its other streams went at those readers' pace. Such a stream is
+//! *backlogged*: its reader found data waiting at every read for a whole tick of the sweep
+//! (it never caught up with the sender), and data waits unread now; held streams are
+//! backlogged too. A bulk download its client reads slower than the device sends is
+//! backlogged as much as one to an attacker reading a byte a second: each holds up to a
+//! stream window. quinn has no per-stream windows
+//! that would follow each reader, so the connection's window follows the backlog instead:
+//! each sweep lends it a stream window for every backlogged stream beyond [`HELD_BUDGET`]
+//! (those fit in the half of the window the budget already leaves them), taken from a
+//! process-wide [`WindowPool`] and given back as the backlog clears or the connection ends.
+//! The other streams keep half the connection's window whatever the slow ones hold, until
+//! the pool runs dry (a device then needs [`LENDABLE_WINDOW`] / [`STREAM_WINDOW`] more slow
+//! readers to be slowed: 40 rather than 8). What is lent is memory the process may hold
+//! unread: the pool bounds it for all connections together.
 //!
 //! Time is counted in ticks of one hub-wide [`HoldClock`], advanced by the sweep: a read that
 //! returned data stores the current tick (one relaxed store), not a clock reading.
@@ -49,6 +65,11 @@ use quinn::RecvStream;
 use tracing::info;
 
 use crate::transport::{CONNECTION_WINDOW, STREAM_WINDOW};
+
+/// Receive window a process lends, at most, to connections whose streams are backlogged
+/// behind slow readers (bytes; see the module doc): the unread data it may hold beyond each
+/// connection's own [`CONNECTION_WINDOW`].
+pub const LENDABLE_WINDOW: u64 = 128 * 1024 * 1024;
 
 /// Streams of one connection that may be held before the longest-held are cut: half the
 /// connection's window, so the held ones leave the other half to everything else.
@@ -78,12 +99,61 @@ impl HoldClock {
     }
 }
 
+/// Receive window the connections of a process may borrow beyond their own, while their
+/// streams are backlogged behind slow readers ([`LENDABLE_WINDOW`] for a gateway or agent).
+#[derive(Debug)]
+pub struct WindowPool {
+    free: AtomicU64,
+}
+
+impl WindowPool {
+    pub fn new(bytes: u64) -> Self {
+        WindowPool {
+            free: AtomicU64::new(bytes),
+        }
+    }
+
+    /// What is left to lend.
+    pub fn free(&self) -> u64 {
+        self.free.load(Ordering::Relaxed)
+    }
+
+    /// Takes up to `want` bytes; returns what it took.
+    fn take(&self, want: u64) -> u64 {
+        let mut took = 0;
+        let _ = self
+            .free
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |free| {
+                took = want.min(free);
+                Some(free - took)
+            });
+        took
+    }
+
+    fn give(&self, bytes: u64) {
+        self.free.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+impl Default for WindowPool {
+    fn default() -> Self {
+        WindowPool::new(LENDABLE_WINDOW)
+    }
+}
+
 /// The watched streams of one connection.
 #[derive(Debug)]
 pub struct Holds {
     clock: Arc<HoldClock>,
     streams: Mutex<Vec<Weak<Watched>>>,
     cut: AtomicU64,
+    /// The connection whose receive window follows its backlog, and where it borrows from.
+    conn: quinn::Connection,
+    pool: Arc<WindowPool>,
+    /// Borrowed from `pool` and added to the connection's window now (bytes).
+    lent: Mutex<u64>,
+    /// For status: `lent`, read without the lock.
+    lent_now: AtomicU64,
 }
 
 /// A stream's receive side, shared between its reader and the sweep (which may stop it).
@@ -93,6 +163,9 @@ pub struct Watched {
     recv: Mutex<Option<RecvStream>>,
     /// Tick of the last read that returned data, while no read followed it; 0 otherwise.
     since: AtomicU64,
+    /// A read found nothing to read (its reader caught up with the sender) since the sweep
+    /// last looked.
+    caught_up: AtomicBool,
     clock: Arc<HoldClock>,
     /// For the log line of a cut: the app and the service the stream carries.
     app: Box<str>,
@@ -105,12 +178,22 @@ pub struct Watched {
 }
 
 impl Holds {
-    pub fn new(clock: Arc<HoldClock>) -> Self {
+    /// The watch of `conn`'s streams, ticked by `clock`; its window borrows from `pool`.
+    pub fn new(clock: Arc<HoldClock>, conn: quinn::Connection, pool: Arc<WindowPool>) -> Self {
         Holds {
             clock,
             streams: Mutex::new(Vec::new()),
             cut: AtomicU64::new(0),
+            conn,
+            pool,
+            lent: Mutex::new(0),
+            lent_now: AtomicU64::new(0),
         }
+    }
+
+    /// Receive window lent to the connection now, beyond its own (bytes).
+    pub fn window_lent(&self) -> u64 {
+        self.lent_now.load(Ordering::Relaxed)
     }
 
     /// Takes `recv` into watch; its reader reads it through [`Watched::poll`].
@@ -118,6 +201,8 @@ impl Holds {
         let w = Arc::new(Watched {
             recv: Mutex::new(Some(recv)),
             since: AtomicU64::new(0),
+            // New: backlogged at the earliest after a whole tick.
+            caught_up: AtomicBool::new(true),
             clock: self.clock.clone(),
             app: app.into(),
             service: service.into(),
@@ -137,39 +222,64 @@ impl Holds {
         self.cut.load(Ordering::Relaxed)
     }
 
-    /// Forgets streams that ended and cuts the longest-held beyond [`HELD_BUDGET`] of those
-    /// held for the stall time (`stall_ticks` ticks of period `tick`) with data waiting unread.
-    /// Returns how many it cut.
-    /// `peer` names the other end of the connection in the log line.
+    /// Forgets streams that ended, cuts the longest-held beyond [`HELD_BUDGET`] of those
+    /// held for the stall time (`stall_ticks` ticks of period `tick`) with data waiting
+    /// unread, and has the connection's window follow the backlogged streams left (module
+    /// doc). Returns how many it cut.
+    /// `peer` names the other end of the connection in the log lines.
     pub fn sweep(&self, stall_ticks: u64, tick: std::time::Duration, peer: &str) -> usize {
         let now = self.clock.now();
-        let mut held: Vec<(u64, Arc<Watched>)> = Vec::new();
+        let mut waiting: Vec<(u64, Arc<Watched>)> = Vec::new();
         {
             let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
             streams.retain(|w| {
                 let Some(w) = w.upgrade() else {
                     return false;
                 };
+                let caught_up = w.caught_up.swap(false, Ordering::Relaxed);
                 let since = w.since.load(Ordering::Relaxed);
-                // `since` is the tick during which the read happened: held for the stall
-                // time once more than `stall_ticks` ticks have begun since.
-                if since != 0 && now.saturating_sub(since) > stall_ticks {
-                    held.push((since, w));
+                // Not caught up for a whole tick and not reading now: backlogged if data
+                // waits (one not read for a tick caught up with nothing either).
+                if since != 0 && !caught_up {
+                    waiting.push((since, w));
                 }
                 true
             });
         }
-        // Those whose sender reset them go first, whatever the budget; those with nothing
-        // waiting unread hold no credit (their reader is slow to take the last of what it
-        // read: cutting one frees nothing, loses its tail, and spares one that does hold).
-        held.retain(|(since, w)| w.look(*since, peer) == Look::HoldsData);
+        // Those held whose sender reset them go first, whatever the budget; those with
+        // nothing waiting unread hold no credit (their reader is slow to take the last of
+        // what it read: cutting one frees nothing, loses its tail, and spares one that does
+        // hold).
+        waiting.retain(|(since, w)| {
+            // `since` is the tick during which the read happened: held for the stall time
+            // once more than `stall_ticks` ticks have begun since.
+            let held = now.saturating_sub(*since) > stall_ticks;
+            w.look(*since, held, peer) == Look::HoldsData
+        });
+        let (mut held, backlogged): (Vec<_>, Vec<_>) = waiting
+            .into_iter()
+            .partition(|(since, _)| now.saturating_sub(*since) > stall_ticks);
+        let cut = self.cut_held(&mut held, now, tick, peer);
+        // `held` keeps those within the budget.
+        self.follow_backlog(backlogged.len() + held.len(), peer);
+        cut
+    }
+
+    /// Cuts the longest-held of `held` beyond [`HELD_BUDGET`]; returns how many it cut.
+    fn cut_held(
+        &self,
+        held: &mut Vec<(u64, Arc<Watched>)>,
+        now: u64,
+        tick: std::time::Duration,
+        peer: &str,
+    ) -> usize {
         if held.len() <= HELD_BUDGET {
             return 0;
         }
         held.sort_unstable_by_key(|(since, _)| *since);
         let over = held.len() - HELD_BUDGET;
         let mut cut = 0;
-        for (since, w) in held.into_iter().take(over) {
+        for (since, w) in held.drain(..over) {
             // Gone meanwhile (only this list holds it): nothing to cut.
             if Arc::strong_count(&w) == 1 {
                 continue;
@@ -203,6 +313,50 @@ impl Holds {
         }
         self.cut.fetch_add(cut as u64, Ordering::Relaxed);
         cut
+    }
+
+    /// Lends the connection a stream window for each of its `backlogged` streams beyond
+    /// [`HELD_BUDGET`], as far as the pool goes, and gives back what it no longer needs.
+    fn follow_backlog(&self, backlogged: usize, peer: &str) {
+        let want = backlogged.saturating_sub(HELD_BUDGET) as u64 * u64::from(STREAM_WINDOW);
+        let mut lent = self.lent.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = *lent;
+        if want > before {
+            *lent += self.pool.take(want - before);
+        } else {
+            self.pool.give(before - want);
+            *lent = want;
+        }
+        if *lent == before {
+            return;
+        }
+        // Lowered, quinn withholds the difference from the credit it returns as the slow
+        // readers read: nothing sent is refused.
+        let window = u64::from(CONNECTION_WINDOW) + *lent;
+        self.conn
+            .set_receive_window(quinn::VarInt::from_u64(window).unwrap_or(quinn::VarInt::MAX));
+        self.lent_now.store(*lent, Ordering::Relaxed);
+        let mib = |b: u64| b / (1024 * 1024);
+        if before == 0 || *lent == 0 {
+            info!(
+                peer = %peer,
+                backlogged,
+                lent_mib = mib(*lent),
+                window_mib = mib(window),
+                pool_free_mib = mib(self.pool.free()),
+                "receive window follows streams backlogged behind slow readers"
+            );
+        } else {
+            tracing::debug!(peer = %peer, backlogged, lent_mib = mib(*lent), "receive window resized");
+        }
+    }
+}
+
+impl Drop for Holds {
+    /// The window lent goes back to the pool with the connection.
+    fn drop(&mut self) {
+        let lent = *self.lent.get_mut().unwrap_or_else(PoisonError::into_inner);
+        self.pool.give(lent);
     }
 }
 
@@ -244,7 +398,7 @@ pub fn sweep_timing(stall: std::time::Duration) -> (std::time::Duration, u64) {
 /// What the sweep finds at a stream it saw held ([`Watched::look`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Look {
-    /// Read since, cut, or reset by its sender (and so cut now).
+    /// Read since, cut, or reset by its sender (and so cut now if held).
     NotHeld,
     /// Data waits unread: it holds that much of the connection's credit.
     HoldsData,
@@ -253,9 +407,10 @@ enum Look {
 }
 
 impl Watched {
-    /// Looks at a stream the sweep saw held from tick `since`: cuts it if its sender reset it
-    /// and its reader has not read since, and tells whether data waits in it.
-    fn look(&self, since: u64, peer: &str) -> Look {
+    /// Looks at a stream the sweep saw waiting since tick `since`: if `held` (for the stall
+    /// time), cuts it if its sender reset it and its reader has not read since; tells whether
+    /// data waits in it.
+    fn look(&self, since: u64, held: bool, peer: &str) -> Look {
         let mut recv = self.recv.lock().unwrap_or_else(PoisonError::into_inner);
         // Read again since the scan (reads run under this lock): not held any more, and its
         // reader may be waiting in quinn for data now.
@@ -274,6 +429,9 @@ impl Watched {
         // reader's, as the reader's last read returned data (it is held).
         let read = pin!(r.read_chunk(0, true)).poll(&mut Context::from_waker(Waker::noop()));
         let code = match read {
+            // Not stuck for long: its reader's next read, soon, finds the reset. It holds
+            // nothing (a reset drops what was buffered).
+            Poll::Ready(Err(quinn::ReadError::Reset(_))) if !held => return Look::NotHeld,
             Poll::Ready(Err(quinn::ReadError::Reset(code))) => code,
             Poll::Ready(Ok(Some(_))) => return Look::HoldsData,
             Poll::Ready(Ok(None)) | Poll::Pending => return Look::Empty,
@@ -312,7 +470,12 @@ impl Watched {
     ) -> Option<T> {
         let mut recv = self.recv.lock().unwrap_or_else(PoisonError::into_inner);
         let r = read(recv.as_mut()?);
-        let since = if got_data(&r) { self.clock.now() } else { 0 };
+        let since = if got_data(&r) {
+            self.clock.now()
+        } else {
+            self.caught_up.store(true, Ordering::Relaxed);
+            0
+        };
         self.since.store(since, Ordering::Relaxed);
         Some(r)
     }
@@ -354,5 +517,21 @@ impl Watched {
     /// waiting for the app's bandwidth): it holds nothing, whatever its last read returned.
     pub fn rest(&self) {
         self.since.store(0, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_lends_no_more_than_it_has() {
+        let pool = WindowPool::new(10);
+        assert_eq!(pool.take(4), 4);
+        assert_eq!(pool.take(8), 6, "only what is left");
+        assert_eq!(pool.take(1), 0);
+        pool.give(6);
+        assert_eq!(pool.free(), 6);
+        assert_eq!(pool.take(6), 6);
     }
 }

@@ -22,7 +22,7 @@ use crate::candidates;
 use crate::control::{self, ControlHandle, ControlIo, CONTROL_BACKLOG, CONTROL_NOT_READ};
 use crate::creds::DeviceCreds;
 use crate::error::{OpenError, TunnelError};
-use crate::holds::{HoldClock, Holds};
+use crate::holds::{HoldClock, Holds, WindowPool};
 use crate::log_budget::LogBudget;
 use crate::proto::ServiceProto;
 use crate::proto::{
@@ -238,6 +238,8 @@ struct Inner {
     tap: RwLock<Option<Arc<RelayTap>>>,
     /// Ticks for every link's [`Holds`], advanced by [`Hub::sweep_holds`].
     hold_clock: Arc<HoldClock>,
+    /// Receive window the links borrow while streams wait on slow readers ([`crate::holds`]).
+    window_pool: Arc<WindowPool>,
     refused_lines: Mutex<LogBudget>,
     permit_lines: Mutex<LogBudget>,
 }
@@ -461,6 +463,7 @@ impl Hub {
             mesh: Mutex::new(HashMap::new()),
             tap: RwLock::new(None),
             hold_clock: Arc::default(),
+            window_pool: Arc::default(),
             refused_lines: Mutex::new(LogBudget::new(HUB_LINES_PER_SEC)),
             permit_lines: Mutex::new(LogBudget::new(HUB_LINES_PER_SEC)),
         }))
@@ -979,7 +982,11 @@ impl Hub {
             permit_reports: AtomicU32::new(0),
             bytes_to: Arc::default(),
             bytes_from: Arc::default(),
-            holds: Holds::new(self.0.hold_clock.clone()),
+            holds: Holds::new(
+                self.0.hold_clock.clone(),
+                conn.clone(),
+                self.0.window_pool.clone(),
+            ),
             early: stream::EarlyBudget::new(stream::EARLY_BYTES_PER_CONNECTION),
             lines: Mutex::new(LogBudget::new(LINK_LINES_PER_SEC)),
             local_addrs: Mutex::default(),
@@ -1814,6 +1821,7 @@ impl Hub {
                         .unwrap_or(0),
                     streams: a.streams.load(Ordering::Relaxed),
                     streams_cut: a.holds.cut_count(),
+                    window_lent: a.holds.window_lent(),
                     bytes_to: a.bytes_to.load(Ordering::Relaxed),
                     bytes_from: a.bytes_from.load(Ordering::Relaxed),
                     udp_tx: st.udp_tx.bytes,

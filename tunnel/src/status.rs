@@ -29,6 +29,9 @@ pub struct AgentStatus {
     /// Streams cut because their readers stopped reading while more of the device's streams
     /// were held than its connection's flow-control window allows ([`crate::holds`]).
     pub streams_cut: u64,
+    /// Receive window lent to the device's connection now, beyond its own, for streams
+    /// backlogged behind slow readers (bytes; [`crate::holds`]).
+    pub window_lent: u64,
     pub bytes_to: u64,
     pub bytes_from: u64,
     pub udp_tx: u64,
