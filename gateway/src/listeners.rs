@@ -453,6 +453,7 @@ async fn bind(
         let r = match key.0 {
             Kind::Tcp => tunnel::sockets::tcp(key.1).map(|l| {
                 tunnel::sockets::keepalive_accepted(&l, hub.tuning().tcp_keepalive);
+                tunnel::sockets::bound_unsent_accepted(&l);
                 let bound = l.local_addr().unwrap_or(key.1);
                 let task = tokio::spawn(tcp_loop(
                     hub.clone(),

@@ -25,7 +25,7 @@ use crate::e2e;
 use crate::error::{OpenError, TunnelError};
 use crate::flow_activity::FlowActivity;
 use crate::flow_table::FlowTable;
-use crate::holds::{HoldClock, Holds, WindowPool};
+use crate::holds::{HoldClock, Holds};
 use crate::log_budget::LogBudget;
 use crate::peers::{peer_identity, PeerConn, Peers};
 use crate::proto::{
@@ -38,6 +38,7 @@ use crate::stream::{self, QuicStream};
 use crate::transport::{
     self, StreamBudget, Tuning, MAX_STREAMS_PER_CONNECTION, MAX_STREAMS_TO_AGENT, MAX_UDP_PAYLOAD,
 };
+use crate::window_loan::WindowPool;
 
 /// First reconnect delay and its cap: quick recovery from a blip, no hammering of a gateway
 /// that is down.
@@ -1873,6 +1874,7 @@ impl Agent {
         shutdown: CancellationToken,
     ) {
         crate::sockets::keepalive_accepted(&listener, self.cfg.tuning.tcp_keepalive);
+        crate::sockets::bound_unsent_accepted(&listener);
         // Bounded: a local program opening connections in a loop would otherwise take every
         // file descriptor, and with them the services' and the UDP flows' sockets. Past the
         // bound the kernel's backlog holds newcomers until one ends.

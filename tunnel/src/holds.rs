@@ -11,15 +11,18 @@
 //! other clients, new connections, the control stream — for as long as their clients kept
 //! their sockets open. Anyone who could reach a download could freeze a device that way.
 //!
-//! A stream is *held* when its last read returned data and nobody has read it since, for at
-//! least the stall time ([`crate::transport::Tuning::reader_stall`]). A reader that waits for
+//! A stream is *held* when its last read returned data and nobody has read it since, nor
+//! passed any of what it read on (a splice's write to the other end), for at least the stall
+//! time ([`crate::transport::Tuning::reader_stall`]). A reader that waits for
 //! data (its last read was pending), reached the end, or put its connection back to rest
-//! ([`Watched::rest`]) is not held; nor is one that keeps reading, however slowly (see
-//! *Slow readers* below). Of the held streams only those with data waiting unread count: one whose reader read all there was (and is slow to write the last of it) holds no
-//! credit. While at most [`HELD_BUDGET`] streams of a connection count, nothing happens:
-//! clients may pause. Beyond that the longest-held are cut: their receive side is stopped (quinn drops the unread
-//! data and returns its credit; the device sees STOP_SENDING and ends its side) and their
-//! reader gets an error at its next read.
+//! ([`Watched::rest`]) or waits for its app's bandwidth ([`Watched::pace`]) is not held; nor
+//! is one that keeps reading, however slowly (see *Slow readers* below). Of the held streams
+//! only those with data waiting unread count: one whose reader read all there was (and is
+//! slow to write the last of it) holds no credit. While at most [`HELD_BUDGET`] streams of a
+//! connection count, nothing happens: clients may pause. Beyond that the longest-held are
+//! cut: their receive side is stopped (quinn drops the unread data and returns its credit;
+//! the device sees STOP_SENDING and ends its side) and their reader gets an error at its
+//! next read.
 //!
 //! A cut also ends the splice the stream is in ([`Watched::poll_cut`]): it was stuck writing
 //! to a reader that takes nothing and would never read the stream again to find out, so the
@@ -28,7 +31,8 @@
 //! For the same reason a held stream whose sender reset it is cut too, within the budget or
 //! not: its reader would see the reset only at its next read, after the write it is stuck in,
 //! and the splice (with the local socket behind it) waited on that reader for as long as it
-//! read nothing. The sweep looks for the reset of each stream held for the stall time.
+//! read nothing. The sweep looks for the reset of each stream it looks at (held or
+//! backlogged), and cuts it whichever: quinn reports a reset once.
 //!
 //! ## Slow readers
 //!
@@ -36,19 +40,21 @@
 //! stream window waits unread for it too: eight downloads to clients slower than the device's
 //! uplink (or eight attackers reading a little every second) filled the connection's window
 //! between them, and its other streams went at those readers' pace. Such a stream is
-//! *backlogged*: its reader found data waiting at every read for a whole tick of the sweep
-//! (it never caught up with the sender), and data waits unread now; held streams are
-//! backlogged too. A bulk download its client reads slower than the device sends is
-//! backlogged as much as one to an attacker reading a byte a second: each holds up to a
-//! stream window. quinn has no per-stream windows
-//! that would follow each reader, so the connection's window follows the backlog instead:
-//! each sweep lends it a stream window for every backlogged stream beyond [`HELD_BUDGET`]
-//! (those fit in the half of the window the budget already leaves them), taken from a
-//! process-wide [`WindowPool`] and given back as the backlog clears or the connection ends.
-//! The other streams keep half the connection's window whatever the slow ones hold, until
-//! the pool runs dry (a device then needs [`LENDABLE_WINDOW`] / [`STREAM_WINDOW`] more slow
-//! readers to be slowed: 40 rather than 8). What is lent is memory the process may hold
-//! unread: the pool bounds it for all connections together.
+//! *backlogged*: its reader, holding what it read at the sweep, found data waiting at every
+//! read for a whole tick before (it never caught up with the sender), and data waits unread
+//! now. Held streams are backlogged too, and so are streams waiting for their app's bandwidth
+//! ([`Watched::pace`]) whose sender is faster than the limit. A bulk download its client
+//! reads slower than the device sends is backlogged as much as one to an attacker reading a
+//! byte a second: each holds up to a stream window. quinn has no per-stream windows that
+//! would follow each reader, so the connection's window follows the backlog instead: each
+//! sweep has it lent a stream window for every backlogged stream beyond [`HELD_BUDGET`]
+//! (those fit in the half of the window the budget already leaves them), from a
+//! process-wide [`WindowPool`], given back as the backlog clears (once quinn stops granting
+//! it: [`crate::window_loan`]) or the connection ends. The other streams keep half the
+//! connection's window whatever the slow ones hold, until the pool runs dry (a device then
+//! needs [`crate::window_loan::LENDABLE_WINDOW`] / [`STREAM_WINDOW`] more slow readers to be
+//! slowed: 40 rather than 8). What is lent is memory the process may hold unread: the pool
+//! bounds it for all connections together.
 //!
 //! Time is counted in ticks of one hub-wide [`HoldClock`], advanced by the sweep: a read that
 //! returned data stores the current tick (one relaxed store), not a clock reading.
@@ -65,11 +71,7 @@ use quinn::RecvStream;
 use tracing::info;
 
 use crate::transport::{CONNECTION_WINDOW, STREAM_WINDOW};
-
-/// Receive window a process lends, at most, to connections whose streams are backlogged
-/// behind slow readers (bytes; see the module doc): the unread data it may hold beyond each
-/// connection's own [`CONNECTION_WINDOW`].
-pub const LENDABLE_WINDOW: u64 = 128 * 1024 * 1024;
+use crate::window_loan::{Loan, WindowPool};
 
 /// Streams of one connection that may be held before the longest-held are cut: half the
 /// connection's window, so the held ones leave the other half to everything else.
@@ -99,61 +101,14 @@ impl HoldClock {
     }
 }
 
-/// Receive window the connections of a process may borrow beyond their own, while their
-/// streams are backlogged behind slow readers ([`LENDABLE_WINDOW`] for a gateway or agent).
-#[derive(Debug)]
-pub struct WindowPool {
-    free: AtomicU64,
-}
-
-impl WindowPool {
-    pub fn new(bytes: u64) -> Self {
-        WindowPool {
-            free: AtomicU64::new(bytes),
-        }
-    }
-
-    /// What is left to lend.
-    pub fn free(&self) -> u64 {
-        self.free.load(Ordering::Relaxed)
-    }
-
-    /// Takes up to `want` bytes; returns what it took.
-    fn take(&self, want: u64) -> u64 {
-        let mut took = 0;
-        let _ = self
-            .free
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |free| {
-                took = want.min(free);
-                Some(free - took)
-            });
-        took
-    }
-
-    fn give(&self, bytes: u64) {
-        self.free.fetch_add(bytes, Ordering::Relaxed);
-    }
-}
-
-impl Default for WindowPool {
-    fn default() -> Self {
-        WindowPool::new(LENDABLE_WINDOW)
-    }
-}
-
 /// The watched streams of one connection.
 #[derive(Debug)]
 pub struct Holds {
     clock: Arc<HoldClock>,
     streams: Mutex<Vec<Weak<Watched>>>,
     cut: AtomicU64,
-    /// The connection whose receive window follows its backlog, and where it borrows from.
-    conn: quinn::Connection,
-    pool: Arc<WindowPool>,
-    /// Borrowed from `pool` and added to the connection's window now (bytes).
-    lent: Mutex<u64>,
-    /// For status: `lent`, read without the lock.
-    lent_now: AtomicU64,
+    /// The connection's window beyond its own, following its backlogged streams.
+    loan: Arc<Loan>,
 }
 
 /// A stream's receive side, shared between its reader and the sweep (which may stop it).
@@ -163,9 +118,16 @@ pub struct Watched {
     recv: Mutex<Option<RecvStream>>,
     /// Tick of the last read that returned data, while no read followed it; 0 otherwise.
     since: AtomicU64,
+    /// The reader waits for its app's bandwidth with what it read last (not held, but
+    /// backlogged if the sender is faster: [`Watched::pace`]).
+    pacing: AtomicBool,
     /// A read found nothing to read (its reader caught up with the sender) since the sweep
     /// last looked.
     caught_up: AtomicBool,
+    /// The connection's loan: what its streams take from quinn is counted there.
+    loan: Arc<Loan>,
+    /// Counted as backlogged by the last sweep (its share is in the loan).
+    counted: AtomicBool,
     clock: Arc<HoldClock>,
     /// For the log line of a cut: the app and the service the stream carries.
     app: Box<str>,
@@ -184,16 +146,20 @@ impl Holds {
             clock,
             streams: Mutex::new(Vec::new()),
             cut: AtomicU64::new(0),
-            conn,
-            pool,
-            lent: Mutex::new(0),
-            lent_now: AtomicU64::new(0),
+            loan: Arc::new(Loan::new(conn, pool)),
         }
     }
 
-    /// Receive window lent to the connection now, beyond its own (bytes).
+    /// Receive window out of the pool for the connection now, beyond its own (bytes; lent,
+    /// or owed after a shrink: [`crate::window_loan`]).
     pub fn window_lent(&self) -> u64 {
-        self.lent_now.load(Ordering::Relaxed)
+        self.loan.out()
+    }
+
+    /// The connection is over (its device reconnected or left): what it borrowed goes back
+    /// now, not when the last of its streams lets go of it.
+    pub fn release(&self) {
+        self.loan.release();
     }
 
     /// Takes `recv` into watch; its reader reads it through [`Watched::poll`].
@@ -201,8 +167,11 @@ impl Holds {
         let w = Arc::new(Watched {
             recv: Mutex::new(Some(recv)),
             since: AtomicU64::new(0),
+            pacing: AtomicBool::new(false),
             // New: backlogged at the earliest after a whole tick.
             caught_up: AtomicBool::new(true),
+            loan: self.loan.clone(),
+            counted: AtomicBool::new(false),
             clock: self.clock.clone(),
             app: app.into(),
             service: service.into(),
@@ -236,32 +205,37 @@ impl Holds {
                 let Some(w) = w.upgrade() else {
                     return false;
                 };
-                let caught_up = w.caught_up.swap(false, Ordering::Relaxed);
+                w.counted.store(false, Ordering::Relaxed);
                 let since = w.since.load(Ordering::Relaxed);
-                // Not caught up for a whole tick and not reading now: backlogged if data
-                // waits (one not read for a tick caught up with nothing either).
-                if since != 0 && !caught_up {
-                    waiting.push((since, w));
+                // Only a reader that holds what it read is looked at: one waiting in quinn
+                // at this sweep starts its whole tick at the next.
+                if since != 0 || w.pacing.load(Ordering::Relaxed) {
+                    // Not caught up for a whole tick: backlogged if data waits (one not read
+                    // for a tick caught up with nothing either).
+                    if !w.caught_up.swap(false, Ordering::Relaxed) {
+                        waiting.push((since, w));
+                    }
                 }
                 true
             });
         }
-        // Those held whose sender reset them go first, whatever the budget; those with
-        // nothing waiting unread hold no credit (their reader is slow to take the last of
-        // what it read: cutting one frees nothing, loses its tail, and spares one that does
-        // hold).
-        waiting.retain(|(since, w)| {
-            // `since` is the tick during which the read happened: held for the stall time
-            // once more than `stall_ticks` ticks have begun since.
-            let held = now.saturating_sub(*since) > stall_ticks;
-            w.look(*since, held, peer) == Look::HoldsData
-        });
+        // Those whose sender reset them are cut, whatever the budget; those with nothing
+        // waiting unread hold no credit (their reader is slow to take the last of what it
+        // read: cutting one frees nothing, loses its tail, and spares one that does hold).
+        waiting.retain(|(since, w)| w.look(*since, peer) == Look::HoldsData);
+        // `since` is the tick during which the read happened: held for the stall time once
+        // more than `stall_ticks` ticks have begun since. A pacing reader is not held.
         let (mut held, backlogged): (Vec<_>, Vec<_>) = waiting
             .into_iter()
-            .partition(|(since, _)| now.saturating_sub(*since) > stall_ticks);
+            .partition(|(since, _)| *since != 0 && now.saturating_sub(*since) > stall_ticks);
         let cut = self.cut_held(&mut held, now, tick, peer);
         // `held` keeps those within the budget.
-        self.follow_backlog(backlogged.len() + held.len(), peer);
+        for (_, w) in backlogged.iter().chain(held.iter()) {
+            w.counted.store(true, Ordering::Relaxed);
+        }
+        let backlogged = backlogged.len() + held.len();
+        let want = backlogged.saturating_sub(HELD_BUDGET) as u64 * u64::from(STREAM_WINDOW);
+        self.loan.follow(want, backlogged, peer);
         cut
     }
 
@@ -297,6 +271,7 @@ impl Holds {
                 recv.take()
             };
             if let Some(mut recv) = taken {
+                w.discard(&mut recv);
                 let _ = recv.stop(CUT_HELD);
                 w.cut.store(true, Ordering::Release);
                 w.cut_waker.wake();
@@ -313,50 +288,6 @@ impl Holds {
         }
         self.cut.fetch_add(cut as u64, Ordering::Relaxed);
         cut
-    }
-
-    /// Lends the connection a stream window for each of its `backlogged` streams beyond
-    /// [`HELD_BUDGET`], as far as the pool goes, and gives back what it no longer needs.
-    fn follow_backlog(&self, backlogged: usize, peer: &str) {
-        let want = backlogged.saturating_sub(HELD_BUDGET) as u64 * u64::from(STREAM_WINDOW);
-        let mut lent = self.lent.lock().unwrap_or_else(PoisonError::into_inner);
-        let before = *lent;
-        if want > before {
-            *lent += self.pool.take(want - before);
-        } else {
-            self.pool.give(before - want);
-            *lent = want;
-        }
-        if *lent == before {
-            return;
-        }
-        // Lowered, quinn withholds the difference from the credit it returns as the slow
-        // readers read: nothing sent is refused.
-        let window = u64::from(CONNECTION_WINDOW) + *lent;
-        self.conn
-            .set_receive_window(quinn::VarInt::from_u64(window).unwrap_or(quinn::VarInt::MAX));
-        self.lent_now.store(*lent, Ordering::Relaxed);
-        let mib = |b: u64| b / (1024 * 1024);
-        if before == 0 || *lent == 0 {
-            info!(
-                peer = %peer,
-                backlogged,
-                lent_mib = mib(*lent),
-                window_mib = mib(window),
-                pool_free_mib = mib(self.pool.free()),
-                "receive window follows streams backlogged behind slow readers"
-            );
-        } else {
-            tracing::debug!(peer = %peer, backlogged, lent_mib = mib(*lent), "receive window resized");
-        }
-    }
-}
-
-impl Drop for Holds {
-    /// The window lent goes back to the pool with the connection.
-    fn drop(&mut self) {
-        let lent = *self.lent.get_mut().unwrap_or_else(PoisonError::into_inner);
-        self.pool.give(lent);
     }
 }
 
@@ -406,15 +337,27 @@ enum Look {
     Empty,
 }
 
+impl Drop for Watched {
+    /// What quinn holds of the stream is counted as its reader's ([`Watched::discard`]).
+    fn drop(&mut self) {
+        let recv = self.recv.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if let Some(mut r) = recv.take() {
+            self.discard(&mut r);
+        }
+    }
+}
+
 impl Watched {
-    /// Looks at a stream the sweep saw waiting since tick `since`: if `held` (for the stall
-    /// time), cuts it if its sender reset it and its reader has not read since; tells whether
+    /// Looks at a stream the sweep saw holding what it read last since tick `since` (0: pacing):
+    /// cuts it if its sender reset it and its reader has not read since, and tells whether
     /// data waits in it.
-    fn look(&self, since: u64, held: bool, peer: &str) -> Look {
+    fn look(&self, since: u64, peer: &str) -> Look {
         let mut recv = self.recv.lock().unwrap_or_else(PoisonError::into_inner);
-        // Read again since the scan (reads run under this lock): not held any more, and its
-        // reader may be waiting in quinn for data now.
-        if self.since.load(Ordering::Relaxed) != since {
+        // Read again since the scan (reads run under this lock): its reader may be waiting in
+        // quinn for data now, and this look must not take its place there.
+        if self.since.load(Ordering::Relaxed) != since
+            || (since == 0 && !self.pacing.load(Ordering::Relaxed))
+        {
             return Look::NotHeld;
         }
         let Some(r) = recv.as_mut() else {
@@ -426,12 +369,12 @@ impl Watched {
         // received it leaves its waker with quinn for good, as no later event of the stream
         // takes it (and quinn's debug builds assert on that when the stream is dropped). A
         // read leaves one only when more is to come, whose arrival takes it; it replaces no
-        // reader's, as the reader's last read returned data (it is held).
+        // reader's, as the reader's last read returned data (it holds what it read).
+        // Whatever it finds, the reset is taken here: quinn reports it once, and a later
+        // read would end like a clean end of the stream (a truncated download passed on as
+        // whole), so the stream is cut, held or not.
         let read = pin!(r.read_chunk(0, true)).poll(&mut Context::from_waker(Waker::noop()));
         let code = match read {
-            // Not stuck for long: its reader's next read, soon, finds the reset. It holds
-            // nothing (a reset drops what was buffered).
-            Poll::Ready(Err(quinn::ReadError::Reset(_))) if !held => return Look::NotHeld,
             Poll::Ready(Err(quinn::ReadError::Reset(code))) => code,
             Poll::Ready(Ok(Some(_))) => return Look::HoldsData,
             Poll::Ready(Ok(None)) | Poll::Pending => return Look::Empty,
@@ -442,6 +385,7 @@ impl Watched {
         // (the cut), and the splice at once.
         recv.take();
         self.since.store(0, Ordering::Relaxed);
+        self.pacing.store(false, Ordering::Relaxed);
         self.reset.store(true, Ordering::Relaxed);
         self.cut.store(true, Ordering::Release);
         self.cut_waker.wake();
@@ -488,7 +432,31 @@ impl Watched {
             .unwrap_or_else(PoisonError::into_inner)
             .as_mut()
         {
+            self.discard(r);
             let _ = r.stop(code);
+        }
+    }
+
+    /// Counts `n` bytes its reader took from quinn ([`Loan::consumed`]).
+    pub(crate) fn took(&self, n: usize) {
+        if n > 0 {
+            self.loan.consumed().fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes and drops what quinn holds of the stream, counting it, before the stream is
+    /// stopped or dropped (which would drop it uncounted): quinn's credit comes back for it
+    /// either way, and the loan's debt is paid off only with what is counted. The chunks are
+    /// quinn's own buffers: nothing is copied. No waker is left with quinn but for a stream
+    /// about to be stopped.
+    fn discard(&self, r: &mut RecvStream) {
+        if self.counted.swap(false, Ordering::Relaxed) {
+            self.loan.stream_ending();
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        while let Poll::Ready(Ok(Some(chunk))) = pin!(r.read_chunk(usize::MAX, true)).poll(&mut cx)
+        {
+            self.took(chunk.bytes.len());
         }
     }
 
@@ -502,36 +470,41 @@ impl Watched {
         self.cut.load(Ordering::Acquire)
     }
 
+    /// The reader passed some of what it read on (a write of it made progress): it is not
+    /// stuck, however long the rest takes to write — a read can hand over a few hundred KiB
+    /// (32 of quinn's chunks), which a client reading 50 KiB/s takes seconds to take. A held
+    /// mark starts again from now; nothing changes for a reader that is not held.
+    pub fn progressed(&self) {
+        if self.since.load(Ordering::Relaxed) != 0 {
+            self.since.store(self.clock.now(), Ordering::Relaxed);
+        }
+    }
+
     /// The reader holds what it read from now on (its wait for the app's bandwidth is over,
     /// its write may stall): as if that read had just returned. Not once cut — a cut stream
     /// holds nothing, and marked it would count as held until its reader let go of it, and
     /// could have others cut — so under the receive side's lock, as the cut clears the mark.
     pub fn hold_from_now(&self) {
         let recv = self.recv.lock().unwrap_or_else(PoisonError::into_inner);
+        self.pacing.store(false, Ordering::Relaxed);
         if recv.is_some() {
             self.since.store(self.clock.now(), Ordering::Relaxed);
         }
     }
 
-    /// The reader is done with the stream for now (an idle pooled connection, or a copy
-    /// waiting for the app's bandwidth): it holds nothing, whatever its last read returned.
+    /// The reader is done with the stream for now (an idle pooled connection): it holds
+    /// nothing, whatever its last read returned.
     pub fn rest(&self) {
         self.since.store(0, Ordering::Relaxed);
+        self.pacing.store(false, Ordering::Relaxed);
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_pool_lends_no_more_than_it_has() {
-        let pool = WindowPool::new(10);
-        assert_eq!(pool.take(4), 4);
-        assert_eq!(pool.take(8), 6, "only what is left");
-        assert_eq!(pool.take(1), 0);
-        pool.give(6);
-        assert_eq!(pool.free(), 6);
-        assert_eq!(pool.take(6), 6);
+    /// The reader waits for its app's bandwidth with what it read last: pacing, not a reader
+    /// that stopped taking data (a slow limit, 16 KiB at 2 KiB/s, is 8 s), so not held; but
+    /// the stream is backlogged when its sender is faster than the limit, and counts so
+    /// until [`Watched::hold_from_now`]. Follows a read that returned data.
+    pub fn pace(&self) {
+        self.pacing.store(true, Ordering::Relaxed);
+        self.since.store(0, Ordering::Relaxed);
     }
 }

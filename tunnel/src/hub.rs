@@ -22,7 +22,7 @@ use crate::candidates;
 use crate::control::{self, ControlHandle, ControlIo, CONTROL_BACKLOG, CONTROL_NOT_READ};
 use crate::creds::DeviceCreds;
 use crate::error::{OpenError, TunnelError};
-use crate::holds::{HoldClock, Holds, WindowPool};
+use crate::holds::{HoldClock, Holds};
 use crate::log_budget::LogBudget;
 use crate::proto::ServiceProto;
 use crate::proto::{
@@ -35,6 +35,7 @@ use crate::status::{AgentStatus, MeshPairStatus, ServiceStatus};
 use crate::stream::{self, QuicStream};
 use crate::transport::{self, StreamBudget, Tuning, MAX_STREAMS_PER_CONNECTION};
 use crate::upstream::Upstream;
+use crate::window_loan::WindowPool;
 
 /// Handshakes in progress at once. Beyond this new connection attempts are refused, so a
 /// handshake flood costs bounded CPU and memory and connected agents keep working.
@@ -1066,6 +1067,9 @@ impl Hub {
             SessionEnd::Stalled => conn.close(CLOSE_STALLED.into(), b"control stream not read"),
             SessionEnd::Ended => conn.close(0u32.into(), b""),
         }
+        // Closed: what its window borrowed goes back now (its streams may hold the link a
+        // while yet, and the sweep no longer sees it).
+        link.holds.release();
         info!(
             device = %device,
             session = session_id,

@@ -48,6 +48,7 @@ pub mod tls;
 pub mod transport;
 pub mod udp;
 pub mod upstream;
+pub mod window_loan;
 pub mod zone_watch;
 
 pub use error::{OpenError, TunnelError};

@@ -100,6 +100,7 @@ impl LocalServices {
         match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, TcpStream::connect(svc.addr)).await {
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
+                crate::sockets::bound_unsent_connected(&s);
                 if !svc.addr.ip().to_canonical().is_loopback() {
                     crate::sockets::keepalive_connected(&s, keepalive);
                 }

@@ -38,6 +38,26 @@ pub fn keepalive_accepted(listener: &tokio::net::TcpListener, idle: Option<std::
     }
 }
 
+/// Unsent bytes a proxied connection's socket holds before a write to it waits
+/// (`TCP_NOTSENT_LOWAT`). Unbounded, the kernel's send buffer grows to megabytes (2.6 MB
+/// queued for a client reading 33 KB/s on loopback: over a minute of its data) and a waiting
+/// write is woken only once a third of it drained: a client reading steadily showed the copy
+/// no progress for seconds, and its stream counted as one whose reader stopped
+/// ([`crate::holds`]). Bounded, the copy writes on as the client's window opens, and what the
+/// client has not read yet waits in the tunnel's flow control, where it is counted.
+pub const UNSENT_MOST: u32 = 128 * 1024;
+
+/// Bounds the unsent bytes of the connections `listener` accepts to [`UNSENT_MOST`] (set on
+/// the listener, which accepted sockets inherit: no system call per connection).
+pub fn bound_unsent_accepted(listener: &tokio::net::TcpListener) {
+    let _ = socket2::SockRef::from(listener).set_tcp_notsent_lowat(UNSENT_MOST);
+}
+
+/// [`bound_unsent_accepted`] for one connection this side opened.
+pub fn bound_unsent_connected(tcp: &tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(UNSENT_MOST);
+}
+
 /// [`keepalive_accepted`] for one connection this side opened (four system calls: only where
 /// it is worth them).
 pub fn keepalive_connected(tcp: &tokio::net::TcpStream, idle: Option<std::time::Duration>) {

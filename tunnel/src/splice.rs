@@ -422,8 +422,18 @@ where
         }
         poll_cuts(&cuts, cx)?;
         // Both directions run until both are done; the first error ends the splice.
+        let written = (a_b.written, b_a.written);
         let there = a_b.poll(cx, &mut *a, &mut *b)?;
         let back = b_a.poll(cx, &mut *b, &mut *a)?;
+        // What a watched end handed over is moving on: its reader is not stuck.
+        for (w, moved) in cuts
+            .iter()
+            .zip([a_b.written > written.0, b_a.written > written.1])
+        {
+            if let (Some(w), true) = (w, moved) {
+                w.progressed();
+            }
+        }
         // A stopped direction drains its reader until that ends, or until the other one is
         // over too: then nothing waits on what it reads.
         let over = |p: &Pump, ready: bool, other: &Pump| {
@@ -633,7 +643,7 @@ where
         // Waiting for the app's bandwidth is pacing, not a reader that stopped taking data: a
         // slow limit (16 KiB at 2 KiB/s is 8 s) made every shaped stream of a device held.
         if let Some(wd) = watched {
-            wd.rest();
+            wd.pace();
         }
         shaper.consume(n as u64).await;
         if let Some(wd) = watched {
@@ -653,6 +663,9 @@ where
                 Ok(m) => {
                     at += m;
                     *total += m as u64;
+                    if let Some(wd) = watched {
+                        wd.progressed();
+                    }
                 }
                 Err(e) => break Err(e),
             }

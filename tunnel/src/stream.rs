@@ -409,6 +409,9 @@ impl QuicStream {
 
     /// Counts `n` bytes read.
     fn was_read(&self, n: usize) {
+        if let Recv::Watched(w) = &self.recv {
+            w.took(n);
+        }
         if let Some(m) = &self.meter {
             if n > 0 {
                 m.received.fetch_add(n as u64, Ordering::Relaxed);
