@@ -6,7 +6,9 @@
 //! (small, and a real resolver asks again over TCP, which cannot be forged) and the others
 //! are dropped: the scheme of BIND's and Knot's RRL. Per response, not per network alone: a
 //! flood forged from a resolver's address spends the rate of the answer it asks for, and the
-//! resolver still gets every other name of the zone. TCP answers are not limited here (the
+//! resolver still gets every other name of the zone. And per network over all its answers
+//! ([`ALL_RATE`], BIND's `all-per-second`): a zone with 30 devices has ~100 answers to ask
+//! for, and a flood turning through them drew 100 times the rate towards one victim. TCP answers are not limited here (the
 //! TCP server bounds connections), nor answers to loopback clients. Sans-IO: the caller
 //! passes the time.
 
@@ -24,11 +26,17 @@ use hickory_proto::rr::{LowerName, RecordType};
 pub const RATE: u32 = 100;
 /// Answers a network may get at once beyond the rate.
 pub const BURST: u32 = 200;
+/// Answers per second one network gets over UDP of all answers together: four answers'
+/// rates (a resolver farm asking many names at once), not one per name of the zone.
+pub const ALL_RATE: u32 = 4 * RATE;
+/// Answers a network may get at once beyond [`ALL_RATE`].
+pub const ALL_BURST: u32 = 4 * BURST;
 /// Of the answers over the limit, every SLIP-th is sent empty with TC (a client that is real
 /// retries over TCP); the rest are dropped.
 pub const SLIP: u32 = 2;
-/// (network, response) pairs tracked at most (~56 bytes each); past that, newcomers are
-/// slipped or dropped as if over a limit until idle ones are forgotten.
+/// Buckets tracked at most (~56 bytes each; two a network that asks one answer, its
+/// answer's and its total's); past that, newcomers are slipped or dropped as if over a limit
+/// until idle ones are forgotten.
 pub const MAX_ENTRIES: usize = 65_536;
 
 /// Which answer one is, for its rate (BIND's keys): the same records of a name and type,
@@ -75,13 +83,30 @@ pub struct ResponseLimiter {
 
 #[derive(Debug, Default)]
 struct State {
-    buckets: HashMap<(Network, u64), Bucket>,
+    buckets: HashMap<Key, Bucket>,
     /// When the full table was last swept for refilled networks (at most every
     /// [`SWEEP_EVERY`]: a sweep walks every entry under the lock).
     swept: Option<Instant>,
     /// Answers to networks left out of a full table: slipped or dropped like answers over a
     /// limit, on one count.
     overflow: u32,
+}
+
+/// A bucket: one answer of a network's, or all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Key {
+    Answer(Network, u64),
+    All(Network),
+}
+
+impl Key {
+    /// Its (rate, burst).
+    fn limits(self) -> (u32, u32) {
+        match self {
+            Key::Answer(..) => (RATE, BURST),
+            Key::All(_) => (ALL_RATE, ALL_BURST),
+        }
+    }
 }
 
 /// Least time between two sweeps of a full table.
@@ -143,42 +168,15 @@ impl ResponseLimiter {
         }
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let state = &mut *state;
-        let key = (network(ip), self.keys.hash_one(response));
-        if !state.buckets.contains_key(&key) && state.buckets.len() >= MAX_ENTRIES {
-            // Networks that have refilled are as good as new: forget them.
-            let due = state
-                .swept
-                .is_none_or(|at| now.checked_duration_since(at).unwrap_or_default() >= SWEEP_EVERY);
-            if due {
-                state.swept = Some(now);
-                state
-                    .buckets
-                    .retain(|_, b| refilled(b, now) < f64::from(BURST));
-            }
-            if state.buckets.len() >= MAX_ENTRIES {
-                // Full of busy entries (a flood from many networks): newcomers get the
-                // over-the-limit treatment, on one shared count.
-                state.overflow = state.overflow.wrapping_add(1);
-                return slip_or_drop(state.overflow);
-            }
+        let net = network(ip);
+        // The answer's own rate first: over it, the network's total is not charged.
+        match take(state, Key::Answer(net, self.keys.hash_one(response)), now) {
+            Verdict::Send => take(state, Key::All(net), now),
+            over => over,
         }
-        let b = state.buckets.entry(key).or_insert(Bucket {
-            tokens: f64::from(BURST),
-            at: now,
-            limited: 0,
-        });
-        b.tokens = refilled(b, now);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            b.limited = 0;
-            return Verdict::Send;
-        }
-        b.limited = b.limited.wrapping_add(1);
-        slip_or_drop(b.limited)
     }
 
-    /// (network, response) pairs tracked now.
+    /// Buckets tracked now.
     pub fn tracked(&self) -> usize {
         self.state
             .lock()
@@ -186,6 +184,42 @@ impl ResponseLimiter {
             .buckets
             .len()
     }
+}
+
+/// Spends a token of `key`'s bucket at `now`, or counts one more answer over its limit.
+fn take(state: &mut State, key: Key, now: Instant) -> Verdict {
+    if !state.buckets.contains_key(&key) && state.buckets.len() >= MAX_ENTRIES {
+        // Buckets that have refilled are as good as new: forget them.
+        let due = state
+            .swept
+            .is_none_or(|at| now.checked_duration_since(at).unwrap_or_default() >= SWEEP_EVERY);
+        if due {
+            state.swept = Some(now);
+            state
+                .buckets
+                .retain(|k, b| refilled(b, *k, now) < f64::from(k.limits().1));
+        }
+        if state.buckets.len() >= MAX_ENTRIES {
+            // Full of busy entries (a flood from many networks): newcomers get the
+            // over-the-limit treatment, on one shared count.
+            state.overflow = state.overflow.wrapping_add(1);
+            return slip_or_drop(state.overflow);
+        }
+    }
+    let b = state.buckets.entry(key).or_insert(Bucket {
+        tokens: f64::from(key.limits().1),
+        at: now,
+        limited: 0,
+    });
+    b.tokens = refilled(b, key, now);
+    b.at = now;
+    if b.tokens >= 1.0 {
+        b.tokens -= 1.0;
+        b.limited = 0;
+        return Verdict::Send;
+    }
+    b.limited = b.limited.wrapping_add(1);
+    slip_or_drop(b.limited)
 }
 
 /// The `n`th answer over a limit: every [`SLIP`]th is slipped, the rest dropped.
@@ -197,13 +231,14 @@ fn slip_or_drop(n: u32) -> Verdict {
     }
 }
 
-/// The bucket's tokens at `now` (time going backwards counts as none passed).
-fn refilled(b: &Bucket, now: Instant) -> f64 {
+/// The tokens at `now` of `key`'s bucket `b` (time going backwards counts as none passed).
+fn refilled(b: &Bucket, key: Key, now: Instant) -> f64 {
     let secs = now
         .checked_duration_since(b.at)
         .unwrap_or(Duration::ZERO)
         .as_secs_f64();
-    (b.tokens + secs * f64::from(RATE)).min(f64::from(BURST))
+    let (rate, burst) = key.limits();
+    (b.tokens + secs * f64::from(rate)).min(f64::from(burst))
 }
 
 #[cfg(test)]
@@ -269,7 +304,8 @@ mod tests {
     fn the_table_stays_bounded_and_forgets_idle_networks() {
         let rrl = ResponseLimiter::default();
         let t = Instant::now();
-        for i in 0..MAX_ENTRIES as u32 {
+        // Two buckets a network: its answer's and all of its answers'.
+        for i in 0..MAX_ENTRIES as u32 / 2 {
             let ip = IpAddr::V4((i << 8).into());
             assert_eq!(rrl.admit(ip, R, t), Verdict::Send);
         }
@@ -283,7 +319,48 @@ mod tests {
         // Once they have refilled, they are forgotten and the newcomer is served.
         let later = t + Duration::from_secs(1);
         assert_eq!(rrl.admit(newcomer, R, later), Verdict::Send);
-        assert_eq!(rrl.tracked(), 1);
+        assert_eq!(rrl.tracked(), 2);
+    }
+
+    /// A flood turning through the zone's answers, forged from one network, gets the
+    /// network's total rate, not each answer's: ~100 answers (a zone of 30 devices) drew 100
+    /// times the rate towards one victim.
+    #[test]
+    fn a_network_gets_its_total_rate_over_all_answers() {
+        let rrl = ResponseLimiter::default();
+        let t = Instant::now();
+        let ip: IpAddr = "198.51.100.7".parse().unwrap();
+        let names: Vec<LowerName> = (0..100)
+            .map(|i| {
+                let n = format!("home{i}.alice.example.");
+                LowerName::from(hickory_proto::rr::Name::from_ascii(&n).unwrap())
+            })
+            .collect();
+        let mut sent = 0;
+        for round in 0..BURST {
+            for n in &names {
+                let r = Response::Records(n, RecordType::A);
+                if rrl.admit(ip, r, t) == Verdict::Send {
+                    sent += 1;
+                }
+            }
+            assert!(round > 0 || sent == 100, "each answer at first");
+        }
+        assert_eq!(sent, ALL_BURST, "the network's burst over all answers");
+        // Another network is not affected.
+        let other: IpAddr = "203.0.113.9".parse().unwrap();
+        let r = Response::Records(&names[0], RecordType::A);
+        assert_eq!(rrl.admit(other, r, t), Verdict::Send);
+        // A second later, the total rate's worth more.
+        let later = t + Duration::from_secs(1);
+        let more = names
+            .iter()
+            .filter(|n| rrl.admit(ip, Response::Records(n, RecordType::A), later) == Verdict::Send)
+            .count();
+        assert_eq!(
+            more, 100,
+            "each answer's own bucket refilled by 100 and the total by 400"
+        );
     }
 
     /// A flood of one question, forged from a resolver's network, spends that answer's rate

@@ -81,7 +81,28 @@ fn names_hidden(root: &Path, asked: &Path) -> bool {
             _ => None,
         })
         .enumerate()
-        .any(|(depth, n)| is_hidden(n, depth == 0))
+        .any(|(depth, n)| is_hidden(n, depth == 0) || is_short_alias(n))
+}
+
+/// A name shaped like a DOS 8.3 alias with a numeric tail (`GIT~1`, `ENV~1.TXT`): on FAT
+/// (a USB stick, an SD card), NTFS or an SMB share the file system opens the long name it
+/// stands for, case-insensitively, and a hidden name's alias drops its dot — `/GIT~1/config`
+/// served `.git/config`. Refused in request paths like hidden names (listings show long names
+/// only, so nothing listed is lost; a real file named so needs `--hidden`).
+fn is_short_alias(name: &[u8]) -> bool {
+    let (base, ext) = match name.iter().rposition(|&b| b == b'.') {
+        Some(dot) => (&name[..dot], &name[dot + 1..]),
+        None => (name, &b""[..]),
+    };
+    let Some(tilde) = base.iter().rposition(|&b| b == b'~') else {
+        return false;
+    };
+    let (stem, tail) = (&base[..tilde], &base[tilde + 1..]);
+    base.len() <= 8
+        && !stem.is_empty()
+        && !tail.is_empty()
+        && tail.iter().all(u8::is_ascii_digit)
+        && ext.len() <= 3
 }
 
 /// A name starting with `.`, but `.well-known` at the top (`at_top`; RFC 8615: public by
@@ -369,6 +390,10 @@ async fn handle(
                         "a directory: its URL ends with /",
                     );
                     r.headers_mut().insert(header::LOCATION, v);
+                    // Browsers keep a 308 for good unless told: a directory later replaced by
+                    // a file of its name would stay redirected to a 404.
+                    r.headers_mut()
+                        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
                     r
                 }
                 Err(_) => text(
@@ -536,7 +561,12 @@ async fn file(
     let len = meta.len();
     let validators = Validators::of(&meta, SystemTime::now());
     let ctype = content_type(&path);
-    let mut r = Response::builder().header(header::ACCEPT_RANGES, "bytes");
+    // `no-cache`: kept, but asked about again each time (a 304 when unchanged). Without it,
+    // browsers reuse a file for a tenth of its age unasked — a report replaced after 100
+    // days was served stale for 10.
+    let mut r = Response::builder()
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CACHE_CONTROL, "no-cache");
     if let Some(h) = r.headers_mut() {
         validators.write(h);
     }
@@ -1103,6 +1133,32 @@ mod tests {
         let stop = CancellationToken::new();
         let served = tokio::spawn(serve(l, Root::open(dir).unwrap(), opts, stop.clone()));
         (addr, stop, served)
+    }
+
+    /// DOS 8.3 aliases of hidden names (`.git` is `GIT~1` on FAT, NTFS and SMB shares) are
+    /// refused as the names they stand for; long names with a `~` are not.
+    #[test]
+    fn short_aliases_count_as_hidden() {
+        let root = Path::new("/share");
+        for alias in [
+            "GIT~1/config",
+            "env~1",
+            "SSH~1/id_ed25519",
+            "pub/FOO~12.TXT",
+            "a~1.b",
+        ] {
+            assert!(names_hidden(root, &root.join(alias)), "{alias}");
+        }
+        for name in [
+            "notes~draft.txt",
+            "~1",
+            "photos~1999/a.jpg",
+            "report~1.html.gz",
+            "a.txt~1",
+            "pub/a.txt",
+        ] {
+            assert!(!names_hidden(root, &root.join(name)), "{name}");
+        }
     }
 
     /// Names starting with `.` are not served or listed unless asked for (`--hidden`): a
@@ -1833,6 +1889,8 @@ mod tests {
         let whole = get(addr, "/f.txt", "").await;
         assert!(whole.starts_with("HTTP/1.1 200"), "{whole}");
         assert_eq!(header(&whole, "accept-ranges"), Some("bytes"));
+        // Kept by browsers, but asked about again: a replaced file is seen at once.
+        assert_eq!(header(&whole, "cache-control"), Some("no-cache"));
         assert_eq!(body(&whole), content);
         let lm = header(&whole, "last-modified")
             .expect("Last-Modified")
@@ -2102,6 +2160,11 @@ mod tests {
         let got = get(addr, "/site?x=1", "X-Forwarded-Prefix: /dfs\r\n").await;
         assert!(got.starts_with("HTTP/1.1 308"), "{got}");
         assert_eq!(header(&got, "location"), Some("/dfs/site/?x=1"));
+        assert_eq!(
+            header(&got, "cache-control"),
+            Some("no-cache"),
+            "not kept for good"
+        );
         let got = get(addr, "/site/a%20b", "").await;
         assert_eq!(header(&got, "location"), Some("/site/a%20b/"));
         let got = get(addr, "//site", "").await;
