@@ -333,7 +333,7 @@ async fn handle(
     let Some(asked) = resolve(root.path(), req.uri().path()) else {
         return text(
             StatusCode::BAD_REQUEST,
-            "bad path: it has a `..` part, a NUL or a malformed %-escape",
+            "bad path: it has a `..` part, a NUL, a malformed %-escape or a `;` (write a name's `;` as %3B)",
         );
     };
     // As a name that is not there: the answer tells nothing of what the share holds.

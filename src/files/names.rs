@@ -43,9 +43,17 @@ pub(super) fn percent_encode(name: &[u8]) -> String {
     out
 }
 
-/// Maps a URL path to a file under `root`, refusing anything that could climb out of it.
+/// Maps a URL path to a file under `root`, refusing anything that could climb out of it, and
+/// a raw `;`: the gateway reads `/pub;x/f` as `/pub/f` (Tomcat's path parameters, so a
+/// policy's `paths` cannot be got around on such services) and would allow it under `/pub`,
+/// while here it named the directory `pub;x`. A name with a `;` is asked for as `%3B`, as
+/// listings link it.
 pub fn resolve(root: &Path, url_path: &str) -> Option<PathBuf> {
-    let decoded = percent_decode(url_path.split('?').next().unwrap_or(""))?;
+    let url_path = url_path.split('?').next().unwrap_or("");
+    if url_path.contains(';') {
+        return None;
+    }
+    let decoded = percent_decode(url_path)?;
     let mut p = root.to_path_buf();
     for c in Path::new(OsStr::from_bytes(&decoded)).components() {
         match c {
@@ -117,6 +125,12 @@ mod tests {
         assert_eq!(resolve(root, "/%zz"), None);
         assert_eq!(resolve(root, "/%+1"), None);
         assert_eq!(resolve(root, "/a%00b"), None);
+        assert_eq!(resolve(root, "/pub;old/secret.txt"), None);
+        assert_eq!(resolve(root, "/;/pub/x"), None);
+        assert_eq!(
+            resolve(root, "/a%3Bb"),
+            Some(PathBuf::from("/srv/files/a;b"))
+        );
         assert_eq!(resolve(root, "/"), Some(PathBuf::from("/srv/files")));
         // Names need not be UTF-8.
         assert_eq!(
