@@ -169,9 +169,19 @@ impl ResponseLimiter {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let state = &mut *state;
         let net = network(ip);
-        // The answer's own rate first: over it, the network's total is not charged.
-        match take(state, Key::Answer(net, self.keys.hash_one(response)), now) {
-            Verdict::Send => take(state, Key::All(net), now),
+        // The answer's own rate first: over it, the network's total is not charged; over
+        // the total, the answer's token comes back (the answer was not sent).
+        let answer = Key::Answer(net, self.keys.hash_one(response));
+        match take(state, answer, now) {
+            Verdict::Send => match take(state, Key::All(net), now) {
+                Verdict::Send => Verdict::Send,
+                over => {
+                    if let Some(b) = state.buckets.get_mut(&answer) {
+                        b.tokens += 1.0;
+                    }
+                    over
+                }
+            },
             over => over,
         }
     }
@@ -351,16 +361,14 @@ mod tests {
         let other: IpAddr = "203.0.113.9".parse().unwrap();
         let r = Response::Records(&names[0], RecordType::A);
         assert_eq!(rrl.admit(other, r, t), Verdict::Send);
-        // A second later, the total rate's worth more.
+        // A second later, the total rate's worth more: the answers refused by the total did
+        // not spend their own rates.
         let later = t + Duration::from_secs(1);
-        let more = names
-            .iter()
+        let more = (0..5)
+            .flat_map(|_| names.iter())
             .filter(|n| rrl.admit(ip, Response::Records(n, RecordType::A), later) == Verdict::Send)
             .count();
-        assert_eq!(
-            more, 100,
-            "each answer's own bucket refilled by 100 and the total by 400"
-        );
+        assert_eq!(more as u32, ALL_RATE);
     }
 
     /// A flood of one question, forged from a resolver's network, spends that answer's rate

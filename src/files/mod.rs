@@ -87,9 +87,15 @@ fn names_hidden(root: &Path, asked: &Path) -> bool {
 /// A name shaped like a DOS 8.3 alias with a numeric tail (`GIT~1`, `ENV~1.TXT`): on FAT
 /// (a USB stick, an SD card), NTFS or an SMB share the file system opens the long name it
 /// stands for, case-insensitively, and a hidden name's alias drops its dot — `/GIT~1/config`
-/// served `.git/config`. Refused in request paths like hidden names (listings show long names
-/// only, so nothing listed is lost; a real file named so needs `--hidden`).
+/// served `.git/config`. Refused like hidden names, and left out of listings with them (a
+/// real file named so needs `--hidden`).
 fn is_short_alias(name: &[u8]) -> bool {
+    // vfat ignores trailing dots in a lookup (`GIT~1..` is `GIT~1`), SMB trailing spaces too.
+    let end = name
+        .iter()
+        .rposition(|&b| b != b'.' && b != b' ')
+        .map_or(0, |i| i + 1);
+    let name = &name[..end];
     let (base, ext) = match name.iter().rposition(|&b| b == b'.') {
         Some(dot) => (&name[..dot], &name[dot + 1..]),
         None => (name, &b""[..]),
@@ -216,7 +222,7 @@ fn listing(
         if read % 1024 == 0 && std::time::Instant::now() >= deadline {
             return ControlFlow::Break(());
         }
-        if !hidden && is_hidden(name, at_root) {
+        if !hidden && (is_hidden(name, at_root) || is_short_alias(name)) {
             return ControlFlow::Continue(());
         }
         if heap.len() == MAX_LISTING {
@@ -1142,6 +1148,8 @@ mod tests {
         let root = Path::new("/share");
         for alias in [
             "GIT~1/config",
+            "GIT~1../config",
+            "env~1. ",
             "env~1",
             "SSH~1/id_ed25519",
             "pub/FOO~12.TXT",

@@ -51,10 +51,10 @@
 //! (those fit in the half of the window the budget already leaves them), from a
 //! process-wide [`WindowPool`], given back as the backlog clears (once quinn stops granting
 //! it: [`crate::window_loan`]) or the connection ends. The other streams keep half the
-//! connection's window whatever the slow ones hold, until the pool runs dry (a device then
-//! needs [`crate::window_loan::LENDABLE_WINDOW`] / [`STREAM_WINDOW`] more slow readers to be
-//! slowed: 40 rather than 8). What is lent is memory the process may hold unread: the pool
-//! bounds it for all connections together.
+//! connection's window whatever the slow ones hold, until its loan reaches
+//! [`crate::window_loan::LENT_PER_CONNECTION`] or the pool runs dry (a device is then slowed
+//! by 24 slow readers rather than 8). What is lent is memory the process may hold unread: the
+//! pool bounds it for all connections together.
 //!
 //! Time is counted in ticks of one hub-wide [`HoldClock`], advanced by the sweep: a read that
 //! returned data stores the current tick (one relaxed store), not a clock reading.
@@ -205,7 +205,6 @@ impl Holds {
                 let Some(w) = w.upgrade() else {
                     return false;
                 };
-                w.counted.store(false, Ordering::Relaxed);
                 let since = w.since.load(Ordering::Relaxed);
                 // Only a reader that holds what it read is looked at: one waiting in quinn
                 // at this sweep starts its whole tick at the next.
@@ -228,7 +227,12 @@ impl Holds {
         let (mut held, backlogged): (Vec<_>, Vec<_>) = waiting
             .into_iter()
             .partition(|(since, _)| *since != 0 && now.saturating_sub(*since) > stall_ticks);
+        // The last sweep's count stands until the cuts are made: a cut stream's share comes
+        // off before its data is dropped ([`Loan::stream_ending`]).
         let cut = self.cut_held(&mut held, now, tick, peer);
+        for w in self.live() {
+            w.counted.store(false, Ordering::Relaxed);
+        }
         // `held` keeps those within the budget.
         for (_, w) in backlogged.iter().chain(held.iter()) {
             w.counted.store(true, Ordering::Relaxed);
@@ -237,6 +241,12 @@ impl Holds {
         let want = backlogged.saturating_sub(HELD_BUDGET) as u64 * u64::from(STREAM_WINDOW);
         self.loan.follow(want, backlogged, peer);
         cut
+    }
+
+    /// The streams watched now.
+    fn live(&self) -> Vec<Arc<Watched>> {
+        let streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        streams.iter().filter_map(Weak::upgrade).collect()
     }
 
     /// Cuts the longest-held of `held` beyond [`HELD_BUDGET`]; returns how many it cut.

@@ -26,6 +26,10 @@ use crate::transport::CONNECTION_WINDOW;
 /// [`CONNECTION_WINDOW`].
 pub const LENDABLE_WINDOW: u64 = 128 * 1024 * 1024;
 
+/// Lent to one connection at most: half the pool, so slow readers of one device leave the
+/// other devices' connections half of it.
+pub const LENT_PER_CONNECTION: u64 = LENDABLE_WINDOW / 2;
+
 /// Lines a second the process's loans log between them (one per connection whose loan
 /// starts or ends): a client pausing and resuming five slow downloads can flip a loan every
 /// sweep.
@@ -164,6 +168,8 @@ impl Loan {
         if st.lent == 0 || self.conn.close_reason().is_some() {
             return;
         }
+        // What was consumed before now paid older debt, not this share.
+        st.settle(self.consumed.load(Ordering::Relaxed), &self.pool);
         let share = st.lent.min(u64::from(crate::transport::STREAM_WINDOW));
         st.lent -= share;
         st.owed += share;
@@ -188,13 +194,20 @@ impl Loan {
 
 impl LoanState {
     /// Pays `owed` off with what was consumed since it last looked (the count is now
-    /// `consumed`), then grows the loan towards `want` beyond what is lent and owed, or
-    /// shrinks it to `want`, owing the difference.
-    fn follow(&mut self, want: u64, consumed: u64, pool: &WindowPool) {
+    /// `consumed`): quinn's debt goes first with every byte its streams take.
+    fn settle(&mut self, consumed: u64, pool: &WindowPool) {
         let paid = consumed.wrapping_sub(self.consumed_seen).min(self.owed);
         self.consumed_seen = consumed;
         self.owed -= paid;
         pool.give(paid);
+    }
+
+    /// Settles what was consumed (the count is now `consumed`), then grows the loan towards
+    /// `want` (at most [`LENT_PER_CONNECTION`]) beyond what is lent and owed, or shrinks it
+    /// to `want`, owing the difference.
+    fn follow(&mut self, want: u64, consumed: u64, pool: &WindowPool) {
+        self.settle(consumed, pool);
+        let want = want.min(LENT_PER_CONNECTION);
         let out = self.lent + self.owed;
         if want > out {
             self.lent += pool.take(want - out);
@@ -252,5 +265,11 @@ mod tests {
         st.follow(40, 1030, &pool);
         assert_eq!((st.lent, pool.free()), (5, 0));
         pool.give(other);
+        // One connection gets half the pool at most.
+        let pool = WindowPool::default();
+        let mut st = LoanState::default();
+        st.follow(LENDABLE_WINDOW, 0, &pool);
+        assert_eq!(st.lent, LENT_PER_CONNECTION);
+        assert_eq!(pool.free(), LENDABLE_WINDOW - LENT_PER_CONNECTION);
     }
 }
