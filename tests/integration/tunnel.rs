@@ -2281,6 +2281,33 @@ async fn slow_readers(
     (total, tasks)
 }
 
+/// A gateway on `z` with a public tcp app (on the returned port) to home1's service that
+/// sends without end, home1 connected. Its stall time is 10 s, which no slow reader of these
+/// tests comes near: a read can hand over up to 32 of quinn's chunks (~280 KiB at loopback's
+/// packet size), seconds' worth for them.
+async fn flood_gateway(z: &TestZone) -> (RunningGateway, RunningAgent, u16) {
+    let port = free_tcp_port();
+    z.write_policy(
+        "a.toml",
+        &tcp_app("flood", port).replace("home1/echo", "home1/flood"),
+    );
+    let tuning = Tuning {
+        reader_stall: Duration::from_secs(10),
+        ..fast_tuning()
+    };
+    let gw = start_gateway(z, tuning, Duration::from_millis(500)).await;
+    let h1 = start_agent(
+        z,
+        "home1",
+        services(&[("flood", tcp_flood().await, ServiceProto::Tcp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    (gw, h1, port)
+}
+
 /// Clients reading a device's downloads slowly but steadily are not taken for ones that
 /// stopped: a read of the gateway's hands over up to 32 of quinn's chunks (~280 KiB at
 /// loopback's packet size), which a client reading 16 KiB/s takes 17 seconds to take, past
@@ -2291,25 +2318,7 @@ async fn slow_readers(
 async fn steady_slow_readers_are_not_cut_as_held() {
     use std::sync::atomic::Ordering;
     let z = TestZone::new(&["home1"]);
-    let port = free_tcp_port();
-    z.write_policy(
-        "a.toml",
-        &tcp_app("flood", port).replace("home1/echo", "home1/flood"),
-    );
-    let tuning = Tuning {
-        reader_stall: Duration::from_secs(10),
-        ..fast_tuning()
-    };
-    let gw = start_gateway(&z, tuning, Duration::from_millis(500)).await;
-    let _h1 = start_agent(
-        &z,
-        "home1",
-        services(&[("flood", tcp_flood().await, ServiceProto::Tcp)]),
-        vec![],
-        fast_tuning(),
-    )
-    .await;
-    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let (gw, _h1, port) = flood_gateway(&z).await;
     const SLOW: u64 = 8;
     let (read, mut slow) = slow_readers(port, SLOW, 1024).await;
     // Each has read more than one of the gateway's reads' worth (past its stall time).
@@ -2346,27 +2355,7 @@ async fn slow_readers_do_not_slow_the_devices_other_downloads() {
     use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let z = TestZone::new(&["home1"]);
-    let port = free_tcp_port();
-    z.write_policy(
-        "a.toml",
-        &tcp_app("flood", port).replace("home1/echo", "home1/flood"),
-    );
-    // A stall time no slow reader here comes near: a read can hand over up to 32 of quinn's
-    // chunks (~280 KiB at loopback's packet size), seconds' worth for them.
-    let tuning = Tuning {
-        reader_stall: Duration::from_secs(10),
-        ..fast_tuning()
-    };
-    let gw = start_gateway(&z, tuning, Duration::from_millis(500)).await;
-    let _h1 = start_agent(
-        &z,
-        "home1",
-        services(&[("flood", tcp_flood().await, ServiceProto::Tcp)]),
-        vec![],
-        fast_tuning(),
-    )
-    .await;
-    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let (gw, _h1, port) = flood_gateway(&z).await;
     // Lent to home1's connection (0 while it is away: a reconnect under load).
     let lent_now = || {
         gw.hub
