@@ -173,6 +173,7 @@ impl Loan {
         let share = st.lent.min(u64::from(crate::transport::STREAM_WINDOW));
         st.lent -= share;
         st.owed += share;
+        self.out.store(st.lent + st.owed, Ordering::Relaxed);
         let window = u64::from(CONNECTION_WINDOW) + st.lent;
         self.conn
             .set_receive_window(quinn::VarInt::from_u64(window).unwrap_or(quinn::VarInt::MAX));
