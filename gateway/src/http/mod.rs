@@ -223,6 +223,9 @@ impl Front {
         // A client gone without a word holds no upgraded (WebSocket) or long-polling
         // connection for ever.
         tunnel::sockets::keepalive_accepted(&listener, self.0.hub.tuning().tcp_keepalive);
+        // A client's unread answer waits in the tunnel's flow control rather than in the
+        // kernel, and its progress shows as it reads (the send timeout, the held streams).
+        tunnel::sockets::bound_unsent_accepted(&listener);
         while let Some((tcp, peer)) = tunnel::sockets::accept_until(&listener, &shutdown).await {
             // On a dual-stack `[::]` listener IPv4 clients arrive as `::ffff:a.b.c.d`: logs,
             // X-Forwarded-For and the policy see them as the IPv4 addresses they are.
