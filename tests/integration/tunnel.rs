@@ -2282,9 +2282,9 @@ async fn slow_readers(
 }
 
 /// A gateway on `z` with a public tcp app (on the returned port) to home1's service that
-/// sends without end, home1 connected. Its stall time is 10 s, which no slow reader of these
-/// tests comes near: a read can hand over up to 32 of quinn's chunks (~280 KiB at loopback's
-/// packet size), seconds' worth for them.
+/// sends without end, home1 connected. Its stall time is 10 s: a read can hand over up to 32
+/// of quinn's chunks (~280 KiB at loopback's packet size), seconds' worth for the slow
+/// readers of these tests, and what must not be cut is a reader whose writes keep moving.
 async fn flood_gateway(z: &TestZone) -> (RunningGateway, RunningAgent, u16) {
     let port = free_tcp_port();
     z.write_policy(
