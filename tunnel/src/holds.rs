@@ -208,12 +208,14 @@ impl Holds {
                 let since = w.since.load(Ordering::Relaxed);
                 // Only a reader that holds what it read is looked at: one waiting in quinn
                 // at this sweep starts its whole tick at the next.
-                if since != 0 || w.pacing.load(Ordering::Relaxed) {
-                    // Not caught up for a whole tick: backlogged if data waits (one not read
-                    // for a tick caught up with nothing either).
-                    if !w.caught_up.swap(false, Ordering::Relaxed) {
-                        waiting.push((since, w));
-                    }
+                // Not caught up for a whole tick: backlogged if data waits (one not read for a
+                // tick caught up with nothing either).
+                if (since != 0 || w.pacing.load(Ordering::Relaxed))
+                    && !w.caught_up.swap(false, Ordering::Relaxed)
+                {
+                    waiting.push((since, w));
+                } else {
+                    w.counted.store(false, Ordering::Relaxed);
                 }
                 true
             });
@@ -221,18 +223,21 @@ impl Holds {
         // Those whose sender reset them are cut, whatever the budget; those with nothing
         // waiting unread hold no credit (their reader is slow to take the last of what it
         // read: cutting one frees nothing, loses its tail, and spares one that does hold).
-        waiting.retain(|(since, w)| w.look(*since, peer) == Look::HoldsData);
+        waiting.retain(|(since, w)| {
+            let holds = w.look(*since, peer) == Look::HoldsData;
+            if !holds {
+                w.counted.store(false, Ordering::Relaxed);
+            }
+            holds
+        });
         // `since` is the tick during which the read happened: held for the stall time once
         // more than `stall_ticks` ticks have begun since. A pacing reader is not held.
         let (mut held, backlogged): (Vec<_>, Vec<_>) = waiting
             .into_iter()
             .partition(|(since, _)| *since != 0 && now.saturating_sub(*since) > stall_ticks);
-        // The last sweep's count stands until the cuts are made: a cut stream's share comes
-        // off before its data is dropped ([`Loan::stream_ending`]).
+        // The last sweep's count stands for those to be cut until they are: a cut stream's
+        // share comes off before its data is dropped ([`Loan::stream_ending`]).
         let cut = self.cut_held(&mut held, now, tick, peer);
-        for w in self.live() {
-            w.counted.store(false, Ordering::Relaxed);
-        }
         // `held` keeps those within the budget.
         for (_, w) in backlogged.iter().chain(held.iter()) {
             w.counted.store(true, Ordering::Relaxed);
@@ -241,12 +246,6 @@ impl Holds {
         let want = backlogged.saturating_sub(HELD_BUDGET) as u64 * u64::from(STREAM_WINDOW);
         self.loan.follow(want, backlogged, peer);
         cut
-    }
-
-    /// The streams watched now.
-    fn live(&self) -> Vec<Arc<Watched>> {
-        let streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
-        streams.iter().filter_map(Weak::upgrade).collect()
     }
 
     /// Cuts the longest-held of `held` beyond [`HELD_BUDGET`]; returns how many it cut.
@@ -274,6 +273,8 @@ impl Holds {
                 // Cut now, a reader whose last poll answered Pending would never be woken (its
                 // waker goes with the stopped stream) and never see the cut.
                 if w.since.load(Ordering::Relaxed) != since {
+                    // Not counted this sweep (the discard of a cut one clears it too).
+                    w.counted.store(false, Ordering::Relaxed);
                     continue;
                 }
                 // A cut stream holds nothing (its reads fail before they could mark it again).

@@ -139,9 +139,7 @@ impl Loan {
         if st.lent == before {
             return;
         }
-        let window = u64::from(CONNECTION_WINDOW) + st.lent;
-        self.conn
-            .set_receive_window(quinn::VarInt::from_u64(window).unwrap_or(quinn::VarInt::MAX));
+        let window = self.set_window(st.lent);
         let mib = |b: u64| b / (1024 * 1024);
         if before != 0 && st.lent != 0 {
             tracing::debug!(peer = %peer, backlogged, lent_mib = mib(st.lent), "receive window resized");
@@ -174,9 +172,15 @@ impl Loan {
         st.lent -= share;
         st.owed += share;
         self.out.store(st.lent + st.owed, Ordering::Relaxed);
-        let window = u64::from(CONNECTION_WINDOW) + st.lent;
+        self.set_window(st.lent);
+    }
+
+    /// Sets the connection's window to its own plus `lent`; returns it.
+    fn set_window(&self, lent: u64) -> u64 {
+        let window = u64::from(CONNECTION_WINDOW) + lent;
         self.conn
             .set_receive_window(quinn::VarInt::from_u64(window).unwrap_or(quinn::VarInt::MAX));
+        window
     }
 
     /// The connection is over: all of it goes back to the pool.
