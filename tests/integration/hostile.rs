@@ -1252,11 +1252,11 @@ async fn a_gateway_signed_from_a_restored_backup_learns_revocations_from_its_age
     let backup = zone_core::zonedir::read_zone_json(&z.zone_dir().join("zone.json")).unwrap();
     let revoking = z.revoke("laptop");
     // What a `device add` in the restored directory signs: the backup's config, newer.
-    let zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
-    let mut restored = backup.config.clone();
-    restored.serial = zd.zone.config.serial + 10;
-    let restored = restored.sign(&zd.key).unwrap();
-    std::fs::write(z.bundle("gw").zone_config, restored.to_json_pretty()).unwrap();
+    std::fs::write(
+        z.bundle("gw").zone_config,
+        restored_from_backup(&z, &backup),
+    )
+    .unwrap();
     std::fs::write(z.bundle("home1").zone_config, &revoking).unwrap();
     let t = steady_tuning();
     let gw = start_gateway(&z, t, Duration::from_millis(500)).await;
@@ -1314,6 +1314,99 @@ async fn agents_drop_a_gateway_the_zone_revokes() {
         "home1 reconnected to a revoked gateway"
     );
     assert!(gw.hub.agent("home1").is_some());
+    gw.shutdown.cancel();
+    gw2.shutdown.cancel();
+}
+
+/// A zone.json signed from a zone directory restored from an older backup: the backup's
+/// config (without the revocation made since) under a serial newer than `revoking`'s.
+fn restored_from_backup(z: &TestZone, backup: &zone_core::SignedZone) -> Vec<u8> {
+    let zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
+    let mut restored = backup.config.clone();
+    restored.serial = zd.zone.config.serial + 10;
+    restored
+        .sign(&zd.key)
+        .unwrap()
+        .to_json_pretty()
+        .into_bytes()
+}
+
+/// A gateway running a config signed from a restored backup (newer, without the laptop's
+/// revocation); the owner copies the revoking zone.json into its bundle. Not adopted — it is
+/// older — but the revocation it signs is for good: the laptop is cut off and stays out.
+/// Before, the file was set aside and the laptop served until some agent's hello carried the
+/// revocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_takes_the_revocations_of_an_older_zone_json_copied_into_its_bundle() {
+    let z = TestZone::new(&["home1", "laptop"]);
+    let backup = zone_core::zonedir::read_zone_json(&z.zone_dir().join("zone.json")).unwrap();
+    let revoking = z.revoke("laptop");
+    std::fs::write(
+        z.bundle("gw").zone_config,
+        restored_from_backup(&z, &backup),
+    )
+    .unwrap();
+    let t = steady_tuning();
+    let gw = start_gateway(&z, t, Duration::from_millis(500)).await;
+    let laptop = start_agent(&z, "laptop", services(&[]), vec![], t).await;
+    wait_until("the laptop let in", WAIT, || {
+        gw.hub.agent("laptop").is_some()
+    })
+    .await;
+    let serial = gw.hub.creds().zone_serial();
+
+    std::fs::write(z.bundle("gw").zone_config, &revoking).unwrap();
+    wait_until("the laptop cut off", WAIT, || {
+        gw.hub.agent("laptop").is_none()
+    })
+    .await;
+    let laptop_name = zone_core::DeviceName::new("laptop").unwrap();
+    assert!(gw.hub.creds().trust.is_revoked(&laptop_name));
+    assert_eq!(
+        gw.hub.creds().zone_serial(),
+        serial,
+        "the older config was adopted"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(gw.hub.agent("laptop").is_none(), "the laptop got back in");
+    laptop.shutdown.cancel();
+    gw.shutdown.cancel();
+}
+
+/// The same on a node: its bundle gets a zone.json that revokes gateway gw2 but is older than
+/// the (restored) one in use. The node drops its link to gw2 at once (a revoked gateway can
+/// open streams to every service of the device) instead of keeping it until a newer config
+/// revoking gw2 came along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_takes_the_revocations_of_an_older_zone_json_copied_into_its_bundle() {
+    let z = TestZone::with_gateways(&["gw", "gw2"], &["home1"]);
+    let backup = zone_core::zonedir::read_zone_json(&z.zone_dir().join("zone.json")).unwrap();
+    let revoking = z.revoke("gw2");
+    let restored = restored_from_backup(&z, &backup);
+    for d in ["gw", "gw2", "home1"] {
+        std::fs::write(z.bundle(d).zone_config, &restored).unwrap();
+    }
+    let t = fast_tuning();
+    let gw = start_named_gateway(&z, "gw", t).await;
+    let gw2 = start_named_gateway(&z, "gw2", t).await;
+    let home1 = start_agent(&z, "home1", services(&[]), vec![], t).await;
+    wait_until("home1 on both gateways", WAIT, || {
+        gw.hub.agent("home1").is_some() && gw2.hub.agent("home1").is_some()
+    })
+    .await;
+
+    std::fs::write(z.bundle("home1").zone_config, &revoking).unwrap();
+    wait_until("home1 dropped gw2", WAIT, || {
+        gw2.hub.agent("home1").is_none() && home1.agent.links().iter().all(|l| l.name != "gw2")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        gw2.hub.agent("home1").is_none(),
+        "home1 reconnected to a revoked gateway"
+    );
+    assert!(gw.hub.agent("home1").is_some());
+    home1.shutdown.cancel();
     gw.shutdown.cancel();
     gw2.shutdown.cancel();
 }

@@ -535,8 +535,32 @@ impl Agent {
             Ok(None) => None,
             Err(e) => Some(e),
         };
+        self.learn_revocations(bytes, &file);
         let creds = &self.cfg.creds;
         creds.not_adopted_from_bundle(bytes, &file, current, error.as_ref());
+    }
+
+    /// A zone config not adopted — older than the one in use, expired, or leaving out a
+    /// revocation — may still revoke devices the one in use does not
+    /// ([`DeviceCreds::learn_revocations`]): a signed revocation is for good, whatever else
+    /// refuses its config. They are enforced from now on: direct paths to them cut, a
+    /// gateway among them dropped. What keeps the config from being read is told by the
+    /// refusal's own line.
+    fn learn_revocations(self: &Arc<Self>, bytes: &[u8], from: &str) {
+        let Ok(names) = self.cfg.creds.learn_revocations(bytes) else {
+            return;
+        };
+        if names.is_empty() {
+            return;
+        }
+        let list = names
+            .iter()
+            .map(|n| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        error!(from, revoked = %list, serial = self.cfg.creds.zone_serial(), "a zone config not adopted (older, expired, or leaving out a revocation) revokes devices the config in use does not: the zone directory that signed the one in use lacks these revocations (restored from an older backup?). They are enforced here from now on; in the zone directory run `zonegate device revoke NAME --zone DIR --force` for each and copy the new zone.json into the gateways' bundles");
+        self.peers.cut_revoked();
+        self.relink();
     }
 
     /// Makes the links match the gateways the zone config lists now: a gateway added gets a
@@ -1022,9 +1046,14 @@ impl Agent {
                     info!(serial, gateway = %link.name, "adopted newer zone config from gateway");
                     self.zone_adopted(&link.name);
                 }
-                Ok(None) => {}
+                Ok(None) => self.learn_revocations(z, &link.name),
                 Err(e) => {
-                    warn!(gateway = %link.name, error = %e, "gateway offered a zone config we refuse")
+                    // Budgeted as a refused update is: a gateway whose sessions last just
+                    // long enough to reset the backoff would write one at each.
+                    if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
+                        warn!(gateway = %link.name, error = %e, unlogged, "gateway offered a zone config we refuse");
+                    }
+                    self.learn_revocations(z, &link.name);
                 }
             }
         }
@@ -1239,6 +1268,9 @@ impl Agent {
                     Ok(None) => None,
                     Err(e) => Some(e.to_string()),
                 };
+                if refused.is_some() {
+                    self.learn_revocations(&zone_config, &link.name);
+                }
                 if let Some(why) = refused {
                     // Budgeted: a gateway sending bad ones in a loop must not fill the disk.
                     if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {

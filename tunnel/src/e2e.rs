@@ -528,8 +528,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for E2eStream<S> {
                 }
                 None => {}
             }
-            // Read into the buffer's spare room (it was zero-filled, 64 KiB per read).
-            this.rbuf.reserve(READ_CHUNK);
+            // Read into the buffer's spare room (it was zero-filled, 64 KiB per read). Room
+            // grows with what is buffered, up to a whole frame: a peer's frame declares its
+            // length, and a fixed 64 KiB (doubled by the reserve's growth once a part was
+            // there) pinned 128 KiB for 4 KiB sent on each of thousands of relayed streams.
+            // A stream moving whole frames keeps its grown buffer; one waiting with a few
+            // bytes gives it up (below).
+            this.rbuf
+                .reserve(READ_CHUNK.min(this.rbuf.len().max(PARTIAL_KEPT)));
             let got = match tokio_util::io::poll_read_buf(
                 Pin::new(&mut this.inner),
                 cx,
@@ -902,6 +908,24 @@ mod tests {
         assert!(pending.is_err(), "a partial frame read as something");
         assert!(
             s.rbuf.len() == 3 && s.rbuf.capacity() <= 2 * PARTIAL_KEPT,
+            "{} bytes kept in {}",
+            s.rbuf.len(),
+            s.rbuf.capacity()
+        );
+
+        // Past the size moved to a buffer of its own: a frame declaring 64 KiB, 5,000 bytes of
+        // it sent in pieces, keeps a few times what was sent, not 64 KiB or more.
+        let (_, b) = framer_pair_for_tests();
+        let (x, mut y) = tokio::io::duplex(64 * 1024);
+        let mut s = E2eStream::new(x, b);
+        y.write_all(&[0xff, 0xff]).await.unwrap();
+        for _ in 0..5 {
+            y.write_all(&[7u8; 1000]).await.unwrap();
+            let pending = tokio::time::timeout(wait, s.read(&mut buf)).await;
+            assert!(pending.is_err(), "a partial frame read as something");
+        }
+        assert!(
+            s.rbuf.len() == 5002 && s.rbuf.capacity() <= 4 * 5002,
             "{} bytes kept in {}",
             s.rbuf.len(),
             s.rbuf.capacity()

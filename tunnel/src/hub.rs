@@ -914,7 +914,11 @@ impl Hub {
             if hello.zone_serial > creds.zone_serial() {
                 self.adopt_zone(z, &device);
             } else if hello.zone_serial < creds.zone_serial() {
-                self.learn_revocations(z, &device);
+                if let Err(e) = self.learn_revocations(z, &device) {
+                    if let Some(unlogged) = LogBudget::take_shared(&self.0.refused_lines) {
+                        warn!(from = %device, error = %e, unlogged, "refused zone config offered by a device");
+                    }
+                }
             }
         }
         let ours = creds.zone();
@@ -1296,28 +1300,26 @@ impl Hub {
         others
     }
 
-    /// An older zone.json a device holds ([`DeviceCreds::learn_revocations`]): devices it
-    /// revokes that the config in use does not are revoked here too, their connections
-    /// closed, and the owner told what the zone directory lacks.
-    fn learn_revocations(&self, bytes: &[u8], from: &str) {
+    /// A zone.json not adopted — older than the one in use (a device's, in its hello; one
+    /// copied into the bundle), expired, or leaving out a revocation ([`DeviceCreds::learn_revocations`]):
+    /// devices it revokes that the config in use does not are revoked here too, their
+    /// connections closed, and the owner told what the zone directory lacks. A signed
+    /// revocation is for good, whatever else refuses its config: one that carried the only
+    /// revocation of a stolen laptop kept it served.
+    fn learn_revocations(&self, bytes: &[u8], from: &str) -> Result<(), TunnelError> {
         let creds = &self.0.cfg.creds;
-        match creds.learn_revocations(bytes) {
-            Ok(names) if names.is_empty() => {}
-            Ok(names) => {
-                let list = names
-                    .iter()
-                    .map(|n| n.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                error!(from = %from, revoked = %list, serial = creds.zone_serial(), "a device's older zone config revokes devices the config in use does not: the zone directory that signed the one in use lacks these revocations (restored from an older backup?). They are enforced here from now on; in the zone directory run `zonegate device revoke NAME --zone DIR --force` for each and copy the new zone.json into the gateways' bundles");
-                self.disconnect_revoked("a device's zone config");
-            }
-            Err(e) => {
-                if let Some(unlogged) = LogBudget::take_shared(&self.0.refused_lines) {
-                    warn!(from = %from, error = %e, unlogged, "refused zone config offered by a device");
-                }
-            }
+        let names = creds.learn_revocations(bytes)?;
+        if names.is_empty() {
+            return Ok(());
         }
+        let list = names
+            .iter()
+            .map(|n| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        error!(from = %from, revoked = %list, serial = creds.zone_serial(), "a zone config not adopted (older, expired, or leaving out a revocation) revokes devices the config in use does not: the zone directory that signed the one in use lacks these revocations (restored from an older backup?). They are enforced here from now on; in the zone directory run `zonegate device revoke NAME --zone DIR --force` for each and copy the new zone.json into the gateways' bundles");
+        self.disconnect_revoked("a zone config not adopted");
+        Ok(())
     }
 
     /// The zone.json file in this gateway's bundle changed (the owner copied a new one in,
@@ -1340,7 +1342,12 @@ impl Hub {
     fn adopt_zone_from(&self, bytes: &[u8], from: &str) -> Result<Option<u64>, TunnelError> {
         let creds = &self.0.cfg.creds;
         let was_revoked = creds.is_revoked(creds.name());
-        match creds.offer_zone(bytes)? {
+        let adopted = creds.offer_zone(bytes);
+        if !matches!(adopted, Ok(Some(_))) {
+            // Its refusal is told by the caller; what else keeps it from being read is too.
+            let _ = self.learn_revocations(bytes, from);
+        }
+        match adopted? {
             Some(serial) => {
                 info!(serial, from = %from, "adopted newer zone config");
                 // Its agents leave it and new ones are refused from now on; a restart refuses

@@ -51,10 +51,15 @@ pub fn make_ca(zone: &ZoneKey, domain: &Domain, now: OffsetDateTime) -> Result<S
     p.serial_number = Some(random_serial());
     // Names under the zone's domain only: a zone CA that reached a trust store it was not
     // meant for (a browser's, a system's) vouches for nothing else. Device certificates name
-    // DEVICE.DOMAIN.
+    // DEVICE.DOMAIN. A constraint holds only for the name types it lists, so every IP
+    // address is excluded too (device certificates carry none): permitted DNS names alone
+    // left the CA able to vouch for `https://ANY-IP`. (Their role URIs stay unconstrained.)
     p.name_constraints = Some(rcgen::NameConstraints {
         permitted_subtrees: vec![rcgen::GeneralSubtree::DnsName(domain.as_str().to_owned())],
-        excluded_subtrees: Vec::new(),
+        excluded_subtrees: vec![
+            rcgen::GeneralSubtree::IpAddress(rcgen::CidrSubnet::V4([0; 4], [0; 4])),
+            rcgen::GeneralSubtree::IpAddress(rcgen::CidrSubnet::V6([0; 16], [0; 16])),
+        ],
     });
     let cert = p.self_signed(&zone.rcgen_pair()?).map_err(cert_err)?;
     Ok(cert.pem())
@@ -251,4 +256,62 @@ pub fn ca_public_key(ca_der: &[u8]) -> Result<ed25519_dalek::VerifyingKey, ZoneE
         .try_into()
         .map_err(|_| ZoneError::Cert("zone CA key is not ed25519".into()))?;
     ed25519_dalek::VerifyingKey::from_bytes(&pk).map_err(|e| ZoneError::Cert(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+
+    fn verify(ca_pem: &str, cert_pem: &str, name: &str) -> Result<(), rustls::Error> {
+        let der = |pem: &str| {
+            let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+            CertificateDer::from(p.contents)
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der(ca_pem)).unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            provider,
+        )
+        .build()
+        .unwrap();
+        let name = ServerName::try_from(name.to_owned()).unwrap();
+        v.verify_server_cert(&der(cert_pem), &[], &name, &[], UnixTime::now())
+            .map(drop)
+    }
+
+    /// The zone CA vouches for its devices' names and for no IP address, whoever holds the
+    /// zone key: a certificate it signs for `https://127.0.0.1` fails as a name constraint.
+    #[test]
+    fn the_zone_ca_vouches_for_no_ip_address() {
+        let zone = ZoneKey::from_secret([7u8; 32]);
+        let domain = Domain::new("alice.example").unwrap();
+        let now = OffsetDateTime::now_utc();
+        let ca = make_ca(&zone, &domain, now).unwrap();
+        let name = DeviceName::new("home1").unwrap();
+        let req = IssueRequest {
+            domain: &domain,
+            name: &name,
+            roles: &[Role::Gateway, Role::Node],
+            not_before: now - time::Duration::hours(1),
+            not_after: now + time::Duration::days(1),
+        };
+        let device = issue_device(&zone, &ca, &zone.derive_device(&domain, &name), &req).unwrap();
+        verify(&ca, &device.pem, "home1.alice.example").expect("a device's own name verifies");
+
+        for ip in ["127.0.0.1", "::1"] {
+            let mut p = CertificateParams::default();
+            p.subject_alt_names = vec![SanType::IpAddress(ip.parse().unwrap())];
+            p.not_before = req.not_before;
+            p.not_after = req.not_after;
+            let issuer = Issuer::from_ca_cert_pem(&ca, zone.rcgen_pair().unwrap()).unwrap();
+            let key = rcgen::KeyPair::generate().unwrap();
+            let forged = p.signed_by(&key, &issuer).unwrap().pem();
+            let e = verify(&ca, &forged, ip).expect_err("the zone CA vouched for an IP address");
+            assert!(format!("{e:?}").contains("NameConstraint"), "{ip}: {e:?}");
+        }
+    }
 }
