@@ -600,6 +600,12 @@ impl Peers {
             debug!(peer = %peer, "direct connection closed as it came up");
             return false;
         }
+        // And revoked between the check above and the push: the adoption's `cut_revoked`
+        // may have run in between and found nothing to close. One revoked after this check
+        // finds the connection in the table.
+        if self.cut_if_revoked(peer) {
+            return false;
+        }
         let me = self.clone();
         let peer2 = peer.to_owned();
         let c = pc.conn.clone();
