@@ -431,6 +431,40 @@ pub fn files(
     })
 }
 
+/// A bundle without zone.json takes whatever signed, unexpired config DNS answers: one that
+/// does not list this device with the bundle's certificate predates the bundle (an answer
+/// replayed from before it was made, or a gateway not given the newer zone.json), and may
+/// trust a gateway revoked since. Refused: exit 1, as a restart after the copy starts.
+fn lists_this_device(
+    z: &zone_core::SignedZone,
+    server: std::net::SocketAddr,
+    paths: &tunnel::creds::BundlePaths,
+) -> anyhow::Result<()> {
+    // A certificate that does not parse is left for the bundle's load to say so.
+    let Some(id) = std::fs::read_to_string(&paths.cert)
+        .ok()
+        .and_then(|pem| zone_core::cert::parse_pem_certs(&pem).ok())
+        .and_then(|certs| certs.into_iter().next())
+        .and_then(|der| zone_core::cert::DeviceIdentity::from_der(&der).ok())
+    else {
+        return Ok(());
+    };
+    let listed = z.config.device(&id.name);
+    if listed.is_some_and(|d| d.cert_serial == id.serial_hex) {
+        return Ok(());
+    }
+    let what = if listed.is_some() {
+        "with another certificate than this bundle's"
+    } else {
+        "at all"
+    };
+    anyhow::bail!(
+        "the zone config DNS server {server} serves (serial {}) does not list this device ({}) {what}: it is older than this bundle (a stale gateway, or an answer replayed from before), and may trust devices revoked since; copy the zone directory's zone.json into the gateways' bundles (or into this bundle) and start again",
+        z.config.serial,
+        id.name
+    )
+}
+
 /// How long a stopping file service waits for its file system calls still running.
 const FILES_STOP_WAIT: Duration = Duration::from_secs(5);
 
@@ -474,6 +508,9 @@ fn bootstrap(
         });
     match fetched {
         Ok(z) => {
+            if have.is_none() {
+                lists_this_device(&z, server, paths)?;
+            }
             if known.is_none_or(|k| z.config.serial > k) {
                 zone_core::zonedir::write_atomic(
                     &paths.zone_config,

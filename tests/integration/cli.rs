@@ -1490,6 +1490,28 @@ fn zone_config_over_the_gateways_dns_verify_and_node_bootstrap() {
     assert!(e.contains("cannot be used"), "{e}");
     assert_eq!(std::fs::read(nodedir.join("zone.json")).unwrap(), cut);
 
+    // A bundle made after the zone.json the gateway serves (a stale gateway, or an answer
+    // replayed from before) is refused: that config does not list the device, and may trust
+    // devices revoked since. Nothing is written.
+    ok(["device", "add", "laptop", "--zone", zs, "--role", "node"]);
+    let laptop = z.join("devices/laptop");
+    std::fs::remove_file(laptop.join("zone.json")).unwrap();
+    let e = fails(
+        1,
+        [
+            "node",
+            "--config",
+            laptop.join("node.toml").to_str().unwrap(),
+            "--bootstrap-dns",
+            &server,
+        ],
+    );
+    assert!(
+        e.contains("does not list this device (laptop) at all") && e.contains("copy the zone"),
+        "{e}"
+    );
+    assert!(!laptop.join("zone.json").exists());
+
     // A node bundle without zone.json bootstraps from DNS and connects.
     std::fs::remove_file(nodedir.join("zone.json")).unwrap();
     let ncfg = nodedir.join("node.toml");

@@ -230,8 +230,21 @@ impl SignedZone {
                 bytes.len()
             )));
         }
-        serde_json::from_slice(bytes)
-            .map_err(|e| ZoneError::Config(format!("not a valid zone.json: {e}")))
+        // serde's message quotes what it found (an unknown field's name, a bad value): from a
+        // DNS answer or a peer, unsigned as yet. Its control characters are escaped, as the
+        // log does: a node's last `error:` line goes to stderr as it is, and a newline there
+        // forged a line of the journal, an escape sequence took over a terminal.
+        serde_json::from_slice(bytes).map_err(|e| {
+            let mut text = String::new();
+            for c in e.to_string().chars() {
+                if c.is_control() {
+                    text.extend(c.escape_default());
+                } else {
+                    text.push(c);
+                }
+            }
+            ZoneError::Config(format!("not a valid zone.json: {text}"))
+        })
     }
 
     pub fn to_json_pretty(&self) -> String {
@@ -298,6 +311,16 @@ impl SignedZone {
 
 #[cfg(test)]
 mod tests {
+    /// What serde quotes from an unsigned zone.json (an unknown field's name here) reaches a
+    /// node's last `error:` line: its control characters come escaped.
+    #[test]
+    fn a_parse_error_quotes_no_control_characters() {
+        let forged = br#"{"\nerror: forged line\u001b[2J": 1}"#;
+        let e = SignedZone::from_json(forged).unwrap_err().to_string();
+        assert!(!e.chars().any(char::is_control), "{e:?}");
+        assert!(e.contains("\\nerror: forged line\\u{1b}[2J"), "{e}");
+    }
+
     use super::*;
 
     fn signed(zone: &ZoneKey) -> SignedZone {
