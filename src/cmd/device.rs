@@ -162,7 +162,7 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
         }
         DeviceCmd::Revoke { name, zone, force } => {
             let mut z = ZoneDir::open(&zone.zone)?;
-            z.clock_not_behind(now)?;
+            let now = signing_time(&z, now)?;
             let gateways = &z.zone.config.gateways;
             let was_gateway = gateways.iter().any(|g| g.device == name);
             let last_gateway = was_gateway && gateways.len() == 1;
@@ -201,6 +201,10 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             }
             let file = zone.zone.join("zone.json");
             let serial = z.zone.config.serial;
+            let size = z.zone.to_json_compact().len();
+            if size > zone_core::config::MAX_SHARED_ZONE_JSON {
+                say!("note: zone.json is now {size} bytes, past the {} a zone keeps to for DNS answers: the gateways' DNS may publish no zone config until it shrinks (their log says so; nodes starting with --bootstrap-dns then need zone.json in their bundle); devices pass it on as usual. Revoke devices no longer used: that takes their entries out.", zone_core::config::MAX_SHARED_ZONE_JSON);
+            }
             if last_gateway {
                 say!("revoked {name}, the zone's only gateway: zone.json serial {serial}. Add a new gateway (`zonegate device add NAME --role gateway --public-addr IP:PORT --zone DIR`) and copy {} into every node's bundle: no gateway passes it on to them.", file.display());
             } else if was_gateway {
@@ -216,8 +220,18 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             public_addrs,
         } => {
             let mut z = ZoneDir::open(&zone.zone)?;
-            z.clock_not_behind(now)?;
+            let now = signing_time(&z, now)?;
             z.move_gateway(&name, &public_addrs, now)?;
+            // As saved (IPv4-mapped ones as IPv4, each once), not as typed: the notes below
+            // are about what agents will dial.
+            let public_addrs: Vec<std::net::SocketAddr> = z
+                .zone
+                .config
+                .gateways
+                .iter()
+                .find(|g| g.device == name)
+                .map(|g| g.addrs.clone())
+                .unwrap_or(public_addrs);
             let addrs: Vec<String> = public_addrs.iter().map(|a| a.to_string()).collect();
             say!(
                 "moved {name} to {}: zone.json serial {}.",
@@ -384,4 +398,17 @@ fn unmake(out: &std::path::Path, created: bool) {
     if created {
         let _ = std::fs::remove_dir(out);
     }
+}
+
+/// [`ZoneDir::signing_time`], saying so when this machine's clock is more than a day behind
+/// the zone's last change (the change still goes through: it issues no certificate).
+pub(crate) fn signing_time(z: &ZoneDir, now: OffsetDateTime) -> anyhow::Result<OffsetDateTime> {
+    if z.clock_not_behind(now).is_err() {
+        say!(
+            "note: this machine's clock reads {}, more than a day before the zone's last change ({}): signed as of that change. Set the clock right (NTP) if it is wrong; if it is right, the last change was signed by a clock ahead.",
+            fmt_time(now),
+            fmt_time(z.zone.config.issued_at)
+        );
+    }
+    Ok(z.signing_time(now))
 }

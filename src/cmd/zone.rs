@@ -45,8 +45,7 @@ pub fn run(cmd: ZoneCmd) -> anyhow::Result<()> {
         ZoneCmd::Resign { zone, valid_days } => {
             check_days(valid_days)?;
             let mut z = ZoneDir::open(&zone.zone)?;
-            let now = OffsetDateTime::now_utc();
-            z.clock_not_behind(now)?;
+            let now = super::device::signing_time(&z, OffsetDateTime::now_utc())?;
             z.resign(now, valid_days)?;
             say!(
                 "re-signed zone.json: serial {}, expires {} ({valid_days} days; later changes to the zone sign for as long, until the next resign)",

@@ -58,6 +58,70 @@ fn init_add_bundle_and_show() {
     assert_eq!(list.lines().count(), 2, "{list}");
 }
 
+/// `device move` says the addresses as saved: an IPv4-mapped one as IPv4 (no note about an
+/// IPv6 listen for an IPv4-only gateway), one given twice once.
+#[test]
+fn device_move_says_the_addresses_as_saved() {
+    let t = tempfile::tempdir().unwrap();
+    let z = zone_with_devices(t.path());
+    let zs = z.to_str().unwrap();
+    let mapped = "[::ffff:198.51.100.8]:4433";
+    let out = ok([
+        "device",
+        "move",
+        "gw",
+        "--zone",
+        zs,
+        "--public-addr",
+        mapped,
+        "--public-addr",
+        mapped,
+    ]);
+    assert!(
+        out.contains("moved gw to 198.51.100.8:4433: zone.json"),
+        "{out}"
+    );
+    assert!(!out.contains("IPv6"), "{out}");
+}
+
+/// A zone whose last change was signed by a clock ahead (a year typed wrong once): with the
+/// clock right again, `device revoke` still goes through, signed as of that change (it was
+/// refused until that time came: a stolen laptop could not be revoked); `device add`, which
+/// issues a certificate from this clock, is refused with what to do.
+#[test]
+fn a_clock_ahead_once_does_not_block_revocations() {
+    let t = tempfile::tempdir().unwrap();
+    let z = zone_with_devices(t.path());
+    let zs = z.to_str().unwrap();
+    let ahead = time::OffsetDateTime::now_utc() + time::Duration::days(400);
+    let mut zd = zone_core::zonedir::ZoneDir::open(&z).unwrap();
+    zd.resign(ahead, 365).unwrap();
+    let before = zone_serial(&z);
+
+    let out = ok(["device", "revoke", "home1", "--zone", zs]);
+    assert!(
+        out.contains("more than a day before the zone's last change")
+            && out.contains("revoked home1"),
+        "{out}"
+    );
+    let zone = zone_core::zonedir::read_zone_json(&z.join("zone.json")).unwrap();
+    assert!(zone.config.serial > before);
+    assert!(zone
+        .config
+        .is_revoked(&zone_core::DeviceName::new("home1").unwrap()));
+    assert!(
+        zone.config.issued_at >= zd.zone.config.issued_at,
+        "signed as of the clock behind"
+    );
+    ok(["zone", "resign", "--zone", zs]);
+
+    let e = fails(2, ["device", "add", "nas", "--zone", zs, "--role", "node"]);
+    assert!(
+        e.contains("certificates can be issued once that time has passed"),
+        "{e}"
+    );
+}
+
 /// `device move` gives a gateway new addresses (serial + 1, same key and certificate) and
 /// refuses what it cannot do without touching zone.json.
 #[test]

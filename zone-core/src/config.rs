@@ -30,6 +30,11 @@ pub const MAX_ZONE_JSON: usize = 256 * 1024;
 /// carry it in tunnel control messages (60 KiB at most, the most they adopt). Commands that
 /// would grow a zone past it are refused ([`crate::zonedir`]).
 pub const MAX_SHARED_ZONE_JSON: usize = 40 * 1024;
+/// Largest zone config a revocation by name alone (`device revoke --force` of a device this
+/// zone directory does not list) may grow it to: past [`MAX_SHARED_ZONE_JSON`] (the DNS
+/// answer's room), within what tunnel control messages carry (60 KiB), so that a full zone
+/// can still revoke a stolen device.
+pub const MAX_REVOKING_ZONE_JSON: usize = 56 * 1024;
 
 /// A gateway of the zone and the public addresses agents dial.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

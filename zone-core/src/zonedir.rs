@@ -12,7 +12,8 @@ use time::OffsetDateTime;
 
 use crate::cert::{self, DeviceCert, IssueRequest};
 use crate::config::{
-    trunc_now, DeviceEntry, GatewayEntry, Revocation, SignedZone, ZoneConfig, MAX_SHARED_ZONE_JSON,
+    trunc_now, DeviceEntry, GatewayEntry, Revocation, SignedZone, ZoneConfig,
+    MAX_REVOKING_ZONE_JSON, MAX_SHARED_ZONE_JSON,
 };
 use crate::error::ZoneError;
 use crate::keys::{DeviceKey, ZoneKey};
@@ -438,15 +439,17 @@ impl ZoneDir {
     /// sign two different configs with one serial.
     fn commit(&mut self, config: ZoneConfig, now: OffsetDateTime) -> Result<(), ZoneError> {
         let valid = self.zone.config.expires_at - self.zone.config.issued_at;
-        self.commit_valid(config, now, valid)
+        self.commit_valid(config, now, valid, MAX_SHARED_ZONE_JSON)
     }
 
-    /// [`ZoneDir::commit`], valid for `valid` from now.
+    /// [`ZoneDir::commit`], valid for `valid` from now, refused if it grows the config past
+    /// `limit` bytes.
     fn commit_valid(
         &mut self,
         mut config: ZoneConfig,
         now: OffsetDateTime,
         valid: time::Duration,
+        limit: usize,
     ) -> Result<(), ZoneError> {
         let zp = self.dir.join(ZONE_JSON_FILE);
         let _lock = lock_dir(&self.dir)?;
@@ -466,9 +469,9 @@ impl ZoneDir {
         let size = signed.to_json_compact().len();
         // Only growth past the limit is refused: a zone already above it (made by hand, or
         // before the limit) must still revoke, renew and re-sign.
-        if size > MAX_SHARED_ZONE_JSON && size > self.zone.to_json_compact().len() {
+        if size > limit && size > self.zone.to_json_compact().len() {
             return Err(ZoneError::Usage(format!(
-                "the zone config would be {size} bytes, more than the {MAX_SHARED_ZONE_JSON} devices can pass on (tunnel messages, DNS answers): nothing was changed (the zone lists {} devices and {} revocations)",
+                "the zone config would be {size} bytes, more than the {limit} devices can pass on (tunnel messages, DNS answers): nothing was changed (the zone lists {} devices and {} revocations: revoke devices no longer used, which takes their entries out)",
                 signed.config.devices.len(),
                 signed.config.revoked.len()
             )));
@@ -478,24 +481,33 @@ impl ZoneDir {
         Ok(())
     }
 
-    /// Refuses `now` more than a day before the zone's last change: this machine's clock is
-    /// behind (a Raspberry Pi without a clock before NTP answers, a dead CMOS battery), and a
-    /// config signed now would have expired already (its revocation refused by every device)
-    /// and a certificate issued now would too. A day of slack: clocks of two machines used
-    /// for the zone may differ a little. For the commands that sign with the machine's clock
-    /// (the methods take the time they are given: tests make configs of other times).
+    /// Refuses `now` more than a day before the zone's last change, for the commands that
+    /// issue certificates from the machine's clock (`device add`, `device renew`): this
+    /// machine's clock is behind (a Raspberry Pi without a clock before NTP answers, a dead
+    /// CMOS battery), and a certificate issued now would end early or have ended on arrival
+    /// — or the last change was signed by a clock ahead, which this cannot tell apart. A day
+    /// of slack: clocks of two machines used for the zone may differ a little. (The methods
+    /// take the time they are given: tests make configs of other times.)
     pub fn clock_not_behind(&self, now: OffsetDateTime) -> Result<(), ZoneError> {
         let last = self.zone.config.issued_at;
         if now + time::Duration::days(1) < last {
             return Err(ZoneError::Usage(format!(
-                "this machine's clock reads {}, more than a day before the zone's last change ({}): what is signed now would be out of date on arrival; set the clock right (NTP) and run this again (nothing was changed)",
-                now.format(&time::format_description::well_known::Rfc3339)
-                    .unwrap_or_default(),
-                last.format(&time::format_description::well_known::Rfc3339)
-                    .unwrap_or_default(),
+                "this machine's clock reads {}, more than a day before the zone's last change ({}): a certificate issued now would be out of date on arrival; set the clock right (NTP) and run this again (nothing was changed). If this clock is right, the last change was signed by a clock ahead: certificates can be issued once that time has passed; `device revoke`, `device move` and `zone resign` work meanwhile",
+                rfc3339(now),
+                rfc3339(last),
             )));
         }
         Ok(())
+    }
+
+    /// The time a change that issues no certificate (`device revoke`, `device move`, `zone
+    /// resign`) signs its config as of: `now`, or the zone's last change when that is later.
+    /// A config signed with a clock behind would be expired on arrival, so such changes were
+    /// refused — and a last change signed once by a clock ahead (a year typed wrong) then
+    /// refused every revocation until that time came. Devices take a config by its serial and
+    /// expiry, not its issue time.
+    pub fn signing_time(&self, now: OffsetDateTime) -> OffsetDateTime {
+        now.max(self.zone.config.issued_at)
     }
 
     /// Re-signs the config with a new validity period (new serial: [`next_serial`]).
@@ -503,7 +515,12 @@ impl ZoneDir {
         // The period goes to the commit, not into the config held: a refused commit (a race,
         // the size limit) left it holding dates its signature did not cover.
         let c = self.zone.config.clone();
-        self.commit_valid(c, now, time::Duration::days(valid_days))
+        self.commit_valid(
+            c,
+            now,
+            time::Duration::days(valid_days),
+            MAX_SHARED_ZONE_JSON,
+        )
     }
 
     fn issue(
@@ -678,7 +695,12 @@ impl ZoneDir {
             revoked_at: trunc_now(now),
             cert_serials: Vec::new(),
         });
-        self.commit(c, now)?;
+        // The one change that only grows a zone and must not wait on room (a stolen device
+        // added in a newer copy of the zone): allowed past the usual limit, up to what
+        // tunnel messages still carry (the gateways' DNS then publishes no TXT: the command
+        // says so).
+        let valid = self.zone.config.expires_at - self.zone.config.issued_at;
+        self.commit_valid(c, now, valid, MAX_REVOKING_ZONE_JSON)?;
         Ok(true)
     }
 
@@ -856,18 +878,27 @@ fn lock_dir(dir: &Path) -> Result<fs::File, ZoneError> {
     }
 }
 
-/// Refuses public addresses agents cannot dial: `0.0.0.0`, `[::]` or port 0 (the zone's
-/// DNS leaves them out, but agents would try them).
+/// Refuses public addresses agents cannot dial: `0.0.0.0`, `[::]`, multicast, broadcast or
+/// port 0 (the zone's DNS leaves the unspecified ones out, but agents would try them all).
 fn check_dialable(addrs: &[SocketAddr]) -> Result<(), ZoneError> {
-    match addrs
-        .iter()
-        .find(|a| a.ip().to_canonical().is_unspecified() || a.port() == 0)
-    {
+    let undialable = |a: &&SocketAddr| {
+        let ip = a.ip().to_canonical();
+        // A multicast or broadcast address answers no QUIC handshake.
+        let broadcast = matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast());
+        ip.is_unspecified() || ip.is_multicast() || broadcast || a.port() == 0
+    };
+    match addrs.iter().find(undialable) {
         Some(a) => Err(ZoneError::Usage(format!(
             "--public-addr {a}: agents cannot dial it; give the address and port the gateway is reached at from the internet"
         ))),
         None => Ok(()),
     }
+}
+
+/// `t` as RFC 3339, for messages.
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -915,6 +946,11 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("set the clock right"), "{e}");
         z.clock_not_behind(now - time::Duration::hours(2)).unwrap();
+        // Changes that issue no certificate sign as of the later of the two.
+        let behind = now - time::Duration::days(400);
+        assert_eq!(z.signing_time(behind), z.zone.config.issued_at);
+        let ahead = now + time::Duration::days(3);
+        assert_eq!(z.signing_time(ahead), ahead);
     }
 
     /// An existing directory others may write is refused before anything is written into
@@ -1009,6 +1045,24 @@ mod tests {
         assert!(on_disk.to_json_compact().len() <= MAX_SHARED_ZONE_JSON);
         // A revocation always fits: it drops the device's entry, larger than its own.
         z.revoke(&DeviceName::new("device0").unwrap(), now).unwrap();
+        // A revocation by name alone (a device of a newer copy of the zone) only grows it:
+        // allowed past the limit, up to what tunnel messages carry.
+        let mut by_name = 0;
+        let err = loop {
+            let name = DeviceName::new(&format!("stolen{by_name}")).unwrap();
+            match z.revoke_unlisted(&name, now) {
+                Ok(true) => by_name += 1,
+                Ok(false) => panic!("{name} was revoked already"),
+                Err(e) => break e,
+            }
+            assert!(by_name < 10_000, "never refused");
+        };
+        assert!(err.to_string().contains("more than the 57344"), "{err}");
+        let size = z.zone.to_json_compact().len();
+        assert!(
+            size > MAX_SHARED_ZONE_JSON && size <= MAX_REVOKING_ZONE_JSON,
+            "{size}"
+        );
     }
 
     /// The zone key others may read is refused with the command that fixes it; a zone
@@ -1136,7 +1190,15 @@ mod tests {
         let short = DeviceName::new("nas").unwrap();
         z.add_device(&short, &[Role::Node], &[], now, 90).unwrap();
         let gw = DeviceName::new("gw").unwrap();
-        for bad in ["0.0.0.0:7843", "[::]:7843", "203.0.113.1:0"] {
+        for bad in [
+            "0.0.0.0:7843",
+            "[::]:7843",
+            "203.0.113.1:0",
+            "224.0.0.1:7843",
+            "255.255.255.255:7843",
+            "[ff02::1]:7843",
+            "[::ffff:239.1.1.1]:7843",
+        ] {
             let e = z
                 .add_device(&gw, &[Role::Gateway], &[bad.parse().unwrap()], now, 90)
                 .unwrap_err();

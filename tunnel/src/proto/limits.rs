@@ -19,8 +19,10 @@ pub const MAX_CONTROL_FRAME: usize = 80 * 1024;
 
 /// Largest signed zone config carried in `Hello`/`Welcome`/`ConfigUpdate`, and adopted from
 /// a peer. Zone commands grow a config only up to `zone_core::config::MAX_SHARED_ZONE_JSON`
-/// (40 KiB: what one DNS answer of TXT chunks holds).
+/// (40 KiB: what one DNS answer of TXT chunks holds), a revocation by name alone up to
+/// `zone_core::config::MAX_REVOKING_ZONE_JSON` (56 KiB: carried here).
 pub const MAX_ZONE_CONFIG: usize = 60 * 1024;
+const _: () = assert!(zone_core::config::MAX_REVOKING_ZONE_JSON <= MAX_ZONE_CONFIG);
 
 /// Most services one device may announce. A home node runs a handful; 256 is generous and
 /// keeps a `Hello` well under [`MAX_CONTROL_FRAME`].
