@@ -2417,6 +2417,150 @@ async fn slow_readers_do_not_slow_the_devices_other_downloads() {
     gw.shutdown.cancel();
 }
 
+/// A local service that takes what is sent to it as fast as it can, unless a connection's
+/// first byte is `s`: then 2 KiB every 62 ms (~32 KiB/s), until `stop` is cancelled (it then
+/// closes those). Counts what it read of each kind.
+async fn tcp_slow_or_fast_sink(
+    stop: tokio_util::sync::CancellationToken,
+) -> (
+    std::net::SocketAddr,
+    Arc<std::sync::atomic::AtomicU64>,
+    Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::AsyncReadExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (slow, fast) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (slow2, fast2) = (slow.clone(), fast.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let (slow, fast, stop) = (slow2.clone(), fast2.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut kind = [0u8; 1];
+                if s.read_exact(&mut kind).await.is_err() {
+                    return;
+                }
+                if kind[0] == b's' {
+                    let mut buf = vec![0u8; 2 * 1024];
+                    let mut every = tokio::time::interval(Duration::from_millis(62));
+                    while !stop.is_cancelled() {
+                        every.tick().await;
+                        match s.read(&mut buf).await {
+                            Ok(n @ 1..) => slow.fetch_add(n as u64, Ordering::Relaxed),
+                            _ => return,
+                        };
+                    }
+                    return;
+                }
+                let mut buf = vec![0u8; 256 * 1024];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    fast.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    (addr, slow, fast)
+}
+
+/// The node's side of the window loan: uploads to a local service that reads slower than
+/// their clients send (never stopping) each leave up to a stream window unread at the
+/// agent, and twelve of them held more than the connection's whole window, so another
+/// upload to the device went at their pace. The agent's connection is lent a window for the
+/// backlog as the gateway's is for downloads: the other upload goes at its own. Measured in
+/// what the slow service read meanwhile, not in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_services_do_not_slow_the_devices_other_uploads() {
+    use std::sync::atomic::Ordering;
+    use tokio::io::AsyncWriteExt;
+    let z = TestZone::new(&["home1"]);
+    let stop_slow = tokio_util::sync::CancellationToken::new();
+    let (sink, slow_read, fast_read) = tcp_slow_or_fast_sink(stop_slow.clone()).await;
+    let port = free_tcp_port();
+    z.write_policy(
+        "a.toml",
+        &tcp_app("up", port).replace("home1/echo", "home1/sink"),
+    );
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    // A stall time past a slow reader's pauses, as flood_gateway's.
+    let tuning = Tuning {
+        reader_stall: Duration::from_secs(10),
+        ..fast_tuning()
+    };
+    let h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("sink", sink, ServiceProto::Tcp)]),
+        vec![],
+        tuning,
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+
+    const SLOW: u64 = 12;
+    let mut uploads = tokio::task::JoinSet::new();
+    for _ in 0..SLOW {
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        c.write_all(b"s").await.unwrap();
+        uploads.spawn(async move {
+            let chunk = vec![0x5au8; 64 * 1024];
+            while c.write_all(&chunk).await.is_ok() {}
+        });
+    }
+    let beyond = SLOW - tunnel::holds::HELD_BUDGET as u64;
+    let lent = beyond * u64::from(tunnel::transport::STREAM_WINDOW);
+    wait_until(
+        "the window lent for the slow service's uploads",
+        Duration::from_secs(60),
+        || h1.agent.window_lent() >= lent,
+    )
+    .await;
+
+    const FAST: u64 = 16 << 20;
+    let before = slow_read.load(Ordering::Relaxed);
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    c.write_all(b"f").await.unwrap();
+    let upload = async {
+        let chunk = vec![0xa5u8; 256 * 1024];
+        for _ in 0..FAST / chunk.len() as u64 {
+            c.write_all(&chunk).await.unwrap();
+        }
+        while fast_read.load(Ordering::Relaxed) < FAST {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let done = tokio::time::timeout(Duration::from_secs(120), upload).await;
+    let meanwhile = slow_read.load(Ordering::Relaxed) - before;
+    assert!(
+        done.is_ok(),
+        "the fast upload stalled: the service read {} bytes of it in 120 s",
+        fast_read.load(Ordering::Relaxed)
+    );
+    assert!(
+        meanwhile < FAST,
+        "the fast upload waited on the slow service: it read {meanwhile} bytes of the slow uploads while it read {FAST}"
+    );
+    assert!(uploads.try_join_next().is_none(), "the slow uploads go on");
+    // The service closes the slow connections (their clients leaving would not do: what the
+    // node holds of their uploads would still be delivered at the service's pace, minutes).
+    stop_slow.cancel();
+    uploads.abort_all();
+    drop(c);
+    // Their backlog gone (what was left unread counted as the streams end), the window
+    // goes back.
+    wait_until(
+        "the lent window given back",
+        Duration::from_secs(60),
+        || h1.agent.window_lent() == 0,
+    )
+    .await;
+    gw.shutdown.cancel();
+}
+
 /// A gateway listed with several addresses is one gateway: the agent keeps one connection to
 /// it, on the first address that answers (an IPv6 one its IPv4 socket cannot reach is
 /// skipped, one nothing answers at is given up after the handshake timeout). A link per
