@@ -542,25 +542,34 @@ pub(crate) fn still_allowed(
                 )
         })
     };
-    let app = match here {
-        Some(a) if a.target != *target => own().or(here),
-        // Nothing listens here any more: the app moved to another port or address (`:2222`
-        // to `:2200`, `0.0.0.0:P` to `[::]:P`), and its connections go on under its rules,
-        // as a swap's do; they were cut, every SSH session with them. Not when the new
-        // address would not take them (narrowed to loopback or a private address).
-        None => own().filter(|a| match a.listener {
+    // The app moved to another port or address (`:2222` to `:2200`, `0.0.0.0:P` to `[::]:P`,
+    // or swapped ports with another app): its connections go on under its rules; they were
+    // cut, every SSH session with them. Not when the new address would not take them
+    // (narrowed to loopback or a private address: an edit withdrawing public access) —
+    // whether or not another app took the old address meanwhile.
+    let moved = || {
+        own().filter(|a| match a.listener {
             Listener::Tcp(at) | Listener::Udp(at) => takes(at.ip(), reached),
             _ => false,
-        }),
+        })
+    };
+    let app = match here {
+        Some(a) if a.target != *target => moved().or(here),
+        None => moved(),
         _ => here,
     };
     active.decide_again(app, target, who, None, None)
 }
 
-/// Whether a socket bound to `bound` takes what is sent to `reached`: a wildcard takes every
-/// address (`[::]` IPv4 too, dual-stack as the gateway binds it), else only its own.
+/// Whether a socket bound to `bound` takes what is sent to `reached`: `[::]` every address
+/// (IPv4 too, dual-stack as the gateway binds it), `0.0.0.0` every IPv4 one, else only its
+/// own.
 fn takes(bound: std::net::IpAddr, reached: std::net::IpAddr) -> bool {
-    bound.is_unspecified() || bound.to_canonical() == reached.to_canonical()
+    let reached = reached.to_canonical();
+    if bound.is_unspecified() {
+        return bound.is_ipv6() || reached.is_ipv4();
+    }
+    bound.to_canonical() == reached
 }
 
 async fn tcp_loop(

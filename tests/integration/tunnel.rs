@@ -867,24 +867,33 @@ async fn an_app_moved_to_another_port_keeps_its_open_connections() {
 /// An app moved to an address that would not take its open connections (here from
 /// 127.0.0.1 to 127.0.0.2; `0.0.0.0` to `127.0.0.1` is the edit that withdraws public
 /// access) ends them: they went on under the app's unchanged rules, as a move to another
-/// port's do.
+/// port's do. The same when another app (to another service) takes the old address in the
+/// same edit: they went on then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_narrowed_to_another_address_ends_its_connections() {
     use tokio::io::AsyncReadExt;
-    let z = TestZone::new(&["home1"]);
-    let (gw, _h1, a, b) = app_a_and_a_free_port(&z).await;
-    let (mut open, mut buf) = (echoed_connection(a).await, [0u8; 16]);
-    let elsewhere: std::net::SocketAddr = ([127, 0, 0, 2], b.port()).into();
-    z.write_policy("a.toml", &tcp_app_on("a", &elsewhere.to_string()));
-    eventually_async("a moved", || async {
-        roundtrip(elsewhere, b"moved").await.ok().as_deref() == Some(&b"moved"[..])
-    })
-    .await;
-    let n = tokio::time::timeout(WAIT, open.read(&mut buf))
-        .await
-        .expect("the open connection was not cut");
-    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
-    gw.shutdown.cancel();
+    for another_app_there in [false, true] {
+        let z = TestZone::new(&["home1"]);
+        let (gw, _h1, a, b) = app_a_and_a_free_port(&z).await;
+        let (mut open, mut buf) = (echoed_connection(a).await, [0u8; 16]);
+        let elsewhere: std::net::SocketAddr = ([127, 0, 0, 2], b.port()).into();
+        let mut policy = tcp_app_on("a", &elsewhere.to_string());
+        if another_app_there {
+            policy += &tcp_app_on("b", &a.to_string()).replace("home1/echo", "home1/other");
+        }
+        z.write_policy("a.toml", &policy);
+        eventually_async("a moved", || async {
+            roundtrip(elsewhere, b"moved").await.ok().as_deref() == Some(&b"moved"[..])
+        })
+        .await;
+        let n = tokio::time::timeout(WAIT, open.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("the open connection was not cut (another app there: {another_app_there})")
+            });
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        gw.shutdown.cancel();
+    }
 }
 
 /// Connections are decided as they open and again whenever the policy changes: an edit that
