@@ -410,6 +410,34 @@ mod tests {
         );
     }
 
+    /// A service an app sends PROXY headers to is reached by no app without one: a client of
+    /// that app could send its own header and pass for any address. Two apps that both send
+    /// one are fine.
+    #[test]
+    fn a_proxy_protocol_service_is_reached_with_the_header_only() {
+        let p = Path::new("a.toml");
+        let smtp = "[app.smtp]\ntcp = { listen = \"0.0.0.0:25\", proxy_protocol = true }\nto = \"home1/smtp\"\n";
+        let submission = "[app.submission]\ntcp = { listen = \"0.0.0.0:587\", proxy_protocol = true }\nto = \"home1/smtp\"\n";
+        check_str(p, &format!("{smtp}{submission}")).unwrap();
+        for bare in [
+            "[app.alt]\ntcp = { listen = \"0.0.0.0:2525\" }\nto = \"home1/smtp\"\n",
+            "[app.alt]\nmesh = true\nto = \"home1/smtp\"\n",
+            "[app.alt]\nhttp = { host = \"mail.alice.example\" }\nto = \"home1/smtp\"\n",
+        ] {
+            // Either order: the error is at the app without the header.
+            for text in [format!("{smtp}{bare}"), format!("{bare}{smtp}{submission}")] {
+                let errs = check_str(p, &text).unwrap_err();
+                assert_eq!(errs.len(), 1, "{errs:?}");
+                let e = errs[0].to_string();
+                assert!(
+                    e.contains("app `alt`: reaches home1/smtp without a PROXY header")
+                        && e.contains("give `alt` `proxy_protocol = true`"),
+                    "{e}"
+                );
+            }
+        }
+    }
+
     /// A link to a device is refused at once (it used to be read until memory ran out), a
     /// linked directory is skipped like a directory, and a file in another encoding says so.
     #[cfg(unix)]

@@ -133,9 +133,42 @@ pub(crate) fn assemble(
     for routes in policy.http.values_mut() {
         routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
     }
+    errs.extend(unsent_proxy_headers(&policy.apps));
     if errs.is_empty() {
         Ok(policy)
     } else {
         Err(errs)
     }
+}
+
+/// A service that an app sends PROXY headers to takes one at the start of every connection
+/// (Postfix, nginx, HAProxy configured for it): a client of another app reaching it without
+/// one (a tcp app without `proxy_protocol`, an http or mesh app) could send its own header
+/// and pass for any address — `127.0.0.1` through an SMTP relay's `mynetworks`. Such apps
+/// are refused, at the app without the header.
+fn unsent_proxy_headers(apps: &[App]) -> Vec<PolicyError> {
+    let mut errs = Vec::new();
+    let sends = |a: &App| a.proxy_protocol && matches!(a.listener, Listener::Tcp(_));
+    // The first sender to each service (an app without the header is said once).
+    let first_senders = apps
+        .iter()
+        .enumerate()
+        .filter(|(i, a)| sends(a) && !apps[..*i].iter().any(|s| sends(s) && s.target == a.target));
+    for (_, sender) in first_senders {
+        for other in apps
+            .iter()
+            .filter(|o| o.target == sender.target && !sends(o))
+        {
+            errs.push(PolicyError {
+                path: other.source.path.clone(),
+                position: Some(other.source.position),
+                message: format!(
+                    "app `{}`: reaches {} without a PROXY header, while app `{}` at {} sends one to it: the service reads one at the start of every connection, and a client of `{}` could send its own and pass for any address; give `{}` `proxy_protocol = true` (a tcp app), or point it at another service",
+                    other.name, other.target, sender.name, sender.source, other.name, other.name
+                ),
+                unreadable: false,
+            });
+        }
+    }
+    errs
 }
