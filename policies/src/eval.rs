@@ -303,15 +303,31 @@ impl CompiledPolicy {
     /// longest path prefix (whole segments) of the path in normal form ([`normalize_path`]:
     /// the form the gateway forwards, so the service serves what was routed). A path with no
     /// normal form matches no app.
+    ///
+    /// Paths compare case-sensitively, but a path that falls under a longer prefix only when
+    /// case is ignored matches no app: a service that serves paths case-insensitively
+    /// (ASP.NET, a share on a macOS or Windows disk) would serve `/dfs/RW/x` under `dfs-rw`'s
+    /// `/dfs/rw`, while it routed to `dfs` and passed that app's rules.
     pub fn route_http(&self, host: &str, path: &str) -> Option<&App> {
         let mut buf = [0u8; MAX_HOST];
         let host = normalize_host(host, &mut buf)?;
         let path = normalize_path(strip_query(path)).ok()?;
         let routes = self.http.get(host)?;
-        routes
+        let at = routes
             .iter()
-            .find(|(prefix, _)| path_has_prefix(&path, prefix))
-            .map(|&(_, i)| &self.apps[i])
+            .position(|(prefix, _)| path_has_prefix(&path, prefix))?;
+        // Longer prefixes first: those before it did not match as written.
+        let longer = &routes[..at];
+        if !longer.is_empty() {
+            let lower = path.to_ascii_lowercase();
+            if longer
+                .iter()
+                .any(|(prefix, _)| path_has_prefix(&lower, &prefix.to_ascii_lowercase()))
+            {
+                return None;
+            }
+        }
+        Some(&self.apps[routes[at].1])
     }
 
     /// The tcp/udp app listening on `addr`; an app bound to a wildcard address also owns the

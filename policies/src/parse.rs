@@ -151,6 +151,11 @@ fn friendly(msg: &str) -> String {
             "expected u32",
             "expected a whole number from 0 to 4294967295, without quotes",
         )
+        // `rate = 50`, `max_body = 10485760`: a number where text with a unit goes.
+        .replace(
+            "expected a string",
+            "expected text in quotes (limits take a unit: `rate = \"50/s\"`, `max_body = \"10MiB\"`, `bandwidth = \"20MiB/s\"`)",
+        )
         // `from = "public"` for `from = ["public"]`, the likeliest slip.
         .replace(
             "expected a sequence",
@@ -407,6 +412,18 @@ mod tests {
                 .to_string()
                 .contains("`proxy_protocol` is for tcp apps"),
             "{errs:?}"
+        );
+    }
+
+    /// A number where text with a unit goes says what to write, not serde's "a string".
+    #[test]
+    fn a_number_for_a_limit_says_to_write_a_unit() {
+        let p = Path::new("a.toml");
+        let text = format!("{APP}limits = {{ rate = 50 }}\n");
+        let e = check_str(p, &text).unwrap_err()[0].to_string();
+        assert!(
+            e.contains("expected text in quotes") && e.contains("\"50/s\""),
+            "{e}"
         );
     }
 

@@ -56,6 +56,12 @@ fn http_routing_longest_prefix_and_host_normalization() {
     );
     assert_eq!(name("alice.example.", "/dfs"), Some("dfs"));
     assert_eq!(name("alice.example", "/dfsx"), None);
+    // Under dfs-rw's prefix but for case: no app (a case-insensitive service would serve it
+    // as dfs-rw's under dfs's rules). A shorter prefix in another case is no matter.
+    assert_eq!(name("alice.example", "/dfs/RW/file"), None);
+    assert_eq!(name("alice.example", "/dfs/Rw"), None);
+    assert_eq!(name("alice.example", "/dfs/rwx"), Some("dfs"));
+    assert_eq!(name("alice.example", "/DFS/x"), None);
     assert_eq!(name("bob.example", "/dfs"), None);
 }
 
