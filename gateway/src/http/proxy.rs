@@ -725,10 +725,11 @@ async fn forward(
             .boxed();
         (body, Some((sent_rx, taken)))
     };
+    let fwd_host = route::forwarded_host(host);
     let fwd = headers::Forwarded {
         client: peer.ip(),
         https,
-        host,
+        host: &fwd_host,
         upgrade: upgrade.as_ref(),
         prefix: prefix.as_deref(),
     };

@@ -30,6 +30,29 @@ pub fn request_host(parts: &Parts) -> Option<&str> {
         .filter(|h| !h.is_empty())
 }
 
+/// The host a service is told (`Host`, `X-Forwarded-Host`): the routed name as routing
+/// compared it — lowercase, without a trailing dot — and the client's port if it wrote one.
+/// As written, `BLOG.alice.example.` was routed to the `blog` app but reached a service that
+/// picks its site by the exact string as another site (its default, say an admin one).
+/// Borrowed when already so (the common case).
+pub fn forwarded_host(host: &str) -> Cow<'_, str> {
+    // A bracketed IPv6 address: routing takes it as it is but for case.
+    let (name, port) = match host.rsplit_once(':') {
+        Some((name, port)) if !host.starts_with('[') || name.ends_with(']') => (name, Some(port)),
+        _ => (host, None),
+    };
+    let bare = name.strip_suffix('.').unwrap_or(name);
+    if bare.len() == name.len() && !name.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Cow::Borrowed(host);
+    }
+    let mut out = bare.to_ascii_lowercase();
+    if let Some(port) = port {
+        out.push(':');
+        out.push_str(port);
+    }
+    Cow::Owned(out)
+}
+
 /// Where to send a request for exactly a `strip_prefix` app's path without its trailing
 /// slash (`/dfs` for `path = "/dfs"`): to `/dfs/`, query kept. Stripped, both reach the
 /// service as `/`, so a page there could not know its relative links resolve one level up —
@@ -93,6 +116,23 @@ pub fn upstream_target<'a>(pq: Option<&'a PathAndQuery>, route: &HttpRoute) -> C
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The service is told the host as routing compared it, the client's port kept.
+    #[test]
+    fn forwarded_host_is_the_routed_form() {
+        for (written, told) in [
+            ("blog.alice.example", "blog.alice.example"),
+            ("BLOG.alice.example.", "blog.alice.example"),
+            ("Blog.Alice.Example.:8443", "blog.alice.example:8443"),
+            ("blog.alice.example:443", "blog.alice.example:443"),
+            ("[2001:DB8::1]:8080", "[2001:db8::1]:8080"),
+            ("[2001:db8::1]", "[2001:db8::1]"),
+            ("[2001:DB8::1]", "[2001:db8::1]"),
+        ] {
+            assert_eq!(forwarded_host(written), told, "{written}");
+        }
+        assert!(matches!(forwarded_host("a.example:80"), Cow::Borrowed(_)));
+    }
 
     fn route(path: &str, strip: bool) -> HttpRoute {
         HttpRoute {
