@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,6 +71,11 @@ const OPEN_MARGIN: Duration = Duration::from_secs(5);
 /// more than the device keeps of a flow not open there yet: sent right behind the open, the
 /// rest would be lost there, uncounted.
 const OPENING_QUEUE: usize = tunnel::flow_table::EARLY_PER_FLOW;
+/// Bytes of such datagrams per app socket, all flows together, as the device keeps at most
+/// [`tunnel::flow_table::EARLY_BYTES`] of flows not open there yet: counted by number only,
+/// 4,096 opening flows of 8 datagrams up to 64 KiB each could hold 2 GiB while a tunnel's
+/// control session stalled.
+const OPENING_BYTES: usize = tunnel::flow_table::EARLY_BYTES;
 /// Through a drain, a flow quiet this long ends (one still moving goes on for the grace).
 const DRAIN_QUIET: Duration = Duration::from_secs(3);
 /// A flow ended after this long in use both ways says so whatever the log budget.
@@ -142,7 +147,7 @@ struct Entry {
 
 enum State {
     /// Waiting for the device; the client's datagrams meanwhile.
-    Opening(Vec<Box<[u8]>>),
+    Opening(OpeningQueue),
     Open {
         flow: UdpFlow,
         back: Arc<Back>,
@@ -279,6 +284,62 @@ struct AppSocket {
     stop: CancellationToken,
     /// The gateway is stopping: datagrams of open flows pass, a new client's are dropped.
     draining: bool,
+    /// Bytes the flows still opening hold ([`OPENING_BYTES`]).
+    opening_held: Arc<AtomicUsize>,
+}
+
+/// A client's datagrams held while its flow opens, counted in its socket's [`OPENING_BYTES`]
+/// until taken or dropped with the entry (whichever way it leaves the table).
+struct OpeningQueue {
+    datagrams: Vec<Box<[u8]>>,
+    bytes: usize,
+    held: Arc<AtomicUsize>,
+}
+
+impl OpeningQueue {
+    fn new(held: Arc<AtomicUsize>) -> Self {
+        OpeningQueue {
+            datagrams: Vec::new(),
+            bytes: 0,
+            held,
+        }
+    }
+
+    /// Holds `data` unless the flow has [`OPENING_QUEUE`] already, the socket's flows hold
+    /// [`OPENING_BYTES`] with it, or it could never cross the tunnel (the send after the
+    /// open would refuse it).
+    fn push(&mut self, data: &[u8]) -> bool {
+        let n = data.len();
+        if self.datagrams.len() >= OPENING_QUEUE
+            || n > usize::from(tunnel::transport::MAX_UDP_PAYLOAD)
+        {
+            return false;
+        }
+        // One task owns the socket's flows: the atomic is for the entries being `Send`.
+        if self.held.fetch_add(n, Ordering::Relaxed) + n > OPENING_BYTES {
+            self.held.fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
+        self.bytes += n;
+        self.datagrams.push(data.into());
+        true
+    }
+
+    fn len(&self) -> usize {
+        self.datagrams.len()
+    }
+
+    fn take(&mut self) -> Vec<Box<[u8]>> {
+        self.held.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.bytes = 0;
+        std::mem::take(&mut self.datagrams)
+    }
+}
+
+impl Drop for OpeningQueue {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 /// Serves the app on `listen` from `sock` until `stop` (the app removed or moved: its flows
@@ -324,6 +385,7 @@ pub async fn run(
         // Not the listener's `stop`: through a drain the flows go on after it fired.
         stop: CancellationToken::new(),
         draining: false,
+        opening_held: Arc::default(),
     };
     s.set_share();
     let mut buf = vec![0u8; UDP_READ];
@@ -438,9 +500,7 @@ impl AppSocket {
                 }
                 State::Opening(queued) => {
                     e.activity.touch();
-                    if queued.len() < OPENING_QUEUE {
-                        queued.push(data.into());
-                    } else {
+                    if !queued.push(data) {
                         e.dropped += 1;
                     }
                     return;
@@ -472,19 +532,6 @@ impl AppSocket {
         // As written, for the device, logs and limits: an IPv4 client on a `[::]` socket
         // arrives as `::ffff:a.b.c.d`.
         let client = tunnel::sockets::canonical(peer);
-        // The first refusal of a run is logged by `per_ip`. At its limit, a client ends one
-        // of its own flows that is closed, idle, or never answered and quiet, and is let in:
-        // forged datagrams from its address (never answered) otherwise held every slot of
-        // it, and its own new flows were refused for as long as the forger sent.
-        let slot = self.per_ip.admit(client.ip()).or_else(|| {
-            self.make_room_for(client.ip())
-                .then(|| self.per_ip.admit(client.ip()))
-                .flatten()
-        });
-        let Some(slot) = slot else {
-            state.counters.refused(Refusal::ConnectionLimit);
-            return;
-        };
         let who = Requester::Public { ip: client.ip() };
         let (shape_in, shape_out) = state.limits.datagram_shapers();
         if let policies::Decision::Deny { reason } =
@@ -498,6 +545,21 @@ impl AppSocket {
             }
             return;
         }
+        // The first refusal of a run is logged by `per_ip`. At its limit, a client ends one
+        // of its own flows that is closed, idle, or never answered and quiet, and is let in:
+        // forged datagrams from its address (never answered) otherwise held every slot of
+        // it, and its own new flows were refused for as long as the forger sent. After the
+        // policy (a client it refuses ended a flow for nothing); before the rate, which may
+        // be the app's as a whole: a client past its own limit must not spend it.
+        let slot = self.per_ip.admit(client.ip()).or_else(|| {
+            self.make_room_for(client.ip())
+                .then(|| self.per_ip.admit(client.ip()))
+                .flatten()
+        });
+        let Some(slot) = slot else {
+            state.counters.refused(Refusal::ConnectionLimit);
+            return;
+        };
         if state.limits.check_rate(&who).is_err() {
             state.counters.refused(Refusal::RateLimited);
             if let Some(unlogged) = self.refused_lines.take() {
@@ -514,6 +576,8 @@ impl AppSocket {
             return;
         }
         self.next_id += 1;
+        let mut queue = OpeningQueue::new(self.opening_held.clone());
+        let dropped = u64::from(!queue.push(data));
         let e = Entry {
             id: self.next_id,
             client,
@@ -527,13 +591,13 @@ impl AppSocket {
             stop: self.stop.child_token(),
             bytes_in: 0,
             datagrams_in: 0,
-            dropped: 0,
+            dropped,
             failed: 0,
             shape_in,
             shape_out: Some(shape_out),
             assured: false,
             _slot: slot,
-            state: State::Opening(vec![data.into()]),
+            state: State::Opening(queue),
         };
         drop(active);
         let (hub, tx) = (self.hub.clone(), self.opened.clone());
@@ -580,7 +644,7 @@ impl AppSocket {
         let State::Opening(queued) = &mut e.state else {
             return;
         };
-        let queued = std::mem::take(queued);
+        let queued = queued.take();
         let back = Arc::new(Back::default());
         tokio::spawn(pass_back(
             self.sock.clone(),
@@ -879,6 +943,44 @@ async fn pass_back(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Datagrams held while flows open are bounded in bytes for the whole socket, not only
+    /// in number per flow; one that could never cross the tunnel is not held; what a queue
+    /// holds is given back when it is taken or dropped.
+    #[test]
+    fn opening_queues_hold_a_bounded_number_of_bytes() {
+        let held = Arc::new(AtomicUsize::new(0));
+        let max = usize::from(tunnel::transport::MAX_UDP_PAYLOAD);
+        let big = vec![0u8; max];
+        assert!(!OpeningQueue::new(held.clone()).push(&vec![0u8; max + 1]));
+        let mut queues = Vec::new();
+        let mut kept = 0;
+        'fill: loop {
+            let mut q = OpeningQueue::new(held.clone());
+            for _ in 0..OPENING_QUEUE {
+                if !q.push(&big) {
+                    queues.push(q);
+                    break 'fill;
+                }
+                kept += max;
+            }
+            assert!(!q.push(b"x"), "past OPENING_QUEUE");
+            queues.push(q);
+        }
+        assert_eq!(held.load(Ordering::Relaxed), kept);
+        assert!(
+            kept <= OPENING_BYTES && kept + max > OPENING_BYTES,
+            "{kept}"
+        );
+        // A small one still fits in what is left.
+        let mut last = OpeningQueue::new(held.clone());
+        assert!(last.push(b"x"));
+        let taken: usize = queues.pop().unwrap().take().iter().map(|d| d.len()).sum();
+        assert_eq!(held.load(Ordering::Relaxed), kept + 1 - taken);
+        drop(queues);
+        drop(last);
+        assert_eq!(held.load(Ordering::Relaxed), 0);
+    }
 
     /// A full table ends closed and idle flows first, then flows not in use both ways quiet
     /// for a second, then, when those are not enough, flows in use both ways quiet for ten
