@@ -478,6 +478,46 @@ async fn a_revoked_device_leaves_the_gateways_mesh_pairs() {
     m.gw.shutdown.cancel();
 }
 
+/// A revocation the gateway learns from a zone config it does not adopt (older than the one
+/// in use, signed from a zone directory restored from a backup) changes no serial, so home1
+/// is passed nothing: the gateway revokes home1's direct-path permits for the revoked peer
+/// itself, and the direct stream ends. They lasted, as the policy (`from = ["home2"]`) still
+/// allowed them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_learned_without_a_new_config_ends_the_peers_direct_paths() {
+    let m = mesh_zone().await;
+    let backup = zone_core::zonedir::read_zone_json(&m.z.zone_dir().join("zone.json")).unwrap();
+    let revoking = m.z.revoke("home2");
+    // The restored directory's config, newer, without the revocation: the gateway adopts
+    // it and passes it on.
+    let zd = zone_core::zonedir::ZoneDir::open(&m.z.zone_dir()).unwrap();
+    let mut restored = backup.config.clone();
+    restored.serial = zd.zone.config.serial + 10;
+    let restored = restored.sign(&zd.key).unwrap();
+    let serial = restored.config.serial;
+    std::fs::write(m.z.bundle("gw").zone_config, restored.to_json_pretty()).unwrap();
+    wait_until("the restored config adopted", WAIT, || {
+        m.gw.hub.creds().zone_serial() == serial
+    })
+    .await;
+    let mut long = direct_long_stream(&m).await;
+    assert!(!permits_for(&m.h1, "home2").is_empty());
+
+    std::fs::write(m.z.bundle("gw").zone_config, &revoking).unwrap();
+    assert!(
+        ends_within(&mut long, WAIT).await,
+        "the revoked peer's direct stream kept running"
+    );
+    wait_until("home1's permits for home2 revoked", WAIT, || {
+        permits_for(&m.h1, "home2").is_empty()
+    })
+    .await;
+    assert_eq!(m.gw.hub.creds().zone_serial(), serial, "no new config");
+    m.h1.shutdown.cancel();
+    m.h2.shutdown.cancel();
+    m.gw.shutdown.cancel();
+}
+
 /// Two gateways; home1 is connected to the second only. laptop's forward to home1 goes
 /// through whichever gateway has it: the first one answers "offline", the forward tries the
 /// next (it used to fail on the first usable gateway, whatever the others could reach).

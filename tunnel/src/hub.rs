@@ -760,12 +760,17 @@ impl Hub {
             return;
         }
         let active = self.0.cfg.policy.current();
-        let zone = self.0.cfg.creds.zone();
+        let creds = &self.0.cfg.creds;
+        let zone = creds.zone();
         let now = Timestamp::now();
         for (from, to, services) in pairs {
             let Some(target) = self.agent(&to) else {
                 continue;
             };
+            // A peer revoked (a revocation learned from a config not adopted changes no
+            // serial: the target is told nothing else) or no longer listed loses its
+            // permits whatever the policy says: `from = ["zone"]` still allowed it.
+            let member = creds.noise_public_of(&from).is_ok();
             // The peer's roles as its certificate says (connected) or the zone config does.
             let roles: Vec<&'static str> = match self.agent(&from) {
                 Some(l) => l.roles.clone(),
@@ -774,11 +779,12 @@ impl Hub {
                     .unwrap_or_default(),
             };
             for service in services {
-                let allowed = active
-                    .policy
-                    .decide_mesh(&from, &roles, &to, &service, now)
-                    .decision
-                    .is_allow();
+                let allowed = member
+                    && active
+                        .policy
+                        .decide_mesh(&from, &roles, &to, &service, now)
+                        .decision
+                        .is_allow();
                 if allowed {
                     continue;
                 }
@@ -788,7 +794,11 @@ impl Hub {
                 target.ctl.revoke_permit(from.clone(), service.clone());
                 // A device repeating its reports makes one of these per permit each time.
                 if let Some(unlogged) = LogBudget::take_shared(&self.0.permit_lines) {
-                    info!(device = %to, peer = %from, service = %service, unlogged, "direct-path permit revoked: the policy no longer allows it");
+                    let why = match member {
+                        true => "the policy no longer allows it",
+                        false => "the peer is revoked or no longer in the zone config",
+                    };
+                    info!(device = %to, peer = %from, service = %service, unlogged, "direct-path permit revoked: {why}");
                 }
                 self.mesh_pair(&from, &to, |p| p.revoked.push(service));
             }
@@ -1195,14 +1205,24 @@ impl Hub {
                     .map(|s| s.name.clone())
                     .collect();
                 let mut changed = false;
+                let creds = &self.0.cfg.creds;
                 for (peer, service) in permits {
-                    if peer != link.device && zone_device(&zone, &peer).is_some() {
-                        changed |= self.mesh_pair(&peer, &link.device, |p| {
-                            let known =
-                                offered.contains(&service) || p.permitted.contains(&service);
-                            known && p.may_permit(&service, true)
-                        });
+                    if peer == link.device {
+                        continue;
                     }
+                    // A peer revoked or no longer listed: its permit goes, and no pair is
+                    // kept for it (a target away when it left reports it here).
+                    if zone_device(&zone, &peer).is_none() || creds.is_revoked(&peer) {
+                        if let Some(unlogged) = LogBudget::take_shared(&self.0.permit_lines) {
+                            info!(device = %link.device, peer = %peer, service = %service, unlogged, "direct-path permit revoked: the peer is revoked or no longer in the zone config");
+                        }
+                        link.ctl.revoke_permit(peer, service);
+                        continue;
+                    }
+                    changed |= self.mesh_pair(&peer, &link.device, |p| {
+                        let known = offered.contains(&service) || p.permitted.contains(&service);
+                        known && p.may_permit(&service, true)
+                    });
                 }
                 drop(zone);
                 // A session's first report is always checked: a policy change while the
@@ -1319,6 +1339,9 @@ impl Hub {
             .join(", ");
         error!(from = %from, revoked = %list, serial = creds.zone_serial(), "a zone config not adopted (older, expired, or leaving out a revocation) revokes devices the config in use does not: the zone directory that signed the one in use lacks these revocations (restored from an older backup?). They are enforced here from now on; in the zone directory run `zonegate device revoke NAME --zone DIR --force` for each and copy the new zone.json into the gateways' bundles");
         self.disconnect_revoked("a zone config not adopted");
+        // Their direct paths too: the devices they reached learn nothing else (no new serial
+        // to pass on).
+        self.revoke_refused_permits();
         Ok(())
     }
 
@@ -1356,8 +1379,10 @@ impl Hub {
                 if !was_revoked && creds.is_revoked(creds.name()) {
                     error!(serial, from = %from, device = %creds.name(), "the adopted zone config revokes this gateway: agents leave it and a restart refuses to start; to keep a gateway here, add it under a new name on the machine holding the zone key (`zonegate device add NEWNAME --role gateway --public-addr IP:PORT`) and install that bundle");
                 }
-                // Pairs with a device this config no longer lists, or revokes, go from the
-                // mesh table (and `/status`): kept, they stayed listed for good.
+                // Permits of a device it no longer lists, or revokes, are revoked while the
+                // pairs are still known; then the pairs go from the mesh table (and
+                // `/status`): kept, they stayed listed for good.
+                self.revoke_refused_permits();
                 self.0
                     .mesh
                     .lock()
