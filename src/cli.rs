@@ -48,7 +48,7 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
         /// Address to listen on (keep it on loopback: the node agent offers it to the zone)
-        #[arg(long, default_value = "127.0.0.1:8000", value_parser = socket_addr)]
+        #[arg(long, default_value = "127.0.0.1:8000", value_parser = crate::config::socket_addr)]
         listen: SocketAddr,
         /// The directory is a web site: its HTML, SVG and XML files run their scripts as the
         /// site's pages (without it they are sandboxed: a file someone else put in the share
@@ -89,7 +89,7 @@ pub struct NodeArgs {
     #[arg(long, value_name = "FILE")]
     pub config: PathBuf,
     /// Fetch the zone config from this DNS server (IP:PORT) at start, verified with the zone CA
-    #[arg(long, value_name = "IP:PORT", value_parser = socket_addr)]
+    #[arg(long, value_name = "IP:PORT", value_parser = crate::config::socket_addr)]
     pub bootstrap_dns: Option<SocketAddr>,
     /// A service this device offers: NAME=IP:PORT[/udp] (repeatable)
     #[arg(long = "service", value_name = "NAME=IP:PORT")]
@@ -197,7 +197,7 @@ pub struct VerifyArgs {
     #[arg(long, value_name = "SERIAL")]
     pub known_serial: Option<u64>,
     /// DNS server to ask with --dns, as IP:PORT
-    #[arg(long, value_name = "IP:PORT", conflicts_with_all = ["file", "text"], value_parser = socket_addr)]
+    #[arg(long, value_name = "IP:PORT", conflicts_with_all = ["file", "text"], value_parser = crate::config::socket_addr)]
     pub server: Option<SocketAddr>,
 }
 
@@ -212,7 +212,7 @@ pub enum DeviceCmd {
         #[arg(long = "role", required = true, value_name = "ROLE")]
         roles: Vec<Role>,
         /// Public IP:PORT agents dial (gateways only; repeat for several)
-        #[arg(long = "public-addr", value_name = "IP:PORT", value_parser = socket_addr)]
+        #[arg(long = "public-addr", value_name = "IP:PORT", value_parser = crate::config::socket_addr)]
         public_addrs: Vec<SocketAddr>,
         /// Where to write the bundle (default: ZONE/devices/NAME)
         #[arg(long, value_name = "DIR")]
@@ -252,7 +252,7 @@ pub enum DeviceCmd {
         #[command(flatten)]
         zone: ZoneArg,
         /// The public IP:PORT agents dial from now on (repeat for several; replaces the old)
-        #[arg(long = "public-addr", value_name = "IP:PORT", required = true, value_parser = socket_addr)]
+        #[arg(long = "public-addr", value_name = "IP:PORT", required = true, value_parser = crate::config::socket_addr)]
         public_addrs: Vec<SocketAddr>,
     },
     /// Print a device's derived public key (writes nothing)
@@ -261,23 +261,4 @@ pub enum DeviceCmd {
         #[command(flatten)]
         zone: ZoneArg,
     },
-}
-
-/// An `IP:PORT` argument, with what to write when it is not one: the usual slips are an IPv6
-/// address without brackets and a missing port.
-fn socket_addr(s: &str) -> Result<SocketAddr, String> {
-    if let Ok(a) = s.parse() {
-        return Ok(a);
-    }
-    let bracketed = s.starts_with('[') && s.ends_with(']');
-    let hint = if s.parse::<std::net::Ipv6Addr>().is_ok() {
-        format!("an IPv6 address goes in brackets before its port: [{s}]:PORT")
-    } else if bracketed || s.parse::<std::net::Ipv4Addr>().is_ok() {
-        format!("add the port: {s}:PORT")
-    } else if s.matches(':').count() > 1 {
-        "an IPv6 address goes in brackets before its port, e.g. [2001:db8::10]:4433".into()
-    } else {
-        "expected IP:PORT, e.g. 203.0.113.10:4433 or [2001:db8::10]:4433 (a name is not resolved here)".into()
-    };
-    Err(format!("{s:?} is not an address: {hint}"))
 }

@@ -28,6 +28,7 @@ pub enum Proto {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceEntry {
+    #[serde(deserialize_with = "addr::one")]
     pub local: SocketAddr,
     #[serde(default)]
     pub proto: Proto,
@@ -36,6 +37,7 @@ pub struct ServiceEntry {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ForwardEntry {
+    #[serde(deserialize_with = "addr::one")]
     pub listen: SocketAddr,
     pub to: String,
 }
@@ -88,11 +90,13 @@ pub struct NodeFile {
     pub cert: PathBuf,
     pub ca: PathBuf,
     pub zone_config: PathBuf,
+    #[serde(default, deserialize_with = "addr::maybe")]
     pub admin: Option<SocketAddr>,
     /// Seconds a stopping agent lets the streams it serves finish.
     pub grace_secs: Option<u64>,
     /// A DNS server (usually a gateway) to fetch and verify the zone config from at start;
     /// the result replaces `zone_config` when newer (or creates it).
+    #[serde(default, deserialize_with = "addr::maybe")]
     pub bootstrap_dns: Option<SocketAddr>,
     #[serde(default)]
     pub services: BTreeMap<String, ServiceEntry>,
@@ -309,9 +313,8 @@ impl TryFrom<String> for ListenSetting {
         if s == "off" {
             return Ok(ListenSetting::Off);
         }
-        let a: SocketAddr = s.parse().map_err(|_| {
-            format!("expected \"off\" or an address like \"0.0.0.0:443\", got {s:?}")
-        })?;
+        let a = socket_addr(&s)
+            .map_err(|e| format!("expected \"off\" or an address like \"0.0.0.0:443\": {e}"))?;
         // Bound it would be, to a port picked at random that no client can know.
         if a.port() == 0 {
             return Err(format!(
@@ -352,8 +355,10 @@ pub struct GatewayFile {
     pub cert: PathBuf,
     pub ca: PathBuf,
     pub zone_config: PathBuf,
+    #[serde(deserialize_with = "addr::one")]
     pub listen: SocketAddr,
     pub policies: PathBuf,
+    #[serde(default, deserialize_with = "addr::maybe")]
     pub admin: Option<SocketAddr>,
     /// Seconds a drain waits for proxied connections on shutdown.
     pub grace_secs: Option<u64>,
@@ -790,9 +795,68 @@ pub fn http_tuning(
     Ok(out)
 }
 
+/// An `IP:PORT` argument, with what to write when it is not one: the usual slips are an IPv6
+/// address without brackets and a missing port.
+pub fn socket_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    let bracketed = s.starts_with('[') && s.ends_with(']');
+    let hint = if s.parse::<std::net::Ipv6Addr>().is_ok() {
+        format!("an IPv6 address goes in brackets before its port: [{s}]:PORT")
+    } else if bracketed || s.parse::<std::net::Ipv4Addr>().is_ok() {
+        format!("add the port: {s}:PORT")
+    } else if s.matches(':').count() > 1 {
+        "an IPv6 address goes in brackets before its port, e.g. [2001:db8::10]:4433".into()
+    } else {
+        "expected IP:PORT, e.g. 203.0.113.10:4433 or [2001:db8::10]:4433 (a name is not resolved here)".into()
+    };
+    Err(format!("{s:?} is not an address: {hint}"))
+}
+
+/// serde's `deserialize_with` for addresses in config files: [`socket_addr`]'s hints after
+/// the file's line and column, where the standard parse said only "invalid socket address
+/// syntax" (`bootstrap_dns = "203.0.113.10"` is the natural slip).
+mod addr {
+    use serde::{de::Error, Deserialize, Deserializer};
+    use std::net::SocketAddr;
+
+    pub fn one<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        super::socket_addr(&String::deserialize(d)?).map_err(D::Error::custom)
+    }
+
+    pub fn maybe<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        one(d).map(Some)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An address in a config file that is not one says what to write, after where it is:
+    /// the standard parse said only "invalid socket address syntax".
+    #[test]
+    fn addresses_in_config_files_say_what_to_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = dir.path().join("node.toml");
+        let text = "device = \"home1\"\ndomain = \"alice.example\"\nkey = \"k\"\ncert = \"c\"\nca = \"a\"\nzone_config = \"z\"\n";
+        for (line, hint) in [
+            (
+                "bootstrap_dns = \"203.0.113.10\"",
+                "add the port: 203.0.113.10:PORT",
+            ),
+            ("admin = \"::1:9091\"", "an IPv6 address goes in brackets"),
+            (
+                "[services.web]\nlocal = \"localhost:8000\"",
+                "a name is not resolved here",
+            ),
+        ] {
+            std::fs::write(&node, format!("{text}{line}\n")).unwrap();
+            let e = read::<NodeFile>(&node).unwrap_err().to_string();
+            assert!(e.contains("node.toml:") && e.contains(hint), "{e}");
+        }
+    }
 
     /// A config file that is missing or not UTF-8 is a mistake to fix (exit 2, which the
     /// systemd units do not restart), and the message says what to do.

@@ -215,8 +215,23 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         .policies
         .clone()
         .unwrap_or_else(|| config::resolve(&a.config, &f.policies));
-    if !dir.is_dir() {
-        return Err(UsageError(format!("policy directory {} does not exist: create it (it may be empty) or pass --policies DIR", dir.display())).into());
+    match std::fs::metadata(&dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(UsageError(format!(
+                "policy directory {} is not a directory: point `policies` (or --policies) at the directory of policy files",
+                dir.display()
+            ))
+            .into())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(UsageError(format!("policy directory {} does not exist: create it (it may be empty) or pass --policies DIR", dir.display())).into());
+        }
+        // Exit 1, as for a policy file it cannot read: fixed by the time a restart comes.
+        Err(e) => anyhow::bail!(
+            "policy directory {}: {e}: let the gateway's user read it (and the directories above it)",
+            dir.display()
+        ),
     }
     let policy = policies::PolicyStore::load_keeping_accepted(&dir)
         .map(Arc::new)
@@ -247,12 +262,27 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         ))
         .into());
     }
+    let listen = config::quic_listen(&a.config, f.listen)?;
+    // Agents dial the addresses the zone config publishes for this gateway: a `listen` on
+    // none of their ports (a `device move` to a new port, gateway.toml kept) starts fine and
+    // is reached by nobody. A warning, not an error: a NAT may map another port to it.
+    let published: Vec<std::net::SocketAddr> = creds
+        .zone()
+        .config
+        .gateways
+        .iter()
+        .filter(|g| g.device == creds.identity.name)
+        .flat_map(|g| g.addrs.iter().copied())
+        .collect();
+    if !published.is_empty() && !published.iter().any(|p| p.port() == listen.port()) {
+        warn!(%listen, published = ?published.iter().map(|p| p.to_string()).collect::<Vec<_>>(), "the QUIC listen port is none of the ports the zone config publishes for this gateway: agents dial those; set `listen` in gateway.toml to that port (unless a NAT maps it here)");
+    }
     let opts = gateway::GatewayOptions {
         creds,
         policy: policy.clone(),
         services,
         forwards,
-        listen: config::quic_listen(&a.config, f.listen)?,
+        listen,
         admin,
         tuning,
         grace: config::grace(&a.config, f.grace_secs, DEFAULT_GRACE)?,
@@ -329,6 +359,9 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
         let cert = zone_core::zonedir::read_cert_der(&paths.cert)?;
         let identity = zone_core::cert::DeviceIdentity::from_der(&cert)?;
         config::check_domain(&a.config, &f.domain, &identity.domain)?;
+        // And the rest of the bundle but zone.json (key, its mode, device name, CA): one
+        // that cannot start must not have zone.json written into it first.
+        tunnel::creds::check_identity(&paths, Some(&f.device))?;
         bootstrap(&f.domain, server, &paths)?;
     }
     let creds = DeviceCreds::load(&paths, Some(&f.device))?;

@@ -1560,6 +1560,24 @@ fn zone_config_over_the_gateways_dns_verify_and_node_bootstrap() {
     ok(["device", "add", "laptop", "--zone", zs, "--role", "node"]);
     let laptop = z.join("devices/laptop");
     std::fs::remove_file(laptop.join("zone.json")).unwrap();
+    // A bundle that cannot start (its key readable by others) is refused before anything is
+    // fetched or written into it.
+    use std::os::unix::fs::PermissionsExt;
+    let key = laptop.join("device.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = fails(
+        2,
+        [
+            "node",
+            "--config",
+            laptop.join("node.toml").to_str().unwrap(),
+            "--bootstrap-dns",
+            &server,
+        ],
+    );
+    assert!(e.contains("chmod 600"), "{e}");
+    assert!(!laptop.join("zone.json").exists());
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     let e = fails(
         1,
         [

@@ -79,14 +79,18 @@ fn unrunnable(path: &Path, what: &str, e: impl std::fmt::Display) -> TunnelError
     TunnelError::Unrunnable(format!("{}: {what}: {e}", path.display()))
 }
 
-impl DeviceCreds {
-    /// Loads and checks a bundle: the key matches the certificate, the certificate is the
-    /// zone CA's, and zone.json is signed by that zone key. Any mismatch is an error here, so
-    /// a wrong bundle never half-starts a process.
-    pub fn load(
-        p: &BundlePaths,
-        expect_device: Option<&DeviceName>,
-    ) -> Result<Arc<Self>, TunnelError> {
+/// A bundle's key, certificate and zone CA, checked against each other (everything of
+/// [`DeviceCreds::load`] but zone.json).
+struct Identity {
+    key: DeviceKey,
+    cert_der: CertificateDer<'static>,
+    identity: DeviceIdentity,
+    zone_key: ed25519_dalek::VerifyingKey,
+    trust: Arc<ZoneTrust>,
+}
+
+impl Identity {
+    fn load(p: &BundlePaths, expect_device: Option<&DeviceName>) -> Result<Self, TunnelError> {
         private_to_its_owner(&p.key)?;
         let key_pem = zeroize::Zeroizing::new(
             std::fs::read_to_string(&p.key)
@@ -129,9 +133,45 @@ impl DeviceCreds {
                 };
                 bad(&p.cert, "own certificate refused", format!("{why}{hint}"))
             })?;
+        Ok(Identity {
+            key,
+            cert_der,
+            identity,
+            zone_key,
+            trust,
+        })
+    }
+}
+
+/// Checks a bundle's key, certificate and zone CA as [`DeviceCreds::load`] does, without
+/// its zone.json: for a start that fetches zone.json first (`bootstrap_dns`), so that a
+/// bundle it cannot start with is refused before anything is written into it.
+pub fn check_identity(
+    p: &BundlePaths,
+    expect_device: Option<&DeviceName>,
+) -> Result<(), TunnelError> {
+    Identity::load(p, expect_device).map(drop)
+}
+
+impl DeviceCreds {
+    /// Loads and checks a bundle: the key matches the certificate, the certificate is the
+    /// zone CA's, and zone.json is signed by that zone key. Any mismatch is an error here, so
+    /// a wrong bundle never half-starts a process.
+    pub fn load(
+        p: &BundlePaths,
+        expect_device: Option<&DeviceName>,
+    ) -> Result<Arc<Self>, TunnelError> {
+        let Identity {
+            key,
+            cert_der,
+            identity,
+            zone_key,
+            trust,
+        } = Identity::load(p, expect_device)?;
         let left = identity.not_after - OffsetDateTime::now_utc();
         if left < time::Duration::days(EXPIRY_WARNING_DAYS) {
             // Peers refuse it from then on, and nothing here renews it.
+            let renew = renew_hint(&identity.name);
             tracing::warn!(file = %p.cert.display(), days_left = left.whole_days(), "this device's certificate expires soon: {renew}");
         }
         let zone = read_zone_json(&p.zone_config)?;
