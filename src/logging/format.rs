@@ -112,7 +112,14 @@ fn one_line(line: &mut String) {
             '\0'..='\x1f' | '\x7f' => {
                 let _ = write!(line, "\\x{:02x}", c as u32);
             }
-            '\u{80}'..='\u{9f}' => {
+            // C1, and what reorders or breaks a line where it is shown (line and paragraph
+            // separators, bidi embeddings, overrides and isolates: U+202E shows a peer's
+            // text backwards over the fields after it).
+            '\u{80}'..='\u{9f}'
+            | '\u{2028}'
+            | '\u{2029}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2066}'..='\u{2069}' => {
                 let _ = write!(line, "\\u{{{:x}}}", c as u32);
             }
             c => line.push(c),
@@ -402,7 +409,7 @@ impl Visit for FieldWriter<'_> {
 }
 
 impl FieldWriter<'_> {
-    /// Quotes the value written from `at` when it has a space, `=` or `"` in it, unless it is
+    /// Quotes the value written from `at` when it has whitespace, `=` or `"` in it, unless it is
     /// one quoted string already (`?` of a string); a lone `"` left raw would open a quote a
     /// later field's value closes, and what stands between them would read as fields. Raw, as the default writes it, peer text (a
     /// QUIC close reason in `error = %e`) could add fields of its own choosing to the line
@@ -412,7 +419,14 @@ impl FieldWriter<'_> {
             return;
         }
         let written = &self.line[at..];
-        if written.contains([' ', '=', '"']) && !one_quoted_string(written) {
+        // Any whitespace or control: a tab (logfmt parsers split on it) let peer text add
+        // a key of its own; `{:?}` escapes those, and separators and bidi controls.
+        let plain = |c: char| {
+            !(c.is_whitespace()
+                || c.is_control()
+                || matches!(c, '=' | '"' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'))
+        };
+        if !written.chars().all(plain) && !one_quoted_string(written) {
             let quoted = format!("{written:?}");
             self.line.truncate(at);
             self.line.push_str(&quoted);
@@ -770,10 +784,11 @@ mod tests {
         let reason = "closed: x\n2026-12-01T23:23:13.702430Z  INFO tunnel up device=home1\r\u{1b}[2J\u{0}\u{85}";
         let plain = render(true, || {
             info!(error = %reason, peer = ?reason, "handshake failed\nforged");
-            info!(path = %"/a\tb", "tab stays");
+            info!(path = %"/a\tb", "tab\tstays");
+            info!(name = %"abc\u{202e}fed", "shown backwards\u{2066}");
         });
-        assert_eq!(plain.lines().count(), 2, "{plain}");
-        assert_eq!(plain.matches('\n').count(), 2, "{plain}");
+        assert_eq!(plain.lines().count(), 3, "{plain}");
+        assert_eq!(plain.matches('\n').count(), 3, "{plain}");
         assert!(
             plain.contains(
                 "handshake failed\\nforged error=\"closed: x\\n2026-12-01T23:23:13.702430Z  INFO tunnel up \
@@ -785,7 +800,13 @@ mod tests {
             !plain.contains('\u{1b}') && !plain.contains('\r'),
             "{plain}"
         );
-        assert!(plain.contains("path=/a\tb"), "{plain}");
+        // A tab stays in a message, but a value with one is quoted (logfmt splits on it: a
+        // peer's `x\tadmin` was a key of its own); bidi controls are escaped wherever.
+        assert!(plain.contains("tab\tstays path=\"/a\\tb\"\n"), "{plain}");
+        assert!(
+            plain.contains("shown backwards\\u{2066} name=\"abc\\u{202e}fed\"\n"),
+            "{plain}"
+        );
         // Nor add fields of its own to it: a value with a space, `=` or `"` is quoted, and a value
         // that opens a quote of its own does not pass for a quoted one.
         let forged = "x remote=10.0.0.5:443 unlogged=0";

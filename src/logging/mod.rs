@@ -184,6 +184,29 @@ where
         .with_target(false)
 }
 
+/// A panic's report, as a log line through the writer like any other: the default hook
+/// writes it to stderr itself, blocking — with stderr stalled (journald stopped, a full
+/// pipe) a connection task's panic froze the runtime thread it ran on, the only one of a
+/// node — and apart from the lines buffered before it, in several lines, unescaped.
+fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
+    let payload = info.payload();
+    let what = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not text)");
+    let at = info.location().map(|l| l.to_string()).unwrap_or_default();
+    let thread = std::thread::current();
+    let thread = thread.name().unwrap_or("unnamed");
+    // As the default hook: only when RUST_BACKTRACE asks for one.
+    let trace = std::backtrace::Backtrace::capture();
+    if trace.status() == std::backtrace::BacktraceStatus::Captured {
+        tracing::error!(panic = %what, at = %at, thread = %thread, backtrace = %trace, "panicked");
+    } else {
+        tracing::error!(panic = %what, at = %at, thread = %thread, "panicked");
+    }
+}
+
 pub fn init() -> LogGuard {
     let filter = filter(std::env::var("RUST_LOG").ok().as_deref());
     // Colour only on a terminal: journald and log files get plain text.
@@ -206,6 +229,7 @@ pub fn init() -> LogGuard {
     .is_ok();
     if installed {
         let _ = FINISHER.set(thread.finisher());
+        std::panic::set_hook(Box::new(log_panic));
     }
     LogGuard {
         _writer: installed.then_some(thread),

@@ -113,7 +113,7 @@ impl Shared {
     }
 
     /// Queues whole lines for the writer, or drops them (counted) when the buffer is full.
-    fn push(&self, lines: &[u8]) {
+    fn push(&self, lines: &[u8], urgent: bool) {
         if lines.is_empty() {
             return;
         }
@@ -128,7 +128,14 @@ impl Shared {
             }
             return;
         }
-        if !state.buf.is_empty() && state.buf.len() + lines.len() > self.cap {
+        // Warnings and errors may use an eighth more: a flood of request lines filling the
+        // buffer must not drop the first line of a new problem with them.
+        let cap = if urgent {
+            self.cap + self.cap / 8
+        } else {
+            self.cap
+        };
+        if !state.buf.is_empty() && state.buf.len() + lines.len() > cap {
             state.dropped += 1;
             let first = state.dropped == 1;
             drop(state);
@@ -163,6 +170,15 @@ impl<'a> MakeWriter<'a> for BatchWriter {
         LineWriter {
             shared: &self.shared,
             partial: Vec::new(),
+            urgent: false,
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        LineWriter {
+            shared: &self.shared,
+            partial: Vec::new(),
+            urgent: *meta.level() <= tracing::Level::WARN,
         }
     }
 }
@@ -173,16 +189,18 @@ impl<'a> MakeWriter<'a> for BatchWriter {
 pub(super) struct LineWriter<'a> {
     shared: &'a Shared,
     partial: Vec<u8>,
+    /// A warning or an error ([`Shared::push`]).
+    urgent: bool,
 }
 
 impl Write for LineWriter<'_> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         if self.partial.is_empty() && data.ends_with(b"\n") {
-            self.shared.push(data);
+            self.shared.push(data, self.urgent);
         } else {
             self.partial.extend_from_slice(data);
             if self.partial.ends_with(b"\n") {
-                self.shared.push(&mem::take(&mut self.partial));
+                self.shared.push(&mem::take(&mut self.partial), self.urgent);
             }
         }
         Ok(data.len())
@@ -198,7 +216,7 @@ impl Write for LineWriter<'_> {
 impl Drop for LineWriter<'_> {
     fn drop(&mut self) {
         // An event that did not end with a newline: still the event's own piece of output.
-        self.shared.push(&mem::take(&mut self.partial));
+        self.shared.push(&mem::take(&mut self.partial), self.urgent);
     }
 }
 
@@ -668,6 +686,16 @@ mod tests {
             make.make_writer().write_all(line.as_bytes()).unwrap();
         }
         assert!(make.shared.lock().buf.len() <= CAP);
+        // A warning still has room (an eighth more): the first line of a new problem is not
+        // lost to a flood of request lines. Another request line is.
+        let mut warn = LineWriter {
+            shared: &make.shared,
+            partial: Vec::new(),
+            urgent: true,
+        };
+        warn.write_all(b"warn 0001\n").unwrap();
+        drop(warn);
+        make.make_writer().write_all(b"line 9999\n").unwrap();
         drop(open);
         // Finished explicitly with a long limit: a drop waits EXIT_WAIT at most, then leaves
         // the lines unwritten, which a loaded machine can take.
@@ -676,6 +704,8 @@ mod tests {
             "the writer never finished"
         );
         let text = capture.text();
+        assert!(text.contains("warn 0001\n"), "{text}");
+        assert!(!text.contains("line 9999"), "{text}");
         let kept = text.lines().filter(|l| l.starts_with("line ")).count();
         assert!((10..50).contains(&kept), "{text}");
         // One notice per batch that followed drops: together, every line not kept.
@@ -684,7 +714,7 @@ mod tests {
             .filter_map(|l| l.strip_prefix("WARN zonegate: "))
             .filter_map(|l| l.split(' ').next()?.parse::<usize>().ok())
             .sum();
-        assert_eq!(told, 50 - kept, "{text}");
+        assert_eq!(told, 51 - kept, "{text}");
         // The lines kept are whole and in order.
         let kept_lines: Vec<&str> = text.lines().filter(|l| l.starts_with("line ")).collect();
         let mut sorted = kept_lines.clone();
