@@ -168,7 +168,13 @@ pub struct Upstream {
     /// The buffer grew past one read for a large head: let go of it when pooled
     /// (`capacity()` then counts only what is left after the head was split off).
     grown: bool,
+    /// Interim answers skipped before this request's final one ([`MAX_INTERIM`]).
+    interim: u8,
 }
+
+/// Interim (1xx) answers taken before a final one: a service sends one `100 Continue` and
+/// maybe a `103 Early Hints` or two.
+const MAX_INTERIM: u8 = 16;
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -496,6 +502,7 @@ impl Upstream {
             buf: BytesMut::new(),
             scan: h1::HeadScan::default(),
             grown: false,
+            interim: 0,
         }
     }
 
@@ -591,12 +598,22 @@ impl Upstream {
                     self.scan.reset();
                 }
                 if let Some(head) = parsed? {
-                    // Interim answers (100 Continue, 103 Early Hints) are not forwarded.
+                    // Interim answers (100 Continue, 103 Early Hints) are not forwarded. A
+                    // few: a service sending them without end kept this parsing them in a
+                    // loop that never waited (the response timeout fires only on a wait).
                     if head.status.is_informational()
                         && head.status != StatusCode::SWITCHING_PROTOCOLS
                     {
+                        self.interim += 1;
+                        if self.interim > MAX_INTERIM {
+                            self.interim = 0;
+                            return Poll::Ready(Err(UpstreamError::Malformed(h1::H1Error::Head(
+                                format!("more than {MAX_INTERIM} interim (1xx) answers"),
+                            ))));
+                        }
                         continue;
                     }
+                    self.interim = 0;
                     return Poll::Ready(Ok(head));
                 }
             }
@@ -727,7 +744,10 @@ impl UpBody {
     pub fn into_upgraded(mut self) -> Option<Upgraded> {
         let conn = self.conn.take()?;
         Some(Upgraded {
-            pending: conn.buf.freeze(),
+            // Copied (usually nothing): frozen, the rest of the read buffer kept all of it —
+            // 16 KiB, 128 KiB after a padded `101` head — for as long as the upgraded
+            // connection lasts, as the client side's copy says (server.rs).
+            pending: Bytes::copy_from_slice(&conn.buf),
             cut: conn.io.cut_signal(),
             io: UpgradedIo::Service(conn.io),
         })
@@ -1381,6 +1401,30 @@ mod tests {
         assert!(resp.body().is_end_stream());
         drop(resp.into_body().home(pool.clone(), key()));
         assert_eq!(pool.idle_count(), 1);
+    }
+
+    /// A few interim answers are skipped; a service sending them without end is an error,
+    /// not a loop parsing them that never waits.
+    #[tokio::test]
+    async fn interim_answers_are_bounded() {
+        let script = |n: usize| -> &'static [u8] {
+            let mut s = b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n".repeat(n);
+            s.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            s.leak()
+        };
+        let pool = Pool::new();
+        let (up, _t) = scripted(script(usize::from(MAX_INTERIM)), true);
+        assert_eq!(
+            exchange(&pool, up, get("/")).await,
+            (StatusCode::OK, "ok".into())
+        );
+        let (up, _t) = scripted(script(usize::from(MAX_INTERIM) + 1), false);
+        let e = up.send(get("/")).await.unwrap_err();
+        assert!(
+            matches!(&e.error, UpstreamError::Malformed(H1Error::Head(m)) if m.contains("interim")),
+            "{:?}",
+            e.error
+        );
     }
 
     #[tokio::test]
