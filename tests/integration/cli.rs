@@ -1537,20 +1537,20 @@ fn zone_config_over_the_gateways_dns_verify_and_node_bootstrap() {
     // One whose zone.json is cut short (a copy interrupted) is refused, not replaced from DNS:
     // it may hold revocations the answer lacks. Exit 1, as without bootstrap_dns: the copy
     // finished, a restart starts.
+    // A node started with --bootstrap-dns that must fail with `code`: what it says.
+    let bootstrap_fails = |code, dir: &std::path::Path| {
+        let config = dir.join("node.toml");
+        let config = config.to_str().unwrap();
+        fails(
+            code,
+            ["node", "--config", config, "--bootstrap-dns", &server],
+        )
+    };
     let nodedir = z.join("devices/home1");
     let good = std::fs::read(nodedir.join("zone.json")).unwrap();
     let cut = &good[..good.len() / 2];
     std::fs::write(nodedir.join("zone.json"), cut).unwrap();
-    let e = fails(
-        1,
-        [
-            "node",
-            "--config",
-            nodedir.join("node.toml").to_str().unwrap(),
-            "--bootstrap-dns",
-            &server,
-        ],
-    );
+    let e = bootstrap_fails(1, &nodedir);
     assert!(e.contains("cannot be used"), "{e}");
     assert_eq!(std::fs::read(nodedir.join("zone.json")).unwrap(), cut);
 
@@ -1565,29 +1565,11 @@ fn zone_config_over_the_gateways_dns_verify_and_node_bootstrap() {
     use std::os::unix::fs::PermissionsExt;
     let key = laptop.join("device.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let e = fails(
-        2,
-        [
-            "node",
-            "--config",
-            laptop.join("node.toml").to_str().unwrap(),
-            "--bootstrap-dns",
-            &server,
-        ],
-    );
+    let e = bootstrap_fails(2, &laptop);
     assert!(e.contains("chmod 600"), "{e}");
     assert!(!laptop.join("zone.json").exists());
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let e = fails(
-        1,
-        [
-            "node",
-            "--config",
-            laptop.join("node.toml").to_str().unwrap(),
-            "--bootstrap-dns",
-            &server,
-        ],
-    );
+    let e = bootstrap_fails(1, &laptop);
     assert!(
         e.contains("does not list this device (laptop) at all") && e.contains("copy the zone"),
         "{e}"

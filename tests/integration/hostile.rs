@@ -1252,11 +1252,7 @@ async fn a_gateway_signed_from_a_restored_backup_learns_revocations_from_its_age
     let backup = zone_core::zonedir::read_zone_json(&z.zone_dir().join("zone.json")).unwrap();
     let revoking = z.revoke("laptop");
     // What a `device add` in the restored directory signs: the backup's config, newer.
-    std::fs::write(
-        z.bundle("gw").zone_config,
-        restored_from_backup(&z, &backup),
-    )
-    .unwrap();
+    std::fs::write(z.bundle("gw").zone_config, z.restored_from_backup(&backup)).unwrap();
     std::fs::write(z.bundle("home1").zone_config, &revoking).unwrap();
     let t = steady_tuning();
     let gw = start_gateway(&z, t, Duration::from_millis(500)).await;
@@ -1318,19 +1314,6 @@ async fn agents_drop_a_gateway_the_zone_revokes() {
     gw2.shutdown.cancel();
 }
 
-/// A zone.json signed from a zone directory restored from an older backup: the backup's
-/// config (without the revocation made since) under a serial newer than `revoking`'s.
-fn restored_from_backup(z: &TestZone, backup: &zone_core::SignedZone) -> Vec<u8> {
-    let zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
-    let mut restored = backup.config.clone();
-    restored.serial = zd.zone.config.serial + 10;
-    restored
-        .sign(&zd.key)
-        .unwrap()
-        .to_json_pretty()
-        .into_bytes()
-}
-
 /// A gateway running a config signed from a restored backup (newer, without the laptop's
 /// revocation); the owner copies the revoking zone.json into its bundle. Not adopted — it is
 /// older — but the revocation it signs is for good: the laptop is cut off and stays out.
@@ -1341,11 +1324,7 @@ async fn a_gateway_takes_the_revocations_of_an_older_zone_json_copied_into_its_b
     let z = TestZone::new(&["home1", "laptop"]);
     let backup = zone_core::zonedir::read_zone_json(&z.zone_dir().join("zone.json")).unwrap();
     let revoking = z.revoke("laptop");
-    std::fs::write(
-        z.bundle("gw").zone_config,
-        restored_from_backup(&z, &backup),
-    )
-    .unwrap();
+    std::fs::write(z.bundle("gw").zone_config, z.restored_from_backup(&backup)).unwrap();
     let t = steady_tuning();
     let gw = start_gateway(&z, t, Duration::from_millis(500)).await;
     let laptop = start_agent(&z, "laptop", services(&[]), vec![], t).await;
@@ -1382,7 +1361,7 @@ async fn a_node_takes_the_revocations_of_an_older_zone_json_copied_into_its_bund
     let z = TestZone::with_gateways(&["gw", "gw2"], &["home1"]);
     let backup = zone_core::zonedir::read_zone_json(&z.zone_dir().join("zone.json")).unwrap();
     let revoking = z.revoke("gw2");
-    let restored = restored_from_backup(&z, &backup);
+    let restored = z.restored_from_backup(&backup);
     for d in ["gw", "gw2", "home1"] {
         std::fs::write(z.bundle(d).zone_config, &restored).unwrap();
     }

@@ -164,6 +164,19 @@ impl TestZone {
         std::fs::read(self.zone_dir().join("zone.json")).unwrap()
     }
 
+    /// A zone.json signed as from a zone directory restored from an older `backup`: its
+    /// config (without what was revoked since) under a serial newer than the directory's.
+    pub fn restored_from_backup(&self, backup: &zone_core::SignedZone) -> Vec<u8> {
+        let zd = ZoneDir::open(&self.zone_dir()).unwrap();
+        let mut restored = backup.config.clone();
+        restored.serial = zd.zone.config.serial + 10;
+        restored
+            .sign(&zd.key)
+            .unwrap()
+            .to_json_pretty()
+            .into_bytes()
+    }
+
     /// Adds gateway `name` at a free loopback port to the zone directory (as `zonegate device
     /// add NAME --role gateway` does), writes its bundle and returns the new zone.json; no
     /// other bundle gets it.

@@ -490,12 +490,12 @@ async fn a_revocation_learned_without_a_new_config_ends_the_peers_direct_paths()
     let revoking = m.z.revoke("home2");
     // The restored directory's config, newer, without the revocation: the gateway adopts
     // it and passes it on.
-    let zd = zone_core::zonedir::ZoneDir::open(&m.z.zone_dir()).unwrap();
-    let mut restored = backup.config.clone();
-    restored.serial = zd.zone.config.serial + 10;
-    let restored = restored.sign(&zd.key).unwrap();
-    let serial = restored.config.serial;
-    std::fs::write(m.z.bundle("gw").zone_config, restored.to_json_pretty()).unwrap();
+    let restored = m.z.restored_from_backup(&backup);
+    let serial = zone_core::SignedZone::from_json(&restored)
+        .unwrap()
+        .config
+        .serial;
+    std::fs::write(m.z.bundle("gw").zone_config, &restored).unwrap();
     wait_until("the restored config adopted", WAIT, || {
         m.gw.hub.creds().zone_serial() == serial
     })
