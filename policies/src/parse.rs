@@ -154,7 +154,7 @@ fn friendly(msg: &str) -> String {
         // `rate = 50`, `max_body = 10485760`: a number where text with a unit goes.
         .replace(
             "expected a string",
-            "expected text in quotes (limits take a unit: `rate = \"50/s\"`, `max_body = \"10MiB\"`, `bandwidth = \"20MiB/s\"`)",
+            "expected text in quotes, such as `listen = \"0.0.0.0:2222\"` (limits take a unit: `rate = \"50/s\"`, `max_body = \"10MiB\"`, `bandwidth = \"20MiB/s\"`)",
         )
         // `from = "public"` for `from = ["public"]`, the likeliest slip.
         .replace(

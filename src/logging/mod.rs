@@ -229,7 +229,16 @@ pub fn init() -> LogGuard {
     .is_ok();
     if installed {
         let _ = FINISHER.set(thread.finisher());
-        std::panic::set_hook(Box::new(log_panic));
+        // The default hook stays for a panic the filter would drop (`RUST_LOG=off`, or
+        // targets that leave this module out): a panic must never go unreported.
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if tracing::enabled!(tracing::Level::ERROR) {
+                log_panic(info);
+            } else {
+                default(info);
+            }
+        }));
     }
     LogGuard {
         _writer: installed.then_some(thread),

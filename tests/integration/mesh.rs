@@ -479,10 +479,11 @@ async fn a_revoked_device_leaves_the_gateways_mesh_pairs() {
 }
 
 /// A revocation the gateway learns from a zone config it does not adopt (older than the one
-/// in use, signed from a zone directory restored from a backup) changes no serial, so home1
-/// is passed nothing: the gateway revokes home1's direct-path permits for the revoked peer
-/// itself, and the direct stream ends. They lasted, as the policy (`from = ["home2"]`) still
-/// allowed them.
+/// in use, signed from a zone directory restored from a backup) changes no serial: the
+/// gateway revokes home1's direct-path permits for the revoked peer itself, and the direct
+/// stream ends (they lasted, as the policy still allowed them), and passes that config on,
+/// from which home1 takes the revocation (it skipped configs not newer than its own): its
+/// direct connection to home2 closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_learned_without_a_new_config_ends_the_peers_direct_paths() {
     let m = mesh_zone().await;
@@ -510,6 +511,16 @@ async fn a_revocation_learned_without_a_new_config_ends_the_peers_direct_paths()
     );
     wait_until("home1's permits for home2 revoked", WAIT, || {
         permits_for(&m.h1, "home2").is_empty()
+    })
+    .await;
+    // And home1 takes the revocation from the config the gateway passes on (older than its
+    // own): its direct connection to home2 closes, which home1 too could use.
+    wait_until("home1 has no direct path to home2", WAIT, || {
+        !m.h1
+            .agent
+            .peers()
+            .iter()
+            .any(|p| p.device == "home2" && p.path == "direct")
     })
     .await;
     assert_eq!(m.gw.hub.creds().zone_serial(), serial, "no new config");

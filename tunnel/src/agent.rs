@@ -1251,8 +1251,15 @@ impl Agent {
                 zone_serial,
                 zone_config,
             } => {
-                // Not newer by its own account: no parse spent on it, as the hub does.
-                if zone_serial <= self.cfg.creds.zone_serial() {
+                // Not newer by its own account: no parse spent on it, as the hub does — but an
+                // older one comes from a gateway that learned revocations from it without a
+                // new serial (a config not adopted): taken from it (one parse; a signature
+                // check only if it revokes a device not revoked here yet).
+                let ours = self.cfg.creds.zone_serial();
+                if zone_serial <= ours {
+                    if zone_serial < ours {
+                        self.learn_revocations(&zone_config, &link.name);
+                    }
                     return None;
                 }
                 let refused = match self.cfg.creds.offer_zone(&zone_config) {
@@ -1327,7 +1334,7 @@ impl Agent {
             Event::PeerAddr(pa) => self.on_peer_addr(pa, conn.remote_address()),
             Event::PermitRevoke { device, service } => {
                 if self.peers.revoke_permit(&device, &service) {
-                    info!(gateway = %link.name, peer = %device, service = %service, "direct-path permit revoked by the gateway's policy: its direct streams end");
+                    info!(gateway = %link.name, peer = %device, service = %service, "direct-path permit revoked by the gateway (its policy, or the peer revoked): its direct streams end");
                 }
             }
             other => debug!(event = ?other, "control event ignored"),

@@ -768,9 +768,9 @@ impl Hub {
                 continue;
             };
             // A peer revoked (a revocation learned from a config not adopted changes no
-            // serial: the target is told nothing else) or no longer listed loses its
-            // permits whatever the policy says: `from = ["zone"]` still allowed it.
-            let member = creds.noise_public_of(&from).is_ok();
+            // serial) or no longer listed, or whose certificate ended, loses its permits
+            // whatever the policy says: `from = ["zone"]` still allowed it.
+            let refused = creds.noise_public_of(&from).err();
             // The peer's roles as its certificate says (connected) or the zone config does.
             let roles: Vec<&'static str> = match self.agent(&from) {
                 Some(l) => l.roles.clone(),
@@ -779,7 +779,7 @@ impl Hub {
                     .unwrap_or_default(),
             };
             for service in services {
-                let allowed = member
+                let allowed = refused.is_none()
                     && active
                         .policy
                         .decide_mesh(&from, &roles, &to, &service, now)
@@ -794,9 +794,9 @@ impl Hub {
                 target.ctl.revoke_permit(from.clone(), service.clone());
                 // A device repeating its reports makes one of these per permit each time.
                 if let Some(unlogged) = LogBudget::take_shared(&self.0.permit_lines) {
-                    let why = match member {
-                        true => "the policy no longer allows it",
-                        false => "the peer is revoked or no longer in the zone config",
+                    let why = match &refused {
+                        None => "the policy no longer allows it".to_owned(),
+                        Some(e) => e.to_string(),
                     };
                     info!(device = %to, peer = %from, service = %service, unlogged, "direct-path permit revoked: {why}");
                 }
@@ -1338,10 +1338,25 @@ impl Hub {
             .collect::<Vec<_>>()
             .join(", ");
         error!(from = %from, revoked = %list, serial = creds.zone_serial(), "a zone config not adopted (older, expired, or leaving out a revocation) revokes devices the config in use does not: the zone directory that signed the one in use lacks these revocations (restored from an older backup?). They are enforced here from now on; in the zone directory run `zonegate device revoke NAME --zone DIR --force` for each and copy the new zone.json into the gateways' bundles");
-        self.disconnect_revoked("a zone config not adopted");
-        // Their direct paths too: the devices they reached learn nothing else (no new serial
-        // to pass on).
+        let others = self.disconnect_revoked("a zone config not adopted");
+        // Their direct paths too: the permits the devices they reached hold for them, and,
+        // as no new serial goes out, the config itself, which each device (older than its
+        // own) takes the revocations from: its direct connections to them close.
         self.revoke_refused_permits();
+        self.0
+            .mesh
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(a, b), _| {
+                creds.noise_public_of(a).is_ok() && creds.noise_public_of(b).is_ok()
+            });
+        let json = SignedZone::from_json(bytes)?;
+        let (serial, json) = (json.config.serial, json.to_json_compact());
+        if json.len() <= crate::proto::limits::MAX_ZONE_CONFIG {
+            for a in others {
+                a.ctl.send_config(serial, json.clone());
+            }
+        }
         Ok(())
     }
 

@@ -470,8 +470,12 @@ impl ZoneDir {
         // Only growth past the limit is refused: a zone already above it (made by hand, or
         // before the limit) must still revoke, renew and re-sign.
         if size > limit && size > self.zone.to_json_compact().len() {
+            let room = match limit {
+                MAX_SHARED_ZONE_JSON => "devices can pass on (tunnel messages, DNS answers)",
+                _ => "a revocation may grow it to (within what tunnel messages carry)",
+            };
             return Err(ZoneError::Usage(format!(
-                "the zone config would be {size} bytes, more than the {limit} devices can pass on (tunnel messages, DNS answers): nothing was changed (the zone lists {} devices and {} revocations: revoke devices no longer used, which takes their entries out)",
+                "the zone config would be {size} bytes, more than the {limit} {room}: nothing was changed (the zone lists {} devices and {} revocations: revoke devices no longer used, which takes their entries out)",
                 signed.config.devices.len(),
                 signed.config.revoked.len()
             )));
