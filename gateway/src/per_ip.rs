@@ -287,6 +287,19 @@ impl PerIp {
         self.limit().saturating_mul(SITE_FACTOR)
     }
 
+    /// Whether `ip` itself (its address, or its IPv6 /64) has its limit open: what refused it
+    /// then was that limit, not its /48's.
+    pub fn client_full(&self, ip: IpAddr) -> bool {
+        let (key, _) = keys(ip);
+        let limit = self.limit();
+        self.open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clients
+            .get(&key)
+            .is_some_and(|c| c.open >= limit)
+    }
+
     /// A slot for a new connection from `ip`, or `None` when it (or its IPv6 site) has its
     /// limit open already, or all clients together have the total.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
@@ -496,6 +509,26 @@ impl Drop for IpSlot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Which limit refused a client: its own (address or /64), or only its /48's.
+    #[test]
+    fn a_client_at_its_own_limit_is_told_from_one_at_its_sites() {
+        let t = PerIp::new(1, "test connections", "test_setting");
+        let a: IpAddr = "2001:db8:1:1::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        assert!(!t.client_full(a));
+        let _a = t.admit(a).unwrap();
+        assert!(t.client_full(a), "its /64 has its one");
+        assert!(
+            t.client_full("2001:db8:1:1::2".parse().unwrap()),
+            "the same /64"
+        );
+        assert!(!t.client_full(b), "another /64 of the site");
+        let v4: IpAddr = "192.0.2.1".parse().unwrap();
+        let _v4 = t.admit(v4).unwrap();
+        assert!(t.client_full(v4));
+        assert!(!t.client_full("192.0.2.2".parse().unwrap()));
+    }
 
     #[test]
     fn each_client_gets_the_limit_and_slots_come_back() {

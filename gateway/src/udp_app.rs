@@ -782,6 +782,9 @@ impl AppSocket {
             return false;
         }
         let (key, site) = crate::per_ip::keys(ip);
+        // At its own limit, only its own flows free a place for it: ending a neighbour's in
+        // its /48 freed nothing it could use. At its /48's limit, its own go first.
+        let own_only = self.per_ip.client_full(ip);
         let victim = self
             .flows
             .iter()
@@ -789,7 +792,7 @@ impl AppSocket {
                 let (k, s) = crate::per_ip::keys(e.client.ip());
                 let same = if k == key {
                     0u8
-                } else if site.is_some() && s == site {
+                } else if !own_only && site.is_some() && s == site {
                     1
                 } else {
                     return None;
