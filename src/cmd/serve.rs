@@ -354,15 +354,13 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
             config::fixed_port("bootstrap_dns =", server)
                 .map_err(|e| config::in_file(&a.config, e))?;
         }
-        // Checked first: a wrong domain would otherwise fail as "none over DNS" (exit 1,
-        // restarted) rather than as the config error it is.
-        let cert = zone_core::zonedir::read_cert_der(&paths.cert)?;
-        let identity = zone_core::cert::DeviceIdentity::from_der(&cert)?;
+        // The bundle but zone.json first (key, its mode, certificate, device name, CA): one
+        // that cannot start must not have zone.json written into it. And the domain: a
+        // wrong one would otherwise fail as "none over DNS" (exit 1, restarted) rather than
+        // as the config error it is.
+        let identity = tunnel::creds::check_identity(&paths, Some(&f.device))?;
         config::check_domain(&a.config, &f.domain, &identity.domain)?;
-        // And the rest of the bundle but zone.json (key, its mode, device name, CA): one
-        // that cannot start must not have zone.json written into it first.
-        tunnel::creds::check_identity(&paths, Some(&f.device))?;
-        bootstrap(&f.domain, server, &paths)?;
+        bootstrap(&f.domain, server, &paths, &identity)?;
     }
     let creds = DeviceCreds::load(&paths, Some(&f.device))?;
     config::check_domain(&a.config, &f.domain, creds.domain())?;
@@ -471,17 +469,8 @@ pub fn files(
 fn lists_this_device(
     z: &zone_core::SignedZone,
     server: std::net::SocketAddr,
-    paths: &tunnel::creds::BundlePaths,
+    id: &zone_core::cert::DeviceIdentity,
 ) -> anyhow::Result<()> {
-    // A certificate that does not parse is left for the bundle's load to say so.
-    let Some(id) = std::fs::read_to_string(&paths.cert)
-        .ok()
-        .and_then(|pem| zone_core::cert::parse_pem_certs(&pem).ok())
-        .and_then(|certs| certs.into_iter().next())
-        .and_then(|der| zone_core::cert::DeviceIdentity::from_der(&der).ok())
-    else {
-        return Ok(());
-    };
     let listed = z.config.device(&id.name);
     if listed.is_some_and(|d| d.cert_serial == id.serial_hex) {
         return Ok(());
@@ -508,6 +497,7 @@ fn bootstrap(
     domain: &zone_core::Domain,
     server: std::net::SocketAddr,
     paths: &tunnel::creds::BundlePaths,
+    identity: &zone_core::cert::DeviceIdentity,
 ) -> anyhow::Result<()> {
     let ca = zone_core::zonedir::read_cert_der(&paths.ca)?;
     let key = zone_core::cert::ca_public_key(&ca)?;
@@ -542,7 +532,7 @@ fn bootstrap(
     match fetched {
         Ok(z) => {
             if have.is_none() {
-                lists_this_device(&z, server, paths)?;
+                lists_this_device(&z, server, identity)?;
             }
             if known.is_none_or(|k| z.config.serial > k) {
                 zone_core::zonedir::write_atomic(

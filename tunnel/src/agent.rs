@@ -547,20 +547,10 @@ impl Agent {
     /// gateway among them dropped. What keeps the config from being read is told by the
     /// refusal's own line.
     fn learn_revocations(self: &Arc<Self>, bytes: &[u8], from: &str) {
-        let Ok(names) = self.cfg.creds.learn_revocations(bytes) else {
-            return;
-        };
-        if names.is_empty() {
-            return;
+        if let Ok(Some(_)) = self.cfg.creds.learn_revocations(bytes, from) {
+            self.peers.cut_revoked();
+            self.relink();
         }
-        let list = names
-            .iter()
-            .map(|n| n.as_str())
-            .collect::<Vec<_>>()
-            .join(", ");
-        error!(from, revoked = %list, serial = self.cfg.creds.zone_serial(), "a zone config not adopted (older, expired, or leaving out a revocation) revokes devices the config in use does not: the zone directory that signed the one in use lacks these revocations (restored from an older backup?). They are enforced here from now on; in the zone directory run `zonegate device revoke NAME --zone DIR --force` for each and copy the new zone.json into the gateways' bundles");
-        self.peers.cut_revoked();
-        self.relink();
     }
 
     /// Makes the links match the gateways the zone config lists now: a gateway added gets a

@@ -145,12 +145,13 @@ impl Identity {
 
 /// Checks a bundle's key, certificate and zone CA as [`DeviceCreds::load`] does, without
 /// its zone.json: for a start that fetches zone.json first (`bootstrap_dns`), so that a
-/// bundle it cannot start with is refused before anything is written into it.
+/// bundle it cannot start with is refused before anything is written into it. The identity
+/// its certificate carries.
 pub fn check_identity(
     p: &BundlePaths,
     expect_device: Option<&DeviceName>,
-) -> Result<(), TunnelError> {
-    Identity::load(p, expect_device).map(drop)
+) -> Result<DeviceIdentity, TunnelError> {
+    Identity::load(p, expect_device).map(|i| i.identity)
 }
 
 impl DeviceCreds {
@@ -395,7 +396,14 @@ impl DeviceCreds {
     /// device back in. Revocations are for good, so they are taken from it, and recorded
     /// beside zone.json as adopted ones are. The names newly revoked; a config revoking
     /// nothing new costs no signature check.
-    pub fn learn_revocations(&self, bytes: &[u8]) -> Result<Vec<DeviceName>, TunnelError> {
+    ///
+    /// The config, when it revoked devices not revoked here before (said in an error line
+    /// naming them and `from`, with what the zone directory lacks).
+    pub fn learn_revocations(
+        &self,
+        bytes: &[u8],
+        from: &str,
+    ) -> Result<Option<SignedZone>, TunnelError> {
         let offered = SignedZone::from_json(bytes)?;
         let new: Vec<DeviceName> = offered
             .config
@@ -405,7 +413,7 @@ impl DeviceCreds {
             .filter(|d| !self.trust.is_revoked(d))
             .collect();
         if new.is_empty() {
-            return Ok(new);
+            return Ok(None);
         }
         // Authentic, however old: checked as of its own signing (expiry is no matter for a
         // revocation, which is for good).
@@ -427,7 +435,13 @@ impl DeviceCreds {
                 Err(_) => record(),
             }
         }
-        Ok(new)
+        let list = new
+            .iter()
+            .map(|n| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        tracing::error!(from = %from, revoked = %list, serial = self.zone_serial(), "a zone config not adopted (older, expired, or leaving out a revocation) revokes devices the config in use does not: the zone directory that signed the one in use lacks these revocations (restored from an older backup?). They are enforced here from now on; in the zone directory run `zonegate device revoke NAME --zone DIR --force` for each and copy the new zone.json into the gateways' bundles");
+        Ok(Some(offered))
     }
 
     /// Waits, at most `within`, for adopted configs still being written back: a stop right

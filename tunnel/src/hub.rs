@@ -1327,22 +1327,29 @@ impl Hub {
     /// revocation is for good, whatever else refuses its config: one that carried the only
     /// revocation of a stolen laptop kept it served.
     fn learn_revocations(&self, bytes: &[u8], from: &str) -> Result<(), TunnelError> {
-        let creds = &self.0.cfg.creds;
-        let names = creds.learn_revocations(bytes)?;
-        if names.is_empty() {
+        let Some(zone) = self.0.cfg.creds.learn_revocations(bytes, from)? else {
             return Ok(());
-        }
-        let list = names
-            .iter()
-            .map(|n| n.as_str())
-            .collect::<Vec<_>>()
-            .join(", ");
-        error!(from = %from, revoked = %list, serial = creds.zone_serial(), "a zone config not adopted (older, expired, or leaving out a revocation) revokes devices the config in use does not: the zone directory that signed the one in use lacks these revocations (restored from an older backup?). They are enforced here from now on; in the zone directory run `zonegate device revoke NAME --zone DIR --force` for each and copy the new zone.json into the gateways' bundles");
+        };
         let others = self.disconnect_revoked("a zone config not adopted");
         // Their direct paths too: the permits the devices they reached hold for them, and,
         // as no new serial goes out, the config itself, which each device (older than its
         // own) takes the revocations from: its direct connections to them close.
+        self.forget_non_members();
+        let (serial, json) = (zone.config.serial, zone.to_json_compact());
+        if json.len() <= crate::proto::limits::MAX_ZONE_CONFIG {
+            for a in others {
+                a.ctl.send_config(serial, json.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Devices revoked or no longer listed (or whose certificate ended) leave the mesh: the
+    /// permits others hold for them are revoked while their pairs are still known, then the
+    /// pairs go from the mesh table (and `/status`): kept, they stayed listed for good.
+    fn forget_non_members(&self) {
         self.revoke_refused_permits();
+        let creds = &self.0.cfg.creds;
         self.0
             .mesh
             .lock()
@@ -1350,14 +1357,6 @@ impl Hub {
             .retain(|(a, b), _| {
                 creds.noise_public_of(a).is_ok() && creds.noise_public_of(b).is_ok()
             });
-        let json = SignedZone::from_json(bytes)?;
-        let (serial, json) = (json.config.serial, json.to_json_compact());
-        if json.len() <= crate::proto::limits::MAX_ZONE_CONFIG {
-            for a in others {
-                a.ctl.send_config(serial, json.clone());
-            }
-        }
-        Ok(())
     }
 
     /// The zone.json file in this gateway's bundle changed (the owner copied a new one in,
@@ -1394,17 +1393,7 @@ impl Hub {
                 if !was_revoked && creds.is_revoked(creds.name()) {
                     error!(serial, from = %from, device = %creds.name(), "the adopted zone config revokes this gateway: agents leave it and a restart refuses to start; to keep a gateway here, add it under a new name on the machine holding the zone key (`zonegate device add NEWNAME --role gateway --public-addr IP:PORT`) and install that bundle");
                 }
-                // Permits of a device it no longer lists, or revokes, are revoked while the
-                // pairs are still known; then the pairs go from the mesh table (and
-                // `/status`): kept, they stayed listed for good.
-                self.revoke_refused_permits();
-                self.0
-                    .mesh
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .retain(|(a, b), _| {
-                        creds.noise_public_of(a).is_ok() && creds.noise_public_of(b).is_ok()
-                    });
+                self.forget_non_members();
                 let json = creds.zone().to_json_compact();
                 for a in self.disconnect_revoked("the new zone config") {
                     a.ctl.send_config(serial, json.clone());
