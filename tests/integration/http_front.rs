@@ -160,10 +160,15 @@ impl Body for Pattern {
     }
 }
 
-type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+/// A body that can fail part way (`/breaks-mid-answer`).
+type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
 
 fn text(status: StatusCode, s: String) -> Response<BoxBody> {
-    let mut r = Response::new(Full::new(Bytes::from(s)).boxed_unsync());
+    let mut r = Response::new(
+        Full::new(Bytes::from(s))
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
     *r.status_mut() = status;
     r
 }
@@ -201,12 +206,20 @@ async fn backend_handle(mut req: Request<Incoming>) -> Result<Response<BoxBody>,
             .header("connection", "upgrade")
             .header("upgrade", "websocket")
             .header("sec-websocket-accept", accept)
-            .body(Full::new(Bytes::new()).boxed_unsync())
+            .body(
+                Full::new(Bytes::new())
+                    .map_err(|e| match e {})
+                    .boxed_unsync(),
+            )
             .unwrap());
     }
     if let Some(n) = path.strip_prefix("/bytes/") {
         let len: u64 = n.parse().unwrap_or(0);
-        return Ok(Response::new(Pattern { sent: 0, len }.boxed_unsync()));
+        return Ok(Response::new(
+            Pattern { sent: 0, len }
+                .map_err(|e| match e {})
+                .boxed_unsync(),
+        ));
     }
     if let Some(n) = path.strip_prefix("/chunked-bytes/") {
         // The same bytes, their length untold: hyper sends them chunked.
@@ -215,7 +228,7 @@ async fn backend_handle(mut req: Request<Incoming>) -> Result<Response<BoxBody>,
         let body = http_body_util::StreamBody::new(futures_util::stream::poll_fn(move |cx| {
             Pin::new(&mut p).poll_frame(cx)
         }));
-        return Ok(Response::new(body.boxed_unsync()));
+        return Ok(Response::new(body.map_err(|e| match e {}).boxed_unsync()));
     }
     if path == "/upload" {
         // Checks the body against the pattern as it streams in.
@@ -248,8 +261,25 @@ async fn backend_handle(mut req: Request<Incoming>) -> Result<Response<BoxBody>,
         }));
         return Ok(Response::builder()
             .header("content-length", "100")
-            .body(body.boxed_unsync())
+            .body(body.map_err(|e| match e {}).boxed_unsync())
             .unwrap());
+    }
+    if path == "/breaks-mid-answer" {
+        // A first piece of an answer of untold length, then (once that piece has gone out)
+        // an error: hyper ends the connection without the chunked body's last chunk.
+        let body = futures_util::stream::unfold(0, |step| async move {
+            let frame = match step {
+                0 => Ok(Frame::data(Bytes::from_static(b"first part"))),
+                1 => {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Err(std::io::Error::other("the disk failed"))
+                }
+                _ => return None,
+            };
+            Some((frame, step + 1))
+        });
+        let body = http_body_util::StreamBody::new(body);
+        return Ok(Response::new(body.boxed_unsync()));
     }
     if path == "/wedged" {
         // Reads nothing of the body and never answers: a service that hangs mid-upload.
@@ -1311,6 +1341,30 @@ async fn a_service_that_hangs_mid_answer_is_cut_after_the_read_timeout() {
     assert!(text.starts_with("HTTP/1.1 200"), "{r:?} {text}");
     assert!(text.ends_with("first part"), "{text}");
     assert!(started.elapsed() >= READ_TIMEOUT, "{:?}", started.elapsed());
+}
+
+/// An answer of untold length that breaks part way reaches an HTTP/1.0 client (which only
+/// the close can tell where it ends) as a reset connection, not a clean close that would read
+/// as the whole answer. HTTP/1.1 clients tell by the chunked framing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_cut_short_resets_an_http10_clients_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = start().await;
+    let mut c = tokio::net::TcpStream::connect(h.http).await.unwrap();
+    c.write_all(format!("GET /breaks-mid-answer HTTP/1.0\r\nHost: {DOMAIN}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(30), c.read_to_end(&mut got))
+        .await
+        .expect("the answer neither ended nor failed");
+    let text = String::from_utf8_lossy(&got);
+    let e = r.expect_err(&format!("a cut answer ended cleanly: {text:?}"));
+    assert_eq!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset,
+        "{e}: {text:?}"
+    );
 }
 
 /// One HTTP/2 stream whose reader rests (a paused video: its window full) is no stall while

@@ -17,6 +17,7 @@
 //!   [`outbox`]: a response's bytes on their way out, large chunks not copied.
 //! - [`errors`]: what went wrong, whose fault it was, and the short answer a client gets.
 //! - [`tls`]: rustls configuration: SNI certificate choice, self-signed fallback.
+//! - [`reset`]: a client connection ended by a reset, for an answer cut short.
 //! - [`metrics`], [`status_page`]: the admin API's `/metrics` and `/`.
 
 pub mod body;
@@ -30,6 +31,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod pool;
 pub mod proxy;
+mod reset;
 pub mod route;
 pub mod server;
 pub mod server_h1;
@@ -50,6 +52,7 @@ use tunnel::hub::Hub;
 
 use self::metrics::{ConnRefusal, HttpMetrics};
 use self::pool::Pool;
+use self::reset::{ResetOnClose, Resettable};
 use self::server::Served;
 use self::upstream::Io;
 use crate::make_room::{Held, Stamped};
@@ -255,6 +258,7 @@ impl Front {
             });
             let _ = tcp.set_nodelay(true);
             // Its client's bytes moving either way keep it from being the idlest.
+            let (tcp, reset) = Resettable::new(tcp);
             let tcp = Stamped::ending(tcp, held.clone());
             let front = self.clone();
             let tls = tls.clone();
@@ -266,7 +270,7 @@ impl Front {
                         match tls {
                             None => {
                                 front
-                                    .serve_h1(Box::new(tcp), peer, false, shutdown, &slots)
+                                    .serve_h1(Box::new(tcp), peer, false, shutdown, &slots, &reset)
                                     .await
                             }
                             Some(acc) => {
@@ -285,7 +289,14 @@ impl Front {
                                     }
                                     Ok(Ok(s)) => {
                                         front
-                                            .serve_h1(Box::new(s), peer, true, shutdown, &slots)
+                                            .serve_h1(
+                                                Box::new(s),
+                                                peer,
+                                                true,
+                                                shutdown,
+                                                &slots,
+                                                &reset,
+                                            )
                                             .await
                                     }
                                     Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
@@ -321,6 +332,7 @@ impl Front {
         https: bool,
         shutdown: CancellationToken,
         slots: &Arc<ConnSlots>,
+        reset: &ResetOnClose,
     ) {
         let cfg = server::Config {
             header_read_timeout: self.0.tuning.header_read_timeout,
@@ -341,8 +353,13 @@ impl Front {
             move |status| counted.0.metrics.refused_unread(status.as_u16()),
         )
         .await;
-        if let Served::H2(io) = served {
-            h2::serve(self, io, peer, https, shutdown, slots.clone()).await;
+        match served {
+            Served::Done => {}
+            Served::H2(io) => h2::serve(self, io, peer, https, shutdown, slots.clone()).await,
+            Served::CutShort(io) => {
+                reset.arm();
+                drop(io);
+            }
         }
     }
 }

@@ -91,6 +91,10 @@ pub enum Served {
     Done,
     /// It opened with HTTP/2's preface: serve it as HTTP/2 (the bytes read come first).
     H2(Upgraded),
+    /// An answer delimited by the connection's close (an HTTP/1.0 client's, its length
+    /// untold) failed part way: the caller ends the connection with a reset, the only way
+    /// its client can tell; a close would read as the answer's end. Not shut down here.
+    CutShort(Box<dyn Io>),
 }
 
 /// The connection and what was read from it, shared by the connection's loop and the body
@@ -335,6 +339,12 @@ where
         }
         if let Err(e) = written {
             debug!(error = %e, "response cut short; closing");
+            if framing == RespBody::UntilClose && matches!(e, WriteError::Body(_)) {
+                return match lock(&wire).io.take() {
+                    Some(io) => Served::CutShort(io),
+                    None => Served::Done,
+                };
+            }
             break;
         }
         if switching {
