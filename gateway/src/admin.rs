@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -18,7 +19,12 @@ use tracing::{debug, info};
 pub const MAX_CONNECTIONS: usize = 64;
 /// How long a connection may take to send a request's headers (and, kept alive, to start
 /// its next request).
-pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection is kept before it is closed after its answer in flight: exchanges
+/// here are short, and a scraper reconnects.
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
+/// How long a connection's last answer may take to go out once it is being closed.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
 
 /// Produces the JSON body of `/status` on demand.
 pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
@@ -74,70 +80,101 @@ pub async fn serve_with(
         let extras = extras.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let status = status.clone();
-                let extras = extras.clone();
-                async move {
-                    // Checked wherever the API listens: a web page in any browser that reaches
-                    // it (on this machine, or on the LAN of an API bound there) can point a
-                    // name of its own at its address (DNS rebinding) and read the answers.
-                    if !addressed_to_this_machine(&req) {
-                        return Ok::<_, Infallible>(reply(
-                            StatusCode::FORBIDDEN,
-                            "text/plain",
-                            "the admin API answers requests addressed by IP address or to localhost (and *.localhost) only: a name could be a web page's (DNS rebinding); use the address\n",
-                        ));
-                    }
-                    // HEAD as GET (hyper leaves the body out): uptime checkers send it.
-                    let method = match req.method() {
-                        &Method::HEAD => &Method::GET,
-                        m => m,
-                    };
-                    let resp = match (method, req.uri().path()) {
-                        (&Method::GET, "/metrics") if extras.metrics.is_some() => {
-                            let m = extras.metrics.as_ref().map(|f| f()).unwrap_or_default();
-                            reply(
-                                StatusCode::OK,
-                                "text/plain; version=0.0.4; charset=utf-8",
-                                m,
-                            )
-                        }
-                        (&Method::GET, "/") if extras.page.is_some() => {
-                            let p = extras.page.as_ref().map(|f| f()).unwrap_or_default();
-                            reply(StatusCode::OK, "text/html; charset=utf-8", p)
-                        }
-                        (&Method::GET, "/status") => {
-                            let v = status();
-                            reply(
-                                StatusCode::OK,
-                                "application/json",
-                                serde_json::to_vec_pretty(&v).unwrap_or_default(),
-                            )
-                        }
-                        (&Method::GET, _) => reply(
-                            StatusCode::NOT_FOUND,
-                            "text/plain",
-                            "not found: try /status\n",
-                        ),
-                        _ => reply(
-                            StatusCode::METHOD_NOT_ALLOWED,
-                            "text/plain",
-                            "GET (or HEAD) only\n",
-                        ),
-                    };
-                    Ok::<_, Infallible>(resp)
-                }
-            });
-            let io = hyper_util::rt::TokioIo::new(tcp);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(io, svc)
-                .await
-            {
-                debug!(error = %e, "admin connection ended");
-            }
+            serve_connection(tcp, status, extras, (MAX_CONNECTION_AGE, CLOSE_GRACE)).await;
         });
+    }
+}
+
+/// Serves one admin connection, for at most `age` and then as long as its answer in flight
+/// takes to go out, within `grace` ([`MAX_CONNECTION_AGE`], [`CLOSE_GRACE`]). Without a bound a local client that pipelined
+/// requests and read none of the answers held its slot for ever (hyper's header timer waits
+/// for the stalled write first): 64 of them shut the API out.
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    status: StatusFn,
+    extras: Extras,
+    (age, grace): (Duration, Duration),
+) {
+    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let status = status.clone();
+        let extras = extras.clone();
+        async move {
+            // Checked wherever the API listens: a web page in any browser that reaches
+            // it (on this machine, or on the LAN of an API bound there) can point a
+            // name of its own at its address (DNS rebinding) and read the answers.
+            if !addressed_to_this_machine(&req) {
+                return Ok::<_, Infallible>(reply(
+                    StatusCode::FORBIDDEN,
+                    "text/plain",
+                    "the admin API answers requests addressed by IP address or to localhost (and *.localhost) only: a name could be a web page's (DNS rebinding); use the address\n",
+                ));
+            }
+            // HEAD as GET (hyper leaves the body out): uptime checkers send it.
+            let method = match req.method() {
+                &Method::HEAD => &Method::GET,
+                m => m,
+            };
+            let resp = match (method, req.uri().path()) {
+                (&Method::GET, "/metrics") if extras.metrics.is_some() => {
+                    let m = extras.metrics.as_ref().map(|f| f()).unwrap_or_default();
+                    reply(
+                        StatusCode::OK,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        m,
+                    )
+                }
+                (&Method::GET, "/") if extras.page.is_some() => {
+                    let p = extras.page.as_ref().map(|f| f()).unwrap_or_default();
+                    reply(StatusCode::OK, "text/html; charset=utf-8", p)
+                }
+                (&Method::GET, "/status") => {
+                    let v = status();
+                    reply(
+                        StatusCode::OK,
+                        "application/json",
+                        serde_json::to_vec_pretty(&v).unwrap_or_default(),
+                    )
+                }
+                (&Method::GET, _) => reply(
+                    StatusCode::NOT_FOUND,
+                    "text/plain",
+                    "not found: try /status\n",
+                ),
+                _ => reply(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "text/plain",
+                    "GET (or HEAD) only\n",
+                ),
+            };
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let io = hyper_util::rt::TokioIo::new(tcp);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(io, svc);
+    let mut conn = std::pin::pin!(conn);
+    let ended = tokio::select! {
+        r = conn.as_mut() => Some(r),
+        () = tokio::time::sleep(age) => None,
+    };
+    let ended = match ended {
+        Some(r) => r,
+        None => {
+            // A scraper keeping its connection alive gets its answer in flight, then a close.
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(grace, conn).await {
+                Ok(r) => r,
+                Err(_) => {
+                    debug!("admin connection cut: its answer was not taken within {grace:?}");
+                    return;
+                }
+            }
+        }
+    };
+    if let Err(e) = ended {
+        debug!(error = %e, "admin connection ended");
     }
 }
 
@@ -210,6 +247,29 @@ mod tests {
             b = b.header("host", h);
         }
         addressed_to_this_machine(&b.body(()).unwrap())
+    }
+
+    /// A client that pipelines requests and reads none of the answers loses its connection
+    /// (and slot) once the connection's age is up and its answer in flight is not taken.
+    #[tokio::test]
+    async fn a_client_not_reading_its_answers_loses_its_connection() {
+        use tokio::io::AsyncWriteExt;
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = l.accept().await.unwrap();
+        let big = serde_json::Value::String("x".repeat(100_000));
+        let status: StatusFn = Arc::new(move || big.clone());
+        let limits = (Duration::from_secs(1), Duration::from_secs(1));
+        let served = tokio::spawn(serve_connection(tcp, status, Extras::default(), limits));
+        // 20 MB of answers: more than the two sockets' buffers hold.
+        let asks = "GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".repeat(200);
+        client.write_all(asks.as_bytes()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(30), served)
+            .await
+            .expect("a connection whose answers were not read was kept")
+            .unwrap();
     }
 
     #[test]

@@ -302,6 +302,9 @@ fn open_target(root: &Root, asked: &Path, slash: bool, hidden: bool) -> Result<T
     // outside the share.
     match root.open_beneath(&asked.join("index.html")) {
         Ok(index) if index.meta.is_file() && shown(&index) => Ok(Target::File(index)),
+        // There but not opened (its mode, out of descriptors): why, not the listing the page
+        // stood in front of — an index left unreadable by an upload listed every file beside it.
+        Err(Refused::Unreadable(e)) if !gone(&e) => Err(Refused::Unreadable(e)),
         _ => {
             let rel = asked.strip_prefix(root.path()).unwrap_or(Path::new(""));
             Ok(Target::Dir(opened, rel.to_path_buf()))
@@ -512,6 +515,15 @@ fn stuck() -> Response<Body> {
     )
 }
 
+/// Whether an open failed because the name went away between the check and the open
+/// (deleted, or a part of its path swapped for a symlink).
+fn gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
+    )
+}
+
 /// The answer for a file or directory that could not be opened, by why: out of descriptors
 /// or memory is this service's trouble (503, said at warn: every request fails alike), gone
 /// meanwhile is not found (deleted, or a link swapped, between the path's check and its
@@ -533,9 +545,7 @@ fn unreadable(e: &std::io::Error) -> Response<Body> {
                 "the file service is out of resources; try again",
             )
         }
-        Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => {
-            text(StatusCode::NOT_FOUND, "not found")
-        }
+        _ if gone(e) => text(StatusCode::NOT_FOUND, "not found"),
         _ => {
             debug!(error = %e, "cannot open");
             text(StatusCode::FORBIDDEN, "cannot read this file or directory")

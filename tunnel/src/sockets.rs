@@ -390,7 +390,10 @@ pub async fn accept_until(
     // line each 50 ms would flood the log. The 1st, 2nd, 4th, 8th ... are said.
     let mut failures: u64 = 0;
     loop {
+        // Biased: once stopped, connections still waiting in the backlog are not taken (an
+        // unbiased pick took one about every other turn, to be served through the drain).
         tokio::select! {
+            biased;
             _ = stop.cancelled() => return None,
             r = listener.accept() => match r {
                 Ok(x) => return Some(x),
