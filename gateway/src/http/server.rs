@@ -679,7 +679,29 @@ async fn write_response(
                         _ => {}
                     }
                 }
-                Poll::Pending if out.is_empty() => return Poll::Pending,
+                Poll::Pending if out.is_empty() => {
+                    // TLS may hold bytes a write took (records waiting for the socket, which
+                    // wakes this task but is written to only by a write or a flush): flushed
+                    // while the body has nothing new, or an event stream's last events waited
+                    // for its next ones.
+                    let mut w = lock(wire);
+                    let Some(io) = w.io.as_mut() else {
+                        return Poll::Ready(Err(WriteError::Gone));
+                    };
+                    return match Pin::new(&mut **io).poll_flush(cx) {
+                        Poll::Ready(Ok(())) => {
+                            blocked_since = None;
+                            moved = 0;
+                            Poll::Pending
+                        }
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(e.into())),
+                        Poll::Pending => {
+                            let since = *blocked_since.get_or_insert_with(Instant::now);
+                            poll_deadline(timer.as_mut(), cx, since + send_timeout)
+                                .map(|()| Err(WriteError::Stalled(send_timeout)))
+                        }
+                    };
+                }
                 Poll::Pending => {}
             }
         }
@@ -826,6 +848,9 @@ mod tests {
             "/stream" => Response::new(Pieces([Bytes::from(text)].into(), false).boxed_unsync()),
             "/pieces" => Response::new(Pieces(pieces().0, true).boxed_unsync()),
             "/pieces-chunked" => Response::new(Pieces(pieces().0, false).boxed_unsync()),
+            "/burst-then-quiet" => {
+                Response::new(ThenQuiet(Some(Bytes::from(vec![b'z'; BURST]))).boxed_unsync())
+            }
             _ => Response::new(body::full(text)),
         }
     }
@@ -862,6 +887,127 @@ mod tests {
                 false => SizeHint::default(),
             }
         }
+    }
+
+    /// What `/burst-then-quiet` sends (of a length untold) before it goes quiet.
+    const BURST: usize = 50_000;
+
+    /// One frame, then nothing more for ever (an event stream between events).
+    struct ThenQuiet(Option<Bytes>);
+    impl Body for ThenQuiet {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            match self.0.take() {
+                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    /// A connection that, as TLS does, takes what a write gives into its own buffer (up to
+    /// 64 KiB) and says it took it even when the socket under it is full: those bytes go out
+    /// at a later write or flush only.
+    struct TakesAhead {
+        inner: DuplexStream,
+        held: Vec<u8>,
+    }
+
+    impl TakesAhead {
+        const MAX: usize = 64 * 1024;
+
+        fn poll_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            while !self.held.is_empty() {
+                let n = ready!(tokio::io::AsyncWrite::poll_write(
+                    Pin::new(&mut self.inner),
+                    cx,
+                    &self.held
+                ))?;
+                self.held.drain(..n);
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl tokio::io::AsyncRead for TakesAhead {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            tokio::io::AsyncRead::poll_read(Pin::new(&mut self.inner), cx, buf)
+        }
+    }
+
+    impl tokio::io::AsyncWrite for TakesAhead {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            if buf.is_empty() {
+                return Poll::Ready(Ok(0));
+            }
+            loop {
+                let n = buf.len().min(Self::MAX - this.held.len());
+                this.held.extend_from_slice(&buf[..n]);
+                match (n, this.poll_out(cx)?) {
+                    (0, Poll::Pending) => return Poll::Pending,
+                    (0, Poll::Ready(())) => continue,
+                    (n, _) => return Poll::Ready(Ok(n)),
+                }
+            }
+        }
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            ready!(this.poll_out(cx))?;
+            tokio::io::AsyncWrite::poll_flush(Pin::new(&mut this.inner), cx)
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            ready!(this.poll_out(cx))?;
+            tokio::io::AsyncWrite::poll_shutdown(Pin::new(&mut this.inner), cx)
+        }
+    }
+
+    /// An answer's bytes a TLS-like connection took while the client read nothing reach the
+    /// client once it reads, while the answer has nothing more to send (they waited for the
+    /// answer's next bytes, for ever here).
+    #[tokio::test]
+    async fn bytes_taken_ahead_go_out_while_the_answer_is_quiet() {
+        let (mut c, server) = tokio::io::duplex(8 * 1024);
+        let io = TakesAhead {
+            inner: server,
+            held: Vec::new(),
+        };
+        let _h = tokio::spawn(serve(
+            Box::new(io),
+            CFG,
+            CancellationToken::new(),
+            echo,
+            |_| {},
+        ));
+        c.write_all(b"GET /burst-then-quiet HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // The pipe fills, the rest waits in the connection's buffer (had the client read
+        // earlier, the test would pass without flushing: it cannot fail wrongly).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut zs = 0;
+        let mut b = [0u8; 4096];
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while zs < BURST {
+                let n = c.read(&mut b).await.unwrap();
+                assert!(n > 0, "closed after {zs} bytes");
+                zs += b[..n].iter().filter(|&&x| x == b'z').count();
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{zs} of the {BURST} bytes arrived"));
     }
 
     fn up_protocol() -> HeaderValue {
