@@ -1758,6 +1758,19 @@ async fn dfs_example_is_read_only_for_the_public() {
         .await;
     assert!(got.starts_with("HTTP/1.1 417"), "{got}");
     assert!(got.contains("x-fast-lane"), "{got}");
+    // Every Expect line counts: a 100-continue after another expectation is refused as the
+    // only one is, not invited with a `100` first and then refused.
+    let got = h
+        .raw(
+            format!(
+                "PUT /dfs/photos/a.jpg HTTP/1.1\r\nHost: {DOMAIN}\r\nContent-Length: 100000000\r\nExpect: x-fast-lane\r\nExpect: 100-continue\r\n\r\n"
+            )
+            .as_bytes(),
+            "PUT with two expectations",
+        )
+        .await;
+    assert!(got.starts_with("HTTP/1.1 4"), "{got}");
+    assert!(!got.contains("100 Continue"), "{got}");
     let got = h
         .raw(
             format!(

@@ -40,7 +40,7 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 /// Request headers by which a client could claim another address, scheme, host or prefix to
 /// a service that reads them (chi's `RealIP`, Spring's and Quarkus' `Forwarded` support, …);
 /// dropped on the way up.
-pub static CLIENT_CLAIMS: [HeaderName; 14] = [
+pub static CLIENT_CLAIMS: [HeaderName; 18] = [
     header::FORWARDED,
     HeaderName::from_static("x-real-ip"),
     HeaderName::from_static("true-client-ip"),
@@ -50,6 +50,12 @@ pub static CLIENT_CLAIMS: [HeaderName; 14] = [
     HeaderName::from_static("x-forwarded-prefix"),
     HeaderName::from_static("x-forwarded-ssl"),
     HeaderName::from_static("x-forwarded-scheme"),
+    // Scheme claims some frameworks prefer to `X-Forwarded-Proto` (Tornado's `xheaders`
+    // reads `X-Scheme` first): a plain-http request could pass as https.
+    HeaderName::from_static("x-scheme"),
+    HeaderName::from_static("x-url-scheme"),
+    HeaderName::from_static("x-forwarded-protocol"),
+    HeaderName::from_static("front-end-https"),
     HeaderName::from_static("client-ip"),
     HeaderName::from_static("x-cluster-client-ip"),
     // The URL a front proxy rewrote from (IIS, older Symfony and Zend route by them): only
@@ -307,6 +313,10 @@ fn client_claim_name(name: &str) -> bool {
             | "x-forwarded-prefix"
             | "x-forwarded-ssl"
             | "x-forwarded-scheme"
+            | "x-scheme"
+            | "x-url-scheme"
+            | "x-forwarded-protocol"
+            | "front-end-https"
             | "client-ip"
             | "x-cluster-client-ip"
             | "x-original-url"

@@ -393,10 +393,13 @@ pub(crate) async fn handle(
     };
     // A client waiting for `100 Continue` has sent none of its body: reading it for a refusal
     // would invite the upload just to throw it away.
-    let awaits_continue = req
-        .headers()
-        .get(http::header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    // Any of its `Expect` lines, as the front's parser reads them (`Expect: foo` first, then
+    // `Expect: 100-continue`, had the upload invited by a `100` then thrown away).
+    let awaits_continue = req.headers().get_all(http::header::EXPECT).iter().any(|v| {
+        v.as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"100-continue")
+    });
     let (parts, body) = req.into_parts();
     // An upgraded connection outlives the request's decision: its host is kept to route and
     // decide it again when the policy or the minute changes.
