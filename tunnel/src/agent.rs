@@ -429,7 +429,10 @@ impl Agent {
     /// never half-starts.
     pub async fn bind(cfg: AgentConfig, endpoint: Endpoint) -> Result<Arc<Self>, TunnelError> {
         // Peers dial us on the socket the gateway sees, so accept on it too.
-        endpoint.set_server_config(Some(transport::server_config(&cfg.creds, &cfg.tuning)?));
+        endpoint.set_server_config(Some(transport::peer_server_config(
+            &cfg.creds,
+            &cfg.tuning,
+        )?));
         let wanted = wanted_gateways(&cfg);
         if wanted.is_empty() {
             return Err(TunnelError::Config(if !cfg.gateways.is_empty() {
@@ -459,7 +462,8 @@ impl Agent {
             retired_lost: None,
         };
         let forward_bound = fl.iter().filter_map(|(_, l)| l.local_addr().ok()).collect();
-        let peers = Arc::new(Peers::new(cfg.creds.clone(), endpoint.clone()));
+        let dial = transport::peer_client_config(&cfg.creds, &cfg.tuning)?;
+        let peers = Arc::new(Peers::new(cfg.creds.clone(), endpoint.clone(), dial));
         Ok(Arc::new(Agent {
             peers,
             peer_gate: HandshakeGate::with_per_address(

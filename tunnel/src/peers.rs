@@ -236,6 +236,9 @@ impl Drop for Permit {
 pub struct Peers {
     creds: Arc<DeviceCreds>,
     endpoint: Endpoint,
+    /// How peers are dialed ([`crate::transport::peer_client_config`]): not the endpoint's
+    /// default, which is for gateways.
+    dial: quinn::ClientConfig,
     table: Mutex<HashMap<String, PeerState>>,
     /// Told of each zone config adopted ([`Peers::cut_revoked`]): a peer's certificate end
     /// may have moved (a renewal, a shorter re-issue).
@@ -243,10 +246,11 @@ pub struct Peers {
 }
 
 impl Peers {
-    pub fn new(creds: Arc<DeviceCreds>, endpoint: Endpoint) -> Self {
+    pub fn new(creds: Arc<DeviceCreds>, endpoint: Endpoint, dial: quinn::ClientConfig) -> Self {
         Peers {
             creds,
             endpoint,
+            dial,
             table: Mutex::new(HashMap::new()),
             adopted: tokio::sync::Notify::new(),
         }
@@ -747,9 +751,10 @@ impl Peers {
                 let lan = candidates::is_lan(addr.ip());
                 let wait = if lan { Duration::ZERO } else { head_start };
                 let (endpoint, name) = (self.endpoint.clone(), server_name.clone());
+                let dial = self.dial.clone();
                 tries.spawn(async move {
                     tokio::time::sleep(wait).await;
-                    let r = match endpoint.connect(addr, &name) {
+                    let r = match endpoint.connect_with(dial, addr, &name) {
                         Ok(c) => tokio::time::timeout(PUNCH_ATTEMPT, c)
                             .await
                             .map(|r| r.map_err(|e| e.to_string())),

@@ -102,6 +102,10 @@ pub const DATAGRAM_QUEUE: usize = 256 * 1024;
 pub const MAX_UDP_PAYLOAD: u16 = 8_952;
 
 pub fn transport_config(t: &Tuning) -> Arc<TransportConfig> {
+    Arc::new(transport(t))
+}
+
+fn transport(t: &Tuning) -> TransportConfig {
     let mut c = TransportConfig::default();
     c.keep_alive_interval(Some(t.keepalive));
     c.max_idle_timeout(Some(
@@ -118,7 +122,7 @@ pub fn transport_config(t: &Tuning) -> Arc<TransportConfig> {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(MAX_UDP_PAYLOAD);
     c.mtu_discovery_config(Some(mtu));
-    Arc::new(c)
+    c
 }
 
 /// Grows the number of concurrent streams a peer may open on a connection, from
@@ -238,6 +242,33 @@ pub fn server_config(creds: &DeviceCreds, t: &Tuning) -> Result<ServerConfig, Tu
     // NAT rebinding: let an agent's connection move to a new address/port.
     sc.migration(true);
     Ok(sc)
+}
+
+/// A node agent's accepting side, for direct mesh paths: as [`server_config`], taking no
+/// QUIC datagrams ([`peer_transport_config`]).
+pub fn peer_server_config(creds: &DeviceCreds, t: &Tuning) -> Result<ServerConfig, TunnelError> {
+    let mut sc = server_config(creds, t)?;
+    sc.transport_config(peer_transport_config(t));
+    Ok(sc)
+}
+
+/// How a node agent dials a peer directly ([`crate::peers`]): as [`client_config`], taking no
+/// QUIC datagrams ([`peer_transport_config`]).
+pub fn peer_client_config(creds: &DeviceCreds, t: &Tuning) -> Result<ClientConfig, TunnelError> {
+    let mut cc = ClientConfig::new(tls::client_crypto(creds)?);
+    cc.transport_config(peer_transport_config(t));
+    Ok(cc)
+}
+
+/// A direct connection's settings: [`transport_config`]'s without datagrams. Only gateway links
+/// carry them (UDP flows); on a direct connection nothing reads them, and quinn would queue a
+/// peer's up to its receive buffer by payload size — an empty datagram each keeping its whole
+/// packet (up to 9 KB), tens of MB per connection from any zone device. The peer is told
+/// (the transport parameter left out); one sending them anyway is a protocol violation.
+pub fn peer_transport_config(t: &Tuning) -> Arc<TransportConfig> {
+    let mut c = transport(t);
+    c.datagram_receive_buffer_size(None);
+    Arc::new(c)
 }
 
 /// A dial-only endpoint (node agents: [`crate::agent::Agent::bind`] adds the accepting side).
