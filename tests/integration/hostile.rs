@@ -863,6 +863,44 @@ async fn handshake_flood_on_an_agents_peer_side_is_bounded() {
     gw.shutdown.cancel();
 }
 
+/// Direct (mesh) connections take no QUIC datagrams, either way: nothing reads them there, and
+/// a zone device could have a node queue tens of MB of them per connection. The node's
+/// accepting side says so to a peer dialing with datagrams on; a node dialing says so too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_connections_take_no_datagrams() {
+    let (z, gw, h1) = echo_zone(&["home1", "home2"], "", steady_tuning()).await;
+    let t = steady_tuning();
+    let lo = "127.0.0.1:0".parse().unwrap();
+    // home2 dials home1's agent as a peer would, offering datagrams.
+    let ep = tunnel::transport::client_endpoint(lo, &z.creds("home2"), &t).unwrap();
+    let conn = ep
+        .connect(h1.agent.local_addr().unwrap(), "home1.alice.example")
+        .unwrap()
+        .await
+        .expect("a zone device reaches a node's peer side");
+    assert_eq!(conn.max_datagram_size(), None);
+    let sent = conn.send_datagram(bytes::Bytes::from_static(b"x"));
+    assert!(
+        matches!(sent, Err(quinn::SendDatagramError::UnsupportedByPeer)),
+        "{sent:?}"
+    );
+    // A node's dial to a peer that would take them.
+    let peer = tunnel::transport::server_endpoint(lo, &z.creds("home2"), &t).unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    let accepted = tokio::spawn(async move { peer.accept().await.unwrap().await.unwrap() });
+    let dial = tunnel::transport::peer_client_config(&z.creds("home1"), &t).unwrap();
+    let node = tunnel::transport::client_endpoint(lo, &z.creds("home1"), &t).unwrap();
+    let out = node
+        .connect_with(dial, peer_addr, "home2.alice.example")
+        .unwrap()
+        .await
+        .unwrap();
+    let at_peer = accepted.await.unwrap();
+    assert_eq!(at_peer.max_datagram_size(), None);
+    drop(out);
+    gw.shutdown.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hello_naming_another_device_is_refused_and_that_device_keeps_its_tunnel() {
     let (z, gw, _h1) = echo_zone(&["home1", "home2"], "", steady_tuning()).await;
@@ -1090,7 +1128,9 @@ async fn zone_json_copied_into_a_running_gateway_revokes() {
 
     // The owner copies an older zone.json by mistake: ignored, the laptop stays out, and
     // the file is set aside for the config in use (a restart loaded the older one and let
-    // the laptop back in).
+    // the laptop back in). Copied once the gateway's save of the newer one is done: one
+    // still on its way replaces the older copy instead (as its own later write).
+    wait_until("the adopted config saved", WAIT, || !gw.hub.creds().saving()).await;
     std::fs::write(&gw_zone, &before).unwrap();
     wait_until("the older zone.json set aside", WAIT, || {
         zone_core::zonedir::read_zone_json(&gw_zone).is_ok_and(|z| z.config.serial == serial1)
@@ -2506,7 +2546,8 @@ async fn revocations_for_names_outside_the_zone_leave_the_peer_table_alone() {
     let ep =
         tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), &creds, &fast_tuning())
             .unwrap();
-    let peers = tunnel::peers::Peers::new(creds, ep);
+    let dial = tunnel::transport::peer_client_config(&creds, &fast_tuning()).unwrap();
+    let peers = tunnel::peers::Peers::new(creds, ep, dial);
     for i in 0..1000 {
         assert!(!peers.revoke_permit(&format!("made-up-{i}"), "ssh"));
     }
@@ -2743,7 +2784,8 @@ async fn the_ends_of_an_encrypted_stream_enforce_revocations_themselves() {
     let ep =
         tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), &creds, &fast_tuning())
             .unwrap();
-    let peers = Arc::new(tunnel::peers::Peers::new(creds.clone(), ep));
+    let dial = tunnel::transport::peer_client_config(&creds, &fast_tuning()).unwrap();
+    let peers = Arc::new(tunnel::peers::Peers::new(creds.clone(), ep, dial));
     let ended = tokio::spawn({
         let peers = peers.clone();
         async move { peers.peer_ended("home2").await }
