@@ -1130,7 +1130,10 @@ async fn zone_json_copied_into_a_running_gateway_revokes() {
     // the file is set aside for the config in use (a restart loaded the older one and let
     // the laptop back in). Copied once the gateway's save of the newer one is done: one
     // still on its way replaces the older copy instead (as its own later write).
-    wait_until("the adopted config saved", WAIT, || !gw.hub.creds().saving()).await;
+    wait_until("the adopted config saved", WAIT, || {
+        !gw.hub.creds().saving()
+    })
+    .await;
     std::fs::write(&gw_zone, &before).unwrap();
     wait_until("the older zone.json set aside", WAIT, || {
         zone_core::zonedir::read_zone_json(&gw_zone).is_ok_and(|z| z.config.serial == serial1)

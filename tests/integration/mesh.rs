@@ -633,9 +633,13 @@ fn peer_table() -> (
     };
     let lo: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
     let e1 = tunnel::transport::client_endpoint(lo, &c1, &t).unwrap();
-    e1.set_server_config(Some(tunnel::transport::peer_server_config(&c1, &t).unwrap()));
+    e1.set_server_config(Some(
+        tunnel::transport::peer_server_config(&c1, &t).unwrap(),
+    ));
     let e2 = tunnel::transport::client_endpoint(lo, &c2, &t).unwrap();
-    e2.set_server_config(Some(tunnel::transport::peer_server_config(&c2, &t).unwrap()));
+    e2.set_server_config(Some(
+        tunnel::transport::peer_server_config(&c2, &t).unwrap(),
+    ));
     let dial = tunnel::transport::peer_client_config(&c1, &t).unwrap();
     let peers = std::sync::Arc::new(tunnel::peers::Peers::new(c1, e1.clone(), dial));
     (z, peers, e1, e2)

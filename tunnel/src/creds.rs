@@ -444,6 +444,12 @@ impl DeviceCreds {
         Ok(Some(offered))
     }
 
+    /// Whether an adopted config (or its revocations) is still being written back: a
+    /// zone.json copied in meanwhile may be replaced by the save, not set aside.
+    pub fn saving(&self) -> bool {
+        !self.saves.is_empty()
+    }
+
     /// Waits, at most `within`, for adopted configs still being written back: a stop right
     /// after an adoption would otherwise lose it, and a restart go back to the older config
     /// (and its revocations) until a peer offered the newer one again.

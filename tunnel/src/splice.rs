@@ -450,10 +450,11 @@ where
         }
     })
     .await;
-    if r.is_err() {
+    if let Err(e) = &r {
         // A direction that finished wrote its end whole: `b_a` into `a`, `a_b` into `b`.
-        abort_end(a, b_a.done);
-        abort_end(b, a_b.done);
+        let keep = ended_by_an_end(e);
+        abort_end(a, b_a.done && keep);
+        abort_end(b, a_b.done && keep);
     }
     Moved {
         a_to_b: a_b.written,
@@ -464,13 +465,26 @@ where
 }
 
 /// Tears `end` down after a failed copy, keeping what it was sent when its sending half
-/// closed cleanly (`sent_all`).
+/// closed cleanly (`sent_all`) and the copy was ended by an end ([`ended_by_an_end`]).
 fn abort_end<E: End + ?Sized>(end: &mut E, sent_all: bool) {
     if sent_all {
         end.abort_receiving()
     } else {
         end.abort()
     }
+}
+
+/// Whether a copy's error is an end refusing more — its reader stopped the stream, or its
+/// socket was closed (EPIPE) or reset — after which what the other end was sent whole is kept
+/// (the service's whole answer to an upload it refused early). A lost connection, a cut or a
+/// policy's stop is no end's choice: the ends are reset even so, or the one that got its
+/// answer would linger, what its sender still sent dropped with no sign it went nowhere.
+fn ended_by_an_end(e: &io::Error) -> bool {
+    peer_stopped_reading(e)
+        || matches!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+        )
 }
 
 /// An error once either end was cut ([`End::cut_signal`]); until then `cx` is woken by a cut.
@@ -788,12 +802,14 @@ where
     // Finished cleanly: its writer shut down after all was written.
     let a_b_done = a_b_ended && !is_stopped(&stop_a);
     let b_a_done = b_a_ended && !is_stopped(&stop_b);
+    // No error but a stop: a reader stopped its direction.
+    let keep = error.as_ref().is_none_or(ended_by_an_end);
     let error = error
         .or_else(|| stop_a.into_inner())
         .or_else(|| stop_b.into_inner());
     if error.is_some() {
-        abort_end(&mut ar.unsplit(aw), b_a_done);
-        abort_end(&mut br.unsplit(bw), a_b_done);
+        abort_end(&mut ar.unsplit(aw), b_a_done && keep);
+        abort_end(&mut br.unsplit(bw), a_b_done && keep);
     }
     Moved {
         a_to_b: up,
@@ -839,7 +855,7 @@ mod tests {
     }
 
     /// A scripted end: reads give `input` then EOF, or with `endless` give it every other
-    /// read for ever (the reads between are "nothing yet"); with `write_error`, writes fail
+    /// read for ever (the reads between are "nothing yet"); with `write_error`, writes fail with it
     /// once its own input was read (a service that answered and closed); which abort it got
     /// is recorded. With `stopped` instead, writes fail from the start as a QUIC stream's do
     /// once its reader stopped it, and the input comes only at the third read; with
@@ -849,7 +865,7 @@ mod tests {
         input: Option<Bytes>,
         endless: bool,
         reads: usize,
-        write_error: bool,
+        write_error: Option<io::ErrorKind>,
         stopped: bool,
         flush_stopped: bool,
         aborted: Arc<std::sync::Mutex<Vec<&'static str>>>,
@@ -901,8 +917,8 @@ mod tests {
             _: &mut Context<'_>,
             b: &[u8],
         ) -> Poll<io::Result<usize>> {
-            if self.write_error && self.input.is_none() {
-                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            if let (Some(kind), None) = (self.write_error, &self.input) {
+                return Poll::Ready(Err(kind.into()));
             }
             if self.stopped {
                 return Poll::Ready(Err(stopped_error()));
@@ -926,7 +942,7 @@ mod tests {
     /// `flush_stopped`), through either splice: what moved, and which abort each end got.
     async fn upload_against(
         name: &'static str,
-        write_error: bool,
+        write_error: Option<io::ErrorKind>,
         (stopped, flush_stopped): (bool, bool),
         shaped: bool,
     ) -> (Moved, Vec<&'static str>) {
@@ -935,7 +951,7 @@ mod tests {
             input: Some(Bytes::from_static(b"upload upload upload")),
             endless: true,
             reads: 0,
-            write_error: false,
+            write_error: None,
             stopped: false,
             flush_stopped: false,
             aborted: aborted.clone(),
@@ -970,13 +986,31 @@ mod tests {
     #[tokio::test]
     async fn a_failed_copy_keeps_what_an_end_was_sent_whole() {
         for shaped in [false, true] {
-            let (m, aborted) = upload_against("service", true, (false, false), shaped).await;
+            let (m, aborted) = upload_against("service", BROKEN, (false, false), shaped).await;
             assert!(m.error.is_some(), "shaped {shaped}: {m:?}");
             assert_eq!(
                 m.b_to_a, 26,
                 "shaped {shaped}: the answer was not all written"
             );
             assert_eq!(aborted, ["client receiving", "service"], "shaped {shaped}");
+        }
+    }
+
+    /// The service's writes failing as a socket closed by its owner.
+    const BROKEN: Option<io::ErrorKind> = Some(io::ErrorKind::BrokenPipe);
+
+    /// As above, but the upload fails because the device's connection was lost (quinn's
+    /// ConnectionLost): no end chose to end it, and the client, whose answer was written
+    /// whole, is reset too. Kept, it lingered: the rest of its upload was read and dropped
+    /// and it saw a clean close, its upload lost without a sign.
+    #[tokio::test]
+    async fn a_copy_failing_by_no_ends_choice_resets_both_ends() {
+        for shaped in [false, true] {
+            let lost = Some(io::ErrorKind::NotConnected);
+            let (m, aborted) = upload_against("tunnel", lost, (false, false), shaped).await;
+            assert_eq!(m.error.as_ref().map(|e| e.kind()), lost, "shaped {shaped}");
+            assert_eq!(m.b_to_a, 26, "shaped {shaped}");
+            assert_eq!(aborted, ["client", "tunnel"], "shaped {shaped}");
         }
     }
 
@@ -987,7 +1021,7 @@ mod tests {
     #[tokio::test]
     async fn a_stopped_tunnel_stream_still_brings_its_answer() {
         for shaped in [false, true] {
-            let (m, aborted) = upload_against("tunnel", false, (true, false), shaped).await;
+            let (m, aborted) = upload_against("tunnel", None, (true, false), shaped).await;
             let e = m.error.as_ref().expect("the upload failed");
             assert!(peer_stopped_reading(e), "shaped {shaped}: {e}");
             assert_eq!(m.b_to_a, 26, "shaped {shaped}: the answer was cut");
@@ -1000,7 +1034,7 @@ mod tests {
     /// client was reset instead of getting the service's early answer.
     #[tokio::test]
     async fn a_stop_seen_at_a_flush_still_brings_the_answer() {
-        let (m, aborted) = upload_against("tunnel", false, (false, true), false).await;
+        let (m, aborted) = upload_against("tunnel", None, (false, true), false).await;
         let e = m.error.as_ref().expect("the upload failed");
         assert!(peer_stopped_reading(e), "{e}");
         assert_eq!(m.b_to_a, 26, "the answer was cut");
