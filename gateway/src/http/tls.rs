@@ -242,6 +242,9 @@ struct CertFiles {
     /// The pairs that failed at the last look: one that loads now serves anew, files
     /// changed or not (a certificate that became valid).
     failed_pairs: std::collections::HashSet<usize>,
+    /// What each pair serves (by its place in `pairs`): its last certificate that loaded,
+    /// kept while its files fail; `None` for one that never loaded.
+    last: Vec<Option<Entry>>,
 }
 
 /// A file as last seen (symlinks followed: certbot's live/ names point to new files at each
@@ -308,13 +311,12 @@ impl Tls {
         let unix_now = SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        let previous = f.resolver.entries.load_full();
         let mut errors: Vec<TlsError> = Vec::new();
-        let entries: Vec<Entry> = f
+        let last: Vec<Option<Entry>> = f
             .pairs
             .iter()
             .enumerate()
-            .filter_map(|(i, (c, k))| {
+            .map(|(i, (c, k))| {
                 let loaded = load_pair(c, k).and_then(|e| {
                     match e.key.cert.first().and_then(|l| out_of_date(l, unix_now)) {
                         Some(why) => Err(file_err(
@@ -333,12 +335,14 @@ impl Tls {
                     Err(e) => {
                         errors.push(e);
                         failed_now.insert(i);
-                        previous.0.get(i).cloned()
+                        f.last.get(i).cloned().flatten()
                     }
                 }
             })
             .collect();
         f.failed_pairs = failed_now;
+        let entries: Vec<Entry> = last.iter().flatten().cloned().collect();
+        f.last = last;
         let names: Vec<String> = entries.iter().flat_map(|e| e.names.clone()).collect();
         f.resolver.entries.store(Arc::new(Entries(entries)));
         self.names = names.clone();
@@ -418,13 +422,43 @@ pub fn configure(pairs: &[(PathBuf, PathBuf)], fallback_names: &[String]) -> Res
         .iter()
         .flat_map(|(c, k)| [fingerprint(c), fingerprint(k)])
         .collect();
-    let mut entries = Vec::new();
-    let mut self_signed_pem = None;
-    let mut self_signed_key = None;
-    for (c, k) in pairs {
-        entries.push(load_pair(c, k)?);
+    let mut last = Vec::new();
+    let mut errors = Vec::new();
+    let mut failed_pairs = std::collections::HashSet::new();
+    for (i, (c, k)) in pairs.iter().enumerate() {
+        match load_pair(c, k) {
+            Ok(e) => last.push(Some(e)),
+            Err(e) => {
+                errors.push(e);
+                failed_pairs.insert(i);
+                last.push(None);
+            }
+        }
         warn_if_others_read(k);
     }
+    // None loads: a setting to fix (a mistyped path), refused before anything is bound. Some
+    // do: the others serve, as when a pair fails while running, and the failing ones are read
+    // again at every look. Refused, a pair certbot deleted stopped the gateway — DNS, the
+    // tunnel, every app — in a restart loop at its next boot, though it had served on.
+    if !pairs.is_empty() && failed_pairs.len() == pairs.len() {
+        return Err(match errors.len() {
+            1 => errors.remove(0),
+            _ => TlsError::Several(errors),
+        });
+    }
+    for e in &errors {
+        tracing::error!(error = %e, "a TLS certificate pair does not load: not served (the other pairs are), read again as its files change");
+    }
+    let failing = (!errors.is_empty()).then(|| {
+        errors
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let mut entries: Vec<Entry> = last.iter().flatten().cloned().collect();
+    let mut self_signed_pem = None;
+    let mut self_signed_key = None;
     if entries.is_empty() {
         let key = rcgen::KeyPair::generate()?;
         let (pem, e) = self_signed(fallback_names, &key)?;
@@ -446,8 +480,9 @@ pub fn configure(pairs: &[(PathBuf, PathBuf)], fallback_names: &[String]) -> Res
         pairs: pairs.to_vec(),
         seen,
         resolver,
-        failing: None,
-        failed_pairs: Default::default(),
+        failing,
+        failed_pairs,
+        last,
     };
     Ok(Tls {
         config: Arc::new(config),
@@ -583,6 +618,35 @@ mod tests {
         let e = tls.reload_if_changed().unwrap().unwrap_err().to_string();
         assert!(e.contains("expired on"), "{e}");
         assert_eq!(served(&tls), [vec!["a.example"], vec!["b3.example"]]);
+    }
+
+    /// A pair that does not load at start leaves the others serving (it was refused, and a
+    /// pair certbot deleted put the gateway in a restart loop), and serves once its files
+    /// load; a start where none loads is refused.
+    #[test]
+    fn a_start_with_one_pair_failing_serves_the_others() {
+        let d = tempfile::tempdir().unwrap();
+        let (ca, ka) = write_pair(d.path(), "a", &["a.example"]);
+        let (cb, kb) = write_pair(d.path(), "b", &["b.example"]);
+        std::fs::remove_file(&kb).unwrap();
+        let mut tls =
+            configure(&[(ca.clone(), ka.clone()), (cb.clone(), kb.clone())], &[]).unwrap();
+        assert_eq!(tls.names, ["a.example"]);
+        // Still failing: told at start, not again.
+        assert!(tls.reload_if_changed().is_none());
+        let (c2, k2) = write_pair(d.path(), "b2", &["b.example"]);
+        std::fs::rename(&c2, &cb).unwrap();
+        std::fs::rename(&k2, &kb).unwrap();
+        let names = tls.reload_if_changed().unwrap().unwrap();
+        assert_eq!(names, ["a.example", "b.example"]);
+        // Then a's key breaks: a keeps its certificate (the one loaded at start).
+        std::fs::write(&ka, "not a key").unwrap();
+        assert!(tls.reload_if_changed().unwrap().is_err());
+        assert_eq!(tls.names, ["a.example", "b.example"]);
+        let e = configure(&[(cb.clone(), d.path().join("gone.key"))], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gone.key"), "{e}");
     }
 
     #[test]
