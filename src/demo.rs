@@ -293,7 +293,7 @@ async fn run_async(dir: PathBuf, check: bool) -> anyhow::Result<()> {
 
     // Services of the two homes.
     let files_addr = files.local_addr()?;
-    let share_root = crate::files::Root::open(&share)
+    let share_root = crate::files::Share::open(&share)
         .with_context(|| format!("opening the demo share {}", share.display()))?;
     tokio::spawn(crate::files::serve(
         files,

@@ -440,7 +440,7 @@ pub fn files(
         return Err(UsageError(format!("--dir {}: not a directory", dir.display())).into());
     }
     config::fixed_port("--listen", listen)?;
-    let root = crate::files::Root::open(&dir)
+    let share = crate::files::Share::open(&dir)
         .with_context(|| format!("--dir {}: cannot open the directory", dir.display()))?;
     if !listen.ip().to_canonical().is_loopback() {
         warn!(addr = %listen, "the file service listens beyond this machine: anyone who reaches {listen} reads the share without the gateway's policy; keep it on loopback (127.0.0.1) unless that is meant");
@@ -456,7 +456,7 @@ pub fn files(
     run_then_stop(cores(), FILES_STOP_WAIT, async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signal(install_signals(), shutdown.clone()));
-        crate::files::run(root, listen, opts, shutdown)
+        crate::files::run(share, listen, opts, shutdown)
             .await
             .with_context(|| format!("cannot listen on {listen}"))
     })

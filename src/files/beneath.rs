@@ -17,11 +17,58 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
 use tracing::warn;
 
-/// The served directory: its resolved path and a descriptor that opens stay beneath.
+/// The served directory as one request sees it: its resolved path and a descriptor that
+/// opens stay beneath ([`Share::now`]).
 #[derive(Debug)]
 pub struct Root {
     path: PathBuf,
     dir: OwnedFd,
+    /// Its device and inode, to tell when the path names another directory.
+    id: (u64, u64),
+}
+
+/// The shared directory as it was given (`--dir`), looked up again for each request: a disk
+/// mounted there after the start, or a directory swapped in by a deploy (`site.new` renamed
+/// to `site`, a symlink pointed elsewhere), is what is served. Held once at the start, the
+/// directory under the mount point listed empty and the old site was served until a restart
+/// (and its descriptor kept the mount busy).
+#[derive(Debug)]
+pub struct Share {
+    given: PathBuf,
+    last: std::sync::Mutex<std::sync::Arc<Root>>,
+}
+
+impl Share {
+    /// Opens `dir` as the share. Fails if it is not a directory that can be opened.
+    pub fn open(dir: &Path) -> io::Result<Share> {
+        let given = std::path::absolute(dir)?;
+        let root = Root::open(&given)?;
+        Ok(Share {
+            given,
+            last: std::sync::Mutex::new(std::sync::Arc::new(root)),
+        })
+    }
+
+    /// The directory as last looked up: its resolved path is what request paths are
+    /// resolved under before [`Share::now`].
+    pub fn last(&self) -> std::sync::Arc<Root> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The directory the given path names now: the one last looked up while it is the same
+    /// (resolved path, device and inode), else opened anew. Blocking.
+    pub fn now(&self) -> io::Result<std::sync::Arc<Root>> {
+        let last = self.last();
+        let path = std::fs::canonicalize(&self.given)?;
+        let meta = std::fs::metadata(&path)?;
+        if path == last.path && (meta.dev(), meta.ino()) == last.id {
+            return Ok(last);
+        }
+        let root = std::sync::Arc::new(Root::open(&path)?);
+        tracing::info!(dir = %self.given.display(), now = %root.path.display(), "the shared directory changed (a disk mounted, a directory swapped in): serving what it names now");
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = root.clone();
+        Ok(root)
+    }
 }
 
 /// Why a path is not served.
@@ -67,14 +114,19 @@ fn reopen(probe: &File) -> io::Result<OwnedFd> {
 
 impl Root {
     /// Opens `dir` as the root. Fails if it is not a directory that can be opened.
-    pub fn open(dir: &Path) -> io::Result<Root> {
+    fn open(dir: &Path) -> io::Result<Root> {
         let path = std::fs::canonicalize(dir)?;
         let dir = rustix::fs::open(
             &path,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
-        Ok(Root { path, dir })
+        let st = rustix::fs::fstat(&dir)?;
+        Ok(Root {
+            path,
+            dir,
+            id: (st.st_dev, st.st_ino),
+        })
     }
 
     /// The root's resolved path.

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use tunnel::log_budget::LogBudget;
 
-pub use beneath::{Refused, Root};
+pub use beneath::{Refused, Root, Share};
 pub use names::resolve;
 pub use range::{byte_range, Ranged};
 
@@ -324,7 +324,7 @@ enum Target {
 /// file system calls too, for as long as they run: past [`FS_TIMEOUT`] the answer is sent,
 /// but a call stuck in a hung mount still counts against its client.
 async fn handle(
-    root: Arc<Root>,
+    share: Arc<Share>,
     opts: Arc<Options>,
     req: Request<hyper::body::Incoming>,
     hold: Arc<InFlightSlot>,
@@ -339,6 +339,8 @@ async fn handle(
         return r;
     }
     let head = req.method() == Method::HEAD;
+    // Resolved under the directory as last looked up; looked up again (blocking) below.
+    let root = share.last();
     let Some(asked) = resolve(root.path(), req.uri().path()) else {
         return text(
             StatusCode::BAD_REQUEST,
@@ -362,6 +364,13 @@ async fn handle(
     let deadline = std::time::Instant::now() + FS_TIMEOUT;
     let found = blocking_within(FS_TIMEOUT, move || -> Result<Found, Refused> {
         let _hold = held;
+        let now = share.now().map_err(Refused::Unreadable)?;
+        // The path now names another directory (mounted, swapped in): the same path in it.
+        let asked = match asked.strip_prefix(root.path()) {
+            Ok(rel) if now.path() != root.path() => now.path().join(rel),
+            _ => asked,
+        };
+        let root = now;
         Ok(match open_target(&root, &asked, slash, hidden)? {
             Target::File(f) => Found::File(f),
             Target::Dir(dir, rel) => match listings.take() {
@@ -882,8 +891,13 @@ impl hyper::body::Body for Holding {
 
 /// Serves `root` read-only on `listener` as `opts` says until `shutdown`, then lets the
 /// answers under way finish for [`STOP_GRACE`].
-pub async fn serve(listener: TcpListener, root: Root, opts: Options, shutdown: CancellationToken) {
-    serve_at_most(listener, root, opts, MAX_CONNECTIONS, shutdown).await
+pub async fn serve(
+    listener: TcpListener,
+    share: Share,
+    opts: Options,
+    shutdown: CancellationToken,
+) {
+    serve_at_most(listener, share, opts, MAX_CONNECTIONS, shutdown).await
 }
 
 /// How long a stopping service lets the answers under way finish (a download, a listing)
@@ -894,12 +908,12 @@ pub const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 /// [`serve`], with at most `most` connections served at once.
 async fn serve_at_most(
     listener: TcpListener,
-    root: Root,
+    share: Share,
     mut opts: Options,
     most: usize,
     shutdown: CancellationToken,
 ) {
-    let root = Arc::new(root);
+    let share = Arc::new(share);
     for ip in &mut opts.proxies {
         *ip = ip.to_canonical();
     }
@@ -909,7 +923,7 @@ async fn serve_at_most(
             Pages::Sandboxed => "sandboxed",
             Pages::Site => "site",
         };
-        info!(addr = %a, dir = %root.path().display(), pages, hidden = opts.hidden, "read-only file service listening");
+        info!(addr = %a, dir = %share.last().path().display(), pages, hidden = opts.hidden, "read-only file service listening");
     }
     // Every connection served holds a task and may hold an open file or a listing (a client
     // through the tunnel comes from the node's loopback: there is no client address to share
@@ -935,8 +949,8 @@ async fn serve_at_most(
             }
             continue;
         };
-        let (root, served, lines, in_flight, opts, shutdown, cut) = (
-            root.clone(),
+        let (share, served, lines, in_flight, opts, shutdown, cut) = (
+            share.clone(),
             served.clone(),
             lines.clone(),
             in_flight.clone(),
@@ -958,7 +972,7 @@ async fn serve_at_most(
                 return;
             };
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (root, in_flight, opts) = (root.clone(), in_flight.clone(), opts.clone());
+                let (share, in_flight, opts) = (share.clone(), in_flight.clone(), opts.clone());
                 async move {
                     let (m, p) = (req.method().clone(), req.uri().path().to_owned());
                     let forwarded_for = believed_forwarded_for(peer, &opts.proxies, req.headers());
@@ -967,7 +981,7 @@ async fn serve_at_most(
                         // Held by the body: until the answer is sent, or dropped unsent.
                         Some(slot) => {
                             let slot = Arc::new(slot);
-                            handle(root, opts, req, slot.clone())
+                            handle(share, opts, req, slot.clone())
                                 .await
                                 .map(|body| BodyExt::boxed(Holding { body, _slot: slot }))
                         }
@@ -1080,13 +1094,13 @@ fn site_of(client: std::net::IpAddr) -> Option<std::net::Ipv6Addr> {
 
 /// Binds and serves (for `zonegate files`).
 pub async fn run(
-    root: Root,
+    share: Share,
     listen: SocketAddr,
     opts: Options,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let l = TcpListener::bind(listen).await?;
-    serve(l, root, opts, shutdown).await;
+    serve(l, share, opts, shutdown).await;
     Ok(())
 }
 
@@ -1147,8 +1161,43 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let served = tokio::spawn(serve(l, Root::open(dir).unwrap(), opts, stop.clone()));
+        let served = tokio::spawn(serve(l, Share::open(dir).unwrap(), opts, stop.clone()));
         (addr, stop, served)
+    }
+
+    /// The share is what its path names at each request: a directory swapped in by rename,
+    /// or by re-pointing a symlink, is served at once (the one there at the start was served
+    /// until a restart: its new pages not found, its old ones served).
+    #[tokio::test]
+    async fn a_directory_swapped_in_is_served() {
+        let d = tempfile::tempdir().unwrap();
+        let site = |name: &str, text: &str| {
+            let p = d.path().join(name);
+            std::fs::create_dir(&p).unwrap();
+            std::fs::write(p.join("a.txt"), text).unwrap();
+            p
+        };
+        let v1 = site("v1", "first");
+        let live = d.path().join("live");
+        std::os::unix::fs::symlink(&v1, &live).unwrap();
+        let (addr, stop) = serve_dir(&live).await;
+        assert!(get(addr, "/a.txt", "").await.ends_with("first"));
+        // A symlink pointed elsewhere (`ln -sfn`: a new link renamed over the old one).
+        let v2 = site("v2", "second");
+        std::fs::write(v2.join("new.txt"), "only in v2").unwrap();
+        let next = d.path().join("live.next");
+        std::os::unix::fs::symlink(&v2, &next).unwrap();
+        std::fs::rename(&next, &live).unwrap();
+        assert!(get(addr, "/a.txt", "").await.ends_with("second"));
+        assert!(get(addr, "/new.txt", "").await.ends_with("only in v2"));
+        stop.cancel();
+        // A directory renamed into the place of the one served.
+        let (addr, stop) = serve_dir(&v1).await;
+        assert!(get(addr, "/a.txt", "").await.ends_with("first"));
+        std::fs::rename(&v1, d.path().join("v1.old")).unwrap();
+        std::fs::rename(&v2, &v1).unwrap();
+        assert!(get(addr, "/a.txt", "").await.ends_with("second"));
+        stop.cancel();
     }
 
     /// DOS 8.3 aliases of hidden names (`.git` is `GIT~1` on FAT, NTFS and SMB shares) are
@@ -1770,7 +1819,7 @@ mod tests {
         let stop = CancellationToken::new();
         tokio::spawn(serve_at_most(
             l,
-            Root::open(dir.path()).unwrap(),
+            Share::open(dir.path()).unwrap(),
             Options::default(),
             4,
             stop.clone(),
@@ -1830,7 +1879,7 @@ mod tests {
         // Four connections served: one answer in flight per client.
         tokio::spawn(serve_at_most(
             l,
-            Root::open(dir.path()).unwrap(),
+            Share::open(dir.path()).unwrap(),
             Options::default(),
             4,
             stop.clone(),
