@@ -748,6 +748,7 @@ async fn tcp_conn(
             () = held.evicted() => "evicted to make room for another client".to_owned(),
         }
     };
+    let acked = up.acked();
     let (mut client, mut tunnel) = tunnel::splice::counted(&mut tcp, &mut up, &counters);
     let m = if shape_in.is_unlimited() && shape_out.is_unlimited() {
         splice_until(&mut client, &mut tunnel, stop).await
@@ -772,4 +773,10 @@ async fn tcp_conn(
         return;
     }
     info!(app = %app_name, device = %target.device, client = %Client(peer), bytes_in = bin, bytes_out = bout, ms = started.elapsed().as_millis() as u64, end = %m.end(), "connection done");
+    // The client's connection (and its slot) goes first; the task stays until the device
+    // has the upload's tail, or a drain closing the tunnel right after would lose it.
+    drop(tcp);
+    if let (Some(acked), true) = (acked, m.is_clean()) {
+        tunnel::stream::until_acked(acked, tunnel::stream::ACK_WAIT).await;
+    }
 }

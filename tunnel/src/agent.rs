@@ -2125,7 +2125,7 @@ async fn within<S>(
 /// wait would last the whole time.
 async fn until_acked(acked: impl std::future::Future, clean: bool, t: &Tuning) {
     if clean && !t.agent_drain.is_zero() {
-        let _ = tokio::time::timeout(t.agent_drain, acked).await;
+        stream::until_acked(acked, t.agent_drain).await;
     }
 }
 

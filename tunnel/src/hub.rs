@@ -1547,6 +1547,7 @@ impl Hub {
                 }
             });
         }
+        let acked = (down.acked(), upstream.acked());
         // Test hook: what a relay forwards between devices (end to end encrypted).
         let tap = relayed
             .then(|| self.0.tap.read().unwrap_or_else(|p| p.into_inner()).clone())
@@ -1576,6 +1577,7 @@ impl Hub {
         link.bytes_from.fetch_add(up, Ordering::Relaxed);
         link.bytes_to.fetch_add(dn, Ordering::Relaxed);
         let ms = started.elapsed().as_millis() as u64;
+        let clean = moved.is_clean();
         match moved.stopped {
             Some(why) => {
                 info!(app = %app_name, from = %link.device, to = %format!("{to_device}/{service}"), bytes_up = up, bytes_down = dn, ms, reason = %why, "mesh connection cut: the policy no longer allows it")
@@ -1583,6 +1585,18 @@ impl Hub {
             None => {
                 info!(app = %app_name, from = %link.device, to = %format!("{to_device}/{service}"), bytes_up = up, bytes_down = dn, ms, "mesh connection done")
             }
+        }
+        // As a tcp app's connection: both devices get the tails of what was passed on before a
+        // drain's close of the endpoint throws them away.
+        if clean {
+            let (to_origin, to_target) = acked;
+            let both = async move {
+                match to_target {
+                    Some(t) => drop(tokio::join!(to_origin, t)),
+                    None => to_origin.await,
+                }
+            };
+            crate::stream::until_acked(both, crate::stream::ACK_WAIT).await;
         }
     }
 

@@ -164,6 +164,31 @@ pub struct QuicStream {
     gate: ReadGate,
 }
 
+impl QuicStream {
+    /// Resolves once the peer has everything written to this stream after its finish (or
+    /// stopped it): see [`until_acked`].
+    pub fn acked(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let stopped = self.send.stopped();
+        async move {
+            let _ = stopped.await;
+        }
+    }
+}
+
+/// How long a gateway's copy that ended cleanly waits for its streams' last bytes to be
+/// acknowledged ([`until_acked`]); a drain's grace bounds it too.
+pub const ACK_WAIT: Duration = Duration::from_secs(10);
+
+/// After a copy that ended cleanly, waits (at most `limit`) until the peer acknowledged what
+/// the stream holds after its finish (a whole window: seconds on a home uplink). Usually a
+/// round trip; it matters when the endpoint closes next (a drain ends once the copies' tasks
+/// are done, and that close throws away what quinn has not yet sent: a client's upload,
+/// passed on whole and closed cleanly, lost its tail). Not after a failure: a stream reset
+/// is dropped by quinn without a wake-up, and the wait would last the whole `limit`.
+pub async fn until_acked(acked: impl std::future::Future, limit: Duration) {
+    let _ = tokio::time::timeout(limit, acked).await;
+}
+
 /// A stream's receive side: the stream's alone, or shared with the sweep of held streams
 /// ([`crate::holds`]), which may cut it.
 #[derive(Debug)]

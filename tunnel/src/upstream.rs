@@ -29,6 +29,16 @@ impl Upstream {
         }
     }
 
+    /// Resolves once the device has everything written to this stream after its finish (or
+    /// stopped it); `None` for a local service, which needs no wait. See
+    /// [`crate::stream::until_acked`].
+    pub fn acked(&self) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        match self {
+            Upstream::Quic(q) => Some(q.acked()),
+            Upstream::Tcp(_) => None,
+        }
+    }
+
     /// Done with for now (an idle pooled connection): a tunnel stream then holds nothing
     /// ([`crate::holds`]), whatever its last read handed over.
     pub fn rest(&self) {
