@@ -357,7 +357,9 @@ pub struct GatewayFile {
     pub zone_config: PathBuf,
     #[serde(deserialize_with = "addr::one")]
     pub listen: SocketAddr,
-    pub policies: PathBuf,
+    /// The policy directory; `--policies` stands in for it (or overrides it).
+    #[serde(default)]
+    pub policies: Option<PathBuf>,
     #[serde(default, deserialize_with = "addr::maybe")]
     pub admin: Option<SocketAddr>,
     /// Seconds a drain waits for proxied connections on shutdown.

@@ -211,10 +211,17 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         ))
         .into());
     }
-    let dir = a
-        .policies
-        .clone()
-        .unwrap_or_else(|| config::resolve(&a.config, &f.policies));
+    let dir = match (&a.policies, &f.policies) {
+        (Some(flag), _) => flag.clone(),
+        (None, Some(key)) => config::resolve(&a.config, key),
+        (None, None) => {
+            return Err(UsageError(format!(
+                "{}: no policy directory: set `policies = \"policies\"` (relative to the file) or give --policies DIR",
+                a.config.display()
+            ))
+            .into())
+        }
+    };
     match std::fs::metadata(&dir) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {

@@ -815,6 +815,27 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
     assert!(e.contains("/nonexistent/cert.pem"), "{e}");
     std::fs::write(&gw, &gw_text).unwrap();
 
+    // No `policies` key: --policies stands in for it (here a directory that is not there,
+    // told as such), and without the flag the start is refused saying both.
+    let no_key: String = gw_text
+        .lines()
+        .filter(|l| !l.starts_with("policies"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(no_key, gw_text);
+    std::fs::write(&gw, &no_key).unwrap();
+    let e = fails(2, ["gateway", "--config", gws]);
+    assert!(
+        e.contains("no policy directory") && e.contains("--policies"),
+        "{e}"
+    );
+    let e = fails(
+        2,
+        ["gateway", "--config", gws, "--policies", "/nonexistent/p"],
+    );
+    assert!(e.contains("/nonexistent/p does not exist"), "{e}");
+    std::fs::write(&gw, &gw_text).unwrap();
+
     // Unknown key in the config file: named with its position.
     let text = std::fs::read_to_string(&node).unwrap();
     std::fs::write(&node, format!("{text}\nfrobnicate = true\n")).unwrap();
