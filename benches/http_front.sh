@@ -79,7 +79,15 @@ fi
 
 wrk_run() { # port -> "RPS p50 p99"
   wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -H 'Host: bench.example' "http://127.0.0.1:$1/" >"$tmp/wrk.out"
-  awk '/^Requests\/sec:/ {r=$2} /^ +50%/ {p50=$2} /^ +99%/ {p99=$2} END {printf "%8d req/s  p50 %-8s p99 %s\n", r, p50, p99}' "$tmp/wrk.out"
+  awk '/^Requests\/sec:/ {r=$2} /^ +50%/ {p50=$2} /^ +99%/ {p99=$2} END {printf "%8d req/s  p50 %-8s p99 %s", r, p50, p99}' "$tmp/wrk.out"
+  # Fast errors (502s from a front whose agent dropped, resets) must not read as a fast run.
+  local sockerr non2xx
+  sockerr=$(grep -oE 'Socket errors: .*' "$tmp/wrk.out" || true)
+  non2xx=$(awk '/Non-2xx or 3xx responses:/ { print $NF }' "$tmp/wrk.out")
+  if [[ -n $sockerr || -n $non2xx ]]; then
+    printf '  ERRORS: %s; non-2xx answers %s: not a result' "${sockerr:-no socket errors}" "${non2xx:-0}"
+  fi
+  echo
 }
 h2_run() { # port -> "RPS p50 p99"
   rm -f "$tmp/h2.log"

@@ -117,6 +117,10 @@ cleanup() {
   set +e
   for h in "${cleanup_hooks[@]}"; do "$h"; done
   for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    # Only processes still ours: one waited for already (`stop`, or a script's own wait) has
+    # been reaped, and its PID may be another program's by now.
+    kill -0 "${pids[i]}" 2>/dev/null || continue
+    jobs -p | grep -qx "${pids[i]}" || continue
     # a load loop (a bash function started with `start`) may be running a client right now
     mapfile -t kids < <(ps -o pid= --ppid "${pids[i]}" 2>/dev/null)
     kill "${kids[@]}" "${pids[i]}" 2>/dev/null

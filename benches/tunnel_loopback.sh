@@ -79,13 +79,36 @@ iperf() { iperf3 -c 127.0.0.1 -p "$1" -t "$SECS" -J "${@:2}" | gbps; }
 rps() { # wrk output on stdin -> requests/s (integer)
   awk '/^Requests\/sec:/ { printf "%d\n", $2 }'
 }
-cps() { wrk -t2 -c"$CONNS" -d"${SECS}s" -H 'Connection: close' "http://127.0.0.1:$1/" | rps; }
+cps() {
+  local out
+  out=$(wrk -t2 -c"$CONNS" -d"${SECS}s" -H 'Connection: close' "http://127.0.0.1:$1/")
+  # Fast errors (a front answering for an agent that dropped) must not read as a fast run.
+  if grep -q 'Non-2xx or 3xx responses' <<<"$out"; then
+    echo "wrk through port $1 got error answers: not a result" >&2
+    return 1
+  fi
+  rps <<<"$out"
+}
+# figure CMD... - CMD's figure; a tool that failed or printed none stops the run (inside the
+# echo below an empty figure read as a result, and the script still exited 0).
+figure() {
+  local v
+  v=$("$@") || { echo "failed: $*" >&2; return 1; }
+  [[ -n $v ]] || { echo "no figure from: $*" >&2; return 1; }
+  printf '%s' "$v"
+}
 
 echo "# zonegate tunnel on loopback: $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(uname -r)"
 echo "# load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "bulk TCP upload   (iperf3 -t $SECS)     direct: $(iperf 5201) Gbit/s   tunnel: $(iperf 15201) Gbit/s"
-echo "bulk TCP download (iperf3 -R -t $SECS)  direct: $(iperf 5201 -R) Gbit/s   tunnel: $(iperf 15201 -R) Gbit/s"
-echo "new connections/s (wrk -c$CONNS, Connection: close)  direct: $(cps 8000)   tunnel: $(cps 18080)"
+up_direct=$(figure iperf 5201)
+up_tunnel=$(figure iperf 15201)
+echo "bulk TCP upload   (iperf3 -t $SECS)     direct: $up_direct Gbit/s   tunnel: $up_tunnel Gbit/s"
+down_direct=$(figure iperf 5201 -R)
+down_tunnel=$(figure iperf 15201 -R)
+echo "bulk TCP download (iperf3 -R -t $SECS)  direct: $down_direct Gbit/s   tunnel: $down_tunnel Gbit/s"
+cps_direct=$(figure cps 8000)
+cps_tunnel=$(figure cps 18080)
+echo "new connections/s (wrk -c$CONNS, Connection: close)  direct: $cps_direct   tunnel: $cps_tunnel"
 echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 read -r warns errs < <(log_problems "$tmp/gateway.log" "$tmp/node.log")
 echo "# warnings/errors logged: $warns/$errs"
