@@ -137,7 +137,11 @@ impl RequestHandler for ZoneHandler {
                 let query = info.query;
                 // QCLASS * asks every class there is: here, IN only (RFC 1035 §3.2.5).
                 let lookup = if matches!(query.query_class(), DNSClass::IN | DNSClass::ANY) {
-                    records.lookup(query.name(), query.query_type())
+                    records.lookup_as(
+                        query.name(),
+                        Some(query.original().name()),
+                        query.query_type(),
+                    )
                 } else {
                     Lookup::Refused
                 };

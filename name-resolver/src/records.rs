@@ -318,6 +318,18 @@ impl ZoneRecords {
 
     /// Finds the answer to a query of class IN.
     pub fn lookup(&self, qname: &LowerName, qtype: RecordType) -> Lookup<'_> {
+        self.lookup_as(qname, None, qtype)
+    }
+
+    /// As [`Records::lookup`], with the query's name as it was sent (`asked`): a wildcard's
+    /// answer is owned by it, case and all (RFC 4592 §3.4.3 makes the query name the owner,
+    /// RFC 4343 keeps its case); it was the lowercased name.
+    pub fn lookup_as(
+        &self,
+        qname: &LowerName,
+        asked: Option<&Name>,
+        qtype: RecordType,
+    ) -> Lookup<'_> {
         if !self.origin.zone_of(qname) {
             return Lookup::Refused;
         }
@@ -345,8 +357,12 @@ impl ZoneRecords {
             }
             up = up.base_name();
         }
+        let owner = match asked {
+            Some(a) if LowerName::from(a) == *qname => a.clone(),
+            _ => Name::from(qname),
+        };
         match self.nodes.get(&self.wildcard) {
-            Some(sets) => answer(sets, qtype, qname, Some(qname)),
+            Some(sets) => answer(sets, qtype, qname, Some(owner)),
             None => Lookup::NxDomain,
         }
     }
@@ -357,10 +373,10 @@ fn answer<'a>(
     sets: &'a [RrSet],
     qtype: RecordType,
     qname: &LowerName,
-    synth: Option<&LowerName>,
+    synth: Option<Name>,
 ) -> Lookup<'a> {
     let rename = |recs: &[Record]| -> Vec<Record> {
-        let owner = Name::from(synth.unwrap_or(qname));
+        let owner = synth.clone().unwrap_or_else(|| Name::from(qname));
         recs.iter()
             .map(|r| {
                 let mut r = r.clone();
@@ -372,7 +388,7 @@ fn answer<'a>(
     if qtype == RecordType::ANY {
         // A node of one RRset (`_zonegate`: its ~60 KB TXT) is answered without a copy: a
         // 40-byte spoofable UDP query used to clone it all, only to be truncated.
-        if let ([set], None) = (sets, synth) {
+        if let ([set], None) = (sets, &synth) {
             if set.records.is_empty() {
                 return Lookup::NoData;
             }
@@ -515,6 +531,14 @@ mod tests {
             r.lookup(&lname("HOME1.Alice.Example."), RecordType::A),
             Lookup::Found { .. }
         ));
+        // A wildcard's answer is owned by the name as asked, case kept (it was lowercased).
+        let asked = Name::from_ascii("DFS.Alice.Example.").unwrap();
+        let recs = found(r.lookup_as(&LowerName::from(&asked), Some(&asked), RecordType::A));
+        assert!(
+            recs.iter()
+                .all(|x| x.name().to_ascii() == "DFS.Alice.Example."),
+            "{recs:?}"
+        );
     }
 
     #[test]
