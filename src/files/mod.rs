@@ -429,11 +429,29 @@ async fn handle(
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             r
         }
-        Ok(Ok(Found::Listing(html))) => Response::builder()
-            .header("content-type", "text/html; charset=utf-8")
-            .header(header::CONTENT_LENGTH, html.len())
-            .body(if head { empty() } else { full(html) })
-            .expect("valid response"),
+        Ok(Ok(Found::Listing(html))) => {
+            // A listing has no validators (no tag, no date), and its preconditions are
+            // answered all the same (RFC 9110 §13.1): an `If-Match` naming a tag fails,
+            // `If-None-Match: *` is a 304.
+            let none = Validators {
+                etag: None,
+                modified: None,
+                changed: None,
+            };
+            let status = match validate::evaluate(req.headers(), &none) {
+                Verdict::NotModified => StatusCode::NOT_MODIFIED,
+                Verdict::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
+                Verdict::Serve { .. } => StatusCode::OK,
+            };
+            let r = Response::builder().status(status);
+            if status != StatusCode::OK {
+                return r.body(empty()).expect("valid response");
+            }
+            r.header("content-type", "text/html; charset=utf-8")
+                .header(header::CONTENT_LENGTH, html.len())
+                .body(if head { empty() } else { full(html) })
+                .expect("valid response")
+        }
         // Outside: the same answer as a path that is not there, or a link leading out would
         // tell which files exist beyond the shared directory.
         Ok(Err(Refused::NotFound | Refused::Outside)) => text(StatusCode::NOT_FOUND, "not found"),
@@ -1197,6 +1215,26 @@ mod tests {
         std::fs::rename(&v1, d.path().join("v1.old")).unwrap();
         std::fs::rename(&v2, &v1).unwrap();
         assert!(get(addr, "/a.txt", "").await.ends_with("second"));
+        stop.cancel();
+    }
+
+    /// A listing's preconditions are answered though it has no validators: `If-Match` with a
+    /// tag fails (412), `If-None-Match: *` is a 304; without them, the listing. Both were 200
+    /// with the whole listing.
+    #[tokio::test]
+    async fn a_listings_preconditions_are_answered() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("a.txt"), "a").unwrap();
+        let (addr, stop) = serve_dir(d.path()).await;
+        let got = get(addr, "/", "If-Match: \"x\"\r\n").await;
+        assert!(got.starts_with("HTTP/1.1 412"), "{got}");
+        let got = get(addr, "/", "If-None-Match: *\r\n").await;
+        assert!(got.starts_with("HTTP/1.1 304"), "{got}");
+        let got = get(addr, "/", "If-Match: *\r\n").await;
+        assert!(
+            got.starts_with("HTTP/1.1 200") && got.contains("a.txt"),
+            "{got}"
+        );
         stop.cancel();
     }
 
