@@ -8,7 +8,7 @@
 use std::path::{Component, Path};
 
 use libfuzzer_sys::fuzz_target;
-use zonegate::files::validate::{evaluate, Validators};
+use zonegate::files::validate::{evaluate, Validators, Verdict};
 use zonegate::files::{byte_range, resolve, Ranged};
 
 fuzz_target!(|data: &[u8]| {
@@ -50,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
         ] {
             h.insert(name.clone(), value.clone());
             let mut one = header::HeaderMap::new();
-            one.insert(name, value.clone());
+            one.insert(name.clone(), value.clone());
             for v in [
                 Validators {
                     etag: Some("\"a-1.0-3\"".into()),
@@ -63,8 +63,22 @@ fuzz_target!(|data: &[u8]| {
                     changed: None,
                 },
             ] {
-                let _ = evaluate(&one, &v);
+                let verdict = evaluate(&one, &v);
                 let _ = evaluate(&h, &v);
+                if v.etag.is_none() && v.modified.is_none() && v.changed.is_none() {
+                    // Nothing to compare with (a listing, a file too fresh): no 304 but for
+                    // `If-None-Match: *`, and no `If-Range` keeps a range.
+                    match verdict {
+                        Verdict::NotModified => assert!(
+                            name == header::IF_NONE_MATCH && text.trim() == "*",
+                            "304 without validators for {name}: {text:?}"
+                        ),
+                        Verdict::Serve { range } => {
+                            assert!(!range || name != header::IF_RANGE, "{text:?}")
+                        }
+                        Verdict::PreconditionFailed => {}
+                    }
+                }
             }
         }
     }

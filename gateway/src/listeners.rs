@@ -665,7 +665,7 @@ async fn tcp_conn(
         }
         return;
     }
-    let _guard = match state.limits.connect(&who) {
+    let guard = match state.limits.connect(&who) {
         Ok(g) => g,
         Err(e) => {
             state.counters.refused(Refusal::ConnectionLimit);
@@ -773,9 +773,11 @@ async fn tcp_conn(
         return;
     }
     info!(app = %app_name, device = %target.device, client = %Client(peer), bytes_in = bin, bytes_out = bout, ms = started.elapsed().as_millis() as u64, end = %m.end(), "connection done");
-    // The client's connection (and its slot) goes first; the task stays until the device
-    // has the upload's tail, or a drain closing the tunnel right after would lose it.
+    // The client's connection, its slot and its count against the app's connection limits
+    // go first; the task stays until the device has the upload's tail, or a drain closing
+    // the tunnel right after would lose it.
     drop(tcp);
+    drop(guard);
     if let (Some(acked), true) = (acked, m.is_clean()) {
         tunnel::stream::until_acked(acked, tunnel::stream::ACK_WAIT).await;
     }

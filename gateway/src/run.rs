@@ -201,7 +201,7 @@ async fn watch_certificates(
             }
             // A warning: during a renewal the key may change a moment before its certificate.
             Some(Err(e)) => {
-                warn!(error = %e, "HTTPS certificate files changed but a pair does not load or is out of date: its previous certificate serves on (the other pairs' new ones serve); read again every 5 s until it loads")
+                warn!(error = %e, "HTTPS certificate files changed but a pair does not load or is out of date: its previous certificate serves on, if it ever loaded (else its names get the first pair's), and the other pairs' new ones serve; read again every 5 s until it loads")
             }
         }
     }
@@ -307,8 +307,9 @@ impl Gateway {
         if !clashes.is_empty() {
             return Err(StartError::Usage(clashes.join("; ")));
         }
-        // The checks of files first, before any socket: a mistyped [[tls]] path or a zone the
-        // DNS cannot carry is a setting to change, told before anything is bound.
+        // The checks of files first, before any socket: [[tls]] pairs none of which loads (a
+        // mistyped path) or a zone the DNS cannot carry is a setting to change, told before
+        // anything is bound. Some pairs loading: those serve, the others are logged.
         let tls = match opts.https {
             Some(_) => {
                 let names = self_signed_names(&opts.creds.domain().to_string(), &opts.policy);

@@ -275,6 +275,12 @@ async fn relay_sees_only_ciphertext_then_streams_go_direct_and_survive_the_gatew
             .any(|p| p.device == "home2" && p.path == "direct")
     })
     .await;
+    // Direct connections take no QUIC datagrams (nothing reads them there): neither the side
+    // that dialed nor the one that accepted offers to.
+    for (agent, peer) in [(&h1.agent, "home2"), (&h2.agent, "home1")] {
+        let conn = agent.direct_conn(peer).expect("a direct connection");
+        assert_eq!(conn.max_datagram_size(), None, "{peer} takes datagrams");
+    }
     let gw_status = gw.hub.status();
     let pair = gw_status
         .iter()

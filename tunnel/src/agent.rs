@@ -652,6 +652,11 @@ impl Agent {
             .sum()
     }
 
+    /// The direct connection to `peer` streams use now, if one is up.
+    pub fn direct_conn(&self, peer: &str) -> Option<quinn::Connection> {
+        self.peers.direct(peer).map(|p| p.conn)
+    }
+
     /// Mesh peers: path (direct or relay), RTT, bytes.
     pub fn peers(&self) -> Vec<PeerStatus> {
         let gw_rtt = self

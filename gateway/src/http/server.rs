@@ -683,23 +683,22 @@ async fn write_response(
                     // TLS may hold bytes a write took (records waiting for the socket, which
                     // wakes this task but is written to only by a write or a flush): flushed
                     // while the body has nothing new, or an event stream's last events waited
-                    // for its next ones.
+                    // for its next ones. A flush still under way sets no deadline of its own
+                    // (it cannot tell how much it moved): the next write, or the answer's end,
+                    // is under the send timeout as before.
                     let mut w = lock(wire);
                     let Some(io) = w.io.as_mut() else {
                         return Poll::Ready(Err(WriteError::Gone));
                     };
                     return match Pin::new(&mut **io).poll_flush(cx) {
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(e.into())),
                         Poll::Ready(Ok(())) => {
+                            // All of it went: the client is taking the answer.
                             blocked_since = None;
                             moved = 0;
                             Poll::Pending
                         }
-                        Poll::Ready(Err(e)) => Poll::Ready(Err(e.into())),
-                        Poll::Pending => {
-                            let since = *blocked_since.get_or_insert_with(Instant::now);
-                            poll_deadline(timer.as_mut(), cx, since + send_timeout)
-                                .map(|()| Err(WriteError::Stalled(send_timeout)))
-                        }
+                        Poll::Pending => Poll::Pending,
                     };
                 }
                 Poll::Pending => {}

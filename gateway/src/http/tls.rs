@@ -10,7 +10,8 @@
 //!
 //! Certificate files are read again when they change ([`Tls::reload_if_changed`], polled by
 //! the gateway): a renewal (certbot every 60 days or so) is served without a restart, and a
-//! broken one is refused with the old certificates serving on.
+//! broken one is refused with the old certificates serving on. At start a pair that does not
+//! load is left out while the others serve ([`configure`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
