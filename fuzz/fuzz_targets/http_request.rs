@@ -21,8 +21,8 @@ use std::sync::OnceLock;
 
 use gateway::http::h1::{encode_request_head, ReqFraming};
 use gateway::http::headers::{
-    upgrade_requested, Forwarded, CLIENT_CLAIMS, HOP_BY_HOP, PROXY_AUTHENTICATE, X_FORWARDED_FOR,
-    X_FORWARDED_HOST, X_FORWARDED_PROTO,
+    method_overrides, upgrade_requested, Forwarded, CLIENT_CLAIMS, HOP_BY_HOP, PROXY_AUTHENTICATE,
+    X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO,
 };
 use gateway::http::route::{request_host, upstream_target};
 use gateway::http::server_h1::MAX_HEADERS;
@@ -198,10 +198,50 @@ fn single<'a>(h: &'a HeaderMap, n: &HeaderName) -> &'a HeaderValue {
     v
 }
 
+/// What the front decides a request's method overrides on (`method_overrides`) holds every
+/// one a reference reader finds: each `_method` a form decoder (`form_urlencoded`) reads from
+/// the query, named as PHP names parameters (leading spaces dropped; `.`, ` ` and `[` as
+/// `_`), and each listed value of an override header (`_` for `-` in its name), trimmed and
+/// uppercased. One missed would pass an app's method rule unchecked.
+fn overrides_agree(headers: &HeaderMap, query: Option<&str>) {
+    let got = method_overrides(headers, query);
+    let mut want = Vec::new();
+    for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        let name: String = name
+            .trim_start_matches(' ')
+            .chars()
+            .map(|c| if matches!(c, '.' | ' ' | '[') { '_' } else { c })
+            .collect();
+        if name == "_method" {
+            want.push(value.trim().to_ascii_uppercase());
+        }
+    }
+    for (name, value) in headers {
+        let n = name.as_str().replace('_', "-");
+        if [
+            "x-http-method-override",
+            "x-http-method",
+            "x-method-override",
+        ]
+        .contains(&n.as_str())
+        {
+            let text = value.to_str().unwrap_or("?");
+            want.extend(text.split(',').map(|m| m.trim().to_ascii_uppercase()));
+        }
+    }
+    for m in want.iter().filter(|m| !m.is_empty()) {
+        assert!(
+            got.contains(m),
+            "override {m:?} not decided on: {got:?} ({query:?})"
+        );
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some(Input { req, https, client }) = parse(data) else {
         return;
     };
+    overrides_agree(&req.headers, req.uri.query());
     let policy = policy();
     // 400 without a host, 404 without a route: nothing more of ours runs.
     let Some(host) = request_host(&req).map(str::to_owned) else {
