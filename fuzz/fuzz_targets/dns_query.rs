@@ -1,11 +1,15 @@
 //! Fuzzes the zone DNS server's answer to whatever a client on the internet sends it: a flags
-//! byte (bit 0: over TCP, else UDP; the rest picks the client's address), then the query's
-//! bytes, parsed as hickory-server parses them and answered by `ZoneHandler` from a generated
-//! zone (gateways, nodes, the zone config TXT). Checks: no panic; the answer encodes and
-//! parses back as one DNS response with the query's id; over UDP it fits what the query
-//! allows (512 bytes without EDNS, its payload size clamped to 512..=1232 with it), so a
-//! spoofed query cannot draw more; a question for a name outside the zone is refused or
-//! answered with no record.
+//! byte (bit 0: over TCP, else UDP; bits 1-3 pick the client's source port, the rest its
+//! address), then the query's bytes. Over UDP, the server's own datagram path
+//! (`answer_datagram`: its FORMERRs, reflection guards and size guard, the socket left out);
+//! over TCP, parsed as hickory-server parses it and answered by `ZoneHandler`; both from a
+//! generated zone (gateways, nodes, the zone config TXT). Checks: no panic; at most one
+//! answer to a datagram, none to a response or to a port of a service that answers anything;
+//! a malformed query (or one of several questions) gets a 12-byte FORMERR with its id, only
+//! to port 53 or an unprivileged one; an answer encodes and parses back as one DNS response
+//! with the query's id; over UDP it fits what the query allows (512 bytes without EDNS, its
+//! payload size clamped to 512..=1232 with it), so a spoofed query cannot draw more; a
+//! question for a name outside the zone is refused or answered with no record.
 #![no_main]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -75,6 +79,12 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
+/// Source ports the input picks from: DNS's, resolvers' (unprivileged), and privileged ones
+/// of services that answer anything (never answered: reflection loops), or of others.
+const PORTS: [u16; 8] = [5353, 53, 0, 7, 19, 464, 1000, 40000];
+/// Those never answered at all (the UDP path's `LOOPING_PORTS`).
+const LOOPING: [u16; 4] = [0, 7, 19, 464];
+
 fuzz_target!(|data: &[u8]| {
     let Some((&flags, wire)) = data.split_first() else {
         return;
@@ -84,27 +94,59 @@ fuzz_target!(|data: &[u8]| {
     } else {
         Protocol::Udp
     };
-    let Ok(query) = MessageRequest::from_bytes(wire) else {
-        return;
-    };
-    let id = query.id();
-    let question = query
-        .queries()
-        .first()
-        .map(|q| (q.name().clone(), q.query_class()));
-    let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, flags >> 1)), 5353);
-    let request = Request::new(query, client, protocol);
+    let port = PORTS[usize::from((flags >> 1) & 7)];
+    let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, flags >> 4)), port);
     // A fresh handler each time: its response rate limiter would otherwise silence the
     // fuzzer's one client after a few queries.
     let handler = ZoneHandler::new(records());
-    let out = Collect {
-        protocol: Some(protocol),
-        ..Collect::default()
+    let parsed = MessageRequest::from_bytes(wire);
+    let (bytes, request) = if protocol == Protocol::Udp {
+        // The UDP path as the server runs it (its FORMERRs, its size guard), socket aside.
+        let mut sent = runtime().block_on(name_resolver::answer_datagram(&handler, wire, client));
+        assert!(sent.len() <= 1, "{} answers to one datagram", sent.len());
+        let Some(bytes) = sent.pop() else {
+            return;
+        };
+        assert!(!LOOPING.contains(&port), "an answer to port {port}");
+        assert!(
+            wire.len() >= 12 && wire[2] & 0x80 == 0,
+            "an answer to a response or to no header"
+        );
+        match parsed {
+            Ok(q) if q.queries().len() <= 1 => (bytes, Some(Request::new(q, client, protocol))),
+            // Malformed, or several questions (RFC 9619): a header-only FORMERR, no larger
+            // than the query, and only to DNS's port or an unprivileged one.
+            _ => {
+                assert_eq!(bytes.len(), 12, "a FORMERR of {} bytes", bytes.len());
+                assert_eq!(bytes[..2], wire[..2], "the FORMERR's id");
+                assert_eq!(bytes[3] & 0x0f, 1, "not a FORMERR");
+                assert!(port == 53 || port >= 1024, "a FORMERR to port {port}");
+                return;
+            }
+        }
+    } else {
+        let Ok(query) = parsed else {
+            return;
+        };
+        let request = Request::new(query, client, protocol);
+        let out = Collect {
+            protocol: Some(protocol),
+            ..Collect::default()
+        };
+        runtime().block_on(handler.handle_request(&request, out.clone()));
+        let Some(bytes) = out.bytes.lock().unwrap().take() else {
+            return; // dropped by the rate limiter: nothing sent
+        };
+        (bytes, Some(request))
     };
-    runtime().block_on(handler.handle_request(&request, out.clone()));
-    let Some(bytes) = out.bytes.lock().unwrap().take() else {
-        return; // dropped by the rate limiter: nothing sent
+    let Some(request) = request else {
+        return;
     };
+    let id = request.id();
+    let question = request
+        .queries()
+        .first()
+        .map(|q| (q.name().clone(), q.query_class()));
     // hickory-server echoes the question section's bytes as the query had them: a question
     // name with a compression pointer (into the header) then points at the answer's own
     // header, which no longer spells a name. Malformed queries only; their answers are no

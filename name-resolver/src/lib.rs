@@ -33,3 +33,5 @@ pub use error::{Blame, BootstrapError, DnsError, RecordsError};
 pub use handler::ZoneHandler;
 pub use records::ZoneRecords;
 pub use server::DnsServer;
+#[doc(hidden)]
+pub use udp::answer_datagram;

@@ -51,7 +51,7 @@ pub(crate) async fn serve(socket: UdpSocket, handler: ZoneHandler, stop: Cancell
         // An empty datagram is no query: skipped (it once stopped the loop, and the gateway).
         for query in got.datagrams(&buf).filter(|d| !d.is_empty()) {
             let reply = UdpReply {
-                socket: socket.clone(),
+                out: Out::Socket(socket.clone()),
                 to: got.from,
                 from_ip: got.to,
                 max: PLAIN_UDP_MAX,
@@ -128,10 +128,38 @@ async fn answer(handler: &ZoneHandler, query: &[u8], mut reply: UdpReply) {
     handler.handle_request(&request, reply).await;
 }
 
+/// What answers are sent through: the socket, or (for the fuzz target) a list they are kept in.
+#[derive(Clone)]
+enum Out {
+    Socket(Arc<ReplySocket>),
+    Kept(Arc<std::sync::Mutex<Vec<Vec<u8>>>>),
+}
+
+/// What a datagram `query` from `from` is answered with, as [`serve`] answers it, the
+/// socket left out (for the fuzz target): no datagram, or one. Sans-IO but for the handler.
+#[doc(hidden)]
+pub async fn answer_datagram(
+    handler: &ZoneHandler,
+    query: &[u8],
+    from: SocketAddr,
+) -> Vec<Vec<u8>> {
+    let kept = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reply = UdpReply {
+        out: Out::Kept(kept.clone()),
+        to: from,
+        from_ip: None,
+        max: PLAIN_UDP_MAX,
+        question: None,
+    };
+    answer(handler, query, reply).await;
+    let sent = std::mem::take(&mut *kept.lock().unwrap_or_else(|p| p.into_inner()));
+    sent
+}
+
 /// Where one answer goes, and from which address.
 #[derive(Clone)]
 struct UdpReply {
-    socket: Arc<ReplySocket>,
+    out: Out,
     to: SocketAddr,
     from_ip: Option<IpAddr>,
     /// The largest answer the client takes (its EDNS size, or 512 without EDNS).
@@ -143,7 +171,16 @@ struct UdpReply {
 impl UdpReply {
     /// Sends `bytes`, waiting at most [`SEND_WAIT`] for room.
     async fn send(&self, bytes: &[u8]) {
-        let sent = self.socket.send_to(bytes, self.to, self.from_ip);
+        let socket = match &self.out {
+            Out::Socket(s) => s,
+            Out::Kept(k) => {
+                k.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(bytes.to_vec());
+                return;
+            }
+        };
+        let sent = socket.send_to(bytes, self.to, self.from_ip);
         match tokio::time::timeout(SEND_WAIT, sent).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => debug!(dst = %self.to, %error, "DNS answer not sent"),
