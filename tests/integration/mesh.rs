@@ -1220,6 +1220,30 @@ async fn a_direct_stream_ends_when_the_policy_stops_allowing_it() {
     gw.shutdown.cancel();
 }
 
+/// A forward that cannot reach its device (no gateway up, no direct path) resets the local
+/// client's connection: closed cleanly, a client that only reads (`nc host port > dump`)
+/// took the empty stream for the whole answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_that_reaches_nothing_resets_its_client() {
+    let MeshZone {
+        gw, h1, h2, fwd, ..
+    } = mesh_zone().await;
+    gw.shutdown.cancel();
+    wait_until("home2 has no gateway up", WAIT, || {
+        h2.agent.links().iter().all(|l| l.status().state != "up")
+    })
+    .await;
+    let mut c = tokio::net::TcpStream::connect(fwd).await.unwrap();
+    let mut got = Vec::new();
+    let r = tokio::time::timeout(WAIT, c.read_to_end(&mut got))
+        .await
+        .expect("the forward neither ended nor failed");
+    let e = r.expect_err("a forward that reached nothing ended cleanly");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    h1.shutdown.cancel();
+    h2.shutdown.cancel();
+}
+
 /// A gateway that did not relay a permit (it restarted since) still revokes it: the device
 /// reports the permits it holds as its session starts (`PermitsHeld`), and the direct stream
 /// the new policy does not allow ends.

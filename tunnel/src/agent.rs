@@ -539,7 +539,8 @@ impl Agent {
             Ok(None) => None,
             Err(e) => Some(e),
         };
-        self.learn_revocations(bytes, &file);
+        // What keeps it from being read is told by the line below.
+        let _ = self.learn_revocations(bytes, &file);
         let creds = &self.cfg.creds;
         creds.not_adopted_from_bundle(bytes, &file, current, error.as_ref());
     }
@@ -550,11 +551,14 @@ impl Agent {
     /// refuses its config. They are enforced from now on: direct paths to them cut, a
     /// gateway among them dropped. What keeps the config from being read is told by the
     /// refusal's own line.
-    fn learn_revocations(self: &Arc<Self>, bytes: &[u8], from: &str) {
-        if let Ok(Some(_)) = self.cfg.creds.learn_revocations(bytes, from) {
+    /// An error when the config cannot be read or does not verify (only a config revoking a
+    /// device not revoked here yet is verified).
+    fn learn_revocations(self: &Arc<Self>, bytes: &[u8], from: &str) -> Result<(), TunnelError> {
+        if self.cfg.creds.learn_revocations(bytes, from)?.is_some() {
             self.peers.cut_revoked();
             self.relink();
         }
+        Ok(())
     }
 
     /// Makes the links match the gateways the zone config lists now: a gateway added gets a
@@ -1045,14 +1049,18 @@ impl Agent {
                     info!(serial, gateway = %link.name, "adopted newer zone config from gateway");
                     self.zone_adopted(&link.name);
                 }
-                Ok(None) => self.learn_revocations(z, &link.name),
+                // Said by the welcome's checks if it matters: an older config that does not
+                // verify from a gateway that connects is no reason to refuse it here.
+                Ok(None) => {
+                    let _ = self.learn_revocations(z, &link.name);
+                }
                 Err(e) => {
                     // Budgeted as a refused update is: a gateway whose sessions last just
                     // long enough to reset the backoff would write one at each.
                     if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
                         warn!(gateway = %link.name, error = %e, unlogged, "gateway offered a zone config we refuse");
                     }
-                    self.learn_revocations(z, &link.name);
+                    let _ = self.learn_revocations(z, &link.name);
                 }
             }
         }
@@ -1255,28 +1263,37 @@ impl Agent {
                 // new serial (a config not adopted): taken from it (one parse; a signature
                 // check only if it revokes a device not revoked here yet).
                 let ours = self.cfg.creds.zone_serial();
-                if zone_serial <= ours {
-                    if zone_serial < ours {
-                        self.learn_revocations(&zone_config, &link.name);
-                    }
+                let refused = if zone_serial == ours {
                     return None;
-                }
-                let refused = match self.cfg.creds.offer_zone(&zone_config) {
-                    Ok(Some(serial)) => {
-                        info!(serial, gateway = %link.name, "adopted newer zone config");
-                        self.zone_adopted(&link.name);
-                        None
+                } else if zone_serial < ours {
+                    // Counted as a refused newer one when it does not verify: a gateway
+                    // labelling forged configs older kept this device checking them (a
+                    // parse and a signature check each) without end.
+                    match self.learn_revocations(&zone_config, &link.name) {
+                        Ok(()) => return None,
+                        Err(e) => Some(format!(
+                            "an older zone config (serial {zone_serial}) that cannot be read or does not verify: {e}"
+                        )),
                     }
-                    // Said to be newer and not (parsed all the same), as the hub counts it.
-                    Ok(None) if zone_serial > self.cfg.creds.zone_serial() => {
-                        Some("its serial is not the newer one it announced".to_owned())
+                } else {
+                    let refused = match self.cfg.creds.offer_zone(&zone_config) {
+                        Ok(Some(serial)) => {
+                            info!(serial, gateway = %link.name, "adopted newer zone config");
+                            self.zone_adopted(&link.name);
+                            None
+                        }
+                        // Said to be newer and not (parsed all the same), as the hub counts it.
+                        Ok(None) if zone_serial > self.cfg.creds.zone_serial() => {
+                            Some("its serial is not the newer one it announced".to_owned())
+                        }
+                        Ok(None) => None,
+                        Err(e) => Some(e.to_string()),
+                    };
+                    if refused.is_some() {
+                        let _ = self.learn_revocations(&zone_config, &link.name);
                     }
-                    Ok(None) => None,
-                    Err(e) => Some(e.to_string()),
+                    refused
                 };
-                if refused.is_some() {
-                    self.learn_revocations(&zone_config, &link.name);
-                }
                 if let Some(why) = refused {
                     // Budgeted: a gateway sending bad ones in a loop must not fill the disk.
                     if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
@@ -1994,7 +2011,10 @@ impl Agent {
                             code,
                             RefuseCode::NoSuchService | RefuseCode::ServiceUnreachable
                         ) {
-                            info!(listen = %f.listen, to = %to, client = %client, via = "direct", %code, reason = %reason, "forward refused");
+                            if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
+                                info!(listen = %f.listen, to = %to, client = %client, via = "direct", %code, reason = %reason, unlogged, "forward refused");
+                            }
+                            crate::splice::End::abort(&mut tcp);
                             return;
                         }
                         debug!(to = %to, %code, reason = %reason, "direct stream refused: using the relay");
@@ -2015,14 +2035,20 @@ impl Agent {
             links.retain(|(l, _)| l.name == f.device);
         }
         if links.is_empty() {
-            warn!(listen = %f.listen, to = %to, "forward refused: no gateway connected that reaches it, and no direct path");
+            if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
+                warn!(listen = %f.listen, to = %to, client = %client, unlogged, "forward refused: no gateway connected that reaches it, and no direct path");
+            }
+            crate::splice::End::abort(&mut tcp);
             return;
         }
         let peer_key = if mesh_peer {
             match self.cfg.creds.noise_public_of(&f.device) {
                 Ok(k) => Some(k),
                 Err(e) => {
-                    warn!(to = %to, error = %e, "forward refused");
+                    if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
+                        warn!(to = %to, client = %client, error = %e, unlogged, "forward refused");
+                    }
+                    crate::splice::End::abort(&mut tcp);
                     return;
                 }
             }
@@ -2059,7 +2085,12 @@ impl Agent {
         }
         let Some((link, q, _holds)) = opened else {
             let reason = last_error.map(|e| e.to_string()).unwrap_or_default();
-            info!(listen = %f.listen, to = %to, client = %client, reason = %reason, "forward refused");
+            if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
+                info!(listen = %f.listen, to = %to, client = %client, reason = %reason, unlogged, "forward refused");
+            }
+            // Reset, not closed: a client that only reads (`nc host port > dump`) took the
+            // clean end of an empty stream for success.
+            crate::splice::End::abort(&mut tcp);
             return;
         };
         let mut q = q;
@@ -2214,8 +2245,10 @@ async fn read_datagrams(conn: Connection, flows: Flows, gateway: String) {
                 .get(id)
                 .map(|f| (f.sock.clone(), f.activity.clone(), f.dropped_up.clone()));
             if open.is_none() {
-                // Its open may be right behind on the control stream.
-                table.hold_early(id, payload.clone(), Instant::now());
+                // Its open may be right behind on the control stream. A copy: the payload is a
+                // slice of quinn's receive buffer, a whole packet (or batch) that an empty
+                // datagram, counted as 0 bytes against the bound, kept alive.
+                table.hold_early(id, bytes::Bytes::copy_from_slice(&payload), Instant::now());
             }
             dropped += table.take_dropped();
             open
