@@ -2729,16 +2729,20 @@ async fn a_gateway_offering_bad_zone_configs_has_its_session_ended() {
     let (h1, _server, conn, (mut send, mut recv, mut dec)) =
         fake_gateway_session(&z, fast_tuning(), None).await;
     wait_links_up(&h1.agent).await;
-    // Half that do not parse, half the zone's own config announced as newer than it is
-    // (parsed all the same, and counted as the hub counts it).
+    // A third that do not parse, a third the zone's own config announced as newer than it is
+    // (parsed all the same, and counted as the hub counts it), a third that do not parse
+    // announced as older (read for their revocations: a gateway labelling forged configs
+    // older kept the node checking them without end).
     let own = z.creds("home1").zone().to_json_compact();
+    let garbage = br#"{"config":{},"signature":"no"}"#.to_vec();
     for i in 0..tunnel::hub::MAX_REFUSED_OFFERS {
-        let zone_config = match i % 2 {
-            0 => br#"{"config":{},"signature":"no"}"#.to_vec(),
-            _ => own.clone(),
+        let (zone_serial, zone_config) = match i % 3 {
+            0 => (u64::MAX, garbage.clone()),
+            1 => (u64::MAX, own.clone()),
+            _ => (0, garbage.clone()),
         };
         let bad = ControlMsg::ConfigUpdate {
-            zone_serial: u64::MAX,
+            zone_serial,
             zone_config,
         };
         write_msg(&mut send, &bad).await;
