@@ -86,8 +86,8 @@ pub enum DenyReason {
     NoAllowRule,
     NoMeshApp,
     NotInFrom,
-    Method,
     Path,
+    Method,
     OutsideHours,
 }
 
@@ -96,8 +96,8 @@ impl DenyReason {
         DenyReason::NoAllowRule,
         DenyReason::NoMeshApp,
         DenyReason::NotInFrom,
-        DenyReason::Method,
         DenyReason::Path,
+        DenyReason::Method,
         DenyReason::OutsideHours,
     ];
 
@@ -197,6 +197,39 @@ pub(crate) fn window_allows(w: &TimeWindow, ts: Timestamp) -> bool {
     }
 }
 
+/// `path` (normal form) as a file system that matches names loosely would look it up: every
+/// letter in lowercase, not only ASCII (exFAT, NTFS, APFS ignore case beyond it), and each
+/// name without trailing dots and spaces (FAT and Windows drop them: `private.` is
+/// `private`). Escapes are decoded for it, but for `/` and `\`, which would make new
+/// segments. For [`Policy::route_http`]'s guard only: paths still route as written.
+pub(crate) fn fold_name_matching(path: &str) -> String {
+    let b = path.as_bytes();
+    let mut bytes = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        let escaped = match (b[i], b.get(i + 1), b.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) => hex(h).zip(hex(l)).map(|(h, l)| (h * 16 + l) as u8),
+            _ => None,
+        };
+        match escaped {
+            Some(c) if c != b'/' && c != b'\\' => {
+                bytes.push(c);
+                i += 3;
+            }
+            _ => {
+                bytes.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&bytes)
+        .split('/')
+        .map(|seg| seg.trim_end_matches(['.', ' ']).to_lowercase())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// Checks one rule; `Err` is the first condition that failed.
 pub(crate) fn check_rule(
     rule: &Rule,
@@ -208,16 +241,18 @@ pub(crate) fn check_rule(
     if !from_matches(&rule.from, who) {
         return Err(DenyReason::NotInFrom);
     }
-    // An unknown method or path cannot satisfy a rule that restricts it.
-    if !rule.methods.is_empty() && !method.is_some_and(|m| rule.methods.iter().any(|x| x == m)) {
-        return Err(DenyReason::Method);
-    }
+    // An unknown method or path cannot satisfy a rule that restricts it. The path first: a
+    // path no rule covers is refused as such (403), not as a method (a 405 whose `Allow`
+    // was empty, sending the user to try a method no rule allows there either).
     if !rule.paths.is_empty() {
         // Compared in normal form, as routing does: `/pub/../private` is `/private`.
         let p = path.and_then(|p| normalize_path(strip_query(p)).ok());
         if !p.is_some_and(|p| rule.paths.iter().any(|x| path_has_prefix(&p, x))) {
             return Err(DenyReason::Path);
         }
+    }
+    if !rule.methods.is_empty() && !method.is_some_and(|m| rule.methods.iter().any(|x| x == m)) {
+        return Err(DenyReason::Method);
     }
     if let Some(w) = &rule.window {
         if !window_allows(w, now) {
@@ -319,10 +354,10 @@ impl CompiledPolicy {
         // Longer prefixes first: those before it did not match as written.
         let longer = &routes[..at];
         if !longer.is_empty() {
-            let lower = path.to_ascii_lowercase();
+            let folded = fold_name_matching(&path);
             if longer
                 .iter()
-                .any(|(prefix, _)| path_has_prefix(&lower, &prefix.to_ascii_lowercase()))
+                .any(|(prefix, _)| path_has_prefix(&folded, &fold_name_matching(prefix)))
             {
                 return None;
             }

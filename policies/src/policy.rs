@@ -41,6 +41,9 @@ pub(crate) fn assemble(
         ..Default::default()
     };
     let mut http_seen: HashMap<(String, String), usize> = HashMap::new();
+    // The same routes as a file system matching names loosely sees them (case, trailing
+    // dots): two of those would be one to such a service.
+    let mut http_folded: HashMap<(String, String), usize> = HashMap::new();
     for p in pending {
         let err_at = |msg: String| PolicyError {
             path: p.source.path.clone(),
@@ -64,9 +67,17 @@ pub(crate) fn assemble(
         let mut conflict = None;
         match &p.parts.listener {
             Listener::Http(h) => {
+                let folded = (h.host.clone(), crate::eval::fold_name_matching(&h.path));
                 if let Some(&other) = http_seen.get(&(h.host.clone(), h.path.clone())) {
                     conflict = Some(format!(
                         "http route {}{} is already used by app `{}` at {}",
+                        h.host, h.path, policy.apps[other].name, policy.apps[other].source
+                    ));
+                } else if let Some(&other) = http_folded.get(&folded) {
+                    // Each would route requests of the other's path nowhere (a request under
+                    // one prefix but for case matches no app), leaving one unreachable.
+                    conflict = Some(format!(
+                        "http route {}{} differs from app `{}`'s only by case or trailing dots (at {}): a service that ignores those would serve both as one, and routing refuses what could reach either; give them different paths",
                         h.host, h.path, policy.apps[other].name, policy.apps[other].source
                     ));
                 }
@@ -98,6 +109,10 @@ pub(crate) fn assemble(
         match &p.parts.listener {
             Listener::Http(h) => {
                 http_seen.insert((h.host.clone(), h.path.clone()), index);
+                http_folded.insert(
+                    (h.host.clone(), crate::eval::fold_name_matching(&h.path)),
+                    index,
+                );
                 policy
                     .http
                     .entry(h.host.clone())

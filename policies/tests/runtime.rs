@@ -61,8 +61,72 @@ fn http_routing_longest_prefix_and_host_normalization() {
     assert_eq!(name("alice.example", "/dfs/RW/file"), None);
     assert_eq!(name("alice.example", "/dfs/Rw"), None);
     assert_eq!(name("alice.example", "/dfs/rwx"), Some("dfs"));
+    // Nor under it but for trailing dots or spaces of a name, which FAT and Windows drop.
+    assert_eq!(name("alice.example", "/dfs/rw./file"), None);
+    assert_eq!(name("alice.example", "/dfs/rw%20/file"), None);
+    assert_eq!(name("alice.example", "/dfs/RW.%20./file"), None);
+    assert_eq!(name("alice.example", "/dfs/rw.x/file"), Some("dfs"));
     assert_eq!(name("alice.example", "/DFS/x"), None);
     assert_eq!(name("bob.example", "/dfs"), None);
+}
+
+/// A path no rule covers is refused as a path whatever the method (it was refused as a
+/// method, and the front answered 405 with an empty `Allow`); a method that the rules
+/// covering the path do not allow is refused as a method.
+#[test]
+fn a_path_no_rule_covers_is_refused_as_a_path() {
+    let src = r#"
+[app.files]
+http = { host = "alice.example", path = "/dfs" }
+to = "home1/dfs"
+allow = [
+  { from = ["public"], methods = ["GET", "HEAD"], paths = ["/dfs/pub"] },
+  { from = ["public"], methods = ["POST"], paths = ["/dfs/upload"] },
+]
+"#;
+    let p = policies::check_str(Path::new("t.toml"), src).expect("policy");
+    let app = p.app("files").expect("files");
+    let public = Requester::Public {
+        ip: ip("198.51.100.7"),
+    };
+    let now = ts(FRI_1600);
+    let reason = |m: &str, path: &str| match p.decide(app, &public, Some(m), Some(path), now) {
+        Decision::Deny { reason } => Some(reason),
+        Decision::Allow { .. } => None,
+    };
+    assert_eq!(reason("POST", "/dfs/private"), Some(DenyReason::Path));
+    assert_eq!(reason("GET", "/dfs/private"), Some(DenyReason::Path));
+    assert_eq!(reason("POST", "/dfs/pub/a"), Some(DenyReason::Method));
+    assert_eq!(reason("GET", "/dfs/upload"), Some(DenyReason::Method));
+    assert_eq!(reason("GET", "/dfs/pub/a"), None);
+}
+
+/// Two http routes that differ only by case or trailing dots are refused: a service that
+/// ignores those would serve both as one, and routing refuses what could reach either, so
+/// one of them was accepted and never reached.
+#[test]
+fn routes_that_differ_only_by_case_are_refused() {
+    let src = r#"
+[app.a]
+http = { host = "alice.example", path = "/dfs/RW" }
+to = "home1/dfs"
+allow = { from = ["public"] }
+
+[app.b]
+http = { host = "alice.example", path = "/dfs/rw" }
+to = "home1/dfs"
+allow = { from = ["public"] }
+"#;
+    let errs = policies::check_str(Path::new("t.toml"), src).expect_err("accepted");
+    let text = errs
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        text.contains("differs from app `a`'s only by case"),
+        "{text}"
+    );
 }
 
 #[test]
