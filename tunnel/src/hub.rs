@@ -1219,10 +1219,19 @@ impl Hub {
                         link.ctl.revoke_permit(peer, service);
                         continue;
                     }
-                    changed |= self.mesh_pair(&peer, &link.device, |p| {
+                    // A pair made only for a service it offers: made up ones must not list a
+                    // pair (an idle `mesh` entry in the peer's /status) for every zone device.
+                    let key = (peer.clone(), link.device.clone());
+                    let mut m = self.0.mesh.lock().unwrap_or_else(|p| p.into_inner());
+                    let pair = match m.get_mut(&key) {
+                        Some(p) => Some(p),
+                        None if offered.contains(&service) => Some(m.entry(key).or_default()),
+                        None => None,
+                    };
+                    if let Some(p) = pair {
                         let known = offered.contains(&service) || p.permitted.contains(&service);
-                        known && p.may_permit(&service, true)
-                    });
+                        changed |= known && p.may_permit(&service, true);
+                    }
                 }
                 drop(zone);
                 // A session's first report is always checked: a policy change while the
@@ -1528,6 +1537,9 @@ impl Hub {
             }
         };
         if !stream::accept(&mut send, self.0.cfg.tuning.open_timeout).await {
+            // The opener is gone (its own open timed out, or it reset): the target's service
+            // is told so by a reset, not a clean end of an empty request.
+            crate::splice::End::abort(&mut upstream);
             return;
         }
         counters.connection();
