@@ -1395,6 +1395,63 @@ async fn a_gateway_takes_the_revocations_of_an_older_zone_json_copied_into_its_b
     gw.shutdown.cancel();
 }
 
+/// Revocations a gateway learned from a config it did not adopt reach the devices that
+/// connect after, with the gateway's own serial (whose Welcome carries no config): each new
+/// session gets the configs they were learned from. Only the agents connected then were told,
+/// and home1 kept trusting the laptop (a direct path to it, its streams) for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_a_gateway_learned_reach_devices_that_connect_later() {
+    let z = TestZone::new(&["home1", "laptop"]);
+    let backup = zone_core::zonedir::read_zone_json(&z.zone_dir().join("zone.json")).unwrap();
+    let revoking = z.revoke("laptop");
+    let restored = z.restored_from_backup(&backup);
+    std::fs::write(z.bundle("gw").zone_config, &restored).unwrap();
+    std::fs::write(z.bundle("home1").zone_config, &restored).unwrap();
+    let t = steady_tuning();
+    let gw = start_gateway(&z, t, Duration::from_millis(500)).await;
+    std::fs::write(z.bundle("gw").zone_config, &revoking).unwrap();
+    let laptop = zone_core::DeviceName::new("laptop").unwrap();
+    wait_until("the gateway learned the revocation", WAIT, || {
+        gw.hub.creds().trust.is_revoked(&laptop)
+    })
+    .await;
+    let h1 = start_agent(&z, "home1", services(&[]), vec![], t).await;
+    assert_eq!(h1.agent.creds().zone_serial(), gw.hub.creds().zone_serial());
+    wait_until("home1 learned the revocation", WAIT, || {
+        h1.agent.creds().is_revoked("laptop")
+    })
+    .await;
+    h1.shutdown.cancel();
+    gw.shutdown.cancel();
+}
+
+/// A device whose newer config (signed from a restored backup) leaves out a revocation the
+/// gateway holds gets the gateway's config in its Welcome all the same, and takes the
+/// revocation from it, older as it is. The Welcome carried no config to a device whose serial
+/// was higher, and home1 kept trusting the laptop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_with_a_config_leaving_out_a_revocation_learns_it_at_its_welcome() {
+    let z = TestZone::new(&["home1", "laptop"]);
+    let backup = zone_core::zonedir::read_zone_json(&z.zone_dir().join("zone.json")).unwrap();
+    let revoking = z.revoke("laptop");
+    std::fs::write(z.bundle("gw").zone_config, &revoking).unwrap();
+    std::fs::write(
+        z.bundle("home1").zone_config,
+        z.restored_from_backup(&backup),
+    )
+    .unwrap();
+    let t = steady_tuning();
+    let gw = start_gateway(&z, t, Duration::from_millis(500)).await;
+    let h1 = start_agent(&z, "home1", services(&[]), vec![], t).await;
+    assert!(h1.agent.creds().zone_serial() > gw.hub.creds().zone_serial());
+    wait_until("home1 learned the revocation", WAIT, || {
+        h1.agent.creds().is_revoked("laptop")
+    })
+    .await;
+    h1.shutdown.cancel();
+    gw.shutdown.cancel();
+}
+
 /// The same on a node: its bundle gets a zone.json that revokes gateway gw2 but is older than
 /// the (restored) one in use. The node drops its link to gw2 at once (a revoked gateway can
 /// open streams to every service of the device) instead of keeping it until a newer config

@@ -656,6 +656,11 @@ impl Agent {
             .sum()
     }
 
+    /// This device's credentials and the zone config in use.
+    pub fn creds(&self) -> &Arc<DeviceCreds> {
+        &self.cfg.creds
+    }
+
     /// The direct connection to `peer` streams use now, if one is up.
     pub fn direct_conn(&self, peer: &str) -> Option<quinn::Connection> {
         self.peers.direct(peer).map(|p| p.conn)

@@ -24,6 +24,9 @@ pub const CONTROL_BACKLOG: &str = "the peer reads its control stream too slowly 
 /// Commands queued for a control session: small, since each is applied at once.
 pub const CONTROL_QUEUE: usize = 256;
 
+/// Configs sent for their revocations that wait at once ([`ControlHandle::send_revoking_config`]).
+pub const MAX_REVOKING_CONFIGS: usize = 4;
+
 /// A change to make on a session from another task (open a UDP flow, drain, push a config).
 pub type SessionCmd = Box<dyn FnOnce(&mut ControlSession) -> Result<(), SessionError> + Send>;
 
@@ -32,13 +35,16 @@ pub type SessionCmd = Box<dyn FnOnce(&mut ControlSession) -> Result<(), SessionE
 /// against [`proto::limits::MAX_UDP_FLOWS`] for the rest of the session), a newer zone config
 /// (else a device kept an older one, with its revocations, until its next connection), a
 /// permit revocation (else a direct path the policy no longer allows ran on), a drain or a
-/// services update at a stop. Each kind is bounded without a queue: flows are closed once,
-/// only the newest config and the latest services are kept, a revocation is held once per
-/// (peer, service).
+/// services update at a stop, a config whose revocations the device must take though it is
+/// not the newest. Each kind is bounded without a queue: flows are closed once, only the
+/// newest config and the latest services are kept, a revocation is held once per (peer,
+/// service), configs for their revocations at most [`MAX_REVOKING_CONFIGS`].
 #[derive(Debug, Default)]
 struct Pending {
     closes: Vec<u32>,
     config: Option<(u64, Vec<u8>)>,
+    /// Configs not the newest, sent for the revocations they hold ([`ControlHandle::send_revoking_config`]).
+    revoking: Vec<(u64, Vec<u8>)>,
     revokes: HashSet<(String, String)>,
     services: Option<Vec<ServiceInfo>>,
     drain: Option<(u32, String)>,
@@ -48,6 +54,7 @@ impl Pending {
     fn is_empty(&self) -> bool {
         self.closes.is_empty()
             && self.config.is_none()
+            && self.revoking.is_empty()
             && self.revokes.is_empty()
             && self.services.is_none()
             && self.drain.is_none()
@@ -64,6 +71,9 @@ impl Pending {
             r = r.and(s.send_services_update(services));
         }
         if let Some((serial, json)) = self.config {
+            r = r.and(s.send_config_update(serial, json));
+        }
+        for (serial, json) in self.revoking {
             r = r.and(s.send_config_update(serial, json));
         }
         for (peer, service) in self.revokes {
@@ -136,6 +146,21 @@ impl ControlHandle {
             if p.config.as_ref().is_none_or(|(s, _)| *s < serial) {
                 p.config = Some((serial, json));
             }
+        });
+    }
+    /// Gateway: sends zone config `json` (serial `serial`) for the revocations it holds,
+    /// which a config not adopted may carry though it is older than the newest: unlike
+    /// [`ControlHandle::send_config`], a newer one pending does not replace it. At most
+    /// [`MAX_REVOKING_CONFIGS`] wait (the oldest asked for goes first), each once.
+    pub fn send_revoking_config(&self, serial: u64, json: Vec<u8>) {
+        self.side.add(|p| {
+            if p.revoking.iter().any(|(s, j)| *s == serial && *j == json) {
+                return;
+            }
+            if p.revoking.len() >= MAX_REVOKING_CONFIGS {
+                p.revoking.remove(0);
+            }
+            p.revoking.push((serial, json));
         });
     }
     /// Gateway: tells the device to drop its permit for `peer` to use `service` directly.

@@ -2,7 +2,7 @@
 //! opens streams to their services, relays mesh streams between devices, carries UDP flows,
 //! and drains on shutdown.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -243,7 +243,15 @@ struct Inner {
     window_pool: Arc<WindowPool>,
     refused_lines: Mutex<LogBudget>,
     permit_lines: Mutex<LogBudget>,
+    /// The configs not adopted that revocations were learned from (serial and JSON, the
+    /// latest [`MAX_LEARNED_FROM`]): each session that starts gets them, as the agents
+    /// connected then did. Its device, older or of the same serial, was told nothing else.
+    learned_from: Mutex<VecDeque<(u64, Vec<u8>)>>,
 }
+
+/// Configs revocations were learned from kept for sessions to come ([`Inner::learned_from`]):
+/// each comes of a restored backup or a copy, rare; a config is at most 60 KiB.
+const MAX_LEARNED_FROM: usize = crate::control::MAX_REVOKING_CONFIGS;
 
 #[derive(Debug, Default)]
 struct MeshPair {
@@ -467,6 +475,7 @@ impl Hub {
             window_pool: Arc::default(),
             refused_lines: Mutex::new(LogBudget::new(HUB_LINES_PER_SEC)),
             permit_lines: Mutex::new(LogBudget::new(HUB_LINES_PER_SEC)),
+            learned_from: Mutex::new(VecDeque::new()),
         }))
     }
 
@@ -934,7 +943,10 @@ impl Hub {
         let ours = creds.zone();
         // A config too large for the message (only one loaded from a file at start can be:
         // offers and new configs are bounded) is left out rather than failing the Welcome.
-        let zone_config = (hello.zone_serial < ours.config.serial)
+        // Sent to a device whose config is older, and to one whose newer config was not
+        // adopted (leaving out a revocation: signed from a restored backup): it takes the
+        // revocations of ours, as older than its own.
+        let zone_config = (hello.zone_serial != ours.config.serial)
             .then(|| ours.to_json_compact())
             .filter(|z| {
                 let fits = z.len() <= crate::proto::limits::MAX_ZONE_CONFIG;
@@ -1053,6 +1065,19 @@ impl Hub {
             let newer = creds.zone();
             link.ctl
                 .send_config(newer.config.serial, newer.to_json_compact());
+        }
+        // And the configs revocations were learned from, which no new serial carries: a
+        // device away when they were learned kept its direct paths to the devices they revoke.
+        let learned: Vec<_> = self
+            .0
+            .learned_from
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        for (serial, json) in learned {
+            link.ctl.send_revoking_config(serial, json);
         }
         let services = services_summary(hello.services.iter().map(|s| s.name.as_str()));
         info!(device = %device, addr = %remote, session = session_id, services = %services, agent = %hello.agent_version, "tunnel up");
@@ -1347,8 +1372,17 @@ impl Hub {
         let (serial, json) = (zone.config.serial, zone.to_json_compact());
         if json.len() <= crate::proto::limits::MAX_ZONE_CONFIG {
             for a in others {
-                a.ctl.send_config(serial, json.clone());
+                a.ctl.send_revoking_config(serial, json.clone());
             }
+            let mut kept = self
+                .0
+                .learned_from
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if kept.len() >= MAX_LEARNED_FROM {
+                kept.pop_front();
+            }
+            kept.push_back((serial, json));
         }
         Ok(())
     }
