@@ -1415,14 +1415,28 @@ async fn revocations_a_gateway_learned_reach_devices_that_connect_later() {
         gw.hub.creds().trust.is_revoked(&laptop)
     })
     .await;
-    let h1 = start_agent(&z, "home1", services(&[]), vec![], t).await;
-    assert_eq!(h1.agent.creds().zone_serial(), gw.hub.creds().zone_serial());
-    wait_until("home1 learned the revocation", WAIT, || {
-        h1.agent.creds().is_revoked("laptop")
+    let h1 = home1_learns_the_laptop_is_revoked(&z, t, |ours| {
+        assert_eq!(ours, gw.hub.creds().zone_serial())
     })
     .await;
     h1.shutdown.cancel();
     gw.shutdown.cancel();
+}
+
+/// Starts home1 (`serial` sees its config's serial first) and waits until it holds the
+/// laptop's revocation.
+async fn home1_learns_the_laptop_is_revoked(
+    z: &TestZone,
+    t: Tuning,
+    serial: impl FnOnce(u64),
+) -> RunningAgent {
+    let h1 = start_agent(z, "home1", services(&[]), vec![], t).await;
+    serial(h1.agent.creds().zone_serial());
+    wait_until("home1 learned the revocation", WAIT, || {
+        h1.agent.creds().is_revoked("laptop")
+    })
+    .await;
+    h1
 }
 
 /// A device whose newer config (signed from a restored backup) leaves out a revocation the
@@ -1442,10 +1456,8 @@ async fn a_device_with_a_config_leaving_out_a_revocation_learns_it_at_its_welcom
     .unwrap();
     let t = steady_tuning();
     let gw = start_gateway(&z, t, Duration::from_millis(500)).await;
-    let h1 = start_agent(&z, "home1", services(&[]), vec![], t).await;
-    assert!(h1.agent.creds().zone_serial() > gw.hub.creds().zone_serial());
-    wait_until("home1 learned the revocation", WAIT, || {
-        h1.agent.creds().is_revoked("laptop")
+    let h1 = home1_learns_the_laptop_is_revoked(&z, t, |ours| {
+        assert!(ours > gw.hub.creds().zone_serial())
     })
     .await;
     h1.shutdown.cancel();
