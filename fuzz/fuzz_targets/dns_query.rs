@@ -105,6 +105,14 @@ fuzz_target!(|data: &[u8]| {
         let mut sent = runtime().block_on(name_resolver::answer_datagram(&handler, wire, client));
         assert!(sent.len() <= 1, "{} answers to one datagram", sent.len());
         let Some(bytes) = sent.pop() else {
+            // Nothing sent: a query that gets a FORMERR (malformed, or several questions)
+            // from a port that may have one, gets it (the handler is fresh: no rate limit).
+            let formerr_due = wire.len() >= 12
+                && wire[2] & 0x80 == 0
+                && (port == 53 || port >= 1024)
+                && !LOOPING.contains(&port)
+                && parsed.as_ref().map_or(true, |q| q.queries().len() > 1);
+            assert!(!formerr_due, "no FORMERR from port {port}");
             return;
         };
         assert!(!LOOPING.contains(&port), "an answer to port {port}");

@@ -21,12 +21,15 @@ fuzz_target!(|data: &[u8]| {
                     let got = p.route_http(&route.host, &route.path).map(|a| &a.name);
                     assert_eq!(got, Some(&app.name), "{}{}", route.host, route.path);
                     // Below its prefix: this app, or one with a longer prefix on the host —
-                    // or none when a longer prefix takes the path but for case or trailing
-                    // dots (the routing guard).
+                    // or none when a longer prefix of the host holds the path once names are
+                    // folded (the routing guard: case, trailing dots).
                     let below = format!("{}/x", route.path.trim_end_matches('/'));
+                    let folded = policies::fold_name_matching(&below);
                     let longer = p.apps().iter().any(|o| {
                         matches!(&o.listener, policies::Listener::Http(r)
-                            if r.host == route.host && r.path.len() > route.path.len())
+                            if r.host == route.host
+                                && r.path.len() > route.path.len()
+                                && policies::units::path_has_prefix(&folded, &policies::fold_name_matching(&r.path)))
                     });
                     match p.route_http(&route.host, &below).map(|a| &a.listener) {
                         Some(policies::Listener::Http(r)) => assert!(

@@ -200,9 +200,11 @@ pub(crate) fn window_allows(w: &TimeWindow, ts: Timestamp) -> bool {
 /// `path` (normal form) as a file system that matches names loosely would look it up: every
 /// letter in lowercase, not only ASCII (exFAT, NTFS, APFS ignore case beyond it), and each
 /// name without trailing dots and spaces (FAT and Windows drop them: `private.` is
-/// `private`). Escapes are decoded for it, but for `/` and `\`, which would make new
-/// segments. For [`Policy::route_http`]'s guard only: paths still route as written.
-pub(crate) fn fold_name_matching(path: &str) -> String {
+/// `private`) or `;` parameters. Escapes are decoded for it, but for `/` and `\`, which would make new
+/// segments. For [`Policy::route_http`]'s guard and the routes' check at an edit: paths
+/// still route as written.
+#[doc(hidden)]
+pub fn fold_name_matching(path: &str) -> String {
     let b = path.as_bytes();
     let mut bytes = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -223,11 +225,18 @@ pub(crate) fn fold_name_matching(path: &str) -> String {
             }
         }
     }
-    String::from_utf8_lossy(&bytes)
+    // Each name without its `;` parameters (Tomcat, Jetty and Spring drop them: `rw.;x` is
+    // `rw.`, then `rw`), and without the segments left empty.
+    let text = String::from_utf8_lossy(&bytes);
+    let names: Vec<String> = text
         .split('/')
-        .map(|seg| seg.trim_end_matches(['.', ' ']).to_lowercase())
-        .collect::<Vec<_>>()
-        .join("/")
+        .map(|seg| {
+            let name = seg.split(';').next().unwrap_or("");
+            name.trim_end_matches(['.', ' ']).to_lowercase()
+        })
+        .filter(|name| !name.is_empty())
+        .collect();
+    format!("/{}", names.join("/"))
 }
 
 /// Checks one rule; `Err` is the first condition that failed.

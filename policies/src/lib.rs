@@ -47,6 +47,8 @@ mod schema;
 
 pub use diff::{diff, Change};
 pub use error::{PolicyError, Position};
+#[doc(hidden)]
+pub use eval::fold_name_matching;
 pub use eval::{is_host, Decision, DenyReason, MeshDecision, Requester, Timestamp};
 pub use limits::{AppLimits, ConnGuard, LimitKey, RetryAfter};
 pub use model::*;

@@ -5,6 +5,7 @@
 use crate::compile::AppParts;
 use crate::error::{PolicyError, Position};
 use crate::model::*;
+use crate::units::path_has_prefix;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,9 +42,9 @@ pub(crate) fn assemble(
         ..Default::default()
     };
     let mut http_seen: HashMap<(String, String), usize> = HashMap::new();
-    // The same routes as a file system matching names loosely sees them (case, trailing
-    // dots): two of those would be one to such a service.
-    let mut http_folded: HashMap<(String, String), usize> = HashMap::new();
+    // The routes as a file system matching names loosely sees them (case, trailing dots):
+    // per host, (folded path, written path, app).
+    let mut http_folded: HashMap<String, Vec<(String, String, usize)>> = HashMap::new();
     for p in pending {
         let err_at = |msg: String| PolicyError {
             path: p.source.path.clone(),
@@ -67,18 +68,32 @@ pub(crate) fn assemble(
         let mut conflict = None;
         match &p.parts.listener {
             Listener::Http(h) => {
-                let folded = (h.host.clone(), crate::eval::fold_name_matching(&h.path));
+                let folded = crate::eval::fold_name_matching(&h.path);
+                // Nested once names are folded and not as written (`/dfs/RW` beside `/dfs/rw`,
+                // `/a.../b` beside `/a/b/c`): to such a service one holds the other's paths,
+                // while routing, which refuses what could reach either, left one unreachable.
+                let nested = |a: &str, b: &str| path_has_prefix(a, b) || path_has_prefix(b, a);
+                let loosely = http_folded.get(&h.host).and_then(|seen| {
+                    seen.iter()
+                        .find(|(f, written, _)| nested(&folded, f) && !nested(&h.path, written))
+                        .map(|&(_, _, other)| other)
+                });
                 if let Some(&other) = http_seen.get(&(h.host.clone(), h.path.clone())) {
                     conflict = Some(format!(
                         "http route {}{} is already used by app `{}` at {}",
                         h.host, h.path, policy.apps[other].name, policy.apps[other].source
                     ));
-                } else if let Some(&other) = http_folded.get(&folded) {
-                    // Each would route requests of the other's path nowhere (a request under
-                    // one prefix but for case matches no app), leaving one unreachable.
+                } else if let Some(other) = loosely {
                     conflict = Some(format!(
-                        "http route {}{} differs from app `{}`'s only by case or trailing dots (at {}): a service that ignores those would serve both as one, and routing refuses what could reach either; give them different paths",
-                        h.host, h.path, policy.apps[other].name, policy.apps[other].source
+                        "http route {}{} and app `{}`'s {} (at {}) differ only by case, trailing dots or spaces, or `;` parameters, where one lies under the other: a service that ignores those would serve one's paths as the other's, and routing refuses what could reach either; give them paths that differ otherwise",
+                        h.host,
+                        h.path,
+                        policy.apps[other].name,
+                        match &policy.apps[other].listener {
+                            Listener::Http(o) => o.path.as_str(),
+                            _ => "",
+                        },
+                        policy.apps[other].source
                     ));
                 }
             }
@@ -109,10 +124,11 @@ pub(crate) fn assemble(
         match &p.parts.listener {
             Listener::Http(h) => {
                 http_seen.insert((h.host.clone(), h.path.clone()), index);
-                http_folded.insert(
-                    (h.host.clone(), crate::eval::fold_name_matching(&h.path)),
+                http_folded.entry(h.host.clone()).or_default().push((
+                    crate::eval::fold_name_matching(&h.path),
+                    h.path.clone(),
                     index,
-                );
+                ));
                 policy
                     .http
                     .entry(h.host.clone())

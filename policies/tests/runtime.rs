@@ -66,6 +66,9 @@ fn http_routing_longest_prefix_and_host_normalization() {
     assert_eq!(name("alice.example", "/dfs/rw%20/file"), None);
     assert_eq!(name("alice.example", "/dfs/RW.%20./file"), None);
     assert_eq!(name("alice.example", "/dfs/rw.x/file"), Some("dfs"));
+    // Or under it once `;` parameters are dropped too (Tomcat, Jetty, Spring drop them).
+    assert_eq!(name("alice.example", "/dfs/rw.;x/file"), None);
+    assert_eq!(name("alice.example", "/dfs/rw%20;x=1/file"), None);
     assert_eq!(name("alice.example", "/DFS/x"), None);
     assert_eq!(name("bob.example", "/dfs"), None);
 }
@@ -123,10 +126,19 @@ allow = { from = ["public"] }
         .map(|e| e.to_string())
         .collect::<Vec<_>>()
         .join("\n");
+    assert!(text.contains("and app `a`'s /dfs/RW"), "{text}");
+    // Nested only once folded: `/a.../b` holds `/a/b/c`'s paths to a FAT or Windows disk.
+    let nested = src
+        .replace("/dfs/RW", "/a.../b")
+        .replace("/dfs/rw", "/a/b/c");
+    let errs = policies::check_str(Path::new("t.toml"), &nested).expect_err("accepted");
     assert!(
-        text.contains("differs from app `a`'s only by case"),
-        "{text}"
+        errs[0].to_string().contains("differ only by case"),
+        "{errs:?}"
     );
+    // Nested as written: fine.
+    let fine = src.replace("/dfs/RW", "/a/b").replace("/dfs/rw", "/a/b/c");
+    policies::check_str(Path::new("t.toml"), &fine).expect("nested as written");
 }
 
 #[test]
