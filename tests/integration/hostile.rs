@@ -2838,6 +2838,38 @@ async fn a_gateway_offering_bad_zone_configs_has_its_session_ended() {
     h1.shutdown.cancel();
 }
 
+/// A gateway sending configs older than the node's without end (each a parse) has its
+/// session ended too, once past what a gateway sends: they taught nothing, but each cost the
+/// node's one thread a 60 KiB parse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_sending_older_configs_without_end_has_its_session_ended() {
+    use tunnel::proto::ControlMsg;
+    let z = TestZone::new(&["home1"]);
+    let (h1, _server, conn, (mut send, mut recv, mut dec)) =
+        fake_gateway_session(&z, fast_tuning(), None).await;
+    wait_links_up(&h1.agent).await;
+    let own = z.creds("home1").zone().to_json_compact();
+    for _ in 0..100 {
+        let older = ControlMsg::ConfigUpdate {
+            zone_serial: 0,
+            zone_config: own.clone(),
+        };
+        write_msg(&mut send, &older).await;
+    }
+    let told = read_msg_until(&mut recv, &mut dec, |m| match m {
+        ControlMsg::Error { message, .. } => Some(message),
+        _ => None,
+    })
+    .await;
+    let message = told.expect("the session went on past the older configs");
+    assert!(
+        message.contains("zone configs older than ours"),
+        "{message}"
+    );
+    let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+    h1.shutdown.cancel();
+}
+
 /// The ends of a relayed, end-to-end encrypted stream enforce a revocation themselves: the
 /// peer's key is refused for new streams once revoked or past its certificate's end, and a
 /// live stream's end (`peer_ended`) comes when the adopted zone config revokes the peer. They

@@ -132,7 +132,15 @@ struct LinkState {
     /// Zone configs the current session offered that did not verify
     /// ([`crate::hub::MAX_REFUSED_OFFERS`] end it).
     refused_offers: u32,
+    /// Zone configs older than ours the current session sent ([`MAX_OLDER_OFFERS`]).
+    older_offers: u32,
 }
+
+/// Zone configs older than ours a gateway sends in one session without counting against it:
+/// the configs it learned revocations from, at most [`crate::control::MAX_REVOKING_CONFIGS`]
+/// at its session's start and one per revocation learned later, with room to spare. Each costs
+/// a parse; past this, each counts as a refused offer.
+const MAX_OLDER_OFFERS: u32 = 4 * crate::control::MAX_REVOKING_CONFIGS as u32;
 
 impl LinkState {
     /// When a link that is not usable now (`now`) was lost: now if it is connected (draining),
@@ -1080,6 +1088,7 @@ impl Agent {
             s.addr = Some(addr);
             s.udp_flow_idle = None;
             s.refused_offers = 0;
+            s.older_offers = 0;
         });
         // A zone config revoking this gateway may have been adopted (from another gateway)
         // while this handshake ran: `zone_adopted` found no connection to close then.
@@ -1274,8 +1283,18 @@ impl Agent {
                     // Counted as a refused newer one when it does not verify: a gateway
                     // labelling forged configs older kept this device checking them (a
                     // parse and a signature check each) without end.
+                    // And beyond what a gateway sends (its configs revocations were learned
+                    // from, each session): each older one costs a parse, verified or not.
+                    let mut older = 0;
+                    link.set(|s| {
+                        s.older_offers += 1;
+                        older = s.older_offers;
+                    });
                     match self.learn_revocations(&zone_config, &link.name) {
-                        Ok(()) => return None,
+                        Ok(()) if older <= MAX_OLDER_OFFERS => return None,
+                        Ok(()) => Some(format!(
+                            "more than {MAX_OLDER_OFFERS} zone configs older than ours in one session"
+                        )),
                         Err(e) => Some(format!(
                             "an older zone config (serial {zone_serial}) that cannot be read or does not verify: {e}"
                         )),
@@ -1313,7 +1332,7 @@ impl Agent {
                     });
                     if n >= crate::hub::MAX_REFUSED_OFFERS {
                         return Some(format!(
-                            "gateway offered {n} zone configs that do not verify"
+                            "gateway offered {n} zone configs that do not verify (or older ones past what a gateway sends); the last: {why}"
                         ));
                     }
                 }

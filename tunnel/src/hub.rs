@@ -1370,7 +1370,12 @@ impl Hub {
         // own) takes the revocations from: its direct connections to them close.
         self.forget_non_members();
         let (serial, json) = (zone.config.serial, zone.to_json_compact());
-        if json.len() <= crate::proto::limits::MAX_ZONE_CONFIG {
+        // Only a config older than ours goes on: a device older than a newer one (refused
+        // here: expired, or leaving out a revocation) would try to adopt it, refuse it as we
+        // did, and count it against the gateway as a bad offer at every session.
+        if json.len() <= crate::proto::limits::MAX_ZONE_CONFIG
+            && serial < self.0.cfg.creds.zone_serial()
+        {
             for a in others {
                 a.ctl.send_revoking_config(serial, json.clone());
             }
