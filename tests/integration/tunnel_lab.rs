@@ -432,7 +432,8 @@ fn lab_mesh_is_deny_by_default() {
     w.wait_agents(&mut gw, &[("home1", &["web"]), ("home2", &["echo"])]);
     client_sees(&w, &m, READY);
 
-    // no mesh app lets home1 reach home2/echo: the forward accepts, then closes without data
+    // no mesh app lets home1 reach home2/echo: the forward accepts, then resets (or closes)
+    // without data
     let probe = |msg: &str| {
         w.tool(
             "home1",

@@ -130,7 +130,12 @@ def udp(host, port, msg, total):
 
 def tcp_probe(host, port, msg, timeout):
     # connect, send, half-close, read until EOF: prints `eof DATA`, `reset DATA` or exits 1
-    s = socket.create_connection((host, int(port)), timeout=float(timeout))
+    # (a reset can come before the connect returns: a forward that resets what it accepts)
+    try:
+        s = socket.create_connection((host, int(port)), timeout=float(timeout))
+    except ConnectionResetError:
+        sys.stdout.write("reset ")
+        return
     got = b""
     try:
         s.sendall(msg.encode())
