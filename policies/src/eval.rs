@@ -348,10 +348,11 @@ impl CompiledPolicy {
     /// the form the gateway forwards, so the service serves what was routed). A path with no
     /// normal form matches no app.
     ///
-    /// Paths compare case-sensitively, but a path that falls under a longer prefix only when
-    /// case is ignored matches no app: a service that serves paths case-insensitively
-    /// (ASP.NET, a share on a macOS or Windows disk) would serve `/dfs/RW/x` under `dfs-rw`'s
-    /// `/dfs/rw`, while it routed to `dfs` and passed that app's rules.
+    /// Paths compare case-sensitively, but a path that falls under a longer prefix only once
+    /// names are compared loosely ([`fold_name_matching`]: case, trailing dots and spaces,
+    /// `;` parameters) matches no app: a service that serves paths so (ASP.NET, a share on a
+    /// FAT, macOS or Windows disk) would serve `/dfs/RW/x` under `dfs-rw`'s `/dfs/rw`, while
+    /// it routed to `dfs` and passed that app's rules.
     pub fn route_http(&self, host: &str, path: &str) -> Option<&App> {
         let mut buf = [0u8; MAX_HOST];
         let host = normalize_host(host, &mut buf)?;
@@ -359,14 +360,14 @@ impl CompiledPolicy {
         let routes = self.http.get(host)?;
         let at = routes
             .iter()
-            .position(|(prefix, _)| path_has_prefix(&path, prefix))?;
+            .position(|(prefix, _, _)| path_has_prefix(&path, prefix))?;
         // Longer prefixes first: those before it did not match as written.
         let longer = &routes[..at];
         if !longer.is_empty() {
             let folded = fold_name_matching(&path);
             if longer
                 .iter()
-                .any(|(prefix, _)| path_has_prefix(&folded, &fold_name_matching(prefix)))
+                .any(|(_, _, prefix)| path_has_prefix(&folded, prefix))
             {
                 return None;
             }

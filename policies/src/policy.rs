@@ -24,8 +24,10 @@ pub(crate) struct PendingApp {
 pub struct CompiledPolicy {
     pub(crate) apps: Vec<App>,
     pub(crate) by_name: HashMap<String, usize>,
-    /// host → (path prefix, app index), longest prefix first.
-    pub(crate) http: HashMap<String, Vec<(String, usize)>>,
+    /// host → (path prefix, app index, the prefix as loose file systems see it
+    /// ([`crate::eval::fold_name_matching`], made once here for the routing guard)), longest
+    /// prefix first.
+    pub(crate) http: HashMap<String, Vec<(String, usize, String)>>,
     pub(crate) listeners: HashMap<(ListenKind, SocketAddr), usize>,
     /// device → service → mesh apps.
     pub(crate) mesh: HashMap<String, HashMap<String, Vec<usize>>>,
@@ -42,9 +44,6 @@ pub(crate) fn assemble(
         ..Default::default()
     };
     let mut http_seen: HashMap<(String, String), usize> = HashMap::new();
-    // The routes as a file system matching names loosely sees them (case, trailing dots):
-    // per host, (folded path, written path, app).
-    let mut http_folded: HashMap<String, Vec<(String, String, usize)>> = HashMap::new();
     for p in pending {
         let err_at = |msg: String| PolicyError {
             path: p.source.path.clone(),
@@ -73,10 +72,10 @@ pub(crate) fn assemble(
                 // `/a.../b` beside `/a/b/c`): to such a service one holds the other's paths,
                 // while routing, which refuses what could reach either, left one unreachable.
                 let nested = |a: &str, b: &str| path_has_prefix(a, b) || path_has_prefix(b, a);
-                let loosely = http_folded.get(&h.host).and_then(|seen| {
+                let loosely = policy.http.get(&h.host).and_then(|seen| {
                     seen.iter()
-                        .find(|(f, written, _)| nested(&folded, f) && !nested(&h.path, written))
-                        .map(|&(_, _, other)| other)
+                        .find(|(written, _, f)| nested(&folded, f) && !nested(&h.path, written))
+                        .map(|&(_, other, _)| other)
                 });
                 if let Some(&other) = http_seen.get(&(h.host.clone(), h.path.clone())) {
                     conflict = Some(format!(
@@ -124,16 +123,11 @@ pub(crate) fn assemble(
         match &p.parts.listener {
             Listener::Http(h) => {
                 http_seen.insert((h.host.clone(), h.path.clone()), index);
-                http_folded.entry(h.host.clone()).or_default().push((
-                    crate::eval::fold_name_matching(&h.path),
+                policy.http.entry(h.host.clone()).or_default().push((
                     h.path.clone(),
                     index,
+                    crate::eval::fold_name_matching(&h.path),
                 ));
-                policy
-                    .http
-                    .entry(h.host.clone())
-                    .or_default()
-                    .push((h.path.clone(), index));
             }
             Listener::Tcp(a) => {
                 policy.listeners.insert((ListenKind::Tcp, *a), index);
