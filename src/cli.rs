@@ -167,6 +167,10 @@ pub enum ZoneCmd {
         /// renew) sign with the same validity until the next resign
         #[arg(long, default_value_t = zone_core::config::DEFAULT_VALID_DAYS)]
         valid_days: i64,
+        /// Sign as of this machine's clock even when the zone's last change is later (it was
+        /// signed by a clock ahead): `device add` and `device renew` work again at once
+        #[arg(long)]
+        clock_is_right: bool,
     },
     /// Verify a zone config against the pinned zone CA; exits non-zero with the reason
     Verify(VerifyArgs),

@@ -401,6 +401,13 @@ async fn run_async(dir: PathBuf, check: bool) -> anyhow::Result<()> {
     // Ready when both agents are connected and every path answers.
     let start = Instant::now();
     while hub.agents().len() < 2 {
+        // A part that broke (the gateway's run, a node agent's) cancelled `shutdown` and said
+        // why: waiting out the timeout then blamed the agents' connecting for it.
+        if shutdown.is_cancelled() {
+            bail!(
+                "a part of the demo stopped while it started (the error above says which and why)"
+            );
+        }
         if start.elapsed() > READY_TIMEOUT {
             shutdown.cancel();
             bail!("the node agents did not connect to the gateway within {READY_TIMEOUT:?}");

@@ -234,7 +234,7 @@ fn take(state: &mut State, key: Key, now: Instant) -> Verdict {
 
 /// The `n`th answer over a limit: every [`SLIP`]th is slipped, the rest dropped.
 fn slip_or_drop(n: u32) -> Verdict {
-    if n % SLIP == 0 {
+    if n.is_multiple_of(SLIP) {
         Verdict::Slip
     } else {
         Verdict::Drop

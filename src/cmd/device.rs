@@ -367,7 +367,11 @@ fn prepare_out(out: &std::path::Path) -> Result<bool, UsageError> {
             .map_err(|e| UsageError(format!("--out {}: {e}", out.display())))?;
         let mode = meta.permissions().mode();
         let me = rustix::process::geteuid();
-        let theirs = !me.is_root() && meta.uid() != me.as_raw();
+        // Root may write into a directory its service user owns (/etc/zonegate/node), but
+        // not into one another user made where anybody may make one (/tmp/bundle): that user
+        // could swap the files as well.
+        let theirs = meta.uid() != me.as_raw()
+            && (!me.is_root() || meta.uid() != 0 && parent_open_to_all(out));
         if mode & 0o002 != 0 || theirs {
             return Err(UsageError(format!(
                 "--out {}: {} and could replace the bundle's files before it is installed; give a directory of your own that only you may write (`chmod 700`), or a new one",
@@ -377,12 +381,19 @@ fn prepare_out(out: &std::path::Path) -> Result<bool, UsageError> {
         }
     }
     let mut dirs = std::fs::DirBuilder::new();
-    std::os::unix::fs::DirBuilderExt::mode(
-        dirs.recursive(true),
-        zone_core::zonedir::BUNDLE_DIR_MODE,
-    );
-    dirs.create(out)
-        .and_then(|()| tempfile::tempfile_in(out).map(drop))
+    std::os::unix::fs::DirBuilderExt::mode(&mut dirs, zone_core::zonedir::BUNDLE_DIR_MODE);
+    // A new one is made itself (its parents as need be), never found made: one another user
+    // made between the look above and here would have passed unchecked.
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
+    let made = match (created, parent) {
+        (false, _) => Ok(()),
+        (true, Some(parent)) => dirs
+            .recursive(true)
+            .create(parent)
+            .and_then(|()| dirs.recursive(false).create(out)),
+        (true, None) => dirs.create(out),
+    };
+    made.and_then(|()| tempfile::tempfile_in(out).map(drop))
         .map_err(|e| {
             UsageError(format!(
                 "--out {}: cannot write a bundle there: {e}",
@@ -390,6 +401,16 @@ fn prepare_out(out: &std::path::Path) -> Result<bool, UsageError> {
             ))
         })?;
     Ok(created)
+}
+
+/// Whether anybody may write the directory `dir` is in (/tmp), so make a directory there.
+fn parent_open_to_all(dir: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    std::fs::metadata(parent).is_ok_and(|m| m.permissions().mode() & 0o002 != 0)
 }
 
 /// Takes back a bundle directory [`prepare_out`] made for a change the zone then refused

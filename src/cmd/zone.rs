@@ -42,10 +42,21 @@ pub fn run(cmd: ZoneCmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        ZoneCmd::Resign { zone, valid_days } => {
+        ZoneCmd::Resign {
+            zone,
+            valid_days,
+            clock_is_right,
+        } => {
             check_days(valid_days)?;
             let mut z = ZoneDir::open(&zone.zone)?;
-            let now = super::device::signing_time(&z, OffsetDateTime::now_utc())?;
+            // Signed as of the later time, a change made once by a clock ahead (a year typed
+            // wrong) held every later one there, and refused certificates until that time
+            // came: the owner's word that this clock is right is the way back. The serial
+            // still grows; devices go by it and the expiry, not the issue time.
+            let now = match clock_is_right {
+                true => OffsetDateTime::now_utc(),
+                false => super::device::signing_time(&z, OffsetDateTime::now_utc())?,
+            };
             z.resign(now, valid_days)?;
             say!(
                 "re-signed zone.json: serial {}, expires {} ({valid_days} days; later changes to the zone sign for as long, until the next resign)",

@@ -219,7 +219,7 @@ fn listing(
     beneath::read_names(dir, |name, is_dir| {
         // The clock now and then: a name is read in well under a microsecond.
         read = read.wrapping_add(1);
-        if read % 1024 == 0 && std::time::Instant::now() >= deadline {
+        if read.is_multiple_of(1024) && std::time::Instant::now() >= deadline {
             return ControlFlow::Break(());
         }
         if !hidden && (is_hidden(name, at_root) || is_short_alias(name)) {

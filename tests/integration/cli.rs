@@ -116,10 +116,14 @@ fn a_clock_ahead_once_does_not_block_revocations() {
     ok(["zone", "resign", "--zone", zs]);
 
     let e = fails(2, ["device", "add", "nas", "--zone", zs, "--role", "node"]);
-    assert!(
-        e.contains("certificates can be issued once that time has passed"),
-        "{e}"
-    );
+    assert!(e.contains("`zonegate zone resign --clock-is-right`"), "{e}");
+    // The owner's word that this clock is right brings the zone back to now.
+    let before = zone_serial(&z);
+    ok(["zone", "resign", "--zone", zs, "--clock-is-right"]);
+    let zone = zone_core::zonedir::read_zone_json(&z.join("zone.json")).unwrap();
+    assert!(zone.config.serial > before);
+    assert!(zone.config.issued_at < time::OffsetDateTime::now_utc() + time::Duration::days(1));
+    ok(["device", "add", "nas", "--zone", zs, "--role", "node"]);
 }
 
 /// `device move` gives a gateway new addresses (serial + 1, same key and certificate) and
@@ -1850,4 +1854,100 @@ fn tv_refused_into(zone: &str, out: &std::path::Path) -> String {
         "device", "add", "tv", "--zone", zone, "--role", "node", "--out",
     ];
     fails(2, add.iter().copied().chain([out.to_str().unwrap()]))
+}
+
+/// Whether this test runs as root (the bundle tests below change files' owners); says it is
+/// skipped otherwise.
+fn as_root(test: &str) -> bool {
+    let root = rustix::process::geteuid().is_root();
+    if !root {
+        crate::common::skip(test, "needs root to give files another owner");
+    }
+    root
+}
+
+/// A bundle renewed in place under sudo (where the service's user owns the directory and its
+/// `device.key`) keeps that key as it was: written again, it became root's, 0600, and the
+/// service could not read it at the restart the renew asks for.
+#[test]
+fn renewing_in_place_keeps_the_device_keys_owner() {
+    use std::os::unix::fs::MetadataExt;
+    if !as_root("renewing_in_place_keeps_the_device_keys_owner") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let z = zone_with_devices(t.path());
+    let zs = z.to_str().unwrap();
+    let bundle = z.join("devices/home1");
+    let key = bundle.join("device.key");
+    // As the unit's install comment says: chown -R zonegate:zonegate (nobody here).
+    for f in [&bundle, &key] {
+        std::os::unix::fs::chown(f, Some(65534), Some(65534)).unwrap();
+    }
+    let cert_before = std::fs::read(bundle.join("device.crt")).unwrap();
+    ok(["device", "renew", "home1", "--zone", zs]);
+    assert_ne!(
+        std::fs::read(bundle.join("device.crt")).unwrap(),
+        cert_before
+    );
+    let meta = std::fs::metadata(&key).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+    // A key there that others may read is written again, private.
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    ok(["device", "renew", "home1", "--zone", zs]);
+    assert_eq!(std::fs::metadata(&key).unwrap().mode() & 0o777, 0o600);
+}
+
+/// Root writes a bundle into a directory its service user owns, but not into one another
+/// user made where anybody may make one (/tmp): they could swap the bundle's files before it
+/// is installed. Nothing is added to the zone.
+#[test]
+fn root_does_not_write_a_bundle_into_a_directory_another_user_made_in_tmp() {
+    use std::os::unix::fs::PermissionsExt;
+    if !as_root("root_does_not_write_a_bundle_into_a_directory_another_user_made_in_tmp") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let z = zone_with_devices(t.path());
+    let zs = z.to_str().unwrap();
+    let tmp = t.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let theirs = tmp.join("bundle");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let before = std::fs::read(z.join("zone.json")).unwrap();
+    let e = tv_refused_into(zs, &theirs);
+    assert!(e.contains("another user owns this directory"), "{e}");
+    assert_eq!(std::fs::read(z.join("zone.json")).unwrap(), before);
+    assert_eq!(std::fs::read_dir(&theirs).unwrap().count(), 0);
+    // Root's own there, and another user's where only root makes directories, are written.
+    let service = t.path().join("etc-zonegate");
+    std::fs::create_dir(&service).unwrap();
+    std::os::unix::fs::chown(&service, Some(65534), Some(65534)).unwrap();
+    ok([
+        "device",
+        "add",
+        "tv",
+        "--zone",
+        zs,
+        "--role",
+        "node",
+        "--out",
+        service.to_str().unwrap(),
+    ]);
+    assert!(service.join("device.key").is_file());
+    let own = tmp.join("roots");
+    ok([
+        "device",
+        "add",
+        "tv2",
+        "--zone",
+        zs,
+        "--role",
+        "node",
+        "--out",
+        own.to_str().unwrap(),
+    ]);
+    assert!(own.join("device.key").is_file());
 }

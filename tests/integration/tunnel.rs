@@ -3092,7 +3092,7 @@ async fn datagrams_past_a_flows_queue_are_counted_as_dropped() {
         );
         flow.send(format!("d{sent}").as_bytes()).unwrap();
         sent += 1;
-        if sent % 32 == 0 {
+        if sent.is_multiple_of(32) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }

@@ -896,7 +896,7 @@ mod tests {
                 return Poll::Pending;
             }
             let next = if self.endless {
-                if self.reads % 2 == 0 {
+                if self.reads.is_multiple_of(2) {
                     cx.waker().wake_by_ref();
                     return Poll::Pending;
                 }

@@ -35,6 +35,9 @@ pub const MAX_SHARED_ZONE_JSON: usize = 40 * 1024;
 /// answer's room), within what tunnel control messages carry (60 KiB), so that a full zone
 /// can still revoke a stolen device.
 pub const MAX_REVOKING_ZONE_JSON: usize = 56 * 1024;
+/// Characters of a zone.json parse error's message kept from its start and from its end.
+const QUOTED_HEAD: usize = 200;
+const QUOTED_TAIL: usize = 60;
 
 /// A gateway of the zone and the public addresses agents dial.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,9 +242,19 @@ impl SignedZone {
         // DNS answer or a peer, unsigned as yet. Its control characters are escaped, as the
         // log does: a node's last `error:` line goes to stderr as it is, and a newline there
         // forged a line of the journal, an escape sequence took over a terminal.
+        // It may quote a whole field (a 60 KB name or value): cut to its start and its end
+        // (where serde says the line and column), or each refused offer logged tens of KB.
         serde_json::from_slice(bytes).map_err(|e| {
+            let message = e.to_string();
+            let n = message.chars().count();
             let mut text = String::new();
-            for c in e.to_string().chars() {
+            for (i, c) in message.chars().enumerate() {
+                if i == QUOTED_HEAD && n > QUOTED_HEAD + QUOTED_TAIL {
+                    text.push_str(" … ");
+                }
+                if i >= QUOTED_HEAD && i < n.saturating_sub(QUOTED_TAIL) {
+                    continue;
+                }
                 if c.is_control() {
                     text.extend(c.escape_default());
                 } else {
@@ -324,6 +337,18 @@ mod tests {
         let e = SignedZone::from_json(forged).unwrap_err().to_string();
         assert!(!e.chars().any(char::is_control), "{e:?}");
         assert!(e.contains("\\nerror: forged line\\u{1b}[2J"), "{e}");
+    }
+
+    /// An error quoting a 60 KB field name keeps its start and its end (the line and column).
+    #[test]
+    fn a_parse_error_quotes_a_long_field_cut() {
+        let forged = format!(r#"{{"{}": 1}}"#, "x".repeat(60_000));
+        let e = SignedZone::from_json(forged.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(e.len() < 400, "{} bytes", e.len());
+        assert!(e.contains("unknown field `xxx") && e.contains(" … "), "{e}");
+        assert!(e.ends_with("at line 1 column 60003"), "{e}");
     }
 
     use super::*;

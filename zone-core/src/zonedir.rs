@@ -135,19 +135,36 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), ZoneError
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     // Per process and call: two writers of one process must not share a temp file.
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(".{name}.tmp{}.{n}", std::process::id()));
-    // A stale temp file (a crash between create and rename) is removed first; the temp file is
-    // then created new and never through a symlink, so nobody who can write the directory can
-    // point it elsewhere or lend it their permissions.
-    let _ = fs::remove_file(&tmp);
+    let next = || {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        dir.join(format!(".{name}.tmp{}.{n}", std::process::id()))
+    };
+    let mut tmp = next();
+    // Created new and never through a symlink, so nobody who can write the directory can
+    // point it elsewhere or lend it their permissions. A name taken is never removed: process
+    // IDs repeat across PID namespaces (a gateway and the CLI both PID 1 in containers on
+    // one bundle), and removing another writer's file let its rename move this one's
+    // unfinished file in place. Stale ones (a crash between create and rename) are removed
+    // by `remove_stale_temps` once old.
+    let mut made = false;
     let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .mode(mode)
-            .open(&tmp)?;
+        let mut tries = 0;
+        let mut f = loop {
+            match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .mode(mode)
+                .open(&tmp)
+            {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 16 => {
+                    tries += 1;
+                    tmp = next();
+                }
+                opened => break opened?,
+            }
+        };
+        made = true;
         f.write_all(data)?;
         f.sync_all()?;
         fs::rename(&tmp, path)
@@ -161,7 +178,10 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), ZoneError
         }
     }
     result.map_err(|e| {
-        let _ = fs::remove_file(&tmp);
+        // Only this call's own: a name found taken is another writer's.
+        if made {
+            let _ = fs::remove_file(&tmp);
+        }
         ZoneError::io(path, e)
     })
 }
@@ -330,12 +350,18 @@ impl ZoneDir {
         // silently making a second, different zone key. Never over another: two inits at once
         // both passed the check above, and the second replaced the first's key after it had
         // said "created".
-        write_new(&dir.join(ZONE_KEY_FILE), key.to_pem()?.as_bytes(), 0o600).map_err(
-            |e| match e {
-                WriteNewError::Exists => ZoneError::ZoneExists(dir.to_owned()),
-                WriteNewError::Zone(e) => e,
-            },
-        )?;
+        let key_path = dir.join(ZONE_KEY_FILE);
+        write_new(&key_path, key.to_pem()?.as_bytes(), 0o600).map_err(|e| match e {
+            WriteNewError::Exists => ZoneError::ZoneExists(dir.to_owned()),
+            WriteNewError::Zone(e) => e,
+        })?;
+        // A file system without modes (FAT, exFAT: a USB stick) shows it 0644 or so whatever
+        // it was made with, and every later command refuses such a key: said now, and taken
+        // back, rather than "created" and a zone nothing can use.
+        if let Err(e) = check_private(&key_path) {
+            let _ = fs::remove_file(&key_path);
+            return Err(e);
+        }
         write_atomic(&dir.join(ZONE_CA_FILE), ca_pem.as_bytes(), 0o644)?;
         write_atomic(
             &dir.join(ZONE_JSON_FILE),
@@ -496,7 +522,7 @@ impl ZoneDir {
         let last = self.zone.config.issued_at;
         if now + time::Duration::days(1) < last {
             return Err(ZoneError::Usage(format!(
-                "this machine's clock reads {}, more than a day before the zone's last change ({}): a certificate issued now would be out of date on arrival; set the clock right (NTP) and run this again (nothing was changed). If this clock is right, the last change was signed by a clock ahead: certificates can be issued once that time has passed; `device revoke`, `device move` and `zone resign` work meanwhile",
+                "this machine's clock reads {}, more than a day before the zone's last change ({}): a certificate issued now would be out of date on arrival; set the clock right (NTP) and run this again (nothing was changed). If this clock is right, the last change was signed by a clock ahead: `zonegate zone resign --clock-is-right` signs the zone as of now, and certificates can be issued again",
                 rfc3339(now),
                 rfc3339(last),
             )));
@@ -744,7 +770,14 @@ impl ZoneDir {
             .config
             .device(name)
             .ok_or_else(|| ZoneError::NoSuchDevice(name.to_string()))?;
-        write_atomic(&out.join(DEVICE_KEY_FILE), key.to_pem()?.as_bytes(), 0o600)?;
+        let key_pem = key.to_pem()?;
+        let key_path = out.join(DEVICE_KEY_FILE);
+        // The same key there already, private (a renew in place: the key derives again the
+        // same) is left as it is: written again under sudo, it became root's, 0600, and the
+        // service's user could no longer read it at the restart the renew asks for.
+        if !same_private_file(&key_path, key_pem.as_bytes()) {
+            write_atomic(&key_path, key_pem.as_bytes(), 0o600)?;
+        }
         write_atomic(&out.join(DEVICE_CERT_FILE), cert.pem.as_bytes(), 0o644)?;
         write_atomic(&out.join(ZONE_CA_FILE), self.ca_pem.as_bytes(), 0o644)?;
         write_atomic(
@@ -774,6 +807,14 @@ impl ZoneDir {
         write_atomic(&target, text.as_bytes(), 0o644)?;
         Ok(path)
     }
+}
+
+/// Whether `path` holds exactly `data` and only its owner may read it.
+fn same_private_file(path: &Path, data: &[u8]) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let private = fs::symlink_metadata(path)
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o077 == 0);
+    private && fs::read(path).is_ok_and(|held| zeroize::Zeroizing::new(held).as_slice() == data)
 }
 
 fn gateways_comment(c: &ZoneConfig) -> String {
