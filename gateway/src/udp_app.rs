@@ -231,6 +231,12 @@ impl Entry {
         }
     }
 
+    /// Open for less than [`ASSURE_AFTER`] (or opening): it has had no chance to be in use
+    /// both ways.
+    fn young(&self) -> bool {
+        self.opened_at.is_none_or(|t| t.elapsed() < ASSURE_AFTER)
+    }
+
     /// Why a full table may end it for a newcomer, if it may, with how sure that is (lower
     /// first) and how long it has been quiet: closed by the device, quiet for `idle` (the
     /// sweep has not come by yet), or not in use both ways ([`ASSURE_AFTER`]) and quiet for
@@ -241,14 +247,12 @@ impl Entry {
             return None;
         };
         let quiet = self.activity.quiet_for();
-        // A flow open for less than ASSURE_AFTER has had no chance to be in use both ways.
-        let young = self.opened_at.is_none_or(|t| t.elapsed() < ASSURE_AFTER);
         let (rank, why) = eviction_rank(
             flow.is_alive(),
             quiet,
             idle,
             (self.assured, self.answered()),
-            young,
+            self.young(),
         )?;
         Some((rank, quiet, why))
     }
@@ -272,8 +276,10 @@ struct AppSocket {
     opened: mpsc::UnboundedSender<Opened>,
     /// When a full table last looked for flows to end.
     last_eviction: Option<Instant>,
-    /// When a client at its limit last ended a flow of its own ([`AppSocket::make_room_for`]).
-    last_client_eviction: Option<Instant>,
+    /// When each client (its [`crate::per_ip::keys`] address) at its limit last ended a flow
+    /// of its own ([`AppSocket::make_room_for`]): one for the socket let one address sending
+    /// from new ports take every turn, and other clients at their limits waited for the sweep.
+    last_client_eviction: HashMap<std::net::IpAddr, Instant>,
     /// Log lines of refused flows, of failed opens, and of flows that ended not in use both
     /// ways:
     /// each kind is what a flood causes, each has its own budget.
@@ -378,7 +384,7 @@ pub async fn run(
         next_id: 0,
         opened,
         last_eviction: None,
-        last_client_eviction: None,
+        last_client_eviction: HashMap::new(),
         refused_lines: LogBudget::new(LINES_PER_SECOND),
         failed_lines: LogBudget::new(LINES_PER_SECOND),
         unassured_lines: LogBudget::new(LINES_PER_SECOND),
@@ -568,7 +574,7 @@ impl AppSocket {
             return;
         }
         // Last: only a client that would be served may make room.
-        if self.flows.len() >= self.limit && !self.make_room(&app.name) {
+        if self.flows.len() >= self.limit && !self.make_room(&app.name, client.ip()) {
             state.counters.refused(Refusal::ConnectionLimit);
             if let Some(unlogged) = self.refused_lines.take() {
                 warn!(app = %app.name, addr = %self.listen, client = %Client(client), flows = self.flows.len(), limit = self.limit, unlogged, "UDP flow refused: the app's table is full of flows in use (udp_flows_per_app in gateway.toml; several udp apps to one device share its tunnel's 4,096 flows)");
@@ -732,8 +738,10 @@ impl AppSocket {
     /// [`EVICT_ASSURED_QUIET`], then flows not in use both ways however recent (once older
     /// than [`ASSURE_AFTER`]), quietest first within each: at most a [`EVICT_SHARE`]th of the
     /// table,
-    /// looking at most every [`EVICT_EVERY`]. Whether there is room now.
-    fn make_room(&mut self, app: &str) -> bool {
+    /// looking at most every [`EVICT_EVERY`]; when none of those is there, the quietest flow
+    /// of the client holding the most ([`AppSocket::biggest_holders_quietest`]) for
+    /// `newcomer`. Whether there is room now.
+    fn make_room(&mut self, app: &str, newcomer: std::net::IpAddr) -> bool {
         let now = Instant::now();
         if self
             .last_eviction
@@ -753,13 +761,16 @@ impl AppSocket {
             .collect();
         // The surest first, then the quietest (the table's order picked them at random).
         candidates.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-        let victims: Vec<(SocketAddr, &'static str)> = candidates
+        let mut victims: Vec<(SocketAddr, &'static str)> = candidates
             .into_iter()
             .take(most)
             .map(|(_, _, peer, why)| (peer, why))
             .collect();
+        if victims.is_empty() {
+            victims.extend(self.biggest_holders_quietest(newcomer));
+        }
         if !victims.is_empty() {
-            warn!(app = %app, addr = %self.listen, ended = victims.len(), flows = self.flows.len(), "UDP flow table full: ending flows the device closed, idle or quiet ones, and ones not in use both ways");
+            warn!(app = %app, addr = %self.listen, ended = victims.len(), flows = self.flows.len(), "UDP flow table full: ending flows the device closed, idle or quiet ones, ones not in use both ways, or the quietest of the client holding the most");
         }
         for (peer, why) in victims {
             if let Some(e) = self.flows.remove(&peer) {
@@ -769,19 +780,51 @@ impl AppSocket {
         self.flows.len() < self.limit
     }
 
+    /// A table full of flows in use both ways and busy: the quietest flow (not young) of the
+    /// client holding the most — its address, or for IPv6 its /48 —, when that is more than
+    /// `newcomer` holds and one more. Sixteen addresses at the default `udp_flows_per_ip`,
+    /// each flow sent to every few seconds, otherwise held the table against everyone else
+    /// (a full TCP or HTTP table does the same: [`crate::per_ip::PerIp::making_room`]).
+    fn biggest_holders_quietest(
+        &self,
+        newcomer: std::net::IpAddr,
+    ) -> Option<(SocketAddr, &'static str)> {
+        let holder = |ip: std::net::IpAddr| {
+            let (key, site) = crate::per_ip::keys(ip);
+            site.unwrap_or(key)
+        };
+        let mut held: HashMap<std::net::IpAddr, usize> = HashMap::new();
+        for e in self.flows.values() {
+            *held.entry(holder(e.client.ip())).or_default() += 1;
+        }
+        let (&most, &count) = held.iter().max_by_key(|(_, n)| **n)?;
+        let theirs = held.get(&holder(newcomer)).copied().unwrap_or(0);
+        if count <= theirs + 1 {
+            return None;
+        }
+        self.flows
+            .iter()
+            .filter(|(_, e)| holder(e.client.ip()) == most && !e.young())
+            .max_by_key(|(_, e)| e.activity.quiet_for())
+            .map(|(peer, _)| (*peer, "in use both ways, of the client holding the most"))
+    }
+
     /// Ends the surest, quietest flow of `ip`'s own (its address, or IPv6 /64, first; then
-    /// its /48) that the device closed, is idle, or was never answered and has been quiet
-    /// for [`EVICT_QUIET`], for a new flow of `ip` at its per-client limit; at most one every
-    /// [`EVICT_EVERY`] (a forger's flows cost it one each). Whether one ended.
+    /// its /48) that the device closed, is idle, is not in use both ways and has been quiet
+    /// for [`EVICT_QUIET`], or is in use both ways and has been quiet for
+    /// [`EVICT_ASSURED_QUIET`], for a new flow of `ip` at its per-client limit; at most one
+    /// every [`EVICT_EVERY`] for each client (a forger's flows cost it one each). Whether one
+    /// ended.
     fn make_room_for(&mut self, ip: std::net::IpAddr) -> bool {
         let now = Instant::now();
+        let (key, site) = crate::per_ip::keys(ip);
         if self
             .last_client_eviction
-            .is_some_and(|t| now.duration_since(t) < EVICT_EVERY)
+            .get(&key)
+            .is_some_and(|t| now.duration_since(*t) < EVICT_EVERY)
         {
             return false;
         }
-        let (key, site) = crate::per_ip::keys(ip);
         // At its own limit, only its own flows free a place for it: ending a neighbour's in
         // its /48 freed nothing it could use. At its /48's limit, its own go first.
         let own_only = self.per_ip.client_full(ip);
@@ -798,16 +841,22 @@ impl AppSocket {
                     return None;
                 };
                 let (rank, quiet, why) = e.evictable(self.idle)?;
-                // Closed or idle, or never answered: a flow the service answered is the
-                // client's own, and stays (the limit is what it may hold at once).
-                (rank == 0 || (rank == 1 && !e.answered()))
-                    .then_some((same, rank, quiet, *peer, why))
+                // Not the last resort (sending, not in use both ways): a client's own new
+                // flow should not end one it is using. Answered ones may end: forged
+                // datagrams from its address to a service that answers (DNS, a game) held
+                // every slot of it otherwise, refreshed a few times a minute.
+                (rank <= 2).then_some((same, rank, quiet, *peer, why))
             })
             .min_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)).then(b.2.cmp(&a.2)));
         let Some((_, _, _, peer, why)) = victim else {
             return false;
         };
-        self.last_client_eviction = Some(now);
+        // Bounded by the clients holding flows: the stale are let go as it grows past them.
+        if self.last_client_eviction.len() >= self.flows.len().max(EVICT_SHARE) {
+            self.last_client_eviction
+                .retain(|_, t| now.duration_since(*t) < EVICT_EVERY);
+        }
+        self.last_client_eviction.insert(key, now);
         match self.flows.remove(&peer) {
             Some(e) => {
                 self.end(e, &format!("client at its limit, {why}"));

@@ -2163,6 +2163,8 @@ async fn one_client_address_cannot_take_every_udp_flow() {
         assert_eq!(got.as_deref(), Some(msg.as_bytes()), "flow {i} echoed");
         held.push(s);
     }
+    // In use both ways and busy (a client's own quiet ones may end for its new one).
+    in_use_both_ways(&held, app).await;
     let (_s, got) = udp_ask(
         "127.0.0.1",
         app,
@@ -2205,6 +2207,77 @@ async fn forged_flows_from_a_clients_address_do_not_lock_it_out() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    gw.shutdown.cancel();
+}
+
+/// Sends again on each of `flows` (each answered once) past `ASSURE_AFTER` (2 s) and waits
+/// for the answers: the flows are in use both ways, and have just been busy.
+async fn in_use_both_ways(flows: &[tokio::net::UdpSocket], app: SocketAddr) {
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    for (i, s) in flows.iter().enumerate() {
+        let msg = format!("again {i}");
+        s.send_to(msg.as_bytes(), app).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(WAIT, s.recv(&mut buf))
+            .await
+            .expect("answered again")
+            .unwrap();
+        assert_eq!(&buf[..n], msg.as_bytes());
+    }
+}
+
+/// Forged datagrams from a client's address to a service that answers them (DNS, a game)
+/// cannot hold its flow slots against it either: at its limit, a flow of its own answered
+/// once and quiet for a second ends for its new one. Before, answered ones stayed, and a
+/// forger refreshing them a few times a minute kept the client out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_forged_flows_from_a_clients_address_do_not_lock_it_out() {
+    let (_z, gw, _h1) = picky_udp_app_with(|o| o.udp_flows_per_ip = 4).await;
+    let app = gw.apps["picky"];
+    let mut forged = Vec::new();
+    for i in 0..4 {
+        let msg = format!("forged {i}");
+        let (s, got) = udp_ask("127.0.0.1", app, msg.as_bytes(), WAIT).await;
+        assert_eq!(got.as_deref(), Some(msg.as_bytes()));
+        forged.push(s);
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_s, got) = udp_ask("127.0.0.1", app, b"mine", Duration::from_millis(500)).await;
+        if got.as_deref() == Some(&b"mine"[..]) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client stayed locked out by forged flows the service answered"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    gw.shutdown.cancel();
+}
+
+/// A table full of one address's flows, in use both ways and busy, makes room for another
+/// client: the quietest flow of the client holding the most ends. Before, sixteen addresses
+/// at the default per-address limit, each flow sent to every few seconds, held the table
+/// against everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_table_held_by_one_address_makes_room_for_another() {
+    let (_z, gw, _h1) = picky_udp_app().await;
+    let app = gw.apps["picky"];
+    let mut held = Vec::new();
+    for i in 0..4 {
+        let msg = format!("held {i}");
+        let (s, got) = udp_ask("127.0.0.1", app, msg.as_bytes(), WAIT).await;
+        assert_eq!(got.as_deref(), Some(msg.as_bytes()));
+        held.push(s);
+    }
+    in_use_both_ways(&held, app).await;
+    let (_s, got) = udp_ask("127.0.0.2", app, b"room for me?", WAIT).await;
+    assert_eq!(
+        got.as_deref(),
+        Some(&b"room for me?"[..]),
+        "one address's busy flows held the table"
+    );
     gw.shutdown.cancel();
 }
 
