@@ -189,17 +189,7 @@ where
 /// pipe) a connection task's panic froze the runtime thread it ran on, the only one of a
 /// node — and apart from the lines buffered before it, in several lines, unescaped.
 fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
-    let payload = info.payload();
-    let what = payload
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(not text)");
-    let at = info.location().map(|l| l.to_string()).unwrap_or_default();
-    let thread = std::thread::current();
-    let thread = thread.name().unwrap_or("unnamed");
-    // As the default hook: only when RUST_BACKTRACE asks for one.
-    let trace = std::backtrace::Backtrace::capture();
+    let (what, at, thread, trace) = panic_parts(info);
     if trace.status() == std::backtrace::BacktraceStatus::Captured {
         tracing::error!(panic = %what, at = %at, thread = %thread, backtrace = %trace, "panicked");
     } else {
@@ -207,12 +197,59 @@ fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
     }
 }
 
+/// A panic's report for a filter that drops [`log_panic`]'s line (`RUST_LOG=off`, or targets
+/// that leave this module out): one line into the writer's buffer all the same, never to
+/// stderr directly — the default hook's write blocked a runtime thread on a stalled stderr.
+fn panic_line(writer: &writer::BatchWriter, info: &std::panic::PanicHookInfo<'_>) {
+    let (what, at, thread, trace) = panic_parts(info);
+    let mut line = format!("ERROR zonegate: panicked: {what:?} at {at} (thread {thread:?})");
+    if trace.status() == std::backtrace::BacktraceStatus::Captured {
+        line.push_str(&format!(" backtrace={:?}", trace.to_string()));
+    }
+    line.push('\n');
+    writer.push_error_line(line.as_bytes());
+}
+
+/// What a panic's report says: its message, where, on which thread, and a backtrace when
+/// `RUST_BACKTRACE` asks for one (as the default hook).
+fn panic_parts(
+    info: &std::panic::PanicHookInfo<'_>,
+) -> (String, String, String, std::backtrace::Backtrace) {
+    let payload = info.payload();
+    let what = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not text)")
+        .to_owned();
+    let at = info.location().map(|l| l.to_string()).unwrap_or_default();
+    let thread = std::thread::current()
+        .name()
+        .unwrap_or("unnamed")
+        .to_owned();
+    (what, at, thread, std::backtrace::Backtrace::capture())
+}
+
 pub fn init() -> LogGuard {
-    let filter = filter(std::env::var("RUST_LOG").ok().as_deref());
+    let rust_log = match std::env::var("RUST_LOG") {
+        Ok(text) => Some(text),
+        Err(std::env::VarError::NotPresent) => None,
+        // Said, as a filter that does not parse is (`.ok()` dropped it without a word).
+        Err(std::env::VarError::NotUnicode(raw)) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "zonegate: RUST_LOG={raw:?} is not UTF-8 text, so no log filter; logging with \
+                 {DEFAULT_FILTER:?}"
+            );
+            None
+        }
+    };
+    let filter = filter(rust_log.as_deref());
     // Colour only on a terminal: journald and log files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none();
     let (writer, thread) = start(Box::new(io::stderr()), BUFFER_CAP);
+    let panic_writer = writer.clone();
     // A second init (tests calling run() twice) is harmless: keep the first subscriber, and
     // its writer; this call's writer then has no subscriber and its thread is stopped at once.
     let builder = builder(writer).with_ansi(ansi);
@@ -229,14 +266,13 @@ pub fn init() -> LogGuard {
     .is_ok();
     if installed {
         let _ = FINISHER.set(thread.finisher());
-        // The default hook stays for a panic the filter would drop (`RUST_LOG=off`, or
-        // targets that leave this module out): a panic must never go unreported.
-        let default = std::panic::take_hook();
+        // A panic the filter would drop (`RUST_LOG=off`, or targets that leave this module
+        // out) is written all the same: a panic must never go unreported.
         std::panic::set_hook(Box::new(move |info| {
             if tracing::enabled!(tracing::Level::ERROR) {
                 log_panic(info);
             } else {
-                default(info);
+                panic_line(&panic_writer, info);
             }
         }));
     }

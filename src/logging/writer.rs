@@ -163,6 +163,13 @@ pub(super) struct BatchWriter {
     shared: Arc<Shared>,
 }
 
+impl BatchWriter {
+    /// Queues one whole line as an error's (past the cap as [`Shared::push`] allows those).
+    pub(super) fn push_error_line(&self, line: &[u8]) {
+        self.shared.push(line, true);
+    }
+}
+
 impl<'a> MakeWriter<'a> for BatchWriter {
     type Writer = LineWriter<'a>;
 
@@ -258,7 +265,7 @@ impl Writer {
             if dropped > 0 {
                 spare.extend_from_slice(dropped_notice(dropped).as_bytes());
             }
-            self.write_batch(&spare);
+            self.write_batch(&spare, dropped);
             if last {
                 // Whatever came meanwhile is written by `drop`: the guard's drop waits for at
                 // most a few more writes, however busy the loggers are.
@@ -274,9 +281,10 @@ impl Writer {
 }
 
 impl Writer {
-    /// Writes one batch. A failed write cannot be reported anywhere but where it failed: its
-    /// lines are counted, and told once a write works again.
-    fn write_batch(&mut self, batch: &[u8]) {
+    /// Writes one batch, whose last line may be the notice of `dropped` lines. A failed write
+    /// cannot be reported anywhere but where it failed: its lines are counted (the notice as
+    /// the lines it stood for), and told once a write works again.
+    fn write_batch(&mut self, batch: &[u8], dropped: u64) {
         if self.lost > 0 {
             let notice = format!(
                 "\nWARN zonegate: {} log lines lost: writing them to stderr failed (a full disk?)\n",
@@ -292,17 +300,20 @@ impl Writer {
             .and_then(|()| self.sink.flush())
             .is_err()
         {
-            self.lost += batch.iter().filter(|&&b| b == b'\n').count() as u64;
+            let lines = batch.iter().filter(|&&b| b == b'\n').count() as u64;
+            self.lost += lines + dropped.saturating_sub(1);
         }
     }
 
-    /// Takes the lines buffered (with a notice of any dropped), leaving the buffer empty.
-    fn take(state: &mut State) -> Vec<u8> {
+    /// Takes the lines buffered (with a notice of any dropped), leaving the buffer empty; and
+    /// how many the notice stands for.
+    fn take(state: &mut State) -> (Vec<u8>, u64) {
         let mut batch = mem::take(&mut state.buf);
-        if state.dropped > 0 {
-            batch.extend_from_slice(dropped_notice(mem::take(&mut state.dropped)).as_bytes());
+        let dropped = mem::take(&mut state.dropped);
+        if dropped > 0 {
+            batch.extend_from_slice(dropped_notice(dropped).as_bytes());
         }
-        batch
+        (batch, dropped)
     }
 }
 
@@ -313,15 +324,15 @@ impl Drop for Writer {
     fn drop(&mut self) {
         // A few rounds while loggers keep adding lines; the rest goes out as the buffer closes.
         for _ in 0..3 {
-            let batch = Self::take(&mut self.shared.lock());
+            let (batch, dropped) = Self::take(&mut self.shared.lock());
             if batch.is_empty() {
                 break;
             }
-            self.write_batch(&batch);
+            self.write_batch(&batch, dropped);
         }
         let sink = mem::replace(&mut self.sink, Box::new(io::sink()));
         let mut state = self.shared.lock();
-        let rest = Self::take(&mut state);
+        let (rest, _) = Self::take(&mut state);
         state.closed = true;
         // Taken before `state` is let go: a logger that sees `closed` waits for this lock,
         // so its line comes after `rest`.
@@ -664,6 +675,76 @@ mod tests {
         assert_eq!(
             capture.text(),
             "one\nWARN zonegate: 2 log lines lost: writing them to stderr failed (a full disk?)\nthree\n"
+        );
+    }
+
+    /// Lines dropped while a write stalled, whose notice then fails to write with its batch,
+    /// are counted as lost, each (they were counted as the notice's one line).
+    #[test]
+    fn lines_dropped_before_a_failed_write_are_counted_lost() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        struct StallThenFail {
+            gate: mpsc::Receiver<()>,
+            calls: Arc<AtomicUsize>,
+            failed: mpsc::Sender<()>,
+            inner: Capture,
+        }
+        impl Write for StallThenFail {
+            fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+                // 1: the first batch, stalled then failing; 2: the notice of its lost line;
+                // 3: the batch of what was buffered meanwhile, with the notice of the dropped.
+                let call = self.calls.fetch_add(1, SeqCst) + 1;
+                if call == 1 {
+                    let _ = self.gate.recv();
+                }
+                if call <= 3 {
+                    if call == 3 {
+                        let _ = self.failed.send(());
+                    }
+                    return Err(io::Error::from_raw_os_error(5));
+                }
+                self.inner.write(data)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        const CAP: usize = 100;
+        let capture = Capture::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (open, gate) = mpsc::channel();
+        let (failed, third_failed) = mpsc::channel();
+        let sink = StallThenFail {
+            gate,
+            calls: calls.clone(),
+            failed,
+            inner: capture.clone(),
+        };
+        let (make, thread) = start(Box::new(sink), CAP);
+        make.make_writer().write_all(b"first\n").unwrap();
+        let t = std::time::Instant::now();
+        while calls.load(SeqCst) == 0 {
+            assert!(t.elapsed() < Duration::from_secs(10), "nothing written");
+            thread::sleep(Duration::from_millis(1));
+        }
+        for n in 0..50 {
+            make.make_writer()
+                .write_all(format!("line {n:04}\n").as_bytes())
+                .unwrap();
+        }
+        assert!(make.shared.lock().dropped > 0);
+        drop(open);
+        third_failed
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the buffered lines' write");
+        make.make_writer().write_all(b"last\n").unwrap();
+        assert!(
+            thread.finish(Duration::from_secs(30)),
+            "the writer never finished"
+        );
+        assert_eq!(
+            capture.text(),
+            "\nWARN zonegate: 51 log lines lost: writing them to stderr failed (a full disk?)\nlast\n"
         );
     }
 

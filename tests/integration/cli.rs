@@ -1951,3 +1951,19 @@ fn root_does_not_write_a_bundle_into_a_directory_another_user_made_in_tmp() {
     ]);
     assert!(own.join("device.key").is_file());
 }
+
+/// A `RUST_LOG` that is not UTF-8 is said to be no filter, as one that does not parse is
+/// (it was dropped without a word, and the default filter used).
+#[test]
+fn a_rust_log_that_is_not_utf8_is_said() {
+    use std::os::unix::ffi::OsStrExt;
+    let t = tempfile::tempdir().unwrap();
+    let o = Command::new(crate::common::bin())
+        .args(["zone", "show", "--zone"])
+        .arg(t.path())
+        .env("RUST_LOG", std::ffi::OsStr::from_bytes(b"debug\xff"))
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert!(e.contains("is not UTF-8 text, so no log filter"), "{e}");
+}
