@@ -2426,6 +2426,87 @@ async fn slow_readers_do_not_slow_the_devices_other_downloads() {
     gw.shutdown.cancel();
 }
 
+/// A device's downloads reset by its service while their public clients read them slowly
+/// (backlogged, the connection lent window for them) give the window back though the
+/// connection then goes quiet: quinn credited their unread data with the reset. It was owed
+/// instead, to be paid only by as much traffic again, and stayed out of the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_reset_by_their_service_give_back_the_window_lent_for_them() {
+    let z = TestZone::new(&["home1"]);
+    let port = free_tcp_port();
+    z.write_policy(
+        "a.toml",
+        &tcp_app("flood", port).replace("home1/echo", "home1/flood"),
+    );
+    let tuning = Tuning {
+        reader_stall: Duration::from_secs(10),
+        ..fast_tuning()
+    };
+    let gw = start_gateway(&z, tuning, Duration::from_millis(500)).await;
+    // A flood that resets every connection once `reset` is cancelled.
+    let reset = tokio_util::sync::CancellationToken::new();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let flood = l.local_addr().unwrap();
+    {
+        let reset = reset.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Ok((mut s, _)) = l.accept().await {
+                let reset = reset.clone();
+                tokio::spawn(async move {
+                    let chunk = vec![0x5au8; 64 * 1024];
+                    tokio::select! {
+                        _ = async { while s.write_all(&chunk).await.is_ok() {} } => {}
+                        _ = reset.cancelled() => {
+                            s.set_zero_linger().unwrap();
+                        }
+                    }
+                });
+            }
+        });
+    }
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("flood", flood, ServiceProto::Tcp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let lent_now = || {
+        gw.hub
+            .status()
+            .into_iter()
+            .find(|a| a.device == "home1")
+            .map_or(0, |a| a.window_lent)
+    };
+    const SLOW: u64 = 12;
+    let (_read, mut slow) = slow_readers(port, SLOW, 2 * 1024).await;
+    let beyond = SLOW - tunnel::holds::HELD_BUDGET as u64;
+    let lent = beyond * u64::from(tunnel::transport::STREAM_WINDOW);
+    wait_until(
+        "the window lent for the slow readers",
+        Duration::from_secs(60),
+        || lent_now() >= lent,
+    )
+    .await;
+    reset.cancel();
+    wait_until(
+        "the slow downloads ended by the resets",
+        Duration::from_secs(60),
+        || slow.try_join_next().is_some() && slow.is_empty(),
+    )
+    .await;
+    wait_until(
+        "the lent window given back",
+        Duration::from_secs(30),
+        || lent_now() == 0,
+    )
+    .await;
+    gw.shutdown.cancel();
+}
+
 /// A local service that takes what is sent to it as fast as it can, unless a connection's
 /// first byte is `s`: then 2 KiB every 62 ms (~32 KiB/s), until `stop` is cancelled (it then
 /// closes those). Counts what it read of each kind.
