@@ -89,7 +89,7 @@ pub struct Listeners {
     ended: HashMap<(Kind, SocketAddr), String>,
     /// The gateway's own sockets (kind, address, the gateway.toml key that sets it): an app
     /// asking for one of them gets a message naming it instead of "address in use".
-    reserved: Vec<(Kind, SocketAddr, &'static str)>,
+    reserved: Vec<(Kind, SocketAddr, String)>,
     /// The current failures, as `/status` shows them.
     published: Arc<std::sync::Mutex<Vec<String>>>,
     /// The addresses listened on now, for [`Listeners::reload_check`].
@@ -115,7 +115,7 @@ impl Listeners {
     /// clients together `tcp_total` (at most [`MAX_TCP_CONNECTIONS`]); each `udp` app keeps
     /// flows within `udp`.
     pub fn new(
-        reserved: Vec<(Kind, SocketAddr, &'static str)>,
+        reserved: Vec<(Kind, SocketAddr, String)>,
         tcp_per_ip: usize,
         tcp_total: usize,
         udp: UdpLimits,

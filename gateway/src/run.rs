@@ -286,6 +286,27 @@ pub fn own_sockets_of(
     own
 }
 
+/// The gateway's own `[services]` on this machine (at a loopback or unspecified address), as
+/// sockets no app may listen on: an app there either could not bind (the service holds the
+/// port) or, bound while the service was down, took its port and, if it leads to that
+/// service, connected to itself over and over — a chain of connections per client up to the
+/// per-address limit — while the service could not start. (Services at other hosts' addresses
+/// are not this machine's ports.)
+pub fn services_here(services: &LocalServices) -> Vec<(Kind, SocketAddr, String)> {
+    services
+        .iter()
+        .filter(|(_, s)| s.addr.ip().is_loopback() || s.addr.ip().is_unspecified())
+        .filter(|(_, s)| s.addr.port() != 0)
+        .map(|(name, s)| {
+            let kind = match s.proto {
+                tunnel::proto::ServiceProto::Tcp => Kind::Tcp,
+                tunnel::proto::ServiceProto::Udp => Kind::Udp,
+            };
+            (kind, s.addr, format!("[services.{name}]"))
+        })
+        .collect()
+}
+
 impl Gateway {
     /// Binds every socket (QUIC, admin, app listeners, forwards) before serving anything, so a
     /// bad config or a taken port fails here and nothing half-starts.
@@ -303,6 +324,8 @@ impl Gateway {
         // A policy app on one of them, likewise, before any bind: found after the binds, a
         // port another program held (exit 1) hid this setting to change. (Checked again once
         // bound, for DNS's per-address sockets.)
+        let mut own = own;
+        own.extend(services_here(&opts.services));
         let clashes = crate::listeners::clashes_with(&own, &opts.policy.current().policy);
         if !clashes.is_empty() {
             return Err(StartError::Usage(clashes.join("; ")));
@@ -396,10 +419,10 @@ impl Gateway {
         };
         // Last, as app listeners start accepting at once: nothing serves before every other
         // socket is bound and every check passed.
-        let mut reserved = Vec::new();
-        let mut own = |kind, addr: std::io::Result<SocketAddr>, setting| {
+        let mut reserved = services_here(&opts.services);
+        let mut own = |kind, addr: std::io::Result<SocketAddr>, setting: &str| {
             if let Ok(a) = addr {
-                reserved.push((kind, a, setting));
+                reserved.push((kind, a, setting.to_owned()));
             }
         };
         own(Kind::Udp, endpoint.local_addr(), "listen");

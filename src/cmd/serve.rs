@@ -159,11 +159,14 @@ pub(crate) fn gateway_own_sockets(
     let forwards =
         config::forwards(&f.forward, &f.device).map_err(|e| config::in_file_or_flags(path, e))?;
     let (admin, http, https, dns) = gateway_addresses(f);
-    Ok(gateway::run::own_sockets_of(
+    let mut own = gateway::run::own_sockets_of(
         (config::quic_listen(path, f.listen)?, admin),
         (http, https, dns),
         &forwards,
-    ))
+    );
+    let services = config::services(&f.services).map_err(|e| config::in_file_or_flags(path, e))?;
+    own.extend(gateway::run::services_here(&services));
+    Ok(own)
 }
 
 type Addr = std::net::SocketAddr;

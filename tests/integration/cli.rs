@@ -1967,3 +1967,62 @@ fn a_rust_log_that_is_not_utf8_is_said() {
     let e = stderr(&o);
     assert!(e.contains("is not UTF-8 text, so no log filter"), "{e}");
 }
+
+/// An app on the port of one of the gateway's own `[services]` on this machine is refused
+/// at start and by `policy check --gateway-config`: bound while the service was down, it
+/// took the service's port, and an app leading to that service connected to itself over and
+/// over. A service at another host's address takes no port here.
+#[test]
+fn an_app_on_a_gateway_services_port_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("policies");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(
+        dir.join("apps.toml"),
+        "[app.web]\ntcp = { listen = \"0.0.0.0:8000\" }\nto = \"gw/web\"\nallow = { from = [\"public\"] }\n\
+         [app.lan]\ntcp = { listen = \"0.0.0.0:8001\" }\nto = \"gw/lan\"\nallow = { from = [\"public\"] }\n",
+    )
+    .unwrap();
+    let gw = t.path().join("gateway.toml");
+    std::fs::write(
+        &gw,
+        "device = \"gw\"\ndomain = \"alice.example\"\nkey = \"device.key\"\ncert = \"device.crt\"\nca = \"zone-ca.crt\"\nzone_config = \"zone.json\"\nlisten = \"0.0.0.0:4433\"\npolicies = \"policies\"\n\
+         [services.web]\nlocal = \"127.0.0.1:8000\"\n[services.lan]\nlocal = \"192.168.1.20:8001\"\n",
+    )
+    .unwrap();
+    let o = zg([
+        "policy",
+        "check",
+        dir.to_str().unwrap(),
+        "--gateway-config",
+        gw.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
+    assert!(
+        out.contains("app web") && out.contains("gateway's own `[services.web]`"),
+        "{out}"
+    );
+    assert!(!out.contains("app lan"), "{out}");
+
+    // The gateway itself refuses to start with it (exit 2).
+    let z = zone_with_devices(t.path());
+    let conf = z.join("devices/gw/gateway.toml");
+    let port = crate::inproc::free_tcp_port();
+    let text = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(
+        &conf,
+        format!("{text}\n[services.web]\nlocal = \"127.0.0.1:{port}\"\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        z.join("devices/gw/policies/web.toml"),
+        format!("[app.web]\ntcp = {{ listen = \"0.0.0.0:{port}\" }}\nto = \"gw/web\"\nallow = {{ from = [\"public\"] }}\n"),
+    )
+    .unwrap();
+    let e = fails(2, ["gateway", "--config", conf.to_str().unwrap()]);
+    assert!(
+        e.contains("app web") && e.contains("gateway's own `[services.web]`"),
+        "{e}"
+    );
+}
