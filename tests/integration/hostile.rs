@@ -1389,6 +1389,14 @@ async fn a_gateway_takes_the_revocations_of_an_older_zone_json_copied_into_its_b
         serial,
         "the older config was adopted"
     );
+    // And the older file is set aside, the config in use written back: a restart would load
+    // it (its gateways, its devices; refused if expired). It stayed, unreported, when the
+    // record of the revocations it taught was still being written.
+    let bundle = z.bundle("gw").zone_config;
+    wait_until("the older zone.json set aside", WAIT, || {
+        zone_core::zonedir::read_zone_json(&bundle).is_ok_and(|f| f.config.serial == serial)
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(gw.hub.agent("laptop").is_none(), "the laptop got back in");
     laptop.shutdown.cancel();

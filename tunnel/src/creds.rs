@@ -44,6 +44,9 @@ pub struct DeviceCreds {
     /// Refused zone.json files being set aside there (apart from `saves`: a save pending
     /// means the file will be replaced anyway; a set-aside does not).
     asides: tokio_util::task::TaskTracker,
+    /// Records of revocations learned from configs not adopted (apart from `saves`: they
+    /// write no zone.json, so a file copied in meanwhile is not replaced by them).
+    records: tokio_util::task::TaskTracker,
 }
 
 fn bad(path: &Path, what: &str, e: impl std::fmt::Display) -> TunnelError {
@@ -258,6 +261,7 @@ impl DeviceCreds {
             saving: Arc::default(),
             saves: tokio_util::task::TaskTracker::new(),
             asides: tokio_util::task::TaskTracker::new(),
+            records: tokio_util::task::TaskTracker::new(),
         }))
     }
 
@@ -431,7 +435,7 @@ impl DeviceCreds {
                 record_revocations(&seen_revocations::path_beside(&path), &trust);
             };
             match tokio::runtime::Handle::try_current() {
-                Ok(rt) => drop(self.saves.spawn_blocking_on(record, &rt)),
+                Ok(rt) => drop(self.records.spawn_blocking_on(record, &rt)),
                 Err(_) => record(),
             }
         }
@@ -447,7 +451,7 @@ impl DeviceCreds {
     /// Whether an adopted config (or its revocations) is still being written back: a
     /// zone.json copied in meanwhile may be replaced by the save, not set aside.
     pub fn saving(&self) -> bool {
-        !self.saves.is_empty()
+        !self.saves.is_empty() || !self.records.is_empty()
     }
 
     /// Waits, at most `within`, for adopted configs still being written back: a stop right
@@ -456,11 +460,13 @@ impl DeviceCreds {
     pub async fn saved(&self, within: std::time::Duration) {
         self.saves.close();
         self.asides.close();
-        let both = async {
+        self.records.close();
+        let all = async {
             self.saves.wait().await;
             self.asides.wait().await;
+            self.records.wait().await;
         };
-        if tokio::time::timeout(within, both).await.is_err() {
+        if tokio::time::timeout(within, all).await.is_err() {
             tracing::warn!("an adopted zone config is still being written back to the bundle; stopping without waiting longer");
         }
     }
@@ -487,7 +493,9 @@ impl DeviceCreds {
                 };
                 let serial = offered.config.serial;
                 // A save of a newer config is on its way: it replaces this file (one of our
-                // own earlier saves, read before the next one landed, most likely).
+                // own earlier saves, read before the next one landed, most likely). Not a
+                // record of revocations this very file taught (`records`): that writes no
+                // zone.json, and this file stayed, unreported, for the next start to load.
                 if !self.saves.is_empty() {
                     return;
                 }
