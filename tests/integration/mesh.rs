@@ -289,16 +289,34 @@ async fn relay_sees_only_ciphertext_then_streams_go_direct_and_survive_the_gatew
         .expect("gateway lists the home2 -> home1 pair");
     assert!(pair.punches >= 1 && pair.relayed_streams == 1, "{pair:?}");
 
-    // 3. Later streams go direct: the relay carries nothing more.
-    let relayed_before = tap.seen().len();
-    let data = payload(1 << 20);
-    let back = roundtrip(fwd, &data).await.unwrap();
-    assert!(back == data, "direct echo corrupted data");
-    assert_eq!(
-        tap.seen().len(),
-        relayed_before,
-        "second stream went through the relay"
-    );
+    // 3. Later streams go direct: the relay carries nothing more. (A direct open that heard
+    // nothing from the peer within its silence limit — half a second here, which a starved
+    // test runtime can miss — goes by the relay, as it should: then the path is waited for
+    // again and the stream tried again, as `direct_long_stream` does.)
+    let both_direct = || {
+        let up = |a: &RunningAgent, peer: &str| {
+            a.agent
+                .peers()
+                .iter()
+                .any(|p| p.device == peer && p.path == "direct")
+        };
+        up(&h1, "home2") && up(&h2, "home1")
+    };
+    let start = Instant::now();
+    loop {
+        wait_until("direct path home1 <-> home2", WAIT, both_direct).await;
+        let relayed_before = tap.seen().len();
+        let data = payload(1 << 20);
+        let back = roundtrip(fwd, &data).await.unwrap();
+        assert!(back == data, "direct echo corrupted data");
+        if tap.seen().len() == relayed_before {
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "later streams went through the relay, not direct, every time for {WAIT:?}"
+        );
+    }
     wait_until("the direct stream is counted", WAIT, || {
         h2.agent
             .peers()
@@ -312,7 +330,7 @@ async fn relay_sees_only_ciphertext_then_streams_go_direct_and_survive_the_gatew
         .into_iter()
         .find(|p| p.device == "home1")
         .unwrap();
-    assert_eq!(to_h1.streams_direct, 1, "{to_h1:?}");
+    assert!(to_h1.streams_direct >= 1, "{to_h1:?}");
     assert!(to_h1.rtt_ms.is_some());
 
     // 4. The gateway goes away; the direct path keeps working.
@@ -325,9 +343,23 @@ async fn relay_sees_only_ciphertext_then_streams_go_direct_and_survive_the_gatew
         h2.agent.links().iter().all(|l| l.status().state != "up")
     })
     .await;
+    // Each tried again while the path is up (a starved runtime's missed silence limit, as
+    // above; there is no relay to fall back to now).
     for i in 0..3 {
         let data = payload(64 * 1024);
-        let back = roundtrip(fwd, &data).await.unwrap();
+        let start = Instant::now();
+        let back = loop {
+            match roundtrip(fwd, &data).await {
+                Ok(back) => break back,
+                Err(e) => {
+                    assert!(
+                        start.elapsed() < WAIT,
+                        "direct echo #{i} without gateway failed for {WAIT:?}: {e}"
+                    );
+                    wait_until("direct path home1 <-> home2", WAIT, both_direct).await;
+                }
+            }
+        };
         assert!(
             back == data,
             "direct echo #{i} without gateway corrupted data"

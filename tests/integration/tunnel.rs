@@ -308,9 +308,9 @@ async fn foreign_expired_and_revoked_devices_are_refused() {
     )
     .await
     .expect("own device accepted");
-    // Another zone's device with the same name and domain.
+    // Another zone's device with the same name and domain, at this zone's gateway.
     let e = handshake_with(
-        &other,
+        &z,
         &read(b(&other, "home1").join("device.crt")),
         &read(b(&other, "home1").join("device.key")),
     )
