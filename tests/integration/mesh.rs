@@ -1116,6 +1116,64 @@ async fn a_peer_addr_during_the_last_attempt_is_dialed() {
     assert!(teller.join().unwrap(), "no round was running");
 }
 
+/// Addresses that come during the attempt added for addresses that came during the last
+/// one (the peer moved again, or the other direction's round told its newest mapping) get
+/// another attempt: the round ended on the addresses before, and the pair stayed relayed
+/// until the next request, 30 s on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_addr_during_an_added_attempt_is_dialed() {
+    let (_z, peers, _e1, e2) = peer_table();
+    // Two old addresses of the peer: each takes the Initials and answers none.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let silent2 = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for s in [&silent, &silent2] {
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+    }
+    let (round, accepting, moved) = round_from_a_stale_address(&peers, &e2, &silent);
+    let moved_again = tunnel::proto::PeerAddr {
+        device: "home2".into(),
+        addrs: vec![silent2.local_addr().unwrap()],
+        punch_nonce: 3,
+    };
+    let last = tunnel::peers::PUNCH_ATTEMPTS as usize;
+    let teller = std::thread::spawn({
+        let peers = peers.clone();
+        move || {
+            // The Initials' connection IDs `s` has seen, until `want` of them (each attempt
+            // dials with one of its own).
+            let attempts_at = |s: &std::net::UdpSocket, want: usize| {
+                let mut ids = std::collections::HashSet::new();
+                let mut buf = [0u8; 2048];
+                let deadline = std::time::Instant::now() + WAIT;
+                while ids.len() < want {
+                    assert!(std::time::Instant::now() < deadline, "no attempt came");
+                    let Ok(n) = s.recv(&mut buf) else {
+                        continue;
+                    };
+                    if n > 6 && buf[0] & 0x80 != 0 {
+                        let len = buf[5] as usize;
+                        if n >= 6 + len {
+                            ids.insert(buf[6..6 + len].to_vec());
+                        }
+                    }
+                }
+            };
+            // The last attempt begun: the peer moved (one attempt more dials it).
+            attempts_at(&silent, last);
+            let told = peers
+                .on_peer_addr(&moved_again, on_loopback(), None)
+                .is_none();
+            // That attempt begun: the peer moved again, to where it answers.
+            attempts_at(&silent2, 1);
+            told && peers.on_peer_addr(&moved, on_loopback(), None).is_none()
+        }
+    });
+    let dialed = "the addresses that came during the added attempt were not dialed";
+    reaches_home2(round, accepting, dialed).await;
+    assert!(teller.join().unwrap(), "no round was running");
+}
+
 /// The payload early opens send before their replies is bounded per connection, not only per
 /// stream: opens past the connection's budget wait for their reply before writing, and a
 /// stream's share comes back at its reply or when it is dropped. 512 opens to a service slow

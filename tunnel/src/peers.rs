@@ -63,6 +63,8 @@ pub const PUNCH_INTERVAL: Duration = Duration::from_secs(30);
 /// peer's first packets arrive before our NAT opened for them.
 pub const PUNCH_ATTEMPTS: u32 = 3;
 pub const PUNCH_ATTEMPT: Duration = Duration::from_secs(2);
+/// Attempts a round adds, at most, for addresses that came during its last one.
+pub const PUNCH_EXTRA_ATTEMPTS: u32 = 2;
 /// How long a round's LAN addresses are dialed alone before the others: a LAN handshake takes
 /// a few milliseconds, and whichever connection comes up first is kept.
 pub const LAN_HEAD_START: Duration = Duration::from_millis(150);
@@ -726,7 +728,9 @@ impl Peers {
         let mut failure = String::from("no address could be dialed");
         let from = self.with(&peer, |s| s.round_from);
         // One attempt more when addresses came during the last (the peer moved meanwhile):
-        // they were marked seen, so no later round would dial them.
+        // they were marked seen, so no later round would dial them. Again when more came
+        // during that one (the peer moved again, or the other direction's round told its
+        // newest mapping), up to [`PUNCH_EXTRA_ATTEMPTS`].
         let mut attempts = PUNCH_ATTEMPTS;
         let mut attempt = 0;
         while attempt < attempts {
@@ -816,7 +820,7 @@ impl Peers {
                     .join("; ");
             }
             if attempt == attempts
-                && attempts == PUNCH_ATTEMPTS
+                && attempts < PUNCH_ATTEMPTS + PUNCH_EXTRA_ATTEMPTS
                 && self.with(&peer, |s| s.fresh_addrs.is_some())
             {
                 attempts += 1;
