@@ -22,6 +22,7 @@
 
 use std::io::{self, Write};
 use std::mem;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -58,10 +59,14 @@ pub(super) fn start(sink: Box<dyn Write + Send>, cap: usize) -> (BatchWriter, Wr
         wake_writer: Condvar::new(),
         finished: Condvar::new(),
         cap,
+        written: Arc::new(AtomicU64::new(0)),
     });
     let mut writer = Writer {
         shared: Arc::clone(&shared),
-        sink,
+        sink: Box::new(Counting {
+            inner: sink,
+            written: Arc::clone(&shared.written),
+        }),
         lost: 0,
     };
     // If the thread cannot be created, the closure (and `writer` in it) is dropped, which closes
@@ -89,6 +94,27 @@ struct Shared {
     /// Notified when the writer is gone (`closed` set): [`Finisher::finish`] waits here.
     finished: Condvar,
     cap: usize,
+    /// Bytes the sink has taken: whether a stderr still takes what is written, however slowly
+    /// ([`Finisher::finish`]).
+    written: Arc<AtomicU64>,
+}
+
+/// The sink, counting what it takes in [`Shared::written`] (not holding [`Shared`], which
+/// holds the sink once the writer is gone).
+struct Counting {
+    inner: Box<dyn Write + Send>,
+    written: Arc<AtomicU64>,
+}
+
+impl Write for Counting {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(data)?;
+        self.written.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 struct State {
@@ -362,6 +388,9 @@ fn dropped_notice(n: u64) -> String {
 /// stderr that takes nothing (a full pipe, a pager paused): waiting for that kept a stopped
 /// process alive for good, deaf to SIGTERM and SIGINT (the runtime's handlers outlive it).
 pub(super) const EXIT_WAIT: Duration = Duration::from_secs(2);
+/// [`EXIT_WAIT`]s an exiting process waits at most for a stderr that still takes its lines,
+/// slowly: 20 s, within systemd's stop timeout (90 s by default).
+const SLOW_EXIT_WAITS: u32 = 10;
 
 /// Owns the writer thread: dropping it writes out every buffered line and joins the thread,
 /// waiting at most [`EXIT_WAIT`].
@@ -409,18 +438,28 @@ impl Drop for WriterThread {
 pub(super) struct Finisher(Arc<Shared>);
 
 impl Finisher {
-    /// Asks the writer to write what is buffered and stop, and waits until it has, at most
-    /// `limit`. True if it has (or there was none: its thread could not start).
+    /// Asks the writer to write what is buffered and stop, and waits until it has: `limit` at a
+    /// time while stderr takes something in each (a slow terminal over SSH, a busy journald
+    /// draining a backlog), at most [`SLOW_EXIT_WAITS`] of them. True if it has (or there was
+    /// none: its thread could not start); false if stderr took nothing for a whole `limit`, or
+    /// still had not taken everything. Given up after one `limit` however slowly it moved, a
+    /// failing command's last `error:` line was left out.
     pub(super) fn finish(&self, limit: Duration) -> bool {
         let shared = &*self.0;
         let mut state = shared.lock();
         state.shutdown = true;
         shared.wake_writer.notify_one();
-        state = shared
-            .finished
-            .wait_timeout_while(state, limit, |s| !s.flushed)
-            .unwrap_or_else(PoisonError::into_inner)
-            .0;
+        for _ in 0..SLOW_EXIT_WAITS {
+            let before = shared.written.load(Ordering::Relaxed);
+            state = shared
+                .finished
+                .wait_timeout_while(state, limit, |s| !s.flushed)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            if state.flushed || shared.written.load(Ordering::Relaxed) == before {
+                break;
+            }
+        }
         state.flushed
     }
 }
@@ -746,6 +785,36 @@ mod tests {
             capture.text(),
             "\nWARN zonegate: 51 log lines lost: writing them to stderr failed (a full disk?)\nlast\n"
         );
+    }
+
+    /// An exiting process waits for a stderr that takes its lines slowly but steadily (a slow
+    /// terminal over SSH), past one wait: given up after it, the last lines (a failing
+    /// command's `error:` line) were left out.
+    #[test]
+    fn finishing_waits_for_a_slow_stderr_that_keeps_taking() {
+        struct Slow(Capture);
+        impl Write for Slow {
+            fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+                thread::sleep(Duration::from_millis(10));
+                self.0.write(&data[..data.len().min(64)])
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let capture = Capture::default();
+        let (make, thread) = start(Box::new(Slow(capture.clone())), BUFFER_CAP);
+        // 64 bytes each 10 ms: 9.6 KiB take a second and a half, more than one wait of a
+        // second (wide margins: only a stall of a whole second between two writes fails it).
+        let text: String = (0..150)
+            .map(|n| format!("line {n:04} {}\n", "x".repeat(53)))
+            .collect();
+        make.make_writer().write_all(text.as_bytes()).unwrap();
+        assert!(
+            thread.finish(Duration::from_secs(1)),
+            "given up on a stderr taking it all"
+        );
+        assert_eq!(capture.text(), text);
     }
 
     /// A stalled stderr must not stop the loggers (a runtime thread logging a request): past
