@@ -26,7 +26,7 @@ static FINISHER: std::sync::OnceLock<Finisher> = std::sync::OnceLock::new();
 /// for a stderr that takes nothing. Lines logged afterwards go straight to stderr. False if
 /// stderr took nothing meanwhile: a direct write to it would block too.
 pub fn finish_before_exit() -> bool {
-    FINISHER.get().is_none_or(|f| f.finish(EXIT_WAIT))
+    FINISHER.get().is_none_or(|f| f.finish_now(EXIT_WAIT))
 }
 
 /// Keeps the writer thread alive; dropping it (or [`LogGuard::finish`]) writes out every

@@ -445,11 +445,21 @@ impl Finisher {
     /// still had not taken everything. Given up after one `limit` however slowly it moved, a
     /// failing command's last `error:` line was left out.
     pub(super) fn finish(&self, limit: Duration) -> bool {
+        self.finish_waiting(limit, SLOW_EXIT_WAITS)
+    }
+
+    /// [`Finisher::finish`] for an exit a second signal asked for: one `limit` at most,
+    /// however steadily stderr moves.
+    pub(super) fn finish_now(&self, limit: Duration) -> bool {
+        self.finish_waiting(limit, 1)
+    }
+
+    fn finish_waiting(&self, limit: Duration, waits: u32) -> bool {
         let shared = &*self.0;
         let mut state = shared.lock();
         state.shutdown = true;
         shared.wake_writer.notify_one();
-        for _ in 0..SLOW_EXIT_WAITS {
+        for _ in 0..waits {
             let before = shared.written.load(Ordering::Relaxed);
             state = shared
                 .finished
