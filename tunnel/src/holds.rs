@@ -392,11 +392,9 @@ impl Watched {
             // Lost with its connection, or stopped: the reader's next read says so.
             Poll::Ready(Err(_)) => return Look::NotHeld,
         };
-        // quinn freed the stream's state with the reset (its unread data credited: the
-        // stream's share of a loan is free again); the reader is told at its next poll (the
-        // cut), and the splice at once.
+        // quinn freed the stream's state with the reset; the reader is told at its next poll
+        // (the cut), and the splice at once.
         recv.take();
-        self.sender_reset();
         self.since.store(0, Ordering::Relaxed);
         self.pacing.store(false, Ordering::Relaxed);
         self.reset.store(true, Ordering::Relaxed);
@@ -447,15 +445,6 @@ impl Watched {
         {
             self.discard(r);
             let _ = r.stop(code);
-        }
-    }
-
-    /// Its sender reset the stream (the sweep found it, or its reader read it): quinn
-    /// credited what was unread, so a share the last sweep counted for it goes back to the
-    /// pool ([`Loan::stream_reset`]) instead of being owed.
-    pub(crate) fn sender_reset(&self) {
-        if self.counted.swap(false, Ordering::Relaxed) {
-            self.loan.stream_reset();
         }
     }
 

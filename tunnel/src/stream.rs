@@ -278,17 +278,11 @@ impl QuicStream {
             // last, so it is not held (and was not cut: only held streams are), and its
             // lock is not taken.
             Recv::Watched(w) => gate.poll(cx, |cx| {
-                let p = w
-                    .poll(
-                        |r| read(r, cx),
-                        |p| matches!(p, Poll::Ready(Ok(t)) if got_data(t)),
-                    )
-                    .unwrap_or_else(|| Poll::Ready(Err(cut_error(w))));
-                // quinn's reset (what its reader got is all it gets; the rest was credited).
-                if matches!(&p, Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset) {
-                    w.sender_reset();
-                }
-                p
+                w.poll(
+                    |r| read(r, cx),
+                    |p| matches!(p, Poll::Ready(Ok(t)) if got_data(t)),
+                )
+                .unwrap_or_else(|| Poll::Ready(Err(cut_error(w))))
             }),
         }
     }

@@ -8,8 +8,10 @@
 //! the old window's worth until that much has been read. What a shrink takes off the window
 //! is therefore *owed*, not free: it stays out of the pool until the connection's watched
 //! streams have consumed that much (read it, or dropped it unread as they ended; reads of
-//! other streams pay quinn's debt too, so the count is on the safe side; a stream its sender
-//! reset gives its share straight back, as quinn credits its unread data). A loan grows only
+//! other streams pay quinn's debt too, so the count is on the safe side). A stream its sender
+//! reset is owed the same way, not given back at once: quinn credits its unread data when the
+//! reset arrives, before anything here sees it — credit granted to the peer, which a shrink
+//! after cannot take back — so only reads pay it off. A loan grows only
 //! beyond what is lent and owed together. So the window quinn grants never exceeds the
 //! connection's own plus what the pool counts out, and the pool bounds the unread data the
 //! process may hold beyond its connections' own windows.
@@ -172,24 +174,6 @@ impl Loan {
         let share = st.lent.min(u64::from(crate::transport::STREAM_WINDOW));
         st.lent -= share;
         st.owed += share;
-        self.out.store(st.lent + st.owed, Ordering::Relaxed);
-        self.set_window(st.lent);
-    }
-
-    /// A stream the last sweep counted as backlogged was reset by its sender: quinn dropped
-    /// its unread data and credited it at once, paying its own debt first, so the stream's
-    /// share goes straight back to the pool. Owed, as [`Loan::stream_ending`] would, nothing
-    /// counted would ever pay it: a few resets of backlogged downloads held the connection's
-    /// whole loan out of the pool for as long as it then stayed quiet.
-    pub fn stream_reset(&self) {
-        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if st.lent == 0 || self.conn.close_reason().is_some() {
-            return;
-        }
-        st.settle(self.consumed.load(Ordering::Relaxed), &self.pool);
-        let share = st.lent.min(u64::from(crate::transport::STREAM_WINDOW));
-        st.lent -= share;
-        self.pool.give(share);
         self.out.store(st.lent + st.owed, Ordering::Relaxed);
         self.set_window(st.lent);
     }
