@@ -846,43 +846,41 @@ async fn punch_rounds_start_only_for_zone_devices_one_at_a_time() {
         .collect(),
         punch_nonce: 9,
     };
-    assert!(peers.on_peer_addr(&unusable, on_loopback(), None).is_none());
+    assert!(peers.on_peer_addr(&unusable, on_loopback()).is_none());
     // Mixed with a usable one: that one is dialed, alone.
     let mut mixed = unusable.clone();
     mixed.addrs.push("127.0.0.1:9".parse().unwrap());
     mixed.punch_nonce = 10;
     assert_eq!(
-        peers.on_peer_addr(&mixed, on_loopback(), None),
+        peers.on_peer_addr(&mixed, on_loopback()),
         Some(vec!["127.0.0.1:9".parse().unwrap()])
     );
     assert!(peers.clone().punch("home2".into(), vec![]).await.is_none());
     // From a gateway not on loopback, a loopback address is none a round holds.
     let public_gw = "198.51.100.1:4433".parse().unwrap();
+    assert!(peers.on_peer_addr(&round("home2", 11), public_gw).is_none());
     assert!(peers
-        .on_peer_addr(&round("home2", 11), public_gw, None)
-        .is_none());
-    assert!(peers
-        .on_peer_addr(&round("stranger", 1), on_loopback(), None)
+        .on_peer_addr(&round("stranger", 1), on_loopback())
         .is_none());
     assert!(
         peers
-            .on_peer_addr(&round("home1", 2), on_loopback(), None)
+            .on_peer_addr(&round("home1", 2), on_loopback())
             .is_none(),
         "itself"
     );
     assert!(peers
-        .on_peer_addr(&round("home2", 3), on_loopback(), None)
+        .on_peer_addr(&round("home2", 3), on_loopback())
         .is_some());
     assert!(
         peers
-            .on_peer_addr(&round("home2", 4), on_loopback(), None)
+            .on_peer_addr(&round("home2", 4), on_loopback())
             .is_none(),
         "a second round while one runs"
     );
     assert!(peers.clone().punch("home2".into(), vec![]).await.is_none());
     assert!(
         peers
-            .on_peer_addr(&round("home2", 5), on_loopback(), None)
+            .on_peer_addr(&round("home2", 5), on_loopback())
             .is_some(),
         "the round ended"
     );
@@ -908,7 +906,7 @@ async fn a_punch_round_runs_past_a_direct_connection_held_from_before() {
         punch_nonce: 1,
     };
     let addrs = peers
-        .on_peer_addr(&round, on_loopback(), None)
+        .on_peer_addr(&round, on_loopback())
         .expect("a held connection skipped the round");
     // The round dials (home2's endpoint accepts), rather than ending at once on the old one.
     let accepting = tokio::spawn({
@@ -957,9 +955,7 @@ async fn a_punch_round_keeps_its_new_dial_over_a_confirmed_connection_from_befor
         addrs: vec![e2.local_addr().unwrap()],
         punch_nonce: 1,
     };
-    let addrs = peers
-        .on_peer_addr(&round, on_loopback(), None)
-        .expect("a round");
+    let addrs = peers.on_peer_addr(&round, on_loopback()).expect("a round");
     let accepting = tokio::spawn({
         let e2 = e2.clone();
         async move { e2.accept().await.unwrap().await.unwrap() }
@@ -1009,9 +1005,7 @@ fn round_from_a_stale_address(
         addrs: vec![e2.local_addr().unwrap()],
         punch_nonce: 2,
     };
-    let addrs = peers
-        .on_peer_addr(&first, on_loopback(), None)
-        .expect("a round");
+    let addrs = peers.on_peer_addr(&first, on_loopback()).expect("a round");
     let accepting = tokio::spawn({
         let e2 = e2.clone();
         async move { e2.accept().await.unwrap().await.unwrap() }
@@ -1056,7 +1050,7 @@ async fn a_peer_addr_during_a_round_redirects_its_next_attempt() {
     let (round, accepting, moved) = round_from_a_stale_address(&peers, &e2, &silent);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
-        peers.on_peer_addr(&moved, on_loopback(), None).is_none(),
+        peers.on_peer_addr(&moved, on_loopback()).is_none(),
         "a second round while one runs"
     );
     reaches_home2(
@@ -1066,7 +1060,7 @@ async fn a_peer_addr_during_a_round_redirects_its_next_attempt() {
     )
     .await;
     // The round is over and the nonce seen: the same PeerAddr again starts nothing.
-    assert!(peers.on_peer_addr(&moved, on_loopback(), None).is_none());
+    assert!(peers.on_peer_addr(&moved, on_loopback()).is_none());
 }
 
 /// Addresses that come during a round's last attempt get one attempt more: they were marked
@@ -1108,7 +1102,7 @@ async fn a_peer_addr_during_the_last_attempt_is_dialed() {
                 }
             }
             // A round is running: its next attempt (or the one more) dials these.
-            peers.on_peer_addr(&moved, on_loopback(), None).is_none()
+            peers.on_peer_addr(&moved, on_loopback()).is_none()
         }
     });
     let dialed = "the addresses that came during the last attempt were not dialed";
@@ -1161,12 +1155,10 @@ async fn a_peer_addr_during_an_added_attempt_is_dialed() {
             };
             // The last attempt begun: the peer moved (one attempt more dials it).
             attempts_at(&silent, last);
-            let told = peers
-                .on_peer_addr(&moved_again, on_loopback(), None)
-                .is_none();
+            let told = peers.on_peer_addr(&moved_again, on_loopback()).is_none();
             // That attempt begun: the peer moved again, to where it answers.
             attempts_at(&silent2, 1);
-            told && peers.on_peer_addr(&moved, on_loopback(), None).is_none()
+            told && peers.on_peer_addr(&moved, on_loopback()).is_none()
         }
     });
     let dialed = "the addresses that came during the added attempt were not dialed";

@@ -1371,14 +1371,7 @@ impl Agent {
                 warn!(gateway = %link.name, ?code, %message, "gateway reported a control error");
                 return Some(format!("gateway reported a control error: {message}"));
             }
-            Event::PeerAddr(pa) => {
-                let observed = link
-                    .state
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .observed;
-                self.on_peer_addr(pa, conn.remote_address(), observed)
-            }
+            Event::PeerAddr(pa) => self.on_peer_addr(pa, conn.remote_address()),
             Event::PermitRevoke { device, service } => {
                 if self.peers.revoke_permit(&device, &service) {
                     info!(gateway = %link.name, peer = %device, service = %service, "direct-path permit revoked by the gateway (its policy, or the peer revoked): its direct streams end");
@@ -1667,13 +1660,8 @@ impl Agent {
         tokio::spawn(self.clone().accept_direct_streams(peer, pc));
     }
 
-    fn on_peer_addr(
-        self: &Arc<Self>,
-        pa: PeerAddr,
-        gateway: SocketAddr,
-        me_observed: Option<SocketAddr>,
-    ) {
-        let Some(addrs) = self.peers.on_peer_addr(&pa, gateway, me_observed) else {
+    fn on_peer_addr(self: &Arc<Self>, pa: PeerAddr, gateway: SocketAddr) {
+        let Some(addrs) = self.peers.on_peer_addr(&pa, gateway) else {
             return;
         };
         if self.peers.punch_failed_last(&pa.device) {

@@ -54,22 +54,21 @@ pub fn sanitize_local(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
 }
 
 /// The addresses of a gateway's `PeerAddr` an agent dials: what [`punch_candidates`] can
-/// make, and nothing else. Dialable and canonical, no repeats; the last (the peer's observed
-/// address), and before it private ones ([`is_lan`]) only when that is at `me_observed`'s
-/// address (what this agent's gateway saw it come from: both behind one NAT, the only round
-/// that holds them; otherwise a gateway pointed the agent's packets at hosts of its LAN of
-/// its choosing), never other public ones (a gateway pointing them at Internet hosts).
-/// Loopback only when `gateway` is on loopback too (a zone on one machine), IPv4 link-local
-/// (169.254/16) only when it is link-local too (a network without DHCP); IPv6 link-local
-/// never (no scope to send it with, and nothing a round makes).
-pub fn sanitize_peer(
-    addrs: &[SocketAddr],
-    gateway: SocketAddr,
-    me_observed: Option<SocketAddr>,
-) -> Vec<SocketAddr> {
+/// make, and nothing else. Dialable and canonical, no repeats; private ones ([`is_lan`]),
+/// and of the others only the last (the peer's observed address; several were a gateway
+/// pointing the agent's packets at hosts of its choosing). Loopback only when `gateway` is
+/// on loopback too (a zone on one machine), IPv4 link-local (169.254/16) only when it is
+/// link-local too (a network without DHCP); IPv6 link-local never (no scope to send it
+/// with, and nothing a round makes). LAN ones are not held to rounds between devices behind
+/// one NAT (this agent's observed address as the round's last): the agent knows its observed
+/// address only from its welcome, and a session migrated since (the home's public address
+/// changed) would lose the LAN path the gateway, seeing both at the new address, sends.
+pub fn sanitize_peer(addrs: &[SocketAddr], gateway: SocketAddr) -> Vec<SocketAddr> {
     let gateway = gateway.ip().to_canonical();
     let v4_link_local = |ip: IpAddr| matches!(ip, IpAddr::V4(v4) if v4.is_link_local());
-    let usable = |a: &SocketAddr| {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    let mut observed = None;
+    for a in addrs.iter().map(|a| canonical(*a)) {
         let ip = a.ip();
         let refused = match ip {
             IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80 => true,
@@ -77,21 +76,19 @@ pub fn sanitize_peer(
             _ if v4_link_local(ip) => !v4_link_local(gateway),
             _ => false,
         };
-        dialable(a) && !refused
-    };
-    let Some((observed, lan)) = addrs.split_last() else {
-        return Vec::new();
-    };
-    let observed = canonical(*observed);
-    let one_nat = me_observed.is_some_and(|me| canonical(me).ip() == observed.ip());
-    let mut out: Vec<SocketAddr> = Vec::new();
-    for a in lan.iter().map(|a| canonical(*a)).filter(|_| one_nat) {
-        if usable(&a) && is_lan(a.ip()) && a != observed && !out.contains(&a) {
-            out.push(a);
+        if !dialable(&a) || refused {
+            continue;
+        }
+        if is_lan(ip) {
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        } else {
+            observed = Some(a);
         }
     }
-    if usable(&observed) {
-        out.push(observed);
+    if let Some(a) = observed.filter(|a| !out.contains(a)) {
+        out.push(a);
     }
     out
 }
@@ -187,14 +184,12 @@ mod tests {
         );
     }
 
-    /// An agent dials of a `PeerAddr` only what an honest gateway's round holds: the last
-    /// address (the peer's observed one), LAN addresses before it only when that is at this
-    /// agent's own observed address (behind one NAT), loopback only from a gateway on
-    /// loopback, never link-local.
+    /// An agent dials of a `PeerAddr` only what an honest gateway's round holds: LAN
+    /// addresses and one other (the last: the peer's observed one), loopback only from a
+    /// gateway on loopback, never link-local.
     #[test]
     fn an_agent_dials_only_what_a_round_can_hold() {
         let public_gw = a("198.51.100.1:4433");
-        let one_nat = Some(a("203.0.113.22:1000"));
         let sent = [
             a("203.0.113.5:4500"),
             a("192.168.2.11:4500"),
@@ -206,43 +201,26 @@ mod tests {
             a("203.0.113.22:2000"),
         ];
         assert_eq!(
-            sanitize_peer(&sent, public_gw, one_nat),
+            sanitize_peer(&sent, public_gw),
             vec![
                 a("192.168.2.11:4500"),
                 a("10.0.0.7:4500"),
                 a("203.0.113.22:2000")
             ]
         );
-        // Behind another NAT than the peer's (or its own address not known): no round holds
-        // LAN addresses, and a gateway sending them aimed this agent's packets at its LAN.
-        for me in [Some(a("198.51.100.7:1000")), None] {
-            assert_eq!(
-                sanitize_peer(&sent, public_gw, me),
-                vec![a("203.0.113.22:2000")]
-            );
-        }
-        // The last is the peer's: a public address before it is dialed in no case.
-        assert_eq!(
-            sanitize_peer(
-                &[a("203.0.113.22:2000"), a("192.168.2.11:4500")],
-                public_gw,
-                one_nat
-            ),
-            vec![a("192.168.2.11:4500")]
-        );
         // A zone on one machine: the peer's observed address is a loopback one.
         assert_eq!(
-            sanitize_peer(&[a("127.0.0.1:5000")], a("127.0.0.1:4433"), None),
+            sanitize_peer(&[a("127.0.0.1:5000")], a("127.0.0.1:4433")),
             vec![a("127.0.0.1:5000")]
         );
         assert_eq!(
-            sanitize_peer(&[a("[::1]:5000")], a("[::ffff:127.0.0.1]:4433"), None),
+            sanitize_peer(&[a("[::1]:5000")], a("[::ffff:127.0.0.1]:4433")),
             vec![a("[::1]:5000")]
         );
-        assert!(sanitize_peer(&[a("127.0.0.1:5000")], public_gw, None).is_empty());
+        assert!(sanitize_peer(&[a("127.0.0.1:5000")], public_gw).is_empty());
         // A network without DHCP: IPv4 link-local everywhere, the gateway's too.
         assert_eq!(
-            sanitize_peer(&[a("169.254.7.8:5000")], a("169.254.1.1:4433"), None),
+            sanitize_peer(&[a("169.254.7.8:5000")], a("169.254.1.1:4433")),
             vec![a("169.254.7.8:5000")]
         );
         // What a round is made of passes whole.
@@ -251,7 +229,7 @@ mod tests {
             a("203.0.113.22:2000"),
             &[a("192.168.2.11:4500"), a("[fd00::11]:4500")],
         );
-        assert_eq!(sanitize_peer(&round, public_gw, one_nat), round);
+        assert_eq!(sanitize_peer(&round, public_gw), round);
     }
 
     #[test]

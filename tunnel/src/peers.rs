@@ -648,18 +648,12 @@ impl Peers {
     /// opened for its new address, the direct path back only after another round, 30 s on.
     /// A returned round must end with [`Peers::punch`] (which clears the running mark).
     ///
-    /// `gateway`: the address of the gateway that sent it; `me_observed`: this agent's own
-    /// address as that gateway saw it. Only what an honest gateway sends is dialed: the
-    /// peer's observed address (last in the list), and private (LAN) ones before it when
-    /// both are behind one NAT; loopback and link-local only as
-    /// [`candidates::sanitize_peer`] says. A gateway that is buggy or not ours then steers
-    /// at most one address's worth of this agent's packets a round.
-    pub fn on_peer_addr(
-        &self,
-        pa: &PeerAddr,
-        gateway: SocketAddr,
-        me_observed: Option<SocketAddr>,
-    ) -> Option<Vec<SocketAddr>> {
+    /// `gateway`: the address of the gateway that sent it. Only what an honest gateway sends
+    /// is dialed: private (LAN) addresses, and one other (the peer's observed address, last
+    /// in the list); loopback and link-local only as [`candidates::sanitize_peer`] says. A
+    /// gateway that is buggy or not ours then steers at most one Internet address's worth of
+    /// this agent's packets a round.
+    pub fn on_peer_addr(&self, pa: &PeerAddr, gateway: SocketAddr) -> Option<Vec<SocketAddr>> {
         let device = pa.device.as_str();
         if device == self.creds.name()
             || self.creds.noise_public_of(device).is_err()
@@ -668,7 +662,7 @@ impl Peers {
             debug!(peer = %device, "punch round ignored: not a device of this zone");
             return None;
         }
-        let addrs = candidates::sanitize_peer(&pa.addrs, gateway, me_observed);
+        let addrs = candidates::sanitize_peer(&pa.addrs, gateway);
         if addrs.len() < pa.addrs.len() {
             debug!(peer = %device, sent = ?pa.addrs, kept = ?addrs, "punch addresses the gateway sent that no honest round holds were dropped");
         }
