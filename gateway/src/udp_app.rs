@@ -810,9 +810,8 @@ impl AppSocket {
     }
 
     /// Ends the surest, quietest flow of `ip`'s own (its address, or IPv6 /64, first; then
-    /// its /48) that the device closed, is idle, is not in use both ways and has been quiet
-    /// for [`EVICT_QUIET`], or is in use both ways and has been quiet for
-    /// [`EVICT_ASSURED_QUIET`], for a new flow of `ip` at its per-client limit; at most one
+    /// its /48) that the device closed, is idle, or is not in use both ways and has been
+    /// quiet for [`EVICT_QUIET`], for a new flow of `ip` at its per-client limit; at most one
     /// every [`EVICT_EVERY`] for each client (a forger's flows cost it one each). Whether one
     /// ended.
     fn make_room_for(&mut self, ip: std::net::IpAddr) -> bool {
@@ -841,11 +840,13 @@ impl AppSocket {
                     return None;
                 };
                 let (rank, quiet, why) = e.evictable(self.idle)?;
-                // Not the last resort (sending, not in use both ways): a client's own new
-                // flow should not end one it is using. Answered ones may end: forged
-                // datagrams from its address to a service that answers (DNS, a game) held
-                // every slot of it otherwise, refreshed a few times a minute.
-                (rank <= 2).then_some((same, rank, quiet, *peer, why))
+                // Closed or idle, or not in use both ways and quiet: answered ones too, as
+                // forged datagrams from its address to a service that answers (DNS, a game)
+                // held every slot of it otherwise, refreshed a few times a minute. Not one in
+                // use both ways, however quiet (a WireGuard tunnel between keepalives, a
+                // call on hold): a forger sending from new ports of its address ended those,
+                // four a second, while its own sending flows stayed.
+                (rank <= 1).then_some((same, rank, quiet, *peer, why))
             })
             .min_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)).then(b.2.cmp(&a.2)));
         let Some((_, _, _, peer, why)) = victim else {
