@@ -1318,6 +1318,60 @@ async fn an_http2_client_taking_none_of_its_finished_answers_is_cut_after_the_go
     assert!(started.elapsed() >= send_timeout, "{:?}", started.elapsed());
 }
 
+/// An HTTP/2 client granting a window of one byte, whose finished answers' tails h2 holds,
+/// cannot keep them (a 16 KiB buffer each, up to 128 a connection) by keeping the connection
+/// busy with a request now and then: the tails are under the stall check as answers are, and
+/// resting past their allowance while other answers move closes the connection. It was never
+/// closed (no answer open, so nothing watched; never idle, so no GOAWAY).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_keeping_its_unsent_tails_busy_is_cut() {
+    let send_timeout = Duration::from_secs(1);
+    let h = start_tuned(|t| {
+        t.send_timeout = send_timeout;
+        t.h2_idle_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let (mut send, mut conn) = h2_client_granting(&h, 1).await;
+    let started = Instant::now();
+    let ask = |send: &mut hyper::client::conn::http2::SendRequest<_>| {
+        // The gateway's own answer (no such host): one chunk, no device needed.
+        let req = Request::get("http://nowhere.invalid/")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        send.send_request(req)
+    };
+    let first: Vec<_> = (0..4).map(|_| ask(&mut send)).collect();
+    let _answers = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures_util::future::join_all(first),
+    )
+    .await
+    .expect("headers in time");
+    // A request every 300 ms (within the idle timeout), each answer's tail left unsent too,
+    // until the gateway closes the connection; 30 s at most (it closes after 5 send timeouts
+    // of its tails resting, and one more).
+    let deadline = Duration::from_secs(30);
+    let mut kept = Vec::new();
+    let closed = loop {
+        if started.elapsed() > deadline {
+            break false;
+        }
+        tokio::select! {
+            _ = &mut conn => break true,
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+        }
+        if send.ready().await.is_err() {
+            break true;
+        }
+        kept.push(tokio::spawn(ask(&mut send)));
+    };
+    assert!(
+        closed,
+        "the connection was held for {deadline:?} with its tails unsent"
+    );
+    assert!(started.elapsed() >= send_timeout, "{:?}", started.elapsed());
+}
+
 /// A service that sends the head and part of its answer and then hangs no longer holds the
 /// client: after the read timeout without more of the answer the client's connection is
 /// cut (the answer cannot be completed), and the request is logged. It waited for ever.

@@ -375,6 +375,31 @@ impl Answer {
     }
 }
 
+/// A chunk of an answer as hyper hands it to h2, which holds it until the client's credit lets
+/// it go out: for as long as it does, the answer's `held` clock stays in the stall check
+/// ([`Busy::stalled_for`]), past the answer's end — hyper hands an answer's last chunk to h2
+/// and drops the answer, and a client granting a window of one byte left every answer's
+/// tail (a 16 KiB read buffer each, shared) with h2, 128 streams a connection, for as long as
+/// it kept the connection busy with a request now and then. Its going (sent, or dropped with
+/// its stream) is the connection moving.
+struct Unsent {
+    data: Bytes,
+    _held: Arc<AtomicU64>,
+    busy: Arc<Busy>,
+}
+
+impl AsRef<[u8]> for Unsent {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        self.busy.moved();
+    }
+}
+
 /// An answer hyper is done with (sent whole, or its stream ended) moved too: a one-chunk
 /// answer sent with its end is never polled again.
 impl Drop for Answer {
@@ -397,14 +422,21 @@ impl Body for Answer {
         if self.held.swap(0, Ordering::Relaxed) != 0 {
             self.open.0.moved();
         }
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &r {
-            if f.is_data() {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) if f.is_data() => {
                 let now = self.open.0.now_ms();
                 self.held.store(now, Ordering::Relaxed);
+                let tail = |data| {
+                    Bytes::from_owner(Unsent {
+                        data,
+                        _held: self.held.clone(),
+                        busy: self.open.0.clone(),
+                    })
+                };
+                Poll::Ready(Some(Ok(f.map_data(tail))))
             }
+            r => r,
         }
-        r
     }
 
     fn is_end_stream(&self) -> bool {
