@@ -370,8 +370,7 @@ fn prepare_out(out: &std::path::Path) -> Result<bool, UsageError> {
         // Root may write into a directory its service user owns (/etc/zonegate/node), but
         // not into one another user made where anybody may make one (/tmp/bundle): that user
         // could swap the files as well.
-        let theirs = meta.uid() != me.as_raw()
-            && (!me.is_root() || meta.uid() != 0 && parent_open_to_all(out));
+        let theirs = meta.uid() != me.as_raw() && !me.is_root();
         if mode & 0o002 != 0 || theirs {
             return Err(UsageError(format!(
                 "--out {}: {} and could replace the bundle's files before it is installed; give a directory of your own that only you may write (`chmod 700`), or a new one",
@@ -379,6 +378,21 @@ fn prepare_out(out: &std::path::Path) -> Result<bool, UsageError> {
                 if theirs { "another user owns this directory".to_owned() } else { format!("anybody may write this directory (mode {:o})", mode & 0o777) },
             )));
         }
+    }
+    // Nor one on a way through a directory another user made where anybody may make one
+    // (/tmp/theirs/bundle, existing or to be made): they could rename it away and put their
+    // own in its place. Root may write into its service user's (/etc/zonegate/node), which
+    // lies under no such directory.
+    if let Some((dir, owner)) = another_users_below_open(out) {
+        let why = match owner {
+            Some(uid) => format!("belongs to another user (uid {uid})"),
+            None => "may be renamed by anybody (no sticky bit)".to_owned(),
+        };
+        return Err(UsageError(format!(
+            "--out {}: {} lies in a directory anybody may write and {why}, so the bundle's files could be replaced before it is installed; give a directory of your own that only you may write (`chmod 700`), or a new one outside it",
+            out.display(),
+            dir.display(),
+        )));
     }
     let mut dirs = std::fs::DirBuilder::new();
     std::os::unix::fs::DirBuilderExt::mode(&mut dirs, zone_core::zonedir::BUNDLE_DIR_MODE);
@@ -403,14 +417,47 @@ fn prepare_out(out: &std::path::Path) -> Result<bool, UsageError> {
     Ok(created)
 }
 
-/// Whether anybody may write the directory `dir` is in (/tmp), so make a directory there.
-fn parent_open_to_all(dir: &std::path::Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => std::path::Path::new("."),
+/// The first entry on the way to `out` (as written, symbolic links not followed, and as it
+/// resolves) that a user other than root and this one owns, below a directory anybody may
+/// write (/tmp), or any entry in such a directory without the sticky bit (anybody may rename
+/// it), with that other user; `None` when there is none. Entries not made yet end the way.
+fn another_users_below_open(out: &std::path::Path) -> Option<(std::path::PathBuf, Option<u32>)> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let me = rustix::process::geteuid().as_raw();
+    let absolute = std::path::absolute(out).ok()?;
+    let walk = |path: &std::path::Path, follow: bool| {
+        // The directory above: anybody may write it, and whether it is sticky (then only an
+        // entry's owner may rename it: /tmp).
+        let mut open_above: Option<bool> = None;
+        let mut at = std::path::PathBuf::new();
+        for part in path.components() {
+            at.push(part);
+            let meta = match follow {
+                true => std::fs::metadata(&at),
+                false => std::fs::symlink_metadata(&at),
+            };
+            let Ok(meta) = meta else {
+                // To be made in a directory anybody may write and rename in.
+                return (open_above == Some(false)).then_some((at, None));
+            };
+            let theirs = meta.uid() != 0 && meta.uid() != me;
+            match open_above {
+                Some(false) => return Some((at, None)),
+                Some(true) if theirs => return Some((at, Some(meta.uid()))),
+                _ => {}
+            }
+            // A symbolic link's own mode says nothing (0777): what it names is looked at by
+            // the resolved walk.
+            let mode = meta.permissions().mode();
+            let open = !meta.is_symlink() && mode & 0o002 != 0;
+            open_above = open.then_some(mode & 0o1000 != 0);
+        }
+        None
     };
-    std::fs::metadata(parent).is_ok_and(|m| m.permissions().mode() & 0o002 != 0)
+    // The part that exists, resolved: where the files will land.
+    let existing = absolute.ancestors().find(|a| a.exists())?;
+    let resolved = std::fs::canonicalize(existing).ok()?;
+    walk(&absolute, false).or_else(|| walk(&resolved, true))
 }
 
 /// Takes back a bundle directory [`prepare_out`] made for a change the zone then refused

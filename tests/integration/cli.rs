@@ -1918,9 +1918,25 @@ fn root_does_not_write_a_bundle_into_a_directory_another_user_made_in_tmp() {
     std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
     let before = std::fs::read(z.join("zone.json")).unwrap();
     let e = tv_refused_into(zs, &theirs);
-    assert!(e.contains("another user owns this directory"), "{e}");
+    assert!(e.contains("belongs to another user (uid 65534)"), "{e}");
     assert_eq!(std::fs::read(z.join("zone.json")).unwrap(), before);
     assert_eq!(std::fs::read_dir(&theirs).unwrap().count(), 0);
+    // Below it, made or to be made: they could rename theirs/bundle away.
+    let below = theirs.join("bundle");
+    for out in [below.clone(), below.join("new")] {
+        if out == below {
+            std::fs::create_dir(&below).unwrap();
+        }
+        let e = tv_refused_into(zs, &out);
+        assert!(e.contains("belongs to another user (uid 65534)"), "{e}");
+    }
+    // A directory anybody may write that is not sticky: anybody may rename what is in it.
+    let open = t.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let e = tv_refused_into(zs, &open.join("new"));
+    assert!(e.contains("may be renamed by anybody"), "{e}");
+    assert_eq!(std::fs::read(z.join("zone.json")).unwrap(), before);
     // Root's own there, and another user's where only root makes directories, are written.
     let service = t.path().join("etc-zonegate");
     std::fs::create_dir(&service).unwrap();
