@@ -187,7 +187,21 @@ fn gateway_addresses(f: &GatewayFile) -> (Addr, Option<Addr>, Option<Addr>, Opti
     )
 }
 
+/// Ignores SIGHUP until the runtime's handler takes it ([`install_signals`]), first thing in
+/// a serving command: its default ends the process, which systemd counts as a clean exit and
+/// does not restart, and the start before the handler can take seconds (a node's DNS
+/// bootstrap, a gateway's policy settling) — a logrotate hook's HUP there left it down.
+#[allow(unsafe_code)]
+fn ignore_hangup_while_starting() {
+    // SAFETY: sets the disposition of one signal to SIG_IGN (no handler runs); nothing else in
+    // the process relies on SIGHUP's default, and tokio's registration replaces it later.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+}
+
 pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
+    ignore_hangup_while_starting();
     let mut f: GatewayFile = config::read(&a.config)
         .map_err(|e| config::other_role_hint::<NodeFile>(e, &a.config, "a node agent's", "node"))?;
     config::add_service_flags(&a.config, &mut f.services, &a.services)?;
@@ -333,6 +347,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
 }
 
 pub fn node(a: NodeArgs) -> anyhow::Result<()> {
+    ignore_hangup_while_starting();
     let mut f: NodeFile = config::read(&a.config).map_err(|e| {
         config::other_role_hint::<GatewayFile>(e, &a.config, "a gateway's", "gateway")
     })?;
@@ -446,6 +461,7 @@ pub fn files(
     listen: std::net::SocketAddr,
     opts: crate::files::Options,
 ) -> anyhow::Result<()> {
+    ignore_hangup_while_starting();
     if !dir.is_dir() {
         return Err(UsageError(format!("--dir {}: not a directory", dir.display())).into());
     }

@@ -2042,3 +2042,43 @@ fn an_app_on_a_gateway_services_port_is_refused() {
         "{e}"
     );
 }
+
+/// A SIGHUP while a serving process starts (here a node's DNS bootstrap, waiting on a server
+/// that does not answer) does not end it: SIGHUP's default ended it, which systemd counts as
+/// a clean exit and does not restart. It goes on to its own end (exit 1: no zone config).
+#[test]
+fn a_hangup_while_starting_does_not_end_the_process() {
+    use std::os::unix::process::ExitStatusExt;
+    let t = tempfile::tempdir().unwrap();
+    let z = zone_with_devices(t.path());
+    let node = z.join("devices/home1");
+    std::fs::remove_file(node.join("zone.json")).unwrap();
+    // A DNS server that takes the query and never answers.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let server = silent.local_addr().unwrap().to_string();
+    let child = Command::new(crate::common::bin())
+        .args(["node", "--config"])
+        .arg(node.join("node.toml"))
+        .args(["--bootstrap-dns", &server])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Killed(child);
+    silent
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    silent
+        .recv(&mut [0u8; 512])
+        .expect("the node's bootstrap query");
+    let pid = child.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = child.0.wait().unwrap();
+    assert_eq!(status.signal(), None, "ended by the signal: {status:?}");
+    assert_eq!(status.code(), Some(1), "{status:?}");
+}

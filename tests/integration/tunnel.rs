@@ -3415,3 +3415,40 @@ async fn an_endpoint_that_stops_by_itself_stops_the_hub_with_its_reason() {
     assert_eq!(served, tunnel::hub::Served::EndpointEnded);
     assert!(shutdown.is_cancelled());
 }
+
+/// A node whose QUIC endpoint stops by itself (quinn's driver ends on a failed receive: its
+/// socket is gone) stops, saying why, for its service manager to restart (exit 1): it stayed
+/// up, every dial failing, cut off for good while looking healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_endpoint_stops_by_itself_stops() {
+    let z = TestZone::new(&["home1"]);
+    let t = fast_tuning();
+    let gw = start_gateway(&z, t, Duration::from_millis(500)).await;
+    let creds = z.creds("home1");
+    let endpoint =
+        tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), &creds, &t).unwrap();
+    let agent = tunnel::agent::Agent::bind(
+        tunnel::agent::AgentConfig {
+            creds,
+            services: services(&[]),
+            forwards: vec![],
+            gateways: vec![],
+            tuning: t,
+        },
+        endpoint.clone(),
+    )
+    .await
+    .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(agent.clone().run(shutdown.clone()));
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    // What its driver's end looks like from here: accepts end, dials fail.
+    endpoint.close(0u32.into(), b"socket failed");
+    tokio::time::timeout(WAIT, run)
+        .await
+        .expect("the node went on without its endpoint")
+        .unwrap();
+    let why = agent.broke().expect("said why");
+    assert!(why.contains("QUIC endpoint stopped"), "{why}");
+    gw.shutdown.cancel();
+}

@@ -1611,7 +1611,19 @@ impl Agent {
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                i = self.endpoint.accept() => match i { Some(i) => i, None => return },
+                i = self.endpoint.accept() => match i {
+                    Some(i) => i,
+                    // The endpoint stopped by itself (its socket failed: quinn's driver ends
+                    // on a receive error): every dial fails from now on. Stopped, for the
+                    // service manager to restart (exit 1); returning quietly left a node
+                    // that looked up, cut off for good.
+                    None if !shutdown.is_cancelled() => {
+                        self.part_broke("the QUIC endpoint stopped by itself (its UDP socket failed): no gateway or peer can be reached".into());
+                        shutdown.cancel();
+                        return;
+                    }
+                    None => return,
+                },
             };
             let Some((incoming, permit)) = self.peer_gate.admit(incoming) else {
                 continue;
