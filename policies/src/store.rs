@@ -45,39 +45,47 @@ pub struct Active {
 }
 
 impl Active {
-    /// Builds state for `policy`, reusing what `previous` had for apps of the same name. A
-    /// renamed app (one of `previous` gone by name, at the same listener with the same
-    /// target) keeps its limiters — its open connections stay counted, its clients get no
-    /// fresh burst — and starts its counters under the new name.
+    /// Builds state for `policy`, reusing what `previous` had: an app at the exact place
+    /// (listener and target) of one previous app, the only one at it on both sides, takes
+    /// that app's state whatever the names (renamed); any other takes the state of the
+    /// previous app of its name, unless a renamed one took it. A renamed app keeps its
+    /// limiters — its open connections stay counted, its clients get no fresh burst — and its
+    /// counters, which its open connections go on counting into. Place first: renamed while
+    /// its old name went to a new app elsewhere (`ssh` to `ssh-home1`, a new `ssh` on another
+    /// port), the old `ssh`'s connection count went to the new `ssh` and refused its clients
+    /// for as long as the old sessions lasted.
     pub fn new(policy: CompiledPolicy, previous: Option<&Active>) -> Self {
+        let same_place = |a: &App, b: &App| a.listener == b.listener && a.target == b.target;
+        // New app index → previous app index, one to one only: mesh apps share
+        // `Listener::Mesh`, and several may lead to one target; two apps sharing one app's
+        // limiters would set each other's.
+        let mut by_place = std::collections::HashMap::new();
+        if let Some(p) = previous {
+            for o in p.policy.apps() {
+                let mut news = policy.apps().iter().filter(|n| same_place(n, o));
+                let olds = p.policy.apps().iter().filter(|x| same_place(x, o)).count();
+                if let (Some(n), None, 1) = (news.next(), news.next(), olds) {
+                    by_place.insert(n.index, o.index);
+                }
+            }
+        }
+        let claimed: std::collections::HashSet<usize> = by_place.values().copied().collect();
         let states = policy
             .apps()
             .iter()
             .map(|app| {
-                let same_name =
-                    previous.and_then(|p| p.policy.app(&app.name).map(|o| &p.states[o.index]));
-                // One to one only: mesh apps share `Listener::Mesh`, and several may lead to
-                // one target; two apps sharing one app's limiters would set each other's.
-                let renamed = || {
-                    let p = previous?;
-                    let same_place = |a: &App| a.listener == app.listener && a.target == app.target;
-                    let mut gone = p
-                        .policy
-                        .apps()
-                        .iter()
-                        .filter(|o| same_place(o) && policy.app(&o.name).is_none());
-                    let new = policy
-                        .apps()
-                        .iter()
-                        .filter(|n| same_place(n) && p.policy.app(&n.name).is_none())
-                        .count();
-                    match (gone.next(), gone.next(), new) {
-                        (Some(o), None, 1) => Some(&p.states[o.index]),
-                        _ => None,
-                    }
-                };
-                let old = same_name.or_else(renamed);
-                let counters = same_name.map_or_else(Default::default, |o| o.counters.clone());
+                let old = previous.and_then(|p| {
+                    let index = match by_place.get(&app.index) {
+                        Some(&o) => o,
+                        None => p
+                            .policy
+                            .app(&app.name)
+                            .map(|o| o.index)
+                            .filter(|o| !claimed.contains(o))?,
+                    };
+                    Some(&p.states[index])
+                });
+                let counters = old.map_or_else(Default::default, |o| o.counters.clone());
                 let limits = match old {
                     Some(o) if o.limits.config == app.limits => o.limits.clone(),
                     Some(o) => Arc::new(AppLimits::reloaded(&app.limits, &o.limits)),

@@ -1210,6 +1210,56 @@ async fn a_renamed_app_keeps_its_limits() {
     assert!(limits(&store, "c").check_rate(&who).is_ok());
 }
 
+/// An app renamed while its old name goes to a new app elsewhere, in one edit, keeps its
+/// limiters and counters (its open connection goes on counting into them); the new app of
+/// the old name starts afresh. By name, the new app took them: its first client was refused
+/// for a connection of the renamed app's, and the renamed app let in one more.
+#[tokio::test(start_paused = true)]
+async fn an_app_renamed_while_its_name_goes_elsewhere_keeps_its_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let app = |name: &str, host: &str| {
+        format!("[app.{name}]\nhttp = {{ host = \"{host}\" }}\nto = \"d/s\"\nallow = {{ from = [\"public\"] }}\nlimits = {{ max_connections = 1 }}\n")
+    };
+    write(dir.path(), "a.toml", &app("ssh", "a.example"));
+    let store = PolicyStore::load(dir.path()).expect("load");
+    let who = Requester::Public {
+        ip: ip("198.51.100.1"),
+    };
+    let state = |s: &PolicyStore, name: &str| {
+        let cur = s.current();
+        let a = cur.policy.app(name).expect("app");
+        let st = cur.state(a);
+        (st.limits.clone(), st.counters.clone())
+    };
+    let (limits, counters) = state(&store, "ssh");
+    let _open = limits.connect(&who).expect("the one connection");
+    write(
+        dir.path(),
+        "a.toml",
+        &format!(
+            "{}{}",
+            app("ssh-home1", "a.example"),
+            app("ssh", "b.example")
+        ),
+    );
+    store.reload().expect("reload");
+    let (renamed, renamed_counters) = state(&store, "ssh-home1");
+    assert!(
+        renamed.connect(&who).is_err(),
+        "the renamed app's open connection no longer counted"
+    );
+    assert!(
+        Arc::ptr_eq(&renamed_counters, &counters),
+        "its counters left behind"
+    );
+    let (fresh, fresh_counters) = state(&store, "ssh");
+    assert!(
+        fresh.connect(&who).is_ok(),
+        "the new app refused for the old one's connection"
+    );
+    assert!(!Arc::ptr_eq(&fresh_counters, &counters));
+}
+
 /// Bytes `shaper` lets through in `secs` seconds of chunks of 16 KiB.
 async fn pumped(shaper: &policies::bandwidth::Shaper, secs: u64) -> u64 {
     let end = tokio::time::Instant::now() + Duration::from_secs(secs);
