@@ -2228,14 +2228,7 @@ async fn forged_flows_from_a_clients_address_do_not_lock_it_out() {
 async fn in_use_both_ways(flows: &[tokio::net::UdpSocket], app: SocketAddr) {
     tokio::time::sleep(Duration::from_millis(2100)).await;
     for (i, s) in flows.iter().enumerate() {
-        let msg = format!("again {i}");
-        s.send_to(msg.as_bytes(), app).await.unwrap();
-        let mut buf = [0u8; 64];
-        let n = tokio::time::timeout(WAIT, s.recv(&mut buf))
-            .await
-            .expect("answered again")
-            .unwrap();
-        assert_eq!(&buf[..n], msg.as_bytes());
+        echo_on(s, app, format!("again {i}")).await;
     }
 }
 

@@ -1082,25 +1082,7 @@ async fn a_peer_addr_during_the_last_attempt_is_dialed() {
     let teller = std::thread::spawn({
         let peers = peers.clone();
         move || {
-            let mut attempts = std::collections::HashSet::new();
-            let mut buf = [0u8; 2048];
-            let deadline = std::time::Instant::now() + WAIT;
-            while attempts.len() < last {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the last attempt never began"
-                );
-                let Ok(n) = silent.recv(&mut buf) else {
-                    continue;
-                };
-                // A long header: flags, version (4), DCID length, DCID.
-                if n > 6 && buf[0] & 0x80 != 0 {
-                    let len = buf[5] as usize;
-                    if n >= 6 + len {
-                        attempts.insert(buf[6..6 + len].to_vec());
-                    }
-                }
-            }
+            attempts_at(&silent, last);
             // A round is running: its next attempt (or the one more) dials these.
             peers.on_peer_addr(&moved, on_loopback()).is_none()
         }
@@ -1108,6 +1090,31 @@ async fn a_peer_addr_during_the_last_attempt_is_dialed() {
     let dialed = "the addresses that came during the last attempt were not dialed";
     reaches_home2(round, accepting, dialed).await;
     assert!(teller.join().unwrap(), "no round was running");
+}
+
+/// Waits on `s` (a read timeout set) until Initials of `want` dials have come, told apart by
+/// their connection IDs (each attempt dials with one of its own); fails after [`WAIT`].
+fn attempts_at(s: &std::net::UdpSocket, want: usize) {
+    let mut ids = std::collections::HashSet::new();
+    let mut buf = [0u8; 2048];
+    let deadline = std::time::Instant::now() + WAIT;
+    while ids.len() < want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {want} attempts came",
+            ids.len()
+        );
+        let Ok(n) = s.recv(&mut buf) else {
+            continue;
+        };
+        // A long header: flags, version (4), DCID length, DCID.
+        if n > 6 && buf[0] & 0x80 != 0 {
+            let len = buf[5] as usize;
+            if n >= 6 + len {
+                ids.insert(buf[6..6 + len].to_vec());
+            }
+        }
+    }
 }
 
 /// Addresses that come during the attempt added for addresses that came during the last
@@ -1134,25 +1141,6 @@ async fn a_peer_addr_during_an_added_attempt_is_dialed() {
     let teller = std::thread::spawn({
         let peers = peers.clone();
         move || {
-            // The Initials' connection IDs `s` has seen, until `want` of them (each attempt
-            // dials with one of its own).
-            let attempts_at = |s: &std::net::UdpSocket, want: usize| {
-                let mut ids = std::collections::HashSet::new();
-                let mut buf = [0u8; 2048];
-                let deadline = std::time::Instant::now() + WAIT;
-                while ids.len() < want {
-                    assert!(std::time::Instant::now() < deadline, "no attempt came");
-                    let Ok(n) = s.recv(&mut buf) else {
-                        continue;
-                    };
-                    if n > 6 && buf[0] & 0x80 != 0 {
-                        let len = buf[5] as usize;
-                        if n >= 6 + len {
-                            ids.insert(buf[6..6 + len].to_vec());
-                        }
-                    }
-                }
-            };
             // The last attempt begun: the peer moved (one attempt more dials it).
             attempts_at(&silent, last);
             let told = peers.on_peer_addr(&moved_again, on_loopback()).is_none();
