@@ -9,6 +9,8 @@ fn main() -> ExitCode {
     let cli = zonegate::cli::Cli::parse();
     let log = zonegate::logging::init();
     let result = zonegate::cmd::run(cli);
+    // The serving runtime is gone: a signal ends the wait below as it would any tool's.
+    zonegate::cmd::serve::default_stop_signals();
     // Every queued log line is out before the final error line below — unless stderr took
     // nothing for a couple of seconds (a paused pager): then no error line, whose write
     // would block the exit for good.

@@ -383,16 +383,20 @@ fn prepare_out(out: &std::path::Path) -> Result<bool, UsageError> {
     // (/tmp/theirs/bundle, existing or to be made): they could rename it away and put their
     // own in its place. Root may write into its service user's (/etc/zonegate/node), which
     // lies under no such directory.
-    if let Some((dir, owner)) = another_users_below_open(out) {
+    let open_way = || {
+        let (dir, owner) = another_users_below_open(out)?;
         let why = match owner {
             Some(uid) => format!("belongs to another user (uid {uid})"),
             None => "may be renamed by anybody (no sticky bit)".to_owned(),
         };
-        return Err(UsageError(format!(
+        Some(UsageError(format!(
             "--out {}: {} lies in a directory anybody may write and {why}, so the bundle's files could be replaced before it is installed; give a directory of your own that only you may write (`chmod 700`), or a new one outside it",
             out.display(),
             dir.display(),
-        )));
+        )))
+    };
+    if let Some(e) = open_way() {
+        return Err(e);
     }
     let mut dirs = std::fs::DirBuilder::new();
     std::os::unix::fs::DirBuilderExt::mode(&mut dirs, zone_core::zonedir::BUNDLE_DIR_MODE);
@@ -414,6 +418,12 @@ fn prepare_out(out: &std::path::Path) -> Result<bool, UsageError> {
                 out.display()
             ))
         })?;
+    // Its parents may have been found made (another user's, made between the look and the
+    // making): looked at again now that the way is there.
+    if let Some(e) = open_way() {
+        unmake(out, created);
+        return Err(e);
+    }
     Ok(created)
 }
 
@@ -454,9 +464,11 @@ fn another_users_below_open(out: &std::path::Path) -> Option<(std::path::PathBuf
         }
         None
     };
-    // The part that exists, resolved: where the files will land.
+    // Resolved, with the part still to be made: where the files will land (a link of the
+    // user's own to a directory anybody may write and rename in passed as written).
     let existing = absolute.ancestors().find(|a| a.exists())?;
-    let resolved = std::fs::canonicalize(existing).ok()?;
+    let rest = absolute.strip_prefix(existing).ok()?;
+    let resolved = std::fs::canonicalize(existing).ok()?.join(rest);
     walk(&absolute, false).or_else(|| walk(&resolved, true))
 }
 

@@ -200,6 +200,20 @@ fn ignore_hangup_while_starting() {
     }
 }
 
+/// Gives SIGINT and SIGTERM their default back once the serving runtime is gone: its
+/// handlers stay installed with nothing listening, and the last log lines' wait (up to
+/// 20 s for a slow stderr) was deaf to a Ctrl-C.
+#[allow(unsafe_code)]
+pub fn default_stop_signals() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: sets one signal's disposition to SIG_DFL (no handler runs); the runtime
+        // whose handler this replaces has stopped, and nothing else listens.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+    }
+}
+
 pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     ignore_hangup_while_starting();
     let mut f: GatewayFile = config::read(&a.config)

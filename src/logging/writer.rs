@@ -106,9 +106,14 @@ struct Counting {
     written: Arc<AtomicU64>,
 }
 
+/// Bytes handed to the sink in one write at most: stderr takes a whole write before it
+/// returns (a pipe, a pty, journald's socket), and a batch of up to [`BUFFER_CAP`] in one
+/// would show a slow stderr's progress only at its end.
+const WRITE_AT_MOST: usize = 64 << 10;
+
 impl Write for Counting {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(data)?;
+        let n = self.inner.write(&data[..data.len().min(WRITE_AT_MOST)])?;
         self.written.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
@@ -802,23 +807,26 @@ mod tests {
     /// command's `error:` line) were left out.
     #[test]
     fn finishing_waits_for_a_slow_stderr_that_keeps_taking() {
+        // Takes each write whole before it returns, as stderr does, slowly: 100 ms for each
+        // 64 KiB.
         struct Slow(Capture);
         impl Write for Slow {
             fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-                thread::sleep(Duration::from_millis(10));
-                self.0.write(&data[..data.len().min(64)])
+                let chunks = (data.len() as u64).div_ceil(64 << 10);
+                thread::sleep(Duration::from_millis(100 * chunks));
+                self.0.write(data)
             }
             fn flush(&mut self) -> io::Result<()> {
                 Ok(())
             }
         }
         let capture = Capture::default();
-        let (make, thread) = start(Box::new(Slow(capture.clone())), BUFFER_CAP);
-        // 64 bytes each 10 ms: 9.6 KiB take a second and a half, more than one wait of a
-        // second (wide margins: only a stall of a whole second between two writes fails it).
-        let text: String = (0..150)
-            .map(|n| format!("line {n:04} {}\n", "x".repeat(53)))
-            .collect();
+        let (make, thread) = start(Box::new(Slow(capture.clone())), 4 << 20);
+        // 3 MiB in one batch, taken 64 KiB (WRITE_AT_MOST) a write: about five seconds, more
+        // than one wait of a second (wide margins: only a stall of a whole second between two
+        // writes fails it).
+        let line = format!("{}\n", "x".repeat(1023));
+        let text = line.repeat(3 * 1024);
         make.make_writer().write_all(text.as_bytes()).unwrap();
         assert!(
             thread.finish(Duration::from_secs(1)),

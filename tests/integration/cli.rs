@@ -1936,6 +1936,11 @@ fn root_does_not_write_a_bundle_into_a_directory_another_user_made_in_tmp() {
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
     let e = tv_refused_into(zs, &open.join("new"));
     assert!(e.contains("may be renamed by anybody"), "{e}");
+    // Reached through a link of root's own, likewise.
+    let link = t.path().join("link");
+    std::os::unix::fs::symlink(&open, &link).unwrap();
+    let e = tv_refused_into(zs, &link.join("new"));
+    assert!(e.contains("may be renamed by anybody"), "{e}");
     assert_eq!(std::fs::read(z.join("zone.json")).unwrap(), before);
     // Root's own there, and another user's where only root makes directories, are written.
     let service = t.path().join("etc-zonegate");
