@@ -367,9 +367,8 @@ fn prepare_out(out: &std::path::Path) -> Result<bool, UsageError> {
             .map_err(|e| UsageError(format!("--out {}: {e}", out.display())))?;
         let mode = meta.permissions().mode();
         let me = rustix::process::geteuid();
-        // Root may write into a directory its service user owns (/etc/zonegate/node), but
-        // not into one another user made where anybody may make one (/tmp/bundle): that user
-        // could swap the files as well.
+        // Root may write into a directory its service user owns (/etc/zonegate/node); one
+        // another user made where anybody may make one (/tmp/bundle) is refused below.
         let theirs = meta.uid() != me.as_raw() && !me.is_root();
         if mode & 0o002 != 0 || theirs {
             return Err(UsageError(format!(
