@@ -324,8 +324,9 @@ impl Gateway {
         // A policy app on one of them, likewise, before any bind: found after the binds, a
         // port another program held (exit 1) hid this setting to change. (Checked again once
         // bound, for DNS's per-address sockets.)
+        let services = services_here(&opts.services);
         let mut own = own;
-        own.extend(services_here(&opts.services));
+        own.extend(services.iter().cloned());
         let clashes = crate::listeners::clashes_with(&own, &opts.policy.current().policy);
         if !clashes.is_empty() {
             return Err(StartError::Usage(clashes.join("; ")));
@@ -419,7 +420,7 @@ impl Gateway {
         };
         // Last, as app listeners start accepting at once: nothing serves before every other
         // socket is bound and every check passed.
-        let mut reserved = services_here(&opts.services);
+        let mut reserved = services;
         let mut own = |kind, addr: std::io::Result<SocketAddr>, setting: &str| {
             if let Ok(a) = addr {
                 reserved.push((kind, a, setting.to_owned()));

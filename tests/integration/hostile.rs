@@ -2169,13 +2169,7 @@ async fn one_client_address_cannot_take_every_udp_flow() {
     wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
     let app = gw.apps["uecho"];
 
-    let mut held = Vec::new();
-    for i in 0..8 {
-        let msg = format!("flow {i}");
-        let (s, got) = udp_ask("127.0.0.1", app, msg.as_bytes(), WAIT).await;
-        assert_eq!(got.as_deref(), Some(msg.as_bytes()), "flow {i} echoed");
-        held.push(s);
-    }
+    let held = answered_flows(app, 8, "flow").await;
     // In use both ways and busy (a client's own quiet ones may end for its new one).
     in_use_both_ways(&held, app).await;
     let (_s, got) = udp_ask(
@@ -2208,19 +2202,38 @@ async fn forged_flows_from_a_clients_address_do_not_lock_it_out() {
     }
     // All four taken; once they have been quiet for a second, the client's own new flow is
     // served.
+    served_in_time(
+        app,
+        "the client stayed locked out by flows it never had answered",
+    )
+    .await;
+    gw.shutdown.cancel();
+}
+
+/// Asks `app` from 127.0.0.1 on a new flow until it is answered, failing with `locked_out`
+/// after [`WAIT`].
+async fn served_in_time(app: SocketAddr, locked_out: &str) {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let (_s, got) = udp_ask("127.0.0.1", app, b"mine", Duration::from_millis(500)).await;
         if got.as_deref() == Some(&b"mine"[..]) {
-            break;
+            return;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the client stayed locked out by flows it never had answered"
-        );
+        assert!(std::time::Instant::now() < deadline, "{locked_out}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    gw.shutdown.cancel();
+}
+
+/// `n` flows of `app` from 127.0.0.1, each answered once (`label` and its number).
+async fn answered_flows(app: SocketAddr, n: usize, label: &str) -> Vec<tokio::net::UdpSocket> {
+    let mut flows = Vec::new();
+    for i in 0..n {
+        let msg = format!("{label} {i}");
+        let (s, got) = udp_ask("127.0.0.1", app, msg.as_bytes(), WAIT).await;
+        assert_eq!(got.as_deref(), Some(msg.as_bytes()), "{msg} answered");
+        flows.push(s);
+    }
+    flows
 }
 
 /// Sends again on each of `flows` (each answered once) past `ASSURE_AFTER` (2 s) and waits
@@ -2240,25 +2253,12 @@ async fn in_use_both_ways(flows: &[tokio::net::UdpSocket], app: SocketAddr) {
 async fn answered_forged_flows_from_a_clients_address_do_not_lock_it_out() {
     let (_z, gw, _h1) = picky_udp_app_with(|o| o.udp_flows_per_ip = 4).await;
     let app = gw.apps["picky"];
-    let mut forged = Vec::new();
-    for i in 0..4 {
-        let msg = format!("forged {i}");
-        let (s, got) = udp_ask("127.0.0.1", app, msg.as_bytes(), WAIT).await;
-        assert_eq!(got.as_deref(), Some(msg.as_bytes()));
-        forged.push(s);
-    }
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let (_s, got) = udp_ask("127.0.0.1", app, b"mine", Duration::from_millis(500)).await;
-        if got.as_deref() == Some(&b"mine"[..]) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the client stayed locked out by forged flows the service answered"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let _forged = answered_flows(app, 4, "forged").await;
+    served_in_time(
+        app,
+        "the client stayed locked out by forged flows the service answered",
+    )
+    .await;
     gw.shutdown.cancel();
 }
 
@@ -2270,13 +2270,7 @@ async fn answered_forged_flows_from_a_clients_address_do_not_lock_it_out() {
 async fn a_udp_table_held_by_one_address_makes_room_for_another() {
     let (_z, gw, _h1) = picky_udp_app().await;
     let app = gw.apps["picky"];
-    let mut held = Vec::new();
-    for i in 0..4 {
-        let msg = format!("held {i}");
-        let (s, got) = udp_ask("127.0.0.1", app, msg.as_bytes(), WAIT).await;
-        assert_eq!(got.as_deref(), Some(msg.as_bytes()));
-        held.push(s);
-    }
+    let held = answered_flows(app, 4, "held").await;
     in_use_both_ways(&held, app).await;
     let (_s, got) = udp_ask("127.0.0.2", app, b"room for me?", WAIT).await;
     assert_eq!(
@@ -2513,13 +2507,7 @@ async fn a_udp_table_full_of_flows_answered_once_makes_room() {
     let _h1 = start_agent(&z, "home1", svcs, vec![], t).await;
     wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
     let app = gw.apps["uecho"];
-    let mut once = Vec::new();
-    for i in 0..4 {
-        let msg = format!("forged {i}");
-        let (s, got) = udp_ask("127.0.0.1", app, msg.as_bytes(), WAIT).await;
-        assert_eq!(got.as_deref(), Some(msg.as_bytes()));
-        once.push(s);
-    }
+    let _once = answered_flows(app, 4, "forged").await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let (_s, got) = udp_ask("127.0.0.1", app, b"room for me?", WAIT).await;
     assert_eq!(
