@@ -346,6 +346,16 @@ async fn an_agents_error_ends_its_session_at_the_gateway() {
     gw.shutdown.cancel();
 }
 
+/// Zone configs `device` offered in its current session, and how many were refused, as the
+/// gateway's status says; `None` while it has no session.
+fn zone_offers(gw: &RunningGateway, device: &str) -> Option<(u64, u32)> {
+    gw.hub
+        .status()
+        .into_iter()
+        .find(|a| a.device == device)
+        .map(|a| (a.zone_offers, a.zone_offers_refused))
+}
+
 /// Zone configs that do not verify cost the gateway a parse (maybe a signature check) and a
 /// log line each: a device that keeps offering them loses its session after
 /// `MAX_REFUSED_OFFERS`, and only the first is logged as a warning.
@@ -361,7 +371,13 @@ async fn a_device_offering_bad_zone_configs_loses_its_session() {
             .unwrap();
     }
     io.flush().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let below = u64::from(MAX_REFUSED_OFFERS - 1);
+    wait_until("the offers below the limit counted", WAIT, || {
+        zone_offers(&gw, "home2") == Some((below, MAX_REFUSED_OFFERS - 1))
+    })
+    .await;
+    // Counted means decided on: a session the hub ended for them would be gone by now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(gw.hub.agent("home2").is_some(), "ended before the limit");
     io.session
         .send_config_update(u64::MAX - 1, b"one too many".to_vec())
@@ -389,10 +405,16 @@ async fn stale_zone_offers_cost_nothing_and_false_serials_end_the_session() {
             .unwrap();
     }
     io.flush().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        gw.hub.agent("home2").is_some(),
-        "stale offers ended the session"
+    let stale = u64::from(MAX_REFUSED_OFFERS * 4);
+    wait_until("the stale offers counted", WAIT, || {
+        zone_offers(&gw, "home2").is_some_and(|(seen, _)| seen == stale)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        zone_offers(&gw, "home2"),
+        Some((stale, 0)),
+        "stale offers were refused, or ended the session"
     );
     for _ in 0..MAX_REFUSED_OFFERS {
         io.session

@@ -151,6 +151,8 @@ pub struct AgentLink {
     /// reader was behind ([`UdpFlow::queue_drops`]).
     flows: Mutex<HashMap<u32, FlowTx>>,
     pub streams: AtomicU64,
+    /// Zone configs this session offered, whatever became of them.
+    zone_offers: AtomicU64,
     /// Zone configs this session offered that were refused ([`MAX_REFUSED_OFFERS`]).
     refused_offers: AtomicU32,
     /// Permit reports (`PermitsHeld`) this session ([`MAX_PERMIT_REPORTS`]).
@@ -1005,6 +1007,7 @@ impl Hub {
             ctl,
             flows: Mutex::new(HashMap::new()),
             streams: AtomicU64::new(0),
+            zone_offers: AtomicU64::new(0),
             refused_offers: AtomicU32::new(0),
             permit_reports: AtomicU32::new(0),
             bytes_to: Arc::default(),
@@ -1269,6 +1272,7 @@ impl Hub {
                 zone_serial,
                 zone_config,
             } => {
+                link.zone_offers.fetch_add(1, Ordering::Relaxed);
                 // Not newer by its own account: nothing to adopt, and no parse spent on it (a
                 // device re-sending a stale config in a loop cost a 64 KiB JSON parse each).
                 if zone_serial <= self.0.cfg.creds.zone_serial() {
@@ -1925,6 +1929,8 @@ impl Hub {
                         .map(|d| d.as_secs())
                         .unwrap_or(0),
                     streams: a.streams.load(Ordering::Relaxed),
+                    zone_offers: a.zone_offers.load(Ordering::Relaxed),
+                    zone_offers_refused: a.refused_offers.load(Ordering::Relaxed),
                     streams_cut: a.holds.cut_count(),
                     window_lent: a.holds.window_lent(),
                     bytes_to: a.bytes_to.load(Ordering::Relaxed),

@@ -26,6 +26,11 @@ pub struct AgentStatus {
     pub uptime_secs: u64,
     pub since_unix: u64,
     pub streams: u64,
+    /// Zone configs the device offered this session (agents pass on the newest they hear
+    /// of), and how many of them were refused: said to be newer and not, or not verifying.
+    /// [`crate::hub::MAX_REFUSED_OFFERS`] refused end the session.
+    pub zone_offers: u64,
+    pub zone_offers_refused: u32,
     /// Streams cut because their readers stopped reading while more of the device's streams
     /// were held than its connection's flow-control window allows ([`crate::holds`]).
     pub streams_cut: u64,
