@@ -232,9 +232,9 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
     if !addr.ip().to_canonical().is_loopback() {
         tracing::warn!(addr = %addr, "admin API bound to a non-loopback address: anyone who reaches it sees your devices");
     }
-    TcpListener::bind(addr)
-        .await
-        .map_err(|error| BindError { addr, error })
+    // As the apps' listeners bind: `[::]` dual-stack whatever `bindv6only` says, and
+    // `0.0.0.0` on a kernel without IPv6.
+    tunnel::sockets::tcp(addr).map_err(|error| BindError { addr, error })
 }
 
 #[cfg(test)]

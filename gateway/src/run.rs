@@ -160,6 +160,7 @@ async fn watch_certificates(
     policy: Arc<PolicyStore>,
     shutdown: CancellationToken,
 ) {
+    tell_expiry(&mut tls);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -187,6 +188,7 @@ async fn watch_certificates(
             }
         };
         tls = back;
+        tell_expiry(&mut tls);
         let self_signed = tls.self_signed_pem.is_some();
         match r {
             None => {}
@@ -202,6 +204,27 @@ async fn watch_certificates(
             // A warning: during a renewal the key may change a moment before its certificate.
             Some(Err(e)) => {
                 warn!(error = %e, "HTTPS certificate files changed but a pair does not load or is out of date: its previous certificate serves on, if it ever loaded (else its names get the first pair's), and the other pairs' new ones serve; read again every 5 s until it loads")
+            }
+        }
+    }
+}
+
+/// Says which served certificates from files near their end or have ended, each once per
+/// change: a renewal that fails leaves the files as they were, so no reload would say it.
+fn tell_expiry(tls: &mut front::tls::Tls) {
+    use front::tls::Expiry;
+    let now = front::tls::unix_now();
+    for n in tls.expiry(now) {
+        let days_left = n.days_left(now);
+        match n.now {
+            Expiry::Expired => {
+                error!(names = ?n.names, days_left, "an HTTPS certificate has expired and its files were not renewed: browsers refuse it, and it serves on for the names no other certificate covers; renew it (`certbot renew`): the gateway serves new files as they change")
+            }
+            Expiry::Soon => {
+                warn!(names = ?n.names, days_left, "an HTTPS certificate ends soon and its files were not renewed: check its renewal (`certbot renew --dry-run`): the gateway serves new files as they change")
+            }
+            Expiry::InDate => {
+                info!(names = ?n.names, days_left, "an HTTPS certificate is in date again (the clock changed)")
             }
         }
     }
@@ -380,7 +403,7 @@ impl Gateway {
         });
         let mut forwards = Vec::new();
         for f in &opts.forwards {
-            let l = TcpListener::bind(f.listen).await.map_err(|e| {
+            let l = tunnel::sockets::tcp(f.listen).map_err(|e| {
                 let hint = bind_hint(&e, f.listen, "give the [[forward]] another `listen`");
                 StartError::Bind(format!(
                     "forward {} -> {}/{}: cannot listen: {e}{hint}",

@@ -1117,7 +1117,8 @@ pub async fn run(
     opts: Options,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let l = TcpListener::bind(listen).await?;
+    // As the gateway's listeners bind: `[::]` dual-stack whatever `bindv6only` says.
+    let l = tunnel::sockets::tcp(listen)?;
     serve(l, share, opts, shutdown).await;
     Ok(())
 }

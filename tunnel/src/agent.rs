@@ -453,7 +453,7 @@ impl Agent {
         }
         let mut fl = Vec::new();
         for f in &cfg.forwards {
-            let l = TcpListener::bind(f.listen).await.map_err(|e| {
+            let l = crate::sockets::tcp(f.listen).map_err(|e| {
                 TunnelError::Config(format!(
                     "forward {} -> {}/{}: cannot listen: {e}",
                     f.listen, f.device, f.service

@@ -52,6 +52,23 @@ fn file_err(path: &Path, why: impl std::fmt::Display) -> TlsError {
 struct Entry {
     names: Vec<String>,
     key: Arc<CertifiedKey>,
+    /// The leaf's validity (Unix seconds, from and until); `None` when its dates cannot be
+    /// read (rustls' own checks then).
+    valid: Option<(i64, i64)>,
+}
+
+impl Entry {
+    fn in_date(&self, now: i64) -> bool {
+        self.valid
+            .is_none_or(|(from, until)| from <= now && now <= until)
+    }
+}
+
+/// The current time in Unix seconds (0 if the clock is before 1970).
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Why `cert` (a leaf) is no certificate to serve at `now` (Unix seconds): expired, or not
@@ -84,19 +101,29 @@ pub struct SniResolver {
 struct Entries(Vec<Entry>);
 
 impl Entries {
-    /// Index of the entry for `sni`.
-    fn pick(&self, sni: Option<&str>) -> usize {
+    /// Index of the entry for `sni` at `now`: among the certificates in date first (an
+    /// expired one kept while its renewal fails loses to a wildcard that covers its name),
+    /// then among all (an expired certificate for the name says more than another name's).
+    fn pick(&self, sni: Option<&str>, now: i64) -> usize {
         let Some(sni) = sni.map(|s| s.trim_end_matches('.').to_ascii_lowercase()) else {
             return 0;
         };
-        let exact = self.0.iter().position(|e| e.names.contains(&sni));
-        let wildcard = || {
-            let (_, parent) = sni.split_once('.')?;
-            self.0
+        let parent = sni.split_once('.').map(|(_, p)| p);
+        let find = |usable: &dyn Fn(&Entry) -> bool| {
+            let exact = self
+                .0
                 .iter()
-                .position(|e| e.names.iter().any(|n| n.strip_prefix("*.") == Some(parent)))
+                .position(|e| usable(e) && e.names.contains(&sni));
+            exact.or_else(|| {
+                let parent = parent?;
+                self.0.iter().position(|e| {
+                    usable(e) && e.names.iter().any(|n| n.strip_prefix("*.") == Some(parent))
+                })
+            })
         };
-        exact.or_else(wildcard).unwrap_or(0)
+        find(&|e| e.in_date(now))
+            .or_else(|| find(&|_| true))
+            .unwrap_or(0)
     }
 }
 
@@ -105,7 +132,7 @@ impl ResolvesServerCert for SniResolver {
         let entries = self.entries.load();
         entries
             .0
-            .get(entries.pick(hello.server_name()))
+            .get(entries.pick(hello.server_name(), unix_now()))
             .map(|e| e.key.clone())
     }
 }
@@ -161,12 +188,18 @@ fn entry(
     key: PrivateKeyDer<'static>,
 ) -> Result<Entry, rustls::Error> {
     let names = chain.first().map(dns_names).unwrap_or_default();
+    let valid = chain.first().and_then(|leaf| {
+        let (_, x) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+        let v = x.validity();
+        Some((v.not_before.timestamp(), v.not_after.timestamp()))
+    });
     let signing = front_provider().key_provider.load_private_key(key)?;
     let ck = CertifiedKey::new(chain, signing);
     ck.keys_match()?;
     Ok(Entry {
         names,
         key: Arc::new(ck),
+        valid,
     })
 }
 
@@ -246,6 +279,34 @@ struct CertFiles {
     /// What each pair serves (by its place in `pairs`): its last certificate that loaded,
     /// kept while its files fail; `None` for one that never loaded.
     last: Vec<Option<Entry>>,
+    /// What [`Tls::expiry`] last said of each certificate served (by its names and end).
+    told: std::collections::HashMap<(Vec<String>, i64), Expiry>,
+}
+
+/// Where a certificate served from files stands against its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    InDate,
+    /// Less than a quarter of its lifetime left: a renewal is due (certbot renews a 90-day
+    /// certificate with 30 days left, a short-lived one with a third of its life left) and
+    /// has not happened.
+    Soon,
+    Expired,
+}
+
+/// A change in how a served certificate stands against its end ([`Tls::expiry`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiryNote {
+    pub names: Vec<String>,
+    pub not_after: i64,
+    pub now: Expiry,
+}
+
+impl ExpiryNote {
+    /// Days left until the certificate ends (negative once it has).
+    pub fn days_left(&self, now: i64) -> i64 {
+        (self.not_after - now).div_euclid(86_400)
+    }
 }
 
 /// A file as last seen (symlinks followed: certbot's live/ names point to new files at each
@@ -309,9 +370,7 @@ impl Tls {
         // Pair by pair: one that does not load (a lineage certbot deleted) keeps its previous
         // certificate, and holds up no other's renewal. Nor does one out of date replace a
         // good one (an old pair copied back by a deploy hook).
-        let unix_now = SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
+        let unix_now = unix_now();
         let mut errors: Vec<TlsError> = Vec::new();
         let last: Vec<Option<Entry>> = f
             .pairs
@@ -374,6 +433,41 @@ impl Tls {
 }
 
 impl Tls {
+    /// The certificates from files whose standing against their end changed since the last
+    /// call (each told once per change, the first call telling all but those in date): a
+    /// renewal that keeps failing while the files stay as they are changes nothing on disk,
+    /// so nothing else would say it before browsers refuse the certificate.
+    pub fn expiry(&mut self, now: i64) -> Vec<ExpiryNote> {
+        let f = &mut self.files;
+        let mut notes = Vec::new();
+        let mut told = std::collections::HashMap::new();
+        for e in f.last.iter().flatten() {
+            let Some((from, until)) = e.valid else {
+                continue;
+            };
+            let stands = if now > until {
+                Expiry::Expired
+            } else if (until - now).saturating_mul(4) < until.saturating_sub(from) {
+                Expiry::Soon
+            } else {
+                Expiry::InDate
+            };
+            let key = (e.names.clone(), until);
+            let before = f.told.get(&key).copied().unwrap_or(Expiry::InDate);
+            if stands != before {
+                notes.push(ExpiryNote {
+                    names: e.names.clone(),
+                    not_after: until,
+                    now: stands,
+                });
+            }
+            told.insert(key, stands);
+        }
+        // Certificates no longer served are forgotten.
+        f.told = told;
+        notes
+    }
+
     /// Issues the self-signed certificate again, with the same key, when `names` (in any
     /// order) are not the ones it serves: an http app's host added by a policy edit was
     /// served a certificate without its name until a restart. `None` when nothing changed or
@@ -467,7 +561,13 @@ pub fn configure(pairs: &[(PathBuf, PathBuf)], fallback_names: &[String]) -> Res
         self_signed_key = Some(key);
         entries.push(e);
     }
-    let names = entries.iter().flat_map(|e| e.names.clone()).collect();
+    // Self-signed: the names asked for, as `reissue_self_signed` compares them (an IP
+    // address host is in the certificate, but as no DNS name: read back, it differed, and
+    // the certificate was issued again at the first look).
+    let names = match self_signed_key {
+        Some(_) => fallback_names.to_vec(),
+        None => entries.iter().flat_map(|e| e.names.clone()).collect(),
+    };
     let resolver = Arc::new(SniResolver {
         entries: ArcSwap::from_pointee(Entries(entries)),
     });
@@ -484,6 +584,7 @@ pub fn configure(pairs: &[(PathBuf, PathBuf)], fallback_names: &[String]) -> Res
         failing,
         failed_pairs,
         last,
+        told: std::collections::HashMap::new(),
     };
     Ok(Tls {
         config: Arc::new(config),
@@ -518,18 +619,115 @@ mod tests {
         let a2 = load_pair(&a.0, &a.1).unwrap();
         let b2 = load_pair(&b.0, &b.1).unwrap();
         let r = Entries(vec![a2, b2]);
-        assert_eq!(r.pick(Some("files.example")), 0);
-        assert_eq!(r.pick(Some("alice.example")), 1);
-        assert_eq!(r.pick(Some("Dfs.Alice.Example.")), 1);
+        let now = unix_now();
+        assert_eq!(r.pick(Some("files.example"), now), 0);
+        assert_eq!(r.pick(Some("alice.example"), now), 1);
+        assert_eq!(r.pick(Some("Dfs.Alice.Example."), now), 1);
         assert_eq!(
-            r.pick(Some("a.b.alice.example")),
+            r.pick(Some("a.b.alice.example"), now),
             0,
             "wildcards cover one label"
         );
-        assert_eq!(r.pick(None), 0);
+        assert_eq!(r.pick(None, now), 0);
         let tls = configure(&[a, b], &[]).unwrap();
         assert!(tls.self_signed_pem.is_none());
         assert_eq!(tls.config.alpn_protocols[0], b"h2");
+    }
+
+    /// A pair for `names` valid from the start of `from` to the start of `until` (y, m, d).
+    fn write_dated_pair(
+        dir: &Path,
+        stem: &str,
+        names: &[&str],
+        from: (i32, u8, u8),
+        until: (i32, u8, u8),
+    ) -> (PathBuf, PathBuf) {
+        let names = names.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        params.not_before = rcgen::date_time_ymd(from.0, from.1, from.2);
+        params.not_after = rcgen::date_time_ymd(until.0, until.1, until.2);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let c = dir.join(format!("{stem}.crt"));
+        let k = dir.join(format!("{stem}.key"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    /// An expired certificate kept for its name (its renewal failing) loses to one in date
+    /// that covers the name by a wildcard; with nothing else for the name it is still the one.
+    #[test]
+    fn sni_prefers_certificates_in_date() {
+        let d = tempfile::tempdir().unwrap();
+        let old = write_dated_pair(
+            d.path(),
+            "old",
+            &["files.alice.example"],
+            (2020, 1, 1),
+            (2020, 4, 1),
+        );
+        let wild = write_pair(d.path(), "wild", &["*.alice.example"]);
+        let r = Entries(vec![
+            load_pair(&old.0, &old.1).unwrap(),
+            load_pair(&wild.0, &wild.1).unwrap(),
+        ]);
+        let now = unix_now();
+        assert_eq!(r.pick(Some("files.alice.example"), now), 1);
+        let r = Entries(vec![load_pair(&old.0, &old.1).unwrap()]);
+        assert_eq!(r.pick(Some("files.alice.example"), now), 0);
+        // In its own time, the exact name wins as before.
+        let r = Entries(vec![
+            load_pair(&old.0, &old.1).unwrap(),
+            load_pair(&wild.0, &wild.1).unwrap(),
+        ]);
+        let (from, _) = r.0[0].valid.unwrap();
+        let mut rotated = r;
+        rotated.0.swap(0, 1);
+        assert_eq!(rotated.pick(Some("files.alice.example"), from + 86_400), 1);
+    }
+
+    /// A certificate whose files never change is told as it nears its end (a quarter of its
+    /// lifetime left, its renewal due and not done) and once it has ended: each once.
+    #[test]
+    fn certificates_nearing_their_end_are_told_once() {
+        let d = tempfile::tempdir().unwrap();
+        let a = write_dated_pair(d.path(), "a", &["a.example"], (2020, 1, 1), (2020, 4, 1));
+        let b = write_dated_pair(d.path(), "b", &["b.example"], (2020, 1, 1), (2030, 1, 1));
+        let mut tls = configure(&[a, b], &[]).unwrap();
+        let (from, until) = tls.files.last[0].as_ref().unwrap().valid.unwrap();
+        let day = 86_400;
+        assert_eq!(tls.expiry(from + day), []);
+        let soon = tls.expiry(until - 10 * day);
+        assert_eq!(
+            soon,
+            [ExpiryNote {
+                names: vec!["a.example".into()],
+                not_after: until,
+                now: Expiry::Soon
+            }]
+        );
+        assert_eq!(soon[0].days_left(until - 10 * day), 10);
+        assert_eq!(tls.expiry(until - 9 * day), [], "told again");
+        let ended = tls.expiry(until + 1);
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].now, Expiry::Expired);
+        assert_eq!(ended[0].days_left(until + 1), -1);
+        assert_eq!(tls.expiry(until + day), []);
+        // Started today: one expired long ago is told at the first look.
+        let mut again = configure(&tls.files.pairs.clone(), &[]).unwrap();
+        let first = again.expiry(unix_now());
+        assert_eq!(first.len(), 1, "{first:?}");
+        assert_eq!(first[0].now, Expiry::Expired);
+    }
+
+    /// A self-signed certificate for an IP address host is not issued again at the first
+    /// look: its names are the ones asked for.
+    #[test]
+    fn a_self_signed_certificate_for_an_ip_host_stays() {
+        let names = vec!["alice.example".to_string(), "203.0.113.10".to_string()];
+        let mut tls = configure(&[], &names).unwrap();
+        assert!(tls.reissue_self_signed(&names).is_none());
     }
 
     /// A renewed certificate is served without a restart; a broken one is refused and the
