@@ -437,6 +437,31 @@ fn bundle(zone: &Path, device: &str, zone_json: &Path) -> BundlePaths {
     }
 }
 
+/// Apps whose rules name methods: `closed` allows GET and PROPFIND three days from today
+/// (UTC) only, `dav` allows PROPFIND and GET at any time.
+fn hours_policy() -> String {
+    const DAYS: [&str; 7] = ["thu", "fri", "sat", "sun", "mon", "tue", "wed"];
+    let days = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 86_400;
+    let other = DAYS[((days + 3) % 7) as usize];
+    format!(
+        r#"
+[app.closed]
+http = {{ host = "closed.alice.example" }}
+to = "home1/web"
+allow = {{ from = ["public"], methods = ["GET", "PROPFIND"], days = ["{other}"] }}
+
+[app.dav]
+http = {{ host = "dav.alice.example" }}
+to = "home1/web"
+allow = {{ from = ["public"], methods = ["PROPFIND", "GET"] }}
+"#
+    )
+}
+
 /// A zone `alice.example` with gateway `gw` and nodes `home1` (connected, serving the test
 /// backend as `web` and `dfs`) and `home2` (never connected); the policy is [`POLICY`] plus
 /// the repository's `policies/examples/dfs.toml` as it is.
@@ -484,6 +509,7 @@ async fn start_tuned(tune: impl FnOnce(&mut HttpTuning)) -> Harness {
     std::fs::write(pdir.join("main.toml"), POLICY).unwrap();
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/examples/dfs.toml");
     std::fs::copy(example, pdir.join("dfs.toml")).unwrap();
+    std::fs::write(pdir.join("hours.toml"), hours_policy()).unwrap();
     let policy = Arc::new(policies::PolicyStore::load(&pdir).expect("test policy loads"));
 
     let backend = start_backend(shutdown.clone()).await;
@@ -1702,6 +1728,40 @@ async fn downloads_nobody_reads_are_cut_and_idle_pooled_connections_are_not() {
         assert_eq!(&head, b"HTTP/1.1 200 OK\r\n", "download {i}");
     }
     drop(stalled);
+}
+
+/// A request refused while no method is allowed at this time is refused for the time (403),
+/// not for its method (a 405 with an empty `Allow`); a 405's `Allow` names the methods the
+/// app's rules name beyond the usual seven.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_say_the_time_and_name_the_rules_methods() {
+    let h = start().await;
+    for m in ["GET", "POST"] {
+        let c = h
+            .curl(&args(&["-X", m], h.http_args("closed.alice.example", "/x")))
+            .await;
+        assert_eq!(c.code, 403, "{m}: {c:?}");
+        assert!(
+            c.body.contains("outside the allowed hours"),
+            "{m}: {}",
+            c.body
+        );
+    }
+    let c = h
+        .curl(&args(
+            &["-X", "POST"],
+            h.http_args("dav.alice.example", "/x"),
+        ))
+        .await;
+    assert_eq!(c.code, 405, "{c:?}");
+    assert_eq!(c.header("allow").as_deref(), Some("GET, PROPFIND"), "{c:?}");
+    let c = h
+        .curl(&args(
+            &["-X", "PROPFIND"],
+            h.http_args("dav.alice.example", "/x"),
+        ))
+        .await;
+    assert_eq!(c.code, 200, "{c:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -569,31 +569,51 @@ async fn forward(
     let who = Requester::Public { ip: peer.ip() };
     let now = Timestamp::now();
     let method = parts.method.as_str();
-    let not_allowed = |method: String| {
-        let allow = KNOWN_METHODS
-            .iter()
+    // The methods allowed here now, for a 405's `Allow`: the usual ones and those the
+    // app's rules name (`PROPFIND` for a WebDAV service).
+    let allowed_methods = || -> Vec<String> {
+        let mut tried: Vec<&str> = KNOWN_METHODS.iter().map(|m| m.as_str()).collect();
+        for m in app.rules.iter().flat_map(|r| r.methods.iter()) {
+            if !tried.contains(&m.as_str()) {
+                tried.push(m);
+            }
+        }
+        tried
+            .into_iter()
             .filter(|m| {
                 active
                     .policy
-                    .decide(app, &who, Some(m.as_str()), Some(log.uri.path()), now)
+                    .decide(app, &who, Some(m), Some(log.uri.path()), now)
                     .is_allow()
             })
-            .map(|m| m.to_string())
-            .collect();
-        ProxyError::MethodNotAllowed {
-            app: app.name.clone(),
-            method,
-            allow,
-        }
+            .map(str::to_owned)
+            .collect()
+    };
+    let not_allowed = |method: String, allow: Vec<String>| ProxyError::MethodNotAllowed {
+        app: app.name.clone(),
+        method,
+        allow,
     };
     if let Decision::Deny { reason } =
         active
             .policy
             .decide(app, &who, Some(method), Some(log.uri.path()), now)
     {
+        let allow = match reason {
+            DenyReason::Method => allowed_methods(),
+            _ => Vec::new(),
+        };
+        // Refused for its method while no method is allowed here now: a rule that lets the
+        // path in with other methods is outside its hours (tried with its own methods, it
+        // would have allowed one), so the time is why, not the method (a 405 with an empty
+        // `Allow` sent the user to try methods that fail as well).
+        let reason = match reason == DenyReason::Method && allow.is_empty() {
+            true => DenyReason::OutsideHours,
+            false => reason,
+        };
         state.counters.refused(Refusal::Denied(reason));
         return Err(if reason == DenyReason::Method {
-            not_allowed(method.to_owned())
+            not_allowed(method.to_owned(), allow)
         } else {
             ProxyError::Denied {
                 app: app.name.clone(),
@@ -620,9 +640,10 @@ async fn forward(
                 true => format!("{head}…"),
                 false => head,
             };
-            return Err(not_allowed(format!(
-                "{method} overridden to {over} (by a method override)"
-            )));
+            return Err(not_allowed(
+                format!("{method} overridden to {over} (by a method override)"),
+                allowed_methods(),
+            ));
         }
     }
     // A body on a method without one (RFC 9110 §9.3.1): a service that ignores it reads it
