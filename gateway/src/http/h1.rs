@@ -184,12 +184,19 @@ pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 /// doubled since the last parse (so malformed bytes are still refused early, at linear cost in
 /// all), at [`MAX_HEAD`] bytes (to refuse it), and for the first bytes of each head. A parse
 /// that is not due could only have said "incomplete".
+///
+/// Empty lines before the first line are no end: httparse skips them (RFC 9112 §2.2), so a
+/// client trickling `\n` bytes had every read parsed again from the start, the quadratic cost
+/// this exists to prevent.
 #[derive(Debug, Default)]
 pub struct HeadScan {
     /// Bytes of the current head already searched for its end.
     scanned: usize,
     /// Bytes the last parse saw (0: none yet).
     parsed: usize,
+    /// Leading CR and LF bytes found so far, and whether a byte of the first line followed.
+    lead: usize,
+    lead_done: bool,
 }
 
 impl HeadScan {
@@ -202,9 +209,18 @@ impl HeadScan {
             self.parsed = buf.len().max(1);
             return true;
         }
-        // Back two bytes: an end sequence may straddle the previous read.
-        let from = self.scanned.saturating_sub(2).min(buf.len());
-        let ended = has_blank_line(&buf[from..]);
+        if !self.lead_done {
+            let rest = buf.get(self.lead..).unwrap_or_default();
+            self.lead += rest
+                .iter()
+                .take_while(|&&c| c == b'\r' || c == b'\n')
+                .count();
+            self.lead_done = self.lead < buf.len();
+        }
+        // Back two bytes: an end sequence may straddle the previous read; not into the empty
+        // lines before the first line.
+        let from = self.scanned.saturating_sub(2).max(self.lead).min(buf.len());
+        let ended = self.lead_done && has_blank_line(&buf[from..]);
         self.scanned = buf.len();
         let due = ended || buf.len() >= self.parsed.saturating_mul(2) || buf.len() >= MAX_HEAD;
         if due {
@@ -732,6 +748,36 @@ mod tests {
         assert!(buf.is_empty());
         // 1, 2, 4, … 32,768, 60,0xx bytes, then the blank line: a handful, not 60,000.
         assert!(parses <= 20, "{parses} parses");
+    }
+
+    /// Empty lines before the first line, trickled a byte a read, are parsed a logarithmic
+    /// number of times too (each read's were parsed again from the start); the head after
+    /// them still parses the moment its blank line arrives.
+    #[test]
+    fn head_scan_does_not_take_leading_empty_lines_for_an_end() {
+        for lead in ["\n", "\r\n"] {
+            let head = format!(
+                "{}HTTP/1.1 204 No Content\r\nx-a: b\r\n\r\n",
+                lead.repeat(20_000)
+            );
+            let mut scan = HeadScan::default();
+            let mut buf = BytesMut::new();
+            let (mut parses, mut got) = (0, None);
+            for &byte in head.as_bytes() {
+                buf.extend_from_slice(&[byte]);
+                if scan.due(&buf) {
+                    parses += 1;
+                    if let Some(h) = parse_response(&mut buf, false).unwrap() {
+                        got = Some(h);
+                        scan.reset();
+                    }
+                }
+            }
+            let h = got.expect("the head after the empty lines parses");
+            assert_eq!(h.status, StatusCode::NO_CONTENT);
+            assert!(buf.is_empty());
+            assert!(parses <= 20, "{lead:?}: {parses} parses");
+        }
     }
 
     #[test]
