@@ -2491,6 +2491,20 @@ async fn a_drain_lets_open_udp_flows_go_on_and_starts_none() {
     wait_until("draining", WAIT, || gw.hub.is_draining()).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     echo_on(&open, app, "during the drain".into()).await;
+    // A device dialing during the drain is refused at once: left unanswered, it waited for
+    // its handshake timeout before trying another gateway (and quinn kept the attempt).
+    let creds = z.creds("home1");
+    let ep =
+        tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), &creds, &t).unwrap();
+    let cc = tunnel::transport::client_config(&creds, &t).unwrap();
+    let dial = ep.connect_with(cc, z.gw_addr, "gw.alice.example").unwrap();
+    let r = tokio::time::timeout(WAIT, dial)
+        .await
+        .expect("a dial during the drain got no answer");
+    assert!(
+        matches!(&r, Err(quinn::ConnectionError::ConnectionClosed(c)) if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED),
+        "{r:?}"
+    );
     let mut buf = [0u8; 64];
     once.send_to(b"once more", app).await.unwrap();
     let (new, got) = udp_ask("127.0.0.1", app, b"new", Duration::from_millis(500)).await;

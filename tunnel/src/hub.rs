@@ -843,10 +843,23 @@ impl Hub {
             a.ctl.drain(grace_ms, "gateway shutting down");
         }
         self.0.work.close();
-        if tokio::time::timeout(grace, self.0.work.wait())
-            .await
-            .is_err()
-        {
+        // New connections are refused while the drain waits (one CONNECTION_REFUSED packet
+        // each, no state kept): unaccepted, quinn kept each attempt, up to 65,536 of them and
+        // 100 MiB, for the whole grace, and an agent dialing got no answer until its own
+        // handshake timeout instead of going to another gateway at once.
+        let wait = tokio::time::timeout(grace, self.0.work.wait());
+        tokio::pin!(wait);
+        let waited = loop {
+            tokio::select! {
+                waited = &mut wait => break waited,
+                incoming = endpoint.accept() => match incoming {
+                    Some(incoming) => incoming.refuse(),
+                    // Stopped by itself: nothing more comes to refuse.
+                    None => break (&mut wait).await,
+                },
+            }
+        };
+        if waited.is_err() {
             warn!(
                 left = self.0.work.len(),
                 "grace period over: closing proxied connections still open"
@@ -1021,20 +1034,23 @@ impl Hub {
             lines: Mutex::new(LogBudget::new(LINK_LINES_PER_SEC)),
             local_addrs: Mutex::default(),
         });
-        // Draining already: not let in, and the device's connection still up (its streams
-        // are what the drain waits for) is not replaced by one closed at once.
-        if self.is_draining() {
-            info!(device = %device, "gateway draining: new connection closed (the agent uses another gateway)");
-            conn.close(CLOSE_SHUTDOWN.into(), b"gateway shutting down");
-            return Ok(());
-        }
-        if let Some(old) = self
-            .0
-            .agents
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(device.clone(), link.clone())
-        {
+        let replaced = {
+            let mut agents = self.0.agents.write().unwrap_or_else(|p| p.into_inner());
+            // Draining already: not let in, and the device's connection still up (its
+            // streams are what the drain waits for) is not replaced by one closed at once.
+            // Looked at under the table's lock, which `drain` reads after setting the flag:
+            // either this link is in the table `drain` tells, or it is not let in (looked at
+            // before taking the lock, a drain starting in between had its live connection
+            // replaced).
+            if self.is_draining() {
+                drop(agents);
+                info!(device = %device, "gateway draining: new connection closed (the agent uses another gateway)");
+                conn.close(CLOSE_SHUTDOWN.into(), b"gateway shutting down");
+                return Ok(());
+            }
+            agents.insert(device.clone(), link.clone())
+        };
+        if let Some(old) = replaced {
             // A device reconnecting (restart, power loss) replaces its stale connection. One
             // that was still live is said with both addresses: two agents with one identity
             // (a cloned disk) show as this line again and again (each agent says so too).
@@ -1049,15 +1065,6 @@ impl Hub {
         if creds.trust.is_revoked(&id.name) {
             warn!(device = %device, "device revoked by a zone config adopted during its handshake: disconnecting");
             conn.close(CLOSE_REVOKED.into(), b"device revoked");
-            self.forget(&device, session_id);
-            return Ok(());
-        }
-        // A drain that began during this handshake (after the look above) told only the
-        // agents in the table then: this one would take it for a working gateway and send it
-        // work to be refused.
-        if self.is_draining() {
-            info!(device = %device, "gateway draining: new connection closed (the agent uses another gateway)");
-            conn.close(CLOSE_SHUTDOWN.into(), b"gateway shutting down");
             self.forget(&device, session_id);
             return Ok(());
         }
@@ -1368,21 +1375,16 @@ impl Hub {
         let Some(zone) = self.0.cfg.creds.learn_revocations(bytes, from)? else {
             return Ok(());
         };
-        let others = self.disconnect_revoked("a zone config not adopted");
-        // Their direct paths too: the permits the devices they reached hold for them, and,
-        // as no new serial goes out, the config itself, which each device (older than its
-        // own) takes the revocations from: its direct connections to them close.
-        self.forget_non_members();
         let (serial, json) = (zone.config.serial, zone.to_json_compact());
         // Only a config older than ours goes on: a device older than a newer one (refused
         // here: expired, or leaving out a revocation) would try to adopt it, refuse it as we
         // did, and count it against the gateway as a bad offer at every session.
-        if json.len() <= crate::proto::limits::MAX_ZONE_CONFIG
-            && serial < self.0.cfg.creds.zone_serial()
-        {
-            for a in others {
-                a.ctl.send_revoking_config(serial, json.clone());
-            }
+        let pass_on = json.len() <= crate::proto::limits::MAX_ZONE_CONFIG
+            && serial < self.0.cfg.creds.zone_serial();
+        // Kept before the table is read below: a session that joins the table after that
+        // read takes it from here (it reads this after joining), one before is among
+        // `others`. Kept after, a session joining in between got it from neither.
+        if pass_on {
             let mut kept = self
                 .0
                 .learned_from
@@ -1391,7 +1393,17 @@ impl Hub {
             if kept.len() >= MAX_LEARNED_FROM {
                 kept.pop_front();
             }
-            kept.push_back((serial, json));
+            kept.push_back((serial, json.clone()));
+        }
+        let others = self.disconnect_revoked("a zone config not adopted");
+        // Their direct paths too: the permits the devices they reached hold for them, and,
+        // as no new serial goes out, the config itself, which each device (older than its
+        // own) takes the revocations from: its direct connections to them close.
+        self.forget_non_members();
+        if pass_on {
+            for a in others {
+                a.ctl.send_revoking_config(serial, json.clone());
+            }
         }
         Ok(())
     }
