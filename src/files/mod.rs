@@ -687,12 +687,20 @@ async fn file(
 /// bytes sent, which are that version's; cutting it would fail every long download of a file
 /// that grows now and then). A rewrite that also makes the file longer looks like growth and
 /// is not told.
+///
+/// The change time alone counts (a writer that set the modification time back leaves only
+/// it) unless the file's link count changed with it: the file was renamed over (a deploy
+/// moving `site.new` to `site`), deleted or hard-linked (a backup's `cp -al`), which leave its
+/// bytes as they were; cut, a complete download of them failed at its last chunk.
 fn rewritten(was: &std::fs::Metadata, now: &std::fs::Metadata) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let times = |m: &std::fs::Metadata| (m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec());
+    let modified = |m: &std::fs::Metadata| (m.mtime(), m.mtime_nsec());
+    let changed = |m: &std::fs::Metadata| (m.ctime(), m.ctime_nsec());
     now.ino() != was.ino()
         || now.len() < was.len()
-        || (now.len() == was.len() && times(now) != times(was))
+        || (now.len() == was.len()
+            && (modified(now) != modified(was)
+                || (changed(now) != changed(was) && now.nlink() == was.nlink())))
 }
 
 /// How much one read of a download asks for.
@@ -1125,6 +1133,47 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
+    /// A file renamed over or deleted while sent is the same bytes: not told as rewritten.
+    /// Rewritten in place, with its modification time set back to what it was, it is.
+    #[test]
+    fn a_file_renamed_over_or_deleted_is_not_rewritten() {
+        use std::io::Write;
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("site");
+        std::fs::write(&path, b"version one").unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let was = file.metadata().unwrap();
+        // The change time is the kernel's coarse clock: let it tick.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(d.path().join("site.new"), b"version two").unwrap();
+        std::fs::rename(d.path().join("site.new"), &path).unwrap();
+        let now = file.metadata().unwrap();
+        assert_ne!(
+            (now.ctime(), now.ctime_nsec()),
+            (was.ctime(), was.ctime_nsec())
+        );
+        assert!(!super::rewritten(&was, &now), "renamed over");
+
+        let other = d.path().join("other");
+        std::fs::write(&other, b"version one").unwrap();
+        let file = std::fs::File::open(&other).unwrap();
+        let was = file.metadata().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mtime = std::fs::FileTimes::new().set_modified(was.modified().unwrap());
+        let mut w = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&other)
+            .unwrap();
+        w.write_all(b"version 1!!").unwrap();
+        w.set_times(mtime).unwrap();
+        assert!(
+            super::rewritten(&was, &file.metadata().unwrap()),
+            "rewritten in place"
+        );
+        std::fs::remove_file(&other).unwrap();
+    }
+
     use super::*;
     use tokio::io::AsyncReadExt;
 

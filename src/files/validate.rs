@@ -71,7 +71,15 @@ impl Validators {
             // a client that sends back the `Last-Modified` it got is answered 304 (or 206 for
             // `If-Range`): with the modification time here, a file renamed or chmod-ed in the
             // next second (honest still) never matched its own date.
-            modified: http_date(settled.filter(|_| date_honest).and(modified.max(changed))),
+            // Given once its second is over: a date is whole seconds, and a change later in
+            // that second (settling takes 100 ms) would carry the same one, so a client sending
+            // it back got 304 for the new content, or a resumed download spliced onto it.
+            modified: http_date(
+                settled
+                    .filter(|_| date_honest)
+                    .and(modified.max(changed))
+                    .filter(|t| secs(now) > secs(*t)),
+            ),
             changed: modified.max(changed),
         }
     }
@@ -426,6 +434,46 @@ mod tests {
             verdict_of(&[("if-unmodified-since", &lm)], &v),
             Verdict::Serve { range: true }
         );
+    }
+
+    /// A date is given once its second is over, not while a change later in that second
+    /// could still carry it.
+    #[test]
+    fn a_date_is_given_once_its_second_is_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, "abc").unwrap();
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        let nanos = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos()
+        };
+        for _ in 0..20 {
+            // Modified 1.95 s before its change: honest, and settled 100 ms after the change.
+            let now = SystemTime::now();
+            f.set_modified(now - Duration::from_millis(1950)).unwrap();
+            let meta = std::fs::metadata(&path).unwrap();
+            if meta.ctime_nsec() == 0 {
+                eprintln!("skipped: this file system keeps change times to the second only");
+                return;
+            }
+            let changed = at(meta.ctime() as u64) + Duration::from_nanos(meta.ctime_nsec() as u64);
+            let soon = changed.max(meta.modified().unwrap() + SETTLE) + Duration::from_millis(110);
+            if secs(soon) != secs(changed) {
+                // Too near the second's end to look within it: again, later in a second.
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+            let within = Validators::of(&meta, soon);
+            assert!(within.etag.is_some(), "settled");
+            assert_eq!(within.modified, None, "a date while its second runs");
+            let next = soon + Duration::from_nanos(u64::from(1_000_000_000 - nanos(soon)));
+            let after = Validators::of(&meta, next);
+            assert_eq!(after.modified.map(secs), Some(secs(changed)));
+            return;
+        }
+        panic!("never early enough in a second");
     }
 
     #[test]
