@@ -52,6 +52,7 @@ use tracing::{debug, info};
 use crate::candidates;
 use crate::creds::DeviceCreds;
 use crate::error::TunnelError;
+use crate::log_budget::LogBudget;
 use crate::proto::PeerAddr;
 use crate::status::PeerStatus;
 
@@ -245,7 +246,13 @@ pub struct Peers {
     /// Told of each zone config adopted ([`Peers::cut_revoked`]): a peer's certificate end
     /// may have moved (a renewal, a shorter re-issue).
     adopted: tokio::sync::Notify,
+    /// Lines about direct paths and connections, which a zone device dialing this one over
+    /// and over causes one or two per handshake: [`PATH_LINES_PER_SECOND`] a second.
+    lines: Mutex<LogBudget>,
 }
+
+/// Lines a second of [`Peers::lines`], as many as the agent allows its other flood lines.
+const PATH_LINES_PER_SECOND: u32 = 10;
 
 impl Peers {
     pub fn new(creds: Arc<DeviceCreds>, endpoint: Endpoint, dial: quinn::ClientConfig) -> Self {
@@ -255,6 +262,7 @@ impl Peers {
             dial,
             table: Mutex::new(HashMap::new()),
             adopted: tokio::sync::Notify::new(),
+            lines: Mutex::new(LogBudget::new(PATH_LINES_PER_SECOND)),
         }
     }
 
@@ -395,34 +403,30 @@ impl Peers {
             )
         });
         for pc in close {
-            info!(peer = %peer, max = MAX_SPARE, "too many direct connections to this peer: the oldest spare retired");
-            retire_soon(
-                pc,
-                retiring.clone(),
-                self.creds.clone(),
-                peer,
-                b"too many direct connections",
-            );
+            if let Some(unlogged) = LogBudget::take_shared(&self.lines) {
+                info!(peer = %peer, max = MAX_SPARE, unlogged, "too many direct connections to this peer: the oldest spare retired");
+            }
+            self.retire_soon(pc, retiring.clone(), peer, b"too many direct connections");
         }
         for pc in retire {
-            retire_soon(
-                pc,
-                retiring.clone(),
-                self.creds.clone(),
-                peer,
-                b"duplicate direct path",
-            );
+            self.retire_soon(pc, retiring.clone(), peer, b"duplicate direct path");
         }
+        if matches!(change, PathChange::Same) {
+            return;
+        }
+        let Some(unlogged) = LogBudget::take_shared(&self.lines) else {
+            return;
+        };
         match change {
             PathChange::Same => {}
             PathChange::Up(c) => {
-                info!(peer = %peer, addr = %crate::sockets::canonical(c.remote_address()), rtt_ms = c.rtt().as_millis() as u64, "direct path up")
+                info!(peer = %peer, addr = %crate::sockets::canonical(c.remote_address()), rtt_ms = c.rtt().as_millis() as u64, unlogged, "direct path up")
             }
             PathChange::Moved(c) => {
-                info!(peer = %peer, addr = %crate::sockets::canonical(c.remote_address()), "direct path moved to another connection with this peer")
+                info!(peer = %peer, addr = %crate::sockets::canonical(c.remote_address()), unlogged, "direct path moved to another connection with this peer")
             }
             PathChange::Lost => {
-                info!(peer = %peer, reason = why.as_deref().unwrap_or("closed"), "direct path lost: streams use the relay")
+                info!(peer = %peer, reason = why.as_deref().unwrap_or("closed"), unlogged, "direct path lost: streams use the relay")
             }
         }
     }
@@ -447,13 +451,7 @@ impl Peers {
         });
         if let Some((pc, retiring)) = dropped {
             debug!(peer = %peer, reason = %why, "direct connection failed");
-            retire_soon(
-                pc,
-                retiring,
-                self.creds.clone(),
-                peer,
-                b"direct path failed",
-            );
+            self.retire_soon(pc, retiring, peer, b"direct path failed");
             self.settle_and_log(peer);
         }
     }
@@ -976,26 +974,30 @@ pub fn permit_valid(until: Instant, now: Instant, gateways_lost: Option<Instant>
     now < until || gateways_lost.is_some_and(|lost| lost < until)
 }
 
-/// Retires `pc` ([`retire`]) unless [`MAX_RETIRING`] connections to `peer` already wait for
-/// their streams: then it is closed now.
-fn retire_soon(
-    pc: PeerConn,
-    retiring: Arc<AtomicUsize>,
-    creds: Arc<DeviceCreds>,
-    peer: &str,
-    why: &'static [u8],
-) {
-    if retiring.fetch_add(1, Ordering::Relaxed) >= MAX_RETIRING {
-        retiring.fetch_sub(1, Ordering::Relaxed);
-        info!(peer = %peer, max = MAX_RETIRING, "too many retired direct connections to this peer: one closed with its streams");
-        pc.conn.close(CLOSE_DUPLICATE.into(), why);
-        return;
+impl Peers {
+    /// Retires `pc` ([`retire`]) unless [`MAX_RETIRING`] connections to `peer` already wait
+    /// for their streams: then it is closed now.
+    fn retire_soon(
+        &self,
+        pc: PeerConn,
+        retiring: Arc<AtomicUsize>,
+        peer: &str,
+        why: &'static [u8],
+    ) {
+        if retiring.fetch_add(1, Ordering::Relaxed) >= MAX_RETIRING {
+            retiring.fetch_sub(1, Ordering::Relaxed);
+            if let Some(unlogged) = LogBudget::take_shared(&self.lines) {
+                info!(peer = %peer, max = MAX_RETIRING, unlogged, "too many retired direct connections to this peer: one closed with its streams");
+            }
+            pc.conn.close(CLOSE_DUPLICATE.into(), why);
+            return;
+        }
+        let (peer, creds) = (peer.to_owned(), self.creds.clone());
+        tokio::spawn(async move {
+            retire(pc, creds, peer, why).await;
+            retiring.fetch_sub(1, Ordering::Relaxed);
+        });
     }
-    let peer = peer.to_owned();
-    tokio::spawn(async move {
-        retire(pc, creds, peer, why).await;
-        retiring.fetch_sub(1, Ordering::Relaxed);
-    });
 }
 
 /// Closes a connection no longer anyone's direct path (a duplicate, a failed one) once no
