@@ -1641,6 +1641,10 @@ async fn a_service_that_stops_reading_an_upload_times_out() {
         "{:?}",
         t.elapsed()
     );
+    // Said as what happened: not "did not answer within" the response timeout.
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("stopped taking the request body"), "{body}");
     conn.abort();
 }
 

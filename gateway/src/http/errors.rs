@@ -68,11 +68,14 @@ pub enum ProxyError {
         service: String,
         error: OpenError,
     },
-    #[error("app {app}: device {device} did not answer within {secs} s")]
+    #[error("app {app}: {}", timed_out(device, *secs, *upload_stalled))]
     UpstreamTimeout {
         app: String,
         device: String,
         secs: u64,
+        /// The service stopped taking the request's body (for `secs`), rather than not
+        /// answering within them.
+        upload_stalled: bool,
     },
     #[error("app {app}: device {device}: {error}")]
     Upstream {
@@ -82,6 +85,16 @@ pub enum ProxyError {
     },
     #[error("the gateway is shutting down")]
     Draining,
+}
+
+/// What an [`ProxyError::UpstreamTimeout`] says happened.
+fn timed_out(device: &str, secs: u64, upload_stalled: bool) -> String {
+    match upload_stalled {
+        true => {
+            format!("the service on device {device} stopped taking the request body for {secs} s")
+        }
+        false => format!("device {device} did not answer within {secs} s"),
+    }
 }
 
 impl ProxyError {
@@ -244,8 +257,14 @@ impl ProxyError {
                     }
                 },
             },
-            ProxyError::UpstreamTimeout { app, device, secs } => format!(
-                "504 gateway timeout: app {app}: device {device} did not answer within {secs} s\n"
+            ProxyError::UpstreamTimeout {
+                app,
+                device,
+                secs,
+                upload_stalled,
+            } => format!(
+                "504 gateway timeout: app {app}: {}\n",
+                timed_out(device, *secs, *upload_stalled)
             ),
             ProxyError::Upstream { app, device, error } if error.tunnel_lost() => format!(
                 "502 bad gateway: app {app}: the tunnel to device {device} was lost before the service answered (its node agent reconnected or went away); try again\n"

@@ -832,12 +832,13 @@ async fn send(
                 let before = taken.load(Ordering::Relaxed);
                 match tokio::time::timeout(taking, &mut sent).await {
                     Ok(_) => break,
-                    Err(_) if taken.load(Ordering::Relaxed) == before => return,
+                    Err(_) if taken.load(Ordering::Relaxed) == before => return true,
                     Err(_) => {}
                 }
             }
         }
         tokio::time::sleep(timeout).await;
+        false
     };
     tokio::pin!(deadline);
     // A kept connection only while the device still offers the service: one that is
@@ -854,14 +855,18 @@ async fn send(
     loop {
         let r = tokio::select! {
             r = up.send(out) => Ok(r),
-            _ = &mut deadline => Err(()),
+            upload_stalled = &mut deadline => Err(upload_stalled),
         };
         match r {
-            Err(()) => {
+            Err(upload_stalled) => {
                 return Err(ProxyError::UpstreamTimeout {
                     app: key.app.clone(),
                     device: key.device.clone(),
-                    secs: timeout.as_secs(),
+                    secs: match upload_stalled {
+                        true => taking.as_secs(),
+                        false => timeout.as_secs(),
+                    },
+                    upload_stalled,
                 })
             }
             Ok(Ok(resp)) => return Ok(resp),
