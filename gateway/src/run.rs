@@ -2,7 +2,7 @@
 //! the policy (reconciled on every reload), the gateway's own forwards into the mesh, the admin
 //! API, and a graceful drain on shutdown.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -309,16 +309,29 @@ pub fn own_sockets_of(
     own
 }
 
-/// The gateway's own `[services]` on this machine (at a loopback or unspecified address), as
-/// sockets no app may listen on: an app there either could not bind (the service holds the
-/// port) or, bound while the service was down, took its port and, if it leads to that
-/// service, connected to itself over and over — a chain of connections per client up to the
-/// per-address limit — while the service could not start. (Services at other hosts' addresses
-/// are not this machine's ports.)
+/// The gateway's own `[services]` on this machine (at a loopback or unspecified address, or
+/// one of its interfaces' addresses: a database at the machine's LAN address), as sockets no
+/// app may listen on: an app there either could not bind (the service holds the port) or,
+/// bound while the service was down, took its port and, if it leads to that service,
+/// connected to itself over and over — a chain of connections per client up to the
+/// per-address limit — while the service could not start. (Services at other hosts'
+/// addresses are not this machine's ports.)
 pub fn services_here(services: &LocalServices) -> Vec<(Kind, SocketAddr, String)> {
+    // Unreadable, the interfaces' addresses are left out: loopback is still checked.
+    let own: Vec<IpAddr> = if_addrs::get_if_addrs()
+        .map(|l| l.into_iter().map(|i| i.ip()).collect())
+        .unwrap_or_default();
+    services_on(services, &own)
+}
+
+/// [`services_here`] on a machine whose interfaces have the addresses `own`.
+fn services_on(services: &LocalServices, own: &[IpAddr]) -> Vec<(Kind, SocketAddr, String)> {
     services
         .iter()
-        .filter(|(_, s)| s.addr.ip().is_loopback() || s.addr.ip().is_unspecified())
+        .filter(|(_, s)| {
+            let ip = s.addr.ip().to_canonical();
+            ip.is_loopback() || ip.is_unspecified() || own.iter().any(|o| o.to_canonical() == ip)
+        })
         .filter(|(_, s)| s.addr.port() != 0)
         .map(|(name, s)| {
             let kind = match s.proto {
@@ -936,6 +949,31 @@ async fn forward_loop(hub: Hub, f: Forward, l: TcpListener, shutdown: Cancellati
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A service at one of the machine's own addresses holds a port here, as one at loopback
+    /// does; one at another host's address does not.
+    #[test]
+    fn services_at_the_machines_own_addresses_are_here() {
+        use tunnel::services::LocalService;
+        let svc = |a: &str| LocalService {
+            addr: a.parse().unwrap(),
+            proto: tunnel::proto::ServiceProto::Tcp,
+        };
+        let services = LocalServices::new(
+            [
+                ("db".to_string(), svc("10.0.0.5:5432")),
+                ("web".to_string(), svc("127.0.0.1:8000")),
+                ("nas".to_string(), svc("10.0.0.9:445")),
+            ]
+            .into(),
+        );
+        let own: Vec<IpAddr> = vec!["10.0.0.5".parse().unwrap(), "::1".parse().unwrap()];
+        let here: Vec<String> = services_on(&services, &own)
+            .into_iter()
+            .map(|(_, _, key)| key)
+            .collect();
+        assert_eq!(here, ["[services.db]", "[services.web]"]);
+    }
 
     /// Gateways never connect to one another: only the other devices count for health.
     #[test]
