@@ -469,9 +469,19 @@ pub fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigErro
             error,
         },
     })?;
-    toml::from_str(&text).map_err(|e| -> ConfigError {
+    parse(path, &text)
+}
+
+/// The config `text` read from `path` (named in the error, with the line and column).
+pub fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| -> ConfigError {
         let pos = e.span().map(|s| {
-            let before = &text[..s.start.min(text.len())];
+            // A span inside a character (none seen) says the line up to its start.
+            let mut start = s.start.min(text.len());
+            while !text.is_char_boundary(start) {
+                start -= 1;
+            }
+            let before = &text[..start];
             let line = before.matches('\n').count() + 1;
             let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
             format!("{line}:{col}: ")

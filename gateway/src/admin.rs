@@ -182,7 +182,7 @@ async fn serve_connection(
 /// host, or names none. A web page in a browser on this machine can point its own name at
 /// 127.0.0.1 (DNS rebinding) and then read loopback answers as its own: its requests carry
 /// that name.
-fn addressed_to_this_machine<B>(req: &Request<B>) -> bool {
+pub fn addressed_to_this_machine<B>(req: &Request<B>) -> bool {
     let Some(host) = req.headers().get(hyper::header::HOST) else {
         return true;
     };
