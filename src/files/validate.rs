@@ -73,12 +73,17 @@ impl Validators {
             // next second (honest still) never matched its own date.
             // Given once its second is over: a date is whole seconds, and a change later in
             // that second (settling takes 100 ms) would carry the same one, so a client sending
-            // it back got 304 for the new content, or a resumed download spliced onto it.
+            // it back got 304 for the new content, or a resumed download spliced onto it. Over
+            // by a tick's margin: change times are stamped from the kernel's coarse clock,
+            // which runs up to a tick behind `now`.
             modified: http_date(
                 settled
                     .filter(|_| date_honest)
                     .and(modified.max(changed))
-                    .filter(|t| secs(now) > secs(*t)),
+                    .filter(|t| {
+                        now.checked_sub(SETTLE_CHANGE)
+                            .is_some_and(|n| secs(n) > secs(*t))
+                    }),
             ),
             changed: modified.max(changed),
         }
@@ -469,7 +474,13 @@ mod tests {
             assert!(within.etag.is_some(), "settled");
             assert_eq!(within.modified, None, "a date while its second runs");
             let next = soon + Duration::from_nanos(u64::from(1_000_000_000 - nanos(soon)));
-            let after = Validators::of(&meta, next);
+            // Not at the next second's first instant: a tick's margin later.
+            assert_eq!(
+                Validators::of(&meta, next).modified,
+                None,
+                "at the next second"
+            );
+            let after = Validators::of(&meta, next + SETTLE_CHANGE);
             assert_eq!(after.modified.map(secs), Some(secs(changed)));
             return;
         }

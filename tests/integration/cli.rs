@@ -968,6 +968,31 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
     .unwrap();
     let e = fails(2, ["node", "--config", h2.to_str().unwrap()]);
     assert!(e.contains("certificate is for another device"), "{e}");
+
+    // Another zone's zone.json in the bundle (an owner of two zones copying the wrong one):
+    // no restart mends it either, exit 2 (it exited 1, restarted every 5 s for ever).
+    let other = t.path().join("other");
+    ok([
+        "zone",
+        "init",
+        "--domain",
+        "bob.example",
+        "--dir",
+        other.to_str().unwrap(),
+    ]);
+    ok([
+        "device",
+        "add",
+        "home3",
+        "--zone",
+        z.to_str().unwrap(),
+        "--role",
+        "node",
+    ]);
+    std::fs::copy(other.join("zone.json"), z.join("devices/home3/zone.json")).unwrap();
+    let h3 = z.join("devices/home3/node.toml");
+    let e = fails(2, ["node", "--config", h3.to_str().unwrap()]);
+    assert!(e.contains("another zone"), "{e}");
 }
 
 /// Two agents on one machine both default to admin port 9091: the second one's error names

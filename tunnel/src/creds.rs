@@ -193,6 +193,12 @@ impl DeviceCreds {
             {
                 tracing::warn!(file = %p.zone_config.display(), expired_at = %at, "zone config expired: starting with it, as the newest this device has, for at most {EXPIRED_GRACE_DAYS} days after its expiry; re-sign it with `zonegate zone resign --zone DIR` and copy zone.json into every bundle (a running gateway passes it on to its agents)");
             }
+            // Another zone's (signed by another zone key): no restart mends it.
+            Err(e @ zone_core::ZoneError::ForeignZone { .. }) => return Err(unrunnable(
+                &p.zone_config,
+                "refused: it belongs to another zone (copy this zone's zone.json into the bundle)",
+                e,
+            )),
             Err(e) => return Err(bad(&p.zone_config, "refused", e)),
         }
         if zone.config.domain != identity.domain {
