@@ -207,8 +207,11 @@ print('%-40s round %s: req/s %8.0f  p50 %.2f  p99 %.2f  p99.9 %.2f ms  non-2xx %
         else
           h2=()
           [[ $path == *-h2:* ]] && h2=(--http2-prior-knowledge) # the front's HTTP/2 (hyper's)
-          got=$(curl -sS "${h2[@]}" -o /dev/null -H 'Host: bench.example' \
-            -w '%{size_download} %{time_total}' "http://127.0.0.1:${path#*:}/big")
+          got=$(curl -fsS "${h2[@]}" -o /dev/null -H 'Host: bench.example' \
+            -w '%{size_download} %{time_total}' "http://127.0.0.1:${path#*:}/big") ||
+            { echo "download via $path failed" >&2; exit 1; }
+          [[ ${got%% *} == "$(stat -c %s "$tmp/www/big")" ]] ||
+            { echo "download via $path: got ${got%% *} bytes" >&2; exit 1; }
         fi
         g1=$(ticks "${PID[gw]}") n1=$(ticks "${PID[node]}")
         python3 -c "

@@ -98,9 +98,12 @@ import re, sys
 out = open(sys.argv[1]).read()
 rps = float(re.search(r"finished in [^,]+, ([\d.]+) req/s", out).group(1))
 ok = re.search(r"requests: .* (\d+) succeeded", out).group(1)
+# h2load's req/s counts answers of any status: failed ones (non-2xx included) mark the line.
+failed = int(re.search(r"requests: .* (\d+) failed", out).group(1))
 d = sorted(int(l.split()[2]) for l in open(sys.argv[2]) if l.strip())
 pct = lambda p: d[min(len(d) - 1, int(len(d) * p))] / 1000.0
-print("%8d req/s  p50 %-8s p99 %s  (%s ok)" % (rps, "%.2fms" % pct(0.50), "%.2fms" % pct(0.99), ok))
+print("%8d req/s  p50 %-8s p99 %s  (%s ok)" % (rps, "%.2fms" % pct(0.50), "%.2fms" % pct(0.99), ok)
+      + ("  ERRORS: %d failed: not a result" % failed if failed else ""))
 EOF
 }
 

@@ -108,8 +108,9 @@ start iperf3-server iperf3 -s -p 5201
 nginx_backend
 start udp-echo python3 "$bench_dir/soak_tools.py" udp-echo 127.0.0.1:7001
 start gw "$ZONEGATE" gateway --config "$gw_conf"
-# N1_WRAP (a command prefix, e.g. `heaptrack -o /tmp/n1`) runs agent n1 under a profiler; its
-# RSS then includes the profiler's, so such a run is for the profile, not for pass/fail.
+# N1_WRAP (a command prefix, e.g. `heaptrack -o /tmp/n1`) runs agent n1 under a profiler; the
+# PID sampled is then the wrapper's (heaptrack's launcher script), not the agent's, so such a
+# run is for the profile, not for its RSS column or pass/fail.
 # shellcheck disable=SC2086 # N1_WRAP is a command and its arguments
 start n1 ${N1_WRAP:-} "$ZONEGATE" node --config "$Z/devices/n1/node.toml" \
   --service http=127.0.0.1:8000 --service iperf=127.0.0.1:5201 --service echo=127.0.0.1:7001/udp
