@@ -115,9 +115,9 @@ pub fn python() -> &'static str {
     }
 }
 
-/// True when lab tests can run here: root, and `ip netns add` works. Otherwise prints
-/// `SKIPPED (needs root + network namespaces): TEST (reason)` to stderr and returns false (or
-/// panics when `NATLAB_REQUIRED=1`).
+/// True when lab tests can run here: root, `nft` present, and a network namespace can be made.
+/// Otherwise prints `SKIPPED (needs root + network namespaces): TEST (reason)` to stderr and
+/// returns false (or panics when `NATLAB_REQUIRED=1` or `ZONEGATE_REQUIRE_TOOLS=1`).
 pub fn require_root(test: &str) -> bool {
     static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
     let verdict = if std::env::var("NATLAB").as_deref() == Ok("0") {
@@ -128,8 +128,10 @@ pub fn require_root(test: &str) -> bool {
     match verdict {
         Ok(()) => true,
         Err(why) => {
-            if std::env::var("NATLAB_REQUIRED").as_deref() == Ok("1") {
-                panic!("NATLAB_REQUIRED=1 but the NAT lab cannot run: {why} (test {test})");
+            for required in ["NATLAB_REQUIRED", "ZONEGATE_REQUIRE_TOOLS"] {
+                if std::env::var(required).as_deref() == Ok("1") {
+                    panic!("{required}=1 but the NAT lab cannot run: {why} (test {test})");
+                }
             }
             // straight to fd 2: libtest captures eprintln! of passing tests, and a skip must show
             let _ = writeln!(
@@ -153,25 +155,32 @@ fn probe_netns() -> Result<(), String> {
     if euid != "0" {
         return Err(format!("euid {euid}, not root"));
     }
-    let name = format!("zprobe{}", std::process::id());
-    let add = Command::new("ip")
-        .args(["netns", "add", &name])
+    // The lab's script says what is missing rather than installing it.
+    for tool in ["ip", "nft"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            return Err(format!(
+                "`{tool}` not found (apt-get install iproute2 nftables)"
+            ));
+        }
+    }
+    // An unnamed namespace, gone with its process: a named one left by a killed run made
+    // every later probe with the same PID fail.
+    let lo = Command::new("unshare")
+        .args(["--net", "ip", "link", "set", "lo", "up"])
         .stderr(Stdio::piped())
         .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
-    if !add.status.success() {
-        return Err(format!(
-            "`ip netns add` failed: {}",
-            String::from_utf8_lossy(&add.stderr).trim()
-        ));
-    }
-    let lo = Command::new("ip")
-        .args(["-n", &name, "link", "set", "lo", "up"])
-        .status();
-    let _ = Command::new("ip").args(["netns", "del", &name]).status();
-    match lo {
-        Ok(s) if s.success() => Ok(()),
-        _ => Err("cannot configure an interface inside a new netns".to_string()),
+        .map_err(|e| format!("cannot run unshare: {e}"))?;
+    match lo.status.success() {
+        true => Ok(()),
+        false => Err(format!(
+            "cannot make a network namespace and configure it: {}",
+            String::from_utf8_lossy(&lo.stderr).trim()
+        )),
     }
 }
 
@@ -211,7 +220,16 @@ impl Lab {
             _slot: slot,
         };
         let t0 = Instant::now();
-        lab.script(&["up"])?;
+        if let Err(e) = lab.script(&["up"]) {
+            // Said before the drop's teardown, which panics if it fails too (its panic
+            // would be all the test showed).
+            let _ = writeln!(
+                io::stderr(),
+                "[netlab] lab {} for {name}: up failed: {e}",
+                lab.prefix
+            );
+            return Err(e);
+        }
         eprintln!(
             "[netlab] lab {} for {name} up in {} ms",
             lab.prefix,
@@ -553,9 +571,12 @@ impl Drop for Slot {
     }
 }
 
-/// Runs a command with a time bound (killed on expiry), capturing stdout and stderr.
+/// Runs a command with a time bound (killed on expiry, with whatever it started: it runs in
+/// a process group of its own), capturing stdout and stderr.
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> io::Result<Output> {
+    use std::os::unix::process::CommandExt;
     let mut child = cmd
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -568,6 +589,11 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> io::Result<Outp
             break s;
         }
         if Instant::now() >= deadline {
+            // The group this call made (its id is the child's PID): the script's `ip` or
+            // `nft` of the moment, orphaned, went on after the test had failed.
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status();
             let _ = child.kill();
             let _ = child.wait();
             return Err(io::Error::new(

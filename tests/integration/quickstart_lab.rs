@@ -522,8 +522,10 @@ fn require_etcd(test: &str) -> bool {
         "{} not on PATH (Debian packages etcd-server and etcd-client)",
         missing.join(" and ")
     );
-    if std::env::var("NATLAB_REQUIRED").as_deref() == Ok("1") {
-        panic!("NATLAB_REQUIRED=1 but {test} cannot run: {why}");
+    for required in ["NATLAB_REQUIRED", "ZONEGATE_REQUIRE_TOOLS"] {
+        if std::env::var(required).as_deref() == Ok("1") {
+            panic!("{required}=1 but {test} cannot run: {why}");
+        }
     }
     // straight to fd 2: libtest captures eprintln! of passing tests, and a skip must show
     let _ = writeln!(
