@@ -729,10 +729,19 @@ mod tests {
             "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 0\r\n\r\n",
             "a".repeat(60_000)
         );
+        let (got, parses) = trickle(&head);
+        let h = got.expect("the complete head parses the moment its blank line arrives");
+        assert_eq!(h.status, StatusCode::OK);
+        // 1, 2, 4, … 32,768, 60,0xx bytes, then the blank line: a handful, not 60,000.
+        assert!(parses <= 20, "{parses} parses");
+    }
+
+    /// `head` fed a byte a read, parsed whenever [`HeadScan`] says so: the head parsed (the
+    /// buffer then empty) and how many parses it took.
+    fn trickle(head: &str) -> (Option<ResponseHead>, usize) {
         let mut scan = HeadScan::default();
         let mut buf = BytesMut::new();
-        let mut parses = 0;
-        let mut got = None;
+        let (mut parses, mut got) = (0, None);
         for &byte in head.as_bytes() {
             buf.extend_from_slice(&[byte]);
             if scan.due(&buf) {
@@ -743,11 +752,8 @@ mod tests {
                 }
             }
         }
-        let h = got.expect("the complete head parses the moment its blank line arrives");
-        assert_eq!(h.status, StatusCode::OK);
-        assert!(buf.is_empty());
-        // 1, 2, 4, … 32,768, 60,0xx bytes, then the blank line: a handful, not 60,000.
-        assert!(parses <= 20, "{parses} parses");
+        assert!(buf.is_empty(), "bytes left after the head");
+        (got, parses)
     }
 
     /// Empty lines before the first line, trickled a byte a read, are parsed a logarithmic
@@ -760,22 +766,9 @@ mod tests {
                 "{}HTTP/1.1 204 No Content\r\nx-a: b\r\n\r\n",
                 lead.repeat(20_000)
             );
-            let mut scan = HeadScan::default();
-            let mut buf = BytesMut::new();
-            let (mut parses, mut got) = (0, None);
-            for &byte in head.as_bytes() {
-                buf.extend_from_slice(&[byte]);
-                if scan.due(&buf) {
-                    parses += 1;
-                    if let Some(h) = parse_response(&mut buf, false).unwrap() {
-                        got = Some(h);
-                        scan.reset();
-                    }
-                }
-            }
+            let (got, parses) = trickle(&head);
             let h = got.expect("the head after the empty lines parses");
             assert_eq!(h.status, StatusCode::NO_CONTENT);
-            assert!(buf.is_empty());
             assert!(parses <= 20, "{lead:?}: {parses} parses");
         }
     }
