@@ -232,13 +232,15 @@ def build(paths):
           f"each table's *machine CPU* column is the busy CPU of the whole machine (client, "
           f"servers and the path between) per unit of work, steadier than the rates when the "
           f"host is noisy")
-    outside = [(r["metrics"]["outside_pct"], r) for r in runs if "outside_pct" in r["metrics"]]
     # Recorded before 2026-12-07 (no `outside_raw_pct`), the share left out the softirq time
-    # of the benchmark's own system calls and read 0 whatever else ran: not a measurement.
-    if outside and not any("outside_raw_pct" in r["metrics"] for _, r in outside):
+    # of the benchmark's own system calls and read 0 whatever else ran: not a measurement,
+    # and not mixed into the figures of those that are.
+    outside = [(r["metrics"]["outside_pct"], r) for r in runs if "outside_raw_pct" in r["metrics"]]
+    unmeasured = sum(1 for r in runs
+                     if "outside_pct" in r["metrics"] and "outside_raw_pct" not in r["metrics"])
+    if unmeasured and not outside:
         w("- **Quiet machine**: not measured by this data (its `outside_pct`, recorded before "
           "2026-12-07, read 0 whatever else ran: see the notes of session 45)")
-        outside = []
     if outside:
         busy = sorted({f"{r['test']} {r['contender']} rep {r['rep']} ({pct:.1f} %)"
                        for pct, r in outside if pct > OUTSIDE_LIMIT})
@@ -247,7 +249,9 @@ def build(paths):
           f"{statistics.median(p for p, _ in outside):.1f} %, max {max(p for p, _ in outside):.1f} % "
           f"of the machine ({len(outside)} measurements); "
           + (f"**over {OUTSIDE_LIMIT:g} % in {len(busy)}**: " + ", ".join(busy)
-             if busy else f"none over {OUTSIDE_LIMIT:g} %"))
+             if busy else f"none over {OUTSIDE_LIMIT:g} %")
+          + (f"; {unmeasured} more recorded before 2026-12-07, not measured (see the notes of "
+             f"session 45)" if unmeasured else ""))
     if len(docs) > 1:
         # Sections measured at different times (and maybe builds): each file's own.
         w("- **Sources** (the lines above are the last file's):")
@@ -526,11 +530,19 @@ def build(paths):
                             f"{c['ok']:,} of {c['requested']:,} ok", clean))
         w("")
 
-    logs = st.one("logs", "zonegate", "warnings")
-    if logs is not None:
-        w(f"zonegate gateway + agent logged {logs} warnings and "
-          f"{st.one('logs', 'zonegate', 'errors')} errors during the bulk/conn/http sections.")
-        w("")
+    # One line per run: a later run of some sections has log counts of its own, which
+    # replaced the earlier run's (of other sections) when merged by test.
+    section_of = {"bulk-up": "bulk", "bulk-down": "bulk", "conn": "conn",
+                  "http": "http", "http-conn": "http", "http-half": "http"}
+    for path, d in zip(paths, docs):
+        for r in d["runs"]:
+            if r["test"] == "logs" and r["contender"] == "zonegate":
+                sections = sorted({section_of[x["test"]] for x in d["runs"]
+                                   if x["test"] in section_of})
+                w(f"zonegate gateway + agent logged {r['metrics'].get('warnings')} warnings and "
+                  f"{r['metrics'].get('errors')} errors during the {'/'.join(sections)} "
+                  f"section{'s' if len(sections) > 1 else ''} of `{os.path.basename(path)}`.")
+                w("")
 
     if targets:
         w("## Issue 8 targets")

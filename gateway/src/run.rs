@@ -338,7 +338,10 @@ fn services_on(services: &LocalServices, own: &[IpAddr]) -> Vec<(Kind, SocketAdd
                 tunnel::proto::ServiceProto::Tcp => Kind::Tcp,
                 tunnel::proto::ServiceProto::Udp => Kind::Udp,
             };
-            (kind, s.addr, format!("[services.{name}]"))
+            // As compared above: `[::ffff:10.0.0.5]` is the IPv4 address an IPv4 app's
+            // listener overlaps (kept mapped, it overlapped none).
+            let at = SocketAddr::new(s.addr.ip().to_canonical(), s.addr.port());
+            (kind, at, format!("[services.{name}]"))
         })
         .collect()
 }
@@ -964,15 +967,24 @@ mod tests {
                 ("db".to_string(), svc("10.0.0.5:5432")),
                 ("web".to_string(), svc("127.0.0.1:8000")),
                 ("nas".to_string(), svc("10.0.0.9:445")),
+                ("pg".to_string(), svc("[::ffff:10.0.0.5]:5433")),
             ]
             .into(),
         );
         let own: Vec<IpAddr> = vec!["10.0.0.5".parse().unwrap(), "::1".parse().unwrap()];
-        let here: Vec<String> = services_on(&services, &own)
+        let here: Vec<(SocketAddr, String)> = services_on(&services, &own)
             .into_iter()
-            .map(|(_, _, key)| key)
+            .map(|(_, at, key)| (at, key))
             .collect();
-        assert_eq!(here, ["[services.db]", "[services.web]"]);
+        let at = |a: &str| a.parse::<SocketAddr>().unwrap();
+        assert_eq!(
+            here,
+            [
+                (at("10.0.0.5:5432"), "[services.db]".to_string()),
+                (at("10.0.0.5:5433"), "[services.pg]".to_string()),
+                (at("127.0.0.1:8000"), "[services.web]".to_string()),
+            ]
+        );
     }
 
     /// Gateways never connect to one another: only the other devices count for health.

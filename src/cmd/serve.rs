@@ -555,6 +555,16 @@ fn bootstrap(
             })?,
         ),
     };
+    // Another zone's (signed by another zone key: an owner of two zones copied the wrong
+    // one) is no config of this zone: replaced as a missing one is, its serial no bar.
+    let this_zone = zone_core::keys::public_text(&key);
+    let have = match have {
+        Some(z) if z.config.zone_key != this_zone => {
+            tracing::warn!(file = %paths.zone_config.display(), "the bundle's zone.json belongs to another zone: fetching this zone's over DNS to replace it");
+            None
+        }
+        have => have,
+    };
     let known = have.as_ref().map(|z| z.config.serial);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -1626,8 +1626,23 @@ fn zone_config_over_the_gateways_dns_verify_and_node_bootstrap() {
     );
     assert!(!laptop.join("zone.json").exists());
 
-    // A node bundle without zone.json bootstraps from DNS and connects.
-    std::fs::remove_file(nodedir.join("zone.json")).unwrap();
+    // A node bundle holding another zone's zone.json (an owner of two zones copied the wrong
+    // one) bootstraps from DNS as one without any, and connects: it was kept as the known
+    // config, and the node refused to start with it (exit 2, never restarted).
+    let other = z.parent().unwrap().join("other-zone");
+    ok([
+        "zone",
+        "init",
+        "--domain",
+        "bob.example",
+        "--dir",
+        other.to_str().unwrap(),
+    ]);
+    // Its serial above this zone's: a lower one was replaced by the newer answer anyway.
+    while zone_serial(&other) <= zone_serial(&z) {
+        ok(["zone", "resign", "--zone", other.to_str().unwrap()]);
+    }
+    std::fs::copy(other.join("zone.json"), nodedir.join("zone.json")).unwrap();
     let ncfg = nodedir.join("node.toml");
     let ntext = std::fs::read_to_string(&ncfg)
         .unwrap()
@@ -1669,9 +1684,10 @@ fn zone_config_over_the_gateways_dns_verify_and_node_bootstrap() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    let written = std::fs::read_to_string(nodedir.join("zone.json")).unwrap();
     assert!(
-        nodedir.join("zone.json").exists(),
-        "bootstrap did not write zone.json"
+        !written.contains("bob.example"),
+        "bootstrap did not replace the other zone's zone.json"
     );
 }
 

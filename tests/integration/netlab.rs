@@ -12,10 +12,11 @@
 //! lab behind: the next [`Lab::up`] in any process runs the script's `gc`, which removes labs whose
 //! owner process (PID and start time in `/run/natlab/PREFIX.owner`) is gone.
 //!
-//! Lab tests need root and working `ip netns`; start each with
+//! Lab tests need root, `ip`, `nft` and network namespaces; start each with
 //! `if !netlab::require_root("name") { return; }`. Environment knobs:
 //! - `NATLAB=0` skips every lab test (with the same loud line).
-//! - `NATLAB_REQUIRED=1` turns a skip into a panic (for CI: a skip would hide a broken lab).
+//! - `NATLAB_REQUIRED=1` (or `ZONEGATE_REQUIRE_TOOLS=1`) turns a skip into a panic (for CI: a
+//!   skip would hide a broken lab).
 //! - `NATLAB_MAX_PARALLEL` (default 2): labs alive at once in this process; a test that already
 //!   holds a lab never waits for its second one.
 //! - `NATLAB_SCRIPT`: use another copy of natlab.sh.
