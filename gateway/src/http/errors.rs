@@ -87,7 +87,7 @@ pub enum ProxyError {
     Draining,
 }
 
-/// What an [`ProxyError::UpstreamTimeout`] says happened.
+/// What a [`ProxyError::UpstreamTimeout`] says happened.
 fn timed_out(device: &str, secs: u64, upload_stalled: bool) -> String {
     match upload_stalled {
         true => {
