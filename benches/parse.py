@@ -25,6 +25,8 @@ also gets the machine's CPU over it (machine_cpu); with OWN_TICKS="BEFORE|AFTER"
 `own_ticks`) too, the share of it used by processes outside the benchmark.
 """
 
+import functools
+import gzip
 import json
 import os
 import platform
@@ -79,30 +81,24 @@ def machine_cpu(metrics, stat):
         metrics["cpu_s_per_gb"] = round(busy / metrics["gbytes"], 3)
 
 
-_IRQ_TIME = []
-
-
+@functools.lru_cache(maxsize=None)
 def irq_time_accounted():
     """Whether this kernel accounts IRQ and softirq time apart from the tasks they interrupt
     (CONFIG_IRQ_TIME_ACCOUNTING, unless booted with `tsc=noirqtime`), from /proc/config.gz or
     /boot/config-RELEASE; unknown reads as not (this machine's kernel)."""
-    if not _IRQ_TIME:
-        import gzip
-        found = False
-        for path, opener in (("/proc/config.gz", gzip.open),
-                             (f"/boot/config-{platform.release()}", open)):
-            try:
-                with opener(path, "rt") as f:
-                    found = any(line.strip() == "CONFIG_IRQ_TIME_ACCOUNTING=y" for line in f)
-                break
-            except OSError:
-                continue
+    found = False
+    for path, opener in (("/proc/config.gz", gzip.open),
+                         (f"/boot/config-{platform.release()}", open)):
         try:
-            found = found and "noirqtime" not in open("/proc/cmdline").read()
+            with opener(path, "rt") as f:
+                found = any(line.strip() == "CONFIG_IRQ_TIME_ACCOUNTING=y" for line in f)
+            break
         except OSError:
-            pass
-        _IRQ_TIME.append(found)
-    return _IRQ_TIME[0]
+            continue
+    try:
+        return found and "noirqtime" not in open("/proc/cmdline").read()
+    except OSError:
+        return found
 
 
 def own_ticks():

@@ -6,6 +6,20 @@ use std::process::Command;
 use crate::common::*;
 
 /// The serial of the zone directory `z`'s zone.json.
+/// A second zone, `bob.example`, made in `dir/other-zone`: its directory.
+fn other_zone(dir: &std::path::Path) -> std::path::PathBuf {
+    let other = dir.join("other-zone");
+    ok([
+        "zone",
+        "init",
+        "--domain",
+        "bob.example",
+        "--dir",
+        other.to_str().unwrap(),
+    ]);
+    other
+}
+
 fn zone_serial(z: &std::path::Path) -> u64 {
     let bytes = std::fs::read(z.join("zone.json")).unwrap();
     zone_core::config::SignedZone::from_json(&bytes)
@@ -971,15 +985,7 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
 
     // Another zone's zone.json in the bundle (an owner of two zones copying the wrong one):
     // no restart mends it either, exit 2 (it exited 1, restarted every 5 s for ever).
-    let other = t.path().join("other");
-    ok([
-        "zone",
-        "init",
-        "--domain",
-        "bob.example",
-        "--dir",
-        other.to_str().unwrap(),
-    ]);
+    let other = other_zone(t.path());
     ok([
         "device",
         "add",
@@ -1629,15 +1635,7 @@ fn zone_config_over_the_gateways_dns_verify_and_node_bootstrap() {
     // A node bundle holding another zone's zone.json (an owner of two zones copied the wrong
     // one) bootstraps from DNS as one without any, and connects: it was kept as the known
     // config, and the node refused to start with it (exit 2, never restarted).
-    let other = z.parent().unwrap().join("other-zone");
-    ok([
-        "zone",
-        "init",
-        "--domain",
-        "bob.example",
-        "--dir",
-        other.to_str().unwrap(),
-    ]);
+    let other = other_zone(z.parent().unwrap());
     // Its serial above this zone's: a lower one was replaced by the newer answer anyway.
     while zone_serial(&other) <= zone_serial(&z) {
         ok(["zone", "resign", "--zone", other.to_str().unwrap()]);
