@@ -1323,9 +1323,26 @@ fn a_stopped_demo_leaves_no_temporary_zone() {
         .spawn()
         .unwrap();
     let mut child = Killed(child);
-    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
-    let ready = lines.any(|l| l.unwrap().contains("Press Ctrl-C"));
-    assert!(ready, "the demo never got ready");
+    // Read on a thread: a demo that hangs before it is ready fails the test at the deadline
+    // instead of blocking it for ever.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + ENDS_WITHIN;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("Press Ctrl-C") => break,
+            Ok(_) => {}
+            Err(e) => panic!("the demo never got ready: {e}"),
+        }
+    }
     assert_eq!(
         std::fs::read_dir(tmp.path()).unwrap().count(),
         1,
@@ -1337,7 +1354,7 @@ fn a_stopped_demo_leaves_no_temporary_zone() {
         .status()
         .unwrap()
         .success());
-    let status = child.0.wait().unwrap();
+    let status = child.wait_within(ENDS_WITHIN, "SIGTERM");
     assert!(status.success(), "{status:?}");
     let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
     assert!(left.is_empty(), "left behind: {left:?}");
@@ -1407,15 +1424,17 @@ fn a_demo_check_stopped_half_way_fails() {
         .status()
         .unwrap()
         .success());
-    let mut out = String::new();
-    child
-        .0
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let status = child.0.wait().unwrap();
+    let mut stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = stdout.read_to_string(&mut out);
+        let _ = tx.send(out);
+    });
+    let status = child.wait_within(ENDS_WITHIN, "SIGTERM");
+    let out = rx
+        .recv_timeout(ENDS_WITHIN)
+        .expect("the demo's output never ended");
     assert!(!out.contains("demo check passed"), "{out}");
     assert_eq!(status.code(), Some(1), "{status:?}: {out}");
     let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
@@ -1458,12 +1477,39 @@ fn a_hangup_does_not_stop_a_serving_process() {
     assert!(child.0.try_wait().unwrap().is_none(), "SIGHUP stopped it");
     assert!(up(), "no longer serving after SIGHUP");
     signal("-TERM");
-    let status = child.0.wait().unwrap();
+    let status = child.wait_within(ENDS_WITHIN, "SIGTERM");
     assert!(status.success(), "{status:?}");
 }
 
 /// Kills the child (by its PID) when dropped, so a failing test leaves no process behind.
 struct Killed(std::process::Child);
+
+/// How long a child given a signal (or left to give up) may take to end: a child that does
+/// not end fails its test then, instead of blocking the whole run (libtest has no timeout).
+const ENDS_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
+
+impl Killed {
+    /// Waits at most `within` for the child to end; `after` names what should have ended it.
+    fn wait_within(
+        &mut self,
+        within: std::time::Duration,
+        after: &str,
+    ) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "process {} still running {within:?} after {after}",
+                self.0.id()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -2122,7 +2168,7 @@ fn a_hangup_while_starting_does_not_end_the_process() {
         .status()
         .unwrap()
         .success());
-    let status = child.0.wait().unwrap();
+    let status = child.wait_within(ENDS_WITHIN, "its bootstrap failed");
     assert_eq!(status.signal(), None, "ended by the signal: {status:?}");
     assert_eq!(status.code(), Some(1), "{status:?}");
 }
