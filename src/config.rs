@@ -254,7 +254,7 @@ pub fn grace(file: &Path, secs: Option<u64>, default: Duration) -> Result<Durati
             // Under systemd (it sets INVOCATION_ID) the drain is cut by SIGKILL at the unit's
             // TimeoutStopSec, which this process cannot read: said where it can be seen.
             if s >= STOP_TIMEOUT_MARGIN_FROM && std::env::var_os("INVOCATION_ID").is_some() {
-                tracing::warn!(file = %file.display(), grace_secs = s, "a long drain: systemd kills the service at its TimeoutStopSec (30 s in the shipped gateway unit, 90 s by default): set it at least 7 s above grace_secs with `systemctl edit` (the drain's end takes up to 7 s more), or the drain is cut short");
+                tracing::warn!(file = %file.display(), grace_secs = s, "a long drain: systemd kills the service at its TimeoutStopSec (30 s in the shipped gateway unit, 90 s by default): set it at least 9 s above grace_secs with `systemctl edit` (the drain's end takes up to 9 s more), or the drain is cut short");
             }
             Ok(Duration::from_secs(s))
         }
@@ -266,9 +266,10 @@ pub fn grace(file: &Path, secs: Option<u64>, default: Duration) -> Result<Durati
 }
 
 /// A `grace_secs` from which a systemd stop timeout of 30 s leaves too little margin: after
-/// the grace come up to 2 s for the QUIC endpoint to go idle and up to 5 s for the last
-/// zone.json save (`Hub::drain`, `Hub::serve`), 7 s in all.
-const STOP_TIMEOUT_MARGIN_FROM: u64 = 30 - 7;
+/// the grace come up to 2 s for the QUIC endpoint to go idle, up to 5 s for the last
+/// zone.json save (`Hub::drain`, `Hub::serve`) and up to 2 s for blocking work still running
+/// as the runtime stops (`STOP_WAIT` in `cmd::serve`), 9 s in all.
+const STOP_TIMEOUT_MARGIN_FROM: u64 = 30 - 9;
 
 /// The per-client flow limit of each `udp` app: 1 to the flows an app keeps (`per_app`),
 /// by default a sixteenth of them.

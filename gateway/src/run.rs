@@ -611,9 +611,15 @@ impl Gateway {
             services = ?opts.services.iter().map(|(n, s)| format!("{n}={}", s.addr)).collect::<Vec<_>>(),
             "gateway started"
         );
+        // Parts that outlive `shutdown`, up to the end of the drain (this function): the admin
+        // API, the policy watcher (a time window's end or an edit still ends the proxied
+        // connections a drain of up to an hour waits for) and the zone.json watcher (a
+        // revocation copied in still disconnects).
+        let lasting = CancellationToken::new();
+        let _lasting = lasting.clone().drop_guard();
         // Watched as the DNS server is: a panic in one would otherwise leave the gateway
         // serving without it, silently.
-        let (store, stop) = (hub.policy().clone(), shutdown.clone());
+        let (store, stop) = (hub.policy().clone(), lasting.clone());
         essential(
             "policy watcher",
             "policy edits and time windows would no longer apply",
@@ -636,7 +642,7 @@ impl Gateway {
                     move |bytes, path| h.adopt_zone_file(bytes, path),
                     p.to_owned(),
                     POLICY_POLL,
-                    shutdown.clone(),
+                    lasting.clone(),
                 )),
                 &fatal,
                 &shutdown,
@@ -660,12 +666,10 @@ impl Gateway {
         };
         // Not `shutdown`: the API answers through the drain ("draining": true in /status),
         // when monitoring most needs it, and stops once the gateway has.
-        let admin_stop = CancellationToken::new();
-        let _admin_stop = admin_stop.clone().drop_guard();
         essential(
             "admin API",
             "its /status and /metrics would not answer",
-            tokio::spawn(admin::serve_with(admin, status, extras, admin_stop)),
+            tokio::spawn(admin::serve_with(admin, status, extras, lasting.clone())),
             &fatal,
             &shutdown,
         );

@@ -64,6 +64,11 @@ fn run_then_stop<T>(
     r
 }
 
+/// What a gateway or node reads again as it changes (said when SIGHUP is ignored): an operator
+/// sending it out of nginx habit after editing gateway.toml saw "read again as they change",
+/// and the edit never applied.
+const REREADS: &str = "zone.json, and on a gateway policy files and [[tls]] certificates, are read again as they change; gateway.toml, node.toml and the device's key and certificate only at start: restart for those";
+
 /// How long a stopped gateway or node waits for blocking work still running (its drain and
 /// its last zone.json save are over by then).
 const STOP_WAIT: Duration = Duration::from_secs(2);
@@ -91,7 +96,8 @@ fn install_signals() -> Option<Signals> {
 /// and ignored: its default ended the process at once, undrained (`kill -HUP` out of nginx
 /// habit, a logrotate hook, a closed terminal), and there is nothing to reload by it — policy
 /// files, certificates and zone.json are read again as they change.
-async fn on_signal(signals: Option<Signals>, token: CancellationToken) {
+/// `rereads` says what the process reads again as it changes, and what only at start.
+async fn on_signal(signals: Option<Signals>, token: CancellationToken, rereads: &'static str) {
     let Some(Signals {
         mut term,
         mut int,
@@ -109,9 +115,7 @@ async fn on_signal(signals: Option<Signals>, token: CancellationToken) {
             std::future::pending::<()>().await;
         }
     }
-    let said = || {
-        info!("SIGHUP: ignored (the files this process reads are read again as they change; SIGTERM stops it)")
-    };
+    let said = || info!("SIGHUP: ignored ({rereads}; SIGTERM stops it)");
     loop {
         tokio::select! {
             _ = term.recv() => info!("SIGTERM: shutting down"),
@@ -350,7 +354,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     crate::fd_limit::raise_open_files(crate::fd_limit::gateway_needs(http_total, tcp_total));
     run_then_stop(threads, STOP_WAIT, async move {
         let shutdown = CancellationToken::new();
-        tokio::spawn(on_signal(install_signals(), shutdown.clone()));
+        tokio::spawn(on_signal(install_signals(), shutdown.clone(), REREADS));
         let gw = gateway::Gateway::bind(opts, shutdown.clone()).await?;
         // Everything bound on this policy: it is the one a later start falls back to.
         policy.started();
@@ -406,7 +410,7 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
     crate::fd_limit::raise_open_files(crate::fd_limit::NODE_NEEDS);
     run_then_stop(threads, STOP_WAIT, async move {
         let shutdown = CancellationToken::new();
-        tokio::spawn(on_signal(install_signals(), shutdown.clone()));
+        tokio::spawn(on_signal(install_signals(), shutdown.clone(), REREADS));
         let endpoint = tunnel::transport::agent_endpoint(&creds, &tuning)?;
         let agent = tunnel::agent::Agent::bind(
             tunnel::agent::AgentConfig {
@@ -495,7 +499,11 @@ pub fn files(
     // hung mount (what FS_TIMEOUT answers around) is not waited for past FILES_STOP_WAIT.
     run_then_stop(cores(), FILES_STOP_WAIT, async move {
         let shutdown = CancellationToken::new();
-        tokio::spawn(on_signal(install_signals(), shutdown.clone()));
+        tokio::spawn(on_signal(
+            install_signals(),
+            shutdown.clone(),
+            "the shared directory is read as requests come; the command line only at start: restart for it",
+        ));
         crate::files::run(share, listen, opts, shutdown)
             .await
             .with_context(|| format!("cannot listen on {listen}"))

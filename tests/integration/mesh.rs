@@ -43,9 +43,18 @@ async fn mesh_zone_draining(drain: Duration) -> MeshZone {
 
 /// [`mesh_zone`] with home1's `echo` served at `service`, home1 draining for `drain`.
 async fn mesh_zone_serving(service: std::net::SocketAddr, drain: Duration) -> MeshZone {
+    mesh_zone_graced(service, drain, Duration::from_millis(200)).await
+}
+
+/// [`mesh_zone_serving`] with the gateway's drain lasting up to `grace`.
+async fn mesh_zone_graced(
+    service: std::net::SocketAddr,
+    drain: Duration,
+    grace: Duration,
+) -> MeshZone {
     let z = TestZone::new(&["home1", "home2"]);
     z.write_policy("mesh.toml", MESH_POLICY);
-    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(200)).await;
+    let gw = start_gateway(&z, fast_tuning(), grace).await;
     let h1 = start_agent(
         &z,
         "home1",
@@ -1259,6 +1268,37 @@ async fn a_relayed_stream_ends_when_the_policy_stops_allowing_it() {
     };
     wait_until("the cut stream's bytes counted", WAIT, || moved() >= 5).await;
     m.gw.shutdown.cancel();
+}
+
+/// The policy still applies to what a gateway's drain waits for: a relayed stream the policy
+/// stops allowing during the drain ends then. The policy watcher stopped as the drain began,
+/// and the stream ran on for the whole grace (up to an hour), as past a time window's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_stream_ends_when_the_policy_stops_allowing_it_during_a_drain() {
+    let m = mesh_zone_graced(tcp_echo().await, Duration::ZERO, Duration::from_secs(120)).await;
+    let mut s = tokio::net::TcpStream::connect(m.fwd).await.unwrap();
+    let mut buf = [0u8; 5];
+    for word in [&b"hello"[..], b"again"] {
+        s.write_all(word).await.unwrap();
+        tokio::time::timeout(WAIT, s.read_exact(&mut buf))
+            .await
+            .expect("echo in time")
+            .unwrap();
+        assert_eq!(&buf[..], word);
+        if word == b"hello" {
+            m.gw.shutdown.cancel();
+            wait_until("draining", WAIT, || m.gw.hub.is_draining()).await;
+        }
+    }
+    m.z.write_policy(
+        "mesh.toml",
+        &MESH_POLICY.replace("device:home2", "device:home3"),
+    );
+    let mut rest = [0u8; 16];
+    let end = tokio::time::timeout(WAIT, s.read(&mut rest))
+        .await
+        .expect("the relayed stream ran on through the drain after the policy stopped allowing it");
+    assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
 }
 
 /// A stream on the direct path ends when the gateway's policy stops allowing it, as a relayed

@@ -2753,7 +2753,10 @@ async fn a_node_adopts_a_zone_json_copied_into_its_bundle() {
     .await;
 
     std::fs::write(z.bundle("home1").zone_config, b"{\"config\": 1").unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Nothing to wait for (a damaged copy changes nothing): the watcher polls every 500 ms
+    // and reads a change once it held still for a poll, so 3 s is several chances to read
+    // it on a slow machine (1.5 s could pass before the read).
+    tokio::time::sleep(Duration::from_millis(3000)).await;
     assert_eq!(h1.agent.links().len(), 2);
     assert_eq!(z.creds("gw2").zone_serial(), serial);
     assert!(gw.hub.agent("home1").is_some() && gw2.hub.agent("home1").is_some());

@@ -691,8 +691,14 @@ impl Hub {
         grace: Duration,
     ) -> Served {
         info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "tunnel hub listening (QUIC, ALPN zonegate/1)");
-        tokio::spawn(self.clone().sweep_holds(shutdown.clone()));
-        tokio::spawn(self.clone().revoke_permits(shutdown.clone()));
+        // The sweep of held streams and the permits' revocation go on through the drain (until
+        // this future ends, however it ends): the proxied work a drain waits for is still
+        // carried, and one client holding streams unread stalled every other stream of its
+        // device for the whole grace, as an edit or a time window's end kept direct paths.
+        let lasting = CancellationToken::new();
+        let _lasting = lasting.clone().drop_guard();
+        tokio::spawn(self.clone().sweep_holds(lasting.clone()));
+        tokio::spawn(self.clone().revoke_permits(lasting));
         // Ends with this future, however it ends.
         let _expiry = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
             self.0.cfg.creds.clone().watch_expiry(),
@@ -833,8 +839,11 @@ impl Hub {
     pub async fn drain(&self, endpoint: &Endpoint, grace: Duration) {
         self.0.draining.store(true, Ordering::Relaxed);
         let agents = self.agents();
+        let started = tokio::time::Instant::now();
+        let open = self.0.work.len();
         info!(
             agents = agents.len(),
+            connections = open,
             grace_ms = grace.as_millis() as u64,
             "draining: telling agents, waiting for proxied connections"
         );
@@ -867,7 +876,14 @@ impl Hub {
         }
         endpoint.close(CLOSE_SHUTDOWN.into(), b"gateway shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-        info!(device = %self.0.cfg.creds.name(), "drained");
+        // What the drain waited for, and how long: one that waited on nothing and one that
+        // let 300 connections finish read alike.
+        info!(
+            device = %self.0.cfg.creds.name(),
+            connections = open,
+            waited_ms = started.elapsed().as_millis() as u64,
+            "drained"
+        );
     }
 
     async fn handle_incoming(
