@@ -670,14 +670,22 @@ pub fn node_socket_clashes(
     file: &Path,
     admin: SocketAddr,
     forwards: &[Forward],
+    services: &LocalServices,
 ) -> Result<(), UsageError> {
-    use gateway::listeners::{clashes_among, Kind};
+    use gateway::listeners::{clashes_among, services_on_own, Kind};
     let mut own = vec![(Kind::Tcp, admin, "admin".to_string())];
     own.extend(forwards.iter().map(|f| {
         let key = format!("forward to {}/{}", f.device, f.service);
         (Kind::Tcp, f.listen, key)
     }));
-    let clashes = clashes_among(&own, &format!("{} or its --forward flags", file.display()));
+    let mut clashes = clashes_among(&own, &format!("{} or its --forward flags", file.display()));
+    // A service on one of them is this node itself: a forward there took a gateway's requests
+    // for the service on to another device as this one.
+    clashes.extend(services_on_own(
+        &own,
+        &gateway::run::services_here(services),
+        &format!("{} or its --service/--forward flags", file.display()),
+    ));
     match clashes.is_empty() {
         true => Ok(()),
         false => Err(UsageError(clashes.join("; "))),

@@ -409,6 +409,32 @@ pub fn clashes_among(own: &[(Kind, SocketAddr, String)], file: &str) -> Vec<Stri
     clashes
 }
 
+/// The messages for `services` (those at this machine's addresses, [`crate::run::services_here`])
+/// on one of the process's own sockets `own`: a connection to such a service reaches the
+/// process itself. A `[[forward]]` there took a public app's requests for the service on to
+/// another device as this one, past the mesh policy and the per-client limits; the admin API
+/// there answered a raw `tcp` app with its `/status`. (Services among themselves are not
+/// compared: two names for one address are fine.)
+pub fn services_on_own(
+    own: &[(Kind, SocketAddr, String)],
+    services: &[(Kind, SocketAddr, String)],
+    file: &str,
+) -> Vec<String> {
+    let mut clashes = Vec::new();
+    for (kind, at, service) in services {
+        for (own_kind, mine, key) in own {
+            if kind == own_kind && mine.port() != 0 && policies::units::listens_overlap(*at, *mine)
+            {
+                let proto = if *kind == Kind::Tcp { "TCP" } else { "UDP" };
+                clashes.push(format!(
+                    "`{service}` ({at}) is this process's own `{key}` socket ({mine}, {proto}): connections to the service would reach this process itself; give the service its own address, or `{key}` another one, in {file}"
+                ));
+            }
+        }
+    }
+    clashes
+}
+
 /// The messages for `policy`'s apps that ask for an address of `own` (the gateway's sockets:
 /// as bound, or as gateway.toml sets them before anything is bound).
 pub fn clashes_with<S: AsRef<str>>(
@@ -425,10 +451,8 @@ pub fn clashes_with<S: AsRef<str>>(
 
 /// The message for an app that cannot listen on `key`.
 fn listen_error(app: &str, key: (Kind, SocketAddr), e: &std::io::Error, hint: &str) -> String {
-    format!(
-        "app {app}: cannot listen on {:?} {}: {e}{hint}",
-        key.0, key.1
-    )
+    let proto = if key.0 == Kind::Tcp { "TCP" } else { "UDP" };
+    format!("app {app}: cannot listen on {proto} {}: {e}{hint}", key.1)
 }
 
 /// Binds `key` and starts its loop; when `replacing` a listener that just stopped, retries an

@@ -364,6 +364,10 @@ impl Gateway {
         // port another program held (exit 1) hid this setting to change. (Checked again once
         // bound, for DNS's per-address sockets.)
         let services = services_here(&opts.services);
+        let clashes = crate::listeners::services_on_own(&own, &services, "gateway.toml");
+        if !clashes.is_empty() {
+            return Err(StartError::Usage(clashes.join("; ")));
+        }
         let mut own = own;
         own.extend(services.iter().cloned());
         let clashes = crate::listeners::clashes_with(&own, &opts.policy.current().policy);

@@ -382,7 +382,7 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
             .expect("valid default")
     });
     config::fixed_port("admin =", admin_addr).map_err(|e| config::in_file(&a.config, e))?;
-    config::node_socket_clashes(&a.config, admin_addr, &forwards)?;
+    config::node_socket_clashes(&a.config, admin_addr, &forwards, &services)?;
     for fw in forwards.iter().filter(|fw| !fw.listen.ip().is_loopback()) {
         tracing::warn!(listen = %fw.listen, to = %format!("{}/{}", fw.device, fw.service), "forward listens beyond this machine: anyone who reaches it there reaches the service as this device, past the gateway's per-client limits; use 127.0.0.1 unless that is meant");
     }

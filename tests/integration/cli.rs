@@ -822,6 +822,30 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
     );
     assert!(e.contains("service web") && e.contains("port 0"), "{e}");
 
+    // A service on one of the process's own sockets is the process itself: a forward there
+    // took public requests for the service on to another device as this one, past the mesh
+    // policy; the admin API there answered a raw tcp app with its /status.
+    let p = free_port();
+    std::fs::write(
+        &gw,
+        format!("{gw_text}\n[[forward]]\nlisten = \"127.0.0.1:{p}\"\nto = \"home1/echo\"\n\n[services.web]\nlocal = \"127.0.0.1:{p}\"\n"),
+    )
+    .unwrap();
+    let e = fails(2, ["gateway", "--config", gws]);
+    assert!(
+        e.contains(&format!("`[services.web]` (127.0.0.1:{p}) is this process's own `[[forward]] to home1/echo` socket")),
+        "{e}"
+    );
+    std::fs::write(&gw, &gw_text).unwrap();
+    let e = fails(
+        2,
+        ["node", "--config", nodes, "--service", "web=127.0.0.1:9091"],
+    );
+    assert!(
+        e.contains("`[services.web]` (127.0.0.1:9091) is this process's own `admin` socket"),
+        "{e}"
+    );
+
     // A [[tls]] file that is not there: told before any socket is bound; exit 1, as a
     // restart may find it (a mount late at boot, a certbot hook half way through its copy).
     std::fs::write(

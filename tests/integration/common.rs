@@ -8,17 +8,67 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_zonegate"))
 }
 
-/// Runs `zonegate ARGS` and returns its output (never panics on a failing command).
+/// Runs `zonegate ARGS` and returns its output (never panics on a failing command; fails the
+/// test on one that runs past [`COMMAND_WITHIN`]).
 pub fn zg<I, S>(args: I) -> Output
 where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
-    Command::new(bin())
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run zonegate")
+    let mut cmd = Command::new(bin());
+    cmd.args(args).env("RUST_LOG", "warn");
+    output_within(&mut cmd, COMMAND_WITHIN)
+}
+
+/// How long one `zonegate` command of a test may run: one that should have refused to start
+/// and serves instead fails its test then, rather than block the whole run (libtest has no
+/// timeout). Far above what any command here takes (`demo --check` of a debug build ~30 s).
+pub const COMMAND_WITHIN: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// `cmd`'s output, as [`Command::output`] gives it, if it ends `within`; else it is killed
+/// (by its PID) and the test fails with what it wrote so far.
+pub fn output_within(cmd: &mut Command, within: std::time::Duration) -> Output {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run zonegate");
+    let read = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out = read(Box::new(child.stdout.take().unwrap()));
+    let err = read(Box::new(child.stderr.take().unwrap()));
+    let deadline = std::time::Instant::now() + within;
+    let mut pause = std::time::Duration::from_millis(1);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for zonegate") {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let (out, err) = (out.join().unwrap(), err.join().unwrap());
+            panic!(
+                "{cmd:?} still ran after {within:?}\nstdout: {}\nstderr: {}",
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(&err)
+            );
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
 }
 
 pub fn stdout(o: &Output) -> String {
