@@ -630,7 +630,7 @@ async fn an_edit_to_an_address_in_use_keeps_the_old_policy() {
         z.write_policy("b.toml", &tcp_app("b", taken));
         // Told where the app is written, as a file's own errors are.
         refused_and_still_serving(&gw, b, |e| {
-            e.contains("b.toml:1:6: app b: cannot listen on Tcp") && e.contains(why)
+            e.contains("b.toml:1:6: app b: cannot listen on TCP") && e.contains(why)
         })
         .await;
         // Back to serving for the next round.
@@ -659,7 +659,7 @@ async fn a_start_with_one_app_address_taken_serves_the_rest_and_retries_it() {
     assert_eq!(roundtrip(b, b"b").await.unwrap(), b"b");
     let status = admin_status(gw.admin).await;
     assert!(
-        status.contains("app a: cannot listen on Tcp") && status.contains("already in use"),
+        status.contains("app a: cannot listen on TCP") && status.contains("already in use"),
         "{status}"
     );
     drop(held);
@@ -763,7 +763,7 @@ async fn an_edit_to_an_address_the_machine_lacks_keeps_the_old_policy() {
     // 192.0.2.0/24 is documentation space: no interface here has it (nothing is sent to it).
     z.write_policy("w.toml", &app(format!("192.0.2.55:{p}")));
     refused_and_still_serving(&gw, w, |e| {
-        e.contains("app w: cannot listen on Tcp 192.0.2.55")
+        e.contains("app w: cannot listen on TCP 192.0.2.55")
             && e.contains("no interface of this machine has that address")
     })
     .await;
@@ -817,7 +817,7 @@ async fn an_edit_to_a_wildcard_another_program_overlaps_keeps_the_old_policy() {
     assert_eq!(line.trim(), "ready");
     z.write_policy("w.toml", &app(format!("0.0.0.0:{p}")));
     refused_and_still_serving(&gw, w, |e| {
-        e.contains(&format!("app w: cannot listen on Tcp 0.0.0.0:{p}"))
+        e.contains(&format!("app w: cannot listen on TCP 0.0.0.0:{p}"))
             && e.contains(&format!(
                 "another program on this machine holds 127.0.0.1:{p}"
             ))

@@ -218,7 +218,7 @@ mod tests {
                       "counters": {"requests": 7, "connections": 0, "bytes_in": 0,
                                    "bytes_out": 1, "refusals": {"method": 2}}}],
             "policy": {"ok": false, "errors": ["a.toml:1:1: <bad>"]},
-            "listener_errors": ["app game: cannot listen on Udp 0.0.0.0:27015: <in use>"],
+            "listener_errors": ["app game: cannot listen on UDP 0.0.0.0:27015: <in use>"],
         });
         let h = render(&s);
         assert!(h.contains("data-health=\"yellow\""));
