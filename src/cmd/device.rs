@@ -122,7 +122,7 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
                 z.zone.config.serial
             );
             say!("  public key  {}", key.public_text());
-            say!("  certificate until {}", fmt_time(cert.not_after));
+            say!("  certificate until {}", cert_until(&cert, &z));
             say!("  bundle      {}", out.display());
             say!(
                 "run it there with: zonegate {} --config {}",
@@ -305,7 +305,7 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             })?;
             say!(
                 "renewed {name}: certificate until {}, bundle {}",
-                fmt_time(cert.not_after),
+                cert_until(&cert, &z),
                 out.display()
             );
             if had_config {
@@ -490,4 +490,16 @@ pub(crate) fn signing_time(z: &ZoneDir, now: OffsetDateTime) -> anyhow::Result<O
         );
     }
     Ok(z.signing_time(now))
+}
+
+/// When `cert` ends, said as the zone CA's end when that cut it short: it looked like the
+/// days asked for had been taken, and a renewal then made no longer one.
+fn cert_until(cert: &zone_core::cert::DeviceCert, z: &zone_core::zonedir::ZoneDir) -> String {
+    let until = fmt_time(cert.not_after);
+    match z.ca_not_after() {
+        Some(end) if end == cert.not_after => format!(
+            "{until} (cut short to the end of the zone's CA certificate, zone-ca.crt: no device certificate outlasts it)"
+        ),
+        _ => until,
+    }
 }

@@ -140,7 +140,7 @@ pub fn issue_device(
 }
 
 /// The end of the CA certificate `ca_pem`, if it parses.
-fn ca_not_after(ca_pem: &str) -> Option<OffsetDateTime> {
+pub(crate) fn ca_not_after(ca_pem: &str) -> Option<OffsetDateTime> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(ca_pem.as_bytes()).ok()?;
     let (_, x) = x509_parser::parse_x509_certificate(&pem.contents).ok()?;
     OffsetDateTime::from_unix_timestamp(x.validity().not_after.timestamp()).ok()

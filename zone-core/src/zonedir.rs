@@ -328,6 +328,7 @@ impl ZoneDir {
     /// Creates a new zone in `dir`; refuses if a zone is already there.
     pub fn init(dir: &Path, domain: Domain, now: OffsetDateTime) -> Result<Self, ZoneError> {
         domain.check_new_zone()?;
+        clock_not_before_zonegate(now)?;
         // A zone, whole or half made, is never made again over: `open` says which.
         if [ZONE_KEY_FILE, ZONE_JSON_FILE, ZONE_CA_FILE]
             .iter()
@@ -511,6 +512,11 @@ impl ZoneDir {
         Ok(())
     }
 
+    /// The end of the zone's CA certificate: no device certificate outlasts it.
+    pub fn ca_not_after(&self) -> Option<OffsetDateTime> {
+        cert::ca_not_after(&self.ca_pem)
+    }
+
     /// Refuses `now` more than a day before the zone's last change, for the commands that
     /// issue certificates from the machine's clock (`device add`, `device renew`): this
     /// machine's clock is behind (a Raspberry Pi without a clock before NTP answers, a dead
@@ -562,6 +568,18 @@ impl ZoneDir {
     ) -> Result<(DeviceKey, DeviceCert), ZoneError> {
         let key = self.key.derive_device(self.domain(), name);
         let now = trunc_now(now);
+        // A certificate ends with the CA at the latest (`issue_device`): once the CA has
+        // ended, every one issued would be out of date on arrival, and "renew it" (what a
+        // device refusing its own certificate says) made the same one again.
+        if let Some(end) = cert::ca_not_after(&self.ca_pem) {
+            if end <= now {
+                return Err(ZoneError::Usage(format!(
+                    "the zone's CA certificate ({ZONE_CA_FILE}) ended at {}: no certificate it signs is valid now (nothing was changed). A zone CA lasts {} years from `zone init`; make a new zone (`zonegate zone init`) and add the devices to it",
+                    rfc3339(end),
+                    cert::CA_CERT_DAYS / 365
+                )));
+            }
+        }
         let cert = cert::issue_device(
             &self.key,
             &self.ca_pem,
@@ -941,6 +959,22 @@ fn check_dialable(addrs: &[SocketAddr]) -> Result<(), ZoneError> {
 }
 
 /// `t` as RFC 3339, for messages.
+/// Before this, a clock is wrong, not early: no zonegate existed to make a zone then.
+const CLOCK_FLOOR_UNIX: i64 = 1_735_689_600; // 2025-01-01T00:00:00Z
+
+/// Refuses a `now` before zonegate existed for `zone init`: a Raspberry Pi without a clock
+/// reads 1970 until NTP answers, and a zone CA made then ended in 1989, so every device
+/// certificate it signed was out of date on arrival and no command could mend it.
+fn clock_not_before_zonegate(now: OffsetDateTime) -> Result<(), ZoneError> {
+    if now.unix_timestamp() < CLOCK_FLOOR_UNIX {
+        return Err(ZoneError::Usage(format!(
+            "this machine's clock reads {}, before zonegate existed: the zone's CA certificate would be dated from it and end 20 years on; set the clock right (NTP: `timedatectl`) and run zone init again (nothing was made)",
+            rfc3339(now)
+        )));
+    }
+    Ok(())
+}
+
 fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
@@ -996,6 +1030,38 @@ mod tests {
         assert_eq!(z.signing_time(behind), z.zone.config.issued_at);
         let ahead = now + time::Duration::days(3);
         assert_eq!(z.signing_time(ahead), ahead);
+    }
+
+    /// A zone made while the clock reads 1970 (a Raspberry Pi before NTP answers) is refused:
+    /// its CA ended in 1989, and no certificate it signed could ever be used. A CA that has
+    /// ended signs nothing; one ending sooner than a certificate asks cuts it to its end.
+    #[test]
+    fn zone_cas_of_a_wrong_clock_or_past_their_end_sign_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("z");
+        let e = ZoneDir::init(
+            &d,
+            Domain::new("alice.example").unwrap(),
+            OffsetDateTime::UNIX_EPOCH,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("set the clock right"), "{e}");
+        assert!(!d.exists(), "made on a wrong clock");
+
+        let now = OffsetDateTime::now_utc();
+        let mut z = ZoneDir::init(&d, Domain::new("alice.example").unwrap(), now).unwrap();
+        let end = z.ca_not_after().expect("the CA's end");
+        let name = DeviceName::new("home1").unwrap();
+        let late = end - time::Duration::days(10);
+        let (_, c) = z.add_device(&name, &[Role::Node], &[], late, 365).unwrap();
+        assert_eq!(c.not_after, end, "cut to the CA's end");
+        let name = DeviceName::new("home2").unwrap();
+        let after = end + time::Duration::days(1);
+        let e = z
+            .add_device(&name, &[Role::Node], &[], after, 365)
+            .unwrap_err();
+        assert!(e.to_string().contains("zone-ca.crt) ended at"), "{e}");
+        assert!(z.zone.config.device(&name).is_none(), "added all the same");
     }
 
     /// An existing directory others may write is refused before anything is written into
