@@ -491,10 +491,23 @@ pub fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<
             "{}:{}{}",
             path.display(),
             pos.unwrap_or_default(),
-            e.message()
+            friendly(e.message())
         ))
         .into()
     })
+}
+
+/// serde's words for a number of the wrong type (`grace_secs = "30"`, `threads = -1`) name
+/// the Rust type ("expected u64"): said as what to write.
+fn friendly(message: &str) -> String {
+    ["u8", "u16", "u32", "u64", "usize"]
+        .iter()
+        .fold(message.to_owned(), |m, t| {
+            m.replace(
+                &format!("expected {t}"),
+                "expected a whole number of 0 or more, without quotes",
+            )
+        })
 }
 
 /// A config that does not parse as this command's may be the other role's (`node.toml` given
@@ -533,7 +546,13 @@ pub fn bundle(base: &Path, key: &Path, cert: &Path, ca: &Path, zone: &Path) -> B
 }
 
 fn check_name(what: &str, s: &str) -> Result<(), UsageError> {
-    tunnel::proto::validate_name("name", s).map_err(|e| UsageError(format!("{what} {s:?}: {e}")))
+    // The kind of name, for the message ("invalid service name: …"; it said "name name").
+    let field = if what.contains("device") {
+        "device"
+    } else {
+        "service"
+    };
+    tunnel::proto::validate_name(field, s).map_err(|e| UsageError(format!("{what} {s:?}: {e}")))
 }
 
 /// `NAME=IP:PORT` or `NAME=IP:PORT/udp`.
@@ -868,6 +887,15 @@ mod tests {
                 "add the port: 203.0.113.10:PORT",
             ),
             ("admin = \"::1:9091\"", "an IPv6 address goes in brackets"),
+            // serde named the Rust type: "expected u64".
+            (
+                "grace_secs = \"30\"",
+                "expected a whole number of 0 or more, without quotes",
+            ),
+            (
+                "threads = -1",
+                "expected a whole number of 0 or more, without quotes",
+            ),
             (
                 "[services.web]\nlocal = \"localhost:8000\"",
                 "a name is not resolved here",

@@ -220,9 +220,14 @@ fn rule(
     let before = errs.len();
     let mut from = FromSet::default();
     if spec.from.get_ref().is_empty() {
+        let expected = match kind {
+            Some("mesh") => "zone, device:NAME or role:NAME",
+            Some(_) => "public or a CIDR such as \"10.0.0.0/8\"",
+            None => "public, zone, device:NAME, role:NAME or a CIDR",
+        };
         errs.push(SpanError::new(
             spec.from.span(),
-            "empty `from`: expected at least one of public, zone, device:NAME, role:NAME or a CIDR",
+            format!("empty `from`: expected at least one of {expected}"),
         ));
     }
     for entry in spec.from.get_ref() {
@@ -398,6 +403,11 @@ fn from_entry(
             } else if is_mesh {
                 push_err(format!(
                     "unknown `from` entry {s:?}: a mesh app takes zone, device:NAME or role:NAME"
+                ))
+            } else if kind.is_some() {
+                // An http, tcp or udp app: the entries by device would be refused next.
+                push_err(format!(
+                    "unknown `from` entry {s:?}: expected public or a CIDR such as \"10.0.0.0/8\""
                 ))
             } else {
                 push_err(format!(

@@ -219,7 +219,7 @@ pub fn parse_path_prefix(s: &str) -> Result<String, String> {
     }
     if s.contains(';') {
         return Err(format!(
-            "invalid path {s:?}: ';' parameters are left out when paths are compared (see path_has_prefix); write the path without them"
+            "invalid path {s:?}: ';' parameters are left out when paths are compared; write the path without them"
         ));
     }
     let trimmed = s.trim_end_matches('/');

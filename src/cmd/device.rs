@@ -79,7 +79,7 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             out,
             days,
         } => {
-            check_days(days)?;
+            check_days("--days", days)?;
             roles.sort();
             roles.dedup();
             let mut z = ZoneDir::open(&zone.zone)?;
@@ -254,7 +254,7 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             out,
             days,
         } => {
-            check_days(days)?;
+            check_days("--days", days)?;
             let mut z = ZoneDir::open(&zone.zone)?;
             z.clock_not_behind(now)?;
             let out = bundle_dir(&zone.zone, out, &name);

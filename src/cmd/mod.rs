@@ -117,11 +117,9 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
     EXIT_FAILURE
 }
 
-pub(crate) fn check_days(days: i64) -> Result<(), UsageError> {
+pub(crate) fn check_days(flag: &str, days: i64) -> Result<(), UsageError> {
     if !(1..=3650).contains(&days) {
-        return Err(UsageError(format!(
-            "--days/--valid-days {days}: use 1 to 3650"
-        )));
+        return Err(UsageError(format!("{flag} {days}: use 1 to 3650")));
     }
     Ok(())
 }

@@ -240,9 +240,9 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     config::check_domain(&a.config, &f.domain, creds.domain())?;
     if !creds.identity.has_role(zone_core::Role::Gateway) {
         return Err(UsageError(format!(
-            "{} is not a gateway device (its certificate has roles {:?}); use `zonegate node`",
+            "{} is not a gateway device (its certificate has the roles {}); use `zonegate node`",
             f.device,
-            creds.roles()
+            creds.roles().join(", ")
         ))
         .into());
     }
@@ -266,7 +266,17 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
             ))
             .into())
         }
+        // A link to nothing (a mount not up yet at boot): exit 1, which the unit retries,
+        // as for a policy file linked to nothing; "create it" could not be done (the link
+        // is there), and exit 2 left the gateway down after the reboot.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Ok(target) = std::fs::read_link(&dir) {
+                anyhow::bail!(
+                    "policy directory {} is a link to {}, which does not exist (a mount not up yet?): mount it or point the link at the policy directory",
+                    dir.display(),
+                    target.display()
+                );
+            }
             return Err(UsageError(format!("policy directory {} does not exist: create it (it may be empty) or pass --policies DIR", dir.display())).into());
         }
         // Exit 1, as for a policy file it cannot read: fixed by the time a restart comes.

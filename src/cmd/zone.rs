@@ -47,7 +47,7 @@ pub fn run(cmd: ZoneCmd) -> anyhow::Result<()> {
             valid_days,
             clock_is_right,
         } => {
-            check_days(valid_days)?;
+            check_days("--valid-days", valid_days)?;
             let mut z = ZoneDir::open(&zone.zone)?;
             // Signed as of the later time, a change made once by a clock ahead (a year typed
             // wrong) held every later one there, and refused certificates until that time

@@ -130,7 +130,13 @@ fn a_clock_ahead_once_does_not_block_revocations() {
     ok(["zone", "resign", "--zone", zs]);
 
     let e = fails(2, ["device", "add", "nas", "--zone", zs, "--role", "node"]);
-    assert!(e.contains("`zonegate zone resign --clock-is-right`"), "{e}");
+    // The command as it can be run (--zone was left out of it).
+    assert!(
+        e.contains(&format!(
+            "`zonegate zone resign --zone {zs} --clock-is-right`"
+        )),
+        "{e}"
+    );
     // The owner's word that this clock is right brings the zone back to now.
     let before = zone_serial(&z);
     ok(["zone", "resign", "--zone", zs, "--clock-is-right"]);
@@ -741,6 +747,14 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
         e.contains("policy directory") && e.contains("does not exist"),
         "{e}"
     );
+    // A link to nothing (a mount not up yet at boot): exit 1, which the unit retries.
+    std::os::unix::fs::symlink(t.path().join("unmounted"), &pol).unwrap();
+    let e = fails(1, ["gateway", "--config", gws]);
+    assert!(
+        e.contains("is a link to") && e.contains("a mount not up yet"),
+        "{e}"
+    );
+    std::fs::remove_file(&pol).unwrap();
 
     // A broken policy file: every error with file:line:column, nothing starts.
     std::fs::create_dir_all(&pol).unwrap();

@@ -498,8 +498,10 @@ impl ZoneDir {
         // before the limit) must still revoke, renew and re-sign.
         if size > limit && size > self.zone.to_json_compact().len() {
             let room = match limit {
-                MAX_SHARED_ZONE_JSON => "devices can pass on (tunnel messages, DNS answers)",
-                _ => "a revocation may grow it to (within what tunnel messages carry)",
+                MAX_SHARED_ZONE_JSON => {
+                    "bytes the zone's DNS answer holds (nodes bootstrap from it)"
+                }
+                _ => "bytes a revocation may grow it to (within what tunnel messages carry)",
             };
             return Err(ZoneError::Usage(format!(
                 "the zone config would be {size} bytes, more than the {limit} {room}: nothing was changed (the zone lists {} devices and {} revocations: revoke devices no longer used, which takes their entries out)",
@@ -528,9 +530,10 @@ impl ZoneDir {
         let last = self.zone.config.issued_at;
         if now + time::Duration::days(1) < last {
             return Err(ZoneError::Usage(format!(
-                "this machine's clock reads {}, more than a day before the zone's last change ({}): a certificate issued now would be out of date on arrival; set the clock right (NTP) and run this again (nothing was changed). If this clock is right, the last change was signed by a clock ahead: `zonegate zone resign --clock-is-right` signs the zone as of now, and certificates can be issued again",
+                "this machine's clock reads {}, more than a day before the zone's last change ({}): a certificate issued now would be out of date on arrival; set the clock right (NTP) and run this again (nothing was changed). If this clock is right, the last change was signed by a clock ahead: `zonegate zone resign --zone {} --clock-is-right` signs the zone as of now, and certificates can be issued again",
                 rfc3339(now),
                 rfc3339(last),
+                self.dir.display(),
             )));
         }
         Ok(())
