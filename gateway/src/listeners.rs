@@ -773,11 +773,15 @@ async fn tcp_conn(
         }
     };
     let acked = up.acked();
-    let (mut client, mut tunnel) = tunnel::splice::counted(&mut tcp, &mut up, &counters);
-    let m = if shape_in.is_unlimited() && shape_out.is_unlimited() {
-        splice_until(&mut client, &mut tunnel, stop).await
-    } else {
-        tunnel::splice::splice_shaped_until(client, &mut tunnel, &shape_in, &shape_out, stop).await
+    let m = {
+        // Its counts are settled as the ends are dropped, at the end of this block.
+        let (mut client, mut tunnel) = tunnel::splice::counted(&mut tcp, &mut up, &counters);
+        if shape_in.is_unlimited() && shape_out.is_unlimited() {
+            splice_until(&mut client, &mut tunnel, stop).await
+        } else {
+            tunnel::splice::splice_shaped_until(client, &mut tunnel, &shape_in, &shape_out, stop)
+                .await
+        }
     };
     let (bin, bout) = (m.a_to_b, m.b_to_a);
     if held.is_evicted() && m.stopped.is_some() {

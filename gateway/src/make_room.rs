@@ -269,6 +269,10 @@ impl<E: End> End for Stamped<E> {
         self.inner.cut_signal()
     }
 
+    fn accepted(&self) -> Option<bool> {
+        self.inner.accepted()
+    }
+
     fn poll_read_chunks(
         &mut self,
         cx: &mut Context<'_>,

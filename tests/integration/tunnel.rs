@@ -1437,6 +1437,86 @@ async fn early_opened_streams_carry_data_or_the_refusal() {
         r.as_ref().map_or(true, |b| b.is_empty()),
         "a client of a down service got data: {r:?}"
     );
+    // What the refused stream carried early never reached the service: not the app's
+    // bytes_in (it was counted as it went into the stream). The echo's 2 bytes are.
+    let counts = |app: &str| {
+        let cur = gw.hub.policy().current();
+        let a = cur.policy.app(app).expect("the app");
+        cur.state(a).counters.snapshot()
+    };
+    wait_until("the echo's bytes counted", WAIT, || {
+        counts("echo").bytes_in == 2
+    })
+    .await;
+    wait_until("the refused connection ended", WAIT, || {
+        counts("down").refusals.values().sum::<u64>() + counts("down").connections >= 1
+    })
+    .await;
+    // The connection's task counts as its ends are dropped, right after the client's
+    // connection is closed: given a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(counts("down").bytes_in, 0, "{:?}", counts("down"));
+    gw.shutdown.cancel();
+}
+
+/// What a client sends into an early-opened stream the device never takes is not the app's
+/// `bytes_in` (it was counted as quinn took it): here the service never completes a connect
+/// (a listener whose accept queue is full), so the device's reply is still to come when the
+/// gateway gives up on it, and the client's bytes were certainly sent before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_bytes_a_device_never_took_are_not_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let z = TestZone::new(&["home1"]);
+    z.write_policy(
+        "apps.toml",
+        "[app.silent]\ntcp = { listen = \"127.0.0.1:0\" }\nto = \"home1/silent\"\nallow = { from = [\"public\"] }\n",
+    );
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_secs(1)).await;
+    // Backlog 0, filled: further connects get no answer to their SYN.
+    let full = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    full.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
+    full.listen(0).unwrap();
+    let silent = full.local_addr().unwrap().as_socket().unwrap();
+    let _fill: Vec<_> = (0..2)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&silent, Duration::from_millis(300)).ok()
+        })
+        .collect();
+    let _h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("silent", silent, ServiceProto::Tcp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
+    let counts = || {
+        let cur = gw.hub.policy().current();
+        let a = cur.policy.app("silent").expect("the app");
+        cur.state(a).counters.snapshot()
+    };
+    let mut c = tokio::net::TcpStream::connect(gw.apps["silent"])
+        .await
+        .unwrap();
+    c.write_all(b"hello").await.unwrap();
+    // Ends once the gateway stops waiting for the device's reply (the open timeout, 5 s).
+    let mut buf = [0u8; 16];
+    let end = tokio::time::timeout(Duration::from_secs(30), c.read(&mut buf))
+        .await
+        .expect("the connection never ended");
+    assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
+    wait_until("the connection counted", WAIT, || counts().connections == 1).await;
+    // The connection's task counts as its ends are dropped, right after the client's
+    // connection is closed: given a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(counts().bytes_in, 0, "{:?}", counts());
     gw.shutdown.cancel();
 }
 

@@ -441,6 +441,9 @@ impl<S: crate::splice::End> crate::splice::End for E2eStream<S> {
     fn cut_signal(&self) -> Option<std::sync::Arc<crate::holds::Watched>> {
         self.inner.cut_signal()
     }
+    fn accepted(&self) -> Option<bool> {
+        self.inner.accepted()
+    }
 }
 
 impl<S: AsyncWrite + Unpin> E2eStream<S> {

@@ -379,6 +379,9 @@ impl<T: crate::splice::End + ?Sized> crate::splice::End for Tapped<'_, T> {
     fn cut_signal(&self) -> Option<Arc<crate::holds::Watched>> {
         self.inner.cut_signal()
     }
+    fn accepted(&self) -> Option<bool> {
+        self.inner.accepted()
+    }
     fn poll_read_chunks(
         &mut self,
         cx: &mut std::task::Context<'_>,

@@ -48,6 +48,13 @@ pub trait End: AsyncRead + AsyncWrite + Unpin {
         None
     }
 
+    /// Whether what is written into this end reaches its far side: `None` while that is still
+    /// to be told (an early-opened stream before the acceptor's reply), `Some(false)` once
+    /// refused. A [`Counted`] end holds back what is written meanwhile.
+    fn accepted(&self) -> Option<bool> {
+        Some(true)
+    }
+
     /// Reads what is available, appending it to `out` as chunks: the number of bytes, 0 at the
     /// end of the stream. `room` is the caller's buffer for ends that read by copying.
     fn poll_read_chunks(
@@ -89,16 +96,20 @@ pub trait End: AsyncRead + AsyncWrite + Unpin {
 /// `bytes_out`. Writes only: what was read and then dropped (a copy that failed, a direction
 /// draining) did not move. Added when the connection ended, a two-day SSH session showed
 /// nothing in `/status` and `/metrics` until it closed (then all at once), and a restart lost
-/// it all.
-pub struct Counted<'a, E: ?Sized> {
+/// it all. What is written into an end not yet accepted ([`End::accepted`]: an early-opened
+/// stream before the device's reply) is counted once it is, and never if it is refused: a
+/// client retrying a service that was down counted its bytes as the app's `bytes_in`.
+pub struct Counted<'a, E: End + ?Sized> {
     pub inner: &'a mut E,
     pub counters: &'a policies::accounting::AppCounters,
     pub writes: Flow,
+    /// Written while `inner` was not yet accepted: counted once it is.
+    held: u64,
 }
 
 /// An app's connection's two ends, counted ([`Counted`]): what is written to the client is
 /// its `bytes_out`, what is written into the tunnel its `bytes_in`.
-pub fn counted<'a, C: ?Sized, T: ?Sized>(
+pub fn counted<'a, C: End + ?Sized, T: End + ?Sized>(
     client: &'a mut C,
     tunnel: &'a mut T,
     counters: &'a policies::accounting::AppCounters,
@@ -108,11 +119,13 @@ pub fn counted<'a, C: ?Sized, T: ?Sized>(
             inner: client,
             counters,
             writes: Flow::Out,
+            held: 0,
         },
         Counted {
             inner: tunnel,
             counters,
             writes: Flow::In,
+            held: 0,
         },
     )
 }
@@ -126,12 +139,46 @@ pub enum Flow {
     Out,
 }
 
-impl<E: ?Sized> Counted<'_, E> {
-    fn count(&self, n: usize) {
-        match self.writes {
-            Flow::In => self.counters.bytes_in(n as u64),
-            Flow::Out => self.counters.bytes_out(n as u64),
+impl<E: End + ?Sized> Counted<'_, E> {
+    fn count(&mut self, n: usize) {
+        self.settle();
+        if n == 0 {
+            return;
         }
+        match self.inner.accepted() {
+            None => self.held += n as u64,
+            Some(true) => self.add(n as u64),
+            // Refused: what quinn took still goes nowhere (it is stopped, unread).
+            Some(false) => {}
+        }
+    }
+
+    fn add(&self, n: u64) {
+        match self.writes {
+            Flow::In => self.counters.bytes_in(n),
+            Flow::Out => self.counters.bytes_out(n),
+        }
+    }
+
+    /// Counts what was held back once `inner` was accepted; forgets it once refused.
+    fn settle(&mut self) {
+        if self.held == 0 {
+            return;
+        }
+        match self.inner.accepted() {
+            None => {}
+            Some(true) => {
+                let n = std::mem::take(&mut self.held);
+                self.add(n);
+            }
+            Some(false) => self.held = 0,
+        }
+    }
+}
+
+impl<E: End + ?Sized> Drop for Counted<'_, E> {
+    fn drop(&mut self) {
+        self.settle();
     }
 }
 
@@ -145,13 +192,19 @@ impl<E: End + ?Sized> End for Counted<'_, E> {
     fn cut_signal(&self) -> Option<Arc<Watched>> {
         self.inner.cut_signal()
     }
+    fn accepted(&self) -> Option<bool> {
+        self.inner.accepted()
+    }
     fn poll_read_chunks(
         &mut self,
         cx: &mut Context<'_>,
         room: &mut ReadRoom,
         out: &mut VecDeque<Bytes>,
     ) -> Poll<io::Result<usize>> {
-        self.inner.poll_read_chunks(cx, room, out)
+        // A read is what brings the acceptor's reply in.
+        let r = self.inner.poll_read_chunks(cx, room, out);
+        self.settle();
+        r
     }
     fn poll_write_chunks(
         &mut self,
@@ -164,17 +217,19 @@ impl<E: End + ?Sized> End for Counted<'_, E> {
     }
 }
 
-impl<E: AsyncRead + Unpin + ?Sized> AsyncRead for Counted<'_, E> {
+impl<E: End + ?Sized> AsyncRead for Counted<'_, E> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_read(cx, buf)
+        let r = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        self.settle();
+        r
     }
 }
 
-impl<E: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counted<'_, E> {
+impl<E: End + ?Sized> AsyncWrite for Counted<'_, E> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -288,6 +343,9 @@ impl<T: End + ?Sized> End for &mut T {
     }
     fn cut_signal(&self) -> Option<Arc<Watched>> {
         (**self).cut_signal()
+    }
+    fn accepted(&self) -> Option<bool> {
+        (**self).accepted()
     }
     fn poll_read_chunks(
         &mut self,

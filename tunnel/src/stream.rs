@@ -160,6 +160,8 @@ pub struct QuicStream {
     early_hold: Option<EarlyHold>,
     /// The acceptor refused the stream (read in place of the reply of an early open).
     refused: Option<StreamRefused>,
+    /// Payload written before the reply: added to `meter` once accepted, never if refused.
+    early_sent: u64,
     /// Every read of `recv` goes through it ([`QuicStream::poll_quinn`]).
     gate: ReadGate,
 }
@@ -228,6 +230,7 @@ impl QuicStream {
             early_left: 0,
             early_hold: None,
             refused: None,
+            early_sent: 0,
             gate: ReadGate::new(),
         }
     }
@@ -323,9 +326,13 @@ impl QuicStream {
                     // The device reads the stream now (or refused it): what was sent early
                     // no longer waits unread.
                     self.early_hold = None;
+                    let early_sent = std::mem::take(&mut self.early_sent);
                     return Poll::Ready(match reply {
                         StreamReply::Accepted => {
                             self.prefix = rest;
+                            if let Some(m) = &self.meter {
+                                m.sent.fetch_add(early_sent, Ordering::Relaxed);
+                            }
                             Ok(())
                         }
                         StreamReply::Refused { code, reason } => {
@@ -411,8 +418,9 @@ impl QuicStream {
         if let Poll::Ready(Ok(n)) = &r {
             if self.reply.is_some() {
                 self.early_left = self.early_left.saturating_sub(*n);
-            }
-            if let Some(m) = &self.meter {
+                // Counted once the device takes the stream (a refused one took none of it).
+                self.early_sent += *n as u64;
+            } else if let (Some(m), None) = (&self.meter, &self.refused) {
                 m.sent.fetch_add(*n as u64, Ordering::Relaxed);
             }
         }
@@ -490,6 +498,14 @@ impl AsyncWrite for QuicStream {
 pub const ABORTED: quinn::VarInt = quinn::VarInt::from_u32(1);
 
 impl crate::splice::End for QuicStream {
+    fn accepted(&self) -> Option<bool> {
+        match (&self.reply, &self.refused) {
+            (Some(_), _) => None,
+            (None, Some(_)) => Some(false),
+            (None, None) => Some(true),
+        }
+    }
+
     fn cut_signal(&self) -> Option<Arc<Watched>> {
         match &self.recv {
             Recv::Own(_) => None,

@@ -85,6 +85,12 @@ impl End for Upstream {
             Upstream::Tcp(_) => None,
         }
     }
+    fn accepted(&self) -> Option<bool> {
+        match self {
+            Upstream::Quic(q) => q.accepted(),
+            Upstream::Tcp(t) => t.accepted(),
+        }
+    }
     fn poll_read_chunks(
         &mut self,
         cx: &mut Context<'_>,
