@@ -96,6 +96,11 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
                 .into());
             }
             check_out(&out, &name, &z)?;
+            let role_file = match roles.contains(&zone_core::Role::Gateway) {
+                true => "gateway.toml",
+                false => "node.toml",
+            };
+            let had_config = out.join(role_file).exists();
             // Refuse before touching zone.json, so a bad --out never leaves a half-added device.
             let created = prepare_out(&out)?;
             let (key, cert) = match z.add_device(&name, &roles, &public_addrs, now, days) {
@@ -124,6 +129,18 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             say!("  public key  {}", key.public_text());
             say!("  certificate until {}", cert_until(&cert, &z));
             say!("  bundle      {}", out.display());
+            if had_config {
+                // Kept, as `renew` keeps it: said, and a config of another device warned of
+                // (a reused directory: the start would refuse the certificate as another's).
+                say!(
+                    "  {} was there already and is kept as it is (this device's template: {}.new)",
+                    cfg.display(),
+                    cfg.display()
+                );
+                if let Some(other) = config_device(&cfg).filter(|d| *d != name.as_str()) {
+                    say!("warning: {} is the config of device {other:?}: use {}.new for {name} (move it over), or set `device = \"{name}\"` in it", cfg.display(), cfg.display());
+                }
+            }
             say!(
                 "run it there with: zonegate {} --config {}",
                 if cfg.ends_with("gateway.toml") {
@@ -136,8 +153,13 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             if let Some(note) = zone_core::zonedir::mixed_ports_note(&public_addrs) {
                 say!("note: {note}");
             }
-            if !z.zone.config.gateways.is_empty() {
-                say!("note: other bundles hold an older zone.json; copy {} to them (or let agents pass it on)", zone.zone.join("zone.json").display());
+            let others = z.zone.config.devices.len() > 1;
+            if roles.contains(&zone_core::Role::Gateway) && others {
+                // Nothing passes this one on: nodes dial only the gateways their zone.json
+                // lists, and gateways dial no one.
+                say!("note: the other devices' bundles hold an older zone.json, without {name}: copy {} into a running gateway's bundle (it adopts it and passes it on to its nodes, which then dial {name} too), or into each node's bundle while no gateway runs; nothing passes it on before", zone.zone.join("zone.json").display());
+            } else if !z.zone.config.gateways.is_empty() {
+                say!("note: other bundles hold an older zone.json; copy {} to them (or let agents pass it on: this device offers it to its gateways as it connects)", zone.zone.join("zone.json").display());
             }
             Ok(())
         }
@@ -502,4 +524,11 @@ fn cert_until(cert: &zone_core::cert::DeviceCert, z: &zone_core::zonedir::ZoneDi
         ),
         _ => until,
     }
+}
+
+/// The `device =` a gateway.toml or node.toml at `path` names, if it can be read.
+fn config_device(path: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let table: toml::Table = toml::from_str(&text).ok()?;
+    table.get("device")?.as_str().map(str::to_owned)
 }

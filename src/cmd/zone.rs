@@ -37,6 +37,13 @@ pub fn run(cmd: ZoneCmd) -> anyhow::Result<()> {
                     a.zone.display()
                 );
             }
+            // Too large for one DNS answer, the set published elsewhere is answered by no one
+            // (the gateway's own DNS serves it without TXT, and says so): said here.
+            if let Err(e @ name_resolver::RecordsError::TxtTooLarge { .. }) =
+                name_resolver::ZoneRecords::new(&z.zone)
+            {
+                anyhow::bail!("{e}");
+            }
             for s in txt::to_txt(&z.zone) {
                 say!("{s}");
             }

@@ -2210,3 +2210,83 @@ fn a_hangup_while_starting_does_not_end_the_process() {
     assert_eq!(status.signal(), None, "ended by the signal: {status:?}");
     assert_eq!(status.code(), Some(1), "{status:?}");
 }
+
+/// What `device add` says matches what happens next: a second gateway's zone.json reaches no
+/// one by itself (nodes dial only the gateways theirs lists); a config already in the bundle
+/// directory is kept, said, and warned of when it is another device's; a public address
+/// another gateway has is refused with a command that can be pasted as printed.
+#[test]
+fn device_add_says_what_happens_next() {
+    let t = tempfile::tempdir().unwrap();
+    let z = zone_with_devices(t.path());
+    let zs = z.to_str().unwrap();
+    let out = ok([
+        "device",
+        "add",
+        "gw2",
+        "--zone",
+        zs,
+        "--role",
+        "gateway",
+        "--public-addr",
+        "203.0.113.11:4433",
+    ]);
+    assert!(
+        out.contains("into a running gateway's bundle")
+            && out.contains("nothing passes it on before"),
+        "{out}"
+    );
+    let e = fails(
+        2,
+        [
+            "device",
+            "add",
+            "gw3",
+            "--zone",
+            zs,
+            "--role",
+            "gateway",
+            "--public-addr",
+            "203.0.113.10:4433",
+        ],
+    );
+    assert!(
+        e.contains(&format!(
+            "`zonegate device move gw --public-addr IP:PORT --zone {zs}`"
+        )),
+        "{e}"
+    );
+    // A directory reused after home1's key and certificate were taken out: its node.toml
+    // (home1's) is kept, and said to be another device's.
+    let reused = t.path().join("reused");
+    ok([
+        "device",
+        "add",
+        "home2",
+        "--zone",
+        zs,
+        "--role",
+        "node",
+        "--out",
+        reused.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(reused.join("device.key")).unwrap();
+    std::fs::remove_file(reused.join("device.crt")).unwrap();
+    let out = ok([
+        "device",
+        "add",
+        "home3",
+        "--zone",
+        zs,
+        "--role",
+        "node",
+        "--out",
+        reused.to_str().unwrap(),
+    ]);
+    assert!(
+        out.contains("node.toml was there already and is kept as it is"),
+        "{out}"
+    );
+    assert!(out.contains("is the config of device \"home2\""), "{out}");
+    assert!(reused.join("node.toml.new").exists());
+}

@@ -55,6 +55,8 @@ pub enum ZoneError {
         "zone directory {0} already holds a zone: refusing to overwrite it (choose another --dir)"
     )]
     ZoneExists(PathBuf),
+    #[error("zone directory {0}: holds zone.key and zone.json but not zone-ca.crt, a file lost since (`zone init` writes it before zone.json): copy zone-ca.crt from any device's bundle into it (it is checked against the zone key)")]
+    LostCa(PathBuf),
     #[error("zone directory {dir}: holds {have} but not {missing}: a `zone init` interrupted half way (no device can have this zone yet: move the directory away and run `zone init` again), or a file lost since (every bundle holds zone-ca.crt and a zone.json: restore zone.json from the one with the highest serial, a running gateway's (its /status says it) — an older copy brings revoked devices back)")]
     IncompleteZone {
         dir: PathBuf,

@@ -216,6 +216,7 @@ fn check_not_taken(
     gateways: &[GatewayEntry],
     name: &DeviceName,
     addrs: &[SocketAddr],
+    dir: &Path,
 ) -> Result<(), ZoneError> {
     for g in gateways.iter().filter(|g| &g.device != name) {
         if let Some(a) = addrs
@@ -223,8 +224,12 @@ fn check_not_taken(
             .find(|a| g.addrs.iter().any(|b| unmapped(*b) == **a))
         {
             return Err(ZoneError::Usage(format!(
-                "--public-addr {a} is gateway {}'s already: agents dialling {name} there would reach {} and refuse it; give {name} its own address (or move {} first: `zonegate device move {} --public-addr IP:PORT`)",
-                g.device, g.device, g.device, g.device
+                "--public-addr {a} is gateway {}'s already: agents dialling {name} there would reach {} and refuse it; give {name} its own address (or move {} first: `zonegate device move {} --public-addr IP:PORT --zone {}`)",
+                g.device,
+                g.device,
+                g.device,
+                g.device,
+                dir.display()
             )));
         }
     }
@@ -335,7 +340,7 @@ impl ZoneDir {
             .any(|f| dir.join(f).exists())
         {
             return Err(match Self::open(dir) {
-                Err(e @ ZoneError::IncompleteZone { .. }) => e,
+                Err(e @ (ZoneError::IncompleteZone { .. } | ZoneError::LostCa(_))) => e,
                 _ => ZoneError::ZoneExists(dir.to_owned()),
             });
         }
@@ -402,6 +407,7 @@ impl ZoneDir {
                 check_not_shared(dir)?;
                 remove_stale_temps(dir);
             }
+            (true, false, true) => return Err(ZoneError::LostCa(dir.to_owned())),
             (true, ca, _) => {
                 return Err(ZoneError::IncompleteZone {
                     dir: dir.to_owned(),
@@ -637,7 +643,7 @@ impl ZoneDir {
             ));
         }
         let addrs = distinct(public_addrs);
-        check_not_taken(&self.zone.config.gateways, name, &addrs)?;
+        check_not_taken(&self.zone.config.gateways, name, &addrs, &self.dir)?;
         let (key, cert) = self.issue(name, roles, now, days)?;
         let mut c = self.zone.config.clone();
         c.devices.push(DeviceEntry {
@@ -709,7 +715,7 @@ impl ZoneDir {
                 "a gateway needs --public-addr IP:PORT (the address agents dial)".into(),
             ));
         }
-        check_not_taken(&self.zone.config.gateways, name, &addrs)?;
+        check_not_taken(&self.zone.config.gateways, name, &addrs, &self.dir)?;
         let mut c = self.zone.config.clone();
         let Some(g) = c.gateways.iter_mut().find(|g| &g.device == name) else {
             return Err(ZoneError::Config(format!(
@@ -830,11 +836,13 @@ impl ZoneDir {
     }
 }
 
-/// Whether `path` holds exactly `data` and only its owner may read it.
+/// Whether `path` holds exactly `data` and others may not read it: its owner, or its group
+/// as devices accept (`root:zonegate 0640`, for a service's user; a key kept only when
+/// owner-only was written again as root's 0600 under sudo, and that service stopped).
 fn same_private_file(path: &Path, data: &[u8]) -> bool {
     use std::os::unix::fs::PermissionsExt;
     let private = fs::symlink_metadata(path)
-        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o077 == 0);
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o007 == 0);
     private && fs::read(path).is_ok_and(|held| zeroize::Zeroizing::new(held).as_slice() == data)
 }
 
@@ -1067,6 +1075,37 @@ mod tests {
         assert!(z.zone.config.device(&name).is_none(), "added all the same");
     }
 
+    /// A bundle written again in place (`device renew`) leaves the device key as it is when
+    /// it holds that key and others may not read it, its group included as devices accept:
+    /// written anew it became the writer's (root's under sudo), 0600, and the service's user
+    /// could no longer read it. A key others may read is written anew (0600).
+    #[test]
+    fn a_bundle_written_again_keeps_a_group_readable_key() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let t = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let mut z = ZoneDir::init(
+            &t.path().join("z"),
+            Domain::new("alice.example").unwrap(),
+            now,
+        )
+        .unwrap();
+        let name = DeviceName::new("home1").unwrap();
+        let (key, cert) = z.add_device(&name, &[Role::Node], &[], now, 90).unwrap();
+        let out = t.path().join("home1");
+        z.write_bundle(&out, &name, &key, &cert).unwrap();
+        let k = out.join(DEVICE_KEY_FILE);
+        for (mode, kept) in [(0o640, true), (0o600, true), (0o644, false)] {
+            fs::set_permissions(&k, fs::Permissions::from_mode(mode)).unwrap();
+            let ino = fs::metadata(&k).unwrap().ino();
+            z.write_bundle(&out, &name, &key, &cert).unwrap();
+            let m = fs::metadata(&k).unwrap();
+            assert_eq!(m.ino() == ino, kept, "mode {mode:o}");
+            let want = if kept { mode } else { 0o600 };
+            assert_eq!(m.permissions().mode() & 0o777, want, "mode {mode:o}");
+        }
+    }
+
     /// An existing directory others may write is refused before anything is written into
     /// it: they could delete or replace the zone key. One only its owner writes is used.
     #[test]
@@ -1122,6 +1161,29 @@ mod tests {
         assert!(e.to_string().contains("zone init"), "{e}");
         let again = ZoneDir::init(&d, Domain::new("alice.example").unwrap(), now);
         assert!(matches!(again, Err(ZoneError::IncompleteZone { .. })));
+
+        // The CA lost from a whole zone (zone.json is written last): not "init again", which
+        // makes a zone no device trusts, but the copy every bundle holds.
+        let d = t.path().join("lost-ca");
+        ZoneDir::init(&d, Domain::new("alice.example").unwrap(), now).unwrap();
+        let ca = fs::read(d.join(ZONE_CA_FILE)).unwrap();
+        fs::remove_file(d.join(ZONE_CA_FILE)).unwrap();
+        let Err(opened) = ZoneDir::open(&d) else {
+            panic!("opened without its CA");
+        };
+        let Err(made) = ZoneDir::init(&d, Domain::new("alice.example").unwrap(), now) else {
+            panic!("made again");
+        };
+        for e in [opened, made] {
+            assert!(matches!(e, ZoneError::LostCa(_)), "{e}");
+            assert!(
+                e.to_string()
+                    .contains("copy zone-ca.crt from any device's bundle"),
+                "{e}"
+            );
+        }
+        fs::write(d.join(ZONE_CA_FILE), ca).unwrap();
+        ZoneDir::open(&d).unwrap();
     }
 
     #[test]
