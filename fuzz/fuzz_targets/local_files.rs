@@ -31,6 +31,24 @@ fuzz_target!(|data: &[u8]| {
         .header(http::header::HOST, data)
         .body(())
     {
-        let _ = gateway::admin::addressed_to_this_machine(&req);
+        // Accepted only for a name of this machine: an IP address, localhost or *.localhost
+        // (the admin API's defence against DNS rebinding: a page's own name is refused).
+        if gateway::admin::addressed_to_this_machine(&req) {
+            let h = std::str::from_utf8(data)
+                .expect("an accepted Host is text")
+                .to_ascii_lowercase();
+            let h = h.rsplit_once('@').map_or(h.as_str(), |(_, host)| host);
+            let host = match h.strip_prefix('[') {
+                Some(rest) => rest.split(']').next().unwrap_or_default(),
+                None => h.rsplit_once(':').map_or(h, |(host, _)| host),
+            };
+            let host = host.trim_end_matches('.');
+            assert!(
+                host == "localhost"
+                    || host.ends_with(".localhost")
+                    || host.parse::<std::net::IpAddr>().is_ok(),
+                "the admin API took Host {h:?} for this machine"
+            );
+        }
     }
 });

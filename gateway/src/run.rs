@@ -364,7 +364,15 @@ impl Gateway {
         // port another program held (exit 1) hid this setting to change. (Checked again once
         // bound, for DNS's per-address sockets.)
         let services = services_here(&opts.services);
-        let clashes = crate::listeners::services_on_own(&own, &services, "gateway.toml");
+        // DNS at a wildcard binds each address another server does not hold (systemd-resolved
+        // at 127.0.0.53:53): a service there is not this process. Checked against what the
+        // DNS bound, below.
+        let fixed: Vec<_> = own
+            .iter()
+            .filter(|(_, a, key)| !(key == "dns" && a.ip().is_unspecified()))
+            .cloned()
+            .collect();
+        let clashes = crate::listeners::services_on_own(&fixed, &services, "gateway.toml");
         if !clashes.is_empty() {
             return Err(StartError::Usage(clashes.join("; ")));
         }
@@ -461,6 +469,17 @@ impl Gateway {
             }
             _ => None,
         };
+        if let Some((d, _)) = &dns {
+            let bound: Vec<_> = (d.udp_addrs().into_iter().map(|a| (Kind::Udp, a)))
+                .chain(d.tcp_addrs().into_iter().map(|a| (Kind::Tcp, a)))
+                .map(|(k, a)| (k, a, "dns".to_owned()))
+                .collect();
+            let clashes = crate::listeners::services_on_own(&bound, &services, "gateway.toml");
+            if !clashes.is_empty() {
+                shutdown.cancel();
+                return Err(StartError::Usage(clashes.join("; ")));
+            }
+        }
         // Last, as app listeners start accepting at once: nothing serves before every other
         // socket is bound and every check passed.
         let mut reserved = services;

@@ -1520,6 +1520,49 @@ async fn early_bytes_a_device_never_took_are_not_counted() {
     gw.shutdown.cancel();
 }
 
+/// A gateway whose DNS at a wildcard works around another server on one address (as
+/// systemd-resolved holds 127.0.0.53:53) starts with a `[services]` entry at that server's
+/// address: the DNS binds each other address, and the service is not this process (refused
+/// as "this process's own dns socket", such a gateway stayed down after an upgrade). A
+/// service at an address the DNS did bind is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_beside_the_gateways_dns_is_not_the_gateway() {
+    let z = TestZone::new(&["home1"]);
+    let port = free_udp_and_tcp_port();
+    let resolver: std::net::SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+    let _udp = std::net::UdpSocket::bind(resolver).unwrap();
+    let _tcp = std::net::TcpListener::bind(resolver).unwrap();
+    let mut opts = gateway_options(
+        &z,
+        "gw",
+        z.gw_addr,
+        fast_tuning(),
+        Duration::from_millis(500),
+        Some(format!("[::]:{port}").parse().unwrap()),
+    );
+    opts.services = services(&[("resolver", resolver, ServiceProto::Udp)]);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let gw = gateway::Gateway::bind(opts.clone(), stop.clone())
+        .await
+        .unwrap_or_else(|e| panic!("refused beside the resolver: {e}"));
+    drop(gw);
+    stop.cancel();
+    let held: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    opts.services = services(&[("resolver", held, ServiceProto::Udp)]);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let e = match gateway::Gateway::bind(opts, stop.clone()).await {
+        Ok(_) => panic!("a service at the DNS's own address was taken"),
+        Err(e) => e.to_string(),
+    };
+    stop.cancel();
+    assert!(
+        e.contains(&format!(
+            "`[services.resolver]` ({held}) is this process's own `dns` socket"
+        )),
+        "{e}"
+    );
+}
+
 /// A UDP service that is down for a moment (restarting) does not end the flows to it: the
 /// ICMP "port unreachable" its closed port sent ended the flow on the node, and the client's
 /// next datagram needed a new one (a new source port at the service).
