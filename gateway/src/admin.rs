@@ -85,6 +85,10 @@ pub async fn serve_with(
     }
 }
 
+/// Lines about refused admin requests (addressed to a name), shared by every connection.
+static REFUSED_LINES: std::sync::LazyLock<std::sync::Mutex<tunnel::log_budget::LogBudget>> =
+    std::sync::LazyLock::new(|| std::sync::Mutex::new(tunnel::log_budget::LogBudget::new(5)));
+
 /// Serves one admin connection, for at most `age` and then as long as its answer in flight
 /// takes to go out, within `grace` ([`MAX_CONNECTION_AGE`], [`CLOSE_GRACE`]). Without a bound a local client that pipelined
 /// requests and read none of the answers held its slot for ever (hyper's header timer waits
@@ -95,6 +99,7 @@ async fn serve_connection(
     extras: Extras,
     (age, grace): (Duration, Duration),
 ) {
+    let peer = tcp.peer_addr().ok();
     let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let status = status.clone();
         let extras = extras.clone();
@@ -103,6 +108,15 @@ async fn serve_connection(
             // it (on this machine, or on the LAN of an API bound there) can point a
             // name of its own at its address (DNS rebinding) and read the answers.
             if !addressed_to_this_machine(&req) {
+                // A refusal worth telling (a page trying DNS rebinding), not a scrape: once
+                // per request, within a budget.
+                if let Some(unlogged) = tunnel::log_budget::LogBudget::take_shared(&REFUSED_LINES) {
+                    let host = req
+                        .headers()
+                        .get(hyper::header::HOST)
+                        .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned());
+                    tracing::warn!(client = ?peer, host = ?host, path = %req.uri().path(), unlogged, "admin API request refused: addressed to a name, not to this machine's address (a web page trying DNS rebinding?)");
+                }
                 return Ok::<_, Infallible>(reply(
                     StatusCode::FORBIDDEN,
                     "text/plain",

@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 use tunnel::agent::Forward;
 use tunnel::creds::DeviceCreds;
 use tunnel::hub::{refusal_of, Hub, HubConfig};
+use tunnel::log_budget::LogBudget;
 use tunnel::proto::Origin;
 use tunnel::services::LocalServices;
 use tunnel::splice::splice_until;
@@ -630,6 +631,7 @@ impl Gateway {
             zone = %opts.creds.domain(),
             quic = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             admin = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            serial = opts.creds.zone_serial(),
             apps = hub.policy().current().policy.apps().len(),
             services = ?opts.services.iter().map(|(n, s)| format!("{n}={}", s.addr)).collect::<Vec<_>>(),
             "gateway started"
@@ -916,9 +918,13 @@ pub fn zone_health(expected: usize, connected: usize) -> &'static str {
 async fn forward_loop(hub: Hub, f: Forward, l: TcpListener, shutdown: CancellationToken) {
     tunnel::sockets::keepalive_accepted(&l, hub.tuning().tcp_keepalive);
     info!(listen = %f.listen, to = %format!("{}/{}", f.device, f.service), "mesh forward listening");
+    // A local program retrying in a loop against a refusal or an offline device makes one
+    // line per connection: budgeted, as the agent's forwards are.
+    let lines = Arc::new(std::sync::Mutex::new(LogBudget::new(10)));
     while let Some((tcp, peer)) = tunnel::sockets::accept_until(&l, &shutdown).await {
         let hub = hub.clone();
         let f = f.clone();
+        let lines = lines.clone();
         let _ = tcp.set_nodelay(true);
         // A local client's end: an early answer must reach it whole (a lingering close).
         let mut tcp = tunnel::linger::Lingering::new(tcp, None, None);
@@ -936,7 +942,9 @@ async fn forward_loop(hub: Hub, f: Forward, l: TcpListener, shutdown: Cancellati
                 .filter(|_| d.decision.is_allow())
                 .map(|a| a.name.clone())
             else {
-                info!(to = %format!("{}/{}", f.device, f.service), reason = %d.decision, "forward refused by policy");
+                if let Some(unlogged) = LogBudget::take_shared(&lines) {
+                    info!(to = %format!("{}/{}", f.device, f.service), client = %Client(peer), reason = %d.decision, unlogged, "forward refused by policy");
+                }
                 return;
             };
             drop(active);
@@ -969,7 +977,9 @@ async fn forward_loop(hub: Hub, f: Forward, l: TcpListener, shutdown: Cancellati
                     }
                 }
                 Err(e) => {
-                    warn!(to = %format!("{}/{}", f.device, f.service), reason = %refusal_of(&e).1, "forward failed")
+                    if let Some(unlogged) = LogBudget::take_shared(&lines) {
+                        warn!(app = %app, to = %format!("{}/{}", f.device, f.service), client = %Client(peer), reason = %refusal_of(&e).1, unlogged, "forward failed")
+                    }
                 }
             }
         });

@@ -730,7 +730,7 @@ impl Agent {
             l.running = Some((links_stop.clone(), shutdown.clone()));
             l.list.clone()
         };
-        info!(device = %self.cfg.creds.name(), gateways = ?links.iter().map(|l| format!("{} {:?}", l.name, l.addrs())).collect::<Vec<_>>(), services = ?services, "node agent starting");
+        info!(device = %self.cfg.creds.name(), zone = %self.cfg.creds.domain(), serial = self.cfg.creds.zone_serial(), gateways = ?links.iter().map(|l| format!("{} {:?}", l.name, l.addrs())).collect::<Vec<_>>(), services = ?services, "node agent starting");
         let mut tasks = tokio::task::JoinSet::new();
         for link in links {
             tasks.spawn(self.clone().link_loop(link, links_stop.clone()));
@@ -882,11 +882,16 @@ impl Agent {
             // Healthy means up for a while, counted from the welcome: a dial that took the
             // whole handshake timeout (a gateway dropping our packets) is no success.
             let mut healthy = false;
+            // A tunnel that never came up, for a reason not told yet (a gateway refusing this
+            // device, another protocol version, no route): a warning the first time, as the
+            // gateway's side says; the same reason again is the retry it was, at info.
+            let mut news = false;
             link.set(|s| {
                 // Its flows were stopped as the session ended.
                 let (up_since, _) = s.session_over();
                 let replaced = std::mem::take(&mut s.replaced);
                 healthy = up_since.is_some_and(|t| t.elapsed() >= HEALTHY_AFTER) && !replaced;
+                news = up_since.is_none() && s.last_error.as_deref() != Some(err.as_str());
                 s.last_error = Some(err.clone());
             });
             if healthy {
@@ -897,7 +902,11 @@ impl Agent {
                 true => BACKOFF_CAP,
                 false => backoff.next_delay(rand::random::<f64>()),
             };
-            info!(gateway = %link.name, addrs = ?link.addrs(), reason = %err, retry_ms = delay.as_millis() as u64, "tunnel down; reconnecting");
+            if news {
+                warn!(gateway = %link.name, addrs = ?link.addrs(), reason = %err, retry_ms = delay.as_millis() as u64, "tunnel not up; retrying");
+            } else {
+                info!(gateway = %link.name, addrs = ?link.addrs(), reason = %err, retry_ms = delay.as_millis() as u64, "tunnel down; reconnecting");
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = link.stop.cancelled() => return link.wind_up(),
@@ -1842,9 +1851,6 @@ impl Agent {
                     "the gateway's policy no longer allows it".to_owned()
                 };
                 let m = splice_until(&mut q, &mut tcp, stop).await;
-                if let Some(why) = &m.stopped {
-                    info!(peer = %peer, service = %service, app = %app, reason = %why, "direct stream cut");
-                }
                 let (inn, out) = (m.a_to_b, m.b_to_a);
                 self.peers.counters(&peer).record(true, out, inn);
                 (m, app)
@@ -1871,9 +1877,6 @@ impl Agent {
                 let (agent, p, svc, a) = (self.clone(), peer.clone(), service.clone(), app.clone());
                 s.on_first_frame(move || agent.granted(&p, &svc, &a, started));
                 let m = splice_until(&mut s, &mut tcp, self.peers.peer_ended(&peer)).await;
-                if let Some(why) = &m.stopped {
-                    info!(peer = %peer, service = %service, app = %app, reason = %why, "end-to-end stream cut");
-                }
                 let (inn, out) = (m.a_to_b, m.b_to_a);
                 self.peers.counters(&peer).record(false, out, inn);
                 (m, app)
@@ -1890,6 +1893,8 @@ impl Agent {
             bytes_out = down,
             ms = started.elapsed().as_millis() as u64,
             error = m.error.map(|e| e.to_string()).unwrap_or_default(),
+            // Why it was cut (the policy, the peer revoked), in its one line.
+            cut = m.stopped.as_deref().unwrap_or_default(),
             "connection done"
         );
         // Its last bytes acknowledged before the task ends (a stop waits for it): the
@@ -2163,16 +2168,13 @@ impl Agent {
                     }
                 }
                 let m = splice_until(&mut tcp, &mut s, self.peers.peer_ended(&f.device)).await;
-                if let Some(why) = &m.stopped {
-                    info!(to = %to, via = %link.name, reason = %why, "end-to-end stream cut");
-                }
                 let (up, down) = (m.a_to_b, m.b_to_a);
                 self.peers.counters(&f.device).record(false, up, down);
                 (m, format!("{} (e2e)", link.name))
             }
         };
         let (up, down) = (m.a_to_b, m.b_to_a);
-        info!(to = %to, via = %via, client = %client, bytes_up = up, bytes_down = down, ms = started.elapsed().as_millis() as u64, "forward connection done");
+        info!(to = %to, via = %via, client = %client, bytes_up = up, bytes_down = down, ms = started.elapsed().as_millis() as u64, cut = m.stopped.as_deref().unwrap_or_default(), "forward connection done");
         until_acked(acked, m.is_clean(), &t).await;
     }
 }
