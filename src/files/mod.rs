@@ -915,6 +915,79 @@ impl hyper::body::Body for Holding {
     }
 }
 
+/// What a request's one log line says of it, written as its answer's body ends ([`Logged`]).
+struct Line {
+    peer: SocketAddr,
+    forwarded_for: String,
+    method: String,
+    path: String,
+    status: u16,
+    started: std::time::Instant,
+}
+
+/// An answer's body that writes its request's line as it ends, with the bytes sent, the time
+/// taken and how it ended: the line was written with the head, before the first byte, and a
+/// download cut by a failing disk (EIO), a file that shrank or a client that left read as a
+/// 200 (the body's error went to hyper, logged at debug without a path).
+struct Logged {
+    body: BoxBody<Bytes, std::io::Error>,
+    line: Line,
+    sent: u64,
+    /// `Some(None)` once the body ended whole, `Some(Some(error))` once it failed.
+    end: Option<Option<String>>,
+}
+
+impl hyper::body::Body for Logged {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = self.get_mut();
+        let r = hyper::body::Body::poll_frame(std::pin::Pin::new(&mut this.body), cx);
+        match &r {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                this.sent += frame.data_ref().map_or(0, |d| d.len() as u64);
+            }
+            std::task::Poll::Ready(Some(Err(e))) => this.end = Some(Some(e.to_string())),
+            std::task::Poll::Ready(None) => this.end = Some(None),
+            std::task::Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        hyper::body::Body::is_end_stream(&self.body)
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::Body::size_hint(&self.body)
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let l = &self.line;
+        let ms = l.started.elapsed().as_millis() as u64;
+        // A body hyper never polled to its end (a HEAD, an empty answer) is whole when it had
+        // nothing to send.
+        let whole = self.end.is_some() || hyper::body::Body::is_end_stream(&self.body);
+        match (&self.end, whole) {
+            (Some(Some(error)), _) => {
+                warn!(client = %l.peer, forwarded_for = %l.forwarded_for, method = %l.method, path = %l.path, status = l.status, bytes = self.sent, ms, %error, "file request failed part way")
+            }
+            (_, true) => {
+                info!(client = %l.peer, forwarded_for = %l.forwarded_for, method = %l.method, path = %l.path, status = l.status, bytes = self.sent, ms, "file request")
+            }
+            (_, false) => {
+                info!(client = %l.peer, forwarded_for = %l.forwarded_for, method = %l.method, path = %l.path, status = l.status, bytes = self.sent, ms, "file request cut: the client left before the answer's end")
+            }
+        }
+    }
+}
+
 /// Serves `root` read-only on `listener` as `opts` says until `shutdown`, then lets the
 /// answers under way finish for [`STOP_GRACE`].
 pub async fn serve(
@@ -1000,6 +1073,7 @@ async fn serve_at_most(
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let (share, in_flight, opts) = (share.clone(), in_flight.clone(), opts.clone());
                 async move {
+                    let started = std::time::Instant::now();
                     let (m, p) = (req.method().clone(), req.uri().path().to_owned());
                     let forwarded_for = believed_forwarded_for(peer, &opts.proxies, req.headers());
                     let client = forwarded_for.unwrap_or(peer.ip());
@@ -1022,8 +1096,16 @@ async fn serve_at_most(
                     // never takes a remote client's own header for its address.
                     let forwarded_for =
                         forwarded_for.map_or_else(|| "-".to_owned(), |ip| ip.to_string());
-                    info!(client = %peer, forwarded_for = %forwarded_for, %method, %path, status = r.status().as_u16(), "file request");
-                    Ok::<_, Infallible>(r)
+                    let status = r.status().as_u16();
+                    let line = Line {
+                        peer,
+                        forwarded_for,
+                        method: method.into_owned(),
+                        path: path.into_owned(),
+                        status,
+                        started,
+                    };
+                    Ok::<_, Infallible>(r.map(|body| Logged { body, line, sent: 0, end: None }))
                 }
             });
             let io = hyper_util::rt::TokioIo::new(slow_reader::SlowReaderCut::tcp(tcp));
@@ -1176,6 +1258,83 @@ mod tests {
 
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    /// A request's line is written as its answer ends, with the bytes sent and how it ended:
+    /// a download whose disk failed part way was logged as a 200 before its first byte.
+    #[tokio::test]
+    async fn a_download_that_fails_part_way_says_so_in_its_line() {
+        #[derive(Clone, Default)]
+        struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let line = |path: &str| Line {
+            peer: "127.0.0.1:5000".parse().unwrap(),
+            forwarded_for: "-".into(),
+            method: "GET".into(),
+            path: path.into(),
+            status: 200,
+            started: std::time::Instant::now(),
+        };
+        let frames: Vec<Result<Frame<Bytes>, std::io::Error>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"abc"))),
+            Err(std::io::Error::other("Input/output error")),
+        ];
+        let failing = BodyExt::boxed(StreamBody::new(futures_util::stream::iter(frames)));
+        let mut body = Logged {
+            body: failing,
+            line: line("/broken.iso"),
+            sent: 0,
+            end: None,
+        };
+        while let Some(f) = body.frame().await {
+            if f.is_err() {
+                break;
+            }
+        }
+        drop(body);
+        let whole = Logged {
+            body: full(Bytes::from_static(b"hello")),
+            line: line("/fine.txt"),
+            sent: 0,
+            end: None,
+        };
+        let mut whole = whole;
+        while whole.frame().await.is_some() {}
+        drop(whole);
+        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        let failed = text
+            .lines()
+            .find(|l| l.contains("/broken.iso"))
+            .expect("a line for the failed download");
+        assert!(
+            failed.contains("file request failed part way")
+                && failed.contains("bytes=3")
+                && failed.contains("Input/output error"),
+            "{failed}"
+        );
+        let fine = text
+            .lines()
+            .find(|l| l.contains("/fine.txt"))
+            .expect("a line for the whole answer");
+        assert!(
+            fine.contains("file request") && fine.contains("bytes=5") && !fine.contains("failed"),
+            "{fine}"
+        );
+    }
 
     async fn get(addr: SocketAddr, target: &str, extra: &str) -> String {
         request(addr, "GET", target, extra).await
