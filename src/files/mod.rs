@@ -933,6 +933,9 @@ struct Logged {
     body: BoxBody<Bytes, std::io::Error>,
     line: Line,
     sent: u64,
+    /// The answer's length when known (its `Content-Length`): hyper stops polling the body
+    /// once that much is sent, and reads no end.
+    length: Option<u64>,
     /// `Some(None)` once the body ended whole, `Some(Some(error))` once it failed.
     end: Option<Option<String>>,
 }
@@ -971,9 +974,11 @@ impl Drop for Logged {
     fn drop(&mut self) {
         let l = &self.line;
         let ms = l.started.elapsed().as_millis() as u64;
-        // A body hyper never polled to its end (a HEAD, an empty answer) is whole when it had
-        // nothing to send.
-        let whole = self.end.is_some() || hyper::body::Body::is_end_stream(&self.body);
+        // hyper stops polling a body of a known length once that much is sent (no end is
+        // read), and one with nothing to send (a HEAD's) it never polls: those are whole.
+        let whole = self.end.is_some()
+            || hyper::body::Body::is_end_stream(&self.body)
+            || self.length == Some(self.sent);
         match (&self.end, whole) {
             (Some(Some(error)), _) => {
                 warn!(client = %l.peer, forwarded_for = %l.forwarded_for, method = %l.method, path = %l.path, status = l.status, bytes = self.sent, ms, %error, "file request failed part way")
@@ -1105,7 +1110,13 @@ async fn serve_at_most(
                         status,
                         started,
                     };
-                    Ok::<_, Infallible>(r.map(|body| Logged { body, line, sent: 0, end: None }))
+                    // As the head says it: hyper stops polling a body once that much is sent.
+                    let length = r
+                        .headers()
+                        .get(header::CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok()?.parse().ok())
+                        .or_else(|| hyper::body::Body::size_hint(r.body()).exact());
+                    Ok::<_, Infallible>(r.map(|body| Logged { body, line, sent: 0, length, end: None }))
                 }
             });
             let io = hyper_util::rt::TokioIo::new(slow_reader::SlowReaderCut::tcp(tcp));
@@ -1298,6 +1309,7 @@ mod tests {
             body: failing,
             line: line("/broken.iso"),
             sent: 0,
+            length: None,
             end: None,
         };
         while let Some(f) = body.frame().await {
@@ -1310,11 +1322,28 @@ mod tests {
             body: full(Bytes::from_static(b"hello")),
             line: line("/fine.txt"),
             sent: 0,
+            length: None,
             end: None,
         };
         let mut whole = whole;
         while whole.frame().await.is_some() {}
         drop(whole);
+        // A body of a known length: hyper stops polling once it is sent, and reads no end.
+        for (path, length) in [("/sent.bin", 5), ("/left.bin", 10)] {
+            use futures_util::StreamExt;
+            let first: Result<Frame<Bytes>, std::io::Error> =
+                Ok(Frame::data(Bytes::from_static(b"12345")));
+            let endless =
+                futures_util::stream::iter([first]).chain(futures_util::stream::pending());
+            let mut b = Logged {
+                body: BodyExt::boxed(StreamBody::new(endless)),
+                line: line(path),
+                sent: 0,
+                length: Some(length),
+                end: None,
+            };
+            b.frame().await.expect("a frame").expect("data");
+        }
         let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
         let failed = text
             .lines()
@@ -1333,6 +1362,19 @@ mod tests {
         assert!(
             fine.contains("file request") && fine.contains("bytes=5") && !fine.contains("failed"),
             "{fine}"
+        );
+        let line_of = |path: &str| {
+            text.lines()
+                .find(|l| l.contains(path))
+                .unwrap_or_else(|| panic!("no line for {path}: {text}"))
+                .to_owned()
+        };
+        let sent = line_of("/sent.bin");
+        assert!(!sent.contains("cut") && sent.contains("bytes=5"), "{sent}");
+        let left = line_of("/left.bin");
+        assert!(
+            left.contains("the client left") && left.contains("bytes=5"),
+            "{left}"
         );
     }
 
