@@ -111,11 +111,12 @@ async fn serve_connection(
                 // A refusal worth telling (a page trying DNS rebinding), not a scrape: once
                 // per request, within a budget.
                 if let Some(unlogged) = tunnel::log_budget::LogBudget::take_shared(&REFUSED_LINES) {
-                    let host = req
-                        .headers()
-                        .get(hyper::header::HOST)
-                        .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned());
-                    tracing::warn!(client = ?peer, host = ?host, path = %req.uri().path(), unlogged, "admin API request refused: addressed to a name, not to this machine's address (a web page trying DNS rebinding?)");
+                    let host = req.headers().get(hyper::header::HOST).map_or_else(
+                        || "-".to_owned(),
+                        |h| String::from_utf8_lossy(h.as_bytes()).into_owned(),
+                    );
+                    let client = peer.map_or_else(|| "-".to_owned(), |p| p.to_string());
+                    tracing::warn!(%client, host = ?host, path = %req.uri().path(), unlogged, "admin API request refused: addressed to a name, not to this machine's address (a web page trying DNS rebinding?)");
                 }
                 return Ok::<_, Infallible>(reply(
                     StatusCode::FORBIDDEN,
