@@ -477,8 +477,14 @@ impl Gateway {
                 .collect();
             let clashes = crate::listeners::services_on_own(&bound, &services, "gateway.toml");
             if !clashes.is_empty() {
+                // The DNS could bind it, so nothing listens there now: the service's program
+                // may not have started yet (it could not bind once the gateway holds the port).
+                // Exit 1, which a service manager retries: a start before it stayed down.
                 shutdown.cancel();
-                return Err(StartError::Usage(clashes.join("; ")));
+                return Err(StartError::Bind(format!(
+                    "{}; if the service's program is to listen there, start it before the gateway (it is not listening now: the gateway's DNS could bind the address)",
+                    clashes.join("; ")
+                )));
             }
         }
         // Last, as app listeners start accepting at once: nothing serves before every other

@@ -871,15 +871,19 @@ impl AppSocket {
     /// Ends a flow taken out of the table: its task stops, and one line says so with its
     /// counts (the app's took them as they passed) — for flows not in use both ways
     /// ([`ASSURE_AFTER`]) for [`ALWAYS_LOGGED_AFTER`], within the log budget (a flood of
-    /// forged sources makes one each).
+    /// forged sources makes one each). A flow still opening is told too (it was not, and a
+    /// policy's cut of it went unsaid), its queued datagrams as dropped.
     fn end(&mut self, e: Entry, why: &str) {
         e.stop.cancel();
-        let State::Open { back, flow } = &e.state else {
-            return;
+        let (bytes_out, dropped_out, queued) = match &e.state {
+            // Past the bandwidth or refused by the socket here, and behind the tunnel's queue.
+            State::Open { back, flow } => (
+                back.bytes.load(Ordering::Relaxed),
+                back.dropped.load(Ordering::Relaxed) + flow.queue_drops(),
+                0,
+            ),
+            State::Opening(q) => (0, 0, q.len() as u64),
         };
-        let bytes_out = back.bytes.load(Ordering::Relaxed);
-        // Past the bandwidth or refused by the socket here, and behind the tunnel's queue.
-        let dropped_out = back.dropped.load(Ordering::Relaxed) + flow.queue_drops();
         // A flow in use both ways for a minute is a client's; a younger one may be a forger's
         // (two datagrams 2 s apart to a service that answers make it so): within the budget.
         let unlogged = if e.assured && e.started.elapsed() >= ALWAYS_LOGGED_AFTER {
@@ -888,7 +892,7 @@ impl AppSocket {
             self.unassured_lines.take()
         };
         if let Some(unlogged) = unlogged {
-            info!(app = %e.app, device = %e.target.device, client = %Client(e.client), bytes_in = e.bytes_in, bytes_out, dropped = e.dropped, dropped_out, ms = e.started.elapsed().as_millis() as u64, end = why, unlogged, "UDP flow done");
+            info!(app = %e.app, device = %e.target.device, client = %Client(e.client), bytes_in = e.bytes_in, bytes_out, dropped = e.dropped + queued, dropped_out, ms = e.started.elapsed().as_millis() as u64, end = why, unlogged, "UDP flow done");
         }
     }
 }

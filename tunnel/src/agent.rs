@@ -891,7 +891,15 @@ impl Agent {
                 let (up_since, _) = s.session_over();
                 let replaced = std::mem::take(&mut s.replaced);
                 healthy = up_since.is_some_and(|t| t.elapsed() >= HEALTHY_AFTER) && !replaced;
-                news = up_since.is_none() && s.last_error.as_deref() != Some(err.as_str());
+                // Compared without digits: a certificate refused as out of date says when it
+                // was checked, in seconds, and warned at every retry.
+                let shape = |t: &str| {
+                    t.chars()
+                        .filter(|c| !c.is_ascii_digit())
+                        .collect::<String>()
+                };
+                news =
+                    up_since.is_none() && s.last_error.as_deref().map(shape) != Some(shape(&err));
                 s.last_error = Some(err.clone());
             });
             if healthy {
