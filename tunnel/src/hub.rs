@@ -1538,6 +1538,9 @@ impl Hub {
                 return;
             }
             Err(_) => {
+                if let Some(unlogged) = LogBudget::take_shared(&link.lines) {
+                    warn!(device = %link.device, unlogged, "stream from agent given up: its header did not arrive in time");
+                }
                 stream::refuse(&mut send, RefuseCode::BadRequest, "stream header timed out").await;
                 return;
             }
@@ -1614,6 +1617,9 @@ impl Hub {
             // The opener is gone (its own open timed out, or it reset): the target's service
             // is told so by a reset, not a clean end of an empty request.
             crate::splice::End::abort(&mut upstream);
+            if let Some(unlogged) = LogBudget::take_shared(&link.lines) {
+                info!(from = %link.device, to = %format!("{to_device}/{service}"), app = %app_name, unlogged, "mesh stream given up: the opener left before it was accepted");
+            }
             return;
         }
         counters.connection();
@@ -1869,6 +1875,7 @@ impl Hub {
         let drops = Arc::new(AtomicU64::new(0));
         let reader = tokio::spawn({
             let (sock, drops) = (sock.clone(), drops.clone());
+            let service = service.to_owned();
             async move {
                 loop {
                     if sock.readable().await.is_err() {
@@ -1892,7 +1899,11 @@ impl Hub {
                         },
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                         Err(e) if crate::sockets::icmp_transient(&e) => {}
-                        Err(_) => return,
+                        // Said here: the flow then ends as if the device had closed it.
+                        Err(e) => {
+                            warn!(%service, error = %e, "UDP flow to this gateway's own service ended: its socket failed");
+                            return;
+                        }
                     }
                 }
             }
