@@ -56,6 +56,14 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// "TCP" or "UDP", as messages say it.
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Tcp => "TCP",
+            Kind::Udp => "UDP",
+        }
+    }
+
     fn listen_kind(self) -> ListenKind {
         match self {
             Kind::Tcp => ListenKind::Tcp,
@@ -398,7 +406,7 @@ pub fn clashes_among(own: &[(Kind, SocketAddr, String)], file: &str) -> Vec<Stri
     for (i, (kind, a, key)) in own.iter().enumerate() {
         for (other_kind, b, other) in &own[i + 1..] {
             if kind == other_kind && a.port() != 0 && policies::units::listens_overlap(*a, *b) {
-                let proto = if *kind == Kind::Tcp { "TCP" } else { "UDP" };
+                let proto = kind.name();
                 clashes.push(format!(
                     "`{key}` ({a}) and `{other}` ({b}) both take {proto} port {}: give one of them another address in {file}",
                     a.port()
@@ -425,7 +433,7 @@ pub fn services_on_own(
         for (own_kind, mine, key) in own {
             if kind == own_kind && mine.port() != 0 && policies::units::listens_overlap(*at, *mine)
             {
-                let proto = if *kind == Kind::Tcp { "TCP" } else { "UDP" };
+                let proto = kind.name();
                 clashes.push(format!(
                     "`{service}` ({at}) is this process's own `{key}` socket ({mine}, {proto}): connections to the service would reach this process itself; give the service its own address, or `{key}` another one, in {file}"
                 ));
@@ -451,8 +459,11 @@ pub fn clashes_with<S: AsRef<str>>(
 
 /// The message for an app that cannot listen on `key`.
 fn listen_error(app: &str, key: (Kind, SocketAddr), e: &std::io::Error, hint: &str) -> String {
-    let proto = if key.0 == Kind::Tcp { "TCP" } else { "UDP" };
-    format!("app {app}: cannot listen on {proto} {}: {e}{hint}", key.1)
+    format!(
+        "app {app}: cannot listen on {} {}: {e}{hint}",
+        key.0.name(),
+        key.1
+    )
 }
 
 /// Binds `key` and starts its loop; when `replacing` a listener that just stopped, retries an

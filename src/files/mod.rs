@@ -887,34 +887,6 @@ impl Drop for InFlightSlot {
     }
 }
 
-/// An answer's body holding its client's [`InFlightSlot`] until it ends or is dropped unsent.
-/// Not `map_frame`: that hides the body's size, and hyper then sends even a short text answer
-/// chunked, which an HTTP/1.0 client can only read to the connection's close.
-struct Holding {
-    body: Body,
-    _slot: Arc<InFlightSlot>,
-}
-
-impl hyper::body::Body for Holding {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        hyper::body::Body::poll_frame(std::pin::Pin::new(&mut self.get_mut().body), cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        hyper::body::Body::is_end_stream(&self.body)
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        hyper::body::Body::size_hint(&self.body)
-    }
-}
-
 /// What a request's one log line says of it, written as its answer's body ends ([`Logged`]).
 struct Line {
     peer: SocketAddr,
@@ -930,9 +902,13 @@ struct Line {
 /// first byte, and a download cut by a failing disk (EIO), a file that shrank or a client that
 /// left read as a 200 (the body's error went to hyper, logged at debug without a path). hyper
 /// takes up to ~400 KB ahead of the socket, so an answer that small counts as passed on whole
-/// even if its client then leaves.
+/// even if its client then leaves. It also holds its client's [`InFlightSlot`] until it ends
+/// or is dropped unsent. Not `map_frame`: that hides the body's size, and hyper then sends even
+/// a short text answer chunked, which an HTTP/1.0 client can only read to the connection's
+/// close.
 struct Logged {
-    body: BoxBody<Bytes, std::io::Error>,
+    body: Body,
+    _slot: Option<Arc<InFlightSlot>>,
     line: Line,
     sent: u64,
     /// The answer's length when known (its `Content-Length`): hyper stops polling the body
@@ -1086,18 +1062,16 @@ async fn serve_at_most(
                     let (m, p) = (req.method().clone(), req.uri().path().to_owned());
                     let forwarded_for = believed_forwarded_for(peer, &opts.proxies, req.headers());
                     let client = forwarded_for.unwrap_or(peer.ip());
-                    let r = match InFlight::take(&in_flight, client) {
+                    let (r, slot) = match InFlight::take(&in_flight, client) {
                         // Held by the body: until the answer is sent, or dropped unsent.
                         Some(slot) => {
                             let slot = Arc::new(slot);
-                            handle(share, opts, req, slot.clone())
-                                .await
-                                .map(|body| BodyExt::boxed(Holding { body, _slot: slot }))
+                            (handle(share, opts, req, slot.clone()).await, Some(slot))
                         }
-                        None => text(
+                        None => (text(
                             StatusCode::SERVICE_UNAVAILABLE,
                             "too many answers to your address at once (or file system calls of yours stuck in a mount that does not answer): finish some first",
-                        ),
+                        ), None),
                     };
                     let path = gateway::http::proxy::loggable(&p);
                     let method = gateway::http::proxy::loggable_method(&m);
@@ -1120,7 +1094,14 @@ async fn serve_at_most(
                         .get(header::CONTENT_LENGTH)
                         .and_then(|v| v.to_str().ok()?.parse().ok())
                         .or_else(|| hyper::body::Body::size_hint(r.body()).exact());
-                    Ok::<_, Infallible>(r.map(|body| Logged { body, line, sent: 0, length, end: None }))
+                    Ok::<_, Infallible>(r.map(|body| Logged {
+                        body,
+                        _slot: slot,
+                        line,
+                        sent: 0,
+                        length,
+                        end: None,
+                    }))
                 }
             });
             let io = hyper_util::rt::TokioIo::new(slow_reader::SlowReaderCut::tcp(tcp));
@@ -1311,6 +1292,7 @@ mod tests {
         let failing = BodyExt::boxed(StreamBody::new(futures_util::stream::iter(frames)));
         let mut body = Logged {
             body: failing,
+            _slot: None,
             line: line("/broken.iso"),
             sent: 0,
             length: None,
@@ -1324,6 +1306,7 @@ mod tests {
         drop(body);
         let whole = Logged {
             body: full(Bytes::from_static(b"hello")),
+            _slot: None,
             line: line("/fine.txt"),
             sent: 0,
             length: None,
@@ -1337,6 +1320,7 @@ mod tests {
         head.method = "HEAD".into();
         drop(Logged {
             body: full(Bytes::from_static(b"not found\n")),
+            _slot: None,
             line: head,
             sent: 0,
             length: Some(10),
@@ -1351,6 +1335,7 @@ mod tests {
                 futures_util::stream::iter([first]).chain(futures_util::stream::pending());
             let mut b = Logged {
                 body: BodyExt::boxed(StreamBody::new(endless)),
+                _slot: None,
                 line: line(path),
                 sent: 0,
                 length: Some(length),

@@ -270,6 +270,15 @@ pub struct RunningGateway {
     pub task: tokio::task::JoinHandle<()>,
 }
 
+impl RunningGateway {
+    /// App `app`'s counters now, as `/status` gives them.
+    pub fn app_counts(&self, app: &str) -> policies::accounting::CountersSnapshot {
+        let cur = self.hub.policy().current();
+        let a = cur.policy.app(app).expect("an app of the policy");
+        cur.state(a).counters.snapshot()
+    }
+}
+
 pub async fn start_gateway(z: &TestZone, tuning: Tuning, grace: Duration) -> RunningGateway {
     start_gateway_with_dns(z, tuning, grace, None).await
 }

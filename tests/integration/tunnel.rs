@@ -1439,11 +1439,7 @@ async fn early_opened_streams_carry_data_or_the_refusal() {
     );
     // What the refused stream carried early never reached the service: not the app's
     // bytes_in (it was counted as it went into the stream). The echo's 2 bytes are.
-    let counts = |app: &str| {
-        let cur = gw.hub.policy().current();
-        let a = cur.policy.app(app).expect("the app");
-        cur.state(a).counters.snapshot()
-    };
+    let counts = |app: &str| gw.app_counts(app);
     wait_until("the echo's bytes counted", WAIT, || {
         counts("echo").bytes_in == 2
     })
@@ -1497,11 +1493,7 @@ async fn early_bytes_a_device_never_took_are_not_counted() {
     )
     .await;
     wait_until("home1 connected", WAIT, || gw.hub.agent("home1").is_some()).await;
-    let counts = || {
-        let cur = gw.hub.policy().current();
-        let a = cur.policy.app("silent").expect("the app");
-        cur.state(a).counters.snapshot()
-    };
+    let counts = || gw.app_counts("silent");
     let mut c = tokio::net::TcpStream::connect(gw.apps["silent"])
         .await
         .unwrap();
