@@ -2,14 +2,17 @@
 //! byte (bit 0: over TCP, else UDP; bits 1-3 pick the client's source port, the rest its
 //! address), then the query's bytes. Over UDP, the server's own datagram path
 //! (`answer_datagram`: its FORMERRs, reflection guards and size guard, the socket left out);
-//! over TCP, parsed as hickory-server parses it and answered by `ZoneHandler`; both from a
-//! generated zone (gateways, nodes, the zone config TXT). Checks: no panic; at most one
-//! answer to a datagram, none to a response or to a port of a service that answers anything;
-//! a malformed query (or one of several questions) gets a 12-byte FORMERR with its id, only
-//! to port 53 or an unprivileged one; an answer encodes and parses back as one DNS response
-//! with the query's id; over UDP it fits what the query allows (512 bytes without EDNS, its
-//! payload size clamped to 512..=1232 with it), so a spoofed query cannot draw more; a
-//! question for a name outside the zone is refused or answered with no record.
+//! over TCP, each framed message read as the server reads it (`tcp_frame`: its FORMERRs,
+//! responses ignored, the connection closed on bytes with no query header) and answered by
+//! `ZoneHandler`; both from a generated zone (gateways, nodes, the zone config TXT). Checks: no
+//! panic; at most one answer to a datagram, none to a response or to a port of a service that
+//! answers anything; a malformed query (or, over UDP, one of several questions) gets a
+//! 12-byte FORMERR with its id, over UDP only to port 53 or an unprivileged one; over TCP a
+//! query that decodes is never taken for a malformed one nor closes the connection; an answer
+//! encodes and parses back as one DNS response with the query's id; over UDP it fits what the
+//! query allows (512 bytes without EDNS, its payload size clamped to 512..=1232 with it), so a
+//! spoofed query cannot draw more; a question for a name outside the zone is refused or
+//! answered with no record.
 #![no_main]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -133,8 +136,37 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     } else {
-        let Ok(query) = parsed else {
-            return;
+        // The TCP path as the server runs it, frame by frame (the length prefix aside).
+        let query = match name_resolver::tcp_frame(wire) {
+            name_resolver::TcpFrame::Query(q) => q,
+            // Malformed with a query's header: a header-only FORMERR with its id, and the
+            // connection goes on.
+            name_resolver::TcpFrame::FormErr(bytes, _) => {
+                assert!(parsed.is_err(), "a FORMERR to a query that decodes");
+                assert_eq!(bytes.len(), 12, "a FORMERR of {} bytes", bytes.len());
+                assert_eq!(bytes[..2], wire[..2], "the FORMERR's id");
+                assert_eq!(bytes[2] & 0x80, 0x80, "the FORMERR is no response");
+                assert_eq!(bytes[3] & 0x0f, 1, "not a FORMERR");
+                assert_eq!(wire[2] & 0x80, 0, "a FORMERR to a response");
+                return;
+            }
+            // Never answered, malformed or not.
+            name_resolver::TcpFrame::Response => {
+                let q = parsed.expect("a response read");
+                assert_eq!(q.message_type(), MessageType::Response);
+                return;
+            }
+            name_resolver::TcpFrame::NotAQuery(_) => {
+                assert!(
+                    parsed.is_err(),
+                    "a query that decodes closed the connection"
+                );
+                assert!(
+                    wire.len() < 12 || wire[2] & 0x80 != 0,
+                    "a query's header closed the connection"
+                );
+                return;
+            }
         };
         let request = Request::new(query, client, protocol);
         let out = Collect {

@@ -32,6 +32,6 @@ pub use bootstrap::{fetch_txt, fetch_zone};
 pub use error::{Blame, BootstrapError, DnsError, RecordsError};
 pub use handler::ZoneHandler;
 pub use records::ZoneRecords;
-pub use server::DnsServer;
+pub use server::{tcp_frame, DnsServer, TcpFrame};
 #[doc(hidden)]
 pub use udp::answer_datagram;

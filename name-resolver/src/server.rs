@@ -12,6 +12,7 @@ use hickory_proto::op::MessageType;
 use hickory_proto::runtime::iocompat::AsyncIoTokioAsStd;
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use hickory_proto::xfer::Protocol;
+use hickory_proto::ProtoError;
 use hickory_server::authority::MessageRequest;
 use hickory_server::server::{Request, RequestHandler, ResponseHandle};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -753,6 +754,36 @@ async fn tcp_accept_loop(
 /// between queries (its last answer written).
 const SHUTDOWN_QUIET: Duration = Duration::from_millis(100);
 
+/// What the server does with one DNS-over-TCP message (the bytes its length prefix framed),
+/// as [`serve_tcp`] does it. Sans-IO, for the fuzz target too.
+#[doc(hidden)]
+#[derive(Debug)]
+pub enum TcpFrame {
+    /// A query, for the handler (which answers every one, several questions with a FORMERR).
+    Query(MessageRequest),
+    /// A query that does not decode, its header intact (the framing said where it ends):
+    /// answered with this header-only FORMERR, and the connection goes on. With the error.
+    FormErr(Vec<u8>, ProtoError),
+    /// A response: never answered (that is how reflection loops start); the connection goes on.
+    Response,
+    /// Not even a query's header (too short, or a response that does not decode): the
+    /// connection ends. With the error.
+    NotAQuery(ProtoError),
+}
+
+/// Reads one DNS-over-TCP message: see [`TcpFrame`].
+#[doc(hidden)]
+pub fn tcp_frame(bytes: &[u8]) -> TcpFrame {
+    match MessageRequest::read(&mut BinDecoder::new(bytes)) {
+        Ok(m) if m.message_type() == MessageType::Response => TcpFrame::Response,
+        Ok(m) => TcpFrame::Query(m),
+        Err(error) => match formerr_for(bytes) {
+            Some(answer) => TcpFrame::FormErr(answer, error),
+            None => TcpFrame::NotAQuery(error),
+        },
+    }
+}
+
 /// The answer to a query that does not decode: its header with QR set, RCODE FORMERR and no
 /// records (RFC 6891 §6.1.1 wants FORMERR, say, for two OPT records). `None` when the bytes
 /// are not a query header at all, or are a response (never answered).
@@ -837,16 +868,9 @@ async fn serve_tcp(
         };
         conn.last
             .store(live.now_ms(), std::sync::atomic::Ordering::Relaxed);
-        let mut decoder = BinDecoder::new(frame.bytes());
-        let message = match MessageRequest::read(&mut decoder) {
-            Ok(m) => m,
-            Err(error) => {
-                // The framing is intact (the length prefix said where it ends): answer FORMERR
-                // and go on. Bytes that are not even a query header end the connection.
-                let Some(answer) = formerr_for(frame.bytes()) else {
-                    debug!(%peer, %error, "DNS over TCP: not a query, closing");
-                    return;
-                };
+        let message = match tcp_frame(frame.bytes()) {
+            TcpFrame::Query(m) => m,
+            TcpFrame::FormErr(answer, error) => {
                 debug!(%peer, %error, "DNS over TCP: malformed query, FORMERR");
                 conn.owed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 use hickory_proto::xfer::DnsStreamHandle;
@@ -857,11 +881,12 @@ async fn serve_tcp(
                 }
                 continue;
             }
+            TcpFrame::Response => continue,
+            TcpFrame::NotAQuery(error) => {
+                debug!(%peer, %error, "DNS over TCP: not a query, closing");
+                return;
+            }
         };
-        if message.message_type() == MessageType::Response {
-            // Never answer a response: that is how reflection loops start.
-            continue;
-        }
         // Every query over TCP is answered (the handler drops none): owed until written.
         conn.owed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let request = Request::new(message, peer, Protocol::Tcp);
