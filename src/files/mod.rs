@@ -127,6 +127,38 @@ impl Pages {
     }
 }
 use names::{dir_url, forwarded_prefix, html_escape, percent_decode, percent_encode};
+
+/// The request path's rules for hidden names and for links, as the service applies them, for
+/// the `file_request` fuzz target.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::path::Path;
+
+    use hyper::header::{HeaderMap, HeaderValue};
+
+    /// Whether a request for `asked` (as [`super::resolve`] gave it under `root`) is refused
+    /// as hidden when the service runs without `--hidden`.
+    pub fn refused_as_hidden(root: &Path, asked: &Path) -> bool {
+        super::names_hidden(root, asked)
+    }
+
+    /// The URL of the directory `rel` (under the root), as a listing's base and a redirect
+    /// to it give it, behind the `X-Forwarded-Prefix` value `prefix`; with the length of the
+    /// prefix it kept (what the gateway strips before the request reaches the service).
+    pub fn dir_link(prefix: &[u8], rel: &Path) -> (String, usize) {
+        let mut h = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_bytes(prefix) {
+            h.insert("x-forwarded-prefix", v);
+        }
+        let kept = super::forwarded_prefix(&h);
+        (super::dir_url(kept, rel), kept.trim_end_matches('/').len())
+    }
+
+    /// A listed name's link, relative to its directory's URL.
+    pub fn name_link(name: &[u8]) -> String {
+        super::percent_encode(name)
+    }
+}
 use validate::{Validators, Verdict};
 
 /// Entries a directory listing shows at most. A directory of a million files must not become
