@@ -40,6 +40,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Time Ctrl-C waits for tasks to stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long the demo's gateway waits for requests in flight when it stops.
+const DEMO_GRACE: Duration = Duration::from_secs(1);
+
 /// Loopback ports free now for the demo: QUIC (UDP), HTTP, admin (TCP), the zone DNS (UDP and
 /// TCP: it binds both on one port), the echo app and home2's forward (TCP). All are held until
 /// all are picked, so no two are the same (a DNS port taken for UDP only failed its TCP bind
@@ -231,6 +234,11 @@ pub fn run(dir: Option<PathBuf>, check: bool) -> anyhow::Result<()> {
     // Signals are caught from the start, start-up included: the default action would end the
     // process without removing the temporary zone (its keys among it).
     rt.block_on(async {
+        // A signal cancels `signalled`, and through it `shutdown`; a part that stops by itself
+        // cancels only `shutdown`, which the demo then reports as the failure it is.
+        let signalled = CancellationToken::new();
+        let shutdown = signalled.child_token();
+        let mut demo = std::pin::pin!(run_async(dir, check, shutdown));
         // Biased: the signal handlers are installed (at their first poll) before the demo's
         // first step, which writes the zone's keys.
         tokio::select! {
@@ -240,6 +248,16 @@ pub fn run(dir: Option<PathBuf>, check: bool) -> anyhow::Result<()> {
                 // would skip removing the zone.
                 use std::io::Write;
                 let _ = writeln!(std::io::stdout(), "{why}: stopping the demo");
+                // Stopped as `zonegate gateway` stops: the gateway drains and says so, the
+                // agents leave. Dropping the demo's future instead ended it mid-flight: no
+                // drain, and at times a task that outlived it reported a part "failed".
+                // Bounded, and a second signal ends it at once.
+                signalled.cancel();
+                tokio::select! {
+                    _ = &mut demo => {}
+                    () = tokio::time::sleep(DEMO_GRACE + 2 * STOP_TIMEOUT) => {}
+                    _ = stop_signal() => {}
+                }
                 // A check stopped half way checked nothing: not a pass (a CI job cancelled
                 // mid-check read as green). One stopped while it winds down after passing is.
                 match check && !CHECK_PASSED.load(std::sync::atomic::Ordering::SeqCst) {
@@ -247,7 +265,7 @@ pub fn run(dir: Option<PathBuf>, check: bool) -> anyhow::Result<()> {
                     false => Ok(()),
                 }
             }
-            r = run_async(dir, check) => r,
+            r = &mut demo => r,
         }
     })
 }
@@ -273,7 +291,9 @@ async fn stop_signal() -> &'static str {
 /// down) does not fail the check.
 static CHECK_PASSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-async fn run_async(dir: PathBuf, check: bool) -> anyhow::Result<()> {
+/// Runs the demo until `shutdown` is cancelled (by a signal: the caller's) or a part of it
+/// stops by itself (an error).
+async fn run_async(dir: PathBuf, check: bool, shutdown: CancellationToken) -> anyhow::Result<()> {
     // The homes' services bind first: bound to port 0 after `free_ports` let its picks go,
     // the kernel could hand one of those out again, and the gateway's bind failed.
     let files = TcpListener::bind("127.0.0.1:0").await?;
@@ -288,7 +308,6 @@ async fn run_async(dir: PathBuf, check: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(&policies)?;
     std::fs::write(policies.join("demo.toml"), policy_text(echo_port))?;
 
-    let shutdown = CancellationToken::new();
     let tuning = Tuning::default();
 
     // Services of the two homes.
@@ -315,7 +334,7 @@ async fn run_async(dir: PathBuf, check: bool) -> anyhow::Result<()> {
             listen: quic,
             admin,
             tuning,
-            grace: Duration::from_secs(1),
+            grace: DEMO_GRACE,
             http: Some(http),
             https: None,
             tls_certs: Vec::new(),
