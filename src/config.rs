@@ -612,7 +612,7 @@ pub fn parse_forward_flag(s: &str) -> Result<ForwardEntry, UsageError> {
     };
     let (listen, to) = s.split_once('=').ok_or_else(bad)?;
     Ok(ForwardEntry {
-        listen: listen.parse().map_err(|_| bad())?,
+        listen: socket_addr(listen).map_err(|e| UsageError(format!("--forward {s:?}: {e}")))?,
         to: to.to_owned(),
     })
 }
@@ -837,9 +837,14 @@ pub fn http_tuning(
 
 /// An `IP:PORT` argument, with what to write when it is not one: the usual slips are an IPv6
 /// address without brackets and a missing port.
+///
+/// An IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]:9091`) is taken as the IPv4 address it
+/// stands for, as every client address is: bound, it takes that IPv4 address, and the clash
+/// and loopback checks compared it as another address (a forward there beside the admin API
+/// passed the checks and failed to bind, exit 1 for ever).
 pub fn socket_addr(s: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = s.parse() {
-        return Ok(a);
+        return Ok(zone_core::zonedir::unmapped(a));
     }
     let bracketed = s.starts_with('[') && s.ends_with(']');
     let hint = if s.parse::<std::net::Ipv6Addr>().is_ok() {
@@ -873,6 +878,29 @@ mod addr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An IPv4-mapped address is the IPv4 address it stands for: a forward at
+    /// `[::ffff:127.0.0.1]:9091` is at the admin API's default address, and on loopback.
+    #[test]
+    fn mapped_addresses_are_their_ipv4_ones() {
+        let v4: SocketAddr = "127.0.0.1:9091".parse().unwrap();
+        assert_eq!(socket_addr("[::ffff:127.0.0.1]:9091"), Ok(v4));
+        let fw = parse_forward_flag("[::ffff:127.0.0.1]:9091=home2/web").unwrap();
+        assert_eq!(fw.listen, v4);
+        let forwards = forwards(&[fw], &DeviceName::new("home1").unwrap()).unwrap();
+        assert!(gateway_forwards_local(&forwards).is_ok());
+        let e = node_socket_clashes(
+            Path::new("node.toml"),
+            v4,
+            &forwards,
+            &LocalServices::default(),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("admin"), "{}", e.0);
+        // Scopes and plain IPv6 stay as written.
+        let scoped: SocketAddr = "[fe80::1%2]:53".parse().unwrap();
+        assert_eq!(socket_addr("[fe80::1%2]:53"), Ok(scoped));
+    }
 
     /// An address in a config file that is not one says what to write, after where it is:
     /// the standard parse said only "invalid socket address syntax".

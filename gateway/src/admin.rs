@@ -99,7 +99,7 @@ async fn serve_connection(
     extras: Extras,
     (age, grace): (Duration, Duration),
 ) {
-    let peer = tcp.peer_addr().ok();
+    let peer = tcp.peer_addr().ok().map(tunnel::sockets::canonical);
     let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let status = status.clone();
         let extras = extras.clone();

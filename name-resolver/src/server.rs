@@ -391,7 +391,10 @@ fn bind_pair(
             .local_addr()
             .map_err(|e| bind_error("UDP", addr, e))?
             .port();
-        let tcp_addr = SocketAddr::new(addr.ip(), port);
+        // `addr` with the port, its scope kept: `dns = "[fe80::1%2]:53"` bound UDP on
+        // interface 2 and then TCP with no scope (EINVAL: the gateway exited, for ever).
+        let mut tcp_addr = addr;
+        tcp_addr.set_port(port);
         match bind_tcp(tcp_addr) {
             Ok(tcp) => return Ok((udp, tcp)),
             // Only a port we picked ourselves may be retried.
@@ -899,6 +902,28 @@ async fn serve_tcp(
 mod tests {
     use super::*;
     use std::net::IpAddr;
+
+    /// TCP is bound where UDP was, an IPv6 address's scope included (a link-local one needs
+    /// it; it was dropped, and the bind failed).
+    #[tokio::test]
+    async fn tcp_is_bound_with_the_scope_udp_was_bound_with() {
+        let asked = std::sync::Mutex::new(None);
+        let at: SocketAddr = "[fe80::1%2]:53".parse().unwrap();
+        let udp = |_| {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+            s.set_nonblocking(true)?;
+            UdpSocket::from_std(s)
+        };
+        let tcp = |a: SocketAddr| {
+            *asked.lock().unwrap() = Some(a);
+            Err::<TcpListener, _>(std::io::Error::other("not bound in this test"))
+        };
+        assert!(bind_pair(at, &udp, &tcp).is_err());
+        let SocketAddr::V6(v6) = asked.lock().unwrap().expect("TCP bound") else {
+            panic!("TCP asked for an IPv4 address");
+        };
+        assert_eq!((*v6.ip(), v6.scope_id()), ("fe80::1".parse().unwrap(), 2));
+    }
 
     /// One IPv6 /48 holds 65,536 /64s: each /64 gets its share, the site together at most
     /// MAX_TCP_PER_SITE, and the slots come back as connections close.

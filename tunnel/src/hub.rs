@@ -1074,7 +1074,7 @@ impl Hub {
             // that was still live is said with both addresses: two agents with one identity
             // (a cloned disk) show as this line again and again (each agent says so too).
             if old.conn.close_reason().is_none() {
-                info!(device = %device, previous = %old.conn.remote_address(), now = %conn.remote_address(), previous_up_secs = old.started.elapsed().as_secs(), "device connected again: its previous connection, still open, is closed");
+                info!(device = %device, previous = %crate::sockets::canonical(old.conn.remote_address()), now = %crate::sockets::canonical(conn.remote_address()), previous_up_secs = old.started.elapsed().as_secs(), "device connected again: its previous connection, still open, is closed");
             }
             old.conn
                 .close(CLOSE_REPLACED.into(), b"replaced by a newer connection");

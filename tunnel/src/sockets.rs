@@ -382,6 +382,8 @@ pub fn any_addr(port: u16) -> SocketAddr {
 
 /// The next connection on `listener`, or `None` once `stop` fires. An accept that fails (out
 /// of file descriptors, typically) is logged and retried after a pause instead of spinning.
+/// The peer's address is [`canonical`]: an IPv4 client of a dual-stack listener logged as
+/// `[::ffff:a.b.c.d]` on some lines and as itself on others.
 pub async fn accept_until(
     listener: &tokio::net::TcpListener,
     stop: &tokio_util::sync::CancellationToken,
@@ -396,7 +398,7 @@ pub async fn accept_until(
             biased;
             _ = stop.cancelled() => return None,
             r = listener.accept() => match r {
-                Ok(x) => return Some(x),
+                Ok((tcp, peer)) => return Some((tcp, canonical(peer))),
                 Err(e) => {
                     failures += 1;
                     if failures.is_power_of_two() {
@@ -420,6 +422,29 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An IPv4 client of an IPv6 socket (as a `[::]` listener takes them) is told by its IPv4
+    /// address.
+    #[tokio::test]
+    async fn accepted_ipv4_clients_of_an_ipv6_socket_read_as_ipv4() {
+        // The IPv4 loopback seen through an IPv6 socket: loopback only, unlike `[::]`.
+        let l = match std::net::TcpListener::bind("[::ffff:127.0.0.1]:0") {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("SKIPPED accepted_ipv4_clients_of_an_ipv6_socket_read_as_ipv4: no IPv6 socket here ({e})");
+                return;
+            }
+        };
+        l.set_nonblocking(true).unwrap();
+        let l = tokio::net::TcpListener::from_std(l).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let _c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (_, peer) = accept_until(&l, &stop).await.unwrap();
+        assert_eq!(peer.ip(), std::net::IpAddr::from([127, 0, 0, 1]));
+    }
 
     fn has_v6_loopback() -> bool {
         std::net::UdpSocket::bind("[::1]:0").is_ok()
