@@ -20,5 +20,6 @@ pub mod port_holders;
 pub mod proxy_header;
 pub mod run;
 pub mod udp_app;
+pub mod unlisted;
 
 pub use run::{Gateway, GatewayOptions, RunError};

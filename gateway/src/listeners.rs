@@ -449,9 +449,18 @@ pub fn clashes_with<S: AsRef<str>>(
     own: &[(Kind, SocketAddr, S)],
     policy: &policies::CompiledPolicy,
 ) -> Vec<String> {
+    // Where the app is written first, as a running gateway's reload says it (`policy check`
+    // and a refused start named only the app).
     let mut clashes: Vec<String> = wanted(policy)
         .into_iter()
-        .filter_map(|(key, app)| own_socket(own, key).map(|e| listen_error(&app, key, &e, "")))
+        .filter_map(|(key, app)| {
+            let e = own_socket(own, key)?;
+            let message = listen_error(&app, key, &e, "");
+            Some(match policy.app(&app) {
+                Some(a) => format!("{}: {message}", a.source),
+                None => message,
+            })
+        })
         .collect();
     clashes.sort();
     clashes

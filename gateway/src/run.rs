@@ -150,6 +150,39 @@ fn essential(
     });
 }
 
+/// Tells the devices the policy names that the zone config does not list
+/// ([`crate::unlisted`]), at start and as the policy or the zone config changes: each once,
+/// at warn, until it is mended and made again.
+#[derive(Default)]
+struct Unlisted {
+    /// The policy and zone serial last looked at (the policy held: a pointer alone could be
+    /// a newer one's, allocated where the old one was).
+    at: Option<(Arc<policies::Active>, u64)>,
+    told: std::collections::HashSet<String>,
+}
+
+impl Unlisted {
+    fn tell(&mut self, hub: &Hub) {
+        let policy = hub.policy().current();
+        let zone = hub.creds().zone();
+        let serial = zone.config.serial;
+        if let Some((p, s)) = &self.at {
+            if Arc::ptr_eq(p, &policy) && *s == serial {
+                return;
+            }
+        }
+        self.at = Some((policy.clone(), serial));
+        let now: std::collections::HashSet<String> =
+            crate::unlisted::unlisted_devices(&policy.policy, &zone.config)
+                .into_iter()
+                .collect();
+        for line in now.difference(&self.told) {
+            tracing::warn!(problem = %line, "the policy names a device the zone config does not list");
+        }
+        self.told = now;
+    }
+}
+
 /// How often the `[[tls]]` files are looked at for a change.
 const CERT_POLL: Duration = Duration::from_secs(5);
 
@@ -752,11 +785,14 @@ impl Gateway {
             let reconcile = tokio::spawn(async move {
                 let mut seen = hub.policy().current();
                 let mut health = HealthLog::default();
+                let mut unlisted = Unlisted::default();
+                unlisted.tell(&hub);
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = tokio::time::sleep(POLICY_POLL) => {}
                     }
+                    unlisted.tell(&hub);
                     let now = hub.policy().current();
                     // Binds that failed (the port was taken) are retried at every poll.
                     if !Arc::ptr_eq(&now, &seen) || listeners.has_failures() {

@@ -20,12 +20,16 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
         } => {
             not_a_dir(&dir)?;
             // Read first: a config that is no gateway's is the command's mistake (exit 2).
-            let own = match &gateway_config {
+            let (own, zone_json) = match &gateway_config {
                 Some(path) => {
                     let f: crate::config::GatewayFile = crate::config::read(path)?;
-                    Some(super::serve::gateway_own_sockets(path, &f)?)
+                    let paths = crate::config::bundle(path, &f.key, &f.cert, &f.ca, &f.zone_config);
+                    (
+                        Some(super::serve::gateway_own_sockets(path, &f)?),
+                        Some(paths.zone_config),
+                    )
                 }
-                None => None,
+                None => (None, None),
             };
             for (path, why) in policies::ignored_policy_files(&dir) {
                 say!("note: {} is not read: {why}", path.display());
@@ -40,6 +44,19 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
                             say!("{c}");
                         }
                         return Err(PolicyErrors.into());
+                    }
+                    // Said, not refused, as the gateway does: zone.json may list them later.
+                    if let Some(zone_json) = zone_json {
+                        match zone_core::zonedir::read_zone_json(&zone_json) {
+                            Ok(z) => {
+                                for line in gateway::unlisted::unlisted_devices(&p, &z.config) {
+                                    say!("warning: {line}");
+                                }
+                            }
+                            Err(e) => say!(
+                                "note: the devices the policy names are not checked against the zone config: {e}"
+                            ),
+                        }
                     }
                     say!("ok: {} files, {} apps", p.files().len(), p.apps().len());
                     for a in p.apps() {

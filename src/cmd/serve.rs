@@ -417,6 +417,17 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
     }
     let creds = DeviceCreds::load(&paths, Some(&f.device))?;
     config::check_domain(&a.config, &f.domain, creds.domain())?;
+    // Said, not refused: zone.json may list the device later (adopted from the gateway).
+    let zone = creds.zone();
+    for fw in forwards.iter().filter(|fw| {
+        zone_core::DeviceName::new(&fw.device)
+            .ok()
+            .and_then(|n| zone.config.device(&n))
+            .is_none()
+    }) {
+        tracing::warn!(listen = %fw.listen, to = %format!("{}/{}", fw.device, fw.service), serial = zone.config.serial, "forward to a device the zone config does not list: its connections fail until it does (a misspelt name?)");
+    }
+    drop(zone);
     crate::fd_limit::raise_open_files(crate::fd_limit::NODE_NEEDS);
     run_then_stop(threads, STOP_WAIT, async move {
         let shutdown = CancellationToken::new();

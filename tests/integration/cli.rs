@@ -1171,10 +1171,38 @@ fn policy_check_knows_the_gateways_own_ports_when_told() {
     ]);
     assert_eq!(o.status.code(), Some(1));
     let out = stdout(&o);
+    // Where the app is written, as the running gateway says it.
     assert!(
-        out.contains("app web2") && out.contains("gateway's own `http`"),
+        out.contains("apps.toml:1:6: app web2") && out.contains("gateway's own `http`"),
         "{out}"
     );
+    // Devices the zone config does not list are warned of (the gateway serves such an app,
+    // every request failing; zone.json may list the device later): a misspelt `to` and
+    // `device:` passed with "ok", and requests then failed as "device offline".
+    let z = zone_with_devices(t.path());
+    std::fs::copy(z.join("zone.json"), t.path().join("zone.json")).unwrap();
+    std::fs::write(
+        dir.join("apps.toml"),
+        "[app.web]\nhttp = { host = \"alice.example\" }\nto = \"home9/web\"\nallow = { from = [\"public\"] }\n\n[app.peers]\nmesh = true\nto = \"home1/etcd\"\nallow = { from = [\"device:hom1\", \"device:gw\"] }\n",
+    )
+    .unwrap();
+    let out = ok([
+        "policy",
+        "check",
+        d,
+        "--gateway-config",
+        gw.to_str().unwrap(),
+    ]);
+    assert!(
+        out.contains("warning: ") && out.contains("app web: its `to` names device home9"),
+        "{out}"
+    );
+    assert!(
+        out.contains("app peers: its `from` names device:hom1,"),
+        "{out}"
+    );
+    assert!(!out.contains("device:gw,"), "{out}");
+    assert!(out.contains("ok: 1 files, 2 apps"), "{out}");
     // A file that is no gateway.toml is the command's mistake.
     let e = fails(
         2,

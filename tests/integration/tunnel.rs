@@ -139,7 +139,8 @@ async fn tcp_udp_and_mesh_through_the_gateway() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_serves_only_named_services_and_offline_devices_fail_fast() {
-    let z = TestZone::new(&["home1"]);
+    // home2 is in the zone, never started.
+    let z = TestZone::new(&["home1", "home2"]);
     z.write_policy(
         "apps.toml",
         r#"
@@ -190,6 +191,19 @@ allow = { from = ["public"] }
         .hub
         .connect(
             "nobody",
+            "web",
+            "offline",
+            tunnel::proto::Origin::Public("127.0.0.1:1".parse().unwrap()),
+        )
+        .await
+        .unwrap_err();
+    // Told apart from an offline device: its owner went looking for an agent that does not
+    // exist.
+    assert!(matches!(e, tunnel::OpenError::NotInZone(_)), "{e}");
+    let e = gw
+        .hub
+        .connect(
+            "home2",
             "web",
             "offline",
             tunnel::proto::Origin::Public("127.0.0.1:1".parse().unwrap()),

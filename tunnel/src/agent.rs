@@ -2257,6 +2257,8 @@ fn another_gateway_may_reach(e: &OpenError) -> bool {
             RefuseCode::DeviceOffline | RefuseCode::Draining | RefuseCode::Overloaded
         ),
         OpenError::Offline(_) | OpenError::Timeout(_) | OpenError::Tunnel { .. } => true,
+        // Another gateway may hold a newer zone config that lists it.
+        OpenError::NotInZone(_) => true,
     }
 }
 

@@ -57,6 +57,11 @@ pub enum TunnelError {
 pub enum OpenError {
     #[error("device {0} is not connected")]
     Offline(String),
+    /// Not connected, and no device the zone config lists (a misspelt `to`, a device not
+    /// added yet, or revoked): told apart from one that is offline, which sent its owner
+    /// looking for an agent that does not exist.
+    #[error("device {0} is not in the zone config (zone.json lists no such device)")]
+    NotInZone(String),
     #[error("refused by {device}: {code}: {reason}")]
     Refused {
         device: String,

@@ -484,6 +484,18 @@ impl Hub {
         }))
     }
 
+    /// Why `device` has no connection here: offline, or no device of the zone at all.
+    fn absent(&self, device: &str) -> OpenError {
+        let zone = self.0.cfg.creds.zone();
+        match zone_core::DeviceName::new(device)
+            .ok()
+            .and_then(|n| zone.config.device(&n))
+        {
+            Some(_) => OpenError::Offline(device.to_owned()),
+            None => OpenError::NotInZone(device.to_owned()),
+        }
+    }
+
     pub fn creds(&self) -> &Arc<DeviceCreds> {
         &self.0.cfg.creds
     }
@@ -1742,9 +1754,7 @@ impl Hub {
                 }),
             };
         }
-        let link = self
-            .agent(device)
-            .ok_or_else(|| OpenError::Offline(device.to_owned()))?;
+        let link = self.agent(device).ok_or_else(|| self.absent(device))?;
         link.offers(service, ServiceProto::Tcp)?;
         let header = StreamHeader::Open {
             app: app.to_owned(),
@@ -1784,9 +1794,7 @@ impl Hub {
         if device == self.0.cfg.creds.name() {
             return self.open_local_udp_flow(service);
         }
-        let link = self
-            .agent(device)
-            .ok_or_else(|| OpenError::Offline(device.to_owned()))?;
+        let link = self.agent(device).ok_or_else(|| self.absent(device))?;
         link.offers(service, ServiceProto::Udp)?;
         let (id_tx, mut id_rx) = oneshot::channel();
         let (tx, rx) = mpsc::channel(UDP_FLOW_QUEUE);
@@ -2101,6 +2109,10 @@ impl Drop for UdpFlow {
 pub fn refusal_of(e: &OpenError) -> (RefuseCode, String) {
     match e {
         OpenError::Offline(d) => (RefuseCode::DeviceOffline, format!("device {d} is offline")),
+        OpenError::NotInZone(d) => (
+            RefuseCode::DeviceOffline,
+            format!("device {d} is not in the zone config"),
+        ),
         OpenError::Refused { code, reason, .. } => (*code, reason.clone()),
         OpenError::Timeout(d) => (
             RefuseCode::ServiceUnreachable,

@@ -151,7 +151,9 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyStalled { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Open { error, .. } => match error {
-                OpenError::Offline(_) | OpenError::Tunnel { .. } => StatusCode::BAD_GATEWAY,
+                OpenError::Offline(_) | OpenError::NotInZone(_) | OpenError::Tunnel { .. } => {
+                    StatusCode::BAD_GATEWAY
+                }
                 OpenError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
                 OpenError::Refused { code, .. } => match code {
                     RefuseCode::PolicyDenied => StatusCode::FORBIDDEN,
@@ -226,6 +228,9 @@ impl ProxyError {
             } => match error {
                 OpenError::Offline(d) => format!(
                     "502 bad gateway: app {app}: device {d} is offline (its node agent is not connected to the gateway)\n"
+                ),
+                OpenError::NotInZone(d) => format!(
+                    "502 bad gateway: app {app}: there is no device {d} in the zone (the app names a device the zone config does not list)\n"
                 ),
                 OpenError::Timeout(d) => {
                     format!("504 gateway timeout: app {app}: device {d} did not answer in time\n")
@@ -341,6 +346,9 @@ mod tests {
         assert_eq!(off.status(), 502);
         assert!(off.body().contains("app dfs") && off.body().contains("device home1"));
         assert_eq!(off.blame(), Source::Upstream);
+        let unlisted = open(OpenError::NotInZone("home9".into()));
+        assert_eq!(unlisted.status(), 502);
+        assert!(unlisted.body().contains("no device home9 in the zone"));
         assert_eq!(open(OpenError::Timeout("home1".into())).status(), 504);
         let denied = open(OpenError::Refused {
             device: "home1".into(),
