@@ -233,10 +233,16 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     let tuning = config::tuning(&f.tunnel).map_err(|e| config::in_file(&a.config, e))?;
     let threads =
         config::threads(&a.config, f.threads)?.unwrap_or_else(|| config::gateway_threads(cores()));
-    let creds = DeviceCreds::load(
-        &config::bundle(&a.config, &f.key, &f.cert, &f.ca, &f.zone_config),
-        Some(&f.device),
+    let paths = config::bundle(&a.config, &f.key, &f.cert, &f.ca, &f.zone_config);
+    bundle_files_there(
+        &a.config,
+        &f.key,
+        &f.cert,
+        &f.ca,
+        Some(&f.zone_config),
+        &paths,
     )?;
+    let creds = DeviceCreds::load(&paths, Some(&f.device))?;
     config::check_domain(&a.config, &f.domain, creds.domain())?;
     if !creds.identity.has_role(zone_core::Role::Gateway) {
         return Err(UsageError(format!(
@@ -400,6 +406,10 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
     tuning.agent_drain = config::grace(&a.config, f.grace_secs, DEFAULT_GRACE)?;
     let threads = config::threads(&a.config, f.threads)?.unwrap_or(config::NODE_THREADS);
     let paths = config::bundle(&a.config, &f.key, &f.cert, &f.ca, &f.zone_config);
+    // zone.json may be missing with bootstrap_dns: it is fetched.
+    let bootstraps = a.bootstrap_dns.or(f.bootstrap_dns).is_some();
+    let zone_json = (!bootstraps).then_some(f.zone_config.as_path());
+    bundle_files_there(&a.config, &f.key, &f.cert, &f.ca, zone_json, &paths)?;
     if let Some(server) = a.bootstrap_dns.or(f.bootstrap_dns) {
         if a.bootstrap_dns.is_some() {
             config::fixed_port("--bootstrap-dns", server)?;
@@ -558,6 +568,57 @@ fn lists_this_device(
 
 /// How long a stopping file service waits for its file system calls still running.
 const FILES_STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// The bundle files `config` names (`key`, `cert`, `ca`, `zone_config` as written, when
+/// given) exist, or an error says which setting names a missing one and where it was looked
+/// for: the load's own error gave only the path ("zone.jsn: No such file or directory"). Exit
+/// 1 still, as for files not readable yet: a disk mounted late has them by the next start.
+fn bundle_files_there(
+    config: &std::path::Path,
+    key: &std::path::Path,
+    cert: &std::path::Path,
+    ca: &std::path::Path,
+    zone_json: Option<&std::path::Path>,
+    paths: &tunnel::creds::BundlePaths,
+) -> anyhow::Result<()> {
+    let named = [
+        ("key", Some(key), &paths.key, "this device's device.key"),
+        ("cert", Some(cert), &paths.cert, "this device's device.crt"),
+        ("ca", Some(ca), &paths.ca, "the zone's zone-ca.crt"),
+        (
+            "zone_config",
+            zone_json,
+            &paths.zone_config,
+            "the zone's zone.json",
+        ),
+    ];
+    for (setting, written, path, what) in named {
+        let Some(written) = written else { continue };
+        if let Err(e) = std::fs::metadata(path) {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                let relative = if written.is_absolute() {
+                    String::new()
+                } else {
+                    let dir = config
+                        .parent()
+                        .filter(|d| !d.as_os_str().is_empty())
+                        .unwrap_or(std::path::Path::new("."));
+                    format!(
+                        " (a relative path is read from the config file's directory, {})",
+                        dir.display()
+                    )
+                };
+                anyhow::bail!(
+                    "{}: {setting} = {:?}: {} does not exist: give the path of {what}{relative}; the device's bundle directory holds it (`zonegate device add` wrote it there)",
+                    config.display(),
+                    written.display().to_string(),
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
 
 /// Fetches `_zonegate.DOMAIN` from `server`, verifies it with the pinned zone CA and writes it
 /// as the bundle's zone.json when it is newer than what the bundle holds (or when it has none).

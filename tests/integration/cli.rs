@@ -738,6 +738,33 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
         "{e}"
     );
 
+    // A bundle file named wrong: the setting and the config file are named (the error gave
+    // only the path), exit 1 (a disk mounted late has it by the next start).
+    let typo = z.join("devices/home1/typo.toml");
+    std::fs::write(
+        &typo,
+        std::fs::read_to_string(&node)
+            .unwrap()
+            .replace("zone_config = \"zone.json\"", "zone_config = \"zone.jsn\""),
+    )
+    .unwrap();
+    let e = fails(1, ["node", "--config", typo.to_str().unwrap()]);
+    assert!(
+        e.contains("typo.toml: zone_config = \"zone.jsn\": ") && e.contains("does not exist"),
+        "{e}"
+    );
+    let typo = z.join("devices/gw/typo.toml");
+    std::fs::write(
+        &typo,
+        std::fs::read_to_string(&gw)
+            .unwrap()
+            .replace("key = \"device.key\"", "key = \"devic.key\""),
+    )
+    .unwrap();
+    let e = fails(1, ["gateway", "--config", typo.to_str().unwrap()]);
+    assert!(e.contains("typo.toml: key = \"devic.key\": "), "{e}");
+    std::fs::remove_file(&typo).unwrap();
+
     // The bundle comes with an empty policy directory; one named in gateway.toml but gone:
     let pol = z.join("devices/gw/policies");
     assert!(pol.is_dir(), "device add made no policies/ for the gateway");
