@@ -259,7 +259,17 @@ impl DnsServer {
                 }
             })
         };
-        let serve = self.run_records(first, move || rx.borrow().clone(), shutdown);
+        // Told of each new serial's records as they are built: polled on its own second as
+        // well, a zone.json adopted was served up to two seconds later (a node started with
+        // --bootstrap-dns at once after copying it in was refused the older serial).
+        let changed = rx.clone();
+        let serve = self.serve_records(
+            first,
+            move || rx.borrow().clone(),
+            Some(changed),
+            ZONE_POLL_INTERVAL,
+            shutdown,
+        );
         tokio::pin!(serve);
         // The builder ends only at shutdown, or by a panic (of the zone source): then DNS
         // would serve one serial for good, unseen — said as the server stopping instead.
@@ -280,7 +290,21 @@ impl DnsServer {
     pub async fn run_records(
         self,
         first: Arc<ZoneRecords>,
+        records_source: impl FnMut() -> Arc<ZoneRecords> + Send + 'static,
+        shutdown: CancellationToken,
+    ) -> Result<(), DnsError> {
+        self.serve_records(first, records_source, None, ZONE_POLL_INTERVAL, shutdown)
+            .await
+    }
+
+    /// [`run_records`](DnsServer::run_records), the source also read as soon as `changed`
+    /// says it changed.
+    async fn serve_records(
+        self,
+        first: Arc<ZoneRecords>,
         mut records_source: impl FnMut() -> Arc<ZoneRecords> + Send + 'static,
+        mut changed: Option<tokio::sync::watch::Receiver<Arc<ZoneRecords>>>,
+        poll_every: Duration,
         shutdown: CancellationToken,
     ) -> Result<(), DnsError> {
         let (udp_addr, tcp_addr) = (self.udp_addrs(), self.tcp_addrs());
@@ -312,24 +336,22 @@ impl DnsServer {
             tcp_stop.clone(),
         ));
 
-        let mut poll = tokio::time::interval(ZONE_POLL_INTERVAL);
+        let mut poll = tokio::time::interval(poll_every);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reported = tokio::time::Instant::now();
         let result = loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Ok(()),
-                _ = poll.tick() => {
-                    let next = records_source();
-                    let served = handler.records();
-                    if !Arc::ptr_eq(&next, &served) {
-                        let (old, new) = (served.serial(), next.serial());
-                        let zone = next.origin().clone();
-                        handler.replace(next);
-                        if old != new {
-                            info!(%zone, serial = new, previous = old, "DNS serving new zone serial");
-                        }
+                told = next_change(&mut changed) => {
+                    match told {
+                        Some(()) => serve_newer(&handler, records_source()),
+                        // The builder ended (shutdown): the ticks go on.
+                        None => changed = None,
                     }
+                }
+                _ = poll.tick() => {
+                    serve_newer(&handler, records_source());
                     if reported.elapsed() >= RATE_LIMIT_REPORT_EVERY {
                         reported = tokio::time::Instant::now();
                         let (slipped, dropped) = handler.rate_limited();
@@ -371,6 +393,29 @@ impl DnsServer {
         }
         info!(udp = ?udp_addr, tcp = ?tcp_addr, "DNS server stopped");
         result
+    }
+}
+
+/// Serves `next` from now on if it is not what `handler` serves.
+fn serve_newer(handler: &ZoneHandler, next: Arc<ZoneRecords>) {
+    let served = handler.records();
+    if !Arc::ptr_eq(&next, &served) {
+        let (old, new) = (served.serial(), next.serial());
+        let zone = next.origin().clone();
+        handler.replace(next);
+        if old != new {
+            info!(%zone, serial = new, previous = old, "DNS serving new zone serial");
+        }
+    }
+}
+
+/// Once `changed` (if any) has a new value; `None` once its sender is gone.
+async fn next_change(
+    changed: &mut Option<tokio::sync::watch::Receiver<Arc<ZoneRecords>>>,
+) -> Option<()> {
+    match changed {
+        Some(rx) => rx.changed().await.ok(),
+        None => std::future::pending().await,
     }
 }
 
@@ -902,6 +947,71 @@ async fn serve_tcp(
 mod tests {
     use super::*;
     use std::net::IpAddr;
+
+    /// Records built anew are served as soon as they are told, not at the next poll (which
+    /// the builder's own poll came before: a zone.json adopted was served up to two seconds
+    /// later). The poll is an hour here: only being told can serve serial 2 in time.
+    #[tokio::test]
+    async fn new_records_are_served_when_told_not_at_the_next_poll() {
+        use hickory_proto::op::{Message, Query};
+        use hickory_proto::rr::{Name, RData, RecordType};
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let server = DnsServer::bind(any, any).await.unwrap();
+        let addr = server.udp_addr();
+        let records = |serial| {
+            let (_, z) = crate::testzone::zone_with(serial, |_| {});
+            Arc::new(ZoneRecords::new(&z).unwrap())
+        };
+        let first = records(1);
+        let (tx, rx) = tokio::sync::watch::channel(first.clone());
+        let changed = rx.clone();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(server.serve_records(
+            first,
+            move || rx.borrow().clone(),
+            Some(changed),
+            Duration::from_secs(3600),
+            stop.clone(),
+        ));
+        let client = tokio::net::UdpSocket::bind(any).await.unwrap();
+        client.connect(addr).await.unwrap();
+        let serial = || async {
+            let mut m = Message::new();
+            m.set_id(7);
+            m.add_query(Query::query(
+                Name::from_ascii("alice.example.").unwrap(),
+                RecordType::SOA,
+            ));
+            client.send(&m.to_vec().unwrap()).await.unwrap();
+            let mut buf = [0u8; 2048];
+            let n = tokio::time::timeout(Duration::from_secs(2), client.recv(&mut buf))
+                .await
+                .ok()?
+                .ok()?;
+            let answer = Message::from_vec(&buf[..n]).ok()?;
+            match answer.answers().first().map(|a| a.data()) {
+                Some(RData::SOA(soa)) => Some(soa.serial()),
+                _ => None,
+            }
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while serial().await != Some(1) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "serial 1 never served"
+            );
+        }
+        tx.send(records(2)).unwrap();
+        while serial().await != Some(2) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "serial 2 not served when told"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
 
     /// TCP is bound where UDP was, an IPv6 address's scope included (a link-local one needs
     /// it; it was dropped, and the bind failed).
