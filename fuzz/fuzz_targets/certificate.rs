@@ -3,8 +3,9 @@
 //! pinned key (`ca_public_key`, from a bundle's zone-ca.crt) and PEM files of certificates
 //! (`parse_pem_certs`). No panic; an identity read is the certificate's one DNS name, split into
 //! a valid device name and domain, with an ed25519 key of the certificate's own (checked here
-//! against x509-parser directly, not through the reader); a CA key is read only from an
-//! ed25519 key; PEM that parses holds at least one certificate, each read as above.
+//! against x509-parser directly, not through the reader); a CA key is read only from a CA
+//! certificate's ed25519 key; PEM that parses holds at least one certificate, each read as
+//! above.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -57,6 +58,8 @@ fuzz_target!(|data: &[u8]| {
     check_identity(data);
     if let Ok(k) = cert::ca_public_key(data) {
         let (_, ed25519, key) = facts(data).expect("a CA key was read from a certificate");
+        let (_, x) = x509_parser::parse_x509_certificate(data).expect("parsed above");
+        assert!(x.is_ca(), "CA key read from a certificate that is no CA's");
         assert!(ed25519, "CA key read from a key that is not ed25519");
         assert_eq!(k.as_bytes().as_slice(), key.as_slice());
     }

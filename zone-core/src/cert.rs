@@ -244,6 +244,16 @@ pub fn parse_pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, ZoneEr
 pub fn ca_public_key(ca_der: &[u8]) -> Result<ed25519_dalek::VerifyingKey, ZoneError> {
     let (_, x) = x509_parser::parse_x509_certificate(ca_der)
         .map_err(|e| ZoneError::Cert(format!("cannot parse zone CA certificate: {e}")))?;
+    // A device's certificate given for the CA (`--ca device.crt`, `ca = "device.crt"`) was
+    // taken at its word, and its key told as "another zone's".
+    if !x.is_ca() {
+        let named = DeviceIdentity::from_der(ca_der)
+            .map(|d| format!(" (the certificate of device {}.{})", d.name, d.domain))
+            .unwrap_or_default();
+        return Err(ZoneError::Cert(format!(
+            "not a CA certificate{named}: give the zone's CA certificate, zone-ca.crt (in the zone directory and in every device's bundle)"
+        )));
+    }
     // By the algorithm, as for device certificates: any 32-byte key was pinned as ed25519.
     if x.public_key().algorithm.algorithm != x509_parser::oid_registry::OID_SIG_ED25519 {
         return Err(ZoneError::Cert("zone CA key is not ed25519".into()));
@@ -301,6 +311,24 @@ mod tests {
         };
         let device = issue_device(&zone, &ca, &zone.derive_device(&domain, &name), &req).unwrap();
         verify(&ca, &device.pem, "home1.alice.example").expect("a device's own name verifies");
+        // The CA's key is read from the CA only: a device's certificate given for it was
+        // taken at its word (and its key told as another zone's).
+        let der = |pem: &str| {
+            x509_parser::pem::parse_x509_pem(pem.as_bytes())
+                .unwrap()
+                .1
+                .contents
+        };
+        assert_eq!(
+            ca_public_key(&der(&ca)).unwrap().as_bytes(),
+            zone.verifying_key().as_bytes()
+        );
+        let e = ca_public_key(&der(&device.pem)).unwrap_err().to_string();
+        assert!(
+            e.contains("not a CA certificate (the certificate of device home1.alice.example)")
+                && e.contains("zone-ca.crt"),
+            "{e}"
+        );
 
         for ip in ["127.0.0.1", "::1"] {
             let mut p = CertificateParams::default();
