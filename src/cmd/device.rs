@@ -351,6 +351,16 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
         }
         DeviceCmd::Pubkey { name, zone } => {
             let z = ZoneDir::open(&zone.zone)?;
+            // Any name has a key: a misspelt one printed a key that matches nothing, unsaid.
+            // On stderr, so that stdout stays the key alone for scripts.
+            if z.zone.config.device(&name).is_none() {
+                use std::io::Write as _;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "note: {name} is not a device of this zone (zone.json serial {} does not list it): this is the key it would have once added",
+                    z.zone.config.serial
+                );
+            }
             say!("{}", z.key.derive_device(z.domain(), &name).public_text());
             Ok(())
         }

@@ -143,8 +143,16 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
 /// A `--dir` that is no directory is a mistake in the command (exit 2), for `check` and
 /// `explain` alike (`explain` said it as a policy error, exit 1).
 fn not_a_dir(dir: &std::path::Path) -> Result<(), UsageError> {
-    match dir.is_dir() {
-        true => Ok(()),
-        false => Err(UsageError(format!("{}: not a directory", dir.display()))),
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(UsageError(format!(
+            "{}: not a directory: give the directory of policy files",
+            dir.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(UsageError(format!(
+            "{}: does not exist: give the directory of policy files (the gateway's `policies`)",
+            dir.display()
+        ))),
+        Err(e) => Err(UsageError(format!("{}: {e}", dir.display()))),
     }
 }

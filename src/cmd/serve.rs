@@ -511,8 +511,23 @@ pub fn files(
     opts: crate::files::Options,
 ) -> anyhow::Result<()> {
     ignore_hangup_while_starting();
-    if !dir.is_dir() {
-        return Err(UsageError(format!("--dir {}: not a directory", dir.display())).into());
+    match std::fs::metadata(&dir) {
+        Ok(m) if m.is_dir() => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(UsageError(format!(
+                "--dir {}: does not exist: give the directory to serve",
+                dir.display()
+            ))
+            .into())
+        }
+        Ok(_) => {
+            return Err(UsageError(format!(
+                "--dir {}: not a directory: give the directory to serve",
+                dir.display()
+            ))
+            .into())
+        }
+        Err(e) => return Err(UsageError(format!("--dir {}: {e}", dir.display())).into()),
     }
     config::fixed_port("--listen", listen)?;
     let share = crate::files::Share::open(&dir)

@@ -319,8 +319,15 @@ fn pubkey_is_derived_and_stable() {
     let json = std::fs::read_to_string(z.join("zone.json")).unwrap();
     assert!(json.contains(a.trim()));
     let before = std::fs::read(z.join("zone.json")).unwrap();
-    ok(["device", "pubkey", "laptop", "--zone", zs]);
+    let laptop = zg(["device", "pubkey", "laptop", "--zone", zs]);
+    assert!(laptop.status.success());
     assert_eq!(before, std::fs::read(z.join("zone.json")).unwrap());
+    // Said on stderr (a misspelt name printed a key that matches nothing); stdout is the key.
+    let e = String::from_utf8_lossy(&laptop.stderr);
+    assert!(e.contains("laptop is not a device of this zone"), "{e}");
+    assert!(stdout(&laptop).trim().starts_with("ed25519:"));
+    let home1 = zg(["device", "pubkey", "home1", "--zone", zs]);
+    assert!(home1.stderr.is_empty(), "{home1:?}");
     // Renew keeps the key.
     ok(["device", "renew", "home1", "--zone", zs]);
     assert_eq!(a, ok(["device", "pubkey", "home1", "--zone", zs]));
@@ -1282,7 +1289,13 @@ fn policy_check_and_explain() {
     let mut explain = vec!["policy", "explain", "--dir", missing];
     explain.extend(args);
     let e = fails(2, explain);
-    assert!(e.contains("not a directory"), "{e}");
+    // Said as it is: "not a directory" sent owners looking for a file in its place.
+    assert!(e.contains("missing: does not exist"), "{e}");
+    let e = fails(
+        2,
+        ["policy", "check", dir.join("notes.md").to_str().unwrap()],
+    );
+    assert!(e.contains("notes.md: not a directory"), "{e}");
     let out = ok([
         "policy",
         "explain",

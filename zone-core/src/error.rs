@@ -17,6 +17,15 @@ pub enum ZoneError {
         #[source]
         source: std::io::Error,
     },
+    /// A zone key others may read, a zone directory others may write: refused until its
+    /// mode is mended (it is not invalid: "not a valid zone key" sent owners looking at
+    /// its contents).
+    #[error("{path}: the {what} is not private enough: {why}")]
+    NotPrivate {
+        path: PathBuf,
+        what: &'static str,
+        why: String,
+    },
     #[error("{path}: not a valid {what}: {why}")]
     BadFile {
         path: PathBuf,

@@ -260,7 +260,7 @@ fn check_private(path: &Path) -> Result<(), ZoneError> {
         .permissions()
         .mode();
     if mode & 0o077 != 0 {
-        return Err(ZoneError::BadFile {
+        return Err(ZoneError::NotPrivate {
             path: path.to_owned(),
             what: "zone key",
             why: format!(
@@ -282,7 +282,7 @@ fn check_not_shared(dir: &Path) -> Result<(), ZoneError> {
         .permissions()
         .mode();
     if mode & 0o022 != 0 {
-        return Err(ZoneError::BadFile {
+        return Err(ZoneError::NotPrivate {
             path: dir.to_owned(),
             what: "zone directory",
             why: format!(
@@ -1117,7 +1117,12 @@ mod tests {
         fs::set_permissions(&d, fs::Permissions::from_mode(0o775)).unwrap();
         let now = OffsetDateTime::now_utc();
         let e = ZoneDir::init(&d, Domain::new("alice.example").unwrap(), now).unwrap_err();
-        assert!(e.to_string().contains("chmod 700"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("the zone directory is not private enough: others may write it")
+                && e.to_string().contains("chmod 700"),
+            "{e}"
+        );
         assert_eq!(fs::read_dir(&d).unwrap().count(), 0, "written into");
         fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
         ZoneDir::init(&d, Domain::new("alice.example").unwrap(), now).unwrap();
