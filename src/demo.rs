@@ -476,6 +476,11 @@ async fn run_async(dir: PathBuf, check: bool, shutdown: CancellationToken) -> an
             .context("zone config over the gateway's DNS")?;
     }
 
+    // Stopped while it started, by a signal (the caller then stops as it does, whatever this
+    // says) or by a part that broke: nothing to try any more.
+    if shutdown.is_cancelled() {
+        bail!("a part of the demo stopped while it started (the error above says which and why)");
+    }
     // What to try, for a demo that goes on running: a check's zone is removed as it ends.
     if !check {
         out!();

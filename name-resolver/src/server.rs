@@ -336,7 +336,9 @@ impl DnsServer {
             tcp_stop.clone(),
         ));
 
-        let mut poll = tokio::time::interval(poll_every);
+        // The first look a period from now: `first` is what the source holds at the start.
+        let mut poll =
+            tokio::time::interval_at(tokio::time::Instant::now() + poll_every, poll_every);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reported = tokio::time::Instant::now();
         let result = loop {

@@ -355,11 +355,14 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
             // On stderr, so that stdout stays the key alone for scripts.
             if z.zone.config.device(&name).is_none() {
                 use std::io::Write as _;
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "note: {name} is not a device of this zone (zone.json serial {} does not list it): this is the key it would have once added",
-                    z.zone.config.serial
-                );
+                let note = match z.zone.config.is_revoked(&name) {
+                    true => format!("note: {name} is revoked: this is the key it had (it cannot be added again)"),
+                    false => format!(
+                        "note: {name} is not a device of this zone (zone.json serial {} does not list it): this is the key it would have once added",
+                        z.zone.config.serial
+                    ),
+                };
+                let _ = writeln!(std::io::stderr(), "{note}");
             }
             say!("{}", z.key.derive_device(z.domain(), &name).public_text());
             Ok(())

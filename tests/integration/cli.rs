@@ -770,6 +770,20 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
     .unwrap();
     let e = fails(1, ["gateway", "--config", typo.to_str().unwrap()]);
     assert!(e.contains("typo.toml: key = \"devic.key\": "), "{e}");
+    // The device's own certificate given for the zone CA: no restart mends it (exit 2). Its
+    // key was taken as the zone's, and the device's own certificate refused as another zone's.
+    std::fs::write(
+        &typo,
+        std::fs::read_to_string(&gw)
+            .unwrap()
+            .replace("ca = \"zone-ca.crt\"", "ca = \"device.crt\""),
+    )
+    .unwrap();
+    let e = fails(2, ["gateway", "--config", typo.to_str().unwrap()]);
+    assert!(
+        e.contains("not a CA certificate (the certificate of device gw.alice.example)"),
+        "{e}"
+    );
     std::fs::remove_file(&typo).unwrap();
 
     // The bundle comes with an empty policy directory; one named in gateway.toml but gone:

@@ -120,7 +120,9 @@ impl Identity {
             }
         }
         let ca_der = read_cert_der(&p.ca)?;
-        let zone_key = cert::ca_public_key(&ca_der)?;
+        // Not the zone's CA (a device's certificate given for it): no restart mends it.
+        let zone_key = cert::ca_public_key(&ca_der)
+            .map_err(|e| unrunnable(&p.ca, "the zone CA certificate (`ca`)", e))?;
         let trust = ZoneTrust::new(identity.domain.clone(), ca_der)?;
         // Our own certificate must pass our own trust: catches a bundle mixed from two zones
         // and an expired certificate before any peer refuses it with a vaguer message.
