@@ -364,17 +364,15 @@ impl RateLimiter {
     /// nothing is missing any more.
     fn drain_new_key(&self, key: &LimitKey, empty: &EmptyAt) -> bool {
         let now = signed(self.clock.now());
-        // Rounded up: the drain happens now, not when the bucket emptied, so a partly
-        // refilled token is granted rather than charged a whole cell (at most one token of
-        // leniency).
-        let missing = |at: i64| {
-            let elapsed = u64::try_from(now.saturating_sub(at)).unwrap_or(0);
-            let refilled = elapsed.div_ceil((self.cell.as_nanos() as u64).max(1));
-            u64::from(self.config.burst).saturating_sub(refilled)
-        };
+        let cell = i64::try_from(self.cell.as_nanos())
+            .unwrap_or(i64::MAX)
+            .max(1);
+        // The moment a bucket empty at `at` is full again: a whole burst of cells later.
+        let full_at =
+            |at: i64| at.saturating_add(cell.saturating_mul(i64::from(self.config.burst.max(1))));
         // Once a whole burst has refilled since the edit (the usual case, soon after it),
         // nothing is missing: no table lookup per request.
-        if missing(empty.latest) == 0 {
+        if full_at(empty.latest) <= now {
             return false;
         }
         if self.store.0.contains_key(key) {
@@ -383,9 +381,19 @@ impl RateLimiter {
         let Some(at) = empty.keys.get(key).copied().or(empty.others) else {
             return true;
         };
-        if let Some(n) = u32::try_from(missing(at)).ok().and_then(NonZeroU32::new) {
-            // At most the burst, which a new key holds: never refused, always taken.
-            let _ = self.inner.check_key_n(key, n);
+        // The bucket's state is set to exactly that of one empty at `at`: its theoretical
+        // arrival time is when it is full again (governor's cell-rate algorithm lets
+        // `(now - at) / cell` requests through, rounded down). Taking whole tokens instead
+        // rounded the time since up: every edit granted a token more, with a burst of 1 a
+        // whole fresh burst (1/h edited to 2/h and back, again and again: a request each).
+        let tat = full_at(at).saturating_sub(self.started);
+        if full_at(at) > now && tat > 0 {
+            let tat = Nanos::from(u64::try_from(tat).unwrap_or(0));
+            // Only while absent: a request of the same client that got in first has counted
+            // itself against what it found.
+            let _ = self.store.measure_and_replace(key, |was| {
+                Ok::<_, std::convert::Infallible>(((), was.unwrap_or(tat)))
+            });
         }
         true
     }

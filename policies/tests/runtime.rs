@@ -1042,6 +1042,53 @@ async fn a_rate_limit_removed_and_back_or_per_edited_gives_no_fresh_burst() {
     );
 }
 
+/// A rate edited some time after its last use (any time at all: a nanosecond) gives the
+/// client what its bucket held, not a token more: the time since the edit was rounded up to a
+/// whole token, so with a burst of 1 each edit was a fresh burst (1/h edited to 2/h and back,
+/// again and again: two requests after every edit).
+#[tokio::test(start_paused = true)]
+async fn a_rate_edited_later_gives_no_token_more() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let app = |rate: &str, burst: u32| {
+        format!("[app.a]\nhttp = {{ host = \"a.example\" }}\nto = \"d/s\"\nallow = {{ from = [\"public\"] }}\nlimits = {{ rate = \"{rate}\", burst = {burst} }}\n")
+    };
+    write(dir.path(), "a.toml", &app("1/h", 1));
+    let store = PolicyStore::load(dir.path()).expect("load");
+    let who = Requester::Public {
+        ip: ip("198.51.100.1"),
+    };
+    let limits = |s: &PolicyStore| {
+        let cur = s.current();
+        let a = cur.policy.app("a").expect("a");
+        cur.state(a).limits.clone()
+    };
+    assert!(limits(&store).check_rate(&who).is_ok());
+    assert!(limits(&store).check_rate(&who).is_err(), "1/h");
+    for round in 0..3 {
+        // Raised: the difference at once (one more token of a burst of 2), no more.
+        write(dir.path(), "a.toml", &app("2/h", 2));
+        store.reload().expect("reload");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let raised = limits(&store);
+        assert!(
+            raised.check_rate(&who).is_ok(),
+            "round {round}: the difference"
+        );
+        assert!(
+            raised.check_rate(&who).is_err(),
+            "round {round}: a token more at 2/h"
+        );
+        // Lowered again: nothing.
+        write(dir.path(), "a.toml", &app("1/h", 1));
+        store.reload().expect("reload");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(
+            limits(&store).check_rate(&who).is_err(),
+            "round {round}: a fresh burst at 1/h"
+        );
+    }
+}
+
 /// Editing an app's limits keeps what its clients already use: open connections stay counted
 /// against the new maxima, and under a changed rate a client in use keeps what its bucket
 /// lacked (no fresh burst, nothing it had taken away: a raised limit throttled the clients in
@@ -1141,8 +1188,9 @@ async fn a_limits_edit_gives_no_client_a_fresh_allowance() {
     write(dir.path(), "a.toml", &app("5/min", 4));
     store.reload().expect("reload");
     let later = limits(&store);
-    // Empty 40 s ago, refilling at 5/min since: 4 of its 5.
-    for i in 0..4 {
+    // Empty 40 s ago, refilling at 5/min since (one per 12 s): 3 whole ones of its 5 (the
+    // third of a fourth is no request).
+    for i in 0..3 {
         assert!(later.check_rate(&away).is_ok(), "request {i}");
     }
     assert!(later.check_rate(&away).is_err(), "more than it refilled");
