@@ -702,13 +702,10 @@ async fn tcp_conn(
         }
         return;
     }
-    if state.limits.check_rate(&who).is_err() {
-        state.counters.refused(Refusal::RateLimited);
-        if let Some(unlogged) = LogBudget::take_shared(lines) {
-            info!(app = %app_name, client = %Client(peer), unlogged, "connection refused: rate limit");
-        }
-        return;
-    }
+    // The connection limits before the rate, as a UDP app's flows: a connection they refuse
+    // spent a token of the rate (a client at its `max_connections_per_client`, retrying,
+    // was then refused by the rate too once a connection closed). One the rate refuses
+    // gives its slot back at once.
     let guard = match state.limits.connect(&who) {
         Ok(g) => g,
         Err(e) => {
@@ -719,6 +716,13 @@ async fn tcp_conn(
             return;
         }
     };
+    if state.limits.check_rate(&who).is_err() {
+        state.counters.refused(Refusal::RateLimited);
+        if let Some(unlogged) = LogBudget::take_shared(lines) {
+            info!(app = %app_name, client = %Client(peer), unlogged, "connection refused: rate limit");
+        }
+        return;
+    }
     let target = app.target.clone();
     let slot = match slot {
         Some(s) => s,

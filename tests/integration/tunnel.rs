@@ -3480,6 +3480,52 @@ async fn a_stopping_node_delivers_the_end_of_a_finished_answer() {
     gw.shutdown.cancel();
 }
 
+/// A tcp app's connection refused by its connection limit spends none of its rate: a client
+/// at its `max_connections_per_client` that retried had spent its rate once its connection
+/// ended, and was refused by that too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_refused_by_the_connection_limit_spend_no_rate() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let z = TestZone::new(&["home1"]);
+    z.write_policy(
+        "a.toml",
+        &(tcp_app("echo", 0)
+            + "limits = { rate = \"1/h\", burst = 2, max_connections_per_client = 1 }\n"),
+    );
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_secs(1)).await;
+    let _h1 = start_echo_node(&z, &gw, "home1").await;
+    let app = gw.apps["echo"];
+    // One connection open (the burst's first token), echoing.
+    let mut held = tokio::net::TcpStream::connect(app).await.unwrap();
+    held.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    held.read_exact(&mut b).await.unwrap();
+    // Three more while it is open: refused by the connection limit.
+    for i in 0..3 {
+        assert!(
+            tokio::task::spawn_blocking(move || roundtrip_refused(app))
+                .await
+                .unwrap(),
+            "connection {i} beside the open one"
+        );
+    }
+    drop(held);
+    // Its slot comes back as the gateway sees it close; then the burst's second token lets
+    // one more in (each try before refused by the connection limit alone).
+    let start = Instant::now();
+    while tokio::task::spawn_blocking(move || roundtrip_refused(app))
+        .await
+        .unwrap()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "refused after the open connection ended: the refusals spent the rate"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gw.shutdown.cancel();
+}
+
 /// Whether a new connection to `app` is closed without an echo.
 fn roundtrip_refused(app: std::net::SocketAddr) -> bool {
     use std::io::{Read, Write};
