@@ -134,7 +134,24 @@ pub enum PolicyCmd {
         /// Mesh target DEVICE/SERVICE (instead of --host/--path)
         #[arg(long, conflicts_with_all = ["host", "path"])]
         to: Option<String>,
+        /// A tcp app's listen address IP:PORT (instead of --host/--path)
+        #[arg(long, value_name = "IP:PORT", value_parser = crate::config::socket_addr, conflicts_with_all = ["host", "path", "to", "method", "udp"])]
+        tcp: Option<std::net::SocketAddr>,
+        /// A udp app's listen address IP:PORT (instead of --host/--path)
+        #[arg(long, value_name = "IP:PORT", value_parser = crate::config::socket_addr, conflicts_with_all = ["host", "path", "to", "method"])]
+        udp: Option<std::net::SocketAddr>,
+        /// The moment to decide at, RFC 3339 (2026-12-07T21:30:00+01:00); default now: rules
+        /// with hours or days decide by it
+        #[arg(long, value_name = "TIME", value_parser = parse_moment)]
+        at: Option<time::OffsetDateTime>,
     },
+}
+
+/// An RFC 3339 moment, with what to write when it is not one.
+fn parse_moment(s: &str) -> Result<time::OffsetDateTime, String> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map_err(|e| {
+        format!("{s:?}: {e}; write a moment as 2026-12-07T21:30:00+01:00 (or ...Z for UTC)")
+    })
 }
 
 #[derive(Debug, Args)]

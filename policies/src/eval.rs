@@ -421,6 +421,60 @@ impl CompiledPolicy {
         decide_app(app, who, method, path, now)
     }
 
+    /// An HTTP request's decision as the front answers it: refused for its method while no
+    /// method is allowed on that path now, it is refused for the time (a rule that lets the
+    /// path in with other methods is outside its hours: a 405 with an empty `Allow` sent the
+    /// user to try methods that fail as well). With the methods allowed there now when it is
+    /// refused for its method (a 405's `Allow`: the usual ones and those the rules name).
+    pub fn decide_http(
+        &self,
+        app: &App,
+        who: &Requester<'_>,
+        method: &str,
+        path: &str,
+        now: Timestamp,
+    ) -> (Decision, Vec<String>) {
+        let decision = decide_app(app, who, Some(method), Some(path), now);
+        let Decision::Deny {
+            reason: DenyReason::Method,
+        } = decision
+        else {
+            return (decision, Vec::new());
+        };
+        let allow = self.allowed_methods(app, who, path, now);
+        match allow.is_empty() {
+            true => (
+                Decision::Deny {
+                    reason: DenyReason::OutsideHours,
+                },
+                allow,
+            ),
+            false => (decision, allow),
+        }
+    }
+
+    /// The methods `who` may use on `path` of `app` now (a 405's `Allow`): of the usual ones
+    /// and those the app's rules name (`PROPFIND` for a WebDAV service).
+    pub fn allowed_methods(
+        &self,
+        app: &App,
+        who: &Requester<'_>,
+        path: &str,
+        now: Timestamp,
+    ) -> Vec<String> {
+        let mut tried: Vec<&str> = USUAL_METHODS.to_vec();
+        for m in app.rules.iter().flat_map(|r| r.methods.iter()) {
+            if !tried.contains(&m.as_str()) {
+                tried.push(m);
+            }
+        }
+        tried
+            .into_iter()
+            .filter(|m| decide_app(app, who, Some(m), Some(path), now).is_allow())
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// May device `from` (holding `roles`) open `to_device/to_service` over the mesh? Denied
     /// when no mesh app targets that service.
     pub fn decide_mesh(
@@ -466,6 +520,10 @@ impl CompiledPolicy {
         }
     }
 }
+
+/// Methods tried when telling a client which ones an app allows (a 405's `Allow`), besides
+/// those its rules name.
+pub const USUAL_METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
 
 pub(crate) fn decide_app(
     app: &App,

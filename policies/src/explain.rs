@@ -48,6 +48,7 @@ fn describe_rule(rule: &Rule) -> String {
 
 /// Appends one line per rule and the verdict; returns the decision.
 fn explain_app(
+    policy: &CompiledPolicy,
     out: &mut String,
     app: &App,
     who: &Requester<'_>,
@@ -77,13 +78,26 @@ fn explain_app(
             describe_rule(rule)
         );
     }
-    let decision = crate::eval::decide_app(app, who, method, path, now);
+    // An HTTP request as the front decides it (a method refused while no method is allowed
+    // there now is refused for the time), with the methods a 405 would list.
+    let (decision, allow) = match (method, path, &app.listener) {
+        (Some(m), Some(p), crate::model::Listener::Http(_)) => {
+            policy.decide_http(app, who, m, p, now)
+        }
+        _ => (
+            crate::eval::decide_app(app, who, method, path, now),
+            Vec::new(),
+        ),
+    };
     let _ = writeln!(
         out,
         "result: {} {}",
         if decision.is_allow() { "ALLOW" } else { "DENY" },
         decision
     );
+    if !allow.is_empty() {
+        let _ = writeln!(out, "allowed here now: {}", allow.join(", "));
+    }
     decision
 }
 
@@ -103,7 +117,7 @@ impl CompiledPolicy {
         );
         match self.route_http(host, path) {
             Some(app) => {
-                explain_app(&mut out, app, who, method, Some(path), now);
+                explain_app(self, &mut out, app, who, method, Some(path), now);
             }
             None => {
                 out.push_str("no http app serves this host and path\nresult: DENY (no route)\n")
@@ -123,7 +137,7 @@ impl CompiledPolicy {
         let mut out = format!("connection: {who} -> {kind:?} {addr}\n");
         match self.app_by_listen(kind, addr) {
             Some(app) => {
-                explain_app(&mut out, app, who, None, None, now);
+                explain_app(self, &mut out, app, who, None, None, now);
             }
             None => out.push_str("no app listens there\nresult: DENY (no route)\n"),
         }
@@ -148,7 +162,7 @@ impl CompiledPolicy {
         let mut any = false;
         for app in self.mesh_apps_for_target(to_device, to_service) {
             any = true;
-            explain_app(&mut out, app, &who, None, None, now);
+            explain_app(self, &mut out, app, &who, None, None, now);
         }
         if !any {
             out.push_str("no mesh app targets this service\n");

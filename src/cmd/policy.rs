@@ -80,6 +80,9 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
             path,
             method,
             to,
+            tcp,
+            udp,
+            at,
         } => {
             not_a_dir(&dir)?;
             let policy = policies::check_dir(&dir).map_err(|errs| {
@@ -95,7 +98,24 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
                 zone_core::DeviceName::new(name)
                     .map_err(|e| UsageError(format!("--from {from}: {e}")))?;
             }
-            let now = Timestamp::now();
+            let now = at.map_or_else(Timestamp::now, Timestamp::from);
+            // Rules with hours or days decide by it: said, so that an answer is read for its
+            // moment (each rule's `tz` applies to it).
+            let moment = time::OffsetDateTime::from_unix_timestamp(now.0)
+                .ok()
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_else(|| now.0.to_string());
+            say!(
+                "at: {moment}{}",
+                if at.is_none() {
+                    " (now; --at TIME for another moment)"
+                } else {
+                    ""
+                }
+            );
             if let Some(to) = to {
                 let name = from
                     .strip_prefix("device:")
@@ -104,20 +124,53 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
                     .split_once('/')
                     .ok_or_else(|| UsageError("--to must be DEVICE/SERVICE".into()))?;
                 say!("{}", policy.explain_mesh(name, &role_refs, d, s, now));
+                // The gateway reads a device's roles from its certificate; here they are only
+                // those given.
+                let by_role = policy
+                    .apps()
+                    .iter()
+                    .filter(|a| a.target.device == d && a.target.service == s)
+                    .any(|a| a.rules.iter().any(|r| !r.from.roles.is_empty()));
+                if role_refs.is_empty() && by_role {
+                    say!("note: rules here admit roles, and no --role was given: a device is decided with the roles its certificate holds (`zonegate device list --zone DIR` shows them); give them with --role");
+                }
+                return Ok(());
+            }
+            let listen = tcp
+                .map(|a| (policies::ListenKind::Tcp, a))
+                .or(udp.map(|a| (policies::ListenKind::Udp, a)));
+            if let Some((kind, addr)) = listen {
+                let ip = from.parse::<IpAddr>().map_err(|_| {
+                    UsageError(format!(
+                        "--from {from:?}: a tcp or udp app knows its clients by address: give an IP address"
+                    ))
+                })?;
+                let who = Requester::Public { ip };
+                say!("{}", policy.explain_listen(&who, kind, addr, now));
                 return Ok(());
             }
             let (Some(host), Some(path)) = (host, path) else {
                 return Err(UsageError(
-                    "give --host and --path (HTTP) or --to DEVICE/SERVICE (mesh)".into(),
+                    "give --host and --path (HTTP), --tcp or --udp IP:PORT (a tcp or udp app), or --to DEVICE/SERVICE (mesh)".into(),
                 )
                 .into());
             };
+            // As a request's path is written: `dfs/x` was explained as `hostdfs/x`.
+            if !path.starts_with('/') {
+                return Err(UsageError(format!(
+                    "--path {path:?}: a request's path starts with /, as in /{path}"
+                ))
+                .into());
+            }
             let who = match from.strip_prefix("device:") {
-                Some(name) => Requester::Device {
-                    name,
-                    roles: &role_refs,
-                    ip: None,
-                },
+                // The front knows its clients by address only (`device:` and `zone` are refused
+                // on http apps): an answer for a device would say nothing of what happens.
+                Some(_) => {
+                    return Err(UsageError(format!(
+                        "--from {from}: an http app knows its clients by address: give the IP address the device's requests come from (device:NAME is for mesh apps, with --to DEVICE/SERVICE)"
+                    ))
+                    .into())
+                }
                 None if !role_refs.is_empty() => {
                     return Err(UsageError(format!(
                         "--role is for --from device:NAME; a public client ({from}) has no roles"

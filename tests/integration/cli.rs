@@ -1339,6 +1339,96 @@ fn policy_check_and_explain() {
         "home2/etcd",
     ]);
     assert!(out.contains("peers"), "{out}");
+    // Decided as the front decides (a method refused while no method is allowed there now is
+    // refused for the time), at the moment given (said, with now as the default); tcp and
+    // udp apps explained too; a device is no HTTP client; a path starts with /.
+    std::fs::write(
+        dir.join("more.toml"),
+        "[app.tw]\nhttp = { host = \"tw.example\" }\nto = \"home1/web\"\nallow = { from = [\"public\"], methods = [\"GET\"], hours = \"15:00-16:00\" }\n\n[app.ssh]\ntcp = { listen = \"0.0.0.0:2222\" }\nto = \"home1/ssh\"\nallow = { from = [\"10.0.0.0/8\"] }\n",
+    )
+    .unwrap();
+    let tw = |at: &str, method: &str| {
+        ok([
+            "policy",
+            "explain",
+            "--dir",
+            d,
+            "--from",
+            "198.51.100.7",
+            "--host",
+            "tw.example",
+            "--path",
+            "/x",
+            "--method",
+            method,
+            "--at",
+            at,
+        ])
+    };
+    let out = tw("2026-12-07T13:54:00Z", "POST");
+    assert!(out.contains("at: 2026-12-07T13:54:00Z"), "{out}");
+    assert!(
+        out.contains("DENY") && out.contains("outside the allowed hours"),
+        "{out}"
+    );
+    let out = tw("2026-12-07T15:30:00Z", "POST");
+    assert!(
+        out.contains("DENY") && out.contains("allowed here now: GET"),
+        "{out}"
+    );
+    let out = tw("2026-12-07T16:30:00+01:00", "GET");
+    assert!(out.contains("ALLOW"), "{out}");
+    let ssh = |from: &str| {
+        ok([
+            "policy",
+            "explain",
+            "--dir",
+            d,
+            "--from",
+            from,
+            "--tcp",
+            "0.0.0.0:2222",
+        ])
+    };
+    assert!(ssh("10.1.2.3").contains("ALLOW"), "{}", ssh("10.1.2.3"));
+    assert!(
+        ssh("198.51.100.7").contains("DENY"),
+        "{}",
+        ssh("198.51.100.7")
+    );
+    let e = fails(
+        2,
+        [
+            "policy",
+            "explain",
+            "--dir",
+            d,
+            "--from",
+            "device:home1",
+            "--host",
+            "alice.example",
+            "--path",
+            "/dfs/x",
+        ],
+    );
+    assert!(e.contains("knows its clients by address"), "{e}");
+    let e = fails(
+        2,
+        [
+            "policy",
+            "explain",
+            "--dir",
+            d,
+            "--from",
+            "198.51.100.7",
+            "--host",
+            "alice.example",
+            "--path",
+            "dfs/x",
+        ],
+    );
+    assert!(e.contains("starts with /"), "{e}");
+    std::fs::remove_file(dir.join("more.toml")).unwrap();
     // Options that would be ignored are refused (they were accepted and had no effect).
     let e = fails(
         2,

@@ -65,17 +65,6 @@ pub fn loggable(text: &str) -> std::borrow::Cow<'_, str> {
     out.into()
 }
 
-/// Methods tried when telling a client which ones an app allows (`Allow` of a 405).
-const KNOWN_METHODS: [Method; 7] = [
-    Method::GET,
-    Method::HEAD,
-    Method::POST,
-    Method::PUT,
-    Method::PATCH,
-    Method::DELETE,
-    Method::OPTIONS,
-];
-
 /// A refused request's body is read and discarded up to this size (and for at most
 /// [`DRAIN_TIME`]) before answering, so the client sees a clean answer instead of a reset
 /// stream (curl reports an HTTP/2 `RST_STREAM` after an early answer as an error). Larger
@@ -569,48 +558,17 @@ async fn forward(
     let who = Requester::Public { ip: peer.ip() };
     let now = Timestamp::now();
     let method = parts.method.as_str();
-    // The methods allowed here now, for a 405's `Allow`: the usual ones and those the
-    // app's rules name (`PROPFIND` for a WebDAV service).
-    let allowed_methods = || -> Vec<String> {
-        let mut tried: Vec<&str> = KNOWN_METHODS.iter().map(|m| m.as_str()).collect();
-        for m in app.rules.iter().flat_map(|r| r.methods.iter()) {
-            if !tried.contains(&m.as_str()) {
-                tried.push(m);
-            }
-        }
-        tried
-            .into_iter()
-            .filter(|m| {
-                active
-                    .policy
-                    .decide(app, &who, Some(m), Some(log.uri.path()), now)
-                    .is_allow()
-            })
-            .map(str::to_owned)
-            .collect()
-    };
     let not_allowed = |method: String, allow: Vec<String>| ProxyError::MethodNotAllowed {
         app: app.name.clone(),
         method,
         allow,
     };
-    if let Decision::Deny { reason } =
+    // As `policy explain` tells it: one decision for both.
+    if let (Decision::Deny { reason }, allow) =
         active
             .policy
-            .decide(app, &who, Some(method), Some(log.uri.path()), now)
+            .decide_http(app, &who, method, log.uri.path(), now)
     {
-        let allow = match reason {
-            DenyReason::Method => allowed_methods(),
-            _ => Vec::new(),
-        };
-        // Refused for its method while no method is allowed here now: a rule that lets the
-        // path in with other methods is outside its hours (tried with its own methods, it
-        // would have allowed one), so the time is why, not the method (a 405 with an empty
-        // `Allow` sent the user to try methods that fail as well).
-        let reason = match reason == DenyReason::Method && allow.is_empty() {
-            true => DenyReason::OutsideHours,
-            false => reason,
-        };
         state.counters.refused(Refusal::Denied(reason));
         return Err(if reason == DenyReason::Method {
             not_allowed(method.to_owned(), allow)
@@ -642,7 +600,9 @@ async fn forward(
             };
             return Err(not_allowed(
                 format!("{method} overridden to {over} (by a method override)"),
-                allowed_methods(),
+                active
+                    .policy
+                    .allowed_methods(app, &who, log.uri.path(), now),
             ));
         }
     }
