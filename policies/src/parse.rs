@@ -222,6 +222,10 @@ pub fn ignored_policy_files(dir: &Path) -> Vec<(PathBuf, &'static str)> {
             Some("only names ending in .toml, in lower case, are read")
         } else if name.ends_with(".toml.txt") {
             Some("saved with .txt added: only names ending in .toml are read")
+        } else if name.trim_end() != name && name.trim_end().ends_with(".toml") {
+            Some("its name ends in a space after .toml: only names ending in .toml are read")
+        } else if name.ends_with(".tml") {
+            Some("only names ending in .toml are read")
         } else {
             None
         };

@@ -58,6 +58,9 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
                             ),
                         }
                     }
+                    if p.files().is_empty() {
+                        say!("note: {} holds no policy file (NAME.toml): a gateway on it serves no app", dir.display());
+                    }
                     say!("ok: {} files, {} apps", p.files().len(), p.apps().len());
                     for a in p.apps() {
                         say!("  {:<20} {}", a.name, a.summary());

@@ -1281,9 +1281,17 @@ fn policy_check_and_explain() {
     std::fs::create_dir(dir.join("more")).unwrap();
     std::fs::write(dir.join("more/x.toml"), "").unwrap();
     std::fs::write(dir.join("notes.md"), "").unwrap();
+    std::fs::write(dir.join("web.tml"), "").unwrap();
+    std::fs::write(dir.join("mail.toml "), "").unwrap();
     let out = ok(["policy", "check", d]);
     assert!(out.contains("2 apps"), "{out}");
-    for name in ["ssh.TOML", "games.toml.txt", "more"] {
+    for name in [
+        "ssh.TOML",
+        "games.toml.txt",
+        "more",
+        "web.tml",
+        "mail.toml ",
+    ] {
         assert!(
             out.contains(&format!("{name} is not read")),
             "{name}: {out}"
