@@ -10,6 +10,23 @@ use serde_spanned::Spanned;
 use std::fmt;
 
 /// One `[app.NAME]` table.
+/// Read by hand: serde's own message listed `device` among the values to write, which every
+/// app then refuses (only mesh apps know devices, and they take no limits).
+impl TryFrom<String> for Per {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "client-ip" => Ok(Per::ClientIp),
+            "app" => Ok(Per::App),
+            // Refused where it is written, with why (compile).
+            "device" => Ok(Per::Device),
+            _ => Err(format!(
+                "unknown `per` {s:?}: write \"client-ip\" (each client address; the default) or \"app\" (the app as a whole)"
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct AppSpec {
@@ -73,7 +90,7 @@ impl Day {
 
 /// What a rate limit counts against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case", try_from = "String")]
 pub enum Per {
     /// Each client address (IPv6 clients by /64, see `limits`).
     ClientIp,
