@@ -64,6 +64,10 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
                     say!("ok: {} files, {} apps", p.files().len(), p.apps().len());
                     for a in p.apps() {
                         say!("  {:<20} {}", a.name, a.summary());
+                        // Deny by default: an app without a rule is written on purpose rarely.
+                        if a.rules.is_empty() {
+                            say!("  {:<20} note: no `allow` rule: it denies everything", "");
+                        }
                     }
                     Ok(())
                 }
