@@ -1285,6 +1285,7 @@ fn policy_check_and_explain() {
     std::fs::write(dir.join("mail.toml "), "").unwrap();
     let out = ok(["policy", "check", d]);
     assert!(out.contains("2 apps"), "{out}");
+    assert!(!out.contains("denies everything"), "{out}");
     for name in [
         "ssh.TOML",
         "games.toml.txt",
@@ -1437,6 +1438,18 @@ fn policy_check_and_explain() {
     );
     assert!(e.contains("starts with /"), "{e}");
     std::fs::remove_file(dir.join("more.toml")).unwrap();
+    // An app with no rule is told as denying everything (deny by default).
+    std::fs::write(
+        dir.join("closed.toml"),
+        "[app.closed]\nhttp = { host = \"closed.example\" }\nto = \"home1/web\"\n",
+    )
+    .unwrap();
+    let out = ok(["policy", "check", d]);
+    assert!(
+        out.contains("note: no `allow` rule: it denies everything"),
+        "{out}"
+    );
+    std::fs::remove_file(dir.join("closed.toml")).unwrap();
     // Options that would be ignored are refused (they were accepted and had no effect).
     let e = fails(
         2,
