@@ -8,26 +8,33 @@ use std::collections::BTreeSet;
 use policies::CompiledPolicy;
 use zone_core::{DeviceName, ZoneConfig};
 
+/// Why a device name is not in the zone config.
+enum Absent {
+    /// For good: adding it again is refused.
+    Revoked,
+    /// Never added (or misspelt).
+    NotAdded,
+}
+
 /// One line per unlisted device an app names (its place in the policy files first). No
 /// serial in them: a caller telling each line once would tell them all again at every new
 /// zone config.
 pub fn unlisted_devices(policy: &CompiledPolicy, zone: &ZoneConfig) -> Vec<String> {
-    // Why a name is not listed: revoked for good (adding it again is refused), or never added.
     let absent = |d: &str| match DeviceName::new(d) {
         Ok(n) if zone.device(&n).is_some() => None,
-        Ok(n) if zone.is_revoked(&n) => Some(true),
-        _ => Some(false),
+        Ok(n) if zone.is_revoked(&n) => Some(Absent::Revoked),
+        _ => Some(Absent::NotAdded),
     };
     let mut out = Vec::new();
     for app in policy.apps() {
         let to = &app.target.device;
         match absent(to) {
             None => {}
-            Some(true) => out.push(format!(
+            Some(Absent::Revoked) => out.push(format!(
                 "{}: app {}: its `to` names device {to}, which is revoked: its requests fail for good; point the app at another device or remove it",
                 app.source, app.name
             )),
-            Some(false) => out.push(format!(
+            Some(Absent::NotAdded) => out.push(format!(
                 "{}: app {}: its `to` names device {to}, which the zone config does not list: its requests fail until it does (a misspelt name? else add the device with `zonegate device add {to} --zone DIR` and copy the new zone.json into this gateway's bundle)",
                 app.source, app.name
             )),
@@ -40,11 +47,11 @@ pub fn unlisted_devices(policy: &CompiledPolicy, zone: &ZoneConfig) -> Vec<Strin
         for d in from {
             match absent(d) {
                 None => {}
-                Some(true) => out.push(format!(
+                Some(Absent::Revoked) => out.push(format!(
                     "{}: app {}: its `from` names device:{d}, which is revoked: it admits that device no more; take it out",
                     app.source, app.name
                 )),
-                Some(false) => out.push(format!(
+                Some(Absent::NotAdded) => out.push(format!(
                     "{}: app {}: its `from` names device:{d}, which the zone config does not list: it admits no device until it does (a misspelt name?)",
                     app.source, app.name
                 )),
