@@ -135,10 +135,10 @@ pub enum PolicyCmd {
         #[arg(long, conflicts_with_all = ["host", "path"])]
         to: Option<String>,
         /// A tcp app's listen address IP:PORT (instead of --host/--path)
-        #[arg(long, value_name = "IP:PORT", value_parser = crate::config::socket_addr, conflicts_with_all = ["host", "path", "to", "method", "udp"])]
+        #[arg(long, value_name = "IP:PORT", value_parser = crate::config::socket_addr, conflicts_with_all = ["host", "path", "to", "method", "udp", "roles"])]
         tcp: Option<std::net::SocketAddr>,
         /// A udp app's listen address IP:PORT (instead of --host/--path)
-        #[arg(long, value_name = "IP:PORT", value_parser = crate::config::socket_addr, conflicts_with_all = ["host", "path", "to", "method"])]
+        #[arg(long, value_name = "IP:PORT", value_parser = crate::config::socket_addr, conflicts_with_all = ["host", "path", "to", "method", "roles"])]
         udp: Option<std::net::SocketAddr>,
         /// The moment to decide at, RFC 3339 (2026-12-07T21:30:00+01:00); default now: rules
         /// with hours or days decide by it

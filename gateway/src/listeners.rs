@@ -702,13 +702,20 @@ async fn tcp_conn(
         }
         return;
     }
-    // The connection limits before the rate, as a UDP app's flows: a connection they refuse
-    // spent a token of the rate (a client at its `max_connections_per_client`, retrying,
-    // was then refused by the rate too once a connection closed). One the rate refuses
-    // gives its slot back at once.
+    let Ok(rate) = state.limits.take_rate(&who) else {
+        state.counters.refused(Refusal::RateLimited);
+        if let Some(unlogged) = LogBudget::take_shared(lines) {
+            info!(app = %app_name, client = %Client(peer), unlogged, "connection refused: rate limit");
+        }
+        return;
+    };
+    // A connection the connection limits refuse gives its token of the rate back: it spent
+    // it (a client at its `max_connections_per_client`, retrying, was then refused by the
+    // rate too once its connection closed).
     let guard = match state.limits.connect(&who) {
         Ok(g) => g,
         Err(e) => {
+            rate.give_back();
             state.counters.refused(Refusal::ConnectionLimit);
             if let Some(unlogged) = LogBudget::take_shared(lines) {
                 info!(app = %app_name, client = %Client(peer), reason = %e, unlogged, "connection refused: connection limit");
@@ -716,19 +723,13 @@ async fn tcp_conn(
             return;
         }
     };
-    if state.limits.check_rate(&who).is_err() {
-        state.counters.refused(Refusal::RateLimited);
-        if let Some(unlogged) = LogBudget::take_shared(lines) {
-            info!(app = %app_name, client = %Client(peer), unlogged, "connection refused: rate limit");
-        }
-        return;
-    }
     let target = app.target.clone();
     let slot = match slot {
         Some(s) => s,
         // Nothing is taken from others for a connection that would not be served: the device
         // is not there, or does not offer the service (a typo in `to`, a service removed).
         None if !hub.offers_tcp(&target.device, &target.service) => {
+            rate.give_back();
             state.counters.refused(Refusal::ConnectionLimit);
             if let Some(unlogged) = LogBudget::take_shared(lines) {
                 info!(app = %app_name, device = %target.device, service = %target.service, client = %Client(peer), unlogged, "connection refused: all tcp apps together at their limit (gateway.toml tcp_connections), and the device is offline or does not offer this tcp service");
@@ -738,6 +739,7 @@ async fn tcp_conn(
         None => match per_ip.admit_making_room(peer.ip()) {
             Some(s) => s,
             None => {
+                rate.give_back();
                 state.counters.refused(Refusal::ConnectionLimit);
                 if let Some(unlogged) = LogBudget::take_shared(lines) {
                     info!(app = %app_name, client = %Client(peer), unlogged, "connection refused: all tcp apps together at their limit (gateway.toml tcp_connections), and no room could fairly be made (no client holds two more than this one, or connections picked before have not closed yet)");

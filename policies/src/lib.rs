@@ -50,7 +50,7 @@ pub use error::{PolicyError, Position};
 #[doc(hidden)]
 pub use eval::fold_name_matching;
 pub use eval::{is_host, Decision, DenyReason, MeshDecision, Requester, Timestamp};
-pub use limits::{AppLimits, ConnGuard, LimitKey, RetryAfter};
+pub use limits::{AppLimits, ConnGuard, LimitKey, RateTaken, RetryAfter};
 pub use model::*;
 pub use parse::{
     check_dir, check_dir_sources, check_read, check_sources, check_str, ignored_policy_files,

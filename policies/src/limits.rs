@@ -339,6 +339,30 @@ impl RateLimiter {
 
     /// Counts one request for `key`.
     pub fn check(&self, key: LimitKey) -> Result<(), RetryAfter> {
+        self.check_keyed(key).map(drop)
+    }
+
+    /// Gives back the token one request of `key` (the key it was counted against, from
+    /// [`RateLimiter::check_keyed`]) took, for a request refused after all: its bucket's
+    /// theoretical arrival time goes back one cell. Never more than a full bucket (an
+    /// arrival time before now is a full bucket already); a key gone from the table (swept:
+    /// full) is left so.
+    pub fn give_back(&self, key: LimitKey) {
+        if !self.store.0.contains_key(&key) {
+            return;
+        }
+        let cell = Nanos::from(u64::try_from(self.cell.as_nanos()).unwrap_or(u64::MAX));
+        let _ = self.store.measure_and_replace(&key, |tat| {
+            Ok::<_, std::convert::Infallible>((
+                (),
+                tat.map_or(Nanos::from(0), |t| t.saturating_sub(cell)),
+            ))
+        });
+    }
+
+    /// [`RateLimiter::check`], with the key the request was counted against (an overflow
+    /// bucket's while the table is full).
+    fn check_keyed(&self, key: LimitKey) -> Result<LimitKey, RetryAfter> {
         let mut key = key;
         // Slots stay free for the overflow keys themselves, so `len() <= max_keys` holds.
         let full = |s: &Self| s.store.0.len() >= s.max_keys - OVERFLOW_BUCKETS as usize;
@@ -355,6 +379,7 @@ impl RateLimiter {
         }
         self.inner
             .check_key(&key)
+            .map(|()| key)
             .map_err(|nu| RetryAfter(nu.wait_time_from(self.clock.now())))
     }
 
@@ -548,6 +573,21 @@ impl Drop for ConnGuard {
     }
 }
 
+/// A request's token of its app's rate ([`AppLimits::take_rate`]), to give back if the
+/// request is refused after all.
+#[must_use = "dropped, the token stays spent; give it back if the request is refused"]
+#[derive(Debug)]
+pub struct RateTaken(Option<(Arc<RateLimiter>, LimitKey)>);
+
+impl RateTaken {
+    /// The request was refused after all: its token goes back.
+    pub fn give_back(self) {
+        if let Some((r, key)) = self.0 {
+            r.give_back(key);
+        }
+    }
+}
+
 /// All runtime limits of one app, built from its [`LimitsConfig`].
 #[derive(Debug)]
 pub struct AppLimits {
@@ -657,6 +697,20 @@ impl AppLimits {
         }
     }
 
+    /// [`AppLimits::check_rate`], keeping what it took: a request then refused by the
+    /// connection limits gives it back ([`RateTaken::give_back`]), so that it spends none of
+    /// the rate (a client at its `max_connections_per_client` that retried had spent it once
+    /// its connection ended). Checked before the connection limits, a request the rate
+    /// refuses never holds a connection slot, not even for an instant.
+    pub fn take_rate(&self, who: &Requester<'_>) -> Result<RateTaken, RetryAfter> {
+        match &self.rate {
+            Some(r) => r
+                .check_keyed(LimitKey::for_requester(r.config.per, who))
+                .map(|key| RateTaken(Some((r.clone(), key)))),
+            None => Ok(RateTaken(None)),
+        }
+    }
+
     /// Admits one connection by `who` (counted per client address, or per device).
     pub fn connect(&self, who: &Requester<'_>) -> Result<ConnGuard, ConnLimitExceeded> {
         self.connections
@@ -719,6 +773,48 @@ impl AppLimits {
 mod tests {
     use super::*;
     use crate::units::Rate;
+
+    /// A token given back (a request the connection limits refused after the rate let it
+    /// in) is the client's again, and no more than that: a full bucket stays full.
+    #[tokio::test(start_paused = true)]
+    async fn a_token_given_back_is_the_clients_again() {
+        let limits = AppLimits::new(&LimitsConfig {
+            rate: Some(RateLimit {
+                rate: Rate {
+                    count: 1,
+                    period: Duration::from_secs(3600),
+                },
+                burst: 2,
+                per: Per::ClientIp,
+            }),
+            ..LimitsConfig::default()
+        });
+        let who = Requester::Public {
+            ip: IpAddr::from([198, 51, 100, 1]),
+        };
+        let first = limits.take_rate(&who).expect("the burst's first");
+        first.give_back();
+        // Both of the burst, as if the first had never come; then nothing.
+        let kept: Vec<_> = (0..2)
+            .map(|i| limits.take_rate(&who).unwrap_or_else(|_| panic!("{i}")))
+            .collect();
+        assert!(limits.take_rate(&who).is_err(), "more than the burst");
+        for t in kept {
+            t.give_back();
+        }
+        let again: Vec<_> = (0..2)
+            .map(|i| {
+                limits
+                    .take_rate(&who)
+                    .unwrap_or_else(|_| panic!("again {i}"))
+            })
+            .collect();
+        assert!(
+            limits.take_rate(&who).is_err(),
+            "given back more than taken"
+        );
+        drop(again);
+    }
 
     /// A rate limit an edit removed keeps its limiter (in case it comes back), but not its
     /// clients for good: the housekeeping that sweeps the app's limiter empties it once a

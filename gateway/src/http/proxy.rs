@@ -627,23 +627,22 @@ async fn forward(
     if let Some(location) = route::slash_redirect(parts.uri.path_and_query(), http_route) {
         return Err(ProxyError::SlashRedirect { location });
     }
-    // The connection limits before the rate: a request they refuse spent a token of the
-    // rate (a client at its `max_connections_per_client` then got 429s once one ended). One
-    // the rate refuses gives its slot back at once.
-    let slot = state.limits.connect(&who).map_err(|_| {
+    let rate = state.limits.take_rate(&who).map_err(|retry| {
+        state.counters.refused(Refusal::RateLimited);
+        ProxyError::RateLimited {
+            app: app.name.clone(),
+            retry_after: retry.0,
+        }
+    })?;
+    // A request the connection limits refuse gives its token of the rate back: it spent it
+    // (a client at its `max_connections_per_client` then got 429s once one ended).
+    log._slot = Some(state.limits.connect(&who).map_err(|_| {
+        rate.give_back();
         state.counters.refused(Refusal::ConnectionLimit);
         ProxyError::TooManyConnections {
             app: app.name.clone(),
         }
-    })?;
-    if let Err(retry) = state.limits.check_rate(&who) {
-        state.counters.refused(Refusal::RateLimited);
-        return Err(ProxyError::RateLimited {
-            app: app.name.clone(),
-            retry_after: retry.0,
-        });
-    }
-    log._slot = Some(slot);
+    })?);
     let max_body = state.limits.max_body();
     // A declared length is the body's exact size: the HTTP/1 server and hyper's HTTP/2 both
     // parsed and checked `Content-Length` already.
