@@ -383,10 +383,9 @@ impl RateLimiter {
             .map_err(|nu| RetryAfter(nu.wait_time_from(self.clock.now())))
     }
 
-    /// For a key this limiter has not seen yet: takes the tokens its bucket would not have
-    /// refilled since it counts as empty (`empty`), so it starts where an empty bucket then
-    /// would be. False once a whole burst has refilled since the latest of those moments:
-    /// nothing is missing any more.
+    /// For a key this limiter has not seen yet that counts as empty from a moment (`empty`):
+    /// sets its bucket to where one empty since then is now. False once a whole burst has
+    /// refilled since the latest of those moments: nothing is missing any more.
     fn drain_new_key(&self, key: &LimitKey, empty: &EmptyAt) -> bool {
         let now = signed(self.clock.now());
         let cell = i64::try_from(self.cell.as_nanos())
