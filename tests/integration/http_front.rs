@@ -89,6 +89,12 @@ to = "home1/web"
 allow = { from = ["public"] }
 limits = { rate = "1/h", burst = 2 }
 
+[app.capped]
+http = { host = "capped.alice.example" }
+to = "home1/web"
+allow = { from = ["public"] }
+limits = { rate = "1/h", burst = 2, max_connections_per_client = 1 }
+
 [app.small]
 http = { host = "small.alice.example" }
 to = "home1/web"
@@ -1042,6 +1048,61 @@ async fn errors_are_distinct_and_short() {
         .parse()
         .unwrap();
     assert!((1..=3600).contains(&retry), "{retry}");
+
+    // Requests the connection limit refuses spend none of the rate: with one in progress
+    // (the burst's first), each other is a 503 (it spent a token, so the second was a 503
+    // and the rest 429s); once it ends, the burst's second goes through.
+    let slow = {
+        let mut a = h.http_args("capped.alice.example", "/slow");
+        a.extend(["--max-time".into(), "4".into()]);
+        a
+    };
+    let held = {
+        let args = slow.clone();
+        let dir = h.dir.path().to_owned();
+        tokio::spawn(async move {
+            Command::new("curl")
+                .args(["-sS", "-o"])
+                .arg(dir.join("slow-body"))
+                .args(&args)
+                .output()
+                .await
+        })
+    };
+    // In progress once the gateway has counted it (admitted, slot taken).
+    let start = Instant::now();
+    loop {
+        let status: serde_json::Value =
+            serde_json::from_str(&h.admin_get("/status").await).expect("status JSON");
+        let admitted = status["apps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["name"] == "capped")
+            .and_then(|a| a["counters"]["requests"].as_u64());
+        if admitted == Some(1) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the slow request never began"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 0..3 {
+        let c = h.curl(&h.http_args("capped.alice.example", "/")).await;
+        assert_eq!(c.code, 503, "request {i} beside the one in progress: {c:?}");
+    }
+    let _ = held.await;
+    loop {
+        let c = h.curl(&h.http_args("capped.alice.example", "/")).await;
+        if c.code == 200 {
+            break;
+        }
+        assert_eq!(c.code, 503, "the burst's second spent by refusals: {c:?}");
+        assert!(start.elapsed() < Duration::from_secs(30), "{c:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // A head that cannot be parsed is refused unread, and counted without an app.
     let answer = h
