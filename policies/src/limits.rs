@@ -410,8 +410,9 @@ impl RateLimiter {
         // `(now - at) / cell` requests through, rounded down). Taking whole tokens instead
         // rounded the time since up: every edit granted a token more, with a burst of 1 a
         // whole fresh burst (1/h edited to 2/h and back, again and again: a request each).
-        let tat = full_at(at).saturating_sub(self.started);
-        if full_at(at) > now && tat > 0 {
+        let full = full_at(at);
+        let tat = full.saturating_sub(self.started);
+        if full > now && tat > 0 {
             let tat = Nanos::from(u64::try_from(tat).unwrap_or(0));
             // Only while absent: a request of the same client that got in first has counted
             // itself against what it found.
