@@ -488,6 +488,9 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
         });
         tokio::spawn(crate::memory::release_freed_memory());
         agent.clone().run(shutdown).await;
+        if let Some(why) = agent.revoked_self() {
+            return Err(tunnel::TunnelError::Unrunnable(why).into());
+        }
         let admin_failed = admin_failed
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -1061,7 +1061,8 @@ async fn device_revoked_while_connected_is_cut_off_and_stays_out() {
     // passes it on in its hello when it starts again, and the gateway must act on it.
     h1.shutdown.cancel();
     let _ = h1.task.await;
-    std::fs::write(z.bundle("home1").zone_config, z.revoke("laptop")).unwrap();
+    let revoking = z.revoke("laptop");
+    std::fs::write(z.bundle("home1").zone_config, &revoking).unwrap();
     let _h1 = start_echo_node(&z, &gw, "home1").await;
 
     wait_until("laptop disconnected", WAIT, || {
@@ -1107,8 +1108,18 @@ async fn device_revoked_while_connected_is_cut_off_and_stays_out() {
         gw.hub.agent("laptop").is_none(),
         "a revoked device registered again"
     );
+    assert!(again.agent.revoked_self().is_none());
+    // The revoking zone.json copied into its own bundle: verified, it stops the agent for
+    // good (the node exits 2, as a start with it does), where it redialed every 30 s for ever.
+    std::fs::write(z.bundle("laptop").zone_config, &revoking).unwrap();
+    tokio::time::timeout(WAIT, again.task)
+        .await
+        .expect("the agent stops once its own zone config revokes it")
+        .unwrap();
+    let why = again.agent.revoked_self().expect("stopped as revoked");
+    assert!(why.contains("revokes this device"), "{why}");
+    assert!(again.agent.broke().is_none());
     assert_echoes(gw.apps["echo"], b"still mine").await;
-    again.shutdown.cancel();
     gw.shutdown.cancel();
 }
 

@@ -378,6 +378,9 @@ pub struct Agent {
     draining: std::sync::atomic::AtomicBool,
     /// Why a part of the agent failed and stopped it ([`Agent::broke`]).
     broke: Mutex<Option<String>>,
+    /// A zone config this device verified revokes it: the agent stopped for good
+    /// ([`Agent::revoked_self`]).
+    revoked_self: Mutex<Option<String>>,
 }
 
 /// Lines a second of [`Agent::flood_lines`], as many as the gateway allows its own.
@@ -490,6 +493,7 @@ impl Agent {
             forwarded: tokio_util::task::TaskTracker::new(),
             draining: std::sync::atomic::AtomicBool::new(false),
             broke: Mutex::new(None),
+            revoked_self: Mutex::new(None),
             cfg,
             endpoint,
             links: Mutex::new(links),
@@ -512,6 +516,12 @@ impl Agent {
     /// once — each acts on its revocations only when it learns of them, and an agent may stay
     /// connected for days.
     fn zone_adopted(self: &Arc<Self>, from: &str) {
+        if self.stop_if_revoked(&format!(
+            "zone config serial {}",
+            self.cfg.creds.zone_serial()
+        )) {
+            return;
+        }
         self.peers.cut_revoked();
         self.relink();
         let Some((serial, json)) = self.zone_to_pass_on() else {
@@ -562,7 +572,13 @@ impl Agent {
     /// An error when the config cannot be read or does not verify (only a config revoking a
     /// device not revoked here yet is verified).
     fn learn_revocations(self: &Arc<Self>, bytes: &[u8], from: &str) -> Result<(), TunnelError> {
-        if self.cfg.creds.learn_revocations(bytes, from)?.is_some() {
+        if let Some(zone) = self.cfg.creds.learn_revocations(bytes, from)? {
+            if self.stop_if_revoked(&format!(
+                "zone config serial {} ({from})",
+                zone.config.serial
+            )) {
+                return Ok(());
+            }
             self.peers.cut_revoked();
             self.relink();
         }
@@ -783,6 +799,37 @@ impl Agent {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         self.cfg.creds.saved(Duration::from_secs(5)).await;
         info!(device = %self.cfg.creds.name(), zone = %self.cfg.creds.domain(), "node agent stopped");
+    }
+
+    /// Stops the agent for good when a zone config it verified (`what`) revokes this device:
+    /// no gateway or peer lets it in again, and a node that redialed every 30 s looked alive
+    /// to its service manager for ever. The node exits 2, as a start with that config does.
+    /// Whether it stopped.
+    fn stop_if_revoked(&self, what: &str) -> bool {
+        let creds = &self.cfg.creds;
+        if !creds.is_revoked(creds.name()) {
+            return false;
+        }
+        let mut revoked = self.revoked_self.lock().unwrap_or_else(|p| p.into_inner());
+        if revoked.is_none() {
+            error!(device = %creds.name(), zone = %creds.domain(), config = %what, "a zone config this device verified revokes it: stopping; {REVOKED_HELP}");
+            *revoked = Some(format!("{what} revokes this device: it can no longer join the zone; add it again under a new name (zonegate device add)"));
+        }
+        drop(revoked);
+        let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, shutdown)) = &links.running {
+            shutdown.cancel();
+        }
+        true
+    }
+
+    /// Why the agent stopped for good, if a zone config it verified revokes this device
+    /// ([`Agent::run`] stopped for it; the node exits 2).
+    pub fn revoked_self(&self) -> Option<String> {
+        self.revoked_self
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// A part of the agent panicked (`why`): logged, kept for [`Agent::broke`].
