@@ -150,20 +150,35 @@ fn essential(
     });
 }
 
-/// Tells the devices the policy names that the zone config does not list
-/// ([`crate::unlisted`]), at start and as the policy or the zone config changes: each once,
-/// at warn, until it is mended and made again.
+/// Tells the devices the policy names that the zone config does not list, and the services
+/// its apps name that their connected device does not offer ([`crate::unlisted`]), at start
+/// and as the policy, the zone config or a device's services change: each once, at warn,
+/// until it is mended and made again.
 #[derive(Default)]
 struct Unlisted {
     /// The policy and zone serial last looked at (the policy held: a pointer alone could be
     /// a newer one's, allocated where the old one was).
     at: Option<(Arc<policies::Active>, u64)>,
     told: std::collections::HashSet<String>,
+    /// Lines about services told, looked at every poll: a device's services change with no
+    /// policy or zone change (a node restarted with another `--service`).
+    told_services: std::collections::HashSet<String>,
 }
 
 impl Unlisted {
     fn tell(&mut self, hub: &Hub) {
         let policy = hub.policy().current();
+        let now: std::collections::HashSet<String> =
+            crate::unlisted::unoffered_services(&policy.policy, |d| {
+                hub.agent(d)
+                    .map(|a| a.services.read().unwrap_or_else(|p| p.into_inner()).clone())
+            })
+            .into_iter()
+            .collect();
+        for line in now.difference(&self.told_services) {
+            tracing::warn!(problem = %line, "the policy names a service its device does not offer");
+        }
+        self.told_services = now;
         let zone = hub.creds().zone();
         let serial = zone.config.serial;
         if let Some((p, s)) = &self.at {

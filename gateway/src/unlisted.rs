@@ -1,11 +1,14 @@
-//! Devices a policy names that the zone config does not list: an app's `to`, a rule's
-//! `device:`. Said, not refused — zone.json may list them later (a device added after the
-//! policy was written), and the app then works — since otherwise an app to a misspelt device
-//! failed every request as "device offline", and a rule for one admitted no one, unexplained.
+//! Devices a policy names that the zone config does not list (an app's `to`, a rule's
+//! `device:`), and services an app names that its connected device does not offer. Said, not
+//! refused — zone.json may list the device later, the node may offer the service after a
+//! restart, and the app then works — since otherwise an app to a misspelt device failed every
+//! request as "device offline", a rule for one admitted no one, and a misspelt service passed
+//! every check while each request or peer stream failed.
 
 use std::collections::BTreeSet;
 
-use policies::CompiledPolicy;
+use policies::{CompiledPolicy, Listener};
+use tunnel::proto::control::{ServiceInfo, ServiceProto};
 use zone_core::{DeviceName, ZoneConfig};
 
 /// Why a device name is not in the zone config.
@@ -61,6 +64,55 @@ pub fn unlisted_devices(policy: &CompiledPolicy, zone: &ZoneConfig) -> Vec<Strin
     out
 }
 
+/// One line per app whose `to` names a service its device does not offer, for the devices
+/// connected now (`services_of`: what a connected device offers, None when it is not
+/// connected). A device offering nothing is left out: its node agent is stopping (a drain
+/// withdraws every service) or was started without any, which its own log says.
+pub fn unoffered_services(
+    policy: &CompiledPolicy,
+    services_of: impl Fn(&str) -> Option<Vec<ServiceInfo>>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for app in policy.apps() {
+        let (device, service) = (&app.target.device, &app.target.service);
+        let Some(offered) = services_of(device) else {
+            continue;
+        };
+        if offered.is_empty() {
+            continue;
+        }
+        let wanted = match app.listener {
+            Listener::Udp(_) => ServiceProto::Udp,
+            Listener::Http(_) | Listener::Tcp(_) | Listener::Mesh => ServiceProto::Tcp,
+        };
+        let proto = |p: ServiceProto| match p {
+            ServiceProto::Tcp => "TCP",
+            ServiceProto::Udp => "UDP",
+        };
+        match offered.iter().find(|s| s.name == *service) {
+            Some(s) if s.proto == wanted => {}
+            Some(s) => out.push(format!(
+                "{}: app {}: its `to` names {device}/{service}, which {device} offers over {}, not {}: its requests fail; point the app at a {} service",
+                app.source,
+                app.name,
+                proto(s.proto),
+                proto(wanted),
+                proto(wanted)
+            )),
+            None => {
+                let names: Vec<&str> = offered.iter().map(|s| s.name.as_str()).collect();
+                out.push(format!(
+                    "{}: app {}: its `to` names {device}/{service}, which {device} does not offer (it offers {}): its requests fail until it does (a misspelt service? a node offers what its node.toml's [services] and --service name)",
+                    app.source,
+                    app.name,
+                    names.join(", ")
+                ));
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +159,47 @@ mod tests {
         assert!(
             told.iter()
                 .any(|t| t.contains("app peers: its `from` names device:hom1,")),
+            "{told:?}"
+        );
+    }
+
+    #[test]
+    fn apps_naming_services_their_device_does_not_offer_are_told() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.toml"),
+            "[app.web]\nhttp = { host = \"a.example\" }\nto = \"home1/web\"\nallow = { from = [\"public\"] }\n\n\
+             [app.typo]\nmesh = true\nto = \"home1/etcd-peers\"\nallow = { from = [\"device:home2\"] }\n\n\
+             [app.dns]\nudp = { listen = \"0.0.0.0:5353\" }\nto = \"home1/web\"\nallow = { from = [\"public\"] }\n\n\
+             [app.away]\ntcp = { listen = \"0.0.0.0:2222\" }\nto = \"home2/ssh\"\nallow = { from = [\"public\"] }\n\n\
+             [app.stopping]\ntcp = { listen = \"0.0.0.0:2223\" }\nto = \"home3/ssh\"\nallow = { from = [\"public\"] }\n",
+        )
+        .unwrap();
+        let policy = policies::check_dir(dir.path()).unwrap();
+        let svc = |name: &str, proto| ServiceInfo {
+            name: name.into(),
+            proto,
+        };
+        // home1 offers web and etcd-peer over TCP; home2 is not connected; home3 offers
+        // nothing (stopping).
+        let told = unoffered_services(&policy, |d| match d {
+            "home1" => Some(vec![
+                svc("web", ServiceProto::Tcp),
+                svc("etcd-peer", ServiceProto::Tcp),
+            ]),
+            "home3" => Some(Vec::new()),
+            _ => None,
+        });
+        assert_eq!(told.len(), 2, "{told:?}");
+        assert!(
+            told.iter().any(|t| t.contains("a.toml:")
+                && t.contains("app typo: its `to` names home1/etcd-peers, which home1 does not offer (it offers web, etcd-peer)")),
+            "{told:?}"
+        );
+        assert!(
+            told.iter().any(|t| t.contains(
+                "app dns: its `to` names home1/web, which home1 offers over TCP, not UDP"
+            )),
             "{told:?}"
         );
     }

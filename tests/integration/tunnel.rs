@@ -3377,6 +3377,22 @@ async fn a_stopping_node_lets_its_open_connections_finish() {
         roundtrip_refused(app)
     })
     .await;
+    // Refused as stopping (an HTTP client gets 503 "is stopping; try again"), not as a service
+    // home1 does not offer, which sent owners looking for a typo.
+    let e = gw
+        .hub
+        .connect(
+            "home1",
+            "echo",
+            "echo",
+            tunnel::proto::Origin::Public("127.0.0.1:1".parse().unwrap()),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, tunnel::OpenError::Refused { code: tunnel::proto::RefuseCode::Draining, reason, .. } if reason.contains("home1 is stopping")),
+        "{e}"
+    );
     // The open connection still carries data both ways.
     open.write_all(b"during").await.unwrap();
     tokio::time::timeout(WAIT, open.read_exact(&mut got))

@@ -144,6 +144,9 @@ pub struct AgentLink {
     pub session_id: u64,
     pub conn: Connection,
     pub services: RwLock<Vec<ServiceInfo>>,
+    /// The device withdrew its services: a node agent does so only as it stops (its drain),
+    /// so streams to it are refused as `Draining`, not as a service it does not offer.
+    pub stopping: AtomicBool,
     pub since: SystemTime,
     started: Instant,
     ctl: ControlHandle,
@@ -194,13 +197,10 @@ impl AgentLink {
     /// UDP app pointed at a TCP service opened a flow per datagram, each refused by the
     /// device (and logged there), before any was counted as lost.
     fn offers(&self, service: &str, proto: ServiceProto) -> Result<(), OpenError> {
-        let offered = self
-            .services
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .find(|s| s.name == service)
-            .map(|s| s.proto);
+        let services = self.services.read().unwrap_or_else(|p| p.into_inner());
+        let none_offered = services.is_empty();
+        let offered = services.iter().find(|s| s.name == service).map(|s| s.proto);
+        drop(services);
         let reason = match offered {
             Some(p) if p == proto => return Ok(()),
             Some(p) => format!(
@@ -209,6 +209,21 @@ impl AgentLink {
                 proto_name(p),
                 proto_name(proto),
                 proto_name(proto)
+            ),
+            // "does not offer" sent owners after a typo in their policy.
+            None if self.stopping.load(Ordering::Relaxed) => {
+                return Err(OpenError::Refused {
+                    device: self.device.clone(),
+                    code: RefuseCode::Draining,
+                    reason: format!(
+                        "{} is stopping: its node agent withdrew its services to drain",
+                        self.device
+                    ),
+                })
+            }
+            None if none_offered => format!(
+                "{} offers no services (its node agent runs without any: give it `--service` or [services])",
+                self.device
             ),
             None => format!("{} does not offer {service}", self.device),
         };
@@ -1046,6 +1061,7 @@ impl Hub {
             session_id,
             conn: conn.clone(),
             services: RwLock::new(hello.services.clone()),
+            stopping: AtomicBool::new(false),
             since: SystemTime::now(),
             started: Instant::now(),
             ctl,
@@ -1227,13 +1243,21 @@ impl Hub {
     fn on_event(&self, link: &Arc<AgentLink>, ev: Event) -> Option<(String, SessionEnd)> {
         match ev {
             Event::ServicesUpdate { services } => {
+                // Sent by node agents only to withdraw them as they stop.
+                if services.is_empty() {
+                    link.stopping.store(true, Ordering::Relaxed);
+                }
                 let mut current = link.services.write().unwrap_or_else(|p| p.into_inner());
                 // Logged only when the list changes: an update is 3 bytes on the wire, and a
                 // device repeating one would write a line each.
                 if *current != services {
                     // Budgeted too: a device alternating two lists would write a line each.
                     if let Some(unlogged) = LogBudget::take_shared(&link.lines) {
-                        info!(device = %link.device, services = %services_summary(services.iter().map(|s| s.name.as_str())), unlogged, "services changed");
+                        if services.is_empty() {
+                            info!(device = %link.device, unlogged, "device stopping: its node agent withdrew its services to drain");
+                        } else {
+                            info!(device = %link.device, services = %services_summary(services.iter().map(|s| s.name.as_str())), unlogged, "services changed");
+                        }
                     }
                     *current = services;
                 }
