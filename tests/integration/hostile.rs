@@ -1109,6 +1109,21 @@ async fn device_revoked_while_connected_is_cut_off_and_stays_out() {
         "a revoked device registered again"
     );
     assert!(again.agent.revoked_self().is_none());
+    // Its apps' clients are told it is revoked (they were told "not in the zone config").
+    let e = gw
+        .hub
+        .connect(
+            "laptop",
+            "echo",
+            "echo",
+            tunnel::proto::Origin::Public("127.0.0.1:1".parse().unwrap()),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, tunnel::OpenError::Revoked(d) if d == "laptop"),
+        "{e}"
+    );
     // The revoking zone.json copied into its own bundle: verified, it stops the agent for
     // good (the node exits 2, as a start with it does), where it redialed every 30 s for ever.
     std::fs::write(z.bundle("laptop").zone_config, &revoking).unwrap();

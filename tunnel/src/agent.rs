@@ -2306,6 +2306,8 @@ fn another_gateway_may_reach(e: &OpenError) -> bool {
         OpenError::Offline(_) | OpenError::Timeout(_) | OpenError::Tunnel { .. } => true,
         // Another gateway may hold a newer zone config that lists it.
         OpenError::NotInZone(_) => true,
+        // Revoked for good: no gateway lets it in.
+        OpenError::Revoked(_) => false,
     }
 }
 

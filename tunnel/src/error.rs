@@ -62,6 +62,9 @@ pub enum OpenError {
     /// looking for an agent that does not exist.
     #[error("device {0} is not in the zone config (zone.json lists no such device)")]
     NotInZone(String),
+    /// Revoked in the zone config: for good (a name revoked cannot be added again).
+    #[error("device {0} is revoked in the zone config")]
+    Revoked(String),
     #[error("refused by {device}: {code}: {reason}")]
     Refused {
         device: String,

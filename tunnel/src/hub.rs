@@ -499,7 +499,7 @@ impl Hub {
         }))
     }
 
-    /// Why `device` has no connection here: offline, or no device of the zone at all.
+    /// Why `device` has no connection here: offline, revoked, or no device of the zone at all.
     fn absent(&self, device: &str) -> OpenError {
         let zone = self.0.cfg.creds.zone();
         match zone_core::DeviceName::new(device)
@@ -507,6 +507,9 @@ impl Hub {
             .and_then(|n| zone.config.device(&n))
         {
             Some(_) => OpenError::Offline(device.to_owned()),
+            // Said as such: "not in the zone config" beside the policy's own warning that
+            // the device is revoked read as two different stories.
+            None if self.0.cfg.creds.is_revoked(device) => OpenError::Revoked(device.to_owned()),
             None => OpenError::NotInZone(device.to_owned()),
         }
     }
@@ -1166,6 +1169,11 @@ impl Hub {
         // Closed: what its window borrowed goes back now (its streams may hold the link a
         // while yet, and the sweep no longer sees it).
         link.holds.release();
+        // This gateway closed it for a revocation: the session's own words say only "closed".
+        let reason = match self.0.cfg.creds.is_revoked(&device) {
+            true => format!("device revoked: disconnected by this gateway ({reason})"),
+            false => reason,
+        };
         info!(
             device = %device,
             session = session_id,
@@ -2136,6 +2144,10 @@ pub fn refusal_of(e: &OpenError) -> (RefuseCode, String) {
         OpenError::NotInZone(d) => (
             RefuseCode::DeviceOffline,
             format!("device {d} is not in the zone config"),
+        ),
+        OpenError::Revoked(d) => (
+            RefuseCode::DeviceOffline,
+            format!("device {d} is revoked in the zone config"),
         ),
         OpenError::Refused { code, reason, .. } => (*code, reason.clone()),
         OpenError::Timeout(d) => (

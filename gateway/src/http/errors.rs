@@ -151,9 +151,10 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyStalled { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Open { error, .. } => match error {
-                OpenError::Offline(_) | OpenError::NotInZone(_) | OpenError::Tunnel { .. } => {
-                    StatusCode::BAD_GATEWAY
-                }
+                OpenError::Offline(_)
+                | OpenError::NotInZone(_)
+                | OpenError::Revoked(_)
+                | OpenError::Tunnel { .. } => StatusCode::BAD_GATEWAY,
                 OpenError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
                 OpenError::Refused { code, .. } => match code {
                     RefuseCode::PolicyDenied => StatusCode::FORBIDDEN,
@@ -231,6 +232,9 @@ impl ProxyError {
                 ),
                 OpenError::NotInZone(d) => format!(
                     "502 bad gateway: app {app}: there is no device {d} in the zone (the app names a device the zone config does not list)\n"
+                ),
+                OpenError::Revoked(d) => format!(
+                    "502 bad gateway: app {app}: device {d} is revoked (the app names a device the zone config revokes)\n"
                 ),
                 OpenError::Timeout(d) => {
                     format!("504 gateway timeout: app {app}: device {d} did not answer in time\n")
@@ -349,6 +353,9 @@ mod tests {
         let unlisted = open(OpenError::NotInZone("home9".into()));
         assert_eq!(unlisted.status(), 502);
         assert!(unlisted.body().contains("no device home9 in the zone"));
+        let revoked = open(OpenError::Revoked("home3".into()));
+        assert_eq!(revoked.status(), 502);
+        assert!(revoked.body().contains("device home3 is revoked"));
         assert_eq!(open(OpenError::Timeout("home1".into())).status(), 504);
         let denied = open(OpenError::Refused {
             device: "home1".into(),
