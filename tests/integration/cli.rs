@@ -1039,6 +1039,7 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
     .unwrap();
     let e = fails(2, ["gateway", "--config", g2.to_str().unwrap()]);
     assert!(e.contains("not a gateway"), "{e}");
+    let home1_key = std::fs::read(z.join("devices/home1/device.key")).unwrap();
     std::fs::copy(
         z.join("devices/gw/device.key"),
         z.join("devices/home1/device.key"),
@@ -1046,6 +1047,22 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
     .unwrap();
     let e = fails(1, ["node", "--config", nodes]);
     assert!(e.contains("does not belong to the certificate"), "{e}");
+    assert!(e.contains("is device home1's certificate"), "{e}");
+    std::fs::write(z.join("devices/home1/device.key"), home1_key).unwrap();
+    // Another device's certificate alone copied in (its key not): exit 2 naming whose, as with
+    // its key too (it exited 1, retried for ever, and said only that the key did not match).
+    let home1_cert = std::fs::read(z.join("devices/home1/device.crt")).unwrap();
+    std::fs::copy(
+        z.join("devices/gw/device.crt"),
+        z.join("devices/home1/device.crt"),
+    )
+    .unwrap();
+    let e = fails(2, ["node", "--config", nodes]);
+    assert!(
+        e.contains("certificate is for another device: gw (config says home1)"),
+        "{e}"
+    );
+    std::fs::write(z.join("devices/home1/device.crt"), home1_cert).unwrap();
 
     // A config naming another device than its bundle's certificate: a setting to change,
     // exit 2, which the unit does not restart (it restarted every 5 s for ever with exit 1).

@@ -103,13 +103,8 @@ impl Identity {
         let cert_der = read_cert_der(&p.cert)?;
         let identity = DeviceIdentity::from_der(&cert_der)
             .map_err(|e| bad(&p.cert, "not a zonegate device certificate", e))?;
-        if &identity.public_key != key.verifying_key().as_bytes() {
-            return Err(bad(
-                &p.key,
-                "key does not belong to the certificate",
-                p.cert.display(),
-            ));
-        }
+        // Another device's certificate first, key or not: no restart mends it (a copy of
+        // another bundle's device.crt alone exited 1, retried for ever, and never said whose).
         if let Some(d) = expect_device {
             if &identity.name != d {
                 return Err(unrunnable(
@@ -118,6 +113,17 @@ impl Identity {
                     format!("{} (config says {d})", identity.name),
                 ));
             }
+        }
+        if &identity.public_key != key.verifying_key().as_bytes() {
+            return Err(bad(
+                &p.key,
+                "key does not belong to the certificate",
+                format!(
+                    "{} is device {}'s certificate and this is not its key: copy both files from that device's bundle",
+                    p.cert.display(),
+                    identity.name
+                ),
+            ));
         }
         let ca_der = read_cert_der(&p.ca)?;
         // Not the zone's CA (a device's certificate given for it): no restart mends it.
