@@ -792,10 +792,12 @@ async fn tcp_conn(
     let policy = hub.policy().clone();
     let refused = policy
         .until_refused(|a| still_allowed(a, Kind::Tcp, listen, reached, &app_name, &target, &who));
+    let grace_over = hub.grace_over().clone();
     let stop = async {
         tokio::select! {
-            why = refused => why,
+            why = refused => format!("the policy no longer allows it ({why})"),
             () = held.evicted() => "evicted to make room for another client".to_owned(),
+            () = grace_over.cancelled() => tunnel::hub::GRACE_CUT.to_owned(),
         }
     };
     let acked = up.acked();
@@ -815,7 +817,7 @@ async fn tcp_conn(
         return;
     }
     if let Some(why) = m.stopped {
-        info!(app = %app_name, device = %target.device, client = %Client(peer), bytes_in = bin, bytes_out = bout, ms = started.elapsed().as_millis() as u64, reason = %why, "connection cut: the policy no longer allows it");
+        info!(app = %app_name, device = %target.device, client = %Client(peer), bytes_in = bin, bytes_out = bout, ms = started.elapsed().as_millis() as u64, reason = %why, "connection cut");
         return;
     }
     if let Some(refused) = up.refused() {

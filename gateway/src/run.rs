@@ -1020,13 +1020,20 @@ async fn forward_loop(hub: Hub, f: Forward, l: TcpListener, shutdown: Cancellati
             {
                 Ok(mut up) => {
                     let policy = hub.policy().clone();
-                    let stop = policy.until_mesh_refused(&me, &roles, &f.device, &f.service);
+                    let refused = policy.until_mesh_refused(&me, &roles, &f.device, &f.service);
+                    let grace_over = hub.grace_over().clone();
+                    let stop = async {
+                        tokio::select! {
+                            why = refused => format!("the policy no longer allows it ({why})"),
+                            () = grace_over.cancelled() => tunnel::hub::GRACE_CUT.to_owned(),
+                        }
+                    };
                     let m = splice_until(&mut tcp, &mut up, stop).await;
                     let (a, b) = (m.a_to_b, m.b_to_a);
                     let ms = started.elapsed().as_millis() as u64;
                     match &m.stopped {
                         Some(why) => {
-                            info!(app = %app, to = %format!("{}/{}", f.device, f.service), client = %Client(peer), bytes_up = a, bytes_down = b, ms, reason = %why, "forward connection cut: the policy no longer allows it")
+                            info!(app = %app, to = %format!("{}/{}", f.device, f.service), client = %Client(peer), bytes_up = a, bytes_down = b, ms, reason = %why, "forward connection cut")
                         }
                         None => {
                             info!(app = %app, to = %format!("{}/{}", f.device, f.service), client = %Client(peer), bytes_up = a, bytes_down = b, ms, end = %m.end(), "forward connection done")

@@ -3660,3 +3660,67 @@ async fn a_node_whose_endpoint_stops_by_itself_stops() {
     assert!(why.contains("QUIC endpoint stopped"), "{why}");
     gw.shutdown.cancel();
 }
+
+/// The log lines of the tasks run on this thread while the guard lives: a current-thread
+/// runtime's, all of them.
+fn capture_logs() -> (
+    Arc<std::sync::Mutex<Vec<u8>>>,
+    tracing::subscriber::DefaultGuard,
+) {
+    struct W(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for W {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let b = buf.clone();
+    let sub = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || W(b.clone()))
+        .finish();
+    (buf, tracing::subscriber::set_default(sub))
+}
+
+/// A connection still open when the gateway's drain runs out of grace is logged as cut by
+/// the gateway, before the gateway stops: it was cut by the endpoint's close and its line
+/// never came (the process ended first) or blamed the tunnel.
+#[tokio::test(flavor = "current_thread")]
+async fn connections_a_drain_cuts_are_logged_as_cut_by_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (logs, _guard) = capture_logs();
+    let z = TestZone::new(&["home1"]);
+    z.write_policy("a.toml", &tcp_app("echo", 0));
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(300)).await;
+    let _h1 = start_echo_node(&z, &gw, "home1").await;
+    let mut open = tokio::net::TcpStream::connect(gw.apps["echo"])
+        .await
+        .unwrap();
+    open.write_all(b"held").await.unwrap();
+    let mut got = [0u8; 4];
+    open.read_exact(&mut got).await.unwrap();
+    gw.shutdown.cancel();
+    tokio::time::timeout(WAIT, gw.task)
+        .await
+        .expect("the gateway stopped")
+        .unwrap();
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    let cut = text
+        .lines()
+        .position(|l| {
+            l.contains("connection cut")
+                && l.contains("app=echo")
+                && l.contains(tunnel::hub::GRACE_CUT)
+        })
+        .unwrap_or_else(|| panic!("no line for the cut connection:\n{text}"));
+    let drained = text
+        .lines()
+        .position(|l| l.contains("drained"))
+        .unwrap_or_else(|| panic!("no drained line:\n{text}"));
+    assert!(cut < drained, "{text}");
+}

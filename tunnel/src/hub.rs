@@ -181,6 +181,13 @@ pub struct AgentLink {
 /// Where a UDP flow's datagrams from the device go, and its count of those dropped there.
 type FlowTx = (mpsc::Sender<Bytes>, Arc<AtomicU64>);
 
+/// Why work still open when a drain's grace period ran out ended ([`Hub::grace_over`]).
+pub const GRACE_CUT: &str =
+    "the gateway is stopping and its drain's grace period (grace_secs) ran out";
+
+/// How long a drain whose grace ran out waits for the work it cut to log its lines.
+const CUT_LINES_WAIT: Duration = Duration::from_secs(1);
+
 /// Log lines a second one device's messages and streams may cause ([`AgentLink::lines`]).
 const LINK_LINES_PER_SEC: u32 = 20;
 /// Log lines a second of refused agent connections (anyone can cause them) and of revoked
@@ -250,6 +257,9 @@ struct Inner {
     draining: AtomicBool,
     /// Proxied connections and relays in flight: drain waits for them.
     work: TaskTracker,
+    /// Cancelled when a drain's grace period runs out with work still open: that work ends
+    /// on it and logs its line saying so ([`Hub::grace_over`]).
+    grace_over: CancellationToken,
     handshakes: HandshakeGate,
     /// (from, to) device pairs of mesh traffic: relayed streams and punching rounds.
     mesh: Mutex<HashMap<(String, String), MeshPair>>,
@@ -482,6 +492,7 @@ impl Hub {
             next_session: AtomicU64::new(rand::random::<u32>() as u64),
             draining: AtomicBool::new(false),
             work: TaskTracker::new(),
+            grace_over: CancellationToken::new(),
             handshakes: HandshakeGate::with_per_address(
                 "tunnel hub",
                 MAX_HANDSHAKES,
@@ -533,6 +544,13 @@ impl Hub {
     /// Tracker for proxied work, so drain waits for it.
     pub fn work(&self) -> &TaskTracker {
         &self.0.work
+    }
+
+    /// Cancelled when a drain's grace period runs out: proxied work still open ends on it,
+    /// with its line saying the gateway cut it (it was cut by the endpoint's close, and its
+    /// line blamed the tunnel or the client, or never came as the process ended first).
+    pub fn grace_over(&self) -> &CancellationToken {
+        &self.0.grace_over
     }
 
     /// Starts (or with None stops) recording the bytes of relayed device↔device streams.
@@ -906,6 +924,9 @@ impl Hub {
                 left = self.0.work.len(),
                 "grace period over: closing proxied connections still open"
             );
+            // Their lines first, each saying the gateway cut it: they end on this at once.
+            self.0.grace_over.cancel();
+            let _ = tokio::time::timeout(CUT_LINES_WAIT, self.0.work.wait()).await;
         }
         endpoint.close(CLOSE_SHUTDOWN.into(), b"gateway shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;

@@ -263,6 +263,7 @@ impl Front {
             let front = self.clone();
             let tls = tls.clone();
             let shutdown = shutdown.clone();
+            let grace_over = self.0.hub.grace_over().clone();
             let span = tracing::info_span!("http", client = %peer, scheme);
             self.0.hub.work().spawn(
                 async move {
@@ -307,11 +308,19 @@ impl Front {
                     };
                     // Evicted: dropped, whatever it waited on (a quiet upstream answer, a
                     // request body its service does not read); its stream fails too, for an
-                    // upgrade's splice that outlives this task.
-                    tokio::select! {
+                    // upgrade's splice that outlives this task. Still open when a drain's
+                    // grace period runs out: dropped, an answer in flight logged as cut by
+                    // the gateway (it read as the client's doing, after "gateway stopped").
+                    let mut served = Box::pin(served);
+                    let cut = tokio::select! {
                         biased;
-                        () = served => {}
-                        () = held.until_evicted() => {}
+                        () = &mut served => false,
+                        () = held.until_evicted() => false,
+                        () = grace_over.cancelled() => true,
+                    };
+                    match cut {
+                        true => proxy::drop_undelivered(served, &tunnel::hub::GRACE_CUT),
+                        false => drop(served),
                     }
                     slots.note_eviction();
                     drop(slots);

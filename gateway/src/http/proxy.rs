@@ -278,8 +278,9 @@ thread_local! {
 
 /// Drops an answer's `body` whose writing to the client failed (`why`): its log line says so.
 /// The body may have ended already (its last bytes taken, waiting in the socket's or TLS's
-/// buffers when the client stopped reading).
-pub(super) fn drop_undelivered(body: ProxyBody, why: &dyn std::fmt::Display) {
+/// buffers when the client stopped reading). Or drops a connection's whole future, with the
+/// bodies it holds (a drain's grace period over).
+pub(super) fn drop_undelivered<T>(body: T, why: &dyn std::fmt::Display) {
     UNDELIVERED.with(|u| *u.borrow_mut() = Some(why.to_string()));
     drop(body);
     UNDELIVERED.with(|u| u.borrow_mut().take());
