@@ -221,6 +221,48 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
+/// A peer's `/status` counts a stream's bytes as they go and says it is open, on its path:
+/// they were added as the stream ended, so a long-lived stream (etcd's raft, a watch) showed
+/// nothing for its whole life, and a stream kept on the relay hid behind `path: direct`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_open_streams_and_their_bytes_show_while_they_last() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let m = mesh_zone().await;
+    let data = payload(64 * 1024);
+    let mut open = tokio::net::TcpStream::connect(m.fwd).await.unwrap();
+    open.write_all(&data).await.unwrap();
+    let mut back = vec![0u8; data.len()];
+    tokio::time::timeout(WAIT, open.read_exact(&mut back))
+        .await
+        .expect("echoed")
+        .unwrap();
+    let n = data.len() as u64;
+    let peer = |node: &RunningAgent, name: &str| {
+        node.agent
+            .peers()
+            .into_iter()
+            .find(|p| p.device == name)
+            .expect("the peer")
+    };
+    // Still open: on the relay (a forward's first stream), its bytes both ways counted.
+    let p = peer(&m.h2, "home1");
+    assert_eq!(
+        (p.open_relay, p.open_direct, p.streams_relay),
+        (1, 0, 0),
+        "{p:?}"
+    );
+    assert!(p.bytes_relay_out >= n && p.bytes_relay_in >= n, "{p:?}");
+    let q = peer(&m.h1, "home2");
+    assert_eq!(q.open_relay, 1, "{q:?}");
+    assert!(q.bytes_relay_in >= n && q.bytes_relay_out >= n, "{q:?}");
+    drop(open);
+    wait_until("the stream ended on both sides", WAIT, || {
+        let (p, q) = (peer(&m.h2, "home1"), peer(&m.h1, "home2"));
+        p.open_relay == 0 && p.streams_relay == 1 && q.open_relay == 0 && q.streams_relay == 1
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_sees_only_ciphertext_then_streams_go_direct_and_survive_the_gateway() {
     let MeshZone {

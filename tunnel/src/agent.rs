@@ -1905,10 +1905,9 @@ impl Agent {
                     revoked.cancelled().await;
                     "the gateway's policy no longer allows it".to_owned()
                 };
-                let m = splice_until(&mut q, &mut tcp, stop).await;
-                let (inn, out) = (m.a_to_b, m.b_to_a);
-                self.peers.counters(&peer).record(true, out, inn);
-                (m, app)
+                let tally = self.peers.counters(&peer).stream(true);
+                let (mut local, mut theirs) = crate::splice::counted(&mut tcp, &mut q, &tally);
+                (splice_until(&mut theirs, &mut local, stop).await, app)
             }
             Carry::E2e { peer, key } => {
                 let secret = self.cfg.creds.noise_secret();
@@ -1931,10 +1930,10 @@ impl Agent {
                 // service over a direct path too.
                 let (agent, p, svc, a) = (self.clone(), peer.clone(), service.clone(), app.clone());
                 s.on_first_frame(move || agent.granted(&p, &svc, &a, started));
-                let m = splice_until(&mut s, &mut tcp, self.peers.peer_ended(&peer)).await;
-                let (inn, out) = (m.a_to_b, m.b_to_a);
-                self.peers.counters(&peer).record(false, out, inn);
-                (m, app)
+                let tally = self.peers.counters(&peer).stream(false);
+                let (mut local, mut theirs) = crate::splice::counted(&mut tcp, &mut s, &tally);
+                let ended = self.peers.peer_ended(&peer);
+                (splice_until(&mut theirs, &mut local, ended).await, app)
             }
         };
         let (up, down) = (m.a_to_b, m.b_to_a);
@@ -2090,9 +2089,13 @@ impl Agent {
                         let holds = self.holds_of(&pc.conn, &f.device);
                         let mut q = q.watched(&holds, RELAY_APP, &f.service);
                         let acked = q.send.stopped();
-                        let m = splice(&mut tcp, &mut q).await;
+                        let m = {
+                            let tally = self.peers.counters(&f.device).stream(true);
+                            let (mut local, mut theirs) =
+                                crate::splice::counted(&mut tcp, &mut q, &tally);
+                            splice(&mut local, &mut theirs).await
+                        };
                         let (up, down) = (m.a_to_b, m.b_to_a);
-                        self.peers.counters(&f.device).record(true, up, down);
                         info!(to = %to, via = "direct", client = %client, bytes_up = up, bytes_down = down, ms = started.elapsed().as_millis() as u64, "forward connection done");
                         until_acked(acked, m.is_clean(), &t).await;
                         return;
@@ -2222,9 +2225,10 @@ impl Agent {
                         self.peers.punch_request_lost(&f.device);
                     }
                 }
-                let m = splice_until(&mut tcp, &mut s, self.peers.peer_ended(&f.device)).await;
-                let (up, down) = (m.a_to_b, m.b_to_a);
-                self.peers.counters(&f.device).record(false, up, down);
+                let tally = self.peers.counters(&f.device).stream(false);
+                let (mut local, mut theirs) = crate::splice::counted(&mut tcp, &mut s, &tally);
+                let ended = self.peers.peer_ended(&f.device);
+                let m = splice_until(&mut local, &mut theirs, ended).await;
                 (m, format!("{} (e2e)", link.name))
             }
         };

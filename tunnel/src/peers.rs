@@ -135,8 +135,15 @@ impl Drop for StreamGuard {
 /// Byte and stream counters of one peer.
 #[derive(Debug, Default)]
 pub struct PeerCounters {
+    /// Streams ended, per path.
     pub streams_direct: AtomicU64,
     pub streams_relay: AtomicU64,
+    /// Streams open now, per path: a relayed stream opened before the direct path came up
+    /// stays relayed for its life (etcd's raft streams: for good), which `path` alone hid.
+    pub open_direct: AtomicU64,
+    pub open_relay: AtomicU64,
+    /// Payload bytes, counted as they are written (not when a stream ends: a stream open for
+    /// days showed nothing until it closed).
     pub bytes_direct_out: AtomicU64,
     pub bytes_direct_in: AtomicU64,
     pub bytes_relay_out: AtomicU64,
@@ -144,24 +151,54 @@ pub struct PeerCounters {
 }
 
 impl PeerCounters {
-    /// Records a finished stream. `out`/`inn` are from this device's point of view.
-    pub fn record(&self, direct: bool, out: u64, inn: u64) {
-        let (s, o, i) = if direct {
-            (
-                &self.streams_direct,
-                &self.bytes_direct_out,
-                &self.bytes_direct_in,
-            )
-        } else {
-            (
-                &self.streams_relay,
-                &self.bytes_relay_out,
-                &self.bytes_relay_in,
-            )
+    /// A stream to or from the peer over the direct path or the relay, open from now until
+    /// the returned tally is dropped; its ends count their bytes into it as they are written
+    /// ([`crate::splice::counted`], the local end as the client's, the peer's stream as the
+    /// tunnel's).
+    pub fn stream(self: &Arc<Self>, direct: bool) -> PeerStream {
+        let open = match direct {
+            true => &self.open_direct,
+            false => &self.open_relay,
         };
-        s.fetch_add(1, Ordering::Relaxed);
-        o.fetch_add(out, Ordering::Relaxed);
-        i.fetch_add(inn, Ordering::Relaxed);
+        open.fetch_add(1, Ordering::Relaxed);
+        PeerStream {
+            counters: self.clone(),
+            direct,
+        }
+    }
+}
+
+/// One open stream of a peer ([`PeerCounters::stream`]).
+#[derive(Debug)]
+pub struct PeerStream {
+    counters: Arc<PeerCounters>,
+    direct: bool,
+}
+
+impl crate::splice::Tally for PeerStream {
+    fn add(&self, flow: crate::splice::Flow, n: u64) {
+        let c = &self.counters;
+        let (out, inn) = match self.direct {
+            true => (&c.bytes_direct_out, &c.bytes_direct_in),
+            false => (&c.bytes_relay_out, &c.bytes_relay_in),
+        };
+        match flow {
+            // Into the peer's stream: sent to the peer.
+            crate::splice::Flow::In => out.fetch_add(n, Ordering::Relaxed),
+            crate::splice::Flow::Out => inn.fetch_add(n, Ordering::Relaxed),
+        };
+    }
+}
+
+impl Drop for PeerStream {
+    fn drop(&mut self) {
+        let c = &self.counters;
+        let (open, ended) = match self.direct {
+            true => (&c.open_direct, &c.streams_direct),
+            false => (&c.open_relay, &c.streams_relay),
+        };
+        open.fetch_sub(1, Ordering::Relaxed);
+        ended.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -868,6 +905,8 @@ impl Peers {
                     path_mtu: direct.map(|d| d.conn.stats().path.current_mtu),
                     streams_direct: c.streams_direct.load(Ordering::Relaxed),
                     streams_relay: c.streams_relay.load(Ordering::Relaxed),
+                    open_direct: c.open_direct.load(Ordering::Relaxed),
+                    open_relay: c.open_relay.load(Ordering::Relaxed),
                     bytes_direct_out: c.bytes_direct_out.load(Ordering::Relaxed),
                     bytes_direct_in: c.bytes_direct_in.load(Ordering::Relaxed),
                     bytes_relay_out: c.bytes_relay_out.load(Ordering::Relaxed),

@@ -99,9 +99,9 @@ pub trait End: AsyncRead + AsyncWrite + Unpin {
 /// it all. What is written into an end not yet accepted ([`End::accepted`]: an early-opened
 /// stream before the device's reply) is counted once it is, and never if it is refused: a
 /// client retrying a service that was down counted its bytes as the app's `bytes_in`.
-pub struct Counted<'a, E: End + ?Sized> {
+pub struct Counted<'a, E: End + ?Sized, T: Tally = policies::accounting::AppCounters> {
     pub inner: &'a mut E,
-    pub counters: &'a policies::accounting::AppCounters,
+    pub counters: &'a T,
     pub writes: Flow,
     /// Written while `inner` was not yet accepted: counted once it is.
     held: u64,
@@ -109,11 +109,11 @@ pub struct Counted<'a, E: End + ?Sized> {
 
 /// An app's connection's two ends, counted ([`Counted`]): what is written to the client is
 /// its `bytes_out`, what is written into the tunnel its `bytes_in`.
-pub fn counted<'a, C: End + ?Sized, T: End + ?Sized>(
+pub fn counted<'a, C: End + ?Sized, T: End + ?Sized, Y: Tally>(
     client: &'a mut C,
     tunnel: &'a mut T,
-    counters: &'a policies::accounting::AppCounters,
-) -> (Counted<'a, C>, Counted<'a, T>) {
+    counters: &'a Y,
+) -> (Counted<'a, C, Y>, Counted<'a, T, Y>) {
     (
         Counted {
             inner: client,
@@ -130,6 +130,27 @@ pub fn counted<'a, C: End + ?Sized, T: End + ?Sized>(
     )
 }
 
+/// Byte counts a [`Counted`] end adds to as it is written: an app's, a mesh peer's.
+pub trait Tally {
+    /// `n` bytes written towards the service (`Flow::In`) or the client (`Flow::Out`).
+    fn add(&self, flow: Flow, n: u64);
+}
+
+impl Tally for policies::accounting::AppCounters {
+    fn add(&self, flow: Flow, n: u64) {
+        match flow {
+            Flow::In => self.bytes_in(n),
+            Flow::Out => self.bytes_out(n),
+        }
+    }
+}
+
+impl<T: Tally + ?Sized> Tally for Arc<T> {
+    fn add(&self, flow: Flow, n: u64) {
+        (**self).add(flow, n)
+    }
+}
+
 /// Which of an app's byte counts a [`Counted`] end's writes add to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
@@ -139,7 +160,7 @@ pub enum Flow {
     Out,
 }
 
-impl<E: End + ?Sized> Counted<'_, E> {
+impl<E: End + ?Sized, T: Tally> Counted<'_, E, T> {
     fn count(&mut self, n: usize) {
         self.settle();
         if n == 0 {
@@ -154,10 +175,7 @@ impl<E: End + ?Sized> Counted<'_, E> {
     }
 
     fn add(&self, n: u64) {
-        match self.writes {
-            Flow::In => self.counters.bytes_in(n),
-            Flow::Out => self.counters.bytes_out(n),
-        }
+        self.counters.add(self.writes, n);
     }
 
     /// Counts what was held back once `inner` was accepted; forgets it once refused.
@@ -176,13 +194,13 @@ impl<E: End + ?Sized> Counted<'_, E> {
     }
 }
 
-impl<E: End + ?Sized> Drop for Counted<'_, E> {
+impl<E: End + ?Sized, T: Tally> Drop for Counted<'_, E, T> {
     fn drop(&mut self) {
         self.settle();
     }
 }
 
-impl<E: End + ?Sized> End for Counted<'_, E> {
+impl<E: End + ?Sized, T: Tally> End for Counted<'_, E, T> {
     fn abort(&mut self) {
         self.inner.abort()
     }
@@ -217,7 +235,7 @@ impl<E: End + ?Sized> End for Counted<'_, E> {
     }
 }
 
-impl<E: End + ?Sized> AsyncRead for Counted<'_, E> {
+impl<E: End + ?Sized, T: Tally> AsyncRead for Counted<'_, E, T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -229,7 +247,7 @@ impl<E: End + ?Sized> AsyncRead for Counted<'_, E> {
     }
 }
 
-impl<E: End + ?Sized> AsyncWrite for Counted<'_, E> {
+impl<E: End + ?Sized, T: Tally> AsyncWrite for Counted<'_, E, T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -82,10 +82,15 @@ pub struct PeerStatus {
     pub rtt_ms: Option<f64>,
     /// Largest UDP payload the direct connection's packets carry now (none while relayed).
     pub path_mtu: Option<u16>,
+    /// Streams ended, per path.
     pub streams_direct: u64,
     pub streams_relay: u64,
+    /// Streams open now, per path: one opened on the relay stays there for its life, whatever
+    /// `path` says since.
+    pub open_direct: u64,
+    pub open_relay: u64,
     /// Payload bytes sent to / received from the peer, per path (both directions of streams
-    /// we opened and of streams the peer opened to us).
+    /// we opened and of streams the peer opened to us), counted as they go.
     pub bytes_direct_out: u64,
     pub bytes_direct_in: u64,
     pub bytes_relay_out: u64,
