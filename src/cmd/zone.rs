@@ -66,9 +66,10 @@ pub fn run(cmd: ZoneCmd) -> anyhow::Result<()> {
             };
             z.resign(now, valid_days)?;
             say!(
-                "re-signed zone.json: serial {}, expires {} ({valid_days} days; later changes to the zone sign for as long, until the next resign)",
+                "re-signed zone.json: serial {}, expires {} ({valid_days} days; later changes to the zone sign for as long, until the next resign). Copy {} into a running gateway's bundle: it adopts it within about a second and passes it on to its nodes",
                 z.zone.config.serial,
-                fmt_time(z.zone.config.expires_at)
+                fmt_time(z.zone.config.expires_at),
+                z.dir.join("zone.json").display()
             );
             Ok(())
         }

@@ -139,7 +139,12 @@ fn a_clock_ahead_once_does_not_block_revocations() {
     );
     // The owner's word that this clock is right brings the zone back to now.
     let before = zone_serial(&z);
-    ok(["zone", "resign", "--zone", zs, "--clock-is-right"]);
+    let said = ok(["zone", "resign", "--zone", zs, "--clock-is-right"]);
+    // Where the new zone.json goes, as `device add` and `revoke` say.
+    assert!(
+        said.contains("Copy ") && said.contains("into a running gateway's bundle"),
+        "{said}"
+    );
     let zone = zone_core::zonedir::read_zone_json(&z.join("zone.json")).unwrap();
     assert!(zone.config.serial > before);
     assert!(zone.config.issued_at < time::OffsetDateTime::now_utc() + time::Duration::days(1));
@@ -917,6 +922,11 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
     .unwrap();
     let e = fails(1, ["gateway", "--config", gws]);
     assert!(e.contains("/nonexistent/cert.pem"), "{e}");
+    // And what to do: a single broken pair stops the whole gateway (tunnel, DNS, apps).
+    assert!(
+        e.contains("no [[tls]] certificate loads") && e.contains("take the [[tls]] entries out"),
+        "{e}"
+    );
     std::fs::write(&gw, &gw_text).unwrap();
 
     // No `policies` key: --policies stands in for it (here a directory that is not there,

@@ -38,6 +38,9 @@ pub enum TlsError {
     /// Several pairs failing at one look, each said.
     #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
     Several(Vec<TlsError>),
+    /// At start, no `[[tls]]` pair loads: HTTPS, and with it the gateway, cannot start.
+    #[error("{0}: no [[tls]] certificate loads, so the gateway cannot start: fix or copy the files again (a renewal's copy half done is retried at the next start), or take the [[tls]] entries out of gateway.toml to serve a self-signed certificate meanwhile")]
+    NoneLoads(Box<TlsError>),
 }
 
 fn file_err(path: &Path, why: impl std::fmt::Display) -> TlsError {
@@ -536,10 +539,10 @@ pub fn configure(pairs: &[(PathBuf, PathBuf)], fallback_names: &[String]) -> Res
     // again at every look. Refused, a pair certbot deleted stopped the gateway — DNS, the
     // tunnel, every app — in a restart loop at its next boot, though it had served on.
     if !pairs.is_empty() && failed_pairs.len() == pairs.len() {
-        return Err(match errors.len() {
+        return Err(TlsError::NoneLoads(Box::new(match errors.len() {
             1 => errors.remove(0),
             _ => TlsError::Several(errors),
-        });
+        })));
     }
     for e in &errors {
         tracing::error!(error = %e, "a TLS certificate pair does not load: not served (the other pairs are), read again as its files change");
