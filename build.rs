@@ -1,30 +1,47 @@
 //! Build script: links the `zonegate` binary with packed relative relocations (DT_RELR) where
-//! the C library it will run on loads them.
+//! the C library it will run on loads them, and with the functions an idle node agent runs
+//! placed together where the linker is lld.
 //!
-//! Why: a position-independent executable carries one 24-byte record per pointer to relocate
-//! at start (`.rela.dyn`, ~390 KB here), which the loader reads whole, so every zonegate process
-//! keeps those pages resident. RELR packs them into ~8 KB: an idle node agent's RSS drops by
-//! ~380 KiB (benches/RESULTS.md). The executable stays position-independent (ASLR unchanged).
+//! Relocations: a position-independent executable carries one 24-byte record per pointer to
+//! relocate at start (`.rela.dyn`, ~390 KB here), which the loader reads whole, so every
+//! zonegate process keeps those pages resident. RELR packs them into ~8 KB: an idle node
+//! agent's RSS drops by ~380 KiB (benches/RESULTS.md). The executable stays
+//! position-independent (ASLR unchanged). glibc loads RELR from 2.36 on, and the linker marks
+//! the binary as needing it, so a binary built so refuses to start on an older glibc: the
+//! flag is passed only when building for the machine that builds (`TARGET == HOST`) and that
+//! machine's glibc is 2.36 or newer. `ZONEGATE_RELR=0` leaves it out (a binary to copy to an
+//! older system, a linker without `-z pack-relative-relocs`).
 //!
-//! glibc loads RELR from 2.36 on, and the linker marks the binary as needing it, so a binary
-//! built so refuses to start on an older glibc: the flag is passed only when building for the
-//! machine that builds (`TARGET == HOST`) and that machine's glibc is 2.36 or newer. Set
-//! `ZONEGATE_RELR=0` to leave it out (a binary to copy to an older system, a linker without
-//! `-z pack-relative-relocs`).
+//! Function order: the kernel maps an executable's text by whole runs of pages around each
+//! page touched (fault-around, read-ahead), so the ~2 MB of functions an idle node agent runs,
+//! spread over 9 MB of text, kept ~6.6 MiB of it resident. `link/node-idle.order` lists them
+//! (made by `benches/node_order.sh` with callgrind); lld's `--symbol-ordering-file` puts them
+//! first, together. Names it lists that no longer exist are skipped, so a stale list only
+//! loses its effect. Passed where the linker is rustc's own lld: rustc 1.90 and later link
+//! x86_64-unknown-linux-gnu with it unless told another linker. `ZONEGATE_ORDER=0` leaves it
+//! out.
 
 use std::env;
 use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=ZONEGATE_RELR");
+    println!("cargo:rerun-if-env-changed=ZONEGATE_ORDER");
     println!("cargo:rerun-if-changed=build.rs");
-    if env::var("ZONEGATE_RELR").as_deref() == Ok("0") {
-        return;
-    }
+    println!("cargo:rerun-if-changed=link/node-idle.order");
     let target_os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     let target_env = env::var("CARGO_CFG_TARGET_ENV").unwrap_or_default();
-    if target_os != "linux"
-        || target_env != "gnu"
+    if target_os != "linux" || target_env != "gnu" {
+        return;
+    }
+    if env::var("ZONEGATE_ORDER").as_deref() != Ok("0") && links_with_rustc_lld() {
+        let order = env::var("CARGO_MANIFEST_DIR").unwrap_or_default() + "/link/node-idle.order";
+        if std::path::Path::new(&order).is_file() {
+            println!("cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={order}");
+            println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+        }
+    }
+    if env::var("ZONEGATE_RELR").as_deref() == Ok("0")
         || env::var("TARGET").ok() != env::var("HOST").ok()
     {
         return;
@@ -35,6 +52,34 @@ fn main() {
         }
         _ => {}
     }
+}
+
+/// Whether the binary is linked by rustc's own lld: x86_64-unknown-linux-gnu with rustc 1.90
+/// or later, no linker configured (`RUSTC_LINKER`, set by Cargo from a `linker` setting) and no
+/// flags choosing one.
+fn links_with_rustc_lld() -> bool {
+    if env::var("TARGET").as_deref() != Ok("x86_64-unknown-linux-gnu")
+        || env::var_os("RUSTC_LINKER").is_some()
+    {
+        return false;
+    }
+    let flags = env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
+    if ["linker", "fuse-ld", "link-self-contained"]
+        .iter()
+        .any(|f| flags.contains(f))
+    {
+        return false;
+    }
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let Ok(out) = Command::new(rustc).arg("-V").output() else {
+        return false;
+    };
+    // "rustc 1.95.0 (59807616e 2026-04-14)"
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut version = text.split_whitespace().nth(1).unwrap_or("").split('.');
+    let major: u32 = version.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let minor: u32 = version.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    (major, minor) >= (1, 90)
 }
 
 /// The build machine's glibc version, from `getconf GNU_LIBC_VERSION` ("glibc 2.36").
