@@ -771,6 +771,7 @@ async fn tcp_conn(
     {
         Ok(u) => u,
         Err(e) => {
+            counters.failed(tunnel::hub::failure_of(&e));
             let (_, reason) = refusal_of(&e);
             if let Some(unlogged) = LogBudget::take_shared(lines) {
                 info!(app = %app_name, device = %target.device, client = %Client(peer), reason = %reason, unlogged, "connection failed");
@@ -821,7 +822,9 @@ async fn tcp_conn(
         return;
     }
     if let Some(refused) = up.refused() {
-        let (_, reason) = refusal_of(&refused.open_error(&target.device));
+        let refused = refused.open_error(&target.device);
+        counters.failed(tunnel::hub::failure_of(&refused));
+        let (_, reason) = refusal_of(&refused);
         // A client retrying against a service that is down: one per connection.
         if let Some(unlogged) = LogBudget::take_shared(lines) {
             info!(app = %app_name, device = %target.device, client = %Client(peer), reason = %reason, unlogged, "connection failed");

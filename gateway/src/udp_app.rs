@@ -635,6 +635,7 @@ impl AppSocket {
             Err(err) => {
                 if let Some(e) = self.flows.remove(&peer) {
                     e.stop.cancel();
+                    e.counters.failed(tunnel::hub::failure_of(&err));
                     if let Some(unlogged) = self.failed_lines.take() {
                         let (_, reason) = refusal_of(&err);
                         let queued = match &e.state {

@@ -1,5 +1,5 @@
-//! Per-app counters (requests, connections, bytes, refusals by reason) as plain atomics, and a
-//! serializable snapshot for `/status` and `/metrics`.
+//! Per-app counters (requests, connections, bytes, refusals and failures by reason) as plain
+//! atomics, and a serializable snapshot for `/status` and `/metrics`.
 
 use crate::eval::DenyReason;
 use serde::Serialize;
@@ -38,6 +38,60 @@ impl Refusal {
     }
 }
 
+/// Why a request, connection or flow the policy let through did not reach its service: the
+/// device's side, not the client's (a tcp app's failures showed only in the log, counted as
+/// connections like any other).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Failure {
+    /// Its node agent is not connected.
+    DeviceOffline,
+    /// No device of that name in the zone config (never added, misspelt, revoked).
+    NoSuchDevice,
+    /// The device does not offer the service (or not over that protocol).
+    NoSuchService,
+    /// The device could not reach its local service (not running, refused).
+    ServiceUnreachable,
+    /// The device did not answer in time.
+    Timeout,
+    /// The tunnel to the device failed.
+    Tunnel,
+    /// The device's node agent is stopping.
+    DeviceStopping,
+    /// Refused by the device for another reason (overloaded, rate limited there).
+    RefusedByDevice,
+}
+
+const FAILURES: [&str; 8] = [
+    "device_offline",
+    "no_such_device",
+    "no_such_service",
+    "service_unreachable",
+    "timeout",
+    "tunnel",
+    "device_stopping",
+    "refused_by_device",
+];
+
+impl Failure {
+    fn index(self) -> usize {
+        match self {
+            Failure::DeviceOffline => 0,
+            Failure::NoSuchDevice => 1,
+            Failure::NoSuchService => 2,
+            Failure::ServiceUnreachable => 3,
+            Failure::Timeout => 4,
+            Failure::Tunnel => 5,
+            Failure::DeviceStopping => 6,
+            Failure::RefusedByDevice => 7,
+        }
+    }
+
+    /// Stable label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        FAILURES[self.index()]
+    }
+}
+
 fn label(i: usize) -> &'static str {
     if i < DenyReason::ALL.len() {
         DenyReason::ALL[i].as_str()
@@ -55,6 +109,7 @@ pub struct AppCounters {
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     refusals: [AtomicU64; N_REFUSALS],
+    failures: [AtomicU64; FAILURES.len()],
 }
 
 impl AppCounters {
@@ -75,6 +130,9 @@ impl AppCounters {
     pub fn refused(&self, why: Refusal) {
         self.refusals[why.index()].fetch_add(1, Ordering::Relaxed);
     }
+    pub fn failed(&self, why: Failure) {
+        self.failures[why.index()].fetch_add(1, Ordering::Relaxed);
+    }
 
     pub fn snapshot(&self) -> CountersSnapshot {
         let refusals = self
@@ -84,12 +142,20 @@ impl AppCounters {
             .map(|(i, c)| (label(i), c.load(Ordering::Relaxed)))
             .filter(|(_, n)| *n > 0)
             .collect();
+        let failures = self
+            .failures
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (FAILURES[i], c.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
         CountersSnapshot {
             requests: self.requests.load(Ordering::Relaxed),
             connections: self.connections.load(Ordering::Relaxed),
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
             refusals,
+            failures,
         }
     }
 }
@@ -102,6 +168,8 @@ pub struct CountersSnapshot {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub refusals: BTreeMap<&'static str, u64>,
+    /// Let through by the policy, but the device's side failed, by reason.
+    pub failures: BTreeMap<&'static str, u64>,
 }
 
 /// Appends Prometheus text for `(app name, snapshot)` pairs. App names are DNS labels, so they
@@ -146,6 +214,16 @@ pub fn render_prometheus(apps: &[(&str, CountersSnapshot)], out: &mut String) {
             let _ = writeln!(out, "{name}{{app=\"{app}\",reason=\"{reason}\"}} {n}");
         }
     }
+    let name = "zonegate_app_failures_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Requests, connections or flows the policy let through that did not reach the service, by reason\n# TYPE {name} counter"
+    );
+    for (app, s) in apps {
+        for (reason, n) in &s.failures {
+            let _ = writeln!(out, "{name}{{app=\"{app}\",reason=\"{reason}\"}} {n}");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -163,7 +241,10 @@ mod tests {
         c.refused(Refusal::RateLimited);
         c.refused(Refusal::Denied(DenyReason::Method));
         c.refused(Refusal::Denied(DenyReason::Method));
+        c.failed(Failure::NoSuchService);
         let s = c.snapshot();
+        assert_eq!(s.failures.get("no_such_service"), Some(&1));
+        assert_eq!(s.failures.len(), 1);
         assert_eq!(
             (s.requests, s.connections, s.bytes_in, s.bytes_out),
             (2, 1, 10, 20)
@@ -184,6 +265,12 @@ mod tests {
         );
         assert!(
             text.contains("zonegate_app_refusals_total{app=\"dfs\",reason=\"method\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "zonegate_app_failures_total{app=\"dfs\",reason=\"no_such_service\"} 1\n"
+            ),
             "{text}"
         );
     }

@@ -166,6 +166,12 @@ allow = { from = ["public"] }
         .await
         .unwrap_or_default()
         .is_empty());
+    // Counted as the apps' failures, by reason (they showed only in the log).
+    wait_until("the failures counted", WAIT, || {
+        gw.app_counts("ghost").failures.get("no_such_service") == Some(&1)
+            && gw.app_counts("offline").failures.get("no_such_device") == Some(&1)
+    })
+    .await;
     // The hub refuses with typed reasons.
     let e = gw
         .hub

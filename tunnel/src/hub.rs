@@ -185,6 +185,18 @@ type FlowTx = (mpsc::Sender<Bytes>, Arc<AtomicU64>);
 pub const GRACE_CUT: &str =
     "the gateway is stopping and its drain's grace period (grace_secs) ran out";
 
+/// Whether an agent closed its own connection before the handshake ended (an application
+/// close then travels as APPLICATION_ERROR): its dial timed out, as each does while this
+/// gateway restarts, or it reached us at another address first. Nothing here refused it, and
+/// a restart logged every healthy node as refused.
+fn closed_by_agent_during_handshake(e: &TunnelError) -> bool {
+    matches!(
+        e,
+        TunnelError::Connection(quinn::ConnectionError::ConnectionClosed(c))
+            if c.error_code == quinn::TransportErrorCode::APPLICATION_ERROR
+    )
+}
+
 /// How long a drain whose grace ran out waits for the work it cut to log its lines.
 const CUT_LINES_WAIT: Duration = Duration::from_secs(1);
 
@@ -778,7 +790,11 @@ impl Hub {
                     // Anyone can fail a handshake (no certificate, another zone's), as fast
                     // as the handshake gate lets them.
                     if let Some(unlogged) = LogBudget::take_shared(&hub.0.refused_lines) {
-                        warn!(%remote, error = %e, unlogged, "agent connection refused");
+                        if closed_by_agent_during_handshake(&e) {
+                            info!(%remote, error = %e, unlogged, "agent connection given up by the agent during the handshake");
+                        } else {
+                            warn!(%remote, error = %e, unlogged, "agent connection refused");
+                        }
                     }
                 }
             });
@@ -1669,6 +1685,7 @@ impl Hub {
         let mut upstream = match self.connect(&to_device, &service, &app_name, origin).await {
             Ok(u) => u,
             Err(e) => {
+                counters.failed(failure_of(&e));
                 let (code, reason) = refusal_of(&e);
                 // Budgeted: a device opening streams to a peer that is away fails each at once.
                 if let Some(unlogged) = LogBudget::take_shared(&link.lines) {
@@ -2155,6 +2172,24 @@ impl Drop for UdpFlow {
             }
             FlowEnd::Local { reader, .. } => reader.abort(),
         }
+    }
+}
+
+/// How an app counts an [`OpenError`] (`/status`, `/metrics`).
+pub fn failure_of(e: &OpenError) -> policies::accounting::Failure {
+    use policies::accounting::Failure;
+    match e {
+        OpenError::Offline(_) => Failure::DeviceOffline,
+        OpenError::NotInZone(_) | OpenError::Revoked(_) => Failure::NoSuchDevice,
+        OpenError::Timeout(_) => Failure::Timeout,
+        OpenError::Tunnel { .. } => Failure::Tunnel,
+        OpenError::Refused { code, .. } => match code {
+            RefuseCode::NoSuchService => Failure::NoSuchService,
+            RefuseCode::ServiceUnreachable => Failure::ServiceUnreachable,
+            RefuseCode::DeviceOffline => Failure::DeviceOffline,
+            RefuseCode::Draining => Failure::DeviceStopping,
+            _ => Failure::RefusedByDevice,
+        },
     }
 }
 
