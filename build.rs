@@ -17,9 +17,9 @@
 //! spread over 9 MB of text, kept ~6.6 MiB of it resident. `link/node-idle.order` lists them
 //! (made by `benches/node_order.sh` with callgrind); lld's `--symbol-ordering-file` puts them
 //! first, together. Names it lists that no longer exist are skipped, so a stale list only
-//! loses its effect. Passed where the linker is rustc's own lld: rustc 1.90 and later link
-//! x86_64-unknown-linux-gnu with it unless told another linker. `ZONEGATE_ORDER=0` leaves it
-//! out.
+//! loses its effect. Passed where the linker takes it, as a probe finds (rustup's rustc 1.90
+//! and later link x86_64-unknown-linux-gnu with their own lld; GNU ld refuses the option).
+//! `ZONEGATE_ORDER=0` leaves it out.
 
 use std::env;
 use std::process::Command;
@@ -34,7 +34,7 @@ fn main() {
     if target_os != "linux" || target_env != "gnu" {
         return;
     }
-    if env::var("ZONEGATE_ORDER").as_deref() != Ok("0") && links_with_rustc_lld() {
+    if env::var("ZONEGATE_ORDER").as_deref() != Ok("0") && linker_takes_symbol_order() {
         let order = env::var("CARGO_MANIFEST_DIR").unwrap_or_default() + "/link/node-idle.order";
         if std::path::Path::new(&order).is_file() {
             println!("cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={order}");
@@ -54,32 +54,43 @@ fn main() {
     }
 }
 
-/// Whether the binary is linked by rustc's own lld: x86_64-unknown-linux-gnu with rustc 1.90
-/// or later, no linker configured (`RUSTC_LINKER`, set by Cargo from a `linker` setting) and no
-/// flags choosing one.
-fn links_with_rustc_lld() -> bool {
+/// Whether the binary is linked by an lld that takes `--symbol-ordering-file`: rustup's rustc
+/// 1.90 and later link x86_64-unknown-linux-gnu with their own lld, but a distribution's rustc
+/// may link through `cc` and GNU ld, which refuses the option, as may a configured linker
+/// (`RUSTC_LINKER`, set by Cargo from a `linker` setting). So: a probe, an empty program
+/// linked with it as the binary will be.
+fn linker_takes_symbol_order() -> bool {
     if env::var("TARGET").as_deref() != Ok("x86_64-unknown-linux-gnu")
         || env::var_os("RUSTC_LINKER").is_some()
     {
         return false;
     }
-    let flags = env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
-    if ["linker", "fuse-ld", "link-self-contained"]
-        .iter()
-        .any(|f| flags.contains(f))
-    {
-        return false;
-    }
-    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-    let Ok(out) = Command::new(rustc).arg("-V").output() else {
+    let (Ok(rustc), Ok(out_dir)) = (env::var("RUSTC"), env::var("OUT_DIR")) else {
         return false;
     };
-    // "rustc 1.95.0 (59807616e 2026-04-14)"
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut version = text.split_whitespace().nth(1).unwrap_or("").split('.');
-    let major: u32 = version.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-    let minor: u32 = version.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-    (major, minor) >= (1, 90)
+    let dir = std::path::Path::new(&out_dir);
+    let src = dir.join("order_probe.rs");
+    let empty = dir.join("order_probe.order");
+    if std::fs::write(&src, "fn main() {}\n").is_err() || std::fs::write(&empty, "").is_err() {
+        return false;
+    }
+    let flags = env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
+    Command::new(rustc)
+        .args(flags.split('\x1f').filter(|f| !f.is_empty()))
+        .arg("--target")
+        .arg("x86_64-unknown-linux-gnu")
+        .arg("-o")
+        .arg(dir.join("order_probe"))
+        .arg("-C")
+        .arg(format!(
+            "link-arg=-Wl,--symbol-ordering-file={}",
+            empty.display()
+        ))
+        .arg(&src)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// The build machine's glibc version, from `getconf GNU_LIBC_VERSION` ("glibc 2.36").

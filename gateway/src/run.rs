@@ -160,25 +160,36 @@ struct Unlisted {
     /// a newer one's, allocated where the old one was).
     at: Option<(Arc<policies::Active>, u64)>,
     told: std::collections::HashSet<String>,
-    /// Lines about services told, looked at every poll: a device's services change with no
-    /// policy or zone change (a node restarted with another `--service`).
+    /// Apps told of a service their device does not offer ([`crate::unlisted::Offer`] keys),
+    /// looked at every poll: a device's services change with no policy or zone change (a
+    /// node restarted with another `--service`).
     told_services: std::collections::HashSet<String>,
 }
 
 impl Unlisted {
     fn tell(&mut self, hub: &Hub) {
         let policy = hub.policy().current();
-        let now: std::collections::HashSet<String> =
-            crate::unlisted::unoffered_services(&policy.policy, |d| {
-                hub.agent(d)
-                    .map(|a| a.services.read().unwrap_or_else(|p| p.into_inner()).clone())
-            })
-            .into_iter()
-            .collect();
-        for line in now.difference(&self.told_services) {
-            tracing::warn!(problem = %line, "the policy names a service its device does not offer");
+        let offers = crate::unlisted::unoffered_services(&policy.policy, |d| {
+            hub.agent(d)
+                .map(|a| a.services.read().unwrap_or_else(|p| p.into_inner()).clone())
+        });
+        // Told once per mistake: again only after the device offered it, or the app left
+        // the policy — not as the device reconnects or stops.
+        self.told_services
+            .retain(|k| offers.iter().any(|(key, _)| key == k));
+        for (key, offer) in offers {
+            match offer {
+                crate::unlisted::Offer::NotOffered(line) => {
+                    if self.told_services.insert(key) {
+                        tracing::warn!(problem = %line, "the policy names a service its device does not offer");
+                    }
+                }
+                crate::unlisted::Offer::Offered => {
+                    self.told_services.remove(&key);
+                }
+                crate::unlisted::Offer::Unknown => {}
+            }
         }
-        self.told_services = now;
         let zone = hub.creds().zone();
         let serial = zone.config.serial;
         if let Some((p, s)) = &self.at {

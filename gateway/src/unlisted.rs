@@ -64,34 +64,42 @@ pub fn unlisted_devices(policy: &CompiledPolicy, zone: &ZoneConfig) -> Vec<Strin
     out
 }
 
-/// One line per app whose `to` names a service its device does not offer, for the devices
-/// connected now (`services_of`: what a connected device offers, None when it is not
-/// connected). A device offering nothing is left out: its node agent is stopping (a drain
-/// withdraws every service) or was started without any, which its own log says.
+/// Whether an app's device offers the service its `to` names, as far as is known now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Offer {
+    /// The device is not connected, or offers nothing (its node agent is stopping — a drain
+    /// withdraws every service — or was started without any, which its own log says).
+    Unknown,
+    Offered,
+    /// What to tell the owner.
+    NotOffered(String),
+}
+
+/// For each app, a key naming the app and what it needs (its name, `to` and protocol: a line
+/// is told once per key, not again as the device reconnects or its other services change)
+/// and whether its device offers it (`services_of`: what a connected device offers, None when
+/// it is not connected).
 pub fn unoffered_services(
     policy: &CompiledPolicy,
     services_of: impl Fn(&str) -> Option<Vec<ServiceInfo>>,
-) -> Vec<String> {
+) -> Vec<(String, Offer)> {
+    let proto = |p: ServiceProto| match p {
+        ServiceProto::Tcp => "TCP",
+        ServiceProto::Udp => "UDP",
+    };
     let mut out = Vec::new();
     for app in policy.apps() {
         let (device, service) = (&app.target.device, &app.target.service);
-        let Some(offered) = services_of(device) else {
-            continue;
-        };
-        if offered.is_empty() {
-            continue;
-        }
         let wanted = match app.listener {
             Listener::Udp(_) => ServiceProto::Udp,
             Listener::Http(_) | Listener::Tcp(_) | Listener::Mesh => ServiceProto::Tcp,
         };
-        let proto = |p: ServiceProto| match p {
-            ServiceProto::Tcp => "TCP",
-            ServiceProto::Udp => "UDP",
-        };
-        match offered.iter().find(|s| s.name == *service) {
-            Some(s) if s.proto == wanted => {}
-            Some(s) => out.push(format!(
+        let key = format!("{} {device}/{service} {}", app.name, proto(wanted));
+        let offered = services_of(device).unwrap_or_default();
+        let offer = match offered.iter().find(|s| s.name == *service) {
+            _ if offered.is_empty() => Offer::Unknown,
+            Some(s) if s.proto == wanted => Offer::Offered,
+            Some(s) => Offer::NotOffered(format!(
                 "{}: app {}: its `to` names {device}/{service}, which {device} offers over {}, not {}: its requests fail; point the app at a {} service",
                 app.source,
                 app.name,
@@ -101,14 +109,15 @@ pub fn unoffered_services(
             )),
             None => {
                 let names: Vec<&str> = offered.iter().map(|s| s.name.as_str()).collect();
-                out.push(format!(
+                Offer::NotOffered(format!(
                     "{}: app {}: its `to` names {device}/{service}, which {device} does not offer (it offers {}): its requests fail until it does (a misspelt service? a node offers what its node.toml's [services] and --service name)",
                     app.source,
                     app.name,
                     names.join(", ")
-                ));
+                ))
             }
-        }
+        };
+        out.push((key, offer));
     }
     out
 }
@@ -182,7 +191,7 @@ mod tests {
         };
         // home1 offers web and etcd-peer over TCP; home2 is not connected; home3 offers
         // nothing (stopping).
-        let told = unoffered_services(&policy, |d| match d {
+        let all = unoffered_services(&policy, |d| match d {
             "home1" => Some(vec![
                 svc("web", ServiceProto::Tcp),
                 svc("etcd-peer", ServiceProto::Tcp),
@@ -190,6 +199,22 @@ mod tests {
             "home3" => Some(Vec::new()),
             _ => None,
         });
+        let offer = |app: &str| {
+            all.iter()
+                .find(|(k, _)| k.starts_with(&format!("{app} ")))
+                .map(|(_, o)| o.clone())
+                .unwrap()
+        };
+        assert_eq!(offer("web"), Offer::Offered);
+        assert_eq!(offer("away"), Offer::Unknown, "not connected");
+        assert_eq!(offer("stopping"), Offer::Unknown, "offers nothing");
+        let told: Vec<String> = all
+            .iter()
+            .filter_map(|(_, o)| match o {
+                Offer::NotOffered(line) => Some(line.clone()),
+                _ => None,
+            })
+            .collect();
         assert_eq!(told.len(), 2, "{told:?}");
         assert!(
             told.iter().any(|t| t.contains("a.toml:")

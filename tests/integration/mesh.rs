@@ -244,17 +244,28 @@ async fn a_peers_open_streams_and_their_bytes_show_while_they_last() {
             .find(|p| p.device == name)
             .expect("the peer")
     };
-    // Still open: on the relay (a forward's first stream), its bytes both ways counted.
+    // Still open: on the relay (a forward's first stream), its bytes both ways counted (each
+    // write's count lands just after the write: waited for, not raced).
+    wait_until(
+        "the open stream's bytes counted on both sides",
+        WAIT,
+        || {
+            let (p, q) = (peer(&m.h2, "home1"), peer(&m.h1, "home2"));
+            p.bytes_relay_out >= n
+                && p.bytes_relay_in >= n
+                && q.bytes_relay_in >= n
+                && q.bytes_relay_out >= n
+        },
+    )
+    .await;
     let p = peer(&m.h2, "home1");
     assert_eq!(
         (p.open_relay, p.open_direct, p.streams_relay),
         (1, 0, 0),
         "{p:?}"
     );
-    assert!(p.bytes_relay_out >= n && p.bytes_relay_in >= n, "{p:?}");
     let q = peer(&m.h1, "home2");
-    assert_eq!(q.open_relay, 1, "{q:?}");
-    assert!(q.bytes_relay_in >= n && q.bytes_relay_out >= n, "{q:?}");
+    assert_eq!((q.open_relay, q.streams_relay), (1, 0), "{q:?}");
     drop(open);
     wait_until("the stream ended on both sides", WAIT, || {
         let (p, q) = (peer(&m.h2, "home1"), peer(&m.h1, "home2"));

@@ -197,8 +197,31 @@ fn closed_by_agent_during_handshake(e: &TunnelError) -> bool {
     )
 }
 
-/// How long a drain whose grace ran out waits for the work it cut to log its lines.
+/// How long a drain whose grace ran out waits for the work it cut to log its lines: taken
+/// from [`CLOSE_WAIT`].
 const CUT_LINES_WAIT: Duration = Duration::from_secs(1);
+
+/// How long a drain waits, after its grace period, for the endpoint's close to reach the
+/// agents (and for cut work's lines, [`CUT_LINES_WAIT`]).
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// Runs `fut` while refusing new connections to `endpoint` (one CONNECTION_REFUSED packet
+/// each, no state kept): unaccepted during a drain, quinn kept each attempt, up to 65,536 of
+/// them and 100 MiB, and an agent dialing got no answer until its own handshake timeout
+/// instead of going to another gateway at once.
+async fn refusing<T>(endpoint: &Endpoint, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            out = &mut fut => return out,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming.refuse(),
+                // Stopped by itself: nothing more comes to refuse.
+                None => return fut.await,
+            },
+        }
+    }
+}
 
 /// Log lines a second one device's messages and streams may cause ([`AgentLink::lines`]).
 const LINK_LINES_PER_SEC: u32 = 20;
@@ -524,15 +547,18 @@ impl Hub {
 
     /// Why `device` has no connection here: offline, revoked, or no device of the zone at all.
     fn absent(&self, device: &str) -> OpenError {
+        // First: a revocation learned from an older config leaves the device listed in the
+        // one in use. Said as such: "not in the zone config" or "offline" beside the policy's
+        // own warning that the device is revoked read as another story.
+        if self.0.cfg.creds.is_revoked(device) {
+            return OpenError::Revoked(device.to_owned());
+        }
         let zone = self.0.cfg.creds.zone();
         match zone_core::DeviceName::new(device)
             .ok()
             .and_then(|n| zone.config.device(&n))
         {
             Some(_) => OpenError::Offline(device.to_owned()),
-            // Said as such: "not in the zone config" beside the policy's own warning that
-            // the device is revoked read as two different stories.
-            None if self.0.cfg.creds.is_revoked(device) => OpenError::Revoked(device.to_owned()),
             None => OpenError::NotInZone(device.to_owned()),
         }
     }
@@ -919,33 +945,29 @@ impl Hub {
             a.ctl.drain(grace_ms, "gateway shutting down");
         }
         self.0.work.close();
-        // New connections are refused while the drain waits (one CONNECTION_REFUSED packet
-        // each, no state kept): unaccepted, quinn kept each attempt, up to 65,536 of them and
-        // 100 MiB, for the whole grace, and an agent dialing got no answer until its own
-        // handshake timeout instead of going to another gateway at once.
-        let wait = tokio::time::timeout(grace, self.0.work.wait());
-        tokio::pin!(wait);
-        let waited = loop {
-            tokio::select! {
-                waited = &mut wait => break waited,
-                incoming = endpoint.accept() => match incoming {
-                    Some(incoming) => incoming.refuse(),
-                    // Stopped by itself: nothing more comes to refuse.
-                    None => break (&mut wait).await,
-                },
-            }
-        };
+        // New connections are refused while the drain waits ([`refusing`]).
+        let waited = refusing(endpoint, tokio::time::timeout(grace, self.0.work.wait())).await;
+        // The close's own wait below shares its bound with the wait for cut work's lines: the
+        // stop's whole margin after the grace period (config.rs, README `grace_secs`) stays.
+        let mut close_wait = CLOSE_WAIT;
         if waited.is_err() {
             warn!(
                 left = self.0.work.len(),
                 "grace period over: closing proxied connections still open"
             );
-            // Their lines first, each saying the gateway cut it: they end on this at once.
+            // Their lines first, each saying the gateway cut it: they end on this at once
+            // (relayed mesh streams and UDP flows end with the endpoint's close).
             self.0.grace_over.cancel();
-            let _ = tokio::time::timeout(CUT_LINES_WAIT, self.0.work.wait()).await;
+            let cut = tokio::time::Instant::now();
+            let _ = refusing(
+                endpoint,
+                tokio::time::timeout(CUT_LINES_WAIT, self.0.work.wait()),
+            )
+            .await;
+            close_wait = close_wait.saturating_sub(cut.elapsed());
         }
         endpoint.close(CLOSE_SHUTDOWN.into(), b"gateway shutting down");
-        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(close_wait, endpoint.wait_idle()).await;
         // What the drain waited for, and how long: one that waited on nothing and one that
         // let 300 connections finish read alike.
         info!(
