@@ -204,24 +204,25 @@ pub fn render_prometheus(apps: &[(&str, CountersSnapshot)], out: &mut String) {
             let _ = writeln!(out, "{name}{{app=\"{app}\"}} {}", get(s));
         }
     }
-    let name = "zonegate_app_refusals_total";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Requests or connections refused, by reason\n# TYPE {name} counter"
-    );
-    for (app, s) in apps {
-        for (reason, n) in &s.refusals {
-            let _ = writeln!(out, "{name}{{app=\"{app}\",reason=\"{reason}\"}} {n}");
-        }
-    }
-    let name = "zonegate_app_failures_total";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Requests, connections or flows the policy let through that did not reach the service, by reason\n# TYPE {name} counter"
-    );
-    for (app, s) in apps {
-        for (reason, n) in &s.failures {
-            let _ = writeln!(out, "{name}{{app=\"{app}\",reason=\"{reason}\"}} {n}");
+    type ByReason = fn(&CountersSnapshot) -> &BTreeMap<&'static str, u64>;
+    let by_reason: [(&str, &str, ByReason); 2] = [
+        (
+            "zonegate_app_refusals_total",
+            "Requests or connections refused, by reason",
+            |s| &s.refusals,
+        ),
+        (
+            "zonegate_app_failures_total",
+            "Requests, connections or flows the policy let through that did not reach the service, by reason",
+            |s| &s.failures,
+        ),
+    ];
+    for (name, help, get) in by_reason {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (app, s) in apps {
+            for (reason, n) in get(s) {
+                let _ = writeln!(out, "{name}{{app=\"{app}\",reason=\"{reason}\"}} {n}");
+            }
         }
     }
 }
