@@ -443,6 +443,23 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signal(install_signals(), shutdown.clone(), REREADS));
         let endpoint = tunnel::transport::agent_endpoint(&creds, &tuning)?;
+        // What this node offers and forwards, for /status: fixed for its run.
+        let offered: Vec<_> = services
+            .iter()
+            .map(|(name, s)| {
+                let proto = match s.proto {
+                    tunnel::proto::ServiceProto::Tcp => "tcp",
+                    tunnel::proto::ServiceProto::Udp => "udp",
+                };
+                serde_json::json!({ "name": name, "addr": s.addr.to_string(), "proto": proto })
+            })
+            .collect();
+        let forwarded: Vec<_> = forwards
+            .iter()
+            .map(|f| {
+                serde_json::json!({ "listen": f.listen.to_string(), "to": format!("{}/{}", f.device, f.service) })
+            })
+            .collect();
         let agent = tunnel::agent::Agent::bind(
             tunnel::agent::AgentConfig {
                 creds: creds.clone(),
@@ -462,6 +479,9 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
                 "device": c2.name(),
                 "zone": c2.domain().to_string(),
                 "zone_serial": c2.zone_serial(),
+                "cert_not_after": super::fmt_time(c2.cert_not_after()),
+                "services": offered,
+                "forwards": forwarded,
                 "gateways": a2.links().iter().map(|l| l.status()).collect::<Vec<_>>(),
                 "peers": a2.peers(),
                 "streams_cut": a2.streams_cut(),

@@ -1958,9 +1958,10 @@ fn zone_config_over_the_gateways_dns_verify_and_node_bootstrap() {
     }
     std::fs::copy(other.join("zone.json"), nodedir.join("zone.json")).unwrap();
     let ncfg = nodedir.join("node.toml");
+    let node_admin = free_port();
     let ntext = std::fs::read_to_string(&ncfg)
         .unwrap()
-        .replace("127.0.0.1:9091", &format!("127.0.0.1:{}", free_port()));
+        .replace("127.0.0.1:9091", &format!("127.0.0.1:{node_admin}"));
     std::fs::write(&ncfg, ntext).unwrap();
     let _node = Killed(
         Command::new(bin())
@@ -1998,6 +1999,22 @@ fn zone_config_over_the_gateways_dns_verify_and_node_bootstrap() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    // The node's own /status says when its certificate ends, what it offers and forwards.
+    let node_status = (|| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", node_admin))?;
+        s.write_all(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+        let mut b = String::new();
+        s.read_to_string(&mut b)?;
+        Ok::<_, std::io::Error>(b)
+    })()
+    .unwrap();
+    assert!(
+        node_status.contains("\"cert_not_after\": \"20")
+            && node_status.contains("\"services\": [")
+            && node_status.contains("\"forwards\": ["),
+        "{node_status}"
+    );
     let written = std::fs::read_to_string(nodedir.join("zone.json")).unwrap();
     assert!(
         !written.contains("bob.example"),

@@ -603,6 +603,11 @@ fn renew_hint(name: &zone_core::DeviceName) -> String {
 }
 
 impl DeviceCreds {
+    /// When this device's certificate ends (`/status`; `device renew` before then).
+    pub fn cert_not_after(&self) -> OffsetDateTime {
+        self.identity.not_after
+    }
+
     /// Why this device cannot be let in anywhere, with what to do, if that is so: its
     /// certificate has ended (every peer refuses it from then on). A dial's own error then
     /// says only that the handshake failed.
