@@ -274,6 +274,59 @@ async fn a_peers_open_streams_and_their_bytes_show_while_they_last() {
     .await;
 }
 
+/// A peer the gateway says is offline reads as `offline` in `/status` (it read `relay`, with
+/// the gateway's RTT, as if reached that way), until a stream reaches it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_the_gateway_says_is_offline_reads_as_offline() {
+    let m = mesh_zone().await;
+    let data = payload(1024);
+    assert!(roundtrip(m.fwd, &data).await.unwrap() == data);
+    let path = |name: &str| {
+        m.h2.agent
+            .peers()
+            .into_iter()
+            .find(|p| p.device == name)
+            .map(|p| (p.path, p.rtt_ms.is_some()))
+    };
+    m.h1.shutdown.cancel();
+    wait_until("home1 gone from the gateway", WAIT, || {
+        m.gw.hub.agent("home1").is_none()
+    })
+    .await;
+    // A direct path may have come up meanwhile: it closes with home1. Each try through the
+    // forward is refused by the gateway as home1 being offline.
+    let deadline = std::time::Instant::now() + WAIT;
+    while path("home1") != Some(("offline".into(), false)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never offline: {:?}",
+            path("home1")
+        );
+        let _ = roundtrip(m.fwd, b"x").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let h1 = start_agent(
+        &m.z,
+        "home1",
+        services(&[("echo", tcp_echo().await, ServiceProto::Tcp)]),
+        vec![],
+        fast_tuning(),
+    )
+    .await;
+    wait_links_up(&h1.agent).await;
+    wait_until("home1 back at the gateway", WAIT, || {
+        m.gw.hub.agent("home1").is_some()
+    })
+    .await;
+    let back = roundtrip(m.fwd, &data).await.unwrap();
+    assert!(back == data);
+    let now = path("home1");
+    assert!(
+        now.as_ref().is_some_and(|(p, rtt)| p != "offline" && *rtt),
+        "{now:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_sees_only_ciphertext_then_streams_go_direct_and_survive_the_gateway() {
     let MeshZone {

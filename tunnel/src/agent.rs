@@ -1930,6 +1930,7 @@ impl Agent {
                 // service over a direct path too.
                 let (agent, p, svc, a) = (self.clone(), peer.clone(), service.clone(), app.clone());
                 s.on_first_frame(move || agent.granted(&p, &svc, &a, started));
+                self.peers.reached(&peer);
                 let tally = self.peers.counters(&peer).stream(false);
                 let (mut local, mut theirs) = crate::splice::counted(&mut tcp, &mut s, &tally);
                 let ended = self.peers.peer_ended(&peer);
@@ -2183,7 +2184,18 @@ impl Agent {
             }
         }
         let Some((link, q, _holds)) = opened else {
+            let offline = matches!(
+                &last_error,
+                Some(OpenError::Offline(_))
+                    | Some(OpenError::Refused {
+                        code: RefuseCode::DeviceOffline,
+                        ..
+                    })
+            );
             let reason = last_error.map(|e| e.to_string()).unwrap_or_default();
+            if offline {
+                self.peers.offline(&f.device, &reason);
+            }
             if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
                 info!(listen = %f.listen, to = %to, client = %client, reason = %reason, unlogged, "forward refused");
             }
@@ -2192,6 +2204,7 @@ impl Agent {
             crate::splice::End::abort(&mut tcp);
             return;
         };
+        self.peers.reached(&f.device);
         let mut q = q;
         let acked = q.send.stopped();
         let (m, via) = match peer_key {

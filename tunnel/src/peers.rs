@@ -246,6 +246,9 @@ struct PeerState {
     revoked_at: HashMap<String, Instant>,
     counters: Arc<PeerCounters>,
     last_error: Option<String>,
+    /// The gateways said the peer is offline at the last relayed open; cleared by a stream
+    /// that reaches it or comes from it, or a direct connection ([`Peers::offline`]).
+    offline: bool,
     /// Fired when the zone config revokes the peer: its relayed, end-to-end encrypted streams
     /// end here, at this end, not only where a relaying gateway chooses to end them.
     revoked: CancellationToken,
@@ -311,6 +314,20 @@ impl Peers {
 
     pub fn counters(&self, peer: &str) -> Arc<PeerCounters> {
         self.with(peer, |s| s.counters.clone())
+    }
+
+    /// The gateways said `peer` is offline (`why`) when a stream to it was opened: `/status`
+    /// says so, not `relay` with the gateway's RTT as if it were reached that way.
+    pub fn offline(&self, peer: &str, why: &str) {
+        self.with(peer, |s| {
+            s.offline = true;
+            s.last_error = Some(why.to_owned());
+        });
+    }
+
+    /// A stream reached `peer`, or came from it: it is online.
+    pub fn reached(&self, peer: &str) {
+        self.with(peer, |s| s.offline = false);
     }
 
     /// True when the newest zone config revokes `peer`. A revoked peer loses its direct path
@@ -626,6 +643,7 @@ impl Peers {
         }
         let taken = self.with(peer, |s| {
             s.direct_connects += 1;
+            s.offline = false;
             if !pc.live() {
                 s.last_error = Some("direct connection closed as it came up".into());
                 return false;
@@ -895,11 +913,17 @@ impl Peers {
                 permits.sort();
                 PeerStatus {
                     device: name.clone(),
-                    path: if direct.is_some() { "direct" } else { "relay" }.into(),
+                    path: match (direct.is_some(), s.offline) {
+                        (true, _) => "direct",
+                        (false, true) => "offline",
+                        (false, false) => "relay",
+                    }
+                    .into(),
                     direct_addr: direct
                         .map(|d| crate::sockets::canonical(d.conn.remote_address()).to_string()),
                     rtt_ms: match direct {
                         Some(d) => Some(d.conn.rtt().as_secs_f64() * 1000.0),
+                        None if s.offline => None,
                         None => gateway_rtt_ms,
                     },
                     path_mtu: direct.map(|d| d.conn.stats().path.current_mtu),

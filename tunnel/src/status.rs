@@ -73,8 +73,9 @@ pub struct LinkStatus {
 #[derive(Debug, Clone, Serialize)]
 pub struct PeerStatus {
     pub device: String,
-    /// `direct` (a QUIC connection of our own to the peer is up), else `relay` (streams go
-    /// through a gateway, Noise end to end).
+    /// `direct` (a QUIC connection of our own to the peer is up), `offline` (the gateways
+    /// said so at the last stream opened to it, and nothing has reached it or come from it
+    /// since), else `relay` (streams go through a gateway, Noise end to end).
     pub path: String,
     /// The peer's address on the direct connection.
     pub direct_addr: Option<String>,
