@@ -1138,6 +1138,29 @@ async fn device_revoked_while_connected_is_cut_off_and_stays_out() {
     gw.shutdown.cancel();
 }
 
+/// The gateway refusing a revoked device at the handshake names it: its own line says only
+/// "invalid peer certificate: Revoked" and the address.
+#[tokio::test(flavor = "current_thread")]
+async fn a_revoked_devices_refused_handshake_names_it() {
+    let (logs, _guard) = capture_logs();
+    let z = TestZone::new(&["home1", "laptop"]);
+    z.write_policy("apps.toml", echo_policy());
+    // The gateway's bundle holds the zone.json revoking the laptop; the laptop's does not.
+    std::fs::write(z.bundle("gw").zone_config, z.revoke("laptop")).unwrap();
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let laptop = start_agent(&z, "laptop", services(&[]), vec![], fast_tuning()).await;
+    let said = || String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    wait_until("the refusal named the device", WAIT, || {
+        said().lines().any(|l| {
+            l.contains("certificate refused: the device is revoked") && l.contains("device=laptop")
+        })
+    })
+    .await;
+    assert!(gw.hub.agent("laptop").is_none());
+    laptop.shutdown.cancel();
+    gw.shutdown.cancel();
+}
+
 /// What `device revoke` tells the owner to do: copy the new zone.json into the gateway's bundle.
 /// The running gateway adopts it (no restart, no agent passing it on) and cuts the device off;
 /// a damaged copy and an older one change nothing (the older one is set aside), and an older

@@ -591,3 +591,29 @@ pub async fn udp_relay(to: SocketAddr) -> (SocketAddr, Arc<std::sync::atomic::At
     });
     (addr, silent)
 }
+
+/// The log lines of the tasks run on this thread while the guard lives: a current-thread
+/// runtime's, all of them.
+pub fn capture_logs() -> (
+    Arc<std::sync::Mutex<Vec<u8>>>,
+    tracing::subscriber::DefaultGuard,
+) {
+    struct W(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for W {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let b = buf.clone();
+    let sub = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || W(b.clone()))
+        .finish();
+    (buf, tracing::subscriber::set_default(sub))
+}

@@ -3667,32 +3667,6 @@ async fn a_node_whose_endpoint_stops_by_itself_stops() {
     gw.shutdown.cancel();
 }
 
-/// The log lines of the tasks run on this thread while the guard lives: a current-thread
-/// runtime's, all of them.
-fn capture_logs() -> (
-    Arc<std::sync::Mutex<Vec<u8>>>,
-    tracing::subscriber::DefaultGuard,
-) {
-    struct W(Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for W {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let b = buf.clone();
-    let sub = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .with_writer(move || W(b.clone()))
-        .finish();
-    (buf, tracing::subscriber::set_default(sub))
-}
-
 /// A connection still open when the gateway's drain runs out of grace is logged as cut by
 /// the gateway, before the gateway stops: it was cut by the endpoint's close and its line
 /// never came (the process ended first) or blamed the tunnel.

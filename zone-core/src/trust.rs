@@ -106,6 +106,30 @@ pub fn describe_refusal(e: &rustls::Error) -> String {
     }
 }
 
+/// Names the device a handshake refused as revoked, at most one line a second for the
+/// process (anyone holding a revoked certificate can cause one per handshake): the
+/// handshake's own error, logged by whoever dialed or accepted, says only "Revoked" and an
+/// address.
+fn tell_revoked(end_entity: &CertificateDer<'_>, e: &rustls::Error) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST_SECOND: AtomicU64 = AtomicU64::new(0);
+    if !matches!(
+        e,
+        rustls::Error::InvalidCertificate(CertificateError::Revoked)
+    ) {
+        return;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if LAST_SECOND.swap(now, Ordering::Relaxed) == now {
+        return;
+    }
+    if let Ok(id) = DeviceIdentity::from_der(end_entity) {
+        tracing::info!(device = %id.name, "certificate refused: the device is revoked in the zone config");
+    }
+}
+
 /// A certificate time as RFC 3339 (UTC), or its Unix seconds if out of range.
 fn rfc3339(t: rustls::pki_types::UnixTime) -> String {
     let secs = t.as_secs();
@@ -254,7 +278,9 @@ impl ServerCertVerifier for ServerSide {
             self.0
                 .server
                 .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
-        self.0.check_identity(end_entity)?;
+        self.0
+            .check_identity(end_entity)
+            .inspect_err(|e| tell_revoked(end_entity, e))?;
         Ok(v)
     }
     fn verify_tls12_signature(
@@ -295,7 +321,9 @@ impl ClientCertVerifier for ClientSide {
             .0
             .client
             .verify_client_cert(end_entity, intermediates, now)?;
-        self.0.check_identity(end_entity)?;
+        self.0
+            .check_identity(end_entity)
+            .inspect_err(|e| tell_revoked(end_entity, e))?;
         Ok(v)
     }
     fn verify_tls12_signature(
