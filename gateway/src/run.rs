@@ -212,16 +212,22 @@ impl Unlisted {
 /// How often the `[[tls]]` files are looked at for a change.
 const CERT_POLL: Duration = Duration::from_secs(5);
 
+/// The `[[tls]]` pairs that do not load, one per line, as last seen ([`watch_certificates`]).
+type TlsFailing = Arc<std::sync::Mutex<Option<String>>>;
+
 /// Serves renewed `[[tls]]` certificates from the next handshake on, as their files change;
-/// files that do not load are logged and the old certificates serve on.
+/// files that do not load are logged, shown in `/status` (`failing`), and the old
+/// certificates serve on.
 async fn watch_certificates(
     mut tls: front::tls::Tls,
     domain: String,
     policy: Arc<PolicyStore>,
+    failing: TlsFailing,
     shutdown: CancellationToken,
 ) {
     tell_expiry(&mut tls);
     loop {
+        *failing.lock().unwrap_or_else(|p| p.into_inner()) = tls.failing().map(str::to_owned);
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(CERT_POLL) => {}
@@ -740,9 +746,18 @@ impl Gateway {
         }
         let status_hub = hub.clone();
         let failing = listeners.failures();
-        let status: admin::StatusFn = Arc::new(move || {
-            let failing = failing.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            status_json(&status_hub, started, failing)
+        // `[[tls]]` pairs that do not load, as the certificate watcher last saw them.
+        let tls_failing: TlsFailing = Arc::default();
+        let status: admin::StatusFn = Arc::new({
+            let tls_failing = tls_failing.clone();
+            move || {
+                let failing = failing.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let tls = tls_failing
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                status_json(&status_hub, started, failing, tls)
+            }
         });
         let extras = admin::Extras {
             metrics: Some({
@@ -788,6 +803,7 @@ impl Gateway {
                     tls,
                     opts.creds.domain().to_string(),
                     hub.policy().clone(),
+                    tls_failing,
                     shutdown.clone(),
                 )),
                 &fatal,
@@ -931,7 +947,12 @@ impl HealthLog {
     }
 }
 
-fn status_json(hub: &Hub, started: Instant, listener_errors: Vec<String>) -> serde_json::Value {
+fn status_json(
+    hub: &Hub,
+    started: Instant,
+    listener_errors: Vec<String>,
+    tls_failing: Option<String>,
+) -> serde_json::Value {
     let creds = hub.creds();
     let zone = creds.zone();
     let agents = hub.status();
@@ -966,6 +987,9 @@ fn status_json(hub: &Hub, started: Instant, listener_errors: Vec<String>) -> ser
         "policy": hub.policy().last_reload(),
         // Listeners of the policy that cannot bind (retried every poll).
         "listener_errors": listener_errors,
+        // `[[tls]]` pairs that do not load (read again every 5 s; their previous certificates
+        // serve on, but the next start is refused if none loads).
+        "tls_errors": tls_failing.as_deref().map(|f| f.lines().collect::<Vec<_>>()).unwrap_or_default(),
     })
 }
 

@@ -347,6 +347,13 @@ impl Tls {
     /// they did at the last look; `Some(Ok(names))` when the new ones serve from the next
     /// handshake on; `Some(Err)` when they do not load, the old ones serving on. Blocking
     /// (file reads).
+    /// The `[[tls]]` pairs that do not load at the last look, one per line (their previous
+    /// certificates serve on), for `/status`: a broken renewal showed only in the log, and
+    /// stopped the whole gateway at its next start.
+    pub fn failing(&self) -> Option<&str> {
+        self.files.failing.as_deref()
+    }
+
     pub fn reload_if_changed(&mut self) -> Option<Result<Vec<String>, TlsError>> {
         let f = &mut self.files;
         if f.pairs.is_empty() {
@@ -835,6 +842,11 @@ mod tests {
         let mut tls =
             configure(&[(ca.clone(), ka.clone()), (cb.clone(), kb.clone())], &[]).unwrap();
         assert_eq!(tls.names, ["a.example"]);
+        assert!(
+            tls.failing().is_some_and(|f| f.contains("b.key")),
+            "{:?}",
+            tls.failing()
+        );
         // Still failing: told at start, not again.
         assert!(tls.reload_if_changed().is_none());
         let (c2, k2) = write_pair(d.path(), "b2", &["b.example"]);
@@ -842,9 +854,15 @@ mod tests {
         std::fs::rename(&k2, &kb).unwrap();
         let names = tls.reload_if_changed().unwrap().unwrap();
         assert_eq!(names, ["a.example", "b.example"]);
+        assert_eq!(tls.failing(), None);
         // Then a's key breaks: a keeps its certificate (the one loaded at start).
         std::fs::write(&ka, "not a key").unwrap();
         assert!(tls.reload_if_changed().unwrap().is_err());
+        assert!(
+            tls.failing().is_some_and(|f| f.contains("a.key")),
+            "{:?}",
+            tls.failing()
+        );
         assert_eq!(tls.names, ["a.example", "b.example"]);
         let e = configure(&[(cb.clone(), d.path().join("gone.key"))], &[])
             .unwrap_err()
