@@ -300,7 +300,7 @@ async fn a_peer_the_gateway_says_is_offline_reads_as_offline() {
         assert!(
             std::time::Instant::now() < deadline,
             "never offline: {:?}",
-            path("home1")
+            m.h2.agent.peers()
         );
         let _ = roundtrip(m.fwd, b"x").await;
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -289,6 +289,9 @@ pub struct Peers {
     /// Lines about direct paths and connections, which a zone device dialing this one over
     /// and over causes one or two per handshake: [`PATH_LINES_PER_SECOND`] a second.
     lines: Mutex<LogBudget>,
+    /// Set by [`Peers::close_all`] (the agent stopping): a direct connection a punching round
+    /// still running completes after that is closed, not taken in — it outlived the stop.
+    closed: AtomicBool,
 }
 
 /// Lines a second of [`Peers::lines`], as many as the agent allows its other flood lines.
@@ -301,6 +304,7 @@ impl Peers {
             endpoint,
             dial,
             table: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
             adopted: tokio::sync::Notify::new(),
             lines: Mutex::new(LogBudget::new(PATH_LINES_PER_SECOND)),
         }
@@ -642,6 +646,9 @@ impl Peers {
             return false;
         }
         let taken = self.with(peer, |s| {
+            if self.closed.load(Ordering::Relaxed) {
+                return false;
+            }
             s.direct_connects += 1;
             s.offline = false;
             if !pc.live() {
@@ -656,7 +663,10 @@ impl Peers {
             true
         });
         if !taken {
-            debug!(peer = %peer, "direct connection closed as it came up");
+            if self.closed.load(Ordering::Relaxed) {
+                pc.conn.close(0u32.into(), b"agent stopping");
+            }
+            debug!(peer = %peer, "direct connection closed as it came up, or after the agent's stop");
             return false;
         }
         // And revoked between the check above and the push: the adoption's `cut_revoked`
@@ -949,6 +959,8 @@ impl Peers {
     /// Closes every direct connection (agent stopping).
     pub fn close_all(&self) {
         let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        // Under the table's lock: a registration checks it under the same lock.
+        self.closed.store(true, Ordering::Relaxed);
         for s in t.values() {
             for h in &s.conns {
                 h.pc.conn.close(0u32.into(), b"agent stopping");
