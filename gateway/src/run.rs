@@ -216,7 +216,7 @@ const CERT_POLL: Duration = Duration::from_secs(5);
 type TlsFailing = Arc<std::sync::Mutex<Option<String>>>;
 
 /// Serves renewed `[[tls]]` certificates from the next handshake on, as their files change;
-/// files that do not load are logged, shown in `/status` (`failing`), and the old
+/// files that do not load are logged, shown in `/status` (`tls_errors`), and the old
 /// certificates serve on.
 async fn watch_certificates(
     mut tls: front::tls::Tls,
@@ -747,7 +747,12 @@ impl Gateway {
         let status_hub = hub.clone();
         let failing = listeners.failures();
         // `[[tls]]` pairs that do not load, as the certificate watcher last saw them.
-        let tls_failing: TlsFailing = Arc::default();
+        let tls_failing: TlsFailing = Arc::new(std::sync::Mutex::new(
+            https
+                .as_ref()
+                .and_then(|(_, t)| t.failing())
+                .map(str::to_owned),
+        ));
         let status: admin::StatusFn = Arc::new({
             let tls_failing = tls_failing.clone();
             move || {

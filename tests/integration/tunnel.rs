@@ -3383,8 +3383,15 @@ async fn a_stopping_node_lets_its_open_connections_finish() {
         roundtrip_refused(app)
     })
     .await;
-    // Refused as stopping (an HTTP client gets 503 "is stopping; try again"), not as a service
-    // home1 does not offer, which sent owners looking for a typo.
+    // Refused by the gateway as stopping (an HTTP client gets 503 "is stopping; try again"),
+    // not as a service home1 does not offer, which sent owners looking for a typo. (Until the
+    // gateway has home1's withdrawal, home1 refuses streams itself, as draining.)
+    wait_until("the gateway has home1's withdrawal", WAIT, || {
+        gw.hub
+            .agent("home1")
+            .is_some_and(|a| a.services.read().unwrap().is_empty())
+    })
+    .await;
     let e = gw
         .hub
         .connect(

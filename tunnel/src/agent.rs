@@ -823,6 +823,15 @@ impl Agent {
         true
     }
 
+    /// Whether this device's zone config lists `device`, not revoked.
+    fn lists_unrevoked(&self, device: &str) -> bool {
+        let creds = &self.cfg.creds;
+        !creds.is_revoked(device)
+            && zone_core::DeviceName::new(device)
+                .ok()
+                .is_some_and(|n| creds.zone().config.device(&n).is_some())
+    }
+
     /// Why the agent stopped for good, if a zone config it verified revokes this device
     /// ([`Agent::run`] stopped for it; the node exits 2).
     pub fn revoked_self(&self) -> Option<String> {
@@ -2184,18 +2193,28 @@ impl Agent {
             }
         }
         let Some((link, q, _holds)) = opened else {
-            let offline = matches!(
-                &last_error,
-                Some(OpenError::Offline(_))
+            // What the refusal says of the peer (a gateway's own services are no peer's). The
+            // wire's DeviceOffline also carries "not in the zone config" and "revoked": a
+            // peer this device's own zone config lists, not revoked, is offline.
+            if mesh_peer {
+                match &last_error {
+                    Some(OpenError::Offline(_))
                     | Some(OpenError::Refused {
                         code: RefuseCode::DeviceOffline,
                         ..
-                    })
-            );
-            let reason = last_error.map(|e| e.to_string()).unwrap_or_default();
-            if offline {
-                self.peers.offline(&f.device, &reason);
+                    }) if self.lists_unrevoked(&f.device) => {
+                        let reason = last_error.as_ref().map(|e| e.to_string());
+                        self.peers.offline(&f.device, &reason.unwrap_or_default());
+                    }
+                    // It answered: online, whatever its service did.
+                    Some(OpenError::Refused {
+                        code: RefuseCode::NoSuchService | RefuseCode::ServiceUnreachable,
+                        ..
+                    }) => self.peers.reached(&f.device),
+                    _ => {}
+                }
             }
+            let reason = last_error.map(|e| e.to_string()).unwrap_or_default();
             if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
                 info!(listen = %f.listen, to = %to, client = %client, reason = %reason, unlogged, "forward refused");
             }
@@ -2204,7 +2223,9 @@ impl Agent {
             crate::splice::End::abort(&mut tcp);
             return;
         };
-        self.peers.reached(&f.device);
+        if mesh_peer {
+            self.peers.reached(&f.device);
+        }
         let mut q = q;
         let acked = q.send.stopped();
         let (m, via) = match peer_key {

@@ -106,30 +106,6 @@ pub fn describe_refusal(e: &rustls::Error) -> String {
     }
 }
 
-/// Names the device a handshake refused as revoked, at most one line a second for the
-/// process (anyone holding a revoked certificate can cause one per handshake): the
-/// handshake's own error, logged by whoever dialed or accepted, says only "Revoked" and an
-/// address.
-fn tell_revoked(end_entity: &CertificateDer<'_>, e: &rustls::Error) {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static LAST_SECOND: AtomicU64 = AtomicU64::new(0);
-    if !matches!(
-        e,
-        rustls::Error::InvalidCertificate(CertificateError::Revoked)
-    ) {
-        return;
-    }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    if LAST_SECOND.swap(now, Ordering::Relaxed) == now {
-        return;
-    }
-    if let Ok(id) = DeviceIdentity::from_der(end_entity) {
-        tracing::info!(device = %id.name, "certificate refused: the device is revoked in the zone config");
-    }
-}
-
 /// A certificate time as RFC 3339 (UTC), or its Unix seconds if out of range.
 fn rfc3339(t: rustls::pki_types::UnixTime) -> String {
     let secs = t.as_secs();
@@ -150,6 +126,9 @@ pub struct ZoneTrust {
     roots: Arc<RootCertStore>,
     provider: Arc<CryptoProvider>,
     revoked: RwLock<BTreeSet<DeviceName>>,
+    /// When each revoked device's refused handshake was last named ([`ZoneTrust::tell_revoked`]):
+    /// only revoked names, so bounded by the signed revocation lists.
+    revoked_told: std::sync::Mutex<std::collections::HashMap<DeviceName, std::time::Instant>>,
     server: Arc<WebPkiServerVerifier>,
     client: Arc<dyn ClientCertVerifier>,
 }
@@ -174,6 +153,7 @@ impl ZoneTrust {
             roots,
             provider,
             revoked: RwLock::new(BTreeSet::new()),
+            revoked_told: std::sync::Mutex::default(),
             server,
             client,
         }))
@@ -217,6 +197,33 @@ impl ZoneTrust {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .contains(name)
+    }
+
+    /// Names the device a handshake refused as revoked, once a minute per device (anyone
+    /// holding a revoked certificate can cause one per handshake): the handshake's own error,
+    /// logged by whoever dialed or accepted, says only "Revoked" and an address.
+    fn tell_revoked(&self, end_entity: &CertificateDer<'_>, e: &rustls::Error) {
+        const EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+        if !matches!(
+            e,
+            rustls::Error::InvalidCertificate(CertificateError::Revoked)
+        ) {
+            return;
+        }
+        let Ok(id) = DeviceIdentity::from_der(end_entity) else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        let mut told = self.revoked_told.lock().unwrap_or_else(|p| p.into_inner());
+        if told
+            .get(&id.name)
+            .is_some_and(|t| now.duration_since(*t) < EVERY)
+        {
+            return;
+        }
+        told.insert(id.name.clone(), now);
+        drop(told);
+        tracing::info!(device = %id.name, "certificate refused: the device is revoked in the zone config");
     }
 
     /// Zone rules on top of WebPKI: right domain, not revoked. Returns the identity.
@@ -280,7 +287,7 @@ impl ServerCertVerifier for ServerSide {
                 .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
         self.0
             .check_identity(end_entity)
-            .inspect_err(|e| tell_revoked(end_entity, e))?;
+            .inspect_err(|e| self.0.tell_revoked(end_entity, e))?;
         Ok(v)
     }
     fn verify_tls12_signature(
@@ -323,7 +330,7 @@ impl ClientCertVerifier for ClientSide {
             .verify_client_cert(end_entity, intermediates, now)?;
         self.0
             .check_identity(end_entity)
-            .inspect_err(|e| tell_revoked(end_entity, e))?;
+            .inspect_err(|e| self.0.tell_revoked(end_entity, e))?;
         Ok(v)
     }
     fn verify_tls12_signature(

@@ -342,11 +342,6 @@ impl CertFiles {
 }
 
 impl Tls {
-    /// Reads the certificate files again if any changed since last read (or the last read
-    /// failed): `None` when none did (or there are none: self-signed), or when they fail as
-    /// they did at the last look; `Some(Ok(names))` when the new ones serve from the next
-    /// handshake on; `Some(Err)` when they do not load, the old ones serving on. Blocking
-    /// (file reads).
     /// The `[[tls]]` pairs that do not load at the last look, one per line (their previous
     /// certificates serve on), for `/status`: a broken renewal showed only in the log, and
     /// stopped the whole gateway at its next start.
@@ -354,6 +349,11 @@ impl Tls {
         self.files.failing.as_deref()
     }
 
+    /// Reads the certificate files again if any changed since last read (or the last read
+    /// failed): `None` when none did (or there are none: self-signed), or when they fail as
+    /// they did at the last look; `Some(Ok(names))` when the new ones serve from the next
+    /// handshake on; `Some(Err)` when they do not load, the old ones serving on. Blocking
+    /// (file reads).
     pub fn reload_if_changed(&mut self) -> Option<Result<Vec<String>, TlsError>> {
         let f = &mut self.files;
         if f.pairs.is_empty() {
