@@ -793,12 +793,11 @@ async fn tcp_conn(
     let policy = hub.policy().clone();
     let refused = policy
         .until_refused(|a| still_allowed(a, Kind::Tcp, listen, reached, &app_name, &target, &who));
-    let grace_over = hub.grace_over().clone();
     let stop = async {
         tokio::select! {
             why = refused => format!("the policy no longer allows it ({why})"),
             () = held.evicted() => "evicted to make room for another client".to_owned(),
-            () = grace_over.cancelled() => tunnel::hub::GRACE_CUT.to_owned(),
+            () = hub.grace_over().cancelled() => tunnel::hub::GRACE_CUT.to_owned(),
         }
     };
     let acked = up.acked();

@@ -175,8 +175,8 @@ impl Unlisted {
         });
         // Told once per mistake: again only after the device offered it, or the app left
         // the policy — not as the device reconnects or stops.
-        self.told_services
-            .retain(|k| offers.iter().any(|(key, _)| key == k));
+        let keys: std::collections::HashSet<&String> = offers.iter().map(|(k, _)| k).collect();
+        self.told_services.retain(|k| keys.contains(k));
         for (key, offer) in offers {
             match offer {
                 crate::unlisted::Offer::NotOffered(line) => {
@@ -1061,11 +1061,10 @@ async fn forward_loop(hub: Hub, f: Forward, l: TcpListener, shutdown: Cancellati
                 Ok(mut up) => {
                     let policy = hub.policy().clone();
                     let refused = policy.until_mesh_refused(&me, &roles, &f.device, &f.service);
-                    let grace_over = hub.grace_over().clone();
                     let stop = async {
                         tokio::select! {
                             why = refused => format!("the policy no longer allows it ({why})"),
-                            () = grace_over.cancelled() => tunnel::hub::GRACE_CUT.to_owned(),
+                            () = hub.grace_over().cancelled() => tunnel::hub::GRACE_CUT.to_owned(),
                         }
                     };
                     let m = splice_until(&mut tcp, &mut up, stop).await;

@@ -1110,16 +1110,7 @@ async fn device_revoked_while_connected_is_cut_off_and_stays_out() {
     );
     assert!(again.agent.revoked_self().is_none());
     // Its apps' clients are told it is revoked (they were told "not in the zone config").
-    let e = gw
-        .hub
-        .connect(
-            "laptop",
-            "echo",
-            "echo",
-            tunnel::proto::Origin::Public("127.0.0.1:1".parse().unwrap()),
-        )
-        .await
-        .unwrap_err();
+    let e = open_refused(&gw.hub, "laptop", "echo", "echo").await;
     assert!(
         matches!(&e, tunnel::OpenError::Revoked(d) if d == "laptop"),
         "{e}"

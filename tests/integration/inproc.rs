@@ -445,6 +445,20 @@ pub async fn start_agent_via(
     }
 }
 
+/// Why `hub` refuses a public client's stream to `device`'s `service` (for app `app`): it must.
+pub async fn open_refused(
+    hub: &tunnel::hub::Hub,
+    device: &str,
+    service: &str,
+    app: &str,
+) -> tunnel::OpenError {
+    let origin = tunnel::proto::Origin::Public("127.0.0.1:1".parse().unwrap());
+    match hub.connect(device, service, app, origin).await {
+        Ok(_) => panic!("the hub opened {device}/{service}"),
+        Err(e) => e,
+    }
+}
+
 /// Waits until every gateway link of `agent` is up: the hub has an agent before the agent has
 /// the hub's welcome, and a forward opened in between finds no usable gateway.
 pub async fn wait_links_up(agent: &Agent) {

@@ -173,16 +173,7 @@ allow = { from = ["public"] }
     })
     .await;
     // The hub refuses with typed reasons.
-    let e = gw
-        .hub
-        .connect(
-            "home1",
-            "ghost",
-            "ghost",
-            tunnel::proto::Origin::Public("127.0.0.1:1".parse().unwrap()),
-        )
-        .await
-        .unwrap_err();
+    let e = open_refused(&gw.hub, "home1", "ghost", "ghost").await;
     assert!(
         matches!(
             e,
@@ -193,29 +184,11 @@ allow = { from = ["public"] }
         ),
         "{e}"
     );
-    let e = gw
-        .hub
-        .connect(
-            "nobody",
-            "web",
-            "offline",
-            tunnel::proto::Origin::Public("127.0.0.1:1".parse().unwrap()),
-        )
-        .await
-        .unwrap_err();
+    let e = open_refused(&gw.hub, "nobody", "web", "offline").await;
     // Told apart from an offline device: its owner went looking for an agent that does not
     // exist.
     assert!(matches!(e, tunnel::OpenError::NotInZone(_)), "{e}");
-    let e = gw
-        .hub
-        .connect(
-            "home2",
-            "web",
-            "offline",
-            tunnel::proto::Origin::Public("127.0.0.1:1".parse().unwrap()),
-        )
-        .await
-        .unwrap_err();
+    let e = open_refused(&gw.hub, "home2", "web", "offline").await;
     assert!(matches!(e, tunnel::OpenError::Offline(_)), "{e}");
     // A UDP flow to a service offered over TCP is refused by the gateway itself (it opened a
     // flow per datagram, each refused by the device and logged there).
@@ -3392,16 +3365,7 @@ async fn a_stopping_node_lets_its_open_connections_finish() {
             .is_some_and(|a| a.services.read().unwrap().is_empty())
     })
     .await;
-    let e = gw
-        .hub
-        .connect(
-            "home1",
-            "echo",
-            "echo",
-            tunnel::proto::Origin::Public("127.0.0.1:1".parse().unwrap()),
-        )
-        .await
-        .unwrap_err();
+    let e = open_refused(&gw.hub, "home1", "echo", "echo").await;
     assert!(
         matches!(&e, tunnel::OpenError::Refused { code: tunnel::proto::RefuseCode::Draining, reason, .. } if reason.contains("home1 is stopping")),
         "{e}"

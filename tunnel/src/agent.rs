@@ -20,7 +20,7 @@ use tracing::{debug, error, info, warn};
 use crate::admit::{GateStats, HandshakeGate};
 use crate::backoff::Backoff;
 use crate::control::{self, ControlHandle, ControlIo};
-use crate::creds::DeviceCreds;
+use crate::creds::{DeviceCreds, Standing};
 use crate::e2e;
 use crate::error::{OpenError, TunnelError};
 use crate::flow_activity::FlowActivity;
@@ -821,15 +821,6 @@ impl Agent {
             shutdown.cancel();
         }
         true
-    }
-
-    /// Whether this device's zone config lists `device`, not revoked.
-    fn lists_unrevoked(&self, device: &str) -> bool {
-        let creds = &self.cfg.creds;
-        !creds.is_revoked(device)
-            && zone_core::DeviceName::new(device)
-                .ok()
-                .is_some_and(|n| creds.zone().config.device(&n).is_some())
     }
 
     /// Why the agent stopped for good, if a zone config it verified revokes this device
@@ -2202,7 +2193,7 @@ impl Agent {
                     | Some(OpenError::Refused {
                         code: RefuseCode::DeviceOffline,
                         ..
-                    }) if self.lists_unrevoked(&f.device) => {
+                    }) if self.cfg.creds.standing(&f.device) == Standing::Listed => {
                         let reason = last_error.as_ref().map(|e| e.to_string());
                         self.peers.offline(&f.device, &reason.unwrap_or_default());
                     }

@@ -287,6 +287,20 @@ impl DeviceCreds {
     pub fn is_revoked(&self, name: &str) -> bool {
         zone_core::DeviceName::new(name).is_ok_and(|n| self.trust.is_revoked(&n))
     }
+
+    /// Where device `name` stands: revoked (in any zone config seen: a revocation learned from
+    /// an older one leaves it listed in the one in use), else listed in the one in use, or not.
+    pub fn standing(&self, name: &str) -> Standing {
+        if self.is_revoked(name) {
+            return Standing::Revoked;
+        }
+        let listed =
+            zone_core::DeviceName::new(name).is_ok_and(|n| self.zone().config.device(&n).is_some());
+        match listed {
+            true => Standing::Listed,
+            false => Standing::Unlisted,
+        }
+    }
     pub fn domain(&self) -> &Domain {
         &self.identity.domain
     }
@@ -600,6 +614,15 @@ const EXPIRY_WARNING_DAYS: i64 = 30;
 /// What to do about this device's certificate that is about to end or has.
 fn renew_hint(name: &zone_core::DeviceName) -> String {
     format!("renew it with `zonegate device renew {name} --zone DIR` where the zone directory is, copy the new device.crt here and start again")
+}
+
+/// Where a device name stands in this device's zone configs ([`DeviceCreds::standing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    Listed,
+    Revoked,
+    /// Never added, misspelt, or not in the zone config yet.
+    Unlisted,
 }
 
 impl DeviceCreds {

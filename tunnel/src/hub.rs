@@ -20,7 +20,7 @@ use zone_core::{DeviceIdentity, SignedZone};
 use crate::admit::{GateStats, HandshakeGate, HandshakePermit};
 use crate::candidates;
 use crate::control::{self, ControlHandle, ControlIo, CONTROL_BACKLOG, CONTROL_NOT_READ};
-use crate::creds::DeviceCreds;
+use crate::creds::{DeviceCreds, Standing};
 use crate::error::{OpenError, TunnelError};
 use crate::holds::{HoldClock, Holds};
 use crate::log_budget::LogBudget;
@@ -547,19 +547,12 @@ impl Hub {
 
     /// Why `device` has no connection here: offline, revoked, or no device of the zone at all.
     fn absent(&self, device: &str) -> OpenError {
-        // First: a revocation learned from an older config leaves the device listed in the
-        // one in use. Said as such: "not in the zone config" or "offline" beside the policy's
-        // own warning that the device is revoked read as another story.
-        if self.0.cfg.creds.is_revoked(device) {
-            return OpenError::Revoked(device.to_owned());
-        }
-        let zone = self.0.cfg.creds.zone();
-        match zone_core::DeviceName::new(device)
-            .ok()
-            .and_then(|n| zone.config.device(&n))
-        {
-            Some(_) => OpenError::Offline(device.to_owned()),
-            None => OpenError::NotInZone(device.to_owned()),
+        // A revoked one said as such: "not in the zone config" or "offline" beside the
+        // policy's own warning that the device is revoked read as another story.
+        match self.0.cfg.creds.standing(device) {
+            Standing::Listed => OpenError::Offline(device.to_owned()),
+            Standing::Revoked => OpenError::Revoked(device.to_owned()),
+            Standing::Unlisted => OpenError::NotInZone(device.to_owned()),
         }
     }
 
