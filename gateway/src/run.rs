@@ -212,8 +212,26 @@ impl Unlisted {
 /// How often the `[[tls]]` files are looked at for a change.
 const CERT_POLL: Duration = Duration::from_secs(5);
 
-/// The `[[tls]]` pairs that do not load, one per line, as last seen ([`watch_certificates`]).
-type TlsFailing = Arc<std::sync::Mutex<Option<String>>>;
+/// The `[[tls]]` pairs as the certificate watcher last saw them ([`watch_certificates`]), for
+/// `/status` and `/metrics`.
+#[derive(Debug, Default, Clone)]
+struct TlsView {
+    /// The pairs that do not load, one per line.
+    failing: Option<String>,
+    /// Each pair and the certificate it serves.
+    served: Vec<front::tls::ServedCert>,
+}
+
+impl TlsView {
+    fn of(tls: &front::tls::Tls) -> Self {
+        TlsView {
+            failing: tls.failing().map(str::to_owned),
+            served: tls.served(),
+        }
+    }
+}
+
+type TlsShown = Arc<std::sync::Mutex<TlsView>>;
 
 /// Serves renewed `[[tls]]` certificates from the next handshake on, as their files change;
 /// files that do not load are logged, shown in `/status` (`tls_errors`), and the old
@@ -222,12 +240,12 @@ async fn watch_certificates(
     mut tls: front::tls::Tls,
     domain: String,
     policy: Arc<PolicyStore>,
-    failing: TlsFailing,
+    shown: TlsShown,
     shutdown: CancellationToken,
 ) {
     tell_expiry(&mut tls);
     loop {
-        *failing.lock().unwrap_or_else(|p| p.into_inner()) = tls.failing().map(str::to_owned);
+        *shown.lock().unwrap_or_else(|p| p.into_inner()) = TlsView::of(&tls);
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(CERT_POLL) => {}
@@ -746,28 +764,29 @@ impl Gateway {
         }
         let status_hub = hub.clone();
         let failing = listeners.failures();
-        // `[[tls]]` pairs that do not load, as the certificate watcher last saw them.
-        let tls_failing: TlsFailing = Arc::new(std::sync::Mutex::new(
+        // The `[[tls]]` pairs, as the certificate watcher last saw them.
+        let tls_shown: TlsShown = Arc::new(std::sync::Mutex::new(
             https
                 .as_ref()
-                .and_then(|(_, t)| t.failing())
-                .map(str::to_owned),
+                .map(|(_, t)| TlsView::of(t))
+                .unwrap_or_default(),
         ));
         let status: admin::StatusFn = Arc::new({
-            let tls_failing = tls_failing.clone();
+            let tls_shown = tls_shown.clone();
             move || {
                 let failing = failing.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                let tls = tls_failing
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone();
+                let tls = tls_shown.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 status_json(&status_hub, started, failing, tls)
             }
         });
         let extras = admin::Extras {
             metrics: Some({
                 let front = front.clone();
-                Arc::new(move || metrics_text(&front))
+                let tls_shown = tls_shown.clone();
+                Arc::new(move || {
+                    let tls = tls_shown.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    metrics_text(&front, &tls)
+                })
             }),
             page: Some({
                 let status = status.clone();
@@ -808,7 +827,7 @@ impl Gateway {
                     tls,
                     opts.creds.domain().to_string(),
                     hub.policy().clone(),
-                    tls_failing,
+                    tls_shown,
                     shutdown.clone(),
                 )),
                 &fatal,
@@ -877,8 +896,9 @@ impl Gateway {
     }
 }
 
-/// `/metrics`: HTTP requests and latency, app counters, tunnel gauges, agent handshakes.
-fn metrics_text(front: &Front) -> String {
+/// `/metrics`: HTTP requests and latency, app counters, tunnel gauges, agent handshakes, the
+/// `[[tls]]` certificates.
+fn metrics_text(front: &Front, tls: &TlsView) -> String {
     let hub = front.hub();
     let mut out = String::new();
     {
@@ -901,6 +921,7 @@ fn metrics_text(front: &Front) -> String {
         &mut out,
     );
     front::metrics::render_handshakes(&hub.handshake_stats(), &mut out);
+    front::metrics::render_tls(&tls.served, &mut out);
     out
 }
 
@@ -956,7 +977,7 @@ fn status_json(
     hub: &Hub,
     started: Instant,
     listener_errors: Vec<String>,
-    tls_failing: Option<String>,
+    tls: TlsView,
 ) -> serde_json::Value {
     let creds = hub.creds();
     let zone = creds.zone();
@@ -994,7 +1015,18 @@ fn status_json(
         "listener_errors": listener_errors,
         // `[[tls]]` pairs that do not load (read again every 5 s; their previous certificates
         // serve on, but the next start is refused if none loads).
-        "tls_errors": tls_failing.as_deref().map(|f| f.lines().collect::<Vec<_>>()).unwrap_or_default(),
+        "tls_errors": tls.failing.as_deref().map(|f| f.lines().collect::<Vec<_>>()).unwrap_or_default(),
+        // Each `[[tls]]` pair and the end of the certificate it serves (none: self-signed).
+        "tls_certificates": tls.served.iter().map(|c| {
+            let end = c.not_after.and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok());
+            json!({
+                "file": c.file.display().to_string(),
+                "names": c.names,
+                "not_after": end.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()),
+                "days_left": end.map(|t| (t - time::OffsetDateTime::now_utc()).whole_days()),
+                "failing": c.failing,
+            })
+        }).collect::<Vec<_>>(),
     })
 }
 

@@ -2806,6 +2806,55 @@ async fn a_certificate_ending_while_running_says_how_to_renew() {
     gw.shutdown.cancel();
 }
 
+/// A device whose certificate ends within 30 days is told of in the gateway's log as it
+/// connects, with what to do, and its end is in `/status` (`cert_not_after_unix`): only the
+/// device's own log, at home, said it, and the gateway's operator learned of it when the
+/// tunnel closed.
+#[tokio::test(flavor = "current_thread")]
+async fn a_device_certificate_ending_soon_is_told_by_the_gateway() {
+    let (logs, _guard) = capture_logs();
+    let z = TestZone::new(&["home1", "laptop"]);
+    // home1: 30 days' validity, 20 of them gone: 10 days left. The laptop: a year from now
+    // (the test zone issues 30 days).
+    let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let start = now - time::Duration::days(20);
+    for (name, from, days) in [("home1", start, 30), ("laptop", now, 365)] {
+        let d = zone_core::DeviceName::new(name).unwrap();
+        let (key, cert) = zd.renew(&d, from, days).unwrap();
+        zd.write_bundle(&z.zone_dir().join("devices").join(name), &d, &key, &cert)
+            .unwrap();
+    }
+    let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
+    let a = echo_node(&z, &gw, "home1", fast_tuning()).await;
+    let b = echo_node(&z, &gw, "laptop", fast_tuning()).await;
+    let said = || String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    let told = |device: &str| {
+        said().lines().any(|l| {
+            l.contains("WARN")
+                && l.contains("certificate ends soon")
+                && l.contains(&format!("device={device}"))
+                && l.contains(&format!("zonegate device renew {device}"))
+        })
+    };
+    wait_until("home1's certificate told", WAIT, || told("home1")).await;
+    assert!(!told("laptop"), "{}", said());
+    let ends = gw.hub.status();
+    let end_of = |d: &str| {
+        ends.iter()
+            .find(|s| s.device == d)
+            .map(|s| s.cert_not_after_unix)
+    };
+    assert_eq!(
+        end_of("home1"),
+        Some((start + time::Duration::days(30)).unix_timestamp())
+    );
+    assert!(end_of("laptop") > end_of("home1"));
+    a.shutdown.cancel();
+    b.shutdown.cancel();
+    gw.shutdown.cancel();
+}
+
 /// A Ping frame whose body holds a byte more than its nonce: a frame that is no message.
 const PING_WITH_A_BYTE_TOO_MANY: [u8; 11] = [0x0a, 0x09, 0, 0, 0, 0, 0, 0, 0, 1, 0xff];
 

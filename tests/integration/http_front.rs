@@ -2290,6 +2290,10 @@ async fn status_page_metrics_and_headless_chromium() {
     ] {
         assert!(m.contains(want), "missing {want}:\n{m}");
     }
+    // The device certificate's end, as the hub has it from the handshake.
+    let end = h.hub.status()[0].cert_not_after_unix;
+    let want = format!("zonegate_tunnel_cert_not_after_seconds{{device=\"home1\"}} {end}\n");
+    assert!(m.contains(&want), "missing {want}:\n{m}");
     let status = h.admin_get("/status").await;
     assert!(status.contains("\"health\": \"yellow\""), "{status}");
 

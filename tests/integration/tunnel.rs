@@ -1121,16 +1121,90 @@ async fn echo_once(s: &mut tokio::net::TcpStream, m: &[u8]) -> Vec<u8> {
 
 /// The admin API's `/status` body (empty when it cannot be fetched).
 async fn admin_status(admin: std::net::SocketAddr) -> String {
+    admin_get(admin, "/status").await
+}
+
+/// The admin API's answer to `GET path`, head and body (empty when it cannot be fetched).
+async fn admin_get(admin: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut s) = tokio::net::TcpStream::connect(admin).await else {
         return String::new();
     };
-    let _ = s
-        .write_all(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .await;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    let _ = s.write_all(req.as_bytes()).await;
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out).await;
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `/metrics` and `/status` show each `[[tls]]` certificate's end, and a pair whose files stop
+/// loading as failing while its certificate serves on: only a log line said it, and nothing
+/// an alert could watch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_certificates_show_their_end_and_a_failing_pair() {
+    let z = TestZone::new(&["home1"]);
+    let d = tempfile::tempdir().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["app.example".to_string()]).unwrap();
+    params.not_after = rcgen::date_time_ymd(2099, 1, 1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let (c, k) = (d.path().join("app.crt"), d.path().join("app.key"));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    let mut opts = gateway_options(
+        &z,
+        "gw",
+        z.gw_addr,
+        fast_tuning(),
+        Duration::from_millis(500),
+        None,
+    );
+    opts.https = Some("127.0.0.1:0".parse().unwrap());
+    opts.tls_certs = vec![(c.clone(), k.clone())];
+    let gw = run_gateway(opts).await;
+    let end = time::macros::datetime!(2099-01-01 0:00 UTC).unix_timestamp();
+    let file = c.display().to_string();
+    let metrics = admin_get(gw.admin, "/metrics").await;
+    for line in [
+        format!("zonegate_tls_certificate_not_after_seconds{{file=\"{file}\",name=\"app.example\"}} {end}\n"),
+        format!("zonegate_tls_pair_failing{{file=\"{file}\"}} 0\n"),
+    ] {
+        assert!(metrics.contains(&line), "{line} missing in:\n{metrics}");
+    }
+    let tls_status = || async {
+        let s = admin_status(gw.admin).await;
+        let body = s.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+        let v: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {s}"));
+        v["tls_certificates"][0].clone()
+    };
+    let c = tls_status().await;
+    assert_eq!(c["not_after"], "2099-01-01T00:00:00Z", "{c}");
+    assert_eq!(c["names"][0], "app.example", "{c}");
+    assert_eq!(c["failing"], false, "{c}");
+    // A renewal's copy half done: the key no longer loads; the certificate serves on.
+    std::fs::write(&k, "not a key").unwrap();
+    let failing = format!("zonegate_tls_pair_failing{{file=\"{file}\"}} 1\n");
+    let deadline = Instant::now() + WAIT + Duration::from_secs(10);
+    let metrics = loop {
+        let m = admin_get(gw.admin, "/metrics").await;
+        if m.contains(&failing) || Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        metrics.contains(&failing),
+        "{failing} missing in:\n{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("name=\"app.example\"}} {end}\n")),
+        "{metrics}"
+    );
+    let c = tls_status().await;
+    assert_eq!(c["failing"], true, "{c}");
+    assert_eq!(c["not_after"], "2099-01-01T00:00:00Z", "{c}");
+    gw.shutdown.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

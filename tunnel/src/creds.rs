@@ -609,7 +609,7 @@ fn set_aside(
 pub const EXPIRED_GRACE_DAYS: i64 = 90;
 
 /// Days before a zone config's or the device certificate's expiry from which starts warn.
-const EXPIRY_WARNING_DAYS: i64 = 30;
+pub(crate) const EXPIRY_WARNING_DAYS: i64 = 30;
 
 /// What to do about this device's certificate that is about to end or has.
 fn renew_hint(name: &zone_core::DeviceName) -> String {

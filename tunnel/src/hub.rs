@@ -149,6 +149,9 @@ pub struct AgentLink {
     pub stopping: AtomicBool,
     pub since: SystemTime,
     started: Instant,
+    /// The end of the device's certificate: the connection is closed then
+    /// ([`close_at_expiry`]); shown so the gateway's operator sees renewals coming.
+    pub cert_not_after: time::OffsetDateTime,
     ctl: ControlHandle,
     /// Open UDP flows: where their datagrams go, and how many were dropped because the
     /// reader was behind ([`UdpFlow::queue_drops`]).
@@ -1119,6 +1122,7 @@ impl Hub {
             stopping: AtomicBool::new(false),
             since: SystemTime::now(),
             started: Instant::now(),
+            cert_not_after: id.not_after,
             ctl,
             flows: Mutex::new(HashMap::new()),
             streams: AtomicU64::new(0),
@@ -1193,6 +1197,12 @@ impl Hub {
         }
         let services = services_summary(hello.services.iter().map(|s| s.name.as_str()));
         info!(device = %device, addr = %remote, session = session_id, services = %services, agent = %hello.agent_version, "tunnel up");
+        // The device says it too, but in its own log at home: the gateway's is the one its
+        // operator reads.
+        let left = id.not_after - time::OffsetDateTime::now_utc();
+        if left < time::Duration::days(crate::creds::EXPIRY_WARNING_DAYS) {
+            warn!(device = %device, not_after = %id.not_after, days_left = left.whole_days(), "the device's certificate ends soon, and with it its connection here: renew it with `zonegate device renew {device} --zone DIR` where the zone directory is, copy the new device.crt into the device's bundle and restart its node");
+        }
 
         let accepting = tokio::spawn(self.clone().accept_streams(link.clone()));
         let datagrams = tokio::spawn(self.clone().read_datagrams(link.clone()));
@@ -2063,6 +2073,7 @@ impl Hub {
                         .duration_since(SystemTime::UNIX_EPOCH)
                         .map(|d| d.as_secs())
                         .unwrap_or(0),
+                    cert_not_after_unix: a.cert_not_after.unix_timestamp(),
                     streams: a.streams.load(Ordering::Relaxed),
                     zone_offers: a.zone_offers.load(Ordering::Relaxed),
                     zone_offers_refused: a.refused_offers.load(Ordering::Relaxed),

@@ -25,6 +25,9 @@ pub struct AgentStatus {
     pub path_mtu: u16,
     pub uptime_secs: u64,
     pub since_unix: u64,
+    /// When the device's certificate ends (Unix seconds): the gateway closes its connection
+    /// then and refuses it until it is renewed.
+    pub cert_not_after_unix: i64,
     pub streams: u64,
     /// Zone configs the device offered this session (agents pass on the newest they hear
     /// of), and how many of them were refused: said to be newer and not, or not verifying.

@@ -233,6 +233,62 @@ zonegate_tunnel_handshakes_peak {}",
     }
 }
 
+/// The `[[tls]]` pairs: each served certificate's end, and whether a pair's files fail to
+/// load (the certificate before serves on, so nothing else shows it until it ends). Nothing
+/// for a self-signed certificate. Alert on e.g.
+/// `zonegate_tls_certificate_not_after_seconds - time() < 14 * 86400` and
+/// `zonegate_tls_pair_failing == 1`.
+pub fn render_tls(served: &[super::tls::ServedCert], out: &mut String) {
+    if served.is_empty() {
+        return;
+    }
+    let name = "zonegate_tls_certificate_not_after_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} End of validity (Unix time) of the certificate each [[tls]] pair serves, labelled by its cert file and first name
+# TYPE {name} gauge"
+    );
+    for c in served {
+        if let (Some(t), Some(first)) = (c.not_after, c.names.first()) {
+            let _ = writeln!(
+                out,
+                "{name}{{file=\"{}\",name=\"{}\"}} {t}",
+                label_value(&c.file.display().to_string()),
+                label_value(first)
+            );
+        }
+    }
+    let name = "zonegate_tls_pair_failing";
+    let _ = writeln!(
+        out,
+        "# HELP {name} 1 while a [[tls]] pair's files do not load (read again every 5 s; the certificate before serves on, if one loaded), else 0
+# TYPE {name} gauge"
+    );
+    for c in served {
+        let _ = writeln!(
+            out,
+            "{name}{{file=\"{}\"}} {}",
+            label_value(&c.file.display().to_string()),
+            u8::from(c.failing)
+        );
+    }
+}
+
+/// A label value in the exposition format: backslash, double quote and line feed escaped (a
+/// file path may hold any of them).
+fn label_value(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for ch in v.chars() {
+        match ch {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
 /// Tunnel gauges: connected agents, and per device RTT, streams and bytes.
 pub fn render_tunnel(agents: &[AgentStatus], health: &str, pool_idle: usize, out: &mut String) {
     let _ = writeln!(
@@ -256,7 +312,7 @@ pub fn render_tunnel(agents: &[AgentStatus], health: &str, pool_idle: usize, out
         "# HELP zonegate_http_pool_idle Idle upstream HTTP connections kept over tunnel streams\n# TYPE zonegate_http_pool_idle gauge\nzonegate_http_pool_idle {pool_idle}"
     );
     type Get = fn(&AgentStatus) -> f64;
-    let per_device: [(&str, &str, &str, Get); 6] = [
+    let per_device: [(&str, &str, &str, Get); 7] = [
         (
             "zonegate_tunnel_rtt_seconds",
             "gauge",
@@ -292,6 +348,12 @@ pub fn render_tunnel(agents: &[AgentStatus], health: &str, pool_idle: usize, out
             "counter",
             "Payload bytes received from the device (this session)",
             |a| a.bytes_from as f64,
+        ),
+        (
+            "zonegate_tunnel_cert_not_after_seconds",
+            "gauge",
+            "End of the device's certificate (Unix time): its connection is closed then, and refused until it is renewed",
+            |a| a.cert_not_after_unix as f64,
         ),
     ];
     for (name, kind, help, get) in per_device {
@@ -418,5 +480,44 @@ mod tests {
         ] {
             assert!(s.contains(line), "{line} missing in:\n{s}");
         }
+    }
+
+    /// Each pair's end and failing flag, its file path escaped as a label value; nothing
+    /// for a self-signed certificate.
+    #[test]
+    fn tls_pairs_are_rendered_with_escaped_labels() {
+        use super::super::tls::ServedCert;
+        let served = [
+            ServedCert {
+                file: "/etc/zonegate/tls/a\"b.pem".into(),
+                names: vec!["a.example".into(), "www.a.example".into()],
+                not_after: Some(4_070_908_800),
+                failing: false,
+            },
+            ServedCert {
+                file: "/etc/zonegate/tls/new.pem".into(),
+                names: vec![],
+                not_after: None,
+                failing: true,
+            },
+        ];
+        let mut s = String::new();
+        render_tls(&served, &mut s);
+        for line in [
+            "zonegate_tls_certificate_not_after_seconds{file=\"/etc/zonegate/tls/a\\\"b.pem\",name=\"a.example\"} 4070908800\n",
+            "zonegate_tls_pair_failing{file=\"/etc/zonegate/tls/a\\\"b.pem\"} 0\n",
+            "zonegate_tls_pair_failing{file=\"/etc/zonegate/tls/new.pem\"} 1\n",
+        ] {
+            assert!(s.contains(line), "{line} missing in:\n{s}");
+        }
+        // A pair that never loaded has no end to show.
+        assert_eq!(
+            s.matches("zonegate_tls_certificate_not_after_seconds{")
+                .count(),
+            1
+        );
+        let mut none = String::new();
+        render_tls(&[], &mut none);
+        assert_eq!(none, "");
     }
 }

@@ -47,6 +47,29 @@ fn bytes(n: u64) -> String {
     }
 }
 
+/// A certificate's end (Unix seconds) as a date, marked when it is within
+/// [`CERT_SOON_DAYS`] of `now` or past: the gateway's operator renews device certificates and
+/// the HTTPS ones, and nothing else on the page says one is about to stop a device or a site.
+fn cert_end(end: Option<i64>, now: i64) -> String {
+    let Some(end) = end else {
+        return String::new();
+    };
+    let date = time::OffsetDateTime::from_unix_timestamp(end)
+        .map(|t| t.date().to_string())
+        .unwrap_or_default();
+    let days = (end - now).div_euclid(86_400);
+    if end <= now {
+        format!("<span class=\"down\">{date} (expired)</span>")
+    } else if days < CERT_SOON_DAYS {
+        format!("<span class=\"down\">{date} ({days} days left)</span>")
+    } else {
+        date
+    }
+}
+
+/// Days before a certificate's end from which the page marks it.
+const CERT_SOON_DAYS: i64 = 30;
+
 /// What a colour means, in the product's words (DESIGN.md, "Zone health colours").
 fn health_words(c: &str) -> &'static str {
     match c {
@@ -60,6 +83,7 @@ fn health_words(c: &str) -> &'static str {
 
 /// Renders the page from the `/status` JSON of a gateway.
 pub fn render(status: &Value) -> String {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let health = status["health"].as_str().unwrap_or("unknown");
     let colour = match health {
         "green" => "#2e9d44",
@@ -114,7 +138,7 @@ Zone config serial {serial}, valid until {expires}; up {uptime} s{draining}.</p>
     }
     let _ = write!(
         h,
-        "<h2>Devices</h2>\n<table id=\"devices\"><tr><th>device</th><th>state</th><th>address</th><th>RTT</th><th>path MTU</th><th>up</th><th>services</th><th>streams</th><th>to device</th><th>from device</th></tr>\n"
+        "<h2>Devices</h2>\n<table id=\"devices\"><tr><th>device</th><th>state</th><th>address</th><th>RTT</th><th>path MTU</th><th>up</th><th>services</th><th>streams</th><th>to device</th><th>from device</th><th>certificate ends</th></tr>\n"
     );
     for n in &names {
         match agents.iter().find(|a| a["device"].as_str() == Some(n)) {
@@ -125,7 +149,7 @@ Zone config serial {serial}, valid until {expires}; up {uptime} s{draining}.</p>
                     .unwrap_or_default();
                 let _ = writeln!(
                     h,
-                    "<tr class=\"device\" data-device=\"{d}\"><td>{d}</td><td class=\"up\">connected</td><td>{addr}</td><td>{rtt:.1} ms</td><td>{mtu} B</td><td>{up} s</td><td>{svc}</td><td>{st}</td><td>{to}</td><td>{from}</td></tr>",
+                    "<tr class=\"device\" data-device=\"{d}\"><td>{d}</td><td class=\"up\">connected</td><td>{addr}</td><td>{rtt:.1} ms</td><td>{mtu} B</td><td>{up} s</td><td>{svc}</td><td>{st}</td><td>{to}</td><td>{from}</td><td>{cert}</td></tr>",
                     d = esc(n),
                     addr = text(&a["addr"]),
                     rtt = a["rtt_ms"].as_f64().unwrap_or(0.0),
@@ -135,12 +159,13 @@ Zone config serial {serial}, valid until {expires}; up {uptime} s{draining}.</p>
                     st = text(&a["streams"]),
                     to = bytes(a["bytes_to"].as_u64().unwrap_or(0)),
                     from = bytes(a["bytes_from"].as_u64().unwrap_or(0)),
+                    cert = cert_end(a["cert_not_after_unix"].as_i64(), now),
                 );
             }
             None => {
                 let _ = writeln!(
                     h,
-                    "<tr class=\"device\" data-device=\"{d}\"><td>{d}</td><td class=\"down\">not connected</td><td colspan=\"8\"></td></tr>",
+                    "<tr class=\"device\" data-device=\"{d}\"><td>{d}</td><td class=\"down\">not connected</td><td colspan=\"9\"></td></tr>",
                     d = esc(n)
                 );
             }
@@ -196,6 +221,47 @@ Zone config serial {serial}, valid until {expires}; up {uptime} s{draining}.</p>
             unbound.join("\n")
         );
     }
+    // The `[[tls]]` pairs: the end of each certificate served, and those whose files fail.
+    let certs = status["tls_certificates"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if !certs.is_empty() {
+        h.push_str("<h2>HTTPS certificates</h2>\n<table id=\"tls\"><tr><th>file</th><th>names</th><th>ends</th><th>files</th></tr>\n");
+        for c in &certs {
+            let names: Vec<String> = c["names"]
+                .as_array()
+                .map(|n| n.iter().map(text).collect())
+                .unwrap_or_default();
+            let end = c["not_after"]
+                .as_str()
+                .and_then(|t| {
+                    time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .map(|t| t.unix_timestamp());
+            let files = if c["failing"].as_bool() == Some(true) {
+                "<span class=\"down\">do not load (the certificate before serves on)</span>"
+            } else {
+                "loaded"
+            };
+            let _ = writeln!(
+                h,
+                "<tr class=\"tls\"><td>{}</td><td>{}</td><td>{}</td><td>{files}</td></tr>",
+                text(&c["file"]),
+                names.join(", "),
+                cert_end(end, now),
+            );
+        }
+        h.push_str("</table>\n");
+        let errors: Vec<String> = status["tls_errors"]
+            .as_array()
+            .map(|e| e.iter().map(text).collect())
+            .unwrap_or_default();
+        if !errors.is_empty() {
+            let _ = writeln!(h, "<pre class=\"down\">{}</pre>", errors.join("\n"));
+        }
+    }
     h.push_str("<p><a href=\"/status\">/status</a> (JSON) · <a href=\"/metrics\">/metrics</a> (Prometheus)</p>\n</body></html>\n");
     h
 }
@@ -220,6 +286,15 @@ mod tests {
             "policy": {"ok": false, "errors": ["a.toml:1:1: <bad>"]},
             "listener_errors": ["app game: cannot listen on UDP 0.0.0.0:27015: <in use>"],
         });
+        let mut s = s;
+        let in_ten_days = time::OffsetDateTime::now_utc().unix_timestamp() + 10 * 86_400 + 3_600;
+        s["agents"][0]["cert_not_after_unix"] = json!(in_ten_days);
+        s["tls_certificates"] = json!([
+            {"file": "/etc/zonegate/gw/tls/fullchain.pem", "names": ["alice.example", "<x>"],
+             "not_after": "2099-01-01T00:00:00Z", "failing": false},
+            {"file": "/etc/zonegate/gw/tls/new.pem", "names": [], "not_after": null, "failing": true},
+        ]);
+        s["tls_errors"] = json!(["/etc/zonegate/gw/tls/new.key: <no key>"]);
         let h = render(&s);
         assert!(h.contains("data-health=\"yellow\""));
         assert!(
@@ -237,6 +312,21 @@ mod tests {
         assert!(
             h.contains("cannot listen yet") && h.contains("27015: &lt;in use&gt;"),
             "{h}"
+        );
+        assert!(h.contains("(10 days left)</span></td></tr>"), "{h}");
+        assert!(
+            h.contains("<td>alice.example, &lt;x&gt;</td><td>2099-01-01</td><td>loaded</td>"),
+            "{h}"
+        );
+        assert!(
+            h.contains("/new.pem</td><td></td><td></td><td><span class=\"down\">do not load"),
+            "{h}"
+        );
+        assert!(h.contains("new.key: &lt;no key&gt;"), "{h}");
+        // Past its end.
+        assert_eq!(
+            cert_end(Some(1_000), 2_000),
+            "<span class=\"down\">1970-01-01 (expired)</span>"
         );
     }
 }

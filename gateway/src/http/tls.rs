@@ -341,7 +341,41 @@ impl CertFiles {
     }
 }
 
+/// One `[[tls]]` pair as it serves, for `/status` and `/metrics`: monitoring alerts on a
+/// certificate's end or a pair failing, before browsers refuse it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedCert {
+    /// Its `cert` file, as gateway.toml names it.
+    pub file: PathBuf,
+    /// The names its certificate serves; empty when it never loaded.
+    pub names: Vec<String>,
+    /// End of the served certificate's validity (Unix seconds); `None` when none ever loaded
+    /// or its dates cannot be read.
+    pub not_after: Option<i64>,
+    /// Its files did not load at the last look (the certificate before serves on, if any).
+    pub failing: bool,
+}
+
 impl Tls {
+    /// The `[[tls]]` pairs in gateway.toml's order, with what each serves; empty for a
+    /// self-signed certificate (issued again as needed, nothing to renew).
+    pub fn served(&self) -> Vec<ServedCert> {
+        let f = &self.files;
+        f.pairs
+            .iter()
+            .enumerate()
+            .map(|(i, (cert, _))| {
+                let last = f.last.get(i).and_then(Option::as_ref);
+                ServedCert {
+                    file: cert.clone(),
+                    names: last.map(|e| e.names.clone()).unwrap_or_default(),
+                    not_after: last.and_then(|e| e.valid).map(|(_, until)| until),
+                    failing: f.failed_pairs.contains(&i),
+                }
+            })
+            .collect()
+    }
+
     /// The `[[tls]]` pairs that do not load at the last look, one per line (their previous
     /// certificates serve on), for `/status`: a broken renewal showed only in the log, and
     /// stopped the whole gateway at its next start.
@@ -868,6 +902,46 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("gone.key"), "{e}");
+    }
+
+    /// What `/status` and `/metrics` show of each pair: a pair that never loaded has no end,
+    /// one failing after it loaded shows the end of the certificate serving on.
+    #[test]
+    fn served_pairs_show_their_end_and_whether_they_fail() {
+        let d = tempfile::tempdir().unwrap();
+        let (ca, ka) = write_dated_pair(d.path(), "a", &["a.example"], (2024, 1, 1), (2099, 1, 1));
+        let (cb, kb) = write_pair(d.path(), "b", &["b.example"]);
+        std::fs::remove_file(&kb).unwrap();
+        let mut tls =
+            configure(&[(ca.clone(), ka.clone()), (cb.clone(), kb.clone())], &[]).unwrap();
+        let end_a = time::macros::datetime!(2099-01-01 0:00 UTC).unix_timestamp();
+        let a = ServedCert {
+            file: ca.clone(),
+            names: vec!["a.example".into()],
+            not_after: Some(end_a),
+            failing: false,
+        };
+        let b = ServedCert {
+            file: cb.clone(),
+            names: vec![],
+            not_after: None,
+            failing: true,
+        };
+        assert_eq!(tls.served(), [a.clone(), b]);
+        std::fs::write(&ka, "not a key").unwrap();
+        assert!(tls.reload_if_changed().unwrap().is_err());
+        let served = tls.served();
+        assert_eq!(
+            served[0],
+            ServedCert {
+                failing: true,
+                ..a.clone()
+            }
+        );
+        assert!(configure(&[], &["x.example".into()])
+            .unwrap()
+            .served()
+            .is_empty());
     }
 
     #[test]
