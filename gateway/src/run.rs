@@ -921,8 +921,27 @@ fn metrics_text(front: &Front, tls: &TlsView) -> String {
         &mut out,
     );
     front::metrics::render_handshakes(&hub.handshake_stats(), &mut out);
+    front::metrics::render_ends(&zone_ends(hub), &mut out);
     front::metrics::render_tls(&tls.served, &mut out);
     out
+}
+
+/// This gateway's certificate's end, the zone config's expiry, and the end of each device's
+/// certificate as the zone config lists it (revoked ones left out).
+fn zone_ends(hub: &Hub) -> front::metrics::ZoneEnds {
+    let creds = hub.creds();
+    let zone = creds.zone();
+    front::metrics::ZoneEnds {
+        own_certificate: creds.cert_not_after().unix_timestamp(),
+        zone_config: zone.config.expires_at.unix_timestamp(),
+        devices: zone
+            .config
+            .devices
+            .iter()
+            .filter(|d| !creds.is_revoked(d.name.as_str()))
+            .map(|d| (d.name.to_string(), d.cert_expires_at.unix_timestamp()))
+            .collect(),
+    }
 }
 
 /// Devices of the zone config that connect to this gateway, and how many of them are
@@ -979,6 +998,8 @@ fn status_json(
     listener_errors: Vec<String>,
     tls: TlsView,
 ) -> serde_json::Value {
+    let now = front::tls::unix_now();
+    let ends = zone_ends(hub);
     let creds = hub.creds();
     let zone = creds.zone();
     let agents = hub.status();
@@ -1004,6 +1025,8 @@ fn status_json(
         // Devices keep running on an expired config, but DNS bootstrap and devices holding an
         // older one refuse it: `zonegate zone resign` before this.
         "zone_expires_at": zone.config.expires_at.format(&time::format_description::well_known::Rfc3339).ok(),
+        // This gateway's own certificate: every tunnel through it stops at its end.
+        "cert_not_after": rfc3339(ends.own_certificate),
         "uptime_secs": started.elapsed().as_secs(),
         "draining": hub.is_draining(),
         "health": health,
@@ -1018,16 +1041,28 @@ fn status_json(
         "tls_errors": tls.failing.as_deref().map(|f| f.lines().collect::<Vec<_>>()).unwrap_or_default(),
         // Each `[[tls]]` pair and the end of the certificate it serves (none: self-signed).
         "tls_certificates": tls.served.iter().map(|c| {
-            let end = c.not_after.and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok());
             json!({
                 "file": c.file.display().to_string(),
                 "names": c.names,
-                "not_after": end.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()),
-                "days_left": end.map(|t| (t - time::OffsetDateTime::now_utc()).whole_days()),
+                "not_before": c.valid.map(|(from, _)| rfc3339(from)),
+                "not_after": c.valid.map(|(_, until)| rfc3339(until)),
+                // Floored, as the log's: -1 on the first day after the end.
+                "days_left": c.valid.map(|(_, until)| (until - now).div_euclid(86_400)),
                 "failing": c.failing,
             })
         }).collect::<Vec<_>>(),
+        // The end of each device's newest certificate, as the zone config lists it: for a
+        // device not connected too (an agent's own, as it connected, is in `agents`).
+        "device_cert_not_after_unix": ends.devices.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
     })
+}
+
+/// Unix seconds as RFC 3339 (UTC), as `/status` gives times.
+fn rfc3339(t: i64) -> Option<String> {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()?
+        .format(&time::format_description::well_known::Rfc3339)
+        .ok()
 }
 
 /// Zone health colour: green all devices connected; yellow some missing; orange most missing;

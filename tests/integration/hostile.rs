@@ -2806,20 +2806,25 @@ async fn a_certificate_ending_while_running_says_how_to_renew() {
     gw.shutdown.cancel();
 }
 
-/// A device whose certificate ends within 30 days is told of in the gateway's log as it
-/// connects, with what to do, and its end is in `/status` (`cert_not_after_unix`): only the
-/// device's own log, at home, said it, and the gateway's operator learned of it when the
-/// tunnel closed.
+/// A device whose certificate ends within 30 days is told of in the gateway's log, with what
+/// to do, as it connects or as a connection kept up reaches its last 30 days; its end is in
+/// `/status` (`cert_not_after_unix`). Only the device's own log, at home, said it, and the
+/// gateway's operator learned of it when the tunnel closed.
 #[tokio::test(flavor = "current_thread")]
 async fn a_device_certificate_ending_soon_is_told_by_the_gateway() {
     let (logs, _guard) = capture_logs();
-    let z = TestZone::new(&["home1", "laptop"]);
-    // home1: 30 days' validity, 20 of them gone: 10 days left. The laptop: a year from now
-    // (the test zone issues 30 days).
+    let z = TestZone::new(&["home1", "laptop", "nas"]);
+    // home1: 30 days' validity, 20 of them gone: 10 days left. The laptop: a year (the test
+    // zone issues 30 days). The nas: its last 30 days begin 8 s from now, while connected.
     let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
     let now = time::OffsetDateTime::now_utc();
     let start = now - time::Duration::days(20);
-    for (name, from, days) in [("home1", start, 30), ("laptop", now, 365)] {
+    let nas_from = now - time::Duration::days(1) + time::Duration::seconds(8);
+    for (name, from, days) in [
+        ("home1", start, 30),
+        ("laptop", now, 365),
+        ("nas", nas_from, 31),
+    ] {
         let d = zone_core::DeviceName::new(name).unwrap();
         let (key, cert) = zd.renew(&d, from, days).unwrap();
         zd.write_bundle(&z.zone_dir().join("devices").join(name), &d, &key, &cert)
@@ -2828,6 +2833,7 @@ async fn a_device_certificate_ending_soon_is_told_by_the_gateway() {
     let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
     let a = echo_node(&z, &gw, "home1", fast_tuning()).await;
     let b = echo_node(&z, &gw, "laptop", fast_tuning()).await;
+    let c = echo_node(&z, &gw, "nas", fast_tuning()).await;
     let said = || String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
     let told = |device: &str| {
         said().lines().any(|l| {
@@ -2838,7 +2844,15 @@ async fn a_device_certificate_ending_soon_is_told_by_the_gateway() {
         })
     };
     wait_until("home1's certificate told", WAIT, || told("home1")).await;
+    wait_until(
+        "the nas's certificate told",
+        WAIT + Duration::from_secs(10),
+        || told("nas"),
+    )
+    .await;
+    // The laptop's connection had as long to be told of (it never is).
     assert!(!told("laptop"), "{}", said());
+    assert!(gw.hub.agent("nas").is_some(), "the nas stays connected");
     let ends = gw.hub.status();
     let end_of = |d: &str| {
         ends.iter()
@@ -2850,8 +2864,9 @@ async fn a_device_certificate_ending_soon_is_told_by_the_gateway() {
         Some((start + time::Duration::days(30)).unix_timestamp())
     );
     assert!(end_of("laptop") > end_of("home1"));
-    a.shutdown.cancel();
-    b.shutdown.cancel();
+    for r in [a, b, c] {
+        r.shutdown.cancel();
+    }
     gw.shutdown.cancel();
 }
 

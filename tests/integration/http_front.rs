@@ -2290,10 +2290,42 @@ async fn status_page_metrics_and_headless_chromium() {
     ] {
         assert!(m.contains(want), "missing {want}:\n{m}");
     }
-    // The device certificate's end, as the hub has it from the handshake.
+    // Certificate ends: home1's as it connected (from the handshake), and as the zone config
+    // lists it for every device, home2 not connected included; this gateway's own.
     let end = h.hub.status()[0].cert_not_after_unix;
-    let want = format!("zonegate_tunnel_cert_not_after_seconds{{device=\"home1\"}} {end}\n");
-    assert!(m.contains(&want), "missing {want}:\n{m}");
+    let creds = h.hub.creds();
+    let listed = |d: &str| {
+        creds
+            .zone()
+            .config
+            .devices
+            .iter()
+            .find(|e| e.name.as_str() == d)
+            .unwrap()
+            .cert_expires_at
+            .unix_timestamp()
+    };
+    for want in [
+        format!("zonegate_tunnel_certificate_not_after_seconds{{device=\"home1\"}} {end}\n"),
+        format!(
+            "zonegate_device_certificate_not_after_seconds{{device=\"home1\"}} {}\n",
+            listed("home1")
+        ),
+        format!(
+            "zonegate_device_certificate_not_after_seconds{{device=\"home2\"}} {}\n",
+            listed("home2")
+        ),
+        format!(
+            "zonegate_certificate_not_after_seconds {}\n",
+            creds.cert_not_after().unix_timestamp()
+        ),
+        format!(
+            "zonegate_zone_config_expires_seconds {}\n",
+            creds.zone().config.expires_at.unix_timestamp()
+        ),
+    ] {
+        assert!(m.contains(&want), "missing {want}:\n{m}");
+    }
     let status = h.admin_get("/status").await;
     assert!(status.contains("\"health\": \"yellow\""), "{status}");
 

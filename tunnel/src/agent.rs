@@ -1199,6 +1199,7 @@ impl Agent {
                 conn.clone(),
                 link.name.clone(),
                 id.not_after,
+                crate::hub::Tell::AtEnd,
             ));
         }
         let streams = tokio::spawn(self.clone().accept_streams(conn.clone(), link.name.clone()));
@@ -1729,6 +1730,7 @@ impl Agent {
                 conn.clone(),
                 peer.clone(),
                 id.not_after,
+                crate::hub::Tell::AtEnd,
             ));
         }
         let pc = PeerConn::new(conn, dialer);

@@ -88,18 +88,40 @@ pub(crate) async fn close_at_expiry(
     conn: Connection,
     device: String,
     not_after: time::OffsetDateTime,
+    tell: Tell,
 ) {
+    let warn_at = not_after - time::Duration::days(crate::creds::EXPIRY_WARNING_DAYS);
+    let mut told = tell == Tell::AtEnd;
     loop {
+        let next = if told { not_after } else { warn_at };
         tokio::select! {
-            () = tokio::time::sleep(until(not_after)) => {}
+            () = tokio::time::sleep(until(next)) => {}
             _ = conn.closed() => return,
         }
-        if time::OffsetDateTime::now_utc() >= not_after {
+        let now = time::OffsetDateTime::now_utc();
+        if now >= not_after {
             warn!(device = %device, not_after = %not_after, "certificate expired: connection closed");
             conn.close(CLOSE_EXPIRED.into(), b"certificate expired");
             return;
         }
+        if !told && now >= warn_at {
+            told = true;
+            // The device says it too, but in its own log at home: the gateway's is the one
+            // its operator reads. Told as it connects within the last days, or as a
+            // connection kept up for months reaches them.
+            warn!(device = %device, not_after = %not_after, days_left = (not_after - now).whole_days(), "the device's certificate ends soon, and with it its connection here: renew it with `zonegate device renew {device} --zone DIR` where the zone directory is, copy the new device.crt into the device's bundle and restart its node");
+        }
     }
+}
+
+/// What [`close_at_expiry`] says before it closes a connection at its certificate's end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tell {
+    /// Only the end.
+    AtEnd,
+    /// Also once [`crate::creds::EXPIRY_WARNING_DAYS`] before it (a node agent's connection
+    /// to the gateway).
+    Before,
 }
 
 /// How long until `t`, at most ten minutes (a timer is then set again): zero once it has
@@ -1197,19 +1219,18 @@ impl Hub {
         }
         let services = services_summary(hello.services.iter().map(|s| s.name.as_str()));
         info!(device = %device, addr = %remote, session = session_id, services = %services, agent = %hello.agent_version, "tunnel up");
-        // The device says it too, but in its own log at home: the gateway's is the one its
-        // operator reads.
-        let left = id.not_after - time::OffsetDateTime::now_utc();
-        if left < time::Duration::days(crate::creds::EXPIRY_WARNING_DAYS) {
-            warn!(device = %device, not_after = %id.not_after, days_left = left.whole_days(), "the device's certificate ends soon, and with it its connection here: renew it with `zonegate device renew {device} --zone DIR` where the zone directory is, copy the new device.crt into the device's bundle and restart its node");
-        }
 
         let accepting = tokio::spawn(self.clone().accept_streams(link.clone()));
         let datagrams = tokio::spawn(self.clone().read_datagrams(link.clone()));
         // The certificate was checked at the handshake; the connection, kept alive for as long
         // as the device likes, must not outlive it. A task of its own: the control loop can
         // wait on a device that reads nothing.
-        tokio::spawn(close_at_expiry(conn.clone(), device.clone(), id.not_after));
+        tokio::spawn(close_at_expiry(
+            conn.clone(),
+            device.clone(),
+            id.not_after,
+            Tell::Before,
+        ));
         let (reason, end) = self.run_control(&link, &mut io, cmds).await;
 
         let removed = self.forget(&device, session_id);

@@ -233,29 +233,38 @@ zonegate_tunnel_handshakes_peak {}",
     }
 }
 
-/// The `[[tls]]` pairs: each served certificate's end, and whether a pair's files fail to
-/// load (the certificate before serves on, so nothing else shows it until it ends). Nothing
-/// for a self-signed certificate. Alert on e.g.
-/// `zonegate_tls_certificate_not_after_seconds - time() < 14 * 86400` and
-/// `zonegate_tls_pair_failing == 1`.
+/// The `[[tls]]` pairs: each served certificate's validity, and whether a pair's files fail
+/// to load (the certificate before serves on, so nothing else shows it until it ends).
+/// Labelled by the `cert` file only: names may change at a renewal, the file does not.
+/// Nothing for a self-signed certificate. Alerts: README.md, `/metrics`.
 pub fn render_tls(served: &[super::tls::ServedCert], out: &mut String) {
     if served.is_empty() {
         return;
     }
-    let name = "zonegate_tls_certificate_not_after_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {name} End of validity (Unix time) of the certificate each [[tls]] pair serves, labelled by its cert file and first name
-# TYPE {name} gauge"
-    );
-    for c in served {
-        if let (Some(t), Some(first)) = (c.not_after, c.names.first()) {
-            let _ = writeln!(
-                out,
-                "{name}{{file=\"{}\",name=\"{}\"}} {t}",
-                label_value(&c.file.display().to_string()),
-                label_value(first)
-            );
+    type Get = fn((i64, i64)) -> i64;
+    let validity: [(&str, &str, Get); 2] = [
+        (
+            "zonegate_tls_certificate_not_before_seconds",
+            "Start of validity (Unix time) of the certificate each [[tls]] pair serves",
+            |(from, _)| from,
+        ),
+        (
+            "zonegate_tls_certificate_not_after_seconds",
+            "End of validity (Unix time) of the certificate each [[tls]] pair serves",
+            |(_, until)| until,
+        ),
+    ];
+    for (name, help, get) in validity {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for c in served {
+            if let Some(v) = c.valid {
+                let _ = writeln!(
+                    out,
+                    "{name}{{file=\"{}\"}} {}",
+                    label_value(&c.file.display().to_string()),
+                    get(v)
+                );
+            }
         }
     }
     let name = "zonegate_tls_pair_failing";
@@ -271,6 +280,45 @@ pub fn render_tls(served: &[super::tls::ServedCert], out: &mut String) {
             label_value(&c.file.display().to_string()),
             u8::from(c.failing)
         );
+    }
+}
+
+/// The ends this gateway knows of besides its HTTPS certificates ([`render_ends`]), Unix
+/// seconds.
+#[derive(Debug, Clone, Default)]
+pub struct ZoneEnds {
+    /// This gateway's own device certificate: every tunnel and mesh path through it stops then.
+    pub own_certificate: i64,
+    /// The zone config in use (`zonegate zone resign` before it).
+    pub zone_config: i64,
+    /// Each device the zone config lists and does not revoke, with the end of the newest
+    /// certificate the zone issued it: connected or not (a device cut off at its end is no
+    /// longer in the tunnel's series).
+    pub devices: Vec<(String, i64)>,
+}
+
+/// The gateway's own certificate's end, the zone config's expiry and every device's
+/// certificate's end, as gauges an alert compares with `time()`.
+pub fn render_ends(e: &ZoneEnds, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "# HELP zonegate_certificate_not_after_seconds End (Unix time) of this gateway's own device certificate
+# TYPE zonegate_certificate_not_after_seconds gauge
+zonegate_certificate_not_after_seconds {}
+# HELP zonegate_zone_config_expires_seconds Expiry (Unix time) of the zone config in use: re-sign it before (zonegate zone resign)
+# TYPE zonegate_zone_config_expires_seconds gauge
+zonegate_zone_config_expires_seconds {}",
+        e.own_certificate, e.zone_config
+    );
+    let name = "zonegate_device_certificate_not_after_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} End (Unix time) of the newest certificate the zone config lists for each device it does not revoke, connected or not
+# TYPE {name} gauge"
+    );
+    for (device, end) in &e.devices {
+        // Device names are DNS labels: no escaping needed.
+        let _ = writeln!(out, "{name}{{device=\"{device}\"}} {end}");
     }
 }
 
@@ -350,9 +398,9 @@ pub fn render_tunnel(agents: &[AgentStatus], health: &str, pool_idle: usize, out
             |a| a.bytes_from as f64,
         ),
         (
-            "zonegate_tunnel_cert_not_after_seconds",
+            "zonegate_tunnel_certificate_not_after_seconds",
             "gauge",
-            "End of the device's certificate (Unix time): its connection is closed then, and refused until it is renewed",
+            "End (Unix time) of the certificate the device connected with: its connection is closed then (the zone's newer one, if issued, is in zonegate_device_certificate_not_after_seconds)",
             |a| a.cert_not_after_unix as f64,
         ),
     ];
@@ -489,32 +537,39 @@ mod tests {
         use super::super::tls::ServedCert;
         let served = [
             ServedCert {
-                file: "/etc/zonegate/tls/a\"b.pem".into(),
+                file: "/etc/zonegate/tls/a\"b\\c\nd.pem".into(),
                 names: vec!["a.example".into(), "www.a.example".into()],
-                not_after: Some(4_070_908_800),
+                valid: Some((1_700_000_000, 4_070_908_800)),
                 failing: false,
             },
             ServedCert {
                 file: "/etc/zonegate/tls/new.pem".into(),
                 names: vec![],
-                not_after: None,
+                valid: None,
                 failing: true,
             },
         ];
         let mut s = String::new();
         render_tls(&served, &mut s);
+        let a = r#"file="/etc/zonegate/tls/a\"b\\c\nd.pem""#;
         for line in [
-            "zonegate_tls_certificate_not_after_seconds{file=\"/etc/zonegate/tls/a\\\"b.pem\",name=\"a.example\"} 4070908800\n",
-            "zonegate_tls_pair_failing{file=\"/etc/zonegate/tls/a\\\"b.pem\"} 0\n",
-            "zonegate_tls_pair_failing{file=\"/etc/zonegate/tls/new.pem\"} 1\n",
+            format!("zonegate_tls_certificate_not_before_seconds{{{a}}} 1700000000\n"),
+            format!("zonegate_tls_certificate_not_after_seconds{{{a}}} 4070908800\n"),
+            format!("zonegate_tls_pair_failing{{{a}}} 0\n"),
+            "zonegate_tls_pair_failing{file=\"/etc/zonegate/tls/new.pem\"} 1\n".to_string(),
         ] {
-            assert!(s.contains(line), "{line} missing in:\n{s}");
+            assert!(s.contains(&line), "{line} missing in:\n{s}");
         }
-        // A pair that never loaded has no end to show.
+        // A pair that never loaded has no validity to show; every line is one sample.
         assert_eq!(
             s.matches("zonegate_tls_certificate_not_after_seconds{")
                 .count(),
             1
+        );
+        assert!(
+            s.lines()
+                .all(|l| l.starts_with('#') || l.starts_with("zonegate_tls_")),
+            "{s}"
         );
         let mut none = String::new();
         render_tls(&[], &mut none);

@@ -47,28 +47,35 @@ fn bytes(n: u64) -> String {
     }
 }
 
-/// A certificate's end (Unix seconds) as a date, marked when it is within
-/// [`CERT_SOON_DAYS`] of `now` or past: the gateway's operator renews device certificates and
-/// the HTTPS ones, and nothing else on the page says one is about to stop a device or a site.
-fn cert_end(end: Option<i64>, now: i64) -> String {
+/// A certificate's end (Unix seconds) as a date (UTC), marked when `soon` or past: the
+/// gateway's operator renews device certificates and the HTTPS ones, and nothing else on the
+/// page says one is about to stop a device or a site.
+fn cert_end(end: Option<i64>, soon: bool, now: i64) -> String {
     let Some(end) = end else {
         return String::new();
     };
     let date = time::OffsetDateTime::from_unix_timestamp(end)
         .map(|t| t.date().to_string())
         .unwrap_or_default();
-    let days = (end - now).div_euclid(86_400);
     if end <= now {
         format!("<span class=\"down\">{date} (expired)</span>")
-    } else if days < CERT_SOON_DAYS {
+    } else if soon {
+        let days = (end - now).div_euclid(86_400);
         format!("<span class=\"down\">{date} ({days} days left)</span>")
     } else {
         date
     }
 }
 
-/// Days before a certificate's end from which the page marks it.
-const CERT_SOON_DAYS: i64 = 30;
+/// A device certificate's end, marked within [`DEVICE_CERT_SOON_DAYS`] of it, when its node
+/// starts warning.
+fn device_cert_end(end: Option<i64>, now: i64) -> String {
+    let soon = end.is_some_and(|e| e - now < DEVICE_CERT_SOON_DAYS * 86_400);
+    cert_end(end, soon, now)
+}
+
+/// Days before a device certificate's end from which the page marks it (as its node warns).
+const DEVICE_CERT_SOON_DAYS: i64 = 30;
 
 /// What a colour means, in the product's words (DESIGN.md, "Zone health colours").
 fn health_words(c: &str) -> &'static str {
@@ -138,7 +145,7 @@ Zone config serial {serial}, valid until {expires}; up {uptime} s{draining}.</p>
     }
     let _ = write!(
         h,
-        "<h2>Devices</h2>\n<table id=\"devices\"><tr><th>device</th><th>state</th><th>address</th><th>RTT</th><th>path MTU</th><th>up</th><th>services</th><th>streams</th><th>to device</th><th>from device</th><th>certificate ends</th></tr>\n"
+        "<h2>Devices</h2>\n<table id=\"devices\"><tr><th>device</th><th>state</th><th>address</th><th>RTT</th><th>path MTU</th><th>up</th><th>services</th><th>streams</th><th>to device</th><th>from device</th><th>certificate ends (UTC)</th></tr>\n"
     );
     for n in &names {
         match agents.iter().find(|a| a["device"].as_str() == Some(n)) {
@@ -159,14 +166,17 @@ Zone config serial {serial}, valid until {expires}; up {uptime} s{draining}.</p>
                     st = text(&a["streams"]),
                     to = bytes(a["bytes_to"].as_u64().unwrap_or(0)),
                     from = bytes(a["bytes_from"].as_u64().unwrap_or(0)),
-                    cert = cert_end(a["cert_not_after_unix"].as_i64(), now),
+                    cert = device_cert_end(a["cert_not_after_unix"].as_i64(), now),
                 );
             }
             None => {
+                // Its certificate as the zone config lists it: one that ended is why a device
+                // is cut off, with nothing else here to say so.
                 let _ = writeln!(
                     h,
-                    "<tr class=\"device\" data-device=\"{d}\"><td>{d}</td><td class=\"down\">not connected</td><td colspan=\"9\"></td></tr>",
-                    d = esc(n)
+                    "<tr class=\"device\" data-device=\"{d}\"><td>{d}</td><td class=\"down\">not connected</td><td colspan=\"8\"></td><td>{cert}</td></tr>",
+                    d = esc(n),
+                    cert = device_cert_end(status["device_cert_not_after_unix"][n].as_i64(), now),
                 );
             }
         }
@@ -227,30 +237,45 @@ Zone config serial {serial}, valid until {expires}; up {uptime} s{draining}.</p>
         .cloned()
         .unwrap_or_default();
     if !certs.is_empty() {
-        h.push_str("<h2>HTTPS certificates</h2>\n<table id=\"tls\"><tr><th>file</th><th>names</th><th>ends</th><th>files</th></tr>\n");
+        h.push_str("<h2>HTTPS certificates</h2>\n<table id=\"tls\"><tr><th>file</th><th>names</th><th>ends (UTC)</th><th>files</th></tr>\n");
         for c in &certs {
             let names: Vec<String> = c["names"]
                 .as_array()
                 .map(|n| n.iter().map(text).collect())
                 .unwrap_or_default();
-            let end = c["not_after"]
-                .as_str()
-                .and_then(|t| {
-                    time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+            let unix = |v: &Value| {
+                v.as_str()
+                    .and_then(|t| {
+                        time::OffsetDateTime::parse(
+                            t,
+                            &time::format_description::well_known::Rfc3339,
+                        )
                         .ok()
-                })
-                .map(|t| t.unix_timestamp());
-            let files = if c["failing"].as_bool() == Some(true) {
-                "<span class=\"down\">do not load (the certificate before serves on)</span>"
-            } else {
-                "loaded"
+                    })
+                    .map(|t| t.unix_timestamp())
+            };
+            let (from, end) = (unix(&c["not_before"]), unix(&c["not_after"]));
+            // As the gateway's log tells it: a quarter of its lifetime left and not renewed
+            // (certbot renews with a third left; a 6-day certificate is not "ending" for 30).
+            let soon = match (from, end) {
+                (Some(f), Some(e)) => (e - now).saturating_mul(4) < e - f,
+                _ => false,
+            };
+            let files = match (c["failing"].as_bool(), end) {
+                (Some(true), Some(_)) => {
+                    "<span class=\"down\">do not load (the certificate before serves on)</span>"
+                }
+                (Some(true), None) => {
+                    "<span class=\"down\">never loaded (its names get the first pair's certificate)</span>"
+                }
+                _ => "loaded",
             };
             let _ = writeln!(
                 h,
                 "<tr class=\"tls\"><td>{}</td><td>{}</td><td>{}</td><td>{files}</td></tr>",
                 text(&c["file"]),
                 names.join(", "),
-                cert_end(end, now),
+                cert_end(end, soon, now),
             );
         }
         h.push_str("</table>\n");
@@ -287,12 +312,27 @@ mod tests {
             "listener_errors": ["app game: cannot listen on UDP 0.0.0.0:27015: <in use>"],
         });
         let mut s = s;
-        let in_ten_days = time::OffsetDateTime::now_utc().unix_timestamp() + 10 * 86_400 + 3_600;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let in_ten_days = now + 10 * 86_400 + 3_600;
         s["agents"][0]["cert_not_after_unix"] = json!(in_ten_days);
+        // home2, not connected: its certificate as the zone config lists it, ended.
+        s["device_cert_not_after_unix"] = json!({"home1": in_ten_days, "home2": 1_000});
+        let rfc = |t: i64| {
+            time::OffsetDateTime::from_unix_timestamp(t)
+                .unwrap()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap()
+        };
         s["tls_certificates"] = json!([
             {"file": "/etc/zonegate/gw/tls/fullchain.pem", "names": ["alice.example", "<x>"],
-             "not_after": "2099-01-01T00:00:00Z", "failing": false},
-            {"file": "/etc/zonegate/gw/tls/new.pem", "names": [], "not_after": null, "failing": true},
+             "not_before": "2024-01-01T00:00:00Z", "not_after": "2099-01-01T00:00:00Z", "failing": false},
+            // A 6-day certificate with 3 days left: half its life, not "ending".
+            {"file": "/etc/zonegate/gw/tls/short.pem", "names": ["s.example"],
+             "not_before": rfc(now - 3 * 86_400), "not_after": rfc(now + 3 * 86_400 + 60), "failing": true},
+            // A 90-day one with 20 days left: under a quarter.
+            {"file": "/etc/zonegate/gw/tls/late.pem", "names": ["l.example"],
+             "not_before": rfc(now - 70 * 86_400), "not_after": rfc(now + 20 * 86_400 + 60), "failing": false},
+            {"file": "/etc/zonegate/gw/tls/new.pem", "names": [], "not_before": null, "not_after": null, "failing": true},
         ]);
         s["tls_errors"] = json!(["/etc/zonegate/gw/tls/new.key: <no key>"]);
         let h = render(&s);
@@ -315,17 +355,33 @@ mod tests {
         );
         assert!(h.contains("(10 days left)</span></td></tr>"), "{h}");
         assert!(
+            h.contains("<td colspan=\"8\"></td><td><span class=\"down\">1970-01-01 (expired)</span></td></tr>"),
+            "{h}"
+        );
+        assert!(
             h.contains("<td>alice.example, &lt;x&gt;</td><td>2099-01-01</td><td>loaded</td>"),
             "{h}"
         );
         assert!(
-            h.contains("/new.pem</td><td></td><td></td><td><span class=\"down\">do not load"),
+            h.contains("/new.pem</td><td></td><td></td><td><span class=\"down\">never loaded"),
             "{h}"
         );
+        let row = |file: &str| {
+            h.lines()
+                .find(|l| l.contains(file))
+                .unwrap_or_else(|| panic!("{file}: {h}"))
+                .to_owned()
+        };
+        let short = row("short.pem");
+        assert!(
+            !short.contains("days left") && short.contains("do not load (the certificate before"),
+            "{short}"
+        );
+        assert!(row("late.pem").contains("(20 days left)"), "{h}");
         assert!(h.contains("new.key: &lt;no key&gt;"), "{h}");
         // Past its end.
         assert_eq!(
-            cert_end(Some(1_000), 2_000),
+            cert_end(Some(1_000), false, 2_000),
             "<span class=\"down\">1970-01-01 (expired)</span>"
         );
     }

@@ -349,9 +349,9 @@ pub struct ServedCert {
     pub file: PathBuf,
     /// The names its certificate serves; empty when it never loaded.
     pub names: Vec<String>,
-    /// End of the served certificate's validity (Unix seconds); `None` when none ever loaded
-    /// or its dates cannot be read.
-    pub not_after: Option<i64>,
+    /// The served certificate's validity, from and until (Unix seconds); `None` when none
+    /// ever loaded or its dates cannot be read.
+    pub valid: Option<(i64, i64)>,
     /// Its files did not load at the last look (the certificate before serves on, if any).
     pub failing: bool,
 }
@@ -369,7 +369,7 @@ impl Tls {
                 ServedCert {
                     file: cert.clone(),
                     names: last.map(|e| e.names.clone()).unwrap_or_default(),
-                    not_after: last.and_then(|e| e.valid).map(|(_, until)| until),
+                    valid: last.and_then(|e| e.valid),
                     failing: f.failed_pairs.contains(&i),
                 }
             })
@@ -914,17 +914,18 @@ mod tests {
         std::fs::remove_file(&kb).unwrap();
         let mut tls =
             configure(&[(ca.clone(), ka.clone()), (cb.clone(), kb.clone())], &[]).unwrap();
+        let from_a = time::macros::datetime!(2024-01-01 0:00 UTC).unix_timestamp();
         let end_a = time::macros::datetime!(2099-01-01 0:00 UTC).unix_timestamp();
         let a = ServedCert {
             file: ca.clone(),
             names: vec!["a.example".into()],
-            not_after: Some(end_a),
+            valid: Some((from_a, end_a)),
             failing: false,
         };
         let b = ServedCert {
             file: cb.clone(),
             names: vec![],
-            not_after: None,
+            valid: None,
             failing: true,
         };
         assert_eq!(tls.served(), [a.clone(), b]);
