@@ -169,6 +169,9 @@ pub struct AgentLink {
     /// The device withdrew its services: a node agent does so only as it stops (its drain),
     /// so streams to it are refused as `Draining`, not as a service it does not offer.
     pub stopping: AtomicBool,
+    /// A zone config adopted here revokes the device: out of the table, the streams it opens
+    /// refused, its connection kept only for that config to reach it ([`REVOKED_NOTICE`]).
+    revoked: AtomicBool,
     pub since: SystemTime,
     started: Instant,
     /// The end of the device's certificate: the connection is closed then
@@ -205,6 +208,18 @@ pub struct AgentLink {
 
 /// Where a UDP flow's datagrams from the device go, and its count of those dropped there.
 type FlowTx = (mpsc::Sender<Bytes>, Arc<AtomicU64>);
+
+/// How long a device revoked by a zone config adopted here keeps its connection for that
+/// config to reach it ([`Hub::disconnect_revoked`]): a few round trips over a slow uplink.
+const REVOKED_NOTICE: Duration = Duration::from_secs(3);
+
+/// What [`Hub::disconnect_revoked`] sends the devices it disconnects: the config (serial,
+/// JSON) that revokes them, the newest or one whose revocations were learned.
+#[derive(Debug, Clone, Copy)]
+enum Notice<'a> {
+    Newest(u64, &'a [u8]),
+    Revoking(u64, &'a [u8]),
+}
 
 /// Why work still open when a drain's grace period ran out ended ([`Hub::grace_over`]).
 pub const GRACE_CUT: &str =
@@ -1142,6 +1157,7 @@ impl Hub {
             conn: conn.clone(),
             services: RwLock::new(hello.services.clone()),
             stopping: AtomicBool::new(false),
+            revoked: AtomicBool::new(false),
             since: SystemTime::now(),
             started: Instant::now(),
             cert_not_after: id.not_after,
@@ -1264,7 +1280,8 @@ impl Hub {
             up_secs = link.started.elapsed().as_secs(),
             bytes_to = link.bytes_to.load(Ordering::Relaxed),
             bytes_from = link.bytes_from.load(Ordering::Relaxed),
-            replaced = !removed,
+            // Out of the table already when a revocation's notice went to it.
+            replaced = !removed && !link.revoked.load(Ordering::Relaxed),
             "tunnel down"
         );
         Ok(())
@@ -1496,9 +1513,14 @@ impl Hub {
         }
     }
 
-    /// Closes the connections of agents whose device is revoked now (`by` names what revoked
-    /// it, for the line); the others, still connected.
-    fn disconnect_revoked(&self, by: &str) -> Vec<Arc<AgentLink>> {
+    /// Disconnects the agents whose device is revoked now (`by` names what revoked it, for the
+    /// line); returns the others, still connected. With `notice`, the config that revokes
+    /// them goes to each first, and its connection, out of the table and taking none of its
+    /// streams, is closed once the agent closed it (it stops on that config: exit 2, which
+    /// systemd does not restart) or after [`REVOKED_NOTICE`]. Closed at once, a running node
+    /// never got the config: refused at each handshake after, it retried for ever, shown as
+    /// running.
+    fn disconnect_revoked(&self, by: &str, notice: Option<Notice<'_>>) -> Vec<Arc<AgentLink>> {
         let creds = &self.0.cfg.creds;
         let (revoked, others): (Vec<_>, Vec<_>) = self
             .agents()
@@ -1506,7 +1528,24 @@ impl Hub {
             .partition(|a| creds.is_revoked(&a.device));
         for a in revoked {
             warn!(device = %a.device, "device revoked by {by}: disconnecting");
-            a.conn.close(CLOSE_REVOKED.into(), b"device revoked");
+            let Some(notice) = notice else {
+                a.conn.close(CLOSE_REVOKED.into(), b"device revoked");
+                continue;
+            };
+            a.revoked.store(true, Ordering::Relaxed);
+            self.forget(&a.device, a.session_id);
+            match notice {
+                Notice::Newest(serial, json) => a.ctl.send_config(serial, json.to_vec()),
+                Notice::Revoking(serial, json) => a.ctl.send_revoking_config(serial, json.to_vec()),
+            }
+            let conn = a.conn.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = conn.closed() => {}
+                    () = tokio::time::sleep(REVOKED_NOTICE) => {}
+                }
+                conn.close(CLOSE_REVOKED.into(), b"device revoked");
+            });
         }
         others
     }
@@ -1541,7 +1580,10 @@ impl Hub {
             }
             kept.push_back((serial, json.clone()));
         }
-        let others = self.disconnect_revoked("a zone config not adopted");
+        let others = self.disconnect_revoked(
+            "a zone config not adopted",
+            pass_on.then_some(Notice::Revoking(serial, &json)),
+        );
         // Their direct paths too: the permits the devices they reached hold for them, and,
         // as no new serial goes out, the config itself, which each device (older than its
         // own) takes the revocations from: its direct connections to them close.
@@ -1605,7 +1647,9 @@ impl Hub {
                 }
                 self.forget_non_members();
                 let json = creds.zone().to_json_compact();
-                for a in self.disconnect_revoked("the new zone config") {
+                for a in self
+                    .disconnect_revoked("the new zone config", Some(Notice::Newest(serial, &json)))
+                {
                     a.ctl.send_config(serial, json.clone());
                 }
                 Ok(Some(serial))
@@ -1631,6 +1675,19 @@ impl Hub {
                 self.0.work.spawn(async move {
                     stream::refuse(&mut send, RefuseCode::Draining, "gateway is shutting down")
                         .await;
+                });
+                continue;
+            }
+            // Its connection waits only for the config that revokes it to arrive.
+            if link.revoked.load(Ordering::Relaxed) {
+                let mut send = send;
+                self.0.work.spawn(async move {
+                    stream::refuse(
+                        &mut send,
+                        RefuseCode::PolicyDenied,
+                        "this device is revoked",
+                    )
+                    .await;
                 });
                 continue;
             }
