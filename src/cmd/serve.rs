@@ -320,6 +320,31 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         ))
         .into());
     }
+    // Absolute: the files' paths label `/metrics` series, which must not change with the
+    // directory the gateway is started from.
+    let tls_certs: Vec<(std::path::PathBuf, std::path::PathBuf)> = f
+        .tls
+        .iter()
+        .map(|t| {
+            let abs = |p: std::path::PathBuf| std::path::absolute(&p).unwrap_or(p);
+            (
+                abs(config::resolve(&a.config, &t.cert)),
+                abs(config::resolve(&a.config, &t.key)),
+            )
+        })
+        .collect();
+    // A pair listed twice (a block pasted twice) served nothing more, and showed every
+    // `zonegate_tls_*` series of its file twice.
+    for (i, (c, _)) in tls_certs.iter().enumerate() {
+        if tls_certs[..i].iter().any(|(other, _)| other == c) {
+            return Err(UsageError(format!(
+                "{}: [[tls]] cert {} is listed twice: remove one of its [[tls]] blocks",
+                a.config.display(),
+                c.display()
+            ))
+            .into());
+        }
+    }
     let listen = config::quic_listen(&a.config, f.listen)?;
     // Agents dial the addresses the zone config publishes for this gateway: a `listen` on
     // none of their ports (a `device move` to a new port, gateway.toml kept) starts fine and
@@ -346,16 +371,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         grace: config::grace(&a.config, f.grace_secs, DEFAULT_GRACE)?,
         http,
         https,
-        tls_certs: f
-            .tls
-            .iter()
-            .map(|t| {
-                (
-                    config::resolve(&a.config, &t.cert),
-                    config::resolve(&a.config, &t.key),
-                )
-            })
-            .collect(),
+        tls_certs,
         http_tuning: config::http_tuning(&a.config, &f.front, (http_total, http_per_ip))?,
         tcp_connections_per_ip: config::tcp_connections_per_ip(
             &a.config,

@@ -1034,6 +1034,14 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
         e.contains("[[tls]] certificates are set but `https = \"off\"`"),
         "{e}"
     );
+    // One pair listed twice (its second block naming the file another way).
+    std::fs::write(
+        &gw,
+        format!("{original}[[tls]]\ncert = \"a.pem\"\nkey = \"b.pem\"\n[[tls]]\ncert = \"./a.pem\"\nkey = \"b.pem\"\n"),
+    )
+    .unwrap();
+    let e = fails(2, ["gateway", "--config", gws]);
+    assert!(e.contains("a.pem is listed twice"), "{e}");
     std::fs::write(&gw, original).unwrap();
 
     // A node bundle run as a gateway, and a key that is not the certificate's.

@@ -613,7 +613,7 @@ pub(crate) const EXPIRY_WARNING_DAYS: i64 = 30;
 
 /// What to do about this device's certificate that is about to end or has.
 fn renew_hint(name: &zone_core::DeviceName) -> String {
-    format!("renew it with `zonegate device renew {name} --zone DIR` where the zone directory is, copy the new device.crt here and start again")
+    format!("renew it with `zonegate device renew {name} --zone DIR` where the zone directory is, copy the new device.crt and zone.json here and start again (the gateways take the zone.json from this device)")
 }
 
 /// Where a device name stands in this device's zone configs ([`DeviceCreds::standing`]).

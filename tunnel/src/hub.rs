@@ -109,7 +109,7 @@ pub(crate) async fn close_at_expiry(
             // The device says it too, but in its own log at home: the gateway's is the one
             // its operator reads. Told as it connects within the last days, or as a
             // connection kept up for months reaches them.
-            warn!(device = %device, not_after = %not_after, days_left = (not_after - now).whole_days(), "the device's certificate ends soon, and with it its connection here: renew it with `zonegate device renew {device} --zone DIR` where the zone directory is, copy the new device.crt into the device's bundle and restart its node");
+            warn!(device = %device, not_after = %not_after, days_left = (not_after - now).whole_days(), "the device's certificate ends soon, and with it its connection here: renew it with `zonegate device renew {device} --zone DIR` where the zone directory is, copy the new device.crt and zone.json into the device's bundle and restart its node (it passes the zone.json on to this gateway, whose device certificate series then shows the new end)");
         }
     }
 }

@@ -74,6 +74,14 @@ fn device_cert_end(end: Option<i64>, now: i64) -> String {
     cert_end(end, soon, now)
 }
 
+/// An RFC 3339 time of `/status` as Unix seconds.
+fn unix_of(v: &Value) -> Option<i64> {
+    let t =
+        time::OffsetDateTime::parse(v.as_str()?, &time::format_description::well_known::Rfc3339)
+            .ok()?;
+    Some(t.unix_timestamp())
+}
+
 /// Days before a device certificate's end from which the page marks it (as its node warns).
 const DEVICE_CERT_SOON_DAYS: i64 = 30;
 
@@ -111,13 +119,15 @@ th{{background:#f3f3f3}}.badge{{display:inline-block;padding:.2em .8em;border-ra
 .up{{color:#2e9d44}}.down{{color:#c8281e}}</style></head><body>\n\
 <h1>zonegate gateway <code>{device}</code> for <code>{zone}</code></h1>\n\
 <p id=\"health\">Zone health: <span class=\"badge\" style=\"background:{colour}\" data-health=\"{health}\">{health}</span> — {words}. \
-Zone config serial {serial}, valid until {expires}; up {uptime} s{draining}.</p>\n",
+Zone config serial {serial}, valid until {expires}; this gateway's certificate ends {own}; up {uptime} s{draining}.</p>\n",
         zone = text(&status["zone"]),
         device = text(&status["device"]),
         health = esc(health),
         words = health_words(health),
         serial = text(&status["zone_serial"]),
-        expires = text(&status["zone_expires_at"]),
+        // Both stop the zone at their end; marked from 30 days before, as the log warns.
+        expires = device_cert_end(unix_of(&status["zone_expires_at"]), now),
+        own = device_cert_end(unix_of(&status["cert_not_after"]), now),
         uptime = text(&status["uptime_secs"]),
         draining = if status["draining"].as_bool() == Some(true) {
             "; <strong>draining</strong>"
@@ -243,18 +253,7 @@ Zone config serial {serial}, valid until {expires}; up {uptime} s{draining}.</p>
                 .as_array()
                 .map(|n| n.iter().map(text).collect())
                 .unwrap_or_default();
-            let unix = |v: &Value| {
-                v.as_str()
-                    .and_then(|t| {
-                        time::OffsetDateTime::parse(
-                            t,
-                            &time::format_description::well_known::Rfc3339,
-                        )
-                        .ok()
-                    })
-                    .map(|t| t.unix_timestamp())
-            };
-            let (from, end) = (unix(&c["not_before"]), unix(&c["not_after"]));
+            let (from, end) = (unix_of(&c["not_before"]), unix_of(&c["not_after"]));
             // As the gateway's log tells it: a quarter of its lifetime left and not renewed
             // (certbot renews with a third left; a 6-day certificate is not "ending" for 30).
             let soon = match (from, end) {
@@ -335,6 +334,8 @@ mod tests {
             {"file": "/etc/zonegate/gw/tls/new.pem", "names": [], "not_before": null, "not_after": null, "failing": true},
         ]);
         s["tls_errors"] = json!(["/etc/zonegate/gw/tls/new.key: <no key>"]);
+        s["zone_expires_at"] = json!(rfc(now + 5 * 86_400 + 60));
+        s["cert_not_after"] = json!("2099-01-01T00:00:00Z");
         let h = render(&s);
         assert!(h.contains("data-health=\"yellow\""));
         assert!(
@@ -354,6 +355,10 @@ mod tests {
             "{h}"
         );
         assert!(h.contains("(10 days left)</span></td></tr>"), "{h}");
+        assert!(
+            h.contains("(5 days left)</span>; this gateway's certificate ends 2099-01-01; up 9 s"),
+            "{h}"
+        );
         assert!(
             h.contains("<td colspan=\"8\"></td><td><span class=\"down\">1970-01-01 (expired)</span></td></tr>"),
             "{h}"

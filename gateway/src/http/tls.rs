@@ -237,10 +237,34 @@ fn load_pair(cert: &Path, key: &Path) -> Result<Entry, TlsError> {
     if chain.is_empty() {
         return Err(file_err(cert, "no certificate in this PEM file"));
     }
+    // Each certificate parsed here: a damaged one (a renewal's copy cut short in its base64)
+    // failed later, as the key's mismatch ("invalid peer certificate: BadEncoding (is it the
+    // key of …?)"), and sent the operator to the key file.
+    for (i, c) in chain.iter().enumerate() {
+        if let Err(e) = x509_parser::parse_x509_certificate(c.as_ref()) {
+            let which = match i {
+                0 => "its first certificate (the server's own)".to_owned(),
+                n => format!("certificate {} of its chain", n + 1),
+            };
+            return Err(file_err(
+                cert,
+                format!("{which} is not a valid X.509 certificate ({e}): copy it again from the CA's files"),
+            ));
+        }
+    }
     let pem = read_pem(key)?;
     let pk = rustls_pemfile::private_key(&mut pem.as_slice())
         .map_err(|e| file_err(key, format!("not a PEM key file: {e}")))?
-        .ok_or_else(|| file_err(key, "no private key in this PEM file"))?;
+        .ok_or_else(|| {
+            // `ENCRYPTED PRIVATE KEY` (or a legacy key's `Proc-Type: 4,ENCRYPTED`) is no key
+            // rustls reads: "no private key" sent the operator looking for a missing one.
+            let why = if String::from_utf8_lossy(&pem).contains("ENCRYPTED") {
+                "the private key is encrypted (a passphrase), which the gateway cannot read: write it unencrypted, readable only by the gateway's user (`openssl pkey -in KEY -out KEY.new` asks for the passphrase; then `chmod 600`)"
+            } else {
+                "no private key in this PEM file"
+            };
+            file_err(key, why)
+        })?;
     let e = entry(chain, pk)
         .map_err(|e| file_err(key, format!("{e} (is it the key of {}?)", cert.display())))?;
     if e.names.is_empty() {
@@ -813,6 +837,37 @@ mod tests {
         // Self-signed: nothing to read again.
         let mut own = configure(&[], &["x.example".into()]).unwrap();
         assert!(own.reload_if_changed().is_none());
+    }
+
+    /// A certificate damaged inside valid PEM armour is told against the certificate file,
+    /// and an encrypted key as encrypted: both were told as something else (a key mismatch,
+    /// a missing key), sending the operator to the wrong file or problem.
+    #[test]
+    fn a_damaged_certificate_and_an_encrypted_key_are_told_as_such() {
+        let d = tempfile::tempdir().unwrap();
+        let (c, k) = write_pair(d.path(), "a", &["a.example"]);
+        let good = std::fs::read(&c).unwrap();
+        std::fs::write(
+            &c,
+            "-----BEGIN CERTIFICATE-----\nMIIBaWJhZGRhdGE=\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let e = configure(&[(c.clone(), k.clone())], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("a.crt: its first certificate (the server's own) is not a valid X.509"),
+            "{e}"
+        );
+        assert!(!e.contains("a.key"), "{e}");
+        std::fs::write(&c, good).unwrap();
+        std::fs::write(
+            &k,
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIBaWJhZGRhdGE=\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let e = configure(&[(c, k)], &[]).unwrap_err().to_string();
+        assert!(e.contains("a.key: the private key is encrypted"), "{e}");
     }
 
     /// Certificate files are taken pair by pair: one pair that does not load (a lineage
