@@ -707,9 +707,11 @@ async fn an_agent_refuses_a_gateway_whose_certificate_lacks_the_role() {
 
 /// A second node agent running with a device's bundle (a cloned disk) takes the device's
 /// place at the gateway; the agent it replaced says why in its link's status (and log),
-/// naming the other agent, instead of a bare "connection lost" each time they take turns.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// naming the other agent, instead of a bare "connection lost" each time they take turns;
+/// and the gateway's log says it at warn (it said it at info, unseen).
+#[tokio::test(flavor = "current_thread")]
 async fn an_agent_replaced_by_another_with_its_identity_says_so() {
+    let (logs, _guard) = capture_logs();
     let z = TestZone::new(&["home1"]);
     let gw = start_gateway(&z, fast_tuning(), Duration::from_millis(500)).await;
     let first = start_echo_node(&z, &gw, "home1").await;
@@ -722,9 +724,38 @@ async fn an_agent_replaced_by_another_with_its_identity_says_so() {
             .is_some_and(|e| e.contains("another node agent with this device's identity"))
     })
     .await;
+    let said = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(
+        said.lines().any(|l| l.contains("WARN")
+            && l.contains("tunnel::hub")
+            && l.contains("device=home1")
+            && l.contains("two node agents run with this device's bundle")),
+        "{said}"
+    );
     second.shutdown.cancel();
     first.shutdown.cancel();
     gw.shutdown.cancel();
+}
+
+/// A node started before its gateway (or with the gateway's UDP port closed by a firewall):
+/// its link's error says what to check, where it said only "timed out: connect and hello".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_never_answers_is_told_with_what_to_check() {
+    let z = TestZone::new(&["home1"]);
+    // No gateway at the zone's address.
+    let a = start_agent(&z, "home1", services(&[]), vec![], fast_tuning()).await;
+    let link = a.agent.links()[0].clone();
+    wait_until("the dial timed out", WAIT + Duration::from_secs(10), || {
+        link.status().last_error.is_some()
+    })
+    .await;
+    let e = link.status().last_error.unwrap();
+    assert!(
+        e.contains("timed out: no answer from the gateway")
+            && e.contains("its QUIC port open to UDP"),
+        "{e}"
+    );
+    a.shutdown.cancel();
 }
 
 /// Waits for the policy edit just written to be refused with an error `told` accepts, then,

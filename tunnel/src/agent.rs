@@ -136,6 +136,14 @@ struct LinkState {
     older_offers: u32,
 }
 
+/// How a dial ended, for the hint its retry line carries.
+#[derive(Debug, Clone, Copy)]
+enum DialEnd {
+    /// The handshake and hello timed out: nothing answered.
+    NoAnswer,
+    Other,
+}
+
 /// Zone configs older than ours a gateway sends in one session without counting against it:
 /// the configs it learned revocations from, at most [`crate::control::MAX_REVOKING_CONFIGS`]
 /// at its session's start and one per revocation learned later, with room to spare. Each costs
@@ -913,10 +921,24 @@ impl Agent {
                 info!(gateway = %link.name, addrs = ?link.addrs(), "dialing the gateway's new addresses");
                 continue;
             };
+            // An `Err` is a dial that never reached a session (one that ended says why in
+            // its `Ok`): timed out there, by our deadline or QUIC's own, nothing answered.
+            let result_kind = match &result {
+                Err(TunnelError::Timeout("connect and hello"))
+                | Err(TunnelError::Connection(quinn::ConnectionError::TimedOut)) => {
+                    DialEnd::NoAnswer
+                }
+                _ => DialEnd::Other,
+            };
             let mut err = match result {
                 Ok(reason) => reason,
                 Err(e) => e.to_string(),
             };
+            // No answer at all: the usual first-day mistake is a gateway not started yet or a
+            // firewall (the VPS's, or its provider's security group) dropping its UDP port.
+            if matches!(result_kind, DialEnd::NoAnswer) {
+                err = format!("{err}: no answer from the gateway — is `zonegate gateway` running there, and its QUIC port open to UDP from here (the VPS's firewall, the provider's security group)?");
+            }
             // Refused at the handshake for the device's own certificate: the dial's error says
             // only that the handshake failed.
             if let Some(problem) = self.cfg.creds.own_cert_problem() {
@@ -933,9 +955,11 @@ impl Agent {
             // device, another protocol version, no route): a warning the first time, as the
             // gateway's side says; the same reason again is the retry it was, at info.
             let mut news = false;
+            let mut was_up = false;
             link.set(|s| {
                 // Its flows were stopped as the session ended.
                 let (up_since, _) = s.session_over();
+                was_up = up_since.is_some();
                 let replaced = std::mem::take(&mut s.replaced);
                 healthy = up_since.is_some_and(|t| t.elapsed() >= HEALTHY_AFTER) && !replaced;
                 // Compared without digits: a certificate refused as out of date says when it
@@ -959,6 +983,9 @@ impl Agent {
             };
             if news {
                 warn!(gateway = %link.name, addrs = ?link.addrs(), reason = %err, retry_ms = delay.as_millis() as u64, "tunnel not up; retrying");
+            } else if !was_up {
+                // Never up this time: "tunnel down" read as if it had been.
+                info!(gateway = %link.name, addrs = ?link.addrs(), reason = %err, retry_ms = delay.as_millis() as u64, "tunnel still not up; retrying");
             } else {
                 info!(gateway = %link.name, addrs = ?link.addrs(), reason = %err, retry_ms = delay.as_millis() as u64, "tunnel down; reconnecting");
             }

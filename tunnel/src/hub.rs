@@ -209,6 +209,10 @@ pub struct AgentLink {
 /// Where a UDP flow's datagrams from the device go, and its count of those dropped there.
 type FlowTx = (mpsc::Sender<Bytes>, Arc<AtomicU64>);
 
+/// A working connection replaced by its device's newer one sooner than this after it came up
+/// is told at warn ([`Hub`]'s "device connected again"): two agents with one identity.
+const SHORT_LIVED_REPLACED: Duration = Duration::from_secs(60);
+
 /// How long a device revoked by a zone config adopted here keeps its connection for that
 /// config to reach it ([`Hub::disconnect_revoked`]): a few round trips over a slow uplink.
 const REVOKED_NOTICE: Duration = Duration::from_secs(3);
@@ -1199,7 +1203,19 @@ impl Hub {
             // that was still live is said with both addresses: two agents with one identity
             // (a cloned disk) show as this line again and again (each agent says so too).
             if old.conn.close_reason().is_none() {
-                info!(device = %device, previous = %crate::sockets::canonical(old.conn.remote_address()), now = %crate::sockets::canonical(conn.remote_address()), previous_up_secs = old.started.elapsed().as_secs(), "device connected again: its previous connection, still open, is closed");
+                let (previous, now) = (
+                    crate::sockets::canonical(old.conn.remote_address()),
+                    crate::sockets::canonical(conn.remote_address()),
+                );
+                let up = old.started.elapsed();
+                // Replaced within a minute while still working: what two agents with one
+                // identity do to each other, every few seconds. Said only at info, the
+                // gateway's operator, who reads this log, never saw it.
+                if up < SHORT_LIVED_REPLACED {
+                    warn!(device = %device, %previous, %now, previous_up_secs = up.as_secs(), "device connected again while its previous connection, up less than a minute, still worked: if this repeats, two node agents run with this device's bundle (a cloned disk, a restored backup, a second service); stop one, or give it a device of its own (`zonegate device add`)");
+                } else {
+                    info!(device = %device, %previous, %now, previous_up_secs = up.as_secs(), "device connected again: its previous connection, still open, is closed");
+                }
             }
             old.conn
                 .close(CLOSE_REPLACED.into(), b"replaced by a newer connection");
