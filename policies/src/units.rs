@@ -407,16 +407,89 @@ pub fn listens_overlap(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool
             || b.ip().is_unspecified() && (b.is_ipv6() || a.is_ipv4()))
 }
 
+/// The methods of IANA's HTTP Method Registry (HTTP, WebDAV, CalDAV, DeltaV, …), and QUERY.
+pub const KNOWN_METHODS: [&str; 40] = [
+    "ACL",
+    "BASELINE-CONTROL",
+    "BIND",
+    "CHECKIN",
+    "CHECKOUT",
+    "CONNECT",
+    "COPY",
+    "DELETE",
+    "GET",
+    "HEAD",
+    "LABEL",
+    "LINK",
+    "LOCK",
+    "MERGE",
+    "MKACTIVITY",
+    "MKCALENDAR",
+    "MKCOL",
+    "MKREDIRECTREF",
+    "MKWORKSPACE",
+    "MOVE",
+    "OPTIONS",
+    "ORDERPATCH",
+    "PATCH",
+    "POST",
+    "PRI",
+    "PROPFIND",
+    "PROPPATCH",
+    "PUT",
+    "QUERY",
+    "REBIND",
+    "REPORT",
+    "SEARCH",
+    "TRACE",
+    "UNBIND",
+    "UNCHECKOUT",
+    "UNLINK",
+    "UNLOCK",
+    "UPDATE",
+    "UPDATEREDIRECTREF",
+    "VERSION-CONTROL",
+];
+
 /// An HTTP method token. Methods are case-sensitive in HTTP, so "get" is refused rather than
-/// silently never matching.
+/// silently never matching; and one of the registry's ([`KNOWN_METHODS`]): a misspelt one
+/// (`HAED`) was accepted and the rule then answered 405 to the method meant.
 pub fn check_method(s: &str) -> Result<(), String> {
-    if !s.is_empty() && s.len() <= 32 && s.bytes().all(|b| b.is_ascii_uppercase() || b == b'-') {
-        Ok(())
-    } else {
-        Err(format!(
+    if s.is_empty() || s.len() > 32 || !s.bytes().all(|b| b.is_ascii_uppercase() || b == b'-') {
+        return Err(format!(
             "invalid method {s:?}: expected an uppercase HTTP method such as \"GET\" or \"POST\""
-        ))
+        ));
     }
+    if KNOWN_METHODS.contains(&s) {
+        return Ok(());
+    }
+    let near = KNOWN_METHODS
+        .iter()
+        .filter(|k| edit_distance(k, s) <= 2)
+        .map(|k| format!("{k:?}"))
+        .collect::<Vec<_>>();
+    let hint = match near.is_empty() {
+        true => format!("the registered ones are {}", KNOWN_METHODS.join(", ")),
+        false => format!("did you mean {}?", near.join(" or ")),
+    };
+    Err(format!(
+        "unknown method {s:?}: no request would use it, so the rule would never match: {hint}"
+    ))
+}
+
+/// Levenshtein distance of two ASCII words (methods: at most 32 bytes).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, &ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, &cb) in b.iter().enumerate() {
+            let swap = usize::from(ca != cb);
+            cur[j + 1] = (prev[j] + swap).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 #[cfg(test)]
@@ -613,7 +686,16 @@ mod tests {
             assert_eq!(n(p).unwrap(), p);
         }
         assert!(check_method("GET").is_ok());
+        assert!(check_method("PROPFIND").is_ok());
+        assert!(check_method("VERSION-CONTROL").is_ok());
         assert!(check_method("get").is_err());
+        let e = check_method("HAED").unwrap_err();
+        assert!(
+            e.contains("unknown method \"HAED\"") && e.contains("did you mean \"HEAD\"?"),
+            "{e}"
+        );
+        let e = check_method("FROBNICATE").unwrap_err();
+        assert!(e.contains("the registered ones are ACL,"), "{e}");
     }
 
     #[test]
