@@ -298,6 +298,31 @@ fn read_file(path: &Path) -> Result<String, PolicyError> {
     })
 }
 
+/// Whether `line` holds an odd number of `"` (escaped ones and a comment's not counted), not
+/// in a multi-line string: a basic string opened and not closed on it.
+fn unpaired_quote(line: &str) -> bool {
+    if line.contains("\"\"\"") {
+        return false;
+    }
+    let (mut quotes, mut in_string, mut escaped) = (0, false, false);
+    for c in line.chars() {
+        match c {
+            '\\' if in_string && !escaped => {
+                escaped = true;
+                continue;
+            }
+            '"' if !escaped => {
+                quotes += 1;
+                in_string = !in_string;
+            }
+            '#' if !in_string => break,
+            _ => {}
+        }
+        escaped = false;
+    }
+    quotes % 2 == 1
+}
+
 fn toml_error(path: &Path, text: &SourceText<'_>, e: &toml::de::Error) -> PolicyError {
     let message = e.message().trim().to_string();
     match e.span() {
@@ -323,7 +348,26 @@ fn parse_tables(
     let (root, syntax) = DeTable::parse_recoverable(src);
     if !syntax.is_empty() {
         // The recovered table is a guess; checking its meaning would add confusing errors.
-        errs.extend(syntax.iter().map(|e| toml_error(path, &text, e)));
+        // And the recovery reads on past a mistake through it: a string left open gave ten
+        // errors on its line, the last on screen the least useful, none naming it. So the
+        // first of each line only, with a hint where the line's quotes do not pair up.
+        let mut lines = std::collections::BTreeSet::new();
+        for e in &syntax {
+            let mut err = toml_error(path, &text, e);
+            let Some(line) = err.position.map(|p| p.line) else {
+                errs.push(err);
+                continue;
+            };
+            if !lines.insert(line) {
+                continue;
+            }
+            if src.lines().nth(line - 1).is_some_and(unpaired_quote) {
+                err.message.push_str(
+                    " (this line's double quotes do not pair up: is a string left unclosed?)",
+                );
+            }
+            errs.push(err);
+        }
         return;
     }
     for (key, value) in root.into_inner() {
