@@ -1145,7 +1145,9 @@ impl Agent {
         }
         let (conn, io, welcome) = match r {
             Ok(r) => r?,
-            Err(_) => return Err(TunnelError::Timeout("connect and hello")),
+            // No QUIC connection at all: nothing answered (the hint in the retry line).
+            Err(_) if dialed.is_none() => return Err(TunnelError::Timeout("connect and hello")),
+            Err(_) => return Err(TunnelError::Timeout("the gateway's welcome")),
         };
         if let Some(z) = &welcome.zone_config {
             match creds.offer_zone(z) {

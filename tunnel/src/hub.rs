@@ -169,9 +169,10 @@ pub struct AgentLink {
     /// The device withdrew its services: a node agent does so only as it stops (its drain),
     /// so streams to it are refused as `Draining`, not as a service it does not offer.
     pub stopping: AtomicBool,
-    /// A zone config adopted here revokes the device: out of the table, the streams it opens
-    /// refused, its connection kept only for that config to reach it ([`REVOKED_NOTICE`]).
-    revoked: AtomicBool,
+    /// Cancelled when a zone config adopted here revokes the device: out of the table, its
+    /// streams cut and new ones refused, its UDP flows and control messages dropped, its
+    /// connection kept only for that config to reach it ([`REVOKED_NOTICE`]).
+    revoked: CancellationToken,
     pub since: SystemTime,
     started: Instant,
     /// The end of the device's certificate: the connection is closed then
@@ -1161,7 +1162,7 @@ impl Hub {
             conn: conn.clone(),
             services: RwLock::new(hello.services.clone()),
             stopping: AtomicBool::new(false),
-            revoked: AtomicBool::new(false),
+            revoked: CancellationToken::new(),
             since: SystemTime::now(),
             started: Instant::now(),
             cert_not_after: id.not_after,
@@ -1297,7 +1298,7 @@ impl Hub {
             bytes_to = link.bytes_to.load(Ordering::Relaxed),
             bytes_from = link.bytes_from.load(Ordering::Relaxed),
             // Out of the table already when a revocation's notice went to it.
-            replaced = !removed && !link.revoked.load(Ordering::Relaxed),
+            replaced = !removed && !link.revoked.is_cancelled(),
             "tunnel down"
         );
         Ok(())
@@ -1365,6 +1366,11 @@ impl Hub {
 
     /// Acts on one control event; `Some((why, how))` ends the session.
     fn on_event(&self, link: &Arc<AgentLink>, ev: Event) -> Option<(String, SessionEnd)> {
+        // Revoked, it waits only for the config that says so: nothing it asks for (permits,
+        // punches, offers) is done.
+        if link.revoked.is_cancelled() {
+            return None;
+        }
         match ev {
             Event::ServicesUpdate { services } => {
                 // Sent by node agents only to withdraw them as they stop.
@@ -1548,8 +1554,10 @@ impl Hub {
                 a.conn.close(CLOSE_REVOKED.into(), b"device revoked");
                 continue;
             };
-            a.revoked.store(true, Ordering::Relaxed);
+            a.revoked.cancel();
             self.forget(&a.device, a.session_id);
+            // Its flows' tasks end with their senders.
+            a.flows.lock().unwrap_or_else(|p| p.into_inner()).clear();
             match notice {
                 Notice::Newest(serial, json) => a.ctl.send_config(serial, json.to_vec()),
                 Notice::Revoking(serial, json) => a.ctl.send_revoking_config(serial, json.to_vec()),
@@ -1695,7 +1703,7 @@ impl Hub {
                 continue;
             }
             // Its connection waits only for the config that revokes it to arrive.
-            if link.revoked.load(Ordering::Relaxed) {
+            if link.revoked.is_cancelled() {
                 let mut send = send;
                 self.0.work.spawn(async move {
                     stream::refuse(
@@ -1745,6 +1753,16 @@ impl Hub {
                 return;
             }
         };
+        // Accepted before its device was revoked, its header sent after.
+        if link.revoked.is_cancelled() {
+            stream::refuse(
+                &mut send,
+                RefuseCode::PolicyDenied,
+                "this device is revoked",
+            )
+            .await;
+            return;
+        }
         let (to_device, service, rest) = match header {
             (
                 StreamHeader::Relay {
@@ -1857,7 +1875,15 @@ impl Hub {
         );
         // Decided once as it opened; asked again whenever the policy or the minute changes.
         let policy = self.0.cfg.policy.clone();
-        let stop = policy.until_mesh_refused(&link.device, &link.roles, &to_device, &service);
+        let refused = policy.until_mesh_refused(&link.device, &link.roles, &to_device, &service);
+        // And cut as its device is revoked (its connection waits a moment for the notice).
+        let revoked = link.revoked.clone();
+        let stop = async move {
+            tokio::select! {
+                why = refused => why,
+                () = revoked.cancelled() => "the device is revoked".to_owned(),
+            }
+        };
         let (mut a, mut b) = crate::splice::counted(&mut a, &mut b, &counters);
         let moved = splice_until(&mut a, &mut b, stop).await;
         let (up, dn) = (moved.a_to_b, moved.b_to_a);

@@ -125,7 +125,8 @@ Zone config serial {serial}, valid until {expires}; this gateway's certificate e
         health = esc(health),
         words = health_words(health),
         serial = text(&status["zone_serial"]),
-        // Both stop the zone at their end; marked from 30 days before, as the log warns.
+        // Marked from 30 days before, as the log warns: past its end the gateway's certificate
+        // is refused by every device, and an expired zone config by devices bootstrapping.
         expires = device_cert_end(unix_of(&status["zone_expires_at"]), now),
         own = device_cert_end(unix_of(&status["cert_not_after"]), now),
         uptime = text(&status["uptime_secs"]),

@@ -253,18 +253,17 @@ fn load_pair(cert: &Path, key: &Path) -> Result<Entry, TlsError> {
         }
     }
     let pem = read_pem(key)?;
-    let pk = rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|e| file_err(key, format!("not a PEM key file: {e}")))?
-        .ok_or_else(|| {
-            // `ENCRYPTED PRIVATE KEY` (or a legacy key's `Proc-Type: 4,ENCRYPTED`) is no key
-            // rustls reads: "no private key" sent the operator looking for a missing one.
-            let why = if String::from_utf8_lossy(&pem).contains("ENCRYPTED") {
-                "the private key is encrypted (a passphrase), which the gateway cannot read: write it unencrypted, readable only by the gateway's user (`openssl pkey -in KEY -out KEY.new` asks for the passphrase; then `chmod 600`)"
-            } else {
-                "no private key in this PEM file"
-            };
-            file_err(key, why)
-        })?;
+    // `ENCRYPTED PRIVATE KEY` (or a legacy key's `Proc-Type: 4,ENCRYPTED`) is no key rustls
+    // reads: "no private key" (or a base64 error, for the legacy form) sent the operator
+    // looking for another problem.
+    const ENCRYPTED: &str = "the private key is encrypted (a passphrase), which the gateway cannot read: write it unencrypted, readable only by the gateway's user (`openssl pkey -in KEY -out KEY.new` asks for the passphrase; then `chmod 600`)";
+    let encrypted = String::from_utf8_lossy(&pem).contains("ENCRYPTED");
+    let pk = match rustls_pemfile::private_key(&mut pem.as_slice()) {
+        _ if encrypted => return Err(file_err(key, ENCRYPTED)),
+        Ok(Some(pk)) => pk,
+        Ok(None) => return Err(file_err(key, "no private key in this PEM file")),
+        Err(e) => return Err(file_err(key, format!("not a PEM key file: {e}"))),
+    };
     let e = entry(chain, pk)
         .map_err(|e| file_err(key, format!("{e} (is it the key of {}?)", cert.display())))?;
     if e.names.is_empty() {
@@ -864,6 +863,16 @@ mod tests {
         std::fs::write(
             &k,
             "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIBaWJhZGRhdGE=\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let e = configure(&[(c.clone(), k.clone())], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a.key: the private key is encrypted"), "{e}");
+        // The legacy form, its headers inside the PEM block.
+        std::fs::write(
+            &k,
+            "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00112233445566778899AABBCCDDEEFF\n\nMIIBaWJhZGRhdGE=\n-----END RSA PRIVATE KEY-----\n",
         )
         .unwrap();
         let e = configure(&[(c, k)], &[]).unwrap_err().to_string();
