@@ -165,6 +165,11 @@ impl<E> Stamped<E> {
         }
     }
 
+    /// The connection inside.
+    pub fn get_ref(&self) -> &E {
+        &self.inner
+    }
+
     /// Before a read or write: an error once evicted.
     fn check(&self, cx: &mut Context<'_>) -> Option<io::Error> {
         if !self.ends {

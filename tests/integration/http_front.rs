@@ -2463,3 +2463,47 @@ async fn an_h2_client_stalled_in_its_preface_is_dropped() {
     assert!(closed.is_ok(), "still connected after {:?}", t.elapsed());
     assert!(t.elapsed() >= HEADER_TIMEOUT / 2, "{:?}", t.elapsed());
 }
+
+/// Plain HTTP sent to the HTTPS port (`http://host:8443/`) is answered in HTTP: a 400 naming
+/// the https:// address to use, then a close — also after a request body the answer leaves
+/// unread (the close lingers, so no reset destroys the answer). It was a raw TLS alert, which
+/// browsers show as "invalid response". TLS on the same port is served as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_to_the_https_port_is_told_the_https_address() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = start().await;
+    let port = h.https.port();
+    for req in [
+        format!("GET /a/b?c=1 HTTP/1.1\r\nHost: {DOMAIN}:{port}\r\n\r\n"),
+        format!(
+            "POST /up HTTP/1.1\r\nHost: {DOMAIN}:{port}\r\nContent-Length: 100000\r\n\r\n{}",
+            "x".repeat(100_000)
+        ),
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(h.https).await.unwrap();
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), tcp.read_to_end(&mut got))
+            .await
+            .expect("connection not closed after the answer")
+            .expect("answer cut by a reset");
+        let got = String::from_utf8_lossy(&got).to_lowercase();
+        let path = if req.starts_with("GET") {
+            "/a/b?c=1"
+        } else {
+            "/up"
+        };
+        let address = format!("https://{DOMAIN}:{port}{path}");
+        assert!(got.starts_with("http/1.1 400 "), "{got}");
+        assert!(got.contains(&format!("location: {address}\r\n")), "{got}");
+        assert!(got.contains("connection: close\r\n"), "{got}");
+        assert!(
+            got.contains(&format!(
+                "this port speaks https and the request came as plain http; use {address}\n"
+            )),
+            "{got}"
+        );
+    }
+    let c = h.curl(&h.https_args(DOMAIN, "/after")).await;
+    assert_eq!(c.code, 200, "{c:?}");
+}

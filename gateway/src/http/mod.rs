@@ -16,7 +16,8 @@
 //! - [`body`]: streamed, counted, shaped bodies; [`deadline`]: one-timer deadlines;
 //!   [`outbox`]: a response's bytes on their way out, large chunks not copied.
 //! - [`errors`]: what went wrong, whose fault it was, and the short answer a client gets.
-//! - [`tls`]: rustls configuration: SNI certificate choice, self-signed fallback.
+//! - [`tls`]: rustls configuration: SNI certificate choice, self-signed fallback;
+//!   [`plain_on_tls`]: the answer to plain HTTP sent to the HTTPS port.
 //! - [`reset`]: a client connection ended by a reset, for an answer cut short.
 //! - [`metrics`], [`status_page`]: the admin API's `/metrics` and `/`.
 
@@ -29,6 +30,7 @@ pub use h2::RESTING_TIMEOUTS;
 pub mod headers;
 pub mod metrics;
 pub mod outbox;
+pub mod plain_on_tls;
 pub mod pool;
 pub mod proxy;
 mod reset;
@@ -220,9 +222,12 @@ impl Front {
         shutdown: CancellationToken,
     ) {
         let scheme = if tls.is_some() { "https" } else { "http" };
-        if let Ok(a) = listener.local_addr() {
+        let local = listener.local_addr();
+        if let Ok(a) = local {
             info!(addr = %a, scheme, "HTTP front listening");
         }
+        // For the https:// address told to a plain HTTP request sent here.
+        let port = local.map_or(443, |a| a.port());
         // A client gone without a word holds no upgraded (WebSocket) or long-polling
         // connection for ever.
         tunnel::sockets::keepalive_accepted(&listener, self.0.hub.tuning().tcp_keepalive);
@@ -276,7 +281,20 @@ impl Front {
                             }
                             Some(acc) => {
                                 let t = front.0.tuning.tls_handshake_timeout;
-                                match tokio::time::timeout(t, acc.accept(tcp)).await {
+                                let until = tokio::time::Instant::now() + t;
+                                // Looked at, not read: plain HTTP (`http://` to this port) is
+                                // answered in HTTP, not with a TLS alert.
+                                let mut first = [0u8; 1];
+                                let peek = tcp.get_ref().peek(&mut first);
+                                let peeked = tokio::time::timeout_at(until, peek).await;
+                                if matches!(peeked, Ok(Ok(1)))
+                                    && plain_on_tls::starts_plain_http(first[0])
+                                {
+                                    return front
+                                        .answer_plain_http(Box::new(tcp), port, shutdown)
+                                        .await;
+                                }
+                                match tokio::time::timeout_at(until, acc.accept(tcp)).await {
                                     Ok(Ok(s)) if s.get_ref().1.alpn_protocol() == Some(b"h2") => {
                                         // Dead HTTP/2 peers are found by pings, which start
                                         // after the preface; one that does not send the whole
@@ -329,6 +347,40 @@ impl Front {
             );
         }
         self.0.pool.close();
+    }
+
+    /// Answers a plain HTTP connection to the HTTPS port listening on `port`: its first
+    /// request gets a 400 with the https:// address to use, then the connection closes.
+    async fn answer_plain_http(self, io: Box<dyn Io>, port: u16, shutdown: CancellationToken) {
+        let cfg = server::Config {
+            header_read_timeout: self.0.tuning.header_read_timeout,
+            send_timeout: self.0.tuning.send_timeout,
+            body_timeout: self.0.tuning.body_timeout,
+            sniff_h2: false,
+        };
+        // Cancelled by the answer: it goes out with `Connection: close`, and the connection
+        // closes after it (lingering, so an unread body does not turn the close into a reset).
+        let done = shutdown.child_token();
+        let end = done.clone();
+        let metrics = self.clone();
+        let refused = self.clone();
+        server::serve(
+            io,
+            cfg,
+            done,
+            move |req, _upgrade| {
+                end.cancel();
+                let (parts, _body) = req.into_parts();
+                let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                let host = route::request_host(&parts);
+                let address = plain_on_tls::https_address(host, path, port);
+                info!(method = %parts.method, host = ?host.unwrap_or(""), path = ?path, status = 400, https = ?address.as_deref().unwrap_or(""), "plain HTTP request to the HTTPS port: answered 400 with the https:// address to use");
+                metrics.0.metrics.refused_unread(400);
+                std::future::ready(plain_on_tls::answer(address.as_deref()))
+            },
+            move |status| refused.0.metrics.refused_unread(status.as_u16()),
+        )
+        .await;
     }
 
     /// Serves HTTP/1.x on one client connection (our own server: hyper's cost ~15k

@@ -40,6 +40,12 @@ impl Resettable {
         };
         (r, reset)
     }
+
+    /// Waits for the client's first bytes and copies them into `buf` without taking them: the
+    /// HTTPS front looks at the first before the TLS handshake reads it.
+    pub async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.tcp.peek(buf).await
+    }
 }
 
 impl Drop for Resettable {
