@@ -571,7 +571,9 @@ pub fn parse_service_flag(s: &str) -> Result<(String, ServiceEntry), UsageError>
     Ok((
         name.to_owned(),
         ServiceEntry {
-            local: addr.parse().map_err(|_| bad())?,
+            // The address's own hint (a port missing, brackets, a name): "not a host name"
+            // read oddly for `web=127.0.0.1`.
+            local: socket_addr(addr).map_err(|e| UsageError(format!("--service {s:?}: {e}")))?,
             proto,
         },
     ))

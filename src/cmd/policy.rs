@@ -22,7 +22,8 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
             // Read first: a config that is no gateway's is the command's mistake (exit 2).
             let (own, zone_json) = match &gateway_config {
                 Some(path) => {
-                    let f: crate::config::GatewayFile = crate::config::read(path)?;
+                    let f: crate::config::GatewayFile =
+                        crate::config::read(path).map_err(|e| node_config_given(e, path))?;
                     let paths = crate::config::bundle(path, &f.key, &f.cert, &f.ca, &f.zone_config);
                     (
                         Some(super::serve::gateway_own_sockets(path, &f)?),
@@ -214,5 +215,21 @@ fn not_a_dir(dir: &std::path::Path) -> Result<(), UsageError> {
             dir.display()
         ))),
         Err(e) => Err(UsageError(format!("{}: {e}", dir.display()))),
+    }
+}
+
+/// `--gateway-config` given a node.toml: said as such (it read "missing field `listen`").
+fn node_config_given(
+    e: crate::config::ConfigError,
+    path: &std::path::Path,
+) -> crate::config::ConfigError {
+    use crate::config::{read, ConfigError, NodeFile};
+    match e {
+        ConfigError::Usage(_) if read::<NodeFile>(path).is_ok() => UsageError(format!(
+            "--gateway-config {}: this is a node agent's config; policies are enforced by the gateway: give its gateway.toml",
+            path.display()
+        ))
+        .into(),
+        e => e,
     }
 }

@@ -974,11 +974,15 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
     std::fs::write(&node, &text).unwrap();
 
     // Bad flags.
-    let e = fails(2, ["node", "--config", nodes, "--service", "web=localhost"]);
-    assert!(
-        e.contains("NAME=IP:PORT") && e.contains("not a host name"),
-        "{e}"
+    let e = fails(2, ["node", "--config", nodes, "--service", "web"]);
+    assert!(e.contains("NAME=IP:PORT"), "{e}");
+    let e = fails(
+        2,
+        ["node", "--config", nodes, "--service", "web=localhost:80"],
     );
+    assert!(e.contains("a name is not resolved here"), "{e}");
+    let e = fails(2, ["node", "--config", nodes, "--service", "web=127.0.0.1"]);
+    assert!(e.contains("add the port: 127.0.0.1:PORT"), "{e}");
     let e = fails(
         2,
         [
@@ -1298,6 +1302,27 @@ fn policy_check_knows_the_gateways_own_ports_when_told() {
         ],
     );
     assert!(e.contains("apps.toml"), "{e}");
+    // A node's config is said to be one (it read "missing field `listen`").
+    let node = t.path().join("node.toml");
+    std::fs::write(
+        &node,
+        "device = \"home1\"\ndomain = \"alice.example\"\nkey = \"device.key\"\ncert = \"device.crt\"\nca = \"zone-ca.crt\"\nzone_config = \"zone.json\"\n",
+    )
+    .unwrap();
+    let e = fails(
+        2,
+        [
+            "policy",
+            "check",
+            d,
+            "--gateway-config",
+            node.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        e.contains("this is a node agent's config") && e.contains("give its gateway.toml"),
+        "{e}"
+    );
 }
 
 #[test]
