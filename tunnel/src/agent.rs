@@ -126,6 +126,11 @@ struct LinkState {
     /// this device's may not yet): until a session is welcomed again, retries say so and wait
     /// the longest backoff.
     revoked: bool,
+    /// The gateway refused this device's certificate as revoked after this agent had
+    /// finished its side of the handshake: the refusal came under keys only the gateway it
+    /// verified holds, not from anyone on the path (an unauthenticated packet could say so
+    /// too before that). Once every gateway link says so, the agent stops for good.
+    refused_as_revoked: bool,
     /// How long the gateway of the current session keeps a quiet UDP flow (`UdpFlowIdle`;
     /// None from a gateway that does not say).
     udp_flow_idle: Option<Duration>,
@@ -818,17 +823,56 @@ impl Agent {
         if !creds.is_revoked(creds.name()) {
             return false;
         }
+        self.stop_revoked(
+            format!("{what} revokes this device: it can no longer join the zone; add it again under a new name (zonegate device add)"),
+            || error!(device = %creds.name(), zone = %creds.domain(), config = %what, "a zone config this device verified revokes it: stopping; {REVOKED_HELP}"),
+        );
+        true
+    }
+
+    /// Stops the agent for good once every gateway it has refused this device's certificate
+    /// as revoked, each on a connection this agent had verified it on
+    /// ([`LinkState::refused_as_revoked`]): a node revoked while it was stopped (or started
+    /// from an old bundle) never receives the config that revokes it — the gateway lets it
+    /// in no more — and redialed every 30 s for ever, looking alive to its service manager.
+    /// One gateway of several is not enough: another may still serve it until the
+    /// revocation reaches it, and one gateway alone should not be able to stop a node.
+    fn stop_if_every_gateway_refuses(&self) {
+        let links = self.links();
+        let live: Vec<_> = links.iter().filter(|l| !l.retired()).collect();
+        let refused = |l: &&Arc<GatewayLink>| {
+            l.state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .refused_as_revoked
+        };
+        if live.is_empty() || !live.iter().all(refused) {
+            return;
+        }
+        let names = live
+            .iter()
+            .map(|l| l.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let creds = &self.cfg.creds;
+        self.stop_revoked(
+            format!("the zone's gateways ({names}) refuse this device's certificate as revoked: it can no longer join the zone; add it again under a new name (zonegate device add)"),
+            || error!(device = %creds.name(), zone = %creds.domain(), gateways = %names, "every gateway refuses this device's certificate as revoked: stopping; {REVOKED_HELP}"),
+        );
+    }
+
+    /// Records why the agent stops for good (`why`, said once by `log`) and stops it.
+    fn stop_revoked(&self, why: String, log: impl FnOnce()) {
         let mut revoked = self.revoked_self.lock().unwrap_or_else(|p| p.into_inner());
         if revoked.is_none() {
-            error!(device = %creds.name(), zone = %creds.domain(), config = %what, "a zone config this device verified revokes it: stopping; {REVOKED_HELP}");
-            *revoked = Some(format!("{what} revokes this device: it can no longer join the zone; add it again under a new name (zonegate device add)"));
+            log();
+            *revoked = Some(why);
         }
         drop(revoked);
         let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, shutdown)) = &links.running {
             shutdown.cancel();
         }
-        true
     }
 
     /// Why the agent stopped for good, if a zone config it verified revokes this device
@@ -1135,12 +1179,20 @@ impl Agent {
             _ => closed.as_ref(),
         };
         if refused.is_some_and(refused_as_revoked) {
+            // On the connection this agent completed its handshake on: the gateway's word.
+            let proven = closed.as_ref().is_some_and(refused_as_revoked);
             let mut first = false;
-            link.set(|s| first = !std::mem::replace(&mut s.revoked, true));
+            link.set(|s| {
+                first = !std::mem::replace(&mut s.revoked, true);
+                s.refused_as_revoked |= proven;
+            });
             // Said as a closed session says it, once per refusal streak (the retries' lines
             // say it too, at info): a node started after its revocation met only those.
             if first {
                 error!(gateway = %link.name, device = %creds.name(), "the gateway refused this device's certificate: {REVOKED_HELP}");
+            }
+            if proven {
+                self.stop_if_every_gateway_refuses();
             }
         }
         let (conn, io, welcome) = match r {
@@ -1177,6 +1229,7 @@ impl Agent {
             s.observed = Some(welcome.observed_addr);
             s.last_error = None;
             s.revoked = false;
+            s.refused_as_revoked = false;
             s.up_since = Some(Instant::now());
             s.addr = Some(addr);
             s.udp_flow_idle = None;
