@@ -762,6 +762,21 @@ impl Gateway {
                 &shutdown,
             );
         }
+        if let Some(p) = opts.creds.cert_path() {
+            let creds = opts.creds.clone();
+            essential(
+                "device.crt watcher",
+                "a renewed device.crt copied in would not be taken",
+                tokio::spawn(tunnel::zone_watch::watch(
+                    move |bytes, path| creds.cert_file_changed(bytes, path),
+                    p.to_owned(),
+                    POLICY_POLL,
+                    lasting.clone(),
+                )),
+                &fatal,
+                &shutdown,
+            );
+        }
         let status_hub = hub.clone();
         let failing = listeners.failures();
         // The `[[tls]]` pairs, as the certificate watcher last saw them.

@@ -609,7 +609,7 @@ fn stranger_config(cert: Option<&tunnel::creds::DeviceCreds>) -> quinn::ClientCo
         .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
     let mut cfg = match cert {
         Some(c) => builder
-            .with_client_auth_cert(vec![c.cert_der.clone()], c.private_key())
+            .with_client_auth_cert(vec![c.own_cert().der.clone()], c.private_key())
             .unwrap(),
         None => builder.with_no_client_auth(),
     };
@@ -2870,6 +2870,96 @@ async fn a_certificate_ending_while_running_says_how_to_renew() {
 /// to do, as it connects or as a connection kept up reaches its last 30 days; its end is in
 /// `/status` (`cert_not_after_unix`). Only the device's own log, at home, said it, and the
 /// gateway's operator learned of it when the tunnel closed.
+/// A renewed device.crt copied into a running node's or gateway's bundle is taken without a
+/// restart: handshakes from then on present it (a connection up keeps the one it was made
+/// with). One that is not a renewal of the certificate in use (an older copy, another
+/// device's) is refused with a warning, and the one in use serves on. A renewal needed a
+/// restart of each device before.
+#[tokio::test(flavor = "current_thread")]
+async fn a_renewed_certificate_copied_in_is_taken_without_a_restart() {
+    let (logs, _guard) = capture_logs();
+    let z = TestZone::new(&["home1", "laptop"]);
+    let t = fast_tuning();
+    let gw = start_gateway(&z, t, Duration::from_millis(500)).await;
+    let home1 = echo_node(&z, &gw, "home1", t).await;
+    let said = || String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    let first = gw.hub.agent("home1").unwrap().cert_not_after;
+    assert_eq!(home1.agent.creds().cert_not_after(), first);
+
+    let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let renew = |zd: &mut zone_core::zonedir::ZoneDir, name: &str, days: i64| {
+        let d = zone_core::DeviceName::new(name).unwrap();
+        zd.renew(&d, now, days).unwrap().1
+    };
+    // Another device's certificate copied over home1's: refused, said, nothing changes.
+    let laptops = renew(&mut zd, "laptop", 400);
+    std::fs::write(z.bundle("home1").cert, &laptops.pem).unwrap();
+    wait_until("another device's certificate refused", WAIT, || {
+        said().lines().any(|l| {
+            l.contains("WARN")
+                && l.contains("device.crt changed but is not taken")
+                && l.contains("certificate of laptop.")
+        })
+    })
+    .await;
+    assert_eq!(home1.agent.creds().cert_not_after(), first);
+
+    // home1's renewal: taken by the running agent; a new connection (the gateway restarted)
+    // carries it.
+    let renewed = renew(&mut zd, "home1", 400);
+    std::fs::write(z.bundle("home1").cert, &renewed.pem).unwrap();
+    wait_until("the renewal taken", WAIT, || {
+        home1.agent.creds().cert_not_after() == renewed.not_after
+    })
+    .await;
+    assert!(said().contains("renewed certificate taken"), "{}", said());
+    assert_eq!(gw.hub.agent("home1").unwrap().cert_not_after, first);
+    gw.shutdown.cancel();
+    let _ = gw.task.await;
+    let gw = start_gateway(&z, t, Duration::from_millis(500)).await;
+    wait_until(
+        "home1 reconnected with its renewed certificate",
+        WAIT,
+        || {
+            gw.hub
+                .agent("home1")
+                .is_some_and(|a| a.cert_not_after == renewed.not_after)
+        },
+    )
+    .await;
+
+    // An older copy (the certificate before) is refused: the later one serves on.
+    let older = renew(&mut zd, "home1", 200);
+    std::fs::write(z.bundle("home1").cert, &older.pem).unwrap();
+    wait_until("an older certificate refused", WAIT, || {
+        said().contains("not after the certificate in use")
+    })
+    .await;
+    assert_eq!(home1.agent.creds().cert_not_after(), renewed.not_after);
+
+    // The gateway's own renewal: presented to a device dialing it from then on.
+    let gws = renew(&mut zd, "gw", 500);
+    std::fs::write(z.bundle("gw").cert, &gws.pem).unwrap();
+    wait_until("the gateway took its renewal", WAIT, || {
+        gw.hub.creds().cert_not_after() == gws.not_after
+    })
+    .await;
+    let creds = z.creds("laptop");
+    let ep =
+        tunnel::transport::client_endpoint("127.0.0.1:0".parse().unwrap(), &creds, &t).unwrap();
+    let conn = ep
+        .connect(z.gw_addr, "gw.alice.example")
+        .unwrap()
+        .await
+        .unwrap();
+    let presented = tunnel::peers::peer_identity(&conn).unwrap();
+    assert_eq!(presented.not_after, gws.not_after);
+    conn.close(0u32.into(), b"done");
+    home1.shutdown.cancel();
+    gw.shutdown.cancel();
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_device_certificate_ending_soon_is_told_by_the_gateway() {
     let (logs, _guard) = capture_logs();

@@ -782,6 +782,15 @@ impl Agent {
                 shutdown.clone(),
             ));
         }
+        if let Some(path) = self.cfg.creds.cert_path() {
+            let creds = self.cfg.creds.clone();
+            tasks.spawn(crate::zone_watch::watch(
+                move |bytes, path| creds.cert_file_changed(bytes, path),
+                path.to_owned(),
+                ZONE_POLL,
+                shutdown.clone(),
+            ));
+        }
         for (f, l) in listeners {
             info!(listen = %f.listen, to = %format!("{}/{}", f.device, f.service), "mesh forward listening");
             tasks.spawn(self.clone().forward_loop(f, l, shutdown.clone()));

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
@@ -25,8 +26,13 @@ pub struct BundlePaths {
 /// Loaded, cross-checked credentials of this device.
 #[derive(Debug)]
 pub struct DeviceCreds {
+    /// Who this device is (name, zone, roles, key) as its certificate at the start said; a
+    /// renewed certificate must say the same ([`DeviceCreds::renew_cert`]). Its `not_after` is
+    /// the first certificate's: [`DeviceCreds::cert_not_after`] tells the one in use.
     pub identity: DeviceIdentity,
-    pub cert_der: CertificateDer<'static>,
+    /// The certificate handshakes present, swapped by a renewal (the TLS configurations read
+    /// it at every handshake: [`crate::tls`]).
+    cert: Arc<arc_swap::ArcSwap<OwnCert>>,
     key_pkcs8: zeroize::Zeroizing<Vec<u8>>,
     /// X25519 form of the device key: the Noise static key of the mesh (see [`crate::e2e`]).
     noise_secret: zeroize::Zeroizing<[u8; 32]>,
@@ -36,6 +42,8 @@ pub struct DeviceCreds {
     /// the time they write, not the one of when they were spawned.
     zone: Arc<RwLock<Arc<SignedZone>>>,
     zone_path: Option<PathBuf>,
+    /// The bundle's device.crt, watched for a renewal ([`DeviceCreds::cert_file_changed`]).
+    cert_path: Option<PathBuf>,
     /// Held while a newer zone.json is written back: offers arrive at once from agents, peers
     /// and the bundle poll, and two writes must not interleave (nor an older one land last).
     saving: Arc<std::sync::Mutex<()>>,
@@ -47,6 +55,34 @@ pub struct DeviceCreds {
     /// Records of revocations learned from configs not adopted (apart from `saves`: they
     /// write no zone.json, so a file copied in meanwhile is not replaced by them).
     records: tokio_util::task::TaskTracker,
+}
+
+/// This device's certificate as handshakes present it.
+#[derive(Debug)]
+pub struct OwnCert {
+    pub der: CertificateDer<'static>,
+    pub not_after: OffsetDateTime,
+    /// The certificate with the device's signing key, as rustls serves it.
+    pub certified: Arc<rustls::sign::CertifiedKey>,
+}
+
+impl OwnCert {
+    fn new(
+        der: CertificateDer<'static>,
+        not_after: OffsetDateTime,
+        key: &PrivateKeyDer<'static>,
+        trust: &ZoneTrust,
+    ) -> Result<Self, TunnelError> {
+        let signer = trust
+            .crypto()
+            .key_provider
+            .load_private_key(key.clone_key())?;
+        Ok(OwnCert {
+            certified: Arc::new(rustls::sign::CertifiedKey::new(vec![der.clone()], signer)),
+            der,
+            not_after,
+        })
+    }
 }
 
 fn bad(path: &Path, what: &str, e: impl std::fmt::Display) -> TunnelError {
@@ -263,15 +299,22 @@ impl DeviceCreds {
         let key_pkcs8 = key.to_pkcs8_der()?;
         let noise_secret =
             crate::e2e::static_secret(&ed25519_dalek::SigningKey::from_bytes(&key.secret_bytes()));
+        let own = OwnCert::new(
+            cert_der,
+            identity.not_after,
+            &PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8.to_vec())),
+            &trust,
+        )?;
         Ok(Arc::new(DeviceCreds {
             identity,
-            cert_der,
+            cert: Arc::new(arc_swap::ArcSwap::from_pointee(own)),
             key_pkcs8,
             noise_secret,
             trust,
             zone_key,
             zone: Arc::new(RwLock::new(Arc::new(zone))),
             zone_path: Some(p.zone_config.clone()),
+            cert_path: Some(p.cert.clone()),
             saving: Arc::default(),
             saves: tokio_util::task::TaskTracker::new(),
             asides: tokio_util::task::TaskTracker::new(),
@@ -340,6 +383,10 @@ impl DeviceCreds {
     }
 
     /// The bundle's zone.json, when these credentials were loaded from one.
+    pub fn cert_path(&self) -> Option<&Path> {
+        self.cert_path.as_deref()
+    }
+
     pub fn zone_path(&self) -> Option<&Path> {
         self.zone_path.as_deref()
     }
@@ -613,7 +660,7 @@ pub(crate) const EXPIRY_WARNING_DAYS: i64 = 30;
 
 /// What to do about this device's certificate that is about to end or has.
 fn renew_hint(name: &zone_core::DeviceName) -> String {
-    format!("renew it with `zonegate device renew {name} --zone DIR` where the zone directory is, copy the new device.crt and zone.json here and start again (the gateways take the zone.json from this device)")
+    format!("renew it with `zonegate device renew {name} --zone DIR` where the zone directory is, copy the new device.crt and zone.json into this bundle (a running device takes them within seconds; the gateways take the zone.json from it)")
 }
 
 /// Where a device name stands in this device's zone configs ([`DeviceCreds::standing`]).
@@ -626,19 +673,102 @@ pub enum Standing {
 }
 
 impl DeviceCreds {
-    /// When this device's certificate ends (`/status`; `device renew` before then).
+    /// When this device's certificate in use ends (`/status`; `device renew` before then).
     pub fn cert_not_after(&self) -> OffsetDateTime {
-        self.identity.not_after
+        self.cert.load().not_after
+    }
+
+    /// The certificate handshakes present now.
+    pub fn own_cert(&self) -> Arc<OwnCert> {
+        self.cert.load_full()
+    }
+
+    /// What the TLS configurations read at every handshake ([`crate::tls`]).
+    pub(crate) fn own_cert_swap(&self) -> Arc<arc_swap::ArcSwap<OwnCert>> {
+        self.cert.clone()
+    }
+
+    /// The bundle's device.crt changed (`bytes`, read from `path` by the watch): a renewed
+    /// certificate is taken ([`DeviceCreds::renew_cert`]) and said at info, one not taken is
+    /// said at warn with why, the one in use serving on.
+    pub fn cert_file_changed(&self, bytes: &[u8], path: &Path) {
+        let taken = std::str::from_utf8(bytes)
+            .map_err(|_| "not a PEM file (not text)".to_string())
+            .and_then(|pem| self.renew_cert(pem));
+        match taken {
+            Ok(Some(not_after)) => {
+                tracing::info!(file = %path.display(), device = %self.name(), not_after = %not_after, "renewed certificate taken: handshakes present it from now on (connections up keep theirs until they reconnect)")
+            }
+            Ok(None) => {}
+            Err(why) => {
+                tracing::warn!(file = %path.display(), device = %self.name(), not_after = %self.cert_not_after(), "device.crt changed but is not taken: {why}; the certificate in use serves on")
+            }
+        }
+    }
+
+    /// Takes a renewed certificate (`pem`, the bundle's device.crt after `device renew` and a
+    /// copy) for the handshakes from now on — connections up keep theirs; each gateway
+    /// closes a connection when the certificate it was made with ends, and the redial
+    /// presents the new one. It must be this device's (name, zone, key and roles as in use:
+    /// other roles need a restart), issued by this zone's CA, in date, and end later than
+    /// the one in use (an older copy is refused). The new end when taken; None when it is
+    /// the certificate in use.
+    pub fn renew_cert(&self, pem: &str) -> Result<Option<OffsetDateTime>, String> {
+        let der = cert::parse_pem_certs(pem)
+            .map_err(|e| e.to_string())?
+            .swap_remove(0);
+        let current = self.cert.load_full();
+        if der == current.der {
+            return Ok(None);
+        }
+        let new = DeviceIdentity::from_der(&der)
+            .map_err(|e| format!("not a zonegate device certificate: {e}"))?;
+        let me = &self.identity;
+        if new.name != me.name || new.domain != me.domain {
+            return Err(format!(
+                "it is the certificate of {}.{}, not of this device ({}.{})",
+                new.name, new.domain, me.name, me.domain
+            ));
+        }
+        if new.public_key != me.public_key {
+            return Err("it certifies another key than this device's device.key (issued for another copy of this device?): copy device.crt and device.key of one bundle".into());
+        }
+        let roles = |i: &DeviceIdentity| {
+            let mut r: Vec<&str> = i.roles.iter().map(|r| r.as_str()).collect();
+            r.sort_unstable();
+            r.join(",")
+        };
+        if roles(&new) != roles(me) {
+            return Err(format!(
+                "its roles ({}) are not those in use ({}): restart to take them",
+                roles(&new),
+                roles(me)
+            ));
+        }
+        self.trust
+            .verify_device(&der, rustls::pki_types::UnixTime::now())
+            .map_err(|e| zone_core::trust::describe_refusal(&e))?;
+        if new.not_after <= current.not_after {
+            return Err(format!(
+                "it ends {}, not after the certificate in use ({}): an older copy?",
+                new.not_after, current.not_after
+            ));
+        }
+        let own = OwnCert::new(der, new.not_after, &self.private_key(), &self.trust)
+            .map_err(|e| e.to_string())?;
+        self.cert.store(Arc::new(own));
+        Ok(Some(new.not_after))
     }
 
     /// Why this device cannot be let in anywhere, with what to do, if that is so: its
     /// certificate has ended (every peer refuses it from then on). A dial's own error then
     /// says only that the handshake failed.
     pub fn own_cert_problem(&self) -> Option<String> {
-        (OffsetDateTime::now_utc() >= self.identity.not_after).then(|| {
+        let not_after = self.cert_not_after();
+        (OffsetDateTime::now_utc() >= not_after).then(|| {
             format!(
                 "this device's certificate expired at {}: {}",
-                self.identity.not_after,
+                not_after,
                 renew_hint(&self.identity.name)
             )
         })
@@ -696,21 +826,37 @@ impl DeviceCreds {
     /// node running for months otherwise went from working to refused everywhere with only
     /// "tunnel down; reconnecting" lines.
     pub async fn watch_own_expiry(self: Arc<Self>) {
-        let not_after = self.identity.not_after;
-        let warn_at = not_after - time::Duration::days(EXPIRY_WARNING_DAYS);
+        const LOOK_EVERY: Duration = Duration::from_secs(600);
         let renew = renew_hint(&self.identity.name);
-        if OffsetDateTime::now_utc() < warn_at {
-            sleep_until_utc(warn_at).await;
-            let left = not_after - OffsetDateTime::now_utc();
-            // Not when the clock jumped past the end meanwhile: the error below says it.
-            if left.is_positive() {
+        // The certificate each was said of: a renewal (a later end) is said of afresh. The
+        // start's own warning ([`DeviceCreds::load`]) is not repeated.
+        let first = self.cert_not_after();
+        let mut warned = (OffsetDateTime::now_utc()
+            >= first - time::Duration::days(EXPIRY_WARNING_DAYS))
+        .then_some(first);
+        let mut ended = None;
+        loop {
+            let not_after = self.cert_not_after();
+            let warn_at = not_after - time::Duration::days(EXPIRY_WARNING_DAYS);
+            let now = OffsetDateTime::now_utc();
+            // Whether the clock got here by sleeping or by jumping, each stage is said once.
+            if now >= not_after && ended != Some(not_after) {
+                ended = Some(not_after);
+                tracing::error!(not_after = %not_after, "this device's certificate has expired: peers and gateways refuse it from now on; {renew}");
+            } else if now >= warn_at && now < not_after && warned != Some(not_after) {
+                warned = Some(not_after);
+                let left = not_after - now;
                 tracing::warn!(days_left = left.whole_days(), not_after = %not_after, "this device's certificate expires soon: {renew}");
             }
+            // Until the next stage, looking again at least every ten minutes: a renewed
+            // certificate moves the stages, a clock set forward or a suspend skips ahead.
+            let next = if now < warn_at { warn_at } else { not_after };
+            let wait = match next > now {
+                true => crate::hub::until(next).min(LOOK_EVERY),
+                false => LOOK_EVERY,
+            };
+            tokio::time::sleep(wait).await;
         }
-        // Started before the end (load refuses an ended certificate): whether the clock got
-        // here by sleeping or by jumping, the end is said once.
-        sleep_until_utc(not_after).await;
-        tracing::error!(not_after = %not_after, "this device's certificate has expired: peers and gateways refuse it from now on; {renew}");
     }
 }
 
@@ -743,14 +889,6 @@ impl ZoneExpiry {
         } else {
             (ZoneExpiry::PastGrace, None)
         }
-    }
-}
-
-/// Sleeps until the wall clock reads `t` (in steps of at most ten minutes: a clock set forward or a
-/// suspended machine is noticed).
-async fn sleep_until_utc(t: OffsetDateTime) {
-    while OffsetDateTime::now_utc() < t {
-        tokio::time::sleep(crate::hub::until(t)).await;
     }
 }
 

@@ -2,7 +2,8 @@
 //! gateway or node agent runs (after `device revoke`, `device add` or `device move`) is
 //! adopted as if a device had passed it on — on a gateway verified, pushed to every agent,
 //! revoked devices disconnected, served by the zone DNS; on a node verified, its gateway links
-//! made to match, passed to every gateway.
+//! made to match, passed to every gateway. Its device.crt is watched the same way: a renewed
+//! certificate is presented from the next handshake ([`crate::creds::DeviceCreds::renew_cert`]).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
