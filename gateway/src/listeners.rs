@@ -624,10 +624,8 @@ async fn tcp_loop(
     stop: CancellationToken,
 ) {
     // Refusals are one line each, and a client in a retry loop (or a flood) would write one
-    // per connection: as many a second as UDP apps allow theirs.
-    let lines = Arc::new(std::sync::Mutex::new(LogBudget::new(
-        crate::udp_app::LINES_PER_SECOND,
-    )));
+    // per connection: as many a second of each kind as UDP apps allow theirs.
+    let lines = Arc::new(TcpLines::default());
     while let Some((tcp, peer)) = tunnel::sockets::accept_until(&l, &stop).await {
         if hub.is_draining() {
             return;
@@ -654,6 +652,32 @@ async fn tcp_loop(
     }
 }
 
+/// A tcp listener's log budgets, one per kind of line, so that each line's `unlogged` counts
+/// the events of its own kind (one budget for all put a client's rate-limit refusals on
+/// another client's connection-limit line).
+struct TcpLines {
+    /// Refused by the policy, or no app listens there any more.
+    policy: std::sync::Mutex<LogBudget>,
+    /// Refused by the app's rate limit.
+    rate: std::sync::Mutex<LogBudget>,
+    /// Refused by a connection limit (the app's, or all tcp apps' together).
+    limit: std::sync::Mutex<LogBudget>,
+    /// Let in, but the device's service could not be reached.
+    failed: std::sync::Mutex<LogBudget>,
+}
+
+impl Default for TcpLines {
+    fn default() -> Self {
+        let budget = || std::sync::Mutex::new(LogBudget::new(crate::udp_app::LINES_PER_SECOND));
+        TcpLines {
+            policy: budget(),
+            rate: budget(),
+            limit: budget(),
+            failed: budget(),
+        }
+    }
+}
+
 /// One public connection to a `tcp` app; `slot` counts it against its client's limit until
 /// it ends, and ends it when all `tcp` apps together are full and it is picked to make room.
 /// No `slot`: all tcp apps together were full as it came; once the policy, the rate limit and
@@ -666,7 +690,7 @@ async fn tcp_conn(
     peer: SocketAddr,
     slot: Option<IpSlot>,
     per_ip: Arc<PerIp>,
-    lines: &std::sync::Mutex<LogBudget>,
+    lines: &TcpLines,
 ) {
     let _ = tcp.set_nodelay(true);
     // The address the client reached: the listen address, or on a wildcard one of the
@@ -678,7 +702,7 @@ async fn tcp_conn(
     let started = Instant::now();
     // The listener is being replaced or removed: the policy no longer names its address.
     let Some((active, i)) = app_at(&hub, Kind::Tcp, listen) else {
-        if let Some(unlogged) = LogBudget::take_shared(lines) {
+        if let Some(unlogged) = LogBudget::take_shared(&lines.policy) {
             info!(listen = %listen, client = %Client(peer), unlogged, "connection refused: no app listens here any more (a policy edit)");
         }
         return;
@@ -697,14 +721,14 @@ async fn tcp_conn(
         .decide(app, &who, None, None, Timestamp::now());
     if let policies::Decision::Deny { reason } = decision {
         state.counters.refused(Refusal::Denied(reason));
-        if let Some(unlogged) = LogBudget::take_shared(lines) {
+        if let Some(unlogged) = LogBudget::take_shared(&lines.policy) {
             info!(app = %app_name, client = %Client(peer), reason = %reason, unlogged, "connection refused by policy");
         }
         return;
     }
     let Ok(rate) = state.limits.take_rate(&who) else {
         state.counters.refused(Refusal::RateLimited);
-        if let Some(unlogged) = LogBudget::take_shared(lines) {
+        if let Some(unlogged) = LogBudget::take_shared(&lines.rate) {
             info!(app = %app_name, client = %Client(peer), unlogged, "connection refused: rate limit");
         }
         return;
@@ -717,7 +741,7 @@ async fn tcp_conn(
         Err(e) => {
             rate.give_back();
             state.counters.refused(Refusal::ConnectionLimit);
-            if let Some(unlogged) = LogBudget::take_shared(lines) {
+            if let Some(unlogged) = LogBudget::take_shared(&lines.limit) {
                 info!(app = %app_name, client = %Client(peer), reason = %e, unlogged, "connection refused: connection limit");
             }
             return;
@@ -731,7 +755,7 @@ async fn tcp_conn(
         None if !hub.offers_tcp(&target.device, &target.service) => {
             rate.give_back();
             state.counters.refused(Refusal::ConnectionLimit);
-            if let Some(unlogged) = LogBudget::take_shared(lines) {
+            if let Some(unlogged) = LogBudget::take_shared(&lines.limit) {
                 info!(app = %app_name, device = %target.device, service = %target.service, client = %Client(peer), unlogged, "connection refused: all tcp apps together at their limit (gateway.toml tcp_connections), and the device is offline or does not offer this tcp service");
             }
             return;
@@ -741,7 +765,7 @@ async fn tcp_conn(
             None => {
                 rate.give_back();
                 state.counters.refused(Refusal::ConnectionLimit);
-                if let Some(unlogged) = LogBudget::take_shared(lines) {
+                if let Some(unlogged) = LogBudget::take_shared(&lines.limit) {
                     info!(app = %app_name, client = %Client(peer), unlogged, "connection refused: all tcp apps together at their limit (gateway.toml tcp_connections), and no room could fairly be made (no client holds two more than this one, or connections picked before have not closed yet)");
                 }
                 return;
@@ -773,7 +797,7 @@ async fn tcp_conn(
         Err(e) => {
             counters.failed(tunnel::hub::failure_of(&e));
             let (_, reason) = refusal_of(&e);
-            if let Some(unlogged) = LogBudget::take_shared(lines) {
+            if let Some(unlogged) = LogBudget::take_shared(&lines.failed) {
                 info!(app = %app_name, device = %target.device, client = %Client(peer), reason = %reason, unlogged, "connection failed");
             }
             return;
@@ -783,7 +807,7 @@ async fn tcp_conn(
     // client's.
     if let Some(h) = proxy_header {
         if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut up, &h).await {
-            if let Some(unlogged) = LogBudget::take_shared(lines) {
+            if let Some(unlogged) = LogBudget::take_shared(&lines.failed) {
                 info!(app = %app_name, device = %target.device, client = %Client(peer), error = %e, unlogged, "connection failed: the PROXY header could not be sent");
             }
             return;
@@ -825,7 +849,7 @@ async fn tcp_conn(
         counters.failed(tunnel::hub::failure_of(&refused));
         let (_, reason) = refusal_of(&refused);
         // A client retrying against a service that is down: one per connection.
-        if let Some(unlogged) = LogBudget::take_shared(lines) {
+        if let Some(unlogged) = LogBudget::take_shared(&lines.failed) {
             info!(app = %app_name, device = %target.device, client = %Client(peer), reason = %reason, unlogged, "connection failed");
         }
         return;

@@ -163,6 +163,15 @@ fn listener(spec: &AppSpec, errs: &mut Vec<SpanError>) -> Option<Listener> {
             ));
             return None;
         };
+        // Port 0 binds whatever port the kernel picks: a public app on a port nobody chose,
+        // which `explain` and `/status` could not name.
+        if addr.port() == 0 {
+            errs.push(SpanError::new(
+                l.span(),
+                format!("listen address {:?} has port 0, which would listen on a port the system picks at random: give the app's port, such as \"{}\"", l.get_ref(), SocketAddr::new(addr.ip(), 2222)),
+            ));
+            return None;
+        }
         // An IPv4-mapped address is the IPv4 one in disguise (a dual-stack socket bound to it
         // takes IPv4 only): taken as that, so the overlap checks against other apps and the
         // gateway's own sockets see it. As written it passed them and then failed to bind

@@ -248,6 +248,8 @@ pub enum PathError {
     AmbiguousSeparator,
     #[error("a path segment is '.' or '..' with ';' parameters")]
     DotSegmentWithParams,
+    #[error("the path has an encoded control character (%00 to %1F, %7F)")]
+    ControlCharacter,
 }
 
 /// The form of a request path that routing, path rules and the service all use (RFC 3986
@@ -257,8 +259,8 @@ pub enum PathError {
 /// routed: no `..`, escape or doubled slash moves a request out of the app that allowed it.
 ///
 /// Paths a service may split otherwise than we do are refused: a `\` or an encoded `/` or `\`
-/// (some servers take them as separators), and `.`/`..` followed by `;` parameters (Java
-/// servers drop those, then resolve the dots). Borrowed when already normal, the common case.
+/// (some servers take them as separators), `.`/`..` followed by `;` parameters (Java
+/// servers drop those, then resolve the dots), and encoded control characters. Borrowed when already normal, the common case.
 pub fn normalize_path(path: &str) -> Result<std::borrow::Cow<'_, str>, PathError> {
     use std::borrow::Cow;
     if path.is_empty() {
@@ -319,6 +321,9 @@ fn decode_unreserved(seg: &str) -> Result<String, PathError> {
         let byte = u8::from_str_radix(hex, 16).map_err(|_| PathError::BadEscape)?;
         match byte {
             b'/' | b'\\' => return Err(PathError::AmbiguousSeparator),
+            // A service may cut the path at a NUL (C strings) or drop a tab or a line break:
+            // `/admin%00/x` routed by the `/` app could be served as `/admin`.
+            b if b.is_ascii_control() => return Err(PathError::ControlCharacter),
             b if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => out.push(b as char),
             _ => {
                 out.push('%');
@@ -693,6 +698,9 @@ mod tests {
         assert_eq!(n("/a%zz"), Err(PathError::BadEscape));
         assert_eq!(n("/a%+1"), Err(PathError::BadEscape));
         assert_eq!(n("/a%4"), Err(PathError::BadEscape));
+        assert_eq!(n("/admin%00/x"), Err(PathError::ControlCharacter));
+        assert_eq!(n("/admin%09"), Err(PathError::ControlCharacter));
+        assert_eq!(n("/a%7f"), Err(PathError::ControlCharacter));
         // Normal form is a fixed point.
         for p in ["/a/c", "/admin/x/", "/~user", "/a%3Bb%C3%A9", "/"] {
             assert_eq!(n(p).unwrap(), p);

@@ -112,7 +112,7 @@ invalid_fixtures! {
     bad_rate, bad_to, bad_tz, burst_beyond_200_years, burst_without_rate, empty_methods_and_paths,
     from_an_address, from_that_never_matches, limits_that_never_apply,
     lowercase_method, methods_on_tcp, missing_to,
-    no_entry_point, public_mesh, same_listen, same_route, several_errors, syntax,
+    no_entry_point, port_zero, public_mesh, same_listen, same_route, several_errors, syntax,
     two_entry_points, unclosed_string, unknown_allow_key, unknown_app_key, unknown_limits_key, unknown_role, unknown_top_key,
     wrong_type,
 }
@@ -125,7 +125,7 @@ fn every_fixture_has_a_test() {
     assert_eq!(listed("valid"), v);
     let mut i: Vec<String> = invalid::NAMES.iter().map(|s| s.to_string()).collect();
     i.sort();
-    assert_eq!(i.len(), 34);
+    assert_eq!(i.len(), 35);
     assert_eq!(listed("invalid"), i);
 }
 

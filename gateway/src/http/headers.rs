@@ -40,7 +40,7 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 /// Request headers by which a client could claim another address, scheme, host or prefix to
 /// a service that reads them (chi's `RealIP`, Spring's and Quarkus' `Forwarded` support, …);
 /// dropped on the way up.
-pub static CLIENT_CLAIMS: [HeaderName; 18] = [
+pub static CLIENT_CLAIMS: [HeaderName; 29] = [
     header::FORWARDED,
     HeaderName::from_static("x-real-ip"),
     HeaderName::from_static("true-client-ip"),
@@ -58,6 +58,20 @@ pub static CLIENT_CLAIMS: [HeaderName; 18] = [
     HeaderName::from_static("front-end-https"),
     HeaderName::from_static("client-ip"),
     HeaderName::from_static("x-cluster-client-ip"),
+    // Client-address headers of CDNs and platforms, and the forms of `X-Forwarded-For`
+    // libraries read as well (Express' proxy-addr, ipware, request-ip list them).
+    HeaderName::from_static("fastly-client-ip"),
+    HeaderName::from_static("x-proxyuser-ip"),
+    HeaderName::from_static("x-forwarded"),
+    HeaderName::from_static("forwarded-for"),
+    HeaderName::from_static("x-original-forwarded-for"),
+    HeaderName::from_static("x-envoy-external-address"),
+    HeaderName::from_static("x-appengine-user-ip"),
+    // Host and URL claims (the host a framework builds absolute links and redirects from).
+    HeaderName::from_static("x-host"),
+    HeaderName::from_static("x-original-host"),
+    HeaderName::from_static("x-forwarded-server"),
+    HeaderName::from_static("x-forwarded-uri"),
     // The URL a front proxy rewrote from (IIS, older Symfony and Zend route by them): only
     // a proxy sets them, and this one never does, so a client's would bypass path rules.
     HeaderName::from_static("x-original-url"),
@@ -319,6 +333,17 @@ fn client_claim_name(name: &str) -> bool {
             | "front-end-https"
             | "client-ip"
             | "x-cluster-client-ip"
+            | "fastly-client-ip"
+            | "x-proxyuser-ip"
+            | "x-forwarded"
+            | "forwarded-for"
+            | "x-original-forwarded-for"
+            | "x-envoy-external-address"
+            | "x-appengine-user-ip"
+            | "x-host"
+            | "x-original-host"
+            | "x-forwarded-server"
+            | "x-forwarded-uri"
             | "x-original-url"
             | "x-rewrite-url"
             | "proxy"
@@ -605,8 +630,8 @@ mod tests {
             "accept",
             "user-agent",
             "cookie",
-            "x-forwarded",
-            "forwarded-for",
+            "x-forwardedx",
+            "forwarded-fo",
             "tee",
             "x_custom_header",
         ] {

@@ -38,12 +38,12 @@ const LOG_PATH_MAX: usize = 1024;
 /// percent-encoded, the URL's own escaping (a path may hold any UTF-8: a U+00A0 reads as the
 /// space between two fields, so a path could forge `status=` or `client=`, and U+0085 or
 /// U+2028 break lines in some viewers); whole up to [`LOG_PATH_MAX`] bytes, else its start
-/// and how much was cut.
+/// and how much was cut. `"` and `=` too: the line's fields are unquoted `key=value` where
+/// the value has neither (a raw `"` opened a quote a later field's closed, and strict logfmt
+/// readers refuse either in an unquoted value).
 pub fn loggable(text: &str) -> std::borrow::Cow<'_, str> {
     // Folded without an early exit: a vector loop over every request's path.
-    let plain = text
-        .bytes()
-        .fold(true, |ok, b| ok & (b.wrapping_sub(0x21) < 0x5e));
+    let plain = text.bytes().fold(true, |ok, b| ok & as_is(b));
     if plain && text.len() <= LOG_PATH_MAX {
         return text.into();
     }
@@ -54,7 +54,7 @@ pub fn loggable(text: &str) -> std::borrow::Cow<'_, str> {
             out.push_str(&format!("…[{} more bytes]", text.len() - i));
             break;
         }
-        if b.wrapping_sub(0x21) < 0x5e {
+        if as_is(b) {
             out.push(char::from(b));
         } else {
             out.push('%');
@@ -63,6 +63,11 @@ pub fn loggable(text: &str) -> std::borrow::Cow<'_, str> {
         }
     }
     out.into()
+}
+
+/// Whether [`loggable`] writes byte `b` as it is: printable ASCII but `"` and `=`.
+fn as_is(b: u8) -> bool {
+    (b.wrapping_sub(0x21) < 0x5e) & (b != b'"') & (b != b'=')
 }
 
 /// A refused request's body is read and discarded up to this size (and for at most
@@ -1150,7 +1155,9 @@ mod tests {
         // Nothing in a path can pass for a field or a line break.
         assert_eq!(
             loggable("/x\u{a0}status=200\u{85}\u{2028}é"),
-            "/x%C2%A0status=200%C2%85%E2%80%A8%C3%A9"
+            "/x%C2%A0status%3D200%C2%85%E2%80%A8%C3%A9"
         );
+        // Nor a quote that a later field's value would close.
+        assert_eq!(loggable("/a\"b=c"), "/a%22b%3Dc");
     }
 }
