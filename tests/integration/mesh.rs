@@ -327,6 +327,38 @@ async fn a_peer_the_gateway_says_is_offline_reads_as_offline() {
     );
 }
 
+/// A forward to a peer whose service is down, tried again and again (etcd redials its peers
+/// several times a second for as long as one is away): its refusal is logged once, by the
+/// node and by the gateway, not once per try — about 40 lines a second, for hours, before.
+#[tokio::test(flavor = "current_thread")]
+async fn a_forward_refused_again_and_again_is_logged_once_a_minute() {
+    let (logs, _guard) = capture_logs();
+    // Nothing listens at home1's `echo`: every stream to it fails at home1.
+    let down = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gone = down.local_addr().unwrap();
+    drop(down);
+    let m = mesh_zone_serving(gone, Duration::ZERO).await;
+    let tries = 30;
+    for _ in 0..tries {
+        let r = roundtrip(m.fwd, b"x").await;
+        assert!(r.as_ref().map_or(true, |b| b.is_empty()), "{r:?}");
+    }
+    let said = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    let count = |what: &str| {
+        said.lines()
+            .filter(|l| l.contains(what) && l.contains("home1/echo"))
+            .count()
+    };
+    // Once per reason: relayed ("refused by gw: …") and, once a direct path is up, direct.
+    let refused = count("forward refused");
+    assert!(
+        (1..=2).contains(&refused),
+        "{refused} lines for {tries} tries:\n{said}"
+    );
+    assert!(count("mesh stream failed") <= 1, "{said}");
+    assert!(said.contains("repeats=0"), "{said}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_sees_only_ciphertext_then_streams_go_direct_and_survive_the_gateway() {
     let MeshZone {

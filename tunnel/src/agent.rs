@@ -26,7 +26,7 @@ use crate::error::{OpenError, TunnelError};
 use crate::flow_activity::FlowActivity;
 use crate::flow_table::FlowTable;
 use crate::holds::{HoldClock, Holds};
-use crate::log_budget::LogBudget;
+use crate::log_budget::{LogBudget, Repeats};
 use crate::peers::{peer_identity, PeerConn, Peers};
 use crate::proto::{
     self, ControlSession, Event, Hello, Origin, PeerAddr, RefuseCode, StreamHeader, UdpFlowOpen,
@@ -381,6 +381,9 @@ pub struct Agent {
     /// sources open a flow each, a thousand a second) and streams refused for a service that
     /// is down (a client retrying). Each would be a line on an SD card otherwise.
     flood_lines: Arc<Mutex<LogBudget>>,
+    /// Forward connections refused the same way again (a peer away, its service down): said
+    /// once a minute ([`Repeats`]).
+    repeats: Mutex<Repeats>,
     /// The streams from gateways being served: a stop lets them finish first.
     streams: tokio_util::task::TaskTracker,
     /// The forwards' connections: a stop lets them finish too (an SSH session through a
@@ -502,6 +505,7 @@ impl Agent {
             holds: Mutex::default(),
             streams_cut: AtomicU64::new(0),
             flood_lines: Arc::new(Mutex::new(LogBudget::new(FLOOD_LINES_PER_SECOND))),
+            repeats: Mutex::default(),
             streams: tokio_util::task::TaskTracker::new(),
             forwarded: tokio_util::task::TaskTracker::new(),
             draining: std::sync::atomic::AtomicBool::new(false),
@@ -821,6 +825,15 @@ impl Agent {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         self.cfg.creds.saved(Duration::from_secs(5)).await;
         info!(device = %self.cfg.creds.name(), zone = %self.cfg.creds.domain(), "node agent stopped");
+    }
+
+    /// Whether a forward's refusal (to `to`, for `reason`) is logged, and its counts: the
+    /// times it was so since its last line ([`Repeats`]: once a minute), and the agent's
+    /// flood lines not logged ([`LogBudget`]).
+    fn repeat_lines(&self, to: &str, reason: &str) -> Option<(u64, u64)> {
+        let repeats = Repeats::take_shared(&self.repeats, &format!("{to} {reason}"))?;
+        let unlogged = LogBudget::take_shared(&self.flood_lines)?;
+        Some((repeats, unlogged))
     }
 
     /// Stops the agent for good when a zone config it verified (`what`) revokes this device:
@@ -2204,8 +2217,8 @@ impl Agent {
                             code,
                             RefuseCode::NoSuchService | RefuseCode::ServiceUnreachable
                         ) {
-                            if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
-                                info!(listen = %f.listen, to = %to, client = %client, via = "direct", %code, reason = %reason, unlogged, "forward refused");
+                            if let Some((repeats, unlogged)) = self.repeat_lines(&to, &reason) {
+                                info!(listen = %f.listen, to = %to, client = %client, via = "direct", %code, reason = %reason, repeats, unlogged, "forward refused");
                             }
                             crate::splice::End::abort(&mut tcp);
                             return;
@@ -2228,8 +2241,9 @@ impl Agent {
             links.retain(|(l, _)| l.name == f.device);
         }
         if links.is_empty() {
-            if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
-                warn!(listen = %f.listen, to = %to, client = %client, unlogged, "forward refused: no gateway connected that reaches it, and no direct path");
+            if let Some((repeats, unlogged)) = self.repeat_lines(&to, "no gateway, no direct path")
+            {
+                warn!(listen = %f.listen, to = %to, client = %client, repeats, unlogged, "forward refused: no gateway connected that reaches it, and no direct path");
             }
             crate::splice::End::abort(&mut tcp);
             return;
@@ -2238,8 +2252,8 @@ impl Agent {
             match self.cfg.creds.noise_public_of(&f.device) {
                 Ok(k) => Some(k),
                 Err(e) => {
-                    if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
-                        warn!(to = %to, client = %client, error = %e, unlogged, "forward refused");
+                    if let Some((repeats, unlogged)) = self.repeat_lines(&to, &e.to_string()) {
+                        warn!(to = %to, client = %client, error = %e, repeats, unlogged, "forward refused");
                     }
                     crate::splice::End::abort(&mut tcp);
                     return;
@@ -2299,8 +2313,8 @@ impl Agent {
                 }
             }
             let reason = last_error.map(|e| e.to_string()).unwrap_or_default();
-            if let Some(unlogged) = LogBudget::take_shared(&self.flood_lines) {
-                info!(listen = %f.listen, to = %to, client = %client, reason = %reason, unlogged, "forward refused");
+            if let Some((repeats, unlogged)) = self.repeat_lines(&to, &reason) {
+                info!(listen = %f.listen, to = %to, client = %client, reason = %reason, repeats, unlogged, "forward refused");
             }
             // Reset, not closed: a client that only reads (`nc host port > dump`) took the
             // clean end of an empty stream for success.

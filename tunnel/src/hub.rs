@@ -23,7 +23,7 @@ use crate::control::{self, ControlHandle, ControlIo, CONTROL_BACKLOG, CONTROL_NO
 use crate::creds::{DeviceCreds, Standing};
 use crate::error::{OpenError, TunnelError};
 use crate::holds::{HoldClock, Holds};
-use crate::log_budget::LogBudget;
+use crate::log_budget::{LogBudget, Repeats};
 use crate::proto::ServiceProto;
 use crate::proto::{
     self, ControlSession, ErrorCode, Event, Origin, RefuseCode, ServiceInfo, StreamHeader, Welcome,
@@ -202,6 +202,9 @@ pub struct AgentLink {
     /// Lines the device can cause one per message or stream (services changed, bad stream
     /// headers, refused mesh streams): [`LINK_LINES_PER_SEC`] a second.
     lines: Mutex<LogBudget>,
+    /// Mesh streams refused or failing the same way again (a peer away for hours, its
+    /// service down): said once a minute ([`Repeats`]).
+    repeats: Mutex<Repeats>,
     /// The device's socket addresses behind its NAT (`LocalAddrs`), told to a punching peer
     /// behind the same public address ([`crate::candidates`]).
     local_addrs: Mutex<Vec<SocketAddr>>,
@@ -1181,6 +1184,7 @@ impl Hub {
             ),
             early: stream::EarlyBudget::new(stream::EARLY_BYTES_PER_CONNECTION),
             lines: Mutex::new(LogBudget::new(LINK_LINES_PER_SEC)),
+            repeats: Mutex::default(),
             local_addrs: Mutex::default(),
         });
         let replaced = {
@@ -1805,8 +1809,11 @@ impl Hub {
                         .counters
                         .refused(policies::accounting::Refusal::Denied(reason));
                 }
-                if let Some(unlogged) = LogBudget::take_shared(&link.lines) {
-                    info!(from = %link.device, to = %format!("{to_device}/{service}"), reason = %why, unlogged, "mesh stream refused");
+                let to = format!("{to_device}/{service}");
+                if let Some(repeats) = Repeats::take_shared(&link.repeats, &format!("{to} {why}")) {
+                    if let Some(unlogged) = LogBudget::take_shared(&link.lines) {
+                        info!(from = %link.device, to = %to, reason = %why, repeats, unlogged, "mesh stream refused");
+                    }
                 }
                 stream::refuse(&mut send, RefuseCode::PolicyDenied, &why).await;
                 return;
@@ -1825,8 +1832,13 @@ impl Hub {
                 counters.failed(failure_of(&e));
                 let (code, reason) = refusal_of(&e);
                 // Budgeted: a device opening streams to a peer that is away fails each at once.
-                if let Some(unlogged) = LogBudget::take_shared(&link.lines) {
-                    info!(from = %link.device, to = %format!("{to_device}/{service}"), app = %app_name, reason = %reason, unlogged, "mesh stream failed");
+                let to = format!("{to_device}/{service}");
+                if let Some(repeats) =
+                    Repeats::take_shared(&link.repeats, &format!("{to} {reason}"))
+                {
+                    if let Some(unlogged) = LogBudget::take_shared(&link.lines) {
+                        info!(from = %link.device, to = %to, app = %app_name, reason = %reason, repeats, unlogged, "mesh stream failed");
+                    }
                 }
                 stream::refuse(&mut send, code, &reason).await;
                 return;

@@ -1,7 +1,8 @@
 //! A cap on how many lines a second one kind of event may log. Events a client can cause per
 //! packet (a UDP datagram the policy refuses, a flow the device cannot open) would otherwise
 //! let one sender write a log line per datagram and fill the disk; past the cap they are
-//! counted and the count is said on the next line that is logged.
+//! counted and the count is said on the next line that is logged. [`Repeats`] says a line that
+//! would say the same thing again at most once a minute.
 
 use std::time::Duration;
 
@@ -56,9 +57,82 @@ impl LogBudget {
     }
 }
 
+/// How often a line that says the same thing again is said ([`Repeats`]).
+pub const REPEAT_EVERY: Duration = Duration::from_secs(60);
+
+/// Distinct things [`Repeats`] keeps apart at once; past it, new ones are said every time
+/// (under the per-second budget still), and old ones forgotten first.
+const MAX_REPEAT_KEYS: usize = 1024;
+
+/// Lines that would say the same thing again — a device that keeps opening streams to a peer
+/// that is away (etcd redials its peers several times a second, for as long as a laptop
+/// sleeps), a forward whose target's service is down: said once, then at most once
+/// a [`REPEAT_EVERY`] with how many times it was so meanwhile. A per-second budget alone let
+/// such a failure through at its cap for hours (about 40 lines a second, millions a day).
+#[derive(Debug, Default)]
+pub struct Repeats {
+    /// Per thing said: when its line was last written, and the times since.
+    seen: std::collections::HashMap<String, (Instant, u64)>,
+}
+
+impl Repeats {
+    /// `Some(n)` when a line saying `what` is due (`n`: the times it was so since its last
+    /// line, to put on it), `None` when it was said within [`REPEAT_EVERY`] (it is counted).
+    pub fn take(&mut self, what: &str) -> Option<u64> {
+        let now = Instant::now();
+        if let Some((at, n)) = self.seen.get_mut(what) {
+            if now.duration_since(*at) < REPEAT_EVERY {
+                *n += 1;
+                return None;
+            }
+            *at = now;
+            return Some(std::mem::take(n));
+        }
+        if self.seen.len() >= MAX_REPEAT_KEYS {
+            self.seen
+                .retain(|_, (at, _)| now.duration_since(*at) < REPEAT_EVERY);
+        }
+        if self.seen.len() < MAX_REPEAT_KEYS {
+            self.seen.insert(what.to_owned(), (now, 0));
+        }
+        Some(0)
+    }
+
+    /// [`Repeats::take`] on one shared by several tasks.
+    pub fn take_shared(shared: &std::sync::Mutex<Repeats>, what: &str) -> Option<u64> {
+        shared.lock().unwrap_or_else(|p| p.into_inner()).take(what)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_same_line_is_said_once_a_minute_with_its_repeats() {
+        let mut r = Repeats::default();
+        assert_eq!(r.take("a: offline"), Some(0));
+        assert_eq!(r.take("b: offline"), Some(0));
+        for _ in 0..500 {
+            assert_eq!(r.take("a: offline"), None);
+        }
+        tokio::time::sleep(REPEAT_EVERY / 2).await;
+        assert_eq!(r.take("a: offline"), None);
+        assert_eq!(r.take("a: refused"), Some(0));
+        tokio::time::sleep(REPEAT_EVERY / 2).await;
+        assert_eq!(r.take("a: offline"), Some(501));
+        assert_eq!(r.take("a: offline"), None);
+        assert_eq!(r.take("b: offline"), Some(0));
+        // Past the cap: new things are said every time, old quiet ones forgotten to make room.
+        for i in 0..MAX_REPEAT_KEYS {
+            r.take(&format!("k{i}"));
+        }
+        assert_eq!(r.take("new"), Some(0));
+        assert_eq!(r.take("new"), Some(0));
+        tokio::time::sleep(REPEAT_EVERY).await;
+        assert_eq!(r.take("new"), Some(0));
+        assert_eq!(r.take("new"), None);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn lines_past_the_cap_are_counted_on_the_next_one() {
