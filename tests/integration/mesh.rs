@@ -624,9 +624,19 @@ async fn a_revoked_peer_loses_its_direct_path_and_open_streams() {
         !h1.agent
             .peers()
             .iter()
-            .any(|p| p.device == "home2" && p.path == "direct")
+            .any(|p| p.device == "home2" && p.direct_addr.is_some())
     })
     .await;
+    // Its status says so (it read as reachable through the relay, without an error).
+    let p = h1.agent.peers().into_iter().find(|p| p.device == "home2");
+    let p = p.expect("home2 in home1's peers");
+    assert_eq!(p.path, "revoked", "{p:?}");
+    assert!(
+        p.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("revoked")),
+        "{p:?}"
+    );
     h1.shutdown.cancel();
     h2.shutdown.cancel();
     gw.shutdown.cancel();
@@ -705,7 +715,7 @@ async fn a_revocation_learned_without_a_new_config_ends_the_peers_direct_paths()
             .agent
             .peers()
             .iter()
-            .any(|p| p.device == "home2" && p.path == "direct")
+            .any(|p| p.device == "home2" && p.direct_addr.is_some())
     })
     .await;
     assert_eq!(m.gw.hub.creds().zone_serial(), serial, "no new config");

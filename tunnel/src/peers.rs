@@ -921,12 +921,16 @@ impl Peers {
                     .map(|(svc, _)| svc.clone())
                     .collect();
                 permits.sort();
+                // Every stream to it is refused here (no key to encrypt to), whatever the
+                // table last saw: it read as reachable through the relay.
+                let revoked = self.creds.is_revoked(name);
                 PeerStatus {
                     device: name.clone(),
-                    path: match (direct.is_some(), s.offline) {
-                        (true, _) => "direct",
-                        (false, true) => "offline",
-                        (false, false) => "relay",
+                    path: match (direct.is_some(), s.offline, revoked) {
+                        (_, _, true) => "revoked",
+                        (true, _, _) => "direct",
+                        (false, true, _) => "offline",
+                        (false, false, _) => "relay",
                     }
                     .into(),
                     direct_addr: direct
@@ -948,7 +952,12 @@ impl Peers {
                     punches: s.punches,
                     direct_connects: s.direct_connects,
                     permits,
-                    last_error: s.last_error.clone(),
+                    last_error: match revoked {
+                        true => {
+                            Some("revoked in the zone config: no stream to it is opened".into())
+                        }
+                        false => s.last_error.clone(),
+                    },
                 }
             })
             .collect();
