@@ -20,6 +20,7 @@ fn main() -> ExitCode {
         // Its reader left (`device list | head -1`): quietly, with the status a Unix tool
         // ended by SIGPIPE has (128 + 13).
         Err(e) if zonegate::cmd::reader_left(&e) => ExitCode::from(141),
+        Err(e) if zonegate::cmd::says_nothing(&e) => ExitCode::from(zonegate::cmd::exit_code(&e)),
         Err(e) => {
             // Not `eprintln!`: with stderr closed it panics, and the exit code below is lost.
             if stderr_takes {

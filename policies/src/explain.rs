@@ -101,6 +101,27 @@ fn explain_app(
     decision
 }
 
+/// An explanation: its text, and whether it ends in ALLOW (`policy explain` exits 3 on DENY,
+/// for scripts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explanation {
+    pub text: String,
+    pub allowed: bool,
+}
+
+impl std::fmt::Display for Explanation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::ops::Deref for Explanation {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.text
+    }
+}
+
 impl CompiledPolicy {
     /// Explains an HTTP request by `who` to `host` + `path` with `method`.
     pub fn explain_http(
@@ -110,20 +131,19 @@ impl CompiledPolicy {
         method: Option<&str>,
         path: &str,
         now: Timestamp,
-    ) -> String {
+    ) -> Explanation {
         let mut out = format!(
             "request: {who} -> {} {host}{path}\n",
             method.unwrap_or("(any method)")
         );
-        match self.route_http(host, path) {
-            Some(app) => {
-                explain_app(self, &mut out, app, who, method, Some(path), now);
-            }
+        let allowed = match self.route_http(host, path) {
+            Some(app) => explain_app(self, &mut out, app, who, method, Some(path), now).is_allow(),
             None => {
-                out.push_str("no http app serves this host and path\nresult: DENY (no route)\n")
+                out.push_str("no http app serves this host and path\nresult: DENY (no route)\n");
+                false
             }
-        }
-        out
+        };
+        Explanation { text: out, allowed }
     }
 
     /// Explains a tcp/udp connection by `who` to `addr`.
@@ -133,15 +153,16 @@ impl CompiledPolicy {
         kind: ListenKind,
         addr: SocketAddr,
         now: Timestamp,
-    ) -> String {
+    ) -> Explanation {
         let mut out = format!("connection: {who} -> {kind:?} {addr}\n");
-        match self.app_by_listen(kind, addr) {
-            Some(app) => {
-                explain_app(self, &mut out, app, who, None, None, now);
+        let allowed = match self.app_by_listen(kind, addr) {
+            Some(app) => explain_app(self, &mut out, app, who, None, None, now).is_allow(),
+            None => {
+                out.push_str("no app listens there\nresult: DENY (no route)\n");
+                false
             }
-            None => out.push_str("no app listens there\nresult: DENY (no route)\n"),
-        }
-        out
+        };
+        Explanation { text: out, allowed }
     }
 
     /// Explains a mesh stream from device `from` to `to_device/to_service`.
@@ -152,7 +173,7 @@ impl CompiledPolicy {
         to_device: &str,
         to_service: &str,
         now: Timestamp,
-    ) -> String {
+    ) -> Explanation {
         let who = Requester::Device {
             name: from,
             roles,
@@ -180,6 +201,9 @@ impl CompiledPolicy {
                 .map(|a| format!(" (app `{}`)", a.name))
                 .unwrap_or_default()
         );
-        out
+        Explanation {
+            text: out,
+            allowed: d.decision.is_allow(),
+        }
     }
 }

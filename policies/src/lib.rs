@@ -41,6 +41,7 @@ pub mod units;
 mod compile;
 mod eval;
 mod explain;
+pub use explain::Explanation;
 mod parse;
 mod policy;
 mod schema;

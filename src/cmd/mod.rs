@@ -11,6 +11,8 @@ pub mod zone;
 pub const EXIT_USAGE: u8 = 2;
 /// Exit code of a command that ran and failed.
 pub const EXIT_FAILURE: u8 = 1;
+/// Exit code of `policy explain` when the policy denies what it was asked about.
+pub const EXIT_DENIED: u8 = 3;
 
 /// Standard output could not be written (its reader left: `device list | head -1`).
 #[derive(Debug, thiserror::Error)]
@@ -87,8 +89,16 @@ pub fn error_text(e: &anyhow::Error) -> String {
     line
 }
 
-/// Usage mistakes exit 2, everything else 1.
+/// Whether `e` says nothing more on stderr: `policy explain`'s DENY (its explanation said it).
+pub fn says_nothing(e: &anyhow::Error) -> bool {
+    e.is::<policy::Denied>()
+}
+
+/// Usage mistakes exit 2, `policy explain`'s DENY 3, everything else 1.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.is::<policy::Denied>() {
+        return EXIT_DENIED;
+    }
     for cause in e.chain() {
         if cause.is::<UsageError>() {
             return EXIT_USAGE;

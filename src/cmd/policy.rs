@@ -131,7 +131,8 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
                 let (d, s) = to
                     .split_once('/')
                     .ok_or_else(|| UsageError("--to must be DEVICE/SERVICE".into()))?;
-                say!("{}", policy.explain_mesh(name, &role_refs, d, s, now));
+                let explained = policy.explain_mesh(name, &role_refs, d, s, now);
+                say!("{explained}");
                 // The gateway reads a device's roles from its certificate; here they are only
                 // those given.
                 let by_role = policy
@@ -142,7 +143,7 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
                 if role_refs.is_empty() && by_role {
                     say!("note: rules here admit roles, and no --role was given: a device is decided with the roles its certificate holds (`zonegate device list --zone DIR` shows them); give them with --role");
                 }
-                return Ok(());
+                return verdict(&explained);
             }
             let listen = tcp
                 .map(|a| (policies::ListenKind::Tcp, a))
@@ -154,8 +155,9 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
                     ))
                 })?;
                 let who = Requester::Public { ip };
-                say!("{}", policy.explain_listen(&who, kind, addr, now));
-                return Ok(());
+                let explained = policy.explain_listen(&who, kind, addr, now);
+                say!("{explained}");
+                return verdict(&explained);
             }
             let (Some(host), Some(path)) = (host, path) else {
                 return Err(UsageError(
@@ -192,11 +194,9 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
                 },
             };
             let method = method.as_deref().unwrap_or("GET");
-            say!(
-                "{}",
-                policy.explain_http(&who, &host, Some(method), &path, now)
-            );
-            Ok(())
+            let explained = policy.explain_http(&who, &host, Some(method), &path, now);
+            say!("{explained}");
+            verdict(&explained)
         }
     }
 }
@@ -215,6 +215,19 @@ fn not_a_dir(dir: &std::path::Path) -> Result<(), UsageError> {
             dir.display()
         ))),
         Err(e) => Err(UsageError(format!("{}: {e}", dir.display()))),
+    }
+}
+
+/// `policy explain` ended in DENY: exit 3, nothing more said (the explanation said it), so a
+/// script can tell ALLOW (0) from DENY (3) from a mistake (1, 2).
+#[derive(Debug, thiserror::Error)]
+#[error("denied")]
+pub struct Denied;
+
+fn verdict(e: &policies::Explanation) -> anyhow::Result<()> {
+    match e.allowed {
+        true => Ok(()),
+        false => Err(Denied.into()),
     }
 }
 

@@ -1379,7 +1379,8 @@ fn policy_check_and_explain() {
         ["policy", "check", dir.join("notes.md").to_str().unwrap()],
     );
     assert!(e.contains("notes.md: not a directory"), "{e}");
-    let out = ok([
+    // A DENY exits 3 (ALLOW 0), for scripts.
+    let out = denied([
         "policy",
         "explain",
         "--dir",
@@ -1397,7 +1398,7 @@ fn policy_check_and_explain() {
         out.contains("dfs") && out.to_lowercase().contains("method"),
         "{out}"
     );
-    let out = ok([
+    let out = denied([
         "policy",
         "explain",
         "--dir",
@@ -1408,6 +1409,17 @@ fn policy_check_and_explain() {
         "home2/etcd",
     ]);
     assert!(out.contains("peers"), "{out}");
+    let out = ok([
+        "policy",
+        "explain",
+        "--dir",
+        d,
+        "--from",
+        "device:home1",
+        "--to",
+        "home2/etcd",
+    ]);
+    assert!(out.contains("overall: ALLOW"), "{out}");
     // Decided as the front decides (a method refused while no method is allowed there now is
     // refused for the time), at the moment given (said, with now as the default); tcp and
     // udp apps explained too; a device is no HTTP client; a path starts with /.
@@ -1417,7 +1429,7 @@ fn policy_check_and_explain() {
     )
     .unwrap();
     let tw = |at: &str, method: &str| {
-        ok([
+        zg([
             "policy",
             "explain",
             "--dir",
@@ -1434,21 +1446,28 @@ fn policy_check_and_explain() {
             at,
         ])
     };
-    let out = tw("2026-12-07T13:54:00Z", "POST");
+    let tw = |at: &str, method: &str| {
+        let o = tw(at, method);
+        (o.status.code(), stdout(&o))
+    };
+    let (code, out) = tw("2026-12-07T13:54:00Z", "POST");
+    assert_eq!(code, Some(3), "{out}");
     assert!(out.contains("at: 2026-12-07T13:54:00Z"), "{out}");
     assert!(
         out.contains("DENY") && out.contains("outside the allowed hours"),
         "{out}"
     );
-    let out = tw("2026-12-07T15:30:00Z", "POST");
+    let (code, out) = tw("2026-12-07T15:30:00Z", "POST");
+    assert_eq!(code, Some(3), "{out}");
     assert!(
         out.contains("DENY") && out.contains("allowed here now: GET"),
         "{out}"
     );
-    let out = tw("2026-12-07T16:30:00+01:00", "GET");
+    let (code, out) = tw("2026-12-07T16:30:00+01:00", "GET");
+    assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("ALLOW"), "{out}");
-    let ssh = |from: &str| {
-        ok([
+    let ssh = |from: &'static str| {
+        [
             "policy",
             "explain",
             "--dir",
@@ -1457,14 +1476,11 @@ fn policy_check_and_explain() {
             from,
             "--tcp",
             "0.0.0.0:2222",
-        ])
+        ]
     };
-    assert!(ssh("10.1.2.3").contains("ALLOW"), "{}", ssh("10.1.2.3"));
-    assert!(
-        ssh("198.51.100.7").contains("DENY"),
-        "{}",
-        ssh("198.51.100.7")
-    );
+    let out = ok(ssh("10.1.2.3"));
+    assert!(out.contains("ALLOW"), "{out}");
+    denied(ssh("198.51.100.7"));
     let e = fails(
         2,
         [

@@ -115,6 +115,26 @@ where
     e
 }
 
+/// Runs `policy explain` arguments that end in DENY: exit 3 and nothing on stderr (the
+/// explanation said it), returning stdout.
+#[track_caller]
+pub fn denied<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let o = zg(args);
+    assert_eq!(
+        (o.status.code(), stderr(&o).as_str()),
+        (Some(3), ""),
+        "stdout: {}",
+        stdout(&o)
+    );
+    let out = stdout(&o);
+    assert!(out.contains("DENY"), "{out}");
+    out
+}
+
 /// A zone with a gateway `gw` (203.0.113.10:4433) and a node `home1`, in `dir/zone`.
 pub fn zone_with_devices(dir: &Path) -> PathBuf {
     let z = dir.join("zone");

@@ -24,7 +24,7 @@ pub enum Source {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("the request names no host")]
+    #[error("the request names no host, or several (HTTP/1.1 takes exactly one Host line)")]
     NoHost,
     #[error("the request's host {host:?} is not a host name")]
     BadHost { host: String },
@@ -173,7 +173,7 @@ impl ProxyError {
     /// One or two short lines for a person: what happened and, where it helps, what to do.
     pub fn body(&self) -> String {
         match self {
-            ProxyError::NoHost => "400 bad request: the request names no host\n".into(),
+            ProxyError::NoHost => "400 bad request: the request names no host, or several (HTTP/1.1 takes exactly one Host line)\n".into(),
             ProxyError::BadHost { host } => format!(
                 "400 bad request: {host:?} is not a host: a name of letters, digits, '-' and '.', or an IP address, then at most :PORT\n"
             ),
