@@ -129,6 +129,14 @@ fn sorted(mut errs: Vec<PolicyError>) -> Vec<PolicyError> {
 /// serde names our Rust types in messages ("expected struct AppSpec"); say what the user
 /// writes instead.
 fn friendly(msg: &str) -> String {
+    // A list where one value goes: most likely two windows of `hours` (it was told as a
+    // missing quote, with `listen` as the example).
+    if msg.contains("invalid type: sequence, expected a string") {
+        return msg.replace(
+            "invalid type: sequence, expected a string",
+            "a list where one value goes: `hours` takes one window (for two, write two rules, e.g. `allow = [{ from = [\"public\"], hours = \"09:00-12:00\" }, { from = [\"public\"], hours = \"13:00-17:00\" }]`), `listen` one address, a limit one value",
+        );
+    }
     msg.replace("struct AppSpec", "an app table such as `[app.NAME]`")
         .replace(
             "struct HttpSpec",
@@ -473,6 +481,23 @@ mod tests {
             e.contains("expected text in quotes") && e.contains("\"50/s\""),
             "{e}"
         );
+    }
+
+    /// Two windows of `hours` as a list: told to write two rules (it was told as a missing
+    /// quote, with `listen` as the example). The rules it suggests are valid.
+    #[test]
+    fn a_list_of_hours_says_to_write_two_rules() {
+        let p = Path::new("a.toml");
+        let text = format!(
+            "{APP}allow = {{ from = [\"public\"], hours = [\"09:00-12:00\", \"13:00-17:00\"] }}\n"
+        );
+        let e = check_str(p, &text).unwrap_err()[0].to_string();
+        assert!(
+            e.contains("`hours` takes one window (for two, write two rules"),
+            "{e}"
+        );
+        let two = format!("{APP}allow = [{{ from = [\"public\"], hours = \"09:00-12:00\" }}, {{ from = [\"public\"], hours = \"13:00-17:00\" }}]\n");
+        assert_eq!(check_str(p, &two).expect("valid").apps()[0].rules.len(), 2);
     }
 
     /// A service an app sends PROXY headers to is reached by no app without one: a client of

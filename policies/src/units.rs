@@ -101,7 +101,20 @@ pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
     // Line speeds are sold in bits: say so rather than "expected a size".
     let unit = size.trim_start_matches(|c: char| c.is_ascii_digit() || c == '.');
     if unit.ends_with('b') || unit.to_ascii_lowercase().ends_with("bit") {
-        return Err(format!("{s:?}: a bandwidth is in bytes per second with a capital B (KB, MB, KiB, MiB ...): for megabytes write \"MB/s\"; for bits divide by 8 (10 Mbit/s is \"1.25MB/s\")"));
+        // The hint in the unit written: "100kb/s" was told "for megabytes write MB/s".
+        let number = &size[..size.len() - unit.len()];
+        let (prefix, name) = match unit.chars().next().map(|c| c.to_ascii_lowercase()) {
+            Some('k') => ("K", "kilobytes"),
+            Some('g') => ("G", "gigabytes"),
+            Some('t') => ("T", "terabytes"),
+            _ => ("M", "megabytes"),
+        };
+        let bytes = number
+            .parse::<f64>()
+            .ok()
+            .map(|n| format!(" ({number} {prefix}bit/s is \"{}{prefix}B/s\")", n / 8.0))
+            .unwrap_or_default();
+        return Err(format!("{s:?}: a bandwidth is in bytes per second with a capital B (KB, MB, KiB, MiB ...): for {name} write \"{number}{prefix}B/s\"; for bits divide by 8{bytes}"));
     }
     parse_size(size).map_err(|e| format!("{e}, in the bandwidth {s:?}"))
 }
@@ -117,14 +130,32 @@ pub fn parse_hours(s: &str) -> Result<Hours, String> {
     let expected =
         || format!("expected hours as \"HH:MM-HH:MM\" (e.g. \"07:00-21:00\"), found {s:?}");
     let (a, b) = s.split_once('-').ok_or_else(expected)?;
-    let start = parse_hhmm(a.trim(), false).ok_or_else(expected)?;
-    let end = parse_hhmm(b.trim(), true).ok_or_else(expected)?;
+    // Written right, out of range ("22:00-25:00"): said as such, not as the wrong form.
+    let in_range = |t: &str, allow_24: bool| {
+        parse_hhmm(t, allow_24).ok_or_else(|| {
+            match parse_hhmm(t, true).is_some() || well_formed(t) {
+                true => format!(
+                    "hours {s:?}: {t:?} is no time of day (00:00 to 23:59, and 24:00 as an end)"
+                ),
+                false => expected(),
+            }
+        })
+    };
+    let start = in_range(a.trim(), false)?;
+    let end = in_range(b.trim(), true)?;
     if start == end || (start == 0 && end == 24 * 60) {
         return Err(format!(
             "hours {s:?} cover the whole day or nothing; leave `hours` out for all day"
         ));
     }
     Ok(Hours { start, end })
+}
+
+/// `HH:MM` in form, whatever the numbers.
+fn well_formed(s: &str) -> bool {
+    s.split_once(':').is_some_and(|(h, m)| {
+        h.len() == 2 && m.len() == 2 && h.bytes().chain(m.bytes()).all(|b| b.is_ascii_digit())
+    })
 }
 
 fn parse_hhmm(s: &str, allow_24: bool) -> Option<u16> {
@@ -546,15 +577,27 @@ mod tests {
         }
         assert_eq!(parse_bandwidth("20MiB/s").unwrap(), 20 * 1024 * 1024);
         assert!(parse_bandwidth("20MiB").is_err());
-        for bits in ["10Mbit/s", "20mb/s", "100kb/s"] {
+        // Told in the unit written.
+        for (bits, says) in [
+            ("10Mbit/s", "for megabytes write \"10MB/s\"; for bits divide by 8 (10 Mbit/s is \"1.25MB/s\")"),
+            ("20mb/s", "write \"20MB/s\"; for bits divide by 8 (20 Mbit/s is \"2.5MB/s\")"),
+            ("100kb/s", "for kilobytes write \"100KB/s\"; for bits divide by 8 (100 Kbit/s is \"12.5KB/s\")"),
+        ] {
             let e = parse_bandwidth(bits).unwrap_err();
-            assert!(
-                e.contains("bytes per second") && e.contains("1.25MB/s"),
-                "{e}"
-            );
+            assert!(e.contains("bytes per second") && e.contains(says), "{e}");
         }
         let e = parse_bandwidth("20XB/s").unwrap_err();
         assert!(e.contains("in the bandwidth \"20XB/s\""), "{e}");
+    }
+
+    #[test]
+    fn hours_out_of_range_are_told_so() {
+        let e = parse_hours("22:00-25:00").unwrap_err();
+        assert!(e.contains("\"25:00\" is no time of day"), "{e}");
+        let e = parse_hours("24:00-06:00").unwrap_err();
+        assert!(e.contains("\"24:00\" is no time of day"), "{e}");
+        let e = parse_hours("7-21").unwrap_err();
+        assert!(e.contains("expected hours as \"HH:MM-HH:MM\""), "{e}");
     }
 
     #[test]

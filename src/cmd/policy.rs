@@ -35,6 +35,13 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
             for (path, why) in policies::ignored_policy_files(&dir) {
                 say!("note: {} is not read: {why}", path.display());
             }
+            // Valid here, refused by a running gateway that served apps from it (as a save
+            // in progress): said, so a green check does not promise a reload.
+            for path in policies::policy_files(&dir).unwrap_or_default() {
+                if std::fs::read_to_string(&path).is_ok_and(|t| t.trim().is_empty()) {
+                    say!("note: {} is empty: a running gateway that served apps from it keeps them and refuses this edit (a save in progress?); to drop them, delete the file or leave only a comment in it", path.display());
+                }
+            }
             match policies::check_dir(&dir) {
                 Ok(p) => {
                     let clashes = own

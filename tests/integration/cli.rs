@@ -1526,6 +1526,15 @@ fn policy_check_and_explain() {
         "{out}"
     );
     std::fs::remove_file(dir.join("closed.toml")).unwrap();
+    // An emptied file passes here, and a running gateway that served apps from it refuses it
+    // (a save in progress): said, where the check gave only "ok".
+    std::fs::write(dir.join("gone.toml"), "\n").unwrap();
+    let out = ok(["policy", "check", d]);
+    assert!(
+        out.contains("gone.toml is empty: a running gateway that served apps from it keeps them"),
+        "{out}"
+    );
+    std::fs::remove_file(dir.join("gone.toml")).unwrap();
     // Options that would be ignored are refused (they were accepted and had no effect).
     let e = fails(
         2,
