@@ -2507,3 +2507,51 @@ async fn plain_http_to_the_https_port_is_told_the_https_address() {
     let c = h.curl(&h.https_args(DOMAIN, "/after")).await;
     assert_eq!(c.code, 200, "{c:?}");
 }
+
+/// Connections that end before any request — a head that never completes (slow headers), a
+/// TLS handshake that fails or stalls — are counted in `/metrics` by why (they are not logged:
+/// a client causes one per connection). An attack of that kind left no trace at all. A
+/// keep-alive connection's idle end after a request is not one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_end_before_any_request_are_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = start_tuned(|t| t.tls_handshake_timeout = Duration::from_secs(1)).await;
+    let until_closed = |mut c: tokio::net::TcpStream| async move {
+        let mut buf = [0u8; 1024];
+        let closed = tokio::time::timeout(Duration::from_secs(20), async {
+            while matches!(c.read(&mut buf).await, Ok(n) if n > 0) {}
+        })
+        .await;
+        assert!(closed.is_ok(), "not closed");
+    };
+    // Half a head on the HTTP port, then nothing.
+    let mut slow = tokio::net::TcpStream::connect(h.http).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: alice")
+        .await
+        .unwrap();
+    // A whole request, then idle until the keep-alive end: not counted.
+    let mut idle = tokio::net::TcpStream::connect(h.http).await.unwrap();
+    idle.write_all(format!("GET /x HTTP/1.1\r\nHost: {DOMAIN}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    // An empty ClientHello, and a TLS client that says nothing after connecting.
+    let mut bad = tokio::net::TcpStream::connect(h.https).await.unwrap();
+    bad.write_all(&[0x16, 0x03, 0x01, 0x00, 0x04, 0x01, 0x00, 0x00, 0x00])
+        .await
+        .unwrap();
+    let mute = tokio::net::TcpStream::connect(h.https).await.unwrap();
+    tokio::join!(
+        until_closed(slow),
+        until_closed(idle),
+        until_closed(bad),
+        until_closed(mute)
+    );
+    let m = h.admin_get("/metrics").await;
+    for line in [
+        "zonegate_http_connections_unserved_total{reason=\"no_request_head\"} 1\n",
+        "zonegate_http_connections_unserved_total{reason=\"tls_failed\"} 1\n",
+        "zonegate_http_connections_unserved_total{reason=\"tls_timeout\"} 1\n",
+    ] {
+        assert!(m.contains(line), "{line} not in\n{m}");
+    }
+}

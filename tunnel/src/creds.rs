@@ -375,7 +375,7 @@ impl DeviceCreds {
         if self.is_revoked(device) {
             return Err(crate::e2e::E2eError::UnknownPeer {
                 device: device.to_owned(),
-                why: "revoked in a zone config this device adopted earlier".into(),
+                why: format!("{device} is revoked (in a zone config this device has seen)"),
             });
         }
         let now = time::OffsetDateTime::now_utc();

@@ -70,7 +70,7 @@ pub enum E2eError {
     Decrypt,
     #[error("Noise: {0}")]
     Noise(#[from] snow::Error),
-    #[error("{device} has no usable public key in the zone config: {why}")]
+    #[error("no end-to-end encryption to {device}: {why}")]
     UnknownPeer { device: String, why: String },
     #[error("peer's static key is not the zone config's key of {device}")]
     PeerKeyMismatch { device: String },
@@ -113,14 +113,16 @@ pub fn peer_public(
     };
     let name = zone_core::DeviceName::new(device).map_err(|e| unknown(e.to_string()))?;
     if zone.is_revoked(&name) {
-        return Err(unknown("revoked by the zone config".into()));
+        return Err(unknown(format!("{device} is revoked in the zone config")));
     }
-    let entry = zone
-        .device(&name)
-        .ok_or_else(|| unknown("not listed (copy the newest zone.json to this device)".into()))?;
+    let entry = zone.device(&name).ok_or_else(|| {
+        unknown(format!(
+            "{device} is not listed in this device's zone config (copy the newest zone.json here)"
+        ))
+    })?;
     if entry.cert_expires_at <= now {
         return Err(unknown(format!(
-            "its certificate ended at {} (zonegate device renew {device})",
+            "{device}'s certificate ended at {} (zonegate device renew {device})",
             entry.cert_expires_at
         )));
     }

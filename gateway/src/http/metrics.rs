@@ -49,6 +49,32 @@ pub struct HttpMetrics {
     refused_full: AtomicU64,
     /// Connections ended to make room for another client's.
     evicted: AtomicU64,
+    /// Connections that ended before any request: no whole head within the head timeout
+    /// (slow headers), a TLS handshake that failed or timed out. Not logged (a client can
+    /// cause one per connection): counted, so an attack shows.
+    unserved: [AtomicU64; 3],
+}
+
+/// Why a connection ended before any request ([`HttpMetrics::unserved`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Unserved {
+    /// No whole request head within the head timeout.
+    NoHead = 0,
+    /// Its TLS handshake failed (not TLS, no shared cipher, a bad record).
+    TlsFailed = 1,
+    /// Its TLS handshake did not finish within the handshake timeout.
+    TlsTimeout = 2,
+}
+
+impl Unserved {
+    const ALL: [Unserved; 3] = [Unserved::NoHead, Unserved::TlsFailed, Unserved::TlsTimeout];
+    fn label(self) -> &'static str {
+        match self {
+            Unserved::NoHead => "no_request_head",
+            Unserved::TlsFailed => "tls_failed",
+            Unserved::TlsTimeout => "tls_timeout",
+        }
+    }
 }
 
 /// Why a connection was closed as soon as it was accepted.
@@ -108,6 +134,16 @@ impl HttpMetrics {
             self.evicted.fetch_add(1, Ordering::Relaxed);
         }
         first
+    }
+
+    /// Records a connection that ended before any request.
+    pub fn unserved(&self, why: Unserved) {
+        self.unserved[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections that ended before any request for `why`, so far.
+    pub fn unserved_connections(&self, why: Unserved) -> u64 {
+        self.unserved[why as usize].load(Ordering::Relaxed)
     }
 
     /// Connections ended to make room so far.
@@ -174,6 +210,19 @@ impl HttpMetrics {
             self.refused_connections(ConnRefusal::PerIp),
             self.refused_connections(ConnRefusal::Full),
         );
+        let name = "zonegate_http_connections_unserved_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Connections that ended before any request: no whole request head within the head timeout (no_request_head: slow headers), a TLS handshake that failed or timed out\n# TYPE {name} counter"
+        );
+        for why in Unserved::ALL {
+            let _ = writeln!(
+                out,
+                "{name}{{reason=\"{}\"}} {}",
+                why.label(),
+                self.unserved_connections(why)
+            );
+        }
         let name = "zonegate_http_connections_evicted_total";
         let _ = writeln!(
             out,

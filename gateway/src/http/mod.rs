@@ -52,7 +52,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
 use tunnel::hub::Hub;
 
-use self::metrics::{ConnRefusal, HttpMetrics};
+use self::metrics::{ConnRefusal, HttpMetrics, Unserved};
 use self::pool::Pool;
 use self::reset::{ResetOnClose, Resettable};
 use self::server::Served;
@@ -318,8 +318,14 @@ impl Front {
                                             )
                                             .await
                                     }
-                                    Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
-                                    Err(_) => debug!("TLS handshake timed out"),
+                                    Ok(Err(e)) => {
+                                        debug!(error = %e, "TLS handshake failed");
+                                        front.0.metrics.unserved(Unserved::TlsFailed);
+                                    }
+                                    Err(_) => {
+                                        debug!("TLS handshake timed out");
+                                        front.0.metrics.unserved(Unserved::TlsTimeout);
+                                    }
                                 }
                             }
                         }
@@ -347,6 +353,14 @@ impl Front {
             );
         }
         self.0.pool.close();
+    }
+
+    /// Counts a connection [`server::serve`] served no request on.
+    fn unserved(&self, why: server::Unserved) {
+        match why {
+            server::Unserved::Refused(status) => self.0.metrics.refused_unread(status.as_u16()),
+            server::Unserved::NoHead => self.0.metrics.unserved(Unserved::NoHead),
+        }
     }
 
     /// Answers a plain HTTP connection to the HTTPS port listening on `port`: its first
@@ -378,7 +392,7 @@ impl Front {
                 metrics.0.metrics.refused_unread(400);
                 std::future::ready(plain_on_tls::answer(address.as_deref()))
             },
-            move |status| refused.0.metrics.refused_unread(status.as_u16()),
+            move |why| refused.unserved(why),
         )
         .await;
     }
@@ -411,7 +425,7 @@ impl Front {
                 let keep = Some(slots.clone());
                 proxy::handle(front.clone(), req, peer, https, upgrade, keep)
             },
-            move |status| counted.0.metrics.refused_unread(status.as_u16()),
+            move |why| counted.unserved(why),
         )
         .await;
         match served {

@@ -146,16 +146,26 @@ enum Next {
     Failed(String),
 }
 
+/// A connection that got no request served, as [`serve`] tells its caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unserved {
+    /// A request refused unread (its head malformed or too large), answered with this status.
+    Refused(StatusCode),
+    /// No complete request head within the head timeout, and none before it.
+    NoHead,
+}
+
 /// Serves HTTP/1.x on `io` until the client closes, a request says so, `shutdown` (after the
 /// request in progress) or an error. `service` answers each request; it never fails.
 /// `refused` hears of a request refused unread (its head malformed or too large: it never
-/// reaches `service`), with the status it was answered, as soon as the answer is written.
+/// reaches `service`), with the status it was answered, as soon as the answer is written, or
+/// of a connection that sent no whole head before the head timeout ([`Unserved`]).
 pub async fn serve<F, Fut>(
     io: Box<dyn Io>,
     cfg: Config,
     shutdown: CancellationToken,
     mut service: F,
-    refused: impl FnOnce(StatusCode) + Send,
+    refused: impl FnOnce(Unserved) + Send,
 ) -> Served
 where
     F: FnMut(Request<ProxyBody>, Option<ClientUpgrade>) -> Fut + Send,
@@ -207,6 +217,11 @@ where
             }
             Next::TimedOut => {
                 debug!("no complete request head within {t:?}; closing");
+                // Before any request: a client that connected and never finished a head (a
+                // slow-headers attack looks so). Between requests it is keep-alive's end.
+                if request == 0 {
+                    refused(Unserved::NoHead);
+                }
                 break;
             }
             Next::Failed(e) => {
@@ -218,7 +233,7 @@ where
                 // What the client sent after its bad head is not read: linger.
                 let refusal = server_h1::refusal(&e, &http_date());
                 linger = write_all(&wire, &refusal, cfg.send_timeout).await.is_ok();
-                refused(e.status());
+                refused(Unserved::Refused(e.status()));
                 break;
             }
         };
