@@ -134,7 +134,7 @@ fn friendly(msg: &str) -> String {
     if msg.contains("invalid type: sequence, expected a string") {
         return msg.replace(
             "invalid type: sequence, expected a string",
-            "a list where one value goes: `hours` takes one window (for two, write two rules, e.g. `allow = [{ from = [\"public\"], hours = \"09:00-12:00\" }, { from = [\"public\"], hours = \"13:00-17:00\" }]`), `listen` one address, a limit one value",
+            "a list where one value goes (`host`, `path`, `to`, `listen`, `hours` and each limit take one; an app with two hosts is two apps; for two windows of `hours`, write two rules, e.g. `allow = [{ from = [\"public\"], hours = \"09:00-12:00\" }, { from = [\"public\"], hours = \"13:00-17:00\" }]`)",
         );
     }
     msg.replace("struct AppSpec", "an app table such as `[app.NAME]`")
@@ -493,7 +493,7 @@ mod tests {
         );
         let e = check_str(p, &text).unwrap_err()[0].to_string();
         assert!(
-            e.contains("`hours` takes one window (for two, write two rules"),
+            e.contains("for two windows of `hours`, write two rules"),
             "{e}"
         );
         let two = format!("{APP}allow = [{{ from = [\"public\"], hours = \"09:00-12:00\" }}, {{ from = [\"public\"], hours = \"13:00-17:00\" }}]\n");

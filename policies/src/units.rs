@@ -103,11 +103,22 @@ pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
     if unit.ends_with('b') || unit.to_ascii_lowercase().ends_with("bit") {
         // The hint in the unit written: "100kb/s" was told "for megabytes write MB/s".
         let number = &size[..size.len() - unit.len()];
-        let (prefix, name) = match unit.chars().next().map(|c| c.to_ascii_lowercase()) {
+        let lower = unit.to_ascii_lowercase();
+        // `Mib/s` (mebibits) is told in MiB; a unit with no prefix (`800b/s`) in bytes.
+        let binary = lower.get(1..2) == Some("i");
+        let (prefix, name) = match lower.chars().next() {
             Some('k') => ("K", "kilobytes"),
+            Some('m') => ("M", "megabytes"),
             Some('g') => ("G", "gigabytes"),
             Some('t') => ("T", "terabytes"),
-            _ => ("M", "megabytes"),
+            _ => ("", "bytes"),
+        };
+        let (prefix, name) = match (binary && !prefix.is_empty(), name) {
+            (true, "kilobytes") => ("Ki", "kibibytes"),
+            (true, "megabytes") => ("Mi", "mebibytes"),
+            (true, "gigabytes") => ("Gi", "gibibytes"),
+            (true, _) => ("Ti", "tebibytes"),
+            (false, name) => (prefix, name),
         };
         let bytes = number
             .parse::<f64>()
@@ -582,6 +593,8 @@ mod tests {
             ("10Mbit/s", "for megabytes write \"10MB/s\"; for bits divide by 8 (10 Mbit/s is \"1.25MB/s\")"),
             ("20mb/s", "write \"20MB/s\"; for bits divide by 8 (20 Mbit/s is \"2.5MB/s\")"),
             ("100kb/s", "for kilobytes write \"100KB/s\"; for bits divide by 8 (100 Kbit/s is \"12.5KB/s\")"),
+            ("800b/s", "for bytes write \"800B/s\"; for bits divide by 8 (800 bit/s is \"100B/s\")"),
+            ("10Mib/s", "for mebibytes write \"10MiB/s\"; for bits divide by 8 (10 Mibit/s is \"1.25MiB/s\")"),
         ] {
             let e = parse_bandwidth(bits).unwrap_err();
             assert!(e.contains("bytes per second") && e.contains(says), "{e}");

@@ -337,10 +337,10 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
                     cfg.display()
                 );
             }
-            // A running device keeps the certificate it started with.
+            // A running device takes the files within seconds (its bundle is watched).
             // Never "copy the bundle": a device set up already has its own config (services,
             // TLS) and its zone-revoked.txt there, which a fresh template would replace.
-            say!("Copy device.crt and zone.json to {name} and restart zonegate there.");
+            say!("Copy device.crt and zone.json into {name}'s bundle: a running zonegate there takes them within seconds (no restart).");
             if created {
                 say!(
                     "({} also holds device.key, zone-ca.crt and a fresh {role_file} template: copy those only to a device set up anew.)",

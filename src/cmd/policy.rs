@@ -246,7 +246,7 @@ fn node_config_given(
     use crate::config::{read, ConfigError, NodeFile};
     match e {
         ConfigError::Usage(_) if read::<NodeFile>(path).is_ok() => UsageError(format!(
-            "--gateway-config {}: this is a node agent's config; policies are enforced by the gateway: give its gateway.toml",
+            "--gateway-config {}: this reads as a node agent's config (it has no `listen`, which a gateway's has); policies are enforced by the gateway: give its gateway.toml",
             path.display()
         ))
         .into(),

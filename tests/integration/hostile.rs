@@ -2866,10 +2866,6 @@ async fn a_certificate_ending_while_running_says_how_to_renew() {
     gw.shutdown.cancel();
 }
 
-/// A device whose certificate ends within 30 days is told of in the gateway's log, with what
-/// to do, as it connects or as a connection kept up reaches its last 30 days; its end is in
-/// `/status` (`cert_not_after_unix`). Only the device's own log, at home, said it, and the
-/// gateway's operator learned of it when the tunnel closed.
 /// A renewed device.crt copied into a running node's or gateway's bundle is taken without a
 /// restart: handshakes from then on present it (a connection up keeps the one it was made
 /// with). One that is not a renewal of the certificate in use (an older copy, another
@@ -2929,14 +2925,22 @@ async fn a_renewed_certificate_copied_in_is_taken_without_a_restart() {
     )
     .await;
 
-    // An older copy (the certificate before) is refused: the later one serves on.
-    let older = renew(&mut zd, "home1", 200);
+    // An older copy (issued a day before) is refused: the renewal serves on. A renewal for
+    // fewer days is no older copy: taken.
+    let d = zone_core::DeviceName::new("home1").unwrap();
+    let older = zd.renew(&d, now - time::Duration::days(1), 600).unwrap().1;
     std::fs::write(z.bundle("home1").cert, &older.pem).unwrap();
     wait_until("an older certificate refused", WAIT, || {
-        said().contains("not after the certificate in use")
+        said().contains("before the certificate in use (")
     })
     .await;
     assert_eq!(home1.agent.creds().cert_not_after(), renewed.not_after);
+    let shorter = renew(&mut zd, "home1", 200);
+    std::fs::write(z.bundle("home1").cert, &shorter.pem).unwrap();
+    wait_until("a renewal for fewer days taken", WAIT, || {
+        home1.agent.creds().cert_not_after() == shorter.not_after
+    })
+    .await;
 
     // The gateway's own renewal: presented to a device dialing it from then on.
     let gws = renew(&mut zd, "gw", 500);
@@ -2960,6 +2964,10 @@ async fn a_renewed_certificate_copied_in_is_taken_without_a_restart() {
     gw.shutdown.cancel();
 }
 
+/// A device whose certificate ends within 30 days is told of in the gateway's log, with what
+/// to do, as it connects or as a connection kept up reaches its last 30 days; its end is in
+/// `/status` (`cert_not_after_unix`). Only the device's own log, at home, said it, and the
+/// gateway's operator learned of it when the tunnel closed.
 #[tokio::test(flavor = "current_thread")]
 async fn a_device_certificate_ending_soon_is_told_by_the_gateway() {
     let (logs, _guard) = capture_logs();

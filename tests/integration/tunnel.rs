@@ -1884,8 +1884,10 @@ async fn a_udp_apps_bandwidth_drops_what_is_past_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_udp_app_on_a_wildcard_answers_from_the_address_asked() {
     let (service, _) = counting_udp_echo().await;
+    // A wildcard app names its port (port 0 is for loopback apps only).
+    let port = free_udp_port();
     let (_z, gw, _h1) = one_app_zone(
-        "[app.uecho]\nudp = { listen = \"0.0.0.0:0\" }\nto = \"home1/uecho\"\nallow = { from = [\"public\"] }\n",
+        &format!("[app.uecho]\nudp = {{ listen = \"0.0.0.0:{port}\" }}\nto = \"home1/uecho\"\nallow = {{ from = [\"public\"] }}\n"),
         "uecho",
         service,
         ServiceProto::Udp,
@@ -3134,7 +3136,8 @@ async fn the_gateways_public_sockets_on_any_take_ipv4_and_ipv6() {
     }
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let z = TestZone::new(&["home1"]);
-    z.write_policy("apps.toml", "[app.echo]\ntcp = { listen = \"[::]:0\" }\nto = \"home1/echo\"\nallow = { from = [\"public\"] }\n");
+    let port = free_tcp_port();
+    z.write_policy("apps.toml", &format!("[app.echo]\ntcp = {{ listen = \"[::]:{port}\" }}\nto = \"home1/echo\"\nallow = {{ from = [\"public\"] }}\n"));
     let any: std::net::SocketAddr = "[::]:0".parse().unwrap();
     let mut opts = gateway_options(
         &z,

@@ -831,9 +831,7 @@ impl Agent {
     /// times it was so since its last line ([`Repeats`]: once a minute), and the agent's
     /// flood lines not logged ([`LogBudget`]).
     fn repeat_lines(&self, to: &str, reason: &str) -> Option<(u64, u64)> {
-        let repeats = Repeats::take_shared(&self.repeats, &format!("{to} {reason}"))?;
-        let unlogged = LogBudget::take_shared(&self.flood_lines)?;
-        Some((repeats, unlogged))
+        Repeats::take_both(&self.repeats, &self.flood_lines, &format!("{to} {reason}"))
     }
 
     /// Stops the agent for good when a zone config it verified (`what`) revokes this device:
@@ -1201,8 +1199,13 @@ impl Agent {
             _ => closed.as_ref(),
         };
         if refused.is_some_and(refused_as_revoked) {
-            // On the connection this agent completed its handshake on: the gateway's word.
-            let proven = closed.as_ref().is_some_and(refused_as_revoked);
+            // On the connection this agent completed its handshake on, with a peer whose
+            // certificate says gateway: that gateway's word.
+            let proven = closed.as_ref().is_some_and(refused_as_revoked)
+                && dialed
+                    .as_ref()
+                    .and_then(|c| crate::peers::peer_identity(c).ok())
+                    .is_some_and(|id| id.has_role(zone_core::Role::Gateway));
             let mut first = false;
             link.set(|s| {
                 first = !std::mem::replace(&mut s.revoked, true);

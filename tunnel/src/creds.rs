@@ -61,6 +61,7 @@ pub struct DeviceCreds {
 #[derive(Debug)]
 pub struct OwnCert {
     pub der: CertificateDer<'static>,
+    pub not_before: OffsetDateTime,
     pub not_after: OffsetDateTime,
     /// The certificate with the device's signing key, as rustls serves it.
     pub certified: Arc<rustls::sign::CertifiedKey>,
@@ -69,7 +70,7 @@ pub struct OwnCert {
 impl OwnCert {
     fn new(
         der: CertificateDer<'static>,
-        not_after: OffsetDateTime,
+        id: &DeviceIdentity,
         key: &PrivateKeyDer<'static>,
         trust: &ZoneTrust,
     ) -> Result<Self, TunnelError> {
@@ -80,7 +81,8 @@ impl OwnCert {
         Ok(OwnCert {
             certified: Arc::new(rustls::sign::CertifiedKey::new(vec![der.clone()], signer)),
             der,
-            not_after,
+            not_before: id.not_before,
+            not_after: id.not_after,
         })
     }
 }
@@ -301,7 +303,7 @@ impl DeviceCreds {
             crate::e2e::static_secret(&ed25519_dalek::SigningKey::from_bytes(&key.secret_bytes()));
         let own = OwnCert::new(
             cert_der,
-            identity.not_after,
+            &identity,
             &PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8.to_vec())),
             &trust,
         )?;
@@ -710,9 +712,9 @@ impl DeviceCreds {
     /// copy) for the handshakes from now on — connections up keep theirs; each gateway
     /// closes a connection when the certificate it was made with ends, and the redial
     /// presents the new one. It must be this device's (name, zone, key and roles as in use:
-    /// other roles need a restart), issued by this zone's CA, in date, and end later than
-    /// the one in use (an older copy is refused). The new end when taken; None when it is
-    /// the certificate in use.
+    /// other roles need a restart), issued by this zone's CA, in date, and issued no earlier
+    /// than the one in use (an older copy is refused). The new end when taken; None when it
+    /// is the certificate in use.
     pub fn renew_cert(&self, pem: &str) -> Result<Option<OffsetDateTime>, String> {
         let der = cert::parse_pem_certs(pem)
             .map_err(|e| e.to_string())?
@@ -748,14 +750,16 @@ impl DeviceCreds {
         self.trust
             .verify_device(&der, rustls::pki_types::UnixTime::now())
             .map_err(|e| zone_core::trust::describe_refusal(&e))?;
-        if new.not_after <= current.not_after {
+        // Issued before the one in use: an older copy. (Its end says nothing: a renewal may
+        // be issued for fewer days, `device renew --days`.)
+        if new.not_before < current.not_before {
             return Err(format!(
-                "it ends {}, not after the certificate in use ({}): an older copy?",
-                new.not_after, current.not_after
+                "it was issued ({}) before the certificate in use ({}): an older copy?",
+                new.not_before, current.not_before
             ));
         }
-        let own = OwnCert::new(der, new.not_after, &self.private_key(), &self.trust)
-            .map_err(|e| e.to_string())?;
+        let own =
+            OwnCert::new(der, &new, &self.private_key(), &self.trust).map_err(|e| e.to_string())?;
         self.cert.store(Arc::new(own));
         Ok(Some(new.not_after))
     }

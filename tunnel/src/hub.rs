@@ -109,7 +109,7 @@ pub(crate) async fn close_at_expiry(
             // The device says it too, but in its own log at home: the gateway's is the one
             // its operator reads. Told as it connects within the last days, or as a
             // connection kept up for months reaches them.
-            warn!(device = %device, not_after = %not_after, days_left = (not_after - now).whole_days(), "the device's certificate ends soon, and with it its connection here: renew it with `zonegate device renew {device} --zone DIR` where the zone directory is, copy the new device.crt and zone.json into the device's bundle and restart its node (it passes the zone.json on to this gateway, whose device certificate series then shows the new end)");
+            warn!(device = %device, not_after = %not_after, days_left = (not_after - now).whole_days(), "the device's certificate ends soon, and with it its connection here: renew it with `zonegate device renew {device} --zone DIR` where the zone directory is, copy the new device.crt and zone.json into the device's bundle (its node takes them within seconds, no restart; it passes the zone.json on to this gateway, whose device certificate series then shows the new end, and its connection here is made again with the new certificate when this one's ends)");
         }
     }
 }
@@ -1810,10 +1810,11 @@ impl Hub {
                         .refused(policies::accounting::Refusal::Denied(reason));
                 }
                 let to = format!("{to_device}/{service}");
-                if let Some(repeats) = Repeats::take_shared(&link.repeats, &format!("{to} {why}")) {
-                    if let Some(unlogged) = LogBudget::take_shared(&link.lines) {
-                        info!(from = %link.device, to = %to, reason = %why, repeats, unlogged, "mesh stream refused");
-                    }
+                let what = format!("{to} {why}");
+                if let Some((repeats, unlogged)) =
+                    Repeats::take_both(&link.repeats, &link.lines, &what)
+                {
+                    info!(from = %link.device, to = %to, reason = %why, repeats, unlogged, "mesh stream refused");
                 }
                 stream::refuse(&mut send, RefuseCode::PolicyDenied, &why).await;
                 return;
@@ -1833,12 +1834,11 @@ impl Hub {
                 let (code, reason) = refusal_of(&e);
                 // Budgeted: a device opening streams to a peer that is away fails each at once.
                 let to = format!("{to_device}/{service}");
-                if let Some(repeats) =
-                    Repeats::take_shared(&link.repeats, &format!("{to} {reason}"))
+                let what = format!("{to} {reason}");
+                if let Some((repeats, unlogged)) =
+                    Repeats::take_both(&link.repeats, &link.lines, &what)
                 {
-                    if let Some(unlogged) = LogBudget::take_shared(&link.lines) {
-                        info!(from = %link.device, to = %to, app = %app_name, reason = %reason, repeats, unlogged, "mesh stream failed");
-                    }
+                    info!(from = %link.device, to = %to, app = %app_name, reason = %reason, repeats, unlogged, "mesh stream failed");
                 }
                 stream::refuse(&mut send, code, &reason).await;
                 return;

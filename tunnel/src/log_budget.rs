@@ -71,8 +71,9 @@ const MAX_REPEAT_KEYS: usize = 1024;
 /// such a failure through at its cap for hours (about 40 lines a second, millions a day).
 #[derive(Debug, Default)]
 pub struct Repeats {
-    /// Per thing said: when its line was last written, and the times since.
-    seen: std::collections::HashMap<String, (Instant, u64)>,
+    /// Per thing said: when its line was last written (None: due at its next time), and the
+    /// times since.
+    seen: std::collections::HashMap<String, (Option<Instant>, u64)>,
 }
 
 impl Repeats {
@@ -80,22 +81,54 @@ impl Repeats {
     /// line, to put on it), `None` when it was said within [`REPEAT_EVERY`] (it is counted).
     pub fn take(&mut self, what: &str) -> Option<u64> {
         let now = Instant::now();
+        let recent =
+            |at: &Option<Instant>| at.is_some_and(|t| now.duration_since(t) < REPEAT_EVERY);
         if let Some((at, n)) = self.seen.get_mut(what) {
-            if now.duration_since(*at) < REPEAT_EVERY {
+            if recent(at) {
                 *n += 1;
                 return None;
             }
-            *at = now;
+            *at = Some(now);
             return Some(std::mem::take(n));
         }
         if self.seen.len() >= MAX_REPEAT_KEYS {
-            self.seen
-                .retain(|_, (at, _)| now.duration_since(*at) < REPEAT_EVERY);
+            self.seen.retain(|_, (at, _)| recent(at));
         }
         if self.seen.len() < MAX_REPEAT_KEYS {
-            self.seen.insert(what.to_owned(), (now, 0));
+            self.seen.insert(what.to_owned(), (Some(now), 0));
         }
         Some(0)
+    }
+
+    /// A line [`Repeats::take`] said was due could not be written after all (the
+    /// per-second budget was spent): the next time `what` happens is due again, with the
+    /// `n` repeats it would have carried and this one.
+    pub fn not_written(&mut self, what: &str, n: u64) {
+        if let Some((at, count)) = self.seen.get_mut(what) {
+            *at = None;
+            *count = n + 1;
+        }
+    }
+
+    /// [`Repeats::take`] then [`LogBudget::take`], shared by several tasks: `Some((repeats,
+    /// unlogged))` when the line is written. A line the budget holds back leaves its repeat
+    /// due (its count kept), rather than silent for another minute.
+    pub fn take_both(
+        repeats: &std::sync::Mutex<Repeats>,
+        budget: &std::sync::Mutex<LogBudget>,
+        what: &str,
+    ) -> Option<(u64, u64)> {
+        let n = Repeats::take_shared(repeats, what)?;
+        match LogBudget::take_shared(budget) {
+            Some(unlogged) => Some((n, unlogged)),
+            None => {
+                repeats
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .not_written(what, n);
+                None
+            }
+        }
     }
 
     /// [`Repeats::take`] on one shared by several tasks.
@@ -132,6 +165,11 @@ mod tests {
         tokio::time::sleep(REPEAT_EVERY).await;
         assert_eq!(r.take("new"), Some(0));
         assert_eq!(r.take("new"), None);
+        // A due line the budget held back: due again at once, its count kept.
+        assert_eq!(r.take("b: offline"), Some(0));
+        r.not_written("b: offline", 0);
+        assert_eq!(r.take("b: offline"), Some(1));
+        assert_eq!(r.take("b: offline"), None);
     }
 
     #[tokio::test(start_paused = true)]

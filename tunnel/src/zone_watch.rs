@@ -66,7 +66,7 @@ pub async fn watch(
         match tokio::fs::read(&path).await {
             Ok(bytes) => adopt(&bytes, &path),
             Err(e) => {
-                warn!(file = %path.display(), error = %e, "cannot read zone.json; the zone config in use stays")
+                warn!(file = %path.display(), error = %e, "cannot read the changed file; what was read from it before stays in use")
             }
         }
     }

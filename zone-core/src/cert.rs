@@ -157,6 +157,8 @@ pub struct DeviceIdentity {
     pub domain: Domain,
     pub roles: Vec<Role>,
     pub serial_hex: String,
+    /// When it was issued for (`device renew` makes it now): a renewal's is later.
+    pub not_before: OffsetDateTime,
     pub not_after: OffsetDateTime,
     /// Raw ed25519 public key of the device.
     pub public_key: [u8; 32],
@@ -218,11 +220,14 @@ impl DeviceIdentity {
             .map_err(|_| bad("certificate key is not ed25519".into()))?;
         let not_after = OffsetDateTime::from_unix_timestamp(x.validity().not_after.timestamp())
             .map_err(|e| bad(e.to_string()))?;
+        let not_before = OffsetDateTime::from_unix_timestamp(x.validity().not_before.timestamp())
+            .map_err(|e| bad(e.to_string()))?;
         Ok(DeviceIdentity {
             name: DeviceName::new(name)?,
             domain: Domain::new(domain)?,
             roles,
             serial_hex: hex(x.raw_serial()),
+            not_before,
             not_after,
             public_key,
         })

@@ -287,12 +287,16 @@ impl Front {
                                 let mut first = [0u8; 1];
                                 let peek = tcp.get_ref().peek(&mut first);
                                 let peeked = tokio::time::timeout_at(until, peek).await;
-                                if matches!(peeked, Ok(Ok(1)))
-                                    && plain_on_tls::starts_plain_http(first[0])
-                                {
-                                    return front
-                                        .answer_plain_http(Box::new(tcp), port, shutdown)
-                                        .await;
+                                match peeked {
+                                    Ok(Ok(1)) if plain_on_tls::starts_plain_http(first[0]) => {
+                                        return front
+                                            .answer_plain_http(Box::new(tcp), port, shutdown)
+                                            .await;
+                                    }
+                                    // Closed before a byte (a TCP health check, a port scan):
+                                    // no handshake failed.
+                                    Ok(Ok(0)) => return,
+                                    _ => {}
                                 }
                                 match tokio::time::timeout_at(until, acc.accept(tcp)).await {
                                     Ok(Ok(s)) if s.get_ref().1.alpn_protocol() == Some(b"h2") => {
@@ -385,10 +389,17 @@ impl Front {
             move |req, _upgrade| {
                 end.cancel();
                 let (parts, _body) = req.into_parts();
-                let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
                 let host = route::request_host(&parts);
-                let address = plain_on_tls::https_address(host, path, port);
-                info!(method = %parts.method, host = ?host.unwrap_or(""), path = ?path, status = 400, https = ?address.as_deref().unwrap_or(""), "plain HTTP request to the HTTPS port: answered 400 with the https:// address to use");
+                // A target longer than the front forwards is not echoed (nor its host).
+                let address = (target.len() <= proxy::MAX_TARGET)
+                    .then(|| plain_on_tls::https_address(host, target, port))
+                    .flatten();
+                // As a request's line: the path only (a query may hold tokens), clipped and
+                // escaped.
+                let path = proxy::loggable(parts.uri.path());
+                let host = proxy::loggable(host.unwrap_or("-"));
+                info!(method = %proxy::loggable_method(&parts.method), host = %host, path = %path, status = 400, "plain HTTP request to the HTTPS port: answered 400 with the https:// address to use");
                 metrics.0.metrics.refused_unread(400);
                 std::future::ready(plain_on_tls::answer(address.as_deref()))
             },
