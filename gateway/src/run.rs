@@ -883,7 +883,10 @@ impl Gateway {
                         }
                     }
                     hub.policy().current().maintain();
-                    front.pool().sweep();
+                    front.pool().sweep(|device| {
+                        hub.agent(device)
+                            .is_some_and(|a| a.stopping.load(std::sync::atomic::Ordering::Relaxed))
+                    });
                     health.update(&hub);
                 }
             });

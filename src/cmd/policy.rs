@@ -35,12 +35,16 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
             for (path, why) in policies::ignored_policy_files(&dir) {
                 say!("note: {} is not read: {why}", path.display());
             }
-            // Valid here, refused by a running gateway that served apps from it (as a save
-            // in progress): said, so a green check does not promise a reload.
-            for path in policies::policy_files(&dir).unwrap_or_default() {
-                if std::fs::read_to_string(&path).is_ok_and(|t| t.trim().is_empty()) {
-                    say!("note: {} is empty: a running gateway that served apps from it keeps them and refuses this edit (a save in progress?); to drop them, delete the file or leave only a comment in it", path.display());
-                }
+            // Refused by a running gateway that served apps from it (as a save in progress),
+            // and of no use otherwise: an error here, so that `policy check && deploy` does
+            // not ship an edit the gateway refuses (it said "ok" with a note).
+            let empty: Vec<_> = policies::policy_files(&dir)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|p| std::fs::read_to_string(p).is_ok_and(|t| t.trim().is_empty()))
+                .collect();
+            for path in &empty {
+                say!("{}: is empty: a running gateway that served apps from it keeps them and refuses this edit (a save in progress?); to drop them, delete the file or leave only a comment in it", path.display());
             }
             match policies::check_dir(&dir) {
                 Ok(p) => {
@@ -65,6 +69,9 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
                                 "note: the devices the policy names are not checked against the zone config: {e}"
                             ),
                         }
+                    }
+                    if !empty.is_empty() {
+                        return Err(PolicyErrors.into());
                     }
                     if p.files().is_empty() {
                         say!("note: {} holds no policy file (NAME.toml): a gateway on it serves no app", dir.display());
@@ -201,6 +208,17 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
                 },
             };
             let method = method.as_deref().unwrap_or("GET");
+            // Told as the mistakes they are, not explained as a denial (exit 3): the front
+            // answers such a request 400 (a host that is no name) or never routes it.
+            policies::units::check_method(method)
+                .map_err(|e| UsageError(format!("--method: {e}")))?;
+            let host_chars = |c: char| c.is_ascii_alphanumeric() || "-._:[]".contains(c);
+            if host.is_empty() || !host.chars().all(host_chars) {
+                return Err(UsageError(format!(
+                    "--host {host:?}: not a host name (letters, digits, '-', '.', an optional :PORT); the front answers a request naming it 400"
+                ))
+                .into());
+            }
             let explained = policy.explain_http(&who, &host, Some(method), &path, now);
             say!("{explained}");
             verdict(&explained)

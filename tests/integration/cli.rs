@@ -1516,6 +1516,30 @@ fn policy_check_and_explain() {
         ],
     );
     assert!(e.contains("starts with /"), "{e}");
+    // A method or host no request can carry is a mistake, not a denial.
+    for (host, method, says) in [
+        ("alice.example", "get", "--method"),
+        ("fam example", "GET", "not a host name"),
+    ] {
+        let e = fails(
+            2,
+            [
+                "policy",
+                "explain",
+                "--dir",
+                d,
+                "--from",
+                "198.51.100.7",
+                "--host",
+                host,
+                "--path",
+                "/dfs/x",
+                "--method",
+                method,
+            ],
+        );
+        assert!(e.contains(says), "{e}");
+    }
     std::fs::remove_file(dir.join("more.toml")).unwrap();
     // An app with no rule is told as denying everything (deny by default).
     std::fs::write(
@@ -1529,14 +1553,18 @@ fn policy_check_and_explain() {
         "{out}"
     );
     std::fs::remove_file(dir.join("closed.toml")).unwrap();
-    // An emptied file passes here, and a running gateway that served apps from it refuses it
-    // (a save in progress): said, where the check gave only "ok".
+    // An emptied file: a running gateway that served apps from it refuses it (a save in
+    // progress), and the check says so and fails (it said "ok").
     std::fs::write(dir.join("gone.toml"), "\n").unwrap();
-    let out = ok(["policy", "check", d]);
+    let o = zg(["policy", "check", d]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
     assert!(
-        out.contains("gone.toml is empty: a running gateway that served apps from it keeps them"),
+        out.contains("gone.toml: is empty: a running gateway that served apps from it keeps them"),
         "{out}"
     );
+    std::fs::write(dir.join("gone.toml"), "# nothing here now\n").unwrap();
+    ok(["policy", "check", d]);
     std::fs::remove_file(dir.join("gone.toml")).unwrap();
     // Options that would be ignored are refused (they were accepted and had no effect).
     let e = fails(

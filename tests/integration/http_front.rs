@@ -2529,11 +2529,18 @@ async fn connections_that_end_before_any_request_are_counted() {
     slow.write_all(b"GET / HTTP/1.1\r\nHost: alice")
         .await
         .unwrap();
-    // A whole request, then idle until the keep-alive end: not counted.
+    // A whole request, then idle until the keep-alive end: not counted. A whole request,
+    // then half a head: counted.
     let mut idle = tokio::net::TcpStream::connect(h.http).await.unwrap();
     idle.write_all(format!("GET /x HTTP/1.1\r\nHost: {DOMAIN}\r\n\r\n").as_bytes())
         .await
         .unwrap();
+    let mut kept = tokio::net::TcpStream::connect(h.http).await.unwrap();
+    kept.write_all(
+        format!("GET /x HTTP/1.1\r\nHost: {DOMAIN}\r\n\r\nGET /y HTTP/1.1\r\nHo").as_bytes(),
+    )
+    .await
+    .unwrap();
     // An empty ClientHello, and a TLS client that says nothing after connecting.
     let mut bad = tokio::net::TcpStream::connect(h.https).await.unwrap();
     bad.write_all(&[0x16, 0x03, 0x01, 0x00, 0x04, 0x01, 0x00, 0x00, 0x00])
@@ -2543,12 +2550,13 @@ async fn connections_that_end_before_any_request_are_counted() {
     tokio::join!(
         until_closed(slow),
         until_closed(idle),
+        until_closed(kept),
         until_closed(bad),
         until_closed(mute)
     );
     // Counted as the front ends them, which may come just after the client sees the close.
     let lines = [
-        "zonegate_http_connections_unserved_total{reason=\"no_request_head\"} 1\n",
+        "zonegate_http_connections_unserved_total{reason=\"no_request_head\"} 2\n",
         "zonegate_http_connections_unserved_total{reason=\"tls_failed\"} 1\n",
         "zonegate_http_connections_unserved_total{reason=\"tls_timeout\"} 1\n",
     ];

@@ -877,7 +877,8 @@ impl Agent {
         let creds = &self.cfg.creds;
         self.stop_revoked(
             format!("the zone's gateways ({names}) refuse this device's certificate as revoked: it can no longer join the zone; add it again under a new name (zonegate device add)"),
-            || error!(device = %creds.name(), zone = %creds.domain(), gateways = %names, "every gateway refuses this device's certificate as revoked: stopping; {REVOKED_HELP}"),
+            // The refusal's own line said what to do.
+            || error!(device = %creds.name(), zone = %creds.domain(), gateways = %names, "every gateway refuses this device's certificate as revoked: stopping"),
         );
     }
 
@@ -1039,6 +1040,10 @@ impl Agent {
             });
             if healthy {
                 backoff.reset();
+            }
+            // Stopped for good meanwhile (every gateway refused it as revoked): no "retrying".
+            if self.revoked_self().is_some() {
+                return;
             }
             // A revoked device is let in by no retry: the longest wait, not a stream of dials.
             let delay = match revoked {

@@ -87,6 +87,13 @@ impl OwnCert {
     }
 }
 
+/// `t` as logs write times (RFC 3339): `OffsetDateTime`'s own Display reads
+/// "2027-12-07 23:29:46.0 +00:00:00".
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
 fn bad(path: &Path, what: &str, e: impl std::fmt::Display) -> TunnelError {
     TunnelError::Config(format!("{}: {what}: {e}", path.display()))
 }
@@ -699,11 +706,11 @@ impl DeviceCreds {
             .and_then(|pem| self.renew_cert(pem));
         match taken {
             Ok(Some(not_after)) => {
-                tracing::info!(file = %path.display(), device = %self.name(), not_after = %not_after, "renewed certificate taken: handshakes present it from now on (connections up keep theirs until they reconnect)")
+                tracing::info!(file = %path.display(), device = %self.name(), not_after = %rfc3339(not_after), "renewed certificate taken: handshakes present it from now on (connections up keep theirs until they reconnect)")
             }
             Ok(None) => {}
             Err(why) => {
-                tracing::warn!(file = %path.display(), device = %self.name(), not_after = %self.cert_not_after(), "device.crt changed but is not taken: {why}; the certificate in use serves on")
+                tracing::warn!(file = %path.display(), device = %self.name(), not_after = %rfc3339(self.cert_not_after()), "device.crt changed but is not taken: {why}; the certificate in use serves on")
             }
         }
     }
@@ -755,7 +762,8 @@ impl DeviceCreds {
         if new.not_before < current.not_before {
             return Err(format!(
                 "it was issued ({}) before the certificate in use ({}): an older copy?",
-                new.not_before, current.not_before
+                rfc3339(new.not_before),
+                rfc3339(current.not_before)
             ));
         }
         let own =
@@ -846,11 +854,11 @@ impl DeviceCreds {
             // Whether the clock got here by sleeping or by jumping, each stage is said once.
             if now >= not_after && ended != Some(not_after) {
                 ended = Some(not_after);
-                tracing::error!(not_after = %not_after, "this device's certificate has expired: peers and gateways refuse it from now on; {renew}");
+                tracing::error!(not_after = %rfc3339(not_after), "this device's certificate has expired: peers and gateways refuse it from now on; {renew}");
             } else if now >= warn_at && now < not_after && warned != Some(not_after) {
                 warned = Some(not_after);
                 let left = not_after - now;
-                tracing::warn!(days_left = left.whole_days(), not_after = %not_after, "this device's certificate expires soon: {renew}");
+                tracing::warn!(days_left = left.whole_days(), not_after = %rfc3339(not_after), "this device's certificate expires soon: {renew}");
             }
             // Until the next stage, looking again at least every ten minutes: a renewed
             // certificate moves the stages, a clock set forward or a suspend skips ahead.

@@ -238,7 +238,22 @@ impl DeviceIdentity {
 pub fn parse_pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, ZoneError> {
     use rustls_pki_types::pem::PemObject;
     let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
-    let certs = certs.map_err(|e| ZoneError::Cert(format!("bad PEM: {e}")))?;
+    let certs = certs.map_err(|e| {
+        use rustls_pki_types::pem::Error;
+        // Their Display prints the marker as a list of byte values.
+        let why = match e {
+            Error::MissingSectionEnd { end_marker } => format!(
+                "a section has no {:?} line (the file is cut short: a copy not finished?)",
+                String::from_utf8_lossy(&end_marker)
+            ),
+            Error::IllegalSectionStart { line } => format!(
+                "a malformed section start {:?}",
+                String::from_utf8_lossy(&line)
+            ),
+            other => other.to_string(),
+        };
+        ZoneError::Cert(format!("bad PEM: {why}"))
+    })?;
     if certs.is_empty() {
         return Err(ZoneError::Cert("no certificate in PEM".into()));
     }

@@ -213,7 +213,7 @@ impl HttpMetrics {
         let name = "zonegate_http_connections_unserved_total";
         let _ = writeln!(
             out,
-            "# HELP {name} Connections that ended before any request: no whole request head within the head timeout (no_request_head: slow headers), a TLS handshake that failed or timed out\n# TYPE {name} counter"
+            "# HELP {name} Connections that ended with no request served: no whole request head within the head timeout (no_request_head: one begun, also after earlier requests, or none on a new connection), a TLS handshake that failed or timed out\n# TYPE {name} counter"
         );
         for why in Unserved::ALL {
             let _ = writeln!(

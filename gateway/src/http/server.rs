@@ -151,7 +151,8 @@ enum Next {
 pub enum Unserved {
     /// A request refused unread (its head malformed or too large), answered with this status.
     Refused(StatusCode),
-    /// No complete request head within the head timeout, and none before it.
+    /// No complete request head within the head timeout: one begun, or none on a new
+    /// connection.
     NoHead,
 }
 
@@ -217,9 +218,10 @@ where
             }
             Next::TimedOut => {
                 debug!("no complete request head within {t:?}; closing");
-                // Before any request: a client that connected and never finished a head (a
-                // slow-headers attack looks so). Between requests it is keep-alive's end.
-                if request == 0 {
+                // A head begun and not finished (a slow-headers attack looks so, also on a
+                // kept-alive connection), or none at all on a new connection. Nothing after
+                // a request is keep-alive's end.
+                if request == 0 || !lock(&wire).buf.is_empty() {
                     refused(Unserved::NoHead);
                 }
                 break;
