@@ -2968,6 +2968,30 @@ async fn a_renewed_certificate_copied_in_is_taken_without_a_restart() {
     gw.shutdown.cancel();
 }
 
+/// A device started with a device.crt older than the certificate its zone config lists (a
+/// backup restored, a renewal whose device.crt was not copied) is told so at start: it
+/// started silently, and its certificate then ended sooner than the owner thought.
+#[tokio::test(flavor = "current_thread")]
+async fn a_device_crt_older_than_the_listed_one_is_told_at_start() {
+    let (logs, _guard) = capture_logs();
+    let z = TestZone::new(&["home1"]);
+    let said = || String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    let warned = |s: &str| s.contains("is older than the certificate the zone config lists");
+    drop(z.creds("home1"));
+    assert!(!warned(&said()), "{}", said());
+    let mut zd = zone_core::zonedir::ZoneDir::open(&z.zone_dir()).unwrap();
+    let d = zone_core::DeviceName::new("home1").unwrap();
+    zd.renew(&d, time::OffsetDateTime::now_utc(), 400).unwrap();
+    // The renewed config copied in, the old device.crt left.
+    std::fs::copy(
+        z.zone_dir().join("zone.json"),
+        z.bundle("home1").zone_config,
+    )
+    .unwrap();
+    drop(z.creds("home1"));
+    assert!(warned(&said()), "{}", said());
+}
+
 /// A device whose certificate ends within 30 days is told of in the gateway's log, with what
 /// to do, as it connects or as a connection kept up reaches its last 30 days; its end is in
 /// `/status` (`cert_not_after_unix`). Only the device's own log, at home, said it, and the

@@ -3496,6 +3496,89 @@ async fn a_stopping_node_lets_its_open_connections_finish() {
     gw.shutdown.cancel();
 }
 
+/// A node stopping soon after an HTTP request through the front is not held by the idle
+/// upstream connection the gateway kept for the next request: the gateway drops it once the
+/// device says it is stopping. The node waited out its whole drain (then warned of a cut
+/// stream) whenever it was restarted within 30 s of a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_node_is_not_held_by_an_idle_pooled_http_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A keep-alive HTTP service: every request head gets a 2-byte answer.
+    let web = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let web_addr = web.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = web.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while let Ok(n) = c.read(&mut chunk).await {
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if c.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let z = TestZone::new(&["home1"]);
+    z.write_policy(
+        "web.toml",
+        "[app.web]\nhttp = { host = \"web.example\" }\nto = \"home1/web\"\nallow = { from = [\"public\"] }\n",
+    );
+    let mut opts = gateway_options(
+        &z,
+        "gw",
+        z.gw_addr,
+        fast_tuning(),
+        Duration::from_secs(1),
+        None,
+    );
+    opts.http = Some("127.0.0.1:0".parse().unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let gw = gateway::Gateway::bind(opts, shutdown.clone())
+        .await
+        .unwrap();
+    let (http, hub) = (gw.http_addr().unwrap(), gw.hub().clone());
+    tokio::spawn(gw.run());
+    let tuning = Tuning {
+        agent_drain: Duration::from_secs(30),
+        ..fast_tuning()
+    };
+    let h1 = start_agent(
+        &z,
+        "home1",
+        services(&[("web", web_addr, ServiceProto::Tcp)]),
+        vec![],
+        tuning,
+    )
+    .await;
+    wait_until("home1 connected", WAIT, || hub.agent("home1").is_some()).await;
+    let mut c = tokio::net::TcpStream::connect(http).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: web.example\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, c.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    // The upstream connection went back to the pool: the node serves one stream, idle.
+    h1.shutdown.cancel();
+    tokio::time::timeout(WAIT, h1.task)
+        .await
+        .expect("the node waited its drain out for an idle pooled connection")
+        .unwrap();
+    shutdown.cancel();
+}
+
 /// A stopping node waits for the gateway to acknowledge the end of an answer its service
 /// has finished writing: the stream's task ended as soon as quinn had the bytes, and the
 /// close that ends the stop threw away what was still unsent (a download cut on a slow

@@ -261,6 +261,17 @@ impl DeviceCreds {
                 &zone.config.domain,
             ));
         }
+        // A device.crt older than the one the zone config lists (a backup restored, a renewal
+        // whose device.crt was not copied): it works until its own end, which then comes
+        // sooner than the owner thinks. Said, not refused.
+        if let Some(entry) = zone.config.device(&identity.name) {
+            let hex = |s: &str| s.trim_start_matches("00").to_ascii_lowercase();
+            if hex(&entry.cert_serial) != hex(&identity.serial_hex)
+                && entry.cert_expires_at > identity.not_after
+            {
+                tracing::warn!(file = %p.cert.display(), not_after = %rfc3339(identity.not_after), listed_not_after = %rfc3339(entry.cert_expires_at), "this bundle's device.crt is older than the certificate the zone config lists for this device (a backup restored, or a renewal whose device.crt was not copied here?): copy device.crt from the device's bundle in the zone directory (a running device takes it within seconds)");
+            }
+        }
         // A device its own zone.json revokes would start, then be refused by every peer with
         // a vaguer message, redialing for ever.
         if zone.config.is_revoked(&identity.name) {
