@@ -375,6 +375,45 @@ impl CompiledPolicy {
         Some(&self.apps[routes[at].1])
     }
 
+    /// Why [`CompiledPolicy::route_http`] found no app for `host` + `path` (asked only when it
+    /// found none: a 404's text and `policy explain` say it). A 404 that said only "no app
+    /// serves" beside an app at `/` left policy authors guessing.
+    pub fn why_no_route(&self, host: &str, path: &str) -> String {
+        let mut buf = [0u8; MAX_HOST];
+        let Some(h) = normalize_host(host, &mut buf) else {
+            return "the host is not a host name".into();
+        };
+        let normal = match normalize_path(strip_query(path)) {
+            Ok(p) => p,
+            Err(e) => return format!("{e}, which a service may read otherwise than routing would"),
+        };
+        let Some(routes) = self.http.get(h) else {
+            return format!("no app has host {h}");
+        };
+        let Some(at) = routes
+            .iter()
+            .position(|(prefix, _, _)| path_has_prefix(&normal, prefix))
+        else {
+            let mut prefixes: Vec<&str> = routes.iter().map(|(p, _, _)| p.as_str()).collect();
+            prefixes.sort_unstable();
+            return format!(
+                "no app of host {h} has a path that covers it (theirs: {})",
+                prefixes.join(", ")
+            );
+        };
+        let folded = fold_name_matching(&normal);
+        match routes[..at]
+            .iter()
+            .find(|(_, _, prefix)| path_has_prefix(&folded, prefix))
+        {
+            Some((written, i, _)) => format!(
+                "it falls under app `{}`'s path {written} once letter case, trailing dots and spaces or `;` parameters are ignored: refused, so that a service which ignores them cannot serve it under app `{}`'s rules",
+                self.apps[*i].name, self.apps[routes[at].1].name
+            ),
+            None => "it is routed".into(),
+        }
+    }
+
     /// The tcp/udp app listening on `addr`; an app bound to a wildcard address also owns the
     /// port on every specific address.
     pub fn app_by_listen(&self, kind: ListenKind, addr: SocketAddr) -> Option<&App> {

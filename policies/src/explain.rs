@@ -139,7 +139,9 @@ impl CompiledPolicy {
         let allowed = match self.route_http(host, path) {
             Some(app) => explain_app(self, &mut out, app, who, method, Some(path), now).is_allow(),
             None => {
-                out.push_str("no http app serves this host and path\nresult: DENY (no route)\n");
+                let why = self.why_no_route(host, path);
+                let _ = writeln!(out, "no http app serves this host and path: {why}");
+                out.push_str("result: DENY (no route)\n");
                 false
             }
         };

@@ -71,6 +71,21 @@ fn http_routing_longest_prefix_and_host_normalization() {
     assert_eq!(name("alice.example", "/dfs/rw%20;x=1/file"), None);
     assert_eq!(name("alice.example", "/DFS/x"), None);
     assert_eq!(name("bob.example", "/dfs"), None);
+    // Why not, for the log line and `policy explain`.
+    let why = |h: &str, path: &str| p.why_no_route(h, path);
+    assert!(
+        why("alice.example", "/dfs/RW/file")
+            .contains("falls under app `dfs-rw`'s path /dfs/rw once letter case"),
+        "{}",
+        why("alice.example", "/dfs/RW/file")
+    );
+    assert!(why("alice.example", "/dfs/RW/file").contains("under app `dfs`'s rules"));
+    assert_eq!(why("bob.example", "/dfs"), "no app has host bob.example");
+    assert!(why("alice.example", "/DFS/x")
+        .starts_with("no app of host alice.example has a path that covers it (theirs: /dfs"));
+    assert!(why("alice.example", "/a%2Fb").contains("encoded '/'"));
+    assert!(why("alice.example", "/a%00b").contains("control character"));
+    assert_eq!(why("a b", "/"), "the host is not a host name");
 }
 
 /// A path no rule covers is refused as a path whatever the method (it was refused as a

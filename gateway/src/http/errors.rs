@@ -40,8 +40,13 @@ pub enum ProxyError {
     SlashRedirect { location: String },
     #[error("the request target is {len} bytes, more than {max}", max = super::proxy::MAX_TARGET)]
     UriTooLong { len: usize },
-    #[error("no app serves {host}{path}")]
-    NoRoute { host: String, path: String },
+    #[error("no app serves {host}{path}: {why}")]
+    NoRoute {
+        host: String,
+        path: String,
+        /// [`policies::CompiledPolicy::why_no_route`].
+        why: String,
+    },
     #[error("app {app} does not allow {method}")]
     MethodNotAllowed {
         app: String,
@@ -196,7 +201,9 @@ impl ProxyError {
                 "414 URI too long: the request target is {len} bytes; the gateway forwards at most {}\n",
                 super::proxy::MAX_TARGET
             ),
-            ProxyError::NoRoute { host, path } => {
+            // Why stays in the gateway's log: it names apps and their paths, the policy's
+            // business, not a public client's.
+            ProxyError::NoRoute { host, path, .. } => {
                 format!("404 not found: no app serves {host}{path}\n")
             }
             ProxyError::MethodNotAllowed { app, method, allow } => format!(
@@ -389,7 +396,13 @@ mod tests {
         let nr = ProxyError::NoRoute {
             host: "a.example".into(),
             path: "/x".into(),
+            why: "no app has host a.example".into(),
         };
+        assert_eq!(nr.body(), "404 not found: no app serves a.example/x\n");
+        assert_eq!(
+            nr.to_string(),
+            "no app serves a.example/x: no app has host a.example"
+        );
         assert_eq!(
             (nr.status(), nr.blame()),
             (StatusCode::NOT_FOUND, Source::Client)

@@ -547,6 +547,7 @@ async fn forward(
                 true => ProxyError::NoRoute {
                     host: loggable(host).into_owned(),
                     path: loggable(log.uri.path()).into_owned(),
+                    why: active.policy.why_no_route(host, log.uri.path()),
                 },
                 false => ProxyError::BadHost {
                     host: loggable(host).into_owned(),
@@ -556,6 +557,7 @@ async fn forward(
         return Err(ProxyError::NoRoute {
             host: loggable(host).into_owned(),
             path: loggable(log.uri.path()).into_owned(),
+            why: "its app is no http app".into(),
         });
     };
     let state = active.state(app);
