@@ -57,8 +57,12 @@ pub enum ProxyError {
     Denied { app: String, reason: DenyReason },
     #[error("app {app}: too many requests")]
     RateLimited { app: String, retry_after: Duration },
-    #[error("app {app}: too many connections")]
-    TooManyConnections { app: String },
+    #[error("app {app}: too many requests in progress: {which}")]
+    TooManyConnections {
+        app: String,
+        /// Which limit: the app's `max_connections` or `max_connections_per_client`.
+        which: policies::limits::ConnLimitExceeded,
+    },
     #[error("app {app}: request body larger than {max} bytes")]
     BodyTooLarge { app: String, max: u64 },
     #[error("the client sent no more of its request body for {secs} s")]
@@ -217,9 +221,14 @@ impl ProxyError {
                 "429 too many requests: app {app} is rate limited; retry in {} s\n",
                 retry_secs(*retry_after)
             ),
-            ProxyError::TooManyConnections { app } => {
-                format!("503 unavailable: app {app} has too many requests in progress\n")
-            }
+            ProxyError::TooManyConnections { app, which } => match which {
+                policies::limits::ConnLimitExceeded::Client => format!(
+                    "503 unavailable: app {app} has as many requests of yours in progress as it takes\n"
+                ),
+                policies::limits::ConnLimitExceeded::App => {
+                    format!("503 unavailable: app {app} has too many requests in progress\n")
+                }
+            },
             ProxyError::BodyTooLarge { app, max } => {
                 format!("413 payload too large: app {app} accepts request bodies up to {max} bytes\n")
             }
@@ -407,6 +416,22 @@ mod tests {
             (nr.status(), nr.blame()),
             (StatusCode::NOT_FOUND, Source::Client)
         );
+        // Which connection limit refused it: in the log line, and a client told its own.
+        let mine = ProxyError::TooManyConnections {
+            app: "lim".into(),
+            which: policies::limits::ConnLimitExceeded::Client,
+        };
+        assert_eq!(mine.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            mine.to_string().contains("max_connections_per_client"),
+            "{mine}"
+        );
+        assert!(mine.body().contains("requests of yours"), "{}", mine.body());
+        let all = ProxyError::TooManyConnections {
+            app: "lim".into(),
+            which: policies::limits::ConnLimitExceeded::App,
+        };
+        assert!(all.to_string().contains("its max_connections"), "{all}");
         let slow = ProxyError::BodyStalled { secs: 60 };
         assert_eq!(
             (slow.status(), slow.blame()),

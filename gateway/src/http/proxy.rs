@@ -644,11 +644,12 @@ async fn forward(
     })?;
     // A request the connection limits refuse gives its token of the rate back: it spent it
     // (a client at its `max_connections_per_client` then got 429s once one ended).
-    log._slot = Some(state.limits.connect(&who).map_err(|_| {
+    log._slot = Some(state.limits.connect(&who).map_err(|which| {
         rate.give_back();
         state.counters.refused(Refusal::ConnectionLimit);
         ProxyError::TooManyConnections {
             app: app.name.clone(),
+            which,
         }
     })?);
     let max_body = state.limits.max_body();
