@@ -327,6 +327,43 @@ async fn a_peer_the_gateway_says_is_offline_reads_as_offline() {
     );
 }
 
+/// The gateway's `/metrics` shows mesh pairs: streams and ciphertext bytes it relayed, and
+/// the path it believes each pair takes (there were no mesh series at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_metrics_show_relayed_mesh_pairs() {
+    let m = mesh_zone().await;
+    let data = payload(4096);
+    assert!(roundtrip(m.fwd, &data).await.unwrap() == data);
+    let relayed = |metrics: &str| {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("zonegate_mesh_relayed_streams_total{from=\"home2\",to=\"home1\"} ")
+            })
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    // The first stream of a pair is relayed (the direct path comes after a punch); counted
+    // as the relay ends it, which may come just after the client has its answer.
+    let deadline = Instant::now() + WAIT;
+    let metrics = loop {
+        let metrics = crate::tunnel::admin_get(m.gw.admin, "/metrics").await;
+        if relayed(&metrics).is_some_and(|n| n >= 1) {
+            break metrics;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        metrics.contains("# TYPE zonegate_mesh_path gauge")
+            && metrics.contains("zonegate_mesh_path{from=\"home2\",to=\"home1\",path="),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("zonegate_mesh_relayed_bytes_up_total{from=\"home2\",to=\"home1\"} "),
+        "{metrics}"
+    );
+}
+
 /// A forward to a peer whose service is down, tried again and again (etcd redials its peers
 /// several times a second for as long as one is away): its refusal is logged once, by the
 /// node and by the gateway, not once per try — about 40 lines a second, for hours, before.

@@ -1157,7 +1157,7 @@ async fn admin_status(admin: std::net::SocketAddr) -> String {
 }
 
 /// The admin API's answer to `GET path`, head and body (empty when it cannot be fetched).
-async fn admin_get(admin: std::net::SocketAddr, path: &str) -> String {
+pub(crate) async fn admin_get(admin: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut s) = tokio::net::TcpStream::connect(admin).await else {
         return String::new();

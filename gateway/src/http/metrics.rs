@@ -460,6 +460,62 @@ pub fn render_tunnel(agents: &[AgentStatus], health: &str, pool_idle: usize, out
             let _ = writeln!(out, "{name}{{device=\"{}\"}} {}", a.device, get(a));
         }
     }
+    render_mesh(agents, out);
+}
+
+/// Mesh pairs as this gateway sees them (`/status`'s `agents[].mesh`): streams and bytes it
+/// relayed, punches it coordinated, and the path it believes each pair takes. A pair that
+/// went direct carries nothing through here: the nodes' own `/status` says what it carries.
+fn render_mesh(agents: &[AgentStatus], out: &mut String) {
+    let pairs = || {
+        agents
+            .iter()
+            .flat_map(|a| a.mesh.iter().map(move |m| (a.device.as_str(), m)))
+    };
+    let name = "zonegate_mesh_path";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Path a device pair takes as this gateway sees it (1 for the current): relay while it relays their streams, direct after it coordinated punching and relayed nothing since, else idle\n# TYPE {name} gauge"
+    );
+    for (from, m) in pairs() {
+        for path in ["relay", "direct", "idle"] {
+            let _ = writeln!(
+                out,
+                "{name}{{from=\"{from}\",to=\"{}\",path=\"{path}\"}} {}",
+                m.to,
+                u8::from(m.path == path)
+            );
+        }
+    }
+    type Get = fn(&tunnel::status::MeshPairStatus) -> u64;
+    let counters: [(&str, &str, Get); 4] = [
+        (
+            "zonegate_mesh_relayed_streams_total",
+            "Mesh streams this gateway relayed from one device to another",
+            |m| m.relayed_streams,
+        ),
+        (
+            "zonegate_mesh_relayed_bytes_up_total",
+            "Ciphertext bytes relayed from the `from` device to the `to` device",
+            |m| m.relayed_bytes_up,
+        ),
+        (
+            "zonegate_mesh_relayed_bytes_down_total",
+            "Ciphertext bytes relayed from the `to` device back to the `from` device",
+            |m| m.relayed_bytes_down,
+        ),
+        (
+            "zonegate_mesh_punches_total",
+            "Hole-punching rounds this gateway coordinated for the pair",
+            |m| m.punches,
+        ),
+    ];
+    for (name, help, get) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (from, m) in pairs() {
+            let _ = writeln!(out, "{name}{{from=\"{from}\",to=\"{}\"}} {}", m.to, get(m));
+        }
+    }
 }
 
 #[cfg(test)]
