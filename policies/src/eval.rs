@@ -376,8 +376,9 @@ impl CompiledPolicy {
     }
 
     /// Why [`CompiledPolicy::route_http`] found no app for `host` + `path` (asked only when it
-    /// found none: a 404's text and `policy explain` say it). A 404 that said only "no app
-    /// serves" beside an app at `/` left policy authors guessing.
+    /// found none: the gateway's log line for a 404 and `policy explain` say it; the client's
+    /// 404 does not, as it names apps and paths). "no app serves" alone, beside an app at `/`,
+    /// left policy authors guessing.
     pub fn why_no_route(&self, host: &str, path: &str) -> String {
         let mut buf = [0u8; MAX_HOST];
         let Some(h) = normalize_host(host, &mut buf) else {

@@ -208,16 +208,17 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<()> {
                 },
             };
             let method = method.as_deref().unwrap_or("GET");
-            // Told as the mistakes they are, not explained as a denial (exit 3): the front
-            // answers such a request 400 (a host that is no name) or never routes it.
-            policies::units::check_method(method)
-                .map_err(|e| UsageError(format!("--method: {e}")))?;
-            let host_chars = |c: char| c.is_ascii_alphanumeric() || "-._:[]".contains(c);
-            if host.is_empty() || !host.chars().all(host_chars) {
+            // A host the front answers 400 is a mistake here, not a denial (exit 3).
+            if !policies::is_host(&host) {
                 return Err(UsageError(format!(
-                    "--host {host:?}: not a host name (letters, digits, '-', '.', an optional :PORT); the front answers a request naming it 400"
+                    "--host {host:?}: not a host name (letters, digits, '-', '.', '_', or a bracketed IPv6 address, with an optional :PORT); the front answers a request naming it 400"
                 ))
                 .into());
+            }
+            // Rules compare methods exactly, and the front forwards any token: explained, with
+            // a word when it is likely a slip (`get`).
+            if let Err(e) = policies::units::check_method(method) {
+                say!("note: --method {method}: {e}; explained as sent (rules compare methods exactly)");
             }
             let explained = policy.explain_http(&who, &host, Some(method), &path, now);
             say!("{explained}");

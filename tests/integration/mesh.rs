@@ -342,8 +342,9 @@ async fn the_gateways_metrics_show_relayed_mesh_pairs() {
             })
             .and_then(|n| n.parse::<u64>().ok())
     };
-    // The first stream of a pair is relayed (the direct path comes after a punch); counted
-    // as the relay ends it, which may come just after the client has its answer.
+    // The first stream of a pair is relayed (the direct path comes after a punch); polled, as
+    // its bytes are counted when the relay ends it, which may come just after the client has
+    // its answer.
     let deadline = Instant::now() + WAIT;
     let metrics = loop {
         let metrics = crate::tunnel::admin_get(m.gw.admin, "/metrics").await;

@@ -3545,7 +3545,7 @@ async fn a_stopping_node_is_not_held_by_an_idle_pooled_http_connection() {
     let gw = gateway::Gateway::bind(opts, shutdown.clone())
         .await
         .unwrap();
-    let (http, hub) = (gw.http_addr().unwrap(), gw.hub().clone());
+    let (http, hub, admin) = (gw.http_addr().unwrap(), gw.hub().clone(), gw.admin_addr());
     tokio::spawn(gw.run());
     let tuning = Tuning {
         agent_drain: Duration::from_secs(30),
@@ -3571,6 +3571,14 @@ async fn a_stopping_node_is_not_held_by_an_idle_pooled_http_connection() {
         .unwrap();
     assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
     // The upstream connection went back to the pool: the node serves one stream, idle.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !admin_get(admin, "/metrics")
+        .await
+        .contains("zonegate_http_pool_idle 1\n")
+    {
+        assert!(std::time::Instant::now() < deadline, "never pooled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     h1.shutdown.cancel();
     tokio::time::timeout(WAIT, h1.task)
         .await

@@ -213,7 +213,7 @@ impl HttpMetrics {
         let name = "zonegate_http_connections_unserved_total";
         let _ = writeln!(
             out,
-            "# HELP {name} Connections that ended with no request served: no whole request head within the head timeout (no_request_head: one begun, also after earlier requests, or none on a new connection), a TLS handshake that failed or timed out\n# TYPE {name} counter"
+            "# HELP {name} Connections that ended with no request served, or cut in the head of a further one: no whole request head within the head timeout (no_request_head: one begun, also after earlier requests, or none on a new connection), a TLS handshake that failed or timed out\n# TYPE {name} counter"
         );
         for why in Unserved::ALL {
             let _ = writeln!(
@@ -496,12 +496,12 @@ fn render_mesh(agents: &[AgentStatus], out: &mut String) {
         ),
         (
             "zonegate_mesh_relayed_bytes_up_total",
-            "Ciphertext bytes relayed from the `from` device to the `to` device",
+            "Ciphertext bytes relayed from the `from` device to the `to` device (counted as each relayed stream ends)",
             |m| m.relayed_bytes_up,
         ),
         (
             "zonegate_mesh_relayed_bytes_down_total",
-            "Ciphertext bytes relayed from the `to` device back to the `from` device",
+            "Ciphertext bytes relayed from the `to` device back to the `from` device (counted as each relayed stream ends)",
             |m| m.relayed_bytes_down,
         ),
         (

@@ -221,7 +221,9 @@ where
                 // A head begun and not finished (a slow-headers attack looks so, also on a
                 // kept-alive connection), or none at all on a new connection. Nothing after
                 // a request is keep-alive's end.
-                if request == 0 || !lock(&wire).buf.is_empty() {
+                // Empty lines between requests (RFC 9112 §2.2) begin nothing.
+                let begun = lock(&wire).buf.iter().any(|b| !matches!(b, b'\r' | b'\n'));
+                if request == 0 || begun {
                     refused(Unserved::NoHead);
                 }
                 break;
@@ -1081,6 +1083,41 @@ mod tests {
             *all = &all[step.consumed..];
         }
         (head, body)
+    }
+
+    /// At the head timeout, a head begun is told (`Unserved::NoHead`) also after earlier
+    /// requests; nothing, or only empty lines (RFC 9112 §2.2), after a request is keep-alive's
+    /// end and is not.
+    #[tokio::test(start_paused = true)]
+    async fn a_head_begun_and_not_finished_is_told_empty_lines_are_not() {
+        let cfg = Config {
+            header_read_timeout: Duration::from_secs(1),
+            ..CFG
+        };
+        for (after, told) in [
+            (&b""[..], false),
+            (&b"\r\n"[..], false),
+            (&b"\r\nGET /b HT"[..], true),
+        ] {
+            let (mut client, server) = tokio::io::duplex(16 * 1024);
+            let said = Arc::new(Mutex::new(Vec::new()));
+            let s2 = said.clone();
+            let h = tokio::spawn(serve(
+                Box::new(server),
+                cfg,
+                CancellationToken::new(),
+                echo,
+                move |u| s2.lock().unwrap().push(u),
+            ));
+            client
+                .write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            client.write_all(after).await.unwrap();
+            let _ = h.await;
+            let said = said.lock().unwrap().clone();
+            assert_eq!(said == [Unserved::NoHead], told, "{after:?}: {said:?}");
+        }
     }
 
     #[tokio::test]
