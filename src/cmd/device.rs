@@ -158,7 +158,7 @@ pub fn run(cmd: DeviceCmd) -> anyhow::Result<()> {
                 // Nothing passes this one on: nodes dial only the gateways their zone.json
                 // lists, and gateways dial no one.
                 say!("note: the other devices' bundles hold an older zone.json, without {name}: copy {} into a running gateway's bundle (it adopts it and passes it on to its nodes, which then dial {name} too), or into each node's bundle while no gateway runs; nothing passes it on before", zone.zone.join("zone.json").display());
-            } else if !z.zone.config.gateways.is_empty() {
+            } else if others && !z.zone.config.gateways.is_empty() {
                 say!("note: other bundles hold an older zone.json; copy {} to them (or let agents pass it on: this device offers it to its gateways as it connects)", zone.zone.join("zone.json").display());
             }
             Ok(())

@@ -241,6 +241,7 @@ pub fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         &f.ca,
         Some(&f.zone_config),
         &paths,
+        false,
     )?;
     let creds = DeviceCreds::load(&paths, Some(&f.device))?;
     config::check_domain(&a.config, &f.domain, creds.domain())?;
@@ -425,7 +426,7 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
     // zone.json may be missing with bootstrap_dns: it is fetched.
     let bootstraps = a.bootstrap_dns.or(f.bootstrap_dns).is_some();
     let zone_json = (!bootstraps).then_some(f.zone_config.as_path());
-    bundle_files_there(&a.config, &f.key, &f.cert, &f.ca, zone_json, &paths)?;
+    bundle_files_there(&a.config, &f.key, &f.cert, &f.ca, zone_json, &paths, true)?;
     if let Some(server) = a.bootstrap_dns.or(f.bootstrap_dns) {
         if a.bootstrap_dns.is_some() {
             config::fixed_port("--bootstrap-dns", server)?;
@@ -634,6 +635,8 @@ fn bundle_files_there(
     ca: &std::path::Path,
     zone_json: Option<&std::path::Path>,
     paths: &tunnel::creds::BundlePaths,
+    // A node can fetch zone.json from the zone's DNS (`--bootstrap-dns`); a gateway cannot.
+    node: bool,
 ) -> anyhow::Result<()> {
     let named = [
         ("key", Some(key), &paths.key, "this device's device.key"),
@@ -662,8 +665,13 @@ fn bundle_files_there(
                         dir.display()
                     )
                 };
+                // zone.json alone can be fetched instead: the zone's DNS serves it signed.
+                let or_fetch = match (setting, node) {
+                    ("zone_config", true) => ", or start with `--bootstrap-dns IP:PORT` (the zone's DNS, e.g. the gateway's) to fetch it",
+                    _ => "",
+                };
                 anyhow::bail!(
-                    "{}: {setting} = {:?}: {} does not exist: give the path of {what}{relative}; the device's bundle directory holds it (`zonegate device add` wrote it there)",
+                    "{}: {setting} = {:?}: {} does not exist: give the path of {what}{relative}; the device's bundle directory holds it (`zonegate device add` wrote it there){or_fetch}",
                     config.display(),
                     written.display().to_string(),
                     path.display()

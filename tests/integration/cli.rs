@@ -768,6 +768,8 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
         e.contains("typo.toml: zone_config = \"zone.jsn\": ") && e.contains("does not exist"),
         "{e}"
     );
+    // A node can fetch zone.json from the zone's DNS instead: said.
+    assert!(e.contains("or start with `--bootstrap-dns IP:PORT`"), "{e}");
     let typo = z.join("devices/gw/typo.toml");
     std::fs::write(
         &typo,

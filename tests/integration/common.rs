@@ -140,7 +140,7 @@ pub fn zone_with_devices(dir: &Path) -> PathBuf {
     let z = dir.join("zone");
     let zs = z.to_str().unwrap();
     ok(["zone", "init", "--domain", "alice.example", "--dir", zs]);
-    ok([
+    let first = ok([
         "device",
         "add",
         "gw",
@@ -151,7 +151,13 @@ pub fn zone_with_devices(dir: &Path) -> PathBuf {
         "--public-addr",
         "203.0.113.10:4433",
     ]);
-    ok(["device", "add", "home1", "--zone", zs, "--role", "node"]);
+    // The zone's first device: no other bundle to copy zone.json to (it was said anyway).
+    assert!(!first.contains("older zone.json"), "{first}");
+    let second = ok(["device", "add", "home1", "--zone", zs, "--role", "node"]);
+    assert!(
+        second.contains("note: other bundles hold an older zone.json"),
+        "{second}"
+    );
     z
 }
 
