@@ -309,16 +309,7 @@ impl ProxyError {
         let mut r = Response::new(Full::new(Bytes::from(self.body())));
         *r.status_mut() = self.status();
         let h = r.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        // The text echoes the client's host, path or method: never to be sniffed as HTML.
-        h.insert(
-            header::X_CONTENT_TYPE_OPTIONS,
-            HeaderValue::from_static("nosniff"),
-        );
+        plain_text_headers(h);
         match self {
             ProxyError::RateLimited { retry_after, .. } => {
                 h.insert(header::RETRY_AFTER, retry_secs(*retry_after).into());
@@ -340,6 +331,20 @@ impl ProxyError {
         }
         r
     }
+}
+
+/// The headers of the gateway's own short answers: plain text, not stored, and never sniffed
+/// as HTML (the text echoes the client's host, path or method).
+pub fn plain_text_headers(h: &mut http::HeaderMap) {
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
 }
 
 /// Whole seconds for `Retry-After`, rounded up and at least 1 (0 would invite a hot loop).

@@ -55,16 +55,7 @@ pub fn answer(address: Option<&str>) -> Response<ProxyBody> {
     let mut r = Response::new(body::full(Bytes::from(text)));
     *r.status_mut() = StatusCode::BAD_REQUEST;
     let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    // The text echoes the client's host and path: never to be sniffed as HTML.
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
+    super::errors::plain_text_headers(h);
     if let Some(v) = address.and_then(|a| HeaderValue::from_str(a).ok()) {
         h.insert(header::LOCATION, v);
     }
