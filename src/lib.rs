@@ -5,7 +5,7 @@
 //! - [`cmd`]: one module per command group; each turns parsed arguments into calls on the crates
 //!   (`zone-core`, `policies`, `tunnel`, `gateway`, `name-resolver`).
 //! - [`logging`]: tracing set-up shared by every command; [`fd_limit`]: the open-files limit
-//!   raised before serving.
+//!   raised before serving; [`node_metrics`]: a node agent's `/metrics`.
 
 pub mod cli;
 pub mod cmd;
@@ -15,3 +15,4 @@ pub mod fd_limit;
 pub mod files;
 pub mod logging;
 pub mod memory;
+pub mod node_metrics;

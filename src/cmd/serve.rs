@@ -508,7 +508,28 @@ pub fn node(a: NodeArgs) -> anyhow::Result<()> {
         // Answers through the agent's drain; stops with it.
         let admin_stop = CancellationToken::new();
         let _admin_stop = admin_stop.clone().drop_guard();
-        let admin_task = tokio::spawn(gateway::admin::serve(admin, status, admin_stop));
+        let (a3, c3) = (agent.clone(), creds.clone());
+        let metrics: gateway::admin::TextFn = Arc::new(move || {
+            let (links, peers) = (
+                a3.links().iter().map(|l| l.status()).collect::<Vec<_>>(),
+                a3.peers(),
+            );
+            crate::node_metrics::render(&crate::node_metrics::NodeView {
+                cert_not_after: c3.cert_not_after().unix_timestamp(),
+                zone_expires: c3.zone().config.expires_at.unix_timestamp(),
+                zone_serial: c3.zone_serial(),
+                links: &links,
+                peers: &peers,
+                streams_cut: a3.streams_cut(),
+            })
+        });
+        let extras = gateway::admin::Extras {
+            metrics: Some(metrics),
+            page: None,
+        };
+        let admin_task = tokio::spawn(gateway::admin::serve_with(
+            admin, status, extras, admin_stop,
+        ));
         // The admin API failing (a panic) stops the node too, as any part of the agent does.
         let admin_failed = Arc::new(std::sync::Mutex::new(None::<String>));
         tokio::spawn({

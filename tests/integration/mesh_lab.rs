@@ -458,6 +458,27 @@ fn lab_cone_homes_go_direct_bypass_the_gateway_and_survive_its_death() {
     );
     let p = w.peer("home3", "home1").expect("status");
     assert!(p["bytes_direct_out"].as_u64() >= Some(BIG), "{p}");
+    // The node's /metrics says the same for a scraper (the gateway's cannot: nothing of it
+    // crossed the gateway).
+    let metrics = w
+        .tool(
+            "home3",
+            &["get", "http://127.0.0.1:9091/metrics", "3"],
+            Duration::from_secs(3),
+        )
+        .expect("home3 /metrics");
+    assert!(
+        metrics.contains("zonegate_peer_path{peer=\"home1\",path=\"direct\"} 1\n")
+            && metrics.contains("zonegate_gateway_link_state{gateway=\"gw\",state=\"up\"} 1\n"),
+        "{metrics}"
+    );
+    let direct_out = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("zonegate_peer_bytes_out_total{peer=\"home1\",path=\"direct\"} ")
+        })
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(direct_out >= Some(BIG), "{metrics}");
     let (med, p90) = w.rtt("home3", FWD_ECHO).expect("rtt direct");
     eprintln!(
         "MESH-BENCH direct home3->home1 rtt median {med:.3} ms p90 {p90:.3} ms (tunnel RTT {} ms)",
