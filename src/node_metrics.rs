@@ -16,7 +16,8 @@ pub struct NodeView<'a> {
     pub zone_serial: u64,
     pub links: &'a [LinkStatus],
     pub peers: &'a [PeerStatus],
-    /// Streams the agent cut at the end of a drain's grace period.
+    /// Streams the agent cut because their local reader (a service, a forward's client)
+    /// stopped taking them while more were held than the connection's window allows.
     pub streams_cut: u64,
 }
 
@@ -55,7 +56,7 @@ pub fn render(v: &NodeView<'_>) -> String {
         o,
         "zonegate_node_streams_cut_total",
         "counter",
-        "Streams cut at the end of a stop's grace period",
+        "Streams cut because their local reader (a service, a forward's client) stopped taking them while more were held than the connection's window allows (reader_stall_secs)",
     );
     let _ = writeln!(o, "zonegate_node_streams_cut_total {}", v.streams_cut);
 
@@ -125,9 +126,11 @@ pub fn render(v: &NodeView<'_>) -> String {
         o,
         "zonegate_peer_rtt_seconds",
         "gauge",
-        "Round-trip time of the direct connection to each peer (while relayed: to the gateway)",
+        "Round-trip time of the direct connection to each peer, while its path is direct (relayed streams add the gateway's: zonegate_gateway_link_rtt_seconds)",
     );
-    for p in v.peers {
+    // Only while direct: relayed, the status's RTT is the gateway's, another quantity in
+    // the same series.
+    for p in v.peers.iter().filter(|p| p.path == "direct") {
         if let Some(ms) = p.rtt_ms {
             let _ = writeln!(
                 o,
@@ -260,10 +263,16 @@ mod tests {
             "zonegate_peer_open_streams{peer=\"home2\",path=\"direct\"} 1\n",
             "zonegate_peer_bytes_in_total{peer=\"home2\",path=\"relay\"} 400\n",
             "zonegate_peer_punches_total{peer=\"laptop\"} 2\n",
+            "zonegate_node_streams_cut_total 0\n",
             "# TYPE zonegate_peer_bytes_out_total counter\n",
         ] {
             assert!(text.contains(line), "{line} not in\n{text}");
         }
+        // Relayed or revoked: no RTT of the peer's own.
+        assert!(
+            !text.contains("zonegate_peer_rtt_seconds{peer=\"laptop\"}"),
+            "{text}"
+        );
         // Every sample line belongs to a metric announced before it.
         let mut typed = std::collections::HashSet::new();
         for l in text.lines() {

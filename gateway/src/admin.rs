@@ -1,5 +1,5 @@
-//! The admin API on loopback: `/status` (JSON), and on a gateway `/metrics` (Prometheus text)
-//! and the HTML status page at `/`. Small on purpose: plain HTTP/1.1, GET (and HEAD) only.
+//! The admin API on loopback: `/status` (JSON), `/metrics` (Prometheus text: a gateway's, or a
+//! node's from `zonegate::node_metrics`), and on a gateway the HTML status page at `/`. Small on purpose: plain HTTP/1.1, GET (and HEAD) only.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

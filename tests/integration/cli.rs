@@ -2094,15 +2094,26 @@ fn zone_config_over_the_gateways_dns_verify_and_node_bootstrap() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     // The node's own /status says when its certificate ends, what it offers and forwards.
-    let node_status = (|| {
+    let node_get = |path: &str| {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(("127.0.0.1", node_admin))?;
-        s.write_all(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )?;
         let mut b = String::new();
         s.read_to_string(&mut b)?;
         Ok::<_, std::io::Error>(b)
-    })()
-    .unwrap();
+    };
+    let node_status = node_get("/status").unwrap();
+    // And its /metrics, for a scraper: its link to the gateway is up.
+    let metrics = node_get("/metrics").unwrap();
+    assert!(
+        metrics.starts_with("HTTP/1.1 200")
+            && metrics.contains("zonegate_gateway_link_state{gateway=\"gw\",state=\"up\"} 1\n")
+            && metrics.contains("# TYPE zonegate_certificate_not_after_seconds gauge\n"),
+        "{metrics}"
+    );
     assert!(
         node_status.contains("\"cert_not_after\": \"20")
             && node_status.contains("\"services\": [")
