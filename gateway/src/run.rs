@@ -883,10 +883,10 @@ impl Gateway {
                         }
                     }
                     hub.policy().current().maintain();
-                    front.pool().sweep(|device| {
-                        hub.agent(device)
-                            .is_some_and(|a| a.stopping.load(std::sync::atomic::Ordering::Relaxed))
-                    });
+                    // As the front takes them (proxy.rs): while the device offers the service.
+                    front
+                        .pool()
+                        .sweep(|k| hub.offers_tcp(&k.device, &k.service));
                     health.update(&hub);
                 }
             });

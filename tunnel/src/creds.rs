@@ -8,7 +8,7 @@ use std::time::Duration;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
 use zone_core::seen_revocations;
-use zone_core::zonedir::{read_cert_der, read_zone_json};
+use zone_core::zonedir::{read_cert_der, read_zone_json, rfc3339};
 use zone_core::{cert, DeviceIdentity, DeviceKey, DeviceName, Domain, SignedZone, ZoneTrust};
 
 use crate::error::TunnelError;
@@ -85,13 +85,6 @@ impl OwnCert {
             not_after: id.not_after,
         })
     }
-}
-
-/// `t` as logs write times (RFC 3339): `OffsetDateTime`'s own Display reads
-/// "2027-12-07 23:29:46.0 +00:00:00".
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| t.to_string())
 }
 
 fn bad(path: &Path, what: &str, e: impl std::fmt::Display) -> TunnelError {

@@ -986,9 +986,11 @@ fn clock_not_before_zonegate(now: OffsetDateTime) -> Result<(), ZoneError> {
     Ok(())
 }
 
-fn rfc3339(t: OffsetDateTime) -> String {
+/// `t` as logs and messages write times (RFC 3339): `OffsetDateTime`'s own Display reads
+/// "2027-12-07 23:29:46.0 +00:00:00".
+pub fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+        .unwrap_or_else(|_| t.to_string())
 }
 
 #[cfg(test)]

@@ -141,16 +141,17 @@ impl Pool {
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
-    /// Drops idle connections past their time, closed by the other side, or to a device
-    /// that is stopping (`stopping(device)`): its node drains, waiting for its open streams,
+    /// Drops idle connections past their time, closed by the other side, or that may no
+    /// longer carry requests (`usable(key)` false: the rule the front takes them by — a
+    /// stopping device offers nothing). A stopping node drains, waiting for its open streams,
     /// and an idle kept connection is one (a node restarted within 30 s of a request waited
     /// out its whole grace period, then warned of a stream cut).
-    pub fn sweep(&self, stopping: impl Fn(&str) -> bool) {
+    pub fn sweep(&self, usable: impl Fn(&PoolKey) -> bool) {
         let now = Instant::now();
         let mut dead = Vec::new();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         idle.retain(|key, list| {
-            let gone = stopping(&key.device);
+            let gone = !usable(key);
             for mut c in std::mem::take(list) {
                 if !gone && now - c.since < c.keep && c.up.still_open() {
                     list.push(c);
@@ -201,17 +202,17 @@ pub(super) mod tests {
         assert!(pool.take(&key()).is_none());
         pool.put(key(), conn(false).0, IDLE_TIMEOUT);
         assert_eq!(pool.idle_count(), 1);
-        pool.sweep(|_| false);
+        pool.sweep(|_| true);
         assert_eq!(pool.idle_count(), 0);
         let (up, _keep) = conn(true);
         pool.put(key(), up, IDLE_TIMEOUT);
-        pool.sweep(|_| false);
+        pool.sweep(|_| true);
         assert_eq!(pool.idle_count(), 1, "an open connection survives a sweep");
         // Not one to a device that is stopping: its node drains, waiting for it.
-        pool.sweep(|device| device == "nowhere");
+        pool.sweep(|k| k.device != "nowhere");
         assert_eq!(pool.idle_count(), 1);
         let device = key().device.clone();
-        pool.sweep(|d| d == device);
+        pool.sweep(|k| k.device != device);
         assert_eq!(pool.idle_count(), 0, "kept for a stopping device");
         let (up, _keep) = conn(true);
         pool.put(key(), up, IDLE_TIMEOUT);
