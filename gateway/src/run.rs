@@ -753,7 +753,10 @@ impl Gateway {
                 "zone.json watcher",
                 "a zone.json copied in (a revocation, a moved gateway) would not be adopted",
                 tokio::spawn(tunnel::zone_watch::watch(
-                    move |bytes, path| h.adopt_zone_file(bytes, path),
+                    move |bytes, path, _| {
+                        h.adopt_zone_file(bytes, path);
+                        None
+                    },
                     p.to_owned(),
                     POLICY_POLL,
                     lasting.clone(),
@@ -768,7 +771,7 @@ impl Gateway {
                 "device.crt watcher",
                 "a renewed device.crt copied in would not be taken",
                 tokio::spawn(tunnel::zone_watch::watch(
-                    move |bytes, path| creds.cert_file_changed(bytes, path),
+                    move |bytes, path, seen| creds.cert_file_changed(bytes, path, seen),
                     p.to_owned(),
                     POLICY_POLL,
                     lasting.clone(),

@@ -2946,6 +2946,24 @@ async fn a_renewed_certificate_copied_in_is_taken_without_a_restart() {
     })
     .await;
 
+    // A renewal valid only from a few seconds on by this machine's clock (issued where the
+    // clock is ahead by over the day certificates start before their issue): refused and said
+    // once, and taken when its validity starts, without the file changing again.
+    let issued =
+        time::OffsetDateTime::now_utc() + time::Duration::days(1) + time::Duration::seconds(4);
+    let early = zd.renew(&d, issued, 300).unwrap().1;
+    std::fs::write(z.bundle("home1").cert, &early.pem).unwrap();
+    let not_yet = |s: &str| s.matches("it is valid only from").count();
+    wait_until("a renewal not valid yet refused", WAIT, || {
+        not_yet(&said()) > 0
+    })
+    .await;
+    wait_until("the renewal taken once valid", WAIT, || {
+        home1.agent.creds().cert_not_after() == early.not_after
+    })
+    .await;
+    assert_eq!(not_yet(&said()), 1, "said at each retry: {}", said());
+
     // The gateway's own renewal: presented to a device dialing it from then on.
     let gws = renew(&mut zd, "gw", 500);
     std::fs::write(z.bundle("gw").cert, &gws.pem).unwrap();

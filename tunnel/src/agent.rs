@@ -780,7 +780,10 @@ impl Agent {
         if let Some(path) = self.cfg.creds.zone_path() {
             let me = self.clone();
             tasks.spawn(crate::zone_watch::watch(
-                move |bytes, path| me.adopt_zone_file(bytes, path),
+                move |bytes, path, _| {
+                    me.adopt_zone_file(bytes, path);
+                    None
+                },
                 path.to_owned(),
                 ZONE_POLL,
                 shutdown.clone(),
@@ -789,7 +792,7 @@ impl Agent {
         if let Some(path) = self.cfg.creds.cert_path() {
             let creds = self.cfg.creds.clone();
             tasks.spawn(crate::zone_watch::watch(
-                move |bytes, path| creds.cert_file_changed(bytes, path),
+                move |bytes, path, seen| creds.cert_file_changed(bytes, path, seen),
                 path.to_owned(),
                 ZONE_POLL,
                 shutdown.clone(),

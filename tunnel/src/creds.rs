@@ -672,6 +672,37 @@ pub const EXPIRED_GRACE_DAYS: i64 = 90;
 pub(crate) const EXPIRY_WARNING_DAYS: i64 = 30;
 
 /// What to do about this device's certificate that is about to end or has.
+/// Why a renewed device.crt is not taken ([`DeviceCreds::renew_cert`]), and when it would be
+/// if that is only a matter of time (its validity starts later by this machine's clock).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenewRefused {
+    /// What is wrong, with what to do.
+    pub why: String,
+    /// When the certificate's validity starts, if that is all that refuses it.
+    pub valid_from: Option<OffsetDateTime>,
+}
+
+impl From<String> for RenewRefused {
+    fn from(why: String) -> Self {
+        Self {
+            why,
+            valid_from: None,
+        }
+    }
+}
+
+impl From<&str> for RenewRefused {
+    fn from(why: &str) -> Self {
+        why.to_string().into()
+    }
+}
+
+impl std::fmt::Display for RenewRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
 fn renew_hint(name: &zone_core::DeviceName) -> String {
     format!("renew it with `zonegate device renew {name} --zone DIR` where the zone directory is, copy the new device.crt and zone.json into this bundle (a running device takes them within seconds; the gateways take the zone.json from it)")
 }
@@ -703,18 +734,35 @@ impl DeviceCreds {
 
     /// The bundle's device.crt changed (`bytes`, read from `path` by the watch): a renewed
     /// certificate is taken ([`DeviceCreds::renew_cert`]) and said at info, one not taken is
-    /// said at warn with why, the one in use serving on.
-    pub fn cert_file_changed(&self, bytes: &[u8], path: &Path) {
+    /// said at warn with why (once: not again at the watch's retries), the one in use serving
+    /// on. One not valid yet by this machine's clock is tried again each minute until it is
+    /// (a clock set late at boot, then corrected): when to try again, or None.
+    pub fn cert_file_changed(
+        &self,
+        bytes: &[u8],
+        path: &Path,
+        seen: crate::zone_watch::Seen,
+    ) -> Option<std::time::Duration> {
         let taken = std::str::from_utf8(bytes)
-            .map_err(|_| "not a PEM file (not text)".to_string())
+            .map_err(|_| RenewRefused::from("not a PEM file (not text)".to_string()))
             .and_then(|pem| self.renew_cert(pem));
         match taken {
             Ok(Some(not_after)) => {
-                tracing::info!(file = %path.display(), device = %self.name(), not_after = %rfc3339(not_after), "renewed certificate taken: handshakes present it from now on (connections up keep theirs until they reconnect)")
+                tracing::info!(file = %path.display(), device = %self.name(), not_after = %rfc3339(not_after), "renewed certificate taken: handshakes present it from now on (connections up keep theirs until they reconnect)");
+                None
             }
-            Ok(None) => {}
-            Err(why) => {
-                tracing::warn!(file = %path.display(), device = %self.name(), not_after = %rfc3339(self.cert_not_after()), "device.crt changed but is not taken: {why}; the certificate in use serves on")
+            Ok(None) => None,
+            Err(refused) => {
+                if seen == crate::zone_watch::Seen::New {
+                    tracing::warn!(file = %path.display(), device = %self.name(), not_after = %rfc3339(self.cert_not_after()), "device.crt changed but is not taken: {}; the certificate in use serves on", refused.why);
+                }
+                refused.valid_from.map(|from| {
+                    let wait = from - OffsetDateTime::now_utc();
+                    // Each minute at most: the wall clock may be set forward meanwhile.
+                    std::time::Duration::try_from(wait)
+                        .unwrap_or_default()
+                        .min(std::time::Duration::from_secs(60))
+                })
             }
         }
     }
@@ -726,7 +774,7 @@ impl DeviceCreds {
     /// other roles need a restart), issued by this zone's CA, in date, and issued no earlier
     /// than the one in use (an older copy is refused). The new end when taken; None when it
     /// is the certificate in use.
-    pub fn renew_cert(&self, pem: &str) -> Result<Option<OffsetDateTime>, String> {
+    pub fn renew_cert(&self, pem: &str) -> Result<Option<OffsetDateTime>, RenewRefused> {
         let der = cert::parse_pem_certs(pem)
             .map_err(|e| e.to_string())?
             .swap_remove(0);
@@ -741,7 +789,8 @@ impl DeviceCreds {
             return Err(format!(
                 "it is the certificate of {}.{}, not of this device ({}.{})",
                 new.name, new.domain, me.name, me.domain
-            ));
+            )
+            .into());
         }
         if new.public_key != me.public_key {
             return Err("it certifies another key than this device's device.key (issued for another copy of this device?): copy device.crt and device.key of one bundle".into());
@@ -756,7 +805,20 @@ impl DeviceCreds {
                 "its roles ({}) are not those in use ({}): restart to take them",
                 roles(&new),
                 roles(me)
-            ));
+            )
+            .into());
+        }
+        // Checked before the chain, to be told apart: this one passes by itself.
+        let now = OffsetDateTime::now_utc();
+        if new.not_before > now {
+            return Err(RenewRefused {
+                why: format!(
+                    "it is valid only from {} and this machine's clock reads {} (behind? the certificate is taken then, checked each minute, unless the file changes first)",
+                    rfc3339(new.not_before),
+                    rfc3339(now)
+                ),
+                valid_from: Some(new.not_before),
+            });
         }
         self.trust
             .verify_device(&der, rustls::pki_types::UnixTime::now())
@@ -768,7 +830,8 @@ impl DeviceCreds {
                 "it was issued ({}) before the certificate in use ({}): an older copy?",
                 rfc3339(new.not_before),
                 rfc3339(current.not_before)
-            ));
+            )
+            .into());
         }
         let own =
             OwnCert::new(der, &new, &self.private_key(), &self.trust).map_err(|e| e.to_string())?;
