@@ -693,25 +693,32 @@ impl Gateway {
             shutdown,
         } = self;
         let fatal: Fatal = Arc::default();
+        // Parts that outlive `shutdown`, up to the end of the drain (this function): the admin
+        // API, the zone DNS (the zone's names must resolve while the connections it drains
+        // are served, and its single NS is this gateway), the policy watcher (a time window's
+        // end or an edit still ends the proxied connections a drain of up to an hour waits
+        // for) and the zone.json watcher (a revocation copied in still disconnects).
+        let lasting = CancellationToken::new();
+        let _lasting = lasting.clone().drop_guard();
         if let Some((dns, records)) = dns {
             // Answers follow the gateway's current zone config: a newer zone.json adopted from
             // an agent is served within a second, with its serial in the SOA.
             let creds = opts.creds.clone();
-            let token = shutdown.clone();
+            let (stop, fail) = (lasting.clone(), shutdown.clone());
             let fatal = fatal.clone();
-            let serving = tokio::spawn(dns.run_with(records, move || creds.zone(), token.clone()));
+            let serving = tokio::spawn(dns.run_with(records, move || creds.zone(), stop.clone()));
             // Watched from outside its task: a panic in it ends the gateway too.
             tokio::spawn(async move {
                 let stopped = match serving.await {
                     Ok(Ok(())) => return,
                     // Ending with the gateway is no failure of its own (as for `essential`).
-                    _ if token.is_cancelled() => return,
+                    _ if stop.is_cancelled() => return,
                     Ok(Err(e)) => RunError::Dns(e),
                     Err(e) => RunError::DnsTask(e.to_string()),
                 };
                 tracing::error!(error = %stopped, "stopping the gateway");
                 *fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(stopped);
-                token.cancel();
+                fail.cancel();
             });
         }
         let started = Instant::now();
@@ -725,12 +732,6 @@ impl Gateway {
             services = ?opts.services.iter().map(|(n, s)| format!("{n}={}", s.addr)).collect::<Vec<_>>(),
             "gateway started"
         );
-        // Parts that outlive `shutdown`, up to the end of the drain (this function): the admin
-        // API, the policy watcher (a time window's end or an edit still ends the proxied
-        // connections a drain of up to an hour waits for) and the zone.json watcher (a
-        // revocation copied in still disconnects).
-        let lasting = CancellationToken::new();
-        let _lasting = lasting.clone().drop_guard();
         // Watched as the DNS server is: a panic in one would otherwise leave the gateway
         // serving without it, silently.
         let (store, stop) = (hub.policy().clone(), lasting.clone());

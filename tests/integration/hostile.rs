@@ -83,7 +83,7 @@ async fn a_zone_too_large_for_dns_starts_without_its_txt_record() {
 }
 
 /// The answer to one query for `name` of type `qtype` (1 = A) over UDP, as bytes.
-async fn raw_dns_query(server: SocketAddr, name: &str, qtype: u16) -> Vec<u8> {
+pub(crate) async fn raw_dns_query(server: SocketAddr, name: &str, qtype: u16) -> Vec<u8> {
     let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
     for label in name.split('.') {
         q.push(label.len() as u8);

@@ -407,7 +407,8 @@ async fn agent_reconnects_after_gateway_restart_and_drain_tells_agents() {
         fast_tuning(),
     )
     .await;
-    let gw = start_gateway(&z, fast_tuning(), Duration::from_secs(10)).await;
+    let dns: std::net::SocketAddr = ([127, 0, 0, 1], free_udp_and_tcp_port()).into();
+    let gw = start_gateway_with_dns(&z, fast_tuning(), Duration::from_secs(10), Some(dns)).await;
     wait_until("home1 connected", WAIT, || gw.hub.agents().len() == 1).await;
     let link = h1.agent.links()[0].clone();
     // The hub registers the agent when it sends Welcome; the agent marks the link up on receipt.
@@ -437,6 +438,10 @@ async fn agent_reconnects_after_gateway_restart_and_drain_tells_agents() {
         admin_status(gw.admin).await.contains("\"draining\": true")
     })
     .await;
+    // So does the zone DNS: the zone's names resolve while its connections are served (it
+    // stopped at the drain's start: the whole zone unresolvable for up to the grace).
+    let answer = crate::hostile::raw_dns_query(dns, "home1.alice.example", 1).await;
+    assert_eq!(answer[3] & 0x0f, 0, "rcode: {answer:?}");
     drop(held);
     gw.task.await.unwrap();
 
