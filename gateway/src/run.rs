@@ -700,6 +700,7 @@ impl Gateway {
         // for) and the zone.json watcher (a revocation copied in still disconnects).
         let lasting = CancellationToken::new();
         let _lasting = lasting.clone().drop_guard();
+        let dns_stats = dns.as_ref().map(|(d, _)| d.stats());
         if let Some((dns, records)) = dns {
             // Answers follow the gateway's current zone config: a newer zone.json adopted from
             // an agent is served within a second, with its serial in the SOA.
@@ -804,7 +805,7 @@ impl Gateway {
                 let tls_shown = tls_shown.clone();
                 Arc::new(move || {
                     let tls = tls_shown.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    metrics_text(&front, &tls)
+                    metrics_text(&front, &tls, dns_stats.as_deref())
                 })
             }),
             page: Some({
@@ -920,7 +921,7 @@ impl Gateway {
 
 /// `/metrics`: HTTP requests and latency, app counters, tunnel gauges, agent handshakes, the
 /// `[[tls]]` certificates.
-fn metrics_text(front: &Front, tls: &TlsView) -> String {
+fn metrics_text(front: &Front, tls: &TlsView, dns: Option<&name_resolver::DnsStats>) -> String {
     let hub = front.hub();
     let mut out = String::new();
     {
@@ -945,6 +946,9 @@ fn metrics_text(front: &Front, tls: &TlsView) -> String {
     front::metrics::render_handshakes(&hub.handshake_stats(), &mut out);
     front::metrics::render_ends(&zone_ends(hub), &mut out);
     front::metrics::render_tls(&tls.served, &mut out);
+    if let Some(dns) = dns {
+        front::metrics::render_dns(&dns.counts(), &mut out);
+    }
     out
 }
 

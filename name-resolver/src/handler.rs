@@ -32,14 +32,27 @@ pub struct ZoneHandler {
     current: Arc<ArcSwap<ZoneRecords>>,
     /// Rate of UDP answers per client network ([`crate::rrl`]).
     rrl: Arc<ResponseLimiter>,
+    /// What was answered, for `/metrics`.
+    stats: Arc<crate::DnsStats>,
 }
 
 impl ZoneHandler {
     pub fn new(records: Arc<ZoneRecords>) -> Self {
+        Self::counting(records, Arc::default())
+    }
+
+    /// Like [`ZoneHandler::new`], counting its answers in `stats`.
+    pub fn counting(records: Arc<ZoneRecords>, stats: Arc<crate::DnsStats>) -> Self {
         ZoneHandler {
             current: Arc::new(ArcSwap::new(records)),
             rrl: Arc::default(),
+            stats,
         }
+    }
+
+    /// Where its answers are counted.
+    pub fn stats(&self) -> &crate::DnsStats {
+        &self.stats
     }
 
     /// The records being served.
@@ -62,13 +75,17 @@ impl ZoneHandler {
         {
             Verdict::Send => true,
             Verdict::Slip => {
+                self.stats.rate_limited(true);
                 // TC is bit 1 of the third header byte.
                 if let Some(flags) = formerr.get_mut(2) {
                     *flags |= 0x02;
                 }
                 true
             }
-            Verdict::Drop => false,
+            Verdict::Drop => {
+                self.stats.rate_limited(false);
+                false
+            }
         }
     }
 
@@ -165,11 +182,15 @@ impl RequestHandler for ZoneHandler {
             {
                 Verdict::Send => {}
                 Verdict::Slip => {
+                    self.stats.rate_limited(true);
                     header.set_truncated(true);
                     return send(&mut response_handle, builder.build_no_records(header)).await;
                 }
                 // Nothing sent: the source may be forged, and the rate is spent.
-                Verdict::Drop => return ResponseInfo::from(header),
+                Verdict::Drop => {
+                    self.stats.rate_limited(false);
+                    return ResponseInfo::from(header);
+                }
             }
         }
 

@@ -23,6 +23,7 @@ pub mod handler;
 pub mod records;
 pub mod rrl;
 pub mod server;
+pub mod stats;
 mod tcp_writer;
 #[doc(hidden)]
 pub mod testzone;
@@ -33,5 +34,6 @@ pub use error::{Blame, BootstrapError, DnsError, RecordsError};
 pub use handler::ZoneHandler;
 pub use records::ZoneRecords;
 pub use server::{tcp_frame, DnsServer, TcpFrame};
+pub use stats::{DnsCounts, DnsStats};
 #[doc(hidden)]
 pub use udp::answer_datagram;

@@ -3,6 +3,7 @@
 //! our own (hickory's has no bound on open connections) that reuses hickory's framing and
 //! response path. Follows the zone the gateway holds without a restart.
 
+use crate::stats::Transport;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,6 +64,8 @@ pub struct DnsServer {
     /// One socket each, or one per address of the machine ([`bind_each_address`]).
     udp: Vec<UdpSocket>,
     tcp: Vec<TcpListener>,
+    /// What it answered ([`DnsServer::stats`]).
+    stats: Arc<crate::DnsStats>,
 }
 
 fn bind_error(proto: &'static str, addr: SocketAddr, source: std::io::Error) -> DnsError {
@@ -84,6 +87,11 @@ fn bind_error(proto: &'static str, addr: SocketAddr, source: std::io::Error) -> 
 }
 
 impl DnsServer {
+    /// What it answered since it started, for `/metrics`: take it before [`DnsServer::run`].
+    pub fn stats(&self) -> Arc<crate::DnsStats> {
+        self.stats.clone()
+    }
+
     /// Binds UDP and TCP on the given addresses.
     pub async fn bind(udp: SocketAddr, tcp: SocketAddr) -> Result<Self, DnsError> {
         let udp = UdpSocket::bind(udp)
@@ -95,6 +103,7 @@ impl DnsServer {
         Ok(DnsServer {
             udp: vec![udp],
             tcp: vec![tcp],
+            stats: Arc::default(),
         })
     }
 
@@ -134,6 +143,7 @@ impl DnsServer {
             Ok((udp, tcp)) => Ok(DnsServer {
                 udp: vec![udp],
                 tcp: vec![tcp],
+                stats: Arc::default(),
             }),
             // Another DNS server holds the port on one address (systemd-resolved: 127.0.0.53
             // on every stock Ubuntu), and a wildcard overlaps it: the gateway exited and
@@ -308,7 +318,7 @@ impl DnsServer {
         shutdown: CancellationToken,
     ) -> Result<(), DnsError> {
         let (udp_addr, tcp_addr) = (self.udp_addrs(), self.tcp_addrs());
-        let handler = ZoneHandler::new(first.clone());
+        let handler = ZoneHandler::counting(first.clone(), self.stats.clone());
         info!(
             udp = ?udp_addr,
             tcp = ?tcp_addr,
@@ -486,7 +496,11 @@ fn bind_each_address(
     if !udp.iter().any(reachable) {
         return None;
     }
-    let server = DnsServer { udp, tcp };
+    let server = DnsServer {
+        udp,
+        tcp,
+        stats: Arc::default(),
+    };
     warn!(
         port = wildcard.port(),
         listening = ?server.udp_addrs(),
@@ -754,6 +768,7 @@ async fn tcp_accept_loop(
                     let Some(slot) = slot else {
                         debug!(%peer, "DNS over TCP: this client's (or its site's) connection limit reached, closing");
                         refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        handler.stats().tcp_refused();
                         continue;
                     };
                     let permit = match slots.clone().try_acquire_owned() {
@@ -776,6 +791,7 @@ async fn tcp_accept_loop(
                         None => {
                             debug!(%peer, "DNS over TCP: connection limit reached, closing");
                             refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        handler.stats().tcp_refused();
                         }
                     }
                 }
@@ -922,6 +938,7 @@ async fn serve_tcp(
             TcpFrame::Query(m) => m,
             TcpFrame::FormErr(answer, error) => {
                 debug!(%peer, %error, "DNS over TCP: malformed query, FORMERR");
+                handler.stats().answered(Transport::Tcp, 1);
                 conn.owed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 use hickory_proto::xfer::DnsStreamHandle;
                 let sent =
@@ -941,7 +958,10 @@ async fn serve_tcp(
         conn.owed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let request = Request::new(message, peer, Protocol::Tcp);
         let respond = ResponseHandle::new(peer, response_stream.clone(), Protocol::Tcp);
-        handler.handle_request(&request, respond).await;
+        let answered = handler.handle_request(&request, respond).await;
+        handler
+            .stats()
+            .answered(Transport::Tcp, answered.response_code().into());
     }
 }
 

@@ -4,6 +4,7 @@
 //! address routing picked: a resolver asking the machine's second address (an alias, one of
 //! several IPv6 addresses) got its answer from another and dropped it as spoofed.
 
+use crate::stats::Transport;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -101,6 +102,7 @@ async fn answer(handler: &ZoneHandler, query: &[u8], mut reply: UdpReply) {
         Ok(m) => m,
         Err(error) => {
             if let Some(f) = formerr(&error) {
+                handler.stats().answered(Transport::Udp, 1);
                 reply.send(&f).await;
             }
             return;
@@ -113,6 +115,7 @@ async fn answer(handler: &ZoneHandler, query: &[u8], mut reply: UdpReply) {
     // malformed); the header alone, so it echoes none of them.
     if message.queries().len() > 1 {
         if let Some(f) = formerr(&"more than one question") {
+            handler.stats().answered(Transport::Udp, 1);
             reply.send(&f).await;
         }
         return;
@@ -125,7 +128,10 @@ async fn answer(handler: &ZoneHandler, query: &[u8], mut reply: UdpReply) {
     });
     reply.question = message.queries().first().map(|q| q.original().clone());
     let request = Request::new(message, reply.to, Protocol::Udp);
-    handler.handle_request(&request, reply).await;
+    let answered = handler.handle_request(&request, reply).await;
+    handler
+        .stats()
+        .answered(Transport::Udp, answered.response_code().into());
 }
 
 /// What answers are sent through: the socket, or (for the fuzz target) a list they are kept in.

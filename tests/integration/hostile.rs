@@ -82,6 +82,85 @@ async fn a_zone_too_large_for_dns_starts_without_its_txt_record() {
     gw.shutdown.cancel();
 }
 
+/// The zone DNS's answers are counted in the gateway's `/metrics` by transport and answer
+/// code (queries are not logged one by one: without these an operator could not tell whether
+/// the server is asked at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_zone_dns_answers_are_counted_in_metrics() {
+    let z = TestZone::new(&["home1"]);
+    let dns: SocketAddr = ([127, 0, 0, 1], free_udp_and_tcp_port()).into();
+    let gw = start_gateway_with_dns(&z, fast_tuning(), Duration::from_millis(500), Some(dns)).await;
+    for _ in 0..2 {
+        let a = raw_dns_query(dns, "home1.alice.example", 1).await;
+        assert_eq!(a[3] & 0x0f, 0, "{a:?}");
+    }
+    let a = raw_dns_query(dns, "elsewhere.example", 1).await;
+    assert_eq!(a[3] & 0x0f, 5, "REFUSED: {a:?}");
+    // Not a query that decodes: a header-only FORMERR.
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.send_to(&[0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 63], dns)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(WAIT, sock.recv(&mut buf))
+        .await
+        .expect("a FORMERR in time")
+        .unwrap();
+    assert_eq!((n, buf[3] & 0x0f), (12, 1));
+    // Over TCP: the zone's SOA.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut q = vec![0x56, 0x78, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        q.extend_from_slice(b"\x05alice\x07example\x00\x00\x06\x00\x01");
+        let mut c = tokio::net::TcpStream::connect(dns).await.unwrap();
+        c.write_all(&(q.len() as u16).to_be_bytes()).await.unwrap();
+        c.write_all(&q).await.unwrap();
+        let mut len = [0u8; 2];
+        c.read_exact(&mut len).await.unwrap();
+        let mut a = vec![0u8; u16::from_be_bytes(len).into()];
+        c.read_exact(&mut a).await.unwrap();
+        assert_eq!((&a[..2], a[3] & 0x0f), (&[0x56, 0x78][..], 0), "{a:?}");
+    }
+
+    // Counted as each answer is handed to its socket: scraped until the last one shows.
+    let count = |metrics: &str, series: &str| -> u64 {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .unwrap_or_else(|| panic!("no {series} in:\n{metrics}"));
+        line[series.len() + 1..].trim().parse().unwrap()
+    };
+    let series =
+        |t: &str, r: &str| format!("zonegate_dns_answers_total{{transport=\"{t}\",rcode=\"{r}\"}}");
+    let deadline = std::time::Instant::now() + WAIT;
+    let metrics = loop {
+        let m = crate::tunnel::admin_get(gw.admin, "/metrics").await;
+        if m.contains("zonegate_dns_answers_total") && count(&m, &series("tcp", "NOERROR")) > 0 {
+            break m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the TCP answer not counted: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let answers = |t: &str, r: &str| count(&metrics, &series(t, r));
+    assert_eq!(answers("udp", "NOERROR"), 2);
+    assert_eq!(answers("udp", "REFUSED"), 1);
+    assert_eq!(answers("udp", "FORMERR"), 1);
+    assert_eq!(answers("udp", "NXDOMAIN"), 0);
+    assert_eq!(answers("tcp", "NOERROR"), 1);
+    assert_eq!(
+        count(
+            &metrics,
+            "zonegate_dns_rate_limited_total{action=\"dropped\"}"
+        ),
+        0
+    );
+    assert_eq!(count(&metrics, "zonegate_dns_tcp_refused_total"), 0);
+    gw.shutdown.cancel();
+}
+
 /// The answer to one query for `name` of type `qtype` (1 = A) over UDP, as bytes.
 pub(crate) async fn raw_dns_query(server: SocketAddr, name: &str, qtype: u16) -> Vec<u8> {
     let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];

@@ -282,6 +282,41 @@ zonegate_tunnel_handshakes_peak {}",
     }
 }
 
+/// The zone DNS's answers since the gateway started (queries are not logged one by one): by
+/// transport and answer code, and the UDP answers its rate limiter sent empty (slipped) or
+/// not at all (dropped), and TCP connections closed at once at a limit.
+pub fn render_dns(c: &name_resolver::DnsCounts, out: &mut String) {
+    let name = "zonegate_dns_answers_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Zone DNS answers by transport and answer code (rate-limited ones included)
+# TYPE {name} counter"
+    );
+    for (transport, rcode, n) in &c.answers {
+        let _ = writeln!(
+            out,
+            "{name}{{transport=\"{transport}\",rcode=\"{rcode}\"}} {n}"
+        );
+    }
+    let name = "zonegate_dns_rate_limited_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Zone DNS answers over UDP over a client network's rate: sent empty with TC (slipped) or not sent (dropped)
+# TYPE {name} counter
+{name}{{action=\"slipped\"}} {}
+{name}{{action=\"dropped\"}} {}",
+        c.rate_slipped, c.rate_dropped
+    );
+    let name = "zonegate_dns_tcp_refused_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Zone DNS TCP connections closed at once: their client, its site or the server at its limit
+# TYPE {name} counter
+{name} {}",
+        c.tcp_refused
+    );
+}
+
 /// The `[[tls]]` pairs: each served certificate's validity, and whether a pair's files fail
 /// to load (the certificate before serves on, so nothing else shows it until it ends).
 /// Labelled by the `cert` file only: names may change at a renewal, the file does not.
