@@ -203,7 +203,7 @@ impl Unlisted {
                 .into_iter()
                 .collect();
         for line in now.difference(&self.told) {
-            tracing::warn!(problem = %line, serial = zone.config.serial, "the policy names a device the zone config does not list");
+            tracing::warn!(problem = %line, serial = zone.config.serial, "the policy names a device the zone config does not list or revokes");
         }
         self.told = now;
     }
