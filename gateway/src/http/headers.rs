@@ -40,7 +40,7 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 /// Request headers by which a client could claim another address, scheme, host or prefix to
 /// a service that reads them (chi's `RealIP`, Spring's and Quarkus' `Forwarded` support, …);
 /// dropped on the way up.
-pub static CLIENT_CLAIMS: [HeaderName; 29] = [
+pub static CLIENT_CLAIMS: [HeaderName; 57] = [
     header::FORWARDED,
     HeaderName::from_static("x-real-ip"),
     HeaderName::from_static("true-client-ip"),
@@ -76,6 +76,42 @@ pub static CLIENT_CLAIMS: [HeaderName; 29] = [
     // a proxy sets them, and this one never does, so a client's would bypass path rules.
     HeaderName::from_static("x-original-url"),
     HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-original-uri"),
+    // Address claims of other stacks (Apache's, IIS', PHP frameworks').
+    HeaderName::from_static("x-remote-addr"),
+    HeaderName::from_static("remote-addr"),
+    HeaderName::from_static("x-remote-ip"),
+    // A TLS client certificate's or verification's claim, which front proxies terminating
+    // mutual TLS set (Envoy, IIS ARR, nginx setups): this gateway asks for no client
+    // certificate, so a client's would pass as verified.
+    HeaderName::from_static("x-forwarded-client-cert"),
+    HeaderName::from_static("x-arr-ssl"),
+    HeaderName::from_static("x-arr-clientcert"),
+    HeaderName::from_static("ssl-client-verify"),
+    HeaderName::from_static("x-ssl-client-verify"),
+    HeaderName::from_static("ssl-client-cert"),
+    HeaderName::from_static("x-ssl-client-cert"),
+    HeaderName::from_static("x-client-cert"),
+    // The signed-in user an authenticating proxy in front tells its service (Grafana's
+    // auth.proxy, Authelia's, oauth2-proxy's): a service set to trust them from loopback —
+    // every request reaches it from the node agent there — would take a client's word for
+    // who it is.
+    HeaderName::from_static("remote-user"),
+    HeaderName::from_static("remote-groups"),
+    HeaderName::from_static("remote-email"),
+    HeaderName::from_static("remote-name"),
+    HeaderName::from_static("x-remote-user"),
+    HeaderName::from_static("x-webauth-user"),
+    HeaderName::from_static("x-forwarded-user"),
+    HeaderName::from_static("x-forwarded-email"),
+    HeaderName::from_static("x-forwarded-groups"),
+    HeaderName::from_static("x-forwarded-preferred-username"),
+    HeaderName::from_static("x-forwarded-access-token"),
+    HeaderName::from_static("x-auth-request-user"),
+    HeaderName::from_static("x-auth-request-email"),
+    HeaderName::from_static("x-auth-request-groups"),
+    HeaderName::from_static("x-auth-request-preferred-username"),
+    HeaderName::from_static("x-auth-request-access-token"),
     // httpoxy (CVE-2016-5385): CGI-style servers hand `Proxy` to the app as `HTTP_PROXY`,
     // which HTTP client libraries take as their outbound proxy: a client's value would send
     // the service's own outbound requests, credentials included, through the client's proxy.
@@ -346,6 +382,34 @@ fn client_claim_name(name: &str) -> bool {
             | "x-forwarded-uri"
             | "x-original-url"
             | "x-rewrite-url"
+            | "x-original-uri"
+            | "x-remote-addr"
+            | "remote-addr"
+            | "x-remote-ip"
+            | "x-forwarded-client-cert"
+            | "x-arr-ssl"
+            | "x-arr-clientcert"
+            | "ssl-client-verify"
+            | "x-ssl-client-verify"
+            | "ssl-client-cert"
+            | "x-ssl-client-cert"
+            | "x-client-cert"
+            | "remote-user"
+            | "remote-groups"
+            | "remote-email"
+            | "remote-name"
+            | "x-remote-user"
+            | "x-webauth-user"
+            | "x-forwarded-user"
+            | "x-forwarded-email"
+            | "x-forwarded-groups"
+            | "x-forwarded-preferred-username"
+            | "x-forwarded-access-token"
+            | "x-auth-request-user"
+            | "x-auth-request-email"
+            | "x-auth-request-groups"
+            | "x-auth-request-preferred-username"
+            | "x-auth-request-access-token"
             | "proxy"
     )
 }
