@@ -1238,6 +1238,18 @@ async fn a_client_that_leaves_before_the_answer_takes_its_request_with_it() {
     }
     // The answer's future, dropped by the select, reset the stream.
     seen((3, "closed")).await;
+    // Counted as given up (nginx's 499): a service that hangs while its clients give up
+    // before the response timeout showed nothing in /metrics.
+    let want = "zonegate_http_requests_total{app=\"stale\",code=\"499\"} 3";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = h.admin_get("/metrics").await;
+        if metrics.lines().any(|l| l == want) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no `{want}` in:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The product's quick start: `policies/examples/dfs.toml` makes `/dfs` a read-only public

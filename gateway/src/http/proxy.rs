@@ -103,6 +103,9 @@ struct RequestLog {
     _slot: Option<ConnGuard>,
     /// The connection is busy with this request until its answer is over.
     _busy: Option<crate::make_room::Busy>,
+    /// Where a request given up before its answer is counted (as 499): the others are counted
+    /// as their answer comes.
+    front: Option<Front>,
 }
 
 impl RequestLog {
@@ -132,6 +135,11 @@ impl Drop for RequestLog {
             self.error.get_or_insert_with(|| {
                 "given up before the answer: the client left or the gateway stopped".into()
             });
+            if let Some(front) = &self.front {
+                front
+                    .metrics()
+                    .observe(self.app(), GIVEN_UP, self.started.elapsed());
+            }
         }
         let ms = self.started.elapsed().as_millis() as u64;
         info!(
@@ -381,6 +389,7 @@ pub(crate) async fn handle(
         counters: None,
         error: None,
         _slot: None,
+        front: Some(front.clone()),
     };
     let (upgrade, client_upgrade) = match upgrade {
         Some(u) => (Some(u.protocol), Some(u.conn)),
@@ -1063,6 +1072,7 @@ mod tests {
             error: error.map(str::to_owned),
             _slot: None,
             _busy: None,
+            front: None,
         }
     }
 
