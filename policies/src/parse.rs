@@ -194,8 +194,10 @@ pub(crate) fn policy_files_listed(
         // Hidden files are editor droppings (".#x.toml" locks); only regular *.toml count.
         let toml = !name.starts_with('.') && path.extension().is_some_and(|e| e == "toml");
         names.push(file_name);
-        // Followed through symlinks: a link to a directory is a sub-directory too.
-        if toml && !std::fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
+        // A directory named like a policy file is listed too, to be refused as one that
+        // cannot be read ([`read_file`]): skipped, the apps of the file it replaced
+        // (`rm x.toml; mkdir x.toml`, an archive unpacked over it) dropped unsaid.
+        if toml {
             files.push(path);
         }
     }
@@ -219,7 +221,10 @@ pub fn ignored_policy_files(dir: &Path) -> Vec<(PathBuf, &'static str)> {
             continue;
         }
         let is_dir = std::fs::metadata(&path).is_ok_and(|m| m.is_dir());
-        let why = if is_dir {
+        let why = if is_dir && name.ends_with(".toml") {
+            // Refused as a policy file that cannot be read ([`policy_files_listed`]).
+            None
+        } else if is_dir {
             let holds_toml = std::fs::read_dir(&path).is_ok_and(|rd| {
                 rd.flatten()
                     .any(|e| e.path().extension().is_some_and(|x| x == "toml"))
@@ -262,6 +267,12 @@ fn read_file(path: &Path) -> Result<String, PolicyError> {
     })?;
     // A FIFO would block the open (and every reload after it), a device (or a link to
     // /dev/zero) reads for ever: neither is a policy.
+    if meta.is_dir() {
+        return Err(PolicyError::whole(
+            path,
+            "is a directory, named like a policy file: rename it or move it out of the policy directory (only files directly in it are read)",
+        ));
+    }
     if !meta.is_file() {
         return Err(PolicyError::whole(
             path,
@@ -529,7 +540,8 @@ mod tests {
     }
 
     /// A link to a device is refused at once (it used to be read until memory ran out), a
-    /// linked directory is skipped like a directory, and a file in another encoding says so.
+    /// directory named like a policy file (linked or not) is refused — skipped, the apps of a
+    /// file it replaced went unsaid — and a file in another encoding says so.
     #[cfg(unix)]
     #[test]
     fn only_regular_utf8_files_are_read() {
@@ -537,13 +549,12 @@ mod tests {
         std::fs::write(d.path().join("a.toml"), APP).unwrap();
         let sub = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(sub.path(), d.path().join("d.toml")).unwrap();
-        assert_eq!(
-            check_dir(d.path())
-                .expect("the linked directory is skipped")
-                .apps()
-                .len(),
-            1
+        let errs = check_dir(d.path()).unwrap_err();
+        assert!(
+            errs.len() == 1 && errs[0].to_string().contains("d.toml: is a directory"),
+            "{errs:?}"
         );
+        std::fs::remove_file(d.path().join("d.toml")).unwrap();
 
         std::os::unix::fs::symlink("/dev/zero", d.path().join("z.toml")).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();

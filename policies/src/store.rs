@@ -265,8 +265,12 @@ impl PolicyStore {
     /// Loads `dir`; a bad policy is an error (nothing falls back).
     pub fn load(dir: &Path) -> Result<Self, Vec<PolicyError>> {
         let read_at = fingerprint(dir);
-        let policy = crate::check_dir(dir)?;
-        Ok(Self::serving(dir, policy, fresh_status(), read_at, None))
+        let (raw, read_errs) = crate::read_dir_sources(dir).map_err(|e| vec![e])?;
+        let (policy, sources) = crate::check_read(raw, read_errs)?;
+        let store = Self::serving(dir, policy, fresh_status(), read_at, None);
+        // What a file cut short is compared with ([`emptied`]).
+        store.set_serving_files(sources);
+        Ok(store)
     }
 
     /// Loads `dir` as a gateway starts. When the directory holds exactly the edit a running
@@ -372,14 +376,14 @@ impl PolicyStore {
         // the owner taking every app offline, and serving apps they deleted is the worse
         // mistake.
         if let Some(copy) = last_accepted.filter(|_| !sources.is_empty()) {
-            let gone = emptied(&copy.policy, &policy, &sources, dir);
+            let gone = emptied(&copy.policy, &policy, &sources, Some(&copy.sources), dir);
             if !gone.is_empty() {
                 let errors: Vec<String> = gone.iter().map(ToString::to_string).collect();
                 for e in &errors {
-                    tracing::error!(error = %e, "a policy file is empty where the last accepted policy had apps");
+                    tracing::error!(error = %e, "a policy file is empty or cut short where the last accepted policy had apps");
                 }
                 let note = format!(
-                    "serving the last accepted policy ({}, saved {}) until the emptied files are written again, or deleted to drop their apps",
+                    "serving the last accepted policy ({}, saved {}) until the emptied or cut files are written again, or deleted to drop their apps",
                     copy.path.display(),
                     copy.saved
                 );
@@ -391,6 +395,11 @@ impl PolicyStore {
                     accepted.clone(),
                 ));
             }
+        }
+        // An empty file with no copy to compare with (a first start, or the copy lost): said,
+        // as `policy check` refuses it — it may be a save cut short whose apps are gone.
+        for (path, _) in sources.iter().filter(|(_, t)| t.trim().is_empty()) {
+            tracing::warn!(file = %path.display(), "a policy file is empty: it serves no apps (a save or copy in progress when the gateway stopped? Write it again, or delete it)");
         }
         let store = Self::serving(dir, policy, fresh_status(), read_at, accepted);
         store.set_serving_files(sources);
@@ -583,7 +592,18 @@ impl PolicyStore {
             .map_err(|e| vec![e])
             .and_then(|(sources, errs)| crate::check_read(sources, errs))
             .and_then(|(policy, sources)| {
-                match emptied(&self.current.load().policy, &policy, &sources, &self.dir) {
+                let before = self
+                    .accepted_sources
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                match emptied(
+                    &self.current.load().policy,
+                    &policy,
+                    &sources,
+                    before.as_deref(),
+                    &self.dir,
+                ) {
                     errs if errs.is_empty() => Ok((policy, sources)),
                     errs => Err(errs),
                 }
@@ -742,10 +762,16 @@ fn fresh_status() -> ReloadStatus {
 /// held — listeners closed, connections cut, limiters reset, and the empty policy kept as the
 /// copy a restart serves. Removing apps on purpose has its own ways: delete the file, or leave
 /// a comment in it.
+///
+/// Also refused: a file cut short — its text a part of the start of the text that served, not
+/// ending at a line's end, its apps dropped (an editor's save or a copy stopped part way
+/// through the comments that open every example file would read as "leave only a comment").
+/// `before`: the files of the policy that serves, when known.
 fn emptied(
     serving: &CompiledPolicy,
     edit: &CompiledPolicy,
     now: &[(PathBuf, String)],
+    before: Option<&[(PathBuf, String)]>,
     dir: &Path,
 ) -> Vec<PolicyError> {
     let apps_of = |path: &Path| -> Vec<&str> {
@@ -765,19 +791,32 @@ fn emptied(
             ),
         )];
     }
+    let cut_short = |path: &Path, text: &str| -> Option<usize> {
+        let (_, was) = before?.iter().find(|(p, _)| p == path)?;
+        (!text.ends_with('\n') && was.len() > text.len() && was.starts_with(text))
+            .then_some(was.len())
+    };
     now.iter()
-        .filter(|(_, text)| text.trim().is_empty())
-        .filter_map(|(path, _)| {
+        .filter_map(|(path, text)| {
             let apps = apps_of(path);
-            (!apps.is_empty()).then(|| {
-                PolicyError::whole(
-                    path,
-                    format!(
-                        "is empty now, and its apps are in no other file ({}): a save or copy in progress? The policy that serves stays; to drop them, delete the file or leave only a comment in it",
-                        apps.join(", ")
-                    ),
+            if apps.is_empty() {
+                return None;
+            }
+            let why = if text.trim().is_empty() {
+                format!(
+                    "is empty now, and its apps are in no other file ({}): a save or copy in progress? The policy that serves stays; to drop them, delete the file or leave only a comment in it",
+                    apps.join(", ")
                 )
-            })
+            } else if let Some(was) = cut_short(path, text) {
+                format!(
+                    "ends mid-line after {} of the {was} bytes it held, its apps gone ({}): a save or copy cut short? The policy that serves stays; write the file again whole (to drop the apps, delete it, or save it with a comment ending in a new line)",
+                    text.len(),
+                    apps.join(", ")
+                )
+            } else {
+                return None;
+            };
+            Some(PolicyError::whole(path, why))
         })
         .collect()
 }

@@ -776,6 +776,49 @@ async fn an_emptied_file_or_directory_is_refused_and_a_comment_is_not() {
     );
 }
 
+/// A file cut short — a part of the start of the text that serves, ending mid-line, its apps
+/// gone (a save stopped in the comments that open it) — is refused like an emptied one; the
+/// same comments saved whole (ending in a new line) drop the apps as asked. A directory
+/// named like a policy file is refused as one that cannot be read, the apps of the file it
+/// replaced serving on.
+#[tokio::test(start_paused = true)]
+async fn a_file_cut_short_or_replaced_by_a_directory_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = format!("# The a app: read-only view.\n# Edit with care.\n{APP_A}");
+    write(dir.path(), "a.toml", &text);
+    write(dir.path(), "b.toml", "[app.b]\nmesh = true\nto = \"d/t\"\n");
+    let store = PolicyStore::load(dir.path()).expect("load");
+
+    write(dir.path(), "a.toml", &text[..40]);
+    let errs = store.reload().expect_err("a file cut short");
+    assert!(
+        errs.len() == 1
+            && errs[0]
+                .to_string()
+                .contains("a.toml: ends mid-line after 40 of the"),
+        "{errs:?}"
+    );
+    assert!(store.current().policy.app("a").is_some(), "a still serves");
+
+    std::fs::remove_file(dir.path().join("a.toml")).expect("rm");
+    std::fs::create_dir(dir.path().join("a.toml")).expect("mkdir");
+    let errs = store.reload().expect_err("a directory");
+    assert!(
+        errs.iter()
+            .any(|e| e.to_string().contains("a.toml: is a directory")),
+        "{errs:?}"
+    );
+    assert!(store.current().policy.app("a").is_some(), "a still serves");
+    std::fs::remove_dir(dir.path().join("a.toml")).expect("rmdir");
+
+    // The opening comments saved whole: the apps go, as asked.
+    write(dir.path(), "a.toml", "# The a app: read-only view.\n");
+    assert_eq!(
+        store.reload().expect("a comment saved whole"),
+        vec![policies::Change::Removed("a".into())]
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn watcher_picks_up_changes() {
     let dir = tempfile::tempdir().expect("tempdir");
