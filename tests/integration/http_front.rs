@@ -878,7 +878,11 @@ async fn errors_are_distinct_and_short() {
     assert!(answer.contains("8193 bytes; the gateway forwards at most 8192"));
     let answer = h.raw(get(8192).as_bytes(), "target at the limit").await;
     assert!(answer.starts_with("HTTP/1.1 404"), "{}", &answer[..200]);
-    assert!(answer.contains("…[7168 more bytes]"), "{}", &answer[..200]);
+    assert!(
+        answer.contains("...[7168_more_bytes]"),
+        "{}",
+        &answer[..200]
+    );
 
     // A Host that is no host (RFC 9112 §3.2: 400), not one no app serves (404).
     for host in ["x@alice.example", "alice.example:http", "[::1"] {

@@ -605,8 +605,13 @@ impl ChunkedDecoder {
                 }
                 Size { digits } => match hex(b) {
                     Some(d) => {
-                        if digits >= 15 {
+                        // Fifteen significant digits at most (under 2^60); leading zeros are
+                        // a size too (RFC 9112 §7.1: 1*HEXDIG), up to a bound on the line.
+                        if self.left >= 1 << 56 {
                             return Err(H1Error::Chunk("chunk size too large"));
+                        }
+                        if digits >= 64 {
+                            return Err(H1Error::Chunk("chunk size of over 64 digits"));
                         }
                         self.left = self.left * 16 + u64::from(d);
                         self.state = Size { digits: digits + 1 };
@@ -1082,6 +1087,18 @@ mod tests {
         assert_eq!(
             dechunk(b"fffffffffffffff\r\nab", 100),
             Err(H1Error::Chunk("input ended"))
+        );
+        // Leading zeros are a size like any other (they read as "too large" before).
+        assert_eq!(
+            dechunk(b"00000000000000000000003\r\nabc\r\n0\r\n\r\n", 1)
+                .unwrap()
+                .0,
+            b"abc"
+        );
+        let zeros = format!("{}3\r\nabc\r\n0\r\n\r\n", "0".repeat(64));
+        assert!(
+            dechunk(zeros.as_bytes(), 1000).is_err(),
+            "a line without end"
         );
     }
 }
