@@ -519,8 +519,10 @@ pub fn other_role_hint<Other: serde::de::DeserializeOwned>(
     command: &str,
 ) -> ConfigError {
     match e {
+        // "Reads as", not "is": a file of this role cut short, or with one key of the other's,
+        // may parse as the other's too.
         ConfigError::Usage(e) if read::<Other>(path).is_ok() => UsageError(format!(
-            "{e}\n  this is {whose} config: run it with `zonegate {command} --config {}`",
+            "{e}\n  this reads as {whose} config: if it is one, run it with `zonegate {command} --config {}`; else it is this command's cut short or mistyped",
             path.display()
         ))
         .into(),
@@ -567,6 +569,11 @@ pub fn parse_service_flag(s: &str) -> Result<(String, ServiceEntry), UsageError>
         Some(a) => (a, Proto::Udp),
         None => (rest.strip_suffix("/tcp").unwrap_or(rest), Proto::Tcp),
     };
+    if let Some((_, other)) = addr.rsplit_once('/') {
+        return Err(UsageError(format!(
+            "--service {s:?}: /{other} is no protocol a service takes: end it in /udp for UDP (TCP is the default; /tcp also says it)"
+        )));
+    }
     check_name("service", name)?;
     Ok((
         name.to_owned(),
@@ -849,7 +856,20 @@ pub fn socket_addr(s: &str) -> Result<SocketAddr, String> {
         return Ok(zone_core::zonedir::unmapped(a));
     }
     let bracketed = s.starts_with('[') && s.ends_with(']');
-    let hint = if s.parse::<std::net::Ipv6Addr>().is_ok() {
+    // A well-formed address whose port is not one (70000), or with something after it.
+    let port = s.rsplit_once(':').map(|(_, p)| p);
+    let host_ok = s.rsplit_once(':').is_some_and(|(h, _)| {
+        h.parse::<std::net::Ipv4Addr>().is_ok()
+            || h.strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok())
+    });
+    let hint = if let (true, Some(p)) = (host_ok, port) {
+        match p.parse::<u64>() {
+            Ok(_) => format!("the port {p} is out of range: ports are 1 to 65535"),
+            Err(_) => format!("{p:?} is not a port: ports are numbers from 1 to 65535"),
+        }
+    } else if s.parse::<std::net::Ipv6Addr>().is_ok() {
         format!("an IPv6 address goes in brackets before its port: [{s}]:PORT")
     } else if bracketed || s.parse::<std::net::Ipv4Addr>().is_ok() {
         format!("add the port: {s}:PORT")
@@ -902,6 +922,21 @@ mod tests {
         // Scopes and plain IPv6 stay as written.
         let scoped: SocketAddr = "[fe80::1%2]:53".parse().unwrap();
         assert_eq!(socket_addr("[fe80::1%2]:53"), Ok(scoped));
+    }
+
+    /// A port out of range, or not a number, is said as that (it read "not an address:
+    /// expected IP:PORT"); another protocol than udp/tcp on a `--service` too.
+    #[test]
+    fn a_bad_port_or_protocol_is_said_as_such() {
+        let e = socket_addr("127.0.0.1:70000").unwrap_err();
+        assert!(e.contains("the port 70000 is out of range"), "{e}");
+        let e = socket_addr("[::1]:http").unwrap_err();
+        assert!(e.contains("\"http\" is not a port"), "{e}");
+        let e = socket_addr("[::1]").unwrap_err();
+        assert!(e.contains("add the port"), "{e}");
+        let e = parse_service_flag("web=127.0.0.1:45620/sctp").unwrap_err();
+        assert!(e.0.contains("/sctp is no protocol"), "{}", e.0);
+        assert!(parse_service_flag("web=127.0.0.1:45620/tcp").is_ok());
     }
 
     /// An address in a config file that is not one says what to write, after where it is:

@@ -744,12 +744,12 @@ fn gateway_and_node_refuse_bad_configs_before_starting() {
     // Each role's config given to the other command: the error says which command runs it.
     let e = fails(2, ["node", "--config", gws]);
     assert!(
-        e.contains("this is a gateway's config") && e.contains("zonegate gateway --config"),
+        e.contains("this reads as a gateway's config") && e.contains("zonegate gateway --config"),
         "{e}"
     );
     let e = fails(2, ["gateway", "--config", nodes]);
     assert!(
-        e.contains("this is a node agent's config") && e.contains("zonegate node --config"),
+        e.contains("this reads as a node agent's config") && e.contains("zonegate node --config"),
         "{e}"
     );
 

@@ -97,9 +97,10 @@ fn bad(path: &Path, what: &str, e: impl std::fmt::Display) -> TunnelError {
 fn private_to_its_owner(path: &Path) -> Result<(), TunnelError> {
     use std::os::unix::fs::PermissionsExt;
     let mode = match std::fs::metadata(path) {
-        Ok(m) => m.permissions().mode(),
-        // Said by the read that follows, with its own words.
-        Err(_) => return Ok(()),
+        Ok(m) if m.is_file() => m.permissions().mode(),
+        // Said by the read that follows, with its own words (a directory: "Is a directory",
+        // not "others may read it").
+        _ => return Ok(()),
     };
     if mode & 0o007 != 0 {
         return Err(unrunnable(

@@ -44,6 +44,12 @@ fn to_pem(k: &SigningKey) -> Result<Zeroizing<String>, ZoneError> {
 }
 
 fn from_pem(pem: &str) -> Result<SigningKey, ZoneError> {
+    // The PEM parser's own words for an empty file name a NUL byte it never saw.
+    if pem.trim().is_empty() {
+        return Err(ZoneError::Key(
+            "the file is empty (a copy cut short?): copy the key again from where it came from, or your backup".into(),
+        ));
+    }
     SigningKey::from_pkcs8_pem(pem)
         .map_err(|e| ZoneError::Key(format!("not an ed25519 PKCS#8 PEM private key ({e})")))
 }
@@ -225,6 +231,8 @@ mod tests {
             "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
         )
         .is_err());
+        let e = DeviceKey::from_pem("").unwrap_err().to_string();
+        assert!(e.contains("the file is empty"), "{e}");
         assert_eq!(
             parse_public_text(&z.public_text()).unwrap(),
             z.verifying_key()
