@@ -352,6 +352,10 @@ struct Inner {
     /// Receive window the links borrow while streams wait on slow readers ([`crate::holds`]).
     window_pool: Arc<WindowPool>,
     refused_lines: Mutex<LogBudget>,
+    /// Agent connections refused for the same reason: said once a minute with `repeats=`
+    /// (garbage on the QUIC port, or an agent retrying every few seconds, wrote up to
+    /// [`HUB_LINES_PER_SEC`] warnings a second for as long as it went on).
+    refused_repeats: Mutex<Repeats>,
     permit_lines: Mutex<LogBudget>,
     /// The configs not adopted that revocations were learned from (serial and JSON, the
     /// latest [`MAX_LEARNED_FROM`]): each session that starts gets them, as the agents
@@ -588,6 +592,7 @@ impl Hub {
             hold_clock: Arc::default(),
             window_pool: Arc::default(),
             refused_lines: Mutex::new(LogBudget::new(HUB_LINES_PER_SEC)),
+            refused_repeats: Mutex::default(),
             permit_lines: Mutex::new(LogBudget::new(HUB_LINES_PER_SEC)),
             learned_from: Mutex::new(VecDeque::new()),
         }))
@@ -856,12 +861,17 @@ impl Hub {
                 if let Err(e) = hub.handle_incoming(incoming, permit).await {
                     // Anyone can fail a handshake (no certificate, another zone's), as fast
                     // as the handshake gate lets them.
-                    if let Some(unlogged) = LogBudget::take_shared(&hub.0.refused_lines) {
-                        if closed_by_agent_during_handshake(&e) {
+                    if closed_by_agent_during_handshake(&e) {
+                        if let Some(unlogged) = LogBudget::take_shared(&hub.0.refused_lines) {
                             info!(%remote, error = %e, unlogged, "agent connection given up by the agent during the handshake");
-                        } else {
-                            warn!(%remote, error = %e, unlogged, "agent connection refused");
                         }
+                    } else if let Some((repeats, unlogged)) = Repeats::take_both(
+                        &hub.0.refused_repeats,
+                        &hub.0.refused_lines,
+                        &e.to_string(),
+                    ) {
+                        // `remote`: this line's; the repeats came from anywhere.
+                        warn!(%remote, error = %e, repeats, unlogged, "agent connection refused");
                     }
                 }
             });
