@@ -857,14 +857,13 @@ pub fn socket_addr(s: &str) -> Result<SocketAddr, String> {
     }
     let bracketed = s.starts_with('[') && s.ends_with(']');
     // A well-formed address whose port is not one (70000), or with something after it.
-    let port = s.rsplit_once(':').map(|(_, p)| p);
-    let host_ok = s.rsplit_once(':').is_some_and(|(h, _)| {
+    let bad_port = s.rsplit_once(':').filter(|(h, _)| {
         h.parse::<std::net::Ipv4Addr>().is_ok()
             || h.strip_prefix('[')
                 .and_then(|h| h.strip_suffix(']'))
                 .is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok())
     });
-    let hint = if let (true, Some(p)) = (host_ok, port) {
+    let hint = if let Some((_, p)) = bad_port {
         match p.parse::<u64>() {
             Ok(_) => format!("the port {p} is out of range: ports are 1 to 65535"),
             Err(_) => format!("{p:?} is not a port: ports are numbers from 1 to 65535"),

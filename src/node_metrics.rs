@@ -26,6 +26,24 @@ fn head(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
+/// One series per state of `states` for the thing `key="id"`, 1 for `current`, 0 for the
+/// others (a state set: a state that ends drops to 0 rather than vanishing).
+fn state_set(
+    out: &mut String,
+    name: &str,
+    (key, id): (&str, &str),
+    (label, states): (&str, &[&str]),
+    current: &str,
+) {
+    for state in states {
+        let _ = writeln!(
+            out,
+            "{name}{{{key}=\"{id}\",{label}=\"{state}\"}} {}",
+            u8::from(current == *state)
+        );
+    }
+}
+
 /// The Prometheus text of `v`. Device and gateway names are DNS labels: no label escaping.
 pub fn render(v: &NodeView<'_>) -> String {
     let mut out = String::new();
@@ -67,14 +85,13 @@ pub fn render(v: &NodeView<'_>) -> String {
         "State of the link to each gateway (1 for the current one)",
     );
     for l in v.links {
-        for state in ["up", "draining", "connecting"] {
-            let _ = writeln!(
-                o,
-                "zonegate_gateway_link_state{{gateway=\"{}\",state=\"{state}\"}} {}",
-                l.gateway,
-                u8::from(l.state == state)
-            );
-        }
+        state_set(
+            o,
+            "zonegate_gateway_link_state",
+            ("gateway", &l.gateway),
+            ("state", &["up", "draining", "connecting"]),
+            &l.state,
+        );
     }
     head(
         o,
@@ -113,14 +130,13 @@ pub fn render(v: &NodeView<'_>) -> String {
         "How streams to each mesh peer travel (1 for the current): direct, relay (through a gateway, encrypted end to end), offline, revoked",
     );
     for p in v.peers {
-        for path in ["direct", "relay", "offline", "revoked"] {
-            let _ = writeln!(
-                o,
-                "zonegate_peer_path{{peer=\"{}\",path=\"{path}\"}} {}",
-                p.device,
-                u8::from(p.path == path)
-            );
-        }
+        state_set(
+            o,
+            "zonegate_peer_path",
+            ("peer", &p.device),
+            ("path", &["direct", "relay", "offline", "revoked"]),
+            &p.path,
+        );
     }
     head(
         o,

@@ -95,6 +95,7 @@ async fn answer(handler: &ZoneHandler, query: &[u8], mut reply: UdpReply) {
             .admit_udp_formerr(reply.to.ip(), &mut formerr)
             .then(|| {
                 debug!(src = %reply.to, %why, "DNS over UDP: FORMERR");
+                handler.stats().answered(Transport::Udp, 1);
                 formerr
             })
     };
@@ -102,7 +103,6 @@ async fn answer(handler: &ZoneHandler, query: &[u8], mut reply: UdpReply) {
         Ok(m) => m,
         Err(error) => {
             if let Some(f) = formerr(&error) {
-                handler.stats().answered(Transport::Udp, 1);
                 reply.send(&f).await;
             }
             return;
@@ -115,7 +115,6 @@ async fn answer(handler: &ZoneHandler, query: &[u8], mut reply: UdpReply) {
     // malformed); the header alone, so it echoes none of them.
     if message.queries().len() > 1 {
         if let Some(f) = formerr(&"more than one question") {
-            handler.stats().answered(Transport::Udp, 1);
             reply.send(&f).await;
         }
         return;
